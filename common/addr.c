@@ -1,0 +1,239 @@
+/* Endpoint parsing and formatting; see addr.h. */
+#include "addr.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "xmalloc.h"
+
+static int
+port_parse(const char *s, uint16_t *port)
+{
+	char *end;
+	long v;
+
+	if (*s == '\0' || !isdigit((unsigned char)*s))
+		return -1;
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || *end != '\0' || v < 1 || v > 65535)
+		return -1;
+	*port = (uint16_t)v;
+	return 0;
+}
+
+int
+hostport_parse(const char *s, struct hostport *hp, char **why)
+{
+	const char *colon, *host = s;
+	size_t hlen;
+
+	if (s[0] == '[') {
+		const char *close = strchr(s, ']');
+		if (close == NULL || close[1] != ':') {
+			*why = xasprintf("bad address '%s': expected [IPv6]:port", s);
+			return -1;
+		}
+		host = s + 1;
+		hlen = (size_t)(close - host);
+		colon = close + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (colon == NULL) {
+			*why = xasprintf("bad address '%s': expected host:port", s);
+			return -1;
+		}
+		if (memchr(s, ':', (size_t)(colon - s)) != NULL) {
+			*why = xasprintf("bad address '%s': write IPv6 as [addr]:port", s);
+			return -1;
+		}
+		hlen = (size_t)(colon - s);
+	}
+	if (hlen == 0 || hlen > HOST_MAX) {
+		*why = xasprintf("bad address '%s': missing or too long host", s);
+		return -1;
+	}
+	if (port_parse(colon + 1, &hp->port) < 0) {
+		*why = xasprintf("bad port in '%s'", s);
+		return -1;
+	}
+	memcpy(hp->host, host, hlen);
+	hp->host[hlen] = '\0';
+	if (s[0] == '[') {
+		struct in6_addr a6;
+		if (inet_pton(AF_INET6, hp->host, &a6) != 1) {
+			*why = xasprintf("bad IPv6 address in '%s'", s);
+			return -1;
+		}
+	} else if (!addr_is_ip_literal(hp->host) && !hostname_valid(hp->host)) {
+		*why = xasprintf("bad host name in '%s'", s);
+		return -1;
+	}
+	return 0;
+}
+
+int
+addr_from_literal(const char *host, uint16_t port, struct sockaddr_storage *ss, socklen_t *len)
+{
+	struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+	struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+
+	memset(ss, 0, sizeof *ss);
+	if (inet_pton(AF_INET, host, &sin->sin_addr) == 1) {
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons(port);
+		*len = sizeof *sin;
+		return 0;
+	}
+	if (inet_pton(AF_INET6, host, &sin6->sin6_addr) == 1) {
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons(port);
+		*len = sizeof *sin6;
+		return 0;
+	}
+	return -1;
+}
+
+bool
+addr_is_ip_literal(const char *host)
+{
+	struct sockaddr_storage ss;
+	socklen_t len;
+
+	return addr_from_literal(host, 1, &ss, &len) == 0;
+}
+
+int
+addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, char **why)
+{
+	struct hostport hp;
+	uint16_t port;
+
+	if (port_parse(s, &port) == 0)
+		return addr_from_literal("127.0.0.1", port, ss, len);
+	if (hostport_parse(s, &hp, why) < 0)
+		return -1;
+	if (strcmp(hp.host, "*") == 0)
+		strcpy(hp.host, "0.0.0.0");
+	if (strcmp(hp.host, "localhost") == 0)
+		strcpy(hp.host, "127.0.0.1");
+	if (addr_from_literal(hp.host, hp.port, ss, len) < 0) {
+		*why = xasprintf("listen address '%s' must be an IP address", s);
+		return -1;
+	}
+	return 0;
+}
+
+char *
+addr_format_ip(const struct sockaddr *sa, char *out, size_t n)
+{
+	if (sa->sa_family == AF_INET)
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)n);
+	else if (sa->sa_family == AF_INET6)
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)n);
+	else
+		snprintf(out, n, "?");
+	return out;
+}
+
+char *
+addr_format(const struct sockaddr *sa, char *out, size_t n)
+{
+	char ip[INET6_ADDRSTRLEN];
+
+	addr_format_ip(sa, ip, sizeof ip);
+	if (sa->sa_family == AF_INET6)
+		snprintf(out, n, "[%s]:%u", ip, addr_port(sa));
+	else
+		snprintf(out, n, "%s:%u", ip, addr_port(sa));
+	return out;
+}
+
+uint16_t
+addr_port(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return ntohs(((const struct sockaddr_in *)sa)->sin_port);
+	if (sa->sa_family == AF_INET6)
+		return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+	return 0;
+}
+
+socklen_t
+addr_len(const struct sockaddr *sa)
+{
+	return sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+}
+
+bool
+addr_is_loopback(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+	if (sa->sa_family == AF_INET6) {
+		const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+		if (IN6_IS_ADDR_V4MAPPED(a))
+			return a->s6_addr[12] == 127;
+		return IN6_IS_ADDR_LOOPBACK(a);
+	}
+	return false;
+}
+
+bool
+addr_is_any(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return ((const struct sockaddr_in *)sa)->sin_addr.s_addr == htonl(INADDR_ANY);
+	if (sa->sa_family == AF_INET6)
+		return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)sa)->sin6_addr);
+	return false;
+}
+
+bool
+hostname_valid(const char *name)
+{
+	size_t len = strlen(name), label = 0;
+
+	if (len == 0 || len > 253)
+		return false;
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)name[i];
+		if (c == '.') {
+			if (label == 0 || name[i - 1] == '-')
+				return false;
+			label = 0;
+			continue;
+		}
+		if (!(isalnum(c) || c == '-' || c == '_'))
+			return false;
+		if (c == '-' && label == 0)
+			return false;
+		if (++label > 63)
+			return false;
+	}
+	return name[len - 1] != '-';
+}
+
+bool
+hostname_match(const char *pattern, const char *name)
+{
+	size_t nlen = strlen(name), plen;
+
+	if (nlen > 0 && name[nlen - 1] == '.')
+		nlen--;  /* a fully qualified name matches like the plain one */
+	if (strcmp(pattern, "*") == 0)
+		return true;
+	if (strncmp(pattern, "*.", 2) == 0) {
+		const char *suffix = pattern + 1;  /* ".example.test" */
+		plen = strlen(suffix);
+		return nlen > plen && strncasecmp(name + nlen - plen, suffix, plen) == 0;
+	}
+	plen = strlen(pattern);
+	return plen == nlen && strncasecmp(pattern, name, nlen) == 0;
+}

@@ -1,0 +1,41 @@
+/*
+ * Endpoint parsing and formatting, shared by capd and capctl.
+ * Text forms: "PORT" (127.0.0.1:PORT), "1.2.3.4:P", "[::1]:P", "host.name:P".
+ */
+#ifndef CAPD_ADDR_H
+#define CAPD_ADDR_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define ADDR_STRLEN 64   /* "[ffff:...:ffff%ifname]:65535" fits */
+#define HOST_MAX 255
+
+/* A target as the user wrote it: a host name or an IP literal, and a port. */
+struct hostport {
+	char host[HOST_MAX + 1];
+	uint16_t port;
+};
+
+/* "host:port", "[v6]:port"; port required. 0 or -1 with *why (caller frees). */
+int hostport_parse(const char *s, struct hostport *hp, char **why);
+/* A listen address: "PORT", "IP:PORT", "[IP6]:PORT"; IP literals only. */
+int addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, char **why);
+/* An IP literal with a port into a sockaddr; 0, or -1 when host is not a literal. */
+int addr_from_literal(const char *host, uint16_t port, struct sockaddr_storage *ss, socklen_t *len);
+bool addr_is_ip_literal(const char *host);
+/* Writes "1.2.3.4:5" or "[::1]:5" into out (ADDR_STRLEN); returns out. */
+char *addr_format(const struct sockaddr *sa, char *out, size_t n);
+/* Just the address, without port. */
+char *addr_format_ip(const struct sockaddr *sa, char *out, size_t n);
+uint16_t addr_port(const struct sockaddr *sa);
+socklen_t addr_len(const struct sockaddr *sa);
+bool addr_is_loopback(const struct sockaddr *sa);
+bool addr_is_any(const struct sockaddr *sa);
+/* Syntax check of a DNS host name (RFC 1123 labels). */
+bool hostname_valid(const char *name);
+/* Matches a name against "name", "*.suffix" or "*" (case-insensitive). */
+bool hostname_match(const char *pattern, const char *name);
+
+#endif

@@ -1,0 +1,1 @@
+/* pcapng encoding (placeholder until the encoder lands). */

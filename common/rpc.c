@@ -1,0 +1,109 @@
+/* JSON-RPC line framing and message builders; see rpc.h. */
+#include "rpc.h"
+
+#include <string.h>
+
+#include "xmalloc.h"
+
+void
+rpc_framer_init(struct rpc_framer *f, size_t max)
+{
+	memset(f, 0, sizeof *f);
+	f->max = max ? max : RPC_MAX_LINE;
+}
+
+void
+rpc_framer_free(struct rpc_framer *f)
+{
+	buf_free(&f->in);
+}
+
+enum rpc_frame
+rpc_framer_next(struct rpc_framer *f, char **line, size_t *len)
+{
+	for (;;) {
+		size_t used = buf_used(&f->in);
+		uint8_t *head = buf_head(&f->in);
+		uint8_t *nl = NULL;
+
+		if (f->scanned < used)
+			nl = memchr(head + f->scanned, '\n', used - f->scanned);
+		if (nl == NULL) {
+			f->scanned = used;
+			if (used > f->max) {
+				/* drop what we have and keep skipping until the newline */
+				buf_reset(&f->in);
+				f->scanned = 0;
+				if (!f->skipping) {
+					f->skipping = 1;
+					return RPC_FRAME_TOO_LONG;
+				}
+			}
+			return RPC_FRAME_NONE;
+		}
+		size_t n = (size_t)(nl - head);
+		f->scanned = 0;
+		if (f->skipping) {
+			f->skipping = 0;
+			buf_consume(&f->in, n + 1);
+			continue;
+		}
+		if (n > f->max) {
+			buf_consume(&f->in, n + 1);
+			return RPC_FRAME_TOO_LONG;
+		}
+		*nl = '\0';
+		*line = (char *)head;
+		*len = n;
+		if (n > 0 && head[n - 1] == '\r')
+			head[--(*len)] = '\0';
+		buf_consume(&f->in, n + 1);  /* data stays in place until the next append */
+		if (*len == 0)
+			continue;  /* blank lines are keep-alives */
+		return RPC_FRAME_LINE;
+	}
+}
+
+json_t *
+rpc_request(const char *method, json_t *params, json_int_t id)
+{
+	json_t *m = json_pack("{s:s, s:s, s:I}", "jsonrpc", "2.0", "method", method, "id", id);
+	if (params)
+		json_object_set_new(m, "params", params);
+	return m;
+}
+
+json_t *
+rpc_result(json_t *id, json_t *result)
+{
+	json_t *m = json_pack("{s:s, s:O, s:o}", "jsonrpc", "2.0", "id", id ? id : json_null(), "result",
+	                      result ? result : json_null());
+	return m;
+}
+
+json_t *
+rpc_error(json_t *id, int code, const char *msg)
+{
+	return json_pack("{s:s, s:O, s:{s:i, s:s}}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error",
+	                 "code", code, "message", msg);
+}
+
+json_t *
+rpc_notification(const char *method, json_t *params)
+{
+	return json_pack("{s:s, s:s, s:o}", "jsonrpc", "2.0", "method", method, "params", params);
+}
+
+static int
+rpc_dump_cb(const char *p, size_t n, void *arg)
+{
+	buf_append(arg, p, n);
+	return 0;
+}
+
+void
+rpc_encode(struct buf *out, const json_t *msg)
+{
+	json_dump_callback(msg, rpc_dump_cb, out, JSON_COMPACT);
+	buf_append(out, "\n", 1);
+}

@@ -1,0 +1,41 @@
+/*
+ * Daemon-wide state: the event loop and the running configuration.
+ * Owned by capd.c; everything else borrows.
+ */
+#ifndef CAPD_CAPD_H
+#define CAPD_CAPD_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define CAPD_VERSION "0.1.0"
+
+/* The [capd] section. Owned by the conf that parsed it; conf_free() frees it. */
+struct capd_settings {
+	char *control;        /* control socket path */
+	char *control_group;  /* group owning the control socket, or NULL */
+	char *spool;          /* spool folder */
+	uint64_t rotate_size; /* bytes; 0 = no size rotation */
+	double rotate_time;   /* seconds; 0 = off */
+	unsigned keep_files;
+	double flush_interval;
+	char *state_dir;      /* session id counter, CA; defaults to spool */
+	char *user;           /* drop privileges to this user, or NULL */
+	int log_level;
+	char *hosts_file;
+	bool hosts_restore;
+	char *ca_cert, *ca_key, *keylog_file;
+	uint64_t tail_backlog;
+};
+
+extern struct ev_loop *capd_loop;
+extern struct capd_settings *capd_settings;  /* the one in force */
+extern const char *capd_config_path;
+
+/* Re-reads the config and applies the difference; -1 and *why when it does not parse. */
+int capd_reload(char **why);
+/* Seconds since the epoch, with the loop's cached time. */
+static inline double capd_now(void) { return ev_now(capd_loop); }
+
+#endif

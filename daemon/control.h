@@ -1,0 +1,50 @@
+/*
+ * The control socket: newline-delimited JSON-RPC 2.0 over a Unix stream
+ * socket. Method handlers live in rpc-*.c, one file per noun.
+ */
+#ifndef CAPD_CONTROL_H
+#define CAPD_CONTROL_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+struct ctl_conn;
+struct capd_settings;
+
+struct rpc_err {
+	int code;
+	char *msg;  /* owned */
+};
+
+/* Returns the result (caller owns) or NULL with err set by rpc_fail(). */
+typedef json_t *(*rpc_fn)(struct ctl_conn *c, json_t *params, struct rpc_err *err);
+
+struct rpc_method {
+	const char *name;  /* "noun.verb" */
+	rpc_fn fn;
+};
+
+/* Sets err and returns NULL, for `return rpc_fail(...)`. */
+json_t *rpc_fail(struct rpc_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+int control_start(const struct capd_settings *st, char **why);
+void control_stop(void);
+
+/* Queues a message (stolen) to the connection; dropped if the peer is gone. */
+void ctl_conn_send(struct ctl_conn *c, json_t *msg);
+/* Bytes waiting to go out, for subscribers that must drop instead of queueing. */
+size_t ctl_conn_queued(struct ctl_conn *c);
+/* Called once when the connection closes (subscriptions clean up here). */
+void ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
+void ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
+/* The peer's uid/pid from SO_PEERCRED. */
+int ctl_conn_uid(struct ctl_conn *c);
+
+/* Method tables, one per rpc-*.c file. */
+extern const struct rpc_method rpc_daemon_methods[];
+extern const struct rpc_method rpc_instance_methods[];
+extern const struct rpc_method rpc_session_methods[];
+extern const struct rpc_method rpc_capture_methods[];
+
+#endif

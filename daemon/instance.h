@@ -1,0 +1,95 @@
+/*
+ * Instances: the proxies and sniffers the user starts. An instance has a
+ * protocol (a struct proto table), parsed parameters, and usually a TCP
+ * listener whose accepted connections become sessions.
+ */
+#ifndef CAPD_INSTANCE_H
+#define CAPD_INSTANCE_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+
+#include "addr.h"
+#include "params.h"
+
+struct instance;
+struct session;
+
+/*
+ * What a protocol module plugs into the daemon. Only configure is required.
+ * A proto-*.c file parses its handshake and picks the upstream; it hands the
+ * two connected sockets to the relay and never moves payload bytes itself.
+ */
+struct proto {
+	const char *name;          /* the type word: "forward", "socks" ... */
+	const char *const *keys;   /* type-specific config keys, NULL-terminated */
+	bool listens;              /* binds `listen` for TCP (sniff and trace do not) */
+	size_t hs_max;             /* handshake byte budget for hs_in; 0 = 4 KiB */
+	/* params -> inst->cfg. Also run by `capd -t`, so it must not bind or open anything. */
+	int (*configure)(struct instance *inst, struct params *p);
+	/* After the listener is bound: extra sockets, pcap handles. -1 with *why. */
+	int (*start)(struct instance *inst, char **why);
+	void (*stop)(struct instance *inst);
+	/* A client connection became session s (state handshake). */
+	void (*accepted)(struct session *s);
+	/* Handshake bytes arrived in s->hs_in (or the client closed: s->client_eof). */
+	void (*input)(struct session *s);
+	/* session_connect() finished: err 0, or an errno value (s->why_connect says more). */
+	void (*connected)(struct session *s, int err);
+	void (*session_free)(struct session *s);  /* frees s->proto_state */
+	void (*free)(struct instance *inst);       /* frees inst->cfg */
+	/* Adds type-specific fields to the instance object. */
+	void (*describe)(struct instance *inst, json_t *obj);
+};
+
+enum instance_state { INSTANCE_RUNNING, INSTANCE_FAILED, INSTANCE_STOPPED };
+
+/* Owned by the registry in instance.c; instance_remove() frees it. */
+struct instance {
+	TAILQ_ENTRY(instance) entry;
+	char *name;
+	const struct proto *proto;
+	json_t *params;              /* canonical parameters, owned: reload diffs these */
+	bool from_config;            /* reload may change it; capctl-added ones it leaves */
+	void *cfg;                   /* protocol's parsed config, freed by proto->free */
+
+	struct sockaddr_storage listen;
+	socklen_t listen_len;
+	char listen_str[ADDR_STRLEN]; /* or the interface / command for sniff and trace */
+	int fd;                       /* TCP listener, -1 if none */
+	ev_io accept_io;
+	ev_timer accept_pause;        /* accept backs off a second on EMFILE */
+
+	bool capture, expose;
+	double idle_timeout, connect_timeout;
+
+	enum instance_state state;
+	char *error;                  /* why it failed, or NULL */
+	unsigned open_sessions;
+	uint64_t bytes_up, bytes_down;
+	int spool_iface;              /* its pcapng interface, -1 when not capturing */
+	void *proto_state;            /* runtime state of start/stop (sockets, pcap) */
+};
+
+TAILQ_HEAD(instance_list, instance);
+extern struct instance_list instances;
+
+const struct proto *proto_find(const char *type);
+/* Validates params (a config section or instance.add) without starting anything. */
+int instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why);
+/* Creates and starts an instance; params is borrowed (copied). */
+struct instance *instance_add(json_t *params, bool from_config, char **why);
+void instance_remove(struct instance *inst, const char *reason);
+struct instance *instance_find(const char *name);
+/* Marks a running instance failed (interface went down...) and emits an event. */
+void instance_fail(struct instance *inst, const char *why);
+json_t *instance_json(struct instance *inst);  /* caller owns */
+void instance_remove_all(void);
+/* Stop accepting everywhere (shutdown); sessions continue. */
+void instance_stop_accepting(void);
+
+#endif

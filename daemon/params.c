@@ -1,0 +1,201 @@
+/* Instance parameter access with error messages that name the key; see params.h. */
+#define _GNU_SOURCE
+#include "params.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "values.h"
+#include "xmalloc.h"
+
+static const char *const params_common_keys[] = {
+	"type", "name", "listen", "expose", "capture", "idle_timeout", "connect_timeout", NULL,
+};
+
+int
+params_fail(struct params *p, const char *key, const char *fmt, ...)
+{
+	va_list ap;
+	char *msg;
+	int line = p->section_line;
+
+	if (p->why)
+		return -1;
+	va_start(ap, fmt);
+	if (vasprintf(&msg, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	if (key && p->lines) {
+		json_t *l = json_object_get(p->lines, key);
+		if (json_is_integer(l))
+			line = (int)json_integer_value(l);
+	}
+	if (p->file)
+		p->why = xasprintf("%s:%d: %s", p->file, line, msg);
+	else
+		p->why = xstrdup(msg);
+	free(msg);
+	return -1;
+}
+
+/* The value as text whatever its JSON type; NULL when absent. */
+static const char *
+params_text(struct params *p, const char *key, char *tmp, size_t n)
+{
+	json_t *v = json_object_get(p->obj, key);
+
+	if (v == NULL || json_is_null(v))
+		return NULL;
+	if (json_is_string(v))
+		return json_string_value(v);
+	if (json_is_true(v))
+		return "yes";
+	if (json_is_false(v))
+		return "no";
+	if (json_is_integer(v)) {
+		snprintf(tmp, n, "%lld", (long long)json_integer_value(v));
+		return tmp;
+	}
+	if (json_is_real(v)) {
+		snprintf(tmp, n, "%g", json_real_value(v));
+		return tmp;
+	}
+	if (json_is_array(v) && json_array_size(v) > 0) {
+		params_fail(p, key, "'%s' may be given only once", key);
+		return NULL;
+	}
+	params_fail(p, key, "'%s' has a value of the wrong type", key);
+	return NULL;
+}
+
+const char *
+params_str(struct params *p, const char *key, const char *def)
+{
+	char tmp[64];
+	json_t *v = json_object_get(p->obj, key);
+
+	if (v && json_is_string(v))
+		return json_string_value(v);
+	if (v && (json_is_array(v) || json_is_object(v))) {
+		params_fail(p, key, "'%s' may be given only once", key);
+		return def;
+	}
+	if (v && !json_is_null(v)) {
+		/* numbers given to a string key: store their text form so the pointer stays valid */
+		const char *t = params_text(p, key, tmp, sizeof tmp);
+		if (t == NULL)
+			return def;
+		json_object_set_new(p->obj, key, json_string(t));
+		return json_string_value(json_object_get(p->obj, key));
+	}
+	return def;
+}
+
+int
+params_bool(struct params *p, const char *key, bool def, bool *out)
+{
+	char tmp[64];
+	const char *t = params_text(p, key, tmp, sizeof tmp);
+
+	*out = def;
+	if (t == NULL)
+		return p->why ? -1 : 0;
+	if (value_bool(t, out) < 0)
+		return params_fail(p, key, "bad value for '%s': '%s' (expected yes or no)", key, t);
+	return 0;
+}
+
+int
+params_size(struct params *p, const char *key, uint64_t def, uint64_t *out)
+{
+	char tmp[64];
+	const char *t = params_text(p, key, tmp, sizeof tmp);
+
+	*out = def;
+	if (t == NULL)
+		return p->why ? -1 : 0;
+	if (value_size(t, out) < 0)
+		return params_fail(p, key, "bad size for '%s': '%s' (bytes, or with K, M, G)", key, t);
+	return 0;
+}
+
+int
+params_duration(struct params *p, const char *key, double def, double *out)
+{
+	char tmp[64];
+	const char *t = params_text(p, key, tmp, sizeof tmp);
+
+	*out = def;
+	if (t == NULL)
+		return p->why ? -1 : 0;
+	if (value_duration(t, out) < 0)
+		return params_fail(p, key, "bad duration for '%s': '%s' (seconds, or with ms, s, m, h)", key, t);
+	return 0;
+}
+
+int
+params_uint(struct params *p, const char *key, uint64_t def, uint64_t max, uint64_t *out)
+{
+	char tmp[64];
+	const char *t = params_text(p, key, tmp, sizeof tmp);
+
+	*out = def;
+	if (t == NULL)
+		return p->why ? -1 : 0;
+	if (value_uint(t, max, out) < 0)
+		return params_fail(p, key, "bad number for '%s': '%s' (0 to %llu)", key, t, (unsigned long long)max);
+	return 0;
+}
+
+json_t *
+params_list(struct params *p, const char *key)
+{
+	json_t *v = json_object_get(p->obj, key);
+
+	if (v == NULL || json_is_null(v))
+		return NULL;
+	if (json_is_string(v)) {
+		json_t *a = json_array();
+		json_array_append(a, v);
+		json_object_set_new(p->obj, key, a);
+		return a;
+	}
+	if (!json_is_array(v)) {
+		params_fail(p, key, "'%s' must be a list of strings", key);
+		return NULL;
+	}
+	size_t i;
+	json_t *e;
+	json_array_foreach(v, i, e) {
+		if (!json_is_string(e)) {
+			params_fail(p, key, "'%s' must be a list of strings", key);
+			return NULL;
+		}
+	}
+	return v;
+}
+
+static bool
+key_in(const char *key, const char *const *list)
+{
+	for (; list && *list; list++)
+		if (strcmp(key, *list) == 0)
+			return true;
+	return false;
+}
+
+int
+params_check_keys(struct params *p, const char *const *allowed)
+{
+	const char *key;
+	json_t *v;
+
+	json_object_foreach(p->obj, key, v) {
+		if (!key_in(key, params_common_keys) && !key_in(key, allowed))
+			return params_fail(p, key, "unknown key '%s' for a %s instance", key,
+			                   params_str(p, "type", "?"));
+	}
+	return 0;
+}

@@ -1,0 +1,34 @@
+/*
+ * Instance parameters: the JSON object that both a config section and
+ * instance.add produce. Values may be strings (from INI or capctl) or typed
+ * JSON; the getters accept both. Errors name the key and, for config
+ * sections, the file and line.
+ */
+#ifndef CAPD_PARAMS_H
+#define CAPD_PARAMS_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+struct params {
+	json_t *obj;       /* borrowed: {"type","name","listen",...} */
+	const char *file;  /* config file, or NULL for RPC */
+	json_t *lines;     /* borrowed {"key": line}, or NULL */
+	int section_line;
+	char *why;         /* first error, "file:line: message"; owned here */
+};
+
+/* Records an error for key (NULL: the section) unless one is already set; returns -1. */
+int params_fail(struct params *p, const char *key, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+const char *params_str(struct params *p, const char *key, const char *def);
+int params_bool(struct params *p, const char *key, bool def, bool *out);
+int params_size(struct params *p, const char *key, uint64_t def, uint64_t *out);
+int params_duration(struct params *p, const char *key, double def, double *out);
+int params_uint(struct params *p, const char *key, uint64_t def, uint64_t max, uint64_t *out);
+/* Repeated keys: an array of strings (a lone string counts as one). Borrowed. */
+json_t *params_list(struct params *p, const char *key);
+/* Fails on any key not in the NULL-terminated list (plus the keys every instance takes). */
+int params_check_keys(struct params *p, const char *const *allowed);
+
+#endif

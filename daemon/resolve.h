@@ -1,0 +1,25 @@
+/*
+ * Asynchronous name resolution with c-ares on the event loop; never a
+ * blocking getaddrinfo. Honours /etc/hosts and /etc/resolv.conf.
+ */
+#ifndef CAPD_RESOLVE_H
+#define CAPD_RESOLVE_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define RESOLVE_MAX 8
+
+struct resolve_req;
+
+/* err 0 with n >= 1 addresses, or err != 0 with why (borrowed for the call). */
+typedef void (*resolve_cb)(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n);
+
+int resolve_init(char **why);
+void resolve_shutdown(void);
+/* Calls cb once, possibly later; literals answer at once. */
+struct resolve_req *resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg);
+/* The callback will not be called. */
+void resolve_cancel(struct resolve_req *r);
+
+#endif

@@ -1,0 +1,122 @@
+/*
+ * Sessions: one client connection (or UDP association) through an instance.
+ * session.c owns the table, ids, handshake I/O, upstream connect and the one
+ * teardown path; relay.c moves the bytes once both sides are connected.
+ */
+#ifndef CAPD_SESSION_H
+#define CAPD_SESSION_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+
+#include "addr.h"
+#include "buf.h"
+
+struct instance;
+struct resolve_req;
+struct spool_flow;
+struct tail;
+
+enum dir { DIR_UP = 0, DIR_DOWN = 1 };  /* up: client to server */
+
+enum session_state { SESSION_HANDSHAKE, SESSION_OPEN, SESSION_CLOSING, SESSION_CLOSED };
+
+/* One direction of the relay: bytes read from one side wait here for the other. */
+struct relay_dir {
+	uint8_t *buf;       /* RELAY_BUF bytes while data waits, else NULL (idle sessions hold none) */
+	uint32_t off, len;  /* unsent bytes are buf[off..len) */
+	bool eof;           /* the source sent FIN */
+	bool shut;          /* FIN passed on to the destination */
+};
+
+struct side {
+	int fd;             /* -1 when closed */
+	ev_io rio, wio;
+};
+
+/* Owned by the session table; session_close() ends it and frees it on the next loop pass. */
+struct session {
+	TAILQ_ENTRY(session) entry;
+	uint64_t id;
+	struct instance *inst;      /* borrowed; the instance outlives its sessions */
+	const char *proto;          /* "tcp", "udp", "socks5", "http" ... (static string) */
+	enum session_state state;
+	bool datagram;              /* UDP: no relay, data arrives by session_data() */
+
+	struct side client, upstream;
+	struct sockaddr_storage client_addr, target_addr;
+	bool have_target;           /* target_addr is set */
+	char target_name[HOST_MAX + 8]; /* "name:port" as the client asked, or "" */
+
+	struct buf hs_in, hs_out;   /* handshake bytes; what is left passes to the relay */
+	bool client_eof;            /* the client closed during the handshake */
+	ev_timer timer;             /* handshake/connect deadline, then idle check */
+	double deadline_at;         /* handshake/connect deadline, 0 when none */
+
+	struct relay_dir dir[2];
+	bool client_rd_paused, upstream_rd_paused;
+
+	double started, ended, last_active;
+	uint64_t bytes[2];          /* per enum dir, application bytes */
+	char *reason;               /* why it closed, owned */
+	char *note;                 /* handshake metadata for the session object (e.g. "socks5 user=bob") */
+	char *why_connect;          /* text of the last connect failure */
+
+	struct resolve_req *resolving;
+	struct sockaddr_storage cands[8];  /* resolved candidates still to try */
+	int ncands, cand;
+	uint16_t connect_port;
+
+	void *proto_state;          /* the protocol's, freed by proto->session_free */
+	struct spool_flow *flow;    /* capture state, NULL when not capturing */
+	struct tail *tail;          /* live subscribers and backlog, NULL until used */
+	bool freeing;
+};
+
+TAILQ_HEAD(session_list, session);
+extern struct session_list sessions;
+
+int session_table_init(const char *state_dir, char **why);
+void session_table_shutdown(void);
+
+/* Takes ownership of fd. Starts reading the handshake into hs_in and calls proto->accepted. */
+struct session *session_new(struct instance *inst, int fd, const struct sockaddr *peer);
+/* A datagram session (UDP association, DNS query): no sockets of its own. */
+struct session *session_new_datagram(struct instance *inst, const char *proto,
+                                     const struct sockaddr *client, const struct sockaddr *target);
+struct session *session_find(uint64_t id);
+
+/* Queues handshake reply bytes to the client (flushed by the write watcher). */
+void session_send(struct session *s, const void *p, size_t n);
+/* Resolves host (name or literal) asynchronously and connects; calls proto->connected. */
+void session_connect(struct session *s, const char *host, uint16_t port);
+void session_connect_addr(struct session *s, const struct sockaddr *sa);
+/* Deadline for the handshake phase; cleared by relay_start. */
+void session_set_deadline(struct session *s, double seconds);
+/* Sets the upstream socket directly (BIND): takes fd, target is the peer. */
+void session_set_upstream(struct session *s, int fd, const struct sockaddr *peer);
+
+/* Every application byte passes here once: counters, capture, tail. */
+void session_data(struct session *s, enum dir d, const void *p, size_t n);
+/* Half-close seen in direction d (FIN from its source). */
+void session_shutdown_dir(struct session *s, enum dir d);
+/* The one teardown path: logs the summary line, records reason, frees later. */
+void session_close(struct session *s, const char *reason);
+/* Like session_close but resets both sockets (capctl kill). */
+void session_reset(struct session *s, const char *reason);
+/* Marks the handshake done: capture starts, state open, "session.open" event. */
+void session_opened(struct session *s);
+
+json_t *session_json(struct session *s);  /* caller owns */
+/* Open sessions then the closed history, newest last; instance may be NULL. */
+json_t *session_list_json(const char *instance, bool open_only);
+void session_close_instance(struct instance *inst, const char *reason);
+unsigned session_open_count(void);
+/* ISO 8601 UTC "2026-11-25T18:12:00.123Z". */
+char *session_time(double t, char *out, size_t n);
+
+#endif

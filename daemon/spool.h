@@ -1,0 +1,52 @@
+/*
+ * The capture spool: rotating pcapng files. The event loop only enqueues
+ * small records (flow open, data, FIN, RST, datagram, raw packet); a writer
+ * thread turns them into synthetic packets and writes whole blocks, so a
+ * slow or full disk costs dropped capture, never a stalled relay.
+ */
+#ifndef CAPD_SPOOL_H
+#define CAPD_SPOOL_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "session.h"
+
+struct capd_settings;
+
+/* Opens the spool folder and starts the writer thread. */
+int spool_start(const struct capd_settings *st, char **why);
+/* Applies rotation settings from a reload. */
+void spool_reconfigure(const struct capd_settings *st);
+/* Flushes what is queued and joins the writer. */
+void spool_stop(void);
+
+/* One pcapng interface per instance. linktype: LINKTYPE_RAW (101) for proxies. */
+int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
+void spool_iface_remove(int iface);
+
+/* A capture flow for one session. proto is IPPROTO_TCP or IPPROTO_UDP. Caller owns the flow
+ * until spool_flow_close(), which frees it. */
+struct spool_flow *spool_flow_open(int iface, uint64_t session_id, int proto,
+                                   const struct sockaddr *client, const struct sockaddr *target,
+                                   const char *comment);
+/* TCP: stream bytes in one direction; UDP: one datagram. */
+void spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n);
+/* TCP: FIN from the source of direction d. */
+void spool_flow_fin(struct spool_flow *f, enum dir d);
+/* Ends the flow (RST when reset) and frees f. */
+void spool_flow_close(struct spool_flow *f, bool reset);
+
+/* A captured packet (sniffers): caplen bytes of a packet origlen long. */
+void spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen);
+/* Adds an NSS key log line to the next Decryption Secrets Block. */
+void spool_keylog(const char *line);
+
+json_t *spool_status(void);  /* caller owns: {"file","files","bytes","packets","dropped_packets","dropped_bytes"} */
+int spool_rotate(char **why);
+
+#endif
