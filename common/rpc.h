@@ -25,7 +25,7 @@ enum rpc_errcode {
 
 enum rpc_frame {
 	RPC_FRAME_NONE,     /* need more bytes */
-	RPC_FRAME_LINE,     /* *line/*len hold one line without its newline */
+	RPC_FRAME_LINE,     /* *line and *len hold one line without its newline */
 	RPC_FRAME_TOO_LONG, /* a line passed RPC_MAX_LINE: its bytes up to the next newline are skipped */
 };
 

@@ -6,6 +6,7 @@
 #define CAPD_VALUES_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 int value_size(const char *s, uint64_t *out);

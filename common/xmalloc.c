@@ -1,5 +1,4 @@
 /* Allocation wrappers: abort on exhaustion instead of threading NULL checks everywhere. */
-#define _GNU_SOURCE
 #include "xmalloc.h"
 
 #include <stdarg.h>

@@ -1,5 +1,4 @@
 /* Instance parameter access with error messages that name the key; see params.h. */
-#define _GNU_SOURCE
 #include "params.h"
 
 #include <stdarg.h>

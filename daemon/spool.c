@@ -1,26 +1,1379 @@
-/* Placeholder spool: accepts every record and writes nothing (replaced by the real writer). */
+/*
+ * The capture spool: rotating pcapng files written by one writer thread.
+ *
+ * The event loop only appends small records to a queue (one memcpy under a
+ * mutex the writer holds just long enough to move pointers); the writer turns
+ * them into synthetic packets (spool-synth.c), encodes pcapng blocks
+ * (pcapng.c) into a userspace buffer and writes whole blocks with pwrite(2).
+ * A full queue drops data records (the flow remembers the gap so sequence
+ * numbers stay right); a failing disk drops encoded blocks, truncates the
+ * file back to its last whole block and retries every second. Either way the
+ * relay never waits for the disk.
+ *
+ * Threads: spool_start/stop/reconfigure and the flow calls run on the loop
+ * thread (any thread may call them, they serialise on the queue mutex);
+ * everything named writer_* runs on the writer thread only.
+ */
 #include "spool.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <unistd.h>
 
 #include "capd.h"
+#include "log.h"
+#include "pcapng.h"
+#include "spool-synth.h"
+#include "xmalloc.h"
 
-struct spool_flow { int unused; };
+#define QUEUE_MAX (32u << 20)     /* queued data records beyond this are dropped */
+#define CHUNK_SIZE (1u << 20)     /* queue memory comes in chunks this big */
+#define CHUNK_SPARE 4             /* empty chunks kept for reuse */
+#define WAKE_BYTES (1u << 20)     /* data queued before the writer is woken early */
+#define OUT_MAX (256u << 10)      /* encoded bytes buffered between writes */
+#define RETRY_SECS 1.0            /* after a write error */
+#define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
+#define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
 
-int spool_start(const struct capd_settings *st, char **why) { (void)st; (void)why; return 0; }
-void spool_reconfigure(const struct capd_settings *st) { (void)st; }
-void spool_stop(void) {}
-int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
-{ (void)name; (void)description; (void)linktype; (void)snaplen; (void)tsnano; return 0; }
-void spool_iface_remove(int iface) { (void)iface; }
-struct spool_flow *spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr *client,
-                                   const struct sockaddr *target, const char *comment)
-{ (void)iface; (void)session_id; (void)proto; (void)client; (void)target; (void)comment; return calloc(1, sizeof(struct spool_flow)); }
-void spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n) { (void)f; (void)d; (void)p; (void)n; }
-void spool_flow_fin(struct spool_flow *f, enum dir d) { (void)f; (void)d; }
-void spool_flow_close(struct spool_flow *f, bool reset) { (void)reset; free(f); }
-void spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen)
-{ (void)iface; (void)ts; (void)p; (void)caplen; (void)origlen; }
-void spool_keylog(const char *line) { (void)line; }
-json_t *spool_status(void) { return json_pack("{s:s,s:i,s:i,s:i,s:i,s:i}", "file", "", "files", 0, "bytes", 0, "packets", 0, "dropped_packets", 0, "dropped_bytes", 0); }
-int spool_rotate(char **why) { (void)why; return 0; }
+enum rec_type {
+	REC_IFACE_ADD,    /* payload: name NUL description NUL */
+	REC_IFACE_REMOVE,
+	REC_OPEN,         /* payload: struct rec_open, then the comment */
+	REC_DATA,         /* payload: stream bytes or one datagram */
+	REC_FIN,
+	REC_CLOSE,
+	REC_PACKET,       /* payload: caplen bytes of a sniffed packet */
+	REC_KEYLOG,       /* payload: one key log line, no newline */
+};
+
+/* One queued record; the payload follows, the whole padded to 8 bytes. */
+struct rec {
+	uint8_t type;
+	uint8_t dir;
+	uint8_t flag;          /* REC_CLOSE: reset; REC_IFACE_ADD: tsnano */
+	int32_t iface;
+	uint32_t len;          /* the whole record */
+	uint32_t n;            /* payload bytes */
+	uint32_t aux;          /* REC_PACKET: origlen; REC_IFACE_ADD: linktype */
+	uint32_t aux2;         /* REC_IFACE_ADD: snaplen */
+	uint64_t gap[2];       /* flow bytes dropped before this record, per direction */
+	struct timespec ts;
+	struct spool_flow *flow;
+};
+
+struct rec_open {
+	struct sockaddr_storage client, target;
+	uint64_t session;
+	int proto;
+};
+
+/*
+ * A capture flow. The loop side belongs to the caller of spool_flow_*();
+ * the writer side to the writer thread, which frees the whole struct when
+ * it handles the flow's REC_CLOSE (or spool_flow_close() does, when the
+ * spool is not running).
+ */
+struct spool_flow {
+	uint64_t gap[2];       /* loop: bytes dropped and not yet told to the writer */
+	unsigned gen;          /* loop: the spool run it belongs to */
+	int proto;
+	_Alignas(64) struct synth_flow sf;  /* writer, on its own cache line */
+	bool ready;            /* writer: sf is set up */
+	int iface;
+	char *comment;         /* writer: "capd session N ..." */
+};
+
+/* A piece of queue memory: records live in data[rpos, wpos). */
+struct chunk {
+	struct chunk *next;
+	size_t size, rpos, wpos;
+	uint8_t data[];
+};
+
+/* Shared between the loop and the writer, under q.mu. */
+static struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;      /* wakes the writer */
+	pthread_cond_t done_cv; /* wakes spool_rotate() */
+	struct chunk *head, *tail, *spare;
+	unsigned nspare;
+	size_t queued;          /* bytes of data records in the queue (bounded) */
+	size_t backlog;         /* bytes of all records in the queue */
+	bool waiting;           /* the writer sleeps on cv */
+	bool stop;
+	unsigned rotate_req, rotate_done;
+	uint64_t rotate_size;
+	double rotate_time, flush_interval;
+	unsigned keep_files;
+	char path[PATH_MAX];    /* current file, "" when none */
+} q = {
+	.mu = PTHREAD_MUTEX_INITIALIZER,
+	.done_cv = PTHREAD_COND_INITIALIZER,
+};
+
+static atomic_bool running;
+static atomic_uint gen = 1;
+static atomic_bool dropping;     /* in a queue-full episode (logged once) */
+static _Atomic uint64_t st_bytes, st_packets, st_dropped_packets, st_dropped_bytes;
+static atomic_uint st_files;
+static pthread_t writer_thread;
+static char *spool_dir;
+
+/* Writer-side view of an interface; never freed while the writer runs (packets may outlive removal). */
+struct wiface {
+	bool known, removed;
+	struct pcapng_idb idb;
+	char *name, *desc;
+	int fidx;              /* IDB index in the current file, -1 when not written there */
+};
+
+/* The writer thread's state. */
+static struct writer {
+	int dirfd;
+	int fd;                /* current file, -1 when none */
+	char name[96];
+	unsigned counter;      /* number of the next file */
+	uint64_t good;         /* bytes of the file written, whole blocks only */
+	uint64_t file_packets; /* packets put in the current file (written or buffered) */
+	double opened;         /* monotonic time the file was opened */
+	struct buf out;        /* encoded blocks not written yet */
+	uint64_t out_packets, out_payload;
+	bool failing;          /* a write failed: drop until retry_at */
+	bool episode;          /* failing since the last good write (logged once) */
+	int err;               /* errno of the last failure */
+	double retry_at;
+	struct wiface *ifaces;
+	int nifaces;
+	int *idbs;             /* handles in the current file's IDB order */
+	int nidb, nidb_good, aidb;
+	struct buf keys;       /* recent key log lines, repeated at each new file */
+	struct buf keys_new;   /* lines for the next DSB */
+	char os[160];
+	/* the record being turned into packets */
+	const struct rec *cur;
+	uint64_t session;
+	/* settings copied under q.mu */
+	uint64_t rotate_size;
+	double rotate_time, flush_interval;
+	unsigned keep_files;
+} w = { .dirfd = -1, .fd = -1 };
+
+static double
+mono_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+spool_settings(const struct capd_settings *st)
+{
+	q.rotate_size = st->rotate_size;
+	q.rotate_time = st->rotate_time > 0 ? st->rotate_time : 0;
+	q.flush_interval = st->flush_interval > 0 ? st->flush_interval : 1.0;
+	q.keep_files = st->keep_files;
+}
+
+/* ---- the queue (any thread) ---- */
+
+static struct chunk *
+chunk_get(size_t need)
+{
+	struct chunk *c;
+
+	if (need <= CHUNK_SIZE && q.spare != NULL) {
+		c = q.spare;
+		q.spare = c->next;
+		q.nspare--;
+	} else {
+		size_t size = need > CHUNK_SIZE ? need : CHUNK_SIZE;
+
+		c = xmalloc(sizeof *c + size);
+		c->size = size;
+	}
+	c->next = NULL;
+	c->rpos = c->wpos = 0;
+	return c;
+}
+
+/*
+ * Appends a record with its payload (two pieces). Data records are refused
+ * when QUEUE_MAX is reached; control records always go in, they are small
+ * and their number is bounded by sessions and interfaces.
+ */
+static bool
+queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, bool data)
+{
+	size_t len = (sizeof *r + n1 + n2 + 7) & ~(size_t)7;
+	struct chunk *t;
+	uint8_t *dst;
+
+	r->len = (uint32_t)len;
+	r->n = (uint32_t)(n1 + n2);
+	pthread_mutex_lock(&q.mu);
+	if (data && q.queued + len > QUEUE_MAX) {
+		pthread_mutex_unlock(&q.mu);
+		return false;
+	}
+	t = q.tail;
+	if (t == NULL || t->size - t->wpos < len) {
+		t = chunk_get(len);
+		if (q.tail != NULL)
+			q.tail->next = t;
+		else
+			q.head = t;
+		q.tail = t;
+	}
+	dst = t->data + t->wpos;
+	memcpy(dst, r, sizeof *r);
+	if (n1 > 0)
+		memcpy(dst + sizeof *r, p1, n1);
+	if (n2 > 0)
+		memcpy(dst + sizeof *r + n1, p2, n2);
+	t->wpos += len;
+	if (data)
+		q.queued += len;
+	q.backlog += len;
+	/*
+	 * The writer is woken only for a backlog: one futex call per MiB
+	 * instead of one per record. It polls every half flush interval for
+	 * the rest, which is all the latency the flush interval allows.
+	 */
+	if (q.waiting && q.backlog >= WAKE_BYTES)
+		pthread_cond_signal(&q.cv);
+	pthread_mutex_unlock(&q.mu);
+	return true;
+}
+
+static void
+rec_init(struct rec *r, int type, struct spool_flow *f)
+{
+	memset(r, 0, sizeof *r);
+	r->type = (uint8_t)type;
+	r->flow = f;
+	clock_gettime(CLOCK_REALTIME, &r->ts);
+	if (f != NULL) {
+		r->gap[0] = f->gap[0];
+		r->gap[1] = f->gap[1];
+	}
+}
+
+/* After a record went in: the gaps it carries are told. */
+static void
+flow_sent(struct spool_flow *f)
+{
+	if (f != NULL)
+		f->gap[0] = f->gap[1] = 0;
+	if (atomic_load_explicit(&dropping, memory_order_relaxed) && atomic_exchange(&dropping, false))
+		log_info("spool: capture queue has room again");
+}
+
+static void
+spool_drop(uint64_t packets, uint64_t bytes)
+{
+	atomic_fetch_add_explicit(&st_dropped_packets, packets, memory_order_relaxed);
+	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
+	if (!atomic_load_explicit(&dropping, memory_order_relaxed) && !atomic_exchange(&dropping, true))
+		log_warnx("spool: capture queue full (%u MiB), dropping capture until the writer catches up",
+		          QUEUE_MAX >> 20);
+}
+
+static bool
+flow_live(const struct spool_flow *f)
+{
+	return f != NULL && atomic_load_explicit(&running, memory_order_relaxed) &&
+	       f->gen == atomic_load_explicit(&gen, memory_order_relaxed);
+}
+
+/* ---- the files (writer thread) ---- */
+
+static bool
+spool_name_parse(const char *name, unsigned *counter)
+{
+	size_t n = strlen(name);
+	unsigned c;
+	int end = 0;
+
+	if (n < 13 || strncmp(name, "capd-", 5) != 0 || strcmp(name + n - 7, ".pcapng") != 0)
+		return false;
+	if (sscanf(name, "capd-%u-%n", &c, &end) != 1 || end == 0)
+		return false;
+	*counter = c;
+	return true;
+}
+
+struct spool_file {
+	unsigned counter;
+	char name[256];
+};
+
+static int
+spool_file_cmp(const void *a, const void *b)
+{
+	const struct spool_file *x = a, *y = b;
+
+	return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+/* Our files in the folder, oldest first; the caller frees. */
+static struct spool_file *
+spool_list(int dirfd, size_t *np)
+{
+	struct spool_file *v = NULL;
+	size_t n = 0, cap = 0;
+	struct dirent *de;
+	DIR *d;
+	int fd = dup(dirfd);
+
+	*np = 0;
+	if (fd < 0)
+		return NULL;
+	if ((d = fdopendir(fd)) == NULL) {
+		close(fd);
+		return NULL;
+	}
+	rewinddir(d);
+	while ((de = readdir(d)) != NULL) {
+		unsigned c;
+
+		if (!spool_name_parse(de->d_name, &c) || strlen(de->d_name) >= sizeof v->name)
+			continue;
+		if (n == cap) {
+			cap = cap ? cap * 2 : 64;
+			v = xrealloc(v, cap * sizeof *v);
+		}
+		v[n].counter = c;
+		strcpy(v[n].name, de->d_name);
+		n++;
+	}
+	closedir(d);
+	if (n > 0)
+		qsort(v, n, sizeof *v, spool_file_cmp);
+	*np = n;
+	return v;
+}
+
+/* Deletes the oldest files beyond keep_files (0 keeps all) and counts what is left. */
+static void
+writer_trim(void)
+{
+	size_t n, i = 0;
+	struct spool_file *v = spool_list(w.dirfd, &n);
+
+	if (w.keep_files > 0) {
+		for (; n - i > w.keep_files; i++) {
+			if (strcmp(v[i].name, w.name) == 0)
+				continue;
+			if (unlinkat(w.dirfd, v[i].name, 0) < 0 && errno != ENOENT)
+				log_warn("spool: delete %s/%s", spool_dir, v[i].name);
+		}
+	}
+	atomic_store(&st_files, (unsigned)(n - i));
+	free(v);
+}
+
+static void
+writer_set_path(const char *name)
+{
+	pthread_mutex_lock(&q.mu);
+	if (name != NULL)
+		snprintf(q.path, sizeof q.path, "%s/%s", spool_dir, name);
+	else
+		q.path[0] = '\0';
+	pthread_mutex_unlock(&q.mu);
+}
+
+static void
+writer_count_drop(uint64_t packets, uint64_t bytes)
+{
+	atomic_fetch_add_explicit(&st_dropped_packets, packets, memory_order_relaxed);
+	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
+}
+
+static void
+writer_fail(const char *what, int err)
+{
+	if (!w.episode) {
+		log_warnx("spool: %s %s/%s: %s; dropping capture, retrying every second", what, spool_dir,
+		          w.name[0] ? w.name : "(none)", strerror(err));
+		w.episode = true;
+	}
+	w.err = err;
+	w.failing = true;
+	w.retry_at = mono_now() + RETRY_SECS;
+}
+
+/*
+ * Writes the buffered blocks. On any error the file is cut back to its last
+ * whole block and the buffer is counted as dropped.
+ */
+static void
+writer_flush(void)
+{
+	size_t off = 0, len = w.out.len - w.out.off;
+	const uint8_t *p = buf_head(&w.out);
+
+	if (len == 0)
+		return;
+	if (w.fd < 0 || w.failing) {
+		writer_count_drop(w.out_packets, w.out_payload);
+		goto reset;
+	}
+	while (off < len) {
+		ssize_t r = pwrite(w.fd, p + off, len - off, (off_t)(w.good + off));
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			int err = r < 0 ? errno : ENOSPC;
+
+			if (ftruncate(w.fd, (off_t)w.good) < 0)
+				log_warn("spool: truncate %s/%s", spool_dir, w.name);
+			writer_count_drop(w.out_packets, w.out_payload);
+			/*
+			 * IDBs in the lost buffer are owed again; every EPB that
+			 * used them was lost too, so writing them anew when next
+			 * needed keeps the file's interface indexes consistent.
+			 */
+			for (int i = 0; i < w.nifaces; i++)
+				if (w.ifaces[i].fidx >= w.nidb_good)
+					w.ifaces[i].fidx = -1;
+			w.nidb = w.nidb_good;
+			writer_fail("write", err);
+			if (w.good == 0) {
+				/* Not even the header made it: leave no unreadable file behind. */
+				unlinkat(w.dirfd, w.name, 0);
+				close(w.fd);
+				w.fd = -1;
+				w.counter--;  /* the number is free again: names stay dense */
+				w.name[0] = '\0';
+				writer_set_path(NULL);
+			}
+			goto reset;
+		}
+		off += (size_t)r;
+	}
+	if (w.episode)
+		log_info("spool: writing %s/%s again", spool_dir, w.name);
+	w.episode = false;
+	w.good += len;
+	w.nidb_good = w.nidb;
+	atomic_fetch_add_explicit(&st_bytes, len, memory_order_relaxed);
+	atomic_fetch_add_explicit(&st_packets, w.out_packets, memory_order_relaxed);
+reset:
+	buf_reset(&w.out);
+	w.out_packets = w.out_payload = 0;
+}
+
+static void
+writer_idb(int h)
+{
+	struct wiface *fi = &w.ifaces[h];
+
+	pcapng_idb(&w.out, &fi->idb);
+	fi->fidx = w.nidb;
+	if (w.nidb == w.aidb) {
+		w.aidb = w.aidb ? w.aidb * 2 : 16;
+		w.idbs = xrealloc(w.idbs, (size_t)w.aidb * sizeof *w.idbs);
+	}
+	w.idbs[w.nidb++] = h;
+}
+
+static void
+writer_keys_dsb(struct buf *k)
+{
+	if (buf_used(k) > 0)
+		pcapng_dsb(&w.out, PCAPNG_SECRETS_TLS, buf_head(k), buf_used(k));
+}
+
+/* Opens the next file and writes its head: SHB, the IDBs of every live interface, recent keys. */
+static int
+writer_open(char **why)
+{
+	time_t now = time(NULL);
+	struct tm tm;
+
+	gmtime_r(&now, &tm);
+	for (int tries = 0; tries < 100; tries++) {
+		snprintf(w.name, sizeof w.name, "capd-%05u-%04d%02d%02dT%02d%02d%02dZ.pcapng", w.counter,
+		         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+		w.counter++;
+		w.fd = openat(w.dirfd, w.name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+		if (w.fd >= 0 || errno != EEXIST)
+			break;
+	}
+	if (w.fd < 0) {
+		int err = errno;
+
+		if (why != NULL)
+			*why = xasprintf("spool: create %s/%s: %s", spool_dir, w.name, strerror(err));
+		writer_fail("create", err);
+		w.counter--;
+		w.name[0] = '\0';
+		return -1;
+	}
+	w.good = 0;
+	w.file_packets = 0;
+	w.opened = mono_now();
+	w.nidb = w.nidb_good = 0;
+	w.failing = false;
+	for (int i = 0; i < w.nifaces; i++)
+		w.ifaces[i].fidx = -1;
+	buf_reset(&w.out);
+	w.out_packets = w.out_payload = 0;
+	pcapng_shb(&w.out, NULL, w.os, "capd " CAPD_VERSION);
+	for (int i = 0; i < w.nifaces; i++)
+		if (w.ifaces[i].known && !w.ifaces[i].removed)
+			writer_idb(i);
+	writer_keys_dsb(&w.keys);
+	/* The head goes out now: no reader ever finds an empty file. */
+	writer_flush();
+	if (w.fd < 0) {
+		if (why != NULL)
+			*why = xasprintf("spool: write %s: %s", spool_dir, strerror(w.err));
+		return -1;
+	}
+	writer_set_path(w.name);
+	writer_trim();
+	return 0;
+}
+
+static void
+writer_close(void)
+{
+	writer_flush();
+	if (w.fd >= 0)
+		close(w.fd);
+	w.fd = -1;
+}
+
+static void
+writer_rotate(void)
+{
+	writer_close();
+	writer_open(NULL);
+}
+
+/* After a failure: a new file if there is none, else the same file again. */
+static void
+writer_retry(void)
+{
+	w.failing = false;
+	if (w.fd < 0)
+		writer_open(NULL);
+}
+
+/* The IDB index of handle h in the current file, writing the IDB when first needed. */
+static int
+writer_iface(int h)
+{
+	if (h < 0 || h >= w.nifaces || !w.ifaces[h].known)
+		return -1;
+	if (w.ifaces[h].fidx < 0)
+		writer_idb(h);
+	return w.ifaces[h].fidx;
+}
+
+/* Pending key lines go out before the packets they decrypt. */
+static void
+writer_keys_flush(void)
+{
+	if (buf_used(&w.keys_new) == 0)
+		return;
+	writer_keys_dsb(&w.keys_new);
+	buf_append(&w.keys, buf_head(&w.keys_new), buf_used(&w.keys_new));
+	buf_reset(&w.keys_new);
+	if (buf_used(&w.keys) > KEYLOG_KEEP) {
+		/* Keep the newest half, cut at a line boundary. */
+		const uint8_t *p = buf_head(&w.keys);
+		size_t cut = buf_used(&w.keys) - KEYLOG_KEEP / 2;
+		const uint8_t *nl = memchr(p + cut, '\n', buf_used(&w.keys) - cut);
+
+		buf_consume(&w.keys, nl ? (size_t)(nl - p) + 1 : buf_used(&w.keys));
+	}
+}
+
+static bool
+writer_dropping(void)
+{
+	return w.fd < 0 || w.failing;
+}
+
+/* One packet into the buffer, as an EPB of the record's interface. */
+static void
+writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrlen, const void *data,
+              size_t datalen, uint32_t origlen, uint32_t flags, const char *comment)
+{
+	struct pcapng_epb e;
+	int fidx;
+
+	if (writer_dropping()) {
+		writer_count_drop(1, datalen + hdrlen);
+		return;
+	}
+	writer_keys_flush();
+	if ((fidx = writer_iface(iface)) < 0) {
+		writer_count_drop(1, datalen + hdrlen);
+		return;
+	}
+	e = (struct pcapng_epb){
+		.iface = (uint32_t)fidx,
+		.ts = pcapng_ts(ts, w.ifaces[iface].idb.tsnano),
+		.hdr = hdr,
+		.hdrlen = hdrlen,
+		.data = data,
+		.datalen = datalen,
+		.origlen = origlen,
+		.flags = flags,
+		.comment = comment,
+	};
+	pcapng_epb(&w.out, &e);
+	w.out_packets++;
+	w.out_payload += datalen;
+	w.file_packets++;
+	if (buf_used(&w.out) >= OUT_MAX)
+		writer_flush();
+}
+
+static void
+writer_emit_cb(void *arg, const struct synth_pkt *pkt)
+{
+	struct spool_flow *f = arg;
+	const char *comment = f->comment;
+	char cut[512];
+
+	if (pkt->truncated_from) {
+		snprintf(cut, sizeof cut, "%s (datagram of %zu bytes cut to %zu)", f->comment,
+		         pkt->truncated_from, pkt->datalen);
+		comment = cut;
+	}
+	/* Seen from the client: what it sends goes out, what it gets comes in. */
+	writer_packet(f->iface, &w.cur->ts, pkt->hdr, pkt->hdrlen, pkt->data, pkt->datalen, 0,
+	              pkt->dir == SYNTH_UP ? PCAPNG_EPB_OUTBOUND : PCAPNG_EPB_INBOUND, comment);
+}
+
+static void
+writer_iface_add(const struct rec *r)
+{
+	const char *name = (const char *)(r + 1);
+	const char *desc = name + strlen(name) + 1;
+	struct wiface *fi;
+	int h = r->iface;
+
+	if (h >= w.nifaces) {
+		int n = h + 16;
+
+		w.ifaces = xrealloc(w.ifaces, (size_t)n * sizeof *w.ifaces);
+		memset(w.ifaces + w.nifaces, 0, (size_t)(n - w.nifaces) * sizeof *w.ifaces);
+		for (int i = w.nifaces; i < n; i++)
+			w.ifaces[i].fidx = -1;
+		w.nifaces = n;
+	}
+	fi = &w.ifaces[h];
+	fi->known = true;
+	fi->name = xstrdup(name);
+	fi->desc = xstrdup(desc);
+	fi->idb = (struct pcapng_idb){
+		.linktype = (uint16_t)r->aux,
+		.snaplen = r->aux2,
+		.name = fi->name,
+		.description = *fi->desc ? fi->desc : NULL,
+		.tsnano = r->flag != 0,
+	};
+	/* pcapng allows IDBs anywhere in a section: announce it in the current file now. */
+	if (!writer_dropping())
+		writer_iface(h);
+}
+
+static void
+writer_flow_open(const struct rec *r)
+{
+	struct spool_flow *f = r->flow;
+	struct rec_open o;
+	const char *extra = (const char *)(r + 1) + sizeof o;
+	size_t nextra = r->n - sizeof o;
+	uint32_t isn;
+
+	memcpy(&o, r + 1, sizeof o);
+	f->iface = r->iface;
+	f->comment = nextra > 0 ? xasprintf("capd session %llu %.*s", (unsigned long long)o.session,
+	                                    (int)nextra, extra)
+	                        : xasprintf("capd session %llu", (unsigned long long)o.session);
+	/* Distinct, reproducible initial sequence numbers per session. */
+	isn = (uint32_t)(o.session * 2654435761u);
+	if (synth_flow_init(&f->sf, o.proto, (struct sockaddr *)&o.client, (struct sockaddr *)&o.target, isn,
+	                    ~isn, writer_emit_cb, f) < 0)
+		return;
+	f->ready = true;
+	f->sf.nocsum = writer_dropping();
+	synth_open(&f->sf);
+}
+
+static void
+writer_flow_gaps(struct spool_flow *f, const struct rec *r)
+{
+	if (r->gap[0])
+		synth_gap(&f->sf, SYNTH_UP, r->gap[0]);
+	if (r->gap[1])
+		synth_gap(&f->sf, SYNTH_DOWN, r->gap[1]);
+	f->sf.nocsum = writer_dropping();
+}
+
+static void
+writer_flow_free(struct spool_flow *f)
+{
+	free(f->comment);
+	free(f);
+}
+
+static void
+writer_record(const struct rec *r)
+{
+	const uint8_t *p = (const uint8_t *)(r + 1);
+	struct spool_flow *f = r->flow;
+
+	w.cur = r;
+	switch (r->type) {
+	case REC_IFACE_ADD:
+		writer_iface_add(r);
+		break;
+	case REC_IFACE_REMOVE:
+		if (r->iface >= 0 && r->iface < w.nifaces)
+			w.ifaces[r->iface].removed = true;
+		break;
+	case REC_OPEN:
+		writer_flow_open(r);
+		break;
+	case REC_DATA:
+		if (!f->ready)
+			break;
+		writer_flow_gaps(f, r);
+		synth_data(&f->sf, r->dir, p, r->n);
+		break;
+	case REC_FIN:
+		if (!f->ready)
+			break;
+		writer_flow_gaps(f, r);
+		synth_fin(&f->sf, r->dir);
+		break;
+	case REC_CLOSE:
+		if (f->ready) {
+			writer_flow_gaps(f, r);
+			synth_close(&f->sf, r->flag != 0);
+		}
+		writer_flow_free(f);
+		break;
+	case REC_PACKET:
+		writer_packet(r->iface, &r->ts, NULL, 0, p, r->n, r->aux, 0, NULL);
+		break;
+	case REC_KEYLOG:
+		buf_append(&w.keys_new, p, r->n);
+		buf_append(&w.keys_new, "\n", 1);
+		break;
+	}
+	w.cur = NULL;
+	if (w.rotate_size > 0 && w.fd >= 0 && w.good + buf_used(&w.out) >= w.rotate_size)
+		writer_rotate();
+}
+
+static void
+writer_settings(void)
+{
+	w.rotate_size = q.rotate_size;
+	w.rotate_time = q.rotate_time;
+	w.flush_interval = q.flush_interval;
+	w.keep_files = q.keep_files;
+}
+
+/* Next time the writer must look up without being woken (called under q.mu). */
+static double
+writer_deadline(double next_tick)
+{
+	double d = next_tick;
+
+	if (w.failing && w.retry_at < d)
+		d = w.retry_at;
+	if (w.rotate_time > 0 && w.fd >= 0 && w.opened + w.rotate_time < d)
+		d = w.opened + w.rotate_time;
+	return d;
+}
+
+static void
+writer_wait(double until)
+{
+	struct timespec ts;
+
+	ts.tv_sec = (time_t)until;
+	ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	q.waiting = true;
+	pthread_cond_timedwait(&q.cv, &q.mu, &ts);
+	q.waiting = false;
+}
+
+/*
+ * Takes the next run of records off the queue: the unread part of the head
+ * chunk. The records stay where they are while the writer reads them without
+ * the lock; producers only ever write beyond wpos. (Called under q.mu.)
+ */
+static struct chunk *
+writer_take(size_t *start, size_t *end)
+{
+	struct chunk *h;
+
+	while ((h = q.head) != NULL && h->rpos == h->wpos && h != q.tail) {
+		q.head = h->next;
+		free(h);
+	}
+	if (h == NULL || h->rpos == h->wpos)
+		return NULL;
+	*start = h->rpos;
+	*end = h->wpos;
+	return h;
+}
+
+/* Gives back what writer_take() handed out. (Called under q.mu.) */
+static struct chunk *
+writer_release(struct chunk *h, size_t end, size_t data)
+{
+	q.backlog -= end - h->rpos;
+	h->rpos = end;
+	q.queued -= data;
+	if (h->rpos != h->wpos)
+		return NULL;
+	if (h == q.tail) {
+		h->rpos = h->wpos = 0;  /* reuse in place */
+		return NULL;
+	}
+	q.head = h->next;
+	if (h->size == CHUNK_SIZE && q.nspare < CHUNK_SPARE) {
+		h->next = q.spare;
+		q.spare = h;
+		q.nspare++;
+		return NULL;
+	}
+	return h;  /* freed by the caller, outside the lock */
+}
+
+static void *
+writer_main(void *arg)
+{
+	double next_tick = mono_now() + q.flush_interval / 2;
+
+	(void)arg;
+	for (;;) {
+		struct chunk *h, *old;
+		size_t start = 0, end = 0, data = 0;
+		unsigned rot;
+		bool stop;
+		double now;
+
+		pthread_mutex_lock(&q.mu);
+		for (;;) {
+			writer_settings();
+			h = writer_take(&start, &end);
+			if (h != NULL || q.stop || q.rotate_req != q.rotate_done)
+				break;
+			/* Records below WAKE_BYTES do not signal: the tick picks them up. */
+			if (writer_deadline(next_tick) <= mono_now())
+				break;
+			writer_wait(writer_deadline(next_tick));
+		}
+		rot = q.rotate_req;
+		stop = q.stop;
+		pthread_mutex_unlock(&q.mu);
+
+		for (size_t off = start; h != NULL && off < end;) {
+			const struct rec *r = (const struct rec *)(h->data + off);
+
+			writer_record(r);
+			if (r->type == REC_DATA || r->type == REC_PACKET)
+				data += r->len;
+			off += r->len;
+		}
+
+		now = mono_now();
+		if (rot != q.rotate_done) {  /* only the writer changes rotate_done */
+			writer_rotate();
+			pthread_mutex_lock(&q.mu);
+			q.rotate_done = rot;
+			pthread_cond_broadcast(&q.done_cv);
+			pthread_mutex_unlock(&q.mu);
+		}
+		if (w.rotate_time > 0 && w.fd >= 0 && now >= w.opened + w.rotate_time) {
+			if (w.file_packets > 0)
+				writer_rotate();
+			else
+				w.opened = now;  /* no empty files for time alone */
+		}
+		if (w.failing && now >= w.retry_at)
+			writer_retry();
+		if (now >= next_tick) {
+			writer_flush();
+			next_tick = now + w.flush_interval / 2;
+		}
+
+		old = NULL;
+		pthread_mutex_lock(&q.mu);
+		if (h != NULL)
+			old = writer_release(h, end, data);
+		if (stop && h == NULL) {
+			pthread_mutex_unlock(&q.mu);
+			break;
+		}
+		pthread_mutex_unlock(&q.mu);
+		free(old);
+	}
+	writer_close();
+	return NULL;
+}
+
+/* ---- start and stop (loop thread) ---- */
+
+/*
+ * A crash (kill -9 in the middle of a write) can leave half a block at the
+ * end of the newest file: cut it back to its last whole block so every
+ * file in the spool reads cleanly.
+ */
+static void
+spool_repair(int dirfd, const char *name)
+{
+	uint64_t off = 0, size;
+	struct stat sb;
+	int fd = openat(dirfd, name, O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return;
+	if (fstat(fd, &sb) < 0) {
+		close(fd);
+		return;
+	}
+	size = (uint64_t)sb.st_size;
+	while (off + 12 <= size) {
+		uint32_t hdr[2], trail;
+
+		if (pread(fd, hdr, 8, (off_t)off) != 8)
+			break;
+		if (off == 0 && hdr[0] != PCAPNG_BT_SHB)
+			break;
+		if (hdr[1] < 12 || hdr[1] % 4 != 0 || off + hdr[1] > size)
+			break;
+		if (pread(fd, &trail, 4, (off_t)(off + hdr[1] - 4)) != 4 || trail != hdr[1])
+			break;
+		off += hdr[1];
+	}
+	if (off == 0) {
+		log_notice("spool: removing unreadable %s/%s", spool_dir, name);
+		unlinkat(dirfd, name, 0);
+	} else if (off < size) {
+		log_notice("spool: cutting %s/%s back to its last whole block (%llu of %llu bytes)", spool_dir,
+		           name, (unsigned long long)off, (unsigned long long)size);
+		if (ftruncate(fd, (off_t)off) < 0)
+			log_warn("spool: truncate %s/%s", spool_dir, name);
+	}
+	close(fd);
+}
+
+/* Interfaces as registered, kept by the loop so a restarted writer learns them again. */
+struct liface {
+	char *name, *desc;
+	int linktype;
+	unsigned snaplen;
+	bool tsnano, removed;
+};
+
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct liface *lifaces;
+static int nlifaces;
+
+static void
+spool_queue_iface(int h)
+{
+	struct liface *li = &lifaces[h];
+	struct rec r;
+
+	rec_init(&r, REC_IFACE_ADD, NULL);
+	r.iface = h;
+	r.aux = (uint32_t)li->linktype;
+	r.aux2 = li->snaplen;
+	r.flag = li->tsnano;
+	queue_put(&r, li->name, strlen(li->name) + 1, li->desc, strlen(li->desc) + 1, false);
+}
+
+static void
+spool_mkdirs(const char *path)
+{
+	char *p = xstrdup(path);
+
+	for (char *s = p + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = '\0';
+		mkdir(p, 0750);
+		*s = '/';
+	}
+	mkdir(p, 0750);
+	free(p);
+}
+
+int
+spool_start(const struct capd_settings *st, char **why)
+{
+	pthread_condattr_t ca;
+	struct spool_file *v;
+	struct utsname u;
+	size_t n;
+	int err;
+
+	if (atomic_load(&running)) {
+		*why = xstrdup("spool: already running");
+		return -1;
+	}
+	if (st->spool == NULL || *st->spool == '\0') {
+		*why = xstrdup("spool: no spool folder set");
+		return -1;
+	}
+	spool_dir = xstrdup(st->spool);
+	spool_mkdirs(spool_dir);
+	if ((w.dirfd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+		*why = xasprintf("spool: %s: %s", spool_dir, strerror(errno));
+		goto fail;
+	}
+	/* Numbers continue from the files already there, so names keep sorting by time. */
+	v = spool_list(w.dirfd, &n);
+	w.counter = n > 0 ? v[n - 1].counter + 1 : 1;
+	if (n > 0)
+		spool_repair(w.dirfd, v[n - 1].name);
+	free(v);
+	if (uname(&u) == 0)
+		snprintf(w.os, sizeof w.os, "%s %s", u.sysname, u.release);
+
+	pthread_mutex_lock(&q.mu);
+	spool_settings(st);
+	writer_settings();
+	q.stop = false;
+	q.path[0] = '\0';
+	pthread_mutex_unlock(&q.mu);
+
+	if (writer_open(why) < 0) {
+		err = w.err;
+		/* A full disk is no reason not to proxy; a folder we may not write to is. */
+		if (err == EACCES || err == EPERM || err == EROFS || err == ENOENT || err == ENOTDIR)
+			goto fail;
+		log_warnx("%s; capture resumes when it can write", *why);
+		free(*why);
+		*why = NULL;
+	}
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&q.cv, &ca);
+	pthread_cond_destroy(&q.done_cv);
+	pthread_cond_init(&q.done_cv, &ca);
+	pthread_condattr_destroy(&ca);
+
+	pthread_mutex_lock(&reg_mu);
+	for (int h = 0; h < nlifaces; h++)
+		if (!lifaces[h].removed)
+			spool_queue_iface(h);
+	pthread_mutex_unlock(&reg_mu);
+
+	if ((err = pthread_create(&writer_thread, NULL, writer_main, NULL)) != 0) {
+		*why = xasprintf("spool: writer thread: %s", strerror(err));
+		writer_close();
+		goto fail;
+	}
+	atomic_store(&running, true);
+	log_info("spool: writing to %s/%s", spool_dir, w.name);
+	return 0;
+fail:
+	if (w.dirfd >= 0)
+		close(w.dirfd);
+	w.dirfd = -1;
+	free(spool_dir);
+	spool_dir = NULL;
+	return -1;
+}
+
+void
+spool_reconfigure(const struct capd_settings *st)
+{
+	if (!atomic_load(&running))
+		return;
+	if (st->spool != NULL && strcmp(st->spool, spool_dir) != 0)
+		log_notice("spool folder changes only at restart");
+	pthread_mutex_lock(&q.mu);
+	spool_settings(st);
+	if (q.waiting)
+		pthread_cond_signal(&q.cv);
+	pthread_mutex_unlock(&q.mu);
+}
+
+void
+spool_stop(void)
+{
+	struct chunk *c;
+
+	if (!atomic_load(&running))
+		return;
+	atomic_store(&running, false);
+	atomic_fetch_add(&gen, 1);  /* flows still open belong to this run only */
+	pthread_mutex_lock(&q.mu);
+	q.stop = true;
+	pthread_cond_signal(&q.cv);
+	pthread_mutex_unlock(&q.mu);
+	pthread_join(writer_thread, NULL);
+
+	pthread_mutex_lock(&q.mu);
+	while ((c = q.head) != NULL) {
+		q.head = c->next;
+		free(c);
+	}
+	while ((c = q.spare) != NULL) {
+		q.spare = c->next;
+		free(c);
+	}
+	q.tail = NULL;
+	q.nspare = 0;
+	q.queued = 0;
+	q.path[0] = '\0';
+	pthread_mutex_unlock(&q.mu);
+	pthread_cond_destroy(&q.cv);
+
+	for (int i = 0; i < w.nifaces; i++) {
+		free(w.ifaces[i].name);
+		free(w.ifaces[i].desc);
+	}
+	free(w.ifaces);
+	free(w.idbs);
+	w.ifaces = NULL;
+	w.idbs = NULL;
+	w.nifaces = w.nidb = w.nidb_good = w.aidb = 0;
+	buf_free(&w.out);
+	buf_free(&w.keys);
+	buf_free(&w.keys_new);
+	close(w.dirfd);
+	w.dirfd = -1;
+	w.name[0] = '\0';
+	free(spool_dir);
+	spool_dir = NULL;
+}
+
+/* ---- the producers' API (loop thread) ---- */
+
+int
+spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
+{
+	struct liface *li;
+	int h;
+
+	pthread_mutex_lock(&reg_mu);
+	h = nlifaces++;
+	lifaces = xrealloc(lifaces, (size_t)nlifaces * sizeof *lifaces);
+	li = &lifaces[h];
+	li->name = xstrdup(name ? name : "");
+	li->desc = xstrdup(description ? description : "");
+	li->linktype = linktype;
+	li->snaplen = snaplen;
+	li->tsnano = tsnano;
+	li->removed = false;
+	if (atomic_load(&running))
+		spool_queue_iface(h);
+	pthread_mutex_unlock(&reg_mu);
+	return h;
+}
+
+void
+spool_iface_remove(int iface)
+{
+	struct rec r;
+
+	pthread_mutex_lock(&reg_mu);
+	if (iface >= 0 && iface < nlifaces && !lifaces[iface].removed) {
+		lifaces[iface].removed = true;
+		if (atomic_load(&running)) {
+			rec_init(&r, REC_IFACE_REMOVE, NULL);
+			r.iface = iface;
+			queue_put(&r, NULL, 0, NULL, 0, false);
+		}
+	}
+	pthread_mutex_unlock(&reg_mu);
+}
+
+static size_t
+sockaddr_size(const struct sockaddr *sa)
+{
+	return sa->sa_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+}
+
+struct spool_flow *
+spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr *client,
+                const struct sockaddr *target, const char *comment)
+{
+	struct rec_open o;
+	struct spool_flow *f;
+	struct rec r;
+	size_t size = (sizeof *f + 63) & ~(size_t)63;
+
+	if (!atomic_load_explicit(&running, memory_order_relaxed) || client == NULL || target == NULL)
+		return NULL;
+	if ((client->sa_family != AF_INET && client->sa_family != AF_INET6) ||
+	    (target->sa_family != AF_INET && target->sa_family != AF_INET6) ||
+	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP))
+		return NULL;
+	/* The writer's half is written from another thread: keep it off the loop's cache line. */
+	if ((f = aligned_alloc(64, size)) == NULL)
+		fatal("aligned_alloc");
+	memset(f, 0, size);
+	f->gen = atomic_load(&gen);
+	f->proto = proto;
+	memset(&o, 0, sizeof o);
+	memcpy(&o.client, client, sockaddr_size(client));
+	memcpy(&o.target, target, sockaddr_size(target));
+	o.session = session_id;
+	o.proto = proto;
+	rec_init(&r, REC_OPEN, f);
+	r.iface = iface;
+	queue_put(&r, &o, sizeof o, comment, comment ? strlen(comment) : 0, false);
+	return f;
+}
+
+void
+spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n)
+{
+	struct rec r;
+
+	if (n == 0 || !flow_live(f))
+		return;
+	rec_init(&r, REC_DATA, f);
+	r.dir = (uint8_t)d;
+	if (n > QUEUE_MAX || !queue_put(&r, p, n, NULL, 0, true)) {
+		if (f->proto == IPPROTO_TCP)
+			f->gap[d] += n;
+		spool_drop(synth_count(f->proto, n), n);
+		return;
+	}
+	flow_sent(f);
+}
+
+void
+spool_flow_fin(struct spool_flow *f, enum dir d)
+{
+	struct rec r;
+
+	if (!flow_live(f))
+		return;
+	rec_init(&r, REC_FIN, f);
+	r.dir = (uint8_t)d;
+	queue_put(&r, NULL, 0, NULL, 0, false);
+	flow_sent(f);
+}
+
+void
+spool_flow_close(struct spool_flow *f, bool reset)
+{
+	struct rec r;
+
+	if (f == NULL)
+		return;
+	if (!flow_live(f)) {
+		writer_flow_free(f);  /* the writer of its run is gone */
+		return;
+	}
+	rec_init(&r, REC_CLOSE, f);
+	r.flag = reset;
+	queue_put(&r, NULL, 0, NULL, 0, false);  /* the writer frees f */
+}
+
+void
+spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen)
+{
+	struct rec r;
+
+	if (!atomic_load_explicit(&running, memory_order_relaxed))
+		return;
+	rec_init(&r, REC_PACKET, NULL);
+	r.ts = *ts;
+	r.iface = iface;
+	r.aux = (uint32_t)(origlen > UINT32_MAX ? UINT32_MAX : origlen);
+	if (caplen > QUEUE_MAX || !queue_put(&r, p, caplen, NULL, 0, true)) {
+		spool_drop(1, caplen);
+		return;
+	}
+	flow_sent(NULL);
+}
+
+void
+spool_keylog(const char *line)
+{
+	struct rec r;
+	size_t n = strlen(line);
+
+	if (!atomic_load(&running))
+		return;
+	while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+		n--;
+	rec_init(&r, REC_KEYLOG, NULL);
+	queue_put(&r, line, n, NULL, 0, false);
+}
+
+json_t *
+spool_status(void)
+{
+	char path[PATH_MAX];
+
+	pthread_mutex_lock(&q.mu);
+	memcpy(path, q.path, sizeof path);
+	pthread_mutex_unlock(&q.mu);
+	return json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "file", path,
+	                 "files", (json_int_t)atomic_load(&st_files),
+	                 "bytes", (json_int_t)atomic_load(&st_bytes),
+	                 "packets", (json_int_t)atomic_load(&st_packets),
+	                 "dropped_packets", (json_int_t)atomic_load(&st_dropped_packets),
+	                 "dropped_bytes", (json_int_t)atomic_load(&st_dropped_bytes));
+}
+
+int
+spool_rotate(char **why)
+{
+	struct timespec ts;
+	unsigned want;
+
+	if (!atomic_load(&running)) {
+		*why = xstrdup("capture is not running");
+		return -1;
+	}
+	/*
+	 * Waits a moment so the caller's status shows the new file; never long,
+	 * the loop must not hang on a slow disk.
+	 */
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ts.tv_nsec += (long)(ROTATE_WAIT_SECS * 1e9);
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&q.mu);
+	want = ++q.rotate_req;
+	if (q.waiting)
+		pthread_cond_signal(&q.cv);
+	while ((int)(q.rotate_done - want) < 0)
+		if (pthread_cond_timedwait(&q.done_cv, &q.mu, &ts) == ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&q.mu);
+	return 0;
+}

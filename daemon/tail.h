@@ -6,6 +6,7 @@
 #define CAPD_TAIL_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "session.h"
@@ -15,6 +16,8 @@ void tail_data(struct session *s, enum dir d, const void *p, size_t n);
 /* The session ended: subscribers get the end notice; frees s->tail. */
 void tail_session_end(struct session *s);
 
+/* True when someone listens for events: saves building objects nobody reads. */
+bool events_active(void);
 /* Emits an event ("session.open", ...) to subscribers; obj is stolen and gets "event" and "time". */
 void events_emit(const char *event, json_t *obj);
 

@@ -1,0 +1,117 @@
+/*
+ * capctl main: global options (-s PATH, --json), then one command from the
+ * table. Exit 0 on success, 1 when capd refused or is unreachable, 2 on
+ * bad usage.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "capctl.h"
+
+static const struct cmd *const cmds[] = {
+	&cmd_add, &cmd_capture, &cmd_kill, &cmd_list, &cmd_reload, &cmd_remove, &cmd_sessions, &cmd_status,
+};
+#define NCMDS ((int)(sizeof cmds / sizeof cmds[0]))
+
+static void
+usage(FILE *f)
+{
+	fprintf(f, "usage: capctl [-s PATH] [--json] COMMAND [ARGS...]\n\ncommands:\n");
+	for (int i = 0; i < NCMDS; i++)
+		fprintf(f, "  %s %s\n", cmds[i]->name, cmds[i]->usage);
+	fprintf(f, "\nThe socket is -s PATH, else $CAPD_SOCKET, else /run/capd/capd.sock.\n");
+}
+
+int
+usage_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "capctl: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	return CTL_USAGE;
+}
+
+int
+word_match(const char *word, const char *const *words, int n)
+{
+	int found = -1;
+	size_t len = strlen(word);
+
+	for (int i = 0; i < n; i++)
+		if (!strcmp(word, words[i]))
+			return i;
+	for (int i = 0; i < n; i++)
+		if (len > 0 && !strncmp(word, words[i], len)) {
+			if (found >= 0)
+				return -2;
+			found = i;
+		}
+	return found;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct ctl_opts o = { .socket = getenv("CAPD_SOCKET") };
+	const char *names[NCMDS];
+	int i, k, n = 0;
+
+	if (o.socket == NULL || *o.socket == '\0')
+		o.socket = "/run/capd/capd.sock";
+	/* global options come first: -s PATH, --json, -h */
+	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+		if (!strcmp(argv[i], "-s") || !strcmp(argv[i], "--socket")) {
+			if (++i >= argc)
+				return usage_error("-s needs a path");
+			o.socket = argv[i];
+		} else if (!strncmp(argv[i], "--socket=", 9)) {
+			o.socket = argv[i] + 9;
+		} else if (!strcmp(argv[i], "--json")) {
+			o.json = true;
+		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+			usage(stdout);
+			return CTL_OK;
+		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
+			printf("capctl 0.1.0\n");
+			return CTL_OK;
+		} else {
+			usage(stderr);
+			return usage_error("unknown option %s", argv[i]);
+		}
+	}
+	if (i >= argc) {
+		usage(stderr);
+		return CTL_USAGE;
+	}
+	/* --json is also accepted after the command, up to a "--" */
+	char **rest = calloc((size_t)(argc - i + 1), sizeof *rest);
+	for (k = i; k < argc; k++) {
+		if (!strcmp(argv[k], "--")) {
+			while (k < argc)
+				rest[n++] = argv[k++];
+			break;
+		}
+		if (!strcmp(argv[k], "--json"))
+			o.json = true;
+		else
+			rest[n++] = argv[k];
+	}
+	for (k = 0; k < NCMDS; k++)
+		names[k] = cmds[k]->name;
+	k = word_match(rest[0], names, NCMDS);
+	if (k < 0) {
+		usage(stderr);
+		int rc = usage_error("%s command '%s'", k == -2 ? "ambiguous" : "unknown", rest[0]);
+		free(rest);
+		return rc;
+	}
+	int rc = cmds[k]->exec(&o, n, rest);
+	free(rest);
+	return rc;
+}

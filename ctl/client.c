@@ -1,0 +1,165 @@
+/* The connection to capd: blocking, one request at a time, notifications passed on. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "capctl.h"
+#include "rpc.h"
+
+struct client {
+	int fd;
+	long next_id;
+	struct rpc_framer framer;
+};
+
+struct client *
+client_open(const struct ctl_opts *o)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	struct client *c;
+	int fd;
+
+	if (strlen(o->socket) >= sizeof sun.sun_path) {
+		fprintf(stderr, "capctl: cannot reach capd at %s: path too long\n", o->socket);
+		return NULL;
+	}
+	strcpy(sun.sun_path, o->socket);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
+		fprintf(stderr, "capctl: cannot reach capd at %s: %s\n", o->socket, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return NULL;
+	}
+	c = calloc(1, sizeof *c);
+	c->fd = fd;
+	c->next_id = 1;
+	rpc_framer_init(&c->framer, 0);
+	return c;
+}
+
+void
+client_close(struct client *c)
+{
+	if (c == NULL)
+		return;
+	close(c->fd);
+	rpc_framer_free(&c->framer);
+	free(c);
+}
+
+long
+client_send(struct client *c, const char *method, json_t *params)
+{
+	struct buf out = { 0 };
+	long id = c->next_id++;
+	json_t *req = rpc_request(method, params ? params : json_object(), id);
+
+	rpc_encode(&out, req);
+	json_decref(req);
+	for (size_t off = 0; off < buf_used(&out);) {
+		ssize_t n = send(c->fd, buf_head(&out) + off, buf_used(&out) - off, MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			fprintf(stderr, "capctl: lost capd: %s\n", strerror(errno));
+			buf_free(&out);
+			return -1;
+		}
+		off += (size_t)n;
+	}
+	buf_free(&out);
+	return id;
+}
+
+json_t *
+client_next(struct client *c)
+{
+	char *line;
+	size_t len;
+
+	for (;;) {
+		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
+		if (fr == RPC_FRAME_LINE) {
+			json_error_t err;
+			json_t *m = json_loadb(line, len, 0, &err);
+			if (m)
+				return m;
+			fprintf(stderr, "capctl: capd sent something that is not JSON: %s\n", err.text);
+			return NULL;
+		}
+		if (fr == RPC_FRAME_TOO_LONG)
+			continue;
+		ssize_t n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return NULL;
+		buf_commit(&c->framer.in, (size_t)n);
+	}
+}
+
+int
+client_wait(struct client *c, long id, json_t **result, void (*cb)(json_t *note, void *arg), void *arg)
+{
+	for (;;) {
+		json_t *m = client_next(c);
+		json_t *mid, *err;
+
+		if (m == NULL) {
+			fprintf(stderr, "capctl: capd closed the connection\n");
+			return CTL_FAIL;
+		}
+		mid = json_object_get(m, "id");
+		if (mid == NULL && json_object_get(m, "method")) {
+			if (cb)
+				cb(m, arg);
+			json_decref(m);
+			continue;
+		}
+		if (!json_is_integer(mid) || json_integer_value(mid) != id) {
+			/* an error with a null id: capd could not read our request */
+			if ((err = json_object_get(m, "error")) != NULL && json_is_null(mid)) {
+				fprintf(stderr, "capctl: %s\n", json_string_value(json_object_get(err, "message")));
+				json_decref(m);
+				return CTL_FAIL;
+			}
+			json_decref(m);
+			continue;
+		}
+		if ((err = json_object_get(m, "error")) != NULL) {
+			const char *msg = json_string_value(json_object_get(err, "message"));
+			fprintf(stderr, "capctl: %s\n", msg ? msg : "capd refused");
+			json_decref(m);
+			return CTL_FAIL;
+		}
+		if (result)
+			*result = json_incref(json_object_get(m, "result"));
+		json_decref(m);
+		return CTL_OK;
+	}
+}
+
+int
+client_call(const struct ctl_opts *o, const char *method, json_t *params, json_t **result)
+{
+	struct client *c = client_open(o);
+	long id;
+	int rc;
+
+	if (c == NULL) {
+		json_decref(params);
+		return CTL_FAIL;
+	}
+	if ((id = client_send(c, method, params)) < 0) {
+		client_close(c);
+		return CTL_FAIL;
+	}
+	rc = client_wait(c, id, result, NULL, NULL);
+	client_close(c);
+	return rc;
+}

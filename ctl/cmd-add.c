@@ -1,0 +1,249 @@
+/*
+ * capctl add TYPE --port P [--bind A] [--name N] [type options]:
+ * options map one to one onto instance parameters (the config keys).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "addr.h"
+#include "capctl.h"
+#include "values.h"
+
+enum opt_kind {
+	OPT_FLAG,    /* --udp: key = yes */
+	OPT_VALUE,   /* --to X */
+	OPT_REPEAT,  /* --auth X, may repeat: a list */
+};
+
+enum opt_check { CHK_NONE, CHK_HOSTPORT, CHK_SIZE, CHK_DURATION, CHK_UINT };
+
+struct add_opt {
+	const char *type;   /* NULL: every type */
+	const char *opt;    /* "--to" */
+	const char *key;    /* "to" */
+	enum opt_kind kind;
+	enum opt_check check;  /* what capctl can reject itself (exit 2) */
+	const char *value;  /* OPT_FLAG: the value set */
+};
+
+static const char *const add_types[] = { "forward", "socks", "http", "reverse", "dns", "sniff" };
+#define NTYPES ((int)(sizeof add_types / sizeof add_types[0]))
+#define TLS_TYPES "forward socks http reverse"
+
+static const struct add_opt add_opts[] = {
+	{ NULL, "--name", "name", OPT_VALUE, CHK_NONE, NULL },
+	{ NULL, "--expose", "expose", OPT_FLAG, CHK_NONE, "yes" },
+	{ NULL, "--no-capture", "capture", OPT_FLAG, CHK_NONE, "no" },
+	{ NULL, "--idle-timeout", "idle_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ NULL, "--connect-timeout", "connect_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ "forward", "--to", "to", OPT_VALUE, CHK_HOSTPORT, NULL },
+	{ "forward", "--udp", "udp", OPT_FLAG, CHK_NONE, "yes" },
+	{ "socks http", "--auth", "auth", OPT_REPEAT, CHK_NONE, NULL },
+	{ "socks http", "--users", "users", OPT_VALUE, CHK_NONE, NULL },
+	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
+	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_NONE, NULL },
+	{ "http", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
+	{ "reverse", "--route", "route", OPT_REPEAT, CHK_NONE, NULL },
+	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
+	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_NONE, NULL },
+	{ "dns", "--upstream", "upstream", OPT_VALUE, CHK_HOSTPORT, NULL },
+	{ "dns", "--ttl", "ttl", OPT_VALUE, CHK_UINT, NULL },
+	{ "sniff", "--interface", "interface", OPT_VALUE, CHK_NONE, NULL },
+	{ "sniff", "--filter", "filter", OPT_VALUE, CHK_NONE, NULL },
+	{ "sniff", "--promisc", "promisc", OPT_FLAG, CHK_NONE, "yes" },
+	{ "sniff", "--snaplen", "snaplen", OPT_VALUE, CHK_UINT, NULL },
+	{ TLS_TYPES, "--tls", "tls", OPT_FLAG, CHK_NONE, "yes" },
+	{ TLS_TYPES, "--tls-auto", "tls", OPT_FLAG, CHK_NONE, "auto" },
+	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
+	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_NONE, NULL },
+	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_NONE, NULL },
+};
+
+static bool
+opt_for_type(const struct add_opt *ao, const char *type)
+{
+	const char *p;
+	size_t len = strlen(type);
+
+	if (ao->type == NULL)
+		return true;
+	for (p = ao->type; (p = strstr(p, type)) != NULL; p += len)
+		if ((p == ao->type || p[-1] == ' ') && (p[len] == '\0' || p[len] == ' '))
+			return true;
+	return false;
+}
+
+static void
+add_usage(const char *type)
+{
+	fprintf(stderr, "usage: capctl add %s %s[--bind ADDR] [--name NAME]", type,
+	        strcmp(type, "sniff") ? "--port PORT " : "");
+	for (size_t i = 0; i < sizeof add_opts / sizeof add_opts[0]; i++)
+		if (add_opts[i].type && opt_for_type(&add_opts[i], type))
+			fprintf(stderr, " [%s%s]", add_opts[i].opt, add_opts[i].kind == OPT_FLAG ? "" : " X");
+	fprintf(stderr, " [--expose] [--no-capture] [--idle-timeout T] [--connect-timeout T]\n");
+}
+
+static int
+add_check(const struct add_opt *ao, const char *v)
+{
+	struct hostport hp;
+	char *why = NULL;
+	uint64_t u;
+	double d;
+
+	switch (ao->check) {
+	case CHK_HOSTPORT:
+		if (hostport_parse(v, &hp, &why) < 0) {
+			int rc = usage_error("%s: %s", ao->opt, why);
+			free(why);
+			return rc;
+		}
+		return 0;
+	case CHK_SIZE:
+		return value_size(v, &u) < 0 ? usage_error("%s: bad size '%s'", ao->opt, v) : 0;
+	case CHK_DURATION:
+		return value_duration(v, &d) < 0 ? usage_error("%s: bad duration '%s'", ao->opt, v) : 0;
+	case CHK_UINT:
+		return value_uint(v, UINT32_MAX, &u) < 0 ? usage_error("%s: bad number '%s'", ao->opt, v) : 0;
+	case CHK_NONE:
+		break;
+	}
+	return 0;
+}
+
+static int
+add_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	const char *type, *port = NULL, *bind = NULL;
+	json_t *params, *result = NULL;
+	int t, rc;
+
+	if (argc < 2) {
+		fprintf(stderr, "usage: capctl add TYPE [options]   (TYPE: forward socks http reverse dns sniff)\n");
+		return CTL_USAGE;
+	}
+	t = word_match(argv[1], add_types, NTYPES);
+	if (t < 0)
+		return usage_error("unknown instance type '%s' (forward, socks, http, reverse, dns or sniff)", argv[1]);
+	type = add_types[t];
+	params = json_pack("{s:s}", "type", type);
+	for (int i = 2; i < argc; i++) {
+		const char *arg = argv[i], *val = NULL;
+		char optbuf[64];
+		const char *eq = strchr(arg, '=');
+
+		/* --opt=value is the same as --opt value */
+		if (eq && arg[0] == '-' && (size_t)(eq - arg) < sizeof optbuf) {
+			memcpy(optbuf, arg, (size_t)(eq - arg));
+			optbuf[eq - arg] = '\0';
+			val = eq + 1;
+			arg = optbuf;
+		}
+		if (!strcmp(arg, "--port") || !strcmp(arg, "--bind")) {
+			if (val == NULL && i + 1 >= argc)
+				goto missing;
+			if (val == NULL)
+				val = argv[++i];
+			if (!strcmp(arg, "--port"))
+				port = val;
+			else
+				bind = val;
+			continue;
+		}
+		const struct add_opt *ao = NULL;
+		for (size_t k = 0; k < sizeof add_opts / sizeof add_opts[0]; k++)
+			if (!strcmp(add_opts[k].opt, arg) && opt_for_type(&add_opts[k], type)) {
+				ao = &add_opts[k];
+				break;
+			}
+		if (ao == NULL) {
+			json_decref(params);
+			add_usage(type);
+			return usage_error("unknown option %s for add %s", arg, type);
+		}
+		if (ao->kind == OPT_FLAG) {
+			if (val) {
+				json_decref(params);
+				return usage_error("%s takes no value", ao->opt);
+			}
+			json_object_set_new(params, ao->key, json_string(ao->value));
+			continue;
+		}
+		if (val == NULL) {
+			if (i + 1 >= argc)
+				goto missing;
+			val = argv[++i];
+		}
+		if ((rc = add_check(ao, val)) != 0) {
+			json_decref(params);
+			return rc;
+		}
+		if (ao->kind == OPT_REPEAT) {
+			json_t *list = json_object_get(params, ao->key);
+			if (list == NULL)
+				json_object_set_new(params, ao->key, list = json_array());
+			json_array_append_new(list, json_string(val));
+		} else {
+			if (json_object_get(params, ao->key)) {
+				json_decref(params);
+				return usage_error("%s given twice", ao->opt);
+			}
+			json_object_set_new(params, ao->key, json_string(val));
+		}
+		continue;
+missing:
+		json_decref(params);
+		return usage_error("%s needs a value", arg);
+	}
+
+	if (strcmp(type, "sniff") != 0) {
+		uint64_t p;
+		char listen[ADDR_STRLEN + 8];
+		if (port == NULL) {
+			json_decref(params);
+			add_usage(type);
+			return usage_error("add %s needs --port", type);
+		}
+		if (value_uint(port, 65535, &p) < 0 || p == 0) {
+			json_decref(params);
+			return usage_error("--port: bad port '%s' (1 to 65535)", port);
+		}
+		if (bind == NULL)
+			bind = "127.0.0.1";
+		if (strchr(bind, ':') && bind[0] != '[')
+			snprintf(listen, sizeof listen, "[%s]:%s", bind, port);
+		else
+			snprintf(listen, sizeof listen, "%s:%s", bind, port);
+		json_object_set_new(params, "listen", json_string(listen));
+	} else if (port || bind) {
+		json_decref(params);
+		return usage_error("a sniffer has no --port or --bind");
+	}
+	if (!strcmp(type, "forward") && json_object_get(params, "to") == NULL) {
+		json_decref(params);
+		add_usage(type);
+		return usage_error("add forward needs --to HOST:PORT");
+	}
+	if (!strcmp(type, "sniff") && json_object_get(params, "interface") == NULL) {
+		json_decref(params);
+		add_usage(type);
+		return usage_error("add sniff needs --interface IFACE");
+	}
+
+	if ((rc = client_call(o, "instance.add", params, &result)) != CTL_OK)
+		return rc;
+	if (o->json)
+		output_json(result);
+	else
+		printf("added %s (%s on %s)\n", json_string_value(json_object_get(result, "name")), type,
+		       json_string_value(json_object_get(result, "listen")));
+	json_decref(result);
+	return CTL_OK;
+}
+
+const struct cmd cmd_add = {
+	"add", "TYPE --port PORT [--bind ADDR] [--name NAME] [options]   (capctl add TYPE --help)", add_exec,
+};

@@ -1,0 +1,33 @@
+/* capctl capture status | rotate: the spool. */
+#include <stdio.h>
+#include <string.h>
+
+#include "capctl.h"
+
+static int
+capture_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	static const char *const verbs[] = { "status", "rotate" };
+	json_t *r = NULL;
+	int v, rc;
+
+	if (argc != 2 || (v = word_match(argv[1], verbs, 2)) < 0)
+		return usage_error("usage: capctl capture status | rotate");
+	if ((rc = client_call(o, v == 0 ? "capture.status" : "capture.rotate", NULL, &r)) != CTL_OK)
+		return rc;
+	if (o->json) {
+		output_json(r);
+	} else {
+		char b[16], db[16];
+		printf("file:     %s\n", json_string_value(json_object_get(r, "file")));
+		printf("files:    %lld\n", (long long)json_integer_value(json_object_get(r, "files")));
+		printf("written:  %s bytes, %lld packets\n", output_size(json_object_get(r, "bytes"), b, sizeof b),
+		       (long long)json_integer_value(json_object_get(r, "packets")));
+		printf("dropped:  %lld packets, %s bytes\n", (long long)json_integer_value(json_object_get(r, "dropped_packets")),
+		       output_size(json_object_get(r, "dropped_bytes"), db, sizeof db));
+	}
+	json_decref(r);
+	return CTL_OK;
+}
+
+const struct cmd cmd_capture = { "capture", "status | rotate", capture_exec };

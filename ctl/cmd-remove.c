@@ -1,0 +1,24 @@
+/* capctl remove NAME: stop an instance and free its port. */
+#include <stdio.h>
+
+#include "capctl.h"
+
+static int
+remove_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	json_t *r = NULL;
+	int rc;
+
+	if (argc != 2)
+		return usage_error("usage: capctl remove NAME");
+	if ((rc = client_call(o, "instance.remove", json_pack("{s:s}", "name", argv[1]), &r)) != CTL_OK)
+		return rc;
+	if (o->json)
+		output_json(r);
+	else
+		printf("removed %s\n", argv[1]);
+	json_decref(r);
+	return CTL_OK;
+}
+
+const struct cmd cmd_remove = { "remove", "NAME", remove_exec };

@@ -1,0 +1,32 @@
+/* capctl status: what capd is running. */
+#include <stdio.h>
+
+#include "capctl.h"
+
+static int
+status_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	json_t *r = NULL;
+	int rc;
+
+	(void)argv;
+	if (argc != 1)
+		return usage_error("usage: capctl status");
+	if ((rc = client_call(o, "daemon.status", NULL, &r)) != CTL_OK)
+		return rc;
+	if (o->json) {
+		output_json(r);
+	} else {
+		printf("capd %s, pid %lld, up %.0fs\n", json_string_value(json_object_get(r, "version")),
+		       (long long)json_integer_value(json_object_get(r, "pid")), json_number_value(json_object_get(r, "uptime")));
+		printf("config:    %s\n", json_string_value(json_object_get(r, "config")));
+		printf("control:   %s\n", json_string_value(json_object_get(r, "control")));
+		printf("spool:     %s\n", json_string_value(json_object_get(r, "spool")));
+		printf("instances: %lld\n", (long long)json_integer_value(json_object_get(r, "instances")));
+		printf("sessions:  %lld open\n", (long long)json_integer_value(json_object_get(r, "sessions")));
+	}
+	json_decref(r);
+	return CTL_OK;
+}
+
+const struct cmd cmd_status = { "status", "", status_exec };

@@ -1,0 +1,120 @@
+/* capctl output: aligned tables, JSON, human sizes and ages. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "capctl.h"
+#include "values.h"
+
+struct table {
+	int ncols, nrows, cap;
+	char **cells;  /* row-major, headers first */
+};
+
+struct table *
+table_new(const char *const *headers, int ncols)
+{
+	struct table *t = calloc(1, sizeof *t);
+
+	t->ncols = ncols;
+	t->cap = 16;
+	t->cells = calloc((size_t)(t->cap * ncols), sizeof *t->cells);
+	for (int i = 0; i < ncols; i++)
+		t->cells[i] = strdup(headers[i]);
+	t->nrows = 1;
+	return t;
+}
+
+void
+table_add(struct table *t, ...)
+{
+	va_list ap;
+
+	if (t->nrows == t->cap) {
+		t->cap *= 2;
+		t->cells = realloc(t->cells, (size_t)(t->cap * t->ncols) * sizeof *t->cells);
+	}
+	va_start(ap, t);
+	for (int i = 0; i < t->ncols; i++) {
+		const char *s = va_arg(ap, const char *);
+		t->cells[t->nrows * t->ncols + i] = strdup(s ? s : "");
+	}
+	va_end(ap);
+	t->nrows++;
+}
+
+void
+table_print(struct table *t)
+{
+	int *w = calloc((size_t)t->ncols, sizeof *w);
+
+	for (int r = 0; r < t->nrows; r++)
+		for (int c = 0; c < t->ncols; c++) {
+			int len = (int)strlen(t->cells[r * t->ncols + c]);
+			if (len > w[c])
+				w[c] = len;
+		}
+	for (int r = 0; r < t->nrows; r++) {
+		for (int c = 0; c < t->ncols; c++) {
+			const char *cell = t->cells[r * t->ncols + c];
+			if (c == t->ncols - 1)
+				printf("%s", cell);
+			else
+				printf("%-*s  ", w[c], cell);
+		}
+		printf("\n");
+	}
+	free(w);
+}
+
+void
+table_free(struct table *t)
+{
+	if (t == NULL)
+		return;
+	for (int i = 0; i < t->nrows * t->ncols; i++)
+		free(t->cells[i]);
+	free(t->cells);
+	free(t);
+}
+
+void
+output_json(const json_t *v)
+{
+	json_dumpf(v, stdout, JSON_INDENT(2) | JSON_ENCODE_ANY);
+	printf("\n");
+}
+
+const char *
+output_size(json_t *v, char *buf, size_t n)
+{
+	return value_human_size(json_is_integer(v) ? (uint64_t)json_integer_value(v) : 0, buf, n);
+}
+
+const char *
+output_age(const char *rfc3339, char *buf, size_t n)
+{
+	struct tm tm = { 0 };
+	time_t then, now = time(NULL);
+	long d;
+
+	if (rfc3339 == NULL || strptime(rfc3339, "%Y-%m-%dT%H:%M:%S", &tm) == NULL) {
+		snprintf(buf, n, "-");
+		return buf;
+	}
+	then = timegm(&tm);
+	d = (long)(now - then);
+	if (d < 0)
+		d = 0;
+	if (d < 120)
+		snprintf(buf, n, "%lds", d);
+	else if (d < 7200)
+		snprintf(buf, n, "%ldm", d / 60);
+	else if (d < 172800)
+		snprintf(buf, n, "%ldh", d / 3600);
+	else
+		snprintf(buf, n, "%ldd", d / 86400);
+	return buf;
+}

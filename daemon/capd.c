@@ -1,0 +1,337 @@
+/*
+ * capd: main, signals, sd_notify, reload. Always in the foreground;
+ * systemd (or the developer's terminal) supervises it.
+ */
+#include "capd.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "config.h"
+#include "control.h"
+#include "instance.h"
+#include "log.h"
+#include "relay.h"
+#include "resolve.h"
+#include "session.h"
+#include "spool.h"
+#include "xmalloc.h"
+
+#if HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#define capd_notify(...) sd_notifyf(0, __VA_ARGS__)
+#else
+#define capd_notify(...) ((void)0)
+#endif
+
+#define CAPD_SHUTDOWN_GRACE 2.0  /* seconds open sessions get to finish at stop */
+
+struct ev_loop *capd_loop;
+struct capd_settings *capd_settings;
+const char *capd_config_path = "/etc/capd/capd.conf";
+double capd_started;
+
+static struct conf *capd_conf;  /* the config in force */
+static int capd_verbose;
+static ev_signal sig_term, sig_int, sig_hup;
+static ev_timer capd_grace, capd_watchdog;
+static double capd_grace_deadline;
+static int capd_stopping;
+
+static void
+usage(void)
+{
+	fprintf(stderr, "usage: capd [-tvV] [-c FILE]\n"
+	                "  -c FILE  configuration file (default /etc/capd/capd.conf)\n"
+	                "  -t       check the configuration and exit (0 good, 1 bad)\n"
+	                "  -v       more logging (repeat for debug)\n"
+	                "  -V       print the version and exit\n");
+	exit(2);
+}
+
+static void
+capd_apply_log_level(const struct capd_settings *st)
+{
+	int lvl = st->log_level + capd_verbose;
+	log_set_level(lvl > LOG_LVL_DEBUG ? LOG_LVL_DEBUG : lvl);
+}
+
+static int
+capd_mkdirs(const char *path, char **why)
+{
+	char *p = xstrdup(path);
+
+	for (char *s = p + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = '\0';
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			goto fail;
+		*s = '/';
+	}
+	if (mkdir(p, 0750) < 0 && errno != EEXIST)
+		goto fail;
+	free(p);
+	return 0;
+fail:
+	*why = xasprintf("cannot create %s: %s", p, strerror(errno));
+	free(p);
+	return -1;
+}
+
+/* Finds a config instance in a parsed config by name. */
+static json_t *
+capd_conf_instance(struct conf *c, const char *name)
+{
+	size_t i;
+	json_t *e;
+
+	json_array_foreach(c->instances, i, e) {
+		json_t *p = json_object_get(e, "params");
+		if (!strcmp(json_string_value(json_object_get(p, "name")), name))
+			return p;
+	}
+	return NULL;
+}
+
+/* Starts the config's instances that are not running; errors are collected in *errs. */
+static void
+capd_start_instances(struct conf *c, char **errs)
+{
+	size_t i;
+	json_t *e;
+
+	json_array_foreach(c->instances, i, e) {
+		json_t *p = json_object_get(e, "params");
+		const char *name = json_string_value(json_object_get(p, "name"));
+		char *why = NULL;
+
+		if (instance_find(name))
+			continue;
+		if (instance_add(p, true, &why) == NULL) {
+			char *msg = xasprintf("%s:%d: [%s %s]: %s", c->file,
+			                      (int)json_integer_value(json_object_get(e, "line")),
+			                      json_string_value(json_object_get(p, "type")), name, why);
+			log_error("%s", msg);
+			if (*errs == NULL) {
+				*errs = msg;
+			} else {
+				char *both = xasprintf("%s; %s", *errs, msg);
+				free(*errs);
+				free(msg);
+				*errs = both;
+			}
+			free(why);
+		}
+	}
+}
+
+int
+capd_reload(char **why)
+{
+	struct conf *c;
+	struct instance *inst, *next;
+	char *errs = NULL;
+
+	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
+	if ((c = conf_load(capd_config_path, why)) == NULL) {
+		log_error("reload refused, the running config stays: %s", *why);
+		capd_notify("READY=1\nSTATUS=reload failed: %s", *why);
+		return -1;
+	}
+	/* instances from the old file that changed or went away stop; capctl's stay */
+	for (inst = TAILQ_FIRST(&instances); inst; inst = next) {
+		next = TAILQ_NEXT(inst, entry);
+		if (!inst->from_config)
+			continue;
+		json_t *p = capd_conf_instance(c, inst->name);
+		if (p && json_equal(p, inst->params))
+			continue;
+		instance_remove(inst, p ? "changed by reload" : "removed from the config");
+	}
+	/* a name now used by a capctl instance cannot come from the file too */
+	size_t i;
+	json_t *e;
+	json_array_foreach(c->instances, i, e) {
+		const char *name = json_string_value(json_object_get(json_object_get(e, "params"), "name"));
+		struct instance *cur = instance_find(name);
+		if (cur && !cur->from_config) {
+			char *msg = xasprintf("[%s] is an instance added by capctl; remove it first", name);
+			log_error("%s", msg);
+			free(errs);
+			errs = msg;
+		}
+	}
+	capd_start_instances(c, &errs);
+
+	if (strcmp(c->settings.control, capd_settings->control) != 0)
+		log_notice("control socket path changes only at restart");
+	capd_apply_log_level(&c->settings);
+	spool_reconfigure(&c->settings);
+	/* the socket path in force stays what we bound */
+	free(c->settings.control);
+	c->settings.control = xstrdup(capd_settings->control);
+	conf_free(capd_conf);
+	capd_conf = c;
+	capd_settings = &c->settings;
+	log_info("reloaded %s", capd_config_path);
+	capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
+	*why = errs;
+	return 0;
+}
+
+static void
+capd_finish(void)
+{
+	instance_remove_all();
+	session_table_shutdown();
+	control_stop();
+	resolve_shutdown();
+	spool_stop();
+	relay_shutdown();
+	ev_break(capd_loop, EVBREAK_ALL);
+}
+
+static void
+capd_grace_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)revents;
+	if (session_open_count() > 0 && ev_now(loop) < capd_grace_deadline)
+		return;
+	ev_timer_stop(loop, w);
+	capd_finish();
+}
+
+static void
+capd_stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	(void)revents;
+	if (capd_stopping++) {
+		capd_finish();  /* a second signal: stop now */
+		return;
+	}
+	log_notice("stopping on signal %d", w->signum);
+	capd_notify("STOPPING=1\nSTATUS=stopping");
+	instance_stop_accepting();
+	capd_grace_deadline = ev_now(loop) + CAPD_SHUTDOWN_GRACE;
+	ev_timer_set(&capd_grace, 0., 0.05);
+	ev_timer_start(loop, &capd_grace);
+}
+
+static void
+capd_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	char *why = NULL;
+
+	(void)loop; (void)w; (void)revents;
+	capd_reload(&why);
+	free(why);
+}
+
+static void
+capd_watchdog_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	capd_notify("WATCHDOG=1");
+}
+
+static void
+capd_raise_nofile(void)
+{
+	struct rlimit rl;
+
+	/* 10,000 tunnels need 20,000 descriptors: take all the hard limit allows */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+int
+main(int argc, char **argv)
+{
+	int ch, test_only = 0;
+	char *why = NULL, *errs = NULL;
+
+	log_init("capd", LOG_LVL_INFO);
+	while ((ch = getopt(argc, argv, "c:tvVh")) != -1) {
+		switch (ch) {
+		case 'c': capd_config_path = optarg; break;
+		case 't': test_only = 1; break;
+		case 'v': capd_verbose++; break;
+		case 'V': printf("capd %s\n", CAPD_VERSION); return 0;
+		default: usage();
+		}
+	}
+	if (optind != argc)
+		usage();
+
+	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL) {
+		fprintf(stderr, "capd: %s\n", why);
+		free(why);
+		return 1;
+	}
+	if (test_only) {
+		printf("capd: %s: configuration is good (%zu instances)\n", capd_config_path,
+		       json_array_size(capd_conf->instances));
+		conf_free(capd_conf);
+		return 0;
+	}
+	capd_settings = &capd_conf->settings;
+	capd_apply_log_level(capd_settings);
+	capd_raise_nofile();
+	signal(SIGPIPE, SIG_IGN);
+
+	capd_loop = ev_default_loop(EVFLAG_AUTO);
+	capd_started = ev_time();
+	ev_now_update(capd_loop);
+
+	if (capd_mkdirs(capd_settings->state_dir, &why) < 0 || capd_mkdirs(capd_settings->spool, &why) < 0 ||
+	    control_start(capd_settings, &why) < 0 || resolve_init(&why) < 0 ||
+	    session_table_init(capd_settings->state_dir, &why) < 0 || spool_start(capd_settings, &why) < 0) {
+		log_error("%s", why);
+		free(why);
+		control_stop();
+		return 1;
+	}
+	capd_start_instances(capd_conf, &errs);
+	if (errs) {
+		/* a config whose instances cannot start is a failed start, as with nginx */
+		free(errs);
+		capd_finish();
+		return 1;
+	}
+
+	ev_signal_init(&sig_term, capd_stop_cb, SIGTERM);
+	ev_signal_init(&sig_int, capd_stop_cb, SIGINT);
+	ev_signal_init(&sig_hup, capd_hup_cb, SIGHUP);
+	ev_signal_start(capd_loop, &sig_term);
+	ev_signal_start(capd_loop, &sig_int);
+	ev_signal_start(capd_loop, &sig_hup);
+	ev_init(&capd_grace, capd_grace_cb);
+
+#if HAVE_SYSTEMD
+	uint64_t wd_usec;
+	if (sd_watchdog_enabled(0, &wd_usec) > 0) {
+		ev_timer_init(&capd_watchdog, capd_watchdog_cb, 0., (double)wd_usec / 2e6);
+		ev_timer_again(capd_loop, &capd_watchdog);
+		ev_unref(capd_loop);
+	}
+#endif
+	log_notice("capd %s ready: control %s, spool %s", CAPD_VERSION, capd_settings->control, capd_settings->spool);
+	capd_notify("READY=1\nSTATUS=running, control %s", capd_settings->control);
+
+	ev_run(capd_loop, 0);
+
+	log_notice("stopped");
+	conf_free(capd_conf);
+	return 0;
+}

@@ -1,0 +1,398 @@
+/*
+ * Config loading with libinih. inih does not report line numbers, so the
+ * reader callback counts lines itself: the handler is always called for the
+ * line read last. Relative paths are taken relative to the config file.
+ */
+#include "conf.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "instance.h"
+#include "log.h"
+#include "values.h"
+#include "xmalloc.h"
+
+/* Keys of instance sections that may repeat: each adds one more rule. */
+static const char *const conf_rule_keys[] = { "auth", "route", "answer", NULL };
+
+/* Keys holding paths, made absolute against the config file's folder. */
+static const char *const conf_path_keys[] = { "users", NULL };
+
+struct conf_parse {
+	struct conf *c;
+	const char *name;
+	const char *base;    /* folder of the config file */
+	int line;            /* line the reader returned last */
+	char *why;           /* first error */
+	char section[256];   /* current section */
+	json_t *inst;        /* current instance entry, borrowed from c->instances */
+	json_t *seen_capd;   /* keys set in [capd] */
+	int in_capd;
+	/* reader state for in-memory text */
+	const char *text;
+	size_t pos;
+	FILE *fp;
+};
+
+static void
+conf_fail(struct conf_parse *cp, const char *fmt, ...)
+{
+	va_list ap;
+	char msg[1024];
+
+	if (cp->why)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	cp->why = xasprintf("%s:%d: %s", cp->name, cp->line, msg);
+}
+
+void
+conf_settings_defaults(struct capd_settings *st)
+{
+	memset(st, 0, sizeof *st);
+	st->control = xstrdup("/run/capd/capd.sock");
+	st->spool = xstrdup("/var/lib/capd/spool");
+	st->rotate_size = 64ULL * 1024 * 1024;
+	st->keep_files = 32;
+	st->flush_interval = 1.0;
+	st->state_dir = xstrdup("/var/lib/capd");
+	st->log_level = LOG_LVL_INFO;
+	st->hosts_file = xstrdup("/etc/hosts");
+	st->hosts_restore = true;
+	st->tail_backlog = 64 * 1024;
+}
+
+void
+conf_settings_free(struct capd_settings *st)
+{
+	free(st->control);
+	free(st->control_group);
+	free(st->spool);
+	free(st->state_dir);
+	free(st->user);
+	free(st->hosts_file);
+	free(st->ca_cert);
+	free(st->ca_key);
+	free(st->keylog_file);
+	memset(st, 0, sizeof *st);
+}
+
+static char *
+conf_path(struct conf_parse *cp, const char *v)
+{
+	if (v[0] == '/' || cp->base == NULL)
+		return xstrdup(v);
+	return xasprintf("%s/%s", cp->base, v);
+}
+
+static void
+conf_set_str(char **slot, char *v)
+{
+	free(*slot);
+	*slot = v;
+}
+
+static void
+conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
+{
+	struct capd_settings *st = &cp->c->settings;
+	uint64_t u;
+	double d;
+	bool b;
+
+	if (json_object_get(cp->seen_capd, key)) {
+		conf_fail(cp, "'%s' is set twice in [capd]", key);
+		return;
+	}
+	json_object_set_new(cp->seen_capd, key, json_true());
+	if (!strcmp(key, "control"))
+		conf_set_str(&st->control, conf_path(cp, v));
+	else if (!strcmp(key, "control_group"))
+		conf_set_str(&st->control_group, xstrdup(v));
+	else if (!strcmp(key, "spool"))
+		conf_set_str(&st->spool, conf_path(cp, v));
+	else if (!strcmp(key, "state_dir"))
+		conf_set_str(&st->state_dir, conf_path(cp, v));
+	else if (!strcmp(key, "user"))
+		conf_set_str(&st->user, xstrdup(v));
+	else if (!strcmp(key, "hosts_file"))
+		conf_set_str(&st->hosts_file, conf_path(cp, v));
+	else if (!strcmp(key, "ca_cert"))
+		conf_set_str(&st->ca_cert, conf_path(cp, v));
+	else if (!strcmp(key, "ca_key"))
+		conf_set_str(&st->ca_key, conf_path(cp, v));
+	else if (!strcmp(key, "keylog_file"))
+		conf_set_str(&st->keylog_file, conf_path(cp, v));
+	else if (!strcmp(key, "rotate_size")) {
+		if (value_size(v, &st->rotate_size) < 0)
+			conf_fail(cp, "bad size for 'rotate_size': '%s' (bytes, or with K, M, G)", v);
+	} else if (!strcmp(key, "tail_backlog")) {
+		if (value_size(v, &st->tail_backlog) < 0)
+			conf_fail(cp, "bad size for 'tail_backlog': '%s' (bytes, or with K, M, G)", v);
+	} else if (!strcmp(key, "rotate_time")) {
+		if (value_duration(v, &st->rotate_time) < 0)
+			conf_fail(cp, "bad duration for 'rotate_time': '%s' (seconds, or with ms, s, m, h)", v);
+	} else if (!strcmp(key, "flush_interval")) {
+		if (value_duration(v, &d) < 0 || d <= 0)
+			conf_fail(cp, "bad duration for 'flush_interval': '%s' (more than 0: seconds, or with ms, s, m, h)", v);
+		else
+			st->flush_interval = d;
+	} else if (!strcmp(key, "keep_files")) {
+		if (value_uint(v, 1000000, &u) < 0 || u < 1)
+			conf_fail(cp, "bad number for 'keep_files': '%s' (1 or more)", v);
+		else
+			st->keep_files = (unsigned)u;
+	} else if (!strcmp(key, "log_level")) {
+		int lvl = log_level_parse(v);
+		if (lvl < 0)
+			conf_fail(cp, "bad log_level '%s' (error, warning, notice, info or debug)", v);
+		else
+			st->log_level = lvl;
+	} else if (!strcmp(key, "hosts_restore")) {
+		if (value_bool(v, &b) < 0)
+			conf_fail(cp, "bad value for 'hosts_restore': '%s' (expected yes or no)", v);
+		else
+			st->hosts_restore = b;
+	} else {
+		conf_fail(cp, "unknown key '%s' in [capd]", key);
+	}
+}
+
+static bool
+conf_in(const char *key, const char *const *list)
+{
+	for (; *list; list++)
+		if (!strcmp(key, *list))
+			return true;
+	return false;
+}
+
+static void
+conf_instance_key(struct conf_parse *cp, const char *key, const char *v)
+{
+	json_t *params = json_object_get(cp->inst, "params");
+	json_t *lines = json_object_get(cp->inst, "lines");
+	json_t *old = json_object_get(params, key);
+	json_t *val;
+
+	if (!strcmp(key, "type") || !strcmp(key, "name")) {
+		conf_fail(cp, "'%s' comes from the section header [TYPE NAME]", key);
+		return;
+	}
+	if (conf_in(key, conf_path_keys)) {
+		char *path = conf_path(cp, v);
+		val = json_string(path);
+		free(path);
+	} else {
+		val = json_string(v);
+	}
+	if (val == NULL) {
+		conf_fail(cp, "value of '%s' is not valid UTF-8", key);
+		return;
+	}
+	if (conf_in(key, conf_rule_keys)) {
+		if (old == NULL)
+			json_object_set_new(params, key, json_array());
+		json_array_append_new(json_object_get(params, key), val);
+		if (json_object_get(lines, key) == NULL)
+			json_object_set_new(lines, key, json_integer(cp->line));
+		return;
+	}
+	if (old) {
+		json_decref(val);
+		conf_fail(cp, "'%s' is set twice in [%s]", key, cp->section);
+		return;
+	}
+	json_object_set_new(params, key, val);
+	json_object_set_new(lines, key, json_integer(cp->line));
+}
+
+static void
+conf_new_section(struct conf_parse *cp, const char *section)
+{
+	char type[64], name[200], extra;
+	size_t i;
+	json_t *e;
+
+	snprintf(cp->section, sizeof cp->section, "%s", section);
+	cp->inst = NULL;
+	cp->in_capd = 0;
+	if (!strcmp(section, "capd")) {
+		if (json_object_get(cp->seen_capd, "[capd]")) {
+			conf_fail(cp, "[capd] appears twice");
+			return;
+		}
+		json_object_set_new(cp->seen_capd, "[capd]", json_true());
+		cp->in_capd = 1;
+		return;
+	}
+	if (sscanf(section, "%63s %199s %c", type, name, &extra) != 2) {
+		conf_fail(cp, "section [%s] should be [capd] or [TYPE NAME]", section);
+		return;
+	}
+	if (proto_find(type) == NULL) {
+		conf_fail(cp, "unknown instance type '%s' in [%s]", type, section);
+		return;
+	}
+	json_array_foreach(cp->c->instances, i, e) {
+		json_t *p = json_object_get(e, "params");
+		if (!strcmp(json_string_value(json_object_get(p, "name")), name)) {
+			conf_fail(cp, "instance name '%s' is used twice (first at line %d)", name,
+			          (int)json_integer_value(json_object_get(e, "line")));
+			return;
+		}
+	}
+	cp->inst = json_pack("{s:{s:s,s:s}, s:{}, s:i}", "params", "type", type, "name", name, "lines", "line",
+	                     cp->line);
+	json_array_append_new(cp->c->instances, cp->inst);
+}
+
+static int
+conf_handler(void *user, const char *section, const char *key, const char *value)
+{
+	struct conf_parse *cp = user;
+
+	if (cp->why)
+		return 0;
+	if (key == NULL) {  /* INI_CALL_HANDLER_ON_NEW_SECTION builds pass section starts */
+		conf_new_section(cp, section);
+		return cp->why == NULL;
+	}
+	if (strcmp(section, cp->section) != 0 || (cp->inst == NULL && !cp->in_capd))
+		conf_new_section(cp, section);
+	if (cp->why)
+		return 0;
+	if (section[0] == '\0') {
+		conf_fail(cp, "'%s' is outside any section", key);
+		return 0;
+	}
+	if (cp->in_capd)
+		conf_capd_key(cp, key, value);
+	else
+		conf_instance_key(cp, key, value);
+	return cp->why == NULL;
+}
+
+static char *
+conf_reader(char *str, int num, void *stream)
+{
+	struct conf_parse *cp = stream;
+
+	if (cp->fp) {
+		if (fgets(str, num, cp->fp) == NULL)
+			return NULL;
+	} else {
+		size_t i = 0;
+		if (cp->text[cp->pos] == '\0')
+			return NULL;
+		while (cp->text[cp->pos] && i + 1 < (size_t)num) {
+			char ch = cp->text[cp->pos++];
+			str[i++] = ch;
+			if (ch == '\n')
+				break;
+		}
+		str[i] = '\0';
+	}
+	cp->line++;
+	return str;
+}
+
+static struct conf *
+conf_parse_with(struct conf_parse *cp, char **why)
+{
+	struct conf *c = cp->c;
+	int rc;
+	size_t i;
+	json_t *e;
+
+	cp->seen_capd = json_object();
+	rc = ini_parse_stream(conf_reader, cp, conf_handler, cp);
+	json_decref(cp->seen_capd);
+	if (cp->why == NULL && rc > 0)
+		cp->why = xasprintf("%s:%d: syntax error (expected [section], key = value, or a ; comment)", cp->name, rc);
+	if (cp->why == NULL && rc < 0)
+		cp->why = xasprintf("%s: cannot read", cp->name);
+	if (cp->why == NULL) {
+		json_array_foreach(c->instances, i, e) {
+			if (instance_check(json_object_get(e, "params"), cp->name, json_object_get(e, "lines"),
+			                   (int)json_integer_value(json_object_get(e, "line")), &cp->why) < 0)
+				break;
+		}
+	}
+	if (cp->why) {
+		*why = cp->why;
+		conf_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+static struct conf *
+conf_new(const char *name)
+{
+	struct conf *c = xcalloc(1, sizeof *c);
+
+	c->file = xstrdup(name);
+	conf_settings_defaults(&c->settings);
+	c->instances = json_array();
+	return c;
+}
+
+struct conf *
+conf_load(const char *path, char **why)
+{
+	struct conf_parse cp = { 0 };
+	char *dir = xstrdup(path);
+	struct conf *c;
+
+	cp.fp = fopen(path, "r");
+	if (cp.fp == NULL) {
+		*why = xasprintf("%s: %s", path, strerror(errno));
+		free(dir);
+		return NULL;
+	}
+	cp.c = conf_new(path);
+	cp.name = path;
+	/* relative paths in the file are relative to the file's own folder, made absolute */
+	char *real = realpath(path, NULL);
+	if (real) {
+		free(dir);
+		dir = real;
+	}
+	cp.base = dirname(dir);
+	c = conf_parse_with(&cp, why);
+	fclose(cp.fp);
+	free(dir);
+	return c;
+}
+
+struct conf *
+conf_load_string(const char *text, const char *name, const char *base_dir, char **why)
+{
+	struct conf_parse cp = { 0 };
+
+	cp.text = text;
+	cp.c = conf_new(name);
+	cp.name = name;
+	cp.base = base_dir;
+	return conf_parse_with(&cp, why);
+}
+
+void
+conf_free(struct conf *c)
+{
+	if (c == NULL)
+		return;
+	conf_settings_free(&c->settings);
+	json_decref(c->instances);
+	free(c->file);
+	free(c);
+}

@@ -1,0 +1,29 @@
+/*
+ * The config file: INI with one [capd] section and one [TYPE NAME] section
+ * per instance. Each instance section becomes the same parameter object
+ * that instance.add takes. Errors are "file:line: message".
+ */
+#ifndef CAPD_CONF_H
+#define CAPD_CONF_H
+
+#include <jansson.h>
+
+#include "capd.h"
+
+/* Owned by the caller of conf_load; conf_free() frees it. */
+struct conf {
+	char *file;
+	struct capd_settings settings;
+	json_t *instances;  /* [{"params":{...}, "lines":{key:line}, "line":N}] in file order */
+};
+
+/* Parses and validates the whole file (instances included) without opening anything. */
+struct conf *conf_load(const char *path, char **why);
+/* Parses from memory; name is used in messages (tests and fuzzing). */
+struct conf *conf_load_string(const char *text, const char *name, const char *base_dir, char **why);
+void conf_free(struct conf *c);
+/* Defaults for [capd], with paths under base. */
+void conf_settings_defaults(struct capd_settings *st);
+void conf_settings_free(struct capd_settings *st);
+
+#endif

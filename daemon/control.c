@@ -1,0 +1,520 @@
+/*
+ * The control server: a Unix stream socket speaking newline-delimited
+ * JSON-RPC 2.0. Each connection frames lines, dispatches them to the method
+ * tables of the rpc-*.c files, and queues replies and notifications.
+ * A connection that fails is only marked dead; it is closed on the next
+ * loop pass, so callers that are sending to it never see it freed.
+ */
+#include "control.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "config.h"
+#include "log.h"
+#include "rpc.h"
+#include "xmalloc.h"
+
+#if HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+#define CTL_OUT_MAX (64 * 1024 * 1024)  /* a peer that stops reading this much is dropped */
+#define CTL_REQUEST_TIMEOUT 30.0        /* a request line must arrive complete within this */
+#define CTL_ON_CLOSE_MAX 8
+
+struct ctl_on_close {
+	void (*cb)(void *arg);
+	void *arg;
+};
+
+/* Owned by the connection list; freed by ctl_conn_reap after it is marked dead. */
+struct ctl_conn {
+	struct ctl_conn *next;
+	int fd;
+	ev_io rio, wio;
+	ev_timer timer;          /* partial-request deadline */
+	struct rpc_framer framer;
+	struct buf out;
+	int uid, gid, pid;
+	bool dead;
+	struct ctl_on_close on_close[CTL_ON_CLOSE_MAX];
+	int n_on_close;
+};
+
+static const struct rpc_method *const rpc_tables[] = {
+	rpc_daemon_methods,
+	rpc_instance_methods,
+	rpc_session_methods,
+	rpc_capture_methods,
+};
+
+static int ctl_fd = -1;
+static char *ctl_path;       /* unlinked at stop when we created it */
+static gid_t ctl_gid = (gid_t)-1;
+static ev_io ctl_accept_io;
+static ev_timer ctl_accept_pause;
+static ev_prepare ctl_reaper;
+static struct ctl_conn *ctl_conns;
+static int ctl_dead_pending;
+
+static void ctl_conn_kill(struct ctl_conn *c);
+
+json_t *
+rpc_fail(struct rpc_err *err, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	free(err->msg);
+	va_start(ap, fmt);
+	if (vasprintf(&err->msg, fmt, ap) < 0)
+		err->msg = NULL;
+	va_end(ap);
+	err->code = code;
+	return NULL;
+}
+
+static const struct rpc_method *
+ctl_find_method(const char *name)
+{
+	for (size_t t = 0; t < sizeof rpc_tables / sizeof rpc_tables[0]; t++)
+		for (const struct rpc_method *m = rpc_tables[t]; m->name; m++)
+			if (!strcmp(m->name, name))
+				return m;
+	return NULL;
+}
+
+static void
+ctl_conn_flush(struct ctl_conn *c)
+{
+	while (buf_used(&c->out) > 0) {
+		ssize_t n = send(c->fd, buf_head(&c->out), buf_used(&c->out), MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR) {
+				ev_io_start(capd_loop, &c->wio);
+				return;
+			}
+			ctl_conn_kill(c);
+			return;
+		}
+		buf_consume(&c->out, (size_t)n);
+	}
+	ev_io_stop(capd_loop, &c->wio);
+}
+
+void
+ctl_conn_send(struct ctl_conn *c, json_t *msg)
+{
+	if (c->dead) {
+		json_decref(msg);
+		return;
+	}
+	rpc_encode(&c->out, msg);
+	json_decref(msg);
+	if (buf_used(&c->out) > CTL_OUT_MAX) {
+		log_warnx("control: peer pid %d stopped reading; dropping it", c->pid);
+		ctl_conn_kill(c);
+		return;
+	}
+	if (!ev_is_active(&c->wio))
+		ctl_conn_flush(c);
+}
+
+size_t
+ctl_conn_queued(struct ctl_conn *c)
+{
+	return c->dead ? 0 : buf_used(&c->out);
+}
+
+int
+ctl_conn_uid(struct ctl_conn *c)
+{
+	return c->uid;
+}
+
+void
+ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
+{
+	if (c->n_on_close >= CTL_ON_CLOSE_MAX)
+		fatalx("control: too many close callbacks");
+	c->on_close[c->n_on_close++] = (struct ctl_on_close){ cb, arg };
+}
+
+void
+ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
+{
+	for (int i = 0; i < c->n_on_close; i++)
+		if (c->on_close[i].cb == cb && c->on_close[i].arg == arg) {
+			c->on_close[i] = c->on_close[--c->n_on_close];
+			return;
+		}
+}
+
+static void
+ctl_conn_kill(struct ctl_conn *c)
+{
+	if (c->dead)
+		return;
+	c->dead = true;
+	ev_io_stop(capd_loop, &c->rio);
+	ev_io_stop(capd_loop, &c->wio);
+	ev_timer_stop(capd_loop, &c->timer);
+	ctl_dead_pending = 1;
+}
+
+static void
+ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	struct ctl_conn **pp, *c;
+
+	(void)loop; (void)w; (void)revents;
+	if (!ctl_dead_pending)
+		return;
+	ctl_dead_pending = 0;
+	for (pp = &ctl_conns; (c = *pp) != NULL;) {
+		if (!c->dead) {
+			pp = &c->next;
+			continue;
+		}
+		*pp = c->next;
+		/* subscriptions let go of the connection before it is freed */
+		for (int i = 0; i < c->n_on_close; i++)
+			c->on_close[i].cb(c->on_close[i].arg);
+		close(c->fd);
+		rpc_framer_free(&c->framer);
+		buf_free(&c->out);
+		free(c);
+	}
+}
+
+static void
+ctl_reply_error(struct ctl_conn *c, json_t *id, int code, const char *msg)
+{
+	ctl_conn_send(c, rpc_error(id, code, msg));
+}
+
+static void
+ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
+{
+	json_error_t jerr;
+	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+	json_t *id, *params, *result;
+	const char *method;
+	const struct rpc_method *m;
+	struct rpc_err err = { 0 };
+	char msg[300];
+
+	if (req == NULL) {
+		snprintf(msg, sizeof msg, "parse error: %s at column %d", jerr.text, jerr.column);
+		ctl_reply_error(c, NULL, RPC_E_PARSE, msg);
+		return;
+	}
+	id = json_object_get(req, "id");
+	method = json_string_value(json_object_get(req, "method"));
+	if (!json_is_object(req) || method == NULL) {
+		ctl_reply_error(c, id, RPC_E_INVALID, "invalid request: expected an object with a \"method\" string");
+		goto out;
+	}
+	params = json_object_get(req, "params");
+	if (params != NULL && !json_is_object(params) && !json_is_null(params)) {
+		ctl_reply_error(c, id, RPC_E_PARAMS, "params must be an object");
+		goto out;
+	}
+	if ((m = ctl_find_method(method)) == NULL) {
+		snprintf(msg, sizeof msg, "unknown method '%.200s'", method);
+		ctl_reply_error(c, id, RPC_E_NO_METHOD, msg);
+		goto out;
+	}
+	json_t *empty = NULL;
+	if (params == NULL || json_is_null(params))
+		params = empty = json_object();
+	log_debug("control: pid %d calls %s", c->pid, method);
+	result = m->fn(c, params, &err);
+	json_decref(empty);
+	if (id == NULL) {  /* a notification: no reply, whatever happened */
+		json_decref(result);
+		free(err.msg);
+		goto out;
+	}
+	if (result == NULL) {
+		ctl_reply_error(c, id, err.code ? err.code : RPC_E_INTERNAL, err.msg ? err.msg : "failed");
+		free(err.msg);
+	} else {
+		ctl_conn_send(c, rpc_result(id, result));
+	}
+out:
+	json_decref(req);
+}
+
+static void
+ctl_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct ctl_conn *c = w->data;
+
+	(void)loop; (void)revents;
+	log_warnx("control: pid %d sent half a request and went quiet; closing", c->pid);
+	ctl_conn_kill(c);
+}
+
+static void
+ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct ctl_conn *c = w->data;
+	ssize_t n;
+	char *line;
+	size_t len;
+
+	(void)loop; (void)revents;
+	n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
+	if (n <= 0) {
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return;
+		ctl_conn_kill(c);
+		return;
+	}
+	buf_commit(&c->framer.in, (size_t)n);
+	for (;;) {
+		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
+		if (fr == RPC_FRAME_NONE)
+			break;
+		if (fr == RPC_FRAME_TOO_LONG) {
+			ctl_reply_error(c, NULL, RPC_E_TOO_LARGE, "request too large (over 1 MiB)");
+			continue;
+		}
+		ctl_dispatch(c, line, len);
+		if (c->dead)
+			return;
+	}
+	/* a partial line must complete in time; a quiet, idle connection may stay */
+	if (buf_used(&c->framer.in) > 0 || c->framer.skipping) {
+		if (!ev_is_active(&c->timer)) {
+			ev_timer_set(&c->timer, CTL_REQUEST_TIMEOUT, 0.);
+			ev_timer_start(capd_loop, &c->timer);
+		}
+	} else {
+		ev_timer_stop(capd_loop, &c->timer);
+	}
+}
+
+static void
+ctl_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop; (void)revents;
+	ctl_conn_flush(w->data);
+}
+
+/* root, capd's own user, and members of the socket's group may talk to capd */
+static bool
+ctl_peer_allowed(int uid, int gid)
+{
+	struct passwd *pw;
+	gid_t groups[256];
+	int ngroups = 256;
+
+	if (uid == 0 || (uid_t)uid == geteuid())
+		return true;
+	if (ctl_gid == (gid_t)-1)
+		return false;
+	if ((gid_t)gid == ctl_gid)
+		return true;
+	if ((pw = getpwuid((uid_t)uid)) == NULL)
+		return false;
+	if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &ngroups) < 0)
+		return false;
+	for (int i = 0; i < ngroups; i++)
+		if (groups[i] == ctl_gid)
+			return true;
+	return false;
+}
+
+static void
+ctl_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)w; (void)revents;
+	ev_io_start(loop, &ctl_accept_io);
+}
+
+static void
+ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)w; (void)revents;
+	for (;;) {
+		struct ucred cred;
+		socklen_t len = sizeof cred;
+		int fd = accept4(ctl_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		struct ctl_conn *c;
+
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE) {
+				ev_io_stop(loop, &ctl_accept_io);
+				ev_timer_set(&ctl_accept_pause, 1., 0.);
+				ev_timer_start(loop, &ctl_accept_pause);
+			}
+			return;
+		}
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+			close(fd);
+			continue;
+		}
+		if (!ctl_peer_allowed((int)cred.uid, (int)cred.gid)) {
+			log_warnx("control: refused pid %d uid %d gid %d (not root, capd's user or in the socket's group)",
+			          (int)cred.pid, (int)cred.uid, (int)cred.gid);
+			close(fd);
+			continue;
+		}
+		log_info("control: connection from pid %d uid %d gid %d", (int)cred.pid, (int)cred.uid, (int)cred.gid);
+		c = xcalloc(1, sizeof *c);
+		c->fd = fd;
+		c->uid = (int)cred.uid;
+		c->gid = (int)cred.gid;
+		c->pid = (int)cred.pid;
+		rpc_framer_init(&c->framer, RPC_MAX_LINE);
+		ev_io_init(&c->rio, ctl_read_cb, fd, EV_READ);
+		ev_io_init(&c->wio, ctl_write_cb, fd, EV_WRITE);
+		ev_init(&c->timer, ctl_timer_cb);
+		c->rio.data = c->wio.data = c->timer.data = c;
+		ev_io_start(loop, &c->rio);
+		c->next = ctl_conns;
+		ctl_conns = c;
+	}
+}
+
+static int
+ctl_bind(const char *path, const char *group, char **why)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	char *dir, *slash;
+	int fd;
+
+	if (strlen(path) >= sizeof sun.sun_path) {
+		*why = xasprintf("control socket path too long: %s", path);
+		return -1;
+	}
+	strcpy(sun.sun_path, path);
+	dir = xstrdup(path);
+	if ((slash = strrchr(dir, '/')) != NULL && slash != dir) {
+		*slash = '\0';
+		if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+			*why = xasprintf("cannot create %s: %s", dir, strerror(errno));
+			free(dir);
+			return -1;
+		}
+	}
+	free(dir);
+
+	/* a live capd answers on the socket; a dead one left a file nobody accepts on */
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&sun, sizeof sun) == 0) {
+		close(fd);
+		*why = xasprintf("capd already running on %s", path);
+		return -1;
+	}
+	if (fd >= 0)
+		close(fd);
+	if (unlink(path) < 0 && errno != ENOENT) {
+		*why = xasprintf("cannot remove stale %s: %s", path, strerror(errno));
+		return -1;
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		*why = xasprintf("socket: %s", strerror(errno));
+		return -1;
+	}
+	mode_t old = umask(0117);  /* the file is 0660 from its first moment */
+	int rc = bind(fd, (struct sockaddr *)&sun, sizeof sun);
+	umask(old);
+	if (rc < 0) {
+		*why = xasprintf("cannot bind %s: %s", path, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	chmod(path, 0660);
+	if (group) {
+		struct group *gr = getgrnam(group);
+		if (gr == NULL) {
+			*why = xasprintf("control_group '%s' does not exist", group);
+			close(fd);
+			unlink(path);
+			return -1;
+		}
+		if (chown(path, (uid_t)-1, gr->gr_gid) < 0) {
+			*why = xasprintf("cannot give %s to group %s: %s", path, group, strerror(errno));
+			close(fd);
+			unlink(path);
+			return -1;
+		}
+		ctl_gid = gr->gr_gid;
+	}
+	if (listen(fd, 64) < 0) {
+		*why = xasprintf("listen %s: %s", path, strerror(errno));
+		close(fd);
+		unlink(path);
+		return -1;
+	}
+	ctl_path = xstrdup(path);
+	return fd;
+}
+
+int
+control_start(const struct capd_settings *st, char **why)
+{
+#if HAVE_SYSTEMD
+	if (sd_listen_fds(1) >= 1) {
+		struct stat sb;
+		ctl_fd = SD_LISTEN_FDS_START;
+		fcntl(ctl_fd, F_SETFL, fcntl(ctl_fd, F_GETFL) | O_NONBLOCK);
+		fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
+		if (fstat(ctl_fd, &sb) == 0 && st->control_group) {
+			struct group *gr = getgrnam(st->control_group);
+			if (gr)
+				ctl_gid = gr->gr_gid;
+		}
+		log_info("control: using the socket passed by systemd");
+	}
+#endif
+	if (ctl_fd < 0 && (ctl_fd = ctl_bind(st->control, st->control_group, why)) < 0)
+		return -1;
+	ev_io_init(&ctl_accept_io, ctl_accept_cb, ctl_fd, EV_READ);
+	ev_init(&ctl_accept_pause, ctl_accept_resume_cb);
+	ev_io_start(capd_loop, &ctl_accept_io);
+	ev_prepare_init(&ctl_reaper, ctl_reap_cb);
+	ev_prepare_start(capd_loop, &ctl_reaper);
+	ev_unref(capd_loop);
+	return 0;
+}
+
+void
+control_stop(void)
+{
+	struct ctl_conn *c;
+
+	if (ctl_fd < 0)
+		return;
+	for (c = ctl_conns; c; c = c->next) {
+		ctl_conn_flush(c);
+		ctl_conn_kill(c);
+	}
+	ctl_reap_cb(capd_loop, &ctl_reaper, 0);
+	ev_io_stop(capd_loop, &ctl_accept_io);
+	ev_timer_stop(capd_loop, &ctl_accept_pause);
+	ev_ref(capd_loop);
+	ev_prepare_stop(capd_loop, &ctl_reaper);
+	close(ctl_fd);
+	ctl_fd = -1;
+	if (ctl_path) {
+		unlink(ctl_path);
+		free(ctl_path);
+		ctl_path = NULL;
+	}
+}

@@ -1,0 +1,350 @@
+/*
+ * The instance registry: the protocol table, creating an instance from its
+ * parameters (the same path for a config section and instance.add),
+ * binding its listener, accepting connections into sessions, and removal.
+ */
+#include "instance.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "log.h"
+#include "session.h"
+#include "spool.h"
+#include "tail.h"
+#include "xmalloc.h"
+
+#define ACCEPT_BATCH 64  /* connections taken per wake-up: drains the backlog without starving others */
+
+extern const struct proto proto_forward;
+
+static const struct proto *const protos[] = {
+	&proto_forward,
+};
+
+struct instance_list instances = TAILQ_HEAD_INITIALIZER(instances);
+
+const struct proto *
+proto_find(const char *type)
+{
+	for (size_t i = 0; i < sizeof protos / sizeof protos[0]; i++)
+		if (strcmp(protos[i]->name, type) == 0)
+			return protos[i];
+	return NULL;
+}
+
+static void
+instance_free(struct instance *inst)
+{
+	if (inst == NULL)
+		return;
+	if (inst->proto && inst->proto->free)
+		inst->proto->free(inst);
+	json_decref(inst->params);
+	free(inst->name);
+	free(inst->error);
+	free(inst);
+}
+
+/* Parses the common keys and the protocol's own; nothing is opened. */
+static struct instance *
+instance_configure(json_t *params, const char *file, json_t *lines, int section_line, char **why)
+{
+	struct params p = { .obj = params, .file = file, .lines = lines, .section_line = section_line };
+	struct instance *inst = xcalloc(1, sizeof *inst);
+	const char *type = params_str(&p, "type", NULL), *name, *listen;
+	char *err = NULL;
+
+	inst->fd = -1;
+	inst->spool_iface = -1;
+	inst->params = params;
+	json_incref(params);
+	if (type == NULL || (inst->proto = proto_find(type)) == NULL) {
+		params_fail(&p, NULL, "unknown instance type '%s'", type ? type : "");
+		goto fail;
+	}
+	if (params_check_keys(&p, inst->proto->keys) < 0)
+		goto fail;
+	if (inst->proto->listens) {
+		listen = params_str(&p, "listen", NULL);
+		if (listen == NULL) {
+			params_fail(&p, NULL, "a %s instance needs 'listen'", type);
+			goto fail;
+		}
+		if (addr_parse_listen(listen, &inst->listen, &inst->listen_len, &err) < 0) {
+			params_fail(&p, "listen", "%s", err);
+			free(err);
+			goto fail;
+		}
+		addr_format((struct sockaddr *)&inst->listen, inst->listen_str, sizeof inst->listen_str);
+	}
+	if (params_bool(&p, "expose", false, &inst->expose) < 0 ||
+	    params_bool(&p, "capture", true, &inst->capture) < 0 ||
+	    params_duration(&p, "idle_timeout", 0, &inst->idle_timeout) < 0 ||
+	    params_duration(&p, "connect_timeout", 10, &inst->connect_timeout) < 0)
+		goto fail;
+	if (inst->proto->listens && !inst->expose && !addr_is_loopback((struct sockaddr *)&inst->listen)) {
+		params_fail(&p, "listen", "%s is not a loopback address: set expose = yes (or --expose) to listen there",
+		            inst->listen_str);
+		goto fail;
+	}
+	name = params_str(&p, "name", NULL);
+	if (name == NULL && inst->proto->listens) {
+		inst->name = xasprintf("%s-%u", type, addr_port((struct sockaddr *)&inst->listen));
+		json_object_set_new(params, "name", json_string(inst->name));
+	} else if (name == NULL && json_is_string(json_object_get(params, "interface"))) {
+		inst->name = xasprintf("%s-%s", type, json_string_value(json_object_get(params, "interface")));
+		json_object_set_new(params, "name", json_string(inst->name));
+	} else if (name == NULL) {
+		params_fail(&p, NULL, "a name is needed");
+		goto fail;
+	} else {
+		if (*name == '\0' || strlen(name) > 64 || strpbrk(name, " \t/\\\"'") != NULL) {
+			params_fail(&p, "name", "bad instance name '%s' (1 to 64 characters, no spaces, quotes or slashes)", name);
+			goto fail;
+		}
+		inst->name = xstrdup(name);
+	}
+	if (inst->proto->configure && inst->proto->configure(inst, &p) < 0)
+		goto fail;
+	if (p.why)
+		goto fail;
+	return inst;
+fail:
+	*why = p.why ? p.why : xstrdup("bad parameters");
+	instance_free(inst);
+	return NULL;
+}
+
+int
+instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why)
+{
+	json_t *copy = json_deep_copy(params);
+	struct instance *inst = instance_configure(copy, file, lines, section_line, why);
+
+	json_decref(copy);
+	if (inst == NULL)
+		return -1;
+	instance_free(inst);
+	return 0;
+}
+
+static void
+instance_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct instance *inst = w->data;
+
+	(void)revents;
+	ev_io_start(loop, &inst->accept_io);
+}
+
+static void
+instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct instance *inst = w->data;
+
+	(void)revents;
+	for (int i = 0; i < ACCEPT_BATCH; i++) {
+		struct sockaddr_storage peer;
+		socklen_t len = sizeof peer;
+		int fd = accept4(inst->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+		if (fd < 0) {
+			if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+				return;
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				/* out of descriptors: pause instead of spinning on a ready listener */
+				log_warn("%s: accept paused for 1 s", inst->name);
+				ev_io_stop(loop, &inst->accept_io);
+				ev_timer_set(&inst->accept_pause, 1., 0.);
+				ev_timer_start(loop, &inst->accept_pause);
+				return;
+			}
+			log_warn("%s: accept", inst->name);
+			return;
+		}
+		session_new(inst, fd, (struct sockaddr *)&peer);
+	}
+}
+
+static int
+instance_listen(struct instance *inst, char **why)
+{
+	struct sockaddr *sa = (struct sockaddr *)&inst->listen;
+	int fd, one = 1;
+
+	fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		*why = xasprintf("socket: %s", strerror(errno));
+		return -1;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (sa->sa_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (bind(fd, sa, inst->listen_len) < 0) {
+		if (errno == EADDRINUSE)
+			*why = xasprintf("port %u is in use (%s)", addr_port(sa), inst->listen_str);
+		else if (errno == EACCES)
+			*why = xasprintf("cannot bind %s: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
+			                 inst->listen_str);
+		else
+			*why = xasprintf("cannot bind %s: %s", inst->listen_str, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	if (listen(fd, SOMAXCONN) < 0) {
+		*why = xasprintf("listen %s: %s", inst->listen_str, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	inst->fd = fd;
+	ev_io_init(&inst->accept_io, instance_accept_cb, fd, EV_READ);
+	inst->accept_io.data = inst;
+	ev_init(&inst->accept_pause, instance_accept_resume_cb);
+	inst->accept_pause.data = inst;
+	ev_io_start(capd_loop, &inst->accept_io);
+	return 0;
+}
+
+static void
+instance_close_listener(struct instance *inst)
+{
+	if (inst->fd < 0)
+		return;
+	ev_io_stop(capd_loop, &inst->accept_io);
+	ev_timer_stop(capd_loop, &inst->accept_pause);
+	close(inst->fd);
+	inst->fd = -1;
+}
+
+struct instance *
+instance_add(json_t *params, bool from_config, char **why)
+{
+	json_t *copy = json_deep_copy(params);
+	struct instance *inst = instance_configure(copy, NULL, NULL, 0, why);
+
+	json_decref(copy);
+	if (inst == NULL)
+		return NULL;
+	/* keep the parameters as given, so a reload compares like with like */
+	json_decref(inst->params);
+	inst->params = json_deep_copy(params);
+	json_object_set_new(inst->params, "name", json_string(inst->name));
+	if (instance_find(inst->name)) {
+		*why = xasprintf("an instance named '%s' exists already", inst->name);
+		instance_free(inst);
+		return NULL;
+	}
+	inst->from_config = from_config;
+	if (inst->proto->listens && instance_listen(inst, why) < 0) {
+		instance_free(inst);
+		return NULL;
+	}
+	if (inst->capture && inst->proto->listens) {
+		char *desc = xasprintf("capd %s instance on %s", inst->proto->name, inst->listen_str);
+		inst->spool_iface = spool_iface_add(inst->name, desc, 101 /* LINKTYPE_RAW */, 65535, false);
+		free(desc);
+	}
+	if (inst->proto->start && inst->proto->start(inst, why) < 0) {
+		instance_close_listener(inst);
+		if (inst->spool_iface >= 0)
+			spool_iface_remove(inst->spool_iface);
+		instance_free(inst);
+		return NULL;
+	}
+	if (inst->expose)
+		log_warnx("%s listens on %s, beyond loopback", inst->name, inst->listen_str);
+	TAILQ_INSERT_TAIL(&instances, inst, entry);
+	log_info("instance %s (%s) started on %s", inst->name, inst->proto->name, inst->listen_str);
+	events_emit("instance.add", instance_json(inst));
+	return inst;
+}
+
+void
+instance_remove(struct instance *inst, const char *reason)
+{
+	TAILQ_REMOVE(&instances, inst, entry);
+	instance_close_listener(inst);
+	if (inst->proto->stop && inst->state == INSTANCE_RUNNING)
+		inst->proto->stop(inst);
+	session_close_instance(inst, reason);
+	if (inst->spool_iface >= 0)
+		spool_iface_remove(inst->spool_iface);
+	log_info("instance %s removed: %s", inst->name, reason);
+	events_emit("instance.remove", instance_json(inst));
+	/* closed sessions keep their instance name in the history only as text, so freeing is safe */
+	instance_free(inst);
+}
+
+void
+instance_remove_all(void)
+{
+	struct instance *inst;
+
+	while ((inst = TAILQ_FIRST(&instances)) != NULL)
+		instance_remove(inst, "capd stopped");
+}
+
+void
+instance_stop_accepting(void)
+{
+	struct instance *inst;
+
+	TAILQ_FOREACH(inst, &instances, entry)
+		instance_close_listener(inst);
+}
+
+struct instance *
+instance_find(const char *name)
+{
+	struct instance *inst;
+
+	TAILQ_FOREACH(inst, &instances, entry)
+		if (strcmp(inst->name, name) == 0)
+			return inst;
+	return NULL;
+}
+
+void
+instance_fail(struct instance *inst, const char *why)
+{
+	if (inst->state == INSTANCE_FAILED)
+		return;
+	instance_close_listener(inst);
+	if (inst->proto->stop)
+		inst->proto->stop(inst);
+	inst->state = INSTANCE_FAILED;
+	free(inst->error);
+	inst->error = xstrdup(why);
+	log_warnx("instance %s failed: %s", inst->name, why);
+	events_emit("instance.fail", instance_json(inst));
+}
+
+json_t *
+instance_json(struct instance *inst)
+{
+	static const char *const states[] = {
+		[INSTANCE_RUNNING] = "running", [INSTANCE_FAILED] = "failed", [INSTANCE_STOPPED] = "stopped",
+	};
+	json_t *o = json_object();
+
+	json_object_set_new(o, "name", json_string(inst->name));
+	json_object_set_new(o, "type", json_string(inst->proto->name));
+	json_object_set_new(o, "listen", json_string(inst->listen_str));
+	json_object_set_new(o, "state", json_string(states[inst->state]));
+	json_object_set_new(o, "sessions", json_integer(inst->open_sessions));
+	json_object_set_new(o, "bytes_up", json_integer((json_int_t)inst->bytes_up));
+	json_object_set_new(o, "bytes_down", json_integer((json_int_t)inst->bytes_down));
+	json_object_set_new(o, "capture", json_boolean(inst->capture));
+	json_object_set_new(o, "origin", json_string(inst->from_config ? "config" : "capctl"));
+	if (inst->error)
+		json_object_set_new(o, "error", json_string(inst->error));
+	if (inst->proto->describe)
+		inst->proto->describe(inst, o);
+	return o;
+}

@@ -1,0 +1,93 @@
+/*
+ * forward: every connection to `listen` is relayed to the fixed `to`.
+ * No handshake: connect upstream at once, then hand both sockets to the relay.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "instance.h"
+#include "log.h"
+#include "relay.h"
+#include "session.h"
+#include "xmalloc.h"
+
+/* Owned by the instance; freed by forward_free. */
+struct forward_cfg {
+	struct hostport to;
+	bool udp;
+};
+
+static const char *const forward_keys[] = {
+	"to", "udp", "tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+};
+
+static int
+forward_configure(struct instance *inst, struct params *p)
+{
+	struct forward_cfg *fc = xcalloc(1, sizeof *fc);
+	const char *to = params_str(p, "to", NULL);
+	char *why = NULL;
+
+	inst->cfg = fc;
+	if (to == NULL)
+		return params_fail(p, NULL, "a forward instance needs 'to = host:port'");
+	if (hostport_parse(to, &fc->to, &why) < 0) {
+		params_fail(p, "to", "%s", why);
+		free(why);
+		return -1;
+	}
+	if (params_bool(p, "udp", false, &fc->udp) < 0)
+		return -1;
+	return 0;
+}
+
+static void
+forward_accepted(struct session *s)
+{
+	struct forward_cfg *fc = s->inst->cfg;
+
+	session_connect(s, fc->to.host, fc->to.port);
+}
+
+static void
+forward_connected(struct session *s, int err)
+{
+	if (err != 0) {
+		/* the client sees its connection closed: a forwarder has no error reply */
+		session_close(s, s->why_connect ? s->why_connect : "connect failed");
+		return;
+	}
+	relay_start(s);
+}
+
+static void
+forward_free(struct instance *inst)
+{
+	free(inst->cfg);
+}
+
+static void
+forward_describe(struct instance *inst, json_t *o)
+{
+	struct forward_cfg *fc = inst->cfg;
+	char to[HOST_MAX + 16];
+
+	if (strchr(fc->to.host, ':'))
+		snprintf(to, sizeof to, "[%s]:%u", fc->to.host, fc->to.port);
+	else
+		snprintf(to, sizeof to, "%s:%u", fc->to.host, fc->to.port);
+	json_object_set_new(o, "to", json_string(to));
+	json_object_set_new(o, "udp", json_boolean(fc->udp));
+}
+
+const struct proto proto_forward = {
+	.name = "forward",
+	.keys = forward_keys,
+	.listens = true,
+	.configure = forward_configure,
+	.accepted = forward_accepted,
+	.connected = forward_connected,
+	.free = forward_free,
+	.describe = forward_describe,
+};

@@ -1,0 +1,257 @@
+/*
+ * The relay: the one byte pump for every proxy. Per direction one buffer,
+ * taken from a free list only while bytes wait, so idle sessions hold none.
+ * Reads are written on at once; when the destination cannot take more, the
+ * source stops being read (back-pressure) until the destination drains.
+ * A FIN is passed on as shutdown(SHUT_WR); a reset is passed on as a reset.
+ */
+#include "relay.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "xmalloc.h"
+
+#define RELAY_POOL_MAX 64   /* free buffers kept for reuse */
+#define RELAY_ROUNDS 8      /* chunks per callback before yielding to other sessions */
+
+static uint8_t *relay_pool[RELAY_POOL_MAX];
+static int relay_pool_len;
+
+static uint8_t *
+relay_buf_get(void)
+{
+	if (relay_pool_len > 0)
+		return relay_pool[--relay_pool_len];
+	return xmalloc(RELAY_BUF);
+}
+
+static void
+relay_buf_put(uint8_t *b)
+{
+	if (b == NULL)
+		return;
+	if (relay_pool_len < RELAY_POOL_MAX)
+		relay_pool[relay_pool_len++] = b;
+	else
+		free(b);
+}
+
+void
+relay_shutdown(void)
+{
+	while (relay_pool_len > 0)
+		free(relay_pool[--relay_pool_len]);
+}
+
+static inline struct side *
+relay_src(struct session *s, enum dir d)
+{
+	return d == DIR_UP ? &s->client : &s->upstream;
+}
+
+static inline struct side *
+relay_dst(struct session *s, enum dir d)
+{
+	return d == DIR_UP ? &s->upstream : &s->client;
+}
+
+static const char *
+relay_side_name(enum dir d, bool src)
+{
+	return (d == DIR_UP) == src ? "client" : "upstream";
+}
+
+/* A socket error ends the session; a reset is passed on to the other side. */
+static void
+relay_fail(struct session *s, enum dir d, bool at_src, int err)
+{
+	char why[128];
+
+	if (err == ECONNRESET || err == EPIPE) {
+		snprintf(why, sizeof why, "%s reset", relay_side_name(d, at_src));
+		session_reset(s, why);
+		return;
+	}
+	snprintf(why, sizeof why, "%s error: %s", relay_side_name(d, at_src), strerror(err));
+	session_reset(s, why);
+}
+
+/* Both directions finished with FIN: a clean close. */
+static void
+relay_check_done(struct session *s)
+{
+	if (s->dir[DIR_UP].shut && s->dir[DIR_DOWN].shut)
+		session_close(s, "closed");
+}
+
+/*
+ * Moves bytes for direction d until the source has nothing more, the
+ * destination is full, or the round budget is spent. Returns after
+ * session_close without touching s again.
+ */
+static void
+relay_pump(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
+
+	for (int round = 0; round < RELAY_ROUNDS; round++) {
+		if (rd->len > rd->off) {
+			ssize_t w = send(dst->fd, rd->buf + rd->off, rd->len - rd->off, MSG_NOSIGNAL);
+			if (w < 0) {
+				if (errno == EAGAIN || errno == EINTR)
+					goto dst_full;
+				relay_fail(s, d, false, errno);
+				return;
+			}
+			rd->off += (uint32_t)w;
+			if (rd->off < rd->len)
+				goto dst_full;
+			rd->off = rd->len = 0;
+		}
+		if (ev_is_active(&dst->wio))
+			ev_io_stop(capd_loop, &dst->wio);
+		if (rd->eof) {
+			relay_buf_put(rd->buf);
+			rd->buf = NULL;
+			if (!rd->shut) {
+				rd->shut = true;
+				shutdown(dst->fd, SHUT_WR);
+				session_shutdown_dir(s, d);
+				relay_check_done(s);
+			}
+			return;
+		}
+		if (rd->buf == NULL)
+			rd->buf = relay_buf_get();
+		ssize_t r = recv(src->fd, rd->buf, RELAY_BUF, 0);
+		if (r > 0) {
+			rd->len = (uint32_t)r;
+			session_data(s, d, rd->buf, (size_t)r);
+			if (r < RELAY_BUF) {
+				/* short read: the socket is very likely drained; write and let
+				 * the level-triggered watcher call again rather than spend a
+				 * recv() on EAGAIN */
+				ssize_t w = send(dst->fd, rd->buf, rd->len, MSG_NOSIGNAL);
+				if (w < 0) {
+					if (errno == EAGAIN || errno == EINTR)
+						goto dst_full;
+					relay_fail(s, d, false, errno);
+					return;
+				}
+				rd->off = (uint32_t)w;
+				if (rd->off < rd->len)
+					goto dst_full;
+				rd->off = rd->len = 0;
+				relay_buf_put(rd->buf);
+				rd->buf = NULL;
+				goto src_wait;
+			}
+			continue;
+		}
+		if (r == 0) {
+			rd->eof = true;
+			ev_io_stop(capd_loop, &src->rio);
+			continue;
+		}
+		if (errno == EAGAIN || errno == EINTR) {
+			relay_buf_put(rd->buf);
+			rd->buf = NULL;
+			goto src_wait;
+		}
+		relay_fail(s, d, true, errno);
+		return;
+	}
+	/* round budget spent with data still flowing: come back on the next pass */
+src_wait:
+	if (!rd->eof && !ev_is_active(&src->rio))
+		ev_io_start(capd_loop, &src->rio);
+	return;
+dst_full:
+	if (ev_is_active(&src->rio))
+		ev_io_stop(capd_loop, &src->rio);
+	if (!ev_is_active(&dst->wio))
+		ev_io_start(capd_loop, &dst->wio);
+}
+
+static void
+relay_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+
+	(void)loop; (void)revents;
+	relay_pump(s, w == &s->client.rio ? DIR_UP : DIR_DOWN);
+}
+
+static void
+relay_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+
+	(void)loop; (void)revents;
+	/* the client's write side carries the down direction */
+	relay_pump(s, w == &s->client.wio ? DIR_DOWN : DIR_UP);
+}
+
+static void
+relay_preload(struct session *s, enum dir d, struct buf *b, bool capture)
+{
+	struct relay_dir *rd = &s->dir[d];
+	size_t n = buf_used(b);
+
+	if (n == 0)
+		return;
+	if (n > RELAY_BUF)
+		fatalx("handshake leftover %zu exceeds relay buffer", n);
+	rd->buf = relay_buf_get();
+	memcpy(rd->buf, buf_head(b), n);
+	rd->off = 0;
+	rd->len = (uint32_t)n;
+	buf_free(b);
+	if (capture)
+		session_data(s, d, rd->buf, n);
+}
+
+void
+relay_start(struct session *s)
+{
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	ev_io_init(&s->client.rio, relay_read_cb, s->client.fd, EV_READ);
+	ev_io_init(&s->client.wio, relay_write_cb, s->client.fd, EV_WRITE);
+	ev_io_init(&s->upstream.rio, relay_read_cb, s->upstream.fd, EV_READ);
+	ev_io_init(&s->upstream.wio, relay_write_cb, s->upstream.fd, EV_WRITE);
+	s->client.rio.data = s->client.wio.data = s->upstream.rio.data = s->upstream.wio.data = s;
+
+	session_opened(s);
+	/* a handshake reply still unsent goes first to the client; it is not application data */
+	relay_preload(s, DIR_DOWN, &s->hs_out, false);
+	relay_preload(s, DIR_UP, &s->hs_in, true);
+	if (s->client_eof)
+		s->dir[DIR_UP].eof = true;
+	/* kick both directions: preloaded bytes are written, then reads start */
+	relay_pump(s, DIR_UP);
+	if (s->state != SESSION_OPEN)
+		return;
+	relay_pump(s, DIR_DOWN);
+}
+
+void
+relay_stop(struct session *s)
+{
+	for (int d = 0; d < 2; d++) {
+		relay_buf_put(s->dir[d].buf);
+		s->dir[d].buf = NULL;
+		s->dir[d].off = s->dir[d].len = 0;
+	}
+}

@@ -1,0 +1,232 @@
+/*
+ * c-ares on libev: c-ares tells us which sockets to watch (sock_state_cb);
+ * one ev_io per socket and one timer drive ares_process_fd. Requests whose
+ * session went away are cancelled by clearing their callback, since c-ares
+ * cannot cancel a single query.
+ */
+#include "resolve.h"
+
+#include <ares.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "addr.h"
+#include "capd.h"
+#include "log.h"
+#include "xmalloc.h"
+
+/* Owned by the c-ares callback: freed when c-ares answers, cancelled or not. */
+struct resolve_req {
+	resolve_cb cb;  /* NULL once cancelled */
+	void *arg;
+	uint16_t port;
+	ev_timer later;    /* answers found at once go out on the next loop pass, never re-entrantly */
+	int starting;      /* inside resolve_start: c-ares may answer synchronously from /etc/hosts */
+	int err;
+	const char *why;
+	int n;
+	struct sockaddr_storage addrs[RESOLVE_MAX];
+};
+
+struct resolve_sock {
+	ev_io io;
+	struct resolve_sock *next;
+};
+
+static ares_channel resolve_channel;
+static struct resolve_sock *resolve_socks;
+static ev_timer resolve_timer;
+static int resolve_ready;
+
+static void resolve_arm_timer(void);
+
+static void
+resolve_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop;
+	ares_process_fd(resolve_channel, (revents & EV_READ) ? w->fd : ARES_SOCKET_BAD,
+	                (revents & EV_WRITE) ? w->fd : ARES_SOCKET_BAD);
+	resolve_arm_timer();
+}
+
+static void
+resolve_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	ares_process_fd(resolve_channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+	resolve_arm_timer();
+}
+
+static void
+resolve_arm_timer(void)
+{
+	struct timeval tv, *tvp;
+
+	ev_timer_stop(capd_loop, &resolve_timer);
+	tvp = ares_timeout(resolve_channel, NULL, &tv);
+	if (tvp) {
+		ev_timer_set(&resolve_timer, (double)tvp->tv_sec + tvp->tv_usec / 1e6 + 0.001, 0.);
+		ev_timer_start(capd_loop, &resolve_timer);
+	}
+}
+
+static void
+resolve_sock_state_cb(void *data, ares_socket_t fd, int readable, int writable)
+{
+	struct resolve_sock **pp, *rs;
+
+	(void)data;
+	for (pp = &resolve_socks; (rs = *pp) != NULL; pp = &rs->next)
+		if (rs->io.fd == fd)
+			break;
+	if (!readable && !writable) {
+		if (rs) {
+			ev_io_stop(capd_loop, &rs->io);
+			*pp = rs->next;
+			free(rs);
+		}
+		return;
+	}
+	if (rs == NULL) {
+		rs = xcalloc(1, sizeof *rs);
+		ev_io_init(&rs->io, resolve_io_cb, fd, 0);
+		rs->next = resolve_socks;
+		resolve_socks = rs;
+	}
+	ev_io_stop(capd_loop, &rs->io);
+	ev_io_set(&rs->io, fd, (readable ? EV_READ : 0) | (writable ? EV_WRITE : 0));
+	ev_io_start(capd_loop, &rs->io);
+}
+
+int
+resolve_init(char **why)
+{
+	struct ares_options opts;
+	int rc;
+
+	if ((rc = ares_library_init(ARES_LIB_INIT_ALL)) != ARES_SUCCESS) {
+		*why = xasprintf("c-ares: %s", ares_strerror(rc));
+		return -1;
+	}
+	memset(&opts, 0, sizeof opts);
+	opts.sock_state_cb = resolve_sock_state_cb;
+	opts.timeout = 2000;
+	opts.tries = 2;
+	rc = ares_init_options(&resolve_channel, &opts, ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES);
+	if (rc != ARES_SUCCESS) {
+		*why = xasprintf("c-ares: %s", ares_strerror(rc));
+		return -1;
+	}
+	ev_timer_init(&resolve_timer, resolve_timer_cb, 0., 0.);
+	resolve_ready = 1;
+	return 0;
+}
+
+void
+resolve_shutdown(void)
+{
+	if (!resolve_ready)
+		return;
+	ares_destroy(resolve_channel);  /* calls pending callbacks with ARES_EDESTRUCTION */
+	ev_timer_stop(capd_loop, &resolve_timer);
+	while (resolve_socks) {
+		struct resolve_sock *rs = resolve_socks;
+		resolve_socks = rs->next;
+		ev_io_stop(capd_loop, &rs->io);
+		free(rs);
+	}
+	ares_library_cleanup();
+	resolve_ready = 0;
+}
+
+static void
+resolve_deliver(struct resolve_req *r)
+{
+	if (r->cb)
+		r->cb(r->arg, r->err, r->why, r->addrs, r->n);
+	free(r);
+}
+
+static void
+resolve_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)revents;
+	resolve_deliver(w->data);
+}
+
+static void
+resolve_ares_cb(void *arg, int status, int timeouts, struct ares_addrinfo *res)
+{
+	struct resolve_req *r = arg;
+
+	(void)timeouts;
+	r->n = 0;
+	if (status == ARES_SUCCESS && res) {
+		/* IPv4 first: lab servers mostly listen there, and a v6 miss costs a full connect */
+		for (int pass = 0; pass < 2; pass++)
+			for (struct ares_addrinfo_node *ai = res->nodes; ai && r->n < RESOLVE_MAX; ai = ai->ai_next) {
+				if ((pass == 0) != (ai->ai_family == AF_INET))
+					continue;
+				if (ai->ai_addrlen > sizeof r->addrs[0])
+					continue;
+				memset(&r->addrs[r->n], 0, sizeof r->addrs[0]);
+				memcpy(&r->addrs[r->n], ai->ai_addr, ai->ai_addrlen);
+				r->n++;
+			}
+	}
+	if (res)
+		ares_freeaddrinfo(res);
+	if (r->n == 0) {
+		r->err = status == ARES_ENOTFOUND || status == ARES_ENODATA ? ENOENT : EHOSTUNREACH;
+		r->why = status == ARES_SUCCESS ? "no address" : ares_strerror(status);
+	}
+	if (r->starting) {
+		ev_timer_start(capd_loop, &r->later);
+		return;
+	}
+	resolve_deliver(r);
+}
+
+struct resolve_req *
+resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
+{
+	struct resolve_req *r = xcalloc(1, sizeof *r);
+	struct ares_addrinfo_hints hints;
+	socklen_t len;
+	char portstr[8];
+
+	r->cb = cb;
+	r->arg = arg;
+	ev_timer_init(&r->later, resolve_later_cb, 0., 0.);
+	r->later.data = r;
+	if (addr_from_literal(host, port, &r->addrs[0], &len) == 0) {
+		r->n = 1;
+		ev_timer_start(capd_loop, &r->later);
+		return r;
+	}
+	memset(&hints, 0, sizeof hints);
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = ARES_AI_NUMERICSERV;
+	snprintf(portstr, sizeof portstr, "%u", port);
+	r->starting = 1;
+	ares_getaddrinfo(resolve_channel, host, portstr, &hints, resolve_ares_cb, r);
+	r->starting = 0;
+	resolve_arm_timer();
+	return r;
+}
+
+void
+resolve_cancel(struct resolve_req *r)
+{
+	if (r == NULL)
+		return;
+	r->cb = NULL;
+	if (ev_is_active(&r->later)) {  /* answered already, waiting for the next pass */
+		ev_timer_stop(capd_loop, &r->later);
+		free(r);
+	}
+}

@@ -1,0 +1,54 @@
+/* RPC methods on the daemon itself: daemon.status, daemon.reload. */
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "control.h"
+#include "instance.h"
+#include "rpc.h"
+#include "session.h"
+
+extern double capd_started;
+
+static json_t *
+rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	char t[40];
+	struct instance *inst;
+	unsigned n = 0;
+
+	(void)c; (void)params; (void)err;
+	TAILQ_FOREACH(inst, &instances, entry)
+		n++;
+	return json_pack("{s:s, s:i, s:s, s:f, s:s, s:s, s:s, s:i, s:i}",
+	                 "version", CAPD_VERSION, "pid", (int)getpid(),
+	                 "started", session_time(capd_started, t, sizeof t), "uptime", capd_now() - capd_started,
+	                 "config", capd_config_path ? capd_config_path : "",
+	                 "control", capd_settings->control, "spool", capd_settings->spool,
+	                 "instances", n, "sessions", session_open_count());
+}
+
+static json_t *
+rpc_daemon_reload(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	char *why = NULL;
+
+	(void)c; (void)params;
+	if (capd_reload(&why) < 0) {
+		json_t *r = rpc_fail(err, RPC_E_FAILED, "reload failed, nothing changed: %s", why);
+		free(why);
+		return r;
+	}
+	if (why) {  /* parsed, but some instances could not start */
+		json_t *r = rpc_fail(err, RPC_E_FAILED, "reload applied with errors: %s", why);
+		free(why);
+		return r;
+	}
+	return json_pack("{s:b}", "reloaded", 1);
+}
+
+const struct rpc_method rpc_daemon_methods[] = {
+	{ "daemon.status", rpc_daemon_status },
+	{ "daemon.reload", rpc_daemon_reload },
+	{ NULL, NULL },
+};

@@ -1,0 +1,62 @@
+/* RPC methods on instances: instance.list, instance.add, instance.remove. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "control.h"
+#include "instance.h"
+#include "rpc.h"
+
+static json_t *
+rpc_instance_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	json_t *a = json_array();
+	struct instance *inst;
+
+	(void)c; (void)params; (void)err;
+	TAILQ_FOREACH(inst, &instances, entry)
+		json_array_append_new(a, instance_json(inst));
+	return a;
+}
+
+static json_t *
+rpc_instance_add(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	struct instance *inst;
+	char *why = NULL;
+
+	(void)c;
+	if (!json_is_string(json_object_get(params, "type")))
+		return rpc_fail(err, RPC_E_PARAMS, "instance.add needs \"type\"");
+	if ((inst = instance_add(params, false, &why)) == NULL) {
+		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);
+		free(why);
+		return r;
+	}
+	return instance_json(inst);
+}
+
+static json_t *
+rpc_instance_remove(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	const char *name = json_string_value(json_object_get(params, "name"));
+	struct instance *inst;
+	json_t *o;
+
+	(void)c;
+	if (name == NULL)
+		return rpc_fail(err, RPC_E_PARAMS, "instance.remove needs \"name\"");
+	if ((inst = instance_find(name)) == NULL)
+		return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", name);
+	o = instance_json(inst);
+	instance_remove(inst, "removed by capctl");
+	json_object_set_new(o, "state", json_string("removed"));
+	json_object_set_new(o, "sessions", json_integer(0));
+	return o;
+}
+
+const struct rpc_method rpc_instance_methods[] = {
+	{ "instance.list", rpc_instance_list },
+	{ "instance.add", rpc_instance_add },
+	{ "instance.remove", rpc_instance_remove },
+	{ NULL, NULL },
+};

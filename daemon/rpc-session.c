@@ -1,0 +1,71 @@
+/* RPC methods on sessions: session.list, session.kill. */
+#include <stdlib.h>
+
+#include "control.h"
+#include "instance.h"
+#include "rpc.h"
+#include "session.h"
+
+/* Session ids come as numbers or as strings of digits. */
+int rpc_session_id(json_t *params, uint64_t *id);
+int
+rpc_session_id(json_t *params, uint64_t *id)
+{
+	json_t *v = json_object_get(params, "id");
+
+	if (json_is_integer(v) && json_integer_value(v) > 0) {
+		*id = (uint64_t)json_integer_value(v);
+		return 0;
+	}
+	if (json_is_string(v)) {
+		char *end;
+		unsigned long long u = strtoull(json_string_value(v), &end, 10);
+		if (*json_string_value(v) && *end == '\0' && u > 0) {
+			*id = u;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static json_t *
+rpc_session_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	const char *inst = json_string_value(json_object_get(params, "instance"));
+	bool open_only = json_is_true(json_object_get(params, "open"));
+
+	(void)c;
+	if (inst && instance_find(inst) == NULL) {
+		/* closed sessions of a removed instance are still worth listing */
+		json_t *a = session_list_json(inst, open_only);
+		if (json_array_size(a) == 0) {
+			json_decref(a);
+			return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", inst);
+		}
+		return a;
+	}
+	return session_list_json(inst, open_only);
+}
+
+static json_t *
+rpc_session_kill(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	uint64_t id;
+	struct session *s;
+	json_t *o;
+
+	(void)c;
+	if (rpc_session_id(params, &id) < 0)
+		return rpc_fail(err, RPC_E_PARAMS, "session.kill needs \"id\", a positive session number");
+	if ((s = session_find(id)) == NULL)
+		return rpc_fail(err, RPC_E_NOT_FOUND, "no session %llu", (unsigned long long)id);
+	session_reset(s, "killed by capctl");
+	o = session_json(s);
+	return o;
+}
+
+const struct rpc_method rpc_session_methods[] = {
+	{ "session.list", rpc_session_list },
+	{ "session.kill", rpc_session_kill },
+	{ NULL, NULL },
+};

@@ -1,0 +1,683 @@
+/*
+ * The session table: ids that never repeat, handshake I/O, the upstream
+ * connect (resolve, try each address, deadline), and session_close(), the
+ * one teardown path that logs one summary line per session.
+ */
+#include "session.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "relay.h"
+#include "resolve.h"
+#include "spool.h"
+#include "tail.h"
+#include "values.h"
+#include "xmalloc.h"
+
+#define SESSION_ID_BLOCK 1024  /* ids reserved on disk at a time: a crash skips at most this many */
+#define SESSION_HISTORY 1000   /* closed sessions kept for `capctl sessions` */
+#define SESSION_HS_DEFAULT 4096
+
+struct session_list sessions = TAILQ_HEAD_INITIALIZER(sessions);
+
+static uint64_t session_next_id = 1;
+static uint64_t session_reserved;  /* ids below this are on disk as used */
+static char *session_id_path;
+static unsigned session_count;
+
+static json_t *session_history[SESSION_HISTORY];  /* ring of closed session objects */
+static unsigned session_history_head, session_history_len;
+
+static struct session *session_graveyard;  /* freed on the next loop pass */
+static ev_prepare session_reaper;
+
+static void session_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents);
+static void session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
+static void session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void session_hs_write_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void session_connect_next(struct session *s);
+
+/* Writes the next reserved id atomically; -1 on failure (ids then only live in memory). */
+static int
+session_id_reserve(void)
+{
+	char tmp[4096];
+	FILE *f;
+
+	session_reserved = session_next_id + SESSION_ID_BLOCK;
+	if (session_id_path == NULL)
+		return 0;
+	snprintf(tmp, sizeof tmp, "%s.tmp", session_id_path);
+	if ((f = fopen(tmp, "w")) == NULL)
+		return -1;
+	fprintf(f, "%llu\n", (unsigned long long)session_reserved);
+	if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+		fclose(f);
+		return -1;
+	}
+	fclose(f);
+	return rename(tmp, session_id_path);
+}
+
+int
+session_table_init(const char *state_dir, char **why)
+{
+	FILE *f;
+
+	ev_prepare_init(&session_reaper, session_reap_cb);
+	ev_prepare_start(capd_loop, &session_reaper);
+	ev_unref(capd_loop);  /* the reaper alone must not keep the loop alive */
+	if (state_dir == NULL)
+		return 0;
+	session_id_path = xasprintf("%s/session-id", state_dir);
+	if ((f = fopen(session_id_path, "r")) != NULL) {
+		unsigned long long v;
+		if (fscanf(f, "%llu", &v) == 1 && v > 0)
+			session_next_id = v;
+		fclose(f);
+	}
+	if (session_id_reserve() < 0) {
+		*why = xasprintf("cannot write %s: %s", session_id_path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+void
+session_table_shutdown(void)
+{
+	struct session *s;
+
+	while ((s = TAILQ_FIRST(&sessions)) != NULL)
+		session_close(s, "capd stopped");
+	session_reap_cb(capd_loop, &session_reaper, 0);
+	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
+		json_decref(session_history[i]);
+		session_history[i] = NULL;
+	}
+	session_history_len = 0;
+	if (ev_is_active(&session_reaper)) {
+		ev_ref(capd_loop);
+		ev_prepare_stop(capd_loop, &session_reaper);
+	}
+	free(session_id_path);
+	session_id_path = NULL;
+}
+
+static uint64_t
+session_id_new(void)
+{
+	if (session_next_id >= session_reserved && session_id_reserve() < 0)
+		log_warn("cannot save the session id counter in %s", session_id_path);
+	return session_next_id++;
+}
+
+static struct session *
+session_alloc(struct instance *inst, const char *proto)
+{
+	struct session *s = xcalloc(1, sizeof *s);
+
+	s->id = session_id_new();
+	s->inst = inst;
+	s->proto = proto;
+	s->state = SESSION_HANDSHAKE;
+	s->client.fd = s->upstream.fd = -1;
+	s->started = s->last_active = capd_now();
+	ev_init(&s->timer, session_timer_cb);
+	s->timer.data = s;
+	TAILQ_INSERT_TAIL(&sessions, s, entry);
+	session_count++;
+	inst->open_sessions++;
+	return s;
+}
+
+static void
+session_nodelay(int fd)
+{
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+struct session *
+session_new(struct instance *inst, int fd, const struct sockaddr *peer)
+{
+	struct session *s = session_alloc(inst, "tcp");
+
+	s->client.fd = fd;
+	memcpy(&s->client_addr, peer, addr_len(peer));
+	session_nodelay(fd);
+	ev_io_init(&s->client.rio, session_hs_read_cb, fd, EV_READ);
+	ev_io_init(&s->client.wio, session_hs_write_cb, fd, EV_WRITE);
+	s->client.rio.data = s->client.wio.data = s;
+	if (inst->proto->input)
+		ev_io_start(capd_loop, &s->client.rio);
+	if (inst->proto->accepted)
+		inst->proto->accepted(s);
+	return s;
+}
+
+struct session *
+session_new_datagram(struct instance *inst, const char *proto, const struct sockaddr *client,
+                     const struct sockaddr *target)
+{
+	struct session *s = session_alloc(inst, proto);
+
+	s->datagram = true;
+	memcpy(&s->client_addr, client, addr_len(client));
+	if (target) {
+		memcpy(&s->target_addr, target, addr_len(target));
+		s->have_target = true;
+	}
+	return s;
+}
+
+struct session *
+session_find(uint64_t id)
+{
+	struct session *s;
+
+	TAILQ_FOREACH(s, &sessions, entry)
+		if (s->id == id)
+			return s;
+	return NULL;
+}
+
+unsigned
+session_open_count(void)
+{
+	return session_count;
+}
+
+/* ---- handshake I/O ---- */
+
+static void
+session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+	size_t max = s->inst->proto->hs_max ? s->inst->proto->hs_max : SESSION_HS_DEFAULT;
+	ssize_t n;
+
+	(void)loop; (void)revents;
+	if (buf_used(&s->hs_in) >= max) {
+		session_close(s, "handshake too large");
+		return;
+	}
+	n = read(s->client.fd, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EINTR)
+			return;
+		char *why = xasprintf("client error during handshake: %s", strerror(errno));
+		session_close(s, why);
+		free(why);
+		return;
+	}
+	if (n == 0) {
+		s->client_eof = true;
+		ev_io_stop(capd_loop, &s->client.rio);
+	} else {
+		buf_commit(&s->hs_in, (size_t)n);
+	}
+	s->inst->proto->input(s);
+	/* input may have closed s; a closed session is in the graveyard and has client_eof handled */
+}
+
+static void
+session_hs_flush(struct session *s)
+{
+	while (buf_used(&s->hs_out) > 0) {
+		ssize_t n = send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR) {
+				ev_io_start(capd_loop, &s->client.wio);
+				return;
+			}
+			session_close(s, "client went away during handshake");
+			return;
+		}
+		buf_consume(&s->hs_out, (size_t)n);
+	}
+	ev_io_stop(capd_loop, &s->client.wio);
+}
+
+static void
+session_hs_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop; (void)revents;
+	session_hs_flush(w->data);
+}
+
+void
+session_send(struct session *s, const void *p, size_t n)
+{
+	if (s->state == SESSION_CLOSED)
+		return;
+	buf_append(&s->hs_out, p, n);
+	if (!ev_is_active(&s->client.wio))
+		session_hs_flush(s);
+}
+
+void
+session_set_deadline(struct session *s, double seconds)
+{
+	ev_timer_stop(capd_loop, &s->timer);
+	s->deadline_at = 0;
+	if (seconds > 0) {
+		s->deadline_at = capd_now() + seconds;
+		ev_timer_set(&s->timer, seconds, 0.);
+		ev_timer_start(capd_loop, &s->timer);
+	}
+}
+
+/* ---- upstream connect ---- */
+
+static void
+session_connected(struct session *s, int err)
+{
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	if (err == 0) {
+		ev_timer_stop(capd_loop, &s->timer);
+		s->deadline_at = 0;
+	}
+	s->inst->proto->connected(s, err);
+}
+
+static void
+session_connect_fail(struct session *s, int err, const char *why)
+{
+	free(s->why_connect);
+	s->why_connect = xstrdup(why);
+	if (s->upstream.fd >= 0) {
+		ev_io_stop(capd_loop, &s->upstream.wio);
+		close(s->upstream.fd);
+		s->upstream.fd = -1;
+	}
+	session_connected(s, err);
+}
+
+static void
+session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+	int err = 0;
+	socklen_t len = sizeof err;
+
+	(void)loop; (void)revents;
+	if (getsockopt(s->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		err = errno;
+	if (err == EINPROGRESS)
+		return;
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	if (err != 0) {
+		close(s->upstream.fd);
+		s->upstream.fd = -1;
+		free(s->why_connect);
+		s->why_connect = xasprintf("connect to %s: %s",
+		                           addr_format((struct sockaddr *)&s->target_addr, (char[ADDR_STRLEN]){0}, ADDR_STRLEN),
+		                           strerror(err));
+		if (s->cand < s->ncands) {
+			session_connect_next(s);
+			return;
+		}
+		session_connected(s, err);
+		return;
+	}
+	session_connected(s, 0);
+}
+
+static void
+session_connect_next(struct session *s)
+{
+	for (; s->cand < s->ncands; s->cand++) {
+		struct sockaddr *sa = (struct sockaddr *)&s->cands[s->cand];
+		int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		int err;
+
+		memcpy(&s->target_addr, sa, addr_len(sa));
+		s->have_target = true;
+		if (fd < 0) {
+			err = errno;
+			session_connect_fail(s, err, strerror(err));
+			return;
+		}
+		session_nodelay(fd);
+		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
+			s->upstream.fd = fd;
+			s->cand++;
+			ev_io_init(&s->upstream.wio, session_connect_cb, fd, EV_WRITE);
+			s->upstream.wio.data = s;
+			ev_io_start(capd_loop, &s->upstream.wio);
+			return;
+		}
+		err = errno;
+		close(fd);
+		free(s->why_connect);
+		s->why_connect = xasprintf("connect: %s", strerror(err));
+		if (s->cand + 1 >= s->ncands) {
+			s->cand++;
+			session_connected(s, err);
+			return;
+		}
+	}
+}
+
+static void
+session_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+{
+	struct session *s = arg;
+
+	s->resolving = NULL;
+	if (err != 0) {
+		char *msg = xasprintf("cannot resolve %s: %s", s->target_name, why);
+		session_connect_fail(s, err, msg);
+		free(msg);
+		return;
+	}
+	memcpy(s->cands, addrs, (size_t)n * sizeof addrs[0]);
+	s->ncands = n;
+	s->cand = 0;
+	session_connect_next(s);
+}
+
+void
+session_connect(struct session *s, const char *host, uint16_t port)
+{
+	if (addr_is_ip_literal(host))
+		s->target_name[0] = '\0';
+	else
+		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
+	s->connect_port = port;
+	if (s->inst->connect_timeout > 0)
+		session_set_deadline(s, s->inst->connect_timeout);
+	s->resolving = resolve_start(host, port, session_resolved_cb, s);
+}
+
+void
+session_connect_addr(struct session *s, const struct sockaddr *sa)
+{
+	memcpy(&s->cands[0], sa, addr_len(sa));
+	s->ncands = 1;
+	s->cand = 0;
+	if (s->inst->connect_timeout > 0)
+		session_set_deadline(s, s->inst->connect_timeout);
+	session_connect_next(s);
+}
+
+void
+session_set_upstream(struct session *s, int fd, const struct sockaddr *peer)
+{
+	s->upstream.fd = fd;
+	session_nodelay(fd);
+	memcpy(&s->target_addr, peer, addr_len(peer));
+	s->have_target = true;
+}
+
+static void
+session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+	double now = ev_now(loop);
+
+	(void)revents;
+	if (s->state == SESSION_HANDSHAKE) {
+		if (s->upstream.fd >= 0 || s->resolving) {
+			resolve_cancel(s->resolving);
+			s->resolving = NULL;
+			session_connect_fail(s, ETIMEDOUT, "connect timed out");
+		} else {
+			session_close(s, "handshake timed out");
+		}
+		return;
+	}
+	/* idle check: activity only stamps last_active, the timer re-arms itself lazily */
+	double idle = s->inst->idle_timeout;
+	if (idle <= 0 || s->state != SESSION_OPEN)
+		return;
+	if (now - s->last_active >= idle) {
+		session_close(s, "idle timeout");
+		return;
+	}
+	ev_timer_set(w, s->last_active + idle - now, 0.);
+	ev_timer_start(loop, w);
+}
+
+/* ---- data and state ---- */
+
+void
+session_opened(struct session *s)
+{
+	struct instance *inst = s->inst;
+
+	s->state = SESSION_OPEN;
+	ev_timer_stop(capd_loop, &s->timer);
+	s->deadline_at = 0;
+	s->last_active = capd_now();
+	if (inst->idle_timeout > 0) {
+		ev_timer_set(&s->timer, inst->idle_timeout, 0.);
+		ev_timer_start(capd_loop, &s->timer);
+	}
+	if (inst->capture && inst->spool_iface >= 0 && s->have_target) {
+		char comment[128];
+		snprintf(comment, sizeof comment, "%s/%s", inst->proto->name, inst->name);
+		s->flow = spool_flow_open(inst->spool_iface, s->id, s->datagram ? IPPROTO_UDP : IPPROTO_TCP,
+		                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&s->target_addr,
+		                          comment);
+	}
+	if (events_active())
+		events_emit("session.open", session_json(s));
+}
+
+void
+session_data(struct session *s, enum dir d, const void *p, size_t n)
+{
+	s->bytes[d] += n;
+	if (d == DIR_UP)
+		s->inst->bytes_up += n;
+	else
+		s->inst->bytes_down += n;
+	s->last_active = ev_now(capd_loop);
+	if (s->flow)
+		spool_flow_data(s->flow, d, p, n);
+	tail_data(s, d, p, n);
+}
+
+void
+session_shutdown_dir(struct session *s, enum dir d)
+{
+	if (s->flow)
+		spool_flow_fin(s->flow, d);
+}
+
+char *
+session_time(double t, char *out, size_t n)
+{
+	time_t secs = (time_t)t;
+	struct tm tm;
+	char base[32];
+
+	gmtime_r(&secs, &tm);
+	strftime(base, sizeof base, "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(out, n, "%s.%03dZ", base, (int)((t - (double)secs) * 1000.0));
+	return out;
+}
+
+static const char *const session_state_names[] = {
+	[SESSION_HANDSHAKE] = "handshake", [SESSION_OPEN] = "open",
+	[SESSION_CLOSING] = "closing", [SESSION_CLOSED] = "closed",
+};
+
+json_t *
+session_json(struct session *s)
+{
+	char a[ADDR_STRLEN], t[40];
+	json_t *o = json_object();
+
+	json_object_set_new(o, "id", json_integer((json_int_t)s->id));
+	json_object_set_new(o, "instance", json_string(s->inst->name));
+	json_object_set_new(o, "proto", json_string(s->proto));
+	json_object_set_new(o, "client", json_string(addr_format((struct sockaddr *)&s->client_addr, a, sizeof a)));
+	if (s->have_target)
+		json_object_set_new(o, "target", json_string(addr_format((struct sockaddr *)&s->target_addr, a, sizeof a)));
+	else
+		json_object_set_new(o, "target", json_string(s->target_name));
+	if (s->target_name[0])
+		json_object_set_new(o, "target_name", json_string(s->target_name));
+	json_object_set_new(o, "state", json_string(session_state_names[s->state]));
+	json_object_set_new(o, "bytes_up", json_integer((json_int_t)s->bytes[DIR_UP]));
+	json_object_set_new(o, "bytes_down", json_integer((json_int_t)s->bytes[DIR_DOWN]));
+	json_object_set_new(o, "started", json_string(session_time(s->started, t, sizeof t)));
+	if (s->state == SESSION_CLOSED)
+		json_object_set_new(o, "ended", json_string(session_time(s->ended, t, sizeof t)));
+	if (s->reason)
+		json_object_set_new(o, "reason", json_string(s->reason));
+	if (s->note)
+		json_object_set_new(o, "note", json_string(s->note));
+	return o;
+}
+
+json_t *
+session_list_json(const char *instance, bool open_only)
+{
+	json_t *a = json_array();
+	struct session *s;
+
+	if (!open_only)
+		for (unsigned i = 0; i < session_history_len; i++) {
+			unsigned k = (session_history_head + SESSION_HISTORY - session_history_len + i) % SESSION_HISTORY;
+			json_t *o = session_history[k];
+			if (instance && strcmp(json_string_value(json_object_get(o, "instance")), instance) != 0)
+				continue;
+			json_array_append(a, o);
+		}
+	TAILQ_FOREACH(s, &sessions, entry) {
+		if (s->state == SESSION_CLOSED)
+			continue;
+		if (instance && strcmp(s->inst->name, instance) != 0)
+			continue;
+		json_array_append_new(a, session_json(s));
+	}
+	return a;
+}
+
+static void
+session_history_add(json_t *o)
+{
+	json_decref(session_history[session_history_head]);
+	session_history[session_history_head] = o;
+	session_history_head = (session_history_head + 1) % SESSION_HISTORY;
+	if (session_history_len < SESSION_HISTORY)
+		session_history_len++;
+}
+
+static void
+side_close(struct side *sd, bool reset)
+{
+	if (sd->fd < 0)
+		return;
+	ev_io_stop(capd_loop, &sd->rio);
+	ev_io_stop(capd_loop, &sd->wio);
+	if (reset) {
+		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+		setsockopt(sd->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+	}
+	close(sd->fd);
+	sd->fd = -1;
+}
+
+static void
+session_end(struct session *s, const char *reason, bool reset_client, bool reset_upstream)
+{
+	char c[ADDR_STRLEN], t[ADDR_STRLEN], up[16], down[16];
+	struct instance *inst = s->inst;
+
+	if (s->state == SESSION_CLOSED)
+		return;
+	s->state = SESSION_CLOSED;
+	s->ended = capd_now();
+	free(s->reason);
+	s->reason = xstrdup(reason);
+
+	relay_stop(s);
+	ev_timer_stop(capd_loop, &s->timer);
+	resolve_cancel(s->resolving);
+	s->resolving = NULL;
+	side_close(&s->client, reset_client);
+	side_close(&s->upstream, reset_upstream);
+	if (s->flow) {
+		spool_flow_close(s->flow, reset_client || reset_upstream);
+		s->flow = NULL;
+	}
+	tail_session_end(s);
+
+	log_info("session %llu %s/%s %s -> %s up=%s down=%s %s", (unsigned long long)s->id, inst->proto->name,
+	         inst->name, addr_format((struct sockaddr *)&s->client_addr, c, sizeof c),
+	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, t, sizeof t)
+	                        : (s->target_name[0] ? s->target_name : "-"),
+	         value_human_size(s->bytes[DIR_UP], up, sizeof up),
+	         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason);
+
+	json_t *o = session_json(s);
+	session_history_add(json_incref(o));
+	events_emit("session.close", o);
+
+	TAILQ_REMOVE(&sessions, s, entry);
+	session_count--;
+	inst->open_sessions--;
+	if (inst->proto->session_free)
+		inst->proto->session_free(s);
+	s->proto_state = NULL;
+	/* callers up the stack may still hold s: free it on the next loop pass */
+	*(struct session **)&s->entry.tqe_next = session_graveyard;
+	session_graveyard = s;
+}
+
+void
+session_close(struct session *s, const char *reason)
+{
+	session_end(s, reason, false, false);
+}
+
+void
+session_reset(struct session *s, const char *reason)
+{
+	session_end(s, reason, true, true);
+}
+
+void
+session_close_instance(struct instance *inst, const char *reason)
+{
+	struct session *s, *next;
+
+	for (s = TAILQ_FIRST(&sessions); s; s = next) {
+		next = TAILQ_NEXT(s, entry);
+		if (s->inst == inst)
+			session_close(s, reason);
+	}
+}
+
+static void
+session_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	while (session_graveyard) {
+		struct session *s = session_graveyard;
+		session_graveyard = s->entry.tqe_next;
+		buf_free(&s->hs_in);
+		buf_free(&s->hs_out);
+		free(s->reason);
+		free(s->note);
+		free(s->why_connect);
+		free(s);
+	}
+}

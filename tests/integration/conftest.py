@@ -1,0 +1,308 @@
+"""Shared fixtures for capd's integration tests: a real capd per test with a
+private folder, config, control socket and spool; capctl; local servers;
+tshark helpers. Everything listens on loopback."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = Path(os.environ.get("CAPD_BUILD", ROOT / "build"))
+CAPD = Path(os.environ.get("CAPD_BIN", BUILD / "capd"))
+CAPCTL = Path(os.environ.get("CAPCTL_BIN", BUILD / "capctl"))
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
+    """A port the kernel says is free now on host (TCP by default)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, host="127.0.0.1", timeout=10.0):
+    deadline = time.time() + timeout
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while time.time() < deadline:
+        try:
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect((host, port))
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port}")
+
+
+class Capd:
+    """One capd process. `conf` is the text after the [capd] section."""
+
+    def __init__(self, tmp: Path, conf: str = "", settings: str = ""):
+        self.dir = tmp
+        self.sock = tmp / "capd.sock"
+        self.spool = tmp / "spool"
+        self.state = tmp / "state"
+        self.conf_path = tmp / "capd.conf"
+        self.log_path = tmp / "capd.log"
+        self.write_conf(conf, settings)
+        self.proc = None
+
+    def write_conf(self, conf: str = "", settings: str = ""):
+        self.conf_path.write_text(
+            "[capd]\n"
+            f"control = {self.sock}\n"
+            f"spool = {self.spool}\n"
+            f"state_dir = {self.state}\n"
+            "log_level = debug\n"
+            "flush_interval = 100ms\n"
+            f"{settings}\n{conf}\n"
+        )
+
+    def start(self, wait=True, extra_env=None, args=()):
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("LISTEN_FDS", None)
+        env.update(extra_env or {})
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(CAPD), "-c", str(self.conf_path), *args],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"capd exited {self.proc.returncode}:\n{self.log()}")
+                if self.sock.exists():
+                    try:
+                        with socket.socket(socket.AF_UNIX) as s:
+                            s.connect(str(self.sock))
+                        return self
+                    except OSError:
+                        pass
+                time.sleep(0.02)
+            raise TimeoutError("capd did not open its control socket:\n" + self.log())
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def ctl(self, *args, check=True, json_out=False, timeout=30, input=None):
+        """Runs capctl; returns CompletedProcess (or parsed JSON with json_out)."""
+        cmd = [str(CAPCTL), "-s", str(self.sock)]
+        if json_out:
+            cmd.append("--json")
+        cmd += [str(a) for a in args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(f"capctl {' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n--- capd log ---\n{self.log()[-4000:]}")
+        if json_out and r.returncode == 0:
+            return json.loads(r.stdout)
+        return r
+
+    def rpc(self, method, params=None, timeout=10):
+        """One raw JSON-RPC call; returns the whole reply object."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.sock))
+            s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                                   "params": params or {}}) + "\n").encode())
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data.splitlines()[0])
+
+    def session(self, sid):
+        for s in self.ctl("sessions", json_out=True):
+            if s["id"] == sid:
+                return s
+        return None
+
+    def wait_sessions(self, pred, timeout=10.0):
+        """Waits until pred(list of sessions) is true; returns the list."""
+        deadline = time.time() + timeout
+        while True:
+            ss = self.ctl("sessions", json_out=True)
+            if pred(ss):
+                return ss
+            if time.time() > deadline:
+                raise TimeoutError(f"sessions never matched: {ss}")
+            time.sleep(0.05)
+
+    def pcaps(self):
+        return sorted(self.spool.glob("*.pcapng"))
+
+    def flush(self):
+        """Waits long enough for the spool's flush interval to pass."""
+        time.sleep(0.4)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "logf", None):
+            self.logf.close()
+            self.logf = None
+        return self.proc.returncode if self.proc else None
+
+
+@pytest.fixture
+def capd_factory(tmp_path):
+    made = []
+
+    def make(conf="", settings="", start=True, **kw):
+        d = tmp_path / f"capd{len(made)}"
+        d.mkdir()
+        c = Capd(d, conf, settings)
+        made.append(c)
+        if start:
+            c.start(**kw)
+        return c
+
+    yield make
+    for c in made:
+        rc = c.stop()
+        # a clean stop is part of every test: capd must exit 0 on SIGTERM
+        if rc not in (0, None, -9):
+            log = c.log()
+            if "AddressSanitizer" in log or "runtime error" in log:
+                pytest.fail(f"sanitizer report:\n{log[-6000:]}")
+
+
+@pytest.fixture
+def capd(capd_factory):
+    return capd_factory()
+
+
+class Proc:
+    """A helper process stopped at teardown."""
+
+    def __init__(self, args, **kw):
+        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """python http.server on a free port serving tmp_path/www; yields (port, folder)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the origin\n")
+    port = free_port()
+    p = Proc(["/usr/bin/python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=www)
+    wait_port(port)
+    yield port, www
+    p.stop()
+
+
+class EchoServer:
+    """A TCP echo server in a thread: echoes everything, half-closes after EOF."""
+
+    def __init__(self, host="127.0.0.1"):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.running = True
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while self.running:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def serve(c):
+        try:
+            while True:
+                d = c.recv(262144)
+                if not d:
+                    break
+                c.sendall(d)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.running = False
+        self.sock.close()
+
+
+@pytest.fixture
+def echo_server():
+    e = EchoServer()
+    yield e
+    e.close()
+
+
+def tshark(*args, timeout=120):
+    r = subprocess.run(["tshark", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+def follow_tcp(pcap, stream=0):
+    """Bytes each way of TCP stream N in pcap, from tshark's follow,tcp,raw.
+    Returns (client_to_server, server_to_client)."""
+    r = tshark("-r", pcap, "-q", "-z", f"follow,tcp,raw,{stream}")
+    assert r.returncode == 0, r.stderr
+    up, down = bytearray(), bytearray()
+    started = False
+    for line in r.stdout.splitlines():
+        if line.startswith("Node 1:"):
+            started = True
+            continue
+        if not started or line.startswith("===") or not line.strip():
+            continue
+        if line.startswith("\t"):
+            down += bytes.fromhex(line.strip())
+        else:
+            up += bytes.fromhex(line.strip())
+    return bytes(up), bytes(down)
+
+
+def tcp_stream_of(pcap, session_id):
+    """The tcp.stream index of the packets whose comment names capd session N."""
+    r = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {session_id}"',
+               "-T", "fields", "-e", "tcp.stream")
+    vals = [v for v in r.stdout.split() if v]
+    return int(vals[0]) if vals else None
+
+
+def check_pcap_clean(pcap):
+    """No bad checksums, malformed packets or expert errors in pcap."""
+    r = tshark("-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE",
+               "-o", "udp.check_checksum:TRUE", "-r", pcap, "-Y",
+               "tcp.checksum.status==0 || ip.checksum.status==0 || udp.checksum.status==0 || "
+               "_ws.malformed || _ws.expert.severity>=error")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", r.stdout[:3000]

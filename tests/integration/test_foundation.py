@@ -1,0 +1,324 @@
+"""Issue 2: the daemon core, control socket, capctl and the forward instance."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import CAPCTL, CAPD, EchoServer, free_port, wait_port
+
+
+def curl(*args, timeout=30):
+    return subprocess.run(["curl", "-sS", "--max-time", "20", *map(str, args)],
+                          capture_output=True, timeout=timeout)
+
+
+def test_forward_curl(capd, http_server):
+    hport, www = http_server
+    (www / "data.bin").write_bytes(os.urandom(100000))
+    port = free_port()
+    out = capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{hport}").stdout
+    assert f"forward-{port}" in out
+    r = curl(f"http://127.0.0.1:{port}/data.bin")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (www / "data.bin").read_bytes()
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    s = ss[-1]
+    assert s["instance"] == f"forward-{port}"
+    assert s["target"] == f"127.0.0.1:{hport}"
+    assert s["bytes_down"] > 100000
+    assert s["bytes_up"] > 50
+    assert s["client"].startswith("127.0.0.1:")
+
+
+def test_forward_by_name(capd, http_server):
+    hport, _ = http_server
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{hport}", "--name", "named")
+    r = curl(f"http://127.0.0.1:{port}/")
+    assert r.stdout == b"hello from the origin\n"
+    lst = capd.ctl("list", json_out=True)
+    assert [i["name"] for i in lst] == ["named"]
+    assert lst[0]["to"] == f"localhost:{hport}"
+
+
+def _transfer(port, payload, host="127.0.0.1"):
+    """Sends payload, half-closes, reads everything back."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    got = bytearray()
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect((host, port))
+
+        def reader():
+            while True:
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                got.extend(d)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        t.join(90)
+    return bytes(got)
+
+
+def test_forward_50mb_echo_exact(capd, echo_server):
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    payload = os.urandom(50 * 1024 * 1024)
+    got = _transfer(port, payload)
+    assert len(got) == len(payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["bytes_up"] == len(payload)
+    assert ss[-1]["bytes_down"] == len(payload)
+    assert ss[-1]["reason"] == "closed"
+    # the human table shows the same counts in short form
+    table = capd.ctl("sessions").stdout
+    assert "50M" in table
+
+
+def test_half_close(capd):
+    """Client sends, shuts its write side, and still receives the whole reply."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    reply = os.urandom(300000)
+
+    def serve():
+        c, _ = srv.accept()
+        data = b""
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            data += d
+        time.sleep(0.2)  # the reply comes after the client's FIN
+        c.sendall(hashlib.sha256(data).digest() + reply)
+        c.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}")
+    req = os.urandom(123457)
+    got = _transfer(port, req)
+    t.join(10)
+    srv.close()
+    assert got == hashlib.sha256(req).digest() + reply
+
+
+def test_upstream_refused(capd):
+    dead = free_port()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{dead}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(10)
+        assert s.recv(100) == b""  # closed without data
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert "refused" in ss[-1]["reason"].lower()
+
+
+def test_ipv6_forward(capd):
+    e = EchoServer("::1")
+    try:
+        port = free_port(host="::1")
+        capd.ctl("add", "forward", "--port", port, "--bind", "::1", "--to", f"[::1]:{e.port}")
+        payload = os.urandom(70000)
+        assert _transfer(port, payload, host="::1") == payload
+        ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+        assert ss[-1]["client"].startswith("[::1]:")
+        assert ss[-1]["target"] == f"[::1]:{e.port}"
+    finally:
+        e.close()
+
+
+def test_remove_frees_port(capd, echo_server):
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "f1")
+    r = capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "f2",
+                 check=False)
+    assert r.returncode == 1
+    assert f"port {port} is in use" in r.stderr
+    r = capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "f1", check=False)
+    assert r.returncode == 1 and "exists already" in r.stderr
+    capd.ctl("remove", "f1")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
+    r = capd.ctl("remove", "f1", check=False)
+    assert r.returncode == 1 and "no instance f1" in r.stderr
+
+
+def test_reload(capd_factory, echo_server):
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    to = f"127.0.0.1:{echo_server.port}"
+    c = capd_factory(f"[forward a]\nlisten = {p1}\nto = {to}\n[forward b]\nlisten = {p2}\nto = {to}\n")
+    # an open session on a keeps flowing across a reload that leaves a unchanged
+    s = socket.create_connection(("127.0.0.1", p1), timeout=10)
+    s.sendall(b"before")
+    assert s.recv(100) == b"before"
+    c.write_conf(f"[forward a]\nlisten = {p1}\nto = {to}\n[forward c]\nlisten = {p3}\nto = {to}\n")
+    out = c.ctl("reload")
+    assert out.returncode == 0
+    names = sorted(i["name"] for i in c.ctl("list", json_out=True))
+    assert names == ["a", "c"]
+    s.sendall(b"after")
+    assert s.recv(100) == b"after"
+    # a broken config changes nothing and says where it is broken
+    c.write_conf(f"[forward a]\nlisten = {p1}\nto = {to}\nbogus = 1\n")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1
+    assert "capd.conf:" in r.stderr and "bogus" in r.stderr
+    names = sorted(i["name"] for i in c.ctl("list", json_out=True))
+    assert names == ["a", "c"]
+    s.sendall(b"still")
+    assert s.recv(100) == b"still"
+    s.close()
+    # SIGHUP does the same as capctl reload
+    c.write_conf(f"[forward a]\nlisten = {p1}\nto = {to}\n")
+    c.proc.send_signal(1)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if [i["name"] for i in c.ctl("list", json_out=True)] == ["a"]:
+            break
+        time.sleep(0.05)
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["a"]
+
+
+def test_reload_keeps_capctl_instances(capd_factory, echo_server):
+    c = capd_factory("")
+    port = free_port()
+    c.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "live")
+    c.ctl("reload")
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["live"]
+
+
+def test_rpc_errors(capd):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(capd.sock))
+        f = s.makefile("rwb")
+        f.write(b"{this is not json\n")
+        f.flush()
+        r = json.loads(f.readline())
+        assert r["error"]["code"] == -32700 and r["id"] is None
+        f.write(b'{"jsonrpc":"2.0","id":2,"method":"no.such"}\n')
+        f.flush()
+        r = json.loads(f.readline())
+        assert r["error"]["code"] == -32601 and r["id"] == 2
+        f.write(b'{"jsonrpc":"2.0","id":3,"method":"session.kill","params":{"id":"x"}}\n')
+        f.flush()
+        r = json.loads(f.readline())
+        assert r["error"]["code"] == -32602 and "id" in r["error"]["message"]
+        f.write(b'{"jsonrpc":"2.0","id":4,"method":"instance.add","params":{"type":"forward","listen":"1"}}\n')
+        f.flush()
+        r = json.loads(f.readline())
+        assert "needs 'to" in r["error"]["message"]
+        # over 1 MiB: refused, and the same connection still serves
+        f.write(b'{"jsonrpc":"2.0","id":5,"method":"daemon.status","params":{"x":"' + b"a" * (1100 * 1024) + b'"}}\n')
+        f.flush()
+        r = json.loads(f.readline())
+        assert r["error"]["code"] == -32002
+        f.write(b'{"jsonrpc":"2.0","id":6,"method":"daemon.status"}\n')
+        f.flush()
+        r = json.loads(f.readline())
+        assert r["id"] == 6 and r["result"]["pid"] == capd.proc.pid
+    # and a new connection is served too
+    assert capd.rpc("daemon.status")["result"]["instances"] == 0
+
+
+def test_capd_t(tmp_path):
+    good = tmp_path / "good.conf"
+    good.write_text("[capd]\nspool = /tmp/x\n[forward a]\nlisten = 4444\nto = example.com:80\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[capd]\nspool = /tmp/x\n\n[forward a]\nlisten = 4444\nto = example.com\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"{bad}:6:" in r.stderr
+    r = subprocess.run([str(CAPD), "-t", "-c", str(tmp_path / "missing.conf")], capture_output=True, text=True)
+    assert r.returncode == 1 and "No such file" in r.stderr
+    r = subprocess.run([str(CAPD), "-V"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("capd ")
+
+
+def test_second_capd_refused_and_stale_socket(capd_factory):
+    a = capd_factory("")
+    b = capd_factory("", start=False)
+    b.sock = a.sock
+    b.write_conf("")
+    b.conf_path.write_text(b.conf_path.read_text().replace(str(b.dir / "capd.sock"), str(a.sock)))
+    b.start(wait=False)
+    assert b.proc.wait(10) == 1
+    assert "capd already running on" in b.log()
+    # kill -9 leaves the socket file behind; the next capd replaces it
+    a.proc.kill()
+    a.proc.wait()
+    assert a.sock.exists()
+    a.start()
+    assert a.ctl("status").returncode == 0
+
+
+def test_session_ids_grow_across_restart(capd_factory, echo_server):
+    c = capd_factory("")
+    port = free_port()
+    c.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    for _ in range(2):
+        socket.create_connection(("127.0.0.1", port)).close()
+    ids = [s["id"] for s in c.wait_sessions(lambda ss: len(ss) == 2)]
+    c.proc.kill()
+    c.proc.wait()
+    c.start()
+    c.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    socket.create_connection(("127.0.0.1", port)).close()
+    new = c.wait_sessions(lambda ss: len(ss) == 1)[0]["id"]
+    assert new > max(ids)
+
+
+def test_capctl_usage_and_unreachable(capd, tmp_path):
+    r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "nope.sock"), "status"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"cannot reach capd at {tmp_path / 'nope.sock'}" in r.stderr
+    for args in (["frobnicate"], ["add", "forward", "--port", "99999", "--to", "a:1"],
+                 ["add", "forward", "--port", "1"], ["add", "forward", "--port", "1", "--to", "nope"],
+                 ["add", "telnet", "--port", "1"], ["kill", "abc"], ["add", "forward", "--bogus"]):
+        r = capd.ctl(*args, check=False)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("capctl: ") or "usage" in r.stderr
+    r = capd.ctl("kill", "999999", check=False)
+    assert r.returncode == 1 and "no session 999999" in r.stderr
+    # --json after the command and unique prefixes work
+    r = capd.ctl("stat", "--json")
+    assert json.loads(r.stdout)["pid"] == capd.proc.pid
+    env = dict(os.environ, CAPD_SOCKET=str(capd.sock))
+    r = subprocess.run([str(CAPCTL), "list"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("NAME")
+
+
+def test_expose_needed(capd):
+    r = capd.ctl("add", "forward", "--port", free_port(), "--bind", "0.0.0.0", "--to", "127.0.0.1:9", check=False)
+    assert r.returncode == 1 and "expose" in r.stderr
+
+
+def test_sigterm_exits_zero(capd, echo_server):
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"x")
+    assert s.recv(10) == b"x"
+    t = time.time()
+    assert capd.stop() == 0
+    assert time.time() - t < 5
+    assert not capd.sock.exists()
+    s.close()

@@ -1,0 +1,83 @@
+/* Unit tests for common/addr.c: endpoint parsing, formatting, name matching. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "addr.h"
+
+static void
+test_hostport(void **state)
+{
+	struct hostport hp;
+	char *why = NULL;
+
+	(void)state;
+	assert_int_equal(hostport_parse("example.com:443", &hp, &why), 0);
+	assert_string_equal(hp.host, "example.com");
+	assert_int_equal(hp.port, 443);
+	assert_int_equal(hostport_parse("[::1]:8080", &hp, &why), 0);
+	assert_string_equal(hp.host, "::1");
+	assert_int_equal(hp.port, 8080);
+	assert_int_equal(hostport_parse("127.0.0.1:1", &hp, &why), 0);
+	const char *bad[] = { "example.com", "example.com:0", "example.com:65536", "::1:80", "[::1]80",
+	                      ":80", "bad_host!:80", "[zz]:80", "host:port" };
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		why = NULL;
+		assert_int_equal(hostport_parse(bad[i], &hp, &why), -1);
+		assert_non_null(why);
+		free(why);
+	}
+}
+
+static void
+test_listen(void **state)
+{
+	struct sockaddr_storage ss;
+	socklen_t len;
+	char *why = NULL, out[ADDR_STRLEN];
+
+	(void)state;
+	assert_int_equal(addr_parse_listen("1080", &ss, &len, &why), 0);
+	assert_string_equal(addr_format((struct sockaddr *)&ss, out, sizeof out), "127.0.0.1:1080");
+	assert_true(addr_is_loopback((struct sockaddr *)&ss));
+	assert_int_equal(addr_parse_listen("[::1]:53", &ss, &len, &why), 0);
+	assert_string_equal(addr_format((struct sockaddr *)&ss, out, sizeof out), "[::1]:53");
+	assert_true(addr_is_loopback((struct sockaddr *)&ss));
+	assert_int_equal(addr_parse_listen("0.0.0.0:80", &ss, &len, &why), 0);
+	assert_false(addr_is_loopback((struct sockaddr *)&ss));
+	assert_int_equal(addr_parse_listen("www.example.com:80", &ss, &len, &why), -1);
+	free(why);
+}
+
+static void
+test_names(void **state)
+{
+	(void)state;
+	assert_true(hostname_valid("www.example.com"));
+	assert_true(hostname_valid("a-b.c"));
+	assert_false(hostname_valid("-a.com"));
+	assert_false(hostname_valid("a..com"));
+	assert_false(hostname_valid("a b"));
+	assert_false(hostname_valid(""));
+	assert_true(hostname_match("*.example.test", "a.example.test"));
+	assert_true(hostname_match("*.example.test", "a.b.example.test"));
+	assert_false(hostname_match("*.example.test", "example.test"));
+	assert_false(hostname_match("*.example.test", "badexample.test"));
+	assert_true(hostname_match("*", "anything"));
+	assert_true(hostname_match("WWW.Example.com", "www.example.com."));
+	assert_false(hostname_match("www.example.com", "www.example.co"));
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_hostport),
+		cmocka_unit_test(test_listen),
+		cmocka_unit_test(test_names),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
