@@ -146,6 +146,7 @@ static struct writer {
 	uint64_t good;         /* bytes of the file written, whole blocks only */
 	uint64_t file_packets; /* packets put in the current file (written or buffered) */
 	double opened;         /* monotonic time the file was opened */
+	bool rotate_due;       /* rotate_size reached: a new file before the next packet */
 	struct buf out;        /* encoded blocks not written yet */
 	uint64_t out_packets, out_payload;
 	bool failing;          /* a write failed: drop until retry_at */
@@ -526,6 +527,7 @@ writer_open(char **why)
 	}
 	w.good = 0;
 	w.file_packets = 0;
+	w.rotate_due = false;
 	w.opened = mono_now();
 	w.nidb = w.nidb_good = 0;
 	w.failing = false;
@@ -619,6 +621,8 @@ writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrl
 	struct pcapng_epb e;
 	int fidx;
 
+	if (w.rotate_due)
+		writer_rotate();
 	if (writer_dropping()) {
 		writer_count_drop(1, datalen + hdrlen);
 		return;
@@ -784,8 +788,9 @@ writer_record(const struct rec *r)
 		break;
 	}
 	w.cur = NULL;
+	/* Rotating only when the next packet comes leaves no file without packets. */
 	if (w.rotate_size > 0 && w.fd >= 0 && w.good + buf_used(&w.out) >= w.rotate_size)
-		writer_rotate();
+		w.rotate_due = true;
 }
 
 static void

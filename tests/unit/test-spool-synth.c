@@ -1,0 +1,778 @@
+/*
+ * Unit tests for daemon/spool-synth.c (streams -> packets) and, end to end,
+ * daemon/spool.c: checksums recomputed here independently, sequence and
+ * acknowledgement numbers, segment sizes, v4-mapped mixing, UDP; then real
+ * files checked with tshark when it is installed (Follow TCP Stream gives
+ * back the exact bytes; no bad checksum, malformed packet or error).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "capd.h"
+#include "pcapng.h"
+#include "spool-synth.h"
+#include "spool.h"
+
+/* spool.c reads capd.h; these stand in for capd.c. */
+struct ev_loop *capd_loop;
+struct capd_settings *capd_settings;
+const char *capd_config_path;
+
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_PSH 0x08
+#define TH_ACK 0x10
+
+struct pkt {
+	int dir;
+	uint8_t *b;
+	size_t len;
+	size_t cut;   /* truncated_from */
+};
+
+struct pkts {
+	struct pkt v[64];
+	size_t n;
+};
+
+static void
+collect_cb(void *arg, const struct synth_pkt *p)
+{
+	struct pkts *ps = arg;
+	struct pkt *k;
+
+	assert_true(ps->n < 64);
+	k = &ps->v[ps->n++];
+	k->dir = p->dir;
+	k->len = p->hdrlen + p->datalen;
+	k->cut = p->truncated_from;
+	k->b = malloc(k->len ? k->len : 1);
+	memcpy(k->b, p->hdr, p->hdrlen);
+	if (p->datalen)
+		memcpy(k->b + p->hdrlen, p->data, p->datalen);
+}
+
+static void
+pkts_free(struct pkts *ps)
+{
+	for (size_t i = 0; i < ps->n; i++)
+		free(ps->v[i].b);
+	ps->n = 0;
+}
+
+static uint16_t
+get16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static uint32_t
+get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* A plain big-endian 16-bit word sum: deliberately not synth's algorithm. */
+static uint32_t
+sum16(uint32_t s, const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i + 1 < n; i += 2)
+		s += get16(p + i);
+	if (n & 1)
+		s += (uint32_t)p[n - 1] << 8;
+	return s;
+}
+
+static uint16_t
+fold(uint32_t s)
+{
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	return (uint16_t)s;
+}
+
+/* Checks the IP header and the transport checksum; returns the transport header. */
+static const uint8_t *
+check_ip(const struct pkt *k, int *proto, size_t *l4len)
+{
+	const uint8_t *b = k->b;
+	uint32_t s;
+
+	if ((b[0] >> 4) == 4) {
+		assert_int_equal(b[0], 0x45);
+		assert_int_equal(get16(b + 2), k->len);
+		assert_true(k->len <= 65535);
+		assert_int_equal(fold(sum16(0, b, 20)), 0xffff);
+		*proto = b[9];
+		*l4len = k->len - 20;
+		s = sum16(0, b + 12, 8);
+		s += (uint32_t)*proto + (uint32_t)*l4len;
+		s = sum16(s, b + 20, *l4len);
+		assert_int_equal(fold(s), 0xffff);
+		return b + 20;
+	}
+	assert_int_equal(b[0] >> 4, 6);
+	assert_int_equal(get16(b + 4), k->len - 40);
+	assert_true(k->len <= 65535);
+	*proto = b[6];
+	*l4len = k->len - 40;
+	s = sum16(0, b + 8, 32);
+	s += (uint32_t)(*l4len >> 16) + (uint32_t)(*l4len & 0xffff) + (uint32_t)*proto;
+	s = sum16(s, b + 40, *l4len);
+	assert_int_equal(fold(s), 0xffff);
+	return b + 40;
+}
+
+/* Checks a TCP packet's checksums and fields; returns its payload length. */
+static size_t
+check_tcp(const struct pkt *k, uint8_t flags, uint32_t seq, uint32_t ack)
+{
+	int proto;
+	size_t l4len, thl;
+	const uint8_t *t = check_ip(k, &proto, &l4len);
+
+	assert_int_equal(proto, IPPROTO_TCP);
+	thl = (size_t)(t[12] >> 4) * 4;
+	assert_int_equal(t[13], flags);
+	assert_int_equal(get32(t + 4), seq);
+	if (flags & TH_ACK)
+		assert_int_equal(get32(t + 8), ack);
+	return l4len - thl;
+}
+
+static struct sockaddr_storage
+sa4(const char *ip, uint16_t port)
+{
+	struct sockaddr_storage ss = { 0 };
+	struct sockaddr_in *s = (struct sockaddr_in *)&ss;
+
+	s->sin_family = AF_INET;
+	s->sin_port = htons(port);
+	inet_pton(AF_INET, ip, &s->sin_addr);
+	return ss;
+}
+
+static struct sockaddr_storage
+sa6(const char *ip, uint16_t port)
+{
+	struct sockaddr_storage ss = { 0 };
+	struct sockaddr_in6 *s = (struct sockaddr_in6 *)&ss;
+
+	s->sin6_family = AF_INET6;
+	s->sin6_port = htons(port);
+	inet_pton(AF_INET6, ip, &s->sin6_addr);
+	return ss;
+}
+
+static uint8_t *
+pattern(size_t n, uint32_t seed)
+{
+	uint8_t *p = malloc(n ? n : 1);
+
+	for (size_t i = 0; i < n; i++) {
+		seed ^= seed << 13;
+		seed ^= seed >> 17;
+		seed ^= seed << 5;
+		p[i] = (uint8_t)seed;
+	}
+	return p;
+}
+
+static void
+test_tcp_v4(void **state)
+{
+	struct sockaddr_storage c = sa4("10.1.2.3", 51234), t = sa4("93.184.216.34", 443);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+	uint32_t ic = 1000, it = 0xfffffff0u;  /* the target's numbers wrap */
+	uint8_t *data = pattern(100000, 1);
+
+	(void)state;
+	assert_int_equal(synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, ic, it,
+	                                 collect_cb, &ps), 0);
+	assert_int_equal(sf.family, AF_INET);
+	synth_open(&sf);
+	assert_int_equal(ps.n, 3);
+	assert_int_equal(check_tcp(&ps.v[0], TH_SYN, ic, 0), 0);
+	assert_int_equal(ps.v[0].dir, SYNTH_UP);
+	assert_memory_equal(ps.v[0].b + 12, "\x0a\x01\x02\x03", 4);
+	assert_int_equal(get16(ps.v[0].b + 20), 51234);
+	assert_int_equal(get16(ps.v[0].b + 22), 443);
+	assert_int_equal(check_tcp(&ps.v[1], TH_SYN | TH_ACK, it, ic + 1), 0);
+	assert_int_equal(ps.v[1].dir, SYNTH_DOWN);
+	assert_int_equal(check_tcp(&ps.v[2], TH_ACK, ic + 1, it + 1), 0);
+	pkts_free(&ps);
+
+	/* 100000 bytes up: two segments within 65535-byte packets, then the target's ACK. */
+	synth_data(&sf, SYNTH_UP, data, 100000);
+	assert_int_equal(ps.n, 3);
+	assert_int_equal(check_tcp(&ps.v[0], TH_ACK, ic + 1, it + 1), SYNTH_MSS4);
+	assert_int_equal(ps.v[0].len, 65535);
+	assert_memory_equal(ps.v[0].b + 40, data, SYNTH_MSS4);
+	assert_int_equal(check_tcp(&ps.v[1], TH_ACK | TH_PSH, ic + 1 + SYNTH_MSS4, it + 1),
+	                 100000 - SYNTH_MSS4);
+	assert_memory_equal(ps.v[1].b + 40, data + SYNTH_MSS4, 100000 - SYNTH_MSS4);
+	assert_int_equal(ps.v[2].dir, SYNTH_DOWN);
+	assert_int_equal(check_tcp(&ps.v[2], TH_ACK, it + 1, ic + 1 + 100000), 0);
+	pkts_free(&ps);
+
+	/* 7 bytes down (odd length: the checksum pads), past the wrap of the target's numbers. */
+	synth_data(&sf, SYNTH_DOWN, data, 7);
+	assert_int_equal(ps.n, 2);
+	assert_int_equal(check_tcp(&ps.v[0], TH_ACK | TH_PSH, it + 1, ic + 100001), 7);
+	assert_int_equal(check_tcp(&ps.v[1], TH_ACK, ic + 100001, it + 8), 0);
+	pkts_free(&ps);
+
+	/* 50 bytes up were not captured: the next segment still sits where it belongs. */
+	synth_gap(&sf, SYNTH_UP, 50);
+	synth_data(&sf, SYNTH_UP, data, 5);
+	assert_int_equal(check_tcp(&ps.v[0], TH_ACK | TH_PSH, ic + 100051, it + 8), 5);
+	assert_int_equal(check_tcp(&ps.v[1], TH_ACK, it + 8, ic + 100056), 0);
+	pkts_free(&ps);
+
+	/* Half-close up, more data down, then close: the target's FIN. */
+	synth_fin(&sf, SYNTH_UP);
+	assert_int_equal(ps.n, 2);
+	assert_int_equal(check_tcp(&ps.v[0], TH_FIN | TH_ACK, ic + 100056, it + 8), 0);
+	assert_int_equal(check_tcp(&ps.v[1], TH_ACK, it + 8, ic + 100057), 0);
+	pkts_free(&ps);
+	synth_data(&sf, SYNTH_UP, data, 5);  /* nothing after our own FIN */
+	assert_int_equal(ps.n, 0);
+	synth_data(&sf, SYNTH_DOWN, data, 3);
+	assert_int_equal(check_tcp(&ps.v[0], TH_ACK | TH_PSH, it + 8, ic + 100057), 3);
+	pkts_free(&ps);
+	synth_close(&sf, false);
+	assert_int_equal(ps.n, 2);
+	assert_int_equal(check_tcp(&ps.v[0], TH_FIN | TH_ACK, it + 11, ic + 100057), 0);
+	assert_int_equal(check_tcp(&ps.v[1], TH_ACK, ic + 100057, it + 12), 0);
+	pkts_free(&ps);
+	synth_close(&sf, true);
+	assert_int_equal(ps.n, 0);
+	free(data);
+}
+
+static void
+test_tcp_reset(void **state)
+{
+	struct sockaddr_storage c = sa4("127.0.0.1", 4000), t = sa4("127.0.0.1", 80);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+
+	(void)state;
+	synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, 1, 2, collect_cb, &ps);
+	synth_open(&sf);
+	synth_data(&sf, SYNTH_UP, "GET", 3);
+	pkts_free(&ps);
+	synth_close(&sf, true);
+	assert_int_equal(ps.n, 1);
+	assert_int_equal(ps.v[0].dir, SYNTH_DOWN);
+	assert_int_equal(check_tcp(&ps.v[0], TH_RST | TH_ACK, 3, 5), 0);
+	pkts_free(&ps);
+	synth_data(&sf, SYNTH_DOWN, "x", 1);
+	synth_fin(&sf, SYNTH_DOWN);
+	assert_int_equal(ps.n, 0);
+}
+
+static void
+test_tcp_v6(void **state)
+{
+	struct sockaddr_storage c = sa6("2001:db8::1", 40000), t = sa6("2001:db8::2", 8080);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+	uint8_t *data = pattern(65536, 2);
+	struct in6_addr a;
+
+	(void)state;
+	synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, 7, 9, collect_cb, &ps);
+	assert_int_equal(sf.family, AF_INET6);
+	synth_data(&sf, SYNTH_UP, data, 65536);  /* opens first */
+	assert_int_equal(ps.n, 6);
+	assert_int_equal(check_tcp(&ps.v[0], TH_SYN, 7, 0), 0);
+	inet_pton(AF_INET6, "2001:db8::1", &a);
+	assert_memory_equal(ps.v[0].b + 8, &a, 16);
+	assert_int_equal(check_tcp(&ps.v[3], TH_ACK, 8, 10), SYNTH_MSS6);
+	assert_int_equal(ps.v[3].len, 65535);
+	assert_int_equal(check_tcp(&ps.v[4], TH_ACK | TH_PSH, 8 + SYNTH_MSS6, 10), 65536 - SYNTH_MSS6);
+	assert_int_equal(check_tcp(&ps.v[5], TH_ACK, 10, 8 + 65536), 0);
+	pkts_free(&ps);
+	free(data);
+}
+
+static void
+test_mixed(void **state)
+{
+	struct sockaddr_storage c = sa4("127.0.0.1", 5555), t = sa6("::1", 443);
+	struct sockaddr_storage m = sa6("::ffff:192.0.2.7", 5555), t4 = sa4("198.51.100.1", 80);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+	static const uint8_t mapped[16] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1 };
+	static const uint8_t one[16] = { [15] = 1 };
+
+	(void)state;
+	/* IPv4 client, IPv6 target: both as IPv6, the client v4-mapped. */
+	synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, 1, 1, collect_cb, &ps);
+	assert_int_equal(sf.family, AF_INET6);
+	synth_open(&sf);
+	check_tcp(&ps.v[0], TH_SYN, 1, 0);
+	assert_memory_equal(ps.v[0].b + 8, mapped, 16);
+	assert_memory_equal(ps.v[0].b + 24, one, 16);
+	assert_memory_equal(ps.v[1].b + 8, one, 16);
+	assert_memory_equal(ps.v[1].b + 24, mapped, 16);
+	pkts_free(&ps);
+
+	/* A v4-mapped client (dual-stack socket) with an IPv4 target stays IPv4. */
+	synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&m, (struct sockaddr *)&t4, 1, 1, collect_cb, &ps);
+	assert_int_equal(sf.family, AF_INET);
+	synth_open(&sf);
+	check_tcp(&ps.v[0], TH_SYN, 1, 0);
+	assert_memory_equal(ps.v[0].b + 12, "\xc0\x00\x02\x07", 4);
+	pkts_free(&ps);
+
+	/* Not IP: refused. */
+	c.ss_family = AF_UNIX;
+	assert_int_equal(synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, 1, 1,
+	                                 collect_cb, &ps), -1);
+}
+
+static void
+test_udp(void **state)
+{
+	struct sockaddr_storage c = sa4("127.0.0.1", 5353), t = sa4("8.8.8.8", 53);
+	struct sockaddr_storage c6 = sa6("::1", 5353), t6 = sa6("2001:4860:4860::8888", 53);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+	uint8_t *big = pattern(70000, 3);
+	const uint8_t *u;
+	size_t l4len;
+	int proto;
+
+	(void)state;
+	synth_flow_init(&sf, IPPROTO_UDP, (struct sockaddr *)&c, (struct sockaddr *)&t, 1, 1, collect_cb, &ps);
+	synth_open(&sf);
+	assert_int_equal(ps.n, 0);
+	synth_data(&sf, SYNTH_UP, "query", 5);
+	synth_data(&sf, SYNTH_DOWN, big, 1001);
+	synth_data(&sf, SYNTH_DOWN, big, 70000);
+	synth_fin(&sf, SYNTH_UP);
+	synth_close(&sf, true);
+	assert_int_equal(ps.n, 3);
+	u = check_ip(&ps.v[0], &proto, &l4len);
+	assert_int_equal(proto, IPPROTO_UDP);
+	assert_int_equal(get16(u), 5353);
+	assert_int_equal(get16(u + 2), 53);
+	assert_int_equal(get16(u + 4), 13);
+	assert_memory_equal(u + 8, "query", 5);
+	u = check_ip(&ps.v[1], &proto, &l4len);
+	assert_int_equal(ps.v[1].dir, SYNTH_DOWN);
+	assert_int_equal(get16(u), 53);
+	assert_int_equal(get16(u + 4), 1009);
+	u = check_ip(&ps.v[2], &proto, &l4len);
+	assert_int_equal(ps.v[2].len, 65535);
+	assert_int_equal(get16(u + 4), 8 + SYNTH_UDP_MAX4);
+	assert_int_equal(ps.v[2].cut, 70000);
+	pkts_free(&ps);
+
+	synth_flow_init(&sf, IPPROTO_UDP, (struct sockaddr *)&c6, (struct sockaddr *)&t6, 1, 1, collect_cb, &ps);
+	synth_data(&sf, SYNTH_UP, big, 70000);
+	synth_data(&sf, SYNTH_UP, big, 333);
+	u = check_ip(&ps.v[0], &proto, &l4len);
+	assert_int_equal(ps.v[0].len, 65535);
+	assert_int_equal(ps.v[0].cut, 70000);
+	u = check_ip(&ps.v[1], &proto, &l4len);
+	assert_int_equal(get16(u + 4), 341);
+	pkts_free(&ps);
+	free(big);
+}
+
+static void
+test_count(void **state)
+{
+	(void)state;
+	assert_int_equal(synth_count(IPPROTO_UDP, 70000), 1);
+	assert_int_equal(synth_count(IPPROTO_TCP, 1), 2);
+	assert_int_equal(synth_count(IPPROTO_TCP, 65536), 3);
+}
+
+/* ---- real files, read back by tshark ---- */
+
+static bool
+have_tshark(void)
+{
+	return system("command -v tshark >/dev/null 2>&1") == 0;
+}
+
+static int
+hexval(int c)
+{
+	return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/*
+ * Runs Follow TCP Stream (raw) on stream n and returns the bytes each node
+ * sent: node 0 on unindented lines, node 1 on tab-indented ones.
+ */
+static void
+tshark_follow(const char *file, int n, struct buf out[2])
+{
+	char cmd[512], *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+	bool body = false;
+	FILE *p;
+
+	snprintf(cmd, sizeof cmd, "tshark -r '%s' -q -z follow,tcp,raw,%d 2>/dev/null", file, n);
+	p = popen(cmd, "r");
+	assert_non_null(p);
+	while ((len = getline(&line, &cap, p)) > 0) {
+		char *s = line;
+		int side = 0;
+
+		if (strncmp(line, "Node 1:", 7) == 0) {
+			body = true;
+			continue;
+		}
+		if (!body || line[0] == '=')
+			continue;
+		if (*s == '\t') {
+			side = 1;
+			s++;
+		}
+		for (; s[0] && s[1] && s[0] != '\n'; s += 2) {
+			uint8_t b = (uint8_t)(hexval(s[0]) << 4 | hexval(s[1]));
+
+			buf_append(&out[side], &b, 1);
+		}
+	}
+	free(line);
+	assert_int_equal(pclose(p), 0);
+}
+
+/* tshark finds no bad checksum, malformed packet or error, and reads the whole file. */
+static void
+tshark_clean(const char *file)
+{
+	char cmd[768], out[4096];
+	size_t n;
+	FILE *p;
+
+	/* stderr aside: tshark warns there about running as root. */
+	snprintf(cmd, sizeof cmd,
+	         "tshark -o tcp.check_checksum:TRUE -o ip.check_checksum:TRUE -o udp.check_checksum:TRUE -r '%s' "
+	         "-Y 'tcp.checksum.status==0 || ip.checksum.status==0 || udp.checksum.status==0 || "
+	         "_ws.malformed || _ws.expert.severity>=error' 2>/tmp/capd-test-tshark.err",
+	         file);
+	p = popen(cmd, "r");
+	assert_non_null(p);
+	n = fread(out, 1, sizeof out - 1, p);
+	out[n] = '\0';
+	if (n > 0)
+		fprintf(stderr, "tshark on %s:\n%s\n", file, out);
+	assert_int_equal(n, 0);
+	if (pclose(p) != 0) {
+		system("cat /tmp/capd-test-tshark.err >&2");
+		fail_msg("tshark could not read %s", file);
+	}
+	unlink("/tmp/capd-test-tshark.err");
+}
+
+static void
+file_emit_cb(void *arg, const struct synth_pkt *p)
+{
+	struct buf *b = arg;
+	struct pcapng_epb e = {
+		.ts = 1700000000000000ull, .hdr = p->hdr, .hdrlen = p->hdrlen, .data = p->data,
+		.datalen = p->datalen, .comment = "capd session 1",
+		.flags = p->dir == SYNTH_UP ? PCAPNG_EPB_OUTBOUND : PCAPNG_EPB_INBOUND,
+	};
+
+	pcapng_epb(b, &e);
+}
+
+/* synth + pcapng alone: three conversations (v4, v6, mixed) in one file. */
+static void
+test_tshark_synth(void **state)
+{
+	const char *file = "/tmp/capd-test-synth.pcapng";
+	struct sockaddr_storage ep[3][2] = {
+		{ sa4("127.0.0.1", 40001), sa4("127.0.0.2", 80) },
+		{ sa6("::1", 40002), sa6("2001:db8::5", 443) },
+		{ sa4("192.0.2.1", 40003), sa6("2001:db8::6", 8443) },
+	};
+	size_t sizes[3][2] = { { 200000, 150001 }, { 1, 65536 }, { 65495, 3 } };
+	struct pcapng_idb idb = { .linktype = PCAPNG_LINKTYPE_RAW, .snaplen = 65535, .name = "test" };
+	struct buf b = { 0 };
+	struct synth_flow sf;
+	FILE *f;
+
+	(void)state;
+	if (!have_tshark())
+		skip();
+	pcapng_shb(&b, NULL, NULL, "capd test");
+	pcapng_idb(&b, &idb);
+	for (int i = 0; i < 3; i++) {
+		uint8_t *up = pattern(sizes[i][0], 10 + (uint32_t)i), *down = pattern(sizes[i][1], 20 + (uint32_t)i);
+
+		synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&ep[i][0], (struct sockaddr *)&ep[i][1],
+		                0xfffff000u * (uint32_t)i, 77, file_emit_cb, &b);
+		synth_open(&sf);
+		/* Interleaved, in relay-sized chunks, as a real session arrives. */
+		for (size_t o = 0; o < sizes[i][0] || o < sizes[i][1]; o += 65536) {
+			if (o < sizes[i][0])
+				synth_data(&sf, SYNTH_UP, up + o, sizes[i][0] - o < 65536 ? sizes[i][0] - o : 65536);
+			if (o < sizes[i][1])
+				synth_data(&sf, SYNTH_DOWN, down + o, sizes[i][1] - o < 65536 ? sizes[i][1] - o : 65536);
+		}
+		synth_fin(&sf, SYNTH_DOWN);
+		synth_close(&sf, i == 2);
+		free(up);
+		free(down);
+	}
+	f = fopen(file, "wb");
+	assert_non_null(f);
+	assert_int_equal(fwrite(buf_head(&b), 1, buf_used(&b), f), buf_used(&b));
+	fclose(f);
+	buf_free(&b);
+
+	tshark_clean(file);
+	for (int i = 0; i < 3; i++) {
+		struct buf got[2] = { { 0 }, { 0 } };
+		uint8_t *up = pattern(sizes[i][0], 10 + (uint32_t)i), *down = pattern(sizes[i][1], 20 + (uint32_t)i);
+
+		tshark_follow(file, i, got);
+		assert_int_equal(buf_used(&got[0]), sizes[i][0]);
+		assert_int_equal(buf_used(&got[1]), sizes[i][1]);
+		assert_memory_equal(buf_head(&got[0]), up, sizes[i][0]);
+		assert_memory_equal(buf_head(&got[1]), down, sizes[i][1]);
+		buf_free(&got[0]);
+		buf_free(&got[1]);
+		free(up);
+		free(down);
+	}
+	unlink(file);
+}
+
+/* ---- spool.c end to end: writer thread, files, rotation ---- */
+
+static char spool_tmp[64];
+
+static void
+rm_spool(void)
+{
+	DIR *d = opendir(spool_tmp);
+	struct dirent *de;
+	char path[512];
+
+	if (d == NULL)
+		return;
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "%s/%s", spool_tmp, de->d_name);
+		unlink(path);
+	}
+	closedir(d);
+	rmdir(spool_tmp);
+}
+
+/* Our files in the spool, sorted by name (and so by time). */
+static int
+spool_files(char names[][400], int max)
+{
+	struct dirent **list;
+	int n = scandir(spool_tmp, &list, NULL, alphasort), k = 0;
+
+	for (int i = 0; i < n; i++) {
+		if (strncmp(list[i]->d_name, "capd-", 5) == 0 && k < max)
+			snprintf(names[k++], 400, "%s/%s", spool_tmp, list[i]->d_name);
+		free(list[i]);
+	}
+	free(list);
+	return k;
+}
+
+static int64_t
+status_int(const char *key)
+{
+	json_t *st = spool_status();
+	int64_t v = json_integer_value(json_object_get(st, key));
+
+	json_decref(st);
+	return v;
+}
+
+static void
+test_spool_files(void **state)
+{
+	struct capd_settings st = { .keep_files = 32, .flush_interval = 0.2 };
+	struct sockaddr_storage c = sa4("127.0.0.1", 45000), t = sa6("::1", 9000);
+	struct sockaddr_storage c2 = sa4("10.0.0.1", 45001), t2 = sa4("10.0.0.2", 9999);
+	char *why = NULL, names[8][400];
+	struct spool_flow *f, *u;
+	uint8_t *up = pattern(300000, 5), *down = pattern(1 << 20, 6);
+	json_t *s;
+	int iface;
+
+	(void)state;
+	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-spool-%d", (int)getpid());
+	rm_spool();
+	st.spool = spool_tmp;
+	assert_int_equal(spool_start(&st, &why), 0);
+	s = spool_status();
+	assert_non_null(strstr(json_string_value(json_object_get(s, "file")), "/capd-00001-"));
+	json_decref(s);
+	assert_int_equal(status_int("files"), 1);
+
+	iface = spool_iface_add("fwd", "capd forward instance", PCAPNG_LINKTYPE_RAW, 65535, false);
+	f = spool_flow_open(iface, 42, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, "forward/fwd");
+	u = spool_flow_open(iface, 43, IPPROTO_UDP, (struct sockaddr *)&c2, (struct sockaddr *)&t2, NULL);
+	assert_non_null(f);
+	spool_keylog("CLIENT_RANDOM 00 11\n");
+	for (size_t o = 0; o < (1 << 20); o += 65536) {
+		if (o < 300000)
+			spool_flow_data(f, DIR_UP, up + o, 300000 - o < 65536 ? 300000 - o : 65536);
+		spool_flow_data(f, DIR_DOWN, down + o, 65536);
+	}
+	spool_flow_data(u, DIR_UP, "q", 1);
+	spool_flow_data(u, DIR_DOWN, "answer", 6);
+	spool_flow_fin(f, DIR_UP);
+	spool_flow_close(f, false);
+	spool_flow_close(u, false);
+	/* Written within the flush interval, before any stop. */
+	for (int i = 0; i < 50 && status_int("packets") < 40; i++)
+		usleep(20000);
+	assert_true(status_int("packets") >= 40);
+	spool_stop();
+
+	assert_int_equal(spool_files(names, 8), 1);
+	if (have_tshark()) {
+		struct buf got[2] = { { 0 }, { 0 } };
+		char cmd[2048];
+
+		tshark_clean(names[0]);
+		tshark_follow(names[0], 0, got);
+		assert_int_equal(buf_used(&got[0]), 300000);
+		assert_int_equal(buf_used(&got[1]), 1 << 20);
+		assert_memory_equal(buf_head(&got[0]), up, 300000);
+		assert_memory_equal(buf_head(&got[1]), down, 1 << 20);
+		buf_free(&got[0]);
+		buf_free(&got[1]);
+		/* The comment names the session; the mixed pair shows as v4-mapped IPv6. */
+		snprintf(cmd, sizeof cmd,
+		         "tshark -r '%s' -Y 'frame.comment contains \"capd session 42 forward/fwd\" && "
+		         "ipv6.src == ::ffff:127.0.0.1' | grep -q . && "
+		         "tshark -r '%s' -Y 'udp && frame.comment == \"capd session 43\"' | wc -l | grep -qx 2",
+		         names[0], names[0]);
+		assert_int_equal(system(cmd), 0);
+	}
+
+	/* A restart continues the numbering. */
+	assert_int_equal(spool_start(&st, &why), 0);
+	s = spool_status();
+	assert_non_null(strstr(json_string_value(json_object_get(s, "file")), "/capd-00002-"));
+	json_decref(s);
+	assert_int_equal(spool_rotate(&why), 0);
+	s = spool_status();
+	assert_non_null(strstr(json_string_value(json_object_get(s, "file")), "/capd-00003-"));
+	json_decref(s);
+	spool_stop();
+	assert_int_equal(spool_files(names, 8), 3);
+	free(up);
+	free(down);
+	rm_spool();
+}
+
+static void
+test_spool_rotation(void **state)
+{
+	struct capd_settings st = { .keep_files = 3, .flush_interval = 0.2, .rotate_size = 200000 };
+	struct sockaddr_storage c = sa6("::1", 45000), t = sa6("::1", 9000);
+	char *why = NULL, names[16][400];
+	struct spool_flow *f;
+	size_t total = (2 << 20) + 1000;
+	uint8_t *down = pattern(total, 7);
+	int n, iface;
+
+	(void)state;
+	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-ring-%d", (int)getpid());
+	rm_spool();
+	st.spool = spool_tmp;
+	assert_int_equal(spool_start(&st, &why), 0);
+	iface = spool_iface_add("ring", NULL, PCAPNG_LINKTYPE_RAW, 65535, true);
+	f = spool_flow_open(iface, 7, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
+	for (size_t o = 0; o < total; o += 65536) {
+		spool_flow_data(f, DIR_DOWN, down + o, total - o < 65536 ? total - o : 65536);
+		usleep(1000);  /* lets the writer keep pace: no drops in this test */
+	}
+	spool_flow_close(f, true);
+	spool_stop();
+	assert_int_equal(status_int("dropped_packets"), 0);
+
+	/* Exactly keep_files files, each standing alone; together they end the stream. */
+	n = spool_files(names, 16);
+	assert_int_equal(n, 3);
+	for (int i = 0; i < n; i++) {
+		struct stat sb;
+
+		assert_int_equal(stat(names[i], &sb), 0);
+		assert_true(sb.st_size > 1000);
+		if (have_tshark()) {
+			char cmd[2048];
+
+			tshark_clean(names[i]);
+			snprintf(cmd, sizeof cmd, "capinfos '%.400s' >/dev/null 2>&1", names[i]);
+			assert_int_equal(system(cmd), 0);
+		}
+	}
+	if (have_tshark()) {
+		char cmd[2048];
+		struct buf got[2] = { { 0 }, { 0 } };
+		const char *merged = "/tmp/capd-test-ring-merged.pcapng";
+
+		/*
+		 * The newest files hold the tail of the stream, byte-exact. Without
+		 * the SYN, tshark's node 0 is the target (the first sender).
+		 */
+		snprintf(cmd, sizeof cmd, "mergecap -w %s '%s' '%s' '%s'", merged, names[0], names[1], names[2]);
+		assert_int_equal(system(cmd), 0);
+		tshark_follow(merged, 0, got);
+		assert_int_equal(buf_used(&got[1]), 0);
+		assert_true(buf_used(&got[0]) > 2 * 200000 && buf_used(&got[0]) < total);
+		assert_memory_equal(buf_head(&got[0]), down + total - buf_used(&got[0]), buf_used(&got[0]));
+		buf_free(&got[0]);
+		buf_free(&got[1]);
+		unlink(merged);
+	}
+	free(down);
+	rm_spool();
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_tcp_v4),
+		cmocka_unit_test(test_tcp_reset),
+		cmocka_unit_test(test_tcp_v6),
+		cmocka_unit_test(test_mixed),
+		cmocka_unit_test(test_udp),
+		cmocka_unit_test(test_count),
+		cmocka_unit_test(test_tshark_synth),
+		cmocka_unit_test(test_spool_files),
+		cmocka_unit_test(test_spool_rotation),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
