@@ -248,7 +248,11 @@ capd_raise_nofile(void)
 {
 	struct rlimit rl;
 
-	/* 10,000 tunnels need 20,000 descriptors: take all the hard limit allows */
+	/* 10,000 tunnels need 20,000 descriptors: as root raise the hard limit
+	 * itself, else take all the hard limit allows */
+	rl.rlim_cur = rl.rlim_max = 1 << 20;
+	if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+		return;
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 		rl.rlim_cur = rl.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &rl);

@@ -1,0 +1,363 @@
+/*
+ * capd-bench: the load generator and sink behind `tools/dev bench`.
+ * The same client drives capd and each peer, so only the proxy differs.
+ *
+ *   capd-bench sink PORT                       accept, read and discard (epoll); holds idle connections
+ *   capd-bench bulk VIA PROXY TARGET SECONDS   one tunnel, send for SECONDS, print MB/s
+ *   capd-bench conns VIA PROXY TARGET SECONDS CONCURRENCY [SNI]
+ *                                              new connection + one GET + close, print conn/s p50 p99 (ms)
+ *   capd-bench idle VIA PROXY TARGET COUNT     open COUNT tunnels, print "ready OK FAILED", hold until stdin closes
+ *
+ * VIA is direct (PROXY is a forwarder or the server), socks5 or connect. TARGET is IP:PORT.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+enum via { VIA_DIRECT, VIA_SOCKS5, VIA_CONNECT };
+
+static enum via via;
+static struct sockaddr_in proxy, target;
+static const char *sni;
+static SSL_CTX *tls_ctx;
+static double stop_at;
+static atomic_long total_conns, total_fail;
+
+static double
+now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void
+parse_addr(const char *s, struct sockaddr_in *sin)
+{
+	char host[64];
+	const char *colon = strrchr(s, ':');
+
+	if (colon == NULL || (size_t)(colon - s) >= sizeof host) {
+		fprintf(stderr, "capd-bench: bad address %s\n", s);
+		exit(2);
+	}
+	memcpy(host, s, (size_t)(colon - s));
+	host[colon - s] = '\0';
+	memset(sin, 0, sizeof *sin);
+	sin->sin_family = AF_INET;
+	sin->sin_port = htons((uint16_t)atoi(colon + 1));
+	if (inet_pton(AF_INET, host, &sin->sin_addr) != 1) {
+		fprintf(stderr, "capd-bench: bad address %s\n", s);
+		exit(2);
+	}
+}
+
+static int
+read_full(int fd, void *p, size_t n)
+{
+	for (size_t off = 0; off < n;) {
+		ssize_t r = read(fd, (char *)p + off, n - off);
+		if (r <= 0)
+			return -1;
+		off += (size_t)r;
+	}
+	return 0;
+}
+
+static int
+write_full(int fd, const void *p, size_t n)
+{
+	for (size_t off = 0; off < n;) {
+		ssize_t r = write(fd, (const char *)p + off, n - off);
+		if (r <= 0)
+			return -1;
+		off += (size_t)r;
+	}
+	return 0;
+}
+
+/* Connects to the proxy and asks it for target; returns the tunnel fd or -1. */
+static int
+tunnel_open(void)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+
+	if (fd < 0)
+		return -1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	if (connect(fd, (struct sockaddr *)&proxy, sizeof proxy) < 0)
+		goto fail;
+	if (via == VIA_SOCKS5) {
+		uint8_t req[10] = { 5, 1, 0, 1 }, rep[10];
+		if (write_full(fd, "\x05\x01\x00", 3) < 0 || read_full(fd, rep, 2) < 0 || rep[1] != 0)
+			goto fail;
+		memcpy(req + 4, &target.sin_addr, 4);
+		memcpy(req + 8, &target.sin_port, 2);
+		if (write_full(fd, req, 10) < 0 || read_full(fd, rep, 10) < 0 || rep[1] != 0)
+			goto fail;
+	} else if (via == VIA_CONNECT) {
+		char req[128], ip[32], rep[1024];
+		size_t got = 0;
+		inet_ntop(AF_INET, &target.sin_addr, ip, sizeof ip);
+		int n = snprintf(req, sizeof req, "CONNECT %s:%u HTTP/1.1\r\nHost: %s:%u\r\n\r\n", ip,
+		                 ntohs(target.sin_port), ip, ntohs(target.sin_port));
+		if (write_full(fd, req, (size_t)n) < 0)
+			goto fail;
+		/* read the reply head byte by byte so no tunnelled byte is swallowed */
+		while (got < sizeof rep - 1) {
+			if (read(fd, rep + got, 1) != 1)
+				goto fail;
+			got++;
+			if (got >= 4 && !memcmp(rep + got - 4, "\r\n\r\n", 4))
+				break;
+		}
+		rep[got] = '\0';
+		if (strncmp(rep + 9, "200", 3) != 0)
+			goto fail;
+	}
+	return fd;
+fail:
+	close(fd);
+	return -1;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+struct worker {
+	pthread_t th;
+	double *lat;
+	size_t nlat, cap;
+};
+
+static int
+one_request(void)
+{
+	static const char get[] = "GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
+	char buf[16384];
+	int fd = tunnel_open(), ok = 0;
+
+	if (fd < 0)
+		return -1;
+	if (tls_ctx) {
+		SSL *ssl = SSL_new(tls_ctx);
+		SSL_set_fd(ssl, fd);
+		SSL_set_tlsext_host_name(ssl, sni);
+		if (SSL_connect(ssl) == 1 && SSL_write(ssl, get, sizeof get - 1) > 0) {
+			int r;
+			while ((r = SSL_read(ssl, buf, sizeof buf)) > 0)
+				ok = 1;
+		}
+		SSL_free(ssl);
+	} else if (write_full(fd, get, sizeof get - 1) == 0) {
+		ssize_t r;
+		while ((r = read(fd, buf, sizeof buf)) > 0)
+			ok = 1;
+	}
+	close(fd);
+	return ok ? 0 : -1;
+}
+
+static void *
+conns_worker(void *arg)
+{
+	struct worker *w = arg;
+
+	while (now() < stop_at) {
+		double t = now();
+		if (one_request() < 0) {
+			atomic_fetch_add(&total_fail, 1);
+			continue;
+		}
+		if (w->nlat == w->cap) {
+			w->cap = w->cap ? w->cap * 2 : 4096;
+			w->lat = realloc(w->lat, w->cap * sizeof *w->lat);
+		}
+		w->lat[w->nlat++] = (now() - t) * 1000.0;
+		atomic_fetch_add(&total_conns, 1);
+	}
+	return NULL;
+}
+
+static int
+cmd_conns(double seconds, int conc)
+{
+	struct worker *ws = calloc((size_t)conc, sizeof *ws);
+	double t0 = now();
+	size_t n = 0, k = 0;
+
+	stop_at = t0 + seconds;
+	for (int i = 0; i < conc; i++)
+		pthread_create(&ws[i].th, NULL, conns_worker, &ws[i]);
+	for (int i = 0; i < conc; i++) {
+		pthread_join(ws[i].th, NULL);
+		n += ws[i].nlat;
+	}
+	double elapsed = now() - t0, *all = malloc((n ? n : 1) * sizeof *all);
+	for (int i = 0; i < conc; i++) {
+		memcpy(all + k, ws[i].lat, ws[i].nlat * sizeof *all);
+		k += ws[i].nlat;
+		free(ws[i].lat);
+	}
+	qsort(all, n, sizeof *all, cmp_double);
+	printf("{\"conns_per_s\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"failed\": %ld}\n", (double)n / elapsed,
+	       n ? all[n / 2] : 0.0, n ? all[(size_t)((double)n * 0.99)] : 0.0, atomic_load(&total_fail));
+	free(all);
+	free(ws);
+	return 0;
+}
+
+static int
+cmd_bulk(double seconds)
+{
+	static char buf[256 * 1024];
+	int fd = tunnel_open();
+	double t0;
+	uint64_t sent = 0;
+
+	if (fd < 0) {
+		fprintf(stderr, "capd-bench: tunnel failed\n");
+		return 1;
+	}
+	t0 = now();
+	while (now() - t0 < seconds) {
+		ssize_t w = write(fd, buf, sizeof buf);
+		if (w <= 0) {
+			fprintf(stderr, "capd-bench: write: %s\n", strerror(errno));
+			return 1;
+		}
+		sent += (uint64_t)w;
+	}
+	shutdown(fd, SHUT_WR);
+	while (read(fd, buf, sizeof buf) > 0)  /* the sink closes after our FIN: all bytes crossed */
+		;
+	double dt = now() - t0;
+	printf("{\"mb_per_s\": %.1f}\n", (double)sent / 1e6 / dt);
+	close(fd);
+	return 0;
+}
+
+static int
+cmd_idle(int count)
+{
+	int ok = 0, failed = 0;
+	char c;
+
+	for (int i = 0; i < count; i++) {
+		int fd = tunnel_open();
+		if (fd < 0)
+			failed++;
+		else
+			ok++;
+	}
+	printf("ready %d %d\n", ok, failed);
+	fflush(stdout);
+	while (read(0, &c, 1) > 0)
+		;
+	return 0;
+}
+
+static int
+cmd_sink(int port)
+{
+	static char buf[256 * 1024];
+	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1, ep = epoll_create1(0);
+	struct epoll_event ev = { .events = EPOLLIN }, evs[256];
+
+	inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+	setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (bind(lfd, (struct sockaddr *)&sin, sizeof sin) < 0 || listen(lfd, 4096) < 0) {
+		perror("capd-bench sink");
+		return 1;
+	}
+	ev.data.fd = lfd;
+	epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+	printf("listening\n");
+	fflush(stdout);
+	for (;;) {
+		int n = epoll_wait(ep, evs, 256, -1);
+		for (int i = 0; i < n; i++) {
+			int fd = evs[i].data.fd;
+			if (fd == lfd) {
+				int c;
+				while ((c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+					ev.data.fd = c;
+					epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+				}
+				continue;
+			}
+			ssize_t r = read(fd, buf, sizeof buf);
+			if (r == 0 || (r < 0 && errno != EAGAIN))
+				close(fd);
+		}
+	}
+}
+
+static enum via
+parse_via(const char *s)
+{
+	if (!strcmp(s, "direct"))
+		return VIA_DIRECT;
+	if (!strcmp(s, "socks5"))
+		return VIA_SOCKS5;
+	if (!strcmp(s, "connect"))
+		return VIA_CONNECT;
+	fprintf(stderr, "capd-bench: VIA is direct, socks5 or connect\n");
+	exit(2);
+}
+
+int
+main(int argc, char **argv)
+{
+	struct rlimit rl = { 1 << 20, 1 << 20 };
+
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0 && getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	signal(SIGPIPE, SIG_IGN);
+	if (argc == 3 && !strcmp(argv[1], "sink"))
+		return cmd_sink(atoi(argv[2]));
+	if (argc < 6) {
+		fprintf(stderr, "usage: see the comment at the top of tools/capd-bench.c\n");
+		return 2;
+	}
+	via = parse_via(argv[2]);
+	parse_addr(argv[3], &proxy);
+	parse_addr(argv[4], &target);
+	if (!strcmp(argv[1], "bulk"))
+		return cmd_bulk(atof(argv[5]));
+	if (!strcmp(argv[1], "idle"))
+		return cmd_idle(atoi(argv[5]));
+	if (!strcmp(argv[1], "conns") && argc >= 7) {
+		if (argc >= 8) {
+			sni = argv[7];
+			tls_ctx = SSL_CTX_new(TLS_client_method());
+			SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+			SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);  /* full handshakes */
+		}
+		return cmd_conns(atof(argv[5]), atoi(argv[6]));
+	}
+	fprintf(stderr, "usage: see the comment at the top of tools/capd-bench.c\n");
+	return 2;
+}
