@@ -124,6 +124,7 @@ static struct {
 static atomic_bool running;
 static atomic_uint gen = 1;
 static atomic_bool dropping;     /* in a queue-full episode (logged once) */
+static uint64_t episode_base;    /* dropped packets when the episode began */
 static _Atomic uint64_t st_bytes, st_packets, st_dropped_packets, st_dropped_bytes;
 static atomic_uint st_files;
 static pthread_t writer_thread;
@@ -146,7 +147,7 @@ static struct writer {
 	uint64_t good;         /* bytes of the file written, whole blocks only */
 	uint64_t file_packets; /* packets put in the current file (written or buffered) */
 	double opened;         /* monotonic time the file was opened */
-	bool rotate_due;       /* rotate_size reached: a new file before the next packet */
+	bool rotate_due;       /* rotate_size or rotate_time reached: a new file before the next packet */
 	struct buf out;        /* encoded blocks not written yet */
 	uint64_t out_packets, out_payload;
 	bool failing;          /* a write failed: drop until retry_at */
@@ -212,21 +213,23 @@ chunk_get(size_t need)
 /*
  * Appends a record with its payload (two pieces). Data records are refused
  * when QUEUE_MAX is reached; control records always go in, they are small
- * and their number is bounded by sessions and interfaces.
+ * and their number is bounded by sessions and interfaces. Returns -1 when
+ * refused, 1 when the queue is below half full (a drop episode may end), 0.
  */
-static bool
+static int
 queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, bool data)
 {
 	size_t len = (sizeof *r + n1 + n2 + 7) & ~(size_t)7;
 	struct chunk *t;
 	uint8_t *dst;
+	bool low;
 
 	r->len = (uint32_t)len;
 	r->n = (uint32_t)(n1 + n2);
 	pthread_mutex_lock(&q.mu);
 	if (data && q.queued + len > QUEUE_MAX) {
 		pthread_mutex_unlock(&q.mu);
-		return false;
+		return -1;
 	}
 	t = q.tail;
 	if (t == NULL || t->size - t->wpos < len) {
@@ -254,8 +257,9 @@ queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, b
 	 */
 	if (q.waiting && q.backlog >= WAKE_BYTES)
 		pthread_cond_signal(&q.cv);
+	low = q.queued < QUEUE_MAX / 2;
 	pthread_mutex_unlock(&q.mu);
-	return true;
+	return low;
 }
 
 static void
@@ -271,24 +275,31 @@ rec_init(struct rec *r, int type, struct spool_flow *f)
 	}
 }
 
-/* After a record went in: the gaps it carries are told. */
+/*
+ * After a record went in (put: what queue_put returned): the gaps it
+ * carries are told, and a drop episode ends once the queue is down to half,
+ * so a queue hovering at full logs once, not once per record.
+ */
 static void
-flow_sent(struct spool_flow *f)
+flow_sent(struct spool_flow *f, int put)
 {
 	if (f != NULL)
 		f->gap[0] = f->gap[1] = 0;
-	if (atomic_load_explicit(&dropping, memory_order_relaxed) && atomic_exchange(&dropping, false))
-		log_info("spool: capture queue has room again");
+	if (put > 0 && atomic_load_explicit(&dropping, memory_order_relaxed) && atomic_exchange(&dropping, false))
+		log_info("spool: capture queue has room again after dropping %llu packets",
+		         (unsigned long long)(atomic_load(&st_dropped_packets) - episode_base));
 }
 
 static void
 spool_drop(uint64_t packets, uint64_t bytes)
 {
-	atomic_fetch_add_explicit(&st_dropped_packets, packets, memory_order_relaxed);
-	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
-	if (!atomic_load_explicit(&dropping, memory_order_relaxed) && !atomic_exchange(&dropping, true))
+	if (!atomic_load_explicit(&dropping, memory_order_relaxed) && !atomic_exchange(&dropping, true)) {
+		episode_base = atomic_load(&st_dropped_packets);
 		log_warnx("spool: capture queue full (%u MiB), dropping capture until the writer catches up",
 		          QUEUE_MAX >> 20);
+	}
+	atomic_fetch_add_explicit(&st_dropped_packets, packets, memory_order_relaxed);
+	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
 }
 
 static bool
@@ -810,7 +821,7 @@ writer_deadline(double next_tick)
 
 	if (w.failing && w.retry_at < d)
 		d = w.retry_at;
-	if (w.rotate_time > 0 && w.fd >= 0 && w.opened + w.rotate_time < d)
+	if (w.rotate_time > 0 && w.fd >= 0 && !w.rotate_due && w.opened + w.rotate_time < d)
 		d = w.opened + w.rotate_time;
 	return d;
 }
@@ -920,11 +931,12 @@ writer_main(void *arg)
 			pthread_cond_broadcast(&q.done_cv);
 			pthread_mutex_unlock(&q.mu);
 		}
-		if (w.rotate_time > 0 && w.fd >= 0 && now >= w.opened + w.rotate_time) {
+		if (w.rotate_time > 0 && w.fd >= 0 && !w.rotate_due && now >= w.opened + w.rotate_time) {
+			/* Like rotate_size, the new file waits for a packet: no files without any. */
 			if (w.file_packets > 0)
-				writer_rotate();
+				w.rotate_due = true;
 			else
-				w.opened = now;  /* no empty files for time alone */
+				w.opened = now;
 		}
 		if (w.failing && now >= w.retry_at)
 			writer_retry();
@@ -1261,18 +1273,19 @@ void
 spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n)
 {
 	struct rec r;
+	int put;
 
 	if (n == 0 || !flow_live(f))
 		return;
 	rec_init(&r, REC_DATA, f);
 	r.dir = (uint8_t)d;
-	if (n > QUEUE_MAX || !queue_put(&r, p, n, NULL, 0, true)) {
+	if (n > QUEUE_MAX || (put = queue_put(&r, p, n, NULL, 0, true)) < 0) {
 		if (f->proto == IPPROTO_TCP)
 			f->gap[d] += n;
 		spool_drop(synth_count(f->proto, n), n);
 		return;
 	}
-	flow_sent(f);
+	flow_sent(f, put);
 }
 
 void
@@ -1284,8 +1297,7 @@ spool_flow_fin(struct spool_flow *f, enum dir d)
 		return;
 	rec_init(&r, REC_FIN, f);
 	r.dir = (uint8_t)d;
-	queue_put(&r, NULL, 0, NULL, 0, false);
-	flow_sent(f);
+	flow_sent(f, queue_put(&r, NULL, 0, NULL, 0, false));
 }
 
 void
@@ -1308,6 +1320,7 @@ void
 spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen)
 {
 	struct rec r;
+	int put;
 
 	if (!atomic_load_explicit(&running, memory_order_relaxed))
 		return;
@@ -1315,11 +1328,11 @@ spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen,
 	r.ts = *ts;
 	r.iface = iface;
 	r.aux = (uint32_t)(origlen > UINT32_MAX ? UINT32_MAX : origlen);
-	if (caplen > QUEUE_MAX || !queue_put(&r, p, caplen, NULL, 0, true)) {
+	if (caplen > QUEUE_MAX || (put = queue_put(&r, p, caplen, NULL, 0, true)) < 0) {
 		spool_drop(1, caplen);
 		return;
 	}
-	flow_sent(NULL);
+	flow_sent(NULL, put);
 }
 
 void

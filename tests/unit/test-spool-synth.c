@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -760,6 +762,106 @@ test_spool_rotation(void **state)
 	rm_spool();
 }
 
+/* Time rotation makes a file per period with traffic, and none without. */
+static void
+test_spool_rotate_time(void **state)
+{
+	struct capd_settings st = { .keep_files = 0, .flush_interval = 0.1, .rotate_time = 0.3 };
+	struct sockaddr_storage c = sa4("127.0.0.1", 45000), t = sa4("127.0.0.1", 9000);
+	char *why = NULL, names[32][400];
+	struct spool_flow *f;
+	int n;
+
+	(void)state;
+	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-time-%d", (int)getpid());
+	rm_spool();
+	st.spool = spool_tmp;
+	assert_int_equal(spool_start(&st, &why), 0);
+	f = spool_flow_open(spool_iface_add("t", NULL, PCAPNG_LINKTYPE_RAW, 65535, false), 1, IPPROTO_TCP,
+	                    (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
+	for (int i = 0; i < 10; i++) {
+		spool_flow_data(f, DIR_UP, "ping", 4);
+		usleep(100000);
+	}
+	n = spool_files(names, 32);
+	assert_true(n >= 3 && n <= 5);
+	usleep(1000000);
+	assert_int_equal(spool_files(names, 32), n);
+	spool_flow_close(f, false);
+	spool_stop();
+	n = spool_files(names, 32);
+	for (int i = 0; i < n && have_tshark(); i++)
+		tshark_clean(names[i]);
+	rm_spool();
+}
+
+/*
+ * A disk that fills up, simulated with RLIMIT_FSIZE: writes fail part way,
+ * capture is dropped and counted, the file keeps only whole blocks, and
+ * writing resumes once there is room again.
+ */
+static void
+test_spool_disk_full(void **state)
+{
+	struct capd_settings st = { .keep_files = 3, .flush_interval = 0.1 };
+	struct sockaddr_storage c = sa4("127.0.0.1", 45000), t = sa4("127.0.0.1", 9000);
+	char *why = NULL, names[4][400];
+	struct rlimit old, lim;
+	struct spool_flow *f;
+	uint8_t *data = pattern(1 << 20, 9), *tail = pattern(100000, 10);
+	int64_t dropped, packets;
+	struct stat sb;
+
+	(void)state;
+	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-full-%d", (int)getpid());
+	rm_spool();
+	st.spool = spool_tmp;
+	signal(SIGXFSZ, SIG_IGN);
+	getrlimit(RLIMIT_FSIZE, &old);
+	lim = old;
+	lim.rlim_cur = 300000;
+	assert_int_equal(spool_start(&st, &why), 0);
+	dropped = status_int("dropped_packets");
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+	f = spool_flow_open(spool_iface_add("full", NULL, PCAPNG_LINKTYPE_RAW, 65535, false), 9, IPPROTO_TCP,
+	                    (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
+	for (size_t o = 0; o < (1 << 20); o += 65536) {
+		spool_flow_data(f, DIR_DOWN, data + o, 65536);
+		usleep(5000);
+	}
+	usleep(300000);
+	assert_true(status_int("dropped_packets") > dropped);
+	assert_int_equal(spool_files(names, 4), 1);
+	assert_int_equal(stat(names[0], &sb), 0);
+	assert_true(sb.st_size <= 300000);
+
+	/* Room again: after the retry interval the rest of the stream is written. */
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+	usleep(1200000);
+	packets = status_int("packets");
+	dropped = status_int("dropped_packets");
+	spool_flow_data(f, DIR_DOWN, tail, 100000);
+	spool_flow_close(f, false);
+	spool_stop();
+	assert_int_equal(status_int("dropped_packets"), dropped);
+	assert_true(status_int("packets") > packets);
+	assert_int_equal(spool_files(names, 4), 1);
+	if (have_tshark()) {
+		struct buf got[2] = { { 0 }, { 0 } };
+
+		tshark_clean(names[0]);
+		tshark_follow(names[0], 0, got);
+		assert_true(buf_used(&got[1]) > 100000);
+		assert_memory_equal(buf_head(&got[1]), data, 65536);
+		assert_memory_equal(buf_head(&got[1]) + buf_used(&got[1]) - 100000, tail, 100000);
+		buf_free(&got[0]);
+		buf_free(&got[1]);
+	}
+	free(data);
+	free(tail);
+	rm_spool();
+}
+
 int
 main(void)
 {
@@ -773,6 +875,8 @@ main(void)
 		cmocka_unit_test(test_tshark_synth),
 		cmocka_unit_test(test_spool_files),
 		cmocka_unit_test(test_spool_rotation),
+		cmocka_unit_test(test_spool_rotate_time),
+		cmocka_unit_test(test_spool_disk_full),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
