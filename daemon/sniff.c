@@ -1,0 +1,375 @@
+/*
+ * sniff: passive capture with libpcap. One pcap handle per instance in
+ * immediate, non-blocking mode; its selectable fd sits in the libev loop and
+ * each wake-up dispatches what the kernel ring holds into the spool, on a
+ * pcapng interface of its own carrying the device's link type, snap length
+ * and timestamp resolution. A sniffer has no listen address: its `listen` is
+ * the interface. When the interface goes down the instance fails (it stays
+ * listed with the reason) and the daemon carries on.
+ */
+#include <errno.h>
+#include <net/if.h>
+#include <pcap/pcap.h>
+#include <sys/ioctl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "spool.h"
+#include "xmalloc.h"
+
+#define SNIFF_SNAPLEN_MAX 262144u     /* libpcap's own default and ceiling */
+#define SNIFF_BUFFER (4 << 20)        /* kernel ring: rides out short loop stalls */
+#define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
+#define SNIFF_ROUNDS 8                /* dispatch calls per wake-up before yielding to others */
+
+/* Parsed parameters. Owned by the instance; freed by sniff_free. */
+struct sniff_cfg {
+	char *interface;
+	char *filter;                 /* NULL: everything */
+	bool promisc;
+	unsigned snaplen;
+};
+
+/* Runtime state between start and stop. Owned by the instance (inst->proto_state). */
+struct sniff_run {
+	pcap_t *pcap;
+	ev_io io;
+	int linktype;                 /* pcapng LINKTYPE_ of the device */
+	bool tsnano;
+};
+
+/*
+ * Counters outlive the pcap handle, so a failed sniffer still shows what it
+ * saw. Kept in the cfg's companion struct, allocated with the instance.
+ */
+struct sniff_counts {
+	uint64_t packets;             /* handed to us by libpcap */
+	uint64_t dropped_kernel;      /* pcap_stats ps_drop + ps_ifdrop, last known */
+	uint64_t dropped_spool;       /* refused by the spool's queue */
+};
+
+struct sniff {
+	struct sniff_cfg cfg;
+	struct sniff_counts n;
+	struct sniff_run *run;        /* NULL when not running */
+};
+
+static const char *const sniff_keys[] = { "interface", "filter", "promisc", "snaplen", NULL };
+
+/* pcapng wants LINKTYPE_ values; libpcap hands out DLT_ values. They differ for a few. */
+static int
+sniff_linktype(int dlt)
+{
+	switch (dlt) {
+	case DLT_RAW:
+		return 101;               /* LINKTYPE_RAW */
+	case DLT_ATM_RFC1483:
+		return 100;
+	case DLT_C_HDLC:
+		return 104;
+	default:
+		return dlt;
+	}
+}
+
+static int
+sniff_configure(struct instance *inst, struct params *p)
+{
+	struct sniff *sn = xcalloc(1, sizeof *sn);
+	const char *iface = params_str(p, "interface", NULL);
+	const char *filter = params_str(p, "filter", NULL);
+	uint64_t snaplen;
+
+	inst->cfg = sn;
+	if (json_object_get(p->obj, "listen"))
+		return params_fail(p, "listen", "a sniffer has no listen address: set 'interface' instead");
+	if (iface == NULL)
+		return params_fail(p, NULL, "a sniff instance needs 'interface = NAME' (or 'any')");
+	if (*iface == '\0' || strlen(iface) >= IFNAMSIZ || strpbrk(iface, " \t/") != NULL)
+		return params_fail(p, "interface", "bad interface name '%s'", iface);
+	if (params_bool(p, "promisc", false, &sn->cfg.promisc) < 0 ||
+	    params_uint(p, "snaplen", SNIFF_SNAPLEN_MAX, SNIFF_SNAPLEN_MAX, &snaplen) < 0)
+		return -1;
+	if (snaplen == 0)
+		snaplen = SNIFF_SNAPLEN_MAX;
+	sn->cfg.snaplen = (unsigned)snaplen;
+	sn->cfg.interface = xstrdup(iface);
+	if (filter && *filter) {
+		/*
+		 * Syntax errors show up here, with the config line, for `capd -t` too.
+		 * What depends on the link type (ether host on a cooked capture) can
+		 * only be checked against the real device, at start.
+		 */
+		pcap_t *dead = pcap_open_dead(DLT_EN10MB, (int)sn->cfg.snaplen);
+		struct bpf_program prog;
+
+		if (dead == NULL)
+			return params_fail(p, "filter", "libpcap cannot check the filter");
+		if (pcap_compile(dead, &prog, filter, 1, PCAP_NETMASK_UNKNOWN) == 0) {
+			pcap_freecode(&prog);
+		} else if (strstr(pcap_geterr(dead), "syntax error") != NULL) {
+			params_fail(p, "filter", "bad filter '%s': %s", filter, pcap_geterr(dead));
+			pcap_close(dead);
+			return -1;
+		}
+		pcap_close(dead);
+		sn->cfg.filter = xstrdup(filter);
+	}
+	snprintf(inst->listen_str, sizeof inst->listen_str, "%s", iface);
+	return 0;
+}
+
+/* Refreshes the kernel drop count while the handle is open. */
+static void
+sniff_stats(struct sniff *sn)
+{
+	struct pcap_stat ps;
+
+	if (sn->run && pcap_stats(sn->run->pcap, &ps) == 0)
+		sn->n.dropped_kernel = (uint64_t)ps.ps_drop + ps.ps_ifdrop;
+}
+
+static uint64_t
+sniff_spool_drops(void)
+{
+	json_t *st = spool_status();
+	uint64_t n = (uint64_t)json_integer_value(json_object_get(st, "dropped_packets"));
+
+	json_decref(st);
+	return n;
+}
+
+static void
+sniff_packet_cb(u_char *arg, const struct pcap_pkthdr *h, const u_char *bytes)
+{
+	struct instance *inst = (struct instance *)arg;
+	struct sniff *sn = inst->cfg;
+	struct timespec ts;
+
+	sn->n.packets++;
+	inst->bytes_up += h->len;
+	if (inst->spool_iface < 0)
+		return;
+	ts.tv_sec = h->ts.tv_sec;
+	/* with nanosecond precision libpcap puts nanoseconds in tv_usec */
+	ts.tv_nsec = sn->run->tsnano ? (long)h->ts.tv_usec : (long)h->ts.tv_usec * 1000;
+	spool_packet(inst->spool_iface, &ts, bytes, h->caplen, h->len);
+}
+
+/*
+ * libpcap 1.10 swallows the ENETDOWN a packet socket reports when its
+ * interface is taken down (it waits for the interface to come back), so a
+ * wake-up that brings no packets asks the interface itself.
+ */
+static bool
+sniff_iface_down(struct sniff *sn)
+{
+	struct ifreq ifr;
+
+	if (strcmp(sn->cfg.interface, "any") == 0)
+		return false;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", sn->cfg.interface);
+	if (ioctl(pcap_fileno(sn->run->pcap), SIOCGIFFLAGS, &ifr) < 0)
+		return errno == ENODEV || errno == ENXIO;
+	return (ifr.ifr_flags & IFF_UP) == 0;
+}
+
+static void
+sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct instance *inst = w->data;
+	struct sniff *sn = inst->cfg;
+	uint64_t drops_before = inst->spool_iface >= 0 ? sniff_spool_drops() : 0;
+	int n = 0;
+
+	(void)loop; (void)revents;
+	for (int round = 0; round < SNIFF_ROUNDS; round++) {
+		n = pcap_dispatch(sn->run->pcap, SNIFF_BATCH, sniff_packet_cb, (u_char *)inst);
+		if (n < SNIFF_BATCH)
+			break;
+	}
+	/*
+	 * The spool refuses packets only on the loop thread, inside spool_packet,
+	 * so the growth of its drop count across our dispatch is ours.
+	 */
+	if (inst->spool_iface >= 0)
+		sn->n.dropped_spool += sniff_spool_drops() - drops_before;
+	if (n == PCAP_ERROR || (n == 0 && sniff_iface_down(sn))) {
+		char *why = n == PCAP_ERROR
+			? xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap))
+			: xasprintf("capture on %s stopped: the interface went down", sn->cfg.interface);
+
+		sniff_stats(sn);
+		instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
+		free(why);
+	}
+}
+
+/* Turns pcap_activate's answer into a sentence that says what to do. */
+static char *
+sniff_activate_error(struct sniff *sn, pcap_t *pc, int rc)
+{
+	const char *ifc = sn->cfg.interface;
+
+	switch (rc) {
+	case PCAP_ERROR_NO_SUCH_DEVICE:
+		return xasprintf("no interface '%s'", ifc);
+	case PCAP_ERROR_PERM_DENIED:
+		return xasprintf("no permission to capture on %s: capd needs CAP_NET_RAW (%s)", ifc, pcap_geterr(pc));
+	case PCAP_ERROR_PROMISC_PERM_DENIED:
+		return xasprintf("no permission to put %s in promiscuous mode: capd needs CAP_NET_RAW", ifc);
+	case PCAP_ERROR_IFACE_NOT_UP:
+		return xasprintf("interface %s is down", ifc);
+	case PCAP_ERROR_RFMON_NOTSUP:
+		return xasprintf("%s does not support monitor mode", ifc);
+	default:
+		return xasprintf("cannot capture on %s: %s", ifc, *pcap_geterr(pc) ? pcap_geterr(pc) : pcap_statustostr(rc));
+	}
+}
+
+static int
+sniff_start(struct instance *inst, char **why)
+{
+	struct sniff *sn = inst->cfg;
+	char errbuf[PCAP_ERRBUF_SIZE] = "";
+	struct bpf_program prog;
+	pcap_t *pc;
+	int rc, fd, dlt;
+	bool tsnano;
+
+	if ((pc = pcap_create(sn->cfg.interface, errbuf)) == NULL) {
+		*why = xasprintf("cannot capture on %s: %s", sn->cfg.interface, errbuf);
+		return -1;
+	}
+	pcap_set_snaplen(pc, (int)sn->cfg.snaplen);
+	pcap_set_promisc(pc, sn->cfg.promisc);
+	pcap_set_immediate_mode(pc, 1);
+	pcap_set_buffer_size(pc, SNIFF_BUFFER);
+	tsnano = pcap_set_tstamp_precision(pc, PCAP_TSTAMP_PRECISION_NANO) == 0;
+	rc = pcap_activate(pc);
+	if (rc < 0) {
+		*why = sniff_activate_error(sn, pc, rc);
+		goto fail;
+	}
+	if (rc > 0)
+		log_warnx("%s: %s: %s", inst->name, pcap_statustostr(rc), pcap_geterr(pc));
+	if (sn->cfg.filter) {
+		if (pcap_compile(pc, &prog, sn->cfg.filter, 1, PCAP_NETMASK_UNKNOWN) < 0) {
+			*why = xasprintf("bad filter '%s': %s", sn->cfg.filter, pcap_geterr(pc));
+			goto fail;
+		}
+		rc = pcap_setfilter(pc, &prog);
+		pcap_freecode(&prog);
+		if (rc < 0) {
+			*why = xasprintf("cannot set filter on %s: %s", sn->cfg.interface, pcap_geterr(pc));
+			goto fail;
+		}
+	}
+	if (pcap_setnonblock(pc, 1, errbuf) < 0) {
+		*why = xasprintf("cannot capture on %s: %s", sn->cfg.interface, errbuf);
+		goto fail;
+	}
+	if ((fd = pcap_get_selectable_fd(pc)) < 0) {
+		*why = xasprintf("cannot capture on %s: no selectable descriptor", sn->cfg.interface);
+		goto fail;
+	}
+	tsnano = tsnano && pcap_get_tstamp_precision(pc) == PCAP_TSTAMP_PRECISION_NANO;
+	dlt = pcap_datalink(pc);
+
+	sn->run = xcalloc(1, sizeof *sn->run);
+	sn->run->pcap = pc;
+	if (sniff_iface_down(sn)) {
+		/* Linux lets a packet socket bind a down interface; it would wait forever */
+		*why = xasprintf("interface %s is down", sn->cfg.interface);
+		free(sn->run);
+		sn->run = NULL;
+		goto fail;
+	}
+	sn->run->linktype = sniff_linktype(dlt);
+	sn->run->tsnano = tsnano;
+	sn->n = (struct sniff_counts){ 0 };
+	inst->proto_state = sn->run;
+	if (inst->capture) {
+		char *desc = xasprintf("capd sniff instance on %s%s%s", sn->cfg.interface,
+		                       sn->cfg.filter ? ", filter " : "", sn->cfg.filter ? sn->cfg.filter : "");
+		inst->spool_iface = spool_iface_add(inst->name, desc, sn->run->linktype, sn->cfg.snaplen, tsnano);
+		free(desc);
+	}
+	ev_io_init(&sn->run->io, sniff_read_cb, fd, EV_READ);
+	sn->run->io.data = inst;
+	ev_io_start(capd_loop, &sn->run->io);
+	log_info("%s: capturing on %s (%s, snaplen %u, %s timestamps%s%s)", inst->name, sn->cfg.interface,
+	         pcap_datalink_val_to_name(dlt) ? pcap_datalink_val_to_name(dlt) : "?", sn->cfg.snaplen,
+	         tsnano ? "ns" : "us", sn->cfg.promisc ? ", promiscuous" : "",
+	         sn->cfg.filter ? ", filtered" : "");
+	return 0;
+fail:
+	pcap_close(pc);
+	return -1;
+}
+
+static void
+sniff_stop(struct instance *inst)
+{
+	struct sniff *sn = inst->cfg;
+
+	if (sn == NULL || sn->run == NULL)
+		return;
+	sniff_stats(sn);
+	ev_io_stop(capd_loop, &sn->run->io);
+	pcap_close(sn->run->pcap);
+	free(sn->run);
+	sn->run = NULL;
+	inst->proto_state = NULL;
+}
+
+static void
+sniff_free(struct instance *inst)
+{
+	struct sniff *sn = inst->cfg;
+
+	if (sn == NULL)
+		return;
+	sniff_stop(inst);
+	free(sn->cfg.interface);
+	free(sn->cfg.filter);
+	free(sn);
+	inst->cfg = NULL;
+}
+
+static void
+sniff_describe(struct instance *inst, json_t *o)
+{
+	struct sniff *sn = inst->cfg;
+
+	sniff_stats(sn);
+	json_object_set_new(o, "interface", json_string(sn->cfg.interface));
+	if (sn->cfg.filter)
+		json_object_set_new(o, "filter", json_string(sn->cfg.filter));
+	json_object_set_new(o, "promisc", json_boolean(sn->cfg.promisc));
+	json_object_set_new(o, "snaplen", json_integer(sn->cfg.snaplen));
+	if (sn->run) {
+		int dlt = pcap_datalink(sn->run->pcap);
+		const char *ln = pcap_datalink_val_to_name(dlt);
+		json_object_set_new(o, "linktype", json_string(ln ? ln : "unknown"));
+	}
+	json_object_set_new(o, "packets", json_integer((json_int_t)sn->n.packets));
+	json_object_set_new(o, "dropped_kernel", json_integer((json_int_t)sn->n.dropped_kernel));
+	json_object_set_new(o, "dropped_spool", json_integer((json_int_t)sn->n.dropped_spool));
+}
+
+const struct proto proto_sniff = {
+	.name = "sniff",
+	.keys = sniff_keys,
+	.listens = false,
+	.configure = sniff_configure,
+	.start = sniff_start,
+	.stop = sniff_stop,
+	.free = sniff_free,
+	.describe = sniff_describe,
+};
