@@ -4,6 +4,28 @@
 
 #include "capctl.h"
 
+/* One line per sniffer: what it received and what the kernel and the spool dropped. */
+static void
+capture_sniffers(struct ctl_opts *o)
+{
+	json_t *list = NULL, *inst;
+	size_t i;
+
+	if (client_call(o, "instance.list", NULL, &list) != CTL_OK)
+		return;
+	json_array_foreach(list, i, inst) {
+		if (json_object_get(inst, "packets") == NULL)
+			continue;
+		printf("sniffer:  %s on %s (%s): %lld packets, dropped kernel %lld, spool %lld\n",
+		       json_string_value(json_object_get(inst, "name")), json_string_value(json_object_get(inst, "listen")),
+		       json_string_value(json_object_get(inst, "state")),
+		       (long long)json_integer_value(json_object_get(inst, "packets")),
+		       (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
+		       (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
+	}
+	json_decref(list);
+}
+
 static int
 capture_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -25,6 +47,8 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 		       (long long)json_integer_value(json_object_get(r, "packets")));
 		printf("dropped:  %lld packets, %s bytes\n", (long long)json_integer_value(json_object_get(r, "dropped_packets")),
 		       output_size(json_object_get(r, "dropped_bytes"), db, sizeof db));
+		if (v == 0)
+			capture_sniffers(o);
 	}
 	json_decref(r);
 	return CTL_OK;
