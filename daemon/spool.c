@@ -377,21 +377,16 @@ spool_list(int dirfd, size_t *np)
 	return v;
 }
 
-/* Deletes the oldest files beyond keep_files (0 keeps all) and counts what is left. */
+/* Deletes the oldest files until keep are left (SIZE_MAX: none) and counts what is left. */
 static void
-writer_trim(void)
+writer_trim(size_t keep)
 {
 	size_t n, i = 0;
 	struct spool_file *v = spool_list(w.dirfd, &n);
 
-	if (w.keep_files > 0) {
-		for (; n - i > w.keep_files; i++) {
-			if (strcmp(v[i].name, w.name) == 0)
-				continue;
-			if (unlinkat(w.dirfd, v[i].name, 0) < 0 && errno != ENOENT)
-				log_warn("spool: delete %s/%s", spool_dir, v[i].name);
-		}
-	}
+	for (; n - i > keep; i++)
+		if (unlinkat(w.dirfd, v[i].name, 0) < 0 && errno != ENOENT)
+			log_warn("spool: delete %s/%s", spool_dir, v[i].name);
 	atomic_store(&st_files, (unsigned)(n - i));
 	free(v);
 }
@@ -518,6 +513,9 @@ writer_open(char **why)
 	struct tm tm;
 
 	gmtime_r(&now, &tm);
+	/* Room for the new file first: on a full disk that is what lets it start. */
+	if (w.keep_files > 0)
+		writer_trim(w.keep_files - 1);
 	for (int tries = 0; tries < 100; tries++) {
 		snprintf(w.name, sizeof w.name, "capd-%05u-%04d%02d%02dT%02d%02d%02dZ.pcapng", w.counter,
 		         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
@@ -559,7 +557,7 @@ writer_open(char **why)
 		return -1;
 	}
 	writer_set_path(w.name);
-	writer_trim();
+	writer_trim(SIZE_MAX);
 	return 0;
 }
 
@@ -579,11 +577,29 @@ writer_rotate(void)
 	writer_open(NULL);
 }
 
+/* Someone deleted the current file (rm in the spool): start a new one rather than write to nothing. */
+static void
+writer_check_unlinked(void)
+{
+	struct stat sb;
+
+	if (w.fd < 0 || fstat(w.fd, &sb) < 0 || sb.st_nlink > 0)
+		return;
+	log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
+	close(w.fd);
+	w.fd = -1;
+	buf_reset(&w.out);
+	w.out_packets = w.out_payload = 0;
+	writer_open(NULL);
+}
+
 /* After a failure: a new file if there is none, else the same file again. */
 static void
 writer_retry(void)
 {
 	w.failing = false;
+	/* Deleting the file frees no space while we hold it open: move on to a new one. */
+	writer_check_unlinked();
 	if (w.fd < 0)
 		writer_open(NULL);
 }
@@ -942,6 +958,7 @@ writer_main(void *arg)
 			writer_retry();
 		if (now >= next_tick) {
 			writer_flush();
+			writer_check_unlinked();
 			next_tick = now + w.flush_interval / 2;
 		}
 
