@@ -57,6 +57,7 @@ static const struct rpc_method *const rpc_tables[] = {
 	rpc_daemon_methods,
 	rpc_instance_methods,
 	rpc_session_methods,
+	rpc_tail_methods,
 	rpc_capture_methods,
 };
 

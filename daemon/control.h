@@ -45,6 +45,7 @@ int ctl_conn_uid(struct ctl_conn *c);
 extern const struct rpc_method rpc_daemon_methods[];
 extern const struct rpc_method rpc_instance_methods[];
 extern const struct rpc_method rpc_session_methods[];
+extern const struct rpc_method rpc_tail_methods[];
 extern const struct rpc_method rpc_capture_methods[];
 
 #endif

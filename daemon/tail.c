@@ -1,7 +1,499 @@
-/* Placeholder for live watching: tail subscribers and the event stream. */
+/*
+ * Live watching: session.tail subscribers with each session's backlog, and
+ * the event stream of events.subscribe.
+ *
+ * A session that carries data keeps the last tail_backlog bytes of each
+ * direction in a ring that grows only as far as the session has carried, so
+ * idle sessions hold nothing, plus "marks": the order in which the two
+ * directions took turns, so a late subscriber sees the backlog as the
+ * conversation went. Consecutive chunks of one direction share a mark, like
+ * the blocks of Wireshark's Follow Stream.
+ *
+ * Subscribers are control connections. Each is bounded by what waits in its
+ * output buffer: past TAIL_SUB_MAX a subscriber loses data (counted) instead
+ * of queueing it, until it has drained below TAIL_SUB_RESUME; its next
+ * notification then says how much it missed. A session never waits for a
+ * subscriber.
+ */
 #include "tail.h"
 
-void tail_data(struct session *s, enum dir d, const void *p, size_t n) { (void)s; (void)d; (void)p; (void)n; }
-void tail_session_end(struct session *s) { (void)s; }
-void events_emit(const char *event, json_t *obj) { (void)event; json_decref(obj); }
-bool events_active(void) { return false; }
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+
+#include "base64.h"
+#include "capd.h"
+#include "control.h"
+#include "rpc.h"
+#include "xmalloc.h"
+
+#define TAIL_SUB_MAX (4u << 20)     /* queued bytes at which a subscriber starts losing data */
+#define TAIL_SUB_RESUME (1u << 20)  /* ... and below which it gets data again */
+#define TAIL_MARKS_MAX 1024         /* turns remembered for the backlog's order */
+#define TAIL_PIECE (64u << 10)      /* backlog replayed in notifications of at most this */
+#define TAIL_CONN_SUBS 4            /* subscriptions one control connection may hold */
+#define TAIL_RING_MIN 4096
+
+/* One direction's backlog: the last min(total, cap) bytes of the stream. */
+struct tail_ring {
+	uint8_t *buf;       /* NULL until the direction carries data */
+	size_t cap;         /* grows up to tail->max; wraps only once it is there */
+	uint64_t total;     /* bytes carried: stream offset of the next byte */
+};
+
+/* A turn of one direction: bytes [off, off + len) of its stream. */
+struct tail_mark {
+	uint64_t off, len;
+	double time;        /* when its first byte passed */
+	enum dir d;
+};
+
+/* A subscriber: owned by its list; freed when the session ends or the connection closes. */
+struct tail_sub {
+	LIST_ENTRY(tail_sub) entry;  /* its session's subscribers, or the event subscribers */
+	LIST_ENTRY(tail_sub) all;    /* every subscriber, to count them per connection */
+	LIST_ENTRY(tail_sub) pend;   /* backlog still to send */
+	struct ctl_conn *conn;       /* borrowed; on_close tells us when it goes */
+	struct session *s;           /* NULL for an event subscriber */
+	uint64_t dropped[2];         /* bytes per direction (events: events in [0]) not sent yet */
+	bool dropping;               /* over TAIL_SUB_MAX, waiting to drain */
+	bool pending;                /* on the pend list */
+	uint64_t backlog;            /* bytes per direction of backlog it asked for */
+};
+
+LIST_HEAD(tail_sub_list, tail_sub);
+
+/* Per-session state, s->tail: allocated at the first byte or subscriber, freed by tail_session_end. */
+struct tail {
+	struct tail_ring ring[2];
+	size_t max;                  /* tail_backlog when it was made */
+	struct tail_mark *marks;     /* a ring of capmarks, nmarks from first */
+	unsigned first, nmarks, capmarks;
+	struct tail_sub_list subs;
+};
+
+static struct tail_sub_list events_subs = LIST_HEAD_INITIALIZER(events_subs);
+static struct tail_sub_list tail_all = LIST_HEAD_INITIALIZER(tail_all);
+static struct tail_sub_list tail_pending = LIST_HEAD_INITIALIZER(tail_pending);
+static ev_prepare tail_replay_w;
+static bool tail_replay_init;
+
+static const char *const tail_dir_names[2] = { [DIR_UP] = "c2s", [DIR_DOWN] = "s2c" };
+
+/* ---- backlog rings ---- */
+
+static size_t
+ring_held(const struct tail_ring *r)
+{
+	return r->total < r->cap ? (size_t)r->total : r->cap;
+}
+
+static void
+ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
+{
+	if (max == 0) {
+		r->total += n;
+		return;
+	}
+	if (r->total + n > r->cap && r->cap < max) {
+		/* still linear (nothing overwritten yet): grow toward max */
+		size_t want = r->cap ? r->cap : TAIL_RING_MIN;
+		while (want < r->total + n && want < max)
+			want *= 2;
+		if (want > max)
+			want = max;
+		r->buf = xrealloc(r->buf, want);
+		r->cap = want;
+	}
+	if (n > r->cap) {
+		r->total += n - r->cap;
+		p += n - r->cap;
+		n = r->cap;
+	}
+	size_t pos = (size_t)(r->total % r->cap);
+	size_t first = n < r->cap - pos ? n : r->cap - pos;
+	memcpy(r->buf + pos, p, first);
+	memcpy(r->buf, p + first, n - first);
+	r->total += n;
+}
+
+/* Copies stream bytes [off, off + n), which the ring holds, to out. */
+static void
+ring_read(const struct tail_ring *r, uint64_t off, size_t n, uint8_t *out)
+{
+	size_t pos = (size_t)(off % r->cap);
+	size_t first = n < r->cap - pos ? n : r->cap - pos;
+
+	memcpy(out, r->buf + pos, first);
+	memcpy(out + first, r->buf, n - first);
+}
+
+static struct tail_mark *
+tail_mark_at(struct tail *t, unsigned i)
+{
+	return &t->marks[(t->first + i) % t->capmarks];
+}
+
+static void
+tail_mark_add(struct tail *t, enum dir d, uint64_t off, size_t n, double now)
+{
+	struct tail_mark *m;
+
+	if (t->max == 0)
+		return;
+	if (t->nmarks > 0 && (m = tail_mark_at(t, t->nmarks - 1))->d == d) {
+		m->len += n;
+		return;
+	}
+	/* forget turns whose bytes both rings have overwritten */
+	while (t->nmarks > 0) {
+		m = tail_mark_at(t, 0);
+		const struct tail_ring *r = &t->ring[m->d];
+		if (m->off + m->len > r->total - ring_held(r))
+			break;
+		t->first = (t->first + 1) % t->capmarks;
+		t->nmarks--;
+	}
+	if (t->nmarks == t->capmarks) {
+		if (t->capmarks < TAIL_MARKS_MAX) {
+			unsigned cap = t->capmarks ? t->capmarks * 2 : 8;
+			struct tail_mark *nm = xmalloc(cap * sizeof *nm);
+			for (unsigned i = 0; i < t->nmarks; i++)
+				nm[i] = *tail_mark_at(t, i);
+			free(t->marks);
+			t->marks = nm;
+			t->capmarks = cap;
+			t->first = 0;
+		} else {
+			/* the oldest turn loses its place; its bytes replay first (see tail_replay) */
+			t->first = (t->first + 1) % t->capmarks;
+			t->nmarks--;
+		}
+	}
+	m = tail_mark_at(t, t->nmarks++);
+	*m = (struct tail_mark){ .off = off, .len = n, .time = now, .d = d };
+}
+
+static struct tail *
+tail_get(struct session *s)
+{
+	if (s->tail == NULL) {
+		s->tail = xcalloc(1, sizeof *s->tail);
+		s->tail->max = capd_settings ? (size_t)capd_settings->tail_backlog : 64 * 1024;
+		LIST_INIT(&s->tail->subs);
+	}
+	return s->tail;
+}
+
+/* ---- subscribers ---- */
+
+/* Whether sub may be sent more now; a subscriber over the mark waits until it drains. */
+static bool
+tail_sub_room(struct tail_sub *sub)
+{
+	size_t q = ctl_conn_queued(sub->conn);
+
+	if (sub->dropping) {
+		if (q > TAIL_SUB_RESUME)
+			return false;
+		sub->dropping = false;
+		return true;
+	}
+	if (q > TAIL_SUB_MAX) {
+		sub->dropping = true;
+		return false;
+	}
+	return true;
+}
+
+static json_t *
+tail_data_json(struct session *s, enum dir d, uint64_t off, const void *p, size_t n, double when)
+{
+	char t[40];
+
+	return json_pack("{s:I, s:s, s:s, s:I, s:o}", "id", (json_int_t)s->id, "dir", tail_dir_names[d], "time",
+	                 session_time(when, t, sizeof t), "offset", (json_int_t)off, "data", base64_json(p, n));
+}
+
+/* Sends one chunk to one subscriber, or counts it as dropped. */
+static void
+tail_send(struct tail_sub *sub, enum dir d, uint64_t off, const void *p, size_t n, double when)
+{
+	json_t *o;
+
+	if (!tail_sub_room(sub)) {
+		sub->dropped[d] += n;
+		return;
+	}
+	o = tail_data_json(sub->s, d, off, p, n, when);
+	if (sub->dropped[d] > 0) {
+		json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
+		sub->dropped[d] = 0;
+	}
+	ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+}
+
+static void
+tail_send_range(struct tail_sub *sub, enum dir d, uint64_t from, uint64_t to, double when)
+{
+	struct tail_ring *r = &sub->s->tail->ring[d];
+	uint8_t *tmp;
+
+	if (from >= to)
+		return;
+	tmp = xmalloc(TAIL_PIECE);
+	while (from < to) {
+		size_t n = to - from < TAIL_PIECE ? (size_t)(to - from) : TAIL_PIECE;
+		ring_read(r, from, n, tmp);
+		tail_send(sub, d, from, tmp, n, when);
+		from += n;
+	}
+	free(tmp);
+}
+
+/* Sends sub the backlog it asked for: the kept bytes of both directions in the order they passed. */
+static void
+tail_replay(struct tail_sub *sub)
+{
+	struct tail *t = sub->s->tail;
+	uint64_t from[2], first[2];
+	double t0 = t->nmarks > 0 ? tail_mark_at(t, 0)->time : capd_now();
+
+	LIST_REMOVE(sub, pend);
+	sub->pending = false;
+	if (t->max == 0 || sub->backlog == 0)
+		return;
+	for (int d = 0; d < 2; d++) {
+		struct tail_ring *r = &t->ring[d];
+		uint64_t held = ring_held(r);
+		from[d] = r->total - (sub->backlog < held ? sub->backlog : held);
+		first[d] = r->total;
+	}
+	for (unsigned i = t->nmarks; i-- > 0;) {
+		struct tail_mark *m = tail_mark_at(t, i);
+		first[m->d] = m->off;
+	}
+	/* bytes kept from turns whose marks were forgotten come first */
+	for (int d = 0; d < 2; d++)
+		tail_send_range(sub, (enum dir)d, from[d], first[d], t0);
+	for (unsigned i = 0; i < t->nmarks; i++) {
+		struct tail_mark *m = tail_mark_at(t, i);
+		uint64_t a = m->off > from[m->d] ? m->off : from[m->d];
+		tail_send_range(sub, m->d, a, m->off + m->len, m->time);
+	}
+}
+
+static void
+tail_replay_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	struct tail_sub *sub;
+
+	(void)revents;
+	while ((sub = LIST_FIRST(&tail_pending)) != NULL)
+		tail_replay(sub);
+	ev_prepare_stop(loop, w);
+}
+
+static void
+tail_sub_free(struct tail_sub *sub)
+{
+	if (sub->pending)
+		LIST_REMOVE(sub, pend);
+	LIST_REMOVE(sub, entry);
+	LIST_REMOVE(sub, all);
+	free(sub);
+}
+
+/* The subscriber's connection closed. */
+static void
+tail_sub_gone_cb(void *arg)
+{
+	tail_sub_free(arg);
+}
+
+static int
+tail_sub_check(struct ctl_conn *c, char **why)
+{
+	struct tail_sub *sub;
+	int n = 0;
+
+	LIST_FOREACH(sub, &tail_all, all)
+		if (sub->conn == c)
+			n++;
+	if (n >= TAIL_CONN_SUBS) {
+		*why = xasprintf("this connection holds %d subscriptions already; open another", n);
+		return -1;
+	}
+	return 0;
+}
+
+static struct tail_sub *
+tail_sub_new(struct ctl_conn *c, struct session *s)
+{
+	struct tail_sub *sub = xcalloc(1, sizeof *sub);
+
+	sub->conn = c;
+	sub->s = s;
+	LIST_INSERT_HEAD(&tail_all, sub, all);
+	ctl_conn_on_close(c, tail_sub_gone_cb, sub);
+	return sub;
+}
+
+int
+tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **why)
+{
+	struct tail *t;
+	struct tail_sub *sub, *last;
+
+	if (tail_sub_check(c, why) < 0)
+		return -1;
+	t = tail_get(s);
+	sub = tail_sub_new(c, s);
+	sub->backlog = backlog;
+	/* keep subscription order: the oldest subscriber is served first */
+	if ((last = LIST_FIRST(&t->subs)) == NULL) {
+		LIST_INSERT_HEAD(&t->subs, sub, entry);
+	} else {
+		while (LIST_NEXT(last, entry) != NULL)
+			last = LIST_NEXT(last, entry);
+		LIST_INSERT_AFTER(last, sub, entry);
+	}
+	/* the backlog must follow the method's reply, which is sent when we return */
+	sub->pending = true;
+	LIST_INSERT_HEAD(&tail_pending, sub, pend);
+	if (!tail_replay_init) {
+		ev_prepare_init(&tail_replay_w, tail_replay_cb);
+		tail_replay_init = true;
+	}
+	ev_prepare_start(capd_loop, &tail_replay_w);
+	return 0;
+}
+
+void
+tail_data(struct session *s, enum dir d, const void *p, size_t n)
+{
+	struct tail *t;
+	struct tail_sub *sub;
+	json_t *base = NULL;
+	uint64_t off;
+	double now;
+
+	if (n == 0 || s->state == SESSION_CLOSED)
+		return;
+	t = tail_get(s);
+	/* a new subscriber's backlog goes before this chunk */
+	LIST_FOREACH(sub, &t->subs, entry)
+		if (sub->pending)
+			tail_replay(sub);
+	now = capd_now();
+	off = t->ring[d].total;
+	ring_append(&t->ring[d], t->max, p, n);
+	tail_mark_add(t, d, off, n, now);
+
+	/* one notification built once, shared by every subscriber with room */
+	LIST_FOREACH(sub, &t->subs, entry) {
+		json_t *o;
+
+		if (!tail_sub_room(sub)) {
+			sub->dropped[d] += n;
+			continue;
+		}
+		if (base == NULL)
+			base = tail_data_json(s, d, off, p, n, now);
+		if (sub->dropped[d] > 0) {
+			o = json_copy(base);
+			json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
+			sub->dropped[d] = 0;
+		} else {
+			o = json_incref(base);
+		}
+		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+	}
+	json_decref(base);
+}
+
+void
+tail_session_end(struct session *s)
+{
+	struct tail *t = s->tail;
+	struct tail_sub *sub;
+
+	if (t == NULL)
+		return;
+	while ((sub = LIST_FIRST(&t->subs)) != NULL) {
+		if (sub->pending)
+			tail_replay(sub);
+		/* what was lost is told even to a subscriber still behind: the notices are small */
+		for (int d = 0; d < 2; d++)
+			if (sub->dropped[d] > 0) {
+				char tm[40];
+				json_t *o = json_pack("{s:I, s:s, s:s, s:I, s:s, s:I}", "id", (json_int_t)s->id, "dir",
+				                      tail_dir_names[d], "time", session_time(capd_now(), tm, sizeof tm),
+				                      "offset", (json_int_t)t->ring[d].total, "data", "", "dropped",
+				                      (json_int_t)sub->dropped[d]);
+				ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+			}
+		ctl_conn_send(sub->conn, rpc_notification("session.end", json_pack("{s:I, s:s, s:I, s:I}", "id",
+		                                          (json_int_t)s->id, "reason", s->reason ? s->reason : "closed",
+		                                          "bytes_up", (json_int_t)s->bytes[DIR_UP],
+		                                          "bytes_down", (json_int_t)s->bytes[DIR_DOWN])));
+		ctl_conn_on_close_cancel(sub->conn, tail_sub_gone_cb, sub);
+		tail_sub_free(sub);
+	}
+	for (int d = 0; d < 2; d++)
+		free(t->ring[d].buf);
+	free(t->marks);
+	free(t);
+	s->tail = NULL;
+}
+
+/* ---- events ---- */
+
+bool
+events_active(void)
+{
+	return !LIST_EMPTY(&events_subs);
+}
+
+void
+events_emit(const char *event, json_t *obj)
+{
+	struct tail_sub *sub;
+	json_t *o, *note;
+	char t[40];
+
+	if (LIST_EMPTY(&events_subs)) {
+		json_decref(obj);
+		return;
+	}
+	/* "event" and "time" first, the subject's fields beside them */
+	o = json_pack("{s:s, s:s}", "event", event, "time", session_time(capd_now(), t, sizeof t));
+	json_object_update_missing(o, obj);
+	json_decref(obj);
+	note = rpc_notification("event", o);
+	LIST_FOREACH(sub, &events_subs, entry) {
+		if (!tail_sub_room(sub)) {
+			sub->dropped[0]++;
+			continue;
+		}
+		if (sub->dropped[0] > 0) {
+			ctl_conn_send(sub->conn, rpc_notification("events.dropped",
+			                                          json_pack("{s:I}", "dropped", (json_int_t)sub->dropped[0])));
+			sub->dropped[0] = 0;
+		}
+		ctl_conn_send(sub->conn, json_incref(note));
+	}
+	json_decref(note);
+}
+
+int
+events_subscribe(struct ctl_conn *c, char **why)
+{
+	struct tail_sub *sub;
+
+	if (tail_sub_check(c, why) < 0)
+		return -1;
+	sub = tail_sub_new(c, NULL);
+	LIST_INSERT_HEAD(&events_subs, sub, entry);
+	return 0;
+}

@@ -8,17 +8,30 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "session.h"
+
+struct ctl_conn;
 
 /* A chunk crossed session s in direction d. */
 void tail_data(struct session *s, enum dir d, const void *p, size_t n);
 /* The session ended: subscribers get the end notice; frees s->tail. */
 void tail_session_end(struct session *s);
 
+/*
+ * session.tail: c gets up to backlog bytes per direction of what s carried
+ * (UINT64_MAX: all that is kept), then every chunk live, then "session.end".
+ * The backlog goes out after the method's reply. -1 and *why (owned) when c
+ * holds too many subscriptions already.
+ */
+int tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **why);
+
 /* True when someone listens for events: saves building objects nobody reads. */
 bool events_active(void);
 /* Emits an event ("session.open", ...) to subscribers; obj is stolen and gets "event" and "time". */
 void events_emit(const char *event, json_t *obj);
+/* events.subscribe: c gets an "event" notification per event until it hangs up. */
+int events_subscribe(struct ctl_conn *c, char **why);
 
 #endif
