@@ -1,4 +1,9 @@
-/* capctl sessions [--instance NAME] [--open]: open and recently closed sessions. */
+/*
+ * capctl sessions [--instance NAME] [--open]: open and recently closed
+ * sessions (the closed history, then the open ones) as an aligned table,
+ * or with --json the session objects.
+ * AGE is the time since the session started.
+ */
 #include <stdio.h>
 #include <string.h>
 
@@ -7,7 +12,7 @@
 static int
 sessions_exec(struct ctl_opts *o, int argc, char **argv)
 {
-	static const char *const hdr[] = { "ID", "INSTANCE", "PROTO", "CLIENT", "TARGET", "STATE", "UP", "DOWN", "AGE", "REASON" };
+	static const char *const hdr[] = { "ID", "INSTANCE", "PROTO", "CLIENT", "TARGET", "STATE", "UP", "DOWN", "AGE" };
 	json_t *params = json_object(), *r = NULL, *s;
 	size_t i;
 	int rc;
@@ -15,7 +20,10 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 	for (int k = 1; k < argc; k++) {
 		if (!strcmp(argv[k], "--instance") && k + 1 < argc)
 			json_object_set_new(params, "instance", json_string(argv[++k]));
-		else if (!strncmp(argv[k], "--instance=", 11))
+		else if (!strcmp(argv[k], "--instance")) {
+			json_decref(params);
+			return usage_error("--instance needs a name");
+		} else if (!strncmp(argv[k], "--instance=", 11))
 			json_object_set_new(params, "instance", json_string(argv[k] + 11));
 		else if (!strcmp(argv[k], "--open"))
 			json_object_set_new(params, "open", json_true());
@@ -31,7 +39,7 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 		json_decref(r);
 		return CTL_OK;
 	}
-	struct table *t = table_new(hdr, 10);
+	struct table *t = table_new(hdr, 9);
 	json_array_foreach(r, i, s) {
 		char id[24], up[16], down[16], age[16];
 		snprintf(id, sizeof id, "%lld", (long long)json_integer_value(json_object_get(s, "id")));
@@ -39,8 +47,7 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 		          json_string_value(json_object_get(s, "client")), json_string_value(json_object_get(s, "target")),
 		          json_string_value(json_object_get(s, "state")), output_size(json_object_get(s, "bytes_up"), up, sizeof up),
 		          output_size(json_object_get(s, "bytes_down"), down, sizeof down),
-		          output_age(json_string_value(json_object_get(s, "started")), age, sizeof age),
-		          json_string_value(json_object_get(s, "reason")));
+		          output_age(json_string_value(json_object_get(s, "started")), age, sizeof age));
 	}
 	table_print(t);
 	table_free(t);

@@ -1,0 +1,442 @@
+"""Issue 8: watching live: capctl sessions, tail session N, tail events, kill."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import CAPCTL, free_port, tshark, wait_port
+
+
+def tail_proc(capd, *args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "tail", *map(str, args)],
+                            stdout=stdout, stderr=stderr, env=e)
+
+
+class Reader:
+    """Collects a pipe in a thread so a test can wait for some output."""
+
+    def __init__(self, f):
+        self.f = f
+        self.data = bytearray()
+        self.lock = threading.Lock()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while True:
+            d = self.f.read1(1 << 20) if hasattr(self.f, "read1") else self.f.read(65536)
+            if not d:
+                return
+            with self.lock:
+                self.data += d
+
+    def wait(self, pred, timeout=10.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if pred(bytes(self.data)):
+                    return bytes(self.data)
+            time.sleep(0.02)
+        raise TimeoutError(f"output never matched: {bytes(self.data)[-2000:]!r}")
+
+    def get(self):
+        self.t.join(30)
+        return bytes(self.data)
+
+
+def forward(capd, to_port, name=None):
+    port = free_port()
+    args = ["add", "forward", "--port", port, "--to", f"127.0.0.1:{to_port}"]
+    if name:
+        args += ["--name", name]
+    capd.ctl(*args)
+    return port
+
+
+def open_session(capd, port):
+    """Connects through the forward; returns (socket, session id)."""
+    before = {s["id"] for s in capd.ctl("sessions", json_out=True)}
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    ss = capd.wait_sessions(lambda ss: any(x["id"] not in before and x["state"] == "open" for x in ss))
+    sid = [x["id"] for x in ss if x["id"] not in before][0]
+    return s, sid
+
+
+def drain(sock, into):
+    """Reads sock until EOF in a thread (the echo server's replies)."""
+    def run():
+        try:
+            while True:
+                d = sock.recv(1 << 20)
+                if not d:
+                    return
+                into.extend(d)
+        except OSError:
+            return
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def hexdump(path, skip, length):
+    return subprocess.run(["hexdump", "-C", "-s", str(skip), "-n", str(length), str(path)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+HEADER = re.compile(r"^\[(\S+) (c2s|s2c) (\d+) bytes\]$")
+
+
+def test_raw_c2s_byte_exact(capd, echo_server):
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    echoed = bytearray()
+    t = drain(s, echoed)
+    payload = os.urandom(1 << 20)
+    s.sendall(payload[:1000])
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s")
+    out = Reader(p.stdout)
+    out.wait(lambda d: len(d) >= 1000)  # the backlog: the subscription is live
+    s.sendall(payload[1000:])
+    s.shutdown(socket.SHUT_WR)
+    t.join(30)
+    s.close()
+    assert p.wait(30) == 0, p.stderr.read()
+    assert out.get() == payload
+    assert bytes(echoed) == payload
+    # s2c is the same stream back from the echo server
+    assert p.stderr.read() == b""
+
+
+def test_hex_matches_hexdump(capd, echo_server, tmp_path):
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    echoed = bytearray()
+    t = drain(s, echoed)
+    # runs of identical lines ('*'), text, binary and a partial last line
+    payload = b"A" * 100 + os.urandom(333) + b"hello world\n" * 20 + bytes(range(256)) + b"\0" * 77
+    f = tmp_path / "payload.bin"
+    f.write_bytes(payload)
+    p = tail_proc(capd, "session", sid, "--hex", "--dir", "c2s", env={"NO_COLOR": ""})
+    out = Reader(p.stdout)
+    out.wait(lambda d: d.startswith(b"[session"))
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    t.join(30)
+    s.close()
+    assert p.wait(30) == 0
+    text = out.get().decode()
+    assert "\033" not in text  # not a tty: no colour
+    lines = text.splitlines()
+    assert lines[0].startswith(f"[session {sid} ")
+    assert lines[-1].startswith(f"[session {sid} ended: closed")
+    # each chunk is exactly `hexdump -C` of its stretch of the c2s stream
+    chunks, off, i = 0, 0, 1
+    body = lines[1:-1]
+    while i - 1 < len(body):
+        m = HEADER.match(body[i - 1])
+        assert m, body[i - 1]
+        assert m.group(2) == "c2s"
+        n = int(m.group(3))
+        want = hexdump(f, off, n).splitlines()
+        got = body[i:i + len(want)]
+        assert got == want
+        i += len(want) + 1
+        off += n
+        chunks += 1
+    assert off == len(payload)
+    if chunks == 1:
+        full = subprocess.run(["hexdump", "-C", str(f)], capture_output=True, text=True).stdout
+        assert "\n".join(body[1:]) + "\n" == full
+
+
+def test_tail_midsession_backlog_then_live(capd, echo_server):
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    s.sendall(b"hello\r\n")
+    assert s.recv(100) == b"hello\r\n"
+    s.sendall(b"bin\x00\x01\x02\n")
+    assert s.recv(100) == b"bin\x00\x01\x02\n"
+    p = tail_proc(capd, "session", sid, "--text")
+    out = Reader(p.stdout)
+    out.wait(lambda d: d.count(b"bin") >= 2)  # backlog of both directions
+    s.sendall(b"live line\n")
+    assert s.recv(100) == b"live line\n"
+    out.wait(lambda d: d.count(b"live line") >= 2)
+    assert p.poll() is None  # follows until the session ends
+    s.close()
+    assert p.wait(15) == 0
+    lines = out.get().decode().splitlines()
+    heads = [HEADER.match(x) for x in lines]
+    # the conversation in the order it went, each direction under its header
+    texts = [(h.group(2), lines[i + 1]) for i, h in enumerate(heads) if h]
+    assert texts == [("c2s", "hello"), ("s2c", "hello"), ("c2s", "bin\\0\\x01\\x02"),
+                     ("s2c", "bin\\0\\x01\\x02"), ("c2s", "live line"), ("s2c", "live line")]
+    assert lines[-1].startswith(f"[session {sid} ended: ")
+
+
+def test_backlog_keeps_last_bytes(capd_factory, echo_server):
+    capd = capd_factory(settings="tail_backlog = 4K")
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    echoed = bytearray()
+    t = drain(s, echoed)
+    first = os.urandom(10000)
+    s.sendall(first)
+    deadline = time.time() + 10
+    while len(echoed) < len(first) and time.time() < deadline:
+        time.sleep(0.02)
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s")
+    out = Reader(p.stdout)
+    out.wait(lambda d: len(d) >= 4096)
+    s.sendall(b"tail end")
+    s.shutdown(socket.SHUT_WR)
+    t.join(10)
+    s.close()
+    assert p.wait(15) == 0
+    assert out.get() == first[-4096:] + b"tail end"
+    assert b"5904 bytes before the backlog" in p.stderr.read()
+    # --backlog 0: only what comes after
+    s, sid = open_session(capd, port)
+    s.sendall(b"old")
+    time.sleep(0.2)
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", "--backlog", "0")
+    time.sleep(0.5)
+    s.sendall(b"new")
+    time.sleep(0.2)
+    s.close()
+    assert p.wait(15) == 0
+    assert p.stdout.read() == b"new"
+
+
+def test_unknown_session_and_usage(capd):
+    r = capd.ctl("tail", "session", "4242", check=False)
+    assert r.returncode == 1
+    assert "no session 4242" in r.stderr
+    r = capd.ctl("tail", "session", "1", "--raw", check=False)
+    assert r.returncode == 2
+    r = capd.ctl("tail", "session", "x", check=False)
+    assert r.returncode == 2
+    r = capd.ctl("kill", "4242", check=False)
+    assert r.returncode == 1 and "no session 4242" in r.stderr
+    # a raw subscriber that asks again and again on one connection is refused, not fatal
+    with socket.socket(socket.AF_UNIX) as u:
+        u.connect(str(capd.sock))
+        for i in range(6):
+            u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "events.subscribe"}).encode() + b"\n")
+        u.settimeout(5)
+        data = b""
+        while data.count(b"\n") < 6:
+            data += u.recv(65536)
+    replies = [json.loads(x) for x in data.splitlines()]
+    assert sum("result" in x for x in replies) == 4
+    assert sum("error" in x for x in replies) == 2
+    assert capd.ctl("status").returncode == 0
+
+
+class Sink:
+    """Accepts one connection, reads everything, then sends back the count."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        c, _ = self.sock.accept()
+        buf = bytearray(1 << 20)
+        while True:
+            n = c.recv_into(buf)
+            if n == 0:
+                break
+            self.count += n
+        c.sendall(str(self.count).encode())
+        c.close()
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
+    """100 MB through a session whose tail is SIGSTOPped: full speed, bounded memory, drop reported."""
+    sink = Sink()
+    port = free_port()
+    capd = capd_factory(f"[forward big]\nlisten = {port}\nto = 127.0.0.1:{sink.port}\ncapture = no\n")
+    s, sid = open_session(capd, port)
+    outf = open(tmp_path / "raw.out", "wb")
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", stdout=outf)
+    s.sendall(b"x" * 1000)
+    deadline = time.time() + 10
+    while (tmp_path / "raw.out").stat().st_size < 1000 and time.time() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "raw.out").stat().st_size == 1000
+    pid = capd.proc.pid
+    base = rss_kb(pid)
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kb(pid))
+            time.sleep(0.05)
+    st = threading.Thread(target=sample, daemon=True)
+    st.start()
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        total = 100 * 1024 * 1024
+        block = os.urandom(1 << 20)
+        t0 = time.time()
+        for _ in range(100):
+            s.sendall(block)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(60)
+        reply = s.recv(100)
+        elapsed = time.time() - t0
+        s.close()
+        done.set()
+        st.join()
+        assert int(reply) == total + 1000
+        # a loopback relay does this in about a second; a stalled one never finishes
+        assert elapsed < 30, elapsed
+        assert (peak[0] - base) < 48 * 1024, (base, peak[0])
+        capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    assert p.wait(60) == 0
+    outf.close()
+    err = p.stderr.read().decode()
+    dropped = sum(int(n) for n in re.findall(r"\[\.\.\. (\d+) bytes dropped \.\.\.\]", err))
+    assert dropped > 0, err
+    assert (tmp_path / "raw.out").stat().st_size + dropped == total + 1000
+
+
+def test_tail_events_sees_curl_sessions(capd, http_server):
+    hport, _ = http_server
+    pj = tail_proc(capd, "events", "--json")
+    ph = tail_proc(capd, "events")
+    outj, outh = Reader(pj.stdout), Reader(ph.stdout)
+    try:
+        # instance.add tells us both subscriptions are live
+        port = forward(capd, hport, name="web")
+        outj.wait(lambda d: b'"instance.add"' in d)
+        outh.wait(lambda d: b"instance.add web forward" in d)
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{port}/"],
+                           capture_output=True, timeout=30)
+        assert r.stdout == b"hello from the origin\n"
+        outj.wait(lambda d: b'"session.close"' in d)
+        outh.wait(lambda d: b"session.close" in d)
+        capd.ctl("remove", "web")
+        outj.wait(lambda d: b'"instance.remove"' in d)
+    finally:
+        pj.terminate()
+        ph.terminate()
+        pj.wait(5)
+        ph.wait(5)
+    events = [json.loads(x) for x in outj.get().splitlines()]
+    names = [e["event"] for e in events]
+    assert names == ["instance.add", "session.open", "session.close", "instance.remove"]
+    for e in events:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", e["time"])
+    opened, closed = events[1], events[2]
+    assert opened["id"] == closed["id"]
+    assert opened["instance"] == closed["instance"] == "web"
+    assert closed["target"] == f"127.0.0.1:{hport}"
+    assert closed["bytes_down"] > 20 and closed["bytes_up"] > 20
+    assert closed["reason"]
+    human = outh.get().decode()
+    assert re.search(rf"session\.open {opened['id']} web tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{hport}", human)
+    assert re.search(rf"session\.close {opened['id']} web .* up \S+ down \S+: ", human)
+
+
+def test_kill_ends_long_transfer(capd):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    server_saw = {}
+
+    def serve():
+        c, _ = srv.accept()
+        c.settimeout(20)
+        try:
+            while True:  # a download that would go on for ever
+                c.sendall(b"z" * 65536)
+                time.sleep(0.01)
+        except OSError as e:
+            server_saw["err"] = e
+        c.close()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    port = forward(capd, srv.getsockname()[1])
+    s, sid = open_session(capd, port)
+    s.settimeout(20)
+    got = 0
+    while got < 1 << 20:
+        got += len(s.recv(1 << 20))
+    r = capd.ctl("kill", sid)
+    assert f"killed session {sid}" in r.stdout
+    ended = None
+    try:
+        while True:
+            d = s.recv(1 << 20)
+            if not d:
+                ended = "eof"
+                break
+    except ConnectionResetError:
+        ended = "reset"
+    assert ended in ("eof", "reset")
+    th.join(20)
+    assert "err" in server_saw  # the server's side was cut too
+    s.close()
+    srv.close()
+    ss = capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+    assert [x for x in ss if x["id"] == sid][0]["reason"] == "killed by capctl"
+    capd.flush()
+    resets = 0
+    for pcap in capd.pcaps():
+        r = tshark("-r", pcap, "-Y", f'tcp.flags.reset == 1 && frame.comment contains "capd session {sid}"')
+        resets += len(r.stdout.splitlines())
+    assert resets > 0
+
+
+def test_sessions_table(capd, echo_server):
+    port = forward(capd, echo_server.port, name="fw")
+    s, sid = open_session(capd, port)
+    s.sendall(b"q" * 3000)
+    got = 0
+    s.settimeout(10)
+    while got < 3000:
+        got += len(s.recv(65536))
+    s2, sid2 = open_session(capd, port)
+    s2.close()
+    capd.wait_sessions(lambda ss: any(x["id"] == sid2 and x["state"] == "closed" for x in ss))
+    out = capd.ctl("sessions").stdout.splitlines()
+    assert out[0].split() == ["ID", "INSTANCE", "PROTO", "CLIENT", "TARGET", "STATE", "UP", "DOWN", "AGE"]
+    row = [x.split() for x in out[1:] if x.split()[0] == str(sid)][0]
+    assert row[1:3] == ["fw", "tcp"]
+    assert row[4] == f"127.0.0.1:{echo_server.port}"
+    assert row[5:8] == ["open", "2.9K", "2.9K"]
+    assert re.match(r"\d+s$", row[8])
+    opened = capd.ctl("sessions", "--open").stdout
+    assert str(sid2) not in [x.split()[0] for x in opened.splitlines()[1:]]
+    j = capd.ctl("sessions", "--instance", "fw", json_out=True)
+    assert {x["id"] for x in j} >= {sid, sid2}
+    assert capd.ctl("sessions", "--instance", "nope", check=False).returncode == 1
+    s.close()
