@@ -22,10 +22,12 @@
 #define ACCEPT_BATCH 64  /* connections taken per wake-up: drains the backlog without starving others */
 
 extern const struct proto proto_forward;
+extern const struct proto proto_socks;
 extern const struct proto proto_sniff;
 
 static const struct proto *const protos[] = {
 	&proto_forward,
+	&proto_socks,
 	&proto_sniff,
 };
 

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session.h"
+#include "udp-relay.h"
 #include "xmalloc.h"
 
 /* Owned by the instance; freed by forward_free. */
@@ -61,6 +62,32 @@ forward_connected(struct session *s, int err)
 	relay_start(s);
 }
 
+/* udp = yes: the datagram relay on the same address and port */
+static int
+forward_start(struct instance *inst, char **why)
+{
+	struct forward_cfg *fc = inst->cfg;
+
+	if (fc->udp && (inst->proto_state = udp_relay_start(inst, (struct sockaddr *)&inst->listen, false, &fc->to,
+	                                                    false, why)) == NULL)
+		return -1;
+	return 0;
+}
+
+static void
+forward_stop(struct instance *inst)
+{
+	udp_relay_stop(inst->proto_state);
+	inst->proto_state = NULL;
+}
+
+static void
+forward_session_free(struct session *s)
+{
+	if (s->datagram)
+		udp_relay_session_free(s);
+}
+
 static void
 forward_free(struct instance *inst)
 {
@@ -88,6 +115,9 @@ const struct proto proto_forward = {
 	.configure = forward_configure,
 	.accepted = forward_accepted,
 	.connected = forward_connected,
+	.start = forward_start,
+	.stop = forward_stop,
+	.session_free = forward_session_free,
 	.free = forward_free,
 	.describe = forward_describe,
 };

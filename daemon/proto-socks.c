@@ -1,0 +1,673 @@
+/*
+ * socks: SOCKS4, SOCKS4a and SOCKS5 (RFC 1928, RFC 1929 auth) on one port,
+ * the version sniffed from the first byte. CONNECT connects upstream and
+ * hands both sockets to the relay; BIND listens for one peer and hands that
+ * connection to the relay; UDP ASSOCIATE keeps the TCP connection as the
+ * association's lifeline while the datagram relay (udp-relay.c) moves the
+ * datagrams. This file only parses handshakes and picks upstreams.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "relay.h"
+#include "resolve.h"
+#include "session.h"
+#include "socks-parse.h"
+#include "udp-relay.h"
+#include "users.h"
+#include "xmalloc.h"
+
+#define SOCKS_HS_MAX 2048  /* greeting + auth + request with room for early data */
+
+/* The instance's parsed config: inst->cfg, freed by socks_free. */
+struct socks_cfg {
+	struct users *users;  /* NULL: no auth */
+	bool socks4;          /* SOCKS4/4a accepted */
+	double hs_timeout;    /* seconds; 0 = none */
+};
+
+enum socks_stage {
+	SOCKS_ST_GREETING,    /* first byte decides the version */
+	SOCKS_ST_AUTH,        /* RFC 1929 sub-negotiation */
+	SOCKS_ST_REQUEST,     /* SOCKS5 request */
+	SOCKS_ST_V4,          /* SOCKS4/4a request */
+	SOCKS_ST_CONNECTING,  /* waiting for session_connect */
+	SOCKS_ST_BIND,        /* BIND: resolving, then waiting for the peer */
+	SOCKS_ST_UDP,         /* UDP ASSOCIATE: the TCP connection only keeps it alive */
+};
+
+/* BIND's listener; only BIND sessions have one. Owned by struct socks. */
+struct socks_bind {
+	int fd;                          /* listener, -1 when closed */
+	ev_io io;
+	ev_timer timer;                  /* how long the peer may take */
+	struct resolve_req *rq;          /* resolving a named DST */
+	struct sockaddr_storage expect;  /* the peer announced by the client */
+	bool any;                        /* accept any peer address */
+};
+
+/* s->proto_state during the handshake; freed before relay_start or by socks_session_free. */
+struct socks {
+	uint8_t stage;        /* enum socks_stage */
+	uint8_t ver;          /* 4 or 5 once known */
+	char *user;           /* authenticated (or SOCKS4) user, owned, or NULL */
+	struct socks_bind *bind;
+	struct udp_assoc *assoc;  /* UDP ASSOCIATE; cleared by the relay if it ends it */
+};
+
+static const char *const socks_keys[] = {
+	"users", "auth", "socks4", "handshake_timeout",
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+};
+
+static int
+socks_configure(struct instance *inst, struct params *p)
+{
+	struct socks_cfg *c = xcalloc(1, sizeof *c);
+	bool tls = false;
+
+	inst->cfg = c;
+	c->users = users_load(p);
+	if (p->why)
+		return -1;
+	/* SOCKS4 has no password: allowed by default only when no users are configured */
+	if (params_bool(p, "socks4", c->users == NULL, &c->socks4) < 0 ||
+	    params_duration(p, "handshake_timeout", 10, &c->hs_timeout) < 0 ||
+	    params_bool(p, "tls", false, &tls) < 0)
+		return -1;
+	if (tls)
+		return params_fail(p, "tls", "TLS interception is not available for socks instances yet");
+	return 0;
+}
+
+static int
+socks_start(struct instance *inst, char **why)
+{
+	struct socks_cfg *c = inst->cfg;
+	char *err = NULL;
+
+	(void)why;
+	if (inst->expose && c->users == NULL)
+		log_warnx("%s: exposed on %s with no users: this is an open proxy", inst->name, inst->listen_str);
+	/* UDP ASSOCIATE's relay on the same address and port when free */
+	inst->proto_state = udp_relay_start(inst, (struct sockaddr *)&inst->listen, true, NULL, true, &err);
+	if (inst->proto_state == NULL) {
+		log_warnx("%s: UDP ASSOCIATE unavailable: %s", inst->name, err);
+		free(err);
+	}
+	return 0;
+}
+
+static void
+socks_stop(struct instance *inst)
+{
+	udp_relay_stop(inst->proto_state);
+	inst->proto_state = NULL;
+}
+
+static void
+socks_free(struct instance *inst)
+{
+	struct socks_cfg *c = inst->cfg;
+
+	if (c == NULL)
+		return;
+	users_free(c->users);
+	free(c);
+}
+
+static void
+socks_describe(struct instance *inst, json_t *o)
+{
+	struct socks_cfg *c = inst->cfg;
+	char a[ADDR_STRLEN];
+
+	json_object_set_new(o, "users", json_integer((json_int_t)users_count(c->users)));
+	json_object_set_new(o, "socks4", json_boolean(c->socks4));
+	json_object_set_new(o, "handshake_timeout", json_real(c->hs_timeout));
+	if (inst->proto_state)
+		json_object_set_new(o, "udp", json_string(addr_format(udp_relay_addr(inst->proto_state), a, sizeof a)));
+}
+
+/* ---- session side ---- */
+
+static void
+socks_bind_free(struct socks_bind *b)
+{
+	if (b == NULL)
+		return;
+	if (b->fd >= 0) {
+		ev_io_stop(capd_loop, &b->io);
+		close(b->fd);
+	}
+	ev_timer_stop(capd_loop, &b->timer);
+	resolve_cancel(b->rq);
+	free(b);
+}
+
+static void
+socks_session_free(struct session *s)
+{
+	struct socks *sk = s->proto_state;
+
+	if (s->datagram) {
+		udp_relay_session_free(s);
+		return;
+	}
+	if (sk == NULL)
+		return;
+	socks_bind_free(sk->bind);
+	udp_assoc_end(sk->assoc, "udp association ended");
+	free(sk->user);
+	free(sk);
+	s->proto_state = NULL;
+}
+
+static void
+socks_accepted(struct session *s)
+{
+	struct socks_cfg *c = s->inst->cfg;
+	struct socks *sk = xcalloc(1, sizeof *sk);
+
+	sk->stage = SOCKS_ST_GREETING;
+	s->proto_state = sk;
+	s->proto = "socks";
+	if (c->hs_timeout > 0)
+		session_set_deadline(s, c->hs_timeout);
+}
+
+/* Reads and drops what the client sent but we did not parse, so close() sends FIN, not RST. */
+static void
+socks_drain(struct session *s)
+{
+	uint8_t junk[2048];
+
+	for (int i = 0; i < 8; i++)
+		if (recv(s->client.fd, junk, sizeof junk, MSG_DONTWAIT) <= 0)
+			break;
+}
+
+/* Refuses the handshake: the protocol's failure reply (when rep != 0), then one close with the reason. */
+static void __attribute__((format(printf, 3, 4)))
+socks_refuse(struct session *s, uint8_t rep, const char *fmt, ...)
+{
+	struct socks *sk = s->proto_state;
+	uint8_t out[SOCKS5_REPLY_MAX];
+	char why[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof why, fmt, ap);
+	va_end(ap);
+	if (rep != 0 && sk->ver == 5)
+		session_send(s, out, socks_reply5(out, rep, NULL));
+	else if (rep != 0 && sk->ver == 4)
+		session_send(s, out, socks_reply4(out, SOCKS4_REJECTED, NULL));
+	if (s->state != SESSION_CLOSED) {
+		socks_drain(s);
+		session_close(s, why);
+	}
+}
+
+static uint8_t
+socks_rep_of(int err)
+{
+	switch (err) {
+	case ECONNREFUSED: return SOCKS_REP_REFUSED;
+	case ENETUNREACH:  return SOCKS_REP_NET_UNREACH;
+	case EHOSTUNREACH:
+	case ENOENT:       return SOCKS_REP_HOST_UNREACH;
+	case ETIMEDOUT:    return SOCKS_REP_TTL;
+	default:           return SOCKS_REP_FAIL;
+	}
+}
+
+/* Sends the success reply naming bnd and hands the session to the relay. */
+static void
+socks_grant(struct session *s, const struct sockaddr *bnd)
+{
+	struct socks *sk = s->proto_state;
+	uint8_t out[SOCKS5_REPLY_MAX];
+
+	if (sk->ver == 5)
+		session_send(s, out, socks_reply5(out, SOCKS_REP_OK, bnd));
+	else
+		session_send(s, out, socks_reply4(out, SOCKS4_GRANTED, bnd));
+	if (s->state == SESSION_CLOSED)
+		return;
+	/* the handshake state is done: idle tunnels keep only the session */
+	socks_session_free(s);
+	if (buf_used(&s->hs_in) == 0)
+		buf_free(&s->hs_in);
+	if (buf_used(&s->hs_out) == 0)
+		buf_free(&s->hs_out);
+	relay_start(s);
+}
+
+static void
+socks_connected(struct session *s, int err)
+{
+	struct socks *sk = s->proto_state;
+	struct sockaddr_storage bnd;
+	socklen_t len = sizeof bnd;
+
+	if (err != 0) {
+		socks_refuse(s, sk->ver == 5 ? socks_rep_of(err) : SOCKS4_REJECTED, "%s",
+		             s->why_connect ? s->why_connect : strerror(err));
+		return;
+	}
+	if (getsockname(s->upstream.fd, (struct sockaddr *)&bnd, &len) < 0)
+		memset(&bnd, 0, sizeof bnd);
+	socks_grant(s, (struct sockaddr *)&bnd);
+}
+
+/* ---- BIND ---- */
+
+static void
+socks_bind_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+
+	(void)loop; (void)revents;
+	socks_refuse(s, ((struct socks *)s->proto_state)->ver == 5 ? SOCKS_REP_TTL : SOCKS4_REJECTED,
+	             "%s: BIND timed out waiting for the peer", s->proto);
+}
+
+static void
+socks_bind_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+	struct socks *sk = s->proto_state;
+	struct socks_bind *b = sk->bind;
+	struct sockaddr_storage peer;
+	socklen_t len = sizeof peer;
+	int fd;
+
+	(void)loop; (void)revents;
+	fd = accept4(b->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (!b->any && !addr_is_any((struct sockaddr *)&b->expect)) {
+		char e[ADDR_STRLEN], g[ADDR_STRLEN];
+		addr_format_ip((struct sockaddr *)&b->expect, e, sizeof e);
+		addr_format_ip((struct sockaddr *)&peer, g, sizeof g);
+		if (strcmp(e, g) != 0) {
+			log_info("session %llu: BIND peer %s is not the announced %s, refused", (unsigned long long)s->id,
+			         g, e);
+			close(fd);
+			return;
+		}
+	}
+	sk->bind = NULL;
+	socks_bind_free(b);
+	session_set_upstream(s, fd, (struct sockaddr *)&peer);
+	socks_grant(s, (struct sockaddr *)&peer);
+}
+
+/* The local address the upstream would use toward dst: a UDP connect() sends nothing. */
+static int
+socks_local_addr(struct session *s, const struct sockaddr *dst, struct sockaddr_storage *out)
+{
+	struct sockaddr_storage t;
+	socklen_t len = sizeof *out;
+	int fd, rv = -1;
+
+	if (addr_is_any(dst))
+		return getsockname(s->client.fd, (struct sockaddr *)out, &len);
+	memcpy(&t, dst, addr_len(dst));
+	if (addr_port((struct sockaddr *)&t) == 0) {
+		if (t.ss_family == AF_INET)
+			((struct sockaddr_in *)&t)->sin_port = htons(9);
+		else
+			((struct sockaddr_in6 *)&t)->sin6_port = htons(9);
+	}
+	if ((fd = socket(t.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&t, addr_len((struct sockaddr *)&t)) == 0 &&
+	    getsockname(fd, (struct sockaddr *)out, &len) == 0)
+		rv = 0;
+	close(fd);
+	return rv;
+}
+
+/* Listens where the upstream would connect from and sends the first reply. */
+static void
+socks_bind_listen(struct session *s, const struct sockaddr *dst)
+{
+	struct socks *sk = s->proto_state;
+	struct socks_bind *b = sk->bind;
+	struct sockaddr_storage local;
+	socklen_t len = sizeof local;
+	uint8_t out[SOCKS5_REPLY_MAX];
+	int fd;
+
+	memcpy(&b->expect, dst, addr_len(dst));
+	if (socks_local_addr(s, dst, &local) < 0) {
+		socks_refuse(s, sk->ver == 5 ? socks_rep_of(errno) : SOCKS4_REJECTED, "%s: BIND: no route to %s",
+		             s->proto, addr_format(dst, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+		return;
+	}
+	if (local.ss_family == AF_INET)
+		((struct sockaddr_in *)&local)->sin_port = 0;
+	else
+		((struct sockaddr_in6 *)&local)->sin6_port = 0;
+	fd = socket(local.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&local, addr_len((struct sockaddr *)&local)) < 0 ||
+	    listen(fd, 1) < 0 || getsockname(fd, (struct sockaddr *)&local, &len) < 0) {
+		int err = errno;
+		if (fd >= 0)
+			close(fd);
+		socks_refuse(s, sk->ver == 5 ? SOCKS_REP_FAIL : SOCKS4_REJECTED, "%s: BIND: cannot listen: %s", s->proto,
+		             strerror(err));
+		return;
+	}
+	b->fd = fd;
+	ev_io_init(&b->io, socks_bind_accept_cb, fd, EV_READ);
+	b->io.data = s;
+	ev_io_start(capd_loop, &b->io);
+	/* the peer's wait has its own clock (connect_timeout), with a failure reply at the end */
+	session_set_deadline(s, 0);
+	ev_timer_init(&b->timer, socks_bind_timeout_cb, s->inst->connect_timeout > 0 ? s->inst->connect_timeout : 10., 0.);
+	b->timer.data = s;
+	ev_timer_start(capd_loop, &b->timer);
+	if (sk->ver == 5)
+		session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&local));
+	else
+		session_send(s, out, socks_reply4(out, SOCKS4_GRANTED, (struct sockaddr *)&local));
+}
+
+static void
+socks_bind_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+{
+	struct session *s = arg;
+	struct socks *sk = s->proto_state;
+
+	sk->bind->rq = NULL;
+	if (err != 0 || n < 1) {
+		socks_refuse(s, sk->ver == 5 ? socks_rep_of(err) : SOCKS4_REJECTED, "%s: BIND: cannot resolve %s: %s",
+		             s->proto, s->target_name, why ? why : "no address");
+		return;
+	}
+	socks_bind_listen(s, (const struct sockaddr *)&addrs[0]);
+}
+
+static void
+socks_bind_start(struct session *s, const struct socks_req *r)
+{
+	struct socks *sk = s->proto_state;
+	struct socks_bind *b = xcalloc(1, sizeof *b);
+
+	b->fd = -1;
+	ev_init(&b->timer, socks_bind_timeout_cb);
+	sk->bind = b;
+	sk->stage = SOCKS_ST_BIND;
+	if (r->atyp == SOCKS_ATYP_NAME) {
+		b->any = false;
+		snprintf(s->target_name, sizeof s->target_name, "%s:%u", r->host, r->port);
+		b->rq = resolve_start(r->host, r->port, socks_bind_resolved_cb, s);
+		return;
+	}
+	socks_bind_listen(s, (const struct sockaddr *)&r->addr);
+}
+
+/* ---- UDP ASSOCIATE ---- */
+
+static void
+socks_udp_start(struct session *s, const struct socks_req *r)
+{
+	struct socks *sk = s->proto_state;
+	struct udp_relay *relay = s->inst->proto_state;
+	struct sockaddr_storage client, bnd;
+	socklen_t len = sizeof bnd;
+	uint8_t out[SOCKS5_REPLY_MAX];
+
+	if (relay == NULL) {
+		socks_refuse(s, SOCKS_REP_FAIL, "socks5: UDP ASSOCIATE: no udp relay on this instance");
+		return;
+	}
+	/* datagrams are taken from the control connection's address, at the port announced (0: any) */
+	memcpy(&client, &s->client_addr, sizeof client);
+	if (client.ss_family == AF_INET)
+		((struct sockaddr_in *)&client)->sin_port = htons(r->port);
+	else
+		((struct sockaddr_in6 *)&client)->sin6_port = htons(r->port);
+	memcpy(&bnd, udp_relay_addr(relay), addr_len(udp_relay_addr(relay)));
+	if (addr_is_any((struct sockaddr *)&bnd)) {
+		/* a wildcard relay: name the address this client reached us on */
+		uint16_t port = addr_port((struct sockaddr *)&bnd);
+		if (getsockname(s->client.fd, (struct sockaddr *)&bnd, &len) == 0) {
+			if (bnd.ss_family == AF_INET)
+				((struct sockaddr_in *)&bnd)->sin_port = htons(port);
+			else
+				((struct sockaddr_in6 *)&bnd)->sin6_port = htons(port);
+		}
+	}
+	sk->assoc = udp_assoc_new(relay, s, (struct sockaddr *)&client, &sk->assoc);
+	sk->stage = SOCKS_ST_UDP;
+	session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&bnd));
+	if (s->state == SESSION_CLOSED)
+		return;
+	session_opened(s);
+}
+
+/* ---- requests ---- */
+
+static const char *
+socks_cmd_name(uint8_t cmd)
+{
+	switch (cmd) {
+	case SOCKS_CMD_CONNECT: return "connect";
+	case SOCKS_CMD_BIND: return "bind";
+	case SOCKS_CMD_UDP: return "udp-associate";
+	default: return "unknown";
+	}
+}
+
+static void
+socks_request(struct session *s, const struct socks_req *r)
+{
+	struct socks_cfg *c = s->inst->cfg;
+	struct socks *sk = s->proto_state;
+	const char *fmt = strchr(r->host, ':') ? "%s %s [%s]:%u%s%s" : "%s %s %s:%u%s%s";
+
+	s->proto = r->ver == 5 ? "socks5" : r->v4a ? "socks4a" : "socks4";
+	if (r->ver == 4 && r->user[0] && sk->user == NULL)
+		sk->user = xstrdup(r->user);
+	free(s->note);
+	s->note = xasprintf(fmt, s->proto, socks_cmd_name(r->cmd), r->host, r->port, sk->user ? " user=" : "",
+	                    sk->user ? sk->user : "");
+	if (r->ver == 4 && !c->socks4) {
+		socks_refuse(s, SOCKS4_REJECTED, "%s: refused: this instance requires SOCKS5 username/password", s->proto);
+		return;
+	}
+	switch (r->cmd) {
+	case SOCKS_CMD_CONNECT:
+		sk->stage = SOCKS_ST_CONNECTING;
+		if (r->atyp == SOCKS_ATYP_NAME)
+			session_connect(s, r->host, r->port);
+		else
+			session_connect_addr(s, (const struct sockaddr *)&r->addr);
+		return;
+	case SOCKS_CMD_BIND:
+		socks_bind_start(s, r);
+		return;
+	case SOCKS_CMD_UDP:
+		if (r->ver == 5) {
+			socks_udp_start(s, r);
+			return;
+		}
+		break;
+	}
+	socks_refuse(s, r->ver == 5 ? SOCKS_REP_CMD : SOCKS4_REJECTED, "%s: command 0x%02x not supported", s->proto,
+	             r->cmd);
+}
+
+/* SOCKS5 greeting: picks the method. Returns false when the session was closed. */
+static bool
+socks_greeting(struct session *s, const struct socks_greeting *g)
+{
+	struct socks_cfg *c = s->inst->cfg;
+	struct socks *sk = s->proto_state;
+	uint8_t out[2] = { 5, SOCKS_METHOD_REFUSE };
+
+	if (c->users) {
+		if (g->userpass)
+			out[1] = SOCKS_METHOD_USERPASS;
+	} else if (g->none) {
+		out[1] = SOCKS_METHOD_NONE;
+	} else if (g->userpass) {
+		/* no users configured: any credentials pass, and the name is noted */
+		out[1] = SOCKS_METHOD_USERPASS;
+	}
+	session_send(s, out, 2);
+	if (s->state == SESSION_CLOSED)
+		return false;
+	if (out[1] == SOCKS_METHOD_REFUSE) {
+		socks_refuse(s, 0, "socks5: no acceptable auth method%s",
+		             c->users ? " (username/password required)" : "");
+		return false;
+	}
+	sk->stage = out[1] == SOCKS_METHOD_USERPASS ? SOCKS_ST_AUTH : SOCKS_ST_REQUEST;
+	return true;
+}
+
+static bool
+socks_auth(struct session *s, const struct socks_auth *a)
+{
+	struct socks_cfg *c = s->inst->cfg;
+	struct socks *sk = s->proto_state;
+	uint8_t out[2] = { 1, 0 };
+	bool ok = c->users == NULL || users_check(c->users, a->user, a->pass);
+
+	out[1] = ok ? 0 : 1;
+	session_send(s, out, 2);
+	if (s->state == SESSION_CLOSED)
+		return false;
+	if (!ok) {
+		socks_refuse(s, 0, "socks5: auth failed for user %s", a->user);
+		return false;
+	}
+	sk->user = xstrdup(a->user);
+	free(s->note);
+	s->note = xasprintf("socks5 user=%s", a->user);
+	sk->stage = SOCKS_ST_REQUEST;
+	return true;
+}
+
+static void
+socks_input(struct session *s)
+{
+	struct socks *sk = s->proto_state;
+
+	for (;;) {
+		const uint8_t *p = buf_head(&s->hs_in);
+		size_t n = buf_used(&s->hs_in), used = 0;
+		enum parse rv = PARSE_MORE;
+		struct socks_req req;
+
+		switch (sk->stage) {
+		case SOCKS_ST_GREETING: {
+			struct socks_greeting g;
+
+			if (n == 0)
+				break;
+			if (p[0] == 4) {
+				sk->ver = 4;
+				sk->stage = SOCKS_ST_V4;
+				continue;
+			}
+			if (p[0] != 5) {
+				socks_refuse(s, 0, "socks: unknown version 0x%02x", p[0]);
+				return;
+			}
+			sk->ver = 5;
+			s->proto = "socks5";
+			rv = socks_parse_greeting(p, n, &used, &g);
+			if (rv == PARSE_ERR) {
+				socks_refuse(s, 0, "socks5: bad greeting");
+				return;
+			}
+			if (rv == PARSE_OK) {
+				buf_consume(&s->hs_in, used);
+				if (!socks_greeting(s, &g))
+					return;
+				continue;
+			}
+			break;
+		}
+		case SOCKS_ST_AUTH: {
+			struct socks_auth a;
+
+			rv = socks_parse_auth(p, n, &used, &a);
+			if (rv == PARSE_ERR) {
+				socks_refuse(s, 0, "socks5: bad auth message");
+				return;
+			}
+			if (rv == PARSE_OK) {
+				buf_consume(&s->hs_in, used);
+				bool ok = socks_auth(s, &a);
+				memset(&a, 0, sizeof a);
+				if (!ok)
+					return;
+				continue;
+			}
+			break;
+		}
+		case SOCKS_ST_REQUEST:
+		case SOCKS_ST_V4:
+			if (sk->stage == SOCKS_ST_REQUEST)
+				rv = socks_parse_request(p, n, &used, &req);
+			else
+				rv = socks_parse_v4(p, n, &used, &req);
+			if (rv == PARSE_ERR) {
+				socks_refuse(s, req.rep, "%s: bad request: %s", sk->ver == 5 ? "socks5" : "socks4",
+				             req.why ? req.why : "malformed");
+				return;
+			}
+			if (rv == PARSE_OK) {
+				buf_consume(&s->hs_in, used);
+				socks_request(s, &req);  /* may close s */
+				return;
+			}
+			break;
+		case SOCKS_ST_UDP:
+			/* the control connection carries nothing more: drop what comes, end on close */
+			buf_reset(&s->hs_in);
+			if (s->client_eof)
+				session_close(s, "closed");
+			return;
+		default:
+			/* connecting or waiting for the BIND peer: early bytes wait in hs_in for the relay */
+			return;
+		}
+		/* PARSE_MORE */
+		if (s->client_eof)
+			session_close(s, "client closed during handshake");
+		return;
+	}
+}
+
+const struct proto proto_socks = {
+	.name = "socks",
+	.keys = socks_keys,
+	.listens = true,
+	.hs_max = SOCKS_HS_MAX,
+	.configure = socks_configure,
+	.start = socks_start,
+	.stop = socks_stop,
+	.accepted = socks_accepted,
+	.input = socks_input,
+	.connected = socks_connected,
+	.session_free = socks_session_free,
+	.free = socks_free,
+	.describe = socks_describe,
+};

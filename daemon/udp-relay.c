@@ -1,0 +1,528 @@
+/*
+ * The datagram relay; see udp-relay.h. Datagrams are received into one
+ * static buffer with room for a SOCKS UDP header in front, so a reply gets
+ * its header written in place and no payload is ever copied. Names in SOCKS
+ * datagrams (and a forward target given by name) are resolved with c-ares;
+ * datagrams wait in a small bounded queue meanwhile and are dropped beyond it,
+ * as UDP allows.
+ */
+#include "udp-relay.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/queue.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "resolve.h"
+#include "session.h"
+#include "socks-parse.h"
+#include "xmalloc.h"
+
+#define UDP_DGRAM_MAX 65535
+#define UDP_BATCH 32              /* datagrams taken per wake-up */
+#define UDP_PENDING_MAX 65536     /* bytes queued per association while a name resolves */
+#define UDP_FLOWS_MAX 64          /* remote endpoints per association */
+#define UDP_ASSOCS_MAX 4096       /* associations per relay */
+#define UDP_NAMES 4               /* resolved names remembered per association */
+
+/* One conversation (association, remote endpoint): the datagram session's proto_state. */
+struct udp_flow {
+	LIST_ENTRY(udp_flow) entry;
+	struct udp_assoc *a;
+	struct session *s;            /* its datagram session */
+	struct sockaddr_storage peer; /* the remote endpoint */
+};
+
+/* One client address. Owned by its relay; udp_assoc_end() frees it. */
+struct udp_assoc {
+	LIST_ENTRY(udp_assoc) entry;
+	struct udp_relay *r;
+	struct session *ctrl;             /* SOCKS control session (borrowed), or NULL */
+	struct udp_assoc **backref;       /* cleared when the relay ends the association */
+	struct sockaddr_storage client;   /* where datagrams come from and replies go */
+	bool bound;                       /* client's port is known */
+	int fd[2];                        /* upstream sockets: [0] IPv4, [1] IPv6, -1 until needed */
+	ev_io rio[2];
+	ev_timer idle;                    /* forward: ends the association when quiet */
+	double last;
+	unsigned nflows;
+	LIST_HEAD(, udp_flow) flows;
+
+	struct resolve_req *rq;           /* the one resolution in flight */
+	char rq_name[SOCKS_NAME_MAX + 1];
+	struct buf pending;               /* [port:2][len:2][payload] for rq_name */
+	struct {
+		char name[SOCKS_NAME_MAX + 1];
+		struct sockaddr_storage addr;
+	} names[UDP_NAMES];
+	unsigned names_next;
+};
+
+/* Owned by its instance's runtime state; udp_relay_stop() frees it. */
+struct udp_relay {
+	struct instance *inst;
+	int fd;                           /* toward the clients */
+	ev_io rio;
+	struct sockaddr_storage addr;
+	bool socks;
+	struct hostport to;               /* forward: the fixed target */
+	double idle;
+	unsigned nassocs;
+	LIST_HEAD(, udp_assoc) assocs;
+};
+
+/* room for the largest SOCKS header in front of the largest datagram */
+static uint8_t udp_buf[SOCKS_UDP_HDR_MAX + UDP_DGRAM_MAX];
+
+static void udp_client_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+static bool
+udp_same(const struct sockaddr *a, const struct sockaddr *b, bool port)
+{
+	if (a->sa_family != b->sa_family)
+		return false;
+	if (a->sa_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+		return x->sin_addr.s_addr == y->sin_addr.s_addr && (!port || x->sin_port == y->sin_port);
+	}
+	if (a->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+		return memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0 && (!port || x->sin6_port == y->sin6_port);
+	}
+	return false;
+}
+
+struct udp_relay *
+udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, const struct hostport *to,
+                bool fallback, char **why)
+{
+	struct udp_relay *r;
+	struct sockaddr_storage ss;
+	socklen_t len = addr_len(addr);
+	int fd, one = 1;
+	char a[ADDR_STRLEN];
+
+	memcpy(&ss, addr, len);
+	fd = socket(addr->sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		*why = xasprintf("udp socket: %s", strerror(errno));
+		return NULL;
+	}
+	if (addr->sa_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (bind(fd, (struct sockaddr *)&ss, len) < 0) {
+		if (errno == EADDRINUSE && fallback) {
+			if (ss.ss_family == AF_INET)
+				((struct sockaddr_in *)&ss)->sin_port = 0;
+			else
+				((struct sockaddr_in6 *)&ss)->sin6_port = 0;
+		}
+		if (!(errno == EADDRINUSE && fallback) || bind(fd, (struct sockaddr *)&ss, len) < 0) {
+			*why = xasprintf("cannot bind udp %s: %s", addr_format(addr, a, sizeof a), strerror(errno));
+			close(fd);
+			return NULL;
+		}
+	}
+	r = xcalloc(1, sizeof *r);
+	len = sizeof r->addr;
+	getsockname(fd, (struct sockaddr *)&r->addr, &len);
+	r->inst = inst;
+	r->fd = fd;
+	r->socks = socks;
+	if (to)
+		r->to = *to;
+	r->idle = inst->idle_timeout > 0 ? inst->idle_timeout : UDP_IDLE_DEFAULT;
+	LIST_INIT(&r->assocs);
+	ev_io_init(&r->rio, udp_client_cb, fd, EV_READ);
+	r->rio.data = r;
+	ev_io_start(capd_loop, &r->rio);
+	log_debug("%s: udp relay on %s", inst->name, addr_format((struct sockaddr *)&r->addr, a, sizeof a));
+	return r;
+}
+
+void
+udp_relay_stop(struct udp_relay *r)
+{
+	struct udp_assoc *a;
+
+	if (r == NULL)
+		return;
+	while ((a = LIST_FIRST(&r->assocs)) != NULL)
+		udp_assoc_end(a, "instance stopped");
+	ev_io_stop(capd_loop, &r->rio);
+	close(r->fd);
+	free(r);
+}
+
+const struct sockaddr *
+udp_relay_addr(const struct udp_relay *r)
+{
+	return (const struct sockaddr *)&r->addr;
+}
+
+static struct udp_assoc *
+udp_assoc_alloc(struct udp_relay *r, const struct sockaddr *client)
+{
+	struct udp_assoc *a = xcalloc(1, sizeof *a);
+
+	a->r = r;
+	memcpy(&a->client, client, addr_len(client));
+	a->fd[0] = a->fd[1] = -1;
+	a->last = capd_now();
+	LIST_INIT(&a->flows);
+	ev_init(&a->idle, udp_idle_cb);
+	a->idle.data = a;
+	LIST_INSERT_HEAD(&r->assocs, a, entry);
+	r->nassocs++;
+	return a;
+}
+
+struct udp_assoc *
+udp_assoc_new(struct udp_relay *r, struct session *ctrl, const struct sockaddr *client, struct udp_assoc **backref)
+{
+	struct udp_assoc *a = udp_assoc_alloc(r, client);
+
+	a->ctrl = ctrl;
+	a->backref = backref;
+	a->bound = addr_port(client) != 0;
+	return a;
+}
+
+void
+udp_assoc_end(struct udp_assoc *a, const char *reason)
+{
+	struct udp_flow *f;
+
+	if (a == NULL)
+		return;
+	LIST_REMOVE(a, entry);
+	a->r->nassocs--;
+	if (a->backref)
+		*a->backref = NULL;
+	while ((f = LIST_FIRST(&a->flows)) != NULL) {
+		struct session *s = f->s;
+
+		LIST_REMOVE(f, entry);
+		s->proto_state = NULL;  /* the session_free hook must not find it again */
+		free(f);
+		session_close(s, reason);
+	}
+	for (int i = 0; i < 2; i++)
+		if (a->fd[i] >= 0) {
+			ev_io_stop(capd_loop, &a->rio[i]);
+			close(a->fd[i]);
+		}
+	ev_timer_stop(capd_loop, &a->idle);
+	resolve_cancel(a->rq);
+	buf_free(&a->pending);
+	free(a);
+}
+
+void
+udp_relay_session_free(struct session *s)
+{
+	struct udp_flow *f = s->proto_state;
+
+	if (f == NULL)
+		return;
+	LIST_REMOVE(f, entry);
+	f->a->nflows--;
+	free(f);
+	s->proto_state = NULL;
+}
+
+static void
+udp_touch(struct udp_assoc *a)
+{
+	a->last = capd_now();
+	if (a->ctrl)
+		a->ctrl->last_active = a->last;
+}
+
+static void
+udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct udp_assoc *a = w->data;
+	double now = ev_now(loop), idle = a->r->idle;
+
+	(void)revents;
+	if (now - a->last >= idle) {
+		udp_assoc_end(a, "idle timeout");
+		return;
+	}
+	ev_timer_set(w, a->last + idle - now, 0.);
+	ev_timer_start(loop, w);
+}
+
+/* The flow to peer, made (with its session) on first use; NULL when over the limit. */
+static struct udp_flow *
+udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
+{
+	struct udp_flow *f;
+	struct session *s;
+
+	LIST_FOREACH(f, &a->flows, entry)
+		if (udp_same((struct sockaddr *)&f->peer, peer, true))
+			return f;
+	if (a->nflows >= UDP_FLOWS_MAX)
+		return NULL;
+	f = xcalloc(1, sizeof *f);
+	f->a = a;
+	memcpy(&f->peer, peer, addr_len(peer));
+	s = session_new_datagram(a->r->inst, "udp", (struct sockaddr *)&a->client, peer);
+	f->s = s;
+	s->proto_state = f;
+	if (a->ctrl)
+		s->note = xasprintf("socks5 udp via session %llu%s%s", (unsigned long long)a->ctrl->id,
+		                    a->ctrl->note ? ": " : "", a->ctrl->note ? a->ctrl->note : "");
+	LIST_INSERT_HEAD(&a->flows, f, entry);
+	a->nflows++;
+	session_opened(s);
+	return f;
+}
+
+static int
+udp_upstream_fd(struct udp_assoc *a, int family)
+{
+	int i = family == AF_INET6;
+
+	if (a->fd[i] >= 0)
+		return a->fd[i];
+	a->fd[i] = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (a->fd[i] < 0)
+		return -1;
+	ev_io_init(&a->rio[i], udp_upstream_cb, a->fd[i], EV_READ);
+	a->rio[i].data = a;
+	ev_io_start(capd_loop, &a->rio[i]);
+	return a->fd[i];
+}
+
+/* One datagram from the client to peer: capture, then send. */
+static void
+udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, size_t n)
+{
+	struct udp_flow *f = udp_flow_get(a, peer);
+	int fd;
+
+	if (f == NULL)
+		return;
+	if ((fd = udp_upstream_fd(a, peer->sa_family)) < 0)
+		return;
+	session_data(f->s, DIR_UP, p, n);
+	if (sendto(fd, p, n, 0, peer, addr_len(peer)) < 0 && errno != EAGAIN)
+		log_debug("%s: udp send to %s: %s", a->r->inst->name,
+		          addr_format(peer, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN), strerror(errno));
+}
+
+static void
+udp_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+{
+	struct udp_assoc *a = arg;
+	struct sockaddr_storage *slot;
+
+	a->rq = NULL;
+	if (err != 0 || n < 1) {
+		log_debug("%s: udp: cannot resolve %s: %s", a->r->inst->name, a->rq_name, why ? why : "no address");
+		buf_reset(&a->pending);
+		return;
+	}
+	slot = &a->names[a->names_next].addr;
+	snprintf(a->names[a->names_next].name, sizeof a->names[0].name, "%s", a->rq_name);
+	memcpy(slot, &addrs[0], sizeof *slot);
+	a->names_next = (a->names_next + 1) % UDP_NAMES;
+	/* sending may end nothing here: a failed send only logs */
+	while (buf_used(&a->pending) >= 4) {
+		const uint8_t *h = buf_head(&a->pending);
+		uint16_t port = (uint16_t)(h[0] << 8 | h[1]);
+		size_t len = (size_t)(h[2] << 8 | h[3]);
+		struct sockaddr_storage peer = *slot;
+
+		if (peer.ss_family == AF_INET)
+			((struct sockaddr_in *)&peer)->sin_port = htons(port);
+		else
+			((struct sockaddr_in6 *)&peer)->sin6_port = htons(port);
+		udp_send_up(a, (struct sockaddr *)&peer, h + 4, len);
+		buf_consume(&a->pending, 4 + len);
+	}
+	buf_free(&a->pending);
+}
+
+/* A datagram for host:port (a literal or a name). */
+static void
+udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_t *p, size_t n)
+{
+	struct sockaddr_storage peer;
+	socklen_t len;
+	uint8_t *q;
+
+	if (addr_from_literal(host, port, &peer, &len) == 0) {
+		udp_send_up(a, (struct sockaddr *)&peer, p, n);
+		return;
+	}
+	for (int i = 0; i < UDP_NAMES; i++)
+		if (a->names[i].name[0] && strcasecmp(a->names[i].name, host) == 0) {
+			peer = a->names[i].addr;
+			if (peer.ss_family == AF_INET)
+				((struct sockaddr_in *)&peer)->sin_port = htons(port);
+			else
+				((struct sockaddr_in6 *)&peer)->sin6_port = htons(port);
+			udp_send_up(a, (struct sockaddr *)&peer, p, n);
+			return;
+		}
+	/* queue it behind the resolution of this name; another name meanwhile is dropped */
+	if (a->rq && strcasecmp(a->rq_name, host) != 0)
+		return;
+	if (buf_used(&a->pending) + 4 + n > UDP_PENDING_MAX)
+		return;
+	q = buf_reserve(&a->pending, 4 + n);
+	q[0] = (uint8_t)(port >> 8);
+	q[1] = (uint8_t)port;
+	q[2] = (uint8_t)(n >> 8);
+	q[3] = (uint8_t)n;
+	memcpy(q + 4, p, n);
+	buf_commit(&a->pending, 4 + n);
+	if (a->rq == NULL) {
+		snprintf(a->rq_name, sizeof a->rq_name, "%s", host);
+		a->rq = resolve_start(host, port, udp_resolved_cb, a);
+	}
+}
+
+/* The association a datagram from src belongs to, or NULL. */
+static struct udp_assoc *
+udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
+{
+	struct udp_assoc *a, *loose = NULL;
+
+	LIST_FOREACH(a, &r->assocs, entry) {
+		if (a->bound) {
+			if (udp_same((struct sockaddr *)&a->client, src, true))
+				return a;
+		} else if (loose == NULL && udp_same((struct sockaddr *)&a->client, src, false)) {
+			loose = a;
+		}
+	}
+	if (loose) {
+		/* the first datagram fixes the port of an association that left it open */
+		memcpy(&loose->client, src, addr_len(src));
+		loose->bound = true;
+	}
+	return loose;
+}
+
+static void
+udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t *p, size_t n)
+{
+	struct udp_assoc *a = udp_assoc_find(r, src);
+	char b[ADDR_STRLEN];
+
+	if (a == NULL && r->socks) {
+		log_debug("%s: udp datagram from %s outside any association dropped", r->inst->name,
+		          addr_format(src, b, sizeof b));
+		return;
+	}
+	if (a == NULL) {
+		if (r->nassocs >= UDP_ASSOCS_MAX)
+			return;
+		a = udp_assoc_alloc(r, src);
+		a->bound = true;
+		ev_timer_set(&a->idle, r->idle, 0.);
+		ev_timer_start(capd_loop, &a->idle);
+	}
+	udp_touch(a);
+	if (!r->socks) {
+		udp_send_host(a, r->to.host, r->to.port, p, n);
+		return;
+	}
+
+	struct socks_req req;
+	size_t used;
+
+	if (socks_parse_udp(p, n, &used, &req) != PARSE_OK) {
+		log_debug("%s: udp datagram from %s dropped: %s", r->inst->name, addr_format(src, b, sizeof b),
+		          req.why ? req.why : "bad header");
+		return;
+	}
+	if (req.frag != 0) {
+		/* fragments are not supported (RFC 1928 section 7 allows dropping them) */
+		log_debug("%s: udp fragment from %s dropped", r->inst->name, addr_format(src, b, sizeof b));
+		return;
+	}
+	if (req.atyp == SOCKS_ATYP_NAME)
+		udp_send_host(a, req.host, req.port, p + used, n - used);
+	else
+		udp_send_up(a, (struct sockaddr *)&req.addr, p + used, n - used);
+}
+
+static void
+udp_client_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct udp_relay *r = w->data;
+	uint8_t *p = udp_buf + SOCKS_UDP_HDR_MAX;
+
+	(void)loop; (void)revents;
+	for (int i = 0; i < UDP_BATCH; i++) {
+		struct sockaddr_storage src;
+		socklen_t len = sizeof src;
+		ssize_t n = recvfrom(r->fd, p, UDP_DGRAM_MAX, 0, (struct sockaddr *)&src, &len);
+
+		if (n < 0)
+			return;
+		udp_client_dgram(r, (struct sockaddr *)&src, p, (size_t)n);
+	}
+}
+
+static void
+udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct udp_assoc *a = w->data;
+	struct udp_relay *r = a->r;
+	uint8_t *p = udp_buf + SOCKS_UDP_HDR_MAX;
+
+	(void)loop; (void)revents;
+	for (int i = 0; i < UDP_BATCH; i++) {
+		struct sockaddr_storage src;
+		socklen_t len = sizeof src;
+		ssize_t n = recvfrom(w->fd, p, UDP_DGRAM_MAX, 0, (struct sockaddr *)&src, &len);
+		struct udp_flow *f = NULL, *g;
+		const uint8_t *out = p;
+		size_t outlen = (size_t)n;
+
+		if (n < 0)
+			return;
+		if (r->socks) {
+			/* a reply from a new endpoint (TFTP answers from another port) is a new flow */
+			f = udp_flow_get(a, (struct sockaddr *)&src);
+		} else {
+			LIST_FOREACH(g, &a->flows, entry)
+				if (udp_same((struct sockaddr *)&g->peer, (struct sockaddr *)&src, true)) {
+					f = g;
+					break;
+				}
+		}
+		if (f == NULL)
+			continue;
+		udp_touch(a);
+		session_data(f->s, DIR_DOWN, p, (size_t)n);
+		if (r->socks) {
+			size_t h = socks_udp_header_len((struct sockaddr *)&src);
+			socks_udp_header(p - h, (struct sockaddr *)&src);
+			out = p - h;
+			outlen += h;
+		}
+		if (!a->bound)
+			continue;
+		if (sendto(r->fd, out, outlen, 0, (struct sockaddr *)&a->client, addr_len((struct sockaddr *)&a->client)) < 0 &&
+		    errno != EAGAIN)
+			log_debug("%s: udp send to client: %s", r->inst->name, strerror(errno));
+	}
+}
