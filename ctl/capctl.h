@@ -54,5 +54,6 @@ int word_match(const char *word, const char *const *words, int n);
 extern const struct cmd cmd_add, cmd_capture, cmd_kill, cmd_list, cmd_reload, cmd_remove, cmd_sessions,
 	cmd_status;
 extern const struct cmd cmd_tail;
+extern const struct cmd cmd_trace;
 
 #endif

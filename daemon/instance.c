@@ -24,11 +24,13 @@
 extern const struct proto proto_forward;
 extern const struct proto proto_socks;
 extern const struct proto proto_sniff;
+extern const struct proto proto_trace;
 
 static const struct proto *const protos[] = {
 	&proto_forward,
 	&proto_socks,
 	&proto_sniff,
+	&proto_trace,
 };
 
 struct instance_list instances = TAILQ_HEAD_INITIALIZER(instances);

@@ -281,7 +281,7 @@ cmd_sink(int port)
 {
 	static char buf[256 * 1024];
 	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1, ep = epoll_create1(0);
+	int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1, ep = epoll_create1(0);
 	struct epoll_event ev = { .events = EPOLLIN }, evs[256];
 
 	inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);

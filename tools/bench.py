@@ -1,0 +1,361 @@
+#!/usr/bin/python3
+"""tools/dev bench: capd against its peers on the same workloads in the same run.
+
+Everything runs on 127.0.0.1 with configs written to a temp folder; every process
+started here is stopped by pid at the end. Each workload alternates capd and the
+peer for several rounds and reports medians and the ratio capd/peer (for
+latencies and memory, lower is better and the ratio is peer/capd so that > 1
+always means capd wins). Benchmarks are not tests: nothing here asserts.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile():
+    """Peers get the same descriptor room as capd (which raises its own limit as root)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+    except (ValueError, OSError):
+        pass
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.build = Path(args.build)
+        self.tmp = Path(tempfile.mkdtemp(prefix="capd-bench-"))
+        self.procs = []
+        self.rows = []
+        self.rounds = 1 if args.quick else 3
+        self.secs = 1.5 if args.quick else 3.0
+        self.client = str(self.build / "capd-bench")
+
+    # ---- processes ----
+    def spawn(self, name, argv, **kw):
+        log = open(self.tmp / f"{name}.log", "ab")
+        p = subprocess.Popen(argv, stdout=kw.pop("stdout", log), stderr=log, preexec_fn=raise_nofile, **kw)
+        self.procs.append(p)
+        return p
+
+    def cleanup(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def run_client(self, *argv, timeout=60):
+        r = subprocess.run([self.client, *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return None
+
+    # ---- servers ----
+    def start_sink(self):
+        self.sink = free_port()
+        self.spawn("sink", [self.client, "sink", str(self.sink)])
+        wait_port(self.sink)
+
+    def start_nginx(self):
+        d = self.tmp / "nginx"
+        (d / "logs").mkdir(parents=True)
+        (d / "www").mkdir()
+        (d / "www" / "index.html").write_text("x" * 512)
+        self.nginx = free_port()
+        tls = ""
+        if self.tls_ready():
+            self.nginx_tls = free_port()
+            tls = (f"server {{ listen 127.0.0.1:{self.nginx_tls} ssl; ssl_certificate {self.tmp}/srv.pem; "
+                   f"ssl_certificate_key {self.tmp}/srv.key; root {d}/www; access_log off; }}")
+        (d / "nginx.conf").write_text(
+            f"daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
+            f"events {{ worker_connections 4096; }}\n"
+            f"http {{ access_log off; keepalive_timeout 0;\n"
+            f" server {{ listen 127.0.0.1:{self.nginx}; root {d}/www; }}\n {tls}\n}}\n")
+        self.spawn("nginx", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        wait_port(self.nginx)
+
+    def tls_ready(self):
+        if hasattr(self, "_tls"):
+            return self._tls
+        t = self.tmp
+        try:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", f"{t}/srv.key", "-out", f"{t}/srv.pem", "-days", "2",
+                            "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test"],
+                           check=True, capture_output=True)
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", f"{t}/ca.key", "-out", f"{t}/ca.pem", "-days", "2",
+                            "-subj", "/CN=bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+                            "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                           check=True, capture_output=True)
+            self._tls = True
+        except (OSError, subprocess.CalledProcessError):
+            self._tls = False
+        return self._tls
+
+    def start_capd(self):
+        d = self.tmp / "capd"
+        d.mkdir()
+        self.capd_sock = d / "capd.sock"
+        (d / "capd.conf").write_text(
+            f"[capd]\ncontrol = {self.capd_sock}\nspool = {d}/spool\nstate_dir = {d}/state\n"
+            f"log_level = warning\nrotate_size = 256M\nkeep_files = 2\n"
+            f"ca_cert = {self.tmp}/ca.pem\nca_key = {self.tmp}/ca.key\n")
+        self.capd = self.spawn("capd", [str(self.build / "capd"), "-c", str(d / "capd.conf")])
+        deadline = time.time() + 10
+        while not self.capd_sock.exists() and time.time() < deadline:
+            time.sleep(0.05)
+
+    def capd_add(self, *args):
+        """Adds a capd instance; returns its port or None when the type is not there."""
+        port = free_port()
+        r = subprocess.run([str(self.build / "capctl"), "-s", str(self.capd_sock), "add", *args,
+                            "--port", str(port)], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"  (capd: add {' '.join(args)} failed: {r.stderr.strip()})", file=sys.stderr)
+            return None
+        wait_port(port)
+        return port
+
+    def rss_kb(self, pid):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    # ---- peers ----
+    def peer_haproxy(self, target_port):
+        if not shutil.which("haproxy"):
+            return None
+        port = free_port()
+        cfg = self.tmp / f"haproxy-{port}.cfg"
+        cfg.write_text(f"global\n maxconn 9800\ndefaults\n mode tcp\n timeout connect 5s\n timeout client 120s\n"
+                       f" timeout server 120s\nlisten f\n bind 127.0.0.1:{port}\n server s 127.0.0.1:{target_port}\n")
+        p = self.spawn("haproxy", ["haproxy", "-db", "-f", str(cfg)])
+        return (port, p) if wait_port(port) else None
+
+    def peer_socat(self, target_port):
+        if not shutil.which("socat"):
+            return None
+        port = free_port()
+        p = self.spawn("socat", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                                 f"TCP:127.0.0.1:{target_port}"])
+        return (port, p) if wait_port(port) else None
+
+    def peer_microsocks(self):
+        if not shutil.which("microsocks"):
+            return None
+        port = free_port()
+        p = self.spawn("microsocks", ["microsocks", "-i", "127.0.0.1", "-p", str(port)])
+        return (port, p) if wait_port(port) else None
+
+    def peer_dante(self):
+        exe = shutil.which("danted") or shutil.which("sockd")
+        if not exe:
+            return None
+        port = free_port()
+        cfg = self.tmp / f"danted-{port}.conf"
+        cfg.write_text(f"logoutput: {self.tmp}/danted.log\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n"
+                       "socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n"
+                       "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+                       "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }\n")
+        p = self.spawn("danted", [exe, "-f", str(cfg), "-p", str(self.tmp / f"danted-{port}.pid")])
+        return (port, p) if wait_port(port) else None
+
+    def peer_tinyproxy(self):
+        if not shutil.which("tinyproxy"):
+            return None
+        port = free_port()
+        cfg = self.tmp / f"tinyproxy-{port}.conf"
+        cfg.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 120\nMaxClients 1000\nAllow 127.0.0.1\n"
+                       f"ConnectPort {self.sink}\nConnectPort {self.nginx}\nLogLevel Critical\n"
+                       f"PidFile \"{self.tmp}/tinyproxy-{port}.pid\"\n")
+        p = self.spawn("tinyproxy", ["tinyproxy", "-d", "-c", str(cfg)])
+        return (port, p) if wait_port(port) else None
+
+    def peer_sslsplit(self):
+        if not shutil.which("sslsplit") or not self.tls_ready():
+            return None
+        port = free_port()
+        p = self.spawn("sslsplit", ["sslsplit", "-d", "-D", "-k", f"{self.tmp}/ca.key", "-c", f"{self.tmp}/ca.pem",
+                                    "ssl", "127.0.0.1", str(port), "127.0.0.1", str(self.nginx_tls)])
+        return (port, p) if wait_port(port) else None
+
+    # ---- measuring ----
+    def median(self, f):
+        vals = [v for v in (f() for _ in range(1)) if v is not None]
+        return vals
+
+    def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False):
+        cv, pv = [], []
+        for _ in range(self.rounds):
+            for fn, acc in ((capd_fn, cv), (peer_fn, pv)):
+                v = fn()
+                if v is not None:
+                    acc.append(v)
+        c = statistics.median(cv) if cv else None
+        p = statistics.median(pv) if pv else None
+        ratio = None
+        if c and p:
+            ratio = (p / c) if lower_better else (c / p)
+        row = {"workload": name, "metric": metric, "capd": c, "peer": peer_name, "peer_value": p,
+               "ratio": ratio, "target": target}
+        self.rows.append(row)
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"
+        print(f"{name:<34} {metric:<10} capd {fmt(c):>9}  {peer_name:<16} {fmt(p):>9}  ratio {fmt(ratio) if ratio is None else f'{ratio:.2f}':>5}"
+              f"  target {target or '-'}", flush=True)
+
+    def bulk(self, via, proxy_port, target_port):
+        r = self.run_client("bulk", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs)
+        return r and r["mb_per_s"]
+
+    def conns(self, via, proxy_port, target_port, key="conns_per_s", sni=None):
+        args = ["conns", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs, 50]
+        if sni:
+            args.append(sni)
+        r = self.run_client(*args)
+        return r and r[key]
+
+    def idle_rss(self, pid, via, proxy_port, target_port, n):
+        """RSS growth per held tunnel in bytes, and whether none was refused."""
+        before = self.rss_kb(pid)
+        p = subprocess.Popen([self.client, "idle", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", str(n)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline().split()
+        time.sleep(1.0)
+        after = self.rss_kb(pid)
+        p.stdin.close()
+        p.wait(30)
+        ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
+        if failed:
+            print(f"  ({failed} of {n} tunnels refused)", file=sys.stderr)
+        return (after - before) * 1024.0 / max(ok, 1), failed
+
+    def run(self):
+        self.tls_ready()
+        self.start_sink()
+        self.start_nginx()
+        self.start_capd()
+        print(f"# {platform.node()} {os.cpu_count()} cores, {platform.platform()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print(f"# {self.rounds} rounds of {self.secs}s, medians; ratio > 1 means capd is ahead")
+
+        fwd_on = self.capd_add("forward", "--to", f"127.0.0.1:{self.sink}", "--name", "fwd-on")
+        fwd_off = self.capd_add("forward", "--to", f"127.0.0.1:{self.sink}", "--name", "fwd-off", "--no-capture")
+        fwd_web = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx}", "--name", "fwd-web")
+        hap = self.peer_haproxy(self.sink)
+        hap_web = self.peer_haproxy(self.nginx)
+        socat = self.peer_socat(self.sink)
+        if fwd_off and hap:
+            self.compare("forward bulk, capture off", "MB/s", lambda: self.bulk("direct", fwd_off, self.sink),
+                         lambda: self.bulk("direct", hap[0], self.sink), "haproxy", ">= 1.2")
+        if fwd_on and hap:
+            self.compare("forward bulk, capture on", "MB/s", lambda: self.bulk("direct", fwd_on, self.sink),
+                         lambda: self.bulk("direct", hap[0], self.sink), "haproxy", ">= 1.0")
+        if fwd_on and fwd_off:
+            self.compare("forward bulk, capture on vs off", "MB/s", lambda: self.bulk("direct", fwd_on, self.sink),
+                         lambda: self.bulk("direct", fwd_off, self.sink), "capd no capture", ">= 0.7")
+        if fwd_on and socat and not self.args.quick:
+            self.compare("forward bulk, capture on", "MB/s", lambda: self.bulk("direct", fwd_on, self.sink),
+                         lambda: self.bulk("direct", socat[0], self.sink), "socat")
+        if fwd_web and hap_web:
+            self.compare("forward new connections/s", "conn/s", lambda: self.conns("direct", fwd_web, self.nginx),
+                         lambda: self.conns("direct", hap_web[0], self.nginx), "haproxy", ">= 1.0 (nginx stream)")
+            self.compare("forward p99 latency", "ms", lambda: self.conns("direct", fwd_web, self.nginx, "p99_ms"),
+                         lambda: self.conns("direct", hap_web[0], self.nginx, "p99_ms"), "haproxy", lower_better=True)
+
+        socks = self.capd_add("socks", "--name", "socks")
+        for peer_name, peer in (("microsocks", self.peer_microsocks()), ("dante", self.peer_dante())):
+            if not (socks and peer):
+                continue
+            self.compare("socks5 bulk, capture on", "MB/s", lambda: self.bulk("socks5", socks, self.sink),
+                         lambda: self.bulk("socks5", peer[0], self.sink), peer_name, ">= 1.2 (dante)")
+            self.compare("socks5 new connections/s", "conn/s", lambda: self.conns("socks5", socks, self.nginx),
+                         lambda: self.conns("socks5", peer[0], self.nginx), peer_name, ">= 1.5 (microsocks)")
+
+        http = self.capd_add("http", "--name", "http", "--connect-ports", "*")
+        tiny = self.peer_tinyproxy()
+        if http and tiny:
+            self.compare("CONNECT bulk, capture on", "MB/s", lambda: self.bulk("connect", http, self.sink),
+                         lambda: self.bulk("connect", tiny[0], self.sink), "tinyproxy", ">= 2.0")
+            self.compare("CONNECT new connections/s", "conn/s", lambda: self.conns("connect", http, self.nginx),
+                         lambda: self.conns("connect", tiny[0], self.nginx), "tinyproxy", ">= 1.5")
+
+        if self.tls_ready():
+            tls = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx_tls}", "--name", "tls", "--tls",
+                                "--no-tls-verify")
+            split = self.peer_sslsplit()
+            if tls and split:
+                self.compare("TLS interception handshakes/s", "conn/s",
+                             lambda: self.conns("direct", tls, self.nginx_tls, sni="bench.test"),
+                             lambda: self.conns("direct", split[0], self.nginx_tls, sni="bench.test"),
+                             "sslsplit", ">= 1.5")
+
+        if not self.args.quick and fwd_off and hap:
+            n = 9000  # the hard RLIMIT_NOFILE here is 20000 and each tunnel costs capd two descriptors
+            self.compare(f"{n} idle tunnels, RSS per tunnel", "bytes",
+                         lambda: self.idle_rss(self.capd.pid, "direct", fwd_off, self.sink, n)[0],
+                         lambda: self.idle_rss(hap[1].pid, "direct", hap[0], self.sink, n)[0],
+                         "haproxy", "<= 3 KB each", lower_better=True)
+
+        if self.args.json:
+            Path(self.args.json).write_text(json.dumps({
+                "machine": f"{platform.node()} {os.cpu_count()} cores {platform.platform()}",
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "rounds": self.rounds, "seconds": self.secs, "rows": self.rows}, indent=2) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", default=str(ROOT / "build"))
+    ap.add_argument("--quick", action="store_true", help="one round of the main workloads (under 2 minutes)")
+    ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    args = ap.parse_args()
+    b = Bench(args)
+    try:
+        b.run()
+    finally:
+        b.cleanup()
+
+
+if __name__ == "__main__":
+    main()
