@@ -1,0 +1,344 @@
+/*
+ * capctl trace [--name N] -- COMMAND [ARGS...]
+ * capctl trace [--name N] --pid PID
+ *
+ * Runs COMMAND (or attaches to PID) under the tracer in trace-ptrace.c and
+ * streams what its sockets carried to capd as `trace.event` notifications
+ * on one control connection; capd records each socket as a session of a
+ * `trace` instance that lives as long as that connection. Everything that
+ * can refuse (capd, seccomp, ptrace, the instance name) is checked before
+ * the command is allowed to exec. The command's exit status becomes ours.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "addr.h"
+#include "capctl.h"
+#include "rpc.h"
+#include "trace-ptrace.h"
+#include "values.h"
+
+/* The event stream to capd; owned by trace_exec. */
+struct trace_link {
+	int fd;          /* -1 once capd is gone */
+	struct rpc_framer in;
+	const char *path;
+	struct buf out;  /* reused encode buffer */
+};
+
+static struct tracer *trace_current;  /* for the signal handler */
+
+static void
+trace_signal_cb(int sig)
+{
+	if (trace_current)
+		trace_stop(trace_current, sig);
+}
+
+static int
+trace_link_open(struct trace_link *l, const struct ctl_opts *o)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+
+	l->path = o->socket;
+	l->fd = -1;
+	rpc_framer_init(&l->in, 0);
+	if (strlen(o->socket) >= sizeof sun.sun_path) {
+		fprintf(stderr, "capctl: cannot reach capd at %s: path too long\n", o->socket);
+		return -1;
+	}
+	strcpy(sun.sun_path, o->socket);
+	if ((l->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
+	    connect(l->fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
+		fprintf(stderr, "capctl: cannot reach capd at %s: %s\n", o->socket, strerror(errno));
+		if (l->fd >= 0)
+			close(l->fd);
+		l->fd = -1;
+		return -1;
+	}
+	return 0;
+}
+
+static void
+trace_link_close(struct trace_link *l)
+{
+	if (l->fd >= 0)
+		close(l->fd);
+	l->fd = -1;
+	rpc_framer_free(&l->in);
+	buf_free(&l->out);
+}
+
+/* Writes one message (stolen); a capd that went away is reported once. */
+static int
+trace_link_send(struct trace_link *l, json_t *msg)
+{
+	if (l->fd < 0) {
+		json_decref(msg);
+		return -1;
+	}
+	buf_consume(&l->out, buf_used(&l->out));
+	rpc_encode(&l->out, msg);
+	json_decref(msg);
+	for (size_t off = 0; off < buf_used(&l->out);) {
+		ssize_t n = send(l->fd, buf_head(&l->out) + off, buf_used(&l->out) - off, MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			fprintf(stderr, "capctl: lost capd at %s: %s; the command goes on unrecorded\n", l->path,
+			        strerror(errno));
+			close(l->fd);
+			l->fd = -1;
+			return -1;
+		}
+		off += (size_t)n;
+	}
+	return 0;
+}
+
+/* Waits for the reply to request id 1. */
+static int
+trace_link_reply(struct trace_link *l, json_t **result)
+{
+	for (;;) {
+		char *line;
+		size_t len;
+		enum rpc_frame fr = rpc_framer_next(&l->in, &line, &len);
+
+		if (fr == RPC_FRAME_LINE) {
+			json_t *m = json_loadb(line, len, 0, NULL), *err;
+			if (m == NULL || json_object_get(m, "method")) {
+				json_decref(m);
+				continue;
+			}
+			if ((err = json_object_get(m, "error")) != NULL) {
+				const char *msg = json_string_value(json_object_get(err, "message"));
+				fprintf(stderr, "capctl: %s\n", msg ? msg : "capd refused");
+				json_decref(m);
+				return CTL_FAIL;
+			}
+			*result = json_incref(json_object_get(m, "result"));
+			json_decref(m);
+			return CTL_OK;
+		}
+		if (fr == RPC_FRAME_TOO_LONG)
+			continue;
+		ssize_t n = read(l->fd, buf_reserve(&l->in.in, 65536), 65536);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			fprintf(stderr, "capctl: capd closed the connection\n");
+			return CTL_FAIL;
+		}
+		buf_commit(&l->in.in, (size_t)n);
+	}
+}
+
+static json_t *
+trace_b64(const uint8_t *p, size_t n)
+{
+	static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	size_t outlen = 4 * ((n + 2) / 3);
+	char *s = malloc(outlen + 1), *o = s;
+	json_t *j;
+
+	if (s == NULL)
+		return json_string("");
+	for (size_t i = 0; i < n; i += 3) {
+		uint32_t v = (uint32_t)p[i] << 16;
+		if (i + 1 < n)
+			v |= (uint32_t)p[i + 1] << 8;
+		if (i + 2 < n)
+			v |= p[i + 2];
+		*o++ = tab[(v >> 18) & 63];
+		*o++ = tab[(v >> 12) & 63];
+		*o++ = i + 1 < n ? tab[(v >> 6) & 63] : '=';
+		*o++ = i + 2 < n ? tab[v & 63] : '=';
+	}
+	j = json_stringn_nocheck(s, outlen);
+	free(s);
+	return j;
+}
+
+static const char *const trace_kinds[] = {
+	[TRACE_EV_OPEN] = "open", [TRACE_EV_DATA] = "data", [TRACE_EV_SHUTDOWN] = "shutdown", [TRACE_EV_CLOSE] = "close",
+};
+
+/* The tracer's callback: one trace.event notification per event. */
+static void
+trace_event_cb(const struct trace_event *ev, void *arg)
+{
+	struct trace_link *l = arg;
+	json_t *p = json_object();
+	char a[ADDR_STRLEN];
+
+	if (l->fd < 0) {
+		json_decref(p);
+		return;
+	}
+	json_object_set_new(p, "sock", json_integer((json_int_t)ev->sock));
+	json_object_set_new(p, "kind", json_string(trace_kinds[ev->kind]));
+	json_object_set_new(p, "pid", json_integer(ev->pid));
+	switch (ev->kind) {
+	case TRACE_EV_OPEN:
+		json_object_set_new(p, "proto", json_string(ev->tcp ? "tcp" : "udp"));
+		json_object_set_new(p, "role", json_string(ev->server ? "server" : "client"));
+		json_object_set_new(p, "local", json_string(addr_format(ev->local, a, sizeof a)));
+		json_object_set_new(p, "remote", json_string(addr_format(ev->remote, a, sizeof a)));
+		json_object_set_new(p, "comm", json_string(ev->comm ? ev->comm : "?"));
+		break;
+	case TRACE_EV_DATA:
+		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
+		json_object_set_new(p, "data", trace_b64(ev->data, ev->len));
+		break;
+	case TRACE_EV_SHUTDOWN:
+		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
+		break;
+	case TRACE_EV_CLOSE:
+		json_object_set_new(p, "reason", json_string(ev->reason ? ev->reason : "closed"));
+		break;
+	}
+	trace_link_send(l, rpc_notification("trace.event", p));
+}
+
+static char *
+trace_join(char **argv, int argc)
+{
+	size_t len = 1;
+	char *s;
+
+	for (int i = 0; i < argc; i++)
+		len += strlen(argv[i]) + 1;
+	s = calloc(1, len);
+	for (int i = 0; i < argc; i++) {
+		if (i)
+			strcat(s, " ");
+		strcat(s, argv[i]);
+	}
+	return s;
+}
+
+static int
+trace_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	const char *name = NULL, *pidarg = NULL;
+	char **cmd = NULL, *why = NULL, *cmdline;
+	int ncmd = 0, i, rc;
+	uint64_t pid = 0;
+	struct trace_link link = { .fd = -1 };
+	struct tracer *t;
+	json_t *params, *result = NULL;
+
+	for (i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--")) {
+			i++;
+			break;
+		}
+		if (!strcmp(argv[i], "--name") || !strcmp(argv[i], "-n")) {
+			if (++i >= argc)
+				return usage_error("trace: --name needs a value");
+			name = argv[i];
+		} else if (!strncmp(argv[i], "--name=", 7)) {
+			name = argv[i] + 7;
+		} else if (!strcmp(argv[i], "--pid") || !strcmp(argv[i], "-p")) {
+			if (++i >= argc)
+				return usage_error("trace: --pid needs a process id");
+			pidarg = argv[i];
+		} else if (!strncmp(argv[i], "--pid=", 6)) {
+			pidarg = argv[i] + 6;
+		} else if (argv[i][0] == '-') {
+			return usage_error("trace: unknown option %s (usage: capctl trace [--name N] -- COMMAND [ARGS...] "
+			                   "| --pid PID)", argv[i]);
+		} else {
+			break;  /* the command, without "--" */
+		}
+	}
+	cmd = argv + i;
+	ncmd = argc - i;
+	if (pidarg && ncmd > 0)
+		return usage_error("trace: give either --pid PID or a command, not both");
+	if (!pidarg && ncmd == 0)
+		return usage_error("usage: capctl trace [--name N] -- COMMAND [ARGS...] | capctl trace [--name N] --pid PID");
+	if (pidarg && (value_uint(pidarg, INT32_MAX, &pid) < 0 || pid == 0))
+		return usage_error("trace: '%s' is not a process id", pidarg);
+	if (pidarg && (pid_t)pid == getpid())
+		return usage_error("trace: capctl cannot trace itself");
+
+	/* refuse before the command starts: tracing, then capd */
+	if (trace_check(pidarg != NULL, &why) < 0) {
+		fprintf(stderr, "capctl: %s\n", why);
+		free(why);
+		return CTL_FAIL;
+	}
+	if (trace_link_open(&link, o) < 0) {
+		trace_link_close(&link);
+		return CTL_FAIL;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	if (pidarg)
+		t = trace_attach((pid_t)pid, trace_event_cb, &link, &why);
+	else
+		t = trace_spawn(cmd, trace_event_cb, &link, &why);
+	if (t == NULL) {
+		fprintf(stderr, "capctl: %s\n", why);
+		free(why);
+		trace_link_close(&link);
+		return CTL_FAIL;
+	}
+
+	cmdline = pidarg ? NULL : trace_join(cmd, ncmd);
+	params = json_object();
+	json_object_set_new(params, "pid", json_integer(trace_pid(t)));
+	json_object_set_new(params, "command", json_string(cmdline ? cmdline : trace_comm(t)));
+	if (name)
+		json_object_set_new(params, "name", json_string(name));
+	free(cmdline);
+	if (trace_link_send(&link, rpc_request("trace.start", params, 1)) < 0 ||
+	    trace_link_reply(&link, &result) != CTL_OK) {
+		trace_abort(t);  /* after --pid, exiting detaches */
+		trace_free(t);
+		trace_link_close(&link);
+		return CTL_FAIL;
+	}
+	json_decref(result);
+
+	/*
+	 * A spawned command shares our terminal: ^C reaches it directly, so we
+	 * wait for it to decide. TERM and HUP sent to capctl alone are passed
+	 * on. After --pid, any of them detaches.
+	 */
+	struct sigaction sa = { .sa_handler = trace_signal_cb };  /* no SA_RESTART: waitpid must return */
+	sigemptyset(&sa.sa_mask);
+	trace_current = t;
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	if (pidarg) {
+		sigaction(SIGINT, &sa, NULL);
+		sigaction(SIGQUIT, &sa, NULL);
+	} else {
+		signal(SIGINT, SIG_IGN);
+		signal(SIGQUIT, SIG_IGN);
+	}
+	if (!pidarg && trace_release(t, &why) < 0) {
+		fprintf(stderr, "capctl: %s\n", why);
+		free(why);
+		trace_abort(t);
+		trace_free(t);
+		trace_link_close(&link);
+		return CTL_FAIL;
+	}
+	rc = trace_run(t);
+	trace_current = NULL;
+	trace_free(t);
+	/* closing the connection ends the trace instance in capd */
+	trace_link_close(&link);
+	return rc;
+}
+
+const struct cmd cmd_trace = { "trace", "[--name N] -- COMMAND [ARGS...] | --pid PID", trace_exec };

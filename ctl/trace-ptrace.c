@@ -1,0 +1,1593 @@
+/*
+ * The tracer behind `capctl trace`.
+ *
+ * A spawned command gets a seccomp filter (installed in the child after
+ * PTRACE_SEIZE, before exec) that returns SECCOMP_RET_TRACE for the
+ * network system calls and for read/write/readv/writev, and lets
+ * everything else run untouched. The tracer sees a seccomp stop at entry;
+ * read and write on a descriptor that is not a TCP/UDP socket are resumed
+ * at once (one stop, no exit stop), everything it cares about is resumed
+ * with PTRACE_SYSCALL to see the result at the syscall-exit stop, where the
+ * bytes are copied out with process_vm_readv.
+ *
+ * --pid cannot give a running process a filter, so there every system call
+ * stops twice (PTRACE_SYSCALL), and the same handlers run.
+ *
+ * Descriptor types are cached per thread group: fd -> socket inode, or
+ * "not a socket". The cache forgets an fd at close/dup2/dup3/F_DUPFD/
+ * close_range and the whole table at exec. Endpoints come from the connect()
+ * and bind() addresses in tracee memory and from /proc/PID/net/{tcp,udp}[6]
+ * looked up by socket inode (the getsockname/getpeername of another
+ * process). A socket ends when no traced process holds it any more
+ * (checked after a close of a socket and after a process exits).
+ */
+#include "trace-ptrace.h"
+
+#include <dirent.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "addr.h"
+
+#ifndef SYS_dup2
+#define SYS_dup2 (-2)
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range (-3)
+#endif
+
+#if defined(__x86_64__)
+#define TRACE_AUDIT_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define TRACE_AUDIT_ARCH AUDIT_ARCH_AARCH64
+#elif defined(__i386__)
+#define TRACE_AUDIT_ARCH AUDIT_ARCH_I386
+#elif defined(__riscv) && __riscv_xlen == 64
+#define TRACE_AUDIT_ARCH AUDIT_ARCH_RISCV64
+#else
+#error "capctl trace: unknown architecture for the seccomp filter"
+#endif
+
+#define TRACE_CHUNK (256 * 1024)  /* bytes per event: the RPC line limit is 1 MiB after base64 */
+#define TRACE_MAX_IO (64u << 20)  /* bytes copied out of one system call at most */
+#define TRACE_HASH 256
+
+enum { TAG_FD = 1, TAG_NET = 2 };  /* SECCOMP_RET_DATA: does the call need an fd check */
+enum { FD_UNKNOWN = 0, FD_OTHER, FD_SOCK };
+
+/* One cached descriptor of a thread group. */
+struct fdent {
+	uint8_t state;
+	uint64_t ino;  /* FD_SOCK: the socket's inode */
+};
+
+/* A thread group (process): its name and descriptor cache. Freed with its last thread. */
+struct tgroup {
+	struct tgroup *next;
+	pid_t tgid;
+	int threads;
+	char comm[32];
+	struct fdent *fds;
+	int nfds;
+};
+
+/* A traced thread and the system call it is in. */
+struct ttask {
+	struct ttask *next;
+	pid_t tid;
+	struct tgroup *g;
+	bool want_exit;                 /* resumed with PTRACE_SYSCALL to see the result */
+	long nr;
+	uint64_t args[6];
+	int oldstate;                   /* close/dup2: what the fd was */
+	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
+	bool have_addr;
+};
+
+/* A UDP peer of a socket: one flow (session) each. */
+struct uflow {
+	struct uflow *next;
+	struct sockaddr_storage remote;
+	uint64_t id;
+};
+
+/* One TCP or UDP socket, by inode. Freed when no traced process holds it. */
+struct tsock {
+	struct tsock *next;
+	uint64_t ino;
+	bool tcp;
+	bool server;                    /* accepted: the remote end is the client */
+	bool have_local, have_remote;
+	struct sockaddr_storage local, remote;
+	uint64_t id;                    /* TCP flow id */
+	bool opened;                    /* TCP: OPEN sent */
+	bool fin[2];                    /* TCP: SHUTDOWN sent per trace_dir */
+	struct uflow *flows, *last;     /* UDP */
+	pid_t pid;                      /* last process that used it, for CLOSE */
+	char comm[32];
+	bool mark;                      /* sweep: still held */
+};
+
+struct tracer {
+	trace_event_fn fn;
+	void *arg;
+	pid_t main;
+	bool attached;                  /* --pid: PTRACE_SYSCALL mode, detach at the end */
+	int status;                     /* exit status to return */
+	bool main_done;
+	int errpipe, gopipe;            /* spawn: exec failure report, and the go signal */
+	char *argv0;
+	struct ttask *tasks;
+	struct tgroup *groups;
+	struct tsock *socks[TRACE_HASH];
+	uint64_t next_id;
+	volatile sig_atomic_t stop_sig;
+	bool detaching;
+	char main_comm[32];
+};
+
+/* ---- small helpers ---- */
+
+static char *
+trace_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static char *
+trace_asprintf(const char *fmt, ...)
+{
+	va_list ap;
+	char *s;
+
+	va_start(ap, fmt);
+	if (vasprintf(&s, fmt, ap) < 0)
+		s = NULL;
+	va_end(ap);
+	return s;
+}
+
+static void *
+trace_calloc(size_t n, size_t size)
+{
+	void *p = calloc(n, size);
+
+	if (p == NULL) {
+		fprintf(stderr, "capctl: out of memory\n");
+		exit(1);
+	}
+	return p;
+}
+
+static int
+yama_scope(void)
+{
+	FILE *f = fopen("/proc/sys/kernel/yama/ptrace_scope", "r");
+	int v = -1;
+
+	if (f) {
+		if (fscanf(f, "%d", &v) != 1)
+			v = -1;
+		fclose(f);
+	}
+	return v;
+}
+
+static char *
+ptrace_why(const char *what, int err)
+{
+	int scope = yama_scope();
+
+	if (err == EPERM && scope >= 1)
+		return trace_asprintf("ptrace not permitted: %s: %s (kernel.yama.ptrace_scope = %d%s)", what, strerror(err),
+		                      scope,
+		                      scope == 1 ? ": only descendants may be traced without CAP_SYS_PTRACE; "
+		                                   "start the program under capctl trace instead, or lower the scope"
+		                      : scope == 2 ? ": only CAP_SYS_PTRACE may trace"
+		                                   : ": ptrace is disabled until reboot");
+	if (err == EPERM)
+		return trace_asprintf("ptrace not permitted: %s: %s (another user's process, a setuid program, "
+		                      "or ptrace forbidden by a security policy)", what, strerror(err));
+	return trace_asprintf("ptrace: %s: %s", what, strerror(err));
+}
+
+static void
+addr_unmap(struct sockaddr_storage *ss)
+{
+	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+	struct sockaddr_in s4 = { .sin_family = AF_INET };
+
+	if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr))
+		return;
+	s4.sin_port = s6->sin6_port;
+	memcpy(&s4.sin_addr, &s6->sin6_addr.s6_addr[12], 4);
+	memset(ss, 0, sizeof *ss);
+	memcpy(ss, &s4, sizeof s4);
+}
+
+/* v4 beside a v6 end: the v6 end is a v4-mapped or unspecified address of a dual-stack socket */
+static void
+addr_pair_fix(struct sockaddr_storage *local, struct sockaddr_storage *remote)
+{
+	addr_unmap(local);
+	addr_unmap(remote);
+	if (local->ss_family == AF_INET6 && remote->ss_family == AF_INET) {
+		struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_port = ((struct sockaddr_in6 *)local)->sin6_port };
+		memset(local, 0, sizeof *local);
+		memcpy(local, &s4, sizeof s4);
+	}
+}
+
+static bool
+addr_unspec(const struct sockaddr_storage *ss)
+{
+	static const struct in6_addr any6 = IN6ADDR_ANY_INIT;
+
+	if (ss->ss_family == AF_INET)
+		return ((const struct sockaddr_in *)ss)->sin_addr.s_addr == htonl(INADDR_ANY);
+	if (ss->ss_family == AF_INET6)
+		return memcmp(&((const struct sockaddr_in6 *)ss)->sin6_addr, &any6, sizeof any6) == 0;
+	return false;
+}
+
+static bool
+addr_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return false;
+	if (a->ss_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+		return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+	}
+	if (a->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+		return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr);
+	}
+	return false;
+}
+
+/* The source address the kernel would pick toward remote, for a socket bound to the wildcard. */
+static void
+addr_route_source(struct sockaddr_storage *local, const struct sockaddr_storage *remote)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof ss;
+	int fd;
+
+	if (!addr_unspec(local) || (remote->ss_family != AF_INET && remote->ss_family != AF_INET6))
+		return;
+	if ((fd = socket(remote->ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
+		return;
+	if (connect(fd, (const struct sockaddr *)remote,
+	            remote->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6)) == 0 &&
+	    getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && ss.ss_family == remote->ss_family) {
+		if (ss.ss_family == AF_INET)
+			((struct sockaddr_in *)local)->sin_addr = ((struct sockaddr_in *)&ss)->sin_addr;
+		else
+			((struct sockaddr_in6 *)local)->sin6_addr = ((struct sockaddr_in6 *)&ss)->sin6_addr;
+	}
+	close(fd);
+}
+
+/* ---- tracee memory ---- */
+
+/* Copies len bytes at addr in pid into out; falls back to /proc/PID/mem. Returns bytes copied. */
+static size_t
+mem_read(pid_t pid, uint64_t addr, void *out, size_t len)
+{
+	struct iovec l = { out, len }, r = { (void *)(uintptr_t)addr, len };
+	ssize_t n;
+	char path[64];
+	int fd;
+
+	if (len == 0)
+		return 0;
+	n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+	if (n >= 0 && (size_t)n == len)
+		return len;
+	snprintf(path, sizeof path, "/proc/%d/mem", (int)pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return n > 0 ? (size_t)n : 0;
+	n = pread(fd, out, len, (off_t)addr);
+	close(fd);
+	return n > 0 ? (size_t)n : 0;
+}
+
+static bool
+mem_sockaddr(pid_t pid, uint64_t addr, uint64_t len, struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof *ss);
+	if (addr == 0 || len < sizeof(sa_family_t))
+		return false;
+	if (len > sizeof *ss)
+		len = sizeof *ss;
+	if (mem_read(pid, addr, ss, len) != len)
+		return false;
+	if (ss->ss_family == AF_INET && len >= sizeof(struct sockaddr_in))
+		return true;
+	if (ss->ss_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+		return true;
+	return false;
+}
+
+/*
+ * Gathers up to max bytes from an iovec array in tracee memory into a new
+ * buffer (caller frees); *got is how many were read.
+ */
+static uint8_t *
+mem_gather(pid_t pid, uint64_t iov_addr, uint64_t iovcnt, size_t max, size_t *got)
+{
+	uint8_t *buf;
+	size_t off = 0;
+
+	*got = 0;
+	if (max > TRACE_MAX_IO)
+		max = TRACE_MAX_IO;
+	if (iovcnt > 1024)
+		iovcnt = 1024;
+	buf = malloc(max ? max : 1);
+	if (buf == NULL)
+		return NULL;
+	for (uint64_t i = 0; i < iovcnt && off < max; i++) {
+		struct iovec v;
+		if (mem_read(pid, iov_addr + i * sizeof v, &v, sizeof v) != sizeof v)
+			break;
+		size_t want = v.iov_len < max - off ? v.iov_len : max - off;
+		size_t n = mem_read(pid, (uint64_t)(uintptr_t)v.iov_base, buf + off, want);
+		off += n;
+		if (n < want)
+			break;
+	}
+	*got = off;
+	return buf;
+}
+
+/* ---- /proc ---- */
+
+static void
+proc_comm(pid_t pid, char *out, size_t n)
+{
+	char path[64];
+	FILE *f;
+
+	snprintf(path, sizeof path, "/proc/%d/comm", (int)pid);
+	out[0] = '\0';
+	if ((f = fopen(path, "r")) != NULL) {
+		if (fgets(out, (int)n, f) == NULL)
+			out[0] = '\0';
+		fclose(f);
+	}
+	out[strcspn(out, "\n")] = '\0';
+	if (out[0] == '\0')
+		snprintf(out, n, "?");
+}
+
+static pid_t
+proc_tgid(pid_t tid)
+{
+	char path[64], line[128];
+	pid_t tgid = tid;
+	FILE *f;
+
+	snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+	if ((f = fopen(path, "r")) == NULL)
+		return tid;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "Tgid: %d", &tgid) == 1)
+			break;
+	fclose(f);
+	return tgid;
+}
+
+/* The socket inode behind fd of tid, or 0 when it is not a socket (or gone). */
+static uint64_t
+proc_fd_ino(pid_t tid, int fd)
+{
+	char path[64], link[64];
+	unsigned long long ino;
+	ssize_t n;
+
+	snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)tid, fd);
+	if ((n = readlink(path, link, sizeof link - 1)) <= 0)
+		return 0;
+	link[n] = '\0';
+	if (sscanf(link, "socket:[%llu]", &ino) != 1)
+		return 0;
+	return ino;
+}
+
+static void
+proc_hex_addr(const char *hex, int family, unsigned port, struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof *ss);
+	if (family == AF_INET) {
+		struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+		s4->sin_family = AF_INET;
+		s4->sin_port = htons((uint16_t)port);
+		s4->sin_addr.s_addr = (uint32_t)strtoul(hex, NULL, 16);  /* the kernel prints the raw word */
+	} else {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons((uint16_t)port);
+		for (int i = 0; i < 4; i++) {
+			char w[9];
+			memcpy(w, hex + 8 * i, 8);
+			w[8] = '\0';
+			uint32_t v = (uint32_t)strtoul(w, NULL, 16);
+			memcpy(&s6->sin6_addr.s6_addr[4 * i], &v, 4);
+		}
+	}
+}
+
+/*
+ * getsockname + getpeername for another process: finds the socket inode in
+ * /proc/PID/net/{tcp,tcp6,udp,udp6}. *server guesses whether a TCP socket
+ * was accepted (its local port is also listening). false when not found.
+ */
+static bool
+proc_net_lookup(pid_t pid, uint64_t ino, bool *tcp, struct sockaddr_storage *local,
+                struct sockaddr_storage *remote, bool *server)
+{
+	static const struct { const char *file; int family; bool tcp; } tabs[] = {
+		{ "tcp", AF_INET, true }, { "tcp6", AF_INET6, true }, { "udp", AF_INET, false }, { "udp6", AF_INET6, false },
+	};
+	char path[64], line[512], lhex[40], rhex[40];
+	unsigned lport, rport, st;
+	unsigned long long lino;
+	bool found = false;
+
+	*server = false;
+	for (size_t t = 0; t < sizeof tabs / sizeof tabs[0] && !found; t++) {
+		FILE *f;
+		snprintf(path, sizeof path, "/proc/%d/net/%s", (int)pid, tabs[t].file);
+		if ((f = fopen(path, "r")) == NULL)
+			continue;
+		while (fgets(line, sizeof line, f)) {
+			if (sscanf(line, " %*u: %39[0-9A-Fa-f]:%X %39[0-9A-Fa-f]:%X %X %*X:%*X %*X:%*X %*X %*u %*u %llu",
+			           lhex, &lport, rhex, &rport, &st, &lino) != 6)
+				continue;
+			if (lino != ino)
+				continue;
+			*tcp = tabs[t].tcp;
+			proc_hex_addr(lhex, tabs[t].family, lport, local);
+			proc_hex_addr(rhex, tabs[t].family, rport, remote);
+			found = true;
+			break;
+		}
+		fclose(f);
+		if (found && tabs[t].tcp) {
+			/* accepted sockets share their local port with a listener */
+			unsigned myport = lport;
+			for (size_t u = 0; u < 2 && !*server; u++) {
+				snprintf(path, sizeof path, "/proc/%d/net/%s", (int)pid, tabs[u].file);
+				if ((f = fopen(path, "r")) == NULL)
+					continue;
+				while (fgets(line, sizeof line, f))
+					if (sscanf(line, " %*u: %39[0-9A-Fa-f]:%X %39[0-9A-Fa-f]:%X %X", lhex, &lport, rhex, &rport,
+					           &st) == 5 && st == 0x0A && lport == myport) {
+						*server = true;
+						break;
+					}
+				fclose(f);
+			}
+		}
+	}
+	return found;
+}
+
+/* ---- tasks, groups, sockets ---- */
+
+static struct ttask *
+task_find(struct tracer *t, pid_t tid)
+{
+	for (struct ttask *k = t->tasks; k; k = k->next)
+		if (k->tid == tid)
+			return k;
+	return NULL;
+}
+
+static struct tgroup *
+group_get(struct tracer *t, pid_t tgid)
+{
+	struct tgroup *g;
+
+	for (g = t->groups; g; g = g->next)
+		if (g->tgid == tgid)
+			return g;
+	g = trace_calloc(1, sizeof *g);
+	g->tgid = tgid;
+	proc_comm(tgid, g->comm, sizeof g->comm);
+	g->next = t->groups;
+	t->groups = g;
+	return g;
+}
+
+static void
+group_forget_fds(struct tgroup *g)
+{
+	free(g->fds);
+	g->fds = NULL;
+	g->nfds = 0;
+}
+
+static struct ttask *
+task_new(struct tracer *t, pid_t tid)
+{
+	struct ttask *k = trace_calloc(1, sizeof *k);
+
+	k->tid = tid;
+	k->nr = -1;
+	k->g = group_get(t, proc_tgid(tid));
+	k->g->threads++;
+	k->next = t->tasks;
+	t->tasks = k;
+	return k;
+}
+
+static void
+task_free(struct tracer *t, struct ttask *k)
+{
+	struct ttask **pp;
+
+	for (pp = &t->tasks; *pp; pp = &(*pp)->next)
+		if (*pp == k) {
+			*pp = k->next;
+			break;
+		}
+	if (--k->g->threads <= 0) {
+		struct tgroup **gp;
+		for (gp = &t->groups; *gp; gp = &(*gp)->next)
+			if (*gp == k->g) {
+				*gp = k->g->next;
+				break;
+			}
+		group_forget_fds(k->g);
+		free(k->g);
+	}
+	free(k);
+}
+
+static struct fdent *
+fd_slot(struct tgroup *g, int fd)
+{
+	if (fd < 0 || fd > (1 << 20))
+		return NULL;
+	if (fd >= g->nfds) {
+		int n = g->nfds ? g->nfds : 64;
+		while (n <= fd)
+			n *= 2;
+		struct fdent *v = realloc(g->fds, (size_t)n * sizeof *v);
+		if (v == NULL)
+			return NULL;
+		memset(v + g->nfds, 0, (size_t)(n - g->nfds) * sizeof *v);
+		g->fds = v;
+		g->nfds = n;
+	}
+	return &g->fds[fd];
+}
+
+static struct tsock *
+sock_find(struct tracer *t, uint64_t ino)
+{
+	for (struct tsock *s = t->socks[ino % TRACE_HASH]; s; s = s->next)
+		if (s->ino == ino)
+			return s;
+	return NULL;
+}
+
+static struct tsock *
+sock_new(struct tracer *t, uint64_t ino, bool tcp)
+{
+	struct tsock *s = trace_calloc(1, sizeof *s);
+
+	s->ino = ino;
+	s->tcp = tcp;
+	s->id = ++t->next_id;
+	s->next = t->socks[ino % TRACE_HASH];
+	t->socks[ino % TRACE_HASH] = s;
+	return s;
+}
+
+static void
+sock_emit(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_kind kind, uint64_t id,
+          const struct sockaddr_storage *remote, enum trace_dir dir, const uint8_t *p, size_t n, const char *reason)
+{
+	struct trace_event ev = {
+		.kind = kind, .sock = id, .tcp = s->tcp, .server = s->server,
+		.local = (const struct sockaddr *)&s->local, .remote = (const struct sockaddr *)remote,
+		.dir = dir, .data = p, .len = n, .reason = reason,
+		.pid = k ? k->g->tgid : s->pid, .comm = k ? k->g->comm : s->comm,
+	};
+
+	if (k) {
+		s->pid = k->g->tgid;
+		snprintf(s->comm, sizeof s->comm, "%s", k->g->comm);
+	}
+	t->fn(&ev, t->arg);
+}
+
+/* Fills in what is missing of the endpoints from /proc/PID/net. */
+static void
+sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
+{
+	struct sockaddr_storage l, r;
+	bool tcp, server;
+
+	(void)t;
+	if (s->have_local && !addr_unspec(&s->local) && (s->have_remote || !s->tcp))
+		return;
+	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, &server))
+		return;
+	s->tcp = tcp;
+	if (!s->have_local || addr_unspec(&s->local) || addr_port((const struct sockaddr *)&s->local) == 0) {
+		s->local = l;
+		s->have_local = true;
+	}
+	if (!s->have_remote && addr_port((const struct sockaddr *)&r) != 0) {
+		s->remote = r;
+		s->have_remote = true;
+	}
+}
+
+/* TCP: sends OPEN once both endpoints are known. */
+static bool
+sock_open_tcp(struct tracer *t, struct ttask *k, struct tsock *s)
+{
+	if (s->opened)
+		return true;
+	sock_learn(t, k, s);
+	if (!s->have_local || !s->have_remote)
+		return false;
+	addr_pair_fix(&s->local, &s->remote);
+	addr_route_source(&s->local, &s->remote);
+	s->opened = true;
+	sock_emit(t, k, s, TRACE_EV_OPEN, s->id, &s->remote, TRACE_SEND, NULL, 0, NULL);
+	return true;
+}
+
+/* UDP: the flow for one peer (NULL peer: the connected one, else the last one used). */
+static struct uflow *
+sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct sockaddr_storage *peer)
+{
+	struct sockaddr_storage r;
+	struct uflow *f;
+
+	if (peer == NULL && s->have_remote)
+		peer = &s->remote;
+	if (peer == NULL)
+		return s->last;
+	r = *peer;
+	sock_learn(t, k, s);
+	if (!s->have_local)
+		return NULL;
+	addr_unmap(&r);
+	for (f = s->flows; f; f = f->next)
+		if (addr_same(&f->remote, &r))
+			return s->last = f;
+	f = trace_calloc(1, sizeof *f);
+	f->remote = r;
+	f->id = ++t->next_id;
+	f->next = s->flows;
+	s->flows = f;
+	s->last = f;
+	addr_pair_fix(&s->local, &f->remote);
+	addr_route_source(&s->local, &f->remote);
+	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, &f->remote, TRACE_SEND, NULL, 0, NULL);
+	return f;
+}
+
+static void
+sock_data(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir,
+          const struct sockaddr_storage *peer, const uint8_t *p, size_t n)
+{
+	if (s->tcp) {
+		if (n == 0 || !sock_open_tcp(t, k, s))
+			return;
+		for (size_t off = 0; off < n; off += TRACE_CHUNK) {
+			size_t c = n - off < TRACE_CHUNK ? n - off : TRACE_CHUNK;
+			sock_emit(t, k, s, TRACE_EV_DATA, s->id, &s->remote, dir, p + off, c, NULL);
+		}
+		return;
+	}
+	struct uflow *f = sock_udp_flow(t, k, s, peer);
+	if (f == NULL)
+		return;
+	sock_emit(t, k, s, TRACE_EV_DATA, f->id, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
+}
+
+static void
+sock_fin(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir)
+{
+	if (!s->tcp || s->fin[dir] || !s->opened)
+		return;
+	s->fin[dir] = true;
+	sock_emit(t, k, s, TRACE_EV_SHUTDOWN, s->id, &s->remote, dir, NULL, 0, NULL);
+}
+
+static void
+sock_free(struct tracer *t, struct tsock *s, const char *reason)
+{
+	struct tsock **pp;
+
+	if (s->tcp && s->opened)
+		sock_emit(t, NULL, s, TRACE_EV_CLOSE, s->id, &s->remote, TRACE_SEND, NULL, 0, reason);
+	while (s->flows) {
+		struct uflow *f = s->flows;
+		s->flows = f->next;
+		sock_emit(t, NULL, s, TRACE_EV_CLOSE, f->id, &f->remote, TRACE_SEND, NULL, 0, reason);
+		free(f);
+	}
+	for (pp = &t->socks[s->ino % TRACE_HASH]; *pp; pp = &(*pp)->next)
+		if (*pp == s) {
+			*pp = s->next;
+			break;
+		}
+	free(s);
+}
+
+/* Ends every socket that no traced process holds any more. */
+static void
+sock_sweep(struct tracer *t, const char *reason)
+{
+	struct tgroup *g;
+	bool any = false;
+
+	for (int h = 0; h < TRACE_HASH; h++)
+		for (struct tsock *s = t->socks[h]; s; s = s->next) {
+			s->mark = false;
+			any = true;
+		}
+	if (!any)
+		return;
+	for (g = t->groups; g; g = g->next) {
+		char path[64];
+		struct dirent *de;
+		DIR *d;
+
+		snprintf(path, sizeof path, "/proc/%d/fd", (int)g->tgid);
+		if ((d = opendir(path)) == NULL)
+			continue;
+		while ((de = readdir(d)) != NULL) {
+			char link[64], p2[400];
+			unsigned long long ino;
+			ssize_t n;
+			struct tsock *s;
+
+			if (de->d_name[0] == '.')
+				continue;
+			snprintf(p2, sizeof p2, "%s/%s", path, de->d_name);
+			if ((n = readlink(p2, link, sizeof link - 1)) <= 0)
+				continue;
+			link[n] = '\0';
+			if (sscanf(link, "socket:[%llu]", &ino) == 1 && (s = sock_find(t, ino)) != NULL)
+				s->mark = true;
+		}
+		closedir(d);
+	}
+	for (int h = 0; h < TRACE_HASH; h++) {
+		struct tsock *s = t->socks[h], *next;
+		for (; s; s = next) {
+			next = s->next;
+			if (!s->mark)
+				sock_free(t, s, reason);
+		}
+	}
+}
+
+/*
+ * The socket behind fd, from the cache or /proc. NULL when fd is not a
+ * TCP/UDP socket. Sockets met for the first time (inherited, or from before
+ * --pid attached) get their endpoints from /proc/PID/net.
+ */
+static struct tsock *
+fd_sock(struct tracer *t, struct ttask *k, int fd)
+{
+	struct fdent *e = fd_slot(k->g, fd);
+	struct tsock *s;
+	uint64_t ino;
+
+	if (e == NULL)
+		return NULL;
+	if (e->state == FD_OTHER)
+		return NULL;
+	if (e->state == FD_SOCK && (s = sock_find(t, e->ino)) != NULL)
+		return s;
+	e->state = FD_OTHER;
+	if ((ino = proc_fd_ino(k->tid, fd)) == 0)
+		return NULL;
+	if ((s = sock_find(t, ino)) == NULL) {
+		struct sockaddr_storage l, r;
+		bool tcp, server;
+		if (!proc_net_lookup(k->tid, ino, &tcp, &l, &r, &server))
+			return NULL;  /* a Unix, netlink ... socket */
+		s = sock_new(t, ino, tcp);
+		s->server = server;
+		s->local = l;
+		s->have_local = true;
+		if (addr_port((struct sockaddr *)&r) != 0) {
+			s->remote = r;
+			s->have_remote = true;
+		}
+	}
+	e->state = FD_SOCK;
+	e->ino = ino;
+	return s;
+}
+
+/* A new descriptor that is a TCP/UDP socket (socket, accept). */
+static struct tsock *
+fd_new_sock(struct tracer *t, struct ttask *k, int fd, bool tcp)
+{
+	struct fdent *e = fd_slot(k->g, fd);
+	uint64_t ino = proc_fd_ino(k->tid, fd);
+	struct tsock *s;
+
+	if (e == NULL || ino == 0)
+		return NULL;
+	if ((s = sock_find(t, ino)) == NULL)
+		s = sock_new(t, ino, tcp);
+	e->state = FD_SOCK;
+	e->ino = ino;
+	return s;
+}
+
+static void
+fd_forget(struct ttask *k, int fd)
+{
+	struct fdent *e = fd_slot(k->g, fd);
+
+	if (e)
+		e->state = FD_UNKNOWN;
+}
+
+/* ---- the seccomp filter ---- */
+
+static const struct { long nr; int tag; } trace_calls[] = {
+	{ SYS_read, TAG_FD }, { SYS_write, TAG_FD }, { SYS_readv, TAG_FD }, { SYS_writev, TAG_FD },
+	{ SYS_socket, TAG_NET }, { SYS_connect, TAG_NET }, { SYS_accept, TAG_NET }, { SYS_accept4, TAG_NET },
+	{ SYS_bind, TAG_NET }, { SYS_sendto, TAG_NET }, { SYS_sendmsg, TAG_NET }, { SYS_sendmmsg, TAG_NET },
+	{ SYS_recvfrom, TAG_NET }, { SYS_recvmsg, TAG_NET }, { SYS_recvmmsg, TAG_NET }, { SYS_shutdown, TAG_NET },
+	{ SYS_close, TAG_NET }, { SYS_dup, TAG_NET }, { SYS_dup3, TAG_NET },
+#if SYS_dup2 >= 0
+	{ SYS_dup2, TAG_NET },
+#endif
+#if SYS_close_range >= 0
+	{ SYS_close_range, TAG_NET },
+#endif
+#ifdef SYS_send
+	{ SYS_send, TAG_NET },
+#endif
+#ifdef SYS_recv
+	{ SYS_recv, TAG_NET },
+#endif
+};
+#define NCALLS (sizeof trace_calls / sizeof trace_calls[0])
+
+#if __BYTE_ORDER == __LITTLE_ENDIAN
+#define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
+#else
+#define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
+#endif
+
+/* Builds the filter into prog (at least 2 * NCALLS + 16 slots); returns its length. */
+static unsigned short
+filter_build(struct sock_filter *f)
+{
+	unsigned short n = 0;
+
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, TRACE_AUDIT_ARCH, 1, 0);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);  /* 32-bit calls pass, untraced */
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+#ifdef __x86_64__
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000 /* __X32_SYSCALL_BIT */, 0, 1);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+#endif
+	for (size_t i = 0; i < NCALLS; i++) {
+		f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)trace_calls[i].nr, 0, 1);
+		f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE | (uint32_t)trace_calls[i].tag);
+	}
+	/* fcntl only for F_DUPFD / F_DUPFD_CLOEXEC, which may reuse a cached descriptor number */
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_fcntl, 0, 4);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(1));
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, F_DUPFD, 1, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, F_DUPFD_CLOEXEC, 0, 1);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE | TAG_NET);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+	return n;
+}
+
+/* In the child: installs the filter. 0 or an errno value. */
+static int
+filter_install(void)
+{
+	struct sock_filter prog[2 * NCALLS + 16];
+	struct sock_fprog fp = { .len = filter_build(prog), .filter = prog };
+
+	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0)
+		return 0;
+	if (errno != EACCES)
+		return errno;
+	/* without CAP_SYS_ADMIN a filter needs no_new_privs (a setuid program then runs unprivileged) */
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		return errno;
+	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0)
+		return 0;
+	return errno;
+}
+
+int
+trace_check(bool attach, char **why)
+{
+	int scope = yama_scope(), status;
+	pid_t pid;
+
+	if (scope == 3) {
+		*why = trace_asprintf("ptrace not permitted: kernel.yama.ptrace_scope = 3 disables ptrace until reboot");
+		return -1;
+	}
+	if (attach)
+		return 0;
+	/* try the real filter in a throwaway child: a kernel without seccomp, or a sandbox that forbids it */
+	if ((pid = fork()) < 0) {
+		*why = trace_asprintf("fork: %s", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		struct sock_filter prog[2 * NCALLS + 16];
+		struct sock_fprog fp = { .len = filter_build(prog), .filter = prog };
+		/* RET_TRACE without a tracer fails the call with ENOSYS, so only install, then leave */
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+			_exit(100 + (errno & 127) % 100);
+		if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) < 0)
+			_exit(errno == ENOSYS ? 3 : errno == EINVAL ? 4 : 5);
+		_exit(0);
+	}
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR) {
+			*why = trace_asprintf("waitpid: %s", strerror(errno));
+			return -1;
+		}
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+		return 0;
+	*why = trace_asprintf("seccomp unavailable: the kernel refused a seccomp filter (%s); "
+	                      "capctl trace needs CONFIG_SECCOMP_FILTER and a sandbox that allows seccomp(2)",
+	                      !WIFEXITED(status) ? "the test child died"
+	                      : WEXITSTATUS(status) == 3 ? "no seccomp system call"
+	                      : WEXITSTATUS(status) == 4 ? "filters not supported"
+	                                                 : "not permitted");
+	return -1;
+}
+
+/* ---- starting ---- */
+
+static const long trace_opts_base = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK |
+                                    PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC | PTRACE_O_TRACESECCOMP;
+
+static struct tracer *
+tracer_new(trace_event_fn fn, void *arg)
+{
+	struct tracer *t = trace_calloc(1, sizeof *t);
+
+	t->fn = fn;
+	t->arg = arg;
+	t->errpipe = t->gopipe = -1;
+	return t;
+}
+
+struct tracer *
+trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
+{
+	struct tracer *t = tracer_new(fn, arg);
+	int ep[2], gp[2];
+	pid_t pid;
+
+	if (pipe2(ep, O_CLOEXEC) < 0 || pipe2(gp, O_CLOEXEC) < 0) {
+		*why = trace_asprintf("pipe: %s", strerror(errno));
+		free(t);
+		return NULL;
+	}
+	if ((pid = fork()) < 0) {
+		*why = trace_asprintf("fork: %s", strerror(errno));
+		close(ep[0]); close(ep[1]); close(gp[0]); close(gp[1]);
+		free(t);
+		return NULL;
+	}
+	if (pid == 0) {
+		char go;
+		int err;
+
+		close(ep[0]);
+		close(gp[1]);
+		/* wait until the tracer has seized us and capd has the instance */
+		ssize_t r;
+		do
+			r = read(gp[0], &go, 1);
+		while (r < 0 && errno == EINTR);
+		if (r != 1 || go != 'g')
+			_exit(127);  /* capctl gave up before the command started */
+		close(gp[0]);
+		signal(SIGINT, SIG_DFL);
+		signal(SIGQUIT, SIG_DFL);
+		signal(SIGPIPE, SIG_DFL);
+		if ((err = filter_install()) != 0) {
+			int msg[2] = { 1, err };
+			ssize_t w = write(ep[1], msg, sizeof msg);
+			(void)w;
+			_exit(127);
+		}
+		execvp(argv[0], argv);
+		int msg[2] = { 2, errno };
+		ssize_t w = write(ep[1], msg, sizeof msg);
+		(void)w;
+		_exit(errno == ENOENT ? 127 : 126);
+	}
+	close(ep[1]);
+	close(gp[0]);
+	t->errpipe = ep[0];
+	t->gopipe = gp[1];
+	t->main = pid;
+	t->argv0 = strdup(argv[0]);
+	if (ptrace(PTRACE_SEIZE, pid, 0, trace_opts_base | PTRACE_O_EXITKILL) < 0) {
+		*why = ptrace_why("cannot trace the command", errno);
+		trace_abort(t);
+		trace_free(t);
+		return NULL;
+	}
+	task_new(t, pid);
+	{
+		const char *b = strrchr(argv[0], '/');
+		snprintf(t->main_comm, sizeof t->main_comm, "%s", b ? b + 1 : argv[0]);
+		/* until exec, the child is a copy of capctl: name its group after the command */
+		snprintf(t->tasks->g->comm, sizeof t->tasks->g->comm, "%.15s", t->main_comm);
+	}
+	return t;
+}
+
+int
+trace_release(struct tracer *t, char **why)
+{
+	(void)why;
+	if (t->gopipe < 0)
+		return 0;
+	if (write(t->gopipe, "g", 1) != 1) {
+		*why = trace_asprintf("cannot start the command: %s", strerror(errno));
+		return -1;
+	}
+	close(t->gopipe);
+	t->gopipe = -1;
+	return 0;
+}
+
+void
+trace_abort(struct tracer *t)
+{
+	int st;
+
+	if (t->main <= 0 || t->attached)
+		return;
+	if (t->gopipe >= 0) {
+		close(t->gopipe);
+		t->gopipe = -1;
+	}
+	kill(t->main, SIGKILL);
+	while (waitpid(t->main, &st, __WALL) < 0 && errno == EINTR)
+		;
+	t->main = 0;
+}
+
+struct tracer *
+trace_attach(pid_t pid, trace_event_fn fn, void *arg, char **why)
+{
+	struct tracer *t = tracer_new(fn, arg);
+	char path[64];
+	bool added = true;
+
+	t->attached = true;
+	t->main = pid;
+	snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+	if (kill(pid, 0) < 0 && errno == ESRCH) {
+		*why = trace_asprintf("no process %d", (int)pid);
+		free(t);
+		return NULL;
+	}
+	/* threads may be created while we attach: repeat until a pass adds none */
+	while (added) {
+		DIR *d = opendir(path);
+		struct dirent *de;
+
+		added = false;
+		if (d == NULL) {
+			*why = trace_asprintf("no process %d", (int)pid);
+			trace_free(t);
+			return NULL;
+		}
+		while ((de = readdir(d)) != NULL) {
+			pid_t tid = (pid_t)atoi(de->d_name);
+			if (tid <= 0 || task_find(t, tid))
+				continue;
+			if (ptrace(PTRACE_SEIZE, tid, 0, trace_opts_base) < 0) {
+				if (errno == ESRCH)
+					continue;
+				char what[64];
+				snprintf(what, sizeof what, "cannot attach to process %d", (int)pid);
+				*why = ptrace_why(what, errno);
+				closedir(d);
+				t->detaching = true;
+				for (struct ttask *k = t->tasks; k; k = k->next)
+					ptrace(PTRACE_DETACH, k->tid, 0, 0);
+				trace_free(t);
+				return NULL;
+			}
+			ptrace(PTRACE_INTERRUPT, tid, 0, 0);
+			task_new(t, tid);
+			added = true;
+		}
+		closedir(d);
+	}
+	proc_comm(pid, t->main_comm, sizeof t->main_comm);
+	return t;
+}
+
+pid_t
+trace_pid(struct tracer *t)
+{
+	return t->main;
+}
+
+const char *
+trace_comm(struct tracer *t)
+{
+	return t->main_comm;
+}
+
+void
+trace_stop(struct tracer *t, int sig)
+{
+	t->stop_sig = sig;
+	if (!t->attached && t->main > 0)
+		kill(t->main, sig);
+}
+
+void
+trace_free(struct tracer *t)
+{
+	if (t == NULL)
+		return;
+	while (t->tasks)
+		task_free(t, t->tasks);
+	for (int h = 0; h < TRACE_HASH; h++)
+		while (t->socks[h]) {
+			struct tsock *s = t->socks[h];
+			t->socks[h] = s->next;
+			while (s->flows) {
+				struct uflow *f = s->flows;
+				s->flows = f->next;
+				free(f);
+			}
+			free(s);
+		}
+	if (t->errpipe >= 0)
+		close(t->errpipe);
+	if (t->gopipe >= 0)
+		close(t->gopipe);
+	free(t->argv0);
+	free(t);
+}
+
+/* ---- system call handlers ---- */
+
+/* Entry (or seccomp) stop: decides whether the exit is worth a second stop. */
+static void
+on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
+{
+	k->nr = nr;
+	memcpy(k->args, a, sizeof k->args);
+	k->want_exit = false;
+	k->have_addr = false;
+	k->oldstate = FD_UNKNOWN;
+
+	if (nr == SYS_read || nr == SYS_write || nr == SYS_readv || nr == SYS_writev || nr == SYS_sendto ||
+	    nr == SYS_sendmsg || nr == SYS_sendmmsg || nr == SYS_recvfrom || nr == SYS_recvmsg ||
+	    nr == SYS_recvmmsg || nr == SYS_shutdown
+#ifdef SYS_send
+	    || nr == SYS_send
+#endif
+#ifdef SYS_recv
+	    || nr == SYS_recv
+#endif
+	) {
+		if (fd_sock(t, k, (int)a[0]) != NULL)
+			k->want_exit = true;
+		if (nr == SYS_sendto && k->want_exit)
+			k->have_addr = mem_sockaddr(k->tid, a[4], a[5], &k->addr);
+		return;
+	}
+	if (nr == SYS_socket) {
+		int type = (int)a[1] & 0xf;
+		k->want_exit = (a[0] == AF_INET || a[0] == AF_INET6) && (type == SOCK_STREAM || type == SOCK_DGRAM);
+		return;
+	}
+	if (nr == SYS_connect || nr == SYS_bind) {
+		k->have_addr = mem_sockaddr(k->tid, a[1], a[2], &k->addr);
+		k->want_exit = k->have_addr || (nr == SYS_connect && a[2] >= sizeof(sa_family_t));
+		return;
+	}
+	if (nr == SYS_accept || nr == SYS_accept4) {
+		k->want_exit = true;
+		return;
+	}
+	if (nr == SYS_close || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_dup || nr == SYS_fcntl) {
+		int fd = nr == SYS_close ? (int)a[0] : (nr == SYS_dup2 || nr == SYS_dup3) ? (int)a[1] : -1;
+		if (nr == SYS_fcntl && a[1] != F_DUPFD && a[1] != F_DUPFD_CLOEXEC)
+			return;
+		if (fd >= 0) {
+			struct fdent *e = fd_slot(k->g, fd);
+			if (e) {
+				k->oldstate = e->state;
+				e->state = FD_UNKNOWN;
+			}
+		}
+		/* close of a non-socket needs nothing more; the others must forget the new number */
+		k->want_exit = nr != SYS_close || k->oldstate == FD_SOCK;
+		return;
+	}
+	if (nr == SYS_close_range) {
+		group_forget_fds(k->g);
+		k->want_exit = true;
+		return;
+	}
+}
+
+/* Reads the peer address a recvfrom/recvmsg wrote back. */
+static bool
+exit_peer(struct ttask *k, uint64_t addr, uint64_t lenp, struct sockaddr_storage *ss)
+{
+	uint32_t len = 0;
+
+	if (addr == 0 || lenp == 0 || mem_read(k->tid, lenp, &len, sizeof len) != sizeof len)
+		return false;
+	return mem_sockaddr(k->tid, addr, len, ss);
+}
+
+static void
+exit_msghdr(struct tracer *t, struct ttask *k, struct tsock *s, uint64_t msg_addr, size_t n, enum trace_dir dir)
+{
+	struct msghdr m;
+	struct sockaddr_storage peer;
+	bool have_peer = false;
+	uint8_t *buf;
+	size_t got;
+
+	if (mem_read(k->tid, msg_addr, &m, sizeof m) != sizeof m)
+		return;
+	if (m.msg_name && m.msg_namelen > 0)
+		have_peer = mem_sockaddr(k->tid, (uint64_t)(uintptr_t)m.msg_name, m.msg_namelen, &peer);
+	if ((buf = mem_gather(k->tid, (uint64_t)(uintptr_t)m.msg_iov, m.msg_iovlen, n, &got)) == NULL)
+		return;
+	if (dir == TRACE_SEND && s->tcp && have_peer && !s->have_remote) {
+		s->remote = peer;  /* sendmsg with MSG_FASTOPEN */
+		s->have_remote = true;
+	}
+	sock_data(t, k, s, dir, have_peer ? &peer : NULL, buf, got);
+	free(buf);
+}
+
+static void
+on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
+{
+	long nr = k->nr;
+	const uint64_t *a = k->args;
+	struct tsock *s;
+
+	k->nr = -1;
+	if (nr == SYS_socket) {
+		if (!is_err && rv >= 0 && (s = fd_new_sock(t, k, (int)rv, ((int)a[1] & 0xf) == SOCK_STREAM)) != NULL)
+			s->pid = k->g->tgid;
+		return;
+	}
+	if (nr == SYS_close || nr == SYS_close_range) {
+		sock_sweep(t, "closed");
+		return;
+	}
+	if (nr == SYS_dup || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_fcntl) {
+		if (!is_err && rv >= 0)
+			fd_forget(k, (int)rv);
+		if (k->oldstate == FD_SOCK)
+			sock_sweep(t, "closed");
+		return;
+	}
+	if (nr == SYS_accept || nr == SYS_accept4) {
+		if (is_err || rv < 0)
+			return;
+		if (proc_fd_ino(k->tid, (int)rv) == 0)
+			return;
+		fd_forget(k, (int)rv);
+		if ((s = fd_sock(t, k, (int)rv)) == NULL || !s->tcp)
+			return;
+		s->server = true;
+		sock_open_tcp(t, k, s);
+		return;
+	}
+	if (nr == SYS_connect || nr == SYS_bind) {
+		if (is_err && !(nr == SYS_connect && rv == -EINPROGRESS))
+			return;
+		if ((s = fd_sock(t, k, (int)a[0])) == NULL) {
+			/* a socket from before we looked: known now that it has an address */
+			fd_forget(k, (int)a[0]);
+			if ((s = fd_sock(t, k, (int)a[0])) == NULL)
+				return;
+		}
+		if (nr == SYS_bind) {
+			if (k->have_addr) {
+				s->local = k->addr;
+				s->have_local = true;
+			}
+			return;
+		}
+		if (!k->have_addr) {  /* AF_UNSPEC: a UDP socket dissolves its association */
+			s->have_remote = false;
+			return;
+		}
+		s->remote = k->addr;
+		s->have_remote = true;
+		s->server = false;
+		s->have_local = false;  /* the kernel picked it now */
+		sock_learn(t, k, s);
+		if (s->tcp && rv == 0)
+			sock_open_tcp(t, k, s);
+		return;
+	}
+	if ((s = fd_sock(t, k, (int)a[0])) == NULL)
+		return;
+	if (nr == SYS_shutdown) {
+		if (!is_err && (a[1] == SHUT_WR || a[1] == SHUT_RDWR))
+			sock_fin(t, k, s, TRACE_SEND);
+		return;
+	}
+	if (is_err || rv < 0)
+		return;
+
+	bool send = nr == SYS_write || nr == SYS_writev || nr == SYS_sendto || nr == SYS_sendmsg || nr == SYS_sendmmsg
+#ifdef SYS_send
+	            || nr == SYS_send
+#endif
+	    ;
+	enum trace_dir dir = send ? TRACE_SEND : TRACE_RECV;
+	size_t n = (size_t)rv;
+	uint8_t *buf;
+	size_t got;
+
+	if (nr == SYS_read || nr == SYS_write || nr == SYS_sendto || nr == SYS_recvfrom
+#ifdef SYS_send
+	    || nr == SYS_send
+#endif
+#ifdef SYS_recv
+	    || nr == SYS_recv
+#endif
+	) {
+		struct sockaddr_storage peer;
+		bool have_peer = false;
+		bool is_msgcall = nr == SYS_sendto || nr == SYS_recvfrom;
+
+		if (!send && is_msgcall && (a[3] & MSG_PEEK))
+			return;
+		if (n > a[2])
+			n = a[2];  /* MSG_TRUNC: the datagram was longer than the buffer */
+		if (!send && n == 0 && s->tcp) {
+			if (a[2] > 0)
+				sock_fin(t, k, s, TRACE_RECV);
+			return;
+		}
+		if (nr == SYS_sendto && k->have_addr) {
+			peer = k->addr;
+			have_peer = true;
+			if (s->tcp && !s->have_remote) {
+				s->remote = peer;
+				s->have_remote = true;
+			}
+		} else if (nr == SYS_recvfrom) {
+			have_peer = exit_peer(k, a[4], a[5], &peer);
+		}
+		if (n > TRACE_MAX_IO)
+			n = TRACE_MAX_IO;
+		if ((buf = malloc(n ? n : 1)) == NULL)
+			return;
+		got = mem_read(k->tid, a[1], buf, n);
+		sock_data(t, k, s, dir, have_peer ? &peer : NULL, buf, got);
+		free(buf);
+		return;
+	}
+	if (nr == SYS_readv || nr == SYS_writev) {
+		if (!send && n == 0 && s->tcp) {
+			sock_fin(t, k, s, TRACE_RECV);
+			return;
+		}
+		if ((buf = mem_gather(k->tid, a[1], a[2], n, &got)) == NULL)
+			return;
+		sock_data(t, k, s, dir, NULL, buf, got);
+		free(buf);
+		return;
+	}
+	if (nr == SYS_sendmsg || nr == SYS_recvmsg) {
+		if (!send && (a[2] & MSG_PEEK))
+			return;
+		if (!send && n == 0 && s->tcp) {
+			sock_fin(t, k, s, TRACE_RECV);
+			return;
+		}
+		exit_msghdr(t, k, s, a[1], n, dir);
+		return;
+	}
+	if (nr == SYS_sendmmsg || nr == SYS_recvmmsg) {
+		if (!send && (a[3] & MSG_PEEK))
+			return;
+		for (size_t i = 0; i < n && i < 1024; i++) {
+			struct mmsghdr mm;
+			uint64_t at = a[1] + i * sizeof mm;
+			if (mem_read(k->tid, at, &mm, sizeof mm) != sizeof mm)
+				break;
+			exit_msghdr(t, k, s, at, mm.msg_len, dir);
+		}
+		return;
+	}
+}
+
+/* ---- the loop ---- */
+
+static void
+task_resume(struct tracer *t, struct ttask *k, int sig)
+{
+	int req = t->attached || k->want_exit ? PTRACE_SYSCALL : PTRACE_CONT;
+
+	ptrace(req, k->tid, 0, sig);
+}
+
+static void
+on_syscall_stop(struct tracer *t, struct ttask *k)
+{
+	struct __ptrace_syscall_info si;
+
+	memset(&si, 0, sizeof si);
+	if (ptrace(PTRACE_GET_SYSCALL_INFO, k->tid, sizeof si, &si) <= 0) {
+		k->want_exit = false;
+		return;
+	}
+	if (si.op == PTRACE_SYSCALL_INFO_SECCOMP) {
+		on_entry(t, k, (long)si.seccomp.nr, si.seccomp.args);
+	} else if (si.op == PTRACE_SYSCALL_INFO_ENTRY) {
+		if (si.arch != TRACE_AUDIT_ARCH) {
+			k->want_exit = false;
+			k->nr = -1;
+			return;
+		}
+		on_entry(t, k, (long)si.entry.nr, si.entry.args);
+	} else if (si.op == PTRACE_SYSCALL_INFO_EXIT) {
+		if (k->nr >= 0 && k->want_exit)
+			on_exit_call(t, k, si.exit.rval, si.exit.is_error != 0);
+		k->want_exit = false;
+		k->nr = -1;
+	}
+}
+
+static void
+on_task_gone(struct tracer *t, struct ttask *k, int status)
+{
+	bool last = k->g->threads <= 1;
+
+	if (k->tid == t->main) {
+		t->main_done = true;
+		if (WIFEXITED(status))
+			t->status = WEXITSTATUS(status);
+		else if (WIFSIGNALED(status))
+			t->status = 128 + WTERMSIG(status);
+	}
+	task_free(t, k);
+	if (last)
+		sock_sweep(t, "process exited");
+}
+
+static void
+begin_detach(struct tracer *t)
+{
+	t->detaching = true;
+	for (struct ttask *k = t->tasks; k; k = k->next)
+		ptrace(PTRACE_INTERRUPT, k->tid, 0, 0);
+}
+
+int
+trace_run(struct tracer *t)
+{
+	int status;
+
+	while (t->tasks) {
+		pid_t pid;
+		struct ttask *k;
+
+		if (t->attached && t->stop_sig && !t->detaching)
+			begin_detach(t);
+		pid = waitpid(-1, &status, __WALL);
+		if (pid < 0) {
+			if (errno == EINTR)
+				continue;
+			break;  /* ECHILD: nothing left */
+		}
+		k = task_find(t, pid);
+		if (WIFEXITED(status) || WIFSIGNALED(status)) {
+			if (k)
+				on_task_gone(t, k, status);
+			continue;
+		}
+		if (!WIFSTOPPED(status))
+			continue;
+		if (k == NULL)
+			k = task_new(t, pid);  /* a new child reported before its parent's fork event */
+		int sig = WSTOPSIG(status), ev = status >> 16;
+		if (t->detaching) {
+			ptrace(PTRACE_DETACH, pid, 0, (ev == 0 && sig != (SIGTRAP | 0x80) && sig != SIGTRAP) ? sig : 0);
+			task_free(t, k);
+			continue;
+		}
+		if (sig == (SIGTRAP | 0x80) || ev == PTRACE_EVENT_SECCOMP) {
+			on_syscall_stop(t, k);
+			task_resume(t, k, 0);
+		} else if (ev == PTRACE_EVENT_FORK || ev == PTRACE_EVENT_VFORK || ev == PTRACE_EVENT_CLONE) {
+			unsigned long child = 0;
+			if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &child) == 0 && child > 0 && !task_find(t, (pid_t)child))
+				task_new(t, (pid_t)child);
+			task_resume(t, k, 0);
+		} else if (ev == PTRACE_EVENT_EXEC) {
+			unsigned long former = 0;
+			/* a thread that execs takes over the thread group id; its old id is gone */
+			if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &former) == 0 && (pid_t)former != pid) {
+				struct ttask *old = task_find(t, (pid_t)former);
+				if (old)
+					task_free(t, old);
+			}
+			if ((k = task_find(t, pid)) == NULL)
+				k = task_new(t, pid);
+			k->want_exit = false;
+			k->nr = -1;
+			group_forget_fds(k->g);
+			proc_comm(k->g->tgid, k->g->comm, sizeof k->g->comm);
+			if (pid == t->main)
+				snprintf(t->main_comm, sizeof t->main_comm, "%s", k->g->comm);
+			sock_sweep(t, "closed at exec");
+			task_resume(t, k, 0);
+		} else if (ev == PTRACE_EVENT_STOP) {
+			if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU)
+				ptrace(PTRACE_LISTEN, pid, 0, 0);  /* a real group stop: stay stopped */
+			else
+				task_resume(t, k, 0);
+		} else if (ev != 0) {
+			task_resume(t, k, 0);
+		} else {
+			task_resume(t, k, sig == SIGTRAP ? 0 : sig);  /* signal delivery: pass it on */
+		}
+	}
+	sock_sweep(t, t->detaching ? "trace detached" : "process exited");
+	/* the exec never happened: say why */
+	if (t->errpipe >= 0) {
+		int msg[2];
+		if (read(t->errpipe, msg, sizeof msg) == (ssize_t)sizeof msg) {
+			if (msg[0] == 1)
+				fprintf(stderr, "capctl: seccomp unavailable: cannot install the filter: %s\n", strerror(msg[1]));
+			else
+				fprintf(stderr, "capctl: cannot run %s: %s\n", t->argv0 ? t->argv0 : "command", strerror(msg[1]));
+		}
+	}
+	return t->detaching && !t->main_done ? 0 : t->status;
+}
