@@ -19,6 +19,7 @@
 #include "control.h"
 #include "instance.h"
 #include "log.h"
+#include "privdrop.h"
 #include "relay.h"
 #include "resolve.h"
 #include "session.h"
@@ -310,6 +311,13 @@ main(int argc, char **argv)
 	if (errs) {
 		/* a config whose instances cannot start is a failed start, as with nginx */
 		free(errs);
+		capd_finish();
+		return 1;
+	}
+	/* everything the config asks for is bound and open: root is no longer needed */
+	if (privdrop(capd_settings, &why) < 0) {
+		log_error("%s", why);
+		free(why);
 		capd_finish();
 		return 1;
 	}

@@ -477,10 +477,17 @@ control_start(const struct capd_settings *st, char **why)
 		ctl_fd = SD_LISTEN_FDS_START;
 		fcntl(ctl_fd, F_SETFL, fcntl(ctl_fd, F_GETFL) | O_NONBLOCK);
 		fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
-		if (fstat(ctl_fd, &sb) == 0 && st->control_group) {
+		if (st->control_group) {
 			struct group *gr = getgrnam(st->control_group);
 			if (gr)
 				ctl_gid = gr->gr_gid;
+		} else {
+			/* no control_group: the group capd.socket gave the file (SocketGroup=) may talk to capd */
+			struct sockaddr_un sun = { 0 };
+			socklen_t len = sizeof sun - 1;
+			if (getsockname(ctl_fd, (struct sockaddr *)&sun, &len) == 0 && sun.sun_path[0] != '\0' &&
+			    stat(sun.sun_path, &sb) == 0 && sb.st_gid != 0)
+				ctl_gid = sb.st_gid;
 		}
 		log_info("control: using the socket passed by systemd");
 	}

@@ -22,7 +22,12 @@
 #include "xmalloc.h"
 
 #define SNIFF_SNAPLEN_MAX 262144u     /* libpcap's own default and ceiling */
-#define SNIFF_BUFFER (4 << 20)        /* kernel ring: rides out short loop stalls */
+/*
+ * Kernel ring. Immediate mode uses fixed-size frames as big as the snap
+ * length (or the device's MTU): loopback's 64 KiB segments and `any` with the
+ * default snap length need a big ring to hold more than a handful of them.
+ */
+#define SNIFF_BUFFER (32 << 20)
 #define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
 #define SNIFF_ROUNDS 8                /* dispatch calls per wake-up before yielding to others */
 
