@@ -73,7 +73,8 @@ static int
 socks_configure(struct instance *inst, struct params *p)
 {
 	struct socks_cfg *c = xcalloc(1, sizeof *c);
-	bool tls = false;
+	const char *tls;
+	bool on = false;
 
 	inst->cfg = c;
 	c->users = users_load(p);
@@ -81,10 +82,11 @@ socks_configure(struct instance *inst, struct params *p)
 		return -1;
 	/* SOCKS4 has no password: allowed by default only when no users are configured */
 	if (params_bool(p, "socks4", c->users == NULL, &c->socks4) < 0 ||
-	    params_duration(p, "handshake_timeout", 10, &c->hs_timeout) < 0 ||
-	    params_bool(p, "tls", false, &tls) < 0)
+	    params_duration(p, "handshake_timeout", 10, &c->hs_timeout) < 0)
 		return -1;
-	if (tls)
+	/* tls = yes|auto: interception is wired to socks once tls.c lands */
+	tls = params_str(p, "tls", NULL);
+	if (tls && (strcmp(tls, "auto") == 0 || params_bool(p, "tls", false, &on) < 0 || on))
 		return params_fail(p, "tls", "TLS interception is not available for socks instances yet");
 	return 0;
 }

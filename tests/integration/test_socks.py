@@ -1,0 +1,701 @@
+"""Issue 4: the socks instance (SOCKS 4, 4a and 5: CONNECT, BIND, UDP ASSOCIATE,
+username/password, IPv6) with real clients: curl, a Java program, proxychains4,
+and small socket clients for what no stock client does (BIND, UDP, bad input)."""
+
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import EchoServer, follow_tcp, free_port, tcp_stream_of, tshark, wait_port
+
+
+# ---------------------------------------------------------------- helpers
+
+def curl(*args, timeout=30):
+    return subprocess.run(["curl", "-sS", "--max-time", "20", *map(str, args)],
+                          capture_output=True, timeout=timeout)
+
+
+def add_socks(capd, *args, host="127.0.0.1"):
+    port = free_port(host=host)
+    extra = ["--bind", host] if host != "127.0.0.1" else []
+    capd.ctl("add", "socks", "--port", port, *extra, *args)
+    return port
+
+
+def recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        d = s.recv(n - len(data))
+        if not d:
+            raise EOFError(f"closed after {len(data)} of {n} bytes: {data!r}")
+        data += d
+    return data
+
+
+def recv_all(s, limit=1 << 20):
+    data = b""
+    while len(data) < limit:
+        try:
+            d = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not d:
+            break
+        data += d
+    return data
+
+
+def s5_addr(host, port):
+    """ATYP + address + port for a literal or a name."""
+    try:
+        return b"\x01" + socket.inet_pton(socket.AF_INET, host) + struct.pack("!H", port)
+    except OSError:
+        pass
+    try:
+        return b"\x04" + socket.inet_pton(socket.AF_INET6, host) + struct.pack("!H", port)
+    except OSError:
+        return b"\x03" + bytes([len(host)]) + host.encode() + struct.pack("!H", port)
+
+
+def s5_read_reply(s):
+    """Reads VER REP RSV ATYP BND.ADDR BND.PORT; returns (rep, host, port)."""
+    head = recv_exact(s, 4)
+    assert head[0] == 5, head
+    if head[3] == 1:
+        host = socket.inet_ntop(socket.AF_INET, recv_exact(s, 4))
+    elif head[3] == 4:
+        host = socket.inet_ntop(socket.AF_INET6, recv_exact(s, 16))
+    else:
+        host = recv_exact(s, recv_exact(s, 1)[0]).decode()
+    port = struct.unpack("!H", recv_exact(s, 2))[0]
+    return head[1], host, port
+
+
+def s5_open(port, user=None, password=None, host="127.0.0.1"):
+    """A connected, greeted (and authenticated) SOCKS5 control socket."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect((host, port))
+    if user is None:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exact(s, 2) == b"\x05\x00"
+    else:
+        s.sendall(b"\x05\x01\x02")
+        assert recv_exact(s, 2) == b"\x05\x02"
+        s.sendall(b"\x01" + bytes([len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+        assert recv_exact(s, 2) == b"\x01\x00"
+    return s
+
+
+def s5_request(s, cmd, host, port):
+    s.sendall(bytes([5, cmd, 0]) + s5_addr(host, port))
+    return s5_read_reply(s)
+
+
+def s4_request(port, cmd, ip, dport, user=b"", name=None):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    dst = socket.inet_aton("0.0.0.1" if name else ip)
+    msg = bytes([4, cmd]) + struct.pack("!H", dport) + dst + user + b"\0"
+    if name:
+        msg += name.encode() + b"\0"
+    s.sendall(msg)
+    return s
+
+
+def closed_by_peer(s, timeout=5):
+    """True when the peer closes (FIN or RST) within timeout; drains what comes first."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def last_session(capd, pred=lambda s: True, timeout=10):
+    ss = capd.wait_sessions(lambda ss: any(s["state"] == "closed" and pred(s) for s in ss), timeout=timeout)
+    return [s for s in ss if s["state"] == "closed" and pred(s)][-1]
+
+
+def pcap_with(capd, sid, timeout=10):
+    """The spool file whose packets name session sid, and its TCP stream index."""
+    deadline = time.time() + timeout
+    while True:
+        for p in capd.pcaps():
+            st = tcp_stream_of(p, sid)
+            if st is not None:
+                return p, st
+        if time.time() > deadline:
+            raise AssertionError(f"no pcap holds session {sid}: {capd.pcaps()}")
+        time.sleep(0.3)
+
+
+class PeerServer:
+    """Accepts connections and answers each with the client's address as 'host port\\n'."""
+
+    def __init__(self, host="127.0.0.1"):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                c, peer = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(f"{peer[0]} {peer[1]}\n".encode())
+                c.shutdown(socket.SHUT_WR)
+                recv_all(c)
+
+    def close(self):
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- CONNECT with curl
+
+@pytest.mark.parametrize("flag,proto", [("--socks4", "socks4"), ("--socks4a", "socks4a"),
+                                        ("--socks5", "socks5"), ("--socks5-hostname", "socks5")])
+def test_curl_connect(capd, http_server, flag, proto):
+    hport, www = http_server
+    body = os.urandom(30000)
+    (www / "data.bin").write_bytes(body)
+    port = add_socks(capd)
+    host = "localhost" if flag in ("--socks4a", "--socks5-hostname") else "127.0.0.1"
+    r = curl(flag, f"127.0.0.1:{port}", f"http://{host}:{hport}/data.bin")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == body
+    s = last_session(capd)
+    assert s["proto"] == proto
+    assert s["target"] == f"127.0.0.1:{hport}"
+    assert s["bytes_down"] > 30000
+    assert f"connect {host}:{hport}" in s["note"], s
+    if host == "localhost" and proto == "socks5":
+        assert s.get("target_name") == f"localhost:{hport}"
+
+    # the capture holds the tunnelled HTTP exchange only, no SOCKS handshake
+    capd.flush()
+    if not capd.pcaps():
+        pytest.skip("spool writes no pcapng yet")
+    pcap, stream = pcap_with(capd, s["id"])
+    up, down = follow_tcp(pcap, stream)
+    assert up.startswith(b"GET /data.bin HTTP/1.1\r\n"), up[:80]
+    assert down.startswith(b"HTTP/1.0 200 OK\r\n"), down[:80]
+    assert down.endswith(body)
+    assert len(up) == s["bytes_up"] and len(down) == s["bytes_down"]
+
+
+def test_curl_proxy_user(capd, http_server):
+    hport, _ = http_server
+    port = add_socks(capd, "--auth", "bob:s3cret", "--auth", "alice:pw")
+    url = f"http://127.0.0.1:{hport}/"
+    r = curl("--socks5", f"127.0.0.1:{port}", "--proxy-user", "bob:s3cret", url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from the origin\n"
+    s = last_session(capd)
+    assert "user=bob" in s["note"]
+
+    # a wrong password: refused, and the reason names the user
+    r = curl("--socks5", f"127.0.0.1:{port}", "--proxy-user", "bob:wrong", url)
+    assert r.returncode != 0
+    s = last_session(capd, lambda s: "auth failed" in s.get("reason", ""))
+    assert s["reason"] == "socks5: auth failed for user bob"
+    assert "socks5: auth failed for user bob" in capd.log()
+
+    # no credentials at all: no acceptable method
+    r = curl("--socks5", f"127.0.0.1:{port}", url)
+    assert r.returncode != 0
+    last_session(capd, lambda s: "no acceptable auth method" in s.get("reason", ""))
+
+    # SOCKS4 has no password: refused while users are configured
+    r = curl("--socks4", f"127.0.0.1:{port}", url)
+    assert r.returncode != 0
+    last_session(capd, lambda s: s["proto"] == "socks4" and "refused" in s.get("reason", ""))
+    assert capd.ctl("list", json_out=True)[0]["users"] == 2
+
+
+def test_socks4_allowed_with_users(capd, http_server):
+    hport, _ = http_server
+    port = add_socks(capd, "--auth", "bob:x", "--socks4")
+    r = curl("--socks4a", f"127.0.0.1:{port}", "--proxy-user", "bob:", f"http://localhost:{hport}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from the origin\n"
+    s = last_session(capd)
+    assert s["proto"] == "socks4a"
+    assert "user=bob" in s["note"]
+
+
+def test_users_file_in_config(capd_factory, http_server, tmp_path):
+    hport, _ = http_server
+    port = free_port()
+    users = tmp_path / "users"
+    users.write_text("# lab users\nbob:one:two\n\n  eve:pw\n")
+    capd = capd_factory(f"[socks lab]\nlisten = 127.0.0.1:{port}\nusers = {users}\nhandshake_timeout = 3s\n")
+    url = f"http://127.0.0.1:{hport}/"
+    r = curl("--socks5-hostname", f"127.0.0.1:{port}", "--proxy-user", "bob:one:two", url)
+    assert r.returncode == 0, r.stderr
+    r = curl("--socks5-hostname", f"127.0.0.1:{port}", "--proxy-user", "eve:nope", url)
+    assert r.returncode != 0
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["users"] == 2 and inst["handshake_timeout"] == 3
+    # a bad users file fails the config check with file and line
+    bad = tmp_path / "bad.conf"
+    users2 = tmp_path / "users2"
+    users2.write_text("ok:1\nnocolon\n")
+    bad.write_text(f"[capd]\nspool = {tmp_path}/s\n[socks x]\nlisten = 127.0.0.1:{port}\nusers = {users2}\n")
+    from conftest import CAPD
+    r = subprocess.run([str(CAPD), "-t", "-c", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"{users2}:2" in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------- reply codes and bound addresses
+
+def test_connect_reply_codes(capd):
+    port = add_socks(capd, "--connect-timeout", "2")
+    closed = free_port()
+    s = s5_open(port)
+    assert s5_request(s, 1, "127.0.0.1", closed)[0] == 0x05          # refused
+    s.close()
+    s = s5_open(port)
+    assert s5_request(s, 1, "no-such-host.invalid", 80)[0] == 0x04   # name not found
+    s.close()
+    s = s5_open(port)
+    s.sendall(b"\x05\x09\x00" + s5_addr("127.0.0.1", 80))            # unknown command
+    assert s5_read_reply(s)[0] == 0x07
+    assert closed_by_peer(s)
+    s.close()
+    s = s5_open(port)
+    s.sendall(b"\x05\x01\x00\x07\x01\x02\x03\x04\x00\x50")           # bad ATYP
+    assert s5_read_reply(s)[0] == 0x08
+    assert closed_by_peer(s)
+    s.close()
+    reasons = [x.get("reason", "") for x in capd.ctl("sessions", json_out=True)]
+    assert any("Connection refused" in r for r in reasons), reasons
+    assert any("not supported" in r for r in reasons), reasons
+    assert any("address type" in r for r in reasons), reasons
+
+
+def test_connect_reply_has_real_bound_address(capd):
+    peer = PeerServer()
+    try:
+        port = add_socks(capd)
+        s = s5_open(port)
+        rep, bhost, bport = s5_request(s, 1, "127.0.0.1", peer.port)
+        assert rep == 0
+        seen = recv_all(s).decode().split()
+        assert seen == [bhost, str(bport)]  # the server saw exactly the address capd reported
+        s.close()
+        s = s4_request(port, 1, "127.0.0.1", peer.port, b"joe")
+        rep = recv_exact(s, 8)
+        assert rep[1] == 0x5a
+        seen = recv_all(s).decode().split()
+        assert seen == [socket.inet_ntoa(rep[4:8]), str(struct.unpack("!H", rep[2:4])[0])]
+        s.close()
+        s = s4_request(port, 1, "127.0.0.1", free_port())
+        assert recv_exact(s, 8)[1] == 0x5b
+        s.close()
+    finally:
+        peer.close()
+
+
+def test_pipelined_handshake_and_early_data(capd, echo_server):
+    """Greeting, request and the first payload in one segment."""
+    port = add_socks(capd)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + s5_addr("127.0.0.1", echo_server.port) + b"early bytes")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert s5_read_reply(s)[0] == 0
+    assert recv_exact(s, 11) == b"early bytes"
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == b""
+    s.close()
+
+
+# ---------------------------------------------------------------- other clients
+
+JAVA_SRC = """
+import java.io.*;
+import java.net.*;
+import java.nio.charset.StandardCharsets;
+
+public class SocksClient {
+    public static void main(String[] a) throws Exception {
+        try (Socket s = new Socket(a[0], Integer.parseInt(a[1]))) {
+            OutputStream o = s.getOutputStream();
+            o.write(("GET /java.txt HTTP/1.0\\r\\nHost: " + a[0] + "\\r\\n\\r\\n").getBytes(StandardCharsets.US_ASCII));
+            o.flush();
+            InputStream in = s.getInputStream();
+            ByteArrayOutputStream b = new ByteArrayOutputStream();
+            byte[] buf = new byte[4096];
+            int n;
+            while ((n = in.read(buf)) > 0) b.write(buf, 0, n);
+            System.out.write(b.toByteArray());
+            System.out.flush();
+        }
+    }
+}
+"""
+
+
+def test_java_client(capd, http_server, tmp_path):
+    hport, www = http_server
+    (www / "java.txt").write_text("through java\n")
+    port = add_socks(capd)
+    jdir = tmp_path / "java"
+    jdir.mkdir()
+    (jdir / "SocksClient.java").write_text(JAVA_SRC)
+    r = subprocess.run(["javac", "SocksClient.java"], cwd=jdir, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    # a JDK sends no loopback destination through SOCKS: use a name only our hosts file knows
+    hosts = tmp_path / "java-hosts"
+    hosts.write_text("127.0.0.1 capd-test.example\n")
+    r = subprocess.run(["java", f"-Djdk.net.hosts.file={hosts}", "-DsocksProxyHost=127.0.0.1",
+                        f"-DsocksProxyPort={port}", "-cp", str(jdir), "SocksClient", "capd-test.example",
+                        str(hport)], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(b"through java\n"), r.stdout
+    s = last_session(capd)
+    assert s["proto"] in ("socks5", "socks4")
+    assert s["target"] == f"127.0.0.1:{hport}"
+
+
+def test_proxychains(capd, http_server, tmp_path):
+    hport, www = http_server
+    (www / "pc.txt").write_text("via proxychains\n")
+    port = add_socks(capd)
+    conf = tmp_path / "proxychains.conf"
+    conf.write_text("strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
+                    f"[ProxyList]\nsocks5 127.0.0.1 {port}\n")
+    r = subprocess.run(["proxychains4", "-q", "-f", str(conf), "curl", "-sS", "--max-time", "20",
+                        f"http://127.0.0.1:{hport}/pc.txt"], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"via proxychains\n"
+    s = last_session(capd)
+    assert s["proto"] == "socks5" and s["target"] == f"127.0.0.1:{hport}"
+
+
+# ---------------------------------------------------------------- BIND
+
+@pytest.mark.parametrize("ver", [5, 4])
+def test_bind_two_replies(capd, ver):
+    port = add_socks(capd)
+    if ver == 5:
+        c = s5_open(port)
+        rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+        assert rep == 0
+    else:
+        c = s4_request(port, 2, "127.0.0.1", 0, b"ftp")
+        r1 = recv_exact(c, 8)
+        assert r1[1] == 0x5a
+        bhost, bport = socket.inet_ntoa(r1[4:8]), struct.unpack("!H", r1[2:4])[0]
+    assert bhost == "127.0.0.1" and bport != 0
+    # the "server" connects to the announced address, like an FTP active-mode data connection
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    if ver == 5:
+        rep, phost, pport = s5_read_reply(c)
+        assert rep == 0
+    else:
+        r2 = recv_exact(c, 8)
+        assert r2[1] == 0x5a
+        phost, pport = socket.inet_ntoa(r2[4:8]), struct.unpack("!H", r2[2:4])[0]
+    assert (phost, pport) == srv.getsockname()
+    payload = os.urandom(200000)
+    srv.sendall(payload)
+    srv.shutdown(socket.SHUT_WR)
+    assert recv_exact(c, len(payload)) == payload
+    c.sendall(b"226 transfer complete\r\n")
+    c.shutdown(socket.SHUT_WR)
+    assert recv_all(srv) == b"226 transfer complete\r\n"
+    assert recv_all(c) == b""
+    c.close()
+    srv.close()
+    s = last_session(capd)
+    assert s["proto"] == f"socks{ver}"
+    assert s["target"] == f"127.0.0.1:{pport}"
+    assert s["bytes_down"] == len(payload)
+    assert "bind" in s["note"]
+
+
+def test_bind_timeout_gets_failure_reply(capd):
+    port = add_socks(capd, "--connect-timeout", "1")
+    c = s5_open(port)
+    assert s5_request(c, 2, "127.0.0.1", 0)[0] == 0
+    rep = s5_read_reply(c)[0]
+    assert rep == 0x06
+    assert closed_by_peer(c)
+    last_session(capd, lambda s: "BIND timed out" in s.get("reason", ""))
+
+
+# ---------------------------------------------------------------- UDP ASSOCIATE
+
+class UdpEcho:
+    def __init__(self, host="127.0.0.1"):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                d, a = self.sock.recvfrom(65536)
+                self.sock.sendto(b"echo:" + d, a)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
+def udp_header(host, port):
+    return b"\x00\x00\x00" + s5_addr(host, port)
+
+
+def parse_udp_reply(d):
+    assert d[:3] == b"\x00\x00\x00"
+    if d[3] == 1:
+        return socket.inet_ntoa(d[4:8]), struct.unpack("!H", d[8:10])[0], d[10:]
+    if d[3] == 4:
+        return socket.inet_ntop(socket.AF_INET6, d[4:20]), struct.unpack("!H", d[20:22])[0], d[22:]
+    raise AssertionError(d[:10])
+
+
+def test_udp_associate(capd):
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        c = s5_open(port)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        u.settimeout(5)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        assert rep == 0 and rhost == "127.0.0.1" and rport != 0
+        msgs = [b"one", os.urandom(1200), b"three"]
+        for m in msgs:
+            u.sendto(udp_header("127.0.0.1", echo.port) + m, (rhost, rport))
+            host, p, data = parse_udp_reply(u.recv(70000))
+            assert (host, p) == ("127.0.0.1", echo.port)
+            assert data == b"echo:" + m
+        # by name too
+        u.sendto(udp_header("localhost", echo.port) + b"named", (rhost, rport))
+        assert parse_udp_reply(u.recv(70000))[2] == b"echo:named"
+        # a fragment is dropped
+        u.sendto(b"\x00\x00\x01" + s5_addr("127.0.0.1", echo.port) + b"frag", (rhost, rport))
+        with pytest.raises(socket.timeout):
+            u.settimeout(0.7)
+            u.recv(70000)
+        ss = capd.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))
+        udp = [s for s in ss if s["proto"] == "udp"][0]
+        ctrl = [s for s in ss if s["proto"] == "socks5"][0]
+        assert udp["target"] == f"127.0.0.1:{echo.port}"
+        assert udp["client"] == "127.0.0.1:%d" % u.getsockname()[1]
+        assert udp["state"] == "open" and ctrl["state"] == "open"
+        assert f"via session {ctrl['id']}" in udp["note"]
+        # closing the control connection ends the association
+        c.close()
+        capd.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+        u.settimeout(0.7)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"late", (rhost, rport))
+        with pytest.raises(socket.timeout):
+            u.recv(70000)
+        udp = capd.session(udp["id"])
+        assert udp["bytes_up"] == sum(map(len, msgs)) + len(b"named")
+
+        capd.flush()
+        if not capd.pcaps():
+            pytest.skip("spool writes no pcapng yet")
+        time.sleep(0.5)
+        found = b""
+        for p in capd.pcaps():
+            r = tshark("-r", p, "-Y", f"udp.port == {echo.port}", "-T", "fields", "-e", "udp.srcport",
+                       "-e", "udp.dstport", "-e", "data.data")
+            found += r.stdout.encode()
+        assert b"one".hex().encode() in found
+        assert (b"echo:three").hex().encode() in found
+        assert b"frag".hex().encode() not in found
+    finally:
+        echo.close()
+
+
+def test_udp_associate_with_auth_and_announced_port(capd):
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd, "--auth", "u:p")
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        u.settimeout(5)
+        c = s5_open(port, "u", "p")
+        rep, rhost, rport = s5_request(c, 3, "127.0.0.1", u.getsockname()[1])
+        assert rep == 0
+        # a datagram from another port of the same host is not this association's
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.settimeout(0.7)
+        other.sendto(udp_header("127.0.0.1", echo.port) + b"stranger", (rhost, rport))
+        with pytest.raises(socket.timeout):
+            other.recv(100)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"mine", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:mine"
+        c.close()
+    finally:
+        echo.close()
+
+
+# ---------------------------------------------------------------- IPv6
+
+def test_ipv6_listen_and_target(capd):
+    e6 = EchoServer("::1")
+    try:
+        port = add_socks(capd, host="::1")
+        s = s5_open(port, host="::1")
+        rep, bhost, _ = s5_request(s, 1, "::1", e6.port)
+        assert rep == 0 and bhost == "::1"
+        s.sendall(b"over six")
+        assert recv_exact(s, 8) == b"over six"
+        s.close()
+        ss = capd.ctl("sessions", json_out=True)
+        assert ss[0]["client"].startswith("[::1]:")
+        assert ss[0]["target"] == f"[::1]:{e6.port}"
+        assert ss[0]["proto"] == "socks5"
+    finally:
+        e6.close()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_keeps_serving(capd, echo_server):
+    port = add_socks(capd, "--handshake-timeout", "1")
+
+    def still_serves():
+        s = s5_open(port)
+        assert s5_request(s, 1, "127.0.0.1", echo_server.port)[0] == 0
+        s.sendall(b"ping")
+        assert recv_exact(s, 4) == b"ping"
+        s.close()
+
+    cases = [
+        os.urandom(64),                      # random bytes (first byte 4 or 5 is unlikely to parse)
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # wrong protocol
+        b"\x06\x01\x00",                     # wrong version
+        b"\x05\x00",                         # no methods
+        b"\x05\x01\x00\x04\x01\x00\x01",     # request with version 4 after a v5 greeting
+        b"\x04\x01\x00\x50" + b"\x01\x02\x03\x04" + b"u" * 600,  # SOCKS4 user id past the budget
+        b"\x05\xff" + bytes(range(255)),     # 255 methods, none acceptable
+    ]
+    for data in cases:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(data)
+        assert closed_by_peer(s), data[:16]
+        s.close()
+    still_serves()
+
+    # truncated greeting, then the client goes away
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"\x05\x02\x00")
+    s.close()
+    # slow handshake past handshake_timeout: closed by capd
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"\x05\x01")
+    t0 = time.time()
+    assert closed_by_peer(s, timeout=5)
+    assert 0.5 < time.time() - t0 < 4
+    s.close()
+    # a request that never finishes after a good greeting
+    s = s5_open(port)
+    s.sendall(b"\x05\x01\x00\x03\x20abc")
+    assert closed_by_peer(s, timeout=5)
+    s.close()
+    still_serves()
+
+    ss = capd.wait_sessions(lambda ss: sum(1 for s in ss if s["state"] == "closed") >= 12)
+    reasons = [s.get("reason", "") for s in ss]
+    assert "handshake timed out" in reasons, reasons
+    assert any(r.startswith("socks: unknown version") for r in reasons), reasons
+    assert any("client closed during handshake" in r for r in reasons), reasons
+    assert any("handshake too large" in r or "too long" in r for r in reasons), reasons
+    assert not [s for s in ss if s["state"] != "closed"]
+    # the "socks4 with v5 request" case got the SOCKS5 failure reply, not silence
+    assert any("bad request" in r for r in reasons), reasons
+
+
+def test_unknown_method_gets_ff(capd):
+    port = add_socks(capd)
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"\x05\x01\x01")  # GSSAPI only
+    assert recv_exact(s, 2) == b"\x05\xff"
+    assert closed_by_peer(s)
+    s.close()
+    port2 = add_socks(capd, "--auth", "a:b")
+    s = socket.create_connection(("127.0.0.1", port2), timeout=5)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exact(s, 2) == b"\x05\xff"
+    assert closed_by_peer(s)
+    s.close()
+    s = socket.create_connection(("127.0.0.1", port2), timeout=5)
+    s.sendall(b"\x05\x01\x02\x01\x01a\x01c")
+    assert recv_exact(s, 4) == b"\x05\x02\x01\x01"
+    assert closed_by_peer(s)
+    s.close()
+
+
+def test_many_concurrent_handshakes(capd, echo_server):
+    """A burst of clients, every one served, none left open."""
+    port = add_socks(capd)
+    errors = []
+
+    def one(i):
+        try:
+            s = s5_open(port)
+            assert s5_request(s, 1, "127.0.0.1", echo_server.port)[0] == 0
+            m = f"msg {i}".encode()
+            s.sendall(m)
+            assert recv_exact(s, len(m)) == m
+            s.close()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(60)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not errors, errors[:3]
+    capd.wait_sessions(lambda ss: len(ss) == 60 and all(s["state"] == "closed" for s in ss))
+
+
+def test_exposed_without_users_warns(capd_factory):
+    port = free_port(host="0.0.0.0")
+    capd = capd_factory(f"[socks open]\nlisten = 0.0.0.0:{port}\nexpose = yes\n")
+    wait_port(port)
+    assert "open proxy" in capd.log()
+    # a UDP ASSOCIATE on a wildcard relay names the address the client used
+    s = s5_open(port)
+    rep, rhost, rport = s5_request(s, 3, "0.0.0.0", 0)
+    assert rep == 0 and rhost == "127.0.0.1" and rport == port
+    s.close()
+
+
+def test_reload_keeps_config_socks(capd_factory, http_server):
+    """The [socks main] section of a config runs and serves."""
+    hport, _ = http_server
+    port = free_port()
+    capd = capd_factory(f"[socks main]\nlisten = 127.0.0.1:{port}\n")
+    r = curl("--socks5-hostname", f"127.0.0.1:{port}", f"http://localhost:{hport}/")
+    assert r.stdout == b"hello from the origin\n"
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["type"] == "socks" and inst["udp"] == f"127.0.0.1:{port}"

@@ -1,0 +1,152 @@
+"""Issue 4: UDP forwarding (`forward` with `udp = yes`), the datagram relay
+shared with SOCKS5 UDP ASSOCIATE: one UDP session per client address,
+both directions captured as UDP, ended by idle_timeout."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import free_port, tshark
+
+
+class UdpEcho:
+    def __init__(self, host="127.0.0.1"):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                d, a = self.sock.recvfrom(65536)
+                self.sock.sendto(b"echo:" + d, a)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo():
+    e = UdpEcho()
+    yield e
+    e.close()
+
+
+def free_udp_tcp_port(host="127.0.0.1"):
+    """A port free for both TCP and UDP (forward binds both)."""
+    for _ in range(50):
+        p = free_port(host=host)
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, p))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def udp_client(host="127.0.0.1"):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    u = socket.socket(fam, socket.SOCK_DGRAM)
+    u.bind((host, 0))
+    u.settimeout(5)
+    return u
+
+
+def test_forward_udp_both_ways(capd, udp_echo):
+    port = free_udp_tcp_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["udp"] is True
+    a, b = udp_client(), udp_client()
+    sent = {a: [], b: []}
+    for i in range(5):
+        for u in (a, b):
+            m = f"{u.getsockname()[1]}-{i}-".encode() + os.urandom(100 * i)
+            u.sendto(m, ("127.0.0.1", port))
+            d, src = u.recvfrom(70000)
+            assert d == b"echo:" + m
+            assert src == ("127.0.0.1", port)
+            sent[u].append(m)
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["proto"] == "udp"]) == 2)
+    for u in (a, b):
+        s = [s for s in ss if s["client"] == f"127.0.0.1:{u.getsockname()[1]}"][0]
+        assert s["target"] == f"127.0.0.1:{udp_echo.port}"
+        assert s["instance"] == f"forward-{port}"
+        assert s["bytes_up"] == sum(map(len, sent[u]))
+        assert s["bytes_down"] == sum(len(m) + 5 for m in sent[u])
+        assert s["state"] == "open"
+
+    # TCP still forwards on the same port (to the same host:port, nothing listens: closed)
+    capd.flush()
+    if not capd.pcaps():
+        pytest.skip("spool writes no pcapng yet")
+    time.sleep(0.5)
+    rows = []
+    for p in capd.pcaps():
+        r = tshark("-r", p, "-Y", f"udp.port == {udp_echo.port}", "-T", "fields", "-e", "udp.srcport",
+                   "-e", "udp.dstport", "-e", "data.data")
+        rows += [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
+    up = [bytes.fromhex(r[2]) for r in rows if r[1] == str(udp_echo.port)]
+    down = [bytes.fromhex(r[2]) for r in rows if r[0] == str(udp_echo.port)]
+    assert sorted(up) == sorted(sent[a] + sent[b])
+    assert sorted(down) == sorted(b"echo:" + m for m in sent[a] + sent[b])
+    # the client endpoints are the real ones
+    assert {r[0] for r in rows if r[1] == str(udp_echo.port)} == {str(a.getsockname()[1]), str(b.getsockname()[1])}
+
+
+def test_forward_udp_idle_timeout(capd, udp_echo):
+    port = free_udp_tcp_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{udp_echo.port}", "--udp",
+             "--idle-timeout", "1")
+    u = udp_client()
+    u.sendto(b"hi", ("127.0.0.1", port))
+    assert u.recv(100) == b"echo:hi"
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed", timeout=6)
+    assert ss[-1]["reason"] == "idle timeout"
+    # the same client comes back: a new session
+    u.sendto(b"again", ("127.0.0.1", port))
+    assert u.recv(100) == b"echo:again"
+    ss = capd.wait_sessions(lambda ss: len(ss) == 2)
+    assert ss[-1]["id"] != ss[0]["id"]
+
+
+def test_forward_udp_ipv6_and_kill(capd):
+    e6 = UdpEcho("::1")
+    try:
+        port = free_udp_tcp_port("::1")
+        capd.ctl("add", "forward", "--port", port, "--bind", "::1", "--to", f"[::1]:{e6.port}", "--udp")
+        u = udp_client("::1")
+        u.sendto(b"six", ("::1", port))
+        assert u.recv(100) == b"echo:six"
+        ss = capd.wait_sessions(lambda ss: len(ss) == 1)
+        assert ss[0]["client"].startswith("[::1]:") and ss[0]["target"] == f"[::1]:{e6.port}"
+        # capctl kill ends the session; the next datagram starts a new one
+        capd.ctl("kill", ss[0]["id"])
+        capd.wait_sessions(lambda ss: ss[0]["state"] == "closed")
+        u.sendto(b"more", ("::1", port))
+        assert u.recv(100) == b"echo:more"
+        capd.wait_sessions(lambda ss: len(ss) == 2 and ss[-1]["state"] == "open")
+        # removing the instance ends its datagram sessions
+        capd.ctl("remove", f"forward-{port}")
+        capd.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+    finally:
+        e6.close()
+
+
+def test_forward_udp_port_in_use_fails(capd):
+    port = free_udp_tcp_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        r = capd.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--udp", check=False)
+        assert r.returncode == 1
+        assert "udp" in r.stderr
+    assert capd.ctl("list", json_out=True) == []
