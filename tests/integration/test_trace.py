@@ -1,0 +1,377 @@
+"""Issue 13: capctl trace runs an application under ptrace + seccomp and capd
+records what its sockets carried as sessions of a `trace` instance."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CAPCTL, follow_tcp, tcp_stream_of, tshark, wait_port
+
+PY = "/usr/bin/python3"
+
+
+def trace(capd, *cmd, name=None, timeout=60, check=True, env=None, user=None, stdin=None):
+    """Runs `capctl trace [--name N] -- CMD...`; returns CompletedProcess (bytes)."""
+    args = [str(CAPCTL), "-s", str(capd.sock), "trace"]
+    if name:
+        args += ["--name", name]
+    args += ["--", *map(str, cmd)]
+    if user:
+        args = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *args]
+    r = subprocess.run(args, capture_output=True, timeout=timeout, env=env, stdin=stdin)
+    if check:
+        assert r.returncode == 0, f"{r.returncode}\n{r.stdout[-2000:]!r}\n{r.stderr.decode(errors='replace')}\n" \
+                                  f"--- capd log ---\n{capd.log()[-4000:]}"
+    return r
+
+
+def closed_sessions(capd, instance, n, timeout=10):
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == instance
+                                            and s["state"] == "closed"]) >= n, timeout)
+    return [s for s in ss if s["instance"] == instance]
+
+
+def pcap_for(capd, sid, timeout=10):
+    """The spool file holding session sid, once it is flushed."""
+    deadline = time.time() + timeout
+    while True:
+        for p in reversed(capd.pcaps()):
+            if tcp_stream_of(p, sid) is not None:
+                return p
+        if time.time() > deadline:
+            raise AssertionError(f"session {sid} is in no spool file: {capd.pcaps()}")
+        time.sleep(0.2)
+
+
+def request_of(port, path):
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n").encode()
+
+
+def test_trace_curl_exact_stream(capd, http_server):
+    port, www = http_server
+    body = os.urandom(70000)
+    (www / "file").write_bytes(body)
+    r = trace(capd, "curl", "-sS", f"http://127.0.0.1:{port}/file", name="curl1")
+    assert r.stdout == body                      # the command's stdout is its own
+    ss = closed_sessions(capd, "curl1", 1)
+    s = ss[-1]
+    assert s["proto"] == "tcp"
+    assert s["target"] == f"127.0.0.1:{port}"
+    assert s["client"].startswith("127.0.0.1:")
+    assert s["bytes_down"] > len(body)
+    assert "curl[" in s.get("note", "")
+    capd.flush()
+    pcap = pcap_for(capd, s["id"])
+    up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+    assert up.startswith(request_of(port, "/file"))
+    assert up.endswith(b"\r\n\r\n") and len(up) == s["bytes_up"]
+    assert down.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert down.endswith(body) and len(down) == s["bytes_down"]
+    # the comment names the session, the instance and the process
+    c = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {s["id"]} "', "-T", "fields",
+               "-e", "frame.comment").stdout
+    assert "trace/curl1 curl[" in c
+
+
+def test_trace_default_name_exit_status_and_list(capd, http_server):
+    port, _ = http_server
+    script = textwrap.dedent(f"""
+        import socket, sys, time
+        s = socket.create_connection(("127.0.0.1", {port}))
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        while s.recv(65536): pass
+        print("ready", flush=True)
+        sys.stdin.readline()
+        sys.exit(7)
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--", PY, "-c", script],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        lst = capd.ctl("list", json_out=True)
+        tr = [i for i in lst if i["type"] == "trace"]
+        assert len(tr) == 1, lst
+        assert tr[0]["name"] == f"trace-{tr[0]['pid']}"
+        assert tr[0]["listen"].startswith(PY + " -c")
+        assert tr[0]["state"] == "running"
+        name = tr[0]["name"]
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 7                    # the command's status is capctl's
+    finally:
+        if p.poll() is None:
+            p.kill()
+    ss = closed_sessions(capd, name, 1)
+    assert ss[-1]["bytes_down"] > 0
+    # the instance ends with the trace
+    deadline = time.time() + 5
+    while any(i["name"] == name for i in capd.ctl("list", json_out=True)):
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_trace_killed_by_signal(capd, http_server):
+    port, _ = http_server
+    script = f"import socket, os, signal; s = socket.create_connection(('127.0.0.1', {port})); " \
+             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); os.kill(os.getpid(), signal.SIGKILL)"
+    r = trace(capd, PY, "-c", script, name="killed", check=False)
+    assert r.returncode == 128 + 9
+    ss = closed_sessions(capd, "killed", 1)
+    assert ss[-1]["bytes_up"] == len(b"GET / HTTP/1.0\r\n\r\n")
+    assert ss[-1]["reason"] in ("process exited", "trace ended")
+
+
+@pytest.fixture
+def udp_echo():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(0.2)
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            try:
+                d, a = s.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            s.sendto(d.upper(), a)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    yield s.getsockname()[1]
+    stop.set()
+    t.join(2)
+    s.close()
+
+
+def test_trace_udp_datagrams(capd, udp_echo):
+    script = textwrap.dedent(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        for i in range(3):
+            s.sendto(b"datagram %d" % i, ("127.0.0.1", {udp_echo}))
+            d, a = s.recvfrom(1000)
+            assert d == b"DATAGRAM %d" % i
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # a connected one: send/recv
+        c.connect(("127.0.0.1", {udp_echo}))
+        c.settimeout(5)
+        c.send(b"connected")
+        assert c.recv(1000) == b"CONNECTED"
+        print("ok")
+    """)
+    r = trace(capd, PY, "-c", script, name="udp")
+    assert r.stdout == b"ok\n"
+    ss = closed_sessions(capd, "udp", 2)
+    assert all(s["proto"] == "udp" for s in ss)
+    assert all(s["target"] == f"127.0.0.1:{udp_echo}" for s in ss)
+    assert sorted(s["bytes_up"] for s in ss) == [len(b"connected"), 3 * len(b"datagram 0")]
+    capd.flush()
+    time.sleep(0.3)
+    found = []
+    for p in capd.pcaps():
+        out = tshark("-r", p, "-Y", f"udp.port == {udp_echo}", "-T", "fields", "-e", "data.data").stdout
+        found += [bytes.fromhex(x.replace(":", "")) for x in out.split()]
+    for i in range(3):
+        assert b"datagram %d" % i in found and b"DATAGRAM %d" % i in found
+    assert b"connected" in found and b"CONNECTED" in found
+
+
+def test_trace_fork_child_connection(capd, http_server):
+    port, www = http_server
+    (www / "a").write_bytes(b"parent's file\n")
+    (www / "b").write_bytes(b"child's file\n")
+    script = textwrap.dedent(f"""
+        import os, socket
+        def get(path):
+            s = socket.create_connection(("127.0.0.1", {port}))
+            s.sendall(b"GET " + path + b" HTTP/1.0\\r\\n\\r\\n")
+            data = b""
+            while True:
+                d = s.recv(65536)
+                if not d: break
+                data += d
+            s.close()
+            return data
+        pid = os.fork()
+        if pid == 0:
+            get(b"/b")
+            os._exit(0)
+        get(b"/a")
+        os.waitpid(pid, 0)
+    """)
+    trace(capd, PY, "-c", script, name="forks")
+    ss = closed_sessions(capd, "forks", 2)
+    assert len(ss) == 2
+    notes = {s["note"] for s in ss}
+    assert len(notes) == 2, notes                 # two processes: two pids
+    capd.flush()
+    downs = []
+    for s in ss:
+        pcap = pcap_for(capd, s["id"])
+        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+        assert up.startswith(b"GET /")
+        downs.append(down)
+    assert any(d.endswith(b"parent's file\n") for d in downs)
+    assert any(d.endswith(b"child's file\n") for d in downs)
+
+
+def test_trace_threads_and_accept(capd):
+    """A server that accepts in one thread and a client thread: both ends are sessions."""
+    script = textwrap.dedent("""
+        import socket, threading
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+        port = srv.getsockname()[1]
+        def serve():
+            c, _ = srv.accept()
+            c.sendall(c.recv(100).upper())
+            c.close()
+        t = threading.Thread(target=serve); t.start()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"ping")
+        assert s.recv(100) == b"PING"
+        s.close(); t.join()
+        print(port)
+    """)
+    r = trace(capd, PY, "-c", script, name="thr")
+    port = int(r.stdout)
+    ss = closed_sessions(capd, "thr", 2)
+    assert len(ss) == 2
+    # both sessions run client -> server port, whichever end the application was
+    for s in ss:
+        assert s["target"] == f"127.0.0.1:{port}"
+        assert (s["bytes_up"], s["bytes_down"]) == (4, 4)
+
+
+def test_trace_file_io_speed(capd, tmp_path):
+    """Non-network reads and writes stop the program only briefly: compare wall time."""
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.write(os.urandom(1 << 20) * 48)
+    cmd = ["dd", f"if={big}", "of=/dev/null", "bs=16k"]
+
+    def timed(fn):
+        best = None
+        for _ in range(3):
+            t0 = time.monotonic()
+            fn()
+            d = time.monotonic() - t0
+            best = d if best is None else min(best, d)
+        return best
+
+    plain = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
+    traced = timed(lambda: trace(capd, *cmd, name=None))
+    # 6144 reads and 6144 writes; a generous bound for a busy shared machine
+    assert traced < plain * 4 + 1.5, (plain, traced)
+    # and a program that does not use read/write at all (pread, mmap) is not stopped
+    py = f"import os\nfd=os.open('{big}', os.O_RDONLY)\nn=0\nwhile True:\n" \
+         f"    b=os.pread(fd, 4096, n)\n    if not b: break\n    n+=len(b)\nprint(n)"
+    plain = timed(lambda: subprocess.run([PY, "-c", py], check=True, capture_output=True))
+    traced = timed(lambda: trace(capd, PY, "-c", py))
+    assert traced < plain * 1.5 + 0.5, (plain, traced)
+
+
+def test_trace_refusals(capd_factory, tmp_path):
+    capd = capd_factory()
+    marker = tmp_path / "ran"
+    # capd unreachable: refused before the command runs
+    r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "nothing.sock"), "trace", "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "cannot reach capd" in r.stderr
+    assert not marker.exists()
+    # a name capd refuses: the command does not run either
+    capd.ctl("add", "forward", "--port", str(_free()), "--to", "127.0.0.1:9", "--name", "taken")
+    r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "taken", "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "taken" in r.stderr
+    assert not marker.exists()
+    # usage
+    r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace"], capture_output=True, text=True)
+    assert r.returncode == 2
+    # a command that does not exist: like a shell, 127
+    r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace", "--", "/nonexistent/cmd"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 127 and "cannot run /nonexistent/cmd" in r.stderr
+    # a trace instance cannot come from capctl add / the config
+    r = capd.rpc("instance.add", {"type": "trace", "name": "x", "command": "c", "pid": 1})
+    assert "capctl trace" in r["error"]["message"]
+
+
+def _free():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _open_path_for_nobody(p: Path):
+    """Lets nobody reach the control socket: search permission on its folders."""
+    for d in [p, *p.parents]:
+        if str(d) in ("/", "/tmp"):
+            break
+        os.chmod(d, os.stat(d).st_mode | 0o011)
+
+
+def test_trace_unprivileged_curl(capd_factory, http_server):
+    port, www = http_server
+    body = b"for nobody\n" * 1000
+    (www / "file").write_bytes(body)
+    capd = capd_factory(settings="control_group = nogroup")
+    _open_path_for_nobody(capd.dir)
+    r = trace(capd, "curl", "-sS", f"http://127.0.0.1:{port}/file", name="nobody", user=True)
+    assert r.stdout == body
+    ss = closed_sessions(capd, "nobody", 1)
+    capd.flush()
+    pcap = pcap_for(capd, ss[-1]["id"])
+    up, down = follow_tcp(pcap, tcp_stream_of(pcap, ss[-1]["id"]))
+    assert up.startswith(request_of(port, "/file"))
+    assert down.endswith(body)
+
+
+def test_trace_pid_attach(capd, http_server):
+    port, _ = http_server
+    script = textwrap.dedent(f"""
+        import socket, sys
+        print("up", flush=True)
+        sys.stdin.readline()
+        s = socket.create_connection(("127.0.0.1", {port}))
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        while s.recv(65536): pass
+        s.close()
+        print("done", flush=True)
+        sys.stdin.readline()
+    """)
+    app = subprocess.Popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert app.stdout.readline() == b"up\n"
+        tr = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "att", "--pid", str(app.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while not any(i["name"] == "att" for i in capd.ctl("list", json_out=True)):
+            assert time.time() < deadline and tr.poll() is None, tr.stderr.read() if tr.poll() is not None else ""
+            time.sleep(0.05)
+        time.sleep(0.3)
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        assert app.stdout.readline() == b"done\n"
+        ss = closed_sessions(capd, "att", 1)
+        assert ss[-1]["bytes_up"] == len(b"GET / HTTP/1.0\r\n\r\n")
+        # ^C detaches and the process goes on
+        tr.send_signal(2)
+        assert tr.wait(10) == 0
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        assert app.wait(10) == 0
+    finally:
+        for p in (app,):
+            if p.poll() is None:
+                p.kill()
