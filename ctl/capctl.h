@@ -56,4 +56,6 @@ extern const struct cmd cmd_add, cmd_capture, cmd_kill, cmd_list, cmd_reload, cm
 extern const struct cmd cmd_tail;
 extern const struct cmd cmd_trace;
 
+extern const struct cmd cmd_hosts;
+
 #endif

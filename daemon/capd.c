@@ -17,6 +17,7 @@
 #include "conf.h"
 #include "config.h"
 #include "control.h"
+#include "hosts.h"
 #include "instance.h"
 #include "log.h"
 #include "privdrop.h"
@@ -194,6 +195,7 @@ capd_finish(void)
 {
 	instance_remove_all();
 	session_table_shutdown();
+	hosts_restore();
 	control_stop();
 	resolve_shutdown();
 	spool_stop();

@@ -59,6 +59,7 @@ static const struct rpc_method *const rpc_tables[] = {
 	rpc_session_methods,
 	rpc_tail_methods,
 	rpc_capture_methods,
+	rpc_hosts_methods,
 	rpc_trace_methods,
 };
 

@@ -47,6 +47,7 @@ extern const struct rpc_method rpc_instance_methods[];
 extern const struct rpc_method rpc_session_methods[];
 extern const struct rpc_method rpc_tail_methods[];
 extern const struct rpc_method rpc_capture_methods[];
+extern const struct rpc_method rpc_hosts_methods[];
 extern const struct rpc_method rpc_trace_methods[];
 
 #endif

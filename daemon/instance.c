@@ -21,6 +21,7 @@
 
 #define ACCEPT_BATCH 64  /* connections taken per wake-up: drains the backlog without starving others */
 
+extern const struct proto proto_dns;
 extern const struct proto proto_forward;
 extern const struct proto proto_socks;
 extern const struct proto proto_sniff;
@@ -28,6 +29,7 @@ extern const struct proto proto_trace;
 
 static const struct proto *const protos[] = {
 	&proto_forward,
+	&proto_dns,
 	&proto_socks,
 	&proto_sniff,
 	&proto_trace,

@@ -1,0 +1,130 @@
+/*
+ * capctl hosts add NAME [ADDR] | remove NAME | list | clear: capd's entries
+ * in the hosts file (RPC hosts.*). Names and addresses are checked here
+ * first, so a typo is a usage error (exit 2) and never reaches the file.
+ */
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "addr.h"
+#include "capctl.h"
+
+static const char *const hosts_words[] = { "add", "remove", "list", "clear" };
+enum { HOSTS_ADD, HOSTS_REMOVE, HOSTS_LIST, HOSTS_CLEAR };
+
+static int
+hosts_usage(void)
+{
+	return usage_error("usage: capctl hosts add NAME [ADDR] | remove NAME | list | clear");
+}
+
+static bool
+hosts_name_ok(const char *name)
+{
+	size_t len = strlen(name);
+
+	return hostname_valid(name) && name[len - 1] != '.' && !addr_is_ip_literal(name);
+}
+
+static bool
+hosts_addr_ok(const char *addr)
+{
+	unsigned char bin[16];
+	char a[64];
+	size_t len = strlen(addr);
+
+	if (len >= 2 && len < sizeof a && addr[0] == '[' && addr[len - 1] == ']') {
+		memcpy(a, addr + 1, len - 2);
+		a[len - 2] = '\0';
+		addr = a;
+	}
+	return inet_pton(AF_INET, addr, bin) == 1 || inet_pton(AF_INET6, addr, bin) == 1;
+}
+
+static int
+hosts_print_list(json_t *r)
+{
+	static const char *const hdr[] = { "NAME", "ADDR" };
+	struct table *t = table_new(hdr, 2);
+	json_t *e;
+	size_t i;
+
+	json_array_foreach(r, i, e)
+		table_add(t, json_string_value(json_object_get(e, "name")), json_string_value(json_object_get(e, "addr")));
+	table_print(t);
+	table_free(t);
+	return CTL_OK;
+}
+
+static int
+hosts_exec(struct ctl_opts *o, int argc, char **argv)
+{
+	json_t *r = NULL;
+	int k, rc;
+
+	if (argc < 2)
+		return hosts_usage();
+	k = word_match(argv[1], hosts_words, 4);
+	if (k < 0) {
+		usage_error("%s hosts command '%s' (add, remove, list or clear)", k == -2 ? "ambiguous" : "unknown",
+		            argv[1]);
+		return CTL_USAGE;
+	}
+	switch (k) {
+	case HOSTS_ADD: {
+		const char *addr = argc == 4 ? argv[3] : "127.0.0.1";
+		if (argc != 3 && argc != 4)
+			return hosts_usage();
+		if (!hosts_name_ok(argv[2]))
+			return usage_error("hosts add: '%s' is not a valid host name", argv[2]);
+		if (!hosts_addr_ok(addr))
+			return usage_error("hosts add: '%s' is not an IP address", addr);
+		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", argv[2], "addr", addr), &r);
+		if (rc != CTL_OK)
+			return rc;
+		if (o->json)
+			output_json(r);
+		else
+			printf("%s -> %s\n", json_string_value(json_object_get(r, "name")),
+			       json_string_value(json_object_get(r, "addr")));
+		break;
+	}
+	case HOSTS_REMOVE:
+		if (argc != 3)
+			return hosts_usage();
+		if (!hosts_name_ok(argv[2]))
+			return usage_error("hosts remove: '%s' is not a valid host name", argv[2]);
+		if ((rc = client_call(o, "hosts.remove", json_pack("{s:s}", "name", argv[2]), &r)) != CTL_OK)
+			return rc;
+		if (o->json)
+			output_json(r);
+		else
+			printf("removed %s\n", argv[2]);
+		break;
+	case HOSTS_LIST:
+		if (argc != 2)
+			return hosts_usage();
+		if ((rc = client_call(o, "hosts.list", NULL, &r)) != CTL_OK)
+			return rc;
+		if (o->json)
+			output_json(r);
+		else
+			hosts_print_list(r);
+		break;
+	case HOSTS_CLEAR:
+		if (argc != 2)
+			return hosts_usage();
+		if ((rc = client_call(o, "hosts.clear", NULL, &r)) != CTL_OK)
+			return rc;
+		if (o->json)
+			output_json(r);
+		else
+			printf("removed %lld entries\n", (long long)json_integer_value(json_object_get(r, "removed")));
+		break;
+	}
+	json_decref(r);
+	return CTL_OK;
+}
+
+const struct cmd cmd_hosts = { "hosts", "add NAME [ADDR] | remove NAME | list | clear", hosts_exec };

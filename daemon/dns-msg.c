@@ -1,0 +1,344 @@
+/*
+ * DNS message handling for the dns instance, with ldns for the wire format:
+ * the answer rules, the decision for each client query, the answers capd
+ * gives itself, error replies, and the check that an upstream's reply
+ * belongs to the query it was sent for. No I/O here.
+ */
+#include "dns-msg.h"
+
+#include <arpa/inet.h>
+#include <ldns/ldns.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "xmalloc.h"
+
+int
+dns_rules_add(struct dns_rules *r, const char *spec, char **why)
+{
+	const char *eq = strrchr(spec, '=');
+	struct dns_rule rule;
+	size_t nlen;
+	char addr[INET6_ADDRSTRLEN + 1];
+
+	memset(&rule, 0, sizeof rule);
+	if (eq == NULL) {
+		*why = xasprintf("bad answer rule '%s' (expected name=addr)", spec);
+		return -1;
+	}
+	nlen = (size_t)(eq - spec);
+	if (nlen == 0 || nlen > HOST_MAX) {
+		*why = xasprintf("bad answer rule '%s' (expected name=addr)", spec);
+		return -1;
+	}
+	memcpy(rule.pattern, spec, nlen);
+	rule.pattern[nlen] = '\0';
+	if (nlen > 1 && rule.pattern[nlen - 1] == '.' && strcmp(rule.pattern, "*.") != 0)
+		rule.pattern[nlen - 1] = '\0';  /* "www.example.com." is the same name */
+	if (strcmp(rule.pattern, "*") != 0) {
+		const char *host = strncmp(rule.pattern, "*.", 2) == 0 ? rule.pattern + 2 : rule.pattern;
+		if (!hostname_valid(host) || strchr(host, '*') != NULL) {
+			*why = xasprintf("bad name '%s' in answer rule (a host name, *.suffix or *)", rule.pattern);
+			return -1;
+		}
+	}
+	if (strlen(eq + 1) > INET6_ADDRSTRLEN) {
+		*why = xasprintf("bad address in answer rule '%s' (an IPv4 or IPv6 address)", spec);
+		return -1;
+	}
+	strcpy(addr, eq + 1);
+	if (addr[0] == '[' && addr[strlen(addr) - 1] == ']') {
+		memmove(addr, addr + 1, strlen(addr));
+		addr[strlen(addr) - 1] = '\0';
+	}
+	if (inet_pton(AF_INET, addr, &rule.addr.v4) == 1) {
+		rule.family = AF_INET;
+	} else if (inet_pton(AF_INET6, addr, &rule.addr.v6) == 1) {
+		rule.family = AF_INET6;
+	} else {
+		*why = xasprintf("bad address in answer rule '%s' (an IPv4 or IPv6 address)", spec);
+		return -1;
+	}
+	r->v = xrealloc(r->v, (r->n + 1) * sizeof *r->v);
+	r->v[r->n++] = rule;
+	return 0;
+}
+
+void
+dns_rules_free(struct dns_rules *r)
+{
+	free(r->v);
+	r->v = NULL;
+	r->n = 0;
+}
+
+/* Exact names beat suffixes, longer suffixes beat shorter ones, and "*" comes last. */
+static size_t
+dns_rule_rank(const char *pattern)
+{
+	if (strcmp(pattern, "*") == 0)
+		return 1;
+	if (strncmp(pattern, "*.", 2) == 0)
+		return 2 + strlen(pattern);
+	return 1000 + strlen(pattern);
+}
+
+const char *
+dns_rules_match(const struct dns_rules *r, const char *name)
+{
+	const char *best = NULL;
+	size_t best_rank = 0;
+
+	if (name[0] == '\0')
+		return NULL;  /* the root is nobody's to claim */
+	for (size_t i = 0; i < r->n; i++) {
+		size_t rank = dns_rule_rank(r->v[i].pattern);
+		if (rank > best_rank && hostname_match(r->v[i].pattern, name)) {
+			best = r->v[i].pattern;
+			best_rank = rank;
+		}
+	}
+	return best;
+}
+
+/* Header-only reply: the query's id, opcode and RD, QR and RA set, rcode. */
+static uint8_t *
+dns_msg_header_reply(const uint8_t *p, int rcode, size_t *outlen)
+{
+	uint8_t *out = xcalloc(1, DNS_HEADER_LEN);
+
+	out[0] = p[0];
+	out[1] = p[1];
+	out[2] = (uint8_t)(0x80 | (p[2] & 0x79));  /* QR, opcode, RD */
+	out[3] = (uint8_t)(0x80 | (rcode & 0x0f));  /* RA */
+	*outlen = DNS_HEADER_LEN;
+	return out;
+}
+
+/* A reply skeleton for a parsed query: id, flags, the question, OPT when the client sent one. */
+static ldns_pkt *
+dns_msg_reply_new(const ldns_pkt *qp, const ldns_rr *qrr, int rcode)
+{
+	ldns_pkt *a = ldns_pkt_new();
+
+	ldns_pkt_set_id(a, ldns_pkt_id(qp));
+	ldns_pkt_set_qr(a, true);
+	ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(qp));
+	ldns_pkt_set_rd(a, ldns_pkt_rd(qp));
+	ldns_pkt_set_cd(a, ldns_pkt_cd(qp));
+	ldns_pkt_set_ra(a, true);
+	ldns_pkt_set_rcode(a, (uint8_t)rcode);
+	if (qrr) {
+		ldns_rr *qc = ldns_rr_clone(qrr);
+		ldns_rr_set_question(qc, true);
+		ldns_pkt_push_rr(a, LDNS_SECTION_QUESTION, qc);
+	}
+	if (ldns_pkt_edns(qp))
+		ldns_pkt_set_edns_udp_size(a, DNS_EDNS_SIZE);
+	return a;
+}
+
+static uint8_t *
+dns_msg_wire(const ldns_pkt *a, size_t *outlen)
+{
+	uint8_t *w = NULL;
+
+	if (ldns_pkt2wire(&w, a, outlen) != LDNS_STATUS_OK) {
+		free(w);
+		return NULL;
+	}
+	return w;
+}
+
+uint8_t *
+dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
+{
+	ldns_pkt *qp = NULL, *a;
+	uint8_t *w = NULL;
+
+	if (n < DNS_HEADER_LEN)
+		return NULL;
+	if (((p[2] >> 3) & 0x0f) == LDNS_PACKET_QUERY && ldns_wire2pkt(&qp, p, n) == LDNS_STATUS_OK &&
+	    ldns_pkt_qdcount(qp) == 1) {
+		a = dns_msg_reply_new(qp, ldns_rr_list_rr(ldns_pkt_question(qp), 0), rcode);
+		w = dns_msg_wire(a, outlen);
+		ldns_pkt_free(a);
+	}
+	ldns_pkt_free(qp);
+	return w ? w : dns_msg_header_reply(p, rcode, outlen);
+}
+
+/* Adds one address record per rule of pattern that fits the question type. */
+static void
+dns_msg_add_answers(ldns_pkt *a, const struct dns_rules *r, const char *pattern, const ldns_rr *qrr)
+{
+	ldns_rr_type qt = ldns_rr_get_type(qrr);
+
+	for (size_t i = 0; i < r->n; i++) {
+		const struct dns_rule *rule = &r->v[i];
+		ldns_rr *rr;
+
+		if (strcasecmp(rule->pattern, pattern) != 0)
+			continue;
+		if (rule->family == AF_INET && qt != LDNS_RR_TYPE_A && qt != LDNS_RR_TYPE_ANY)
+			continue;
+		if (rule->family == AF_INET6 && qt != LDNS_RR_TYPE_AAAA && qt != LDNS_RR_TYPE_ANY)
+			continue;
+		rr = ldns_rr_new();
+		ldns_rr_set_owner(rr, ldns_rdf_clone(ldns_rr_owner(qrr)));
+		ldns_rr_set_class(rr, LDNS_RR_CLASS_IN);
+		ldns_rr_set_ttl(rr, r->ttl);
+		if (rule->family == AF_INET) {
+			ldns_rr_set_type(rr, LDNS_RR_TYPE_A);
+			ldns_rr_push_rdf(rr, ldns_rdf_new_frm_data(LDNS_RDF_TYPE_A, 4, &rule->addr.v4));
+		} else {
+			ldns_rr_set_type(rr, LDNS_RR_TYPE_AAAA);
+			ldns_rr_push_rdf(rr, ldns_rdf_new_frm_data(LDNS_RDF_TYPE_AAAA, 16, &rule->addr.v6));
+		}
+		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, rr);
+	}
+	ldns_pkt_set_aa(a, true);
+}
+
+static void
+dns_question_fill(struct dns_question *q, const ldns_pkt *qp, const ldns_rr *qrr)
+{
+	char *name = ldns_rdf2str(ldns_rr_owner(qrr));
+	char *type = ldns_rr_type2str(ldns_rr_get_type(qrr));
+	size_t len;
+
+	if (name) {
+		len = strlen(name);
+		if (len > 1 && name[len - 1] == '.')
+			name[--len] = '\0';
+		else if (len == 1 && name[0] == '.')
+			name[--len] = '\0';
+		snprintf(q->qname, sizeof q->qname, "%s", name);
+	}
+	if (type)
+		snprintf(q->qtype_str, sizeof q->qtype_str, "%s", type);
+	free(name);
+	free(type);
+	q->qtype = ldns_rr_get_type(qrr);
+	q->qclass = ldns_rr_get_class(qrr);
+	if (ldns_pkt_edns(qp) && ldns_pkt_edns_udp_size(qp) > DNS_UDP_MIN)
+		q->udp_max = ldns_pkt_edns_udp_size(qp);
+}
+
+enum dns_verdict
+dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, struct dns_question *q,
+              uint8_t **out, size_t *outlen)
+{
+	ldns_pkt *qp = NULL, *a;
+	const ldns_rr *qrr;
+	ldns_status st;
+	int opcode;
+
+	memset(q, 0, sizeof *q);
+	q->udp_max = DNS_UDP_MIN;
+	*out = NULL;
+	*outlen = 0;
+	if (n < DNS_HEADER_LEN) {
+		snprintf(q->why, sizeof q->why, "dropped: %zu bytes, shorter than a DNS header", n);
+		return DNS_DROP;
+	}
+	q->id = dns_msg_id(p);
+	if (p[2] & 0x80) {
+		snprintf(q->why, sizeof q->why, "dropped: a response, not a query");
+		return DNS_DROP;
+	}
+	opcode = (p[2] >> 3) & 0x0f;
+	if (opcode != LDNS_PACKET_QUERY) {
+		snprintf(q->why, sizeof q->why, "NOTIMP: opcode %d", opcode);
+		*out = dns_msg_header_reply(p, LDNS_RCODE_NOTIMPL, outlen);
+		return DNS_REPLY;
+	}
+	if ((st = ldns_wire2pkt(&qp, p, n)) != LDNS_STATUS_OK) {
+		snprintf(q->why, sizeof q->why, "FORMERR: %s", ldns_get_errorstr_by_id(st));
+		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
+		return DNS_REPLY;
+	}
+	if (ldns_pkt_qdcount(qp) != 1) {
+		snprintf(q->why, sizeof q->why, "FORMERR: %u questions", ldns_pkt_qdcount(qp));
+		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
+		ldns_pkt_free(qp);
+		return DNS_REPLY;
+	}
+	qrr = ldns_rr_list_rr(ldns_pkt_question(qp), 0);
+	dns_question_fill(q, qp, qrr);
+	if (q->qclass != LDNS_RR_CLASS_IN || (q->rule = dns_rules_match(r, q->qname)) == NULL) {
+		snprintf(q->why, sizeof q->why, "forwarded");
+		ldns_pkt_free(qp);
+		return DNS_FORWARD;
+	}
+	a = dns_msg_reply_new(qp, qrr, LDNS_RCODE_NOERROR);
+	dns_msg_add_answers(a, r, q->rule, qrr);
+	*out = dns_msg_wire(a, outlen);
+	if (*out && !tcp && *outlen > q->udp_max) {
+		/* too many records for the client's UDP size: an empty truncated answer sends it to TCP */
+		ldns_pkt_free(a);
+		free(*out);
+		a = dns_msg_reply_new(qp, qrr, LDNS_RCODE_NOERROR);
+		ldns_pkt_set_aa(a, true);
+		ldns_pkt_set_tc(a, true);
+		*out = dns_msg_wire(a, outlen);
+	}
+	ldns_pkt_free(a);
+	ldns_pkt_free(qp);
+	if (*out == NULL) {
+		snprintf(q->why, sizeof q->why, "SERVFAIL: cannot build the answer");
+		*out = dns_msg_header_reply(p, LDNS_RCODE_SERVFAIL, outlen);
+		return DNS_REPLY;
+	}
+	snprintf(q->why, sizeof q->why, "answered by rule %s", q->rule);
+	return DNS_REPLY;
+}
+
+/* End of the first question (after type and class) of a message, 0 when it has none. */
+static size_t
+dns_question_end(const uint8_t *p, size_t n)
+{
+	size_t off = DNS_HEADER_LEN;
+
+	if (n < DNS_HEADER_LEN || (p[4] == 0 && p[5] == 0))
+		return 0;
+	for (;;) {
+		if (off >= n)
+			return 0;
+		if (p[off] == 0)
+			break;
+		if (p[off] & 0xc0)
+			return 0;  /* the first name of a message cannot be compressed */
+		off += 1 + p[off];
+	}
+	off += 1 + 4;
+	return off <= n ? off : 0;
+}
+
+bool
+dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n)
+{
+	size_t qe, re;
+
+	if (qlen < DNS_HEADER_LEN || n < DNS_HEADER_LEN || !(reply[2] & 0x80) ||
+	    dns_msg_id(query) != dns_msg_id(reply))
+		return false;
+	re = dns_question_end(reply, n);
+	if (re == 0)
+		return dns_msg_rcode(reply) != 0;  /* an error without the question still answers it */
+	qe = dns_question_end(query, qlen);
+	if (qe == 0 || qe != re)
+		return false;
+	for (size_t i = DNS_HEADER_LEN; i < qe; i++) {
+		uint8_t a = query[i], b = reply[i];
+		if (a >= 'A' && a <= 'Z')
+			a = (uint8_t)(a + 32);
+		if (b >= 'A' && b <= 'Z')
+			b = (uint8_t)(b + 32);
+		if (a != b)
+			return false;
+	}
+	return true;
+}

@@ -1,0 +1,83 @@
+/*
+ * DNS messages for the dns instance: answer rules, parsing a client's query
+ * with ldns, deciding (answer here, forward, or drop), building answers and
+ * error replies, and checking an upstream's reply against its query.
+ * Pure functions over byte arrays: no sockets, no event loop, so they are
+ * unit-tested and fuzzed as they are.
+ */
+#ifndef CAPD_DNS_MSG_H
+#define CAPD_DNS_MSG_H
+
+#include <netinet/in.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "addr.h"
+
+#define DNS_HEADER_LEN 12
+#define DNS_UDP_MIN 512       /* what a client without EDNS can take */
+#define DNS_EDNS_SIZE 1232    /* the UDP size capd advertises and uses upstream */
+#define DNS_MAX_MSG 65535
+
+/* One `answer = name=addr` rule. Owned by its dns_rules. */
+struct dns_rule {
+	char pattern[HOST_MAX + 1];  /* "www.example.com", "*.game.test" or "*" */
+	int family;                  /* AF_INET or AF_INET6 */
+	union {
+		struct in_addr v4;
+		struct in6_addr v6;
+	} addr;
+};
+
+/* The rule set of one instance, in config order. Owner: the instance config. */
+struct dns_rules {
+	struct dns_rule *v;
+	size_t n;
+	uint32_t ttl;
+};
+
+/* Parses "name=addr" and appends it; -1 with *why (caller frees) on a bad rule. */
+int dns_rules_add(struct dns_rules *r, const char *spec, char **why);
+void dns_rules_free(struct dns_rules *r);
+/* The best rule pattern for name (exact, then the longest *.suffix, then *), or NULL. */
+const char *dns_rules_match(const struct dns_rules *r, const char *name);
+
+enum dns_verdict {
+	DNS_DROP,     /* no reply: too short to carry a header, or not a query */
+	DNS_REPLY,    /* *out is the reply to send (answer, FORMERR, NOTIMP) */
+	DNS_FORWARD,  /* a good query no rule claims: relay it upstream */
+};
+
+/* What was asked, for logs and the session note. */
+struct dns_question {
+	uint16_t id;
+	uint16_t qtype, qclass;
+	char qname[HOST_MAX * 4 + 2];  /* presentation form without the final dot; "" when unknown */
+	char qtype_str[16];
+	uint16_t udp_max;              /* the largest UDP reply the client takes */
+	const char *rule;              /* the rule pattern that answered, or NULL */
+	char why[96];                  /* what happened: "answered", "FORMERR: no question"... */
+};
+
+/*
+ * Decides what to do with a client's query of n bytes. tcp: the client came
+ * over TCP (no size limit on the reply). On DNS_REPLY, *out (malloc'd,
+ * caller frees) holds *outlen bytes. q->why says what happened.
+ */
+enum dns_verdict dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp,
+                               struct dns_question *q, uint8_t **out, size_t *outlen);
+
+/* An error reply (SERVFAIL, FORMERR...) to the query p: header and, when it parses, the question.
+ * NULL when p has no header. Caller frees. */
+uint8_t *dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen);
+
+/* Whether reply (n bytes) answers query (same id, QR set, same question). */
+bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
+
+static inline uint16_t dns_msg_id(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline void dns_msg_set_id(uint8_t *p, uint16_t id) { p[0] = (uint8_t)(id >> 8); p[1] = (uint8_t)id; }
+static inline bool dns_msg_tc(const uint8_t *p) { return (p[2] & 0x02) != 0; }
+static inline int dns_msg_rcode(const uint8_t *p) { return p[3] & 0x0f; }
+
+#endif

@@ -1,0 +1,1012 @@
+/*
+ * dns: a DNS server on the instance's listen address, over UDP (a socket of
+ * its own, opened in start) and TCP (the core's listener; each connection is
+ * one session whose input is length-prefixed messages). Queries a rule
+ * claims are answered here; the others go to the upstream resolver over
+ * UDP (retried, then TCP when the answer is truncated) or over TCP when the
+ * client came over TCP, and the reply goes back under the client's id.
+ * Every UDP query becomes a datagram session; message decisions are in
+ * dns-msg.c. Nothing here blocks the loop.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "dns-msg.h"
+#include "instance.h"
+#include "log.h"
+#include "resolve.h"
+#include "session.h"
+#include "xmalloc.h"
+
+#define DNS_TRY_TIMEOUT 2.0      /* seconds per upstream attempt */
+#define DNS_TRIES 3              /* attempts per transport before SERVFAIL */
+#define DNS_MAX_PENDING 1024     /* forwarded queries in flight per instance */
+#define DNS_UDP_BATCH 64         /* datagrams taken per wake-up */
+#define DNS_TCP_QUERY_MAX 16384  /* a larger TCP frame from a client closes it */
+#define DNS_TCP_IDLE 10.0        /* a TCP client with nothing in flight is closed after this */
+#define DNS_RESOLV_CONF "/etc/resolv.conf"
+#define DNS_WHY_MAX 512          /* room for the upstream name and an error text */
+
+static const char *const dns_keys[] = { "answer", "upstream", "ttl", NULL };
+
+/* Parsed parameters. Owned by the instance; dns_free frees it. */
+struct dns_cfg {
+	struct dns_rules rules;
+	struct hostport upstream;  /* host "" until start reads resolv.conf */
+	bool upstream_set;
+};
+
+struct dns_fwd;
+
+/* Runtime state between start and stop; inst->proto_state. dns_stop frees it. */
+struct dns_state {
+	struct instance *inst;
+	int ufd;                           /* the UDP socket on listen, -1 when closed */
+	ev_io uio;
+	bool pktinfo;                      /* bound to a wildcard address: learn and reply from the local address */
+	struct hostport up;                /* upstream as configured or from resolv.conf */
+	struct sockaddr_storage up_addr;
+	bool have_up;
+	struct resolve_req *resolving;
+	char up_str[HOST_MAX + 16];
+	TAILQ_HEAD(, dns_fwd) fwds;
+	unsigned nfwd;
+	uint8_t buf[DNS_MAX_MSG + 1];
+};
+
+/*
+ * One query on its way upstream. Owned by dns_state.fwds; dns_fwd_free frees it.
+ * A UDP client's query has its own datagram session (s->proto_state points
+ * back here); a TCP client's shares the connection's session.
+ */
+struct dns_fwd {
+	TAILQ_ENTRY(dns_fwd) entry;
+	struct dns_state *ds;
+	struct session *s;
+	bool client_tcp;
+	struct sockaddr_storage client, local;  /* UDP client and the address it sent to */
+	uint16_t client_id;
+	uint16_t udp_max;                  /* largest reply the UDP client takes */
+	uint8_t *q;                        /* the query under the upstream id */
+	size_t qlen;
+	bool tcp;                          /* this attempt is over TCP */
+	int tries;
+	int fd;                            /* upstream socket, -1 between attempts */
+	ev_io io;
+	ev_timer timer;
+	bool connected;                    /* TCP connect done */
+	size_t sent;                       /* TCP: framed query bytes written */
+	struct buf in;                     /* TCP: reply bytes */
+	uint8_t *trunc;                    /* the truncated UDP answer, for a UDP client if TCP fails */
+	size_t trunc_len;
+};
+
+/* A TCP client connection: s->proto_state. Freed with the session. */
+struct dns_conn {
+	unsigned pending;                  /* its queries still upstream */
+	unsigned queries;
+	bool eof;                          /* the client closed its side */
+	ev_timer timer;                    /* idle and end-of-input check */
+	double last;
+	struct session *s;
+};
+
+static void dns_fwd_try(struct dns_fwd *f);
+static void dns_tcp_reply(struct session *s, const uint8_t *p, size_t n);
+
+/* ---- configuration ---- */
+
+static int
+dns_upstream_parse(const char *v, struct hostport *hp, char **why)
+{
+	if (addr_is_ip_literal(v) || (hostname_valid(v) && strchr(v, ':') == NULL)) {
+		snprintf(hp->host, sizeof hp->host, "%s", v);
+		hp->port = 53;
+		return 0;
+	}
+	return hostport_parse(v, hp, why);
+}
+
+static int
+dns_configure(struct instance *inst, struct params *p)
+{
+	struct dns_cfg *dc = xcalloc(1, sizeof *dc);
+	json_t *answers, *e;
+	const char *up;
+	uint64_t ttl;
+	char *why = NULL;
+	size_t i;
+
+	inst->cfg = dc;
+	answers = params_list(p, "answer");
+	if (p->why)
+		return -1;
+	json_array_foreach(answers, i, e) {
+		if (dns_rules_add(&dc->rules, json_string_value(e), &why) < 0) {
+			params_fail(p, "answer", "%s", why);
+			free(why);
+			return -1;
+		}
+	}
+	if (params_uint(p, "ttl", 60, INT32_MAX, &ttl) < 0)
+		return -1;
+	dc->rules.ttl = (uint32_t)ttl;
+	if ((up = params_str(p, "upstream", NULL)) != NULL) {
+		if (dns_upstream_parse(up, &dc->upstream, &why) < 0) {
+			params_fail(p, "upstream", "bad upstream '%s': %s", up, why);
+			free(why);
+			return -1;
+		}
+		dc->upstream_set = true;
+	}
+	return 0;
+}
+
+static void
+dns_free(struct instance *inst)
+{
+	struct dns_cfg *dc = inst->cfg;
+
+	if (dc == NULL)
+		return;
+	dns_rules_free(&dc->rules);
+	free(dc);
+}
+
+static void
+dns_describe(struct instance *inst, json_t *o)
+{
+	struct dns_cfg *dc = inst->cfg;
+	struct dns_state *ds = inst->proto_state;
+	json_t *a = json_array();
+	char addr[INET6_ADDRSTRLEN], up[HOST_MAX + 16];
+
+	for (size_t i = 0; i < dc->rules.n; i++) {
+		struct dns_rule *r = &dc->rules.v[i];
+		inet_ntop(r->family, &r->addr, addr, sizeof addr);
+		json_array_append_new(a, json_sprintf("%s=%s", r->pattern, addr));
+	}
+	json_object_set_new(o, "answer", a);
+	if (ds)
+		json_object_set_new(o, "upstream", json_string(ds->up_str));
+	else if (dc->upstream_set) {
+		if (strchr(dc->upstream.host, ':'))
+			snprintf(up, sizeof up, "[%s]:%u", dc->upstream.host, dc->upstream.port);
+		else
+			snprintf(up, sizeof up, "%s:%u", dc->upstream.host, dc->upstream.port);
+		json_object_set_new(o, "upstream", json_string(up));
+	}
+	json_object_set_new(o, "ttl", json_integer(dc->rules.ttl));
+}
+
+/* ---- upstream address ---- */
+
+/* The first nameserver of resolv.conf, or -1. */
+static int
+dns_resolv_conf(struct hostport *hp)
+{
+	FILE *f = fopen(DNS_RESOLV_CONF, "re");
+	char line[512], ns[256];
+	int rv = -1;
+
+	if (f == NULL)
+		return -1;
+	while (fgets(line, sizeof line, f)) {
+		if (sscanf(line, " nameserver %255s", ns) == 1 && addr_is_ip_literal(ns)) {
+			snprintf(hp->host, sizeof hp->host, "%s", ns);
+			hp->port = 53;
+			rv = 0;
+			break;
+		}
+	}
+	fclose(f);
+	return rv;
+}
+
+static void dns_fwd_fail(struct dns_fwd *f, const char *why);
+
+/* Queries that waited for the upstream's name go now, or get SERVFAIL when it did not resolve. */
+static void
+dns_fwd_kick_waiting(struct dns_state *ds)
+{
+	struct dns_fwd *f, *next;
+
+	for (f = TAILQ_FIRST(&ds->fwds); f; f = next) {
+		next = TAILQ_NEXT(f, entry);
+		if (f->fd >= 0)
+			continue;
+		ev_timer_stop(capd_loop, &f->timer);
+		if (ds->have_up) {
+			f->tries--;  /* the wait does not count as an attempt */
+			dns_fwd_try(f);
+		} else {
+			dns_fwd_fail(f, "cannot resolve the upstream");
+		}
+		/* f may be gone, and next with it when f was a TCP client's last query: restart */
+		next = TAILQ_FIRST(&ds->fwds);
+	}
+}
+
+static void
+dns_up_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+{
+	struct dns_state *ds = arg;
+
+	ds->resolving = NULL;
+	if (err != 0 || n < 1) {
+		log_warnx("%s: cannot resolve upstream %s: %s", ds->inst->name, ds->up.host, why ? why : "no address");
+	} else {
+		ds->up_addr = addrs[0];
+		ds->have_up = true;
+		log_debug("%s: upstream %s is %s", ds->inst->name, ds->up.host,
+		          addr_format((const struct sockaddr *)&addrs[0], (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+	}
+	dns_fwd_kick_waiting(ds);
+}
+
+/* ---- forwarding ---- */
+
+static void
+dns_fwd_close_fd(struct dns_fwd *f)
+{
+	ev_io_stop(capd_loop, &f->io);
+	ev_timer_stop(capd_loop, &f->timer);
+	if (f->fd >= 0) {
+		close(f->fd);
+		f->fd = -1;
+	}
+	buf_reset(&f->in);
+	f->sent = 0;
+	f->connected = false;
+}
+
+static void
+dns_fwd_free(struct dns_fwd *f)
+{
+	struct dns_state *ds = f->ds;
+
+	dns_fwd_close_fd(f);
+	TAILQ_REMOVE(&ds->fwds, f, entry);
+	ds->nfwd--;
+	if (f->client_tcp) {
+		struct dns_conn *c = f->s->proto_state;
+		if (c)
+			c->pending--;
+	} else if (f->s->proto_state == f) {
+		f->s->proto_state = NULL;
+	}
+	buf_free(&f->in);
+	free(f->q);
+	free(f->trunc);
+	free(f);
+}
+
+/* Sends a UDP reply to a client, from the address it wrote to when bound to a wildcard. */
+static void
+dns_udp_send(struct dns_state *ds, const uint8_t *p, size_t n, const struct sockaddr_storage *client,
+             const struct sockaddr_storage *local)
+{
+	struct iovec iov = { .iov_base = (void *)p, .iov_len = n };
+	struct msghdr mh = { .msg_name = (void *)client, .msg_namelen = addr_len((const struct sockaddr *)client),
+	                     .msg_iov = &iov, .msg_iovlen = 1 };
+	union {
+		char v4[CMSG_SPACE(sizeof(struct in_pktinfo))];
+		char v6[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+	} cbuf;
+
+	memset(&cbuf, 0, sizeof cbuf);
+	if (ds->pktinfo && local->ss_family == AF_INET && client->ss_family == AF_INET) {
+		struct in_pktinfo pi = { .ipi_spec_dst = ((const struct sockaddr_in *)local)->sin_addr };
+		mh.msg_control = cbuf.v4;
+		mh.msg_controllen = sizeof cbuf.v4;
+		struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = IPPROTO_IP;
+		cm->cmsg_type = IP_PKTINFO;
+		cm->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+	} else if (ds->pktinfo && local->ss_family == AF_INET6 && client->ss_family == AF_INET6) {
+		struct in6_pktinfo pi = { .ipi6_addr = ((const struct sockaddr_in6 *)local)->sin6_addr };
+		mh.msg_control = cbuf.v6;
+		mh.msg_controllen = sizeof cbuf.v6;
+		struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = IPPROTO_IPV6;
+		cm->cmsg_type = IPV6_PKTINFO;
+		cm->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(cm), &pi, sizeof pi);
+	}
+	if (ds->ufd < 0 || sendmsg(ds->ufd, &mh, MSG_DONTWAIT) < 0)
+		log_debug("%s: reply to %s lost: %s", ds->inst->name,
+		          addr_format((const struct sockaddr *)client, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN),
+		          ds->ufd < 0 ? "socket closed" : strerror(errno));
+}
+
+/* The reply (already under the client's id) goes to the client; the query is done. */
+static void
+dns_fwd_deliver(struct dns_fwd *f, const uint8_t *p, size_t n, const char *reason)
+{
+	struct session *s = f->s;
+	struct dns_state *ds = f->ds;
+
+	if (f->client_tcp) {
+		/* p may live in f's buffer, and the reply may close s (which frees s's queries) */
+		uint8_t *copy = xmalloc(n);
+		memcpy(copy, p, n);
+		dns_fwd_free(f);
+		dns_tcp_reply(s, copy, n);
+		free(copy);
+		return;
+	}
+	dns_udp_send(ds, p, n, &f->client, &f->local);
+	session_data(s, DIR_DOWN, p, n);
+	dns_fwd_free(f);
+	session_close(s, reason);
+}
+
+static void
+dns_fwd_fail(struct dns_fwd *f, const char *why)
+{
+	char reason[DNS_WHY_MAX + HOST_MAX + 64];
+	uint8_t *p;
+	size_t n;
+
+	if (f->trunc) {
+		/* TCP to the upstream failed: the truncated answer at least tells the client to retry */
+		dns_msg_set_id(f->trunc, f->client_id);
+		snprintf(reason, sizeof reason, "forwarded to %s: truncated (TCP failed: %s)", f->ds->up_str, why);
+		p = f->trunc;
+		f->trunc = NULL;
+		dns_fwd_deliver(f, p, f->trunc_len, reason);
+		free(p);
+		return;
+	}
+	snprintf(reason, sizeof reason, "SERVFAIL: %s", why);
+	log_debug("%s: query %u: %s", f->ds->inst->name, f->client_id, reason);
+	dns_msg_set_id(f->q, f->client_id);
+	p = dns_msg_error(f->q, f->qlen, 2 /* SERVFAIL */, &n);
+	dns_fwd_deliver(f, p, n, reason);
+	free(p);
+}
+
+static void
+dns_fwd_retry(struct dns_fwd *f, const char *why)
+{
+	dns_fwd_close_fd(f);
+	if (f->tries >= DNS_TRIES) {
+		dns_fwd_fail(f, why);
+		return;
+	}
+	log_debug("%s: query %u: %s, trying again", f->ds->inst->name, f->client_id, why);
+	dns_fwd_try(f);
+}
+
+static const char *const dns_rcodes[] = {
+	"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+	"NXRRSET", "NOTAUTH", "NOTZONE", "RCODE11", "RCODE12", "RCODE13", "RCODE14", "RCODE15",
+};
+
+/* A reply that belongs to f's query arrived from the upstream. */
+static void
+dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
+{
+	char reason[DNS_WHY_MAX + HOST_MAX + 64];
+
+	if (!f->tcp && dns_msg_tc(p)) {
+		/* truncated: ask again over TCP, keeping this one for a UDP client whose size it fits */
+		free(f->trunc);
+		f->trunc = xmalloc(n);
+		memcpy(f->trunc, p, n);
+		f->trunc_len = n;
+		dns_fwd_close_fd(f);
+		f->tcp = true;
+		f->tries = 0;
+		dns_fwd_try(f);
+		return;
+	}
+	if (!f->client_tcp && n > f->udp_max && f->trunc) {
+		/* the whole answer does not fit the client's UDP size: it gets the truncated one, and comes back over TCP */
+		dns_fwd_fail(f, "answer larger than the client's UDP size");
+		return;
+	}
+	dns_msg_set_id(p, f->client_id);
+	snprintf(reason, sizeof reason, "forwarded to %s%s: %s", f->ds->up_str, f->tcp ? " over TCP" : "",
+	         dns_rcodes[dns_msg_rcode(p)]);
+	dns_fwd_deliver(f, p, n, reason);
+}
+
+static void
+dns_fwd_udp_read(struct dns_fwd *f)
+{
+	uint8_t *b = f->ds->buf;
+
+	for (;;) {
+		ssize_t n = recv(f->fd, b, DNS_MAX_MSG, 0);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return;
+			char why[DNS_WHY_MAX];
+			snprintf(why, sizeof why, "upstream %s: %s", f->ds->up_str, strerror(errno));
+			dns_fwd_retry(f, why);
+			return;
+		}
+		if (!dns_msg_reply_matches(f->q, f->qlen, b, (size_t)n)) {
+			log_debug("%s: ignoring a stray reply from the upstream", f->ds->inst->name);
+			continue;
+		}
+		dns_fwd_answer(f, b, (size_t)n);
+		return;
+	}
+}
+
+static void
+dns_fwd_tcp_io(struct dns_fwd *f, int revents)
+{
+	char why[DNS_WHY_MAX];
+
+	if (!f->connected) {
+		int err = 0;
+		socklen_t len = sizeof err;
+		if (getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+			err = errno;
+		if (err == EINPROGRESS)
+			return;
+		if (err != 0) {
+			snprintf(why, sizeof why, "TCP connect to %s: %s", f->ds->up_str, strerror(err));
+			dns_fwd_retry(f, why);
+			return;
+		}
+		f->connected = true;
+	}
+	if (f->sent < f->qlen + 2) {
+		uint8_t frame[DNS_MAX_MSG + 2];
+		frame[0] = (uint8_t)(f->qlen >> 8);
+		frame[1] = (uint8_t)f->qlen;
+		memcpy(frame + 2, f->q, f->qlen);
+		ssize_t n = send(f->fd, frame + f->sent, f->qlen + 2 - f->sent, MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return;
+			snprintf(why, sizeof why, "TCP send to %s: %s", f->ds->up_str, strerror(errno));
+			dns_fwd_retry(f, why);
+			return;
+		}
+		f->sent += (size_t)n;
+		if (f->sent == f->qlen + 2) {
+			ev_io_stop(capd_loop, &f->io);
+			ev_io_set(&f->io, f->fd, EV_READ);
+			ev_io_start(capd_loop, &f->io);
+		}
+		return;
+	}
+	if (!(revents & EV_READ))
+		return;
+	for (;;) {
+		ssize_t n = read(f->fd, buf_reserve(&f->in, 4096), 4096);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return;
+			snprintf(why, sizeof why, "TCP read from %s: %s", f->ds->up_str, strerror(errno));
+			dns_fwd_retry(f, why);
+			return;
+		}
+		if (n == 0) {
+			snprintf(why, sizeof why, "%s closed the TCP connection before answering", f->ds->up_str);
+			dns_fwd_retry(f, why);
+			return;
+		}
+		buf_commit(&f->in, (size_t)n);
+		while (buf_used(&f->in) >= 2) {
+			uint8_t *h = buf_head(&f->in);
+			size_t len = (size_t)(h[0] << 8 | h[1]);
+			if (buf_used(&f->in) < len + 2)
+				break;
+			if (dns_msg_reply_matches(f->q, f->qlen, h + 2, len)) {
+				dns_fwd_answer(f, h + 2, len);
+				return;
+			}
+			buf_consume(&f->in, len + 2);
+		}
+	}
+}
+
+static void
+dns_fwd_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct dns_fwd *f = w->data;
+
+	(void)loop;
+	if (f->tcp)
+		dns_fwd_tcp_io(f, revents);
+	else
+		dns_fwd_udp_read(f);
+}
+
+static void
+dns_fwd_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct dns_fwd *f = w->data;
+	char why[DNS_WHY_MAX];
+
+	(void)loop; (void)revents;
+	if (!f->ds->have_up)
+		snprintf(why, sizeof why, "upstream %s has no address", f->ds->up_str);
+	else
+		snprintf(why, sizeof why, "upstream %s timed out%s", f->ds->up_str, f->tcp ? " over TCP" : "");
+	dns_fwd_retry(f, why);
+}
+
+/* One attempt: a fresh socket (fresh source port) toward the upstream. */
+static void
+dns_fwd_try(struct dns_fwd *f)
+{
+	struct dns_state *ds = f->ds;
+	const struct sockaddr *sa = (const struct sockaddr *)&ds->up_addr;
+	char why[DNS_WHY_MAX];
+	int fd;
+
+	f->tries++;
+	ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);
+	ev_timer_start(capd_loop, &f->timer);
+	if (!ds->have_up) {
+		if (ds->up.host[0] == '\0') {
+			ev_timer_stop(capd_loop, &f->timer);
+			f->tries = DNS_TRIES;
+			dns_fwd_fail(f, "no upstream (set upstream =)");
+			return;
+		}
+		/* the resolver answers later (never from inside resolve_start): wait for it or the timer */
+		if (ds->resolving == NULL)
+			ds->resolving = resolve_start(ds->up.host, ds->up.port, dns_up_resolved_cb, ds);
+		return;
+	}
+	fd = socket(sa->sa_family, (f->tcp ? SOCK_STREAM : SOCK_DGRAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		snprintf(why, sizeof why, "socket: %s", strerror(errno));
+		f->tries = DNS_TRIES;
+		dns_fwd_retry(f, why);
+		return;
+	}
+	f->fd = fd;
+	if (connect(fd, sa, addr_len(sa)) < 0 && errno != EINPROGRESS) {
+		snprintf(why, sizeof why, "connect to %s: %s", ds->up_str, strerror(errno));
+		dns_fwd_retry(f, why);
+		return;
+	}
+	if (f->tcp) {
+		ev_io_init(&f->io, dns_fwd_io_cb, fd, EV_WRITE);
+	} else {
+		if (send(fd, f->q, f->qlen, 0) < 0 && errno != EAGAIN) {
+			snprintf(why, sizeof why, "send to %s: %s", ds->up_str, strerror(errno));
+			dns_fwd_retry(f, why);
+			return;
+		}
+		ev_io_init(&f->io, dns_fwd_io_cb, fd, EV_READ);
+	}
+	f->io.data = f;
+	ev_io_start(capd_loop, &f->io);
+}
+
+/* Sends query p upstream for session s (a UDP client's own, or a TCP client's connection). */
+static void
+dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const uint8_t *p, size_t n,
+              const struct dns_question *q, const struct sockaddr_storage *client,
+              const struct sockaddr_storage *local)
+{
+	struct dns_fwd *f;
+
+	f = xcalloc(1, sizeof *f);
+	f->ds = ds;
+	f->s = s;
+	f->fd = -1;
+	f->client_tcp = client_tcp;
+	f->tcp = client_tcp;
+	f->client_id = q->id;
+	f->udp_max = q->udp_max;
+	if (client)
+		f->client = *client;
+	if (local)
+		f->local = *local;
+	f->q = xmalloc(n);
+	memcpy(f->q, p, n);
+	f->qlen = n;
+	dns_msg_set_id(f->q, (uint16_t)arc4random());  /* a fresh id per query: no clash between clients */
+	ev_init(&f->timer, dns_fwd_timer_cb);
+	f->timer.data = f;
+	ev_init(&f->io, dns_fwd_io_cb);
+	TAILQ_INSERT_TAIL(&ds->fwds, f, entry);
+	ds->nfwd++;
+	if (client_tcp)
+		((struct dns_conn *)s->proto_state)->pending++;
+	else
+		s->proto_state = f;
+	if (ds->nfwd > DNS_MAX_PENDING) {
+		f->tries = DNS_TRIES;
+		dns_fwd_fail(f, "too many queries in flight");
+		return;
+	}
+	dns_fwd_try(f);
+}
+
+/* ---- UDP clients ---- */
+
+static void
+dns_session_note(struct session *s, const struct dns_question *q)
+{
+	free(s->note);
+	if (q->qname[0] || q->qtype_str[0])
+		s->note = xasprintf("%s %s", q->qtype_str[0] ? q->qtype_str : "?", q->qname[0] ? q->qname : ".");
+	else
+		s->note = NULL;
+}
+
+static void
+dns_udp_query(struct dns_state *ds, const uint8_t *p, size_t n, const struct sockaddr_storage *client,
+              const struct sockaddr_storage *local)
+{
+	struct dns_cfg *dc = ds->inst->cfg;
+	struct dns_question q;
+	struct session *s;
+	uint8_t *out = NULL;
+	size_t outlen = 0;
+	enum dns_verdict v;
+
+	v = dns_msg_query(&dc->rules, p, n, false, &q, &out, &outlen);
+	s = session_new_datagram(ds->inst, "dns", (const struct sockaddr *)client, (const struct sockaddr *)local);
+	session_opened(s);
+	session_data(s, DIR_UP, p, n);
+	dns_session_note(s, &q);
+	switch (v) {
+	case DNS_DROP:
+		log_debug("%s: %s from %s", ds->inst->name, q.why,
+		          addr_format((const struct sockaddr *)client, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+		session_close(s, q.why);
+		break;
+	case DNS_REPLY:
+		dns_udp_send(ds, out, outlen, client, local);
+		session_data(s, DIR_DOWN, out, outlen);
+		session_close(s, q.why);
+		break;
+	case DNS_FORWARD:
+		dns_fwd_start(ds, s, false, p, n, &q, client, local);
+		break;
+	}
+	free(out);
+}
+
+/* The destination address of a datagram from its IP_PKTINFO / IPV6_PKTINFO. */
+static void
+dns_udp_local(struct dns_state *ds, struct msghdr *mh, struct sockaddr_storage *local)
+{
+	*local = ds->inst->listen;
+	if (!ds->pktinfo)
+		return;
+	for (struct cmsghdr *cm = CMSG_FIRSTHDR(mh); cm; cm = CMSG_NXTHDR(mh, cm)) {
+		if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_PKTINFO && local->ss_family == AF_INET) {
+			struct in_pktinfo pi;
+			memcpy(&pi, CMSG_DATA(cm), sizeof pi);
+			((struct sockaddr_in *)local)->sin_addr = pi.ipi_addr;
+		} else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_PKTINFO &&
+		           local->ss_family == AF_INET6) {
+			struct in6_pktinfo pi;
+			memcpy(&pi, CMSG_DATA(cm), sizeof pi);
+			((struct sockaddr_in6 *)local)->sin6_addr = pi.ipi6_addr;
+		}
+	}
+}
+
+static void
+dns_udp_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct dns_state *ds = w->data;
+
+	(void)loop; (void)revents;
+	for (int i = 0; i < DNS_UDP_BATCH && ds->ufd >= 0; i++) {
+		struct sockaddr_storage client, local;
+		char cbuf[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
+		struct iovec iov = { .iov_base = ds->buf, .iov_len = sizeof ds->buf };
+		struct msghdr mh = { .msg_name = &client, .msg_namelen = sizeof client, .msg_iov = &iov,
+		                     .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
+		ssize_t n;
+
+		memset(&client, 0, sizeof client);
+		n = recvmsg(ds->ufd, &mh, MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				log_warn("%s: UDP receive", ds->inst->name);
+			return;
+		}
+		if (mh.msg_flags & MSG_TRUNC)
+			n = DNS_MAX_MSG;  /* larger than any DNS message: the parser refuses it */
+		dns_udp_local(ds, &mh, &local);
+		/* ds->buf is reused by forwarding: hand over a copy */
+		uint8_t *p = xmalloc((size_t)n + 1);
+		memcpy(p, ds->buf, (size_t)n);
+		dns_udp_query(ds, p, (size_t)n, &client, &local);
+		free(p);
+	}
+}
+
+/* ---- TCP clients ---- */
+
+static void
+dns_conn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct dns_conn *c = w->data;
+	struct session *s = c->s;
+
+	(void)revents;
+	if (c->pending > 0 || buf_used(&s->hs_out) > 0) {
+		if (ev_now(loop) - c->last < DNS_TCP_IDLE * 3)
+			return;
+		session_close(s, "client stopped reading");
+		return;
+	}
+	if (c->eof) {
+		session_close(s, c->queries ? "client closed" : "client closed without a query");
+		return;
+	}
+	if (ev_now(loop) - c->last >= DNS_TCP_IDLE)
+		session_close(s, "idle");
+}
+
+static void
+dns_accepted(struct session *s)
+{
+	struct dns_conn *c = xcalloc(1, sizeof *c);
+	socklen_t len = sizeof s->target_addr;
+
+	s->proto = "dns";
+	if (getsockname(s->client.fd, (struct sockaddr *)&s->target_addr, &len) < 0)
+		s->target_addr = s->inst->listen;
+	s->have_target = true;
+	c->s = s;
+	c->last = capd_now();
+	s->proto_state = c;
+	ev_timer_init(&c->timer, dns_conn_timer_cb, 0.5, 0.5);
+	c->timer.data = c;
+	ev_timer_start(capd_loop, &c->timer);
+	session_opened(s);
+}
+
+/* Queues a framed reply to a TCP client; may close s. */
+static void
+dns_tcp_reply(struct session *s, const uint8_t *p, size_t n)
+{
+	struct dns_conn *c = s->proto_state;
+	uint8_t *frame = xmalloc(n + 2);
+
+	if (c)
+		c->last = capd_now();
+	frame[0] = (uint8_t)(n >> 8);
+	frame[1] = (uint8_t)n;
+	memcpy(frame + 2, p, n);
+	session_data(s, DIR_DOWN, frame, n + 2);
+	session_send(s, frame, n + 2);
+	free(frame);
+	if (s->state != SESSION_CLOSED && c && c->eof && c->pending == 0 && buf_used(&s->hs_out) == 0)
+		session_close(s, "client closed");
+}
+
+static void
+dns_input(struct session *s)
+{
+	struct dns_conn *c = s->proto_state;
+	struct dns_cfg *dc = s->inst->cfg;
+	struct dns_state *ds = s->inst->proto_state;
+
+	while (buf_used(&s->hs_in) >= 2 && s->state != SESSION_CLOSED) {
+		uint8_t *h = buf_head(&s->hs_in);
+		size_t len = (size_t)(h[0] << 8 | h[1]);
+		struct dns_question q;
+		uint8_t *out = NULL, *p;
+		size_t outlen = 0;
+		enum dns_verdict v;
+
+		if (len < DNS_HEADER_LEN) {
+			session_close(s, "malformed: TCP frame shorter than a DNS header");
+			return;
+		}
+		if (len > DNS_TCP_QUERY_MAX) {
+			session_close(s, "malformed: oversized TCP frame");
+			return;
+		}
+		if (buf_used(&s->hs_in) < len + 2)
+			break;
+		p = xmalloc(len + 2);
+		memcpy(p, h, len + 2);
+		buf_consume(&s->hs_in, len + 2);
+		c->queries++;
+		c->last = capd_now();
+		session_data(s, DIR_UP, p, len + 2);
+		v = dns_msg_query(&dc->rules, p + 2, len, true, &q, &out, &outlen);
+		free(s->note);
+		s->note = xasprintf("%u %s, last %s %s: %s", c->queries, c->queries == 1 ? "query" : "queries",
+		                    q.qtype_str[0] ? q.qtype_str : "?", q.qname[0] ? q.qname : ".", q.why);
+		log_debug("%s: TCP query %u %s %s from session %llu: %s", s->inst->name, q.id, q.qtype_str, q.qname,
+		          (unsigned long long)s->id, q.why);
+		if (v == DNS_REPLY) {
+			dns_tcp_reply(s, out, outlen);
+		} else if (v == DNS_FORWARD) {
+			if (ds)
+				dns_fwd_start(ds, s, true, p + 2, len, &q, NULL, NULL);
+			else {
+				free(out);
+				dns_msg_set_id(p + 2, q.id);
+				out = dns_msg_error(p + 2, len, 2, &outlen);
+				dns_tcp_reply(s, out, outlen);
+			}
+		}
+		free(out);
+		free(p);
+	}
+	if (s->state == SESSION_CLOSED)
+		return;
+	if (s->client_eof) {
+		if (buf_used(&s->hs_in) > 0) {
+			session_close(s, "malformed: truncated TCP frame");
+			return;
+		}
+		if (!c->eof)
+			session_shutdown_dir(s, DIR_UP);
+		c->eof = true;
+		if (c->pending == 0 && buf_used(&s->hs_out) == 0)
+			session_close(s, c->queries ? "client closed" : "client closed without a query");
+		/* else the timer closes once the answers are out */
+	}
+}
+
+static void
+dns_session_free(struct session *s)
+{
+	struct dns_state *ds = s->inst->proto_state;
+
+	if (s->datagram) {
+		struct dns_fwd *f = s->proto_state;
+		if (f)
+			dns_fwd_free(f);
+		return;
+	}
+	struct dns_conn *c = s->proto_state;
+	if (c == NULL)
+		return;
+	if (ds) {
+		struct dns_fwd *f, *next;
+		for (f = TAILQ_FIRST(&ds->fwds); f; f = next) {
+			next = TAILQ_NEXT(f, entry);
+			if (f->s == s)
+				dns_fwd_free(f);
+		}
+	}
+	ev_timer_stop(capd_loop, &c->timer);
+	free(c);
+	s->proto_state = NULL;
+}
+
+/* ---- start and stop ---- */
+
+static bool
+dns_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	char x[ADDR_STRLEN], y[ADDR_STRLEN];
+
+	return !strcmp(addr_format((const struct sockaddr *)a, x, sizeof x), addr_format((const struct sockaddr *)b, y, sizeof y));
+}
+
+static void
+dns_state_free(struct dns_state *ds)
+{
+	struct dns_fwd *f;
+
+	if (ds == NULL)
+		return;
+	if (ds->ufd >= 0) {
+		ev_io_stop(capd_loop, &ds->uio);
+		close(ds->ufd);
+		ds->ufd = -1;
+	}
+	resolve_cancel(ds->resolving);
+	ds->resolving = NULL;
+	while ((f = TAILQ_FIRST(&ds->fwds)) != NULL) {
+		struct session *s = f->s;
+		bool udp = !f->client_tcp;
+		dns_fwd_free(f);
+		if (udp)
+			session_close(s, "instance stopped");
+	}
+	free(ds);
+}
+
+static int
+dns_start(struct instance *inst, char **why)
+{
+	struct dns_cfg *dc = inst->cfg;
+	struct dns_state *ds = xcalloc(1, sizeof *ds);
+	const struct sockaddr *sa = (const struct sockaddr *)&inst->listen;
+	socklen_t len;
+	int one = 1;
+
+	ds->inst = inst;
+	ds->ufd = -1;
+	TAILQ_INIT(&ds->fwds);
+	if (dc->upstream_set)
+		ds->up = dc->upstream;
+	else if (dns_resolv_conf(&ds->up) < 0)
+		log_warnx("%s: no nameserver in %s and no upstream set: queries no rule answers get SERVFAIL",
+		          inst->name, DNS_RESOLV_CONF);
+	if (ds->up.host[0] == '\0')
+		snprintf(ds->up_str, sizeof ds->up_str, "none");
+	else if (strchr(ds->up.host, ':'))
+		snprintf(ds->up_str, sizeof ds->up_str, "[%s]:%u", ds->up.host, ds->up.port);
+	else
+		snprintf(ds->up_str, sizeof ds->up_str, "%s:%u", ds->up.host, ds->up.port);
+	if (ds->up.host[0] && addr_from_literal(ds->up.host, ds->up.port, &ds->up_addr, &len) == 0) {
+		if (dns_same_addr(&ds->up_addr, &inst->listen)) {
+			*why = xasprintf("upstream %s is this instance's own address", ds->up_str);
+			free(ds);
+			return -1;
+		}
+		ds->have_up = true;
+	}
+
+	ds->ufd = socket(sa->sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (ds->ufd < 0) {
+		*why = xasprintf("UDP socket: %s", strerror(errno));
+		free(ds);
+		return -1;
+	}
+	if (sa->sa_family == AF_INET6)
+		setsockopt(ds->ufd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (bind(ds->ufd, sa, inst->listen_len) < 0) {
+		if (errno == EADDRINUSE)
+			*why = xasprintf("UDP port %u is in use (%s)", addr_port(sa), inst->listen_str);
+		else
+			*why = xasprintf("cannot bind UDP %s: %s", inst->listen_str, strerror(errno));
+		close(ds->ufd);
+		free(ds);
+		return -1;
+	}
+	if (addr_is_any(sa)) {
+		ds->pktinfo = true;
+		if (sa->sa_family == AF_INET)
+			setsockopt(ds->ufd, IPPROTO_IP, IP_PKTINFO, &one, sizeof one);
+		else
+			setsockopt(ds->ufd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof one);
+	}
+	ev_io_init(&ds->uio, dns_udp_cb, ds->ufd, EV_READ);
+	ds->uio.data = ds;
+	ev_io_start(capd_loop, &ds->uio);
+	inst->proto_state = ds;
+	if (ds->up.host[0] && !ds->have_up)
+		ds->resolving = resolve_start(ds->up.host, ds->up.port, dns_up_resolved_cb, ds);
+	return 0;
+}
+
+static void
+dns_stop(struct instance *inst)
+{
+	struct dns_state *ds = inst->proto_state;
+
+	inst->proto_state = NULL;
+	dns_state_free(ds);
+}
+
+const struct proto proto_dns = {
+	.name = "dns",
+	.keys = dns_keys,
+	.listens = true,
+	.hs_max = DNS_TCP_QUERY_MAX + 4,
+	.configure = dns_configure,
+	.start = dns_start,
+	.stop = dns_stop,
+	.accepted = dns_accepted,
+	.input = dns_input,
+	.session_free = dns_session_free,
+	.free = dns_free,
+	.describe = dns_describe,
+};

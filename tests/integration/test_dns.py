@@ -1,0 +1,347 @@
+"""The dns instance (issue 6): answers from rules (A, AAAA, wildcards, TTL),
+forwarding to an upstream over UDP and TCP with the client's id, truncation,
+malformed input, upstream failure, sessions and the pcapng, and an HTTP
+client that resolves through the instance end to end."""
+
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from conftest import free_port, tshark, check_pcap_clean
+
+
+class Upstream:
+    """A small DNS server on loopback (UDP and TCP on one port), in threads.
+    Any A question gets 192.0.2.1; 'big.*' gets 60 records (truncated over UDP);
+    'silent.*' is never answered. It records (transport, name) of each query."""
+
+    def __init__(self):
+        for _ in range(20):
+            port = free_port()
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self.tcp.bind(("127.0.0.1", port))
+                self.udp.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                self.tcp.close()
+                self.udp.close()
+        self.port = port
+        self.tcp.listen(16)
+        self.queries = []
+        self.running = True
+        threading.Thread(target=self.udp_loop, daemon=True).start()
+        threading.Thread(target=self.tcp_loop, daemon=True).start()
+
+    def answer(self, wire, transport):
+        q = dns.message.from_wire(wire)
+        name = q.question[0].name.to_text(omit_final_dot=True).lower()
+        self.queries.append((transport, name))
+        if name.startswith("silent"):
+            return None
+        r = dns.message.make_response(q)
+        if q.question[0].rdtype == dns.rdatatype.A:
+            n = 60 if name.startswith("big") else 1
+            addrs = [f"192.0.2.{i + 1}" for i in range(n)]
+            r.answer.append(dns.rrset.from_text_list(q.question[0].name, 300, "IN", "A", addrs))
+        w = r.to_wire()
+        if transport == "udp" and len(w) > 512:
+            r.answer = []
+            r.flags |= dns.flags.TC
+            w = r.to_wire()
+        return w
+
+    def udp_loop(self):
+        while self.running:
+            try:
+                data, peer = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            w = self.answer(data, "udp")
+            if w:
+                self.udp.sendto(w, peer)
+
+    def tcp_loop(self):
+        while self.running:
+            try:
+                c, _ = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.tcp_serve, args=(c,), daemon=True).start()
+
+    def tcp_serve(self, c):
+        try:
+            c.settimeout(5)
+            while True:
+                hdr = recv_exact(c, 2)
+                if not hdr:
+                    return
+                data = recv_exact(c, struct.unpack("!H", hdr)[0])
+                w = self.answer(data, "tcp")
+                if w:
+                    c.sendall(struct.pack("!H", len(w)) + w)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.running = False
+        self.udp.close()
+        self.tcp.close()
+
+
+def recv_exact(s, n):
+    b = b""
+    while len(b) < n:
+        d = s.recv(n - len(b))
+        if not d:
+            return b if b else None
+        b += d
+    return b
+
+
+@pytest.fixture
+def upstream():
+    u = Upstream()
+    yield u
+    u.close()
+
+
+def dns_conf(port, up_port, extra=""):
+    return (f"[dns d]\nlisten = 127.0.0.1:{port}\n"
+            "answer = www.example.com=127.0.0.1\n"
+            "answer = www.example.com=::1\n"
+            "answer = *.game.test=10.0.0.7\n"
+            f"upstream = 127.0.0.1:{up_port}\nttl = 30\n{extra}")
+
+
+def ask(name, rdtype, port, tcp=False, qid=None, use_edns=-1, timeout=5):
+    q = dns.message.make_query(name, rdtype, use_edns=use_edns)
+    if qid is not None:
+        q.id = qid
+    if tcp:
+        return dns.query.tcp(q, "127.0.0.1", port=port, timeout=timeout)
+    return dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
+
+
+def addrs(r):
+    return sorted(rd.to_text() for rr in r.answer for rd in rr)
+
+
+def raw_udp(port, payload, timeout=1.0):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(payload, ("127.0.0.1", port))
+        try:
+            return s.recv(65535)
+        except OSError:  # a timeout, or the port is closed
+            return None
+
+
+@pytest.fixture
+def dnsd(capd_factory, upstream):
+    port = free_port()
+    c = capd_factory(dns_conf(port, upstream.port))
+    c.port = port
+    return c
+
+
+def test_rules_answer_a_aaaa_and_wildcards(dnsd, upstream):
+    port = dnsd.port
+    for tcp in (False, True):
+        r = ask("www.example.com", "A", port, tcp=tcp)
+        assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"]
+        assert r.answer[0].ttl == 30 and r.flags & dns.flags.AA
+        r = ask("WWW.Example.COM", "AAAA", port, tcp=tcp)
+        assert addrs(r) == ["::1"]
+        # a type with no address: empty NOERROR, not forwarded
+        r = ask("www.example.com", "MX", port, tcp=tcp)
+        assert r.rcode() == dns.rcode.NOERROR and r.answer == []
+        # the wildcard claims names below the suffix at any depth ...
+        assert addrs(ask("a.game.test", "A", port, tcp=tcp)) == ["10.0.0.7"]
+        assert addrs(ask("x.y.z.game.test", "A", port, tcp=tcp)) == ["10.0.0.7"]
+        assert ask("a.game.test", "AAAA", port, tcp=tcp).answer == []
+    assert upstream.queries == []
+    # ... but not the suffix itself, which goes upstream
+    r = ask("game.test", "A", port)
+    assert addrs(r) == ["192.0.2.1"]
+    assert upstream.queries == [("udp", "game.test")]
+
+
+def test_forward_udp_and_tcp_keep_the_id(dnsd, upstream):
+    port = dnsd.port
+    r = ask("elsewhere.org", "A", port, qid=0x1234)
+    assert r.id == 0x1234 and addrs(r) == ["192.0.2.1"]
+    r = ask("over-tcp.org", "A", port, tcp=True, qid=0xbeef)
+    assert r.id == 0xbeef and addrs(r) == ["192.0.2.1"]
+    assert upstream.queries == [("udp", "elsewhere.org"), ("tcp", "over-tcp.org")]
+    # several queries on one TCP connection, answered in turn
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i, name in enumerate(["one.org", "www.example.com", "two.org"]):
+            w = dns.message.make_query(name, "A", id=100 + i).to_wire()
+            s.sendall(struct.pack("!H", len(w)) + w)
+        got = {}
+        for _ in range(3):
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            m = dns.message.from_wire(recv_exact(s, n))
+            got[m.id] = addrs(m)
+    assert got == {100: ["192.0.2.1"], 101: ["127.0.0.1"], 102: ["192.0.2.1"]}
+
+
+def test_truncated_upstream_answer_retried_over_tcp(dnsd, upstream):
+    port = dnsd.port
+    # the client takes 4096 bytes: capd asks again over TCP and relays the whole answer over UDP
+    r = ask("big.org", "A", port, use_edns=0)
+    assert len(r.answer[0]) == 60 and not r.flags & dns.flags.TC
+    assert upstream.queries == [("udp", "big.org"), ("tcp", "big.org")]
+    # without EDNS it fits 512 bytes only: it gets the truncated answer, and TCP then works
+    r = ask("big.org", "A", port, use_edns=False)
+    assert r.flags & dns.flags.TC and r.answer == []
+    r = ask("big.org", "A", port, tcp=True)
+    assert len(r.answer[0]) == 60
+
+
+def test_sessions_and_pcapng(dnsd, upstream):
+    port = dnsd.port
+    ask("www.example.com", "A", port, qid=0x0a0a)
+    ask("pcap-forward.org", "A", port, qid=0x0b0b)
+    ask("pcap-tcp.org", "A", port, tcp=True, qid=0x0c0c)
+    ss = dnsd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3)
+    dns_ss = [s for s in ss if s["proto"] == "dns"]
+    assert len(dns_ss) == 3
+    assert all(s["instance"] == "d" and s["target"] == f"127.0.0.1:{port}" for s in dns_ss)
+    assert any("answered" in s["reason"] for s in dns_ss)
+    assert any("forwarded" in s["reason"] for s in dns_ss)
+    assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in dns_ss)
+    dnsd.flush()
+    pcap = dnsd.pcaps()[-1]
+    r = tshark("-r", pcap, "-d", f"udp.port=={port},dns", "-d", f"tcp.port=={port},dns", "-Y", "dns",
+               "-T", "fields", "-e", "dns.id", "-e", "dns.qry.name", "-e", "dns.flags.response", "-e", "udp.port")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    seen = {(row[0], row[1], row[2]) for row in rows}
+    for qid, name in (("0x0a0a", "www.example.com"), ("0x0b0b", "pcap-forward.org"), ("0x0c0c", "pcap-tcp.org")):
+        assert (qid, name, "False") in seen or (qid, name, "0") in seen, rows
+        assert (qid, name, "True") in seen or (qid, name, "1") in seen, rows
+    # UDP for the UDP queries, TCP for the TCP one
+    assert any(row[1] == "pcap-forward.org" and row[3] for row in rows)
+    assert any(row[1] == "pcap-tcp.org" and not row[3] for row in rows)
+    check_pcap_clean(pcap)
+
+
+def test_malformed_queries(dnsd, upstream):
+    port = dnsd.port
+    # too short for a header: dropped
+    assert raw_udp(port, b"\x01\x02\x03", timeout=0.5) is None
+    # a header promising a question that is not there: FORMERR with the same id
+    r = raw_udp(port, bytes([0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]))
+    assert r is not None and r[:2] == b"\x12\x34" and r[3] & 0x0f == dns.rcode.FORMERR
+    # a compression loop in the question name
+    loop = bytes([0x43, 0x21, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1])
+    r = raw_udp(port, loop)
+    assert r is not None and r[:2] == b"\x43\x21" and r[3] & 0x0f == dns.rcode.FORMERR
+    # random bytes: a FORMERR (or NOTIMP for a stray opcode) under their id, or nothing
+    rnd = os.urandom(64)
+    for payload in (rnd, bytes([rnd[0], rnd[1], rnd[2] & 0x7f & ~0x78]) + rnd[3:]):
+        r = raw_udp(port, payload, timeout=0.5)
+        assert r is None or (r[:2] == payload[:2] and r[2] & 0x80)
+    # a response sent to capd is not answered (no loops)
+    resp = dns.message.make_response(dns.message.make_query("x.org", "A")).to_wire()
+    assert raw_udp(port, resp, timeout=0.5) is None
+    # TCP: a frame shorter than a header, an oversized frame, a frame cut short: the connection closes
+    for data in (b"\x00\x03abc", b"\xff\xf0" + b"\x00" * 100, b"\x00\x40" + b"\x00" * 10):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(data)
+            if data.startswith(b"\x00\x40"):
+                s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b""
+    # the instance still answers, over both transports
+    assert addrs(ask("www.example.com", "A", port)) == ["127.0.0.1"]
+    assert addrs(ask("www.example.com", "A", port, tcp=True)) == ["127.0.0.1"]
+    assert "AddressSanitizer" not in dnsd.log()
+
+
+def test_upstream_down_servfail(capd_factory, upstream):
+    port, dead = free_port(), free_port(socket.SOCK_DGRAM)
+    c = capd_factory(dns_conf(port, dead))
+    t0 = time.time()
+    r = ask("nowhere.org", "A", port, qid=77, timeout=10)
+    assert r.rcode() == dns.rcode.SERVFAIL and r.id == 77
+    assert r.question[0].name.to_text() == "nowhere.org."
+    r = ask("nowhere.org", "A", port, tcp=True, timeout=10)
+    assert r.rcode() == dns.rcode.SERVFAIL
+    assert time.time() - t0 < 8
+    # rules still answer
+    assert addrs(ask("www.example.com", "A", port)) == ["127.0.0.1"]
+    ss = c.wait_sessions(lambda ss: any("SERVFAIL" in (s.get("reason") or "") for s in ss))
+    assert ss
+
+
+def test_silent_upstream_servfail_after_retries(dnsd, upstream):
+    t0 = time.time()
+    r = ask("silent.org", "A", dnsd.port, qid=9, timeout=15)
+    took = time.time() - t0
+    assert r.rcode() == dns.rcode.SERVFAIL and r.id == 9
+    assert 5 <= took < 9  # 3 tries of 2 s
+    assert [q for q in upstream.queries if q[1] == "silent.org"] == [("udp", "silent.org")] * 3
+
+
+def test_capctl_add_dns(capd, upstream):
+    port = free_port()
+    capd.ctl("add", "dns", "--port", port, "--answer", "svc.test=127.0.0.2", "--answer", "*=10.9.9.9",
+             "--upstream", f"127.0.0.1:{upstream.port}", "--ttl", "5")
+    inst = [i for i in capd.ctl("list", json_out=True) if i["type"] == "dns"][0]
+    assert inst["name"] == f"dns-{port}"
+    assert inst["answer"] == ["svc.test=127.0.0.2", "*=10.9.9.9"]
+    assert inst["upstream"] == f"127.0.0.1:{upstream.port}" and inst["ttl"] == 5
+    r = ask("svc.test", "A", port)
+    assert addrs(r) == ["127.0.0.2"] and r.answer[0].ttl == 5
+    assert addrs(ask("anything.example", "A", port)) == ["10.9.9.9"]  # '*' claims every name
+    assert upstream.queries == []
+    bad = capd.ctl("add", "dns", "--port", free_port(), "--answer", "bad_name!=1.2.3.4", check=False)
+    assert bad.returncode in (1, 2) and "answer" in bad.stderr
+    bad = capd.ctl("add", "dns", "--port", free_port(), "--answer", "ok.test=1.2.3", check=False)
+    assert bad.returncode in (1, 2)
+    capd.ctl("remove", f"dns-{port}")
+    assert raw_udp(port, dns.message.make_query("svc.test", "A").to_wire(), timeout=0.3) is None
+
+
+def test_http_client_resolving_through_dns(capd_factory, upstream, http_server):
+    """End to end: a client that resolves app.test through the dns instance reaches a capd
+    proxy instance (forward: the reverse proxy is someone else's), and its request is in the pcapng."""
+    http_port, _ = http_server
+    dport, fport = free_port(), free_port()
+    target = "reverse" if os.path.exists(os.path.join(os.path.dirname(__file__), "../../daemon/proto-reverse.c")) else "forward"
+    conf = dns_conf(dport, upstream.port, "answer = app.test=127.0.0.1\n")
+    if target == "reverse":
+        conf += f"\n[reverse web]\nlisten = 127.0.0.1:{fport}\nroute = app.test=127.0.0.1:{http_port}\n"
+    else:
+        conf += f"\n[forward web]\nlisten = 127.0.0.1:{fport}\nto = 127.0.0.1:{http_port}\n"
+    c = capd_factory(conf)
+    ip = addrs(ask("app.test", "A", dport))[0]
+    assert ip == "127.0.0.1"
+    req = urllib.request.Request(f"http://{ip}:{fport}/index.html", headers={"Host": "app.test"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.read() == b"hello from the origin\n"
+    c.wait_sessions(lambda ss: any(s["instance"] == "web" and s["state"] == "closed" for s in ss))
+    c.flush()
+    pcap = c.pcaps()[-1]
+    r = tshark("-r", pcap, "-d", f"tcp.port=={fport},http", "-d", f"udp.port=={dport},dns",
+               "-Y", "http.request || dns", "-T", "fields", "-e", "http.host", "-e", "dns.qry.name")
+    assert r.returncode == 0, r.stderr
+    assert "app.test\t" in r.stdout  # the HTTP request, Host: app.test
+    assert "\tapp.test" in r.stdout  # the DNS query that led there

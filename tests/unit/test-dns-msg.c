@@ -1,0 +1,312 @@
+/* Unit tests for daemon/dns-msg.c: rules, the query decision, answers, error replies, reply matching. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <ldns/ldns.h>
+
+#include "dns-msg.h"
+
+/* A wire query for name/type with id, optionally with an EDNS OPT record. */
+static uint8_t *
+query(const char *name, ldns_rr_type type, uint16_t id, bool edns, size_t *len)
+{
+	ldns_pkt *p = NULL;
+	uint8_t *w = NULL;
+
+	assert_int_equal(ldns_pkt_query_new_frm_str(&p, name, type, LDNS_RR_CLASS_IN, LDNS_RD), LDNS_STATUS_OK);
+	ldns_pkt_set_id(p, id);
+	if (edns)
+		ldns_pkt_set_edns_udp_size(p, 4096);
+	assert_int_equal(ldns_pkt2wire(&w, p, len), LDNS_STATUS_OK);
+	ldns_pkt_free(p);
+	return w;
+}
+
+static void
+rules(struct dns_rules *r)
+{
+	char *why = NULL;
+	const char *specs[] = { "www.example.com=127.0.0.1", "www.example.com=::1", "*.game.test=10.0.0.7",
+	                        "*.deep.game.test=10.0.0.8", "v6only.test=[2001:db8::1]" };
+
+	memset(r, 0, sizeof *r);
+	r->ttl = 60;
+	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
+		assert_int_equal(dns_rules_add(r, specs[i], &why), 0);
+}
+
+static void
+test_rules_parse(void **state)
+{
+	struct dns_rules r = { 0 };
+	char *why = NULL;
+	const char *bad[] = { "noequals", "=1.2.3.4", "name=", "name=1.2.3", "bad_name!=1.2.3.4",
+	                      "a.*.b=1.2.3.4", "**=1.2.3.4", "x=::g", "*.=1.2.3.4", "-a.b=1.1.1.1" };
+
+	(void)state;
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		why = NULL;
+		assert_int_equal(dns_rules_add(&r, bad[i], &why), -1);
+		assert_non_null(why);
+		free(why);
+	}
+	assert_int_equal(r.n, 0);
+	assert_int_equal(dns_rules_add(&r, "*=1.2.3.4", &why), 0);
+	assert_int_equal(dns_rules_add(&r, "Host.Example.=::1", &why), 0);
+	assert_string_equal(r.v[1].pattern, "Host.Example");
+	assert_int_equal(r.v[1].family, AF_INET6);
+	dns_rules_free(&r);
+}
+
+static void
+test_rules_match(void **state)
+{
+	struct dns_rules r;
+	char *why = NULL;
+
+	(void)state;
+	rules(&r);
+	assert_string_equal(dns_rules_match(&r, "www.example.com"), "www.example.com");
+	assert_string_equal(dns_rules_match(&r, "WWW.Example.COM"), "www.example.com");
+	assert_null(dns_rules_match(&r, "example.com"));
+	assert_null(dns_rules_match(&r, "game.test"));  /* a wildcard matches sub-names only */
+	assert_string_equal(dns_rules_match(&r, "a.game.test"), "*.game.test");
+	assert_string_equal(dns_rules_match(&r, "a.b.c.game.test"), "*.game.test");
+	assert_string_equal(dns_rules_match(&r, "x.deep.game.test"), "*.deep.game.test");  /* longest suffix */
+	assert_null(dns_rules_match(&r, "other.test"));
+	assert_int_equal(dns_rules_add(&r, "*=192.0.2.1", &why), 0);
+	assert_string_equal(dns_rules_match(&r, "other.test"), "*");
+	assert_string_equal(dns_rules_match(&r, "www.example.com"), "www.example.com");  /* exact beats * */
+	assert_null(dns_rules_match(&r, ""));
+	dns_rules_free(&r);
+}
+
+static ldns_pkt *
+decide(const struct dns_rules *r, const uint8_t *q, size_t n, bool tcp, enum dns_verdict want,
+       struct dns_question *dq)
+{
+	uint8_t *out = NULL;
+	size_t outlen = 0;
+	ldns_pkt *a = NULL;
+
+	assert_int_equal(dns_msg_query(r, q, n, tcp, dq, &out, &outlen), want);
+	if (want != DNS_REPLY) {
+		assert_null(out);
+		return NULL;
+	}
+	assert_non_null(out);
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	free(out);
+	return a;
+}
+
+static void
+test_answer_a_aaaa(void **state)
+{
+	struct dns_rules r;
+	struct dns_question dq;
+	size_t n;
+	uint8_t *q;
+	ldns_pkt *a;
+	char *txt;
+
+	(void)state;
+	rules(&r);
+	q = query("www.example.com", LDNS_RR_TYPE_A, 0x1234, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_id(a), 0x1234);
+	assert_true(ldns_pkt_qr(a));
+	assert_true(ldns_pkt_aa(a));
+	assert_true(ldns_pkt_rd(a));
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	ldns_rr *rr = ldns_rr_list_rr(ldns_pkt_answer(a), 0);
+	assert_int_equal(ldns_rr_get_type(rr), LDNS_RR_TYPE_A);
+	assert_int_equal(ldns_rr_ttl(rr), 60);
+	txt = ldns_rdf2str(ldns_rr_rdf(rr, 0));
+	assert_string_equal(txt, "127.0.0.1");
+	free(txt);
+	assert_string_equal(dq.qname, "www.example.com");
+	assert_string_equal(dq.qtype_str, "A");
+	ldns_pkt_free(a);
+	free(q);
+
+	q = query("www.example.com", LDNS_RR_TYPE_AAAA, 7, true, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	rr = ldns_rr_list_rr(ldns_pkt_answer(a), 0);
+	assert_int_equal(ldns_rr_get_type(rr), LDNS_RR_TYPE_AAAA);
+	txt = ldns_rdf2str(ldns_rr_rdf(rr, 0));
+	assert_string_equal(txt, "::1");
+	free(txt);
+	assert_true(ldns_pkt_edns(a));  /* EDNS in, EDNS out */
+	assert_int_equal(dq.udp_max, 4096);
+	ldns_pkt_free(a);
+	free(q);
+
+	/* a type without an address: empty NOERROR */
+	q = query("v6only.test", LDNS_RR_TYPE_A, 8, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	ldns_pkt_free(a);
+	free(q);
+	q = query("a.game.test", LDNS_RR_TYPE_MX, 9, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	ldns_pkt_free(a);
+	free(q);
+
+	/* the wildcard: sub-names answered, the bare suffix forwarded */
+	q = query("x.y.game.test", LDNS_RR_TYPE_A, 10, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	ldns_pkt_free(a);
+	free(q);
+	q = query("game.test", LDNS_RR_TYPE_A, 11, false, &n);
+	decide(&r, q, n, false, DNS_FORWARD, &dq);
+	assert_int_equal(dq.id, 11);
+	free(q);
+	q = query("elsewhere.org", LDNS_RR_TYPE_A, 12, false, &n);
+	decide(&r, q, n, false, DNS_FORWARD, &dq);
+	assert_string_equal(dq.why, "forwarded");
+	free(q);
+	dns_rules_free(&r);
+}
+
+static void
+test_truncation(void **state)
+{
+	struct dns_rules r = { .ttl = 5 };
+	struct dns_question dq;
+	char spec[64], *why = NULL;
+	size_t n;
+	uint8_t *q;
+	ldns_pkt *a;
+
+	(void)state;
+	for (int i = 0; i < 60; i++) {
+		snprintf(spec, sizeof spec, "many.test=10.0.%d.%d", i / 200, i % 200);
+		assert_int_equal(dns_rules_add(&r, spec, &why), 0);
+	}
+	q = query("many.test", LDNS_RR_TYPE_A, 1, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);  /* 60 x 25 bytes > 512: TC, no answers */
+	assert_true(ldns_pkt_tc(a));
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	ldns_pkt_free(a);
+	a = decide(&r, q, n, true, DNS_REPLY, &dq);  /* TCP: everything */
+	assert_false(ldns_pkt_tc(a));
+	assert_int_equal(ldns_pkt_ancount(a), 60);
+	ldns_pkt_free(a);
+	free(q);
+	dns_rules_free(&r);
+}
+
+static void
+test_malformed(void **state)
+{
+	struct dns_rules r;
+	struct dns_question dq;
+	uint8_t *out = NULL;
+	size_t outlen, n;
+
+	(void)state;
+	rules(&r);
+	/* too short for a header: dropped */
+	uint8_t shortq[5] = { 1, 2, 3, 4, 5 };
+	assert_int_equal(dns_msg_query(&r, shortq, sizeof shortq, false, &dq, &out, &outlen), DNS_DROP);
+	assert_null(out);
+	assert_null(dns_msg_error(shortq, sizeof shortq, 2, &outlen));
+	/* a header with one question that is not there: FORMERR under the same id */
+	uint8_t trunc[12] = { 0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0 };
+	assert_int_equal(dns_msg_query(&r, trunc, sizeof trunc, false, &dq, &out, &outlen), DNS_REPLY);
+	assert_int_equal(outlen, 12);
+	assert_int_equal(dns_msg_id(out), 0xabcd);
+	assert_true(out[2] & 0x80);
+	assert_int_equal(dns_msg_rcode(out), LDNS_RCODE_FORMERR);
+	free(out);
+	/* no question at all */
+	uint8_t none[12] = { 0, 9, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0 };
+	assert_int_equal(dns_msg_query(&r, none, sizeof none, false, &dq, &out, &outlen), DNS_REPLY);
+	assert_int_equal(dns_msg_rcode(out), LDNS_RCODE_FORMERR);
+	free(out);
+	/* a compression pointer that points at itself */
+	uint8_t loop[] = { 0, 10, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1 };
+	assert_int_equal(dns_msg_query(&r, loop, sizeof loop, false, &dq, &out, &outlen), DNS_REPLY);
+	assert_int_equal(dns_msg_rcode(out), LDNS_RCODE_FORMERR);
+	assert_int_equal(dns_msg_id(out), 10);
+	free(out);
+	/* two pointers pointing at each other */
+	uint8_t loop2[] = { 0, 11, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, 'a', 0xc0, 16, 0xc0, 14, 0, 1, 0, 1 };
+	assert_int_equal(dns_msg_query(&r, loop2, sizeof loop2, false, &dq, &out, &outlen), DNS_REPLY);
+	assert_int_equal(dns_msg_rcode(out), LDNS_RCODE_FORMERR);
+	free(out);
+	/* a response sent to us is dropped */
+	uint8_t *q = query("www.example.com", LDNS_RR_TYPE_A, 3, false, &n);
+	q[2] |= 0x80;
+	assert_int_equal(dns_msg_query(&r, q, n, false, &dq, &out, &outlen), DNS_DROP);
+	/* another opcode: NOTIMP */
+	q[2] = (uint8_t)((q[2] & ~0x80) | (5 << 3));
+	assert_int_equal(dns_msg_query(&r, q, n, false, &dq, &out, &outlen), DNS_REPLY);
+	assert_int_equal(dns_msg_rcode(out), LDNS_RCODE_NOTIMPL);
+	free(out);
+	free(q);
+	dns_rules_free(&r);
+}
+
+static void
+test_servfail_and_matching(void **state)
+{
+	size_t n, rn, outlen;
+	uint8_t *q, *r, *out;
+	ldns_pkt *a = NULL;
+
+	(void)state;
+	q = query("Elsewhere.ORG", LDNS_RR_TYPE_A, 0x4242, true, &n);
+	out = dns_msg_error(q, n, LDNS_RCODE_SERVFAIL, &outlen);
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_SERVFAIL);
+	assert_int_equal(ldns_pkt_id(a), 0x4242);
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	ldns_pkt_free(a);
+	/* the SERVFAIL answers its query; it does not answer another id or name */
+	assert_true(dns_msg_reply_matches(q, n, out, outlen));
+	r = query("elsewhere.org", LDNS_RR_TYPE_A, 0x4242, false, &rn);
+	r[2] |= 0x80;
+	assert_true(dns_msg_reply_matches(q, n, r, rn));  /* case does not matter */
+	assert_false(dns_msg_reply_matches(q, n, q, n));  /* a query is no reply */
+	dns_msg_set_id(r, 0x4243);
+	assert_false(dns_msg_reply_matches(q, n, r, rn));
+	free(r);
+	r = query("elsewhere.net", LDNS_RR_TYPE_A, 0x4242, false, &rn);
+	r[2] |= 0x80;
+	assert_false(dns_msg_reply_matches(q, n, r, rn));
+	free(r);
+	r = query("elsewhere.org", LDNS_RR_TYPE_AAAA, 0x4242, false, &rn);
+	r[2] |= 0x80;
+	assert_false(dns_msg_reply_matches(q, n, r, rn));
+	free(r);
+	assert_false(dns_msg_reply_matches(q, n, out, 5));
+	free(out);
+	free(q);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_rules_parse),
+		cmocka_unit_test(test_rules_match),
+		cmocka_unit_test(test_answer_a_aaaa),
+		cmocka_unit_test(test_truncation),
+		cmocka_unit_test(test_malformed),
+		cmocka_unit_test(test_servfail_and_matching),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,231 @@
+/* Unit tests for daemon/hosts.c: the entry set, the block editor, entry checks, the file writer. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "hosts.h"
+
+static char *
+apply(const char *text, const struct hosts_set *set)
+{
+	char *why = NULL, *out;
+	size_t len;
+
+	out = hosts_block_apply(text, strlen(text), set, &len, &why);
+	assert_non_null(out);
+	assert_int_equal(strlen(out), len);
+	return out;
+}
+
+static void
+test_set(void **state)
+{
+	struct hosts_set s = { 0 };
+
+	(void)state;
+	hosts_set_put(&s, "a.test", "127.0.0.1");
+	hosts_set_put(&s, "b.test", "::1");
+	hosts_set_put(&s, "A.TEST", "10.0.0.1");  /* same name: replaced in place */
+	assert_int_equal(s.n, 2);
+	assert_string_equal(s.v[0].addr, "10.0.0.1");
+	assert_true(hosts_set_del(&s, "a.test"));
+	assert_false(hosts_set_del(&s, "a.test"));
+	assert_int_equal(s.n, 1);
+	assert_string_equal(s.v[0].name, "b.test");
+	hosts_set_free(&s);
+	hosts_set_free(&s);
+}
+
+static void
+test_check(void **state)
+{
+	char norm[HOSTS_ADDR_MAX], *why = NULL;
+	const char *bad_names[] = { "", "bad_name!", "*.x.test", "a..b", "-a.test", "x.test.", "1.2.3.4", "a b" };
+	const char *bad_addrs[] = { "", "1.2.3", "256.1.1.1", "::g", "host.test", "1.2.3.4:80", "fe80::1%lo" };
+
+	(void)state;
+	assert_int_equal(hosts_entry_check("www.example.com", "127.0.0.1", norm, &why), 0);
+	assert_string_equal(norm, "127.0.0.1");
+	assert_int_equal(hosts_entry_check("v6.test", "[0:0::1]", norm, &why), 0);
+	assert_string_equal(norm, "::1");
+	for (size_t i = 0; i < sizeof bad_names / sizeof bad_names[0]; i++) {
+		why = NULL;
+		assert_int_equal(hosts_entry_check(bad_names[i], "127.0.0.1", norm, &why), -1);
+		assert_non_null(why);
+		free(why);
+	}
+	for (size_t i = 0; i < sizeof bad_addrs / sizeof bad_addrs[0]; i++) {
+		why = NULL;
+		assert_int_equal(hosts_entry_check("ok.test", bad_addrs[i], norm, &why), -1);
+		assert_non_null(why);
+		free(why);
+	}
+}
+
+static void
+test_block(void **state)
+{
+	const char *orig = "127.0.0.1\tlocalhost\r\n# a comment   \n\n::1 localhost ip6-localhost";
+	struct hosts_set s = { 0 }, back = { 0 };
+	char *t1, *t2, *t3, *why = NULL;
+
+	(void)state;
+	/* nothing to add, no block: unchanged */
+	t1 = apply(orig, &s);
+	assert_string_equal(t1, orig);
+	free(t1);
+
+	hosts_set_put(&s, "www.example.com", "127.0.0.1");
+	hosts_set_put(&s, "v6.test", "::1");
+	t1 = apply(orig, &s);
+	/* the old text is a prefix (plus the newline the last line lacked) */
+	assert_memory_equal(t1, orig, strlen(orig));
+	assert_string_equal(t1 + strlen(orig), "\n" HOSTS_BEGIN "\n127.0.0.1\twww.example.com\n::1\tv6.test\n" HOSTS_END "\n");
+	assert_int_equal(hosts_block_parse(t1, strlen(t1), &back, &why), 1);
+	assert_int_equal(back.n, 2);
+	assert_string_equal(back.v[1].name, "v6.test");
+
+	/* lines after the block stay where they are */
+	char *withtail = malloc(strlen(t1) + 32);
+	sprintf(withtail, "%s10.1.1.1 after.test\n", t1);
+	hosts_set_del(&s, "v6.test");
+	t2 = apply(withtail, &s);
+	assert_non_null(strstr(t2, "127.0.0.1\twww.example.com\n" HOSTS_END "\n10.1.1.1 after.test\n"));
+	assert_null(strstr(t2, "v6.test"));
+
+	/* empty set: the block goes, everything else is as it was */
+	hosts_set_free(&s);
+	t3 = apply(t2, &s);
+	char *want = malloc(strlen(orig) + 64);
+	sprintf(want, "%s\n10.1.1.1 after.test\n", orig);
+	assert_string_equal(t3, want);
+	assert_int_equal(hosts_block_parse(t3, strlen(t3), &back, &why), 0);
+	assert_int_equal(back.n, 0);
+	free(want);
+	free(withtail);
+	free(t1);
+	free(t2);
+	free(t3);
+	hosts_set_free(&back);
+}
+
+static void
+test_block_odd(void **state)
+{
+	struct hosts_set s = { 0 };
+	char *why = NULL, *out;
+	size_t len;
+
+	(void)state;
+	/* hand-edited block content: junk ignored, several names per line taken */
+	const char *t = "1.1.1.1 a\n# BEGIN capd\n10.0.0.1 x.test y.test # note\nnot-an-address z.test\n\n# END capd\n";
+	assert_int_equal(hosts_block_parse(t, strlen(t), &s, &why), 1);
+	assert_int_equal(s.n, 2);
+	assert_string_equal(s.v[1].name, "y.test");
+	/* two blocks: the first takes the entries, the second goes */
+	const char *two = "# BEGIN capd\n1.1.1.1 a.test\n# END capd\nmid\n# BEGIN capd\n2.2.2.2 b.test\n# END capd\nend\n";
+	assert_int_equal(hosts_block_parse(two, strlen(two), &s, &why), 1);
+	assert_int_equal(s.n, 2);
+	out = hosts_block_apply(two, strlen(two), &s, &len, &why);
+	assert_string_equal(out, HOSTS_BEGIN "\n1.1.1.1\ta.test\n2.2.2.2\tb.test\n" HOSTS_END "\nmid\nend\n");
+	free(out);
+	/* a begin without an end: refused, nothing guessed */
+	const char *open = "a\n# BEGIN capd\n1.1.1.1 a.test\n";
+	assert_int_equal(hosts_block_parse(open, strlen(open), &s, &why), -1);
+	assert_non_null(why);
+	free(why);
+	why = NULL;
+	assert_null(hosts_block_apply(open, strlen(open), &s, &len, &why));
+	assert_non_null(why);
+	free(why);
+	why = NULL;
+	/* an empty file gets just the block; "# BEGIN capdx" is not ours */
+	hosts_set_put(&s, "n.test", "127.0.0.1");
+	out = hosts_block_apply("", 0, &s, &len, &why);
+	assert_string_equal(out, HOSTS_BEGIN "\n127.0.0.1\tn.test\n" HOSTS_END "\n");
+	free(out);
+	const char *notours = "# BEGIN capdx\n";
+	assert_int_equal(hosts_block_parse(notours, strlen(notours), &s, &why), 0);
+	hosts_set_free(&s);
+}
+
+struct add_arg {
+	const char *name;
+};
+
+static char *
+add_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why)
+{
+	struct add_arg *a = arg;
+	struct hosts_set s = { 0 };
+	char *out;
+
+	if (hosts_block_parse(cur, len, &s, why) < 0)
+		return NULL;
+	if (a->name)
+		hosts_set_put(&s, a->name, "127.0.0.1");
+	else
+		hosts_set_free(&s);
+	out = hosts_block_apply(cur, len, &s, outlen, why);
+	hosts_set_free(&s);
+	return out;
+}
+
+static void
+test_file(void **state)
+{
+	char dir[] = "/tmp/capd-test-hosts-XXXXXX", path[256], *why = NULL, *text;
+	struct add_arg a = { "file.test" };
+	struct stat st;
+	size_t len;
+	FILE *f;
+
+	(void)state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof path, "%s/hosts", dir);
+	f = fopen(path, "w");
+	fputs("127.0.0.1 localhost\n", f);
+	fclose(f);
+	chmod(path, 0604);
+	assert_int_equal(hosts_file_update(path, NULL, add_cb, &a, &why), 0);
+	text = hosts_file_read(path, &len, &why);
+	assert_non_null(text);
+	assert_non_null(strstr(text, "127.0.0.1 localhost\n" HOSTS_BEGIN "\n127.0.0.1\tfile.test\n"));
+	free(text);
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_mode & 07777, 0604);  /* the mode survives the rename */
+	a.name = NULL;
+	assert_int_equal(hosts_file_update(path, NULL, add_cb, &a, &why), 0);
+	text = hosts_file_read(path, &len, &why);
+	assert_string_equal(text, "127.0.0.1 localhost\n");
+	free(text);
+	/* a missing file is created */
+	snprintf(path, sizeof path, "%s/new", dir);
+	a.name = "new.test";
+	assert_int_equal(hosts_file_update(path, NULL, add_cb, &a, &why), 0);
+	assert_int_equal(stat(path, &st), 0);
+	unlink(path);
+	snprintf(path, sizeof path, "%s/hosts", dir);
+	unlink(path);
+	rmdir(dir);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_set),
+		cmocka_unit_test(test_check),
+		cmocka_unit_test(test_block),
+		cmocka_unit_test(test_block_odd),
+		cmocka_unit_test(test_file),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
