@@ -1,0 +1,441 @@
+"""Deployment (issue 10): systemd units, sd_notify and the watchdog, socket
+activation, `meson install`, privilege drop, man pages, bash completion.
+
+Nothing here touches the host's systemd, users or /etc: units are verified
+offline, sysusers/tmpfiles run against a private --root, capd runs with
+private folders (privilege-drop tests inside a network namespace of their own).
+"""
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BUILD, CAPCTL, CAPD, ROOT, Capd, EchoServer, free_port
+
+MANS = ["capd.8", "capctl.1", "capd.conf.5"]
+
+# Where each installed file lands, relative to the install prefix (etc/ is
+# /etc when the prefix is /usr, <prefix>/etc otherwise).
+INSTALLED = [
+    "sbin/capd",
+    "bin/capctl",
+    "lib/systemd/system/capd.service",
+    "lib/systemd/system/capd.socket",
+    "lib/sysusers.d/capd.conf",
+    "lib/tmpfiles.d/capd.conf",
+    "share/man/man8/capd.8",
+    "share/man/man1/capctl.1",
+    "share/man/man5/capd.conf.5",
+    "share/bash-completion/completions/capctl",
+]
+
+
+def run(*args, check=True, timeout=60, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`meson install --destdir` of the build under test: (destdir, prefix, sysconfdir)."""
+    dest = tmp_path_factory.mktemp("destdir")
+    run("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
+    opts = json.loads(run("meson", "introspect", "--buildoptions", BUILD).stdout)
+    opt = {o["name"]: o["value"] for o in opts}
+    prefix = opt["prefix"]
+    sysconfdir = os.path.join(prefix, opt["sysconfdir"])
+    return dest, prefix, sysconfdir
+
+
+def under(dest, path):
+    return Path(str(dest) + str(path))
+
+
+def test_install_tree_holds_every_file(installed):
+    """Issue 10: the destdir tree holds capd, capctl, the units, sysusers and
+    tmpfiles snippets, the config, the man pages and the bash completion."""
+    dest, prefix, sysconfdir = installed
+    missing = [p for p in INSTALLED if not under(dest, os.path.join(prefix, p)).is_file()]
+    conf = under(dest, os.path.join(sysconfdir, "capd", "capd.conf"))
+    assert not missing, missing
+    assert conf.is_file(), conf
+    assert os.access(under(dest, os.path.join(prefix, "sbin/capd")), os.X_OK)
+    # the units name the installed paths
+    svc = under(dest, os.path.join(prefix, "lib/systemd/system/capd.service")).read_text()
+    assert f"ExecStart={os.path.join(prefix, 'sbin/capd')} -c {os.path.join(sysconfdir, 'capd/capd.conf')}" in svc
+    assert "@" not in "".join(line for line in svc.splitlines() if not line.startswith("#"))
+
+
+def test_installed_capd_checks_installed_config(installed):
+    """Issue 10: the installed capd accepts the installed default config (capd -t)."""
+    dest, prefix, sysconfdir = installed
+    capd = under(dest, os.path.join(prefix, "sbin/capd"))
+    conf = under(dest, os.path.join(sysconfdir, "capd", "capd.conf"))
+    r = run(capd, "-t", "-c", conf)
+    assert "configuration is good" in r.stdout
+    # and the source copy documents every [capd] key with its default
+    text = (ROOT / "conf" / "capd.conf").read_text()
+    for key in ("rotate_size = 64M", "keep_files = 32", "flush_interval = 1s", "log_level = info",
+                "control = /run/capd/capd.sock", "spool = /var/lib/capd/spool"):
+        assert key in text, key
+
+
+def test_units_pass_systemd_analyze_verify(installed, tmp_path):
+    """Issue 10: systemd-analyze verify passes on capd.service and capd.socket
+    (their paths pointed at the destdir tree, where the binaries are)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    dest, prefix, _ = installed
+    units = []
+    for u in ("capd.service", "capd.socket"):
+        text = under(dest, os.path.join(prefix, "lib/systemd/system", u)).read_text()
+        text = text.replace(f"={prefix}/", f"={dest}{prefix}/").replace(f" {prefix}/", f" {dest}{prefix}/")
+        (tmp_path / u).write_text(text)
+        units.append(tmp_path / u)
+    r = run("systemd-analyze", "verify", "--man=no", *units, check=False)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    svc = units[0].read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=capd",
+                 "StateDirectory=capd", "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes",
+                 "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in svc, line
+    bounding = next(ln for ln in svc.splitlines() if ln.startswith("CapabilityBoundingSet="))
+    assert set(bounding.split("=", 1)[1].split()) == {
+        "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE"}
+    sock = units[1].read_text()
+    for line in ("ListenStream=/run/capd/capd.sock", "SocketMode=0660", "SocketGroup=capd"):
+        assert line in sock, line
+
+
+def test_sysusers_and_tmpfiles_in_a_private_root(installed, tmp_path):
+    """Issue 10: the sysusers.d snippet makes user and group capd, the tmpfiles.d
+    one the state and spool folders owned by them (against --root, not the host)."""
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    dest, prefix, _ = installed
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    run("systemd-sysusers", f"--root={root}", under(dest, os.path.join(prefix, "lib/sysusers.d/capd.conf")))
+    passwd = (root / "etc/passwd").read_text()
+    group = (root / "etc/group").read_text()
+    line = next(ln for ln in passwd.splitlines() if ln.startswith("capd:"))
+    uid, gid = int(line.split(":")[2]), int(line.split(":")[3])
+    assert 0 < uid < 1000 and line.split(":")[5] == "/var/lib/capd", line
+    assert any(ln.startswith(f"capd:x:{gid}:") for ln in group.splitlines()), group
+    run("systemd-tmpfiles", "--create", f"--root={root}",
+        under(dest, os.path.join(prefix, "lib/tmpfiles.d/capd.conf")))
+    for d in ("var/lib/capd", "var/lib/capd/spool"):
+        st = (root / d).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, gid, 0o750), d
+
+
+# --- sd_notify and the watchdog ---------------------------------------------
+
+class NotifySocket:
+    """A NOTIFY_SOCKET as systemd provides it: AF_UNIX datagrams."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.s.bind(self.path)
+        self.msgs = []
+
+    def pump(self, timeout):
+        self.s.settimeout(timeout)
+        try:
+            self.msgs.append(self.s.recv(4096).decode())
+            return True
+        except socket.timeout:
+            return False
+
+    def find(self, line, start=0, timeout=10.0):
+        """Index of the first message from start on holding `line`, reading as needed."""
+        deadline = time.time() + timeout
+        i = start
+        while True:
+            while i < len(self.msgs):
+                if line in self.msgs[i].split("\n"):
+                    return i
+                i += 1
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"no {line} after message {start}: {self.msgs}")
+            self.pump(left)
+
+    def close(self):
+        self.s.close()
+
+
+def test_sd_notify_ready_status_watchdog_reload_stopping(capd_factory, tmp_path):
+    """Issue 10: under a NOTIFY_SOCKET capd sends READY=1 with STATUS= once it
+    serves, WATCHDOG=1 pings (WATCHDOG_USEC set), RELOADING=1 then READY=1 on
+    SIGHUP, and STOPPING=1 on SIGTERM."""
+    ns = NotifySocket(tmp_path / "notify.sock")
+    try:
+        c = capd_factory(start=False)
+        c.start(extra_env={"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "200000"})
+        i = ns.find("READY=1")
+        assert any(line.startswith("STATUS=") for line in ns.msgs[i].split("\n")), ns.msgs[i]
+        assert c.ctl("status").returncode == 0
+        # pings every WATCHDOG_USEC/2 while the loop runs
+        w = i
+        for _ in range(4):
+            w = ns.find("WATCHDOG=1", w + 1, timeout=3)
+        c.proc.send_signal(signal.SIGHUP)
+        r = ns.find("RELOADING=1", w + 1)
+        ns.find("READY=1", r + 1)
+        c.ctl("reload")
+        r = ns.find("RELOADING=1", r + 1)
+        ns.find("READY=1", r + 1)
+        c.proc.send_signal(signal.SIGTERM)
+        s = ns.find("STOPPING=1", r + 1)
+        assert c.proc.wait(10) == 0
+        assert "READY=1" not in "\n".join(ns.msgs[s + 1:]).split("\n")
+    finally:
+        ns.close()
+
+
+def test_no_watchdog_pings_without_watchdog_usec(capd_factory, tmp_path):
+    """Without WATCHDOG_USEC capd sends no WATCHDOG=1."""
+    ns = NotifySocket(tmp_path / "notify.sock")
+    try:
+        c = capd_factory(start=False)
+        c.start(extra_env={"NOTIFY_SOCKET": ns.path})
+        ns.find("READY=1")
+        while ns.pump(0.5):
+            pass
+        assert "WATCHDOG=1" not in ns.msgs
+    finally:
+        ns.close()
+
+
+# --- socket activation -----------------------------------------------------
+
+ACTIVATE = r"""
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_socket_activation_serves_capctl(capd_factory, tmp_path):
+    """Issue 10: capd takes a socket passed the sd_listen_fds way (LISTEN_FDS=1,
+    LISTEN_PID) instead of binding `control =`, and serves capctl on it; the
+    socket file's group (SocketGroup=) may use it when control_group is unset."""
+    base = Path(tempfile.mkdtemp(prefix="capd-act.", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        path = base / "activated.sock"
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(str(path))
+        ls.listen(16)
+        os.chmod(path, 0o660)
+        os.chown(path, 0, 65534)
+        c = capd_factory(start=False)
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        c.logf = open(c.log_path, "ab")
+        c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
+                                   str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
+                                  stdout=c.logf, stderr=subprocess.STDOUT)
+        ls.close()
+        deadline = time.time() + 10
+        while True:
+            r = run(CAPCTL, "-s", path, "--json", "status", check=False)
+            if r.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.returncode == 0, r.stderr + c.log()
+        st = json.loads(r.stdout)
+        assert st["pid"] == c.proc.pid
+        assert not c.sock.exists(), "capd bound control = although it was given a socket"
+        assert "socket passed by systemd" in c.log()
+        # a member of the socket's group (here: nobody's group) gets in
+        if shutil.which("setpriv") and os.geteuid() == 0:
+            r = run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CAPCTL, "-s", path,
+                    "status", check=False)
+            assert r.returncode == 0, r.stderr + c.log()[-2000:]
+        port = free_port()
+        srv = EchoServer()
+        try:
+            run(CAPCTL, "-s", path, "add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"activated")
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(100) == b"activated"
+        finally:
+            srv.close()
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- privilege drop ---------------------------------------------------------
+
+def caps_of(pid):
+    st = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        st[k] = v.split()
+    return st
+
+
+CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_NET_BIND_SERVICE, CAP_NET_RAW = 0, 1, 10, 13
+
+
+@pytest.fixture
+def dropdir():
+    """A folder the unprivileged user can reach (pytest's own is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="capd-drop.", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def netns():
+    ns = f"capdep{os.getpid() % 100000}"
+    run("ip", "netns", "add", ns)
+    run("ip", "-n", ns, "link", "set", "lo", "up")
+    yield ns
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def echo_in_ns(ns, port):
+    code = ("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}))\ns.listen(8)\nprint('ready',flush=True)\n"
+            "while True:\n c,_=s.accept()\n d=c.recv(65536)\n c.sendall(d)\n c.close()\n")
+    p = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/python3", "-c", code],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def ns_roundtrip(ns, port, data=b"through the proxy"):
+    code = (f"import socket,sys\ns=socket.create_connection(('127.0.0.1',{port}),timeout=5)\n"
+            f"s.sendall({data!r})\nd=s.recv(65536)\nsys.exit(0 if d=={data!r} else 3)\n")
+    return run("ip", "netns", "exec", ns, "/usr/bin/python3", "-c", code, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("hosts_owned_by_user", [True, False])
+def test_privilege_drop_keeps_serving_with_few_capabilities(dropdir, netns, hosts_owned_by_user):
+    """Issue 10: started as root with `user = nobody`, capd binds a low port
+    from its config, then runs as nobody with only CAP_NET_BIND_SERVICE and
+    CAP_NET_RAW (plus CAP_DAC_OVERRIDE and CAP_CHOWN when the hosts file is one
+    nobody could not rewrite); it keeps proxying, adds a low-port forwarder and
+    a sniffer later, and the spool it writes is nobody's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    hosts = dropdir / ("hosts-dir" if hosts_owned_by_user else "root-only") / "hosts"
+    hosts.parent.mkdir()
+    hosts.write_text("127.0.0.1 localhost\n")
+    if hosts_owned_by_user:
+        os.chown(hosts.parent, nobody.pw_uid, nobody.pw_gid)
+        os.chown(hosts, nobody.pw_uid, nobody.pw_gid)
+    c = Capd(dropdir, "[forward low]\nlisten = 127.0.0.1:81\nto = 127.0.0.1:7001\n",
+             f"user = nobody\nhosts_file = {hosts}\n")
+    echo = echo_in_ns(netns, 7001)
+    c.logf = open(c.log_path, "ab")
+    c.proc = subprocess.Popen(["ip", "netns", "exec", netns, str(CAPD), "-c", str(c.conf_path)],
+                              stdout=c.logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 10
+        while c.ctl("status", check=False).returncode != 0:
+            assert time.time() < deadline and c.proc.poll() is None, c.log()
+            time.sleep(0.05)
+        st = caps_of(c.proc.pid)
+        assert st["Uid"] == [str(nobody.pw_uid)] * 4 and st["Gid"] == [str(nobody.pw_gid)] * 4, st
+        want = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_RAW)
+        if not hosts_owned_by_user:
+            want |= (1 << CAP_CHOWN) | (1 << CAP_DAC_OVERRIDE)
+        for k in ("CapPrm", "CapEff", "CapBnd"):
+            assert int(st[k][0], 16) == want, (k, st[k], hex(want))
+        assert int(st["CapInh"][0], 16) == 0 and int(st["CapAmb"][0], 16) == 0
+        assert "running as nobody" in c.log()
+        # still serving: the config's low port, a new low port, a new sniffer
+        assert ns_roundtrip(netns, 81)
+        c.ctl("add", "forward", "--port", "82", "--to", "127.0.0.1:7001")
+        assert ns_roundtrip(netns, 82)
+        r = c.ctl("add", "sniff", "--interface", "lo", "--filter", "tcp port 82", json_out=True)
+        assert r["state"] == "running"
+        assert ns_roundtrip(netns, 82)
+        deadline = time.time() + 5
+        while next(i for i in c.ctl("list", json_out=True) if i["type"] == "sniff")["packets"] < 4:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        c.ctl("capture", "rotate")
+        files = c.pcaps()
+        assert files and all(f.stat().st_uid == nobody.pw_uid for f in files[1:]), \
+            [(f.name, f.stat().st_uid) for f in files]
+    finally:
+        c.stop()
+        echo.kill()
+        echo.wait()
+    assert c.proc.returncode == 0, c.log()
+
+
+def test_unknown_user_fails_start(capd_factory):
+    """`user =` naming nobody on the system stops start-up with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    c = capd_factory(settings="user = no-such-capd-user\n", start=False)
+    c.start(wait=False)
+    assert c.proc.wait(10) == 1
+    assert "user = no-such-capd-user: no such user" in c.log()
+
+
+# --- man pages and completion -------------------------------------------------
+
+@pytest.mark.parametrize("page", MANS)
+def test_mandoc_lint_clean(page):
+    """Issue 10: `mandoc -Tlint` has nothing to say about each page."""
+    if shutil.which("mandoc") is None:
+        pytest.skip("mandoc is not installed")
+    r = run("mandoc", "-Tlint", ROOT / "man" / page, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+def complete(words, cword=None):
+    """What the capctl completion offers for the command line `words`."""
+    comp = ROOT / "ctl" / "capctl.bash-completion"
+    cword = len(words) - 1 if cword is None else cword
+    script = (f"source {comp}\n"
+              f"COMP_WORDS=({' '.join(repr(w) for w in words)})\nCOMP_CWORD={cword}\n"
+              f"COMP_LINE='{' '.join(words)}'\nCOMP_POINT=${{#COMP_LINE}}\n"
+              "_capctl capctl\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    env = dict(os.environ, PATH=f"{BUILD}:{os.environ.get('PATH', '')}", CAPD_SOCKET="/nonexistent/capd.sock")
+    r = run("bash", "-c", script, env=env)
+    return [w for w in r.stdout.split("\n") if w]
+
+
+def test_bash_completion():
+    """Issue 10: the completion knows commands, sub-commands, instance types and options."""
+    assert "add" in complete(["capctl", "a"])
+    assert {"add", "capture", "list", "status", "remove", "sessions", "reload"} <= set(complete(["capctl", ""]))
+    assert set(complete(["capctl", "add", ""])) >= {"forward", "socks", "http", "reverse", "dns", "sniff"}
+    assert {"--interface", "--filter", "--promisc", "--snaplen"} <= set(complete(["capctl", "add", "sniff", "--"]))
+    assert "--to" in complete(["capctl", "add", "forward", "--t"])
+    assert set(complete(["capctl", "capture", ""])) >= {"status", "rotate"}
+    assert "lo" in complete(["capctl", "add", "sniff", "--interface", ""])
+    assert "--json" in complete(["capctl", "list", "--"])
