@@ -1,0 +1,190 @@
+"""Hosts-file redirection (issue 6): capctl hosts add/remove/list/clear against
+a temp hosts file, lines outside capd's block untouched byte for byte, bad
+names and addresses refused, restore at a clean stop, a dropped block put
+back; and the real resolver (getent) inside a private mount namespace with a
+bind-mounted /etc/hosts, which takes the in-place (EBUSY) path."""
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from conftest import CAPCTL, CAPD
+
+BEGIN = "# BEGIN capd: entries managed by capd (capctl hosts); do not edit"
+END = "# END capd"
+ORIG = b"127.0.0.1\tlocalhost\r\n# keep me as I am  \n\n::1 ip6-localhost ip6-loopback\n10.0.0.1 tail-entry"
+
+
+@pytest.fixture
+def hostsd(capd_factory, tmp_path):
+    path = tmp_path / "hosts"
+    path.write_bytes(ORIG)
+    os.chmod(path, 0o640)
+    c = capd_factory(settings=f"hosts_file = {path}")
+    c.hosts = path
+    return c
+
+
+def block(*entries):
+    return (BEGIN + "\n" + "".join(f"{a}\t{n}\n" for n, a in entries) + END + "\n").encode()
+
+
+def test_add_list_remove_clear(hostsd):
+    c, path = hostsd, hostsd.hosts
+    ino = path.stat().st_ino
+    r = c.ctl("hosts", "add", "www.example.com")
+    assert r.stdout.strip() == "www.example.com -> 127.0.0.1"
+    assert path.stat().st_ino != ino  # replaced by a rename, not rewritten
+    c.ctl("hosts", "add", "v6.test", "::1")
+    c.ctl("hosts", "add", "other.test", "10.1.2.3")
+    assert c.ctl("hosts", "list", json_out=True) == [
+        {"name": "www.example.com", "addr": "127.0.0.1"},
+        {"name": "v6.test", "addr": "::1"},
+        {"name": "other.test", "addr": "10.1.2.3"},
+    ]
+    text = path.read_bytes()
+    # the old text is kept byte for byte; the last line got the newline it lacked
+    assert text == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("v6.test", "::1"), ("other.test", "10.1.2.3"))
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640  # the mode survives
+    # adding a name again changes its address in place
+    c.ctl("hosts", "add", "v6.test", "127.0.0.9")
+    assert path.read_bytes() == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("v6.test", "127.0.0.9"),
+                                                     ("other.test", "10.1.2.3"))
+    table = c.ctl("hosts", "list").stdout
+    assert "NAME" in table and "v6.test" in table and "127.0.0.9" in table
+    c.ctl("hosts", "remove", "v6.test")
+    assert path.read_bytes() == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("other.test", "10.1.2.3"))
+    r = c.ctl("hosts", "remove", "v6.test", check=False)
+    assert r.returncode == 1 and "no hosts entry for v6.test" in r.stderr
+    r = c.ctl("hosts", "clear", json_out=True)
+    assert r["removed"] == 2
+    assert path.read_bytes() == ORIG + b"\n"
+    assert c.ctl("hosts", "list", json_out=True) == []
+    # lines after the block stay after it
+    path.write_bytes(ORIG + b"\n")
+    c.ctl("hosts", "add", "a.test")
+    with open(path, "ab") as f:
+        f.write(b"192.0.2.1 after.test\n")
+    c.ctl("hosts", "add", "b.test", "10.0.0.2")
+    assert path.read_bytes() == ORIG + b"\n" + block(("a.test", "127.0.0.1"), ("b.test", "10.0.0.2")) + \
+        b"192.0.2.1 after.test\n"
+    c.ctl("hosts", "clear")
+    assert path.read_bytes() == ORIG + b"\n192.0.2.1 after.test\n"
+
+
+def test_bad_names_and_addresses_refused(hostsd):
+    c, path = hostsd, hostsd.hosts
+    for args in (["add", "bad_name!"], ["add", "*.wild.test"], ["add", "a..b"], ["add", "-x.test"],
+                 ["add", "1.2.3.4"], ["add", "ok.test", "1.2.3"], ["add", "ok.test", "::g"],
+                 ["add", "ok.test", "host.test"], ["add", "ok.test", "1.2.3.4:80"], ["remove", "bad name"],
+                 ["add"], ["remove"], ["frobnicate"], ["add", "a.test", "1.1.1.1", "extra"]):
+        r = c.ctl("hosts", *args, check=False)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("capctl:")
+    # capd checks too, for clients other than capctl
+    for params in ({"name": "bad_name!"}, {"name": "ok.test", "addr": "999.1.1.1"}, {"addr": "1.1.1.1"},
+                   {"name": "x.test."}):
+        rep = c.rpc("hosts.add", params)
+        assert "error" in rep and rep["error"]["message"], rep
+    assert path.read_bytes() == ORIG
+
+
+def test_damaged_block_is_not_guessed(hostsd):
+    c, path = hostsd, hostsd.hosts
+    damaged = ORIG + b"\n# BEGIN capd\n127.0.0.1 half.test\n"
+    path.write_bytes(damaged)
+    r = c.ctl("hosts", "add", "x.test", check=False)
+    assert r.returncode == 1 and "without" in r.stderr
+    assert path.read_bytes() == damaged
+
+
+def test_restore_at_clean_stop(capd_factory, tmp_path):
+    path = tmp_path / "hosts"
+    path.write_bytes(ORIG)
+    c = capd_factory(settings=f"hosts_file = {path}")
+    c.ctl("hosts", "add", "gone.test")
+    assert b"gone.test" in path.read_bytes()
+    assert c.stop() == 0
+    assert path.read_bytes() == ORIG + b"\n"
+    # hosts_restore = no: the block outlives capd, and the next capd adopts it
+    c2 = capd_factory(settings=f"hosts_file = {path}\nhosts_restore = no")
+    c2.ctl("hosts", "add", "kept.test")
+    assert c2.stop() == 0
+    assert block(("kept.test", "127.0.0.1")) in path.read_bytes()
+    c3 = capd_factory(settings=f"hosts_file = {path}")
+    assert c3.ctl("hosts", "list", json_out=True) == [{"name": "kept.test", "addr": "127.0.0.1"}]
+    assert c3.stop() == 0
+    assert path.read_bytes() == ORIG + b"\n"
+
+
+def test_dropped_block_is_put_back(hostsd):
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "first.test")
+    # another program rewrites the file without capd's block
+    path.write_bytes(ORIG + b"\n10.9.9.9 written-by-someone-else\n")
+    c.ctl("hosts", "add", "second.test")
+    assert path.read_bytes() == ORIG + b"\n10.9.9.9 written-by-someone-else\n" + \
+        block(("first.test", "127.0.0.1"), ("second.test", "127.0.0.1"))
+
+
+NS_SCRIPT = r"""
+set -e
+T="$1"; CAPD="$2"; CAPCTL="$3"
+# a private /etc (copies of what the resolver and the loader read) so no write lands in the real one
+mkdir -p "$T/etc"
+for f in ld.so.cache ld.so.conf nsswitch.conf host.conf resolv.conf passwd group gai.conf; do
+  [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
+done
+[ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
+printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/etc/hosts"
+printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/hosts.mounted"
+mount --bind "$T/etc" /etc
+mount --bind "$T/hosts.mounted" /etc/hosts
+echo "before: $(getent hosts www.example.com || echo none)"
+"$CAPD" -c "$T/capd.conf" > "$T/capd.log" 2>&1 &
+PID=$!
+for i in $(seq 100); do [ -S "$T/capd.sock" ] && break; sleep 0.05; done
+"$CAPCTL" -s "$T/capd.sock" hosts add www.example.com
+echo "after: $(getent hosts www.example.com)"
+"$CAPCTL" -s "$T/capd.sock" hosts add v6.example.com ::1
+echo "v6: $(getent ahosts v6.example.com | head -1)"
+ls -a /etc | grep -c 'capd-backup' | sed 's/^/backups: /'
+kill -TERM $PID
+wait $PID && echo "capd exit: 0" || echo "capd exit: $?"
+echo "stopped: $(getent hosts www.example.com || echo none)"
+echo "--- hosts"
+cat /etc/hosts
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_real_resolver_in_a_mount_namespace(tmp_path):
+    """Regression for issue 6: a bind-mounted /etc/hosts cannot be renamed over (EBUSY):
+    capd rewrites it in place under flock after a backup, and getent sees the entry."""
+    (tmp_path / "capd.conf").write_text(
+        "[capd]\n"
+        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
+        "log_level = debug\nhosts_file = /etc/hosts\n")
+    script = tmp_path / "ns.sh"
+    script.write_text(NS_SCRIPT)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
+                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    out = r.stdout
+    assert "before: none" in out, out
+    assert "after: 127.0.0.1" in out and "www.example.com" in out, out + log
+    assert "v6: ::1" in out, out + log
+    assert "backups: 1" in out, out  # the in-place path saved the old text first
+    assert "capd exit: 0" in out, out + log
+    assert "stopped: none" in out, out + log  # hosts_restore removed the block at the clean stop
+    assert out.split("--- hosts\n", 1)[1] == "127.0.0.1\tlocalhost\n# outside the block\n", out
+    # the backup went to the private /etc, and the real one was never touched
+    assert (tmp_path / "etc" / "hosts.capd-backup").exists()
+    assert not os.path.exists("/etc/hosts.capd-backup")
