@@ -54,6 +54,8 @@ int word_match(const char *word, const char *const *words, int n);
 extern const struct cmd cmd_add, cmd_capture, cmd_kill, cmd_list, cmd_reload, cmd_remove, cmd_sessions,
 	cmd_status;
 extern const struct cmd cmd_tail;
+/* capctl capture follow (cmd-follow.c), reached through cmd_capture. */
+int capture_follow(struct ctl_opts *o, int argc, char **argv);
 extern const struct cmd cmd_trace;
 
 extern const struct cmd cmd_hosts;

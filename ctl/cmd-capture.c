@@ -33,8 +33,10 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 	json_t *r = NULL;
 	int v, rc;
 
+	if (argc >= 2 && !strcmp(argv[1], "follow"))
+		return capture_follow(o, argc, argv);
 	if (argc != 2 || (v = word_match(argv[1], verbs, 2)) < 0)
-		return usage_error("usage: capctl capture status | rotate");
+		return usage_error("usage: capctl capture status | rotate | follow [--instance NAME]");
 	if ((rc = client_call(o, v == 0 ? "capture.status" : "capture.rotate", NULL, &r)) != CTL_OK)
 		return rc;
 	if (o->json) {
@@ -54,4 +56,4 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 	return CTL_OK;
 }
 
-const struct cmd cmd_capture = { "capture", "status | rotate", capture_exec };
+const struct cmd cmd_capture = { "capture", "status | rotate | follow [--instance NAME]", capture_exec };

@@ -376,8 +376,10 @@ tail_event_line(json_t *e)
 		printf("%s %s %s", S("name"), S("type"), S("listen"));
 		if (json_object_get(e, "error"))
 			printf(": %s", S("error"));
+	} else if (!strcmp(ev, "capture.rotate")) {
+		printf("%s", S("file"));
 	} else {
-		/* capture.rotate and anything newer: the fields as they come */
+		/* anything newer: the fields as they come */
 		const char *k;
 		json_t *v;
 		bool first = true;

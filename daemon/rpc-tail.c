@@ -5,13 +5,19 @@
  *   session.end   {id, reason, bytes_up, bytes_down}
  *   event         {event, time, ...the subject's fields}
  *   events.dropped {dropped}: events lost while the subscriber was behind
+ * and capture.follow, whose reply carries the head of a pcapng stream
+ * ({data}: section header and interfaces, base64) and whose notifications
+ * carry the rest:
+ *   capture.data  {data (base64 pcapng blocks), dropped?: packets lost before them}
  */
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "control.h"
+#include "instance.h"
 #include "rpc.h"
 #include "session.h"
+#include "spool-follow.h"
 #include "tail.h"
 
 int rpc_session_id(json_t *params, uint64_t *id);  /* rpc-session.c */
@@ -55,8 +61,31 @@ rpc_events_subscribe(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	return json_pack("{s:b}", "subscribed", 1);
 }
 
+static json_t *
+rpc_capture_follow(struct ctl_conn *c, json_t *params, struct rpc_err *err)
+{
+	const char *name = json_string_value(json_object_get(params, "instance"));
+	struct instance *inst = NULL;
+	char *why = NULL;
+	json_t *head;
+
+	if (json_object_get(params, "instance") != NULL && name == NULL)
+		return rpc_fail(err, RPC_E_PARAMS, "\"instance\" must be a name");
+	if (name != NULL && (inst = instance_find(name)) == NULL)
+		return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", name);
+	if (inst != NULL && inst->spool_iface < 0)
+		return rpc_fail(err, RPC_E_FAILED, "instance %s does not capture", name);
+	if ((head = spool_follow_subscribe(c, inst ? inst->spool_iface : -1, &why)) == NULL) {
+		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);
+		free(why);
+		return r;
+	}
+	return json_pack("{s:o}", "data", head);
+}
+
 const struct rpc_method rpc_tail_methods[] = {
 	{ "session.tail", rpc_session_tail },
 	{ "events.subscribe", rpc_events_subscribe },
+	{ "capture.follow", rpc_capture_follow },
 	{ NULL, NULL },
 };

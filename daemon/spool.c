@@ -33,6 +33,7 @@
 #include "capd.h"
 #include "log.h"
 #include "pcapng.h"
+#include "spool-follow.h"
 #include "spool-synth.h"
 #include "xmalloc.h"
 
@@ -558,6 +559,7 @@ writer_open(char **why)
 	}
 	writer_set_path(w.name);
 	writer_trim(SIZE_MAX);
+	spool_follow_rotated(spool_dir, w.name);  /* the capture.rotate event */
 	return 0;
 }
 
@@ -650,6 +652,9 @@ writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrl
 
 	if (w.rotate_due)
 		writer_rotate();
+	if (spool_follow_wanted())  /* live followers get it even when the disk does not */
+		spool_follow_packet(iface, iface >= 0 && iface < w.nifaces && w.ifaces[iface].known ? &w.ifaces[iface].idb : NULL,
+		                    ts, hdr, hdrlen, data, datalen, origlen, flags, comment);
 	if (writer_dropping()) {
 		writer_count_drop(1, datalen + hdrlen);
 		return;

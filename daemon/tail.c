@@ -25,6 +25,7 @@
 #include "capd.h"
 #include "control.h"
 #include "rpc.h"
+#include "spool-follow.h"
 #include "xmalloc.h"
 
 #define TAIL_SUB_MAX (4u << 20)     /* queued bytes at which a subscriber starts losing data */
@@ -493,6 +494,7 @@ events_subscribe(struct ctl_conn *c, char **why)
 
 	if (tail_sub_check(c, why) < 0)
 		return -1;
+	spool_follow_init();  /* capture.rotate comes from the spool's writer through it */
 	sub = tail_sub_new(c, NULL);
 	LIST_INSERT_HEAD(&events_subs, sub, entry);
 	return 0;

@@ -440,3 +440,83 @@ def test_sessions_table(capd, echo_server):
     assert {x["id"] for x in j} >= {sid, sid2}
     assert capd.ctl("sessions", "--instance", "nope", check=False).returncode == 1
     s.close()
+
+
+def test_rotate_event(capd):
+    p = tail_proc(capd, "events", "--json")
+    out = Reader(p.stdout)
+    try:
+        capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "sync")
+        out.wait(lambda d: b'"instance.add"' in d)
+        st = capd.ctl("capture", "rotate", json_out=True)
+        out.wait(lambda d: b'"capture.rotate"' in d)
+    finally:
+        p.terminate()
+        p.wait(5)
+    ev = [json.loads(x) for x in out.get().splitlines() if b"capture.rotate" in x][0]
+    assert ev["file"] == st["file"]
+    assert ev["file"].endswith(".pcapng")
+
+
+def test_capture_follow(capd, echo_server, tmp_path):
+    port = forward(capd, echo_server.port, name="fw")
+    other = forward(capd, echo_server.port, name="other")
+    path = tmp_path / "follow.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow", "--instance", "fw"],
+                             stdout=f, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while path.stat().st_size == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        assert path.stat().st_size > 0  # the section header came with the reply
+        payload = b"follow me " * 500
+        with socket.create_connection(("127.0.0.1", other), timeout=10) as s:  # not followed
+            s.sendall(b"elsewhere")
+            s.recv(100)
+        s, sid = open_session(capd, port)
+        echoed = bytearray()
+        t = drain(s, echoed)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        t.join(10)
+        s.close()
+        assert bytes(echoed) == payload
+        capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+        # the writer hands packets over at its flush tick
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            r = tshark("-r", path, "-Y", "tcp.flags.fin == 1", "-T", "fields", "-e", "frame.number")
+            if len(r.stdout.split()) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        p.terminate()
+        p.wait(5)
+    from conftest import follow_tcp, tcp_stream_of
+    assert tcp_stream_of(path, sid) == 0  # only the followed instance's session
+    up, down = follow_tcp(path, 0)
+    assert up == payload and down == payload
+    r = tshark("-r", path, "-T", "fields", "-e", "frame.comment")
+    assert all(f"capd session {sid}" in x for x in r.stdout.splitlines() if x)
+
+
+def test_capture_follow_pipe_ends_with_reader(capd, echo_server):
+    port = forward(capd, echo_server.port)
+    p = subprocess.Popen(f"'{CAPCTL}' -s '{capd.sock}' capture follow | tshark -r - -c 3 -T fields -e tcp.flags; "
+                         "echo status ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    s, sid = open_session(capd, port)
+    s.sendall(b"x")
+    s.recv(10)
+    s.close()
+    out, _ = p.communicate(timeout=20)
+    lines = out.decode().split()
+    assert lines[-1] == "0" and lines[-2] == "status"  # capctl ended cleanly when tshark had enough
+    assert lines[0] == "0x0002"  # SYN first
+
+
+def test_capture_follow_usage(capd):
+    r = capd.ctl("capture", "follow", "--instance", "nope", check=False)
+    assert r.returncode == 1 and "no instance nope" in r.stderr

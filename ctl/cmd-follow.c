@@ -1,0 +1,127 @@
+/*
+ * capctl capture follow [--instance NAME]: the capture as one live pcapng
+ * stream on stdout (section header, interfaces, then every packet as the
+ * spool writes it), for `capctl capture follow | wireshark -k -i -`.
+ * It ends cleanly, exit 0, when the reader goes away.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "base64.h"
+#include "capctl.h"
+
+/* Writes a base64 string's bytes to stdout: 0, 1 when the reader left, -1 on other errors. */
+static int
+follow_write(const char *b64)
+{
+	size_t n = b64 ? strlen(b64) : 0;
+	uint8_t *p = malloc(n / 4 * 3 + 1);
+	long len;
+	int rc = 0;
+
+	if (p == NULL || (len = base64_decode(p, b64 ? b64 : "", n)) < 0) {
+		fprintf(stderr, "capctl: capd sent data that is not base64\n");
+		free(p);
+		return -1;
+	}
+	for (long off = 0; off < len;) {
+		ssize_t w = write(STDOUT_FILENO, p + off, (size_t)(len - off));
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0) {
+			if (errno != EPIPE)
+				fprintf(stderr, "capctl: cannot write: %s\n", strerror(errno));
+			rc = errno == EPIPE ? 1 : -1;
+			break;
+		}
+		off += w;
+	}
+	free(p);
+	return rc;
+}
+
+/*
+ * Watches stdout while capctl waits for packets: a pipe whose reader went
+ * away reports POLLERR at once, so `| tshark -c 10` ends the follow without
+ * waiting for the next packet to fail with EPIPE.
+ */
+static void *
+follow_watch_stdout(void *arg)
+{
+	struct pollfd pfd = { .fd = STDOUT_FILENO, .events = 0 };
+
+	(void)arg;
+	for (;;) {
+		if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+			return NULL;
+		if (pfd.revents & (POLLERR | POLLHUP))
+			_exit(CTL_OK);
+		if (pfd.revents & POLLNVAL)
+			return NULL;
+	}
+}
+
+int
+capture_follow(struct ctl_opts *o, int argc, char **argv)
+{
+	json_t *params = json_object(), *r = NULL;
+	struct client *c;
+	long rid;
+	int rc;
+
+	for (int k = 2; k < argc; k++) {
+		if (!strcmp(argv[k], "--instance") && k + 1 < argc) {
+			json_object_set_new(params, "instance", json_string(argv[++k]));
+		} else if (!strncmp(argv[k], "--instance=", 11)) {
+			json_object_set_new(params, "instance", json_string(argv[k] + 11));
+		} else {
+			json_decref(params);
+			return usage_error("usage: capctl capture follow [--instance NAME]");
+		}
+	}
+	if (isatty(STDOUT_FILENO)) {
+		json_decref(params);
+		return usage_error("capture follow writes pcapng: pipe it, e.g. | wireshark -k -i -  or  | tshark -r -");
+	}
+	signal(SIGPIPE, SIG_IGN);
+	pthread_t watcher;
+	if (pthread_create(&watcher, NULL, follow_watch_stdout, NULL) == 0)
+		pthread_detach(watcher);
+	if ((c = client_open(o)) == NULL) {
+		json_decref(params);
+		return CTL_FAIL;
+	}
+	if ((rid = client_send(c, "capture.follow", params)) < 0 || client_wait(c, rid, &r, NULL, NULL) != CTL_OK) {
+		client_close(c);
+		return CTL_FAIL;
+	}
+	rc = follow_write(json_string_value(json_object_get(r, "data")));
+	json_decref(r);
+	while (rc == 0) {
+		json_t *m = client_next(c), *p;
+		const char *method;
+
+		if (m == NULL) {
+			fprintf(stderr, "capctl: capd closed the connection\n");
+			client_close(c);
+			return CTL_FAIL;
+		}
+		method = json_string_value(json_object_get(m, "method"));
+		p = json_object_get(m, "params");
+		if (method != NULL && !strcmp(method, "capture.data")) {
+			json_int_t dropped = json_integer_value(json_object_get(p, "dropped"));
+			if (dropped > 0)
+				fprintf(stderr, "capctl: [... %lld packets dropped ...]\n", (long long)dropped);
+			rc = follow_write(json_string_value(json_object_get(p, "data")));
+		}
+		json_decref(m);
+	}
+	client_close(c);
+	return rc > 0 ? CTL_OK : CTL_FAIL;
+}

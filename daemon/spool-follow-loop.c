@@ -1,0 +1,249 @@
+/*
+ * Live pcapng for followers and the capture.rotate event, the loop's half;
+ * see spool-follow.h.
+ *
+ * An ev_async wakes the loop when the writer has queued records; the loop
+ * takes the whole queue at once and gives every follower its own stream:
+ * its section header, the IDBs it has been sent (numbered in its own order,
+ * the EPBs' interface ids rewritten to match), and the packets of the
+ * interfaces it follows. Each follower is bounded like a tail subscriber:
+ * past FOLLOW_SUB_MAX queued bytes it loses packets, counted and told in
+ * its next notification.
+ */
+#include "spool-follow.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/utsname.h>
+
+#include "base64.h"
+#include "buf.h"
+#include "capd.h"
+#include "control.h"
+#include "rpc.h"
+#include "spool.h"
+#include "tail.h"
+#include "xmalloc.h"
+
+#define FOLLOW_SUB_MAX (4u << 20)      /* queued bytes at which a follower loses packets */
+#define FOLLOW_SUB_RESUME (1u << 20)   /* ... and below which it gets them again */
+#define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
+#define FOLLOW_CONN_SUBS 2             /* follows one control connection may hold */
+
+/* A follower: owned by follow_list; freed when its connection closes. */
+struct follow_sub {
+	LIST_ENTRY(follow_sub) entry;
+	struct ctl_conn *conn;     /* borrowed; on_close frees the follower */
+	int iface;                 /* handle it follows, -1 all */
+	int *fidx;                 /* handle -> IDB index in its stream, -1 not sent */
+	int nfidx, nidb;
+	struct buf out;            /* blocks for the next notification */
+	uint64_t dropped;          /* packets lost since its last notification */
+	bool dropping;
+};
+
+static LIST_HEAD(, follow_sub) follow_list = LIST_HEAD_INITIALIZER(follow_list);
+/* Each handle's IDB as the writer encoded it (empty: not seen yet). */
+static struct buf *idb_table;
+static int nidb_table;
+static ev_async follow_async;
+static bool follow_started;
+
+
+static bool
+follow_room(struct follow_sub *sub)
+{
+	size_t q = ctl_conn_queued(sub->conn) + buf_used(&sub->out);
+
+	if (sub->dropping) {
+		if (q > FOLLOW_SUB_RESUME)
+			return false;
+		sub->dropping = false;
+		return true;
+	}
+	if (q > FOLLOW_SUB_MAX) {
+		sub->dropping = true;
+		return false;
+	}
+	return true;
+}
+
+static void
+follow_flush(struct follow_sub *sub)
+{
+	json_t *o;
+
+	if (buf_used(&sub->out) == 0 && (sub->dropped == 0 || !follow_room(sub)))
+		return;
+	o = json_pack("{s:o}", "data", base64_json(buf_head(&sub->out), buf_used(&sub->out)));
+	if (sub->dropped > 0) {
+		json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped));
+		sub->dropped = 0;
+	}
+	buf_reset(&sub->out);
+	ctl_conn_send(sub->conn, rpc_notification("capture.data", o));
+}
+
+/* Appends handle h's IDB to sub's stream unless it is there; -1 when the IDB is not known. */
+static int
+follow_idb(struct follow_sub *sub, struct buf *b, int h)
+{
+	if (h >= sub->nfidx) {
+		int n = h + 16;
+		sub->fidx = xrealloc(sub->fidx, (size_t)n * sizeof *sub->fidx);
+		for (int i = sub->nfidx; i < n; i++)
+			sub->fidx[i] = -1;
+		sub->nfidx = n;
+	}
+	if (sub->fidx[h] >= 0)
+		return sub->fidx[h];
+	if (h >= nidb_table || buf_used(&idb_table[h]) == 0)
+		return -1;
+	buf_append(b, buf_head(&idb_table[h]), buf_used(&idb_table[h]));
+	return sub->fidx[h] = sub->nidb++;
+}
+
+static void
+follow_packet(struct follow_sub *sub, int h, const uint8_t *epb, size_t len)
+{
+	uint32_t idx;
+	size_t at;
+	int i;
+
+	if (sub->iface >= 0 && sub->iface != h)
+		return;
+	if (!follow_room(sub) || (i = follow_idb(sub, &sub->out, h)) < 0) {
+		sub->dropped++;
+		return;
+	}
+	idx = (uint32_t)i;
+	at = buf_used(&sub->out);
+	buf_append(&sub->out, epb, len);
+	memcpy(buf_head(&sub->out) + at + 8, &idx, sizeof idx);  /* the EPB's interface id */
+	if (buf_used(&sub->out) >= FOLLOW_NOTE_MAX)
+		follow_flush(sub);
+}
+
+static void
+follow_rotated(const char *path)
+{
+	json_t *o;
+
+	if (!events_active())
+		return;
+	o = spool_status();
+	json_object_set_new(o, "file", json_string(path));
+	events_emit("capture.rotate", o);
+}
+
+static void
+follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+	struct buf take;
+	uint64_t dropped;
+	struct follow_sub *sub;
+
+	(void)loop; (void)w; (void)revents;
+	dropped = spool_follow_take(&take);
+
+	LIST_FOREACH(sub, &follow_list, entry)
+		sub->dropped += dropped;
+	for (size_t off = 0; off + sizeof(struct frec) <= buf_used(&take);) {
+		struct frec r;
+		const uint8_t *p = buf_head(&take) + off + sizeof r;
+
+		memcpy(&r, buf_head(&take) + off, sizeof r);
+		off += sizeof r + r.len;
+		switch (r.type) {
+		case FREC_IDB:
+			if (r.iface >= nidb_table) {
+				int n = r.iface + 16;
+				idb_table = xrealloc(idb_table, (size_t)n * sizeof *idb_table);
+				memset(idb_table + nidb_table, 0, (size_t)(n - nidb_table) * sizeof *idb_table);
+				nidb_table = n;
+			}
+			buf_reset(&idb_table[r.iface]);
+			buf_append(&idb_table[r.iface], p, r.len);
+			break;
+		case FREC_EPB:
+			LIST_FOREACH(sub, &follow_list, entry)
+				follow_packet(sub, r.iface, p, r.len);
+			break;
+		case FREC_ROTATE:
+			follow_rotated((const char *)p);
+			break;
+		}
+	}
+	LIST_FOREACH(sub, &follow_list, entry)
+		follow_flush(sub);
+	buf_free(&take);
+}
+
+/* Runs on the writer thread: ev_async_send is the one libev call made for other threads. */
+static void
+follow_wake(void)
+{
+	ev_async_send(capd_loop, &follow_async);
+}
+
+void
+spool_follow_init(void)
+{
+	if (follow_started)
+		return;
+	ev_async_init(&follow_async, follow_async_cb);
+	ev_async_start(capd_loop, &follow_async);
+	ev_unref(capd_loop);  /* followers alone do not keep capd running */
+	follow_started = true;
+	spool_follow_start(follow_wake);
+}
+
+static void
+follow_gone_cb(void *arg)
+{
+	struct follow_sub *sub = arg;
+
+	LIST_REMOVE(sub, entry);
+	spool_follow_count(-1);
+	buf_free(&sub->out);
+	free(sub->fidx);
+	free(sub);
+}
+
+json_t *
+spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
+{
+	struct follow_sub *sub;
+	struct buf head = { 0 };
+	struct utsname u;
+	char os[160] = "";
+	json_t *j;
+	int n = 0;
+
+	LIST_FOREACH(sub, &follow_list, entry)
+		if (sub->conn == c)
+			n++;
+	if (n >= FOLLOW_CONN_SUBS) {
+		*why = xasprintf("this connection follows the capture %d times already", n);
+		return NULL;
+	}
+	spool_follow_init();
+	sub = xcalloc(1, sizeof *sub);
+	sub->conn = c;
+	sub->iface = iface;
+	if (uname(&u) == 0)
+		snprintf(os, sizeof os, "%s %s", u.sysname, u.release);
+	pcapng_shb(&head, NULL, os[0] ? os : NULL, "capd " CAPD_VERSION);
+	/* the interfaces seen so far; later ones come with their first packet */
+	for (int h = 0; h < nidb_table; h++)
+		if ((iface < 0 || h == iface) && buf_used(&idb_table[h]) > 0)
+			follow_idb(sub, &head, h);
+	j = base64_json(buf_head(&head), buf_used(&head));
+	buf_free(&head);
+	LIST_INSERT_HEAD(&follow_list, sub, entry);
+	ctl_conn_on_close(c, follow_gone_cb, sub);
+	spool_follow_count(1);
+	return j;
+}

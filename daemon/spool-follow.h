@@ -1,0 +1,60 @@
+/*
+ * Live pcapng for followers (capctl capture follow) and the capture.rotate
+ * event. The spool's writer thread hands each packet it encodes, and each
+ * new file it opens, to a small bounded queue here; an ev_async wakes the
+ * loop thread, which sends the blocks to the followers as "capture.data"
+ * notifications and emits the events. The writer never waits: a full queue
+ * drops packets for the followers only (counted, and told to them).
+ */
+#ifndef CAPD_SPOOL_FOLLOW_H
+#define CAPD_SPOOL_FOLLOW_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "buf.h"
+#include "pcapng.h"
+
+struct ctl_conn;
+
+/* ---- writer thread (spool.c) ---- */
+
+/* True while someone follows: the writer skips the hand-over otherwise. */
+bool spool_follow_wanted(void);
+/* A packet of interface handle iface (idb describes it; NULL: unknown, skipped), as the spool writes it. */
+void spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct timespec *ts, const void *hdr,
+                         size_t hdrlen, const void *data, size_t datalen, uint32_t origlen, uint32_t flags,
+                         const char *comment);
+/* The spool opened file name in folder dir: becomes a "capture.rotate" event. */
+void spool_follow_rotated(const char *dir, const char *name);
+
+/* ---- loop thread: the queue's other end (spool-follow.c) ---- */
+
+/* A queued record; len bytes follow: an encoded IDB or EPB (interface id 0), or a file path with its NUL. */
+enum { FREC_IDB, FREC_EPB, FREC_ROTATE };
+struct frec {
+	uint32_t type;
+	int32_t iface;     /* the spool's interface handle */
+	uint32_t len;
+};
+
+/* Lets records be queued; wake is called (on the writer thread) when there are some. */
+void spool_follow_start(void (*wake)(void));
+/* Followers came (+1) or went (-1). */
+void spool_follow_count(int delta);
+/* Takes everything queued (records, see spool-follow.c) into *out; returns packets lost to a full queue. */
+uint64_t spool_follow_take(struct buf *out);
+
+/* ---- loop thread: followers (spool-follow-loop.c) ---- */
+
+/* Starts the hand-over (the ev_async); called before the first follower or event subscriber. */
+void spool_follow_init(void);
+/* capture.follow: c follows interface handle iface (-1: all). Returns the stream's head
+ * (section header and known interfaces) as a JSON string of base64 (caller owns), or
+ * NULL with *why (owned). */
+json_t *spool_follow_subscribe(struct ctl_conn *c, int iface, char **why);
+
+#endif
