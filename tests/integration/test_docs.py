@@ -1,0 +1,202 @@
+"""Documentation coverage (issue 10): every config key the parser accepts and
+every capctl command, sub-command and option is in its man page, and every
+config key in the example config. The lists come from the code itself, so a
+key or command added without its documentation fails here.
+
+  [capd] keys:        daemon/conf.c, conf_capd_key()'s strcmp(key, "...")
+  keys of every type: daemon/params.c, params_common_keys[]
+  per-type keys:      the keys array of each `const struct proto proto_X` in daemon/*.c
+  capctl commands:    ctl/capctl.c's cmds[] -> each `const struct cmd cmd_X = { "name", "usage" }`
+  capctl add options: ctl/cmd-add.c's option table
+  capd options:       daemon/capd.c's getopt string; signals from its ev_signal_init calls
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MAN = ROOT / "man"
+
+
+def src(path):
+    return (ROOT / path).read_text()
+
+
+def strip_c_comments(text):
+    return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+
+
+def capd_keys():
+    text = strip_c_comments(src("daemon/conf.c"))
+    body = text[text.index("conf_capd_key(struct conf_parse"):]
+    body = body[:body.index("\n}\n")]
+    keys = re.findall(r'strcmp\(key,\s*"([a-z_]+)"\)', body)
+    assert len(keys) >= 10, keys
+    return sorted(set(keys))
+
+
+def c_string_array(text, name):
+    m = re.search(r"\b" + re.escape(name) + r"\[\]\s*=\s*\{(.*?)\};", text, re.S)
+    assert m, name
+    return re.findall(r'"([^"]*)"', m.group(1))
+
+
+def common_keys():
+    keys = c_string_array(strip_c_comments(src("daemon/params.c")), "params_common_keys")
+    return sorted(set(keys) - {"type", "name"})
+
+
+def proto_keys():
+    """{type: [keys]} for every protocol module in daemon/."""
+    out = {}
+    for f in sorted((ROOT / "daemon").glob("*.c")):
+        text = strip_c_comments(f.read_text())
+        for m in re.finditer(r"const struct proto proto_\w+\s*=\s*\{(.*?)\};", text, re.S):
+            body = m.group(1)
+            name = re.search(r'\.name\s*=\s*"([a-z]+)"', body).group(1)
+            km = re.search(r"\.keys\s*=\s*(\w+)", body)
+            out[name] = c_string_array(text, km.group(1)) if km else []
+    assert {"forward", "sniff"} <= set(out), out
+    return out
+
+
+def capctl_commands():
+    """[(name, usage)] in the order of capctl's command table."""
+    table = strip_c_comments(src("ctl/capctl.c"))
+    m = re.search(r"cmds\[\]\s*=\s*\{(.*?)\};", table, re.S)
+    syms = re.findall(r"&(cmd_\w+)", m.group(1))
+    defs = {}
+    for f in (ROOT / "ctl").glob("*.c"):
+        text = strip_c_comments(f.read_text())
+        for d in re.finditer(r"const struct cmd (cmd_\w+)\s*=\s*\{\s*\"([a-z-]+)\",\s*((?:\"[^\"]*\"\s*)+)", text):
+            usage = "".join(re.findall(r'"([^"]*)"', d.group(3)))
+            defs[d.group(1)] = (d.group(2), usage)
+    missing = [s for s in syms if s not in defs]
+    assert not missing, missing
+    return [defs[s] for s in syms]
+
+
+def man_lines(page):
+    return (MAN / page).read_text().splitlines()
+
+
+def it_lines(page):
+    return [ln for ln in man_lines(page) if ln.startswith(".It")]
+
+
+def words(line):
+    return set(re.findall(r"[A-Za-z0-9_.*-]+", line))
+
+
+def subsections(page):
+    """{.Ss title: text} of a page."""
+    out, title, buf = {}, None, []
+    for ln in man_lines(page) + [".Sh END"]:
+        if ln.startswith(".Ss ") or ln.startswith(".Sh "):
+            if title is not None:
+                out[title] = "\n".join(buf)
+            title = ln[4:].strip('"') if ln.startswith(".Ss ") else None
+            buf = []
+        elif title is not None:
+            buf.append(ln)
+    return out
+
+
+def documented_key(text, key):
+    """key appears as the head of a list item: `.It Cm key` (optionally with = value)."""
+    return any(ln.startswith(".It") and key in words(ln) for ln in text.splitlines())
+
+
+def test_every_capd_key_in_capd_conf_5():
+    page = "\n".join(man_lines("capd.conf.5"))
+    missing = [k for k in capd_keys() if not documented_key(page, k)]
+    assert not missing, f"[capd] keys missing from man/capd.conf.5: {missing}"
+
+
+def test_every_common_key_in_capd_conf_5():
+    page = "\n".join(man_lines("capd.conf.5"))
+    missing = [k for k in common_keys() if not documented_key(page, k)]
+    assert not missing, f"instance keys missing from man/capd.conf.5: {missing}"
+
+
+def test_every_instance_type_and_key_in_capd_conf_5():
+    """Each type has a subsection [TYPE NAME] listing its keys (the tls* keys
+    may live in the TLS subsection the types share)."""
+    subs = subsections("capd.conf.5")
+    tls_text = "\n".join(t for title, t in subs.items() if "TLS" in title)
+    problems = []
+    for typ, keys in proto_keys().items():
+        texts = [t for title, t in subs.items() if re.search(r"\[" + typ + r"\b", title)]
+        if not texts:
+            problems.append(f"no subsection [{typ} NAME]")
+            continue
+        for k in keys:
+            if not (documented_key(texts[0], k) or (k.startswith("tls") and documented_key(tls_text, k))):
+                problems.append(f"[{typ}] {k}")
+    assert not problems, f"missing from man/capd.conf.5: {problems}"
+
+
+def test_every_key_in_the_example_config():
+    text = src("conf/capd.conf")
+    keys = set(capd_keys()) | set(common_keys())
+    for ks in proto_keys().values():
+        keys |= set(ks)
+    missing = sorted(k for k in keys if not re.search(r"^[;#]?\s*" + re.escape(k) + r"\s*=", text, re.M)
+                     and not re.search(r"\b" + re.escape(k) + r"\s*=", text))
+    assert not missing, f"keys missing from conf/capd.conf: {missing}"
+
+
+def test_every_capctl_command_in_capctl_1():
+    its = it_lines("capctl.1")
+    missing = [name for name, _ in capctl_commands()
+               if not any(re.search(r"\bCm " + re.escape(name) + r"\b", ln) for ln in its)]
+    assert not missing, f"capctl commands missing from man/capctl.1: {missing}"
+
+
+def test_every_capctl_subcommand_and_option_in_capctl_1():
+    """Sub-commands (`capture rotate`, `hosts clear`, `tail events`) head an item;
+    every option a usage line or the add table names is there as Fl."""
+    page = "\n".join(man_lines("capctl.1"))
+    its = "\n".join(it_lines("capctl.1"))
+    problems = []
+    for name, usage in capctl_commands():
+        for alt in usage.split("|"):
+            alt = re.sub(r"\[[^]]*\]", "", alt).strip()
+            first = alt.split()[0] if alt.split() else ""
+            if re.fullmatch(r"[a-z][a-z-]*", first) and not re.search(
+                    r"\bCm " + re.escape(name) + r"\b.*\b" + re.escape(first) + r"\b", its):
+                problems.append(f"{name} {first}")
+        for opt in re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", usage):
+            if not re.search(r"\bFl -" + re.escape(opt) + r"\b", page):
+                problems.append(f"{name} --{opt}")
+    add = strip_c_comments(src("ctl/cmd-add.c"))
+    for opt in sorted(set(re.findall(r'"--([a-z][a-z0-9-]*)"', add))):
+        if not re.search(r"\bFl -" + re.escape(opt) + r"\b", page):
+            problems.append(f"add --{opt}")
+    for typ in proto_keys():
+        if typ != "trace" and not re.search(r"\b" + typ + r"\b", its):
+            problems.append(f"add {typ}")
+    assert not problems, f"missing from man/capctl.1: {problems}"
+
+
+def test_capd_options_and_signals_in_capd_8():
+    text = strip_c_comments(src("daemon/capd.c"))
+    optstring = re.search(r'getopt\(argc, argv, "([^"]+)"\)', text).group(1)
+    page = "\n".join(man_lines("capd.8"))
+    problems = [f"-{o}" for o in optstring.replace(":", "") if o != "h"
+                and not re.search(r"\bFl " + o + r"\b", page)]
+    for sig in sorted(set(re.findall(r"ev_signal_init\([^,]+,[^,]+,\s*(SIG[A-Z]+)\)", text))):
+        if not re.search(r"\b" + sig + r"\b", page):
+            problems.append(sig)
+    assert not problems, f"missing from man/capd.8: {problems}"
+
+
+@pytest.mark.parametrize("page", ["capd.8", "capctl.1", "capd.conf.5"])
+def test_pages_have_the_sections_users_look_for(page):
+    heads = {ln[4:].strip('"') for ln in man_lines(page) if ln.startswith(".Sh ")}
+    want = {"NAME", "SYNOPSIS", "DESCRIPTION", "FILES", "EXAMPLES", "SEE ALSO"}
+    if page != "capd.conf.5":
+        want.add("EXIT STATUS")
+    assert want <= heads, want - heads
