@@ -13,6 +13,7 @@
 static const struct cmd *const cmds[] = {
 	&cmd_add, &cmd_capture, &cmd_kill, &cmd_list, &cmd_reload, &cmd_remove, &cmd_sessions, &cmd_status,
 	&cmd_tail, &cmd_trace, &cmd_hosts,
+	&cmd_ca,
 };
 #define NCMDS ((int)(sizeof cmds / sizeof cmds[0]))
 

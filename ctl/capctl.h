@@ -60,4 +60,6 @@ extern const struct cmd cmd_trace;
 
 extern const struct cmd cmd_hosts;
 
+extern const struct cmd cmd_ca;
+
 #endif

@@ -1,7 +1,26 @@
 /* capctl list: the instances, as a table or JSON. */
 #include <stdio.h>
+#include <string.h>
 
 #include "capctl.h"
+
+/* TLS interception, and the hosts passed through because clients rejected capd's certificate. */
+static void
+list_tls_info(json_t *inst, char *info, size_t n)
+{
+	const char *tls = json_string_value(json_object_get(inst, "tls"));
+	json_t *auto_pt = json_object_get(inst, "tls_passthrough_auto"), *h;
+	size_t len = strlen(info), i;
+
+	if (tls == NULL || !strcmp(tls, "no"))
+		return;
+	snprintf(info + len, n - len, "%stls %s", len ? ", " : "", tls);
+	json_array_foreach(auto_pt, i, h) {
+		len = strlen(info);
+		snprintf(info + len, n - len, "%s%s", i ? " " : ", passthrough (clients rejected the certificate): ",
+		         json_string_value(h));
+	}
+}
 
 static int
 list_exec(struct ctl_opts *o, int argc, char **argv)
@@ -38,6 +57,7 @@ list_exec(struct ctl_opts *o, int argc, char **argv)
 			         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
 		else
 			info[0] = '\0';
+		list_tls_info(inst, info, sizeof info);
 		table_add(t, json_string_value(json_object_get(inst, "name")), json_string_value(json_object_get(inst, "type")),
 		          json_string_value(json_object_get(inst, "listen")), json_string_value(json_object_get(inst, "state")), n,
 		          output_size(json_object_get(inst, "bytes_up"), up, sizeof up),

@@ -25,6 +25,7 @@
 #include "resolve.h"
 #include "session.h"
 #include "spool.h"
+#include "tls.h"
 #include "xmalloc.h"
 
 #if HAVE_SYSTEMD
@@ -199,6 +200,7 @@ capd_finish(void)
 	control_stop();
 	resolve_shutdown();
 	spool_stop();
+	tls_stop();
 	relay_shutdown();
 	ev_break(capd_loop, EVBREAK_ALL);
 }
@@ -303,7 +305,8 @@ main(int argc, char **argv)
 
 	if (capd_mkdirs(capd_settings->state_dir, &why) < 0 || capd_mkdirs(capd_settings->spool, &why) < 0 ||
 	    control_start(capd_settings, &why) < 0 || resolve_init(&why) < 0 ||
-	    session_table_init(capd_settings->state_dir, &why) < 0 || spool_start(capd_settings, &why) < 0) {
+	    session_table_init(capd_settings->state_dir, &why) < 0 || spool_start(capd_settings, &why) < 0 ||
+	    tls_start(capd_settings, &why) < 0) {
 		log_error("%s", why);
 		free(why);
 		control_stop();

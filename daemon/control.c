@@ -61,6 +61,7 @@ static const struct rpc_method *const rpc_tables[] = {
 	rpc_capture_methods,
 	rpc_hosts_methods,
 	rpc_trace_methods,
+	rpc_ca_methods,
 };
 
 static int ctl_fd = -1;

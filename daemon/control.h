@@ -49,5 +49,6 @@ extern const struct rpc_method rpc_tail_methods[];
 extern const struct rpc_method rpc_capture_methods[];
 extern const struct rpc_method rpc_hosts_methods[];
 extern const struct rpc_method rpc_trace_methods[];
+extern const struct rpc_method rpc_ca_methods[];
 
 #endif

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session.h"
+#include "tls.h"
 #include "udp-relay.h"
 #include "xmalloc.h"
 
@@ -17,6 +18,7 @@
 struct forward_cfg {
 	struct hostport to;
 	bool udp;
+	struct tls_cfg *tls;  /* tls* keys; tls_cfg_free'd with the instance */
 };
 
 static const char *const forward_keys[] = {
@@ -40,7 +42,7 @@ forward_configure(struct instance *inst, struct params *p)
 	}
 	if (params_bool(p, "udp", false, &fc->udp) < 0)
 		return -1;
-	return 0;
+	return tls_configure(inst, p, &fc->tls);
 }
 
 static void
@@ -51,6 +53,12 @@ forward_accepted(struct session *s)
 	session_connect(s, fc->to.host, fc->to.port);
 }
 
+static inline struct forward_cfg *
+fc_of(struct session *s)
+{
+	return s->inst->cfg;
+}
+
 static void
 forward_connected(struct session *s, int err)
 {
@@ -59,7 +67,7 @@ forward_connected(struct session *s, int err)
 		session_close(s, s->why_connect ? s->why_connect : "connect failed");
 		return;
 	}
-	relay_start(s);
+	tls_intercept_start(s, fc_of(s)->tls);  /* relay_start() unless tls = yes|auto */
 }
 
 /* udp = yes: the datagram relay on the same address and port */
@@ -91,6 +99,10 @@ forward_session_free(struct session *s)
 static void
 forward_free(struct instance *inst)
 {
+	struct forward_cfg *fc = inst->cfg;
+
+	if (fc)
+		tls_cfg_free(fc->tls);
 	free(inst->cfg);
 }
 
@@ -106,6 +118,7 @@ forward_describe(struct instance *inst, json_t *o)
 		snprintf(to, sizeof to, "%s:%u", fc->to.host, fc->to.port);
 	json_object_set_new(o, "to", json_string(to));
 	json_object_set_new(o, "udp", json_boolean(fc->udp));
+	tls_describe(fc->tls, o);
 }
 
 const struct proto proto_forward = {

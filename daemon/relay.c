@@ -4,6 +4,16 @@
  * Reads are written on at once; when the destination cannot take more, the
  * source stops being read (back-pressure) until the destination drains.
  * A FIN is passed on as shutdown(SHUT_WR); a reset is passed on as a reset.
+ *
+ * TLS (tls.c): a side whose `tls` is set is read and written through
+ * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
+ * its FIN is close_notify then shutdown; the plain path costs one predictable
+ * branch. Plaintext can wait inside OpenSSL where no watcher sees it, so a
+ * short read is trusted to have drained the side only when tls_side_pending()
+ * says so, and a spent round budget feeds the read watcher an event. A TLS
+ * read may need its side writable (or a write readable): tls.c arms that
+ * watcher and tls_side_crossed() tells its callback to pump the other
+ * direction too.
  */
 #include "relay.h"
 
@@ -17,6 +27,7 @@
 #include "capd.h"
 #include "instance.h"
 #include "log.h"
+#include "tls.h"
 #include "xmalloc.h"
 
 #define RELAY_POOL_MAX 64   /* free buffers kept for reuse */
@@ -63,6 +74,38 @@ relay_dst(struct session *s, enum dir d)
 	return d == DIR_UP ? &s->upstream : &s->client;
 }
 
+/* The relay's only I/O calls: plain sockets, or TLS when the side has it. */
+static inline ssize_t
+relay_recv(struct side *sd, void *p, size_t n)
+{
+	if (__builtin_expect(sd->tls != NULL, 0))
+		return tls_side_read(sd->tls, p, n);
+	return recv(sd->fd, p, n, 0);
+}
+
+static inline ssize_t
+relay_send(struct side *sd, const void *p, size_t n)
+{
+	if (__builtin_expect(sd->tls != NULL, 0))
+		return tls_side_write(sd->tls, p, n);
+	return send(sd->fd, p, n, MSG_NOSIGNAL);
+}
+
+static inline void
+relay_shut(struct side *sd)
+{
+	if (sd->tls)
+		tls_side_shutdown(sd->tls);
+	shutdown(sd->fd, SHUT_WR);
+}
+
+/* Bytes (or an EOF) wait where the read watcher cannot see them. */
+static inline bool
+relay_more(const struct side *sd)
+{
+	return sd->tls != NULL && tls_side_pending(sd->tls);
+}
+
 static const char *
 relay_side_name(enum dir d, bool src)
 {
@@ -73,8 +116,14 @@ relay_side_name(enum dir d, bool src)
 static void
 relay_fail(struct session *s, enum dir d, bool at_src, int err)
 {
-	char why[128];
+	char why[320];
+	struct side *sd = at_src ? relay_src(s, d) : relay_dst(s, d);
 
+	if (err == EPROTO && sd->tls) {
+		snprintf(why, sizeof why, "%s TLS error: %s", relay_side_name(d, at_src), tls_side_why(sd->tls));
+		session_reset(s, why);
+		return;
+	}
 	if (err == ECONNRESET || err == EPIPE) {
 		snprintf(why, sizeof why, "%s reset", relay_side_name(d, at_src));
 		session_reset(s, why);
@@ -105,7 +154,7 @@ relay_pump(struct session *s, enum dir d)
 
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->len > rd->off) {
-			ssize_t w = send(dst->fd, rd->buf + rd->off, rd->len - rd->off, MSG_NOSIGNAL);
+			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
 			if (w < 0) {
 				if (errno == EAGAIN || errno == EINTR)
 					goto dst_full;
@@ -124,7 +173,7 @@ relay_pump(struct session *s, enum dir d)
 			rd->buf = NULL;
 			if (!rd->shut) {
 				rd->shut = true;
-				shutdown(dst->fd, SHUT_WR);
+				relay_shut(dst);
 				session_shutdown_dir(s, d);
 				relay_check_done(s);
 			}
@@ -132,15 +181,15 @@ relay_pump(struct session *s, enum dir d)
 		}
 		if (rd->buf == NULL)
 			rd->buf = relay_buf_get();
-		ssize_t r = recv(src->fd, rd->buf, RELAY_BUF, 0);
+		ssize_t r = relay_recv(src, rd->buf, RELAY_BUF);
 		if (r > 0) {
 			rd->len = (uint32_t)r;
 			session_data(s, d, rd->buf, (size_t)r);
-			if (r < RELAY_BUF) {
+			if (r < RELAY_BUF && !relay_more(src)) {
 				/* short read: the socket is very likely drained; write and let
 				 * the level-triggered watcher call again rather than spend a
 				 * recv() on EAGAIN */
-				ssize_t w = send(dst->fd, rd->buf, rd->len, MSG_NOSIGNAL);
+				ssize_t w = relay_send(dst, rd->buf, rd->len);
 				if (w < 0) {
 					if (errno == EAGAIN || errno == EINTR)
 						goto dst_full;
@@ -171,6 +220,8 @@ relay_pump(struct session *s, enum dir d)
 		return;
 	}
 	/* round budget spent with data still flowing: come back on the next pass */
+	if (relay_more(src))
+		ev_feed_event(capd_loop, &src->rio, EV_READ);
 src_wait:
 	if (!rd->eof && !ev_is_active(&src->rio))
 		ev_io_start(capd_loop, &src->rio);
@@ -186,19 +237,29 @@ static void
 relay_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct session *s = w->data;
+	struct side *sd = w == &s->client.rio ? &s->client : &s->upstream;
+	enum dir d = sd == &s->client ? DIR_UP : DIR_DOWN;
 
 	(void)loop; (void)revents;
-	relay_pump(s, w == &s->client.rio ? DIR_UP : DIR_DOWN);
+	relay_pump(s, d);
+	/* a TLS write may have waited for this side to be readable */
+	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))
+		relay_pump(s, (enum dir)!d);
 }
 
 static void
 relay_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct session *s = w->data;
+	struct side *sd = w == &s->client.wio ? &s->client : &s->upstream;
+	/* the client's write side carries the down direction */
+	enum dir d = sd == &s->client ? DIR_DOWN : DIR_UP;
 
 	(void)loop; (void)revents;
-	/* the client's write side carries the down direction */
-	relay_pump(s, w == &s->client.wio ? DIR_DOWN : DIR_UP);
+	relay_pump(s, d);
+	/* a TLS read may have waited for this side to be writable */
+	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))
+		relay_pump(s, (enum dir)!d);
 }
 
 static void
@@ -249,6 +310,8 @@ relay_start(struct session *s)
 void
 relay_stop(struct session *s)
 {
+	if (s->tls)
+		tls_session_free(s);
 	for (int d = 0; d < 2; d++) {
 		relay_buf_put(s->dir[d].buf);
 		s->dir[d].buf = NULL;

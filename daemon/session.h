@@ -20,6 +20,8 @@ struct instance;
 struct resolve_req;
 struct spool_flow;
 struct tail;
+struct tls_session;
+struct tls_side;
 
 enum dir { DIR_UP = 0, DIR_DOWN = 1 };  /* up: client to server */
 
@@ -36,6 +38,7 @@ struct relay_dir {
 struct side {
 	int fd;             /* -1 when closed */
 	ev_io rio, wio;
+	struct tls_side *tls; /* TLS on this side (tls.c owns it), NULL for plain bytes */
 };
 
 /* Owned by the session table; session_close() ends it and frees it on the next loop pass. */
@@ -74,6 +77,7 @@ struct session {
 	void *proto_state;          /* the protocol's, freed by proto->session_free */
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
 	struct tail *tail;          /* live subscribers and backlog, NULL until used */
+	struct tls_session *tls;    /* interception state (tls.c), freed by relay_stop */
 	bool freeing;
 };
 

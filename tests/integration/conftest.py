@@ -80,11 +80,12 @@ class Capd:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"capd exited {self.proc.returncode}:\n{self.log()}")
                 if self.sock.exists():
+                    # the socket exists before the instances are up: ready means
+                    # the loop answers, which it does only after start-up is done
                     try:
-                        with socket.socket(socket.AF_UNIX) as s:
-                            s.connect(str(self.sock))
-                        return self
-                    except OSError:
+                        if "result" in self.rpc("daemon.status", timeout=5):
+                            return self
+                    except (OSError, ValueError, IndexError):
                         pass
                 time.sleep(0.02)
             raise TimeoutError("capd did not open its control socket:\n" + self.log())

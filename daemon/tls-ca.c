@@ -1,0 +1,584 @@
+/*
+ * capd's CA: load or create it, forge server certificates with it, and keep
+ * the forged ones in a bounded LRU cache keyed by the names they cover.
+ * One leaf key per process serves every forged certificate, so a handshake
+ * costs at most one signature here, and none once the cache is warm.
+ */
+#include "tls-ca.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/bn.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509v3.h>
+
+#include "log.h"
+#include "xmalloc.h"
+
+#define TLS_CA_DAYS 3650            /* a created CA's lifetime */
+#define TLS_LEAF_DAYS 397           /* what browsers accept for a server certificate */
+#define TLS_CACHE_BUCKETS 8192      /* power of two */
+
+/* One cached forged certificate; owned by the cache. */
+struct tls_ca_entry {
+	uint8_t key[32];                /* SHA-256 over the names it covers */
+	X509 *x;                        /* one reference held by the cache */
+	struct tls_ca_entry *hnext;     /* bucket chain */
+	TAILQ_ENTRY(tls_ca_entry) lru;  /* head is the most recently used */
+};
+TAILQ_HEAD(tls_ca_lru, tls_ca_entry);
+
+/* The CA in force; process-wide, freed by tls_ca_free. */
+static struct {
+	X509 *cert;
+	EVP_PKEY *key;
+	EVP_PKEY *leaf;
+	char *cert_path, *key_path;
+	struct tls_ca_entry *buckets[TLS_CACHE_BUCKETS];
+	struct tls_ca_lru lru;
+	size_t len, max;
+	unsigned long hits;
+} ca = { .lru = TAILQ_HEAD_INITIALIZER(ca.lru), .max = TLS_CA_CACHE_DEFAULT };
+
+/* The first OpenSSL error as text, or fallback. */
+static const char *
+tls_ca_err(const char *fallback)
+{
+	static char b[256];
+	unsigned long e = ERR_get_error();
+
+	ERR_clear_error();
+	if (e == 0)
+		return fallback;
+	ERR_error_string_n(e, b, sizeof b);
+	return b;
+}
+
+static int
+tls_ca_serial(X509 *x)
+{
+	uint8_t r[16];
+	BIGNUM *bn;
+	int rv = -1;
+
+	if (RAND_bytes(r, sizeof r) != 1)
+		return -1;
+	r[0] &= 0x7f;  /* positive, and never zero below */
+	r[0] |= 0x40;
+	if ((bn = BN_bin2bn(r, sizeof r, NULL)) == NULL)
+		return -1;
+	if (BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(x)) != NULL)
+		rv = 0;
+	BN_free(bn);
+	return rv;
+}
+
+static int
+tls_ca_ext(X509 *x, X509 *issuer, int nid, const char *value)
+{
+	X509V3_CTX ctx;
+	X509_EXTENSION *ext;
+	int ok;
+
+	X509V3_set_ctx(&ctx, issuer, x, NULL, NULL, 0);
+	if ((ext = X509V3_EXT_conf_nid(NULL, &ctx, nid, value)) == NULL)
+		return -1;
+	ok = X509_add_ext(x, ext, -1);
+	X509_EXTENSION_free(ext);
+	return ok ? 0 : -1;
+}
+
+/* ---- loading and creating the CA ---- */
+
+static X509 *
+tls_ca_read_cert(const char *path, char **why)
+{
+	FILE *f = fopen(path, "r");
+	X509 *x;
+
+	if (f == NULL) {
+		*why = xasprintf("cannot open ca_cert %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	x = PEM_read_X509(f, NULL, NULL, NULL);
+	fclose(f);
+	if (x == NULL)
+		*why = xasprintf("ca_cert %s is not a PEM certificate: %s", path, tls_ca_err("no certificate"));
+	return x;
+}
+
+static EVP_PKEY *
+tls_ca_read_key(const char *path, char **why)
+{
+	FILE *f = fopen(path, "r");
+	EVP_PKEY *k;
+
+	if (f == NULL) {
+		*why = xasprintf("cannot open ca_key %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+	fclose(f);
+	if (k == NULL)
+		*why = xasprintf("ca_key %s is not a PEM private key (encrypted keys are not supported): %s", path,
+		                 tls_ca_err("no key"));
+	return k;
+}
+
+/* Writes a new file that must not exist yet; never replaces one. */
+static int
+tls_ca_write_new(const char *path, mode_t mode, int (*emit)(FILE *, void *), void *arg, char **why)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+	FILE *f;
+
+	if (fd < 0) {
+		*why = xasprintf("cannot create %s: %s", path, strerror(errno));
+		return -1;
+	}
+	fchmod(fd, mode);  /* whatever the umask says */
+	if ((f = fdopen(fd, "w")) == NULL) {
+		close(fd);
+		unlink(path);
+		*why = xasprintf("cannot create %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (emit(f, arg) != 1 || fflush(f) != 0 || fsync(fileno(f)) != 0) {
+		fclose(f);
+		unlink(path);
+		*why = xasprintf("cannot write %s", path);
+		return -1;
+	}
+	fclose(f);
+	return 0;
+}
+
+static int
+tls_ca_emit_key(FILE *f, void *k)
+{
+	return PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL);
+}
+
+static int
+tls_ca_emit_cert(FILE *f, void *x)
+{
+	return PEM_write_X509(f, x);
+}
+
+static int
+tls_ca_create(const char *cert_path, const char *key_path, X509 **xo, EVP_PKEY **ko, char **why)
+{
+	EVP_PKEY *k = EVP_EC_gen("P-256");
+	X509 *x = X509_new();
+	X509_NAME *n;
+	char host[128], cn[200];
+
+	if (k == NULL || x == NULL)
+		goto fail;
+	if (gethostname(host, sizeof host) != 0)
+		snprintf(host, sizeof host, "localhost");
+	host[sizeof host - 1] = '\0';
+	snprintf(cn, sizeof cn, "capd interception CA (%s)", host);
+	n = X509_get_subject_name(x);
+	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
+	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
+	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_CA_DAYS * 86400) ||
+	    !X509_NAME_add_entry_by_txt(n, "O", MBSTRING_UTF8, (const unsigned char *)"capd", -1, -1, 0) ||
+	    !X509_NAME_add_entry_by_txt(n, "CN", MBSTRING_UTF8, (const unsigned char *)cn, -1, -1, 0) ||
+	    !X509_set_issuer_name(x, n) || !X509_set_pubkey(x, k) ||
+	    tls_ca_ext(x, x, NID_basic_constraints, "critical,CA:TRUE,pathlen:0") < 0 ||
+	    tls_ca_ext(x, x, NID_key_usage, "critical,keyCertSign,cRLSign") < 0 ||
+	    tls_ca_ext(x, x, NID_subject_key_identifier, "hash") < 0 || !X509_sign(x, k, EVP_sha256()))
+		goto fail;
+	/* the key first: a certificate is never on disk without its key */
+	if (tls_ca_write_new(key_path, 0600, tls_ca_emit_key, k, why) < 0) {
+		X509_free(x);
+		EVP_PKEY_free(k);
+		return -1;
+	}
+	if (tls_ca_write_new(cert_path, 0644, tls_ca_emit_cert, x, why) < 0) {
+		unlink(key_path);
+		X509_free(x);
+		EVP_PKEY_free(k);
+		return -1;
+	}
+	log_notice("created capd's CA %s (key %s); install it in the clients to intercept", cert_path, key_path);
+	*xo = x;
+	*ko = k;
+	return 0;
+fail:
+	*why = xasprintf("cannot create the CA: %s", tls_ca_err("OpenSSL failed"));
+	X509_free(x);
+	EVP_PKEY_free(k);
+	return -1;
+}
+
+int
+tls_ca_load(const char *cert_path, const char *key_path, char **why)
+{
+	struct stat st;
+	bool have_cert, have_key;
+	X509 *x = NULL;
+	EVP_PKEY *k = NULL;
+
+	if (ca.cert && !strcmp(ca.cert_path, cert_path) && !strcmp(ca.key_path, key_path))
+		return 0;
+	have_cert = stat(cert_path, &st) == 0;
+	have_key = stat(key_path, &st) == 0;
+	if (have_cert != have_key) {
+		*why = have_cert ? xasprintf("ca_cert %s exists but ca_key %s does not (capd never overwrites a CA)",
+		                             cert_path, key_path)
+		                 : xasprintf("ca_key %s exists but ca_cert %s does not (capd never overwrites a CA)",
+		                             key_path, cert_path);
+		return -1;
+	}
+	if (!have_cert) {
+		if (tls_ca_create(cert_path, key_path, &x, &k, why) < 0)
+			return -1;
+	} else {
+		if ((x = tls_ca_read_cert(cert_path, why)) == NULL)
+			return -1;
+		if ((k = tls_ca_read_key(key_path, why)) == NULL) {
+			X509_free(x);
+			return -1;
+		}
+		if (X509_check_private_key(x, k) != 1) {
+			*why = xasprintf("ca_key %s does not belong to ca_cert %s", key_path, cert_path);
+			ERR_clear_error();
+			X509_free(x);
+			EVP_PKEY_free(k);
+			return -1;
+		}
+		if (X509_check_ca(x) == 0)
+			log_warnx("ca_cert %s is not marked as a CA; clients may refuse what it signs", cert_path);
+	}
+	if (ca.leaf == NULL && (ca.leaf = EVP_EC_gen("P-256")) == NULL) {
+		*why = xasprintf("cannot make the leaf key: %s", tls_ca_err("OpenSSL failed"));
+		X509_free(x);
+		EVP_PKEY_free(k);
+		return -1;
+	}
+	tls_ca_cache_clear();
+	X509_free(ca.cert);
+	EVP_PKEY_free(ca.key);
+	free(ca.cert_path);
+	free(ca.key_path);
+	ca.cert = x;
+	ca.key = k;
+	ca.cert_path = xstrdup(cert_path);
+	ca.key_path = xstrdup(key_path);
+	return 0;
+}
+
+bool
+tls_ca_loaded(void)
+{
+	return ca.cert != NULL;
+}
+
+X509 *
+tls_ca_cert(void)
+{
+	return ca.cert;
+}
+
+EVP_PKEY *
+tls_ca_leaf_key(void)
+{
+	return ca.leaf;
+}
+
+const char *
+tls_ca_cert_path(void)
+{
+	return ca.cert_path;
+}
+
+/* ---- the cache ---- */
+
+static struct tls_ca_entry **
+tls_ca_bucket(const uint8_t *key)
+{
+	uint32_t h;
+
+	memcpy(&h, key, sizeof h);
+	return &ca.buckets[h & (TLS_CACHE_BUCKETS - 1)];
+}
+
+static void
+tls_ca_evict(struct tls_ca_entry *e)
+{
+	struct tls_ca_entry **pp = tls_ca_bucket(e->key);
+
+	while (*pp != e)
+		pp = &(*pp)->hnext;
+	*pp = e->hnext;
+	TAILQ_REMOVE(&ca.lru, e, lru);
+	X509_free(e->x);
+	free(e);
+	ca.len--;
+}
+
+static X509 *
+tls_ca_cache_get(const uint8_t *key)
+{
+	for (struct tls_ca_entry *e = *tls_ca_bucket(key); e; e = e->hnext)
+		if (!memcmp(e->key, key, sizeof e->key)) {
+			if (e != TAILQ_FIRST(&ca.lru)) {
+				TAILQ_REMOVE(&ca.lru, e, lru);
+				TAILQ_INSERT_HEAD(&ca.lru, e, lru);
+			}
+			ca.hits++;
+			X509_up_ref(e->x);
+			return e->x;
+		}
+	return NULL;
+}
+
+static void
+tls_ca_cache_put(const uint8_t *key, X509 *x)
+{
+	struct tls_ca_entry *e, **b;
+
+	if (ca.max == 0)
+		return;
+	while (ca.len >= ca.max)
+		tls_ca_evict(TAILQ_LAST(&ca.lru, tls_ca_lru));
+	e = xcalloc(1, sizeof *e);
+	memcpy(e->key, key, sizeof e->key);
+	X509_up_ref(x);
+	e->x = x;
+	b = tls_ca_bucket(key);
+	e->hnext = *b;
+	*b = e;
+	TAILQ_INSERT_HEAD(&ca.lru, e, lru);
+	ca.len++;
+}
+
+void
+tls_ca_cache_max(size_t n)
+{
+	ca.max = n;
+	while (ca.len > ca.max)
+		tls_ca_evict(TAILQ_LAST(&ca.lru, tls_ca_lru));
+}
+
+size_t
+tls_ca_cache_len(void)
+{
+	return ca.len;
+}
+
+unsigned long
+tls_ca_cache_hits(void)
+{
+	return ca.hits;
+}
+
+void
+tls_ca_cache_clear(void)
+{
+	while (!TAILQ_EMPTY(&ca.lru))
+		tls_ca_evict(TAILQ_FIRST(&ca.lru));
+}
+
+void
+tls_ca_free(void)
+{
+	tls_ca_cache_clear();
+	X509_free(ca.cert);
+	EVP_PKEY_free(ca.key);
+	EVP_PKEY_free(ca.leaf);
+	free(ca.cert_path);
+	free(ca.key_path);
+	ca.cert = NULL;
+	ca.key = ca.leaf = NULL;
+	ca.cert_path = ca.key_path = NULL;
+}
+
+/* ---- forging ---- */
+
+/* The names a forged certificate will cover, hashed: the cache key. */
+static void
+tls_ca_names_key(X509 *orig, const char *extra, const char *fallback, uint8_t key[32])
+{
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned int n = 32;
+
+	EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+	if (orig) {
+		unsigned char *der = NULL;
+		int len = i2d_X509_NAME(X509_get_subject_name(orig), &der);
+		int idx = X509_get_ext_by_NID(orig, NID_subject_alt_name, -1);
+
+		EVP_DigestUpdate(md, "orig", 5);
+		if (len > 0)
+			EVP_DigestUpdate(md, der, (size_t)len);
+		OPENSSL_free(der);
+		if (idx >= 0) {
+			ASN1_OCTET_STRING *d = X509_EXTENSION_get_data(X509_get_ext(orig, idx));
+			EVP_DigestUpdate(md, "\0san", 4);
+			EVP_DigestUpdate(md, ASN1_STRING_get0_data(d), (size_t)ASN1_STRING_length(d));
+		}
+	}
+	if (extra) {
+		EVP_DigestUpdate(md, "\0extra", 6);
+		EVP_DigestUpdate(md, extra, strlen(extra));
+	}
+	if (fallback) {
+		EVP_DigestUpdate(md, "\0name", 5);
+		EVP_DigestUpdate(md, fallback, strlen(fallback));
+	}
+	EVP_DigestFinal_ex(md, key, &n);
+	EVP_MD_CTX_free(md);
+}
+
+static int
+tls_ca_add_name(GENERAL_NAMES *gens, const char *dns, const struct sockaddr *ip)
+{
+	GENERAL_NAME *g = GENERAL_NAME_new();
+	ASN1_IA5STRING *s;
+	ASN1_OCTET_STRING *o;
+
+	if (g == NULL)
+		return -1;
+	if (dns) {
+		if ((s = ASN1_IA5STRING_new()) == NULL || !ASN1_STRING_set(s, dns, -1)) {
+			ASN1_IA5STRING_free(s);
+			GENERAL_NAME_free(g);
+			return -1;
+		}
+		GENERAL_NAME_set0_value(g, GEN_DNS, s);
+	} else {
+		const void *a = ip->sa_family == AF_INET ? (const void *)&((const struct sockaddr_in *)ip)->sin_addr
+		                                         : (const void *)&((const struct sockaddr_in6 *)ip)->sin6_addr;
+		int alen = ip->sa_family == AF_INET ? 4 : 16;
+		if ((o = ASN1_OCTET_STRING_new()) == NULL || !ASN1_OCTET_STRING_set(o, a, alen)) {
+			ASN1_OCTET_STRING_free(o);
+			GENERAL_NAME_free(g);
+			return -1;
+		}
+		GENERAL_NAME_set0_value(g, GEN_IPADD, o);
+	}
+	if (!sk_GENERAL_NAME_push(gens, g)) {
+		GENERAL_NAME_free(g);
+		return -1;
+	}
+	return 0;
+}
+
+/* Copies the DNS, IP and other entries of orig's subjectAltName (NULL when none). */
+static GENERAL_NAMES *
+tls_ca_orig_sans(X509 *orig)
+{
+	return orig ? X509_get_ext_d2i(orig, NID_subject_alt_name, NULL, NULL) : NULL;
+}
+
+static const char *
+tls_ca_ip_text(const struct sockaddr *ip, char *b, size_t n)
+{
+	if (ip == NULL || (ip->sa_family != AF_INET && ip->sa_family != AF_INET6))
+		return NULL;
+	if (ip->sa_family == AF_INET)
+		return inet_ntop(AF_INET, &((const struct sockaddr_in *)ip)->sin_addr, b, (socklen_t)n);
+	return inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ip)->sin6_addr, b, (socklen_t)n);
+}
+
+X509 *
+tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
+{
+	uint8_t key[32];
+	char ipb[64];
+	const char *iptext = tls_ca_ip_text(ip, ipb, sizeof ipb);
+	const char *extra = NULL, *fallback = NULL;
+	GENERAL_NAMES *gens = NULL;
+	X509 *x;
+	bool orig_names = false;
+
+	if (ca.cert == NULL) {
+		*why = xstrdup("capd's CA is not loaded");
+		return NULL;
+	}
+	if (sni && *sni == '\0')
+		sni = NULL;
+	if (orig) {
+		gens = tls_ca_orig_sans(orig);
+		orig_names = (gens && sk_GENERAL_NAME_num(gens) > 0) ||
+		             X509_NAME_get_index_by_NID(X509_get_subject_name(orig), NID_commonName, -1) >= 0;
+		/* a name the client asked for and the real certificate lacks is added, so a
+		 * client of a lab server with a mismatched certificate still gets through */
+		if (orig_names && sni && X509_check_host(orig, sni, 0, 0, NULL) != 1)
+			extra = sni;
+		if (!orig_names) {
+			GENERAL_NAMES_free(gens);
+			gens = NULL;
+			orig = NULL;
+		}
+	}
+	if (orig == NULL) {
+		if (sni)
+			fallback = sni;
+		else if (iptext)
+			fallback = iptext;
+		else {
+			*why = xstrdup("no SNI and no IP");
+			return NULL;
+		}
+	}
+	tls_ca_names_key(orig, extra, fallback, key);
+	if ((x = tls_ca_cache_get(key)) != NULL) {
+		GENERAL_NAMES_free(gens);
+		return x;
+	}
+
+	if (gens == NULL && (gens = sk_GENERAL_NAME_new_null()) == NULL)
+		goto fail;
+	if (extra && tls_ca_add_name(gens, extra, NULL) < 0)
+		goto fail;
+	if (fallback && tls_ca_add_name(gens, sni, sni ? NULL : ip) < 0)
+		goto fail;
+
+	if ((x = X509_new()) == NULL)
+		goto fail;
+	if (orig) {
+		if (!X509_set_subject_name(x, X509_get_subject_name(orig)))
+			goto fail_x;
+	} else if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
+	                                       (const unsigned char *)fallback, -1, -1, 0)) {
+		goto fail_x;
+	}
+	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
+	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
+	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_LEAF_DAYS * 86400) ||
+	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, ca.leaf) ||
+	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, 0, 0)) ||
+	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||
+	    tls_ca_ext(x, ca.cert, NID_key_usage, "critical,digitalSignature") < 0 ||
+	    tls_ca_ext(x, ca.cert, NID_ext_key_usage, "serverAuth") < 0)
+		goto fail_x;
+	/* a user's CA without a key identifier simply gets none in its leaves */
+	if (tls_ca_ext(x, ca.cert, NID_authority_key_identifier, "keyid") < 0)
+		ERR_clear_error();
+	if (!X509_sign(x, ca.key, EVP_sha256()))
+		goto fail_x;
+	GENERAL_NAMES_free(gens);
+	tls_ca_cache_put(key, x);
+	return x;
+fail_x:
+	X509_free(x);
+fail:
+	GENERAL_NAMES_free(gens);
+	*why = xasprintf("cannot forge a certificate: %s", tls_ca_err("OpenSSL failed"));
+	return NULL;
+}

@@ -1,0 +1,51 @@
+/*
+ * capd's certificate authority and the certificates it forges.
+ *
+ * The CA (ECDSA P-256) is loaded from ca_cert/ca_key, or created there on
+ * first need (key mode 0600); an existing file is never overwritten. Every
+ * forged certificate is signed by it and carries one leaf key (ECDSA P-256)
+ * made once per process, so no handshake ever generates a key. Forged
+ * certificates stay in a bounded LRU cache keyed by the names they cover.
+ *
+ * Nothing here touches the event loop: unit tests link it alone.
+ */
+#ifndef CAPD_TLS_CA_H
+#define CAPD_TLS_CA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#define TLS_CA_CACHE_DEFAULT 4096  /* forged certificates kept */
+
+/* Loads the CA from cert_path/key_path, creating both when neither exists.
+ * Idempotent for the same paths; other paths replace the CA in memory (and
+ * empty the cache). -1 and *why when a file is unreadable, only one of the two
+ * exists, or key and certificate do not match. */
+int tls_ca_load(const char *cert_path, const char *key_path, char **why);
+bool tls_ca_loaded(void);
+/* Borrowed; NULL until loaded. */
+X509 *tls_ca_cert(void);
+EVP_PKEY *tls_ca_leaf_key(void);
+const char *tls_ca_cert_path(void);
+
+/*
+ * A certificate for the leaf key, signed by the CA (caller owns a reference:
+ * X509_free it). With orig: subject and subjectAltNames copied from it, plus
+ * sni as one more DNS name when orig does not cover it. Without orig (or with
+ * one that names nothing): CN and SAN from sni, else from ip. NULL and *why
+ * when there is no name at all ("no SNI and no IP") or signing fails.
+ */
+X509 *tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why);
+
+/* Cache bound (tests use small ones); drops what no longer fits. */
+void tls_ca_cache_max(size_t n);
+size_t tls_ca_cache_len(void);
+unsigned long tls_ca_cache_hits(void);
+void tls_ca_cache_clear(void);
+void tls_ca_free(void);
+
+#endif

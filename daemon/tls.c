@@ -1,0 +1,1366 @@
+/*
+ * TLS interception between a proxy's handshake and the relay.
+ *
+ * tls_intercept_start() takes a session whose two sockets are connected and
+ * runs, without blocking:
+ *
+ *   peek (tls = auto)      first client byte 0x16? else relay as is
+ *   client hello           SSL_accept until the ClientHello callback, which
+ *                          notes the SNI and ALPN offer and pauses the accept
+ *                          (passthrough hosts: replay the bytes read, relay)
+ *   upstream               SSL_connect with that SNI and ALPN offer, verified
+ *                          against the system store when tls_verify = yes
+ *   client finish          the forged certificate (subject and SANs of the
+ *                          real one) and the server's ALPN choice; resume the
+ *                          accept; then relay_start() with both SSLs set
+ *
+ * Upstream failures answer the client with a handshake_failure alert. Every
+ * socket I/O of an SSL goes through one small BIO of ours: it serves bytes
+ * the proxy already read (hs_in) first, keeps a copy of the ClientHello for
+ * passthrough, and with tls_capture = both feeds the ciphertext to two more
+ * capture flows (kept in order in memory until the plaintext flow exists, so
+ * the session's first stream in the file is the plaintext one).
+ */
+#include "tls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "capd.h"
+#include "instance.h"
+#include "log.h"
+#include "relay.h"
+#include "session.h"
+#include "spool.h"
+#include "tls-ca.h"
+#include "xmalloc.h"
+
+#define TLS_HS_TIMEOUT 20.0     /* seconds for both handshakes together */
+#define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
+#define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
+
+enum tls_state { TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_OPEN };
+enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
+
+/* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
+struct tls_host {
+	struct tls_host *next;
+	unsigned rejects;
+	char name[];
+};
+
+/* One TLS side of a session; embedded in its tls_session. */
+struct tls_side {
+	struct tls_session *ts;
+	struct side *sd;        /* the session's socket side */
+	SSL *ssl;
+	enum tls_leg leg;
+	enum dir rdir;          /* direction of the bytes read from this side */
+	struct buf prefix;      /* bytes the proxy already read from the socket: served first */
+	struct buf replay;      /* what was read while tee is set (the ClientHello) */
+	bool tee;
+	bool sock_eof;          /* the socket gave EOF */
+	bool eof;               /* SSL_read saw close_notify or EOF, not yet reported */
+	int err;                /* errno to report once the bytes before it are taken */
+	bool crossed;           /* a read wanted writability or a write readability */
+	char why[200];          /* the TLS error behind EPROTO */
+};
+
+/* Interception state of one session: s->tls, freed by tls_session_free via relay_stop. */
+struct tls_session {
+	struct session *s;
+	struct tls_cfg *cfg;        /* borrowed from the instance */
+	enum tls_state st;
+	struct tls_side c, u;
+	ev_timer timer;
+	char sni[256];
+	char host[HOST_MAX + 8];    /* what passthrough matches: SNI, else the target's name or IP */
+	uint8_t alpn_offer[256];    /* the client's ALPN list (wire format, no length prefix) */
+	size_t alpn_offer_len;
+	uint8_t alpn_sel[256];      /* the server's choice */
+	size_t alpn_sel_len;
+	char *fail;                 /* why the upstream side failed; the client gets an alert */
+	char resume_key[HOST_MAX + 64];
+	bool capture;               /* tls_capture = both and the instance captures */
+	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
+	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
+	struct spool_flow *raw[2];  /* per tls_leg */
+};
+
+/* An upstream TLS session kept for resumption. */
+struct tls_resume {
+	char key[HOST_MAX + 64];
+	SSL_SESSION *sess;
+};
+
+static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
+static BIO_METHOD *tls_bio_meth;
+static struct tls_resume tls_resume[TLS_RESUME_SLOTS];
+static int tls_keylog_fd = -1;
+static char *tls_keylog_path;
+
+static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void tls_client_step(struct tls_session *ts);
+static void tls_upstream_step(struct tls_session *ts);
+
+/* ---- configuration ---- */
+
+static int
+tls_pattern_ok(const char *p)
+{
+	if (!strcmp(p, "*"))
+		return 1;
+	if (!strncmp(p, "*.", 2))
+		return hostname_valid(p + 2);
+	return hostname_valid(p) || addr_is_ip_literal(p);
+}
+
+int
+tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
+{
+	struct tls_cfg *cfg = xcalloc(1, sizeof *cfg);
+	const char *mode = params_str(p, "tls", "no");
+	const char *cap = params_str(p, "tls_capture", "plain");
+	json_t *pt;
+	size_t n = 0;
+
+	(void)inst;
+	*out = cfg;
+	if (mode == NULL || cap == NULL)
+		return -1;
+	if (!strcmp(mode, "auto"))
+		cfg->mode = TLS_AUTO;
+	else if (!strcmp(mode, "yes") || !strcmp(mode, "true") || !strcmp(mode, "1"))
+		cfg->mode = TLS_YES;
+	else if (!strcmp(mode, "no") || !strcmp(mode, "false") || !strcmp(mode, "0"))
+		cfg->mode = TLS_NO;
+	else
+		return params_fail(p, "tls", "'tls' must be yes, no or auto, not '%s'", mode);
+	if (!strcmp(cap, "plain"))
+		cfg->capture_both = false;
+	else if (!strcmp(cap, "both"))
+		cfg->capture_both = true;
+	else
+		return params_fail(p, "tls_capture", "'tls_capture' must be plain or both, not '%s'", cap);
+	if (params_bool(p, "tls_verify", true, &cfg->verify) < 0 ||
+	    params_bool(p, "tls_auto_passthrough", true, &cfg->auto_passthrough) < 0)
+		return -1;
+	cfg->passthrough = xcalloc(1, sizeof *cfg->passthrough);
+	if ((pt = params_list(p, "tls_passthrough")) != NULL) {
+		size_t i;
+		json_t *e;
+		json_array_foreach(pt, i, e) {
+			char *copy = xstrdup(json_string_value(e)), *save = NULL;
+			for (char *w = strtok_r(copy, ", \t", &save); w; w = strtok_r(NULL, ", \t", &save)) {
+				if (!tls_pattern_ok(w)) {
+					params_fail(p, "tls_passthrough", "bad tls_passthrough entry '%s' (host, *.suffix or *)", w);
+					free(copy);
+					return -1;
+				}
+				cfg->passthrough = xrealloc(cfg->passthrough, (n + 2) * sizeof *cfg->passthrough);
+				cfg->passthrough[n++] = xstrdup(w);
+				cfg->passthrough[n] = NULL;
+			}
+			free(copy);
+		}
+	} else if (p->why) {
+		return -1;
+	}
+	return 0;
+}
+
+void
+tls_cfg_free(struct tls_cfg *cfg)
+{
+	if (cfg == NULL)
+		return;
+	for (size_t i = 0; cfg->passthrough && cfg->passthrough[i]; i++)
+		free(cfg->passthrough[i]);
+	free(cfg->passthrough);
+	while (cfg->hosts) {
+		struct tls_host *h = cfg->hosts;
+		cfg->hosts = h->next;
+		free(h);
+	}
+	free(cfg);
+}
+
+void
+tls_describe(const struct tls_cfg *cfg, json_t *o)
+{
+	static const char *const modes[] = { [TLS_NO] = "no", [TLS_AUTO] = "auto", [TLS_YES] = "yes" };
+	json_t *a;
+
+	if (cfg == NULL)
+		return;
+	json_object_set_new(o, "tls", json_string(modes[cfg->mode]));
+	if (cfg->mode == TLS_NO)
+		return;
+	json_object_set_new(o, "tls_verify", json_boolean(cfg->verify));
+	json_object_set_new(o, "tls_capture", json_string(cfg->capture_both ? "both" : "plain"));
+	a = json_array();
+	for (size_t i = 0; cfg->passthrough[i]; i++)
+		json_array_append_new(a, json_string(cfg->passthrough[i]));
+	json_object_set_new(o, "tls_passthrough", a);
+	json_object_set_new(o, "tls_auto_passthrough", json_boolean(cfg->auto_passthrough));
+	a = json_array();
+	for (const struct tls_host *h = cfg->hosts; h; h = h->next)
+		if (h->rejects >= TLS_REJECT_LIMIT)
+			json_array_append_new(a, json_string(h->name));
+	json_object_set_new(o, "tls_passthrough_auto", a);
+}
+
+static struct tls_host *
+tls_host_find(const struct tls_cfg *cfg, const char *name)
+{
+	for (struct tls_host *h = cfg->hosts; h; h = h->next)
+		if (!strcasecmp(h->name, name))
+			return h;
+	return NULL;
+}
+
+/* Why host is passed through untouched, or NULL to intercept it. */
+static const char *
+tls_passthrough_why(const struct tls_cfg *cfg, const char *host)
+{
+	struct tls_host *h;
+
+	if (*host == '\0')
+		return NULL;
+	for (size_t i = 0; cfg->passthrough[i]; i++)
+		if (hostname_match(cfg->passthrough[i], host) || !strcasecmp(cfg->passthrough[i], host))
+			return "tls passthrough: the host is listed in tls_passthrough";
+	if (cfg->auto_passthrough && (h = tls_host_find(cfg, host)) && h->rejects >= TLS_REJECT_LIMIT)
+		return "tls passthrough: clients rejected the forged certificate for this host twice";
+	return NULL;
+}
+
+static void
+tls_host_rejected(struct tls_session *ts)
+{
+	struct tls_cfg *cfg = ts->cfg;
+	struct tls_host *h;
+	unsigned n = 0;
+
+	if (ts->host[0] == '\0')
+		return;
+	if ((h = tls_host_find(cfg, ts->host)) == NULL) {
+		for (h = cfg->hosts; h; h = h->next)
+			n++;
+		if (n >= TLS_HOSTS_MAX)
+			return;
+		h = xcalloc(1, sizeof *h + strlen(ts->host) + 1);
+		strcpy(h->name, ts->host);
+		h->next = cfg->hosts;
+		cfg->hosts = h;
+	}
+	if (++h->rejects == TLS_REJECT_LIMIT && cfg->auto_passthrough)
+		log_notice("%s: clients rejected the forged certificate for %s %u times; passing it through from now on",
+		           ts->s->inst->name, ts->host, h->rejects);
+}
+
+/* ---- the key log ---- */
+
+static void
+tls_keylog_cb(const SSL *ssl, const char *line)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+	const char *path = capd_settings ? capd_settings->keylog_file : NULL;
+
+	if (ts && ts->capture)
+		spool_keylog(line);
+	if (path == NULL)
+		return;
+	if (tls_keylog_path == NULL || strcmp(tls_keylog_path, path) != 0) {
+		if (tls_keylog_fd >= 0)
+			close(tls_keylog_fd);
+		free(tls_keylog_path);
+		tls_keylog_path = xstrdup(path);
+		tls_keylog_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+		if (tls_keylog_fd < 0)
+			log_warn("cannot open keylog_file %s", path);
+	}
+	if (tls_keylog_fd >= 0) {
+		size_t n = strlen(line);
+		char *l = xmalloc(n + 1);
+		memcpy(l, line, n);
+		l[n] = '\n';
+		/* one write per line: O_APPEND keeps lines whole */
+		if (write(tls_keylog_fd, l, n + 1) < 0)
+			log_warn("cannot write keylog_file %s", path);
+		free(l);
+	}
+}
+
+/* ---- ciphertext capture (tls_capture = both) ---- */
+
+static void
+tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, size_t n)
+{
+	if (ts->raw_open) {
+		if (ts->raw[leg])
+			spool_flow_data(ts->raw[leg], d, p, n);
+		return;
+	}
+	uint8_t hdr[6] = { (uint8_t)leg, (uint8_t)d };
+	uint32_t len = (uint32_t)n;
+	memcpy(hdr + 2, &len, 4);
+	buf_append(&ts->log, hdr, sizeof hdr);
+	buf_append(&ts->log, p, n);
+}
+
+/* Opens the two ciphertext flows (client leg: client -> the address it reached;
+ * upstream leg: capd's address -> the target) and writes what was kept. */
+static void
+tls_raw_open(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	struct sockaddr_storage local;
+	socklen_t len;
+	char comment[160];
+	const uint8_t *p;
+	size_t left;
+
+	if (!ts->capture || ts->raw_open)
+		return;
+	ts->raw_open = true;
+	len = sizeof local;
+	if (s->client.fd >= 0 && getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0) {
+		snprintf(comment, sizeof comment, "%s/%s tls client leg", s->inst->proto->name, s->inst->name);
+		ts->raw[TLS_LEG_CLIENT] = spool_flow_open(s->inst->spool_iface, s->id, IPPROTO_TCP,
+		                                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&local,
+		                                          comment);
+	}
+	len = sizeof local;
+	if (s->upstream.fd >= 0 && s->have_target &&
+	    getsockname(s->upstream.fd, (struct sockaddr *)&local, &len) == 0) {
+		snprintf(comment, sizeof comment, "%s/%s tls upstream leg", s->inst->proto->name, s->inst->name);
+		ts->raw[TLS_LEG_UPSTREAM] = spool_flow_open(s->inst->spool_iface, s->id, IPPROTO_TCP,
+		                                            (struct sockaddr *)&local, (struct sockaddr *)&s->target_addr,
+		                                            comment);
+	}
+	p = buf_head(&ts->log);
+	left = buf_used(&ts->log);
+	while (left >= 6) {
+		uint32_t n;
+		memcpy(&n, p + 2, 4);
+		if (n > left - 6)
+			break;
+		if (ts->raw[p[0]])
+			spool_flow_data(ts->raw[p[0]], (enum dir)p[1], p + 6, n);
+		p += 6 + n;
+		left -= 6 + n;
+	}
+	buf_free(&ts->log);
+}
+
+/* ---- our BIO: the session's socket, with prefix, tee and capture ---- */
+
+static int
+tls_bio_read(BIO *b, char *out, int outl)
+{
+	struct tls_side *t = BIO_get_data(b);
+	ssize_t n;
+
+	BIO_clear_retry_flags(b);
+	if (outl <= 0)
+		return 0;
+	if (buf_used(&t->prefix) > 0) {
+		n = (ssize_t)buf_used(&t->prefix) < outl ? (ssize_t)buf_used(&t->prefix) : outl;
+		memcpy(out, buf_head(&t->prefix), (size_t)n);
+		buf_consume(&t->prefix, (size_t)n);
+		if (buf_used(&t->prefix) == 0)
+			buf_free(&t->prefix);
+	} else {
+		n = recv(t->sd->fd, out, (size_t)outl, 0);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				BIO_set_retry_read(b);
+			return -1;
+		}
+		if (n == 0) {
+			t->sock_eof = true;
+			return 0;
+		}
+	}
+	if (t->tee)
+		buf_append(&t->replay, out, (size_t)n);
+	else if (t->ts->capture)
+		tls_cap(t->ts, t->leg, t->rdir, out, (size_t)n);
+	return (int)n;
+}
+
+static int
+tls_bio_write(BIO *b, const char *in, int inl)
+{
+	struct tls_side *t = BIO_get_data(b);
+	ssize_t n;
+
+	BIO_clear_retry_flags(b);
+	n = send(t->sd->fd, in, (size_t)inl, MSG_NOSIGNAL);
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EINTR)
+			BIO_set_retry_write(b);
+		return -1;
+	}
+	if (t->ts->capture && n > 0)
+		tls_cap(t->ts, t->leg, t->rdir == DIR_UP ? DIR_DOWN : DIR_UP, in, (size_t)n);
+	return (int)n;
+}
+
+static long
+tls_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+	struct tls_side *t = BIO_get_data(b);
+
+	(void)num; (void)ptr;
+	switch (cmd) {
+	case BIO_CTRL_EOF:
+		return t && t->sock_eof && buf_used(&t->prefix) == 0;
+	case BIO_CTRL_FLUSH:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static int
+tls_bio_create(BIO *b)
+{
+	BIO_set_init(b, 1);
+	return 1;
+}
+
+/* ---- contexts ---- */
+
+static int
+tls_client_hello_cb(SSL *ssl, int *al, void *arg);
+static int
+tls_alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+            unsigned int inlen, void *arg);
+
+static void
+tls_ctx_common(SSL_CTX *ctx)
+{
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+	                      SSL_MODE_RELEASE_BUFFERS);
+	SSL_CTX_set_read_ahead(ctx, 1);
+	SSL_CTX_set_keylog_callback(ctx, tls_keylog_cb);
+}
+
+static unsigned
+tls_resume_slot(const char *key)
+{
+	unsigned h = 2166136261u;
+
+	for (const char *p = key; *p; p++)
+		h = (h ^ (unsigned char)*p) * 16777619u;
+	return h % TLS_RESUME_SLOTS;
+}
+
+/* A new upstream session (TLS 1.3 tickets arrive after the handshake). */
+static int
+tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+	struct tls_resume *r;
+
+	if (ts == NULL || ts->resume_key[0] == '\0' || !SSL_SESSION_is_resumable(sess))
+		return 0;
+	r = &tls_resume[tls_resume_slot(ts->resume_key)];
+	SSL_SESSION_free(r->sess);
+	snprintf(r->key, sizeof r->key, "%s", ts->resume_key);
+	r->sess = sess;
+	return 1;  /* we keep the reference */
+}
+
+static SSL_CTX *
+tls_client_ctx(bool verify, char **why)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+
+	if (ctx == NULL) {
+		*why = xstrdup("cannot make a TLS client context");
+		return NULL;
+	}
+	tls_ctx_common(ctx);
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
+	if (verify) {
+		if (SSL_CTX_set_default_verify_paths(ctx) != 1)
+			log_warnx("cannot load the system's trusted certificates; tls_verify will refuse every server");
+		SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+	} else {
+		SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+	}
+	return ctx;
+}
+
+/* The context toward clients needs the leaf key, so it waits for the CA. */
+static int
+tls_server_ctx(char **why)
+{
+	SSL_CTX *ctx;
+
+	if (tls_srv_ctx)
+		return 0;
+	if ((ctx = SSL_CTX_new(TLS_server_method())) == NULL) {
+		*why = xstrdup("cannot make a TLS server context");
+		return -1;
+	}
+	tls_ctx_common(ctx);
+	if (SSL_CTX_use_PrivateKey(ctx, tls_ca_leaf_key()) != 1) {
+		*why = xstrdup("cannot use the leaf key");
+		SSL_CTX_free(ctx);
+		return -1;
+	}
+	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
+	SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_cb, NULL);
+	SSL_CTX_set_num_tickets(ctx, 1);
+	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"capd", 4);
+	tls_srv_ctx = ctx;
+	return 0;
+}
+
+int
+tls_ca_ensure(char **why)
+{
+	struct capd_settings *st = capd_settings;
+
+	if (st->ca_cert == NULL)
+		st->ca_cert = xasprintf("%s/ca.pem", st->state_dir);
+	if (st->ca_key == NULL)
+		st->ca_key = xasprintf("%s/ca.key", st->state_dir);
+	if (tls_ca_load(st->ca_cert, st->ca_key, why) < 0)
+		return -1;
+	return tls_server_ctx(why);
+}
+
+int
+tls_start(const struct capd_settings *st, char **why)
+{
+	tls_bio_meth = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "capd session");
+	if (tls_bio_meth == NULL) {
+		*why = xstrdup("cannot make the TLS socket BIO");
+		return -1;
+	}
+	BIO_meth_set_read(tls_bio_meth, tls_bio_read);
+	BIO_meth_set_write(tls_bio_meth, tls_bio_write);
+	BIO_meth_set_ctrl(tls_bio_meth, tls_bio_ctrl);
+	BIO_meth_set_create(tls_bio_meth, tls_bio_create);
+	if ((tls_cli_verify = tls_client_ctx(true, why)) == NULL ||
+	    (tls_cli_noverify = tls_client_ctx(false, why)) == NULL)
+		return -1;
+	/* a CA already on disk is loaded now, so a broken one fails the start */
+	char *cert = st->ca_cert ? xstrdup(st->ca_cert) : xasprintf("%s/ca.pem", st->state_dir);
+	char *key = st->ca_key ? xstrdup(st->ca_key) : xasprintf("%s/ca.key", st->state_dir);
+	bool exists = access(cert, F_OK) == 0 || access(key, F_OK) == 0;
+	free(cert);
+	free(key);
+	if (exists) {
+		char *e = NULL;
+		if (tls_ca_ensure(&e) < 0) {
+			*why = xasprintf("TLS: %s", e);
+			free(e);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+void
+tls_stop(void)
+{
+	for (int i = 0; i < TLS_RESUME_SLOTS; i++) {
+		SSL_SESSION_free(tls_resume[i].sess);
+		tls_resume[i].sess = NULL;
+	}
+	SSL_CTX_free(tls_srv_ctx);
+	SSL_CTX_free(tls_cli_verify);
+	SSL_CTX_free(tls_cli_noverify);
+	tls_srv_ctx = tls_cli_verify = tls_cli_noverify = NULL;
+	BIO_meth_free(tls_bio_meth);
+	tls_bio_meth = NULL;
+	tls_ca_free();
+	if (tls_keylog_fd >= 0)
+		close(tls_keylog_fd);
+	tls_keylog_fd = -1;
+	free(tls_keylog_path);
+	tls_keylog_path = NULL;
+}
+
+/* ---- the session's TLS state ---- */
+
+static const char *
+tls_err_text(char *b, size_t n, const char *fallback)
+{
+	unsigned long e = ERR_peek_last_error();
+	const char *r;
+
+	if (e == 0) {
+		snprintf(b, n, "%s", fallback);
+		return b;
+	}
+	r = ERR_reason_error_string(e);
+	if (r)
+		snprintf(b, n, "%s", r);
+	else
+		ERR_error_string_n(e, b, n);
+	ERR_clear_error();
+	return b;
+}
+
+static int
+tls_side_init(struct tls_session *ts, struct tls_side *t, struct side *sd, SSL_CTX *ctx, enum tls_leg leg)
+{
+	BIO *b;
+
+	t->ts = ts;
+	t->sd = sd;
+	t->leg = leg;
+	t->rdir = leg == TLS_LEG_CLIENT ? DIR_UP : DIR_DOWN;
+	if ((t->ssl = SSL_new(ctx)) == NULL || (b = BIO_new(tls_bio_meth)) == NULL)
+		return -1;
+	BIO_set_data(b, t);
+	SSL_set_bio(t->ssl, b, b);
+	SSL_set_app_data(t->ssl, ts);
+	return 0;
+}
+
+static void
+tls_side_clear(struct tls_side *t)
+{
+	SSL_free(t->ssl);
+	t->ssl = NULL;
+	buf_free(&t->prefix);
+	buf_free(&t->replay);
+}
+
+void
+tls_session_free(struct session *s)
+{
+	struct tls_session *ts = s->tls;
+
+	if (ts == NULL)
+		return;
+	/* a failed handshake still shows in the capture */
+	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
+		tls_raw_open(ts);
+	ev_timer_stop(capd_loop, &ts->timer);
+	s->client.tls = s->upstream.tls = NULL;
+	s->tls = NULL;
+	tls_side_clear(&ts->c);
+	tls_side_clear(&ts->u);
+	for (int i = 0; i < 2; i++)
+		if (ts->raw[i])
+			spool_flow_close(ts->raw[i], false);
+	buf_free(&ts->log);
+	free(ts->fail);
+	free(ts);
+}
+
+static void
+tls_session_note(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+tls_session_note(struct session *s, const char *fmt, ...)
+{
+	va_list ap;
+	char *n;
+
+	va_start(ap, fmt);
+	if (vasprintf(&n, fmt, ap) < 0)
+		n = NULL;
+	va_end(ap);
+	if (n == NULL)
+		return;
+	if (s->note) {
+		char *both = xasprintf("%s; %s", s->note, n);
+		free(n);
+		n = both;
+	}
+	free(s->note);
+	s->note = n;
+}
+
+/* Closes with why; s is gone for the caller. */
+static void
+tls_fail(struct tls_session *ts, const char *why)
+{
+	session_close(ts->s, why);
+}
+
+/* Watch only what the last SSL call asked for on this side. */
+static void
+tls_arm(struct side *sd, int want)
+{
+	if (want == SSL_ERROR_WANT_READ) {
+		ev_io_stop(capd_loop, &sd->wio);
+		ev_io_start(capd_loop, &sd->rio);
+	} else {
+		ev_io_stop(capd_loop, &sd->rio);
+		ev_io_start(capd_loop, &sd->wio);
+	}
+}
+
+static void
+tls_stop_watchers(struct session *s)
+{
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
+}
+
+/* Not TLS after all, or a passthrough host: relay the bytes as they are. */
+static void
+tls_plain(struct tls_session *ts, const char *note)
+{
+	struct session *s = ts->s;
+
+	if (buf_used(&ts->c.replay) > 0) {
+		/* the ClientHello (and whatever else came) goes upstream as read */
+		struct buf rest = s->hs_in;
+		memset(&s->hs_in, 0, sizeof s->hs_in);
+		buf_append(&s->hs_in, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+		buf_append(&s->hs_in, buf_head(&ts->c.prefix), buf_used(&ts->c.prefix));
+		buf_append(&s->hs_in, buf_head(&rest), buf_used(&rest));
+		buf_free(&rest);
+	} else if (buf_used(&ts->c.prefix) > 0) {
+		buf_append(&s->hs_in, buf_head(&ts->c.prefix), buf_used(&ts->c.prefix));
+	}
+	ts->capture = false;
+	buf_free(&ts->log);
+	tls_session_free(s);
+	if (note)
+		tls_session_note(s, "%s", note);
+	tls_stop_watchers(s);
+	relay_start(s);
+}
+
+static void
+tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+	struct tls_session *ts = s->tls;
+
+	(void)loop; (void)revents;
+	if (ts == NULL)
+		return;
+	if (ts->st == TLS_ST_UPSTREAM)
+		tls_fail(ts, "upstream handshake failed: timed out");
+	else if (ts->st == TLS_ST_PEEK)
+		tls_fail(ts, "client sent nothing (tls = auto) and the server neither");
+	else
+		tls_fail(ts, "client TLS handshake timed out");
+}
+
+/* ---- the client side ---- */
+
+static void
+tls_hello_parse(struct tls_session *ts, SSL *ssl)
+{
+	const unsigned char *e;
+	size_t len;
+
+	if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &e, &len) && len >= 5 && e[2] == 0) {
+		size_t n = (size_t)e[3] << 8 | e[4];
+		if (n > 0 && n < sizeof ts->sni && 5 + n <= len) {
+			memcpy(ts->sni, e + 5, n);
+			ts->sni[n] = '\0';
+			for (char *p = ts->sni; *p; p++)
+				if (*p >= 'A' && *p <= 'Z')
+					*p = (char)(*p - 'A' + 'a');
+			if (!hostname_valid(ts->sni) || strlen(ts->sni) != n)
+				ts->sni[0] = '\0';
+		}
+	}
+	if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &e, &len) &&
+	    len >= 2) {
+		size_t n = (size_t)e[0] << 8 | e[1];
+		if (n > 0 && 2 + n <= len && n <= sizeof ts->alpn_offer) {
+			memcpy(ts->alpn_offer, e + 2, n);
+			ts->alpn_offer_len = n;
+		}
+	}
+}
+
+static int
+tls_client_hello_cb(SSL *ssl, int *al, void *arg)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+
+	(void)arg;
+	if (ts == NULL)
+		return SSL_CLIENT_HELLO_SUCCESS;
+	if (ts->st == TLS_ST_HELLO) {
+		tls_hello_parse(ts, ssl);
+		return SSL_CLIENT_HELLO_RETRY;  /* the accept waits for the upstream */
+	}
+	if (ts->fail) {
+		*al = SSL_AD_HANDSHAKE_FAILURE;
+		return SSL_CLIENT_HELLO_ERROR;
+	}
+	return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+static int
+tls_alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+            unsigned int inlen, void *arg)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+
+	(void)arg;
+	if (ts == NULL || ts->alpn_sel_len == 0)
+		return SSL_TLSEXT_ERR_NOACK;
+	for (unsigned i = 0; i < inlen;) {
+		unsigned n = in[i];
+		if (i + 1 + n > inlen)
+			break;
+		if (n == ts->alpn_sel_len && !memcmp(in + i + 1, ts->alpn_sel, n)) {
+			*out = in + i + 1;
+			*outlen = (unsigned char)n;
+			return SSL_TLSEXT_ERR_OK;
+		}
+		i += 1 + n;
+	}
+	return SSL_TLSEXT_ERR_NOACK;
+}
+
+/* A failed client handshake: a reason a person understands. */
+static void
+tls_client_failed(struct tls_session *ts, int e, int saved_errno)
+{
+	unsigned long err = ERR_peek_last_error();
+	int reason = ERR_GET_LIB(err) == ERR_LIB_SSL ? ERR_GET_REASON(err) : 0;
+	const char *what = NULL;
+	char why[400], text[200];
+
+	if (ts->fail) {
+		/* the alert went out; the upstream side said why */
+		ERR_clear_error();
+		tls_fail(ts, ts->fail);
+		return;
+	}
+	switch (reason) {
+	case SSL_R_TLSV1_ALERT_UNKNOWN_CA: what = "unknown CA"; break;
+	case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE: what = "bad certificate"; break;
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN: what = "certificate unknown"; break;
+	case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE: what = "unsupported certificate"; break;
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED: what = "certificate expired"; break;
+	case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED: what = "certificate revoked"; break;
+	case SSL_R_TLSV1_ALERT_DECRYPT_ERROR: what = "decrypt error"; break;
+	default: break;
+	}
+	if (what) {
+		ERR_clear_error();
+		snprintf(why, sizeof why, "client rejected the forged certificate (%s)", what);
+		tls_host_rejected(ts);
+		tls_fail(ts, why);
+		return;
+	}
+	switch (reason) {
+	case SSL_R_WRONG_VERSION_NUMBER:
+	case SSL_R_HTTP_REQUEST:
+	case SSL_R_HTTPS_PROXY_REQUEST:
+	case SSL_R_UNKNOWN_PROTOCOL:
+	case SSL_R_PACKET_LENGTH_TOO_LONG:
+	case SSL_R_RECORD_LENGTH_MISMATCH:
+	case SSL_R_UNEXPECTED_MESSAGE:
+		ERR_clear_error();
+		tls_fail(ts, "protocol mismatch: the client did not start a TLS handshake");
+		return;
+	case SSL_R_UNSUPPORTED_PROTOCOL:
+	case SSL_R_NO_PROTOCOLS_AVAILABLE:
+	case SSL_R_NO_SHARED_CIPHER:
+	case SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM:
+	case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+		snprintf(why, sizeof why, "protocol mismatch: no TLS version or cipher in common with the client (%s)",
+		         tls_err_text(text, sizeof text, "?"));
+		tls_fail(ts, why);
+		return;
+	default:
+		break;
+	}
+	if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN || (err == 0 && e == SSL_ERROR_SSL)) {
+		ERR_clear_error();
+		if (saved_errno && saved_errno != EPIPE && saved_errno != ECONNRESET)
+			snprintf(why, sizeof why, "client error during the TLS handshake: %s", strerror(saved_errno));
+		else if (ts->st == TLS_ST_HELLO)
+			snprintf(why, sizeof why, "client closed before finishing its ClientHello");
+		else
+			snprintf(why, sizeof why, "client closed during the TLS handshake, after capd's certificate");
+		tls_fail(ts, why);
+		return;
+	}
+	snprintf(why, sizeof why, "client TLS handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
+	tls_fail(ts, why);
+}
+
+static void
+tls_done(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	const unsigned char *a;
+	unsigned alen;
+
+	ev_timer_stop(capd_loop, &ts->timer);
+	ts->st = TLS_ST_OPEN;
+	s->client.tls = &ts->c;
+	s->upstream.tls = &ts->u;
+	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
+	tls_session_note(s, "tls %s sni=%s%s%.*s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
+	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "");
+	tls_stop_watchers(s);
+	relay_start(s);
+	/* the plaintext flow exists now; the ciphertext ones follow it in the file */
+	if (s->state == SESSION_OPEN && s->tls == ts)
+		tls_raw_open(ts);
+}
+
+static void
+tls_client_step(struct tls_session *ts)
+{
+	struct tls_side *t = &ts->c;
+	int r, e, saved;
+
+	ERR_clear_error();
+	r = SSL_do_handshake(t->ssl);
+	saved = errno;
+	if (r == 1) {
+		if (ts->fail) {
+			tls_fail(ts, ts->fail);
+			return;
+		}
+		tls_done(ts);
+		return;
+	}
+	e = SSL_get_error(t->ssl, r);
+	switch (e) {
+	case SSL_ERROR_WANT_READ:
+	case SSL_ERROR_WANT_WRITE:
+		tls_arm(t->sd, e);
+		return;
+	case SSL_ERROR_WANT_CLIENT_HELLO_CB:
+		break;
+	default:
+		tls_client_failed(ts, e, e == SSL_ERROR_SYSCALL ? saved : 0);
+		return;
+	}
+
+	/* the ClientHello is in: pass through, or go upstream */
+	struct session *s = ts->s;
+	const char *pt;
+	char ip[ADDR_STRLEN];
+
+	ev_io_stop(capd_loop, &t->sd->rio);
+	ev_io_stop(capd_loop, &t->sd->wio);
+	if (ts->sni[0])
+		snprintf(ts->host, sizeof ts->host, "%s", ts->sni);
+	else if (s->target_name[0]) {
+		snprintf(ts->host, sizeof ts->host, "%s", s->target_name);
+		char *colon = strrchr(ts->host, ':');
+		if (colon)
+			*colon = '\0';
+	} else if (s->have_target) {
+		snprintf(ts->host, sizeof ts->host, "%s", addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
+	}
+	if ((pt = tls_passthrough_why(ts->cfg, ts->host)) != NULL) {
+		tls_plain(ts, pt);
+		return;
+	}
+	t->tee = false;
+	if (ts->capture)
+		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&t->replay), buf_used(&t->replay));
+	buf_free(&t->replay);
+	if (!ts->sni[0] && !s->have_target) {
+		ts->fail = xstrdup("no SNI and no IP");
+		ts->st = TLS_ST_FINISH;
+		tls_client_step(ts);
+		return;
+	}
+
+	/* upstream, with the client's SNI and ALPN offer */
+	struct tls_side *u = &ts->u;
+	SSL_SESSION *resume = NULL;
+	ts->st = TLS_ST_UPSTREAM;
+	if (tls_side_init(ts, u, &s->upstream, ts->cfg->verify ? tls_cli_verify : tls_cli_noverify,
+	                  TLS_LEG_UPSTREAM) < 0) {
+		tls_fail(ts, "cannot start the upstream TLS handshake (out of memory?)");
+		return;
+	}
+	SSL_set_connect_state(u->ssl);
+	if (ts->sni[0])
+		SSL_set_tlsext_host_name(u->ssl, ts->sni);
+	if (ts->alpn_offer_len && SSL_set_alpn_protos(u->ssl, ts->alpn_offer, (unsigned)ts->alpn_offer_len) != 0)
+		ERR_clear_error();
+	if (ts->cfg->verify) {
+		if (ts->sni[0])
+			SSL_set1_host(u->ssl, ts->sni);
+		else if (ts->host[0] && !addr_is_ip_literal(ts->host))
+			SSL_set1_host(u->ssl, ts->host);
+		else if (s->have_target)
+			X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(u->ssl),
+			                              addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
+	}
+	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%d", ts->sni,
+	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-",
+	         ts->cfg->verify);
+	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
+	if (rs->sess && !strcmp(rs->key, ts->resume_key))
+		resume = rs->sess;
+	if (resume && SSL_set_session(u->ssl, resume) != 1)
+		ERR_clear_error();
+	tls_upstream_step(ts);
+}
+
+/* ---- the upstream side ---- */
+
+static void
+tls_upstream_done(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	X509 *peer = SSL_get1_peer_certificate(ts->u.ssl), *forged;
+	const unsigned char *a;
+	unsigned alen;
+	char *why = NULL;
+
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	forged = tls_ca_forge(peer, ts->sni, s->have_target ? (struct sockaddr *)&s->target_addr : NULL, &why);
+	X509_free(peer);
+	if (forged == NULL) {
+		ts->fail = why;
+	} else {
+		if (SSL_use_certificate(ts->c.ssl, forged) != 1) {
+			ERR_clear_error();
+			ts->fail = xstrdup("cannot use the forged certificate");
+		}
+		X509_free(forged);
+	}
+	SSL_get0_alpn_selected(ts->u.ssl, &a, &alen);
+	if (alen > 0 && alen <= sizeof ts->alpn_sel) {
+		memcpy(ts->alpn_sel, a, alen);
+		ts->alpn_sel_len = alen;
+	}
+	ts->st = TLS_ST_FINISH;
+	tls_client_step(ts);
+}
+
+static void
+tls_upstream_step(struct tls_session *ts)
+{
+	struct tls_side *u = &ts->u;
+	int r, e, saved;
+	char why[400], text[200];
+
+	ERR_clear_error();
+	r = SSL_do_handshake(u->ssl);
+	saved = errno;
+	if (r == 1) {
+		tls_upstream_done(ts);
+		return;
+	}
+	e = SSL_get_error(u->ssl, r);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		tls_arm(u->sd, e);
+		return;
+	}
+	long vr = SSL_get_verify_result(u->ssl);
+	if (ts->cfg->verify && vr != X509_V_OK) {
+		ERR_clear_error();
+		snprintf(why, sizeof why, "upstream certificate did not verify: %s", X509_verify_cert_error_string(vr));
+	} else if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN) {
+		ERR_clear_error();
+		snprintf(why, sizeof why, "upstream handshake failed: %s",
+		         saved && saved != EAGAIN ? strerror(saved) : "the server closed the connection");
+	} else {
+		snprintf(why, sizeof why, "upstream handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
+	}
+	ev_io_stop(capd_loop, &u->sd->rio);
+	ev_io_stop(capd_loop, &u->sd->wio);
+	/* the client gets a handshake_failure alert, then the session closes with why */
+	ts->fail = xstrdup(why);
+	ts->st = TLS_ST_FINISH;
+	tls_client_step(ts);
+}
+
+/* ---- start ---- */
+
+static void
+tls_begin(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	char *why = NULL;
+
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	if (tls_ca_ensure(&why) < 0) {
+		char *msg = xasprintf("cannot intercept TLS: %s", why);
+		free(why);
+		tls_fail(ts, msg);
+		free(msg);
+		return;
+	}
+	ts->st = TLS_ST_HELLO;
+	if (tls_side_init(ts, &ts->c, &s->client, tls_srv_ctx, TLS_LEG_CLIENT) < 0) {
+		tls_fail(ts, "cannot start the client TLS handshake (out of memory?)");
+		return;
+	}
+	SSL_set_accept_state(ts->c.ssl);
+	/* what the proxy read past its own handshake is the start of the ClientHello */
+	ts->c.prefix = s->hs_in;
+	memset(&s->hs_in, 0, sizeof s->hs_in);
+	ts->c.tee = true;
+	tls_client_step(ts);
+}
+
+/* tls = auto: a ClientHello starts with a handshake record, 0x16. */
+static void
+tls_peek(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	uint8_t b;
+	ssize_t n;
+
+	if (buf_used(&s->hs_in) > 0) {
+		b = buf_head(&s->hs_in)[0];
+	} else {
+		n = recv(s->client.fd, &b, 1, MSG_PEEK);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR) {
+				ev_io_start(capd_loop, &s->client.rio);
+				/* a server that speaks first (SMTP, SSH) is not TLS either */
+				ev_io_start(capd_loop, &s->upstream.rio);
+				return;
+			}
+			tls_plain(ts, NULL);  /* the relay reports the error */
+			return;
+		}
+		if (n == 0) {
+			tls_plain(ts, NULL);
+			return;
+		}
+	}
+	ev_io_stop(capd_loop, &s->client.rio);
+	if (b != 0x16) {
+		tls_plain(ts, NULL);
+		return;
+	}
+	tls_begin(ts);
+}
+
+static void
+tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+	struct tls_session *ts = s->tls;
+
+	(void)loop; (void)revents;
+	if (ts == NULL)
+		return;
+	switch (ts->st) {
+	case TLS_ST_PEEK:
+		if (w == &s->upstream.rio)
+			tls_plain(ts, NULL);
+		else
+			tls_peek(ts);
+		break;
+	case TLS_ST_HELLO:
+	case TLS_ST_FINISH:
+		tls_client_step(ts);
+		break;
+	case TLS_ST_UPSTREAM:
+		tls_upstream_step(ts);
+		break;
+	case TLS_ST_OPEN:
+		break;
+	}
+}
+
+void
+tls_intercept_start(struct session *s, struct tls_cfg *cfg)
+{
+	struct tls_session *ts;
+
+	if (cfg == NULL || cfg->mode == TLS_NO || tls_bio_meth == NULL) {
+		relay_start(s);
+		return;
+	}
+	ts = xcalloc(1, sizeof *ts);
+	ts->s = s;
+	ts->cfg = cfg;
+	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
+	s->tls = ts;
+	session_set_deadline(s, 0);  /* our own timer covers the TLS handshakes */
+	tls_stop_watchers(s);
+	ev_io_init(&s->client.rio, tls_io_cb, s->client.fd, EV_READ);
+	ev_io_init(&s->client.wio, tls_io_cb, s->client.fd, EV_WRITE);
+	ev_io_init(&s->upstream.rio, tls_io_cb, s->upstream.fd, EV_READ);
+	ev_io_init(&s->upstream.wio, tls_io_cb, s->upstream.fd, EV_WRITE);
+	s->client.rio.data = s->client.wio.data = s->upstream.rio.data = s->upstream.wio.data = s;
+	ev_timer_init(&ts->timer, tls_timeout_cb, TLS_HS_TIMEOUT, 0.);
+	ts->timer.data = s;
+	ev_timer_start(capd_loop, &ts->timer);
+	if (cfg->mode == TLS_AUTO) {
+		ts->st = TLS_ST_PEEK;
+		tls_peek(ts);
+	} else {
+		tls_begin(ts);
+	}
+}
+
+/* ---- the relay's helpers ---- */
+
+static void
+tls_side_error(struct tls_side *t, int e, int saved)
+{
+	char text[160];
+
+	if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && saved == 0 && ERR_peek_error() == 0)) {
+		t->eof = true;
+		return;
+	}
+	if (e == SSL_ERROR_SYSCALL && saved != 0) {
+		ERR_clear_error();
+		t->err = saved;
+		return;
+	}
+	snprintf(t->why, sizeof t->why, "%s", tls_err_text(text, sizeof text, "unknown error"));
+	t->err = EPROTO;
+}
+
+ssize_t
+tls_side_read(struct tls_side *t, void *p, size_t n)
+{
+	size_t got = 0;
+
+	if (t->err) {
+		errno = t->err;
+		return -1;
+	}
+	if (t->eof)
+		return 0;
+	while (got < n) {
+		int want = n - got > INT_MAX ? INT_MAX : (int)(n - got);
+		int r, e, saved;
+
+		ERR_clear_error();
+		r = SSL_read(t->ssl, (char *)p + got, want);
+		if (r > 0) {
+			got += (size_t)r;
+			continue;
+		}
+		saved = errno;
+		e = SSL_get_error(t->ssl, r);
+		if (e == SSL_ERROR_WANT_READ)
+			break;
+		if (e == SSL_ERROR_WANT_WRITE) {
+			t->crossed = true;
+			ev_io_start(capd_loop, &t->sd->wio);
+			break;
+		}
+		tls_side_error(t, e, saved);
+		if (t->eof && t->ts->raw_open && t->ts->raw[t->leg])
+			spool_flow_fin(t->ts->raw[t->leg], t->rdir);
+		break;
+	}
+	if (got > 0)
+		return (ssize_t)got;
+	if (t->eof)
+		return 0;
+	if (t->err) {
+		errno = t->err;
+		return -1;
+	}
+	errno = EAGAIN;
+	return -1;
+}
+
+ssize_t
+tls_side_write(struct tls_side *t, const void *p, size_t n)
+{
+	size_t put = 0;
+
+	while (put < n) {
+		int want = n - put > INT_MAX ? INT_MAX : (int)(n - put);
+		int r, e, saved;
+
+		ERR_clear_error();
+		r = SSL_write(t->ssl, (const char *)p + put, want);
+		if (r > 0) {
+			put += (size_t)r;
+			continue;
+		}
+		saved = errno;
+		e = SSL_get_error(t->ssl, r);
+		if (e == SSL_ERROR_WANT_WRITE)
+			break;
+		if (e == SSL_ERROR_WANT_READ) {
+			t->crossed = true;
+			ev_io_start(capd_loop, &t->sd->rio);
+			break;
+		}
+		if (put > 0)
+			break;  /* the error shows on the next call */
+		if (e == SSL_ERROR_SYSCALL && saved != 0) {
+			ERR_clear_error();
+			errno = saved;
+			return -1;
+		}
+		tls_side_error(t, e, saved);
+		if (t->err == 0)
+			t->err = EPIPE;  /* writing after the peer's close_notify */
+		errno = t->err;
+		return -1;
+	}
+	if (put > 0)
+		return (ssize_t)put;
+	errno = EAGAIN;
+	return -1;
+}
+
+void
+tls_side_shutdown(struct tls_side *t)
+{
+	ERR_clear_error();
+	SSL_shutdown(t->ssl);
+	ERR_clear_error();
+	if (t->ts->raw_open && t->ts->raw[t->leg])
+		spool_flow_fin(t->ts->raw[t->leg], t->rdir == DIR_UP ? DIR_DOWN : DIR_UP);
+}
+
+bool
+tls_side_pending(const struct tls_side *t)
+{
+	return t->eof || t->err || buf_used(&t->prefix) > 0 || SSL_has_pending(t->ssl);
+}
+
+const char *
+tls_side_why(const struct tls_side *t)
+{
+	return t->why[0] ? t->why : "TLS error";
+}
+
+bool
+tls_side_crossed(struct tls_side *t)
+{
+	bool c = t->crossed;
+
+	t->crossed = false;
+	return c;
+}

@@ -1,0 +1,92 @@
+/*
+ * TLS interception: the per-instance `tls*` options, the handshakes that run
+ * between a proxy's own handshake and the relay, and the two I/O helpers the
+ * relay calls for a side that speaks TLS.
+ *
+ * Wiring a proxy type (forward does exactly this):
+ *
+ *     struct xxx_cfg { ...; struct tls_cfg *tls; };
+ *     configure:  if (tls_configure(inst, p, &cfg->tls) < 0) return -1;
+ *     connected:  tls_intercept_start(s, cfg->tls);      (instead of relay_start)
+ *     describe:   tls_describe(cfg->tls, obj);
+ *     free:       tls_cfg_free(cfg->tls);
+ *
+ * and list "tls", "tls_verify", "tls_capture", "tls_passthrough",
+ * "tls_auto_passthrough" in the type's keys. tls_intercept_start() has
+ * relay_start()'s contract (both sockets connected, hs_in leftovers are the
+ * client's next bytes, hs_out is flushed to the client first) and ends in
+ * relay_start() itself, or closes the session with a reason.
+ */
+#ifndef CAPD_TLS_H
+#define CAPD_TLS_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "params.h"
+
+struct instance;
+struct session;
+struct capd_settings;
+
+enum tls_mode { TLS_NO, TLS_AUTO, TLS_YES };
+
+struct tls_host;  /* a host whose clients rejected the forged certificate */
+
+/* An instance's TLS options and its auto-passthrough memory.
+ * Owned by the instance's protocol config; tls_cfg_free() frees it. */
+struct tls_cfg {
+	enum tls_mode mode;
+	bool verify;              /* tls_verify: check the upstream against the system store */
+	bool capture_both;        /* tls_capture = both: ciphertext legs + key log too */
+	bool auto_passthrough;    /* tls_auto_passthrough */
+	char **passthrough;       /* host or *.suffix patterns, NULL-terminated */
+	struct tls_host *hosts;   /* rejection counts; passthrough at TLS_REJECT_LIMIT */
+};
+
+#define TLS_REJECT_LIMIT 2
+
+/* Parses the tls* keys of p into *out (always set, also on error; TLS_NO when absent). */
+int tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out);
+void tls_cfg_free(struct tls_cfg *cfg);
+/* Adds "tls", "tls_capture", "tls_passthrough_auto" (hosts now passed through) ... */
+void tls_describe(const struct tls_cfg *cfg, json_t *obj);
+
+/*
+ * Both of s's sockets are connected: with cfg NULL or tls = no this is
+ * relay_start(s). Otherwise peek at the client's first bytes (auto: anything
+ * but a ClientHello is relayed as is), read the SNI and ALPN offer, connect
+ * upstream with TLS, forge the certificate, finish the client's handshake,
+ * then relay the plaintext. Passthrough hosts are relayed untouched.
+ */
+void tls_intercept_start(struct session *s, struct tls_cfg *cfg);
+
+/* Daemon start/stop: OpenSSL contexts; a user's ca_cert/ca_key are loaded (and
+ * checked) here, a CA that does not exist yet is created on first need. */
+int tls_start(const struct capd_settings *st, char **why);
+void tls_stop(void);
+/* Loads or creates the CA of capd_settings. */
+int tls_ca_ensure(char **why);
+
+/* ---- for the relay: a side that speaks TLS (struct side's tls is set) ---- */
+
+struct tls_side;
+
+/* Like recv(): >0 plaintext bytes, 0 at close_notify or EOF, -1 with errno
+ * (EAGAIN: try when the fd is ready again; EPROTO: TLS error, see tls_side_why). */
+ssize_t tls_side_read(struct tls_side *t, void *p, size_t n);
+/* Like send(): writes as much of p as the socket takes now. */
+ssize_t tls_side_write(struct tls_side *t, const void *p, size_t n);
+/* close_notify, then FIN. */
+void tls_side_shutdown(struct tls_side *t);
+/* Plaintext (or an EOF/error) is waiting inside the TLS layer, not in the socket. */
+bool tls_side_pending(const struct tls_side *t);
+const char *tls_side_why(const struct tls_side *t);
+/* A read waited for writability or a write for readability (and clears it). */
+bool tls_side_crossed(struct tls_side *t);
+/* relay_stop() calls this: frees the session's TLS state (no I/O). */
+void tls_session_free(struct session *s);
+
+#endif

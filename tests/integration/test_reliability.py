@@ -1,0 +1,225 @@
+"""Issue 12: faults, load and the locked-down control socket.
+
+Each test names the fault it tries and asserts what a user must see."""
+
+import os
+import resource
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import CAPCTL, free_port, wait_port
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+def test_upstream_resets_mid_stream(capd):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        c, _ = srv.accept()
+        c.recv(10)
+        c.sendall(b"partial")
+        time.sleep(0.2)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # RST
+
+    t = threading.Thread(target=serve)
+    t.start()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"hello")
+    got = b""
+    with pytest.raises(ConnectionResetError):
+        while True:
+            d = s.recv(100)
+            if not d:
+                break
+            got += d
+    assert got == b"partial"
+    t.join(5)
+    srv.close()
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["reason"] == "upstream reset"
+
+
+def test_upstream_never_answers_connect_timeout(capd_factory):
+    # a listener whose accept queue is full drops further SYNs: a loopback blackhole
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+        fillers.append(f)
+    time.sleep(0.2)
+    port = free_port()
+    c = capd_factory(f"[forward bh]\nlisten = {port}\nto = 127.0.0.1:{hole.getsockname()[1]}\nconnect_timeout = 1\n")
+    t = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert s.recv(10) == b""
+    assert 0.8 < time.time() - t < 5
+    ss = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert "timed out" in ss[-1]["reason"]
+    for f in fillers:
+        f.close()
+    hole.close()
+
+
+def test_upstream_accepts_and_sleeps_idle_timeout(capd_factory):
+    sleeper = socket.socket()
+    sleeper.bind(("127.0.0.1", 0))
+    sleeper.listen(8)
+    port = free_port()
+    c = capd_factory(f"[forward idle]\nlisten = {port}\nto = 127.0.0.1:{sleeper.getsockname()[1]}\nidle_timeout = 1\n")
+    t = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"anyone there?")
+        assert s.recv(10) == b""
+    assert 0.8 < time.time() - t < 5
+    ss = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["reason"] == "idle timeout"
+    assert ss[-1]["bytes_up"] == 13
+    sleeper.close()
+
+
+def test_client_disappears_mid_transfer_no_fd_leak(capd, echo_server):
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    pid = capd.proc.pid
+    base = fd_count(pid)
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(os.urandom(200000))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # gone mid-transfer, with a reset
+    assert wait_for(lambda: fd_count(pid) == base), (fd_count(pid), base)
+    ss = capd.wait_sessions(lambda ss: len(ss) == 20 and all(x["state"] == "closed" for x in ss))
+    assert all("reset" in x["reason"] or x["reason"] == "closed" for x in ss)
+
+
+def test_nofile_exhausted_backs_off_and_recovers(capd_factory, echo_server):
+    port = free_port()
+    lim = 48
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lim, lim))
+
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{echo_server.port}\n", start=False)
+    env = dict(os.environ)
+    c.logf = open(c.log_path, "ab")
+    c.proc = subprocess.Popen([str(__import__("conftest").CAPD), "-c", str(c.conf_path)], stdout=c.logf,
+                              stderr=subprocess.STDOUT, preexec_fn=low_nofile, env=env)
+    wait_port(port)
+    held = []
+    for _ in range(40):  # more sessions than descriptors: each takes two
+        try:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        except OSError:
+            break
+    time.sleep(0.5)
+    t0 = cpu_ticks(c.proc.pid)
+    time.sleep(2.0)
+    used = cpu_ticks(c.proc.pid) - t0
+    assert used < 50, f"capd spun {used} ticks in 2 s while out of descriptors"
+    assert "accept paused" in c.log()
+    for s in held:
+        s.close()
+    time.sleep(1.5)
+    # service resumes once descriptors are free
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(5)
+        s.sendall(b"back")
+        assert s.recv(10) == b"back"
+
+
+def test_sighup_with_broken_config_keeps_serving(capd_factory, echo_server):
+    port = free_port()
+    conf = f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{echo_server.port}\n"
+    c = capd_factory(conf)
+    c.write_conf(conf + "[forward g]\nlisten = nonsense\n")
+    c.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload refused" in c.log())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"ok")
+        assert s.recv(10) == b"ok"
+    assert c.proc.poll() is None
+
+
+def test_many_sessions_held_then_closed(capd, echo_server):
+    """Load: thousands of concurrent sessions, then all closed; fds and memory come back."""
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--no-capture")
+    pid = capd.proc.pid
+    base_fd = fd_count(pid)
+    n = 1500  # the echo server holds a thread per connection; the bench holds 9,000 idle tunnels
+    socks = []
+    for _ in range(n):
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    st = capd.wait_sessions(lambda ss: sum(1 for x in ss if x["state"] == "open") == n, timeout=30)
+    assert len([x for x in st if x["state"] == "open"]) == n
+    rss_held = rss_kb(pid)
+    for s in socks:
+        s.close()
+    assert wait_for(lambda: fd_count(pid) == base_fd, timeout=30), (fd_count(pid), base_fd)
+    assert capd.ctl("status", json_out=True)["sessions"] == 0
+    # held sessions cost little: no buffers while idle
+    assert rss_held < 64 * 1024, rss_held
+
+
+def test_control_socket_mode_and_group(capd_factory):
+    c = capd_factory("", settings="control_group = nogroup\n")
+    st = os.stat(c.sock)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    import grp
+    assert st.st_gid == grp.getgrnam("nogroup").gr_gid
+
+
+def test_control_refuses_other_uids(capd):
+    # even when the file mode would let them in, uids other than root, capd's and
+    # the socket group's members are refused by SO_PEERCRED
+    os.chmod(capd.sock, 0o666)
+    d = capd.sock.parent
+    while str(d).startswith("/tmp/") and d != d.parent:  # let uid 65534 reach the socket file
+        os.chmod(d, os.stat(d).st_mode | 0o001)
+        d = d.parent
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        str(CAPCTL), "-s", str(capd.sock), "status"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert "refused pid" in capd.log()
+    assert capd.ctl("status").returncode == 0

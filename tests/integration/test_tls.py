@@ -1,0 +1,429 @@
+"""Issue 9: TLS interception (forged certificates, plaintext capture, key log in
+the pcapng, passthrough). A local nginx serves TLS with a CA the test makes."""
+
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CAPCTL, EchoServer, follow_tcp, free_port, tshark, wait_port
+
+NAME = "www.example.test"
+BODY = b"hello over tls from the origin\n"
+
+
+def run(*args, timeout=30, **kw):
+    return subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout, **kw)
+
+
+def openssl(*args, **kw):
+    r = run("openssl", *args, **kw)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return r
+
+
+class Origin:
+    """nginx serving TLS for NAME and alt.example.test with a test CA."""
+
+    def __init__(self, d: Path, protocols="TLSv1.2 TLSv1.3"):
+        self.dir = d
+        d.mkdir()
+        self.ca = d / "origin-ca.pem"
+        self.ca_key = d / "origin-ca.key"
+        self.cert = d / "origin.pem"
+        self.key = d / "origin.key"
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", self.ca_key, "-out", self.ca, "-days", "30", "-subj", "/O=capd tests/CN=origin test CA")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", self.key,
+                "-out", d / "origin.csr", "-subj", f"/C=XX/O=Example Origin/CN={NAME}")
+        (d / "ext.cnf").write_text(
+            f"subjectAltName=DNS:{NAME},DNS:alt.example.test,IP:127.0.0.1\n"
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        openssl("x509", "-req", "-in", d / "origin.csr", "-CA", self.ca, "-CAkey", self.ca_key,
+                "-CAcreateserial", "-out", self.cert, "-days", "30", "-extfile", d / "ext.cnf")
+        www = d / "www"
+        www.mkdir()
+        (www / "index.html").write_bytes(BODY)
+        (www / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+        self.www = www
+        self.port = free_port()
+        (d / "nginx.conf").write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp-body;
+    proxy_temp_path {d}/tmp-proxy;
+    fastcgi_temp_path {d}/tmp-fcgi;
+    uwsgi_temp_path {d}/tmp-uwsgi;
+    scgi_temp_path {d}/tmp-scgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{self.port} ssl http2;
+        server_name {NAME} alt.example.test;
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_protocols {protocols};
+        root {www};
+    }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def origin(tmp_path):
+    o = Origin(tmp_path / "origin")
+    yield o
+    o.stop()
+
+
+def add_forward(capd, origin_port, *extra, name=None):
+    port = free_port()
+    args = ["add", "forward", "--port", port, "--to", f"127.0.0.1:{origin_port}", *extra]
+    if name:
+        args += ["--name", name]
+    capd.ctl(*args)
+    return port
+
+
+def export_ca(capd, path):
+    r = capd.ctl("ca", "export")
+    path.write_text(r.stdout)
+    return path
+
+
+def curl(*args, timeout=40):
+    return run("curl", "-sS", "--max-time", "20", *args, timeout=timeout)
+
+
+def last_closed(capd, n=1):
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= n)
+    return [s for s in ss if s["state"] == "closed"]
+
+
+def pcap_after(capd):
+    capd.flush()
+    time.sleep(0.3)
+    files = capd.pcaps()
+    assert files, "no pcapng written"
+    return files[-1]
+
+
+def test_forward_tls_s_client_certificate(capd, origin, tmp_path):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    r = run("openssl", "s_client", "-servername", NAME, "-connect", f"127.0.0.1:{port}", "-showcerts",
+            input=b"", timeout=30)
+    out = r.stdout.decode(errors="replace")
+    assert "BEGIN CERTIFICATE" in out, out + r.stderr.decode(errors="replace")
+    pem = out[out.index("-----BEGIN CERTIFICATE-----"):out.index("-----END CERTIFICATE-----") + 25] + "\n"
+    forged = tmp_path / "forged.pem"
+    forged.write_text(pem)
+
+    def info(path):
+        r = openssl("x509", "-in", path, "-noout", "-subject", "-ext", "subjectAltName", "-issuer")
+        return r.stdout.decode()
+
+    fi, oi = info(forged), info(origin.cert)
+    subj = [l for l in fi.splitlines() if l.startswith("subject")]
+    assert subj == [l for l in oi.splitlines() if l.startswith("subject")]
+    assert "CN = www.example.test" in subj[0] and "O = Example Origin" in subj[0]
+    for name in ("DNS:www.example.test", "DNS:alt.example.test", "IP Address:127.0.0.1"):
+        assert name in fi
+    assert "capd" in [l for l in fi.splitlines() if l.startswith("issuer")][0]
+
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    v = run("openssl", "verify", "-CAfile", ca, "-purpose", "sslserver", "-verify_hostname", NAME, forged)
+    assert v.returncode == 0 and b"OK" in v.stdout, v.stdout + v.stderr
+    # the origin's own CA does not vouch for it
+    v = run("openssl", "verify", "-CAfile", origin.ca, forged)
+    assert v.returncode != 0
+
+    # the CA: ECDSA P-256, key file 0600 in the state folder
+    key = capd.state / "ca.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    k = openssl("pkey", "-in", key, "-noout", "-text").stdout.decode()
+    assert "prime256v1" in k or "P-256" in k
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_forward_tls_curl_plaintext_in_pcap(capd, origin, tmp_path, http):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl(http, "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    s = last_closed(capd)[-1]
+    assert s["reason"] == "closed", s
+    assert f"sni={NAME}" in s.get("note", "")
+    assert ("alpn=h2" in s["note"]) == (http == "--http2"), s
+    assert s["bytes_down"] >= len(BODY)
+    pcap = pcap_after(capd)
+    if http == "--http1.1":
+        up, down = follow_tcp(pcap, 0)
+        assert up.startswith(b"GET / HTTP/1.1\r\n")
+        assert f"Host: {NAME}:{port}".encode() in up
+        assert down.startswith(b"HTTP/1.1 200 OK")
+        assert down.endswith(BODY)
+        t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.uri")
+        assert t.stdout.split() == ["/"]
+        t = tshark("-r", pcap, "-Y", "http.response", "-T", "fields", "-e", "http.response.code")
+        assert t.stdout.split() == ["200"]
+    else:
+        up, down = follow_tcp(pcap, 0)
+        assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert BODY in down
+
+
+def test_forward_tls_bulk_exact(capd, origin, tmp_path):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    out = tmp_path / "big.out"
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", "-o", out,
+             f"https://{NAME}:{port}/big.bin")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == (origin.www / "big.bin").read_bytes()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_tls_versions_both_ways(capd_factory, tmp_path, version):
+    o = Origin(tmp_path / "o", protocols=f"TLSv{version}")
+    try:
+        capd = capd_factory()
+        port = add_forward(capd, o.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--http1.1", f"--tlsv{version}", "--tls-max", version, "--cacert", ca,
+                 "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == BODY
+        s = last_closed(capd)[-1]
+        assert f"tls TLSv{version}" in s["note"], s
+    finally:
+        o.stop()
+
+
+def test_tls_capture_both_decrypts_ciphertext_leg(capd_factory, origin, tmp_path):
+    keylog = tmp_path / "keys.log"
+    capd = capd_factory(settings=f"keylog_file = {keylog}")
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{origin.port}", "--tls", "--no-tls-verify",
+             "--tls-capture", "both")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    last_closed(capd)
+    pcap = pcap_after(capd)
+    # three streams: the plaintext first, then the client and upstream ciphertext legs
+    t = tshark("-r", pcap, "-T", "fields", "-e", "tcp.stream", "-e", "frame.comment")
+    streams = {int(l.split("\t")[0]) for l in t.stdout.splitlines() if l.strip()}
+    assert streams == {0, 1, 2}, t.stdout
+    # the legs decrypt from the file's own Decryption Secrets Block: no key file given
+    t = tshark("-r", pcap, "-Y", "tls && http.request", "-T", "fields", "-e", "tcp.stream", "-e",
+               "http.request.uri")
+    rows = sorted(l.split("\t") for l in t.stdout.splitlines() if l.strip())
+    assert rows == [["1", "/"], ["2", "/"]], t.stdout + t.stderr
+    t = tshark("-r", pcap, "-Y", "tls && http.response.code == 200", "-T", "fields", "-e", "tcp.stream")
+    assert sorted(t.stdout.split()) == ["1", "2"]
+    up, _ = follow_tcp(pcap, 1)
+    assert up[:1] == b"\x16"  # the client leg holds the real ClientHello
+    lines = keylog.read_text().splitlines()
+    assert any(l.startswith("CLIENT_TRAFFIC_SECRET_0 ") or l.startswith("CLIENT_RANDOM ") for l in lines)
+
+
+def test_tls_auto_passes_plaintext_unchanged(capd, origin, tmp_path):
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls-auto", "--no-tls-verify")
+        payload = b"EHLO plain text is not TLS\r\n" * 100
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                got += d
+        assert got == payload
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed"
+        assert "tls" not in s.get("note", "")
+    finally:
+        echo.close()
+    # and a TLS client on an auto instance is intercepted
+    port = add_forward(capd, origin.port, "--tls-auto", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    assert "sni=" in last_closed(capd, 2)[-1]["note"]
+
+
+def test_server_speaks_first_on_auto(capd):
+    """tls = auto must not wait for a client that waits for a banner."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = add_forward(capd, srv.getsockname()[1], "--tls-auto")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        a, _ = srv.accept()
+        a.sendall(b"220 banner\r\n")
+        assert c.recv(100) == b"220 banner\r\n"
+        c.sendall(b"QUIT\r\n")
+        assert a.recv(100) == b"QUIT\r\n"
+        a.close()
+    srv.close()
+
+
+def test_client_rejects_forged_cert_then_auto_passthrough(capd, origin, tmp_path):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", name="fw")
+    url = f"https://{NAME}:{port}/"
+    # a client that trusts only the origin's CA (like a pinned app) rejects capd's certificate twice
+    for _ in range(2):
+        r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1", url)
+        assert r.returncode != 0
+    ss = last_closed(capd, 2)
+    for s in ss:
+        assert s["reason"] == "client rejected the forged certificate (unknown CA)", s
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["tls_passthrough_auto"] == [NAME]
+    assert "passthrough" in capd.ctl("list").stdout
+    # from now on the host passes through untouched: the same client works
+    r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1", url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    s = last_closed(capd, 3)[-1]
+    assert "rejected the forged certificate" in s["note"] and "passthrough" in s["note"], s
+    # another name on the same instance is still intercepted
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"alt.example.test:{port}:127.0.0.1",
+             f"https://alt.example.test:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert "sni=alt.example.test" in last_closed(capd, 4)[-1]["note"]
+
+
+def test_tls_passthrough_list(capd_factory, origin, tmp_path):
+    port = free_port()
+    capd = capd_factory(f"""
+[forward fw]
+listen = 127.0.0.1:{port}
+to = 127.0.0.1:{origin.port}
+tls = yes
+tls_verify = no
+tls_passthrough = other.test, *.example.test
+""")
+    wait_port(port)
+    r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    s = last_closed(capd)[-1]
+    assert "tls_passthrough" in s["note"]
+    pcap = pcap_after(capd)
+    up, _ = follow_tcp(pcap, 0)
+    assert up[:1] == b"\x16"  # the ClientHello itself, untouched
+    assert tshark("-r", pcap, "-Y", "http").stdout.strip() == ""
+
+
+def test_upstream_verification(capd_factory, origin, tmp_path):
+    # the system store does not know the origin's CA: the client gets an alert, the session says why
+    capd = capd_factory()
+    port = add_forward(capd, origin.port, "--tls")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode != 0
+    s = last_closed(capd)[-1]
+    assert s["reason"].startswith("upstream certificate did not verify: "), s
+    assert "issuer" in s["reason"]
+
+    # trusted through SSL_CERT_FILE: verification passes, and names are checked
+    capd2 = capd_factory(extra_env={"SSL_CERT_FILE": str(origin.ca)})
+    port = add_forward(capd2, origin.port, "--tls")
+    ca = export_ca(capd2, tmp_path / "capd2-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"wrong.test:{port}:127.0.0.1", f"https://wrong.test:{port}/")
+    assert r.returncode != 0
+    s = last_closed(capd2, 2)[-1]
+    assert s["reason"] == "upstream certificate did not verify: hostname mismatch", s
+
+
+def test_upstream_not_tls(capd):
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls", "--no-tls-verify")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with pytest.raises((ssl.SSLError, OSError)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                with ctx.wrap_socket(c, server_hostname=NAME) as t:
+                    t.sendall(b"x")
+                    t.recv(10)
+        s = last_closed(capd)[-1]
+        assert s["reason"].startswith("upstream handshake failed: "), s
+    finally:
+        echo.close()
+
+
+def test_tls_yes_plain_client_is_protocol_mismatch(capd, origin):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        c.settimeout(10)
+        try:
+            while c.recv(1000):
+                pass
+        except OSError:
+            pass
+    s = last_closed(capd)[-1]
+    assert s["reason"].startswith("protocol mismatch"), s
+
+
+def test_ca_export_der_and_never_overwritten(capd_factory, tmp_path):
+    capd = capd_factory()
+    pem = capd.ctl("ca", "export").stdout
+    der = run(CAPCTL, "-s", capd.sock, "ca", "export", "--der").stdout
+    conv = openssl("x509", "-inform", "DER", "-outform", "PEM", input=der).stdout.decode()
+    assert conv == pem
+    j = capd.ctl("ca", "export", json_out=True)
+    assert j["path"] == str(capd.state / "ca.pem") and "capd" in j["subject"]
+    key_before = (capd.state / "ca.key").read_bytes()
+    capd.stop()
+    capd.start()
+    assert capd.ctl("ca", "export").stdout == pem
+    assert (capd.state / "ca.key").read_bytes() == key_before
+    # a user's CA: given files are loaded; a lone key is refused, never completed
+    d = tmp_path / "userca"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            d / "k.pem", "-out", d / "c.pem", "-days", "5", "-subj", "/CN=user CA",
+            "-addext", "basicConstraints=critical,CA:TRUE")
+    c2 = capd_factory(settings=f"ca_cert = {d}/c.pem\nca_key = {d}/k.pem")
+    assert c2.ctl("ca", "export").stdout == (d / "c.pem").read_text()
+    (d / "c.pem").unlink()
+    c3 = capd_factory(settings=f"ca_cert = {d}/c.pem\nca_key = {d}/k.pem", start=False)
+    c3.start(wait=False)
+    assert c3.proc.wait(10) == 1
+    assert "exists but ca_cert" in c3.log(), c3.log()
+    assert not (d / "c.pem").exists()
