@@ -576,6 +576,37 @@ def test_ipv6_listen_and_target(capd):
         e6.close()
 
 
+def test_ipv6_udp_associate(capd):
+    echo = UdpEcho("::1")
+    try:
+        port = add_socks(capd, host="::1")
+        c = s5_open(port, host="::1")
+        rep, rhost, rport = s5_request(c, 3, "::", 0)
+        assert rep == 0 and rhost == "::1"
+        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        u.bind(("::1", 0))
+        u.settimeout(5)
+        u.sendto(udp_header("::1", echo.port) + b"six", (rhost, rport))
+        host, p, data = parse_udp_reply(u.recv(1000))
+        assert (host, p, data) == ("::1", echo.port, b"echo:six")
+        c.close()
+    finally:
+        echo.close()
+
+
+def test_bind_by_name(capd):
+    port = add_socks(capd)
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "localhost", 21)
+    assert rep == 0 and bhost == "127.0.0.1"
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    assert s5_read_reply(c)[0] == 0
+    srv.sendall(b"data")
+    assert recv_exact(c, 4) == b"data"
+    c.close()
+    srv.close()
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_keeps_serving(capd, echo_server):
