@@ -280,7 +280,6 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 		trace_link_close(&link);
 		return CTL_FAIL;
 	}
-	signal(SIGPIPE, SIG_IGN);
 	if (pidarg)
 		t = trace_attach((pid_t)pid, trace_event_cb, &link, &why);
 	else

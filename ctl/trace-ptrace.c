@@ -96,6 +96,7 @@ struct ttask {
 	long nr;
 	uint64_t args[6];
 	int oldstate;                   /* close/dup2: what the fd was */
+	int64_t sf_off;                 /* sendfile: the file offset it started at, -1 for the file position */
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
 };
@@ -105,6 +106,8 @@ struct uflow {
 	struct uflow *next;
 	struct sockaddr_storage remote;
 	uint64_t id;
+	bool server;                    /* the peer spoke first to an unconnected socket: it is the client */
+	bool mirror;                    /* the other end is a traced flow already: not recorded twice */
 };
 
 /* One TCP or UDP socket, by inode. Freed when no traced process holds it. */
@@ -116,7 +119,8 @@ struct tsock {
 	bool have_local, have_remote;
 	struct sockaddr_storage local, remote;
 	uint64_t id;                    /* TCP flow id */
-	bool opened;                    /* TCP: OPEN sent */
+	bool opened;                    /* TCP: OPEN sent (or found to be a mirror) */
+	bool mirror;                    /* TCP: both ends are traced; the other end's flow records it */
 	bool fin[2];                    /* TCP: SHUTDOWN sent per trace_dir */
 	struct uflow *flows, *last;     /* UDP */
 	pid_t pid;                      /* last process that used it, for CLOSE */
@@ -602,11 +606,11 @@ sock_new(struct tracer *t, uint64_t ino, bool tcp)
 }
 
 static void
-sock_emit(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_kind kind, uint64_t id,
+sock_emit(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_kind kind, uint64_t id, bool server,
           const struct sockaddr_storage *remote, enum trace_dir dir, const uint8_t *p, size_t n, const char *reason)
 {
 	struct trace_event ev = {
-		.kind = kind, .sock = id, .tcp = s->tcp, .server = s->server,
+		.kind = kind, .sock = id, .tcp = s->tcp, .server = server,
 		.local = (const struct sockaddr *)&s->local, .remote = (const struct sockaddr *)remote,
 		.dir = dir, .data = p, .len = n, .reason = reason,
 		.pid = k ? k->g->tgid : s->pid, .comm = k ? k->g->comm : s->comm,
@@ -627,7 +631,8 @@ sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 	bool tcp, server;
 
 	(void)t;
-	if (s->have_local && !addr_unspec(&s->local) && (s->have_remote || !s->tcp))
+	if (s->have_local && !addr_unspec(&s->local) && addr_port((const struct sockaddr *)&s->local) != 0 &&
+	    (s->have_remote || !s->tcp))
 		return;
 	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, &server))
 		return;
@@ -642,25 +647,52 @@ sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 	}
 }
 
-/* TCP: sends OPEN once both endpoints are known. */
+/*
+ * Is local<->remote the far end of a flow already recorded? Both ends of a
+ * loopback connection inside the traced tree carry the same bytes; two
+ * sessions with the same addresses would also be one muddled conversation
+ * in the capture.
+ */
+static bool
+sock_is_mirror(struct tracer *t, struct tsock *me, const struct sockaddr_storage *local,
+               const struct sockaddr_storage *remote)
+{
+	for (int h = 0; h < TRACE_HASH; h++)
+		for (struct tsock *o = t->socks[h]; o; o = o->next) {
+			if (o == me || o->tcp != me->tcp || !addr_same(&o->local, remote))
+				continue;
+			if (o->tcp && o->opened && !o->mirror && addr_same(&o->remote, local))
+				return true;
+			if (!o->tcp)
+				for (struct uflow *f = o->flows; f; f = f->next)
+					if (!f->mirror && addr_same(&f->remote, local))
+						return true;
+		}
+	return false;
+}
+
+/* TCP: sends OPEN once both endpoints are known. false: not recorded (yet, or as a mirror). */
 static bool
 sock_open_tcp(struct tracer *t, struct ttask *k, struct tsock *s)
 {
 	if (s->opened)
-		return true;
+		return !s->mirror;
 	sock_learn(t, k, s);
 	if (!s->have_local || !s->have_remote)
 		return false;
 	addr_pair_fix(&s->local, &s->remote);
 	addr_route_source(&s->local, &s->remote);
 	s->opened = true;
-	sock_emit(t, k, s, TRACE_EV_OPEN, s->id, &s->remote, TRACE_SEND, NULL, 0, NULL);
+	if ((s->mirror = sock_is_mirror(t, s, &s->local, &s->remote)))
+		return false;
+	sock_emit(t, k, s, TRACE_EV_OPEN, s->id, s->server, &s->remote, TRACE_SEND, NULL, 0, NULL);
 	return true;
 }
 
 /* UDP: the flow for one peer (NULL peer: the connected one, else the last one used). */
 static struct uflow *
-sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct sockaddr_storage *peer)
+sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct sockaddr_storage *peer,
+              enum trace_dir dir)
 {
 	struct sockaddr_storage r;
 	struct uflow *f;
@@ -680,12 +712,15 @@ sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct s
 	f = trace_calloc(1, sizeof *f);
 	f->remote = r;
 	f->id = ++t->next_id;
+	f->server = !s->have_remote && dir == TRACE_RECV;
 	f->next = s->flows;
 	s->flows = f;
 	s->last = f;
 	addr_pair_fix(&s->local, &f->remote);
 	addr_route_source(&s->local, &f->remote);
-	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, &f->remote, TRACE_SEND, NULL, 0, NULL);
+	if ((f->mirror = sock_is_mirror(t, s, &s->local, &f->remote)))
+		return f;
+	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, f->server, &f->remote, TRACE_SEND, NULL, 0, NULL);
 	return f;
 }
 
@@ -698,23 +733,23 @@ sock_data(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir
 			return;
 		for (size_t off = 0; off < n; off += TRACE_CHUNK) {
 			size_t c = n - off < TRACE_CHUNK ? n - off : TRACE_CHUNK;
-			sock_emit(t, k, s, TRACE_EV_DATA, s->id, &s->remote, dir, p + off, c, NULL);
+			sock_emit(t, k, s, TRACE_EV_DATA, s->id, s->server, &s->remote, dir, p + off, c, NULL);
 		}
 		return;
 	}
-	struct uflow *f = sock_udp_flow(t, k, s, peer);
-	if (f == NULL)
+	struct uflow *f = sock_udp_flow(t, k, s, peer, dir);
+	if (f == NULL || f->mirror)
 		return;
-	sock_emit(t, k, s, TRACE_EV_DATA, f->id, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
+	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
 }
 
 static void
 sock_fin(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir)
 {
-	if (!s->tcp || s->fin[dir] || !s->opened)
+	if (!s->tcp || s->fin[dir] || !s->opened || s->mirror)
 		return;
 	s->fin[dir] = true;
-	sock_emit(t, k, s, TRACE_EV_SHUTDOWN, s->id, &s->remote, dir, NULL, 0, NULL);
+	sock_emit(t, k, s, TRACE_EV_SHUTDOWN, s->id, s->server, &s->remote, dir, NULL, 0, NULL);
 }
 
 static void
@@ -722,12 +757,13 @@ sock_free(struct tracer *t, struct tsock *s, const char *reason)
 {
 	struct tsock **pp;
 
-	if (s->tcp && s->opened)
-		sock_emit(t, NULL, s, TRACE_EV_CLOSE, s->id, &s->remote, TRACE_SEND, NULL, 0, reason);
+	if (s->tcp && s->opened && !s->mirror)
+		sock_emit(t, NULL, s, TRACE_EV_CLOSE, s->id, s->server, &s->remote, TRACE_SEND, NULL, 0, reason);
 	while (s->flows) {
 		struct uflow *f = s->flows;
 		s->flows = f->next;
-		sock_emit(t, NULL, s, TRACE_EV_CLOSE, f->id, &f->remote, TRACE_SEND, NULL, 0, reason);
+		if (!f->mirror)
+			sock_emit(t, NULL, s, TRACE_EV_CLOSE, f->id, f->server, &f->remote, TRACE_SEND, NULL, 0, reason);
 		free(f);
 	}
 	for (pp = &t->socks[s->ino % TRACE_HASH]; *pp; pp = &(*pp)->next)
@@ -860,7 +896,7 @@ static const struct { long nr; int tag; } trace_calls[] = {
 	{ SYS_socket, TAG_NET }, { SYS_connect, TAG_NET }, { SYS_accept, TAG_NET }, { SYS_accept4, TAG_NET },
 	{ SYS_bind, TAG_NET }, { SYS_sendto, TAG_NET }, { SYS_sendmsg, TAG_NET }, { SYS_sendmmsg, TAG_NET },
 	{ SYS_recvfrom, TAG_NET }, { SYS_recvmsg, TAG_NET }, { SYS_recvmmsg, TAG_NET }, { SYS_shutdown, TAG_NET },
-	{ SYS_close, TAG_NET }, { SYS_dup, TAG_NET }, { SYS_dup3, TAG_NET },
+	{ SYS_close, TAG_NET }, { SYS_dup, TAG_NET }, { SYS_dup3, TAG_NET }, { SYS_sendfile, TAG_NET },
 #if SYS_dup2 >= 0
 	{ SYS_dup2, TAG_NET },
 #endif
@@ -1020,9 +1056,6 @@ trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 		if (r != 1 || go != 'g')
 			_exit(127);  /* capctl gave up before the command started */
 		close(gp[0]);
-		signal(SIGINT, SIG_DFL);
-		signal(SIGQUIT, SIG_DFL);
-		signal(SIGPIPE, SIG_DFL);
 		if ((err = filter_install()) != 0) {
 			int msg[2] = { 1, err };
 			ssize_t w = write(ep[1], msg, sizeof msg);
@@ -1122,9 +1155,10 @@ trace_attach(pid_t pid, trace_event_fn fn, void *arg, char **why)
 			if (ptrace(PTRACE_SEIZE, tid, 0, trace_opts_base) < 0) {
 				if (errno == ESRCH)
 					continue;
+				int err = errno;
 				char what[64];
 				snprintf(what, sizeof what, "cannot attach to process %d", (int)pid);
-				*why = ptrace_why(what, errno);
+				*why = ptrace_why(what, err);
 				closedir(d);
 				t->detaching = true;
 				for (struct ttask *k = t->tasks; k; k = k->next)
@@ -1216,6 +1250,16 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 			k->have_addr = mem_sockaddr(k->tid, a[4], a[5], &k->addr);
 		return;
 	}
+	if (nr == SYS_sendfile) {
+		int64_t off;
+		k->sf_off = -1;
+		if (fd_sock(t, k, (int)a[0]) == NULL)
+			return;
+		k->want_exit = true;
+		if (a[2] != 0 && mem_read(k->tid, a[2], &off, sizeof off) == sizeof off)
+			k->sf_off = off;
+		return;
+	}
 	if (nr == SYS_socket) {
 		int type = (int)a[1] & 0xf;
 		k->want_exit = (a[0] == AF_INET || a[0] == AF_INET6) && (type == SOCK_STREAM || type == SOCK_DGRAM);
@@ -1286,6 +1330,47 @@ exit_msghdr(struct tracer *t, struct ttask *k, struct tsock *s, uint64_t msg_add
 	free(buf);
 }
 
+/* The file position of fd in tid, from /proc/TID/fdinfo; -1 when unknown. */
+static int64_t
+proc_fd_pos(pid_t tid, int fd)
+{
+	char path[64], line[128];
+	long long pos = -1;
+	FILE *f;
+
+	snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", (int)tid, fd);
+	if ((f = fopen(path, "r")) == NULL)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "pos: %lld", &pos) == 1)
+			break;
+	fclose(f);
+	return pos;
+}
+
+/* sendfile(socket, file): the bytes are the file's, read again through /proc/TID/fd. */
+static void
+exit_sendfile(struct tracer *t, struct ttask *k, struct tsock *s, int in_fd, size_t n)
+{
+	int64_t start = k->sf_off >= 0 ? k->sf_off : proc_fd_pos(k->tid, in_fd) - (int64_t)n;
+	char path[64];
+	uint8_t *buf;
+	ssize_t got;
+	int fd;
+
+	if (start < 0 || n > TRACE_MAX_IO)
+		return;
+	snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)k->tid, in_fd);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return;
+	if ((buf = malloc(n)) != NULL) {
+		if ((got = pread(fd, buf, n, (off_t)start)) > 0)
+			sock_data(t, k, s, TRACE_SEND, NULL, buf, (size_t)got);
+		free(buf);
+	}
+	close(fd);
+}
+
 static void
 on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 {
@@ -1353,6 +1438,11 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 	}
 	if ((s = fd_sock(t, k, (int)a[0])) == NULL)
 		return;
+	if (nr == SYS_sendfile) {
+		if (!is_err && rv > 0)
+			exit_sendfile(t, k, s, (int)a[1], (size_t)rv);
+		return;
+	}
 	if (nr == SYS_shutdown) {
 		if (!is_err && (a[1] == SHUT_WR || a[1] == SHUT_RDWR))
 			sock_fin(t, k, s, TRACE_SEND);

@@ -226,7 +226,8 @@ def test_trace_fork_child_connection(capd, http_server):
 
 
 def test_trace_threads_and_accept(capd):
-    """A server that accepts in one thread and a client thread: both ends are sessions."""
+    """A server that accepts in one thread and a client thread: both ends are traced,
+    the connection is one session (recorded once, client to server)."""
     script = textwrap.dedent("""
         import socket, threading
         srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
@@ -244,9 +245,10 @@ def test_trace_threads_and_accept(capd):
     """)
     r = trace(capd, PY, "-c", script, name="thr")
     port = int(r.stdout)
-    ss = closed_sessions(capd, "thr", 2)
-    assert len(ss) == 2
-    # both sessions run client -> server port, whichever end the application was
+    ss = closed_sessions(capd, "thr", 1)
+    time.sleep(0.3)
+    ss = [s for s in capd.ctl("sessions", json_out=True) if s["instance"] == "thr"]
+    assert len(ss) == 1, ss
     for s in ss:
         assert s["target"] == f"127.0.0.1:{port}"
         assert (s["bytes_up"], s["bytes_down"]) == (4, 4)
@@ -375,3 +377,99 @@ def test_trace_pid_attach(capd, http_server):
         for p in (app,):
             if p.poll() is None:
                 p.kill()
+
+
+def test_trace_ipv6_sendfile_large(capd, tmp_path):
+    """An IPv6 server thread answers with sendfile(2); a client thread writes 600 KB at once."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(1 << 20))
+    script = textwrap.dedent(f"""
+        import socket, threading
+        srv = socket.socket(socket.AF_INET6); srv.bind(("::1", 0)); srv.listen(1)
+        port = srv.getsockname()[1]
+        def serve():
+            c, _ = srv.accept()
+            got = 0
+            while got < 600000:
+                got += len(c.recv(1 << 20))
+            with open("{blob}", "rb") as f:
+                c.sendfile(f)
+            c.close()
+        t = threading.Thread(target=serve); t.start()
+        s = socket.create_connection(("::1", port))
+        s.sendall(bytes(range(200)) * 3000)
+        data = b""
+        while True:
+            d = s.recv(1 << 20)
+            if not d: break
+            data += d
+        s.close(); t.join()
+        assert data == open("{blob}", "rb").read()
+        print(port)
+    """)
+    r = trace(capd, PY, "-c", script, name="v6")
+    port = int(r.stdout)
+    ss = closed_sessions(capd, "v6", 1)
+    assert len(ss) == 1, ss
+    assert all(s["target"] == f"[::1]:{port}" and s["client"].startswith("[::1]:") for s in ss)
+    assert all((s["bytes_up"], s["bytes_down"]) == (600000, 1 << 20) for s in ss), ss
+    capd.flush()
+    pcap = pcap_for(capd, ss[0]["id"])
+    up, down = follow_tcp(pcap, tcp_stream_of(pcap, ss[0]["id"]))
+    assert up == bytes(range(200)) * 3000
+    assert down == blob.read_bytes()
+
+
+def test_trace_udp_server_role(capd):
+    """An unconnected UDP socket that hears first: the peer is the session's client.
+    Both sockets are traced: their datagrams are recorded once."""
+    script = textwrap.dedent("""
+        import socket
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); srv.bind(("127.0.0.1", 0))
+        cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); cli.bind(("127.0.0.1", 0))
+        cli.sendto(b"question", srv.getsockname())
+        d, a = srv.recvfrom(100)
+        srv.sendto(b"answer", a)
+        assert cli.recvfrom(100)[0] == b"answer"
+        print(srv.getsockname()[1], cli.getsockname()[1])
+    """)
+    r = trace(capd, PY, "-c", script, name="udpsrv")
+    sport, cport = map(int, r.stdout.split())
+    ss = closed_sessions(capd, "udpsrv", 1)
+    assert len(ss) == 1, ss
+    for s in ss:
+        assert (s["client"], s["target"]) == (f"127.0.0.1:{cport}", f"127.0.0.1:{sport}")
+        assert (s["bytes_up"], s["bytes_down"]) == (8, 6)
+
+
+def test_trace_tail_session(capd, echo_server):
+    """capctl tail session N shows a traced session live."""
+    script = textwrap.dedent(f"""
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        s.sendall(b"hello ")
+        s.recv(100)
+        print("sent", flush=True)
+        sys.stdin.readline()
+        s.sendall(b"world")
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(100): pass
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "tl", "--", PY, "-c", script],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail = None
+    try:
+        assert p.stdout.readline() == b"sent\n"
+        sid = [s for s in capd.ctl("sessions", json_out=True) if s["instance"] == "tl"][0]["id"]
+        tail = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "tail", "session", str(sid), "--raw",
+                                 "--dir", "c2s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 0
+        out, err = tail.communicate(timeout=30)
+        assert out == b"hello world", (out, err)
+    finally:
+        for q in (p, tail):
+            if q and q.poll() is None:
+                q.kill()
