@@ -473,3 +473,42 @@ def test_trace_tail_session(capd, echo_server):
         for q in (p, tail):
             if q and q.poll() is None:
                 q.kill()
+
+
+def test_trace_pid_not_permitted(capd_factory):
+    """nobody may not trace capd (root's): a clear refusal, nothing attached."""
+    capd = capd_factory(settings="control_group = nogroup")
+    _open_path_for_nobody(capd.dir)
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(CAPCTL),
+                        "-s", str(capd.sock), "trace", "--pid", str(capd.proc.pid)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "ptrace not permitted" in r.stderr, r.stderr
+    assert not [i for i in capd.ctl("list", json_out=True) if i["type"] == "trace"]
+
+
+def test_trace_many_threads(capd, http_server):
+    """Eight threads fetching at once: every connection is one exact session."""
+    port, www = http_server
+    for i in range(8):
+        (www / f"f{i}").write_bytes(bytes([65 + i]) * (3000 + 1000 * i))
+    script = textwrap.dedent(f"""
+        import threading, urllib.request
+        ok = []
+        def run(i):
+            for _ in range(3):
+                d = urllib.request.urlopen("http://127.0.0.1:{port}/f%d" % i, timeout=20).read()
+                assert d == bytes([65 + i]) * (3000 + 1000 * i)
+            ok.append(i)
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print(len(ok))
+    """)
+    r = trace(capd, PY, "-c", script, name="many", timeout=120)
+    assert r.stdout == b"8\n"
+    ss = closed_sessions(capd, "many", 24, timeout=20)
+    assert len(ss) == 24
+    sizes = sorted(s["bytes_down"] for s in ss)
+    for i in range(8):
+        body = 3000 + 1000 * i
+        assert len([x for x in sizes if body < x < body + 400]) == 3, sizes
