@@ -22,6 +22,7 @@
 #include "resolve.h"
 #include "session.h"
 #include "socks-parse.h"
+#include "tls.h"
 #include "udp-relay.h"
 #include "users.h"
 #include "xmalloc.h"
@@ -33,6 +34,7 @@ struct socks_cfg {
 	struct users *users;  /* NULL: no auth */
 	bool socks4;          /* SOCKS4/4a accepted */
 	double hs_timeout;    /* seconds; 0 = none */
+	struct tls_cfg *tls;  /* tls* keys (tls.h): CONNECT tunnels may be intercepted */
 };
 
 enum socks_stage {
@@ -73,8 +75,6 @@ static int
 socks_configure(struct instance *inst, struct params *p)
 {
 	struct socks_cfg *c = xcalloc(1, sizeof *c);
-	const char *tls;
-	bool on = false;
 
 	inst->cfg = c;
 	c->users = users_load(p);
@@ -84,11 +84,7 @@ socks_configure(struct instance *inst, struct params *p)
 	if (params_bool(p, "socks4", c->users == NULL, &c->socks4) < 0 ||
 	    params_duration(p, "handshake_timeout", 10, &c->hs_timeout) < 0)
 		return -1;
-	/* tls = yes|auto: interception is wired to socks once tls.c lands */
-	tls = params_str(p, "tls", NULL);
-	if (tls && (strcmp(tls, "auto") == 0 || params_bool(p, "tls", false, &on) < 0 || on))
-		return params_fail(p, "tls", "TLS interception is not available for socks instances yet");
-	return 0;
+	return tls_configure(inst, p, &c->tls);
 }
 
 static int
@@ -124,6 +120,7 @@ socks_free(struct instance *inst)
 	if (c == NULL)
 		return;
 	users_free(c->users);
+	tls_cfg_free(c->tls);
 	free(c);
 }
 
@@ -133,9 +130,11 @@ socks_describe(struct instance *inst, json_t *o)
 	struct socks_cfg *c = inst->cfg;
 	char a[ADDR_STRLEN];
 
+	json_object_set_new(o, "auth", json_boolean(c->users != NULL));
 	json_object_set_new(o, "users", json_integer((json_int_t)users_count(c->users)));
 	json_object_set_new(o, "socks4", json_boolean(c->socks4));
 	json_object_set_new(o, "handshake_timeout", json_real(c->hs_timeout));
+	tls_describe(c->tls, o);
 	if (inst->proto_state)
 		json_object_set_new(o, "udp", json_string(addr_format(udp_relay_addr(inst->proto_state), a, sizeof a)));
 }
@@ -233,11 +232,13 @@ socks_rep_of(int err)
 	}
 }
 
-/* Sends the success reply naming bnd and hands the session to the relay. */
+/* Sends the success reply naming bnd and hands the session to the relay,
+ * through TLS interception for a CONNECT (intercept) when the instance asks. */
 static void
-socks_grant(struct session *s, const struct sockaddr *bnd)
+socks_grant(struct session *s, const struct sockaddr *bnd, bool intercept)
 {
 	struct socks *sk = s->proto_state;
+	struct socks_cfg *c = s->inst->cfg;
 	uint8_t out[SOCKS5_REPLY_MAX];
 
 	if (sk->ver == 5)
@@ -252,7 +253,11 @@ socks_grant(struct session *s, const struct sockaddr *bnd)
 		buf_free(&s->hs_in);
 	if (buf_used(&s->hs_out) == 0)
 		buf_free(&s->hs_out);
-	relay_start(s);
+	/* CONNECT tunnels may carry TLS to intercept; a BIND peer is not a server */
+	if (intercept)
+		tls_intercept_start(s, c->tls);  /* relay_start() unless tls = yes|auto */
+	else
+		relay_start(s);
 }
 
 static void
@@ -269,7 +274,7 @@ socks_connected(struct session *s, int err)
 	}
 	if (getsockname(s->upstream.fd, (struct sockaddr *)&bnd, &len) < 0)
 		memset(&bnd, 0, sizeof bnd);
-	socks_grant(s, (struct sockaddr *)&bnd);
+	socks_grant(s, (struct sockaddr *)&bnd, true);
 }
 
 /* ---- BIND ---- */
@@ -312,7 +317,7 @@ socks_bind_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	sk->bind = NULL;
 	socks_bind_free(b);
 	session_set_upstream(s, fd, (struct sockaddr *)&peer);
-	socks_grant(s, (struct sockaddr *)&peer);
+	socks_grant(s, (struct sockaddr *)&peer, false);
 }
 
 /* The local address the upstream would use toward dst: a UDP connect() sends nothing. */

@@ -51,7 +51,7 @@
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 
-enum tls_state { TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_OPEN };
+enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_OPEN };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -1164,6 +1164,34 @@ tls_peek(struct tls_session *ts)
 	tls_begin(ts);
 }
 
+/* The proxy's reply (SOCKS, CONNECT) reaches the client before any TLS. */
+static void
+tls_flush(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+
+	while (buf_used(&s->hs_out) > 0) {
+		ssize_t n = send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR) {
+				ev_io_start(capd_loop, &s->client.wio);
+				return;
+			}
+			tls_fail(ts, "client went away during the handshake");
+			return;
+		}
+		buf_consume(&s->hs_out, (size_t)n);
+	}
+	buf_free(&s->hs_out);
+	ev_io_stop(capd_loop, &s->client.wio);
+	if (ts->cfg->mode == TLS_AUTO) {
+		ts->st = TLS_ST_PEEK;
+		tls_peek(ts);
+	} else {
+		tls_begin(ts);
+	}
+}
+
 static void
 tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -1174,6 +1202,9 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (ts == NULL)
 		return;
 	switch (ts->st) {
+	case TLS_ST_FLUSH:
+		tls_flush(ts);
+		break;
 	case TLS_ST_PEEK:
 		if (w == &s->upstream.rio)
 			tls_plain(ts, NULL);
@@ -1216,12 +1247,8 @@ tls_intercept_start(struct session *s, struct tls_cfg *cfg)
 	ev_timer_init(&ts->timer, tls_timeout_cb, TLS_HS_TIMEOUT, 0.);
 	ts->timer.data = s;
 	ev_timer_start(capd_loop, &ts->timer);
-	if (cfg->mode == TLS_AUTO) {
-		ts->st = TLS_ST_PEEK;
-		tls_peek(ts);
-	} else {
-		tls_begin(ts);
-	}
+	ts->st = TLS_ST_FLUSH;
+	tls_flush(ts);
 }
 
 /* ---- the relay's helpers ---- */

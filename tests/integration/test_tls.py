@@ -42,7 +42,7 @@ class Origin:
         openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", self.key,
                 "-out", d / "origin.csr", "-subj", f"/C=XX/O=Example Origin/CN={NAME}")
         (d / "ext.cnf").write_text(
-            f"subjectAltName=DNS:{NAME},DNS:alt.example.test,IP:127.0.0.1\n"
+            f"subjectAltName=DNS:{NAME},DNS:alt.example.test,DNS:localhost,IP:127.0.0.1\n"
             "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
         openssl("x509", "-req", "-in", d / "origin.csr", "-CA", self.ca, "-CAkey", self.ca_key,
                 "-CAcreateserial", "-out", self.cert, "-days", "30", "-extfile", d / "ext.cnf")
@@ -69,7 +69,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{self.port} ssl http2;
-        server_name {NAME} alt.example.test;
+        server_name {NAME} alt.example.test localhost;
         ssl_certificate {self.cert};
         ssl_certificate_key {self.key};
         ssl_protocols {protocols};
@@ -427,3 +427,27 @@ def test_ca_export_der_and_never_overwritten(capd_factory, tmp_path):
     assert c3.proc.wait(10) == 1
     assert "exists but ca_cert" in c3.log(), c3.log()
     assert not (d / "c.pem").exists()
+
+
+def test_socks_tls_interception(capd, origin, tmp_path):
+    sport = free_port()
+    capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
+    assert capd.ctl("list", json_out=True)[0]["tls"] == "yes"
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    # the name goes to capd (socks5h), which resolves it
+    r = curl("--http1.1", "--cacert", ca, "--socks5-hostname", f"127.0.0.1:{sport}",
+             f"https://localhost:{origin.port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    # the client resolves, capd gets an address and reads the name from the SNI
+    r = curl("--cacert", ca, "--socks5", f"127.0.0.1:{sport}", "--resolve", f"{NAME}:{origin.port}:127.0.0.1",
+             f"https://{NAME}:{origin.port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    ss = last_closed(capd, 2)
+    assert "sni=localhost" in ss[-2]["note"] and f"sni={NAME}" in ss[-1]["note"]
+    pcap = pcap_after(capd)
+    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.host")
+    assert t.stdout.split() == [f"localhost:{origin.port}"], t.stdout
+    up, down = follow_tcp(pcap, 1)  # the second went h2 (ALPN passed through): plaintext HTTP/2
+    assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and BODY in down
