@@ -413,7 +413,11 @@ def test_mandoc_lint_clean(page):
     if shutil.which("mandoc") is None:
         pytest.skip("mandoc is not installed")
     r = run("mandoc", "-Tlint", ROOT / "man" / page, check=False)
-    assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+    # Cross references are looked up in /usr/share/man only (mandoc's built-in
+    # path): capd's own pages are found there once installed, not from the tree.
+    left = [ln for ln in (r.stdout + r.stderr).splitlines()
+            if "STYLE: referenced manual not found" not in ln and "outdated mandoc.db lacks" not in ln]
+    assert not left, "\n".join(left)
 
 
 def complete(words, cword=None):
