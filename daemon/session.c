@@ -37,7 +37,22 @@ static uint64_t session_reserved;  /* ids below this are on disk as used */
 static char *session_id_path;
 static unsigned session_count;
 
-static json_t *session_history[SESSION_HISTORY];  /* ring of closed session objects */
+/* A closed session as `capctl sessions` shows it: plain data, so closing a
+ * session costs a copy rather than a JSON object nobody may ever ask for. */
+struct session_rec {
+	uint64_t id;
+	char instance[72];
+	const char *proto;
+	struct sockaddr_storage client, target;
+	bool have_target;
+	char target_name[HOST_MAX + 8];
+	uint64_t bytes[2];
+	double started, ended;
+	char reason[160];
+	char *note;  /* owned */
+};
+
+static struct session_rec session_history[SESSION_HISTORY];  /* ring of closed sessions */
 static unsigned session_history_head, session_history_len;
 
 static struct session *session_graveyard;  /* freed on the next loop pass */
@@ -104,8 +119,8 @@ session_table_shutdown(void)
 		session_close(s, "capd stopped");
 	session_reap_cb(capd_loop, &session_reaper, 0);
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
-		json_decref(session_history[i]);
-		session_history[i] = NULL;
+		free(session_history[i].note);
+		session_history[i].note = NULL;
 	}
 	session_history_len = 0;
 	if (ev_is_active(&session_reaper)) {
@@ -336,6 +351,17 @@ session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
 	session_connected(s, 0);
 }
 
+/* Immediate connect failures are reported on the next loop pass, so that
+ * proto->connected never runs inside the proto's own call to session_connect. */
+static void
+session_connect_defer(struct session *s, int err)
+{
+	s->pending_err = err;
+	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_set(&s->timer, 0., 0.);
+	ev_timer_start(capd_loop, &s->timer);
+}
+
 static void
 session_connect_next(struct session *s)
 {
@@ -348,7 +374,9 @@ session_connect_next(struct session *s)
 		s->have_target = true;
 		if (fd < 0) {
 			err = errno;
-			session_connect_fail(s, err, strerror(err));
+			free(s->why_connect);
+			s->why_connect = xasprintf("socket: %s", strerror(err));
+			session_connect_defer(s, err);
 			return;
 		}
 		session_nodelay(fd);
@@ -363,10 +391,11 @@ session_connect_next(struct session *s)
 		err = errno;
 		close(fd);
 		free(s->why_connect);
-		s->why_connect = xasprintf("connect: %s", strerror(err));
+		s->why_connect = xasprintf("connect to %s: %s",
+		                           addr_format(sa, (char[ADDR_STRLEN]){0}, ADDR_STRLEN), strerror(err));
 		if (s->cand + 1 >= s->ncands) {
 			s->cand++;
-			session_connected(s, err);
+			session_connect_defer(s, err);
 			return;
 		}
 	}
@@ -398,6 +427,13 @@ session_connect(struct session *s, const char *host, uint16_t port)
 	else
 		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
 	s->connect_port = port;
+	if (s->target_name[0] == '\0') {
+		/* an IP literal needs no resolver round trip: connect in this pass */
+		socklen_t len;
+		addr_from_literal(host, port, &s->cands[0], &len);
+		session_connect_addr(s, (struct sockaddr *)&s->cands[0]);
+		return;
+	}
 	if (s->inst->connect_timeout > 0)
 		session_set_deadline(s, s->inst->connect_timeout);
 	s->resolving = resolve_start(host, port, session_resolved_cb, s);
@@ -430,6 +466,12 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	double now = ev_now(loop);
 
 	(void)revents;
+	if (s->pending_err) {
+		int err = s->pending_err;
+		s->pending_err = 0;
+		session_connected(s, err);
+		return;
+	}
 	if (s->state == SESSION_HANDSHAKE) {
 		if (s->upstream.fd >= 0 || s->resolving) {
 			resolve_cancel(s->resolving);
@@ -517,33 +559,59 @@ static const char *const session_state_names[] = {
 	[SESSION_CLOSING] = "closing", [SESSION_CLOSED] = "closed",
 };
 
-json_t *
-session_json(struct session *s)
+static void
+session_rec_fill(struct session_rec *r, struct session *s)
+{
+	r->id = s->id;
+	snprintf(r->instance, sizeof r->instance, "%s", s->inst->name);
+	r->proto = s->proto;
+	memcpy(&r->client, &s->client_addr, sizeof r->client);
+	memcpy(&r->target, &s->target_addr, sizeof r->target);
+	r->have_target = s->have_target;
+	memcpy(r->target_name, s->target_name, sizeof r->target_name);
+	r->bytes[0] = s->bytes[0];
+	r->bytes[1] = s->bytes[1];
+	r->started = s->started;
+	r->ended = s->ended;
+	snprintf(r->reason, sizeof r->reason, "%s", s->reason ? s->reason : "");
+}
+
+static json_t *
+session_rec_json(const struct session_rec *r, enum session_state state, const char *note)
 {
 	char a[ADDR_STRLEN], t[40];
 	json_t *o = json_object();
 
-	json_object_set_new(o, "id", json_integer((json_int_t)s->id));
-	json_object_set_new(o, "instance", json_string(s->inst->name));
-	json_object_set_new(o, "proto", json_string(s->proto));
-	json_object_set_new(o, "client", json_string(addr_format((struct sockaddr *)&s->client_addr, a, sizeof a)));
-	if (s->have_target)
-		json_object_set_new(o, "target", json_string(addr_format((struct sockaddr *)&s->target_addr, a, sizeof a)));
+	json_object_set_new(o, "id", json_integer((json_int_t)r->id));
+	json_object_set_new(o, "instance", json_string(r->instance));
+	json_object_set_new(o, "proto", json_string(r->proto));
+	json_object_set_new(o, "client", json_string(addr_format((struct sockaddr *)&r->client, a, sizeof a)));
+	if (r->have_target)
+		json_object_set_new(o, "target", json_string(addr_format((struct sockaddr *)&r->target, a, sizeof a)));
 	else
-		json_object_set_new(o, "target", json_string(s->target_name));
-	if (s->target_name[0])
-		json_object_set_new(o, "target_name", json_string(s->target_name));
-	json_object_set_new(o, "state", json_string(session_state_names[s->state]));
-	json_object_set_new(o, "bytes_up", json_integer((json_int_t)s->bytes[DIR_UP]));
-	json_object_set_new(o, "bytes_down", json_integer((json_int_t)s->bytes[DIR_DOWN]));
-	json_object_set_new(o, "started", json_string(session_time(s->started, t, sizeof t)));
-	if (s->state == SESSION_CLOSED)
-		json_object_set_new(o, "ended", json_string(session_time(s->ended, t, sizeof t)));
-	if (s->reason)
-		json_object_set_new(o, "reason", json_string(s->reason));
-	if (s->note)
-		json_object_set_new(o, "note", json_string(s->note));
+		json_object_set_new(o, "target", json_string(r->target_name));
+	if (r->target_name[0])
+		json_object_set_new(o, "target_name", json_string(r->target_name));
+	json_object_set_new(o, "state", json_string(session_state_names[state]));
+	json_object_set_new(o, "bytes_up", json_integer((json_int_t)r->bytes[DIR_UP]));
+	json_object_set_new(o, "bytes_down", json_integer((json_int_t)r->bytes[DIR_DOWN]));
+	json_object_set_new(o, "started", json_string(session_time(r->started, t, sizeof t)));
+	if (state == SESSION_CLOSED)
+		json_object_set_new(o, "ended", json_string(session_time(r->ended, t, sizeof t)));
+	if (r->reason[0])
+		json_object_set_new(o, "reason", json_string(r->reason));
+	if (note)
+		json_object_set_new(o, "note", json_string(note));
 	return o;
+}
+
+json_t *
+session_json(struct session *s)
+{
+	struct session_rec r;
+
+	session_rec_fill(&r, s);
+	return session_rec_json(&r, s->state, s->note);
 }
 
 json_t *
@@ -555,10 +623,10 @@ session_list_json(const char *instance, bool open_only)
 	if (!open_only)
 		for (unsigned i = 0; i < session_history_len; i++) {
 			unsigned k = (session_history_head + SESSION_HISTORY - session_history_len + i) % SESSION_HISTORY;
-			json_t *o = session_history[k];
-			if (instance && strcmp(json_string_value(json_object_get(o, "instance")), instance) != 0)
+			const struct session_rec *r = &session_history[k];
+			if (instance && strcmp(r->instance, instance) != 0)
 				continue;
-			json_array_append(a, o);
+			json_array_append_new(a, session_rec_json(r, SESSION_CLOSED, r->note));
 		}
 	TAILQ_FOREACH(s, &sessions, entry) {
 		if (s->state == SESSION_CLOSED)
@@ -571,10 +639,14 @@ session_list_json(const char *instance, bool open_only)
 }
 
 static void
-session_history_add(json_t *o)
+session_history_add(struct session *s)
 {
-	json_decref(session_history[session_history_head]);
-	session_history[session_history_head] = o;
+	struct session_rec *r = &session_history[session_history_head];
+
+	free(r->note);
+	session_rec_fill(r, s);
+	r->note = s->note;  /* the record takes the note over */
+	s->note = NULL;
 	session_history_head = (session_history_head + 1) % SESSION_HISTORY;
 	if (session_history_len < SESSION_HISTORY)
 		session_history_len++;
@@ -620,16 +692,17 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	}
 	tail_session_end(s);
 
-	log_info("session %llu %s/%s %s -> %s up=%s down=%s %s", (unsigned long long)s->id, inst->proto->name,
-	         inst->name, addr_format((struct sockaddr *)&s->client_addr, c, sizeof c),
-	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, t, sizeof t)
-	                        : (s->target_name[0] ? s->target_name : "-"),
-	         value_human_size(s->bytes[DIR_UP], up, sizeof up),
-	         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason);
+	if (log_get_level() >= LOG_LVL_INFO)
+		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s", (unsigned long long)s->id, inst->proto->name,
+		         inst->name, addr_format((struct sockaddr *)&s->client_addr, c, sizeof c),
+		         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, t, sizeof t)
+		                        : (s->target_name[0] ? s->target_name : "-"),
+		         value_human_size(s->bytes[DIR_UP], up, sizeof up),
+		         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason);
 
-	json_t *o = session_json(s);
-	session_history_add(json_incref(o));
-	events_emit("session.close", o);
+	if (events_active())
+		events_emit("session.close", session_json(s));
+	session_history_add(s);
 
 	TAILQ_REMOVE(&sessions, s, entry);
 	session_count--;

@@ -18,6 +18,7 @@
 
 struct instance;
 struct resolve_req;
+struct relay_filter;
 struct spool_flow;
 struct tail;
 struct tls_session;
@@ -33,6 +34,11 @@ struct relay_dir {
 	uint32_t off, len;  /* unsent bytes are buf[off..len) */
 	bool eof;           /* the source sent FIN */
 	bool shut;          /* FIN passed on to the destination */
+	/* with a relay filter only (relay.h): bytes buf[len..fill) wait to be judged,
+	 * pre holds injected bytes that go out before buf[off..len) */
+	uint8_t msg;        /* RELAY_MSG_FLOW, _ENDING (a message ended), _HELD (until relay_resume) */
+	uint32_t fill;
+	struct buf pre;
 };
 
 struct side {
@@ -61,6 +67,7 @@ struct session {
 	double deadline_at;         /* handshake/connect deadline, 0 when none */
 
 	struct relay_dir dir[2];
+	const struct relay_filter *filter; /* message-aware proxies (relay.h); NULL: plain byte relay */
 	bool client_rd_paused, upstream_rd_paused;
 
 	double started, ended, last_active;
@@ -73,6 +80,7 @@ struct session {
 	struct sockaddr_storage cands[8];  /* resolved candidates still to try */
 	int ncands, cand;
 	uint16_t connect_port;
+	int pending_err;            /* a connect failure waiting for the next loop pass */
 
 	void *proto_state;          /* the protocol's, freed by proto->session_free */
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
