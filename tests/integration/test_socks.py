@@ -431,6 +431,22 @@ def test_bind_two_replies(capd, ver):
     assert "bind" in s["note"]
 
 
+def test_bind_not_intercepted_on_tls_instance(capd):
+    """A BIND peer is not a server: plain bytes pass even with tls = yes."""
+    port = add_socks(capd, "--tls", "--no-tls-verify")
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    assert s5_read_reply(c)[0] == 0
+    c.sendall(b"PORT 127,0,0,1\r\n")
+    assert recv_exact(srv, 16) == b"PORT 127,0,0,1\r\n"
+    srv.sendall(b"200 ok\r\n")
+    assert recv_exact(c, 8) == b"200 ok\r\n"
+    c.close()
+    srv.close()
+
+
 def test_bind_timeout_gets_failure_reply(capd):
     port = add_socks(capd, "--connect-timeout", "1")
     c = s5_open(port)
