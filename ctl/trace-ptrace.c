@@ -97,6 +97,7 @@ struct ttask {
 	uint64_t args[6];
 	int oldstate;                   /* close/dup2: what the fd was */
 	int64_t sf_off;                 /* sendfile: the file offset it started at, -1 for the file position */
+	uint64_t ino;                   /* the socket the call is on, as it was at entry */
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
 };
@@ -438,8 +439,9 @@ proc_hex_addr(const char *hex, int family, unsigned port, struct sockaddr_storag
 
 /*
  * getsockname + getpeername for another process: finds the socket inode in
- * /proc/PID/net/{tcp,tcp6,udp,udp6}. *server guesses whether a TCP socket
- * was accepted (its local port is also listening). false when not found.
+ * /proc/PID/net/{tcp,tcp6,udp,udp6}. *server (when asked for) guesses whether
+ * a TCP socket was accepted (its local port is also listening). false when
+ * not found.
  */
 static bool
 proc_net_lookup(pid_t pid, uint64_t ino, bool *tcp, struct sockaddr_storage *local,
@@ -453,7 +455,8 @@ proc_net_lookup(pid_t pid, uint64_t ino, bool *tcp, struct sockaddr_storage *loc
 	unsigned long long lino;
 	bool found = false;
 
-	*server = false;
+	if (server)
+		*server = false;
 	for (size_t t = 0; t < sizeof tabs / sizeof tabs[0] && !found; t++) {
 		FILE *f;
 		snprintf(path, sizeof path, "/proc/%d/net/%s", (int)pid, tabs[t].file);
@@ -472,7 +475,7 @@ proc_net_lookup(pid_t pid, uint64_t ino, bool *tcp, struct sockaddr_storage *loc
 			break;
 		}
 		fclose(f);
-		if (found && tabs[t].tcp) {
+		if (found && tabs[t].tcp && server) {
 			/* accepted sockets share their local port with a listener */
 			unsigned myport = lport;
 			for (size_t u = 0; u < 2 && !*server; u++) {
@@ -628,13 +631,13 @@ static void
 sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 {
 	struct sockaddr_storage l, r;
-	bool tcp, server;
+	bool tcp;
 
 	(void)t;
 	if (s->have_local && !addr_unspec(&s->local) && addr_port((const struct sockaddr *)&s->local) != 0 &&
 	    (s->have_remote || !s->tcp))
 		return;
-	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, &server))
+	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, NULL))
 		return;
 	s->tcp = tcp;
 	if (!s->have_local || addr_unspec(&s->local) || addr_port((const struct sockaddr *)&s->local) == 0) {
@@ -1233,6 +1236,7 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 	k->want_exit = false;
 	k->have_addr = false;
 	k->oldstate = FD_UNKNOWN;
+	k->ino = 0;
 
 	if (nr == SYS_read || nr == SYS_write || nr == SYS_readv || nr == SYS_writev || nr == SYS_sendto ||
 	    nr == SYS_sendmsg || nr == SYS_sendmmsg || nr == SYS_recvfrom || nr == SYS_recvmsg ||
@@ -1244,18 +1248,23 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 	    || nr == SYS_recv
 #endif
 	) {
-		if (fd_sock(t, k, (int)a[0]) != NULL)
+		struct tsock *s = fd_sock(t, k, (int)a[0]);
+		if (s != NULL) {
 			k->want_exit = true;
+			k->ino = s->ino;  /* another thread may close and reuse the number meanwhile */
+		}
 		if (nr == SYS_sendto && k->want_exit)
 			k->have_addr = mem_sockaddr(k->tid, a[4], a[5], &k->addr);
 		return;
 	}
 	if (nr == SYS_sendfile) {
 		int64_t off;
+		struct tsock *s = fd_sock(t, k, (int)a[0]);
 		k->sf_off = -1;
-		if (fd_sock(t, k, (int)a[0]) == NULL)
+		if (s == NULL)
 			return;
 		k->want_exit = true;
+		k->ino = s->ino;
 		if (a[2] != 0 && mem_read(k->tid, a[2], &off, sizeof off) == sizeof off)
 			k->sf_off = off;
 		return;
@@ -1436,7 +1445,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 			sock_open_tcp(t, k, s);
 		return;
 	}
-	if ((s = fd_sock(t, k, (int)a[0])) == NULL)
+	if ((k->ino == 0 || (s = sock_find(t, k->ino)) == NULL) && (s = fd_sock(t, k, (int)a[0])) == NULL)
 		return;
 	if (nr == SYS_sendfile) {
 		if (!is_err && rv > 0)
