@@ -1,0 +1,282 @@
+/* Unit tests for daemon/tls-ca.c: CA creation and loading, forging, the LRU cache. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include "tls-ca.h"
+
+static char dir[] = "/tmp/capd-test-tls-ca-XXXXXX";
+static char cert_path[256], key_path[256];
+
+/* A server certificate like an origin's: self-signed, names in subject and SAN. */
+static X509 *
+make_origin(const char *cn, const char *san)
+{
+	EVP_PKEY *k = EVP_EC_gen("P-256");
+	X509 *x = X509_new();
+	X509V3_CTX ctx;
+	X509_EXTENSION *ext;
+
+	X509_set_version(x, X509_VERSION_3);
+	ASN1_INTEGER_set(X509_get_serialNumber(x), 7);
+	X509_gmtime_adj(X509_getm_notBefore(x), 0);
+	X509_gmtime_adj(X509_getm_notAfter(x), 86400);
+	X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "O", MBSTRING_ASC, (const unsigned char *)"Origin", -1, -1, 0);
+	if (cn)
+		X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_ASC, (const unsigned char *)cn, -1, -1, 0);
+	X509_set_issuer_name(x, X509_get_subject_name(x));
+	X509_set_pubkey(x, k);
+	if (san) {
+		X509V3_set_ctx(&ctx, x, x, NULL, NULL, 0);
+		ext = X509V3_EXT_conf_nid(NULL, &ctx, NID_subject_alt_name, san);
+		assert_non_null(ext);
+		X509_add_ext(x, ext, -1);
+		X509_EXTENSION_free(ext);
+	}
+	X509_sign(x, k, EVP_sha256());
+	EVP_PKEY_free(k);
+	return x;
+}
+
+/* The SAN entries as "DNS:a,IP:1.2.3.4,...". */
+static void
+sans_text(X509 *x, char *out, size_t n)
+{
+	GENERAL_NAMES *g = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+
+	out[0] = '\0';
+	for (int i = 0; g && i < sk_GENERAL_NAME_num(g); i++) {
+		GENERAL_NAME *e = sk_GENERAL_NAME_value(g, i);
+		size_t len = strlen(out);
+		if (e->type == GEN_DNS) {
+			snprintf(out + len, n - len, "%sDNS:%s", len ? "," : "", (const char *)ASN1_STRING_get0_data(e->d.dNSName));
+		} else if (e->type == GEN_IPADD) {
+			char ip[64];
+			int alen = ASN1_STRING_length(e->d.iPAddress);
+			inet_ntop(alen == 4 ? AF_INET : AF_INET6, ASN1_STRING_get0_data(e->d.iPAddress), ip, sizeof ip);
+			snprintf(out + len, n - len, "%sIP:%s", len ? "," : "", ip);
+		}
+	}
+	GENERAL_NAMES_free(g);
+}
+
+static void
+assert_verifies(X509 *leaf, const char *host)
+{
+	X509_STORE *st = X509_STORE_new();
+	X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+
+	X509_STORE_add_cert(st, tls_ca_cert());
+	X509_STORE_CTX_init(ctx, st, leaf, NULL);
+	X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER);
+	if (host)
+		X509_VERIFY_PARAM_set1_host(X509_STORE_CTX_get0_param(ctx), host, 0);
+	int ok = X509_verify_cert(ctx);
+	if (ok != 1)
+		fprintf(stderr, "verify: %s\n", X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)));
+	assert_int_equal(ok, 1);
+	X509_STORE_CTX_free(ctx);
+	X509_STORE_free(st);
+}
+
+static int
+setup(void **state)
+{
+	char *why = NULL;
+
+	(void)state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(cert_path, sizeof cert_path, "%s/ca.pem", dir);
+	snprintf(key_path, sizeof key_path, "%s/ca.key", dir);
+	assert_int_equal(tls_ca_load(cert_path, key_path, &why), 0);
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	(void)state;
+	tls_ca_free();
+	unlink(cert_path);
+	unlink(key_path);
+	rmdir(dir);
+	return 0;
+}
+
+static void
+test_ca_created(void **state)
+{
+	struct stat st;
+	X509 *copy;
+	char *why = NULL;
+
+	(void)state;
+	assert_int_equal(stat(key_path, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0600);
+	assert_true(tls_ca_loaded());
+	assert_int_equal(X509_check_ca(tls_ca_cert()), 1);
+	EVP_PKEY *pub = X509_get0_pubkey(tls_ca_cert());
+	assert_true(EVP_PKEY_is_a(pub, "EC"));
+	char group[32];
+	size_t glen = 0;
+	assert_int_equal(EVP_PKEY_get_utf8_string_param(pub, "group", group, sizeof group, &glen), 1);
+	assert_string_equal(group, "prime256v1");
+
+	/* a fresh process loads the same CA, it never makes a new one */
+	copy = X509_dup(tls_ca_cert());
+	tls_ca_free();
+	assert_int_equal(tls_ca_load(cert_path, key_path, &why), 0);
+	assert_int_equal(X509_cmp(copy, tls_ca_cert()), 0);
+	X509_free(copy);
+}
+
+static void
+test_ca_half_refused(void **state)
+{
+	char lone_cert[300], lone_key[300], *why = NULL;
+
+	(void)state;
+	snprintf(lone_cert, sizeof lone_cert, "%s/lone.pem", dir);
+	snprintf(lone_key, sizeof lone_key, "%s/missing.key", dir);
+	FILE *f = fopen(lone_cert, "w");
+	PEM_write_X509(f, tls_ca_cert());
+	fclose(f);
+	assert_int_equal(tls_ca_load(lone_cert, lone_key, &why), -1);
+	assert_non_null(strstr(why, "does not"));
+	assert_int_equal(access(lone_key, F_OK), -1);  /* nothing was created beside it */
+	free(why);
+	unlink(lone_cert);
+	/* a key that does not belong to the certificate */
+	why = NULL;
+	snprintf(lone_key, sizeof lone_key, "%s/other.key", dir);
+	EVP_PKEY *k = EVP_EC_gen("P-256");
+	f = fopen(lone_key, "w");
+	PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL);
+	fclose(f);
+	EVP_PKEY_free(k);
+	f = fopen(lone_cert, "w");
+	PEM_write_X509(f, tls_ca_cert());
+	fclose(f);
+	assert_int_equal(tls_ca_load(lone_cert, lone_key, &why), -1);
+	assert_non_null(strstr(why, "does not belong"));
+	free(why);
+	unlink(lone_cert);
+	unlink(lone_key);
+	assert_true(tls_ca_loaded());  /* the CA in force stays */
+}
+
+static void
+test_forge_copies_names(void **state)
+{
+	X509 *orig = make_origin("www.example.test", "DNS:www.example.test,DNS:alt.example.test,IP:127.0.0.1");
+	char *why = NULL, sans[512];
+	X509 *x;
+
+	(void)state;
+	x = tls_ca_forge(orig, "www.example.test", NULL, &why);
+	assert_non_null(x);
+	assert_int_equal(X509_NAME_cmp(X509_get_subject_name(x), X509_get_subject_name(orig)), 0);
+	assert_int_equal(X509_NAME_cmp(X509_get_issuer_name(x), X509_get_subject_name(tls_ca_cert())), 0);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:www.example.test,DNS:alt.example.test,IP:127.0.0.1");
+	assert_true(EVP_PKEY_eq(X509_get0_pubkey(x), tls_ca_leaf_key()));
+	assert_verifies(x, "alt.example.test");
+	X509_free(x);
+
+	/* a name the real certificate lacks is added */
+	x = tls_ca_forge(orig, "other.test", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:www.example.test,DNS:alt.example.test,IP:127.0.0.1,DNS:other.test");
+	assert_verifies(x, "other.test");
+	X509_free(x);
+	X509_free(orig);
+}
+
+static void
+test_forge_fallbacks(void **state)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	X509 *x, *nameless = make_origin(NULL, NULL);
+	char *why = NULL, sans[256], cn[256];
+
+	(void)state;
+	x = tls_ca_forge(NULL, "name.test", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:name.test");
+	X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn);
+	assert_string_equal(cn, "name.test");
+	assert_verifies(x, "name.test");
+	X509_free(x);
+
+	inet_pton(AF_INET, "10.1.2.3", &sin.sin_addr);
+	x = tls_ca_forge(nameless, NULL, (struct sockaddr *)&sin, &why);  /* a certificate naming nothing */
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "IP:10.1.2.3");
+	X509_free(x);
+
+	assert_null(tls_ca_forge(NULL, NULL, NULL, &why));
+	assert_string_equal(why, "no SNI and no IP");
+	free(why);
+	X509_free(nameless);
+}
+
+static void
+test_cache_lru(void **state)
+{
+	X509 *orig = make_origin("www.example.test", "DNS:www.example.test,DNS:alt.example.test");
+	char *why = NULL;
+	X509 *a1, *a2, *a3, *b1, *b2, *c1, *d1;
+	unsigned long hits;
+
+	(void)state;
+	tls_ca_cache_clear();
+	tls_ca_cache_max(2);
+	hits = tls_ca_cache_hits();
+	a1 = tls_ca_forge(orig, "www.example.test", NULL, &why);
+	a2 = tls_ca_forge(orig, "www.example.test", NULL, &why);
+	a3 = tls_ca_forge(orig, "alt.example.test", NULL, &why);  /* same names covered: same entry */
+	assert_ptr_equal(a1, a2);
+	assert_ptr_equal(a1, a3);
+	assert_int_equal(tls_ca_cache_hits(), hits + 2);
+	assert_int_equal(tls_ca_cache_len(), 1);
+
+	b1 = tls_ca_forge(NULL, "b.test", NULL, &why);
+	X509_free(tls_ca_forge(orig, "www.example.test", NULL, &why));  /* a is now the most recent */
+	c1 = tls_ca_forge(NULL, "c.test", NULL, &why);                   /* evicts b */
+	assert_int_equal(tls_ca_cache_len(), 2);
+	b2 = tls_ca_forge(NULL, "b.test", NULL, &why);                   /* forged anew, evicts a */
+	assert_ptr_not_equal(b1, b2);
+	d1 = tls_ca_forge(NULL, "c.test", NULL, &why);                   /* c stayed */
+	assert_ptr_equal(c1, d1);
+	assert_int_equal(tls_ca_cache_len(), 2);
+
+	X509 *xs[] = { a1, a2, a3, b1, b2, c1, d1 };
+	for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++)
+		X509_free(xs[i]);
+	tls_ca_cache_max(TLS_CA_CACHE_DEFAULT);
+	X509_free(orig);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_ca_created),
+		cmocka_unit_test(test_ca_half_refused),
+		cmocka_unit_test(test_forge_copies_names),
+		cmocka_unit_test(test_forge_fallbacks),
+		cmocka_unit_test(test_cache_lru),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
