@@ -198,8 +198,8 @@ def test_many_sessions_held_then_closed(capd, echo_server):
         s.close()
     assert wait_for(lambda: fd_count(pid) == base_fd, timeout=30), (fd_count(pid), base_fd)
     assert capd.ctl("status", json_out=True)["sessions"] == 0
-    # held sessions cost little: no buffers while idle
-    assert rss_held < 64 * 1024, rss_held
+    # held sessions cost little: no buffers while idle (ASan's shadow memory aside)
+    assert rss_held < (512 if os.environ.get("ASAN_OPTIONS") else 64) * 1024, rss_held
 
 
 def test_control_socket_mode_and_group(capd_factory):
