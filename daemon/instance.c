@@ -23,12 +23,16 @@
 
 extern const struct proto proto_dns;
 extern const struct proto proto_forward;
+extern const struct proto proto_http;
+extern const struct proto proto_reverse;
 extern const struct proto proto_socks;
 extern const struct proto proto_sniff;
 extern const struct proto proto_trace;
 
 static const struct proto *const protos[] = {
 	&proto_forward,
+	&proto_http,
+	&proto_reverse,
 	&proto_dns,
 	&proto_socks,
 	&proto_sniff,

@@ -5,6 +5,22 @@
  * source stops being read (back-pressure) until the destination drains.
  * A FIN is passed on as shutdown(SHUT_WR); a reset is passed on as a reset.
  *
+ * Filters (relay.h, struct relay_filter): a message-aware proxy (http,
+ * reverse) sets s->filter before relay_start and the session's pumps go
+ * through relay_pump_msg instead; the plain pump pays one branch. The same
+ * buffer then holds three runs: buf[off..len) passed and not yet sent,
+ * buf[len..fill) read and not yet judged; dir->pre holds injected bytes
+ * (rewritten heads, error replies) that go out before buf[off..len). Each
+ * round sends what waits, then shows the unjudged run to filter->data, which
+ * answers PASS n (capture and send n bytes in place: bodies, chunked framing
+ * included, are never copied), EAT n (the filter took a head; it injects the
+ * rewritten head and captures what it means to), MORE (keep, read after it),
+ * END (a message ended: hold the rest, read nothing, and once everything
+ * before it is sent call filter->done; relay_resume reads on) or STOP (the
+ * session was closed or its client handed to a new session). A FIN from the
+ * source goes to filter->eof first. The filter judges only when nothing waits
+ * to be sent, so injected bytes always keep their place in the stream.
+ *
  * TLS (tls.c): a side whose `tls` is set is read and written through
  * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
  * its FIN is close_notify then shutdown; the plain path costs one predictable
@@ -141,6 +157,8 @@ relay_check_done(struct session *s)
 		session_close(s, "closed");
 }
 
+static void relay_pump_msg(struct session *s, enum dir d);
+
 /*
  * Moves bytes for direction d until the source has nothing more, the
  * destination is full, or the round budget is spent. Returns after
@@ -152,6 +170,10 @@ relay_pump(struct session *s, enum dir d)
 	struct relay_dir *rd = &s->dir[d];
 	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
 
+	if (s->filter) {
+		relay_pump_msg(s, d);
+		return;
+	}
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->len > rd->off) {
 			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
@@ -233,6 +255,229 @@ dst_full:
 		ev_io_start(capd_loop, &dst->wio);
 }
 
+/* ---- filters: message-aware relaying (see the top of this file) ---- */
+
+/* Asks the filter about the bytes buf[len..fill) until some pass, a message
+ * ends, or more must be read. Returns false when the session is gone. */
+static bool
+relay_judge(struct session *s, enum dir d, bool *need_read)
+{
+	struct relay_dir *rd = &s->dir[d];
+
+	*need_read = false;
+	while (rd->fill > rd->len) {
+		size_t avail = rd->fill - rd->len, n = 0;
+		enum relay_verdict v = s->filter->data(s, d, rd->buf + rd->len, avail, &n);
+
+		switch (v) {
+		case RELAY_STOP:
+			return false;
+		case RELAY_PASS:
+		case RELAY_EAT:
+			if (n == 0 || n > avail)
+				fatalx("relay filter judged %zu of %zu bytes", n, avail);
+			if (v == RELAY_PASS) {
+				session_data(s, d, rd->buf + rd->len, n);
+				rd->len += (uint32_t)n;
+				return true;
+			}
+			/* eaten bytes lie where nothing waits to be sent (off == len) */
+			rd->off += (uint32_t)n;
+			rd->len += (uint32_t)n;
+			if (rd->msg != RELAY_MSG_FLOW)
+				return true;  /* relay_hold: the head was the whole message */
+			break;
+		case RELAY_END:
+			relay_hold(s, d);
+			return true;
+		case RELAY_MORE:
+			if (rd->len > 0) {
+				memmove(rd->buf, rd->buf + rd->len, avail);
+				rd->off = rd->len = 0;
+				rd->fill = (uint32_t)avail;
+			}
+			if (rd->fill >= RELAY_BUF) {
+				session_close(s, "message head larger than the relay buffer");
+				return false;
+			}
+			*need_read = true;
+			return true;
+		}
+	}
+	*need_read = true;
+	return true;
+}
+
+/*
+ * relay_pump for a session with a filter. Each round: write what waits
+ * (injected bytes, then passed ones), tell the filter when a message has
+ * ended, judge what was read, and read more. A held direction reads nothing.
+ */
+static void
+relay_pump_msg(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
+	bool drained = false, need_read;
+
+	for (int round = 0; round < RELAY_ROUNDS; round++) {
+		if (buf_used(&rd->pre) > 0) {
+			ssize_t w = relay_send(dst, buf_head(&rd->pre), buf_used(&rd->pre));
+			if (w < 0) {
+				if (errno == EAGAIN || errno == EINTR)
+					goto dst_full;
+				relay_fail(s, d, false, errno);
+				return;
+			}
+			buf_consume(&rd->pre, (size_t)w);
+			if (buf_used(&rd->pre) > 0)
+				goto dst_full;
+		}
+		if (rd->len > rd->off) {
+			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
+			if (w < 0) {
+				if (errno == EAGAIN || errno == EINTR)
+					goto dst_full;
+				relay_fail(s, d, false, errno);
+				return;
+			}
+			rd->off += (uint32_t)w;
+			if (rd->off < rd->len)
+				goto dst_full;
+		}
+		if (ev_is_active(&dst->wio))
+			ev_io_stop(capd_loop, &dst->wio);
+		if (rd->off == rd->fill)
+			rd->off = rd->len = rd->fill = 0;
+		if (rd->msg != RELAY_MSG_FLOW) {
+			if (rd->msg == RELAY_MSG_HELD)
+				goto held;
+			rd->msg = RELAY_MSG_HELD;
+			s->filter->done(s, d);
+			if (s->state != SESSION_OPEN)
+				return;
+			if (rd->msg != RELAY_MSG_FLOW)
+				goto held;
+			continue;
+		}
+		if (rd->fill > rd->len) {
+			if (!relay_judge(s, d, &need_read))
+				return;
+			if (!need_read || rd->off < rd->len || buf_used(&rd->pre) > 0)
+				continue;
+		}
+		if (rd->eof) {
+			if (rd->off == rd->fill) {
+				relay_buf_put(rd->buf);
+				rd->buf = NULL;
+				rd->off = rd->len = rd->fill = 0;
+			}
+			if (!rd->shut) {
+				rd->shut = true;
+				relay_shut(dst);
+				session_shutdown_dir(s, d);
+				s->filter->done(s, d);
+				if (s->state != SESSION_OPEN)
+					return;
+				relay_check_done(s);
+			}
+			return;
+		}
+		if (drained)
+			goto src_wait;
+		if (rd->buf == NULL)
+			rd->buf = relay_buf_get();
+		ssize_t r = relay_recv(src, rd->buf + rd->fill, RELAY_BUF - rd->fill);
+		if (r > 0) {
+			drained = (size_t)r < RELAY_BUF - rd->fill && !relay_more(src);
+			rd->fill += (uint32_t)r;
+			continue;
+		}
+		if (r == 0) {
+			rd->eof = true;
+			ev_io_stop(capd_loop, &src->rio);
+			if (s->filter->eof && s->filter->eof(s, d) == RELAY_STOP)
+				return;
+			continue;
+		}
+		if (errno == EAGAIN || errno == EINTR) {
+			if (rd->off == rd->fill) {
+				relay_buf_put(rd->buf);
+				rd->buf = NULL;
+				rd->off = rd->len = rd->fill = 0;
+			}
+			goto src_wait;
+		}
+		relay_fail(s, d, true, errno);
+		return;
+	}
+	/* round budget spent: bytes may wait unjudged where no watcher sees them */
+	ev_feed_event(capd_loop, &src->rio, EV_READ);
+src_wait:
+	if (!rd->eof && !ev_is_active(&src->rio))
+		ev_io_start(capd_loop, &src->rio);
+	return;
+held:
+	if (ev_is_active(&src->rio))
+		ev_io_stop(capd_loop, &src->rio);
+	return;
+dst_full:
+	if (ev_is_active(&src->rio))
+		ev_io_stop(capd_loop, &src->rio);
+	if (!ev_is_active(&dst->wio))
+		ev_io_start(capd_loop, &dst->wio);
+}
+
+void
+relay_inject(struct session *s, enum dir d, const void *p, size_t n)
+{
+	struct relay_dir *rd = &s->dir[d];
+
+	/* pre goes out before buf[off..len): keep the order by moving those first */
+	if (rd->len > rd->off) {
+		buf_append(&rd->pre, rd->buf + rd->off, rd->len - rd->off);
+		rd->off = rd->len;
+	}
+	buf_append(&rd->pre, p, n);
+}
+
+void
+relay_hold(struct session *s, enum dir d)
+{
+	/* a finished direction (relay_finish) has nothing left to hold */
+	if (!s->dir[d].eof)
+		s->dir[d].msg = RELAY_MSG_ENDING;
+}
+
+void
+relay_resume(struct session *s, enum dir d)
+{
+	s->dir[d].msg = RELAY_MSG_FLOW;
+	/* on the next loop pass: the caller may be inside this direction's pump */
+	ev_feed_event(capd_loop, &relay_src(s, d)->rio, EV_READ);
+}
+
+void
+relay_finish(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+
+	rd->eof = true;
+	rd->fill = rd->len;
+	rd->msg = RELAY_MSG_FLOW;
+	ev_io_stop(capd_loop, &relay_src(s, d)->rio);
+	ev_feed_event(capd_loop, &relay_dst(s, d)->wio, EV_WRITE);
+}
+
+size_t
+relay_held(struct session *s, enum dir d, const uint8_t **p)
+{
+	struct relay_dir *rd = &s->dir[d];
+
+	*p = rd->buf ? rd->buf + rd->len : NULL;
+	return rd->fill - rd->len;
+}
+
 static void
 relay_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -251,6 +496,7 @@ static void
 relay_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct session *s = w->data;
+
 	struct side *sd = w == &s->client.wio ? &s->client : &s->upstream;
 	/* the client's write side carries the down direction */
 	enum dir d = sd == &s->client ? DIR_DOWN : DIR_UP;
@@ -297,7 +543,13 @@ relay_start(struct session *s)
 	session_opened(s);
 	/* a handshake reply still unsent goes first to the client; it is not application data */
 	relay_preload(s, DIR_DOWN, &s->hs_out, false);
-	relay_preload(s, DIR_UP, &s->hs_in, true);
+	relay_preload(s, DIR_UP, &s->hs_in, s->filter == NULL);
+	if (s->filter) {
+		/* with a filter the client's leftover is judged like any read */
+		s->dir[DIR_UP].fill = s->dir[DIR_UP].len;
+		s->dir[DIR_UP].len = 0;
+		s->dir[DIR_DOWN].fill = s->dir[DIR_DOWN].len;
+	}
 	if (s->client_eof)
 		s->dir[DIR_UP].eof = true;
 	/* kick both directions: preloaded bytes are written, then reads start */
@@ -315,6 +567,7 @@ relay_stop(struct session *s)
 	for (int d = 0; d < 2; d++) {
 		relay_buf_put(s->dir[d].buf);
 		s->dir[d].buf = NULL;
-		s->dir[d].off = s->dir[d].len = 0;
+		s->dir[d].off = s->dir[d].len = s->dir[d].fill = 0;
+		buf_free(&s->dir[d].pre);
 	}
 }

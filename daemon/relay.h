@@ -17,4 +17,45 @@ void relay_start(struct session *s);
 void relay_stop(struct session *s);
 void relay_shutdown(void);
 
+/*
+ * Filters: how a message-aware proxy (http, reverse) frames what it relays
+ * without moving bytes itself. Set s->filter before relay_start(); bytes of
+ * either direction are then shown to filter->data before they pass, and the
+ * hs_in leftover is shown too (not sent as is). Details at the top of relay.c.
+ */
+enum relay_verdict {
+	RELAY_PASS,  /* the first *used bytes pass unchanged: captured (session_data) and sent */
+	RELAY_EAT,   /* the filter took the first *used bytes (a head it rewrites): not sent, not captured */
+	RELAY_MORE,  /* too few bytes to judge: keep all, read more, ask again with the longer run */
+	RELAY_END,   /* a message ended before p: hold p, stop reading, call ->done once all before is sent */
+	RELAY_STOP,  /* the filter closed the session (or handed its client on): return at once */
+};
+
+enum { RELAY_MSG_FLOW, RELAY_MSG_ENDING, RELAY_MSG_HELD };
+
+/* Static table owned by the proxy module. */
+struct relay_filter {
+	/* n > 0 bytes at p wait in direction d; *used must be 1..n for PASS and EAT. */
+	enum relay_verdict (*data)(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *used);
+	/* Direction d is quiet: a message ended (RELAY_END) and all of it was sent,
+	 * or the FIN was passed on (s->dir[d].shut). May resume, finish, close. */
+	void (*done)(struct session *s, enum dir d);
+	/* The source of d sent FIN. RELAY_PASS: pass it on (then ->done);
+	 * RELAY_STOP: the filter closed the session or handed its client on. */
+	enum relay_verdict (*eof)(struct session *s, enum dir d);
+};
+
+/* Queues bytes for d's destination after everything already passed; the
+ * caller captures them itself (session_data) when they are application data. */
+void relay_inject(struct session *s, enum dir d, const void *p, size_t n);
+/* From filter->data: the message of d ends after the bytes of this verdict. */
+void relay_hold(struct session *s, enum dir d);
+/* A held direction reads and judges again, beginning with what it held. */
+void relay_resume(struct session *s, enum dir d);
+/* Direction d sends what is queued, then a FIN, then calls ->done; its source
+ * is not read again and held or unjudged bytes are dropped. */
+void relay_finish(struct session *s, enum dir d);
+/* The bytes direction d holds or has not judged yet (valid until the relay runs again). */
+size_t relay_held(struct session *s, enum dir d, const uint8_t **p);
+
 #endif

@@ -1,0 +1,631 @@
+/*
+ * HTTP/1.x message heads and body framing (RFC 9110, RFC 9112), strict and
+ * bounded. See http-parse.h for the contract. Heads are parsed in place:
+ * nothing is copied, header names and values point into the caller's bytes.
+ */
+#include "http-parse.h"
+
+#include <string.h>
+
+/* character classes */
+#define C_TCHAR 0x01   /* token */
+#define C_VCHAR 0x02   /* visible, SP, HTAB and obs-text: field values, reasons */
+#define C_TARGET 0x04  /* request-target: visible ASCII */
+#define C_HEX 0x08
+
+static uint8_t http_ctype[256];
+
+static void
+http_ctype_init(void)
+{
+	static const char tchar[] = "!#$%&'*+-.^_`|~";
+
+	if (http_ctype['a'])
+		return;
+	for (int c = 0; c < 256; c++) {
+		uint8_t t = 0;
+		if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		    (c != 0 && strchr(tchar, c)))
+			t |= C_TCHAR;
+		if ((c >= 0x21 && c <= 0x7e) || c == ' ' || c == '\t' || c >= 0x80)
+			t |= C_VCHAR;
+		if (c >= 0x21 && c <= 0x7e)
+			t |= C_TARGET;
+		if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))
+			t |= C_HEX;
+		http_ctype[c] = t;
+	}
+}
+
+#define IS(c, cls) (http_ctype[(uint8_t)(c)] & (cls))
+
+static enum parse
+http_fail(struct http_msg *m, int status, const char *why)
+{
+	m->status = status;
+	m->why = why;
+	return PARSE_ERR;
+}
+
+bool
+http_token_eq(const char *p, size_t n, const char *lit)
+{
+	size_t l = strlen(lit);
+
+	if (n != l)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char a = p[i], b = lit[i];
+		if (a >= 'A' && a <= 'Z')
+			a = (char)(a - 'A' + 'a');
+		if (b >= 'A' && b <= 'Z')
+			b = (char)(b - 'A' + 'a');
+		if (a != b)
+			return false;
+	}
+	return true;
+}
+
+const struct http_hdr *
+http_header(const struct http_msg *m, const char *name)
+{
+	for (unsigned i = 0; i < m->nhdr; i++)
+		if (http_token_eq(m->hdr[i].name, m->hdr[i].name_len, name))
+			return &m->hdr[i];
+	return NULL;
+}
+
+/* Calls fn for each element of a comma-separated list value, trimmed; stops when fn returns false. */
+static bool
+http_list_each(const char *v, size_t n, bool (*fn)(void *arg, const char *e, size_t len), void *arg)
+{
+	size_t i = 0;
+
+	while (i <= n) {
+		size_t start = i, end;
+		while (i < n && v[i] != ',')
+			i++;
+		end = i;
+		while (start < end && (v[start] == ' ' || v[start] == '\t'))
+			start++;
+		while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t'))
+			end--;
+		if (end > start && !fn(arg, v + start, end - start))
+			return false;
+		i++;
+	}
+	return true;
+}
+
+struct http_conn_scan {
+	struct http_msg *m;
+	const char *name;  /* http_hop_by_hop: the name looked for */
+	size_t len;
+	bool found;
+};
+
+static bool
+http_conn_token(void *arg, const char *e, size_t len)
+{
+	struct http_conn_scan *cs = arg;
+
+	if (cs->name) {
+		if (len == cs->len && http_token_eq(e, len, cs->name)) {
+			cs->found = true;
+			return false;
+		}
+		return true;
+	}
+	if (http_token_eq(e, len, "close"))
+		cs->m->conn_close = true;
+	else if (http_token_eq(e, len, "keep-alive"))
+		cs->m->conn_keepalive = true;
+	else if (http_token_eq(e, len, "upgrade"))
+		cs->m->conn_upgrade = true;
+	return true;
+}
+
+bool
+http_hop_by_hop(const struct http_msg *m, const char *name, size_t len)
+{
+	static const char *const fixed[] = {
+		"connection", "proxy-connection", "keep-alive", "proxy-authorization",
+		"te", "trailer", "upgrade", NULL,
+	};
+	char lname[64];
+
+	for (int i = 0; fixed[i]; i++)
+		if (http_token_eq(name, len, fixed[i]))
+			return true;
+	if (len >= sizeof lname)
+		return false;
+	memcpy(lname, name, len);
+	lname[len] = '\0';
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		const struct http_hdr *h = &m->hdr[i];
+		struct http_conn_scan cs = { .name = lname, .len = len };
+		if (!http_token_eq(h->name, h->name_len, "connection"))
+			continue;
+		http_list_each(h->value, h->value_len, http_conn_token, &cs);
+		if (cs.found)
+			return true;
+	}
+	return false;
+}
+
+struct http_cl_scan {
+	uint64_t value;
+	bool seen, bad;
+};
+
+static bool
+http_cl_elem(void *arg, const char *e, size_t len)
+{
+	struct http_cl_scan *cl = arg;
+	uint64_t v = 0;
+
+	if (len > 18) {
+		cl->bad = true;
+		return false;
+	}
+	for (size_t i = 0; i < len; i++) {
+		if (e[i] < '0' || e[i] > '9') {
+			cl->bad = true;
+			return false;
+		}
+		v = v * 10 + (uint64_t)(e[i] - '0');
+	}
+	if (cl->seen && v != cl->value) {
+		cl->bad = true;
+		return false;
+	}
+	cl->seen = true;
+	cl->value = v;
+	return true;
+}
+
+struct http_te_scan {
+	unsigned codings, chunked;
+	bool last_chunked;
+};
+
+static bool
+http_te_elem(void *arg, const char *e, size_t len)
+{
+	struct http_te_scan *te = arg;
+	size_t tok = 0;
+
+	while (tok < len && e[tok] != ';' && e[tok] != ' ' && e[tok] != '\t')
+		tok++;
+	te->codings++;
+	te->last_chunked = http_token_eq(e, tok, "chunked") && tok == len;
+	if (http_token_eq(e, tok, "chunked"))
+		te->chunked++;
+	return true;
+}
+
+/* Finds the end of the line starting at p[i] (end points at its CR); -1 on a bare CR or LF. */
+static long
+http_line_end(const char *p, size_t i, size_t limit)
+{
+	const char *cr = memchr(p + i, '\r', limit - i);
+	const char *lf = memchr(p + i, '\n', (size_t)((cr ? cr : p + limit) - (p + i)));
+
+	if (cr == NULL || lf != NULL || (size_t)(cr - p) + 1 >= limit || cr[1] != '\n')
+		return -1;
+	return cr - p;
+}
+
+/* "HTTP/1.x" at p: 0 or 1 into *minor; 0 ok, 400 malformed, 505 another version. */
+static int
+http_version(const char *p, size_t n, int *minor)
+{
+	if (n != 8 || memcmp(p, "HTTP/", 5) != 0 || p[6] != '.' || p[5] < '0' || p[5] > '9' || p[7] < '0' ||
+	    p[7] > '9')
+		return 400;
+	if (p[5] != '1' || (p[7] != '0' && p[7] != '1'))
+		return 505;
+	*minor = p[7] - '0';
+	return 0;
+}
+
+/*
+ * The shared part: finds the head, parses the header lines after the start
+ * line (which the caller parses in p[start..line_end)), and the framing
+ * headers. *first_end is where the start line ends (its CR).
+ */
+static enum parse
+http_parse_head(const uint8_t *bytes, size_t n, const struct http_limits *lim, bool request, struct http_msg *m,
+                size_t *start, size_t *first_end)
+{
+	const char *p = (const char *)bytes;
+	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
+	unsigned max_hdr = lim && lim->max_headers ? lim->max_headers : HTTP_MAX_HEADERS;
+	size_t s = 0, i, end;
+	const char *eoh;
+	long le;
+
+	http_ctype_init();
+	memset(m, 0, offsetof(struct http_msg, hdr));
+	m->host = -1;
+	/* a request may follow a stray empty line (RFC 9112 2.2) */
+	if (request)
+		while (s + 1 < n && s < 8 && p[s] == '\r' && p[s + 1] == '\n')
+			s += 2;
+	if (n > s && !IS(p[s], C_TCHAR))
+		return http_fail(m, 400, request ? "not an HTTP request" : "not an HTTP response");
+	eoh = memmem(p + s, n - s, "\r\n\r\n", 4);
+	if (eoh == NULL) {
+		/* fail early on what can never become a head */
+		if (memchr(p + s, '\n', n - s) && !memmem(p + s, n - s, "\r\n", 2))
+			return http_fail(m, 400, "bare LF line end");
+		if (n >= max)
+			return http_fail(m, 431, "header section too large");
+		return PARSE_MORE;
+	}
+	end = (size_t)(eoh - p) + 4;
+	if (end > max)
+		return http_fail(m, 431, "header section too large");
+	m->head_len = end;
+	le = http_line_end(p, s, end);
+	if (le < 0)
+		return http_fail(m, 400, "bad line end");
+	*start = s;
+	*first_end = (size_t)le;
+
+	/* header lines */
+	for (i = (size_t)le + 2; i < end - 2; i = (size_t)le + 2) {
+		struct http_hdr *h;
+		size_t k = i, vs, ve;
+
+		le = http_line_end(p, i, end);
+		if (le < 0)
+			return http_fail(m, 400, "bad line end");
+		if (p[i] == ' ' || p[i] == '\t')
+			return http_fail(m, 400, "obsolete line folding");
+		while (k < (size_t)le && IS(p[k], C_TCHAR))
+			k++;
+		if (k == i || k == (size_t)le || p[k] != ':')
+			return http_fail(m, 400, k < (size_t)le && (p[k] == ' ' || p[k] == '\t') ? "whitespace before colon"
+			                                                                         : "bad header name");
+		if (m->nhdr >= max_hdr)
+			return http_fail(m, 431, "too many header fields");
+		vs = k + 1;
+		ve = (size_t)le;
+		while (vs < ve && (p[vs] == ' ' || p[vs] == '\t'))
+			vs++;
+		while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t'))
+			ve--;
+		for (size_t j = vs; j < ve; j++)
+			if (!IS(p[j], C_VCHAR))
+				return http_fail(m, 400, "control character in a header value");
+		h = &m->hdr[m->nhdr++];
+		h->name = p + i;
+		h->name_len = (uint32_t)(k - i);
+		h->value = p + vs;
+		h->value_len = (uint32_t)(ve - vs);
+	}
+	return PARSE_OK;
+}
+
+/* Connection, Content-Length, Transfer-Encoding, Host, Expect, Upgrade. */
+static enum parse
+http_semantics(struct http_msg *m, bool request)
+{
+	struct http_cl_scan cl = { 0 };
+	struct http_te_scan te = { 0 };
+	bool have_te = false, have_upgrade = false;
+	unsigned hosts = 0;
+
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		const struct http_hdr *h = &m->hdr[i];
+		const char *name = h->name;
+		uint32_t nl = h->name_len;
+
+		if (http_token_eq(name, nl, "content-length")) {
+			http_list_each(h->value, h->value_len, http_cl_elem, &cl);
+			if (cl.bad || !cl.seen)
+				return http_fail(m, 400, "bad or conflicting Content-Length");
+		} else if (http_token_eq(name, nl, "transfer-encoding")) {
+			have_te = true;
+			http_list_each(h->value, h->value_len, http_te_elem, &te);
+		} else if (http_token_eq(name, nl, "connection")) {
+			struct http_conn_scan cs = { .m = m };
+			http_list_each(h->value, h->value_len, http_conn_token, &cs);
+		} else if (http_token_eq(name, nl, "host")) {
+			hosts++;
+			m->host = (int)i;
+		} else if (http_token_eq(name, nl, "expect")) {
+			if (http_token_eq(h->value, h->value_len, "100-continue"))
+				m->expect_continue = true;
+		} else if (http_token_eq(name, nl, "upgrade")) {
+			have_upgrade = true;
+		}
+	}
+	if (!have_upgrade)
+		m->conn_upgrade = false;
+	if (have_te && cl.seen)
+		return http_fail(m, 400, "both Content-Length and Transfer-Encoding");
+	if (have_te && m->minor == 0)
+		return http_fail(m, 400, "Transfer-Encoding in an HTTP/1.0 message");
+	if (have_te && (te.codings == 0 || te.chunked > 1))
+		return http_fail(m, 400, "bad Transfer-Encoding");
+	if (request) {
+		if (hosts > 1)
+			return http_fail(m, 400, "more than one Host");
+		if (hosts == 0 && m->minor == 1)
+			return http_fail(m, 400, "no Host header");
+		if (have_te && !te.last_chunked)
+			return http_fail(m, te.chunked ? 400 : 501, "Transfer-Encoding does not end with chunked");
+	}
+	if (have_te)
+		m->framing = te.last_chunked ? HTTP_BODY_CHUNKED : HTTP_BODY_CLOSE;
+	else if (cl.seen) {
+		m->framing = HTTP_BODY_LENGTH;
+		m->length = cl.value;
+	} else
+		m->framing = request ? HTTP_BODY_NONE : HTTP_BODY_CLOSE;
+	return PARSE_OK;
+}
+
+enum parse
+http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
+{
+	const char *p = (const char *)bytes;
+	size_t s, le, i, t;
+	enum parse rv = http_parse_head(bytes, n, lim, true, m, &s, &le);
+	int st;
+
+	if (rv != PARSE_OK)
+		return rv;
+	/* method SP request-target SP HTTP-version */
+	for (i = s; i < le && IS(p[i], C_TCHAR); i++)
+		;
+	if (i == s || i >= le || p[i] != ' ')
+		return http_fail(m, 400, "bad request line");
+	m->method = p + s;
+	m->method_len = (uint32_t)(i - s);
+	for (t = ++i; i < le && IS(p[i], C_TARGET); i++)
+		;
+	if (i == t || i >= le || p[i] != ' ')
+		return http_fail(m, 400, "bad request target");
+	m->target = p + t;
+	m->target_len = (uint32_t)(i - t);
+	if ((st = http_version(p + i + 1, le - i - 1, &m->minor)) != 0)
+		return http_fail(m, st, st == 505 ? "HTTP version not supported" : "bad HTTP version");
+	return http_semantics(m, true);
+}
+
+enum parse
+http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *lim, bool head_request,
+                    struct http_msg *m)
+{
+	const char *p = (const char *)bytes;
+	size_t s, le, i;
+	enum parse rv = http_parse_head(bytes, n, lim, false, m, &s, &le);
+	int st;
+
+	if (rv != PARSE_OK)
+		return rv;
+	/* HTTP-version SP 3DIGIT SP [reason] (the last SP is often left out) */
+	if (le - s < 12 || p[s + 8] != ' ')
+		return http_fail(m, 400, "bad status line");
+	if ((st = http_version(p + s, 8, &m->minor)) != 0)
+		return http_fail(m, st, "bad HTTP version");
+	for (i = s + 9; i < s + 12; i++)
+		if (p[i] < '0' || p[i] > '9')
+			return http_fail(m, 400, "bad status code");
+	m->status = (p[s + 9] - '0') * 100 + (p[s + 10] - '0') * 10 + (p[s + 11] - '0');
+	if (m->status < 100)
+		return http_fail(m, 400, "bad status code");
+	if (le > s + 12) {
+		if (p[s + 12] != ' ')
+			return http_fail(m, 400, "bad status line");
+		for (i = s + 13; i < le; i++)
+			if (!IS(p[i], C_VCHAR))
+				return http_fail(m, 400, "control character in the reason phrase");
+		m->reason = p + s + 13;
+		m->reason_len = (uint32_t)(le - s - 13);
+	}
+	if ((rv = http_semantics(m, false)) != PARSE_OK) {
+		m->status = 502;
+		return rv;
+	}
+	if (head_request || m->status < 200 || m->status == 204 || m->status == 304) {
+		m->framing = HTTP_BODY_NONE;
+		m->length = 0;
+	}
+	return PARSE_OK;
+}
+
+/* ---- bodies ---- */
+
+enum {
+	CH_SIZE0,    /* first hex digit of a chunk size */
+	CH_SIZE,     /* more digits, BWS, ';' or CR */
+	CH_SIZE_WS,  /* BWS before ';' */
+	CH_EXT,      /* chunk extension up to CR */
+	CH_SIZE_LF,
+	CH_DATA,
+	CH_DATA_CR,
+	CH_DATA_LF,
+	CH_TRAIL0,   /* start of a trailer line, or the final CR */
+	CH_TRAIL,    /* in a trailer line */
+	CH_TRAIL_LF,
+	CH_END_LF,
+	CH_DONE,
+};
+
+#define CH_LINE_MAX 8192  /* chunk extension or trailer line */
+
+void
+http_body_init(struct http_body *b, enum http_framing framing, uint64_t length)
+{
+	memset(b, 0, sizeof *b);
+	b->framing = framing;
+	b->left = length;
+	b->st = CH_SIZE0;
+}
+
+bool
+http_body_done(const struct http_body *b)
+{
+	switch (b->framing) {
+	case HTTP_BODY_NONE: return true;
+	case HTTP_BODY_LENGTH: return b->left == 0;
+	case HTTP_BODY_CHUNKED: return b->st == CH_DONE;
+	default: return false;
+	}
+}
+
+static enum parse
+http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
+{
+	size_t i = 0;
+
+	http_ctype_init();
+	while (i < n) {
+		uint8_t c = p[i];
+
+		switch (b->st) {
+		case CH_DATA: {
+			uint64_t take = b->left < n - i ? b->left : n - i;
+			i += (size_t)take;
+			b->left -= take;
+			if (b->left == 0)
+				b->st = CH_DATA_CR;
+			continue;
+		}
+		case CH_SIZE0:
+		case CH_SIZE:
+			if (IS(c, C_HEX)) {
+				if (++b->digits > 15)
+					return PARSE_ERR;
+				b->left = b->left * 16 + (uint64_t)(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+				b->st = CH_SIZE;
+			} else if (b->st == CH_SIZE0) {
+				return PARSE_ERR;
+			} else if (c == ';') {
+				b->st = CH_EXT;
+				b->line = 0;
+			} else if (c == ' ' || c == '\t') {
+				b->st = CH_SIZE_WS;
+			} else if (c == '\r') {
+				b->st = CH_SIZE_LF;
+			} else {
+				return PARSE_ERR;
+			}
+			break;
+		case CH_SIZE_WS:
+			if (c == ';') {
+				b->st = CH_EXT;
+				b->line = 0;
+			} else if (c != ' ' && c != '\t') {
+				return PARSE_ERR;
+			}
+			break;
+		case CH_EXT:
+			if (c == '\r')
+				b->st = CH_SIZE_LF;
+			else if (!IS(c, C_VCHAR) || ++b->line > CH_LINE_MAX)
+				return PARSE_ERR;
+			break;
+		case CH_SIZE_LF:
+			if (c != '\n')
+				return PARSE_ERR;
+			b->digits = 0;
+			b->st = b->left ? CH_DATA : CH_TRAIL0;
+			break;
+		case CH_DATA_CR:
+			if (c != '\r')
+				return PARSE_ERR;
+			b->st = CH_DATA_LF;
+			break;
+		case CH_DATA_LF:
+			if (c != '\n')
+				return PARSE_ERR;
+			b->st = CH_SIZE0;
+			break;
+		case CH_TRAIL0:
+			if (c == '\r') {
+				b->st = CH_END_LF;
+			} else if (IS(c, C_TCHAR)) {
+				b->st = CH_TRAIL;
+				b->line = 1;
+			} else {
+				return PARSE_ERR;  /* obs-fold or garbage */
+			}
+			break;
+		case CH_TRAIL:
+			if (c == '\r')
+				b->st = CH_TRAIL_LF;
+			else if (!IS(c, C_VCHAR) || ++b->line > CH_LINE_MAX)
+				return PARSE_ERR;
+			break;
+		case CH_TRAIL_LF:
+			if (c != '\n')
+				return PARSE_ERR;
+			b->st = CH_TRAIL0;
+			break;
+		case CH_END_LF:
+			if (c != '\n')
+				return PARSE_ERR;
+			b->st = CH_DONE;
+			*used = i + 1;
+			return PARSE_OK;
+		default:
+			*used = i;
+			return PARSE_OK;
+		}
+		i++;
+	}
+	*used = n;
+	return PARSE_MORE;
+}
+
+enum parse
+http_body_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
+{
+	switch (b->framing) {
+	case HTTP_BODY_LENGTH:
+		if (b->left > n) {
+			b->left -= n;
+			*used = n;
+			return PARSE_MORE;
+		}
+		*used = (size_t)b->left;
+		b->left = 0;
+		return PARSE_OK;
+	case HTTP_BODY_CHUNKED:
+		if (b->st == CH_DONE) {
+			*used = 0;
+			return PARSE_OK;
+		}
+		return http_chunked_scan(b, p, n, used);
+	case HTTP_BODY_CLOSE:
+		*used = n;
+		return PARSE_MORE;
+	default:
+		*used = 0;
+		return PARSE_OK;
+	}
+}
+
+const char *
+http_status_text(int status)
+{
+	switch (status) {
+	case 200: return "OK";
+	case 400: return "Bad Request";
+	case 403: return "Forbidden";
+	case 405: return "Method Not Allowed";
+	case 407: return "Proxy Authentication Required";
+	case 421: return "Misdirected Request";
+	case 431: return "Request Header Fields Too Large";
+	case 501: return "Not Implemented";
+	case 502: return "Bad Gateway";
+	case 504: return "Gateway Timeout";
+	case 505: return "HTTP Version Not Supported";
+	default: return "Error";
+	}
+}

@@ -1,0 +1,677 @@
+/*
+ * The HTTP message proxy behind the http and reverse instances.
+ *
+ * A session is one upstream connection. Its first request head arrives in
+ * hs_in (http_proxy_input): the module routes it, capd connects, and the
+ * relay starts with a filter (http_filter) that sees every byte both ways:
+ *
+ *  up    HEAD: parse the next request; same upstream: inject the rewritten
+ *        head (captured as sent), EAT the original; else hand the client on
+ *        BODY: pass Content-Length or chunked bytes in place, then WAIT
+ *        WAIT: the request is complete; the next bytes are held (END)
+ *  down  IDLE: no request outstanding; HEAD: parse the response (the original
+ *        head is captured as received, the rewritten one is sent); BODY as up
+ *
+ * When both the request and its response are done, the next request may go
+ * on. A request for another upstream, a CONNECT, or any request after an
+ * upstream that will not be reused moves the client socket, with the bytes
+ * held so far, to a new session (http_handoff); the old one closes. Error
+ * replies go through session_send before the relay runs, and through
+ * relay_inject + relay_finish after.
+ */
+#include "http-proxy.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "capd.h"
+#include "log.h"
+#include "relay.h"
+#include "session.h"
+#include "users.h"
+#include "xmalloc.h"
+
+#define HTTP_WAIT_REQUEST 60.0  /* seconds a client connection may sit before (or between) requests */
+#define HTTP_NOTE_MAX 200
+
+enum { UP_HEAD, UP_BODY, UP_WAIT, UP_TUNNEL };
+enum { DOWN_IDLE, DOWN_HEAD, DOWN_BODY, DOWN_TUNNEL };
+
+/* One session's HTTP state; owned by the session (proto_state), freed by http_proxy_session_free. */
+struct http_conn {
+	char host[HOST_MAX + 1];    /* the upstream this session is connected to */
+	uint16_t port;
+	bool connect;               /* CONNECT tunnel: no filter */
+	size_t connect_head;        /* bytes of the CONNECT head in hs_in */
+
+	uint8_t up, down;           /* UP_*, DOWN_* */
+	struct http_body up_body, down_body;
+	bool req_done, resp_done;   /* the current exchange */
+	bool req_head;              /* the request was HEAD */
+	bool req_upgrade;           /* the request asked for an Upgrade */
+	int req_minor;
+	bool client_keep;           /* the client connection outlives this response */
+	bool upstream_keep;         /* the upstream may carry the next request */
+	char *fail;                 /* reason when finishing with an error reply, owned */
+	struct buf head;            /* rewritten heads are built here */
+};
+
+/* Parse results live here only for the length of one callback. */
+static struct http_msg http_msg;
+
+static const struct relay_filter http_filter;
+
+/* ---- config ---- */
+
+int
+http_cfg_limits(struct http_cfg *cfg, struct params *p)
+{
+	uint64_t max;
+
+	if (params_size(p, "max_header_size", HTTP_HEAD_DEFAULT, &max) < 0)
+		return -1;
+	if (max < 1024 || max > HTTP_PROXY_HS_MAX)
+		return params_fail(p, "max_header_size", "max_header_size must be between 1K and 64K");
+	cfg->lim.max_head = (size_t)max;
+	cfg->lim.max_headers = HTTP_MAX_HEADERS;
+	return 0;
+}
+
+void
+http_cfg_free(struct instance *inst)
+{
+	struct http_cfg *cfg = inst->cfg;
+
+	if (cfg == NULL)
+		return;
+	users_free(cfg->users);
+	for (unsigned i = 0; i < cfg->nroutes; i++)
+		free(cfg->routes[i].pattern);
+	free(cfg->routes);
+	free(cfg);
+}
+
+/* "host", "host:port", "[v6]:port" of an http URL into t; -1 when malformed. */
+int
+http_authority(const char *a, size_t n, struct http_target *t)
+{
+	size_t hl, i;
+	const char *h = a, *port = NULL;
+	char host[HOST_MAX + 1];
+
+	if (n == 0 || memchr(a, '@', n))
+		return -1;
+	if (a[0] == '[') {
+		const char *close = memchr(a, ']', n);
+		if (close == NULL)
+			return -1;
+		h = a + 1;
+		hl = (size_t)(close - h);
+		if ((size_t)(close - a) + 1 < n) {
+			if (close[1] != ':')
+				return -1;
+			port = close + 2;
+		}
+	} else {
+		const char *colon = memchr(a, ':', n);
+		hl = colon ? (size_t)(colon - a) : n;
+		if (colon)
+			port = colon + 1;
+	}
+	if (hl == 0 || hl > HOST_MAX)
+		return -1;
+	memcpy(host, h, hl);
+	host[hl] = '\0';
+	if (a[0] == '[' ? !(addr_is_ip_literal(host) && strchr(host, ':')) : !(hostname_valid(host) || addr_is_ip_literal(host)))
+		return -1;
+	t->port = 80;
+	if (port) {
+		size_t pl = (size_t)(a + n - port);
+		unsigned v = 0;
+		if (pl == 0 || pl > 5)
+			return -1;
+		for (i = 0; i < pl; i++) {
+			if (port[i] < '0' || port[i] > '9')
+				return -1;
+			v = v * 10 + (unsigned)(port[i] - '0');
+		}
+		if (v == 0 || v > 65535)
+			return -1;
+		t->port = (uint16_t)v;
+	}
+	memcpy(t->host, host, hl + 1);
+	return 0;
+}
+
+/* ---- replies ---- */
+
+static void
+http_error_text(struct buf *b, int status, const char *why, bool auth)
+{
+	const char *text = http_status_text(status);
+	char body[512];
+	int n = snprintf(body, sizeof body, "%d %s: %s\n", status, text, why);
+
+	if (n < 0 || (size_t)n >= sizeof body)
+		n = (int)sizeof body - 1;
+	buf_printf(b,
+	           "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n"
+	           "%s\r\n",
+	           status, text, n, auth ? "Proxy-Authenticate: Basic realm=\"capd\"\r\n" : "");
+	buf_append(b, body, (size_t)n);
+}
+
+static char *
+http_reason(int status, const char *why)
+{
+	return xasprintf("%d %s: %s", status, http_status_text(status), why);
+}
+
+/* Before the relay: reply, then close. Unread request bytes are drained so
+ * the close is a FIN the client reads after the reply, not a reset. */
+static void
+http_fail_early(struct session *s, int status, const char *why)
+{
+	struct buf b = { 0 };
+	char *reason = http_reason(status, why);
+	uint8_t junk[4096];
+
+	http_error_text(&b, status, why, status == 407);
+	session_send(s, buf_head(&b), buf_used(&b));
+	buf_free(&b);
+	if (s->state != SESSION_CLOSED && s->client.fd >= 0) {
+		shutdown(s->client.fd, SHUT_WR);
+		for (int i = 0; i < 64 && read(s->client.fd, junk, sizeof junk) > 0; i++)
+			;
+	}
+	session_close(s, reason);
+	free(reason);
+}
+
+/* While relaying: the reply follows what the client already has, then a FIN;
+ * http_done closes the session with the reason. Reads from the client stop. */
+static void
+http_fail_late(struct session *s, int status, const char *why)
+{
+	struct http_conn *hc = s->proto_state;
+	struct buf b = { 0 };
+
+	if (hc->fail == NULL)
+		hc->fail = http_reason(status, why);
+	http_error_text(&b, status, why, status == 407);
+	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
+	buf_free(&b);
+	relay_finish(s, DIR_DOWN);
+	hc->up = UP_WAIT;
+	hc->down = DOWN_IDLE;
+}
+
+/* ---- routing and rewriting ---- */
+
+/* Parses and routes the request at p. PARSE_OK with t filled; PARSE_ERR with *status and *why. */
+static enum parse
+http_route_request(struct session *s, const uint8_t *p, size_t n, struct http_target *t, int *status,
+                   const char **why)
+{
+	struct http_cfg *cfg = s->inst->cfg;
+	struct http_msg *m = &http_msg;
+	enum parse rv = http_parse_request(p, n, &cfg->lim, m);
+	int st;
+
+	if (rv == PARSE_MORE)
+		return rv;
+	if (rv == PARSE_ERR) {
+		*status = m->status;
+		*why = m->why;
+		return rv;
+	}
+	memset(t, 0, sizeof *t);
+	if ((st = cfg->route(s, m, t, why)) != 0) {
+		*status = st;
+		return PARSE_ERR;
+	}
+	return PARSE_OK;
+}
+
+static void
+http_note(struct session *s, const struct http_msg *m, const struct http_target *t)
+{
+	if (s->note)
+		return;
+	s->note = xasprintf("%.*s %.*s%s%s", (int)m->method_len, m->method,
+	                    (int)(m->target_len < HTTP_NOTE_MAX ? m->target_len : HTTP_NOTE_MAX), m->target,
+	                    t->user ? " user=" : "", t->user ? t->user : "");
+}
+
+static bool
+http_hdr_is(const struct http_hdr *h, const char *name)
+{
+	return http_token_eq(h->name, h->name_len, name);
+}
+
+/* The request head as it goes upstream. */
+static void
+http_rewrite_request(struct session *s, const struct http_msg *m, const struct http_target *t, struct buf *b)
+{
+	struct http_cfg *cfg = s->inst->cfg;
+	char ip[ADDR_STRLEN];
+	bool xff = false;
+
+	buf_reset(b);
+	buf_append(b, m->method, m->method_len);
+	buf_append(b, " ", 1);
+	if (t->path) {
+		if (t->path_len == 0 || t->path[0] != '/')
+			buf_append(b, "/", 1);  /* "http://h" and "http://h?q" */
+		buf_append(b, t->path, t->path_len);
+	}
+	else
+		buf_append(b, m->target, m->target_len);
+	buf_printf(b, " HTTP/1.%d\r\n", m->minor);
+	if (!cfg->reverse && t->authority) {
+		buf_append(b, "Host: ", 6);
+		buf_append(b, t->authority, t->authority_len);
+		buf_append(b, "\r\n", 2);
+	}
+	addr_format_ip((struct sockaddr *)&s->client_addr, ip, sizeof ip);
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		const struct http_hdr *h = &m->hdr[i];
+
+		if (http_hop_by_hop(m, h->name, h->name_len) && !(m->conn_upgrade && http_hdr_is(h, "upgrade")))
+			continue;
+		if (!cfg->reverse && http_hdr_is(h, "host"))
+			continue;
+		if (cfg->reverse && (http_hdr_is(h, "x-forwarded-host") || http_hdr_is(h, "x-forwarded-proto")))
+			continue;
+		buf_append(b, h->name, h->name_len);
+		buf_append(b, ": ", 2);
+		buf_append(b, h->value, h->value_len);
+		if (cfg->reverse && http_hdr_is(h, "x-forwarded-for")) {
+			buf_printf(b, ", %s", ip);
+			xff = true;
+		}
+		buf_append(b, "\r\n", 2);
+	}
+	if (cfg->reverse) {
+		if (!xff)
+			buf_printf(b, "X-Forwarded-For: %s\r\n", ip);
+		if (m->host >= 0) {
+			buf_append(b, "X-Forwarded-Host: ", 18);
+			buf_append(b, m->hdr[m->host].value, m->hdr[m->host].value_len);
+			buf_append(b, "\r\n", 2);
+		}
+		buf_append(b, "X-Forwarded-Proto: http\r\n", 25);
+	}
+	if (m->conn_upgrade)
+		buf_append(b, "Connection: Upgrade\r\n", 21);
+	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
+}
+
+/* The response head as it goes to the client. */
+static void
+http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf *b)
+{
+	bool upgrade = m->status == 101;
+
+	buf_reset(b);
+	buf_printf(b, "HTTP/1.1 %03d ", m->status);
+	buf_append(b, m->reason, m->reason_len);
+	buf_append(b, "\r\n", 2);
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		const struct http_hdr *h = &m->hdr[i];
+
+		if (http_hop_by_hop(m, h->name, h->name_len) && !(upgrade && http_hdr_is(h, "upgrade")))
+			continue;
+		buf_append(b, h->name, h->name_len);
+		buf_append(b, ": ", 2);
+		buf_append(b, h->value, h->value_len);
+		buf_append(b, "\r\n", 2);
+	}
+	if (upgrade)
+		buf_append(b, "Connection: Upgrade\r\n", 21);
+	else if (m->status >= 200 && !hc->client_keep)
+		buf_append(b, "Connection: close\r\n", 19);
+	else if (m->status >= 200 && hc->req_minor == 0)
+		buf_append(b, "Connection: keep-alive\r\n", 24);
+	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
+}
+
+/* ---- sessions ---- */
+
+void
+http_proxy_accepted(struct session *s)
+{
+	struct http_conn *hc = xcalloc(1, sizeof *hc);
+
+	s->proto_state = hc;
+	s->proto = "http";
+	session_set_deadline(s, HTTP_WAIT_REQUEST);
+}
+
+void
+http_proxy_session_free(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+
+	if (hc == NULL)
+		return;
+	buf_free(&hc->head);
+	free(hc->fail);
+	free(hc);
+}
+
+/* The client socket, with bytes already read from it, goes on in a new session. */
+static void
+http_handoff(struct session *s, const uint8_t *p, size_t n)
+{
+	int fd = s->client.fd;
+	struct session *ns;
+	char why[64];
+
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	s->client.fd = -1;
+	ns = session_new(s->inst, fd, (struct sockaddr *)&s->client_addr);
+	if (n > 0)
+		buf_append(&ns->hs_in, p, n);
+	snprintf(why, sizeof why, "closed (client continues in session %llu)", (unsigned long long)ns->id);
+	session_close(s, why);
+	if (n > 0 && ns->state == SESSION_HANDSHAKE)
+		ns->inst->proto->input(ns);
+}
+
+void
+http_proxy_input(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+	struct http_target t;
+	const char *why = NULL;
+	int status = 0;
+	enum parse rv;
+
+	if (buf_used(&s->hs_in) == 0 && s->client_eof) {
+		session_close(s, "closed");
+		return;
+	}
+	rv = http_route_request(s, buf_head(&s->hs_in), buf_used(&s->hs_in), &t, &status, &why);
+	if (rv == PARSE_MORE) {
+		if (s->client_eof)
+			session_close(s, "client closed in a request head");
+		return;
+	}
+	if (rv == PARSE_ERR) {
+		http_fail_early(s, status, why);
+		return;
+	}
+	/* nothing more is read until the upstream is up: the relay takes over */
+	ev_io_stop(capd_loop, &s->client.rio);
+	http_note(s, &http_msg, &t);
+	snprintf(hc->host, sizeof hc->host, "%s", t.host);
+	hc->port = t.port;
+	hc->connect = t.connect;
+	if (t.connect) {
+		s->proto = "connect";
+		hc->connect_head = http_msg.head_len;
+	}
+	session_connect(s, t.host, t.port);
+}
+
+void
+http_proxy_connected(struct session *s, int err)
+{
+	struct http_conn *hc = s->proto_state;
+	static const char established[] = "HTTP/1.1 200 Connection Established\r\n\r\n";
+
+	if (err != 0) {
+		const char *why = s->why_connect ? s->why_connect : strerror(err);
+		http_fail_early(s, err == ETIMEDOUT ? 504 : 502, why);
+		return;
+	}
+	if (hc->connect) {
+		buf_consume(&s->hs_in, hc->connect_head);
+		session_send(s, established, sizeof established - 1);
+		if (s->state == SESSION_CLOSED)
+			return;
+		relay_start(s);
+		return;
+	}
+	hc->up = UP_HEAD;
+	hc->down = DOWN_IDLE;
+	s->filter = &http_filter;
+	relay_start(s);
+}
+
+/* ---- the filter ---- */
+
+/* Both halves of an exchange are done: the next request may come. */
+static enum relay_verdict
+http_next(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+	const uint8_t *p;
+	size_t n;
+
+	if (!hc->client_keep) {
+		session_close(s, "closed");
+		return RELAY_STOP;
+	}
+	if (!hc->upstream_keep) {
+		n = relay_held(s, DIR_UP, &p);
+		http_handoff(s, p, n);
+		return RELAY_STOP;
+	}
+	hc->up = UP_HEAD;
+	hc->down = DOWN_IDLE;
+	hc->req_done = hc->resp_done = false;
+	if (s->dir[DIR_UP].msg == RELAY_MSG_HELD)
+		relay_resume(s, DIR_UP);
+	if (s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
+		relay_resume(s, DIR_DOWN);
+	return RELAY_PASS;
+}
+
+static enum relay_verdict
+http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
+{
+	struct http_conn *hc = s->proto_state;
+	struct http_msg *m = &http_msg;
+	struct http_target t;
+	const char *why = NULL;
+	int status = 0;
+	enum parse rv = http_route_request(s, p, n, &t, &status, &why);
+
+	if (rv == PARSE_MORE)
+		return RELAY_MORE;
+	if (rv == PARSE_ERR) {
+		http_fail_late(s, status, why);
+		return RELAY_END;
+	}
+	if (t.connect || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
+		http_handoff(s, p, n);
+		return RELAY_STOP;
+	}
+	http_note(s, m, &t);
+	http_rewrite_request(s, m, &t, &hc->head);
+	session_data(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
+	relay_inject(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
+	http_body_init(&hc->up_body, m->framing, m->length);
+	hc->req_head = http_token_eq(m->method, m->method_len, "HEAD");
+	hc->req_upgrade = m->conn_upgrade;
+	hc->req_minor = m->minor;
+	hc->client_keep = m->minor == 1 ? !m->conn_close : m->conn_keepalive && !m->conn_close;
+	hc->req_done = http_body_done(&hc->up_body);
+	hc->resp_done = false;
+	hc->up = hc->req_done ? UP_WAIT : UP_BODY;
+	hc->down = DOWN_HEAD;
+	*used = m->head_len;
+	return RELAY_EAT;
+}
+
+static enum relay_verdict
+http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
+{
+	struct http_conn *hc = s->proto_state;
+	struct http_cfg *cfg = s->inst->cfg;
+	struct http_msg *m = &http_msg;
+	enum parse rv = http_parse_response(p, n, &cfg->lim, hc->req_head, m);
+
+	if (rv == PARSE_MORE)
+		return RELAY_MORE;
+	if (rv == PARSE_ERR) {
+		session_data(s, DIR_DOWN, p, n);  /* what the origin sent is still worth having */
+		http_fail_late(s, 502, m->status == 431 ? "response head too large" : m->why);
+		return RELAY_END;
+	}
+	session_data(s, DIR_DOWN, p, m->head_len);
+	*used = m->head_len;
+	if (m->status < 200 && m->status != 101) {
+		/* 100 Continue and friends: the final response follows */
+		http_rewrite_response(hc, m, &hc->head);
+		relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
+		return RELAY_EAT;
+	}
+	if (m->status == 101) {
+		if (!hc->req_upgrade) {
+			http_fail_late(s, 502, "101 Switching Protocols without an Upgrade request");
+			return RELAY_END;
+		}
+		http_rewrite_response(hc, m, &hc->head);
+		relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
+		hc->up = UP_TUNNEL;
+		hc->down = DOWN_TUNNEL;
+		if (s->dir[DIR_UP].msg == RELAY_MSG_HELD)
+			relay_resume(s, DIR_UP);
+		return RELAY_EAT;
+	}
+	if (m->framing == HTTP_BODY_CLOSE)
+		hc->client_keep = false;
+	hc->upstream_keep = m->framing != HTTP_BODY_CLOSE && !m->conn_close &&
+	                    (m->minor == 1 || m->conn_keepalive) && hc->req_minor == 1;
+	http_rewrite_response(hc, m, &hc->head);
+	relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
+	http_body_init(&hc->down_body, m->framing, m->length);
+	if (http_body_done(&hc->down_body)) {
+		hc->resp_done = true;
+		relay_hold(s, DIR_DOWN);
+	} else {
+		hc->down = DOWN_BODY;
+	}
+	return RELAY_EAT;
+}
+
+/* A body in direction d: pass it, and end the message with its last byte. */
+static enum relay_verdict
+http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *used)
+{
+	struct http_conn *hc = s->proto_state;
+	struct http_body *b = d == DIR_UP ? &hc->up_body : &hc->down_body;
+	enum parse rv = http_body_scan(b, p, n, used);
+
+	if (rv == PARSE_MORE)
+		return RELAY_PASS;
+	if (rv == PARSE_ERR) {
+		if (d == DIR_DOWN) {
+			session_close(s, "upstream sent bad chunked framing");
+			return RELAY_STOP;
+		}
+		http_fail_late(s, 400, "bad chunked framing");
+		return RELAY_END;
+	}
+	if (d == DIR_UP) {
+		hc->req_done = true;
+		hc->up = UP_WAIT;
+	} else {
+		hc->resp_done = true;
+	}
+	relay_hold(s, d);
+	return *used > 0 ? RELAY_PASS : RELAY_END;
+}
+
+static enum relay_verdict
+http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *used)
+{
+	struct http_conn *hc = s->proto_state;
+
+	if (d == DIR_UP) {
+		switch (hc->up) {
+		case UP_HEAD: return http_up_head(s, p, n, used);
+		case UP_BODY: return http_body(s, d, p, n, used);
+		case UP_TUNNEL: *used = n; return RELAY_PASS;
+		default: return RELAY_END;  /* the next request waits for this response */
+		}
+	}
+	switch (hc->down) {
+	case DOWN_HEAD: return http_down_head(s, p, n, used);
+	case DOWN_BODY: return http_body(s, d, p, n, used);
+	case DOWN_TUNNEL: *used = n; return RELAY_PASS;
+	default:
+		session_data(s, DIR_DOWN, p, n);
+		session_close(s, "upstream sent bytes with no request outstanding");
+		return RELAY_STOP;
+	}
+}
+
+static void
+http_filter_done(struct session *s, enum dir d)
+{
+	struct http_conn *hc = s->proto_state;
+
+	if (s->dir[d].shut) {
+		/* a FIN went to the client: nothing more can be said on this connection */
+		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL)
+			session_close(s, hc->fail ? hc->fail : "closed");
+		return;
+	}
+	if (d == DIR_DOWN && hc->resp_done && hc->req_done)
+		http_next(s);
+	else if (d == DIR_UP && hc->resp_done && hc->req_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
+		http_next(s);
+}
+
+static enum relay_verdict
+http_filter_eof(struct session *s, enum dir d)
+{
+	struct http_conn *hc = s->proto_state;
+	const uint8_t *p;
+	size_t n;
+
+	if (d == DIR_UP) {
+		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
+			session_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head" : "closed");
+			return RELAY_STOP;
+		}
+		return RELAY_PASS;
+	}
+	switch (hc->down) {
+	case DOWN_IDLE:
+		if (hc->fail)
+			return RELAY_PASS;
+		/* the origin closed an idle connection: the client's stays */
+		if (hc->client_keep && s->dir[DIR_UP].msg != RELAY_MSG_ENDING) {
+			n = relay_held(s, DIR_UP, &p);
+			http_handoff(s, p, n);
+		} else {
+			session_close(s, "closed");
+		}
+		return RELAY_STOP;
+	case DOWN_HEAD:
+		http_fail_late(s, 502, relay_held(s, d, &p) > 0 ? "upstream closed in the response head"
+		                                                 : "upstream closed without a response");
+		return RELAY_PASS;
+	case DOWN_BODY:
+		if (hc->down_body.framing != HTTP_BODY_CLOSE && hc->fail == NULL)
+			hc->fail = xstrdup("upstream closed in the response body");
+		return RELAY_PASS;
+	default:
+		return RELAY_PASS;
+	}
+}
+
+static const struct relay_filter http_filter = {
+	.data = http_filter_data,
+	.done = http_filter_done,
+	.eof = http_filter_eof,
+};

@@ -1,0 +1,74 @@
+/*
+ * The HTTP message proxy shared by the forward (proto-http.c) and reverse
+ * (proto-reverse.c) instances: request heads are parsed (http-parse.c),
+ * routed by the instance's module, rewritten and injected through a relay
+ * filter; bodies pass through the relay in place. One session per upstream
+ * connection: when the next request on a client connection needs another
+ * upstream, the client's socket moves to a new session (docs/notes-http.md).
+ */
+#ifndef CAPD_HTTP_PROXY_H
+#define CAPD_HTTP_PROXY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "addr.h"
+#include "buf.h"
+#include "http-parse.h"
+#include "instance.h"
+
+struct session;
+struct users;
+
+/* A route of a reverse instance: `route = pattern=host:port`. */
+struct http_route {
+	char *pattern;              /* "www.example.com", "*.api.test" or "*" */
+	struct hostport to;
+};
+
+/* Where a request goes, as the module decided. */
+struct http_target {
+	char host[HOST_MAX + 1];
+	uint16_t port;
+	bool connect;               /* a CONNECT tunnel */
+	const char *path;           /* forward: the origin-form target (into the head); NULL: as received */
+	size_t path_len;
+	const char *authority;      /* forward: the URL's host[:port] for the Host header */
+	size_t authority_len;
+	const char *user;           /* authenticated proxy user, or NULL */
+};
+
+/* The instance config of http and reverse (inst->cfg); http_cfg_free frees it. */
+struct http_cfg {
+	bool reverse;
+	struct http_limits lim;
+	/* http */
+	struct users *users;        /* NULL: no proxy auth */
+	bool connect_any;           /* connect_ports = * */
+	uint16_t connect_ports[64];
+	unsigned nconnect_ports;
+	/* reverse */
+	struct http_route *routes;
+	unsigned nroutes;
+	bool have_default;
+	struct hostport def;
+	/* the module: picks the upstream for a parsed request; 0, or an HTTP status with *why */
+	int (*route)(struct session *s, const struct http_msg *m, struct http_target *t, const char **why);
+};
+
+/* "host", "host:port", "[v6]:port" (a URL's authority, no userinfo) into t->host
+ * and t->port (80 when absent); -1 when malformed. */
+int http_authority(const char *a, size_t n, struct http_target *t);
+/* Reads max_header_size into cfg->lim; -1 with the error recorded in p. */
+int http_cfg_limits(struct http_cfg *cfg, struct params *p);
+void http_cfg_free(struct instance *inst);
+
+/* The struct proto callbacks both modules use. */
+void http_proxy_accepted(struct session *s);
+void http_proxy_input(struct session *s);
+void http_proxy_connected(struct session *s, int err);
+void http_proxy_session_free(struct session *s);
+
+#define HTTP_PROXY_HS_MAX (64 * 1024)  /* = RELAY_BUF: a head, leftover and all, fits the relay */
+
+#endif

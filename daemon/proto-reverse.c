@@ -1,0 +1,184 @@
+/*
+ * reverse: the reverse HTTP proxy. Each request is routed by its Host (exact
+ * names first, then the longest matching `*.suffix`, then `default`), keeps
+ * its Host and gains X-Forwarded-For/-Host/-Proto; 421 when nothing routes.
+ * Framing, keep-alive and capture are http-proxy.c's.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http-proxy.h"
+#include "log.h"
+#include "session.h"
+#include "xmalloc.h"
+
+static const char *const reverse_keys[] = {
+	"route", "default", "max_header_size",
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+};
+
+/* The route for name: exact patterns win, then the longest wildcard. */
+static const struct http_route *
+reverse_match(const struct http_cfg *cfg, const char *name)
+{
+	const struct http_route *best = NULL;
+	size_t best_len = 0;
+
+	for (unsigned i = 0; i < cfg->nroutes; i++) {
+		const struct http_route *r = &cfg->routes[i];
+		if (r->pattern[0] != '*' && hostname_match(r->pattern, name))
+			return r;
+	}
+	for (unsigned i = 0; i < cfg->nroutes; i++) {
+		const struct http_route *r = &cfg->routes[i];
+		size_t len = strlen(r->pattern);
+		if (r->pattern[0] == '*' && len > best_len && hostname_match(r->pattern, name)) {
+			best = r;
+			best_len = len;
+		}
+	}
+	return best;
+}
+
+static int
+reverse_route(struct session *s, const struct http_msg *m, struct http_target *t, const char **why)
+{
+	struct http_cfg *cfg = s->inst->cfg;
+	const struct hostport *to = NULL;
+	struct http_target host = { 0 };
+	const char *a = NULL;
+	size_t an = 0;
+
+	if (http_token_eq(m->method, m->method_len, "CONNECT")) {
+		*why = "CONNECT is not served by a reverse proxy";
+		return 405;
+	}
+	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://")) {
+		/* absolute form: its authority names the host, the rest goes upstream */
+		size_t i;
+		for (i = 7; i < m->target_len && m->target[i] != '/' && m->target[i] != '?'; i++)
+			;
+		a = m->target + 7;
+		an = i - 7;
+		t->path = m->target + i;
+		t->path_len = m->target_len - i;
+	} else if (m->target[0] != '/' && !(m->target_len == 1 && m->target[0] == '*')) {
+		*why = "bad request target";
+		return 400;
+	} else if (m->host >= 0) {
+		a = m->hdr[m->host].value;
+		an = m->hdr[m->host].value_len;
+	}
+	if (a && http_authority(a, an, &host) < 0) {
+		*why = "bad Host";
+		return 400;
+	}
+	if (a) {
+		const struct http_route *r = reverse_match(cfg, host.host);
+		if (r)
+			to = &r->to;
+	}
+	if (to == NULL && cfg->have_default)
+		to = &cfg->def;
+	if (to == NULL) {
+		*why = a ? "no route for this Host" : "no Host and no default route";
+		return 421;
+	}
+	snprintf(t->host, sizeof t->host, "%s", to->host);
+	t->port = to->port;
+	return 0;
+}
+
+static int
+reverse_configure(struct instance *inst, struct params *p)
+{
+	struct http_cfg *cfg = xcalloc(1, sizeof *cfg);
+	json_t *routes = params_list(p, "route"), *e;
+	const char *def = params_str(p, "default", NULL);
+	char *why = NULL;
+	size_t i;
+
+	inst->cfg = cfg;
+	cfg->reverse = true;
+	cfg->route = reverse_route;
+	if (http_cfg_limits(cfg, p) < 0)
+		return -1;
+	if (routes && json_array_size(routes) > 0)
+		cfg->routes = xcalloc(json_array_size(routes), sizeof *cfg->routes);
+	json_array_foreach(routes, i, e) {
+		const char *v = json_string_value(e), *eq = v ? strchr(v, '=') : NULL;
+		struct http_route *r = &cfg->routes[cfg->nroutes];
+		char *pat;
+
+		if (eq == NULL || eq == v)
+			return params_fail(p, "route", "bad route '%s': expected host=addr:port", v ? v : "");
+		pat = xstrndup(v, (size_t)(eq - v));
+		if (!(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
+		      addr_is_ip_literal(pat))) {
+			params_fail(p, "route", "bad host pattern '%s' in route", pat);
+			free(pat);
+			return -1;
+		}
+		r->pattern = pat;
+		cfg->nroutes++;
+		if (hostport_parse(eq + 1, &r->to, &why) < 0) {
+			params_fail(p, "route", "bad route '%s': %s", v, why);
+			free(why);
+			return -1;
+		}
+	}
+	if (def) {
+		if (hostport_parse(def, &cfg->def, &why) < 0) {
+			params_fail(p, "default", "%s", why);
+			free(why);
+			return -1;
+		}
+		cfg->have_default = true;
+	}
+	if (cfg->nroutes == 0 && !cfg->have_default)
+		return params_fail(p, NULL, "a reverse instance needs 'route = host=addr:port' or 'default = addr:port'");
+	return 0;
+}
+
+static void
+reverse_hostport(json_t *a, const struct hostport *hp, const char *pattern)
+{
+	char s[2 * HOST_MAX + 16];
+
+	snprintf(s, sizeof s, strchr(hp->host, ':') ? "%s%s[%s]:%u" : "%s%s%s:%u", pattern ? pattern : "",
+	         pattern ? "=" : "", hp->host, hp->port);
+	json_array_append_new(a, json_string(s));
+}
+
+static void
+reverse_describe(struct instance *inst, json_t *o)
+{
+	struct http_cfg *cfg = inst->cfg;
+	json_t *a = json_array();
+
+	for (unsigned i = 0; i < cfg->nroutes; i++)
+		reverse_hostport(a, &cfg->routes[i].to, cfg->routes[i].pattern);
+	json_object_set_new(o, "routes", a);
+	if (cfg->have_default) {
+		json_t *d = json_array();
+		reverse_hostport(d, &cfg->def, NULL);
+		json_object_set(o, "default", json_array_get(d, 0));
+		json_decref(d);
+	}
+	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
+}
+
+const struct proto proto_reverse = {
+	.name = "reverse",
+	.keys = reverse_keys,
+	.listens = true,
+	.hs_max = HTTP_PROXY_HS_MAX,
+	.configure = reverse_configure,
+	.accepted = http_proxy_accepted,
+	.input = http_proxy_input,
+	.connected = http_proxy_connected,
+	.session_free = http_proxy_session_free,
+	.free = http_cfg_free,
+	.describe = reverse_describe,
+};

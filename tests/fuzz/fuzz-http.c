@@ -1,0 +1,64 @@
+/* Fuzzes the HTTP/1.x parser as the http and reverse proxies use it: the
+ * request head (growing byte by byte up to the whole input, as reads arrive),
+ * the response head, and the body framing after each head, split in two. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "http-parse.h"
+
+static struct http_msg m;
+
+static void
+fuzz_body(const struct http_msg *msg, const uint8_t *p, size_t n)
+{
+	struct http_body b;
+	size_t used = 0, half = n / 2, total = 0;
+	enum parse rv;
+
+	http_body_init(&b, msg->framing, msg->length);
+	rv = http_body_scan(&b, p, half, &used);
+	if (used > half)
+		__builtin_trap();
+	total = used;
+	if (rv == PARSE_MORE) {
+		rv = http_body_scan(&b, p + half, n - half, &used);
+		if (used > n - half)
+			__builtin_trap();
+		total += used;
+	}
+	if (rv == PARSE_OK && !http_body_done(&b))
+		__builtin_trap();
+	(void)total;
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct http_limits lim = { .max_head = 4096, .max_headers = 32 };
+	enum parse rv = PARSE_MORE;
+	size_t n;
+
+	/* the first byte picks a split point for incremental parsing */
+	n = size > 0 ? (size_t)data[0] * size / 256 : 0;
+	if (http_parse_request(data, n, &lim, &m) == PARSE_OK && m.head_len > n)
+		__builtin_trap();
+	rv = http_parse_request(data, size, &lim, &m);
+	if (rv == PARSE_OK) {
+		if (m.head_len > size)
+			__builtin_trap();
+		for (unsigned i = 0; i < m.nhdr; i++)
+			(void)http_hop_by_hop(&m, m.hdr[i].name, m.hdr[i].name_len);
+		fuzz_body(&m, data + m.head_len, size - m.head_len);
+	}
+	rv = http_parse_response(data, size, &lim, size > 0 && (data[0] & 1), &m);
+	if (rv == PARSE_OK) {
+		if (m.head_len > size)
+			__builtin_trap();
+		fuzz_body(&m, data + m.head_len, size - m.head_len);
+	}
+	/* bodies on their own */
+	struct http_msg chunked = { .framing = HTTP_BODY_CHUNKED };
+	fuzz_body(&chunked, data, size);
+	return 0;
+}

@@ -1,0 +1,506 @@
+"""Issue 5: the http instance (forward HTTP proxy with CONNECT), with real
+clients (curl, wget), a Python origin that echoes what it receives, and a
+TLS nginx behind CONNECT. Every capture is checked with tshark."""
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of, wait_port
+
+
+class Origin:
+    """An HTTP/1.1 origin in a thread. Records each request (line, headers,
+    body) and answers by path:
+      /echo         the request body back (Content-Length)
+      /chunked      the request body back, chunked
+      /status/N     status N, empty body
+      /close        a close-delimited HTTP/1.0-style body
+      /ws           101 Switching Protocols, then echoes raw bytes
+      anything else "hello from PATH" (Content-Length)"""
+
+    def __init__(self, name="origin"):
+        self.requests = []
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def body(self):
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        line = self.rfile.readline()
+                        n = int(line.split(b";")[0], 16)
+                        if n == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return data
+                        data += self.rfile.read(n)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length", 0))
+                return self.rfile.read(n) if n else b""
+
+            def answer(self):
+                body = self.body()
+                origin.requests.append({"line": self.requestline, "headers": dict(self.headers.items()),
+                                        "raw_headers": str(self.headers), "body": body})
+                path = self.path
+                if path.startswith("/status/"):
+                    self.send_response(int(path[8:]))
+                    if int(path[8:]) not in (204, 304):
+                        self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if path == "/ws":
+                    self.send_response(101)
+                    self.send_header("Upgrade", "websocket")
+                    self.send_header("Connection", "Upgrade")
+                    self.end_headers()
+                    self.wfile.flush()
+                    while True:
+                        d = self.connection.recv(65536)
+                        if not d:
+                            break
+                        self.connection.sendall(d)
+                    self.close_connection = True
+                    return
+                if path == "/close":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(b"until the close " * 100)
+                    self.close_connection = True
+                    return
+                if path == "/chunked":
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(body), 7000):
+                        part = body[i:i + 7000]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                out = body if path == "/echo" else f"hello from {name} {path}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(out)))
+                self.send_header("X-Origin", name)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = answer
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def origin():
+    o = Origin("a")
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def origin_b():
+    o = Origin("b")
+    yield o
+    o.close()
+
+
+def curl(*args, timeout=60, env=None):
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *map(str, args)],
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def raw(port, data, timeout=5.0, shut=False):
+    """Sends data, reads until the proxy closes (or timeout); returns the bytes."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                out += d
+        except socket.timeout:
+            pass
+    return out
+
+
+def status_of(reply):
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else None
+
+
+def add_http(capd, *args):
+    port = free_port()
+    capd.ctl("add", "http", "--port", port, "--name", "h", *args)
+    return port
+
+
+def sessions(capd):
+    return [s for s in capd.ctl("sessions", json_out=True) if s["instance"] == "h"]
+
+
+def closed_sessions(capd, n):
+    return capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "h" and s["state"] == "closed"]) >= n)
+
+
+def test_get_and_headers(capd, origin):
+    port = add_http(capd)
+    r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/hello?x=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from a /hello?x=1\n"
+    req = origin.requests[-1]
+    assert req["line"] == "GET /hello?x=1 HTTP/1.1"        # origin form
+    assert req["headers"]["Host"] == f"127.0.0.1:{origin.port}"
+    assert "Proxy-Connection" not in req["headers"]
+    assert req["headers"]["Via"] == "1.1 capd"
+
+
+def test_hop_by_hop_removed(capd, origin):
+    port = add_http(capd)
+    reply = raw(port, (f"GET http://127.0.0.1:{origin.port}/x HTTP/1.1\r\nHost: wrong.test\r\n"
+                       "Connection: close, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+                       "Trailer: X\r\nUpgrade: h2c\r\nProxy-Authorization: Basic eDp5\r\nX-Kept: k\r\n\r\n").encode())
+    assert status_of(reply) == 200
+    assert b"Connection: close\r\n" in reply
+    h = origin.requests[-1]["headers"]
+    for gone in ("X-Secret", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Authorization", "Connection"):
+        assert gone not in h, gone
+    assert h["X-Kept"] == "k"
+    assert h["Host"] == f"127.0.0.1:{origin.port}"   # from the URL, not the client's Host
+
+
+def test_post_content_length_and_chunked(capd, origin, tmp_path):
+    port = add_http(capd)
+    data = os.urandom(300000)
+    f = tmp_path / "body.bin"
+    f.write_bytes(data)
+    proxy = f"http://127.0.0.1:{port}"
+    # Content-Length both ways, without and with Expect: 100-continue
+    r = curl("-x", proxy, "-H", "Expect:", "--data-binary", f"@{f}", f"http://127.0.0.1:{origin.port}/echo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+    r = curl("-x", proxy, "-H", "Expect: 100-continue", "--data-binary", f"@{f}", f"http://127.0.0.1:{origin.port}/echo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+    # chunked request, chunked response
+    r = curl("-x", proxy, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}",
+             f"http://127.0.0.1:{origin.port}/chunked")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+    assert origin.requests[-1]["headers"]["Transfer-Encoding"] == "chunked"
+
+
+def test_two_urls_reuse_client_connection(capd, origin):
+    port = add_http(capd)
+    r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/one",
+             f"http://127.0.0.1:{origin.port}/two")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from a /one\nhello from a /two\n"
+    assert b"Re-using existing connection" in r.stderr
+    # the origin kept its connection too: one session carried both exchanges
+    ss = closed_sessions(capd, 1)
+    h = [s for s in ss if s["instance"] == "h" and s["bytes_up"] > 0]
+    assert len(h) == 1, h
+    assert h[0]["target"] == f"127.0.0.1:{origin.port}"
+    assert h[0]["bytes_down"] > 2 * len(b"hello from a /one\n")
+
+
+def test_two_origins_one_client_connection(capd, origin, origin_b):
+    port = add_http(capd)
+    r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/one",
+             f"http://127.0.0.1:{origin_b.port}/two", f"http://127.0.0.1:{origin.port}/three")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from a /one\nhello from b /two\nhello from a /three\n"
+    assert r.stderr.count(b"Re-using existing connection") == 2
+    ss = closed_sessions(capd, 3)
+    used = [s for s in ss if s["instance"] == "h" and s["bytes_up"] > 0]
+    # one session per upstream connection, all on the same client connection
+    assert [s["target"] for s in used] == [f"127.0.0.1:{p}" for p in (origin.port, origin_b.port, origin.port)]
+    assert len({s["client"] for s in used}) == 1
+    assert "continues in session" in used[0]["reason"]
+
+
+def test_http10_origin_and_wget(capd, http_server):
+    hport, www = http_server
+    (www / "data.bin").write_bytes(os.urandom(70000))
+    port = add_http(capd)
+    env = dict(os.environ, http_proxy=f"http://127.0.0.1:{port}")
+    r = subprocess.run(["wget", "-q", "-O", "-", f"http://127.0.0.1:{hport}/data.bin"], capture_output=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (www / "data.bin").read_bytes()
+    # an HTTP/1.0 origin (python http.server): the client connection still persists
+    r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{hport}/", f"http://127.0.0.1:{hport}/")
+    assert r.stdout == b"hello from the origin\n" * 2
+    assert b"Re-using existing connection" in r.stderr
+
+
+def test_http10_client(capd, origin):
+    port = add_http(capd)
+    reply = raw(port, f"GET http://127.0.0.1:{origin.port}/old HTTP/1.0\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b"Connection: close\r\n" in reply
+    assert reply.endswith(b"hello from a /old\n")
+    assert origin.requests[-1]["line"] == "GET /old HTTP/1.0"
+    # keep-alive asked by a 1.0 client is honoured
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i in range(2):
+            s.sendall(f"GET http://127.0.0.1:{origin.port}/k{i} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            got = b""
+            while not got.endswith(f"/k{i}\n".encode()):
+                d = s.recv(4096)
+                assert d, got
+                got += d
+            assert b"Connection: keep-alive\r\n" in got
+
+
+def test_bodiless_responses_keep_framing(capd, origin):
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    reqs = (f"HEAD {u}/head HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {u}/status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {u}/status/304 HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {u}/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = raw(port, reqs.encode())   # pipelined: answered in order
+    assert reply.count(b"HTTP/1.1 ") == 4, reply
+    assert [status_of(b"HTTP/1.1 " + part) for part in reply.split(b"HTTP/1.1 ")[1:]] == [200, 204, 304, 200]
+    assert reply.endswith(b"hello from a /last\n")
+
+
+def test_close_delimited_response(capd, origin):
+    port = add_http(capd)
+    r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/close")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"until the close " * 100
+
+
+def test_websocket_upgrade(capd, origin):
+    port = add_http(capd)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET http://127.0.0.1:{origin.port}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                  "Upgrade: websocket\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 101 ")
+        assert b"Upgrade: websocket\r\n" in got
+        assert origin.requests[-1]["headers"]["Upgrade"] == "websocket"
+        s.sendall(b"raw frames after the switch")
+        echo = b""
+        while len(echo) < 27:
+            echo += s.recv(4096)
+        assert echo == b"raw frames after the switch"
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nX: 1\r\n folded\r\n\r\n", 400),
+    (b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+    (b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET http://bad_host!/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET http://127.0.0.1:1/ HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),
+    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+    (b"CONNECT 127.0.0.1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+])
+def test_malformed(capd_factory, origin, request_bytes, status):
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = {port}\nmax_header_size = 8K\n")
+    reply = raw(port, request_bytes)
+    assert status_of(reply) == status, reply
+    assert b"Connection: close\r\n" in reply
+    ss = closed_sessions(capd, 1)
+    assert ss[-1]["reason"].startswith(str(status)), ss[-1]
+    assert f"{status} " in capd.log()
+    # and the daemon keeps serving
+    r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/after")
+    assert r.stdout == b"hello from a /after\n"
+
+
+def test_malformed_later_request_on_a_kept_connection(capd, origin):
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    reply = raw(port, (f"GET {u}/first HTTP/1.1\r\nHost: x\r\n\r\n"
+                       f"GET {u}/second HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").encode())
+    assert reply.count(b"HTTP/1.1 ") == 2
+    assert b"hello from a /first\n" in reply
+    assert b"HTTP/1.1 400 Bad Request" in reply
+    assert len(origin.requests) == 1
+
+
+def test_upstream_errors(capd_factory):
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = {port}\nconnect_timeout = 1s\n")
+    dead = free_port()
+    reply = raw(port, f"GET http://127.0.0.1:{dead}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(reply) == 502
+    assert b"Connection refused" in reply
+    reply = raw(port, b"GET http://no-such-host.invalid/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(reply) == 502
+    assert b"resolve" in reply
+    # a listener whose backlog is full drops SYNs: the connect times out
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    hold.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(hold.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    time.sleep(0.2)
+    t0 = time.time()
+    reply = raw(port, f"GET http://127.0.0.1:{hold.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                timeout=10)
+    for f in fillers:
+        f.close()
+    hold.close()
+    assert status_of(reply) == 504, reply
+    assert time.time() - t0 < 5
+    assert "504 Gateway Timeout" in capd.log()
+
+
+def test_proxy_auth(capd_factory, origin):
+    port = free_port()
+    capd_factory(f"[http h]\nlisten = {port}\nauth = bob:s3cret\n")
+    url = f"http://127.0.0.1:{origin.port}/private"
+    reply = raw(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(reply) == 407
+    assert b'Proxy-Authenticate: Basic realm="capd"\r\n' in reply
+    r = curl("-x", f"http://127.0.0.1:{port}", "-U", "bob:wrong", "-w", "%{http_code}", url)
+    assert r.stdout.endswith(b"407")
+    r = curl("-x", f"http://127.0.0.1:{port}", "-U", "bob:s3cret", url)
+    assert r.stdout == b"hello from a /private\n"
+    assert "Proxy-Authorization" not in origin.requests[-1]["headers"]
+
+
+@pytest.fixture
+def tls_nginx(tmp_path):
+    d = tmp_path / "nginx"
+    (d / "logs").mkdir(parents=True)
+    (d / "www").mkdir()
+    (d / "www" / "index.html").write_text("hello over tls\n")
+    (d / "www" / "big.bin").write_bytes(os.urandom(500000))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(d / "srv.key"), "-out", str(d / "srv.pem"), "-days", "2", "-subj", "/CN=tls.test"],
+                   check=True, capture_output=True)
+    port = free_port()
+    (d / "nginx.conf").write_text(
+        f"daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
+        + ("user root;\n" if os.geteuid() == 0 else "") +
+        f"events {{ worker_connections 64; }}\n"
+        f"http {{ access_log off; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp;\n"
+        f" fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n"
+        f" server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {d}/srv.pem; ssl_certificate_key {d}/srv.key;\n"
+        f"  root {d}/www; }} }}\n")
+    p = subprocess.Popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        p.kill()
+        pytest.skip("nginx did not start: " + (d / "logs" / "error.log").read_text())
+    yield port, d / "www"
+    p.terminate()
+    p.wait(5)
+
+
+def test_connect_tls(capd_factory, tls_nginx, origin):
+    tport, www = tls_nginx
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = {port}\nconnect_ports = 443,{tport}\n")
+    r = curl("-p", "-x", f"http://127.0.0.1:{port}", "-k", f"https://127.0.0.1:{tport}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello over tls\n"
+    r = curl("-p", "-x", f"http://127.0.0.1:{port}", "-k", f"https://127.0.0.1:{tport}/big.bin")
+    assert r.stdout == (www / "big.bin").read_bytes()
+    ss = closed_sessions(capd, 2)
+    t = [s for s in ss if s["instance"] == "h"]
+    assert all(s["proto"] == "connect" and s["target"] == f"127.0.0.1:{tport}" for s in t)
+    assert t[-1]["bytes_down"] > 500000
+    # a port not in connect_ports
+    r = curl("-p", "-x", f"http://127.0.0.1:{port}", "-k", f"https://127.0.0.1:{origin.port}/")
+    assert r.returncode != 0
+    assert b"403" in r.stderr
+    # the tunnelled bytes are what the capture shows: a TLS handshake both ways
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    stream = tcp_stream_of(pcap, t[0]["id"])
+    assert stream is not None
+    up, down = follow_tcp(pcap, stream)
+    assert up[:1] == b"\x16" and down[:1] == b"\x16"
+    assert b"CONNECT" not in up and b"Connection Established" not in down
+    check_pcap_clean(pcap)
+
+
+def test_capture_shows_origin_form(capd, origin, tmp_path):
+    port = add_http(capd)
+    data = os.urandom(20000)
+    f = tmp_path / "b"
+    f.write_bytes(data)
+    r = curl("-x", f"http://127.0.0.1:{port}", "-H", "Expect:", "--data-binary", f"@{f}",
+             f"http://127.0.0.1:{origin.port}/echo", f"http://127.0.0.1:{origin.port}/second")
+    assert r.stdout == data + b"hello from a /second\n"
+    ss = closed_sessions(capd, 1)
+    s = [x for x in ss if x["instance"] == "h" and x["bytes_up"] > 0][0]
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    stream = tcp_stream_of(pcap, s["id"])
+    assert stream is not None
+    up, down = follow_tcp(pcap, stream)
+    assert up.startswith(b"POST /echo HTTP/1.1\r\n")
+    assert b"Via: 1.1 capd\r\n" in up and b"Proxy-Connection" not in up
+    assert data in up
+    assert up.count(data) == 2              # curl posts the data to both URLs
+    assert data + b"POST /second HTTP/1.1\r\n" in up
+    assert len(up) == s["bytes_up"]
+    # the responses as the origin sent them (no Via of ours), bodies whole
+    assert down.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Via:" not in down
+    assert data in down and down.endswith(b"hello from a /second\n")
+    assert len(down) == s["bytes_down"]
+    tshark = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && http.request",
+                             "-T", "fields", "-e", "http.request.uri"], capture_output=True, text=True)
+    assert tshark.stdout.split() == ["/echo", "/second"]
+    check_pcap_clean(pcap)
+
+
+def test_instance_object(capd):
+    port = free_port()
+    capd.ctl("add", "http", "--port", port, "--connect-ports", "443,8443", "--auth", "u:p")
+    lst = capd.ctl("list", json_out=True)
+    h = [i for i in lst if i["type"] == "http"][0]
+    assert h["name"] == f"http-{port}"
+    assert h["connect_ports"] == [443, 8443]
+    assert h["auth"] is True
+    r = capd.ctl("add", "http", "--port", free_port(), "--connect-ports", "443,x", check=False)
+    assert r.returncode == 1 and "connect_ports" in r.stderr

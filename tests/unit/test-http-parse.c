@@ -1,0 +1,340 @@
+/* Unit tests for daemon/http-parse.c: request and status lines, headers,
+ * limits, framing, smuggling shapes, chunked scanning (issue 5). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "http-parse.h"
+
+static struct http_msg m;
+
+static enum parse
+req(const char *s)
+{
+	return http_parse_request((const uint8_t *)s, strlen(s), NULL, &m);
+}
+
+static enum parse
+resp(const char *s, bool head)
+{
+	return http_parse_response((const uint8_t *)s, strlen(s), NULL, head, &m);
+}
+
+static void
+expect_err(const char *s, int status)
+{
+	enum parse rv = req(s);
+	if (rv != PARSE_ERR || m.status != status)
+		fail_msg("request %s: rv %d status %d (%s), expected ERR %d", s, rv, m.status, m.why ? m.why : "", status);
+}
+
+static void
+test_request_line(void **state)
+{
+	(void)state;
+	assert_int_equal(req("GET http://a.test/x?y HTTP/1.1\r\nHost: a.test\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.method_len, 3);
+	assert_memory_equal(m.method, "GET", 3);
+	assert_int_equal(m.target_len, 17);
+	assert_memory_equal(m.target, "http://a.test/x?y", 17);
+	assert_int_equal(m.minor, 1);
+	assert_int_equal(m.framing, HTTP_BODY_NONE);
+	assert_int_equal(m.head_len, strlen("GET http://a.test/x?y HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+	/* HTTP/1.0 needs no Host */
+	assert_int_equal(req("GET / HTTP/1.0\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.minor, 0);
+	/* one stray empty line before the request is allowed */
+	assert_int_equal(req("\r\nGET / HTTP/1.0\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.head_len, 20);
+	assert_int_equal(req("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"), PARSE_OK);
+
+	expect_err("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400);
+	expect_err("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	expect_err("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	expect_err("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505);
+	expect_err("GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505);
+	expect_err("GET / HTTX/1.1\r\nHost: a\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\n\r\n", 400);  /* no Host */
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400);
+	expect_err("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400);  /* TLS to a plain proxy */
+}
+
+static void
+test_more(void **state)
+{
+	const char *full = "POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+	size_t head = strlen(full) - 5;
+
+	(void)state;
+	for (size_t n = 0; n < head; n++)
+		if (http_parse_request((const uint8_t *)full, n, NULL, &m) != PARSE_MORE)
+			fail_msg("prefix %zu not MORE: %s", n, m.why);
+	assert_int_equal(http_parse_request((const uint8_t *)full, head, NULL, &m), PARSE_OK);
+	assert_int_equal(m.head_len, head);
+	assert_int_equal(m.framing, HTTP_BODY_LENGTH);
+	assert_int_equal(m.length, 5);
+}
+
+static void
+test_headers(void **state)
+{
+	const struct http_hdr *h;
+
+	(void)state;
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost:a\r\nX-A:  v  w \t\r\nEmpty:\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.nhdr, 3);
+	h = http_header(&m, "x-a");
+	assert_non_null(h);
+	assert_int_equal(h->value_len, 4);
+	assert_memory_equal(h->value, "v  w", 4);
+	h = http_header(&m, "EMPTY");
+	assert_non_null(h);
+	assert_int_equal(h->value_len, 0);
+	/* obs-text is allowed in values */
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nX: caf\xc3\xa9\r\n\r\n"), PARSE_OK);
+
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", 400);   /* obs-fold */
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\n\tX: 1\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n", 400);            /* space before colon */
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\n: v\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\x01z\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\rz\r\n\r\n", 400);          /* bare CR */
+	expect_err("GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400);               /* bare LF */
+	expect_err("GET / HTTP/1.1\nHost: a\n\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fz\r\n\r\n", 400);
+}
+
+static void
+test_limits(void **state)
+{
+	struct http_limits lim = { .max_head = 1024, .max_headers = 4 };
+	char big[2048];
+
+	(void)state;
+	snprintf(big, sizeof big, "GET / HTTP/1.1\r\nHost: a\r\nX: %0900d\r\n\r\n", 0);
+	assert_int_equal(http_parse_request((const uint8_t *)big, strlen(big), &lim, &m), PARSE_OK);
+	snprintf(big, sizeof big, "GET / HTTP/1.1\r\nHost: a\r\nX: %01100d\r\n\r\n", 0);
+	assert_int_equal(http_parse_request((const uint8_t *)big, strlen(big), &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 431);
+	/* an unfinished head at the limit can never fit */
+	assert_int_equal(http_parse_request((const uint8_t *)big, 1024, &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 431);
+	assert_int_equal(http_parse_request((const uint8_t *)big, 1023, &lim, &m), PARSE_MORE);
+	const char *many = "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
+	assert_int_equal(http_parse_request((const uint8_t *)many, strlen(many), &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 431);
+	lim.max_headers = 5;
+	assert_int_equal(http_parse_request((const uint8_t *)many, strlen(many), &lim, &m), PARSE_OK);
+}
+
+static void
+test_framing(void **state)
+{
+	(void)state;
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_LENGTH);
+	assert_int_equal(m.length, 12);
+	/* the same value twice, or as a list, is one value */
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 7\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.length, 7);
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7, 7\r\n\r\n"), PARSE_OK);
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_CHUNKED);
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_CHUNKED);
+
+	/* smuggling shapes */
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 8\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7, 8\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 2\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 501);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", 400);
+	expect_err("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400);
+	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400);
+}
+
+static void
+test_connection(void **state)
+{
+	(void)state;
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, X-Secret\r\nX-Secret: 1\r\n"
+	                     "Proxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: 2\r\n\r\n"),
+	                 PARSE_OK);
+	assert_true(m.conn_keepalive);
+	assert_false(m.conn_close);
+	assert_true(http_hop_by_hop(&m, "X-Secret", 8));
+	assert_true(http_hop_by_hop(&m, "connection", 10));
+	assert_true(http_hop_by_hop(&m, "Proxy-Connection", 16));
+	assert_true(http_hop_by_hop(&m, "Proxy-Authorization", 19));
+	assert_true(http_hop_by_hop(&m, "TE", 2));
+	assert_true(http_hop_by_hop(&m, "Keep-Alive", 10));
+	assert_false(http_hop_by_hop(&m, "X-Kept", 6));
+	assert_false(http_hop_by_hop(&m, "Host", 4));
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"), PARSE_OK);
+	assert_true(m.conn_close);
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), PARSE_OK);
+	assert_true(m.conn_upgrade);
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\r\n"), PARSE_OK);
+	assert_false(m.conn_upgrade);  /* no Upgrade header: nothing to upgrade to */
+	assert_int_equal(req("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"), PARSE_OK);
+	assert_true(m.expect_continue);
+}
+
+static void
+test_response(void **state)
+{
+	(void)state;
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false), PARSE_OK);
+	assert_int_equal(m.status, 200);
+	assert_int_equal(m.reason_len, 2);
+	assert_int_equal(m.framing, HTTP_BODY_LENGTH);
+	assert_int_equal(m.head_len, 38);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_NONE);  /* HEAD */
+	assert_int_equal(resp("HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_NONE);
+	assert_int_equal(resp("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_NONE);
+	assert_int_equal(resp("HTTP/1.1 100 Continue\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_NONE);
+	assert_int_equal(resp("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", false),
+	                 PARSE_OK);
+	assert_int_equal(m.status, 101);
+	assert_int_equal(resp("HTTP/1.0 200 OK\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_CLOSE);
+	assert_int_equal(resp("HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_CHUNKED);
+	assert_int_equal(m.reason_len, 0);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_CLOSE);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n", false), PARSE_MORE);
+
+	assert_int_equal(resp("HTTP/1.1 20 OK\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 2000 OK\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 099 OK\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("ICY 200 OK\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+	                 PARSE_ERR);
+	assert_int_equal(m.status, 502);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX: 1\r\n folded\r\n\r\n", false), PARSE_ERR);
+}
+
+/* Scans body bytes split at every position; returns where the body ended or -1. */
+static long
+scan_split(enum http_framing f, uint64_t len, const char *s, size_t n, size_t cut)
+{
+	struct http_body b;
+	size_t used = 0, off = 0;
+	enum parse rv;
+
+	http_body_init(&b, f, len);
+	rv = http_body_scan(&b, (const uint8_t *)s, cut, &used);
+	if (rv == PARSE_ERR)
+		return -1;
+	if (rv == PARSE_OK)
+		return (long)used;
+	off = used;
+	rv = http_body_scan(&b, (const uint8_t *)s + off, n - off, &used);
+	if (rv == PARSE_ERR)
+		return -1;
+	if (rv == PARSE_MORE)
+		return -2;
+	return (long)(off + used);
+}
+
+static void
+test_chunked(void **state)
+{
+	const char *ok[] = {
+		"0\r\n\r\n",
+		"5\r\nhello\r\n0\r\n\r\n",
+		"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n",
+		"5 ;ext\r\nhello\r\n0\r\n\r\n",
+		"1\r\nx\r\n0\r\nTrailer: yes\r\nX: 2\r\n\r\n",
+		"000000000000005\r\nhello\r\n0\r\n\r\n",
+	};
+	const char *bad[] = {
+		"x\r\n",
+		"5\nhello\r\n0\r\n\r\n",
+		"5\r\nhelloX\r\n",
+		"5\r\nhello\n0\r\n\r\n",
+		"-5\r\n",
+		"0000000000000005\r\n",        /* 16 digits */
+		"5 5\r\n",
+		"5\r\nhello\r\n0\r\n folded: trailer\r\n\r\n",
+		"5\r\nhello\r\n0\r\n\n",
+		";\r\n",
+	};
+	char tail[64];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+		size_t n = strlen(ok[i]);
+		/* with a next request behind it: the body must end exactly */
+		snprintf(tail, sizeof tail, "%sGET", ok[i]);
+		for (size_t cut = 0; cut <= n; cut++) {
+			long end = scan_split(HTTP_BODY_CHUNKED, 0, tail, n + 3, cut);
+			if (end != (long)n)
+				fail_msg("chunked %zu cut %zu: end %ld, expected %zu", i, cut, end, n);
+		}
+	}
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		size_t n = strlen(bad[i]);
+		if (scan_split(HTTP_BODY_CHUNKED, 0, bad[i], n, n) != -1)
+			fail_msg("bad chunked %zu accepted", i);
+	}
+}
+
+static void
+test_length(void **state)
+{
+	struct http_body b;
+	size_t used;
+
+	(void)state;
+	assert_int_equal(scan_split(HTTP_BODY_LENGTH, 5, "helloGET", 8, 2), 5);
+	assert_int_equal(scan_split(HTTP_BODY_LENGTH, 5, "hel", 3, 3), -2);
+	http_body_init(&b, HTTP_BODY_LENGTH, 0);
+	assert_true(http_body_done(&b));
+	assert_int_equal(http_body_scan(&b, (const uint8_t *)"x", 1, &used), PARSE_OK);
+	assert_int_equal(used, 0);
+	http_body_init(&b, HTTP_BODY_CLOSE, 0);
+	assert_int_equal(http_body_scan(&b, (const uint8_t *)"xyz", 3, &used), PARSE_MORE);
+	assert_int_equal(used, 3);
+	assert_false(http_body_done(&b));
+	http_body_init(&b, HTTP_BODY_NONE, 0);
+	assert_true(http_body_done(&b));
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_request_line),
+		cmocka_unit_test(test_more),
+		cmocka_unit_test(test_headers),
+		cmocka_unit_test(test_limits),
+		cmocka_unit_test(test_framing),
+		cmocka_unit_test(test_connection),
+		cmocka_unit_test(test_response),
+		cmocka_unit_test(test_chunked),
+		cmocka_unit_test(test_length),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
