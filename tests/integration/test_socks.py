@@ -733,7 +733,7 @@ def test_exposed_without_users_warns(capd_factory):
     # a UDP ASSOCIATE on a wildcard relay names the address the client used
     s = s5_open(port)
     rep, rhost, rport = s5_request(s, 3, "0.0.0.0", 0)
-    assert rep == 0 and rhost == "127.0.0.1" and rport == port
+    assert rep == 0 and rhost == "127.0.0.1" and rport != 0  # the TCP port, unless UDP had it taken
     s.close()
 
 
