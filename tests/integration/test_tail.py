@@ -53,6 +53,21 @@ class Reader:
         return bytes(self.data)
 
 
+def calls(capd, method):
+    """How many times capd has dispatched method (its debug log names each call)."""
+    return capd.log().count(f" calls {method}")
+
+
+def wait_calls(capd, method, n, timeout=10.0):
+    """Waits until capd has handled method n times, then a moment for the reply to go out."""
+    deadline = time.time() + timeout
+    while calls(capd, method) < n:
+        if time.time() > deadline:
+            raise TimeoutError(f"capd never handled {method} #{n}")
+        time.sleep(0.02)
+    time.sleep(0.05)
+
+
 def forward(capd, to_port, name=None):
     port = free_port()
     args = ["add", "forward", "--port", port, "--to", f"127.0.0.1:{to_port}"]
@@ -209,8 +224,9 @@ def test_backlog_keeps_last_bytes(capd_factory, echo_server):
     s, sid = open_session(capd, port)
     s.sendall(b"old")
     time.sleep(0.2)
+    n = calls(capd, "session.tail")
     p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", "--backlog", "0")
-    time.sleep(0.5)
+    wait_calls(capd, "session.tail", n + 1)
     s.sendall(b"new")
     time.sleep(0.2)
     s.close()
@@ -334,7 +350,7 @@ def test_tail_events_sees_curl_sessions(capd, http_server):
     ph = tail_proc(capd, "events")
     outj, outh = Reader(pj.stdout), Reader(ph.stdout)
     try:
-        # instance.add tells us both subscriptions are live
+        wait_calls(capd, "events.subscribe", 2)
         port = forward(capd, hport, name="web")
         outj.wait(lambda d: b'"instance.add"' in d)
         outh.wait(lambda d: b"instance.add web forward" in d)
@@ -446,8 +462,7 @@ def test_rotate_event(capd):
     p = tail_proc(capd, "events", "--json")
     out = Reader(p.stdout)
     try:
-        capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "sync")
-        out.wait(lambda d: b'"instance.add"' in d)
+        wait_calls(capd, "events.subscribe", 1)
         st = capd.ctl("capture", "rotate", json_out=True)
         out.wait(lambda d: b'"capture.rotate"' in d)
     finally:
@@ -466,6 +481,7 @@ def test_capture_follow(capd, echo_server, tmp_path):
         p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow", "--instance", "fw"],
                              stdout=f, stderr=subprocess.PIPE)
     try:
+        wait_calls(capd, "capture.follow", 1)
         deadline = time.time() + 10
         while path.stat().st_size == 0 and time.time() < deadline:
             time.sleep(0.02)
@@ -506,7 +522,7 @@ def test_capture_follow_pipe_ends_with_reader(capd, echo_server):
     p = subprocess.Popen(f"'{CAPCTL}' -s '{capd.sock}' capture follow | tshark -r - -c 3 -T fields -e tcp.flags; "
                          "echo status ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    wait_calls(capd, "capture.follow", 1)
     s, sid = open_session(capd, port)
     s.sendall(b"x")
     s.recv(10)
