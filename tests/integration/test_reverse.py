@@ -1,0 +1,161 @@
+"""Issue 5: the reverse instance, routing by Host to real origins (the
+recording origin of test_http), with keep-alive, bodies and capture."""
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of
+from test_http import Origin, raw, status_of
+
+
+@pytest.fixture
+def origins():
+    a, b, c = Origin("www"), Origin("api"), Origin("default")
+    yield a, b, c
+    for o in (a, b, c):
+        o.close()
+
+
+def curl(*args, timeout=60):
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *map(str, args)], capture_output=True, timeout=timeout)
+
+
+def reverse(capd_factory, origins, default=False):
+    a, b, c = origins
+    port = free_port()
+    conf = (f"[reverse r]\nlisten = {port}\nroute = www.example.com=127.0.0.1:{a.port}\n"
+            f"route = *.api.test=127.0.0.1:{b.port}\n")
+    if default:
+        conf += f"default = 127.0.0.1:{c.port}\n"
+    return capd_factory(conf), port
+
+
+def closed(capd, n):
+    return capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "r" and s["state"] == "closed"]) >= n)
+
+
+def test_routes_by_host(capd_factory, origins):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    r = curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/index.html?q=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from www /index.html?q=1\n"
+    req = a.requests[-1]
+    assert req["line"] == "GET /index.html?q=1 HTTP/1.1"
+    assert req["headers"]["Host"] == "www.example.com"          # kept
+    assert req["headers"]["X-Forwarded-For"] == "127.0.0.1"
+    assert req["headers"]["X-Forwarded-Host"] == "www.example.com"
+    assert req["headers"]["X-Forwarded-Proto"] == "http"
+    # wildcard at any depth, the port in Host ignored for routing, case-insensitive
+    for host in ("v1.api.test", "a.b.API.test:8081"):
+        r = curl("-H", f"Host: {host}", f"http://127.0.0.1:{port}/x")
+        assert r.stdout == b"hello from api /x\n", host
+    assert b.requests[-1]["headers"]["Host"] == "a.b.API.test:8081"
+
+
+def test_no_route_421(capd_factory, origins):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    for host in ("unknown.test", "api.test", "example.com"):
+        reply = raw(port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert status_of(reply) == 421, (host, reply)
+        assert b"no route" in reply
+    ss = closed(capd, 3)
+    assert all(s["reason"].startswith("421 Misdirected Request") for s in ss if s["instance"] == "r")
+    assert "421 Misdirected Request" in capd.log()
+    # still serving
+    r = curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/")
+    assert r.stdout == b"hello from www /\n"
+
+
+def test_default_route(capd_factory, origins):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins, default=True)
+    r = curl("-H", "Host: elsewhere.test", f"http://127.0.0.1:{port}/d")
+    assert r.stdout == b"hello from default /d\n"
+    reply = raw(port, b"GET /old HTTP/1.0\r\n\r\n")      # no Host at all: the default
+    assert reply.endswith(b"hello from default /old\n")
+
+
+def test_forwarded_for_appends(capd_factory, origins):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    r = curl("-H", "Host: www.example.com", "-H", "X-Forwarded-For: 10.0.0.1", "-H", "X-Forwarded-Host: evil",
+             f"http://127.0.0.1:{port}/")
+    assert r.returncode == 0
+    h = a.requests[-1]["headers"]
+    assert h["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert h["X-Forwarded-Host"] == "www.example.com"
+    assert "evil" not in a.requests[-1]["raw_headers"]
+
+
+def test_bodies_and_keepalive(capd_factory, origins, tmp_path):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    data = os.urandom(200000)
+    f = tmp_path / "body"
+    f.write_bytes(data)
+    r = curl("-H", "Host: www.example.com", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}",
+             f"http://127.0.0.1:{port}/chunked")
+    assert r.stdout == data
+    r = curl("-H", "Host: www.example.com", "-H", "Expect:", "--data-binary", f"@{f}", f"http://127.0.0.1:{port}/echo")
+    assert r.stdout == data
+    # two requests for two upstreams on one client connection, answered in order
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /1 HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /2 HTTP/1.1\r\nHost: x.api.test\r\n"
+                  b"Connection: close\r\n\r\n")
+        got = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+    assert got.index(b"hello from www /1\n") < got.index(b"hello from api /2\n")
+    ss = closed(capd, 4)
+    last = [x for x in ss if x["instance"] == "r"][-2:]
+    assert [x["target"] for x in last] == [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+    assert last[0]["client"] == last[1]["client"]
+
+
+def test_reverse_capture(capd_factory, origins):
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    r = curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/cap")
+    assert r.stdout == b"hello from www /cap\n"
+    s = [x for x in closed(capd, 1) if x["instance"] == "r" and x["bytes_up"] > 0][0]
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    stream = tcp_stream_of(pcap, s["id"])
+    up, down = follow_tcp(pcap, stream)
+    assert up.startswith(b"GET /cap HTTP/1.1\r\nHost: www.example.com\r\n")
+    assert b"X-Forwarded-For: 127.0.0.1\r\n" in up
+    assert down.startswith(b"HTTP/1.1 200 OK\r\n") and down.endswith(b"hello from www /cap\n")
+    check_pcap_clean(pcap)
+
+
+def test_reverse_malformed(capd_factory, origins):
+    capd, port = reverse(capd_factory, origins)
+    for req, st in ((b"GET / HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+                    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+                    (b"CONNECT www.example.com:443 HTTP/1.1\r\nHost: www.example.com\r\n\r\n", 405),
+                    (b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n", 400)):
+        assert status_of(raw(port, req)) == st, req
+
+
+def test_capctl_add_reverse(capd, origins):
+    a, b, c = origins
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--route", f"www.example.com=127.0.0.1:{a.port}",
+             "--route", f"*.api.test=127.0.0.1:{b.port}", "--default", f"127.0.0.1:{c.port}")
+    lst = capd.ctl("list", json_out=True)
+    inst = [i for i in lst if i["type"] == "reverse"][0]
+    assert inst["name"] == f"reverse-{port}"
+    assert inst["routes"] == [f"www.example.com=127.0.0.1:{a.port}", f"*.api.test=127.0.0.1:{b.port}"]
+    assert inst["default"] == f"127.0.0.1:{c.port}"
+    r = curl("-H", "Host: q.api.test", f"http://127.0.0.1:{port}/")
+    assert r.stdout == b"hello from api /\n"
+    bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", "nohost", check=False)
+    assert bad.returncode != 0
