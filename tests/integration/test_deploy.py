@@ -443,3 +443,180 @@ def test_bash_completion():
     assert set(complete(["capctl", "capture", ""])) >= {"status", "rotate"}
     assert "lo" in complete(["capctl", "add", "sniff", "--interface", ""])
     assert "--json" in complete(["capctl", "list", "--"])
+
+
+# --- the real thing: systemd as PID 1 of a private namespace ------------------
+
+BOOT_INNER = r"""#!/bin/sh
+# In fresh PID, mount, UTS, network and cgroup namespaces: private /run, /tmp
+# and /var folders, the test's units and files copied in, then systemd.
+set -e
+mount -t cgroup2 none /sys/fs/cgroup
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system /run/capd-test
+cp -a "$1/units/." /run/systemd/system/
+cp -a "$1/payload/." /run/capd-test/
+for d in /tmp /var/lib /var/log /var/cache /var/tmp; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+chmod 1777 /tmp /var/tmp
+exec /lib/systemd/systemd --system --unit=capd-test.target --log-target=console --log-level=notice
+"""
+
+BOOT_TARGET = """[Unit]
+Description=capd test boot: the journal and the units under test, nothing else
+DefaultDependencies=no
+Wants=systemd-journald.socket systemd-journald-dev-log.socket systemd-journald.service
+After=systemd-journald.socket systemd-journald.service
+"""
+
+# Units a real boot would start that act on the machine; masked in the namespace.
+BOOT_MASK = """systemd-sysctl.service systemd-sysusers.service systemd-tmpfiles-setup.service
+systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.timer systemd-journal-flush.service timers.target
+systemd-udevd.service systemd-udev-trigger.service systemd-udev-settle.service systemd-udevd-control.socket
+systemd-udevd-kernel.socket systemd-modules-load.service systemd-random-seed.service systemd-remount-fs.service
+systemd-machine-id-commit.service systemd-firstboot.service systemd-hwdb-update.service kmod-static-nodes.service
+systemd-binfmt.service proc-sys-fs-binfmt_misc.automount sys-kernel-config.mount sys-kernel-debug.mount
+sys-kernel-tracing.mount sys-fs-fuse-connections.mount dev-hugepages.mount dev-mqueue.mount
+systemd-update-utmp.service systemd-journal-catalog-update.service ldconfig.service systemd-pstore.service
+systemd-logind.service getty.target console-getty.service systemd-networkd.service systemd-resolved.service
+systemd-timesyncd.service systemd-update-done.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer
+fstrim.timer dpkg-db-backup.timer cron.service dbus.service dbus.socket""".split()
+
+
+class NsSystemd:
+    """systemd booted in its own namespaces, driven with nsenter."""
+
+    def __init__(self, base):
+        self.base = base
+        self.cg = None
+        self.proc = None
+        self.pid = None
+
+    def boot(self, timeout=20):
+        root = Path("/sys/fs/cgroup/unified")
+        if not (root / "cgroup.procs").exists():
+            root = Path("/sys/fs/cgroup")
+            if not (root / "cgroup.subtree_control").exists():
+                pytest.skip("no cgroup v2 hierarchy to give the test's systemd a subtree of its own")
+        # a cgroup of its own, which becomes the root of the namespace's cgroup tree
+        self.cg = root / f"capd-boot-{os.getpid()}"
+        self.cg.mkdir(exist_ok=True)
+        (self.base / "inner.sh").write_text(BOOT_INNER)
+        os.chmod(self.base / "inner.sh", 0o755)
+        self.log = open(self.base / "boot.log", "wb")
+        self.proc = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {self.cg}/cgroup.procs && exec unshare --pid --fork --kill-child --mount '
+                         f'--mount-proc --uts --net --cgroup {self.base}/inner.sh {self.base}'],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                break
+            kids = run("pgrep", "-P", self.proc.pid, check=False).stdout.split()
+            if kids:
+                self.pid = int(kids[0])
+                r = self.ctl("systemctl", "is-system-running", check=False)
+                if r.stdout.strip() in ("running", "degraded"):
+                    return
+            time.sleep(0.2)
+        log = (self.base / "boot.log").read_text(errors="replace")[-2000:]
+        self.stop()
+        pytest.skip(f"systemd did not boot in a namespace here: {log}")
+
+    def ctl(self, *args, check=True, timeout=30):
+        return run("nsenter", "-t", self.pid, "-p", "-m", "-n", "-u", *args, check=check, timeout=timeout)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            if self.pid:
+                subprocess.run(["nsenter", "-t", str(self.pid), "-p", "-m", "systemctl", "poweroff", "-ff"],
+                               capture_output=True, timeout=15)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # unshare --kill-child takes systemd with it
+                self.proc.wait(10)
+        if getattr(self, "log", None):
+            self.log.close()
+        if self.cg is not None:
+            for _ in range(50):
+                dirs = sorted((p for p in self.cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+                for d in dirs + [self.cg]:
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+                if not self.cg.exists():
+                    break
+                time.sleep(0.1)
+            self.cg = None
+
+
+def test_systemd_boot_in_namespace(installed, tmp_path):
+    """Issue 10, the real thing: systemd as PID 1 of private PID, mount, UTS,
+    network and cgroup namespaces; `systemctl start capd`, `capctl status`,
+    `systemctl reload capd` (same main PID), `systemctl stop capd`; capd's
+    lines in `journalctl -u capd` with their priorities; then capd.socket
+    starts capd on the first capctl. The installed units are used as they are,
+    with paths pointed at the installed tree copied into the namespace."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if not Path("/lib/systemd/systemd").exists():
+        pytest.skip("systemd is not installed (apt-get install systemd)")
+    dest, prefix, sysconfdir = installed
+    base = Path(tempfile.mkdtemp(prefix="capd-boot.", dir="/tmp"))
+    units, payload = base / "units", base / "payload"
+    units.mkdir()
+    (payload / "sbin").mkdir(parents=True)
+    (payload / "bin").mkdir()
+    shutil.copy2(under(dest, os.path.join(prefix, "sbin/capd")), payload / "sbin/capd")
+    shutil.copy2(under(dest, os.path.join(prefix, "bin/capctl")), payload / "bin/capctl")
+    # the installed config, with no control_group: the group capd does not exist on this machine
+    conf = under(dest, os.path.join(sysconfdir, "capd/capd.conf")).read_text()
+    (payload / "capd.conf").write_text(conf.replace("\ncontrol_group = capd", "\n;control_group = capd"))
+    for u in ("capd.service", "capd.socket"):
+        text = under(dest, os.path.join(prefix, "lib/systemd/system", u)).read_text()
+        text = text.replace(os.path.join(prefix, "sbin/capd"), "/run/capd-test/sbin/capd")
+        text = text.replace(os.path.join(sysconfdir, "capd/capd.conf"), "/run/capd-test/capd.conf")
+        text = text.replace("SocketGroup=capd", "SocketGroup=root")
+        (units / u).write_text(text)
+    (units / "capd-test.target").write_text(BOOT_TARGET)
+    for m in BOOT_MASK:
+        os.symlink("/dev/null", units / m)
+    sd = NsSystemd(base)
+    try:
+        sd.boot()
+        capctl = ["/run/capd-test/bin/capctl", "-s", "/run/capd/capd.sock"]
+        sd.ctl("systemctl", "start", "capd.service", timeout=30)
+        assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
+        r = sd.ctl(*capctl, "--json", "status")
+        st = json.loads(r.stdout)
+        pid = sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip()
+        assert str(st["pid"]) == pid and pid != "0", (st, pid)
+        sd.ctl(*capctl, "add", "forward", "--port", "4444", "--to", "127.0.0.1:4445")
+        sd.ctl("systemctl", "reload", "capd.service", timeout=30)
+        assert sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip() == pid
+        assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
+        assert "forward-4444" in sd.ctl(*capctl, "list").stdout  # a reload keeps capctl's instances
+        sd.ctl("systemctl", "stop", "capd.service", timeout=30)
+        assert sd.ctl("systemctl", "is-active", "capd.service", check=False).stdout.strip() == "inactive"
+        # the journal: capd's lines with the priorities capd gave them
+        out = sd.ctl("journalctl", "-u", "capd.service", "-o", "json", "--no-pager").stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        mine = [(e.get("PRIORITY"), e.get("MESSAGE")) for e in entries if e.get("_COMM") == "capd"]
+        assert any(p == "5" and "ready" in str(m) for p, m in mine), mine
+        assert any(p == "6" and "reloaded" in str(m) for p, m in mine), mine
+        assert any(p == "5" and "stopping on signal" in str(m) for p, m in mine), mine
+        assert not any(str(m).startswith("<") for _, m in mine), mine
+        # socket activation: the first capctl starts capd, which takes the socket
+        sd.ctl("systemctl", "start", "capd.socket", timeout=30)
+        assert sd.ctl("systemctl", "is-active", "capd.service", check=False).stdout.strip() == "inactive"
+        st = json.loads(sd.ctl(*capctl, "--json", "status").stdout)
+        assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
+        out = sd.ctl("journalctl", "-u", "capd.service", "--no-pager", "-o", "cat").stdout
+        assert "socket passed by systemd" in out, out[-2000:]
+    finally:
+        sd.stop()
+        shutil.rmtree(base, ignore_errors=True)
