@@ -210,7 +210,7 @@ ptrace_why(const char *what, int err)
 }
 
 static void
-addr_unmap(struct sockaddr_storage *ss)
+trace_addr_unmap(struct sockaddr_storage *ss)
 {
 	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
 	struct sockaddr_in s4 = { .sin_family = AF_INET };
@@ -225,10 +225,10 @@ addr_unmap(struct sockaddr_storage *ss)
 
 /* v4 beside a v6 end: the v6 end is a v4-mapped or unspecified address of a dual-stack socket */
 static void
-addr_pair_fix(struct sockaddr_storage *local, struct sockaddr_storage *remote)
+trace_addr_pair_fix(struct sockaddr_storage *local, struct sockaddr_storage *remote)
 {
-	addr_unmap(local);
-	addr_unmap(remote);
+	trace_addr_unmap(local);
+	trace_addr_unmap(remote);
 	if (local->ss_family == AF_INET6 && remote->ss_family == AF_INET) {
 		struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_port = ((struct sockaddr_in6 *)local)->sin6_port };
 		memset(local, 0, sizeof *local);
@@ -237,7 +237,7 @@ addr_pair_fix(struct sockaddr_storage *local, struct sockaddr_storage *remote)
 }
 
 static bool
-addr_unspec(const struct sockaddr_storage *ss)
+trace_addr_unspec(const struct sockaddr_storage *ss)
 {
 	static const struct in6_addr any6 = IN6ADDR_ANY_INIT;
 
@@ -249,7 +249,7 @@ addr_unspec(const struct sockaddr_storage *ss)
 }
 
 static bool
-addr_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+trace_addr_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
 	if (a->ss_family != b->ss_family)
 		return false;
@@ -266,13 +266,13 @@ addr_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 
 /* The source address the kernel would pick toward remote, for a socket bound to the wildcard. */
 static void
-addr_route_source(struct sockaddr_storage *local, const struct sockaddr_storage *remote)
+trace_route_source(struct sockaddr_storage *local, const struct sockaddr_storage *remote)
 {
 	struct sockaddr_storage ss;
 	socklen_t len = sizeof ss;
 	int fd;
 
-	if (!addr_unspec(local) || (remote->ss_family != AF_INET && remote->ss_family != AF_INET6))
+	if (!trace_addr_unspec(local) || (remote->ss_family != AF_INET && remote->ss_family != AF_INET6))
 		return;
 	if ((fd = socket(remote->ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
 		return;
@@ -634,13 +634,13 @@ sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 	bool tcp;
 
 	(void)t;
-	if (s->have_local && !addr_unspec(&s->local) && addr_port((const struct sockaddr *)&s->local) != 0 &&
+	if (s->have_local && !trace_addr_unspec(&s->local) && addr_port((const struct sockaddr *)&s->local) != 0 &&
 	    (s->have_remote || !s->tcp))
 		return;
 	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, NULL))
 		return;
 	s->tcp = tcp;
-	if (!s->have_local || addr_unspec(&s->local) || addr_port((const struct sockaddr *)&s->local) == 0) {
+	if (!s->have_local || trace_addr_unspec(&s->local) || addr_port((const struct sockaddr *)&s->local) == 0) {
 		s->local = l;
 		s->have_local = true;
 	}
@@ -662,13 +662,13 @@ sock_is_mirror(struct tracer *t, struct tsock *me, const struct sockaddr_storage
 {
 	for (int h = 0; h < TRACE_HASH; h++)
 		for (struct tsock *o = t->socks[h]; o; o = o->next) {
-			if (o == me || o->tcp != me->tcp || !addr_same(&o->local, remote))
+			if (o == me || o->tcp != me->tcp || !trace_addr_same(&o->local, remote))
 				continue;
-			if (o->tcp && o->opened && !o->mirror && addr_same(&o->remote, local))
+			if (o->tcp && o->opened && !o->mirror && trace_addr_same(&o->remote, local))
 				return true;
 			if (!o->tcp)
 				for (struct uflow *f = o->flows; f; f = f->next)
-					if (!f->mirror && addr_same(&f->remote, local))
+					if (!f->mirror && trace_addr_same(&f->remote, local))
 						return true;
 		}
 	return false;
@@ -683,8 +683,8 @@ sock_open_tcp(struct tracer *t, struct ttask *k, struct tsock *s)
 	sock_learn(t, k, s);
 	if (!s->have_local || !s->have_remote)
 		return false;
-	addr_pair_fix(&s->local, &s->remote);
-	addr_route_source(&s->local, &s->remote);
+	trace_addr_pair_fix(&s->local, &s->remote);
+	trace_route_source(&s->local, &s->remote);
 	s->opened = true;
 	if ((s->mirror = sock_is_mirror(t, s, &s->local, &s->remote)))
 		return false;
@@ -708,9 +708,9 @@ sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct s
 	sock_learn(t, k, s);
 	if (!s->have_local)
 		return NULL;
-	addr_unmap(&r);
+	trace_addr_unmap(&r);
 	for (f = s->flows; f; f = f->next)
-		if (addr_same(&f->remote, &r))
+		if (trace_addr_same(&f->remote, &r))
 			return s->last = f;
 	f = trace_calloc(1, sizeof *f);
 	f->remote = r;
@@ -719,8 +719,8 @@ sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct s
 	f->next = s->flows;
 	s->flows = f;
 	s->last = f;
-	addr_pair_fix(&s->local, &f->remote);
-	addr_route_source(&s->local, &f->remote);
+	trace_addr_pair_fix(&s->local, &f->remote);
+	trace_route_source(&s->local, &f->remote);
 	if ((f->mirror = sock_is_mirror(t, s, &s->local, &f->remote)))
 		return f;
 	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, f->server, &f->remote, TRACE_SEND, NULL, 0, NULL);

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, follow_tcp, tcp_stream_of, tshark, wait_port
+from conftest import CAPCTL, check_pcap_clean, follow_tcp, tcp_stream_of, tshark, wait_port
 
 PY = "/usr/bin/python3"
 
@@ -74,6 +74,7 @@ def test_trace_curl_exact_stream(capd, http_server):
     assert up.endswith(b"\r\n\r\n") and len(up) == s["bytes_up"]
     assert down.startswith(b"HTTP/1.0 200 OK\r\n")
     assert down.endswith(body) and len(down) == s["bytes_down"]
+    check_pcap_clean(pcap)
     # the comment names the session, the instance and the process
     c = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {s["id"]} "', "-T", "fields",
                "-e", "frame.comment").stdout
@@ -512,3 +513,78 @@ def test_trace_many_threads(capd, http_server):
     for i in range(8):
         body = 3000 + 1000 * i
         assert len([x for x in sizes if body < x < body + 400]) == 3, sizes
+
+
+def test_trace_capctl_killed(capd, http_server):
+    """capctl dies: the command dies with it (EXITKILL), capd ends the sessions and the instance."""
+    port, _ = http_server
+    script = textwrap.dedent(f"""
+        import socket, sys, time
+        s = socket.create_connection(("127.0.0.1", {port}))
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        s.recv(65536)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "k9", "--", PY, "-c", script],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        app = [s for s in capd.ctl("list", json_out=True) if s["name"] == "k9"][0]["pid"]
+        p.kill()
+        p.wait(10)
+        ss = closed_sessions(capd, "k9", 1)
+        assert ss[-1]["reason"] == "trace ended"
+        assert not [i for i in capd.ctl("list", json_out=True) if i["name"] == "k9"]
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{app}") and open(f"/proc/{app}/stat").read().split()[2] != "Z":
+            assert time.time() < deadline, "the traced command outlived capctl"
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_trace_pid_socket_from_before(capd, echo_server):
+    """--pid: a connection the process opened before capctl attached is recorded from its next byte."""
+    script = textwrap.dedent(f"""
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        print("up", flush=True)
+        sys.stdin.readline()
+        s.sendall(b"after attach")
+        got = b""
+        while len(got) < 12:
+            got += s.recv(100)
+        s.close()
+        print("done", flush=True)
+        sys.stdin.readline()
+    """)
+    app = subprocess.Popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    tr = None
+    try:
+        assert app.stdout.readline() == b"up\n"
+        tr = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--pid", str(app.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        name = f"trace-{app.pid}"
+        deadline = time.time() + 10
+        while not any(i["name"] == name for i in capd.ctl("list", json_out=True)):
+            assert time.time() < deadline and tr.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        assert app.stdout.readline() == b"done\n"
+        ss = closed_sessions(capd, name, 1)
+        s = ss[-1]
+        assert s["target"] == f"127.0.0.1:{echo_server.port}"
+        assert (s["bytes_up"], s["bytes_down"]) == (12, 12)
+        tr.send_signal(15)
+        assert tr.wait(10) == 0
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        assert app.wait(10) == 0
+    finally:
+        for q in (app, tr):
+            if q and q.poll() is None:
+                q.kill()
