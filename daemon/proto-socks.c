@@ -219,6 +219,18 @@ socks_refuse(struct session *s, uint8_t rep, const char *fmt, ...)
 	}
 }
 
+/* A copy of a client-supplied name fit for logs and notes: control bytes become '?'. */
+static char *
+socks_printable(const char *name)
+{
+	char *t = xstrdup(name);
+
+	for (char *q = t; *q; q++)
+		if ((unsigned char)*q < 0x20 || *q == 0x7f)
+			*q = '?';
+	return t;
+}
+
 static uint8_t
 socks_rep_of(int err)
 {
@@ -488,7 +500,7 @@ socks_request(struct session *s, const struct socks_req *r)
 
 	s->proto = r->ver == 5 ? "socks5" : r->v4a ? "socks4a" : "socks4";
 	if (r->ver == 4 && r->user[0] && sk->user == NULL)
-		sk->user = xstrdup(r->user);
+		sk->user = socks_printable(r->user);
 	free(s->note);
 	s->note = xasprintf(fmt, s->proto, socks_cmd_name(r->cmd), r->host, r->port, sk->user ? " user=" : "",
 	                    sk->user ? sk->user : "");
@@ -559,13 +571,13 @@ socks_auth(struct session *s, const struct socks_auth *a)
 	session_send(s, out, 2);
 	if (s->state == SESSION_CLOSED)
 		return false;
+	sk->user = socks_printable(a->user);
 	if (!ok) {
-		socks_refuse(s, 0, "socks5: auth failed for user %s", a->user);
+		socks_refuse(s, 0, "socks5: auth failed for user %s", sk->user);
 		return false;
 	}
-	sk->user = xstrdup(a->user);
 	free(s->note);
-	s->note = xasprintf("socks5 user=%s", a->user);
+	s->note = xasprintf("socks5 user=%s", sk->user);
 	sk->stage = SOCKS_ST_REQUEST;
 	return true;
 }

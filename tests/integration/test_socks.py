@@ -698,6 +698,14 @@ def test_unknown_method_gets_ff(capd):
     assert recv_exact(s, 4) == b"\x05\x02\x01\x01"
     assert closed_by_peer(s)
     s.close()
+    # a user name with a newline cannot forge a log line
+    s = socket.create_connection(("127.0.0.1", port2), timeout=5)
+    s.sendall(b"\x05\x01\x02\x01\x05ev\nil\x01c")
+    assert recv_exact(s, 4) == b"\x05\x02\x01\x01"
+    assert closed_by_peer(s)
+    s.close()
+    last_session(capd, lambda s: s.get("reason") == "socks5: auth failed for user ev?il")
+    assert "ev\nil" not in capd.log()
 
 
 def test_many_concurrent_handshakes(capd, echo_server):
