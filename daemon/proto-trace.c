@@ -306,6 +306,8 @@ trace_event_open(struct trace_state *ts, uint64_t sock, json_t *params, struct r
 		free(why);
 		return res;
 	}
+	if (l.ss_family != r.ss_family)
+		return rpc_fail(err, RPC_E_PARAMS, "trace.event: %s and %s are not of one address family", local, remote);
 	if (trace_flow_find(ts, sock))
 		return rpc_fail(err, RPC_E_FAILED, "socket %llu is open already", (unsigned long long)sock);
 	tcp = !strcmp(proto, "tcp");

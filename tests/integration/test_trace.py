@@ -588,3 +588,75 @@ def test_trace_pid_socket_from_before(capd, echo_server):
         for q in (app, tr):
             if q and q.poll() is None:
                 q.kill()
+
+
+class RawCtl:
+    """One control connection speaking JSON-RPC by hand."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(str(path))
+        self.buf = b""
+        self.n = 0
+
+    def call(self, method, params, notify=False):
+        import json
+        msg = {"jsonrpc": "2.0", "method": method, "params": params}
+        if not notify:
+            self.n += 1
+            msg["id"] = self.n
+        self.s.sendall((json.dumps(msg) + "\n").encode())
+        if notify:
+            return None
+        while b"\n" not in self.buf:
+            d = self.s.recv(65536)
+            assert d, "capd closed the connection"
+            self.buf += d
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self):
+        self.s.close()
+
+
+def test_trace_rpc_checks_its_input(capd):
+    """trace.event is peer input: bad events are refused one by one, the daemon carries on."""
+    c = RawCtl(capd.sock)
+    assert "trace.start first" in c.call("trace.event", {"sock": 1, "kind": "open"})["error"]["message"]
+    assert c.call("trace.start", {"command": "x"})["error"]
+    r = c.call("trace.start", {"command": "prog --flag", "pid": 4242})
+    assert r["result"]["name"] == "trace-4242" and r["result"]["listen"] == "prog --flag"
+    assert r["result"]["type"] == "trace" and r["result"]["pid"] == 4242
+    assert "already" in c.call("trace.start", {"command": "x", "pid": 1})["error"]["message"]
+    bad = [
+        {"sock": 1, "kind": "open", "proto": "sctp", "local": "127.0.0.1:1", "remote": "127.0.0.1:2"},
+        {"sock": 1, "kind": "open", "proto": "tcp", "local": "nonsense", "remote": "127.0.0.1:2"},
+        {"sock": 1, "kind": "open", "proto": "tcp", "local": "127.0.0.1:1", "remote": "[::1]:2"},
+        {"sock": 9, "kind": "data", "dir": "send", "data": "aGk="},
+        {"sock": 1, "kind": "frobnicate"},
+        {"kind": "open"},
+    ]
+    for b in bad:
+        assert "error" in c.call("trace.event", b), b
+    ok = c.call("trace.event", {"sock": 1, "kind": "open", "proto": "tcp", "role": "client",
+                                "local": "127.0.0.1:40000", "remote": "127.0.0.1:80", "pid": 4242, "comm": "prog"})
+    sid = ok["result"]["session"]
+    assert "open already" in c.call("trace.event", {"sock": 1, "kind": "open", "proto": "tcp",
+                                                    "local": "127.0.0.1:40000", "remote": "127.0.0.1:80"})["error"]["message"]
+    assert "base64" in c.call("trace.event", {"sock": 1, "kind": "data", "dir": "send", "data": "!!"})["error"]["message"]
+    c.call("trace.event", {"sock": 1, "kind": "data", "dir": "send", "data": "aGVsbG8="})
+    c.call("trace.event", {"sock": 1, "kind": "data", "dir": "recv", "data": "d29ybGQh"})
+    s = capd.session(sid)
+    assert (s["bytes_up"], s["bytes_down"], s["state"]) == (5, 6, "open")
+    assert s["note"] == "prog[4242]"
+    c.call("trace.event", {"sock": 1, "kind": "close", "reason": "closed"})
+    assert capd.session(sid)["state"] == "closed"
+    # a second session stays open until the connection goes: then capd ends it and the instance
+    c.call("trace.event", {"sock": 2, "kind": "open", "proto": "udp", "role": "server",
+                           "local": "[::1]:53", "remote": "[::1]:5353", "pid": 1, "comm": "p"})
+    c.close()
+    ss = closed_sessions(capd, "trace-4242", 2)
+    u = [s for s in ss if s["proto"] == "udp"][0]
+    assert (u["client"], u["target"], u["reason"]) == ("[::1]:5353", "[::1]:53", "trace ended")
+    assert not capd.ctl("list", json_out=True)
