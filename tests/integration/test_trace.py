@@ -660,3 +660,102 @@ def test_trace_rpc_checks_its_input(capd):
     u = [s for s in ss if s["proto"] == "udp"][0]
     assert (u["client"], u["target"], u["reason"]) == ("[::1]:5353", "[::1]:53", "trace ended")
     assert not capd.ctl("list", json_out=True)
+
+
+MSG_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	struct sockaddr_in tcp = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+	struct sockaddr_in udp = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+	char a[] = "one ", b[] = "two ", c[] = "three|", in[4096];
+	inet_pton(AF_INET, "127.0.0.1", &tcp.sin_addr);
+	inet_pton(AF_INET, "127.0.0.1", &udp.sin_addr);
+
+	/* UDP: sendmmsg with addresses, recvmmsg */
+	int u = socket(AF_INET, SOCK_DGRAM, 0);
+	struct iovec uv[3] = { { a, 4 }, { b, 4 }, { c, 6 } };
+	struct mmsghdr mm[3];
+	memset(mm, 0, sizeof mm);
+	for (int i = 0; i < 3; i++) {
+		mm[i].msg_hdr.msg_name = &udp;
+		mm[i].msg_hdr.msg_namelen = sizeof udp;
+		mm[i].msg_hdr.msg_iov = &uv[i];
+		mm[i].msg_hdr.msg_iovlen = 1;
+	}
+	if (sendmmsg(u, mm, 3, 0) != 3) return 1;
+	char rb[3][100];
+	struct iovec rv[3] = { { rb[0], 100 }, { rb[1], 100 }, { rb[2], 100 } };
+	struct sockaddr_in from[3];
+	memset(mm, 0, sizeof mm);
+	for (int i = 0; i < 3; i++) {
+		mm[i].msg_hdr.msg_name = &from[i];
+		mm[i].msg_hdr.msg_namelen = sizeof from[i];
+		mm[i].msg_hdr.msg_iov = &rv[i];
+		mm[i].msg_hdr.msg_iovlen = 1;
+	}
+	int got = 0;
+	while (got < 3) {
+		int n = recvmmsg(u, mm + got, 3 - got, MSG_WAITFORONE, NULL);
+		if (n <= 0) return 2;
+		got += n;
+	}
+	close(u);
+
+	/* TCP: writev, sendmsg, peek, recv, readv, recvmsg, shutdown, read to EOF */
+	int t = socket(AF_INET, SOCK_STREAM, 0);
+	if (connect(t, (struct sockaddr *)&tcp, sizeof tcp) < 0) return 3;
+	if (writev(t, uv, 3) != 14) return 4;
+	struct msghdr m = { .msg_iov = uv, .msg_iovlen = 2 };
+	if (sendmsg(t, &m, 0) != 8) return 5;
+	if (recv(t, in, 3, MSG_PEEK) <= 0) return 6;
+	size_t total = 0;
+	if ((got = recv(t, in, 5, 0)) <= 0) return 7;
+	total += got;
+	char x[3], y[4];
+	struct iovec rv2[2] = { { x, 3 }, { y, 4 } };
+	if ((got = readv(t, rv2, 2)) <= 0) return 8;
+	total += got;
+	shutdown(t, SHUT_WR);
+	struct msghdr m2 = { .msg_iov = rv, .msg_iovlen = 1 };
+	while ((got = recvmsg(t, &m2, 0)) > 0)
+		total += got;
+	close(t);
+	printf("%zu\n", total);
+	return 0;
+}
+"""
+
+
+def test_trace_msg_calls(capd, echo_server, udp_echo, tmp_path):
+    """sendmmsg/recvmmsg, writev/readv, sendmsg/recvmsg, MSG_PEEK and shutdown, from C."""
+    import shutil
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler")
+    src = tmp_path / "msg.c"
+    src.write_text(MSG_C)
+    exe = tmp_path / "msg"
+    subprocess.run(["cc", "-O1", "-o", str(exe), str(src)], check=True)
+    r = trace(capd, exe, echo_server.port, udp_echo, name="msg")
+    assert r.stdout == b"22\n"
+    ss = closed_sessions(capd, "msg", 2)
+    u = [s for s in ss if s["proto"] == "udp"][0]
+    t = [s for s in ss if s["proto"] == "tcp"][0]
+    assert (u["bytes_up"], u["bytes_down"]) == (14, 14)
+    assert (t["bytes_up"], t["bytes_down"]) == (22, 22)
+    capd.flush()
+    pcap = pcap_for(capd, t["id"])
+    up, down = follow_tcp(pcap, tcp_stream_of(pcap, t["id"]))
+    assert up == b"one two three|one two " and down == up
+    check_pcap_clean(pcap)
+    fins = tshark("-r", pcap, "-Y", f'tcp.flags.fin == 1 && frame.comment contains "capd session {t["id"]} "',
+                  "-T", "fields", "-e", "tcp.srcport").stdout.split()
+    assert len(fins) == 2
