@@ -23,6 +23,7 @@
 #include "resolve.h"
 #include "spool.h"
 #include "tail.h"
+#include "tls.h"
 #include "values.h"
 #include "xmalloc.h"
 
@@ -229,7 +230,11 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		session_close(s, "handshake too large");
 		return;
 	}
-	n = read(s->client.fd, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
+	/* after tls_accept_start the handshake is plaintext inside TLS */
+	if (s->client.tls)
+		n = tls_side_read(s->client.tls, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
+	else
+		n = read(s->client.fd, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
 	if (n < 0) {
 		if (errno == EAGAIN || errno == EINTR)
 			return;
@@ -252,7 +257,8 @@ static void
 session_hs_flush(struct session *s)
 {
 	while (buf_used(&s->hs_out) > 0) {
-		ssize_t n = send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
+		ssize_t n = s->client.tls ? tls_side_write(s->client.tls, buf_head(&s->hs_out), buf_used(&s->hs_out))
+		                          : send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EINTR) {
 				ev_io_start(capd_loop, &s->client.wio);

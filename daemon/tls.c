@@ -51,7 +51,7 @@
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 
-enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_OPEN };
+enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -97,6 +97,9 @@ struct tls_session {
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
 	struct spool_flow *raw[2];  /* per tls_leg */
+	bool accept_only;           /* tls_accept_start: the upstream comes later (tls_relay_start) */
+	void (*hs_rcb)(struct ev_loop *, ev_io *, int);  /* the session's handshake callbacks, restored after */
+	void (*hs_wcb)(struct ev_loop *, ev_io *, int);
 };
 
 /* An upstream TLS session kept for resumption. */
@@ -113,7 +116,10 @@ static char *tls_keylog_path;
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void tls_client_step(struct tls_session *ts);
+static void tls_upstream_begin(struct tls_session *ts);
 static void tls_upstream_step(struct tls_session *ts);
+static void tls_accept_hello(struct tls_session *ts);
+static void tls_accepted(struct tls_session *ts);
 
 /* ---- configuration ---- */
 
@@ -726,6 +732,18 @@ tls_stop_watchers(struct session *s)
 	ev_io_stop(capd_loop, &s->upstream.wio);
 }
 
+/* accept-only: the session's own handshake watchers take the client back. */
+static void
+tls_restore_hs(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	ev_set_cb(&s->client.rio, ts->hs_rcb);
+	ev_set_cb(&s->client.wio, ts->hs_wcb);
+}
+
 /* Not TLS after all, or a passthrough host: relay the bytes as they are. */
 static void
 tls_plain(struct tls_session *ts, const char *note)
@@ -745,6 +763,13 @@ tls_plain(struct tls_session *ts, const char *note)
 	}
 	ts->capture = false;
 	buf_free(&ts->log);
+	if (ts->accept_only) {
+		/* not TLS: the proxy reads its plaintext handshake as usual */
+		tls_restore_hs(ts);
+		tls_session_free(s);
+		ev_io_start(capd_loop, &s->client.rio);
+		return;
+	}
 	tls_session_free(s);
 	if (note)
 		tls_session_note(s, "%s", note);
@@ -919,6 +944,10 @@ tls_done(struct tls_session *ts)
 	unsigned alen;
 
 	ev_timer_stop(capd_loop, &ts->timer);
+	if (ts->accept_only && ts->st == TLS_ST_FINISH) {
+		tls_accepted(ts);
+		return;
+	}
 	ts->st = TLS_ST_OPEN;
 	s->client.tls = &ts->c;
 	s->upstream.tls = &ts->u;
@@ -980,7 +1009,7 @@ tls_client_step(struct tls_session *ts)
 	} else if (s->have_target) {
 		snprintf(ts->host, sizeof ts->host, "%s", addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
 	}
-	if ((pt = tls_passthrough_why(ts->cfg, ts->host)) != NULL) {
+	if (!ts->accept_only && (pt = tls_passthrough_why(ts->cfg, ts->host)) != NULL) {
 		tls_plain(ts, pt);
 		return;
 	}
@@ -988,16 +1017,28 @@ tls_client_step(struct tls_session *ts)
 	if (ts->capture)
 		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&t->replay), buf_used(&t->replay));
 	buf_free(&t->replay);
+	if (ts->accept_only) {
+		tls_accept_hello(ts);
+		return;
+	}
 	if (!ts->sni[0] && !s->have_target) {
 		ts->fail = xstrdup("no SNI and no IP");
 		ts->st = TLS_ST_FINISH;
 		tls_client_step(ts);
 		return;
 	}
+	tls_upstream_begin(ts);
+}
 
-	/* upstream, with the client's SNI and ALPN offer */
+/* TLS toward the upstream, with the client's SNI and ALPN offer. */
+static void
+tls_upstream_begin(struct tls_session *ts)
+{
+	struct session *s = ts->s;
 	struct tls_side *u = &ts->u;
 	SSL_SESSION *resume = NULL;
+	char ip[ADDR_STRLEN];
+
 	ts->st = TLS_ST_UPSTREAM;
 	if (tls_side_init(ts, u, &s->upstream, ts->cfg->verify ? tls_cli_verify : tls_cli_noverify,
 	                  TLS_LEG_UPSTREAM) < 0) {
@@ -1007,10 +1048,23 @@ tls_client_step(struct tls_session *ts)
 	SSL_set_connect_state(u->ssl);
 	if (ts->sni[0])
 		SSL_set_tlsext_host_name(u->ssl, ts->sni);
-	if (ts->alpn_offer_len && SSL_set_alpn_protos(u->ssl, ts->alpn_offer, (unsigned)ts->alpn_offer_len) != 0)
+	if (ts->accept_only) {
+		/* the client already settled on HTTP/1.1 with capd */
+		static const unsigned char h1[] = "\x08http/1.1";
+		SSL_set_alpn_protos(u->ssl, h1, sizeof h1 - 1);
+	} else if (ts->alpn_offer_len &&
+	           SSL_set_alpn_protos(u->ssl, ts->alpn_offer, (unsigned)ts->alpn_offer_len) != 0) {
 		ERR_clear_error();
+	}
 	if (ts->cfg->verify) {
-		if (ts->sni[0])
+		if (ts->accept_only && s->target_name[0]) {
+			/* a route by name: the upstream's certificate is for that name */
+			char host[sizeof s->target_name], *colon;
+			snprintf(host, sizeof host, "%s", s->target_name);
+			if ((colon = strrchr(host, ':')) != NULL)
+				*colon = '\0';
+			SSL_set1_host(u->ssl, host);
+		} else if (ts->sni[0])
 			SSL_set1_host(u->ssl, ts->sni);
 		else if (ts->host[0] && !addr_is_ip_literal(ts->host))
 			SSL_set1_host(u->ssl, ts->host);
@@ -1042,6 +1096,11 @@ tls_upstream_done(struct tls_session *ts)
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
+	if (ts->accept_only) {
+		X509_free(peer);
+		tls_done(ts);
+		return;
+	}
 	forged = tls_ca_forge(peer, ts->sni, s->have_target ? (struct sockaddr *)&s->target_addr : NULL, &why);
 	X509_free(peer);
 	if (forged == NULL) {
@@ -1094,6 +1153,10 @@ tls_upstream_step(struct tls_session *ts)
 	}
 	ev_io_stop(capd_loop, &u->sd->rio);
 	ev_io_stop(capd_loop, &u->sd->wio);
+	if (ts->accept_only) {
+		tls_fail(ts, why);  /* the client's handshake is long done: no alert to give */
+		return;
+	}
 	/* the client gets a handshake_failure alert, then the session closes with why */
 	ts->fail = xstrdup(why);
 	ts->st = TLS_ST_FINISH;
@@ -1145,7 +1208,8 @@ tls_peek(struct tls_session *ts)
 			if (errno == EAGAIN || errno == EINTR) {
 				ev_io_start(capd_loop, &s->client.rio);
 				/* a server that speaks first (SMTP, SSH) is not TLS either */
-				ev_io_start(capd_loop, &s->upstream.rio);
+				if (!ts->accept_only)
+					ev_io_start(capd_loop, &s->upstream.rio);
 				return;
 			}
 			tls_plain(ts, NULL);  /* the relay reports the error */
@@ -1218,6 +1282,7 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 	case TLS_ST_UPSTREAM:
 		tls_upstream_step(ts);
 		break;
+	case TLS_ST_ACCEPTED:
 	case TLS_ST_OPEN:
 		break;
 	}
@@ -1390,4 +1455,94 @@ tls_side_crossed(struct tls_side *t)
 
 	t->crossed = false;
 	return c;
+}
+
+/* ---- terminating the client's TLS first (reverse) ---- */
+
+/* accept-only: the certificate comes from the SNI (else the address the
+ * client reached), and the client gets HTTP/1.1 when it offers it. */
+static void
+tls_accept_hello(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+	struct sockaddr_storage local;
+	socklen_t len = sizeof local;
+	bool have_local = getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0;
+	char *why = NULL;
+	X509 *x;
+
+	x = tls_ca_forge(NULL, ts->sni[0] ? ts->sni : NULL, have_local ? (struct sockaddr *)&local : NULL, &why);
+	if (x == NULL) {
+		ts->fail = why;
+	} else {
+		if (SSL_use_certificate(ts->c.ssl, x) != 1) {
+			ERR_clear_error();
+			ts->fail = xstrdup("cannot use the forged certificate");
+		}
+		X509_free(x);
+	}
+	memcpy(ts->alpn_sel, "http/1.1", 8);
+	ts->alpn_sel_len = 8;
+	ts->st = TLS_ST_FINISH;
+	tls_client_step(ts);
+}
+
+/* The client's TLS is up: the proxy reads its (plaintext) handshake now. */
+static void
+tls_accepted(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+
+	ts->st = TLS_ST_ACCEPTED;
+	s->client.tls = &ts->c;
+	tls_restore_hs(ts);
+	ev_io_start(capd_loop, &s->client.rio);
+	/* a request may already wait inside OpenSSL, right behind the Finished */
+	ev_feed_event(capd_loop, &s->client.rio, EV_READ);
+}
+
+void
+tls_accept_start(struct session *s, struct tls_cfg *cfg)
+{
+	struct tls_session *ts;
+
+	if (cfg == NULL || cfg->mode == TLS_NO || tls_bio_meth == NULL)
+		return;
+	ts = xcalloc(1, sizeof *ts);
+	ts->s = s;
+	ts->cfg = cfg;
+	ts->accept_only = true;
+	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
+	s->tls = ts;
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	ts->hs_rcb = ev_cb(&s->client.rio);
+	ts->hs_wcb = ev_cb(&s->client.wio);
+	ev_set_cb(&s->client.rio, tls_io_cb);
+	ev_set_cb(&s->client.wio, tls_io_cb);
+	s->client.rio.data = s->client.wio.data = s;
+	ev_timer_init(&ts->timer, tls_timeout_cb, TLS_HS_TIMEOUT, 0.);
+	ts->timer.data = s;
+	ev_timer_start(capd_loop, &ts->timer);
+	ts->st = TLS_ST_FLUSH;
+	tls_flush(ts);
+}
+
+void
+tls_relay_start(struct session *s)
+{
+	struct tls_session *ts = s->tls;
+
+	if (ts == NULL || !ts->accept_only || ts->st != TLS_ST_ACCEPTED) {
+		relay_start(s);
+		return;
+	}
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	ev_io_init(&s->upstream.rio, tls_io_cb, s->upstream.fd, EV_READ);
+	ev_io_init(&s->upstream.wio, tls_io_cb, s->upstream.fd, EV_WRITE);
+	s->upstream.rio.data = s->upstream.wio.data = s;
+	ev_timer_set(&ts->timer, TLS_HS_TIMEOUT, 0.);
+	ev_timer_start(capd_loop, &ts->timer);
+	tls_upstream_begin(ts);
 }

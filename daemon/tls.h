@@ -63,6 +63,22 @@ void tls_describe(const struct tls_cfg *cfg, json_t *obj);
  */
 void tls_intercept_start(struct session *s, struct tls_cfg *cfg);
 
+/*
+ * For a proxy that must read the client's plaintext before it knows the
+ * upstream (reverse --tls): call tls_accept_start() from accepted. It
+ * terminates the client's TLS with a certificate forged from the SNI (else the
+ * address the client reached), offering HTTP/1.1 by ALPN; tls = auto leaves
+ * non-TLS clients alone. Then the session's handshake reads (hs_in) and
+ * session_send() carry plaintext as usual. Once connected, call
+ * tls_relay_start() instead of relay_start(): TLS toward the upstream (SNI:
+ * the client's; hostname check: the route's name, else the SNI), then
+ * relay_start() with s->filter as set. Upstream failures close the session
+ * with the reason. tls_passthrough does not apply (no upstream to pass to yet),
+ * and a client socket with TLS cannot be handed to another session.
+ */
+void tls_accept_start(struct session *s, struct tls_cfg *cfg);
+void tls_relay_start(struct session *s);
+
 /* Daemon start/stop: OpenSSL contexts; a user's ca_cert/ca_key are loaded (and
  * checked) here, a CA that does not exist yet is created on first need. */
 int tls_start(const struct capd_settings *st, char **why);
