@@ -106,12 +106,10 @@ class NsCapd(Capd):
         while wait and time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"capd exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.sock))
+            # an answer means the loop runs, so the config's instances are started
+            if self.sock.exists() and self.ctl("status", check=False).returncode == 0:
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         if wait:
             raise TimeoutError("capd did not open its control socket:\n" + self.log())
         return self
@@ -375,6 +373,7 @@ def test_bad_interface_and_filter_refused(netpair, ns_capd):
     """Issue 7: a bad interface or filter fails `capctl add` with exit 1 and the
     reason, and leaves nothing half-started (no instance, no descriptor)."""
     c = ns_capd(netpair.a)
+    time.sleep(0.2)  # control connections are closed on the loop pass after they end
     before = fds(c.proc.pid)
     r = c.ctl("add", "sniff", "--interface", "nosuch0", check=False)
     assert r.returncode == 1 and "no interface 'nosuch0'" in r.stderr, r.stderr
@@ -388,7 +387,8 @@ def test_bad_interface_and_filter_refused(netpair, ns_capd):
     assert r.returncode == 1 and f"{netpair.va} is down" in r.stderr, r.stderr
     sh("ip", "-n", netpair.a, "link", "set", netpair.va, "up")
     assert c.ctl("list", json_out=True) == []
-    assert fds(c.proc.pid) == before
+    time.sleep(0.2)
+    assert fds(c.proc.pid) <= before
     # and the config checker catches the syntax with file:line
     bad = c.dir / "bad.conf"
     bad.write_text("[capd]\n[sniff x]\ninterface = lo\nfilter = port port\n")
