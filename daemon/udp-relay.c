@@ -32,6 +32,7 @@
 #define UDP_FLOWS_MAX 64          /* remote endpoints per association */
 #define UDP_ASSOCS_MAX 4096       /* associations per relay */
 #define UDP_NAMES 4               /* resolved names remembered per association */
+#define UDP_BUCKETS 256           /* hash of client address:port -> association */
 
 /* One conversation (association, remote endpoint): the datagram session's proto_state. */
 struct udp_flow {
@@ -43,7 +44,8 @@ struct udp_flow {
 
 /* One client address. Owned by its relay; udp_assoc_end() frees it. */
 struct udp_assoc {
-	LIST_ENTRY(udp_assoc) entry;
+	LIST_ENTRY(udp_assoc) entry;      /* every association of the relay */
+	LIST_ENTRY(udp_assoc) hentry;     /* its hash bucket when bound, else the loose list */
 	struct udp_relay *r;
 	struct session *ctrl;             /* SOCKS control session (borrowed), or NULL */
 	struct udp_assoc **backref;       /* cleared when the relay ends the association */
@@ -77,6 +79,8 @@ struct udp_relay {
 	double idle;
 	unsigned nassocs;
 	LIST_HEAD(, udp_assoc) assocs;
+	LIST_HEAD(, udp_assoc) loose;     /* client port not known yet (SOCKS, DST.PORT 0) */
+	LIST_HEAD(udp_bucket, udp_assoc) buckets[UDP_BUCKETS];
 };
 
 /* room for the largest SOCKS header in front of the largest datagram */
@@ -85,6 +89,27 @@ static uint8_t udp_buf[SOCKS_UDP_HDR_MAX + UDP_DGRAM_MAX];
 static void udp_client_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+static unsigned
+udp_hash(const struct sockaddr *sa)
+{
+	const uint8_t *p;
+	size_t n;
+	uint32_t h = 2166136261u;  /* FNV-1a over address and port */
+
+	if (sa->sa_family == AF_INET6) {
+		p = (const uint8_t *)&((const struct sockaddr_in6 *)sa)->sin6_addr;
+		n = 16;
+	} else {
+		p = (const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr;
+		n = 4;
+	}
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ p[i]) * 16777619u;
+	h = (h ^ (addr_port(sa) & 0xff)) * 16777619u;
+	h = (h ^ (addr_port(sa) >> 8)) * 16777619u;
+	return h % UDP_BUCKETS;
+}
 
 static bool
 udp_same(const struct sockaddr *a, const struct sockaddr *b, bool port)
@@ -143,6 +168,9 @@ udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, 
 		r->to = *to;
 	r->idle = inst->idle_timeout > 0 ? inst->idle_timeout : UDP_IDLE_DEFAULT;
 	LIST_INIT(&r->assocs);
+	LIST_INIT(&r->loose);
+	for (int i = 0; i < UDP_BUCKETS; i++)
+		LIST_INIT(&r->buckets[i]);
 	ev_io_init(&r->rio, udp_client_cb, fd, EV_READ);
 	r->rio.data = r;
 	ev_io_start(capd_loop, &r->rio);
@@ -171,12 +199,17 @@ udp_relay_addr(const struct udp_relay *r)
 }
 
 static struct udp_assoc *
-udp_assoc_alloc(struct udp_relay *r, const struct sockaddr *client)
+udp_assoc_alloc(struct udp_relay *r, const struct sockaddr *client, bool bound)
 {
 	struct udp_assoc *a = xcalloc(1, sizeof *a);
 
 	a->r = r;
 	memcpy(&a->client, client, addr_len(client));
+	a->bound = bound;
+	if (bound)
+		LIST_INSERT_HEAD(&r->buckets[udp_hash(client)], a, hentry);
+	else
+		LIST_INSERT_HEAD(&r->loose, a, hentry);
 	a->fd[0] = a->fd[1] = -1;
 	a->last = capd_now();
 	LIST_INIT(&a->flows);
@@ -190,11 +223,10 @@ udp_assoc_alloc(struct udp_relay *r, const struct sockaddr *client)
 struct udp_assoc *
 udp_assoc_new(struct udp_relay *r, struct session *ctrl, const struct sockaddr *client, struct udp_assoc **backref)
 {
-	struct udp_assoc *a = udp_assoc_alloc(r, client);
+	struct udp_assoc *a = udp_assoc_alloc(r, client, addr_port(client) != 0);
 
 	a->ctrl = ctrl;
 	a->backref = backref;
-	a->bound = addr_port(client) != 0;
 	return a;
 }
 
@@ -206,6 +238,7 @@ udp_assoc_end(struct udp_assoc *a, const char *reason)
 	if (a == NULL)
 		return;
 	LIST_REMOVE(a, entry);
+	LIST_REMOVE(a, hentry);
 	a->r->nassocs--;
 	if (a->backref)
 		*a->backref = NULL;
@@ -401,22 +434,22 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 static struct udp_assoc *
 udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
 {
-	struct udp_assoc *a, *loose = NULL;
+	struct udp_assoc *a;
+	unsigned h = udp_hash(src);
 
-	LIST_FOREACH(a, &r->assocs, entry) {
-		if (a->bound) {
-			if (udp_same((struct sockaddr *)&a->client, src, true))
-				return a;
-		} else if (loose == NULL && udp_same((struct sockaddr *)&a->client, src, false)) {
-			loose = a;
+	LIST_FOREACH(a, &r->buckets[h], hentry)
+		if (udp_same((struct sockaddr *)&a->client, src, true))
+			return a;
+	LIST_FOREACH(a, &r->loose, hentry)
+		if (udp_same((struct sockaddr *)&a->client, src, false)) {
+			/* the first datagram fixes the port of an association that left it open */
+			memcpy(&a->client, src, addr_len(src));
+			a->bound = true;
+			LIST_REMOVE(a, hentry);
+			LIST_INSERT_HEAD(&r->buckets[h], a, hentry);
+			return a;
 		}
-	}
-	if (loose) {
-		/* the first datagram fixes the port of an association that left it open */
-		memcpy(&loose->client, src, addr_len(src));
-		loose->bound = true;
-	}
-	return loose;
+	return NULL;
 }
 
 static void
@@ -433,8 +466,7 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t 
 	if (a == NULL) {
 		if (r->nassocs >= UDP_ASSOCS_MAX)
 			return;
-		a = udp_assoc_alloc(r, src);
-		a->bound = true;
+		a = udp_assoc_alloc(r, src, true);
 		ev_timer_set(&a->idle, r->idle, 0.);
 		ev_timer_start(capd_loop, &a->idle);
 	}

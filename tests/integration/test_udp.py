@@ -150,3 +150,24 @@ def test_forward_udp_port_in_use_fails(capd):
         assert r.returncode == 1
         assert "udp" in r.stderr
     assert capd.ctl("list", json_out=True) == []
+
+
+def test_forward_udp_many_clients(capd, udp_echo):
+    """Each client address is its own association (hashed lookup), replies go to the right one."""
+    port = free_udp_tcp_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
+    clients = [udp_client() for _ in range(40)]
+    for rnd in range(2):
+        for i, u in enumerate(clients):
+            u.sendto(f"c{i} r{rnd}".encode(), ("127.0.0.1", port))
+        for i, u in enumerate(clients):
+            assert u.recv(100) == f"echo:c{i} r{rnd}".encode()
+    ss = capd.wait_sessions(lambda ss: len(ss) == 40)
+    by_client = {s["client"]: s for s in ss}
+    assert len(by_client) == 40
+    for i, u in enumerate(clients):
+        s = by_client[f"127.0.0.1:{u.getsockname()[1]}"]
+        assert s["bytes_up"] == 2 * len(f"c{i} r0")
+        assert s["bytes_down"] == 2 * len(f"echo:c{i} r0")
+    for u in clients:
+        u.close()
