@@ -152,11 +152,21 @@ def raw_udp(port, payload, timeout=1.0):
             return None
 
 
+def wait_instance(c, name, timeout=10.0):
+    """capd opens its control socket before it starts the config's instances."""
+    deadline = time.time() + timeout
+    while not any(i["name"] == name for i in c.ctl("list", json_out=True)):
+        if time.time() > deadline:
+            raise TimeoutError(f"instance {name} never started:\n{c.log()}")
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def dnsd(capd_factory, upstream):
     port = free_port()
     c = capd_factory(dns_conf(port, upstream.port))
     c.port = port
+    wait_instance(c, "d")
     return c
 
 
@@ -278,6 +288,7 @@ def test_malformed_queries(dnsd, upstream):
 def test_upstream_down_servfail(capd_factory, upstream):
     port, dead = free_port(), free_port(socket.SOCK_DGRAM)
     c = capd_factory(dns_conf(port, dead))
+    wait_instance(c, "d")
     t0 = time.time()
     r = ask("nowhere.org", "A", port, qid=77, timeout=10)
     assert r.rcode() == dns.rcode.SERVFAIL and r.id == 77
@@ -332,6 +343,8 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server):
     else:
         conf += f"\n[forward web]\nlisten = 127.0.0.1:{fport}\nto = 127.0.0.1:{http_port}\n"
     c = capd_factory(conf)
+    wait_instance(c, "d")
+    wait_instance(c, "web")
     ip = addrs(ask("app.test", "A", dport))[0]
     assert ip == "127.0.0.1"
     req = urllib.request.Request(f"http://{ip}:{fport}/index.html", headers={"Host": "app.test"})

@@ -1,0 +1,69 @@
+/*
+ * Fuzzes the dns instance's message handling: the query decision (parse,
+ * match, answer, FORMERR/NOTIMP), error replies, and reply matching with the
+ * input as both query and reply. The first byte picks UDP or TCP limits.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dns-msg.h"
+
+/* Compiled in here, not taken from the daemon library, so libFuzzer's coverage sees it. */
+#include "dns-msg.c"
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	static struct dns_rules rules;
+	static int ready;
+	struct dns_question q;
+	uint8_t *out = NULL, *err;
+	size_t outlen = 0, elen = 0;
+	bool tcp;
+
+	if (!ready) {
+		char *why = NULL;
+		const char *specs[] = { "www.example.com=127.0.0.1", "www.example.com=::1", "*.game.test=10.0.0.7",
+		                        "*.deep.game.test=10.0.0.8" };
+		rules.ttl = 60;
+		for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
+			if (dns_rules_add(&rules, specs[i], &why) < 0)
+				abort();
+		ready = 1;
+	}
+	if (size < 1)
+		return 0;
+	tcp = data[0] & 1;
+	data++;
+	size--;
+	switch (dns_msg_query(&rules, data, size, tcp, &q, &out, &outlen)) {
+	case DNS_DROP:
+		if (out != NULL)
+			abort();
+		break;
+	case DNS_REPLY:
+		if (out == NULL || outlen < DNS_HEADER_LEN || !(out[2] & 0x80) || dns_msg_id(out) != dns_msg_id(data))
+			abort();
+		if (!tcp && outlen > q.udp_max)
+			abort();
+		break;
+	case DNS_FORWARD:
+		if (out != NULL)
+			abort();
+		break;
+	}
+	free(out);
+	err = dns_msg_error(data, size, 2, &elen);
+	if (err) {
+		if (size < DNS_HEADER_LEN || elen < DNS_HEADER_LEN || dns_msg_rcode(err) != 2)
+			abort();
+		(void)dns_msg_reply_matches(data, size, err, elen);
+	}
+	(void)dns_msg_reply_matches(data, size, data, size);
+	if (size > 2)
+		(void)dns_msg_reply_matches(data, size / 2, data + size / 2, size - size / 2);
+	free(err);
+	return 0;
+}
