@@ -112,6 +112,7 @@ static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
 static BIO_METHOD *tls_bio_meth;
 static struct tls_resume tls_resume[TLS_RESUME_SLOTS];
 static int tls_keylog_fd = -1;
+static unsigned tls_cfgs_on;  /* configs with tls = yes|auto, for tls_prepare */
 static char *tls_keylog_path;
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
@@ -154,6 +155,8 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		cfg->mode = TLS_NO;
 	else
 		return params_fail(p, "tls", "'tls' must be yes, no or auto, not '%s'", mode);
+	if (cfg->mode != TLS_NO)
+		tls_cfgs_on++;
 	if (!strcmp(cap, "plain"))
 		cfg->capture_both = false;
 	else if (!strcmp(cap, "both"))
@@ -192,6 +195,8 @@ tls_cfg_free(struct tls_cfg *cfg)
 {
 	if (cfg == NULL)
 		return;
+	if (cfg->mode != TLS_NO)
+		tls_cfgs_on--;
 	for (size_t i = 0; cfg->passthrough && cfg->passthrough[i]; i++)
 		free(cfg->passthrough[i]);
 	free(cfg->passthrough);
@@ -586,6 +591,19 @@ tls_start(const struct capd_settings *st, char **why)
 		}
 	}
 	return 0;
+}
+
+void
+tls_prepare(void)
+{
+	char *why = NULL;
+
+	if (tls_cfgs_on == 0 || tls_ca_loaded())
+		return;
+	if (tls_ca_ensure(&why) < 0) {
+		log_warnx("TLS interception will fail: %s", why);
+		free(why);
+	}
 }
 
 void

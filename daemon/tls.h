@@ -83,6 +83,9 @@ void tls_relay_start(struct session *s);
  * checked) here, a CA that does not exist yet is created on first need. */
 int tls_start(const struct capd_settings *st, char **why);
 void tls_stop(void);
+/* After the config's instances started, before privileges drop: makes the CA
+ * now when one of them intercepts (its files may need root to write). */
+void tls_prepare(void);
 /* Loads or creates the CA of capd_settings. */
 int tls_ca_ensure(char **why);
 
