@@ -320,6 +320,7 @@ main(int argc, char **argv)
 		return 1;
 	}
 	/* everything the config asks for is bound and open: root is no longer needed */
+	tls_prepare();
 	if (privdrop(capd_settings, &why) < 0) {
 		log_error("%s", why);
 		free(why);
