@@ -31,6 +31,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session.h"
+#include "tls.h"
 #include "users.h"
 #include "xmalloc.h"
 
@@ -88,6 +89,7 @@ http_cfg_free(struct instance *inst)
 	if (cfg == NULL)
 		return;
 	users_free(cfg->users);
+	tls_cfg_free(cfg->tls);
 	for (unsigned i = 0; i < cfg->nroutes; i++)
 		free(cfg->routes[i].pattern);
 	free(cfg->routes);
@@ -182,7 +184,7 @@ http_fail_early(struct session *s, int status, const char *why)
 	http_error_text(&b, status, why, status == 407);
 	session_send(s, buf_head(&b), buf_used(&b));
 	buf_free(&b);
-	if (s->state != SESSION_CLOSED && s->client.fd >= 0) {
+	if (s->state != SESSION_CLOSED && s->client.fd >= 0 && s->client.tls == NULL) {
 		shutdown(s->client.fd, SHUT_WR);
 		for (int i = 0; i < 64 && read(s->client.fd, junk, sizeof junk) > 0; i++)
 			;
@@ -303,7 +305,8 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 			buf_append(b, m->hdr[m->host].value, m->hdr[m->host].value_len);
 			buf_append(b, "\r\n", 2);
 		}
-		buf_append(b, "X-Forwarded-Proto: http\r\n", 25);
+		buf_append(b, s->client.tls ? "X-Forwarded-Proto: https\r\n" : "X-Forwarded-Proto: http\r\n",
+		           s->client.tls ? 26 : 25);
 	}
 	if (m->conn_upgrade)
 		buf_append(b, "Connection: Upgrade\r\n", 21);
@@ -345,10 +348,13 @@ void
 http_proxy_accepted(struct session *s)
 {
 	struct http_conn *hc = xcalloc(1, sizeof *hc);
+	struct http_cfg *cfg = s->inst->cfg;
 
 	s->proto_state = hc;
 	s->proto = "http";
 	session_set_deadline(s, HTTP_WAIT_REQUEST);
+	if (cfg->reverse)
+		tls_accept_start(s, cfg->tls);  /* nothing unless tls = yes|auto */
 }
 
 void
@@ -435,13 +441,13 @@ http_proxy_connected(struct session *s, int err)
 		session_send(s, established, sizeof established - 1);
 		if (s->state == SESSION_CLOSED)
 			return;
-		relay_start(s);
+		tls_intercept_start(s, ((struct http_cfg *)s->inst->cfg)->tls);  /* relay_start unless tls */
 		return;
 	}
 	hc->up = UP_HEAD;
 	hc->down = DOWN_IDLE;
 	s->filter = &http_filter;
-	relay_start(s);
+	tls_relay_start(s);  /* relay_start unless the client speaks TLS */
 }
 
 /* ---- the filter ---- */
@@ -490,6 +496,11 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		return RELAY_END;
 	}
 	if (t.connect || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
+		if (s->client.tls) {
+			/* a TLS client connection cannot move to another session */
+			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
+			return RELAY_END;
+		}
 		http_handoff(s, p, n);
 		return RELAY_STOP;
 	}
@@ -550,6 +561,8 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		hc->client_keep = false;
 	hc->upstream_keep = m->framing != HTTP_BODY_CLOSE && !m->conn_close &&
 	                    (m->minor == 1 || m->conn_keepalive) && hc->req_minor == 1;
+	if (!hc->upstream_keep && s->client.tls)
+		hc->client_keep = false;  /* its next request would need a new session */
 	http_rewrite_response(hc, m, &hc->head);
 	relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
 	http_body_init(&hc->down_body, m->framing, m->length);
@@ -650,7 +663,7 @@ http_filter_eof(struct session *s, enum dir d)
 		if (hc->fail)
 			return RELAY_PASS;
 		/* the origin closed an idle connection: the client's stays */
-		if (hc->client_keep && s->dir[DIR_UP].msg != RELAY_MSG_ENDING) {
+		if (hc->client_keep && s->dir[DIR_UP].msg != RELAY_MSG_ENDING && s->client.tls == NULL) {
 			n = relay_held(s, DIR_UP, &p);
 			http_handoff(s, p, n);
 		} else {

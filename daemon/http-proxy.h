@@ -18,6 +18,7 @@
 #include "instance.h"
 
 struct session;
+struct tls_cfg;
 struct users;
 
 /* A route of a reverse instance: `route = pattern=host:port`. */
@@ -42,6 +43,7 @@ struct http_target {
 struct http_cfg {
 	bool reverse;
 	struct http_limits lim;
+	struct tls_cfg *tls;        /* tls* keys (tls.h): CONNECT tunnels (http), clients (reverse) */
 	/* http */
 	struct users *users;        /* NULL: no proxy auth */
 	bool connect_any;           /* connect_ports = * */

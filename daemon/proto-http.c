@@ -12,6 +12,7 @@
 #include "http-proxy.h"
 #include "log.h"
 #include "session.h"
+#include "tls.h"
 #include "users.h"
 #include "values.h"
 #include "xmalloc.h"
@@ -153,7 +154,7 @@ http_fwd_configure(struct instance *inst, struct params *p)
 	cfg->users = users_load(p);
 	if (p->why)
 		return -1;
-	return 0;
+	return tls_configure(inst, p, &cfg->tls);
 }
 
 static void
@@ -171,6 +172,7 @@ http_fwd_describe(struct instance *inst, json_t *o)
 	}
 	json_object_set_new(o, "auth", json_boolean(cfg->users != NULL));
 	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
+	tls_describe(cfg->tls, o);
 }
 
 const struct proto proto_http = {

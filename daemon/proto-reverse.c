@@ -11,6 +11,7 @@
 #include "http-proxy.h"
 #include "log.h"
 #include "session.h"
+#include "tls.h"
 #include "xmalloc.h"
 
 static const char *const reverse_keys[] = {
@@ -138,7 +139,7 @@ reverse_configure(struct instance *inst, struct params *p)
 	}
 	if (cfg->nroutes == 0 && !cfg->have_default)
 		return params_fail(p, NULL, "a reverse instance needs 'route = host=addr:port' or 'default = addr:port'");
-	return 0;
+	return tls_configure(inst, p, &cfg->tls);
 }
 
 static void
@@ -167,6 +168,7 @@ reverse_describe(struct instance *inst, json_t *o)
 		json_decref(d);
 	}
 	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
+	tls_describe(cfg->tls, o);
 }
 
 const struct proto proto_reverse = {

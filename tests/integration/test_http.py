@@ -504,3 +504,26 @@ def test_instance_object(capd):
     assert h["auth"] is True
     r = capd.ctl("add", "http", "--port", free_port(), "--connect-ports", "443,x", check=False)
     assert r.returncode == 1 and "connect_ports" in r.stderr
+
+
+def test_connect_tls_interception(capd, tmp_path):
+    """`--tls` on an http instance: CONNECT tunnels are intercepted (tls.c) and
+    the capture shows the plaintext request."""
+    import test_tls
+    o = test_tls.Origin(tmp_path / "tls-origin")
+    try:
+        port = free_port()
+        capd.ctl("add", "http", "--port", port, "--name", "h", "--connect-ports", str(o.port), "--tls",
+                 "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        # the name goes to capd in the CONNECT; capd resolves it
+        r = curl("--http1.1", "--cacert", ca, "-p", "-x", f"http://127.0.0.1:{port}", f"https://localhost:{o.port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == test_tls.BODY
+        s = closed_sessions(capd, 1)[-1]
+        assert s["proto"] == "connect"
+        pcap = test_tls.pcap_after(capd)
+        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+        assert up.startswith(b"GET / HTTP/1.1\r\n") and down.endswith(test_tls.BODY)
+    finally:
+        o.stop()

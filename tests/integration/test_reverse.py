@@ -159,3 +159,28 @@ def test_capctl_add_reverse(capd, origins):
     assert r.stdout == b"hello from api /\n"
     bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", "nohost", check=False)
     assert bad.returncode != 0
+
+
+def test_reverse_tls(capd, tmp_path):
+    """`--tls` on a reverse instance: the client's TLS ends at capd (certificate
+    forged for its SNI), the route is picked from the plaintext Host, and the
+    upstream leg is TLS again; the capture holds the plaintext exchange."""
+    import test_tls
+    o = test_tls.Origin(tmp_path / "tls-origin")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        url = f"https://{test_tls.NAME}:{port}/"
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1", url, url)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == test_tls.BODY * 2
+        s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
+        pcap = test_tls.pcap_after(capd)
+        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+        assert up.startswith(b"GET / HTTP/1.1\r\n")
+        assert b"X-Forwarded-Proto: https\r\n" in up
+        assert down.endswith(test_tls.BODY)
+    finally:
+        o.stop()
