@@ -221,7 +221,16 @@ def test_tls_versions_both_ways(capd_factory, tmp_path, version):
         o.stop()
 
 
-def test_tls_capture_both_decrypts_ciphertext_leg(capd_factory, origin, tmp_path):
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_tls_capture_both_decrypts_ciphertext_leg(capd_factory, tmp_path, version):
+    origin = Origin(tmp_path / "o", protocols=f"TLSv{version}")
+    try:
+        _capture_both(capd_factory, origin, tmp_path)
+    finally:
+        origin.stop()
+
+
+def _capture_both(capd_factory, origin, tmp_path):
     keylog = tmp_path / "keys.log"
     capd = capd_factory(settings=f"keylog_file = {keylog}")
     port = free_port()
@@ -451,3 +460,68 @@ def test_socks_tls_interception(capd, origin, tmp_path):
     assert t.stdout.split() == [f"localhost:{origin.port}"], t.stdout
     up, down = follow_tcp(pcap, 1)  # the second went h2 (ALPN passed through): plaintext HTTP/2
     assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and BODY in down
+
+
+class TlsEcho:
+    """A TLS echo server (Python ssl) in a thread, with the origin's certificate."""
+
+    def __init__(self, origin):
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(origin.cert, origin.key)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        import threading
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)
+            while True:
+                d = t.recv(1 << 20)
+                if not d:
+                    break
+                t.sendall(d)
+            t.close()
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def test_tls_bulk_both_ways_exact(capd, origin, tmp_path):
+    """20 MB each way at once through interception: back-pressure, buffered records, close."""
+    import hashlib
+    import threading
+    echo = TlsEcho(origin)
+    port = add_forward(capd, echo.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    ctx = ssl.create_default_context(cafile=str(ca))
+    payload = os.urandom(20 * 1024 * 1024)
+    got = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+        with ctx.wrap_socket(c, server_hostname=NAME) as t:
+            def reader():
+                while len(got) < len(payload):
+                    d = t.recv(1 << 20)
+                    if not d:
+                        break
+                    got.extend(d)
+            th = threading.Thread(target=reader)
+            th.start()
+            for i in range(0, len(payload), 1 << 16):
+                t.sendall(payload[i:i + (1 << 16)])
+            th.join(90)
+    assert len(got) == len(payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    s = last_closed(capd)[-1]
+    assert s["bytes_up"] == len(payload) and s["bytes_down"] == len(payload), s
+    echo.sock.close()
