@@ -12,7 +12,8 @@
  * Subscribers are control connections. Each is bounded by what waits in its
  * output buffer: past TAIL_SUB_MAX a subscriber loses data (counted) instead
  * of queueing it, until it has drained below TAIL_SUB_RESUME; its next
- * notification then says how much it missed. A session never waits for a
+ * notification then says how much it missed (or, if nothing new comes, a
+ * notice sent when a timer finds it drained). A session never waits for a
  * subscriber.
  */
 #include "tail.h"
@@ -34,6 +35,7 @@
 #define TAIL_PIECE (64u << 10)      /* backlog replayed in notifications of at most this */
 #define TAIL_CONN_SUBS 4            /* subscriptions one control connection may hold */
 #define TAIL_RING_MIN 4096
+#define TAIL_DRAIN_SECS 0.25        /* how often subscribers that lost data are checked for room */
 
 /* One direction's backlog: the last min(total, cap) bytes of the stream. */
 struct tail_ring {
@@ -78,6 +80,10 @@ static struct tail_sub_list tail_all = LIST_HEAD_INITIALIZER(tail_all);
 static struct tail_sub_list tail_pending = LIST_HEAD_INITIALIZER(tail_pending);
 static ev_prepare tail_replay_w;
 static bool tail_replay_init;
+static ev_timer tail_drain_w;        /* runs while some subscriber owes a drop notice */
+static bool tail_drain_init;
+
+static void tail_drain_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
 static const char *const tail_dir_names[2] = { [DIR_UP] = "c2s", [DIR_DOWN] = "s2c" };
 
@@ -202,9 +208,62 @@ tail_sub_room(struct tail_sub *sub)
 	}
 	if (q > TAIL_SUB_MAX) {
 		sub->dropping = true;
+		if (!tail_drain_init) {
+			ev_init(&tail_drain_w, tail_drain_cb);
+			tail_drain_w.repeat = TAIL_DRAIN_SECS;
+			tail_drain_init = true;
+		}
+		if (!ev_is_active(&tail_drain_w))
+			ev_timer_again(capd_loop, &tail_drain_w);
 		return false;
 	}
 	return true;
+}
+
+/* Tells sub what it lost and has not been told yet: empty session.data notices, or events.dropped. */
+static void
+tail_tell_dropped(struct tail_sub *sub)
+{
+	char tm[40];
+
+	if (sub->s == NULL) {
+		if (sub->dropped[0] > 0)
+			ctl_conn_send(sub->conn, rpc_notification("events.dropped",
+			                                          json_pack("{s:I}", "dropped", (json_int_t)sub->dropped[0])));
+		sub->dropped[0] = 0;
+		return;
+	}
+	for (int d = 0; d < 2; d++) {
+		if (sub->dropped[d] == 0)
+			continue;
+		json_t *o = json_pack("{s:I, s:s, s:s, s:I, s:s, s:I}", "id", (json_int_t)sub->s->id, "dir", tail_dir_names[d],
+		                      "time", session_time(capd_now(), tm, sizeof tm), "offset",
+		                      (json_int_t)sub->s->tail->ring[d].total, "data", "", "dropped",
+		                      (json_int_t)sub->dropped[d]);
+		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+		sub->dropped[d] = 0;
+	}
+}
+
+/* Subscribers that lost data while a session or the event stream went quiet hear of it once they drain. */
+static void
+tail_drain_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct tail_sub *sub;
+	bool owed = false;
+
+	(void)revents;
+	LIST_FOREACH(sub, &tail_all, all) {
+		if (sub->pending || (!sub->dropping && sub->dropped[0] == 0 && sub->dropped[1] == 0))
+			continue;
+		if (!tail_sub_room(sub)) {
+			owed = true;
+			continue;
+		}
+		tail_tell_dropped(sub);
+	}
+	if (!owed)
+		ev_timer_stop(loop, w);
 }
 
 static json_t *
@@ -425,15 +484,7 @@ tail_session_end(struct session *s)
 		if (sub->pending)
 			tail_replay(sub);
 		/* what was lost is told even to a subscriber still behind: the notices are small */
-		for (int d = 0; d < 2; d++)
-			if (sub->dropped[d] > 0) {
-				char tm[40];
-				json_t *o = json_pack("{s:I, s:s, s:s, s:I, s:s, s:I}", "id", (json_int_t)s->id, "dir",
-				                      tail_dir_names[d], "time", session_time(capd_now(), tm, sizeof tm),
-				                      "offset", (json_int_t)t->ring[d].total, "data", "", "dropped",
-				                      (json_int_t)sub->dropped[d]);
-				ctl_conn_send(sub->conn, rpc_notification("session.data", o));
-			}
+		tail_tell_dropped(sub);
 		ctl_conn_send(sub->conn, rpc_notification("session.end", json_pack("{s:I, s:s, s:I, s:I}", "id",
 		                                          (json_int_t)s->id, "reason", s->reason ? s->reason : "closed",
 		                                          "bytes_up", (json_int_t)s->bytes[DIR_UP],
@@ -477,11 +528,7 @@ events_emit(const char *event, json_t *obj)
 			sub->dropped[0]++;
 			continue;
 		}
-		if (sub->dropped[0] > 0) {
-			ctl_conn_send(sub->conn, rpc_notification("events.dropped",
-			                                          json_pack("{s:I}", "dropped", (json_int_t)sub->dropped[0])));
-			sub->dropped[0] = 0;
-		}
+		tail_tell_dropped(sub);
 		ctl_conn_send(sub->conn, json_incref(note));
 	}
 	json_decref(note);
