@@ -8,7 +8,9 @@ private folders (privilege-drop tests inside a network namespace of their own).
 
 import json
 import os
+import grp
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -74,7 +76,7 @@ def test_install_tree_holds_every_file(installed):
     # the units name the installed paths
     svc = under(dest, os.path.join(prefix, "lib/systemd/system/capd.service")).read_text()
     assert f"ExecStart={os.path.join(prefix, 'sbin/capd')} -c {os.path.join(sysconfdir, 'capd/capd.conf')}" in svc
-    assert "@" not in "".join(line for line in svc.splitlines() if not line.startswith("#"))
+    assert not re.search(r"@[A-Z_]+@", svc), "unconfigured placeholder in capd.service"
 
 
 def test_installed_capd_checks_installed_config(installed):
@@ -113,7 +115,7 @@ def test_units_pass_systemd_analyze_verify(installed, tmp_path):
     bounding = next(ln for ln in svc.splitlines() if ln.startswith("CapabilityBoundingSet="))
     assert set(bounding.split("=", 1)[1].split()) == {
         "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE"}
+        "CAP_DAC_OVERRIDE", "CAP_KILL"}
     sock = units[1].read_text()
     for line in ("ListenStream=/run/capd/capd.sock", "SocketMode=0660", "SocketGroup=capd"):
         assert line in sock, line
@@ -456,6 +458,9 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/systemd/system /run/capd-test
 cp -a "$1/units/." /run/systemd/system/
 cp -a "$1/payload/." /run/capd-test/
+# the user and group capd of the package's sysusers.d snippet, in this namespace only
+mount --bind "$1/passwd" /etc/passwd
+mount --bind "$1/group" /etc/group
 for d in /tmp /var/lib /var/log /var/cache /var/tmp; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
 chmod 1777 /tmp /var/tmp
 exec /lib/systemd/systemd --system --unit=capd-test.target --log-target=console --log-level=notice
@@ -573,14 +578,17 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
     (payload / "bin").mkdir()
     shutil.copy2(under(dest, os.path.join(prefix, "sbin/capd")), payload / "sbin/capd")
     shutil.copy2(under(dest, os.path.join(prefix, "bin/capctl")), payload / "bin/capctl")
-    # the installed config, with no control_group: the group capd does not exist on this machine
-    conf = under(dest, os.path.join(sysconfdir, "capd/capd.conf")).read_text()
-    (payload / "capd.conf").write_text(conf.replace("\ncontrol_group = capd", "\n;control_group = capd"))
+    # the installed config as it is; user and group capd exist in the namespace only
+    shutil.copy2(under(dest, os.path.join(sysconfdir, "capd/capd.conf")), payload / "capd.conf")
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    cid = next(i for i in range(999, 100, -1) if i not in used)
+    (base / "passwd").write_text(Path("/etc/passwd").read_text() +
+                                 f"capd:x:{cid}:{cid}:capd traffic-capture daemon:/var/lib/capd:/usr/sbin/nologin\n")
+    (base / "group").write_text(Path("/etc/group").read_text() + f"capd:x:{cid}:\n")
     for u in ("capd.service", "capd.socket"):
         text = under(dest, os.path.join(prefix, "lib/systemd/system", u)).read_text()
         text = text.replace(os.path.join(prefix, "sbin/capd"), "/run/capd-test/sbin/capd")
         text = text.replace(os.path.join(sysconfdir, "capd/capd.conf"), "/run/capd-test/capd.conf")
-        text = text.replace("SocketGroup=capd", "SocketGroup=root")
         (units / u).write_text(text)
     (units / "capd-test.target").write_text(BOOT_TARGET)
     for m in BOOT_MASK:
@@ -595,6 +603,14 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
         st = json.loads(r.stdout)
         pid = sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip()
         assert str(st["pid"]) == pid and pid != "0", (st, pid)
+        # privilege drop under systemd: user capd, and only the expected capabilities
+        status = sd.ctl("cat", f"/proc/{pid}/status").stdout
+        fields = {k: v.split() for k, _, v in (ln.partition(":") for ln in status.splitlines())}
+        assert fields["Uid"] == [str(cid)] * 4, fields["Uid"]
+        want = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_RAW) | (1 << CAP_CHOWN) | (1 << CAP_DAC_OVERRIDE)
+        assert int(fields["CapEff"][0], 16) == want and int(fields["CapBnd"][0], 16) == want, fields
+        sock = sd.ctl("stat", "-c", "%a %G", "/run/capd/capd.sock").stdout.split()
+        assert sock == ["660", "capd"], sock
         sd.ctl(*capctl, "add", "forward", "--port", "4444", "--to", "127.0.0.1:4445")
         sd.ctl("systemctl", "reload", "capd.service", timeout=30)
         assert sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip() == pid
@@ -617,6 +633,9 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
         assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
         out = sd.ctl("journalctl", "-u", "capd.service", "--no-pager", "-o", "cat").stdout
         assert "socket passed by systemd" in out, out[-2000:]
+    except AssertionError as e:
+        journal = sd.ctl("journalctl", "--no-pager", "-n", "60", check=False).stdout
+        raise AssertionError(f"{e}\n--- journal ---\n{journal}") from None
     finally:
         sd.stop()
         shutil.rmtree(base, ignore_errors=True)
