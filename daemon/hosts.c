@@ -24,7 +24,7 @@
 #include "xmalloc.h"
 
 #define HOSTS_FILE_MAX (16 * 1024 * 1024)  /* a larger hosts file is refused, not loaded */
-#define HOSTS_LOCK_TRIES 50                /* 50 x 10 ms for another writer's flock */
+#define HOSTS_LOCK_TRIES 20                /* 20 x 5 ms for another writer's flock: the loop waits 100 ms at most */
 
 /* ---- the entry set ---- */
 
@@ -403,7 +403,7 @@ hosts_update_in_place(const char *path, const char *backup_dir, hosts_edit_fn fn
 			close(fd);
 			return -1;
 		}
-		nanosleep(&(struct timespec){ .tv_nsec = 10 * 1000 * 1000 }, NULL);
+		nanosleep(&(struct timespec){ .tv_nsec = 5 * 1000 * 1000 }, NULL);
 	}
 	if (fstat(fd, &st) < 0) {
 		*why = xasprintf("cannot stat %s: %s", path, strerror(errno));

@@ -6,6 +6,7 @@ client that resolves through the instance end to end."""
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -18,7 +19,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import free_port, tshark, check_pcap_clean
+from conftest import CAPD, free_port, tshark, check_pcap_clean
 
 
 class Upstream:
@@ -331,12 +332,20 @@ def test_capctl_add_dns(capd, upstream):
     assert raw_udp(port, dns.message.make_query("svc.test", "A").to_wire(), timeout=0.3) is None
 
 
-def test_http_client_resolving_through_dns(capd_factory, upstream, http_server):
+def capd_knows(tmp_path, kind, line):
+    """Whether this capd has the instance type (capd -t on a one-instance config)."""
+    conf = tmp_path / f"probe-{kind}.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/probe.sock\nspool = {tmp_path}/probe\n"
+                    f"[{kind} probe]\nlisten = 127.0.0.1:1\n{line}\n")
+    return subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True).returncode == 0
+
+
+def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, tmp_path):
     """End to end: a client that resolves app.test through the dns instance reaches a capd
     proxy instance (forward: the reverse proxy is someone else's), and its request is in the pcapng."""
     http_port, _ = http_server
     dport, fport = free_port(), free_port()
-    target = "reverse" if os.path.exists(os.path.join(os.path.dirname(__file__), "../../daemon/proto-reverse.c")) else "forward"
+    target = "reverse" if capd_knows(tmp_path, "reverse", f"route = app.test=127.0.0.1:{http_port}") else "forward"
     conf = dns_conf(dport, upstream.port, "answer = app.test=127.0.0.1\n")
     if target == "reverse":
         conf += f"\n[reverse web]\nlisten = 127.0.0.1:{fport}\nroute = app.test=127.0.0.1:{http_port}\n"
