@@ -546,3 +546,32 @@ def test_capture_follow_pipe_ends_with_reader(capd, echo_server):
 def test_capture_follow_usage(capd):
     r = capd.ctl("capture", "follow", "--instance", "nope", check=False)
     assert r.returncode == 1 and "no instance nope" in r.stderr
+
+
+def test_colour_only_on_a_terminal(capd, echo_server):
+    import pty
+    import select
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    s.sendall(b"ping\n")
+    assert s.recv(100) == b"ping\n"
+    env = dict(os.environ)
+    env.pop("NO_COLOR", None)
+    for extra, coloured in (({}, True), ({"NO_COLOR": "1"}, False)):
+        master, slave = pty.openpty()
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "tail", "session", str(sid)],
+                             stdout=slave, stderr=subprocess.PIPE, env={**env, **extra})
+        os.close(slave)
+        data = b""
+        deadline = time.time() + 10
+        while data.count(b"ping") < 2 and time.time() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                data += os.read(master, 65536)
+        p.terminate()
+        p.wait(5)
+        os.close(master)
+        assert data.count(b"ping") == 2
+        assert (b"\033[31m" in data) == coloured  # c2s
+        assert (b"\033[34m" in data) == coloured  # s2c
+    s.close()
