@@ -40,6 +40,7 @@
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/user.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -64,6 +65,22 @@
 #error "capctl trace: unknown architecture for the seccomp filter"
 #endif
 
+/*
+ * x86-64: read/write/readv/writev are not in the base filter. Each descriptor
+ * number that holds a TCP/UDP socket gets a one-descriptor filter of its own,
+ * installed by making the tracee call seccomp() (TSYNC: every thread) at the
+ * syscall-exit stop where the socket appeared. File reads then never stop.
+ * Elsewhere the base filter traces every read/write and the tracer skips
+ * non-sockets.
+ */
+#if defined(__x86_64__)
+#define TRACE_INJECT 1
+#else
+#define TRACE_INJECT 0
+#endif
+#define TRACE_MAX_FILTERS 400     /* per process; then one filter for all read/write instead */
+#define TRACE_MAX_WATCH 65536     /* descriptor numbers that get a filter of their own */
+
 #define TRACE_CHUNK (256 * 1024)  /* bytes per event: the RPC line limit is 1 MiB after base64 */
 #define TRACE_MAX_IO (64u << 20)  /* bytes copied out of one system call at most */
 #define TRACE_HASH 256
@@ -85,6 +102,9 @@ struct tgroup {
 	char comm[32];
 	struct fdent *fds;
 	int nfds;
+	uint8_t *watched;               /* bitmap: descriptor numbers with a read/write filter */
+	int nfilters;                   /* filters installed in the process (inherited ones too) */
+	bool rw_all;                    /* a filter for every read/write is installed */
 };
 
 /* A traced thread and the system call it is in. */
@@ -100,6 +120,9 @@ struct ttask {
 	uint64_t ino;                   /* the socket the call is on, as it was at entry */
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
+	int pending_sig;                /* a signal that arrived while we made it call seccomp() */
+	bool gone;                      /* died while we made it call seccomp(): gone_status says how */
+	int gone_status;
 };
 
 /* A UDP peer of a socket: one flow (session) each. */
@@ -143,6 +166,7 @@ struct tracer {
 	struct tsock *socks[TRACE_HASH];
 	uint64_t next_id;
 	volatile sig_atomic_t stop_sig;
+	bool inject_warned;
 	bool detaching;
 	char main_comm[32];
 };
@@ -530,6 +554,43 @@ group_forget_fds(struct tgroup *g)
 	g->nfds = 0;
 }
 
+static bool
+group_watching(struct tgroup *g, int fd)
+{
+	if (g->rw_all)
+		return true;
+	if (fd < 0 || fd >= TRACE_MAX_WATCH || g->watched == NULL)
+		return false;
+	return (g->watched[fd / 8] >> (fd % 8)) & 1;
+}
+
+static void
+group_watch_mark(struct tgroup *g, int fd)
+{
+	if (fd < 0 || fd >= TRACE_MAX_WATCH)
+		return;
+	if (g->watched == NULL)
+		g->watched = trace_calloc(TRACE_MAX_WATCH / 8, 1);
+	g->watched[fd / 8] |= (uint8_t)(1u << (fd % 8));
+	g->nfilters++;
+}
+
+/* A forked child has its parent's filters. */
+static void
+group_inherit(struct tgroup *child, const struct tgroup *parent)
+{
+	if (child == parent)
+		return;
+	child->rw_all |= parent->rw_all;
+	child->nfilters += parent->nfilters;
+	if (parent->watched) {
+		if (child->watched == NULL)
+			child->watched = trace_calloc(TRACE_MAX_WATCH / 8, 1);
+		for (int i = 0; i < TRACE_MAX_WATCH / 8; i++)
+			child->watched[i] |= parent->watched[i];
+	}
+}
+
 static struct ttask *
 task_new(struct tracer *t, pid_t tid)
 {
@@ -562,6 +623,7 @@ task_free(struct tracer *t, struct ttask *k)
 				break;
 			}
 		group_forget_fds(k->g);
+		free(k->g->watched);
 		free(k->g);
 	}
 	free(k);
@@ -895,7 +957,9 @@ fd_forget(struct ttask *k, int fd)
 /* ---- the seccomp filter ---- */
 
 static const struct { long nr; int tag; } trace_calls[] = {
+#if !TRACE_INJECT
 	{ SYS_read, TAG_FD }, { SYS_write, TAG_FD }, { SYS_readv, TAG_FD }, { SYS_writev, TAG_FD },
+#endif
 	{ SYS_socket, TAG_NET }, { SYS_connect, TAG_NET }, { SYS_accept, TAG_NET }, { SYS_accept4, TAG_NET },
 	{ SYS_bind, TAG_NET }, { SYS_sendto, TAG_NET }, { SYS_sendmsg, TAG_NET }, { SYS_sendmmsg, TAG_NET },
 	{ SYS_recvfrom, TAG_NET }, { SYS_recvmsg, TAG_NET }, { SYS_recvmmsg, TAG_NET }, { SYS_shutdown, TAG_NET },
@@ -949,23 +1013,73 @@ filter_build(struct sock_filter *f)
 	return n;
 }
 
-/* In the child: installs the filter. 0 or an errno value. */
+#define RW_FILTER_LEN 12
+
+/* read/write/readv/writev on descriptor fd (fd < 0: on any descriptor) stop; nothing else. */
+static unsigned short
+filter_build_rw(struct sock_filter *f, int fd)
+{
+	unsigned short n = 0;
+
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, TRACE_AUDIT_ARCH, 1, 0);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_read, 3, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_write, 2, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_readv, 1, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_writev, 0, 3);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(0));
+	if (fd >= 0)
+		f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)fd, 0, 1);
+	else
+		f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JA, 0, 0, 0);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE | TAG_FD);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+	return n;
+}
+
+/* In the child: installs the filter (and one per inherited socket). 0 or an errno value. */
 static int
-filter_install(void)
+filter_install(const int *sockfds, int nsockfds)
 {
 	struct sock_filter prog[2 * NCALLS + 16];
 	struct sock_fprog fp = { .len = filter_build(prog), .filter = prog };
 
 	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0)
-		return 0;
+		goto fds;
 	if (errno != EACCES)
 		return errno;
 	/* without CAP_SYS_ADMIN a filter needs no_new_privs (a setuid program then runs unprivileged) */
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		return errno;
-	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0)
+	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) != 0)
+		return errno;
+fds:
+	for (int i = 0; i < nsockfds; i++) {
+		struct sock_filter rw[RW_FILTER_LEN];
+		struct sock_fprog rp = { .len = filter_build_rw(rw, sockfds[i]), .filter = rw };
+		if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &rp) != 0)
+			return errno;
+	}
+	return 0;
+}
+
+/* The TCP/UDP sockets among our descriptors: a spawned command inherits them. */
+static int
+inherited_sockets(int *out, int max)
+{
+	int n = 0;
+
+	if (!TRACE_INJECT)
 		return 0;
-	return errno;
+	for (int fd = 0; fd < 1024 && n < max; fd++) {
+		int dom = 0;
+		socklen_t len = sizeof dom;
+		if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) == 0 && (dom == AF_INET || dom == AF_INET6))
+			out[n++] = fd;
+	}
+	return n;
 }
 
 int
@@ -1031,7 +1145,7 @@ struct tracer *
 trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 {
 	struct tracer *t = tracer_new(fn, arg);
-	int ep[2], gp[2];
+	int ep[2], gp[2], sockfds[64], nsockfds = inherited_sockets(sockfds, 64);
 	pid_t pid;
 
 	if (pipe2(ep, O_CLOEXEC) < 0 || pipe2(gp, O_CLOEXEC) < 0) {
@@ -1059,7 +1173,7 @@ trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 		if (r != 1 || go != 'g')
 			_exit(127);  /* capctl gave up before the command started */
 		close(gp[0]);
-		if ((err = filter_install()) != 0) {
+		if ((err = filter_install(sockfds, nsockfds)) != 0) {
 			int msg[2] = { 1, err };
 			ssize_t w = write(ep[1], msg, sizeof msg);
 			(void)w;
@@ -1084,6 +1198,8 @@ trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 		return NULL;
 	}
 	task_new(t, pid);
+	for (int i = 0; i < nsockfds; i++)
+		group_watch_mark(t->tasks->g, sockfds[i]);
 	{
 		const char *b = strrchr(argv[0], '/');
 		snprintf(t->main_comm, sizeof t->main_comm, "%s", b ? b + 1 : argv[0]);
@@ -1223,6 +1339,132 @@ trace_free(struct tracer *t)
 		close(t->gopipe);
 	free(t->argv0);
 	free(t);
+}
+
+/* ---- making the tracee install a filter ---- */
+
+#if TRACE_INJECT
+/*
+ * Waits for the next stop of k alone; a signal that arrives meanwhile is kept
+ * for later. 1 at a syscall stop, 0 when it died (k->gone), -1 otherwise.
+ */
+static int
+inject_wait(struct ttask *k)
+{
+	for (;;) {
+		int st;
+		pid_t r = waitpid(k->tid, &st, __WALL);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		if (WIFEXITED(st) || WIFSIGNALED(st)) {
+			k->gone = true;
+			k->gone_status = st;
+			return 0;
+		}
+		if (!WIFSTOPPED(st))
+			continue;
+		if (WSTOPSIG(st) == (SIGTRAP | 0x80))
+			return 1;
+		if ((st >> 16) == 0 && WSTOPSIG(st) != SIGTRAP && k->pending_sig == 0)
+			k->pending_sig = WSTOPSIG(st);  /* delivered when we let it go */
+		if (ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0)
+			return -1;
+	}
+}
+
+/*
+ * At a syscall-exit stop of k: makes it run seccomp(SET_MODE_FILTER, TSYNC,
+ * prog) by stepping back onto its syscall instruction with new registers,
+ * then puts everything back. 0, or -1 (the filter is not installed).
+ */
+static int
+inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short len)
+{
+	struct user_regs_struct saved, r;
+	struct sock_fprog fp;
+	uint8_t insn[2], old[512];
+	uint64_t at;
+	size_t need = sizeof fp + len * sizeof *prog;
+	int rc = -1;
+
+	if (ptrace(PTRACE_GETREGS, k->tid, 0, &saved) < 0)
+		return -1;
+	/* the stopped call left rip just after its `syscall` (0f 05) */
+	if (mem_read(k->tid, saved.rip - 2, insn, 2) != 2 || insn[0] != 0x0f || insn[1] != 0x05)
+		return -1;
+	/* scratch room below the stack pointer and its red zone */
+	at = (saved.rsp - 256 - sizeof old) & ~(uint64_t)15;
+	if (need > sizeof old || mem_read(k->tid, at, old, sizeof old) != sizeof old)
+		return -1;
+	{
+		uint8_t buf[sizeof old];
+		struct iovec l = { buf, need }, rv = { (void *)(uintptr_t)at, need };
+		fp.len = len;
+		fp.filter = (struct sock_filter *)(uintptr_t)(at + sizeof fp);
+		memcpy(buf, &fp, sizeof fp);
+		memcpy(buf + sizeof fp, prog, len * sizeof *prog);
+		if (process_vm_writev(k->tid, &l, 1, &rv, 1, 0) != (ssize_t)need)
+			return -1;
+	}
+	r = saved;
+	r.rax = SYS_seccomp;
+	r.orig_rax = SYS_seccomp;
+	r.rdi = SECCOMP_SET_MODE_FILTER;
+	r.rsi = SECCOMP_FILTER_FLAG_TSYNC;
+	r.rdx = at;
+	r.rip = saved.rip - 2;
+	if (ptrace(PTRACE_SETREGS, k->tid, 0, &r) < 0 || ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0)
+		goto restore;
+	if (inject_wait(k) != 1)  /* the entry of the injected call */
+		return -1;
+	if (ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0 || inject_wait(k) != 1)  /* and its exit */
+		return -1;
+	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) == 0 && r.rax == 0)
+		rc = 0;
+restore:
+	{
+		struct iovec l = { old, sizeof old }, rv = { (void *)(uintptr_t)at, sizeof old };
+		process_vm_writev(k->tid, &l, 1, &rv, 1, 0);
+	}
+	if (ptrace(PTRACE_SETREGS, k->tid, 0, &saved) < 0)
+		return -1;
+	return rc;
+}
+#endif
+
+/*
+ * fd of k's process holds a TCP/UDP socket now: make sure its read/write
+ * calls stop. k is at the syscall-exit stop that produced fd.
+ */
+static void
+watch_fd(struct tracer *t, struct ttask *k, int fd)
+{
+#if TRACE_INJECT
+	struct sock_filter prog[RW_FILTER_LEN];
+	struct tgroup *g = k->g;
+	bool all;
+
+	if (t->attached || group_watching(g, fd))
+		return;
+	all = fd >= TRACE_MAX_WATCH || g->nfilters >= TRACE_MAX_FILTERS;
+	if (inject_filter(k, prog, filter_build_rw(prog, all ? -1 : fd)) < 0) {
+		if (!k->gone && !t->inject_warned) {
+			fprintf(stderr, "capctl: cannot watch read/write on socket %d of process %d; bytes it moves with "
+			        "read/write are not recorded\n", fd, (int)g->tgid);
+			t->inject_warned = true;
+		}
+		return;
+	}
+	if (all)
+		g->rw_all = true;
+	else
+		group_watch_mark(g, fd);
+#else
+	(void)t; (void)k; (void)fd;
+#endif
 }
 
 /* ---- system call handlers ---- */
@@ -1389,8 +1631,10 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 
 	k->nr = -1;
 	if (nr == SYS_socket) {
-		if (!is_err && rv >= 0 && (s = fd_new_sock(t, k, (int)rv, ((int)a[1] & 0xf) == SOCK_STREAM)) != NULL)
+		if (!is_err && rv >= 0 && (s = fd_new_sock(t, k, (int)rv, ((int)a[1] & 0xf) == SOCK_STREAM)) != NULL) {
 			s->pid = k->g->tgid;
+			watch_fd(t, k, (int)rv);
+		}
 		return;
 	}
 	if (nr == SYS_close || nr == SYS_close_range) {
@@ -1398,8 +1642,11 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		return;
 	}
 	if (nr == SYS_dup || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_fcntl) {
-		if (!is_err && rv >= 0)
+		if (!is_err && rv >= 0) {
 			fd_forget(k, (int)rv);
+			if (fd_sock(t, k, (int)rv) != NULL)  /* a socket under a new number */
+				watch_fd(t, k, (int)rv);
+		}
 		if (k->oldstate == FD_SOCK)
 			sock_sweep(t, "closed");
 		return;
@@ -1411,6 +1658,9 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 			return;
 		fd_forget(k, (int)rv);
 		if ((s = fd_sock(t, k, (int)rv)) == NULL || !s->tcp)
+			return;
+		watch_fd(t, k, (int)rv);
+		if (k->gone)
 			return;
 		s->server = true;
 		sock_open_tcp(t, k, s);
@@ -1552,6 +1802,10 @@ task_resume(struct tracer *t, struct ttask *k, int sig)
 {
 	int req = t->attached || k->want_exit ? PTRACE_SYSCALL : PTRACE_CONT;
 
+	if (sig == 0 && k->pending_sig) {
+		sig = k->pending_sig;
+		k->pending_sig = 0;
+	}
 	ptrace(req, k->tid, 0, sig);
 }
 
@@ -1642,11 +1896,18 @@ trace_run(struct tracer *t)
 		}
 		if (sig == (SIGTRAP | 0x80) || ev == PTRACE_EVENT_SECCOMP) {
 			on_syscall_stop(t, k);
-			task_resume(t, k, 0);
+			if (k->gone)  /* it died while it installed a filter */
+				on_task_gone(t, k, k->gone_status);
+			else
+				task_resume(t, k, 0);
 		} else if (ev == PTRACE_EVENT_FORK || ev == PTRACE_EVENT_VFORK || ev == PTRACE_EVENT_CLONE) {
 			unsigned long child = 0;
-			if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &child) == 0 && child > 0 && !task_find(t, (pid_t)child))
-				task_new(t, (pid_t)child);
+			if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &child) == 0 && child > 0) {
+				struct ttask *c = task_find(t, (pid_t)child);
+				if (c == NULL)
+					c = task_new(t, (pid_t)child);
+				group_inherit(c->g, k->g);  /* its filters are the parent's */
+			}
 			task_resume(t, k, 0);
 		} else if (ev == PTRACE_EVENT_EXEC) {
 			unsigned long former = 0;

@@ -273,8 +273,9 @@ def test_trace_file_io_speed(capd, tmp_path):
 
     plain = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
     traced = timed(lambda: trace(capd, *cmd, name=None))
-    # 6144 reads and 6144 writes; a generous bound for a busy shared machine
-    assert traced < plain * 4 + 1.5, (plain, traced)
+    # 3072 reads and writes of a file and /dev/null: on x86-64 they do not stop the program at all;
+    # elsewhere each stops once. A generous bound for a busy shared machine.
+    assert traced < plain * 3 + 1.0, (plain, traced)
     # and a program that does not use read/write at all (pread, mmap) is not stopped
     py = f"import os\nfd=os.open('{big}', os.O_RDONLY)\nn=0\nwhile True:\n" \
          f"    b=os.pread(fd, 4096, n)\n    if not b: break\n    n+=len(b)\nprint(n)"
@@ -759,3 +760,16 @@ def test_trace_msg_calls(capd, echo_server, udp_echo, tmp_path):
     fins = tshark("-r", pcap, "-Y", f'tcp.flags.fin == 1 && frame.comment contains "capd session {t["id"]} "',
                   "-T", "fields", "-e", "tcp.srcport").stdout.split()
     assert len(fins) == 2
+
+
+def test_trace_bash_dev_tcp(capd, http_server):
+    """bash's /dev/tcp: socket(), dup2() to fd 3, write(2) from bash and read(2) from a forked cat."""
+    port, www = http_server
+    (www / "hi").write_bytes(b"hi there\n")
+    cmd = f'exec 3<>/dev/tcp/127.0.0.1/{port}; printf "GET /hi HTTP/1.0\\r\\n\\r\\n" >&3; cat <&3'
+    r = trace(capd, "bash", "-c", cmd, name="bash")
+    assert r.stdout.endswith(b"\r\n\r\nhi there\n")
+    ss = closed_sessions(capd, "bash", 1)
+    s = ss[-1]
+    assert s["bytes_up"] == len(b"GET /hi HTTP/1.0\r\n\r\n")
+    assert s["bytes_down"] == len(r.stdout)
