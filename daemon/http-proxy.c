@@ -460,7 +460,7 @@ http_next(struct session *s)
 	const uint8_t *p;
 	size_t n;
 
-	if (!hc->client_keep) {
+	if (!hc->client_keep || s->dir[DIR_UP].eof) {
 		session_close(s, "closed");
 		return RELAY_STOP;
 	}
@@ -539,9 +539,11 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	session_data(s, DIR_DOWN, p, m->head_len);
 	*used = m->head_len;
 	if (m->status < 200 && m->status != 101) {
-		/* 100 Continue and friends: the final response follows */
-		http_rewrite_response(hc, m, &hc->head);
-		relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
+		/* 100 Continue and friends: the final response follows (1.0 clients never see them) */
+		if (hc->req_minor > 0) {
+			http_rewrite_response(hc, m, &hc->head);
+			relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
+		}
 		return RELAY_EAT;
 	}
 	if (m->status == 101) {
@@ -586,8 +588,9 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 	if (rv == PARSE_MORE)
 		return RELAY_PASS;
 	if (rv == PARSE_ERR) {
-		if (d == DIR_DOWN) {
-			session_close(s, "upstream sent bad chunked framing");
+		if (d == DIR_DOWN || hc->down == DOWN_BODY) {
+			/* part of a response is out: no room for an error reply */
+			session_close(s, d == DIR_DOWN ? "upstream sent bad chunked framing" : "client sent bad chunked framing");
 			return RELAY_STOP;
 		}
 		http_fail_late(s, 400, "bad chunked framing");
