@@ -34,7 +34,7 @@
 #define TAIL_MARKS_MAX 1024         /* turns remembered for the backlog's order */
 #define TAIL_PIECE (64u << 10)      /* backlog replayed in notifications of at most this */
 #define TAIL_CONN_SUBS 4            /* subscriptions one control connection may hold */
-#define TAIL_RING_MIN 4096
+#define TAIL_RING_MIN 256           /* first allocation of a ring; it doubles as the session carries more */
 #define TAIL_DRAIN_SECS 0.25        /* how often subscribers that lost data are checked for room */
 
 /* One direction's backlog: the last min(total, cap) bytes of the stream. */
