@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -105,6 +106,7 @@ struct tgroup {
 	uint8_t *watched;               /* bitmap: descriptor numbers with a read/write filter */
 	int nfilters;                   /* filters installed in the process (inherited ones too) */
 	bool rw_all;                    /* a filter for every read/write is installed */
+	uint64_t scratch;               /* a page we made it map for filter programs, 0 until then */
 };
 
 /* A traced thread and the system call it is in. */
@@ -582,6 +584,8 @@ group_inherit(struct tgroup *child, const struct tgroup *parent)
 	if (child == parent)
 		return;
 	child->rw_all |= parent->rw_all;
+	if (child->scratch == 0)
+		child->scratch = parent->scratch;  /* a fork copies the mapping */
 	child->nfilters += parent->nfilters;
 	if (parent->watched) {
 		if (child->watched == NULL)
@@ -1376,18 +1380,15 @@ inject_wait(struct ttask *k)
 }
 
 /*
- * At a syscall-exit stop of k: makes it run seccomp(SET_MODE_FILTER, TSYNC,
- * prog) by stepping back onto its syscall instruction with new registers,
- * then puts everything back. 0, or -1 (the filter is not installed).
+ * At a syscall-exit stop of k: makes it run the system call nr(a[0..5])
+ * by stepping back onto its `syscall` instruction with new registers, then
+ * puts the registers back. 0 with *ret, or -1.
  */
 static int
-inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short len)
+inject_syscall(struct ttask *k, long nr, const uint64_t a[6], int64_t *ret)
 {
 	struct user_regs_struct saved, r;
-	struct sock_fprog fp;
-	uint8_t insn[2], old[512];
-	uint64_t at;
-	size_t need = sizeof fp + len * sizeof *prog;
+	uint8_t insn[2];
 	int rc = -1;
 
 	if (ptrace(PTRACE_GETREGS, k->tid, 0, &saved) < 0)
@@ -1395,26 +1396,14 @@ inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short le
 	/* the stopped call left rip just after its `syscall` (0f 05) */
 	if (mem_read(k->tid, saved.rip - 2, insn, 2) != 2 || insn[0] != 0x0f || insn[1] != 0x05)
 		return -1;
-	/* scratch room below the stack pointer and its red zone */
-	at = (saved.rsp - 256 - sizeof old) & ~(uint64_t)15;
-	if (need > sizeof old || mem_read(k->tid, at, old, sizeof old) != sizeof old)
-		return -1;
-	{
-		uint8_t buf[sizeof old];
-		struct iovec l = { buf, need }, rv = { (void *)(uintptr_t)at, need };
-		fp.len = len;
-		fp.filter = (struct sock_filter *)(uintptr_t)(at + sizeof fp);
-		memcpy(buf, &fp, sizeof fp);
-		memcpy(buf + sizeof fp, prog, len * sizeof *prog);
-		if (process_vm_writev(k->tid, &l, 1, &rv, 1, 0) != (ssize_t)need)
-			return -1;
-	}
 	r = saved;
-	r.rax = SYS_seccomp;
-	r.orig_rax = SYS_seccomp;
-	r.rdi = SECCOMP_SET_MODE_FILTER;
-	r.rsi = SECCOMP_FILTER_FLAG_TSYNC;
-	r.rdx = at;
+	r.rax = r.orig_rax = (unsigned long long)nr;
+	r.rdi = a[0];
+	r.rsi = a[1];
+	r.rdx = a[2];
+	r.r10 = a[3];
+	r.r8 = a[4];
+	r.r9 = a[5];
 	r.rip = saved.rip - 2;
 	if (ptrace(PTRACE_SETREGS, k->tid, 0, &r) < 0 || ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0)
 		goto restore;
@@ -1422,16 +1411,49 @@ inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short le
 		return -1;
 	if (ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0 || inject_wait(k) != 1)  /* and its exit */
 		return -1;
-	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) == 0 && r.rax == 0)
+	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) == 0) {
+		*ret = (int64_t)r.rax;
 		rc = 0;
-restore:
-	{
-		struct iovec l = { old, sizeof old }, rv = { (void *)(uintptr_t)at, sizeof old };
-		process_vm_writev(k->tid, &l, 1, &rv, 1, 0);
 	}
+restore:
 	if (ptrace(PTRACE_SETREGS, k->tid, 0, &saved) < 0)
 		return -1;
 	return rc;
+}
+
+/*
+ * Makes k's process install prog for all its threads (seccomp TSYNC). The
+ * program is written to a page of its own that the process is made to map
+ * once (other memory could be in use by another thread). 0, or -1.
+ */
+static int
+inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short len)
+{
+	struct tgroup *g = k->g;
+	struct sock_fprog fp;
+	uint8_t buf[sizeof fp + 64 * sizeof *prog];
+	size_t need = sizeof fp + len * sizeof *prog;
+	int64_t rv;
+
+	if (need > sizeof buf)
+		return -1;
+	if (g->scratch == 0) {
+		const uint64_t a[6] = { 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, (uint64_t)-1, 0 };
+		if (inject_syscall(k, SYS_mmap, a, &rv) < 0 || (rv < 0 && rv > -4096))
+			return -1;
+		g->scratch = (uint64_t)rv;
+	}
+	fp.len = len;
+	fp.filter = (struct sock_filter *)(uintptr_t)(g->scratch + sizeof fp);
+	memcpy(buf, &fp, sizeof fp);
+	memcpy(buf + sizeof fp, prog, len * sizeof *prog);
+	struct iovec l = { buf, need }, rv2 = { (void *)(uintptr_t)g->scratch, need };
+	if (process_vm_writev(k->tid, &l, 1, &rv2, 1, 0) != (ssize_t)need)
+		return -1;
+	const uint64_t a[6] = { SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, g->scratch, 0, 0, 0 };
+	if (inject_syscall(k, SYS_seccomp, a, &rv) < 0)
+		return -1;
+	return rv == 0 ? 0 : -1;
 }
 #endif
 
@@ -1922,6 +1944,7 @@ trace_run(struct tracer *t)
 			k->want_exit = false;
 			k->nr = -1;
 			group_forget_fds(k->g);
+			k->g->scratch = 0;  /* the new program has none of the old mappings (its filters stay) */
 			proc_comm(k->g->tgid, k->g->comm, sizeof k->g->comm);
 			if (pid == t->main)
 				snprintf(t->main_comm, sizeof t->main_comm, "%s", k->g->comm);

@@ -260,7 +260,7 @@ def test_trace_file_io_speed(capd, tmp_path):
     big = tmp_path / "big"
     with open(big, "wb") as f:
         f.write(os.urandom(1 << 20) * 48)
-    cmd = ["dd", f"if={big}", "of=/dev/null", "bs=16k"]
+    cmd = ["dd", f"if={big}", "of=/dev/null", "bs=4k"]
 
     def timed(fn):
         best = None
@@ -273,9 +273,13 @@ def test_trace_file_io_speed(capd, tmp_path):
 
     plain = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
     traced = timed(lambda: trace(capd, *cmd, name=None))
-    # 3072 reads and writes of a file and /dev/null: on x86-64 they do not stop the program at all;
-    # elsewhere each stops once. A generous bound for a busy shared machine.
-    assert traced < plain * 3 + 1.0, (plain, traced)
+    # 12288 reads and writes of a file and /dev/null: on x86-64 they do not stop the program at all
+    # (only socket descriptors get a read/write filter); elsewhere each stops once for a few µs.
+    # Generous bounds for a busy shared machine.
+    if os.uname().machine == "x86_64":
+        assert traced < plain * 1.5 + 0.5, (plain, traced)
+    else:
+        assert traced < plain * 4 + 1.5, (plain, traced)
     # and a program that does not use read/write at all (pread, mmap) is not stopped
     py = f"import os\nfd=os.open('{big}', os.O_RDONLY)\nn=0\nwhile True:\n" \
          f"    b=os.pread(fd, 4096, n)\n    if not b: break\n    n+=len(b)\nprint(n)"
