@@ -4,10 +4,12 @@
  * of capd's block at a clean stop (hosts_restore). The file's block is the
  * truth; capd also remembers the last set it wrote, so a block that another
  * program dropped (a DHCP client, a container runtime rewriting /etc/hosts)
- * comes back with the next hosts command.
+ * comes back: at the next hosts command, or within HOSTS_WATCH_INTERVAL when
+ * the watch timer sees the file change.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "capd.h"
 #include "control.h"
@@ -16,7 +18,9 @@
 #include "rpc.h"
 #include "xmalloc.h"
 
-enum hosts_op { HOSTS_OP_ADD, HOSTS_OP_REMOVE, HOSTS_OP_CLEAR };
+#define HOSTS_WATCH_INTERVAL 2.0  /* seconds between stat()s of the file while capd has entries in it */
+
+enum hosts_op { HOSTS_OP_ADD, HOSTS_OP_REMOVE, HOSTS_OP_CLEAR, HOSTS_OP_REAPPLY };
 
 /* What one edit does; lives on the caller's stack. */
 struct hosts_edit {
@@ -28,6 +32,10 @@ struct hosts_edit {
 
 static struct hosts_set hosts_mem;  /* the set capd last wrote, for re-applying a dropped block */
 static char *hosts_mem_path;        /* the file it was written to */
+static ev_timer hosts_watch;        /* runs while hosts_mem has entries; unref'd: it keeps no loop alive */
+static bool hosts_watch_ready;
+static struct stat hosts_seen;      /* the file as capd last saw it */
+static bool hosts_seen_valid;
 
 static const char *
 hosts_path(void)
@@ -61,6 +69,8 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 		e->removed = set.n;
 		hosts_set_free(&set);
 		break;
+	case HOSTS_OP_REAPPLY:
+		break;  /* the remembered entries went back in above */
 	}
 	out = hosts_block_apply(cur, len, &set, outlen, why);
 	if (out) {
@@ -74,12 +84,83 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 	return out;
 }
 
+static void hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+static bool
+hosts_same_stat(const struct stat *a, const struct stat *b)
+{
+	return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
+	       a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+/* Watches the file while capd has entries in it; stops when it has none. */
+static void
+hosts_watch_update(void)
+{
+	if (capd_loop == NULL)
+		return;
+	if (!hosts_watch_ready) {
+		ev_timer_init(&hosts_watch, hosts_watch_cb, HOSTS_WATCH_INTERVAL, HOSTS_WATCH_INTERVAL);
+		hosts_watch_ready = true;
+	}
+	if (hosts_mem.n > 0 && !ev_is_active(&hosts_watch)) {
+		ev_timer_start(capd_loop, &hosts_watch);
+		ev_unref(capd_loop);
+	} else if (hosts_mem.n == 0 && ev_is_active(&hosts_watch)) {
+		ev_ref(capd_loop);
+		ev_timer_stop(capd_loop, &hosts_watch);
+	}
+}
+
 static int
 hosts_run(struct hosts_edit *e, char **why)
 {
 	const char *state = capd_settings ? capd_settings->state_dir : NULL;
+	int rv = hosts_file_update(hosts_path(), state, hosts_edit_cb, e, why);
 
-	return hosts_file_update(hosts_path(), state, hosts_edit_cb, e, why);
+	hosts_seen_valid = stat(hosts_path(), &hosts_seen) == 0;
+	hosts_watch_update();
+	return rv;
+}
+
+/* The file changed behind capd's back: adopt a block a person edited, put back one that went missing. */
+static void
+hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct hosts_set set = { 0 };
+	struct hosts_edit e = { .op = HOSTS_OP_REAPPLY };
+	struct stat st;
+	char *text, *why = NULL;
+	size_t len, n = hosts_mem.n;
+	int found;
+
+	(void)loop; (void)w; (void)revents;
+	if (hosts_mem_path == NULL || strcmp(hosts_mem_path, hosts_path()) != 0 || stat(hosts_mem_path, &st) < 0)
+		return;  /* hosts_file changed by a reload, or the file is gone: the next command decides */
+	if (hosts_seen_valid && hosts_same_stat(&st, &hosts_seen))
+		return;
+	hosts_seen = st;
+	hosts_seen_valid = true;
+	if ((text = hosts_file_read(hosts_mem_path, &len, &why)) == NULL ||
+	    (found = hosts_block_parse(text, len, &set, &why)) < 0) {
+		log_debug("hosts: %s changed: %s", hosts_mem_path, why);
+		free(why);
+		free(text);
+		return;
+	}
+	free(text);
+	if (found) {
+		hosts_set_free(&hosts_mem);
+		hosts_mem = set;  /* a person's edits inside the block are theirs to make */
+		hosts_watch_update();
+		return;
+	}
+	if (hosts_run(&e, &why) < 0) {
+		log_warnx("hosts: capd's block went missing from %s and cannot be put back: %s", hosts_mem_path, why);
+		free(why);
+		return;
+	}
+	log_notice("hosts: capd's block went missing from %s: %zu entries put back", hosts_path(), n);
 }
 
 int
@@ -161,6 +242,7 @@ hosts_restore(void)
 		hosts_set_free(&hosts_mem);
 		free(hosts_mem_path);
 		hosts_mem_path = NULL;
+		hosts_watch_update();
 		return;
 	}
 	hosts_set_free(&hosts_mem);
@@ -173,6 +255,7 @@ hosts_restore(void)
 	hosts_set_free(&hosts_mem);
 	free(hosts_mem_path);
 	hosts_mem_path = NULL;
+	hosts_watch_update();
 }
 
 /* ---- RPC ---- */

@@ -133,6 +133,24 @@ def test_dropped_block_is_put_back(hostsd):
         block(("first.test", "127.0.0.1"), ("second.test", "127.0.0.1"))
 
 
+def test_dropped_block_comes_back_by_itself(hostsd):
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "watched.test", "10.0.0.3")
+    rewritten = ORIG + b"\n10.9.9.9 rewritten-by-a-runtime\n"
+    path.write_bytes(rewritten)
+    want = rewritten + block(("watched.test", "10.0.0.3"))
+    deadline = time.time() + 8
+    while path.read_bytes() != want and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.read_bytes() == want
+    assert "put back" in c.log()
+    # after clear capd leaves the file alone
+    c.ctl("hosts", "clear")
+    path.write_bytes(ORIG)
+    time.sleep(2.5)
+    assert path.read_bytes() == ORIG
+
+
 NS_SCRIPT = r"""
 set -e
 T="$1"; CAPD="$2"; CAPCTL="$3"
