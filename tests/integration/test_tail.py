@@ -575,3 +575,39 @@ def test_colour_only_on_a_terminal(capd, echo_server):
         assert (b"\033[31m" in data) == coloured  # c2s
         assert (b"\033[34m" in data) == coloured  # s2c
     s.close()
+
+
+def test_backlog_of_many_turns(capd, echo_server):
+    """More turns than capd remembers the order of: every kept byte still comes, once, in stream order."""
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    sent = bytearray()
+    for i in range(1500):
+        line = b"line %d\n" % i
+        s.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            got += s.recv(100)
+        assert got == line
+        sent += line
+    outs = {}
+    for d in ("c2s", "s2c"):
+        p = tail_proc(capd, "session", sid, "--raw", "--dir", d)
+        outs[d] = (p, Reader(p.stdout))
+        outs[d][1].wait(lambda x: len(x) >= len(sent))
+    p = tail_proc(capd, "session", sid, "--text")
+    text = Reader(p.stdout)
+    text.wait(lambda x: x.count(b"line 1499") == 2)
+    s.close()
+    for d, (pd, r) in outs.items():
+        assert pd.wait(10) == 0
+        assert r.get() == bytes(sent), d
+    assert p.wait(10) == 0
+    lines = text.get().decode().splitlines()
+    # the last turns keep their order: request, echo, request, echo
+    body = [x for x in lines if x.startswith("line ")]
+    assert body[-4:] == ["line 1498", "line 1498", "line 1499", "line 1499"]
+    assert sorted(body) == sorted([f"line {i}" for i in range(1500)] * 2)
+    r = capd.ctl("tail", "session", sid, check=False)
+    assert r.returncode == 1 and f"session {sid} has ended (closed)" in r.stderr
