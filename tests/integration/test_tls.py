@@ -1,7 +1,9 @@
 """Issue 9: TLS interception (forged certificates, plaintext capture, key log in
 the pcapng, passthrough). A local nginx serves TLS with a CA the test makes."""
 
+import json
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, EchoServer, follow_tcp, free_port, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, follow_tcp, free_port, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -525,3 +527,70 @@ def test_tls_bulk_both_ways_exact(capd, origin, tmp_path):
     s = last_closed(capd)[-1]
     assert s["bytes_up"] == len(payload) and s["bytes_down"] == len(payload), s
     echo.sock.close()
+
+
+def test_http_connect_tls_interception(capd, origin, tmp_path):
+    hport = free_port()
+    capd.ctl("add", "http", "--port", hport, "--connect-ports", origin.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    # the proxy resolves the CONNECT host itself: a name it knows, on the origin's certificate
+    r = curl("--http1.1", "--cacert", ca, "-p", "-x", f"http://127.0.0.1:{hport}", f"https://localhost:{origin.port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    s = last_closed(capd)[-1]
+    assert "sni=localhost" in s["note"], s
+    pcap = pcap_after(capd)
+    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.method", "-e", "http.host")
+    # the CONNECT head was the proxy's handshake; inside the tunnel, the plaintext GET
+    assert f"GET\tlocalhost:{origin.port}" in t.stdout, t.stdout
+
+
+HOSTS_NS = r"""
+set -e
+T="$1"; CAPD="$2"; CAPCTL="$3"; PORT="$4"; NAME="$5"
+mkdir -p "$T/etc"
+for f in ld.so.cache ld.so.conf nsswitch.conf host.conf resolv.conf passwd group gai.conf ssl; do
+  [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
+done
+[ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
+printf '127.0.0.1\tlocalhost\n' > "$T/etc/hosts"
+printf '127.0.0.1\tlocalhost\n' > "$T/hosts.mounted"
+mount --bind "$T/etc" /etc
+mount --bind "$T/hosts.mounted" /etc/hosts
+"$CAPD" -c "$T/capd.conf" > "$T/capd.log" 2>&1 &
+PID=$!
+for i in $(seq 200); do "$CAPCTL" -s "$T/capd.sock" list 2>/dev/null | grep -q running && break; sleep 0.05; done
+"$CAPCTL" -s "$T/capd.sock" hosts add "$NAME"
+"$CAPCTL" -s "$T/capd.sock" ca export > "$T/capd-ca.pem"
+curl -sS --max-time 20 --http1.1 --cacert "$T/capd-ca.pem" "https://$NAME:$PORT/" > "$T/body" || echo "curl failed: $?"
+"$CAPCTL" -s "$T/capd.sock" --json sessions > "$T/sessions.json"
+kill -TERM $PID
+wait $PID || true
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_reverse_tls_through_hosts_redirection(origin, tmp_path):
+    """HTTPS clients sent to capd by a hosts entry: reverse --tls terminates TLS for the SNI,
+    routes by Host to the TLS origin; body exact, plaintext in the pcapng."""
+    port = free_port()
+    (tmp_path / "capd.conf").write_text(
+        "[capd]\n"
+        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
+        "log_level = debug\nflush_interval = 100ms\nhosts_file = /etc/hosts\n\n"
+        f"[reverse web]\nlisten = 127.0.0.1:{port}\nroute = {NAME}=127.0.0.1:{origin.port}\n"
+        "tls = yes\ntls_verify = no\n")
+    script = tmp_path / "ns.sh"
+    script.write_text(HOSTS_NS)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
+                        str(CAPD), str(CAPCTL), str(port), NAME], capture_output=True, text=True, timeout=90)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    assert r.returncode == 0 and "curl failed" not in r.stdout, r.stdout + r.stderr + log
+    assert (tmp_path / "body").read_bytes() == BODY, log
+    ss = json.loads((tmp_path / "sessions.json").read_text())
+    assert any(f"sni={NAME}" in s.get("note", "") for s in ss), ss
+    pcap = sorted((tmp_path / "spool").glob("*.pcapng"))[-1]
+    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.host")
+    assert NAME in t.stdout, t.stdout
+    t = tshark("-r", pcap, "-Y", "http.response.code == 200", "-T", "fields", "-e", "frame.number")
+    assert t.stdout.strip(), "the response is plaintext in the capture"
