@@ -227,7 +227,7 @@ class EchoServer:
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(128)
+        self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.running = True
         threading.Thread(target=self.loop, daemon=True).start()
