@@ -74,10 +74,12 @@
  * Elsewhere the base filter traces every read/write and the tracer skips
  * non-sockets.
  */
+#ifndef TRACE_INJECT  /* -DTRACE_INJECT=0 tests the other way on x86-64 */
 #if defined(__x86_64__)
 #define TRACE_INJECT 1
 #else
 #define TRACE_INJECT 0
+#endif
 #endif
 #define TRACE_MAX_FILTERS 400     /* per process; then one filter for all read/write instead */
 #define TRACE_MAX_WATCH 65536     /* descriptor numbers that get a filter of their own */
@@ -556,6 +558,7 @@ group_forget_fds(struct tgroup *g)
 	g->nfds = 0;
 }
 
+#if TRACE_INJECT
 static bool
 group_watching(struct tgroup *g, int fd)
 {
@@ -565,6 +568,7 @@ group_watching(struct tgroup *g, int fd)
 		return false;
 	return (g->watched[fd / 8] >> (fd % 8)) & 1;
 }
+#endif
 
 static void
 group_watch_mark(struct tgroup *g, int fd)
