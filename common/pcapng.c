@@ -168,14 +168,18 @@ pcapng_epb_len(const struct pcapng_epb *e)
 	return 12 + 20 + pad4(e->hdrlen + e->datalen) + epb_opts_len(e);
 }
 
-size_t
-pcapng_epb(struct buf *b, const struct pcapng_epb *e)
+/* The EPB, with or without its data bytes in b (see pcapng_epb_nodata). */
+static size_t
+epb_encode(struct buf *b, const struct pcapng_epb *e, bool copy, size_t *split)
 {
 	size_t caplen = e->hdrlen + e->datalen;
 	size_t len = pcapng_epb_len(e);
-	uint8_t *p = block_begin(b, PCAPNG_BT_EPB, len);
+	size_t room = copy ? len : len - e->datalen;
+	uint8_t *start = buf_reserve(b, room), *p = start;
 	size_t padded = pad4(caplen);
 
+	p = put32(p, PCAPNG_BT_EPB);
+	p = put32(p, (uint32_t)len);
 	p = put32(p, e->iface);
 	p = put32(p, (uint32_t)(e->ts >> 32));
 	p = put32(p, (uint32_t)e->ts);
@@ -183,17 +187,36 @@ pcapng_epb(struct buf *b, const struct pcapng_epb *e)
 	p = put32(p, e->origlen ? e->origlen : (uint32_t)caplen);
 	if (e->hdrlen > 0)
 		memcpy(p, e->hdr, e->hdrlen);
-	if (e->datalen > 0)
-		memcpy(p + e->hdrlen, e->data, e->datalen);
-	memset(p + caplen, 0, padded - caplen);
-	p += padded;
+	p += e->hdrlen;
+	if (split != NULL)
+		*split = (size_t)(p - start);
+	if (copy && e->datalen > 0)
+		memcpy(p, e->data, e->datalen);
+	if (copy)
+		p += e->datalen;
+	memset(p, 0, padded - caplen);
+	p += padded - caplen;
 	if (epb_opts_len(e)) {
 		p = put_opt_str(p, OPT_COMMENT, e->comment);
 		if (e->flags)
 			p = put_opt(p, EPB_FLAGS, &e->flags, 4);
 		p = put_end(p);
 	}
-	return block_end(b, p, len);
+	put32(p, (uint32_t)len);
+	buf_commit(b, room);
+	return len;
+}
+
+size_t
+pcapng_epb(struct buf *b, const struct pcapng_epb *e)
+{
+	return epb_encode(b, e, true, NULL);
+}
+
+size_t
+pcapng_epb_nodata(struct buf *b, const struct pcapng_epb *e, size_t *split)
+{
+	return epb_encode(b, e, false, split);
 }
 
 size_t

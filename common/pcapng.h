@@ -56,6 +56,13 @@ struct pcapng_epb {
 size_t pcapng_shb(struct buf *b, const char *hardware, const char *os, const char *userappl);
 size_t pcapng_idb(struct buf *b, const struct pcapng_idb *idb);
 size_t pcapng_epb(struct buf *b, const struct pcapng_epb *epb);
+/*
+ * The same EPB without its data bytes, for writers that hand the payload to
+ * writev(2) instead of copying it: appends the block minus e->datalen bytes,
+ * which belong at *split bytes after the start of what was appended. Returns
+ * the full block length.
+ */
+size_t pcapng_epb_nodata(struct buf *b, const struct pcapng_epb *e, size_t *split);
 /* Decryption Secrets Block: type is e.g. PCAPNG_SECRETS_TLS. */
 size_t pcapng_dsb(struct buf *b, uint32_t type, const void *secrets, size_t n);
 

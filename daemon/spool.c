@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -39,9 +40,10 @@
 
 #define QUEUE_MAX (32u << 20)     /* queued data records beyond this are dropped */
 #define CHUNK_SIZE (1u << 20)     /* queue memory comes in chunks this big */
-#define CHUNK_SPARE 4             /* empty chunks kept for reuse */
+#define CHUNK_SPARE 8             /* empty chunks kept for reuse: no mmap/munmap churn under load */
 #define WAKE_BYTES (1u << 20)     /* data queued before the writer is woken early */
-#define OUT_MAX (256u << 10)      /* encoded bytes buffered between writes */
+#define OUT_MAX (256u << 10)      /* bytes buffered between writes (also what a failed write loses) */
+#define EXT_MIN 2048              /* payloads this big are written from the queue, not copied */
 #define RETRY_SECS 1.0            /* after a write error */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
@@ -150,6 +152,17 @@ static struct writer {
 	double opened;         /* monotonic time the file was opened */
 	bool rotate_due;       /* rotate_size or rotate_time reached: a new file before the next packet */
 	struct buf out;        /* encoded blocks not written yet */
+	/*
+	 * Payloads left in queue memory, to go into out at offset at: large
+	 * packets reach the file by pwritev() without a copy. Valid only
+	 * until the batch they came in is released, so the writer flushes
+	 * before that.
+	 */
+	struct ext { size_t at; const void *p; size_t len; } *ext;
+	size_t next, aext, ext_bytes;
+	bool ext_ok;           /* packet data now points into the queue */
+	struct iovec *iov;
+	size_t aiov;
 	uint64_t out_packets, out_payload;
 	bool failing;          /* a write failed: drop until retry_at */
 	bool episode;          /* failing since the last good write (logged once) */
@@ -423,6 +436,68 @@ writer_fail(const char *what, int err)
 	w.retry_at = mono_now() + RETRY_SECS;
 }
 
+static size_t
+writer_pending(void)
+{
+	return buf_used(&w.out) + w.ext_bytes;
+}
+
+static void
+writer_out_reset(void)
+{
+	buf_reset(&w.out);
+	w.next = 0;
+	w.ext_bytes = 0;
+	w.out_packets = w.out_payload = 0;
+}
+
+/* Writes all of iov at off, however the kernel splits it; -1 and errno on failure. */
+static int
+write_all(int fd, struct iovec *iov, size_t n, off_t off)
+{
+	while (n > 0) {
+		ssize_t r = pwritev(fd, iov, n > IOV_MAX ? IOV_MAX : (int)n, off);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			if (r == 0)
+				errno = ENOSPC;
+			return -1;
+		}
+		off += r;
+		for (; n > 0 && (size_t)r >= iov->iov_len; iov++, n--)
+			r -= (ssize_t)iov->iov_len;
+		if (n > 0) {
+			iov->iov_base = (uint8_t *)iov->iov_base + r;
+			iov->iov_len -= (size_t)r;
+		}
+	}
+	return 0;
+}
+
+/* The pending output as iovecs: out's bytes with the queue payloads spliced in. */
+static size_t
+writer_iov(void)
+{
+	const uint8_t *base = buf_head(&w.out);
+	size_t n = 0, at = 0;
+
+	if (w.aiov < 2 * w.next + 1) {
+		w.aiov = 2 * w.next + 1;
+		w.iov = xrealloc(w.iov, w.aiov * sizeof *w.iov);
+	}
+	for (size_t i = 0; i < w.next; i++) {
+		if (w.ext[i].at > at)
+			w.iov[n++] = (struct iovec){ (void *)(base + at), w.ext[i].at - at };
+		w.iov[n++] = (struct iovec){ (void *)w.ext[i].p, w.ext[i].len };
+		at = w.ext[i].at;
+	}
+	if (buf_used(&w.out) > at)
+		w.iov[n++] = (struct iovec){ (void *)(base + at), buf_used(&w.out) - at };
+	return n;
+}
+
 /*
  * Writes the buffered blocks. On any error the file is cut back to its last
  * whole block and the buffer is counted as dropped.
@@ -430,8 +505,7 @@ writer_fail(const char *what, int err)
 static void
 writer_flush(void)
 {
-	size_t off = 0, len = w.out.len - w.out.off;
-	const uint8_t *p = buf_head(&w.out);
+	size_t len = writer_pending(), n;
 
 	if (len == 0)
 		return;
@@ -439,39 +513,33 @@ writer_flush(void)
 		writer_count_drop(w.out_packets, w.out_payload);
 		goto reset;
 	}
-	while (off < len) {
-		ssize_t r = pwrite(w.fd, p + off, len - off, (off_t)(w.good + off));
+	n = writer_iov();  /* before w.iov is read: it may grow */
+	if (write_all(w.fd, w.iov, n, (off_t)w.good) < 0) {
+		int err = errno;
 
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0) {
-			int err = r < 0 ? errno : ENOSPC;
-
-			if (ftruncate(w.fd, (off_t)w.good) < 0)
-				log_warn("spool: truncate %s/%s", spool_dir, w.name);
-			writer_count_drop(w.out_packets, w.out_payload);
-			/*
-			 * IDBs in the lost buffer are owed again; every EPB that
-			 * used them was lost too, so writing them anew when next
-			 * needed keeps the file's interface indexes consistent.
-			 */
-			for (int i = 0; i < w.nifaces; i++)
-				if (w.ifaces[i].fidx >= w.nidb_good)
-					w.ifaces[i].fidx = -1;
-			w.nidb = w.nidb_good;
-			writer_fail("write", err);
-			if (w.good == 0) {
-				/* Not even the header made it: leave no unreadable file behind. */
-				unlinkat(w.dirfd, w.name, 0);
-				close(w.fd);
-				w.fd = -1;
-				w.counter--;  /* the number is free again: names stay dense */
-				w.name[0] = '\0';
-				writer_set_path(NULL);
-			}
-			goto reset;
+		if (ftruncate(w.fd, (off_t)w.good) < 0)
+			log_warn("spool: truncate %s/%s", spool_dir, w.name);
+		writer_count_drop(w.out_packets, w.out_payload);
+		/*
+		 * IDBs in the lost buffer are owed again; every EPB that
+		 * used them was lost too, so writing them anew when next
+		 * needed keeps the file's interface indexes consistent.
+		 */
+		for (int i = 0; i < w.nifaces; i++)
+			if (w.ifaces[i].fidx >= w.nidb_good)
+				w.ifaces[i].fidx = -1;
+		w.nidb = w.nidb_good;
+		writer_fail("write", err);
+		if (w.good == 0) {
+			/* Not even the header made it: leave no unreadable file behind. */
+			unlinkat(w.dirfd, w.name, 0);
+			close(w.fd);
+			w.fd = -1;
+			w.counter--;  /* the number is free again: names stay dense */
+			w.name[0] = '\0';
+			writer_set_path(NULL);
 		}
-		off += (size_t)r;
+		goto reset;
 	}
 	if (w.episode)
 		log_info("spool: writing %s/%s again", spool_dir, w.name);
@@ -481,8 +549,7 @@ writer_flush(void)
 	atomic_fetch_add_explicit(&st_bytes, len, memory_order_relaxed);
 	atomic_fetch_add_explicit(&st_packets, w.out_packets, memory_order_relaxed);
 reset:
-	buf_reset(&w.out);
-	w.out_packets = w.out_payload = 0;
+	writer_out_reset();
 }
 
 static void
@@ -543,8 +610,7 @@ writer_open(char **why)
 	w.failing = false;
 	for (int i = 0; i < w.nifaces; i++)
 		w.ifaces[i].fidx = -1;
-	buf_reset(&w.out);
-	w.out_packets = w.out_payload = 0;
+	writer_out_reset();
 	pcapng_shb(&w.out, NULL, w.os, "capd " CAPD_VERSION);
 	for (int i = 0; i < w.nifaces; i++)
 		if (w.ifaces[i].known && !w.ifaces[i].removed)
@@ -590,8 +656,7 @@ writer_check_unlinked(void)
 	log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
 	close(w.fd);
 	w.fd = -1;
-	buf_reset(&w.out);
-	w.out_packets = w.out_payload = 0;
+	writer_out_reset();
 	writer_open(NULL);
 }
 
@@ -675,11 +740,26 @@ writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrl
 		.flags = flags,
 		.comment = comment,
 	};
-	pcapng_epb(&w.out, &e);
+	if (w.ext_ok && datalen >= EXT_MIN) {
+		size_t split;
+
+		e.datalen = datalen;
+		pcapng_epb_nodata(&w.out, &e, &split);
+		if (w.next == w.aext) {
+			w.aext = w.aext ? w.aext * 2 : 64;
+			w.ext = xrealloc(w.ext, w.aext * sizeof *w.ext);
+		}
+		/* Offsets, not pointers: out may move as it grows. */
+		w.ext[w.next++] = (struct ext){ buf_used(&w.out) - (pcapng_epb_len(&e) - datalen) + split, data,
+		                                datalen };
+		w.ext_bytes += datalen;
+	} else {
+		pcapng_epb(&w.out, &e);
+	}
 	w.out_packets++;
 	w.out_payload += datalen;
 	w.file_packets++;
-	if (buf_used(&w.out) >= OUT_MAX)
+	if (writer_pending() >= OUT_MAX)
 		writer_flush();
 }
 
@@ -821,7 +901,7 @@ writer_record(const struct rec *r)
 	}
 	w.cur = NULL;
 	/* Rotating only when the next packet comes leaves no file without packets. */
-	if (w.rotate_size > 0 && w.fd >= 0 && w.good + buf_used(&w.out) >= w.rotate_size)
+	if (w.rotate_size > 0 && w.fd >= 0 && w.good + writer_pending() >= w.rotate_size)
 		w.rotate_due = true;
 }
 
@@ -935,6 +1015,7 @@ writer_main(void *arg)
 		stop = q.stop;
 		pthread_mutex_unlock(&q.mu);
 
+		w.ext_ok = true;
 		for (size_t off = start; h != NULL && off < end;) {
 			const struct rec *r = (const struct rec *)(h->data + off);
 
@@ -943,6 +1024,10 @@ writer_main(void *arg)
 				data += r->len;
 			off += r->len;
 		}
+		w.ext_ok = false;
+		/* Payloads still referenced in the queue go out before it is given back. */
+		if (w.next > 0)
+			writer_flush();
 
 		now = mono_now();
 		if (rot != q.rotate_done) {  /* only the writer changes rotate_done */
@@ -1203,6 +1288,11 @@ spool_stop(void)
 	w.idbs = NULL;
 	w.nifaces = w.nidb = w.nidb_good = w.aidb = 0;
 	buf_free(&w.out);
+	free(w.ext);
+	free(w.iov);
+	w.ext = NULL;
+	w.iov = NULL;
+	w.aext = w.aiov = 0;
 	buf_free(&w.keys);
 	buf_free(&w.keys_new);
 	close(w.dirfd);

@@ -138,6 +138,32 @@ test_dsb(void **state)
 	buf_free(&b);
 }
 
+/* Without its data, plus the data put back at split: the same bytes as pcapng_epb. */
+static void
+test_epb_nodata(void **state)
+{
+	struct buf a = { 0 }, b = { 0 };
+	struct pcapng_epb e = {
+		.iface = 1, .ts = 99, .hdr = "HDR", .hdrlen = 3, .data = "payload!x", .datalen = 9,
+		.flags = PCAPNG_EPB_INBOUND, .comment = "capd session 5",
+	};
+	size_t split = 0, len;
+
+	(void)state;
+	pcapng_shb(&a, NULL, NULL, NULL);
+	pcapng_shb(&b, NULL, NULL, NULL);
+	pcapng_epb(&a, &e);
+	len = pcapng_epb_nodata(&b, &e, &split);
+	assert_int_equal(len, pcapng_epb_len(&e));
+	assert_int_equal(buf_used(&b), 28 + len - 9);
+	assert_int_equal(split, 8 + 20 + 3);  /* type, length, body fields, hdr */
+	assert_memory_equal(buf_head(&a), buf_head(&b), 28 + split);
+	assert_memory_equal(buf_head(&a) + 28 + split, "payload!x", 9);
+	assert_memory_equal(buf_head(&a) + 28 + split + 9, buf_head(&b) + 28 + split, len - split - 9);
+	buf_free(&a);
+	buf_free(&b);
+}
+
 /* Blocks append one after another, each with matching leading and trailing lengths. */
 static void
 test_sequence(void **state)
@@ -184,6 +210,7 @@ main(void)
 		cmocka_unit_test(test_shb),
 		cmocka_unit_test(test_idb),
 		cmocka_unit_test(test_epb),
+		cmocka_unit_test(test_epb_nodata),
 		cmocka_unit_test(test_dsb),
 		cmocka_unit_test(test_sequence),
 		cmocka_unit_test(test_ts),
