@@ -39,7 +39,7 @@ struct sniff_cfg {
 	unsigned snaplen;
 };
 
-/* Runtime state between start and stop. Owned by the instance (inst->proto_state). */
+/* Runtime state between start and stop: sniff_start makes it, sniff_stop frees it. */
 struct sniff_run {
 	pcap_t *pcap;
 	ev_io io;
@@ -47,16 +47,14 @@ struct sniff_run {
 	bool tsnano;
 };
 
-/*
- * Counters outlive the pcap handle, so a failed sniffer still shows what it
- * saw. Kept in the cfg's companion struct, allocated with the instance.
- */
+/* Counters; they outlive the pcap handle, so a failed sniffer still shows what it saw. */
 struct sniff_counts {
 	uint64_t packets;             /* handed to us by libpcap */
 	uint64_t dropped_kernel;      /* pcap_stats ps_drop + ps_ifdrop, last known */
 	uint64_t dropped_spool;       /* refused by the spool's queue */
 };
 
+/* inst->cfg of a sniffer: made by sniff_configure, freed by sniff_free. */
 struct sniff {
 	struct sniff_cfg cfg;
 	struct sniff_counts n;
