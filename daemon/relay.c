@@ -241,8 +241,10 @@ relay_pump(struct session *s, enum dir d)
 		relay_fail(s, d, true, errno);
 		return;
 	}
-	/* round budget spent with data still flowing: come back on the next pass */
-	if (relay_more(src))
+	/* round budget spent with data still flowing: come back on the next pass.
+	 * The last full read may still be in the buffer, unsent, with a source
+	 * that has gone quiet: only a fed event brings us back to write it. */
+	if (rd->len > rd->off || relay_more(src))
 		ev_feed_event(capd_loop, &src->rio, EV_READ);
 src_wait:
 	if (!rd->eof && !ev_is_active(&src->rio))
