@@ -442,3 +442,20 @@ def test_capture_status_counts_sniffers(netns, ns_capd):
     assert int(line.split(": ")[-1].split()[0]) >= 4, line
     j = c.ctl("capture", "status", json_out=True)
     assert "file" in j
+
+
+def test_reload_keeps_unchanged_sniffer_and_restarts_changed(netns, ns_capd):
+    """A reload leaves an unchanged [sniff] section running (its counters go on)
+    and restarts one whose filter changed."""
+    c = ns_capd(netns, "[sniff lo]\ninterface = lo\nfilter = udp port 9\n")
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(3): s.sendto(b'x', ('127.0.0.1', 9))")
+    sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", send)
+    assert wait_packets(c, "lo", 3)["packets"] >= 3
+    c.ctl("reload")
+    inst = c.ctl("list", json_out=True)[0]
+    assert inst["packets"] >= 3 and inst["filter"] == "udp port 9"
+    c.write_conf("[sniff lo]\ninterface = lo\nfilter = udp port 10\n")
+    c.ctl("reload")
+    inst = c.ctl("list", json_out=True)[0]
+    assert inst["state"] == "running" and inst["filter"] == "udp port 10" and inst["packets"] == 0, inst
