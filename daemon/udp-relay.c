@@ -78,6 +78,7 @@ struct udp_relay {
 	struct hostport to;               /* forward: the fixed target */
 	double idle;
 	unsigned nassocs;
+	bool evict_warned;          /* the table-full warning was logged */
 	LIST_HEAD(, udp_assoc) assocs;
 	LIST_HEAD(, udp_assoc) loose;     /* client port not known yet (SOCKS, DST.PORT 0) */
 	LIST_HEAD(udp_bucket, udp_assoc) buckets[UDP_BUCKETS];
@@ -452,6 +453,29 @@ udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
 	return NULL;
 }
 
+/*
+ * The table is full: like a NAT's connection table, the association quiet
+ * the longest makes room (forward only; SOCKS associations belong to their
+ * TCP control connection). Scanning is fine: it happens only when full.
+ */
+static int
+udp_evict_oldest(struct udp_relay *r)
+{
+	struct udp_assoc *a, *oldest = NULL;
+
+	LIST_FOREACH(a, &r->assocs, entry)
+		if (a->ctrl == NULL && (oldest == NULL || a->last < oldest->last))
+			oldest = a;
+	if (oldest == NULL)
+		return -1;
+	if (!r->evict_warned) {
+		log_warnx("%s: %d UDP associations: ending the quietest to make room", r->inst->name, UDP_ASSOCS_MAX);
+		r->evict_warned = true;
+	}
+	udp_assoc_end(oldest, "evicted: too many UDP associations");
+	return 0;
+}
+
 static void
 udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t *p, size_t n)
 {
@@ -464,7 +488,7 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t 
 		return;
 	}
 	if (a == NULL) {
-		if (r->nassocs >= UDP_ASSOCS_MAX)
+		if (r->nassocs >= UDP_ASSOCS_MAX && udp_evict_oldest(r) < 0)
 			return;
 		a = udp_assoc_alloc(r, src, true);
 		ev_timer_set(&a->idle, r->idle, 0.);

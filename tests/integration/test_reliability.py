@@ -223,3 +223,37 @@ def test_control_refuses_other_uids(capd):
     assert r.returncode == 1
     assert "refused pid" in capd.log()
     assert capd.ctl("status").returncode == 0
+
+
+def test_udp_association_table_full_evicts_the_quietest(capd):
+    """More UDP clients than the 4096-association table: the quietest makes room, new clients are served."""
+    e = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    e.bind(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                d, a = e.recvfrom(65535)
+                e.sendto(d, a)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = free_port(socket.SOCK_DGRAM)
+    capd.ctl("add", "forward", "--udp", "--port", port, "--to", f"127.0.0.1:{e.getsockname()[1]}", "--no-capture")
+    clients = []
+    for i in range(4200):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(b"x", ("127.0.0.1", port))
+        u.recvfrom(10)  # one at a time: a burst would only overflow the socket buffer
+        clients.append(u)
+    late = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    late.settimeout(5)
+    late.sendto(b"late", ("127.0.0.1", port))
+    assert late.recvfrom(100)[0] == b"late"
+    assert wait_for(lambda: "UDP associations: ending the quietest" in capd.log())
+    for u in clients:
+        u.close()
+    late.close()
+    e.close()
