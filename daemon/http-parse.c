@@ -3,6 +3,9 @@
  * bounded. See http-parse.h for the contract. Heads are parsed in place:
  * nothing is copied, header names and values point into the caller's bytes.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* memmem */
+#endif
 #include "http-parse.h"
 
 #include <string.h>

@@ -54,7 +54,6 @@ struct http_msg {
 	int minor;                     /* HTTP/1.minor, 0 or 1 */
 	size_t head_len;               /* bytes up to and with the empty line */
 	unsigned nhdr;
-	struct http_hdr hdr[HTTP_MAX_HEADERS];
 
 	enum http_framing framing;
 	uint64_t length;               /* HTTP_BODY_LENGTH */
@@ -64,6 +63,7 @@ struct http_msg {
 	bool expect_continue;          /* Expect: 100-continue */
 	int host;                      /* index of the Host header, -1 when none */
 	const char *why;               /* on PARSE_ERR: static text */
+	struct http_hdr hdr[HTTP_MAX_HEADERS];  /* last: a parse clears everything before it */
 };
 
 struct http_limits {

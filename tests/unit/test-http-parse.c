@@ -194,6 +194,15 @@ test_connection(void **state)
 	assert_false(m.conn_upgrade);  /* no Upgrade header: nothing to upgrade to */
 	assert_int_equal(req("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"), PARSE_OK);
 	assert_true(m.expect_continue);
+	/* nothing of one parse leaks into the next (the same struct is reused) */
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\nContent-Length: 3\r\n\r\n"),
+	                 PARSE_OK);
+	assert_int_equal(resp("HTTP/1.0 200 OK\r\n\r\n", false), PARSE_OK);
+	assert_false(m.conn_keepalive);
+	assert_false(m.conn_close);
+	assert_false(m.expect_continue);
+	assert_int_equal(m.length, 0);
+	assert_int_equal(m.host, -1);
 }
 
 static void
