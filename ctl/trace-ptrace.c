@@ -1409,18 +1409,16 @@ inject_syscall(struct ttask *k, long nr, const uint64_t a[6], int64_t *ret)
 	r.r8 = a[4];
 	r.r9 = a[5];
 	r.rip = saved.rip - 2;
-	if (ptrace(PTRACE_SETREGS, k->tid, 0, &r) < 0 || ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0)
+	if (ptrace(PTRACE_SETREGS, k->tid, 0, &r) < 0 || ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0 ||
+	    inject_wait(k) != 1 ||                                                      /* its entry */
+	    ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0 || inject_wait(k) != 1)            /* its exit */
 		goto restore;
-	if (inject_wait(k) != 1)  /* the entry of the injected call */
-		return -1;
-	if (ptrace(PTRACE_SYSCALL, k->tid, 0, 0) < 0 || inject_wait(k) != 1)  /* and its exit */
-		return -1;
 	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) == 0) {
 		*ret = (int64_t)r.rax;
 		rc = 0;
 	}
 restore:
-	if (ptrace(PTRACE_SETREGS, k->tid, 0, &saved) < 0)
+	if (k->gone || ptrace(PTRACE_SETREGS, k->tid, 0, &saved) < 0)
 		return -1;
 	return rc;
 }
@@ -1457,6 +1455,14 @@ inject_filter(struct ttask *k, const struct sock_filter *prog, unsigned short le
 	const uint64_t a[6] = { SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, g->scratch, 0, 0, 0 };
 	if (inject_syscall(k, SYS_seccomp, a, &rv) < 0)
 		return -1;
+	if (rv == -EACCES) {
+		/* it gave up CAP_SYS_ADMIN (root that dropped to a user): filters then need no_new_privs */
+		const uint64_t nnp[6] = { PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0 };
+		int64_t rv_nnp;
+		if (inject_syscall(k, SYS_prctl, nnp, &rv_nnp) < 0 || rv_nnp != 0 ||
+		    inject_syscall(k, SYS_seccomp, a, &rv) < 0)
+			return -1;
+	}
 	return rv == 0 ? 0 : -1;
 }
 #endif

@@ -777,3 +777,15 @@ def test_trace_bash_dev_tcp(capd, http_server):
     s = ss[-1]
     assert s["bytes_up"] == len(b"GET /hi HTTP/1.0\r\n\r\n")
     assert s["bytes_down"] == len(r.stdout)
+
+
+def test_trace_program_that_drops_root(capd, http_server):
+    """Traced as root, the program becomes nobody and then opens a socket: its read/write are still seen."""
+    port, www = http_server
+    (www / "hi").write_bytes(b"hi there\n")
+    cmd = f'exec 3<>/dev/tcp/127.0.0.1/{port}; printf "GET /hi HTTP/1.0\\r\\n\\r\\n" >&3; cat <&3'
+    r = trace(capd, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "bash", "-c", cmd, name="drop")
+    assert r.stdout.endswith(b"hi there\n")
+    assert b"cannot watch" not in r.stderr
+    s = closed_sessions(capd, "drop", 1)[-1]
+    assert (s["bytes_up"], s["bytes_down"]) == (len(b"GET /hi HTTP/1.0\r\n\r\n"), len(r.stdout))
