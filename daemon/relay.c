@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "capd.h"
@@ -324,16 +325,29 @@ relay_pump_msg(struct session *s, enum dir d)
 
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (buf_used(&rd->pre) > 0) {
-			ssize_t w = relay_send(dst, buf_head(&rd->pre), buf_used(&rd->pre));
+			size_t np = buf_used(&rd->pre), nb = rd->len - rd->off;
+			ssize_t w;
+
+			if (nb > 0 && dst->tls == NULL) {
+				/* a rewritten head and the body after it leave in one segment */
+				struct iovec iov[2] = { { buf_head(&rd->pre), np }, { rd->buf + rd->off, nb } };
+				struct msghdr mh = { .msg_iov = iov, .msg_iovlen = 2 };
+				w = sendmsg(dst->fd, &mh, MSG_NOSIGNAL);
+			} else {
+				w = relay_send(dst, buf_head(&rd->pre), np);
+			}
 			if (w < 0) {
 				if (errno == EAGAIN || errno == EINTR)
 					goto dst_full;
 				relay_fail(s, d, false, errno);
 				return;
 			}
-			buf_consume(&rd->pre, (size_t)w);
-			if (buf_used(&rd->pre) > 0)
+			if ((size_t)w < np) {
+				buf_consume(&rd->pre, (size_t)w);
 				goto dst_full;
+			}
+			buf_consume(&rd->pre, np);
+			rd->off += (uint32_t)((size_t)w - np);
 		}
 		if (rd->len > rd->off) {
 			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
