@@ -171,6 +171,7 @@ struct tracer {
 	uint64_t next_id;
 	volatile sig_atomic_t stop_sig;
 	bool inject_warned;
+	unsigned nsocks;                /* sockets being followed */
 	bool detaching;
 	char main_comm[32];
 };
@@ -675,6 +676,7 @@ sock_new(struct tracer *t, uint64_t ino, bool tcp)
 	s->id = ++t->next_id;
 	s->next = t->socks[ino % TRACE_HASH];
 	t->socks[ino % TRACE_HASH] = s;
+	t->nsocks++;
 	return s;
 }
 
@@ -844,6 +846,7 @@ sock_free(struct tracer *t, struct tsock *s, const char *reason)
 			*pp = s->next;
 			break;
 		}
+	t->nsocks--;
 	free(s);
 }
 
@@ -1567,6 +1570,12 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 				k->oldstate = e->state;
 				e->state = FD_UNKNOWN;
 			}
+		}
+		/* a number never used for I/O here may still hold a socket we know (a forked copy) */
+		if (nr == SYS_close && k->oldstate == FD_UNKNOWN && t->nsocks > 0) {
+			uint64_t ino = proc_fd_ino(k->tid, fd);
+			if (ino && sock_find(t, ino))
+				k->oldstate = FD_SOCK;
 		}
 		/* close of a non-socket needs nothing more; the others must forget the new number */
 		k->want_exit = nr != SYS_close || k->oldstate == FD_SOCK;

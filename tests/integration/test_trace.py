@@ -789,3 +789,36 @@ def test_trace_program_that_drops_root(capd, http_server):
     assert b"cannot watch" not in r.stderr
     s = closed_sessions(capd, "drop", 1)[-1]
     assert (s["bytes_up"], s["bytes_down"]) == (len(b"GET /hi HTTP/1.0\r\n\r\n"), len(r.stdout))
+
+
+def test_trace_socket_shared_with_child_ends_with_last_holder(capd, echo_server):
+    """Parent and a forked child hold one socket: the session ends when the last of them closes it."""
+    script = textwrap.dedent(f"""
+        import os, socket, sys, time
+        s = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        s.sendall(b"shared")
+        s.recv(100)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)          # the parent has closed its copy
+            s.close()              # no I/O here before: the last holder lets go
+            print("child closed", flush=True)
+            sys.stdin.readline()
+            os._exit(0)
+        s.close()
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "shared", "--", PY, "-c", script],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"child closed\n"
+        ss = closed_sessions(capd, "shared", 1, timeout=5)   # while the child still runs
+        assert ss[-1]["reason"] == "closed" and ss[-1]["bytes_up"] == 6
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
