@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "addr.h"
+#include "base64.h"
 #include "capctl.h"
 #include "rpc.h"
 #include "trace-ptrace.h"
@@ -140,32 +141,6 @@ trace_link_reply(struct trace_link *l, json_t **result)
 	}
 }
 
-static json_t *
-trace_b64(const uint8_t *p, size_t n)
-{
-	static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-	size_t outlen = 4 * ((n + 2) / 3);
-	char *s = malloc(outlen + 1), *o = s;
-	json_t *j;
-
-	if (s == NULL)
-		return json_string("");
-	for (size_t i = 0; i < n; i += 3) {
-		uint32_t v = (uint32_t)p[i] << 16;
-		if (i + 1 < n)
-			v |= (uint32_t)p[i + 1] << 8;
-		if (i + 2 < n)
-			v |= p[i + 2];
-		*o++ = tab[(v >> 18) & 63];
-		*o++ = tab[(v >> 12) & 63];
-		*o++ = i + 1 < n ? tab[(v >> 6) & 63] : '=';
-		*o++ = i + 2 < n ? tab[v & 63] : '=';
-	}
-	j = json_stringn_nocheck(s, outlen);
-	free(s);
-	return j;
-}
-
 static const char *const trace_kinds[] = {
 	[TRACE_EV_OPEN] = "open", [TRACE_EV_DATA] = "data", [TRACE_EV_SHUTDOWN] = "shutdown", [TRACE_EV_CLOSE] = "close",
 };
@@ -195,7 +170,7 @@ trace_event_cb(const struct trace_event *ev, void *arg)
 		break;
 	case TRACE_EV_DATA:
 		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
-		json_object_set_new(p, "data", trace_b64(ev->data, ev->len));
+		json_object_set_new(p, "data", base64_json(ev->data, ev->len));
 		break;
 	case TRACE_EV_SHUTDOWN:
 		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base64.h"
 #include "control.h"
 #include "instance.h"
 #include "log.h"
@@ -228,51 +229,6 @@ rpc_trace_start(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	return instance_json(inst);
 }
 
-static int
-trace_b64_val(int ch)
-{
-	if (ch >= 'A' && ch <= 'Z')
-		return ch - 'A';
-	if (ch >= 'a' && ch <= 'z')
-		return ch - 'a' + 26;
-	if (ch >= '0' && ch <= '9')
-		return ch - '0' + 52;
-	if (ch == '+')
-		return 62;
-	if (ch == '/')
-		return 63;
-	return -1;
-}
-
-/* Decodes base64 into a new buffer (caller frees); -1 on bad input. */
-static int
-trace_b64_decode(const char *s, size_t len, uint8_t **out, size_t *n)
-{
-	uint8_t *b = xmalloc(len / 4 * 3 + 3);
-	uint32_t acc = 0;
-	int bits = 0;
-	size_t o = 0;
-
-	for (size_t i = 0; i < len; i++) {
-		int v;
-		if (s[i] == '=')
-			break;
-		if ((v = trace_b64_val((unsigned char)s[i])) < 0) {
-			free(b);
-			return -1;
-		}
-		acc = (acc << 6) | (uint32_t)v;
-		bits += 6;
-		if (bits >= 8) {
-			bits -= 8;
-			b[o++] = (uint8_t)(acc >> bits);
-		}
-	}
-	*out = b;
-	*n = o;
-	return 0;
-}
-
 static struct trace_flow *
 trace_flow_find(struct trace_state *ts, uint64_t sock)
 {
@@ -363,13 +319,17 @@ rpc_trace_event(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	d = (dirs && !strcmp(dirs, "recv")) != f->server ? DIR_DOWN : DIR_UP;
 	if (!strcmp(kind, "data")) {
 		const char *b64 = json_string_value(json_object_get(params, "data"));
+		size_t len = json_string_length(json_object_get(params, "data"));
 		uint8_t *p;
-		size_t n;
+		long n;
 		if (dirs == NULL || b64 == NULL)
 			return rpc_fail(err, RPC_E_PARAMS, "trace.event data needs \"dir\" and \"data\"");
-		if (trace_b64_decode(b64, json_string_length(json_object_get(params, "data")), &p, &n) < 0)
+		p = xmalloc(len / 4 * 3 + 1);
+		if ((n = base64_decode(p, b64, len)) < 0) {
+			free(p);
 			return rpc_fail(err, RPC_E_PARAMS, "trace.event: data is not base64");
-		session_data(f->s, d, p, n);
+		}
+		session_data(f->s, d, p, (size_t)n);
 		free(p);
 		return json_object();
 	}
