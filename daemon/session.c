@@ -303,10 +303,13 @@ session_set_deadline(struct session *s, double seconds)
 
 /* ---- upstream connect ---- */
 
+static void session_cands_free(struct session *s);
+
 static void
 session_connected(struct session *s, int err)
 {
 	ev_io_stop(capd_loop, &s->upstream.wio);
+	session_cands_free(s);
 	if (err == 0) {
 		ev_timer_stop(capd_loop, &s->timer);
 		s->deadline_at = 0;
@@ -355,6 +358,24 @@ session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
 		return;
 	}
 	session_connected(s, 0);
+}
+
+/* The addresses still to try live only while connecting: idle sessions carry none. */
+static void
+session_cands_set(struct session *s, const struct sockaddr_storage *addrs, int n)
+{
+	free(s->cands);
+	s->cands = xmalloc((size_t)n * sizeof *addrs);
+	memcpy(s->cands, addrs, (size_t)n * sizeof *addrs);
+	s->ncands = n;
+}
+
+static void
+session_cands_free(struct session *s)
+{
+	free(s->cands);
+	s->cands = NULL;
+	s->ncands = s->cand = 0;
 }
 
 /* Immediate connect failures are reported on the next loop pass, so that
@@ -419,8 +440,7 @@ session_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_s
 		free(msg);
 		return;
 	}
-	memcpy(s->cands, addrs, (size_t)n * sizeof addrs[0]);
-	s->ncands = n;
+	session_cands_set(s, addrs, n);
 	s->cand = 0;
 	session_connect_next(s);
 }
@@ -436,8 +456,9 @@ session_connect(struct session *s, const char *host, uint16_t port)
 	if (s->target_name[0] == '\0') {
 		/* an IP literal needs no resolver round trip: connect in this pass */
 		socklen_t len;
-		addr_from_literal(host, port, &s->cands[0], &len);
-		session_connect_addr(s, (struct sockaddr *)&s->cands[0]);
+		struct sockaddr_storage lit;
+		addr_from_literal(host, port, &lit, &len);
+		session_connect_addr(s, (struct sockaddr *)&lit);
 		return;
 	}
 	if (s->inst->connect_timeout > 0)
@@ -448,8 +469,10 @@ session_connect(struct session *s, const char *host, uint16_t port)
 void
 session_connect_addr(struct session *s, const struct sockaddr *sa)
 {
-	memcpy(&s->cands[0], sa, addr_len(sa));
-	s->ncands = 1;
+	struct sockaddr_storage one;
+	memset(&one, 0, sizeof one);
+	memcpy(&one, sa, addr_len(sa));
+	session_cands_set(s, &one, 1);
 	s->cand = 0;
 	if (s->inst->connect_timeout > 0)
 		session_set_deadline(s, s->inst->connect_timeout);
@@ -757,6 +780,7 @@ session_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		free(s->reason);
 		free(s->note);
 		free(s->why_connect);
+		free(s->cands);
 		free(s);
 	}
 }

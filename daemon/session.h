@@ -77,7 +77,7 @@ struct session {
 	char *why_connect;          /* text of the last connect failure */
 
 	struct resolve_req *resolving;
-	struct sockaddr_storage cands[8];  /* resolved candidates still to try */
+	struct sockaddr_storage *cands;  /* addresses still to try, owned, only while connecting */
 	int ncands, cand;
 	uint16_t connect_port;
 	int pending_err;            /* a connect failure waiting for the next loop pass */
