@@ -115,12 +115,11 @@ trace_stop(struct instance *inst)
 		}
 	if (ts->conn)
 		ctl_conn_on_close_cancel(ts->conn, trace_conn_closed_cb, ts);
-	/* the sessions still point at their flows: let go of them first */
+	/* instance_remove closes the sessions next, with its reason; they must not point at freed flows */
 	for (int b = 0; b < TRACE_BUCKETS; b++)
 		for (struct trace_flow *f = ts->flows[b]; f; f = f->next)
 			if (f->s)
 				f->s->proto_state = NULL;
-	session_close_instance(inst, "trace ended");
 	for (int b = 0; b < TRACE_BUCKETS; b++)
 		while (ts->flows[b]) {
 			struct trace_flow *f = ts->flows[b];

@@ -822,3 +822,31 @@ def test_trace_socket_shared_with_child_ends_with_last_holder(capd, echo_server)
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_trace_instance_removed_midway(capd, echo_server):
+    """capctl remove ends the recording; the command runs on and its status is still capctl's."""
+    script = textwrap.dedent(f"""
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        s.sendall(b"before"); s.recv(100)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        s.sendall(b"after"); s.recv(100)
+        s.close()
+        sys.exit(3)
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "rm", "--", PY, "-c", script],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        capd.ctl("remove", "rm")
+        ss = closed_sessions(capd, "rm", 1)
+        assert ss[-1]["reason"] == "removed by capctl" and ss[-1]["bytes_up"] == 6
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 3
+        assert capd.session(ss[-1]["id"])["bytes_up"] == 6   # nothing recorded after the removal
+    finally:
+        if p.poll() is None:
+            p.kill()
