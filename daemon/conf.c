@@ -34,6 +34,7 @@ struct conf_parse {
 	json_t *inst;        /* current instance entry, borrowed from c->instances */
 	json_t *seen_capd;   /* keys set in [capd] */
 	int in_capd;
+	int header_line;     /* a "[section]" line was read here and not yet handled */
 	/* reader state for in-memory text */
 	const char *text;
 	size_t pos;
@@ -266,8 +267,16 @@ conf_handler(void *user, const char *section, const char *key, const char *value
 		conf_new_section(cp, section);
 		return cp->why == NULL;
 	}
-	if (strcmp(section, cp->section) != 0 || (cp->inst == NULL && !cp->in_capd))
+	/* the reader saw the header: a section repeated under the same name is
+	 * a new section too (inih only passes its name) */
+	if (cp->header_line || strcmp(section, cp->section) != 0 || (cp->inst == NULL && !cp->in_capd)) {
+		int line = cp->line;
+		if (cp->header_line)
+			cp->line = cp->header_line;
+		cp->header_line = 0;
 		conf_new_section(cp, section);
+		cp->line = line;
+	}
 	if (cp->why)
 		return 0;
 	if (section[0] == '\0') {
@@ -302,6 +311,11 @@ conf_reader(char *str, int num, void *stream)
 		str[i] = '\0';
 	}
 	cp->line++;
+	const char *t = str;
+	while (*t == ' ' || *t == '\t')
+		t++;
+	if (*t == '[')
+		cp->header_line = cp->line;
 	return str;
 }
 

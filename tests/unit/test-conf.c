@@ -62,9 +62,9 @@ test_errors(void **state)
 		{ "[capd]\nlog_level = loud\n", "test.conf:2: bad log_level" },
 		{ "[capd]\nspool = a\nspool = b\n", "test.conf:3: 'spool' is set twice" },
 		{ "[forward a]\nlisten = 1\nto = x:1\n[forward a]\nlisten = 2\nto = x:1\n",
-		  "test.conf:5: instance name 'a' is used twice" },
-		{ "[telnet a]\nlisten = 1\n", "test.conf:2: unknown instance type 'telnet'" },
-		{ "[forward]\nlisten = 1\n", "test.conf:2: section [forward] should be" },
+		  "test.conf:4: instance name 'a' is used twice (first at line 1)" },
+		{ "[telnet a]\nlisten = 1\n", "test.conf:1: unknown instance type 'telnet'" },
+		{ "[forward]\nlisten = 1\n", "test.conf:1: section [forward] should be" },
 		{ "[forward a]\nlisten = 1\nto = nowhere\n", "test.conf:3: bad address 'nowhere'" },
 		{ "[forward a]\nlisten = 1\nto = x:1\ncolour = red\n", "test.conf:4: unknown key 'colour'" },
 		{ "[forward a]\nlisten = 1\nto = x:1\nto = y:2\n", "test.conf:4: 'to' is set twice" },
@@ -72,7 +72,7 @@ test_errors(void **state)
 		{ "[forward a]\nlisten = 1\nto = x:1\nidle_timeout = soon\n", "test.conf:4: bad duration" },
 		{ "[forward a]\nlisten = 1\nto = x:1\nudp = perhaps\n", "test.conf:4: bad value for 'udp'" },
 		{ "[forward a]\nlisten = nowhere:1\nto = x:1\n", "test.conf:2: listen address" },
-		{ "[forward a]\nlisten = 1\n", "test.conf:2: a forward instance needs 'to" },
+		{ "[forward a]\nlisten = 1\n", "test.conf:1: a forward instance needs 'to" },
 		{ "[capd]\nthis line is wrong\n", "test.conf:2: syntax error" },
 	};
 	(void)state;
