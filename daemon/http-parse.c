@@ -69,6 +69,12 @@ http_token_eq(const char *p, size_t n, const char *lit)
 	return true;
 }
 
+bool
+http_method_is(const struct http_msg *m, const char *name)
+{
+	return m->method_len == strlen(name) && memcmp(m->method, name, m->method_len) == 0;
+}
+
 const struct http_hdr *
 http_header(const struct http_msg *m, const char *name)
 {

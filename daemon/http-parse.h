@@ -83,6 +83,8 @@ const struct http_hdr *http_header(const struct http_msg *m, const char *name);
 bool http_hop_by_hop(const struct http_msg *m, const char *name, size_t len);
 /* ASCII case-insensitive compare of a counted string with a C string. */
 bool http_token_eq(const char *p, size_t n, const char *lit);
+/* The request's method is exactly name (methods are case-sensitive). */
+bool http_method_is(const struct http_msg *m, const char *name);
 
 /* Where a body stands; init from the head with http_body_init. */
 struct http_body {

@@ -509,7 +509,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	session_data(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	relay_inject(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	http_body_init(&hc->up_body, m->framing, m->length);
-	hc->req_head = http_token_eq(m->method, m->method_len, "HEAD");
+	hc->req_head = http_method_is(m, "HEAD");
 	hc->req_upgrade = m->conn_upgrade;
 	hc->req_minor = m->minor;
 	hc->client_keep = m->minor == 1 ? !m->conn_close : m->conn_keepalive && !m->conn_close;

@@ -69,7 +69,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 	struct http_cfg *cfg = s->inst->cfg;
 	static char user[USERS_FIELD_MAX + 1];
 
-	if (http_token_eq(m->method, m->method_len, "CONNECT")) {
+	if (http_method_is(m, "CONNECT")) {
 		if (http_authority(m->target, m->target_len, t) < 0 || memchr(m->target, ':', m->target_len) == NULL) {
 			*why = "CONNECT needs host:port";
 			return 400;

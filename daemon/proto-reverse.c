@@ -51,7 +51,7 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	const char *a = NULL;
 	size_t an = 0;
 
-	if (http_token_eq(m->method, m->method_len, "CONNECT")) {
+	if (http_method_is(m, "CONNECT")) {
 		*why = "CONNECT is not served by a reverse proxy";
 		return 405;
 	}

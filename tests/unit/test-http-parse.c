@@ -51,6 +51,9 @@ test_request_line(void **state)
 	assert_int_equal(req("\r\nGET / HTTP/1.0\r\n\r\n"), PARSE_OK);
 	assert_int_equal(m.head_len, 20);
 	assert_int_equal(req("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"), PARSE_OK);
+	assert_true(http_method_is(&m, "CONNECT"));
+	assert_int_equal(req("connect a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"), PARSE_OK);
+	assert_false(http_method_is(&m, "CONNECT"));  /* methods are case-sensitive */
 
 	expect_err("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400);
