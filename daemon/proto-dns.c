@@ -31,6 +31,8 @@
 #define DNS_UDP_BATCH 64         /* datagrams taken per wake-up */
 #define DNS_TCP_QUERY_MAX 16384  /* a larger TCP frame from a client closes it */
 #define DNS_TCP_IDLE 10.0        /* a TCP client with nothing in flight is closed after this */
+#define DNS_TCP_PENDING_MAX 64   /* a TCP client's queries upstream at once; more wait in hs_in */
+#define DNS_TCP_OUT_MAX (256 * 1024)  /* answers a TCP client leaves unread before it is closed */
 #define DNS_RESOLV_CONF "/etc/resolv.conf"
 #define DNS_WHY_MAX 512          /* room for the upstream name and an error text */
 
@@ -93,6 +95,7 @@ struct dns_conn {
 	unsigned pending;                  /* its queries still upstream */
 	unsigned queries;
 	bool eof;                          /* the client closed its side */
+	bool paused;                       /* too many queries upstream: reading stopped */
 	ev_timer timer;                    /* idle and end-of-input check */
 	double last;
 	struct session *s;
@@ -277,8 +280,14 @@ dns_fwd_free(struct dns_fwd *f)
 	ds->nfwd--;
 	if (f->client_tcp) {
 		struct dns_conn *c = f->s->proto_state;
-		if (c)
+		if (c) {
 			c->pending--;
+			if (c->paused && c->pending < DNS_TCP_PENDING_MAX / 2) {
+				ev_timer_stop(capd_loop, &c->timer);
+				ev_timer_set(&c->timer, 0., 0.5);
+				ev_timer_start(capd_loop, &c->timer);
+			}
+		}
 	} else if (f->s->proto_state == f) {
 		f->s->proto_state = NULL;
 	}
@@ -741,6 +750,14 @@ dns_conn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct session *s = c->s;
 
 	(void)revents;
+	if (c->paused && c->pending < DNS_TCP_PENDING_MAX / 2) {
+		/* resumed from the timer, not from a reply callback: no re-entry into dns_input */
+		c->paused = false;
+		if (!s->client_eof)
+			ev_io_start(loop, &s->client.rio);
+		s->inst->proto->input(s);
+		return;
+	}
 	if (c->pending > 0 || buf_used(&s->hs_out) > 0) {
 		if (ev_now(loop) - c->last < DNS_TCP_IDLE * 3)
 			return;
@@ -800,6 +817,8 @@ dns_input(struct session *s)
 	struct dns_cfg *dc = s->inst->cfg;
 	struct dns_state *ds = s->inst->proto_state;
 
+	if (c->paused)
+		return;  /* the frames wait in hs_in */
 	while (buf_used(&s->hs_in) >= 2 && s->state != SESSION_CLOSED) {
 		uint8_t *h = buf_head(&s->hs_in);
 		size_t len = (size_t)(h[0] << 8 | h[1]);
@@ -818,6 +837,16 @@ dns_input(struct session *s)
 		}
 		if (buf_used(&s->hs_in) < len + 2)
 			break;
+		if (buf_used(&s->hs_out) > DNS_TCP_OUT_MAX) {
+			session_close(s, "client does not read its answers");
+			return;
+		}
+		if (c->pending >= DNS_TCP_PENDING_MAX) {
+			/* back-pressure: stop reading until the upstream has answered some */
+			c->paused = true;
+			ev_io_stop(capd_loop, &s->client.rio);
+			return;
+		}
 		p = xmalloc(len + 2);
 		memcpy(p, h, len + 2);
 		buf_consume(&s->hs_in, len + 2);

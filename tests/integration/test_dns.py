@@ -105,6 +105,20 @@ class Upstream:
         self.tcp.close()
 
 
+def free_dns_port():
+    """A port free for both TCP and UDP on 127.0.0.1 (free_port checks TCP only)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            t.bind(("127.0.0.1", 0))
+            try:
+                u.bind(("127.0.0.1", t.getsockname()[1]))
+            except OSError:
+                continue
+            return t.getsockname()[1]
+    raise RuntimeError("no port free for TCP and UDP")
+
+
 def recv_exact(s, n):
     b = b""
     while len(b) < n:
@@ -164,7 +178,7 @@ def wait_instance(c, name, timeout=10.0):
 
 @pytest.fixture
 def dnsd(capd_factory, upstream):
-    port = free_port()
+    port = free_dns_port()
     c = capd_factory(dns_conf(port, upstream.port))
     c.port = port
     wait_instance(c, "d")
@@ -211,6 +225,18 @@ def test_forward_udp_and_tcp_keep_the_id(dnsd, upstream):
             m = dns.message.from_wire(recv_exact(s, n))
             got[m.id] = addrs(m)
     assert got == {100: ["192.0.2.1"], 101: ["127.0.0.1"], 102: ["192.0.2.1"]}
+    # 150 pipelined queries on one connection: more than capd sends upstream at once, all answered
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        data = b""
+        for i in range(150):
+            w = dns.message.make_query(f"p{i}.org" if i % 3 else "www.example.com", "A", id=1000 + i).to_wire()
+            data += struct.pack("!H", len(w)) + w
+        s.sendall(data)
+        ids = set()
+        for _ in range(150):
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            ids.add(dns.message.from_wire(recv_exact(s, n)).id)
+    assert ids == set(range(1000, 1150))
 
 
 def test_truncated_upstream_answer_retried_over_tcp(dnsd, upstream):
@@ -287,7 +313,7 @@ def test_malformed_queries(dnsd, upstream):
 
 
 def test_upstream_down_servfail(capd_factory, upstream):
-    port, dead = free_port(), free_port(socket.SOCK_DGRAM)
+    port, dead = free_dns_port(), free_port(socket.SOCK_DGRAM)
     c = capd_factory(dns_conf(port, dead))
     wait_instance(c, "d")
     t0 = time.time()
@@ -313,7 +339,7 @@ def test_silent_upstream_servfail_after_retries(dnsd, upstream):
 
 
 def test_capctl_add_dns(capd, upstream):
-    port = free_port()
+    port = free_dns_port()
     capd.ctl("add", "dns", "--port", port, "--answer", "svc.test=127.0.0.2", "--answer", "*=10.9.9.9",
              "--upstream", f"127.0.0.1:{upstream.port}", "--ttl", "5")
     inst = [i for i in capd.ctl("list", json_out=True) if i["type"] == "dns"][0]
@@ -344,7 +370,7 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, 
     """End to end: a client that resolves app.test through the dns instance reaches a capd
     proxy instance (forward: the reverse proxy is someone else's), and its request is in the pcapng."""
     http_port, _ = http_server
-    dport, fport = free_port(), free_port()
+    dport, fport = free_dns_port(), free_port()
     target = "reverse" if capd_knows(tmp_path, "reverse", f"route = app.test=127.0.0.1:{http_port}") else "forward"
     conf = dns_conf(dport, upstream.port, "answer = app.test=127.0.0.1\n")
     if target == "reverse":
