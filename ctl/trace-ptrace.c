@@ -221,7 +221,7 @@ yama_scope(void)
 }
 
 static char *
-ptrace_why(const char *what, int err)
+ptrace_why(const char *what, int err, bool attach)
 {
 	int scope = yama_scope();
 
@@ -232,9 +232,12 @@ ptrace_why(const char *what, int err)
 		                                   "start the program under capctl trace instead, or lower the scope"
 		                      : scope == 2 ? ": only CAP_SYS_PTRACE may trace"
 		                                   : ": ptrace is disabled until reboot");
-	if (err == EPERM)
+	if (err == EPERM && attach)
 		return trace_asprintf("ptrace not permitted: %s: %s (another user's process, a setuid program, "
 		                      "or ptrace forbidden by a security policy)", what, strerror(err));
+	if (err == EPERM)
+		return trace_asprintf("ptrace not permitted: %s: %s (forbidden by a security policy: a seccomp "
+		                      "sandbox, AppArmor/SELinux, or a container)", what, strerror(err));
 	return trace_asprintf("ptrace: %s: %s", what, strerror(err));
 }
 
@@ -1203,7 +1206,7 @@ trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 	t->main = pid;
 	t->argv0 = strdup(argv[0]);
 	if (ptrace(PTRACE_SEIZE, pid, 0, trace_opts_base | PTRACE_O_EXITKILL) < 0) {
-		*why = ptrace_why("cannot trace the command", errno);
+		*why = ptrace_why("cannot trace the command", errno, false);
 		trace_abort(t);
 		trace_free(t);
 		return NULL;
@@ -1288,7 +1291,7 @@ trace_attach(pid_t pid, trace_event_fn fn, void *arg, char **why)
 				int err = errno;
 				char what[64];
 				snprintf(what, sizeof what, "cannot attach to process %d", (int)pid);
-				*why = ptrace_why(what, err);
+				*why = ptrace_why(what, err, true);
 				closedir(d);
 				t->detaching = true;
 				for (struct ttask *k = t->tasks; k; k = k->next)

@@ -850,3 +850,52 @@ def test_trace_instance_removed_midway(capd, echo_server):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+DENY_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* deny NR -- COMMAND...: runs COMMAND with system call NR failing with EPERM */
+int main(int argc, char **argv)
+{
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)atoi(argv[1]), 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog p = { 4, f };
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &p))
+		return 99;
+	execvp(argv[3], argv + 3);
+	return 98;
+}
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="system call numbers below are x86-64's")
+def test_trace_refuses_without_seccomp_or_ptrace(capd, tmp_path):
+    """A sandbox without seccomp(2) or ptrace(2): a clear reason, and the command never runs."""
+    import shutil
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler")
+    (tmp_path / "deny.c").write_text(DENY_C)
+    deny = tmp_path / "deny"
+    subprocess.run(["cc", "-o", str(deny), str(tmp_path / "deny.c")], check=True)
+    marker = tmp_path / "ran"
+    for nr, words in ((317, "seccomp unavailable"), (101, "ptrace not permitted")):  # seccomp, ptrace
+        r = subprocess.run([str(deny), str(nr), "--", str(CAPCTL), "-s", str(capd.sock), "trace", "--",
+                            "touch", str(marker)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, (nr, r.stderr)
+        assert words in r.stderr, r.stderr
+        assert not marker.exists()
+    assert not [i for i in capd.ctl("list", json_out=True) if i["type"] == "trace"]
