@@ -225,7 +225,7 @@ ptrace_why(const char *what, int err, bool attach)
 {
 	int scope = yama_scope();
 
-	if (err == EPERM && scope >= 1)
+	if (err == EPERM && scope >= (attach ? 1 : 2))  /* scope 1 lets us trace our own child */
 		return trace_asprintf("ptrace not permitted: %s: %s (kernel.yama.ptrace_scope = %d%s)", what, strerror(err),
 		                      scope,
 		                      scope == 1 ? ": only descendants may be traced without CAP_SYS_PTRACE; "
