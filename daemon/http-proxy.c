@@ -674,8 +674,9 @@ http_filter_eof(struct session *s, enum dir d)
 		}
 		return RELAY_STOP;
 	case DOWN_HEAD:
-		http_fail_late(s, 502, relay_held(s, d, &p) > 0 ? "upstream closed in the response head"
-		                                                 : "upstream closed without a response");
+		if ((n = relay_held(s, d, &p)) > 0)
+			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
+		http_fail_late(s, 502, n > 0 ? "upstream closed in the response head" : "upstream closed without a response");
 		return RELAY_PASS;
 	case DOWN_BODY:
 		if (hc->down_body.framing != HTTP_BODY_CLOSE && hc->fail == NULL)

@@ -527,3 +527,53 @@ def test_connect_tls_interception(capd, tmp_path):
         assert up.startswith(b"GET / HTTP/1.1\r\n") and down.endswith(test_tls.BODY)
     finally:
         o.stop()
+
+
+class RawOrigin:
+    """Reads one request head, answers with fixed bytes (or nothing), closes."""
+
+    def __init__(self, answer):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.answer = answer
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    d = c.recv(4096)
+                    if not d:
+                        break
+                    got += d
+                c.sendall(self.answer)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer,why", [
+    (b"", b"upstream closed without a response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", b"upstream closed in the response head"),
+    (b"garbage\r\n\r\n", b"502 Bad Gateway"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", b"Content-Length and Transfer"),
+])
+def test_bad_upstream_response(capd, answer, why):
+    o = RawOrigin(answer)
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status_of(reply) == 502, reply
+        assert why in reply
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"].startswith("502 Bad Gateway")
+        assert s["bytes_down"] == len(answer)    # what the origin sent is in the capture
+    finally:
+        o.close()
