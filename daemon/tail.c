@@ -36,6 +36,14 @@
 #define TAIL_CONN_SUBS 4            /* subscriptions one control connection may hold */
 #define TAIL_RING_MIN 256           /* first allocation of a ring; it doubles as the session carries more */
 #define TAIL_DRAIN_SECS 0.25        /* how often subscribers that lost data are checked for room */
+/*
+ * All backlogs together stay under this: with thousands of busy sessions,
+ * tail_backlog each would be gigabytes. Past it, rings stop growing and
+ * keep what they hold (at least TAIL_RING_MIN), newest bytes first.
+ */
+#define TAIL_MEM_MAX (64u << 20)
+
+static size_t tail_ring_bytes;      /* bytes held by every ring */
 
 /* One direction's backlog: the last min(total, cap) bytes of the stream. */
 struct tail_ring {
@@ -109,8 +117,13 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 			want *= 2;
 		if (want > max)
 			want = max;
-		r->buf = xrealloc(r->buf, want);
-		r->cap = want;
+		if (tail_ring_bytes + (want - r->cap) > TAIL_MEM_MAX)
+			want = r->cap ? r->cap : TAIL_RING_MIN;
+		if (want != r->cap) {
+			r->buf = xrealloc(r->buf, want);
+			tail_ring_bytes += want - r->cap;
+			r->cap = want;
+		}
 	}
 	if (n > r->cap) {
 		r->total += n - r->cap;
@@ -492,8 +505,10 @@ tail_session_end(struct session *s)
 		ctl_conn_on_close_cancel(sub->conn, tail_sub_gone_cb, sub);
 		tail_sub_free(sub);
 	}
-	for (int d = 0; d < 2; d++)
+	for (int d = 0; d < 2; d++) {
+		tail_ring_bytes -= t->ring[d].cap;
 		free(t->ring[d].buf);
+	}
 	free(t->marks);
 	free(t);
 	s->tail = NULL;
