@@ -322,3 +322,42 @@ def test_sigterm_exits_zero(capd, echo_server):
     assert time.time() - t < 5
     assert not capd.sock.exists()
     s.close()
+
+
+def test_forward_1gb_memory_flat(capd):
+    """A 1 GB transfer through the forwarder does not grow capd (issue 2's done-when)."""
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(1)
+    got = [0]
+
+    def drain():
+        c, _ = sink.accept()
+        while True:
+            d = c.recv(1 << 20)
+            if not d:
+                break
+            got[0] += len(d)
+        c.close()
+
+    t = threading.Thread(target=drain)
+    t.start()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{sink.getsockname()[1]}", "--no-capture")
+    pid = capd.proc.pid
+
+    def rss():
+        return int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0].split()[1])
+
+    before = rss()
+    peak = before
+    chunk = b"\0" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        for i in range(1024):
+            s.sendall(chunk)
+            if i % 64 == 0:
+                peak = max(peak, rss())
+    t.join(60)
+    sink.close()
+    assert got[0] == 1 << 30
+    assert peak - before < 4096, f"RSS went from {before} KiB to {peak} KiB"
