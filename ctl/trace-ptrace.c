@@ -1085,14 +1085,19 @@ inherited_sockets(int *out, int max)
 {
 	int n = 0;
 
-	if (!TRACE_INJECT)
+	struct dirent *de;
+	DIR *d;
+
+	if (!TRACE_INJECT || (d = opendir("/proc/self/fd")) == NULL)
 		return 0;
-	for (int fd = 0; fd < 1024 && n < max; fd++) {
-		int dom = 0;
+	while ((de = readdir(d)) != NULL && n < max) {
+		int fd = atoi(de->d_name), dom = 0;
 		socklen_t len = sizeof dom;
-		if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) == 0 && (dom == AF_INET || dom == AF_INET6))
+		if (de->d_name[0] != '.' && fd != dirfd(d) &&
+		    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) == 0 && (dom == AF_INET || dom == AF_INET6))
 			out[n++] = fd;
 	}
+	closedir(d);
 	return n;
 }
 

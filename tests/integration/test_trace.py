@@ -899,3 +899,18 @@ def test_trace_refuses_without_seccomp_or_ptrace(capd, tmp_path):
         assert words in r.stderr, r.stderr
         assert not marker.exists()
     assert not [i for i in capd.ctl("list", json_out=True) if i["type"] == "trace"]
+
+
+def test_trace_inherited_socket(capd, http_server):
+    """A connection the command inherits (opened by its parent) is recorded from read/write on it."""
+    port, _ = http_server
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        fd = s.fileno()
+        r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "inh", "--", "bash", "-c",
+                            f'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&{fd}; cat <&{fd}'],
+                           pass_fds=(fd,), capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(b"hello from the origin\n")
+    s = closed_sessions(capd, "inh", 1)[-1]
+    assert s["target"] == f"127.0.0.1:{port}"
+    assert (s["bytes_up"], s["bytes_down"]) == (len(b"GET / HTTP/1.0\r\n\r\n"), len(r.stdout))
