@@ -129,6 +129,19 @@ def recv_exact(s, n):
     return b
 
 
+def pcap_wait(c, args, done, timeout=10.0):
+    """tshark fields of capd's newest pcapng, read again until done(output) or the timeout
+    (the spool writes on its flush interval). Returns (pcap, output)."""
+    deadline = time.time() + timeout
+    while True:
+        c.flush()
+        pcap = c.pcaps()[-1]
+        r = tshark("-r", pcap, *args)
+        assert r.returncode == 0, r.stderr
+        if done(r.stdout) or time.time() > deadline:
+            return pcap, r.stdout
+
+
 @pytest.fixture
 def upstream():
     u = Upstream()
@@ -264,12 +277,10 @@ def test_sessions_and_pcapng(dnsd, upstream):
     assert any("answered" in s["reason"] for s in dns_ss)
     assert any("forwarded" in s["reason"] for s in dns_ss)
     assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in dns_ss)
-    dnsd.flush()
-    pcap = dnsd.pcaps()[-1]
-    r = tshark("-r", pcap, "-d", f"udp.port=={port},dns", "-d", f"tcp.port=={port},dns", "-Y", "dns",
-               "-T", "fields", "-e", "dns.id", "-e", "dns.qry.name", "-e", "dns.flags.response", "-e", "udp.port")
-    assert r.returncode == 0, r.stderr
-    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    args = ("-d", f"udp.port=={port},dns", "-d", f"tcp.port=={port},dns", "-Y", "dns",
+            "-T", "fields", "-e", "dns.id", "-e", "dns.qry.name", "-e", "dns.flags.response", "-e", "udp.port")
+    pcap, out = pcap_wait(dnsd, args, lambda out: "pcap-tcp.org" in out and out.count("\n") >= 6)
+    rows = [line.split("\t") for line in out.splitlines()]
     seen = {(row[0], row[1], row[2]) for row in rows}
     for qid, name in (("0x0a0a", "www.example.com"), ("0x0b0b", "pcap-forward.org"), ("0x0c0c", "pcap-tcp.org")):
         assert (qid, name, "False") in seen or (qid, name, "0") in seen, rows
@@ -386,10 +397,8 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, 
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.read() == b"hello from the origin\n"
     c.wait_sessions(lambda ss: any(s["instance"] == "web" and s["state"] == "closed" for s in ss))
-    c.flush()
-    pcap = c.pcaps()[-1]
-    r = tshark("-r", pcap, "-d", f"tcp.port=={fport},http", "-d", f"udp.port=={dport},dns",
-               "-Y", "http.request || dns", "-T", "fields", "-e", "http.host", "-e", "dns.qry.name")
-    assert r.returncode == 0, r.stderr
-    assert "app.test\t" in r.stdout  # the HTTP request, Host: app.test
-    assert "\tapp.test" in r.stdout  # the DNS query that led there
+    args = ("-d", f"tcp.port=={fport},http", "-d", f"udp.port=={dport},dns",
+            "-Y", "http.request || dns", "-T", "fields", "-e", "http.host", "-e", "dns.qry.name")
+    _, out = pcap_wait(c, args, lambda out: "app.test\t" in out and "\tapp.test" in out)
+    assert "app.test\t" in out  # the HTTP request, Host: app.test
+    assert "\tapp.test" in out  # the DNS query that led there
