@@ -56,6 +56,7 @@ struct http_conn {
 	int req_minor;
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
+	bool upstream_gone;         /* it will not: the next request moves the client on */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
 };
@@ -457,24 +458,21 @@ static enum relay_verdict
 http_next(struct session *s)
 {
 	struct http_conn *hc = s->proto_state;
-	const uint8_t *p;
-	size_t n;
 
 	if (!hc->client_keep || s->dir[DIR_UP].eof) {
 		session_close(s, "closed");
 		return RELAY_STOP;
 	}
-	if (!hc->upstream_keep) {
-		n = relay_held(s, DIR_UP, &p);
-		http_handoff(s, p, n);
-		return RELAY_STOP;
-	}
 	hc->up = UP_HEAD;
 	hc->down = DOWN_IDLE;
 	hc->req_done = hc->resp_done = false;
+	if (!hc->upstream_keep)
+		hc->upstream_gone = true;
 	if (s->dir[DIR_UP].msg == RELAY_MSG_HELD)
 		relay_resume(s, DIR_UP);
-	if (s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
+	/* a kept upstream is read while idle, so its close is seen; one that is
+	 * gone stays held and the session lasts until the client's next move */
+	if (s->dir[DIR_DOWN].msg == RELAY_MSG_HELD && !hc->upstream_gone)
 		relay_resume(s, DIR_DOWN);
 	return RELAY_PASS;
 }
@@ -495,7 +493,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		http_fail_late(s, status, why);
 		return RELAY_END;
 	}
-	if (t.connect || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
+	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
 		if (s->client.tls) {
 			/* a TLS client connection cannot move to another session */
 			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
@@ -665,13 +663,13 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_IDLE:
 		if (hc->fail)
 			return RELAY_PASS;
-		/* the origin closed an idle connection: the client's stays */
-		if (hc->client_keep && s->dir[DIR_UP].msg != RELAY_MSG_ENDING && s->client.tls == NULL) {
-			n = relay_held(s, DIR_UP, &p);
-			http_handoff(s, p, n);
-		} else {
-			session_close(s, "closed");
+		/* the origin closed an idle connection: the client's stays, its next
+		 * request moves on to a new session (its FIN is kept from the client) */
+		if (hc->client_keep && s->client.tls == NULL) {
+			hc->upstream_gone = true;
+			return RELAY_END;
 		}
+		session_close(s, "closed");
 		return RELAY_STOP;
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)

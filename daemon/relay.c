@@ -410,10 +410,17 @@ relay_pump_msg(struct session *s, enum dir d)
 			continue;
 		}
 		if (r == 0) {
+			enum relay_verdict v;
+
 			rd->eof = true;
 			ev_io_stop(capd_loop, &src->rio);
-			if (s->filter->eof && s->filter->eof(s, d) == RELAY_STOP)
+			v = s->filter->eof ? s->filter->eof(s, d) : RELAY_PASS;
+			if (v == RELAY_STOP)
 				return;
+			if (v == RELAY_END) {
+				rd->msg = RELAY_MSG_HELD;
+				goto held;
+			}
 			continue;
 		}
 		if (errno == EAGAIN || errno == EINTR) {

@@ -41,6 +41,7 @@ struct relay_filter {
 	 * or the FIN was passed on (s->dir[d].shut). May resume, finish, close. */
 	void (*done)(struct session *s, enum dir d);
 	/* The source of d sent FIN. RELAY_PASS: pass it on (then ->done);
+	 * RELAY_END: keep it (d is held; relay_resume passes it on);
 	 * RELAY_STOP: the filter closed the session or handed its client on. */
 	enum relay_verdict (*eof)(struct session *s, enum dir d);
 };

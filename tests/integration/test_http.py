@@ -25,12 +25,13 @@ class Origin:
       /ws           101 Switching Protocols, then echoes raw bytes
       anything else "hello from PATH" (Content-Length)"""
 
-    def __init__(self, name="origin"):
+    def __init__(self, name="origin", idle_timeout=None):
         self.requests = []
         origin = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = idle_timeout   # closes a kept connection idle that long
 
             def log_message(self, *a):
                 pass
@@ -242,6 +243,32 @@ def test_two_origins_one_client_connection(capd, origin, origin_b):
     assert "continues in session" in used[0]["reason"]
 
 
+def test_origin_closes_idle_connection(capd):
+    """The origin closes a kept connection while the client's stays open: the
+    client's next request goes on in a new session; no session without an
+    upstream is left behind."""
+    o = Origin("idle", idle_timeout=0.5)
+    try:
+        port = add_http(capd)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            for i in range(2):
+                s.sendall(f"GET http://127.0.0.1:{o.port}/r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                got = b""
+                while not got.endswith(f"/r{i}\n".encode()):
+                    d = s.recv(4096)
+                    assert d, got
+                    got += d
+                time.sleep(1.2)           # the origin gives up on the idle connection
+        ss = closed_sessions(capd, 2)
+        h = [x for x in ss if x["instance"] == "h"]
+        assert len(h) == 2, h
+        assert all(x["bytes_up"] > 0 and x["target"] == f"127.0.0.1:{o.port}" for x in h)
+        assert h[0]["reason"] == f"closed (client continues in session {h[1]['id']})"
+        assert h[1]["client"] == h[0]["client"]
+    finally:
+        o.close()
+
+
 def test_http10_origin_and_wget(capd, http_server):
     hport, www = http_server
     (www / "data.bin").write_bytes(os.urandom(70000))
@@ -255,6 +282,9 @@ def test_http10_origin_and_wget(capd, http_server):
     r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{hport}/", f"http://127.0.0.1:{hport}/")
     assert r.stdout == b"hello from the origin\n" * 2
     assert b"Re-using existing connection" in r.stderr
+    # each request had its own upstream connection, hence its own session; none is empty
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3)
+    assert all(s["bytes_up"] > 0 for s in ss if s["instance"] == "h")
 
 
 def test_http10_client(capd, origin):
