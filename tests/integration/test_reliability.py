@@ -128,7 +128,7 @@ def test_client_disappears_mid_transfer_no_fd_leak(capd, echo_server):
         s.sendall(os.urandom(200000))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # gone mid-transfer, with a reset
-    assert wait_for(lambda: fd_count(pid) == base), (fd_count(pid), base)
+    assert wait_for(lambda: fd_count(pid) <= base), (fd_count(pid), base)
     ss = capd.wait_sessions(lambda ss: len(ss) == 20 and all(x["state"] == "closed" for x in ss))
     assert all("reset" in x["reason"] or x["reason"] == "closed" for x in ss)
 
@@ -196,7 +196,8 @@ def test_many_sessions_held_then_closed(capd, echo_server):
     rss_held = rss_kb(pid)
     for s in socks:
         s.close()
-    assert wait_for(lambda: fd_count(pid) == base_fd, timeout=30), (fd_count(pid), base_fd)
+    # (the baseline may include capctl's own connection, not yet reaped)
+    assert wait_for(lambda: fd_count(pid) <= base_fd, timeout=30), (fd_count(pid), base_fd)
     assert capd.ctl("status", json_out=True)["sessions"] == 0
     # held sessions cost little: no buffers while idle (ASan's shadow memory aside)
     assert rss_held < (512 if os.environ.get("ASAN_OPTIONS") else 64) * 1024, rss_held
