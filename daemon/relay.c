@@ -18,8 +18,10 @@
  * END (a message ended: hold the rest, read nothing, and once everything
  * before it is sent call filter->done; relay_resume reads on) or STOP (the
  * session was closed or its client handed to a new session). A FIN from the
- * source goes to filter->eof first. The filter judges only when nothing waits
- * to be sent, so injected bytes always keep their place in the stream.
+ * source goes to filter->eof first, which passes it on (PASS), keeps it from
+ * the destination (END: the direction is held) or has closed the session
+ * (STOP). The filter judges only when nothing waits to be sent, so injected
+ * bytes always keep their place in the stream.
  *
  * TLS (tls.c): a side whose `tls` is set is read and written through
  * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
