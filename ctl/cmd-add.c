@@ -44,7 +44,7 @@ static const struct add_opt add_opts[] = {
 	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
 	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_NONE, NULL },
-	{ "http", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
+	{ "http reverse", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
 	{ "reverse", "--route", "route", OPT_REPEAT, CHK_NONE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_NONE, NULL },
