@@ -26,8 +26,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -436,6 +438,109 @@ writer_fail(const char *what, int err)
 	w.retry_at = mono_now() + RETRY_SECS;
 }
 
+/*
+ * The tail guard: a small helper process that outlives a kill -9. A write
+ * interrupted by SIGKILL stops at a page boundary and would leave half a
+ * block at the end of the file, which readers report as cut short. Before
+ * each write the writer tells the guard where the file's last whole block
+ * ends and where the write will end; when capd is gone (the pipe reads EOF,
+ * so no thread of it can still be writing) and the file stopped in between,
+ * the guard cuts it back to the whole block. spool_start() repairs the same
+ * at the next start if the guard was killed too.
+ */
+struct guard_msg {
+	uint64_t from, to;   /* the write in flight: [from, to) */
+	char name[96];       /* the file, in the spool folder */
+};
+
+static int guard_fd = -1;   /* write end, non-blocking; -1 without a guard */
+static pid_t guard_pid = -1;
+
+/* The guard process: only async-signal-safe calls, it is a fork of a threaded program. */
+static void __attribute__((noreturn))
+guard_main(int rfd, int dirfd)
+{
+	struct guard_msg m, cur;
+	bool have = false;
+	struct stat sb;
+	int fd;
+
+	/* Nothing of capd's but these two: no listener or socket stays open because of us. */
+	if (dup2(rfd, 3) < 0 || dup2(dirfd, 4) < 0)
+		_exit(1);
+	close_range(5, ~0u, 0);
+	/* Only EOF ends it: a terminal's ^C or a SIGTERM to the group is capd's business. */
+	signal(SIGINT, SIG_IGN);
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+	for (;;) {
+		ssize_t r = read(3, &cur, sizeof cur);
+
+		if (r == (ssize_t)sizeof cur) {
+			m = cur;
+			have = true;
+		} else if (r < 0 && errno == EINTR) {
+			continue;
+		} else {
+			break;
+		}
+	}
+	if (have && m.name[0] != '\0' && (fd = openat(4, m.name, O_WRONLY | O_CLOEXEC)) >= 0) {
+		if (fstat(fd, &sb) == 0 && (uint64_t)sb.st_size > m.from && (uint64_t)sb.st_size != m.to)
+			(void)!ftruncate(fd, (off_t)m.from);
+		close(fd);
+	}
+	_exit(0);
+}
+
+static void
+guard_start(int dirfd)
+{
+	int p[2];
+
+	if (pipe2(p, O_CLOEXEC) < 0) {
+		log_warn("spool: pipe for the tail guard");
+		return;
+	}
+	guard_pid = fork();
+	if (guard_pid < 0) {
+		log_warn("spool: fork the tail guard");
+		close(p[0]);
+		close(p[1]);
+		return;
+	}
+	if (guard_pid == 0)
+		guard_main(p[0], dirfd);
+	close(p[0]);
+	/* The writer never waits for the guard; a lost note only weakens the guard once. */
+	fcntl(p[1], F_SETFL, O_NONBLOCK);
+	guard_fd = p[1];
+}
+
+static void
+guard_stop(void)
+{
+	if (guard_fd >= 0)
+		close(guard_fd);  /* EOF: the guard checks the last write (complete) and exits */
+	guard_fd = -1;
+	if (guard_pid > 0)
+		waitpid(guard_pid, NULL, 0);
+	guard_pid = -1;
+}
+
+/* Tells the guard about the write about to start. Writer thread. */
+static void
+guard_note(uint64_t from, uint64_t to)
+{
+	struct guard_msg m = { .from = from, .to = to };
+
+	if (guard_fd < 0)
+		return;
+	memcpy(m.name, w.name, sizeof m.name < sizeof w.name ? sizeof m.name : sizeof w.name);
+	m.name[sizeof m.name - 1] = '\0';
+	(void)!write(guard_fd, &m, sizeof m);  /* at most PIPE_BUF: all or nothing */
+}
+
 static size_t
 writer_pending(void)
 {
@@ -514,6 +619,7 @@ writer_flush(void)
 		goto reset;
 	}
 	n = writer_iov();  /* before w.iov is read: it may grow */
+	guard_note(w.good, w.good + len);
 	if (write_all(w.fd, w.iov, n, (off_t)w.good) < 0) {
 		int err = errno;
 
@@ -1216,9 +1322,11 @@ spool_start(const struct capd_settings *st, char **why)
 			spool_queue_iface(h);
 	pthread_mutex_unlock(&reg_mu);
 
+	guard_start(w.dirfd);
 	if ((err = pthread_create(&writer_thread, NULL, writer_main, NULL)) != 0) {
 		*why = xasprintf("spool: writer thread: %s", strerror(err));
 		writer_close();
+		guard_stop();
 		goto fail;
 	}
 	atomic_store(&running, true);
@@ -1261,6 +1369,7 @@ spool_stop(void)
 	pthread_cond_signal(&q.cv);
 	pthread_mutex_unlock(&q.mu);
 	pthread_join(writer_thread, NULL);
+	guard_stop();
 
 	pthread_mutex_lock(&q.mu);
 	while ((c = q.head) != NULL) {
