@@ -35,7 +35,7 @@
 #include "users.h"
 #include "xmalloc.h"
 
-#define HTTP_WAIT_REQUEST 60.0  /* seconds a client connection may sit before (or between) requests */
+#define HTTP_WAIT_REQUEST 60.0  /* seconds a new (or handed-on) client connection has to complete a request head */
 #define HTTP_NOTE_MAX 200
 
 enum { UP_HEAD, UP_BODY, UP_WAIT, UP_TUNNEL };
