@@ -470,6 +470,8 @@ tls_ctx_common(SSL_CTX *ctx)
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
 	                      SSL_MODE_RELEASE_BUFFERS);
 	SSL_CTX_set_read_ahead(ctx, 1);
+	/* read ahead up to the relay's buffer: fewer recv() calls for bulk */
+	SSL_CTX_set_default_read_buffer_len(ctx, RELAY_BUF + SSL3_RT_MAX_ENCRYPTED_OVERHEAD);
 	SSL_CTX_set_keylog_callback(ctx, tls_keylog_cb);
 }
 
