@@ -4,10 +4,12 @@
  * The event loop only appends small records to a queue (one memcpy under a
  * mutex the writer holds just long enough to move pointers); the writer turns
  * them into synthetic packets (spool-synth.c), encodes pcapng blocks
- * (pcapng.c) into a userspace buffer and writes whole blocks with pwrite(2).
- * A full queue drops data records (the flow remembers the gap so sequence
- * numbers stay right); a failing disk drops encoded blocks, truncates the
- * file back to its last whole block and retries every second. Either way the
+ * (pcapng.c) into a userspace buffer (large payloads stay in the queue and
+ * are spliced in by pwritev(2)) and writes whole blocks, at least every half
+ * flush interval. A full queue drops data records (the flow remembers the
+ * gap so sequence numbers stay right); a failing disk drops encoded blocks,
+ * truncates the file back to its last whole block and retries every second;
+ * a kill -9 mid-write is cleaned up by the tail guard process. Either way the
  * relay never waits for the disk.
  *
  * Threads: spool_start/stop/reconfigure and the flow calls run on the loop
