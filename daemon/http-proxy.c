@@ -451,6 +451,20 @@ http_proxy_connected(struct session *s, int err)
 	tls_relay_start(s);  /* relay_start unless the client speaks TLS */
 }
 
+/* idle_timeout while a request waits for its response head: a 504, not a silent close */
+bool
+http_proxy_idle(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+	char why[96];
+
+	if (hc == NULL || s->filter == NULL || hc->down != DOWN_HEAD || hc->fail)
+		return false;
+	snprintf(why, sizeof why, "no response from the upstream within idle_timeout (%gs)", s->inst->idle_timeout);
+	http_fail_late(s, 504, why);
+	return true;
+}
+
 /* ---- the filter ---- */
 
 /* Both halves of an exchange are done: the next request may come. */

@@ -70,6 +70,7 @@ void http_proxy_accepted(struct session *s);
 void http_proxy_input(struct session *s);
 void http_proxy_connected(struct session *s, int err);
 void http_proxy_session_free(struct session *s);
+bool http_proxy_idle(struct session *s);
 
 #define HTTP_PROXY_HS_MAX (64 * 1024)  /* = RELAY_BUF: a head, leftover and all, fits the relay */
 

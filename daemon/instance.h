@@ -44,6 +44,9 @@ struct proto {
 	void (*free)(struct instance *inst);       /* frees inst->cfg */
 	/* Adds type-specific fields to the instance object. */
 	void (*describe)(struct instance *inst, json_t *obj);
+	/* Optional: idle_timeout struck open session s. True when the module ends
+	 * it its own way (http: 504 to a request still waiting for its response). */
+	bool (*idle)(struct session *s);
 };
 
 enum instance_state { INSTANCE_RUNNING, INSTANCE_FAILED, INSTANCE_STOPPED };

@@ -185,6 +185,7 @@ const struct proto proto_http = {
 	.input = http_proxy_input,
 	.connected = http_proxy_connected,
 	.session_free = http_proxy_session_free,
+	.idle = http_proxy_idle,
 	.free = http_cfg_free,
 	.describe = http_fwd_describe,
 };

@@ -516,6 +516,8 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (idle <= 0 || s->state != SESSION_OPEN)
 		return;
 	if (now - s->last_active >= idle) {
+		if (s->inst->proto->idle && s->inst->proto->idle(s))
+			return;
 		session_close(s, "idle timeout");
 		return;
 	}

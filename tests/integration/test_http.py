@@ -560,7 +560,8 @@ def test_connect_tls_interception(capd, tmp_path):
 
 
 class RawOrigin:
-    """Reads one request head, answers with fixed bytes (or nothing), closes."""
+    """Reads one request head, answers with fixed bytes (or nothing), closes;
+    answer None: holds the connection without a word."""
 
     def __init__(self, answer):
         self.sock = socket.socket()
@@ -583,6 +584,9 @@ class RawOrigin:
                     if not d:
                         break
                     got += d
+                if self.answer is None:
+                    time.sleep(10)
+                    continue
                 c.sendall(self.answer)
 
     def close(self):
@@ -605,5 +609,23 @@ def test_bad_upstream_response(capd, answer, why):
         s = closed_sessions(capd, 1)[-1]
         assert s["reason"].startswith("502 Bad Gateway")
         assert s["bytes_down"] == len(answer)    # what the origin sent is in the capture
+    finally:
+        o.close()
+
+
+def test_upstream_response_timeout_504(capd_factory):
+    """An upstream that takes the request and never answers: when idle_timeout
+    strikes, the client gets a 504 rather than a silent close."""
+    o = RawOrigin(None)
+    try:
+        port = free_port()
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        t0 = time.time()
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/slow HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=8)
+        assert status_of(reply) == 504, reply
+        assert b"idle_timeout" in reply
+        assert time.time() - t0 < 5
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"].startswith("504 Gateway Timeout")
     finally:
         o.close()
