@@ -727,7 +727,11 @@ tls_session_note(struct session *s, const char *fmt, ...)
 static void
 tls_fail(struct tls_session *ts, const char *why)
 {
-	session_close(ts->s, why);
+	/* why may live in ts (ts->fail), which the close frees before it logs */
+	char *copy = xstrdup(why);
+
+	session_close(ts->s, copy);
+	free(copy);
 }
 
 /* Watch only what the last SSL call asked for on this side. */
