@@ -202,9 +202,11 @@ def test_post_content_length_and_chunked(capd, origin, tmp_path):
     r = curl("-x", proxy, "-H", "Expect:", "--data-binary", f"@{f}", f"http://127.0.0.1:{origin.port}/echo")
     assert r.returncode == 0, r.stderr
     assert r.stdout == data
-    r = curl("-x", proxy, "-H", "Expect: 100-continue", "--data-binary", f"@{f}", f"http://127.0.0.1:{origin.port}/echo")
+    r = curl("-v", "-x", proxy, "-H", "Expect: 100-continue", "--data-binary", f"@{f}",
+             f"http://127.0.0.1:{origin.port}/echo")
     assert r.returncode == 0, r.stderr
     assert r.stdout == data
+    assert b"< HTTP/1.1 100 Continue" in r.stderr   # the origin's 100 reached the client
     # chunked request, chunked response
     r = curl("-x", proxy, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}",
              f"http://127.0.0.1:{origin.port}/chunked")
@@ -629,3 +631,35 @@ def test_upstream_response_timeout_504(capd_factory):
         assert s["reason"].startswith("504 Gateway Timeout")
     finally:
         o.close()
+
+
+def test_chunked_extensions_and_trailers_pass_through(capd):
+    """Chunk extensions and trailers are framing the proxy checks but does not
+    change: the origin gets the body bytes exactly as the client sent them."""
+    body = b"4;name=val\r\nWiki\r\n5\r\npedia\r\n0\r\nX-Trailer: t\r\n\r\n"
+    got = []
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        c, _ = srv.accept()
+        data = b""
+        while not data.endswith(b"X-Trailer: t\r\n\r\n"):
+            d = c.recv(65536)
+            if not d:
+                break
+            data += d
+        got.append(data)
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n")
+        c.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    port = add_http(capd)
+    reply = raw(port, (f"POST http://127.0.0.1:{srv.getsockname()[1]}/t HTTP/1.1\r\nHost: x\r\n"
+                       "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + body)
+    th.join(5)
+    srv.close()
+    assert got and got[0].endswith(b"\r\n\r\n" + body)
+    assert reply.endswith(b"\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n")
