@@ -157,7 +157,7 @@ static void
 relay_check_done(struct session *s)
 {
 	if (s->dir[DIR_UP].shut && s->dir[DIR_DOWN].shut)
-		session_close(s, "closed");
+		session_close(s, s->tls ? tls_close_reason(s, "closed") : "closed");
 }
 
 static void relay_pump_msg(struct session *s, enum dir d);

@@ -51,7 +51,7 @@
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 
-enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN };
+enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -98,6 +98,7 @@ struct tls_session {
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
 	struct spool_flow *raw[2];  /* per tls_leg */
 	bool accept_only;           /* tls_accept_start: the upstream comes later (tls_relay_start) */
+	const char *pass;           /* TLS_ST_PASS: why the bytes pass untouched (static text) */
 	void (*hs_rcb)(struct ev_loop *, ev_io *, int);  /* the session's handshake callbacks, restored after */
 	void (*hs_wcb)(struct ev_loop *, ev_io *, int);
 };
@@ -388,6 +389,16 @@ tls_bio_read(BIO *b, char *out, int outl)
 	BIO_clear_retry_flags(b);
 	if (outl <= 0)
 		return 0;
+	if (t->tee && buf_used(&t->prefix) == 0) {
+		/* a passthrough replays all of it through the relay's one buffer */
+		size_t room = buf_used(&t->replay) < RELAY_BUF ? RELAY_BUF - buf_used(&t->replay) : 0;
+		if (room == 0) {
+			errno = EMSGSIZE;
+			return -1;
+		}
+		if ((size_t)outl > room)
+			outl = (int)room;
+	}
 	if (buf_used(&t->prefix) > 0) {
 		n = (ssize_t)buf_used(&t->prefix) < outl ? (ssize_t)buf_used(&t->prefix) : outl;
 		memcpy(out, buf_head(&t->prefix), (size_t)n);
@@ -787,6 +798,18 @@ tls_plain(struct tls_session *ts, const char *note)
 	}
 	ts->capture = false;
 	buf_free(&ts->log);
+	if (note && !ts->accept_only) {
+		/* only the reason stays, for the session's close line */
+		ev_timer_stop(capd_loop, &ts->timer);
+		tls_side_clear(&ts->c);
+		tls_side_clear(&ts->u);
+		ts->pass = note;
+		ts->st = TLS_ST_PASS;
+		tls_session_note(s, "%s", note);
+		tls_stop_watchers(s);
+		relay_start(s);
+		return;
+	}
 	if (ts->accept_only) {
 		/* not TLS: the proxy reads its plaintext handshake as usual */
 		tls_restore_hs(ts);
@@ -947,7 +970,9 @@ tls_client_failed(struct tls_session *ts, int e, int saved_errno)
 	}
 	if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN || (err == 0 && e == SSL_ERROR_SSL)) {
 		ERR_clear_error();
-		if (saved_errno && saved_errno != EPIPE && saved_errno != ECONNRESET)
+		if (saved_errno == EMSGSIZE)
+			snprintf(why, sizeof why, "client sent more than 64 KiB before its ClientHello was complete");
+		else if (saved_errno && saved_errno != EPIPE && saved_errno != ECONNRESET)
 			snprintf(why, sizeof why, "client error during the TLS handshake: %s", strerror(saved_errno));
 		else if (ts->st == TLS_ST_HELLO)
 			snprintf(why, sizeof why, "client closed before finishing its ClientHello");
@@ -1308,6 +1333,7 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 		break;
 	case TLS_ST_ACCEPTED:
 	case TLS_ST_OPEN:
+	case TLS_ST_PASS:
 		break;
 	}
 }
@@ -1569,4 +1595,15 @@ tls_relay_start(struct session *s)
 	ev_timer_set(&ts->timer, TLS_HS_TIMEOUT, 0.);
 	ev_timer_start(capd_loop, &ts->timer);
 	tls_upstream_begin(ts);
+}
+
+const char *
+tls_close_reason(struct session *s, const char *reason)
+{
+	static char b[300];
+
+	if (s->tls == NULL || s->tls->pass == NULL)
+		return reason;
+	snprintf(b, sizeof b, "%s (%s)", reason, s->tls->pass);
+	return b;
 }

@@ -105,6 +105,8 @@ bool tls_side_pending(const struct tls_side *t);
 const char *tls_side_why(const struct tls_side *t);
 /* A read waited for writability or a write for readability (and clears it). */
 bool tls_side_crossed(struct tls_side *t);
+/* The relay's close reason, with "(tls passthrough: why)" for passed-through sessions. */
+const char *tls_close_reason(struct session *s, const char *reason);
 /* relay_stop() calls this: frees the session's TLS state (no I/O). */
 void tls_session_free(struct session *s);
 

@@ -325,6 +325,7 @@ def test_client_rejects_forged_cert_then_auto_passthrough(capd, origin, tmp_path
     assert r.stdout == BODY
     s = last_closed(capd, 3)[-1]
     assert "rejected the forged certificate" in s["note"] and "passthrough" in s["note"], s
+    assert s["reason"] == "closed (tls passthrough: clients rejected the forged certificate for this host twice)"
     # another name on the same instance is still intercepted
     ca = export_ca(capd, tmp_path / "capd-ca.pem")
     r = curl("--http1.1", "--cacert", ca, "--resolve", f"alt.example.test:{port}:127.0.0.1",
@@ -603,3 +604,36 @@ def test_reverse_tls_through_hosts_redirection(origin, tmp_path):
     assert NAME in t.stdout, t.stdout
     t = tshark("-r", pcap, "-Y", "http.response.code == 200", "-T", "fields", "-e", "frame.number")
     assert t.stdout.strip(), "the response is plaintext in the capture"
+
+
+def _client_hello(name):
+    """The bytes of a real ClientHello for name (Python's ssl, memory BIOs)."""
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def test_passthrough_replays_hello_and_pipelined_bytes(capd):
+    """A passthrough host gets the ClientHello and everything sent with it, byte for byte,
+    even more than the relay's buffer (what does not fit is read after the decision)."""
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls", "--tls-passthrough", "*.example.test")
+        data = _client_hello(NAME) + os.urandom(200000)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                got += d
+        assert got == data
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed (tls passthrough: the host is listed in tls_passthrough)", s
+    finally:
+        echo.close()
