@@ -166,5 +166,6 @@ def test_soak_mixed_traffic(capd_factory, http_server):
     # each listener, the control socket, the spool file and folder, loop internals: a small fixed set
     assert fds_end <= 16 + 2 * len(instances), (fds_end, os.listdir(f"/proc/{pid}/fd"))
     growth = rss_peak - rss_warm
-    limit = 64 * 1024 if os.environ.get("ASAN_OPTIONS") else 16 * 1024
-    assert growth < limit, f"RSS grew {growth} KiB after warm-up ({counts}, samples {samples})"
+    # under ASan freed memory sits in its quarantine (256 MB by design): only the normal build's RSS means anything
+    if not os.environ.get("ASAN_OPTIONS"):
+        assert growth < 16 * 1024, f"RSS grew {growth} KiB after warm-up ({counts}, samples {samples})"
