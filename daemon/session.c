@@ -708,8 +708,12 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 		return;
 	s->state = SESSION_CLOSED;
 	s->ended = capd_now();
+	/* reason may live in state that the teardown below frees (TLS, the
+	 * caller's own s->reason): from here on only our copy is used */
+	char *why = xstrdup(reason);
 	free(s->reason);
-	s->reason = xstrdup(reason);
+	s->reason = why;
+	reason = why;
 
 	relay_stop(s);
 	ev_timer_stop(capd_loop, &s->timer);
