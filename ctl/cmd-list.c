@@ -22,6 +22,72 @@ list_tls_info(json_t *inst, char *info, size_t n)
 	}
 }
 
+/* Appends the strings of a JSON list, comma-separated. */
+static void
+list_join(json_t *a, char *out, size_t n)
+{
+	size_t i, len = strlen(out);
+	json_t *e;
+
+	json_array_foreach(a, i, e) {
+		char num[24];
+		const char *v = json_string_value(e);
+		if (v == NULL && json_is_integer(e)) {
+			snprintf(num, sizeof num, "%lld", (long long)json_integer_value(e));
+			v = num;
+		}
+		if (v == NULL || len + 2 >= n)
+			continue;
+		len += (size_t)snprintf(out + len, n - len, "%s%s", i ? "," : "", v);
+		if (len >= n)
+			len = n - 1;
+	}
+}
+
+/* The INFO column: what tells instances of each type apart at a glance. */
+static void
+list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
+{
+	const char *tls = json_string_value(json_object_get(inst, "tls"));
+	const char *def = json_string_value(json_object_get(inst, "default"));
+	const char *up = json_string_value(json_object_get(inst, "upstream"));
+	size_t len;
+
+	info[0] = '\0';
+	if (err) {
+		snprintf(info, n, "error: %s", err);
+		return;
+	}
+	if (to)
+		snprintf(info, n, "to %s", to);
+	else if (json_object_get(inst, "packets"))
+		snprintf(info, n, "packets %lld, dropped kernel %lld, spool %lld",
+		         (long long)json_integer_value(json_object_get(inst, "packets")),
+		         (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
+		         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
+	else if (json_is_array(json_object_get(inst, "routes"))) {
+		snprintf(info, n, "routes ");
+		list_join(json_object_get(inst, "routes"), info, n);
+		if (def)
+			snprintf(info + strlen(info), n - strlen(info), ", default %s", def);
+	} else if (json_is_array(json_object_get(inst, "answer"))) {
+		snprintf(info, n, "answers ");
+		list_join(json_object_get(inst, "answer"), info, n);
+		if (up)
+			snprintf(info + strlen(info), n - strlen(info), ", upstream %s", up);
+	} else if (json_is_array(json_object_get(inst, "connect_ports"))) {
+		snprintf(info, n, "connect ports ");
+		list_join(json_object_get(inst, "connect_ports"), info, n);
+	} else if (json_is_string(json_object_get(inst, "command"))) {
+		snprintf(info, n, "pid %lld", (long long)json_integer_value(json_object_get(inst, "pid")));
+	}
+	len = strlen(info);
+	if (json_is_true(json_object_get(inst, "auth")))
+		len += (size_t)snprintf(info + len, len < n ? n - len : 0, "%sauth", len ? ", " : "");
+	if (tls && strcmp(tls, "no") != 0 && len < n)
+		snprintf(info + len, n - len, "%stls %s", len ? ", " : "", tls);
+}
+
 static int
 list_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -46,17 +112,7 @@ list_exec(struct ctl_opts *o, int argc, char **argv)
 		const char *err = json_string_value(json_object_get(inst, "error"));
 		const char *to = json_string_value(json_object_get(inst, "to"));
 		snprintf(n, sizeof n, "%lld", (long long)json_integer_value(json_object_get(inst, "sessions")));
-		if (err)
-			snprintf(info, sizeof info, "error: %s", err);
-		else if (to)
-			snprintf(info, sizeof info, "to %s", to);
-		else if (json_object_get(inst, "packets"))
-			snprintf(info, sizeof info, "packets %lld, dropped kernel %lld, spool %lld",
-			         (long long)json_integer_value(json_object_get(inst, "packets")),
-			         (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
-			         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
-		else
-			info[0] = '\0';
+		list_info(inst, err, to, info, sizeof info);
 		list_tls_info(inst, info, sizeof info);
 		table_add(t, json_string_value(json_object_get(inst, "name")), json_string_value(json_object_get(inst, "type")),
 		          json_string_value(json_object_get(inst, "listen")), json_string_value(json_object_get(inst, "state")), n,
