@@ -57,9 +57,7 @@ extern const struct cmd cmd_tail;
 /* capctl capture follow (cmd-follow.c), reached through cmd_capture. */
 int capture_follow(struct ctl_opts *o, int argc, char **argv);
 extern const struct cmd cmd_trace;
-
 extern const struct cmd cmd_hosts;
-
 extern const struct cmd cmd_ca;
 
 #endif

@@ -302,6 +302,14 @@ main(int argc, char **argv)
 	capd_loop = ev_default_loop(EVFLAG_AUTO);
 	capd_started = ev_time();
 	ev_now_update(capd_loop);
+	/* signals first: a supervisor may signal us as soon as the socket exists */
+	ev_signal_init(&sig_term, capd_stop_cb, SIGTERM);
+	ev_signal_init(&sig_int, capd_stop_cb, SIGINT);
+	ev_signal_init(&sig_hup, capd_hup_cb, SIGHUP);
+	ev_signal_start(capd_loop, &sig_term);
+	ev_signal_start(capd_loop, &sig_int);
+	ev_signal_start(capd_loop, &sig_hup);
+	ev_init(&capd_grace, capd_grace_cb);
 
 	if (capd_mkdirs(capd_settings->state_dir, &why) < 0 || capd_mkdirs(capd_settings->spool, &why) < 0 ||
 	    control_start(capd_settings, &why) < 0 || resolve_init(&why) < 0 ||
@@ -328,13 +336,6 @@ main(int argc, char **argv)
 		return 1;
 	}
 
-	ev_signal_init(&sig_term, capd_stop_cb, SIGTERM);
-	ev_signal_init(&sig_int, capd_stop_cb, SIGINT);
-	ev_signal_init(&sig_hup, capd_hup_cb, SIGHUP);
-	ev_signal_start(capd_loop, &sig_term);
-	ev_signal_start(capd_loop, &sig_int);
-	ev_signal_start(capd_loop, &sig_hup);
-	ev_init(&capd_grace, capd_grace_cb);
 
 #if HAVE_SYSTEMD
 	uint64_t wd_usec;

@@ -33,8 +33,8 @@ static const struct proto *const protos[] = {
 	&proto_forward,
 	&proto_http,
 	&proto_reverse,
-	&proto_dns,
 	&proto_socks,
+	&proto_dns,
 	&proto_sniff,
 	&proto_trace,
 };
