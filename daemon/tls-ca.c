@@ -413,10 +413,13 @@ tls_ca_free(void)
 static void
 tls_ca_names_key(X509 *orig, const char *extra, const char *fallback, uint8_t key[32])
 {
+	static EVP_MD *sha256;  /* fetched once: an implicit fetch per handshake costs */
 	EVP_MD_CTX *md = EVP_MD_CTX_new();
 	unsigned int n = 32;
 
-	EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+	if (sha256 == NULL)
+		sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+	EVP_DigestInit_ex(md, sha256, NULL);
 	if (orig) {
 		unsigned char *der = NULL;
 		int len = i2d_X509_NAME(X509_get_subject_name(orig), &der);

@@ -113,6 +113,7 @@ static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
 static BIO_METHOD *tls_bio_meth;
 static struct tls_resume tls_resume[TLS_RESUME_SLOTS];
 static int tls_keylog_fd = -1;
+static bool tls_keylog_on;    /* the contexts have the key log callback */
 static unsigned tls_cfgs_on;  /* configs with tls = yes|auto, for tls_prepare */
 static char *tls_keylog_path;
 
@@ -316,6 +317,20 @@ tls_keylog_cb(const SSL *ssl, const char *line)
 	}
 }
 
+/* OpenSSL formats key log lines only for a context with a callback: install it
+ * once a session needs the lines (and keep it: the callback checks per session). */
+static void
+tls_keylog_want(const struct tls_session *ts)
+{
+	if (tls_keylog_on || (!ts->capture && (capd_settings == NULL || capd_settings->keylog_file == NULL)))
+		return;
+	tls_keylog_on = true;
+	SSL_CTX_set_keylog_callback(tls_cli_verify, tls_keylog_cb);
+	SSL_CTX_set_keylog_callback(tls_cli_noverify, tls_keylog_cb);
+	if (tls_srv_ctx)
+		SSL_CTX_set_keylog_callback(tls_srv_ctx, tls_keylog_cb);
+}
+
 /* ---- ciphertext capture (tls_capture = both) ---- */
 
 static void
@@ -483,7 +498,6 @@ tls_ctx_common(SSL_CTX *ctx)
 	SSL_CTX_set_read_ahead(ctx, 1);
 	/* read ahead up to the relay's buffer: fewer recv() calls for bulk */
 	SSL_CTX_set_default_read_buffer_len(ctx, RELAY_BUF + SSL3_RT_MAX_ENCRYPTED_OVERHEAD);
-	SSL_CTX_set_keylog_callback(ctx, tls_keylog_cb);
 }
 
 static unsigned
@@ -556,6 +570,8 @@ tls_server_ctx(char **why)
 	SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_cb, NULL);
 	SSL_CTX_set_num_tickets(ctx, 1);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"capd", 4);
+	if (tls_keylog_on)
+		SSL_CTX_set_keylog_callback(ctx, tls_keylog_cb);
 	tls_srv_ctx = ctx;
 	return 0;
 }
@@ -630,6 +646,7 @@ tls_stop(void)
 	SSL_CTX_free(tls_cli_verify);
 	SSL_CTX_free(tls_cli_noverify);
 	tls_srv_ctx = tls_cli_verify = tls_cli_noverify = NULL;
+	tls_keylog_on = false;
 	BIO_meth_free(tls_bio_meth);
 	tls_bio_meth = NULL;
 	tls_ca_free();
@@ -1352,6 +1369,7 @@ tls_intercept_start(struct session *s, struct tls_cfg *cfg)
 	ts->cfg = cfg;
 	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
 	s->tls = ts;
+	tls_keylog_want(ts);
 	session_set_deadline(s, 0);  /* our own timer covers the TLS handshakes */
 	tls_stop_watchers(s);
 	ev_io_init(&s->client.rio, tls_io_cb, s->client.fd, EV_READ);
@@ -1564,6 +1582,7 @@ tls_accept_start(struct session *s, struct tls_cfg *cfg)
 	ts->accept_only = true;
 	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
 	s->tls = ts;
+	tls_keylog_want(ts);
 	ev_io_stop(capd_loop, &s->client.rio);
 	ev_io_stop(capd_loop, &s->client.wio);
 	ts->hs_rcb = ev_cb(&s->client.rio);
