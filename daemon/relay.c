@@ -31,7 +31,9 @@
  * says so, and a spent round budget feeds the read watcher an event. A TLS
  * read may need its side writable (or a write readable): tls.c arms that
  * watcher and tls_side_crossed() tells its callback to pump the other
- * direction too.
+ * direction too. relay_stop() frees the session's TLS state (tls_session_free)
+ * and a clean close asks tls_close_reason() for its words (a passed-through
+ * session says so).
  */
 #include "relay.h"
 
