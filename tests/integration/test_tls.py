@@ -637,3 +637,22 @@ def test_passthrough_replays_hello_and_pipelined_bytes(capd):
         assert s["reason"] == "closed (tls passthrough: the host is listed in tls_passthrough)", s
     finally:
         echo.close()
+
+
+def test_socks_tls_auto_plain_http_and_tls(capd, origin, http_server, tmp_path):
+    """tls = auto on socks: plain HTTP through the tunnel passes unchanged, HTTPS is intercepted."""
+    hport, _ = http_server
+    sport = free_port()
+    capd.ctl("add", "socks", "--port", sport, "--tls-auto", "--no-tls-verify", "--tls-passthrough", "other.test")
+    r = curl("--socks5", f"127.0.0.1:{sport}", f"http://127.0.0.1:{hport}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from the origin\n"
+    s = last_closed(capd)[-1]
+    assert s["reason"] == "closed" and "tls" not in s.get("note", ""), s
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, "--socks5-hostname", f"127.0.0.1:{sport}", f"https://localhost:{origin.port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    assert "sni=localhost" in last_closed(capd, 2)[-1]["note"]
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["tls"] == "auto" and inst["tls_passthrough"] == ["other.test"] and inst["tls_verify"] is False
