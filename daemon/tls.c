@@ -50,6 +50,7 @@
 #define TLS_HS_TIMEOUT 20.0     /* seconds for both handshakes together */
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
+#define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
 
 enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
@@ -92,7 +93,7 @@ struct tls_session {
 	uint8_t alpn_sel[256];      /* the server's choice */
 	size_t alpn_sel_len;
 	char *fail;                 /* why the upstream side failed; the client gets an alert */
-	char resume_key[HOST_MAX + 64];
+	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
@@ -105,7 +106,7 @@ struct tls_session {
 
 /* An upstream TLS session kept for resumption. */
 struct tls_resume {
-	char key[HOST_MAX + 64];
+	char key[TLS_RESUME_KEY];
 	SSL_SESSION *sess;
 };
 
@@ -517,13 +518,19 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 	struct tls_session *ts = SSL_get_app_data(ssl);
 	struct tls_resume *r;
 
+	SSL_SESSION *copy;
+
 	if (ts == NULL || ts->resume_key[0] == '\0' || !SSL_SESSION_is_resumable(sess))
+		return 0;
+	/* a copy: OpenSSL marks the connection's own session unusable when that
+	 * connection ends without close_notify, which says nothing about the ticket */
+	if ((copy = SSL_SESSION_dup(sess)) == NULL)
 		return 0;
 	r = &tls_resume[tls_resume_slot(ts->resume_key)];
 	SSL_SESSION_free(r->sess);
 	snprintf(r->key, sizeof r->key, "%s", ts->resume_key);
-	r->sess = sess;
-	return 1;  /* we keep the reference */
+	r->sess = copy;
+	return 0;
 }
 
 static SSL_CTX *
@@ -1138,11 +1145,12 @@ tls_upstream_begin(struct tls_session *ts)
 			X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(u->ssl),
 			                              addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
 	}
-	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%d", ts->sni,
+	/* what the verification checked is part of the key: a resumed session skips it */
+	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%s|%d", ts->sni, s->target_name,
 	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-",
 	         ts->cfg->verify);
 	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
-	if (rs->sess && !strcmp(rs->key, ts->resume_key))
+	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess))
 		resume = rs->sess;
 	if (resume && SSL_set_session(u->ssl, resume) != 1)
 		ERR_clear_error();

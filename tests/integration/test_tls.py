@@ -656,3 +656,15 @@ def test_socks_tls_auto_plain_http_and_tls(capd, origin, http_server, tmp_path):
     assert "sni=localhost" in last_closed(capd, 2)[-1]["note"]
     inst = capd.ctl("list", json_out=True)[0]
     assert inst["tls"] == "auto" and inst["tls_passthrough"] == ["other.test"] and inst["tls_verify"] is False
+
+
+def test_upstream_session_resumed(capd, origin, tmp_path):
+    """capd keeps the server's TLS session and resumes it: the server's full handshake is spared."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    for _ in range(2):
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode == 0, r.stderr
+    ss = last_closed(capd, 2)
+    assert "upstream-resumed" not in ss[0]["note"]
+    assert "upstream-resumed" in ss[1]["note"], ss
