@@ -4,6 +4,7 @@
  * tls_intercept_start() takes a session whose two sockets are connected and
  * runs, without blocking:
  *
+ *   flush                  the proxy's reply (SOCKS, 200 Established) goes first
  *   peek (tls = auto)      first client byte 0x16? else relay as is
  *   client hello           SSL_accept until the ClientHello callback, which
  *                          notes the SNI and ALPN offer and pauses the accept
@@ -20,6 +21,10 @@
  * passthrough, and with tls_capture = both feeds the ciphertext to two more
  * capture flows (kept in order in memory until the plaintext flow exists, so
  * the session's first stream in the file is the plaintext one).
+ *
+ * tls_accept_start()/tls_relay_start() split the same steps for reverse:
+ * the client's handshake first (certificate from the SNI), the proxy's own
+ * plaintext handshake through it, then the upstream's TLS and the relay.
  */
 #include "tls.h"
 
