@@ -143,6 +143,8 @@ def test_dropped_block_comes_back_by_itself(hostsd):
     while path.read_bytes() != want and time.time() < deadline:
         time.sleep(0.1)
     assert path.read_bytes() == want
+    while "put back" not in c.log() and time.time() < deadline + 2:
+        time.sleep(0.05)  # the log line follows the write
     assert "put back" in c.log()
     # after clear capd leaves the file alone
     c.ctl("hosts", "clear")
