@@ -1034,6 +1034,9 @@ tls_done(struct tls_session *ts)
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
 	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "");
 	tls_stop_watchers(s);
+	/* idle tunnels should hold no OpenSSL buffers (it refuses while bytes wait) */
+	SSL_free_buffers(ts->c.ssl);
+	SSL_free_buffers(ts->u.ssl);
 	relay_start(s);
 	/* the plaintext flow exists now; the ciphertext ones follow it in the file */
 	if (s->state == SESSION_OPEN && s->tls == ts)
