@@ -259,6 +259,29 @@ class EchoServer:
         self.sock.close()
 
 
+class UdpEcho:
+    """A UDP echo server in a thread; replies carry prefix before the datagram."""
+
+    def __init__(self, host="127.0.0.1", prefix=b"echo:"):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.prefix = prefix
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                d, a = self.sock.recvfrom(65536)
+                self.sock.sendto(self.prefix + d, a)
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
 @pytest.fixture
 def echo_server():
     e = EchoServer()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, free_port, wait_port
+from conftest import CAPCTL, UdpEcho, free_port, wait_port
 
 
 def fd_count(pid):
@@ -228,20 +228,9 @@ def test_control_refuses_other_uids(capd):
 
 def test_udp_association_table_full_evicts_the_quietest(capd):
     """More UDP clients than the 4096-association table: the quietest makes room, new clients are served."""
-    e = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    e.bind(("127.0.0.1", 0))
-
-    def serve():
-        while True:
-            try:
-                d, a = e.recvfrom(65535)
-                e.sendto(d, a)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
+    e = UdpEcho(prefix=b"")
     port = free_port(socket.SOCK_DGRAM)
-    capd.ctl("add", "forward", "--udp", "--port", port, "--to", f"127.0.0.1:{e.getsockname()[1]}", "--no-capture")
+    capd.ctl("add", "forward", "--udp", "--port", port, "--to", f"127.0.0.1:{e.port}", "--no-capture")
     clients = []
     for i in range(4200):
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from conftest import EchoServer, free_port
+from conftest import EchoServer, UdpEcho, free_port
 
 SECONDS = float(os.environ.get("CAPD_SOAK_SECONDS", "20" if os.environ.get("ASAN_OPTIONS") else "120"))
 
@@ -39,24 +39,13 @@ def test_soak_mixed_traffic(capd_factory, http_server):
     hport, www = http_server
     (www / "big.bin").write_bytes(os.urandom(300000))
     echo = EchoServer()
-    udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp_echo.bind(("127.0.0.1", 0))
-
-    def udp_serve():
-        while True:
-            try:
-                d, a = udp_echo.recvfrom(65535)
-                udp_echo.sendto(d, a)
-            except OSError:
-                return
-
-    threading.Thread(target=udp_serve, daemon=True).start()
+    udp_echo = UdpEcho(prefix=b"")
 
     fwd = try_add(capd, "forward", "--to", f"127.0.0.1:{echo.port}")
     web = try_add(capd, "forward", "--to", f"127.0.0.1:{hport}")
     socks = try_add(capd, "socks")
     http = try_add(capd, "http")
-    ufwd = try_add(capd, "forward", "--udp", "--idle-timeout", "3", "--to", f"127.0.0.1:{udp_echo.getsockname()[1]}")
+    ufwd = try_add(capd, "forward", "--udp", "--idle-timeout", "3", "--to", f"127.0.0.1:{udp_echo.port}")
     assert fwd and web
     pid = capd.proc.pid
     stop = time.time() + SECONDS

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import EchoServer, follow_tcp, free_port, tcp_stream_of, tshark, wait_port
+from conftest import EchoServer, follow_tcp, free_port, tcp_stream_of, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -458,26 +458,6 @@ def test_bind_timeout_gets_failure_reply(capd):
 
 
 # ---------------------------------------------------------------- UDP ASSOCIATE
-
-class UdpEcho:
-    def __init__(self, host="127.0.0.1"):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                d, a = self.sock.recvfrom(65536)
-                self.sock.sendto(b"echo:" + d, a)
-            except OSError:
-                return
-
-    def close(self):
-        self.sock.close()
-
 
 def udp_header(host, port):
     return b"\x00\x00\x00" + s5_addr(host, port)

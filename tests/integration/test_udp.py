@@ -9,27 +9,7 @@ import time
 
 import pytest
 
-from conftest import free_port, tshark
-
-
-class UdpEcho:
-    def __init__(self, host="127.0.0.1"):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                d, a = self.sock.recvfrom(65536)
-                self.sock.sendto(b"echo:" + d, a)
-            except OSError:
-                return
-
-    def close(self):
-        self.sock.close()
+from conftest import UdpEcho, free_port, tshark
 
 
 @pytest.fixture
