@@ -247,3 +247,25 @@ def test_udp_association_table_full_evicts_the_quietest(capd):
         u.close()
     late.close()
     e.close()
+
+
+def test_thousand_slow_handshakes_do_not_block_others(capd, http_server):
+    """1,000 SOCKS clients that send half a greeting and wait: others are still served at once."""
+    hport, _ = http_server
+    port = free_port()
+    capd.ctl("add", "socks", "--port", port, "--handshake-timeout", "30")
+    slow = []
+    for _ in range(1000):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"\x05")  # a version byte, then nothing
+        slow.append(s)
+    t = time.time()
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname", f"127.0.0.1:{port}",
+                        f"http://127.0.0.1:{hport}/"], capture_output=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from the origin\n"
+    assert time.time() - t < 3
+    st = capd.ctl("status", json_out=True)
+    assert st["sessions"] >= 1000
+    for s in slow:
+        s.close()
