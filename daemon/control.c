@@ -32,7 +32,6 @@
 
 #define CTL_OUT_MAX (64 * 1024 * 1024)  /* a peer that stops reading this much is dropped */
 #define CTL_REQUEST_TIMEOUT 30.0        /* a request line must arrive complete within this */
-#define CTL_ON_CLOSE_MAX 8
 
 struct ctl_on_close {
 	void (*cb)(void *arg);
@@ -49,8 +48,8 @@ struct ctl_conn {
 	struct buf out;
 	int uid, gid, pid;
 	bool dead;
-	struct ctl_on_close on_close[CTL_ON_CLOSE_MAX];
-	int n_on_close;
+	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
+	int n_on_close, cap_on_close;
 };
 
 static const struct rpc_method *const rpc_tables[] = {
@@ -150,8 +149,10 @@ ctl_conn_uid(struct ctl_conn *c)
 void
 ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
 {
-	if (c->n_on_close >= CTL_ON_CLOSE_MAX)
-		fatalx("control: too many close callbacks");
+	if (c->n_on_close == c->cap_on_close) {
+		c->cap_on_close = c->cap_on_close ? c->cap_on_close * 2 : 4;
+		c->on_close = xrealloc(c->on_close, (size_t)c->cap_on_close * sizeof *c->on_close);
+	}
 	c->on_close[c->n_on_close++] = (struct ctl_on_close){ cb, arg };
 }
 
@@ -195,6 +196,7 @@ ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		/* subscriptions let go of the connection before it is freed */
 		for (int i = 0; i < c->n_on_close; i++)
 			c->on_close[i].cb(c->on_close[i].arg);
+		free(c->on_close);
 		close(c->fd);
 		rpc_framer_free(&c->framer);
 		buf_free(&c->out);
