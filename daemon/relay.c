@@ -200,7 +200,10 @@ relay_pump(struct session *s, enum dir d)
 			rd->buf = NULL;
 			if (!rd->shut) {
 				rd->shut = true;
-				relay_shut(dst);
+				/* the last FIN of a plain session: the close() that follows
+				 * sends it (both receive queues are read to EOF, so no RST) */
+				if (dst->tls != NULL || !s->dir[!d].shut)
+					relay_shut(dst);
 				session_shutdown_dir(s, d);
 				relay_check_done(s);
 			}
@@ -580,10 +583,23 @@ relay_start(struct session *s)
 	if (s->client_eof)
 		s->dir[DIR_UP].eof = true;
 	/* kick both directions: preloaded bytes are written, then reads start */
-	relay_pump(s, DIR_UP);
-	if (s->state != SESSION_OPEN)
-		return;
-	relay_pump(s, DIR_DOWN);
+	bool replying = s->dir[DIR_DOWN].len > 0;
+	for (int d = DIR_UP; d <= DIR_DOWN; d++) {
+		struct side *src = relay_src(s, (enum dir)d);
+
+		if (s->filter == NULL && src->tls == NULL && s->dir[d].len == 0 && !s->dir[d].eof &&
+		    (d == DIR_DOWN || replying)) {
+			/* nothing to write, and a source that has most likely sent nothing
+			 * yet (a server connected just now, a client still waiting for the
+			 * handshake reply): the watcher tells when, instead of a recv()
+			 * spent on EAGAIN. A forward client has usually sent already: read. */
+			ev_io_start(capd_loop, &src->rio);
+			continue;
+		}
+		relay_pump(s, (enum dir)d);
+		if (s->state != SESSION_OPEN)
+			return;
+	}
 }
 
 void

@@ -173,7 +173,7 @@ session_new(struct instance *inst, int fd, const struct sockaddr *peer)
 
 	s->client.fd = fd;
 	memcpy(&s->client_addr, peer, addr_len(peer));
-	session_nodelay(fd);
+	/* no setsockopt here: accepted sockets inherit TCP_NODELAY from the listener (instance_listen) */
 	ev_io_init(&s->client.rio, session_hs_read_cb, fd, EV_READ);
 	ev_io_init(&s->client.wio, session_hs_write_cb, fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s;
