@@ -23,6 +23,17 @@
  * (STOP). The filter judges only when nothing waits to be sent, so injected
  * bytes always keep their place in the stream.
  *
+ * Splice: a plain direction that nobody captures (no spool flow) and nobody
+ * tails (no subscriber), once it has filled its tail backlog ring
+ * (tail_backlog, 64 KiB: so small exchanges keep their whole backlog), moves
+ * its bytes src -> pipe -> dst with splice(2): they never enter user space,
+ * two copies fewer per byte. The pipe, like the buffer, is taken from a pool
+ * only while bytes wait in it. Spliced bytes are counted (session_bytes) and
+ * advance the tail offsets (tail_skip) but are not kept: a `capctl tail`
+ * that starts later gets no backlog from before the last spliced chunk,
+ * only what passes after it subscribed (a subscriber turns copying on again;
+ * a pipe still holding bytes is emptied to its destination first).
+ *
  * TLS (tls.c): a side whose `tls` is set is read and written through
  * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
  * its FIN is close_notify then shutdown; the plain path costs one predictable
@@ -38,6 +49,7 @@
 #include "relay.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,11 +60,19 @@
 #include "capd.h"
 #include "instance.h"
 #include "log.h"
+#include "tail.h"
 #include "tls.h"
 #include "xmalloc.h"
 
 #define RELAY_POOL_MAX 64   /* free buffers kept for reuse */
 #define RELAY_ROUNDS 8      /* chunks per callback before yielding to other sessions */
+#define RELAY_PIPE_MAX 64   /* free pipes kept for reuse */
+#define RELAY_SPLICE (256 * 1024) /* pipe size and bytes asked of one splice */
+
+/* A pipe for splice(2): taken from the pool only while bytes wait in it. */
+struct relay_pipe {
+	int fd[2];          /* read end, write end */
+};
 
 static uint8_t *relay_pool[RELAY_POOL_MAX];
 static int relay_pool_len;
@@ -76,11 +96,55 @@ relay_buf_put(uint8_t *b)
 		free(b);
 }
 
+static struct relay_pipe *relay_pipe_pool[RELAY_PIPE_MAX];
+static int relay_pipe_len;
+
+/* NULL when no pipe can be made (out of descriptors): the caller copies instead. */
+static struct relay_pipe *
+relay_pipe_get(void)
+{
+	struct relay_pipe *p;
+
+	if (relay_pipe_len > 0)
+		return relay_pipe_pool[--relay_pipe_len];
+	p = xmalloc(sizeof *p);
+	if (pipe2(p->fd, O_NONBLOCK | O_CLOEXEC) < 0) {
+		free(p);
+		return NULL;
+	}
+	/* fewer, larger splices; at the default 64 KiB when the user's pipe quota says no */
+	(void)fcntl(p->fd[1], F_SETPIPE_SZ, RELAY_SPLICE);
+	return p;
+}
+
+/* An empty pipe goes back to the pool; one with bytes left in it is closed. */
+static void
+relay_pipe_put(struct relay_pipe *p, bool empty)
+{
+	if (p == NULL)
+		return;
+	if (empty && relay_pipe_len < RELAY_PIPE_MAX) {
+		relay_pipe_pool[relay_pipe_len++] = p;
+		return;
+	}
+	close(p->fd[0]);
+	close(p->fd[1]);
+	free(p);
+}
+
 void
-relay_shutdown(void)
+relay_trim(void)
 {
 	while (relay_pool_len > 0)
 		free(relay_pool[--relay_pool_len]);
+	while (relay_pipe_len > 0)
+		relay_pipe_put(relay_pipe_pool[--relay_pipe_len], false);
+}
+
+void
+relay_shutdown(void)
+{
+	relay_trim();
 }
 
 static inline struct side *
@@ -164,6 +228,84 @@ relay_check_done(struct session *s)
 
 static void relay_pump_msg(struct session *s, enum dir d);
 
+/* Nothing needs to see d's next bytes: no capture, no TLS, no tail subscriber and a full backlog ring. */
+static inline bool
+relay_can_splice(struct session *s, enum dir d)
+{
+	return s->flow == NULL && s->client.tls == NULL && s->upstream.tls == NULL && tail_can_skip(s, d);
+}
+
+/*
+ * relay_pump's zero-copy path (see the top of this file). Returns false,
+ * with no pipe held, when the copying pump must take over: the source sent
+ * FIN (relay_pump passes it on), splicing is no longer allowed, or no pipe
+ * could be made. Otherwise it has armed the watchers, or closed the session.
+ */
+static bool
+relay_pump_splice(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
+
+	for (int round = 0; round < RELAY_ROUNDS; round++) {
+		if (rd->piped > 0) {
+			ssize_t w = splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			if (w < 0) {
+				if (errno == EAGAIN || errno == EINTR)
+					goto dst_full;
+				relay_fail(s, d, false, errno);
+				return true;
+			}
+			rd->piped -= (uint32_t)w;
+			if (rd->piped > 0)
+				goto dst_full;
+		}
+		if (ev_is_active(&dst->wio))
+			ev_io_stop(capd_loop, &dst->wio);
+		if (rd->eof || !relay_can_splice(s, d))
+			break;
+		if (rd->pipe == NULL && (rd->pipe = relay_pipe_get()) == NULL)
+			return false;
+		ssize_t r = splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (r > 0) {
+			rd->piped = (uint32_t)r;
+			session_bytes(s, d, (size_t)r);
+			tail_skip(s, d, (size_t)r);
+			continue;
+		}
+		if (r == 0) {
+			rd->eof = true;
+			ev_io_stop(capd_loop, &src->rio);
+			break;
+		}
+		if (errno == EAGAIN || errno == EINTR) {
+			relay_pipe_put(rd->pipe, true);
+			rd->pipe = NULL;
+			if (!rd->eof && !ev_is_active(&src->rio))
+				ev_io_start(capd_loop, &src->rio);
+			return true;
+		}
+		relay_fail(s, d, true, errno);
+		return true;
+	}
+	if (rd->eof || !relay_can_splice(s, d)) {
+		relay_pipe_put(rd->pipe, true);
+		rd->pipe = NULL;
+		return false;
+	}
+	/* round budget spent with data still flowing: come back on the next pass */
+	ev_feed_event(capd_loop, &src->rio, EV_READ);
+	if (!ev_is_active(&src->rio))
+		ev_io_start(capd_loop, &src->rio);
+	return true;
+dst_full:
+	if (ev_is_active(&src->rio))
+		ev_io_stop(capd_loop, &src->rio);
+	if (!ev_is_active(&dst->wio))
+		ev_io_start(capd_loop, &dst->wio);
+	return true;
+}
+
 /*
  * Moves bytes for direction d until the source has nothing more, the
  * destination is full, or the round budget is spent. Returns after
@@ -179,6 +321,8 @@ relay_pump(struct session *s, enum dir d)
 		relay_pump_msg(s, d);
 		return;
 	}
+	if ((rd->pipe != NULL || (rd->len == rd->off && relay_can_splice(s, d))) && relay_pump_splice(s, d))
+		return;
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->len > rd->off) {
 			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
@@ -608,6 +752,9 @@ relay_stop(struct session *s)
 	if (s->tls)
 		tls_session_free(s);
 	for (int d = 0; d < 2; d++) {
+		relay_pipe_put(s->dir[d].pipe, s->dir[d].piped == 0);
+		s->dir[d].pipe = NULL;
+		s->dir[d].piped = 0;
 		relay_buf_put(s->dir[d].buf);
 		s->dir[d].buf = NULL;
 		s->dir[d].off = s->dir[d].len = s->dir[d].fill = 0;

@@ -16,6 +16,8 @@ void relay_start(struct session *s);
 /* Stops watchers and releases buffers (session_close calls it). */
 void relay_stop(struct session *s);
 void relay_shutdown(void);
+/* Gives back the pooled buffers and pipes (session.c calls it when no session is open). */
+void relay_trim(void);
 
 /*
  * Filters: how a message-aware proxy (http, reverse) frames what it relays

@@ -552,7 +552,7 @@ session_opened(struct session *s)
 }
 
 void
-session_data(struct session *s, enum dir d, const void *p, size_t n)
+session_bytes(struct session *s, enum dir d, size_t n)
 {
 	s->bytes[d] += n;
 	if (d == DIR_UP)
@@ -560,6 +560,12 @@ session_data(struct session *s, enum dir d, const void *p, size_t n)
 	else
 		s->inst->bytes_down += n;
 	s->last_active = ev_now(capd_loop);
+}
+
+void
+session_data(struct session *s, enum dir d, const void *p, size_t n)
+{
+	session_bytes(s, d, n);
 	if (s->flow)
 		spool_flow_data(s->flow, d, p, n);
 	tail_data(s, d, p, n);
@@ -740,7 +746,9 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	session_history_add(s);
 
 	TAILQ_REMOVE(&sessions, s, entry);
-	session_count--;
+	/* an idle capd holds no pooled memory or pipe descriptors */
+	if (--session_count == 0)
+		relay_trim();
 	inst->open_sessions--;
 	if (inst->proto->session_free)
 		inst->proto->session_free(s);

@@ -19,6 +19,7 @@
 struct instance;
 struct resolve_req;
 struct relay_filter;
+struct relay_pipe;
 struct spool_flow;
 struct tail;
 struct tls_session;
@@ -39,6 +40,9 @@ struct relay_dir {
 	uint8_t msg;        /* RELAY_MSG_FLOW, _ENDING (a message ended), _HELD (until relay_resume) */
 	uint32_t fill;
 	struct buf pre;
+	/* splice path only (relay.c): a pipe while spliced bytes wait in it, else NULL */
+	struct relay_pipe *pipe;
+	uint32_t piped;     /* bytes in pipe */
 };
 
 struct side {
@@ -114,6 +118,8 @@ void session_set_upstream(struct session *s, int fd, const struct sockaddr *peer
 
 /* Every application byte passes here once: counters, capture, tail. */
 void session_data(struct session *s, enum dir d, const void *p, size_t n);
+/* Counters only, for bytes the relay spliced without seeing them (no capture, no tail). */
+void session_bytes(struct session *s, enum dir d, size_t n);
 /* Half-close seen in direction d (FIN from its source). */
 void session_shutdown_dir(struct session *s, enum dir d);
 /* The one teardown path: logs the summary line, records reason, frees later. */

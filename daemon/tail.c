@@ -50,6 +50,7 @@ struct tail_ring {
 	uint8_t *buf;       /* NULL until the direction carries data */
 	size_t cap;         /* grows up to tail->max; wraps only once it is there */
 	uint64_t total;     /* bytes carried: stream offset of the next byte */
+	uint64_t base;      /* bytes before it were spliced past the ring (tail_skip): not held */
 };
 
 /* A turn of one direction: bytes [off, off + len) of its stream. */
@@ -100,7 +101,7 @@ static const char *const tail_dir_names[2] = { [DIR_UP] = "c2s", [DIR_DOWN] = "s
 static size_t
 ring_held(const struct tail_ring *r)
 {
-	return r->total < r->cap ? (size_t)r->total : r->cap;
+	return r->total - r->base < r->cap ? (size_t)(r->total - r->base) : r->cap;
 }
 
 static void
@@ -483,6 +484,24 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
 	}
 	json_decref(base);
+}
+
+bool
+tail_can_skip(struct session *s, enum dir d)
+{
+	const struct tail *t = s->tail;
+
+	/* a ring still growing would be laid out anew: skip only past a full one */
+	return t != NULL && LIST_EMPTY(&t->subs) && (t->max == 0 || t->ring[d].cap == t->max);
+}
+
+void
+tail_skip(struct session *s, enum dir d, size_t n)
+{
+	struct tail_ring *r = &s->tail->ring[d];
+
+	r->total += n;
+	r->base = r->total;
 }
 
 void

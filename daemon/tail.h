@@ -16,6 +16,12 @@ struct ctl_conn;
 
 /* A chunk crossed session s in direction d. */
 void tail_data(struct session *s, enum dir d, const void *p, size_t n);
+/* Whether d's next bytes may bypass the tail (the relay splices them): no
+ * subscriber, and the backlog ring has reached tail_backlog, so nothing but
+ * its content would be lost. False before the session's first byte. */
+bool tail_can_skip(struct session *s, enum dir d);
+/* n bytes of d passed unseen: offsets advance, the backlog held so far is dropped. */
+void tail_skip(struct session *s, enum dir d, size_t n);
 /* The session ended: subscribers get the end notice; frees s->tail. */
 void tail_session_end(struct session *s);
 
