@@ -65,6 +65,16 @@ static void session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_hs_write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_connect_next(struct session *s);
 
+/* Copies a string, cut to fit: strlcpy without the printf machinery (every session closes through here). */
+static void
+session_strcpy(char *dst, const char *src, size_t size)
+{
+	size_t n = strnlen(src, size - 1);
+
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 /* Writes the next reserved id atomically; -1 on failure (ids then only live in memory). */
 static int
 session_id_reserve(void)
@@ -448,19 +458,17 @@ session_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_s
 void
 session_connect(struct session *s, const char *host, uint16_t port)
 {
-	if (addr_is_ip_literal(host))
-		s->target_name[0] = '\0';
-	else
-		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
+	socklen_t len;
+	struct sockaddr_storage lit;
+
 	s->connect_port = port;
-	if (s->target_name[0] == '\0') {
+	if (addr_from_literal(host, port, &lit, &len) == 0) {
 		/* an IP literal needs no resolver round trip: connect in this pass */
-		socklen_t len;
-		struct sockaddr_storage lit;
-		addr_from_literal(host, port, &lit, &len);
+		s->target_name[0] = '\0';
 		session_connect_addr(s, (struct sockaddr *)&lit);
 		return;
 	}
+	snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
 	if (s->inst->connect_timeout > 0)
 		session_set_deadline(s, s->inst->connect_timeout);
 	s->resolving = resolve_start(host, port, session_resolved_cb, s);
@@ -542,7 +550,12 @@ session_opened(struct session *s)
 	}
 	if (inst->capture && inst->spool_iface >= 0 && s->have_target) {
 		char comment[128];
-		snprintf(comment, sizeof comment, "%s/%s", inst->proto->name, inst->name);
+		size_t pn = strlen(inst->proto->name);
+
+		/* "forward/web": two copies rather than snprintf, once per session */
+		memcpy(comment, inst->proto->name, pn);
+		comment[pn] = '/';
+		session_strcpy(comment + pn + 1, inst->name, sizeof comment - pn - 1);
 		s->flow = spool_flow_open(inst->spool_iface, s->id, s->datagram ? IPPROTO_UDP : IPPROTO_TCP,
 		                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&s->target_addr,
 		                          comment);
@@ -600,7 +613,7 @@ static void
 session_rec_fill(struct session_rec *r, struct session *s)
 {
 	r->id = s->id;
-	snprintf(r->instance, sizeof r->instance, "%s", s->inst->name);
+	session_strcpy(r->instance, s->inst->name, sizeof r->instance);
 	r->proto = s->proto;
 	memcpy(&r->client, &s->client_addr, sizeof r->client);
 	memcpy(&r->target, &s->target_addr, sizeof r->target);
@@ -610,7 +623,7 @@ session_rec_fill(struct session_rec *r, struct session *s)
 	r->bytes[1] = s->bytes[1];
 	r->started = s->started;
 	r->ended = s->ended;
-	snprintf(r->reason, sizeof r->reason, "%s", s->reason ? s->reason : "");
+	session_strcpy(r->reason, s->reason ? s->reason : "", sizeof r->reason);
 }
 
 static json_t *
