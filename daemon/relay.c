@@ -701,6 +701,21 @@ relay_preload(struct session *s, enum dir d, struct buf *b, bool capture)
 		session_data(s, d, rd->buf, n);
 }
 
+/*
+ * Points a stopped watcher at the relay. A watcher the handshake already
+ * used on the same fd only changes its callback: ev_io_init would tell libev
+ * the fd may be a new file, and libev would try an epoll_ctl ADD that fails
+ * with EEXIST (one wasted syscall per socks or CONNECT session).
+ */
+static void
+relay_watch(ev_io *w, void (*cb)(struct ev_loop *, ev_io *, int), int fd, int events)
+{
+	if (w->fd == fd && (w->events & (EV_READ | EV_WRITE)) == events)
+		ev_set_cb(w, cb);
+	else
+		ev_io_init(w, cb, fd, events);
+}
+
 void
 relay_start(struct session *s)
 {
@@ -708,10 +723,10 @@ relay_start(struct session *s)
 	ev_io_stop(capd_loop, &s->client.wio);
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
-	ev_io_init(&s->client.rio, relay_read_cb, s->client.fd, EV_READ);
-	ev_io_init(&s->client.wio, relay_write_cb, s->client.fd, EV_WRITE);
-	ev_io_init(&s->upstream.rio, relay_read_cb, s->upstream.fd, EV_READ);
-	ev_io_init(&s->upstream.wio, relay_write_cb, s->upstream.fd, EV_WRITE);
+	relay_watch(&s->client.rio, relay_read_cb, s->client.fd, EV_READ);
+	relay_watch(&s->client.wio, relay_write_cb, s->client.fd, EV_WRITE);
+	relay_watch(&s->upstream.rio, relay_read_cb, s->upstream.fd, EV_READ);
+	relay_watch(&s->upstream.wio, relay_write_cb, s->upstream.fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s->upstream.rio.data = s->upstream.wio.data = s;
 
 	session_opened(s);
