@@ -56,11 +56,13 @@ class Bench:
         self.args = args
         self.build = Path(args.build)
         self.tmp = Path(tempfile.mkdtemp(prefix="capd-bench-"))
+        self.tmp.chmod(0o755)  # nginx's workers (nobody) serve files from it
         self.procs = []
         self.rows = []
         self.rounds = 1 if args.quick else 3
         self.secs = 1.5 if args.quick else 3.0
         self.client = str(self.build / "capd-bench")
+        self.refused = {}  # idle tunnels refused, per proxy pid (worst round)
 
     # ---- processes ----
     def spawn(self, name, argv, **kw):
@@ -100,6 +102,8 @@ class Bench:
         (d / "logs").mkdir(parents=True)
         (d / "www").mkdir()
         (d / "www" / "index.html").write_text("x" * 512)
+        with open(d / "www" / "big", "wb") as f:  # sparse: TLS bulk reads it from memory
+            f.truncate(4 << 30)
         self.nginx = free_port()
         tls = ""
         if self.tls_ready():
@@ -174,6 +178,21 @@ class Bench:
         p = self.spawn("haproxy", ["haproxy", "-db", "-f", str(cfg)])
         return (port, p) if wait_port(port) else None
 
+    def peer_nginx_stream(self, target_port):
+        """nginx's TCP proxy (libnginx-mod-stream), one worker per core like haproxy's threads."""
+        mod = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+        if not shutil.which("nginx") or not mod.exists():
+            return None
+        port = free_port()
+        d = self.tmp / f"nginx-stream-{port}"
+        (d / "logs").mkdir(parents=True)
+        (d / "nginx.conf").write_text(
+            f"load_module {mod};\ndaemon off; worker_processes auto; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
+            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n"
+            f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass 127.0.0.1:{target_port}; }} }}\n")
+        p = self.spawn("nginx-stream", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        return (port, p) if wait_port(port) else None
+
     def peer_socat(self, target_port):
         if not shutil.which("socat"):
             return None
@@ -213,11 +232,13 @@ class Bench:
         p = self.spawn("tinyproxy", ["tinyproxy", "-d", "-c", str(cfg)])
         return (port, p) if wait_port(port) else None
 
-    def peer_sslsplit(self):
+    def peer_sslsplit(self, pcap=False):
+        """sslsplit in the foreground (-d would detach from our pid); pcap: -X, its capturing mode."""
         if not shutil.which("sslsplit") or not self.tls_ready():
             return None
         port = free_port()
-        p = self.spawn("sslsplit", ["sslsplit", "-d", "-D", "-k", f"{self.tmp}/ca.key", "-c", f"{self.tmp}/ca.pem",
+        opts = ["-X", str(self.tmp / f"sslsplit-{port}.pcap")] if pcap else []
+        p = self.spawn("sslsplit", ["sslsplit", *opts, "-k", f"{self.tmp}/ca.key", "-c", f"{self.tmp}/ca.pem",
                                     "ssl", "127.0.0.1", str(port), "127.0.0.1", str(self.nginx_tls)])
         return (port, p) if wait_port(port) else None
 
@@ -249,6 +270,11 @@ class Bench:
         r = self.run_client("bulk", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs)
         return r and r["mb_per_s"]
 
+    def tlsget(self, proxy_port):
+        r = self.run_client("tlsget", "direct", f"127.0.0.1:{proxy_port}", f"127.0.0.1:{self.nginx_tls}", self.secs,
+                            "bench.test", "/big")
+        return r and r["mb_per_s"]
+
     def conns(self, via, proxy_port, target_port, key="conns_per_s", sni=None):
         args = ["conns", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs, 50]
         if sni:
@@ -269,6 +295,7 @@ class Bench:
         ok, failed = (int(line[1]), int(line[2])) if len(line) == 3 else (0, n)
         if failed:
             print(f"  ({failed} of {n} tunnels refused)", file=sys.stderr)
+        self.refused[pid] = max(self.refused.get(pid, 0), failed)
         return (after - before) * 1024.0 / max(ok, 1), failed
 
     def run(self):
@@ -284,6 +311,7 @@ class Bench:
         fwd_web = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx}", "--name", "fwd-web")
         hap = self.peer_haproxy(self.sink)
         hap_web = self.peer_haproxy(self.nginx)
+        ngx_web = self.peer_nginx_stream(self.nginx)
         socat = self.peer_socat(self.sink)
         if fwd_off and hap:
             self.compare("forward bulk, capture off", "MB/s", lambda: self.bulk("direct", fwd_off, self.sink),
@@ -297,38 +325,60 @@ class Bench:
         if fwd_on and socat and not self.args.quick:
             self.compare("forward bulk, capture on", "MB/s", lambda: self.bulk("direct", fwd_on, self.sink),
                          lambda: self.bulk("direct", socat[0], self.sink), "socat")
+        if fwd_web and ngx_web:
+            self.compare("forward new connections/s", "conn/s", lambda: self.conns("direct", fwd_web, self.nginx),
+                         lambda: self.conns("direct", ngx_web[0], self.nginx), "nginx stream", ">= 1.0")
         if fwd_web and hap_web:
             self.compare("forward new connections/s", "conn/s", lambda: self.conns("direct", fwd_web, self.nginx),
-                         lambda: self.conns("direct", hap_web[0], self.nginx), "haproxy", ">= 1.0 (nginx stream)")
+                         lambda: self.conns("direct", hap_web[0], self.nginx), "haproxy")
             self.compare("forward p99 latency", "ms", lambda: self.conns("direct", fwd_web, self.nginx, "p99_ms"),
                          lambda: self.conns("direct", hap_web[0], self.nginx, "p99_ms"), "haproxy", lower_better=True)
 
         socks = self.capd_add("socks", "--name", "socks")
+        socks_off = self.capd_add("socks", "--name", "socks-off", "--no-capture")
         for peer_name, peer in (("microsocks", self.peer_microsocks()), ("dante", self.peer_dante())):
             if not (socks and peer):
                 continue
             self.compare("socks5 bulk, capture on", "MB/s", lambda: self.bulk("socks5", socks, self.sink),
-                         lambda: self.bulk("socks5", peer[0], self.sink), peer_name, ">= 1.2 (dante)")
+                         lambda: self.bulk("socks5", peer[0], self.sink), peer_name,
+                         ">= 1.2" if peer_name == "dante" else None)
+            if socks_off and peer_name == "dante" and not self.args.quick:
+                self.compare("socks5 bulk, capture off", "MB/s", lambda: self.bulk("socks5", socks_off, self.sink),
+                             lambda: self.bulk("socks5", peer[0], self.sink), peer_name)
             self.compare("socks5 new connections/s", "conn/s", lambda: self.conns("socks5", socks, self.nginx),
-                         lambda: self.conns("socks5", peer[0], self.nginx), peer_name, ">= 1.5 (microsocks)")
+                         lambda: self.conns("socks5", peer[0], self.nginx), peer_name,
+                         ">= 1.5" if peer_name == "microsocks" else None)
 
         http = self.capd_add("http", "--name", "http", "--connect-ports", "*")
+        http_off = self.capd_add("http", "--name", "http-off", "--connect-ports", "*", "--no-capture")
         tiny = self.peer_tinyproxy()
         if http and tiny:
             self.compare("CONNECT bulk, capture on", "MB/s", lambda: self.bulk("connect", http, self.sink),
                          lambda: self.bulk("connect", tiny[0], self.sink), "tinyproxy", ">= 2.0")
+            if http_off and not self.args.quick:
+                self.compare("CONNECT bulk, capture off", "MB/s", lambda: self.bulk("connect", http_off, self.sink),
+                             lambda: self.bulk("connect", tiny[0], self.sink), "tinyproxy")
             self.compare("CONNECT new connections/s", "conn/s", lambda: self.conns("connect", http, self.nginx),
                          lambda: self.conns("connect", tiny[0], self.nginx), "tinyproxy", ">= 1.5")
 
         if self.tls_ready():
             tls = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx_tls}", "--name", "tls", "--tls",
                                 "--no-tls-verify")
+            tls_off = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx_tls}", "--name", "tls-off", "--tls",
+                                    "--no-tls-verify", "--no-capture")
             split = self.peer_sslsplit()
+            split_pcap = self.peer_sslsplit(pcap=True)
             if tls and split:
                 self.compare("TLS interception handshakes/s", "conn/s",
                              lambda: self.conns("direct", tls, self.nginx_tls, sni="bench.test"),
                              lambda: self.conns("direct", split[0], self.nginx_tls, sni="bench.test"),
                              "sslsplit", ">= 1.5")
+            if tls and split_pcap:
+                self.compare("TLS bulk, capture on", "MB/s", lambda: self.tlsget(tls),
+                             lambda: self.tlsget(split_pcap[0]), "sslsplit -X pcap", ">= 2.0")
+            if tls_off and split and not self.args.quick:
+                self.compare("TLS bulk, capture off", "MB/s", lambda: self.tlsget(tls_off),
+                             lambda: self.tlsget(split[0]), "sslsplit")
 
         if not self.args.quick and fwd_off and hap:
             n = 9000  # the hard RLIMIT_NOFILE here is 20000 and each tunnel costs capd two descriptors
@@ -336,6 +386,11 @@ class Bench:
                          lambda: self.idle_rss(self.capd.pid, "direct", fwd_off, self.sink, n)[0],
                          lambda: self.idle_rss(hap[1].pid, "direct", hap[0], self.sink, n)[0],
                          "haproxy", "<= 3 KB each", lower_better=True)
+            self.rows[-1]["refused"] = {"capd": self.refused.get(self.capd.pid, 0),
+                                        "haproxy": self.refused.get(hap[1].pid, 0)}
+            self.rows[-1]["capd_bytes_max"] = 3072
+            print(f"  refused: capd {self.rows[-1]['refused']['capd']}, haproxy {self.rows[-1]['refused']['haproxy']}",
+                  flush=True)
 
         if self.args.json:
             Path(self.args.json).write_text(json.dumps({

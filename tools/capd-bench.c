@@ -7,6 +7,8 @@
  *   capd-bench conns VIA PROXY TARGET SECONDS CONCURRENCY [SNI]
  *                                              new connection + one GET + close, print conn/s p50 p99 (ms)
  *   capd-bench idle VIA PROXY TARGET COUNT     open COUNT tunnels, print "ready OK FAILED", hold until stdin closes
+ *   capd-bench tlsget VIA PROXY TARGET SECONDS SNI PATH
+ *                                              one TLS connection, GET PATH and read it for SECONDS, print MB/s
  *
  * VIA is direct (PROXY is a forwarder or the server), socks5 or connect. TARGET is IP:PORT.
  */
@@ -256,6 +258,43 @@ cmd_bulk(double seconds)
 	return 0;
 }
 
+/* Bulk through TLS interception: the server sends (a large file), the proxy
+ * decrypts, records and encrypts again; the client only reads. */
+static int
+cmd_tlsget(double seconds, const char *path)
+{
+	static char buf[256 * 1024];
+	char req[512];
+	int fd = tunnel_open(), n;
+	SSL *ssl;
+	uint64_t got = 0;
+	double t0;
+
+	if (fd < 0) {
+		fprintf(stderr, "capd-bench: tunnel failed\n");
+		return 1;
+	}
+	ssl = SSL_new(tls_ctx);
+	SSL_set_fd(ssl, fd);
+	SSL_set_tlsext_host_name(ssl, sni);
+	n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, sni);
+	if (SSL_connect(ssl) != 1 || SSL_write(ssl, req, n) != n) {
+		fprintf(stderr, "capd-bench: TLS handshake or request failed\n");
+		return 1;
+	}
+	t0 = now();
+	while (now() - t0 < seconds) {
+		int r = SSL_read(ssl, buf, sizeof buf);
+		if (r <= 0)
+			break;
+		got += (uint64_t)r;
+	}
+	printf("{\"mb_per_s\": %.1f}\n", (double)got / 1e6 / (now() - t0));
+	SSL_free(ssl);
+	close(fd);
+	return 0;
+}
+
 static int
 cmd_idle(int count)
 {
@@ -349,6 +388,12 @@ main(int argc, char **argv)
 		return cmd_bulk(atof(argv[5]));
 	if (!strcmp(argv[1], "idle"))
 		return cmd_idle(atoi(argv[5]));
+	if (!strcmp(argv[1], "tlsget") && argc >= 8) {
+		sni = argv[6];
+		tls_ctx = SSL_CTX_new(TLS_client_method());
+		SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+		return cmd_tlsget(atof(argv[5]), argv[7]);
+	}
 	if (!strcmp(argv[1], "conns") && argc >= 7) {
 		if (argc >= 8) {
 			sni = argv[7];
