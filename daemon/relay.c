@@ -232,7 +232,8 @@ static void relay_pump_msg(struct session *s, enum dir d);
 static inline bool
 relay_can_splice(struct session *s, enum dir d)
 {
-	return s->flow == NULL && s->client.tls == NULL && s->upstream.tls == NULL && tail_can_skip(s, d);
+	return s->flow == NULL && s->client.tls == NULL && s->upstream.tls == NULL && !s->dir[d].nosplice &&
+	       tail_can_skip(s, d);
 }
 
 /*
@@ -284,6 +285,11 @@ relay_pump_splice(struct session *s, enum dir d)
 			if (!rd->eof && !ev_is_active(&src->rio))
 				ev_io_start(capd_loop, &src->rio);
 			return true;
+		}
+		if (errno == EINVAL || errno == ENOSYS || errno == EPERM) {
+			/* sockets (or a sandbox) splice(2) does not serve: the copying pump does */
+			rd->nosplice = true;
+			break;
 		}
 		relay_fail(s, d, true, errno);
 		return true;

@@ -43,6 +43,7 @@ struct relay_dir {
 	/* splice path only (relay.c): a pipe while spliced bytes wait in it, else NULL */
 	struct relay_pipe *pipe;
 	uint32_t piped;     /* bytes in pipe */
+	bool nosplice;      /* splice(2) refused these sockets: copy */
 };
 
 struct side {
