@@ -487,8 +487,18 @@ guard_main(int rfd, int dirfd)
 			break;
 		}
 	}
-	if (have && m.name[0] != '\0' && (fd = openat(4, m.name, O_WRONLY | O_CLOEXEC)) >= 0) {
-		if (fstat(fd, &sb) == 0 && (uint64_t)sb.st_size > m.from && (uint64_t)sb.st_size != m.to)
+	/*
+	 * The guard may outlive a privilege drop as root while the writer that
+	 * names the file does not: it only ever cuts a capd-*.pcapng that sits
+	 * directly in the spool folder, is a regular file, not a link of
+	 * either kind, so a subverted writer cannot point it anywhere else.
+	 */
+	size_t len = strnlen(m.name, sizeof m.name);
+	if (have && len > 12 && len < sizeof m.name && memchr(m.name, '/', len) == NULL &&
+	    strncmp(m.name, "capd-", 5) == 0 && strcmp(m.name + len - 7, ".pcapng") == 0 &&
+	    (fd = openat(4, m.name, O_WRONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) >= 0) {
+		if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_nlink == 1 &&
+		    (uint64_t)sb.st_size > m.from && (uint64_t)sb.st_size != m.to)
 			(void)!ftruncate(fd, (off_t)m.from);
 		close(fd);
 	}
