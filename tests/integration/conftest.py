@@ -28,6 +28,20 @@ def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def free_port_tcp_udp(host="127.0.0.1"):
+    """A port free for both TCP and UDP now (forward --udp and dns bind both)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        port = free_port(host=host)
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as u:
+                u.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free for both TCP and UDP")
+
+
 def wait_port(port, host="127.0.0.1", timeout=10.0):
     deadline = time.time() + timeout
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -418,6 +418,9 @@ def test_upstream_errors(capd_factory):
     hold.close()
     assert status_of(reply) == 504, reply
     assert time.time() - t0 < 5
+    deadline = time.time() + 3
+    while "504 Gateway Timeout" not in capd.log() and time.time() < deadline:
+        time.sleep(0.05)  # the log line is written after the reply
     assert "504 Gateway Timeout" in capd.log()
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, UdpEcho, free_port, wait_port
+from conftest import CAPCTL, UdpEcho, free_port, free_port_tcp_udp, wait_port
 
 
 def fd_count(pid):
@@ -229,7 +229,7 @@ def test_control_refuses_other_uids(capd):
 def test_udp_association_table_full_evicts_the_quietest(capd):
     """More UDP clients than the 4096-association table: the quietest makes room, new clients are served."""
     e = UdpEcho(prefix=b"")
-    port = free_port(socket.SOCK_DGRAM)
+    port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--udp", "--port", port, "--to", f"127.0.0.1:{e.port}", "--no-capture")
     clients = []
     for i in range(4200):

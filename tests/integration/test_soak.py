@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from conftest import EchoServer, UdpEcho, free_port
+from conftest import EchoServer, UdpEcho, free_port_tcp_udp
 
 SECONDS = float(os.environ.get("CAPD_SOAK_SECONDS", "20" if os.environ.get("ASAN_OPTIONS") else "120"))
 
@@ -29,7 +29,8 @@ def rss_kb(pid):
 
 
 def try_add(capd, *args):
-    port = free_port()
+    """Adds an instance on a free port; None when capd has no such type."""
+    port = free_port_tcp_udp()
     r = capd.ctl("add", *args, "--port", port, check=False)
     return port if r.returncode == 0 else None
 
@@ -46,7 +47,7 @@ def test_soak_mixed_traffic(capd_factory, http_server):
     socks = try_add(capd, "socks")
     http = try_add(capd, "http")
     ufwd = try_add(capd, "forward", "--udp", "--idle-timeout", "3", "--to", f"127.0.0.1:{udp_echo.port}")
-    assert fwd and web
+    assert fwd and web and socks and http and ufwd
     pid = capd.proc.pid
     stop = time.time() + SECONDS
     errors = []
