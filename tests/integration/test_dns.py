@@ -19,7 +19,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import CAPD, free_port, tshark, check_pcap_clean
+from conftest import CAPD, check_pcap_clean, free_port, free_port_tcp_udp, tshark
 
 
 class Upstream:
@@ -105,18 +105,7 @@ class Upstream:
         self.tcp.close()
 
 
-def free_dns_port():
-    """A port free for both TCP and UDP on 127.0.0.1 (free_port checks TCP only)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            t.bind(("127.0.0.1", 0))
-            try:
-                u.bind(("127.0.0.1", t.getsockname()[1]))
-            except OSError:
-                continue
-            return t.getsockname()[1]
-    raise RuntimeError("no port free for TCP and UDP")
+free_dns_port = free_port_tcp_udp  # dns binds TCP and UDP on one port
 
 
 def recv_exact(s, n):

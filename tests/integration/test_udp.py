@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import UdpEcho, free_port, tshark
+from conftest import UdpEcho, free_port, free_port_tcp_udp, tshark
 
 
 @pytest.fixture
@@ -19,18 +19,6 @@ def udp_echo():
     e.close()
 
 
-def free_udp_tcp_port(host="127.0.0.1"):
-    """A port free for both TCP and UDP (forward binds both)."""
-    for _ in range(50):
-        p = free_port(host=host)
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind((host, p))
-                return p
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
 
 
 def udp_client(host="127.0.0.1"):
@@ -42,7 +30,7 @@ def udp_client(host="127.0.0.1"):
 
 
 def test_forward_udp_both_ways(capd, udp_echo):
-    port = free_udp_tcp_port()
+    port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
     inst = capd.ctl("list", json_out=True)[0]
     assert inst["udp"] is True
@@ -84,7 +72,7 @@ def test_forward_udp_both_ways(capd, udp_echo):
 
 
 def test_forward_udp_idle_timeout(capd, udp_echo):
-    port = free_udp_tcp_port()
+    port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{udp_echo.port}", "--udp",
              "--idle-timeout", "1")
     u = udp_client()
@@ -102,7 +90,7 @@ def test_forward_udp_idle_timeout(capd, udp_echo):
 def test_forward_udp_ipv6_and_kill(capd):
     e6 = UdpEcho("::1")
     try:
-        port = free_udp_tcp_port("::1")
+        port = free_port_tcp_udp("::1")
         capd.ctl("add", "forward", "--port", port, "--bind", "::1", "--to", f"[::1]:{e6.port}", "--udp")
         u = udp_client("::1")
         u.sendto(b"six", ("::1", port))
@@ -123,7 +111,7 @@ def test_forward_udp_ipv6_and_kill(capd):
 
 
 def test_forward_udp_port_in_use_fails(capd):
-    port = free_udp_tcp_port()
+    port = free_port_tcp_udp()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", port))
         r = capd.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--udp", check=False)
@@ -134,7 +122,7 @@ def test_forward_udp_port_in_use_fails(capd):
 
 def test_forward_udp_many_clients(capd, udp_echo):
     """Each client address is its own association (hashed lookup), replies go to the right one."""
-    port = free_udp_tcp_port()
+    port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
     clients = [udp_client() for _ in range(40)]
     for rnd in range(2):
