@@ -264,7 +264,8 @@ relay_pump_splice(struct session *s, enum dir d)
 
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->piped > 0) {
-			ssize_t w = splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			ssize_t w = splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped,
+			                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 			if (w < 0) {
 				if (errno == EAGAIN || errno == EINTR)
 					goto dst_full;
@@ -281,7 +282,8 @@ relay_pump_splice(struct session *s, enum dir d)
 			break;
 		if (rd->pipe == NULL && (rd->pipe = relay_pipe_get()) == NULL)
 			return false;
-		ssize_t r = splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		ssize_t r = splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE,
+		                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (r > 0) {
 			rd->piped = (uint32_t)r;
 			session_bytes(s, d, (size_t)r);
