@@ -63,6 +63,7 @@ class Bench:
         self.secs = 1.5 if args.quick else 3.0
         self.client = str(self.build / "capd-bench")
         self.refused = {}  # idle tunnels refused, per proxy pid (worst round)
+        self.stalls = []   # client runs that never finished
 
     # ---- processes ----
     def spawn(self, name, argv, **kw):
@@ -83,7 +84,13 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def run_client(self, *argv, timeout=60):
-        r = subprocess.run([self.client, *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run([self.client, *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # a stalled transfer is a result too: counted, and the row goes on with the other rounds
+            self.stalls.append(" ".join(map(str, argv)))
+            print(f"  (capd-bench {argv[0]} {argv[1]} {argv[2]} stalled: no result after {timeout} s)", flush=True)
+            return None
         if r.returncode != 0:
             return None
         try:
@@ -443,7 +450,8 @@ class Bench:
             Path(self.args.json).write_text(json.dumps({
                 "machine": f"{platform.node()} {os.cpu_count()} cores {platform.platform()}",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "rounds": self.rounds, "seconds": self.secs, "rows": self.rows}, indent=2) + "\n")
+                "rounds": self.rounds, "seconds": self.secs, "rows": self.rows, "stalls": self.stalls},
+                indent=2) + "\n")
 
 
 def main():
