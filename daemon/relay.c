@@ -403,8 +403,10 @@ relay_pump(struct session *s, enum dir d)
 	}
 	/* round budget spent with data still flowing: come back on the next pass.
 	 * The last full read may still be in the buffer, unsent, with a source
-	 * that has gone quiet: only a fed event brings us back to write it. */
-	if (rd->len > rd->off || relay_more(src))
+	 * that has gone quiet, or the last round read the FIN (and stopped the
+	 * source's watcher) without passing it on: only a fed event brings us
+	 * back to write the one or shut the other. */
+	if (rd->len > rd->off || relay_more(src) || (rd->eof && !rd->shut))
 		ev_feed_event(capd_loop, &src->rio, EV_READ);
 src_wait:
 	if (!rd->eof && !ev_is_active(&src->rio))

@@ -294,3 +294,33 @@ def test_ten_thousand_sessions_held_then_closed(capd):
     assert wait_for(lambda: fd_count(pid) <= base, timeout=30), (fd_count(pid), base)
     if not os.environ.get("ASAN_OPTIONS"):
         assert rss_held < 128 * 1024, rss_held
+
+
+def test_back_to_back_bulk_half_close_never_stalls(capd):
+    """Regression (bench stall): a FIN read in the last round of a wake-up's budget
+    must still be passed on, or the session hangs with the client in CLOSE-WAIT."""
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(64)
+
+    def serve():
+        while True:
+            try:
+                c, _ = sink.accept()
+            except OSError:
+                return
+            while c.recv(1 << 20):
+                pass
+            c.close()  # after the client's FIN: the client's read then ends
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{sink.getsockname()[1]}")
+    chunk = os.urandom(1 << 20)
+    for i in range(16):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            for _ in range(8):
+                s.sendall(chunk)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(10) == b"", f"transfer {i}"
+    sink.close()
