@@ -6,11 +6,17 @@
  *   capd-bench bulk VIA PROXY TARGET SECONDS   one tunnel, send for SECONDS, print MB/s
  *   capd-bench conns VIA PROXY TARGET SECONDS CONCURRENCY [SNI]
  *                                              new connection + one GET + close, print conn/s p50 p99 (ms)
+ *   capd-bench reqs VIA PROXY TARGET SECONDS CONCURRENCY KEEPALIVE
+ *                                              HTTP/1.1 GETs of / on CONCURRENCY connections, on each either
+ *                                              one request per connection (KEEPALIVE 0) or as many as the
+ *                                              server allows (1); print req/s p50 p99 (ms), failures, connections
  *   capd-bench idle VIA PROXY TARGET COUNT     open COUNT tunnels, print "ready OK FAILED", hold until stdin closes
  *   capd-bench tlsget VIA PROXY TARGET SECONDS SNI PATH
  *                                              one TLS connection, GET PATH and read it for SECONDS, print MB/s
  *
- * VIA is direct (PROXY is a forwarder or the server), socks5 or connect. TARGET is IP:PORT.
+ * VIA is direct (PROXY is a forwarder, a reverse proxy or the server), socks5, connect, or
+ * http (reqs only: PROXY is an HTTP proxy, asked for http://TARGET/ in absolute form).
+ * TARGET is IP:PORT.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -21,17 +27,20 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
-enum via { VIA_DIRECT, VIA_SOCKS5, VIA_CONNECT };
+enum via { VIA_DIRECT, VIA_SOCKS5, VIA_CONNECT, VIA_HTTP };
 
 static enum via via;
 static struct sockaddr_in proxy, target;
@@ -151,12 +160,24 @@ struct worker {
 	size_t nlat, cap;
 };
 
+/* Keeps the first 12 bytes of a response ("HTTP/1.x NNN"). */
+static size_t
+status_add(char *head, size_t have, const char *p, size_t n)
+{
+	size_t take = have + n > 12 ? 12 - have : n;
+
+	memcpy(head + have, p, take);
+	return have + take;
+}
+
+/* New connection, one GET, read to the close; 0 when the answer was a 200. */
 static int
 one_request(void)
 {
 	static const char get[] = "GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
-	char buf[16384];
-	int fd = tunnel_open(), ok = 0;
+	char buf[16384], head[12];
+	size_t have = 0;
+	int fd = tunnel_open();
 
 	if (fd < 0)
 		return -1;
@@ -167,16 +188,16 @@ one_request(void)
 		if (SSL_connect(ssl) == 1 && SSL_write(ssl, get, sizeof get - 1) > 0) {
 			int r;
 			while ((r = SSL_read(ssl, buf, sizeof buf)) > 0)
-				ok = 1;
+				have = status_add(head, have, buf, (size_t)r);
 		}
 		SSL_free(ssl);
 	} else if (write_full(fd, get, sizeof get - 1) == 0) {
 		ssize_t r;
 		while ((r = read(fd, buf, sizeof buf)) > 0)
-			ok = 1;
+			have = status_add(head, have, buf, (size_t)r);
 	}
 	close(fd);
-	return ok ? 0 : -1;
+	return have == 12 && !memcmp(head + 8, " 200", 4) ? 0 : -1;
 }
 
 static void *
@@ -221,8 +242,205 @@ cmd_conns(double seconds, int conc)
 		free(ws[i].lat);
 	}
 	qsort(all, n, sizeof *all, cmp_double);
+	if (atomic_load(&total_fail) > 0)
+		fprintf(stderr, "capd-bench: %ld of %zu connections failed (no connection, or no 200)\n",
+		        atomic_load(&total_fail), n + (size_t)atomic_load(&total_fail));
 	printf("{\"conns_per_s\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"failed\": %ld}\n", (double)n / elapsed,
 	       n ? all[n / 2] : 0.0, n ? all[(size_t)((double)n * 0.99)] : 0.0, atomic_load(&total_fail));
+	free(all);
+	free(ws);
+	return 0;
+}
+
+/* ---- reqs: HTTP requests per second, persistent connections or not ---- */
+
+enum fail { FAIL_NONE, FAIL_CONNECT, FAIL_STATUS, FAIL_CLOSED, FAIL_TIMEOUT, FAIL_FRAMING, FAIL_N };
+static const char *const fail_names[FAIL_N] = { "", "connect", "status", "closed", "timeout", "framing" };
+static atomic_long fails[FAIL_N], total_opened, total_retried;
+static atomic_int bad_status;  /* the first status other than 200, for the report */
+static int keepalive;
+static char http_req[512];
+static size_t http_req_len;
+
+/* Reads one response to a GET: the head, then exactly Content-Length bytes
+ * (or up to EOF when there is none). *keep says whether fd may carry the next
+ * request; *nread counts what arrived, so a closed kept connection (nothing
+ * read) can be told from a response cut short. */
+static enum fail
+http_response(int fd, bool *keep, size_t *nread)
+{
+	char buf[16384], *end = NULL, *line;
+	size_t got = 0, body;
+	long clen = -1;
+	int minor = 0, status = 0;
+	bool close = false, ka = false, chunked = false;
+
+	*keep = false;
+	*nread = 0;
+	while (end == NULL) {
+		if (got == sizeof buf - 1)
+			return FAIL_FRAMING;
+		ssize_t r = read(fd, buf + got, sizeof buf - 1 - got);
+		if (r <= 0)
+			return r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? FAIL_TIMEOUT : FAIL_CLOSED;
+		got += (size_t)r;
+		*nread = got;
+		buf[got] = '\0';
+		end = memmem(buf, got, "\r\n\r\n", 4);
+	}
+	if (sscanf(buf, "HTTP/1.%d %d", &minor, &status) != 2)
+		return FAIL_FRAMING;
+	if (status != 200) {
+		int none = 0;
+		atomic_compare_exchange_strong(&bad_status, &none, status);
+		return FAIL_STATUS;
+	}
+	*end = '\0';
+	for (line = strstr(buf, "\r\n"); line != NULL; line = strstr(line, "\r\n")) {
+		line += 2;
+		if (!strncasecmp(line, "Content-Length:", 15))
+			clen = atol(line + 15);
+		else if (!strncasecmp(line, "Transfer-Encoding:", 18))
+			chunked = true;
+		else if (!strncasecmp(line, "Connection:", 11)) {
+			char *eol = strstr(line, "\r\n"), save = 0;
+			if (eol)
+				save = *eol, *eol = '\0';
+			close = strcasestr(line, "close") != NULL;
+			ka = strcasestr(line, "keep-alive") != NULL;
+			if (eol)
+				*eol = save;
+		}
+	}
+	if (chunked)
+		return FAIL_FRAMING;  /* the bench's backend sends Content-Length; chunked means something rewrote it */
+	body = got - (size_t)(end + 4 - buf);
+	if (clen < 0) {
+		ssize_t r;
+		while ((r = read(fd, buf, sizeof buf)) > 0)
+			;
+		return r < 0 ? FAIL_TIMEOUT : FAIL_NONE;
+	}
+	if (body > (size_t)clen)
+		return FAIL_FRAMING;  /* more than one response to one request */
+	for (size_t left = (size_t)clen - body; left > 0;) {
+		ssize_t r = read(fd, buf, left < sizeof buf ? left : sizeof buf);
+		if (r <= 0)
+			return r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? FAIL_TIMEOUT : FAIL_CLOSED;
+		left -= (size_t)r;
+	}
+	*keep = keepalive && !close && (minor == 1 || ka);
+	return FAIL_NONE;
+}
+
+/* One request on *fd, opening a connection when there is none; *fd stays open
+ * when the server keeps it. A kept connection found closed before the request
+ * is replaced, and one closed before answering is reopened once, as browsers do. */
+static enum fail
+reqs_one(int *fd, unsigned *served)
+{
+	struct timeval tv = { .tv_sec = 10 };  /* a stalled request fails instead of ending the run */
+
+	for (int attempt = 0;; attempt++) {
+		enum fail f;
+		size_t nread = 0;
+		bool keep = false;
+
+		char c;
+		if (*fd >= 0 && recv(*fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0) {
+			close(*fd);  /* closed while idle, without saying so (tinyproxy): what curl checks too */
+			*fd = -1;
+		}
+		if (*fd < 0) {
+			if ((*fd = tunnel_open()) < 0)
+				return FAIL_CONNECT;
+			setsockopt(*fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+			atomic_fetch_add(&total_opened, 1);
+			*served = 0;
+		}
+		f = write_full(*fd, http_req, http_req_len) < 0 ? FAIL_CLOSED : http_response(*fd, &keep, &nread);
+		if (f == FAIL_NONE && keep) {
+			(*served)++;
+			return f;
+		}
+		close(*fd);
+		*fd = -1;
+		if (f == FAIL_CLOSED && nread == 0 && *served > 0 && attempt == 0) {
+			atomic_fetch_add(&total_retried, 1);
+			continue;
+		}
+		return f;
+	}
+}
+
+static void *
+reqs_worker(void *arg)
+{
+	struct worker *w = arg;
+	unsigned served = 0;
+	int fd = -1;
+
+	while (now() < stop_at) {
+		double t = now();
+		enum fail f = reqs_one(&fd, &served);
+		if (f != FAIL_NONE) {
+			atomic_fetch_add(&fails[f], 1);
+			atomic_fetch_add(&total_fail, 1);
+			continue;
+		}
+		if (w->nlat == w->cap) {
+			w->cap = w->cap ? w->cap * 2 : 4096;
+			w->lat = realloc(w->lat, w->cap * sizeof *w->lat);
+		}
+		w->lat[w->nlat++] = (now() - t) * 1000.0;
+	}
+	if (fd >= 0)
+		close(fd);
+	return NULL;
+}
+
+static int
+cmd_reqs(double seconds, int conc)
+{
+	struct worker *ws = calloc((size_t)conc, sizeof *ws);
+	double t0 = now();
+	size_t n = 0, k = 0;
+	char ip[32], authority[48];
+
+	inet_ntop(AF_INET, &target.sin_addr, ip, sizeof ip);
+	snprintf(authority, sizeof authority, "%s:%u", ip, ntohs(target.sin_port));
+	/* absolute form to an HTTP proxy, origin form to anything else */
+	http_req_len = (size_t)snprintf(http_req, sizeof http_req, "GET %s%s/ HTTP/1.1\r\nHost: %s\r\n%s\r\n",
+	                                via == VIA_HTTP ? "http://" : "", via == VIA_HTTP ? authority : "", authority,
+	                                keepalive ? "" : "Connection: close\r\n");
+	stop_at = t0 + seconds;
+	for (int i = 0; i < conc; i++)
+		pthread_create(&ws[i].th, NULL, reqs_worker, &ws[i]);
+	for (int i = 0; i < conc; i++) {
+		pthread_join(ws[i].th, NULL);
+		n += ws[i].nlat;
+	}
+	double elapsed = now() - t0, *all = malloc((n ? n : 1) * sizeof *all);
+	for (int i = 0; i < conc; i++) {
+		memcpy(all + k, ws[i].lat, ws[i].nlat * sizeof *all);
+		k += ws[i].nlat;
+		free(ws[i].lat);
+	}
+	qsort(all, n, sizeof *all, cmp_double);
+	if (atomic_load(&total_fail) > 0) {
+		fprintf(stderr, "capd-bench: %ld of %zu requests failed:", atomic_load(&total_fail),
+		        n + (size_t)atomic_load(&total_fail));
+		for (int f = 1; f < FAIL_N; f++)
+			if (atomic_load(&fails[f]) > 0)
+				fprintf(stderr, " %s %ld", fail_names[f], atomic_load(&fails[f]));
+		if (atomic_load(&bad_status))
+			fprintf(stderr, " (first status %d)", atomic_load(&bad_status));
+		fprintf(stderr, "\n");
+	}
+	printf("{\"reqs_per_s\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"reqs\": %zu, \"failed\": %ld, "
+	       "\"conns\": %ld, \"retried\": %ld}\n",
+	       (double)n / elapsed, n ? all[n / 2] : 0.0, n ? all[(size_t)((double)n * 0.99)] : 0.0, n,
+	       atomic_load(&total_fail), atomic_load(&total_opened), atomic_load(&total_retried));
 	free(all);
 	free(ws);
 	return 0;
@@ -361,7 +579,9 @@ parse_via(const char *s)
 		return VIA_SOCKS5;
 	if (!strcmp(s, "connect"))
 		return VIA_CONNECT;
-	fprintf(stderr, "capd-bench: VIA is direct, socks5 or connect\n");
+	if (!strcmp(s, "http"))
+		return VIA_HTTP;
+	fprintf(stderr, "capd-bench: VIA is direct, socks5, connect or http\n");
 	exit(2);
 }
 
@@ -402,6 +622,10 @@ main(int argc, char **argv)
 			SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);  /* full handshakes */
 		}
 		return cmd_conns(atof(argv[5]), atoi(argv[6]));
+	}
+	if (!strcmp(argv[1], "reqs") && argc >= 8) {
+		keepalive = atoi(argv[7]);
+		return cmd_reqs(atof(argv[5]), atoi(argv[6]));
 	}
 	fprintf(stderr, "usage: see the comment at the top of tools/capd-bench.c\n");
 	return 2;
