@@ -83,7 +83,7 @@ class Bench:
                 p.kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def run_client(self, *argv, timeout=60):
+    def run_client(self, *argv, timeout=60, who=None):
         try:
             r = subprocess.run([self.client, *map(str, argv)], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -91,6 +91,8 @@ class Bench:
             self.stalls.append(" ".join(map(str, argv)))
             print(f"  (capd-bench {argv[0]} {argv[1]} {argv[2]} stalled: no result after {timeout} s)", flush=True)
             return None
+        for line in r.stderr.strip().splitlines():
+            print(f"  ({who or argv[0]}: {line})", flush=True)
         if r.returncode != 0:
             return None
         try:
@@ -212,6 +214,22 @@ class Bench:
         p = self.spawn("nginx-stream", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
         return (port, p) if wait_port(port) else None
 
+    def peer_nginx_http(self, target_port):
+        """nginx as a reverse proxy (proxy_pass, its defaults: a new upstream connection per request),
+        one worker per core like the stream peer."""
+        if not shutil.which("nginx"):
+            return None
+        port = free_port()
+        d = self.tmp / f"nginx-http-{port}"
+        (d / "logs").mkdir(parents=True)
+        (d / "nginx.conf").write_text(
+            f"daemon off; worker_processes auto; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
+            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n"
+            f"http {{ access_log off; server {{ listen 127.0.0.1:{port}; "
+            f"location / {{ proxy_pass http://127.0.0.1:{target_port}; }} }} }}\n")
+        p = self.spawn("nginx-http", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        return (port, p) if wait_port(port) else None
+
     def peer_socat(self, target_port):
         if not shutil.which("socat"):
             return None
@@ -262,10 +280,6 @@ class Bench:
         return (port, p) if wait_port(port) else None
 
     # ---- measuring ----
-    def median(self, f):
-        vals = [v for v in (f() for _ in range(1)) if v is not None]
-        return vals
-
     def capd_dropped(self):
         """Capture bytes capd's spool has dropped so far (its queue was full), or None."""
         r = subprocess.run([str(self.build / "capctl"), "-s", str(self.capd_sock), "capture", "status", "--json"],
@@ -275,7 +289,8 @@ class Bench:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False):
+    def alternate(self, capd_fn, peer_fn):
+        """self.rounds runs of capd then the peer: their results (None dropped) and the capture capd dropped."""
         cv, pv = [], []
         dropped = 0
         for _ in range(self.rounds):
@@ -289,6 +304,13 @@ class Bench:
             v = peer_fn()
             if v is not None:
                 pv.append(v)
+        return cv, pv, dropped
+
+    def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False):
+        cv, pv, dropped = self.alternate(capd_fn, peer_fn)
+        return self.add_row(name, metric, cv, pv, peer_name, target, lower_better, dropped)
+
+    def add_row(self, name, metric, cv, pv, peer_name, target=None, lower_better=False, dropped=0):
         c = statistics.median(cv) if cv else None
         p = statistics.median(pv) if pv else None
         ratio = None
@@ -304,6 +326,22 @@ class Bench:
             # the spool never stalls the relay: past its queue, capture is dropped (and counted)
             print(f"  (capd's spool dropped {dropped / 1e6:.0f} MB of capture in these runs: the writer fell behind)",
                   flush=True)
+        return row
+
+    def compare_reqs(self, name, lat_name, capd_fn, peer_fn, peer_name):
+        """HTTP requests/s and p99 latency from the same runs (`capd-bench reqs`), with the failed
+        requests and the connections each side needed (keep-alive honoured or not) in the JSON."""
+        cv, pv, dropped = self.alternate(capd_fn, peer_fn)
+        total = lambda rs, k: sum(r[k] for r in rs)
+        failed = {"capd": total(cv, "failed"), peer_name: total(pv, "failed")}
+        per_conn = {who: round(total(rs, "reqs") / max(total(rs, "conns"), 1), 1)
+                    for who, rs in (("capd", cv), (peer_name, pv)) if rs}
+        for row_name, metric, key, lower in ((name, "req/s", "reqs_per_s", False), (lat_name, "ms", "p99_ms", True)):
+            row = self.add_row(row_name, metric, [r[key] for r in cv], [r[key] for r in pv], peer_name, None, lower,
+                               dropped if not lower else 0)
+            row["failed"], row["requests_per_connection"] = failed, per_conn
+        print(f"  failed requests: capd {failed['capd']}, {peer_name} {failed[peer_name]}; requests per connection: "
+              + ", ".join(f"{k} {v}" for k, v in per_conn.items()), flush=True)
 
     def bulk(self, via, proxy_port, target_port):
         r = self.run_client("bulk", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs)
@@ -320,6 +358,10 @@ class Bench:
             args.append(sni)
         r = self.run_client(*args)
         return r and r[key]
+
+    def reqs(self, via, proxy_port, target_port, keepalive, who):
+        return self.run_client("reqs", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs, 50,
+                               int(keepalive), who=who)
 
     def idle_fresh(self, kind, n):
         """RSS per idle tunnel through a proxy started for it alone: one that has already run the
@@ -417,6 +459,20 @@ class Bench:
                              lambda: self.bulk("connect", tiny[0], self.sink), "tinyproxy")
             self.compare("CONNECT new connections/s", "conn/s", lambda: self.conns("connect", http, self.nginx),
                          lambda: self.conns("connect", tiny[0], self.nginx), "tinyproxy", ">= 1.5")
+            # plain-HTTP GETs in absolute form, 50 clients: keep-alive as a browser pointed at the
+            # proxy uses it, and a new connection per request
+            for label, ka in (("keep-alive", True), ("conn per GET", False)):
+                self.compare_reqs(f"HTTP proxy GET/s, {label}", f"HTTP proxy GET p99, {label}",
+                                  lambda: self.reqs("http", http, self.nginx, ka, "capd"),
+                                  lambda: self.reqs("http", tiny[0], self.nginx, ka, "tinyproxy"), "tinyproxy")
+
+        rev = self.capd_add("reverse", "--name", "reverse", "--default", f"127.0.0.1:{self.nginx}")
+        ngx_rev = self.peer_nginx_http(self.nginx)
+        if rev and ngx_rev:
+            self.compare_reqs("reverse proxy GET/s, keep-alive", "reverse proxy GET p99, keep-alive",
+                              lambda: self.reqs("direct", rev, self.nginx, True, "capd"),
+                              lambda: self.reqs("direct", ngx_rev[0], self.nginx, True, "nginx proxy_pass"),
+                              "nginx proxy_pass")
 
         if self.tls_ready():
             tls = self.capd_add("forward", "--to", f"127.0.0.1:{self.nginx_tls}", "--name", "tls", "--tls",
