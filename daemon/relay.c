@@ -752,7 +752,7 @@ relay_start(struct session *s)
 	if (s->client_eof)
 		s->dir[DIR_UP].eof = true;
 	/* kick both directions: preloaded bytes are written, then reads start */
-	bool replying = s->dir[DIR_DOWN].len > 0;
+	bool replying = s->dir[DIR_DOWN].len > 0 || s->hs_replied;
 	for (int d = DIR_UP; d <= DIR_DOWN; d++) {
 		struct side *src = relay_src(s, (enum dir)d);
 

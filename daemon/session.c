@@ -294,6 +294,7 @@ session_send(struct session *s, const void *p, size_t n)
 {
 	if (s->state == SESSION_CLOSED)
 		return;
+	s->hs_replied = true;
 	buf_append(&s->hs_out, p, n);
 	if (!ev_is_active(&s->client.wio))
 		session_hs_flush(s);
