@@ -199,36 +199,30 @@ class Bench:
         p = self.spawn("haproxy", ["haproxy", "-db", "-f", str(cfg)])
         return (port, p) if wait_port(port) else None
 
-    def peer_nginx_stream(self, target_port):
-        """nginx's TCP proxy (libnginx-mod-stream), one worker per core like haproxy's threads."""
-        mod = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
-        if not shutil.which("nginx") or not mod.exists():
+    def peer_nginx(self, kind, body, module=None):
+        """nginx as a peer with one worker per core (like haproxy's threads); body is its stream or http block."""
+        if not shutil.which("nginx") or (module and not module.exists()):
             return None
         port = free_port()
-        d = self.tmp / f"nginx-stream-{port}"
+        d = self.tmp / f"nginx-{kind}-{port}"
         (d / "logs").mkdir(parents=True)
         (d / "nginx.conf").write_text(
-            f"load_module {mod};\ndaemon off; worker_processes auto; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
-            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n"
-            f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass 127.0.0.1:{target_port}; }} }}\n")
-        p = self.spawn("nginx-stream", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+            (f"load_module {module};\n" if module else "") +
+            f"daemon off; worker_processes auto; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
+            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n" + body(port) + "\n")
+        p = self.spawn(f"nginx-{kind}", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
         return (port, p) if wait_port(port) else None
 
+    def peer_nginx_stream(self, target_port):
+        """nginx's TCP proxy (libnginx-mod-stream)."""
+        return self.peer_nginx("stream", lambda port: f"stream {{ server {{ listen 127.0.0.1:{port}; "
+                               f"proxy_pass 127.0.0.1:{target_port}; }} }}",
+                               Path("/usr/lib/nginx/modules/ngx_stream_module.so"))
+
     def peer_nginx_http(self, target_port):
-        """nginx as a reverse proxy (proxy_pass, its defaults: a new upstream connection per request),
-        one worker per core like the stream peer."""
-        if not shutil.which("nginx"):
-            return None
-        port = free_port()
-        d = self.tmp / f"nginx-http-{port}"
-        (d / "logs").mkdir(parents=True)
-        (d / "nginx.conf").write_text(
-            f"daemon off; worker_processes auto; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n"
-            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n"
-            f"http {{ access_log off; server {{ listen 127.0.0.1:{port}; "
-            f"location / {{ proxy_pass http://127.0.0.1:{target_port}; }} }} }}\n")
-        p = self.spawn("nginx-http", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
-        return (port, p) if wait_port(port) else None
+        """nginx as a reverse proxy (proxy_pass, its defaults: a new upstream connection per request)."""
+        return self.peer_nginx("http", lambda port: f"http {{ access_log off; server {{ listen 127.0.0.1:{port}; "
+                               f"location / {{ proxy_pass http://127.0.0.1:{target_port}; }} }} }}")
 
     def peer_socat(self, target_port):
         if not shutil.which("socat"):

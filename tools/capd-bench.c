@@ -221,34 +221,46 @@ conns_worker(void *arg)
 	return NULL;
 }
 
-static int
-cmd_conns(double seconds, int conc)
+/* Runs conc threads of fn for seconds; returns every latency, sorted (caller frees), in *n, and the time taken. */
+static double *
+run_workers(void *(*fn)(void *), double seconds, int conc, size_t *n, double *elapsed)
 {
 	struct worker *ws = calloc((size_t)conc, sizeof *ws);
-	double t0 = now();
-	size_t n = 0, k = 0;
+	double t0 = now(), *all;
+	size_t k = 0;
 
+	*n = 0;
 	stop_at = t0 + seconds;
 	for (int i = 0; i < conc; i++)
-		pthread_create(&ws[i].th, NULL, conns_worker, &ws[i]);
+		pthread_create(&ws[i].th, NULL, fn, &ws[i]);
 	for (int i = 0; i < conc; i++) {
 		pthread_join(ws[i].th, NULL);
-		n += ws[i].nlat;
+		*n += ws[i].nlat;
 	}
-	double elapsed = now() - t0, *all = malloc((n ? n : 1) * sizeof *all);
+	*elapsed = now() - t0;
+	all = malloc((*n ? *n : 1) * sizeof *all);
 	for (int i = 0; i < conc; i++) {
 		memcpy(all + k, ws[i].lat, ws[i].nlat * sizeof *all);
 		k += ws[i].nlat;
 		free(ws[i].lat);
 	}
-	qsort(all, n, sizeof *all, cmp_double);
+	free(ws);
+	qsort(all, *n, sizeof *all, cmp_double);
+	return all;
+}
+
+static int
+cmd_conns(double seconds, int conc)
+{
+	size_t n;
+	double elapsed, *all = run_workers(conns_worker, seconds, conc, &n, &elapsed);
+
 	if (atomic_load(&total_fail) > 0)
 		fprintf(stderr, "capd-bench: %ld of %zu connections failed (no connection, or no 200)\n",
 		        atomic_load(&total_fail), n + (size_t)atomic_load(&total_fail));
 	printf("{\"conns_per_s\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"failed\": %ld}\n", (double)n / elapsed,
 	       n ? all[n / 2] : 0.0, n ? all[(size_t)((double)n * 0.99)] : 0.0, atomic_load(&total_fail));
 	free(all);
-	free(ws);
 	return 0;
 }
 
@@ -402,9 +414,8 @@ reqs_worker(void *arg)
 static int
 cmd_reqs(double seconds, int conc)
 {
-	struct worker *ws = calloc((size_t)conc, sizeof *ws);
-	double t0 = now();
-	size_t n = 0, k = 0;
+	size_t n;
+	double elapsed, *all;
 	char ip[32], authority[48];
 
 	inet_ntop(AF_INET, &target.sin_addr, ip, sizeof ip);
@@ -413,20 +424,7 @@ cmd_reqs(double seconds, int conc)
 	http_req_len = (size_t)snprintf(http_req, sizeof http_req, "GET %s%s/ HTTP/1.1\r\nHost: %s\r\n%s\r\n",
 	                                via == VIA_HTTP ? "http://" : "", via == VIA_HTTP ? authority : "", authority,
 	                                keepalive ? "" : "Connection: close\r\n");
-	stop_at = t0 + seconds;
-	for (int i = 0; i < conc; i++)
-		pthread_create(&ws[i].th, NULL, reqs_worker, &ws[i]);
-	for (int i = 0; i < conc; i++) {
-		pthread_join(ws[i].th, NULL);
-		n += ws[i].nlat;
-	}
-	double elapsed = now() - t0, *all = malloc((n ? n : 1) * sizeof *all);
-	for (int i = 0; i < conc; i++) {
-		memcpy(all + k, ws[i].lat, ws[i].nlat * sizeof *all);
-		k += ws[i].nlat;
-		free(ws[i].lat);
-	}
-	qsort(all, n, sizeof *all, cmp_double);
+	all = run_workers(reqs_worker, seconds, conc, &n, &elapsed);
 	if (atomic_load(&total_fail) > 0) {
 		fprintf(stderr, "capd-bench: %ld of %zu requests failed:", atomic_load(&total_fail),
 		        n + (size_t)atomic_load(&total_fail));
@@ -442,7 +440,6 @@ cmd_reqs(double seconds, int conc)
 	       (double)n / elapsed, n ? all[n / 2] : 0.0, n ? all[(size_t)((double)n * 0.99)] : 0.0, n,
 	       atomic_load(&total_fail), atomic_load(&total_opened), atomic_load(&total_retried));
 	free(all);
-	free(ws);
 	return 0;
 }
 
