@@ -81,6 +81,21 @@ def test_install_tree_holds_every_file(installed):
     assert not re.search(r"@[A-Z_]+@", svc), "unconfigured placeholder in capd.service"
 
 
+def test_reinstall_keeps_an_edited_config(installed):
+    """`meson install` over an existing config keeps the user's file and puts
+    the shipped one beside it as capd.conf.dist."""
+    dest, prefix, sysconfdir = installed
+    conf = under(dest, os.path.join(sysconfdir, "capd", "capd.conf"))
+    shipped = conf.read_text()
+    conf.write_text(shipped + "\n; edited by the analyst\n")
+    try:
+        run("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
+        assert conf.read_text().endswith("; edited by the analyst\n")
+        assert under(dest, os.path.join(sysconfdir, "capd", "capd.conf.dist")).read_text() == shipped
+    finally:
+        conf.write_text(shipped)
+
+
 def test_installed_capd_checks_installed_config(installed):
     """Issue 10: the installed capd accepts the installed default config (capd -t)."""
     dest, prefix, sysconfdir = installed
