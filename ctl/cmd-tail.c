@@ -233,6 +233,25 @@ tail_on_data(struct tail_out *t, json_t *p)
 	free(data);
 }
 
+/* Hands each notification to cb until it says the stream ended; closes c. */
+static int
+tail_follow(struct client *c, void (*cb)(json_t *m, void *arg), struct tail_out *t)
+{
+	while (!t->ended) {
+		json_t *m = client_next(c);
+		if (m == NULL) {
+			fprintf(stderr, "capctl: capd closed the connection\n");
+			client_close(c);
+			return CTL_FAIL;
+		}
+		if (json_object_get(m, "id") == NULL)
+			cb(m, t);
+		json_decref(m);
+	}
+	client_close(c);
+	return t->rc;
+}
+
 static void
 tail_on_note(json_t *m, void *arg)
 {
@@ -339,19 +358,7 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 		tail_check_stdout(&t);
 	}
 	json_decref(r);
-	while (!t.ended) {
-		json_t *m = client_next(c);
-		if (m == NULL) {
-			fprintf(stderr, "capctl: capd closed the connection\n");
-			client_close(c);
-			return CTL_FAIL;
-		}
-		if (json_object_get(m, "id") == NULL)
-			tail_on_note(m, &t);
-		json_decref(m);
-	}
-	client_close(c);
-	return t.rc;
+	return tail_follow(c, tail_on_note, &t);
 }
 
 /* One human line per event: time, event, then what it is about. */
@@ -442,19 +449,7 @@ tail_events(struct ctl_opts *o, int argc, char **argv)
 		client_close(c);
 		return rc;
 	}
-	while (!t.ended) {
-		json_t *m = client_next(c);
-		if (m == NULL) {
-			fprintf(stderr, "capctl: capd closed the connection\n");
-			client_close(c);
-			return CTL_FAIL;
-		}
-		if (json_object_get(m, "id") == NULL)
-			tail_on_event(m, &t);
-		json_decref(m);
-	}
-	client_close(c);
-	return t.rc;
+	return tail_follow(c, tail_on_event, &t);
 }
 
 static int

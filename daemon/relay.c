@@ -662,32 +662,19 @@ relay_held(struct session *s, enum dir d, const uint8_t **p)
 	return rd->fill - rd->len;
 }
 
+/* Every relay watcher: a readable source or a writable destination pumps its direction. */
 static void
-relay_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+relay_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct session *s = w->data;
-	struct side *sd = w == &s->client.rio ? &s->client : &s->upstream;
-	enum dir d = sd == &s->client ? DIR_UP : DIR_DOWN;
+	struct side *sd = w == &s->client.rio || w == &s->client.wio ? &s->client : &s->upstream;
+	bool reading = w == &sd->rio;
+	/* the client's read side carries the up direction, its write side the down one */
+	enum dir d = (sd == &s->client) == reading ? DIR_UP : DIR_DOWN;
 
 	(void)loop; (void)revents;
 	relay_pump(s, d);
-	/* a TLS write may have waited for this side to be readable */
-	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))
-		relay_pump(s, (enum dir)!d);
-}
-
-static void
-relay_write_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-	struct session *s = w->data;
-
-	struct side *sd = w == &s->client.wio ? &s->client : &s->upstream;
-	/* the client's write side carries the down direction */
-	enum dir d = sd == &s->client ? DIR_DOWN : DIR_UP;
-
-	(void)loop; (void)revents;
-	relay_pump(s, d);
-	/* a TLS read may have waited for this side to be writable */
+	/* a TLS read may have waited for this side to be writable, or a write for it to be readable */
 	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))
 		relay_pump(s, (enum dir)!d);
 }
@@ -733,10 +720,10 @@ relay_start(struct session *s)
 	ev_io_stop(capd_loop, &s->client.wio);
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
-	relay_watch(&s->client.rio, relay_read_cb, s->client.fd, EV_READ);
-	relay_watch(&s->client.wio, relay_write_cb, s->client.fd, EV_WRITE);
-	relay_watch(&s->upstream.rio, relay_read_cb, s->upstream.fd, EV_READ);
-	relay_watch(&s->upstream.wio, relay_write_cb, s->upstream.fd, EV_WRITE);
+	relay_watch(&s->client.rio, relay_io_cb, s->client.fd, EV_READ);
+	relay_watch(&s->client.wio, relay_io_cb, s->client.fd, EV_WRITE);
+	relay_watch(&s->upstream.rio, relay_io_cb, s->upstream.fd, EV_READ);
+	relay_watch(&s->upstream.wio, relay_io_cb, s->upstream.fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s->upstream.rio.data = s->upstream.wio.data = s;
 
 	session_opened(s);
