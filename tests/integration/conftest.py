@@ -56,6 +56,19 @@ def wait_port(port, host="127.0.0.1", timeout=10.0):
     raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
+def exchange(port, payload, timeout=10.0, host="127.0.0.1"):
+    """Sends payload, half-closes, and returns everything read until the other side closes."""
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return got
+            got += d
+
+
 class Capd:
     """One capd process. `conf` is the text after the [capd] section."""
 

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from conftest import EchoServer, UdpEcho, free_port_tcp_udp
+from conftest import EchoServer, UdpEcho, exchange, free_port_tcp_udp
 
 SECONDS = float(os.environ.get("CAPD_SOAK_SECONDS", "20" if os.environ.get("ASAN_OPTIONS") else "120"))
 
@@ -67,15 +67,7 @@ def test_soak_mixed_traffic(capd_factory, http_server):
 
     def echo_short():
         payload = os.urandom(random.randint(1, 20000))
-        with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            got = b""
-            while True:
-                d = s.recv(65536)
-                if not d:
-                    break
-                got += d
+        got = exchange(fwd, payload, timeout=10)
         assert got == payload
 
     def abrupt():

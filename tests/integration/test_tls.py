@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, follow_tcp, free_port, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, exchange, follow_tcp, free_port, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -266,15 +266,7 @@ def test_tls_auto_passes_plaintext_unchanged(capd, origin, tmp_path):
     try:
         port = add_forward(capd, echo.port, "--tls-auto", "--no-tls-verify")
         payload = b"EHLO plain text is not TLS\r\n" * 100
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-            c.sendall(payload)
-            c.shutdown(socket.SHUT_WR)
-            got = b""
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    break
-                got += d
+        got = exchange(port, payload, timeout=10)
         assert got == payload
         s = last_closed(capd)[-1]
         assert s["reason"] == "closed"
@@ -623,15 +615,7 @@ def test_passthrough_replays_hello_and_pipelined_bytes(capd):
     try:
         port = add_forward(capd, echo.port, "--tls", "--tls-passthrough", "*.example.test")
         data = _client_hello(NAME) + os.urandom(200000)
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            got = b""
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    break
-                got += d
+        got = exchange(port, data, timeout=20)
         assert got == data
         s = last_closed(capd)[-1]
         assert s["reason"] == "closed (tls passthrough: the host is listed in tls_passthrough)", s
