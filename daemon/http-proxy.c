@@ -529,6 +529,11 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	hc->resp_done = false;
 	hc->up = hc->req_done ? UP_WAIT : UP_BODY;
 	hc->down = DOWN_HEAD;
+	/* a request without a body ends with its head: hold the client now, as
+	 * http_body does at a body's end, instead of reading it for a next request
+	 * that has to wait for this response anyway */
+	if (hc->req_done)
+		relay_hold(s, DIR_UP);
 	*used = m->head_len;
 	return RELAY_EAT;
 }

@@ -636,9 +636,19 @@ relay_hold(struct session *s, enum dir d)
 void
 relay_resume(struct session *s, enum dir d)
 {
-	s->dir[d].msg = RELAY_MSG_FLOW;
-	/* on the next loop pass: the caller may be inside this direction's pump */
-	ev_feed_event(capd_loop, &relay_src(s, d)->rio, EV_READ);
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d);
+
+	rd->msg = RELAY_MSG_FLOW;
+	if (rd->fill > rd->len || rd->len > rd->off || buf_used(&rd->pre) > 0 || rd->eof || relay_more(src)) {
+		/* bytes wait: on the next loop pass, since the caller may be inside this direction's pump */
+		ev_feed_event(capd_loop, &src->rio, EV_READ);
+		return;
+	}
+	/* nothing read ahead (the usual keep-alive case): the watcher tells when
+	 * the next message comes, instead of a recv() spent on EAGAIN */
+	if (!ev_is_active(&src->rio))
+		ev_io_start(capd_loop, &src->rio);
 }
 
 void
@@ -743,12 +753,13 @@ relay_start(struct session *s)
 	for (int d = DIR_UP; d <= DIR_DOWN; d++) {
 		struct side *src = relay_src(s, (enum dir)d);
 
-		if (s->filter == NULL && src->tls == NULL && s->dir[d].len == 0 && !s->dir[d].eof &&
-		    (d == DIR_DOWN || replying)) {
-			/* nothing to write, and a source that has most likely sent nothing
-			 * yet (a server connected just now, a client still waiting for the
-			 * handshake reply): the watcher tells when, instead of a recv()
-			 * spent on EAGAIN. A forward client has usually sent already: read. */
+		bool idle = s->dir[d].len == 0 &&
+		            (s->filter == NULL || (s->dir[d].fill == 0 && buf_used(&s->dir[d].pre) == 0));
+		if (src->tls == NULL && idle && !s->dir[d].eof && (d == DIR_DOWN || (replying && s->filter == NULL))) {
+			/* nothing to write or judge, and a source that has most likely sent
+			 * nothing yet (a server connected just now, a client still waiting
+			 * for the handshake reply): the watcher tells when, instead of a
+			 * recv() spent on EAGAIN. A forward client has usually sent already: read. */
 			ev_io_start(capd_loop, &src->rio);
 			continue;
 		}
