@@ -1,6 +1,9 @@
 /*
  * The relay: the one byte pump for every proxy. Per direction one buffer,
  * taken from a free list only while bytes wait, so idle sessions hold none.
+ * A plain direction whose reads come back with RELAY_BUF bytes or more is a
+ * bulk flow: it reads into a RELAY_BULK buffer instead (4x fewer syscalls,
+ * spool records and tail copies per byte); a short read makes it small again.
  * Reads are written on at once; when the destination cannot take more, the
  * source stops being read (back-pressure) until the destination drains.
  * A FIN is passed on as shutdown(SHUT_WR); a reset is passed on as a reset.
@@ -67,6 +70,8 @@
 #define RELAY_POOL_MAX 64   /* free buffers kept for reuse */
 #define RELAY_ROUNDS 8      /* chunks per callback before yielding to other sessions */
 #define RELAY_PIPE_MAX 64   /* free pipes kept for reuse */
+#define RELAY_BULK (256 * 1024) /* buffer of a bulk direction: fewer syscalls, spool records and tail copies */
+#define RELAY_BULK_POOL_MAX 16
 #define RELAY_SPLICE (256 * 1024) /* pipe size and bytes asked of one splice */
 
 /* A pipe for splice(2): taken from the pool only while bytes wait in it. */
@@ -76,21 +81,28 @@ struct relay_pipe {
 
 static uint8_t *relay_pool[RELAY_POOL_MAX];
 static int relay_pool_len;
+static uint8_t *relay_bulk_pool[RELAY_BULK_POOL_MAX];
+static int relay_bulk_pool_len;
 
+/* A RELAY_BUF buffer, or a RELAY_BULK one for a bulk direction. */
 static uint8_t *
-relay_buf_get(void)
+relay_buf_get(bool big)
 {
+	if (big)
+		return relay_bulk_pool_len > 0 ? relay_bulk_pool[--relay_bulk_pool_len] : xmalloc(RELAY_BULK);
 	if (relay_pool_len > 0)
 		return relay_pool[--relay_pool_len];
 	return xmalloc(RELAY_BUF);
 }
 
 static void
-relay_buf_put(uint8_t *b)
+relay_buf_put(uint8_t *b, bool big)
 {
 	if (b == NULL)
 		return;
-	if (relay_pool_len < RELAY_POOL_MAX)
+	if (big && relay_bulk_pool_len < RELAY_BULK_POOL_MAX)
+		relay_bulk_pool[relay_bulk_pool_len++] = b;
+	else if (!big && relay_pool_len < RELAY_POOL_MAX)
 		relay_pool[relay_pool_len++] = b;
 	else
 		free(b);
@@ -137,6 +149,8 @@ relay_trim(void)
 {
 	while (relay_pool_len > 0)
 		free(relay_pool[--relay_pool_len]);
+	while (relay_bulk_pool_len > 0)
+		free(relay_bulk_pool[--relay_bulk_pool_len]);
 	while (relay_pipe_len > 0)
 		relay_pipe_put(relay_pipe_pool[--relay_pipe_len], false);
 }
@@ -348,7 +362,7 @@ relay_pump(struct session *s, enum dir d)
 		if (ev_is_active(&dst->wio))
 			ev_io_stop(capd_loop, &dst->wio);
 		if (rd->eof) {
-			relay_buf_put(rd->buf);
+			relay_buf_put(rd->buf, rd->big);
 			rd->buf = NULL;
 			if (!rd->shut) {
 				rd->shut = true;
@@ -361,13 +375,23 @@ relay_pump(struct session *s, enum dir d)
 			}
 			return;
 		}
-		if (rd->buf == NULL)
-			rd->buf = relay_buf_get();
-		ssize_t r = relay_recv(src, rd->buf, RELAY_BUF);
+		if (rd->buf != NULL && rd->big != rd->bulk) {
+			/* nothing waits in it here: change to the size the flow wants */
+			relay_buf_put(rd->buf, rd->big);
+			rd->buf = NULL;
+		}
+		if (rd->buf == NULL) {
+			rd->buf = relay_buf_get(rd->bulk);
+			rd->big = rd->bulk;
+		}
+		size_t cap = rd->big ? RELAY_BULK : RELAY_BUF;
+		ssize_t r = relay_recv(src, rd->buf, cap);
 		if (r > 0) {
 			rd->len = (uint32_t)r;
+			/* a read of RELAY_BUF or more: a bulk flow, read RELAY_BULK at a time */
+			rd->bulk = (size_t)r >= RELAY_BUF;
 			session_data(s, d, rd->buf, (size_t)r);
-			if (r < RELAY_BUF && !relay_more(src)) {
+			if ((size_t)r < cap && !relay_more(src)) {
 				/* short read: the socket is very likely drained; write and let
 				 * the level-triggered watcher call again rather than spend a
 				 * recv() on EAGAIN */
@@ -382,7 +406,7 @@ relay_pump(struct session *s, enum dir d)
 				if (rd->off < rd->len)
 					goto dst_full;
 				rd->off = rd->len = 0;
-				relay_buf_put(rd->buf);
+				relay_buf_put(rd->buf, rd->big);
 				rd->buf = NULL;
 				goto src_wait;
 			}
@@ -394,7 +418,7 @@ relay_pump(struct session *s, enum dir d)
 			continue;
 		}
 		if (errno == EAGAIN || errno == EINTR) {
-			relay_buf_put(rd->buf);
+			relay_buf_put(rd->buf, rd->big);
 			rd->buf = NULL;
 			goto src_wait;
 		}
@@ -545,7 +569,7 @@ relay_pump_msg(struct session *s, enum dir d)
 		}
 		if (rd->eof) {
 			if (rd->off == rd->fill) {
-				relay_buf_put(rd->buf);
+				relay_buf_put(rd->buf, rd->big);
 				rd->buf = NULL;
 				rd->off = rd->len = rd->fill = 0;
 			}
@@ -562,8 +586,10 @@ relay_pump_msg(struct session *s, enum dir d)
 		}
 		if (drained)
 			goto src_wait;
-		if (rd->buf == NULL)
-			rd->buf = relay_buf_get();
+		if (rd->buf == NULL) {
+			rd->buf = relay_buf_get(false);
+			rd->big = false;
+		}
 		ssize_t r = relay_recv(src, rd->buf + rd->fill, RELAY_BUF - rd->fill);
 		if (r > 0) {
 			drained = (size_t)r < RELAY_BUF - rd->fill && !relay_more(src);
@@ -586,7 +612,7 @@ relay_pump_msg(struct session *s, enum dir d)
 		}
 		if (errno == EAGAIN || errno == EINTR) {
 			if (rd->off == rd->fill) {
-				relay_buf_put(rd->buf);
+				relay_buf_put(rd->buf, rd->big);
 				rd->buf = NULL;
 				rd->off = rd->len = rd->fill = 0;
 			}
@@ -702,7 +728,8 @@ relay_preload(struct session *s, enum dir d, struct buf *b, bool capture)
 		return;
 	if (n > RELAY_BUF)
 		fatalx("handshake leftover %zu exceeds relay buffer", n);
-	rd->buf = relay_buf_get();
+	rd->buf = relay_buf_get(false);
+	rd->big = false;
 	memcpy(rd->buf, buf_head(b), n);
 	rd->off = 0;
 	rd->len = (uint32_t)n;
@@ -780,7 +807,7 @@ relay_stop(struct session *s)
 		relay_pipe_put(s->dir[d].pipe, s->dir[d].piped == 0);
 		s->dir[d].pipe = NULL;
 		s->dir[d].piped = 0;
-		relay_buf_put(s->dir[d].buf);
+		relay_buf_put(s->dir[d].buf, s->dir[d].big);
 		s->dir[d].buf = NULL;
 		s->dir[d].off = s->dir[d].len = s->dir[d].fill = 0;
 		buf_free(&s->dir[d].pre);
