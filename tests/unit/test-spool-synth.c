@@ -267,6 +267,55 @@ test_tcp_v4(void **state)
 	free(data);
 }
 
+/*
+ * The payload checksum at every length and alignment its vector and tail
+ * paths split at, over random bytes and over all-ones bytes (the most
+ * carries), in IPv4 and IPv6 flows (odd MSS: the second segment starts at
+ * an odd address).
+ */
+static void
+test_tcp_csum_lengths(void **state)
+{
+	struct sockaddr_storage c4 = sa4("10.1.2.3", 51234), t4 = sa4("93.184.216.34", 443);
+	struct sockaddr_storage c6 = sa6("2001:db8::1", 40000), t6 = sa6("2001:db8::2", 80);
+	static const size_t big[] = { 4095, 65536, SYNTH_MSS4 + 1, 2 * SYNTH_MSS4 + 33, 3 * 65536 + 7 };
+	size_t max = 3 * 65536 + 7 + 8;
+	uint8_t *rnd = pattern(max, 7), *ones = malloc(max);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+
+	(void)state;
+	memset(ones, 0xff, max);
+	for (int v6 = 0; v6 < 2; v6++) {
+		assert_int_equal(synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)(v6 ? &c6 : &c4),
+		                                 (struct sockaddr *)(v6 ? &t6 : &t4), 1, 2, collect_cb, &ps), 0);
+		synth_open(&sf);
+		pkts_free(&ps);
+		for (size_t i = 0; i < 300 + sizeof big / sizeof big[0]; i++) {
+			size_t n = i < 300 ? i + 1 : big[i - 300];
+
+			for (size_t off = 0; off < 8; off += (i < 300 ? 1 : 3)) {
+				for (int k = 0; k < 2; k++) {
+					size_t got = 0;
+
+					synth_data(&sf, SYNTH_UP, (k ? ones : rnd) + off, n);
+					for (size_t j = 0; j < ps.n; j++) {
+						int proto;
+						size_t l4len;
+						const uint8_t *t = check_ip(&ps.v[j], &proto, &l4len);
+
+						got += l4len - (size_t)(t[12] >> 4) * 4;
+					}
+					assert_int_equal(got, n);
+					pkts_free(&ps);
+				}
+			}
+		}
+	}
+	free(rnd);
+	free(ones);
+}
+
 static void
 test_tcp_reset(void **state)
 {
@@ -867,6 +916,7 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_tcp_v4),
+		cmocka_unit_test(test_tcp_csum_lengths),
 		cmocka_unit_test(test_tcp_reset),
 		cmocka_unit_test(test_tcp_v6),
 		cmocka_unit_test(test_mixed),
