@@ -1,8 +1,10 @@
 /*
  * The capture spool: rotating pcapng files written by one writer thread.
  *
- * The event loop only appends small records to a queue (one memcpy under a
- * mutex the writer holds just long enough to move pointers); the writer turns
+ * The event loops only append records to a queue: under a mutex a producer
+ * only claims room (the writer, too, holds it just long enough to move
+ * pointers), then copies its record outside it and marks it ready, so
+ * producers on several threads copy side by side; the writer turns
  * them into synthetic packets (spool-synth.c), encodes pcapng blocks
  * (pcapng.c) into a userspace buffer (large payloads stay in the queue and
  * are spliced in by pwritev(2)) and writes whole blocks, at least every half
@@ -12,9 +14,11 @@
  * a kill -9 mid-write is cleaned up by the tail guard process. Either way the
  * relay never waits for the disk.
  *
- * Threads: spool_start/stop/reconfigure and the flow calls run on the loop
- * thread (any thread may call them, they serialise on the queue mutex);
- * everything named writer_* runs on the writer thread only.
+ * Threads: spool_start/stop/reconfigure run on the main loop thread; the
+ * flow calls may run on any thread at once (they claim room under the queue
+ * mutex, and a flow is used by one thread at a time); everything named
+ * writer_* runs on the writer thread only. The writer is woken at most once
+ * per sleep: the producer that wakes it clears q.waiting.
  */
 #include "spool.h"
 
@@ -24,6 +28,7 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,7 +48,7 @@
 #include "xmalloc.h"
 
 #define QUEUE_MAX (32u << 20)     /* queued data records beyond this are dropped */
-#define CHUNK_SIZE (1u << 20)     /* queue memory comes in chunks this big */
+#define CHUNK_SIZE ((1u << 20) + 4096) /* queue memory comes in chunks this big: 4 records of 256 KiB */
 #define CHUNK_SPARE 8             /* empty chunks kept for reuse: no mmap/munmap churn under load */
 #define WAKE_BYTES (1u << 20)     /* data queued before the writer is woken early */
 #define OUT_MAX (256u << 10)      /* bytes buffered between writes (also what a failed write loses) */
@@ -65,6 +70,7 @@ enum rec_type {
 
 /* One queued record; the payload follows, the whole padded to 8 bytes. */
 struct rec {
+	uint8_t ready;         /* set last, with release order, once the producer has copied it all */
 	uint8_t type;
 	uint8_t dir;
 	uint8_t flag;          /* REC_CLOSE: reset; REC_IFACE_ADD: tsnano */
@@ -116,7 +122,7 @@ static struct {
 	unsigned nspare;
 	size_t queued;          /* bytes of data records in the queue (bounded) */
 	size_t backlog;         /* bytes of all records in the queue */
-	bool waiting;           /* the writer sleeps on cv */
+	bool waiting;           /* the writer sleeps on cv and nobody has woken it yet */
 	bool stop;
 	unsigned rotate_req, rotate_done;
 	uint64_t rotate_size;
@@ -131,7 +137,7 @@ static struct {
 static atomic_bool running;
 static atomic_uint gen = 1;
 static atomic_bool dropping;     /* in a queue-full episode (logged once) */
-static uint64_t episode_base;    /* dropped packets when the episode began */
+static _Atomic uint64_t episode_base;  /* dropped packets when the episode began */
 static _Atomic uint64_t st_bytes, st_packets, st_dropped_packets, st_dropped_bytes;
 static atomic_uint st_files;
 static pthread_t writer_thread;
@@ -228,26 +234,35 @@ chunk_get(size_t need)
 	return c;
 }
 
-/*
- * Appends a record with its payload (two pieces). Data records are refused
- * when QUEUE_MAX is reached; control records always go in, they are small
- * and their number is bounded by sessions and interfaces. Returns -1 when
- * refused, 1 when the queue is below half full (a drop episode may end), 0.
- */
-static int
-queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, bool data)
+/* Wakes the writer if it sleeps; once per sleep. (Called under q.mu.) */
+static void
+queue_wake(void)
 {
-	size_t len = (sizeof *r + n1 + n2 + 7) & ~(size_t)7;
-	struct chunk *t;
-	uint8_t *dst;
-	bool low;
+	if (q.waiting) {
+		q.waiting = false;
+		pthread_cond_signal(&q.cv);
+	}
+}
 
-	r->len = (uint32_t)len;
-	r->n = (uint32_t)(n1 + n2);
+/*
+ * Claims len bytes of queue for a record; NULL when a data record finds
+ * the queue at QUEUE_MAX (control records always go in, they are small and
+ * their number is bounded by sessions and interfaces). The record's ready
+ * byte is cleared under q.mu (chunks are reused): the writer reads nothing
+ * from it until queue_publish(). *low: the queue is below half full (a drop
+ * episode may end); *wake: this producer owes the writer its wake-up.
+ */
+static struct rec *
+queue_claim(size_t len, bool data, bool *low, bool *wake)
+{
+	struct chunk *t;
+	struct rec *dst;
+
+	*wake = false;
 	pthread_mutex_lock(&q.mu);
 	if (data && q.queued + len > QUEUE_MAX) {
 		pthread_mutex_unlock(&q.mu);
-		return -1;
+		return NULL;
 	}
 	t = q.tail;
 	if (t == NULL || t->size - t->wpos < len) {
@@ -258,12 +273,8 @@ queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, b
 			q.head = t;
 		q.tail = t;
 	}
-	dst = t->data + t->wpos;
-	memcpy(dst, r, sizeof *r);
-	if (n1 > 0)
-		memcpy(dst + sizeof *r, p1, n1);
-	if (n2 > 0)
-		memcpy(dst + sizeof *r + n1, p2, n2);
+	dst = (struct rec *)(t->data + t->wpos);
+	dst->ready = 0;
 	t->wpos += len;
 	if (data)
 		q.queued += len;
@@ -272,11 +283,50 @@ queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, b
 	 * The writer is woken only for a backlog: one futex call per MiB
 	 * instead of one per record. It polls every half flush interval for
 	 * the rest, which is all the latency the flush interval allows.
+	 * Claiming the wake here (q.waiting) and signalling once the record
+	 * is ready keeps the writer from waking to a record it cannot read.
 	 */
-	if (q.waiting && q.backlog >= WAKE_BYTES)
-		pthread_cond_signal(&q.cv);
-	low = q.queued < QUEUE_MAX / 2;
+	if (q.waiting && q.backlog >= WAKE_BYTES) {
+		q.waiting = false;
+		*wake = true;
+	}
+	*low = q.queued < QUEUE_MAX / 2;
 	pthread_mutex_unlock(&q.mu);
+	return dst;
+}
+
+/* Hands a claimed record, filled in, to the writer. */
+static void
+queue_publish(struct rec *dst, bool wake)
+{
+	__atomic_store_n(&dst->ready, 1, __ATOMIC_RELEASE);
+	if (wake)
+		pthread_cond_signal(&q.cv);  /* the writer waits with q.mu released: no wake is lost */
+}
+
+/*
+ * Appends a record with its payload (two pieces), copied outside q.mu, so
+ * producers on several threads copy side by side. Returns -1 when refused
+ * (queue full), 1 when the queue is below half full, else 0.
+ */
+static int
+queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, bool data)
+{
+	size_t len = (sizeof *r + n1 + n2 + 7) & ~(size_t)7;
+	struct rec *dst;
+	bool low, wake;
+
+	r->len = (uint32_t)len;
+	r->n = (uint32_t)(n1 + n2);
+	r->ready = 0;
+	if ((dst = queue_claim(len, data, &low, &wake)) == NULL)
+		return -1;
+	memcpy(dst, r, sizeof *r);
+	if (n1 > 0)
+		memcpy((uint8_t *)dst + sizeof *r, p1, n1);
+	if (n2 > 0)
+		memcpy((uint8_t *)dst + sizeof *r + n1, p2, n2);
+	queue_publish(dst, wake);
 	return low;
 }
 
@@ -1064,19 +1114,26 @@ writer_wait(double until)
 /*
  * Takes the next run of records off the queue: the unread part of the head
  * chunk. The records stay where they are while the writer reads them without
- * the lock; producers only ever write beyond wpos. (Called under q.mu.)
+ * the lock; producers only ever write beyond wpos, or into records they
+ * claimed and have not made ready yet, where the writer stops. *busy: the
+ * first record is not ready, so nothing is taken. (Called under q.mu.)
  */
 static struct chunk *
-writer_take(size_t *start, size_t *end)
+writer_take(size_t *start, size_t *end, bool *busy)
 {
 	struct chunk *h;
 
+	*busy = false;
 	while ((h = q.head) != NULL && h->rpos == h->wpos && h != q.tail) {
 		q.head = h->next;
 		free(h);
 	}
 	if (h == NULL || h->rpos == h->wpos)
 		return NULL;
+	if (!__atomic_load_n(&((const struct rec *)(h->data + h->rpos))->ready, __ATOMIC_ACQUIRE)) {
+		*busy = true;
+		return NULL;
+	}
 	*start = h->rpos;
 	*end = h->wpos;
 	return h;
@@ -1115,16 +1172,20 @@ writer_main(void *arg)
 		struct chunk *h, *old;
 		size_t start = 0, end = 0, data = 0;
 		unsigned rot;
-		bool stop;
+		bool stop, busy;
 		double now;
 
 		pthread_mutex_lock(&q.mu);
 		for (;;) {
 			writer_settings();
-			h = writer_take(&start, &end);
+			h = writer_take(&start, &end, &busy);
 			if (h != NULL || q.stop || q.rotate_req != q.rotate_done)
 				break;
-			/* Records below WAKE_BYTES do not signal: the tick picks them up. */
+			/*
+			 * Records below WAKE_BYTES do not signal: the tick picks them
+			 * up. Nor does a record made ready (busy): the next producer
+			 * to pass WAKE_BYTES wakes us, or the tick.
+			 */
 			if (writer_deadline(next_tick) <= mono_now())
 				break;
 			writer_wait(writer_deadline(next_tick));
@@ -1137,6 +1198,11 @@ writer_main(void *arg)
 		for (size_t off = start; h != NULL && off < end;) {
 			const struct rec *r = (const struct rec *)(h->data + off);
 
+			if (off > start && !__atomic_load_n(&r->ready, __ATOMIC_ACQUIRE)) {
+				/* a producer is still filling it: the rest waits for the next round */
+				end = off;
+				break;
+			}
 			writer_record(r);
 			if (r->type == REC_DATA || r->type == REC_PACKET)
 				data += r->len;
@@ -1174,12 +1240,14 @@ writer_main(void *arg)
 		pthread_mutex_lock(&q.mu);
 		if (h != NULL)
 			old = writer_release(h, end, data);
-		if (stop && h == NULL) {
+		if (stop && h == NULL && !busy) {
 			pthread_mutex_unlock(&q.mu);
 			break;
 		}
 		pthread_mutex_unlock(&q.mu);
 		free(old);
+		if (stop && busy)
+			sched_yield();  /* a last record being filled: microseconds */
 	}
 	writer_close();
 	return NULL;
@@ -1362,8 +1430,7 @@ spool_reconfigure(const struct capd_settings *st)
 		log_notice("spool folder changes only at restart");
 	pthread_mutex_lock(&q.mu);
 	spool_settings(st);
-	if (q.waiting)
-		pthread_cond_signal(&q.cv);
+	queue_wake();
 	pthread_mutex_unlock(&q.mu);
 }
 
@@ -1378,7 +1445,7 @@ spool_stop(void)
 	atomic_fetch_add(&gen, 1);  /* flows still open belong to this run only */
 	pthread_mutex_lock(&q.mu);
 	q.stop = true;
-	pthread_cond_signal(&q.cv);
+	queue_wake();
 	pthread_mutex_unlock(&q.mu);
 	pthread_join(writer_thread, NULL);
 	guard_stop();
@@ -1521,6 +1588,41 @@ spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n)
 	flow_sent(f, put);
 }
 
+void *
+spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spool_slot *slot)
+{
+	struct rec r, *dst;
+	size_t len = (sizeof r + n + 7) & ~(size_t)7;
+	bool low, wake;
+
+	if (n == 0 || n > QUEUE_MAX || !flow_live(f) || f->proto != IPPROTO_TCP)
+		return NULL;
+	rec_init(&r, REC_DATA, f);
+	r.dir = (uint8_t)d;
+	r.len = (uint32_t)len;
+	r.n = 0;
+	if ((dst = queue_claim(len, true, &low, &wake)) == NULL)
+		return NULL;
+	memcpy(dst, &r, sizeof r);
+	flow_sent(f, low);
+	slot->rec = dst;
+	slot->cap = n;
+	slot->wake = wake;
+	return dst + 1;
+}
+
+void
+spool_flow_commit(struct spool_slot *slot, size_t n)
+{
+	struct rec *dst = slot->rec;
+
+	if (n > slot->cap)
+		fatalx("spool: %zu bytes committed to a slot of %zu", n, slot->cap);
+	dst->n = (uint32_t)n;  /* the record keeps its length: the rest is padding */
+	queue_publish(dst, slot->wake);
+	slot->rec = NULL;
+}
+
 void
 spool_flow_fin(struct spool_flow *f, enum dir d)
 {
@@ -1620,8 +1722,7 @@ spool_rotate(char **why)
 	}
 	pthread_mutex_lock(&q.mu);
 	want = ++q.rotate_req;
-	if (q.waiting)
-		pthread_cond_signal(&q.cv);
+	queue_wake();
 	while ((int)(q.rotate_done - want) < 0)
 		if (pthread_cond_timedwait(&q.done_cv, &q.mu, &ts) == ETIMEDOUT)
 			break;
