@@ -37,6 +37,13 @@
  * only what passes after it subscribed (a subscriber turns copying on again;
  * a pipe still holding bytes is emptied to its destination first).
  *
+ * Capture in place: a bulk direction of a captured session reads straight
+ * into a slot of the spool's queue (spool_flow_reserve) and sends from it,
+ * so its bytes are copied by nobody in user space on their way to the
+ * writer; what the destination leaves is copied to the direction's buffer,
+ * then the slot goes to the writer (spool_flow_commit). The queue has no
+ * room: the buffer path, which counts the capture dropped.
+ *
  * TLS (tls.c): a side whose `tls` is set is read and written through
  * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
  * its FIN is close_notify then shutdown; the plain path costs one predictable
@@ -63,6 +70,7 @@
 #include "capd.h"
 #include "instance.h"
 #include "log.h"
+#include "spool.h"
 #include "tail.h"
 #include "tls.h"
 #include "xmalloc.h"
@@ -329,6 +337,59 @@ dst_full:
 }
 
 /*
+ * relay_pump's capture path (see the top of this file): a bulk read goes
+ * straight into the spool's queue (spool_flow_reserve) and is sent from
+ * there, so the relay copies nothing itself; what the destination does not
+ * take is copied to the direction's buffer (rd->off..rd->len), and only
+ * then is the record handed to the writer. Returns recv()'s result, with
+ * *err the send error that ends the session (0: none), or -2 when the spool
+ * has no room (the caller reads into its buffer, and the capture drop is
+ * counted there).
+ */
+static ssize_t
+relay_recv_spool(struct session *s, enum dir d, int *err)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
+	struct spool_slot slot;
+	uint8_t *p = spool_flow_reserve(s->flow, d, RELAY_BULK, &slot);
+	ssize_t r, w;
+
+	*err = 0;
+	if (p == NULL)
+		return -2;
+	relay_buf_put(rd->buf, rd->big);  /* nothing waits in it here */
+	rd->buf = NULL;
+	rd->off = rd->len = 0;
+	r = relay_recv(src, p, RELAY_BULK);
+	if (r <= 0) {
+		int e = errno;
+
+		spool_flow_commit(&slot, 0);
+		errno = e;
+		return r;
+	}
+	rd->bulk = (size_t)r >= RELAY_BUF;
+	/* session_data() without the copy into the spool */
+	session_bytes(s, d, (size_t)r);
+	tail_data(s, d, p, (size_t)r);
+	w = relay_send(dst, p, (size_t)r);
+	if (w < 0) {
+		if (errno != EAGAIN && errno != EINTR)
+			*err = errno;
+		w = 0;
+	}
+	if (w < r && *err == 0) {
+		rd->buf = relay_buf_get(true);
+		rd->big = true;
+		memcpy(rd->buf, p + w, (size_t)(r - w));
+		rd->len = (uint32_t)(r - w);
+	}
+	spool_flow_commit(&slot, (size_t)r);
+	return r;
+}
+
+/*
  * Moves bytes for direction d until the source has nothing more, the
  * destination is full, or the round budget is spent. Returns after
  * session_close without touching s again.
@@ -346,6 +407,8 @@ relay_pump(struct session *s, enum dir d)
 	if ((rd->pipe != NULL || (rd->len == rd->off && relay_can_splice(s, d))) && relay_pump_splice(s, d))
 		return;
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
+		ssize_t r;
+
 		if (rd->len > rd->off) {
 			ssize_t w = relay_send(dst, rd->buf + rd->off, rd->len - rd->off);
 			if (w < 0) {
@@ -375,6 +438,24 @@ relay_pump(struct session *s, enum dir d)
 			}
 			return;
 		}
+		if (rd->bulk && s->flow != NULL) {
+			int err;
+
+			r = relay_recv_spool(s, d, &err);
+			if (r > 0) {
+				if (err != 0) {
+					relay_fail(s, d, false, err);
+					return;
+				}
+				if (rd->len > rd->off)
+					goto dst_full;
+				if ((size_t)r < RELAY_BULK && !relay_more(src))
+					goto src_wait;  /* short read: as below */
+				continue;
+			}
+			if (r != -2)
+				goto read_end;
+		}
 		if (rd->buf != NULL && rd->big != rd->bulk) {
 			/* nothing waits in it here: change to the size the flow wants */
 			relay_buf_put(rd->buf, rd->big);
@@ -385,7 +466,7 @@ relay_pump(struct session *s, enum dir d)
 			rd->big = rd->bulk;
 		}
 		size_t cap = rd->big ? RELAY_BULK : RELAY_BUF;
-		ssize_t r = relay_recv(src, rd->buf, cap);
+		r = relay_recv(src, rd->buf, cap);
 		if (r > 0) {
 			rd->len = (uint32_t)r;
 			/* a read of RELAY_BUF or more: a bulk flow, read RELAY_BULK at a time */
@@ -412,6 +493,7 @@ relay_pump(struct session *s, enum dir d)
 			}
 			continue;
 		}
+read_end:
 		if (r == 0) {
 			rd->eof = true;
 			ev_io_stop(capd_loop, &src->rio);
