@@ -68,12 +68,14 @@ enum rec_type {
 	REC_KEYLOG,       /* payload: one key log line, no newline */
 };
 
+#define REC_SUMS 5  /* segments of a 256 KiB slot: payload sums the producer computed */
+
 /* One queued record; the payload follows, the whole padded to 8 bytes. */
 struct rec {
 	uint8_t ready;         /* set last, with release order, once the producer has copied it all */
 	uint8_t type;
 	uint8_t dir;
-	uint8_t flag;          /* REC_CLOSE: reset; REC_IFACE_ADD: tsnano */
+	uint8_t flag;          /* REC_CLOSE: reset; REC_IFACE_ADD: tsnano; REC_DATA: sum[] is set */
 	int32_t iface;
 	uint32_t len;          /* the whole record */
 	uint32_t n;            /* payload bytes */
@@ -82,6 +84,7 @@ struct rec {
 	uint64_t gap[2];       /* flow bytes dropped before this record, per direction */
 	struct timespec ts;
 	struct spool_flow *flow;
+	uint16_t sum[REC_SUMS]; /* REC_DATA from a slot: each segment's payload sum (synth_data_summed) */
 };
 
 struct rec_open {
@@ -100,6 +103,7 @@ struct spool_flow {
 	uint64_t gap[2];       /* loop: bytes dropped and not yet told to the writer */
 	unsigned gen;          /* loop: the spool run it belongs to */
 	int proto;
+	size_t mss;            /* TCP segment size of its synthetic packets (synth_mss) */
 	_Alignas(64) struct synth_flow sf;  /* writer, on its own cache line */
 	bool ready;            /* writer: sf is set up */
 	int iface;
@@ -1005,6 +1009,13 @@ writer_flow_open(const struct rec *r)
 	synth_open(&f->sf);
 }
 
+/* The segment size the writer's synth flow uses: the producer sums by the same. */
+static size_t
+writer_flow_mss(const struct spool_flow *f)
+{
+	return f->sf.family == AF_INET ? SYNTH_MSS4 : SYNTH_MSS6;
+}
+
 static void
 writer_flow_gaps(struct spool_flow *f, const struct rec *r)
 {
@@ -1044,7 +1055,7 @@ writer_record(const struct rec *r)
 		if (!f->ready)
 			break;
 		writer_flow_gaps(f, r);
-		synth_data(&f->sf, r->dir, p, r->n);
+		synth_data_summed(&f->sf, r->dir, p, r->n, r->flag && f->mss == writer_flow_mss(f) ? r->sum : NULL);
 		break;
 	case REC_FIN:
 		if (!f->ready)
@@ -1558,6 +1569,7 @@ spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr
 	memset(f, 0, size);
 	f->gen = atomic_load(&gen);
 	f->proto = proto;
+	f->mss = synth_mss(client, target);
 	memset(&o, 0, sizeof o);
 	memcpy(&o.client, client, sockaddr_size(client));
 	memcpy(&o.target, target, sockaddr_size(target));
@@ -1619,6 +1631,14 @@ spool_flow_commit(struct spool_slot *slot, size_t n)
 	if (n > slot->cap)
 		fatalx("spool: %zu bytes committed to a slot of %zu", n, slot->cap);
 	dst->n = (uint32_t)n;  /* the record keeps its length: the rest is padding */
+	/* summed here, where recv() has just left the bytes in this core's cache */
+	if (n > 0 && (n + dst->flow->mss - 1) / dst->flow->mss <= REC_SUMS) {
+		const uint8_t *p = (const uint8_t *)(dst + 1);
+
+		for (size_t i = 0, off = 0; off < n; i++, off += dst->flow->mss)
+			dst->sum[i] = synth_sum(p + off, n - off < dst->flow->mss ? n - off : dst->flow->mss);
+		dst->flag = 1;
+	}
 	queue_publish(dst, slot->wake);
 	slot->rec = NULL;
 }

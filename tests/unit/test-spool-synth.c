@@ -271,7 +271,8 @@ test_tcp_v4(void **state)
  * The payload checksum at every length and alignment its vector and tail
  * paths split at, over random bytes and over all-ones bytes (the most
  * carries), in IPv4 and IPv6 flows (odd MSS: the second segment starts at
- * an odd address).
+ * an odd address), computed by synth_data and from a producer's per-segment
+ * sums (synth_data_summed).
  */
 static void
 test_tcp_csum_lengths(void **state)
@@ -295,10 +296,20 @@ test_tcp_csum_lengths(void **state)
 			size_t n = i < 300 ? i + 1 : big[i - 300];
 
 			for (size_t off = 0; off < 8; off += (i < 300 ? 1 : 3)) {
-				for (int k = 0; k < 2; k++) {
-					size_t got = 0;
+				for (int k = 0; k < 4; k++) {
+					const uint8_t *b = (k & 1 ? ones : rnd) + off;
+					size_t got = 0, mss = synth_mss((struct sockaddr *)(v6 ? &c6 : &c4),
+					                                (struct sockaddr *)(v6 ? &t6 : &t4));
+					uint16_t sums[8];
 
-					synth_data(&sf, SYNTH_UP, (k ? ones : rnd) + off, n);
+					if (k < 2) {
+						synth_data(&sf, SYNTH_UP, b, n);
+					} else {
+						/* the producer's sums, one per segment */
+						for (size_t j = 0, at = 0; at < n; j++, at += mss)
+							sums[j] = synth_sum(b + at, n - at < mss ? n - at : mss);
+						synth_data_summed(&sf, SYNTH_UP, b, n, sums);
+					}
 					for (size_t j = 0; j < ps.n; j++) {
 						int proto;
 						size_t l4len;
