@@ -30,6 +30,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -452,6 +453,57 @@ spool_list(int dirfd, size_t *np)
 	return v;
 }
 
+/*
+ * The reaper: a thread that closes the last descriptor of deleted files.
+ * Unlinking a file whose pages are cached frees them all right there, 30 ms
+ * for 256 MiB here, long enough for the queue to fill at a few hundred MB/s
+ * and capture to be dropped at every rotation. The writer opens the old
+ * file, unlinks its name and hands the descriptor over; the freeing
+ * happens at the reaper's close().
+ */
+static int reap_fd = -1;         /* write end of the reaper's pipe; -1: no reaper, delete in place */
+static pthread_t reap_thread;
+
+static void *
+reaper_main(void *arg)
+{
+	int rfd = (int)(intptr_t)arg, fd;
+	ssize_t r;
+
+	while ((r = read(rfd, &fd, sizeof fd)) == (ssize_t)sizeof fd || (r < 0 && errno == EINTR))
+		if (r > 0)
+			close(fd);
+	close(rfd);
+	return NULL;
+}
+
+static void
+reaper_start(void)
+{
+	int p[2];
+
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return;
+	if (pthread_create(&reap_thread, NULL, reaper_main, (void *)(intptr_t)p[0]) != 0) {
+		close(p[0]);
+		close(p[1]);
+		return;
+	}
+	fcntl(p[1], F_SETFL, O_NONBLOCK);  /* a full pipe: the writer closes in place */
+	reap_fd = p[1];
+}
+
+/* After the writer has stopped: the reaper closes what it was handed, then ends. */
+static void
+reaper_stop(void)
+{
+	if (reap_fd < 0)
+		return;
+	close(reap_fd);
+	reap_fd = -1;
+	pthread_join(reap_thread, NULL);
+}
+
 /* Deletes the oldest files until keep are left (SIZE_MAX: none) and counts what is left. */
 static void
 writer_trim(size_t keep)
@@ -459,9 +511,17 @@ writer_trim(size_t keep)
 	size_t n, i = 0;
 	struct spool_file *v = spool_list(w.dirfd, &n);
 
-	for (; n - i > keep; i++)
+	for (; n - i > keep; i++) {
+		int fd = -1;
+
+		/* failing writes (a full disk?) want the space now: the caller creates a file next */
+		if (reap_fd >= 0 && !w.episode)
+			fd = openat(w.dirfd, v[i].name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 		if (unlinkat(w.dirfd, v[i].name, 0) < 0 && errno != ENOENT)
 			log_warn("spool: delete %s/%s", spool_dir, v[i].name);
+		if (fd >= 0 && write(reap_fd, &fd, sizeof fd) != (ssize_t)sizeof fd)
+			close(fd);
+	}
 	atomic_store(&st_files, (unsigned)(n - i));
 	free(v);
 }
@@ -1449,9 +1509,11 @@ spool_start(const struct capd_settings *st, char **why)
 	pthread_mutex_unlock(&reg_mu);
 
 	guard_start(w.dirfd);
+	reaper_start();
 	if ((err = pthread_create(&writer_thread, NULL, writer_main, NULL)) != 0) {
 		*why = xasprintf("spool: writer thread: %s", strerror(err));
 		writer_close();
+		reaper_stop();
 		guard_stop();
 		goto fail;
 	}
@@ -1494,6 +1556,7 @@ spool_stop(void)
 	queue_wake();
 	pthread_mutex_unlock(&q.mu);
 	pthread_join(writer_thread, NULL);
+	reaper_stop();
 	guard_stop();
 
 	pthread_mutex_lock(&q.mu);
