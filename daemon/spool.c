@@ -30,6 +30,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -282,7 +283,7 @@ queue_claim(size_t len, bool data, bool *low, bool *wake)
 		q.tail = t;
 	}
 	dst = (struct rec *)(t->data + t->wpos);
-	dst->ready = 0;
+	__atomic_store_n(&dst->ready, 0, __ATOMIC_RELAXED);
 	t->wpos += len;
 	if (data)
 		q.queued += len;
@@ -301,6 +302,14 @@ queue_claim(size_t len, bool data, bool *low, bool *wake)
 	*low = q.queued < QUEUE_MAX / 2;
 	pthread_mutex_unlock(&q.mu);
 	return dst;
+}
+
+/* Fills in a claimed record's header, all but ready, which the writer may be reading. */
+static void
+queue_header(struct rec *dst, const struct rec *r)
+{
+	_Static_assert(offsetof(struct rec, ready) == 0, "ready comes first");
+	memcpy((uint8_t *)dst + 1, (const uint8_t *)r + 1, sizeof *r - 1);
 }
 
 /* Hands a claimed record, filled in, to the writer. */
@@ -329,7 +338,7 @@ queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, b
 	r->ready = 0;
 	if ((dst = queue_claim(len, data, &low, &wake)) == NULL)
 		return -1;
-	memcpy(dst, r, sizeof *r);
+	queue_header(dst, r);
 	if (n1 > 0)
 		memcpy((uint8_t *)dst + sizeof *r, p1, n1);
 	if (n2 > 0)
@@ -1713,7 +1722,7 @@ spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spool_slot
 	r.n = 0;
 	if ((dst = queue_claim(len, true, &low, &wake)) == NULL)
 		return NULL;
-	memcpy(dst, &r, sizeof r);
+	queue_header(dst, &r);
 	flow_sent(f, low);
 	slot->rec = dst;
 	slot->cap = n;
