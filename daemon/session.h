@@ -32,8 +32,6 @@ enum session_state { SESSION_HANDSHAKE, SESSION_OPEN, SESSION_CLOSING, SESSION_C
 /* One direction of the relay: bytes read from one side wait here for the other. */
 struct relay_dir {
 	uint8_t *buf;       /* RELAY_BUF bytes while data waits, else NULL (idle sessions hold none) */
-	bool big;           /* buf is RELAY_BULK bytes (plain relay of a bulk flow) */
-	bool bulk;          /* the last read was RELAY_BUF or more: the next buffer is big */
 	uint32_t off, len;  /* unsent bytes are buf[off..len) */
 	bool eof;           /* the source sent FIN */
 	bool shut;          /* FIN passed on to the destination */
@@ -46,6 +44,9 @@ struct relay_dir {
 	struct relay_pipe *pipe;
 	uint32_t piped;     /* bytes in pipe */
 	bool nosplice;      /* splice(2) refused these sockets: copy */
+	/* beside nosplice, in what was padding: idle sessions stay as small */
+	bool big;           /* buf is RELAY_BULK bytes (plain relay of a bulk flow) */
+	bool bulk;          /* the last read was RELAY_BUF or more: the next buffer is big */
 };
 
 struct side {
