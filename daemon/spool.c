@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -570,27 +571,37 @@ writer_fail(const char *what, int err)
  * The tail guard: a small helper process that outlives a kill -9. A write
  * interrupted by SIGKILL stops at a page boundary and would leave half a
  * block at the end of the file, which readers report as cut short. Before
- * each write the writer tells the guard where the file's last whole block
- * ends and where the write will end; when capd is gone (the pipe reads EOF,
- * so no thread of it can still be writing) and the file stopped in between,
- * the guard cuts it back to the whole block. spool_start() repairs the same
- * at the next start if the guard was killed too.
+ * each write the writer notes where the file's last whole block ends and
+ * where the write will end, in a page shared with the guard (no syscall,
+ * no wake-up: the guard sleeps in read() on a pipe nobody writes); when
+ * capd is gone (the pipe reads EOF, so no thread of it can still be
+ * writing) and the file stopped in between, the guard cuts it back to the
+ * whole block. spool_start() repairs the same at the next start if the
+ * guard was killed too.
  */
 struct guard_msg {
 	uint64_t from, to;   /* the write in flight: [from, to) */
 	char name[96];       /* the file, in the spool folder */
 };
 
-static int guard_fd = -1;   /* write end, non-blocking; -1 without a guard */
+/* The page shared with the guard. A note is written to the slot not in use, then published. */
+struct guard_shared {
+	_Atomic unsigned cur;      /* 0: no note yet; else 1 + the slot holding the last note */
+	struct guard_msg slot[2];  /* a writer killed mid-note leaves the previous one whole */
+};
+
+static int guard_fd = -1;   /* write end of the pipe, never written; -1 without a guard */
 static pid_t guard_pid = -1;
+static struct guard_shared *guard_shm;  /* MAP_SHARED with the guard; NULL without one */
 
 /* The guard process: only async-signal-safe calls, it is a fork of a threaded program. */
 static void __attribute__((noreturn))
 guard_main(int rfd, int dirfd)
 {
-	struct guard_msg m, cur;
-	bool have = false;
+	struct guard_msg m;
 	struct stat sb;
+	unsigned cur;
+	char b;
 	int fd;
 
 	/* Nothing of capd's but these two: no listener or socket stays open because of us. */
@@ -601,26 +612,20 @@ guard_main(int rfd, int dirfd)
 	signal(SIGINT, SIG_IGN);
 	signal(SIGTERM, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
-	for (;;) {
-		ssize_t r = read(3, &cur, sizeof cur);
-
-		if (r == (ssize_t)sizeof cur) {
-			m = cur;
-			have = true;
-		} else if (r < 0 && errno == EINTR) {
-			continue;
-		} else {
-			break;
-		}
-	}
+	while (read(3, &b, 1) != 0 && errno == EINTR)
+		;
+	/* capd is gone: its last note is whole and no longer changes */
+	cur = atomic_load_explicit(&guard_shm->cur, memory_order_acquire);
+	if (cur == 1 || cur == 2)
+		m = guard_shm->slot[cur - 1];
 	/*
 	 * The guard may outlive a privilege drop as root while the writer that
 	 * names the file does not: it only ever cuts a capd-*.pcapng that sits
 	 * directly in the spool folder, is a regular file, not a link of
 	 * either kind, so a subverted writer cannot point it anywhere else.
 	 */
-	size_t len = strnlen(m.name, sizeof m.name);
-	if (have && len > 12 && len < sizeof m.name && memchr(m.name, '/', len) == NULL &&
+	size_t len = cur == 1 || cur == 2 ? strnlen(m.name, sizeof m.name) : 0;
+	if (len > 12 && len < sizeof m.name && memchr(m.name, '/', len) == NULL &&
 	    strncmp(m.name, "capd-", 5) == 0 && strcmp(m.name + len - 7, ".pcapng") == 0 &&
 	    (fd = openat(4, m.name, O_WRONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) >= 0) {
 		if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_nlink == 1 &&
@@ -636,23 +641,31 @@ guard_start(int dirfd)
 {
 	int p[2];
 
+	guard_shm = mmap(NULL, sizeof *guard_shm, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (guard_shm == MAP_FAILED) {
+		log_warn("spool: shared page for the tail guard");
+		guard_shm = NULL;
+		return;
+	}
 	if (pipe2(p, O_CLOEXEC) < 0) {
 		log_warn("spool: pipe for the tail guard");
-		return;
+		goto fail;
 	}
 	guard_pid = fork();
 	if (guard_pid < 0) {
 		log_warn("spool: fork the tail guard");
 		close(p[0]);
 		close(p[1]);
-		return;
+		goto fail;
 	}
 	if (guard_pid == 0)
 		guard_main(p[0], dirfd);
 	close(p[0]);
-	/* The writer never waits for the guard; a lost note only weakens the guard once. */
-	fcntl(p[1], F_SETFL, O_NONBLOCK);
 	guard_fd = p[1];
+	return;
+fail:
+	munmap(guard_shm, sizeof *guard_shm);
+	guard_shm = NULL;
 }
 
 static void
@@ -664,19 +677,27 @@ guard_stop(void)
 	if (guard_pid > 0)
 		waitpid(guard_pid, NULL, 0);
 	guard_pid = -1;
+	if (guard_shm != NULL)
+		munmap(guard_shm, sizeof *guard_shm);
+	guard_shm = NULL;
 }
 
 /* Tells the guard about the write about to start. Writer thread. */
 static void
 guard_note(uint64_t from, uint64_t to)
 {
-	struct guard_msg m = { .from = from, .to = to };
+	struct guard_msg *m;
+	unsigned next;
 
-	if (guard_fd < 0)
+	if (guard_shm == NULL)
 		return;
-	memcpy(m.name, w.name, sizeof m.name < sizeof w.name ? sizeof m.name : sizeof w.name);
-	m.name[sizeof m.name - 1] = '\0';
-	(void)!write(guard_fd, &m, sizeof m);  /* at most PIPE_BUF: all or nothing */
+	next = atomic_load_explicit(&guard_shm->cur, memory_order_relaxed) == 1 ? 2 : 1;
+	m = &guard_shm->slot[next - 1];
+	m->from = from;
+	m->to = to;
+	memcpy(m->name, w.name, sizeof m->name < sizeof w.name ? sizeof m->name : sizeof w.name);
+	m->name[sizeof m->name - 1] = '\0';
+	atomic_store_explicit(&guard_shm->cur, next, memory_order_release);
 }
 
 static size_t
