@@ -4,15 +4,17 @@
  * The event loops only append records to a queue: under a mutex a producer
  * only claims room (the writer, too, holds it just long enough to move
  * pointers), then copies its record outside it and marks it ready, so
- * producers on several threads copy side by side; the writer turns
- * them into synthetic packets (spool-synth.c), encodes pcapng blocks
- * (pcapng.c) into a userspace buffer (large payloads stay in the queue and
- * are spliced in by pwritev(2)) and writes whole blocks, into file space
- * allocated ahead (writer_prealloc), at least every half flush interval. A full queue drops data records (the flow remembers the
- * gap so sequence numbers stay right); a failing disk drops encoded blocks,
- * truncates the file back to its last whole block and retries every second;
- * a kill -9 mid-write is cleaned up by the tail guard process. Either way the
- * relay never waits for the disk.
+ * producers on several threads copy side by side; a relay may instead read
+ * into a claimed slot (spool_flow_reserve). The writer turns records into
+ * synthetic packets (spool-synth.c), encodes pcapng blocks (pcapng.c) into
+ * a userspace buffer (large payloads stay in the queue and are spliced in
+ * by pwritev(2)) and writes whole blocks, into file space allocated ahead
+ * (writer_prealloc), at least every half flush interval; old files are
+ * freed by a reaper thread. A full queue drops data records (the flow
+ * remembers the gap so sequence numbers stay right); a failing disk drops
+ * encoded blocks, truncates the file back to its last whole block and
+ * retries every second; a kill -9 mid-write is cleaned up by the tail guard
+ * process. Either way the relay never waits for the disk.
  *
  * Threads: spool_start/stop/reconfigure run on the main loop thread; the
  * flow calls may run on any thread at once (they claim room under the queue
