@@ -44,6 +44,9 @@ struct relay_dir {
 	struct relay_pipe *pipe;
 	uint32_t piped;     /* bytes in pipe */
 	bool nosplice;      /* splice(2) refused these sockets: copy */
+	/* beside nosplice, in what was padding: idle sessions stay as small */
+	bool big;           /* buf is RELAY_BULK bytes (plain relay of a bulk flow) */
+	bool bulk;          /* the last read was RELAY_BUF or more: the next buffer is big */
 };
 
 struct side {

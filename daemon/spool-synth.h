@@ -74,6 +74,17 @@ void synth_open(struct synth_flow *sf);
  * truncated_from set so the caller can say so).
  */
 void synth_data(struct synth_flow *sf, int dir, const void *p, size_t n);
+/*
+ * synth_data() with the payload sums computed already, one per segment of
+ * synth_mss() bytes (the last one shorter): synth_sum() of each, or NULL.
+ * A producer that has the bytes in its cache sums them there, and the
+ * writer reads them once, when it writes them.
+ */
+void synth_data_summed(struct synth_flow *sf, int dir, const void *p, size_t n, const uint16_t *sums);
+/* The TCP segment size of a flow between client and target, as synth_flow_init() would set it up. */
+size_t synth_mss(const struct sockaddr *client, const struct sockaddr *target);
+/* The one's complement sum of p[0..n), folded to 16 bits, not complemented, for synth_data_summed(). */
+uint16_t synth_sum(const void *p, size_t n);
 /* TCP: n bytes from dir's source that were not captured; later segments stay in sequence. */
 void synth_gap(struct synth_flow *sf, int dir, uint64_t n);
 /* TCP: FIN from dir's source and the other side's ACK. */

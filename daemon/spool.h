@@ -36,6 +36,26 @@ struct spool_flow *spool_flow_open(int iface, uint64_t session_id, int proto,
                                    const char *comment);
 /* TCP: stream bytes in one direction; UDP: one datagram. */
 void spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n);
+/*
+ * A slot of queue memory: a TCP direction's next bytes are read straight
+ * into the capture queue (and may be sent from there) instead of being
+ * copied in by spool_flow_data().
+ */
+struct spool_slot {
+	void *rec;          /* the claimed record; NULL once committed */
+	size_t cap;
+	bool wake;          /* the writer is woken at commit */
+};
+
+/*
+ * Room for up to n bytes of d; NULL when nothing is captured or the queue
+ * is full (the caller reads into its own buffer and calls spool_flow_data,
+ * which counts the drop). The writer reads none of it, and later records
+ * wait behind it, until spool_flow_commit(slot, bytes) with the bytes
+ * filled in (0: none); the caller commits before it returns to its loop.
+ */
+void *spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spool_slot *slot);
+void spool_flow_commit(struct spool_slot *slot, size_t n);
 /* TCP: FIN from the source of direction d. */
 void spool_flow_fin(struct spool_flow *f, enum dir d);
 /* Ends the flow (RST when reset) and frees f. */
