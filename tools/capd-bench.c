@@ -200,6 +200,17 @@ one_request(void)
 	return have == 12 && !memcmp(head + 8, " 200", 4) ? 0 : -1;
 }
 
+/* Records the latency of a request that started at t. */
+static void
+worker_lat(struct worker *w, double t)
+{
+	if (w->nlat == w->cap) {
+		w->cap = w->cap ? w->cap * 2 : 4096;
+		w->lat = realloc(w->lat, w->cap * sizeof *w->lat);
+	}
+	w->lat[w->nlat++] = (now() - t) * 1000.0;
+}
+
 static void *
 conns_worker(void *arg)
 {
@@ -211,11 +222,7 @@ conns_worker(void *arg)
 			atomic_fetch_add(&total_fail, 1);
 			continue;
 		}
-		if (w->nlat == w->cap) {
-			w->cap = w->cap ? w->cap * 2 : 4096;
-			w->lat = realloc(w->lat, w->cap * sizeof *w->lat);
-		}
-		w->lat[w->nlat++] = (now() - t) * 1000.0;
+		worker_lat(w, t);
 		atomic_fetch_add(&total_conns, 1);
 	}
 	return NULL;
@@ -400,11 +407,7 @@ reqs_worker(void *arg)
 			atomic_fetch_add(&total_fail, 1);
 			continue;
 		}
-		if (w->nlat == w->cap) {
-			w->cap = w->cap ? w->cap * 2 : 4096;
-			w->lat = realloc(w->lat, w->cap * sizeof *w->lat);
-		}
-		w->lat[w->nlat++] = (now() - t) * 1000.0;
+		worker_lat(w, t);
 	}
 	if (fd >= 0)
 		close(fd);

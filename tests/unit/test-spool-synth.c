@@ -651,6 +651,18 @@ rm_spool(void)
 	rmdir(spool_tmp);
 }
 
+/* A fresh spool folder /tmp/capd-test-NAME-PID for st; starts the spool. */
+static void
+spool_fresh(struct capd_settings *st, const char *name)
+{
+	char *why = NULL;
+
+	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-%s-%d", name, (int)getpid());
+	rm_spool();
+	st->spool = spool_tmp;
+	assert_int_equal(spool_start(st, &why), 0);
+}
+
 /* Our files in the spool, sorted by name (and so by time). */
 static int
 spool_files(char names[][400], int max)
@@ -690,10 +702,7 @@ test_spool_files(void **state)
 	int iface;
 
 	(void)state;
-	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-spool-%d", (int)getpid());
-	rm_spool();
-	st.spool = spool_tmp;
-	assert_int_equal(spool_start(&st, &why), 0);
+	spool_fresh(&st, "spool");
 	s = spool_status();
 	assert_non_null(strstr(json_string_value(json_object_get(s, "file")), "/capd-00001-"));
 	json_decref(s);
@@ -811,14 +820,11 @@ test_spool_producers(void **state)
 {
 	struct capd_settings st = { .keep_files = 32, .flush_interval = 0.2 };
 	struct producer pr[4];
-	char *why = NULL, names[8][400];
+	char names[8][400];
 	int iface;
 
 	(void)state;
-	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-spool-%d", (int)getpid());
-	rm_spool();
-	st.spool = spool_tmp;
-	assert_int_equal(spool_start(&st, &why), 0);
+	spool_fresh(&st, "spool");
 	iface = spool_iface_add("mt", NULL, PCAPNG_LINKTYPE_RAW, 65535, false);
 	for (int i = 0; i < 4; i++) {
 		pr[i] = (struct producer){ .iface = iface, .i = i, .n = (size_t)(3 + i) << 20 };
@@ -861,17 +867,14 @@ test_spool_rotation(void **state)
 {
 	struct capd_settings st = { .keep_files = 3, .flush_interval = 0.2, .rotate_size = 200000 };
 	struct sockaddr_storage c = sa6("::1", 45000), t = sa6("::1", 9000);
-	char *why = NULL, names[16][400];
+	char names[16][400];
 	struct spool_flow *f;
 	size_t total = (2 << 20) + 1000;
 	uint8_t *down = pattern(total, 7);
 	int n, iface;
 
 	(void)state;
-	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-ring-%d", (int)getpid());
-	rm_spool();
-	st.spool = spool_tmp;
-	assert_int_equal(spool_start(&st, &why), 0);
+	spool_fresh(&st, "ring");
 	iface = spool_iface_add("ring", NULL, PCAPNG_LINKTYPE_RAW, 65535, true);
 	f = spool_flow_open(iface, 7, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
 	for (size_t o = 0; o < total; o += 65536) {
@@ -927,15 +930,12 @@ test_spool_rotate_time(void **state)
 {
 	struct capd_settings st = { .keep_files = 0, .flush_interval = 0.1, .rotate_time = 0.3 };
 	struct sockaddr_storage c = sa4("127.0.0.1", 45000), t = sa4("127.0.0.1", 9000);
-	char *why = NULL, names[32][400];
+	char names[32][400];
 	struct spool_flow *f;
 	int n;
 
 	(void)state;
-	snprintf(spool_tmp, sizeof spool_tmp, "/tmp/capd-test-time-%d", (int)getpid());
-	rm_spool();
-	st.spool = spool_tmp;
-	assert_int_equal(spool_start(&st, &why), 0);
+	spool_fresh(&st, "time");
 	f = spool_flow_open(spool_iface_add("t", NULL, PCAPNG_LINKTYPE_RAW, 65535, false), 1, IPPROTO_TCP,
 	                    (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
 	for (int i = 0; i < 10; i++) {
