@@ -181,7 +181,7 @@ instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 			log_warn("%s: accept", inst->name);
 			return;
 		}
-		session_new(inst, fd, (struct sockaddr *)&peer);
+		session_read_first(session_new(inst, fd, (struct sockaddr *)&peer));
 	}
 }
 

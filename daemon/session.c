@@ -263,6 +263,13 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	/* input may have closed s; a closed session is in the graveyard and has client_eof handled */
 }
 
+void
+session_read_first(struct session *s)
+{
+	if (s->inst->proto->input && s->state == SESSION_HANDSHAKE && ev_is_active(&s->client.rio))
+		session_hs_read_cb(capd_loop, &s->client.rio, EV_READ);
+}
+
 static void
 session_hs_flush(struct session *s)
 {

@@ -106,6 +106,9 @@ void session_table_shutdown(void);
 
 /* Takes ownership of fd. Starts reading the handshake into hs_in and calls proto->accepted. */
 struct session *session_new(struct instance *inst, int fd, const struct sockaddr *peer);
+/* A client that speaks first (SOCKS, HTTP) has usually sent by the time it is
+ * accepted: reads its first bytes now instead of waiting for the watcher. */
+void session_read_first(struct session *s);
 /* A datagram session (UDP association, DNS query): no sockets of its own. */
 struct session *session_new_datagram(struct instance *inst, const char *proto,
                                      const struct sockaddr *client, const struct sockaddr *target);
