@@ -266,8 +266,9 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 void
 session_read_first(struct session *s)
 {
+	/* through the watcher's callback: a TLS handshake may have put its own there */
 	if (s->inst->proto->input && s->state == SESSION_HANDSHAKE && ev_is_active(&s->client.rio))
-		session_hs_read_cb(capd_loop, &s->client.rio, EV_READ);
+		ev_invoke(capd_loop, &s->client.rio, EV_READ);
 }
 
 static void
