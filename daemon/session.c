@@ -357,7 +357,9 @@ session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
 	socklen_t len = sizeof err;
 
 	(void)loop; (void)revents;
-	if (getsockopt(s->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+	if (s->up_established)
+		s->up_established = false;  /* session_established() saw it: nothing to ask */
+	else if (getsockopt(s->upstream.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
 		err = errno;
 	if (err == EINPROGRESS)
 		return;
@@ -408,6 +410,18 @@ session_connect_defer(struct session *s, int err)
 	ev_timer_start(capd_loop, &s->timer);
 }
 
+/* A local upstream has usually answered the SYN before connect(2) returns
+ * (on loopback the whole handshake runs inside the call): then no watcher
+ * and no wake-up are needed to learn it. */
+static bool
+session_established(int fd)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof ti;
+
+	return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_ESTABLISHED;
+}
+
 static void
 session_connect_next(struct session *s)
 {
@@ -431,7 +445,10 @@ session_connect_next(struct session *s)
 			s->cand++;
 			ev_io_init(&s->upstream.wio, session_connect_cb, fd, EV_WRITE);
 			s->upstream.wio.data = s;
-			ev_io_start(capd_loop, &s->upstream.wio);
+			if ((s->up_established = session_established(fd)))
+				ev_feed_event(capd_loop, &s->upstream.wio, EV_WRITE);  /* later in this pass */
+			else
+				ev_io_start(capd_loop, &s->upstream.wio);
 			return;
 		}
 		err = errno;

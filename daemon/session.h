@@ -72,6 +72,7 @@ struct session {
 	struct buf hs_in, hs_out;   /* handshake bytes; what is left passes to the relay */
 	bool client_eof;            /* the client closed during the handshake */
 	bool hs_replied;            /* the handshake sent the client a reply (it now waits for us) */
+	bool up_established;        /* the upstream connect finished inside connect(2) */
 	ev_timer timer;             /* handshake/connect deadline, then idle check */
 	double deadline_at;         /* handshake/connect deadline, 0 when none */
 
