@@ -18,7 +18,6 @@
  */
 #include "tail.h"
 
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
@@ -44,8 +43,7 @@
  */
 #define TAIL_MEM_MAX (64u << 20)
 
-/* Bytes held by every ring; sessions on every loop thread grow and free rings. */
-static _Atomic size_t tail_ring_bytes;
+static size_t tail_ring_bytes;      /* bytes held by every ring */
 
 /* One direction's backlog: the last min(total, cap) bytes of the stream. */
 struct tail_ring {
@@ -120,12 +118,11 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 			want *= 2;
 		if (want > max)
 			want = max;
-		/* a bound, not an account: threads racing past it overshoot by a ring each */
-		if (atomic_load_explicit(&tail_ring_bytes, memory_order_relaxed) + (want - r->cap) > TAIL_MEM_MAX)
+		if (tail_ring_bytes + (want - r->cap) > TAIL_MEM_MAX)
 			want = r->cap ? r->cap : TAIL_RING_MIN;
 		if (want != r->cap) {
 			r->buf = xrealloc(r->buf, want);
-			atomic_fetch_add_explicit(&tail_ring_bytes, want - r->cap, memory_order_relaxed);
+			tail_ring_bytes += want - r->cap;
 			r->cap = want;
 		}
 	}
@@ -528,7 +525,7 @@ tail_session_end(struct session *s)
 		tail_sub_free(sub);
 	}
 	for (int d = 0; d < 2; d++) {
-		atomic_fetch_sub_explicit(&tail_ring_bytes, t->ring[d].cap, memory_order_relaxed);
+		tail_ring_bytes -= t->ring[d].cap;
 		free(t->ring[d].buf);
 	}
 	free(t->marks);
