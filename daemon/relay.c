@@ -318,7 +318,8 @@ relay_pump_splice(struct session *s, enum dir d)
 		relay_fail(s, d, true, errno);
 		return true;
 	}
-	if (rd->eof || !relay_can_splice(s, d)) {
+	/* a pipe still holding bytes stays (the next pass empties it), whatever the copying pump would do */
+	if (rd->piped == 0 && (rd->eof || !relay_can_splice(s, d))) {
 		relay_pipe_put(rd->pipe, true);
 		rd->pipe = NULL;
 		return false;
