@@ -501,6 +501,12 @@ tls_ctx_common(SSL_CTX *ctx)
 	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
 	                      SSL_MODE_RELEASE_BUFFERS);
+	/* AES-128-GCM first on both legs, the order of Mozilla's intermediate
+	 * profile and Go's crypto/tls: with AES-NI it is half again as fast as
+	 * OpenSSL's default first pick, AES-256-GCM, and the plaintext the
+	 * analyst reads is the same. The set of suites is OpenSSL's default. */
+	SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
+	SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM+AES128:ALL:!COMPLEMENTOFDEFAULT:!eNULL");
 	SSL_CTX_set_read_ahead(ctx, 1);
 	/* read ahead up to the relay's buffer: fewer recv() calls for bulk */
 	SSL_CTX_set_default_read_buffer_len(ctx, RELAY_BUF + SSL3_RT_MAX_ENCRYPTED_OVERHEAD);
@@ -578,6 +584,9 @@ tls_server_ctx(char **why)
 		SSL_CTX_free(ctx);
 		return -1;
 	}
+	/* our order, except that a client that puts ChaCha20 first (no AES in
+	 * hardware, as on many phones) gets it */
+	SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
 	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
 	SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_cb, NULL);
 	SSL_CTX_set_num_tickets(ctx, 1);
