@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -300,7 +301,12 @@ class Bench:
                 pv.append(v)
         return cv, pv, dropped
 
+    def wanted(self, name):
+        return self.args.only is None or re.search(self.args.only, name, re.I) is not None
+
     def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False):
+        if not self.wanted(name):
+            return None
         cv, pv, dropped = self.alternate(capd_fn, peer_fn)
         return self.add_row(name, metric, cv, pv, peer_name, target, lower_better, dropped)
 
@@ -325,6 +331,8 @@ class Bench:
     def compare_reqs(self, name, lat_name, capd_fn, peer_fn, peer_name):
         """HTTP requests/s and p99 latency from the same runs (`capd-bench reqs`), with the failed
         requests and the connections each side needed (keep-alive honoured or not) in the JSON."""
+        if not self.wanted(name):
+            return
         cv, pv, dropped = self.alternate(capd_fn, peer_fn)
         total = lambda rs, k: sum(r[k] for r in rs)
         failed = {"capd": total(cv, "failed"), peer_name: total(pv, "failed")}
@@ -509,6 +517,7 @@ def main():
     ap.add_argument("--build", default=str(ROOT / "build"))
     ap.add_argument("--quick", action="store_true", help="one round of the main workloads (under 2 minutes)")
     ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    ap.add_argument("--only", metavar="REGEX", help="only the workloads whose name matches (e.g. 'TLS bulk')")
     args = ap.parse_args()
     b = Bench(args)
     try:
