@@ -37,7 +37,6 @@
 
 #define CAPD_SHUTDOWN_GRACE 2.0  /* seconds open sessions get to finish at stop */
 
-struct ev_loop *capd_loop;
 struct capd_settings *capd_settings;
 const char *capd_config_path = "/etc/capd/capd.conf";
 double capd_started;
@@ -177,6 +176,8 @@ capd_reload(char **why)
 
 	if (strcmp(c->settings.control, capd_settings->control) != 0)
 		log_notice("control socket path changes only at restart");
+	if (c->settings.workers != capd_settings->workers)
+		log_notice("workers changes only at restart");
 	capd_apply_log_level(&c->settings);
 	spool_reconfigure(&c->settings);
 	/* the socket path in force stays what we bound */
@@ -196,6 +197,7 @@ capd_finish(void)
 {
 	instance_remove_all();
 	session_table_shutdown();
+	shards_stop();
 	hosts_restore();
 	control_stop();
 	resolve_shutdown();
@@ -246,6 +248,38 @@ capd_watchdog_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop; (void)w; (void)revents;
 	capd_notify("WATCHDOG=1");
+}
+
+/* The settings' workers, or one loop per CPU. */
+static unsigned
+capd_workers(const struct capd_settings *st)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	if (st->workers > 0)
+		return st->workers;
+	return n < 1 ? 1 : n > 16 ? 16 : (unsigned)n;
+}
+
+/* What each worker thread's loop needs of its own (shard.h). */
+static void
+capd_shard_init(void)
+{
+	char *why = NULL;
+
+	session_loop_init();
+	if (resolve_init(&why) < 0) {
+		/* names then fail to resolve on this shard, with the reason in each session */
+		log_error("worker: %s", why);
+		free(why);
+	}
+}
+
+static void
+capd_shard_fini(void)
+{
+	resolve_shutdown();
+	session_loop_fini();
 }
 
 static void
@@ -299,7 +333,7 @@ main(int argc, char **argv)
 	capd_raise_nofile();
 	signal(SIGPIPE, SIG_IGN);
 
-	capd_loop = ev_default_loop(EVFLAG_AUTO);
+	shards_init(ev_default_loop(EVFLAG_AUTO), capd_workers(capd_settings));
 	capd_started = ev_time();
 	ev_now_update(capd_loop);
 	/* signals first: a supervisor may signal us as soon as the socket exists */
@@ -329,7 +363,8 @@ main(int argc, char **argv)
 	}
 	/* everything the config asks for is bound and open: root is no longer needed */
 	tls_prepare();
-	if (privdrop(capd_settings, &why) < 0) {
+	/* threads after the drop: capset(2) changes only the calling thread */
+	if (privdrop(capd_settings, &why) < 0 || shards_run(capd_shard_init, capd_shard_fini, &why) < 0) {
 		log_error("%s", why);
 		free(why);
 		capd_finish();

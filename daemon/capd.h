@@ -9,6 +9,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "shard.h"
+
 #define CAPD_VERSION "0.1.0"
 
 /* The [capd] section. Owned by the conf that parsed it; conf_free() frees it. */
@@ -27,9 +29,9 @@ struct capd_settings {
 	bool hosts_restore;
 	char *ca_cert, *ca_key, *keylog_file;
 	uint64_t tail_backlog;
+	unsigned workers;     /* event loop threads; 0 = one per CPU (read at start only) */
 };
 
-extern struct ev_loop *capd_loop;
 extern struct capd_settings *capd_settings;  /* the one in force */
 extern const char *capd_config_path;
 

@@ -157,6 +157,13 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 			conf_fail(cp, "bad log_level '%s' (error, warning, notice, info or debug)", v);
 		else
 			st->log_level = lvl;
+	} else if (!strcmp(key, "workers")) {
+		if (!strcmp(v, "auto"))
+			st->workers = 0;
+		else if (value_uint(v, 64, &u) < 0 || u < 1)
+			conf_fail(cp, "bad value for 'workers': '%s' (auto, or 1 to 64)", v);
+		else
+			st->workers = (unsigned)u;
 	} else if (!strcmp(key, "hosts_restore")) {
 		if (value_bool(v, &b) < 0)
 			conf_fail(cp, "bad value for 'hosts_restore': '%s' (expected yes or no)", v);

@@ -105,7 +105,9 @@ ctl_conn_flush(struct ctl_conn *c)
 		ssize_t n = send(c->fd, buf_head(&c->out), buf_used(&c->out), MSG_NOSIGNAL);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EINTR) {
-				ev_io_start(capd_loop, &c->wio);
+				/* tail and events send from worker threads too: the main loop must see it */
+				ev_io_start(capd_main, &c->wio);
+				shard_wake(capd_main);
 				return;
 			}
 			ctl_conn_kill(c);
@@ -113,7 +115,7 @@ ctl_conn_flush(struct ctl_conn *c)
 		}
 		buf_consume(&c->out, (size_t)n);
 	}
-	ev_io_stop(capd_loop, &c->wio);
+	ev_io_stop(capd_main, &c->wio);
 }
 
 void
@@ -172,10 +174,11 @@ ctl_conn_kill(struct ctl_conn *c)
 	if (c->dead)
 		return;
 	c->dead = true;
-	ev_io_stop(capd_loop, &c->rio);
-	ev_io_stop(capd_loop, &c->wio);
-	ev_timer_stop(capd_loop, &c->timer);
+	ev_io_stop(capd_main, &c->rio);
+	ev_io_stop(capd_main, &c->wio);
+	ev_timer_stop(capd_main, &c->timer);
 	ctl_dead_pending = 1;
+	shard_wake(capd_main);  /* its reaper runs on the main loop */
 }
 
 static void
@@ -306,10 +309,10 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (buf_used(&c->framer.in) > 0 || c->framer.skipping) {
 		if (!ev_is_active(&c->timer)) {
 			ev_timer_set(&c->timer, CTL_REQUEST_TIMEOUT, 0.);
-			ev_timer_start(capd_loop, &c->timer);
+			ev_timer_start(capd_main, &c->timer);
 		}
 	} else {
-		ev_timer_stop(capd_loop, &c->timer);
+		ev_timer_stop(capd_main, &c->timer);
 	}
 }
 
@@ -500,10 +503,10 @@ control_start(const struct capd_settings *st, char **why)
 		return -1;
 	ev_io_init(&ctl_accept_io, ctl_accept_cb, ctl_fd, EV_READ);
 	ev_init(&ctl_accept_pause, ctl_accept_resume_cb);
-	ev_io_start(capd_loop, &ctl_accept_io);
+	ev_io_start(capd_main, &ctl_accept_io);
 	ev_prepare_init(&ctl_reaper, ctl_reap_cb);
-	ev_prepare_start(capd_loop, &ctl_reaper);
-	ev_unref(capd_loop);
+	ev_prepare_start(capd_main, &ctl_reaper);
+	ev_unref(capd_main);
 	return 0;
 }
 
@@ -518,11 +521,11 @@ control_stop(void)
 		ctl_conn_flush(c);
 		ctl_conn_kill(c);
 	}
-	ctl_reap_cb(capd_loop, &ctl_reaper, 0);
-	ev_io_stop(capd_loop, &ctl_accept_io);
-	ev_timer_stop(capd_loop, &ctl_accept_pause);
-	ev_ref(capd_loop);
-	ev_prepare_stop(capd_loop, &ctl_reaper);
+	ctl_reap_cb(capd_main, &ctl_reaper, 0);
+	ev_io_stop(capd_main, &ctl_accept_io);
+	ev_timer_stop(capd_main, &ctl_accept_pause);
+	ev_ref(capd_main);
+	ev_prepare_stop(capd_main, &ctl_reaper);
 	close(ctl_fd);
 	ctl_fd = -1;
 	if (ctl_path) {

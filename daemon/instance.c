@@ -73,7 +73,6 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 	const char *type = params_str(&p, "type", NULL), *name, *listen;
 	char *err = NULL;
 
-	inst->fd = -1;
 	inst->spool_iface = -1;
 	inst->params = params;
 	json_incref(params);
@@ -150,34 +149,40 @@ instance_check(json_t *params, const char *file, json_t *lines, int section_line
 static void
 instance_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
-	struct instance *inst = w->data;
+	struct listener *l = w->data;
 
 	(void)revents;
-	ev_io_start(loop, &inst->accept_io);
+	ev_io_start(loop, &l->io);
 }
 
 static void
 instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-	struct instance *inst = w->data;
+	struct listener *l = w->data;
+	struct instance *inst = l->inst;
 
 	(void)revents;
 	for (int i = 0; i < ACCEPT_BATCH; i++) {
 		struct sockaddr_storage peer;
 		socklen_t len = sizeof peer;
-		int fd = accept4(inst->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 
+		/* the listener is this shard's own: nobody closes it while we wait here */
+		capd_unlock();
+		int fd = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		int err = errno;
+		capd_lock();
 		if (fd < 0) {
-			if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+			if (err == EAGAIN || err == EINTR || err == ECONNABORTED)
 				return;
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+			if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
 				/* out of descriptors: pause instead of spinning on a ready listener */
 				log_warn("%s: accept paused for 1 s", inst->name);
-				ev_io_stop(loop, &inst->accept_io);
-				ev_timer_set(&inst->accept_pause, 1., 0.);
-				ev_timer_start(loop, &inst->accept_pause);
+				ev_io_stop(loop, &l->io);
+				ev_timer_set(&l->pause, 1., 0.);
+				ev_timer_start(loop, &l->pause);
 				return;
 			}
+			errno = err;
 			log_warn("%s: accept", inst->name);
 			return;
 		}
@@ -186,7 +191,23 @@ instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 }
 
 static int
-instance_listen(struct instance *inst, char **why)
+instance_bind_fail(struct instance *inst, int err, char **why)
+{
+	struct sockaddr *sa = (struct sockaddr *)&inst->listen;
+
+	if (err == EADDRINUSE)
+		*why = xasprintf("port %u is in use (%s)", addr_port(sa), inst->listen_str);
+	else if (err == EACCES)
+		*why = xasprintf("cannot bind %s: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
+		                 inst->listen_str);
+	else
+		*why = xasprintf("cannot bind %s: %s", inst->listen_str, strerror(err));
+	return -1;
+}
+
+/* A bound, listening socket; reuseport for one of several per shard. -1 and *why. */
+static int
+instance_socket(struct instance *inst, bool reuseport, bool listening, char **why)
 {
 	struct sockaddr *sa = (struct sockaddr *)&inst->listen;
 	int fd, one = 1;
@@ -197,44 +218,100 @@ instance_listen(struct instance *inst, char **why)
 		return -1;
 	}
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (reuseport)
+		setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
 	/* accepted sockets inherit it: one call here instead of one per session */
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	if (sa->sa_family == AF_INET6)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
 	if (bind(fd, sa, inst->listen_len) < 0) {
-		if (errno == EADDRINUSE)
-			*why = xasprintf("port %u is in use (%s)", addr_port(sa), inst->listen_str);
-		else if (errno == EACCES)
-			*why = xasprintf("cannot bind %s: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
-			                 inst->listen_str);
-		else
-			*why = xasprintf("cannot bind %s: %s", inst->listen_str, strerror(errno));
+		int err = errno;
 		close(fd);
-		return -1;
+		return instance_bind_fail(inst, err, why);
 	}
-	if (listen(fd, SOMAXCONN) < 0) {
+	if (listening && listen(fd, SOMAXCONN) < 0) {
 		*why = xasprintf("listen %s: %s", inst->listen_str, strerror(errno));
 		close(fd);
 		return -1;
 	}
-	inst->fd = fd;
-	ev_io_init(&inst->accept_io, instance_accept_cb, fd, EV_READ);
-	inst->accept_io.data = inst;
-	ev_init(&inst->accept_pause, instance_accept_resume_cb);
-	inst->accept_pause.data = inst;
-	ev_io_start(capd_loop, &inst->accept_io);
+	return fd;
+}
+
+/* Run on the listener's own shard (shard_call). */
+static void
+instance_listener_start(void *arg)
+{
+	struct listener *l = arg;
+
+	ev_io_start(capd_loop, &l->io);
+}
+
+static void
+instance_listener_stop(void *arg)
+{
+	struct listener *l = arg;
+
+	ev_io_stop(capd_loop, &l->io);
+	ev_timer_stop(capd_loop, &l->pause);
+	close(l->fd);
+	l->fd = -1;
+}
+
+static void instance_close_listener(struct instance *inst);
+
+static int
+instance_listen(struct instance *inst, char **why)
+{
+	unsigned n = inst->proto->sharded && addr_port((struct sockaddr *)&inst->listen) != 0 ? shards_count() : 1;
+
+	if (n > 1) {
+		/* SO_REUSEPORT would let us join a socket of our own uid on the port:
+		 * a plain bind first says whether the port is taken */
+		int probe = instance_socket(inst, false, false, why);
+		if (probe < 0)
+			return -1;
+		close(probe);
+	}
+	inst->lis = xcalloc(n ? n : 1, sizeof *inst->lis);
+	for (unsigned i = 0; i < (n ? n : 1); i++) {
+		struct listener *l = &inst->lis[i];
+		int fd = instance_socket(inst, n > 1, true, why);
+
+		if (fd < 0) {
+			instance_close_listener(inst);
+			return -1;
+		}
+		l->inst = inst;
+		l->shard = shard_at(i);
+		l->fd = fd;
+		ev_io_init(&l->io, instance_accept_cb, fd, EV_READ);
+		l->io.data = l;
+		ev_init(&l->pause, instance_accept_resume_cb);
+		l->pause.data = l;
+		inst->nlis++;
+		if (l->shard)
+			shard_call(l->shard, instance_listener_start, l);
+		else
+			instance_listener_start(l);
+	}
 	return 0;
 }
 
 static void
 instance_close_listener(struct instance *inst)
 {
-	if (inst->fd < 0)
-		return;
-	ev_io_stop(capd_loop, &inst->accept_io);
-	ev_timer_stop(capd_loop, &inst->accept_pause);
-	close(inst->fd);
-	inst->fd = -1;
+	for (unsigned i = 0; i < inst->nlis; i++) {
+		struct listener *l = &inst->lis[i];
+		if (l->fd < 0)
+			continue;
+		if (l->shard)
+			shard_call(l->shard, instance_listener_stop, l);
+		else
+			instance_listener_stop(l);
+	}
+	free(inst->lis);
+	inst->lis = NULL;
+	inst->nlis = 0;
 }
 
 struct instance *

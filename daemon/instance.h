@@ -28,6 +28,7 @@ struct proto {
 	const char *name;          /* the type word: "forward", "socks" ... */
 	const char *const *keys;   /* type-specific config keys, NULL-terminated */
 	bool listens;              /* binds `listen` for TCP (sniff and trace do not) */
+	bool sharded;              /* its TCP sessions may run on any shard (shard.h): a listener on each */
 	size_t hs_max;             /* handshake byte budget for hs_in; 0 = 4 KiB */
 	/* params -> inst->cfg. Also run by `capd -t`, so it must not bind or open anything. */
 	int (*configure)(struct instance *inst, struct params *p);
@@ -51,6 +52,15 @@ struct proto {
 
 enum instance_state { INSTANCE_RUNNING, INSTANCE_FAILED, INSTANCE_STOPPED };
 
+/* One listening socket, run by one shard's loop. */
+struct listener {
+	struct instance *inst;
+	struct shard *shard;
+	int fd;
+	ev_io io;
+	ev_timer pause;               /* accept backs off a second on EMFILE */
+};
+
 /* Owned by the registry in instance.c; instance_remove() frees it. */
 struct instance {
 	TAILQ_ENTRY(instance) entry;
@@ -63,9 +73,8 @@ struct instance {
 	struct sockaddr_storage listen;
 	socklen_t listen_len;
 	char listen_str[ADDR_STRLEN]; /* or the interface / command for sniff and trace */
-	int fd;                       /* TCP listener, -1 if none */
-	ev_io accept_io;
-	ev_timer accept_pause;        /* accept backs off a second on EMFILE */
+	struct listener *lis;         /* TCP listeners, one per shard for a sharded proto; NULL if none */
+	unsigned nlis;
 
 	bool capture, expose;
 	double idle_timeout, connect_timeout;

@@ -125,6 +125,7 @@ const struct proto proto_forward = {
 	.name = "forward",
 	.keys = forward_keys,
 	.listens = true,
+	.sharded = true,
 	.configure = forward_configure,
 	.accepted = forward_accepted,
 	.connected = forward_connected,

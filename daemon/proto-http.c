@@ -179,6 +179,7 @@ const struct proto proto_http = {
 	.name = "http",
 	.keys = http_keys,
 	.listens = true,
+	.sharded = true,
 	.hs_max = HTTP_PROXY_HS_MAX,
 	.configure = http_fwd_configure,
 	.accepted = http_proxy_accepted,

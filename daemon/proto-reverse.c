@@ -175,6 +175,7 @@ const struct proto proto_reverse = {
 	.name = "reverse",
 	.keys = reverse_keys,
 	.listens = true,
+	.sharded = true,
 	.hs_max = HTTP_PROXY_HS_MAX,
 	.configure = reverse_configure,
 	.accepted = http_proxy_accepted,

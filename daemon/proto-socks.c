@@ -679,6 +679,7 @@ const struct proto proto_socks = {
 	.name = "socks",
 	.keys = socks_keys,
 	.listens = true,
+	.sharded = true,
 	.hs_max = SOCKS_HS_MAX,
 	.configure = socks_configure,
 	.start = socks_start,

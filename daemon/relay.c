@@ -181,13 +181,21 @@ relay_dst(struct session *s, enum dir d)
 	return d == DIR_UP ? &s->upstream : &s->client;
 }
 
-/* The relay's only I/O calls: plain sockets, or TLS when the side has it. */
+/*
+ * The relay's only I/O calls: plain sockets, or TLS when the side has it.
+ * Plain socket calls run outside the lock (shard.h): the session's sockets
+ * are its own thread's, and its buffers are nobody else's. TLS keeps the
+ * lock, since OpenSSL's callbacks reach shared state (key log, caches).
+ */
+#define RELAY_UNLOCKED(type, call) \
+	({ capd_unlock(); type r_ = (call); int e_ = errno; capd_lock(); errno = e_; r_; })
+
 static inline ssize_t
 relay_recv(struct side *sd, void *p, size_t n)
 {
 	if (__builtin_expect(sd->tls != NULL, 0))
 		return tls_side_read(sd->tls, p, n);
-	return recv(sd->fd, p, n, 0);
+	return RELAY_UNLOCKED(ssize_t, recv(sd->fd, p, n, 0));
 }
 
 static inline ssize_t
@@ -195,7 +203,7 @@ relay_send(struct side *sd, const void *p, size_t n)
 {
 	if (__builtin_expect(sd->tls != NULL, 0))
 		return tls_side_write(sd->tls, p, n);
-	return send(sd->fd, p, n, MSG_NOSIGNAL);
+	return RELAY_UNLOCKED(ssize_t, send(sd->fd, p, n, MSG_NOSIGNAL));
 }
 
 static inline void
@@ -203,7 +211,7 @@ relay_shut(struct side *sd)
 {
 	if (sd->tls)
 		tls_side_shutdown(sd->tls);
-	shutdown(sd->fd, SHUT_WR);
+	RELAY_UNLOCKED(int, shutdown(sd->fd, SHUT_WR));
 }
 
 /* Bytes (or an EOF) wait where the read watcher cannot see them. */
@@ -272,8 +280,8 @@ relay_pump_splice(struct session *s, enum dir d)
 
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->piped > 0) {
-			ssize_t w = splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped,
-			                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			ssize_t w = RELAY_UNLOCKED(ssize_t, splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped,
+			                                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
 			if (w < 0) {
 				if (errno == EAGAIN || errno == EINTR)
 					goto dst_full;
@@ -290,8 +298,8 @@ relay_pump_splice(struct session *s, enum dir d)
 			break;
 		if (rd->pipe == NULL && (rd->pipe = relay_pipe_get()) == NULL)
 			return false;
-		ssize_t r = splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE,
-		                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		ssize_t r = RELAY_UNLOCKED(ssize_t, splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE,
+		                                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
 		if (r > 0) {
 			rd->piped = (uint32_t)r;
 			session_bytes(s, d, (size_t)r);

@@ -24,6 +24,7 @@ struct resolve_req {
 	void *arg;
 	uint16_t port;
 	ev_timer later;    /* answers found at once go out on the next loop pass, never re-entrantly */
+	struct ev_loop *loop; /* the asking thread's: a cancel may come from another (udp-relay) */
 	int starting;      /* inside resolve_start: c-ares may answer synchronously from /etc/hosts */
 	int err;
 	const char *why;
@@ -36,10 +37,12 @@ struct resolve_sock {
 	struct resolve_sock *next;
 };
 
-static ares_channel resolve_channel;
-static struct resolve_sock *resolve_socks;
-static ev_timer resolve_timer;
-static int resolve_ready;
+/* one channel per event-loop thread (shard.h): answers come back on the
+ * loop of the session that asked */
+static _Thread_local ares_channel resolve_channel;
+static _Thread_local struct resolve_sock *resolve_socks;
+static _Thread_local ev_timer resolve_timer;
+static _Thread_local int resolve_ready;
 
 static void resolve_arm_timer(void);
 
@@ -184,7 +187,7 @@ resolve_ares_cb(void *arg, int status, int timeouts, struct ares_addrinfo *res)
 		r->why = status == ARES_SUCCESS ? "no address" : ares_strerror(status);
 	}
 	if (r->starting) {
-		ev_timer_start(capd_loop, &r->later);
+		ev_timer_start(r->loop, &r->later);
 		return;
 	}
 	resolve_deliver(r);
@@ -200,11 +203,12 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 
 	r->cb = cb;
 	r->arg = arg;
+	r->loop = capd_loop;
 	ev_timer_init(&r->later, resolve_later_cb, 0., 0.);
 	r->later.data = r;
 	if (addr_from_literal(host, port, &r->addrs[0], &len) == 0) {
 		r->n = 1;
-		ev_timer_start(capd_loop, &r->later);
+		ev_timer_start(r->loop, &r->later);
 		return r;
 	}
 	memset(&hints, 0, sizeof hints);
@@ -226,7 +230,7 @@ resolve_cancel(struct resolve_req *r)
 		return;
 	r->cb = NULL;
 	if (ev_is_active(&r->later)) {  /* answered already, waiting for the next pass */
-		ev_timer_stop(capd_loop, &r->later);
+		ev_timer_stop(r->loop, &r->later);
 		free(r);
 	}
 }

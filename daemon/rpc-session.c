@@ -47,20 +47,25 @@ rpc_session_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	return session_list_json(inst, open_only);
 }
 
+/* On the session's own shard: its sockets are that thread's alone. */
+static void
+rpc_session_kill_here(struct session *s, void *arg)
+{
+	session_reset(s, "killed by capctl");
+	*(json_t **)arg = session_json(s);
+}
+
 static json_t *
 rpc_session_kill(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	uint64_t id;
-	struct session *s;
-	json_t *o;
+	json_t *o = NULL;
 
 	(void)c;
 	if (rpc_session_id(params, &id) < 0)
 		return rpc_fail(err, RPC_E_PARAMS, "session.kill needs \"id\", a positive session number");
-	if ((s = session_find(id)) == NULL)
+	if (session_call(id, rpc_session_kill_here, &o) < 0)
 		return rpc_fail(err, RPC_E_NOT_FOUND, "no session %llu", (unsigned long long)id);
-	session_reset(s, "killed by capctl");
-	o = session_json(s);
 	return o;
 }
 

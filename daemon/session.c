@@ -56,14 +56,21 @@ struct session_rec {
 static struct session_rec session_history[SESSION_HISTORY];  /* ring of closed sessions */
 static unsigned session_history_head, session_history_len;
 
-static struct session *session_graveyard;  /* freed on the next loop pass */
-static ev_prepare session_reaper;
+/* per loop thread: closed sessions, freed on that loop's next pass */
+static _Thread_local struct session *session_graveyard;
+static _Thread_local ev_prepare session_reaper;
 
 static void session_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents);
 static void session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_hs_write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_connect_next(struct session *s);
+
+static inline struct ev_loop *
+session_loop(const struct session *s)
+{
+	return shard_loop(s->shard);
+}
 
 /* Copies a string, cut to fit: strlcpy without the printf machinery (every session closes through here). */
 static void
@@ -102,9 +109,7 @@ session_table_init(const char *state_dir, char **why)
 {
 	FILE *f;
 
-	ev_prepare_init(&session_reaper, session_reap_cb);
-	ev_prepare_start(capd_loop, &session_reaper);
-	ev_unref(capd_loop);  /* the reaper alone must not keep the loop alive */
+	session_loop_init();
 	if (state_dir == NULL)
 		return 0;
 	session_id_path = xasprintf("%s/session-id", state_dir);
@@ -122,22 +127,74 @@ session_table_init(const char *state_dir, char **why)
 }
 
 void
-session_table_shutdown(void)
+session_loop_init(void)
+{
+	ev_prepare_init(&session_reaper, session_reap_cb);
+	ev_prepare_start(capd_loop, &session_reaper);
+	ev_unref(capd_loop);  /* the reaper alone must not keep the loop alive */
+}
+
+void
+session_loop_fini(void)
+{
+	session_reap_cb(capd_loop, &session_reaper, 0);
+	if (ev_is_active(&session_reaper)) {
+		ev_ref(capd_loop);
+		ev_prepare_stop(capd_loop, &session_reaper);
+	}
+}
+
+/* On each shard: closes the sessions it owns (of one instance, or all). */
+static void
+session_close_here(void *arg)
+{
+	struct { struct instance *inst; const char *reason; } *a = arg;
+	struct session *s, *next;
+
+	for (s = TAILQ_FIRST(&sessions); s; s = next) {
+		next = TAILQ_NEXT(s, entry);
+		if (s->shard == shard_self && (a->inst == NULL || s->inst == a->inst))
+			session_close(s, a->reason);
+	}
+}
+
+static bool
+session_any_of(struct instance *inst)
 {
 	struct session *s;
 
-	while ((s = TAILQ_FIRST(&sessions)) != NULL)
-		session_close(s, "capd stopped");
-	session_reap_cb(capd_loop, &session_reaper, 0);
+	TAILQ_FOREACH(s, &sessions, entry)
+		if (inst == NULL || s->inst == inst)
+			return true;
+	return false;
+}
+
+static void
+session_close_all_shards(struct instance *inst, const char *reason)
+{
+	struct { struct instance *inst; const char *reason; } a = { inst, reason };
+
+	/* a shard may open a session while another is asked (an http client
+	 * moving to a new origin): ask again until none is left */
+	if (shards_count() == 0) {
+		session_close_here(&a);
+		return;
+	}
+	for (int round = 0; round < 4 && session_any_of(inst); round++)
+		for (unsigned i = 0; i < shards_count(); i++)
+			shard_call(shard_at(i), session_close_here, &a);
+}
+
+void
+session_table_shutdown(void)
+{
+	session_close_all_shards(NULL, "capd stopped");
+	session_loop_fini();
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
 		free(session_history[i].note);
 		session_history[i].note = NULL;
 	}
 	session_history_len = 0;
-	if (ev_is_active(&session_reaper)) {
-		ev_ref(capd_loop);
-		ev_prepare_stop(capd_loop, &session_reaper);
-	}
 	free(session_id_path);
 	session_id_path = NULL;
 }
@@ -157,6 +214,7 @@ session_alloc(struct instance *inst, const char *proto)
 
 	s->id = session_id_new();
 	s->inst = inst;
+	s->shard = shard_self;
 	s->proto = proto;
 	s->state = SESSION_HANDSHAKE;
 	s->client.fd = s->upstream.fd = -1;
@@ -188,7 +246,7 @@ session_new(struct instance *inst, int fd, const struct sockaddr *peer)
 	ev_io_init(&s->client.wio, session_hs_write_cb, fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s;
 	if (inst->proto->input)
-		ev_io_start(capd_loop, &s->client.rio);
+		ev_io_start(session_loop(s), &s->client.rio);
 	if (inst->proto->accepted)
 		inst->proto->accepted(s);
 	return s;
@@ -255,7 +313,7 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	}
 	if (n == 0) {
 		s->client_eof = true;
-		ev_io_stop(capd_loop, &s->client.rio);
+		ev_io_stop(session_loop(s), &s->client.rio);
 	} else {
 		buf_commit(&s->hs_in, (size_t)n);
 	}
@@ -279,7 +337,7 @@ session_hs_flush(struct session *s)
 		                          : send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EINTR) {
-				ev_io_start(capd_loop, &s->client.wio);
+				ev_io_start(session_loop(s), &s->client.wio);
 				return;
 			}
 			session_close(s, "client went away during handshake");
@@ -287,7 +345,7 @@ session_hs_flush(struct session *s)
 		}
 		buf_consume(&s->hs_out, (size_t)n);
 	}
-	ev_io_stop(capd_loop, &s->client.wio);
+	ev_io_stop(session_loop(s), &s->client.wio);
 }
 
 static void
@@ -311,12 +369,12 @@ session_send(struct session *s, const void *p, size_t n)
 void
 session_set_deadline(struct session *s, double seconds)
 {
-	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_stop(session_loop(s), &s->timer);
 	s->deadline_at = 0;
 	if (seconds > 0) {
 		s->deadline_at = capd_now() + seconds;
 		ev_timer_set(&s->timer, seconds, 0.);
-		ev_timer_start(capd_loop, &s->timer);
+		ev_timer_start(session_loop(s), &s->timer);
 	}
 }
 
@@ -327,10 +385,10 @@ static void session_cands_free(struct session *s);
 static void
 session_connected(struct session *s, int err)
 {
-	ev_io_stop(capd_loop, &s->upstream.wio);
+	ev_io_stop(session_loop(s), &s->upstream.wio);
 	session_cands_free(s);
 	if (err == 0) {
-		ev_timer_stop(capd_loop, &s->timer);
+		ev_timer_stop(session_loop(s), &s->timer);
 		s->deadline_at = 0;
 	}
 	s->inst->proto->connected(s, err);
@@ -342,7 +400,7 @@ session_connect_fail(struct session *s, int err, const char *why)
 	free(s->why_connect);
 	s->why_connect = xstrdup(why);
 	if (s->upstream.fd >= 0) {
-		ev_io_stop(capd_loop, &s->upstream.wio);
+		ev_io_stop(session_loop(s), &s->upstream.wio);
 		close(s->upstream.fd);
 		s->upstream.fd = -1;
 	}
@@ -363,7 +421,7 @@ session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
 		err = errno;
 	if (err == EINPROGRESS)
 		return;
-	ev_io_stop(capd_loop, &s->upstream.wio);
+	ev_io_stop(session_loop(s), &s->upstream.wio);
 	if (err != 0) {
 		close(s->upstream.fd);
 		s->upstream.fd = -1;
@@ -405,9 +463,9 @@ static void
 session_connect_defer(struct session *s, int err)
 {
 	s->pending_err = err;
-	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_stop(session_loop(s), &s->timer);
 	ev_timer_set(&s->timer, 0., 0.);
-	ev_timer_start(capd_loop, &s->timer);
+	ev_timer_start(session_loop(s), &s->timer);
 }
 
 /* A local upstream has usually answered the SYN before connect(2) returns
@@ -440,18 +498,22 @@ session_connect_next(struct session *s)
 			return;
 		}
 		session_nodelay(fd);
-		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
+		/* the SYN's round trip runs inside connect() on loopback: outside the lock */
+		capd_unlock();
+		int rc = connect(fd, sa, addr_len(sa));
+		err = errno;
+		capd_lock();
+		if (rc == 0 || err == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
 			ev_io_init(&s->upstream.wio, session_connect_cb, fd, EV_WRITE);
 			s->upstream.wio.data = s;
 			if ((s->up_established = session_established(fd)))
-				ev_feed_event(capd_loop, &s->upstream.wio, EV_WRITE);  /* later in this pass */
+				ev_feed_event(session_loop(s), &s->upstream.wio, EV_WRITE);  /* later in this pass */
 			else
-				ev_io_start(capd_loop, &s->upstream.wio);
+				ev_io_start(session_loop(s), &s->upstream.wio);
 			return;
 		}
-		err = errno;
 		close(fd);
 		free(s->why_connect);
 		s->why_connect = xasprintf("connect to %s: %s",
@@ -567,12 +629,12 @@ session_opened(struct session *s)
 	struct instance *inst = s->inst;
 
 	s->state = SESSION_OPEN;
-	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_stop(session_loop(s), &s->timer);
 	s->deadline_at = 0;
 	s->last_active = capd_now();
 	if (inst->idle_timeout > 0) {
 		ev_timer_set(&s->timer, inst->idle_timeout, 0.);
-		ev_timer_start(capd_loop, &s->timer);
+		ev_timer_start(session_loop(s), &s->timer);
 	}
 	if (inst->capture && inst->spool_iface >= 0 && s->have_target) {
 		char comment[128];
@@ -729,17 +791,17 @@ session_history_add(struct session *s)
 }
 
 static void
-side_close(struct side *sd, bool reset)
+side_close(struct session *s, struct side *sd, bool reset)
 {
 	if (sd->fd < 0)
 		return;
-	ev_io_stop(capd_loop, &sd->rio);
-	ev_io_stop(capd_loop, &sd->wio);
+	ev_io_stop(session_loop(s), &sd->rio);
+	ev_io_stop(session_loop(s), &sd->wio);
 	if (reset) {
 		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
 		setsockopt(sd->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 	}
-	close(sd->fd);
+	shard_close(sd->fd);
 	sd->fd = -1;
 }
 
@@ -761,11 +823,11 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	reason = why;
 
 	relay_stop(s);
-	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_stop(session_loop(s), &s->timer);
 	resolve_cancel(s->resolving);
 	s->resolving = NULL;
-	side_close(&s->client, reset_client);
-	side_close(&s->upstream, reset_upstream);
+	side_close(s, &s->client, reset_client);
+	side_close(s, &s->upstream, reset_upstream);
 	if (s->flow) {
 		spool_flow_close(s->flow, reset_client || reset_upstream);
 		s->flow = NULL;
@@ -812,13 +874,39 @@ session_reset(struct session *s, const char *reason)
 void
 session_close_instance(struct instance *inst, const char *reason)
 {
-	struct session *s, *next;
+	session_close_all_shards(inst, reason);
+}
 
-	for (s = TAILQ_FIRST(&sessions); s; s = next) {
-		next = TAILQ_NEXT(s, entry);
-		if (s->inst == inst)
-			session_close(s, reason);
-	}
+struct session_call {
+	uint64_t id;
+	void (*fn)(struct session *s, void *arg);
+	void *arg;
+	int found;
+};
+
+static void
+session_call_here(void *arg)
+{
+	struct session_call *c = arg;
+	struct session *s = session_find(c->id);
+
+	/* looked up again on the owner: it may have closed while the call waited */
+	if (s == NULL || s->state == SESSION_CLOSED)
+		return;
+	c->found = 1;
+	c->fn(s, c->arg);
+}
+
+int
+session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *arg)
+{
+	struct session *s = session_find(id);
+	struct session_call c = { .id = id, .fn = fn, .arg = arg };
+
+	if (s == NULL || s->state == SESSION_CLOSED)
+		return -1;
+	shard_call(s->shard, session_call_here, &c);
+	return c.found ? 0 : -1;
 }
 
 static void

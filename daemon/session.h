@@ -60,6 +60,7 @@ struct session {
 	TAILQ_ENTRY(session) entry;
 	uint64_t id;
 	struct instance *inst;      /* borrowed; the instance outlives its sessions */
+	struct shard *shard;        /* whose loop runs its watchers; only that thread uses its sockets */
 	const char *proto;          /* "tcp", "udp", "socks5", "http" ... (static string) */
 	enum session_state state;
 	bool datagram;              /* UDP: no relay, data arrives by session_data() */
@@ -104,6 +105,9 @@ extern struct session_list sessions;
 
 int session_table_init(const char *state_dir, char **why);
 void session_table_shutdown(void);
+/* Per event-loop thread: the reaper that frees closed sessions on the next pass. */
+void session_loop_init(void);
+void session_loop_fini(void);
 
 /* Takes ownership of fd. Starts reading the handshake into hs_in and calls proto->accepted. */
 struct session *session_new(struct instance *inst, int fd, const struct sockaddr *peer);
@@ -137,6 +141,9 @@ void session_close(struct session *s, const char *reason);
 void session_reset(struct session *s, const char *reason);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
+
+/* Runs fn(s, arg) on the shard that owns session id, and waits; -1 when no open session has that id. */
+int session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *arg);
 
 json_t *session_json(struct session *s);  /* caller owns */
 /* Open sessions then the closed history, newest last; instance may be NULL. */

@@ -185,7 +185,7 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 static void
 follow_wake(void)
 {
-	ev_async_send(capd_loop, &follow_async);
+	ev_async_send(capd_main, &follow_async);
 }
 
 void
@@ -194,8 +194,8 @@ spool_follow_init(void)
 	if (follow_started)
 		return;
 	ev_async_init(&follow_async, follow_async_cb);
-	ev_async_start(capd_loop, &follow_async);
-	ev_unref(capd_loop);  /* followers alone do not keep capd running */
+	ev_async_start(capd_main, &follow_async);
+	ev_unref(capd_main);  /* followers alone do not keep capd running */
 	follow_started = true;
 	spool_follow_start(follow_wake);
 }

@@ -227,8 +227,11 @@ tail_sub_room(struct tail_sub *sub)
 			tail_drain_w.repeat = TAIL_DRAIN_SECS;
 			tail_drain_init = true;
 		}
-		if (!ev_is_active(&tail_drain_w))
-			ev_timer_again(capd_loop, &tail_drain_w);
+		if (!ev_is_active(&tail_drain_w)) {
+			/* subscribers are the main loop's, whichever thread carried the data */
+			ev_timer_again(capd_main, &tail_drain_w);
+			shard_wake(capd_main);
+		}
 		return false;
 	}
 	return true;
@@ -439,7 +442,7 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 		ev_prepare_init(&tail_replay_w, tail_replay_cb);
 		tail_replay_init = true;
 	}
-	ev_prepare_start(capd_loop, &tail_replay_w);
+	ev_prepare_start(capd_main, &tail_replay_w);
 	return 0;
 }
 

@@ -174,7 +174,8 @@ udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, 
 		LIST_INIT(&r->buckets[i]);
 	ev_io_init(&r->rio, udp_client_cb, fd, EV_READ);
 	r->rio.data = r;
-	ev_io_start(capd_loop, &r->rio);
+	ev_io_start(capd_main, &r->rio);
+	shard_wake(capd_main);
 	log_debug("%s: udp relay on %s", inst->name, addr_format((struct sockaddr *)&r->addr, a, sizeof a));
 	return r;
 }
@@ -188,7 +189,7 @@ udp_relay_stop(struct udp_relay *r)
 		return;
 	while ((a = LIST_FIRST(&r->assocs)) != NULL)
 		udp_assoc_end(a, "instance stopped");
-	ev_io_stop(capd_loop, &r->rio);
+	ev_io_stop(capd_main, &r->rio);
 	close(r->fd);
 	free(r);
 }
@@ -253,10 +254,10 @@ udp_assoc_end(struct udp_assoc *a, const char *reason)
 	}
 	for (int i = 0; i < 2; i++)
 		if (a->fd[i] >= 0) {
-			ev_io_stop(capd_loop, &a->rio[i]);
+			ev_io_stop(capd_main, &a->rio[i]);
 			close(a->fd[i]);
 		}
-	ev_timer_stop(capd_loop, &a->idle);
+	ev_timer_stop(capd_main, &a->idle);
 	resolve_cancel(a->rq);
 	buf_free(&a->pending);
 	free(a);
@@ -337,7 +338,8 @@ udp_upstream_fd(struct udp_assoc *a, int family)
 		return -1;
 	ev_io_init(&a->rio[i], udp_upstream_cb, a->fd[i], EV_READ);
 	a->rio[i].data = a;
-	ev_io_start(capd_loop, &a->rio[i]);
+	ev_io_start(capd_main, &a->rio[i]);
+	shard_wake(capd_main);
 	return a->fd[i];
 }
 
@@ -492,7 +494,8 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t 
 			return;
 		a = udp_assoc_alloc(r, src, true);
 		ev_timer_set(&a->idle, r->idle, 0.);
-		ev_timer_start(capd_loop, &a->idle);
+		ev_timer_start(capd_main, &a->idle);
+		shard_wake(capd_main);
 	}
 	udp_touch(a);
 	if (!r->socks) {

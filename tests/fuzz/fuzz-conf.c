@@ -6,7 +6,6 @@
 
 #include "conf.h"
 
-struct ev_loop *capd_loop;
 struct capd_settings *capd_settings;
 const char *capd_config_path;
 double capd_started;

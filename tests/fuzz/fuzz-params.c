@@ -12,7 +12,6 @@
 #include "capd.h"
 #include "instance.h"
 
-struct ev_loop *capd_loop;
 struct capd_settings *capd_settings;
 const char *capd_config_path;
 double capd_started;

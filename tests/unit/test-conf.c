@@ -9,7 +9,6 @@
 #include "conf.h"
 
 /* capd.c's globals, which the daemon library expects */
-struct ev_loop *capd_loop;
 struct capd_settings *capd_settings;
 const char *capd_config_path;
 double capd_started;

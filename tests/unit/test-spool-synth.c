@@ -30,7 +30,6 @@
 #include "spool.h"
 
 /* spool.c reads capd.h; these stand in for capd.c. */
-struct ev_loop *capd_loop;
 struct capd_settings *capd_settings;
 const char *capd_config_path;
 
