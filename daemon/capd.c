@@ -136,8 +136,8 @@ capd_start_instances(struct conf *c, char **errs)
 	}
 }
 
-int
-capd_reload(char **why)
+static int
+capd_reload_paused(char **why)
 {
 	struct conf *c;
 	struct instance *inst, *next;
@@ -190,6 +190,16 @@ capd_reload(char **why)
 	capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
 	*why = errs;
 	return 0;
+}
+
+/* The settings and instances change under the shards' feet: they wait (shard.h). */
+int
+capd_reload(char **why)
+{
+	shards_pause();
+	int rc = capd_reload_paused(why);
+	shards_resume();
+	return rc;
 }
 
 static void

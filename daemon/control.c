@@ -249,7 +249,10 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 	if (params == NULL || json_is_null(params))
 		params = empty = json_object();
 	log_debug("control: pid %d calls %s", c->pid, method);
+	/* methods read and change sessions and instances: the shards wait (shard.h) */
+	shards_pause();
 	result = m->fn(c, params, &err);
+	shards_resume();
 	json_decref(empty);
 	if (id == NULL) {  /* a notification: no reply, whatever happened */
 		json_decref(result);

@@ -62,7 +62,7 @@ struct http_conn {
 };
 
 /* Parse results live here only for the length of one callback. */
-static struct http_msg http_msg;
+static _Thread_local struct http_msg http_msg;  /* per loop thread (shard.h) */
 
 static const struct relay_filter http_filter;
 

@@ -166,11 +166,9 @@ instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		struct sockaddr_storage peer;
 		socklen_t len = sizeof peer;
 
-		/* the listener is this shard's own: nobody closes it while we wait here */
-		capd_unlock();
 		int fd = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		int err = errno;
-		capd_lock();
+
 		if (fd < 0) {
 			if (err == EAGAIN || err == EINTR || err == ECONNABORTED)
 				return;
@@ -262,7 +260,9 @@ static void instance_close_listener(struct instance *inst);
 static int
 instance_listen(struct instance *inst, char **why)
 {
-	unsigned n = inst->proto->sharded && addr_port((struct sockaddr *)&inst->listen) != 0 ? shards_count() : 1;
+	bool sharded = inst->proto->sharded && addr_port((struct sockaddr *)&inst->listen) != 0;
+	unsigned first = sharded ? shards_session_first() : 0;
+	unsigned n = sharded ? shards_count() - first : 1;
 
 	if (n > 1) {
 		/* SO_REUSEPORT would let us join a socket of our own uid on the port:
@@ -272,8 +272,8 @@ instance_listen(struct instance *inst, char **why)
 			return -1;
 		close(probe);
 	}
-	inst->lis = xcalloc(n ? n : 1, sizeof *inst->lis);
-	for (unsigned i = 0; i < (n ? n : 1); i++) {
+	inst->lis = xcalloc(n, sizeof *inst->lis);
+	for (unsigned i = 0; i < n; i++) {
 		struct listener *l = &inst->lis[i];
 		int fd = instance_socket(inst, n > 1, true, why);
 
@@ -282,7 +282,7 @@ instance_listen(struct instance *inst, char **why)
 			return -1;
 		}
 		l->inst = inst;
-		l->shard = shard_at(i);
+		l->shard = shard_at(first + i);
 		l->fd = fd;
 		ev_io_init(&l->io, instance_accept_cb, fd, EV_READ);
 		l->io.data = l;
@@ -360,6 +360,8 @@ instance_add(json_t *params, bool from_config, char **why)
 void
 instance_remove(struct instance *inst, const char *reason)
 {
+	/* none of its sessions may start or run while it goes (shard.h) */
+	shards_pause();
 	TAILQ_REMOVE(&instances, inst, entry);
 	instance_close_listener(inst);
 	if (inst->proto->stop && inst->state == INSTANCE_RUNNING)
@@ -371,6 +373,7 @@ instance_remove(struct instance *inst, const char *reason)
 	events_emit("instance.remove", instance_json(inst));
 	/* closed sessions keep their instance name in the history only as text, so freeing is safe */
 	instance_free(inst);
+	shards_resume();
 }
 
 void

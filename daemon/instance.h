@@ -8,6 +8,7 @@
 
 #include <ev.h>
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/queue.h>
@@ -81,8 +82,8 @@ struct instance {
 
 	enum instance_state state;
 	char *error;                  /* why it failed, or NULL */
-	unsigned open_sessions;
-	uint64_t bytes_up, bytes_down;
+	unsigned open_sessions;        /* under capd_lock (shard.h) */
+	_Atomic uint64_t bytes_up, bytes_down;  /* every shard's sessions add to them */
 	int spool_iface;              /* its pcapng interface, -1 when not capturing */
 	void *proto_state;            /* runtime state of start/stop (sockets, pcap) */
 };

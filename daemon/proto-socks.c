@@ -155,6 +155,27 @@ socks_bind_free(struct socks_bind *b)
 	free(b);
 }
 
+/* RFC 1928: the association lives as long as its control connection, so its
+ * datagrams (carried on the main loop) keep the connection from idling out. */
+static bool
+socks_idle(struct session *s)
+{
+	struct socks *sk = s->proto_state;
+	double last = 0, idle = s->inst->idle_timeout, now = capd_now();
+
+	if (s->datagram || sk == NULL)
+		return false;
+	capd_lock();
+	if (sk->assoc)
+		last = udp_assoc_last(sk->assoc);
+	capd_unlock();
+	if (now - last >= idle)
+		return false;
+	ev_timer_set(&s->timer, last + idle - now, 0.);
+	ev_timer_start(capd_loop, &s->timer);
+	return true;
+}
+
 static void
 socks_session_free(struct session *s)
 {
@@ -459,7 +480,9 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 		((struct sockaddr_in *)&client)->sin_port = htons(r->port);
 	else
 		((struct sockaddr_in6 *)&client)->sin6_port = htons(r->port);
+	capd_lock();  /* the relay is the main loop's */
 	memcpy(&bnd, udp_relay_addr(relay), addr_len(udp_relay_addr(relay)));
+	capd_unlock();
 	if (addr_is_any((struct sockaddr *)&bnd)) {
 		/* a wildcard relay: name the address this client reached us on */
 		uint16_t port = addr_port((struct sockaddr *)&bnd);
@@ -470,7 +493,9 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 				((struct sockaddr_in6 *)&bnd)->sin6_port = htons(port);
 		}
 	}
+	capd_lock();
 	sk->assoc = udp_assoc_new(relay, s, (struct sockaddr *)&client, &sk->assoc);
+	capd_unlock();
 	sk->stage = SOCKS_ST_UDP;
 	session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&bnd));
 	if (s->state == SESSION_CLOSED)
@@ -680,6 +705,7 @@ const struct proto proto_socks = {
 	.keys = socks_keys,
 	.listens = true,
 	.sharded = true,
+	.idle = socks_idle,
 	.hs_max = SOCKS_HS_MAX,
 	.configure = socks_configure,
 	.start = socks_start,

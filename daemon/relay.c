@@ -87,10 +87,11 @@ struct relay_pipe {
 	int fd[2];          /* read end, write end */
 };
 
-static uint8_t *relay_pool[RELAY_POOL_MAX];
-static int relay_pool_len;
-static uint8_t *relay_bulk_pool[RELAY_BULK_POOL_MAX];
-static int relay_bulk_pool_len;
+/* per loop thread (shard.h): a buffer or pipe is only ever in one thread's pool */
+static _Thread_local uint8_t *relay_pool[RELAY_POOL_MAX];
+static _Thread_local int relay_pool_len;
+static _Thread_local uint8_t *relay_bulk_pool[RELAY_BULK_POOL_MAX];
+static _Thread_local int relay_bulk_pool_len;
 
 /* A RELAY_BUF buffer, or a RELAY_BULK one for a bulk direction. */
 static uint8_t *
@@ -116,8 +117,8 @@ relay_buf_put(uint8_t *b, bool big)
 		free(b);
 }
 
-static struct relay_pipe *relay_pipe_pool[RELAY_PIPE_MAX];
-static int relay_pipe_len;
+static _Thread_local struct relay_pipe *relay_pipe_pool[RELAY_PIPE_MAX];
+static _Thread_local int relay_pipe_len;
 
 /* NULL when no pipe can be made (out of descriptors): the caller copies instead. */
 static struct relay_pipe *
@@ -181,21 +182,13 @@ relay_dst(struct session *s, enum dir d)
 	return d == DIR_UP ? &s->upstream : &s->client;
 }
 
-/*
- * The relay's only I/O calls: plain sockets, or TLS when the side has it.
- * Plain socket calls run outside the lock (shard.h): the session's sockets
- * are its own thread's, and its buffers are nobody else's. TLS keeps the
- * lock, since OpenSSL's callbacks reach shared state (key log, caches).
- */
-#define RELAY_UNLOCKED(type, call) \
-	({ capd_unlock(); type r_ = (call); int e_ = errno; capd_lock(); errno = e_; r_; })
-
+/* The relay's only I/O calls: plain sockets, or TLS when the side has it. */
 static inline ssize_t
 relay_recv(struct side *sd, void *p, size_t n)
 {
 	if (__builtin_expect(sd->tls != NULL, 0))
 		return tls_side_read(sd->tls, p, n);
-	return RELAY_UNLOCKED(ssize_t, recv(sd->fd, p, n, 0));
+	return recv(sd->fd, p, n, 0);
 }
 
 static inline ssize_t
@@ -203,7 +196,7 @@ relay_send(struct side *sd, const void *p, size_t n)
 {
 	if (__builtin_expect(sd->tls != NULL, 0))
 		return tls_side_write(sd->tls, p, n);
-	return RELAY_UNLOCKED(ssize_t, send(sd->fd, p, n, MSG_NOSIGNAL));
+	return send(sd->fd, p, n, MSG_NOSIGNAL);
 }
 
 static inline void
@@ -211,7 +204,7 @@ relay_shut(struct side *sd)
 {
 	if (sd->tls)
 		tls_side_shutdown(sd->tls);
-	RELAY_UNLOCKED(int, shutdown(sd->fd, SHUT_WR));
+	shutdown(sd->fd, SHUT_WR);
 }
 
 /* Bytes (or an EOF) wait where the read watcher cannot see them. */
@@ -280,8 +273,8 @@ relay_pump_splice(struct session *s, enum dir d)
 
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		if (rd->piped > 0) {
-			ssize_t w = RELAY_UNLOCKED(ssize_t, splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped,
-			                                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
+			ssize_t w = splice(rd->pipe->fd[0], NULL, dst->fd, NULL, rd->piped,
+			                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 			if (w < 0) {
 				if (errno == EAGAIN || errno == EINTR)
 					goto dst_full;
@@ -298,8 +291,8 @@ relay_pump_splice(struct session *s, enum dir d)
 			break;
 		if (rd->pipe == NULL && (rd->pipe = relay_pipe_get()) == NULL)
 			return false;
-		ssize_t r = RELAY_UNLOCKED(ssize_t, splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE,
-		                                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
+		ssize_t r = splice(src->fd, NULL, rd->pipe->fd[1], NULL, RELAY_SPLICE,
+		                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (r > 0) {
 			rd->piped = (uint32_t)r;
 			session_bytes(s, d, (size_t)r);

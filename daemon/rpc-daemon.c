@@ -20,12 +20,13 @@ rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	(void)c; (void)params; (void)err;
 	TAILQ_FOREACH(inst, &instances, entry)
 		n++;
-	return json_pack("{s:s, s:i, s:s, s:f, s:s, s:s, s:s, s:i, s:i}",
+	return json_pack("{s:s, s:i, s:s, s:f, s:s, s:s, s:s, s:i, s:i, s:i}",
 	                 "version", CAPD_VERSION, "pid", (int)getpid(),
 	                 "started", session_time(capd_started, t, sizeof t), "uptime", capd_now() - capd_started,
 	                 "config", capd_config_path ? capd_config_path : "",
 	                 "control", capd_settings->control, "spool", capd_settings->spool,
-	                 "instances", n, "sessions", session_open_count());
+	                 "instances", n, "sessions", session_open_count(),
+	                 "workers", (int)(shards_count() - shards_session_first()));
 }
 
 static json_t *

@@ -144,45 +144,43 @@ session_loop_fini(void)
 	}
 }
 
-/* On each shard: closes the sessions it owns (of one instance, or all). */
+struct session_close_arg {
+	struct session *s;
+	const char *reason;
+};
+
 static void
 session_close_here(void *arg)
 {
-	struct { struct instance *inst; const char *reason; } *a = arg;
-	struct session *s, *next;
+	struct session_close_arg *a = arg;
 
-	for (s = TAILQ_FIRST(&sessions); s; s = next) {
-		next = TAILQ_NEXT(s, entry);
-		if (s->shard == shard_self && (a->inst == NULL || s->inst == a->inst))
-			session_close(s, a->reason);
-	}
+	session_close(a->s, a->reason);
 }
 
-static bool
-session_any_of(struct instance *inst)
+static struct session *
+session_first_of(struct instance *inst)
 {
 	struct session *s;
 
 	TAILQ_FOREACH(s, &sessions, entry)
 		if (inst == NULL || s->inst == inst)
-			return true;
-	return false;
+			return s;
+	return NULL;
 }
 
+/* Closes the sessions of inst (NULL: all), each as its own shard would. */
 static void
 session_close_all_shards(struct instance *inst, const char *reason)
 {
-	struct { struct instance *inst; const char *reason; } a = { inst, reason };
+	struct session *s;
 
-	/* a shard may open a session while another is asked (an http client
-	 * moving to a new origin): ask again until none is left */
-	if (shards_count() == 0) {
-		session_close_here(&a);
-		return;
+	shards_pause();
+	/* from the start each time: closing one may close another */
+	while ((s = session_first_of(inst)) != NULL) {
+		struct session_close_arg a = { s, reason };
+		shard_call(s->shard, session_close_here, &a);
 	}
-	for (int round = 0; round < 4 && session_any_of(inst); round++)
-		for (unsigned i = 0; i < shards_count(); i++)
-			shard_call(shard_at(i), session_close_here, &a);
+	shards_resume();
 }
 
 void
@@ -212,7 +210,6 @@ session_alloc(struct instance *inst, const char *proto)
 {
 	struct session *s = xcalloc(1, sizeof *s);
 
-	s->id = session_id_new();
 	s->inst = inst;
 	s->shard = shard_self;
 	s->proto = proto;
@@ -221,9 +218,13 @@ session_alloc(struct instance *inst, const char *proto)
 	s->started = s->last_active = capd_now();
 	ev_init(&s->timer, session_timer_cb);
 	s->timer.data = s;
+	capd_lock();
+	s->id = session_id_new();
 	TAILQ_INSERT_TAIL(&sessions, s, entry);
 	session_count++;
+	shard_sessions_add(s->shard, 1);
 	inst->open_sessions++;
+	capd_unlock();
 	return s;
 }
 
@@ -498,11 +499,8 @@ session_connect_next(struct session *s)
 			return;
 		}
 		session_nodelay(fd);
-		/* the SYN's round trip runs inside connect() on loopback: outside the lock */
-		capd_unlock();
 		int rc = connect(fd, sa, addr_len(sa));
 		err = errno;
-		capd_lock();
 		if (rc == 0 || err == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
@@ -648,18 +646,18 @@ session_opened(struct session *s)
 		                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&s->target_addr,
 		                          comment);
 	}
-	if (events_active())
+	if (events_active()) {
+		capd_lock();
 		events_emit("session.open", session_json(s));
+		capd_unlock();
+	}
 }
 
 void
 session_bytes(struct session *s, enum dir d, size_t n)
 {
 	s->bytes[d] += n;
-	if (d == DIR_UP)
-		s->inst->bytes_up += n;
-	else
-		s->inst->bytes_down += n;
+	atomic_fetch_add_explicit(d == DIR_UP ? &s->inst->bytes_up : &s->inst->bytes_down, n, memory_order_relaxed);
 	s->last_active = ev_now(capd_loop);
 }
 
@@ -801,7 +799,7 @@ side_close(struct session *s, struct side *sd, bool reset)
 		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
 		setsockopt(sd->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 	}
-	shard_close(sd->fd);
+	close(sd->fd);
 	sd->fd = -1;
 }
 
@@ -842,17 +840,22 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 		         value_human_size(s->bytes[DIR_UP], up, sizeof up),
 		         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason);
 
+	/* the table, history and events are shared by the shards (shard.h) */
+	capd_lock();
 	if (events_active())
 		events_emit("session.close", session_json(s));
 	session_history_add(s);
-
 	TAILQ_REMOVE(&sessions, s, entry);
-	/* an idle capd holds no pooled memory or pipe descriptors */
-	if (--session_count == 0)
-		relay_trim();
+	session_count--;
+	/* its shard's buffers and pipes are its thread's (relay.c): trimmed there */
+	bool idle = shard_sessions_add(s->shard, -1) == 0 && shard_home(s->shard);
 	inst->open_sessions--;
 	if (inst->proto->session_free)
 		inst->proto->session_free(s);
+	capd_unlock();
+	/* an idle capd holds no pooled memory or pipe descriptors */
+	if (idle)
+		relay_trim();
 	s->proto_state = NULL;
 	/* callers up the stack may still hold s: free it on the next loop pass */
 	*(struct session **)&s->entry.tqe_next = session_graveyard;

@@ -1,6 +1,6 @@
 /*
- * Shards: the loops, their threads, the lock, calls across threads and the
- * closes deferred to the moment a loop is about to wait (see shard.h).
+ * Shards: the loops, their threads, the lock, and the pauses that let the
+ * main thread act on any session (see shard.h).
  */
 #include "shard.h"
 
@@ -9,75 +9,59 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "log.h"
 #include "xmalloc.h"
-
-/* A call waiting for its shard; lives on the caller's stack until done. */
-struct shard_job {
-	void (*fn)(void *);
-	void *arg;
-	bool done;
-	struct shard_job *next;
-};
 
 struct shard {
 	struct ev_loop *loop;
 	unsigned index;
 	pthread_t thread;
-	bool running;             /* a worker thread runs the loop (shard 0: always the caller's) */
-	bool stopping;
-	ev_async wake;            /* jobs waiting, a stop, or watchers changed by another thread */
-	struct shard_job *jobs, **jobs_tail;
-	int *closing;             /* descriptors to close before the loop next waits */
-	size_t nclosing, capclosing;
+	bool running;             /* a worker thread runs the loop */
+	bool stopping;            /* under the lock */
+	ev_async wake;            /* a pause, a stop, or watchers changed by another thread */
+	unsigned sessions;        /* open sessions it owns; under the lock */
 	void (*thread_init)(void), (*thread_fini)(void);
 };
 
 struct ev_loop *capd_main;
 _Thread_local struct ev_loop *capd_loop;
 _Thread_local struct shard *shard_self;
+static _Thread_local struct shard *shard_own;  /* the thread's own shard; shard_call does not change it */
 
 static struct shard *shards;
 static unsigned nshards;
-static bool shards_locking;   /* workers run: the lock is real */
-static pthread_mutex_t capd_mu;
-static pthread_cond_t shard_done = PTHREAD_COND_INITIALIZER;
+static bool shards_threaded;          /* workers run: the lock is real */
+static pthread_mutex_t capd_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Thread_local unsigned lock_depth;
+
+/* Pauses; all under capd_mu. */
+static bool shards_pausing;
+static unsigned shards_parked;
+static unsigned pause_depth;          /* main thread only */
+static pthread_cond_t parked_cv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t resume_cv = PTHREAD_COND_INITIALIZER;
 
 void
 capd_lock(void)
 {
-	if (shards_locking)
+	if (shards_threaded && lock_depth++ == 0)
 		pthread_mutex_lock(&capd_mu);
 }
 
 void
 capd_unlock(void)
 {
-	if (shards_locking)
+	if (shards_threaded && --lock_depth == 0)
 		pthread_mutex_unlock(&capd_mu);
 }
 
-static void
-shard_close_pending(struct shard *sh)
-{
-	size_t n = sh->nclosing;
-
-	sh->nclosing = 0;
-	for (size_t i = 0; i < n; i++)
-		close(sh->closing[i]);
-}
-
-/* libev calls these around epoll_wait: the lock is free while the loop waits. */
+/* libev calls these around the main loop's epoll_wait: the lock is free while it waits. */
 static void
 shard_release_cb(struct ev_loop *loop)
 {
-	struct shard *sh = ev_userdata(loop);
-
+	(void)loop;
 	capd_unlock();
-	/* only this thread adds to its list, so no lock is needed to empty it */
-	shard_close_pending(sh);
 }
 
 static void
@@ -91,57 +75,45 @@ static void
 shard_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
 	struct shard *sh = w->data;
-	struct shard_job *j;
-	bool ran = false;
+	bool stop;
 
 	(void)revents;
-	while ((j = sh->jobs) != NULL) {
-		sh->jobs = j->next;
-		if (sh->jobs == NULL)
-			sh->jobs_tail = &sh->jobs;
-		j->fn(j->arg);
-		j->done = true;
-		ran = true;
+	if (sh->index == 0)
+		return;  /* the main loop only needed to wake up */
+	capd_lock();
+	if (shards_pausing) {
+		shards_parked++;
+		pthread_cond_signal(&parked_cv);
+		while (shards_pausing)
+			pthread_cond_wait(&resume_cv, &capd_mu);
+		shards_parked--;
 	}
-	if (ran)
-		pthread_cond_broadcast(&shard_done);
-	if (sh->stopping)
+	stop = sh->stopping;
+	capd_unlock();
+	if (stop)
 		ev_break(loop, EVBREAK_ALL);
 }
 
 void
-shards_init(struct ev_loop *main_loop, unsigned n)
+shards_init(struct ev_loop *main_loop, unsigned workers)
 {
-	pthread_mutexattr_t ma;
-
-	if (n < 1)
-		n = 1;
-	pthread_mutexattr_init(&ma);
-	/* held for a few microseconds at a time: spin briefly before sleeping */
-	pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
-	pthread_mutex_init(&capd_mu, &ma);
-	pthread_mutexattr_destroy(&ma);
-
+	nshards = workers >= 2 ? workers + 1 : 1;
 	capd_main = capd_loop = main_loop;
-	nshards = n;
-	shards = xcalloc(n, sizeof *shards);
-	for (unsigned i = 0; i < n; i++) {
+	shards = xcalloc(nshards, sizeof *shards);
+	for (unsigned i = 0; i < nshards; i++) {
 		struct shard *sh = &shards[i];
 
 		sh->index = i;
 		sh->loop = i == 0 ? main_loop : ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
 		if (sh->loop == NULL)
 			fatalx("cannot create event loop %u", i);
-		sh->jobs_tail = &sh->jobs;
 		ev_set_userdata(sh->loop, sh);
-		ev_set_loop_release_cb(sh->loop, shard_release_cb, shard_acquire_cb);
 		ev_async_init(&sh->wake, shard_wake_cb);
 		sh->wake.data = sh;
 		ev_async_start(sh->loop, &sh->wake);
-		if (i == 0)
-			ev_unref(sh->loop);  /* shard 0's wake-up alone must not keep capd running */
+		ev_unref(sh->loop);  /* the wake-up alone must not keep a loop running */
 	}
-	shard_self = &shards[0];
+	shard_self = shard_own = &shards[0];
 }
 
 static void *
@@ -150,14 +122,18 @@ shard_main(void *arg)
 	struct shard *sh = arg;
 
 	capd_loop = sh->loop;
-	shard_self = sh;
+	shard_self = shard_own = sh;
 	capd_lock();
 	if (sh->thread_init)
 		sh->thread_init();
+	capd_unlock();
+	/* the wake-up is unref'd: run until told to stop, even with nothing to do */
+	ev_ref(sh->loop);
 	ev_run(sh->loop, 0);
+	ev_unref(sh->loop);
+	capd_lock();
 	if (sh->thread_fini)
 		sh->thread_fini();
-	shard_close_pending(sh);
 	capd_unlock();
 	return NULL;
 }
@@ -169,9 +145,10 @@ shards_run(void (*thread_init)(void), void (*thread_fini)(void), char **why)
 
 	if (nshards <= 1)
 		return 0;
-	/* from here on the main thread holds the lock except while it waits */
-	shards_locking = true;
+	/* from here on the main thread holds the lock except while its loop waits */
+	shards_threaded = true;
 	capd_lock();
+	ev_set_loop_release_cb(capd_main, shard_release_cb, shard_acquire_cb);
 	/* signals stay with the main thread, whose loop handles them */
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
@@ -196,48 +173,50 @@ shards_run(void (*thread_init)(void), void (*thread_fini)(void), char **why)
 void
 shards_stop(void)
 {
-	for (unsigned i = 1; i < nshards; i++) {
-		struct shard *sh = &shards[i];
-		if (!sh->running)
-			continue;
-		sh->stopping = true;
-		ev_async_send(sh->loop, &sh->wake);
+	if (shards == NULL)
+		return;
+	if (shards_threaded) {
+		for (unsigned i = 1; i < nshards; i++) {
+			shards[i].stopping = true;
+			if (shards[i].running)
+				ev_async_send(shards[i].loop, &shards[i].wake);
+		}
+		/* the workers need the lock to finish */
+		lock_depth = 0;
+		pthread_mutex_unlock(&capd_mu);
+		for (unsigned i = 1; i < nshards; i++) {
+			if (!shards[i].running)
+				continue;
+			pthread_join(shards[i].thread, NULL);
+			shards[i].running = false;
+		}
+		shards_threaded = false;
+		ev_set_loop_release_cb(capd_main, NULL, NULL);
 	}
-	/* the workers need the lock to finish */
-	capd_unlock();
-	for (unsigned i = 1; i < nshards; i++) {
-		struct shard *sh = &shards[i];
-		if (!sh->running)
-			continue;
-		pthread_join(sh->thread, NULL);
-		sh->running = false;
-	}
-	shards_locking = false;
 	for (unsigned i = 0; i < nshards; i++) {
 		struct shard *sh = &shards[i];
-		shard_close_pending(sh);
-		free(sh->closing);
-		sh->closing = NULL;
-		sh->capclosing = 0;
-		if (i > 0) {
-			ev_async_stop(sh->loop, &sh->wake);
+
+		ev_ref(sh->loop);
+		ev_async_stop(sh->loop, &sh->wake);
+		if (i > 0)
 			ev_loop_destroy(sh->loop);
-		} else {
-			ev_ref(sh->loop);
-			ev_async_stop(sh->loop, &sh->wake);
-			ev_set_loop_release_cb(sh->loop, NULL, NULL);
-		}
 	}
 	free(shards);
 	shards = NULL;
 	nshards = 0;
-	shard_self = NULL;
+	shard_self = shard_own = NULL;
 }
 
 unsigned
 shards_count(void)
 {
 	return nshards;
+}
+
+unsigned
+shards_session_first(void)
+{
+	return nshards > 1 ? 1 : 0;
 }
 
 struct shard *
@@ -253,26 +232,67 @@ shard_loop(const struct shard *sh)
 }
 
 void
+shards_pause(void)
+{
+	if (!shards_threaded || pause_depth++ > 0)
+		return;
+	shards_pausing = true;
+	for (unsigned i = 1; i < nshards; i++)
+		if (shards[i].running)
+			ev_async_send(shards[i].loop, &shards[i].wake);
+	/* waiting releases the lock, so that a worker inside it can get to its wake-up */
+	for (;;) {
+		unsigned want = 0;
+		for (unsigned i = 1; i < nshards; i++)
+			want += shards[i].running;
+		if (shards_parked >= want)
+			break;
+		pthread_cond_wait(&parked_cv, &capd_mu);
+	}
+}
+
+void
+shards_resume(void)
+{
+	if (!shards_threaded || --pause_depth > 0)
+		return;
+	shards_pausing = false;
+	/* they go on once the main loop releases the lock, when it next waits */
+	pthread_cond_broadcast(&resume_cv);
+}
+
+void
 shard_call(struct shard *sh, void (*fn)(void *), void *arg)
 {
-	struct shard_job j = { .fn = fn, .arg = arg };
+	struct ev_loop *loop = capd_loop;
+	struct shard *self = shard_self;
 
-	if (sh == shard_self || !sh->running) {
-		/* not running (yet, or any more): run it here, as if on that loop */
-		struct ev_loop *loop = capd_loop;
-		struct shard *self = shard_self;
-		capd_loop = sh->loop;
-		shard_self = sh;
+	if (sh == NULL || sh == shard_self) {
 		fn(arg);
-		capd_loop = loop;
-		shard_self = self;
 		return;
 	}
-	*sh->jobs_tail = &j;
-	sh->jobs_tail = &j.next;
-	ev_async_send(sh->loop, &sh->wake);
-	while (!j.done)
-		pthread_cond_wait(&shard_done, &capd_mu);
+	shards_pause();
+	capd_loop = sh->loop;
+	shard_self = sh;
+	fn(arg);
+	capd_loop = loop;
+	shard_self = self;
+	shards_resume();
+}
+
+bool
+shard_home(const struct shard *sh)
+{
+	return sh == shard_own;
+}
+
+unsigned
+shard_sessions_add(struct shard *sh, int delta)
+{
+	if (sh == NULL)
+		return 0;
+	sh->sessions += (unsigned)delta;
+	return sh->sessions;
 }
 
 void
@@ -280,24 +300,8 @@ shard_wake(struct ev_loop *loop)
 {
 	struct shard *sh;
 
-	if (loop == capd_loop || !shards_locking)
+	if (loop == capd_loop || !shards_threaded)
 		return;
 	sh = ev_userdata(loop);
 	ev_async_send(loop, &sh->wake);
-}
-
-void
-shard_close(int fd)
-{
-	struct shard *sh = shard_self;
-
-	if (sh == NULL || sh->loop != capd_loop) {
-		close(fd);
-		return;
-	}
-	if (sh->nclosing == sh->capclosing) {
-		sh->capclosing = sh->capclosing ? sh->capclosing * 2 : 64;
-		sh->closing = xrealloc(sh->closing, sh->capclosing * sizeof *sh->closing);
-	}
-	sh->closing[sh->nclosing++] = fd;
 }

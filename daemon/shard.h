@@ -1,23 +1,31 @@
 /*
- * Shards: one libev loop per worker thread, so that the kernel's share of
- * each connection (accept, connect, send, recv, close: nearly all of a
- * short connection's cost) runs on every core. Shard 0 is the main thread's
- * loop; it alone runs the control socket, instances, DNS, sniffers and
- * trace. TCP proxy sessions live on the shard whose listener accepted them
- * (SO_REUSEPORT spreads connections over the shards' listeners).
+ * Shards: event loops on worker threads, so that the kernel's share of each
+ * connection (accept, connect, send, recv, close: nearly all of a short
+ * connection's cost) runs on every core.
  *
- * Locking is one mutex, held by whichever thread runs capd code and released
- * only around the kernel calls that cost the time: epoll_wait, and the
- * relay's, accept's and connect's socket calls on a session's own sockets.
- * All of capd's state is therefore touched by one thread at a time, as
- * before, and needs no locks of its own. Two rules make that safe:
- *  - a session's sockets are used and closed only by its own shard (another
- *    thread asks it with shard_call), so no socket is closed under a thread
- *    that is in a call on it, and a closed descriptor number is never reused
- *    behind one;
- *  - code that starts a watcher on another thread's loop wakes that loop
- *    (shard_wake), as libev's threading rules ask.
- * With one shard the lock and the wake-ups cost nothing.
+ * With one worker (workers = 1) there are no threads: shard 0, the main
+ * thread's loop, runs everything, and the lock, pauses and calls below cost
+ * nothing. With n >= 2 workers, shards 1..n each run a loop on a thread of
+ * their own and host the TCP proxies' sessions: every such instance listens
+ * on each of them (SO_REUSEPORT), and a session lives on the shard that
+ * accepted it. Shard 0 keeps the control socket, instances, DNS, sniffers,
+ * trace, UDP relaying, tail and events.
+ *
+ * Who may touch what:
+ *  - A worker owns its sessions (watchers, sockets, buffers, TLS state) and
+ *    runs without the lock. It takes the lock (capd_lock) only around what
+ *    is shared: the session table (ids, list, history, counts), tail and
+ *    events of a watched session, the UDP relays, the certificate cache.
+ *  - The main thread holds the lock all the time except while its loop
+ *    waits in epoll_wait, so a worker that takes it never runs alongside
+ *    control code.
+ *  - Control code that reads or changes sessions (every RPC method, reload,
+ *    stop) runs between shards_pause() and shards_resume(): the workers are
+ *    parked in their loops' wake-up callback, so it may read any session and
+ *    call into one as its owner would with shard_call().
+ *  - Code that starts a watcher on the main loop from a worker (a control
+ *    connection's output) holds the lock and wakes it (shard_wake), as
+ *    libev's threading rules ask.
  */
 #ifndef CAPD_SHARD_H
 #define CAPD_SHARD_H
@@ -31,26 +39,33 @@ extern struct ev_loop *capd_main;                 /* shard 0's loop: control, in
 extern _Thread_local struct ev_loop *capd_loop;   /* the loop of the thread running this code */
 extern _Thread_local struct shard *shard_self;    /* its shard, NULL on threads without a loop */
 
-/* Creates the loops of n shards (n >= 1; shard 0 wraps main_loop) without starting threads. */
-void shards_init(struct ev_loop *main_loop, unsigned n);
+/* Shard 0 wraps main_loop; workers >= 2 adds that many worker shards (no threads yet). */
+void shards_init(struct ev_loop *main_loop, unsigned workers);
 /* Starts the worker threads; each runs thread_init first (resolver, reaper) and thread_fini last. */
 int shards_run(void (*thread_init)(void), void (*thread_fini)(void), char **why);
 /* Stops and joins the workers (their sessions must be closed already). */
 void shards_stop(void);
 
+/* Shards, and the first and count of those that host TCP sessions. */
 unsigned shards_count(void);
+unsigned shards_session_first(void);
 struct shard *shard_at(unsigned i);
 struct ev_loop *shard_loop(const struct shard *sh);
 
-/* Runs fn(arg) on sh's thread and waits for it; inline when sh is ours or not running.
- * Only the main thread calls it, so no two threads ever wait on each other. */
+/* Main thread only; nests. While paused no worker runs capd code. */
+void shards_pause(void);
+void shards_resume(void);
+/* Runs fn(arg) as sh's owner would: on this (main) thread, with the workers
+ * paused and capd_loop/shard_self set to sh's. */
 void shard_call(struct shard *sh, void (*fn)(void *), void *arg);
+/* Whether this thread is sh's own (not merely acting for it through shard_call). */
+bool shard_home(const struct shard *sh);
+/* Adds delta to sh's count of open sessions and returns it; under capd_lock. */
+unsigned shard_sessions_add(struct shard *sh, int delta);
 /* Wakes loop's thread after another thread changed its watchers. */
 void shard_wake(struct ev_loop *loop);
-/* Closes fd right before this thread's loop next waits, outside the lock. */
-void shard_close(int fd);
 
-/* The lock (see above). No-ops while only one shard runs. */
+/* The lock (see above); recursive per thread. No-ops while no worker runs. */
 void capd_lock(void);
 void capd_unlock(void);
 

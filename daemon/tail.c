@@ -18,6 +18,7 @@
  */
 #include "tail.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
@@ -43,7 +44,7 @@
  */
 #define TAIL_MEM_MAX (64u << 20)
 
-static size_t tail_ring_bytes;      /* bytes held by every ring */
+static atomic_size_t tail_ring_bytes;  /* bytes held by every ring: the shards' sessions grow theirs */
 
 /* One direction's backlog: the last min(total, cap) bytes of the stream. */
 struct tail_ring {
@@ -82,9 +83,11 @@ struct tail {
 	struct tail_mark *marks;     /* a ring of capmarks, nmarks from first */
 	unsigned first, nmarks, capmarks;
 	struct tail_sub_list subs;
+	atomic_uint watched;         /* subscribers in subs: read without the lock by the session's shard */
 };
 
 static struct tail_sub_list events_subs = LIST_HEAD_INITIALIZER(events_subs);
+static atomic_bool events_on;        /* events_subs is not empty */
 static struct tail_sub_list tail_all = LIST_HEAD_INITIALIZER(tail_all);
 static struct tail_sub_list tail_pending = LIST_HEAD_INITIALIZER(tail_pending);
 static ev_prepare tail_replay_w;
@@ -118,11 +121,11 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 			want *= 2;
 		if (want > max)
 			want = max;
-		if (tail_ring_bytes + (want - r->cap) > TAIL_MEM_MAX)
+		if (atomic_load_explicit(&tail_ring_bytes, memory_order_relaxed) + (want - r->cap) > TAIL_MEM_MAX)
 			want = r->cap ? r->cap : TAIL_RING_MIN;
 		if (want != r->cap) {
 			r->buf = xrealloc(r->buf, want);
-			tail_ring_bytes += want - r->cap;
+			atomic_fetch_add_explicit(&tail_ring_bytes, want - r->cap, memory_order_relaxed);
 			r->cap = want;
 		}
 	}
@@ -378,6 +381,10 @@ tail_sub_free(struct tail_sub *sub)
 		LIST_REMOVE(sub, pend);
 	LIST_REMOVE(sub, entry);
 	LIST_REMOVE(sub, all);
+	if (sub->s != NULL)
+		atomic_fetch_sub(&sub->s->tail->watched, 1);
+	else
+		atomic_store(&events_on, !LIST_EMPTY(&events_subs));
 	free(sub);
 }
 
@@ -435,6 +442,7 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 			last = LIST_NEXT(last, entry);
 		LIST_INSERT_AFTER(last, sub, entry);
 	}
+	atomic_fetch_add(&t->watched, 1);
 	/* the backlog must follow the method's reply, which is sent when we return */
 	sub->pending = true;
 	LIST_INSERT_HEAD(&tail_pending, sub, pend);
@@ -458,6 +466,14 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 	if (n == 0 || s->state == SESSION_CLOSED)
 		return;
 	t = tail_get(s);
+	if (atomic_load_explicit(&t->watched, memory_order_acquire) == 0) {
+		/* nobody else looks at an unwatched session's rings (subscribing pauses the shards) */
+		off = t->ring[d].total;
+		ring_append(&t->ring[d], t->max, p, n);
+		tail_mark_add(t, d, off, n, capd_now());
+		return;
+	}
+	capd_lock();
 	/* a new subscriber's backlog goes before this chunk */
 	LIST_FOREACH(sub, &t->subs, entry)
 		if (sub->pending)
@@ -487,6 +503,7 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
 	}
 	json_decref(base);
+	capd_unlock();
 }
 
 bool
@@ -495,7 +512,8 @@ tail_can_skip(struct session *s, enum dir d)
 	const struct tail *t = s->tail;
 
 	/* a ring still growing would be laid out anew: skip only past a full one */
-	return t != NULL && LIST_EMPTY(&t->subs) && (t->max == 0 || t->ring[d].cap == t->max);
+	return t != NULL && atomic_load_explicit(&t->watched, memory_order_acquire) == 0 &&
+	       (t->max == 0 || t->ring[d].cap == t->max);
 }
 
 void
@@ -515,7 +533,11 @@ tail_session_end(struct session *s)
 
 	if (t == NULL)
 		return;
-	while ((sub = LIST_FIRST(&t->subs)) != NULL) {
+	if (atomic_load_explicit(&t->watched, memory_order_acquire) > 0)
+		capd_lock();
+	else
+		t = NULL;  /* no subscriber: nothing shared to touch */
+	while (t != NULL && (sub = LIST_FIRST(&t->subs)) != NULL) {
 		if (sub->pending)
 			tail_replay(sub);
 		/* what was lost is told even to a subscriber still behind: the notices are small */
@@ -527,8 +549,11 @@ tail_session_end(struct session *s)
 		ctl_conn_on_close_cancel(sub->conn, tail_sub_gone_cb, sub);
 		tail_sub_free(sub);
 	}
+	if (t != NULL)
+		capd_unlock();
+	t = s->tail;
 	for (int d = 0; d < 2; d++) {
-		tail_ring_bytes -= t->ring[d].cap;
+		atomic_fetch_sub_explicit(&tail_ring_bytes, t->ring[d].cap, memory_order_relaxed);
 		free(t->ring[d].buf);
 	}
 	free(t->marks);
@@ -541,7 +566,7 @@ tail_session_end(struct session *s)
 bool
 events_active(void)
 {
-	return !LIST_EMPTY(&events_subs);
+	return atomic_load_explicit(&events_on, memory_order_relaxed);
 }
 
 void
@@ -581,5 +606,6 @@ events_subscribe(struct ctl_conn *c, char **why)
 	spool_follow_init();  /* capture.rotate comes from the spool's writer through it */
 	sub = tail_sub_new(c, NULL);
 	LIST_INSERT_HEAD(&events_subs, sub, entry);
+	atomic_store(&events_on, true);
 	return 0;
 }

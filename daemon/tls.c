@@ -275,11 +275,14 @@ tls_host_rejected(struct tls_session *ts)
 
 	if (ts->host[0] == '\0')
 		return;
+	capd_lock();  /* the instance's host list is shared by its shards */
 	if ((h = tls_host_find(cfg, ts->host)) == NULL) {
 		for (h = cfg->hosts; h; h = h->next)
 			n++;
-		if (n >= TLS_HOSTS_MAX)
+		if (n >= TLS_HOSTS_MAX) {
+			capd_unlock();
 			return;
+		}
 		h = xcalloc(1, sizeof *h + strlen(ts->host) + 1);
 		strcpy(h->name, ts->host);
 		h->next = cfg->hosts;
@@ -288,12 +291,24 @@ tls_host_rejected(struct tls_session *ts)
 	if (++h->rejects == TLS_REJECT_LIMIT && cfg->auto_passthrough)
 		log_notice("%s: clients rejected the forged certificate for %s %u times; passing it through from now on",
 		           ts->s->inst->name, ts->host, h->rejects);
+	capd_unlock();
 }
 
 /* ---- the key log ---- */
 
+static void tls_keylog_write(const SSL *ssl, const char *line);
+
+/* The key log file and its descriptor are shared by the shards (shard.h). */
 static void
 tls_keylog_cb(const SSL *ssl, const char *line)
+{
+	capd_lock();
+	tls_keylog_write(ssl, line);
+	capd_unlock();
+}
+
+static void
+tls_keylog_write(const SSL *ssl, const char *line)
 {
 	struct tls_session *ts = SSL_get_app_data(ssl);
 	const char *path = capd_settings ? capd_settings->keylog_file : NULL;
@@ -537,10 +552,12 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 	 * connection ends without close_notify, which says nothing about the ticket */
 	if ((copy = SSL_SESSION_dup(sess)) == NULL)
 		return 0;
+	capd_lock();  /* the slots are shared by the shards */
 	r = &tls_resume[tls_resume_slot(ts->resume_key)];
 	SSL_SESSION_free(r->sess);
 	snprintf(r->key, sizeof r->key, "%s", ts->resume_key);
 	r->sess = copy;
+	capd_unlock();
 	return 0;
 }
 
@@ -1099,7 +1116,10 @@ tls_client_step(struct tls_session *ts)
 	} else if (s->have_target) {
 		snprintf(ts->host, sizeof ts->host, "%s", addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
 	}
-	if (!ts->accept_only && (pt = tls_passthrough_why(ts->cfg, ts->host)) != NULL) {
+	capd_lock();
+	pt = ts->accept_only ? NULL : tls_passthrough_why(ts->cfg, ts->host);
+	capd_unlock();
+	if (pt != NULL) {
 		tls_plain(ts, pt);
 		return;
 	}
@@ -1166,11 +1186,13 @@ tls_upstream_begin(struct tls_session *ts)
 	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%s|%d", ts->sni, s->target_name,
 	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-",
 	         ts->cfg->verify);
+	capd_lock();
 	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
 	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess))
 		resume = rs->sess;
-	if (resume && SSL_set_session(u->ssl, resume) != 1)
+	if (resume && SSL_set_session(u->ssl, resume) != 1)  /* takes its own reference */
 		ERR_clear_error();
+	capd_unlock();
 	tls_upstream_step(ts);
 }
 
@@ -1192,7 +1214,9 @@ tls_upstream_done(struct tls_session *ts)
 		tls_done(ts);
 		return;
 	}
+	capd_lock();  /* the certificate cache is shared by the shards */
 	forged = tls_ca_forge(peer, ts->sni, s->have_target ? (struct sockaddr *)&s->target_addr : NULL, &why);
+	capd_unlock();
 	X509_free(peer);
 	if (forged == NULL) {
 		ts->fail = why;
@@ -1263,7 +1287,10 @@ tls_begin(struct tls_session *ts)
 	char *why = NULL;
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
-	if (tls_ca_ensure(&why) < 0) {
+	capd_lock();  /* the CA and the context toward clients are made once, for every shard */
+	int rc = tls_ca_ensure(&why);
+	capd_unlock();
+	if (rc < 0) {
 		char *msg = xasprintf("cannot intercept TLS: %s", why);
 		free(why);
 		tls_fail(ts, msg);
@@ -1564,7 +1591,9 @@ tls_accept_hello(struct tls_session *ts)
 	char *why = NULL;
 	X509 *x;
 
+	capd_lock();
 	x = tls_ca_forge(NULL, ts->sni[0] ? ts->sni : NULL, have_local ? (struct sockaddr *)&local : NULL, &why);
+	capd_unlock();
 	if (x == NULL) {
 		ts->fail = why;
 	} else {

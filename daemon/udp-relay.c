@@ -280,8 +280,12 @@ static void
 udp_touch(struct udp_assoc *a)
 {
 	a->last = capd_now();
-	if (a->ctrl)
-		a->ctrl->last_active = a->last;
+}
+
+double
+udp_assoc_last(const struct udp_assoc *a)
+{
+	return a->last;
 }
 
 static void

@@ -38,11 +38,14 @@ const struct sockaddr *udp_relay_addr(const struct udp_relay *r);
 /*
  * SOCKS5 UDP ASSOCIATE: datagrams are accepted from client's address; a port
  * of 0 means the first datagram from that address fixes the port. ctrl is the
- * TCP control session (its idle clock is kept fresh by the datagrams). *backref
- * is set to NULL if the relay ends the association itself.
+ * TCP control session. *backref is set to NULL if the relay ends the
+ * association itself. The relay is the main loop's: a session on another
+ * shard calls these under capd_lock (shard.h).
  */
 struct udp_assoc *udp_assoc_new(struct udp_relay *r, struct session *ctrl, const struct sockaddr *client,
                                 struct udp_assoc **backref);
+/* When its last datagram passed: the control session's idle clock (proto->idle). */
+double udp_assoc_last(const struct udp_assoc *a);
 /* Ends the association: its datagram sessions close with reason. NULL does nothing. */
 void udp_assoc_end(struct udp_assoc *a, const char *reason);
 
