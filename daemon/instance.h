@@ -58,6 +58,7 @@ struct listener {
 	struct instance *inst;
 	struct shard *shard;
 	int fd;
+	bool owns_fd;                 /* the last of the shards' listeners on one socket closes it */
 	ev_io io;
 	ev_timer pause;               /* accept backs off a second on EMFILE */
 };

@@ -27,7 +27,7 @@
 #include "values.h"
 #include "xmalloc.h"
 
-#define SESSION_ID_BLOCK 1024  /* ids reserved on disk at a time: a crash skips at most this many */
+#define SESSION_ID_BLOCK 65536 /* ids reserved on disk at a time (one fsync each): a crash skips at most this many */
 #define SESSION_HISTORY 1000   /* closed sessions kept for `capctl sessions` */
 #define SESSION_HS_DEFAULT 4096
 

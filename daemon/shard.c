@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,6 +122,10 @@ shard_main(void *arg)
 {
 	struct shard *sh = arg;
 
+	char name[16];
+
+	snprintf(name, sizeof name, "capd-worker-%u", sh->index);
+	pthread_setname_np(pthread_self(), name);  /* top -H, /proc/PID/task/N/comm */
 	capd_loop = sh->loop;
 	shard_self = shard_own = sh;
 	capd_lock();

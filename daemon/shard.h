@@ -6,10 +6,11 @@
  * With one worker (workers = 1) there are no threads: shard 0, the main
  * thread's loop, runs everything, and the lock, pauses and calls below cost
  * nothing. With n >= 2 workers, shards 1..n each run a loop on a thread of
- * their own and host the TCP proxies' sessions: every such instance listens
- * on each of them (SO_REUSEPORT), and a session lives on the shard that
- * accepted it. Shard 0 keeps the control socket, instances, DNS, sniffers,
- * trace, UDP relaying, tail and events.
+ * their own (named capd-worker-N) and host the TCP proxies' sessions: each
+ * of them watches every such instance's listening socket, the one that is
+ * free accepts, and a session lives on the shard that accepted it. Shard 0
+ * keeps the control socket, instances, DNS, sniffers, trace, UDP relaying,
+ * tail and events.
  *
  * Who may touch what:
  *  - A worker owns its sessions (watchers, sockets, buffers, TLS state) and
