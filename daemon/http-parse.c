@@ -8,6 +8,7 @@
 #endif
 #include "http-parse.h"
 
+#include <pthread.h>
 #include <string.h>
 
 /* character classes */
@@ -19,12 +20,10 @@
 static uint8_t http_ctype[256];
 
 static void
-http_ctype_init(void)
+http_ctype_fill(void)
 {
 	static const char tchar[] = "!#$%&'*+-.^_`|~";
 
-	if (http_ctype['a'])
-		return;
 	for (int c = 0; c < 256; c++) {
 		uint8_t t = 0;
 		if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
@@ -38,6 +37,15 @@ http_ctype_init(void)
 			t |= C_HEX;
 		http_ctype[c] = t;
 	}
+}
+
+/* Once per process, whichever session thread parses first (shard.h). */
+static void
+http_ctype_init(void)
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+	pthread_once(&once, http_ctype_fill);
 }
 
 #define IS(c, cls) (http_ctype[(uint8_t)(c)] & (cls))

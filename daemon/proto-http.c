@@ -67,7 +67,7 @@ static int
 http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *t, const char **why)
 {
 	struct http_cfg *cfg = s->inst->cfg;
-	static char user[USERS_FIELD_MAX + 1];
+	static _Thread_local char user[USERS_FIELD_MAX + 1];
 
 	if (http_method_is(m, "CONNECT")) {
 		if (http_authority(m->target, m->target_len, t) < 0 || memchr(m->target, ':', m->target_len) == NULL) {

@@ -2,6 +2,11 @@
  * The session table: ids that never repeat, handshake I/O, the upstream
  * connect (resolve, try each address, deadline), and session_close(), the
  * one teardown path that logs one summary line per session.
+ *
+ * A session belongs to the shard that made it (shard.h) and runs on that
+ * thread's loop; only the table (ids, list, counts, history) is shared, and
+ * it is changed under capd_lock. Control code reaches a session while the
+ * workers are paused, and closes one through shard_call.
  */
 #include "session.h"
 

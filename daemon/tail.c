@@ -15,6 +15,12 @@
  * notification then says how much it missed (or, if nothing new comes, a
  * notice sent when a timer finds it drained). A session never waits for a
  * subscriber.
+ *
+ * Threads (shard.h): subscribers, their control connections and the event
+ * stream are the main loop's. A session on a worker touches its own rings
+ * without the lock while nobody watches it (t->watched == 0; subscribing
+ * pauses the workers, so the count cannot rise under a running append) and
+ * takes the lock for everything else.
  */
 #include "tail.h"
 

@@ -55,7 +55,7 @@ static struct {
 static const char *
 tls_ca_err(const char *fallback)
 {
-	static char b[256];
+	static _Thread_local char b[256];
 	unsigned long e = ERR_get_error();
 
 	ERR_clear_error();

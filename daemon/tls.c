@@ -1673,7 +1673,7 @@ tls_relay_start(struct session *s)
 const char *
 tls_close_reason(struct session *s, const char *reason)
 {
-	static char b[300];
+	static _Thread_local char b[300];
 
 	if (s->tls == NULL || s->tls->pass == NULL)
 		return reason;
