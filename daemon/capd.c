@@ -290,6 +290,7 @@ capd_shard_fini(void)
 {
 	resolve_shutdown();
 	session_loop_fini();
+	relay_shutdown();  /* the thread's buffer and pipe pools */
 }
 
 static void

@@ -239,7 +239,11 @@ shard_loop(const struct shard *sh)
 void
 shards_pause(void)
 {
-	if (!shards_threaded || pause_depth++ > 0)
+	if (!shards_threaded)
+		return;
+	if (shard_own != &shards[0])
+		fatalx("shards_pause called on a worker thread");  /* it would wait for itself */
+	if (pause_depth++ > 0)
 		return;
 	shards_pausing = true;
 	for (unsigned i = 1; i < nshards; i++)
