@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("CAPD_BUILD", ROOT / "build"))
 CAPD = Path(os.environ.get("CAPD_BIN", BUILD / "capd"))
 CAPCTL = Path(os.environ.get("CAPCTL_BIN", BUILD / "capctl"))
+# a sanitizer build (tools/dev test --sanitize or --tsan): slower, and its RSS means nothing
+SANITIZED = bool(os.environ.get("ASAN_OPTIONS") or os.environ.get("TSAN_OPTIONS"))
 
 
 def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
@@ -209,7 +211,7 @@ def capd_factory(tmp_path):
         # a clean stop is part of every test: capd must exit 0 on SIGTERM
         if rc not in (0, None, -9):
             log = c.log()
-            if "AddressSanitizer" in log or "runtime error" in log:
+            if "AddressSanitizer" in log or "ThreadSanitizer" in log or "runtime error" in log:
                 pytest.fail(f"sanitizer report:\n{log[-6000:]}")
 
 

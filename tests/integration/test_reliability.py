@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, UdpEcho, free_port, free_port_tcp_udp, wait_port
+from conftest import CAPCTL, SANITIZED, UdpEcho, free_port, free_port_tcp_udp, wait_port
 
 
 def fd_count(pid):
@@ -200,7 +200,7 @@ def test_many_sessions_held_then_closed(capd, echo_server):
     assert wait_for(lambda: fd_count(pid) <= base_fd, timeout=30), (fd_count(pid), base_fd)
     assert capd.ctl("status", json_out=True)["sessions"] == 0
     # held sessions cost little: no buffers while idle (ASan's shadow memory aside)
-    assert rss_held < (512 if os.environ.get("ASAN_OPTIONS") else 64) * 1024, rss_held
+    assert rss_held < (512 if SANITIZED else 64) * 1024, rss_held
 
 
 def test_control_socket_mode_and_group(capd_factory):
@@ -292,7 +292,7 @@ def test_ten_thousand_sessions_held_then_closed(capd):
         s.close()
     assert wait_for(lambda: capd.ctl("status", json_out=True)["sessions"] == 0, timeout=30)
     assert wait_for(lambda: fd_count(pid) <= base, timeout=30), (fd_count(pid), base)
-    if not os.environ.get("ASAN_OPTIONS"):
+    if not SANITIZED:
         assert rss_held < 128 * 1024, rss_held
 
 

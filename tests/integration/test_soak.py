@@ -12,9 +12,9 @@ import subprocess
 import threading
 import time
 
-from conftest import EchoServer, UdpEcho, exchange, free_port_tcp_udp
+from conftest import SANITIZED, EchoServer, UdpEcho, exchange, free_port_tcp_udp
 
-SECONDS = float(os.environ.get("CAPD_SOAK_SECONDS", "20" if os.environ.get("ASAN_OPTIONS") else "120"))
+SECONDS = float(os.environ.get("CAPD_SOAK_SECONDS", "20" if SANITIZED else "120"))
 
 
 def fd_count(pid):
@@ -150,5 +150,5 @@ def test_soak_mixed_traffic(capd_factory, http_server):
     assert fds_end <= 16 + 2 * len(instances) + 2 * workers, (fds_end, os.listdir(f"/proc/{pid}/fd"))
     growth = rss_peak - rss_warm
     # under ASan freed memory sits in its quarantine (256 MB by design): only the normal build's RSS means anything
-    if not os.environ.get("ASAN_OPTIONS"):
+    if not SANITIZED:
         assert growth < 16 * 1024, f"RSS grew {growth} KiB after warm-up ({counts}, samples {samples})"

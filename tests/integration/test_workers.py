@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from conftest import CAPCTL, EchoServer, exchange, free_port
+from conftest import CAPCTL, SANITIZED, EchoServer, exchange, free_port
 
 
 def listeners(port):
@@ -52,7 +52,7 @@ def test_control_while_sessions_run_on_every_thread(capd_factory):
     echo = EchoServer()
     port = free_port()
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo.port}", "--name", "fw")
-    stop = time.time() + (6 if os.environ.get("ASAN_OPTIONS") else 10)
+    stop = time.time() + (6 if SANITIZED else 10)
     errors, done = [], [0]
 
     def churn(n):
