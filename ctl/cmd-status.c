@@ -24,7 +24,8 @@ status_exec(struct ctl_opts *o, int argc, char **argv)
 		printf("spool:     %s\n", json_string_value(json_object_get(r, "spool")));
 		printf("instances: %lld\n", (long long)json_integer_value(json_object_get(r, "instances")));
 		printf("sessions:  %lld open\n", (long long)json_integer_value(json_object_get(r, "sessions")));
-		printf("workers:   %lld session threads\n", (long long)json_integer_value(json_object_get(r, "workers")));
+		long long w = json_integer_value(json_object_get(r, "workers"));
+		printf("workers:   %lld session thread%s\n", w, w == 1 ? "" : "s");
 	}
 	json_decref(r);
 	return CTL_OK;

@@ -852,8 +852,9 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	session_history_add(s);
 	TAILQ_REMOVE(&sessions, s, entry);
 	session_count--;
-	/* its shard's buffers and pipes are its thread's (relay.c): trimmed there */
-	bool idle = shard_sessions_add(s->shard, -1) == 0 && shard_home(s->shard);
+	/* its shard is idle: trim the pools of this thread, where the session's
+	 * buffers went back (the main thread's when it closed it for the shard) */
+	bool idle = shard_sessions_add(s->shard, -1) == 0;
 	inst->open_sessions--;
 	if (inst->proto->session_free)
 		inst->proto->session_free(s);

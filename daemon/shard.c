@@ -289,12 +289,6 @@ shard_call(struct shard *sh, void (*fn)(void *), void *arg)
 	shards_resume();
 }
 
-bool
-shard_home(const struct shard *sh)
-{
-	return sh == shard_own;
-}
-
 unsigned
 shard_sessions_add(struct shard *sh, int delta)
 {

@@ -59,8 +59,6 @@ void shards_resume(void);
 /* Runs fn(arg) as sh's owner would: on this (main) thread, with the workers
  * paused and capd_loop/shard_self set to sh's. */
 void shard_call(struct shard *sh, void (*fn)(void *), void *arg);
-/* Whether this thread is sh's own (not merely acting for it through shard_call). */
-bool shard_home(const struct shard *sh);
 /* Adds delta to sh's count of open sessions and returns it; under capd_lock. */
 unsigned shard_sessions_add(struct shard *sh, int delta);
 /* Wakes loop's thread after another thread changed its watchers. */
