@@ -523,7 +523,9 @@ def test_capture_shows_origin_form(capd, origin, tmp_path):
     assert b"Via:" not in down
     assert data in down and down.endswith(b"hello from a /second\n")
     assert len(down) == s["bytes_down"]
-    tshark = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && http.request",
+    # HTTP by the origin's port: an ephemeral client port can be another protocol's (ADS is 48898)
+    tshark = subprocess.run(["tshark", "-r", str(pcap), "-d", f"tcp.port=={origin.port},http",
+                             "-Y", f"tcp.stream == {stream} && http.request",
                              "-T", "fields", "-e", "http.request.uri"], capture_output=True, text=True)
     assert tshark.stdout.split() == ["/echo", "/second"]
     check_pcap_clean(pcap)

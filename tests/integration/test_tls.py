@@ -123,6 +123,11 @@ def last_closed(capd, n=1):
     return [s for s in ss if s["state"] == "closed"]
 
 
+def as_http(port):
+    """tshark arguments: the plaintext to and from port is HTTP, whatever the client's port says."""
+    return ("-d", f"tcp.port=={port},http")
+
+
 def pcap_after(capd):
     capd.flush()
     time.sleep(0.3)
@@ -186,9 +191,10 @@ def test_forward_tls_curl_plaintext_in_pcap(capd, origin, tmp_path, http):
         assert f"Host: {NAME}:{port}".encode() in up
         assert down.startswith(b"HTTP/1.1 200 OK")
         assert down.endswith(BODY)
-        t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.uri")
+        # HTTP by the origin's port: an ephemeral client port can be another protocol's (ADS is 48898)
+        t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.request", "-T", "fields", "-e", "http.request.uri")
         assert t.stdout.split() == ["/"]
-        t = tshark("-r", pcap, "-Y", "http.response", "-T", "fields", "-e", "http.response.code")
+        t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.response", "-T", "fields", "-e", "http.response.code")
         assert t.stdout.split() == ["200"]
     else:
         up, down = follow_tcp(pcap, 0)
@@ -451,7 +457,7 @@ def test_socks_tls_interception(capd, origin, tmp_path):
     ss = last_closed(capd, 2)
     assert "sni=localhost" in ss[-2]["note"] and f"sni={NAME}" in ss[-1]["note"]
     pcap = pcap_after(capd)
-    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.host")
+    t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.request", "-T", "fields", "-e", "http.host")
     assert t.stdout.split() == [f"localhost:{origin.port}"], t.stdout
     up, down = follow_tcp(pcap, 1)  # the second went h2 (ALPN passed through): plaintext HTTP/2
     assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and BODY in down
@@ -542,7 +548,8 @@ def test_http_connect_tls_interception(capd, origin, tmp_path):
     s = last_closed(capd)[-1]
     assert "sni=localhost" in s["note"], s
     pcap = pcap_after(capd)
-    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.method", "-e", "http.host")
+    t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.request", "-T", "fields", "-e", "http.request.method",
+               "-e", "http.host")
     # the CONNECT head was the proxy's handshake; inside the tunnel, the plaintext GET
     assert f"GET\tlocalhost:{origin.port}" in t.stdout, t.stdout
 
@@ -592,9 +599,9 @@ def test_reverse_tls_through_hosts_redirection(origin, tmp_path):
     ss = json.loads((tmp_path / "sessions.json").read_text())
     assert any(f"sni={NAME}" in s.get("note", "") for s in ss), ss
     pcap = sorted((tmp_path / "spool").glob("*.pcapng"))[-1]
-    t = tshark("-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.host")
+    t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.request", "-T", "fields", "-e", "http.host")
     assert NAME in t.stdout, t.stdout
-    t = tshark("-r", pcap, "-Y", "http.response.code == 200", "-T", "fields", "-e", "frame.number")
+    t = tshark("-r", pcap, *as_http(origin.port), "-Y", "http.response.code == 200", "-T", "fields", "-e", "frame.number")
     assert t.stdout.strip(), "the response is plaintext in the capture"
 
 
