@@ -165,14 +165,12 @@ instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	for (int i = 0; i < ACCEPT_BATCH; i++) {
 		struct sockaddr_storage peer;
 		socklen_t len = sizeof peer;
-
 		int fd = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		int err = errno;
 
 		if (fd < 0) {
-			if (err == EAGAIN || err == EINTR || err == ECONNABORTED)
+			if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
 				return;
-			if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
 				/* out of descriptors: pause instead of spinning on a ready listener */
 				log_warn("%s: accept paused for 1 s", inst->name);
 				ev_io_stop(loop, &l->io);
@@ -180,27 +178,11 @@ instance_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 				ev_timer_start(loop, &l->pause);
 				return;
 			}
-			errno = err;
 			log_warn("%s: accept", inst->name);
 			return;
 		}
 		session_read_first(session_new(inst, fd, (struct sockaddr *)&peer));
 	}
-}
-
-static int
-instance_bind_fail(struct instance *inst, int err, char **why)
-{
-	struct sockaddr *sa = (struct sockaddr *)&inst->listen;
-
-	if (err == EADDRINUSE)
-		*why = xasprintf("port %u is in use (%s)", addr_port(sa), inst->listen_str);
-	else if (err == EACCES)
-		*why = xasprintf("cannot bind %s: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
-		                 inst->listen_str);
-	else
-		*why = xasprintf("cannot bind %s: %s", inst->listen_str, strerror(err));
-	return -1;
 }
 
 /* A bound, listening socket. -1 and *why. */
@@ -221,9 +203,15 @@ instance_socket(struct instance *inst, char **why)
 	if (sa->sa_family == AF_INET6)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
 	if (bind(fd, sa, inst->listen_len) < 0) {
-		int err = errno;
+		if (errno == EADDRINUSE)
+			*why = xasprintf("port %u is in use (%s)", addr_port(sa), inst->listen_str);
+		else if (errno == EACCES)
+			*why = xasprintf("cannot bind %s: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
+			                 inst->listen_str);
+		else
+			*why = xasprintf("cannot bind %s: %s", inst->listen_str, strerror(errno));
 		close(fd);
-		return instance_bind_fail(inst, err, why);
+		return -1;
 	}
 	if (listen(fd, SOMAXCONN) < 0) {
 		*why = xasprintf("listen %s: %s", inst->listen_str, strerror(errno));
@@ -249,12 +237,7 @@ instance_listener_stop(void *arg)
 
 	ev_io_stop(capd_loop, &l->io);
 	ev_timer_stop(capd_loop, &l->pause);
-	if (l->owns_fd)
-		close(l->fd);
-	l->fd = -1;
 }
-
-static void instance_close_listener(struct instance *inst);
 
 static int
 instance_listen(struct instance *inst, char **why)
@@ -280,32 +263,24 @@ instance_listen(struct instance *inst, char **why)
 		l->inst = inst;
 		l->shard = shard_at(first + i);
 		l->fd = shared;
-		l->owns_fd = i == n - 1;  /* stopped last (instance_close_listener) */
 		ev_io_init(&l->io, instance_accept_cb, shared, EV_READ);
 		l->io.data = l;
 		ev_init(&l->pause, instance_accept_resume_cb);
 		l->pause.data = l;
-		inst->nlis++;
-		if (l->shard)
-			shard_call(l->shard, instance_listener_start, l);
-		else
-			instance_listener_start(l);
+		shard_call(l->shard, instance_listener_start, l);
 	}
+	inst->nlis = n;
 	return 0;
 }
 
 static void
 instance_close_listener(struct instance *inst)
 {
-	for (unsigned i = 0; i < inst->nlis; i++) {
-		struct listener *l = &inst->lis[i];
-		if (l->fd < 0)
-			continue;
-		if (l->shard)
-			shard_call(l->shard, instance_listener_stop, l);
-		else
-			instance_listener_stop(l);
-	}
+	if (inst->nlis == 0)
+		return;
+	for (unsigned i = 0; i < inst->nlis; i++)
+		shard_call(inst->lis[i].shard, instance_listener_stop, &inst->lis[i]);
+	close(inst->lis[0].fd);  /* the one socket, once every shard stopped watching it */
 	free(inst->lis);
 	inst->lis = NULL;
 	inst->nlis = 0;

@@ -53,12 +53,11 @@ struct proto {
 
 enum instance_state { INSTANCE_RUNNING, INSTANCE_FAILED, INSTANCE_STOPPED };
 
-/* One listening socket, run by one shard's loop. */
+/* One shard's watch on its instance's listening socket (all shards watch the same one). */
 struct listener {
 	struct instance *inst;
 	struct shard *shard;
 	int fd;
-	bool owns_fd;                 /* the last of the shards' listeners on one socket closes it */
 	ev_io io;
 	ev_timer pause;               /* accept backs off a second on EMFILE */
 };

@@ -71,12 +71,6 @@ static void session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_hs_write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void session_connect_next(struct session *s);
 
-static inline struct ev_loop *
-session_loop(const struct session *s)
-{
-	return shard_loop(s->shard);
-}
-
 /* Copies a string, cut to fit: strlcpy without the printf machinery (every session closes through here). */
 static void
 session_strcpy(char *dst, const char *src, size_t size)
@@ -174,8 +168,8 @@ session_first_of(struct instance *inst)
 }
 
 /* Closes the sessions of inst (NULL: all), each as its own shard would. */
-static void
-session_close_all_shards(struct instance *inst, const char *reason)
+void
+session_close_instance(struct instance *inst, const char *reason)
 {
 	struct session *s;
 
@@ -191,7 +185,7 @@ session_close_all_shards(struct instance *inst, const char *reason)
 void
 session_table_shutdown(void)
 {
-	session_close_all_shards(NULL, "capd stopped");
+	session_close_instance(NULL, "capd stopped");
 	session_loop_fini();
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
 		free(session_history[i].note);
@@ -252,7 +246,7 @@ session_new(struct instance *inst, int fd, const struct sockaddr *peer)
 	ev_io_init(&s->client.wio, session_hs_write_cb, fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s;
 	if (inst->proto->input)
-		ev_io_start(session_loop(s), &s->client.rio);
+		ev_io_start(capd_loop, &s->client.rio);
 	if (inst->proto->accepted)
 		inst->proto->accepted(s);
 	return s;
@@ -319,7 +313,7 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	}
 	if (n == 0) {
 		s->client_eof = true;
-		ev_io_stop(session_loop(s), &s->client.rio);
+		ev_io_stop(capd_loop, &s->client.rio);
 	} else {
 		buf_commit(&s->hs_in, (size_t)n);
 	}
@@ -343,7 +337,7 @@ session_hs_flush(struct session *s)
 		                          : send(s->client.fd, buf_head(&s->hs_out), buf_used(&s->hs_out), MSG_NOSIGNAL);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EINTR) {
-				ev_io_start(session_loop(s), &s->client.wio);
+				ev_io_start(capd_loop, &s->client.wio);
 				return;
 			}
 			session_close(s, "client went away during handshake");
@@ -351,7 +345,7 @@ session_hs_flush(struct session *s)
 		}
 		buf_consume(&s->hs_out, (size_t)n);
 	}
-	ev_io_stop(session_loop(s), &s->client.wio);
+	ev_io_stop(capd_loop, &s->client.wio);
 }
 
 static void
@@ -375,12 +369,12 @@ session_send(struct session *s, const void *p, size_t n)
 void
 session_set_deadline(struct session *s, double seconds)
 {
-	ev_timer_stop(session_loop(s), &s->timer);
+	ev_timer_stop(capd_loop, &s->timer);
 	s->deadline_at = 0;
 	if (seconds > 0) {
 		s->deadline_at = capd_now() + seconds;
 		ev_timer_set(&s->timer, seconds, 0.);
-		ev_timer_start(session_loop(s), &s->timer);
+		ev_timer_start(capd_loop, &s->timer);
 	}
 }
 
@@ -391,10 +385,10 @@ static void session_cands_free(struct session *s);
 static void
 session_connected(struct session *s, int err)
 {
-	ev_io_stop(session_loop(s), &s->upstream.wio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
 	session_cands_free(s);
 	if (err == 0) {
-		ev_timer_stop(session_loop(s), &s->timer);
+		ev_timer_stop(capd_loop, &s->timer);
 		s->deadline_at = 0;
 	}
 	s->inst->proto->connected(s, err);
@@ -406,7 +400,7 @@ session_connect_fail(struct session *s, int err, const char *why)
 	free(s->why_connect);
 	s->why_connect = xstrdup(why);
 	if (s->upstream.fd >= 0) {
-		ev_io_stop(session_loop(s), &s->upstream.wio);
+		ev_io_stop(capd_loop, &s->upstream.wio);
 		close(s->upstream.fd);
 		s->upstream.fd = -1;
 	}
@@ -427,7 +421,7 @@ session_connect_cb(struct ev_loop *loop, ev_io *w, int revents)
 		err = errno;
 	if (err == EINPROGRESS)
 		return;
-	ev_io_stop(session_loop(s), &s->upstream.wio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
 	if (err != 0) {
 		close(s->upstream.fd);
 		s->upstream.fd = -1;
@@ -469,9 +463,9 @@ static void
 session_connect_defer(struct session *s, int err)
 {
 	s->pending_err = err;
-	ev_timer_stop(session_loop(s), &s->timer);
+	ev_timer_stop(capd_loop, &s->timer);
 	ev_timer_set(&s->timer, 0., 0.);
-	ev_timer_start(session_loop(s), &s->timer);
+	ev_timer_start(capd_loop, &s->timer);
 }
 
 /* A local upstream has usually answered the SYN before connect(2) returns
@@ -504,19 +498,18 @@ session_connect_next(struct session *s)
 			return;
 		}
 		session_nodelay(fd);
-		int rc = connect(fd, sa, addr_len(sa));
-		err = errno;
-		if (rc == 0 || err == EINPROGRESS) {
+		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
 			ev_io_init(&s->upstream.wio, session_connect_cb, fd, EV_WRITE);
 			s->upstream.wio.data = s;
 			if ((s->up_established = session_established(fd)))
-				ev_feed_event(session_loop(s), &s->upstream.wio, EV_WRITE);  /* later in this pass */
+				ev_feed_event(capd_loop, &s->upstream.wio, EV_WRITE);  /* later in this pass */
 			else
-				ev_io_start(session_loop(s), &s->upstream.wio);
+				ev_io_start(capd_loop, &s->upstream.wio);
 			return;
 		}
+		err = errno;
 		close(fd);
 		free(s->why_connect);
 		s->why_connect = xasprintf("connect to %s: %s",
@@ -632,12 +625,12 @@ session_opened(struct session *s)
 	struct instance *inst = s->inst;
 
 	s->state = SESSION_OPEN;
-	ev_timer_stop(session_loop(s), &s->timer);
+	ev_timer_stop(capd_loop, &s->timer);
 	s->deadline_at = 0;
 	s->last_active = capd_now();
 	if (inst->idle_timeout > 0) {
 		ev_timer_set(&s->timer, inst->idle_timeout, 0.);
-		ev_timer_start(session_loop(s), &s->timer);
+		ev_timer_start(capd_loop, &s->timer);
 	}
 	if (inst->capture && inst->spool_iface >= 0 && s->have_target) {
 		char comment[128];
@@ -794,12 +787,12 @@ session_history_add(struct session *s)
 }
 
 static void
-side_close(struct session *s, struct side *sd, bool reset)
+side_close(struct side *sd, bool reset)
 {
 	if (sd->fd < 0)
 		return;
-	ev_io_stop(session_loop(s), &sd->rio);
-	ev_io_stop(session_loop(s), &sd->wio);
+	ev_io_stop(capd_loop, &sd->rio);
+	ev_io_stop(capd_loop, &sd->wio);
 	if (reset) {
 		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
 		setsockopt(sd->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -826,11 +819,11 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	reason = why;
 
 	relay_stop(s);
-	ev_timer_stop(session_loop(s), &s->timer);
+	ev_timer_stop(capd_loop, &s->timer);
 	resolve_cancel(s->resolving);
 	s->resolving = NULL;
-	side_close(s, &s->client, reset_client);
-	side_close(s, &s->upstream, reset_upstream);
+	side_close(&s->client, reset_client);
+	side_close(&s->upstream, reset_upstream);
 	if (s->flow) {
 		spool_flow_close(s->flow, reset_client || reset_upstream);
 		s->flow = NULL;
@@ -880,42 +873,30 @@ session_reset(struct session *s, const char *reason)
 	session_end(s, reason, true, true);
 }
 
-void
-session_close_instance(struct instance *inst, const char *reason)
-{
-	session_close_all_shards(inst, reason);
-}
-
 struct session_call {
-	uint64_t id;
+	struct session *s;
 	void (*fn)(struct session *s, void *arg);
 	void *arg;
-	int found;
 };
 
 static void
 session_call_here(void *arg)
 {
 	struct session_call *c = arg;
-	struct session *s = session_find(c->id);
 
-	/* looked up again on the owner: it may have closed while the call waited */
-	if (s == NULL || s->state == SESSION_CLOSED)
-		return;
-	c->found = 1;
-	c->fn(s, c->arg);
+	c->fn(c->s, c->arg);
 }
 
 int
 session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *arg)
 {
 	struct session *s = session_find(id);
-	struct session_call c = { .id = id, .fn = fn, .arg = arg };
+	struct session_call c = { .s = s, .fn = fn, .arg = arg };
 
 	if (s == NULL || s->state == SESSION_CLOSED)
 		return -1;
 	shard_call(s->shard, session_call_here, &c);
-	return c.found ? 0 : -1;
+	return 0;
 }
 
 static void

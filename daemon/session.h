@@ -142,12 +142,13 @@ void session_reset(struct session *s, const char *reason);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
 
-/* Runs fn(s, arg) on the shard that owns session id, and waits; -1 when no open session has that id. */
+/* Runs fn(s, arg) as the shard that owns session id would (shard_call); -1 when no open session has that id. */
 int session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *arg);
 
 json_t *session_json(struct session *s);  /* caller owns */
 /* Open sessions then the closed history, newest last; instance may be NULL. */
 json_t *session_list_json(const char *instance, bool open_only);
+/* Closes inst's sessions (NULL: every session), each as its shard would. */
 void session_close_instance(struct instance *inst, const char *reason);
 unsigned session_open_count(void);
 /* ISO 8601 UTC "2026-11-25T18:12:00.123Z". */

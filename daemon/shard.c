@@ -230,12 +230,6 @@ shard_at(unsigned i)
 	return i < nshards ? &shards[i] : NULL;
 }
 
-struct ev_loop *
-shard_loop(const struct shard *sh)
-{
-	return sh ? sh->loop : capd_loop;
-}
-
 void
 shards_pause(void)
 {

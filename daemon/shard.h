@@ -51,7 +51,6 @@ void shards_stop(void);
 unsigned shards_count(void);
 unsigned shards_session_first(void);
 struct shard *shard_at(unsigned i);
-struct ev_loop *shard_loop(const struct shard *sh);
 
 /* Main thread only; nests. While paused no worker runs capd code. */
 void shards_pause(void);

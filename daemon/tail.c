@@ -539,11 +539,11 @@ tail_session_end(struct session *s)
 
 	if (t == NULL)
 		return;
-	if (atomic_load_explicit(&t->watched, memory_order_acquire) > 0)
+	/* no subscriber: nothing shared to tell, no lock to take */
+	bool watched = atomic_load_explicit(&t->watched, memory_order_acquire) > 0;
+	if (watched)
 		capd_lock();
-	else
-		t = NULL;  /* no subscriber: nothing shared to touch */
-	while (t != NULL && (sub = LIST_FIRST(&t->subs)) != NULL) {
+	while (watched && (sub = LIST_FIRST(&t->subs)) != NULL) {
 		if (sub->pending)
 			tail_replay(sub);
 		/* what was lost is told even to a subscriber still behind: the notices are small */
@@ -555,9 +555,8 @@ tail_session_end(struct session *s)
 		ctl_conn_on_close_cancel(sub->conn, tail_sub_gone_cb, sub);
 		tail_sub_free(sub);
 	}
-	if (t != NULL)
+	if (watched)
 		capd_unlock();
-	t = s->tail;
 	for (int d = 0; d < 2; d++) {
 		atomic_fetch_sub_explicit(&tail_ring_bytes, t->ring[d].cap, memory_order_relaxed);
 		free(t->ring[d].buf);
