@@ -395,6 +395,17 @@ tls_raw_open(struct tls_session *ts)
 	if (s->upstream.fd >= 0 && s->have_target &&
 	    getsockname(s->upstream.fd, (struct sockaddr *)&local, &len) == 0) {
 		snprintf(comment, sizeof comment, "%s/%s tls upstream leg", s->inst->proto->name, s->inst->name);
+		/* On loopback the kernel may give capd's upstream socket the client's own
+		 * port: the leg would have the plaintext flow's addresses and Wireshark
+		 * would read the two as one stream. Shift the port shown, and say so. */
+		if (addr_same((struct sockaddr *)&local, (struct sockaddr *)&s->client_addr)) {
+			uint16_t real = addr_port((struct sockaddr *)&local);
+			uint16_t shown = real == 65535 ? 65534 : real + 1;
+
+			addr_set_port((struct sockaddr *)&local, shown);
+			snprintf(comment, sizeof comment, "%s/%s tls upstream leg (local port %u shown as %u: the client's port)",
+			         s->inst->proto->name, s->inst->name, real, shown);
+		}
 		ts->raw[TLS_LEG_UPSTREAM] = spool_flow_open(s->inst->spool_iface, s->id, IPPROTO_TCP,
 		                                            (struct sockaddr *)&local, (struct sockaddr *)&s->target_addr,
 		                                            comment);

@@ -6,7 +6,6 @@ socket is a path, so capctl reaches it from here. Loopback tests use a
 namespace of their own too, so their `lo` carries only the test's traffic.
 """
 
-import itertools
 import os
 import shutil
 import socket
@@ -16,26 +15,16 @@ import time
 
 import pytest
 
-from conftest import CAPD, Capd, EchoServer, follow_tcp, free_port, tshark
+from conftest import CAPD, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for network namespaces")
-
-_seq = itertools.count()
-
-
-def sh(*args, check=True, timeout=20):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
 
 class NetPair:
     """Two namespaces joined by a veth pair: a (10.200.N.1) and b (10.200.N.2), /30."""
 
     def __init__(self):
-        n = next(_seq)
+        n = next_seq()
         tag = f"{os.getpid() % 100000}{n}"
         self.a, self.b = f"capsnA{tag}", f"capsnB{tag}"
         self.va, self.vb = f"csa{tag}"[:15], f"csb{tag}"[:15]
@@ -74,61 +63,6 @@ def netpair():
     p = NetPair()
     yield p
     p.delete()
-
-
-@pytest.fixture
-def netns():
-    """One namespace with only lo up, for loopback captures that see the test's traffic alone."""
-    ns = f"capsnL{os.getpid() % 100000}{next(_seq)}"
-    sh("ip", "netns", "add", ns)
-    sh("ip", "-n", ns, "link", "set", "lo", "up")
-    yield ns
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-class NsCapd(Capd):
-    """A capd running inside a network namespace."""
-
-    def __init__(self, tmp, ns, conf="", settings="", wrap=()):
-        super().__init__(tmp, conf, settings)
-        self.ns = ns
-        self.wrap = list(wrap)
-
-    def start(self, wait=True, extra_env=None, args=()):
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("LISTEN_FDS", None)
-        self.logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.wrap, str(CAPD),
-                                      "-c", str(self.conf_path), *args],
-                                     stdout=self.logf, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 10
-        while wait and time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"capd exited {self.proc.returncode}:\n{self.log()}")
-            # an answer means the loop runs, so the config's instances are started
-            if self.sock.exists() and self.ctl("status", check=False).returncode == 0:
-                return self
-            time.sleep(0.05)
-        if wait:
-            raise TimeoutError("capd did not open its control socket:\n" + self.log())
-        return self
-
-
-@pytest.fixture
-def ns_capd(tmp_path):
-    made = []
-
-    def make(ns, conf="", settings="", wrap=()):
-        d = tmp_path / f"capd{len(made)}"
-        d.mkdir()
-        c = NsCapd(d, ns, conf, settings, wrap)
-        made.append(c)
-        return c.start()
-
-    yield make
-    for c in made:
-        assert c.stop() in (0, None), c.log()[-3000:]
 
 
 def pcapng_ifaces(path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, exchange, follow_tcp, free_port, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, exchange, follow_tcp, free_port, sh, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -32,7 +32,7 @@ def openssl(*args, **kw):
 class Origin:
     """nginx serving TLS for NAME and alt.example.test with a test CA."""
 
-    def __init__(self, d: Path, protocols="TLSv1.2 TLSv1.3"):
+    def __init__(self, d: Path, protocols="TLSv1.2 TLSv1.3", ns=None):
         self.dir = d
         d.mkdir()
         self.ca = d / "origin-ca.pem"
@@ -79,9 +79,17 @@ http {{
     }}
 }}
 """)
-        self.proc = subprocess.Popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        inns = ["ip", "netns", "exec", ns] if ns else []
+        self.proc = subprocess.Popen([*inns, "nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e",
+                                      str(d / "error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if ns is None:
+            wait_port(self.port)
+            return
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 1)"
+        deadline = time.time() + 10
+        while run(*inns, "/usr/bin/python3", "-c", probe).returncode != 0:
+            assert time.time() < deadline, "nginx did not listen in the namespace"
+            time.sleep(0.05)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -265,6 +273,39 @@ def _capture_both(capd_factory, origin, tmp_path):
     assert up[:1] == b"\x16"  # the client leg holds the real ClientHello
     lines = keylog.read_text().splitlines()
     assert any(l.startswith("CLIENT_TRAFFIC_SECRET_0 ") or l.startswith("CLIENT_RANDOM ") for l in lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_tls_capture_both_upstream_leg_on_the_clients_port(netns, ns_capd, tmp_path):
+    """On loopback the kernel may give capd's upstream socket the client's own
+    port, so the upstream leg has the plaintext flow's addresses. A namespace
+    with a single ephemeral port makes that certain; the leg must still be a
+    stream of its own, its port shifted and the shift said in its comment."""
+    origin = Origin(tmp_path / "o", ns=netns)
+    try:
+        # after the origin's readiness probe, whose TIME_WAIT would hold the port
+        sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000")
+        port = free_port()
+        capd = ns_capd(netns, f"[forward fw]\nlisten = 127.0.0.1:{port}\nto = 127.0.0.1:{origin.port}\n"
+                              "tls = yes\ntls_verify = no\ntls_capture = both\n")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = run("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "20", "--http1.1", "--cacert", ca,
+                "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/", timeout=40)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == BODY
+        last_closed(capd)
+        pcap = pcap_after(capd)
+    finally:
+        origin.stop()
+    t = tshark("-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", "-e", "tcp.stream",
+               "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "frame.comment")
+    rows = [l.split("\t") for l in t.stdout.splitlines() if l.strip()]
+    assert [r[:3] for r in rows] == [["0", "40000", str(origin.port)], ["1", "40000", str(port)],
+                                     ["2", "40001", str(origin.port)]], t.stdout
+    assert "local port 40000 shown as 40001" in rows[2][3], t.stdout
+    t = tshark("-r", pcap, "-Y", "tls && http.request", "-T", "fields", "-e", "tcp.stream", "-e",
+               "http.request.uri")
+    assert sorted(l.split("\t") for l in t.stdout.splitlines() if l.strip()) == [["1", "/"], ["2", "/"]], t.stdout
 
 
 def test_tls_auto_passes_plaintext_unchanged(capd, origin, tmp_path):
