@@ -81,6 +81,7 @@ struct tls_side {
 	bool eof;               /* SSL_read saw close_notify or EOF, not yet reported */
 	int err;                /* errno to report once the bytes before it are taken */
 	bool crossed;           /* a read wanted writability or a write readability */
+	bool more;              /* records of the same write follow: send them with MSG_MORE */
 	char why[200];          /* the TLS error behind EPROTO */
 };
 
@@ -478,7 +479,7 @@ tls_bio_write(BIO *b, const char *in, int inl)
 	ssize_t n;
 
 	BIO_clear_retry_flags(b);
-	n = send(t->sd->fd, in, (size_t)inl, MSG_NOSIGNAL);
+	n = send(t->sd->fd, in, (size_t)inl, MSG_NOSIGNAL | (t->more ? MSG_MORE : 0));
 	if (n < 0) {
 		if (errno == EAGAIN || errno == EINTR)
 			BIO_set_retry_write(b);
@@ -1524,7 +1525,18 @@ tls_side_write(struct tls_side *t, const void *p, size_t n)
 		int r, e, saved;
 
 		ERR_clear_error();
+		/*
+		 * SSL_write makes one record (16 KiB at most) per call and our BIO
+		 * sends it at once. Corking all but the last record of a write lets
+		 * TCP send them as a few full segments instead of a push, a segment
+		 * and a wake-up of the reader per record: on loopback that is most
+		 * of the cost of a send. The last record, or one that waits
+		 * (EAGAIN), is pushed as before; a cork left by the BIO is undone by
+		 * the next push or the peer's ACKs.
+		 */
+		t->more = n - put > SSL3_RT_MAX_PLAIN_LENGTH;
 		r = SSL_write(t->ssl, (const char *)p + put, want);
+		t->more = false;
 		if (r > 0) {
 			put += (size_t)r;
 			continue;
