@@ -332,7 +332,10 @@ class Bench:
         if c and p:
             ratio = (p / c) if lower_better else (c / p)
         row = {"workload": name, "metric": metric, "capd": c, "peer": peer_name, "peer_value": p,
-               "ratio": ratio, "target": target, "capd_capture_dropped_bytes": dropped}
+               "ratio": ratio, "target": target, "capd_capture_dropped_bytes": dropped,
+               # every round, to see the spread behind a median (the sides alternate; a run
+               # that failed is left out)
+               "capd_rounds": list(cv), "peer_rounds": list(pv)}
         self.rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.1f}"
         print(f"{name:<34} {metric:<10} capd {fmt(c):>9}  {peer_name:<16} {fmt(p):>9}  ratio {fmt(ratio) if ratio is None else f'{ratio:.2f}':>5}"
