@@ -331,15 +331,6 @@ def dropdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def netns():
-    ns = f"capdep{os.getpid() % 100000}"
-    run("ip", "netns", "add", ns)
-    run("ip", "-n", ns, "link", "set", "lo", "up")
-    yield ns
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def echo_in_ns(ns, port):
     code = ("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
             f"s.bind(('127.0.0.1',{port}))\ns.listen(8)\nprint('ready',flush=True)\n"

@@ -71,6 +71,29 @@ test_names(void **state)
 	assert_false(hostname_match("www.example.com", "www.example.co"));
 }
 
+static void
+test_same(void **state)
+{
+	struct sockaddr_storage a, b, c;
+	socklen_t len;
+
+	(void)state;
+	assert_int_equal(addr_from_literal("127.0.0.1", 40000, &a, &len), 0);
+	assert_int_equal(addr_from_literal("127.0.0.1", 40000, &b, &len), 0);
+	assert_int_equal(addr_from_literal("::1", 40000, &c, &len), 0);
+	assert_true(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&c));
+	addr_set_port((struct sockaddr *)&b, 40001);
+	assert_int_equal(addr_port((struct sockaddr *)&b), 40001);
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
+	assert_int_equal(addr_from_literal("127.0.0.2", 40000, &b, &len), 0);
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
+	assert_int_equal(addr_from_literal("::1", 40000, &b, &len), 0);
+	assert_true(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b));
+	addr_set_port((struct sockaddr *)&b, 1);
+	assert_false(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b));
+}
+
 int
 main(void)
 {
@@ -78,6 +101,7 @@ main(void)
 		cmocka_unit_test(test_hostport),
 		cmocka_unit_test(test_listen),
 		cmocka_unit_test(test_names),
+		cmocka_unit_test(test_same),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
