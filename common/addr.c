@@ -175,15 +175,18 @@ addr_set_port(struct sockaddr *sa, uint16_t port)
 }
 
 bool
-addr_same(const struct sockaddr *a, const struct sockaddr *b)
+addr_same(const struct sockaddr *a, const struct sockaddr *b, bool port)
 {
-	if (a->sa_family != b->sa_family || addr_port(a) != addr_port(b))
+	if (a->sa_family != b->sa_family)
 		return false;
-	if (a->sa_family == AF_INET)
-		return ((const struct sockaddr_in *)a)->sin_addr.s_addr == ((const struct sockaddr_in *)b)->sin_addr.s_addr;
-	if (a->sa_family == AF_INET6)
-		return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr, &((const struct sockaddr_in6 *)b)->sin6_addr,
-		              sizeof(struct in6_addr)) == 0;
+	if (a->sa_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+		return x->sin_addr.s_addr == y->sin_addr.s_addr && (!port || x->sin_port == y->sin_port);
+	}
+	if (a->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+		return memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0 && (!port || x->sin6_port == y->sin6_port);
+	}
 	return false;
 }
 

@@ -31,8 +31,8 @@ char *addr_format(const struct sockaddr *sa, char *out, size_t n);
 char *addr_format_ip(const struct sockaddr *sa, char *out, size_t n);
 uint16_t addr_port(const struct sockaddr *sa);
 void addr_set_port(struct sockaddr *sa, uint16_t port);
-/* Same family, address and port. */
-bool addr_same(const struct sockaddr *a, const struct sockaddr *b);
+/* Same family and address, and the same port when port is set. */
+bool addr_same(const struct sockaddr *a, const struct sockaddr *b, bool port);
 socklen_t addr_len(const struct sockaddr *sa);
 bool addr_is_loopback(const struct sockaddr *sa);
 bool addr_is_any(const struct sockaddr *sa);

@@ -399,7 +399,7 @@ tls_raw_open(struct tls_session *ts)
 		/* On loopback the kernel may give capd's upstream socket the client's own
 		 * port: the leg would have the plaintext flow's addresses and Wireshark
 		 * would read the two as one stream. Shift the port shown, and say so. */
-		if (addr_same((struct sockaddr *)&local, (struct sockaddr *)&s->client_addr)) {
+		if (addr_same((struct sockaddr *)&local, (struct sockaddr *)&s->client_addr, true)) {
 			uint16_t real = addr_port((struct sockaddr *)&local);
 			uint16_t shown = real == 65535 ? 65534 : real + 1;
 

@@ -112,22 +112,6 @@ udp_hash(const struct sockaddr *sa)
 	return h % UDP_BUCKETS;
 }
 
-static bool
-udp_same(const struct sockaddr *a, const struct sockaddr *b, bool port)
-{
-	if (a->sa_family != b->sa_family)
-		return false;
-	if (a->sa_family == AF_INET) {
-		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-		return x->sin_addr.s_addr == y->sin_addr.s_addr && (!port || x->sin_port == y->sin_port);
-	}
-	if (a->sa_family == AF_INET6) {
-		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-		return memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0 && (!port || x->sin6_port == y->sin6_port);
-	}
-	return false;
-}
-
 struct udp_relay *
 udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, const struct hostport *to,
                 bool fallback, char **why)
@@ -311,7 +295,7 @@ udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
 	struct session *s;
 
 	LIST_FOREACH(f, &a->flows, entry)
-		if (udp_same((struct sockaddr *)&f->peer, peer, true))
+		if (addr_same((struct sockaddr *)&f->peer, peer, true))
 			return f;
 	if (a->nflows >= UDP_FLOWS_MAX)
 		return NULL;
@@ -445,10 +429,10 @@ udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
 	unsigned h = udp_hash(src);
 
 	LIST_FOREACH(a, &r->buckets[h], hentry)
-		if (udp_same((struct sockaddr *)&a->client, src, true))
+		if (addr_same((struct sockaddr *)&a->client, src, true))
 			return a;
 	LIST_FOREACH(a, &r->loose, hentry)
-		if (udp_same((struct sockaddr *)&a->client, src, false)) {
+		if (addr_same((struct sockaddr *)&a->client, src, false)) {
 			/* the first datagram fixes the port of an association that left it open */
 			memcpy(&a->client, src, addr_len(src));
 			a->bound = true;
@@ -567,7 +551,7 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 			f = udp_flow_get(a, (struct sockaddr *)&src);
 		} else {
 			LIST_FOREACH(g, &a->flows, entry)
-				if (udp_same((struct sockaddr *)&g->peer, (struct sockaddr *)&src, true)) {
+				if (addr_same((struct sockaddr *)&g->peer, (struct sockaddr *)&src, true)) {
 					f = g;
 					break;
 				}

@@ -65,6 +65,7 @@ class Bench:
         self.client = str(self.build / "capd-bench")
         self.refused = {}  # idle tunnels refused, per proxy pid (worst round)
         self.stalls = []   # client runs that never finished
+        self.shm = None    # a tmpfs folder for TLS bulk's file (start_nginx)
 
     # ---- processes ----
     def spawn(self, name, argv, **kw):
@@ -83,7 +84,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if getattr(self, "shm", None):
+        if self.shm:
             shutil.rmtree(self.shm, ignore_errors=True)
 
     def run_client(self, *argv, timeout=60, who=None):

@@ -5,7 +5,6 @@ tshark helpers. Everything listens on loopback."""
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -375,8 +374,9 @@ def next_seq():
     return next(_seq)
 
 
-def sh(*args, check=True, timeout=20):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+def sh(*args, check=True, timeout=60, **kw):
+    """Runs a command, text output captured; a failure raises with both outputs."""
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUILD, CAPCTL, CAPD, ROOT, Capd, EchoServer, free_port
+from conftest import BUILD, CAPCTL, CAPD, ROOT, Capd, EchoServer, free_port, sh
 
 MANS = ["capd.8", "capctl.1", "capd.conf.5"]
 BUILD_OPTS = {}  # meson options of the build under test, filled by `installed`
@@ -42,19 +42,12 @@ INSTALLED = [
 ]
 
 
-def run(*args, check=True, timeout=60, **kw):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """`meson install --destdir` of the build under test: (destdir, prefix, sysconfdir)."""
     dest = tmp_path_factory.mktemp("destdir")
-    run("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
-    opts = json.loads(run("meson", "introspect", "--buildoptions", BUILD).stdout)
+    sh("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
+    opts = json.loads(sh("meson", "introspect", "--buildoptions", BUILD).stdout)
     opt = {o["name"]: o["value"] for o in opts}
     prefix = opt["prefix"]
     sysconfdir = os.path.join(prefix, opt["sysconfdir"])
@@ -89,7 +82,7 @@ def test_reinstall_keeps_an_edited_config(installed):
     shipped = conf.read_text()
     conf.write_text(shipped + "\n; edited by the analyst\n")
     try:
-        run("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
+        sh("meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest, "--quiet", timeout=300)
         assert conf.read_text().endswith("; edited by the analyst\n")
         assert under(dest, os.path.join(sysconfdir, "capd", "capd.conf.dist")).read_text() == shipped
     finally:
@@ -101,7 +94,7 @@ def test_installed_capd_checks_installed_config(installed):
     dest, prefix, sysconfdir = installed
     capd = under(dest, os.path.join(prefix, "sbin/capd"))
     conf = under(dest, os.path.join(sysconfdir, "capd", "capd.conf"))
-    r = run(capd, "-t", "-c", conf)
+    r = sh(capd, "-t", "-c", conf)
     assert "configuration is good" in r.stdout
     # and the source copy documents every [capd] key with its default
     text = (ROOT / "conf" / "capd.conf").read_text()
@@ -122,7 +115,7 @@ def test_units_pass_systemd_analyze_verify(installed, tmp_path):
         text = text.replace(f"={prefix}/", f"={dest}{prefix}/").replace(f" {prefix}/", f" {dest}{prefix}/")
         (tmp_path / u).write_text(text)
         units.append(tmp_path / u)
-    r = run("systemd-analyze", "verify", "--man=no", *units, check=False)
+    r = sh("systemd-analyze", "verify", "--man=no", *units, check=False)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
     svc = units[0].read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=capd",
@@ -147,14 +140,14 @@ def test_sysusers_and_tmpfiles_in_a_private_root(installed, tmp_path):
     dest, prefix, _ = installed
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    run("systemd-sysusers", f"--root={root}", under(dest, os.path.join(prefix, "lib/sysusers.d/capd.conf")))
+    sh("systemd-sysusers", f"--root={root}", under(dest, os.path.join(prefix, "lib/sysusers.d/capd.conf")))
     passwd = (root / "etc/passwd").read_text()
     group = (root / "etc/group").read_text()
     line = next(ln for ln in passwd.splitlines() if ln.startswith("capd:"))
     uid, gid = int(line.split(":")[2]), int(line.split(":")[3])
     assert 0 < uid < 1000 and line.split(":")[5] == "/var/lib/capd", line
     assert any(ln.startswith(f"capd:x:{gid}:") for ln in group.splitlines()), group
-    run("systemd-tmpfiles", "--create", f"--root={root}",
+    sh("systemd-tmpfiles", "--create", f"--root={root}",
         under(dest, os.path.join(prefix, "lib/tmpfiles.d/capd.conf")))
     for d in ("var/lib/capd", "var/lib/capd/spool"):
         st = (root / d).stat()
@@ -279,7 +272,7 @@ def test_socket_activation_serves_capctl(capd_factory, tmp_path):
         ls.close()
         deadline = time.time() + 10
         while True:
-            r = run(CAPCTL, "-s", path, "--json", "status", check=False)
+            r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
             if r.returncode == 0 or time.time() > deadline:
                 break
             time.sleep(0.05)
@@ -290,13 +283,13 @@ def test_socket_activation_serves_capctl(capd_factory, tmp_path):
         assert "socket passed by systemd" in c.log()
         # a member of the socket's group (here: nobody's group) gets in
         if shutil.which("setpriv") and os.geteuid() == 0:
-            r = run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CAPCTL, "-s", path,
+            r = sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CAPCTL, "-s", path,
                     "status", check=False)
             assert r.returncode == 0, r.stderr + c.log()[-2000:]
         port = free_port()
         srv = EchoServer()
         try:
-            run(CAPCTL, "-s", path, "add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
+            sh(CAPCTL, "-s", path, "add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"activated")
                 s.shutdown(socket.SHUT_WR)
@@ -344,7 +337,7 @@ def echo_in_ns(ns, port):
 def ns_roundtrip(ns, port, data=b"through the proxy"):
     code = (f"import socket,sys\ns=socket.create_connection(('127.0.0.1',{port}),timeout=5)\n"
             f"s.sendall({data!r})\nd=s.recv(65536)\nsys.exit(0 if d=={data!r} else 3)\n")
-    return run("ip", "netns", "exec", ns, "/usr/bin/python3", "-c", code, check=False).returncode == 0
+    return sh("ip", "netns", "exec", ns, "/usr/bin/python3", "-c", code, check=False).returncode == 0
 
 
 @pytest.mark.parametrize("hosts_owned_by_user", [True, False])
@@ -422,7 +415,7 @@ def test_mandoc_lint_clean(page):
     """Issue 10: `mandoc -Tlint` has nothing to say about each page."""
     if shutil.which("mandoc") is None:
         pytest.skip("mandoc is not installed")
-    r = run("mandoc", "-Tlint", ROOT / "man" / page, check=False)
+    r = sh("mandoc", "-Tlint", ROOT / "man" / page, check=False)
     # Cross references are looked up in /usr/share/man only (mandoc's built-in
     # path): capd's own pages are found there once installed, not from the tree.
     left = [ln for ln in (r.stdout + r.stderr).splitlines()
@@ -439,7 +432,7 @@ def complete(words, cword=None):
               f"COMP_LINE='{' '.join(words)}'\nCOMP_POINT=${{#COMP_LINE}}\n"
               "_capctl capctl\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
     env = dict(os.environ, PATH=f"{BUILD}:{os.environ.get('PATH', '')}", CAPD_SOCKET="/nonexistent/capd.sock")
-    r = run("bash", "-c", script, env=env)
+    r = sh("bash", "-c", script, env=env)
     return [w for w in r.stdout.split("\n") if w]
 
 
@@ -524,7 +517,7 @@ class NsSystemd:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 break
-            kids = run("pgrep", "-P", self.proc.pid, check=False).stdout.split()
+            kids = sh("pgrep", "-P", self.proc.pid, check=False).stdout.split()
             if kids:
                 self.pid = int(kids[0])
                 r = self.ctl("systemctl", "is-system-running", check=False)
@@ -536,7 +529,7 @@ class NsSystemd:
         pytest.skip(f"systemd did not boot in a namespace here: {log}")
 
     def ctl(self, *args, check=True, timeout=30):
-        return run("nsenter", "-t", self.pid, "-p", "-m", "-n", "-u", *args, check=check, timeout=timeout)
+        return sh("nsenter", "-t", self.pid, "-p", "-m", "-n", "-u", *args, check=check, timeout=timeout)
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

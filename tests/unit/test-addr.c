@@ -81,17 +81,18 @@ test_same(void **state)
 	assert_int_equal(addr_from_literal("127.0.0.1", 40000, &a, &len), 0);
 	assert_int_equal(addr_from_literal("127.0.0.1", 40000, &b, &len), 0);
 	assert_int_equal(addr_from_literal("::1", 40000, &c, &len), 0);
-	assert_true(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
-	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&c));
+	assert_true(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b, true));
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&c, true));
 	addr_set_port((struct sockaddr *)&b, 40001);
 	assert_int_equal(addr_port((struct sockaddr *)&b), 40001);
-	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b, true));
+	assert_true(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b, false));
 	assert_int_equal(addr_from_literal("127.0.0.2", 40000, &b, &len), 0);
-	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b));
+	assert_false(addr_same((struct sockaddr *)&a, (struct sockaddr *)&b, true));
 	assert_int_equal(addr_from_literal("::1", 40000, &b, &len), 0);
-	assert_true(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b));
+	assert_true(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b, true));
 	addr_set_port((struct sockaddr *)&b, 1);
-	assert_false(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b));
+	assert_false(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b, true));
 }
 
 int
