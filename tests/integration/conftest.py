@@ -323,6 +323,12 @@ def tshark(*args, timeout=120):
     return r
 
 
+def as_http(port):
+    """tshark arguments: TCP to and from port is HTTP, whatever the other port says (an
+    ephemeral client port can be another protocol's: ADS is 48898)."""
+    return ("-d", f"tcp.port=={port},http")
+
+
 def follow_tcp(pcap, stream=0):
     """Bytes each way of TCP stream N in pcap, from tshark's follow,tcp,raw.
     Returns (client_to_server, server_to_client)."""

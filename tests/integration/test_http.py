@@ -3,7 +3,6 @@ clients (curl, wget), a Python origin that echoes what it receives, and a
 TLS nginx behind CONNECT. Every capture is checked with tshark."""
 
 import http.server
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of, wait_port
+from conftest import as_http, check_pcap_clean, follow_tcp, free_port, tcp_stream_of, wait_port
 
 
 class Origin:
@@ -523,8 +522,7 @@ def test_capture_shows_origin_form(capd, origin, tmp_path):
     assert b"Via:" not in down
     assert data in down and down.endswith(b"hello from a /second\n")
     assert len(down) == s["bytes_down"]
-    # HTTP by the origin's port: an ephemeral client port can be another protocol's (ADS is 48898)
-    tshark = subprocess.run(["tshark", "-r", str(pcap), "-d", f"tcp.port=={origin.port},http",
+    tshark = subprocess.run(["tshark", "-r", str(pcap), *as_http(origin.port),
                              "-Y", f"tcp.stream == {stream} && http.request",
                              "-T", "fields", "-e", "http.request.uri"], capture_output=True, text=True)
     assert tshark.stdout.split() == ["/echo", "/second"]

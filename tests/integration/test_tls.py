@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, exchange, follow_tcp, free_port, sh, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -129,11 +129,6 @@ def curl(*args, timeout=40):
 def last_closed(capd, n=1):
     ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= n)
     return [s for s in ss if s["state"] == "closed"]
-
-
-def as_http(port):
-    """tshark arguments: the plaintext to and from port is HTTP, whatever the client's port says."""
-    return ("-d", f"tcp.port=={port},http")
 
 
 def pcap_after(capd):
