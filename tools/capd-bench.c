@@ -102,6 +102,43 @@ write_full(int fd, const void *p, size_t n)
 	return 0;
 }
 
+/*
+ * Reads an HTTP reply head up to its blank line and not one byte further (the
+ * tunnel's first bytes stay in the socket): peeks, then takes the head's
+ * share. Two calls for a head that came in one segment, as a buffered client
+ * such as curl spends; reading it a byte at a time cost this client ~40
+ * read(2) calls, half its CPU per CONNECT connection, which capped both
+ * proxies' connection rates at the client's. NUL-terminates; -1 on a short
+ * connection or a head larger than cap - 1.
+ */
+static int
+read_head(int fd, char *head, size_t cap)
+{
+	size_t got = 0;
+
+	while (got < cap - 1) {
+		ssize_t n = recv(fd, head + got, cap - 1 - got, MSG_PEEK);
+		size_t take;
+
+		if (n <= 0)
+			return -1;
+		for (take = 0; take < (size_t)n; take++)
+			if (got + take >= 3 && !memcmp(head + got + take - 3, "\r\n\r\n", 4))
+				break;
+		bool end = take < (size_t)n;
+		if (end)
+			take++;  /* the head's last byte */
+		if (read_full(fd, head + got, take) < 0)
+			return -1;
+		got += take;
+		if (end) {
+			head[got] = '\0';
+			return 0;
+		}
+	}
+	return -1;
+}
+
 /* Connects to the proxy and asks it for target; returns the tunnel fd or -1. */
 static int
 tunnel_open(void)
@@ -123,22 +160,12 @@ tunnel_open(void)
 			goto fail;
 	} else if (via == VIA_CONNECT) {
 		char req[128], ip[32], rep[1024];
-		size_t got = 0;
 		inet_ntop(AF_INET, &target.sin_addr, ip, sizeof ip);
 		int n = snprintf(req, sizeof req, "CONNECT %s:%u HTTP/1.1\r\nHost: %s:%u\r\n\r\n", ip,
 		                 ntohs(target.sin_port), ip, ntohs(target.sin_port));
 		if (write_full(fd, req, (size_t)n) < 0)
 			goto fail;
-		/* read the reply head byte by byte so no tunnelled byte is swallowed */
-		while (got < sizeof rep - 1) {
-			if (read(fd, rep + got, 1) != 1)
-				goto fail;
-			got++;
-			if (got >= 4 && !memcmp(rep + got - 4, "\r\n\r\n", 4))
-				break;
-		}
-		rep[got] = '\0';
-		if (strncmp(rep + 9, "200", 3) != 0)
+		if (read_head(fd, rep, sizeof rep) < 0 || strncmp(rep + 9, "200", 3) != 0)
 			goto fail;
 	}
 	return fd;
