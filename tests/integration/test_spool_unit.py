@@ -241,6 +241,58 @@ def test_rotation_keeps_ring(capd_factory, server, tmp_path):
     assert len(a) + len(b) > 3 << 19
 
 
+@pytest.fixture
+def xfs_mount(tmp_path):
+    """Mounts a fresh XFS file system (a loop device over a file) at a path; yields the mounter,
+    which returns the loop device's name. Unmounted at the end (lazily: capd may still run)."""
+    mounted = []
+
+    def mount(path):
+        img = tmp_path / "xfs.img"
+        with open(img, "wb") as f:
+            f.truncate(512 << 20)
+        subprocess.run(["mkfs.xfs", "-q", str(img)], check=True, capture_output=True)
+        path.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True, capture_output=True)
+        mounted.append(path)
+        dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(path)], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        return os.path.basename(dev)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def sectors_written(dev):
+    return int(open(f"/sys/block/{dev}/stat").read().split()[6])
+
+
+@pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs xfsprogs")
+def test_rotation_on_xfs_writes_nothing_back(xfs_mount, capd_factory, server):
+    """Rotated files are not pushed to the disk as they close. On XFS a close after a
+    truncate starts writeback of the whole file; capd once gave space allocated ahead back
+    that way, and at 1.5 GB/s dropped two thirds of the capture. A spool that keeps its
+    ring in the page cache writes (next to) nothing while files come and go."""
+    capd = capd_factory(settings="rotate_size = 2M\nkeep_files = 2\n", start=False)
+    dev = xfs_mount(capd.spool)
+    os.sync()
+    before = sectors_written(dev)
+    capd.start()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(24 << 20)
+    up = os.urandom(24 << 20)
+    assert transfer("127.0.0.1", port, up) == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    st = status(capd)
+    assert st["dropped_bytes"] == 0 and st["bytes"] > 48 << 20, st
+    assert len(capd.pcaps()) == 2
+    written = (sectors_written(dev) - before) * 512
+    # ~23 files of 2 MiB came and went; flushing each as it closed wrote 40+ MiB
+    assert written < 8 << 20, f"{written} bytes written to {dev} while rotating"
+
+
 def test_rotate_now_and_numbering(capd_factory, server):
     capd = capd_factory()
     first = status(capd)["file"]
