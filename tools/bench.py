@@ -66,6 +66,7 @@ class Bench:
         self.refused = {}  # idle tunnels refused, per proxy pid (worst round)
         self.stalls = []   # client runs that never finished
         self.shm = None    # a tmpfs folder for TLS bulk's file (start_nginx)
+        self.mounts = []   # file systems mounted for the run (xfs_spool), unmounted at the end
 
     # ---- processes ----
     def spawn(self, name, argv, **kw):
@@ -83,6 +84,9 @@ class Bench:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for m in self.mounts:
+            subprocess.run(["umount", str(m)], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.shm:
             shutil.rmtree(self.shm, ignore_errors=True)
@@ -163,13 +167,14 @@ class Bench:
             self._tls = False
         return self._tls
 
-    def start_capd(self, name="capd"):
-        """Starts a capd; the first one is self.capd. Returns (process, control socket)."""
+    def start_capd(self, name="capd", spool=None):
+        """Starts a capd (its spool in its folder unless given); the first one is self.capd.
+        Returns (process, control socket)."""
         d = self.tmp / name
         d.mkdir()
         sock = d / "capd.sock"
         (d / "capd.conf").write_text(
-            f"[capd]\ncontrol = {sock}\nspool = {d}/spool\nstate_dir = {d}/state\n"
+            f"[capd]\ncontrol = {sock}\nspool = {spool or d / 'spool'}\nstate_dir = {d}/state\n"
             f"log_level = warning\nrotate_size = 256M\nkeep_files = 2\n"
             f"ca_cert = {self.tmp}/ca.pem\nca_key = {self.tmp}/ca.key\n")
         p = self.spawn(name, [str(self.build / "capd"), "-c", str(d / "capd.conf")])
@@ -291,24 +296,42 @@ class Bench:
         return (port, p) if wait_port(port) else None
 
     # ---- measuring ----
-    def capd_dropped(self):
+    def xfs_spool(self):
+        """A folder on an XFS file system made for the run (a loop device over a sparse file in the
+        temp folder), or None where that cannot be done (no xfsprogs, not root)."""
+        if not shutil.which("mkfs.xfs") or os.geteuid() != 0:
+            return None
+        img, mnt = self.tmp / "xfs.img", self.tmp / "xfs"
+        with open(img, "wb") as f:
+            f.truncate(4 << 30)
+        mnt.mkdir()
+        for argv in (["mkfs.xfs", "-q", str(img)], ["mount", "-o", "loop", str(img), str(mnt)]):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"  (no XFS spool: {' '.join(argv[:1])}: {r.stderr.strip()})", file=sys.stderr)
+                return None
+        self.mounts.append(mnt)
+        return mnt / "spool"
+
+    def capd_dropped(self, sock=None):
         """Capture bytes capd's spool has dropped so far (its queue was full), or None."""
-        r = subprocess.run([str(self.build / "capctl"), "-s", str(self.capd_sock), "capture", "status", "--json"],
+        r = subprocess.run([str(self.build / "capctl"), "-s", str(sock or self.capd_sock), "capture", "status",
+                            "--json"],
                            capture_output=True, text=True)
         try:
             return json.loads(r.stdout)["dropped_bytes"]
         except (ValueError, KeyError, TypeError):
             return None
 
-    def alternate(self, capd_fn, peer_fn, rounds=None):
+    def alternate(self, capd_fn, peer_fn, rounds=None, sock=None):
         """rounds (self.rounds) runs of capd then the peer: their results (None dropped) and the capture
-        capd dropped."""
+        capd (the one at sock, else the first) dropped."""
         cv, pv = [], []
         dropped = 0
         for _ in range(rounds or self.rounds):
-            d0 = self.capd_dropped()
+            d0 = self.capd_dropped(sock)
             v = capd_fn()
-            d1 = self.capd_dropped()
+            d1 = self.capd_dropped(sock)
             if v is not None:
                 cv.append(v)
             if d0 is not None and d1 is not None:
@@ -321,7 +344,7 @@ class Bench:
     def wanted(self, name):
         return self.args.only is None or re.search(self.args.only, name, re.I) is not None
 
-    def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False):
+    def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False, sock=None):
         if not self.wanted(name):
             return None
         # the rows that move most between runs and sit nearest their targets get two
@@ -329,7 +352,7 @@ class Bench:
         rounds = self.rounds
         if target and not self.args.quick and (metric == "conn/s" or name.startswith("TLS bulk")):
             rounds += 2
-        cv, pv, dropped = self.alternate(capd_fn, peer_fn, rounds)
+        cv, pv, dropped = self.alternate(capd_fn, peer_fn, rounds, sock)
         return self.add_row(name, metric, cv, pv, peer_name, target, lower_better, dropped)
 
     def add_row(self, name, metric, cv, pv, peer_name, target=None, lower_better=False, dropped=0):
@@ -345,7 +368,7 @@ class Bench:
                "capd_rounds": list(cv), "peer_rounds": list(pv)}
         self.rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.1f}"
-        print(f"{name:<34} {metric:<10} capd {fmt(c):>9}  {peer_name:<16} {fmt(p):>9}  ratio {fmt(ratio) if ratio is None else f'{ratio:.2f}':>5}"
+        print(f"{name:<45} {metric:<7} capd {fmt(c):>9}  {peer_name:<16} {fmt(p):>9}  ratio {fmt(ratio) if ratio is None else f'{ratio:.2f}':>5}"
               f"  target {target or '-'}", flush=True)
         if dropped:
             # the spool never stalls the relay: past its queue, capture is dropped (and counted)
@@ -464,7 +487,8 @@ class Bench:
 
         socks = self.capd_add("socks", "--name", "socks")
         socks_off = self.capd_add("socks", "--name", "socks-off", "--no-capture")
-        for peer_name, peer in (("microsocks", self.peer_microsocks()), ("dante", self.peer_dante())):
+        socks_peers = (("microsocks", self.peer_microsocks()), ("dante", self.peer_dante()))
+        for peer_name, peer in socks_peers:
             if not (socks and peer):
                 continue
             self.compare("socks5 bulk, capture on", "MB/s", lambda: self.bulk("socks5", socks, self.sink),
@@ -476,6 +500,20 @@ class Bench:
             self.compare("socks5 new connections/s", "conn/s", lambda: self.conns("socks5", socks, self.nginx),
                          lambda: self.conns("socks5", peer[0], self.nginx), peer_name,
                          ">= 1.5" if peer_name == "microsocks" else None)
+
+        # the same capture with the spool on XFS (capd.conf(5), spool), in a capd of its own
+        dante = dict(socks_peers).get("dante")
+        xfs_rows = ("socks5 bulk, capture on, spool on XFS", "forward bulk, capture on vs off, spool on XFS")
+        if not self.args.quick and any(map(self.wanted, xfs_rows)) and (spool := self.xfs_spool()):
+            _, xsock = self.start_capd("capd-xfs", spool=spool)
+            xsocks = self.capd_add("socks", "--name", "socks", sock=xsock)
+            xfwd = self.capd_add("forward", "--to", f"127.0.0.1:{self.sink}", "--name", "fwd-on", sock=xsock)
+            if xsocks and dante:
+                self.compare(xfs_rows[0], "MB/s", lambda: self.bulk("socks5", xsocks, self.sink),
+                             lambda: self.bulk("socks5", dante[0], self.sink), "dante", sock=xsock)
+            if xfwd and fwd_off:
+                self.compare(xfs_rows[1], "MB/s", lambda: self.bulk("direct", xfwd, self.sink),
+                             lambda: self.bulk("direct", fwd_off, self.sink), "capd no capture", sock=xsock)
 
         http = self.capd_add("http", "--name", "http", "--connect-ports", "*")
         http_off = self.capd_add("http", "--name", "http-off", "--connect-ports", "*", "--no-capture")
