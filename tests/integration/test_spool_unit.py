@@ -127,6 +127,18 @@ def status(capd):
     return capd.ctl("capture", "status", json_out=True)
 
 
+def forward_through(capd, server, up_n, down_n):
+    """up_n random bytes up and down_n down through a new forward instance, checked; returns
+    what went up once the session has closed and the spool is flushed."""
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(down_n)
+    up = os.urandom(up_n)
+    assert transfer("127.0.0.1", port, up) == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    return up
+
+
 def test_follow_gives_back_exact_bytes(capd, server, tmp_path):
     """Payloads from 1 byte to 50 MB each way come back byte-exact from the capture."""
     port = forward(capd, f"127.0.0.1:{server.port}")
@@ -212,12 +224,7 @@ def test_ipv6_and_mixed_addresses(capd, tmp_path, listen, server_host, family):
 def test_rotation_keeps_ring(capd_factory, server, tmp_path):
     """rotate_size and keep_files: exactly keep_files files, each readable on its own."""
     capd = capd_factory(settings="rotate_size = 1M\nkeep_files = 3\n")
-    port = forward(capd, f"127.0.0.1:{server.port}")
-    server.down = os.urandom(6 << 20)
-    up = os.urandom(2 << 20)
-    assert transfer("127.0.0.1", port, up) == server.down
-    closed_sessions(capd, 1)
-    capd.flush()
+    up = forward_through(capd, server, 2 << 20, 6 << 20)
     files = capd.pcaps()
     assert len(files) == 3, files
     assert status(capd)["files"] == 3
@@ -279,12 +286,7 @@ def test_rotation_on_xfs_writes_nothing_back(xfs_mount, capd_factory, server):
     os.sync()
     before = sectors_written(dev)
     capd.start()
-    port = forward(capd, f"127.0.0.1:{server.port}")
-    server.down = os.urandom(24 << 20)
-    up = os.urandom(24 << 20)
-    assert transfer("127.0.0.1", port, up) == server.down
-    closed_sessions(capd, 1)
-    capd.flush()
+    forward_through(capd, server, 24 << 20, 24 << 20)
     st = status(capd)
     assert st["dropped_bytes"] == 0 and st["bytes"] > 48 << 20, st
     assert len(capd.pcaps()) == 2
