@@ -9,8 +9,9 @@
  * synthetic packets (spool-synth.c), encodes pcapng blocks (pcapng.c) into
  * a userspace buffer (large payloads stay in the queue and are spliced in
  * by pwritev(2)) and writes whole blocks at least every half flush
- * interval; old files are freed by a reaper thread. A full queue drops data records (the flow
- * remembers the gap so sequence numbers stay right); a failing disk drops
+ * interval; old files are freed by a reaper thread. A full queue drops data
+ * records (the flow remembers the gap so sequence numbers stay right); a
+ * failing disk drops
  * encoded blocks, truncates the file back to its last whole block and
  * retries every second; a kill -9 mid-write is cleaned up by the tail guard
  * process. Either way the relay never waits for the disk.

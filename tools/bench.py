@@ -41,6 +41,12 @@ def raise_nofile():
         pass
 
 
+def sparse_file(path, size):
+    """A file of size bytes that is all hole: no disk blocks, reads as zeros."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
 def wait_port(port, timeout=10):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -132,8 +138,7 @@ class Bench:
             (d / "www" / "big").symlink_to(big)
         else:
             big = d / "www" / "big"
-        with open(big, "wb") as f:
-            f.truncate(4 << 30)
+        sparse_file(big, 4 << 30)
         self.nginx = free_port()
         tls = ""
         if self.tls_ready():
@@ -302,8 +307,7 @@ class Bench:
         if not shutil.which("mkfs.xfs") or os.geteuid() != 0:
             return None
         img, mnt = self.tmp / "xfs.img", self.tmp / "xfs"
-        with open(img, "wb") as f:
-            f.truncate(4 << 30)
+        sparse_file(img, 4 << 30)
         mnt.mkdir()
         for argv in (["mkfs.xfs", "-q", str(img)], ["mount", "-o", "loop", str(img), str(mnt)]):
             r = subprocess.run(argv, capture_output=True, text=True)

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of, tshark
+from conftest import check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
@@ -258,21 +259,19 @@ def xfs_mount(tmp_path):
         img = tmp_path / "xfs.img"
         with open(img, "wb") as f:
             f.truncate(512 << 20)
-        subprocess.run(["mkfs.xfs", "-q", str(img)], check=True, capture_output=True)
+        sh("mkfs.xfs", "-q", img)
         path.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-o", "loop", str(img), str(path)], check=True, capture_output=True)
+        sh("mount", "-o", "loop", img, path)
         mounted.append(path)
-        dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(path)], check=True, capture_output=True,
-                             text=True).stdout.strip()
-        return os.path.basename(dev)
+        return os.path.basename(sh("findmnt", "-n", "-o", "SOURCE", path).stdout.strip())
 
     yield mount
     for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        sh("umount", "-l", path, check=False)
 
 
 def sectors_written(dev):
-    return int(open(f"/sys/block/{dev}/stat").read().split()[6])
+    return int(Path(f"/sys/block/{dev}/stat").read_text().split()[6])
 
 
 @pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs xfsprogs")
