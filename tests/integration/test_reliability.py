@@ -187,7 +187,7 @@ def test_many_sessions_held_then_closed(capd, echo_server):
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--no-capture")
     pid = capd.proc.pid
     base_fd = fd_count(pid)
-    n = 1500  # the echo server holds a thread per connection; the bench holds 9,000 idle tunnels
+    n = 1500  # the echo server holds a thread per connection; the bench holds ~10,000 idle tunnels
     socks = []
     for _ in range(n):
         socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
@@ -276,7 +276,7 @@ def test_ten_thousand_sessions_held_then_closed(capd):
 
     The sessions wait in the SOCKS handshake: a relayed tunnel costs capd two
     descriptors and this machine's hard RLIMIT_NOFILE is 20,000, so 10,000 full
-    tunnels cannot exist here (tools/dev bench holds 9,000 of those)."""
+    tunnels cannot exist here (tools/dev bench holds 9,968 of those)."""
     port = free_port()
     capd.ctl("add", "socks", "--port", port, "--handshake-timeout", "60", "--no-capture")
     pid = capd.proc.pid
