@@ -39,6 +39,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -65,6 +66,7 @@
 #define RETRY_SECS 1.0            /* after a write error */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
+#define WRITER_NICE (-5)          /* writer_prioritize */
 
 enum rec_type {
 	REC_IFACE_ADD,    /* payload: name NUL description NUL */
@@ -1276,12 +1278,29 @@ writer_release(struct chunk *h, size_t end, size_t data)
 	return h;  /* freed by the caller, outside the lock */
 }
 
+/*
+ * The writer runs ahead of the session threads: at nice -5 it takes the CPU
+ * it needs before they do, so on busy cores the relay slows down instead of
+ * the capture falling behind and being dropped. The disk can still make it
+ * fall behind; the relay still never waits. Raising a priority needs
+ * CAP_SYS_NICE, which capd holds while it starts as root; otherwise the
+ * writer stays at capd's own.
+ */
+static void
+writer_prioritize(void)
+{
+	pthread_setname_np(pthread_self(), "capd-spool");  /* top -H, /proc/PID/task/N/comm */
+	if (setpriority(PRIO_PROCESS, (id_t)gettid(), WRITER_NICE) < 0)
+		log_debug("spool: writer stays at capd's priority (%s)", strerror(errno));
+}
+
 static void *
 writer_main(void *arg)
 {
 	double next_tick = mono_now() + q.flush_interval / 2;
 
 	(void)arg;
+	writer_prioritize();
 	for (;;) {
 		struct chunk *h, *old;
 		size_t start = 0, end = 0, data = 0;

@@ -18,9 +18,17 @@ def listeners(port):
     return len([x for x in out.splitlines() if x.strip()])
 
 
+def thread_nice(pid):
+    """{thread name: nice} of a process's threads (/proc/PID/task/N/stat field 19)."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        stat = open(f"/proc/{pid}/task/{t}/stat").read()
+        out[open(f"/proc/{pid}/task/{t}/comm").read().strip()] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
 def worker_threads(pid):
-    names = [open(f"/proc/{pid}/task/{t}/comm").read().strip() for t in os.listdir(f"/proc/{pid}/task")]
-    return sorted(n for n in names if n.startswith("capd-worker-"))
+    return sorted(n for n in thread_nice(pid) if n.startswith("capd-worker-"))
 
 
 def test_workers_setting_and_listeners(capd_factory):
@@ -45,6 +53,16 @@ def test_workers_setting_and_listeners(capd_factory):
     r = capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo.port}", "--name", "again", check=False)
     assert r.returncode != 0 and "in use" in (r.stdout + r.stderr)
     echo.close()
+
+
+def test_spool_writer_runs_ahead_of_session_threads(capd_factory):
+    """capd starts as root here: its spool writer runs at nice -5, so that on
+    busy cores the relay slows down before the capture falls behind; the
+    session threads stay at capd's own priority."""
+    capd = capd_factory(settings="workers = 2")
+    nice = thread_nice(capd.proc.pid)
+    assert nice["capd-spool"] == -5, nice
+    assert nice["capd-worker-1"] == nice["capd-worker-2"] == 0, nice
 
 
 def test_control_while_sessions_run_on_every_thread(capd_factory):
