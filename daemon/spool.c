@@ -485,6 +485,7 @@ reaper_main(void *arg)
 	int rfd = (int)(intptr_t)arg, fd;
 	ssize_t r;
 
+	pthread_setname_np(pthread_self(), "capd-reaper");
 	while ((r = read(rfd, &fd, sizeof fd)) == (ssize_t)sizeof fd || (r < 0 && errno == EINTR))
 		if (r > 0)
 			close(fd);

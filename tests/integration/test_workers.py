@@ -62,7 +62,7 @@ def test_spool_writer_runs_ahead_of_session_threads(capd_factory):
     capd = capd_factory(settings="workers = 2")
     nice = thread_nice(capd.proc.pid)
     assert nice["capd-spool"] == -5, nice
-    assert nice["capd-worker-1"] == nice["capd-worker-2"] == 0, nice
+    assert nice["capd-worker-1"] == nice["capd-worker-2"] == nice["capd-reaper"] == 0, nice
 
 
 def test_control_while_sessions_run_on_every_thread(capd_factory):
