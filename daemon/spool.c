@@ -11,10 +11,9 @@
  * by pwritev(2)) and writes whole blocks at least every half flush
  * interval; old files are freed by a reaper thread. A full queue drops data
  * records (the flow remembers the gap so sequence numbers stay right); a
- * failing disk drops
- * encoded blocks, truncates the file back to its last whole block and
- * retries every second; a kill -9 mid-write is cleaned up by the tail guard
- * process. Either way the relay never waits for the disk.
+ * failing disk drops encoded blocks, truncates the file back to its last
+ * whole block and retries every second; a kill -9 mid-write is cleaned up by
+ * the tail guard process. Either way the relay never waits for the disk.
  *
  * Threads: spool_start/stop/reconfigure run on the main loop thread; the
  * flow calls may run on any thread at once (they claim room under the queue
@@ -1290,7 +1289,6 @@ writer_release(struct chunk *h, size_t end, size_t data)
 static void
 writer_prioritize(void)
 {
-	pthread_setname_np(pthread_self(), "capd-spool");  /* top -H, /proc/PID/task/N/comm */
 	if (setpriority(PRIO_PROCESS, (id_t)gettid(), WRITER_NICE) < 0)
 		log_debug("spool: writer stays at capd's priority (%s)", strerror(errno));
 }
@@ -1301,6 +1299,7 @@ writer_main(void *arg)
 	double next_tick = mono_now() + q.flush_interval / 2;
 
 	(void)arg;
+	pthread_setname_np(pthread_self(), "capd-spool");  /* top -H, /proc/PID/task/N/comm */
 	writer_prioritize();
 	for (;;) {
 		struct chunk *h, *old;
