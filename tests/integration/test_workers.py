@@ -27,6 +27,15 @@ def thread_nice(pid):
     return out
 
 
+def thread_policy(pid):
+    """{thread name: scheduling policy} of a process's threads (/proc/PID/task/N/stat field 41)."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        stat = open(f"/proc/{pid}/task/{t}/stat").read()
+        out[open(f"/proc/{pid}/task/{t}/comm").read().strip()] = int(stat.rsplit(")", 1)[1].split()[38])
+    return out
+
+
 def worker_threads(pid):
     return sorted(n for n in thread_nice(pid) if n.startswith("capd-worker-"))
 
@@ -58,11 +67,16 @@ def test_workers_setting_and_listeners(capd_factory):
 def test_spool_writer_runs_ahead_of_session_threads(capd_factory):
     """capd starts as root here: its spool writer runs at nice -5, so that on
     busy cores the relay slows down before the capture falls behind; the
-    session threads stay at capd's own priority."""
+    session threads stay at capd's own priority. The writer and the reaper are
+    batch threads, which never preempt the session thread that wakes them; the
+    session threads are normal ones."""
     capd = capd_factory(settings="workers = 2")
     nice = thread_nice(capd.proc.pid)
     assert nice["capd-spool"] == -5, nice
     assert nice["capd-worker-1"] == nice["capd-worker-2"] == nice["capd-reaper"] == 0, nice
+    policy = thread_policy(capd.proc.pid)
+    assert policy["capd-spool"] == policy["capd-reaper"] == os.SCHED_BATCH, policy
+    assert policy["capd-worker-1"] == policy["capd-worker-2"] == os.SCHED_OTHER, policy
 
 
 def test_control_while_sessions_run_on_every_thread(capd_factory):
