@@ -205,8 +205,10 @@ instance_socket(struct instance *inst, char **why)
 		return -1;
 	}
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-	/* accepted sockets inherit it: one call here instead of one per session */
+	/* accepted sockets inherit these: one call here instead of one per
+	 * session (TCP_INQ: relay.c, a FIN seen behind the data) */
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(fd, IPPROTO_TCP, TCP_INQ, &one, sizeof one);
 	if (sa->sa_family == AF_INET6)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
 	if (bind(fd, sa, inst->listen_len) < 0) {

@@ -227,11 +227,14 @@ session_alloc(struct instance *inst, const char *proto)
 	return s;
 }
 
+/* What an accepted socket inherits from its listener (instance.c): no Nagle
+ * delay, and TCP_INQ, which lets the relay see a FIN behind the data. */
 static void
-session_nodelay(int fd)
+session_tcp_opts(int fd)
 {
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(fd, IPPROTO_TCP, TCP_INQ, &one, sizeof one);
 }
 
 struct session *
@@ -497,7 +500,7 @@ session_connect_next(struct session *s)
 			session_connect_defer(s, err);
 			return;
 		}
-		session_nodelay(fd);
+		session_tcp_opts(fd);
 		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
@@ -575,7 +578,7 @@ void
 session_set_upstream(struct session *s, int fd, const struct sockaddr *peer)
 {
 	s->upstream.fd = fd;
-	session_nodelay(fd);
+	session_tcp_opts(fd);
 	memcpy(&s->target_addr, peer, addr_len(peer));
 	s->have_target = true;
 }

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, free_port, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, free_port, tshark, wait_port
 
 
 def curl(*args, timeout=30):
@@ -114,6 +114,54 @@ def test_half_close(capd):
     t.join(10)
     srv.close()
     assert got == hashlib.sha256(req).digest() + reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dumpcap on lo needs root")
+def test_reply_and_fin_leave_in_one_segment(capd, tmp_path):
+    """A server that answers and closes at once: capd reads the FIN waiting
+    behind the reply (TCP_INQ) and the client gets the reply and the FIN in
+    one segment, as the server sent them, not a segment and then a bare FIN."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    reply = os.urandom(700)
+
+    def serve():
+        c, _ = srv.accept()
+        c.recv(100)
+        c.send(reply, socket.MSG_MORE)  # held back: it leaves with the FIN
+        c.shutdown(socket.SHUT_WR)
+        c.recv(100)  # until the client closes
+        c.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}")
+    ref = tmp_path / "lo.pcapng"
+    dc = subprocess.Popen(["dumpcap", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(ref)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 15
+        while not ref.exists() or ref.stat().st_size == 0:
+            assert time.time() < deadline and dc.poll() is None, "dumpcap did not start"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"hello\n")
+            got = b""
+            while d := s.recv(65536):
+                got += d
+        assert got == reply
+        time.sleep(0.5)
+    finally:
+        dc.terminate()
+        dc.wait(10)
+        t.join(10)
+        srv.close()
+    fins = tshark("-r", ref, "-Y", f"tcp.srcport=={port} && tcp.flags.fin==1", "-T", "fields",
+                  "-e", "tcp.len").stdout.split()
+    assert fins == [str(len(reply))], fins
 
 
 def test_upstream_refused(capd):
