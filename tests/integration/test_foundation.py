@@ -86,32 +86,43 @@ def test_forward_50mb_echo_exact(capd, echo_server):
     assert "50M" in table
 
 
+class OneServer:
+    """A loopback server for one connection: serve(conn) runs on a thread of its own."""
+
+    def __init__(self, serve):
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(1)
+        self.port = self.srv.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, args=(serve,))
+        self.thread.start()
+
+    def _run(self, serve):
+        c, _ = self.srv.accept()
+        with c:
+            serve(c)
+
+    def close(self):
+        self.thread.join(10)
+        self.srv.close()
+
+
 def test_half_close(capd):
     """Client sends, shuts its write side, and still receives the whole reply."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
     reply = os.urandom(300000)
 
-    def serve():
-        c, _ = srv.accept()
+    def serve(c):
         data = b""
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
+        while d := c.recv(65536):
             data += d
         time.sleep(0.2)  # the reply comes after the client's FIN
         c.sendall(hashlib.sha256(data).digest() + reply)
-        c.close()
 
-    t = threading.Thread(target=serve)
-    t.start()
+    srv = OneServer(serve)
     port = free_port()
-    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}")
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
     req = os.urandom(123457)
     got = _transfer(port, req)
-    t.join(10)
     srv.close()
     assert got == hashlib.sha256(req).digest() + reply
 
@@ -121,23 +132,17 @@ def test_reply_and_fin_leave_in_one_segment(capd, tmp_path):
     """A server that answers and closes at once: capd reads the FIN waiting
     behind the reply (TCP_INQ) and the client gets the reply and the FIN in
     one segment, as the server sent them, not a segment and then a bare FIN."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
     reply = os.urandom(700)
 
-    def serve():
-        c, _ = srv.accept()
+    def serve(c):
         c.recv(100)
         c.send(reply, socket.MSG_MORE)  # held back: it leaves with the FIN
         c.shutdown(socket.SHUT_WR)
         c.recv(100)  # until the client closes
-        c.close()
 
-    t = threading.Thread(target=serve)
-    t.start()
+    srv = OneServer(serve)
     port = free_port()
-    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}")
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
     ref = tmp_path / "lo.pcapng"
     dc = subprocess.Popen(["dumpcap", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(ref)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -157,7 +162,6 @@ def test_reply_and_fin_leave_in_one_segment(capd, tmp_path):
     finally:
         dc.terminate()
         dc.wait(10)
-        t.join(10)
         srv.close()
     fins = tshark("-r", ref, "-Y", f"tcp.srcport=={port} && tcp.flags.fin==1", "-T", "fields",
                   "-e", "tcp.len").stdout.split()

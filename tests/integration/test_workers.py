@@ -18,22 +18,21 @@ def listeners(port):
     return len([x for x in out.splitlines() if x.strip()])
 
 
-def thread_nice(pid):
-    """{thread name: nice} of a process's threads (/proc/PID/task/N/stat field 19)."""
+def thread_stat(pid, field):
+    """{thread name: a number from /proc/PID/task/N/stat}, field counted as proc(5) does."""
     out = {}
     for t in os.listdir(f"/proc/{pid}/task"):
         stat = open(f"/proc/{pid}/task/{t}/stat").read()
-        out[open(f"/proc/{pid}/task/{t}/comm").read().strip()] = int(stat.rsplit(")", 1)[1].split()[16])
+        out[open(f"/proc/{pid}/task/{t}/comm").read().strip()] = int(stat.rsplit(")", 1)[1].split()[field - 3])
     return out
+
+
+def thread_nice(pid):
+    return thread_stat(pid, 19)
 
 
 def thread_policy(pid):
-    """{thread name: scheduling policy} of a process's threads (/proc/PID/task/N/stat field 41)."""
-    out = {}
-    for t in os.listdir(f"/proc/{pid}/task"):
-        stat = open(f"/proc/{pid}/task/{t}/stat").read()
-        out[open(f"/proc/{pid}/task/{t}/comm").read().strip()] = int(stat.rsplit(")", 1)[1].split()[38])
-    return out
+    return thread_stat(pid, 41)
 
 
 def worker_threads(pid):
