@@ -215,7 +215,7 @@ relay_recv_inq(struct side *sd, void *p, size_t n, int *inq)
 
 	*inq = -1;
 	if (__builtin_expect(sd->tls != NULL, 0))
-		return tls_side_read(sd->tls, p, n);
+		return relay_recv(sd, p, n);
 	r = recvmsg(sd->fd, &mh, 0);
 	if (r > 0 && (c = CMSG_FIRSTHDR(&mh)) != NULL && c->cmsg_level == IPPROTO_TCP && c->cmsg_type == TCP_CM_INQ)
 		memcpy(inq, CMSG_DATA(c), sizeof *inq);
@@ -430,6 +430,29 @@ relay_recv_spool(struct session *s, enum dir d, int *err)
 }
 
 /*
+ * After a short read that TCP_INQ says something waits behind: reads it at
+ * once, appending to the buffer. A FIN puts the direction at EOF, so the
+ * caller sends the data with MSG_MORE and the shutdown at the loop's top
+ * carries the FIN on the same segment. Returns what the read returned.
+ */
+static ssize_t
+relay_read_behind(struct session *s, enum dir d, size_t cap)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d);
+	ssize_t e = relay_recv(src, rd->buf + rd->len, cap - rd->len);
+
+	if (e > 0) {
+		session_data(s, d, rd->buf + rd->len, (size_t)e);
+		rd->len += (uint32_t)e;
+	} else if (e == 0) {
+		rd->eof = true;
+		ev_io_stop(capd_loop, &src->rio);
+	}
+	return e;
+}
+
+/*
  * Moves bytes for direction d until the source has nothing more, the
  * destination is full, or the round budget is spent. Returns after
  * session_close without touching s again.
@@ -519,18 +542,11 @@ relay_pump(struct session *s, enum dir d)
 				 * rather than spend a recv() on EAGAIN */
 				int flags = 0;
 				if (inq > 0) {
-					ssize_t e = recv(src->fd, rd->buf + r, cap - (size_t)r, 0);
-					if (e > 0) {
-						session_data(s, d, rd->buf + r, (size_t)e);
-						rd->len += (uint32_t)e;
-						continue;
-					}
-					if (e == 0) {
-						/* the FIN: it goes out with the data (below, at the loop's top) */
-						rd->eof = true;
-						ev_io_stop(capd_loop, &src->rio);
+					ssize_t e = relay_read_behind(s, d, cap);
+					if (e > 0)
+						continue;  /* more bytes: the loop's top sends them all */
+					if (e == 0)
 						flags = MSG_MORE;
-					}
 				}
 				ssize_t w = relay_send_flags(dst, rd->buf, rd->len, flags);
 				if (w < 0) {
