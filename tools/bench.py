@@ -360,13 +360,15 @@ class Bench:
     def compare(self, name, metric, capd_fn, peer_fn, peer_name, target=None, lower_better=False, sock=None):
         if not self.wanted(name):
             return None
+        cv, pv, dropped = self.alternate(capd_fn, peer_fn, self.rounds_for(name, metric, target), sock)
+        return self.add_row(name, metric, cv, pv, peer_name, target, lower_better, dropped)
+
+    def rounds_for(self, name, metric, target):
         # the rows that move most between runs and sit nearest their targets get two
         # rounds more: a median of 5 (the full set stays under 10 minutes)
-        rounds = self.rounds
         if target and not self.args.quick and (metric == "conn/s" or name.startswith("TLS bulk")):
-            rounds += 2
-        cv, pv, dropped = self.alternate(capd_fn, peer_fn, rounds, sock)
-        return self.add_row(name, metric, cv, pv, peer_name, target, lower_better, dropped)
+            return self.rounds + 2
+        return self.rounds
 
     def add_row(self, name, metric, cv, pv, peer_name, target=None, lower_better=False, dropped=0):
         c = statistics.median(cv) if cv else None
@@ -388,6 +390,22 @@ class Bench:
             print(f"  (capd's spool dropped {dropped / 1e6:.0f} MB of capture in these runs: the writer fell behind)",
                   flush=True)
         return row
+
+    def compare_conns(self, name, capd_fn, peer_fn, peer_name, target=None):
+        """New connections/s, and the p50 and p99 latency of a connection, from the same runs
+        (`capd-bench conns`, 50 clients), with each side's failed connections in the JSON."""
+        if not self.wanted(name):
+            return
+        cv, pv, dropped = self.alternate(capd_fn, peer_fn, self.rounds_for(name, "conn/s", target))
+        failed = {"capd": sum(r["failed"] for r in cv), peer_name: sum(r["failed"] for r in pv)}
+        for row_name, metric, key, lower in ((name, "conn/s", "conns_per_s", False),
+                                             (f"{name}, p50 latency", "ms", "p50_ms", True),
+                                             (f"{name}, p99 latency", "ms", "p99_ms", True)):
+            row = self.add_row(row_name, metric, [r[key] for r in cv], [r[key] for r in pv], peer_name,
+                               None if lower else target, lower, 0 if lower else dropped)
+            row["failed"] = failed
+        if failed["capd"] or failed[peer_name]:
+            print(f"  failed connections: capd {failed['capd']}, {peer_name} {failed[peer_name]}", flush=True)
 
     def compare_reqs(self, name, lat_name, capd_fn, peer_fn, peer_name):
         """HTTP requests/s and p99 latency from the same runs (`capd-bench reqs`), with the failed
@@ -415,12 +433,11 @@ class Bench:
                             "bench.test", "/big")
         return r and r["mb_per_s"]
 
-    def conns(self, via, proxy_port, target_port, key="conns_per_s", sni=None):
+    def conns(self, via, proxy_port, target_port, sni=None):
         args = ["conns", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs, 50]
         if sni:
             args.append(sni)
-        r = self.run_client(*args)
-        return r and r[key]
+        return self.run_client(*args)
 
     def reqs(self, via, proxy_port, target_port, keepalive, who):
         return self.run_client("reqs", via, f"127.0.0.1:{proxy_port}", f"127.0.0.1:{target_port}", self.secs, 50,
@@ -489,14 +506,15 @@ class Bench:
         if fwd_on and socat and not self.args.quick:
             self.compare("forward bulk, capture on", "MB/s", lambda: self.bulk("direct", fwd_on, self.sink),
                          lambda: self.bulk("direct", socat[0], self.sink), "socat")
+            if fwd_off:
+                self.compare("forward bulk, capture off", "MB/s", lambda: self.bulk("direct", fwd_off, self.sink),
+                             lambda: self.bulk("direct", socat[0], self.sink), "socat")
         if fwd_web and ngx_web:
-            self.compare("forward new connections/s", "conn/s", lambda: self.conns("direct", fwd_web, self.nginx),
-                         lambda: self.conns("direct", ngx_web[0], self.nginx), "nginx stream", ">= 1.0")
+            self.compare_conns("forward new connections/s", lambda: self.conns("direct", fwd_web, self.nginx),
+                               lambda: self.conns("direct", ngx_web[0], self.nginx), "nginx stream", ">= 1.0")
         if fwd_web and hap_web:
-            self.compare("forward new connections/s", "conn/s", lambda: self.conns("direct", fwd_web, self.nginx),
-                         lambda: self.conns("direct", hap_web[0], self.nginx), "haproxy")
-            self.compare("forward p99 latency", "ms", lambda: self.conns("direct", fwd_web, self.nginx, "p99_ms"),
-                         lambda: self.conns("direct", hap_web[0], self.nginx, "p99_ms"), "haproxy", lower_better=True)
+            self.compare_conns("forward new connections/s", lambda: self.conns("direct", fwd_web, self.nginx),
+                               lambda: self.conns("direct", hap_web[0], self.nginx), "haproxy")
 
         socks = self.capd_add("socks", "--name", "socks")
         socks_off = self.capd_add("socks", "--name", "socks-off", "--no-capture")
@@ -507,12 +525,12 @@ class Bench:
             self.compare("socks5 bulk, capture on", "MB/s", lambda: self.bulk("socks5", socks, self.sink),
                          lambda: self.bulk("socks5", peer[0], self.sink), peer_name,
                          ">= 1.2" if peer_name == "dante" else None)
-            if socks_off and peer_name == "dante" and not self.args.quick:
+            if socks_off and not self.args.quick:
                 self.compare("socks5 bulk, capture off", "MB/s", lambda: self.bulk("socks5", socks_off, self.sink),
                              lambda: self.bulk("socks5", peer[0], self.sink), peer_name)
-            self.compare("socks5 new connections/s", "conn/s", lambda: self.conns("socks5", socks, self.nginx),
-                         lambda: self.conns("socks5", peer[0], self.nginx), peer_name,
-                         ">= 1.5" if peer_name == "microsocks" else None)
+            self.compare_conns("socks5 new connections/s", lambda: self.conns("socks5", socks, self.nginx),
+                               lambda: self.conns("socks5", peer[0], self.nginx), peer_name,
+                               ">= 1.5" if peer_name == "microsocks" else None)
 
         # the same capture with the spool on XFS (capd.conf(5), spool), in a capd of its own
         dante = dict(socks_peers).get("dante")
@@ -537,8 +555,8 @@ class Bench:
             if http_off and not self.args.quick:
                 self.compare("CONNECT bulk, capture off", "MB/s", lambda: self.bulk("connect", http_off, self.sink),
                              lambda: self.bulk("connect", tiny[0], self.sink), "tinyproxy")
-            self.compare("CONNECT new connections/s", "conn/s", lambda: self.conns("connect", http, self.nginx),
-                         lambda: self.conns("connect", tiny[0], self.nginx), "tinyproxy", ">= 1.5")
+            self.compare_conns("CONNECT new connections/s", lambda: self.conns("connect", http, self.nginx),
+                               lambda: self.conns("connect", tiny[0], self.nginx), "tinyproxy", ">= 1.5")
             # plain-HTTP GETs in absolute form, 50 clients: keep-alive as a browser pointed at the
             # proxy uses it, and a new connection per request
             for label, ka in (("keep-alive", True), ("conn per GET", False)):
@@ -562,10 +580,10 @@ class Bench:
             split = self.peer_sslsplit()
             split_pcap = self.peer_sslsplit(pcap=True)
             if tls and split:
-                self.compare("TLS interception handshakes/s", "conn/s",
-                             lambda: self.conns("direct", tls, self.nginx_tls, sni="bench.test"),
-                             lambda: self.conns("direct", split[0], self.nginx_tls, sni="bench.test"),
-                             "sslsplit", ">= 1.5")
+                self.compare_conns("TLS interception handshakes/s",
+                                   lambda: self.conns("direct", tls, self.nginx_tls, sni="bench.test"),
+                                   lambda: self.conns("direct", split[0], self.nginx_tls, sni="bench.test"),
+                                   "sslsplit", ">= 1.5")
             if tls and split_pcap:
                 self.compare("TLS bulk, capture on", "MB/s", lambda: self.tlsget(tls),
                              lambda: self.tlsget(split_pcap[0]), "sslsplit -X pcap", ">= 2.0")
