@@ -2,7 +2,7 @@
  * The relay: the one byte pump for every proxy. Per direction one buffer,
  * taken from a free list only while bytes wait, so idle sessions hold none.
  * A plain direction whose reads come back with RELAY_BUF bytes or more is a
- * bulk flow: it reads into a RELAY_BULK buffer instead (4x fewer syscalls,
+ * bulk flow: it reads into a RELAY_BULK buffer instead (16x fewer syscalls,
  * spool records and tail copies per byte); a short read makes it small again.
  * Reads are written on at once; when the destination cannot take more, the
  * source stops being read (back-pressure) until the destination drains.
@@ -48,7 +48,13 @@
  * so its bytes are copied by nobody in user space on their way to the
  * writer; what the destination leaves is copied to the direction's buffer,
  * then the slot goes to the writer (spool_flow_commit). The queue has no
- * room: the buffer path, which counts the capture dropped.
+ * room: the buffer path, which counts the capture dropped. The slot grows
+ * from RELAY_SLOT_MIN to RELAY_BULK while reads fill it and shrinks when
+ * they come back under half of it: its unused rest still counts against the
+ * queue's bound and toward the writer's wake-up, so a flow that reads
+ * little reserves little, and one that keeps the socket full reads a MiB a
+ * call: against slots of 256 KiB, a quarter of the reads and sends and half
+ * the context switches per byte.
  *
  * TLS (tls.c): a side whose `tls` is set is read and written through
  * tls_side_read/tls_side_write (SSL_read/SSL_write) instead of recv/send, and
@@ -85,9 +91,11 @@
 
 #define RELAY_POOL_MAX 64   /* free buffers kept for reuse */
 #define RELAY_ROUNDS 8      /* chunks per callback before yielding to other sessions */
+#define RELAY_BUDGET (2 * 1024 * 1024) /* and bytes: a bulk flow yields after two full reads */
 #define RELAY_PIPE_MAX 64   /* free pipes kept for reuse */
-#define RELAY_BULK (256 * 1024) /* buffer of a bulk direction: fewer syscalls, spool records and tail copies */
-#define RELAY_BULK_POOL_MAX 16
+#define RELAY_BULK (1024 * 1024) /* buffer of a bulk direction, and the most it reads at once */
+#define RELAY_BULK_POOL_MAX 4
+#define RELAY_SLOT_MIN (256 * 1024) /* a bulk direction's smallest spool slot (relay_recv_spool) */
 #define RELAY_SPLICE (256 * 1024) /* pipe size and bytes asked of one splice */
 
 /* A pipe for splice(2): taken from the pool only while bytes wait in it. */
@@ -384,24 +392,30 @@ dst_full:
  * then is the record handed to the writer. Returns recv()'s result, with
  * *err the send error that ends the session (0: none), or -2 when the spool
  * has no room (the caller reads into its buffer, and the capture drop is
- * counted there).
+ * counted there). *asked: what the read asked for (less is a short read).
  */
 static ssize_t
-relay_recv_spool(struct session *s, enum dir d, int *err)
+relay_recv_spool(struct session *s, enum dir d, int *err, size_t *asked)
 {
 	struct relay_dir *rd = &s->dir[d];
 	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
 	struct spool_slot slot;
-	uint8_t *p = spool_flow_reserve(s->flow, d, RELAY_BULK, &slot);
+	size_t want = (size_t)RELAY_SLOT_MIN << rd->slot;
+	uint8_t *p = spool_flow_reserve(s->flow, d, want, &slot);
 	ssize_t r, w;
 
 	*err = 0;
+	*asked = want;
 	if (p == NULL)
 		return -2;
 	relay_buf_put(rd->buf, rd->big);  /* nothing waits in it here */
 	rd->buf = NULL;
 	rd->off = rd->len = 0;
-	r = relay_recv(src, p, RELAY_BULK);
+	r = relay_recv(src, p, want);
+	if (r > 0 && (size_t)r == want && want < RELAY_BULK)
+		rd->slot++;
+	else if (r > 0 && (size_t)r < want / 2 && rd->slot > 0)
+		rd->slot--;
 	if (r <= 0) {
 		int e = errno;
 
@@ -469,7 +483,9 @@ relay_pump(struct session *s, enum dir d)
 	}
 	if ((rd->pipe != NULL || (rd->len == rd->off && relay_can_splice(s, d))) && relay_pump_splice(s, d))
 		return;
-	for (int round = 0; round < RELAY_ROUNDS; round++) {
+	size_t moved = 0;
+
+	for (int round = 0; round < RELAY_ROUNDS && moved < RELAY_BUDGET; round++) {
 		ssize_t r;
 
 		if (rd->len > rd->off) {
@@ -503,16 +519,18 @@ relay_pump(struct session *s, enum dir d)
 		}
 		if (rd->bulk && s->flow != NULL) {
 			int err;
+			size_t asked;
 
-			r = relay_recv_spool(s, d, &err);
+			r = relay_recv_spool(s, d, &err, &asked);
 			if (r > 0) {
 				if (err != 0) {
 					relay_fail(s, d, false, err);
 					return;
 				}
+				moved += (size_t)r;
 				if (rd->len > rd->off)
 					goto dst_full;
-				if ((size_t)r < RELAY_BULK && !relay_more(src))
+				if ((size_t)r < asked && !relay_more(src))
 					goto src_wait;  /* short read: as below */
 				continue;
 			}
@@ -532,6 +550,7 @@ relay_pump(struct session *s, enum dir d)
 		int inq;
 		r = relay_recv_inq(src, rd->buf, cap, &inq);
 		if (r > 0) {
+			moved += (size_t)r;
 			rd->len = (uint32_t)r;
 			/* a read of RELAY_BUF or more: a bulk flow, read RELAY_BULK at a time */
 			rd->bulk = (size_t)r >= RELAY_BUF;

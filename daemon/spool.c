@@ -78,7 +78,7 @@ enum rec_type {
 	REC_KEYLOG,       /* payload: one key log line, no newline */
 };
 
-#define REC_SUMS 5  /* segments of a 256 KiB slot: payload sums the producer computed */
+#define REC_SUMS 17 /* segments of a 1 MiB slot (relay.c, RELAY_BULK): payload sums the producer computed */
 
 /* One queued record; the payload follows, the whole padded to 8 bytes. */
 struct rec {

@@ -40,6 +40,7 @@
 #define TAIL_SUB_RESUME (1u << 20)  /* ... and below which it gets data again */
 #define TAIL_MARKS_MAX 1024         /* turns remembered for the backlog's order */
 #define TAIL_PIECE (64u << 10)      /* backlog replayed in notifications of at most this */
+#define TAIL_LIVE_PIECE (256u << 10) /* live data too: its base64 line stays under RPC_MAX_LINE */
 #define TAIL_CONN_SUBS 4            /* subscriptions one control connection may hold */
 #define TAIL_RING_MIN 256           /* first allocation of a ring; it doubles as the session carries more */
 #define TAIL_DRAIN_SECS 0.25        /* how often subscribers that lost data are checked for room */
@@ -465,7 +466,6 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 {
 	struct tail *t;
 	struct tail_sub *sub;
-	json_t *base = NULL;
 	uint64_t off;
 	double now;
 
@@ -489,26 +489,31 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 	ring_append(&t->ring[d], t->max, p, n);
 	tail_mark_add(t, d, off, n, now);
 
-	/* one notification built once, shared by every subscriber with room */
-	LIST_FOREACH(sub, &t->subs, entry) {
-		json_t *o;
+	/* one notification per piece built once, shared by every subscriber with room */
+	for (size_t at = 0; at < n; at += TAIL_LIVE_PIECE) {
+		size_t k = n - at < TAIL_LIVE_PIECE ? n - at : TAIL_LIVE_PIECE;
+		json_t *base = NULL;
 
-		if (!tail_sub_room(sub)) {
-			sub->dropped[d] += n;
-			continue;
+		LIST_FOREACH(sub, &t->subs, entry) {
+			json_t *o;
+
+			if (!tail_sub_room(sub)) {
+				sub->dropped[d] += k;
+				continue;
+			}
+			if (base == NULL)
+				base = tail_data_json(s, d, off + at, (const uint8_t *)p + at, k, now);
+			if (sub->dropped[d] > 0) {
+				o = json_copy(base);
+				json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
+				sub->dropped[d] = 0;
+			} else {
+				o = json_incref(base);
+			}
+			ctl_conn_send(sub->conn, rpc_notification("session.data", o));
 		}
-		if (base == NULL)
-			base = tail_data_json(s, d, off, p, n, now);
-		if (sub->dropped[d] > 0) {
-			o = json_copy(base);
-			json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
-			sub->dropped[d] = 0;
-		} else {
-			o = json_incref(base);
-		}
-		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+		json_decref(base);
 	}
-	json_decref(base);
 	capd_unlock();
 }
 
