@@ -354,6 +354,42 @@ def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
     assert (tmp_path / "raw.out").stat().st_size + dropped == total + 1000
 
 
+def test_live_subscriber_of_a_captured_bulk_flow_misses_nothing(capd_factory, tmp_path):
+    """A capturing bulk flow reads up to 1 MiB a call (relay.c): a live tail hears all of it, in
+    notifications short enough for capctl's line limit, or is told what it lost."""
+    sink = Sink()
+    port = free_port()
+    capd = capd_factory(f"[forward big]\nlisten = {port}\nto = 127.0.0.1:{sink.port}\n")
+    s, sid = open_session(capd, port)
+    outf = open(tmp_path / "raw.out", "wb")
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", stdout=outf)
+    s.sendall(b"x" * 1000)
+    deadline = time.time() + 10
+    while (tmp_path / "raw.out").stat().st_size < 1000 and time.time() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "raw.out").stat().st_size == 1000
+    err = Reader(p.stderr)
+    sent = bytearray(b"x" * 1000)
+    for _ in range(64):
+        block = os.urandom(1 << 20)
+        s.sendall(block)
+        sent += block
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(60)
+    assert int(s.recv(100)) == len(sent)
+    sink.release.set()
+    assert s.recv(100) == b""
+    s.close()
+    assert p.wait(60) == 0
+    outf.close()
+    text = err.get().decode()
+    dropped = sum(int(n) for n in re.findall(r"\[\.\.\. (\d+) bytes dropped \.\.\.\]", text))
+    got = (tmp_path / "raw.out").read_bytes()
+    assert len(got) + dropped == len(sent), (len(got), dropped, text[-500:])
+    if dropped == 0:
+        assert got == bytes(sent)
+
+
 def test_tail_events_sees_curl_sessions(capd, http_server):
     hport, _ = http_server
     pj = tail_proc(capd, "events", "--json")
