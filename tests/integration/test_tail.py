@@ -294,11 +294,14 @@ def rss_kb(pid):
     return 0
 
 
-def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
-    """100 MB through a session whose tail is SIGSTOPped: full speed, bounded memory, drop reported."""
+def tailed_bulk_session(capd_factory, tmp_path, capture):
+    """A forward to a Sink with one session open, 1000 bytes sent through it, and a
+    `capctl tail --raw --dir c2s` of it seen to write them to tmp_path/raw.out.
+    Returns (sink, capd, client socket, tail process, its output file)."""
     sink = Sink()
     port = free_port()
-    capd = capd_factory(f"[forward big]\nlisten = {port}\nto = 127.0.0.1:{sink.port}\ncapture = no\n")
+    capd = capd_factory(f"[forward big]\nlisten = {port}\nto = 127.0.0.1:{sink.port}\n"
+                        + ("" if capture else "capture = no\n"))
     s, sid = open_session(capd, port)
     outf = open(tmp_path / "raw.out", "wb")
     p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", stdout=outf)
@@ -307,6 +310,24 @@ def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
     while (tmp_path / "raw.out").stat().st_size < 1000 and time.time() < deadline:
         time.sleep(0.02)
     assert (tmp_path / "raw.out").stat().st_size == 1000
+    return sink, capd, s, p, outf
+
+
+def end_tailed(sink, s, p, outf, err):
+    """Lets the Sink close the session, waits for the tail to end with it, and returns the
+    bytes the tail said it lost ("[... N bytes dropped ...]") and its stderr."""
+    sink.release.set()
+    assert s.recv(100) == b""
+    s.close()
+    assert p.wait(60) == 0
+    outf.close()
+    text = err.get().decode()
+    return sum(int(n) for n in re.findall(r"\[\.\.\. (\d+) bytes dropped \.\.\.\]", text)), text
+
+
+def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
+    """100 MB through a session whose tail is SIGSTOPped: full speed, bounded memory, drop reported."""
+    sink, capd, s, p, outf = tailed_bulk_session(capd_factory, tmp_path, capture=False)
     pid = capd.proc.pid
     base = rss_kb(pid)
     peak = [base]
@@ -343,13 +364,7 @@ def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
     # the subscriber hears of the drop once it has caught up
     err.wait(lambda d: b"bytes dropped" in d, timeout=20)
     assert p.poll() is None
-    sink.release.set()
-    assert s.recv(100) == b""
-    s.close()
-    assert p.wait(60) == 0
-    outf.close()
-    text = err.get().decode()
-    dropped = sum(int(n) for n in re.findall(r"\[\.\.\. (\d+) bytes dropped \.\.\.\]", text))
+    dropped, text = end_tailed(sink, s, p, outf, err)
     assert dropped > 0, text
     assert (tmp_path / "raw.out").stat().st_size + dropped == total + 1000
 
@@ -357,17 +372,7 @@ def test_stopped_subscriber_drops_not_stalls(capd_factory, tmp_path):
 def test_live_subscriber_of_a_captured_bulk_flow_misses_nothing(capd_factory, tmp_path):
     """A capturing bulk flow reads up to 1 MiB a call (relay.c): a live tail hears all of it, in
     notifications short enough for capctl's line limit, or is told what it lost."""
-    sink = Sink()
-    port = free_port()
-    capd = capd_factory(f"[forward big]\nlisten = {port}\nto = 127.0.0.1:{sink.port}\n")
-    s, sid = open_session(capd, port)
-    outf = open(tmp_path / "raw.out", "wb")
-    p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", stdout=outf)
-    s.sendall(b"x" * 1000)
-    deadline = time.time() + 10
-    while (tmp_path / "raw.out").stat().st_size < 1000 and time.time() < deadline:
-        time.sleep(0.02)
-    assert (tmp_path / "raw.out").stat().st_size == 1000
+    sink, capd, s, p, outf = tailed_bulk_session(capd_factory, tmp_path, capture=True)
     err = Reader(p.stderr)
     sent = bytearray(b"x" * 1000)
     for _ in range(64):
@@ -377,13 +382,7 @@ def test_live_subscriber_of_a_captured_bulk_flow_misses_nothing(capd_factory, tm
     s.shutdown(socket.SHUT_WR)
     s.settimeout(60)
     assert int(s.recv(100)) == len(sent)
-    sink.release.set()
-    assert s.recv(100) == b""
-    s.close()
-    assert p.wait(60) == 0
-    outf.close()
-    text = err.get().decode()
-    dropped = sum(int(n) for n in re.findall(r"\[\.\.\. (\d+) bytes dropped \.\.\.\]", text))
+    dropped, text = end_tailed(sink, s, p, outf, err)
     got = (tmp_path / "raw.out").read_bytes()
     assert len(got) + dropped == len(sent), (len(got), dropped, text[-500:])
     if dropped == 0:
