@@ -517,6 +517,16 @@ relay_pump(struct session *s, enum dir d)
 			}
 			return;
 		}
+		if (rd->len == rd->off && relay_can_splice(s, d)) {
+			/* the backlog ring has just filled: splice from here on, without
+			 * taking a bulk buffer to copy the rest of this pass through */
+			relay_buf_put(rd->buf, rd->big);
+			rd->buf = NULL;
+			if (relay_pump_splice(s, d))
+				return;
+			if (rd->eof)
+				continue;
+		}
 		if (rd->bulk && s->flow != NULL) {
 			int err;
 			size_t asked;
