@@ -392,30 +392,25 @@ dst_full:
  * then is the record handed to the writer. Returns recv()'s result, with
  * *err the send error that ends the session (0: none), or -2 when the spool
  * has no room (the caller reads into its buffer, and the capture drop is
- * counted there). *asked: what the read asked for (less is a short read).
+ * counted there). want: the slot's size, RELAY_SLOT_MIN << rd->slot, which
+ * the read then sizes for the next one.
  */
 static ssize_t
-relay_recv_spool(struct session *s, enum dir d, int *err, size_t *asked)
+relay_recv_spool(struct session *s, enum dir d, size_t want, int *err)
 {
 	struct relay_dir *rd = &s->dir[d];
 	struct side *src = relay_src(s, d), *dst = relay_dst(s, d);
 	struct spool_slot slot;
-	size_t want = (size_t)RELAY_SLOT_MIN << rd->slot;
 	uint8_t *p = spool_flow_reserve(s->flow, d, want, &slot);
 	ssize_t r, w;
 
 	*err = 0;
-	*asked = want;
 	if (p == NULL)
 		return -2;
 	relay_buf_put(rd->buf, rd->big);  /* nothing waits in it here */
 	rd->buf = NULL;
 	rd->off = rd->len = 0;
 	r = relay_recv(src, p, want);
-	if (r > 0 && (size_t)r == want && want < RELAY_BULK)
-		rd->slot++;
-	else if (r > 0 && (size_t)r < want / 2 && rd->slot > 0)
-		rd->slot--;
 	if (r <= 0) {
 		int e = errno;
 
@@ -440,7 +435,32 @@ relay_recv_spool(struct session *s, enum dir d, int *err, size_t *asked)
 		rd->len = (uint32_t)(r - w);
 	}
 	spool_flow_commit(&slot, (size_t)r);
+	if ((size_t)r == want && want < RELAY_BULK)
+		rd->slot++;
+	else if ((size_t)r < want / 2 && rd->slot > 0)
+		rd->slot--;
 	return r;
+}
+
+/*
+ * Hands d to the zero-copy path when it may take it: bytes wait in its pipe,
+ * or none wait in its buffer and nothing needs to see them (relay_can_splice;
+ * the backlog ring may fill in the middle of a pass). Returns
+ * relay_pump_splice's answer, false when it was not asked.
+ */
+static bool
+relay_to_splice(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+
+	if (rd->pipe == NULL && (rd->len != rd->off || !relay_can_splice(s, d)))
+		return false;
+	if (rd->len == rd->off) {
+		relay_buf_put(rd->buf, rd->big);  /* splicing takes no buffer */
+		rd->buf = NULL;
+		rd->off = rd->len = 0;
+	}
+	return relay_pump_splice(s, d);
 }
 
 /*
@@ -481,7 +501,7 @@ relay_pump(struct session *s, enum dir d)
 		relay_pump_msg(s, d);
 		return;
 	}
-	if ((rd->pipe != NULL || (rd->len == rd->off && relay_can_splice(s, d))) && relay_pump_splice(s, d))
+	if (relay_to_splice(s, d))
 		return;
 	size_t moved = 0;
 
@@ -517,21 +537,15 @@ relay_pump(struct session *s, enum dir d)
 			}
 			return;
 		}
-		if (rd->len == rd->off && relay_can_splice(s, d)) {
-			/* the backlog ring has just filled: splice from here on, without
-			 * taking a bulk buffer to copy the rest of this pass through */
-			relay_buf_put(rd->buf, rd->big);
-			rd->buf = NULL;
-			if (relay_pump_splice(s, d))
-				return;
-			if (rd->eof)
-				continue;
-		}
+		if (relay_to_splice(s, d))
+			return;
+		if (rd->eof)
+			continue;  /* the splice path read the FIN: the top passes it on */
 		if (rd->bulk && s->flow != NULL) {
+			size_t want = (size_t)RELAY_SLOT_MIN << rd->slot;
 			int err;
-			size_t asked;
 
-			r = relay_recv_spool(s, d, &err, &asked);
+			r = relay_recv_spool(s, d, want, &err);
 			if (r > 0) {
 				if (err != 0) {
 					relay_fail(s, d, false, err);
@@ -540,7 +554,7 @@ relay_pump(struct session *s, enum dir d)
 				moved += (size_t)r;
 				if (rd->len > rd->off)
 					goto dst_full;
-				if ((size_t)r < asked && !relay_more(src))
+				if ((size_t)r < want && !relay_more(src))
 					goto src_wait;  /* short read: as below */
 				continue;
 			}

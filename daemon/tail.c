@@ -461,6 +461,35 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 	return 0;
 }
 
+/* Live data to every subscriber of s: one notification built once and shared by
+ * those with room, counted as dropped for the others. (Called under capd_lock.) */
+static void
+tail_publish(struct session *s, enum dir d, uint64_t off, const void *p, size_t n, double now)
+{
+	struct tail_sub *sub;
+	json_t *base = NULL;
+
+	LIST_FOREACH(sub, &s->tail->subs, entry) {
+		json_t *o;
+
+		if (!tail_sub_room(sub)) {
+			sub->dropped[d] += n;
+			continue;
+		}
+		if (base == NULL)
+			base = tail_data_json(s, d, off, p, n, now);
+		if (sub->dropped[d] > 0) {
+			o = json_copy(base);
+			json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
+			sub->dropped[d] = 0;
+		} else {
+			o = json_incref(base);
+		}
+		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+	}
+	json_decref(base);
+}
+
 void
 tail_data(struct session *s, enum dir d, const void *p, size_t n)
 {
@@ -489,31 +518,10 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 	ring_append(&t->ring[d], t->max, p, n);
 	tail_mark_add(t, d, off, n, now);
 
-	/* one notification per piece built once, shared by every subscriber with room */
-	for (size_t at = 0; at < n; at += TAIL_LIVE_PIECE) {
-		size_t k = n - at < TAIL_LIVE_PIECE ? n - at : TAIL_LIVE_PIECE;
-		json_t *base = NULL;
-
-		LIST_FOREACH(sub, &t->subs, entry) {
-			json_t *o;
-
-			if (!tail_sub_room(sub)) {
-				sub->dropped[d] += k;
-				continue;
-			}
-			if (base == NULL)
-				base = tail_data_json(s, d, off + at, (const uint8_t *)p + at, k, now);
-			if (sub->dropped[d] > 0) {
-				o = json_copy(base);
-				json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
-				sub->dropped[d] = 0;
-			} else {
-				o = json_incref(base);
-			}
-			ctl_conn_send(sub->conn, rpc_notification("session.data", o));
-		}
-		json_decref(base);
-	}
+	/* in pieces: each notification is one line of base64, under RPC_MAX_LINE */
+	for (size_t at = 0; at < n; at += TAIL_LIVE_PIECE)
+		tail_publish(s, d, off + at, (const uint8_t *)p + at, n - at < TAIL_LIVE_PIECE ? n - at : TAIL_LIVE_PIECE,
+		             now);
 	capd_unlock();
 }
 
