@@ -35,6 +35,7 @@
 #define SESSION_ID_BLOCK 65536 /* ids reserved on disk at a time (one fsync each): a crash skips at most this many */
 #define SESSION_HISTORY 1000   /* closed sessions kept for `capctl sessions` */
 #define SESSION_HS_DEFAULT 4096
+#define SESSION_HS_READ 16384 /* the most one handshake read takes (on the stack) */
 
 struct session_list sessions = TAILQ_HEAD_INITIALIZER(sessions);
 
@@ -301,24 +302,31 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		session_close(s, "handshake too large");
 		return;
 	}
-	/* after tls_accept_start the handshake is plaintext inside TLS */
-	if (s->client.tls)
-		n = tls_side_read(s->client.tls, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
-	else
-		n = read(s->client.fd, buf_reserve(&s->hs_in, max - buf_used(&s->hs_in)), max - buf_used(&s->hs_in));
-	if (n < 0) {
-		if (errno == EAGAIN || errno == EINTR)
-			return;
+	/* Read on the stack and keep only what came: reserving max (64 KiB for
+	 * HTTP) in hs_in cost every connection a large malloc, a free and heap
+	 * trimming for a head of a few hundred bytes. A read that fills tmp is
+	 * followed by another, so that nothing waits unseen inside TLS (OpenSSL
+	 * reads ahead). After tls_accept_start the handshake is plaintext inside TLS. */
+	uint8_t tmp[SESSION_HS_READ];
+	size_t had = buf_used(&s->hs_in), want;
+	do {
+		size_t room = max - buf_used(&s->hs_in);
+		want = room < sizeof tmp ? room : sizeof tmp;
+		n = s->client.tls ? tls_side_read(s->client.tls, tmp, want) : read(s->client.fd, tmp, want);
+		if (n > 0)
+			buf_append(&s->hs_in, tmp, (size_t)n);
+	} while (n == (ssize_t)want && buf_used(&s->hs_in) < max);
+	if (n < 0 && errno != EAGAIN && errno != EINTR) {
 		char *why = xasprintf("client error during handshake: %s", strerror(errno));
 		session_close(s, why);
 		free(why);
 		return;
 	}
+	if (n < 0 && buf_used(&s->hs_in) == had)
+		return;
 	if (n == 0) {
 		s->client_eof = true;
 		ev_io_stop(capd_loop, &s->client.rio);
-	} else {
-		buf_commit(&s->hs_in, (size_t)n);
 	}
 	s->inst->proto->input(s);
 	/* input may have closed s; a closed session is in the graveyard and has client_eof handled */

@@ -374,6 +374,23 @@ def test_malformed(capd_factory, origin, request_bytes, status):
     assert r.stdout == b"hello from a /after\n"
 
 
+def test_head_longer_than_one_read(capd, origin):
+    """A head of 40 KiB sent at once: capd reads a handshake 16 KiB at a time
+    (session.c), so it takes several reads; every header must reach the origin
+    and the request after it on the same connection too."""
+    port = add_http(capd)
+    pads = {f"X-Pad-{i}": chr(ord("a") + i) * 4000 for i in range(10)}
+    head = f"GET http://127.0.0.1:{origin.port}/big HTTP/1.1\r\nHost: x\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in pads.items()) + "\r\n"
+    assert len(head) > 40000
+    after = f"GET http://127.0.0.1:{origin.port}/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    reply = raw(port, (head + after).encode())
+    assert reply.count(b"HTTP/1.1 200 ") == 2, reply[:200]
+    assert b" /big\n" in reply and b" /next\n" in reply
+    got = origin.requests[-2]["headers"]
+    assert {k: got.get(k) for k in pads} == pads
+
+
 def test_malformed_later_request_on_a_kept_connection(capd, origin):
     port = add_http(capd)
     u = f"http://127.0.0.1:{origin.port}"

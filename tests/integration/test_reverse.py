@@ -184,3 +184,26 @@ def test_reverse_tls(capd, tmp_path):
         assert down.endswith(test_tls.BODY)
     finally:
         o.stop()
+
+
+def test_reverse_tls_head_longer_than_one_read(capd, tmp_path):
+    """Inside TLS, a head longer than one 16 KiB handshake read (the most a
+    TLS record holds): capd must read on while OpenSSL holds decrypted bytes
+    the socket no longer shows, or the request would stall."""
+    import test_tls
+    o = test_tls.Origin(tmp_path / "tls-origin")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        pads = [f"X-Pad-{i}: {chr(ord('a') + i) * 7000}" for i in range(3)]  # nginx: 4 lines of 8 KiB at most
+        args = [a for h in pads for a in ("-H", h)]
+        url = f"https://{test_tls.NAME}:{port}/"
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1", *args, url)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == test_tls.BODY, r.stdout[:300]
+        s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
+        assert s["bytes_up"] > 21000, s
+    finally:
+        o.stop()
