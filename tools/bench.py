@@ -366,7 +366,7 @@ class Bench:
     def rounds_for(self, name, metric, target):
         # the rows that move most between runs and sit nearest their targets get two
         # rounds more: a median of 5 (the full set stays under 10 minutes)
-        if target and not self.args.quick and (metric == "conn/s" or name.startswith("TLS bulk")):
+        if target and not self.args.quick and (metric == "conn/s" or name.startswith(("TLS bulk", "socks5 bulk"))):
             return self.rounds + 2
         return self.rounds
 
@@ -484,7 +484,7 @@ class Bench:
         self.start_capd()
         print(f"# {platform.node()} {os.cpu_count()} cores, {platform.platform()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         print(f"# {self.rounds} rounds of {self.secs}s"
-              + ("" if self.args.quick else f" ({self.rounds + 2} for the targets on connections/s and TLS bulk)")
+              + ("" if self.args.quick else f" ({self.rounds + 2} for the targets on connections/s, socks5 bulk and TLS bulk)")
               + ", medians; ratio > 1 means capd is ahead")
 
         fwd_on = self.capd_add("forward", "--to", f"127.0.0.1:{self.sink}", "--name", "fwd-on")
