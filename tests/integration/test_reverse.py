@@ -161,49 +161,51 @@ def test_capctl_add_reverse(capd, origins):
     assert bad.returncode != 0
 
 
-def test_reverse_tls(capd, tmp_path):
+@pytest.fixture
+def tls_reverse(capd, tmp_path):
+    """A `--tls` reverse instance routing test_tls.NAME to a TLS origin (nginx):
+    yields (run curl against it with extra args, the test_tls module)."""
+    import test_tls
+    o = test_tls.Origin(tmp_path / "tls-origin")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        url = f"https://{test_tls.NAME}:{port}/"
+
+        def get(*args, n=1):
+            return curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
+                        *args, *[url] * n)
+        yield get, test_tls
+    finally:
+        o.stop()
+
+
+def test_reverse_tls(capd, tls_reverse):
     """`--tls` on a reverse instance: the client's TLS ends at capd (certificate
     forged for its SNI), the route is picked from the plaintext Host, and the
     upstream leg is TLS again; the capture holds the plaintext exchange."""
-    import test_tls
-    o = test_tls.Origin(tmp_path / "tls-origin")
-    try:
-        port = free_port()
-        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
-                 "--tls", "--no-tls-verify")
-        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
-        url = f"https://{test_tls.NAME}:{port}/"
-        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1", url, url)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout == test_tls.BODY * 2
-        s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
-        pcap = test_tls.pcap_after(capd)
-        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
-        assert up.startswith(b"GET / HTTP/1.1\r\n")
-        assert b"X-Forwarded-Proto: https\r\n" in up
-        assert down.endswith(test_tls.BODY)
-    finally:
-        o.stop()
+    get, test_tls = tls_reverse
+    r = get(n=2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == test_tls.BODY * 2
+    s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
+    pcap = test_tls.pcap_after(capd)
+    up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+    assert up.startswith(b"GET / HTTP/1.1\r\n")
+    assert b"X-Forwarded-Proto: https\r\n" in up
+    assert down.endswith(test_tls.BODY)
 
 
-def test_reverse_tls_head_longer_than_one_read(capd, tmp_path):
+def test_reverse_tls_head_longer_than_one_read(capd, tls_reverse):
     """Inside TLS, a head longer than one 16 KiB handshake read (the most a
     TLS record holds): capd must read on while OpenSSL holds decrypted bytes
     the socket no longer shows, or the request would stall."""
-    import test_tls
-    o = test_tls.Origin(tmp_path / "tls-origin")
-    try:
-        port = free_port()
-        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
-                 "--tls", "--no-tls-verify")
-        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
-        pads = [f"X-Pad-{i}: {chr(ord('a') + i) * 7000}" for i in range(3)]  # nginx: 4 lines of 8 KiB at most
-        args = [a for h in pads for a in ("-H", h)]
-        url = f"https://{test_tls.NAME}:{port}/"
-        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1", *args, url)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout == test_tls.BODY, r.stdout[:300]
-        s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
-        assert s["bytes_up"] > 21000, s
-    finally:
-        o.stop()
+    get, test_tls = tls_reverse
+    pads = [f"X-Pad-{i}: {chr(ord('a') + i) * 7000}" for i in range(3)]  # nginx: 4 lines of 8 KiB at most
+    r = get(*[a for h in pads for a in ("-H", h)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == test_tls.BODY, r.stdout[:300]
+    s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
+    assert s["bytes_up"] > 21000, s
