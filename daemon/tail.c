@@ -302,22 +302,26 @@ tail_data_json(struct session *s, enum dir d, uint64_t off, const void *p, size_
 	                 session_time(when, t, sizeof t), "offset", (json_int_t)off, "data", base64_json(p, n));
 }
 
-/* Sends one chunk to one subscriber, or counts it as dropped. */
+/* Sends a session.data object (o, taken) to sub, telling what it lost of d before. */
 static void
-tail_send(struct tail_sub *sub, enum dir d, uint64_t off, const void *p, size_t n, double when)
+tail_deliver(struct tail_sub *sub, enum dir d, json_t *o)
 {
-	json_t *o;
-
-	if (!tail_sub_room(sub)) {
-		sub->dropped[d] += n;
-		return;
-	}
-	o = tail_data_json(sub->s, d, off, p, n, when);
 	if (sub->dropped[d] > 0) {
 		json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
 		sub->dropped[d] = 0;
 	}
 	ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+}
+
+/* Sends one chunk to one subscriber, or counts it as dropped. */
+static void
+tail_send(struct tail_sub *sub, enum dir d, uint64_t off, const void *p, size_t n, double when)
+{
+	if (!tail_sub_room(sub)) {
+		sub->dropped[d] += n;
+		return;
+	}
+	tail_deliver(sub, d, tail_data_json(sub->s, d, off, p, n, when));
 }
 
 static void
@@ -470,22 +474,14 @@ tail_publish(struct session *s, enum dir d, uint64_t off, const void *p, size_t 
 	json_t *base = NULL;
 
 	LIST_FOREACH(sub, &s->tail->subs, entry) {
-		json_t *o;
-
 		if (!tail_sub_room(sub)) {
 			sub->dropped[d] += n;
 			continue;
 		}
 		if (base == NULL)
 			base = tail_data_json(s, d, off, p, n, now);
-		if (sub->dropped[d] > 0) {
-			o = json_copy(base);
-			json_object_set_new(o, "dropped", json_integer((json_int_t)sub->dropped[d]));
-			sub->dropped[d] = 0;
-		} else {
-			o = json_incref(base);
-		}
-		ctl_conn_send(sub->conn, rpc_notification("session.data", o));
+		/* the shared object stays as it is: one that adds "dropped" gets a copy */
+		tail_deliver(sub, d, sub->dropped[d] > 0 ? json_copy(base) : json_incref(base));
 	}
 	json_decref(base);
 }
