@@ -1,9 +1,12 @@
 """The dns instance (issue 6): answers from rules (A, AAAA, wildcards, TTL),
 forwarding to an upstream over UDP and TCP with the client's id, truncation,
 malformed input, upstream failure, sessions and the pcapng, and an HTTP
-client that resolves through the instance end to end."""
+client that resolves through the instance end to end. In network namespaces of
+their own (whose /etc/netns files stand in for resolv.conf and hosts): a
+wildcard listener, the upstream taken from resolv.conf, an upstream by name."""
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -19,7 +22,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import CAPD, check_pcap_clean, free_port, free_port_tcp_udp, tshark
+from conftest import CAPD, check_pcap_clean, free_port, free_port_tcp_udp, sh, tshark
 
 
 class Upstream:
@@ -391,3 +394,101 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, 
     _, out = pcap_wait(c, args, lambda out: "app.test\t" in out and "\tapp.test" in out)
     assert "app.test\t" in out  # the HTTP request, Host: app.test
     assert "\tapp.test" in out  # the DNS query that led there
+
+
+# ---- in a namespace of the test's own: 0.0.0.0, resolv.conf, an upstream by name ----
+
+# A one-answer upstream (every A question gets 192.0.2.53) on 127.0.0.1:PORT, UDP.
+NS_UPSTREAM = r"""
+import socket, sys
+import dns.message, dns.rdatatype, dns.rrset
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(65535)
+    q = dns.message.from_wire(data)
+    r = dns.message.make_response(q)
+    if q.question[0].rdtype == dns.rdatatype.A:
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.53"))
+    u.sendto(r.to_wire(), peer)
+"""
+
+
+@pytest.fixture
+def ns_etc(netns):
+    """/etc/netns/NS: `ip netns exec` mounts its files over /etc's for what runs in NS."""
+    d = f"/etc/netns/{netns}"
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def ns_upstream(netns):
+    procs = []
+
+    def start(port):
+        p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UPSTREAM, str(port)],
+                             stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "ready"
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def ns_dig(ns, server, port, name, *opts):
+    """dig in the namespace; dig takes a reply only from the address it asked."""
+    return sh("ip", "netns", "exec", ns, "dig", f"@{server}", "-p", port, name, "A", "+time=3", "+tries=1",
+              *opts, check=False).stdout
+
+
+def test_wildcard_listener_replies_from_the_address_asked(netns, ns_capd):
+    c = ns_capd(netns, "[dns d4]\nlisten = 0.0.0.0:5300\nexpose = yes\nanswer = www.example.com=10.0.0.7\nupstream = 127.0.0.1:9\n"
+                       "[dns d6]\nlisten = [::]:5300\nexpose = yes\nanswer = www.example.com=10.0.0.6\nupstream = 127.0.0.1:9\n")
+    wait_instance(c, "d4")
+    wait_instance(c, "d6")
+    for server, want in (("127.0.0.1", "10.0.0.7"), ("127.0.0.2", "10.0.0.7"), ("127.0.0.3", "10.0.0.7"),
+                         ("::1", "10.0.0.6")):
+        assert ns_dig(netns, server, 5300, "www.example.com", "+short").split() == [want], server
+        assert ns_dig(netns, server, 5300, "www.example.com", "+short", "+tcp").split() == [want], server
+    # each session names the address the client wrote to
+    ss = c.wait_sessions(lambda ss: len([s for s in ss if s["proto"] == "dns"]) >= 8)
+    targets = {s["target"] for s in ss if s["proto"] == "dns"}
+    assert {"127.0.0.2:5300", "127.0.0.3:5300", "[::1]:5300"} <= targets, targets
+
+
+def test_upstream_defaults_to_resolv_conf(netns, ns_etc, ns_upstream, ns_capd):
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("# the test's own\nsearch example.org\nnameserver 127.0.0.1\n")
+    ns_upstream(53)
+    c = ns_capd(netns, "[dns d]\nlisten = 127.0.0.1:5300\nanswer = www.example.com=10.0.0.7\n")
+    wait_instance(c, "d")
+    inst = [i for i in c.ctl("list", json_out=True) if i["name"] == "d"][0]
+    assert inst["upstream"] == "127.0.0.1:53"
+    assert ns_dig(netns, "127.0.0.1", 5300, "other.example.org", "+short").split() == ["192.0.2.53"]
+    assert ns_dig(netns, "127.0.0.1", 5300, "www.example.com", "+short").split() == ["10.0.0.7"]
+
+
+def test_upstream_by_name(netns, ns_etc, ns_upstream, ns_capd):
+    """The upstream's name resolves through /etc/hosts (c-ares); a name that does not gets SERVFAIL
+    for the queries it would have taken, and the rules still answer."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n127.0.0.1 upstream.test\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # nothing listens on :53 here: nowhere.test fails at once
+    ns_upstream(5301)
+    c = ns_capd(netns, "[dns good]\nlisten = 127.0.0.1:5300\nupstream = upstream.test:5301\n"
+                       "[dns bad]\nlisten = 127.0.0.1:5302\nupstream = nowhere.test\nanswer = www.example.com=10.0.0.7\n")
+    wait_instance(c, "good")
+    wait_instance(c, "bad")
+    ups = {i["name"]: i["upstream"] for i in c.ctl("list", json_out=True)}
+    assert ups == {"good": "upstream.test:5301", "bad": "nowhere.test:53"}
+    assert ns_dig(netns, "127.0.0.1", 5300, "other.example.org", "+short").split() == ["192.0.2.53"]
+    out = ns_dig(netns, "127.0.0.1", 5302, "other.example.org")
+    assert "status: SERVFAIL" in out, out
+    assert ns_dig(netns, "127.0.0.1", 5302, "www.example.com", "+short").split() == ["10.0.0.7"]
+    assert "cannot resolve upstream nowhere.test" in c.log()
