@@ -92,6 +92,36 @@ params_str(struct params *p, const char *key, const char *def)
 	return def;
 }
 
+const char *
+params_csv(struct params *p, const char *key, const char *def)
+{
+	json_t *v = json_object_get(p->obj, key), *e;
+	char *joined = xstrdup(""), *next;
+	size_t i;
+
+	if (v == NULL || !json_is_array(v)) {
+		free(joined);
+		return params_str(p, key, def);
+	}
+	json_array_foreach(v, i, e) {
+		if (json_is_string(e))
+			next = xasprintf("%s%s%s", joined, i ? "," : "", json_string_value(e));
+		else if (json_is_integer(e))
+			next = xasprintf("%s%s%lld", joined, i ? "," : "", (long long)json_integer_value(e));
+		else {
+			free(joined);
+			params_fail(p, key, "'%s' must be a list of strings or numbers", key);
+			return def;
+		}
+		free(joined);
+		joined = next;
+	}
+	/* stored back so the pointer lives as long as the parameters */
+	json_object_set_new(p->obj, key, json_string(joined));
+	free(joined);
+	return json_string_value(json_object_get(p->obj, key));
+}
+
 int
 params_bool(struct params *p, const char *key, bool def, bool *out)
 {

@@ -22,6 +22,8 @@ struct params {
 /* Records an error for key (NULL: the section) unless one is already set; returns -1. */
 int params_fail(struct params *p, const char *key, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 const char *params_str(struct params *p, const char *key, const char *def);
+/* A comma-separated value, also taken as a JSON array of strings and numbers (joined). */
+const char *params_csv(struct params *p, const char *key, const char *def);
 int params_bool(struct params *p, const char *key, bool def, bool *out);
 int params_size(struct params *p, const char *key, uint64_t def, uint64_t *out);
 int params_duration(struct params *p, const char *key, double def, double *out);

@@ -115,7 +115,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 static int
 http_fwd_ports(struct http_cfg *cfg, struct params *p)
 {
-	const char *v = params_str(p, "connect_ports", "443");
+	const char *v = params_csv(p, "connect_ports", "443");
 	char *copy, *tok, *save = NULL;
 	int rc = 0;
 

@@ -289,6 +289,36 @@ def test_rpc_errors(capd):
     assert capd.rpc("daemon.status")["result"]["instances"] == 0
 
 
+def test_instance_add_takes_json_values(capd):
+    """A script's instance.add may give numbers, booleans and lists as JSON, in the shapes
+    instance.list shows them; a value of a type no key takes is refused by name."""
+    p1, p2 = free_port(), free_port()
+    r = capd.rpc("instance.add", {"type": "http", "name": "h", "listen": p1, "capture": False,
+                                  "connect_ports": [443, "8443"], "max_header_size": 4096})
+    assert "result" in r, r
+    r = capd.rpc("instance.add", {"type": "dns", "name": "d", "listen": f"127.0.0.1:{p2}", "ttl": 7,
+                                  "answer": ["a.test=10.0.0.1", "b.test=::1"], "upstream": "127.0.0.1:9"})
+    assert "result" in r, r
+    got = {i["name"]: i for i in capd.ctl("list", json_out=True)}
+    assert got["h"]["listen"] == f"127.0.0.1:{p1}" and got["h"]["capture"] is False
+    assert got["h"]["connect_ports"] == [443, 8443] and got["h"]["max_header_size"] == 4096
+    assert got["d"]["ttl"] == 7 and got["d"]["answer"] == ["a.test=10.0.0.1", "b.test=::1"]
+    # what list shows goes back in
+    r = capd.rpc("instance.add", {"type": "http", "name": "h2", "listen": free_port(),
+                                  "connect_ports": got["h"]["connect_ports"]})
+    assert "result" in r, r
+    for params, says in (({"capture": {"a": 1}}, "'capture' has a value of the wrong type"),
+                         ({"to": ["127.0.0.1:9", "127.0.0.1:10"]}, "'to' may be given only once"),
+                         ({"capture": "maybe"}, "bad value for 'capture'"),
+                         ({"idle_timeout": -1}, "bad duration for 'idle_timeout'")):
+        base = {"type": "forward", "name": "f", "listen": free_port(), "to": "127.0.0.1:9"}
+        r = capd.rpc("instance.add", {**base, **params})
+        assert says in r["error"]["message"], r
+    r = capd.rpc("instance.add", {"type": "http", "name": "h3", "listen": free_port(), "connect_ports": [443, 1.5]})
+    assert "'connect_ports' must be a list of strings or numbers" in r["error"]["message"], r
+    assert sorted(i["name"] for i in capd.ctl("list", json_out=True)) == ["d", "h", "h2"]
+
+
 def test_capd_t(tmp_path):
     good = tmp_path / "good.conf"
     good.write_text("[capd]\nspool = /tmp/x\n[forward a]\nlisten = 4444\nto = example.com:80\n")
