@@ -5,6 +5,7 @@ tshark helpers. Everything listens on loopback."""
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -396,6 +397,16 @@ def netns():
     sh("ip", "-n", ns, "link", "set", "lo", "up")
     yield ns
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def ns_etc(netns):
+    """/etc/netns/NS: `ip netns exec` mounts its files over /etc's for what runs in NS
+    (resolv.conf, hosts, passwd, group)."""
+    d = f"/etc/netns/{netns}"
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 class NsCapd(Capd):

@@ -6,7 +6,6 @@ their own (whose /etc/netns files stand in for resolv.conf and hosts): a
 wildcard listener, the upstream taken from resolv.conf, an upstream by name."""
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -413,15 +412,6 @@ while True:
         r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.53"))
     u.sendto(r.to_wire(), peer)
 """
-
-
-@pytest.fixture
-def ns_etc(netns):
-    """/etc/netns/NS: `ip netns exec` mounts its files over /etc's for what runs in NS."""
-    d = f"/etc/netns/{netns}"
-    os.makedirs(d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

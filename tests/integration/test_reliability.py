@@ -2,7 +2,9 @@
 
 Each test names the fault it tries and asserts what a user must see."""
 
+import grp
 import os
+import pwd
 import resource
 import signal
 import socket
@@ -209,6 +211,35 @@ def test_control_socket_mode_and_group(capd_factory):
     assert stat.S_IMODE(st.st_mode) == 0o660
     import grp
     assert st.st_gid == grp.getgrnam("nogroup").gr_gid
+
+
+def test_control_admits_members_of_control_group(netns, ns_etc, ns_capd):
+    """A user given the control group as a supplementary group (usermod -aG) gets in; one
+    the group does not list is refused although its process holds the group. capd reads
+    the group database: the passwd and group files here are the namespace's own."""
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    uid_in, uid_out, gid = [i for i in range(60999, 60000, -1) if i not in used][:3]
+    with open("/etc/passwd") as f, open(f"{ns_etc}/passwd", "w") as out:
+        out.write(f.read() + f"alice:x:{uid_in}:{uid_in}::/nonexistent:/usr/sbin/nologin\n"
+                  f"bob:x:{uid_out}:{uid_out}::/nonexistent:/usr/sbin/nologin\n")
+    with open("/etc/group") as f, open(f"{ns_etc}/group", "w") as out:
+        out.write(f.read() + f"alice:x:{uid_in}:\nbob:x:{uid_out}:\ncapdctl:x:{gid}:alice\n")
+    c = ns_capd(netns, settings="control_group = capdctl\n")
+    assert os.stat(c.sock).st_gid == gid
+    d = c.sock.parent
+    while str(d).startswith("/tmp/") and d != d.parent:  # let the two users reach the socket file
+        os.chmod(d, os.stat(d).st_mode | 0o001)
+        d = d.parent
+
+    def status(uid):
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={gid}",
+                               str(CAPCTL), "-s", str(c.sock), "status"], capture_output=True, text=True, timeout=20)
+
+    r = status(uid_in)
+    assert r.returncode == 0, r.stderr + c.log()[-2000:]
+    assert "refused pid" not in c.log()
+    r = status(uid_out)
+    assert r.returncode == 1 and "refused pid" in c.log(), r.stderr + c.log()[-2000:]
 
 
 def test_control_refuses_other_uids(capd):
