@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, free_port, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, tshark, wait_port
 
 
 def curl(*args, timeout=30):
@@ -253,6 +253,41 @@ def test_reload_keeps_capctl_instances(capd_factory, echo_server):
     c.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "live")
     c.ctl("reload")
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["live"]
+
+
+def test_config_instance_that_cannot_start(capd_factory, echo_server):
+    """An instance of the file that cannot start (its port taken) stops capd at start-up, and
+    fails a reload, with the file and line; a reload that names a capctl instance says so and
+    leaves it running; the rest of the file starts."""
+    to = f"127.0.0.1:{echo_server.port}"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    try:
+        c = capd_factory(f"[forward ok]\nlisten = {free_port()}\nto = {to}\n\n[forward busy]\nlisten = {taken}\nto = {to}\n",
+                         start=False)
+        c.start(wait=False)
+        assert c.proc.wait(10) == 1
+        line = c.conf_path.read_text().splitlines().index("[forward busy]") + 1
+        assert f"capd.conf:{line}: [forward busy]: port {taken} is in use" in c.log(), c.log()
+
+        p1, p2 = free_port(), free_port()
+        c = capd_factory(f"[forward a]\nlisten = {p1}\nto = {to}\n")
+        c.ctl("add", "forward", "--port", p2, "--to", to, "--name", "live")
+        c.write_conf(f"[forward a]\nlisten = {p1}\nto = {to}\n[forward busy]\nlisten = {taken}\nto = {to}\n"
+                     f"[forward live]\nlisten = {free_port()}\nto = {to}\n[forward b]\nlisten = {free_port()}\nto = {to}\n")
+        r = c.ctl("reload", check=False)
+        assert r.returncode == 1
+        line = c.conf_path.read_text().splitlines().index("[forward busy]") + 1
+        assert f"capd.conf:{line}: [forward busy]: port {taken} is in use" in r.stderr, r.stderr
+        assert "[live] is an instance added by capctl; remove it first" in r.stderr, r.stderr
+        got = {i["name"]: i for i in c.ctl("list", json_out=True)}
+        assert sorted(got) == ["a", "b", "live"]
+        assert got["live"]["origin"] == "capctl" and got["live"]["listen"] == f"127.0.0.1:{p2}"
+        assert exchange(p2, b"still here") == b"still here"
+    finally:
+        busy.close()
 
 
 def test_rpc_errors(capd):
