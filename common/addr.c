@@ -79,6 +79,17 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 }
 
 int
+hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char **why)
+{
+	if (strlen(s) <= HOST_MAX && (addr_is_ip_literal(s) || (hostname_valid(s) && strchr(s, ':') == NULL))) {
+		snprintf(hp->host, sizeof hp->host, "%s", s);
+		hp->port = def_port;
+		return 0;
+	}
+	return hostport_parse(s, hp, why);
+}
+
+int
 addr_from_literal(const char *host, uint16_t port, struct sockaddr_storage *ss, socklen_t *len)
 {
 	struct sockaddr_in *sin = (struct sockaddr_in *)ss;

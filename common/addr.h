@@ -20,6 +20,8 @@ struct hostport {
 
 /* "host:port", "[v6]:port"; port required. 0 or -1 with *why (caller frees). */
 int hostport_parse(const char *s, struct hostport *hp, char **why);
+/* The same, and also a bare host name or IP literal (IPv6 unbracketed), which gets def_port. */
+int hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char **why);
 /* A listen address: "PORT", "IP:PORT", "[IP6]:PORT"; IP literals only. */
 int addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, char **why);
 /* An IP literal with a port into a sockaddr; 0, or -1 when host is not a literal. */

@@ -16,7 +16,7 @@ enum opt_kind {
 	OPT_REPEAT,  /* --auth X, may repeat: a list */
 };
 
-enum opt_check { CHK_NONE, CHK_HOSTPORT, CHK_SIZE, CHK_DURATION, CHK_UINT };
+enum opt_check { CHK_NONE, CHK_HOSTPORT, CHK_UPSTREAM, CHK_SIZE, CHK_DURATION, CHK_UINT };
 
 struct add_opt {
 	const char *type;   /* NULL: every type */
@@ -48,7 +48,7 @@ static const struct add_opt add_opts[] = {
 	{ "reverse", "--route", "route", OPT_REPEAT, CHK_NONE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_NONE, NULL },
-	{ "dns", "--upstream", "upstream", OPT_VALUE, CHK_HOSTPORT, NULL },
+	{ "dns", "--upstream", "upstream", OPT_VALUE, CHK_UPSTREAM, NULL },
 	{ "dns", "--ttl", "ttl", OPT_VALUE, CHK_UINT, NULL },
 	{ "sniff", "--interface", "interface", OPT_VALUE, CHK_NONE, NULL },
 	{ "sniff", "--filter", "filter", OPT_VALUE, CHK_NONE, NULL },
@@ -96,7 +96,8 @@ add_check(const struct add_opt *ao, const char *v)
 
 	switch (ao->check) {
 	case CHK_HOSTPORT:
-		if (hostport_parse(v, &hp, &why) < 0) {
+	case CHK_UPSTREAM:  /* a resolver's port may be left out: 53 */
+		if ((ao->check == CHK_UPSTREAM ? hostport_parse_opt(v, 53, &hp, &why) : hostport_parse(v, &hp, &why)) < 0) {
 			int rc = usage_error("%s: %s", ao->opt, why);
 			free(why);
 			return rc;

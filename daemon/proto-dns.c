@@ -107,17 +107,6 @@ static void dns_tcp_reply(struct session *s, const uint8_t *p, size_t n);
 /* ---- configuration ---- */
 
 static int
-dns_upstream_parse(const char *v, struct hostport *hp, char **why)
-{
-	if (addr_is_ip_literal(v) || (hostname_valid(v) && strchr(v, ':') == NULL)) {
-		snprintf(hp->host, sizeof hp->host, "%s", v);
-		hp->port = 53;
-		return 0;
-	}
-	return hostport_parse(v, hp, why);
-}
-
-static int
 dns_configure(struct instance *inst, struct params *p)
 {
 	struct dns_cfg *dc = xcalloc(1, sizeof *dc);
@@ -142,7 +131,7 @@ dns_configure(struct instance *inst, struct params *p)
 		return -1;
 	dc->rules.ttl = (uint32_t)ttl;
 	if ((up = params_str(p, "upstream", NULL)) != NULL) {
-		if (dns_upstream_parse(up, &dc->upstream, &why) < 0) {
+		if (hostport_parse_opt(up, 53, &dc->upstream, &why) < 0) {
 			params_fail(p, "upstream", "bad upstream '%s': %s", up, why);
 			free(why);
 			return -1;
@@ -191,23 +180,47 @@ dns_describe(struct instance *inst, json_t *o)
 
 /* ---- upstream address ---- */
 
-/* The first nameserver of resolv.conf, or -1. */
+static bool dns_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b);
+
+/*
+ * Whether a nameserver at addr:53 would be this instance: its own address, or a
+ * loopback address while it listens on every address of port 53. A lab box whose
+ * resolv.conf points at capd lists capd first and the real resolver after it.
+ */
+static bool
+dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *listen)
+{
+	const struct sockaddr *l = (const struct sockaddr *)listen;
+
+	if (dns_same_addr(ns, listen))
+		return true;
+	return addr_is_any(l) && addr_port(l) == 53 && ns->ss_family == l->sa_family &&
+	       addr_is_loopback((const struct sockaddr *)ns);
+}
+
+/* The first nameserver of resolv.conf that is not this instance, or -1. */
 static int
-dns_resolv_conf(struct hostport *hp)
+dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 {
 	FILE *f = fopen(DNS_RESOLV_CONF, "re");
 	char line[512], ns[256];
+	struct sockaddr_storage ss;
+	socklen_t len;
 	int rv = -1;
 
 	if (f == NULL)
 		return -1;
 	while (fgets(line, sizeof line, f)) {
-		if (sscanf(line, " nameserver %255s", ns) == 1 && addr_is_ip_literal(ns)) {
-			snprintf(hp->host, sizeof hp->host, "%s", ns);
-			hp->port = 53;
-			rv = 0;
-			break;
+		if (sscanf(line, " nameserver %255s", ns) != 1 || addr_from_literal(ns, 53, &ss, &len) < 0)
+			continue;
+		if (dns_is_self(&ss, listen)) {
+			log_info("%s: skipping nameserver %s: it is this instance", DNS_RESOLV_CONF, ns);
+			continue;
 		}
+		snprintf(hp->host, sizeof hp->host, "%s", ns);
+		hp->port = 53;
+		rv = 0;
+		break;
 	}
 	fclose(f);
 	return rv;
@@ -965,9 +978,9 @@ dns_start(struct instance *inst, char **why)
 	TAILQ_INIT(&ds->fwds);
 	if (dc->upstream_set)
 		ds->up = dc->upstream;
-	else if (dns_resolv_conf(&ds->up) < 0)
-		log_warnx("%s: no nameserver in %s and no upstream set: queries no rule answers get SERVFAIL",
-		          inst->name, DNS_RESOLV_CONF);
+	else if (dns_resolv_conf(&ds->up, &inst->listen) < 0)
+		log_warnx("%s: no nameserver in %s other than this instance, and no upstream set: "
+		          "queries no rule answers get SERVFAIL", inst->name, DNS_RESOLV_CONF);
 	if (ds->up.host[0] == '\0')
 		snprintf(ds->up_str, sizeof ds->up_str, "none");
 	else if (strchr(ds->up.host, ':'))
@@ -975,7 +988,7 @@ dns_start(struct instance *inst, char **why)
 	else
 		snprintf(ds->up_str, sizeof ds->up_str, "%s:%u", ds->up.host, ds->up.port);
 	if (ds->up.host[0] && addr_from_literal(ds->up.host, ds->up.port, &ds->up_addr, &len) == 0) {
-		if (dns_same_addr(&ds->up_addr, &inst->listen)) {
+		if (dns_is_self(&ds->up_addr, &inst->listen)) {
 			*why = xasprintf("upstream %s is this instance's own address", ds->up_str);
 			free(ds);
 			return -1;

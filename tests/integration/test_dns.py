@@ -397,12 +397,12 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, 
 
 # ---- in a namespace of the test's own: 0.0.0.0, resolv.conf, an upstream by name ----
 
-# A one-answer upstream (every A question gets 192.0.2.53) on 127.0.0.1:PORT, UDP.
+# A one-answer upstream (every A question gets 192.0.2.53) on ADDR:PORT, UDP.
 NS_UPSTREAM = r"""
 import socket, sys
 import dns.message, dns.rdatatype, dns.rrset
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind(("127.0.0.1", int(sys.argv[1])))
+u.bind((sys.argv[2], int(sys.argv[1])))
 print("ready", flush=True)
 while True:
     data, peer = u.recvfrom(65535)
@@ -418,11 +418,12 @@ while True:
 def ns_upstream(netns):
     procs = []
 
-    def start(port):
-        p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UPSTREAM, str(port)],
+    def start(port, addr="127.0.0.1"):
+        p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UPSTREAM, str(port), addr],
                              stdout=subprocess.PIPE, text=True)
         procs.append(p)
         assert p.stdout.readline().strip() == "ready"
+        return p
 
     yield start
     for p in procs:
@@ -482,3 +483,32 @@ def test_upstream_by_name(netns, ns_etc, ns_upstream, ns_capd):
     assert "status: SERVFAIL" in out, out
     assert ns_dig(netns, "127.0.0.1", 5302, "www.example.com", "+short").split() == ["10.0.0.7"]
     assert "cannot resolve upstream nowhere.test" in c.log()
+
+
+def test_resolv_conf_nameserver_that_is_this_instance_is_skipped(netns, ns_etc, ns_upstream, ns_capd):
+    """A lab box whose resolv.conf names capd first and the real resolver after it: the
+    instance takes the next nameserver rather than itself."""
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\nnameserver 127.0.0.2\n")
+    up = ns_upstream(53, "127.0.0.2")
+    c = ns_capd(netns, "[dns d]\nlisten = 127.0.0.1:53\nanswer = www.example.com=10.0.0.7\n")
+    wait_instance(c, "d")
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["127.0.0.2:53"]
+    assert "skipping nameserver 127.0.0.1: it is this instance" in c.log()
+    assert ns_dig(netns, "127.0.0.1", 53, "other.example.org", "+short").split() == ["192.0.2.53"]
+    c.ctl("remove", "d")
+    up.kill()
+    up.wait()
+    # on every address of port 53, a loopback nameserver is this instance too
+    c.ctl("add", "dns", "--bind", "0.0.0.0", "--port", 53, "--expose", "--name", "w",
+          "--answer", "www.example.com=10.0.0.7")
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["none"]
+    assert "no nameserver in /etc/resolv.conf other than this instance" in c.log()
+    assert "status: SERVFAIL" in ns_dig(netns, "127.0.0.2", 53, "other.example.org")
+    assert ns_dig(netns, "127.0.0.2", 53, "www.example.com", "+short").split() == ["10.0.0.7"]
+    c.ctl("remove", "w")
+    # nor may one be given as its upstream (capctl's --upstream takes port 53 when none is written)
+    r = c.ctl("add", "dns", "--bind", "0.0.0.0", "--port", 53, "--expose", "--upstream", "127.0.0.1", check=False)
+    assert r.returncode == 1 and "upstream 127.0.0.1:53 is this instance's own address" in r.stderr, r.stderr
+    c.ctl("add", "dns", "--port", 5300, "--upstream", "127.0.0.1", "--name", "u")
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["127.0.0.1:53"]

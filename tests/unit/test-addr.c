@@ -33,6 +33,31 @@ test_hostport(void **state)
 }
 
 static void
+test_hostport_opt(void **state)
+{
+	struct hostport hp;
+	char *why = NULL;
+
+	(void)state;
+	const struct { const char *in, *host; unsigned port; } ok[] = {
+		{ "1.1.1.1", "1.1.1.1", 53 }, { "dns.example", "dns.example", 53 }, { "::1", "::1", 53 },
+		{ "1.1.1.1:5353", "1.1.1.1", 5353 }, { "[::1]:5353", "::1", 5353 }, { "dns.example:54", "dns.example", 54 },
+	};
+	for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+		assert_int_equal(hostport_parse_opt(ok[i].in, 53, &hp, &why), 0);
+		assert_string_equal(hp.host, ok[i].host);
+		assert_int_equal(hp.port, ok[i].port);
+	}
+	const char *bad[] = { "", "bad_host!", "1.1.1.1:0", "[::1]", "host:port", "::1:53x" };
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		why = NULL;
+		assert_int_equal(hostport_parse_opt(bad[i], 53, &hp, &why), -1);
+		assert_non_null(why);
+		free(why);
+	}
+}
+
+static void
 test_listen(void **state)
 {
 	struct sockaddr_storage ss;
@@ -100,6 +125,7 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_hostport),
+		cmocka_unit_test(test_hostport_opt),
 		cmocka_unit_test(test_listen),
 		cmocka_unit_test(test_names),
 		cmocka_unit_test(test_same),
