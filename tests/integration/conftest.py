@@ -409,6 +409,25 @@ def ns_etc(netns):
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def ns_python():
+    """start(ns, script, *args): a Python script run in a namespace, ready once it prints
+    "ready"; every one is killed at teardown."""
+    procs = []
+
+    def start(ns, script, *args):
+        p = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/python3", "-c", script, *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
 class NsCapd(Capd):
     """A capd running inside a network namespace."""
 

@@ -415,20 +415,9 @@ while True:
 
 
 @pytest.fixture
-def ns_upstream(netns):
-    procs = []
-
-    def start(port, addr="127.0.0.1"):
-        p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UPSTREAM, str(port), addr],
-                             stdout=subprocess.PIPE, text=True)
-        procs.append(p)
-        assert p.stdout.readline().strip() == "ready"
-        return p
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
+def ns_upstream(netns, ns_python):
+    """start(port, addr): NS_UPSTREAM in the namespace."""
+    return lambda port, addr="127.0.0.1": ns_python(netns, NS_UPSTREAM, port, addr)
 
 
 def ns_dig(ns, server, port, name, *opts):

@@ -158,21 +158,9 @@ def payload_of(size):
 
 
 @pytest.fixture
-def ns_echo(netpair):
+def ns_echo(netpair, ns_python):
     """Echo servers in namespace b; returns start(port)."""
-    procs = []
-
-    def start(port):
-        p = netpair.popen(netpair.b, "/usr/bin/python3", "-c", ECHO_SERVER, netpair.ip_b, port,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(p)
-        assert p.stdout.readline().strip() == "ready"
-        return p
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
+    return lambda port: ns_python(netpair.b, ECHO_SERVER, netpair.ip_b, port)
 
 
 def test_veth_conversation_every_packet(netpair, ns_capd, ns_echo, tmp_path):
@@ -244,25 +232,18 @@ def test_filter_limits_capture(netpair, ns_capd, ns_echo):
     assert any(int(row[3]) > 128 for row in rows)
 
 
-def test_proxy_and_lo_sniffer_share_the_spool(netns, ns_capd):
+def test_proxy_and_lo_sniffer_share_the_spool(netns, ns_capd, ns_python):
     """Issue 7: a forward proxy's session and a sniffer on lo in one spool:
     both interfaces are present (raw IP and Ethernet) and tshark reads the file."""
     # the echo server and the proxy live in the namespace; its lo carries only this test
     port, proxy = 7300, 7301
-    srv = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_SERVER,
-                            "127.0.0.1", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           text=True)
-    try:
-        assert srv.stdout.readline().strip() == "ready"
-        c = ns_capd(netns, f"[forward fw]\nlisten = 127.0.0.1:{proxy}\nto = 127.0.0.1:{port}\n"
-                           f"[sniff lo]\ninterface = lo\nfilter = tcp port {proxy}\n")
-        sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_CLIENT, "127.0.0.1", proxy, 20000)
-        c.flush()
-        wait_packets(c, "lo", 6)
-        c.wait_sessions(lambda ss: ss and all(s["state"] == "closed" for s in ss))
-    finally:
-        srv.kill()
-        srv.wait()
+    ns_python(netns, ECHO_SERVER, "127.0.0.1", port)
+    c = ns_capd(netns, f"[forward fw]\nlisten = 127.0.0.1:{proxy}\nto = 127.0.0.1:{port}\n"
+                       f"[sniff lo]\ninterface = lo\nfilter = tcp port {proxy}\n")
+    sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_CLIENT, "127.0.0.1", proxy, 20000)
+    c.flush()
+    wait_packets(c, "lo", 6)
+    c.wait_sessions(lambda ss: ss and all(s["state"] == "closed" for s in ss))
     c.flush()
     c.stop()
     pcap = spool_file(c)
@@ -274,21 +255,14 @@ def test_proxy_and_lo_sniffer_share_the_spool(netns, ns_capd):
     assert seen == {"fw", "lo"}, seen
 
 
-def test_any_is_linux_cooked(netns, ns_capd):
+def test_any_is_linux_cooked(netns, ns_capd, ns_python):
     """Issue 7: interface = any works, with the Linux cooked link type."""
     c = ns_capd(netns)
     r = c.ctl("add", "sniff", "--interface", "any", json_out=True)
     assert r["name"] == "sniff-any" and r["listen"] == "any"
     port = 7400
-    srv = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_SERVER,
-                            "127.0.0.1", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           text=True)
-    try:
-        assert srv.stdout.readline().strip() == "ready"
-        sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_CLIENT, "127.0.0.1", port, 1000)
-    finally:
-        srv.kill()
-        srv.wait()
+    ns_python(netns, ECHO_SERVER, "127.0.0.1", port)
+    sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_CLIENT, "127.0.0.1", port, 1000)
     inst = wait_packets(c, "sniff-any", 6)
     assert inst["packets"] >= 6 and inst["linktype"] in ("LINUX_SLL", "LINUX_SLL2")
     c.flush()

@@ -499,6 +499,69 @@ def test_socks_tls_interception(capd, origin, tmp_path):
     assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and BODY in down
 
 
+# A SOCKS5 CONNECT to NAME-or-IPv4:PORT through 127.0.0.1:SOCKS, then TLS without SNI (as an
+# old client or an IP-literal URL does) trusting CA; prints the forged certificate's names, or
+# the TLS error, and the response's first and last bytes, as JSON.
+NO_SNI_CLIENT = r"""
+import json, socket, ssl, sys
+sport, host, port, ca = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s = socket.create_connection(("127.0.0.1", sport), timeout=10)
+s.sendall(b"\x05\x01\x00")
+assert s.recv(2) == b"\x05\x00"
+if host[0].isdigit():
+    s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big"))
+else:
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(host)]) + host.encode() + port.to_bytes(2, "big"))
+assert s.recv(10)[1] == 0
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = False  # no name asked for: the chain to capd's CA is what counts
+try:
+    t = ctx.wrap_socket(s, server_hostname=None)
+except (ssl.SSLError, OSError) as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(0)
+names = [v for k, v in t.getpeercert().get("subjectAltName", ()) if k == "DNS"]
+t.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+got = b""
+while (d := t.recv(65536)):
+    got += d
+print(json.dumps({"names": names, "head": got[:12].decode(), "tail": got[-40:].decode()}))
+"""
+
+
+def test_client_without_sni(netns, ns_etc, ns_capd, tmp_path):
+    """No SNI from the client: capd verifies the real certificate against the target the
+    client asked the proxy for, its name (here one the certificate lacks: refused), else its
+    address, and forges from the real certificate."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n127.0.0.1 not-in-cert.test\n")
+    origin = Origin(tmp_path / "o", ns=netns)
+    try:
+        capd = ns_capd(netns, wrap=["env", f"SSL_CERT_FILE={origin.ca}"])
+        sport = free_port()
+        capd.ctl("add", "socks", "--port", sport, "--tls")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+
+        def through(target):
+            r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NO_SNI_CLIENT, sport, target,
+                   origin.port, ca)
+            return json.loads(r.stdout)
+
+        for target in ("localhost", "127.0.0.1"):
+            got = through(target)
+            assert got.get("head") == "HTTP/1.1 200" and got["tail"].encode().endswith(BODY), (target, got)
+            assert "localhost" in got["names"] and NAME in got["names"], got
+        assert "error" in through("not-in-cert.test")
+        ss = last_closed(capd, 3)
+    finally:
+        origin.stop()
+    assert [s.get("target_name") for s in ss[-3:]] == [f"localhost:{origin.port}", None,
+                                                       f"not-in-cert.test:{origin.port}"], ss
+    assert all(s["target"] == f"127.0.0.1:{origin.port}" for s in ss[-3:]), ss
+    assert all("sni=-" in s["note"] for s in ss[-3:-1]), ss
+    assert ss[-1]["reason"] == "upstream certificate did not verify: hostname mismatch", ss[-1]
+
+
 class TlsEcho:
     """A TLS echo server (Python ssl) in a thread, with the origin's certificate."""
 
