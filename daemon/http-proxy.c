@@ -605,10 +605,16 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 	if (rv == PARSE_MORE)
 		return RELAY_PASS;
 	if (rv == PARSE_ERR) {
+		session_data(s, d, p, n);  /* what does not parse is captured all the same */
 		if (d == DIR_DOWN || hc->down == DOWN_BODY) {
-			/* part of a response is out: no room for an error reply */
-			session_close(s, d == DIR_DOWN ? "upstream sent bad chunked framing" : "client sent bad chunked framing");
-			return RELAY_STOP;
+			/* part of a response is out: no room for an error reply. The client gets
+			 * what is queued for it, then a FIN; http_done closes with the reason. */
+			if (hc->fail == NULL)
+				hc->fail = xstrdup(d == DIR_DOWN ? "upstream sent bad chunked framing"
+				                                 : "client sent bad chunked framing");
+			relay_finish(s, DIR_DOWN);
+			hc->up = UP_WAIT;
+			return RELAY_END;
 		}
 		http_fail_late(s, 400, "bad chunked framing");
 		return RELAY_END;

@@ -620,6 +620,8 @@ class RawOrigin:
     (b"HTTP/1.1 200 OK\r\nContent-Le", b"upstream closed in the response head"),
     (b"garbage\r\n\r\n", b"502 Bad Gateway"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", b"Content-Length and Transfer"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+     b"101 Switching Protocols without an Upgrade request"),
 ])
 def test_bad_upstream_response(capd, answer, why):
     o = RawOrigin(answer)
@@ -633,6 +635,45 @@ def test_bad_upstream_response(capd, answer, why):
         assert s["bytes_down"] == len(answer)    # what the origin sent is in the capture
     finally:
         o.close()
+
+
+@pytest.mark.parametrize("answer,client_gets,reason", [
+    # the head is out before the body fails: the client gets it, then a FIN
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nVia: 1.1 capd\r\n\r\n", "upstream sent bad chunked framing"),
+    # a whole response, then bytes nobody asked for
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 capd\r\n\r\nok", "upstream sent bytes with no request outstanding"),
+])
+def test_bad_upstream_after_the_head(capd, answer, client_gets, reason):
+    """Once a response head has gone to the client no error reply fits: the client gets what
+    was due, the session says why it ended, and every byte the origin sent is captured."""
+    o = RawOrigin(answer)
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert reply == client_gets
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"] == reason
+        assert s["bytes_down"] == len(answer)
+    finally:
+        o.close()
+
+
+def test_client_bad_chunked_body_is_captured(capd):
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    try:
+        port = add_http(capd)
+        reply = raw(port, (f"POST http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n"
+                           "Transfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\nzz\r\n").encode())
+        assert status_of(reply) == 400 and b"bad chunked framing" in reply
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"] == "400 Bad Request: bad chunked framing"
+    finally:
+        o.close()
+    capd.flush()
+    up, _ = follow_tcp(capd.pcaps()[-1], tcp_stream_of(capd.pcaps()[-1], s["id"]))
+    assert up.endswith(b"\r\n\r\n4\r\nWiki\r\nzz\r\n"), up
 
 
 def test_upstream_response_timeout_504(capd_factory):
