@@ -409,6 +409,26 @@ def ns_etc(netns):
     shutil.rmtree(d, ignore_errors=True)
 
 
+# An echo server on ADDR PORT (argv), one connection at a time; "ready" once it listens.
+ECHO_SERVER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+    c.close()
+"""
+
+
 @pytest.fixture
 def ns_python():
     """start(ns, script, *args): a Python script run in a namespace, ready once it prints

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import CAPD, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
+from conftest import CAPD, ECHO_SERVER, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for network namespaces")
@@ -133,25 +133,6 @@ while True:
 s.close()
 sys.exit(0 if bytes(got) == payload else 3)
 """
-
-ECHO_SERVER = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        c.sendall(d)
-    c.shutdown(socket.SHUT_WR)
-    c.close()
-"""
-
 
 def payload_of(size):
     return bytes((i * 7 + i // 251) & 0xff for i in range(size))

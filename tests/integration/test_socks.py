@@ -2,6 +2,7 @@
 username/password, IPv6) with real clients: curl, a Java program, proxychains4,
 and small socket clients for what no stock client does (BIND, UDP, bad input)."""
 
+import json
 import os
 import socket
 import struct
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import EchoServer, follow_tcp, free_port, tcp_stream_of, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, follow_tcp, free_port, sh, tcp_stream_of, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -272,9 +273,6 @@ def test_connect_reply_codes(capd):
     assert s5_request(s, 1, "127.0.0.1", closed)[0] == 0x05          # refused
     s.close()
     s = s5_open(port)
-    assert s5_request(s, 1, "no-such-host.invalid", 80)[0] == 0x04   # name not found
-    s.close()
-    s = s5_open(port)
     s.sendall(b"\x05\x09\x00" + s5_addr("127.0.0.1", 80))            # unknown command
     assert s5_read_reply(s)[0] == 0x07
     assert closed_by_peer(s)
@@ -288,6 +286,48 @@ def test_connect_reply_codes(capd):
     assert any("Connection refused" in r for r in reasons), reasons
     assert any("not supported" in r for r in reasons), reasons
     assert any("address type" in r for r in reasons), reasons
+
+
+# SOCKS5 CONNECTs to NAME:PORT through 127.0.0.1:SOCKS, one connection each, run inside a
+# namespace; prints {name: [reply code, what "ping" brought back or null]} as JSON.
+NS_S5_CLIENT = r"""
+import json, socket, struct, sys
+sport, port, out = int(sys.argv[1]), int(sys.argv[2]), {}
+for name in sys.argv[3:]:
+    s = socket.create_connection(("127.0.0.1", sport), timeout=20)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name.encode() + struct.pack("!H", port))
+    rep, echo = s.recv(10), None
+    if rep[1] == 0:
+        s.sendall(b"ping")
+        s.shutdown(socket.SHUT_WR)
+        echo = s.recv(100).decode()
+    out[name] = [rep[1], echo]
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def test_connect_reply_codes_for_names(netns, ns_etc, ns_capd, ns_python):
+    """In a namespace of its own (its resolver answers nothing, its hosts file names the
+    targets, and only lo is up): a name that does not resolve gets 0x04, one whose only
+    address has no route 0x03, and one whose first address has no route is reached on its
+    second."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n10.9.9.9 multi.test\n127.0.0.1 multi.test\n10.9.9.9 unrouted.test\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # nothing listens there: a name not in hosts fails
+    ns_python(netns, ECHO_SERVER, "127.0.0.1", 7700)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7701\n")
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_CLIENT, 7701, 7700,
+           "no-such-host.invalid", "unrouted.test", "multi.test")
+    got = json.loads(r.stdout)
+    assert got == {"no-such-host.invalid": [4, None], "unrouted.test": [3, None], "multi.test": [0, "ping"]}, got
+    ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3)
+    by = {s.get("target_name", "").split(":")[0]: s for s in ss}
+    assert "Network is unreachable" in by["unrouted.test"]["reason"], by
+    assert by["multi.test"]["target"] == "127.0.0.1:7700", by
 
 
 def test_connect_reply_has_real_bound_address(capd):
