@@ -528,9 +528,10 @@ def test_udp_associate(capd):
             host, p, data = parse_udp_reply(u.recv(70000))
             assert (host, p) == ("127.0.0.1", echo.port)
             assert data == b"echo:" + m
-        # by name too
-        u.sendto(udp_header("localhost", echo.port) + b"named", (rhost, rport))
-        assert parse_udp_reply(u.recv(70000))[2] == b"echo:named"
+        # by name too: the first waits for the name to resolve, the second finds it remembered
+        for m in (b"named", b"named again"):
+            u.sendto(udp_header("localhost", echo.port) + m, (rhost, rport))
+            assert parse_udp_reply(u.recv(70000)) == ("127.0.0.1", echo.port, b"echo:" + m)
         # a fragment is dropped
         u.sendto(b"\x00\x00\x01" + s5_addr("127.0.0.1", echo.port) + b"frag", (rhost, rport))
         with pytest.raises(socket.timeout):
@@ -551,7 +552,7 @@ def test_udp_associate(capd):
         with pytest.raises(socket.timeout):
             u.recv(70000)
         udp = capd.session(udp["id"])
-        assert udp["bytes_up"] == sum(map(len, msgs)) + len(b"named")
+        assert udp["bytes_up"] == sum(map(len, msgs)) + len(b"named") + len(b"named again")
 
         capd.flush()
         if not capd.pcaps():
