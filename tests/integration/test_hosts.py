@@ -158,9 +158,11 @@ set -e
 T="$1"; CAPD="$2"; CAPCTL="$3"
 # a private /etc (copies of what the resolver and the loader read) so no write lands in the real one
 mkdir -p "$T/etc"
-for f in ld.so.cache ld.so.conf nsswitch.conf host.conf resolv.conf passwd group gai.conf; do
+for f in ld.so.cache ld.so.conf nsswitch.conf host.conf passwd group gai.conf; do
   [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
 done
+# names not in hosts go to loopback, where nothing answers: no query leaves the box
+printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$T/etc/resolv.conf"
 [ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
 printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/etc/hosts"
 printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/hosts.mounted"
