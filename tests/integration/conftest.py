@@ -409,7 +409,8 @@ def ns_etc(netns):
     shutil.rmtree(d, ignore_errors=True)
 
 
-# An echo server on ADDR PORT (argv), one connection at a time; "ready" once it listens.
+# An echo server on ADDR PORT (argv), one connection at a time; "ready" once it listens. EchoServer
+# as a program of its own, for namespaces the test process is not in.
 ECHO_SERVER = r"""
 import socket, sys
 s = socket.socket()
