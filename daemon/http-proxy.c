@@ -194,22 +194,32 @@ http_fail_early(struct session *s, int status, const char *why)
 	free(reason);
 }
 
-/* While relaying: the reply follows what the client already has, then a FIN;
- * http_done closes the session with the reason. Reads from the client stop. */
+/* While relaying: the client gets what is queued for it, then a FIN; http_done
+ * closes the session with reason (the first one given). Reads stop. */
 static void
-http_fail_late(struct session *s, int status, const char *why)
+http_end_late(struct session *s, const char *reason)
 {
 	struct http_conn *hc = s->proto_state;
-	struct buf b = { 0 };
 
 	if (hc->fail == NULL)
-		hc->fail = http_reason(status, why);
-	http_error_text(&b, status, why, status == 407);
-	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
-	buf_free(&b);
+		hc->fail = xstrdup(reason);
 	relay_finish(s, DIR_DOWN);
 	hc->up = UP_WAIT;
 	hc->down = DOWN_IDLE;
+}
+
+/* http_end_late with an error reply after what the client already has. */
+static void
+http_fail_late(struct session *s, int status, const char *why)
+{
+	struct buf b = { 0 };
+	char *reason = http_reason(status, why);
+
+	http_error_text(&b, status, why, status == 407);
+	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
+	buf_free(&b);
+	http_end_late(s, reason);
+	free(reason);
 }
 
 /* ---- routing and rewriting ---- */
@@ -607,13 +617,8 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 	if (rv == PARSE_ERR) {
 		session_data(s, d, p, n);  /* what does not parse is captured all the same */
 		if (d == DIR_DOWN || hc->down == DOWN_BODY) {
-			/* part of a response is out: no room for an error reply. The client gets
-			 * what is queued for it, then a FIN; http_done closes with the reason. */
-			if (hc->fail == NULL)
-				hc->fail = xstrdup(d == DIR_DOWN ? "upstream sent bad chunked framing"
-				                                 : "client sent bad chunked framing");
-			relay_finish(s, DIR_DOWN);
-			hc->up = UP_WAIT;
+			/* part of a response is out: no room for an error reply */
+			http_end_late(s, d == DIR_DOWN ? "upstream sent bad chunked framing" : "client sent bad chunked framing");
 			return RELAY_END;
 		}
 		http_fail_late(s, 400, "bad chunked framing");

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "values.h"
 #include "xmalloc.h"
 
@@ -96,29 +97,25 @@ const char *
 params_csv(struct params *p, const char *key, const char *def)
 {
 	json_t *v = json_object_get(p->obj, key), *e;
-	char *joined = xstrdup(""), *next;
+	struct buf b = { 0 };
 	size_t i;
 
-	if (v == NULL || !json_is_array(v)) {
-		free(joined);
+	if (v == NULL || !json_is_array(v))
 		return params_str(p, key, def);
-	}
 	json_array_foreach(v, i, e) {
 		if (json_is_string(e))
-			next = xasprintf("%s%s%s", joined, i ? "," : "", json_string_value(e));
+			buf_printf(&b, "%s%s", i ? "," : "", json_string_value(e));
 		else if (json_is_integer(e))
-			next = xasprintf("%s%s%lld", joined, i ? "," : "", (long long)json_integer_value(e));
+			buf_printf(&b, "%s%lld", i ? "," : "", (long long)json_integer_value(e));
 		else {
-			free(joined);
+			buf_free(&b);
 			params_fail(p, key, "'%s' must be a list of strings or numbers", key);
 			return def;
 		}
-		free(joined);
-		joined = next;
 	}
 	/* stored back so the pointer lives as long as the parameters */
-	json_object_set_new(p->obj, key, json_string(joined));
-	free(joined);
+	json_object_set_new(p->obj, key, json_stringn(buf_used(&b) ? (const char *)buf_head(&b) : "", buf_used(&b)));
+	buf_free(&b);
 	return json_string_value(json_object_get(p->obj, key));
 }
 

@@ -180,8 +180,6 @@ dns_describe(struct instance *inst, json_t *o)
 
 /* ---- upstream address ---- */
 
-static bool dns_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b);
-
 /*
  * Whether a nameserver at addr:53 would be this instance: its own address, or a
  * loopback address while it listens on every address of port 53. A lab box whose
@@ -190,12 +188,11 @@ static bool dns_same_addr(const struct sockaddr_storage *a, const struct sockadd
 static bool
 dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *listen)
 {
-	const struct sockaddr *l = (const struct sockaddr *)listen;
+	const struct sockaddr *l = (const struct sockaddr *)listen, *a = (const struct sockaddr *)ns;
 
-	if (dns_same_addr(ns, listen))
+	if (addr_same(a, l, true))
 		return true;
-	return addr_is_any(l) && addr_port(l) == 53 && ns->ss_family == l->sa_family &&
-	       addr_is_loopback((const struct sockaddr *)ns);
+	return addr_is_any(l) && addr_port(l) == 53 && a->sa_family == l->sa_family && addr_is_loopback(a);
 }
 
 /* The first nameserver of resolv.conf that is not this instance, or -1. */
@@ -931,14 +928,6 @@ dns_session_free(struct session *s)
 }
 
 /* ---- start and stop ---- */
-
-static bool
-dns_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
-{
-	char x[ADDR_STRLEN], y[ADDR_STRLEN];
-
-	return !strcmp(addr_format((const struct sockaddr *)a, x, sizeof x), addr_format((const struct sockaddr *)b, y, sizeof y));
-}
 
 static void
 dns_state_free(struct dns_state *ds)
