@@ -104,7 +104,33 @@ capd_conf_instance(struct conf *c, const char *name)
 	return NULL;
 }
 
-/* Starts the config's instances that are not running; errors are collected in *errs. */
+/* Adds msg (stolen) to the "; "-separated list in *errs, and logs it. */
+static void
+capd_errs_add(char **errs, char *msg)
+{
+	log_error("%s", msg);
+	if (*errs == NULL) {
+		*errs = msg;
+	} else {
+		char *both = xasprintf("%s; %s", *errs, msg);
+		free(*errs);
+		free(msg);
+		*errs = both;
+	}
+}
+
+/* "file:line: [type name]", where a config instance's errors point. */
+static char *
+capd_conf_where(struct conf *c, json_t *e)
+{
+	json_t *p = json_object_get(e, "params");
+
+	return xasprintf("%s:%d: [%s %s]", c->file, (int)json_integer_value(json_object_get(e, "line")),
+	                 json_string_value(json_object_get(p, "type")),
+	                 json_string_value(json_object_get(p, "name")));
+}
+
+/* Start-up: starts the config's instances, in line; errors are collected in *errs. */
 static void
 capd_start_instances(struct conf *c, char **errs)
 {
@@ -113,36 +139,74 @@ capd_start_instances(struct conf *c, char **errs)
 
 	json_array_foreach(c->instances, i, e) {
 		json_t *p = json_object_get(e, "params");
-		const char *name = json_string_value(json_object_get(p, "name"));
-		char *why = NULL;
+		char *why = NULL, *where;
 
-		if (instance_find(name))
-			continue;
 		if (instance_add(p, true, &why) == NULL) {
-			char *msg = xasprintf("%s:%d: [%s %s]: %s", c->file,
-			                      (int)json_integer_value(json_object_get(e, "line")),
-			                      json_string_value(json_object_get(p, "type")), name, why);
-			log_error("%s", msg);
-			if (*errs == NULL) {
-				*errs = msg;
-			} else {
-				char *both = xasprintf("%s; %s", *errs, msg);
-				free(*errs);
-				free(msg);
-				*errs = both;
-			}
+			where = capd_conf_where(c, e);
+			capd_errs_add(errs, xasprintf("%s: %s", where, why));
+			free(where);
 			free(why);
 		}
 	}
 }
 
-static int
-capd_reload_paused(char **why)
+/*
+ * A reload whose new instances are still starting: an instance may prepare
+ * on a helper thread (instance_add_async), and the reload's outcome waits
+ * for the last of them.
+ */
+struct capd_reload {
+	capd_reloaded_fn *done;
+	void *arg;
+	char *errs;          /* owned */
+	unsigned pending;    /* instances still starting, +1 while they are being started */
+};
+
+/* One config instance a reload starts. */
+struct capd_reload_add {
+	struct capd_reload *r;
+	char *where;         /* owned: capd_conf_where */
+};
+
+static struct capd_reload *capd_reloading;
+
+static void
+capd_reload_end(struct capd_reload *r)
 {
+	log_info("reloaded %s%s", capd_config_path, r->errs ? ", with errors" : "");
+	capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
+	capd_reloading = NULL;
+	if (r->done)
+		r->done(r->arg, r->errs);
+	free(r->errs);
+	free(r);
+}
+
+static void
+capd_reload_added(void *arg, struct instance *inst, const char *why)
+{
+	struct capd_reload_add *a = arg;
+	struct capd_reload *r = a->r;
+
+	if (inst == NULL)
+		capd_errs_add(&r->errs, xasprintf("%s: %s", a->where, why));
+	free(a->where);
+	free(a);
+	if (--r->pending == 0)
+		capd_reload_end(r);
+}
+
+static int
+capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
+{
+	struct capd_reload *r;
 	struct conf *c;
 	struct instance *inst, *next;
-	char *errs = NULL;
 
+	if (capd_reloading) {
+		*why = xstrdup("the last reload is still starting its instances");
+		return -1;
+	}
 	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
 	if ((c = conf_load(capd_config_path, why)) == NULL) {
 		log_error("reload refused, the running config stays: %s", *why);
@@ -159,20 +223,30 @@ capd_reload_paused(char **why)
 			continue;
 		instance_remove(inst, p ? "changed by reload" : "removed from the config");
 	}
-	/* a name now used by a capctl instance cannot come from the file too */
+	r = xcalloc(1, sizeof *r);
+	r->done = done;
+	r->arg = arg;
+	r->pending = 1;
+	capd_reloading = r;
 	size_t i;
 	json_t *e;
 	json_array_foreach(c->instances, i, e) {
-		const char *name = json_string_value(json_object_get(json_object_get(e, "params"), "name"));
+		json_t *p = json_object_get(e, "params");
+		const char *name = json_string_value(json_object_get(p, "name"));
 		struct instance *cur = instance_find(name);
+
 		if (cur && !cur->from_config) {
-			char *msg = xasprintf("[%s] is an instance added by capctl; remove it first", name);
-			log_error("%s", msg);
-			free(errs);
-			errs = msg;
+			/* a name now used by a capctl instance cannot come from the file too */
+			capd_errs_add(&r->errs, xasprintf("[%s] is an instance added by capctl; remove it first", name));
+		} else if (cur == NULL) {
+			struct capd_reload_add *a = xcalloc(1, sizeof *a);
+
+			a->r = r;
+			a->where = capd_conf_where(c, e);
+			r->pending++;
+			instance_add_async(p, true, capd_reload_added, a);
 		}
 	}
-	capd_start_instances(c, &errs);
 
 	if (strcmp(c->settings.control, capd_settings->control) != 0)
 		log_notice("control socket path changes only at restart");
@@ -186,18 +260,17 @@ capd_reload_paused(char **why)
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;
-	log_info("reloaded %s", capd_config_path);
-	capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
-	*why = errs;
+	if (--r->pending == 0)
+		capd_reload_end(r);
 	return 0;
 }
 
 /* The settings and instances change under the shards' feet: they wait (shard.h). */
 int
-capd_reload(char **why)
+capd_reload(capd_reloaded_fn *done, void *arg, char **why)
 {
 	shards_pause();
-	int rc = capd_reload_paused(why);
+	int rc = capd_reload_paused(done, arg, why);
 	shards_resume();
 	return rc;
 }
@@ -249,7 +322,7 @@ capd_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	char *why = NULL;
 
 	(void)loop; (void)w; (void)revents;
-	capd_reload(&why);
+	capd_reload(NULL, NULL, &why);  /* its outcome is logged */
 	free(why);
 }
 
@@ -394,6 +467,7 @@ main(int argc, char **argv)
 	log_notice("capd %s ready: control %s, spool %s", CAPD_VERSION, capd_settings->control, capd_settings->spool);
 	capd_notify("READY=1\nSTATUS=running, control %s", capd_settings->control);
 
+	capd_serving = true;
 	ev_run(capd_loop, 0);
 
 	log_notice("stopped");

@@ -35,8 +35,14 @@ struct capd_settings {
 extern struct capd_settings *capd_settings;  /* the one in force */
 extern const char *capd_config_path;
 
-/* Re-reads the config and applies the difference; -1 and *why when it does not parse. */
-int capd_reload(char **why);
+/*
+ * Re-reads the config and applies the difference: -1 and *why when it does
+ * not parse (nothing changed). Otherwise 0, and done (if any) runs once its
+ * new instances have started, maybe before this returns, with their errors
+ * or NULL (borrowed).
+ */
+typedef void capd_reloaded_fn(void *arg, const char *errs);
+int capd_reload(capd_reloaded_fn *done, void *arg, char **why);
 /* Seconds since the epoch, with the loop's cached time. */
 static inline double capd_now(void) { return ev_now(capd_loop); }
 

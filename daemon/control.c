@@ -50,6 +50,15 @@ struct ctl_conn {
 	bool dead;
 	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
 	int n_on_close, cap_on_close;
+	json_t *call_id;         /* the id of the request being dispatched, borrowed */
+	bool in_call, deferred;  /* a method is running; it took its reply for later */
+	struct ctl_later *later; /* the reply it waits for: its next requests wait too */
+};
+
+/* A reply owed for a method whose work finishes later (ctl_later_new). */
+struct ctl_later {
+	struct ctl_conn *c;      /* NULL once the connection closed */
+	json_t *id;              /* owned; NULL for a notification */
 };
 
 static const struct rpc_method *const rpc_tables[] = {
@@ -73,6 +82,7 @@ static struct ctl_conn *ctl_conns;
 static int ctl_dead_pending;
 
 static void ctl_conn_kill(struct ctl_conn *c);
+static void ctl_conn_process(struct ctl_conn *c);
 
 json_t *
 rpc_fail(struct rpc_err *err, int code, const char *fmt, ...)
@@ -251,9 +261,18 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 	log_debug("control: pid %d calls %s", c->pid, method);
 	/* methods read and change sessions and instances: the shards wait (shard.h) */
 	shards_pause();
+	c->call_id = id;
+	c->in_call = true;
 	result = m->fn(c, params, &err);
+	c->in_call = false;
 	shards_resume();
 	json_decref(empty);
+	if (c->deferred) {  /* the method replies through its ctl_later */
+		c->deferred = false;
+		json_decref(result);
+		free(err.msg);
+		goto out;
+	}
 	if (id == NULL) {  /* a notification: no reply, whatever happened */
 		json_decref(result);
 		free(err.msg);
@@ -284,8 +303,6 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct ctl_conn *c = w->data;
 	ssize_t n;
-	char *line;
-	size_t len;
 
 	(void)loop; (void)revents;
 	n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
@@ -296,7 +313,18 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		return;
 	}
 	buf_commit(&c->framer.in, (size_t)n);
-	for (;;) {
+	ctl_conn_process(c);
+}
+
+/* Dispatches the complete requests read so far, one at a time: a method that
+ * replies later holds the ones behind it, so replies keep the requests' order. */
+static void
+ctl_conn_process(struct ctl_conn *c)
+{
+	char *line;
+	size_t len;
+
+	while (c->later == NULL) {
 		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
 		if (fr == RPC_FRAME_NONE)
 			break;
@@ -308,6 +336,12 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (c->dead)
 			return;
 	}
+	if (c->later) {
+		/* nothing more is read until the reply goes (ctl_later_reply starts it again) */
+		ev_io_stop(capd_main, &c->rio);
+		ev_timer_stop(capd_main, &c->timer);
+		return;
+	}
 	/* a partial line must complete in time; a quiet, idle connection may stay */
 	if (buf_used(&c->framer.in) > 0 || c->framer.skipping) {
 		if (!ev_is_active(&c->timer)) {
@@ -317,6 +351,54 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	} else {
 		ev_timer_stop(capd_main, &c->timer);
 	}
+}
+
+static void
+ctl_later_gone(void *arg)
+{
+	struct ctl_later *l = arg;
+
+	l->c = NULL;
+}
+
+struct ctl_later *
+ctl_later_new(struct ctl_conn *c)
+{
+	struct ctl_later *l = xcalloc(1, sizeof *l);
+
+	l->c = c;
+	l->id = json_incref(c->call_id);
+	c->later = l;
+	c->deferred = true;
+	ctl_conn_on_close(c, ctl_later_gone, l);
+	return l;
+}
+
+void
+ctl_later_reply(struct ctl_later *l, json_t *result, const struct rpc_err *err)
+{
+	struct ctl_conn *c = l->c;
+
+	if (c != NULL) {
+		ctl_conn_on_close_cancel(c, ctl_later_gone, l);
+		c->later = NULL;
+		if (l->id == NULL)
+			json_decref(result);
+		else if (result != NULL)
+			ctl_conn_send(c, rpc_result(l->id, result));
+		else
+			ctl_reply_error(c, l->id, err && err->code ? err->code : RPC_E_INTERNAL,
+			                err && err->msg ? err->msg : "failed");
+		if (!c->in_call && !c->dead) {
+			/* the requests that waited behind this one */
+			ev_io_start(capd_main, &c->rio);
+			ctl_conn_process(c);
+		}
+	} else {
+		json_decref(result);
+	}
+	json_decref(l->id);
+	free(l);
 }
 
 static void

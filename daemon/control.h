@@ -38,6 +38,14 @@ size_t ctl_conn_queued(struct ctl_conn *c);
 /* Called once when the connection closes (subscriptions clean up here). */
 void ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
 void ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
+/*
+ * A method whose work ends later takes its reply with ctl_later_new(c), returns
+ * NULL, and sends it with ctl_later_reply (now or from a later loop pass). The
+ * connection's next requests wait for it. result is stolen; err is read only.
+ */
+struct ctl_later;
+struct ctl_later *ctl_later_new(struct ctl_conn *c);
+void ctl_later_reply(struct ctl_later *l, json_t *result, const struct rpc_err *err);
 /* The peer's uid/pid from SO_PEERCRED. */
 int ctl_conn_uid(struct ctl_conn *c);
 

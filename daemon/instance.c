@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,8 +296,9 @@ instance_close_listener(struct instance *inst)
 	inst->nlis = 0;
 }
 
-struct instance *
-instance_add(json_t *params, bool from_config, char **why)
+/* Configured and named, nothing opened: what prepare and instance_finish take. */
+static struct instance *
+instance_new(json_t *params, bool from_config, char **why)
 {
 	json_t *copy = json_deep_copy(params);
 	struct instance *inst = instance_configure(copy, NULL, NULL, 0, why);
@@ -308,12 +310,24 @@ instance_add(json_t *params, bool from_config, char **why)
 	json_decref(inst->params);
 	inst->params = json_deep_copy(params);
 	json_object_set_new(inst->params, "name", json_string(inst->name));
+	inst->from_config = from_config;
 	if (instance_find(inst->name)) {
 		*why = xasprintf("an instance named '%s' exists already", inst->name);
 		instance_free(inst);
 		return NULL;
 	}
-	inst->from_config = from_config;
+	return inst;
+}
+
+/* Binds, starts and registers a new (prepared) instance; on failure frees it. */
+static struct instance *
+instance_finish(struct instance *inst, char **why)
+{
+	if (instance_find(inst->name)) {  /* another took the name while this one prepared */
+		*why = xasprintf("an instance named '%s' exists already", inst->name);
+		instance_free(inst);
+		return NULL;
+	}
 	if (inst->proto->listens && instance_listen(inst, why) < 0) {
 		instance_free(inst);
 		return NULL;
@@ -336,6 +350,120 @@ instance_add(json_t *params, bool from_config, char **why)
 	log_info("instance %s (%s) started on %s", inst->name, inst->proto->name, inst->listen_str);
 	events_emit("instance.add", instance_json(inst));
 	return inst;
+}
+
+struct instance *
+instance_add(json_t *params, bool from_config, char **why)
+{
+	struct instance *inst = instance_new(params, from_config, why);
+
+	if (inst == NULL)
+		return NULL;
+	if (inst->proto->prepare && inst->proto->prepare(inst, why) < 0) {
+		instance_free(inst);
+		return NULL;
+	}
+	return instance_finish(inst, why);
+}
+
+/* An instance being prepared on a helper thread, then finished on the main loop. */
+struct instance_job {
+	struct instance_job *next;
+	struct instance *inst;       /* owned until finished */
+	char *why;
+	int rc;                      /* prepare's */
+	instance_added_fn *done;
+	void *arg;
+};
+
+static pthread_mutex_t instance_jobs_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct instance_job *instance_jobs_done;  /* under the lock */
+static ev_async instance_jobs_async;
+
+static void
+instance_job_end(struct instance_job *j)
+{
+	struct instance *inst = NULL;
+
+	shards_pause();
+	if (j->rc < 0)
+		instance_free(j->inst);
+	else
+		inst = instance_finish(j->inst, &j->why);
+	j->done(j->arg, inst, j->why);
+	shards_resume();
+	free(j->why);
+	free(j);
+}
+
+static void
+instance_jobs_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+	struct instance_job *j, *next, *fifo = NULL;
+
+	(void)loop; (void)w; (void)revents;
+	pthread_mutex_lock(&instance_jobs_lock);
+	j = instance_jobs_done;
+	instance_jobs_done = NULL;
+	pthread_mutex_unlock(&instance_jobs_lock);
+	for (; j; j = next) {  /* pushed newest first: finish them in the order they ended */
+		next = j->next;
+		j->next = fifo;
+		fifo = j;
+	}
+	for (j = fifo; j; j = next) {
+		next = j->next;
+		instance_job_end(j);
+	}
+}
+
+static void *
+instance_job_run(void *arg)
+{
+	struct instance_job *j = arg;
+
+	j->rc = j->inst->proto->prepare(j->inst, &j->why);
+	pthread_mutex_lock(&instance_jobs_lock);
+	j->next = instance_jobs_done;
+	instance_jobs_done = j;
+	pthread_mutex_unlock(&instance_jobs_lock);
+	ev_async_send(capd_main, &instance_jobs_async);
+	return NULL;
+}
+
+void
+instance_add_async(json_t *params, bool from_config, instance_added_fn *done, void *arg)
+{
+	struct instance_job *j;
+	pthread_attr_t attr;
+	char *why = NULL;
+	struct instance *inst = instance_new(params, from_config, &why);
+
+	if (inst == NULL || inst->proto->prepare == NULL) {
+		shards_pause();
+		if (inst)
+			inst = instance_finish(inst, &why);
+		done(arg, inst, why);
+		shards_resume();
+		free(why);
+		return;
+	}
+	if (!ev_is_active(&instance_jobs_async)) {
+		ev_async_init(&instance_jobs_async, instance_jobs_cb);
+		ev_async_start(capd_main, &instance_jobs_async);
+	}
+	j = xcalloc(1, sizeof *j);
+	j->inst = inst;
+	j->done = done;
+	j->arg = arg;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&(pthread_t){ 0 }, &attr, instance_job_run, j) != 0) {
+		log_warnx("%s: no thread to prepare it on; preparing it in line", inst->name);
+		j->rc = inst->proto->prepare(inst, &j->why);
+		instance_job_end(j);
+	}
+	pthread_attr_destroy(&attr);
 }
 
 void

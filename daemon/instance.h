@@ -33,6 +33,10 @@ struct proto {
 	size_t hs_max;             /* handshake byte budget for hs_in; 0 = 4 KiB */
 	/* params -> inst->cfg. Also run by `capd -t`, so it must not bind or open anything. */
 	int (*configure)(struct instance *inst, struct params *p);
+	/* Optional: the part of starting that may wait (libpcap resolving a filter's
+	 * host names). Once the daemon serves it runs on a thread of its own, on an
+	 * instance nobody else sees yet, and must not touch a loop. -1 with *why. */
+	int (*prepare)(struct instance *inst, char **why);
 	/* After the listener is bound: extra sockets, pcap handles. -1 with *why. */
 	int (*start)(struct instance *inst, char **why);
 	void (*stop)(struct instance *inst);
@@ -94,8 +98,15 @@ extern struct instance_list instances;
 const struct proto *proto_find(const char *type);
 /* Validates params (a config section or instance.add) without starting anything. */
 int instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why);
-/* Creates and starts an instance; params is borrowed (copied). */
+/* Creates and starts an instance; params is borrowed (copied). Its prepare step runs inline. */
 struct instance *instance_add(json_t *params, bool from_config, char **why);
+/*
+ * The same for a daemon that serves: a prepare step runs on a helper thread
+ * and done is called on the main loop with the shards paused (maybe before
+ * this returns) with the instance, or NULL and why (done owns neither).
+ */
+typedef void instance_added_fn(void *arg, struct instance *inst, const char *why);
+void instance_add_async(json_t *params, bool from_config, instance_added_fn *done, void *arg);
 void instance_remove(struct instance *inst, const char *reason);
 struct instance *instance_find(const char *name);
 /* Marks a running instance failed (interface went down...) and emits an event. */

@@ -29,23 +29,35 @@ rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	                 "workers", (int)(shards_count() - shards_session_first()));
 }
 
+static void
+rpc_daemon_reloaded(void *arg, const char *errs)
+{
+	struct rpc_err err = { 0 };
+
+	if (errs == NULL) {
+		ctl_later_reply(arg, json_pack("{s:b}", "reloaded", 1), NULL);
+		return;
+	}
+	/* parsed and applied, but some instances could not start */
+	rpc_fail(&err, RPC_E_FAILED, "reload applied with errors: %s", errs);
+	ctl_later_reply(arg, NULL, &err);
+	free(err.msg);
+}
+
+/* Replies once the new instances have started (a sniffer's filter compiles off the loop). */
 static json_t *
 rpc_daemon_reload(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
+	struct ctl_later *l = ctl_later_new(c);
 	char *why = NULL;
 
-	(void)c; (void)params;
-	if (capd_reload(&why) < 0) {
-		json_t *r = rpc_fail(err, RPC_E_FAILED, "reload failed, nothing changed: %s", why);
+	(void)params;
+	if (capd_reload(rpc_daemon_reloaded, l, &why) < 0) {
+		rpc_fail(err, RPC_E_FAILED, "reload failed, nothing changed: %s", why);
+		ctl_later_reply(l, NULL, err);
 		free(why);
-		return r;
 	}
-	if (why) {  /* parsed, but some instances could not start */
-		json_t *r = rpc_fail(err, RPC_E_FAILED, "reload applied with errors: %s", why);
-		free(why);
-		return r;
-	}
-	return json_pack("{s:b}", "reloaded", 1);
+	return NULL;
 }
 
 const struct rpc_method rpc_daemon_methods[] = {

@@ -18,21 +18,22 @@ rpc_instance_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	return a;
 }
 
+static void
+rpc_instance_added(void *arg, struct instance *inst, const char *why)
+{
+	struct rpc_err err = { RPC_E_FAILED, (char *)why };
+
+	ctl_later_reply(arg, inst ? instance_json(inst) : NULL, &err);
+}
+
+/* Replies once the instance runs, or could not start: a sniffer prepares off the loop. */
 static json_t *
 rpc_instance_add(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
-	struct instance *inst;
-	char *why = NULL;
-
-	(void)c;
 	if (!json_is_string(json_object_get(params, "type")))
 		return rpc_fail(err, RPC_E_PARAMS, "instance.add needs \"type\"");
-	if ((inst = instance_add(params, false, &why)) == NULL) {
-		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);
-		free(why);
-		return r;
-	}
-	return instance_json(inst);
+	instance_add_async(params, false, rpc_instance_added, ctl_later_new(c));
+	return NULL;
 }
 
 static json_t *

@@ -26,6 +26,7 @@ struct shard {
 };
 
 struct ev_loop *capd_main;
+bool capd_serving;
 _Thread_local struct ev_loop *capd_loop;
 _Thread_local struct shard *shard_self;
 static _Thread_local struct shard *shard_own;  /* the thread's own shard; shard_call does not change it */

@@ -39,6 +39,9 @@ struct shard;
 extern struct ev_loop *capd_main;                 /* shard 0's loop: control, instances */
 extern _Thread_local struct ev_loop *capd_loop;   /* the loop of the thread running this code */
 extern _Thread_local struct shard *shard_self;    /* its shard, NULL on threads without a loop */
+/* Set as the main loop starts to serve: from then on nothing may wait in it (a
+ * name lookup). Before, start-up may, and `capd -t` never serves. */
+extern bool capd_serving;
 
 /* Shard 0 wraps main_loop; workers >= 2 adds that many worker shards (no threads yet). */
 void shards_init(struct ev_loop *main_loop, unsigned workers);

@@ -101,11 +101,13 @@ sniff_configure(struct instance *inst, struct params *p)
 		snaplen = SNIFF_SNAPLEN_MAX;
 	sn->cfg.snaplen = (unsigned)snaplen;
 	sn->cfg.interface = xstrdup(iface);
-	if (filter && *filter) {
+	if (filter && *filter && !capd_serving) {
 		/*
-		 * Syntax errors show up here, with the config line, for `capd -t` too.
-		 * What depends on the link type (ether host on a cooked capture) can
-		 * only be checked against the real device, at start.
+		 * Syntax errors show up here, with the config line, for `capd -t` and
+		 * at start-up. Once the daemon serves, compiling here could wait on a
+		 * host name's lookup in the loop: sniff_prepare's compile, off the
+		 * loop, tells instead. What depends on the link type (ether host on a
+		 * cooked capture) can only be checked against the real device.
 		 */
 		pcap_t *dead = pcap_open_dead(DLT_EN10MB, (int)sn->cfg.snaplen);
 		struct bpf_program prog;
@@ -120,8 +122,9 @@ sniff_configure(struct instance *inst, struct params *p)
 			return -1;
 		}
 		pcap_close(dead);
-		sn->cfg.filter = xstrdup(filter);
 	}
+	if (filter && *filter)
+		sn->cfg.filter = xstrdup(filter);
 	snprintf(inst->listen_str, sizeof inst->listen_str, "%s", iface);
 	return 0;
 }
@@ -235,14 +238,19 @@ sniff_activate_error(struct sniff *sn, pcap_t *pc, int rc)
 	}
 }
 
+/*
+ * Opens, activates and filters the handle. Compiling a filter that names a
+ * host has libpcap look the name up (getaddrinfo, which waits on DNS), so
+ * once the daemon serves this runs on a helper thread (instance_add_async).
+ */
 static int
-sniff_start(struct instance *inst, char **why)
+sniff_prepare(struct instance *inst, char **why)
 {
 	struct sniff *sn = inst->cfg;
 	char errbuf[PCAP_ERRBUF_SIZE] = "";
 	struct bpf_program prog;
 	pcap_t *pc;
-	int rc, fd, dlt;
+	int rc;
 	bool tsnano;
 
 	if ((pc = pcap_create(sn->cfg.interface, errbuf)) == NULL) {
@@ -277,30 +285,39 @@ sniff_start(struct instance *inst, char **why)
 		*why = xasprintf("cannot capture on %s: %s", sn->cfg.interface, errbuf);
 		goto fail;
 	}
-	if ((fd = pcap_get_selectable_fd(pc)) < 0) {
-		*why = xasprintf("cannot capture on %s: no selectable descriptor", sn->cfg.interface);
-		goto fail;
-	}
-	tsnano = tsnano && pcap_get_tstamp_precision(pc) == PCAP_TSTAMP_PRECISION_NANO;
-	dlt = pcap_datalink(pc);
-
 	sn->run = xcalloc(1, sizeof *sn->run);
 	sn->run->pcap = pc;
+	sn->run->tsnano = tsnano && pcap_get_tstamp_precision(pc) == PCAP_TSTAMP_PRECISION_NANO;
+	return 0;
+fail:
+	pcap_close(pc);
+	return -1;
+}
+
+/* Puts the prepared handle in the loop and gives it a pcapng interface. */
+static int
+sniff_start(struct instance *inst, char **why)
+{
+	struct sniff *sn = inst->cfg;
+	int fd, dlt = pcap_datalink(sn->run->pcap);
+
+	if ((fd = pcap_get_selectable_fd(sn->run->pcap)) < 0) {
+		*why = xasprintf("cannot capture on %s: no selectable descriptor", sn->cfg.interface);
+		return -1;  /* sniff_free closes the handle */
+	}
 	if (sniff_iface_down(sn)) {
 		/* Linux lets a packet socket bind a down interface; it would wait forever */
 		*why = xasprintf("interface %s is down", sn->cfg.interface);
-		free(sn->run);
-		sn->run = NULL;
-		goto fail;
+		return -1;
 	}
 	sn->run->linktype = sniff_linktype(dlt);
-	sn->run->tsnano = tsnano;
 	sn->n = (struct sniff_counts){ 0 };
 	inst->proto_state = sn->run;
 	if (inst->capture) {
 		char *desc = xasprintf("capd sniff instance on %s%s%s", sn->cfg.interface,
 		                       sn->cfg.filter ? ", filter " : "", sn->cfg.filter ? sn->cfg.filter : "");
-		inst->spool_iface = spool_iface_add(inst->name, desc, sn->run->linktype, sn->cfg.snaplen, tsnano);
+		inst->spool_iface = spool_iface_add(inst->name, desc, sn->run->linktype, sn->cfg.snaplen,
+		                                    sn->run->tsnano);
 		free(desc);
 	}
 	ev_io_init(&sn->run->io, sniff_read_cb, fd, EV_READ);
@@ -308,12 +325,9 @@ sniff_start(struct instance *inst, char **why)
 	ev_io_start(capd_loop, &sn->run->io);
 	log_info("%s: capturing on %s (%s, snaplen %u, %s timestamps%s%s)", inst->name, sn->cfg.interface,
 	         pcap_datalink_val_to_name(dlt) ? pcap_datalink_val_to_name(dlt) : "?", sn->cfg.snaplen,
-	         tsnano ? "ns" : "us", sn->cfg.promisc ? ", promiscuous" : "",
+	         sn->run->tsnano ? "ns" : "us", sn->cfg.promisc ? ", promiscuous" : "",
 	         sn->cfg.filter ? ", filtered" : "");
 	return 0;
-fail:
-	pcap_close(pc);
-	return -1;
 }
 
 static void
@@ -371,6 +385,7 @@ const struct proto proto_sniff = {
 	.keys = sniff_keys,
 	.listens = false,
 	.configure = sniff_configure,
+	.prepare = sniff_prepare,
 	.start = sniff_start,
 	.stop = sniff_stop,
 	.free = sniff_free,

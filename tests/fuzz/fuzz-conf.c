@@ -9,7 +9,7 @@
 struct capd_settings *capd_settings;
 const char *capd_config_path;
 double capd_started;
-int capd_reload(char **why) { (void)why; return 0; }
+int capd_reload(capd_reloaded_fn *done, void *arg, char **why) { (void)done; (void)arg; (void)why; return 0; }
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -6,6 +6,7 @@ socket is a path, so capctl reaches it from here. Loopback tests use a
 namespace of their own too, so their `lo` carries only the test's traffic.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import CAPD, ECHO_SERVER, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
+from conftest import CAPCTL, CAPD, ECHO_SERVER, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for network namespaces")
@@ -348,3 +349,133 @@ def test_reload_keeps_unchanged_sniffer_and_restarts_changed(netns, ns_capd):
     c.ctl("reload")
     inst = c.ctl("list", json_out=True)[0]
     assert inst["state"] == "running" and inst["filter"] == "udp port 10" and inst["packets"] == 0, inst
+
+
+# A DNS server on 127.0.0.1:53 that answers after DELAY seconds: slow.test is 127.0.0.7
+# (A; no AAAA), every other name does not exist. It stands in for a resolver far away.
+SLOW_DNS = r"""
+import socket, struct, sys, threading, time
+delay = float(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+
+def answer(q, peer):
+    time.sleep(delay)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode())
+        i += 1 + q[i]
+    qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    name = ".".join(labels).lower()
+    rcode = 0 if name == "slow.test" else 3
+    rr = struct.pack("!HHHIH4B", 0xC00C, 1, 1, 60, 4, 127, 0, 0, 7) if rcode == 0 and qtype == 1 else b""
+    head = struct.pack("!HHHHHH", struct.unpack("!H", q[:2])[0], 0x8180 | rcode, 1, 1 if rr else 0, 0, 0)
+    s.sendto(head + question + rr, peer)
+
+while True:
+    q, peer = s.recvfrom(512)
+    threading.Thread(target=answer, args=(q, peer), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def slow_dns(netns, ns_etc, ns_python):
+    """netns resolves through SLOW_DNS, which takes 2 s to answer."""
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\noptions timeout:8 attempts:1\n")
+    ns_python(netns, SLOW_DNS, 2)
+    return 2.0
+
+
+def udp_to(netns, addr, n):
+    sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c",
+       "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+       f"for i in range({n}): s.sendto(b'x', ('{addr}', 9))")
+
+
+def rpc_lines(sock, *requests, timeout=15):
+    """Sends the requests in one write on one connection; returns the replies in the order they came."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(b"".join((json.dumps({"jsonrpc": "2.0", "id": i, "method": m, "params": p}) + "\n").encode()
+                           for i, (m, p) in enumerate(requests, 1)))
+        data = b""
+        while data.count(b"\n") < len(requests):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def test_filter_with_a_host_name_waits_off_the_loop(netns, slow_dns, ns_capd):
+    """libpcap looks a filter's host names up when it compiles it; with a slow DNS
+    server the daemon goes on answering meanwhile, and `capctl add` returns once the
+    sniffer runs, filtering on the address the name had."""
+    c = ns_capd(netns)
+    t0 = time.time()
+    add = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "--json", "add", "sniff", "--interface", "lo",
+                            "--filter", "udp and host slow.test", "--name", "s"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    t1 = time.time()
+    assert c.ctl("status", json_out=True)["instances"] == 0  # not yet running, and not waited for
+    assert time.time() - t1 < 1.0 and add.poll() is None
+    out, err = add.communicate(timeout=20)
+    assert add.returncode == 0, err
+    assert time.time() - t0 >= slow_dns * 0.9
+    inst = json.loads(out)
+    assert inst["state"] == "running" and inst["filter"] == "udp and host slow.test", inst
+    udp_to(netns, "127.0.0.8", 5)
+    udp_to(netns, "127.0.0.7", 3)
+    assert wait_packets(c, "s", 3)["packets"] == 3
+    # a name that does not resolve: the reason, after the wait, and nothing left
+    r = c.ctl("add", "sniff", "--interface", "lo", "--filter", "host nosuch.test", "--name", "t", check=False)
+    assert r.returncode == 1 and "bad filter 'host nosuch.test'" in r.stderr and "nosuch.test" in r.stderr, r.stderr
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["s"]
+
+
+def test_requests_behind_a_waiting_add_keep_their_order(netns, slow_dns, ns_capd):
+    """Requests written behind an instance.add that waits are answered after it, in
+    order; a client that hangs up while its add waits loses only the reply."""
+    c = ns_capd(netns)
+    replies = rpc_lines(c.sock, ("instance.add", {"type": "sniff", "interface": "lo", "name": "a",
+                                                  "filter": "host slow.test"}),
+                        ("instance.list", {}), ("daemon.status", {}))
+    assert [r["id"] for r in replies] == [1, 2, 3], replies
+    assert replies[0]["result"]["state"] == "running"
+    assert [i["name"] for i in replies[1]["result"]] == ["a"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(c.sock))
+        s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": "instance.add", "params":
+                               {"type": "sniff", "interface": "lo", "name": "b", "filter": "host slow.test"}})
+                   + "\n").encode())
+    deadline = time.time() + 10
+    while len(c.ctl("list", json_out=True)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert sorted(i["name"] for i in c.ctl("list", json_out=True)) == ["a", "b"]
+    assert c.proc.poll() is None
+
+
+def test_reload_waits_for_a_sniffer_that_resolves(netns, slow_dns, ns_capd):
+    """A reload that starts a sniffer whose filter names a host replies once it runs
+    (or says why not, with file:line); the daemon answers meanwhile."""
+    c = ns_capd(netns)
+    c.write_conf("[sniff s]\ninterface = lo\nfilter = host slow.test\n\n"
+                 "[sniff t]\ninterface = lo\nfilter = host nosuch.test\n")
+    reload = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "reload"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    t1 = time.time()
+    assert c.ctl("status", json_out=True)["instances"] == 0
+    assert time.time() - t1 < 1.0 and reload.poll() is None
+    # a second reload while the first one's instances start is refused, and changes nothing
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "still starting" in r.stderr, r.stderr
+    _, err = reload.communicate(timeout=20)
+    assert reload.returncode == 1 and "reload applied with errors" in err, err
+    assert f"{c.conf_path}:12: [sniff t]: bad filter 'host nosuch.test'" in err, err
+    assert [(i["name"], i["state"]) for i in c.ctl("list", json_out=True)] == [("s", "running")]
