@@ -479,3 +479,18 @@ def test_reload_waits_for_a_sniffer_that_resolves(netns, slow_dns, ns_capd):
     assert reload.returncode == 1 and "reload applied with errors" in err, err
     assert f"{c.conf_path}:12: [sniff t]: bad filter 'host nosuch.test'" in err, err
     assert [(i["name"], i["state"]) for i in c.ctl("list", json_out=True)] == [("s", "running")]
+
+
+def test_stop_while_a_sniffer_waits_on_its_filter(netns, slow_dns, ns_capd):
+    """capd stopped while a sniffer's filter waits on DNS exits 0 at once; the add's
+    client is told nothing rather than a half-made instance."""
+    c = ns_capd(netns)
+    add = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "add", "sniff", "--interface", "lo",
+                            "--filter", "host slow.test", "--name", "s"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    t0 = time.time()
+    assert c.stop() == 0, c.log()[-3000:]
+    assert time.time() - t0 < slow_dns, "the stop waited for the lookup"
+    add.communicate(timeout=10)
+    assert add.returncode != 0
