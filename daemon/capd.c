@@ -169,6 +169,7 @@ struct capd_reload_add {
 };
 
 static struct capd_reload *capd_reloading;
+static bool capd_reload_again;  /* a SIGHUP came while capd_reloading: reload once it ends */
 
 static void
 capd_reload_end(struct capd_reload *r)
@@ -180,6 +181,13 @@ capd_reload_end(struct capd_reload *r)
 		r->done(r->arg, r->errs);
 	free(r->errs);
 	free(r);
+	if (capd_reload_again) {
+		char *why = NULL;
+
+		capd_reload_again = false;
+		capd_reload(NULL, NULL, &why);
+		free(why);
+	}
 }
 
 static void
@@ -205,6 +213,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 
 	if (capd_reloading) {
 		*why = xstrdup("the last reload is still starting its instances");
+		log_warnx("reload refused: %s", *why);
 		return -1;
 	}
 	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
@@ -322,6 +331,11 @@ capd_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	char *why = NULL;
 
 	(void)loop; (void)w; (void)revents;
+	if (capd_reloading) {
+		log_notice("SIGHUP: reloading again once the last reload's instances have started");
+		capd_reload_again = true;
+		return;
+	}
 	capd_reload(NULL, NULL, &why);  /* its outcome is logged */
 	free(why);
 }

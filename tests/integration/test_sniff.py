@@ -9,6 +9,7 @@ namespace of their own too, so their `lo` carries only the test's traffic.
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -475,10 +476,16 @@ def test_reload_waits_for_a_sniffer_that_resolves(netns, slow_dns, ns_capd):
     # a second reload while the first one's instances start is refused, and changes nothing
     r = c.ctl("reload", check=False)
     assert r.returncode == 1 and "still starting" in r.stderr, r.stderr
+    # ...while a SIGHUP then is kept for after it
+    c.proc.send_signal(signal.SIGHUP)
     _, err = reload.communicate(timeout=20)
     assert reload.returncode == 1 and "reload applied with errors" in err, err
     assert f"{c.conf_path}:12: [sniff t]: bad filter 'host nosuch.test'" in err, err
     assert [(i["name"], i["state"]) for i in c.ctl("list", json_out=True)] == [("s", "running")]
+    deadline = time.time() + 3 * slow_dns
+    while c.log().count("reloaded ") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert c.log().count(f"reloaded {c.conf_path}, with errors") == 2, c.log()[-3000:]
 
 
 def test_stop_while_a_sniffer_waits_on_its_filter(netns, slow_dns, ns_capd):
