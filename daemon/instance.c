@@ -296,6 +296,17 @@ instance_close_listener(struct instance *inst)
 	inst->nlis = 0;
 }
 
+/* True (and inst freed, *why set) when a registered instance has inst's name. */
+static bool
+instance_name_taken(struct instance *inst, char **why)
+{
+	if (instance_find(inst->name) == NULL)
+		return false;
+	*why = xasprintf("an instance named '%s' exists already", inst->name);
+	instance_free(inst);
+	return true;
+}
+
 /* Configured and named, nothing opened: what prepare and instance_finish take. */
 static struct instance *
 instance_new(json_t *params, bool from_config, char **why)
@@ -311,23 +322,15 @@ instance_new(json_t *params, bool from_config, char **why)
 	inst->params = json_deep_copy(params);
 	json_object_set_new(inst->params, "name", json_string(inst->name));
 	inst->from_config = from_config;
-	if (instance_find(inst->name)) {
-		*why = xasprintf("an instance named '%s' exists already", inst->name);
-		instance_free(inst);
-		return NULL;
-	}
-	return inst;
+	return instance_name_taken(inst, why) ? NULL : inst;
 }
 
 /* Binds, starts and registers a new (prepared) instance; on failure frees it. */
 static struct instance *
 instance_finish(struct instance *inst, char **why)
 {
-	if (instance_find(inst->name)) {  /* another took the name while this one prepared */
-		*why = xasprintf("an instance named '%s' exists already", inst->name);
-		instance_free(inst);
+	if (instance_name_taken(inst, why))  /* another may have taken it while this one prepared */
 		return NULL;
-	}
 	if (inst->proto->listens && instance_listen(inst, why) < 0) {
 		instance_free(inst);
 		return NULL;
