@@ -375,7 +375,7 @@ ctl_later_new(struct ctl_conn *c)
 }
 
 void
-ctl_later_reply(struct ctl_later *l, json_t *result, const struct rpc_err *err)
+ctl_later_reply(struct ctl_later *l, json_t *result, int code, const char *msg)
 {
 	struct ctl_conn *c = l->c;
 
@@ -387,8 +387,7 @@ ctl_later_reply(struct ctl_later *l, json_t *result, const struct rpc_err *err)
 		else if (result != NULL)
 			ctl_conn_send(c, rpc_result(l->id, result));
 		else
-			ctl_reply_error(c, l->id, err && err->code ? err->code : RPC_E_INTERNAL,
-			                err && err->msg ? err->msg : "failed");
+			ctl_reply_error(c, l->id, code ? code : RPC_E_INTERNAL, msg ? msg : "failed");
 		if (!c->in_call && !c->dead) {
 			/* the requests that waited behind this one */
 			ev_io_start(capd_main, &c->rio);

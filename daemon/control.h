@@ -41,11 +41,12 @@ void ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *a
 /*
  * A method whose work ends later takes its reply with ctl_later_new(c), returns
  * NULL, and sends it with ctl_later_reply (now or from a later loop pass). The
- * connection's next requests wait for it. result is stolen; err is read only.
+ * connection's next requests wait for it. result is stolen; without one the
+ * reply is the error code and msg (borrowed).
  */
 struct ctl_later;
 struct ctl_later *ctl_later_new(struct ctl_conn *c);
-void ctl_later_reply(struct ctl_later *l, json_t *result, const struct rpc_err *err);
+void ctl_later_reply(struct ctl_later *l, json_t *result, int code, const char *msg);
 /* The peer's uid/pid from SO_PEERCRED. */
 int ctl_conn_uid(struct ctl_conn *c);
 

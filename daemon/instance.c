@@ -437,33 +437,26 @@ instance_job_run(void *arg)
 void
 instance_add_async(json_t *params, bool from_config, instance_added_fn *done, void *arg)
 {
-	struct instance_job *j;
+	struct instance_job *j = xcalloc(1, sizeof *j);
 	pthread_attr_t attr;
-	char *why = NULL;
-	struct instance *inst = instance_new(params, from_config, &why);
 
-	if (inst == NULL || inst->proto->prepare == NULL) {
-		shards_pause();
-		if (inst)
-			inst = instance_finish(inst, &why);
-		done(arg, inst, why);
-		shards_resume();
-		free(why);
+	j->done = done;
+	j->arg = arg;
+	j->inst = instance_new(params, from_config, &j->why);
+	if (j->inst == NULL || j->inst->proto->prepare == NULL) {
+		j->rc = j->inst ? 0 : -1;  /* nothing to wait for */
+		instance_job_end(j);
 		return;
 	}
 	if (!ev_is_active(&instance_jobs_async)) {
 		ev_async_init(&instance_jobs_async, instance_jobs_cb);
 		ev_async_start(capd_main, &instance_jobs_async);
 	}
-	j = xcalloc(1, sizeof *j);
-	j->inst = inst;
-	j->done = done;
-	j->arg = arg;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&(pthread_t){ 0 }, &attr, instance_job_run, j) != 0) {
-		log_warnx("%s: no thread to prepare it on; preparing it in line", inst->name);
-		j->rc = inst->proto->prepare(inst, &j->why);
+		log_warnx("%s: no thread to prepare it on; preparing it in line", j->inst->name);
+		j->rc = j->inst->proto->prepare(j->inst, &j->why);
 		instance_job_end(j);
 	}
 	pthread_attr_destroy(&attr);

@@ -7,6 +7,7 @@
 #include "instance.h"
 #include "rpc.h"
 #include "session.h"
+#include "xmalloc.h"
 
 extern double capd_started;
 
@@ -32,16 +33,16 @@ rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 static void
 rpc_daemon_reloaded(void *arg, const char *errs)
 {
-	struct rpc_err err = { 0 };
+	char *msg;
 
 	if (errs == NULL) {
-		ctl_later_reply(arg, json_pack("{s:b}", "reloaded", 1), NULL);
+		ctl_later_reply(arg, json_pack("{s:b}", "reloaded", 1), 0, NULL);
 		return;
 	}
 	/* parsed and applied, but some instances could not start */
-	rpc_fail(&err, RPC_E_FAILED, "reload applied with errors: %s", errs);
-	ctl_later_reply(arg, NULL, &err);
-	free(err.msg);
+	msg = xasprintf("reload applied with errors: %s", errs);
+	ctl_later_reply(arg, NULL, RPC_E_FAILED, msg);
+	free(msg);
 }
 
 /* Replies once the new instances have started (a sniffer's filter compiles off the loop). */
@@ -49,12 +50,13 @@ static json_t *
 rpc_daemon_reload(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	struct ctl_later *l = ctl_later_new(c);
-	char *why = NULL;
+	char *why = NULL, *msg;
 
-	(void)params;
+	(void)params; (void)err;
 	if (capd_reload(rpc_daemon_reloaded, l, &why) < 0) {
-		rpc_fail(err, RPC_E_FAILED, "reload failed, nothing changed: %s", why);
-		ctl_later_reply(l, NULL, err);
+		msg = xasprintf("reload failed, nothing changed: %s", why);
+		ctl_later_reply(l, NULL, RPC_E_FAILED, msg);
+		free(msg);
 		free(why);
 	}
 	return NULL;

@@ -21,9 +21,7 @@ rpc_instance_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 static void
 rpc_instance_added(void *arg, struct instance *inst, const char *why)
 {
-	struct rpc_err err = { RPC_E_FAILED, (char *)why };
-
-	ctl_later_reply(arg, inst ? instance_json(inst) : NULL, &err);
+	ctl_later_reply(arg, inst ? instance_json(inst) : NULL, RPC_E_FAILED, why);
 }
 
 /* Replies once the instance runs, or could not start: a sniffer prepares off the loop. */

@@ -142,18 +142,23 @@ class Capd:
 
     def rpc(self, method, params=None, timeout=10):
         """One raw JSON-RPC call; returns the whole reply object."""
+        return self.rpc_many((method, params), timeout=timeout)[0]
+
+    def rpc_many(self, *requests, timeout=10):
+        """(method, params) requests with ids 1, 2 ... sent in one write on one connection;
+        returns the reply objects in the order they came."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(timeout)
             s.connect(str(self.sock))
-            s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
-                                   "params": params or {}}) + "\n").encode())
+            s.sendall(b"".join((json.dumps({"jsonrpc": "2.0", "id": i, "method": m, "params": p or {}})
+                                + "\n").encode() for i, (m, p) in enumerate(requests, 1)))
             data = b""
-            while not data.endswith(b"\n"):
+            while data.count(b"\n") < len(requests):
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data.splitlines()[0])
+        return [json.loads(x) for x in data.splitlines()]
 
     def session(self, sid):
         for s in self.ctl("sessions", json_out=True):

@@ -396,22 +396,6 @@ def udp_to(netns, addr, n):
        f"for i in range({n}): s.sendto(b'x', ('{addr}', 9))")
 
 
-def rpc_lines(sock, *requests, timeout=15):
-    """Sends the requests in one write on one connection; returns the replies in the order they came."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(b"".join((json.dumps({"jsonrpc": "2.0", "id": i, "method": m, "params": p}) + "\n").encode()
-                           for i, (m, p) in enumerate(requests, 1)))
-        data = b""
-        while data.count(b"\n") < len(requests):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return [json.loads(x) for x in data.splitlines()]
-
-
 def test_filter_with_a_host_name_waits_off_the_loop(netns, slow_dns, ns_capd):
     """libpcap looks a filter's host names up when it compiles it; with a slow DNS
     server the daemon goes on answering meanwhile, and `capctl add` returns once the
@@ -443,9 +427,9 @@ def test_requests_behind_a_waiting_add_keep_their_order(netns, slow_dns, ns_capd
     """Requests written behind an instance.add that waits are answered after it, in
     order; a client that hangs up while its add waits loses only the reply."""
     c = ns_capd(netns)
-    replies = rpc_lines(c.sock, ("instance.add", {"type": "sniff", "interface": "lo", "name": "a",
-                                                  "filter": "host slow.test"}),
-                        ("instance.list", {}), ("daemon.status", {}))
+    replies = c.rpc_many(("instance.add", {"type": "sniff", "interface": "lo", "name": "a",
+                                           "filter": "host slow.test"}),
+                         ("instance.list", {}), ("daemon.status", {}), timeout=15)
     assert [r["id"] for r in replies] == [1, 2, 3], replies
     assert replies[0]["result"]["state"] == "running"
     assert [i["name"] for i in replies[1]["result"]] == ["a"]
