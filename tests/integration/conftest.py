@@ -265,7 +265,8 @@ class EchoServer:
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.running = True
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         while self.running:
@@ -290,7 +291,15 @@ class EchoServer:
             c.close()
 
     def close(self):
+        # Wake the accept and let the thread end before the descriptor is freed: a
+        # thread still headed for accept(fd) would take the connections of the next
+        # listener given that number (seen once: an HTTP origin's request echoed).
         self.running = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.sock.close()
 
 
