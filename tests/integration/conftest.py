@@ -254,27 +254,62 @@ def http_server(tmp_path):
     p.stop()
 
 
-class EchoServer:
-    """A TCP echo server in a thread: echoes everything, half-closes after EOF."""
+def stop_and_close(sock, thread):
+    """Closes a socket that thread blocks on (accept, recvfrom) once the thread has ended.
+    shutdown(2) wakes the blocked call; closing first would leave the thread in, or on its
+    way into, a call on a number the next socket gets (seen once: a test's HTTP origin had
+    its request echoed back by a closed EchoServer's thread, and the test then hung)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # UDP: ENOTCONN, but the shutdown is made and the reader woken
+    thread.join(5)
+    sock.close()
 
-    def __init__(self, host="127.0.0.1"):
+
+def apart(fn, *args):
+    """Runs fn(*args) on a daemon thread of its own (one connection of a test server)."""
+    threading.Thread(target=fn, args=args, daemon=True).start()
+
+
+class Listener:
+    """A test's TCP server: its accept loop runs on a thread and hands each connection to
+    handle(conn, peer), on that thread (apart() serves connections side by side).
+    A subclass sets its own attributes before calling this __init__, which starts the loop."""
+
+    def __init__(self, host="127.0.0.1", backlog=64):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(1024)
+        self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
-        self.running = True
-        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
         self.thread.start()
 
-    def loop(self):
-        while self.running:
+    def accept_loop(self):
+        while True:
             try:
-                c, _ = self.sock.accept()
+                c, peer = self.sock.accept()
             except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+                return  # shut down or closed
+            self.handle(c, peer)
+
+    def handle(self, c, peer):
+        raise NotImplementedError
+
+    def close(self):
+        stop_and_close(self.sock, self.thread)
+
+
+class EchoServer(Listener):
+    """A TCP echo server: echoes everything, half-closes after EOF."""
+
+    def __init__(self, host="127.0.0.1"):
+        super().__init__(host, backlog=1024)
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
 
     @staticmethod
     def serve(c):
@@ -290,18 +325,6 @@ class EchoServer:
         finally:
             c.close()
 
-    def close(self):
-        # Wake the accept and let the thread end before the descriptor is freed: a
-        # thread still headed for accept(fd) would take the connections of the next
-        # listener given that number (seen once: an HTTP origin's request echoed).
-        self.running = False
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(5)
-        self.sock.close()
-
 
 class UdpEcho:
     """A UDP echo server in a thread; replies carry prefix before the datagram."""
@@ -312,18 +335,21 @@ class UdpEcho:
         self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
         self.prefix = prefix
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         while True:
             try:
                 d, a = self.sock.recvfrom(65536)
+                if a is None:
+                    return  # shut down
                 self.sock.sendto(self.prefix + d, a)
             except OSError:
                 return
 
     def close(self):
-        self.sock.close()
+        stop_and_close(self.sock, self.thread)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import CAPD, check_pcap_clean, free_port, free_port_tcp_udp, sh, tshark
+from conftest import CAPD, apart, check_pcap_clean, free_port, free_port_tcp_udp, sh, stop_and_close, tshark
 
 
 class Upstream:
@@ -45,9 +45,10 @@ class Upstream:
         self.port = port
         self.tcp.listen(16)
         self.queries = []
-        self.running = True
-        threading.Thread(target=self.udp_loop, daemon=True).start()
-        threading.Thread(target=self.tcp_loop, daemon=True).start()
+        self.udp_thread = threading.Thread(target=self.udp_loop, daemon=True)
+        self.udp_thread.start()
+        self.tcp_thread = threading.Thread(target=self.tcp_loop, daemon=True)
+        self.tcp_thread.start()
 
     def answer(self, wire, transport):
         q = dns.message.from_wire(wire)
@@ -68,22 +69,24 @@ class Upstream:
         return w
 
     def udp_loop(self):
-        while self.running:
+        while True:
             try:
                 data, peer = self.udp.recvfrom(65535)
             except OSError:
                 return
+            if peer is None:
+                return  # shut down
             w = self.answer(data, "udp")
             if w:
                 self.udp.sendto(w, peer)
 
     def tcp_loop(self):
-        while self.running:
+        while True:
             try:
                 c, _ = self.tcp.accept()
             except OSError:
                 return
-            threading.Thread(target=self.tcp_serve, args=(c,), daemon=True).start()
+            apart(self.tcp_serve, c)
 
     def tcp_serve(self, c):
         try:
@@ -102,9 +105,8 @@ class Upstream:
             c.close()
 
     def close(self):
-        self.running = False
-        self.udp.close()
-        self.tcp.close()
+        stop_and_close(self.udp, self.udp_thread)
+        stop_and_close(self.tcp, self.tcp_thread)
 
 
 free_dns_port = free_port_tcp_udp  # dns binds TCP and UDP on one port

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, wait_port
+from conftest import Listener, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, wait_port
 
 
 class Origin:
@@ -103,11 +103,15 @@ class Origin:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
     def close(self):
-        self.server.shutdown()
+        # shutdown() waits for serve_forever without a limit: a test must fail here, not hang
+        threading.Thread(target=self.server.shutdown, daemon=True).start()
+        self.thread.join(10)
         self.server.server_close()
+        assert not self.thread.is_alive(), "the origin's serve_forever did not stop in 10 s"
 
 
 @pytest.fixture
@@ -592,38 +596,31 @@ def test_connect_tls_interception(capd, tmp_path):
         o.stop()
 
 
-class RawOrigin:
+class RawOrigin(Listener):
     """Reads one request head, answers with fixed bytes (or nothing), closes;
     answer None: holds the connection without a word."""
 
     def __init__(self, answer):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
         self.answer = answer
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.closing = threading.Event()
+        super().__init__()
 
-    def loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                got = b""
-                while b"\r\n\r\n" not in got:
-                    d = c.recv(4096)
-                    if not d:
-                        break
-                    got += d
-                if self.answer is None:
-                    time.sleep(10)
-                    continue
+    def handle(self, c, peer):
+        with c:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                d = c.recv(4096)
+                if not d:
+                    break
+                got += d
+            if self.answer is None:
+                self.closing.wait(10)
+            else:
                 c.sendall(self.answer)
 
     def close(self):
-        self.sock.close()
+        self.closing.set()
+        super().close()
 
 
 @pytest.mark.parametrize("answer,why", [

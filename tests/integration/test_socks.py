@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, follow_tcp, free_port, sh, tcp_stream_of, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, Listener, follow_tcp, free_port, sh, tcp_stream_of, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -141,30 +141,14 @@ def pcap_with(capd, sid, timeout=10):
         time.sleep(0.3)
 
 
-class PeerServer:
+class PeerServer(Listener):
     """Accepts connections and answers each with the client's address as 'host port\\n'."""
 
-    def __init__(self, host="127.0.0.1"):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                c, peer = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                c.sendall(f"{peer[0]} {peer[1]}\n".encode())
-                c.shutdown(socket.SHUT_WR)
-                recv_all(c)
-
-    def close(self):
-        self.sock.close()
+    def handle(self, c, peer):
+        with c:
+            c.sendall(f"{peer[0]} {peer[1]}\n".encode())
+            c.shutdown(socket.SHUT_WR)
+            recv_all(c)
 
 
 # ---------------------------------------------------------------- CONNECT with curl

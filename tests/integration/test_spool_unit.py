@@ -20,33 +20,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark
+from conftest import Listener, apart, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
 
-class Server:
+class Server(Listener):
     """Accepts connections; reads everything the client sends while sending
     `down` back, then half-closes. Remembers what each connection received."""
 
     def __init__(self, host="127.0.0.1"):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.down = b""
         self.got = []
-        threading.Thread(target=self.loop, daemon=True).start()
+        super().__init__(host)
 
-    def loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c, self.down), daemon=True).start()
+    def handle(self, c, peer):
+        apart(self.serve, c, self.down)
 
     def serve(self, c, down):
         buf = bytearray()
@@ -68,9 +57,6 @@ class Server:
         t.join(120)
         self.got.append(bytes(buf))
         c.close()
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture

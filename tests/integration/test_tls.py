@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, Listener, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -562,27 +562,16 @@ def test_client_without_sni(netns, ns_etc, ns_capd, tmp_path):
     assert ss[-1]["reason"] == "upstream certificate did not verify: hostname mismatch", ss[-1]
 
 
-class TlsEcho:
-    """A TLS echo server (Python ssl) in a thread, with the origin's certificate."""
+class TlsEcho(Listener):
+    """A TLS echo server (Python ssl), with the origin's certificate."""
 
     def __init__(self, origin):
-        import threading
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(origin.cert, origin.key)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.loop, daemon=True).start()
+        super().__init__()
 
-    def loop(self):
-        import threading
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+    def handle(self, c, peer):
+        apart(self.serve, c)
 
     def serve(self, c):
         try:
@@ -633,7 +622,7 @@ def test_tls_bulk_both_ways_exact(capd, origin, tmp_path):
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     s = last_closed(capd)[-1]
     assert s["bytes_up"] == len(payload) and s["bytes_down"] == len(payload), s
-    echo.sock.close()
+    echo.close()
 
 
 def test_http_connect_tls_interception(capd, origin, tmp_path):
