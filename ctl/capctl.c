@@ -9,6 +9,8 @@
 #include <string.h>
 
 #include "capctl.h"
+#include "log.h"
+#include "xmalloc.h"
 
 static const struct cmd *const cmds[] = {
 	&cmd_add, &cmd_capture, &cmd_kill, &cmd_list, &cmd_reload, &cmd_remove, &cmd_sessions, &cmd_status,
@@ -64,6 +66,7 @@ main(int argc, char **argv)
 	const char *names[NCMDS];
 	int i, k, n = 0;
 
+	log_init("capctl", LOG_LVL_INFO);  /* xmalloc's fatal() says who failed */
 	if (o.socket == NULL || *o.socket == '\0')
 		o.socket = "/run/capd/capd.sock";
 	/* global options come first: -s PATH, --json, -h */
@@ -92,7 +95,7 @@ main(int argc, char **argv)
 		return CTL_USAGE;
 	}
 	/* --json is also accepted after the command, up to a "--" */
-	char **rest = calloc((size_t)(argc - i + 1), sizeof *rest);
+	char **rest = xcalloc((size_t)(argc - i + 1), sizeof *rest);
 	for (k = i; k < argc; k++) {
 		if (!strcmp(argv[k], "--")) {
 			while (k < argc)

@@ -9,6 +9,7 @@
 
 #include "capctl.h"
 #include "rpc.h"
+#include "xmalloc.h"
 
 struct client {
 	int fd;
@@ -35,7 +36,7 @@ client_open(const struct ctl_opts *o)
 			close(fd);
 		return NULL;
 	}
-	c = calloc(1, sizeof *c);
+	c = xcalloc(1, sizeof *c);
 	c->fd = fd;
 	c->next_id = 1;
 	rpc_framer_init(&c->framer, 0);

@@ -24,6 +24,7 @@
 #include "rpc.h"
 #include "trace-ptrace.h"
 #include "values.h"
+#include "xmalloc.h"
 
 /* The event stream to capd; owned by trace_exec. */
 struct trace_link {
@@ -190,7 +191,7 @@ trace_join(char **argv, int argc)
 
 	for (int i = 0; i < argc; i++)
 		len += strlen(argv[i]) + 1;
-	s = calloc(1, len);
+	s = xcalloc(1, len);
 	for (int i = 0; i < argc; i++) {
 		if (i)
 			strcat(s, " ");

@@ -7,6 +7,7 @@
 
 #include "capctl.h"
 #include "values.h"
+#include "xmalloc.h"
 
 struct table {
 	int ncols, nrows, cap;
@@ -16,13 +17,13 @@ struct table {
 struct table *
 table_new(const char *const *headers, int ncols)
 {
-	struct table *t = calloc(1, sizeof *t);
+	struct table *t = xcalloc(1, sizeof *t);
 
 	t->ncols = ncols;
 	t->cap = 16;
-	t->cells = calloc((size_t)(t->cap * ncols), sizeof *t->cells);
+	t->cells = xcalloc((size_t)(t->cap * ncols), sizeof *t->cells);
 	for (int i = 0; i < ncols; i++)
-		t->cells[i] = strdup(headers[i]);
+		t->cells[i] = xstrdup(headers[i]);
 	t->nrows = 1;
 	return t;
 }
@@ -34,12 +35,12 @@ table_add(struct table *t, ...)
 
 	if (t->nrows == t->cap) {
 		t->cap *= 2;
-		t->cells = realloc(t->cells, (size_t)(t->cap * t->ncols) * sizeof *t->cells);
+		t->cells = xrealloc(t->cells, (size_t)(t->cap * t->ncols) * sizeof *t->cells);
 	}
 	va_start(ap, t);
 	for (int i = 0; i < t->ncols; i++) {
 		const char *s = va_arg(ap, const char *);
-		t->cells[t->nrows * t->ncols + i] = strdup(s ? s : "");
+		t->cells[t->nrows * t->ncols + i] = xstrdup(s ? s : "");
 	}
 	va_end(ap);
 	t->nrows++;
@@ -48,7 +49,7 @@ table_add(struct table *t, ...)
 void
 table_print(struct table *t)
 {
-	int *w = calloc((size_t)t->ncols, sizeof *w);
+	int *w = xcalloc((size_t)t->ncols, sizeof *w);
 
 	for (int r = 0; r < t->nrows; r++)
 		for (int c = 0; c < t->ncols; c++) {
