@@ -545,7 +545,7 @@ def test_udp_associate(capd):
         found = b""
         for p in capd.pcaps():
             r = tshark("-r", p, "-Y", f"udp.port == {echo.port}", "-T", "fields", "-e", "udp.srcport",
-                       "-e", "udp.dstport", "-e", "data.data")
+                       "-e", "udp.dstport", "-e", "udp.payload")
             found += r.stdout.encode()
         assert b"one".hex().encode() in found
         assert (b"echo:three").hex().encode() in found

@@ -180,7 +180,7 @@ def test_trace_udp_datagrams(capd, udp_echo):
     time.sleep(0.3)
     found = []
     for p in capd.pcaps():
-        out = tshark("-r", p, "-Y", f"udp.port == {udp_echo}", "-T", "fields", "-e", "data.data").stdout
+        out = tshark("-r", p, "-Y", f"udp.port == {udp_echo}", "-T", "fields", "-e", "udp.payload").stdout
         found += [bytes.fromhex(x.replace(":", "")) for x in out.split()]
     for i in range(3):
         assert b"datagram %d" % i in found and b"DATAGRAM %d" % i in found

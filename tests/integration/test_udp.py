@@ -61,7 +61,7 @@ def test_forward_udp_both_ways(capd, udp_echo):
     rows = []
     for p in capd.pcaps():
         r = tshark("-r", p, "-Y", f"udp.port == {udp_echo.port}", "-T", "fields", "-e", "udp.srcport",
-                   "-e", "udp.dstport", "-e", "data.data")
+                   "-e", "udp.dstport", "-e", "udp.payload")
         rows += [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
     up = [bytes.fromhex(r[2]) for r in rows if r[1] == str(udp_echo.port)]
     down = [bytes.fromhex(r[2]) for r in rows if r[0] == str(udp_echo.port)]
