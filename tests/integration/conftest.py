@@ -277,11 +277,15 @@ class Listener:
     handle(conn, peer), on that thread (apart() serves connections side by side).
     A subclass sets its own attributes before calling this __init__, which starts the loop."""
 
-    def __init__(self, host="127.0.0.1", backlog=64):
+    def __init__(self, host="127.0.0.1", backlog=64, port=0):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self.accept_loop, daemon=True)
@@ -326,30 +330,44 @@ class EchoServer(Listener):
             c.close()
 
 
-class UdpEcho:
-    """A UDP echo server in a thread; replies carry prefix before the datagram."""
+class UdpServer:
+    """A test's UDP server: a thread answers each datagram with reply(data), or not at
+    all when that returns None."""
 
-    def __init__(self, host="127.0.0.1", prefix=b"echo:"):
+    def __init__(self, reply, host="127.0.0.1", port=0):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(fam, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.port = self.sock.getsockname()[1]
-        self.prefix = prefix
-        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.reply = reply
+        self.thread = threading.Thread(target=self.recv_loop, daemon=True)
         self.thread.start()
 
-    def loop(self):
+    def recv_loop(self):
         while True:
             try:
                 d, a = self.sock.recvfrom(65536)
                 if a is None:
                     return  # shut down
-                self.sock.sendto(self.prefix + d, a)
+                w = self.reply(d)
+                if w is not None:
+                    self.sock.sendto(w, a)
             except OSError:
                 return
 
     def close(self):
         stop_and_close(self.sock, self.thread)
+
+
+class UdpEcho(UdpServer):
+    """A UDP echo server; replies carry prefix before the datagram."""
+
+    def __init__(self, host="127.0.0.1", prefix=b"echo:"):
+        super().__init__(lambda d: prefix + d, host)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 import urllib.request
 
@@ -21,34 +20,28 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import CAPD, apart, check_pcap_clean, free_port, free_port_tcp_udp, sh, stop_and_close, tshark
+from conftest import CAPD, Listener, UdpServer, apart, check_pcap_clean, free_port, free_port_tcp_udp, sh, tshark
 
 
-class Upstream:
+class Upstream(Listener):
     """A small DNS server on loopback (UDP and TCP on one port), in threads.
     Any A question gets 192.0.2.1; 'big.*' gets 60 records (truncated over UDP);
     'silent.*' is never answered. It records (transport, name) of each query."""
 
     def __init__(self):
+        self.queries = []
         for _ in range(20):
             port = free_port()
-            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                self.tcp.bind(("127.0.0.1", port))
-                self.udp.bind(("127.0.0.1", port))
-                break
+                self.udp = UdpServer(lambda wire: self.answer(wire, "udp"), port=port)
             except OSError:
-                self.tcp.close()
+                continue
+            try:
+                super().__init__(port=port, backlog=16)  # TCP on the same port
+                return
+            except OSError:
                 self.udp.close()
-        self.port = port
-        self.tcp.listen(16)
-        self.queries = []
-        self.udp_thread = threading.Thread(target=self.udp_loop, daemon=True)
-        self.udp_thread.start()
-        self.tcp_thread = threading.Thread(target=self.tcp_loop, daemon=True)
-        self.tcp_thread.start()
+        raise RuntimeError("no port free for both TCP and UDP")
 
     def answer(self, wire, transport):
         q = dns.message.from_wire(wire)
@@ -68,25 +61,8 @@ class Upstream:
             w = r.to_wire()
         return w
 
-    def udp_loop(self):
-        while True:
-            try:
-                data, peer = self.udp.recvfrom(65535)
-            except OSError:
-                return
-            if peer is None:
-                return  # shut down
-            w = self.answer(data, "udp")
-            if w:
-                self.udp.sendto(w, peer)
-
-    def tcp_loop(self):
-        while True:
-            try:
-                c, _ = self.tcp.accept()
-            except OSError:
-                return
-            apart(self.tcp_serve, c)
+    def handle(self, c, peer):
+        apart(self.tcp_serve, c)
 
     def tcp_serve(self, c):
         try:
@@ -105,8 +81,8 @@ class Upstream:
             c.close()
 
     def close(self):
-        stop_and_close(self.udp, self.udp_thread)
-        stop_and_close(self.tcp, self.tcp_thread)
+        self.udp.close()
+        super().close()
 
 
 free_dns_port = free_port_tcp_udp  # dns binds TCP and UDP on one port

@@ -4,15 +4,13 @@ records what its sockets carried as sessions of a `trace` instance."""
 import os
 import socket
 import subprocess
-import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, check_pcap_clean, follow_tcp, tcp_stream_of, tshark, wait_port
+from conftest import CAPCTL, UdpServer, check_pcap_clean, follow_tcp, tcp_stream_of, tshark
 
 PY = "/usr/bin/python3"
 
@@ -131,27 +129,9 @@ def test_trace_killed_by_signal(capd, http_server):
 
 @pytest.fixture
 def udp_echo():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.settimeout(0.2)
-    stop = threading.Event()
-
-    def run():
-        while not stop.is_set():
-            try:
-                d, a = s.recvfrom(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            s.sendto(d.upper(), a)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    yield s.getsockname()[1]
-    stop.set()
-    t.join(2)
-    s.close()
+    u = UdpServer(bytes.upper)
+    yield u.port
+    u.close()
 
 
 def test_trace_udp_datagrams(capd, udp_echo):
