@@ -176,6 +176,13 @@ socks_idle(struct session *s)
 	return true;
 }
 
+/* The association and its datagram sessions are the main loop's (shard_as_main). */
+static void
+socks_assoc_end(void *assoc)
+{
+	udp_assoc_end(assoc, "udp association ended");
+}
+
 static void
 socks_session_free(struct session *s)
 {
@@ -188,7 +195,8 @@ socks_session_free(struct session *s)
 	if (sk == NULL)
 		return;
 	socks_bind_free(sk->bind);
-	udp_assoc_end(sk->assoc, "udp association ended");
+	if (sk->assoc)
+		shard_as_main(socks_assoc_end, sk->assoc);
 	free(sk->user);
 	free(sk);
 	s->proto_state = NULL;
@@ -690,7 +698,10 @@ socks_input(struct session *s)
 				session_close(s, "closed");
 			return;
 		default:
-			/* connecting or waiting for the BIND peer: early bytes wait in hs_in for the relay */
+			/* connecting or waiting for the BIND peer: early bytes wait in hs_in
+			 * for the relay; once it is full the client waits (relay_start reads on) */
+			if (buf_used(&s->hs_in) >= SOCKS_HS_MAX)
+				ev_io_stop(capd_loop, &s->client.rio);
 			return;
 		}
 		/* PARSE_MORE */

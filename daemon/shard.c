@@ -284,6 +284,23 @@ shard_call(struct shard *sh, void (*fn)(void *), void *arg)
 	shards_resume();
 }
 
+void
+shard_as_main(void (*fn)(void *), void *arg)
+{
+	struct ev_loop *loop = capd_loop;
+	struct shard *self = shard_self;
+
+	capd_lock();
+	capd_loop = capd_main;
+	shard_self = &shards[0];
+	fn(arg);
+	capd_loop = loop;
+	shard_self = self;
+	capd_unlock();
+	if (shards_threaded && shard_own != &shards[0])
+		ev_async_send(capd_main, &shards[0].wake);
+}
+
 unsigned
 shard_sessions_add(struct shard *sh, int delta)
 {

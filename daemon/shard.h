@@ -61,6 +61,11 @@ void shards_resume(void);
 /* Runs fn(arg) as sh's owner would: on this (main) thread, with the workers
  * paused and capd_loop/shard_self set to sh's. */
 void shard_call(struct shard *sh, void (*fn)(void *), void *arg);
+/* Runs fn(arg) as shard 0 would, from any thread: under the lock, with
+ * capd_loop/shard_self set to shard 0's (a worker's session ending what the
+ * main loop owns: a SOCKS UDP association's datagram sessions). From a
+ * worker it then wakes the main loop, whose watchers fn may have changed. */
+void shard_as_main(void (*fn)(void *), void *arg);
 /* Adds delta to sh's count of open sessions and returns it; under capd_lock. */
 unsigned shard_sessions_add(struct shard *sh, int delta);
 /* Wakes loop's thread after another thread changed its watchers. */

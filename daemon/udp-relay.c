@@ -342,10 +342,14 @@ udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, 
 		return;
 	if ((fd = udp_upstream_fd(a, peer->sa_family)) < 0)
 		return;
+	/* captured once sent: a datagram the kernel refused did not cross */
+	if (sendto(fd, p, n, 0, peer, addr_len(peer)) < 0) {
+		if (errno != EAGAIN)
+			log_debug("%s: udp send to %s: %s", a->r->inst->name,
+			          addr_format(peer, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN), strerror(errno));
+		return;
+	}
 	session_data(f->s, DIR_UP, p, n);
-	if (sendto(fd, p, n, 0, peer, addr_len(peer)) < 0 && errno != EAGAIN)
-		log_debug("%s: udp send to %s: %s", a->r->inst->name,
-		          addr_format(peer, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN), strerror(errno));
 }
 
 static void
@@ -431,16 +435,21 @@ udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
 	LIST_FOREACH(a, &r->buckets[h], hentry)
 		if (addr_same((struct sockaddr *)&a->client, src, true))
 			return a;
+	/* The first datagram fixes the port of an association that left it open.
+	 * Two such associations from one address cannot be told apart on the
+	 * shared port: the oldest takes it, as the client that asked first most
+	 * likely sends first (the list is newest first). */
+	struct udp_assoc *oldest = NULL;
 	LIST_FOREACH(a, &r->loose, hentry)
-		if (addr_same((struct sockaddr *)&a->client, src, false)) {
-			/* the first datagram fixes the port of an association that left it open */
-			memcpy(&a->client, src, addr_len(src));
-			a->bound = true;
-			LIST_REMOVE(a, hentry);
-			LIST_INSERT_HEAD(&r->buckets[h], a, hentry);
-			return a;
-		}
-	return NULL;
+		if (addr_same((struct sockaddr *)&a->client, src, false))
+			oldest = a;
+	if (oldest != NULL) {
+		memcpy(&oldest->client, src, addr_len(src));
+		oldest->bound = true;
+		LIST_REMOVE(oldest, hentry);
+		LIST_INSERT_HEAD(&r->buckets[h], oldest, hentry);
+	}
+	return oldest;
 }
 
 /*
@@ -559,7 +568,6 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (f == NULL)
 			continue;
 		udp_touch(a);
-		session_data(f->s, DIR_DOWN, p, (size_t)n);
 		if (r->socks) {
 			size_t h = socks_udp_header_len((struct sockaddr *)&src);
 			socks_udp_header(p - h, (struct sockaddr *)&src);
@@ -568,8 +576,11 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 		}
 		if (!a->bound)
 			continue;
-		if (sendto(r->fd, out, outlen, 0, (struct sockaddr *)&a->client, addr_len((struct sockaddr *)&a->client)) < 0 &&
-		    errno != EAGAIN)
-			log_debug("%s: udp send to client: %s", r->inst->name, strerror(errno));
+		if (sendto(r->fd, out, outlen, 0, (struct sockaddr *)&a->client, addr_len((struct sockaddr *)&a->client)) < 0) {
+			if (errno != EAGAIN)
+				log_debug("%s: udp send to client: %s", r->inst->name, strerror(errno));
+			continue;
+		}
+		session_data(f->s, DIR_DOWN, p, (size_t)n);  /* as udp_send_up: once it crossed */
 	}
 }

@@ -219,6 +219,10 @@ def capd_factory(tmp_path):
             log = c.log()
             if "AddressSanitizer" in log or "ThreadSanitizer" in log or "runtime error" in log:
                 pytest.fail(f"sanitizer report:\n{log[-6000:]}")
+            # a crash the test did not look for (an abort, a fault) fails it too;
+            # a refused config exits 1 and a test's own kill -9 is -9
+            if rc < 0:
+                pytest.fail(f"capd died of signal {-rc}:\n{log[-6000:]}")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, Listener, follow_tcp, free_port, sh, tcp_stream_of, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, Listener, follow_tcp, free_port, free_port_tcp_udp, sh, tcp_stream_of, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -575,6 +575,136 @@ def test_udp_associate_with_auth_and_announced_port(capd):
         c.close()
     finally:
         echo.close()
+
+
+
+@pytest.mark.parametrize("end", ["close", "kill"])
+def test_udp_association_ends_on_a_session_thread(capd_factory, end):
+    """The control connection lives on a session thread, its datagram sessions on
+    the main loop (with idle_timeout, a timer there): ending the association from
+    the control side (its close, or capctl kill) must end them as the main loop's,
+    not abort capd."""
+    echo = UdpEcho()
+    port = free_port_tcp_udp()
+    c = capd_factory(f"[socks s]\nlisten = {port}\nidle_timeout = 30s\n", settings="workers = 2")
+    try:
+        ctl = s5_open(port)
+        rep, rhost, rport = s5_request(ctl, 3, "0.0.0.0", 0)
+        assert rep == 0
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"ping", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:ping"
+        ss = c.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))
+        if end == "close":
+            ctl.close()
+        else:
+            c.ctl("kill", [s for s in ss if s["proto"] == "socks5"][0]["id"])
+        c.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+        assert c.proc.poll() is None, c.log()[-3000:]
+        # and it goes on serving associations
+        ctl = s5_open(port)
+        rep, rhost, rport = s5_request(ctl, 3, "0.0.0.0", 0)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"again", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:again"
+        ctl.close()
+        u.close()
+    finally:
+        echo.close()
+    assert c.stop() == 0
+
+
+def test_udp_datagram_not_sent_is_not_captured(capd):
+    """A datagram the kernel refuses (to port 0) did not cross: no bytes counted for it."""
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        ctl = s5_open(port)
+        rep, rhost, rport = s5_request(ctl, 3, "0.0.0.0", 0)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", 0) + b"nowhere", (rhost, rport))
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"there", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:there"
+        ss = capd.ctl("sessions", json_out=True)
+        to_zero = [s for s in ss if s["proto"] == "udp" and s["target"] == "127.0.0.1:0"]
+        assert all(s["bytes_up"] == 0 for s in to_zero), to_zero
+        sent = [s for s in ss if s["proto"] == "udp" and s["target"] == f"127.0.0.1:{echo.port}"]
+        assert [(s["bytes_up"], s["bytes_down"]) for s in sent] == [(5, 10)]
+        ctl.close()
+    finally:
+        echo.close()
+
+
+def test_two_open_associations_from_one_address(capd):
+    """Two associations that leave their port open (0.0.0.0:0) from one address: the
+    first datagram belongs to the one that asked first."""
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        a = s5_open(port)
+        _, rhost, rport = s5_request(a, 3, "0.0.0.0", 0)
+        b = s5_open(port)
+        assert s5_request(b, 3, "0.0.0.0", 0)[0] == 0
+        ctrl = {s["client"]: s["id"] for s in capd.ctl("sessions", json_out=True) if s["proto"] == "socks5"}
+        ua = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ua.settimeout(5)
+        ua.sendto(udp_header("127.0.0.1", echo.port) + b"from a", (rhost, rport))
+        assert parse_udp_reply(ua.recv(100))[2] == b"echo:from a"
+        udp = capd.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))
+        note = [s for s in udp if s["proto"] == "udp"][0]["note"]
+        a_id = ctrl["127.0.0.1:%d" % a.getsockname()[1]]
+        assert f"via session {a_id}" in note, note
+        a.close()
+        b.close()
+    finally:
+        echo.close()
+
+
+def test_early_data_beyond_handshake_room_waits_for_connect(capd):
+    """Bytes a client sends while capd still connects wait for the tunnel, however
+    many: past the handshake's room the client is simply not read."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    # fill the accept queue so that capd's SYN goes unanswered until it is drained
+    fill = [socket.socket() for _ in range(2)]
+    for f in fill:
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+    time.sleep(0.2)
+    try:
+        port = add_socks(capd)
+        s = s5_open(port)
+        s.sendall(b"\x05\x01\x00" + s5_addr("127.0.0.1", srv.getsockname()[1]))
+        payload = os.urandom(6000)
+        s.sendall(payload)
+        time.sleep(0.5)
+        srv.settimeout(10)
+        got = None
+        deadline = time.time() + 15
+        while got is None and time.time() < deadline:
+            c, peer = srv.accept()
+            if peer[1] in [f.getsockname()[1] for f in fill]:
+                c.close()
+                continue
+            got = c
+        assert got is not None
+        assert s5_read_reply(s)[0] == 0
+        got.settimeout(10)
+        data = b""
+        while len(data) < len(payload):
+            d = got.recv(65536)
+            if not d:
+                break
+            data += d
+        assert data == payload
+        got.close()
+        s.close()
+    finally:
+        for f in fill:
+            f.close()
+        srv.close()
 
 
 # ---------------------------------------------------------------- IPv6
