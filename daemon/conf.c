@@ -34,7 +34,8 @@ struct conf_parse {
 	json_t *inst;        /* current instance entry, borrowed from c->instances */
 	json_t *seen_capd;   /* keys set in [capd] */
 	int in_capd;
-	int header_line;     /* a "[section]" line was read here and not yet handled */
+	bool had_key;        /* a key was read in this section: an indented line continues it */
+	bool cont;           /* the line the reader returned last continues the value above */
 	/* reader state for in-memory text */
 	const char *text;
 	size_t pos;
@@ -223,6 +224,45 @@ conf_instance_key(struct conf_parse *cp, const char *key, const char *v)
 	json_object_set_new(lines, key, json_integer(cp->line));
 }
 
+/*
+ * An indented line continues the value of the key above (inih passes it as
+ * another value of that key): joined with a space, for a long filter or list.
+ * An indented "key = value" is a mistake, not a value.
+ */
+static void
+conf_continue(struct conf_parse *cp, const char *key, const char *more)
+{
+	json_t *params = json_object_get(cp->inst, "params");
+	json_t *v = params ? json_object_get(params, key) : NULL;
+	size_t w = strspn(more, "abcdefghijklmnopqrstuvwxyz_");
+	const char *after = more + w + strspn(more + w, " \t");
+
+	if (w > 0 && after[0] == '=' && after[1] != '=') {
+		conf_fail(cp, "indented '%.*s = ...' would continue the value of '%s' (keys start at the line's beginning)",
+		          (int)w, more, key);
+		return;
+	}
+	if (cp->in_capd || v == NULL) {
+		conf_fail(cp, "'%s' takes its value on one line (an indented line continues a value)", key);
+		return;
+	}
+	if (json_is_array(v))  /* a rule key: the line continues its last rule */
+		v = json_array_get(v, json_array_size(v) - 1);
+	/* inih keeps an inline comment on a continued line: cut it as on a key's line */
+	size_t n = strlen(more);
+	for (size_t i = 1; i < n; i++)
+		if (more[i] == ';' && (more[i - 1] == ' ' || more[i - 1] == '\t')) {
+			n = i;
+			break;
+		}
+	while (n > 0 && (more[n - 1] == ' ' || more[n - 1] == '\t'))
+		n--;
+	char *joined = xasprintf("%s %.*s", json_string_value(v), (int)n, more);
+	if (json_string_set(v, joined) < 0)
+		conf_fail(cp, "value of '%s' is not valid UTF-8", key);
+	free(joined);
+}
+
 static void
 conf_new_section(struct conf_parse *cp, const char *section)
 {
@@ -268,33 +308,63 @@ conf_handler(void *user, const char *section, const char *key, const char *value
 {
 	struct conf_parse *cp = user;
 
+	(void)section;  /* the reader started it (conf_reader_header): inih truncates long names */
 	if (cp->why)
 		return 0;
-	if (key == NULL) {  /* INI_CALL_HANDLER_ON_NEW_SECTION builds pass section starts */
-		conf_new_section(cp, section);
-		return cp->why == NULL;
-	}
-	/* the reader saw the header: a section repeated under the same name is
-	 * a new section too (inih only passes its name) */
-	if (cp->header_line || strcmp(section, cp->section) != 0 || (cp->inst == NULL && !cp->in_capd)) {
-		int line = cp->line;
-		if (cp->header_line)
-			cp->line = cp->header_line;
-		cp->header_line = 0;
-		conf_new_section(cp, section);
-		cp->line = line;
-	}
-	if (cp->why)
-		return 0;
-	if (section[0] == '\0') {
+	if (key == NULL)  /* INI_CALL_HANDLER_ON_NEW_SECTION builds pass section starts */
+		return 1;
+	if (cp->section[0] == '\0') {
 		conf_fail(cp, "'%s' is outside any section", key);
 		return 0;
 	}
-	if (cp->in_capd)
+	if (cp->cont)
+		conf_continue(cp, key, value);
+	else if (cp->in_capd)
 		conf_capd_key(cp, key, value);
 	else
 		conf_instance_key(cp, key, value);
+	cp->had_key = true;
 	return cp->why == NULL;
+}
+
+/* A "[section]" line, as inih will see it: the section starts here, so that
+ * one without keys is checked too, with its own line number. */
+static void
+conf_reader_header(struct conf_parse *cp, const char *t)
+{
+	const char *end = strchr(t, ']');
+	char name[sizeof cp->section];
+
+	if (end == NULL)
+		return;  /* inih reports the syntax error */
+	snprintf(name, sizeof name, "%.*s", (int)(end - t - 1), t + 1);
+	cp->had_key = false;
+	conf_new_section(cp, name);
+}
+
+/* The reader's checks of one line (inih's own grammar decides the rest). */
+static void
+conf_reader_line(struct conf_parse *cp, char *str, int num, bool more)
+{
+	size_t len = strlen(str);
+	const char *t = str;
+
+	/* inih reads lines into num bytes: a longer one would come back in pieces */
+	if (len == (size_t)num - 1 && str[len - 1] != '\n' && more) {
+		conf_fail(cp, "line longer than %d characters (a long value may go on on indented lines)", num - 2);
+		return;
+	}
+	while (*t == ' ' || *t == '\t')
+		t++;
+	cp->cont = false;
+	if (*t == '\0' || *t == '\n' || *t == '\r' || *t == ';' || *t == '#')
+		return;
+	if (t > str && cp->had_key) {  /* inih: an indented line after a key continues its value */
+		cp->cont = true;
+		return;
+	}
+	if (*t == '[')
+		conf_reader_header(cp, t);
 }
 
 static char *
@@ -318,12 +388,9 @@ conf_reader(char *str, int num, void *stream)
 		str[i] = '\0';
 	}
 	cp->line++;
-	const char *t = str;
-	while (*t == ' ' || *t == '\t')
-		t++;
-	if (*t == '[')
-		cp->header_line = cp->line;
-	return str;
+	bool more = cp->fp ? !feof(cp->fp) && (ungetc(getc(cp->fp), cp->fp) != EOF) : cp->text[cp->pos] != '\0';
+	conf_reader_line(cp, str, num, more);
+	return cp->why ? NULL : str;
 }
 
 static struct conf *

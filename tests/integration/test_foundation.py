@@ -370,6 +370,46 @@ def test_capd_t(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("capd ")
 
 
+
+def capd_t(tmp_path, text):
+    f = tmp_path / "t.conf"
+    f.write_text(text)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True)
+    return r.returncode, r.stderr.replace(str(f), "t.conf")
+
+
+def test_capd_t_sections_and_lines(tmp_path):
+    """A section without keys is checked like any other, a line too long for the
+    parser is refused at its own line, and an indented line continues a value."""
+    rc, err = capd_t(tmp_path, "[capd]\nspool = /tmp/x\n\n[bogus]\n")
+    assert rc == 1 and "t.conf:4: section [bogus] should be [capd] or [TYPE NAME]" in err, err
+    rc, err = capd_t(tmp_path, "[capd]\nspool = /tmp/x\n[forward a]\n; nothing yet\n")
+    assert rc == 1 and "t.conf:3: a forward instance needs 'listen'" in err, err
+    rc, err = capd_t(tmp_path, "[forward a]\nlisten = 4444\nto = h:80\n[forward a]\n")
+    assert rc == 1 and "t.conf:4: instance name 'a' is used twice" in err, err
+    names = ",".join(f"host{i}.example" for i in range(20))
+    rc, err = capd_t(tmp_path, f"[http h]\nlisten = 4444\ntls = yes\ntls_passthrough = {names}\n")
+    assert rc == 1 and "t.conf:4: line longer than 198 characters" in err, err
+    half = len(names) // 2
+    cut = names.index(",", half)
+    rc, err = capd_t(tmp_path, f"[http h]\nlisten = 4444\ntls = yes\ntls_passthrough = {names[:cut]}\n"
+                               f"    {names[cut:]}\n")
+    assert rc == 0, err
+    rc, err = capd_t(tmp_path, "[forward a]\nlisten = 4444\n    to = h:80\n")
+    assert rc == 1 and "t.conf:3: indented 'to = ...' would continue the value of 'listen'" in err, err
+    rc, err = capd_t(tmp_path, "[capd]\nspool = /tmp/x\n   /y\n")
+    assert rc == 1 and "t.conf:3: 'spool' takes its value on one line" in err, err
+
+
+def test_continued_value_reaches_the_instance(capd_factory):
+    port = free_port()
+    c = capd_factory(f"[http h]\nlisten = {port}\ntls = yes\ntls_passthrough = a.example,\n"
+                     "  b.example   ; a comment\n\n  *.c.example\n")
+    got = {i["name"]: i for i in c.ctl("list", json_out=True)}
+    assert got["h"]["tls_passthrough"] in ("a.example, b.example *.c.example",
+                                           ["a.example", "b.example", "*.c.example"]), got["h"]
+
+
 def test_second_capd_refused_and_stale_socket(capd_factory):
     a = capd_factory("")
     b = capd_factory("", start=False)
