@@ -48,6 +48,7 @@ struct ctl_conn {
 	struct buf out;
 	int uid, gid, pid;
 	bool dead;
+	bool rd_eof;             /* the peer sent its last request (a half-close): close once answered */
 	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
 	int n_on_close, cap_on_close;
 	json_t *call_id;         /* the id of the request being dispatched, borrowed */
@@ -108,6 +109,16 @@ ctl_find_method(const char *name)
 	return NULL;
 }
 
+/* A peer that half-closed after its requests gets every reply, then the
+ * close; one that subscribed keeps its stream until a send fails. */
+static void
+ctl_conn_done_check(struct ctl_conn *c)
+{
+	if (c->rd_eof && !c->dead && !c->in_call && c->later == NULL && c->n_on_close == 0 &&
+	    buf_used(&c->out) == 0 && buf_used(&c->framer.in) == 0)
+		ctl_conn_kill(c);
+}
+
 static void
 ctl_conn_flush(struct ctl_conn *c)
 {
@@ -126,6 +137,7 @@ ctl_conn_flush(struct ctl_conn *c)
 		buf_consume(&c->out, (size_t)n);
 	}
 	ev_io_stop(capd_main, &c->wio);
+	ctl_conn_done_check(c);
 }
 
 void
@@ -306,8 +318,19 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	(void)loop; (void)revents;
 	n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
-	if (n <= 0) {
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+	if (n == 0) {
+		/* a half-close ends the requests, not the replies (echo ... | socat - UNIX-CONNECT:...);
+		 * a last request without its newline is complete too */
+		c->rd_eof = true;
+		ev_io_stop(capd_main, &c->rio);
+		ev_timer_stop(capd_main, &c->timer);
+		if (buf_used(&c->framer.in) > 0 || c->framer.skipping)
+			buf_append(&c->framer.in, "\n", 1);
+		ctl_conn_process(c);
+		return;
+	}
+	if (n < 0) {
+		if (errno == EAGAIN || errno == EINTR)
 			return;
 		ctl_conn_kill(c);
 		return;
@@ -340,6 +363,10 @@ ctl_conn_process(struct ctl_conn *c)
 		/* nothing more is read until the reply goes (ctl_later_reply starts it again) */
 		ev_io_stop(capd_main, &c->rio);
 		ev_timer_stop(capd_main, &c->timer);
+		return;
+	}
+	if (c->rd_eof) {
+		ctl_conn_done_check(c);
 		return;
 	}
 	/* a partial line must complete in time; a quiet, idle connection may stay */
@@ -390,7 +417,8 @@ ctl_later_reply(struct ctl_later *l, json_t *result, int code, const char *msg)
 			ctl_reply_error(c, l->id, code ? code : RPC_E_INTERNAL, msg ? msg : "failed");
 		if (!c->in_call && !c->dead) {
 			/* the requests that waited behind this one */
-			ev_io_start(capd_main, &c->rio);
+			if (!c->rd_eof)
+				ev_io_start(capd_main, &c->rio);
 			ctl_conn_process(c);
 		}
 	} else {

@@ -290,6 +290,30 @@ def test_config_instance_that_cannot_start(capd_factory, echo_server):
         busy.close()
 
 
+
+def test_control_answers_a_half_closed_peer(capd):
+    """A peer that sends its requests and half-closes (echo ... | socat - UNIX-CONNECT:...)
+    gets every reply, however much is still queued, and then the close; a last
+    request without its newline counts too."""
+    n = 3000
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(capd.sock))
+        reqs = b"".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "daemon.status"}).encode() + b"\n"
+                        for i in range(1, n))
+        s.sendall(reqs + json.dumps({"jsonrpc": "2.0", "id": n, "method": "daemon.status"}).encode())
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(0.5)  # capd reads the end while most replies still wait to be sent
+        s.settimeout(20)
+        data = b""
+        while True:
+            d = s.recv(1 << 20)
+            if not d:
+                break
+            data += d
+    ids = [json.loads(line)["id"] for line in data.splitlines()]
+    assert ids == list(range(1, n + 1))
+
+
 def test_rpc_errors(capd):
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
