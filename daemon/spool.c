@@ -1004,6 +1004,15 @@ writer_dropping(void)
 	return w.fd < 0 || w.failing;
 }
 
+/* Checksums may be left out only of packets nobody will see: the disk is
+ * failing, no rotation (which opens a new file) comes before them, and no
+ * live follower takes them. */
+static bool
+writer_nocsum(void)
+{
+	return writer_dropping() && !w.rotate_due && !spool_follow_wanted();
+}
+
 /* One packet into the buffer, as an EPB of the record's interface. */
 static void
 writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrlen, const void *data,
@@ -1130,7 +1139,7 @@ writer_flow_open(const struct rec *r)
 	                    ~isn, writer_emit_cb, f) < 0)
 		return;
 	f->ready = true;
-	f->sf.nocsum = writer_dropping();
+	f->sf.nocsum = writer_nocsum();
 	synth_open(&f->sf);
 }
 
@@ -1148,7 +1157,7 @@ writer_flow_gaps(struct spool_flow *f, const struct rec *r)
 		synth_gap(&f->sf, SYNTH_UP, r->gap[0]);
 	if (r->gap[1])
 		synth_gap(&f->sf, SYNTH_DOWN, r->gap[1]);
-	f->sf.nocsum = writer_dropping();
+	f->sf.nocsum = writer_nocsum();
 }
 
 static void
@@ -1734,8 +1743,8 @@ spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n)
 	struct rec r;
 	int put;
 
-	if (n == 0 || !flow_live(f))
-		return;
+	if ((n == 0 && f->proto == IPPROTO_TCP) || !flow_live(f))
+		return;  /* an empty datagram is a packet; an empty TCP read is nothing */
 	rec_init(&r, REC_DATA, f);
 	r.dir = (uint8_t)d;
 	if (n > QUEUE_MAX || (put = queue_put(&r, p, n, NULL, 0, true)) < 0) {

@@ -71,6 +71,29 @@ def test_forward_udp_both_ways(capd, udp_echo):
     assert {r[0] for r in rows if r[1] == str(udp_echo.port)} == {str(a.getsockname()[1]), str(b.getsockname()[1])}
 
 
+
+def test_empty_datagrams_are_captured(capd):
+    """An empty datagram crosses like any other and is captured as one."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.settimeout(5)
+    sport = silent.getsockname()[1]
+    port = free_port_tcp_udp()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{sport}", "--udp")
+    u = udp_client()
+    for m in (b"", b"four", b""):
+        u.sendto(m, ("127.0.0.1", port))
+        assert silent.recvfrom(100)[0] == m
+    silent.close()
+    capd.flush()
+    time.sleep(0.5)
+    lens = []
+    for p in capd.pcaps():
+        r = tshark("-r", p, "-Y", f"udp.port == {sport}", "-T", "fields", "-e", "udp.length")
+        lens += [int(x) for x in r.stdout.split()]
+    assert lens == [8, 12, 8], lens
+
+
 def test_forward_udp_idle_timeout(capd, udp_echo):
     port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{udp_echo.port}", "--udp",
