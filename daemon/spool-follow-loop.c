@@ -27,8 +27,13 @@
 #include "tail.h"
 #include "xmalloc.h"
 
-#define FOLLOW_SUB_MAX (4u << 20)      /* queued bytes at which a follower loses packets */
-#define FOLLOW_SUB_RESUME (1u << 20)   /* ... and below which it gets them again */
+/* Queued bytes at which a follower loses packets: above what one take of the
+ * writer's queue (FOLLOW_Q_MAX, 32 MiB) becomes in base64 JSON, since a take
+ * is sent in one callback, before even a fast reader can read; below the
+ * control connection's own bound (CTL_OUT_MAX, 64 MiB). */
+#define FOLLOW_SUB_MAX (48u << 20)
+#define FOLLOW_SUB_RESUME (8u << 20)   /* ... and below which it gets them again */
+#define FOLLOW_NOTE_RETRY 0.25         /* a loss not yet told is retried this often */
 #define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
 #define FOLLOW_CONN_SUBS 2             /* follows one control connection may hold */
 
@@ -49,6 +54,7 @@ static LIST_HEAD(, follow_sub) follow_list = LIST_HEAD_INITIALIZER(follow_list);
 static struct buf *idb_table;
 static int nidb_table;
 static ev_async follow_async;
+static ev_timer follow_retry;          /* tells losses when no packet comes to carry them */
 static bool follow_started;
 
 
@@ -126,6 +132,34 @@ follow_packet(struct follow_sub *sub, int h, const uint8_t *epb, size_t len)
 		follow_flush(sub);
 }
 
+/* Flushes every follower; a loss that could not be told yet (the follower
+ * still over its bound) is retried on a timer, not left for a next packet
+ * that may never come. */
+static void
+follow_flush_all(void)
+{
+	struct follow_sub *sub;
+	bool untold = false;
+
+	LIST_FOREACH(sub, &follow_list, entry) {
+		follow_flush(sub);
+		untold |= sub->dropped > 0;
+	}
+	if (untold && !ev_is_active(&follow_retry)) {
+		ev_timer_set(&follow_retry, FOLLOW_NOTE_RETRY, FOLLOW_NOTE_RETRY);
+		ev_timer_start(capd_main, &follow_retry);
+	} else if (!untold) {
+		ev_timer_stop(capd_main, &follow_retry);
+	}
+}
+
+static void
+follow_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	follow_flush_all();
+}
+
 static void
 follow_rotated(const char *path)
 {
@@ -176,8 +210,7 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 			break;
 		}
 	}
-	LIST_FOREACH(sub, &follow_list, entry)
-		follow_flush(sub);
+	follow_flush_all();
 	buf_free(&take);
 }
 
@@ -196,6 +229,7 @@ spool_follow_init(void)
 	ev_async_init(&follow_async, follow_async_cb);
 	ev_async_start(capd_main, &follow_async);
 	ev_unref(capd_main);  /* followers alone do not keep capd running */
+	ev_init(&follow_retry, follow_retry_cb);
 	follow_started = true;
 	spool_follow_start(follow_wake);
 }
@@ -206,6 +240,8 @@ follow_gone_cb(void *arg)
 	struct follow_sub *sub = arg;
 
 	LIST_REMOVE(sub, entry);
+	if (LIST_EMPTY(&follow_list))
+		ev_timer_stop(capd_main, &follow_retry);
 	spool_follow_count(-1);
 	buf_free(&sub->out);
 	free(sub->fidx);

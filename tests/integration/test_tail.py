@@ -562,6 +562,57 @@ def test_capture_follow(capd, echo_server, tmp_path):
     assert all(f"capd session {sid}" in x for x in r.stdout.splitlines() if x)
 
 
+
+def test_capture_follow_keeps_up_with_a_burst(capd, echo_server, tmp_path):
+    """A follower writing to a file reads fast: a burst of several MB through two
+    sessions reaches it whole, the writer's handover of up to 8 MiB in one go
+    included."""
+    port = forward(capd, echo_server.port, name="fw")
+    path = tmp_path / "burst.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow"],
+                             stdout=f, stderr=subprocess.PIPE)
+    try:
+        wait_calls(capd, "capture.follow", 1)
+        sent = {}
+
+        def one():
+            s, _ = open_session(capd, port)
+            payload = os.urandom(3 << 20)
+            echoed = bytearray()
+            t = drain(s, echoed)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            t.join(30)
+            s.close()
+            assert bytes(echoed) == payload
+            sent[threading.get_ident()] = payload
+
+        ts = [threading.Thread(target=one) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        capd.wait_sessions(lambda ss: sum(x["state"] == "closed" for x in ss) == 2)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            r = tshark("-r", path, "-Y", "tcp.flags.fin == 1", "-T", "fields", "-e", "frame.number")
+            if len(r.stdout.split()) >= 4:
+                break
+            time.sleep(0.2)
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=5)
+    assert b"dropped" not in err, err
+    from conftest import follow_tcp
+    got = set()
+    for stream in (0, 1):
+        up, down = follow_tcp(path, stream)
+        assert up == down, (stream, len(up), len(down))
+        got.add(up)
+    assert got == set(sent.values())
+
+
 def test_capture_follow_pipe_ends_with_reader(capd, echo_server):
     port = forward(capd, echo_server.port)
     p = subprocess.Popen(f"'{CAPCTL}' -s '{capd.sock}' capture follow | tshark -r - -c 3 -T fields -e tcp.flags; "
