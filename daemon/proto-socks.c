@@ -388,6 +388,17 @@ socks_local_addr(struct session *s, const struct sockaddr *dst, struct sockaddr_
 }
 
 /* Listens where the upstream would connect from and sends the first reply. */
+/* BIND's waits (the name, then the peer) have their own clock, connect_timeout,
+ * which ends in a failure reply; the handshake's would end in silence. */
+static void
+socks_bind_clock(struct session *s, struct socks_bind *b)
+{
+	ev_timer_stop(capd_loop, &b->timer);
+	ev_timer_set(&b->timer, s->inst->connect_timeout > 0 ? s->inst->connect_timeout : 10., 0.);
+	b->timer.data = s;
+	ev_timer_start(capd_loop, &b->timer);
+}
+
 static void
 socks_bind_listen(struct session *s, const struct sockaddr *dst)
 {
@@ -424,9 +435,7 @@ socks_bind_listen(struct session *s, const struct sockaddr *dst)
 	ev_io_start(capd_loop, &b->io);
 	/* the peer's wait has its own clock (connect_timeout), with a failure reply at the end */
 	session_set_deadline(s, 0);
-	ev_timer_init(&b->timer, socks_bind_timeout_cb, s->inst->connect_timeout > 0 ? s->inst->connect_timeout : 10., 0.);
-	b->timer.data = s;
-	ev_timer_start(capd_loop, &b->timer);
+	socks_bind_clock(s, b);
 	if (sk->ver == 5)
 		session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&local));
 	else
@@ -461,6 +470,8 @@ socks_bind_start(struct session *s, const struct socks_req *r)
 	if (r->atyp == SOCKS_ATYP_NAME) {
 		b->any = false;
 		snprintf(s->target_name, sizeof s->target_name, "%s:%u", r->host, r->port);
+		session_set_deadline(s, 0);
+		socks_bind_clock(s, b);
 		b->rq = resolve_start(r->host, r->port, socks_bind_resolved_cb, s);
 		return;
 	}
@@ -698,6 +709,12 @@ socks_input(struct session *s)
 				session_close(s, "closed");
 			return;
 		default:
+			/* a client gone while BIND waits for its peer: nobody would take the
+			 * peer's connection, so stop listening now, not at connect_timeout */
+			if (sk->stage == SOCKS_ST_BIND && s->client_eof) {
+				session_close(s, "client closed during BIND");
+				return;
+			}
 			/* connecting or waiting for the BIND peer: early bytes wait in hs_in
 			 * for the relay; once it is full the client waits (relay_start reads on) */
 			if (buf_used(&s->hs_in) >= SOCKS_HS_MAX)

@@ -471,6 +471,21 @@ def test_bind_not_intercepted_on_tls_instance(capd):
     srv.close()
 
 
+
+def test_bind_ends_when_its_client_goes(capd):
+    """A client that closes while BIND waits for its peer ends the wait at once:
+    the announced port stops listening and no peer is taken for nobody."""
+    port = add_socks(capd, "--connect-timeout", "30")
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    c.close()
+    s = last_session(capd, timeout=5)
+    assert "client closed during BIND" in s["reason"], s
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((bhost, bport), timeout=5)
+
+
 def test_bind_timeout_gets_failure_reply(capd):
     port = add_socks(capd, "--connect-timeout", "1")
     c = s5_open(port)
