@@ -246,7 +246,10 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 
 		if (cur && !cur->from_config) {
 			/* a name now used by a capctl instance cannot come from the file too */
-			capd_errs_add(&r->errs, xasprintf("[%s] is an instance added by capctl; remove it first", name));
+			char *where = capd_conf_where(c, e);
+			capd_errs_add(&r->errs, xasprintf("%s: the name of an instance added by capctl; remove that first",
+			                                  where));
+			free(where);
 		} else if (cur == NULL) {
 			struct capd_reload_add *a = xcalloc(1, sizeof *a);
 
@@ -415,9 +418,10 @@ main(int argc, char **argv)
 	if (optind != argc)
 		usage();
 
-	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL) {
+	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check_system(capd_conf, &why) < 0) {
 		fprintf(stderr, "capd: %s\n", why);
 		free(why);
+		conf_free(capd_conf);
 		return 1;
 	}
 	if (test_only) {

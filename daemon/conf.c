@@ -6,12 +6,15 @@
 #include "conf.h"
 
 #include <errno.h>
+#include <grp.h>
 #include <ini.h>
 #include <libgen.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "instance.h"
 #include "log.h"
@@ -115,6 +118,7 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 		return;
 	}
 	json_object_set_new(cp->seen_capd, key, json_true());
+	json_object_set_new(cp->c->capd_lines, key, json_integer(cp->line));
 	if (!strcmp(key, "control"))
 		conf_set_str(&st->control, conf_path(cp, v));
 	else if (!strcmp(key, "control_group"))
@@ -431,6 +435,7 @@ conf_new(const char *name)
 	c->file = xstrdup(name);
 	conf_settings_defaults(&c->settings);
 	c->instances = json_array();
+	c->capd_lines = json_object();
 	return c;
 }
 
@@ -481,6 +486,27 @@ conf_free(struct conf *c)
 		return;
 	conf_settings_free(&c->settings);
 	json_decref(c->instances);
+	json_decref(c->capd_lines);
 	free(c->file);
 	free(c);
+}
+
+int
+conf_check_system(const struct conf *c, char **why)
+{
+	const struct capd_settings *st = &c->settings;
+	int line;
+
+	/* as privdrop() decides: only root switches user */
+	if (st->user && geteuid() == 0 && getpwnam(st->user) == NULL) {
+		line = (int)json_integer_value(json_object_get(c->capd_lines, "user"));
+		*why = xasprintf("%s:%d: user = %s: no such user", c->file, line, st->user);
+		return -1;
+	}
+	if (st->control_group && getgrnam(st->control_group) == NULL) {
+		line = (int)json_integer_value(json_object_get(c->capd_lines, "control_group"));
+		*why = xasprintf("%s:%d: control_group = %s: no such group", c->file, line, st->control_group);
+		return -1;
+	}
+	return 0;
 }

@@ -15,6 +15,7 @@ struct conf {
 	char *file;
 	struct capd_settings settings;
 	json_t *instances;  /* [{"params":{...}, "lines":{key:line}, "line":N}] in file order */
+	json_t *capd_lines; /* {key: line} of the [capd] keys set */
 };
 
 /* Parses and validates the whole file (instances included) without opening anything. */
@@ -22,6 +23,9 @@ struct conf *conf_load(const char *path, char **why);
 /* Parses from memory; name is used in messages (tests and fuzzing). */
 struct conf *conf_load_string(const char *text, const char *name, const char *base_dir, char **why);
 void conf_free(struct conf *c);
+/* What only the system can tell (capd -t and start-up, where waiting is fine):
+ * the user to switch to (as root) and the control group exist. */
+int conf_check_system(const struct conf *c, char **why);
 /* Defaults for [capd], with paths under base. */
 void conf_settings_defaults(struct capd_settings *st);
 void conf_settings_free(struct capd_settings *st);

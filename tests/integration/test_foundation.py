@@ -281,7 +281,9 @@ def test_config_instance_that_cannot_start(capd_factory, echo_server):
         assert r.returncode == 1
         line = c.conf_path.read_text().splitlines().index("[forward busy]") + 1
         assert f"capd.conf:{line}: [forward busy]: port {taken} is in use" in r.stderr, r.stderr
-        assert "[live] is an instance added by capctl; remove it first" in r.stderr, r.stderr
+        line = c.conf_path.read_text().splitlines().index("[forward live]") + 1
+        assert (f"capd.conf:{line}: [forward live]: the name of an instance added by capctl; remove that first"
+                in r.stderr), r.stderr
         got = {i["name"]: i for i in c.ctl("list", json_out=True)}
         assert sorted(got) == ["a", "b", "live"]
         assert got["live"]["origin"] == "capctl" and got["live"]["listen"] == f"127.0.0.1:{p2}"
@@ -400,6 +402,15 @@ def capd_t(tmp_path, text):
     f.write_text(text)
     r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True)
     return r.returncode, r.stderr.replace(str(f), "t.conf")
+
+
+def test_capd_t_asks_the_system(tmp_path):
+    """What start-up would refuse, capd -t refuses too, with the line."""
+    rc, err = capd_t(tmp_path, "[capd]\nspool = /tmp/x\ncontrol_group = no-such-group-capd\n")
+    assert rc == 1 and "t.conf:3: control_group = no-such-group-capd: no such group" in err, err
+    if os.geteuid() == 0:
+        rc, err = capd_t(tmp_path, "[capd]\nuser = no-such-user-capd\n")
+        assert rc == 1 and "t.conf:2: user = no-such-user-capd: no such user" in err, err
 
 
 def test_capd_t_sections_and_lines(tmp_path):
