@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -319,8 +320,15 @@ ctl_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	(void)loop; (void)revents;
 	n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
 	if (n == 0) {
-		/* a half-close ends the requests, not the replies (echo ... | socat - UNIX-CONNECT:...);
-		 * a last request without its newline is complete too */
+		/* gone altogether (its subscriptions and trace end with it), or only
+		 * half-closed: that ends the requests, not the replies (echo ... |
+		 * socat - UNIX-CONNECT:...), and a last request without its newline
+		 * is complete too. A stream socket whose peer closed polls as hung up. */
+		struct pollfd pfd = { .fd = c->fd, .events = POLLOUT };
+		if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLHUP | POLLERR))) {
+			ctl_conn_kill(c);
+			return;
+		}
 		c->rd_eof = true;
 		ev_io_stop(capd_main, &c->rio);
 		ev_timer_stop(capd_main, &c->timer);
