@@ -29,7 +29,8 @@ struct client *client_open(const struct ctl_opts *o);  /* prints "cannot reach c
 void client_close(struct client *c);
 /* Sends a request; returns its id. params is stolen. */
 long client_send(struct client *c, const char *method, json_t *params);
-/* Next message from capd (reply or notification), or NULL at EOF/error. Caller owns. */
+/* Next message from capd (reply or notification), of any size. Caller owns.
+ * NULL at EOF or on an error, which it has printed ("capctl: capd closed the connection"). */
 json_t *client_next(struct client *c);
 /* Calls method and waits for its reply. On error prints "capctl: message" and returns CTL_FAIL.
  * *result is set (caller owns) on success. params is stolen. */

@@ -1,5 +1,6 @@
 /* The connection to capd: blocking, one request at a time, notifications passed on. */
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,7 +40,9 @@ client_open(const struct ctl_opts *o)
 	c = xcalloc(1, sizeof *c);
 	c->fd = fd;
 	c->next_id = 1;
-	rpc_framer_init(&c->framer, 0);
+	/* capd caps what it reads, not what it answers: a list of thousands of
+	 * sessions is one line of many MiB, and capctl reads it whole */
+	rpc_framer_init(&c->framer, SIZE_MAX);
 	return c;
 }
 
@@ -77,6 +80,18 @@ client_send(struct client *c, const char *method, json_t *params)
 	return id;
 }
 
+/* One line of capd's as JSON; prints why and returns NULL when it is not. */
+static json_t *
+client_parse(const char *line, size_t len)
+{
+	json_error_t err;
+	json_t *m = json_loadb(line, len, 0, &err);
+
+	if (m == NULL)
+		fprintf(stderr, "capctl: capd sent something that is not JSON: %s\n", err.text);
+	return m;
+}
+
 json_t *
 client_next(struct client *c)
 {
@@ -85,21 +100,24 @@ client_next(struct client *c)
 
 	for (;;) {
 		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
-		if (fr == RPC_FRAME_LINE) {
-			json_error_t err;
-			json_t *m = json_loadb(line, len, 0, &err);
-			if (m)
-				return m;
-			fprintf(stderr, "capctl: capd sent something that is not JSON: %s\n", err.text);
+		if (fr == RPC_FRAME_LINE)
+			return client_parse(line, len);
+		if (fr == RPC_FRAME_TOO_LONG) {
+			/* skipping it would leave us waiting for a reply that was just dropped */
+			fprintf(stderr, "capctl: capd sent a message too long to read\n");
 			return NULL;
 		}
-		if (fr == RPC_FRAME_TOO_LONG)
-			continue;
 		ssize_t n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n <= 0)
+		if (n < 0) {
+			fprintf(stderr, "capctl: lost capd: %s\n", strerror(errno));
 			return NULL;
+		}
+		if (n == 0) {
+			fprintf(stderr, "capctl: capd closed the connection\n");
+			return NULL;
+		}
 		buf_commit(&c->framer.in, (size_t)n);
 	}
 }
@@ -111,10 +129,8 @@ client_wait(struct client *c, long id, json_t **result, void (*cb)(json_t *note,
 		json_t *m = client_next(c);
 		json_t *mid, *err;
 
-		if (m == NULL) {
-			fprintf(stderr, "capctl: capd closed the connection\n");
-			return CTL_FAIL;
-		}
+		if (m == NULL)
+			return CTL_FAIL;  /* client_next said why */
 		mid = json_object_get(m, "id");
 		if (mid == NULL && json_object_get(m, "method")) {
 			if (cb)

@@ -2,9 +2,11 @@
  * capctl add TYPE --port P [--bind A] [--name N] [type options]:
  * options map one to one onto instance parameters (the config keys).
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "addr.h"
 #include "capctl.h"
@@ -16,7 +18,12 @@ enum opt_kind {
 	OPT_REPEAT,  /* --auth X, may repeat: a list */
 };
 
-enum opt_check { CHK_NONE, CHK_HOSTPORT, CHK_UPSTREAM, CHK_SIZE, CHK_DURATION, CHK_UINT };
+enum opt_check {
+	CHK_NONE, CHK_HOSTPORT, CHK_UPSTREAM, CHK_SIZE, CHK_DURATION, CHK_UINT,
+	CHK_ROUTE,   /* PATTERN=HOST:PORT */
+	CHK_ANSWER,  /* PATTERN=ADDRESS */
+	CHK_PATH,    /* a file capd opens: sent absolute */
+};
 
 struct add_opt {
 	const char *type;   /* NULL: every type */
@@ -40,14 +47,14 @@ static const struct add_opt add_opts[] = {
 	{ "forward", "--to", "to", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "forward", "--udp", "udp", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks http", "--auth", "auth", OPT_REPEAT, CHK_NONE, NULL },
-	{ "socks http", "--users", "users", OPT_VALUE, CHK_NONE, NULL },
+	{ "socks http", "--users", "users", OPT_VALUE, CHK_PATH, NULL },
 	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
 	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_NONE, NULL },
 	{ "http reverse", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
-	{ "reverse", "--route", "route", OPT_REPEAT, CHK_NONE, NULL },
+	{ "reverse", "--route", "route", OPT_REPEAT, CHK_ROUTE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
-	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_NONE, NULL },
+	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_ANSWER, NULL },
 	{ "dns", "--upstream", "upstream", OPT_VALUE, CHK_UPSTREAM, NULL },
 	{ "dns", "--ttl", "ttl", OPT_VALUE, CHK_UINT, NULL },
 	{ "sniff", "--interface", "interface", OPT_VALUE, CHK_NONE, NULL },
@@ -75,19 +82,97 @@ opt_for_type(const struct add_opt *ao, const char *type)
 	return false;
 }
 
+/* To stdout for --help, to stderr after a mistake. */
 static void
-add_usage(const char *type)
+add_usage(FILE *f, const char *type)
 {
-	fprintf(stderr, "usage: capctl add %s %s[--bind ADDR] [--name NAME]", type,
+	fprintf(f, "usage: capctl add %s %s[--bind ADDR] [--name NAME]", type,
 	        strcmp(type, "sniff") ? "--port PORT " : "");
 	for (size_t i = 0; i < sizeof add_opts / sizeof add_opts[0]; i++)
 		if (add_opts[i].type && opt_for_type(&add_opts[i], type))
-			fprintf(stderr, " [%s%s]", add_opts[i].opt, add_opts[i].kind == OPT_FLAG ? "" : " X");
-	fprintf(stderr, " [--expose] [--no-capture] [--idle-timeout T] [--connect-timeout T]\n");
+			fprintf(f, " [%s%s]", add_opts[i].opt, add_opts[i].kind == OPT_FLAG ? "" : " X");
+	fprintf(f, " [--expose] [--no-capture] [--idle-timeout T] [--connect-timeout T]\n");
 }
 
+static void
+add_usage_types(FILE *f)
+{
+	fprintf(f, "usage: capctl add TYPE [options]   (TYPE: forward socks http reverse dns sniff;"
+	           " capctl add TYPE --help)\n");
+}
+
+/* An IPv4 or IPv6 address, IPv6 maybe in brackets, copied to out without them; -1 when s is none. */
 static int
-add_check(const struct add_opt *ao, const char *v)
+add_ip_literal(const char *s, char *out, size_t n)
+{
+	size_t len = strlen(s);
+
+	if (len > 2 && s[0] == '[' && s[len - 1] == ']') {
+		s++;
+		len -= 2;
+	}
+	if (len >= n)
+		return -1;
+	memcpy(out, s, len);
+	out[len] = '\0';
+	return addr_is_ip_literal(out) ? 0 : -1;
+}
+
+/* capd opens the file itself, from its own working directory ("/" under
+ * systemd): a relative path must become the file the user meant, here. */
+static int
+add_path(const struct add_opt *ao, const char *v, json_t **out)
+{
+	struct stat st;
+	char *full;
+
+	if (stat(v, &st) < 0) {
+		/* capd may read where the user cannot look: an absolute path is its to try */
+		if (errno != EACCES || v[0] != '/')
+			return usage_error("%s: %s: %s", ao->opt, v, strerror(errno));
+	} else if (S_ISDIR(st.st_mode)) {
+		return usage_error("%s: %s is a folder, not a file", ao->opt, v);
+	}
+	if (v[0] == '/') {
+		*out = json_string(v);
+		return 0;
+	}
+	if ((full = realpath(v, NULL)) == NULL)
+		return usage_error("%s: %s: %s", ao->opt, v, strerror(errno));
+	*out = json_string(full);
+	free(full);
+	return 0;
+}
+
+/* --route PATTERN=HOST:PORT and --answer PATTERN=ADDRESS: the address after the '='
+ * (the first for a route, the last for an answer, as capd splits them). The
+ * pattern is left to capd. */
+static int
+add_rule(const struct add_opt *ao, const char *v)
+{
+	const char *eq = ao->check == CHK_ROUTE ? strchr(v, '=') : strrchr(v, '=');
+	struct hostport hp;
+	char ip[ADDR_STRLEN], *why = NULL;
+	int rc;
+
+	if (eq == NULL || eq == v)
+		return usage_error("%s: bad rule '%s': expected PATTERN=%s", ao->opt, v,
+		                   ao->check == CHK_ROUTE ? "HOST:PORT" : "ADDRESS");
+	if (ao->check == CHK_ANSWER)
+		return add_ip_literal(eq + 1, ip, sizeof ip) < 0
+		               ? usage_error("%s: bad address '%s' in '%s' (an IPv4 or IPv6 address)", ao->opt, eq + 1, v)
+		               : 0;
+	if (hostport_parse(eq + 1, &hp, &why) < 0) {
+		rc = usage_error("%s: %s", ao->opt, why);
+		free(why);
+		return rc;
+	}
+	return 0;
+}
+
+/* What capctl can reject itself (exit 2); on success *out is the value to send. */
+static int
+add_check(const struct add_opt *ao, const char *v, json_t **out)
 {
 	struct hostport hp;
 	char *why = NULL;
@@ -109,9 +194,56 @@ add_check(const struct add_opt *ao, const char *v)
 		return value_duration(v, &d) < 0 ? usage_error("%s: bad duration '%s'", ao->opt, v) : 0;
 	case CHK_UINT:
 		return value_uint(v, UINT32_MAX, &u) < 0 ? usage_error("%s: bad number '%s'", ao->opt, v) : 0;
+	case CHK_ROUTE:
+	case CHK_ANSWER:
+		return add_rule(ao, v);
+	case CHK_PATH:
+		return add_path(ao, v, out);
 	case CHK_NONE:
 		break;
 	}
+	return 0;
+}
+
+static int
+add_value(const struct add_opt *ao, const char *v, json_t **out)
+{
+	int rc;
+
+	*out = NULL;
+	if ((rc = add_check(ao, v, out)) != 0)
+		return rc;
+	if (*out == NULL)
+		*out = json_string(v);
+	return 0;
+}
+
+/* --port and --bind into capd's listen address. capd listens on IP addresses
+ * only (its listen also takes "*" and "localhost"), so a name or a typo is a
+ * malformed value capctl refuses itself. */
+static int
+add_listen(json_t *params, const char *type, const char *port, const char *bind)
+{
+	char ip[ADDR_STRLEN], listen[ADDR_STRLEN + 8];
+	uint64_t p;
+
+	if (port == NULL) {
+		add_usage(stderr, type);
+		return usage_error("add %s needs --port", type);
+	}
+	if (value_uint(port, 65535, &p) < 0 || p == 0)
+		return usage_error("--port: bad port '%s' (1 to 65535)", port);
+	if (bind == NULL)
+		bind = "127.0.0.1";
+	if (!strcmp(bind, "*") || !strcmp(bind, "localhost"))
+		snprintf(ip, sizeof ip, "%s", bind);
+	else if (add_ip_literal(bind, ip, sizeof ip) < 0)
+		return usage_error("--bind: bad address '%s' (an IPv4 or IPv6 address)", bind);
+	if (strchr(ip, ':'))
+		snprintf(listen, sizeof listen, "[%s]:%u", ip, (unsigned)p);
+	else
+		snprintf(listen, sizeof listen, "%s:%u", ip, (unsigned)p);
+	json_object_set_new(params, "listen", json_string(listen));
 	return 0;
 }
 
@@ -122,8 +254,12 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 	json_t *params, *result = NULL;
 	int t, rc;
 
+	if (argc >= 2 && !strcmp(argv[1], "--help")) {
+		add_usage_types(stdout);
+		return CTL_OK;
+	}
 	if (argc < 2) {
-		fprintf(stderr, "usage: capctl add TYPE [options]   (TYPE: forward socks http reverse dns sniff)\n");
+		add_usage_types(stderr);
 		return CTL_USAGE;
 	}
 	t = word_match(argv[1], add_types, NTYPES);
@@ -135,7 +271,13 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 		const char *arg = argv[i], *val = NULL;
 		char optbuf[64];
 		const char *eq = strchr(arg, '=');
+		json_t *jv;
 
+		if (!strcmp(arg, "--help")) {
+			json_decref(params);
+			add_usage(stdout, type);
+			return CTL_OK;
+		}
 		/* --opt=value is the same as --opt value */
 		if (eq && arg[0] == '-' && (size_t)(eq - arg) < sizeof optbuf) {
 			memcpy(optbuf, arg, (size_t)(eq - arg));
@@ -162,7 +304,7 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 			}
 		if (ao == NULL) {
 			json_decref(params);
-			add_usage(type);
+			add_usage(stderr, type);
 			return usage_error("unknown option %s for add %s", arg, type);
 		}
 		if (ao->kind == OPT_FLAG) {
@@ -178,7 +320,7 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 				goto missing;
 			val = argv[++i];
 		}
-		if ((rc = add_check(ao, val)) != 0) {
+		if ((rc = add_value(ao, val, &jv)) != 0) {
 			json_decref(params);
 			return rc;
 		}
@@ -186,13 +328,14 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 			json_t *list = json_object_get(params, ao->key);
 			if (list == NULL)
 				json_object_set_new(params, ao->key, list = json_array());
-			json_array_append_new(list, json_string(val));
+			json_array_append_new(list, jv);
 		} else {
 			if (json_object_get(params, ao->key)) {
+				json_decref(jv);
 				json_decref(params);
 				return usage_error("%s given twice", ao->opt);
 			}
-			json_object_set_new(params, ao->key, json_string(val));
+			json_object_set_new(params, ao->key, jv);
 		}
 		continue;
 missing:
@@ -201,36 +344,22 @@ missing:
 	}
 
 	if (strcmp(type, "sniff") != 0) {
-		uint64_t p;
-		char listen[ADDR_STRLEN + 8];
-		if (port == NULL) {
+		if ((rc = add_listen(params, type, port, bind)) != 0) {
 			json_decref(params);
-			add_usage(type);
-			return usage_error("add %s needs --port", type);
+			return rc;
 		}
-		if (value_uint(port, 65535, &p) < 0 || p == 0) {
-			json_decref(params);
-			return usage_error("--port: bad port '%s' (1 to 65535)", port);
-		}
-		if (bind == NULL)
-			bind = "127.0.0.1";
-		if (strchr(bind, ':') && bind[0] != '[')
-			snprintf(listen, sizeof listen, "[%s]:%s", bind, port);
-		else
-			snprintf(listen, sizeof listen, "%s:%s", bind, port);
-		json_object_set_new(params, "listen", json_string(listen));
 	} else if (port || bind) {
 		json_decref(params);
 		return usage_error("a sniffer has no --port or --bind");
 	}
 	if (!strcmp(type, "forward") && json_object_get(params, "to") == NULL) {
 		json_decref(params);
-		add_usage(type);
+		add_usage(stderr, type);
 		return usage_error("add forward needs --to HOST:PORT");
 	}
 	if (!strcmp(type, "sniff") && json_object_get(params, "interface") == NULL) {
 		json_decref(params);
-		add_usage(type);
+		add_usage(stderr, type);
 		return usage_error("add sniff needs --interface IFACE");
 	}
 

@@ -108,7 +108,6 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 		const char *method;
 
 		if (m == NULL) {
-			fprintf(stderr, "capctl: capd closed the connection\n");
 			client_close(c);
 			return CTL_FAIL;
 		}

@@ -240,7 +240,6 @@ tail_follow(struct client *c, void (*cb)(json_t *m, void *arg), struct tail_out 
 	while (!t->ended) {
 		json_t *m = client_next(c);
 		if (m == NULL) {
-			fprintf(stderr, "capctl: capd closed the connection\n");
 			client_close(c);
 			return CTL_FAIL;
 		}

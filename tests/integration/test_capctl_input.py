@@ -1,0 +1,224 @@
+"""capctl's own side of its contract: replies of any size, `add TYPE --help`,
+addresses it can reject itself (exit 2), and --users paths made absolute."""
+
+import json
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from conftest import CAPCTL, free_port
+
+ADD_TYPES = ("forward", "socks", "http", "reverse", "dns", "sniff")
+
+
+def capctl(*args, sock, cwd=None, timeout=20):
+    """Runs capctl; a capctl that hangs fails the test instead of holding up the run."""
+    try:
+        return subprocess.run([str(CAPCTL), "-s", str(sock), *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"capctl {' '.join(map(str, args))} hung for {timeout}s")
+
+
+class FakeCapd:
+    """A control socket that answers the first request of each connection with reply(request)
+    (bytes, sent as they are), then holds the connection open as capd does (hold) or closes it."""
+
+    def __init__(self, path, reply, hold=True):
+        self.reply, self.hold = reply, hold
+        self.done = threading.Event()
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
+        self.thread.start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return  # shut down
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        with c:
+            data = b""
+            while b"\n" not in data:
+                d = c.recv(65536)
+                if not d:
+                    return
+                data += d
+            try:
+                c.sendall(self.reply(json.loads(data.split(b"\n")[0])))
+            except OSError:
+                return
+            if self.hold:
+                self.done.wait(60)
+
+    def close(self):
+        self.done.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_capd(tmp_path):
+    """fake_capd(reply, hold=True) -> the socket path of a FakeCapd."""
+    made = []
+
+    def make(reply, hold=True):
+        path = tmp_path / f"fake{len(made)}.sock"
+        made.append(FakeCapd(path, reply, hold))
+        return path
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def sessions_of(size):
+    """Session objects (the shape in DESIGN.md) adding up to more than size bytes of JSON."""
+    out, total = [], 0
+    while total <= size:
+        i = len(out) + 1
+        s = {"id": i, "instance": "socks-1080", "proto": "socks5", "client": f"127.0.0.1:{10000 + i % 50000}",
+             "target": f"host{i}.example.test:443", "state": "open", "bytes_up": i, "bytes_down": 2 * i,
+             "started": "2026-11-25T20:21:03Z"}
+        out.append(s)
+        total += len(json.dumps(s)) + 1
+    return out
+
+
+def session_list_reply(sessions, cut=False):
+    def reply(req):
+        assert req["method"] == "session.list"
+        line = json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": sessions}).encode() + b"\n"
+        return line[:len(line) // 2] if cut else line
+    return reply
+
+
+# ---------------------------------------------------------------- replies over 1 MiB
+
+def test_sessions_reply_over_1mib(fake_capd):
+    """capd answers session.list in one line, past 1 MiB with ~5,000 sessions: capctl
+    used to skip such a line as too long and wait for ever for the reply."""
+    sessions = sessions_of(2 * 1024 * 1024)
+    sock = fake_capd(session_list_reply(sessions))
+    r = capctl("--json", "sessions", sock=sock)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == sessions
+    r = capctl("sessions", sock=sock)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[0] == "ID" and len(lines) == len(sessions) + 1
+    assert lines[-1].split()[:2] == [str(len(sessions)), "socks-1080"]
+
+
+def test_reply_cut_short_is_an_error(fake_capd):
+    """Half a long reply and then EOF: one message and exit 1, no hang."""
+    sock = fake_capd(session_list_reply(sessions_of(2 * 1024 * 1024), cut=True), hold=False)
+    r = capctl("sessions", sock=sock)
+    assert r.returncode == 1
+    assert r.stderr == "capctl: capd closed the connection\n"
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------- add TYPE --help
+
+@pytest.mark.parametrize("typ", ADD_TYPES)
+def test_add_help(tmp_path, typ):
+    """capctl(1), the usage line and the completion offer `add TYPE --help`; it used to
+    print the options and then call --help an unknown option (exit 2). No capd needed."""
+    for args in (["add", typ, "--help"], ["add", typ, "--port", "1", "--help"]):
+        r = capctl(*args, sock=tmp_path / "none.sock")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert r.stdout.startswith(f"usage: capctl add {typ} ")
+    assert ("--port PORT" in r.stdout) == (typ != "sniff")
+    want = {"forward": "--to", "socks": "--users", "http": "--connect-ports", "reverse": "--route",
+            "dns": "--answer", "sniff": "--interface"}[typ]
+    assert want in r.stdout
+
+
+def test_add_help_without_type(tmp_path):
+    r = capctl("add", "--help", sock=tmp_path / "none.sock")
+    assert r.returncode == 0 and r.stderr == ""
+    assert "forward socks http reverse dns sniff" in r.stdout
+    r = capctl("add", sock=tmp_path / "none.sock")
+    assert r.returncode == 2 and r.stdout == "" and "usage" in r.stderr
+
+
+# ---------------------------------------------------------------- malformed addresses: exit 2
+
+@pytest.mark.parametrize("bind", ["999.1.1.1", "1.2.3", "::g", "[::1", "example.test", "127.0.0.1:80", ""])
+def test_add_bad_bind_is_usage_error(capd, bind):
+    """capctl(1): exit 2 for a malformed address. capd refused it, exit 1."""
+    r = capd.ctl("add", "socks", "--port", free_port(), "--bind", bind, check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("capctl: --bind: bad address") and repr(bind) in r.stderr.replace('"', "'")
+    assert capd.ctl("list", json_out=True) == []
+
+
+@pytest.mark.parametrize("bind,listen", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("[::1]", "[::1]")])
+def test_add_good_bind(capd, bind, listen):
+    port = free_port(host=bind.strip("[]"))
+    out = capd.ctl("--json", "add", "socks", "--port", port, "--bind", bind).stdout
+    assert json.loads(out)["listen"] == f"{listen}:{port}"
+
+
+@pytest.mark.parametrize("typ,args", [
+    ("reverse", ["--route", "a.test=nope"]),
+    ("reverse", ["--route", "a.test=[::g]:80"]),
+    ("reverse", ["--route", "a.test"]),
+    ("dns", ["--answer", "a.test=999.1.1.1"]),
+    ("dns", ["--answer", "a.test=host.test"]),
+    ("dns", ["--answer", "a.test"]),
+])
+def test_add_bad_rule_address_is_usage_error(capd, typ, args):
+    """The addresses inside --route and --answer rules, as --to's already were."""
+    r = capd.ctl("add", typ, "--port", free_port(), *args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"capctl: {args[0]}: ")
+    assert capd.ctl("list", json_out=True) == []
+
+
+def test_add_good_rules(capd):
+    capd.ctl("add", "reverse", "--port", free_port(), "--route", "a.test=127.0.0.1:80",
+             "--route", "*.b.test=[::1]:8080", "--default", "c.test:80")
+    capd.ctl("add", "dns", "--port", free_port(), "--answer", "a.test=127.0.0.1", "--answer", "*=[::1]")
+    assert len(capd.ctl("list", json_out=True)) == 2
+
+
+# ---------------------------------------------------------------- --users FILE: absolute
+
+@pytest.mark.parametrize("typ", ["socks", "http"])
+def test_add_users_relative_path(capd, tmp_path, typ):
+    """capd opens the file from its own working directory (/ under systemd): a path relative
+    to the user's was not found there, exit 1. Here capctl runs in a folder capd is not in."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "capctl-users.txt").write_text("bob:one\neve:two\n")
+    for i, users in enumerate((["--users", "sub/capctl-users.txt"], ["--users=./sub/../sub/capctl-users.txt"])):
+        r = capctl("add", typ, "--port", free_port(), "--name", f"u{i}", *users, sock=capd.sock, cwd=work)
+        assert r.returncode == 0, r.stderr + capd.log()[-2000:]
+    insts = capd.ctl("list", json_out=True)
+    assert len(insts) == 2
+    # socks counts its users; http says whether it asks for any
+    assert all(i["users"] == 2 if typ == "socks" else i["auth"] is True for i in insts)
+
+
+def test_add_users_missing_file(capd, tmp_path):
+    for path, why in (("no-such-users.txt", "No such file or directory"),
+                      (str(tmp_path / "nope" / "users"), "No such file or directory"),
+                      (str(tmp_path), "is a folder")):
+        r = capctl("add", "socks", "--port", free_port(), "--users", path, sock=capd.sock, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"capctl: --users: {path}") and why in r.stderr
+    assert capd.ctl("list", json_out=True) == []
