@@ -117,7 +117,8 @@ dns_msg_header_reply(const uint8_t *p, int rcode, size_t *outlen)
 	return out;
 }
 
-/* A reply skeleton for a parsed query: id, flags, the question, OPT when the client sent one. */
+/* A reply skeleton for a parsed query: id, flags, the question, OPT (version 0) when the client sent one.
+ * An extended rcode (BADVERS) keeps its low 4 bits in the header and the rest in the OPT. */
 static ldns_pkt *
 dns_msg_reply_new(const ldns_pkt *qp, const ldns_rr *qrr, int rcode)
 {
@@ -129,14 +130,16 @@ dns_msg_reply_new(const ldns_pkt *qp, const ldns_rr *qrr, int rcode)
 	ldns_pkt_set_rd(a, ldns_pkt_rd(qp));
 	ldns_pkt_set_cd(a, ldns_pkt_cd(qp));
 	ldns_pkt_set_ra(a, true);
-	ldns_pkt_set_rcode(a, (uint8_t)rcode);
+	ldns_pkt_set_rcode(a, (uint8_t)(rcode & 0x0f));
 	if (qrr) {
 		ldns_rr *qc = ldns_rr_clone(qrr);
 		ldns_rr_set_question(qc, true);
 		ldns_pkt_push_rr(a, LDNS_SECTION_QUESTION, qc);
 	}
-	if (ldns_pkt_edns(qp))
+	if (ldns_pkt_edns(qp)) {
 		ldns_pkt_set_edns_udp_size(a, DNS_EDNS_SIZE);
+		ldns_pkt_set_edns_extended_rcode(a, (uint8_t)(rcode >> 4));
+	}
 	return a;
 }
 
@@ -227,6 +230,48 @@ dns_question_fill(struct dns_question *q, const ldns_pkt *qp, const ldns_rr *qrr
 		q->udp_max = ldns_pkt_edns_udp_size(qp);
 }
 
+/* OPT records in the additional section of p, which ldns parsed: it keeps only the last one. */
+static unsigned
+dns_msg_opt_count(const uint8_t *p, size_t n)
+{
+	static const ldns_pkt_section sections[] = { LDNS_SECTION_QUESTION, LDNS_SECTION_ANSWER,
+	                                             LDNS_SECTION_AUTHORITY, LDNS_SECTION_ADDITIONAL };
+	size_t pos = DNS_HEADER_LEN;
+	unsigned opts = 0;
+
+	for (size_t s = 0; s < 4; s++) {
+		unsigned count = (unsigned)(p[4 + 2 * s] << 8 | p[5 + 2 * s]);
+		for (unsigned i = 0; i < count; i++) {
+			ldns_rr *rr = NULL;
+			if (ldns_wire2rr(&rr, p, n, &pos, sections[s]) != LDNS_STATUS_OK)
+				return opts;  /* cannot happen after ldns_wire2pkt took it */
+			if (sections[s] == LDNS_SECTION_ADDITIONAL && ldns_rr_get_type(rr) == LDNS_RR_TYPE_OPT)
+				opts++;
+			ldns_rr_free(rr);
+		}
+	}
+	return opts;
+}
+
+/* RFC 6891 for a query capd answers itself: the rcode its OPT records call for, q->why set when not NOERROR. */
+static int
+dns_msg_edns_rcode(const ldns_pkt *qp, const uint8_t *p, size_t n, struct dns_question *q)
+{
+	unsigned opts;
+
+	if (!ldns_pkt_edns(qp))
+		return LDNS_RCODE_NOERROR;
+	if ((opts = dns_msg_opt_count(p, n)) > 1) {
+		snprintf(q->why, sizeof q->why, "FORMERR: %u OPT records", opts);
+		return LDNS_RCODE_FORMERR;
+	}
+	if (ldns_pkt_edns_version(qp) > 0) {
+		snprintf(q->why, sizeof q->why, "BADVERS: EDNS version %u", ldns_pkt_edns_version(qp));
+		return DNS_RCODE_BADVERS;
+	}
+	return LDNS_RCODE_NOERROR;
+}
+
 enum dns_verdict
 dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, struct dns_question *q,
               uint8_t **out, size_t *outlen)
@@ -234,7 +279,7 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	ldns_pkt *qp = NULL, *a;
 	const ldns_rr *qrr;
 	ldns_status st;
-	int opcode;
+	int opcode, rcode;
 
 	memset(q, 0, sizeof *q);
 	q->udp_max = DNS_UDP_MIN;
@@ -272,6 +317,17 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 		snprintf(q->why, sizeof q->why, "forwarded");
 		ldns_pkt_free(qp);
 		return DNS_FORWARD;
+	}
+	if ((rcode = dns_msg_edns_rcode(qp, p, n, q)) != LDNS_RCODE_NOERROR) {
+		a = dns_msg_reply_new(qp, qrr, rcode);
+		*out = dns_msg_wire(a, outlen);
+		ldns_pkt_free(a);
+		ldns_pkt_free(qp);
+		if (*out == NULL) {
+			snprintf(q->why, sizeof q->why, "SERVFAIL: cannot build the answer");
+			*out = dns_msg_header_reply(p, LDNS_RCODE_SERVFAIL, outlen);
+		}
+		return DNS_REPLY;
 	}
 	a = dns_msg_reply_new(qp, qrr, LDNS_RCODE_NOERROR);
 	dns_msg_add_answers(a, r, q->rule, qrr);

@@ -19,6 +19,7 @@
 #define DNS_UDP_MIN 512       /* what a client without EDNS can take */
 #define DNS_EDNS_SIZE 1232    /* the UDP size capd advertises and uses upstream */
 #define DNS_MAX_MSG 65535
+#define DNS_RCODE_BADVERS 16  /* RFC 6891: 0 in the header, 1 in the OPT record's extended rcode */
 
 /* One `answer = name=addr` rule. Owned by its dns_rules. */
 struct dns_rule {
@@ -45,7 +46,7 @@ const char *dns_rules_match(const struct dns_rules *r, const char *name);
 
 enum dns_verdict {
 	DNS_DROP,     /* no reply: too short to carry a header, or not a query */
-	DNS_REPLY,    /* *out is the reply to send (answer, FORMERR, NOTIMP) */
+	DNS_REPLY,    /* *out is the reply to send (answer, FORMERR, NOTIMP, BADVERS) */
 	DNS_FORWARD,  /* a good query no rule claims: relay it upstream */
 };
 

@@ -25,6 +25,7 @@
 
 #define HOSTS_FILE_MAX (16 * 1024 * 1024)  /* a larger hosts file is refused, not loaded */
 #define HOSTS_LOCK_TRIES 20                /* 20 x 5 ms for another writer's flock: the loop waits 100 ms at most */
+#define HOSTS_EDIT_TRIES 20                /* edits redone because another program wrote the file meanwhile */
 
 /* ---- the entry set ---- */
 
@@ -384,6 +385,22 @@ hosts_backup(const char *path, const char *backup_dir, const char *text, size_t 
 	return where[0] ? 0 : -1;
 }
 
+/* Takes fd's flock, waiting a little for another writer's. 0, or -1 with *why. */
+static int
+hosts_lock(int fd, const char *path, char **why)
+{
+	int tries = 0;
+
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if ((errno != EWOULDBLOCK && errno != EINTR) || ++tries >= HOSTS_LOCK_TRIES) {
+			*why = xasprintf("cannot lock %s: %s", path, strerror(errno));
+			return -1;
+		}
+		nanosleep(&(struct timespec){ .tv_nsec = 5 * 1000 * 1000 }, NULL);
+	}
+	return 0;
+}
+
 /* The in-place path for a file rename cannot replace: flock, re-read, back up, rewrite, truncate. */
 static int
 hosts_update_in_place(const char *path, const char *backup_dir, hosts_edit_fn fn, void *arg, char **why)
@@ -391,19 +408,15 @@ hosts_update_in_place(const char *path, const char *backup_dir, hosts_edit_fn fn
 	struct stat st;
 	char *cur = NULL, *next = NULL;
 	size_t len = 0, nlen = 0;
-	int fd, rv = -1, tries = 0;
+	int fd, rv = -1;
 
 	if ((fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
 		*why = xasprintf("cannot open %s for writing: %s", path, strerror(errno));
 		return -1;
 	}
-	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-		if ((errno != EWOULDBLOCK && errno != EINTR) || ++tries >= HOSTS_LOCK_TRIES) {
-			*why = xasprintf("cannot lock %s: %s", path, strerror(errno));
-			close(fd);
-			return -1;
-		}
-		nanosleep(&(struct timespec){ .tv_nsec = 5 * 1000 * 1000 }, NULL);
+	if (hosts_lock(fd, path, why) < 0) {
+		close(fd);
+		return -1;
 	}
 	if (fstat(fd, &st) < 0) {
 		*why = xasprintf("cannot stat %s: %s", path, strerror(errno));
@@ -433,14 +446,220 @@ out:
 	return rv;
 }
 
+bool
+hosts_stat_same(const struct stat *a, const struct stat *b)
+{
+	return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
+	       a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+/* The file as one edit read it. Owned by hosts_replace; hosts_snap_close releases it. */
+struct hosts_snap {
+	int fd;          /* the file, flock'd for the edit; -1 when it does not exist */
+	struct stat st;  /* fstat'd just before text was read */
+	char *text;
+	size_t len;
+};
+
+static void
+hosts_snap_close(struct hosts_snap *s)
+{
+	if (s->fd >= 0) {
+		flock(s->fd, LOCK_UN);
+		close(s->fd);
+		s->fd = -1;
+	}
+	free(s->text);
+	s->text = NULL;
+}
+
+enum hosts_step {
+	HOSTS_STEP_DONE,      /* replaced, or nothing to change */
+	HOSTS_STEP_FAILED,    /* *why says why */
+	HOSTS_STEP_CHANGED,   /* another program wrote the file during the edit: edit its new text */
+	HOSTS_STEP_IN_PLACE,  /* rename cannot replace it: rewrite it in place */
+};
+
+/* Reads the whole file through s->fd into s->text, and its fstat from just before: 0, 1 when it
+ * grew meanwhile, -1 with *why. */
+static int
+hosts_snap_read(struct hosts_snap *s, const char *path, char **why)
+{
+	free(s->text);
+	s->text = NULL;
+	if (fstat(s->fd, &s->st) < 0) {
+		*why = xasprintf("cannot stat %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (lseek(s->fd, 0, SEEK_SET) < 0) {
+		*why = xasprintf("cannot read %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if ((s->text = hosts_read_fd(s->fd, &s->len, why, path)) == NULL)
+		return -1;
+	return (off_t)s->len == s->st.st_size ? 0 : 1;
+}
+
+/* Opens, locks and reads path (a missing file reads as empty). */
+static enum hosts_step
+hosts_snap_take(const char *path, struct hosts_snap *s, char **why)
+{
+	int rv = -1;
+
+	memset(s, 0, sizeof *s);
+	if ((s->fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+		if (errno != ENOENT) {
+			*why = xasprintf("cannot open %s: %s", path, strerror(errno));
+			return HOSTS_STEP_FAILED;
+		}
+		s->text = xstrdup("");
+		return HOSTS_STEP_DONE;
+	}
+	if (hosts_lock(s->fd, path, why) < 0 || (rv = hosts_snap_read(s, path, why)) != 0) {
+		hosts_snap_close(s);
+		return rv > 0 ? HOSTS_STEP_CHANGED : HOSTS_STEP_FAILED;
+	}
+	return HOSTS_STEP_DONE;
+}
+
+/*
+ * Whether now only adds lines at the end of the text s read: then the edit of the old
+ * text plus those lines is the edit of the new one. A tail naming capd's block is not
+ * that simple, and goes through the whole edit again.
+ */
+static bool
+hosts_only_appended(const struct hosts_snap *s, const char *now, size_t nlen)
+{
+	if (nlen <= s->len || memcmp(now, s->text, s->len) != 0)
+		return false;
+	if (s->len > 0 && s->text[s->len - 1] != '\n')
+		return false;  /* the tail would continue a line our edit may have ended */
+	return memmem(now + s->len, nlen - s->len, "# BEGIN capd", 12) == NULL &&
+	       memmem(now + s->len, nlen - s->len, HOSTS_END, strlen(HOSTS_END)) == NULL;
+}
+
+static int
+hosts_append_file(const char *path, const char *p, size_t n)
+{
+	int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC), rv;
+
+	if (fd < 0)
+		return -1;
+	rv = hosts_write_all(fd, p, n);
+	if (close(fd) < 0)
+		rv = -1;
+	return rv;
+}
+
+/*
+ * The check just before the rename: whether path is still the text s read (DONE), or
+ * another program wrote it meanwhile (CHANGED: it does not take our lock). Lines it only
+ * appended are appended to our temp file too, and the check repeats: a writer that appends
+ * more often than an fsync takes would otherwise make every whole edit start again. Those
+ * lines are not fsync'd, as their writer did not fsync them either. The text is compared
+ * as well as the stat, since mtime has the kernel's coarse tick and a same-size rewrite
+ * within one tick has the same stat.
+ */
+static enum hosts_step
+hosts_catch_up(const char *path, struct hosts_snap *s, const char *tmp)
+{
+	struct hosts_snap now = { .fd = s->fd };
+	struct stat st;
+	char *why = NULL;
+
+	if (s->fd < 0)
+		return stat(path, &st) == 0 || errno != ENOENT ? HOSTS_STEP_CHANGED : HOSTS_STEP_DONE;
+	for (int i = 0; i < HOSTS_EDIT_TRIES; i++) {
+		int rv = hosts_snap_read(&now, path, &why);
+		if (rv < 0)
+			break;
+		if (rv > 0)
+			continue;  /* it grew while we read it: read again */
+		if (now.len == s->len && memcmp(now.text, s->text, now.len) == 0) {
+			if (stat(path, &st) < 0 || st.st_ino != s->st.st_ino || st.st_dev != s->st.st_dev)
+				break;  /* replaced by another file */
+			if (hosts_stat_same(&st, &now.st)) {
+				free(now.text);
+				return HOSTS_STEP_DONE;
+			}
+			continue;  /* written to since we read it: look again */
+		}
+		if (!hosts_only_appended(s, now.text, now.len) ||
+		    hosts_append_file(tmp, now.text + s->len, now.len - s->len) < 0)
+			break;
+		free(s->text);
+		s->text = now.text;
+		s->len = now.len;
+		s->st = now.st;
+		now.text = NULL;
+	}
+	free(why);
+	free(now.text);
+	return HOSTS_STEP_CHANGED;
+}
+
+/* Why a temp file or a rename failed, unless the in-place rewrite can do instead. */
+static enum hosts_step
+hosts_replace_failed(const char *path, const struct hosts_snap *s, const char *what, int err, bool in_place,
+                     char **why)
+{
+	if (!in_place) {
+		*why = xasprintf("%s %s: %s", what, path, strerror(err));
+		return HOSTS_STEP_FAILED;
+	}
+	if (s->fd < 0) {
+		*why = xasprintf("cannot create %s: %s", path, strerror(err));
+		return HOSTS_STEP_FAILED;
+	}
+	return HOSTS_STEP_IN_PLACE;
+}
+
+/* One try at the atomic replacement, under the file's lock. */
+static enum hosts_step
+hosts_replace(const char *path, hosts_edit_fn fn, void *arg, char **why)
+{
+	struct hosts_snap s;
+	enum hosts_step step;
+	char *next, *tmp;
+	size_t nlen = 0;
+	int err = 0;
+
+	if ((step = hosts_snap_take(path, &s, why)) != HOSTS_STEP_DONE)
+		return step;
+	if ((next = fn(s.text, s.len, &nlen, arg, why)) == NULL) {
+		hosts_snap_close(&s);
+		return HOSTS_STEP_FAILED;
+	}
+	if (nlen == s.len && memcmp(s.text, next, nlen) == 0) {
+		free(next);
+		hosts_snap_close(&s);
+		return HOSTS_STEP_DONE;  /* nothing changes: the file is not touched */
+	}
+	tmp = hosts_temp_write(path, next, nlen, &s.st, s.fd >= 0, &err);
+	free(next);
+	if (tmp == NULL) {
+		step = hosts_replace_failed(path, &s, "cannot write a temp file beside", err,
+		                            err == EACCES || err == EROFS || err == EPERM, why);
+	} else if ((step = hosts_catch_up(path, &s, tmp)) != HOSTS_STEP_DONE) {
+		unlink(tmp);
+	} else if (rename(tmp, path) < 0) {
+		err = errno;
+		step = hosts_replace_failed(path, &s, "cannot replace", err, err == EBUSY || err == EXDEV, why);
+		unlink(tmp);
+	} else {
+		/* a writer that does not take the lock and wrote between the check and the
+		 * rename wrote into the old file: that window is narrowed, not closed */
+		hosts_fsync_dir(path);
+	}
+	free(tmp);
+	hosts_snap_close(&s);
+	return step;
+}
+
 int
 hosts_file_update(const char *path, const char *backup_dir, hosts_edit_fn fn, void *arg, char **why)
 {
-	char real[PATH_MAX], *cur, *next = NULL, *tmp = NULL;
-	size_t len = 0, nlen = 0;
-	struct stat st;
-	bool st_valid;
-	int err = 0;
+	char real[PATH_MAX];
 
 	/* a symlinked hosts file is edited where it points */
 	if (realpath(path, real) == NULL) {
@@ -450,48 +669,20 @@ hosts_file_update(const char *path, const char *backup_dir, hosts_edit_fn fn, vo
 		}
 		snprintf(real, sizeof real, "%s", path);
 	}
-	st_valid = stat(real, &st) == 0;
-	if ((cur = hosts_file_read(real, &len, why)) == NULL) {
-		if (errno != ENOENT)
-			return -1;
-		free(*why);
-		*why = NULL;
-		cur = xstrdup("");
-		len = 0;
-	}
-	if ((next = fn(cur, len, &nlen, arg, why)) == NULL) {
-		free(cur);
-		return -1;
-	}
-	if (nlen == len && memcmp(cur, next, len) == 0) {
-		free(cur);
-		free(next);
-		return 0;  /* nothing changes: the file is not touched */
-	}
-	free(cur);
-	tmp = hosts_temp_write(real, next, nlen, &st, st_valid, &err);
-	free(next);
-	if (tmp != NULL) {
-		if (rename(tmp, real) == 0) {
-			free(tmp);
-			hosts_fsync_dir(real);
+	for (int i = 0; i < HOSTS_EDIT_TRIES; i++) {
+		switch (hosts_replace(real, fn, arg, why)) {
+		case HOSTS_STEP_DONE:
 			return 0;
-		}
-		err = errno;
-		unlink(tmp);
-		free(tmp);
-		if (err != EBUSY && err != EXDEV) {
-			*why = xasprintf("cannot replace %s: %s", real, strerror(err));
+		case HOSTS_STEP_FAILED:
 			return -1;
+		case HOSTS_STEP_IN_PLACE:
+			/* a bind mount (EBUSY, EXDEV) or a folder we cannot write: rewrite the file itself */
+			return hosts_update_in_place(real, backup_dir, fn, arg, why);
+		case HOSTS_STEP_CHANGED:
+			break;  /* renaming now would lose what the other program wrote: edit its text */
 		}
-	} else if (err != EACCES && err != EROFS && err != EPERM) {
-		*why = xasprintf("cannot write a temp file beside %s: %s", real, strerror(err));
-		return -1;
 	}
-	if (!st_valid) {
-		*why = xasprintf("cannot create %s: %s", real, strerror(err));
-		return -1;
-	}
-	/* a bind mount (EBUSY, EXDEV) or a folder we cannot write: rewrite the file itself */
-	return hosts_update_in_place(real, backup_dir, fn, arg, why);
+	*why = xasprintf("%s kept changing while capd edited it (%d tries); nothing was written", real,
+	                 HOSTS_EDIT_TRIES);
+	return -1;
 }

@@ -12,6 +12,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/stat.h>
 
 #include "addr.h"
 
@@ -60,13 +61,19 @@ char *hosts_file_read(const char *path, size_t *len, char **why);
  * *why. Returning a copy of cur (same bytes) means nothing to write.
  */
 typedef char *(*hosts_edit_fn)(const char *cur, size_t len, size_t *outlen, void *arg, char **why);
+/* Whether two stats are one file, unchanged: inode, size, mtime to the nanosecond. */
+bool hosts_stat_same(const struct stat *a, const struct stat *b);
 /*
- * Reads path (a missing file reads as empty), computes the new text with fn, and replaces the
- * file atomically: a temp file beside it, fsync, rename, keeping mode and owner. When rename
- * cannot replace it because it is a mount point (EBUSY, EXDEV; containers bind-mount
- * /etc/hosts), or no temp file can be made beside it, the file is rewritten in place under
- * flock, after a backup of the old text to PATH.capd-backup (or backup_dir/hosts.capd-backup),
- * with fn run again on the text read under the lock. 0, or -1 with *why.
+ * Reads path (a missing file reads as empty) under its flock, computes the new text with fn,
+ * and replaces the file atomically: a temp file beside it, fsync, rename, keeping mode and
+ * owner. Another program may write the file meanwhile (it does not take the lock): lines it
+ * appended go at the end of the temp file too; after any other change the temp file is
+ * dropped and fn runs again on the new text, a bounded number of times, so fn may run more
+ * than once per call. When rename cannot replace the file because it is a mount point
+ * (EBUSY, EXDEV; containers bind-mount /etc/hosts), or no temp file can be made beside it,
+ * the file is rewritten in place under flock, after a backup of the old text to
+ * PATH.capd-backup (or backup_dir/hosts.capd-backup), with fn run again on the text read
+ * under the lock. 0, or -1 with *why.
  */
 int hosts_file_update(const char *path, const char *backup_dir, hosts_edit_fn fn, void *arg, char **why);
 

@@ -181,9 +181,10 @@ dns_describe(struct instance *inst, json_t *o)
 /* ---- upstream address ---- */
 
 /*
- * Whether a nameserver at addr:53 would be this instance: its own address, or a
- * loopback address while it listens on every address of port 53. A lab box whose
- * resolv.conf points at capd lists capd first and the real resolver after it.
+ * Whether a nameserver at ns would be this instance: its own address and port, or a
+ * loopback address on its port while it listens on every address. A lab box whose
+ * resolv.conf points at capd lists capd first and the real resolver after it, and a
+ * name such as localhost:PORT can lead back here too.
  */
 static bool
 dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *listen)
@@ -192,7 +193,7 @@ dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *li
 
 	if (addr_same(a, l, true))
 		return true;
-	return addr_is_any(l) && addr_port(l) == 53 && a->sa_family == l->sa_family && addr_is_loopback(a);
+	return addr_is_any(l) && addr_port(a) == addr_port(l) && a->sa_family == l->sa_family && addr_is_loopback(a);
 }
 
 /* The first nameserver of resolv.conf that is not this instance, or -1. */
@@ -225,9 +226,9 @@ dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 
 static void dns_fwd_fail(struct dns_fwd *f, const char *why);
 
-/* Queries that waited for the upstream's name go now, or get SERVFAIL when it did not resolve. */
+/* Queries that waited for the upstream's name go now, or get SERVFAIL with why when it has no address. */
 static void
-dns_fwd_kick_waiting(struct dns_state *ds)
+dns_fwd_kick_waiting(struct dns_state *ds, const char *why)
 {
 	struct dns_fwd *f, *next;
 
@@ -240,7 +241,7 @@ dns_fwd_kick_waiting(struct dns_state *ds)
 			f->tries--;  /* the wait does not count as an attempt */
 			dns_fwd_try(f);
 		} else {
-			dns_fwd_fail(f, "cannot resolve the upstream");
+			dns_fwd_fail(f, why);
 		}
 		/* f may be gone, and next with it when f was a TCP client's last query: restart */
 		next = TAILQ_FIRST(&ds->fwds);
@@ -251,17 +252,29 @@ static void
 dns_up_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
 {
 	struct dns_state *ds = arg;
+	int i = 0;
 
 	ds->resolving = NULL;
 	if (err != 0 || n < 1) {
 		log_warnx("%s: cannot resolve upstream %s: %s", ds->inst->name, ds->up.host, why ? why : "no address");
-	} else {
-		ds->up_addr = addrs[0];
-		ds->have_up = true;
-		log_debug("%s: upstream %s is %s", ds->inst->name, ds->up.host,
-		          addr_format((const struct sockaddr *)&addrs[0], (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+		dns_fwd_kick_waiting(ds, "cannot resolve the upstream");
+		return;
 	}
-	dns_fwd_kick_waiting(ds);
+	/* a query sent to ourselves comes back as a new query to forward: a storm up to DNS_MAX_PENDING */
+	while (i < n && dns_is_self(&addrs[i], &ds->inst->listen))
+		i++;
+	if (i == n) {
+		log_warnx("%s: upstream %s resolves only to this instance's own address %s: "
+		          "queries no rule answers get SERVFAIL", ds->inst->name, ds->up_str,
+		          addr_format((const struct sockaddr *)&addrs[0], (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+		dns_fwd_kick_waiting(ds, "the upstream is this instance");
+		return;
+	}
+	ds->up_addr = addrs[i];
+	ds->have_up = true;
+	log_debug("%s: upstream %s is %s", ds->inst->name, ds->up.host,
+	          addr_format((const struct sockaddr *)&addrs[i], (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
+	dns_fwd_kick_waiting(ds, NULL);
 }
 
 /* ---- forwarding ---- */

@@ -22,12 +22,13 @@
 
 enum hosts_op { HOSTS_OP_ADD, HOSTS_OP_REMOVE, HOSTS_OP_CLEAR, HOSTS_OP_REAPPLY };
 
-/* What one edit does; lives on the caller's stack. */
+/* What one edit does; lives on the caller's stack, and hosts_run frees its set. */
 struct hosts_edit {
 	enum hosts_op op;
 	const char *name, *addr;
-	bool found;       /* remove: the name was there */
-	size_t removed;   /* clear: how many went */
+	bool found;             /* remove: the name was there */
+	size_t removed;         /* clear: how many went */
+	struct hosts_set next;  /* the entries the last run of hosts_edit_cb proposed */
 };
 
 static struct hosts_set hosts_mem;  /* the set capd last wrote, for re-applying a dropped block */
@@ -73,25 +74,13 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 		break;  /* the remembered entries went back in above */
 	}
 	out = hosts_block_apply(cur, len, &set, outlen, why);
-	if (out) {
-		hosts_set_free(&hosts_mem);
-		hosts_mem = set;
-		free(hosts_mem_path);
-		hosts_mem_path = xstrdup(hosts_path());
-	} else {
-		hosts_set_free(&set);
-	}
+	/* not in hosts_mem yet: the write may still fail, and the file may change and bring us back here */
+	hosts_set_free(&e->next);
+	e->next = set;
 	return out;
 }
 
 static void hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents);
-
-static bool
-hosts_same_stat(const struct stat *a, const struct stat *b)
-{
-	return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
-	       a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
-}
 
 /* Watches the file while capd has entries in it; stops when it has none. */
 static void
@@ -118,6 +107,15 @@ hosts_run(struct hosts_edit *e, char **why)
 	const char *state = capd_settings ? capd_settings->state_dir : NULL;
 	int rv = hosts_file_update(hosts_path(), state, hosts_edit_cb, e, why);
 
+	if (rv == 0) {
+		/* only what reached the file is remembered: a failed add must not come back with a later edit */
+		hosts_set_free(&hosts_mem);
+		hosts_mem = e->next;
+		e->next = (struct hosts_set){ 0 };
+		free(hosts_mem_path);
+		hosts_mem_path = xstrdup(hosts_path());
+	}
+	hosts_set_free(&e->next);
 	hosts_seen_valid = stat(hosts_path(), &hosts_seen) == 0;
 	hosts_watch_update();
 	return rv;
@@ -137,7 +135,7 @@ hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop; (void)w; (void)revents;
 	if (hosts_mem_path == NULL || strcmp(hosts_mem_path, hosts_path()) != 0 || stat(hosts_mem_path, &st) < 0)
 		return;  /* hosts_file changed by a reload, or the file is gone: the next command decides */
-	if (hosts_seen_valid && hosts_same_stat(&st, &hosts_seen))
+	if (hosts_seen_valid && hosts_stat_same(&st, &hosts_seen))
 		return;
 	hosts_seen = st;
 	hosts_seen_valid = true;

@@ -292,6 +292,34 @@ def test_malformed_queries(dnsd, upstream):
     assert "AddressSanitizer" not in dnsd.log()
 
 
+def test_edns_badvers_and_two_opt_records(dnsd, upstream):
+    """RFC 6891 for the names capd answers itself: a query of an EDNS version other than 0 got
+    NOERROR and now gets BADVERS with an OPT of version 0; one with two OPT records got NOERROR
+    and now gets FORMERR. Forwarded queries are left to the upstream."""
+    port = dnsd.port
+
+    def ask_v1(name, tcp=False):
+        q = dns.message.make_query(name, "A", id=0x0606)
+        q.use_edns(1)  # make_query's use_edns=1 gives version 0 in dnspython 2.3
+        return (dns.query.tcp if tcp else dns.query.udp)(q, "127.0.0.1", port=port, timeout=5)
+
+    for tcp in (False, True):
+        r = ask_v1("www.example.com", tcp)
+        assert r.rcode() == dns.rcode.BADVERS and r.id == 0x0606, dns.rcode.to_text(r.rcode())
+        assert r.edns == 0 and r.answer == []
+    r = ask_v1("forwarded.org")
+    assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["192.0.2.1"]
+    assert upstream.queries == [("udp", "forwarded.org")]
+    q = dns.message.make_query("www.example.com", "A", use_edns=0, id=0x0707).to_wire()
+    opt = b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"  # root, OPT, 4096, version 0, no data
+    twice = q[:10] + struct.pack("!H", struct.unpack("!H", q[10:12])[0] + 1) + q[12:] + opt
+    r = raw_udp(port, twice)
+    assert r is not None and r[:2] == b"\x07\x07" and r[3] & 0x0f == dns.rcode.FORMERR
+    # one OPT of version 0 is answered as before
+    r = ask("www.example.com", "A", port, use_edns=0)
+    assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"]
+
+
 def test_upstream_down_servfail(capd_factory, upstream):
     port, dead = free_dns_port(), free_port(socket.SOCK_DGRAM)
     c = capd_factory(dns_conf(port, dead))
@@ -336,6 +364,23 @@ def test_capctl_add_dns(capd, upstream):
     assert bad.returncode in (1, 2)
     capd.ctl("remove", f"dns-{port}")
     assert raw_udp(port, dns.message.make_query("svc.test", "A").to_wire(), timeout=0.3) is None
+
+
+def test_upstream_name_that_is_this_instance(capd_factory):
+    """Regression: an upstream given as a name that resolves to the instance itself
+    (localhost:ITS_PORT) was taken, and one query went round ~1024 times. Its own address is
+    skipped; with none left the upstream fails like an unresolvable one: SERVFAIL, one log line."""
+    port = free_dns_port()
+    c = capd_factory(f"[dns loop]\nlisten = 127.0.0.1:{port}\nanswer = www.example.com=10.0.0.7\n"
+                     f"upstream = localhost:{port}\n")
+    wait_instance(c, "loop")
+    r = ask("other.example.org", "A", port, qid=4242, timeout=3)
+    assert r.rcode() == dns.rcode.SERVFAIL and r.id == 4242
+    assert addrs(ask("www.example.com", "A", port)) == ["10.0.0.7"]  # rules still answer
+    time.sleep(0.3)  # a loop would still be going round
+    ss = [s for s in c.ctl("sessions", json_out=True) if s["instance"] == "loop"]
+    assert len(ss) == 2, f"{len(ss)} sessions"  # the two queries, none that capd sent itself
+    assert f"upstream localhost:{port} resolves only to this instance's own address 127.0.0.1:{port}" in c.log()
 
 
 def capd_knows(tmp_path, kind, line):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -151,6 +152,75 @@ def test_dropped_block_comes_back_by_itself(hostsd):
     path.write_bytes(ORIG)
     time.sleep(2.5)
     assert path.read_bytes() == ORIG
+
+
+def test_failed_add_does_not_come_back(capd_factory, tmp_path):
+    """Regression: capd took a new entry set as written before the write, so an add that failed
+    came back with the next edit. The write fails here because the file's name is so long that
+    the temp file beside it cannot be named (ENAMETOOLONG; chattr +i does it too, but needs root)."""
+    unwritable = tmp_path / ("h" * 250)
+    unwritable.write_bytes(ORIG)
+    writable = tmp_path / "hosts-ok"
+    writable.write_bytes(ORIG)
+    link = tmp_path / "hosts"
+    link.symlink_to(unwritable)
+    c = capd_factory(settings=f"hosts_file = {link}")
+    r = c.ctl("hosts", "add", "ghost.test", check=False)
+    assert r.returncode == 1 and "cannot write a temp file" in r.stderr, r.stderr
+    assert unwritable.read_bytes() == ORIG
+    link.unlink()
+    link.symlink_to(writable)  # the same hosts_file, writable again
+    c.ctl("hosts", "add", "real.test")
+    assert writable.read_bytes() == ORIG + b"\n" + block(("real.test", "127.0.0.1"))
+    assert c.ctl("hosts", "list", json_out=True) == [{"name": "real.test", "addr": "127.0.0.1"}]
+
+
+# Appends a line to argv[1] about every millisecond until argv[2] exists, then prints how many:
+# as a careful editor does, under the file's flock, on the file the path names once it has it.
+APPENDER = r"""
+import fcntl, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+n = 0
+while not os.path.exists(stop):
+    line = f"10.77.{n // 250 % 250}.{n % 250 + 1}\tappended-{n}.test\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    if os.fstat(fd).st_ino != os.stat(path).st_ino:
+        os.close(fd)  # replaced while we waited for the lock: the new file it is
+        continue
+    os.write(fd, line)
+    os.close(fd)
+    n += 1
+    time.sleep(0.001)
+print(n)
+"""
+
+
+def test_lines_appended_during_edits_are_kept(hostsd, tmp_path):
+    """Regression: an edit read the file, wrote a temp copy and renamed it over the original
+    without its lock, so lines another program appended meanwhile were lost (81 of 6642 over
+    100 adds). capd now holds the file's flock from its read to the rename, so a writer that
+    takes it too loses nothing (one that does not is caught by a check before the rename,
+    bar a last moment that cannot be closed without the lock)."""
+    c, path = hostsd, hostsd.hosts
+    path.write_bytes(ORIG + b"\n")
+    stop = tmp_path / "stop-appending"
+    p = subprocess.Popen([sys.executable, "-c", APPENDER, str(path), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.05)
+        for i in range(100):
+            c.ctl("hosts", "add", f"n{i}.test")
+    finally:
+        stop.touch()
+        out, _ = p.communicate(timeout=10)
+    n = int(out)
+    assert n > 100  # the appender ran all along
+    text = path.read_bytes()
+    lost = [i for i in range(n) if f"\tappended-{i}.test\n".encode() not in text]
+    assert not lost, f"{len(lost)} of {n} appended lines lost: {lost[:10]}"
+    assert text.startswith(ORIG + b"\n")
+    assert [e["name"] for e in c.ctl("hosts", "list", json_out=True)] == [f"n{i}.test" for i in range(100)]
+    assert not [f for f in os.listdir(path.parent) if ".capd-" in f]  # no temp file left behind
 
 
 NS_SCRIPT = r"""

@@ -297,6 +297,91 @@ test_servfail_and_matching(void **state)
 	free(q);
 }
 
+/* q (an EDNS query of *n bytes) with a second OPT record appended; q is freed. */
+static uint8_t *
+second_opt(uint8_t *q, size_t *n)
+{
+	static const uint8_t opt[] = { 0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0 };  /* root, OPT, 4096, ttl 0, no data */
+	uint8_t *w = malloc(*n + sizeof opt);
+	uint16_t ar;
+
+	memcpy(w, q, *n);
+	memcpy(w + *n, opt, sizeof opt);
+	ar = (uint16_t)((w[10] << 8 | w[11]) + 1);
+	w[10] = (uint8_t)(ar >> 8);
+	w[11] = (uint8_t)ar;
+	*n += sizeof opt;
+	free(q);
+	return w;
+}
+
+/* RFC 6891 for the names capd answers: EDNS version 1 gets BADVERS, two OPT records FORMERR. */
+static void
+test_edns(void **state)
+{
+	struct dns_rules r;
+	struct dns_question dq;
+	ldns_pkt *p = NULL, *a;
+	uint8_t *q = NULL;
+	size_t n;
+
+	(void)state;
+	rules(&r);
+	assert_int_equal(ldns_pkt_query_new_frm_str(&p, "www.example.com", LDNS_RR_TYPE_A, LDNS_RR_CLASS_IN, LDNS_RD),
+	                 LDNS_STATUS_OK);
+	ldns_pkt_set_id(p, 0x5151);
+	ldns_pkt_set_edns_udp_size(p, 4096);
+	ldns_pkt_set_edns_version(p, 1);
+	assert_int_equal(ldns_pkt2wire(&q, p, &n), LDNS_STATUS_OK);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	/* BADVERS is 16: 0 in the header, 1 in the OPT's extended rcode; the OPT says version 0 */
+	assert_int_equal(ldns_pkt_id(a), 0x5151);
+	assert_int_equal(ldns_pkt_get_rcode(a), 0);
+	assert_true(ldns_pkt_edns(a));
+	assert_int_equal(ldns_pkt_edns_extended_rcode(a), 1);
+	assert_int_equal(ldns_pkt_edns_version(a), 0);
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	assert_non_null(strstr(dq.why, "BADVERS"));
+	ldns_pkt_free(a);
+	free(q);
+	/* a forwarded name is the upstream's to judge */
+	ldns_pkt_set_id(p, 0x5152);
+	ldns_pkt_set_edns_version(p, 1);
+	ldns_rdf_deep_free(ldns_rr_owner(ldns_rr_list_rr(ldns_pkt_question(p), 0)));
+	ldns_rr_set_owner(ldns_rr_list_rr(ldns_pkt_question(p), 0), ldns_dname_new_frm_str("elsewhere.org"));
+	assert_int_equal(ldns_pkt2wire(&q, p, &n), LDNS_STATUS_OK);
+	decide(&r, q, n, false, DNS_FORWARD, &dq);
+	free(q);
+	ldns_pkt_free(p);
+
+	/* two OPT records: FORMERR (with an OPT of our own), for either transport */
+	q = second_opt(query("www.example.com", LDNS_RR_TYPE_A, 0x5153, true, &n), &n);
+	for (int tcp = 0; tcp < 2; tcp++) {
+		a = decide(&r, q, n, tcp, DNS_REPLY, &dq);
+		assert_int_equal(ldns_pkt_id(a), 0x5153);
+		assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_FORMERR);
+		assert_int_equal(ldns_pkt_edns_extended_rcode(a), 0);
+		assert_int_equal(ldns_pkt_ancount(a), 0);
+		assert_non_null(strstr(dq.why, "FORMERR"));
+		ldns_pkt_free(a);
+	}
+	free(q);
+	q = second_opt(query("elsewhere.org", LDNS_RR_TYPE_A, 0x5154, true, &n), &n);
+	decide(&r, q, n, false, DNS_FORWARD, &dq);
+	free(q);
+
+	/* version 0, one OPT: answered as before */
+	q = query("www.example.com", LDNS_RR_TYPE_A, 0x5155, true, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
+	assert_int_equal(ldns_pkt_edns_extended_rcode(a), 0);
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	ldns_pkt_free(a);
+	free(q);
+	dns_rules_free(&r);
+}
+
 int
 main(void)
 {
@@ -307,6 +392,7 @@ main(void)
 		cmocka_unit_test(test_truncation),
 		cmocka_unit_test(test_malformed),
 		cmocka_unit_test(test_servfail_and_matching),
+		cmocka_unit_test(test_edns),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

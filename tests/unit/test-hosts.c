@@ -217,6 +217,100 @@ test_file(void **state)
 	rmdir(dir);
 }
 
+/* An edit during which another program writes the file: a line appended, or its first line rewritten. */
+struct racer_arg {
+	struct add_arg add;
+	const char *path;
+	int calls, races;  /* races: how many of the first calls write the file */
+	bool rewrite;      /* overwrite the first address in place (same size, maybe the same mtime tick) */
+};
+
+static char *
+racer_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why)
+{
+	struct racer_arg *r = arg;
+
+	if (r->calls++ < r->races) {
+		FILE *f = fopen(r->path, r->rewrite ? "r+" : "a");
+		assert_non_null(f);
+		if (r->rewrite)
+			fprintf(f, "127.0.0.%d", r->calls % 9 + 1);
+		else
+			fputs("10.9.9.9 racer.test\n", f);
+		fclose(f);
+	}
+	return add_cb(cur, len, outlen, &r->add, why);
+}
+
+static void
+write_file(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+static void
+assert_file(const char *path, const char *want)
+{
+	char *why = NULL, *text;
+	size_t len;
+
+	text = hosts_file_read(path, &len, &why);
+	assert_non_null(text);
+	assert_string_equal(text, want);
+	free(text);
+}
+
+/* Regression: lines another program wrote while capd edited the file were lost by the rename. */
+static void
+test_file_changed_meanwhile(void **state)
+{
+	char dir[] = "/tmp/capd-test-hosts-XXXXXX", path[256], *why = NULL;
+	struct racer_arg r;
+
+	(void)state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof path, "%s/hosts", dir);
+
+	/* a line appended: it goes at the end of capd's copy too, without a second edit */
+	write_file(path, "127.0.0.1 localhost\n");
+	r = (struct racer_arg){ .add = { "mine.test" }, .path = path, .races = 1 };
+	assert_int_equal(hosts_file_update(path, NULL, racer_cb, &r, &why), 0);
+	assert_int_equal(r.calls, 1);
+	assert_file(path, "127.0.0.1 localhost\n" HOSTS_BEGIN "\n127.0.0.1\tmine.test\n" HOSTS_END "\n"
+	                  "10.9.9.9 racer.test\n");
+
+	/* appended to a last line without its newline: the edit is made again on the new text */
+	write_file(path, "127.0.0.1 localhost");
+	r = (struct racer_arg){ .add = { "mine.test" }, .path = path, .races = 1 };
+	assert_int_equal(hosts_file_update(path, NULL, racer_cb, &r, &why), 0);
+	assert_int_equal(r.calls, 2);
+	assert_file(path, "127.0.0.1 localhost10.9.9.9 racer.test\n" HOSTS_BEGIN "\n127.0.0.1\tmine.test\n" HOSTS_END
+	                  "\n");
+
+	/* a rewrite of the same size, likely within one mtime tick: the edit is made again */
+	write_file(path, "127.0.0.1 localhost\n");
+	r = (struct racer_arg){ .add = { "mine.test" }, .path = path, .races = 1, .rewrite = true };
+	assert_int_equal(hosts_file_update(path, NULL, racer_cb, &r, &why), 0);
+	assert_int_equal(r.calls, 2);
+	assert_file(path, "127.0.0.2 localhost\n" HOSTS_BEGIN "\n127.0.0.1\tmine.test\n" HOSTS_END "\n");
+
+	/* a file that never holds still: an error, nothing written, no temp file left behind */
+	write_file(path, "127.0.0.1 localhost\n");
+	r = (struct racer_arg){ .add = { "mine.test" }, .path = path, .races = 1000, .rewrite = true };
+	assert_int_equal(hosts_file_update(path, NULL, racer_cb, &r, &why), -1);
+	assert_non_null(strstr(why, "kept changing"));
+	free(why);
+	why = NULL;
+	assert_int_equal(r.calls, 20);
+	assert_file(path, "127.0.0.3 localhost\n");  /* the racer's last write */
+	assert_int_equal(unlink(path), 0);
+	assert_int_equal(rmdir(dir), 0);  /* fails with ENOTEMPTY when a temp file was left */
+}
+
 int
 main(void)
 {
@@ -226,6 +320,7 @@ main(void)
 		cmocka_unit_test(test_block),
 		cmocka_unit_test(test_block_odd),
 		cmocka_unit_test(test_file),
+		cmocka_unit_test(test_file_changed_meanwhile),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
