@@ -962,6 +962,13 @@ static void
 writer_retry(void)
 {
 	w.failing = false;
+	/* A full disk the ring itself filled (keep_files x rotate_size is more than
+	 * it holds) would never free space, as only rotation deletes: give up the
+	 * oldest file, never the one being written, and keep the newest capture. */
+	if ((w.err == ENOSPC || w.err == EDQUOT) && atomic_load(&st_files) > 1) {
+		log_warnx("spool: the disk is full: deleting the oldest capture file");
+		writer_trim(atomic_load(&st_files) - 1);
+	}
 	/* Deleting the file frees no space while we hold it open: move on to a new one. */
 	writer_check_unlinked();
 	if (w.fd < 0)
