@@ -147,7 +147,7 @@ http_hop_by_hop(const struct http_msg *m, const char *name, size_t len)
 {
 	static const char *const fixed[] = {
 		"connection", "proxy-connection", "keep-alive", "proxy-authorization",
-		"te", "trailer", "upgrade", NULL,
+		"te", "upgrade", NULL,  /* not Trailer: it is end-to-end (RFC 9110 6.6.2) */
 	};
 	char lname[64];
 

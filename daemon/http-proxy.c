@@ -97,7 +97,8 @@ http_cfg_free(struct instance *inst)
 	free(cfg);
 }
 
-/* "host", "host:port", "[v6]:port" of an http URL into t; -1 when malformed. */
+/* "host", "host:port", "[v6]:port" of an http URL into t: 1 with a port,
+ * 0 without (port 80), -1 when malformed. */
 int
 http_authority(const char *a, size_t n, struct http_target *t)
 {
@@ -146,7 +147,7 @@ http_authority(const char *a, size_t n, struct http_target *t)
 		t->port = (uint16_t)v;
 	}
 	memcpy(t->host, host, hl + 1);
-	return 0;
+	return port != NULL;
 }
 
 /* ---- replies ---- */
@@ -271,12 +272,14 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 {
 	struct http_cfg *cfg = s->inst->cfg;
 	char ip[ADDR_STRLEN];
-	bool xff = false;
+	int xff = -1;  /* the last X-Forwarded-For line: the client's address goes after its list */
 
 	buf_reset(b);
 	buf_append(b, m->method, m->method_len);
 	buf_append(b, " ", 1);
-	if (t->path) {
+	if (t->path && t->path_len == 0 && http_method_is(m, "OPTIONS"))
+		buf_append(b, "*", 1);  /* "OPTIONS http://h": the server as a whole (RFC 9112 3.2.4) */
+	else if (t->path) {
 		if (t->path_len == 0 || t->path[0] != '/')
 			buf_append(b, "/", 1);  /* "http://h" and "http://h?q" */
 		buf_append(b, t->path, t->path_len);
@@ -284,36 +287,43 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 	else
 		buf_append(b, m->target, m->target_len);
 	buf_printf(b, " HTTP/1.%d\r\n", m->minor);
-	if (!cfg->reverse && t->authority) {
+	/* an absolute-form target names the host: its authority replaces Host (RFC 9112 3.2.2) */
+	if (t->authority) {
 		buf_append(b, "Host: ", 6);
 		buf_append(b, t->authority, t->authority_len);
 		buf_append(b, "\r\n", 2);
 	}
 	addr_format_ip((struct sockaddr *)&s->client_addr, ip, sizeof ip);
+	if (cfg->reverse)
+		for (unsigned i = 0; i < m->nhdr; i++)
+			if (http_hdr_is(&m->hdr[i], "x-forwarded-for") &&
+			    !http_hop_by_hop(m, m->hdr[i].name, m->hdr[i].name_len))
+				xff = (int)i;
 	for (unsigned i = 0; i < m->nhdr; i++) {
 		const struct http_hdr *h = &m->hdr[i];
 
 		if (http_hop_by_hop(m, h->name, h->name_len) && !(m->conn_upgrade && http_hdr_is(h, "upgrade")))
 			continue;
-		if (!cfg->reverse && http_hdr_is(h, "host"))
+		if (t->authority && http_hdr_is(h, "host"))
 			continue;
 		if (cfg->reverse && (http_hdr_is(h, "x-forwarded-host") || http_hdr_is(h, "x-forwarded-proto")))
 			continue;
 		buf_append(b, h->name, h->name_len);
 		buf_append(b, ": ", 2);
 		buf_append(b, h->value, h->value_len);
-		if (cfg->reverse && http_hdr_is(h, "x-forwarded-for")) {
+		if ((int)i == xff)
 			buf_printf(b, ", %s", ip);
-			xff = true;
-		}
 		buf_append(b, "\r\n", 2);
 	}
 	if (cfg->reverse) {
-		if (!xff)
+		if (xff < 0)
 			buf_printf(b, "X-Forwarded-For: %s\r\n", ip);
-		if (m->host >= 0) {
+		if (t->authority || m->host >= 0) {
 			buf_append(b, "X-Forwarded-Host: ", 18);
-			buf_append(b, m->hdr[m->host].value, m->hdr[m->host].value_len);
+			if (t->authority)
+				buf_append(b, t->authority, t->authority_len);
+			else
+				buf_append(b, m->hdr[m->host].value, m->hdr[m->host].value_len);
 			buf_append(b, "\r\n", 2);
 		}
 		buf_append(b, s->client.tls ? "X-Forwarded-Proto: https\r\n" : "X-Forwarded-Proto: http\r\n",
@@ -482,8 +492,12 @@ static enum relay_verdict
 http_next(struct session *s)
 {
 	struct http_conn *hc = s->proto_state;
+	const uint8_t *p;
 
-	if (!hc->client_keep || s->dir[DIR_UP].eof) {
+	/* a client that sent its FIN right after pipelined requests (in the same
+	 * read, so the FIN was seen first) still gets every answer: the session
+	 * ends once nothing it sent waits */
+	if (!hc->client_keep || (s->dir[DIR_UP].eof && relay_held(s, DIR_UP, &p) == 0)) {
 		session_close(s, "closed");
 		return RELAY_STOP;
 	}
@@ -548,6 +562,31 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	return RELAY_EAT;
 }
 
+/* The bytes at p complete the body b (b itself does not move). */
+static bool
+http_body_whole(const struct http_body *b, const uint8_t *p, size_t n)
+{
+	struct http_body scan = *b;
+	size_t used;
+
+	return http_body_done(b) || http_body_scan(&scan, p, n, &used) == PARSE_OK;
+}
+
+/* The response ends with the bytes of this verdict. Before the request
+ * did, the upstream will not read the rest of it (it may have closed
+ * already): the client connection ends with this response (http_filter_done
+ * finishes the down direction once it is out). */
+static void
+http_resp_end(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+
+	hc->resp_done = true;
+	if (!hc->req_done)
+		hc->client_keep = false;
+	relay_hold(s, DIR_DOWN);
+}
+
 static enum relay_verdict
 http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 {
@@ -592,15 +631,17 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	                    (m->minor == 1 || m->conn_keepalive) && hc->req_minor == 1;
 	if (!hc->upstream_keep && s->client.tls)
 		hc->client_keep = false;  /* its next request would need a new session */
+	http_body_init(&hc->down_body, m->framing, m->length);
+	/* a whole response before the whole request (413, 401 to an upload):
+	 * the connection ends with it (http_resp_end), and its head says so */
+	if (!hc->req_done && http_body_whole(&hc->down_body, p + m->head_len, n - m->head_len))
+		hc->client_keep = false;
 	http_rewrite_response(hc, m, &hc->head);
 	relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
-	http_body_init(&hc->down_body, m->framing, m->length);
-	if (http_body_done(&hc->down_body)) {
-		hc->resp_done = true;
-		relay_hold(s, DIR_DOWN);
-	} else {
+	if (http_body_done(&hc->down_body))
+		http_resp_end(s);
+	else
 		hc->down = DOWN_BODY;
-	}
 	return RELAY_EAT;
 }
 
@@ -627,10 +668,10 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 	if (d == DIR_UP) {
 		hc->req_done = true;
 		hc->up = UP_WAIT;
+		relay_hold(s, d);
 	} else {
-		hc->resp_done = true;
+		http_resp_end(s);
 	}
-	relay_hold(s, d);
 	return *used > 0 ? RELAY_PASS : RELAY_END;
 }
 
@@ -664,12 +705,25 @@ http_filter_done(struct session *s, enum dir d)
 	struct http_conn *hc = s->proto_state;
 
 	if (s->dir[d].shut) {
+		const uint8_t *p;
+
 		/* a FIN went to the client: nothing more can be said on this connection */
 		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL)
 			session_close(s, hc->fail ? hc->fail : "closed");
+		/* the client's FIN went upstream: with no request outstanding (it came
+		 * in one read with pipelined requests, and http_next went on to a
+		 * partial head), or while a complete response is held (the upstream's
+		 * FIN stays unread: nothing else would end the session) */
+		else if (d == DIR_UP && hc->up == UP_HEAD && hc->down == DOWN_IDLE)
+			session_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head" : "closed");
+		else if (d == DIR_UP && hc->resp_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
+			session_close(s, hc->fail ? hc->fail : "closed");
 		return;
 	}
-	if (d == DIR_DOWN && hc->resp_done && hc->req_done)
+	if (d == DIR_DOWN && hc->resp_done && !hc->req_done) {
+		/* the whole response went out before the whole request came (http_resp_end) */
+		http_end_late(s, "upstream answered before the request ended");
+	} else if (d == DIR_DOWN && hc->resp_done && hc->req_done)
 		http_next(s);
 	else if (d == DIR_UP && hc->resp_done && hc->req_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
 		http_next(s);

@@ -32,9 +32,9 @@ struct http_target {
 	char host[HOST_MAX + 1];
 	uint16_t port;
 	bool connect;               /* a CONNECT tunnel */
-	const char *path;           /* forward: the origin-form target (into the head); NULL: as received */
+	const char *path;           /* absolute form: the origin-form target (into the head); NULL: as received */
 	size_t path_len;
-	const char *authority;      /* forward: the URL's host[:port] for the Host header */
+	const char *authority;      /* absolute form: the URL's host[:port], which replaces Host */
 	size_t authority_len;
 	const char *user;           /* authenticated proxy user, or NULL */
 };
@@ -59,7 +59,8 @@ struct http_cfg {
 };
 
 /* "host", "host:port", "[v6]:port" (a URL's authority, no userinfo) into t->host
- * and t->port (80 when absent); -1 when malformed. */
+ * and t->port (80 when absent); 1 when a port was given, 0 when not, -1 when
+ * malformed. */
 int http_authority(const char *a, size_t n, struct http_target *t);
 /* Reads max_header_size into cfg->lim; -1 with the error recorded in p. */
 int http_cfg_limits(struct http_cfg *cfg, struct params *p);

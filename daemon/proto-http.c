@@ -70,7 +70,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 	static _Thread_local char user[USERS_FIELD_MAX + 1];
 
 	if (http_method_is(m, "CONNECT")) {
-		if (http_authority(m->target, m->target_len, t) < 0 || memchr(m->target, ':', m->target_len) == NULL) {
+		if (http_authority(m->target, m->target_len, t) != 1) {
 			*why = "CONNECT needs host:port";
 			return 400;
 		}

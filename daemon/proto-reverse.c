@@ -2,6 +2,8 @@
  * reverse: the reverse HTTP proxy. Each request is routed by its Host (exact
  * names first, then the longest matching `*.suffix`, then `default`), keeps
  * its Host and gains X-Forwarded-For/-Host/-Proto; 421 when nothing routes.
+ * An absolute-form request (`GET http://h/p`) is routed by the URL's host,
+ * whose authority then replaces Host.
  * Framing, keep-alive and capture are http-proxy.c's.
  */
 #include <stdio.h>
@@ -62,6 +64,8 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 			;
 		a = m->target + 7;
 		an = i - 7;
+		t->authority = a;  /* it replaces Host (RFC 9112 3.2.2) */
+		t->authority_len = an;
 		t->path = m->target + i;
 		t->path_len = m->target_len - i;
 	} else if (m->target[0] != '/' && !(m->target_len == 1 && m->target[0] == '*')) {

@@ -853,8 +853,10 @@ relay_inject(struct session *s, enum dir d, const void *p, size_t n)
 void
 relay_hold(struct session *s, enum dir d)
 {
-	/* a finished direction (relay_finish) has nothing left to hold */
-	if (!s->dir[d].eof)
+	/* a finished direction (relay_finish) has nothing left to hold; a FIN
+	 * read already (eof) does not finish it: what came before the FIN is
+	 * still judged message by message */
+	if (!s->dir[d].finished)
 		s->dir[d].msg = RELAY_MSG_ENDING;
 }
 
@@ -882,6 +884,7 @@ relay_finish(struct session *s, enum dir d)
 	struct relay_dir *rd = &s->dir[d];
 
 	rd->eof = true;
+	rd->finished = true;
 	rd->fill = rd->len;
 	rd->msg = RELAY_MSG_FLOW;
 	ev_io_stop(capd_loop, &relay_src(s, d)->rio);

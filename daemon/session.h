@@ -38,6 +38,7 @@ struct relay_dir {
 	/* with a relay filter only (relay.h): bytes buf[len..fill) wait to be judged,
 	 * pre holds injected bytes that go out before buf[off..len) */
 	uint8_t msg;        /* RELAY_MSG_FLOW, _ENDING (a message ended), _HELD (until relay_resume) */
+	bool finished;      /* relay_finish: nothing more is judged or held (in what was padding) */
 	uint32_t fill;
 	struct buf pre;
 	/* splice path only (relay.c): a pipe while spliced bytes wait in it, else NULL */

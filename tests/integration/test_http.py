@@ -98,7 +98,7 @@ class Origin:
                 if self.command != "HEAD":
                     self.wfile.write(out)
 
-            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = answer
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = answer
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -189,9 +189,10 @@ def test_hop_by_hop_removed(capd, origin):
     assert status_of(reply) == 200
     assert b"Connection: close\r\n" in reply
     h = origin.requests[-1]["headers"]
-    for gone in ("X-Secret", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Authorization", "Connection"):
+    for gone in ("X-Secret", "Keep-Alive", "TE", "Upgrade", "Proxy-Authorization", "Connection"):
         assert gone not in h, gone
     assert h["X-Kept"] == "k"
+    assert h["Trailer"] == "X"       # end-to-end (RFC 9110 6.6.2): was once dropped as hop-by-hop
     assert h["Host"] == f"127.0.0.1:{origin.port}"   # from the URL, not the client's Host
 
 
@@ -732,3 +733,104 @@ def test_chunked_extensions_and_trailers_pass_through(capd):
     srv.close()
     assert got and got[0].endswith(b"\r\n\r\n" + body)
     assert reply.endswith(b"\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n")
+
+
+def read_all(s, timeout=5.0):
+    """Everything s receives until the peer closes (or nothing comes for timeout)."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+    except socket.timeout:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("then", ["same origin", "other origin", "part of a head"])
+def test_pipelined_requests_and_fin_in_one_read(capd, origin, origin_b, then):
+    """Regression: pipelined requests filling the first read exactly (16384 bytes, the
+    handshake read) with the FIN behind them. The FIN was seen before the relay started, no
+    request could be held, and a worker spun at 100% CPU: no answer, capctl and SIGTERM hung.
+    Every whole request is answered, in order, then the connection closes."""
+    port = add_http(capd)
+    first = f"GET http://127.0.0.1:{origin.port}/1 HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    second = {"same origin": f"GET http://127.0.0.1:{origin.port}/2 HTTP/1.1\r\nHost: x\r\n\r\n",
+              "other origin": f"GET http://127.0.0.1:{origin_b.port}/2 HTTP/1.1\r\nHost: x\r\n\r\n",
+              "part of a head": f"GET http://127.0.0.1:{origin.port}/2 HTTP/1.1\r\nHo"}[then]
+    data = (first + "p" * (16384 - len(first) - 4 - len(second)) + "\r\n\r\n" + second).encode()
+    assert len(data) == 16384
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)   # the bytes and the FIN in one segment
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = read_all(s)
+    assert capd.ctl("status", timeout=5).returncode == 0
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and b"hello from a /1\n" in got, got[:300]
+    if then == "part of a head":
+        assert got.count(b"HTTP/1.1 ") == 1, got
+        assert closed_sessions(capd, 1)[-1]["reason"] == "client closed in a request head"
+        return
+    assert got.count(b"HTTP/1.1 200 OK\r\n") == 2, got
+    assert got.index(b"hello from a /1\n") < got.index(b"hello from %s /2\n" % (b"a" if then == "same origin" else b"b"))
+    assert closed_sessions(capd, 2 if then == "other origin" else 1)[-1]["reason"] == "closed"
+
+
+def test_response_before_the_request_body_ends(capd, tmp_path):
+    """Regression: an origin that answers an upload before its body came (413, then its close,
+    the body never read). The response was held for the rest of the request, the origin's FIN
+    never read, and the session with both sockets stayed forever (idle_timeout is off by
+    default). The client gets the response marked Connection: close, then the session ends."""
+    o = RawOrigin(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 10\r\n\r\ntoo large\n")
+    try:
+        port = add_http(capd)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall((f"PUT http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n"
+                       "Expect: 100-continue\r\n\r\n").encode())
+            got = read_all(s)
+        assert got.startswith(b"HTTP/1.1 413 Content Too Large\r\n") and got.endswith(b"\r\n\r\ntoo large\n"), got
+        assert b"\r\nConnection: close\r\n" in got
+        assert closed_sessions(capd, 1)[-1]["reason"] == "upstream answered before the request ended"
+        # the same with curl uploading 3 MB
+        f = tmp_path / "3MB.bin"
+        f.write_bytes(os.urandom(3 * 1024 * 1024))
+        r = curl("-x", f"http://127.0.0.1:{port}", "-T", f, f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"too large\n"
+        closed_sessions(capd, 2)
+        assert [x for x in sessions(capd) if x["state"] != "closed"] == []
+    finally:
+        o.close()
+
+
+def test_options_asterisk(capd, origin):
+    """Regression: `OPTIONS http://h HTTP/1.1` (no path, no query) asks about the server as a
+    whole and goes on as `OPTIONS *` (RFC 9112 3.2.4); it went as `OPTIONS /`."""
+    port = add_http(capd)
+    for url, line in ((f"http://127.0.0.1:{origin.port}", "OPTIONS * HTTP/1.1"),
+                      (f"http://127.0.0.1:{origin.port}/", "OPTIONS / HTTP/1.1"),
+                      (f"http://127.0.0.1:{origin.port}?q", "OPTIONS /?q HTTP/1.1")):
+        reply = raw(port, f"OPTIONS {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert status_of(reply) == 200, reply
+        assert origin.requests[-1]["line"] == line
+        assert origin.requests[-1]["headers"]["Host"] == f"127.0.0.1:{origin.port}"
+
+
+def test_connect_ipv6_needs_a_port(capd):
+    """Regression: `CONNECT [::1]` (no port) was taken for host:port (the colons of the
+    address) and connected to port 80; it gets 400 like `CONNECT 127.0.0.1`."""
+    with socket.socket(socket.AF_INET6) as lsn:
+        lsn.bind(("::1", 0))
+        lsn.listen(4)
+        v6port = lsn.getsockname()[1]
+        port = add_http(capd, "--connect-ports", "*")
+        for target in ("[::1]", "[::1]:", "[::1]x"):
+            reply = raw(port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert status_of(reply) == 400 and b"CONNECT needs host:port" in reply, (target, reply)
+        # with its port it connects
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(f"CONNECT [::1]:{v6port} HTTP/1.1\r\nHost: [::1]:{v6port}\r\n\r\n".encode())
+            assert c.recv(4096).startswith(b"HTTP/1.1 200 ")

@@ -3,7 +3,9 @@ recording origin of test_http), with keep-alive, bodies and capture."""
 
 import os
 import socket
+import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -92,6 +94,39 @@ def test_forwarded_for_appends(capd_factory, origins):
     assert "evil" not in a.requests[-1]["raw_headers"]
 
 
+def test_forwarded_for_appends_to_the_last_line(capd_factory, origins):
+    """Regression: with X-Forwarded-For on two lines (one list, RFC 9110 5.3) the client's
+    address was appended to each; it goes once, after the last."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    reply = raw(port, b"GET /xff HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                      b"X-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 200, reply
+    lines = [x for x in a.requests[-1]["raw_headers"].splitlines() if x.lower().startswith("x-forwarded-for:")]
+    assert lines == ["X-Forwarded-For: 10.0.0.1", "X-Forwarded-For: 10.0.0.2, 127.0.0.1"]
+
+
+def test_absolute_form_replaces_host(capd_factory, origins):
+    """Regression: an absolute-form request is routed by its URL's host, whose authority
+    replaces Host (RFC 9112 3.2.2); the upstream got the client's Host, and X-Forwarded-Host
+    named it too."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    for authority in ("x.api.test", "x.api.test:8081"):
+        reply = raw(port, f"GET http://{authority}/4?q HTTP/1.1\r\nHost: www.example.com\r\n"
+                          "Connection: close\r\n\r\n".encode())
+        assert reply.endswith(b"hello from api /4?q\n"), reply
+        req = b.requests[-1]
+        assert req["line"] == "GET /4?q HTTP/1.1"
+        assert req["headers"]["Host"] == authority
+        assert req["headers"]["X-Forwarded-Host"] == authority
+        assert "www.example.com" not in req["raw_headers"]
+    # origin form keeps its Host
+    reply = raw(port, b"GET /5 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+    assert reply.endswith(b"hello from www /5\n")
+    assert a.requests[-1]["headers"]["Host"] == a.requests[-1]["headers"]["X-Forwarded-Host"] == "www.example.com"
+
+
 def test_bodies_and_keepalive(capd_factory, origins, tmp_path):
     a, b, c = origins
     capd, port = reverse(capd_factory, origins)
@@ -177,6 +212,7 @@ def tls_reverse(capd, tmp_path):
         def get(*args, n=1):
             return curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
                         *args, *[url] * n)
+        get.port, get.ca = port, ca
         yield get, test_tls
     finally:
         o.stop()
@@ -209,3 +245,63 @@ def test_reverse_tls_head_longer_than_one_read(capd, tls_reverse):
     assert r.stdout == test_tls.BODY, r.stdout[:300]
     s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
     assert s["bytes_up"] > 21000, s
+
+
+def tls_send_and_close(port, ca, name, data):
+    """A TLS client that sends data (one record at most 16 KiB) and its close_notify in one
+    TCP segment with the FIN, then returns the plaintext it reads until capd closes."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inc, out, server_hostname=name)
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(out.read())
+                d = s.recv(65536)
+                assert d, "capd closed during the TLS handshake"
+                inc.write(d)
+        s.sendall(out.read())
+        time.sleep(0.3)      # capd waits for the request now: the record and the close come in one read
+        tls.write(data)
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass             # close_notify sent, the server's not read yet
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        s.sendall(out.read())
+        s.shutdown(socket.SHUT_WR)
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return got
+            inc.write(d)
+            try:
+                while True:
+                    got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return got
+
+
+def test_reverse_tls_pipelined_requests_and_close_in_one_read(capd, tls_reverse):
+    """Regression: inside TLS a 16 KiB read is one whole record. Two pipelined requests in
+    one 16384-byte record followed by close_notify and the FIN: the close was seen before the
+    relay started, and a worker spun forever (no answer, capctl hung). Both are answered."""
+    get, test_tls = tls_reverse
+    pads = [f"X-Pad-{i}: {chr(ord('a') + i) * 7000}\r\n" for i in range(2)]   # nginx: lines of 8 KiB at most
+    first = f"GET /index.html HTTP/1.1\r\nHost: {test_tls.NAME}\r\n" + "".join(pads)
+    second = f"GET /index.html?2 HTTP/1.1\r\nHost: {test_tls.NAME}\r\n\r\n"
+    first += "X-Pad: " + "p" * (16384 - len(first) - 7 - 4 - len(second)) + "\r\n\r\n"
+    data = (first + second).encode()
+    assert len(data) == 16384
+    got = tls_send_and_close(get.port, get.ca, test_tls.NAME, data)
+    assert capd.ctl("status", timeout=5).returncode == 0
+    assert got.count(b"HTTP/1.1 200 OK\r\n") == 2, got[:500]
+    assert got.count(test_tls.BODY) == 2
+    s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
+    assert s["reason"] == "closed", s

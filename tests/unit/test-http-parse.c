@@ -189,6 +189,8 @@ test_connection(void **state)
 	assert_true(http_hop_by_hop(&m, "Keep-Alive", 10));
 	assert_false(http_hop_by_hop(&m, "X-Kept", 6));
 	assert_false(http_hop_by_hop(&m, "Host", 4));
+	/* Trailer names the trailer fields for the recipient: end-to-end (RFC 9110 6.6.2) */
+	assert_false(http_hop_by_hop(&m, "Trailer", 7));
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"), PARSE_OK);
 	assert_true(m.conn_close);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), PARSE_OK);
