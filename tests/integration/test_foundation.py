@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, tshark
 
 
 def curl(*args, timeout=30):

@@ -6,7 +6,6 @@ bind-mounted /etc/hosts, which takes the in-place (EBUSY) path."""
 
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys

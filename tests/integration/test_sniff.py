@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, ECHO_SERVER, EchoServer, follow_tcp, free_port, next_seq, sh, tshark
+from conftest import CAPCTL, CAPD, ECHO_SERVER, follow_tcp, next_seq, sh, tshark
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 for network namespaces")

@@ -9,9 +9,7 @@ import subprocess
 import threading
 import time
 
-import pytest
-
-from conftest import CAPCTL, free_port, tshark, wait_port
+from conftest import CAPCTL, free_port, tshark
 
 
 def tail_proc(capd, *args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=None):

@@ -747,3 +747,239 @@ def test_upstream_session_resumed(capd, origin, tmp_path):
     ss = last_closed(capd, 2)
     assert "upstream-resumed" not in ss[0]["note"]
     assert "upstream-resumed" in ss[1]["note"], ss
+
+
+def make_cert(d, stem, subj, san=None):
+    """A self-signed upstream certificate with exactly this subject ("/" is empty) and
+    subjectAltName (X509v3 text, e.g. "critical,DNS:a.test"; None: none)."""
+    cert, key = d / f"{stem}.pem", d / f"{stem}.key"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+            "-out", cert, "-days", "5", "-subj", subj]
+    if san:
+        args += ["-addext", f"subjectAltName={san}"]
+    openssl(*args)
+    return cert, key
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + BODY
+
+
+class TlsHttpOrigin(Listener):
+    """A TLS server (Python ssl) with a given certificate. A GET is answered with a
+    close-delimited body (no Content-Length, so only the end of the stream ends it),
+    then the server ends with close_notify (clean) or with a bare FIN. Other bytes are
+    read to the client's end, which .ends records: ("clean"|"unclean", bytes)."""
+
+    def __init__(self, cert, key, clean=True, host="127.0.0.1"):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.clean = clean
+        self.ends = []
+        super().__init__(host)
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        c.settimeout(10)
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True, suppress_ragged_eofs=False)
+            got = b""
+            while not (got.startswith(b"GET ") and b"\r\n\r\n" in got):
+                try:
+                    d = t.recv(65536)
+                except ssl.SSLEOFError:
+                    self.ends.append(("unclean", got))
+                    t.close()
+                    return
+                if not d:
+                    self.ends.append(("clean", got))
+                    t.unwrap()
+                    t.close()
+                    return
+                got += d
+            t.sendall(RESPONSE)
+            if self.clean:
+                t.unwrap()  # close_notify; then waits for the client's (or its end)
+            t.close()  # no close_notify unless unwrapped
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def tls_client_ctx(ca=None, strict=False, cn=True):
+    """A client context trusting ca (None: no verification at all)."""
+    if ca is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if strict:
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT  # Python 3.13's default
+    ctx.hostname_checks_common_name = cn  # False: as browsers and Go
+    return ctx
+
+
+def tls_get(port, name, ctx, host="127.0.0.1"):
+    """GET / over TLS with SNI name, read to the end: (bytes, "clean"|"unclean")."""
+    with socket.create_connection((host, port), timeout=10) as c:
+        with ctx.wrap_socket(c, server_hostname=name, suppress_ragged_eofs=False) as t:
+            t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            try:
+                while (d := t.recv(65536)):
+                    got += d
+            except ssl.SSLEOFError:
+                return got, "unclean"
+            return got, "clean"
+
+
+def forged_cert(port, servername, tmp_path, *extra):
+    """The certificate capd serves for servername (openssl s_client sends it as SNI as is)."""
+    r = run("openssl", "s_client", "-servername", servername, "-connect", f"127.0.0.1:{port}", *extra,
+            input=b"", timeout=30)
+    out = r.stdout.decode(errors="replace")
+    assert "BEGIN CERTIFICATE" in out, out + r.stderr.decode(errors="replace")
+    pem = tmp_path / "forged.pem"
+    pem.write_text(out[out.index("-----BEGIN CERTIFICATE-----"):out.index("-----END CERTIFICATE-----") + 25] + "\n")
+    return openssl("x509", "-in", pem, "-noout", "-subject", "-ext", "subjectAltName").stdout.decode(), out
+
+
+def test_ip_sni_does_not_spoil_ip_clients(capd, tmp_path):
+    """Regression: a client that sent an IP address as SNI got a certificate with
+    DNS:127.0.0.1, cached under the key of the IP certificate made for clients without SNI
+    (the cache serves every instance): from then on `curl https://127.0.0.1:PORT/` failed
+    with error 60. An address as SNI is an IP name (iPAddress SAN), as without SNI."""
+    cert, key = make_cert(tmp_path, "nameless", "/O=nameless lab")  # capd names the forged one itself
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        info, _ = forged_cert(port, "127.0.0.1", tmp_path)
+        assert "IP Address:127.0.0.1" in info and "DNS:" not in info, info
+        assert "sni=127.0.0.1" in last_closed(capd)[-1]["note"]
+        r = curl("--http1.1", "--cacert", ca, f"https://127.0.0.1:{port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == BODY
+        # and the client with the address as SNI verifies it by that address
+        r = run("openssl", "s_client", "-servername", "127.0.0.1", "-connect", f"127.0.0.1:{port}", "-CAfile", ca,
+                "-verify_ip", "127.0.0.1", "-verify_return_error", input=b"", timeout=30)
+        assert r.returncode == 0 and b"Verify return code: 0 (ok)" in r.stdout, r.stdout + r.stderr
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "bare_fin"])
+def test_upstream_end_without_close_notify_passed_on(capd, origin, tmp_path, clean):
+    """Regression: an upstream that ended without close_notify (a truncation, or a server
+    that never says goodbye) reached the client as a close_notify, so a close-delimited
+    body looked complete. The client now sees the end the upstream made: close_notify or
+    a bare FIN, as it would without capd."""
+    srv = TlsHttpOrigin(origin.cert, origin.key, clean=clean)
+    try:
+        direct = tls_get(srv.port, NAME, tls_client_ctx())
+        assert direct == (RESPONSE, "clean" if clean else "unclean")
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        assert tls_get(port, NAME, tls_client_ctx(ca)) == direct
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed", s
+        assert ("upstream ended without close_notify" in s["note"]) == (not clean), s
+        # curl reads a close-delimited body: complete, or an error
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.stdout == BODY
+        assert (r.returncode == 0) == clean, r
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "bare_fin"])
+def test_client_end_without_close_notify_passed_on(capd, origin, tmp_path, clean):
+    """The same toward the upstream: a client's end without close_notify reaches it as a
+    bare FIN, a close_notify as one; and the upstream's answer comes back the same way."""
+    srv = TlsHttpOrigin(origin.cert, origin.key, clean=clean)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            t = tls_client_ctx(ca).wrap_socket(c, server_hostname=NAME, suppress_ragged_eofs=False)
+            t.sendall(b"PING")
+            if clean:
+                t.unwrap()  # sends close_notify, returns with the server's
+            else:
+                raw = socket.socket(fileno=os.dup(t.fileno()))
+                raw.shutdown(socket.SHUT_WR)  # a FIN under the TLS layer
+                raw.close()
+                with pytest.raises(ssl.SSLEOFError):
+                    t.recv(100)
+            t.close()
+        deadline = time.time() + 10
+        while not srv.ends:
+            assert time.time() < deadline, "the upstream never saw the client's end"
+            time.sleep(0.05)
+        assert srv.ends == [("clean" if clean else "unclean", b"PING")]
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed", s
+        assert ("client ended without close_notify" in s["note"]) == (not clean), s
+    finally:
+        srv.close()
+
+
+def test_critical_san_of_empty_subject_kept(capd, tmp_path):
+    """Regression: an upstream certificate with an empty subject and its names in a
+    critical subjectAltName (RFC 5280 4.2.1.6) was forged with a SAN not critical, which
+    strict clients (openssl -x509_strict, Python 3.13) reject with error 88."""
+    cert, key = make_cert(tmp_path, "empty", "/", san="critical,DNS:empty.test")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        assert tls_get(port, "empty.test", tls_client_ctx(ca, strict=True))[0] == RESPONSE
+        info, out = forged_cert(port, "empty.test", tmp_path, "-CAfile", ca, "-x509_strict", "-verify_hostname",
+                                "empty.test")
+        assert "Verify return code: 0 (ok)" in out, out
+        assert "subject=\n" in info + "\n" and "Subject Alternative Name: critical" in info, info
+    finally:
+        srv.close()
+    # the forged certificate of an ordinary origin passes strict checks too
+    o = Origin(tmp_path / "o")
+    try:
+        port = add_forward(capd, o.port, "--tls", "--no-tls-verify")
+        assert tls_get(port, NAME, tls_client_ctx(ca, strict=True, cn=False))[0].endswith(BODY)
+    finally:
+        o.stop()
+
+
+def test_cn_only_certificate_gets_the_sni_as_san(capd, tmp_path):
+    """Regression: an upstream named only by its subject CN (a lab certificate) was taken
+    as covering the SNI, so the forged copy had no subjectAltName and clients that ignore
+    the CN (browsers, Go, hostname_checks_common_name = False) rejected it."""
+    cert, key = make_cert(tmp_path, "cn", "/O=lab/CN=lab.test")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        assert tls_get(port, "lab.test", tls_client_ctx(ca, cn=False))[0] == RESPONSE
+        info, _ = forged_cert(port, "lab.test", tmp_path)
+        assert "CN = lab.test" in info and "DNS:lab.test" in info, info
+    finally:
+        srv.close()
+
+
+def test_no_sni_nameless_certificate_names_the_address_reached(capd, tmp_path):
+    """Regression: forward, no SNI and an upstream certificate that names nothing: the
+    forged certificate named the target's address ([::1]) instead of the one the client
+    connected to (127.0.0.1), and curl failed (error 60)."""
+    cert, key = make_cert(tmp_path, "nameless", "/O=nameless lab")
+    srv = TlsHttpOrigin(cert, key, host="::1")
+    try:
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", f"[::1]:{srv.port}", "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--http1.1", "--cacert", ca, f"https://127.0.0.1:{port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == BODY
+        s = last_closed(capd)[-1]
+        assert s["target"] == f"[::1]:{srv.port}" and "sni=-" in s["note"], s
+    finally:
+        srv.close()

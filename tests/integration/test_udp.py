@@ -4,12 +4,11 @@ both directions captured as UDP, ended by idle_timeout."""
 
 import os
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import UdpEcho, free_port, free_port_tcp_udp, tshark
+from conftest import UdpEcho, free_port_tcp_udp, tshark
 
 
 @pytest.fixture
