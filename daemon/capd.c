@@ -19,6 +19,7 @@
 #include "control.h"
 #include "hosts.h"
 #include "instance.h"
+#include "linger.h"
 #include "log.h"
 #include "privdrop.h"
 #include "relay.h"
@@ -298,6 +299,7 @@ capd_finish(void)
 	resolve_shutdown();
 	spool_stop();
 	tls_stop();
+	linger_stop_all();
 	relay_shutdown();
 	ev_break(capd_loop, EVBREAK_ALL);
 }
@@ -380,6 +382,7 @@ capd_shard_fini(void)
 {
 	resolve_shutdown();
 	session_loop_fini();
+	linger_stop_all();
 	relay_shutdown();  /* the thread's buffer and pipe pools */
 }
 

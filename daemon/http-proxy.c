@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "linger.h"
 #include "log.h"
 #include "relay.h"
 #include "session.h"
@@ -174,22 +175,27 @@ http_reason(int status, const char *why)
 	return xasprintf("%d %s: %s", status, http_status_text(status), why);
 }
 
-/* Before the relay: reply, then close. Unread request bytes are drained so
- * the close is a FIN the client reads after the reply, not a reset. */
+/* Before the relay: reply, FIN, close. A client that still sends (an upload
+ * refused at its head) keeps being read a while (linger.h), so that the close
+ * is not a reset that throws the reply away; a TLS client's records are
+ * dropped unread the same way, after close_notify. */
 static void
 http_fail_early(struct session *s, int status, const char *why)
 {
 	struct buf b = { 0 };
 	char *reason = http_reason(status, why);
-	uint8_t junk[4096];
 
 	http_error_text(&b, status, why, status == 407);
 	session_send(s, buf_head(&b), buf_used(&b));
 	buf_free(&b);
-	if (s->state != SESSION_CLOSED && s->client.fd >= 0 && s->client.tls == NULL) {
+	if (s->state != SESSION_CLOSED && s->client.fd >= 0 && buf_used(&s->hs_out) == 0) {
+		if (s->client.tls != NULL)
+			tls_side_shutdown(s->client.tls);
 		shutdown(s->client.fd, SHUT_WR);
-		for (int i = 0; i < 64 && read(s->client.fd, junk, sizeof junk) > 0; i++)
-			;
+		ev_io_stop(capd_loop, &s->client.rio);
+		ev_io_stop(capd_loop, &s->client.wio);
+		linger_start(capd_loop, s->client.fd);
+		s->client.fd = -1;
 	}
 	session_close(s, reason);
 	free(reason);

@@ -39,6 +39,29 @@ def closed(capd, n):
     return capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "r" and s["state"] == "closed"]) >= n)
 
 
+
+def test_refusal_reaches_an_uploading_client(capd_factory, origins):
+    """A client still sending its body when capd refuses the head (421) can finish
+    sending and then read the refusal: after the reply and its FIN, capd reads and
+    drops what comes (a lingering close) instead of closing, which would reset the
+    connection under the client's next write (curl then reports a failed send and
+    never shows the reply)."""
+    capd, port = reverse(capd_factory, origins)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 4194304\r\n\r\n" + os.urandom(1 << 18))
+    time.sleep(0.5)  # capd has answered and sent its FIN by now
+    for _ in range(15):
+        s.sendall(os.urandom(1 << 18))  # a reset would fail one of these
+    reply = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        reply += d
+    s.close()
+    assert status_of(reply) == 421, reply
+
+
 def test_routes_by_host(capd_factory, origins):
     a, b, c = origins
     capd, port = reverse(capd_factory, origins)
@@ -232,6 +255,22 @@ def test_reverse_tls(capd, tls_reverse):
     assert up.startswith(b"GET / HTTP/1.1\r\n")
     assert b"X-Forwarded-Proto: https\r\n" in up
     assert down.endswith(test_tls.BODY)
+
+
+
+def test_reverse_tls_refusal_reaches_an_uploading_client(capd, tls_reverse, tmp_path):
+    """A TLS client still uploading when capd refuses its request (421: no route)
+    reads the refusal: capd sends close_notify and a FIN and drains what comes,
+    as for a plain client, instead of a close that resets the reply away."""
+    get, _ = tls_reverse
+    body = tmp_path / "body"
+    body.write_bytes(os.urandom(200000))
+    codes = []
+    for _ in range(8):
+        r = get("-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: nowhere.test", "-H", "Expect:",
+                "--data-binary", f"@{body}")
+        codes.append((r.returncode, r.stdout))
+    assert codes == [(0, b"421")] * 8, codes
 
 
 def test_reverse_tls_head_longer_than_one_read(capd, tls_reverse):
