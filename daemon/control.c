@@ -354,11 +354,13 @@ ctl_conn_process(struct ctl_conn *c)
 {
 	char *line;
 	size_t len;
+	bool progressed = false;
 
 	while (c->later == NULL) {
 		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
 		if (fr == RPC_FRAME_NONE)
 			break;
+		progressed = true;
 		if (fr == RPC_FRAME_TOO_LONG) {
 			ctl_reply_error(c, NULL, RPC_E_TOO_LARGE, "request too large (over 1 MiB)");
 			continue;
@@ -377,7 +379,11 @@ ctl_conn_process(struct ctl_conn *c)
 		ctl_conn_done_check(c);
 		return;
 	}
-	/* a partial line must complete in time; a quiet, idle connection may stay */
+	/* a partial line must complete in time; a quiet, idle connection may stay.
+	 * The clock runs from the last complete request: a client streaming
+	 * requests whose reads each end inside one is making progress */
+	if (progressed)
+		ev_timer_stop(capd_main, &c->timer);
 	if (buf_used(&c->framer.in) > 0 || c->framer.skipping) {
 		if (!ev_is_active(&c->timer)) {
 			ev_timer_set(&c->timer, CTL_REQUEST_TIMEOUT, 0.);
