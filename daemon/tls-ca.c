@@ -23,6 +23,7 @@
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
 
+#include "addr.h"
 #include "log.h"
 #include "xmalloc.h"
 
@@ -409,9 +410,27 @@ tls_ca_free(void)
 
 /* ---- forging ---- */
 
+/* One name a forged certificate adds to what it copies: DNS, or IP when ip is set
+ * (text is then the address in canonical form). */
+struct tls_ca_name {
+	const char *text;
+	const struct sockaddr *ip;
+};
+
+static void
+tls_ca_key_name(EVP_MD_CTX *md, const char *tag, const struct tls_ca_name *n)
+{
+	EVP_DigestUpdate(md, "", 1);
+	EVP_DigestUpdate(md, tag, strlen(tag) + 1);
+	/* the type is part of the key: DNS:127.0.0.1 is not IP:127.0.0.1 */
+	EVP_DigestUpdate(md, n->ip ? "ip" : "dns", n->ip ? 3 : 4);
+	EVP_DigestUpdate(md, n->text, strlen(n->text));
+}
+
 /* The names a forged certificate will cover, hashed: the cache key. */
 static void
-tls_ca_names_key(X509 *orig, const char *extra, const char *fallback, uint8_t key[32])
+tls_ca_names_key(X509 *orig, bool san_critical, const struct tls_ca_name *extra, const struct tls_ca_name *fallback,
+                 uint8_t key[32])
 {
 	static EVP_MD *sha256;  /* fetched once: an implicit fetch per handshake costs */
 	EVP_MD_CTX *md = EVP_MD_CTX_new();
@@ -434,30 +453,28 @@ tls_ca_names_key(X509 *orig, const char *extra, const char *fallback, uint8_t ke
 			EVP_DigestUpdate(md, "\0san", 4);
 			EVP_DigestUpdate(md, ASN1_STRING_get0_data(d), (size_t)ASN1_STRING_length(d));
 		}
+		EVP_DigestUpdate(md, san_critical ? "\0critical" : "\0plain", san_critical ? 9 : 6);
 	}
-	if (extra) {
-		EVP_DigestUpdate(md, "\0extra", 6);
-		EVP_DigestUpdate(md, extra, strlen(extra));
-	}
-	if (fallback) {
-		EVP_DigestUpdate(md, "\0name", 5);
-		EVP_DigestUpdate(md, fallback, strlen(fallback));
-	}
+	if (extra)
+		tls_ca_key_name(md, "extra", extra);
+	if (fallback)
+		tls_ca_key_name(md, "name", fallback);
 	EVP_DigestFinal_ex(md, key, &n);
 	EVP_MD_CTX_free(md);
 }
 
 static int
-tls_ca_add_name(GENERAL_NAMES *gens, const char *dns, const struct sockaddr *ip)
+tls_ca_add_name(GENERAL_NAMES *gens, const struct tls_ca_name *n)
 {
+	const struct sockaddr *ip = n->ip;
 	GENERAL_NAME *g = GENERAL_NAME_new();
 	ASN1_IA5STRING *s;
 	ASN1_OCTET_STRING *o;
 
 	if (g == NULL)
 		return -1;
-	if (dns) {
-		if ((s = ASN1_IA5STRING_new()) == NULL || !ASN1_STRING_set(s, dns, -1)) {
+	if (ip == NULL) {
+		if ((s = ASN1_IA5STRING_new()) == NULL || !ASN1_STRING_set(s, n->text, -1)) {
 			ASN1_IA5STRING_free(s);
 			GENERAL_NAME_free(g);
 			return -1;
@@ -502,44 +519,71 @@ X509 *
 tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
 {
 	uint8_t key[32];
-	char ipb[64];
-	const char *iptext = tls_ca_ip_text(ip, ipb, sizeof ipb);
-	const char *extra = NULL, *fallback = NULL;
+	char ipb[64], snib[64];
+	struct sockaddr_storage sni_ss;
+	socklen_t sni_len;
+	struct tls_ca_name sni_name = { 0 }, ip_name = { 0 };
+	const struct tls_ca_name *extra = NULL, *fallback = NULL;
 	GENERAL_NAMES *gens = NULL;
 	X509 *x;
-	bool orig_names = false;
+	bool orig_names = false, critical = false;
 
 	if (ca.cert == NULL) {
 		*why = xstrdup("capd's CA is not loaded");
 		return NULL;
 	}
-	if (sni && *sni == '\0')
-		sni = NULL;
+	if (sni && *sni != '\0') {
+		sni_name.text = sni;
+		/* an address sent as SNI (clients should not, some do) is an IP name,
+		 * the same one a client that sends no SNI gets */
+		if (addr_from_literal(sni, 0, &sni_ss, &sni_len) == 0) {
+			sni_name.ip = (struct sockaddr *)&sni_ss;
+			sni_name.text = tls_ca_ip_text(sni_name.ip, snib, sizeof snib);
+		}
+	}
+	if ((ip_name.text = tls_ca_ip_text(ip, ipb, sizeof ipb)) != NULL)
+		ip_name.ip = ip;
 	if (orig) {
+		X509_NAME *subj = X509_get_subject_name(orig);
+		int idx = X509_get_ext_by_NID(orig, NID_subject_alt_name, -1);
+
 		gens = tls_ca_orig_sans(orig);
 		orig_names = (gens && sk_GENERAL_NAME_num(gens) > 0) ||
-		             X509_NAME_get_index_by_NID(X509_get_subject_name(orig), NID_commonName, -1) >= 0;
-		/* a name the client asked for and the real certificate lacks is added, so a
-		 * client of a lab server with a mismatched certificate still gets through */
-		if (orig_names && sni && X509_check_host(orig, sni, 0, 0, NULL) != 1)
-			extra = sni;
+		             X509_NAME_get_index_by_NID(subj, NID_commonName, -1) >= 0;
+		/* RFC 5280 4.2.1.6: with an empty subject the names are all in the SAN,
+		 * which must then be critical (strict verifiers insist) */
+		critical = (idx >= 0 && X509_EXTENSION_get_critical(X509_get_ext(orig, idx)) > 0) ||
+		           X509_NAME_entry_count(subj) == 0;
+		/* a name the client asked for and the real certificate's SANs lack is
+		 * added, so a client of a lab server with a mismatched certificate, or
+		 * one named only by its CN (which browsers ignore), still gets through */
+		if (orig_names && sni_name.text) {
+			int covered = sni_name.ip ? X509_check_ip_asc(orig, sni_name.text, 0)
+			                          : X509_check_host(orig, sni_name.text, 0,
+			                                            X509_CHECK_FLAG_NEVER_CHECK_SUBJECT |
+			                                                X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS,
+			                                            NULL);
+			if (covered != 1)
+				extra = &sni_name;
+		}
 		if (!orig_names) {
 			GENERAL_NAMES_free(gens);
 			gens = NULL;
 			orig = NULL;
+			critical = false;
 		}
 	}
 	if (orig == NULL) {
-		if (sni)
-			fallback = sni;
-		else if (iptext)
-			fallback = iptext;
+		if (sni_name.text)
+			fallback = &sni_name;
+		else if (ip_name.text)
+			fallback = &ip_name;
 		else {
 			*why = xstrdup("no SNI and no IP");
 			return NULL;
 		}
 	}
-	tls_ca_names_key(orig, extra, fallback, key);
+	tls_ca_names_key(orig, critical, extra, fallback, key);
 	if ((x = tls_ca_cache_get(key)) != NULL) {
 		GENERAL_NAMES_free(gens);
 		return x;
@@ -547,9 +591,9 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
 
 	if (gens == NULL && (gens = sk_GENERAL_NAME_new_null()) == NULL)
 		goto fail;
-	if (extra && tls_ca_add_name(gens, extra, NULL) < 0)
+	if (extra && tls_ca_add_name(gens, extra) < 0)
 		goto fail;
-	if (fallback && tls_ca_add_name(gens, sni, sni ? NULL : ip) < 0)
+	if (fallback && tls_ca_add_name(gens, fallback) < 0)
 		goto fail;
 
 	if ((x = X509_new()) == NULL)
@@ -558,14 +602,14 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
 		if (!X509_set_subject_name(x, X509_get_subject_name(orig)))
 			goto fail_x;
 	} else if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
-	                                       (const unsigned char *)fallback, -1, -1, 0)) {
+	                                       (const unsigned char *)fallback->text, -1, -1, 0)) {
 		goto fail_x;
 	}
 	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
 	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
 	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_LEAF_DAYS * 86400) ||
 	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, ca.leaf) ||
-	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, 0, 0)) ||
+	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, critical, 0)) ||
 	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||
 	    tls_ca_ext(x, ca.cert, NID_key_usage, "critical,digitalSignature") < 0 ||
 	    tls_ca_ext(x, ca.cert, NID_ext_key_usage, "serverAuth") < 0)

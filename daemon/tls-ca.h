@@ -34,10 +34,12 @@ const char *tls_ca_cert_path(void);
 
 /*
  * A certificate for the leaf key, signed by the CA (caller owns a reference:
- * X509_free it). With orig: subject and subjectAltNames copied from it, plus
- * sni as one more DNS name when orig does not cover it. Without orig (or with
- * one that names nothing): CN and SAN from sni, else from ip. NULL and *why
- * when there is no name at all ("no SNI and no IP") or signing fails.
+ * X509_free it). With orig: subject and subjectAltNames copied from it (the
+ * SAN critical when orig's is, or when the subject is empty), plus sni as one
+ * more name when orig's SANs do not cover it (its CN does not count). Without
+ * orig (or with one that names nothing): CN and SAN from sni, else from ip.
+ * An sni that is an IP literal is an IP name (iPAddress SAN), like ip. NULL
+ * and *why when there is no name at all ("no SNI and no IP") or signing fails.
  */
 X509 *tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why);
 

@@ -15,7 +15,9 @@
  *                          real one) and the server's ALPN choice; resume the
  *                          accept; then relay_start() with both SSLs set
  *
- * Upstream failures answer the client with a handshake_failure alert. Every
+ * Upstream failures answer the client with a handshake_failure alert. While
+ * relaying, a side's close_notify is passed on as close_notify and a bare
+ * EOF (no close_notify: maybe a truncation) as a bare FIN. Every
  * socket I/O of an SSL goes through one small BIO of ours: it serves bytes
  * the proxy already read (hs_in) first, keeps a copy of the ClientHello for
  * passthrough, and with tls_capture = both feeds the ciphertext to two more
@@ -79,6 +81,8 @@ struct tls_side {
 	bool tee;
 	bool sock_eof;          /* the socket gave EOF */
 	bool eof;               /* SSL_read saw close_notify or EOF, not yet reported */
+	bool close_notify;      /* the peer's close_notify arrived */
+	bool unclean;           /* the end was a bare EOF, no close_notify: pass on a bare FIN */
 	int err;                /* errno to report once the bytes before it are taken */
 	bool crossed;           /* a read wanted writability or a write readability */
 	bool more;              /* records of the same write follow: send them with MSG_MORE */
@@ -152,8 +156,9 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 	json_t *pt;
 	size_t n = 0;
 
-	(void)inst;
 	*out = cfg;
+	/* a forwarder's client connects to capd itself; a proxy's names the target */
+	cfg->transparent = inst && inst->proto && !strcmp(inst->proto->name, "forward");
 	if (mode == NULL || cap == NULL)
 		return -1;
 	if (!strcmp(mode, "auto"))
@@ -521,11 +526,31 @@ static int
 tls_alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
             unsigned int inlen, void *arg);
 
+/* Notes a peer's close_notify: a bare EOF reads the same as one otherwise (below). */
+static void
+tls_info_cb(const SSL *ssl, int where, int ret)
+{
+	BIO *b;
+	struct tls_side *t;
+
+	if ((where & SSL_CB_READ_ALERT) && (ret & 0xff) == SSL_AD_CLOSE_NOTIFY && (b = SSL_get_rbio(ssl)) != NULL &&
+	    (t = BIO_get_data(b)) != NULL)
+		t->close_notify = true;
+}
+
 static void
 tls_ctx_common(SSL_CTX *ctx)
 {
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	/*
+	 * Without SSL_OP_IGNORE_UNEXPECTED_EOF an EOF with no close_notify is a
+	 * fatal error: OpenSSL sends the peer a decode_error alert and the SSL
+	 * writes no more, so a half-closed peer would lose the other direction.
+	 * With it the EOF reads as a close_notify would; tls_info_cb tells the
+	 * two apart, and the unclean end is passed on as a bare FIN.
+	 */
 	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+	SSL_CTX_set_info_callback(ctx, tls_info_cb);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
 	                      SSL_MODE_RELEASE_BUFFERS);
 	/* AES-128-GCM first on both legs, the order of Mozilla's intermediate
@@ -924,7 +949,7 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 			for (char *p = ts->sni; *p; p++)
 				if (*p >= 'A' && *p <= 'Z')
 					*p = (char)(*p - 'A' + 'a');
-			if (!hostname_valid(ts->sni) || strlen(ts->sni) != n)
+			if ((!hostname_valid(ts->sni) && !addr_is_ip_literal(ts->sni)) || strlen(ts->sni) != n)
 				ts->sni[0] = '\0';
 		}
 	}
@@ -1186,7 +1211,9 @@ tls_upstream_begin(struct tls_session *ts)
 			if ((colon = strrchr(host, ':')) != NULL)
 				*colon = '\0';
 			SSL_set1_host(u->ssl, host);
-		} else if (ts->sni[0])
+		} else if (ts->sni[0] && addr_is_ip_literal(ts->sni))
+			X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(u->ssl), ts->sni);
+		else if (ts->sni[0])
 			SSL_set1_host(u->ssl, ts->sni);
 		else if (ts->host[0] && !addr_is_ip_literal(ts->host))
 			SSL_set1_host(u->ssl, ts->host);
@@ -1218,6 +1245,9 @@ tls_upstream_done(struct tls_session *ts)
 	const unsigned char *a;
 	unsigned alen;
 	char *why = NULL;
+	struct sockaddr_storage local;
+	socklen_t len = sizeof local;
+	const struct sockaddr *ip = NULL;
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
@@ -1226,8 +1256,15 @@ tls_upstream_done(struct tls_session *ts)
 		tls_done(ts);
 		return;
 	}
+	/* the address the client believes is the server's, for a certificate that
+	 * names nothing and a client that sent no SNI: a forwarder's own address
+	 * (the client reached it), else the target the client asked the proxy for */
+	if (ts->cfg->transparent && getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0)
+		ip = (struct sockaddr *)&local;
+	else if (s->have_target)
+		ip = (struct sockaddr *)&s->target_addr;
 	capd_lock();  /* the certificate cache is shared by the shards */
-	forged = tls_ca_forge(peer, ts->sni, s->have_target ? (struct sockaddr *)&s->target_addr : NULL, &why);
+	forged = tls_ca_forge(peer, ts->sni, ip, &why);
 	capd_unlock();
 	X509_free(peer);
 	if (forged == NULL) {
@@ -1499,6 +1536,13 @@ tls_side_read(struct tls_side *t, void *p, size_t n)
 			break;
 		}
 		tls_side_error(t, e, saved);
+		if (t->eof && !t->close_notify) {
+			/* a truncation attack, or a peer that never says goodbye: either
+			 * way the other side must not take the end for a complete one */
+			t->unclean = true;
+			tls_session_note(t->ts->s, "%s ended without close_notify",
+			                 t->leg == TLS_LEG_CLIENT ? "client" : "upstream");
+		}
 		if (t->eof && t->ts->raw_open && t->ts->raw[t->leg])
 			spool_flow_fin(t->ts->raw[t->leg], t->rdir);
 		break;
@@ -1572,9 +1616,16 @@ tls_side_write(struct tls_side *t, const void *p, size_t n)
 void
 tls_side_shutdown(struct tls_side *t)
 {
-	ERR_clear_error();
-	SSL_shutdown(t->ssl);
-	ERR_clear_error();
+	struct tls_session *ts = t->ts;
+	const struct tls_side *src = t == &ts->c ? &ts->u : &ts->c;
+
+	/* what ended without close_notify ends here without one too: its peer
+	 * sees what it would have seen without capd between */
+	if (!src->unclean) {
+		ERR_clear_error();
+		SSL_shutdown(t->ssl);
+		ERR_clear_error();
+	}
 	if (t->ts->raw_open && t->ts->raw[t->leg])
 		spool_flow_fin(t->ts->raw[t->leg], t->rdir == DIR_UP ? DIR_DOWN : DIR_UP);
 }

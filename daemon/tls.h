@@ -42,6 +42,7 @@ struct tls_cfg {
 	bool verify;              /* tls_verify: check the upstream against the system store */
 	bool capture_both;        /* tls_capture = both: ciphertext legs + key log too */
 	bool auto_passthrough;    /* tls_auto_passthrough */
+	bool transparent;         /* forward: the client reached capd's address as the server's */
 	char **passthrough;       /* host or *.suffix patterns, NULL-terminated */
 	struct tls_host *hosts;   /* rejection counts; passthrough at TLS_REJECT_LIMIT */
 };
@@ -93,12 +94,14 @@ int tls_ca_ensure(char **why);
 
 struct tls_side;
 
-/* Like recv(): >0 plaintext bytes, 0 at close_notify or EOF, -1 with errno
+/* Like recv(): >0 plaintext bytes, 0 at close_notify or EOF (an EOF without
+ * close_notify is noted on the session), -1 with errno
  * (EAGAIN: try when the fd is ready again; EPROTO: TLS error, see tls_side_why). */
 ssize_t tls_side_read(struct tls_side *t, void *p, size_t n);
 /* Like send(): writes as much of p as the socket takes now. */
 ssize_t tls_side_write(struct tls_side *t, const void *p, size_t n);
-/* close_notify, then FIN. */
+/* close_notify, then FIN; only the FIN when the other side ended without
+ * close_notify (its peer sees the same unclean end it would have seen). */
 void tls_side_shutdown(struct tls_side *t);
 /* Plaintext (or an EOF/error) is waiting inside the TLS layer, not in the socket. */
 bool tls_side_pending(const struct tls_side *t);

@@ -1,6 +1,7 @@
 /* Unit tests for daemon/tls-ca.c: CA creation and loading, forging, the LRU cache. */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,9 +20,10 @@
 static char dir[] = "/tmp/capd-test-tls-ca-XXXXXX";
 static char cert_path[256], key_path[256];
 
-/* A server certificate like an origin's: self-signed, names in subject and SAN. */
+/* A server certificate like an origin's: self-signed, names in subject (O and CN
+ * when given) and SAN (X509V3 config text: "critical,DNS:a,IP:1.2.3.4"). */
 static X509 *
-make_origin(const char *cn, const char *san)
+make_origin_o(const char *org, const char *cn, const char *san)
 {
 	EVP_PKEY *k = EVP_EC_gen("P-256");
 	X509 *x = X509_new();
@@ -32,7 +34,8 @@ make_origin(const char *cn, const char *san)
 	ASN1_INTEGER_set(X509_get_serialNumber(x), 7);
 	X509_gmtime_adj(X509_getm_notBefore(x), 0);
 	X509_gmtime_adj(X509_getm_notAfter(x), 86400);
-	X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "O", MBSTRING_ASC, (const unsigned char *)"Origin", -1, -1, 0);
+	if (org)
+		X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "O", MBSTRING_ASC, (const unsigned char *)org, -1, -1, 0);
 	if (cn)
 		X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_ASC, (const unsigned char *)cn, -1, -1, 0);
 	X509_set_issuer_name(x, X509_get_subject_name(x));
@@ -47,6 +50,12 @@ make_origin(const char *cn, const char *san)
 	X509_sign(x, k, EVP_sha256());
 	EVP_PKEY_free(k);
 	return x;
+}
+
+static X509 *
+make_origin(const char *cn, const char *san)
+{
+	return make_origin_o("Origin", cn, san);
 }
 
 /* The SAN entries as "DNS:a,IP:1.2.3.4,...". */
@@ -71,23 +80,49 @@ sans_text(X509 *x, char *out, size_t n)
 	GENERAL_NAMES_free(g);
 }
 
-static void
-assert_verifies(X509 *leaf, const char *host)
+/* As a strict client checks: RFC 5280 rules (-x509_strict, Python 3.13's
+ * default) and, like browsers and Go, a name only from the SAN, never the CN.
+ * host may be an IP address. */
+static int
+verify_as_strict_client(X509 *leaf, const char *host)
 {
 	X509_STORE *st = X509_STORE_new();
 	X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+	X509_VERIFY_PARAM *param;
+	unsigned char a[16];
 
 	X509_STORE_add_cert(st, tls_ca_cert());
 	X509_STORE_CTX_init(ctx, st, leaf, NULL);
 	X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER);
-	if (host)
-		X509_VERIFY_PARAM_set1_host(X509_STORE_CTX_get0_param(ctx), host, 0);
+	param = X509_STORE_CTX_get0_param(ctx);
+	X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_X509_STRICT);
+	X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NEVER_CHECK_SUBJECT);
+	if (host && (inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1))
+		X509_VERIFY_PARAM_set1_ip_asc(param, host);
+	else if (host)
+		X509_VERIFY_PARAM_set1_host(param, host, 0);
 	int ok = X509_verify_cert(ctx);
+	int err = X509_STORE_CTX_get_error(ctx);
 	if (ok != 1)
-		fprintf(stderr, "verify: %s\n", X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)));
-	assert_int_equal(ok, 1);
+		fprintf(stderr, "verify %s: %s\n", host ? host : "-", X509_verify_cert_error_string(err));
 	X509_STORE_CTX_free(ctx);
 	X509_STORE_free(st);
+	return ok == 1 ? X509_V_OK : err;
+}
+
+static void
+assert_verifies(X509 *leaf, const char *host)
+{
+	assert_int_equal(verify_as_strict_client(leaf, host), X509_V_OK);
+}
+
+static bool
+san_critical(X509 *x)
+{
+	int idx = X509_get_ext_by_NID(x, NID_subject_alt_name, -1);
+
+	assert_true(idx >= 0);
+	return X509_EXTENSION_get_critical(X509_get_ext(x, idx)) > 0;
 }
 
 static int
@@ -231,6 +266,137 @@ test_forge_fallbacks(void **state)
 	X509_free(nameless);
 }
 
+/* An address as SNI is an IP name: an iPAddress SAN, cached apart from DNS names,
+ * and the same certificate a client without SNI gets for that address. */
+static void
+test_forge_ip_sni(void **state)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	X509 *orig = make_origin("www.example.test", "DNS:www.example.test,IP:127.0.0.1");
+	X509 *x, *y;
+	char *why = NULL, sans[256], cn[256];
+
+	(void)state;
+	tls_ca_cache_clear();
+	x = tls_ca_forge(NULL, "127.0.0.1", NULL, &why);
+	assert_non_null(x);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "IP:127.0.0.1");
+	X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn);
+	assert_string_equal(cn, "127.0.0.1");
+	assert_verifies(x, "127.0.0.1");
+	/* the client without SNI that comes next gets an IP name too */
+	inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+	y = tls_ca_forge(NULL, NULL, (struct sockaddr *)&sin, &why);
+	sans_text(y, sans, sizeof sans);
+	assert_string_equal(sans, "IP:127.0.0.1");
+	assert_verifies(y, "127.0.0.1");
+	X509_free(x);
+	X509_free(y);
+
+	/* a DNS name that looks like no address still is one */
+	x = tls_ca_forge(NULL, "127.0.0.1.test", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:127.0.0.1.test");
+	X509_free(x);
+
+	x = tls_ca_forge(NULL, "::1", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "IP:::1");
+	assert_verifies(x, "::1");
+	X509_free(x);
+
+	/* with a real certificate: an address it covers adds nothing, another an IP name */
+	x = tls_ca_forge(orig, "127.0.0.1", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:www.example.test,IP:127.0.0.1");
+	X509_free(x);
+	x = tls_ca_forge(orig, "10.9.8.7", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:www.example.test,IP:127.0.0.1,IP:10.9.8.7");
+	assert_verifies(x, "10.9.8.7");
+	X509_free(x);
+	X509_free(orig);
+}
+
+/* The SAN's critical flag is copied, and set whenever the subject is empty (RFC 5280). */
+static void
+test_forge_san_critical(void **state)
+{
+	X509 *empty_crit = make_origin_o(NULL, NULL, "critical,DNS:empty.test");
+	X509 *empty_plain = make_origin_o(NULL, NULL, "DNS:empty.test");  /* not RFC 5280, seen anyway */
+	X509 *named_crit = make_origin("crit.test", "critical,DNS:crit.test");
+	X509 *named_plain = make_origin("crit.test", "DNS:crit.test");
+	char *why = NULL, sans[256];
+	X509 *x;
+
+	(void)state;
+	x = tls_ca_forge(empty_crit, "empty.test", NULL, &why);
+	assert_int_equal(X509_NAME_entry_count(X509_get_subject_name(x)), 0);
+	assert_true(san_critical(x));
+	assert_verifies(x, "empty.test");
+	X509_free(x);
+	x = tls_ca_forge(empty_crit, "other.test", NULL, &why);  /* with the SNI added */
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:empty.test,DNS:other.test");
+	assert_true(san_critical(x));
+	assert_verifies(x, "other.test");
+	X509_free(x);
+
+	x = tls_ca_forge(empty_plain, "empty.test", NULL, &why);
+	assert_true(san_critical(x));
+	assert_verifies(x, "empty.test");
+	X509_free(x);
+
+	x = tls_ca_forge(named_crit, "crit.test", NULL, &why);
+	assert_true(san_critical(x));
+	assert_verifies(x, "crit.test");
+	X509_free(x);
+	/* the same names, not critical: a certificate of its own, not the cached one */
+	x = tls_ca_forge(named_plain, "crit.test", NULL, &why);
+	assert_false(san_critical(x));
+	assert_verifies(x, "crit.test");
+	X509_free(x);
+
+	X509_free(empty_crit);
+	X509_free(empty_plain);
+	X509_free(named_crit);
+	X509_free(named_plain);
+}
+
+/* The SNI is covered only by a SAN: a name only in the CN (browsers ignore it) or
+ * matched only by a partial wildcard gets the SNI added. */
+static void
+test_forge_sni_not_covered_by_cn(void **state)
+{
+	X509 *cn_only = make_origin("lab.test", NULL);
+	X509 *wild = make_origin("lab.test", "DNS:*.lab.test,DNS:w*.part.test");
+	char *why = NULL, sans[256], cn[256];
+	X509 *x;
+
+	(void)state;
+	x = tls_ca_forge(cn_only, "lab.test", NULL, &why);
+	X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn);
+	assert_string_equal(cn, "lab.test");
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:lab.test");
+	assert_verifies(x, "lab.test");
+	X509_free(x);
+
+	x = tls_ca_forge(wild, "www.lab.test", NULL, &why);  /* a whole-label wildcard covers it */
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:*.lab.test,DNS:w*.part.test");
+	assert_verifies(x, "www.lab.test");
+	X509_free(x);
+	x = tls_ca_forge(wild, "www.part.test", NULL, &why);
+	sans_text(x, sans, sizeof sans);
+	assert_string_equal(sans, "DNS:*.lab.test,DNS:w*.part.test,DNS:www.part.test");
+	X509_free(x);
+
+	X509_free(cn_only);
+	X509_free(wild);
+}
+
 static void
 test_cache_lru(void **state)
 {
@@ -276,6 +442,9 @@ main(void)
 		cmocka_unit_test(test_ca_half_refused),
 		cmocka_unit_test(test_forge_copies_names),
 		cmocka_unit_test(test_forge_fallbacks),
+		cmocka_unit_test(test_forge_ip_sni),
+		cmocka_unit_test(test_forge_san_critical),
+		cmocka_unit_test(test_forge_sni_not_covered_by_cn),
 		cmocka_unit_test(test_cache_lru),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
