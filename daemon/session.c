@@ -863,9 +863,12 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	if (inst->proto->session_free)
 		inst->proto->session_free(s);
 	capd_unlock();
-	/* an idle capd holds no pooled memory or pipe descriptors */
-	if (idle)
+	/* an idle capd holds no pooled memory or pipe descriptors: this thread's
+	 * pools, and the shard's own when this is the main thread closing for it */
+	if (idle) {
 		relay_trim();
+		shard_trim(s->shard);
+	}
 	s->proto_state = NULL;
 	/* callers up the stack may still hold s: free it on the next loop pass */
 	*(struct session **)&s->entry.tqe_next = session_graveyard;

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "relay.h"
 #include "xmalloc.h"
 
 struct shard {
@@ -22,6 +23,7 @@ struct shard {
 	bool stopping;            /* under the lock */
 	ev_async wake;            /* a pause, a stop, or watchers changed by another thread */
 	unsigned sessions;        /* open sessions it owns; under the lock */
+	bool trim;                /* under the lock: its pools are to be trimmed (shard_trim) */
 	void (*thread_init)(void), (*thread_fini)(void);
 };
 
@@ -91,7 +93,11 @@ shard_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
 		shards_parked--;
 	}
 	stop = sh->stopping;
+	bool trim = sh->trim && sh->sessions == 0;
+	sh->trim = false;
 	capd_unlock();
+	if (trim)
+		relay_trim();
 	if (stop)
 		ev_break(loop, EVBREAK_ALL);
 }
@@ -308,6 +314,17 @@ shard_sessions_add(struct shard *sh, int delta)
 		return 0;
 	sh->sessions += (unsigned)delta;
 	return sh->sessions;
+}
+
+void
+shard_trim(struct shard *sh)
+{
+	if (sh == NULL || !shards_threaded || sh == shard_own || sh->index == 0)
+		return;
+	capd_lock();
+	sh->trim = true;
+	capd_unlock();
+	ev_async_send(sh->loop, &sh->wake);
 }
 
 void

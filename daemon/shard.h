@@ -68,6 +68,10 @@ void shard_call(struct shard *sh, void (*fn)(void *), void *arg);
 void shard_as_main(void (*fn)(void *), void *arg);
 /* Adds delta to sh's count of open sessions and returns it; under capd_lock. */
 unsigned shard_sessions_add(struct shard *sh, int delta);
+/* Asks sh's own thread to give back its pooled relay buffers and pipes once it
+ * has no session (a control request closed its last one from the main thread,
+ * whose pools are the ones trimmed there). No-op for the calling thread's own. */
+void shard_trim(struct shard *sh);
 /* Wakes loop's thread after another thread changed its watchers. */
 void shard_wake(struct ev_loop *loop);
 

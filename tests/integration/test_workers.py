@@ -156,3 +156,53 @@ def test_control_while_sessions_run_on_every_thread(capd_factory):
     assert capd.proc.poll() is None
     assert capd.stop() == 0
     echo.close()
+
+
+def pipes_of(pid):
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return n
+
+
+def test_sessions_killed_from_control_leave_no_pooled_pipes(capd_factory):
+    """Spliced sessions on session threads, held back by a server that does not read,
+    each hold a pipe; killed from the control socket (closed by the main thread for
+    their thread), they leave the worker's pool too, as sessions that end by
+    themselves do: an idle capd holds no pipes."""
+    capd = capd_factory(settings="workers = 2")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.getsockname()[1]}", "--no-capture")
+    base = pipes_of(capd.proc.pid)
+    clients, accepted = [], []
+    for _ in range(12):
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        c.setblocking(False)
+        clients.append(c)
+        accepted.append(srv.accept()[0])
+    chunk = os.urandom(1 << 20)
+    for _ in range(4):  # past the tail backlog ring, so they splice, and on until the server's window is full
+        for c in clients:
+            try:
+                c.send(chunk)
+            except BlockingIOError:
+                pass
+        time.sleep(0.2)
+    assert pipes_of(capd.proc.pid) > base  # pipes hold the bytes the server does not take
+    for x in capd.ctl("sessions", json_out=True):
+        if x["state"] == "open":
+            capd.ctl("kill", x["id"], check=False)
+    capd.wait_sessions(lambda ss: all(x["state"] == "closed" for x in ss))
+    deadline = time.time() + 5
+    while pipes_of(capd.proc.pid) > base and time.time() < deadline:
+        time.sleep(0.1)
+    assert pipes_of(capd.proc.pid) == base
+    for s in clients + accepted:
+        s.close()
+    srv.close()
