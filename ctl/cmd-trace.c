@@ -143,6 +143,71 @@ trace_link_reply(struct trace_link *l, json_t **result)
 	}
 }
 
+/* The length of the UTF-8 sequence at p, as jansson checks it; 0 when it is not one. */
+static size_t
+trace_utf8_len(const unsigned char *p)
+{
+	uint32_t cp, min;
+	size_t n;
+
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		n = 2, min = 0x80, cp = p[0] & 0x1f;
+	else if (p[0] >= 0xe0 && p[0] <= 0xef)
+		n = 3, min = 0x800, cp = p[0] & 0x0f;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		n = 4, min = 0x10000, cp = p[0] & 0x07;
+	else
+		return 0;
+	for (size_t i = 1; i < n; i++) {
+		if ((p[i] & 0xc0) != 0x80)  /* the terminating NUL stops here too */
+			return 0;
+		cp = cp << 6 | (p[i] & 0x3f);
+	}
+	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return n;
+}
+
+static bool
+trace_is_utf8(const char *s)
+{
+	for (size_t n; *s; s += n)
+		if ((n = trace_utf8_len((const unsigned char *)s)) == 0)
+			return false;
+	return true;
+}
+
+/*
+ * A byte string from our command line or the traced program (arguments,
+ * process names) as a JSON string, each byte that is not UTF-8 written as
+ * \xNN: json_string() returns NULL for it, and the parameter would be left
+ * out. Caller owns.
+ */
+static json_t *
+trace_text(const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	char *out = xmalloc(strlen(s) * 4 + 1), *o = out;
+	json_t *j;
+
+	while (*p) {
+		size_t n = trace_utf8_len(p);
+		if (n == 0) {
+			o += sprintf(o, "\\x%02x", *p++);
+			continue;
+		}
+		memcpy(o, p, n);
+		o += n;
+		p += n;
+	}
+	*o = '\0';
+	j = json_string(out);
+	free(out);
+	return j;
+}
+
 static const char *const trace_kinds[] = {
 	[TRACE_EV_OPEN] = "open", [TRACE_EV_DATA] = "data", [TRACE_EV_SHUTDOWN] = "shutdown", [TRACE_EV_CLOSE] = "close",
 };
@@ -168,7 +233,7 @@ trace_event_cb(const struct trace_event *ev, void *arg)
 		json_object_set_new(p, "role", json_string(ev->server ? "server" : "client"));
 		json_object_set_new(p, "local", json_string(addr_format(ev->local, a, sizeof a)));
 		json_object_set_new(p, "remote", json_string(addr_format(ev->remote, a, sizeof a)));
-		json_object_set_new(p, "comm", json_string(ev->comm ? ev->comm : "?"));
+		json_object_set_new(p, "comm", trace_text(ev->comm ? ev->comm : "?"));
 		break;
 	case TRACE_EV_DATA:
 		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
@@ -246,6 +311,8 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 		return usage_error("trace: '%s' is not a process id", pidarg);
 	if (pidarg && (pid_t)pid == getpid())
 		return usage_error("trace: capctl cannot trace itself");
+	if (name && !trace_is_utf8(name))
+		return usage_error("trace: the name is not UTF-8 text");  /* json_string() would drop it */
 
 	/* refuse before the command starts: tracing, then capd */
 	if (trace_check(pidarg != NULL, &why) < 0) {
@@ -271,7 +338,7 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	cmdline = pidarg ? NULL : trace_join(cmd, ncmd);
 	params = json_object();
 	json_object_set_new(params, "pid", json_integer(trace_pid(t)));
-	json_object_set_new(params, "command", json_string(cmdline ? cmdline : trace_comm(t)));
+	json_object_set_new(params, "command", trace_text(cmdline ? cmdline : trace_comm(t)));
 	if (name)
 		json_object_set_new(params, "name", json_string(name));
 	free(cmdline);

@@ -132,6 +132,7 @@ struct ttask {
 /* A UDP peer of a socket: one flow (session) each. */
 struct uflow {
 	struct uflow *next;
+	struct sockaddr_storage local;  /* the socket's, with the source the kernel routes to remote if it has none */
 	struct sockaddr_storage remote;
 	uint64_t id;
 	bool server;                    /* the peer spoke first to an unconnected socket: it is the client */
@@ -685,11 +686,12 @@ sock_new(struct tracer *t, uint64_t ino, bool tcp)
 
 static void
 sock_emit(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_kind kind, uint64_t id, bool server,
-          const struct sockaddr_storage *remote, enum trace_dir dir, const uint8_t *p, size_t n, const char *reason)
+          const struct sockaddr_storage *local, const struct sockaddr_storage *remote, enum trace_dir dir,
+          const uint8_t *p, size_t n, const char *reason)
 {
 	struct trace_event ev = {
 		.kind = kind, .sock = id, .tcp = s->tcp, .server = server,
-		.local = (const struct sockaddr *)&s->local, .remote = (const struct sockaddr *)remote,
+		.local = (const struct sockaddr *)local, .remote = (const struct sockaddr *)remote,
 		.dir = dir, .data = p, .len = n, .reason = reason,
 		.pid = k ? k->g->tgid : s->pid, .comm = k ? k->g->comm : s->comm,
 	};
@@ -709,8 +711,9 @@ sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 	bool tcp;
 
 	(void)t;
-	if (s->have_local && !trace_addr_unspec(&s->local) && addr_port((const struct sockaddr *)&s->local) != 0 &&
-	    (s->have_remote || !s->tcp))
+	/* an unconnected UDP socket on the wildcard stays so: its source is chosen per peer (sock_udp_flow) */
+	if (s->have_local && addr_port((const struct sockaddr *)&s->local) != 0 &&
+	    (!s->tcp || (!trace_addr_unspec(&s->local) && s->have_remote)))
 		return;
 	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, NULL))
 		return;
@@ -737,13 +740,15 @@ sock_is_mirror(struct tracer *t, struct tsock *me, const struct sockaddr_storage
 {
 	for (int h = 0; h < TRACE_HASH; h++)
 		for (struct tsock *o = t->socks[h]; o; o = o->next) {
-			if (o == me || o->tcp != me->tcp || !trace_addr_same(&o->local, remote))
+			if (o == me || o->tcp != me->tcp)
 				continue;
-			if (o->tcp && o->opened && !o->mirror && trace_addr_same(&o->remote, local))
+			if (o->tcp && o->opened && !o->mirror && trace_addr_same(&o->local, remote) &&
+			    trace_addr_same(&o->remote, local))
 				return true;
 			if (!o->tcp)
 				for (struct uflow *f = o->flows; f; f = f->next)
-					if (!f->mirror && trace_addr_same(&f->remote, local))
+					if (!f->mirror && trace_addr_same(&f->local, remote) &&
+					    trace_addr_same(&f->remote, local))
 						return true;
 		}
 	return false;
@@ -763,7 +768,7 @@ sock_open_tcp(struct tracer *t, struct ttask *k, struct tsock *s)
 	s->opened = true;
 	if ((s->mirror = sock_is_mirror(t, s, &s->local, &s->remote)))
 		return false;
-	sock_emit(t, k, s, TRACE_EV_OPEN, s->id, s->server, &s->remote, TRACE_SEND, NULL, 0, NULL);
+	sock_emit(t, k, s, TRACE_EV_OPEN, s->id, s->server, &s->local, &s->remote, TRACE_SEND, NULL, 0, NULL);
 	return true;
 }
 
@@ -794,11 +799,13 @@ sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct s
 	f->next = s->flows;
 	s->flows = f;
 	s->last = f;
-	trace_addr_pair_fix(&s->local, &f->remote);
-	trace_route_source(&s->local, &f->remote);
-	if ((f->mirror = sock_is_mirror(t, s, &s->local, &f->remote)))
+	/* per peer: an unbound socket's source differs by route (127.0.0.1, ::1, a LAN address) */
+	f->local = s->local;
+	trace_addr_pair_fix(&f->local, &f->remote);
+	trace_route_source(&f->local, &f->remote);
+	if ((f->mirror = sock_is_mirror(t, s, &f->local, &f->remote)))
 		return f;
-	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, f->server, &f->remote, TRACE_SEND, NULL, 0, NULL);
+	sock_emit(t, k, s, TRACE_EV_OPEN, f->id, f->server, &f->local, &f->remote, TRACE_SEND, NULL, 0, NULL);
 	return f;
 }
 
@@ -811,14 +818,15 @@ sock_data(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir
 			return;
 		for (size_t off = 0; off < n; off += TRACE_CHUNK) {
 			size_t c = n - off < TRACE_CHUNK ? n - off : TRACE_CHUNK;
-			sock_emit(t, k, s, TRACE_EV_DATA, s->id, s->server, &s->remote, dir, p + off, c, NULL);
+			sock_emit(t, k, s, TRACE_EV_DATA, s->id, s->server, &s->local, &s->remote, dir, p + off, c,
+			          NULL);
 		}
 		return;
 	}
 	struct uflow *f = sock_udp_flow(t, k, s, peer, dir);
 	if (f == NULL || f->mirror)
 		return;
-	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
+	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->local, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
 }
 
 static void
@@ -827,7 +835,7 @@ sock_fin(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir)
 	if (!s->tcp || s->fin[dir] || !s->opened || s->mirror)
 		return;
 	s->fin[dir] = true;
-	sock_emit(t, k, s, TRACE_EV_SHUTDOWN, s->id, s->server, &s->remote, dir, NULL, 0, NULL);
+	sock_emit(t, k, s, TRACE_EV_SHUTDOWN, s->id, s->server, &s->local, &s->remote, dir, NULL, 0, NULL);
 }
 
 static void
@@ -836,12 +844,14 @@ sock_free(struct tracer *t, struct tsock *s, const char *reason)
 	struct tsock **pp;
 
 	if (s->tcp && s->opened && !s->mirror)
-		sock_emit(t, NULL, s, TRACE_EV_CLOSE, s->id, s->server, &s->remote, TRACE_SEND, NULL, 0, reason);
+		sock_emit(t, NULL, s, TRACE_EV_CLOSE, s->id, s->server, &s->local, &s->remote, TRACE_SEND, NULL, 0,
+		          reason);
 	while (s->flows) {
 		struct uflow *f = s->flows;
 		s->flows = f->next;
 		if (!f->mirror)
-			sock_emit(t, NULL, s, TRACE_EV_CLOSE, f->id, f->server, &f->remote, TRACE_SEND, NULL, 0, reason);
+			sock_emit(t, NULL, s, TRACE_EV_CLOSE, f->id, f->server, &f->local, &f->remote, TRACE_SEND, NULL,
+			          0, reason);
 		free(f);
 	}
 	for (pp = &t->socks[s->ino % TRACE_HASH]; *pp; pp = &(*pp)->next)

@@ -896,3 +896,81 @@ def test_trace_inherited_socket(capd, http_server):
     s = closed_sessions(capd, "inh", 1)[-1]
     assert s["target"] == f"127.0.0.1:{port}"
     assert (s["bytes_up"], s["bytes_down"]) == (len(b"GET / HTTP/1.0\r\n\r\n"), len(r.stdout))
+
+
+def test_trace_command_line_not_utf8(capd, http_server, tmp_path):
+    """A command line and a process name that are not UTF-8 (Latin-1 file names): the command
+    runs and is traced, the bytes that are not UTF-8 shown as \\xNN. json_string() refused such a
+    string, trace.start went without "command", and the command never ran."""
+    port, _ = http_server
+    exe = os.path.join(os.fsencode(tmp_path), b"caf\xe9")   # its process name is caf\xe9 too
+    os.symlink(PY, exe)
+    (tmp_path / "get.py").write_text(textwrap.dedent(f"""
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", {port}))
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        while s.recv(65536): pass
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """))
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "latin1", "--",
+                          exe, tmp_path / "get.py", b"na\xefve \xc3\xa9t\xc3"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stdout.readline()
+        assert line == b"ready\n", p.stderr.read() if not line else line
+        tr = [i for i in capd.ctl("list", json_out=True) if i["name"] == "latin1"]
+        assert len(tr) == 1
+        # valid UTF-8 (\xc3\xa9) is kept; a lone byte or a cut sequence is escaped
+        assert tr[0]["command"] == f"{tmp_path}/caf\\xe9 {tmp_path}/get.py na\\xefve \u00e9t\\xc3"
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    s = closed_sessions(capd, "latin1", 1)[-1]
+    assert s["target"] == f"127.0.0.1:{port}" and s["bytes_down"] > 0
+    assert s["note"].startswith("caf\\xe9["), s
+
+
+def test_trace_name_not_utf8(capd, tmp_path):
+    """A --name that is not UTF-8 is refused before the command runs (it was dropped for trace-PID)."""
+    marker = tmp_path / "ran"
+    r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", b"caf\xe9", "--", "touch", marker],
+                       capture_output=True, timeout=30)
+    assert r.returncode != 0 and b"not UTF-8" in r.stderr, r
+    assert not marker.exists()
+    assert not [i for i in capd.ctl("list", json_out=True) if i["type"] == "trace"]
+
+
+def test_trace_udp_peer_gets_its_own_source(capd):
+    """Each peer of one unbound UDP socket has the source the kernel routes to it as the session's
+    client: the first peer's source was kept for the socket, so a dual-stack socket that sent to
+    127.0.0.1 and then to ::1 claimed to reach [::1] from 127.0.0.1 (and capd refused the session)."""
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with v4, v6:                                  # receivers outside the trace: only the sender is traced
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::1", 0))
+        p4, p6 = v4.getsockname()[1], v6.getsockname()[1]
+        script = textwrap.dedent(f"""
+            import socket
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.sendto(b"to four", ("::ffff:127.0.0.1", {p4}))
+            s.sendto(b"to six", ("::1", {p6}))
+            s.sendto(b"to four again", ("::ffff:127.0.0.1", {p4}))
+            print(s.getsockname()[1])
+        """)
+        r = trace(capd, PY, "-c", script, name="udp2")
+        port = int(r.stdout)
+        v4.settimeout(5)
+        v6.settimeout(5)
+        assert v4.recvfrom(100) == (b"to four", ("127.0.0.1", port))
+        d, a = v6.recvfrom(100)
+        assert (d, a[:2]) == (b"to six", ("::1", port))
+    ss = closed_sessions(capd, "udp2", 2)
+    got = sorted((s["client"], s["target"], s["bytes_up"]) for s in ss)
+    assert got == sorted([(f"127.0.0.1:{port}", f"127.0.0.1:{p4}", len(b"to four") + len(b"to four again")),
+                          (f"[::1]:{port}", f"[::1]:{p6}", len(b"to six"))]), ss
