@@ -9,6 +9,15 @@
  * conversation went. Consecutive chunks of one direction share a mark, like
  * the blocks of Wireshark's Follow Stream.
  *
+ * A new subscriber first reads the backlog from the rings with a cursor of
+ * its own (next[]), a piece at a time while its connection has less than
+ * TAIL_SUB_RESUME waiting, going on as the connection drains (tail_replay_cb
+ * runs before each pass of the main loop), so a reader that keeps up gets a
+ * backlog of any size whole. Data that passes meanwhile joins the rings and is
+ * read from there; what the rings overwrite before the cursor gets to it
+ * counts as dropped. Once the cursor has caught up, the subscriber gets live
+ * data.
+ *
  * Subscribers are control connections. Each is bounded by what waits in its
  * output buffer: past TAIL_SUB_MAX a subscriber loses data (counted) instead
  * of queueing it, until it has drained below TAIL_SUB_RESUME; its next
@@ -53,12 +62,12 @@
 
 static atomic_size_t tail_ring_bytes;  /* bytes held by every ring: the shards' sessions grow theirs */
 
-/* One direction's backlog: the last min(total, cap) bytes of the stream. */
+/* One direction's backlog: the last min(total - base, cap) bytes of the stream. */
 struct tail_ring {
 	uint8_t *buf;       /* NULL until the direction carries data */
-	size_t cap;         /* grows up to tail->max; wraps only once it is there */
+	size_t cap;         /* grows up to tail->max; wraps once it is there, or before when TAIL_MEM_MAX stops it */
 	uint64_t total;     /* bytes carried: stream offset of the next byte */
-	uint64_t base;      /* bytes before it were spliced past the ring (tail_skip): not held */
+	uint64_t base;      /* bytes before it are not held: spliced past (tail_skip) or lost to a wrap (ring_grow) */
 };
 
 /* A turn of one direction: bytes [off, off + len) of its stream. */
@@ -77,8 +86,8 @@ struct tail_sub {
 	struct session *s;           /* NULL for an event subscriber */
 	uint64_t dropped[2];         /* bytes per direction (events: events in [0]) not sent yet */
 	bool dropping;               /* over TAIL_SUB_MAX, waiting to drain */
-	bool pending;                /* on the pend list */
-	uint64_t backlog;            /* bytes per direction of backlog it asked for */
+	bool pending;                /* on the pend list: still reading the backlog */
+	uint64_t next[2];            /* while pending: stream offset of the next byte to send per direction */
 };
 
 LIST_HEAD(tail_sub_list, tail_sub);
@@ -114,6 +123,47 @@ ring_held(const struct tail_ring *r)
 	return r->total - r->base < r->cap ? (size_t)(r->total - r->base) : r->cap;
 }
 
+/* Copies stream bytes [off, off + n), which the ring holds, to out. */
+static void
+ring_read(const struct tail_ring *r, uint64_t off, size_t n, uint8_t *out)
+{
+	size_t pos = (size_t)(off % r->cap);
+	size_t first = n < r->cap - pos ? n : r->cap - pos;
+
+	memcpy(out, r->buf + pos, first);
+	memcpy(out + first, r->buf, n - first);
+}
+
+/*
+ * Makes r's buffer want bytes (more than cap). Byte off sits at off % cap: a
+ * ring that never wrapped keeps its layout, one that wrapped (held small by
+ * TAIL_MEM_MAX, and now let grow) has what it holds laid out anew.
+ */
+static void
+ring_grow(struct tail_ring *r, size_t want)
+{
+	if (r->cap == 0) {
+		r->buf = xmalloc(want);
+		r->base = r->total;
+	} else if (r->total <= r->cap) {
+		r->buf = xrealloc(r->buf, want);
+	} else {
+		size_t held = ring_held(r);
+		uint64_t from = r->total - held;
+		size_t pos = (size_t)(from % want);
+		size_t first = held < want - pos ? held : want - pos;
+		uint8_t *nb = xmalloc(want);
+
+		ring_read(r, from, first, nb + pos);
+		ring_read(r, from + first, held - first, nb);
+		free(r->buf);
+		r->buf = nb;
+		r->base = from;  /* what it had overwritten stays lost */
+	}
+	atomic_fetch_add_explicit(&tail_ring_bytes, want - r->cap, memory_order_relaxed);
+	r->cap = want;
+}
+
 static void
 ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 {
@@ -122,7 +172,7 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 		return;
 	}
 	if (r->total + n > r->cap && r->cap < max) {
-		/* still linear (nothing overwritten yet): grow toward max */
+		/* grow toward max, if all rings together stay under TAIL_MEM_MAX */
 		size_t want = r->cap ? r->cap : TAIL_RING_MIN;
 		while (want < r->total + n && want < max)
 			want *= 2;
@@ -130,11 +180,8 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 			want = max;
 		if (atomic_load_explicit(&tail_ring_bytes, memory_order_relaxed) + (want - r->cap) > TAIL_MEM_MAX)
 			want = r->cap ? r->cap : TAIL_RING_MIN;
-		if (want != r->cap) {
-			r->buf = xrealloc(r->buf, want);
-			atomic_fetch_add_explicit(&tail_ring_bytes, want - r->cap, memory_order_relaxed);
-			r->cap = want;
-		}
+		if (want != r->cap)
+			ring_grow(r, want);
 	}
 	if (n > r->cap) {
 		r->total += n - r->cap;
@@ -146,17 +193,6 @@ ring_append(struct tail_ring *r, size_t max, const uint8_t *p, size_t n)
 	memcpy(r->buf + pos, p, first);
 	memcpy(r->buf, p + first, n - first);
 	r->total += n;
-}
-
-/* Copies stream bytes [off, off + n), which the ring holds, to out. */
-static void
-ring_read(const struct tail_ring *r, uint64_t off, size_t n, uint8_t *out)
-{
-	size_t pos = (size_t)(off % r->cap);
-	size_t first = n < r->cap - pos ? n : r->cap - pos;
-
-	memcpy(out, r->buf + pos, first);
-	memcpy(out + first, r->buf, n - first);
 }
 
 static struct tail_mark *
@@ -172,7 +208,9 @@ tail_mark_add(struct tail *t, enum dir d, uint64_t off, size_t n, double now)
 
 	if (t->max == 0)
 		return;
-	if (t->nmarks > 0 && (m = tail_mark_at(t, t->nmarks - 1))->d == d) {
+	/* a chunk right after the last turn's bytes extends it; after spliced bytes
+	 * (tail_skip) the turn ends where the ring's bytes stopped */
+	if (t->nmarks > 0 && (m = tail_mark_at(t, t->nmarks - 1))->d == d && m->off + m->len == off) {
 		m->len += n;
 		return;
 	}
@@ -324,65 +362,102 @@ tail_send(struct tail_sub *sub, enum dir d, uint64_t off, const void *p, size_t 
 	tail_deliver(sub, d, tail_data_json(sub->s, d, off, p, n, when));
 }
 
-static void
-tail_send_range(struct tail_sub *sub, enum dir d, uint64_t from, uint64_t to, double when)
-{
-	struct tail_ring *r = &sub->s->tail->ring[d];
-	uint8_t *tmp;
-
-	if (from >= to)
-		return;
-	tmp = xmalloc(TAIL_PIECE);
-	while (from < to) {
-		size_t n = to - from < TAIL_PIECE ? (size_t)(to - from) : TAIL_PIECE;
-		ring_read(r, from, n, tmp);
-		tail_send(sub, d, from, tmp, n, when);
-		from += n;
-	}
-	free(tmp);
-}
-
-/* Sends sub the backlog it asked for: the kept bytes of both directions in the order they passed. */
-static void
-tail_replay(struct tail_sub *sub)
+/*
+ * The next stretch of backlog sub is owed, [*from, *to) of direction *d, in
+ * the order the turns went: bytes kept from turns whose marks were forgotten
+ * first, then each turn's. False once sub has caught up with both directions.
+ * What the rings overwrote before sub got to it counts as dropped.
+ */
+static bool
+tail_replay_next(struct tail_sub *sub, enum dir *d, uint64_t *from, uint64_t *to, double *when)
 {
 	struct tail *t = sub->s->tail;
-	uint64_t from[2], first[2];
-	double t0 = t->nmarks > 0 ? tail_mark_at(t, 0)->time : capd_now();
+	uint64_t first[2];
 
-	LIST_REMOVE(sub, pend);
-	sub->pending = false;
-	if (t->max == 0 || sub->backlog == 0)
-		return;
-	for (int d = 0; d < 2; d++) {
-		struct tail_ring *r = &t->ring[d];
-		uint64_t held = ring_held(r);
-		from[d] = r->total - (sub->backlog < held ? sub->backlog : held);
-		first[d] = r->total;
+	for (int i = 0; i < 2; i++) {
+		const struct tail_ring *r = &t->ring[i];
+		uint64_t oldest = r->total - ring_held(r);
+		if (sub->next[i] < oldest) {
+			sub->dropped[i] += oldest - sub->next[i];
+			sub->next[i] = oldest;
+		}
+		first[i] = r->total;
 	}
 	for (unsigned i = t->nmarks; i-- > 0;) {
-		struct tail_mark *m = tail_mark_at(t, i);
+		const struct tail_mark *m = tail_mark_at(t, i);
 		first[m->d] = m->off;
 	}
-	/* bytes kept from turns whose marks were forgotten come first */
-	for (int d = 0; d < 2; d++)
-		tail_send_range(sub, (enum dir)d, from[d], first[d], t0);
+	for (int i = 0; i < 2; i++)
+		if (sub->next[i] < first[i]) {
+			*d = (enum dir)i;
+			*from = sub->next[i];
+			*to = first[i];
+			*when = t->nmarks > 0 ? tail_mark_at(t, 0)->time : capd_now();
+			return true;
+		}
 	for (unsigned i = 0; i < t->nmarks; i++) {
-		struct tail_mark *m = tail_mark_at(t, i);
-		uint64_t a = m->off > from[m->d] ? m->off : from[m->d];
-		tail_send_range(sub, m->d, a, m->off + m->len, m->time);
+		const struct tail_mark *m = tail_mark_at(t, i);
+		if (sub->next[m->d] < m->off + m->len) {
+			*d = m->d;
+			*from = m->off > sub->next[m->d] ? m->off : sub->next[m->d];
+			*to = m->off + m->len;
+			*when = m->time;
+			return true;
+		}
 	}
+	return false;
 }
 
+/*
+ * Sends sub the backlog it is owed, in pieces. With wait, only while its
+ * connection has less than TAIL_SUB_RESUME waiting: the rest goes as it
+ * drains (tail_replay_cb). Without (the session ends, the rings go with it),
+ * all of it, bounded as live data is. Once sub has caught up it is live.
+ */
+static void
+tail_replay(struct tail_sub *sub, bool wait)
+{
+	struct tail *t = sub->s->tail;
+	uint8_t *tmp = NULL;
+	uint64_t from, to;
+	double when;
+	enum dir d;
+
+	for (;;) {
+		if (wait && ctl_conn_queued(sub->conn) >= TAIL_SUB_RESUME) {
+			free(tmp);
+			return;
+		}
+		if (!tail_replay_next(sub, &d, &from, &to, &when))
+			break;
+		size_t n = to - from < TAIL_PIECE ? (size_t)(to - from) : TAIL_PIECE;
+		if (tmp == NULL)
+			tmp = xmalloc(TAIL_PIECE);
+		ring_read(&t->ring[d], from, n, tmp);
+		if (wait)
+			tail_deliver(sub, d, tail_data_json(sub->s, d, from, tmp, n, when));
+		else
+			tail_send(sub, d, from, tmp, n, when);
+		sub->next[d] = from + n;
+	}
+	free(tmp);
+	LIST_REMOVE(sub, pend);
+	sub->pending = false;
+}
+
+/* Before each pass of the main loop: subscribers whose connections drained read on. */
 static void
 tail_replay_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
-	struct tail_sub *sub;
+	struct tail_sub *sub, *next;
 
 	(void)revents;
-	while ((sub = LIST_FIRST(&tail_pending)) != NULL)
-		tail_replay(sub);
-	ev_prepare_stop(loop, w);
+	for (sub = LIST_FIRST(&tail_pending); sub != NULL; sub = next) {
+		next = LIST_NEXT(sub, pend);
+		tail_replay(sub, true);
+	}
+	if (LIST_EMPTY(&tail_pending))
+		ev_prepare_stop(loop, w);
 }
 
 static void
@@ -444,7 +519,11 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 		return -1;
 	t = tail_get(s);
 	sub = tail_sub_new(c, s);
-	sub->backlog = backlog;
+	for (int d = 0; d < 2; d++) {
+		const struct tail_ring *r = &t->ring[d];
+		uint64_t held = ring_held(r);
+		sub->next[d] = r->total - (backlog < held ? backlog : held);
+	}
 	/* keep subscription order: the oldest subscriber is served first */
 	if ((last = LIST_FIRST(&t->subs)) == NULL) {
 		LIST_INSERT_HEAD(&t->subs, sub, entry);
@@ -454,7 +533,8 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 		LIST_INSERT_AFTER(last, sub, entry);
 	}
 	atomic_fetch_add(&t->watched, 1);
-	/* the backlog must follow the method's reply, which is sent when we return */
+	/* the backlog must follow the method's reply, which is sent when we return;
+	 * it goes on before each pass of the main loop until sub has caught up */
 	sub->pending = true;
 	LIST_INSERT_HEAD(&tail_pending, sub, pend);
 	if (!tail_replay_init) {
@@ -474,6 +554,8 @@ tail_publish(struct session *s, enum dir d, uint64_t off, const void *p, size_t 
 	json_t *base = NULL;
 
 	LIST_FOREACH(sub, &s->tail->subs, entry) {
+		if (sub->pending)
+			continue;  /* still reading the backlog: it reads this from the ring */
 		if (!tail_sub_room(sub)) {
 			sub->dropped[d] += n;
 			continue;
@@ -505,10 +587,11 @@ tail_data(struct session *s, enum dir d, const void *p, size_t n)
 		return;
 	}
 	capd_lock();
-	/* a new subscriber's backlog goes before this chunk */
+	/* a new subscriber's backlog goes before this chunk: if it gets all of it
+	 * now, it gets the chunk live, else it reads the chunk from the ring later */
 	LIST_FOREACH(sub, &t->subs, entry)
 		if (sub->pending)
-			tail_replay(sub);
+			tail_replay(sub, true);
 	now = capd_now();
 	off = t->ring[d].total;
 	ring_append(&t->ring[d], t->max, p, n);
@@ -554,7 +637,7 @@ tail_session_end(struct session *s)
 		capd_lock();
 	while (watched && (sub = LIST_FIRST(&t->subs)) != NULL) {
 		if (sub->pending)
-			tail_replay(sub);
+			tail_replay(sub, false);
 		/* what was lost is told even to a subscriber still behind: the notices are small */
 		tail_tell_dropped(sub);
 		ctl_conn_send(sub->conn, rpc_notification("session.end", json_pack("{s:I, s:s, s:I, s:I}", "id",

@@ -695,3 +695,132 @@ def test_backlog_of_many_turns(capd, echo_server):
     assert sorted(body) == sorted([f"line {i}" for i in range(1500)] * 2)
     r = capd.ctl("tail", "session", sid, check=False)
     assert r.returncode == 1 and f"session {sid} has ended (closed)" in r.stderr
+
+
+def wait_bytes_up(capd, sid, n, timeout=20.0):
+    """Waits until session sid has carried n bytes from client to server."""
+    capd.wait_sessions(lambda ss: any(x["id"] == sid and x["bytes_up"] >= n for x in ss), timeout=timeout)
+
+
+def wait_size(path, n, err, timeout):
+    """Waits until the file at path holds n bytes or the tail said it dropped some."""
+    deadline = time.time() + timeout
+    while path.stat().st_size < n and time.time() < deadline:
+        with err.lock:
+            if b"dropped" in err.data:
+                break
+        time.sleep(0.05)
+
+
+def test_wrapped_ring_regrows_in_order(capd_factory, echo_server):
+    """Regression: a ring held small by the 64 MiB budget for all rings wraps; once memory
+    frees up it grows again, and its bytes must be laid out anew. It kept the wrapped
+    layout, so the tail showed its bytes out of order, zeros and whatever the new area held."""
+    capd = capd_factory(settings="tail_backlog = 64M")
+    sink = Sink()
+    big = free_port()
+    capd.ctl("add", "forward", "--port", big, "--to", f"127.0.0.1:{sink.port}", "--no-capture")
+    port = forward(capd, echo_server.port)
+    # one ring of 64 MiB (it doubles past 32 MiB carried) takes the whole budget
+    b, bid = open_session(capd, big)
+    size = (32 << 20) + 1024
+    b.sendall(os.urandom(size))
+    wait_bytes_up(capd, bid, size)
+    # a new session's ring gets its first 256 bytes and cannot grow: it wraps
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    sent = bytearray()
+    for i in range(40):
+        line = b"line %02d of the first.\n" % i  # 22 bytes
+        s.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            got += s.recv(100)
+        sent += line
+    assert len(sent) == 880
+    # the big session ends, its 64 MiB go back to the budget: the next byte regrows the ring
+    b.shutdown(socket.SHUT_WR)
+    sink.release.set()
+    assert b.recv(100) == str(size).encode()
+    b.close()
+    capd.wait_sessions(lambda ss: any(x["id"] == bid and x["state"] == "closed" for x in ss))
+    s.sendall(b"last line\n")
+    assert s.recv(100) == b"last line\n"
+    sent += b"last line\n"
+    outs = {}
+    for d in ("c2s", "s2c"):
+        p = tail_proc(capd, "session", sid, "--raw", "--dir", d)
+        outs[d] = (p, Reader(p.stdout), Reader(p.stderr))
+        outs[d][1].wait(lambda x: x.endswith(b"last line\n"), timeout=5)
+    s.close()
+    for d, (p, out, err) in outs.items():
+        assert p.wait(10) == 0
+        got = out.get()
+        # the 256 bytes the small ring kept when it grew, then what came after: in order
+        assert got == bytes(sent[-(256 + 10):]), (d, got)
+        assert f"[... {len(sent) - len(got)} bytes before the backlog ...]".encode() in err.get()
+
+
+def test_big_backlog_reaches_a_fast_reader_whole(capd_factory, tmp_path):
+    """Regression: the whole backlog was queued at once, so past the subscriber's 4 MiB
+    bound (3.4 MB of payload after base64) a reader writing to a file lost the rest."""
+    capd = capd_factory(settings="tail_backlog = 20M")
+    sink = Sink()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{sink.port}")
+    s, sid = open_session(capd, port)
+    payload = os.urandom(10_000_000)
+    s.sendall(payload)
+    wait_bytes_up(capd, sid, len(payload))
+    path = tmp_path / "raw.out"
+    with open(path, "wb") as f:
+        p = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s", stdout=f)
+    err = Reader(p.stderr)
+    wait_size(path, len(payload), err, 15)
+    s.shutdown(socket.SHUT_WR)
+    sink.release.set()
+    s.settimeout(10)
+    assert s.recv(100) == str(len(payload)).encode()
+    s.close()
+    assert p.wait(15) == 0
+    assert err.get() == b""
+    assert path.read_bytes() == payload
+
+
+def test_second_tail_of_a_spliced_session_gets_its_backlog(capd, tmp_path):
+    """Regression: the chunk that came after spliced bytes joined the previous turn of
+    its direction, which ended before them, so a later tail got none of the backlog
+    the ring held (only the header and the end line)."""
+    sink = Sink()
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{sink.port}", "--no-capture")
+    s, sid = open_session(capd, port)
+    s.sendall(os.urandom(100 * 1024))
+    wait_bytes_up(capd, sid, 100 * 1024)
+    s.sendall(os.urandom(1 << 20))  # past a full 64K ring: spliced
+    wait_bytes_up(capd, sid, 100 * 1024 + (1 << 20))
+    n = calls(capd, "session.tail")
+    a = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s")
+    wait_calls(capd, "session.tail", n + 1)
+    line = b"a line after the splicing\n"
+    line = line + b"." * (27 - len(line))
+    assert len(line) == 27
+    s.sendall(line)
+    out = Reader(a.stdout)
+    out.wait(lambda x: x == line)
+    a.terminate()
+    a.wait(5)
+    b = tail_proc(capd, "session", sid, "--raw", "--dir", "c2s")
+    out = Reader(b.stdout)
+    err = Reader(b.stderr)
+    try:
+        out.wait(lambda x: len(x) >= len(line), timeout=5)
+    finally:
+        s.shutdown(socket.SHUT_WR)
+        sink.release.set()
+        s.settimeout(10)
+        s.recv(100)
+        s.close()
+    assert b.wait(10) == 0
+    assert out.get() == line
+    assert b"[... %d bytes before the backlog ...]" % (100 * 1024 + (1 << 20)) in err.get()
