@@ -128,9 +128,11 @@ def test_units_pass_systemd_analyze_verify(installed, tmp_path):
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
     svc = units[0].read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=capd",
-                 "StateDirectory=capd", "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes",
+                 "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes",
                  "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in svc, line
+    # systemd would give a StateDirectory back to root at every reload (no User= here)
+    assert "StateDirectory=" not in svc
     bounding = next(ln for ln in svc.splitlines() if ln.startswith("CapabilityBoundingSet="))
     assert set(bounding.split("=", 1)[1].split()) == {
         "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN",
@@ -629,6 +631,12 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
         assert sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip() == pid
         assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
         assert "forward-4444" in sd.ctl(*capctl, "list").stdout  # a reload keeps capctl's instances
+        # the state and the spool stay the user's after a reload, and capture goes on into a new file
+        owners = sd.ctl("stat", "-c", "%U", "/var/lib/capd", "/var/lib/capd/spool").stdout.split()
+        assert owners == ["capd", "capd"], owners
+        sd.ctl(*capctl, "capture", "rotate")
+        st = json.loads(sd.ctl(*capctl, "--json", "capture", "status").stdout)
+        assert st["file"] and sd.ctl("stat", "-c", "%U", st["file"]).stdout.strip() == "capd", st
         sd.ctl("systemctl", "stop", "capd.service", timeout=30)
         assert sd.ctl("systemctl", "is-active", "capd.service", check=False).stdout.strip() == "inactive"
         # the journal: capd's lines with the priorities capd gave them
