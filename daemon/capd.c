@@ -265,11 +265,17 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		log_notice("control socket path changes only at restart");
 	if (c->settings.workers != capd_settings->workers)
 		log_notice("workers changes only at restart");
+	/* the block capd wrote, and the rights kept to rewrite it, are the old file's */
+	if (strcmp(c->settings.hosts_file ? c->settings.hosts_file : "",
+	           capd_settings->hosts_file ? capd_settings->hosts_file : "") != 0)
+		log_notice("hosts_file changes only at restart");
 	capd_apply_log_level(&c->settings);
 	spool_reconfigure(&c->settings);
-	/* the socket path in force stays what we bound */
+	/* the socket path in force stays what we bound, the hosts file what we edit */
 	free(c->settings.control);
 	c->settings.control = xstrdup(capd_settings->control);
+	free(c->settings.hosts_file);
+	c->settings.hosts_file = capd_settings->hosts_file ? xstrdup(capd_settings->hosts_file) : NULL;
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;

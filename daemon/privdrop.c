@@ -57,8 +57,9 @@ privdrop_hosts_needs_root(const char *path, uid_t uid, const gid_t *groups, int 
 	char *dir, *slash;
 	bool need;
 
-	if (path == NULL || *path == '\0' || stat(path, &sb) < 0)
-		return false;  /* nothing to manage, or nothing there yet: the user's own */
+	if (path == NULL || *path == '\0')
+		return false;  /* nothing to manage */
+	bool missing = stat(path, &sb) < 0;
 	dir = xstrdup(path);
 	slash = strrchr(dir, '/');
 	if (slash == dir)
@@ -67,10 +68,31 @@ privdrop_hosts_needs_root(const char *path, uid_t uid, const gid_t *groups, int 
 		*slash = '\0';
 	else
 		strcpy(dir, ".");
-	need = stat(dir, &db) < 0 || sb.st_uid != uid || !privdrop_may_write(&sb, uid, groups, ngroups) ||
-	       !privdrop_may_write(&db, uid, groups, ngroups);
+	/* a file not there yet is created in its folder: the folder decides */
+	need = stat(dir, &db) < 0 || !privdrop_may_write(&db, uid, groups, ngroups) ||
+	       (!missing && (sb.st_uid != uid || !privdrop_may_write(&sb, uid, groups, ngroups)));
 	free(dir);
 	return need;
+}
+
+/*
+ * A folder capd writes, opened without following a symbolic link unless root
+ * owns the link: an administrator's link to a bigger disk is followed, one the
+ * user could have put in a folder of its own (toward /etc) is not.
+ */
+static int
+privdrop_open_dir(const char *path)
+{
+	struct stat ls;
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+	/* a link with O_NOFOLLOW | O_DIRECTORY fails as "not a directory" */
+	if (fd >= 0 || (errno != ELOOP && errno != ENOTDIR) || lstat(path, &ls) < 0 || !S_ISLNK(ls.st_mode))
+		return fd;
+	if (ls.st_uid == 0)
+		return open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	errno = ELOOP;
+	return -1;
 }
 
 /* Gives a folder capd writes, and what lies directly in it, to the user. */
@@ -81,8 +103,15 @@ privdrop_chown_dir(const char *path, uid_t uid, gid_t gid)
 	struct dirent *e;
 	int dfd;
 
-	if (path == NULL || (dfd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+	if (path == NULL)
 		return;
+	if ((dfd = privdrop_open_dir(path)) < 0) {
+		/* the user could not write there: capture would fail at its first file */
+		if (errno != ENOENT)
+			log_warnx("cannot give %s to uid %u: %s%s", path, (unsigned)uid, strerror(errno),
+			          errno == ELOOP ? " (a symbolic link root does not own is not followed)" : "");
+		return;
+	}
 	if (fchown(dfd, uid, gid) < 0)
 		log_warn("cannot give %s to uid %u", path, (unsigned)uid);
 	if ((d = fdopendir(dfd)) == NULL) {

@@ -409,6 +409,36 @@ def test_privilege_drop_keeps_serving_with_few_capabilities(dropdir, netns, host
     assert c.proc.returncode == 0, c.log()
 
 
+
+def test_privilege_drop_follows_a_root_link_and_keeps_rights_for_a_new_hosts_file(dropdir):
+    """The spool reached through root's symbolic link (a bigger disk) is given to the
+    user like a plain folder, and a hosts file not there yet, in a folder only root
+    may write, keeps capd the rights to create it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    disk = dropdir / "bigdisk"
+    disk.mkdir()
+    etc = dropdir / "etc"
+    etc.mkdir()
+    c = Capd(dropdir, "", f"user = nobody\nhosts_file = {etc}/hosts\n")
+    c.state.mkdir()
+    (c.state / "spool").symlink_to(disk)
+    c.conf_path.write_text(c.conf_path.read_text().replace(f"spool = {c.spool}", f"spool = {c.state}/spool"))
+    c.spool = c.state / "spool"
+    c.start()
+    try:
+        assert disk.stat().st_uid == nobody.pw_uid, c.log()
+        c.ctl("capture", "rotate")
+        st = c.ctl("capture", "status", json_out=True)
+        assert Path(st["file"]).stat().st_uid == nobody.pw_uid and "dropping capture" not in c.log(), c.log()
+        c.ctl("hosts", "add", "new.test")
+        assert "new.test" in (etc / "hosts").read_text()
+    finally:
+        c.stop()
+    assert c.proc.returncode == 0, c.log()
+
+
 def test_unknown_user_fails_start(capd_factory):
     """`user =` naming nobody on the system stops start-up with the reason."""
     if os.geteuid() != 0:

@@ -34,6 +34,23 @@ def block(*entries):
     return (BEGIN + "\n" + "".join(f"{a}\t{n}\n" for n, a in entries) + END + "\n").encode()
 
 
+
+def test_reload_keeps_the_hosts_file_in_use(hostsd, tmp_path):
+    """hosts_file changes only at restart: a reload naming another file leaves capd
+    editing the one that holds its block, so the clean stop still takes the block away."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "www.example.test")
+    other = tmp_path / "other-hosts"
+    other.write_bytes(ORIG)
+    c.write_conf(settings=f"hosts_file = {other}")
+    c.ctl("reload")
+    assert "hosts_file changes only at restart" in c.log()
+    c.ctl("hosts", "add", "api.example.test")
+    assert b"api.example.test" in path.read_bytes() and other.read_bytes() == ORIG
+    assert c.stop() == 0
+    assert b"example.test" not in path.read_bytes()  # no block left behind in the file capd wrote
+
+
 def test_add_list_remove_clear(hostsd):
     c, path = hostsd, hostsd.hosts
     ino = path.stat().st_ino
