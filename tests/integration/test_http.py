@@ -133,22 +133,28 @@ def curl(*args, timeout=60, env=None):
                           capture_output=True, timeout=timeout, env=env)
 
 
+def read_all(s, timeout=5.0):
+    """Everything s receives until the peer closes (or nothing comes for timeout)."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+    except socket.timeout:
+        pass
+    return out
+
+
 def raw(port, data, timeout=5.0, shut=False):
     """Sends data, reads until the proxy closes (or timeout); returns the bytes."""
-    out = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         if shut:
             s.shutdown(socket.SHUT_WR)
-        try:
-            while True:
-                d = s.recv(65536)
-                if not d:
-                    break
-                out += d
-        except socket.timeout:
-            pass
-    return out
+        return read_all(s, timeout)
 
 
 def status_of(reply):
@@ -733,21 +739,6 @@ def test_chunked_extensions_and_trailers_pass_through(capd):
     srv.close()
     assert got and got[0].endswith(b"\r\n\r\n" + body)
     assert reply.endswith(b"\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n")
-
-
-def read_all(s, timeout=5.0):
-    """Everything s receives until the peer closes (or nothing comes for timeout)."""
-    s.settimeout(timeout)
-    out = b""
-    try:
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            out += d
-    except socket.timeout:
-        pass
-    return out
 
 
 @pytest.mark.parametrize("then", ["same origin", "other origin", "part of a head"])

@@ -329,82 +329,78 @@ def test_kill9_leaves_readable_files(capd_factory, server, tmp_path):
     assert server.down.startswith(down)
 
 
+@pytest.fixture
+def tiny_spool(capd_factory, tmp_path):
+    """Starts a capd (with settings) whose spool is a 2 MB tmpfs; returns (capd, spool)."""
+    spool = tmp_path / "tiny"
+    spool.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
 
-def test_ring_larger_than_the_disk_keeps_the_newest(capd_factory, server, tmp_path):
+    def start(settings=""):
+        capd = capd_factory(start=False, settings=settings)
+        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
+        capd.spool = spool
+        return capd.start(), spool
+
+    yield start
+    subprocess.run(["umount", "-l", str(spool)])
+
+
+def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     """A ring the disk cannot hold (32 files of 256K on 2 MB): once the disk is full,
     capd gives up its oldest files instead of capturing nothing from then on."""
-    spool = tmp_path / "tiny"
-    spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        capd = capd_factory(start=False, settings="rotate_size = 256K\nkeep_files = 32")
-        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
-        capd.spool = spool
-        capd.start()
-        port = forward(capd, f"127.0.0.1:{server.port}")
-        server.down = os.urandom(6 << 20)
-        assert transfer("127.0.0.1", port, b"fill") == server.down
-        closed_sessions(capd, 1)
-        capd.flush()
-        assert status(capd)["dropped_packets"] > 0  # the disk filled
-        time.sleep(3)  # the writer retries every second, an old file going each time
-        server.down = os.urandom(100000)
-        up = os.urandom(50000)
-        assert transfer("127.0.0.1", port, up) == server.down
-        sid = closed_sessions(capd, 2)[-1]["id"]
-        capd.flush()
-        time.sleep(1.2)
-        pcap = [p for p in capd.pcaps() if tcp_stream_of(p, sid) is not None]
-        assert pcap, "the newest session was not captured"
-        got_up, got_down = follow_tcp(pcap[-1], tcp_stream_of(pcap[-1], sid))
-        assert got_up == up and got_down == server.down
-        assert "deleting the oldest capture file" in capd.log()
-        capd.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(spool)])
+    capd, spool = tiny_spool("rotate_size = 256K\nkeep_files = 32")
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(6 << 20)
+    assert transfer("127.0.0.1", port, b"fill") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    assert status(capd)["dropped_packets"] > 0  # the disk filled
+    time.sleep(3)  # the writer retries every second, an old file going each time
+    server.down = os.urandom(100000)
+    up = os.urandom(50000)
+    assert transfer("127.0.0.1", port, up) == server.down
+    sid = closed_sessions(capd, 2)[-1]["id"]
+    capd.flush()
+    time.sleep(1.2)
+    pcap = [p for p in capd.pcaps() if tcp_stream_of(p, sid) is not None]
+    assert pcap, "the newest session was not captured"
+    got_up, got_down = follow_tcp(pcap[-1], tcp_stream_of(pcap[-1], sid))
+    assert got_up == up and got_down == server.down
+    assert "deleting the oldest capture file" in capd.log()
+    capd.stop()
 
 
-def test_full_disk_drops_and_resumes(capd_factory, server, tmp_path):
+def test_full_disk_drops_and_resumes(server, tiny_spool):
     """A 2 MB tmpfs spool: the transfer is exact, drops are reported, capture resumes after space is freed."""
-    spool = tmp_path / "tiny"
-    spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        capd = capd_factory(start=False)
-        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
-        capd.spool = spool
-        capd.start()
-        filler = spool / "filler"
-        filler.write_bytes(b"\0" * (1 << 20))
-        port = forward(capd, f"127.0.0.1:{server.port}")
-        server.down = os.urandom(20 << 20)
-        assert transfer("127.0.0.1", port, os.urandom(5 << 20)) == server.down
-        closed_sessions(capd, 1)
-        capd.flush()
-        st = status(capd)
-        assert st["dropped_packets"] > 0 and st["dropped_bytes"] > 0
-        for f in capd.pcaps():
-            assert tshark("-r", f, "-q").returncode == 0
+    capd, spool = tiny_spool()
+    filler = spool / "filler"
+    filler.write_bytes(b"\0" * (1 << 20))
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(20 << 20)
+    assert transfer("127.0.0.1", port, os.urandom(5 << 20)) == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    st = status(capd)
+    assert st["dropped_packets"] > 0 and st["dropped_bytes"] > 0
+    for f in capd.pcaps():
+        assert tshark("-r", f, "-q").returncode == 0
 
-        filler.unlink()
-        time.sleep(1.5)  # the writer retries every second
-        before = status(capd)
-        server.down = os.urandom(300000)
-        up = os.urandom(100000)
-        assert transfer("127.0.0.1", port, up) == server.down
-        sid = closed_sessions(capd, 2)[-1]["id"]
-        capd.flush()
-        after = status(capd)
-        assert after["packets"] > before["packets"]
-        assert after["dropped_packets"] == before["dropped_packets"]
-        pcap = capd.pcaps()[-1]
-        check_pcap_clean(pcap)
-        got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
-        assert got_up == up and got_down == server.down
-        capd.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(spool)])
+    filler.unlink()
+    time.sleep(1.5)  # the writer retries every second
+    before = status(capd)
+    server.down = os.urandom(300000)
+    up = os.urandom(100000)
+    assert transfer("127.0.0.1", port, up) == server.down
+    sid = closed_sessions(capd, 2)[-1]["id"]
+    capd.flush()
+    after = status(capd)
+    assert after["packets"] > before["packets"]
+    assert after["dropped_packets"] == before["dropped_packets"]
+    pcap = capd.pcaps()[-1]
+    check_pcap_clean(pcap)
+    got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
+    assert got_up == up and got_down == server.down
+    capd.stop()
