@@ -131,6 +131,8 @@ def test_units_pass_systemd_analyze_verify(installed, tmp_path):
                  "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes",
                  "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in svc, line
+    # the file is checked before the SIGHUP, so that a bad one fails `systemctl reload`
+    assert any(ln.startswith("ExecReload=") and "/capd -t -c " in ln for ln in svc.splitlines()), svc
     # systemd would give a StateDirectory back to root at every reload (no User= here)
     assert "StateDirectory=" not in svc
     bounding = next(ln for ln in svc.splitlines() if ln.startswith("CapabilityBoundingSet="))
@@ -661,6 +663,14 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
         assert sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip() == pid
         assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
         assert "forward-4444" in sd.ctl(*capctl, "list").stdout  # a reload keeps capctl's instances
+        # a config capd would refuse fails `systemctl reload` itself, and capd runs on as it was
+        sd.ctl("cp", "/run/capd-test/capd.conf", "/run/capd-test/capd.conf.good")
+        sd.ctl("sh", "-c", "echo '[bogus]' >> /run/capd-test/capd.conf")
+        r = sd.ctl("systemctl", "reload", "capd.service", check=False, timeout=30)
+        assert r.returncode != 0, r
+        assert sd.ctl("systemctl", "show", "-p", "MainPID", "--value", "capd.service").stdout.strip() == pid
+        assert sd.ctl("systemctl", "is-active", "capd.service").stdout.strip() == "active"
+        sd.ctl("mv", "/run/capd-test/capd.conf.good", "/run/capd-test/capd.conf")
         # the state and the spool stay the user's after a reload, and capture goes on into a new file
         owners = sd.ctl("stat", "-c", "%U", "/var/lib/capd", "/var/lib/capd/spool").stdout.split()
         assert owners == ["capd", "capd"], owners
