@@ -1,8 +1,10 @@
 /*
  * capd's CA: load or create it, forge server certificates with it, and keep
  * the forged ones in a bounded LRU cache keyed by the names they cover.
- * One leaf key per process serves every forged certificate, so a handshake
- * costs at most one signature here, and none once the cache is warm.
+ * Two leaf keys per process (ECDSA P-256, and RSA 2048 for clients that
+ * cannot take ECDSA) serve every forged certificate, so a handshake costs at
+ * most two signatures here, and none once the cache is warm. The RSA
+ * certificate of a cache entry is forged only when a client first needs it.
  */
 #include "tls-ca.h"
 
@@ -30,11 +32,16 @@
 #define TLS_CA_DAYS 3650            /* a created CA's lifetime */
 #define TLS_LEAF_DAYS 397           /* what browsers accept for a server certificate */
 #define TLS_CACHE_BUCKETS 8192      /* power of two */
+#define TLS_LEAF_RSA_BITS 2048
+/* an RSA key also serves TLS 1.2's RSA key exchange (RFC 5246 7.4.2) */
+#define TLS_LEAF_KU_EC "critical,digitalSignature"
+#define TLS_LEAF_KU_RSA "critical,digitalSignature,keyEncipherment"
 
-/* One cached forged certificate; owned by the cache. */
+/* The forged certificates for one set of names; owned by the cache. */
 struct tls_ca_entry {
 	uint8_t key[32];                /* SHA-256 over the names it covers */
-	X509 *x;                        /* one reference held by the cache */
+	X509 *x;                        /* ECDSA leaf; one reference held by the cache */
+	X509 *rsa;                      /* RSA leaf, NULL until a client needs it; likewise */
 	struct tls_ca_entry *hnext;     /* bucket chain */
 	TAILQ_ENTRY(tls_ca_entry) lru;  /* head is the most recently used */
 };
@@ -44,7 +51,8 @@ TAILQ_HEAD(tls_ca_lru, tls_ca_entry);
 static struct {
 	X509 *cert;
 	EVP_PKEY *key;
-	EVP_PKEY *leaf;
+	EVP_PKEY *leaf;                 /* ECDSA P-256 */
+	EVP_PKEY *leaf_rsa;             /* RSA 2048 */
 	char *cert_path, *key_path;
 	struct tls_ca_entry *buckets[TLS_CACHE_BUCKETS];
 	struct tls_ca_lru lru;
@@ -264,8 +272,10 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 		if (X509_check_ca(x) == 0)
 			log_warnx("ca_cert %s is not marked as a CA; clients may refuse what it signs", cert_path);
 	}
-	if (ca.leaf == NULL && (ca.leaf = EVP_EC_gen("P-256")) == NULL) {
-		*why = xasprintf("cannot make the leaf key: %s", tls_ca_err("OpenSSL failed"));
+	/* both now, once: no handshake ever waits for a key */
+	if ((ca.leaf == NULL && (ca.leaf = EVP_EC_gen("P-256")) == NULL) ||
+	    (ca.leaf_rsa == NULL && (ca.leaf_rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS)) == NULL)) {
+		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
 		X509_free(x);
 		EVP_PKEY_free(k);
 		return -1;
@@ -300,6 +310,12 @@ tls_ca_leaf_key(void)
 	return ca.leaf;
 }
 
+EVP_PKEY *
+tls_ca_leaf_key_rsa(void)
+{
+	return ca.leaf_rsa;
+}
+
 const char *
 tls_ca_cert_path(void)
 {
@@ -327,11 +343,13 @@ tls_ca_evict(struct tls_ca_entry *e)
 	*pp = e->hnext;
 	TAILQ_REMOVE(&ca.lru, e, lru);
 	X509_free(e->x);
+	X509_free(e->rsa);
 	free(e);
 	ca.len--;
 }
 
-static X509 *
+/* The entry for key, now the most recently used; NULL when none. */
+static struct tls_ca_entry *
 tls_ca_cache_get(const uint8_t *key)
 {
 	for (struct tls_ca_entry *e = *tls_ca_bucket(key); e; e = e->hnext)
@@ -341,19 +359,19 @@ tls_ca_cache_get(const uint8_t *key)
 				TAILQ_INSERT_HEAD(&ca.lru, e, lru);
 			}
 			ca.hits++;
-			X509_up_ref(e->x);
-			return e->x;
+			return e;
 		}
 	return NULL;
 }
 
-static void
+/* A new entry holding a reference to x (NULL when the cache keeps nothing). */
+static struct tls_ca_entry *
 tls_ca_cache_put(const uint8_t *key, X509 *x)
 {
 	struct tls_ca_entry *e, **b;
 
 	if (ca.max == 0)
-		return;
+		return NULL;
 	while (ca.len >= ca.max)
 		tls_ca_evict(TAILQ_LAST(&ca.lru, tls_ca_lru));
 	e = xcalloc(1, sizeof *e);
@@ -365,6 +383,7 @@ tls_ca_cache_put(const uint8_t *key, X509 *x)
 	*b = e;
 	TAILQ_INSERT_HEAD(&ca.lru, e, lru);
 	ca.len++;
+	return e;
 }
 
 void
@@ -401,10 +420,11 @@ tls_ca_free(void)
 	X509_free(ca.cert);
 	EVP_PKEY_free(ca.key);
 	EVP_PKEY_free(ca.leaf);
+	EVP_PKEY_free(ca.leaf_rsa);
 	free(ca.cert_path);
 	free(ca.key_path);
 	ca.cert = NULL;
-	ca.key = ca.leaf = NULL;
+	ca.key = ca.leaf = ca.leaf_rsa = NULL;
 	ca.cert_path = ca.key_path = NULL;
 }
 
@@ -515,8 +535,46 @@ tls_ca_ip_text(const struct sockaddr *ip, char *b, size_t n)
 	return inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ip)->sin6_addr, b, (socklen_t)n);
 }
 
+/* A certificate for leaf with key usage ku, signed by the CA: orig's subject
+ * (else CN fallback) and gens as subjectAltName (none when empty). Caller owns
+ * it; NULL when OpenSSL fails. */
+static X509 *
+tls_ca_sign_leaf(X509 *orig, const struct tls_ca_name *fallback, GENERAL_NAMES *gens, bool critical, EVP_PKEY *leaf,
+                 const char *ku)
+{
+	X509 *x = X509_new();
+
+	if (x == NULL)
+		return NULL;
+	if (orig) {
+		if (!X509_set_subject_name(x, X509_get_subject_name(orig)))
+			goto fail;
+	} else if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
+	                                       (const unsigned char *)fallback->text, -1, -1, 0)) {
+		goto fail;
+	}
+	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
+	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
+	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_LEAF_DAYS * 86400) ||
+	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, leaf) ||
+	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, critical, 0)) ||
+	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||
+	    tls_ca_ext(x, ca.cert, NID_key_usage, ku) < 0 ||
+	    tls_ca_ext(x, ca.cert, NID_ext_key_usage, "serverAuth") < 0)
+		goto fail;
+	/* a user's CA without a key identifier simply gets none in its leaves */
+	if (tls_ca_ext(x, ca.cert, NID_authority_key_identifier, "keyid") < 0)
+		ERR_clear_error();
+	if (!X509_sign(x, ca.key, EVP_sha256()))
+		goto fail;
+	return x;
+fail:
+	X509_free(x);
+	return NULL;
+}
+
 X509 *
-tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
+tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, X509 **rsa, char **why)
 {
 	uint8_t key[32];
 	char ipb[64], snib[64];
@@ -525,9 +583,12 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
 	struct tls_ca_name sni_name = { 0 }, ip_name = { 0 };
 	const struct tls_ca_name *extra = NULL, *fallback = NULL;
 	GENERAL_NAMES *gens = NULL;
-	X509 *x;
+	struct tls_ca_entry *e;
+	X509 *x = NULL, *xr = NULL;
 	bool orig_names = false, critical = false;
 
+	if (rsa)
+		*rsa = NULL;
 	if (ca.cert == NULL) {
 		*why = xstrdup("capd's CA is not loaded");
 		return NULL;
@@ -584,47 +645,42 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why)
 		}
 	}
 	tls_ca_names_key(orig, critical, extra, fallback, key);
-	if ((x = tls_ca_cache_get(key)) != NULL) {
-		GENERAL_NAMES_free(gens);
-		return x;
+	if ((e = tls_ca_cache_get(key)) != NULL) {
+		X509_up_ref(e->x);
+		x = e->x;
+		if (rsa == NULL || e->rsa != NULL) {
+			if (rsa) {
+				X509_up_ref(e->rsa);
+				*rsa = e->rsa;
+			}
+			GENERAL_NAMES_free(gens);
+			return x;
+		}
 	}
 
+	/* a miss, or the first client of these names that needs RSA */
 	if (gens == NULL && (gens = sk_GENERAL_NAME_new_null()) == NULL)
 		goto fail;
 	if (extra && tls_ca_add_name(gens, extra) < 0)
 		goto fail;
 	if (fallback && tls_ca_add_name(gens, fallback) < 0)
 		goto fail;
-
-	if ((x = X509_new()) == NULL)
+	if (x == NULL && (x = tls_ca_sign_leaf(orig, fallback, gens, critical, ca.leaf, TLS_LEAF_KU_EC)) == NULL)
 		goto fail;
-	if (orig) {
-		if (!X509_set_subject_name(x, X509_get_subject_name(orig)))
-			goto fail_x;
-	} else if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
-	                                       (const unsigned char *)fallback->text, -1, -1, 0)) {
-		goto fail_x;
-	}
-	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
-	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
-	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_LEAF_DAYS * 86400) ||
-	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, ca.leaf) ||
-	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, critical, 0)) ||
-	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||
-	    tls_ca_ext(x, ca.cert, NID_key_usage, "critical,digitalSignature") < 0 ||
-	    tls_ca_ext(x, ca.cert, NID_ext_key_usage, "serverAuth") < 0)
-		goto fail_x;
-	/* a user's CA without a key identifier simply gets none in its leaves */
-	if (tls_ca_ext(x, ca.cert, NID_authority_key_identifier, "keyid") < 0)
-		ERR_clear_error();
-	if (!X509_sign(x, ca.key, EVP_sha256()))
-		goto fail_x;
+	if (rsa && (xr = tls_ca_sign_leaf(orig, fallback, gens, critical, ca.leaf_rsa, TLS_LEAF_KU_RSA)) == NULL)
+		goto fail;
 	GENERAL_NAMES_free(gens);
-	tls_ca_cache_put(key, x);
+	if (e == NULL)
+		e = tls_ca_cache_put(key, x);
+	if (e && xr) {
+		X509_up_ref(xr);
+		e->rsa = xr;
+	}
+	if (rsa)
+		*rsa = xr;
 	return x;
-fail_x:
-	X509_free(x);
 fail:
+	X509_free(x);
 	GENERAL_NAMES_free(gens);
 	*why = xasprintf("cannot forge a certificate: %s", tls_ca_err("OpenSSL failed"));
 	return NULL;

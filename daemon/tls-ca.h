@@ -3,9 +3,11 @@
  *
  * The CA (ECDSA P-256) is loaded from ca_cert/ca_key, or created there on
  * first need (key mode 0600); an existing file is never overwritten. Every
- * forged certificate is signed by it and carries one leaf key (ECDSA P-256)
- * made once per process, so no handshake ever generates a key. Forged
- * certificates stay in a bounded LRU cache keyed by the names they cover.
+ * forged certificate is signed by it and carries one of two leaf keys made
+ * once per process, so no handshake ever generates a key: ECDSA P-256 for
+ * every client that takes it, RSA 2048 for those that cannot (TLS 1.2 clients
+ * with RSA-authenticated suites only). Forged certificates stay in a bounded
+ * LRU cache keyed by the names they cover, both kinds in one entry.
  *
  * Nothing here touches the event loop: unit tests link it alone.
  */
@@ -29,19 +31,23 @@ int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
 /* Borrowed; NULL until loaded. */
 X509 *tls_ca_cert(void);
-EVP_PKEY *tls_ca_leaf_key(void);
+EVP_PKEY *tls_ca_leaf_key(void);      /* ECDSA P-256 */
+EVP_PKEY *tls_ca_leaf_key_rsa(void);  /* RSA 2048 */
 const char *tls_ca_cert_path(void);
 
 /*
- * A certificate for the leaf key, signed by the CA (caller owns a reference:
- * X509_free it). With orig: subject and subjectAltNames copied from it (the
- * SAN critical when orig's is, or when the subject is empty), plus sni as one
- * more name when orig's SANs do not cover it (its CN does not count). Without
- * orig (or with one that names nothing): CN and SAN from sni, else from ip.
- * An sni that is an IP literal is an IP name (iPAddress SAN), like ip. NULL
- * and *why when there is no name at all ("no SNI and no IP") or signing fails.
+ * A certificate for the ECDSA leaf key, signed by the CA (caller owns a
+ * reference: X509_free it). With orig: subject and subjectAltNames copied from
+ * it (the SAN critical when orig's is, or when the subject is empty), plus sni
+ * as one more name when orig's SANs do not cover it (its CN does not count).
+ * Without orig (or with one that names nothing): CN and SAN from sni, else
+ * from ip. An sni that is an IP literal is an IP name (iPAddress SAN), like
+ * ip. With rsa, *rsa gets the same certificate for the RSA leaf key (a
+ * reference the caller owns; forged on the first call that asks, then cached
+ * beside the ECDSA one). NULL (and *rsa NULL) and *why when there is no name
+ * at all ("no SNI and no IP") or signing fails.
  */
-X509 *tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, char **why);
+X509 *tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, X509 **rsa, char **why);
 
 /* Cache bound (tests use small ones); drops what no longer fits. */
 void tls_ca_cache_max(size_t n);

@@ -12,8 +12,10 @@
  *   upstream               SSL_connect with that SNI and ALPN offer, verified
  *                          against the system store when tls_verify = yes
  *   client finish          the forged certificate (subject and SANs of the
- *                          real one) and the server's ALPN choice; resume the
- *                          accept; then relay_start() with both SSLs set
+ *                          real one; an RSA twin too for a client that may
+ *                          not take ECDSA, OpenSSL picks) and the server's
+ *                          ALPN choice; resume the accept; then relay_start()
+ *                          with both SSLs set
  *
  * Upstream failures answer the client with a handshake_failure alert. While
  * relaying, a side's close_notify is passed on as close_notify and a bare
@@ -102,6 +104,7 @@ struct tls_session {
 	size_t alpn_offer_len;
 	uint8_t alpn_sel[256];      /* the server's choice */
 	size_t alpn_sel_len;
+	bool want_rsa;              /* the client may not take ECDSA: offer the RSA certificate too */
 	char *fail;                 /* why the upstream side failed; the client gets an alert */
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
@@ -633,14 +636,22 @@ tls_server_ctx(char **why)
 		return -1;
 	}
 	tls_ctx_common(ctx);
-	if (SSL_CTX_use_PrivateKey(ctx, tls_ca_leaf_key()) != 1) {
-		*why = xstrdup("cannot use the leaf key");
+	/* one slot per key type: each connection gets the certificates, and
+	 * OpenSSL serves the one the client's suites and signature algorithms take */
+	if (SSL_CTX_use_PrivateKey(ctx, tls_ca_leaf_key()) != 1 ||
+	    SSL_CTX_use_PrivateKey(ctx, tls_ca_leaf_key_rsa()) != 1) {
+		*why = xstrdup("cannot use the leaf keys");
 		SSL_CTX_free(ctx);
 		return -1;
 	}
 	/* our order, except that a client that puts ChaCha20 first (no AES in
-	 * hardware, as on many phones) gets it */
+	 * hardware, as on many phones) gets it; ECDSA suites before all others,
+	 * so a TLS 1.2 client that offers one keeps the ECDSA certificate */
+	SSL_CTX_set_cipher_list(ctx, "ECDHE+ECDSA+AESGCM+AES128:aECDSA:"
+	                             "ECDHE+AESGCM+AES128:ALL:!COMPLEMENTOFDEFAULT:!eNULL");
 	SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
+	/* DHE-RSA suites (clients without ECDHE) need the RFC 7919 groups */
+	SSL_CTX_set_dh_auto(ctx, 1);
 	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
 	SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_cb, NULL);
 	SSL_CTX_set_num_tickets(ctx, 1);
@@ -935,6 +946,34 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- the client side ---- */
 
+/*
+ * Whether the client surely takes the ECDSA certificate: it offers TLS 1.3
+ * (which capd then speaks) and ecdsa_secp256r1_sha256, which RFC 8446 makes
+ * mandatory. Any other client gets the RSA certificate as well, and OpenSSL
+ * picks by its suites and signature algorithms, ECDSA first.
+ */
+static bool
+tls_hello_ecdsa(SSL *ssl)
+{
+	const unsigned char *e;
+	size_t len, n;
+	bool v13 = false;
+
+	if (!SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_supported_versions, &e, &len) || len < 1)
+		return false;
+	n = e[0];
+	for (size_t i = 1; i + 1 < len && i + 1 <= n; i += 2)
+		if (e[i] == 0x03 && e[i + 1] == 0x04)
+			v13 = true;
+	if (!v13 || !SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_signature_algorithms, &e, &len) || len < 2)
+		return false;
+	n = (size_t)e[0] << 8 | e[1];
+	for (size_t i = 2; i + 1 < len && i + 1 <= n + 1; i += 2)
+		if (e[i] == 0x04 && e[i + 1] == 0x03)
+			return true;
+	return false;
+}
+
 static void
 tls_hello_parse(struct tls_session *ts, SSL *ssl)
 {
@@ -961,6 +1000,24 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 			ts->alpn_offer_len = n;
 		}
 	}
+	ts->want_rsa = !tls_hello_ecdsa(ssl);
+}
+
+/* Gives the client's SSL the forged certificates and drops the caller's
+ * references; ts->fail when there are none. */
+static void
+tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, char *why)
+{
+	if (x == NULL) {
+		ts->fail = why;
+		return;
+	}
+	if (SSL_use_certificate(ts->c.ssl, x) != 1 || (rsa && SSL_use_certificate(ts->c.ssl, rsa) != 1)) {
+		ERR_clear_error();
+		ts->fail = xstrdup("cannot use the forged certificate");
+	}
+	X509_free(x);
+	X509_free(rsa);
 }
 
 static int
@@ -1241,7 +1298,7 @@ static void
 tls_upstream_done(struct tls_session *ts)
 {
 	struct session *s = ts->s;
-	X509 *peer = SSL_get1_peer_certificate(ts->u.ssl), *forged;
+	X509 *peer = SSL_get1_peer_certificate(ts->u.ssl), *forged, *rsa = NULL;
 	const unsigned char *a;
 	unsigned alen;
 	char *why = NULL;
@@ -1264,18 +1321,10 @@ tls_upstream_done(struct tls_session *ts)
 	else if (s->have_target)
 		ip = (struct sockaddr *)&s->target_addr;
 	capd_lock();  /* the certificate cache is shared by the shards */
-	forged = tls_ca_forge(peer, ts->sni, ip, &why);
+	forged = tls_ca_forge(peer, ts->sni, ip, ts->want_rsa ? &rsa : NULL, &why);
 	capd_unlock();
 	X509_free(peer);
-	if (forged == NULL) {
-		ts->fail = why;
-	} else {
-		if (SSL_use_certificate(ts->c.ssl, forged) != 1) {
-			ERR_clear_error();
-			ts->fail = xstrdup("cannot use the forged certificate");
-		}
-		X509_free(forged);
-	}
+	tls_use_forged(ts, forged, rsa, why);
 	SSL_get0_alpn_selected(ts->u.ssl, &a, &alen);
 	if (alen > 0 && alen <= sizeof ts->alpn_sel) {
 		memcpy(ts->alpn_sel, a, alen);
@@ -1663,20 +1712,13 @@ tls_accept_hello(struct tls_session *ts)
 	socklen_t len = sizeof local;
 	bool have_local = getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0;
 	char *why = NULL;
-	X509 *x;
+	X509 *x, *rsa = NULL;
 
 	capd_lock();
-	x = tls_ca_forge(NULL, ts->sni[0] ? ts->sni : NULL, have_local ? (struct sockaddr *)&local : NULL, &why);
+	x = tls_ca_forge(NULL, ts->sni[0] ? ts->sni : NULL, have_local ? (struct sockaddr *)&local : NULL,
+	                 ts->want_rsa ? &rsa : NULL, &why);
 	capd_unlock();
-	if (x == NULL) {
-		ts->fail = why;
-	} else {
-		if (SSL_use_certificate(ts->c.ssl, x) != 1) {
-			ERR_clear_error();
-			ts->fail = xstrdup("cannot use the forged certificate");
-		}
-		X509_free(x);
-	}
+	tls_use_forged(ts, x, rsa, why);
 	memcpy(ts->alpn_sel, "http/1.1", 8);
 	ts->alpn_sel_len = 8;
 	ts->st = TLS_ST_FINISH;

@@ -995,3 +995,63 @@ def test_no_sni_nameless_certificate_names_the_address_reached(capd, tmp_path):
         assert s["target"] == f"[::1]:{srv.port}" and "sni=-" in s["note"], s
     finally:
         srv.close()
+
+
+def served_key(t):
+    """The forged certificate t's server sent, as `openssl x509 -text` reads it."""
+    der = t.getpeercert(binary_form=True)
+    return openssl("x509", "-inform", "DER", "-noout", "-text", input=der).stdout.decode()
+
+
+def tls_get_cert(port, ctx, host_header=NAME):
+    """GET / over TLS (SNI NAME, verified by ctx): (response bytes, certificate text, cipher name)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        with ctx.wrap_socket(c, server_hostname=NAME) as t:
+            info, cipher = served_key(t), t.cipher()[0]
+            t.sendall(f"GET / HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+            got = b""
+            while (d := t.recv(65536)):
+                got += d
+            return got, info, cipher
+
+
+def capd_ca_ctx(ca, cipher=None):
+    """A client verifying against capd's CA and NAME; with cipher: TLS 1.2 and that suite only."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cipher:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(cipher)
+    return ctx
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+@pytest.mark.parametrize("cipher", ["ECDHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES128-GCM-SHA256", "AES128-GCM-SHA256"])
+def test_rsa_only_client_gets_an_rsa_certificate(capd, origin, tmp_path, kind, cipher):
+    """A TLS 1.2 client limited to RSA-authenticated suites (embedded devices, old Java)
+    failed the handshake: every forged certificate had the ECDSA leaf key. It now gets the
+    same certificate for an RSA key, signed by capd's CA; every client that takes ECDSA
+    (TLS 1.3, TLS 1.2 offering ECDSA suites) still gets the ECDSA one, also for the same
+    names right after."""
+    port = free_port()
+    if kind == "forward":
+        capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{origin.port}", "--tls", "--no-tls-verify")
+    else:
+        capd.ctl("add", "reverse", "--port", port, "--route", f"{NAME}=127.0.0.1:{origin.port}", "--tls",
+                 "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    got, info, used = tls_get_cert(port, capd_ca_ctx(ca, cipher))  # verified: capd's CA, NAME
+    assert used == cipher
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(BODY), got[:300]
+    assert "Public Key Algorithm: rsaEncryption" in info and "Public-Key: (2048 bit)" in info, info
+    assert "Digital Signature, Key Encipherment" in info, info
+    assert f"DNS:{NAME}" in info and "capd" in info.split("Issuer:")[1].splitlines()[0], info
+    s = last_closed(capd)[-1]
+    assert s["reason"] == "closed" and "tls TLSv1.2" in s["note"], s
+    # clients that take ECDSA keep it: TLS 1.3, and TLS 1.2 offering both kinds of suites
+    both = "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-SHA"  # the RSA one first, even
+    for n, (ctx, version) in enumerate(((capd_ca_ctx(ca), "1.3"), (capd_ca_ctx(ca, both), "1.2")), 2):
+        got, info, used = tls_get_cert(port, ctx)
+        assert got.endswith(BODY), got[:300]
+        assert "Public Key Algorithm: id-ecPublicKey" in info and "prime256v1" in info, info
+        assert "Key Encipherment" not in info, info
+        assert f"tls TLSv{version}" in last_closed(capd, n)[-1]["note"]

@@ -219,7 +219,7 @@ test_forge_copies_names(void **state)
 	X509 *x;
 
 	(void)state;
-	x = tls_ca_forge(orig, "www.example.test", NULL, &why);
+	x = tls_ca_forge(orig, "www.example.test", NULL, NULL, &why);
 	assert_non_null(x);
 	assert_int_equal(X509_NAME_cmp(X509_get_subject_name(x), X509_get_subject_name(orig)), 0);
 	assert_int_equal(X509_NAME_cmp(X509_get_issuer_name(x), X509_get_subject_name(tls_ca_cert())), 0);
@@ -230,7 +230,7 @@ test_forge_copies_names(void **state)
 	X509_free(x);
 
 	/* a name the real certificate lacks is added */
-	x = tls_ca_forge(orig, "other.test", NULL, &why);
+	x = tls_ca_forge(orig, "other.test", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:www.example.test,DNS:alt.example.test,IP:127.0.0.1,DNS:other.test");
 	assert_verifies(x, "other.test");
@@ -246,7 +246,7 @@ test_forge_fallbacks(void **state)
 	char *why = NULL, sans[256], cn[256];
 
 	(void)state;
-	x = tls_ca_forge(NULL, "name.test", NULL, &why);
+	x = tls_ca_forge(NULL, "name.test", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:name.test");
 	X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn);
@@ -255,12 +255,12 @@ test_forge_fallbacks(void **state)
 	X509_free(x);
 
 	inet_pton(AF_INET, "10.1.2.3", &sin.sin_addr);
-	x = tls_ca_forge(nameless, NULL, (struct sockaddr *)&sin, &why);  /* a certificate naming nothing */
+	x = tls_ca_forge(nameless, NULL, (struct sockaddr *)&sin, NULL, &why);  /* a certificate naming nothing */
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "IP:10.1.2.3");
 	X509_free(x);
 
-	assert_null(tls_ca_forge(NULL, NULL, NULL, &why));
+	assert_null(tls_ca_forge(NULL, NULL, NULL, NULL, &why));
 	assert_string_equal(why, "no SNI and no IP");
 	free(why);
 	X509_free(nameless);
@@ -278,7 +278,7 @@ test_forge_ip_sni(void **state)
 
 	(void)state;
 	tls_ca_cache_clear();
-	x = tls_ca_forge(NULL, "127.0.0.1", NULL, &why);
+	x = tls_ca_forge(NULL, "127.0.0.1", NULL, NULL, &why);
 	assert_non_null(x);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "IP:127.0.0.1");
@@ -287,7 +287,7 @@ test_forge_ip_sni(void **state)
 	assert_verifies(x, "127.0.0.1");
 	/* the client without SNI that comes next gets an IP name too */
 	inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
-	y = tls_ca_forge(NULL, NULL, (struct sockaddr *)&sin, &why);
+	y = tls_ca_forge(NULL, NULL, (struct sockaddr *)&sin, NULL, &why);
 	sans_text(y, sans, sizeof sans);
 	assert_string_equal(sans, "IP:127.0.0.1");
 	assert_verifies(y, "127.0.0.1");
@@ -295,23 +295,23 @@ test_forge_ip_sni(void **state)
 	X509_free(y);
 
 	/* a DNS name that looks like no address still is one */
-	x = tls_ca_forge(NULL, "127.0.0.1.test", NULL, &why);
+	x = tls_ca_forge(NULL, "127.0.0.1.test", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:127.0.0.1.test");
 	X509_free(x);
 
-	x = tls_ca_forge(NULL, "::1", NULL, &why);
+	x = tls_ca_forge(NULL, "::1", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "IP:::1");
 	assert_verifies(x, "::1");
 	X509_free(x);
 
 	/* with a real certificate: an address it covers adds nothing, another an IP name */
-	x = tls_ca_forge(orig, "127.0.0.1", NULL, &why);
+	x = tls_ca_forge(orig, "127.0.0.1", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:www.example.test,IP:127.0.0.1");
 	X509_free(x);
-	x = tls_ca_forge(orig, "10.9.8.7", NULL, &why);
+	x = tls_ca_forge(orig, "10.9.8.7", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:www.example.test,IP:127.0.0.1,IP:10.9.8.7");
 	assert_verifies(x, "10.9.8.7");
@@ -331,29 +331,29 @@ test_forge_san_critical(void **state)
 	X509 *x;
 
 	(void)state;
-	x = tls_ca_forge(empty_crit, "empty.test", NULL, &why);
+	x = tls_ca_forge(empty_crit, "empty.test", NULL, NULL, &why);
 	assert_int_equal(X509_NAME_entry_count(X509_get_subject_name(x)), 0);
 	assert_true(san_critical(x));
 	assert_verifies(x, "empty.test");
 	X509_free(x);
-	x = tls_ca_forge(empty_crit, "other.test", NULL, &why);  /* with the SNI added */
+	x = tls_ca_forge(empty_crit, "other.test", NULL, NULL, &why);  /* with the SNI added */
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:empty.test,DNS:other.test");
 	assert_true(san_critical(x));
 	assert_verifies(x, "other.test");
 	X509_free(x);
 
-	x = tls_ca_forge(empty_plain, "empty.test", NULL, &why);
+	x = tls_ca_forge(empty_plain, "empty.test", NULL, NULL, &why);
 	assert_true(san_critical(x));
 	assert_verifies(x, "empty.test");
 	X509_free(x);
 
-	x = tls_ca_forge(named_crit, "crit.test", NULL, &why);
+	x = tls_ca_forge(named_crit, "crit.test", NULL, NULL, &why);
 	assert_true(san_critical(x));
 	assert_verifies(x, "crit.test");
 	X509_free(x);
 	/* the same names, not critical: a certificate of its own, not the cached one */
-	x = tls_ca_forge(named_plain, "crit.test", NULL, &why);
+	x = tls_ca_forge(named_plain, "crit.test", NULL, NULL, &why);
 	assert_false(san_critical(x));
 	assert_verifies(x, "crit.test");
 	X509_free(x);
@@ -375,7 +375,7 @@ test_forge_sni_not_covered_by_cn(void **state)
 	X509 *x;
 
 	(void)state;
-	x = tls_ca_forge(cn_only, "lab.test", NULL, &why);
+	x = tls_ca_forge(cn_only, "lab.test", NULL, NULL, &why);
 	X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof cn);
 	assert_string_equal(cn, "lab.test");
 	sans_text(x, sans, sizeof sans);
@@ -383,12 +383,12 @@ test_forge_sni_not_covered_by_cn(void **state)
 	assert_verifies(x, "lab.test");
 	X509_free(x);
 
-	x = tls_ca_forge(wild, "www.lab.test", NULL, &why);  /* a whole-label wildcard covers it */
+	x = tls_ca_forge(wild, "www.lab.test", NULL, NULL, &why);  /* a whole-label wildcard covers it */
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:*.lab.test,DNS:w*.part.test");
 	assert_verifies(x, "www.lab.test");
 	X509_free(x);
-	x = tls_ca_forge(wild, "www.part.test", NULL, &why);
+	x = tls_ca_forge(wild, "www.part.test", NULL, NULL, &why);
 	sans_text(x, sans, sizeof sans);
 	assert_string_equal(sans, "DNS:*.lab.test,DNS:w*.part.test,DNS:www.part.test");
 	X509_free(x);
@@ -409,21 +409,21 @@ test_cache_lru(void **state)
 	tls_ca_cache_clear();
 	tls_ca_cache_max(2);
 	hits = tls_ca_cache_hits();
-	a1 = tls_ca_forge(orig, "www.example.test", NULL, &why);
-	a2 = tls_ca_forge(orig, "www.example.test", NULL, &why);
-	a3 = tls_ca_forge(orig, "alt.example.test", NULL, &why);  /* same names covered: same entry */
+	a1 = tls_ca_forge(orig, "www.example.test", NULL, NULL, &why);
+	a2 = tls_ca_forge(orig, "www.example.test", NULL, NULL, &why);
+	a3 = tls_ca_forge(orig, "alt.example.test", NULL, NULL, &why);  /* same names covered: same entry */
 	assert_ptr_equal(a1, a2);
 	assert_ptr_equal(a1, a3);
 	assert_int_equal(tls_ca_cache_hits(), hits + 2);
 	assert_int_equal(tls_ca_cache_len(), 1);
 
-	b1 = tls_ca_forge(NULL, "b.test", NULL, &why);
-	X509_free(tls_ca_forge(orig, "www.example.test", NULL, &why));  /* a is now the most recent */
-	c1 = tls_ca_forge(NULL, "c.test", NULL, &why);                   /* evicts b */
+	b1 = tls_ca_forge(NULL, "b.test", NULL, NULL, &why);
+	X509_free(tls_ca_forge(orig, "www.example.test", NULL, NULL, &why));  /* a is now the most recent */
+	c1 = tls_ca_forge(NULL, "c.test", NULL, NULL, &why);                   /* evicts b */
 	assert_int_equal(tls_ca_cache_len(), 2);
-	b2 = tls_ca_forge(NULL, "b.test", NULL, &why);                   /* forged anew, evicts a */
+	b2 = tls_ca_forge(NULL, "b.test", NULL, NULL, &why);                   /* forged anew, evicts a */
 	assert_ptr_not_equal(b1, b2);
-	d1 = tls_ca_forge(NULL, "c.test", NULL, &why);                   /* c stayed */
+	d1 = tls_ca_forge(NULL, "c.test", NULL, NULL, &why);                   /* c stayed */
 	assert_ptr_equal(c1, d1);
 	assert_int_equal(tls_ca_cache_len(), 2);
 
@@ -431,6 +431,91 @@ test_cache_lru(void **state)
 	for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++)
 		X509_free(xs[i]);
 	tls_ca_cache_max(TLS_CA_CACHE_DEFAULT);
+	X509_free(orig);
+}
+
+/* Two leaf keys, made once when the CA loads: ECDSA P-256 and RSA 2048. */
+static void
+test_leaf_keys(void **state)
+{
+	(void)state;
+	assert_non_null(tls_ca_leaf_key());
+	assert_true(EVP_PKEY_is_a(tls_ca_leaf_key(), "EC"));
+	assert_non_null(tls_ca_leaf_key_rsa());
+	assert_true(EVP_PKEY_is_a(tls_ca_leaf_key_rsa(), "RSA"));
+	assert_int_equal(EVP_PKEY_get_bits(tls_ca_leaf_key_rsa()), 2048);
+}
+
+/* The RSA twin of a forged certificate: same names, the RSA leaf key, key
+ * usage for RSA key exchange too, signed by the CA; forged on first need and
+ * then cached in the ECDSA one's entry. */
+static void
+test_forge_rsa_twin(void **state)
+{
+	X509 *orig = make_origin("twin.test", "DNS:twin.test,IP:127.0.0.1");
+	char *why = NULL, sans[256], rsans[256];
+	X509 *x, *x2, *x3, *r, *r2, *f, *fr, *n, *nr;
+	unsigned long hits;
+
+	(void)state;
+	tls_ca_cache_clear();
+	hits = tls_ca_cache_hits();
+	/* a client that takes ECDSA: no RSA certificate is made */
+	x = tls_ca_forge(orig, "twin.test", NULL, NULL, &why);
+	assert_non_null(x);
+	assert_true(EVP_PKEY_eq(X509_get0_pubkey(x), tls_ca_leaf_key()));
+	assert_int_equal(X509_get_key_usage(x), KU_DIGITAL_SIGNATURE);
+	/* then one that may not: the same entry gets the RSA twin */
+	x2 = tls_ca_forge(orig, "twin.test", NULL, &r, &why);
+	assert_ptr_equal(x, x2);
+	assert_non_null(r);
+	assert_int_equal(tls_ca_cache_len(), 1);
+	assert_true(EVP_PKEY_eq(X509_get0_pubkey(r), tls_ca_leaf_key_rsa()));
+	assert_int_equal(X509_get_key_usage(r), KU_DIGITAL_SIGNATURE | KU_KEY_ENCIPHERMENT);
+	assert_int_equal(X509_NAME_cmp(X509_get_subject_name(r), X509_get_subject_name(orig)), 0);
+	sans_text(x, sans, sizeof sans);
+	sans_text(r, rsans, sizeof rsans);
+	assert_string_equal(rsans, sans);
+	assert_string_equal(rsans, "DNS:twin.test,IP:127.0.0.1");
+	assert_int_not_equal(ASN1_INTEGER_cmp(X509_get0_serialNumber(x), X509_get0_serialNumber(r)), 0);
+	assert_verifies(r, "twin.test");
+	assert_verifies(r, "127.0.0.1");
+	/* from then on both come from the cache */
+	x3 = tls_ca_forge(orig, "twin.test", NULL, &r2, &why);
+	assert_ptr_equal(x3, x);
+	assert_ptr_equal(r2, r);
+	assert_int_equal(tls_ca_cache_hits(), hits + 2);
+
+	/* a miss that asks for both forges both */
+	f = tls_ca_forge(NULL, "fresh.test", NULL, &fr, &why);
+	assert_non_null(f);
+	assert_non_null(fr);
+	assert_int_equal(tls_ca_cache_len(), 2);
+	assert_true(EVP_PKEY_eq(X509_get0_pubkey(fr), tls_ca_leaf_key_rsa()));
+	sans_text(fr, rsans, sizeof rsans);
+	assert_string_equal(rsans, "DNS:fresh.test");
+	assert_verifies(fr, "fresh.test");
+	assert_verifies(f, "fresh.test");
+
+	/* nothing to name: neither, and *rsa says so too */
+	n = tls_ca_forge(NULL, NULL, NULL, &nr, &why);
+	assert_null(n);
+	assert_null(nr);
+	free(why);
+	why = NULL;
+
+	/* with the cache off both are still forged, every time */
+	tls_ca_cache_max(0);
+	n = tls_ca_forge(NULL, "nocache.test", NULL, &nr, &why);
+	assert_non_null(n);
+	assert_non_null(nr);
+	assert_true(EVP_PKEY_eq(X509_get0_pubkey(nr), tls_ca_leaf_key_rsa()));
+	assert_int_equal(tls_ca_cache_len(), 0);
+	tls_ca_cache_max(TLS_CA_CACHE_DEFAULT);
+
+	X509 *xs[] = { x, x2, x3, r, r2, f, fr, n, nr };
+	for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++)
+		X509_free(xs[i]);
 	X509_free(orig);
 }
 
@@ -446,6 +531,8 @@ main(void)
 		cmocka_unit_test(test_forge_san_critical),
 		cmocka_unit_test(test_forge_sni_not_covered_by_cn),
 		cmocka_unit_test(test_cache_lru),
+		cmocka_unit_test(test_leaf_keys),
+		cmocka_unit_test(test_forge_rsa_twin),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
