@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of
-from test_http import Origin, raw, status_of
+from test_http import Origin, raw, read_all, status_of
 
 
 @pytest.fixture
@@ -52,12 +52,7 @@ def test_refusal_reaches_an_uploading_client(capd_factory, origins):
     time.sleep(0.5)  # capd has answered and sent its FIN by now
     for _ in range(15):
         s.sendall(os.urandom(1 << 18))  # a reset would fail one of these
-    reply = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        reply += d
+    reply = read_all(s, 10)
     s.close()
     assert status_of(reply) == 421, reply
 
@@ -165,12 +160,7 @@ def test_bodies_and_keepalive(capd_factory, origins, tmp_path):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"GET /1 HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /2 HTTP/1.1\r\nHost: x.api.test\r\n"
                   b"Connection: close\r\n\r\n")
-        got = b""
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
+        got = read_all(s)
     assert got.index(b"hello from www /1\n") < got.index(b"hello from api /2\n")
     ss = closed(capd, 4)
     last = [x for x in ss if x["instance"] == "r"][-2:]
