@@ -277,21 +277,24 @@ def apart(fn, *args):
 
 
 class Listener:
-    """A test's TCP server: its accept loop runs on a thread and hands each connection to
-    handle(conn, peer), on that thread (apart() serves connections side by side).
-    A subclass sets its own attributes before calling this __init__, which starts the loop."""
+    """A test's TCP server (or Unix-domain, given a path): its accept loop runs on a thread
+    and hands each connection to handle(conn, peer), on that thread (apart() serves
+    connections side by side). A subclass sets its own attributes before calling this
+    __init__, which starts the loop."""
 
-    def __init__(self, host="127.0.0.1", backlog=64, port=0):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    def __init__(self, host="127.0.0.1", backlog=64, port=0, path=None):
+        if path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.sock.bind((host, port))
+            self.sock.bind(str(path) if path is not None else (host, port))
         except OSError:
             self.sock.close()
             raise
         self.sock.listen(backlog)
-        self.port = self.sock.getsockname()[1]
+        self.port = None if path is not None else self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self.accept_loop, daemon=True)
         self.thread.start()
 

@@ -2,13 +2,12 @@
 addresses it can reject itself (exit 2), and --users paths made absolute."""
 
 import json
-import socket
 import subprocess
 import threading
 
 import pytest
 
-from conftest import CAPCTL, free_port
+from conftest import CAPCTL, Listener, apart, free_port
 
 ADD_TYPES = ("forward", "socks", "http", "reverse", "dns", "sniff")
 
@@ -22,26 +21,17 @@ def capctl(*args, sock, cwd=None, timeout=20):
         pytest.fail(f"capctl {' '.join(map(str, args))} hung for {timeout}s")
 
 
-class FakeCapd:
+class FakeCapd(Listener):
     """A control socket that answers the first request of each connection with reply(request)
     (bytes, sent as they are), then holds the connection open as capd does (hold) or closes it."""
 
     def __init__(self, path, reply, hold=True):
         self.reply, self.hold = reply, hold
         self.done = threading.Event()
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen(4)
-        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
-        self.thread.start()
+        super().__init__(path=path, backlog=4)
 
-    def accept_loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return  # shut down
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+    def handle(self, c, peer):
+        apart(self.serve, c)
 
     def serve(self, c):
         with c:
@@ -60,12 +50,7 @@ class FakeCapd:
 
     def close(self):
         self.done.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(5)
-        self.sock.close()
+        super().close()
 
 
 @pytest.fixture
