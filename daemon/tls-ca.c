@@ -51,6 +51,7 @@ TAILQ_HEAD(tls_ca_lru, tls_ca_entry);
 static struct {
 	X509 *cert;
 	EVP_PKEY *key;
+	STACK_OF(X509) *chain;          /* sent after each leaf (tls_ca_chain); NULL: none */
 	EVP_PKEY *leaf;                 /* ECDSA P-256 */
 	EVP_PKEY *leaf_rsa;             /* RSA 2048 */
 	char *cert_path, *key_path;
@@ -110,21 +111,55 @@ tls_ca_ext(X509 *x, X509 *issuer, int nid, const char *value)
 
 /* ---- loading and creating the CA ---- */
 
+/* A certificate that is its own issuer: a root, which clients already hold. */
+static bool
+tls_ca_self_issued(X509 *x)
+{
+	return X509_NAME_cmp(X509_get_subject_name(x), X509_get_issuer_name(x)) == 0;
+}
+
+/*
+ * The file's first certificate is the CA. When that CA is an intermediate,
+ * *chain gets it and the file's further certificates but its roots: what a
+ * server sends after its leaf (RFC 8446 4.4.2), so clients that hold only the
+ * root can build the path. A self-signed CA (capd's own) leaves *chain NULL.
+ */
 static X509 *
-tls_ca_read_cert(const char *path, char **why)
+tls_ca_read_cert(const char *path, STACK_OF(X509) **chain, char **why)
 {
 	FILE *f = fopen(path, "r");
-	X509 *x;
+	X509 *x, *more;
 
+	*chain = NULL;
 	if (f == NULL) {
 		*why = xasprintf("cannot open ca_cert %s: %s", path, strerror(errno));
 		return NULL;
 	}
 	x = PEM_read_X509(f, NULL, NULL, NULL);
-	fclose(f);
-	if (x == NULL)
+	if (x == NULL) {
+		fclose(f);
 		*why = xasprintf("ca_cert %s is not a PEM certificate: %s", path, tls_ca_err("no certificate"));
+		return NULL;
+	}
+	if (!tls_ca_self_issued(x) && (*chain = sk_X509_new_null()) != NULL) {
+		X509_up_ref(x);
+		if (!sk_X509_push(*chain, x))
+			X509_free(x);
+		while ((more = PEM_read_X509(f, NULL, NULL, NULL)) != NULL) {
+			if (tls_ca_self_issued(more) || !sk_X509_push(*chain, more))
+				X509_free(more);
+		}
+	}
+	ERR_clear_error();  /* the end of the file reads as an error */
+	fclose(f);
 	return x;
+}
+
+/* Ed25519 and Ed448 sign the message itself (no digest); every other key type SHA-256. */
+static const EVP_MD *
+tls_ca_md(EVP_PKEY *k)
+{
+	return EVP_PKEY_is_a(k, "ED25519") || EVP_PKEY_is_a(k, "ED448") ? NULL : EVP_sha256();
 }
 
 static EVP_PKEY *
@@ -240,6 +275,7 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 	bool have_cert, have_key;
 	X509 *x = NULL;
 	EVP_PKEY *k = NULL;
+	STACK_OF(X509) *chain = NULL;
 
 	if (ca.cert && !strcmp(ca.cert_path, cert_path) && !strcmp(ca.key_path, key_path))
 		return 0;
@@ -256,10 +292,11 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 		if (tls_ca_create(cert_path, key_path, &x, &k, why) < 0)
 			return -1;
 	} else {
-		if ((x = tls_ca_read_cert(cert_path, why)) == NULL)
+		if ((x = tls_ca_read_cert(cert_path, &chain, why)) == NULL)
 			return -1;
 		if ((k = tls_ca_read_key(key_path, why)) == NULL) {
 			X509_free(x);
+			sk_X509_pop_free(chain, X509_free);
 			return -1;
 		}
 		if (X509_check_private_key(x, k) != 1) {
@@ -267,6 +304,7 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 			ERR_clear_error();
 			X509_free(x);
 			EVP_PKEY_free(k);
+			sk_X509_pop_free(chain, X509_free);
 			return -1;
 		}
 		if (X509_check_ca(x) == 0)
@@ -278,11 +316,14 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
 		X509_free(x);
 		EVP_PKEY_free(k);
+		sk_X509_pop_free(chain, X509_free);
 		return -1;
 	}
 	tls_ca_cache_clear();
 	X509_free(ca.cert);
 	EVP_PKEY_free(ca.key);
+	sk_X509_pop_free(ca.chain, X509_free);
+	ca.chain = chain;
 	free(ca.cert_path);
 	free(ca.key_path);
 	ca.cert = x;
@@ -302,6 +343,12 @@ X509 *
 tls_ca_cert(void)
 {
 	return ca.cert;
+}
+
+STACK_OF(X509) *
+tls_ca_chain(void)
+{
+	return ca.chain;
 }
 
 EVP_PKEY *
@@ -421,6 +468,8 @@ tls_ca_free(void)
 	EVP_PKEY_free(ca.key);
 	EVP_PKEY_free(ca.leaf);
 	EVP_PKEY_free(ca.leaf_rsa);
+	sk_X509_pop_free(ca.chain, X509_free);
+	ca.chain = NULL;
 	free(ca.cert_path);
 	free(ca.key_path);
 	ca.cert = NULL;
@@ -565,7 +614,7 @@ tls_ca_sign_leaf(X509 *orig, const struct tls_ca_name *fallback, GENERAL_NAMES *
 	/* a user's CA without a key identifier simply gets none in its leaves */
 	if (tls_ca_ext(x, ca.cert, NID_authority_key_identifier, "keyid") < 0)
 		ERR_clear_error();
-	if (!X509_sign(x, ca.key, EVP_sha256()))
+	if (!X509_sign(x, ca.key, tls_ca_md(ca.key)))
 		goto fail;
 	return x;
 fail:

@@ -1,8 +1,10 @@
 /*
  * capd's certificate authority and the certificates it forges.
  *
- * The CA (ECDSA P-256) is loaded from ca_cert/ca_key, or created there on
- * first need (key mode 0600); an existing file is never overwritten. Every
+ * The CA is loaded from ca_cert/ca_key, or created there on first need
+ * (ECDSA P-256, key mode 0600); an existing file is never overwritten. A
+ * user's CA may be any key type OpenSSL signs with (RSA, ECDSA, Ed25519,
+ * Ed448), and an intermediate: its chain goes out with every forged leaf. Every
  * forged certificate is signed by it and carries one of two leaf keys made
  * once per process, so no handshake ever generates a key: ECDSA P-256 for
  * every client that takes it, RSA 2048 for those that cannot (TLS 1.2 clients
@@ -31,6 +33,9 @@ int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
 /* Borrowed; NULL until loaded. */
 X509 *tls_ca_cert(void);
+/* What follows a forged leaf: the CA when it is an intermediate, then the
+ * further certificates of ca_cert but its roots. NULL for a self-signed CA. */
+STACK_OF(X509) *tls_ca_chain(void);
 EVP_PKEY *tls_ca_leaf_key(void);      /* ECDSA P-256 */
 EVP_PKEY *tls_ca_leaf_key_rsa(void);  /* RSA 2048 */
 const char *tls_ca_cert_path(void);

@@ -1012,7 +1012,11 @@ tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, char *why)
 		ts->fail = why;
 		return;
 	}
-	if (SSL_use_certificate(ts->c.ssl, x) != 1 || (rsa && SSL_use_certificate(ts->c.ssl, rsa) != 1)) {
+	STACK_OF(X509) *chain = tls_ca_chain();
+
+	/* each use makes that key's slot current, and set1_chain fills the current slot */
+	if (SSL_use_certificate(ts->c.ssl, x) != 1 || (chain && SSL_set1_chain(ts->c.ssl, chain) != 1) ||
+	    (rsa && (SSL_use_certificate(ts->c.ssl, rsa) != 1 || (chain && SSL_set1_chain(ts->c.ssl, chain) != 1)))) {
 		ERR_clear_error();
 		ts->fail = xstrdup("cannot use the forged certificate");
 	}

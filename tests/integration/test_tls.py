@@ -3,6 +3,7 @@ the pcapng, passthrough). A local nginx serves TLS with a CA the test makes."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -1055,3 +1056,67 @@ def test_rsa_only_client_gets_an_rsa_certificate(capd, origin, tmp_path, kind, c
         assert "Public Key Algorithm: id-ecPublicKey" in info and "prime256v1" in info, info
         assert "Key Encipherment" not in info, info
         assert f"tls TLSv{version}" in last_closed(capd, n)[-1]["note"]
+
+
+def make_user_ca(d, stem, keyalg, issuer=None):
+    """A CA certificate and key: self-signed, or signed by issuer (a (cert, key) pair)."""
+    cert, key = d / f"{stem}.pem", d / f"{stem}.key"
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if keyalg == "ec" else ["-newkey", keyalg]
+    ext = ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+    if issuer is None:
+        openssl("req", "-x509", *newkey, "-nodes", "-keyout", key, "-out", cert, "-days", "5",
+                "-subj", f"/O=capd tests/CN={stem}", *ext)
+    else:
+        openssl("req", *newkey, "-nodes", "-keyout", key, "-out", d / f"{stem}.csr", "-subj", f"/O=capd tests/CN={stem}")
+        (d / f"{stem}.ext").write_text("basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                                        "keyUsage=critical,keyCertSign,cRLSign\n"
+                                        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        openssl("x509", "-req", "-in", d / f"{stem}.csr", "-CA", issuer[0], "-CAkey", issuer[1],
+                "-CAcreateserial", "-out", cert, "-days", "5", "-extfile", d / f"{stem}.ext")
+    return cert, key
+
+
+def served_chain(port):
+    """The subjects of the certificates capd sends for NAME, leaf first."""
+    r = run("openssl", "s_client", "-servername", NAME, "-connect", f"127.0.0.1:{port}", "-showcerts",
+            input=b"", timeout=30)
+    return re.findall(r"^\s*\d+ s:(.*)$", r.stdout.decode(errors="replace"), re.M)
+
+
+@pytest.mark.parametrize("with_root", [True, False], ids=["root_in_file", "intermediate_alone"])
+def test_intermediate_ca_sends_its_chain(capd_factory, origin, tmp_path, with_root):
+    # a lab's intermediate CA as capd's CA: clients trust only the root, so the
+    # forged leaf must come with the intermediate (and what else ca_cert holds
+    # below the root); a root in the file is not sent, clients have it
+    d = tmp_path / "chain"
+    d.mkdir()
+    root = make_user_ca(d, "lab root", "ec")
+    inter = make_user_ca(d, "lab intermediate", "ec", issuer=root)
+    bundle = d / "bundle.pem"
+    bundle.write_text(inter[0].read_text() + (root[0].read_text() if with_root else ""))
+    capd = capd_factory(settings=f"ca_cert = {bundle}\nca_key = {inter[1]}")
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    got, how = tls_get(port, NAME, tls_client_ctx(root[0], strict=True))
+    assert BODY in got and how == "clean"
+    chain = served_chain(port)
+    assert len(chain) == 2 and "lab intermediate" in chain[1], chain
+    # the RSA twin carries the same chain
+    got, info, _ = tls_get_cert(port, capd_ca_ctx(root[0], cipher="ECDHE-RSA-AES128-GCM-SHA256"))
+    assert BODY in got and "rsaEncryption" in info
+
+
+def test_self_signed_ca_sends_the_leaf_alone(capd, origin, tmp_path):
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    chain = served_chain(port)
+    assert len(chain) == 1 and "Example Origin" in chain[0], chain
+
+
+@pytest.mark.parametrize("keyalg", ["ed25519", "rsa:3072"])
+def test_user_ca_of_another_key_type_signs(capd_factory, origin, tmp_path, keyalg):
+    d = tmp_path / "ca"
+    d.mkdir()
+    ca = make_user_ca(d, "user ca", keyalg)
+    capd = capd_factory(settings=f"ca_cert = {ca[0]}\nca_key = {ca[1]}")
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    got, how = tls_get(port, NAME, tls_client_ctx(ca[0], strict=True))
+    assert BODY in got and how == "clean"
