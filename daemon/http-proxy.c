@@ -175,10 +175,21 @@ http_reason(int status, const char *why)
 	return xasprintf("%d %s: %s", status, http_status_text(status), why);
 }
 
-/* Before the relay: reply, FIN, close. A client that still sends (an upload
- * refused at its head) keeps being read a while (linger.h), so that the close
- * is not a reset that throws the reply away; a TLS client's records are
- * dropped unread the same way, after close_notify. */
+/* Takes the client's socket, its reply and FIN sent, from the session that
+ * is about to close: a client that still sends (an upload refused) keeps
+ * being read a while (linger.h), so that the close is not a reset that
+ * throws the reply away; a TLS client's records are dropped unread the same
+ * way, after close_notify. */
+static void
+http_linger_client(struct session *s)
+{
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	linger_start(capd_loop, s->client.fd);
+	s->client.fd = -1;
+}
+
+/* Before the relay: reply, FIN, close (lingering). */
 static void
 http_fail_early(struct session *s, int status, const char *why)
 {
@@ -192,10 +203,7 @@ http_fail_early(struct session *s, int status, const char *why)
 		if (s->client.tls != NULL)
 			tls_side_shutdown(s->client.tls);
 		shutdown(s->client.fd, SHUT_WR);
-		ev_io_stop(capd_loop, &s->client.rio);
-		ev_io_stop(capd_loop, &s->client.wio);
-		linger_start(capd_loop, s->client.fd);
-		s->client.fd = -1;
+		http_linger_client(s);
 	}
 	session_close(s, reason);
 	free(reason);
@@ -713,9 +721,13 @@ http_filter_done(struct session *s, enum dir d)
 	if (s->dir[d].shut) {
 		const uint8_t *p;
 
-		/* a FIN went to the client: nothing more can be said on this connection */
-		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL)
+		/* a FIN went to the client: nothing more can be said on this connection;
+		 * after a failure the client may still be sending what we refused */
+		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL) {
+			if (hc->fail && s->client.fd >= 0)
+				http_linger_client(s);
 			session_close(s, hc->fail ? hc->fail : "closed");
+		}
 		/* the client's FIN went upstream: with no request outstanding (it came
 		 * in one read with pipelined requests, and http_next went on to a
 		 * partial head), or while a complete response is held (the upstream's

@@ -675,6 +675,29 @@ def test_bad_upstream_after_the_head(capd, answer, client_gets, reason):
         o.close()
 
 
+def test_late_refusal_reaches_an_uploading_client(capd):
+    """A 400 for a request body gone bad (the head was good and went upstream)
+    reaches a client that is still sending: after the reply and its FIN capd
+    drops what comes until the client closes (a lingering close, as for a
+    refused head) instead of closing at once, which would reset the connection
+    under the client's next write and take the reply with it."""
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    try:
+        port = add_http(capd)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall((f"POST http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\nzz\r\n").encode() + os.urandom(1 << 18))
+        time.sleep(0.5)  # capd has answered and sent its FIN by now
+        for _ in range(15):
+            s.sendall(os.urandom(1 << 18))  # a reset would fail one of these
+        reply = read_all(s, 10)
+        s.close()
+        assert status_of(reply) == 400 and b"bad chunked framing" in reply, reply
+        assert closed_sessions(capd, 1)[-1]["reason"] == "400 Bad Request: bad chunked framing"
+    finally:
+        o.close()
+
+
 def test_client_bad_chunked_body_is_captured(capd):
     o = RawOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     try:
