@@ -19,6 +19,8 @@
 #include "session.h"
 #include "spool.h"
 #include "tail.h"
+#include "tls-ca.h"
+#include "tls.h"
 #include "xmalloc.h"
 
 /*
@@ -325,6 +327,22 @@ instance_new(json_t *params, bool from_config, char **why)
 	return instance_name_taken(inst, why) ? NULL : inst;
 }
 
+/* What may block before an instance starts: its protocol's prepare, and the
+ * TLS leaf keys of the first instance that intercepts (tls.h). */
+static bool
+instance_has_prepare(const struct instance *inst)
+{
+	return inst->proto->prepare != NULL || (inst->intercepts && !tls_ca_keys_ready());
+}
+
+static int
+instance_prepare(struct instance *inst, char **why)
+{
+	if (inst->intercepts)
+		tls_keys_prepare();
+	return inst->proto->prepare ? inst->proto->prepare(inst, why) : 0;
+}
+
 /* Binds, starts and registers a new (prepared) instance; on failure frees it. */
 static struct instance *
 instance_finish(struct instance *inst, char **why)
@@ -362,7 +380,7 @@ instance_add(json_t *params, bool from_config, char **why)
 
 	if (inst == NULL)
 		return NULL;
-	if (inst->proto->prepare && inst->proto->prepare(inst, why) < 0) {
+	if (instance_prepare(inst, why) < 0) {
 		instance_free(inst);
 		return NULL;
 	}
@@ -425,7 +443,7 @@ instance_job_run(void *arg)
 {
 	struct instance_job *j = arg;
 
-	j->rc = j->inst->proto->prepare(j->inst, &j->why);
+	j->rc = instance_prepare(j->inst, &j->why);
 	pthread_mutex_lock(&instance_jobs_lock);
 	j->next = instance_jobs_done;
 	instance_jobs_done = j;
@@ -443,7 +461,7 @@ instance_add_async(json_t *params, bool from_config, instance_added_fn *done, vo
 	j->done = done;
 	j->arg = arg;
 	j->inst = instance_new(params, from_config, &j->why);
-	if (j->inst == NULL || j->inst->proto->prepare == NULL) {
+	if (j->inst == NULL || !instance_has_prepare(j->inst)) {
 		j->rc = j->inst ? 0 : -1;  /* nothing to wait for */
 		instance_job_end(j);
 		return;
@@ -456,7 +474,7 @@ instance_add_async(json_t *params, bool from_config, instance_added_fn *done, vo
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&(pthread_t){ 0 }, &attr, instance_job_run, j) != 0) {
 		log_warnx("%s: no thread to prepare it on; preparing it in line", j->inst->name);
-		j->rc = j->inst->proto->prepare(j->inst, &j->why);
+		j->rc = instance_prepare(j->inst, &j->why);
 		instance_job_end(j);
 	}
 	pthread_attr_destroy(&attr);

@@ -82,6 +82,7 @@ struct instance {
 	unsigned nlis;
 
 	bool capture, expose;
+	bool intercepts;              /* TLS (tls = yes|auto): its prepare step makes the CA's leaf keys */
 	double idle_timeout, connect_timeout;
 
 	enum instance_state state;

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +61,9 @@ static struct {
 	size_t len, max;
 	unsigned long hits;
 } ca = { .lru = TAILQ_HEAD_INITIALIZER(ca.lru), .max = TLS_CA_CACHE_DEFAULT };
+
+/* ca.leaf and ca.leaf_rsa are both made: read without the caller's lock */
+static atomic_bool keys_ready;
 
 /* The first OpenSSL error as text, or fallback. */
 static const char *
@@ -311,8 +315,13 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 			log_warnx("ca_cert %s is not marked as a CA; clients may refuse what it signs", cert_path);
 	}
 	/* both now, once: no handshake ever waits for a key */
-	if ((ca.leaf == NULL && (ca.leaf = EVP_EC_gen("P-256")) == NULL) ||
-	    (ca.leaf_rsa == NULL && (ca.leaf_rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS)) == NULL)) {
+	if (!atomic_load(&keys_ready)) {
+		EVP_PKEY *ec, *rsa;
+
+		tls_ca_keys_make(&ec, &rsa);
+		tls_ca_keys_offer(ec, rsa);
+	}
+	if (!atomic_load(&keys_ready)) {
 		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
 		X509_free(x);
 		EVP_PKEY_free(k);
@@ -331,6 +340,35 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 	ca.cert_path = xstrdup(cert_path);
 	ca.key_path = xstrdup(key_path);
 	return 0;
+}
+
+void
+tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa)
+{
+	*ec = EVP_EC_gen("P-256");
+	*rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS);
+}
+
+void
+tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa)
+{
+	if (ca.leaf == NULL) {
+		ca.leaf = ec;
+		ec = NULL;
+	}
+	if (ca.leaf_rsa == NULL) {
+		ca.leaf_rsa = rsa;
+		rsa = NULL;
+	}
+	EVP_PKEY_free(ec);
+	EVP_PKEY_free(rsa);
+	atomic_store(&keys_ready, ca.leaf != NULL && ca.leaf_rsa != NULL);
+}
+
+bool
+tls_ca_keys_ready(void)
+{
+	return atomic_load(&keys_ready);
 }
 
 bool
@@ -468,6 +506,7 @@ tls_ca_free(void)
 	EVP_PKEY_free(ca.key);
 	EVP_PKEY_free(ca.leaf);
 	EVP_PKEY_free(ca.leaf_rsa);
+	atomic_store(&keys_ready, false);
 	sk_X509_pop_free(ca.chain, X509_free);
 	ca.chain = NULL;
 	free(ca.cert_path);

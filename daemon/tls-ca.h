@@ -31,6 +31,17 @@
  * exists, or key and certificate do not match. */
 int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
+/*
+ * The leaf keys ahead of tls_ca_load, which otherwise makes them itself:
+ * RSA 2048 takes 0.2-0.6 s, too long to hold a lock every session waits on.
+ * tls_ca_keys_make touches nothing shared (either key NULL when OpenSSL
+ * fails); tls_ca_keys_offer, under the same lock as tls_ca_load, takes a
+ * key that is still missing and frees the rest. tls_ca_keys_ready needs no
+ * lock.
+ */
+void tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa);
+void tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa);
+bool tls_ca_keys_ready(void);
 /* Borrowed; NULL until loaded. */
 X509 *tls_ca_cert(void);
 /* What follows a forged leaf: the CA when it is an intermediate, then the

@@ -172,8 +172,11 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		cfg->mode = TLS_NO;
 	else
 		return params_fail(p, "tls", "'tls' must be yes, no or auto, not '%s'", mode);
-	if (cfg->mode != TLS_NO)
+	if (cfg->mode != TLS_NO) {
 		tls_cfgs_on++;
+		if (inst)
+			inst->intercepts = true;
+	}
 	if (!strcmp(cap, "plain"))
 		cfg->capture_both = false;
 	else if (!strcmp(cap, "both"))
@@ -674,6 +677,31 @@ tls_ca_ensure(char **why)
 	if (tls_ca_load(st->ca_cert, st->ca_key, why) < 0)
 		return -1;
 	return tls_server_ctx(why);
+}
+
+void
+tls_keys_prepare(void)
+{
+	EVP_PKEY *ec = NULL, *rsa = NULL;
+
+	if (tls_ca_keys_ready())
+		return;
+	tls_ca_keys_make(&ec, &rsa);
+	capd_lock();
+	tls_ca_keys_offer(ec, rsa);
+	capd_unlock();
+}
+
+int
+tls_ca_ensure_shared(char **why)
+{
+	int rc;
+
+	tls_keys_prepare();  /* the slow part, before the lock every shard's sessions wait on */
+	capd_lock();  /* the CA and the context toward clients are made once, for every shard */
+	rc = tls_ca_ensure(why);
+	capd_unlock();
+	return rc;
 }
 
 int
@@ -1389,9 +1417,7 @@ tls_begin(struct tls_session *ts)
 	char *why = NULL;
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
-	capd_lock();  /* the CA and the context toward clients are made once, for every shard */
-	int rc = tls_ca_ensure(&why);
-	capd_unlock();
+	int rc = tls_ca_ensure_shared(&why);
 	if (rc < 0) {
 		char *msg = xasprintf("cannot intercept TLS: %s", why);
 		free(why);

@@ -89,6 +89,13 @@ void tls_stop(void);
 void tls_prepare(void);
 /* Loads or creates the CA of capd_settings. */
 int tls_ca_ensure(char **why);
+/* tls_ca_ensure while the shards run: under capd_lock, the leaf keys (the
+ * slow part of a first load) made before taking it. */
+int tls_ca_ensure_shared(char **why);
+/* Makes the CA's leaf keys unless they are made: RSA 2048 takes 0.2-0.6 s,
+ * so an instance that intercepts makes them in its prepare step, on a
+ * helper thread, not at its first connection on a session thread. */
+void tls_keys_prepare(void);
 
 /* ---- for the relay: a side that speaks TLS (struct side's tls is set) ---- */
 

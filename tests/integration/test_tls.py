@@ -9,6 +9,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -1120,3 +1121,43 @@ def test_user_ca_of_another_key_type_signs(capd_factory, origin, tmp_path, keyal
     port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
     got, how = tls_get(port, NAME, tls_client_ctx(ca[0], strict=True))
     assert BODY in got and how == "clean"
+
+
+def test_first_interception_does_not_stall_other_sessions(capd_factory, origin, tmp_path):
+    """A capd started without a CA makes one when it first needs it, with an RSA
+    leaf key that takes 0.2-0.6 s. Adding an instance that intercepts makes the
+    keys on a helper thread (the add waits for them), not on a session thread
+    at the first connection, and never under the lock every shard's sessions
+    take to open and close: sessions of other instances go on meanwhile."""
+    capd = capd_factory(settings="workers = 2")
+    assert not (capd.state / "ca.pem").exists()
+    echo = EchoServer()
+    plain = add_forward(capd, echo.port)
+    times, stop = [], threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            t = time.monotonic()
+            with socket.create_connection(("127.0.0.1", plain), timeout=5) as c:
+                c.sendall(b"x")
+                assert c.recv(1) == b"x"
+            times.append(time.monotonic() - t)
+
+    th = threading.Thread(target=probe)
+    th.start()
+    try:
+        time.sleep(0.3)
+        t = time.monotonic()
+        port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+        added = time.monotonic() - t
+        got, _ = tls_get(port, NAME, tls_client_ctx())
+        first = time.monotonic() - t - added
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        th.join()
+        echo.close()
+    assert BODY in got
+    assert first < 0.15, first  # ready before the first connection
+    assert len(times) > 20 and max(times) < 0.15, (added, first, sorted(times)[-5:])
+    assert added > 0.15, added  # the keys were made in this window: else this proves nothing
