@@ -576,16 +576,6 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	return RELAY_EAT;
 }
 
-/* The bytes at p complete the body b (b itself does not move). */
-static bool
-http_body_whole(const struct http_body *b, const uint8_t *p, size_t n)
-{
-	struct http_body scan = *b;
-	size_t used;
-
-	return http_body_done(b) || http_body_scan(&scan, p, n, &used) == PARSE_OK;
-}
-
 /* The response ends with the bytes of this verdict. Before the request
  * did, the upstream will not read the rest of it (it may have closed
  * already): the client connection ends with this response (http_filter_done
@@ -646,9 +636,10 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (!hc->upstream_keep && s->client.tls)
 		hc->client_keep = false;  /* its next request would need a new session */
 	http_body_init(&hc->down_body, m->framing, m->length);
-	/* a whole response before the whole request (413, 401 to an upload):
-	 * the connection ends with it (http_resp_end), and its head says so */
-	if (!hc->req_done && http_body_whole(&hc->down_body, p + m->head_len, n - m->head_len))
+	/* a response that starts before the whole request came (413, 401 to an
+	 * upload) ends the connection if it ends first (http_resp_end), which
+	 * its head cannot wait to know: it says so whenever it may happen */
+	if (!hc->req_done)
 		hc->client_keep = false;
 	http_rewrite_response(hc, m, &hc->head);
 	relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));

@@ -820,6 +820,40 @@ def test_response_before_the_request_body_ends(capd, tmp_path):
         o.close()
 
 
+class SlowBodyOrigin(RawOrigin):
+    """RawOrigin that sends its answer's head, then its body a moment later."""
+
+    def handle(self, c, peer):
+        with c:
+            got = b""
+            while b"\r\n\r\n" not in got and (d := c.recv(4096)):
+                got += d
+            head, body = self.answer.split(b"\r\n\r\n", 1)
+            c.sendall(head + b"\r\n\r\n")
+            time.sleep(0.3)
+            c.sendall(body)
+            self.closing.wait(10)
+
+
+def test_response_head_before_the_request_body_ends_says_close(capd):
+    """A response whose head comes before the request body ended (an origin that
+    answers an upload at once) ends the connection when it is done, as above,
+    so its head says Connection: close even when its body comes later: a
+    client must not count on sending another request on it."""
+    o = SlowBodyOrigin(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nforbidden\n")
+    try:
+        port = add_http(capd)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall((f"PUT http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n"
+                       ).encode() + b"x" * 1000)
+            got = read_all(s)
+        assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n") and got.endswith(b"\r\n\r\nforbidden\n"), got
+        assert b"\r\nConnection: close\r\n" in got, got
+        assert closed_sessions(capd, 1)[-1]["reason"] == "upstream answered before the request ended"
+    finally:
+        o.close()
+
+
 def test_options_asterisk(capd, origin):
     """Regression: `OPTIONS http://h HTTP/1.1` (no path, no query) asks about the server as a
     whole and goes on as `OPTIONS *` (RFC 9112 3.2.4); it went as `OPTIONS /`."""
