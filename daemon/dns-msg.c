@@ -398,3 +398,47 @@ dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, s
 	}
 	return true;
 }
+
+bool
+dns_msg_is_xfr(uint16_t qtype)
+{
+	return qtype == LDNS_RR_TYPE_AXFR || qtype == LDNS_RR_TYPE_IXFR;
+}
+
+bool
+dns_msg_xfr_more(const uint8_t *query, const uint8_t *p, size_t n)
+{
+	return n >= DNS_HEADER_LEN && (p[2] & 0x80) && p[4] == 0 && p[5] == 0 && dns_msg_id(p) == dns_msg_id(query);
+}
+
+bool
+dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n)
+{
+	ldns_pkt *pkt = NULL;
+	const ldns_rr_list *an;
+	size_t count;
+	bool end = false;
+
+	if (n < DNS_HEADER_LEN || dns_msg_rcode(p) != LDNS_RCODE_NOERROR || ldns_wire2pkt(&pkt, p, n) != LDNS_STATUS_OK)
+		return true;
+	an = ldns_pkt_answer(pkt);
+	count = ldns_rr_list_rr_count(an);
+	for (size_t i = 0; i < count && !end; i++) {
+		const ldns_rr *rr = ldns_rr_list_rr(an, i);
+		uint32_t serial;
+
+		if (ldns_rr_get_type(rr) != LDNS_RR_TYPE_SOA || ldns_rr_rd_count(rr) < 3) {
+			end = x->soas == 0;
+			continue;
+		}
+		serial = ldns_rdf2native_int32(ldns_rr_rdf(rr, 2));
+		if (++x->soas == 1) {
+			x->serial = serial;
+			end = x->qtype == LDNS_RR_TYPE_IXFR && count == 1;
+		} else {
+			end = x->qtype == LDNS_RR_TYPE_AXFR || (x->soas % 2 == 0 && serial == x->serial);
+		}
+	}
+	ldns_pkt_free(pkt);
+	return end || x->soas == 0;
+}

@@ -76,6 +76,27 @@ uint8_t *dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen);
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
 
+/*
+ * A zone transfer (AXFR, IXFR) is answered over TCP in many messages
+ * (RFC 5936 2.2). dns_msg_xfr_ends follows one, message by message: whether
+ * p is its last, counting SOA records in x (zeroed but for qtype before the
+ * first). AXFR ends on the second SOA; IXFR (RFC 1995 4) on an SOA of the
+ * opening serial in an even place (an odd place opens the additions of a
+ * change), or on a lone opening SOA (the client is up to date). An error, a
+ * first record that is no SOA, or a message that does not parse ends it:
+ * no end could be found after it.
+ */
+struct dns_xfr {
+	uint16_t qtype;                /* LDNS_RR_TYPE_AXFR or _IXFR */
+	unsigned soas;                 /* SOA records seen */
+	uint32_t serial;               /* the opening SOA's */
+};
+bool dns_msg_is_xfr(uint16_t qtype);
+bool dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n);
+/* Whether p is a later message of the transfer asked by query: RFC 5936 2.2.1
+ * lets those leave the question out, so the id and QR say it. */
+bool dns_msg_xfr_more(const uint8_t *query, const uint8_t *p, size_t n);
+
 static inline uint16_t dns_msg_id(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline void dns_msg_set_id(uint8_t *p, uint16_t id) { p[0] = (uint8_t)(id >> 8); p[1] = (uint8_t)id; }
 static inline bool dns_msg_tc(const uint8_t *p) { return (p[2] & 0x02) != 0; }

@@ -5,6 +5,8 @@
  * claims are answered here; the others go to the upstream resolver over
  * UDP (retried, then TCP when the answer is truncated) or over TCP when the
  * client came over TCP, and the reply goes back under the client's id.
+ * A zone transfer (AXFR, IXFR) from a TCP client is several messages from
+ * the upstream: each is relayed as it comes, until the closing SOA.
  * Every UDP query becomes a datagram session; message decisions are in
  * dns-msg.c. Nothing here blocks the loop.
  */
@@ -33,6 +35,7 @@
 #define DNS_TCP_IDLE 10.0        /* a TCP client with nothing in flight is closed after this */
 #define DNS_TCP_PENDING_MAX 64   /* a TCP client's queries upstream at once; more wait in hs_in */
 #define DNS_TCP_OUT_MAX (256 * 1024)  /* answers a TCP client leaves unread before it is closed */
+#define DNS_XFR_OUT_HIGH (DNS_TCP_OUT_MAX / 2)  /* a transfer stops reading the upstream past this */
 #define DNS_RESOLV_CONF "/etc/resolv.conf"
 #define DNS_WHY_MAX 512          /* room for the upstream name and an error text */
 
@@ -88,6 +91,9 @@ struct dns_fwd {
 	struct buf in;                     /* TCP: reply bytes */
 	uint8_t *trunc;                    /* the truncated UDP answer, for a UDP client if TCP fails */
 	size_t trunc_len;
+	struct dns_xfr xfr;                /* a TCP client's AXFR or IXFR (qtype 0: any other query) */
+	unsigned msgs;                     /* transfer messages relayed so far */
+	ev_io wait;                        /* a transfer held back: the client's socket taking more */
 };
 
 /* A TCP client connection: s->proto_state. Freed with the session. */
@@ -283,6 +289,7 @@ static void
 dns_fwd_close_fd(struct dns_fwd *f)
 {
 	ev_io_stop(capd_loop, &f->io);
+	ev_io_stop(capd_loop, &f->wait);
 	ev_timer_stop(capd_loop, &f->timer);
 	if (f->fd >= 0) {
 		close(f->fd);
@@ -410,7 +417,8 @@ static void
 dns_fwd_retry(struct dns_fwd *f, const char *why)
 {
 	dns_fwd_close_fd(f);
-	if (f->tries >= DNS_TRIES) {
+	/* a transfer the client has begun to get cannot start again: SERVFAIL tells it to give up */
+	if (f->tries >= DNS_TRIES || f->msgs > 0) {
 		dns_fwd_fail(f, why);
 		return;
 	}
@@ -476,6 +484,66 @@ dns_fwd_udp_read(struct dns_fwd *f)
 	}
 }
 
+/*
+ * Takes the whole replies in f->in. False when the upstream is not to be read
+ * now: f is gone, or its transfer waits for the client to read.
+ */
+static bool
+dns_fwd_tcp_frames(struct dns_fwd *f)
+{
+	struct session *s = f->s;
+
+	while (buf_used(&f->in) >= 2) {
+		uint8_t *h = buf_head(&f->in);
+		size_t len = (size_t)(h[0] << 8 | h[1]);
+
+		if (buf_used(&f->in) < len + 2)
+			break;
+		if (!dns_msg_reply_matches(f->q, f->qlen, h + 2, len) &&
+		    !(f->msgs > 0 && dns_msg_xfr_more(f->q, h + 2, len))) {
+			buf_consume(&f->in, len + 2);
+			continue;
+		}
+		if (f->xfr.qtype == 0 || dns_msg_xfr_ends(&f->xfr, h + 2, len)) {
+			dns_fwd_answer(f, h + 2, len);
+			return false;
+		}
+		dns_msg_set_id(h + 2, f->client_id);
+		dns_tcp_reply(s, h + 2, len);
+		if (s->state == SESSION_CLOSED)
+			return false;  /* and f with it */
+		buf_consume(&f->in, len + 2);
+		f->msgs++;
+		ev_timer_stop(capd_loop, &f->timer);
+		if (buf_used(&s->hs_out) > DNS_XFR_OUT_HIGH) {
+			/* below DNS_TCP_OUT_MAX by a message: a client asking more meanwhile is not closed */
+			ev_io_stop(capd_loop, &f->io);
+			ev_io_set(&f->wait, s->client.fd, EV_WRITE);
+			ev_io_start(capd_loop, &f->wait);
+			return false;
+		}
+		ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);  /* a transfer takes as long as its messages keep coming */
+		ev_timer_start(capd_loop, &f->timer);
+	}
+	return true;
+}
+
+/* The client's socket takes more: a held transfer goes on once half of what waited is out. */
+static void
+dns_fwd_wait_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct dns_fwd *f = w->data;
+
+	(void)revents;
+	if (buf_used(&f->s->hs_out) > DNS_XFR_OUT_HIGH / 2)
+		return;
+	ev_io_stop(loop, w);
+	ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);
+	ev_timer_start(loop, &f->timer);
+	if (dns_fwd_tcp_frames(f))
+		ev_io_start(loop, &f->io);
+}
+
 static void
 dns_fwd_tcp_io(struct dns_fwd *f, int revents)
 {
@@ -528,22 +596,14 @@ dns_fwd_tcp_io(struct dns_fwd *f, int revents)
 			return;
 		}
 		if (n == 0) {
-			snprintf(why, sizeof why, "%s closed the TCP connection before answering", f->ds->up_str);
+			snprintf(why, sizeof why, "%s closed the TCP connection %s", f->ds->up_str,
+			         f->msgs ? "in the middle of a zone transfer" : "before answering");
 			dns_fwd_retry(f, why);
 			return;
 		}
 		buf_commit(&f->in, (size_t)n);
-		while (buf_used(&f->in) >= 2) {
-			uint8_t *h = buf_head(&f->in);
-			size_t len = (size_t)(h[0] << 8 | h[1]);
-			if (buf_used(&f->in) < len + 2)
-				break;
-			if (dns_msg_reply_matches(f->q, f->qlen, h + 2, len)) {
-				dns_fwd_answer(f, h + 2, len);
-				return;
-			}
-			buf_consume(&f->in, len + 2);
-		}
+		if (!dns_fwd_tcp_frames(f))
+			return;
 	}
 }
 
@@ -640,6 +700,8 @@ dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const ui
 	f->tcp = client_tcp;
 	f->client_id = q->id;
 	f->udp_max = q->udp_max;
+	if (client_tcp && dns_msg_is_xfr(q->qtype))
+		f->xfr.qtype = q->qtype;
 	if (client)
 		f->client = *client;
 	if (local)
@@ -651,6 +713,8 @@ dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const ui
 	ev_init(&f->timer, dns_fwd_timer_cb);
 	f->timer.data = f;
 	ev_init(&f->io, dns_fwd_io_cb);
+	ev_init(&f->wait, dns_fwd_wait_cb);
+	f->wait.data = f;
 	TAILQ_INSERT_TAIL(&ds->fwds, f, entry);
 	ds->nfwd++;
 	if (client_tcp)

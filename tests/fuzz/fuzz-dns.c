@@ -1,7 +1,8 @@
 /*
  * Fuzzes the dns instance's message handling: the query decision (parse,
  * match, answer, FORMERR/NOTIMP), error replies, and reply matching with the
- * input as both query and reply. The first byte picks UDP or TCP limits.
+ * input as both query and reply, and zone transfer messages. The first byte
+ * picks UDP or TCP limits (and AXFR or IXFR).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -65,5 +66,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size > 2)
 		(void)dns_msg_reply_matches(data, size / 2, data + size / 2, size - size / 2);
 	free(err);
+	/* the input as the messages of a zone transfer: itself, then its halves */
+	struct dns_xfr x = { .qtype = tcp ? LDNS_RR_TYPE_AXFR : LDNS_RR_TYPE_IXFR };
+	if (!dns_msg_xfr_ends(&x, data, size) && size > 2)
+		(void)dns_msg_xfr_ends(&x, data + size / 2, size - size / 2);
+	if (size >= 2)
+		(void)dns_msg_xfr_more(data, data, size);
 	return 0;
 }

@@ -14,22 +14,27 @@ import urllib.request
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import dns.zone
 import pytest
 
-from conftest import CAPD, Listener, UdpServer, apart, check_pcap_clean, free_port, free_port_tcp_udp, sh, tshark
+from conftest import (CAPD, Listener, UdpServer, apart, check_pcap_clean, exchange, free_port, free_port_tcp_udp,
+                      sh, tshark)
 
 
 class Upstream(Listener):
     """A small DNS server on loopback (UDP and TCP on one port), in threads.
     Any A question gets 192.0.2.1; 'big.*' gets 60 records (truncated over UDP);
-    'silent.*' is never answered. It records (transport, name) of each query."""
+    'silent.*' is never answered; zone transfers over TCP as xfr_messages says.
+    It records (transport, name) of each query."""
 
     def __init__(self):
         self.queries = []
+        self.xfr_sent = 0  # messages of the last zone transfer sent so far
         for _ in range(20):
             port = free_port()
             try:
@@ -67,11 +72,23 @@ class Upstream(Listener):
     def tcp_serve(self, c):
         try:
             c.settimeout(5)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # little of a transfer waits in the kernel
             while True:
                 hdr = recv_exact(c, 2)
                 if not hdr:
                     return
                 data = recv_exact(c, struct.unpack("!H", hdr)[0])
+                q = dns.message.from_wire(data)
+                if q.question[0].rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+                    self.queries.append(("tcp", q.question[0].name.to_text(omit_final_dot=True)))
+                    self.xfr_sent = 0
+                    cut = q.question[0].name.to_text().startswith("cut.")
+                    for w in xfr_messages(q)[:2 if cut else None]:
+                        c.sendall(struct.pack("!H", len(w)) + w)
+                        self.xfr_sent += 1
+                    if cut:
+                        return  # the transfer breaks off
+                    continue
                 w = self.answer(data, "tcp")
                 if w:
                     c.sendall(struct.pack("!H", len(w)) + w)
@@ -86,6 +103,51 @@ class Upstream(Listener):
 
 
 free_dns_port = free_port_tcp_udp  # dns binds TCP and UDP on one port
+
+XFR_HOSTS = 300
+BULK_HOSTS = 2500  # ~55 KB a message
+with open("/proc/sys/net/ipv4/tcp_wmem") as _f:
+    # bulk.*: twice what the kernel may buffer for capd's socket to a client that does not read
+    BULK_MSGS = (2 * int(_f.read().split()[2]) + (1 << 20)) // 55000
+
+
+def soa(origin, serial):
+    return dns.rrset.from_text(origin, 300, "IN", "SOA", f"ns.{origin} admin.{origin} {serial} 3600 600 86400 300")
+
+
+def hosts(origin, n, net=1):
+    return [dns.rrset.from_text(f"h{i}.{origin}", 300, "IN", "A", f"10.{net}.{i // 256}.{i % 256}") for i in range(n)]
+
+
+def xfr_messages(q):
+    """The messages of the zone transfer q asks for, each a wire. AXFR: the opening SOA
+    (serial 9), XFR_HOSTS A records and the closing SOA in 4 messages, the later ones
+    without the question (RFC 5936 2.2.1; tcp_serve sends cut.*'s first 2, then closes);
+    bulk.* has BULK_MSGS of BULK_HOSTS records between its SOAs. IXFR from serial 7: one
+    change to 9 in 3 messages, the second ending with the SOA that opens the additions
+    (RFC 1995); from 9: the SOA alone."""
+    origin = q.question[0].name
+    if q.question[0].rdtype == dns.rdatatype.IXFR:
+        if q.authority[0][0].serial == 9:
+            chunks = [[soa(origin, 9)]]
+        else:
+            rrs = [soa(origin, 9), soa(origin, 7), *hosts(origin, 1), soa(origin, 9), *hosts(origin, 1, 2),
+                   soa(origin, 9)]
+            chunks = [rrs[0:2], rrs[2:4], rrs[4:]]
+    elif origin.to_text().startswith("bulk."):
+        chunks = [[soa(origin, 9)]] + [hosts(origin, BULK_HOSTS)] * BULK_MSGS + [[soa(origin, 9)]]
+    else:
+        rrs = [soa(origin, 9), *hosts(origin, XFR_HOSTS), soa(origin, 9)]
+        chunks = [rrs[i:i + 76] for i in range(0, len(rrs), 76)]
+    built = {}  # bulk repeats one list of records: built once
+    for k, chunk in enumerate(chunks):
+        if id(chunk) not in built:
+            r = dns.message.make_response(q)
+            if k:
+                r.question = []
+            r.answer = chunk
+            built[id(chunk)] = r.to_wire()
+    return [built[id(chunk)] for chunk in chunks]
 
 
 def recv_exact(s, n):
@@ -258,6 +320,89 @@ def test_sessions_and_pcapng(dnsd, upstream):
     assert any(row[1] == "pcap-forward.org" and row[3] for row in rows)
     assert any(row[1] == "pcap-tcp.org" and not row[3] for row in rows)
     check_pcap_clean(pcap)
+
+
+def framed(*qs):
+    return b"".join(struct.pack("!H", len(w)) + w for w in (q.to_wire() for q in qs))
+
+
+def frames(data):
+    """The DNS messages in the bytes of a TCP stream."""
+    off = 0
+    while off < len(data):
+        n = struct.unpack("!H", data[off:off + 2])[0]
+        yield bytes(data[off + 2:off + 2 + n])
+        off += 2 + n
+
+
+def unframed(data):
+    return [dns.message.from_wire(w, one_rr_per_rrset=True) for w in frames(data)]
+
+
+def test_axfr_relayed_message_by_message(dnsd, upstream):
+    """Regression: a zone transfer over TCP comes from the upstream as several messages
+    (RFC 5936 2.2) and capd relayed the first only, then dropped the upstream: the client
+    saw a transfer without its closing SOA. Every message now goes to the client under its
+    id, into the pcapng too, and the transfer ends at the closing SOA."""
+    port = dnsd.port
+    zone = dns.zone.Zone("xfr.test")
+    q = dns.message.make_query("xfr.test", "AXFR", id=0x5a5a)
+    dns.query.inbound_xfr("127.0.0.1", zone, q, port=port, timeout=5, lifetime=15)
+    got = sorted(rd.address for name, rds in zone.iterate_rdatasets("A") for rd in rds)
+    assert got == sorted(f"10.1.{i // 256}.{i % 256}" for i in range(XFR_HOSTS))
+    assert zone.get_soa().serial == 9
+    assert upstream.queries == [("tcp", "xfr.test")] and upstream.xfr_sent == 4
+    # raw, with a query behind it on the connection, which closes on the client's half-close
+    # once both are answered: a transfer capd saw no end of would add SERVFAIL after 2 s
+    msgs = unframed(exchange(port, framed(dns.message.make_query("xfr.test", "AXFR", id=0x6b6b),
+                                          dns.message.make_query("after.org", "A", id=0x7c7c))))
+    xfr = [m for m in msgs if m.id == 0x6b6b]
+    assert len(xfr) == 4 and sum(len(m.answer) for m in xfr) == XFR_HOSTS + 2
+    assert xfr[-1].answer[-1].rdtype == dns.rdatatype.SOA and all(m.rcode() == 0 for m in xfr)
+    assert [addrs(m) for m in msgs if m.id == 0x7c7c] == [["192.0.2.1"]] and len(msgs) == 5
+    args = ("-d", f"tcp.port=={port},dns", "-Y", "dns.flags.response == 1 && dns.id == 0x5a5a",
+            "-T", "fields", "-e", "dns.count.answers")
+    pcap, out = pcap_wait(dnsd, args, lambda out: len(out.split()) >= 4)
+    assert out.split() == ["76", "76", "76", "74"], out
+    check_pcap_clean(pcap)
+
+
+def test_xfr_ends_cut_ixfr_and_slow_client(dnsd, upstream):
+    """Where capd ends a transfer: an upstream that closes mid-transfer gives the client
+    SERVFAIL after the messages it had (no retry); IXFR ends on the SOA of the new serial
+    that closes the additions, not the one that opens them, and an up-to-date client gets
+    the SOA alone. A client that reads slowly holds the upstream back (capd does not read
+    it past its output bound) and still gets the whole transfer."""
+    port = dnsd.port
+    msgs = unframed(exchange(port, framed(dns.message.make_query("cut.test", "AXFR", id=0x0101))))
+    assert [m.rcode() for m in msgs] == [dns.rcode.NOERROR] * 2 + [dns.rcode.SERVFAIL]
+    assert {m.id for m in msgs} == {0x0101}
+    zone = dns.zone.from_text("@ 300 IN SOA ns admin 7 3600 600 86400 300\nh0 300 IN A 10.1.0.0\n",
+                              origin="ixfr.test", check_origin=False)
+    dns.query.inbound_xfr("127.0.0.1", zone, port=port, timeout=5, lifetime=10)
+    assert zone.get_soa().serial == 9 and zone.get_rdataset("h0", "A")[0].address == "10.2.0.0"
+    for since, n in ((7, 3), (9, 1)):
+        q = dns.message.make_query("ixfr.test", "IXFR")
+        q.authority.append(soa(dns.name.from_text("ixfr.test"), since))
+        msgs = unframed(exchange(port, framed(q)))
+        assert len(msgs) == n and {m.id for m in msgs} == {q.id}
+        assert msgs[-1].answer[-1].rdtype == dns.rdatatype.SOA and msgs[-1].answer[-1][0].serial == 9
+    # the slow reader: a small receive window, and nothing read for a while
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(20)
+        s.connect(("127.0.0.1", port))
+        s.sendall(framed(dns.message.make_query("bulk.test", "AXFR", id=0x0202)))
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(1.5)
+        assert upstream.xfr_sent < BULK_MSGS, "capd read the whole transfer ahead of its client"
+        data = bytearray()
+        while d := s.recv(1 << 20):
+            data += d
+    ws = list(frames(data))
+    assert len(ws) == BULK_MSGS + 2 and {w[:2] for w in ws} == {b"\x02\x02"}
+    assert dns.message.from_wire(ws[-1]).answer[-1].rdtype == dns.rdatatype.SOA
+    assert "client does not read" not in dnsd.log()
 
 
 def test_malformed_queries(dnsd, upstream):

@@ -1,4 +1,5 @@
-/* Unit tests for daemon/dns-msg.c: rules, the query decision, answers, error replies, reply matching. */
+/* Unit tests for daemon/dns-msg.c: rules, the query decision, answers, error replies, reply matching,
+ * zone transfers. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -297,6 +298,102 @@ test_servfail_and_matching(void **state)
 	free(q);
 }
 
+/* A transfer message with id and the answer records given as text; *len its size. */
+static uint8_t *
+xfr_msg(uint16_t id, bool question, const char *const *rrs, size_t nrr, size_t *len)
+{
+	ldns_pkt *p = ldns_pkt_new();
+	uint8_t *w = NULL;
+	ldns_rr *rr = NULL;
+
+	ldns_pkt_set_id(p, id);
+	ldns_pkt_set_qr(p, true);
+	if (question) {
+		assert_int_equal(ldns_rr_new_question_frm_str(&rr, "zone.test. IN AXFR", NULL, NULL), LDNS_STATUS_OK);
+		ldns_pkt_push_rr(p, LDNS_SECTION_QUESTION, rr);
+	}
+	for (size_t i = 0; i < nrr; i++) {
+		assert_int_equal(ldns_rr_new_frm_str(&rr, rrs[i], 3600, NULL, NULL), LDNS_STATUS_OK);
+		ldns_pkt_push_rr(p, LDNS_SECTION_ANSWER, rr);
+	}
+	assert_int_equal(ldns_pkt2wire(&w, p, len), LDNS_STATUS_OK);
+	ldns_pkt_free(p);
+	return w;
+}
+
+#define SOA(serial) "zone.test. 3600 IN SOA ns.zone.test. admin.zone.test. " #serial " 3600 600 86400 60"
+#define A(n) "h" #n ".zone.test. 3600 IN A 192.0.2." #n
+
+/* Feeds the messages (NULL-separated runs of records) to one transfer; returns
+ * a bit per message, set where dns_msg_xfr_ends said it was the last. */
+static unsigned
+xfr_run(uint16_t qtype, const char *const *recs, size_t nrecs)
+{
+	struct dns_xfr x = { .qtype = qtype };
+	unsigned ends = 0, msg = 0;
+	size_t start = 0, len;
+
+	for (size_t i = 0; i <= nrecs; i++) {
+		if (i < nrecs && recs[i] != NULL)
+			continue;
+		uint8_t *w = xfr_msg(7, msg == 0, recs + start, i - start, &len);
+		if (dns_msg_xfr_ends(&x, w, len))
+			ends |= 1u << msg;
+		free(w);
+		msg++;
+		start = i + 1;
+	}
+	return ends;
+}
+
+/* Zone transfers (RFC 5936, RFC 1995): where the last message is, and what later messages look like. */
+static void
+test_zone_transfers(void **state)
+{
+	(void)state;
+	const char *axfr[] = { SOA(9), A(1), A(2), NULL, A(3), NULL, A(4), SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, axfr, 8), 1u << 2);
+	const char *axfr_one[] = { SOA(9), A(1), SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, axfr_one, 3), 1u);
+	/* IXFR: the additions of the last change open with the new serial in an odd place */
+	const char *ixfr[] = { SOA(9), SOA(8), A(1), NULL, SOA(9), A(2), NULL, SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr, 8), 1u << 2);
+	const char *ixfr_current[] = { SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr_current, 1), 1u);
+	const char *ixfr_full[] = { SOA(9), A(1), NULL, A(2), SOA(9) };  /* answered AXFR-style */
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr_full, 5), 1u << 1);
+	/* no SOA first: nothing to wait for */
+	const char *no_soa[] = { A(1), SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, no_soa, 2), 1u);
+
+	struct dns_xfr x = { .qtype = LDNS_RR_TYPE_AXFR };
+	size_t len, qn;
+	uint8_t *w = xfr_msg(7, true, axfr, 3, &len);
+	w[3] = (uint8_t)((w[3] & 0xf0) | LDNS_RCODE_REFUSED);
+	assert_true(dns_msg_xfr_ends(&x, w, len));  /* an error ends it */
+	memset(&x, 0, sizeof x);
+	x.qtype = LDNS_RR_TYPE_AXFR;
+	assert_true(dns_msg_xfr_ends(&x, w, 5));    /* so does what does not parse */
+	assert_true(dns_msg_xfr_ends(&x, w, len - 3));
+	free(w);
+
+	/* later messages may leave the question out: the id and QR say whose they are */
+	uint8_t *q = query("zone.test", LDNS_RR_TYPE_AXFR, 7, false, &qn);
+	assert_true(dns_msg_is_xfr(LDNS_RR_TYPE_AXFR) && dns_msg_is_xfr(LDNS_RR_TYPE_IXFR));
+	assert_false(dns_msg_is_xfr(LDNS_RR_TYPE_SOA));
+	w = xfr_msg(7, false, axfr + 4, 1, &len);
+	assert_true(dns_msg_xfr_more(q, w, len));
+	assert_false(dns_msg_xfr_more(q, w, 11));
+	dns_msg_set_id(w, 8);
+	assert_false(dns_msg_xfr_more(q, w, len));
+	free(w);
+	w = xfr_msg(7, true, axfr + 4, 1, &len);  /* with a question: dns_msg_reply_matches judges it */
+	assert_false(dns_msg_xfr_more(q, w, len));
+	free(w);
+	assert_false(dns_msg_xfr_more(q, q, qn));  /* a query is no reply */
+	free(q);
+}
+
 /* q (an EDNS query of *n bytes) with a second OPT record appended; q is freed. */
 static uint8_t *
 second_opt(uint8_t *q, size_t *n)
@@ -393,6 +490,7 @@ main(void)
 		cmocka_unit_test(test_malformed),
 		cmocka_unit_test(test_servfail_and_matching),
 		cmocka_unit_test(test_edns),
+		cmocka_unit_test(test_zone_transfers),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
