@@ -64,6 +64,7 @@ struct socks {
 	char *user;           /* authenticated (or SOCKS4) user, owned, or NULL */
 	struct socks_bind *bind;
 	struct udp_assoc *assoc;  /* UDP ASSOCIATE; cleared by the relay if it ends it */
+	struct udp_relay *relay;  /* a relay of assoc's own (socks_udp_start), or NULL */
 };
 
 static const char *const socks_keys[] = {
@@ -183,6 +184,13 @@ socks_assoc_end(void *assoc)
 	udp_assoc_end(assoc, "udp association ended");
 }
 
+/* Likewise a relay of an association's own: it ends with its one association. */
+static void
+socks_relay_end(void *relay)
+{
+	udp_relay_stop(relay);
+}
+
 static void
 socks_session_free(struct session *s)
 {
@@ -197,6 +205,8 @@ socks_session_free(struct session *s)
 	socks_bind_free(sk->bind);
 	if (sk->assoc)
 		shard_as_main(socks_assoc_end, sk->assoc);
+	if (sk->relay)
+		shard_as_main(socks_relay_end, sk->relay);
 	free(sk->user);
 	free(sk);
 	s->proto_state = NULL;
@@ -500,6 +510,24 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 	else
 		((struct sockaddr_in6 *)&client)->sin6_port = htons(r->port);
 	capd_lock();  /* the relay is the main loop's */
+	if (r->port == 0 && udp_relay_loose_from(relay, (struct sockaddr *)&client)) {
+		/*
+		 * Another association from this host left its port open too: on one
+		 * socket the first datagram of either could not be told whose it is,
+		 * and would live or die with the other. This one gets a socket of its
+		 * own (BND.PORT says where), as dante gives every association.
+		 */
+		char *why = NULL;
+		struct sockaddr_storage own;
+
+		memcpy(&own, udp_relay_addr(relay), addr_len(udp_relay_addr(relay)));
+		addr_set_port((struct sockaddr *)&own, 0);
+		if ((sk->relay = udp_relay_start(s->inst, (struct sockaddr *)&own, true, NULL, false, &why)) != NULL)
+			relay = sk->relay;
+		else
+			log_warnx("%s: UDP ASSOCIATE: no relay socket of its own (%s); sharing the instance's", s->inst->name, why);
+		free(why);
+	}
 	memcpy(&bnd, udp_relay_addr(relay), addr_len(udp_relay_addr(relay)));
 	capd_unlock();
 	if (addr_is_any((struct sockaddr *)&bnd)) {

@@ -178,6 +178,17 @@ udp_relay_stop(struct udp_relay *r)
 	free(r);
 }
 
+bool
+udp_relay_loose_from(const struct udp_relay *r, const struct sockaddr *client)
+{
+	const struct udp_assoc *a;
+
+	LIST_FOREACH(a, &r->loose, hentry)
+		if (addr_same((const struct sockaddr *)&a->client, client, false))
+			return true;
+	return false;
+}
+
 const struct sockaddr *
 udp_relay_addr(const struct udp_relay *r)
 {
@@ -436,9 +447,9 @@ udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
 		if (addr_same((struct sockaddr *)&a->client, src, true))
 			return a;
 	/* The first datagram fixes the port of an association that left it open.
-	 * Two such associations from one address cannot be told apart on the
-	 * shared port: the oldest takes it, as the client that asked first most
-	 * likely sends first (the list is newest first). */
+	 * Two such associations from one address are not made on one relay
+	 * (udp_relay_loose_from); should they be, the oldest takes it (the list
+	 * is newest first). */
 	struct udp_assoc *oldest = NULL;
 	LIST_FOREACH(a, &r->loose, hentry)
 		if (addr_same((struct sockaddr *)&a->client, src, false))

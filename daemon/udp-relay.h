@@ -44,6 +44,10 @@ const struct sockaddr *udp_relay_addr(const struct udp_relay *r);
  */
 struct udp_assoc *udp_assoc_new(struct udp_relay *r, struct session *ctrl, const struct sockaddr *client,
                                 struct udp_assoc **backref);
+/* Whether r has an association from client's address (its port aside) whose
+ * client port is not known yet: another such one from there could not be
+ * told apart from it on r's socket. */
+bool udp_relay_loose_from(const struct udp_relay *r, const struct sockaddr *client);
 /* When its last datagram passed: the control session's idle clock (proto->idle). */
 double udp_assoc_last(const struct udp_assoc *a);
 /* Ends the association: its datagram sessions close with reason. NULL does nothing. */

@@ -904,3 +904,46 @@ def test_reload_keeps_config_socks(capd_factory, http_server):
     assert r.stdout == b"hello from the origin\n"
     inst = capd.ctl("list", json_out=True)[0]
     assert inst["type"] == "socks" and inst["udp"] == f"127.0.0.1:{port}"
+
+
+def test_two_loose_udp_associations_from_one_host(capd):
+    """Two UDP ASSOCIATEs from one host that both leave DST.ADDR:PORT as zeros
+    (many clients do: they cannot know their port ahead) could not be told
+    apart on one relay socket: the first datagram of the second was taken as
+    the first's, counted in its session and ended with its control connection.
+    The second gets a relay socket of its own (its reply's BND.PORT), as dante
+    gives every association; each one's datagrams are its own."""
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        a, b = s5_open(port), s5_open(port)
+        _, ha, pa = s5_request(a, 3, "0.0.0.0", 0)
+        _, hb, pb = s5_request(b, 3, "0.0.0.0", 0)
+        assert pa != pb and ha == hb == "127.0.0.1"
+        assert capd.ctl("list", json_out=True)[0]["udp"] == f"127.0.0.1:{pa}"  # the instance's stays
+        ua, ub = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+        for u in (ua, ub):
+            u.bind(("127.0.0.1", 0))
+            u.settimeout(5)
+        ub.sendto(udp_header("127.0.0.1", echo.port) + b"b first", (hb, pb))  # the second speaks first
+        assert parse_udp_reply(ub.recv(100))[2] == b"echo:b first"
+        ua.sendto(udp_header("127.0.0.1", echo.port) + b"a", (ha, pa))
+        assert parse_udp_reply(ua.recv(100))[2] == b"echo:a"
+        ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["proto"] == "udp"]) == 2)
+        ctrl = sorted(s["id"] for s in ss if s["proto"] == "socks5")
+        via = {s["client"]: s["note"] for s in ss if s["proto"] == "udp"}
+        assert f"via session {ctrl[1]}" in via["127.0.0.1:%d" % ub.getsockname()[1]], via
+        assert f"via session {ctrl[0]}" in via["127.0.0.1:%d" % ua.getsockname()[1]], via
+        # the first's control connection goes: the second's association stays, on its socket
+        a.close()
+        capd.wait_sessions(lambda ss: capd.session(ctrl[0])["state"] == "closed")
+        ub.sendto(udp_header("127.0.0.1", echo.port) + b"b again", (hb, pb))
+        assert parse_udp_reply(ub.recv(100))[2] == b"echo:b again"
+        b.close()
+        capd.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+        ub.settimeout(0.7)  # its socket went with it
+        ub.sendto(udp_header("127.0.0.1", echo.port) + b"late", (hb, pb))
+        with pytest.raises(socket.timeout):
+            ub.recv(100)
+    finally:
+        echo.close()
