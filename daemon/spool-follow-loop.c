@@ -175,15 +175,20 @@ follow_rotated(const char *path)
 static void
 follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
+	static struct spool_follow_lost lost;  /* kept for its array; zero between calls */
 	struct buf take;
-	uint64_t dropped;
 	struct follow_sub *sub;
 
 	(void)loop; (void)w; (void)revents;
-	dropped = spool_follow_take(&take);
-
-	LIST_FOREACH(sub, &follow_list, entry)
-		sub->dropped += dropped;
+	spool_follow_take(&take, &lost);
+	for (int h = 0; h < lost.len; h++) {
+		if (lost.n[h] == 0)
+			continue;
+		LIST_FOREACH(sub, &follow_list, entry)
+			if (sub->iface < 0 || sub->iface == h)
+				sub->dropped += lost.n[h];
+		lost.n[h] = 0;
+	}
 	for (size_t off = 0; off + sizeof(struct frec) <= buf_used(&take);) {
 		struct frec r;
 		const uint8_t *p = buf_head(&take) + off + sizeof r;

@@ -27,7 +27,7 @@
 static struct {
 	pthread_mutex_t mu;
 	struct buf recs;
-	uint64_t dropped;      /* packets the queue had no room for */
+	struct spool_follow_lost dropped;  /* packets the queue had no room for */
 } fq = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
 static atomic_int follow_count;    /* followers (the loop writes, the writer reads) */
@@ -36,6 +36,19 @@ static void (*_Atomic follow_wake)(void);  /* set by the loop side: records may 
 /* Writer thread only: interfaces whose IDB went into the queue. */
 static bool *w_told;
 static int w_ntold;
+
+/* Adds n to lost's count of handle h, growing it to fit. */
+static void
+lost_add(struct spool_follow_lost *lost, int h, uint64_t n)
+{
+	if (h >= lost->len) {
+		int len = h + 16;
+		lost->n = xrealloc(lost->n, (size_t)len * sizeof *lost->n);
+		memset(lost->n + lost->len, 0, (size_t)(len - lost->len) * sizeof *lost->n);
+		lost->len = len;
+	}
+	lost->n[h] += n;
+}
 
 /* ---- writer thread ---- */
 
@@ -102,7 +115,7 @@ spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct timesp
 	}
 	pthread_mutex_lock(&fq.mu);
 	if (buf_used(&fq.recs) > FOLLOW_Q_MAX) {
-		fq.dropped++;
+		lost_add(&fq.dropped, iface, 1);
 		pthread_mutex_unlock(&fq.mu);
 		return;
 	}
@@ -149,16 +162,16 @@ spool_follow_count(int delta)
 	atomic_fetch_add(&follow_count, delta);
 }
 
-uint64_t
-spool_follow_take(struct buf *out)
+void
+spool_follow_take(struct buf *out, struct spool_follow_lost *lost)
 {
-	uint64_t dropped;
-
 	pthread_mutex_lock(&fq.mu);
 	*out = fq.recs;
 	fq.recs = (struct buf){ 0 };
-	dropped = fq.dropped;
-	fq.dropped = 0;
+	for (int h = 0; h < fq.dropped.len; h++)
+		if (fq.dropped.n[h] > 0) {
+			lost_add(lost, h, fq.dropped.n[h]);
+			fq.dropped.n[h] = 0;
+		}
 	pthread_mutex_unlock(&fq.mu);
-	return dropped;
 }

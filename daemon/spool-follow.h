@@ -45,8 +45,15 @@ struct frec {
 void spool_follow_start(void (*wake)(void));
 /* Followers came (+1) or went (-1). */
 void spool_follow_count(int delta);
-/* Takes everything queued (records, see spool-follow.c) into *out; returns packets lost to a full queue. */
-uint64_t spool_follow_take(struct buf *out);
+/* Packets lost to a full queue, per interface handle: a follower of one
+ * instance is told only of its own. */
+struct spool_follow_lost {
+	uint64_t *n;       /* n[h]: packets of handle h */
+	int len;
+};
+/* Takes everything queued (records, see spool-follow.c) into *out, and adds
+ * the packets lost since to *lost (grown to fit). */
+void spool_follow_take(struct buf *out, struct spool_follow_lost *lost);
 
 /* ---- loop thread: followers (spool-follow-loop.c) ---- */
 
