@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <arpa/inet.h>
@@ -32,6 +33,7 @@
 
 #define TLS_CA_DAYS 3650            /* a created CA's lifetime */
 #define TLS_LEAF_DAYS 397           /* what browsers accept for a server certificate */
+#define TLS_LEAF_RENEW 86400        /* a cached one this close to its end is forged anew */
 #define TLS_CACHE_BUCKETS 8192      /* power of two */
 #define TLS_LEAF_RSA_BITS 2048
 /* an RSA key also serves TLS 1.2's RSA key exchange (RFC 5246 7.4.2) */
@@ -60,7 +62,8 @@ static struct {
 	struct tls_ca_lru lru;
 	size_t len, max;
 	unsigned long hits;
-} ca = { .lru = TAILQ_HEAD_INITIALIZER(ca.lru), .max = TLS_CA_CACHE_DEFAULT };
+	long leaf_secs;                 /* a forged certificate's lifetime */
+} ca = { .lru = TAILQ_HEAD_INITIALIZER(ca.lru), .max = TLS_CA_CACHE_DEFAULT, .leaf_secs = TLS_LEAF_DAYS * 86400L };
 
 /* ca.leaf and ca.leaf_rsa are both made: read without the caller's lock */
 static atomic_bool keys_ready;
@@ -439,6 +442,13 @@ tls_ca_cache_get(const uint8_t *key)
 {
 	for (struct tls_ca_entry *e = *tls_ca_bucket(key); e; e = e->hnext)
 		if (!memcmp(e->key, key, sizeof e->key)) {
+			time_t soon = time(NULL) + TLS_LEAF_RENEW;
+
+			/* a capd that runs for a year must not serve what clients now find expired */
+			if (X509_cmp_time(X509_get0_notAfter(e->x), &soon) <= 0) {
+				tls_ca_evict(e);
+				return NULL;
+			}
 			if (e != TAILQ_FIRST(&ca.lru)) {
 				TAILQ_REMOVE(&ca.lru, e, lru);
 				TAILQ_INSERT_HEAD(&ca.lru, e, lru);
@@ -477,6 +487,12 @@ tls_ca_cache_max(size_t n)
 	ca.max = n;
 	while (ca.len > ca.max)
 		tls_ca_evict(TAILQ_LAST(&ca.lru, tls_ca_lru));
+}
+
+void
+tls_ca_leaf_lifetime(long secs)
+{
+	ca.leaf_secs = secs > 0 ? secs : TLS_LEAF_DAYS * 86400L;
 }
 
 size_t
@@ -643,7 +659,7 @@ tls_ca_sign_leaf(X509 *orig, const struct tls_ca_name *fallback, GENERAL_NAMES *
 	}
 	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
 	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
-	    !X509_gmtime_adj(X509_getm_notAfter(x), (long)TLS_LEAF_DAYS * 86400) ||
+	    !X509_gmtime_adj(X509_getm_notAfter(x), ca.leaf_secs) ||
 	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, leaf) ||
 	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, critical, 0)) ||
 	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||

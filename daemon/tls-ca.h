@@ -65,6 +65,9 @@ const char *tls_ca_cert_path(void);
  */
 X509 *tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, X509 **rsa, char **why);
 
+/* How long forged certificates are valid (tests use short ones; 0: the
+ * default, 397 days). A cached one is forged anew a day before its end. */
+void tls_ca_leaf_lifetime(long secs);
 /* Cache bound (tests use small ones); drops what no longer fits. */
 void tls_ca_cache_max(size_t n);
 size_t tls_ca_cache_len(void);

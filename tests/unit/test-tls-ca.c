@@ -434,6 +434,34 @@ test_cache_lru(void **state)
 	X509_free(orig);
 }
 
+/* A cached certificate close to its end is forged anew, not served expired. */
+static void
+test_cache_renews_near_the_end(void **state)
+{
+	char *why = NULL;
+	X509 *a1, *a2, *a3, *b1, *b2;
+
+	(void)state;
+	tls_ca_cache_clear();
+	tls_ca_leaf_lifetime(3600);  /* within the day before the end from the start */
+	a1 = tls_ca_forge(NULL, "renew.test", NULL, NULL, &why);
+	a2 = tls_ca_forge(NULL, "renew.test", NULL, NULL, &why);
+	assert_non_null(a1);
+	assert_non_null(a2);
+	assert_ptr_not_equal(a1, a2);
+	assert_int_equal(tls_ca_cache_len(), 1);
+	tls_ca_leaf_lifetime(0);
+	a3 = tls_ca_forge(NULL, "renew.test", NULL, NULL, &why);  /* the short one goes */
+	b1 = tls_ca_forge(NULL, "renew.test", NULL, NULL, &why);
+	b2 = tls_ca_forge(NULL, "renew.test", NULL, NULL, &why);
+	assert_ptr_not_equal(a3, a2);
+	assert_ptr_equal(a3, b1);
+	assert_ptr_equal(b1, b2);
+	X509 *xs[] = { a1, a2, a3, b1, b2 };
+	for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++)
+		X509_free(xs[i]);
+}
+
 /* Two leaf keys, made once when the CA loads: ECDSA P-256 and RSA 2048. */
 static void
 test_leaf_keys(void **state)
@@ -531,6 +559,7 @@ main(void)
 		cmocka_unit_test(test_forge_san_critical),
 		cmocka_unit_test(test_forge_sni_not_covered_by_cn),
 		cmocka_unit_test(test_cache_lru),
+		cmocka_unit_test(test_cache_renews_near_the_end),
 		cmocka_unit_test(test_leaf_keys),
 		cmocka_unit_test(test_forge_rsa_twin),
 	};
