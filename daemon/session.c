@@ -754,9 +754,13 @@ json_t *
 session_json(struct session *s)
 {
 	struct session_rec r;
+	enum session_state state = s->state;
 
+	/* one direction ended (its FIN passed on), the other still going: closing */
+	if (state == SESSION_OPEN && !s->datagram && (s->dir[DIR_UP].shut || s->dir[DIR_DOWN].shut))
+		state = SESSION_CLOSING;
 	session_rec_fill(&r, s);
-	return session_rec_json(&r, s->state, s->note);
+	return session_rec_json(&r, state, s->note);
 }
 
 json_t *

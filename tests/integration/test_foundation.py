@@ -127,6 +127,35 @@ def test_half_close(capd):
     assert got == hashlib.sha256(req).digest() + reply
 
 
+def test_half_closed_session_is_closing(capd):
+    """A session one side of which has ended (its FIN passed on) while the other
+    still sends is `closing` in the session list (capctl(1), DESIGN.md), then
+    `closed` when the other side ends too."""
+    go = threading.Event()
+
+    def serve(c):
+        while c.recv(65536):
+            pass
+        c.sendall(b"after your FIN")
+        go.wait(10)
+
+    srv = OneServer(serve)
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(b"hello")
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(100) == b"after your FIN"
+        ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closing")
+        assert ss[-1]["bytes_up"] == 5
+        assert capd.ctl("sessions", "--open", json_out=True)[-1]["state"] == "closing"  # still open
+        assert "closing" in capd.ctl("sessions").stdout
+        go.set()
+        srv.close()
+        assert c.recv(100) == b""
+    capd.wait_sessions(lambda ss: ss[-1]["state"] == "closed")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dumpcap on lo needs root")
 def test_reply_and_fin_leave_in_one_segment(capd, tmp_path):
     """A server that answers and closes at once: capd reads the FIN waiting
