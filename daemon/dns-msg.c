@@ -411,6 +411,32 @@ dns_msg_xfr_more(const uint8_t *query, const uint8_t *p, size_t n)
 	return n >= DNS_HEADER_LEN && (p[2] & 0x80) && p[4] == 0 && p[5] == 0 && dns_msg_id(p) == dns_msg_id(query);
 }
 
+/* The serial of rr, an SOA record; false when it is none. */
+static bool
+dns_soa_serial(const ldns_rr *rr, uint32_t *serial)
+{
+	if (ldns_rr_get_type(rr) != LDNS_RR_TYPE_SOA || ldns_rr_rd_count(rr) < 3)
+		return false;
+	*serial = ldns_rdf2native_int32(ldns_rr_rdf(rr, 2));
+	return true;
+}
+
+void
+dns_msg_xfr_init(struct dns_xfr *x, uint16_t qtype, const uint8_t *query, size_t qlen)
+{
+	ldns_pkt *pkt = NULL;
+	const ldns_rr_list *ns;
+
+	memset(x, 0, sizeof *x);
+	x->qtype = qtype;
+	if (qtype != LDNS_RR_TYPE_IXFR || ldns_wire2pkt(&pkt, query, qlen) != LDNS_STATUS_OK)
+		return;
+	ns = ldns_pkt_authority(pkt);
+	if (ldns_rr_list_rr_count(ns) > 0)
+		x->have_client = dns_soa_serial(ldns_rr_list_rr(ns, 0), &x->client);
+	ldns_pkt_free(pkt);
+}
+
 bool
 dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n)
 {
@@ -427,14 +453,14 @@ dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n)
 		const ldns_rr *rr = ldns_rr_list_rr(an, i);
 		uint32_t serial;
 
-		if (ldns_rr_get_type(rr) != LDNS_RR_TYPE_SOA || ldns_rr_rd_count(rr) < 3) {
+		if (!dns_soa_serial(rr, &serial)) {
 			end = x->soas == 0;
 			continue;
 		}
-		serial = ldns_rdf2native_int32(ldns_rr_rdf(rr, 2));
 		if (++x->soas == 1) {
 			x->serial = serial;
-			end = x->qtype == LDNS_RR_TYPE_IXFR && count == 1;
+			/* RFC 1982: the zone is no newer than the client's, nothing follows */
+			end = x->qtype == LDNS_RR_TYPE_IXFR && x->have_client && (int32_t)(serial - x->client) <= 0;
 		} else {
 			end = x->qtype == LDNS_RR_TYPE_AXFR || (x->soas % 2 == 0 && serial == x->serial);
 		}

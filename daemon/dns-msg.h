@@ -78,20 +78,24 @@ bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *rep
 
 /*
  * A zone transfer (AXFR, IXFR) is answered over TCP in many messages
- * (RFC 5936 2.2). dns_msg_xfr_ends follows one, message by message: whether
- * p is its last, counting SOA records in x (zeroed but for qtype before the
- * first). AXFR ends on the second SOA; IXFR (RFC 1995 4) on an SOA of the
- * opening serial in an even place (an odd place opens the additions of a
- * change), or on a lone opening SOA (the client is up to date). An error, a
- * first record that is no SOA, or a message that does not parse ends it:
- * no end could be found after it.
+ * (RFC 5936 2.2), as few as one record each. dns_msg_xfr_init starts x from
+ * the query (an IXFR's carries the client's serial); dns_msg_xfr_ends then
+ * follows the answer message by message: whether p is its last. AXFR ends
+ * on the second SOA; IXFR (RFC 1995 4) on an SOA of the opening serial in
+ * an even place (an odd place opens the additions of a change), or at once
+ * when the opening SOA is no newer than the client's (RFC 1982): it is up
+ * to date. An error, a first record that is no SOA, or a message that does
+ * not parse ends it: no end could be found after it.
  */
 struct dns_xfr {
-	uint16_t qtype;                /* LDNS_RR_TYPE_AXFR or _IXFR */
+	uint16_t qtype;                /* LDNS_RR_TYPE_AXFR or _IXFR; 0: no transfer */
+	bool have_client;              /* IXFR: the query named the client's serial */
+	uint32_t client;               /* ... that serial */
 	unsigned soas;                 /* SOA records seen */
 	uint32_t serial;               /* the opening SOA's */
 };
 bool dns_msg_is_xfr(uint16_t qtype);
+void dns_msg_xfr_init(struct dns_xfr *x, uint16_t qtype, const uint8_t *query, size_t qlen);
 bool dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n);
 /* Whether p is a later message of the transfer asked by query: RFC 5936 2.2.1
  * lets those leave the question out, so the id and QR say it. */

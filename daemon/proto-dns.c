@@ -504,6 +504,16 @@ dns_fwd_tcp_frames(struct dns_fwd *f)
 			buf_consume(&f->in, len + 2);
 			continue;
 		}
+		if (f->xfr.qtype != 0 && buf_used(&s->hs_out) + len > DNS_XFR_OUT_HIGH) {
+			/* the message waits while the client's answers pile up: however many
+			 * transfers share the connection, they stay below DNS_TCP_OUT_MAX by
+			 * more than a message, so a client asking more meanwhile is not closed */
+			ev_timer_stop(capd_loop, &f->timer);
+			ev_io_stop(capd_loop, &f->io);
+			ev_io_set(&f->wait, s->client.fd, EV_WRITE);
+			ev_io_start(capd_loop, &f->wait);
+			return false;
+		}
 		if (f->xfr.qtype == 0 || dns_msg_xfr_ends(&f->xfr, h + 2, len)) {
 			dns_fwd_answer(f, h + 2, len);
 			return false;
@@ -515,13 +525,6 @@ dns_fwd_tcp_frames(struct dns_fwd *f)
 		buf_consume(&f->in, len + 2);
 		f->msgs++;
 		ev_timer_stop(capd_loop, &f->timer);
-		if (buf_used(&s->hs_out) > DNS_XFR_OUT_HIGH) {
-			/* below DNS_TCP_OUT_MAX by a message: a client asking more meanwhile is not closed */
-			ev_io_stop(capd_loop, &f->io);
-			ev_io_set(&f->wait, s->client.fd, EV_WRITE);
-			ev_io_start(capd_loop, &f->wait);
-			return false;
-		}
 		ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);  /* a transfer takes as long as its messages keep coming */
 		ev_timer_start(capd_loop, &f->timer);
 	}
@@ -701,7 +704,7 @@ dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const ui
 	f->client_id = q->id;
 	f->udp_max = q->udp_max;
 	if (client_tcp && dns_msg_is_xfr(q->qtype))
-		f->xfr.qtype = q->qtype;
+		dns_msg_xfr_init(&f->xfr, q->qtype, p, n);
 	if (client)
 		f->client = *client;
 	if (local)

@@ -509,7 +509,9 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 		((struct sockaddr_in *)&client)->sin_port = htons(r->port);
 	else
 		((struct sockaddr_in6 *)&client)->sin6_port = htons(r->port);
-	capd_lock();  /* the relay is the main loop's */
+	/* the relay is the main loop's; one hold from the look at its loose
+	 * associations to the new one, or two requests at once could both pass */
+	capd_lock();
 	if (r->port == 0 && udp_relay_loose_from(relay, (struct sockaddr *)&client)) {
 		/*
 		 * Another association from this host left its port open too: on one
@@ -529,6 +531,7 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 		free(why);
 	}
 	memcpy(&bnd, udp_relay_addr(relay), addr_len(udp_relay_addr(relay)));
+	sk->assoc = udp_assoc_new(relay, s, (struct sockaddr *)&client, &sk->assoc);
 	capd_unlock();
 	if (addr_is_any((struct sockaddr *)&bnd)) {
 		/* a wildcard relay: name the address this client reached us on */
@@ -540,9 +543,6 @@ socks_udp_start(struct session *s, const struct socks_req *r)
 				((struct sockaddr_in6 *)&bnd)->sin6_port = htons(port);
 		}
 	}
-	capd_lock();
-	sk->assoc = udp_assoc_new(relay, s, (struct sockaddr *)&client, &sk->assoc);
-	capd_unlock();
 	sk->stage = SOCKS_ST_UDP;
 	session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&bnd));
 	if (s->state == SESSION_CLOSED)

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,8 +66,11 @@ static struct {
 	long leaf_secs;                 /* a forged certificate's lifetime */
 } ca = { .lru = TAILQ_HEAD_INITIALIZER(ca.lru), .max = TLS_CA_CACHE_DEFAULT, .leaf_secs = TLS_LEAF_DAYS * 86400L };
 
-/* ca.leaf and ca.leaf_rsa are both made: read without the caller's lock */
+/* ca.leaf and ca.leaf_rsa are both made: read without any lock. They are
+ * set under keys_mu, not the caller's lock, which is none with one loop
+ * while an instance's prepare thread offers them (tls_ca_keys_offer). */
 static atomic_bool keys_ready;
+static pthread_mutex_t keys_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* The first OpenSSL error as text, or fallback. */
 static const char *
@@ -276,7 +280,7 @@ fail:
 }
 
 int
-tls_ca_load(const char *cert_path, const char *key_path, char **why)
+tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 {
 	struct stat st;
 	bool have_cert, have_key;
@@ -317,20 +321,6 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 		if (X509_check_ca(x) == 0)
 			log_warnx("ca_cert %s is not marked as a CA; clients may refuse what it signs", cert_path);
 	}
-	/* both now, once: no handshake ever waits for a key */
-	if (!atomic_load(&keys_ready)) {
-		EVP_PKEY *ec, *rsa;
-
-		tls_ca_keys_make(&ec, &rsa);
-		tls_ca_keys_offer(ec, rsa);
-	}
-	if (!atomic_load(&keys_ready)) {
-		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
-		X509_free(x);
-		EVP_PKEY_free(k);
-		sk_X509_pop_free(chain, X509_free);
-		return -1;
-	}
 	tls_ca_cache_clear();
 	X509_free(ca.cert);
 	EVP_PKEY_free(ca.key);
@@ -345,6 +335,25 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 	return 0;
 }
 
+int
+tls_ca_load(const char *cert_path, const char *key_path, char **why)
+{
+	if (tls_ca_load_cert(cert_path, key_path, why) < 0)
+		return -1;
+	/* the leaf keys now, once: no handshake ever waits for one */
+	if (!atomic_load(&keys_ready)) {
+		EVP_PKEY *ec, *rsa;
+
+		tls_ca_keys_make(&ec, &rsa);
+		tls_ca_keys_offer(ec, rsa);
+	}
+	if (!atomic_load(&keys_ready)) {
+		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
+		return -1;
+	}
+	return 0;
+}
+
 void
 tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa)
 {
@@ -355,6 +364,7 @@ tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa)
 void
 tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa)
 {
+	pthread_mutex_lock(&keys_mu);
 	if (ca.leaf == NULL) {
 		ca.leaf = ec;
 		ec = NULL;
@@ -363,9 +373,10 @@ tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa)
 		ca.leaf_rsa = rsa;
 		rsa = NULL;
 	}
+	atomic_store(&keys_ready, ca.leaf != NULL && ca.leaf_rsa != NULL);
+	pthread_mutex_unlock(&keys_mu);
 	EVP_PKEY_free(ec);
 	EVP_PKEY_free(rsa);
-	atomic_store(&keys_ready, ca.leaf != NULL && ca.leaf_rsa != NULL);
 }
 
 bool
@@ -387,9 +398,9 @@ tls_ca_cert(void)
 }
 
 STACK_OF(X509) *
-tls_ca_chain(void)
+tls_ca_chain_ref(void)
 {
-	return ca.chain;
+	return ca.chain ? X509_chain_up_ref(ca.chain) : NULL;
 }
 
 EVP_PKEY *
@@ -520,9 +531,12 @@ tls_ca_free(void)
 	tls_ca_cache_clear();
 	X509_free(ca.cert);
 	EVP_PKEY_free(ca.key);
+	pthread_mutex_lock(&keys_mu);
 	EVP_PKEY_free(ca.leaf);
 	EVP_PKEY_free(ca.leaf_rsa);
+	ca.leaf = ca.leaf_rsa = NULL;
 	atomic_store(&keys_ready, false);
+	pthread_mutex_unlock(&keys_mu);
 	sk_X509_pop_free(ca.chain, X509_free);
 	ca.chain = NULL;
 	free(ca.cert_path);

@@ -25,19 +25,22 @@
 
 #define TLS_CA_CACHE_DEFAULT 4096  /* forged certificates kept */
 
-/* Loads the CA from cert_path/key_path, creating both when neither exists.
- * Idempotent for the same paths; other paths replace the CA in memory (and
- * empty the cache). -1 and *why when a file is unreadable, only one of the two
- * exists, or key and certificate do not match. */
+/* Loads the CA from cert_path/key_path, creating both when neither exists,
+ * and makes the leaf keys unless they are made. Idempotent for the same
+ * paths; other paths replace the CA in memory (and empty the cache). -1 and
+ * *why when a file is unreadable, only one of the two exists, key and
+ * certificate do not match, or a key cannot be made. */
 int tls_ca_load(const char *cert_path, const char *key_path, char **why);
+/* The same without the leaf keys: what showing the CA needs (ca.export). */
+int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
 /*
  * The leaf keys ahead of tls_ca_load, which otherwise makes them itself:
  * RSA 2048 takes 0.2-0.6 s, too long to hold a lock every session waits on.
  * tls_ca_keys_make touches nothing shared (either key NULL when OpenSSL
- * fails); tls_ca_keys_offer, under the same lock as tls_ca_load, takes a
- * key that is still missing and frees the rest. tls_ca_keys_ready needs no
- * lock.
+ * fails); tls_ca_keys_offer takes a key that is still missing and frees the
+ * rest (it locks on its own: one loop has no capd_lock, and an instance's
+ * prepare thread offers keys). tls_ca_keys_ready needs no lock.
  */
 void tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa);
 void tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa);
@@ -45,8 +48,10 @@ bool tls_ca_keys_ready(void);
 /* Borrowed; NULL until loaded. */
 X509 *tls_ca_cert(void);
 /* What follows a forged leaf: the CA when it is an intermediate, then the
- * further certificates of ca_cert but its roots. NULL for a self-signed CA. */
-STACK_OF(X509) *tls_ca_chain(void);
+ * further certificates of ca_cert but its roots; NULL for a self-signed CA.
+ * A new reference (sk_X509_pop_free it), taken under the same lock as the
+ * forged certificate: a reload may change the CA right after. */
+STACK_OF(X509) *tls_ca_chain_ref(void);
 EVP_PKEY *tls_ca_leaf_key(void);      /* ECDSA P-256 */
 EVP_PKEY *tls_ca_leaf_key_rsa(void);  /* RSA 2048 */
 const char *tls_ca_cert_path(void);

@@ -665,8 +665,9 @@ tls_server_ctx(char **why)
 	return 0;
 }
 
-int
-tls_ca_ensure(char **why)
+/* capd_settings' CA paths, the defaults filled in. */
+static struct capd_settings *
+tls_ca_paths(void)
 {
 	struct capd_settings *st = capd_settings;
 
@@ -674,9 +675,25 @@ tls_ca_ensure(char **why)
 		st->ca_cert = xasprintf("%s/ca.pem", st->state_dir);
 	if (st->ca_key == NULL)
 		st->ca_key = xasprintf("%s/ca.key", st->state_dir);
+	return st;
+}
+
+int
+tls_ca_ensure(char **why)
+{
+	struct capd_settings *st = tls_ca_paths();
+
 	if (tls_ca_load(st->ca_cert, st->ca_key, why) < 0)
 		return -1;
 	return tls_server_ctx(why);
+}
+
+int
+tls_ca_ensure_cert(char **why)
+{
+	struct capd_settings *st = tls_ca_paths();
+
+	return tls_ca_load_cert(st->ca_cert, st->ca_key, why);
 }
 
 void
@@ -1031,17 +1048,17 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 	ts->want_rsa = !tls_hello_ecdsa(ssl);
 }
 
-/* Gives the client's SSL the forged certificates and drops the caller's
+/* Gives the client's SSL the forged certificates and the CA's chain (taken
+ * with them, under the lock: tls_ca_chain_ref) and drops the caller's
  * references; ts->fail when there are none. */
 static void
-tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, char *why)
+tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, STACK_OF(X509) *chain, char *why)
 {
 	if (x == NULL) {
+		sk_X509_pop_free(chain, X509_free);
 		ts->fail = why;
 		return;
 	}
-	STACK_OF(X509) *chain = tls_ca_chain();
-
 	/* each use makes that key's slot current, and set1_chain fills the current slot */
 	if (SSL_use_certificate(ts->c.ssl, x) != 1 || (chain && SSL_set1_chain(ts->c.ssl, chain) != 1) ||
 	    (rsa && (SSL_use_certificate(ts->c.ssl, rsa) != 1 || (chain && SSL_set1_chain(ts->c.ssl, chain) != 1)))) {
@@ -1050,6 +1067,7 @@ tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, char *why)
 	}
 	X509_free(x);
 	X509_free(rsa);
+	sk_X509_pop_free(chain, X509_free);
 }
 
 static int
@@ -1331,6 +1349,7 @@ tls_upstream_done(struct tls_session *ts)
 {
 	struct session *s = ts->s;
 	X509 *peer = SSL_get1_peer_certificate(ts->u.ssl), *forged, *rsa = NULL;
+	STACK_OF(X509) *chain;
 	const unsigned char *a;
 	unsigned alen;
 	char *why = NULL;
@@ -1352,11 +1371,12 @@ tls_upstream_done(struct tls_session *ts)
 		ip = (struct sockaddr *)&local;
 	else if (s->have_target)
 		ip = (struct sockaddr *)&s->target_addr;
-	capd_lock();  /* the certificate cache is shared by the shards */
+	capd_lock();  /* the certificate cache is shared by the shards; a reload may change the CA */
 	forged = tls_ca_forge(peer, ts->sni, ip, ts->want_rsa ? &rsa : NULL, &why);
+	chain = tls_ca_chain_ref();
 	capd_unlock();
 	X509_free(peer);
-	tls_use_forged(ts, forged, rsa, why);
+	tls_use_forged(ts, forged, rsa, chain, why);
 	SSL_get0_alpn_selected(ts->u.ssl, &a, &alen);
 	if (alen > 0 && alen <= sizeof ts->alpn_sel) {
 		memcpy(ts->alpn_sel, a, alen);
@@ -1743,12 +1763,14 @@ tls_accept_hello(struct tls_session *ts)
 	bool have_local = getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0;
 	char *why = NULL;
 	X509 *x, *rsa = NULL;
+	STACK_OF(X509) *chain;
 
 	capd_lock();
 	x = tls_ca_forge(NULL, ts->sni[0] ? ts->sni : NULL, have_local ? (struct sockaddr *)&local : NULL,
 	                 ts->want_rsa ? &rsa : NULL, &why);
+	chain = tls_ca_chain_ref();
 	capd_unlock();
-	tls_use_forged(ts, x, rsa, why);
+	tls_use_forged(ts, x, rsa, chain, why);
 	memcpy(ts->alpn_sel, "http/1.1", 8);
 	ts->alpn_sel_len = 8;
 	ts->st = TLS_ST_FINISH;

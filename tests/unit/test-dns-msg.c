@@ -3,6 +3,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
@@ -324,12 +325,41 @@ xfr_msg(uint16_t id, bool question, const char *const *rrs, size_t nrr, size_t *
 #define SOA(serial) "zone.test. 3600 IN SOA ns.zone.test. admin.zone.test. " #serial " 3600 600 86400 60"
 #define A(n) "h" #n ".zone.test. 3600 IN A 192.0.2." #n
 
-/* Feeds the messages (NULL-separated runs of records) to one transfer; returns
- * a bit per message, set where dns_msg_xfr_ends said it was the last. */
-static unsigned
-xfr_run(uint16_t qtype, const char *const *recs, size_t nrecs)
+/* A transfer query for zone.test: IXFR with the client's serial in its authority section (client >= 0). */
+static uint8_t *
+xfr_query(uint16_t qtype, long client, size_t *len)
 {
-	struct dns_xfr x = { .qtype = qtype };
+	ldns_pkt *p = NULL;
+	ldns_rr *rr = NULL;
+	uint8_t *w = NULL;
+	char soa[160];
+
+	assert_int_equal(ldns_pkt_query_new_frm_str(&p, "zone.test", qtype, LDNS_RR_CLASS_IN, 0), LDNS_STATUS_OK);
+	if (client >= 0) {
+		snprintf(soa, sizeof soa, "zone.test. 3600 IN SOA ns.zone.test. admin.zone.test. %ld 1 1 1 1", client);
+		assert_int_equal(ldns_rr_new_frm_str(&rr, soa, 3600, NULL, NULL), LDNS_STATUS_OK);
+		ldns_pkt_push_rr(p, LDNS_SECTION_AUTHORITY, rr);
+	}
+	assert_int_equal(ldns_pkt2wire(&w, p, len), LDNS_STATUS_OK);
+	ldns_pkt_free(p);
+	return w;
+}
+
+/* Feeds the messages (NULL-separated runs of records) to one transfer asked by
+ * a qtype query (an IXFR's from serial client, none when < 0); returns a bit
+ * per message, set where dns_msg_xfr_ends said it was the last. */
+static unsigned
+xfr_run(uint16_t qtype, long client, const char *const *recs, size_t nrecs)
+{
+	struct dns_xfr x;
+	size_t qn;
+	uint8_t *q = xfr_query(qtype, client, &qn);
+
+	dns_msg_xfr_init(&x, qtype, q, qn);
+	free(q);
+	assert_int_equal(x.have_client, qtype == LDNS_RR_TYPE_IXFR && client >= 0);
+	if (x.have_client)
+		assert_int_equal(x.client, (uint32_t)client);
 	unsigned ends = 0, msg = 0;
 	size_t start = 0, len;
 
@@ -352,22 +382,34 @@ test_zone_transfers(void **state)
 {
 	(void)state;
 	const char *axfr[] = { SOA(9), A(1), A(2), NULL, A(3), NULL, A(4), SOA(9) };
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, axfr, 8), 1u << 2);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, -1, axfr, 8), 1u << 2);
 	const char *axfr_one[] = { SOA(9), A(1), SOA(9) };
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, axfr_one, 3), 1u);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, -1, axfr_one, 3), 1u);
 	/* IXFR: the additions of the last change open with the new serial in an odd place */
 	const char *ixfr[] = { SOA(9), SOA(8), A(1), NULL, SOA(9), A(2), NULL, SOA(9) };
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr, 8), 1u << 2);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 8, ixfr, 8), 1u << 2);
+	/* ... also one record a message (BIND's one-answer): the opening SOA alone is not the end */
+	const char *ixfr_one_rr[] = { SOA(9), NULL, SOA(7), NULL, A(1), NULL, SOA(9), NULL, A(2), NULL, SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 7, ixfr_one_rr, 11), 1u << 5);
+	/* up to date: the client has 9 (or newer, across the RFC 1982 wrap) */
 	const char *ixfr_current[] = { SOA(9) };
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr_current, 1), 1u);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 9, ixfr_current, 1), 1u);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 12, ixfr_current, 1), 1u);
+	const char *ixfr_wrap[] = { SOA(4294967290) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 3, ixfr_wrap, 1), 1u);
 	const char *ixfr_full[] = { SOA(9), A(1), NULL, A(2), SOA(9) };  /* answered AXFR-style */
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, ixfr_full, 5), 1u << 1);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 7, ixfr_full, 5), 1u << 1);
+	const char *ixfr_full_one_rr[] = { SOA(9), NULL, A(1), NULL, SOA(9) };
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, 7, ixfr_full_one_rr, 5), 1u << 2);
 	/* no SOA first: nothing to wait for */
 	const char *no_soa[] = { A(1), SOA(9) };
-	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, no_soa, 2), 1u);
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_AXFR, -1, no_soa, 2), 1u);
 
 	struct dns_xfr x = { .qtype = LDNS_RR_TYPE_AXFR };
 	size_t len, qn;
+
+	/* an IXFR query without the client's SOA: a lone SOA is not taken for the end */
+	assert_int_equal(xfr_run(LDNS_RR_TYPE_IXFR, -1, ixfr_current, 1), 0u);
 	uint8_t *w = xfr_msg(7, true, axfr, 3, &len);
 	w[3] = (uint8_t)((w[3] & 0xf0) | LDNS_RCODE_REFUSED);
 	assert_true(dns_msg_xfr_ends(&x, w, len));  /* an error ends it */
