@@ -704,9 +704,7 @@ tls_keys_prepare(void)
 	if (tls_ca_keys_ready())
 		return;
 	tls_ca_keys_make(&ec, &rsa);
-	capd_lock();
-	tls_ca_keys_offer(ec, rsa);
-	capd_unlock();
+	tls_ca_keys_offer(ec, rsa);  /* it locks on its own */
 }
 
 int
