@@ -459,8 +459,10 @@ dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n)
 		}
 		if (++x->soas == 1) {
 			x->serial = serial;
-			/* RFC 1982: the zone is no newer than the client's, nothing follows */
-			end = x->qtype == LDNS_RR_TYPE_IXFR && x->have_client && (int32_t)(serial - x->client) <= 0;
+			/* RFC 1982: the zone is no newer than the client's, nothing follows;
+			 * a query that named no serial: an SOA alone is all there is */
+			end = x->qtype == LDNS_RR_TYPE_IXFR &&
+			      (x->have_client ? (int32_t)(serial - x->client) <= 0 : count == 1);
 		} else {
 			end = x->qtype == LDNS_RR_TYPE_AXFR || (x->soas % 2 == 0 && serial == x->serial);
 		}

@@ -84,7 +84,8 @@ bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *rep
  * on the second SOA; IXFR (RFC 1995 4) on an SOA of the opening serial in
  * an even place (an odd place opens the additions of a change), or at once
  * when the opening SOA is no newer than the client's (RFC 1982): it is up
- * to date. An error, a first record that is no SOA, or a message that does
+ * to date (for a query that named no serial, when the SOA comes alone in its
+ * message). An error, a first record that is no SOA, or a message that does
  * not parse ends it: no end could be found after it.
  */
 struct dns_xfr {

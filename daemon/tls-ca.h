@@ -29,7 +29,8 @@
  * and makes the leaf keys unless they are made. Idempotent for the same
  * paths; other paths replace the CA in memory (and empty the cache). -1 and
  * *why when a file is unreadable, only one of the two exists, key and
- * certificate do not match, or a key cannot be made. */
+ * certificate do not match, or a key cannot be made (the CA is loaded all
+ * the same then: the next call tries the keys again). */
 int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 /* The same without the leaf keys: what showing the CA needs (ca.export). */
 int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
