@@ -20,7 +20,6 @@
 #include "spool.h"
 #include "tail.h"
 #include "tls-ca.h"
-#include "tls.h"
 #include "xmalloc.h"
 
 /*
@@ -328,7 +327,7 @@ instance_new(json_t *params, bool from_config, char **why)
 }
 
 /* What may block before an instance starts: its protocol's prepare, and the
- * TLS leaf keys of the first instance that intercepts (tls.h). */
+ * TLS leaf keys of the first instance that intercepts (tls-ca.h). */
 static bool
 instance_has_prepare(const struct instance *inst)
 {
@@ -339,7 +338,7 @@ static int
 instance_prepare(struct instance *inst, char **why)
 {
 	if (inst->intercepts)
-		tls_keys_prepare();
+		(void)tls_ca_keys_ensure();  /* a failure shows at the first interception */
 	return inst->proto->prepare ? inst->proto->prepare(inst, why) : 0;
 }
 

@@ -68,7 +68,7 @@ static struct {
 
 /* ca.leaf and ca.leaf_rsa are both made: read without any lock. They are
  * set under keys_mu, not the caller's lock, which is none with one loop
- * while an instance's prepare thread offers them (tls_ca_keys_offer). */
+ * while an instance's prepare thread makes them (tls_ca_keys_ensure). */
 static atomic_bool keys_ready;
 static pthread_mutex_t keys_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -341,29 +341,23 @@ tls_ca_load(const char *cert_path, const char *key_path, char **why)
 	if (tls_ca_load_cert(cert_path, key_path, why) < 0)
 		return -1;
 	/* the leaf keys now, once: no handshake ever waits for one */
-	if (!atomic_load(&keys_ready)) {
-		EVP_PKEY *ec, *rsa;
-
-		tls_ca_keys_make(&ec, &rsa);
-		tls_ca_keys_offer(ec, rsa);
-	}
-	if (!atomic_load(&keys_ready)) {
+	if (!tls_ca_keys_ensure()) {
 		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
 		return -1;
 	}
 	return 0;
 }
 
-void
-tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa)
+bool
+tls_ca_keys_ensure(void)
 {
-	*ec = EVP_EC_gen("P-256");
-	*rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS);
-}
+	EVP_PKEY *ec, *rsa;
 
-void
-tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa)
-{
+	if (atomic_load(&keys_ready))
+		return true;
+	/* made outside any lock; another thread may be making them too: the first to install wins */
+	ec = EVP_EC_gen("P-256");
+	rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS);
 	pthread_mutex_lock(&keys_mu);
 	if (ca.leaf == NULL) {
 		ca.leaf = ec;
@@ -377,6 +371,7 @@ tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa)
 	pthread_mutex_unlock(&keys_mu);
 	EVP_PKEY_free(ec);
 	EVP_PKEY_free(rsa);
+	return atomic_load(&keys_ready);
 }
 
 bool

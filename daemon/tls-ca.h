@@ -36,15 +36,14 @@ int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
 /*
- * The leaf keys ahead of tls_ca_load, which otherwise makes them itself:
- * RSA 2048 takes 0.2-0.6 s, too long to hold a lock every session waits on.
- * tls_ca_keys_make touches nothing shared (either key NULL when OpenSSL
- * fails); tls_ca_keys_offer takes a key that is still missing and frees the
- * rest (it locks on its own: one loop has no capd_lock, and an instance's
- * prepare thread offers keys). tls_ca_keys_ready needs no lock.
+ * Makes the leaf keys unless they are made; false when OpenSSL cannot.
+ * tls_ca_load does it too, but RSA 2048 takes 0.2-0.6 s, too long for a
+ * session thread or a lock every session waits on: an instance that
+ * intercepts calls this in its prepare step, on a helper thread, and
+ * tls.c before taking capd_lock. It locks on its own (one loop has no
+ * capd_lock while a prepare thread runs). tls_ca_keys_ready needs no lock.
  */
-void tls_ca_keys_make(EVP_PKEY **ec, EVP_PKEY **rsa);
-void tls_ca_keys_offer(EVP_PKEY *ec, EVP_PKEY *rsa);
+bool tls_ca_keys_ensure(void);
 bool tls_ca_keys_ready(void);
 /* Borrowed; NULL until loaded. */
 X509 *tls_ca_cert(void);

@@ -696,23 +696,12 @@ tls_ca_ensure_cert(char **why)
 	return tls_ca_load_cert(st->ca_cert, st->ca_key, why);
 }
 
-void
-tls_keys_prepare(void)
-{
-	EVP_PKEY *ec = NULL, *rsa = NULL;
-
-	if (tls_ca_keys_ready())
-		return;
-	tls_ca_keys_make(&ec, &rsa);
-	tls_ca_keys_offer(ec, rsa);  /* it locks on its own */
-}
-
 int
 tls_ca_ensure_shared(char **why)
 {
 	int rc;
 
-	tls_keys_prepare();  /* the slow part, before the lock every shard's sessions wait on */
+	(void)tls_ca_keys_ensure();  /* the slow part, before the lock (tls_ca_ensure reports a failure) */
 	capd_lock();  /* the CA and the context toward clients are made once, for every shard */
 	rc = tls_ca_ensure(why);
 	capd_unlock();

@@ -95,10 +95,6 @@ int tls_ca_ensure_shared(char **why);
 /* The CA alone, without the leaf keys or the server context: for ca.export,
  * which runs with the shards paused (the keys would stall every session). */
 int tls_ca_ensure_cert(char **why);
-/* Makes the CA's leaf keys unless they are made: RSA 2048 takes 0.2-0.6 s,
- * so an instance that intercepts makes them in its prepare step, on a
- * helper thread, not at its first connection on a session thread. */
-void tls_keys_prepare(void);
 
 /* ---- for the relay: a side that speaks TLS (struct side's tls is set) ---- */
 
