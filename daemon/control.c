@@ -258,14 +258,20 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 		ctl_reply_error(c, id, RPC_E_INVALID, "invalid request: expected an object with a \"method\" string");
 		goto out;
 	}
+	/* a notification (no id) is never answered, not even with an error
+	 * (JSON-RPC 2.0): a reply of id null would pass for the client's own */
 	params = json_object_get(req, "params");
 	if (params != NULL && !json_is_object(params) && !json_is_null(params)) {
-		ctl_reply_error(c, id, RPC_E_PARAMS, "params must be an object");
+		if (id != NULL)
+			ctl_reply_error(c, id, RPC_E_PARAMS, "params must be an object");
 		goto out;
 	}
 	if ((m = ctl_find_method(method)) == NULL) {
 		snprintf(msg, sizeof msg, "unknown method '%.200s'", method);
-		ctl_reply_error(c, id, RPC_E_NO_METHOD, msg);
+		if (id != NULL)
+			ctl_reply_error(c, id, RPC_E_NO_METHOD, msg);
+		else
+			log_debug("control: pid %d: notification of %s", c->pid, msg);
 		goto out;
 	}
 	json_t *empty = NULL;

@@ -379,6 +379,37 @@ def test_rpc_errors(capd):
     assert capd.rpc("daemon.status")["result"]["instances"] == 0
 
 
+def rpc_lines(capd, raw, timeout=10):
+    """Sends raw bytes, then a daemon.status with id "end"; returns the reply lines
+    before that one's (so a request that gets no reply shows as none)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(capd.sock))
+        s.sendall(raw + b'{"jsonrpc":"2.0","id":"end","method":"daemon.status"}\n')
+        data = b""
+        while b'"id":"end"' not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    got = [json.loads(x) for x in data.splitlines()]
+    assert got[-1]["id"] == "end" and "result" in got[-1]
+    return got[:-1]
+
+
+def test_rpc_notifications_get_no_reply(capd):
+    """JSON-RPC 2.0: a request without an id is a notification, and capd must not
+    answer it, even when its method is unknown or its params are wrong (capd
+    answered those with an error of id null, which a client takes for its own)."""
+    for req in ({"jsonrpc": "2.0", "method": "no.such"},
+                {"jsonrpc": "2.0", "method": "daemon.status", "params": [1]},
+                {"jsonrpc": "2.0", "method": "session.kill", "params": {"id": "x"}},
+                {"jsonrpc": "2.0", "method": "daemon.status"}):
+        assert rpc_lines(capd, json.dumps(req).encode() + b"\n") == [], req
+    # what is not a request at all is still answered, with id null
+    r = rpc_lines(capd, b'{"jsonrpc":"2.0","params":{}}\n')
+    assert len(r) == 1 and r[0]["error"]["code"] == -32600 and r[0]["id"] is None
+
+
 def test_instance_add_takes_json_values(capd):
     """A script's instance.add may give numbers, booleans and lists as JSON, in the shapes
     instance.list shows them; a value of a type no key takes is refused by name."""
