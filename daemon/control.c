@@ -53,6 +53,9 @@ struct ctl_conn {
 	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
 	int n_on_close, cap_on_close;
 	json_t *call_id;         /* the id of the request being dispatched, borrowed */
+	json_t *batch;           /* owned: a batch being answered, its requests taken in turn */
+	size_t batch_next;       /* the batch's next request */
+	json_t *batch_out;       /* owned: the batch's replies so far, sent as one array at its end */
 	bool in_call, deferred;  /* a method is running; it took its reply for later */
 	struct ctl_later *later; /* the reply it waits for: its next requests wait too */
 };
@@ -115,7 +118,7 @@ ctl_find_method(const char *name)
 static void
 ctl_conn_done_check(struct ctl_conn *c)
 {
-	if (c->rd_eof && !c->dead && !c->in_call && c->later == NULL && c->n_on_close == 0 &&
+	if (c->rd_eof && !c->dead && !c->in_call && c->later == NULL && c->batch == NULL && c->n_on_close == 0 &&
 	    buf_used(&c->out) == 0 && buf_used(&c->framer.in) == 0)
 		ctl_conn_kill(c);
 }
@@ -223,6 +226,8 @@ ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		for (int i = 0; i < c->n_on_close; i++)
 			c->on_close[i].cb(c->on_close[i].arg);
 		free(c->on_close);
+		json_decref(c->batch);
+		json_decref(c->batch_out);
 		close(c->fd);
 		rpc_framer_free(&c->framer);
 		buf_free(&c->out);
@@ -230,33 +235,37 @@ ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 	}
 }
 
+/* A reply (stolen) goes out now, or into the array of the batch it answers. */
 static void
-ctl_reply_error(struct ctl_conn *c, json_t *id, int code, const char *msg)
+ctl_reply(struct ctl_conn *c, json_t *msg)
 {
-	ctl_conn_send(c, rpc_error(id, code, msg));
+	if (c->batch != NULL)
+		json_array_append_new(c->batch_out, msg);
+	else
+		ctl_conn_send(c, msg);
 }
 
 static void
-ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
+ctl_reply_error(struct ctl_conn *c, json_t *id, int code, const char *msg)
 {
-	json_error_t jerr;
-	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+	ctl_reply(c, rpc_error(id, code, msg));
+}
+
+/* One request object (borrowed), alone or from a batch. */
+static void
+ctl_call(struct ctl_conn *c, json_t *req)
+{
 	json_t *id, *params, *result;
 	const char *method;
 	const struct rpc_method *m;
 	struct rpc_err err = { 0 };
 	char msg[300];
 
-	if (req == NULL) {
-		snprintf(msg, sizeof msg, "parse error: %s at column %d", jerr.text, jerr.column);
-		ctl_reply_error(c, NULL, RPC_E_PARSE, msg);
-		return;
-	}
 	id = json_object_get(req, "id");
 	method = json_string_value(json_object_get(req, "method"));
 	if (!json_is_object(req) || method == NULL) {
 		ctl_reply_error(c, id, RPC_E_INVALID, "invalid request: expected an object with a \"method\" string");
-		goto out;
+		return;
 	}
 	/* a notification (no id) is never answered, not even with an error
 	 * (JSON-RPC 2.0): a reply of id null would pass for the client's own */
@@ -264,7 +273,7 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 	if (params != NULL && !json_is_object(params) && !json_is_null(params)) {
 		if (id != NULL)
 			ctl_reply_error(c, id, RPC_E_PARAMS, "params must be an object");
-		goto out;
+		return;
 	}
 	if ((m = ctl_find_method(method)) == NULL) {
 		snprintf(msg, sizeof msg, "unknown method '%.200s'", method);
@@ -272,7 +281,7 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 			ctl_reply_error(c, id, RPC_E_NO_METHOD, msg);
 		else
 			log_debug("control: pid %d: notification of %s", c->pid, msg);
-		goto out;
+		return;
 	}
 	json_t *empty = NULL;
 	if (params == NULL || json_is_null(params))
@@ -290,21 +299,63 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 		c->deferred = false;
 		json_decref(result);
 		free(err.msg);
-		goto out;
+		return;
 	}
 	if (id == NULL) {  /* a notification: no reply, whatever happened */
 		json_decref(result);
 		free(err.msg);
-		goto out;
+		return;
 	}
 	if (result == NULL) {
 		ctl_reply_error(c, id, err.code ? err.code : RPC_E_INTERNAL, err.msg ? err.msg : "failed");
 		free(err.msg);
 	} else {
-		ctl_conn_send(c, rpc_result(id, result));
+		ctl_reply(c, rpc_result(id, result));
 	}
-out:
+}
+
+/* One line: a request, or a batch (an array of them) whose requests
+ * ctl_conn_process then takes one at a time like lines. */
+static void
+ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
+{
+	json_error_t jerr;
+	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+	char msg[300];
+
+	if (req == NULL) {
+		snprintf(msg, sizeof msg, "parse error: %s at column %d", jerr.text, jerr.column);
+		ctl_reply_error(c, NULL, RPC_E_PARSE, msg);
+		return;
+	}
+	if (json_is_array(req) && json_array_size(req) > 0) {
+		c->batch = req;
+		c->batch_next = 0;
+		c->batch_out = json_array();
+		return;
+	}
+	ctl_call(c, req);  /* an empty batch is an invalid request too */
 	json_decref(req);
+}
+
+/* The batch's next request, or, past its last, its replies as one array
+ * (nothing when all were notifications). */
+static void
+ctl_batch_step(struct ctl_conn *c)
+{
+	json_t *out;
+
+	if (c->batch_next < json_array_size(c->batch)) {
+		ctl_call(c, json_array_get(c->batch, c->batch_next++));
+		return;
+	}
+	out = c->batch_out;
+	json_decref(c->batch);
+	c->batch = c->batch_out = NULL;
+	if (json_array_size(out) > 0)
+		ctl_conn_send(c, out);
+	else
+		json_decref(out);
 }
 
 static void
@@ -363,6 +414,13 @@ ctl_conn_process(struct ctl_conn *c)
 	bool progressed = false;
 
 	while (c->later == NULL) {
+		if (c->batch != NULL) {
+			ctl_batch_step(c);
+			progressed = true;
+			if (c->dead)
+				return;
+			continue;
+		}
 		enum rpc_frame fr = rpc_framer_next(&c->framer, &line, &len);
 		if (fr == RPC_FRAME_NONE)
 			break;
@@ -432,7 +490,7 @@ ctl_later_reply(struct ctl_later *l, json_t *result, int code, const char *msg)
 		if (l->id == NULL)
 			json_decref(result);
 		else if (result != NULL)
-			ctl_conn_send(c, rpc_result(l->id, result));
+			ctl_reply(c, rpc_result(l->id, result));
 		else
 			ctl_reply_error(c, l->id, code ? code : RPC_E_INTERNAL, msg ? msg : "failed");
 		if (!c->in_call && !c->dead) {

@@ -410,6 +410,35 @@ def test_rpc_notifications_get_no_reply(capd):
     assert len(r) == 1 and r[0]["error"]["code"] == -32600 and r[0]["id"] is None
 
 
+def test_rpc_batch(capd):
+    """JSON-RPC 2.0 batches: an array of requests gets one array of their replies
+    (none for notifications), in order, and what waits on a started instance
+    (instance.add) holds the rest of the batch; capd refused every batch as
+    "invalid request"."""
+    port = free_port()
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "daemon.status"},
+             {"jsonrpc": "2.0", "method": "daemon.status"},
+             {"jsonrpc": "2.0", "id": 2, "method": "instance.add",
+              "params": {"type": "socks", "name": "b", "listen": port}},
+             {"jsonrpc": "2.0", "id": 3, "method": "instance.list"},
+             {"jsonrpc": "2.0", "id": 4, "method": "no.such"},
+             5]
+    r = rpc_lines(capd, json.dumps(batch).encode() + b"\n")
+    assert len(r) == 1 and isinstance(r[0], list), r
+    got = r[0]
+    assert [x["id"] for x in got] == [1, 2, 3, 4, None]
+    assert got[0]["result"]["pid"] == capd.proc.pid
+    assert got[1]["result"]["name"] == "b"
+    assert [i["name"] for i in got[2]["result"]] == ["b"]
+    assert got[3]["error"]["code"] == -32601 and got[4]["error"]["code"] == -32600
+    # a batch of notifications only is answered with nothing
+    assert rpc_lines(capd, b'[{"jsonrpc":"2.0","method":"daemon.status"}]\n') == []
+    # an empty batch, and JSON that is not a request, are invalid requests
+    for raw in (b"[]\n", b"5\n", b'"x"\n'):
+        r = rpc_lines(capd, raw)
+        assert len(r) == 1 and r[0]["error"]["code"] == -32600 and r[0]["id"] is None, raw
+
+
 def test_instance_add_takes_json_values(capd):
     """A script's instance.add may give numbers, booleans and lists as JSON, in the shapes
     instance.list shows them; a value of a type no key takes is refused by name."""
