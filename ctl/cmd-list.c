@@ -48,7 +48,6 @@ list_join(json_t *a, char *out, size_t n)
 static void
 list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 {
-	const char *tls = json_string_value(json_object_get(inst, "tls"));
 	const char *def = json_string_value(json_object_get(inst, "default"));
 	const char *up = json_string_value(json_object_get(inst, "upstream"));
 	size_t len;
@@ -82,10 +81,9 @@ list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 		snprintf(info, n, "pid %lld", (long long)json_integer_value(json_object_get(inst, "pid")));
 	}
 	len = strlen(info);
-	if (json_is_true(json_object_get(inst, "auth")))
-		len += (size_t)snprintf(info + len, len < n ? n - len : 0, "%sauth", len ? ", " : "");
-	if (tls && strcmp(tls, "no") != 0 && len < n)
-		snprintf(info + len, n - len, "%stls %s", len ? ", " : "", tls);
+	if (json_is_true(json_object_get(inst, "auth")) && len < n)
+		snprintf(info + len, n - len, "%sauth", len ? ", " : "");
+	/* the TLS mode follows, from list_tls_info */
 }
 
 static int

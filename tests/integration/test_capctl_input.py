@@ -207,3 +207,28 @@ def test_add_users_missing_file(capd, tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith(f"capctl: --users: {path}") and why in r.stderr
     assert capd.ctl("list", json_out=True) == []
+
+
+# ---------------------------------------------------------------- list: the INFO column
+
+def test_list_names_tls_once(fake_capd):
+    """capctl list said "tls yes, tls yes" for every intercepting instance: two helpers
+    each added the TLS mode to INFO."""
+    base = {"type": "socks", "listen": "127.0.0.1:1080", "state": "running", "sessions": 0,
+            "bytes_up": 0, "bytes_down": 0}
+    insts = [{**base, "name": "t1", "tls": "yes"},
+             {**base, "name": "t2", "tls": "auto", "auth": True, "tls_passthrough_auto": ["a.test", "b.test"]},
+             {**base, "name": "t3", "type": "forward", "to": "127.0.0.1:443", "tls": "yes"},
+             {**base, "name": "t4", "tls": "no"}]
+
+    def reply(req):
+        assert req["method"] == "instance.list"
+        return json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": insts}).encode() + b"\n"
+
+    r = capctl("list", sock=fake_capd(reply))
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert rows["t1"].endswith("  tls yes"), rows["t1"]
+    assert rows["t2"].endswith("  auth, tls auto, passthrough (clients rejected the certificate): a.test b.test"), rows
+    assert rows["t3"].endswith("  to 127.0.0.1:443, tls yes"), rows["t3"]
+    assert "tls" not in rows["t4"]
