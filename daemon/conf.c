@@ -90,9 +90,15 @@ conf_settings_free(struct capd_settings *st)
 	memset(st, 0, sizeof *st);
 }
 
+/* NULL (and the error set) for an empty value: made relative it would name
+ * the config file's own folder, and "spool =" would spool there */
 static char *
-conf_path(struct conf_parse *cp, const char *v)
+conf_path(struct conf_parse *cp, const char *key, const char *v)
 {
+	if (v[0] == '\0') {
+		conf_fail(cp, "'%s' needs a path", key);
+		return NULL;
+	}
 	if (v[0] == '/' || cp->base == NULL)
 		return xstrdup(v);
 	return xasprintf("%s/%s", cp->base, v);
@@ -101,6 +107,8 @@ conf_path(struct conf_parse *cp, const char *v)
 static void
 conf_set_str(char **slot, char *v)
 {
+	if (v == NULL)  /* the value was refused */
+		return;
 	free(*slot);
 	*slot = v;
 }
@@ -120,23 +128,23 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 	json_object_set_new(cp->seen_capd, key, json_true());
 	json_object_set_new(cp->c->capd_lines, key, json_integer(cp->line));
 	if (!strcmp(key, "control"))
-		conf_set_str(&st->control, conf_path(cp, v));
+		conf_set_str(&st->control, conf_path(cp, key, v));
 	else if (!strcmp(key, "control_group"))
 		conf_set_str(&st->control_group, xstrdup(v));
 	else if (!strcmp(key, "spool"))
-		conf_set_str(&st->spool, conf_path(cp, v));
+		conf_set_str(&st->spool, conf_path(cp, key, v));
 	else if (!strcmp(key, "state_dir"))
-		conf_set_str(&st->state_dir, conf_path(cp, v));
+		conf_set_str(&st->state_dir, conf_path(cp, key, v));
 	else if (!strcmp(key, "user"))
 		conf_set_str(&st->user, xstrdup(v));
 	else if (!strcmp(key, "hosts_file"))
-		conf_set_str(&st->hosts_file, conf_path(cp, v));
+		conf_set_str(&st->hosts_file, conf_path(cp, key, v));
 	else if (!strcmp(key, "ca_cert"))
-		conf_set_str(&st->ca_cert, conf_path(cp, v));
+		conf_set_str(&st->ca_cert, conf_path(cp, key, v));
 	else if (!strcmp(key, "ca_key"))
-		conf_set_str(&st->ca_key, conf_path(cp, v));
+		conf_set_str(&st->ca_key, conf_path(cp, key, v));
 	else if (!strcmp(key, "keylog_file"))
-		conf_set_str(&st->keylog_file, conf_path(cp, v));
+		conf_set_str(&st->keylog_file, conf_path(cp, key, v));
 	else if (!strcmp(key, "rotate_size")) {
 		if (value_size(v, &st->rotate_size) < 0)
 			conf_fail(cp, "bad size for 'rotate_size': '%s' (bytes, or with K, M, G)", v);
@@ -201,7 +209,9 @@ conf_instance_key(struct conf_parse *cp, const char *key, const char *v)
 		return;
 	}
 	if (conf_in(key, conf_path_keys)) {
-		char *path = conf_path(cp, v);
+		char *path = conf_path(cp, key, v);
+		if (path == NULL)
+			return;
 		val = json_string(path);
 		free(path);
 	} else {

@@ -525,6 +525,17 @@ def test_capd_t_sections_and_lines(tmp_path):
     assert rc == 1 and "t.conf:3: 'spool' takes its value on one line" in err, err
 
 
+
+def test_capd_t_empty_path(tmp_path):
+    """A path key left empty named the config file's own folder: "spool =" passed
+    capd -t and capd wrote its captures beside the config."""
+    for key in ("control", "spool", "state_dir", "hosts_file", "ca_cert", "ca_key", "keylog_file"):
+        rc, err = capd_t(tmp_path, f"[capd]\nlog_level = info\n{key} =\n")
+        assert rc == 1 and f"t.conf:3: '{key}' needs a path" in err, (key, err)
+    rc, err = capd_t(tmp_path, "[socks s]\nlisten = 4444\nusers =\n")
+    assert rc == 1 and "t.conf:3: 'users' needs a path" in err, err
+    assert list(tmp_path.glob("*.pcapng")) == []
+
 def test_continued_value_reaches_the_instance(capd_factory):
     port = free_port()
     c = capd_factory(f"[http h]\nlisten = {port}\ntls = yes\ntls_passthrough = a.example,\n"
