@@ -349,8 +349,11 @@ conf_reader_header(struct conf_parse *cp, const char *t)
 	const char *end = strchr(t, ']');
 	char name[sizeof cp->section];
 
-	if (end == NULL)
-		return;  /* inih reports the syntax error */
+	if (end == NULL) {
+		/* inih would report it only after the keys below had gone to the section above */
+		conf_fail(cp, "section header without its ']'");
+		return;
+	}
 	snprintf(name, sizeof name, "%.*s", (int)(end - t - 1), t + 1);
 	cp->had_key = false;
 	conf_new_section(cp, name);

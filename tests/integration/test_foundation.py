@@ -526,6 +526,15 @@ def test_capd_t_sections_and_lines(tmp_path):
 
 
 
+
+def test_capd_t_section_without_bracket(tmp_path):
+    """A section header missing its ']' is the error, at its line: its keys went to the
+    section above, which capd then blamed ("'listen' is set twice in [forward a]")."""
+    rc, err = capd_t(tmp_path, "[forward a]\nlisten = 4444\nto = h:80\n[forward b\nlisten = 4445\nto = h:80\n")
+    assert rc == 1 and "t.conf:4: section header without its ']'" in err, err
+    rc, err = capd_t(tmp_path, "[capd]\nlog_level = info\n[socks s\nlisten = 4444\n")
+    assert rc == 1 and "t.conf:3: section header without its ']'" in err, err
+
 def test_capd_t_empty_path(tmp_path):
     """A path key left empty named the config file's own folder: "spool =" passed
     capd -t and capd wrote its captures beside the config."""
