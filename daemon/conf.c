@@ -371,6 +371,9 @@ conf_reader_line(struct conf_parse *cp, char *str, int num, bool more)
 		conf_fail(cp, "line longer than %d characters (a long value may go on on indented lines)", num - 2);
 		return;
 	}
+	/* inih skips a UTF-8 byte order mark (editors on Windows write one): so must we */
+	if (cp->line == 1 && !strncmp(t, "\xEF\xBB\xBF", 3))
+		t += 3;
 	while (*t == ' ' || *t == '\t')
 		t++;
 	cp->cont = false;

@@ -535,6 +535,19 @@ def test_capd_t_section_without_bracket(tmp_path):
     rc, err = capd_t(tmp_path, "[capd]\nlog_level = info\n[socks s\nlisten = 4444\n")
     assert rc == 1 and "t.conf:3: section header without its ']'" in err, err
 
+
+def test_config_with_byte_order_mark(capd_factory):
+    """A file an editor saved with a UTF-8 byte order mark was refused: "'control' is
+    outside any section", at line 2, for the [capd] on line 1."""
+    port = free_port()
+    c = capd_factory(start=False)
+    text = c.conf_path.read_text() + f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n"
+    c.conf_path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    r = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    c.start()
+    assert [i["listen"] for i in c.ctl("list", json_out=True)] == [f"127.0.0.1:{port}"]
+
 def test_capd_t_empty_path(tmp_path):
     """A path key left empty named the config file's own folder: "spool =" passed
     capd -t and capd wrote its captures beside the config."""
