@@ -56,6 +56,31 @@ client_close(struct client *c)
 	free(c);
 }
 
+/* What capd said before it closed on us (why it refused this user), printed;
+ * -1 when it said nothing. */
+static int
+client_last_word(struct client *c)
+{
+	char *line;
+	size_t len;
+
+	for (;;) {
+		if (rpc_framer_next(&c->framer, &line, &len) == RPC_FRAME_LINE) {
+			json_t *m = json_loadb(line, len, 0, NULL);
+			const char *msg = json_string_value(json_object_get(json_object_get(m, "error"), "message"));
+			int rc = msg ? 0 : -1;
+			if (msg)
+				fprintf(stderr, "capctl: %s\n", msg);
+			json_decref(m);
+			return rc;
+		}
+		ssize_t n = recv(c->fd, buf_reserve(&c->framer.in, 4096), 4096, MSG_DONTWAIT);
+		if (n <= 0)
+			return -1;
+		buf_commit(&c->framer.in, (size_t)n);
+	}
+}
+
 long
 client_send(struct client *c, const char *method, json_t *params)
 {
@@ -68,9 +93,14 @@ client_send(struct client *c, const char *method, json_t *params)
 	for (size_t off = 0; off < buf_used(&out);) {
 		ssize_t n = send(c->fd, buf_head(&out) + off, buf_used(&out) - off, MSG_NOSIGNAL);
 		if (n < 0) {
-			if (errno == EINTR)
+			int e = errno;
+			if (e == EINTR)
 				continue;
-			fprintf(stderr, "capctl: lost capd: %s\n", strerror(errno));
+			if ((e == EPIPE || e == ECONNRESET) && client_last_word(c) == 0) {
+				buf_free(&out);
+				return -1;
+			}
+			fprintf(stderr, "capctl: lost capd: %s\n", strerror(e));
 			buf_free(&out);
 			return -1;
 		}

@@ -544,6 +544,26 @@ ctl_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	ev_io_start(loop, &ctl_accept_io);
 }
 
+/* One line saying why, written once and for all before the close: without
+ * it capctl could only say that capd reset the connection. */
+static void
+ctl_refuse(int fd, int uid)
+{
+	struct buf b = { 0 };
+	char msg[200];
+	json_t *e;
+
+	snprintf(msg, sizeof msg, "permission denied: uid %d is not root, capd's user or in the control socket's group",
+	         uid);
+	e = rpc_error(NULL, RPC_E_FAILED, msg);
+	rpc_encode(&b, e);
+	json_decref(e);
+	/* a fresh socket's buffer takes the line whole; if not, the close says enough */
+	if (send(fd, buf_head(&b), buf_used(&b), MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+		log_debug("control: cannot tell uid %d why: %s", uid, strerror(errno));
+	buf_free(&b);
+}
+
 static void
 ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -569,6 +589,7 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (!ctl_peer_allowed((int)cred.uid, (int)cred.gid)) {
 			log_warnx("control: refused pid %d uid %d gid %d (not root, capd's user or in the socket's group)",
 			          (int)cred.pid, (int)cred.uid, (int)cred.gid);
+			ctl_refuse(fd, (int)cred.uid);
 			close(fd);
 			continue;
 		}

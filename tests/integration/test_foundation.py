@@ -620,6 +620,23 @@ def test_capctl_usage_and_unreachable(capd, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("NAME")
 
 
+
+def test_capctl_says_why_capd_refused_it(capd):
+    """A user the socket file lets in but capd refuses (not root, capd's user or in the
+    socket's group) read "lost capd: Broken pipe" or "capd closed the connection";
+    capd now says why before it closes, and capctl shows that, however the race goes."""
+    os.chmod(capd.sock, 0o666)
+    d = capd.sock.parent
+    while str(d).startswith("/tmp/") and d != d.parent:  # let uid 65534 reach the socket file
+        os.chmod(d, os.stat(d).st_mode | 0o001)
+        d = d.parent
+    for args in (["status"], ["list"], ["tail", "events"]) * 4:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            str(CAPCTL), "-s", str(capd.sock), *args], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1
+        assert r.stderr == ("capctl: permission denied: uid 65534 is not root, capd's user or in the control"
+                            " socket's group\n"), (args, r.stderr)
+
 def test_expose_needed(capd):
     r = capd.ctl("add", "forward", "--port", free_port(), "--bind", "0.0.0.0", "--to", "127.0.0.1:9", check=False)
     assert r.returncode == 1 and "expose" in r.stderr
