@@ -60,7 +60,7 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 		return -1;
 	}
 	if (port_parse(colon + 1, &hp->port) < 0) {
-		*why = xasprintf("bad port in '%s'", s);
+		*why = xasprintf("bad port in '%s': expected 1-65535", s);
 		return -1;
 	}
 	memcpy(hp->host, host, hlen);
@@ -81,10 +81,22 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 int
 hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char **why)
 {
-	if (strlen(s) <= HOST_MAX && (addr_is_ip_literal(s) || (hostname_valid(s) && strchr(s, ':') == NULL))) {
+	size_t n = strlen(s);
+
+	if (n <= HOST_MAX && (addr_is_ip_literal(s) || (hostname_valid(s) && strchr(s, ':') == NULL))) {
 		snprintf(hp->host, sizeof hp->host, "%s", s);
 		hp->port = def_port;
 		return 0;
+	}
+	/* [IPv6] with no port: the form capd itself prints an IPv6 endpoint in */
+	if (n >= 2 && n - 2 <= HOST_MAX && s[0] == '[' && s[n - 1] == ']') {
+		struct in6_addr a6;
+		memcpy(hp->host, s + 1, n - 2);
+		hp->host[n - 2] = '\0';
+		if (inet_pton(AF_INET6, hp->host, &a6) == 1) {
+			hp->port = def_port;
+			return 0;
+		}
 	}
 	return hostport_parse(s, hp, why);
 }
@@ -128,6 +140,10 @@ addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, ch
 
 	if (port_parse(s, &port) == 0)
 		return addr_from_literal("127.0.0.1", port, ss, len);
+	if (*s != '\0' && s[strspn(s, "0123456789")] == '\0') {  /* a bare port, out of range */
+		*why = xasprintf("bad port '%s': expected 1-65535", s);
+		return -1;
+	}
 	if (hostport_parse(s, &hp, why) < 0)
 		return -1;
 	if (strcmp(hp.host, "*") == 0)

@@ -558,6 +558,23 @@ def test_capd_t_empty_path(tmp_path):
     assert rc == 1 and "t.conf:3: 'users' needs a path" in err, err
     assert list(tmp_path.glob("*.pcapng")) == []
 
+def test_capd_t_listen_port_out_of_range(tmp_path):
+    """A bare port out of range was called a bad address that lacked its host."""
+    for port in ("0", "70000"):
+        rc, err = capd_t(tmp_path, f"[forward f]\nlisten = {port}\nto = 127.0.0.1:80\n")
+        assert rc == 1 and f"t.conf:2: bad port '{port}': expected 1-65535" in err, (port, err)
+    rc, err = capd_t(tmp_path, "[forward f]\nlisten = 127.0.0.1:99999\nto = 127.0.0.1:80\n")
+    assert rc == 1 and "expected 1-65535" in err, err
+
+def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
+    """upstream = [::1] (the form capd prints) was refused for lacking a port."""
+    rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [::1]\n")
+    assert rc == 0, err
+    rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [::1\n")
+    assert rc == 1 and "t.conf:3: bad upstream '[::1'" in err, err
+    rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [nohost]\n")
+    assert rc == 1 and "t.conf:3: bad upstream" in err, err
+
 def test_continued_value_reaches_the_instance(capd_factory):
     port = free_port()
     c = capd_factory(f"[http h]\nlisten = {port}\ntls = yes\ntls_passthrough = a.example,\n"
