@@ -117,7 +117,7 @@ dns_msg_header_reply(const uint8_t *p, int rcode, size_t *outlen)
 	return out;
 }
 
-/* A reply skeleton for a parsed query: id, flags, the question, OPT (version 0) when the client sent one.
+/* A reply skeleton for a parsed query: id, flags, the question, OPT (version 0, DO copied) when the client sent one.
  * An extended rcode (BADVERS) keeps its low 4 bits in the header and the rest in the OPT. */
 static ldns_pkt *
 dns_msg_reply_new(const ldns_pkt *qp, const ldns_rr *qrr, int rcode)
@@ -139,6 +139,7 @@ dns_msg_reply_new(const ldns_pkt *qp, const ldns_rr *qrr, int rcode)
 	if (ldns_pkt_edns(qp)) {
 		ldns_pkt_set_edns_udp_size(a, DNS_EDNS_SIZE);
 		ldns_pkt_set_edns_extended_rcode(a, (uint8_t)(rcode >> 4));
+		ldns_pkt_set_edns_do(a, ldns_pkt_edns_do(qp));  /* RFC 3225 3: DO is copied into the response */
 	}
 	return a;
 }

@@ -465,6 +465,25 @@ def test_edns_badvers_and_two_opt_records(dnsd, upstream):
     assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"]
 
 
+def test_do_bit_copied_into_capd_answers(dnsd, upstream):
+    """RFC 3225 3: the DO bit of a query MUST be copied into the response. capd's own
+    answers (a rule's, BADVERS, a truncated one) came back with DO clear, which
+    `dig +dnssec` shows as an OPT without "do" and a resolver reads as a server
+    that does not do DNSSEC; forwarded answers carry the upstream's flags."""
+    port = dnsd.port
+    for tcp in (False, True):
+        q = dns.message.make_query("www.example.com", "A", want_dnssec=True)
+        r = (dns.query.tcp if tcp else dns.query.udp)(q, "127.0.0.1", port=port, timeout=5)
+        assert addrs(r) == ["127.0.0.1"] and r.ednsflags & dns.flags.DO, (tcp, r)
+    q = dns.message.make_query("www.example.com", "A", use_edns=0)
+    r = dns.query.udp(q, "127.0.0.1", port=port, timeout=5)
+    assert addrs(r) == ["127.0.0.1"] and not r.ednsflags & dns.flags.DO  # not set when not asked
+    q = dns.message.make_query("www.example.com", "A", want_dnssec=True)
+    q.use_edns(1, dns.flags.DO)
+    r = dns.query.udp(q, "127.0.0.1", port=port, timeout=5)
+    assert r.rcode() == dns.rcode.BADVERS and r.ednsflags & dns.flags.DO
+
+
 def test_upstream_down_servfail(capd_factory, upstream):
     port, dead = free_dns_port(), free_port(socket.SOCK_DGRAM)
     c = capd_factory(dns_conf(port, dead))
