@@ -1,4 +1,5 @@
 /* RPC methods on sessions: session.list, session.kill. */
+#include <errno.h>
 #include <stdlib.h>
 
 #include "control.h"
@@ -18,9 +19,15 @@ rpc_session_id(json_t *params, uint64_t *id)
 		return 0;
 	}
 	if (json_is_string(v)) {
+		const char *s = json_string_value(v);
 		char *end;
-		unsigned long long u = strtoull(json_string_value(v), &end, 10);
-		if (*json_string_value(v) && *end == '\0' && u > 0) {
+		unsigned long long u;
+		/* digits only: strtoull takes "-1" (and " 1") and wraps it */
+		if (*s < '0' || *s > '9')
+			return -1;
+		errno = 0;
+		u = strtoull(s, &end, 10);
+		if (errno == 0 && *end == '\0' && u > 0) {
 			*id = u;
 			return 0;
 		}

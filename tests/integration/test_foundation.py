@@ -362,6 +362,12 @@ def test_rpc_errors(capd):
         f.flush()
         r = json.loads(f.readline())
         assert r["error"]["code"] == -32602 and "id" in r["error"]["message"]
+        # "-1" was read as 2^64-1 ("no session 18446744073709551615")
+        for bad in (b'"-1"', b'" 1"', b'"99999999999999999999999"'):
+            f.write(b'{"jsonrpc":"2.0","id":3,"method":"session.kill","params":{"id":' + bad + b'}}\n')
+            f.flush()
+            r = json.loads(f.readline())
+            assert r["error"]["code"] == -32602, (bad, r)
         f.write(b'{"jsonrpc":"2.0","id":4,"method":"instance.add","params":{"type":"forward","listen":"1"}}\n')
         f.flush()
         r = json.loads(f.readline())
