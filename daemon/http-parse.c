@@ -637,6 +637,7 @@ http_status_text(int status)
 	case 403: return "Forbidden";
 	case 405: return "Method Not Allowed";
 	case 407: return "Proxy Authentication Required";
+	case 408: return "Request Timeout";
 	case 421: return "Misdirected Request";
 	case 431: return "Request Header Fields Too Large";
 	case 501: return "Not Implemented";

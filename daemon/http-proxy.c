@@ -54,6 +54,7 @@ struct http_conn {
 	bool req_done, resp_done;   /* the current exchange */
 	bool req_head;              /* the request was HEAD */
 	bool req_upgrade;           /* the request asked for an Upgrade */
+	bool req_expect;            /* its body waits for the upstream's 100 Continue (nothing of it came yet) */
 	int req_minor;
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
@@ -485,7 +486,9 @@ http_proxy_connected(struct session *s, int err)
 	tls_relay_start(s);  /* relay_start unless the client speaks TLS */
 }
 
-/* idle_timeout while a request waits for its response head: a 504, not a silent close */
+/* idle_timeout while a request waits for its response head: a 504, not a
+ * silent close; a 408 when it is the client's body that stopped coming (the
+ * upstream waits for it), unless the client waits for a 100 Continue */
 bool
 http_proxy_idle(struct session *s)
 {
@@ -494,6 +497,12 @@ http_proxy_idle(struct session *s)
 
 	if (hc == NULL || s->filter == NULL || hc->down != DOWN_HEAD || hc->fail)
 		return false;
+	if (hc->up == UP_BODY && !hc->req_expect) {
+		snprintf(why, sizeof why, "the client sent no more of the request body within idle_timeout (%gs)",
+		         s->inst->idle_timeout);
+		http_fail_late(s, 408, why);
+		return true;
+	}
 	snprintf(why, sizeof why, "no response from the upstream within idle_timeout (%gs)", s->inst->idle_timeout);
 	http_fail_late(s, 504, why);
 	return true;
@@ -561,6 +570,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	http_body_init(&hc->up_body, m->framing, m->length);
 	hc->req_head = http_method_is(m, "HEAD");
 	hc->req_upgrade = m->conn_upgrade;
+	hc->req_expect = m->expect_continue && m->minor == 1;
 	hc->req_minor = m->minor;
 	hc->client_keep = m->minor == 1 ? !m->conn_close : m->conn_keepalive && !m->conn_close;
 	hc->req_done = http_body_done(&hc->up_body);
@@ -609,6 +619,7 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	session_data(s, DIR_DOWN, p, m->head_len);
 	*used = m->head_len;
 	if (m->status < 200 && m->status != 101) {
+		hc->req_expect = false;
 		/* 100 Continue and friends: the final response follows (1.0 clients never see them) */
 		if (hc->req_minor > 0) {
 			http_rewrite_response(hc, m, &hc->head);
@@ -658,6 +669,8 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 	struct http_body *b = d == DIR_UP ? &hc->up_body : &hc->down_body;
 	enum parse rv = http_body_scan(b, p, n, used);
 
+	if (d == DIR_UP)
+		hc->req_expect = false;  /* the body comes: a stall now is the client's */
 	if (rv == PARSE_MORE)
 		return RELAY_PASS;
 	if (rv == PARSE_ERR) {

@@ -732,6 +732,34 @@ def test_upstream_response_timeout_504(capd_factory):
         o.close()
 
 
+@pytest.mark.parametrize("expect", [False, True])
+def test_client_stalls_in_its_body_408(capd_factory, expect):
+    """A client that stops half-way through its request body while the
+    upstream waits for the rest: idle_timeout blames the client (408), not
+    the upstream (504). A client that waits for a 100 Continue which never
+    comes is the upstream's silence: 504."""
+    o = RawOrigin(None)
+    try:
+        port = free_port()
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        head = f"POST http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        if expect:
+            req = (head + "Expect: 100-continue\r\n\r\n").encode()
+        else:
+            req = (head + "\r\n").encode() + b"0123456789"
+        reply = raw(port, req, timeout=8)
+        want = 504 if expect else 408
+        assert status_of(reply) == want, reply
+        s = closed_sessions(capd, 1)[-1]
+        if expect:
+            assert s["reason"].startswith("504 Gateway Timeout"), s
+        else:
+            assert b"request body" in reply
+            assert s["reason"].startswith("408 Request Timeout"), s
+    finally:
+        o.close()
+
+
 def test_chunked_extensions_and_trailers_pass_through(capd):
     """Chunk extensions and trailers are framing the proxy checks but does not
     change: the origin gets the body bytes exactly as the client sent them."""
