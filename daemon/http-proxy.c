@@ -59,6 +59,7 @@ struct http_conn {
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
+	bool upstream_reset;        /* it failed before its response head: the client got a 502 */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
 };
@@ -730,7 +731,10 @@ http_filter_done(struct session *s, enum dir d)
 		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL) {
 			if (hc->fail && s->client.fd >= 0)
 				http_linger_client(s);
-			session_close(s, hc->fail ? hc->fail : "closed");
+			if (hc->upstream_reset)
+				session_close_upstream_reset(s, hc->fail);
+			else
+				session_close(s, hc->fail ? hc->fail : "closed");
 		}
 		/* the client's FIN went upstream: with no request outstanding (it came
 		 * in one read with pipelined requests, and http_next went on to a
@@ -791,8 +795,28 @@ http_filter_eof(struct session *s, enum dir d)
 	}
 }
 
+/* The upstream reset (or failed) while its response head was awaited: the
+ * client gets a 502 saying so, as from nginx, instead of a reset of its own.
+ * Once any of the response went out, the reset is passed on as before. */
+static bool
+http_filter_upstream_failed(struct session *s, const char *why)
+{
+	struct http_conn *hc = s->proto_state;
+	const uint8_t *p;
+	size_t n;
+
+	if (hc->down != DOWN_HEAD || hc->fail)
+		return false;
+	if ((n = relay_held(s, DIR_DOWN, &p)) > 0)
+		session_data(s, DIR_DOWN, p, n);  /* a partial head is still worth having */
+	hc->upstream_reset = true;
+	http_fail_late(s, 502, why);
+	return true;
+}
+
 static const struct relay_filter http_filter = {
 	.data = http_filter_data,
 	.done = http_filter_done,
 	.eof = http_filter_eof,
+	.upstream_failed = http_filter_upstream_failed,
 };

@@ -266,24 +266,43 @@ relay_side_name(enum dir d, bool src)
 	return (d == DIR_UP) == src ? "client" : "upstream";
 }
 
-/* A socket error ends the session; a reset is passed on to the other side. */
+/* The filter answered the client for a failed upstream: nothing goes to or
+ * comes from the upstream again, and the client is not read (its bytes wait
+ * for the close, which lingers). Direction down is the filter's to finish. */
+static void
+relay_upstream_gone(struct session *s)
+{
+	struct relay_dir *rd = &s->dir[DIR_UP];
+
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	rd->eof = rd->finished = rd->shut = true;
+	rd->msg = RELAY_MSG_FLOW;
+	relay_buf_put(rd->buf, rd->big);
+	rd->buf = NULL;
+	rd->off = rd->len = rd->fill = 0;
+	buf_free(&rd->pre);
+}
+
+/* A socket error ends the session; a reset is passed on to the other side,
+ * unless the filter answers the client for a failed upstream itself. */
 static void
 relay_fail(struct session *s, enum dir d, bool at_src, int err)
 {
 	char why[320];
 	struct side *sd = at_src ? relay_src(s, d) : relay_dst(s, d);
 
-	if (err == EPROTO && sd->tls) {
+	if (err == EPROTO && sd->tls)
 		snprintf(why, sizeof why, "%s TLS error: %s", relay_side_name(d, at_src), tls_side_why(sd->tls));
-		session_reset(s, why);
-		return;
-	}
-	if (err == ECONNRESET || err == EPIPE) {
+	else if (err == ECONNRESET || err == EPIPE)
 		snprintf(why, sizeof why, "%s reset", relay_side_name(d, at_src));
-		session_reset(s, why);
+	else
+		snprintf(why, sizeof why, "%s error: %s", relay_side_name(d, at_src), strerror(err));
+	if (sd == &s->upstream && s->filter && s->filter->upstream_failed && s->filter->upstream_failed(s, why)) {
+		relay_upstream_gone(s);
 		return;
 	}
-	snprintf(why, sizeof why, "%s error: %s", relay_side_name(d, at_src), strerror(err));
 	session_reset(s, why);
 }
 

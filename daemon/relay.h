@@ -46,6 +46,10 @@ struct relay_filter {
 	 * RELAY_END: keep it (d is held; relay_resume passes it on);
 	 * RELAY_STOP: the filter closed the session or handed its client on. */
 	enum relay_verdict (*eof)(struct session *s, enum dir d);
+	/* The upstream socket failed (why: "upstream reset", ...). true: the filter
+	 * has queued an answer for the client and finished DIR_DOWN (relay_finish),
+	 * and the relay drops the upstream; false: the session is reset. May be NULL. */
+	bool (*upstream_failed)(struct session *s, const char *why);
 };
 
 /* Queues bytes for d's destination after everything already passed; the

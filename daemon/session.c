@@ -891,6 +891,12 @@ session_reset(struct session *s, const char *reason)
 	session_end(s, reason, true, true);
 }
 
+void
+session_close_upstream_reset(struct session *s, const char *reason)
+{
+	session_end(s, reason, false, true);
+}
+
 struct session_call {
 	struct session *s;
 	void (*fn)(struct session *s, void *arg);

@@ -141,6 +141,9 @@ void session_shutdown_dir(struct session *s, enum dir d);
 void session_close(struct session *s, const char *reason);
 /* Like session_close but resets both sockets (capctl kill). */
 void session_reset(struct session *s, const char *reason);
+/* session_close after the upstream reset and the client got an answer for
+ * it: the capture's flow ends with a reset, the client's socket closes. */
+void session_close_upstream_reset(struct session *s, const char *reason);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
 

@@ -622,12 +622,43 @@ class RawOrigin(Listener):
                 got += d
             if self.answer is None:
                 self.closing.wait(10)
+            elif self.answer == "reset":  # SO_LINGER 0: the close is a RST
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
             else:
                 c.sendall(self.answer)
 
     def close(self):
         self.closing.set()
         super().close()
+
+
+@pytest.mark.parametrize("body", [0, 4 << 20])
+def test_upstream_reset_before_its_response_is_a_502(capd, body):
+    """An upstream that resets after the request head (and, with a body, while
+    the rest of it is still going up) gave the client a reset of its own; now
+    a 502 saying so, as nginx answers, and the capture's flow ends in a RST."""
+    o = RawOrigin("reset")
+    try:
+        port = add_http(capd)
+        head = f"POST http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(head.encode())
+            try:
+                c.sendall(b"b" * body)  # may stall once the upstream is gone: the reply is what counts
+            except OSError:
+                pass
+            reply = read_all(c, 10)
+        assert status_of(reply) == 502 and b"upstream reset" in reply, reply
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"].startswith("502 Bad Gateway") and "upstream reset" in s["reason"], s
+        capd.flush()
+        pcap = capd.pcaps()[-1]
+        stream = tcp_stream_of(pcap, s["id"])
+        rst = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1",
+                              "-T", "fields", "-e", "tcp.stream"], capture_output=True, text=True)
+        assert rst.returncode == 0 and rst.stdout.split() == [str(stream)], rst
+    finally:
+        o.close()
 
 
 @pytest.mark.parametrize("answer,why", [
