@@ -401,6 +401,8 @@ flow_live(const struct spool_flow *f)
 
 /* ---- the files (writer thread) ---- */
 
+static void spool_mkdirs(const char *path);
+
 static bool
 spool_name_parse(const char *name, unsigned *counter)
 {
@@ -957,6 +959,30 @@ writer_check_unlinked(void)
 	writer_open(NULL);
 }
 
+/*
+ * Someone deleted the spool folder itself (rm -rf SPOOL): our descriptor
+ * names the deleted folder, where no file can be made, so capture would stay
+ * off until a restart even once the folder is back. Make it again, as
+ * spool_start() does, and write there. (The tail guard keeps the old one;
+ * spool_repair() at the next start covers what it no longer can.)
+ */
+static void
+writer_check_folder(void)
+{
+	struct stat held, now;
+	int fd;
+
+	if (fstat(w.dirfd, &held) == 0 && stat(spool_dir, &now) == 0 && held.st_dev == now.st_dev &&
+	    held.st_ino == now.st_ino)
+		return;
+	spool_mkdirs(spool_dir);
+	if ((fd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+		return;  /* writer_open() fails and says why; we look again at the next retry */
+	log_notice("spool: the folder %s was deleted; writing to a new one", spool_dir);
+	close(w.dirfd);
+	w.dirfd = fd;
+}
+
 /* After a failure: a new file if there is none, else the same file again. */
 static void
 writer_retry(void)
@@ -971,8 +997,10 @@ writer_retry(void)
 	}
 	/* Deleting the file frees no space while we hold it open: move on to a new one. */
 	writer_check_unlinked();
-	if (w.fd < 0)
+	if (w.fd < 0) {
+		writer_check_folder();
 		writer_open(NULL);
+	}
 }
 
 /* The IDB index of handle h in the current file, writing the IDB when first needed. */

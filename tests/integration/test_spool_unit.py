@@ -404,3 +404,31 @@ def test_full_disk_drops_and_resumes(server, tiny_spool):
     got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
     assert got_up == up and got_down == server.down
     capd.stop()
+
+
+def test_deleted_spool_folder_is_made_again(capd_factory, server):
+    """rm -rf of the spool folder itself: capd once held on to the deleted folder, where no
+    file can be made, and dropped all capture until a restart, even after the folder was
+    made again. Now the writer makes it again and the next sessions are captured."""
+    capd = capd_factory()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = b"before"
+    assert transfer("127.0.0.1", port, b"first") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    shutil.rmtree(capd.spool)
+    # the writer notices the deleted file at its next flush and the folder at its next retry
+    time.sleep(2.5)
+    server.down = os.urandom(30000)
+    up = os.urandom(20000)
+    assert transfer("127.0.0.1", port, up) == server.down
+    sid = closed_sessions(capd, 2)[-1]["id"]
+    capd.flush()
+    files = capd.pcaps()
+    assert files, "no capture file after the spool folder was deleted:\n" + capd.log()[-2000:]
+    assert status(capd)["file"] == str(files[-1])
+    pcap = files[-1]
+    check_pcap_clean(pcap)
+    got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
+    assert got_up == up and got_down == server.down
+    assert "was deleted; writing to a new one" in capd.log()
