@@ -43,7 +43,8 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 		output_json(r);
 	} else {
 		char b[16], db[16];
-		printf("file:     %s\n", json_string_value(json_object_get(r, "file")));
+		const char *file = json_string_value(json_object_get(r, "file"));
+		printf("file:     %s\n", file && *file ? file : "(none: capture is being dropped)");
 		printf("files:    %lld\n", (long long)json_integer_value(json_object_get(r, "files")));
 		printf("written:  %s bytes, %lld packets\n", output_size(json_object_get(r, "bytes"), b, sizeof b),
 		       (long long)json_integer_value(json_object_get(r, "packets")));

@@ -143,6 +143,7 @@ static struct {
 	double rotate_time, flush_interval;
 	unsigned keep_files;
 	char path[PATH_MAX];    /* current file, "" when none */
+	int err;                /* with no current file: why, for spool_rotate() */
 } q = {
 	.mu = PTHREAD_MUTEX_INITIALIZER,
 	.done_cv = PTHREAD_COND_INITIALIZER,
@@ -563,6 +564,7 @@ writer_trim(size_t keep)
 	free(v);
 }
 
+/* The current file for capture status; NULL: none, for the reason in w.err. */
 static void
 writer_set_path(const char *name)
 {
@@ -571,6 +573,7 @@ writer_set_path(const char *name)
 		snprintf(q.path, sizeof q.path, "%s/%s", spool_dir, name);
 	else
 		q.path[0] = '\0';
+	q.err = name != NULL ? 0 : w.err;
 	pthread_mutex_unlock(&q.mu);
 }
 
@@ -892,6 +895,7 @@ writer_open(char **why)
 		writer_fail("create", err);
 		w.counter--;
 		w.name[0] = '\0';
+		writer_set_path(NULL);  /* the last file is closed: status must not name it */
 		return -1;
 	}
 	w.good = 0;
@@ -1937,6 +1941,13 @@ spool_rotate(char **why)
 	while ((int)(q.rotate_done - want) < 0)
 		if (pthread_cond_timedwait(&q.done_cv, &q.mu, &ts) == ETIMEDOUT)
 			break;
+	if ((int)(q.rotate_done - want) >= 0 && q.path[0] == '\0') {
+		/* the old file is closed and no new one could be made: capture is being dropped */
+		*why = xasprintf("cannot start a new capture file: %s; capd tries again every second",
+		                 strerror(q.err ? q.err : EIO));
+		pthread_mutex_unlock(&q.mu);
+		return -1;
+	}
 	pthread_mutex_unlock(&q.mu);
 	return 0;
 }

@@ -432,3 +432,39 @@ def test_deleted_spool_folder_is_made_again(capd_factory, server):
     got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
     assert got_up == up and got_down == server.down
     assert "was deleted; writing to a new one" in capd.log()
+
+
+def test_rotate_that_cannot_make_a_file_says_so(capd_factory, tmp_path):
+    """A rotation whose new file cannot be made (here: a tmpfs out of inodes) closed the old
+    file and left capture status naming it, and capture rotate exited 0: a script would look
+    for the capture in a file nothing is written to any more. Now there is no current file
+    until one can be made, and capture rotate fails with the reason."""
+    spool = tmp_path / "noinodes"
+    spool.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=4", "tmpfs", str(spool)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        capd = capd_factory(start=False)
+        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
+        capd.spool = spool
+        capd.start()
+        first = status(capd)["file"]
+        assert first and os.path.exists(first)
+        fillers = [spool / "filler1", spool / "filler2"]  # the root and the first file hold the others
+        for f in fillers:
+            f.touch()
+        r = capd.ctl("capture", "rotate", check=False)
+        assert r.returncode == 1, r
+        assert "cannot start a new capture file: No space left on device" in r.stderr
+        assert status(capd)["file"] == ""
+        assert "file:     (none" in capd.ctl("capture", "status").stdout
+        for f in fillers:
+            f.unlink()
+        time.sleep(1.5)  # the writer retries every second
+        now = status(capd)["file"]
+        assert now and now != first and os.path.exists(now)
+        capd.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)])
