@@ -29,13 +29,14 @@ capture_sniffers(struct ctl_opts *o)
 static int
 capture_exec(struct ctl_opts *o, int argc, char **argv)
 {
-	static const char *const verbs[] = { "status", "rotate" };
+	static const char *const verbs[] = { "status", "rotate", "follow" };
 	json_t *r = NULL;
-	int v, rc;
+	int v = -1, rc;
 
-	if (argc >= 2 && !strcmp(argv[1], "follow"))
+	/* follow is one of the words, so that it too may be shortened (capctl(1)) */
+	if (argc >= 2 && (v = word_match(argv[1], verbs, 3)) == 2)
 		return capture_follow(o, argc, argv);
-	if (argc != 2 || (v = word_match(argv[1], verbs, 2)) < 0)
+	if (argc != 2 || v < 0)
 		return usage_error("usage: capctl capture status | rotate | follow [--instance NAME]");
 	if ((rc = client_call(o, v == 0 ? "capture.status" : "capture.rotate", NULL, &r)) != CTL_OK)
 		return rc;

@@ -824,3 +824,16 @@ def test_second_tail_of_a_spliced_session_gets_its_backlog(capd, tmp_path):
     assert b.wait(10) == 0
     assert out.get() == line
     assert b"[... %d bytes before the backlog ...]" % (100 * 1024 + (1 << 20)) in err.get()
+
+
+def test_capture_follow_takes_a_prefix(capd):
+    """capctl(1): sub-commands may be shortened to a unique prefix. `capture st` and
+    `capture rot` were, `capture fol` was refused as bad usage."""
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "fol"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        head = p.stdout.read(4)
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=5)
+    assert head == b"\x0a\x0d\x0d\x0a", err  # a pcapng section header
