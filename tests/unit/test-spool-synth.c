@@ -527,16 +527,17 @@ tshark_follow(const char *file, int n, struct buf out[2])
 static void
 tshark_clean(const char *file)
 {
-	char cmd[768], out[4096];
+	char cmd[768], out[4096], err[64];
 	size_t n;
 	FILE *p;
 
-	/* stderr aside: tshark warns there about running as root. */
+	/* stderr aside: tshark warns there about running as root. Per process: runs side by side share /tmp. */
+	snprintf(err, sizeof err, "/tmp/capd-test-tshark-%d.err", (int)getpid());
 	snprintf(cmd, sizeof cmd,
 	         "tshark -o tcp.check_checksum:TRUE -o ip.check_checksum:TRUE -o udp.check_checksum:TRUE -r '%s' "
 	         "-Y 'tcp.checksum.status==0 || ip.checksum.status==0 || udp.checksum.status==0 || "
-	         "_ws.malformed || _ws.expert.severity>=error' 2>/tmp/capd-test-tshark.err",
-	         file);
+	         "_ws.malformed || _ws.expert.severity>=error' 2>%s",
+	         file, err);
 	p = popen(cmd, "r");
 	assert_non_null(p);
 	n = fread(out, 1, sizeof out - 1, p);
@@ -545,10 +546,11 @@ tshark_clean(const char *file)
 		fprintf(stderr, "tshark on %s:\n%s\n", file, out);
 	assert_int_equal(n, 0);
 	if (pclose(p) != 0) {
-		system("cat /tmp/capd-test-tshark.err >&2");
+		snprintf(cmd, sizeof cmd, "cat %s >&2", err);
+		system(cmd);
 		fail_msg("tshark could not read %s", file);
 	}
-	unlink("/tmp/capd-test-tshark.err");
+	unlink(err);
 }
 
 static void
@@ -568,7 +570,7 @@ file_emit_cb(void *arg, const struct synth_pkt *p)
 static void
 test_tshark_synth(void **state)
 {
-	const char *file = "/tmp/capd-test-synth.pcapng";
+	char file[64];
 	struct sockaddr_storage ep[3][2] = {
 		{ sa4("127.0.0.1", 40001), sa4("127.0.0.2", 80) },
 		{ sa6("::1", 40002), sa6("2001:db8::5", 443) },
@@ -583,6 +585,7 @@ test_tshark_synth(void **state)
 	(void)state;
 	if (!have_tshark())
 		skip();
+	snprintf(file, sizeof file, "/tmp/capd-test-synth-%d.pcapng", (int)getpid());
 	pcapng_shb(&b, NULL, NULL, "capd test");
 	pcapng_idb(&b, &idb);
 	for (int i = 0; i < 3; i++) {
@@ -903,12 +906,13 @@ test_spool_rotation(void **state)
 	if (have_tshark()) {
 		char cmd[2048];
 		struct buf got[2] = { { 0 }, { 0 } };
-		const char *merged = "/tmp/capd-test-ring-merged.pcapng";
+		char merged[64];
 
 		/*
 		 * The newest files hold the tail of the stream, byte-exact. Without
 		 * the SYN, tshark's node 0 is the target (the first sender).
 		 */
+		snprintf(merged, sizeof merged, "/tmp/capd-test-ring-merged-%d.pcapng", (int)getpid());
 		snprintf(cmd, sizeof cmd, "mergecap -w %s '%s' '%s' '%s'", merged, names[0], names[1], names[2]);
 		assert_int_equal(system(cmd), 0);
 		tshark_follow(merged, 0, got);
