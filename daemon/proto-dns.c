@@ -633,10 +633,20 @@ dns_fwd_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		snprintf(why, sizeof why, "upstream %s has no address", f->ds->up_str);
 	else
 		snprintf(why, sizeof why, "upstream %s timed out%s", f->ds->up_str, f->tcp ? " over TCP" : "");
+	/* UDP: ask again on the same socket, so that a slow upstream's answer to
+	 * an earlier try is still taken (a fresh socket would drop it) */
+	if (!f->tcp && f->fd >= 0 && f->tries < DNS_TRIES && send(f->fd, f->q, f->qlen, 0) >= 0) {
+		log_debug("%s: query %u: %s, trying again", f->ds->inst->name, f->client_id, why);
+		f->tries++;
+		ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);
+		ev_timer_start(capd_loop, &f->timer);
+		return;
+	}
 	dns_fwd_retry(f, why);
 }
 
-/* One attempt: a fresh socket (fresh source port) toward the upstream. */
+/* One attempt on a fresh socket (fresh source port) toward the upstream; a
+ * UDP timeout asks again on the same one (dns_fwd_timer_cb). */
 static void
 dns_fwd_try(struct dns_fwd *f)
 {

@@ -29,7 +29,7 @@ from conftest import (CAPD, Listener, UdpServer, apart, check_pcap_clean, exchan
 class Upstream(Listener):
     """A small DNS server on loopback (UDP and TCP on one port), in threads.
     Any A question gets 192.0.2.1; 'big.*' gets 60 records (truncated over UDP);
-    'silent.*' is never answered; zone transfers over TCP as xfr_messages says.
+    'silent.*' is never answered; 'slow.*' over UDP after 2.5 s; zone transfers over TCP as xfr_messages says.
     It records (transport, name) of each query."""
 
     def __init__(self):
@@ -54,6 +54,8 @@ class Upstream(Listener):
         self.queries.append((transport, name))
         if name.startswith("silent"):
             return None
+        if name.startswith("slow") and transport == "udp":
+            time.sleep(2.5)  # past capd's 2 s a try: the answer comes during its second
         r = dns.message.make_response(q)
         if q.question[0].rdtype == dns.rdatatype.A:
             n = 60 if name.startswith("big") else 1
@@ -508,6 +510,17 @@ def test_silent_upstream_servfail_after_retries(dnsd, upstream):
     assert r.rcode() == dns.rcode.SERVFAIL and r.id == 9
     assert 5 <= took < 9  # 3 tries of 2 s
     assert [q for q in upstream.queries if q[1] == "silent.org"] == [("udp", "silent.org")] * 3
+
+
+def test_slow_upstream_answer_to_an_earlier_try_is_taken(dnsd, upstream):
+    """An upstream slower than one try (2 s) was never heard: each try closed
+    its socket, so the answer to the first came to a closed port and every
+    later one timed out the same way. Tries now share the socket."""
+    t0 = time.time()
+    r = ask("slow.org", "A", dnsd.port, qid=11, timeout=15)
+    took = time.time() - t0
+    assert r.rcode() == dns.rcode.NOERROR and r.id == 11 and addrs(r) == ["192.0.2.1"], r
+    assert 2.4 <= took < 4, took
 
 
 def test_capctl_add_dns(capd, upstream):
