@@ -37,13 +37,14 @@ struct add_opt {
 static const char *const add_types[] = { "forward", "socks", "http", "reverse", "dns", "sniff" };
 #define NTYPES ((int)(sizeof add_types / sizeof add_types[0]))
 #define TLS_TYPES "forward socks http reverse"
+#define LISTEN_TYPES "forward socks http reverse dns"
 
 static const struct add_opt add_opts[] = {
 	{ NULL, "--name", "name", OPT_VALUE, CHK_NONE, NULL },
-	{ NULL, "--expose", "expose", OPT_FLAG, CHK_NONE, "yes" },
 	{ NULL, "--no-capture", "capture", OPT_FLAG, CHK_NONE, "no" },
-	{ NULL, "--idle-timeout", "idle_timeout", OPT_VALUE, CHK_DURATION, NULL },
-	{ NULL, "--connect-timeout", "connect_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ LISTEN_TYPES, "--expose", "expose", OPT_FLAG, CHK_NONE, "yes" },
+	{ LISTEN_TYPES, "--idle-timeout", "idle_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ LISTEN_TYPES, "--connect-timeout", "connect_timeout", OPT_VALUE, CHK_DURATION, NULL },
 	{ "forward", "--to", "to", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "forward", "--udp", "udp", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks http", "--auth", "auth", OPT_REPEAT, CHK_NONE, NULL },
@@ -86,12 +87,12 @@ opt_for_type(const struct add_opt *ao, const char *type)
 static void
 add_usage(FILE *f, const char *type)
 {
-	fprintf(f, "usage: capctl add %s %s[--bind ADDR] [--name NAME]", type,
-	        strcmp(type, "sniff") ? "--port PORT " : "");
+	fprintf(f, "usage: capctl add %s %s[--name NAME]", type,
+	        strcmp(type, "sniff") ? "--port PORT [--bind ADDR] " : "");
 	for (size_t i = 0; i < sizeof add_opts / sizeof add_opts[0]; i++)
-		if (add_opts[i].type && opt_for_type(&add_opts[i], type))
+		if (add_opts[i].type && strcmp(add_opts[i].type, LISTEN_TYPES) && opt_for_type(&add_opts[i], type))
 			fprintf(f, " [%s%s]", add_opts[i].opt, add_opts[i].kind == OPT_FLAG ? "" : " X");
-	fprintf(f, " [--expose] [--no-capture] [--idle-timeout T] [--connect-timeout T]\n");
+	fprintf(f, " %s[--no-capture]\n", strcmp(type, "sniff") ? "[--expose] [--idle-timeout T] [--connect-timeout T] " : "");
 }
 
 static void

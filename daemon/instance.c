@@ -104,6 +104,16 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 		}
 		addr_format((struct sockaddr *)&inst->listen, inst->listen_str, sizeof inst->listen_str);
 	}
+	if (!inst->proto->listens) {
+		/* what only a listening proxy does: taken silently, it would seem to work */
+		static const char *const only_listening[] = { "expose", "idle_timeout", "connect_timeout" };
+		for (size_t i = 0; i < sizeof only_listening / sizeof *only_listening; i++)
+			if (json_object_get(params, only_listening[i]) != NULL) {
+				params_fail(&p, only_listening[i], "'%s' applies to instances that listen, not to %s",
+				            only_listening[i], type);
+				goto fail;
+			}
+	}
 	if (params_bool(&p, "expose", false, &inst->expose) < 0 ||
 	    params_bool(&p, "capture", true, &inst->capture) < 0 ||
 	    params_duration(&p, "idle_timeout", 0, &inst->idle_timeout) < 0 ||

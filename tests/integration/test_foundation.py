@@ -581,6 +581,17 @@ def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
     rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [nohost]\n")
     assert rc == 1 and "t.conf:3: bad upstream" in err, err
 
+def test_sniffer_refuses_keys_of_listening_instances(tmp_path):
+    """idle_timeout, connect_timeout and expose were taken and ignored by a sniffer."""
+    for key, val in (("idle_timeout", "5s"), ("connect_timeout", "1s"), ("expose", "yes")):
+        rc, err = capd_t(tmp_path, f"[sniff s]\ninterface = lo\n{key} = {val}\n")
+        assert rc == 1 and f"t.conf:3: '{key}' applies to instances that listen, not to sniff" in err, (key, err)
+    rc, err = capd_t(tmp_path, "[sniff s]\ninterface = lo\ncapture = no\n")
+    assert rc == 0, err
+    r = subprocess.run([str(CAPCTL), "add", "sniff", "--interface", "lo", "--idle-timeout", "5s"],
+                       capture_output=True, text=True, env={**os.environ, "CAPD_SOCKET": str(tmp_path / "none")})
+    assert r.returncode == 2 and "unknown option --idle-timeout for add sniff" in r.stderr, r.stderr
+
 def test_continued_value_reaches_the_instance(capd_factory):
     port = free_port()
     c = capd_factory(f"[http h]\nlisten = {port}\ntls = yes\ntls_passthrough = a.example,\n"
