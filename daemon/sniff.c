@@ -139,16 +139,6 @@ sniff_stats(struct sniff *sn)
 		sn->n.dropped_kernel = (uint64_t)ps.ps_drop + ps.ps_ifdrop;
 }
 
-static uint64_t
-sniff_spool_drops(void)
-{
-	json_t *st = spool_status();
-	uint64_t n = (uint64_t)json_integer_value(json_object_get(st, "dropped_packets"));
-
-	json_decref(st);
-	return n;
-}
-
 static void
 sniff_packet_cb(u_char *arg, const struct pcap_pkthdr *h, const u_char *bytes)
 {
@@ -163,7 +153,8 @@ sniff_packet_cb(u_char *arg, const struct pcap_pkthdr *h, const u_char *bytes)
 	ts.tv_sec = h->ts.tv_sec;
 	/* with nanosecond precision libpcap puts nanoseconds in tv_usec */
 	ts.tv_nsec = sn->run->tsnano ? (long)h->ts.tv_usec : (long)h->ts.tv_usec * 1000;
-	spool_packet(inst->spool_iface, &ts, bytes, h->caplen, h->len);
+	if (!spool_packet(inst->spool_iface, &ts, bytes, h->caplen, h->len))
+		sn->n.dropped_spool++;
 }
 
 /*
@@ -190,7 +181,6 @@ sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct instance *inst = w->data;
 	struct sniff *sn = inst->cfg;
-	uint64_t drops_before = inst->spool_iface >= 0 ? sniff_spool_drops() : 0;
 	int n = 0;
 
 	(void)loop; (void)revents;
@@ -199,12 +189,6 @@ sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (n < SNIFF_BATCH)
 			break;
 	}
-	/*
-	 * The spool refuses packets only on the loop thread, inside spool_packet,
-	 * so the growth of its drop count across our dispatch is ours.
-	 */
-	if (inst->spool_iface >= 0)
-		sn->n.dropped_spool += sniff_spool_drops() - drops_before;
 	if (n == PCAP_ERROR || (n == 0 && sniff_iface_down(sn))) {
 		char *why = n == PCAP_ERROR
 			? xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap))

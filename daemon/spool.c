@@ -1866,23 +1866,24 @@ spool_flow_close(struct spool_flow *f, bool reset)
 	queue_put(&r, NULL, 0, NULL, 0, false);  /* the writer frees f */
 }
 
-void
+bool
 spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen)
 {
 	struct rec r;
 	int put;
 
 	if (!atomic_load_explicit(&running, memory_order_relaxed))
-		return;
+		return true;  /* capture is off, not dropping */
 	rec_init(&r, REC_PACKET, NULL);
 	r.ts = *ts;
 	r.iface = iface;
 	r.aux = (uint32_t)(origlen > UINT32_MAX ? UINT32_MAX : origlen);
 	if (caplen > QUEUE_MAX || (put = queue_put(&r, p, caplen, NULL, 0, true)) < 0) {
 		spool_drop(1, caplen);
-		return;
+		return false;
 	}
 	flow_sent(NULL, put);
+	return true;
 }
 
 void

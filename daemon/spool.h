@@ -61,8 +61,9 @@ void spool_flow_fin(struct spool_flow *f, enum dir d);
 /* Ends the flow (RST when reset) and frees f. */
 void spool_flow_close(struct spool_flow *f, bool reset);
 
-/* A captured packet (sniffers): caplen bytes of a packet origlen long. */
-void spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen);
+/* A captured packet (sniffers): caplen bytes of a packet origlen long; false
+ * when the queue refused it (counted in the spool's drops too). */
+bool spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen);
 /* Adds an NSS key log line to the next Decryption Secrets Block. */
 void spool_keylog(const char *line);
 

@@ -42,13 +42,14 @@ test_hostport_opt(void **state)
 	const struct { const char *in, *host; unsigned port; } ok[] = {
 		{ "1.1.1.1", "1.1.1.1", 53 }, { "dns.example", "dns.example", 53 }, { "::1", "::1", 53 },
 		{ "1.1.1.1:5353", "1.1.1.1", 5353 }, { "[::1]:5353", "::1", 5353 }, { "dns.example:54", "dns.example", 54 },
+		{ "[::1]", "::1", 53 },
 	};
 	for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
 		assert_int_equal(hostport_parse_opt(ok[i].in, 53, &hp, &why), 0);
 		assert_string_equal(hp.host, ok[i].host);
 		assert_int_equal(hp.port, ok[i].port);
 	}
-	const char *bad[] = { "", "bad_host!", "1.1.1.1:0", "[::1]", "host:port", "::1:53x" };
+	const char *bad[] = { "", "bad_host!", "1.1.1.1:0", "[::1", "[1.1.1.1]", "[]", "host:port", "::1:53x" };
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		why = NULL;
 		assert_int_equal(hostport_parse_opt(bad[i], 53, &hp, &why), -1);

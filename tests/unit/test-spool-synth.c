@@ -957,6 +957,29 @@ test_spool_rotate_time(void **state)
 	rm_spool();
 }
 
+/* spool_packet says which packets its queue refused: a sniffer counts its
+ * own drops from that, not from the spool's global count. */
+static void
+test_spool_packet_refused(void **state)
+{
+	struct capd_settings st = { .keep_files = 3, .flush_interval = 0.1 };
+	struct timespec ts = { 1, 0 };
+	static const uint8_t pkt[64];
+	int64_t dropped;
+	int iface;
+
+	(void)state;
+	spool_fresh(&st, "refused");
+	iface = spool_iface_add("sn", NULL, PCAPNG_LINKTYPE_RAW, 65535, false);
+	dropped = status_int("dropped_packets");
+	assert_true(spool_packet(iface, &ts, pkt, sizeof pkt, sizeof pkt));
+	/* larger than the whole queue: refused before its bytes are read */
+	assert_false(spool_packet(iface, &ts, pkt, (size_t)1 << 31, (size_t)1 << 31));
+	assert_int_equal(status_int("dropped_packets"), dropped + 1);
+	spool_stop();
+	rm_spool();
+}
+
 /*
  * A disk that fills up, simulated with RLIMIT_FSIZE: writes fail part way,
  * capture is dropped and counted, the file keeps only whole blocks, and
@@ -1040,6 +1063,7 @@ main(void)
 		cmocka_unit_test(test_spool_producers),
 		cmocka_unit_test(test_spool_rotation),
 		cmocka_unit_test(test_spool_rotate_time),
+		cmocka_unit_test(test_spool_packet_refused),
 		cmocka_unit_test(test_spool_disk_full),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
