@@ -298,7 +298,26 @@ udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	ev_timer_start(loop, w);
 }
 
-/* The flow to peer, made (with its session) on first use; NULL when over the limit. */
+/*
+ * The association has UDP_FLOWS_MAX endpoints: like a NAT's table, the flow
+ * quiet the longest is closed to make room. Refusing the new endpoint instead
+ * cut a long-lived association (a DHT node, a resolver walking servers) off
+ * from every endpoint after its 64th, silently, for the rest of its life.
+ */
+static void
+udp_flow_evict(struct udp_assoc *a)
+{
+	struct udp_flow *f, *oldest = NULL;
+
+	LIST_FOREACH(f, &a->flows, entry)
+		if (oldest == NULL || f->s->last_active < oldest->s->last_active)
+			oldest = f;
+	/* its session_free hook (udp_relay_session_free) takes the flow off the list */
+	if (oldest != NULL)
+		session_close(oldest->s, "evicted: too many UDP endpoints in the association");
+}
+
+/* The flow to peer, made (with its session) on first use. */
 static struct udp_flow *
 udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
 {
@@ -309,7 +328,7 @@ udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
 		if (addr_same((struct sockaddr *)&f->peer, peer, true))
 			return f;
 	if (a->nflows >= UDP_FLOWS_MAX)
-		return NULL;
+		udp_flow_evict(a);
 	f = xcalloc(1, sizeof *f);
 	f->a = a;
 	memcpy(&f->peer, peer, addr_len(peer));

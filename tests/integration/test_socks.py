@@ -592,6 +592,45 @@ def test_udp_associate_with_auth_and_announced_port(capd):
         echo.close()
 
 
+def test_udp_association_past_64_endpoints(capd):
+    """An association keeps at most 64 endpoints (one session each): the 65th and
+    later were dropped without a word for the association's life, which cuts a
+    DHT node or a resolver walking many servers off. Now the quietest endpoint's
+    session is closed to make room, as a NAT table does."""
+    echo = UdpEcho()
+    peers = []
+    try:
+        port = add_socks(capd)
+        for _ in range(70):
+            r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            r.bind(("127.0.0.1", 0))
+            r.settimeout(2)
+            peers.append(r)
+        c = s5_open(port)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        assert rep == 0
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"first", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:first"
+        for i, r in enumerate(peers):
+            u.sendto(udp_header("127.0.0.1", r.getsockname()[1]) + b"to %d" % i, (rhost, rport))
+            assert r.recv(100) == b"to %d" % i, i
+        # the echo's flow went quiet first: it made room, and comes back as a new session
+        ss = capd.wait_sessions(lambda ss: any("evicted" in s.get("reason", "") for s in ss))
+        gone = [s for s in ss if "evicted" in s.get("reason", "")]
+        assert gone[0]["target"] == f"127.0.0.1:{echo.port}", gone
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"again", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:again"
+        ss = capd.ctl("sessions", json_out=True)
+        assert len([s for s in ss if s["proto"] == "udp" and s["state"] == "open"]) == 64
+        c.close()
+    finally:
+        echo.close()
+        for r in peers:
+            r.close()
+
+
 
 @pytest.mark.parametrize("end", ["close", "kill"])
 def test_udp_association_ends_on_a_session_thread(capd_factory, end):
