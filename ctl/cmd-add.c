@@ -23,6 +23,7 @@ enum opt_check {
 	CHK_ROUTE,   /* PATTERN=HOST:PORT */
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
+	CHK_AUTH,    /* USER:PASSWORD */
 };
 
 struct add_opt {
@@ -47,7 +48,7 @@ static const struct add_opt add_opts[] = {
 	{ LISTEN_TYPES, "--connect-timeout", "connect_timeout", OPT_VALUE, CHK_DURATION, NULL },
 	{ "forward", "--to", "to", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "forward", "--udp", "udp", OPT_FLAG, CHK_NONE, "yes" },
-	{ "socks http", "--auth", "auth", OPT_REPEAT, CHK_NONE, NULL },
+	{ "socks http", "--auth", "auth", OPT_REPEAT, CHK_AUTH, NULL },
 	{ "socks http", "--users", "users", OPT_VALUE, CHK_PATH, NULL },
 	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
@@ -200,6 +201,8 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 		return add_rule(ao, v);
 	case CHK_PATH:
 		return add_path(ao, v, out);
+	case CHK_AUTH:  /* the lengths are capd's to check (users.c) */
+		return strchr(v, ':') == NULL || v[0] == ':' ? usage_error("%s: bad '%s': expected user:password", ao->opt, v) : 0;
 	case CHK_NONE:
 		break;
 	}

@@ -99,6 +99,10 @@ users_read(struct users *u, struct params *p, const char *path)
 			break;
 		}
 	}
+	if (rv == 0 && ferror(f)) {  /* a folder opens, then fails to read (EISDIR): not zero users */
+		params_fail(p, "users", "cannot read users file %s: %s", full, strerror(errno));
+		rv = -1;
+	}
 	free(line);
 	fclose(f);
 	free(full);

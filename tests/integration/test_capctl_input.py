@@ -209,6 +209,19 @@ def test_add_users_missing_file(capd, tmp_path):
     assert capd.ctl("list", json_out=True) == []
 
 
+def test_add_bad_auth_is_usage_error(tmp_path):
+    """--auth without its colon was capd's to refuse (exit 1); capctl sees it itself."""
+    for bad in ("nocolon", ":pw"):
+        r = capctl("add", "socks", "--port", free_port(), "--auth", bad, sock=tmp_path / "none")
+        assert r.returncode == 2 and f"--auth: bad '{bad}': expected user:password" in r.stderr, r.stderr
+
+
+def test_users_folder_over_rpc_is_refused(capd, tmp_path):
+    """capctl refuses a folder itself; sent over raw RPC (or in capd.conf) it loaded as zero users."""
+    r = capd.rpc("instance.add", {"type": "socks", "listen": str(free_port()), "users": str(tmp_path)})
+    assert "error" in r and "Is a directory" in r["error"]["message"], r
+
+
 # ---------------------------------------------------------------- list: the INFO column
 
 def test_list_names_tls_once(fake_capd):
