@@ -118,6 +118,10 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 			if (dropped > 0)
 				fprintf(stderr, "capctl: [... %lld packets dropped ...]\n", (long long)dropped);
 			rc = follow_write(json_string_value(json_object_get(p, "data")));
+		} else if (method != NULL && !strcmp(method, "capture.end")) {
+			fprintf(stderr, "capctl: %s: %s; the follow ends\n",
+			        json_string_value(json_object_get(p, "instance")), json_string_value(json_object_get(p, "reason")));
+			rc = 1;
 		}
 		json_decref(m);
 	}

@@ -17,6 +17,7 @@
 #include "capd.h"
 #include "log.h"
 #include "session.h"
+#include "spool-follow.h"
 #include "spool.h"
 #include "tail.h"
 #include "tls-ca.h"
@@ -499,8 +500,10 @@ instance_remove(struct instance *inst, const char *reason)
 	if (inst->proto->stop && inst->state == INSTANCE_RUNNING)
 		inst->proto->stop(inst);
 	session_close_instance(inst, reason);
-	if (inst->spool_iface >= 0)
+	if (inst->spool_iface >= 0) {
+		spool_follow_iface_removed(inst->spool_iface, inst->name);
 		spool_iface_remove(inst->spool_iface);
+	}
 	log_info("instance %s removed: %s", inst->name, reason);
 	events_emit("instance.remove", instance_json(inst));
 	/* closed sessions keep their instance name in the history only as text, so freeing is safe */

@@ -36,12 +36,17 @@
 #define FOLLOW_NOTE_RETRY 0.25         /* a loss not yet told is retried this often */
 #define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
 #define FOLLOW_CONN_SUBS 2             /* follows one control connection may hold */
+#define FOLLOW_END_WAIT 1.0            /* a removed instance's last packets reach its followers within this */
+#define FOLLOW_ALL (-1)                /* follow_sub.iface: every interface */
+#define FOLLOW_NONE (-2)               /* ... none: its instance was removed */
 
 /* A follower: owned by follow_list; freed when its connection closes. */
 struct follow_sub {
 	LIST_ENTRY(follow_sub) entry;
 	struct ctl_conn *conn;     /* borrowed; on_close frees the follower */
-	int iface;                 /* handle it follows, -1 all */
+	int iface;                 /* handle it follows, FOLLOW_ALL or FOLLOW_NONE */
+	char *gone;                /* owned: the name of its instance, removed; the follow ends */
+	ev_timer end;              /* ... once the instance's last packets had time to come */
 	int *fidx;                 /* handle -> IDB index in its stream, -1 not sent */
 	int nfidx, nidb;
 	struct buf out;            /* blocks for the next notification */
@@ -118,7 +123,7 @@ follow_packet(struct follow_sub *sub, int h, const uint8_t *epb, size_t len)
 	size_t at;
 	int i;
 
-	if (sub->iface >= 0 && sub->iface != h)
+	if (sub->iface != FOLLOW_ALL && sub->iface != h)
 		return;
 	if (!follow_room(sub) || (i = follow_idb(sub, &sub->out, h)) < 0) {
 		sub->dropped++;
@@ -185,7 +190,7 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 		if (lost.n[h] == 0)
 			continue;
 		LIST_FOREACH(sub, &follow_list, entry)
-			if (sub->iface < 0 || sub->iface == h)
+			if (sub->iface == FOLLOW_ALL || sub->iface == h)
 				sub->dropped += lost.n[h];
 		lost.n[h] = 0;
 	}
@@ -248,9 +253,39 @@ follow_gone_cb(void *arg)
 	if (LIST_EMPTY(&follow_list))
 		ev_timer_stop(capd_main, &follow_retry);
 	spool_follow_count(-1);
+	ev_timer_stop(capd_main, &sub->end);
+	free(sub->gone);
 	buf_free(&sub->out);
 	free(sub->fidx);
 	free(sub);
+}
+
+/* The followed instance is gone: what came of it goes out, then capture.end,
+ * upon which capctl ends the stream (a follow of nothing would hang silent). */
+static void
+follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct follow_sub *sub = w->data;
+
+	(void)loop; (void)revents;
+	follow_flush(sub);
+	sub->iface = FOLLOW_NONE;
+	ctl_conn_send(sub->conn, rpc_notification("capture.end", json_pack("{s:s, s:s}", "instance", sub->gone,
+	                                                                   "reason", "instance removed")));
+}
+
+void
+spool_follow_iface_removed(int iface, const char *name)
+{
+	struct follow_sub *sub;
+
+	LIST_FOREACH(sub, &follow_list, entry)
+		if (sub->iface == iface && sub->gone == NULL) {
+			sub->gone = xstrdup(name);
+			/* its sessions' last packets are still on their way through the writer */
+			ev_timer_set(&sub->end, FOLLOW_END_WAIT, 0.);
+			ev_timer_start(capd_main, &sub->end);
+		}
 }
 
 json_t *
@@ -273,7 +308,9 @@ spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
 	spool_follow_init();
 	sub = xcalloc(1, sizeof *sub);
 	sub->conn = c;
-	sub->iface = iface;
+	sub->iface = iface < 0 ? FOLLOW_ALL : iface;
+	ev_init(&sub->end, follow_end_cb);
+	sub->end.data = sub;
 	if (uname(&u) == 0)
 		snprintf(os, sizeof os, "%s %s", u.sysname, u.release);
 	pcapng_shb(&head, NULL, os[0] ? os : NULL, "capd " CAPD_VERSION);

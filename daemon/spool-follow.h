@@ -63,5 +63,8 @@ void spool_follow_init(void);
  * (section header and known interfaces) as a JSON string of base64 (caller owns), or
  * NULL with *why (owned). */
 json_t *spool_follow_subscribe(struct ctl_conn *c, int iface, char **why);
+/* Interface handle iface's instance (name) was removed: its followers get its
+ * last packets, then capture.end. */
+void spool_follow_iface_removed(int iface, const char *name);
 
 #endif

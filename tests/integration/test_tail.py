@@ -561,6 +561,33 @@ def test_capture_follow(capd, echo_server, tmp_path):
 
 
 
+def test_capture_follow_ends_when_its_instance_is_removed(capd, echo_server, tmp_path):
+    """A follow of an instance that was removed went silent for ever; it now gets
+    the instance's last packets, then ends with a word on stderr."""
+    port = forward(capd, echo_server.port, name="fw")
+    path = tmp_path / "follow.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow", "--instance", "fw"],
+                             stdout=f, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_calls(capd, "capture.follow", 1)
+        s, sid = open_session(capd, port)
+        s.sendall(b"last words")
+        assert s.recv(100) == b"last words"
+        capd.ctl("remove", "fw")
+        rc = p.wait(10)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        s.close()
+    assert rc == 0 and "fw: instance removed; the follow ends" in err, (rc, err)
+    from conftest import follow_tcp, tcp_stream_of
+    up, down = follow_tcp(path, tcp_stream_of(path, sid))
+    assert up == b"last words" and down == b"last words"
+
+
 def test_capture_follow_keeps_up_with_a_burst(capd, echo_server, tmp_path):
     """A follower writing to a file reads fast: a burst of several MB through two
     sessions reaches it whole, the writer's handover of up to 8 MiB in one go
