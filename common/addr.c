@@ -144,10 +144,15 @@ addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, ch
 		*why = xasprintf("bad port '%s': expected 1-65535", s);
 		return -1;
 	}
+	if (strncmp(s, "*:", 2) == 0) {  /* every IPv4 address; no host name is "*" */
+		if (port_parse(s + 2, &port) < 0) {
+			*why = xasprintf("bad port in '%s': expected 1-65535", s);
+			return -1;
+		}
+		return addr_from_literal("0.0.0.0", port, ss, len);
+	}
 	if (hostport_parse(s, &hp, why) < 0)
 		return -1;
-	if (strcmp(hp.host, "*") == 0)
-		strcpy(hp.host, "0.0.0.0");
 	if (strcmp(hp.host, "localhost") == 0)
 		strcpy(hp.host, "127.0.0.1");
 	if (addr_from_literal(hp.host, hp.port, ss, len) < 0) {

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +51,9 @@ struct udp_assoc {
 	struct session *ctrl;             /* SOCKS control session (borrowed), or NULL */
 	struct udp_assoc **backref;       /* cleared when the relay ends the association */
 	struct sockaddr_storage client;   /* where datagrams come from and replies go */
+	struct sockaddr_storage local;    /* wildcard relay: the address the client sent to, replies' source */
 	bool bound;                       /* client's port is known */
+	bool have_local;
 	int fd[2];                        /* upstream sockets: [0] IPv4, [1] IPv6, -1 until needed */
 	ev_io rio[2];
 	ev_timer idle;                    /* forward: ends the association when quiet */
@@ -74,6 +77,7 @@ struct udp_relay {
 	int fd;                           /* toward the clients */
 	ev_io rio;
 	struct sockaddr_storage addr;
+	bool pktinfo;                     /* bound to a wildcard: each datagram says its destination */
 	bool socks;
 	struct hostport to;               /* forward: the fixed target */
 	double idle;
@@ -146,6 +150,12 @@ udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, 
 	r = xcalloc(1, sizeof *r);
 	len = sizeof r->addr;
 	getsockname(fd, (struct sockaddr *)&r->addr, &len);
+	/* on a wildcard a reply would leave from whatever address the route picks,
+	 * and a client that connect()ed its socket to the one it sent to (PySocks
+	 * does) would drop it: each datagram's destination becomes the reply's source */
+	if (addr_is_any((struct sockaddr *)&r->addr))
+		r->pktinfo = setsockopt(fd, addr->sa_family == AF_INET ? IPPROTO_IP : IPPROTO_IPV6,
+		                        addr->sa_family == AF_INET ? IP_PKTINFO : IPV6_RECVPKTINFO, &one, sizeof one) == 0;
 	r->inst = inst;
 	r->fd = fd;
 	r->socks = socks;
@@ -455,6 +465,71 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 	}
 }
 
+/* The destination address of a datagram received with its pktinfo, in *out; NULL without one. */
+static const struct sockaddr_storage *
+udp_dst_of(struct msghdr *mh, struct sockaddr_storage *out)
+{
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
+		memset(out, 0, sizeof *out);
+		if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+			struct in_pktinfo pi;
+			memcpy(&pi, CMSG_DATA(c), sizeof pi);
+			((struct sockaddr_in *)out)->sin_family = AF_INET;
+			((struct sockaddr_in *)out)->sin_addr = pi.ipi_addr;
+			return out;
+		}
+		if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+			struct in6_pktinfo pi;
+			memcpy(&pi, CMSG_DATA(c), sizeof pi);
+			((struct sockaddr_in6 *)out)->sin6_family = AF_INET6;
+			((struct sockaddr_in6 *)out)->sin6_addr = pi.ipi6_addr;
+			return out;
+		}
+	}
+	return NULL;
+}
+
+/* A datagram to a's client, from the address it sends to when the relay is a wildcard. */
+static ssize_t
+udp_client_send(struct udp_assoc *a, const void *p, size_t n)
+{
+	union { struct cmsghdr h; uint8_t b[CMSG_SPACE(sizeof(struct in6_pktinfo))]; } ctl;
+	struct iovec iov = { (void *)p, n };
+	struct msghdr mh = { .msg_name = &a->client, .msg_namelen = addr_len((struct sockaddr *)&a->client),
+	                     .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *c;
+
+	if (!a->r->pktinfo || !a->have_local)
+		return sendmsg(a->r->fd, &mh, 0);
+	memset(&ctl, 0, sizeof ctl);
+	mh.msg_control = &ctl;
+	c = &ctl.h;
+	if (a->local.ss_family == AF_INET) {
+		struct in_pktinfo pi = { .ipi_spec_dst = ((struct sockaddr_in *)&a->local)->sin_addr };
+		mh.msg_controllen = CMSG_SPACE(sizeof pi);
+		c->cmsg_level = IPPROTO_IP;
+		c->cmsg_type = IP_PKTINFO;
+		c->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(c), &pi, sizeof pi);
+	} else {
+		struct in6_pktinfo pi = { .ipi6_addr = ((struct sockaddr_in6 *)&a->local)->sin6_addr };
+		mh.msg_controllen = CMSG_SPACE(sizeof pi);
+		c->cmsg_level = IPPROTO_IPV6;
+		c->cmsg_type = IPV6_PKTINFO;
+		c->cmsg_len = CMSG_LEN(sizeof pi);
+		memcpy(CMSG_DATA(c), &pi, sizeof pi);
+	}
+	ssize_t w = sendmsg(a->r->fd, &mh, 0);
+	if (w < 0 && errno == EINVAL) {
+		/* it sent to a broadcast or multicast address, which is no source: the route's then */
+		a->have_local = false;
+		mh.msg_control = NULL;
+		mh.msg_controllen = 0;
+		w = sendmsg(a->r->fd, &mh, 0);
+	}
+	return w;
+}
+
 /* The association a datagram from src belongs to, or NULL. */
 static struct udp_assoc *
 udp_assoc_find(struct udp_relay *r, const struct sockaddr *src)
@@ -506,7 +581,8 @@ udp_evict_oldest(struct udp_relay *r)
 }
 
 static void
-udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t *p, size_t n)
+udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const struct sockaddr_storage *local,
+                 const uint8_t *p, size_t n)
 {
 	struct udp_assoc *a = udp_assoc_find(r, src);
 	char b[ADDR_STRLEN];
@@ -525,6 +601,10 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const uint8_t 
 		shard_wake(capd_main);
 	}
 	udp_touch(a);
+	if (local != NULL) {
+		a->local = *local;
+		a->have_local = true;
+	}
 	if (!r->socks) {
 		udp_send_host(a, r->to.host, r->to.port, p, n);
 		return;
@@ -557,13 +637,16 @@ udp_client_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	(void)loop; (void)revents;
 	for (int i = 0; i < UDP_BATCH; i++) {
-		struct sockaddr_storage src;
-		socklen_t len = sizeof src;
-		ssize_t n = recvfrom(r->fd, p, UDP_DGRAM_MAX, 0, (struct sockaddr *)&src, &len);
+		struct sockaddr_storage src, local;
+		union { struct cmsghdr h; uint8_t b[CMSG_SPACE(sizeof(struct in6_pktinfo))]; } ctl;
+		struct iovec iov = { p, UDP_DGRAM_MAX };
+		struct msghdr mh = { .msg_name = &src, .msg_namelen = sizeof src, .msg_iov = &iov, .msg_iovlen = 1,
+		                     .msg_control = r->pktinfo ? &ctl : NULL, .msg_controllen = r->pktinfo ? sizeof ctl : 0 };
+		ssize_t n = recvmsg(r->fd, &mh, 0);
 
 		if (n < 0)
 			return;
-		udp_client_dgram(r, (struct sockaddr *)&src, p, (size_t)n);
+		udp_client_dgram(r, (struct sockaddr *)&src, udp_dst_of(&mh, &local), p, (size_t)n);
 	}
 }
 
@@ -606,7 +689,7 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 		}
 		if (!a->bound)
 			continue;
-		if (sendto(r->fd, out, outlen, 0, (struct sockaddr *)&a->client, addr_len((struct sockaddr *)&a->client)) < 0) {
+		if (udp_client_send(a, out, outlen) < 0) {
 			if (errno != EAGAIN)
 				log_debug("%s: udp send to client: %s", r->inst->name, strerror(errno));
 			continue;

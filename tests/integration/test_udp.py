@@ -4,6 +4,7 @@ both directions captured as UDP, ended by idle_timeout."""
 
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -161,3 +162,46 @@ def test_forward_udp_many_clients(capd, udp_echo):
         assert s["bytes_down"] == 2 * len(f"echo:c{i} r0")
     for u in clients:
         u.close()
+
+
+# A SOCKS5 client whose UDP socket is connect()ed to the relay address the reply named
+# (as PySocks does); argv: proxy host, proxy port, echo port. Prints what came back or "timeout".
+NS_CONNECTED_UDP_CLIENT = r"""
+import socket, struct, sys, threading
+host, port, echo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", echo))
+def serve():
+    d, a = srv.recvfrom(65536)
+    srv.sendto(d, a)
+threading.Thread(target=serve, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 0))
+t = socket.create_connection((host, port), timeout=5)
+t.sendall(b"\x05\x01\x00")
+assert t.recv(2) == b"\x05\x00"
+t.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", u.getsockname()[1]))
+rep = t.recv(10)
+assert rep[1] == 0, rep
+bnd = (socket.inet_ntoa(rep[4:8]), struct.unpack("!H", rep[8:10])[0])
+u.connect(bnd)
+u.settimeout(3)
+u.send(b"\x00\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", echo) + b"ping")
+try:
+    d = u.recv(65536)
+    print(bnd[0], d[10:].decode())
+except socket.timeout:
+    print(bnd[0], "timeout")
+"""
+
+
+def test_wildcard_relay_answers_from_the_address_the_client_used(netns, ns_capd):
+    """A relay listening on every address sent replies from whatever address the route
+    picked (127.0.0.1 here), and a client that connect()ed its UDP socket to the address
+    it was told (127.0.0.2) dropped them. Each datagram's destination is now the
+    reply's source (IP_PKTINFO)."""
+    ns_capd(netns, "[socks s]\nlisten = *:7711\nexpose = yes\n")
+    r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_CONNECTED_UDP_CLIENT,
+                        "127.0.0.2", "7711", "7712"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["127.0.0.2", "ping"], r.stdout

@@ -76,6 +76,16 @@ test_listen(void **state)
 	assert_false(addr_is_loopback((struct sockaddr *)&ss));
 	assert_int_equal(addr_parse_listen("www.example.com:80", &ss, &len, &why), -1);
 	free(why);
+	/* "*" (what capctl add --bind '*' sends) is every IPv4 address */
+	assert_int_equal(addr_parse_listen("*:1080", &ss, &len, &why), 0);
+	assert_string_equal(addr_format((struct sockaddr *)&ss, out, sizeof out), "0.0.0.0:1080");
+	why = NULL;
+	assert_int_equal(addr_parse_listen("*:0", &ss, &len, &why), -1);
+	free(why);
+	why = NULL;
+	assert_int_equal(addr_parse_listen("70000", &ss, &len, &why), -1);
+	assert_non_null(strstr(why, "expected 1-65535"));
+	free(why);
 }
 
 static void
