@@ -971,7 +971,7 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (ts->st == TLS_ST_UPSTREAM)
 		tls_fail(ts, "upstream handshake failed: timed out");
 	else if (ts->st == TLS_ST_PEEK)
-		tls_fail(ts, "client sent nothing (tls = auto) and the server neither");
+		tls_fail(ts, "idle timeout");
 	else
 		tls_fail(ts, "client TLS handshake timed out");
 }
@@ -1478,6 +1478,9 @@ tls_peek(struct tls_session *ts)
 		tls_plain(ts, NULL);
 		return;
 	}
+	ev_timer_stop(capd_loop, &ts->timer);
+	ev_timer_set(&ts->timer, TLS_HS_TIMEOUT, 0.);
+	ev_timer_start(capd_loop, &ts->timer);
 	tls_begin(ts);
 }
 
@@ -1502,6 +1505,14 @@ tls_flush(struct tls_session *ts)
 	buf_free(&s->hs_out);
 	ev_io_stop(capd_loop, &s->client.wio);
 	if (ts->cfg->mode == TLS_AUTO) {
+		/* no handshake has begun: a client that is not TLS may wait as long
+		 * as it could without capd, idle_timeout (reverse: its own deadline);
+		 * the TLS timer starts with the first 0x16 */
+		ev_timer_stop(capd_loop, &ts->timer);
+		if (!ts->accept_only && s->inst->idle_timeout > 0) {
+			ev_timer_set(&ts->timer, s->inst->idle_timeout, 0.);
+			ev_timer_start(capd_loop, &ts->timer);
+		}
 		ts->st = TLS_ST_PEEK;
 		tls_peek(ts);
 	} else {

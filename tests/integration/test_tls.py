@@ -342,6 +342,26 @@ def test_server_speaks_first_on_auto(capd):
     srv.close()
 
 
+def test_auto_quiet_client_kept_as_without_tls(capd):
+    """tls = auto: a client that is not TLS and has not spoken yet (someone typing
+    into nc, a pooled connection) was cut after the 20 s TLS handshake timer; it now
+    waits like any relayed connection, for idle_timeout when one is set."""
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls-auto")
+        short = add_forward(capd, echo.port, "--tls-auto", "--idle-timeout", "1s")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c, \
+                socket.create_connection(("127.0.0.1", short), timeout=10) as q:
+            assert q.recv(100) == b""  # idle_timeout still applies
+            time.sleep(21)
+            c.sendall(b"typed after a while\n")
+            assert c.recv(100) == b"typed after a while\n"
+        reasons = {s["instance"]: s["reason"] for s in last_closed(capd, 2)}
+        assert reasons == {f"forward-{port}": "closed", f"forward-{short}": "idle timeout"}, reasons
+    finally:
+        echo.close()
+
+
 def test_client_rejects_forged_cert_then_auto_passthrough(capd, origin, tmp_path):
     port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", name="fw")
     url = f"https://{NAME}:{port}/"
