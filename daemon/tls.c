@@ -135,6 +135,7 @@ static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void tls_client_step(struct tls_session *ts);
 static void tls_upstream_begin(struct tls_session *ts);
 static void tls_upstream_step(struct tls_session *ts);
+static void tls_upstream_failed(struct tls_session *ts, const char *why);
 static void tls_accept_hello(struct tls_session *ts);
 static void tls_accepted(struct tls_session *ts);
 
@@ -969,7 +970,7 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (ts == NULL)
 		return;
 	if (ts->st == TLS_ST_UPSTREAM)
-		tls_fail(ts, "upstream handshake failed: timed out");
+		tls_upstream_failed(ts, "upstream handshake failed: timed out");
 	else if (ts->st == TLS_ST_PEEK)
 		tls_fail(ts, "idle timeout");
 	else
@@ -1373,6 +1374,22 @@ tls_upstream_done(struct tls_session *ts)
 	tls_client_step(ts);
 }
 
+/* The upstream handshake failed (or timed out): the client learns it by an alert. */
+static void
+tls_upstream_failed(struct tls_session *ts, const char *why)
+{
+	ev_io_stop(capd_loop, &ts->u.sd->rio);
+	ev_io_stop(capd_loop, &ts->u.sd->wio);
+	if (ts->accept_only) {
+		tls_fail(ts, why);  /* the client's handshake is long done: no alert to give */
+		return;
+	}
+	/* the client gets a handshake_failure alert, then the session closes with why */
+	ts->fail = xstrdup(why);
+	ts->st = TLS_ST_FINISH;
+	tls_client_step(ts);
+}
+
 static void
 tls_upstream_step(struct tls_session *ts)
 {
@@ -1403,16 +1420,7 @@ tls_upstream_step(struct tls_session *ts)
 	} else {
 		snprintf(why, sizeof why, "upstream handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
 	}
-	ev_io_stop(capd_loop, &u->sd->rio);
-	ev_io_stop(capd_loop, &u->sd->wio);
-	if (ts->accept_only) {
-		tls_fail(ts, why);  /* the client's handshake is long done: no alert to give */
-		return;
-	}
-	/* the client gets a handshake_failure alert, then the session closes with why */
-	ts->fail = xstrdup(why);
-	ts->st = TLS_ST_FINISH;
-	tls_client_step(ts);
+	tls_upstream_failed(ts, why);
 }
 
 /* ---- start ---- */

@@ -454,6 +454,27 @@ def test_upstream_not_tls(capd):
         echo.close()
 
 
+def test_upstream_handshake_timeout_alerts_the_client(capd):
+    """A server that accepts and never answers the ClientHello: after the 20 s the
+    client must get the handshake_failure alert that every other upstream failure
+    gives, not a bare close (curl: SSL_ERROR_SYSCALL)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+                ctx.wrap_socket(c, server_hostname=NAME)
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "upstream handshake failed: timed out", s
+    finally:
+        srv.close()
+
+
 def test_tls_yes_plain_client_is_protocol_mismatch(capd, origin):
     port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
