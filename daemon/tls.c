@@ -105,6 +105,7 @@ struct tls_session {
 	uint8_t alpn_sel[256];      /* the server's choice */
 	size_t alpn_sel_len;
 	bool want_rsa;              /* the client may not take ECDSA: offer the RSA certificate too */
+	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
 	char *fail;                 /* why the upstream side failed; the client gets an alert */
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
@@ -605,6 +606,19 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 	return 0;
 }
 
+/* The server asks for a client certificate: capd has none (the client's stays
+ * with the client), but the user should learn why the server then refuses. */
+static int
+tls_client_cert_cb(SSL *ssl, X509 **x, EVP_PKEY **k)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+
+	(void)x; (void)k;
+	if (ts)
+		ts->cert_asked = true;
+	return 0;
+}
+
 static SSL_CTX *
 tls_client_ctx(bool verify, char **why)
 {
@@ -617,6 +631,7 @@ tls_client_ctx(bool verify, char **why)
 	tls_ctx_common(ctx);
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
+	SSL_CTX_set_client_cert_cb(ctx, tls_client_cert_cb);
 	if (verify) {
 		if (SSL_CTX_set_default_verify_paths(ctx) != 1)
 			log_warnx("cannot load the system's trusted certificates; tls_verify will refuse every server");
@@ -1188,9 +1203,10 @@ tls_done(struct tls_session *ts)
 	s->client.tls = &ts->c;
 	s->upstream.tls = &ts->u;
 	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
-	tls_session_note(s, "tls %s sni=%s%s%.*s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
-	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "");
+	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
+	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" : "");
 	tls_stop_watchers(s);
 	/* idle tunnels should hold no OpenSSL buffers (it refuses while bytes wait) */
 	SSL_free_buffers(ts->c.ssl);
@@ -1417,6 +1433,11 @@ tls_upstream_step(struct tls_session *ts)
 		ERR_clear_error();
 		snprintf(why, sizeof why, "upstream handshake failed: %s",
 		         saved && saved != EAGAIN ? strerror(saved) : "the server closed the connection");
+	} else if (ts->cert_asked) {
+		/* most servers answer a missing certificate with a bare handshake_failure */
+		snprintf(why, sizeof why,
+		         "upstream handshake failed: the server asked for a client certificate, capd has none (%s)",
+		         tls_err_text(text, sizeof text, "unknown error"));
 	} else {
 		snprintf(why, sizeof why, "upstream handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
 	}

@@ -902,6 +902,32 @@ def forged_cert(port, servername, tmp_path, *extra):
     return openssl("x509", "-in", pem, "-noout", "-subject", "-ext", "subjectAltName").stdout.decode(), out
 
 
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_upstream_asks_for_a_client_certificate(capd, tmp_path, version):
+    """A server that wants a client certificate (mutual TLS) refuses capd, which has
+    none: TLS 1.2 servers with a bare handshake_failure alert, which read like a
+    cipher mismatch. The reason and the note now say that a certificate was asked for."""
+    cert, key = make_cert(tmp_path, "mtls", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key, version=getattr(ssl.TLSVersion, version))
+    srv.ctx.verify_mode = ssl.CERT_REQUIRED
+    srv.ctx.load_verify_locations(cert)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+        s = last_closed(capd)[-1]
+        if version == "TLSv1_2":
+            assert s["reason"].startswith("upstream handshake failed: the server asked for a client certificate, "
+                                          "capd has none ("), s
+        else:  # refused after capd's side of the handshake is done: by an alert, or the
+            # reset of a server that closes with capd's request unread
+            assert s["reason"] in ("upstream TLS error: tlsv13 alert certificate required", "upstream reset"), s
+            assert "the server asked for a client certificate, capd sent none" in s["note"], s
+    finally:
+        srv.close()
+
+
 def test_ip_sni_does_not_spoil_ip_clients(capd, tmp_path):
     """Regression: a client that sent an IP address as SNI got a certificate with
     DNS:127.0.0.1, cached under the key of the IP certificate made for clients without SNI
