@@ -491,6 +491,24 @@ session_established(int fd)
 	return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_ESTABLISHED;
 }
 
+/*
+ * An address that never answers (its SYN dropped) may use only its share of
+ * what is left of connect_timeout when more addresses follow, as curl does:
+ * the next ones still get their turn before the deadline.
+ */
+static void
+session_connect_share(struct session *s)
+{
+	double left;
+
+	if (s->deadline_at <= 0)
+		return;
+	left = s->deadline_at - capd_now();
+	ev_timer_stop(capd_loop, &s->timer);
+	ev_timer_set(&s->timer, left > 0 ? left / (s->ncands - s->cand + 1) : 0., 0.);
+	ev_timer_start(capd_loop, &s->timer);
+}
+
 static void
 session_connect_next(struct session *s)
 {
@@ -514,10 +532,12 @@ session_connect_next(struct session *s)
 			s->cand++;
 			ev_io_init(&s->upstream.wio, session_connect_cb, fd, EV_WRITE);
 			s->upstream.wio.data = s;
-			if ((s->up_established = session_established(fd)))
+			if ((s->up_established = session_established(fd))) {
 				ev_feed_event(capd_loop, &s->upstream.wio, EV_WRITE);  /* later in this pass */
-			else
+			} else {
 				ev_io_start(capd_loop, &s->upstream.wio);
+				session_connect_share(s);
+			}
 			return;
 		}
 		err = errno;
@@ -605,6 +625,18 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	}
 	if (s->state == SESSION_HANDSHAKE) {
+		if (s->upstream.fd >= 0 && s->cand < s->ncands && s->deadline_at > now) {
+			/* this address had its share (session_connect_share): on to the next */
+			ev_io_stop(loop, &s->upstream.wio);
+			close(s->upstream.fd);
+			s->upstream.fd = -1;
+			free(s->why_connect);
+			s->why_connect = xasprintf("connect to %s: timed out",
+			                           addr_format((struct sockaddr *)&s->target_addr, (char[ADDR_STRLEN]){0},
+			                                       ADDR_STRLEN));
+			session_connect_next(s);
+			return;
+		}
 		if (s->upstream.fd >= 0 || s->resolving) {
 			resolve_cancel(s->resolving);
 			s->resolving = NULL;

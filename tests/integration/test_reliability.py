@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, SANITIZED, UdpEcho, free_port, free_port_tcp_udp, wait_port
+from conftest import CAPCTL, ECHO_SERVER, SANITIZED, UdpEcho, free_port, free_port_tcp_udp, wait_port
 
 
 def fd_count(pid):
@@ -355,3 +355,59 @@ def test_back_to_back_bulk_half_close_never_stalls(capd):
             s.shutdown(socket.SHUT_WR)
             assert s.recv(10) == b"", f"transfer {i}"
     sink.close()
+
+
+# A listener whose accept queue is full drops further SYNs (a blackhole, as above), in a namespace.
+HOLE_SERVER = r"""
+import socket, sys, time
+h = socket.socket()
+h.bind((sys.argv[1], int(sys.argv[2])))
+h.listen(0)
+fill = []
+for _ in range(3):
+    f = socket.socket()
+    f.setblocking(False)
+    f.connect_ex(h.getsockname())
+    fill.append(f)
+time.sleep(0.2)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+NS_CLIENT = r"""
+import socket, sys, time
+t = time.time()
+got = b""
+try:
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20) as s:
+        s.sendall(b"hello")
+        s.shutdown(socket.SHUT_WR)
+        while True:
+            d = s.recv(100)
+            if not d:
+                break
+            got += d
+except OSError:
+    pass  # capd gave up: it closes a client with unread bytes by a reset
+print(got.decode() or "-", time.time() - t)
+"""
+
+
+def test_name_whose_first_address_never_answers_tries_the_next(netns, ns_etc, ns_python, ns_capd):
+    """A target name with two addresses, the first one dropping SYNs: capd gave the
+    first the whole connect_timeout and never tried the second, so every connection
+    failed although a server was there. Now each address gets its share of
+    connect_timeout and the second one serves within it."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n127.0.0.2 two.test\n127.0.0.3 two.test\n")
+    tport, port = 61000 + os.getpid() % 2000, 63000 + os.getpid() % 2000
+    ns_python(netns, HOLE_SERVER, "127.0.0.2", tport)
+    ns_python(netns, ECHO_SERVER, "127.0.0.3", tport)
+    c = ns_capd(netns, f"[forward two]\nlisten = {port}\nto = two.test:{tport}\nconnect_timeout = 4s\n")
+    r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_CLIENT, str(port)],
+                       capture_output=True, text=True, timeout=30)
+    got, took = r.stdout.split()
+    assert got == "hello", c.log()[-2000:]
+    assert float(took) < 3.5
+    ss = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["target"] == f"127.0.0.3:{tport}"
