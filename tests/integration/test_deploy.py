@@ -700,3 +700,25 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
     finally:
         sd.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_readme_service_install_lands_in_usr_after_the_quick_start(tmp_path):
+    """README: after the quick start (tools/dev made build/ with meson's default
+    prefix, /usr/local), "Installing as a service" ran `meson setup build
+    --prefix=/usr`, which on a folder already set up says so, exits 0 and keeps
+    /usr/local: the unit then read /usr/local/etc/capd/capd.conf, not the
+    /etc/capd/capd.conf the README has the user edit. Its commands now set up
+    a folder whose prefix is /usr."""
+    block = ROOT.joinpath("README.md").read_text().split("## Installing as a service", 1)[1]
+    block = block.split("```sh\n", 1)[1].split("```", 1)[0]
+    steps = [c.strip() for c in block.splitlines()[0].split("#")[0].split("&&")]
+    setup = [c for c in steps if c.startswith("meson setup ")]
+    install = [c for c in steps if c.startswith("meson install -C ")]
+    assert len(setup) == 1 and len(install) == 1, steps
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build*"))
+    sh("meson", "setup", "build", cwd=src, timeout=300)  # what tools/dev does
+    sh(*setup[0].split(), cwd=src, timeout=300)
+    folder = install[0].split()[-1]
+    opts = json.loads(sh("meson", "introspect", "--buildoptions", src / folder).stdout)
+    assert {o["name"]: o["value"] for o in opts}["prefix"] == "/usr"
