@@ -205,3 +205,44 @@ def test_wildcard_relay_answers_from_the_address_the_client_used(netns, ns_capd)
                         "127.0.0.2", "7711", "7712"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["127.0.0.2", "ping"], r.stdout
+
+
+# A UDP echo server on ADDR PORT (argv), for a namespace the test process is not in.
+NS_UDP_ECHO = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    d, a = u.recvfrom(70000)
+    u.sendto(b"echo:" + d, a)
+"""
+
+# Connected UDP clients (as dig and nc -u): each takes only replies from where it sent.
+NS_UDP_CLIENTS = r"""
+import socket, sys
+for dst in sys.argv[2:]:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    c.connect((dst, int(sys.argv[1])))
+    c.send(b"to " + dst.encode())
+    try:
+        print(dst, c.recv(100).decode().replace(" ", "_"))
+    except OSError as e:
+        print(dst, type(e).__name__)
+"""
+
+
+def test_forward_udp_on_a_wildcard_replies_from_the_address_written_to(netns, ns_python, ns_capd):
+    """listen = 0.0.0.0 with udp = yes: replies left from the kernel's pick of
+    source (127.0.0.1 for a client of 127.0.0.2, the primary address of a
+    multi-homed box), so a connected client (dig, nc -u) never saw one. They now
+    leave from the address the client sent to (IP_PKTINFO), as the dns instance's do."""
+    tport, port = 61000 + os.getpid() % 2000, 63000 + os.getpid() % 2000
+    ns_python(netns, NS_UDP_ECHO, "127.0.0.1", tport)
+    c = ns_capd(netns, f"[forward any]\nlisten = 0.0.0.0:{port}\nexpose = yes\nudp = yes\n"
+                       f"to = 127.0.0.1:{tport}\n")
+    r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UDP_CLIENTS, str(port),
+                        "127.0.0.1", "127.0.0.2", "127.0.0.3"], capture_output=True, text=True, timeout=30)
+    got = dict(l.split() for l in r.stdout.splitlines())
+    assert got == {a: f"echo:to_{a}" for a in ("127.0.0.1", "127.0.0.2", "127.0.0.3")}, c.log()[-2000:]
