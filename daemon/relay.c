@@ -303,7 +303,10 @@ relay_fail(struct session *s, enum dir d, bool at_src, int err)
 		relay_upstream_gone(s);
 		return;
 	}
-	session_reset(s, why);
+	if (sd == &s->client && (err == ECONNRESET || err == EPIPE))
+		session_reset_by_client(s, why);  /* the capture shows whose RST it was */
+	else
+		session_reset(s, why);
 }
 
 /* Both directions finished with FIN: a clean close. */

@@ -849,7 +849,7 @@ side_close(struct side *sd, bool reset)
 }
 
 static void
-session_end(struct session *s, const char *reason, bool reset_client, bool reset_upstream)
+session_end(struct session *s, const char *reason, bool reset_client, bool reset_upstream, enum synth_end how)
 {
 	char c[ADDR_STRLEN], t[ADDR_STRLEN], up[16], down[16];
 	struct instance *inst = s->inst;
@@ -872,7 +872,7 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	side_close(&s->client, reset_client);
 	side_close(&s->upstream, reset_upstream);
 	if (s->flow) {
-		spool_flow_close(s->flow, reset_client || reset_upstream);
+		spool_flow_close(s->flow, how);
 		s->flow = NULL;
 	}
 	tail_session_end(s);
@@ -914,19 +914,25 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 void
 session_close(struct session *s, const char *reason)
 {
-	session_end(s, reason, false, false);
+	session_end(s, reason, false, false, SYNTH_END_FIN);
 }
 
 void
 session_reset(struct session *s, const char *reason)
 {
-	session_end(s, reason, true, true);
+	session_end(s, reason, true, true, SYNTH_END_RST_TARGET);
+}
+
+void
+session_reset_by_client(struct session *s, const char *reason)
+{
+	session_end(s, reason, true, true, SYNTH_END_RST_CLIENT);
 }
 
 void
 session_close_upstream_reset(struct session *s, const char *reason)
 {
-	session_end(s, reason, false, true);
+	session_end(s, reason, false, true, SYNTH_END_RST_TARGET);
 }
 
 struct session_call {

@@ -139,8 +139,10 @@ void session_bytes(struct session *s, enum dir d, size_t n);
 void session_shutdown_dir(struct session *s, enum dir d);
 /* The one teardown path: logs the summary line, records reason, frees later. */
 void session_close(struct session *s, const char *reason);
-/* Like session_close but resets both sockets (capctl kill). */
+/* Like session_close but resets both sockets (capctl kill); the capture's
+ * flow ends with a RST from the target, or from the client when it reset. */
 void session_reset(struct session *s, const char *reason);
+void session_reset_by_client(struct session *s, const char *reason);
 /* session_close after the upstream reset and the client got an answer for
  * it: the capture's flow ends with a reset, the client's socket closes. */
 void session_close_upstream_reset(struct session *s, const char *reason);

@@ -362,14 +362,13 @@ synth_fin(struct synth_flow *sf, int dir)
 }
 
 void
-synth_close(struct synth_flow *sf, bool reset)
+synth_close(struct synth_flow *sf, enum synth_end how)
 {
 	if (sf->proto != IPPROTO_TCP || sf->closed)
 		return;
 	synth_open(sf);
-	if (reset) {
-		/* Which side reset is not known here; the target's RST reads naturally. */
-		tcp_segment(sf, SYNTH_DOWN, TH_RST | TH_ACK, NULL, 0, NULL);
+	if (how != SYNTH_END_FIN) {
+		tcp_segment(sf, how == SYNTH_END_RST_CLIENT ? SYNTH_UP : SYNTH_DOWN, TH_RST | TH_ACK, NULL, 0, NULL);
 		sf->closed = true;
 		return;
 	}

@@ -89,8 +89,9 @@ uint16_t synth_sum(const void *p, size_t n);
 void synth_gap(struct synth_flow *sf, int dir, uint64_t n);
 /* TCP: FIN from dir's source and the other side's ACK. */
 void synth_fin(struct synth_flow *sf, int dir);
-/* TCP: RST from the target when reset, else FIN from each side that has not sent one. */
-void synth_close(struct synth_flow *sf, bool reset);
+/* How a TCP flow ends: a FIN from each side that has not sent one, or a RST from one side. */
+enum synth_end { SYNTH_END_FIN, SYNTH_END_RST_TARGET, SYNTH_END_RST_CLIENT };
+void synth_close(struct synth_flow *sf, enum synth_end how);
 
 /* How many packets synth_data() makes of n bytes, for counting what is dropped. */
 uint64_t synth_count(int proto, size_t n);

@@ -85,7 +85,7 @@ struct rec {
 	uint8_t ready;         /* set last, with release order, once the producer has copied it all */
 	uint8_t type;
 	uint8_t dir;
-	uint8_t flag;          /* REC_CLOSE: reset; REC_IFACE_ADD: tsnano; REC_DATA: sum[] is set */
+	uint8_t flag;          /* REC_CLOSE: enum synth_end; REC_IFACE_ADD: tsnano; REC_DATA: sum[] is set */
 	int32_t iface;
 	uint32_t len;          /* the whole record */
 	uint32_t n;            /* payload bytes */
@@ -1239,7 +1239,7 @@ writer_record(const struct rec *r)
 	case REC_CLOSE:
 		if (f->ready) {
 			writer_flow_gaps(f, r);
-			synth_close(&f->sf, r->flag != 0);
+			synth_close(&f->sf, (enum synth_end)r->flag);
 		}
 		writer_flow_free(f);
 		break;
@@ -1851,7 +1851,7 @@ spool_flow_fin(struct spool_flow *f, enum dir d)
 }
 
 void
-spool_flow_close(struct spool_flow *f, bool reset)
+spool_flow_close(struct spool_flow *f, enum synth_end how)
 {
 	struct rec r;
 
@@ -1862,7 +1862,7 @@ spool_flow_close(struct spool_flow *f, bool reset)
 		return;
 	}
 	rec_init(&r, REC_CLOSE, f);
-	r.flag = reset;
+	r.flag = (uint8_t)how;
 	queue_put(&r, NULL, 0, NULL, 0, false);  /* the writer frees f */
 }
 

@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "session.h"
+#include "spool-synth.h"
 
 struct capd_settings;
 
@@ -58,8 +59,8 @@ void *spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spoo
 void spool_flow_commit(struct spool_slot *slot, size_t n);
 /* TCP: FIN from the source of direction d. */
 void spool_flow_fin(struct spool_flow *f, enum dir d);
-/* Ends the flow (RST when reset) and frees f. */
-void spool_flow_close(struct spool_flow *f, bool reset);
+/* Ends the flow (FINs, or a RST from the side that reset) and frees f. */
+void spool_flow_close(struct spool_flow *f, enum synth_end how);
 
 /* A captured packet (sniffers): caplen bytes of a packet origlen long; false
  * when the queue refused it (counted in the spool's drops too). */

@@ -855,7 +855,7 @@ tls_session_free(struct session *s)
 	tls_side_clear(&ts->u);
 	for (int i = 0; i < 2; i++)
 		if (ts->raw[i])
-			spool_flow_close(ts->raw[i], false);
+			spool_flow_close(ts->raw[i], SYNTH_END_FIN);
 	buf_free(&ts->log);
 	free(ts->fail);
 	free(ts);

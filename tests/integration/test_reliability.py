@@ -78,6 +78,27 @@ def test_upstream_resets_mid_stream(capd):
     assert ss[-1]["reason"] == "upstream reset"
 
 
+def test_the_capture_says_which_side_reset(capd, echo_server):
+    """A client's reset was written as the target's RST ("which side reset is not
+    known here"); the capture's RST now comes from the side that sent it."""
+    from conftest import tcp_stream_of, tshark
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"data")
+    assert s.recv(10) == b"data"
+    cport = s.getsockname()[1]
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["reason"] == "client reset"
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    stream = tcp_stream_of(pcap, ss[-1]["id"])
+    r = tshark("-r", pcap, "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.srcport")
+    assert r.stdout.split() == [str(cport)], r.stdout
+
+
 def test_upstream_never_answers_connect_timeout(capd_factory):
     # a listener whose accept queue is full drops further SYNs: a loopback blackhole
     hole = socket.socket()
