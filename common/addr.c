@@ -28,6 +28,13 @@ port_parse(const char *s, uint16_t *port)
 	return 0;
 }
 
+/* A name to look up: digits and dots alone are a mistyped IPv4 address (256.1.1.1, 1.2.3). */
+static bool
+host_is_name(const char *h)
+{
+	return hostname_valid(h) && h[strspn(h, "0123456789.")] != '\0';
+}
+
 int
 hostport_parse(const char *s, struct hostport *hp, char **why)
 {
@@ -71,8 +78,8 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 			*why = xasprintf("bad IPv6 address in '%s'", s);
 			return -1;
 		}
-	} else if (!addr_is_ip_literal(hp->host) && !hostname_valid(hp->host)) {
-		*why = xasprintf("bad host name in '%s'", s);
+	} else if (!addr_is_ip_literal(hp->host) && !host_is_name(hp->host)) {
+		*why = xasprintf(hostname_valid(hp->host) ? "bad IPv4 address in '%s'" : "bad host name in '%s'", s);
 		return -1;
 	}
 	return 0;
@@ -83,7 +90,7 @@ hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char *
 {
 	size_t n = strlen(s);
 
-	if (n <= HOST_MAX && (addr_is_ip_literal(s) || (hostname_valid(s) && strchr(s, ':') == NULL))) {
+	if (n <= HOST_MAX && (addr_is_ip_literal(s) || (host_is_name(s) && strchr(s, ':') == NULL))) {
 		snprintf(hp->host, sizeof hp->host, "%s", s);
 		hp->port = def_port;
 		return 0;

@@ -571,6 +571,10 @@ def test_capd_t_listen_port_out_of_range(tmp_path):
         assert rc == 1 and f"t.conf:2: bad port '{port}': expected 1-65535" in err, (port, err)
     rc, err = capd_t(tmp_path, "[forward f]\nlisten = 127.0.0.1:99999\nto = 127.0.0.1:80\n")
     assert rc == 1 and "expected 1-65535" in err, err
+    # digits and dots are a mistyped address, not a name to look up when a client comes
+    for to in ("256.1.1.1:80", "1.2.3:80"):
+        rc, err = capd_t(tmp_path, f"[forward f]\nlisten = 61090\nto = {to}\n")
+        assert rc == 1 and f"t.conf:3: bad IPv4 address in '{to}'" in err, (to, err)
 
 def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
     """upstream = [::1] (the form capd prints) was refused for lacking a port."""

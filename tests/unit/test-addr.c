@@ -49,7 +49,7 @@ test_hostport_opt(void **state)
 		assert_string_equal(hp.host, ok[i].host);
 		assert_int_equal(hp.port, ok[i].port);
 	}
-	const char *bad[] = { "", "bad_host!", "1.1.1.1:0", "[::1", "[1.1.1.1]", "[]", "host:port", "::1:53x" };
+	const char *bad[] = { "", "bad_host!", "1.1.1.1:0", "[::1", "[1.1.1.1]", "[]", "host:port", "::1:53x", "256.1.1.1", "1.2.3:53" };
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		why = NULL;
 		assert_int_equal(hostport_parse_opt(bad[i], 53, &hp, &why), -1);
