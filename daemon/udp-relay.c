@@ -54,6 +54,7 @@ struct udp_assoc {
 	struct sockaddr_storage local;    /* wildcard relay: the address the client sent to, replies' source */
 	bool bound;                       /* client's port is known */
 	bool have_local;
+	bool resolve_warned;              /* forward: its target's failed resolution was logged */
 	int fd[2];                        /* upstream sockets: [0] IPv4, [1] IPv6, -1 until needed */
 	ev_io rio[2];
 	ev_timer idle;                    /* forward: ends the association when quiet */
@@ -400,7 +401,15 @@ udp_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_stora
 
 	a->rq = NULL;
 	if (err != 0 || n < 1) {
-		log_debug("%s: udp: cannot resolve %s: %s", a->r->inst->name, a->rq_name, why ? why : "no address");
+		/* a forward's own target not resolving is the operator's to know (once per
+		 * client, as every datagram asks again); a SOCKS client's names are its own */
+		if (!a->r->socks && !a->resolve_warned) {
+			a->resolve_warned = true;
+			log_warnx("%s: udp: cannot resolve %s: %s; datagrams dropped", a->r->inst->name, a->rq_name,
+			          why ? why : "no address");
+		} else {
+			log_debug("%s: udp: cannot resolve %s: %s", a->r->inst->name, a->rq_name, why ? why : "no address");
+		}
 		buf_reset(&a->pending);
 		return;
 	}

@@ -246,3 +246,22 @@ def test_forward_udp_on_a_wildcard_replies_from_the_address_written_to(netns, ns
                         "127.0.0.1", "127.0.0.2", "127.0.0.3"], capture_output=True, text=True, timeout=30)
     got = dict(l.split() for l in r.stdout.splitlines())
     assert got == {a: f"echo:to_{a}" for a in ("127.0.0.1", "127.0.0.2", "127.0.0.3")}, c.log()[-2000:]
+
+
+def test_forward_udp_target_that_does_not_resolve_is_logged(netns, ns_etc, ns_capd):
+    """A forward's UDP target name that did not resolve left no trace above debug level:
+    datagrams vanished and nothing said why. Now a warning, once per client."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # nothing listens there: the name fails
+    c = ns_capd(netns, "[forward u]\nlisten = 127.0.0.1:7731\nudp = yes\nto = no-such-host.invalid:53\n")
+    send = "import socket, sys, time\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
+           "u.sendto(b'x', ('127.0.0.1', 7731))\ntime.sleep(float(sys.argv[1]))\nu.sendto(b'y', ('127.0.0.1', 7731))\n"
+    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", send, "6"], check=True, timeout=30)
+    deadline = time.time() + 10
+    while c.log().count("u: udp: cannot resolve no-such-host.invalid") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    log = c.log()
+    assert log.count("u: udp: cannot resolve no-such-host.invalid") == 2, log[-2000:]
+    assert log.count("datagrams dropped") == 1, log[-2000:]  # the warning; the next at debug
