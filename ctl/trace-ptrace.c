@@ -85,7 +85,7 @@
 #define TRACE_MAX_WATCH 65536     /* descriptor numbers that get a filter of their own */
 
 #define TRACE_CHUNK (256 * 1024)  /* bytes per event: the RPC line limit is 1 MiB after base64 */
-#define TRACE_MAX_IO (64u << 20)  /* bytes copied out of one system call at most */
+#define TRACE_MAX_IO (64u << 20)  /* bytes copied out of the tracee at once; a larger call goes in pieces */
 #define TRACE_HASH 256
 
 enum { TAG_FD = 1, TAG_NET = 2 };  /* SECCOMP_RET_DATA: does the call need an fd check */
@@ -362,18 +362,17 @@ mem_sockaddr(pid_t pid, uint64_t addr, uint64_t len, struct sockaddr_storage *ss
 }
 
 /*
- * Gathers up to max bytes from an iovec array in tracee memory into a new
- * buffer (caller frees); *got is how many were read.
+ * Gathers bytes skip .. skip + max (max at most TRACE_MAX_IO) of what an
+ * iovec array in tracee memory points at into a new buffer (caller frees);
+ * *got is how many were read.
  */
 static uint8_t *
-mem_gather(pid_t pid, uint64_t iov_addr, uint64_t iovcnt, size_t max, size_t *got)
+mem_gather(pid_t pid, uint64_t iov_addr, uint64_t iovcnt, size_t skip, size_t max, size_t *got)
 {
 	uint8_t *buf;
 	size_t off = 0;
 
 	*got = 0;
-	if (max > TRACE_MAX_IO)
-		max = TRACE_MAX_IO;
 	if (iovcnt > 1024)
 		iovcnt = 1024;
 	buf = malloc(max ? max : 1);
@@ -383,8 +382,13 @@ mem_gather(pid_t pid, uint64_t iov_addr, uint64_t iovcnt, size_t max, size_t *go
 		struct iovec v;
 		if (mem_read(pid, iov_addr + i * sizeof v, &v, sizeof v) != sizeof v)
 			break;
-		size_t want = v.iov_len < max - off ? v.iov_len : max - off;
-		size_t n = mem_read(pid, (uint64_t)(uintptr_t)v.iov_base, buf + off, want);
+		if (v.iov_len <= skip) {
+			skip -= v.iov_len;
+			continue;
+		}
+		size_t want = v.iov_len - skip < max - off ? v.iov_len - skip : max - off;
+		size_t n = mem_read(pid, (uint64_t)(uintptr_t)v.iov_base + skip, buf + off, want);
+		skip = 0;
 		off += n;
 		if (n < want)
 			break;
@@ -1617,27 +1621,51 @@ exit_peer(struct ttask *k, uint64_t addr, uint64_t lenp, struct sockaddr_storage
 	return mem_sockaddr(k->tid, addr, len, ss);
 }
 
+/*
+ * Reports the n bytes a call moved, from one buffer at addr or (vec) from
+ * the iovec array at addr, TRACE_MAX_IO at a time: one blocking send of
+ * 100 MiB is one call, and all of it crossed.
+ */
+static void
+exit_bytes(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir,
+           const struct sockaddr_storage *peer, uint64_t addr, bool vec, uint64_t iovcnt, size_t n)
+{
+	size_t off = 0;
+
+	do {  /* once for n = 0: an empty datagram is one too */
+		size_t want = n - off < TRACE_MAX_IO ? n - off : TRACE_MAX_IO, got = 0;
+		uint8_t *buf;
+
+		if (vec)
+			buf = mem_gather(k->tid, addr, iovcnt, off, want, &got);
+		else if ((buf = malloc(want ? want : 1)) != NULL)
+			got = mem_read(k->tid, addr + off, buf, want);
+		if (buf == NULL)
+			return;
+		sock_data(t, k, s, dir, peer, buf, got);
+		free(buf);
+		if (got < want)
+			return;
+		off += got;
+	} while (off < n);
+}
+
 static void
 exit_msghdr(struct tracer *t, struct ttask *k, struct tsock *s, uint64_t msg_addr, size_t n, enum trace_dir dir)
 {
 	struct msghdr m;
 	struct sockaddr_storage peer;
 	bool have_peer = false;
-	uint8_t *buf;
-	size_t got;
 
 	if (mem_read(k->tid, msg_addr, &m, sizeof m) != sizeof m)
 		return;
 	if (m.msg_name && m.msg_namelen > 0)
 		have_peer = mem_sockaddr(k->tid, (uint64_t)(uintptr_t)m.msg_name, m.msg_namelen, &peer);
-	if ((buf = mem_gather(k->tid, (uint64_t)(uintptr_t)m.msg_iov, m.msg_iovlen, n, &got)) == NULL)
-		return;
 	if (dir == TRACE_SEND && s->tcp && have_peer && !s->have_remote) {
 		s->remote = peer;  /* sendmsg with MSG_FASTOPEN */
 		s->have_remote = true;
 	}
-	sock_data(t, k, s, dir, have_peer ? &peer : NULL, buf, got);
-	free(buf);
+	exit_bytes(t, k, s, dir, have_peer ? &peer : NULL, (uint64_t)(uintptr_t)m.msg_iov, true, m.msg_iovlen, n);
 }
 
 /* The file position of fd in tid, from /proc/TID/fdinfo; -1 when unknown. */
@@ -1668,14 +1696,19 @@ exit_sendfile(struct tracer *t, struct ttask *k, struct tsock *s, int in_fd, siz
 	ssize_t got;
 	int fd;
 
-	if (start < 0 || n > TRACE_MAX_IO)
+	if (start < 0)
 		return;
 	snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)k->tid, in_fd);
 	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
 		return;
-	if ((buf = malloc(n)) != NULL) {
-		if ((got = pread(fd, buf, n, (off_t)start)) > 0)
+	if ((buf = malloc(n < TRACE_MAX_IO ? n : TRACE_MAX_IO)) != NULL) {
+		/* in pieces: a blocking sendfile of a whole large file is one call */
+		for (size_t off = 0; off < n; off += (size_t)got) {
+			size_t want = n - off < TRACE_MAX_IO ? n - off : TRACE_MAX_IO;
+			if ((got = pread(fd, buf, want, (off_t)start + (off_t)off)) <= 0)
+				break;
 			sock_data(t, k, s, TRACE_SEND, NULL, buf, (size_t)got);
+		}
 		free(buf);
 	}
 	close(fd);
@@ -1776,8 +1809,6 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 	    ;
 	enum trace_dir dir = send ? TRACE_SEND : TRACE_RECV;
 	size_t n = (size_t)rv;
-	uint8_t *buf;
-	size_t got;
 
 	if (nr == SYS_read || nr == SYS_write || nr == SYS_sendto || nr == SYS_recvfrom
 #ifdef SYS_send
@@ -1810,13 +1841,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		} else if (nr == SYS_recvfrom) {
 			have_peer = exit_peer(k, a[4], a[5], &peer);
 		}
-		if (n > TRACE_MAX_IO)
-			n = TRACE_MAX_IO;
-		if ((buf = malloc(n ? n : 1)) == NULL)
-			return;
-		got = mem_read(k->tid, a[1], buf, n);
-		sock_data(t, k, s, dir, have_peer ? &peer : NULL, buf, got);
-		free(buf);
+		exit_bytes(t, k, s, dir, have_peer ? &peer : NULL, a[1], false, 0, n);
 		return;
 	}
 	if (nr == SYS_readv || nr == SYS_writev) {
@@ -1824,10 +1849,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 			sock_fin(t, k, s, TRACE_RECV);
 			return;
 		}
-		if ((buf = mem_gather(k->tid, a[1], a[2], n, &got)) == NULL)
-			return;
-		sock_data(t, k, s, dir, NULL, buf, got);
-		free(buf);
+		exit_bytes(t, k, s, dir, NULL, a[1], true, a[2], n);
 		return;
 	}
 	if (nr == SYS_sendmsg || nr == SYS_recvmsg) {

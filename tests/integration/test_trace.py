@@ -974,3 +974,55 @@ def test_trace_udp_peer_gets_its_own_source(capd):
     got = sorted((s["client"], s["target"], s["bytes_up"]) for s in ss)
     assert got == sorted([(f"127.0.0.1:{port}", f"127.0.0.1:{p4}", len(b"to four") + len(b"to four again")),
                           (f"[::1]:{port}", f"[::1]:{p6}", len(b"to six"))]), ss
+
+
+def test_trace_one_call_larger_than_64m(capd, tmp_path):
+    """A blocking send(2) or sendfile(2) of more than 64 MiB is one system call: all of it is
+    recorded. The tracer copied at most 64 MiB of a call (a send lost the rest; a sendfile was
+    left out entirely)."""
+    size = (64 << 20) + 123457
+    blob = tmp_path / "blob"
+    with open(blob, "wb") as f:
+        f.write(os.urandom(1 << 20) * 64 + os.urandom(123457))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    got = []
+
+    def sink():                                   # outside the trace: only the sender is recorded
+        for _ in range(2):
+            c, _ = srv.accept()
+            n = 0
+            while d := c.recv(1 << 20):
+                n += len(d)
+            got.append(n)
+            c.close()
+
+    import threading
+    th = threading.Thread(target=sink)
+    th.start()
+    script = textwrap.dedent(f"""
+        import socket
+        port = {srv.getsockname()[1]}
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(open("{blob}", "rb").read())   # one send of it all
+        with socket.create_connection(("127.0.0.1", port)) as s, open("{blob}", "rb") as f:
+            s.sendfile(f)                             # one sendfile of it all
+    """)
+    try:
+        trace(capd, PY, "-c", script, name="huge", timeout=120)
+        th.join(60)
+    finally:
+        srv.close()
+    assert got == [size, size]
+    ss = closed_sessions(capd, "huge", 2, timeout=30)
+    assert [s["bytes_up"] for s in ss] == [size, size], ss
+    capd.flush()
+    time.sleep(0.5)
+    for s in ss:                                  # the spool holds every byte (across rotations)
+        n = 0
+        for p in capd.pcaps():
+            out = tshark("-r", p, "-Y", f'frame.comment contains "capd session {s["id"]} "', "-T", "fields",
+                         "-e", "tcp.len").stdout
+            n += sum(int(x) for x in out.split())
+        assert n == size, (s, n)
