@@ -434,6 +434,24 @@ proc_tgid(pid_t tid)
 	return tgid;
 }
 
+/* The process tracing tid (strace, gdb, another capctl trace), or 0 when none. */
+static pid_t
+proc_tracer(pid_t tid)
+{
+	char path[64], line[128];
+	pid_t tracer = 0;
+	FILE *f;
+
+	snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+	if ((f = fopen(path, "r")) == NULL)
+		return 0;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "TracerPid: %d", &tracer) == 1)
+			break;
+	fclose(f);
+	return tracer;
+}
+
 /* The socket inode behind fd of tid, or 0 when it is not a socket (or gone). */
 static uint64_t
 proc_fd_ino(pid_t tid, int fd)
@@ -1308,9 +1326,17 @@ trace_attach(pid_t pid, trace_event_fn fn, void *arg, char **why)
 				if (errno == ESRCH)
 					continue;
 				int err = errno;
-				char what[64];
+				pid_t tracer = err == EPERM ? proc_tracer(tid) : 0;
+				char what[64], comm[32];
 				snprintf(what, sizeof what, "cannot attach to process %d", (int)pid);
-				*why = ptrace_why(what, err, true);
+				if (tracer > 0) {
+					/* a process has one tracer: Yama, owners and setuid are beside the point */
+					proc_comm(tracer, comm, sizeof comm);
+					*why = trace_asprintf("ptrace not permitted: %s: it is traced already, by process %d (%s)",
+					                      what, (int)tracer, comm);
+				} else {
+					*why = ptrace_why(what, err, true);
+				}
 				closedir(d);
 				t->detaching = true;
 				for (struct ttask *k = t->tasks; k; k = k->next)

@@ -1026,3 +1026,32 @@ def test_trace_one_call_larger_than_64m(capd, tmp_path):
                          "-e", "tcp.len").stdout
             n += sum(int(x) for x in out.split())
         assert n == size, (s, n)
+
+
+def test_trace_pid_traced_already(capd):
+    """--pid of a process that another tracer holds (strace, gdb, a first capctl trace) says so.
+    It said "another user's process, a setuid program, or ptrace forbidden by a security policy",
+    none of which was the cause (even as root)."""
+    app = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    first = None
+    try:
+        first = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "first", "--pid",
+                                  str(app.pid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while not any(i["name"] == "first" for i in capd.ctl("list", json_out=True)):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "second", "--pid", str(app.pid)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1
+        assert f"cannot attach to process {app.pid}: it is traced already, by process {first.pid} (capctl)" \
+            in r.stderr, r.stderr
+        assert "another user's process" not in r.stderr
+        assert not any(i["name"] == "second" for i in capd.ctl("list", json_out=True))
+        first.send_signal(2)                      # the first trace is untouched and detaches as ever
+        assert first.wait(10) == 0
+        assert app.poll() is None
+    finally:
+        for q in (first, app):
+            if q and q.poll() is None:
+                q.kill()
