@@ -354,20 +354,17 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	/*
 	 * A spawned command shares our terminal: ^C reaches it directly, so we
 	 * wait for it to decide. TERM and HUP sent to capctl alone are passed
-	 * on. After --pid, any of them detaches.
+	 * on. Once the command has exited, any of them goes to the processes
+	 * it left behind (a daemon is deaf to our terminal). After --pid, any
+	 * of them detaches.
 	 */
 	struct sigaction sa = { .sa_handler = trace_signal_cb };  /* no SA_RESTART: waitpid must return */
 	sigemptyset(&sa.sa_mask);
 	trace_current = t;
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
-	if (pidarg) {
-		sigaction(SIGINT, &sa, NULL);
-		sigaction(SIGQUIT, &sa, NULL);
-	} else {
-		signal(SIGINT, SIG_IGN);
-		signal(SIGQUIT, SIG_IGN);
-	}
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGQUIT, &sa, NULL);
 	if (!pidarg && trace_release(t, &why) < 0) {
 		fprintf(stderr, "capctl: %s\n", why);
 		free(why);

@@ -163,7 +163,7 @@ struct tracer {
 	pid_t main;
 	bool attached;                  /* --pid: PTRACE_SYSCALL mode, detach at the end */
 	int status;                     /* exit status to return */
-	bool main_done;
+	volatile sig_atomic_t main_done;  /* read by trace_stop in a signal handler */
 	int errpipe, gopipe;            /* spawn: exec failure report, and the go signal */
 	char *argv0;
 	struct ttask *tasks;
@@ -1369,8 +1369,17 @@ trace_comm(struct tracer *t)
 void
 trace_stop(struct tracer *t, int sig)
 {
-	t->stop_sig = sig;
-	if (!t->attached && t->main > 0)
+	/*
+	 * Once the command has exited, its pid may be another process's, and
+	 * the processes it left behind (a daemon) are all that keeps us
+	 * running: trace_run passes the signal on to them.
+	 */
+	if (t->attached || t->main_done) {
+		t->stop_sig = sig;
+		return;
+	}
+	/* ^C from the terminal reached the command itself */
+	if (sig != SIGINT && sig != SIGQUIT && t->main > 0)
 		kill(t->main, sig);
 }
 
@@ -1979,6 +1988,11 @@ trace_run(struct tracer *t)
 
 		if (t->attached && t->stop_sig && !t->detaching)
 			begin_detach(t);
+		if (!t->attached && t->stop_sig) {
+			for (struct tgroup *g = t->groups; g; g = g->next)
+				kill(g->tgid, t->stop_sig);
+			t->stop_sig = 0;
+		}
 		pid = waitpid(-1, &status, __WALL);
 		if (pid < 0) {
 			if (errno == EINTR)

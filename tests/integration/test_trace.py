@@ -2,6 +2,7 @@
 records what its sockets carried as sessions of a `trace` instance."""
 
 import os
+import signal
 import socket
 import subprocess
 import textwrap
@@ -1055,3 +1056,38 @@ def test_trace_pid_traced_already(capd):
         for q in (first, app):
             if q and q.poll() is None:
                 q.kill()
+
+
+def test_trace_signals_reach_what_the_command_left_behind(capd, tmp_path):
+    """A command that exits and leaves a daemon behind keeps capctl running (every traced
+    process is waited for). ^C, TERM and HUP to capctl then go to that daemon: they were passed
+    to the command's pid, which was gone, so nothing but SIGKILL ended capctl."""
+    mark = tmp_path / "daemon-got"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        if os.fork() == 0:
+            os.setsid()                                     # deaf to our terminal, like a daemon
+            def bye(sig, _):
+                open("{mark}", "w").write(str(sig)); os._exit(0)
+            signal.signal(signal.SIGINT, bye); signal.signal(signal.SIGTERM, bye)
+            print("daemon up", flush=True)
+            os.close(1)
+            time.sleep(60)
+            os._exit(9)
+        time.sleep(0.5)
+        sys.exit(4)
+    """)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        mark.unlink(missing_ok=True)
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--", PY, "-c", script],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert p.stdout.readline() == b"daemon up\n"
+            time.sleep(1)                                   # the command has exited by now
+            assert p.poll() is None
+            p.send_signal(sig)
+            assert p.wait(10) == 4, p.stderr.read()        # the command's status, as ever
+            assert mark.read_text() == str(int(sig))
+        finally:
+            if p.poll() is None:
+                p.kill()
