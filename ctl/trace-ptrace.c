@@ -297,6 +297,28 @@ trace_addr_same(const struct sockaddr_storage *a, const struct sockaddr_storage 
 	return false;
 }
 
+/*
+ * A destination given as the unspecified address (curl http://0.0.0.0:8000/,
+ * after a server that printed its wildcard listen address): the kernel sends
+ * to the socket's own address when it is bound to one, else to the loopback
+ * address, and that is the peer the bytes reach. remote is unmapped.
+ */
+static void
+trace_addr_any_peer(struct sockaddr_storage *remote, const struct sockaddr_storage *local)
+{
+	struct sockaddr_storage l = *local;
+
+	if (!trace_addr_unspec(remote))
+		return;
+	trace_addr_unmap(&l);
+	if (remote->ss_family == AF_INET6)
+		((struct sockaddr_in6 *)remote)->sin6_addr = in6addr_loopback;
+	else if (l.ss_family == AF_INET && !trace_addr_unspec(&l))
+		((struct sockaddr_in *)remote)->sin_addr = ((struct sockaddr_in *)&l)->sin_addr;
+	else
+		((struct sockaddr_in *)remote)->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+}
+
 /* The source address the kernel would pick toward remote, for a socket bound to the wildcard. */
 static void
 trace_route_source(struct sockaddr_storage *local, const struct sockaddr_storage *remote)
@@ -811,6 +833,7 @@ sock_udp_flow(struct tracer *t, struct ttask *k, struct tsock *s, const struct s
 	if (!s->have_local)
 		return NULL;
 	trace_addr_unmap(&r);
+	trace_addr_any_peer(&r, &s->local);
 	for (f = s->flows; f; f = f->next)
 		if (trace_addr_same(&f->remote, &r))
 			return s->last = f;
@@ -1813,7 +1836,10 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 			s->have_remote = false;
 			return;
 		}
+		struct sockaddr_storage unbound = { 0 };
 		s->remote = k->addr;
+		trace_addr_unmap(&s->remote);
+		trace_addr_any_peer(&s->remote, s->have_local ? &s->local : &unbound);
 		s->have_remote = true;
 		s->server = false;
 		s->have_local = false;  /* the kernel picked it now */

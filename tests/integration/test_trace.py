@@ -1091,3 +1091,33 @@ def test_trace_signals_reach_what_the_command_left_behind(capd, tmp_path):
         finally:
             if p.poll() is None:
                 p.kill()
+
+
+def test_trace_destination_unspecified_address(capd, http_server, udp_echo):
+    """A program that connects or sends to 0.0.0.0 (or ::) reaches this host: the kernel sends to
+    the loopback address. The session's target was 0.0.0.0:PORT, a conversation that never
+    crossed the wire, and a UDP answer (from 127.0.0.1) became a second session the wrong way."""
+    port, _ = http_server
+    r = trace(capd, "curl", "-sS", f"http://0.0.0.0:{port}/", name="any")
+    assert r.stdout == b"hello from the origin\n"
+    script = textwrap.dedent(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(b"question", ("0.0.0.0", {udp_echo}))
+        print(s.recvfrom(100))
+    """)
+    r = trace(capd, PY, "-c", script, name="anyu")
+    assert r.stdout == f"(b'QUESTION', ('127.0.0.1', {udp_echo}))\n".encode()
+    t = closed_sessions(capd, "any", 1)
+    assert len(t) == 1 and t[0]["target"] == f"127.0.0.1:{port}", t
+    u = closed_sessions(capd, "anyu", 1)
+    time.sleep(0.3)
+    u = [s for s in capd.ctl("sessions", json_out=True) if s["instance"] == "anyu"]
+    assert len(u) == 1, u
+    assert u[0]["target"] == f"127.0.0.1:{udp_echo}" and (u[0]["bytes_up"], u[0]["bytes_down"]) == (8, 8), u
+    capd.flush()
+    pcap = pcap_for(capd, t[0]["id"])
+    dsts = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {t[0]["id"]} "', "-T", "fields",
+                  "-e", "ip.dst").stdout.split()
+    assert dsts and set(dsts) == {"127.0.0.1"}, dsts
