@@ -17,9 +17,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 
 #include "capd.h"
 #include "instance.h"
@@ -611,6 +613,35 @@ session_set_upstream(struct session *s, int fd, const struct sockaddr *peer)
 	s->have_target = true;
 }
 
+/*
+ * A peer still taking bytes keeps the session from idling out: under
+ * back-pressure capd reads nothing while a slow reader drains what waits for
+ * it, and only reads stamp last_active. What a peer has taken is what capd
+ * counted for its direction less what waits in capd and in the kernel's send
+ * queue; a peer with nothing waiting is idle, one that stopped taking is left
+ * to the timeout one check later.
+ */
+static bool
+session_draining(struct session *s)
+{
+	struct side *sides[2] = { &s->client, &s->upstream };
+	bool moved = false;
+
+	if (s->datagram)
+		return false;
+	for (int i = 0; i < 2; i++) {
+		const struct relay_dir *rd = &s->dir[i == 0 ? DIR_DOWN : DIR_UP];
+		int q = 0;
+		if (sides[i]->fd < 0 || ioctl(sides[i]->fd, SIOCOUTQ, &q) < 0 || q <= 0)
+			continue;
+		uint64_t taken = s->bytes[i == 0 ? DIR_DOWN : DIR_UP] - (rd->len - rd->off) - rd->piped - (uint64_t)q;
+		if (taken != s->taken_seen[i])
+			moved = true;
+		s->taken_seen[i] = taken;
+	}
+	return moved;
+}
+
 static void
 session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -650,6 +681,8 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	double idle = s->inst->idle_timeout;
 	if (idle <= 0 || s->state != SESSION_OPEN)
 		return;
+	if (now - s->last_active >= idle && session_draining(s))
+		s->last_active = now;
 	if (now - s->last_active >= idle) {
 		if (s->inst->proto->idle && s->inst->proto->idle(s))
 			return;

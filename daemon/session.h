@@ -84,6 +84,7 @@ struct session {
 	bool client_rd_paused, upstream_rd_paused;
 
 	double started, ended, last_active;
+	uint64_t taken_seen[2];     /* bytes the client, the upstream had taken at the last idle check */
 	uint64_t bytes[2];          /* per enum dir, application bytes */
 	char *reason;               /* why it closed, owned */
 	char *note;                 /* handshake metadata for the session object (e.g. "socks5 user=bob") */

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, ECHO_SERVER, SANITIZED, UdpEcho, free_port, free_port_tcp_udp, wait_port
+from conftest import CAPCTL, ECHO_SERVER, SANITIZED, Listener, UdpEcho, apart, free_port, free_port_tcp_udp, wait_port
 
 
 def fd_count(pid):
@@ -97,6 +97,70 @@ def test_the_capture_says_which_side_reset(capd, echo_server):
     stream = tcp_stream_of(pcap, ss[-1]["id"])
     r = tshark("-r", pcap, "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.srcport")
     assert r.stdout.split() == [str(cport)], r.stdout
+
+
+class Sender(Listener):
+    """Sends `size` random bytes to each connection as fast as it takes them, then FIN."""
+
+    def __init__(self, size):
+        self.size = size
+        self.data = os.urandom(size)
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        try:
+            c.sendall(self.data)
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def test_idle_timeout_spares_a_download_the_client_reads_steadily(capd_factory):
+    """idle_timeout is "neither side has sent anything for this long" (capd.conf(5)).
+    A client that reads a download steadily but slower than the server sends keeps
+    capd's buffers full, so capd stops reading the server (back-pressure) and its
+    idle clock, stamped only by reads, ran out while bytes flowed to the client every
+    few milliseconds. The session was then closed as "idle timeout" with a clean
+    FIN and what waited in capd's relay buffer thrown away: the client saw a
+    truncated download end as if it were complete, while the session's counters
+    and the capture showed every byte as delivered. A destination that takes bytes
+    again now counts as activity."""
+    size = 3 << 20
+    srv = Sender(size)
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{srv.port}\nidle_timeout = 1s\n")
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            s.shutdown(socket.SHUT_WR)  # a plain download: the session ends "closed" with the server's FIN
+            got = bytearray()
+            longest = 0.0
+            last = time.time()
+            while True:
+                d = s.recv(8192)
+                if not d:
+                    break
+                got += d
+                longest = max(longest, time.time() - last)
+                last = time.time()
+                time.sleep(0.01)  # some 600 KB/s: the whole download takes about 5 s,
+                # more than capd's buffers and the kernel's hold
+        assert longest < 1.0, f"the client waited {longest:.1f} s for data: the test did not read steadily"
+        ss = c.wait_sessions(lambda ss: ss and ss[0]["state"] == "closed")
+        assert len(got) == size and bytes(got) == srv.data, (
+            f"client got {len(got)} of {size} bytes, then a FIN; session: {ss[0]}")
+        assert ss[0]["reason"] == "closed", ss[0]
+    finally:
+        srv.close()
 
 
 def test_upstream_never_answers_connect_timeout(capd_factory):
