@@ -78,6 +78,9 @@ static const struct rpc_method *const rpc_tables[] = {
 };
 
 static int ctl_fd = -1;
+/* A descriptor held for the control socket alone: when sessions have taken
+ * every other one, the operator still gets in to see and kill them. */
+static int ctl_spare_fd = -1;
 static char *ctl_path;       /* unlinked at stop when we created it */
 static gid_t ctl_gid = (gid_t)-1;
 static ev_io ctl_accept_io;
@@ -207,6 +210,14 @@ ctl_conn_kill(struct ctl_conn *c)
 	shard_wake(capd_main);  /* its reaper runs on the main loop */
 }
 
+/* Takes the spare descriptor again once one is free (a control connection closed). */
+static void
+ctl_spare_take(void)
+{
+	if (ctl_spare_fd < 0)
+		ctl_spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
 static void
 ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
@@ -229,6 +240,7 @@ ctl_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		json_decref(c->batch);
 		json_decref(c->batch_out);
 		close(c->fd);
+		ctl_spare_take();
 		rpc_framer_free(&c->framer);
 		buf_free(&c->out);
 		free(c);
@@ -575,6 +587,12 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		struct ctl_conn *c;
 
 		if (fd < 0) {
+			if (errno == EMFILE && ctl_spare_fd >= 0) {
+				log_warnx("control: out of descriptors; using the one kept for capctl");
+				close(ctl_spare_fd);
+				ctl_spare_fd = -1;
+				continue;
+			}
 			if (errno == EMFILE || errno == ENFILE) {
 				ev_io_stop(loop, &ctl_accept_io);
 				ev_timer_set(&ctl_accept_pause, 1., 0.);
@@ -712,6 +730,7 @@ control_start(const struct capd_settings *st, char **why)
 #endif
 	if (ctl_fd < 0 && (ctl_fd = ctl_bind(st->control, st->control_group, why)) < 0)
 		return -1;
+	ctl_spare_take();
 	ev_io_init(&ctl_accept_io, ctl_accept_cb, ctl_fd, EV_READ);
 	ev_init(&ctl_accept_pause, ctl_accept_resume_cb);
 	ev_io_start(capd_main, &ctl_accept_io);
@@ -739,6 +758,9 @@ control_stop(void)
 	ev_prepare_stop(capd_main, &ctl_reaper);
 	close(ctl_fd);
 	ctl_fd = -1;
+	if (ctl_spare_fd >= 0)
+		close(ctl_spare_fd);
+	ctl_spare_fd = -1;
 	if (ctl_path) {
 		unlink(ctl_path);
 		free(ctl_path);

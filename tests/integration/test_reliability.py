@@ -3,6 +3,7 @@
 Each test names the fault it tries and asserts what a user must see."""
 
 import grp
+import json
 import os
 import pwd
 import resource
@@ -161,6 +162,39 @@ def test_idle_timeout_spares_a_download_the_client_reads_steadily(capd_factory):
         assert ss[0]["reason"] == "closed", ss[0]
     finally:
         srv.close()
+
+
+def test_capctl_reaches_capd_that_ran_out_of_descriptors(capd_factory, echo_server):
+    """When the sessions hold every descriptor capd may open, the proxies' listeners
+    pause (accept backs off) and so did the control socket's: `capctl sessions` and
+    `capctl kill`, what an operator reaches for to see and free what holds them,
+    connected into the backlog and then waited for ever, with no message. capd
+    now keeps a descriptor for the control socket."""
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{echo_server.port}\n")
+    held = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"hi")
+            assert s.recv(10) == b"hi"
+            held.append(s)
+        # no descriptor left: the limit is what capd holds now (those open stay open)
+        n = len(os.listdir(f"/proc/{c.proc.pid}/fd"))
+        subprocess.run(["prlimit", f"--pid={c.proc.pid}", f"--nofile={n}:{n}"], check=True)
+        p = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "--json", "sessions"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=8)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise AssertionError("capctl sessions got no answer in 8 s from a capd out of descriptors")
+        assert p.returncode == 0, err
+        assert len([x for x in json.loads(out) if x["state"] == "open"]) == 4
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_upstream_never_answers_connect_timeout(capd_factory):
