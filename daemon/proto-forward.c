@@ -22,7 +22,7 @@ struct forward_cfg {
 };
 
 static const char *const forward_keys[] = {
-	"to", "udp", "tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+	"to", "udp", "tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
 static int

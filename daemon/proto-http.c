@@ -19,7 +19,7 @@
 
 static const char *const http_keys[] = {
 	"connect_ports", "users", "auth", "max_header_size",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
 /* Checks Proxy-Authorization: Basic against the users; the name into user on success. */

@@ -18,7 +18,7 @@
 
 static const char *const reverse_keys[] = {
 	"route", "default", "max_header_size",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
 /* The route for name: exact patterns win, then the longest wildcard. */

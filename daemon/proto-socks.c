@@ -69,7 +69,7 @@ struct socks {
 
 static const char *const socks_keys[] = {
 	"users", "auth", "socks4", "handshake_timeout",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
 static int

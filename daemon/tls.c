@@ -56,7 +56,6 @@
 #include "tls-ca.h"
 #include "xmalloc.h"
 
-#define TLS_HS_TIMEOUT 20.0     /* seconds for both handshakes together */
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 #define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
@@ -186,8 +185,11 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 	else
 		return params_fail(p, "tls_capture", "'tls_capture' must be plain or both, not '%s'", cap);
 	if (params_bool(p, "tls_verify", true, &cfg->verify) < 0 ||
-	    params_bool(p, "tls_auto_passthrough", true, &cfg->auto_passthrough) < 0)
+	    params_bool(p, "tls_auto_passthrough", true, &cfg->auto_passthrough) < 0 ||
+	    params_duration(p, "tls_timeout", 20, &cfg->timeout) < 0)
 		return -1;
+	if (cfg->timeout <= 0)
+		return params_fail(p, "tls_timeout", "'tls_timeout' must be more than 0");
 	cfg->passthrough = xcalloc(1, sizeof *cfg->passthrough);
 	if ((pt = params_list(p, "tls_passthrough")) != NULL) {
 		size_t i;
@@ -248,6 +250,7 @@ tls_describe(const struct tls_cfg *cfg, json_t *o)
 		json_array_append_new(a, json_string(cfg->passthrough[i]));
 	json_object_set_new(o, "tls_passthrough", a);
 	json_object_set_new(o, "tls_auto_passthrough", json_boolean(cfg->auto_passthrough));
+	json_object_set_new(o, "tls_timeout", json_real(cfg->timeout));
 	a = json_array();
 	for (const struct tls_host *h = cfg->hosts; h; h = h->next)
 		if (h->rejects >= TLS_REJECT_LIMIT)
@@ -1508,7 +1511,7 @@ tls_peek(struct tls_session *ts)
 		return;
 	}
 	ev_timer_stop(capd_loop, &ts->timer);
-	ev_timer_set(&ts->timer, TLS_HS_TIMEOUT, 0.);
+	ev_timer_set(&ts->timer, ts->cfg->timeout, 0.);
 	ev_timer_start(capd_loop, &ts->timer);
 	tls_begin(ts);
 }
@@ -1604,7 +1607,7 @@ tls_intercept_start(struct session *s, struct tls_cfg *cfg)
 	ev_io_init(&s->upstream.rio, tls_io_cb, s->upstream.fd, EV_READ);
 	ev_io_init(&s->upstream.wio, tls_io_cb, s->upstream.fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s->upstream.rio.data = s->upstream.wio.data = s;
-	ev_timer_init(&ts->timer, tls_timeout_cb, TLS_HS_TIMEOUT, 0.);
+	ev_timer_init(&ts->timer, tls_timeout_cb, ts->cfg->timeout, 0.);
 	ts->timer.data = s;
 	ev_timer_start(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
@@ -1839,7 +1842,7 @@ tls_accept_start(struct session *s, struct tls_cfg *cfg)
 	ev_set_cb(&s->client.rio, tls_io_cb);
 	ev_set_cb(&s->client.wio, tls_io_cb);
 	s->client.rio.data = s->client.wio.data = s;
-	ev_timer_init(&ts->timer, tls_timeout_cb, TLS_HS_TIMEOUT, 0.);
+	ev_timer_init(&ts->timer, tls_timeout_cb, ts->cfg->timeout, 0.);
 	ts->timer.data = s;
 	ev_timer_start(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
@@ -1860,7 +1863,7 @@ tls_relay_start(struct session *s)
 	ev_io_init(&s->upstream.rio, tls_io_cb, s->upstream.fd, EV_READ);
 	ev_io_init(&s->upstream.wio, tls_io_cb, s->upstream.fd, EV_WRITE);
 	s->upstream.rio.data = s->upstream.wio.data = s;
-	ev_timer_set(&ts->timer, TLS_HS_TIMEOUT, 0.);
+	ev_timer_set(&ts->timer, ts->cfg->timeout, 0.);
 	ev_timer_start(capd_loop, &ts->timer);
 	tls_upstream_begin(ts);
 }

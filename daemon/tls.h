@@ -42,6 +42,7 @@ struct tls_cfg {
 	bool verify;              /* tls_verify: check the upstream against the system store */
 	bool capture_both;        /* tls_capture = both: ciphertext legs + key log too */
 	bool auto_passthrough;    /* tls_auto_passthrough */
+	double timeout;           /* tls_timeout: both handshakes together, seconds */
 	bool transparent;         /* forward: the client reached capd's address as the server's */
 	char **passthrough;       /* host or *.suffix patterns, NULL-terminated */
 	struct tls_host *hosts;   /* rejection counts; passthrough at TLS_REJECT_LIMIT */

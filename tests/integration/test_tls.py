@@ -345,15 +345,16 @@ def test_server_speaks_first_on_auto(capd):
 def test_auto_quiet_client_kept_as_without_tls(capd):
     """tls = auto: a client that is not TLS and has not spoken yet (someone typing
     into nc, a pooled connection) was cut after the 20 s TLS handshake timer; it now
-    waits like any relayed connection, for idle_timeout when one is set."""
+    waits like any relayed connection, for idle_timeout when one is set.
+    (tls_timeout, 20 s by default, is 1 s here.)"""
     echo = EchoServer()
     try:
-        port = add_forward(capd, echo.port, "--tls-auto")
-        short = add_forward(capd, echo.port, "--tls-auto", "--idle-timeout", "1s")
+        port = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "1s")
+        short = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "1s", "--idle-timeout", "1s")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c, \
                 socket.create_connection(("127.0.0.1", short), timeout=10) as q:
             assert q.recv(100) == b""  # idle_timeout still applies
-            time.sleep(21)
+            time.sleep(1.5)  # past tls_timeout
             c.sendall(b"typed after a while\n")
             assert c.recv(100) == b"typed after a while\n"
         reasons = {s["instance"]: s["reason"] for s in last_closed(capd, 2)}
@@ -455,22 +456,26 @@ def test_upstream_not_tls(capd):
 
 
 def test_upstream_handshake_timeout_alerts_the_client(capd):
-    """A server that accepts and never answers the ClientHello: after the 20 s the
+    """A server that accepts and never answers the ClientHello: after tls_timeout the
     client must get the handshake_failure alert that every other upstream failure
     gives, not a bare close (curl: SSL_ERROR_SYSCALL)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
     try:
-        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify")
+        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify", "--tls-timeout", "1s")
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+        t = time.time()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
             with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
                 ctx.wrap_socket(c, server_hostname=NAME)
+        assert 0.8 < time.time() - t < 5  # tls_timeout
         s = last_closed(capd)[-1]
         assert s["reason"] == "upstream handshake failed: timed out", s
+        inst = [i for i in capd.ctl("list", json_out=True) if i["name"] == f"forward-{port}"][0]
+        assert inst["tls_timeout"] == 1
     finally:
         srv.close()
 
