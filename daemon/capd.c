@@ -205,6 +205,17 @@ capd_reload_added(void *arg, struct instance *inst, const char *why)
 		capd_reload_end(r);
 }
 
+/* A reload keeps the value in force (cur) of a setting read at start only, and
+ * says so, naming key, when the file now asks for another. */
+static void
+capd_keep(char **next, const char *cur, const char *key)
+{
+	if (key && strcmp(*next ? *next : "", cur ? cur : "") != 0)
+		log_notice("%s changes only at restart", key);
+	free(*next);
+	*next = cur ? xstrdup(cur) : NULL;
+}
+
 static int
 capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 {
@@ -265,17 +276,27 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		log_notice("control socket path changes only at restart");
 	if (c->settings.workers != capd_settings->workers)
 		log_notice("workers changes only at restart");
-	/* the block capd wrote, and the rights kept to rewrite it, are the old file's */
-	if (strcmp(c->settings.hosts_file ? c->settings.hosts_file : "",
-	           capd_settings->hosts_file ? capd_settings->hosts_file : "") != 0)
-		log_notice("hosts_file changes only at restart");
 	capd_apply_log_level(&c->settings);
-	spool_reconfigure(&c->settings);
-	/* the socket path in force stays what we bound, the hosts file what we edit */
-	free(c->settings.control);
-	c->settings.control = xstrdup(capd_settings->control);
-	free(c->settings.hosts_file);
-	c->settings.hosts_file = capd_settings->hosts_file ? xstrdup(capd_settings->hosts_file) : NULL;
+	spool_reconfigure(&c->settings);  /* says itself that the spool folder stays */
+	/*
+	 * What start-up used stays in force, or capd would show and half use a
+	 * setting it never applied: the socket bound and its group, the spool
+	 * folder written, the user switched to, the state folder of the session
+	 * ids, the CA read, the hosts file holding capd's block.
+	 */
+	capd_keep(&c->settings.control, capd_settings->control, NULL);
+	capd_keep(&c->settings.spool, capd_settings->spool, NULL);
+	capd_keep(&c->settings.control_group, capd_settings->control_group, "control_group");
+	capd_keep(&c->settings.user, capd_settings->user, "user");
+	capd_keep(&c->settings.state_dir, capd_settings->state_dir, "state_dir");
+	capd_keep(&c->settings.hosts_file, capd_settings->hosts_file, "hosts_file");
+	/* unset means state_dir/ca.pem, which the TLS code may have filled in */
+	if (c->settings.ca_cert == NULL && capd_settings->ca_cert != NULL)
+		c->settings.ca_cert = xasprintf("%s/ca.pem", c->settings.state_dir);
+	if (c->settings.ca_key == NULL && capd_settings->ca_key != NULL)
+		c->settings.ca_key = xasprintf("%s/ca.key", c->settings.state_dir);
+	capd_keep(&c->settings.ca_cert, capd_settings->ca_cert, "ca_cert");
+	capd_keep(&c->settings.ca_key, capd_settings->ca_key, "ca_key");
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;

@@ -276,6 +276,33 @@ def test_reload(capd_factory, echo_server):
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["a"]
 
 
+def test_reload_keeps_settings_read_at_start(capd_factory, tmp_path):
+    """A reload that changes a [capd] setting read only at start says so, once per
+    key, and capd keeps showing and using the value it started with (status used
+    to name the new spool folder, which nothing was written to)."""
+    c = capd_factory("")
+    spool, state = str(c.spool), str(c.state)
+    conf = c.conf_path.read_text()
+    conf = conf.replace(f"spool = {spool}", f"spool = {tmp_path}/spool2")
+    conf = conf.replace(f"state_dir = {state}", f"state_dir = {tmp_path}/state2")
+    # the keys added go to [capd], the file's only section
+    c.conf_path.write_text(conf + f"user = root\ncontrol_group = root\nca_cert = {tmp_path}/ca2.pem\n")
+    c.ctl("reload")
+    st = c.ctl("status", json_out=True)
+    assert st["spool"] == spool
+    log = c.log()
+    for key in ("spool folder", "state_dir", "user", "control_group", "ca_cert"):
+        assert f"{key} changes only at restart" in log, log
+    assert not (tmp_path / "spool2").exists() and not (tmp_path / "state2").exists()
+    # a reload of the same file says nothing more
+    n = log.count("changes only at restart")
+    c.ctl("reload")
+    assert c.log().count("changes only at restart") == n * 2
+    c.write_conf()
+    c.ctl("reload")
+    assert c.log().count("changes only at restart") == n * 2, c.log()
+
+
 def test_reload_keeps_capctl_instances(capd_factory, echo_server):
     c = capd_factory("")
     port = free_port()
