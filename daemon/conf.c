@@ -16,6 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "addr.h"
 #include "instance.h"
 #include "log.h"
 #include "values.h"
@@ -413,6 +414,50 @@ conf_reader(char *str, int num, void *stream)
 	return cp->why ? NULL : str;
 }
 
+/*
+ * Two sections on one listen address: each section is good alone, but the
+ * second cannot bind at start (or at a reload), so capd -t must say so too.
+ * A wildcard address takes the port on every address of its family (IPv6
+ * listeners are IPv6 only).
+ */
+static int
+conf_check_listens(struct conf_parse *cp)
+{
+	size_t n = json_array_size(cp->c->instances), i, j;
+	struct sockaddr_storage *ss = xcalloc(n ? n : 1, sizeof *ss);
+	json_t *e;
+	int rc = 0;
+
+	json_array_foreach(cp->c->instances, i, e) {
+		const char *listen = json_string_value(json_object_get(json_object_get(e, "params"), "listen"));
+		socklen_t len;
+		char *err = NULL;
+
+		/* no listen (sniff, trace): the family stays AF_UNSPEC and matches nothing */
+		if (listen == NULL || addr_parse_listen(listen, &ss[i], &len, &err) < 0) {
+			free(err);
+			continue;
+		}
+		for (j = 0; j < i; j++) {
+			const struct sockaddr *a = (struct sockaddr *)&ss[i], *b = (struct sockaddr *)&ss[j];
+			if (a->sa_family != b->sa_family || addr_port(a) != addr_port(b) ||
+			    !(addr_same(a, b, false) || addr_is_any(a) || addr_is_any(b)))
+				continue;
+			json_t *other = json_array_get(cp->c->instances, j);
+			json_t *op = json_object_get(other, "params");
+			cp->line = (int)json_integer_value(json_object_get(json_object_get(e, "lines"), "listen"));
+			conf_fail(cp, "listen = %s: the port is taken by [%s %s] (line %d)", listen,
+			          json_string_value(json_object_get(op, "type")), json_string_value(json_object_get(op, "name")),
+			          (int)json_integer_value(json_object_get(json_object_get(other, "lines"), "listen")));
+			rc = -1;
+			goto out;
+		}
+	}
+out:
+	free(ss);
+	return rc;
+}
+
 static struct conf *
 conf_parse_with(struct conf_parse *cp, char **why)
 {
@@ -435,6 +480,8 @@ conf_parse_with(struct conf_parse *cp, char **why)
 				break;
 		}
 	}
+	if (cp->why == NULL)
+		conf_check_listens(cp);
 	if (cp->why) {
 		*why = cp->why;
 		conf_free(c);

@@ -603,6 +603,27 @@ def test_capd_t_listen_port_out_of_range(tmp_path):
         rc, err = capd_t(tmp_path, f"[forward f]\nlisten = 61090\nto = {to}\n")
         assert rc == 1 and f"t.conf:3: bad IPv4 address in '{to}'" in err, (to, err)
 
+def test_capd_t_two_sections_on_one_listen_address(tmp_path, capd_factory):
+    """capd -t called a file good whose two sections listen on one address, and
+    capd then failed to start the second; now -t, start-up and a reload refuse it
+    with the line, whatever the spelling (61091, 127.0.0.1:61091, a wildcard)."""
+    to = "to = 127.0.0.1:80\n"
+    rc, err = capd_t(tmp_path, f"[forward a]\nlisten = 61091\n{to}\n[socks b]\nlisten = 127.0.0.1:61091\n")
+    assert rc == 1 and "t.conf:6: listen = 127.0.0.1:61091: the port is taken by [forward a] (line 2)" in err, err
+    rc, err = capd_t(tmp_path, f"[forward a]\nlisten = *:61091\nexpose = yes\n{to}[sniff s]\ninterface = lo\n"
+                               "[http b]\nlisten = 127.0.0.2:61091\n")
+    assert rc == 1 and "t.conf:8: listen = 127.0.0.2:61091: the port is taken by [forward a] (line 2)" in err, err
+    # other addresses, or the other family, are another listening socket
+    rc, err = capd_t(tmp_path, f"[forward a]\nlisten = 61091\n{to}[forward b]\nlisten = 127.0.0.2:61091\n{to}"
+                               f"[forward c]\nlisten = [::1]:61091\n{to}")
+    assert rc == 0, err
+    p1, p2 = free_port(), free_port()
+    c = capd_factory(f"[forward a]\nlisten = {p1}\n{to}[forward b]\nlisten = {p2}\n{to}")
+    c.write_conf(f"[forward a]\nlisten = {p1}\n{to}[forward b]\nlisten = {p1}\n{to}")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "reload failed, nothing changed" in r.stderr and "port is taken" in r.stderr, r.stderr
+    assert sorted(i["listen"] for i in c.ctl("list", json_out=True)) == sorted([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"])
+
 def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
     """upstream = [::1] (the form capd prints) was refused for lacking a port."""
     rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [::1]\n")
