@@ -377,6 +377,14 @@ conf_reader_line(struct conf_parse *cp, char *str, int num, bool more)
 		t += 3;
 	while (*t == ' ' || *t == '\t')
 		t++;
+	/* inih cuts a " ; note" after a value but keeps a " # note" in it (a spool
+	 * folder named "sp # note"): '#' after a blank starts a comment as ';' does */
+	for (char *h = str + 1; (h = strchr(h, '#')) != NULL; h++)
+		if (h[-1] == ' ' || h[-1] == '\t') {
+			h[0] = '\n';
+			h[1] = '\0';
+			break;
+		}
 	cp->cont = false;
 	if (*t == '\0' || *t == '\n' || *t == '\r' || *t == ';' || *t == '#')
 		return;

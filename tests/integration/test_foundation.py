@@ -624,6 +624,23 @@ def test_capd_t_two_sections_on_one_listen_address(tmp_path, capd_factory):
     assert r.returncode == 1 and "reload failed, nothing changed" in r.stderr and "port is taken" in r.stderr, r.stderr
     assert sorted(i["listen"] for i in c.ctl("list", json_out=True)) == sorted([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"])
 
+def test_hash_comment_after_a_value(capd_factory, echo_server):
+    """A '#' note after a value stayed in it (inih cuts only ' ;' ones): a path key
+    silently named a file or folder 'x # note', other keys failed as bad values.
+    Now ' #' starts a comment as ' ;' does, on key lines and continued lines."""
+    p = free_port()
+    c = capd_factory(f"[forward a]   # the echo\nlisten = {p} # here\nto = 127.0.0.1:{echo_server.port}\t# echo\n"
+                     "idle_timeout = 5 # seconds\n",
+                     settings="rotate_size = 1M # small\ncontrol_group = root # admins\n")
+    got = c.ctl("list", json_out=True)[0]
+    assert got["listen"] == f"127.0.0.1:{p}" and got["to"] == f"127.0.0.1:{echo_server.port}", got
+    assert exchange(p, b"noted") == b"noted"
+    rc, err = capd_t(c.dir, "[sniff s]\ninterface = lo\nfilter = tcp port 80 # web\n    or udp port 53 # dns\n")
+    assert rc == 0, err
+    # a '#' inside a value, with no blank before it, stays
+    rc, err = capd_t(c.dir, "[capd]\nrotate_size = 1M#x\n")
+    assert rc == 1 and "'1M#x'" in err, err
+
 def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
     """upstream = [::1] (the form capd prints) was refused for lacking a port."""
     rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [::1]\n")
