@@ -416,6 +416,21 @@ conf_reader(char *str, int num, void *stream)
 		}
 		str[i] = '\0';
 	}
+	/* a line of the longest length ending in CRLF fills the buffer up to its CR:
+	 * its LF, read next, would be taken for a line of its own */
+	size_t len = strlen(str);
+	if (len == (size_t)num - 1 && str[len - 1] == '\r') {
+		if (cp->fp) {
+			int ch = getc(cp->fp);
+			if (ch == '\n')
+				str[len - 1] = '\n';
+			else if (ch != EOF)
+				ungetc(ch, cp->fp);
+		} else if (cp->text[cp->pos] == '\n') {
+			cp->pos++;
+			str[len - 1] = '\n';
+		}
+	}
 	cp->line++;
 	bool more = cp->fp ? !feof(cp->fp) && (ungetc(getc(cp->fp), cp->fp) != EOF) : cp->text[cp->pos] != '\0';
 	conf_reader_line(cp, str, num, more);

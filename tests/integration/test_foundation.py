@@ -641,6 +641,19 @@ def test_hash_comment_after_a_value(capd_factory, echo_server):
     rc, err = capd_t(c.dir, "[capd]\nrotate_size = 1M#x\n")
     assert rc == 1 and "'1M#x'" in err, err
 
+def test_capd_t_longest_line_with_crlf(tmp_path):
+    """A line of the 198 characters capd.conf(5) allows was refused as longer
+    than 198 when the file has CRLF line ends (a Windows editor)."""
+    line = "spool = /" + "x" * 189
+    assert len(line) == 198
+    rc, err = capd_t(tmp_path, f"[capd]\r\n{line}\r\n[forward f]\r\nlisten = 61090\r\nto = 127.0.0.1:80\r\n")
+    assert rc == 0, err
+    # and the lines after it keep their numbers
+    rc, err = capd_t(tmp_path, f"[capd]\r\n{line}\r\nbogus = 1\r\n")
+    assert rc == 1 and "t.conf:3: unknown key 'bogus' in [capd]" in err, err
+    rc, err = capd_t(tmp_path, f"[capd]\r\n{line}x\r\n")
+    assert rc == 1 and "t.conf:2: line longer than 198 characters" in err, err
+
 def test_dns_upstream_ipv6_in_brackets_without_port(tmp_path):
     """upstream = [::1] (the form capd prints) was refused for lacking a port."""
     rc, err = capd_t(tmp_path, "[dns d]\nlisten = 61055\nupstream = [::1]\n")
