@@ -35,6 +35,30 @@ rpc_session_id(json_t *params, uint64_t *id)
 	return -1;
 }
 
+/* Why id cannot be watched or killed: one that has ended is named as such,
+ * as `capctl sessions` still lists it. Returns NULL, err filled in. */
+json_t *rpc_session_missing(uint64_t id, struct rpc_err *err);
+json_t *
+rpc_session_missing(uint64_t id, struct rpc_err *err)
+{
+	json_t *all = session_list_json(NULL, false), *o;
+	json_t *found = NULL;
+	size_t i;
+
+	json_array_foreach(all, i, o)
+		if (json_integer_value(json_object_get(o, "id")) == (json_int_t)id)
+			found = o;
+	if (found != NULL) {
+		const char *reason = json_string_value(json_object_get(found, "reason"));
+		rpc_fail(err, RPC_E_NOT_FOUND, "session %llu has ended (%s)", (unsigned long long)id,
+		         reason ? reason : "closed");
+	} else {
+		rpc_fail(err, RPC_E_NOT_FOUND, "no session %llu", (unsigned long long)id);
+	}
+	json_decref(all);
+	return NULL;
+}
+
 static json_t *
 rpc_session_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
@@ -72,7 +96,7 @@ rpc_session_kill(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	if (rpc_session_id(params, &id) < 0)
 		return rpc_fail(err, RPC_E_PARAMS, "session.kill needs \"id\", a positive session number");
 	if (session_call(id, rpc_session_kill_here, &o) < 0)
-		return rpc_fail(err, RPC_E_NOT_FOUND, "no session %llu", (unsigned long long)id);
+		return rpc_session_missing(id, err);
 	return o;
 }
 

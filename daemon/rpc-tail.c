@@ -21,6 +21,7 @@
 #include "tail.h"
 
 int rpc_session_id(json_t *params, uint64_t *id);  /* rpc-session.c */
+json_t *rpc_session_missing(uint64_t id, struct rpc_err *err);
 
 static json_t *
 rpc_session_tail(struct ctl_conn *c, json_t *params, struct rpc_err *err)
@@ -39,18 +40,7 @@ rpc_session_tail(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	}
 	if ((s = session_find(id)) == NULL || s->state == SESSION_CLOSED) {
 		/* a session that already ended is named as such: its backlog went with it */
-		json_t *all = session_list_json(NULL, false), *o;
-		const char *reason = NULL;
-		size_t i;
-		json_array_foreach(all, i, o)
-			if (json_integer_value(json_object_get(o, "id")) == (json_int_t)id)
-				reason = json_string_value(json_object_get(o, "reason"));
-		if (reason != NULL)
-			rpc_fail(err, RPC_E_NOT_FOUND, "session %llu has ended (%s)", (unsigned long long)id, reason);
-		else
-			rpc_fail(err, RPC_E_NOT_FOUND, "no session %llu", (unsigned long long)id);
-		json_decref(all);
-		return NULL;
+		return rpc_session_missing(id, err);
 	}
 	if (tail_subscribe(s, c, backlog, &why) < 0) {
 		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);

@@ -475,6 +475,19 @@ def test_kill_ends_long_transfer(capd):
     assert resets > 0
 
 
+def test_kill_of_an_ended_session_says_it_ended(capd, echo_server):
+    """A session `capctl sessions` still lists as closed is not 'no session N' to kill."""
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.close()
+    capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+    r = capd.ctl("kill", sid, check=False)
+    assert r.returncode == 1
+    assert f"session {sid} has ended (" in r.stderr, r.stderr
+    r = capd.ctl("tail", "session", sid, check=False)
+    assert r.returncode == 1 and f"session {sid} has ended (" in r.stderr
+
+
 def test_sessions_table(capd, echo_server):
     port = forward(capd, echo_server.port, name="fw")
     s, sid = open_session(capd, port)
