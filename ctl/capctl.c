@@ -3,6 +3,7 @@
  * table. Exit 0 on success, 1 when capd refused or is unreachable, 2 on
  * bad usage.
  */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,24 @@ word_match(const char *word, const char *const *words, int n)
 	return found;
 }
 
+/*
+ * What a command printed must have reached its file: `capctl ca export >
+ * ca.pem` on a full disk is a failure, not an empty file and exit 0. A
+ * reader that went away (SIGPIPE ignored) is not an error, as for tail.
+ */
+static int
+ctl_stdout_done(int rc)
+{
+	errno = 0;
+	if (fflush(stdout) == 0 && !ferror(stdout))
+		return rc;
+	if (errno == EPIPE)
+		return rc;
+	/* stdio drops what it failed to write: errno is gone when the failure came before */
+	fprintf(stderr, "capctl: cannot write the output: %s\n", errno ? strerror(errno) : "write error");
+	return CTL_FAIL;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -81,7 +100,7 @@ main(int argc, char **argv)
 			o.json = true;
 		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
 			usage(stdout);
-			return CTL_OK;
+			return ctl_stdout_done(CTL_OK);
 		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
 			printf("capctl 0.1.0\n");
 			return CTL_OK;
@@ -118,5 +137,5 @@ main(int argc, char **argv)
 	}
 	int rc = cmds[k]->exec(&o, n, rest);
 	free(rest);
-	return rc;
+	return ctl_stdout_done(rc);
 }

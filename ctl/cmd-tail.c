@@ -55,6 +55,7 @@ tail_check_stdout(struct tail_out *t)
 		fprintf(stderr, "capctl: cannot write: %s\n", strerror(errno));
 	t->rc = errno == EPIPE ? CTL_OK : CTL_FAIL;
 	t->ended = true;
+	clearerr(stdout);  /* said once: main's check of stdout has nothing more to tell */
 }
 
 static void

@@ -245,3 +245,21 @@ def test_list_names_tls_once(fake_capd):
     assert rows["t2"].endswith("  auth, tls auto, passthrough (clients rejected the certificate): a.test b.test"), rows
     assert rows["t3"].endswith("  to 127.0.0.1:443, tls yes"), rows["t3"]
     assert "tls" not in rows["t4"]
+
+
+# ---------------------------------------------------------------- output that cannot be written
+
+@pytest.mark.parametrize("args", [("status",), ("list",), ("--json", "sessions"), ("ca", "export"),
+                                  ("ca", "export", "--der")])
+def test_output_that_cannot_be_written_fails(capd, args):
+    """`capctl ca export > ca.pem` on a full disk must not exit 0 with an empty file."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), *args], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=20)
+    assert r.returncode == 1, r.stderr
+    assert "cannot write" in r.stderr and "No space left" in r.stderr
+    # a reader that goes away early is not an error
+    r = subprocess.run(f"'{CAPCTL}' -s '{capd.sock}' {' '.join(args)} | head -c 1 >/dev/null; "
+                       "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+                       text=True, timeout=20)
+    assert r.stdout.strip() in ("0", "141") and "cannot write" not in r.stderr
