@@ -46,6 +46,19 @@ table_add(struct table *t, ...)
 	t->nrows++;
 }
 
+/* The columns a cell takes on a terminal: its characters, not its bytes (capd's
+ * strings are UTF-8, and a name or a traced command line may hold "é"). */
+static int
+table_width(const char *s)
+{
+	int n = 0;
+
+	for (; *s != '\0'; s++)
+		if (((unsigned char)*s & 0xc0) != 0x80)  /* not a continuation byte */
+			n++;
+	return n;
+}
+
 void
 table_print(struct table *t)
 {
@@ -53,7 +66,7 @@ table_print(struct table *t)
 
 	for (int r = 0; r < t->nrows; r++)
 		for (int c = 0; c < t->ncols; c++) {
-			int len = (int)strlen(t->cells[r * t->ncols + c]);
+			int len = table_width(t->cells[r * t->ncols + c]);
 			if (len > w[c])
 				w[c] = len;
 		}
@@ -63,7 +76,7 @@ table_print(struct table *t)
 			if (c == t->ncols - 1)
 				printf("%s", cell);
 			else
-				printf("%-*s  ", w[c], cell);
+				printf("%s%*s", cell, w[c] - table_width(cell) + 2, "");
 		}
 		printf("\n");
 	}

@@ -263,3 +263,16 @@ def test_output_that_cannot_be_written_fails(capd, args):
                        "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
                        text=True, timeout=20)
     assert r.stdout.strip() in ("0", "141") and "cannot write" not in r.stderr
+
+
+# ---------------------------------------------------------------- tables
+
+def test_table_columns_line_up_with_utf8_names(capd):
+    """Widths count characters, not bytes: a name with "ü" does not shift the columns after it."""
+    for name in ("ünïcode-forward", "plain"):
+        capctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", name, sock=capd.sock)
+    r = capctl("list", sock=capd.sock)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[1].index(" forward ") == lines[2].index(" forward ") == lines[0].index(" TYPE "), r.stdout
