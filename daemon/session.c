@@ -511,16 +511,55 @@ session_connect_share(struct session *s)
 	ev_timer_start(capd_loop, &s->timer);
 }
 
+/*
+ * Whether a connect to sa would reach this instance's own listener: its own
+ * address and port, or a loopback address on its port while it listens on
+ * every address. A hosts entry or DNS answer that sends a name to capd also
+ * reaches capd's resolver: a forward or reverse instance whose target is that
+ * name would connect to itself, and each new session again, until capd runs
+ * out of descriptors.
+ */
+static bool
+session_target_is_self(const struct session *s, const struct sockaddr *sa)
+{
+	const struct sockaddr *l = (const struct sockaddr *)&s->inst->listen;
+
+	if (!s->inst->proto->listens)
+		return false;
+	if (addr_same(sa, l, true))
+		return true;
+	return addr_is_any(l) && addr_port(sa) == addr_port(l) && sa->sa_family == l->sa_family &&
+	       addr_is_loopback(sa);
+}
+
 static void
 session_connect_next(struct session *s)
 {
 	for (; s->cand < s->ncands; s->cand++) {
 		struct sockaddr *sa = (struct sockaddr *)&s->cands[s->cand];
-		int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		int fd;
 		int err;
 
 		memcpy(&s->target_addr, sa, addr_len(sa));
 		s->have_target = true;
+		if (session_target_is_self(s, sa)) {
+			char a[ADDR_STRLEN];
+			addr_format(sa, a, sizeof a);
+			free(s->why_connect);
+			if (s->target_name[0])
+				s->why_connect = xasprintf("%s resolves to this instance's own address %s (a hosts entry or "
+				                           "DNS answer sends the name to capd): use the server's address",
+				                           s->target_name, a);
+			else
+				s->why_connect = xasprintf("%s is this instance's own address", a);
+			if (s->cand + 1 >= s->ncands) {
+				s->cand++;
+				session_connect_defer(s, ELOOP);
+				return;
+			}
+			continue;
+		}
+		fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 		if (fd < 0) {
 			err = errno;
 			free(s->why_connect);

@@ -334,3 +334,27 @@ def test_reverse_tls_pipelined_requests_and_close_in_one_read(capd, tls_reverse)
     assert got.count(test_tls.BODY) == 2
     s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
     assert s["reason"] == "closed", s
+
+
+def test_route_to_a_name_capd_redirects_is_not_a_loop(netns, ns_etc, ns_capd):
+    """The no-proxy setup written with the name on both sides (`hosts add www.loop.test`,
+    `route = www.loop.test=www.loop.test:PORT`): capd's resolver reads the hosts file
+    too, so the route led to the instance itself, and each new session again: the request
+    went round ~120 times until its Via lines made a 431 (a forward instance looped until
+    capd ran out of descriptors). capd now answers 502 saying why, with one session."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    port = 61080
+    c = ns_capd(netns, f"[reverse r]\nlisten = 127.0.0.1:{port}\nroute = www.loop.test=www.loop.test:{port}\n"
+                       f"[forward f]\nlisten = 127.0.0.1:{port + 1}\nto = www.loop.test:{port + 1}\n",
+                settings="hosts_file = /etc/hosts\n")
+    c.ctl("hosts", "add", "www.loop.test")
+    r = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "5", "-i",
+                        f"http://www.loop.test:{port}/"], capture_output=True, timeout=20)
+    assert status_of(r.stdout) == 502, r.stdout + r.stderr
+    assert b"resolves to this instance's own address 127.0.0.1:" in r.stdout, r.stdout
+    subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "2",
+                    f"http://www.loop.test:{port + 1}/"], capture_output=True, timeout=20)
+    ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
+    assert len(ss) == 2, ss  # one each: no session led to another
+    assert all("own address" in s["reason"] for s in ss), ss
