@@ -1400,7 +1400,14 @@ tls_upstream_failed(struct tls_session *ts, const char *why)
 	ev_io_stop(capd_loop, &ts->u.sd->rio);
 	ev_io_stop(capd_loop, &ts->u.sd->wio);
 	if (ts->accept_only) {
-		tls_fail(ts, why);  /* the client's handshake is long done: no alert to give */
+		/* the client's handshake is long done and its request waits: no alert
+		 * to give, but the proxy answers it as for a failed connect (reverse:
+		 * 502 with why) rather than closing (curl: "Empty reply from server") */
+		ev_timer_stop(capd_loop, &ts->timer);
+		ts->st = TLS_ST_ACCEPTED;
+		free(ts->s->why_connect);
+		ts->s->why_connect = xstrdup(why);
+		ts->s->inst->proto->connected(ts->s, EPROTO);
 		return;
 	}
 	/* the client gets a handshake_failure alert, then the session closes with why */

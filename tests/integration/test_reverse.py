@@ -225,7 +225,7 @@ def tls_reverse(capd, tmp_path):
         def get(*args, n=1):
             return curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
                         *args, *[url] * n)
-        get.port, get.ca = port, ca
+        get.port, get.ca, get.origin_port = port, ca, o.port
         yield get, test_tls
     finally:
         o.stop()
@@ -358,3 +358,25 @@ def test_route_to_a_name_capd_redirects_is_not_a_loop(netns, ns_etc, ns_capd):
     ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
     assert len(ss) == 2, ss  # one each: no session led to another
     assert all("own address" in s["reason"] for s in ss), ss
+
+
+def test_reverse_tls_upstream_handshake_failure_is_a_502(capd, tls_reverse, origins):
+    """A `--tls` reverse instance whose upstream TLS fails (a certificate capd does not
+    trust, a server that is not TLS): the client's TLS and its request were done, yet it
+    got a bare close (curl: "Empty reply from server"); it gets a 502 saying why."""
+    get, test_tls = tls_reverse
+    a, b, c = origins
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "rv", "--tls",
+             "--route", f"{test_tls.NAME}=127.0.0.1:{get.origin_port}",  # verified: the origin's CA is not capd's
+             "--route", f"plain.example.test=127.0.0.1:{a.port}")           # plain HTTP
+    for name, why in ((test_tls.NAME, b"upstream certificate did not verify"),
+                      ("plain.example.test", b"upstream handshake failed")):
+        r = curl("--http1.1", "-i", "--cacert", get.ca, "--resolve", f"{name}:{port}:127.0.0.1",
+                 f"https://{name}:{port}/x")
+        assert r.returncode == 0, (name, r.stderr)
+        assert status_of(r.stdout) == 502, r.stdout
+        assert why in r.stdout, r.stdout
+    ss = [s for s in capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "rv" and s["state"] == "closed"]) >= 2)
+          if s["instance"] == "rv"]
+    assert all(s["reason"].startswith("502 Bad Gateway: upstream ") for s in ss), ss
