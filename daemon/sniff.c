@@ -79,6 +79,48 @@ sniff_linktype(int dlt)
 	}
 }
 
+/*
+ * What libpcap says against a filter before any device is open; NULL when
+ * only the real device can tell. A filter that compiles for one of the
+ * usual link types may suit the device (vlan on Ethernet, not on a cooked
+ * capture). One none compiles is refused unless libpcap blamed a name it
+ * could not look up (a host, port or protocol: the resolver may answer at
+ * start) or the link type: an error in the expression itself, a syntax
+ * error or a bad value alike (port 99999, net 10.0.0.1/8, a cut Ethernet
+ * address), that `capd -t` would otherwise call good and start-up refuse.
+ */
+static char *
+sniff_filter_check(const char *filter, unsigned snaplen)
+{
+	static const int dlts[] = { DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_RAW,
+	                            DLT_IEEE802_11_RADIO, DLT_NULL };
+	char *first = NULL;
+
+	for (size_t i = 0; i < sizeof dlts / sizeof dlts[0]; i++) {
+		pcap_t *dead = pcap_open_dead(dlts[i], (int)snaplen);
+		struct bpf_program prog;
+		bool ok;
+
+		if (dead == NULL)
+			continue;
+		if ((ok = pcap_compile(dead, &prog, filter, 1, PCAP_NETMASK_UNKNOWN) == 0))
+			pcap_freecode(&prog);
+		else if (first == NULL)
+			first = xstrdup(pcap_geterr(dead));
+		pcap_close(dead);
+		/* a name that did not resolve: no need to ask the resolver again per link type */
+		if (ok || strstr(first, "unknown") != NULL) {
+			free(first);
+			return NULL;
+		}
+	}
+	if (first != NULL && strstr(first, "support") != NULL) {
+		free(first);
+		return NULL;
+	}
+	return first;
+}
+
 static int
 sniff_configure(struct instance *inst, struct params *p)
 {
@@ -102,26 +144,19 @@ sniff_configure(struct instance *inst, struct params *p)
 	sn->cfg.snaplen = (unsigned)snaplen;
 	sn->cfg.interface = xstrdup(iface);
 	if (filter && *filter && !capd_serving) {
-		/*
-		 * Syntax errors show up here, with the config line, for `capd -t` and
-		 * at start-up. Once the daemon serves, compiling here could wait on a
-		 * host name's lookup in the loop: sniff_prepare's compile, off the
-		 * loop, tells instead. What depends on the link type (ether host on a
-		 * cooked capture) can only be checked against the real device.
-		 */
-		pcap_t *dead = pcap_open_dead(DLT_EN10MB, (int)sn->cfg.snaplen);
-		struct bpf_program prog;
+		char *bad;
 
-		if (dead == NULL)
-			return params_fail(p, "filter", "libpcap cannot check the filter");
-		if (pcap_compile(dead, &prog, filter, 1, PCAP_NETMASK_UNKNOWN) == 0) {
-			pcap_freecode(&prog);
-		} else if (strstr(pcap_geterr(dead), "syntax error") != NULL) {
-			params_fail(p, "filter", "bad filter '%s': %s", filter, pcap_geterr(dead));
-			pcap_close(dead);
+		/*
+		 * Errors show up here, with the config line, for `capd -t` and at
+		 * start-up. Once the daemon serves, compiling here could wait on a
+		 * host name's lookup in the loop: sniff_prepare's compile, off the
+		 * loop, tells instead.
+		 */
+		if ((bad = sniff_filter_check(filter, sn->cfg.snaplen)) != NULL) {
+			params_fail(p, "filter", "bad filter '%s': %s", filter, bad);
+			free(bad);
 			return -1;
 		}
-		pcap_close(dead);
 	}
 	if (filter && *filter)
 		sn->cfg.filter = xstrdup(filter);

@@ -485,3 +485,22 @@ def test_stop_while_a_sniffer_waits_on_its_filter(netns, slow_dns, ns_capd):
     assert time.time() - t0 < slow_dns, "the stop waited for the lookup"
     add.communicate(timeout=10)
     assert add.returncode != 0
+
+
+def test_config_check_refuses_bad_filter_values(tmp_path):
+    """`capd -t` calls a filter good only when start-up will take it: a bad value
+    (a port past 65535, host bits in a net, a cut Ethernet address) is refused
+    with file:line like a syntax error, while what only the device or the
+    resolver can judge (vlan on a cooked capture, a name) is left to start-up."""
+    def check(flt):
+        conf = tmp_path / "f.conf"
+        conf.write_text(f"[capd]\nspool = {tmp_path}/spool\n[sniff x]\ninterface = lo\nfilter = {flt}\n")
+        return subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True)
+
+    for flt, why in (("tcp port 99999", "illegal port number"), ("net 10.0.0.1/8", "non-network bits"),
+                     ("ether host 1:2:3:4:5", "bogus ethernet address")):
+        r = check(flt)
+        assert r.returncode == 1 and f"f.conf:5: bad filter '{flt}': {why}" in r.stderr, r.stderr
+    for flt in ("vlan and tcp", "wlan host 01:02:03:04:05:06", "port nosuchservice", "not port 22"):
+        r = check(flt)
+        assert r.returncode == 0, (flt, r.stderr)
