@@ -1367,6 +1367,7 @@ static void *
 writer_main(void *arg)
 {
 	double next_tick = mono_now() + q.flush_interval / 2;
+	unsigned keep = w.keep_files;  /* what the ring was last trimmed to */
 
 	(void)arg;
 	pthread_setname_np(pthread_self(), "capd-spool");  /* top -H, /proc/PID/task/N/comm */
@@ -1396,6 +1397,13 @@ writer_main(void *arg)
 		rot = q.rotate_req;
 		stop = q.stop;
 		pthread_mutex_unlock(&q.mu);
+
+		/* A reload that lowers keep_files frees the disk now, not at the next rotation. */
+		if (w.keep_files != keep) {
+			if (w.keep_files < keep && w.fd >= 0)
+				writer_trim(w.keep_files);
+			keep = w.keep_files;
+		}
 
 		w.ext_ok = true;
 		for (size_t off = start; h != NULL && off < end;) {

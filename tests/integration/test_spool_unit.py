@@ -235,6 +235,24 @@ def test_rotation_keeps_ring(capd_factory, server, tmp_path):
     assert len(a) + len(b) > 3 << 19
 
 
+
+def test_reload_lowering_keep_files_trims_now(capd_factory):
+    """A reload that lowers keep_files deletes the oldest files at once, as
+    capture status then says, and not only at the next rotation (which a
+    64M rotate_size may put off for hours while the disk fills)."""
+    capd = capd_factory(settings="keep_files = 10\n")
+    for _ in range(5):
+        capd.ctl("capture", "rotate")
+    files = capd.pcaps()
+    assert len(files) == 6 and status(capd)["files"] == 6
+    capd.write_conf(settings="keep_files = 2\n")
+    capd.ctl("reload")
+    deadline = time.time() + 2
+    while len(capd.pcaps()) > 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert capd.pcaps() == files[-2:]
+    assert status(capd)["files"] == 2 and status(capd)["file"] == str(files[-1])
+
 @pytest.fixture
 def xfs_mount(tmp_path):
     """Mounts a fresh XFS file system (a loop device over a file) at a path; yields the mounter,
