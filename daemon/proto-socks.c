@@ -258,14 +258,25 @@ socks_refuse(struct session *s, uint8_t rep, const char *fmt, ...)
 	}
 }
 
-/* A copy of a client-supplied name fit for logs and notes: control bytes become '?'. */
+/* A copy of a client-supplied name fit for logs, notes and reasons: control
+ * bytes become '?', and so do the non-ASCII bytes of a name that is not UTF-8
+ * (a Latin-1 'J\xfcrgen'): notes and reasons go out as JSON strings, which
+ * refuse it, and the session would show neither. */
 static char *
 socks_printable(const char *name)
 {
 	char *t = xstrdup(name);
+	json_t *j;
 
 	for (char *q = t; *q; q++)
 		if ((unsigned char)*q < 0x20 || *q == 0x7f)
+			*q = '?';
+	if ((j = json_string(t)) != NULL) {
+		json_decref(j);
+		return t;
+	}
+	for (char *q = t; *q; q++)
+		if ((unsigned char)*q >= 0x80)
 			*q = '?';
 	return t;
 }

@@ -869,6 +869,48 @@ def test_bad_input_keeps_serving(capd, echo_server):
     assert any("bad request" in r for r in reasons), reasons
 
 
+def s5_auth_raw(port, user, password):
+    """Greets with username/password and sends raw bytes as the name; returns (socket, status)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x02")
+    assert recv_exact(s, 2) == b"\x05\x02"
+    s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+    return s, recv_exact(s, 2)[1]
+
+
+def test_user_name_not_utf8_keeps_note_and_reason(capd, echo_server):
+    """A name in Latin-1 ('J\\xfcrgen', as a Windows client may send) is not
+    UTF-8: the session's note and reason are JSON strings, so they used to
+    vanish from capctl sessions and the events, the reason of a failed login too."""
+    open_port = add_socks(capd)
+    s, status = s5_auth_raw(open_port, b"J\xfcrgen", b"pw")
+    assert status == 0
+    assert s5_request(s, 1, "127.0.0.1", echo_server.port)[0] == 0
+    s.close()
+    st = last_session(capd, lambda x: x["instance"] == f"socks-{open_port}")
+    assert st.get("note") == f"socks5 connect 127.0.0.1:{echo_server.port} user=J?rgen", st
+    # a name in UTF-8 stays as it is
+    s, status = s5_auth_raw(open_port, "Jürgen".encode(), b"pw")
+    assert s5_request(s, 1, "127.0.0.1", echo_server.port)[0] == 0
+    s.close()
+    st = last_session(capd, lambda x: x["instance"] == f"socks-{open_port}" and "Jürgen" in x.get("note", ""))
+
+    auth_port = add_socks(capd, "--auth", "bob:pw")
+    s, status = s5_auth_raw(auth_port, b"J\xfcrgen", b"pw")
+    assert status != 0
+    assert closed_by_peer(s)
+    s.close()
+    st = last_session(capd, lambda x: x["instance"] == f"socks-{auth_port}")
+    assert st.get("reason") == "socks5: auth failed for user J?rgen", st
+
+    # SOCKS4's user id is any bytes too
+    s = s4_request(open_port, 1, "127.0.0.1", echo_server.port, user=b"\xff\xfeadmin")
+    assert recv_exact(s, 8)[1] == 0x5a
+    s.close()
+    st = last_session(capd, lambda x: x["proto"] == "socks4")
+    assert st.get("note") == f"socks4 connect 127.0.0.1:{echo_server.port} user=??admin", st
+
+
 def test_unknown_method_gets_ff(capd):
     port = add_socks(capd)
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
