@@ -60,6 +60,7 @@ struct http_conn {
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
 	bool upstream_reset;        /* it failed before its response head: the client got a 502 */
+	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
 };
@@ -403,6 +404,7 @@ http_proxy_session_free(struct session *s)
 		return;
 	buf_free(&hc->head);
 	free(hc->fail);
+	free(hc->upload_fail);
 	free(hc);
 }
 
@@ -784,6 +786,11 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
+		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
+			hc->upstream_reset = true;
+			http_fail_late(s, 502, hc->upload_fail);
+			return RELAY_PASS;
+		}
 		http_fail_late(s, 502, n > 0 ? "upstream closed in the response head" : "upstream closed without a response");
 		return RELAY_PASS;
 	case DOWN_BODY:
@@ -798,20 +805,27 @@ http_filter_eof(struct session *s, enum dir d)
 /* The upstream reset (or failed) while its response head was awaited: the
  * client gets a 502 saying so, as from nginx, instead of a reset of its own.
  * Once any of the response went out, the reset is passed on as before. */
-static bool
-http_filter_upstream_failed(struct session *s, const char *why)
+static enum relay_upfail
+http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 {
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
 
 	if (hc->down != DOWN_HEAD || hc->fail)
-		return false;
+		return RELAY_UPFAIL_RESET;
+	/* a server that refuses a body early (413, 401) answers and closes with the
+	 * rest unread: its answer waits to be read, as a direct client would */
+	if (sending) {
+		if (hc->upload_fail == NULL)
+			hc->upload_fail = xstrdup(why);  /* the reason should nothing come */
+		return RELAY_UPFAIL_READ_ON;
+	}
 	if ((n = relay_held(s, DIR_DOWN, &p)) > 0)
 		session_data(s, DIR_DOWN, p, n);  /* a partial head is still worth having */
 	hc->upstream_reset = true;
 	http_fail_late(s, 502, why);
-	return true;
+	return RELAY_UPFAIL_ANSWERED;
 }
 
 static const struct relay_filter http_filter = {

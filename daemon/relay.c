@@ -266,16 +266,14 @@ relay_side_name(enum dir d, bool src)
 	return (d == DIR_UP) == src ? "client" : "upstream";
 }
 
-/* The filter answered the client for a failed upstream: nothing goes to or
- * comes from the upstream again, and the client is not read (its bytes wait
- * for the close, which lingers). Direction down is the filter's to finish. */
+/* Nothing goes to the upstream again, and the client is not read (its bytes
+ * wait for the close, which lingers). */
 static void
-relay_upstream_gone(struct session *s)
+relay_upload_gone(struct session *s)
 {
 	struct relay_dir *rd = &s->dir[DIR_UP];
 
 	ev_io_stop(capd_loop, &s->client.rio);
-	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
 	rd->eof = rd->finished = rd->shut = true;
 	rd->msg = RELAY_MSG_FLOW;
@@ -299,9 +297,19 @@ relay_fail(struct session *s, enum dir d, bool at_src, int err)
 		snprintf(why, sizeof why, "%s reset", relay_side_name(d, at_src));
 	else
 		snprintf(why, sizeof why, "%s error: %s", relay_side_name(d, at_src), strerror(err));
-	if (sd == &s->upstream && s->filter && s->filter->upstream_failed && s->filter->upstream_failed(s, why)) {
-		relay_upstream_gone(s);
-		return;
+	if (sd == &s->upstream && s->filter && s->filter->upstream_failed) {
+		switch (s->filter->upstream_failed(s, why, !at_src)) {
+		case RELAY_UPFAIL_ANSWERED:  /* direction down is the filter's to finish */
+			relay_upload_gone(s);
+			ev_io_stop(capd_loop, &s->upstream.rio);
+			return;
+		case RELAY_UPFAIL_READ_ON:
+			relay_upload_gone(s);
+			ev_feed_event(capd_loop, &s->upstream.rio, EV_READ);
+			return;
+		case RELAY_UPFAIL_RESET:
+			break;
+		}
 	}
 	if (sd == &s->client && (err == ECONNRESET || err == EPIPE))
 		session_reset_by_client(s, why);  /* the capture shows whose RST it was */

@@ -36,6 +36,13 @@ enum relay_verdict {
 enum { RELAY_MSG_FLOW, RELAY_MSG_ENDING, RELAY_MSG_HELD };
 
 /* Static table owned by the proxy module. */
+/* What a filter makes of a failed upstream (relay_filter.upstream_failed). */
+enum relay_upfail {
+	RELAY_UPFAIL_RESET,    /* the session is reset, both sockets */
+	RELAY_UPFAIL_ANSWERED, /* the filter queued an answer and finished DIR_DOWN: the upstream is dropped */
+	RELAY_UPFAIL_READ_ON,  /* the upload is dropped and the upstream read on: its answer may wait there */
+};
+
 struct relay_filter {
 	/* n > 0 bytes at p wait in direction d; *used must be 1..n for PASS and EAT. */
 	enum relay_verdict (*data)(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *used);
@@ -46,10 +53,9 @@ struct relay_filter {
 	 * RELAY_END: keep it (d is held; relay_resume passes it on);
 	 * RELAY_STOP: the filter closed the session or handed its client on. */
 	enum relay_verdict (*eof)(struct session *s, enum dir d);
-	/* The upstream socket failed (why: "upstream reset", ...). true: the filter
-	 * has queued an answer for the client and finished DIR_DOWN (relay_finish),
-	 * and the relay drops the upstream; false: the session is reset. May be NULL. */
-	bool (*upstream_failed)(struct session *s, const char *why);
+	/* The upstream socket failed (why: "upstream reset", ...) while sending
+	 * direction up (sending) or reading direction down. May be NULL (RESET). */
+	enum relay_upfail (*upstream_failed)(struct session *s, const char *why, bool sending);
 };
 
 /* Queues bytes for d's destination after everything already passed; the

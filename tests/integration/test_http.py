@@ -661,6 +661,29 @@ def test_upstream_reset_before_its_response_is_a_502(capd, body):
         o.close()
 
 
+def test_early_refusal_of_a_body_reaches_the_client(capd):
+    """A server that answers 413 after the request head and closes with the body
+    unread (so its kernel resets): the send of the body failed first in some runs,
+    and the client got 502 "upstream reset" where a direct client reads the 413.
+    capd now reads the upstream on after a failed send."""
+    o = RawOrigin(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlarge")
+    try:
+        port = add_http(capd)
+        body = 2 << 20
+        for _ in range(5):
+            head = f"POST http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(head.encode())
+                try:
+                    c.sendall(b"b" * body)
+                except OSError:
+                    pass
+                reply = read_all(c, 10)
+            assert status_of(reply) == 413 and reply.endswith(b"large"), reply[:200]
+    finally:
+        o.close()
+
+
 @pytest.mark.parametrize("answer,why", [
     (b"", b"upstream closed without a response"),
     (b"HTTP/1.1 200 OK\r\nContent-Le", b"upstream closed in the response head"),
