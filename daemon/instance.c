@@ -505,6 +505,7 @@ instance_remove(struct instance *inst, const char *reason)
 		spool_iface_remove(inst->spool_iface);
 	}
 	log_info("instance %s removed: %s", inst->name, reason);
+	inst->state = INSTANCE_STOPPED;  /* what the event reports: it runs no more */
 	events_emit("instance.remove", instance_json(inst));
 	/* closed sessions keep their instance name in the history only as text, so freeing is safe */
 	instance_free(inst);

@@ -412,6 +412,7 @@ def test_tail_events_sees_curl_sessions(capd, http_server):
     events = [json.loads(x) for x in outj.get().splitlines()]
     names = [e["event"] for e in events]
     assert names == ["instance.add", "session.open", "session.close", "instance.remove"]
+    assert events[0]["state"] == "running" and events[3]["state"] == "stopped", events  # not "running" when gone
     for e in events:
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", e["time"])
     opened, closed = events[1], events[2]
