@@ -553,6 +553,7 @@ static void
 ctl_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)w; (void)revents;
+	ctl_spare_take();
 	ev_io_start(loop, &ctl_accept_io);
 }
 
@@ -602,6 +603,7 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		}
 		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
 			close(fd);
+			ctl_spare_take();  /* it may have been this connection's */
 			continue;
 		}
 		if (!ctl_peer_allowed((int)cred.uid, (int)cred.gid)) {
@@ -609,6 +611,7 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 			          (int)cred.pid, (int)cred.uid, (int)cred.gid);
 			ctl_refuse(fd, (int)cred.uid);
 			close(fd);
+			ctl_spare_take();  /* a refused user does not keep the operator out */
 			continue;
 		}
 		log_info("control: connection from pid %d uid %d gid %d", (int)cred.pid, (int)cred.uid, (int)cred.gid);

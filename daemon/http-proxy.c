@@ -25,7 +25,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 
 #include "capd.h"
 #include "linger.h"
@@ -489,9 +491,23 @@ http_proxy_connected(struct session *s, int err)
 	tls_relay_start(s);  /* relay_start unless the client speaks TLS */
 }
 
+/* Whether the upstream holds back part of the request body: capd or the
+ * kernel still has bytes for it (it stopped reading, not the client sending). */
+static bool
+http_upload_waits(struct session *s)
+{
+	const struct relay_dir *rd = &s->dir[DIR_UP];
+	int q = 0;
+
+	if (rd->len > rd->off || buf_used(&rd->pre) > 0 || rd->piped > 0)
+		return true;
+	return s->upstream.fd >= 0 && ioctl(s->upstream.fd, SIOCOUTQ, &q) == 0 && q > 0;
+}
+
 /* idle_timeout while a request waits for its response head: a 504, not a
  * silent close; a 408 when it is the client's body that stopped coming (the
- * upstream waits for it), unless the client waits for a 100 Continue */
+ * upstream waits for it), unless the client waits for a 100 Continue or the
+ * upstream is the one that stopped taking the body */
 bool
 http_proxy_idle(struct session *s)
 {
@@ -500,6 +516,12 @@ http_proxy_idle(struct session *s)
 
 	if (hc == NULL || s->filter == NULL || hc->down != DOWN_HEAD || hc->fail)
 		return false;
+	if (hc->up == UP_BODY && !hc->req_expect && http_upload_waits(s)) {
+		snprintf(why, sizeof why, "the upstream took no more of the request body within idle_timeout (%gs)",
+		         s->inst->idle_timeout);
+		http_fail_late(s, 504, why);
+		return true;
+	}
 	if (hc->up == UP_BODY && !hc->req_expect) {
 		snprintf(why, sizeof why, "the client sent no more of the request body within idle_timeout (%gs)",
 		         s->inst->idle_timeout);

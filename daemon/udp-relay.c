@@ -328,9 +328,10 @@ udp_flow_evict(struct udp_assoc *a)
 		session_close(oldest->s, "evicted: too many UDP endpoints in the association");
 }
 
-/* The flow to peer, made (with its session) on first use. */
+/* The flow to peer, made (with its session) on first use; NULL for a new
+ * endpoint heard from (not sent to) when the table is full. */
 static struct udp_flow *
-udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
+udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer, bool outbound)
 {
 	struct udp_flow *f;
 	struct session *s;
@@ -338,8 +339,13 @@ udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer)
 	LIST_FOREACH(f, &a->flows, entry)
 		if (addr_same((struct sockaddr *)&f->peer, peer, true))
 			return f;
-	if (a->nflows >= UDP_FLOWS_MAX)
+	if (a->nflows >= UDP_FLOWS_MAX) {
+		/* only the client's own sends make room: datagrams sprayed at the
+		 * association from anywhere would otherwise churn its flows */
+		if (!outbound)
+			return NULL;
 		udp_flow_evict(a);
+	}
 	f = xcalloc(1, sizeof *f);
 	f->a = a;
 	memcpy(&f->peer, peer, addr_len(peer));
@@ -376,7 +382,7 @@ udp_upstream_fd(struct udp_assoc *a, int family)
 static void
 udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, size_t n)
 {
-	struct udp_flow *f = udp_flow_get(a, peer);
+	struct udp_flow *f = udp_flow_get(a, peer, true);
 	int fd;
 
 	if (f == NULL)
@@ -679,7 +685,7 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 			return;
 		if (r->socks) {
 			/* a reply from a new endpoint (TFTP answers from another port) is a new flow */
-			f = udp_flow_get(a, (struct sockaddr *)&src);
+			f = udp_flow_get(a, (struct sockaddr *)&src, false);
 		} else {
 			LIST_FOREACH(g, &a->flows, entry)
 				if (addr_same((struct sockaddr *)&g->peer, (struct sockaddr *)&src, true)) {

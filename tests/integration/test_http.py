@@ -814,6 +814,33 @@ def test_client_stalls_in_its_body_408(capd_factory, expect):
         o.close()
 
 
+def test_upstream_that_stops_taking_the_body_is_a_504(capd_factory):
+    """An upstream that reads the request head and then no more of its body: the
+    client's sends block behind it, and idle_timeout blamed the client (408)."""
+    o = RawOrigin(None)
+    try:
+        port = free_port()
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        body = 16 << 20
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"POST http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n\r\n"
+                      .encode())
+
+            def upload():
+                try:
+                    c.sendall(b"b" * body)
+                except OSError:
+                    pass
+            t = threading.Thread(target=upload, daemon=True)
+            t.start()
+            reply = read_all(c, 10)
+        assert status_of(reply) == 504 and b"upstream took no more of the request body" in reply, reply[:300]
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"].startswith("504 Gateway Timeout"), s
+    finally:
+        o.close()
+
+
 def test_chunked_extensions_and_trailers_pass_through(capd):
     """Chunk extensions and trailers are framing the proxy checks but does not
     change: the origin gets the body bytes exactly as the client sent them."""

@@ -615,7 +615,8 @@ def test_udp_association_past_64_endpoints(capd):
         assert parse_udp_reply(u.recv(100))[2] == b"echo:first"
         for i, r in enumerate(peers):
             u.sendto(udp_header("127.0.0.1", r.getsockname()[1]) + b"to %d" % i, (rhost, rport))
-            assert r.recv(100) == b"to %d" % i, i
+            d, up = r.recvfrom(100)  # up: the association's own socket toward the endpoints
+            assert d == b"to %d" % i, i
         # the echo's flow went quiet first: it made room, and comes back as a new session
         ss = capd.wait_sessions(lambda ss: any("evicted" in s.get("reason", "") for s in ss))
         gone = [s for s in ss if "evicted" in s.get("reason", "")]
@@ -624,6 +625,16 @@ def test_udp_association_past_64_endpoints(capd):
         assert parse_udp_reply(u.recv(100))[2] == b"echo:again"
         ss = capd.ctl("sessions", json_out=True)
         assert len([s for s in ss if s["proto"] == "udp" and s["state"] == "open"]) == 64
+        # a stranger the client never sent to makes no room: dropped, nobody evicted
+        evicted = len([s for s in ss if "evicted" in s.get("reason", "")])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            for _ in range(3):
+                stranger.sendto(b"unsolicited", up)
+        time.sleep(0.3)
+        ss = capd.ctl("sessions", json_out=True)
+        assert len([s for s in ss if "evicted" in s.get("reason", "")]) == evicted
+        assert len([s for s in ss if s["proto"] == "udp" and s["state"] == "open"]) == 64
+        assert not [s for s in ss if s["proto"] == "udp" and s.get("bytes_down") and "unsolicited" in str(s)]
         c.close()
     finally:
         echo.close()
