@@ -25,9 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
-#include <linux/sockios.h>
 
 #include "capd.h"
 #include "linger.h"
@@ -496,12 +494,7 @@ http_proxy_connected(struct session *s, int err)
 static bool
 http_upload_waits(struct session *s)
 {
-	const struct relay_dir *rd = &s->dir[DIR_UP];
-	int q = 0;
-
-	if (rd->len > rd->off || buf_used(&rd->pre) > 0 || rd->piped > 0)
-		return true;
-	return s->upstream.fd >= 0 && ioctl(s->upstream.fd, SIOCOUTQ, &q) == 0 && q > 0;
+	return session_held(s, DIR_UP) > 0 || session_outq(&s->upstream) > 0;
 }
 
 /* idle_timeout while a request waits for its response head: a 504, not a

@@ -652,6 +652,24 @@ session_set_upstream(struct session *s, int fd, const struct sockaddr *peer)
 	s->have_target = true;
 }
 
+uint64_t
+session_held(const struct session *s, enum dir d)
+{
+	const struct relay_dir *rd = &s->dir[d];
+
+	return (uint64_t)(rd->len - rd->off) + buf_used(&rd->pre) + rd->piped;
+}
+
+uint64_t
+session_outq(const struct side *sd)
+{
+	int q = 0;
+
+	if (sd->fd < 0 || ioctl(sd->fd, SIOCOUTQ, &q) < 0 || q < 0)
+		return 0;
+	return (uint64_t)q;
+}
+
 /*
  * A peer still taking bytes keeps the session from idling out: under
  * back-pressure capd reads nothing while a slow reader drains what waits for
@@ -663,17 +681,16 @@ session_set_upstream(struct session *s, int fd, const struct sockaddr *peer)
 static bool
 session_draining(struct session *s)
 {
-	struct side *sides[2] = { &s->client, &s->upstream };
 	bool moved = false;
 
 	if (s->datagram)
 		return false;
 	for (int i = 0; i < 2; i++) {
-		const struct relay_dir *rd = &s->dir[i == 0 ? DIR_DOWN : DIR_UP];
-		int q = 0;
-		if (sides[i]->fd < 0 || ioctl(sides[i]->fd, SIOCOUTQ, &q) < 0 || q <= 0)
+		enum dir d = i == 0 ? DIR_DOWN : DIR_UP;
+		uint64_t q = session_outq(i == 0 ? &s->client : &s->upstream);
+		if (q == 0)
 			continue;
-		uint64_t taken = s->bytes[i == 0 ? DIR_DOWN : DIR_UP] - (rd->len - rd->off) - rd->piped - (uint64_t)q;
+		uint64_t taken = s->bytes[d] - session_held(s, d) - q;
 		if (taken != s->taken_seen[i])
 			moved = true;
 		s->taken_seen[i] = taken;

@@ -136,6 +136,10 @@ void session_set_upstream(struct session *s, int fd, const struct sockaddr *peer
 void session_data(struct session *s, enum dir d, const void *p, size_t n);
 /* Counters only, for bytes the relay spliced without seeing them (no capture, no tail). */
 void session_bytes(struct session *s, enum dir d, size_t n);
+/* Bytes of direction d the relay holds for its destination (buffer, injected, pipe). */
+uint64_t session_held(const struct session *s, enum dir d);
+/* Bytes in the kernel's send queue of side sd, not yet taken by its peer; 0 when none or unknown. */
+uint64_t session_outq(const struct side *sd);
 /* Half-close seen in direction d (FIN from its source). */
 void session_shutdown_dir(struct session *s, enum dir d);
 /* The one teardown path: logs the summary line, records reason, frees later. */
