@@ -1246,7 +1246,9 @@ def test_first_interception_does_not_stall_other_sessions(capd_factory, origin, 
     assert BODY in got
     assert first < 0.15, first  # ready before the first connection
     assert n > 20 and worst < 0.15, (added, first, worst)
-    assert added > 0.15, added  # the keys were made in this window: else this proves nothing
+    # the keys were made in this window, else this proves nothing; an RSA-2048 key
+    # took 0.13 s in one CI run of the suite (0.17-0.67 s in 20 openssl genrsa runs)
+    assert added > 0.05, added
 
 
 def test_ca_export_does_not_stall_sessions(capd_factory, tmp_path):
