@@ -335,7 +335,9 @@ static void
 capd_grace_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop; (void)revents;
-	if (session_open_count() > 0 && ev_now(loop) < capd_grace_deadline)
+	/* UDP flows, DNS queries and traced sockets are not waited for: a flow
+	 * ends only at its idle timeout, a query's client asks again */
+	if (session_stream_open_count() > 0 && ev_now(loop) < capd_grace_deadline)
 		return;
 	ev_timer_stop(loop, w);
 	capd_finish();

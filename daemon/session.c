@@ -45,6 +45,7 @@ static uint64_t session_next_id = 1;
 static uint64_t session_reserved;  /* ids below this are on disk as used */
 static char *session_id_path;
 static unsigned session_count;
+static unsigned session_stream_count;  /* of them, the accepted ones (session_new) */
 
 /* A closed session as `capctl sessions` shows it: plain data, so closing a
  * session costs a copy rather than a JSON object nobody may ever ask for. */
@@ -208,11 +209,13 @@ session_id_new(void)
 }
 
 static struct session *
-session_alloc(struct instance *inst, const char *proto)
+session_alloc(struct instance *inst, const char *proto, bool accepted)
 {
 	struct session *s = xcalloc(1, sizeof *s);
 
 	s->inst = inst;
+	s->datagram = !accepted;
+	s->accepted = accepted;
 	s->shard = shard_self;
 	s->proto = proto;
 	s->state = SESSION_HANDSHAKE;
@@ -224,6 +227,8 @@ session_alloc(struct instance *inst, const char *proto)
 	s->id = session_id_new();
 	TAILQ_INSERT_TAIL(&sessions, s, entry);
 	session_count++;
+	if (accepted)
+		session_stream_count++;
 	shard_sessions_add(s->shard, 1);
 	inst->open_sessions++;
 	capd_unlock();
@@ -243,7 +248,7 @@ session_tcp_opts(int fd)
 struct session *
 session_new(struct instance *inst, int fd, const struct sockaddr *peer)
 {
-	struct session *s = session_alloc(inst, "tcp");
+	struct session *s = session_alloc(inst, "tcp", true);
 
 	s->client.fd = fd;
 	memcpy(&s->client_addr, peer, addr_len(peer));
@@ -262,9 +267,8 @@ struct session *
 session_new_datagram(struct instance *inst, const char *proto, const struct sockaddr *client,
                      const struct sockaddr *target)
 {
-	struct session *s = session_alloc(inst, proto);
+	struct session *s = session_alloc(inst, proto, false);
 
-	s->datagram = true;
 	memcpy(&s->client_addr, client, addr_len(client));
 	if (target) {
 		memcpy(&s->target_addr, target, addr_len(target));
@@ -288,6 +292,12 @@ unsigned
 session_open_count(void)
 {
 	return session_count;
+}
+
+unsigned
+session_stream_open_count(void)
+{
+	return session_stream_count;
 }
 
 /* ---- handshake I/O ---- */
@@ -981,6 +991,8 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	session_history_add(s);
 	TAILQ_REMOVE(&sessions, s, entry);
 	session_count--;
+	if (s->accepted)
+		session_stream_count--;
 	/* its shard is idle: trim the pools of this thread, where the session's
 	 * buffers went back (the main thread's when it closed it for the shard) */
 	bool idle = shard_sessions_add(s->shard, -1) == 0;

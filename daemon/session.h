@@ -66,6 +66,7 @@ struct session {
 	const char *proto;          /* "tcp", "udp", "socks5", "http" ... (static string) */
 	enum session_state state;
 	bool datagram;              /* UDP: no relay, data arrives by session_data() */
+	bool accepted;              /* on a client connection of its own (session_new) */
 
 	struct side client, upstream;
 	struct sockaddr_storage client_addr, target_addr;
@@ -163,6 +164,10 @@ json_t *session_list_json(const char *instance, bool open_only);
 /* Closes inst's sessions (NULL: every session), each as its shard would. */
 void session_close_instance(struct instance *inst, const char *reason);
 unsigned session_open_count(void);
+/* The open sessions on a client connection of their own, which may finish of
+ * themselves: a datagram session ends only at its idle timeout, a traced
+ * program's when the program's socket closes. */
+unsigned session_stream_open_count(void);
 /* ISO 8601 UTC "2026-11-25T18:12:00.123Z". */
 char *session_time(double t, char *out, size_t n);
 

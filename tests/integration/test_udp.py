@@ -265,3 +265,24 @@ def test_forward_udp_target_that_does_not_resolve_is_logged(netns, ns_etc, ns_ca
     log = c.log()
     assert log.count("u: udp: cannot resolve no-such-host.invalid") == 2, log[-2000:]
     assert log.count("datagrams dropped") == 1, log[-2000:]  # the warning; the next at debug
+
+
+def test_stop_does_not_wait_for_udp_flows(capd, udp_echo):
+    """SIGTERM gives open TCP sessions 2 s to finish; a UDP flow ends only at its
+    idle timeout, so capd does not wait for it, and its datagrams are in the
+    capture it flushes on the way out."""
+    port = free_port_tcp_udp()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
+    u = udp_client()
+    u.sendto(b"ping-at-stop", ("127.0.0.1", port))
+    assert u.recvfrom(100)[0] == b"echo:ping-at-stop"
+    capd.wait_sessions(lambda ss: any(s["proto"] == "udp" and s["state"] == "open" for s in ss))
+    t = time.monotonic()
+    assert capd.stop() == 0
+    assert time.monotonic() - t < 1.0
+    payloads = set()
+    for p in capd.pcaps():
+        r = tshark("-r", p, "-Y", "udp", "-T", "fields", "-e", "data.data")
+        assert r.returncode == 0, r.stderr
+        payloads |= {bytes.fromhex(x) for x in r.stdout.split()}
+    assert payloads == {b"ping-at-stop", b"echo:ping-at-stop"}
