@@ -318,6 +318,13 @@ capd_reload(capd_reloaded_fn *done, void *arg, char **why)
 static void
 capd_finish(void)
 {
+	static bool finished;
+
+	/* a second signal and the grace timer can both be pending in one loop pass */
+	if (finished)
+		return;
+	finished = true;
+	ev_timer_stop(capd_loop, &capd_grace);
 	instance_remove_all();
 	session_table_shutdown();
 	shards_stop();
