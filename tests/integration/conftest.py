@@ -5,6 +5,7 @@ tshark helpers. Everything listens on loopback."""
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -398,21 +399,43 @@ def as_http(port):
 def follow_tcp(pcap, stream=0):
     """Bytes each way of TCP stream N in pcap, from tshark's follow,tcp,raw.
     Returns (client_to_server, server_to_client)."""
-    r = tshark("-r", pcap, "-q", "-z", f"follow,tcp,raw,{stream}")
+    return follow_tcp_many(pcap, [stream])[stream]
+
+
+def follow_tcp_many(pcap, streams):
+    """follow_tcp of several streams in one tshark pass (a pass over a large
+    capture takes seconds): {stream: (client_to_server, server_to_client)}."""
+    args = []
+    for st in streams:
+        args += ["-z", f"follow,tcp,raw,{st}"]
+    r = tshark("-r", pcap, "-q", *args)
     assert r.returncode == 0, r.stderr
-    up, down = bytearray(), bytearray()
-    started = False
+    got, cur, started = {}, None, False
     for line in r.stdout.splitlines():
-        if line.startswith("Node 1:"):
+        if line.startswith("Filter: tcp.stream eq "):
+            cur = got.setdefault(int(line.split()[-1]), (bytearray(), bytearray()))
+            started = False
+        elif line.startswith("Node 1:"):
             started = True
-            continue
-        if not started or line.startswith("===") or not line.strip():
-            continue
-        if line.startswith("\t"):
-            down += bytes.fromhex(line.strip())
-        else:
-            up += bytes.fromhex(line.strip())
-    return bytes(up), bytes(down)
+        elif line.startswith("==="):
+            started = False
+        elif started and line.strip():
+            cur[1 if line.startswith("\t") else 0].extend(bytes.fromhex(line.strip()))
+    return {st: (bytes(got[st][0]), bytes(got[st][1])) if st in got else (b"", b"") for st in streams}
+
+
+def tcp_streams_of(pcap):
+    """{capd session id: its tcp.stream index} of every TCP stream in pcap, in one pass."""
+    r = tshark("-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", "-E", "separator=/t",
+               "-e", "tcp.stream", "-e", "frame.comment")
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for line in r.stdout.splitlines():
+        st, _, comment = line.partition("\t")
+        m = re.search(r"capd session (\d+)", comment)
+        if m:
+            out.setdefault(int(m.group(1)), int(st))
+    return out
 
 
 def tcp_stream_of(pcap, session_id):

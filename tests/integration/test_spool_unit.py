@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Listener, apart, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark
+from conftest import (Listener, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
+                      tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
@@ -142,10 +143,12 @@ def test_follow_gives_back_exact_bytes(capd, server, tmp_path):
     pcap = merged(capd, tmp_path)
     check_pcap_clean(pcap)
     ids = sorted(s["id"] for s in ss)
+    streams = tcp_streams_of(pcap)
+    for sid in ids:
+        assert sid in streams, f"session {sid} not in the capture"
+    followed = follow_tcp_many(pcap, [streams[sid] for sid in ids])
     for sid, (up, down) in zip(ids, sent):
-        stream = tcp_stream_of(pcap, sid)
-        assert stream is not None, f"session {sid} not in the capture"
-        got_up, got_down = follow_tcp(pcap, stream)
+        got_up, got_down = followed[streams[sid]]
         assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest(), (sid, len(got_up), len(up))
         assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest(), (sid, len(got_down), len(down))
     st = status(capd)
