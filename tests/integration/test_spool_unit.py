@@ -379,18 +379,26 @@ def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     closed_sessions(capd, 1)
     capd.flush()
     assert status(capd)["dropped_packets"] > 0  # the disk filled
-    time.sleep(3)  # the writer retries every second, an old file going each time
+    # the writer retries every second, an old file going each time
+    deadline = time.time() + 10
+    while "deleting the oldest capture file" not in capd.log() and time.time() < deadline:
+        time.sleep(0.1)
+    assert "deleting the oldest capture file" in capd.log()
     server.down = os.urandom(100000)
     up = os.urandom(50000)
     assert transfer("127.0.0.1", port, up) == server.down
     sid = closed_sessions(capd, 2)[-1]["id"]
-    capd.flush()
-    time.sleep(1.2)
-    pcap = [p for p in capd.pcaps() if tcp_stream_of(p, sid) is not None]
-    assert pcap, "the newest session was not captured"
-    got_up, got_down = follow_tcp(pcap[-1], tcp_stream_of(pcap[-1], sid))
-    assert got_up == up and got_down == server.down
-    assert "deleting the oldest capture file" in capd.log()
+    got = None
+    while time.time() < deadline + 5:  # more old files may have to go first
+        capd.flush()
+        pcap = [p for p in capd.pcaps() if tcp_stream_of(p, sid) is not None]
+        if pcap:
+            got = follow_tcp(pcap[-1], tcp_stream_of(pcap[-1], sid))
+            if got == (up, server.down):
+                break
+        time.sleep(0.3)
+    assert got is not None, "the newest session was not captured"
+    assert got == (up, server.down)
     capd.stop()
 
 
