@@ -112,7 +112,11 @@ privdrop_chown_dir(const char *path, uid_t uid, gid_t gid)
 			          errno == ELOOP ? " (a symbolic link root does not own is not followed)" : "");
 		return;
 	}
-	if (fchown(dfd, uid, gid) < 0)
+	/* a group other than root's was chosen by the administrator (analysts who
+	 * may read the spool, with the setgid bit giving it to each new file): kept */
+	struct stat ds;
+	gid_t dgid = fstat(dfd, &ds) == 0 && ds.st_gid != 0 ? (gid_t)-1 : gid;
+	if (fchown(dfd, uid, dgid) < 0)
 		log_warn("cannot give %s to uid %u", path, (unsigned)uid);
 	if ((d = fdopendir(dfd)) == NULL) {
 		close(dfd);
@@ -127,7 +131,7 @@ privdrop_chown_dir(const char *path, uid_t uid, gid_t gid)
 			continue;
 		/* files and the folders capd makes (spool inside state_dir); never through a link */
 		if ((S_ISREG(sb.st_mode) || S_ISDIR(sb.st_mode)) && sb.st_uid == 0)
-			fchownat(dfd, e->d_name, uid, gid, AT_SYMLINK_NOFOLLOW);
+			fchownat(dfd, e->d_name, uid, sb.st_gid != 0 ? (gid_t)-1 : gid, AT_SYMLINK_NOFOLLOW);
 	}
 	closedir(d);
 }

@@ -723,3 +723,27 @@ def test_readme_service_install_lands_in_usr_after_the_quick_start(tmp_path):
     folder = install[0].split()[-1]
     opts = json.loads(sh("meson", "introspect", "--buildoptions", src / folder).stdout)
     assert {o["name"]: o["value"] for o in opts}["prefix"] == "/usr"
+
+
+def test_privilege_drop_keeps_the_spool_group_an_administrator_chose(dropdir):
+    """A spool folder given to an analysts' group with the setgid bit (so that they
+    may read what capd writes) kept its owner root: capd gives it to its user, and
+    used to give it to the user's group too, which locked the analysts out."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    analysts = grp.getgrnam("adm").gr_gid
+    c = Capd(dropdir, "", "user = nobody\n")
+    c.spool.mkdir(parents=True)
+    os.chown(c.spool, 0, analysts)
+    os.chmod(c.spool, 0o2750)
+    c.start()
+    try:
+        c.ctl("capture", "rotate")
+        f = Path(c.ctl("capture", "status", json_out=True)["file"])
+        st = c.spool.stat()
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, analysts), (st.st_uid, st.st_gid)
+        assert f.stat().st_gid == analysts and f.stat().st_uid == nobody.pw_uid
+    finally:
+        c.stop()
+    assert c.proc.returncode == 0, c.log()
