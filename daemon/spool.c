@@ -43,6 +43,7 @@
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <sys/utsname.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "capd.h"
@@ -1706,18 +1707,48 @@ spool_stop(void)
 
 /* ---- the producers' API (loop thread) ---- */
 
+/*
+ * The description of the nth interface of this run named name. An instance
+ * removed and added again under its name may land in the file that holds the
+ * old one's packets; two IDBs alike in name and description would leave an
+ * analyst no way to tell whose packets are whose. The name stays the
+ * instance's (filters on frame.interface_name, capture follow --instance);
+ * the description of the second and later says so and when. Caller frees.
+ */
+static char *
+spool_iface_desc(const char *name, const char *description, int nth)
+{
+	char when[32];
+	struct tm tm;
+	time_t now;
+
+	if (nth < 2)
+		return xstrdup(description);
+	now = time(NULL);
+	gmtime_r(&now, &tm);
+	strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+	if (*description == '\0')
+		return xasprintf("%s #%d, added %s", name, nth, when);
+	return xasprintf("%s (%s #%d, added %s)", description, name, nth, when);
+}
+
 int
 spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
 {
 	struct liface *li;
-	int h;
+	int h, nth = 1;
 
+	if (name == NULL)
+		name = "";
 	pthread_mutex_lock(&reg_mu);
+	for (h = 0; h < nlifaces; h++)  /* removed ones too: their IDBs may be in the current file */
+		if (strcmp(lifaces[h].name, name) == 0)
+			nth++;
 	h = nlifaces++;
 	lifaces = xrealloc(lifaces, (size_t)nlifaces * sizeof *lifaces);
 	li = &lifaces[h];
-	li->name = xstrdup(name ? name : "");
-	li->desc = xstrdup(description ? description : "");
+	li->name = xstrdup(name);
+	li->desc = spool_iface_desc(name, description ? description : "", nth);
 	li->linktype = linktype;
 	li->snaplen = snaplen;
 	li->tsnano = tsnano;

@@ -26,7 +26,11 @@ void spool_reconfigure(const struct capd_settings *st);
 /* Flushes what is queued and joins the writer. */
 void spool_stop(void);
 
-/* One pcapng interface per instance. linktype: LINKTYPE_RAW (101) for proxies. */
+/*
+ * One pcapng interface per instance. linktype: LINKTYPE_RAW (101) for proxies.
+ * A name registered before in this run (an instance removed and added again)
+ * gets a description that tells it from the earlier ones.
+ */
 int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
 void spool_iface_remove(int iface);
 

@@ -497,3 +497,41 @@ def test_rotate_that_cannot_make_a_file_says_so(capd_factory, tmp_path):
         capd.stop()
     finally:
         subprocess.run(["umount", "-l", str(spool)])
+
+
+def test_readded_instance_gets_an_interface_of_its_own(capd, server):
+    """Regression (re-added instance, duplicate interface name): an instance removed and
+    added again under the same name, on the same port, while one file was being written
+    left two Interface Description Blocks in it alike in name and description, so neither
+    Wireshark's interface list nor tshark could tell the old instance's packets from the new
+    one's. The new one now says in its description that it was added again; the name stays
+    the instance's, so a filter on it still finds both."""
+    to = f"127.0.0.1:{server.port}"
+    port = forward(capd, to, name="fw")
+    server.down = b"old"
+    assert transfer("127.0.0.1", port, b"1") == b"old"
+    closed_sessions(capd, 1)
+    capd.ctl("remove", "fw")
+    capd.ctl("add", "forward", "--port", port, "--to", to, "--name", "fw")
+    server.down = b"new"
+    assert transfer("127.0.0.1", port, b"2") == b"new"
+    ss = closed_sessions(capd, 2)
+    capd.flush()
+    files = capd.pcaps()
+    assert len(files) == 1
+    r = tshark("-r", files[0], "-T", "fields", "-E", "separator=/t", "-e", "frame.interface_id",
+               "-e", "frame.interface_name", "-e", "frame.interface_description", "-e", "frame.comment")
+    ifaces = {}
+    for line in r.stdout.splitlines():
+        iid, name, desc, comment = line.split("\t")
+        ifaces.setdefault(int(comment.split()[2]), set()).add((iid, name, desc))
+    old, new = (ifaces[s["id"]] for s in sorted(ss, key=lambda s: s["id"]))
+    assert len(old) == 1 and len(new) == 1, ifaces
+    (old_id, old_name, old_desc), (new_id, new_name, new_desc) = old.pop(), new.pop()
+    assert old_name == new_name == "fw"
+    assert old_id != new_id
+    assert old_desc == f"capd forward instance on 127.0.0.1:{port}"
+    assert new_desc.startswith(old_desc) and new_desc != old_desc, new_desc
+    # and in the file's list of interfaces (capinfos, Wireshark's capture file properties)
+    info = subprocess.run(["capinfos", "-I", str(files[0])], capture_output=True, text=True).stdout
+    assert info.count("Name = fw") == 2 and info.count(f"Description = {new_desc}\n") == 1, info
