@@ -35,15 +35,6 @@ struct trace_link {
 	struct buf out;  /* reused encode buffer */
 };
 
-static struct tracer *trace_current;  /* for the signal handler */
-
-static void
-trace_signal_cb(int sig)
-{
-	if (trace_current)
-		trace_stop(trace_current, sig);
-}
-
 static int
 trace_link_open(struct trace_link *l, const struct ctl_opts *o)
 {
@@ -356,15 +347,17 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	 * wait for it to decide. TERM and HUP sent to capctl alone are passed
 	 * on. Once the command has exited, any of them goes to the processes
 	 * it left behind (a daemon is deaf to our terminal). After --pid, any
-	 * of them detaches.
+	 * of them detaches. trace_run takes them from here on; they stay
+	 * blocked, pending until it does (the command, forked already, runs
+	 * with the mask it had).
 	 */
-	struct sigaction sa = { .sa_handler = trace_signal_cb };  /* no SA_RESTART: waitpid must return */
-	sigemptyset(&sa.sa_mask);
-	trace_current = t;
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGHUP, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGQUIT, &sa, NULL);
+	sigset_t stops;
+	sigemptyset(&stops);
+	sigaddset(&stops, SIGTERM);
+	sigaddset(&stops, SIGHUP);
+	sigaddset(&stops, SIGINT);
+	sigaddset(&stops, SIGQUIT);
+	sigprocmask(SIG_BLOCK, &stops, NULL);
 	if (!pidarg && trace_release(t, &why) < 0) {
 		fprintf(stderr, "capctl: %s\n", why);
 		free(why);
@@ -373,8 +366,7 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 		trace_link_close(&link);
 		return CTL_FAIL;
 	}
-	rc = trace_run(t);
-	trace_current = NULL;
+	rc = trace_run(t, &stops);
 	trace_free(t);
 	/* closing the connection ends the trace instance in capd */
 	trace_link_close(&link);

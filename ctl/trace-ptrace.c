@@ -163,14 +163,15 @@ struct tracer {
 	pid_t main;
 	bool attached;                  /* --pid: PTRACE_SYSCALL mode, detach at the end */
 	int status;                     /* exit status to return */
-	volatile sig_atomic_t main_done;  /* read by trace_stop in a signal handler */
+	bool main_done;                 /* the command (t->main) has exited */
 	int errpipe, gopipe;            /* spawn: exec failure report, and the go signal */
 	char *argv0;
 	struct ttask *tasks;
 	struct tgroup *groups;
 	struct tsock *socks[TRACE_HASH];
 	uint64_t next_id;
-	volatile sig_atomic_t stop_sig;
+	int stop_sig;                   /* a signal of the caller's stops that asks trace_run to act */
+	unsigned unlooked;              /* events taken since trace_wait last looked for a signal */
 	bool inject_warned;
 	unsigned nsocks;                /* sockets being followed */
 	bool detaching;
@@ -1389,8 +1390,9 @@ trace_comm(struct tracer *t)
 	return t->main_comm;
 }
 
-void
-trace_stop(struct tracer *t, int sig)
+/* One of the caller's stop signals came (trace_run). */
+static void
+trace_signal(struct tracer *t, int sig)
 {
 	/*
 	 * Once the command has exited, its pid may be another process's, and
@@ -1995,6 +1997,38 @@ on_task_gone(struct tracer *t, struct ttask *k, int status)
 		sock_sweep(t, "process exited");
 }
 
+/*
+ * The next event of a tracee: its pid and *status; 0 when there was none
+ * before a signal or a second; -1 with ECHILD when no tracee is left.
+ *
+ * SIGCHLD and the caller's stop signals are blocked, and taken only here,
+ * by sigtimedwait(), which looks for them and sleeps in one step: one that
+ * comes just before waits, pending, and ends the sleep at once. (With a
+ * handler that set a flag the loop read before a blocking waitpid(), a ^C
+ * that came between the read and the call waited for a tracee's next stop;
+ * after --pid of an idle process, for ever.) The kernel sends the tracer
+ * SIGCHLD at each stop and exit of a tracee, one pending at a time, so
+ * waitpid() is asked until it has nothing before each sleep; a leader with
+ * exit signal 0 (a clone without one) may go with none at all, hence the
+ * second. Tracees that always have a stop ready never let it sleep: it
+ * looks for a signal every 64 events too, so a ^C is not kept waiting.
+ */
+static pid_t
+trace_wait(struct tracer *t, int *status, const sigset_t *set)
+{
+	static const struct timespec patience = { .tv_sec = 1 }, now = { 0 };
+	pid_t pid = waitpid(-1, status, __WALL | WNOHANG);
+	int sig;
+
+	if (pid == 0 || ++t->unlooked >= 64) {
+		t->unlooked = 0;
+		sig = sigtimedwait(set, NULL, pid == 0 ? &patience : &now);
+		if (sig > 0 && sig != SIGCHLD)
+			trace_signal(t, sig);
+	}
+	return pid;
+}
+
 static void
 begin_detach(struct tracer *t)
 {
@@ -2004,10 +2038,17 @@ begin_detach(struct tracer *t)
 }
 
 int
-trace_run(struct tracer *t)
+trace_run(struct tracer *t, const sigset_t *stops)
 {
+	struct sigaction dfl = { .sa_handler = SIG_DFL }, oldsa;
+	sigset_t set = *stops, oldmask;
 	int status;
 
+	/* SIG_IGN, which a parent may leave us, would send no SIGCHLD and reap exits unseen */
+	sigemptyset(&dfl.sa_mask);
+	sigaction(SIGCHLD, &dfl, &oldsa);
+	sigaddset(&set, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &set, &oldmask);
 	while (t->tasks) {
 		pid_t pid;
 		struct ttask *k;
@@ -2019,7 +2060,8 @@ trace_run(struct tracer *t)
 				kill(g->tgid, t->stop_sig);
 			t->stop_sig = 0;
 		}
-		pid = waitpid(-1, &status, __WALL);
+		if ((pid = trace_wait(t, &status, &set)) == 0)
+			continue;
 		if (pid < 0) {
 			if (errno == EINTR)
 				continue;
@@ -2086,6 +2128,8 @@ trace_run(struct tracer *t)
 			task_resume(t, k, sig == SIGTRAP ? 0 : sig);  /* signal delivery: pass it on */
 		}
 	}
+	sigprocmask(SIG_SETMASK, &oldmask, NULL);
+	sigaction(SIGCHLD, &oldsa, NULL);
 	sock_sweep(t, t->detaching ? "trace detached" : "process exited");
 	/* the exec never happened: say why */
 	if (t->errpipe >= 0) {

@@ -8,6 +8,7 @@
 #ifndef CAPCTL_TRACE_PTRACE_H
 #define CAPCTL_TRACE_PTRACE_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -61,13 +62,16 @@ pid_t trace_pid(struct tracer *t);
 const char *trace_comm(struct tracer *t);
 
 /*
- * Runs until every tracee has exited (or, after attaching, until
- * trace_stop() asked to detach). Returns the exit status to pass on:
- * the command's code, or 128 + signal when it was killed.
+ * Runs until every tracee has exited (or, after attaching, until a stop
+ * signal asked to detach). Returns the exit status to pass on: the
+ * command's code, or 128 + signal when it was killed.
+ *
+ * stops: signals the caller has blocked, for trace_run to take as they
+ * come (none is lost). A spawned command gets each but INT and QUIT
+ * (those reached it from the terminal); once it has exited, the processes
+ * it left behind get any of them; an attached process is detached.
  */
-int trace_run(struct tracer *t);
-/* Async-signal-safe: a spawned command gets sig; an attached process is detached. */
-void trace_stop(struct tracer *t, int sig);
+int trace_run(struct tracer *t, const sigset_t *stops);
 /* Kills a spawned command that was never released. */
 void trace_abort(struct tracer *t);
 void trace_free(struct tracer *t);

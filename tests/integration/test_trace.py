@@ -1121,3 +1121,73 @@ def test_trace_destination_unspecified_address(capd, http_server, udp_echo):
     dsts = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {t[0]["id"]} "', "-T", "fields",
                   "-e", "ip.dst").stdout.split()
     assert dsts and set(dsts) == {"127.0.0.1"}, dsts
+
+
+# Run by gdb around capctl (GDB_TRACEE: the pid capctl attaches to). Stops capctl at the entry
+# of each call it might wait in until the traced process is asleep in a system call, with no
+# stop for capctl to collect, so that what capctl calls next would block; sends ^C right there,
+# before the call, notes capctl's pid in GDB_SIGINT_SENT and lets capctl go on.
+GDB_SIGINT_BEFORE_THE_WAIT = r"""
+import os, signal, time
+tracee = int(os.environ["GDB_TRACEE"])
+
+def asleep():
+    # traced by capctl, and every thread of it asleep in a system call
+    with open(f"/proc/{tracee}/status") as f:
+        if f"TracerPid:\t{gdb.selected_inferior().pid}\n" not in f.read():
+            return False
+    for tid in os.listdir(f"/proc/{tracee}/task"):
+        with open(f"/proc/{tracee}/task/{tid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "S":
+                return False
+    return True
+
+gdb.execute("set breakpoint pending on")
+gdb.execute("handle SIGINT nostop noprint pass")
+for fn in ("waitpid", "wait4", "waitid", "ppoll", "poll", "pselect", "select", "epoll_wait",
+           "epoll_pwait", "sigsuspend", "sigwaitinfo", "sigtimedwait", "read"):
+    gdb.execute(f"break {fn}", to_string=True)
+gdb.execute("run")
+while True:
+    time.sleep(0.05)           # a process just resumed reaches its next stop in this time
+    if asleep():
+        break
+    gdb.execute("continue")
+gdb.execute("delete")
+pid = gdb.selected_inferior().pid
+with open(os.environ["GDB_SIGINT_SENT"], "w") as f:
+    f.write(str(pid))
+os.kill(pid, signal.SIGINT)
+gdb.execute("continue")
+"""
+
+
+@pytest.mark.skipif(subprocess.run(["which", "gdb"], capture_output=True).returncode != 0, reason="needs gdb")
+def test_trace_pid_sigint_just_before_the_wait_is_not_lost(capd, tmp_path):
+    """Regression (capctl trace loses a ^C): the handler only set a flag that the loop read
+    before it blocked in waitpid, so a ^C that came after the check and before the call
+    waited for the traced process's next stop; after --pid of an idle process, for ever.
+    gdb puts the ^C in that gap every time."""
+    app = subprocess.Popen(["sleep", "30"])
+    script, sent = tmp_path / "sigint.py", tmp_path / "sigint-sent"
+    script.write_text(GDB_SIGINT_BEFORE_THE_WAIT)
+    g = subprocess.Popen(["gdb", "-q", "-nx", "-batch", "-x", str(script), "--args", str(CAPCTL), "-s",
+                          str(capd.sock), "trace", "--name", "idle", "--pid", str(app.pid)],
+                         env=dict(os.environ, GDB_TRACEE=str(app.pid), GDB_SIGINT_SENT=str(sent)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            out, _ = g.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            if sent.exists():
+                os.kill(int(sent.read_text()), signal.SIGKILL)  # gdb then says so and ends
+            out, _ = g.communicate(timeout=10)
+            pytest.fail("capctl trace --pid did not detach on a ^C sent just before it waited:\n" + out)
+        assert sent.exists() and "exited normally" in out, out
+        assert app.poll() is None                  # detached, not killed
+        assert not any(i["name"] == "idle" for i in capd.ctl("list", json_out=True))
+    finally:
+        for p in (g, app):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
