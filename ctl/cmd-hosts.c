@@ -83,11 +83,22 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", argv[2], "addr", addr), &r);
 		if (rc != CTL_OK)
 			return rc;
-		if (o->json)
+		if (o->json) {
 			output_json(r);
-		else
-			printf("%s -> %s\n", json_string_value(json_object_get(r, "name")),
-			       json_string_value(json_object_get(r, "addr")));
+		} else {
+			const char *name = json_string_value(json_object_get(r, "name"));
+			const char *now = json_string_value(json_object_get(r, "addr"));
+			const char *was = json_string_value(json_object_get(r, "previous"));
+
+			if (json_is_true(json_object_get(r, "already"))) {
+				printf("%s -> %s\n", name, now);
+				fprintf(stderr, "capctl: %s pointed at %s already; nothing changed\n", name, now);
+			} else if (was != NULL) {
+				printf("%s -> %s (was %s)\n", name, now, was);
+			} else {
+				printf("%s -> %s\n", name, now);
+			}
+		}
 		break;
 	}
 	case HOSTS_REMOVE:

@@ -7,8 +7,10 @@
  * comes back: at the next hosts command, or within HOSTS_WATCH_INTERVAL when
  * the watch timer sees the file change.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "capd.h"
@@ -27,6 +29,7 @@ struct hosts_edit {
 	enum hosts_op op;
 	const char *name, *addr;
 	bool found;             /* remove: the name was there */
+	char was[HOSTS_ADDR_MAX]; /* add: the name's address before, "" when it had none */
 	size_t removed;         /* clear: how many went */
 	struct hosts_set next;  /* the entries the last run of hosts_edit_cb proposed */
 };
@@ -61,6 +64,10 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 	}
 	switch (e->op) {
 	case HOSTS_OP_ADD:
+		e->was[0] = '\0';  /* this may run again, on a file changed meanwhile */
+		for (size_t i = 0; i < set.n; i++)
+			if (strcasecmp(set.v[i].name, e->name) == 0)
+				snprintf(e->was, sizeof e->was, "%s", set.v[i].addr);
 		hosts_set_put(&set, e->name, e->addr);
 		break;
 	case HOSTS_OP_REMOVE:
@@ -172,8 +179,15 @@ hosts_add(const char *name, const char *addr, json_t **result, char **why)
 	e.addr = norm;
 	if (hosts_run(&e, why) < 0)
 		return -1;
-	log_info("hosts: %s -> %s in %s", name, norm, hosts_path());
-	*result = json_pack("{s:s, s:s, s:s}", "name", name, "addr", norm, "file", hosts_path());
+	/* the same line again writes nothing (hosts_file_update), and says so */
+	if (strcmp(e.was, norm) == 0)
+		log_info("hosts: %s -> %s already in %s", name, norm, hosts_path());
+	else if (e.was[0] != '\0')
+		log_info("hosts: %s -> %s in %s (was %s)", name, norm, hosts_path(), e.was);
+	else
+		log_info("hosts: %s -> %s in %s", name, norm, hosts_path());
+	*result = json_pack("{s:s, s:s, s:s, s:b, s:o}", "name", name, "addr", norm, "file", hosts_path(), "already",
+	                    strcmp(e.was, norm) == 0, "previous", e.was[0] ? json_string(e.was) : json_null());
 	return 0;
 }
 

@@ -112,6 +112,28 @@ def test_bad_names_and_addresses_refused(hostsd):
     assert path.read_bytes() == ORIG
 
 
+def test_adding_an_entry_that_is_there_says_so(hostsd):
+    """Regression (hosts add of a line that exists): adding a name with the address it already
+    had changed nothing and said nothing, as if it had been added (capd logged it so too). It
+    still changes nothing and exits 0, and says so; a new address says what it replaced."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "a.test")
+    before, ino = path.read_bytes(), path.stat().st_ino
+    for args in (["a.test"], ["a.test", "127.0.0.1"], ["A.Test", "127.0.0.1"]):  # names have no case
+        r = c.ctl("hosts", "add", *args)
+        assert r.stdout.strip() == f"{args[0]} -> 127.0.0.1", r.stdout
+        assert r.stderr.strip() == f"capctl: {args[0]} pointed at 127.0.0.1 already; nothing changed", r.stderr
+    assert path.read_bytes() == before and path.stat().st_ino == ino
+    assert c.ctl("hosts", "add", "a.test", json_out=True) == {
+        "name": "a.test", "addr": "127.0.0.1", "file": str(path), "already": True, "previous": "127.0.0.1"}
+    r = c.ctl("hosts", "add", "a.test", "::1")
+    assert r.stdout.strip() == "a.test -> ::1 (was 127.0.0.1)" and r.stderr == ""
+    assert c.ctl("hosts", "add", "b.test", json_out=True) == {
+        "name": "b.test", "addr": "127.0.0.1", "file": str(path), "already": False, "previous": None}
+    assert path.read_bytes() == ORIG + b"\n" + block(("a.test", "::1"), ("b.test", "127.0.0.1"))
+    assert "a.test -> 127.0.0.1 in" in c.log() and "a.test -> 127.0.0.1 already in" in c.log()
+
+
 def test_damaged_block_is_not_guessed(hostsd):
     c, path = hostsd, hostsd.hosts
     damaged = ORIG + b"\n# BEGIN capd\n127.0.0.1 half.test\n"
