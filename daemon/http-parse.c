@@ -247,18 +247,16 @@ http_version(const char *p, size_t n, int *minor)
 }
 
 /*
- * The shared part: finds the head, parses the header lines after the start
- * line (which the caller parses in p[start..line_end)), and the framing
- * headers. *first_end is where the start line ends (its CR).
+ * The shared start: finds the head (a request may follow stray empty
+ * lines), fails early on what can never become one, and checks the start
+ * line's end. The caller parses the start line, p[*start..*first_end)
+ * (*first_end is its CR), before http_parse_fields parses the header lines,
+ * so that a head refused for a header still says what it asked for.
  */
 static enum parse
-http_parse_head(const uint8_t *bytes, size_t n, const struct http_limits *lim, bool request, struct http_msg *m,
-                size_t *start, size_t *first_end)
+http_head_find(const char *p, size_t n, size_t max, bool request, struct http_msg *m, size_t *start, size_t *first_end)
 {
-	const char *p = (const char *)bytes;
-	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
-	unsigned max_hdr = lim && lim->max_headers ? lim->max_headers : HTTP_MAX_HEADERS;
-	size_t s = 0, i, end;
+	size_t s = 0, end;
 	const char *eoh;
 	long le;
 
@@ -269,6 +267,7 @@ http_parse_head(const uint8_t *bytes, size_t n, const struct http_limits *lim, b
 	if (request)
 		while (s + 1 < n && s < 8 && p[s] == '\r' && p[s + 1] == '\n')
 			s += 2;
+	*start = s;
 	if (n > s && !IS(p[s], C_TCHAR))
 		return http_fail(m, 400, request ? "not an HTTP request" : "not an HTTP response");
 	eoh = memmem(p + s, n - s, "\r\n\r\n", 4);
@@ -287,10 +286,18 @@ http_parse_head(const uint8_t *bytes, size_t n, const struct http_limits *lim, b
 	le = http_line_end(p, s, end);
 	if (le < 0)
 		return http_fail(m, 400, "bad line end");
-	*start = s;
 	*first_end = (size_t)le;
+	return PARSE_OK;
+}
 
-	/* header lines */
+/* The header lines after the start line (which ends at first_end) into m->hdr. */
+static enum parse
+http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg *m, size_t first_end)
+{
+	unsigned max_hdr = lim && lim->max_headers ? lim->max_headers : HTTP_MAX_HEADERS;
+	size_t end = m->head_len, i;
+	long le = (long)first_end;
+
 	for (i = (size_t)le + 2; i < end - 2; i = (size_t)le + 2) {
 		struct http_hdr *h;
 		size_t k = i, vs, ve;
@@ -385,17 +392,14 @@ http_semantics(struct http_msg *m, bool request)
 	return PARSE_OK;
 }
 
-enum parse
-http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
+/* method SP request-target SP HTTP-version in p[s..le): PARSE_OK, or
+ * PARSE_ERR with what parsed of it in m (the method, then the target). */
+static enum parse
+http_request_line(const char *p, size_t s, size_t le, struct http_msg *m)
 {
-	const char *p = (const char *)bytes;
-	size_t s, le, i, t;
-	enum parse rv = http_parse_head(bytes, n, lim, true, m, &s, &le);
+	size_t i, t;
 	int st;
 
-	if (rv != PARSE_OK)
-		return rv;
-	/* method SP request-target SP HTTP-version */
 	for (i = s; i < le && IS(p[i], C_TCHAR); i++)
 		;
 	if (i == s || i >= le || p[i] != ' ')
@@ -410,6 +414,33 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 	m->target_len = (uint32_t)(i - t);
 	if ((st = http_version(p + i + 1, le - i - 1, &m->minor)) != 0)
 		return http_fail(m, st, st == 505 ? "HTTP version not supported" : "bad HTTP version");
+	return PARSE_OK;
+}
+
+enum parse
+http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
+{
+	const char *p = (const char *)bytes;
+	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
+	size_t s = 0, le = 0;
+	enum parse rv = http_head_find(p, n, max, true, m, &s, &le);
+
+	if (rv == PARSE_ERR && m->status == 431) {
+		/* too large: what its request line asked for, when that came whole */
+		size_t upto = n < max ? n : max;
+		const char *cr = upto > s ? memmem(p + s, upto - s, "\r\n", 2) : NULL;
+		const char *why = m->why;
+
+		if (cr)
+			http_request_line(p, s, (size_t)(cr - p), m);
+		m->status = 431;
+		m->why = why;
+		return PARSE_ERR;
+	}
+	if (rv != PARSE_OK)
+		return rv;
+	if ((rv = http_request_line(p, s, le, m)) != PARSE_OK || (rv = http_parse_fields(p, lim, m, le)) != PARSE_OK)
+		return rv;
 	return http_semantics(m, true);
 }
 
@@ -418,8 +449,9 @@ http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *li
                     struct http_msg *m)
 {
 	const char *p = (const char *)bytes;
-	size_t s, le, i;
-	enum parse rv = http_parse_head(bytes, n, lim, false, m, &s, &le);
+	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
+	size_t s = 0, le = 0, i;
+	enum parse rv = http_head_find(p, n, max, false, m, &s, &le);
 	int st;
 
 	if (rv != PARSE_OK)
@@ -444,6 +476,8 @@ http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *li
 		m->reason = p + s + 13;
 		m->reason_len = (uint32_t)(le - s - 13);
 	}
+	if ((rv = http_parse_fields(p, lim, m, le)) != PARSE_OK)
+		return rv;
 	if ((rv = http_semantics(m, false)) != PARSE_OK) {
 		m->status = 502;
 		return rv;

@@ -283,6 +283,64 @@ http_hdr_is(const struct http_hdr *h, const char *name)
 	return http_token_eq(h->name, h->name_len, name);
 }
 
+/* The host and port a request asked for, as far as it parsed: a CONNECT's
+ * authority, an absolute URL's (http:// or https://), else its one Host;
+ * without a port, the scheme's (tls: the client's connection is TLS). 0, or
+ * -1 when it names none that parses. */
+static int
+http_asked(const struct http_msg *m, bool tls, struct http_target *t)
+{
+	const char *a = NULL;
+	size_t an = 0, skip = 0;
+	bool https = tls;
+	int rv;
+
+	if (m->target == NULL)
+		return -1;
+	if (http_method_is(m, "CONNECT"))
+		return http_authority(m->target, m->target_len, t) == 1 ? 0 : -1;
+	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://"))
+		skip = 7, https = false;
+	else if (m->target_len >= 8 && http_token_eq(m->target, 8, "https://"))
+		skip = 8, https = true;
+	if (skip) {
+		a = m->target + skip;
+		while (skip + an < m->target_len && a[an] != '/' && a[an] != '?' && a[an] != '#')
+			an++;
+	} else {
+		for (unsigned i = 0; i < m->nhdr; i++) {
+			if (!http_hdr_is(&m->hdr[i], "host"))
+				continue;
+			if (a)
+				return -1;  /* which one? */
+			a = m->hdr[i].value;
+			an = m->hdr[i].value_len;
+		}
+	}
+	if (a == NULL || (rv = http_authority(a, an, t)) < 0)
+		return -1;
+	if (rv == 0 && https)
+		t->port = 443;
+	return 0;
+}
+
+/* A request capd refuses (or answers) itself never reaches an upstream: the
+ * session's record says what it asked for beside the reason, which says why.
+ * Its request line becomes the note and, on a session that has no target
+ * yet, what it asked for the target. */
+static void
+http_note_refused(struct session *s, const struct http_msg *m)
+{
+	struct http_target t = { 0 };
+
+	if (m->method == NULL || m->target == NULL)
+		return;  /* nothing of it parsed: the reason alone says it */
+	http_note(s, m, &t);
+	if (s->have_target || s->target_name[0] || http_asked(m, s->client.tls != NULL, &t) < 0)
+		return;
+	snprintf(s->target_name, sizeof s->target_name, strchr(t.host, ':') ? "[%s]:%u" : "%s:%u", t.host, t.port);
+}
+
 /* The request head as it goes upstream. */
 static void
 http_rewrite_request(struct session *s, const struct http_msg *m, const struct http_target *t, struct buf *b)
@@ -448,6 +506,7 @@ http_proxy_input(struct session *s)
 		return;
 	}
 	if (rv == PARSE_ERR) {
+		http_note_refused(s, &http_msg);
 		http_fail_early(s, status, why);
 		return;
 	}

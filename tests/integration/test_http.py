@@ -3,6 +3,7 @@ clients (curl, wget), a Python origin that echoes what it receives, and a
 TLS nginx behind CONNECT. Every capture is checked with tshark."""
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -993,3 +994,86 @@ def test_connect_ipv6_needs_a_port(capd):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(f"CONNECT [::1]:{v6port} HTTP/1.1\r\nHost: [::1]:{v6port}\r\n\r\n".encode())
             assert c.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def subscribe_events(capd):
+    """A raw events.subscribe connection, its reply read: (socket, bytes after the reply)."""
+    u = socket.socket(socket.AF_UNIX)
+    u.connect(str(capd.sock))
+    u.settimeout(5)
+    u.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
+    buf = b""
+    while b"\n" not in buf:
+        d = u.recv(65536)
+        assert d, "capd closed the events subscription"
+        buf += d
+    return u, buf.split(b"\n", 1)[1]
+
+
+def session_closes(u, rest, n):
+    """The next n session.close events on a subscription (see subscribe_events)."""
+    got, buf = [], rest
+    while len(got) < n:
+        while b"\n" not in buf:
+            d = u.recv(65536)
+            assert d, got
+            buf += d
+        line, buf = buf.split(b"\n", 1)
+        e = json.loads(line)["params"]
+        if e["event"] == "session.close":
+            got.append(e)
+    return got
+
+
+# what each refusal asked for, as its session record should say it: request, status, target, note
+REFUSED = [
+    (b"GET http://fold.test:81/p HTTP/1.1\r\nHost: x\r\nX: 1\r\n folded\r\n\r\n", 400, "fold.test:81",
+     "GET http://fold.test:81/p"),
+    (b"GET /relative HTTP/1.1\r\nHost: origin-form.test:8081\r\n\r\n", 400, "origin-form.test:8081", "GET /relative"),
+    (b"GET https://tls.test/x HTTP/1.1\r\nHost: tls.test\r\n\r\n", 400, "tls.test:443", "GET https://tls.test/x"),
+    (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n", 403, "127.0.0.1:22", "CONNECT 127.0.0.1:22"),
+    (b"GET http://big.test/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431, "big.test:80",
+     "GET http://big.test/"),
+    (b"GET http://v3.test/ HTTP/3.0\r\nHost: x\r\n\r\n", 505, "v3.test:80", "GET http://v3.test/"),
+    (b"GET http://[::1]:8080/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "[::1]:8080", "GET http://[::1]:8080/"),
+    (b"POST http://te.test/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "te.test:80",
+     "POST http://te.test/"),
+    # nothing of it parses: no target, no note; the reason still says why
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400, "", None),
+]
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_refused_request_names_its_target(capd_factory, auth):
+    """Regression: a request capd refused itself (400, 403, 407, 431, 505, ...) left a
+    session record with target "" (a blank TARGET column, "-" in the log line and in the
+    session.close event) and no note, so the session list did not say what was asked. The
+    record now has the target as far as the request parsed (the URL's or CONNECT's
+    authority, else Host, with the scheme's default port) and the request line as its
+    note; the reason keeps the status and why, and the reply is unchanged."""
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = {port}\nmax_header_size = 8K\n" + ("auth = bob:pw\n" if auth else ""))
+    cases = REFUSED if not auth else [(b"GET http://secret.test/a HTTP/1.1\r\nHost: x\r\n\r\n", 407,
+                                       "secret.test:80", "GET http://secret.test/a")]
+    u, rest = subscribe_events(capd)
+    with u:
+        for req, status, _, _ in cases:
+            reply = raw(port, req)
+            assert status_of(reply) == status, reply
+            assert b"Connection: close\r\n" in reply
+        events = {e["id"]: e for e in session_closes(u, rest, len(cases))}
+    # in the order they came (two shards may close them in another)
+    ss = sorted((s for s in closed_sessions(capd, len(cases)) if s["instance"] == "h"), key=lambda s: s["id"])
+    table = capd.ctl("sessions").stdout.splitlines()
+    log = capd.log()
+    for (req, status, target, note), s in zip(cases, ss):
+        for rec in (s, events[s["id"]]):
+            assert rec["target"] == target, (req, rec)
+            assert rec.get("note") == note, (req, rec)
+            assert rec["reason"].startswith(f"{status} "), (req, rec)
+        row = [x for x in table if x.split()[0] == str(s["id"])][0]
+        logline = [x for x in log.splitlines() if f"session {s['id']} " in x]
+        assert len(logline) == 1, logline                     # still one line per session
+        assert f" -> {target or '-'} up=0 down=0 {s['reason']}" in logline[0], logline
+        if target:
+            assert row.split()[4] == target, row

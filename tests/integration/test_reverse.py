@@ -381,3 +381,25 @@ def test_reverse_tls_upstream_handshake_failure_is_a_502(capd, tls_reverse, orig
     ss = [s for s in capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "rv" and s["state"] == "closed"]) >= 2)
           if s["instance"] == "rv"]
     assert all(s["reason"].startswith("502 Bad Gateway: upstream ") for s in ss), ss
+
+
+def test_refused_request_names_its_target_reverse(capd_factory, origins):
+    """Regression: a reverse instance's refusals (421 no route, 405 CONNECT, 400) left the
+    session record with target "" and no note. The record now names the host the client
+    asked for (Host, or the CONNECT or URL authority; the scheme's default port) and the
+    request line; a Host that does not parse leaves the target empty but not the note."""
+    capd, port = reverse(capd_factory, origins)
+    cases = [(b"GET /a HTTP/1.1\r\nHost: nowhere.test\r\n\r\n", 421, "nowhere.test:80", "GET /a"),
+             (b"GET /b HTTP/1.1\r\nHost: NoWhere.test:8081\r\n\r\n", 421, "NoWhere.test:8081", "GET /b"),
+             (b"CONNECT www.example.com:443 HTTP/1.1\r\nHost: www.example.com\r\n\r\n", 405,
+              "www.example.com:443", "CONNECT www.example.com:443"),
+             (b"GET /c HTTP/1.1\r\nHost: bad host\r\n\r\n", 400, "", "GET /c"),
+             (b"GET /d HTTP/1.0\r\n\r\n", 421, "", "GET /d")]
+    for req, status, _, _ in cases:
+        assert status_of(raw(port, req)) == status, req
+    # in the order they came (two shards may close them in another)
+    ss = sorted((s for s in closed(capd, len(cases)) if s["instance"] == "r"), key=lambda s: s["id"])
+    for (req, status, target, note), s in zip(cases, ss):
+        assert (s["target"], s.get("note"), s["reason"][:4]) == (target, note, f"{status} "), (req, s)
+        assert f"session {s['id']} reverse/r 127.0.0.1:" in capd.log()
+        assert f" -> {target or '-'} up=0 down=0 {s['reason']}\n" in capd.log()

@@ -113,6 +113,42 @@ test_headers(void **state)
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fz\r\n\r\n", 400);
 }
 
+/* A refused head still says what it asked for, as far as it parsed: the
+ * request line comes before the header lines, which fill m->hdr up to the
+ * bad one (the proxy names the refused session's target from them). */
+static void
+test_refused_request_parsed_so_far(void **state)
+{
+	struct http_limits lim = { .max_head = 1024 };
+	char big[2048];
+
+	(void)state;
+	expect_err("PUT http://a.test/x HTTP/1.1\r\nHost: h.test\r\nX: 1\r\n folded\r\n\r\n", 400);
+	assert_int_equal(m.method_len, 3);
+	assert_memory_equal(m.method, "PUT", 3);
+	assert_int_equal(m.target_len, 15);
+	assert_memory_equal(m.target, "http://a.test/x", 15);
+	assert_int_equal(m.nhdr, 2);
+	assert_memory_equal(m.hdr[0].value, "h.test", 6);
+	expect_err("GET /v HTTP/2.0\r\nHost: a\r\n\r\n", 505);
+	assert_int_equal(m.target_len, 2);
+	assert_memory_equal(m.target, "/v", 2);
+	expect_err("GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	assert_int_equal(m.method_len, 3);
+	assert_null(m.target);
+	expect_err("\x16\x03\x01\r\n\r\n", 400);
+	assert_null(m.method);
+	/* too large: the request line still parses when it came whole */
+	snprintf(big, sizeof big, "GET http://big.test/ HTTP/1.1\r\nHost: a\r\nX: %01100d\r\n\r\n", 0);
+	assert_int_equal(http_parse_request((const uint8_t *)big, strlen(big), &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 431);
+	assert_int_equal(m.target_len, 16);
+	assert_memory_equal(m.target, "http://big.test/", 16);
+	assert_int_equal(http_parse_request((const uint8_t *)big, 1024, &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 431);
+	assert_int_equal(m.target_len, 16);
+}
+
 static void
 test_limits(void **state)
 {
@@ -343,6 +379,7 @@ main(void)
 		cmocka_unit_test(test_request_line),
 		cmocka_unit_test(test_more),
 		cmocka_unit_test(test_headers),
+		cmocka_unit_test(test_refused_request_parsed_so_far),
 		cmocka_unit_test(test_limits),
 		cmocka_unit_test(test_framing),
 		cmocka_unit_test(test_connection),
