@@ -83,6 +83,31 @@ http_method_is(const struct http_msg *m, const char *name)
 	return m->method_len == strlen(name) && memcmp(m->method, name, m->method_len) == 0;
 }
 
+int64_t
+http_max_forwards(const struct http_msg *m, const struct http_hdr **h)
+{
+	const struct http_hdr *mf = NULL;
+	int64_t v = 0;
+
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		if (!http_token_eq(m->hdr[i].name, m->hdr[i].name_len, "max-forwards"))
+			continue;
+		if (mf)
+			return -1;
+		mf = &m->hdr[i];
+	}
+	if (mf == NULL || mf->value_len == 0 || mf->value_len > 18)
+		return -1;
+	for (uint32_t i = 0; i < mf->value_len; i++) {
+		if (mf->value[i] < '0' || mf->value[i] > '9')
+			return -1;
+		v = v * 10 + (mf->value[i] - '0');
+	}
+	if (h)
+		*h = mf;
+	return v;
+}
+
 const struct http_hdr *
 http_header(const struct http_msg *m, const char *name)
 {

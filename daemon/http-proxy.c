@@ -16,8 +16,9 @@
  * on. A request for another upstream, a CONNECT, or any request after an
  * upstream that will not be reused moves the client socket, with the bytes
  * held so far, to a new session (http_handoff); the old one closes. Error
- * replies go through session_send before the relay runs, and through
- * relay_inject + relay_finish after.
+ * replies, and capd's own answer to an OPTIONS or TRACE with Max-Forwards: 0
+ * (http_answer), go through session_send before the relay runs, and through
+ * relay_inject + relay_finish after; the connection ends with them.
  */
 #include "http-proxy.h"
 
@@ -192,16 +193,11 @@ http_linger_client(struct session *s)
 	s->client.fd = -1;
 }
 
-/* Before the relay: reply, FIN, close (lingering). */
+/* Before the relay: the reply in b, FIN, close (lingering) with reason. */
 static void
-http_fail_early(struct session *s, int status, const char *why)
+http_reply_early(struct session *s, const struct buf *b, const char *reason)
 {
-	struct buf b = { 0 };
-	char *reason = http_reason(status, why);
-
-	http_error_text(&b, status, why, status == 407);
-	session_send(s, buf_head(&b), buf_used(&b));
-	buf_free(&b);
+	session_send(s, buf_head(b), buf_used(b));
 	if (s->state != SESSION_CLOSED && s->client.fd >= 0 && buf_used(&s->hs_out) == 0) {
 		if (s->client.tls != NULL)
 			tls_side_shutdown(s->client.tls);
@@ -209,6 +205,18 @@ http_fail_early(struct session *s, int status, const char *why)
 		http_linger_client(s);
 	}
 	session_close(s, reason);
+}
+
+/* http_reply_early with an error reply. */
+static void
+http_fail_early(struct session *s, int status, const char *why)
+{
+	struct buf b = { 0 };
+	char *reason = http_reason(status, why);
+
+	http_error_text(&b, status, why, status == 407);
+	http_reply_early(s, &b, reason);
+	buf_free(&b);
 	free(reason);
 }
 
@@ -341,6 +349,63 @@ http_note_refused(struct session *s, const struct http_msg *m)
 	snprintf(s->target_name, sizeof s->target_name, strchr(t.host, ':') ? "[%s]:%u" : "%s:%u", t.host, t.port);
 }
 
+/* ---- requests for capd itself ---- */
+
+#define HTTP_ALLOW "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
+
+/* An OPTIONS or TRACE whose Max-Forwards is 0 is for the recipient to
+ * answer (RFC 9110 7.6.2): capd is that recipient. */
+static bool
+http_for_capd(const struct http_msg *m)
+{
+	return (http_method_is(m, "OPTIONS") || http_method_is(m, "TRACE")) && http_max_forwards(m, NULL) == 0;
+}
+
+/* The CR that ends the line p is in (the parsed head it is in ends at end). */
+static const char *
+http_line_cr(const char *p, const char *end)
+{
+	return memchr(p, '\r', (size_t)(end - p));
+}
+
+/* capd's own answer to a request for it (http_for_capd) into b, and its
+ * reason into *reason (caller frees). OPTIONS: 200, Allow and no body.
+ * TRACE: 200 with the request head as received (message/http, RFC 9110
+ * 9.3.8), less the lines that carry credentials, which that section says
+ * the recipient should leave out. The connection ends after it. */
+static void
+http_answer(struct session *s, const struct http_msg *m, const uint8_t *p, struct buf *b, char **reason)
+{
+	struct http_cfg *cfg = s->inst->cfg;
+	const char *end = (const char *)p + m->head_len, *cr;
+	struct buf echo = { 0 };
+
+	*reason = xasprintf("%d %s: %.*s with Max-Forwards: 0, answered by capd", 200, http_status_text(200),
+	                    (int)m->method_len, m->method);
+	if (http_method_is(m, "OPTIONS")) {
+		buf_printf(b, "HTTP/1.1 200 OK\r\nAllow: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+		           cfg->reverse ? HTTP_ALLOW : HTTP_ALLOW ", CONNECT");
+		return;
+	}
+	cr = http_line_cr(m->target + m->target_len, end);
+	buf_append(&echo, m->method, (size_t)(cr - m->method) + 2);
+	for (unsigned i = 0; i < m->nhdr; i++) {
+		const struct http_hdr *h = &m->hdr[i];
+
+		if (http_hdr_is(h, "authorization") || http_hdr_is(h, "proxy-authorization") ||
+		    http_hdr_is(h, "cookie"))
+			continue;
+		cr = http_line_cr(h->value + h->value_len, end);
+		buf_append(&echo, h->name, (size_t)(cr - h->name) + 2);
+	}
+	buf_append(&echo, "\r\n", 2);
+	buf_printf(b,
+	           "HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+	           buf_used(&echo));
+	buf_append(b, buf_head(&echo), buf_used(&echo));
+	buf_free(&echo);
+}
+
 /* The request head as it goes upstream. */
 static void
 http_rewrite_request(struct session *s, const struct http_msg *m, const struct http_target *t, struct buf *b)
@@ -348,6 +413,8 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 	struct http_cfg *cfg = s->inst->cfg;
 	char ip[ADDR_STRLEN];
 	int xff = -1;  /* the last X-Forwarded-For line: the client's address goes after its list */
+	const struct http_hdr *mf = NULL;  /* an OPTIONS's or TRACE's Max-Forwards, counted down (RFC 9110 7.6.2) */
+	int64_t hops = -1;
 
 	buf_reset(b);
 	buf_append(b, m->method, m->method_len);
@@ -369,6 +436,8 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 		buf_append(b, "\r\n", 2);
 	}
 	addr_format_ip((struct sockaddr *)&s->client_addr, ip, sizeof ip);
+	if (http_method_is(m, "OPTIONS") || http_method_is(m, "TRACE"))
+		hops = http_max_forwards(m, &mf);  /* 0 never comes here (http_for_capd) */
 	if (cfg->reverse)
 		for (unsigned i = 0; i < m->nhdr; i++)
 			if (http_hdr_is(&m->hdr[i], "x-forwarded-for") &&
@@ -385,7 +454,10 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 			continue;
 		buf_append(b, h->name, h->name_len);
 		buf_append(b, ": ", 2);
-		buf_append(b, h->value, h->value_len);
+		if (h == mf && hops > 0)
+			buf_printf(b, "%lld", (long long)(hops - 1));
+		else
+			buf_append(b, h->value, h->value_len);
 		if ((int)i == xff)
 			buf_printf(b, ", %s", ip);
 		buf_append(b, "\r\n", 2);
@@ -510,6 +582,17 @@ http_proxy_input(struct session *s)
 		http_fail_early(s, status, why);
 		return;
 	}
+	if (http_for_capd(&http_msg)) {
+		struct buf b = { 0 };
+		char *reason;
+
+		http_note_refused(s, &http_msg);
+		http_answer(s, &http_msg, buf_head(&s->hs_in), &b, &reason);
+		http_reply_early(s, &b, reason);
+		buf_free(&b);
+		free(reason);
+		return;
+	}
 	/* nothing more is read until the upstream is up: the relay takes over */
 	ev_io_stop(capd_loop, &s->client.rio);
 	http_note(s, &http_msg, &t);
@@ -629,6 +712,18 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		return RELAY_MORE;
 	if (rv == PARSE_ERR) {
 		http_fail_late(s, status, why);
+		return RELAY_END;
+	}
+	if (http_for_capd(m)) {
+		struct buf b = { 0 };
+		char *reason;
+
+		/* no upstream needed, this one or another: the answer ends the connection here */
+		http_answer(s, m, p, &b, &reason);
+		relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
+		http_end_late(s, reason);
+		buf_free(&b);
+		free(reason);
 		return RELAY_END;
 	}
 	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {

@@ -99,7 +99,7 @@ class Origin:
                 if self.command != "HEAD":
                     self.wfile.write(out)
 
-            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = answer
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_OPTIONS = do_TRACE = answer
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -1077,3 +1077,59 @@ def test_refused_request_names_its_target(capd_factory, auth):
         assert f" -> {target or '-'} up=0 down=0 {s['reason']}" in logline[0], logline
         if target:
             assert row.split()[4] == target, row
+
+
+def test_max_forwards_zero_is_answered_by_the_proxy(capd, origin):
+    """RFC 9110 7.6.2: an OPTIONS or TRACE whose Max-Forwards is 0 is for the recipient,
+    here capd, to answer: OPTIONS with 200, an Allow header and no body; TRACE with 200 and
+    the request head as capd received it (message/http), less the fields that carry
+    credentials (RFC 9110 9.3.8). Capd passed both to the origin. Nothing reaches the
+    origin now, also on a kept connection, and the session record says what was asked."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    r = curl("-i", "-x", f"http://127.0.0.1:{port}", "-X", "OPTIONS", "-H", "Max-Forwards: 0", f"{u}/opt")
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), r.stdout
+    assert b"\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT\r\n" in head + b"\r\n", head
+    assert b"\r\nContent-Length: 0\r\n" in head + b"\r\n" and body == b""
+    echoed = (f"TRACE {u}/t?x HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nMax-Forwards: 0\r\n"
+              "X-Probe:  p q \r\n").encode()
+    secret = b"Cookie: c=1\r\nAuthorization: Basic eDp5\r\nproxy-authorization: Basic eDp5\r\n"
+    reply = raw(port, echoed + secret + b"X-After: a\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert status_of(reply) == 200, reply
+    assert b"\r\nContent-Type: message/http\r\n" in head
+    assert f"\r\nContent-Length: {len(body)}\r\n".encode() in head + b"\r\n"
+    assert body == echoed + b"X-After: a\r\n\r\n"
+    assert origin.requests == []
+    # later on a kept connection, after a request that went on
+    reply = raw(port, (f"GET {u}/first HTTP/1.1\r\nHost: x\r\n\r\n"
+                       f"OPTIONS {u} HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n\r\n").encode())
+    assert reply.count(b"HTTP/1.1 200 OK\r\n") == 2, reply
+    assert b"hello from a /first\n" in reply and reply.endswith(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert [q["line"] for q in origin.requests] == ["GET /first HTTP/1.1"]
+    ss = sorted((s for s in closed_sessions(capd, 3) if s["instance"] == "h"), key=lambda s: s["id"])
+    assert [(s["target"], s["note"]) for s in ss] == [
+        (f"127.0.0.1:{origin.port}", f"OPTIONS {u}/opt"), (f"127.0.0.1:{origin.port}", f"TRACE {u}/t?x"),
+        (f"127.0.0.1:{origin.port}", f"GET {u}/first")]
+    assert [s["reason"] for s in ss] == [f"200 OK: {m} with Max-Forwards: 0, answered by capd"
+                                         for m in ("OPTIONS", "TRACE", "OPTIONS")]
+    assert ss[0]["bytes_up"] == ss[1]["bytes_up"] == 0 and ss[2]["bytes_up"] > 0
+
+
+def test_max_forwards_counts_down(capd, origin):
+    """RFC 9110 7.6.2: an OPTIONS or TRACE with Max-Forwards N > 0 goes on with N - 1;
+    other methods, and a value that is not a number, pass as they came."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    for method, sent, got in (("OPTIONS", "5", "4"), ("TRACE", "1", "0"), ("OPTIONS", "007", "6"),
+                              ("GET", "0", "0"), ("POST", "3", "3"), ("OPTIONS", "x", "x"), ("TRACE", "-1", "-1"),
+                              ("OPTIONS", "99999999999999999999", "99999999999999999999")):
+        reply = raw(port, f"{method} {u}/mf HTTP/1.1\r\nHost: x\r\nMax-Forwards: {sent}\r\nX-Next: n\r\n"
+                          "Connection: close\r\n\r\n".encode())
+        assert status_of(reply) == 200, (method, sent, reply)
+        req = origin.requests[-1]
+        assert req["line"] == f"{method} /mf HTTP/1.1"
+        assert req["headers"]["Max-Forwards"] == got, (method, sent, req)
+        assert req["raw_headers"].count("Max-Forwards") == 1 and req["headers"]["X-Next"] == "n"

@@ -403,3 +403,22 @@ def test_refused_request_names_its_target_reverse(capd_factory, origins):
         assert (s["target"], s.get("note"), s["reason"][:4]) == (target, note, f"{status} "), (req, s)
         assert f"session {s['id']} reverse/r 127.0.0.1:" in capd.log()
         assert f" -> {target or '-'} up=0 down=0 {s['reason']}\n" in capd.log()
+
+
+def test_reverse_max_forwards(capd_factory, origins):
+    """RFC 9110 7.6.2 binds a gateway too: a reverse instance answers an OPTIONS or TRACE
+    whose Max-Forwards is 0 itself (its Allow leaves out CONNECT, which it refuses), and
+    counts a larger one down; it passed both on unchanged."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    reply = raw(port, b"OPTIONS * HTTP/1.1\r\nHost: www.example.com\r\nMax-Forwards: 0\r\n\r\n")
+    assert reply == (b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n"), reply
+    assert a.requests == []
+    s = [x for x in closed(capd, 1) if x["instance"] == "r"][-1]
+    assert (s["target"], s["note"]) == ("www.example.com:80", "OPTIONS *"), s
+    assert s["reason"] == "200 OK: OPTIONS with Max-Forwards: 0, answered by capd"
+    reply = raw(port, b"TRACE /t HTTP/1.1\r\nHost: www.example.com\r\nMax-Forwards: 2\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 200, reply
+    assert a.requests[-1]["line"] == "TRACE /t HTTP/1.1"
+    assert a.requests[-1]["headers"]["Max-Forwards"] == "1"

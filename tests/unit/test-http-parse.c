@@ -208,6 +208,37 @@ test_framing(void **state)
 	expect_err("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400);
 }
 
+/* Max-Forwards (RFC 9110 7.6.2): a number, or -1 for what is not one. */
+static void
+test_max_forwards(void **state)
+{
+	static const struct {
+		const char *value;
+		int64_t hops;
+	} cases[] = {
+		{ "0", 0 }, { "5", 5 }, { "007", 7 }, { "999999999999999999", 999999999999999999 },
+		{ "9999999999999999999", -1 }, { "", -1 }, { "-1", -1 }, { "1x", -1 }, { "1, 2", -1 },
+	};
+	const struct http_hdr *h = NULL;
+	char r[128];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		snprintf(r, sizeof r, "TRACE / HTTP/1.1\r\nHost: a\r\nMax-Forwards:  %s \r\n\r\n", cases[i].value);
+		assert_int_equal(req(r), PARSE_OK);
+		if (http_max_forwards(&m, NULL) != cases[i].hops)
+			fail_msg("Max-Forwards '%s': %lld", cases[i].value, (long long)http_max_forwards(&m, NULL));
+	}
+	assert_int_equal(req("OPTIONS * HTTP/1.1\r\nHost: a\r\nmax-forwards: 3\r\n\r\n"), PARSE_OK);
+	assert_int_equal(http_max_forwards(&m, &h), 3);
+	assert_ptr_equal(h, &m.hdr[1]);
+	assert_int_equal(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), PARSE_OK);
+	assert_int_equal(http_max_forwards(&m, NULL), -1);
+	/* two lines: which one counts is not ours to pick */
+	assert_int_equal(req("OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nMax-Forwards: 0\r\n\r\n"), PARSE_OK);
+	assert_int_equal(http_max_forwards(&m, NULL), -1);
+}
+
 static void
 test_connection(void **state)
 {
@@ -382,6 +413,7 @@ main(void)
 		cmocka_unit_test(test_refused_request_parsed_so_far),
 		cmocka_unit_test(test_limits),
 		cmocka_unit_test(test_framing),
+		cmocka_unit_test(test_max_forwards),
 		cmocka_unit_test(test_connection),
 		cmocka_unit_test(test_response),
 		cmocka_unit_test(test_chunked),
