@@ -2,8 +2,9 @@
  * reverse: the reverse HTTP proxy. Each request is routed by its Host (exact
  * names first, then the longest matching `*.suffix`, then `default`), keeps
  * its Host and gains X-Forwarded-For/-Host/-Proto; 421 when nothing routes.
- * An absolute-form request (`GET http://h/p`) is routed by the URL's host,
- * whose authority then replaces Host.
+ * An absolute-form request (`GET http://h/p`; `https://` on a TLS client
+ * connection, 421 on a plain one) is routed by the URL's host, whose
+ * authority then replaces Host.
  * Framing, keep-alive and capture are http-proxy.c's.
  */
 #include <stdio.h>
@@ -51,19 +52,30 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	const struct hostport *to = NULL;
 	struct http_target host = { 0 };
 	const char *a = NULL;
-	size_t an = 0;
+	size_t an = 0, skip = 0;
 
 	if (http_method_is(m, "CONNECT")) {
 		*why = "CONNECT is not served by a reverse proxy";
 		return 405;
 	}
-	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://")) {
+	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://"))
+		skip = 7;
+	else if (m->target_len >= 8 && http_token_eq(m->target, 8, "https://")) {
+		/* an https resource is served over TLS only (RFC 9110 7.4); a target
+		 * that does not match the connection is a 421 (RFC 9110 15.5.20) */
+		if (s->client.tls == NULL) {
+			*why = "an https:// URL on a connection without TLS";
+			return 421;
+		}
+		skip = 8;
+	}
+	if (skip) {
 		/* absolute form: its authority names the host, the rest goes upstream */
 		size_t i;
-		for (i = 7; i < m->target_len && m->target[i] != '/' && m->target[i] != '?'; i++)
+		for (i = skip; i < m->target_len && m->target[i] != '/' && m->target[i] != '?'; i++)
 			;
-		a = m->target + 7;
-		an = i - 7;
+		a = m->target + skip;
+		an = i - skip;
 		t->authority = a;  /* it replaces Host (RFC 9112 3.2.2) */
 		t->authority_len = an;
 		t->path = m->target + i;

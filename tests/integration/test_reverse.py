@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import check_pcap_clean, follow_tcp, free_port, tcp_stream_of
+from conftest import Listener, apart, check_pcap_clean, follow_tcp, free_port, tcp_stream_of
 from test_http import Origin, raw, read_all, status_of
 
 
@@ -422,3 +422,79 @@ def test_reverse_max_forwards(capd_factory, origins):
     assert status_of(reply) == 200, reply
     assert a.requests[-1]["line"] == "TRACE /t HTTP/1.1"
     assert a.requests[-1]["headers"]["Max-Forwards"] == "1"
+
+
+def test_absolute_https_form_on_a_plain_connection_is_misdirected(capd_factory, origins):
+    """An absolute-form target with https:// (`GET https://h/ HTTP/1.1`) got 400 'bad request
+    target' from a reverse instance, which knew only http:// URLs; the request is well formed.
+    On a connection without TLS it names a resource this connection cannot serve (RFC 9110
+    7.4: an https resource only over a secured connection), so it gets 421 (RFC 9110 15.5.20:
+    a target URI that does not match the connection), and nothing goes upstream."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins, default=True)
+    for target in ("https://www.example.com/x", "HTTPS://www.example.com:8443/x"):
+        reply = raw(port, f"GET {target} HTTP/1.1\r\nHost: www.example.com\r\n\r\n".encode())
+        assert status_of(reply) == 421, (target, reply)
+        assert b"https" in reply.split(b"\r\n\r\n", 1)[1]
+    assert a.requests == [] and c.requests == []
+    ss = sorted((s for s in closed(capd, 2) if s["instance"] == "r"), key=lambda s: s["id"])
+    assert [(s["target"], s["note"]) for s in ss] == [("www.example.com:443", "GET https://www.example.com/x"),
+                                                      ("www.example.com:8443", "GET HTTPS://www.example.com:8443/x")]
+    assert all(s["reason"].startswith("421 Misdirected Request: ") for s in ss), ss
+
+
+class TlsRecordingOrigin(Listener):
+    """A TLS origin (Python ssl, a self-signed certificate) that records each request head
+    and answers it with a close-delimited "hello"."""
+
+    def __init__(self, d):
+        import test_tls
+        cert, key = test_tls.make_cert(d, "rec-origin", "/CN=rec-origin")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.heads = []
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        c.settimeout(5)
+        try:
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    d = t.recv(65536)
+                    if not d:
+                        return
+                    got += d
+                self.heads.append(got.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+                t.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello")
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def test_reverse_tls_absolute_https_form(capd, tmp_path):
+    """Regression: `GET https://h/ HTTP/1.1` on a reverse instance's TLS connection got 400
+    'bad request target'. A server must accept the absolute form (RFC 9112 3.2.2): it is
+    routed by the URL's host, whose authority replaces Host, as for http://."""
+    import test_tls
+    o = TlsRecordingOrigin(tmp_path)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"www.example.test=127.0.0.1:{o.port}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        for target, authority in (("https://www.example.test/p?q", "www.example.test"),
+                                  ("HTTPS://www.example.test:4443", "www.example.test:4443")):
+            r = curl("--http1.1", "--cacert", ca, "--resolve", f"www.example.test:{port}:127.0.0.1",
+                     "--request-target", target, "-H", "Host: no-route.test", f"https://www.example.test:{port}/")
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"hello", r.stdout
+            head = o.heads[-1]
+            assert head.startswith(f"GET /{'p?q' if '?' in target else ''} HTTP/1.1\r\nHost: {authority}\r\n".encode()), head
+            assert b"no-route.test" not in head and f"X-Forwarded-Host: {authority}\r\n".encode() in head
+        s = [x for x in closed(capd, 2) if x["instance"] == "r"][-1]
+        assert s["note"].startswith("GET HTTPS://www.example.test:4443; tls "), s
+    finally:
+        o.close()
