@@ -442,6 +442,27 @@ http_request_line(const char *p, size_t s, size_t le, struct http_msg *m)
 	return PARSE_OK;
 }
 
+/* The start of a request line that did not end within p[s..upto): its
+ * method and as much of its target as came (for the session's record). */
+static void
+http_request_line_start(const char *p, size_t s, size_t upto, struct http_msg *m)
+{
+	size_t i, t;
+
+	for (i = s; i < upto && IS(p[i], C_TCHAR); i++)
+		;
+	if (i == s || i >= upto || p[i] != ' ')
+		return;
+	for (t = ++i; i < upto && IS(p[i], C_TARGET); i++)
+		;
+	if (i == t)
+		return;
+	m->method = p + s;
+	m->method_len = (uint32_t)(t - 1 - s);
+	m->target = p + t;
+	m->target_len = (uint32_t)(i - t);
+}
+
 enum parse
 http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
 {
@@ -451,15 +472,20 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 	enum parse rv = http_head_find(p, n, max, true, m, &s, &le);
 
 	if (rv == PARSE_ERR && m->status == 431) {
-		/* too large: what its request line asked for, when that came whole */
+		/* too large: what its request line asked for, when that came whole;
+		 * a request line that did not is a target too long (RFC 9112 3) */
 		size_t upto = n < max ? n : max;
 		const char *cr = upto > s ? memmem(p + s, upto - s, "\r\n", 2) : NULL;
 		const char *why = m->why;
 
-		if (cr)
+		if (cr) {
 			http_request_line(p, s, (size_t)(cr - p), m);
-		m->status = 431;
-		m->why = why;
+			m->status = 431;
+			m->why = why;
+		} else {
+			http_request_line_start(p, s, upto, m);
+			http_fail(m, 414, "request line too long");
+		}
 		return PARSE_ERR;
 	}
 	if (rv != PARSE_OK)
@@ -697,6 +723,7 @@ http_status_text(int status)
 	case 405: return "Method Not Allowed";
 	case 407: return "Proxy Authentication Required";
 	case 408: return "Request Timeout";
+	case 414: return "URI Too Long";
 	case 421: return "Misdirected Request";
 	case 431: return "Request Header Fields Too Large";
 	case 501: return "Not Implemented";

@@ -5,10 +5,11 @@
  *  - http_parse_request / http_parse_response look at n bytes and answer
  *    PARSE_MORE (no complete head yet, nothing consumed), PARSE_OK (the head
  *    is m->head_len bytes; m points into p) or PARSE_ERR (m->status says
- *    which reply fits: 400, 431, 501, 505; m->why says why; what parsed
+ *    which reply fits: 400, 414, 431, 501, 505; m->why says why; what parsed
  *    before the error stays in m: the start line is parsed before the
  *    header lines, so a request refused for a header still has its method
- *    and target, and hdr[0..nhdr) holds the lines before the bad one).
+ *    and target, and hdr[0..nhdr) holds the lines before the bad one; after
+ *    a 414, target is the part of it that came).
  *  - http_body_scan walks a body in place (Content-Length, chunked, or up to
  *    the close) and tells where the message ends; chunked framing is checked
  *    byte by byte and passed through unchanged.

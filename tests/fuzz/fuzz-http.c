@@ -49,8 +49,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			__builtin_trap();
 		for (unsigned i = 0; i < m.nhdr; i++)
 			(void)http_hop_by_hop(&m, m.hdr[i].name, m.hdr[i].name_len);
+		(void)http_max_forwards(&m, NULL);
 		fuzz_body(&m, data + m.head_len, size - m.head_len);
 	}
+	/* a refused request keeps what parsed of it, all inside the input */
+	if (rv == PARSE_ERR && m.target &&
+	    (m.method == NULL || m.target < (const char *)data || m.target + m.target_len > (const char *)data + size))
+		__builtin_trap();
 	rv = http_parse_response(data, size, &lim, size > 0 && (data[0] & 1), &m);
 	if (rv == PARSE_OK) {
 		if (m.head_len > size)

@@ -371,6 +371,7 @@ def test_websocket_upgrade(capd, origin):
     (b"GET http://127.0.0.1:1/ HTTP/3.0\r\nHost: x\r\n\r\n", 505),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),
     (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"GET http://127.0.0.1:1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n", 403),
     (b"CONNECT 127.0.0.1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
 ])
@@ -1133,3 +1134,18 @@ def test_max_forwards_counts_down(capd, origin):
         assert req["line"] == f"{method} /mf HTTP/1.1"
         assert req["headers"]["Max-Forwards"] == got, (method, sent, req)
         assert req["raw_headers"].count("Max-Forwards") == 1 and req["headers"]["X-Next"] == "n"
+
+
+@pytest.mark.parametrize("tail", [b" HTTP/1.1\r\nHost: x\r\n\r\n", b""])
+def test_request_line_over_max_header_size_is_414(capd_factory, tail):
+    """RFC 9112 3: a request-target longer than the server will parse MUST get 414 (URI Too
+    Long), as from nginx and Apache; a request line that did not end within max_header_size
+    got 431, which names the header fields. The session still says which host was asked."""
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = {port}\nmax_header_size = 8K\n")
+    reply = raw(port, b"GET http://long.test:81/" + b"a" * 9000 + tail)
+    assert reply.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), reply
+    assert reply.endswith(b"\r\n\r\n414 URI Too Long: request line too long\n"), reply
+    s = closed_sessions(capd, 1)[-1]
+    assert s["reason"] == "414 URI Too Long: request line too long"
+    assert s["target"] == "long.test:81" and s["note"] == "GET http://long.test:81/" + "a" * 180, s

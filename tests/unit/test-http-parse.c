@@ -147,6 +147,16 @@ test_refused_request_parsed_so_far(void **state)
 	assert_int_equal(http_parse_request((const uint8_t *)big, 1024, &lim, &m), PARSE_ERR);
 	assert_int_equal(m.status, 431);
 	assert_int_equal(m.target_len, 16);
+	/* a request line that does not end within the limit: 414, with the target as far as it came */
+	snprintf(big, sizeof big, "GET http://big.test/%01100d HTTP/1.1\r\nHost: a\r\n\r\n", 0);
+	assert_int_equal(http_parse_request((const uint8_t *)big, strlen(big), &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 414);
+	assert_int_equal(m.method_len, 3);
+	assert_int_equal(m.target_len, 1024 - 4);
+	assert_memory_equal(m.target, "http://big.test/000", 19);
+	assert_int_equal(http_parse_request((const uint8_t *)big, 1023, &lim, &m), PARSE_MORE);
+	assert_int_equal(http_parse_request((const uint8_t *)big, 1024, &lim, &m), PARSE_ERR);
+	assert_int_equal(m.status, 414);
 }
 
 static void
