@@ -160,6 +160,8 @@ synth_flow_init(struct synth_flow *sf, int proto, const struct sockaddr *client,
 	sf->seq[SYNTH_DOWN] = isn_target;
 	sf->ipid[SYNTH_UP] = (uint16_t)isn_client;
 	sf->ipid[SYNTH_DOWN] = (uint16_t)isn_target;
+	sf->fragid[SYNTH_UP] = isn_client;
+	sf->fragid[SYNTH_DOWN] = isn_target;
 	sf->emit = emit;
 	sf->arg = arg;
 	return 0;
@@ -266,6 +268,45 @@ tcp_segment(struct synth_flow *sf, int dir, uint8_t flags, const void *data, siz
 	sf->seq[dir] += (uint32_t)n + ((flags & (TH_SYN | TH_FIN)) ? 1 : 0);
 }
 
+/*
+ * A UDP datagram (udp: its header, checksum set) too long for one IPv6
+ * packet within 65535 bytes, as the fragments a sender's stack makes of it:
+ * each carries SYNTH_FRAG6 bytes of the UDP header and payload, the last
+ * what is left. A reader reassembles the datagram from them.
+ */
+static void
+udp_fragments(struct synth_flow *sf, int dir, const uint8_t udp[8], const uint8_t *data, size_t n,
+              size_t truncated_from)
+{
+	uint8_t h[40 + 8 + 8];
+	uint32_t id = sf->fragid[dir]++;
+	size_t total = 8 + n;
+
+	for (size_t off = 0; off < total; off += SYNTH_FRAG6) {
+		size_t len = total - off < SYNTH_FRAG6 ? total - off : SYNTH_FRAG6;
+		struct synth_pkt pkt = { .dir = dir, .hdr = h, .hdrlen = 48 };
+
+		ip_header(sf, dir, h, 8 + len);
+		h[6] = 44;  /* next header: the fragment header, which names UDP */
+		h[40] = IPPROTO_UDP;
+		h[41] = 0;
+		/* the offset counts 8-byte units from bit 3: off, a multiple of 8, as it is; bit 0 "more" */
+		put16be(h + 42, (uint16_t)(off | (off + len < total)));
+		put32be(h + 44, id);
+		if (off == 0) {
+			memcpy(h + 48, udp, 8);
+			pkt.hdrlen += 8;
+			pkt.data = data;
+			pkt.datalen = len - 8;
+			pkt.truncated_from = truncated_from;
+		} else {
+			pkt.data = data + off - 8;
+			pkt.datalen = len;
+		}
+		sf->emit(sf->arg, &pkt);
+	}
+}
+
 static void
 udp_datagram(struct synth_flow *sf, int dir, const void *data, size_t n)
 {
@@ -285,7 +326,6 @@ udp_datagram(struct synth_flow *sf, int dir, const void *data, size_t n)
 	put16be(u + 2, sf->port[!dir]);
 	put16be(u + 4, (uint16_t)(8 + n));
 	u[6] = u[7] = 0;
-	ip_header(sf, dir, h, 8 + n);
 	if (!sf->nocsum) {
 		uint16_t sum = l4_csum(sf, dir, u, 8, data, n, NULL);
 
@@ -293,6 +333,11 @@ udp_datagram(struct synth_flow *sf, int dir, const void *data, size_t n)
 			sum = 0xffff;  /* 0 would mean "no checksum" */
 		memcpy(u + 6, &sum, 2);
 	}
+	if (iphl + 8 + n > 65535) {
+		udp_fragments(sf, dir, u, data, n, pkt.truncated_from);
+		return;
+	}
+	ip_header(sf, dir, h, 8 + n);
 	sf->emit(sf->arg, &pkt);
 }
 
@@ -380,7 +425,7 @@ uint64_t
 synth_count(int proto, size_t n)
 {
 	if (proto != IPPROTO_TCP)
-		return 1;
+		return 40 + 8 + n > 65535 ? 2 : 1;  /* as IPv6 fragments it, like TCP's count by SYNTH_MSS6 */
 	return (n + SYNTH_MSS6 - 1) / SYNTH_MSS6 + 1;
 }
 

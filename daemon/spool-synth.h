@@ -25,9 +25,17 @@
  */
 #define SYNTH_MSS4 65495
 #define SYNTH_MSS6 65475
-/* Largest UDP payload likewise; longer datagrams are cut (see synth_data). */
+/*
+ * Largest UDP payload: what the 16-bit length fields allow (IPv4's total
+ * length, UDP's length); longer datagrams are cut (see synth_data). An IPv6
+ * datagram past 65487 bytes is whole but would not fit one packet within
+ * 65535 bytes: it is written as IPv6 fragments of at most SYNTH_FRAG6
+ * bytes after the fixed and fragment headers, as a stack sends it over a
+ * link that takes no more, so no packet passes that snaplen either.
+ */
 #define SYNTH_UDP_MAX4 65507
-#define SYNTH_UDP_MAX6 65487
+#define SYNTH_UDP_MAX6 65527
+#define SYNTH_FRAG6 65480  /* a multiple of 8, and 40 + 8 + 65480 <= 65535 */
 
 /* One synthetic packet: IP and transport header in hdr, payload in data. */
 struct synth_pkt {
@@ -49,6 +57,7 @@ struct synth_flow {
 	uint16_t port[2];     /* host order */
 	uint32_t seq[2];      /* next sequence number the client / the target sends */
 	uint16_t ipid[2];
+	uint32_t fragid[2];   /* IPv6: the next fragment identification of the client / the target */
 	bool opened;          /* handshake written */
 	bool fin[2];          /* FIN sent by the client / the target */
 	bool closed;          /* RST or final FINs written: nothing more */
@@ -71,7 +80,8 @@ void synth_open(struct synth_flow *sf);
 /*
  * TCP: n stream bytes sent by dir's source, cut into segments, then an ACK
  * from the other side. UDP: one datagram (cut to SYNTH_UDP_MAX*, with
- * truncated_from set so the caller can say so).
+ * truncated_from set so the caller can say so), in fragments when it is
+ * longer than one IPv6 packet holds.
  */
 void synth_data(struct synth_flow *sf, int dir, const void *p, size_t n);
 /*

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import UdpEcho, free_port_tcp_udp, tshark
+from conftest import UdpEcho, UdpServer, check_pcap_clean, free_port_tcp_udp, tshark
 
 
 @pytest.fixture
@@ -131,6 +131,37 @@ def test_forward_udp_ipv6_and_kill(capd):
         capd.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
     finally:
         e6.close()
+
+
+def test_forward_udp_ipv6_largest_datagram_captured_whole(capd):
+    """IPv6 carries UDP payloads up to 65527 bytes (IPv4 65507). They crossed the relay
+    whole, but the capture cut every IPv6 datagram past 65487 bytes (where its one
+    synthetic packet would pass 65535 bytes) to 65487, with a comment saying so. Such a
+    datagram is now captured as the two IPv6 fragments loopback itself makes of it, and
+    tshark reassembles the whole payload both ways."""
+    n = 65527
+    target = UdpServer(lambda d: d[::-1], "::1")  # the reply as long as the request
+    try:
+        port = free_port_tcp_udp("::1")
+        capd.ctl("add", "forward", "--port", port, "--bind", "::1", "--to", f"[::1]:{target.port}", "--udp")
+        u = udp_client("::1")
+        m = os.urandom(n)
+        u.sendto(m, ("::1", port))
+        assert u.recv(70000) == m[::-1]
+        ss = capd.wait_sessions(lambda ss: ss and ss[0]["bytes_down"] == n)
+        assert ss[0]["bytes_up"] == n
+        u.close()
+    finally:
+        target.close()
+    assert capd.stop() == 0  # flushes the capture
+    payloads = []
+    for p in capd.pcaps():
+        r = tshark("-r", p, "-d", "udp.port==1-65535,data", "-Y", "udp", "-T", "fields", "-e", "udp.length",
+                   "-e", "udp.payload")
+        assert r.returncode == 0, r.stderr
+        payloads += [(int(f[0]), bytes.fromhex(f[1])) for f in (l.split("\t") for l in r.stdout.splitlines())]
+        check_pcap_clean(p)
+    assert payloads == [(8 + n, m), (8 + n, m[::-1])], [(l, len(d)) for l, d in payloads]
 
 
 def test_forward_udp_port_in_use_fails(capd):

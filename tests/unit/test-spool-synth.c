@@ -139,6 +139,43 @@ check_ip(const struct pkt *k, int *proto, size_t *l4len)
 	return b + 40;
 }
 
+/*
+ * Checks that v[0..n) are the IPv6 fragments of one UDP datagram, in order,
+ * each within 65535 bytes; reassembles the datagram (UDP header and payload)
+ * into out, checks its checksum and returns its length.
+ */
+static size_t
+check_frags6(const struct pkt *v, size_t n, uint8_t *out)
+{
+	size_t total = 0;
+	uint32_t s;
+
+	for (size_t i = 0; i < n; i++) {
+		const uint8_t *b = v[i].b;
+
+		assert_int_equal(b[0] >> 4, 6);
+		assert_int_equal(get16(b + 4), v[i].len - 40);
+		assert_true(v[i].len <= 65535);
+		assert_int_equal(b[6], 44);  /* a fragment header */
+		assert_int_equal(b[40], IPPROTO_UDP);
+		assert_int_equal(get16(b + 42) & ~7u, total);  /* the offset, in bytes */
+		assert_int_equal(get16(b + 42) & 1, i + 1 < n);
+		assert_int_equal(get32(b + 44), get32(v[0].b + 44));
+		assert_memory_equal(b + 8, v[0].b + 8, 32);
+		assert_int_equal(v[i].dir, v[0].dir);
+		if (i + 1 < n)
+			assert_int_equal((v[i].len - 48) % 8, 0);
+		memcpy(out + total, b + 48, v[i].len - 48);
+		total += v[i].len - 48;
+	}
+	assert_int_equal(get16(out + 4), total);
+	s = sum16(0, v[0].b + 8, 32);
+	s += (uint32_t)(total >> 16) + (uint32_t)(total & 0xffff) + IPPROTO_UDP;
+	s = sum16(s, out, total);
+	assert_int_equal(fold(s), 0xffff);
+	return total;
+}
+
 /* Checks a TCP packet's checksums and fields; returns its payload length. */
 static size_t
 check_tcp(const struct pkt *k, uint8_t flags, uint32_t seq, uint32_t ack)
@@ -417,7 +454,7 @@ test_udp(void **state)
 	struct sockaddr_storage c6 = sa6("::1", 5353), t6 = sa6("2001:4860:4860::8888", 53);
 	struct synth_flow sf;
 	struct pkts ps = { .n = 0 };
-	uint8_t *big = pattern(70000, 3);
+	uint8_t *big = pattern(70000, 3), *whole = malloc(65536);
 	const uint8_t *u;
 	size_t l4len;
 	int proto;
@@ -448,23 +485,49 @@ test_udp(void **state)
 	assert_int_equal(ps.v[2].cut, 70000);
 	pkts_free(&ps);
 
+	/* IPv6 carries up to 65527 bytes; past 65487 they take two fragments within 65535 bytes */
 	synth_flow_init(&sf, IPPROTO_UDP, (struct sockaddr *)&c6, (struct sockaddr *)&t6, 1, 1, collect_cb, &ps);
 	synth_data(&sf, SYNTH_UP, big, 70000);
+	synth_data(&sf, SYNTH_UP, big, 65487);
+	synth_data(&sf, SYNTH_DOWN, big, 65488);
 	synth_data(&sf, SYNTH_UP, big, 333);
-	u = check_ip(&ps.v[0], &proto, &l4len);
-	assert_int_equal(ps.v[0].len, 65535);
-	assert_int_equal(ps.v[0].cut, 70000);
-	u = check_ip(&ps.v[1], &proto, &l4len);
+	assert_int_equal(ps.n, 6);
+	assert_int_equal(check_frags6(&ps.v[0], 2, whole), 8 + SYNTH_UDP_MAX6);
+	assert_memory_equal(whole + 8, big, SYNTH_UDP_MAX6);
+	assert_int_equal(ps.v[0].len, 48 + SYNTH_FRAG6);
+	assert_int_equal(ps.v[0].cut, 70000);  /* cut to what IPv6 carries, said once */
+	assert_int_equal(ps.v[1].cut, 0);
+	u = check_ip(&ps.v[2], &proto, &l4len);
+	assert_int_equal(ps.v[2].len, 65535);
+	assert_int_equal(get16(u + 4), 8 + 65487);
+	assert_int_equal(ps.v[2].cut, 0);
+	assert_int_equal(check_frags6(&ps.v[3], 2, whole), 8 + 65488);
+	assert_memory_equal(whole + 8, big, 65488);
+	assert_int_equal(ps.v[3].dir, SYNTH_DOWN);
+	assert_int_equal(get16(whole), 53);
+	u = check_ip(&ps.v[5], &proto, &l4len);
 	assert_int_equal(get16(u + 4), 341);
 	pkts_free(&ps);
+
+	/* a client's next datagram is another reassembly */
+	synth_data(&sf, SYNTH_UP, big, 65500);
+	synth_data(&sf, SYNTH_UP, big + 1, 65500);
+	assert_int_equal(ps.n, 4);
+	check_frags6(&ps.v[0], 2, whole);
+	check_frags6(&ps.v[2], 2, whole);
+	assert_memory_equal(whole + 8, big + 1, 65500);
+	assert_int_not_equal(get32(ps.v[0].b + 44), get32(ps.v[2].b + 44));
+	pkts_free(&ps);
 	free(big);
+	free(whole);
 }
 
 static void
 test_count(void **state)
 {
 	(void)state;
-	assert_int_equal(synth_count(IPPROTO_UDP, 70000), 1);
+	assert_int_equal(synth_count(IPPROTO_UDP, 65487), 1);
+	assert_int_equal(synth_count(IPPROTO_UDP, 65488), 2);  /* two IPv6 fragments */
 	assert_int_equal(synth_count(IPPROTO_TCP, 1), 2);
 	assert_int_equal(synth_count(IPPROTO_TCP, 65536), 3);
 }
