@@ -2,9 +2,10 @@
  * The datagram relay; see udp-relay.h. Datagrams are received into one
  * static buffer with room for a SOCKS UDP header in front, so a reply gets
  * its header written in place and no payload is ever copied. Names in SOCKS
- * datagrams (and a forward target given by name) are resolved with c-ares;
- * datagrams wait in a small bounded queue meanwhile and are dropped beyond it,
- * as UDP allows.
+ * datagrams (and a forward target given by name) are resolved with c-ares,
+ * a few at once per association; each name's datagrams wait in their order
+ * meanwhile, in queues of bounded total size, and are dropped beyond it, as
+ * UDP allows.
  */
 #include "udp-relay.h"
 
@@ -29,7 +30,8 @@
 
 #define UDP_DGRAM_MAX 65535
 #define UDP_BATCH 32              /* datagrams taken per wake-up */
-#define UDP_PENDING_MAX 65536     /* bytes queued per association while a name resolves */
+#define UDP_PENDING_MAX 65536     /* bytes queued per association while names resolve */
+#define UDP_RESOLVING 4           /* names resolved at once per association */
 #define UDP_FLOWS_MAX 64          /* remote endpoints per association */
 #define UDP_ASSOCS_MAX 4096       /* associations per relay */
 #define UDP_NAMES 4               /* resolved names remembered per association */
@@ -41,6 +43,18 @@ struct udp_flow {
 	struct udp_assoc *a;
 	struct session *s;            /* its datagram session */
 	struct sockaddr_storage peer; /* the remote endpoint */
+};
+
+/*
+ * A name being resolved for an association, and the datagrams waiting for
+ * it in the order they came. Owned by its association: freed once the
+ * answer has been used, or by udp_assoc_end(), which cancels the resolution.
+ */
+struct udp_resolving {
+	struct udp_assoc *a;
+	struct resolve_req *rq;           /* NULL once answered */
+	struct buf queue;                 /* [port:2][len:2][payload] for name */
+	char name[SOCKS_NAME_MAX + 1];
 };
 
 /* One client address. Owned by its relay; udp_assoc_end() frees it. */
@@ -62,9 +76,8 @@ struct udp_assoc {
 	unsigned nflows;
 	LIST_HEAD(, udp_flow) flows;
 
-	struct resolve_req *rq;           /* the one resolution in flight */
-	char rq_name[SOCKS_NAME_MAX + 1];
-	struct buf pending;               /* [port:2][len:2][payload] for rq_name */
+	struct udp_resolving *resolving[UDP_RESOLVING];  /* names in flight; NULL: a free slot */
+	size_t queued;                    /* bytes waiting in all of them, at most UDP_PENDING_MAX */
 	struct {
 		char name[SOCKS_NAME_MAX + 1];
 		struct sockaddr_storage addr;
@@ -93,6 +106,7 @@ struct udp_relay {
 static uint8_t udp_buf[SOCKS_UDP_HDR_MAX + UDP_DGRAM_MAX];
 
 static void udp_client_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void udp_resolving_free(struct udp_resolving *rs);
 static void udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
@@ -264,8 +278,8 @@ udp_assoc_end(struct udp_assoc *a, const char *reason)
 			close(a->fd[i]);
 		}
 	ev_timer_stop(capd_main, &a->idle);
-	resolve_cancel(a->rq);
-	buf_free(&a->pending);
+	for (int i = 0; i < UDP_RESOLVING; i++)
+		udp_resolving_free(a->resolving[i]);
 	free(a);
 }
 
@@ -399,45 +413,109 @@ udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, 
 	session_data(f->s, DIR_UP, p, n);
 }
 
+/* Cancels rs's resolution, if still in flight, and frees it with its queue. NULL does nothing. */
 static void
-udp_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+udp_resolving_free(struct udp_resolving *rs)
 {
-	struct udp_assoc *a = arg;
-	struct sockaddr_storage *slot;
-
-	a->rq = NULL;
-	if (err != 0 || n < 1) {
-		/* a forward's own target not resolving is the operator's to know (once per
-		 * client, as every datagram asks again); a SOCKS client's names are its own */
-		if (!a->r->socks && !a->resolve_warned) {
-			a->resolve_warned = true;
-			log_warnx("%s: udp: cannot resolve %s: %s; datagrams dropped", a->r->inst->name, a->rq_name,
-			          why ? why : "no address");
-		} else {
-			log_debug("%s: udp: cannot resolve %s: %s", a->r->inst->name, a->rq_name, why ? why : "no address");
-		}
-		buf_reset(&a->pending);
+	if (rs == NULL)
 		return;
+	resolve_cancel(rs->rq);
+	buf_free(&rs->queue);
+	free(rs);
+}
+
+/* Takes rs out of its association's slots: its datagrams no longer count there. */
+static void
+udp_resolving_take(struct udp_assoc *a, struct udp_resolving *rs)
+{
+	for (int i = 0; i < UDP_RESOLVING; i++)
+		if (a->resolving[i] == rs)
+			a->resolving[i] = NULL;
+	a->queued -= buf_used(&rs->queue);
+}
+
+/* The resolution of host under way, else a new one in a free slot (not started); NULL when none is free. */
+static struct udp_resolving *
+udp_resolving_get(struct udp_assoc *a, const char *host)
+{
+	int free_slot = -1;
+
+	for (int i = 0; i < UDP_RESOLVING; i++) {
+		if (a->resolving[i] == NULL) {
+			if (free_slot < 0)
+				free_slot = i;
+		} else if (strcasecmp(a->resolving[i]->name, host) == 0) {
+			return a->resolving[i];
+		}
 	}
-	slot = &a->names[a->names_next].addr;
-	snprintf(a->names[a->names_next].name, sizeof a->names[0].name, "%s", a->rq_name);
-	memcpy(slot, &addrs[0], sizeof *slot);
-	a->names_next = (a->names_next + 1) % UDP_NAMES;
+	if (free_slot < 0)
+		return NULL;
+	a->resolving[free_slot] = xcalloc(1, sizeof **a->resolving);
+	a->resolving[free_slot]->a = a;
+	snprintf(a->resolving[free_slot]->name, sizeof a->resolving[0]->name, "%s", host);
+	return a->resolving[free_slot];
+}
+
+static void
+udp_resolving_queue(struct udp_assoc *a, struct udp_resolving *rs, uint16_t port, const uint8_t *p, size_t n)
+{
+	uint8_t *q = buf_reserve(&rs->queue, 4 + n);
+
+	q[0] = (uint8_t)(port >> 8);
+	q[1] = (uint8_t)port;
+	q[2] = (uint8_t)(n >> 8);
+	q[3] = (uint8_t)n;
+	memcpy(q + 4, p, n);
+	buf_commit(&rs->queue, 4 + n);
+	a->queued += 4 + n;
+}
+
+/* Sends the datagrams queued for rs's name, in order, to addr at each one's port. */
+static void
+udp_resolving_send(struct udp_assoc *a, struct udp_resolving *rs, const struct sockaddr_storage *addr)
+{
 	/* sending may end nothing here: a failed send only logs */
-	while (buf_used(&a->pending) >= 4) {
-		const uint8_t *h = buf_head(&a->pending);
+	while (buf_used(&rs->queue) >= 4) {
+		const uint8_t *h = buf_head(&rs->queue);
 		uint16_t port = (uint16_t)(h[0] << 8 | h[1]);
 		size_t len = (size_t)(h[2] << 8 | h[3]);
-		struct sockaddr_storage peer = *slot;
+		struct sockaddr_storage peer = *addr;
 
 		if (peer.ss_family == AF_INET)
 			((struct sockaddr_in *)&peer)->sin_port = htons(port);
 		else
 			((struct sockaddr_in6 *)&peer)->sin6_port = htons(port);
 		udp_send_up(a, (struct sockaddr *)&peer, h + 4, len);
-		buf_consume(&a->pending, 4 + len);
+		buf_consume(&rs->queue, 4 + len);
 	}
-	buf_free(&a->pending);
+}
+
+static void
+udp_resolved_cb(void *arg, int err, const char *why, const struct sockaddr_storage *addrs, int n)
+{
+	struct udp_resolving *rs = arg;
+	struct udp_assoc *a = rs->a;
+
+	rs->rq = NULL;  /* the resolver frees it after this call */
+	udp_resolving_take(a, rs);
+	if (err != 0 || n < 1) {
+		/* a forward's own target not resolving is the operator's to know (once per
+		 * client, as every datagram asks again); a SOCKS client's names are its own */
+		if (!a->r->socks && !a->resolve_warned) {
+			a->resolve_warned = true;
+			log_warnx("%s: udp: cannot resolve %s: %s; datagrams dropped", a->r->inst->name, rs->name,
+			          why ? why : "no address");
+		} else {
+			log_debug("%s: udp: cannot resolve %s: %s", a->r->inst->name, rs->name, why ? why : "no address");
+		}
+		udp_resolving_free(rs);
+		return;
+	}
+	snprintf(a->names[a->names_next].name, sizeof a->names[0].name, "%s", rs->name);
+	memcpy(&a->names[a->names_next].addr, &addrs[0], sizeof addrs[0]);
+	a->names_next = (a->names_next + 1) % UDP_NAMES;
+	udp_resolving_send(a, rs, &addrs[0]);
+	udp_resolving_free(rs);
 }
 
 /* A datagram for host:port (a literal or a name). */
@@ -445,8 +523,8 @@ static void
 udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_t *p, size_t n)
 {
 	struct sockaddr_storage peer;
+	struct udp_resolving *rs;
 	socklen_t len;
-	uint8_t *q;
 
 	if (addr_from_literal(host, port, &peer, &len) == 0) {
 		udp_send_up(a, (struct sockaddr *)&peer, p, n);
@@ -462,22 +540,20 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 			udp_send_up(a, (struct sockaddr *)&peer, p, n);
 			return;
 		}
-	/* queue it behind the resolution of this name; another name meanwhile is dropped */
-	if (a->rq && strcasecmp(a->rq_name, host) != 0)
+	/* it waits behind the resolution of its name, which other names' do not hold up */
+	if (a->queued + 4 + n > UDP_PENDING_MAX) {
+		log_debug("%s: udp: datagram to %s dropped: %zu bytes wait for names already", a->r->inst->name, host,
+		          a->queued);
 		return;
-	if (buf_used(&a->pending) + 4 + n > UDP_PENDING_MAX)
-		return;
-	q = buf_reserve(&a->pending, 4 + n);
-	q[0] = (uint8_t)(port >> 8);
-	q[1] = (uint8_t)port;
-	q[2] = (uint8_t)(n >> 8);
-	q[3] = (uint8_t)n;
-	memcpy(q + 4, p, n);
-	buf_commit(&a->pending, 4 + n);
-	if (a->rq == NULL) {
-		snprintf(a->rq_name, sizeof a->rq_name, "%s", host);
-		a->rq = resolve_start(host, port, udp_resolved_cb, a);
 	}
+	if ((rs = udp_resolving_get(a, host)) == NULL) {
+		log_debug("%s: udp: datagram to %s dropped: %d names resolving already", a->r->inst->name, host,
+		          UDP_RESOLVING);
+		return;
+	}
+	udp_resolving_queue(a, rs, port, p, n);
+	if (rs->rq == NULL)
+		rs->rq = resolve_start(host, port, udp_resolved_cb, rs);
 }
 
 /* The destination address of a datagram received with its pktinfo, in *out; NULL without one. */

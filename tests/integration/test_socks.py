@@ -4,6 +4,7 @@ and small socket clients for what no stock client does (BIND, UDP, bad input).""
 
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -724,6 +725,117 @@ def test_two_open_associations_from_one_address(capd):
         b.close()
     finally:
         echo.close()
+
+
+# A nameserver on 127.0.0.1:53 that answers every question DELAY seconds late, those for names
+# late* LATE seconds (argv: DELAY LATE TELL): every A question gets 127.0.0.1, an AAAA none.
+# Prints each name once it answered its A question, and says "asked NAME" to 127.0.0.1:TELL as
+# it gets the A question for a name late*.
+NS_SLOW_DNS = r"""
+import socket, sys, threading
+import dns.message, dns.rdatatype, dns.rrset
+delay, late, tell, out = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), threading.Lock()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+def answer(data, peer):
+    q = dns.message.from_wire(data)
+    r = dns.message.make_response(q)
+    if q.question[0].rdtype == dns.rdatatype.A:
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "127.0.0.1"))
+    u.sendto(r.to_wire(), peer)
+    if q.question[0].rdtype == dns.rdatatype.A:
+        with out:  # answers go out on timer threads: one whole line at a time
+            print(q.question[0].name.to_text(omit_final_dot=True), flush=True)
+while True:
+    data, peer = u.recvfrom(65535)
+    q = dns.message.from_wire(data).question[0]
+    threading.Timer(late if q.name.to_text().startswith("late") else delay, answer, (data, peer)).start()
+    if q.rdtype == dns.rdatatype.A and q.name.to_text().startswith("late"):
+        u.sendto(b"asked " + q.name.to_text(omit_final_dot=True).encode(), ("127.0.0.1", tell))
+"""
+
+# A SOCKS5 client in a namespace: a UDP echo on 127.0.0.1:ECHO, one UDP association through
+# 127.0.0.1:SOCKS, then one datagram per argument NAME/TEXT to NAME:ECHO, all at once; prints as
+# JSON the first WANT replies (or what came in 2 s). Then it sends to late1.test and late2.test and
+# ends the association once NS_SLOW_DNS tells (on TELL) it was asked both: while they resolve.
+NS_S5_UDP_NAMES = r"""
+import json, socket, struct, sys, threading
+sport, eport, tport, want = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+told = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+told.bind(("127.0.0.1", tport))
+told.settimeout(2)
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", eport))
+def echo():
+    while True:
+        d, a = srv.recvfrom(65536)
+        srv.sendto(b"echo:" + d, a)
+threading.Thread(target=echo, daemon=True).start()
+t = socket.create_connection(("127.0.0.1", sport), timeout=5)
+t.sendall(b"\x05\x01\x00")
+assert t.recv(2) == b"\x05\x00"
+t.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+rep = t.recv(10)
+assert rep[1] == 0, rep
+relay = (socket.inet_ntoa(rep[4:8]), struct.unpack("!H", rep[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 0))
+u.settimeout(2)
+def send(m):
+    name = m.split("/")[0]
+    u.sendto(b"\0\0\0\x03" + bytes([len(name)]) + name.encode() + struct.pack("!H", eport) + m.encode(), relay)
+for m in sys.argv[5:]:
+    send(m)
+got = []
+try:
+    while len(got) < want:
+        got.append(u.recv(65536)[10:].decode())
+except socket.timeout:
+    pass
+print(json.dumps(got), flush=True)
+send("late1.test/x")
+send("late2.test/x")
+asked = {told.recv(100), told.recv(100)}
+assert asked == {b"asked late1.test", b"asked late2.test"}, asked
+t.close()
+"""
+
+
+def test_udp_datagrams_to_names_resolving_at_once(netns, ns_etc, ns_capd, ns_python):
+    """A SOCKS5 UDP datagram to a name waits while the name resolves, but one to a
+    second name meanwhile was dropped without a word: a client talking to two hosts by
+    name at once (a game's lobby and stats hosts, a resolver walking servers) lost the
+    first datagrams to the second. Each name now resolves on its own (4 at once per
+    association; a fifth meanwhile is dropped), its datagrams wait in their order, and an
+    association ended while names resolve cancels every resolution."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    # late1.test and late2.test are answered 0.25 s late: time for the association to end first
+    dnsd = ns_python(netns, NS_SLOW_DNS, 0.1, 0.25, 7743)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7741\n")
+    msgs = ["lobby.test/1", "stats.test/1", "lobby.test/2", "stats.test/2", "c.test/1", "d.test/1", "e.test/1"]
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_UDP_NAMES, 7741, 7742, 7743, 6, *msgs,
+           check=False)
+    got = json.loads(r.stdout.splitlines()[0])
+    assert sorted(got) == sorted("echo:" + m for m in msgs[:-1]), (got, c.log()[-3000:])
+    for name in ("lobby.test", "stats.test"):
+        assert [m for m in got if m.startswith(f"echo:{name}/")] == [f"echo:{name}/1", f"echo:{name}/2"], got
+    assert "s: udp: datagram to e.test dropped: 4 names resolving already" in c.log(), c.log()[-3000:]
+    # the association ended with late1.test and late2.test resolving: their answers find nothing
+    assert r.returncode == 0, r.stderr
+    answered, deadline = "", time.time() + 5
+    while not ("late1.test\n" in answered and "late2.test\n" in answered):
+        assert select.select([dnsd.stdout], [], [], max(0, deadline - time.time()))[0], answered
+        chunk = os.read(dnsd.stdout.fileno(), 4096).decode()
+        assert chunk, answered  # the nameserver is gone
+        answered += chunk
+    time.sleep(0.05)
+    assert c.proc.poll() is None, c.log()[-3000:]
+    ss = c.wait_sessions(lambda ss: ss and all(s["state"] == "closed" for s in ss))
+    assert [s["bytes_up"] for s in ss if s["proto"] == "udp"] == [sum(len(m) for m in msgs[:-1])], ss
 
 
 def test_early_data_beyond_handshake_room_waits_for_connect(capd):
