@@ -872,7 +872,10 @@ sock_data(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir
 	struct uflow *f = sock_udp_flow(t, k, s, peer, dir);
 	if (f == NULL || f->mirror)
 		return;
-	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->local, &f->remote, dir, p, n < 65507 ? n : 65507, NULL);
+	/* the most a datagram carries: 65535 less the UDP header, and for IPv4 its 20-byte header
+	 * (remote is unmapped: ::ffff:a.b.c.d is IPv4 on the wire) */
+	size_t max = f->remote.ss_family == AF_INET6 ? 65527 : 65507;
+	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->local, &f->remote, dir, p, n < max ? n : max, NULL);
 }
 
 static void

@@ -1192,3 +1192,29 @@ def test_trace_pid_sigint_just_before_the_wait_is_not_lost(capd, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_trace_udp_ipv6_largest_datagram_whole(capd):
+    """A traced IPv6 datagram may carry 65527 bytes (65535 less the UDP header); capctl
+    trace cut every datagram to IPv4's 65507, whatever the family."""
+    srv = UdpServer(lambda d: d[:10], "::1")
+    try:
+        script = textwrap.dedent(f"""
+            import socket
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.sendto(bytes(range(256)) * 255 + bytes(247), ("::1", {srv.port}))
+            assert s.recvfrom(100)[0] == bytes(range(10))
+            print("ok")
+        """)
+        r = trace(capd, PY, "-c", script, name="udp6")
+        assert r.stdout == b"ok\n"
+        closed_sessions(capd, "udp6", 1)
+    finally:
+        srv.close()
+    capd.flush()
+    sizes = []
+    for p in capd.pcaps():
+        out = tshark("-r", p, "-Y", f"udp.port == {srv.port}", "-T", "fields", "-e", "udp.length").stdout
+        sizes += [int(x) for x in out.split()]
+    assert sorted(sizes) == [18, 65535], sizes  # UDP header included
