@@ -299,6 +299,7 @@ udp_fragments(struct synth_flow *sf, int dir, const uint8_t udp[8], const uint8_
 			pkt.data = data;
 			pkt.datalen = len - 8;
 			pkt.truncated_from = truncated_from;
+			pkt.truncated_to = truncated_from ? n : 0;
 		} else {
 			pkt.data = data + off - 8;
 			pkt.datalen = len;
@@ -319,7 +320,7 @@ udp_datagram(struct synth_flow *sf, int dir, const void *data, size_t n)
 	if (n > max) {
 		/* No IP packet can carry it whole; keep the head and say so. */
 		pkt.truncated_from = n;
-		n = max;
+		pkt.truncated_to = n = max;
 	}
 	pkt.datalen = n;
 	put16be(u, sf->port[dir]);
@@ -422,11 +423,11 @@ synth_close(struct synth_flow *sf, enum synth_end how)
 }
 
 uint64_t
-synth_count(int proto, size_t n)
+synth_count(int proto, size_t mss, size_t n)
 {
 	if (proto != IPPROTO_TCP)
-		return 40 + 8 + n > 65535 ? 2 : 1;  /* as IPv6 fragments it, like TCP's count by SYNTH_MSS6 */
-	return (n + SYNTH_MSS6 - 1) / SYNTH_MSS6 + 1;
+		return mss == SYNTH_MSS6 && 40 + 8 + n > 65535 ? 2 : 1;  /* as udp_fragments makes them */
+	return (n + mss - 1) / mss + 1;
 }
 
 size_t

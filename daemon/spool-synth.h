@@ -45,6 +45,7 @@ struct synth_pkt {
 	const void *data;
 	size_t datalen;
 	size_t truncated_from;  /* UDP: the datagram's real length when cut, else 0 */
+	size_t truncated_to;    /* ... and what of it the capture keeps (over two fragments in IPv6) */
 };
 
 typedef void synth_emit_fn(void *arg, const struct synth_pkt *pkt);
@@ -103,7 +104,8 @@ void synth_fin(struct synth_flow *sf, int dir);
 enum synth_end { SYNTH_END_FIN, SYNTH_END_RST_TARGET, SYNTH_END_RST_CLIENT };
 void synth_close(struct synth_flow *sf, enum synth_end how);
 
-/* How many packets synth_data() makes of n bytes, for counting what is dropped. */
-uint64_t synth_count(int proto, size_t n);
+/* How many packets synth_data() makes of n bytes of a flow whose synth_mss()
+ * is mss (which says IPv4 or IPv6), for counting what is dropped. */
+uint64_t synth_count(int proto, size_t mss, size_t n);
 
 #endif

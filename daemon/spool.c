@@ -1118,7 +1118,7 @@ writer_emit_cb(void *arg, const struct synth_pkt *pkt)
 
 	if (pkt->truncated_from) {
 		snprintf(cut, sizeof cut, "%s (datagram of %zu bytes cut to %zu)", f->comment,
-		         pkt->truncated_from, pkt->datalen);
+		         pkt->truncated_from, pkt->truncated_to);
 		comment = cut;
 	}
 	/* Seen from the client: what it sends goes out, what it gets comes in. */
@@ -1828,7 +1828,7 @@ spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n)
 	if (n > QUEUE_MAX || (put = queue_put(&r, p, n, NULL, 0, true)) < 0) {
 		if (f->proto == IPPROTO_TCP)
 			f->gap[d] += n;
-		spool_drop(synth_count(f->proto, n), n);
+		spool_drop(synth_count(f->proto, f->mss, n), n);
 		return;
 	}
 	flow_sent(f, put);

@@ -44,6 +44,7 @@ struct pkt {
 	uint8_t *b;
 	size_t len;
 	size_t cut;   /* truncated_from */
+	size_t kept;  /* truncated_to */
 };
 
 struct pkts {
@@ -62,6 +63,7 @@ collect_cb(void *arg, const struct synth_pkt *p)
 	k->dir = p->dir;
 	k->len = p->hdrlen + p->datalen;
 	k->cut = p->truncated_from;
+	k->kept = p->truncated_to;
 	k->b = malloc(k->len ? k->len : 1);
 	memcpy(k->b, p->hdr, p->hdrlen);
 	if (p->datalen)
@@ -483,6 +485,7 @@ test_udp(void **state)
 	assert_int_equal(ps.v[2].len, 65535);
 	assert_int_equal(get16(u + 4), 8 + SYNTH_UDP_MAX4);
 	assert_int_equal(ps.v[2].cut, 70000);
+	assert_int_equal(ps.v[2].kept, SYNTH_UDP_MAX4);
 	pkts_free(&ps);
 
 	/* IPv6 carries up to 65527 bytes; past 65487 they take two fragments within 65535 bytes */
@@ -496,6 +499,7 @@ test_udp(void **state)
 	assert_memory_equal(whole + 8, big, SYNTH_UDP_MAX6);
 	assert_int_equal(ps.v[0].len, 48 + SYNTH_FRAG6);
 	assert_int_equal(ps.v[0].cut, 70000);  /* cut to what IPv6 carries, said once */
+	assert_int_equal(ps.v[0].kept, SYNTH_UDP_MAX6);  /* over both fragments, not the first's share */
 	assert_int_equal(ps.v[1].cut, 0);
 	u = check_ip(&ps.v[2], &proto, &l4len);
 	assert_int_equal(ps.v[2].len, 65535);
@@ -526,10 +530,12 @@ static void
 test_count(void **state)
 {
 	(void)state;
-	assert_int_equal(synth_count(IPPROTO_UDP, 65487), 1);
-	assert_int_equal(synth_count(IPPROTO_UDP, 65488), 2);  /* two IPv6 fragments */
-	assert_int_equal(synth_count(IPPROTO_TCP, 1), 2);
-	assert_int_equal(synth_count(IPPROTO_TCP, 65536), 3);
+	assert_int_equal(synth_count(IPPROTO_UDP, SYNTH_MSS6, 65487), 1);
+	assert_int_equal(synth_count(IPPROTO_UDP, SYNTH_MSS6, 65488), 2);  /* two IPv6 fragments */
+	assert_int_equal(synth_count(IPPROTO_UDP, SYNTH_MSS4, 65507), 1);  /* IPv4 never fragments */
+	assert_int_equal(synth_count(IPPROTO_TCP, SYNTH_MSS6, 1), 2);
+	assert_int_equal(synth_count(IPPROTO_TCP, SYNTH_MSS6, 65536), 3);
+	assert_int_equal(synth_count(IPPROTO_TCP, SYNTH_MSS4, 2 * SYNTH_MSS4), 3);
 }
 
 /* ---- real files, read back by tshark ---- */
