@@ -75,6 +75,9 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 			return 400;
 		}
 		t->connect = true;
+	} else if (http_method_is(m, "OPTIONS") && m->target_len == 1 && m->target[0] == '*' &&
+	           http_max_forwards(m, NULL) == 0) {
+		/* asks the proxy itself (RFC 9110 9.3.7, 7.6.2): no URL, capd answers (http-proxy.c) */
 	} else {
 		size_t i;
 		if (m->target_len < 7 || !http_token_eq(m->target, 7, "http://")) {

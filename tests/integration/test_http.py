@@ -1119,6 +1119,23 @@ def test_max_forwards_zero_is_answered_by_the_proxy(capd, origin):
     assert ss[0]["bytes_up"] == ss[1]["bytes_up"] == 0 and ss[2]["bytes_up"] > 0
 
 
+def test_options_asterisk_asks_the_proxy_itself(capd):
+    """OPTIONS * with Max-Forwards: 0 names no URL and asks the proxy about itself
+    (RFC 9110 9.3.7); capd refused it with 400 "needs an absolute http:// URL". Without
+    Max-Forwards: 0 it has nowhere to go and is still a 400."""
+    port = add_http(capd)
+    reply = raw(port, b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nMax-Forwards: 0\r\n\r\n")
+    assert status_of(reply) == 200, reply
+    assert b"\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT\r\n" in reply
+    assert status_of(raw(port, b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\n\r\n")) == 400
+    # a proxy with users answers it only to them
+    locked = free_port()
+    capd.ctl("add", "http", "--port", locked, "--name", "locked", "--auth", "u:p")
+    ask = b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nMax-Forwards: 0\r\n"
+    assert status_of(raw(locked, ask + b"\r\n")) == 407
+    assert status_of(raw(locked, ask + b"Proxy-Authorization: Basic dTpw\r\n\r\n")) == 200
+
+
 def test_max_forwards_counts_down(capd, origin):
     """RFC 9110 7.6.2: an OPTIONS or TRACE with Max-Forwards N > 0 goes on with N - 1;
     other methods, and a value that is not a number, pass as they came."""
