@@ -351,22 +351,25 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	 * blocked, pending until it does (the command, forked already, runs
 	 * with the mask it had).
 	 */
-	sigset_t stops;
+	sigset_t stops, oldmask;
 	sigemptyset(&stops);
 	sigaddset(&stops, SIGTERM);
 	sigaddset(&stops, SIGHUP);
 	sigaddset(&stops, SIGINT);
 	sigaddset(&stops, SIGQUIT);
-	sigprocmask(SIG_BLOCK, &stops, NULL);
+	sigprocmask(SIG_BLOCK, &stops, &oldmask);
 	if (!pidarg && trace_release(t, &why) < 0) {
 		fprintf(stderr, "capctl: %s\n", why);
 		free(why);
 		trace_abort(t);
 		trace_free(t);
 		trace_link_close(&link);
+		sigprocmask(SIG_SETMASK, &oldmask, NULL);
 		return CTL_FAIL;
 	}
 	rc = trace_run(t, &stops);
+	/* the trace is over: a ^C from here on (a stalled output) ends capctl as usual */
+	sigprocmask(SIG_SETMASK, &oldmask, NULL);
 	trace_free(t);
 	/* closing the connection ends the trace instance in capd */
 	trace_link_close(&link);

@@ -57,6 +57,14 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 
 	if ((found = hosts_block_parse(cur, len, &set, why)) < 0)
 		return NULL;
+	if (e->op == HOSTS_OP_ADD) {
+		/* what the file said, before a missing block is put back below: "was there
+		 * already" must not be said of a name the file no longer had */
+		e->was[0] = '\0';  /* this may run again, on a file changed meanwhile */
+		for (size_t i = 0; i < set.n; i++)
+			if (strcasecmp(set.v[i].name, e->name) == 0)
+				snprintf(e->was, sizeof e->was, "%s", set.v[i].addr);
+	}
 	if (found == 0 && hosts_mem.n > 0 && hosts_mem_path && !strcmp(hosts_mem_path, hosts_path())) {
 		/* our block went missing behind our back: put our entries back */
 		for (size_t i = 0; i < hosts_mem.n; i++)
@@ -64,10 +72,6 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 	}
 	switch (e->op) {
 	case HOSTS_OP_ADD:
-		e->was[0] = '\0';  /* this may run again, on a file changed meanwhile */
-		for (size_t i = 0; i < set.n; i++)
-			if (strcasecmp(set.v[i].name, e->name) == 0)
-				snprintf(e->was, sizeof e->was, "%s", set.v[i].addr);
 		hosts_set_put(&set, e->name, e->addr);
 		break;
 	case HOSTS_OP_REMOVE:
