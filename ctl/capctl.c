@@ -61,6 +61,22 @@ word_match(const char *word, const char *const *words, int n)
 }
 
 /*
+ * s as a JSON string (caller owns), or NULL after a usage message when it is
+ * not UTF-8 text: json_string() refuses it, and json_object_set_new() would
+ * then drop the key without a word (a --filter or --name left out, a
+ * --instance filter that lists every instance's sessions).
+ */
+json_t *
+ctl_string(const char *what, const char *s)
+{
+	json_t *v = json_string(s);
+
+	if (v == NULL)
+		usage_error("%s: the value is not UTF-8 text", what);
+	return v;
+}
+
+/*
  * What a command printed must have reached its file: `capctl ca export >
  * ca.pem` on a full disk is a failure, not an empty file and exit 0. A
  * reader that went away (SIGPIPE ignored) is not an error, as for tail.

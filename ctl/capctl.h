@@ -49,6 +49,10 @@ const char *output_size(json_t *v, char *buf, size_t n);  /* integer -> "1.2M" *
 const char *output_age(const char *rfc3339, char *buf, size_t n);  /* "3s", "5m", "2h" */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /* prints, returns CTL_USAGE */
 
+/* s as a JSON string (caller owns); NULL after "capctl: WHAT: the value is not UTF-8 text"
+ * (exit CTL_USAGE) when it is not UTF-8. */
+json_t *ctl_string(const char *what, const char *s);
+
 /* Prefix matching of words: exact first, then a unique prefix. -1 when none, -2 ambiguous. */
 int word_match(const char *word, const char *const *words, int n);
 

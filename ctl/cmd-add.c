@@ -136,15 +136,13 @@ add_path(const struct add_opt *ao, const char *v, json_t **out)
 	} else if (S_ISDIR(st.st_mode)) {
 		return usage_error("%s: %s is a folder, not a file", ao->opt, v);
 	}
-	if (v[0] == '/') {
-		*out = json_string(v);
-		return 0;
-	}
+	if (v[0] == '/')
+		return (*out = ctl_string(ao->opt, v)) == NULL ? CTL_USAGE : 0;
 	if ((full = realpath(v, NULL)) == NULL)
 		return usage_error("%s: %s: %s", ao->opt, v, strerror(errno));
-	*out = json_string(full);
+	*out = ctl_string(ao->opt, full);
 	free(full);
-	return 0;
+	return *out == NULL ? CTL_USAGE : 0;
 }
 
 /* --route PATTERN=HOST:PORT and --answer PATTERN=ADDRESS: the address after the '='
@@ -218,8 +216,8 @@ add_value(const struct add_opt *ao, const char *v, json_t **out)
 	*out = NULL;
 	if ((rc = add_check(ao, v, out)) != 0)
 		return rc;
-	if (*out == NULL)
-		*out = json_string(v);
+	if (*out == NULL && (*out = ctl_string(ao->opt, v)) == NULL)
+		return CTL_USAGE;
 	return 0;
 }
 

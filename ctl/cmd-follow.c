@@ -76,14 +76,22 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	for (int k = 2; k < argc; k++) {
+		const char *name;
+		json_t *v;
+
 		if (!strcmp(argv[k], "--instance") && k + 1 < argc) {
-			json_object_set_new(params, "instance", json_string(argv[++k]));
+			name = argv[++k];
 		} else if (!strncmp(argv[k], "--instance=", 11)) {
-			json_object_set_new(params, "instance", json_string(argv[k] + 11));
+			name = argv[k] + 11;
 		} else {
 			json_decref(params);
 			return usage_error("usage: capctl capture follow [--instance NAME]");
 		}
+		if ((v = ctl_string("--instance", name)) == NULL) {
+			json_decref(params);
+			return CTL_USAGE;
+		}
+		json_object_set_new(params, "instance", v);
 	}
 	if (isatty(STDOUT_FILENO)) {
 		json_decref(params);

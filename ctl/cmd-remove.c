@@ -6,12 +6,14 @@
 static int
 remove_exec(struct ctl_opts *o, int argc, char **argv)
 {
-	json_t *r = NULL;
+	json_t *r = NULL, *name;
 	int rc;
 
 	if (argc != 2)
 		return usage_error("usage: capctl remove NAME");
-	if ((rc = client_call(o, "instance.remove", json_pack("{s:s}", "name", argv[1]), &r)) != CTL_OK)
+	if ((name = ctl_string("remove", argv[1])) == NULL)
+		return CTL_USAGE;
+	if ((rc = client_call(o, "instance.remove", json_pack("{s:o}", "name", name), &r)) != CTL_OK)
 		return rc;
 	if (o->json)
 		output_json(r);

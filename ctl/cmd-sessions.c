@@ -18,14 +18,23 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	for (int k = 1; k < argc; k++) {
+		const char *name = NULL;
+
 		if (!strcmp(argv[k], "--instance") && k + 1 < argc)
-			json_object_set_new(params, "instance", json_string(argv[++k]));
+			name = argv[++k];
 		else if (!strcmp(argv[k], "--instance")) {
 			json_decref(params);
 			return usage_error("--instance needs a name");
 		} else if (!strncmp(argv[k], "--instance=", 11))
-			json_object_set_new(params, "instance", json_string(argv[k] + 11));
-		else if (!strcmp(argv[k], "--open"))
+			name = argv[k] + 11;
+		if (name != NULL) {
+			json_t *v = ctl_string("--instance", name);
+			if (v == NULL) {
+				json_decref(params);
+				return CTL_USAGE;
+			}
+			json_object_set_new(params, "instance", v);
+		} else if (!strcmp(argv[k], "--open"))
 			json_object_set_new(params, "open", json_true());
 		else {
 			json_decref(params);

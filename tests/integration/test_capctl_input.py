@@ -276,3 +276,29 @@ def test_table_columns_line_up_with_utf8_names(capd):
     lines = r.stdout.splitlines()
     assert len(lines) == 3
     assert lines[1].index(" forward ") == lines[2].index(" forward ") == lines[0].index(" TYPE "), r.stdout
+
+
+# ---------------------------------------------------------------- values that are not UTF-8: exit 2
+
+NOT_UTF8 = "\udcff"  # the byte 0xff on the command line (os.fsencode)
+
+
+@pytest.mark.parametrize("args", [
+    ["add", "socks", "--port", "PORT", "--auth", "u:pw" + NOT_UTF8],
+    ["add", "forward", "--port", "PORT", "--to", "127.0.0.1:9", "--name", "f" + NOT_UTF8],
+    ["add", "forward", "--port", "PORT", "--to", "127.0.0.1:9", "--name=f" + NOT_UTF8],
+    ["sessions", "--instance", "f" + NOT_UTF8],
+    ["remove", "f" + NOT_UTF8],
+    ["capture", "follow", "--instance=f" + NOT_UTF8],
+])
+def test_value_not_utf8_is_usage_error(capd, args):
+    """json_string() refuses bytes that are not UTF-8 and the key was then left out without
+    a word: `add socks --auth` came up as an open proxy (auth false, exit 0), --name fell back
+    to the default name, `sessions --instance` listed every instance's sessions, remove said
+    'needs "name"', and capture follow streamed every instance."""
+    capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "keep")
+    args = [free_port() if a == "PORT" else a for a in args]
+    r = capctl(*args, sock=capd.sock, timeout=5)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "" and r.stderr.startswith("capctl: ") and "is not UTF-8 text" in r.stderr
+    assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
