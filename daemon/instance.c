@@ -74,6 +74,17 @@ instance_free(struct instance *inst)
 	free(inst);
 }
 
+/* A name with a control character (a newline, a carriage return, an escape)
+ * breaks capctl list's table, tail events' lines and the terminal showing them. */
+static bool
+instance_name_has_ctrl(const char *name)
+{
+	for (const unsigned char *c = (const unsigned char *)name; *c; c++)
+		if (*c < 0x20 || *c == 0x7f)
+			return true;
+	return false;
+}
+
 /* Parses the common keys and the protocol's own; nothing is opened. */
 static struct instance *
 instance_configure(json_t *params, const char *file, json_t *lines, int section_line, char **why)
@@ -136,8 +147,8 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 		params_fail(&p, NULL, "a name is needed");
 		goto fail;
 	} else {
-		if (*name == '\0' || strlen(name) > 64 || strpbrk(name, " \t/\\\"'") != NULL) {
-			params_fail(&p, "name", "bad instance name '%s' (1 to 64 characters, no spaces, quotes or slashes)", name);
+		if (*name == '\0' || strlen(name) > 64 || strpbrk(name, " /\\\"'") != NULL || instance_name_has_ctrl(name)) {
+			params_fail(&p, "name", "bad instance name '%s' (1 to 64 characters, no spaces, quotes, slashes or control characters)", name);
 			goto fail;
 		}
 		inst->name = xstrdup(name);

@@ -302,3 +302,22 @@ def test_value_not_utf8_is_usage_error(capd, args):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert r.stdout == "" and r.stderr.startswith("capctl: ") and "is not UTF-8 text" in r.stderr
     assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
+
+
+# ---------------------------------------------------------------- instance names: no control characters
+
+@pytest.mark.parametrize("name", ["x\ny", "x\ry", "\x1b[2Jx", "x\x7fy", "x\x01y", "x\ty"])
+def test_add_name_with_control_character_is_refused(capd, name):
+    """A newline, carriage return or escape in --name was taken ("no spaces" held only for
+    ' ' and tab): capctl list's table broke over two lines and the escape reached the terminal."""
+    r = capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", name, check=False)
+    assert r.returncode == 1 and "bad instance name" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    reply = capd.rpc("instance.add", {"type": "forward", "listen": str(free_port()), "to": "127.0.0.1:9",
+                                      "name": name})
+    assert "bad instance name" in reply["error"]["message"], reply
+    assert capd.ctl("list", json_out=True) == []
+
+
+def test_add_name_utf8_still_accepted(capd):
+    capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "café-ü")
+    assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["café-ü"]
