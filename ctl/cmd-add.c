@@ -266,8 +266,9 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 		return CTL_USAGE;
 	}
 	t = word_match(argv[1], add_types, NTYPES);
-	if (t < 0)
-		return usage_error("unknown instance type '%s' (forward, socks, http, reverse, dns or sniff)", argv[1]);
+	if (t < 0)  /* "s" is socks or sniff: say so rather than that there is no such type */
+		return usage_error("%s instance type '%s' (forward, socks, http, reverse, dns or sniff)",
+		                   t == -2 ? "ambiguous" : "unknown", argv[1]);
 	type = add_types[t];
 	params = json_pack("{s:s}", "type", type);
 	for (int i = 2; i < argc; i++) {

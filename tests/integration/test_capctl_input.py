@@ -321,3 +321,14 @@ def test_add_name_with_control_character_is_refused(capd, name):
 def test_add_name_utf8_still_accepted(capd):
     capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "café-ü")
     assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["café-ü"]
+
+
+@pytest.mark.parametrize("word,what", [("s", "ambiguous"), ("sn", None), ("so", None), ("x", "unknown")])
+def test_add_type_prefix(tmp_path, word, what):
+    """capctl(1): words may be shortened to a unique prefix. 's' (socks or sniff) was called
+    an unknown instance type."""
+    r = capctl("add", word, "--help", sock=tmp_path / "none")
+    if what is None:
+        assert r.returncode == 0 and r.stdout.startswith("usage: capctl add s"), r.stderr
+    else:
+        assert r.returncode == 2 and r.stderr.startswith(f"capctl: {what} instance type '{word}'"), r.stderr
