@@ -85,6 +85,26 @@ dns_rule_rank(const char *pattern)
 	return 1000 + strlen(pattern);
 }
 
+/*
+ * Whether a "*.suffix" pattern that matched name did so at a label boundary (other
+ * patterns: true). name is in presentation form, where a dot inside a label is
+ * written "\.": "x\.game.test" (the labels "x.game" and "test") ends in the text
+ * ".game.test" but is a name under test, not under game.test.
+ */
+static bool
+dns_suffix_at_label(const char *pattern, const char *name)
+{
+	size_t nlen = strlen(name), plen = strlen(pattern) - 1;  /* ".suffix" */
+	size_t dot, slashes = 0;
+
+	if (strncmp(pattern, "*.", 2) != 0 || nlen <= plen)
+		return true;
+	dot = nlen - plen;
+	while (slashes < dot && name[dot - 1 - slashes] == '\\')
+		slashes++;
+	return slashes % 2 == 0;  /* an odd count escapes the dot */
+}
+
 const char *
 dns_rules_match(const struct dns_rules *r, const char *name)
 {
@@ -95,7 +115,8 @@ dns_rules_match(const struct dns_rules *r, const char *name)
 		return NULL;  /* the root is nobody's to claim */
 	for (size_t i = 0; i < r->n; i++) {
 		size_t rank = dns_rule_rank(r->v[i].pattern);
-		if (rank > best_rank && hostname_match(r->v[i].pattern, name)) {
+		if (rank > best_rank && hostname_match(r->v[i].pattern, name) &&
+		    dns_suffix_at_label(r->v[i].pattern, name)) {
 			best = r->v[i].pattern;
 			best_rank = rank;
 		}

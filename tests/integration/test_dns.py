@@ -253,6 +253,22 @@ def test_rules_answer_a_aaaa_and_wildcards(dnsd, upstream):
     assert upstream.queries == [("udp", "game.test")]
 
 
+def test_escaped_dot_inside_a_label_is_no_label_boundary(dnsd, upstream):
+    """A name whose label holds a dot (x\\.game.test: the labels "x.game" and "test") is a
+    name under test, not under game.test; capd matched rules on the presentation text and
+    answered it from *.game.test. It goes upstream now; a dot in a label below the suffix
+    (a\\.b.game.test) is still the wildcard's."""
+    port = dnsd.port
+    for tcp in (False, True):
+        r = ask(dns.name.Name([b"x.game", b"test", b""]), "A", port, tcp=tcp)
+        assert addrs(r) == ["192.0.2.1"] and not r.flags & dns.flags.AA
+        r = ask(dns.name.Name([b"www.example", b"com", b""]), "A", port, tcp=tcp)
+        assert addrs(r) == ["192.0.2.1"]
+        r = ask(dns.name.Name([b"a.b", b"game", b"test", b""]), "A", port, tcp=tcp)
+        assert addrs(r) == ["10.0.0.7"]
+    assert [t for t, _ in upstream.queries] == ["udp", "udp", "tcp", "tcp"]
+
+
 def test_forward_udp_and_tcp_keep_the_id(dnsd, upstream):
     port = dnsd.port
     r = ask("elsewhere.org", "A", port, qid=0x1234)

@@ -81,6 +81,11 @@ test_rules_match(void **state)
 	assert_string_equal(dns_rules_match(&r, "a.b.c.game.test"), "*.game.test");
 	assert_string_equal(dns_rules_match(&r, "x.deep.game.test"), "*.deep.game.test");  /* longest suffix */
 	assert_null(dns_rules_match(&r, "other.test"));
+	/* a dot inside a label ("\\.") is no label boundary: x\\.game.test is under test */
+	assert_null(dns_rules_match(&r, "x\\.game.test"));
+	assert_string_equal(dns_rules_match(&r, "x\\.deep.game.test"), "*.game.test");
+	assert_string_equal(dns_rules_match(&r, "a\\.b.game.test"), "*.game.test");
+	assert_string_equal(dns_rules_match(&r, "a\\\\.game.test"), "*.game.test");  /* a label ending in '\\' */
 	assert_int_equal(dns_rules_add(&r, "*=192.0.2.1", &why), 0);
 	assert_string_equal(dns_rules_match(&r, "other.test"), "*");
 	assert_string_equal(dns_rules_match(&r, "www.example.com"), "www.example.com");  /* exact beats * */
