@@ -7,6 +7,7 @@
  * the interface. When the interface goes down the instance fails (it stays
  * listed with the reason) and the daemon carries on.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <net/if.h>
 #include <pcap/pcap.h>
@@ -268,6 +269,7 @@ sniff_prepare(struct instance *inst, char **why)
 	struct sniff *sn = inst->cfg;
 	char errbuf[PCAP_ERRBUF_SIZE] = "";
 	struct bpf_program prog;
+	bpf_u_int32 net, mask;
 	pcap_t *pc;
 	int rc;
 	bool tsnano;
@@ -289,7 +291,15 @@ sniff_prepare(struct instance *inst, char **why)
 	if (rc > 0)
 		log_warnx("%s: %s: %s", inst->name, pcap_statustostr(rc), pcap_geterr(pc));
 	if (sn->cfg.filter) {
-		if (pcap_compile(pc, &prog, sn->cfg.filter, 1, PCAP_NETMASK_UNKNOWN) < 0) {
+		/*
+		 * `ip broadcast` needs the netmask of the device's IPv4 address. pcap_lookupnet
+		 * gives it in network byte order, the filter compiler takes it in host order.
+		 */
+		if (pcap_lookupnet(sn->cfg.interface, &net, &mask, errbuf) < 0)
+			mask = PCAP_NETMASK_UNKNOWN;
+		else
+			mask = ntohl(mask);
+		if (pcap_compile(pc, &prog, sn->cfg.filter, 1, mask) < 0) {
 			*why = xasprintf("bad filter '%s': %s", sn->cfg.filter, pcap_geterr(pc));
 			goto fail;
 		}

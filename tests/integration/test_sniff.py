@@ -215,6 +215,28 @@ def test_filter_limits_capture(netpair, ns_capd, ns_echo):
     assert any(int(row[3]) > 128 for row in rows)
 
 
+def test_ip_broadcast_filter_takes_the_interface_netmask(netpair, ns_capd):
+    """`ip broadcast` needs the interface's netmask, as tcpdump and dumpcap find it: capd
+    compiled every filter with an unknown netmask, so `capd -t` called it good and the
+    capture refused it ("netmask not known"). A datagram to the /30's broadcast address
+    is captured and one to the peer is not."""
+    c = ns_capd(netpair.a)
+    r = c.ctl("add", "sniff", "--interface", netpair.va, "--filter", "ip broadcast", "--name", "bc", check=False)
+    assert r.returncode == 0, r.stderr
+    bcast = netpair.ip_a.rsplit(".", 1)[0] + ".3"
+    netpair.run(netpair.a, "/usr/bin/python3", "-c",
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n"
+                "for a in sys.argv[1:]: s.sendto(b'x', (a, 9))\n", netpair.ip_b, bcast)
+    inst = wait_packets(c, "bc", 1)
+    assert inst["packets"] == 1 and inst["state"] == "running"
+    c.flush()
+    c.stop()
+    r = tshark("-r", spool_file(c), "-T", "fields", "-e", "ip.dst")
+    assert r.stdout.split() == [bcast], r.stdout + r.stderr
+
+
 def test_proxy_and_lo_sniffer_share_the_spool(netns, ns_capd, ns_python):
     """Issue 7: a forward proxy's session and a sniffer on lo in one spool:
     both interfaces are present (raw IP and Ethernet) and tshark reads the file."""
