@@ -161,15 +161,6 @@ trace_utf8_len(const unsigned char *p)
 	return n;
 }
 
-static bool
-trace_is_utf8(const char *s)
-{
-	for (size_t n; *s; s += n)
-		if ((n = trace_utf8_len((const unsigned char *)s)) == 0)
-			return false;
-	return true;
-}
-
 /*
  * A byte string from our command line or the traced program (arguments,
  * process names) as a JSON string, each byte that is not UTF-8 written as
@@ -302,8 +293,12 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 		return usage_error("trace: '%s' is not a process id", pidarg);
 	if (pidarg && (pid_t)pid == getpid())
 		return usage_error("trace: capctl cannot trace itself");
-	if (name && !trace_is_utf8(name))
-		return usage_error("trace: the name is not UTF-8 text");  /* json_string() would drop it */
+	if (name != NULL) {  /* refused now, not left out of the request later */
+		json_t *v = ctl_string("trace --name", name);
+		if (v == NULL)
+			return CTL_USAGE;
+		json_decref(v);
+	}
 
 	/* refuse before the command starts: tracing, then capd */
 	if (trace_check(pidarg != NULL, &why) < 0) {

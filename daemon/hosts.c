@@ -325,6 +325,7 @@ static char *
 hosts_temp_write(const char *path, const char *text, size_t len, const struct stat *st, bool st_valid, int *err)
 {
 	char *copy = xstrdup(path), *copy2 = xstrdup(path);
+	/* XXXXXX is mkostemp(3)'s template, replaced by it with a unique suffix */
 	char *tmp = xasprintf("%s/.%s.capd-XXXXXX", dirname(copy), basename(copy2));
 	int fd;
 
