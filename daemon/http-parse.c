@@ -108,6 +108,15 @@ http_max_forwards(const struct http_msg *m, const struct http_hdr **h)
 	return v;
 }
 
+size_t
+http_target_scheme(const struct http_msg *m, bool *https)
+{
+	*https = m->target_len >= 8 && http_token_eq(m->target, 8, "https://");
+	if (*https)
+		return 8;
+	return m->target_len >= 7 && http_token_eq(m->target, 7, "http://") ? 7 : 0;
+}
+
 const struct http_hdr *
 http_header(const struct http_msg *m, const char *name)
 {

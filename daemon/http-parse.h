@@ -89,6 +89,9 @@ bool http_hop_by_hop(const struct http_msg *m, const char *name, size_t len);
 bool http_token_eq(const char *p, size_t n, const char *lit);
 /* The request's method is exactly name (methods are case-sensitive). */
 bool http_method_is(const struct http_msg *m, const char *name);
+/* An absolute-form target's scheme: the length of its "http://" or "https://"
+ * (*https says which), 0 for any other form (origin, authority, asterisk). */
+size_t http_target_scheme(const struct http_msg *m, bool *https);
 /* Max-Forwards (RFC 9110 7.6.2): its value, with its line in *h when h is
  * not NULL; -1 when there is none, more than one, or one that is not 1 to
  * 18 digits. */

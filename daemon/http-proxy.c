@@ -299,23 +299,20 @@ static int
 http_asked(const struct http_msg *m, bool tls, struct http_target *t)
 {
 	const char *a = NULL;
-	size_t an = 0, skip = 0;
-	bool https = tls;
+	size_t an = 0, skip;
+	bool https;
 	int rv;
 
 	if (m->target == NULL)
 		return -1;
 	if (http_method_is(m, "CONNECT"))
 		return http_authority(m->target, m->target_len, t) == 1 ? 0 : -1;
-	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://"))
-		skip = 7, https = false;
-	else if (m->target_len >= 8 && http_token_eq(m->target, 8, "https://"))
-		skip = 8, https = true;
-	if (skip) {
+	if ((skip = http_target_scheme(m, &https)) != 0) {
 		a = m->target + skip;
 		while (skip + an < m->target_len && a[an] != '/' && a[an] != '?' && a[an] != '#')
 			an++;
 	} else {
+		https = tls;  /* Host's default port is the connection's */
 		for (unsigned i = 0; i < m->nhdr; i++) {
 			if (!http_hdr_is(&m->hdr[i], "host"))
 				continue;

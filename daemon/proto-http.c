@@ -80,10 +80,9 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 		/* asks the proxy itself (RFC 9110 9.3.7, 7.6.2): no URL, capd answers (http-proxy.c) */
 	} else {
 		size_t i;
-		if (m->target_len < 7 || !http_token_eq(m->target, 7, "http://")) {
-			*why = m->target_len >= 8 && http_token_eq(m->target, 8, "https://")
-			           ? "https URLs go through CONNECT"
-			           : "a proxy request needs an absolute http:// URL";
+		bool https;
+		if (http_target_scheme(m, &https) == 0 || https) {
+			*why = https ? "https URLs go through CONNECT" : "a proxy request needs an absolute http:// URL";
 			return 400;
 		}
 		for (i = 7; i < m->target_len && m->target[i] != '/' && m->target[i] != '?'; i++)

@@ -52,22 +52,19 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	const struct hostport *to = NULL;
 	struct http_target host = { 0 };
 	const char *a = NULL;
-	size_t an = 0, skip = 0;
+	size_t an = 0, skip;
+	bool https;
 
 	if (http_method_is(m, "CONNECT")) {
 		*why = "CONNECT is not served by a reverse proxy";
 		return 405;
 	}
-	if (m->target_len >= 7 && http_token_eq(m->target, 7, "http://"))
-		skip = 7;
-	else if (m->target_len >= 8 && http_token_eq(m->target, 8, "https://")) {
+	skip = http_target_scheme(m, &https);
+	if (https && s->client.tls == NULL) {
 		/* an https resource is served over TLS only (RFC 9110 7.4); a target
 		 * that does not match the connection is a 421 (RFC 9110 15.5.20) */
-		if (s->client.tls == NULL) {
-			*why = "an https:// URL on a connection without TLS";
-			return 421;
-		}
-		skip = 8;
+		*why = "an https:// URL on a connection without TLS";
+		return 421;
 	}
 	if (skip) {
 		/* absolute form: its authority names the host, the rest goes upstream */
