@@ -188,6 +188,14 @@ http_hop_by_hop(const struct http_msg *m, const char *name, size_t len)
 	for (int i = 0; fixed[i]; i++)
 		if (http_token_eq(name, len, fixed[i]))
 			return true;
+	/* Connection cannot take away the fields the message is framed (and
+	 * routed) by: capd passes the body by the framing it parsed, so a
+	 * "Connection: Content-Length" that dropped the length would let the
+	 * body reach the upstream as a request of its own (smuggling), and a
+	 * response without it would leave the client reading to a close */
+	if (http_token_eq(name, len, "content-length") || http_token_eq(name, len, "transfer-encoding") ||
+	    http_token_eq(name, len, "host"))
+		return false;
 	if (len >= sizeof lname)
 		return false;
 	memcpy(lname, name, len);

@@ -83,7 +83,9 @@ enum parse http_parse_response(const uint8_t *p, size_t n, const struct http_lim
 
 /* Case-insensitive header lookup; the first match or NULL. */
 const struct http_hdr *http_header(const struct http_msg *m, const char *name);
-/* True when name is hop-by-hop for m: the fixed list or a token of Connection. */
+/* True when name is hop-by-hop for m: the fixed list or a token of Connection
+ * (never Content-Length, Transfer-Encoding or Host: the message's framing and
+ * route stay). */
 bool http_hop_by_hop(const struct http_msg *m, const char *name, size_t len);
 /* ASCII case-insensitive compare of a counted string with a C string. */
 bool http_token_eq(const char *p, size_t n, const char *lit);

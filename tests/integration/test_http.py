@@ -733,6 +733,27 @@ def test_bad_upstream_after_the_head(capd, answer, client_gets, reason):
         o.close()
 
 
+def test_connection_cannot_drop_the_framing(capd, origin):
+    """Connection: Content-Length made capd drop that header while it still passed
+    the body by it: the origin read a POST without a length, then its body as a
+    request of its own (smuggled past the proxy); a response lost its length, so
+    the client read to a close. The framing fields stay (so does Host)."""
+    port = add_http(capd)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw(port, (f"POST http://127.0.0.1:{origin.port}/echo HTTP/1.1\r\nHost: x\r\n"
+                       f"Connection: close, Content-Length\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode()
+                + smuggled)
+    assert status_of(reply) == 200 and reply.endswith(smuggled), reply
+    assert [r["line"] for r in origin.requests] == ["POST /echo HTTP/1.1"]
+    assert origin.requests[0]["headers"]["Content-Length"] == str(len(smuggled))
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\nabc")
+    try:
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert reply == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\nVia: 1.1 capd\r\n\r\nabc"
+    finally:
+        o.close()
+
+
 def test_late_refusal_reaches_an_uploading_client(capd):
     """A 400 for a request body gone bad (the head was good and went upstream)
     reaches a client that is still sending: after the reply and its FIN capd

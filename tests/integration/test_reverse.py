@@ -124,6 +124,22 @@ def test_forwarded_for_appends_to_the_last_line(capd_factory, origins):
     assert lines == ["X-Forwarded-For: 10.0.0.1", "X-Forwarded-For: 10.0.0.2, 127.0.0.1"]
 
 
+def test_connection_cannot_drop_host_or_the_framing(capd_factory, origins):
+    """Regression: a header named in Connection was dropped even when it was Host
+    (the origin got an HTTP/1.1 request without one) or Transfer-Encoding, whose
+    chunked body capd passed on all the same (the origin read it as requests)."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    reply = raw(port, b"PUT /chunked HTTP/1.1\r\nHost: www.example.com\r\n"
+                      b"Connection: Host, Transfer-Encoding, close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"4\r\nbody\r\n0\r\n\r\n")
+    assert status_of(reply) == 200 and b"\r\n4\r\nbody\r\n0\r\n\r\n" in reply, reply
+    assert len(a.requests) == 1, a.requests
+    h = a.requests[0]["headers"]
+    assert h["Host"] == "www.example.com" and h["Transfer-Encoding"] == "chunked"
+    assert a.requests[0]["body"] == b"body"
+
+
 def test_absolute_form_replaces_host(capd_factory, origins):
     """Regression: an absolute-form request is routed by its URL's host, whose authority
     replaces Host (RFC 9112 3.2.2); the upstream got the client's Host, and X-Forwarded-Host

@@ -268,6 +268,13 @@ test_connection(void **state)
 	assert_false(http_hop_by_hop(&m, "Host", 4));
 	/* Trailer names the trailer fields for the recipient: end-to-end (RFC 9110 6.6.2) */
 	assert_false(http_hop_by_hop(&m, "Trailer", 7));
+	/* Connection naming the framing or Host does not take them away (smuggling) */
+	assert_int_equal(req("POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, Transfer-Encoding, Host\r\n"
+	                     "Content-Length: 3\r\n\r\n"),
+	                 PARSE_OK);
+	assert_false(http_hop_by_hop(&m, "Content-Length", 14));
+	assert_false(http_hop_by_hop(&m, "transfer-encoding", 17));
+	assert_false(http_hop_by_hop(&m, "Host", 4));
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"), PARSE_OK);
 	assert_true(m.conn_close);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), PARSE_OK);
