@@ -53,7 +53,7 @@ struct http_conn {
 	uint8_t up, down;           /* UP_*, DOWN_* */
 	struct http_body up_body, down_body;
 	bool req_done, resp_done;   /* the current exchange */
-	bool req_head;              /* the request was HEAD */
+	bool req_head;              /* the request was HEAD (its response, capd's own too, has no content) */
 	bool req_upgrade;           /* the request asked for an Upgrade */
 	bool req_expect;            /* its body waits for the upstream's 100 Continue (nothing of it came yet) */
 	int req_minor;
@@ -158,7 +158,7 @@ http_authority(const char *a, size_t n, struct http_target *t)
 /* ---- replies ---- */
 
 static void
-http_error_text(struct buf *b, int status, const char *why, bool auth)
+http_error_text(struct buf *b, int status, const char *why, bool auth, bool head)
 {
 	const char *text = http_status_text(status);
 	char body[512];
@@ -170,7 +170,10 @@ http_error_text(struct buf *b, int status, const char *why, bool auth)
 	           "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n"
 	           "%s\r\n",
 	           status, text, n, auth ? "Proxy-Authenticate: Basic realm=\"capd\"\r\n" : "");
-	buf_append(b, body, (size_t)n);
+	/* the answer to a HEAD has a GET's header fields and no content (RFC 9110
+	 * 9.3.2): a client reads none, and bytes after the head are garbage to it */
+	if (!head)
+		buf_append(b, body, (size_t)n);
 }
 
 static char *
@@ -211,10 +214,11 @@ http_reply_early(struct session *s, const struct buf *b, const char *reason)
 static void
 http_fail_early(struct session *s, int status, const char *why)
 {
+	struct http_conn *hc = s->proto_state;
 	struct buf b = { 0 };
 	char *reason = http_reason(status, why);
 
-	http_error_text(&b, status, why, status == 407);
+	http_error_text(&b, status, why, status == 407, hc->req_head);
 	http_reply_early(s, &b, reason);
 	buf_free(&b);
 	free(reason);
@@ -238,10 +242,11 @@ http_end_late(struct session *s, const char *reason)
 static void
 http_fail_late(struct session *s, int status, const char *why)
 {
+	struct http_conn *hc = s->proto_state;
 	struct buf b = { 0 };
 	char *reason = http_reason(status, why);
 
-	http_error_text(&b, status, why, status == 407);
+	http_error_text(&b, status, why, status == 407, hc->req_head);
 	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
 	buf_free(&b);
 	http_end_late(s, reason);
@@ -574,6 +579,7 @@ http_proxy_input(struct session *s)
 			session_close(s, "client closed in a request head");
 		return;
 	}
+	hc->req_head = http_method_is(&http_msg, "HEAD");  /* also for a refusal, or a failed connect */
 	if (rv == PARSE_ERR) {
 		http_note_refused(s, &http_msg);
 		http_fail_early(s, status, why);
@@ -707,6 +713,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 
 	if (rv == PARSE_MORE)
 		return RELAY_MORE;
+	hc->req_head = http_method_is(m, "HEAD");  /* the previous exchange is done: this one's refusal */
 	if (rv == PARSE_ERR) {
 		http_fail_late(s, status, why);
 		return RELAY_END;
@@ -737,7 +744,6 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	session_data(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	relay_inject(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	http_body_init(&hc->up_body, m->framing, m->length);
-	hc->req_head = http_method_is(m, "HEAD");
 	hc->req_upgrade = m->conn_upgrade;
 	hc->req_expect = m->expect_continue && m->minor == 1;
 	hc->req_minor = m->minor;

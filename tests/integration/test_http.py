@@ -754,6 +754,28 @@ def test_connection_cannot_drop_the_framing(capd, origin):
         o.close()
 
 
+def test_error_reply_to_head_has_no_content(capd, origin):
+    """capd's own error replies carried their text after the head also when the
+    request was HEAD, whose answer has no content (RFC 9110 9.3.2): curl -I said
+    "Excess found", and a client reading on took the text for a response."""
+    port = add_http(capd)
+    dead = free_port()
+    r = curl("-v", "-I", "-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dead}/")
+    assert b"< HTTP/1.1 502 Bad Gateway" in r.stderr and b"Excess" not in r.stderr, r.stderr
+    # the head alone: early (a failed connect) and late (a refusal on a kept connection)
+    reply = raw(port, f"HEAD http://127.0.0.1:{dead}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(reply) == 502 and reply.endswith(b"\r\nConnection: close\r\n\r\n"), reply
+    u = f"http://127.0.0.1:{origin.port}"
+    reply = raw(port, (f"GET {u}/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                       f"HEAD {u}/b HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n").encode())
+    first, _, late = reply.partition(b"hello from a /a\n")
+    assert status_of(first) == 200 and status_of(late) == 400, reply
+    assert late.endswith(b"\r\nConnection: close\r\n\r\n"), reply
+    # a refused GET still says why in its content
+    reply = raw(port, f"GET http://127.0.0.1:{dead}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert reply.endswith(b"Connection refused\n"), reply
+
+
 def test_late_refusal_reaches_an_uploading_client(capd):
     """A 400 for a request body gone bad (the head was good and went upstream)
     reaches a client that is still sending: after the reply and its FIN capd
