@@ -44,6 +44,17 @@ list_join(json_t *a, char *out, size_t n)
 	}
 }
 
+/* "label a,b" for a list that has anything; an empty one says nothing (a
+ * reverse instance with a default alone, a dns instance without answers). */
+static void
+list_named(json_t *a, const char *label, char *out, size_t n)
+{
+	if (json_array_size(a) == 0)
+		return;
+	snprintf(out, n, "%s", label);
+	list_join(a, out, n);
+}
+
 /* The INFO column: what tells instances of each type apart at a glance. */
 static void
 list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
@@ -65,18 +76,19 @@ list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 		         (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
 		         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
 	else if (json_is_array(json_object_get(inst, "routes"))) {
-		snprintf(info, n, "routes ");
-		list_join(json_object_get(inst, "routes"), info, n);
+		list_named(json_object_get(inst, "routes"), "routes ", info, n);
 		if (def)
-			snprintf(info + strlen(info), n - strlen(info), ", default %s", def);
+			snprintf(info + strlen(info), n - strlen(info), "%sdefault %s", info[0] ? ", " : "", def);
 	} else if (json_is_array(json_object_get(inst, "answer"))) {
-		snprintf(info, n, "answers ");
-		list_join(json_object_get(inst, "answer"), info, n);
+		list_named(json_object_get(inst, "answer"), "answers ", info, n);
 		if (up)
-			snprintf(info + strlen(info), n - strlen(info), ", upstream %s", up);
+			snprintf(info + strlen(info), n - strlen(info), "%supstream %s", info[0] ? ", " : "", up);
 	} else if (json_is_array(json_object_get(inst, "connect_ports"))) {
 		snprintf(info, n, "connect ports ");
 		list_join(json_object_get(inst, "connect_ports"), info, n);
+	} else if (json_is_string(json_object_get(inst, "connect_ports"))) {
+		/* connect_ports = *: the instance object says "*" rather than a list */
+		snprintf(info, n, "connect ports %s", json_string_value(json_object_get(inst, "connect_ports")));
 	} else if (json_is_string(json_object_get(inst, "command"))) {
 		snprintf(info, n, "pid %lld", (long long)json_integer_value(json_object_get(inst, "pid")));
 	}

@@ -582,6 +582,11 @@ def test_instance_object(capd):
     assert h["auth"] is True
     r = capd.ctl("add", "http", "--port", free_port(), "--connect-ports", "443,x", check=False)
     assert r.returncode == 1 and "connect_ports" in r.stderr
+    # the table's INFO: connect_ports = * (a string in the object, not a list) showed nothing
+    capd.ctl("add", "http", "--port", free_port(), "--name", "any", "--connect-ports", "*")
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()}
+    assert rows[f"http-{port}"].endswith("connect ports 443,8443, auth"), rows
+    assert rows["any"].endswith("connect ports *"), rows
 
 
 def test_connect_tls_interception(capd, tmp_path):

@@ -223,6 +223,12 @@ def test_capctl_add_reverse(capd, origins):
     assert r.stdout == b"hello from api /\n"
     bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", "nohost", check=False)
     assert bad.returncode != 0
+    # the table's INFO: a default alone said "routes , default ..."
+    capd.ctl("add", "reverse", "--port", free_port(), "--name", "d", "--default", f"127.0.0.1:{c.port}")
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()}
+    assert rows[f"reverse-{port}"].endswith(f"routes www.example.com=127.0.0.1:{a.port},*.api.test=127.0.0.1:{b.port}"
+                                            f", default 127.0.0.1:{c.port}"), rows
+    assert rows["d"].endswith(f"  default 127.0.0.1:{c.port}"), rows
 
 
 @pytest.fixture
