@@ -310,6 +310,10 @@ http_head_find(const char *p, size_t n, size_t max, bool request, struct http_ms
 		while (s + 1 < n && s < 8 && p[s] == '\r' && p[s + 1] == '\n')
 			s += 2;
 	*start = s;
+	/* the CR of such a line whose LF is still to come (a client sending a
+	 * byte at a time) is not yet anything: the same bytes in one read pass */
+	if (request && s < 8 && n == s + 1 && p[s] == '\r')
+		return PARSE_MORE;
 	if (n > s && !IS(p[s], C_TCHAR))
 		return http_fail(m, 400, request ? "not an HTTP request" : "not an HTTP response");
 	eoh = memmem(p + s, n - s, "\r\n\r\n", 4);

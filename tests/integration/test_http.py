@@ -406,6 +406,26 @@ def test_head_longer_than_one_read(capd, origin):
     assert {k: got.get(k) for k in pads} == pads
 
 
+def test_stray_empty_line_split_across_reads(capd, origin):
+    """A stray empty line before a request is skipped (RFC 9112 2.2), but only
+    when its CR and LF came in one read: a lone CR got 400 "not an HTTP request",
+    first request or a later one on a kept connection."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, last in enumerate((False, True)):
+            c.sendall(b"\r")
+            time.sleep(0.2)  # capd has read the CR alone
+            c.sendall(f"\nGET {u}/r{i} HTTP/1.1\r\nHost: x\r\n{'Connection: close' if last else 'X: y'}\r\n\r\n".encode())
+            got = b""
+            while not got.endswith(f"/r{i}\n".encode()):
+                d = c.recv(4096)
+                assert d, got
+                got += d
+            assert status_of(got) == 200, got
+
+
 def test_malformed_later_request_on_a_kept_connection(capd, origin):
     port = add_http(capd)
     u = f"http://127.0.0.1:{origin.port}"

@@ -50,6 +50,10 @@ test_request_line(void **state)
 	/* one stray empty line before the request is allowed */
 	assert_int_equal(req("\r\nGET / HTTP/1.0\r\n\r\n"), PARSE_OK);
 	assert_int_equal(m.head_len, 20);
+	/* its CR alone (the LF in the next read) is not an error yet */
+	assert_int_equal(req("\r"), PARSE_MORE);
+	assert_int_equal(req("\r\n\r"), PARSE_MORE);
+	expect_err("\r\r", 400);
 	assert_int_equal(req("CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"), PARSE_OK);
 	assert_true(http_method_is(&m, "CONNECT"));
 	assert_int_equal(req("connect a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"), PARSE_OK);
