@@ -103,7 +103,7 @@ http_cfg_free(struct instance *inst)
 }
 
 /* "host", "host:port", "[v6]:port" of an http URL into t: 1 with a port,
- * 0 without (port 80), -1 when malformed. */
+ * 0 without (port 80; also "host:", whose port is empty), -1 when malformed. */
 int
 http_authority(const char *a, size_t n, struct http_target *t)
 {
@@ -132,6 +132,8 @@ http_authority(const char *a, size_t n, struct http_target *t)
 	}
 	if (hl == 0 || hl > HOST_MAX)
 		return -1;
+	if (port == a + n)
+		port = NULL;  /* "host:": an empty port is the scheme's default (RFC 9110 4.2.1) */
 	memcpy(host, h, hl);
 	host[hl] = '\0';
 	if (a[0] == '[' ? !(addr_is_ip_literal(host) && strchr(host, ':')) : !(hostname_valid(host) || addr_is_ip_literal(host)))

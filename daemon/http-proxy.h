@@ -59,8 +59,8 @@ struct http_cfg {
 };
 
 /* "host", "host:port", "[v6]:port" (a URL's authority, no userinfo) into t->host
- * and t->port (80 when absent); 1 when a port was given, 0 when not, -1 when
- * malformed. */
+ * and t->port (80 when absent or empty, "host:"); 1 when a port was given, 0
+ * when not, -1 when malformed. */
 int http_authority(const char *a, size_t n, struct http_target *t);
 /* Reads max_header_size into cfg->lim; -1 with the error recorded in p. */
 int http_cfg_limits(struct http_cfg *cfg, struct params *p);

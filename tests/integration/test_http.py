@@ -426,6 +426,17 @@ def test_stray_empty_line_split_across_reads(capd, origin):
             assert status_of(got) == 200, got
 
 
+def test_url_with_an_empty_port(capd):
+    """http://host:/ names port 80 (an empty port is the default, RFC 9110 4.2.1):
+    it got 400 "bad host in the URL"; CONNECT host: still needs its port."""
+    port = add_http(capd)
+    reply = raw(port, b"GET http://127.0.0.1:/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) and b"bad host in the URL" not in reply, reply  # whatever port 80 says
+    assert closed_sessions(capd, 1)[-1]["target"] == "127.0.0.1:80"
+    reply = raw(port, b"CONNECT 127.0.0.1: HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(reply) == 400 and b"CONNECT needs host:port" in reply, reply
+
+
 def test_malformed_later_request_on_a_kept_connection(capd, origin):
     port = add_http(capd)
     u = f"http://127.0.0.1:{origin.port}"

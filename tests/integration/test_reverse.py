@@ -140,6 +140,20 @@ def test_connection_cannot_drop_host_or_the_framing(capd_factory, origins):
     assert a.requests[0]["body"] == b"body"
 
 
+def test_host_with_an_empty_port(capd_factory, origins):
+    """Regression: "Host: name:" (an empty port is the default one, RFC 9110 4.2.1;
+    nginx takes it) got 400 "bad Host" instead of being routed by its name."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    for host in ("www.example.com:", "v1.api.test:"):
+        reply = raw(port, f"GET /e HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert status_of(reply) == 200, (host, reply)
+    assert a.requests[-1]["headers"]["Host"] == "www.example.com:"
+    assert b.requests[-1]["headers"]["Host"] == "v1.api.test:"
+    reply = raw(port, f"GET http://www.example.com:/abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert reply.endswith(b"hello from www /abs\n"), reply
+
+
 def test_absolute_form_replaces_host(capd_factory, origins):
     """Regression: an absolute-form request is routed by its URL's host, whose authority
     replaces Host (RFC 9112 3.2.2); the upstream got the client's Host, and X-Forwarded-Host
