@@ -260,6 +260,24 @@ addr_is_any(const struct sockaddr *sa)
 }
 
 bool
+addr_reaches(const struct sockaddr *dst, const struct sockaddr *bound)
+{
+	struct sockaddr_storage lo;
+
+	if (dst->sa_family != bound->sa_family || addr_port(dst) != addr_port(bound))
+		return false;
+	if (addr_is_any(dst)) {
+		memcpy(&lo, dst, addr_len(dst));
+		if (lo.ss_family == AF_INET)
+			((struct sockaddr_in *)&lo)->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		else
+			((struct sockaddr_in6 *)&lo)->sin6_addr = in6addr_loopback;
+		dst = (const struct sockaddr *)&lo;
+	}
+	return addr_same(dst, bound, true) || (addr_is_any(bound) && addr_is_loopback(dst));
+}
+
+bool
 hostname_valid(const char *name)
 {
 	size_t len = strlen(name), label = 0;

@@ -523,23 +523,19 @@ session_connect_share(struct session *s)
 
 /*
  * Whether a connect to sa would reach this instance's own listener: its own
- * address and port, or a loopback address on its port while it listens on
- * every address. A hosts entry or DNS answer that sends a name to capd also
- * reaches capd's resolver: a forward or reverse instance whose target is that
- * name would connect to itself, and each new session again, until capd runs
- * out of descriptors.
+ * address and port, a loopback address on its port while it listens on every
+ * address, or 0.0.0.0 / :: on its port (the kernel connects those to loopback,
+ * so `to = 0.0.0.0:PORT` looped as surely as 127.0.0.1). A hosts entry or DNS
+ * answer that sends a name to capd also reaches capd's resolver: a forward or
+ * reverse instance whose target is that name would connect to itself, and each
+ * new session again, until capd runs out of descriptors.
  */
 static bool
 session_target_is_self(const struct session *s, const struct sockaddr *sa)
 {
-	const struct sockaddr *l = (const struct sockaddr *)&s->inst->listen;
-
 	if (!s->inst->proto->listens)
 		return false;
-	if (addr_same(sa, l, true))
-		return true;
-	return addr_is_any(l) && addr_port(sa) == addr_port(l) && sa->sa_family == l->sa_family &&
-	       addr_is_loopback(sa);
+	return addr_reaches(sa, (const struct sockaddr *)&s->inst->listen);
 }
 
 static void

@@ -222,6 +222,26 @@ def test_ipv6_forward(capd):
         e.close()
 
 
+@pytest.mark.parametrize("host,to", [("127.0.0.1", "0.0.0.0"), ("::1", "[::]")])
+def test_forward_to_unspecified_address_of_its_own_port_is_not_a_loop(capd, host, to):
+    """`to = 0.0.0.0:PORT` (or [::]) on the instance's own port: the kernel connects
+    0.0.0.0 to 127.0.0.1 (:: to ::1), so each connection connected to the instance
+    itself, and that one again, until capd ran out of descriptors (~10000 sessions
+    from one curl). It now fails the one session saying why, as 127.0.0.1:PORT does."""
+    port = free_port(host=host)
+    capd.ctl("add", "forward", "--port", port, "--bind", host, "--to", f"{to}:{port}")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect((host, port))
+        assert s.recv(100) == b""  # closed without data
+    ss = capd.wait_sessions(lambda ss: ss and ss[0]["state"] == "closed")
+    time.sleep(0.5)
+    ss = capd.ctl("sessions", json_out=True)
+    assert len(ss) == 1, f"{len(ss)} sessions"
+    assert "this instance's own address" in ss[0]["reason"], ss[0]
+
+
 def test_remove_frees_port(capd, echo_server):
     port = free_port()
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "f1")
