@@ -69,6 +69,7 @@ struct udp_assoc {
 	bool bound;                       /* client's port is known */
 	bool have_local;
 	bool resolve_warned;              /* forward: its target's failed resolution was logged */
+	bool self_warned;                 /* a datagram for the relay itself was dropped and logged */
 	int fd[2];                        /* upstream sockets: [0] IPv4, [1] IPv6, -1 until needed */
 	ev_io rio[2];
 	ev_timer idle;                    /* forward: ends the association when quiet */
@@ -396,10 +397,25 @@ udp_upstream_fd(struct udp_assoc *a, int family)
 static void
 udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, size_t n)
 {
-	struct udp_flow *f = udp_flow_get(a, peer, true);
+	struct udp_flow *f;
 	int fd;
 
-	if (f == NULL)
+	/* The relay's own address (a forward's 'to' naming its own listen, or
+	 * 0.0.0.0 on its port): the datagram would come back as a new client's,
+	 * go out again, and circle for ever, an association and a session more
+	 * each time. A SOCKS client's destinations are its own business: debug. */
+	if (addr_reaches(peer, (const struct sockaddr *)&a->r->addr)) {
+		char b[ADDR_STRLEN];
+		addr_format(peer, b, sizeof b);
+		if (!a->r->socks && !a->self_warned) {
+			a->self_warned = true;
+			log_warnx("%s: udp: target %s is this instance's own address; datagrams dropped", a->r->inst->name, b);
+		} else {
+			log_debug("%s: udp: datagram to %s, the relay itself, dropped", a->r->inst->name, b);
+		}
+		return;
+	}
+	if ((f = udp_flow_get(a, peer, true)) == NULL)
 		return;
 	if ((fd = udp_upstream_fd(a, peer->sa_family)) < 0)
 		return;

@@ -317,3 +317,28 @@ def test_stop_does_not_wait_for_udp_flows(capd, udp_echo):
         assert r.returncode == 0, r.stderr
         payloads |= {bytes.fromhex(x) for x in r.stdout.split()}
     assert payloads == {b"ping-at-stop", b"echo:ping-at-stop"}
+
+
+@pytest.mark.parametrize("to", ["127.0.0.1", "0.0.0.0"])
+def test_forward_udp_to_its_own_address_is_not_a_loop(capd, to):
+    """`udp = yes` with `to` naming the instance's own port (127.0.0.1:PORT, or
+    0.0.0.0:PORT, which the kernel sends to 127.0.0.1): the relay sent each datagram
+    to itself, took it back as a new client's and sent it again, for ever: one
+    datagram made 4096 associations and sessions, and kept capturing ~16000 packets
+    a second until the instance was removed. It is now dropped, with one warning."""
+    port = free_port_tcp_udp()
+    name = f"forward-{port}"
+    capd.ctl("add", "forward", "--port", port, "--to", f"{to}:{port}", "--udp")
+    u = udp_client()
+    u.sendto(b"round", ("127.0.0.1", port))
+    u.sendto(b"again", ("127.0.0.1", port))
+    deadline = time.time() + 5
+    while "this instance's own address; datagrams dropped" not in capd.log() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["sessions"] == 0 and inst["bytes_up"] == 0, inst
+    assert capd.ctl("sessions", json_out=True) == []
+    log = capd.log()
+    assert log.count(f"{name}: udp: target {to}:{port} is this instance's own address; datagrams dropped") == 1, \
+        log[-2000:]
