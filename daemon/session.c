@@ -329,7 +329,10 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 			buf_append(&s->hs_in, tmp, (size_t)n);
 	} while (n == (ssize_t)want && buf_used(&s->hs_in) < max);
 	if (n < 0 && errno != EAGAIN && errno != EINTR) {
-		char *why = xasprintf("client error during handshake: %s", strerror(errno));
+		/* an open session read here (a UDP association's control connection, a
+		 * DNS TCP client) is past its handshake: it would be a wrong lead */
+		char *why = xasprintf("client error%s: %s", s->state == SESSION_OPEN ? "" : " during handshake",
+		                      strerror(errno));
 		session_close(s, why);
 		free(why);
 		return;

@@ -570,6 +570,30 @@ def test_udp_associate(capd):
         echo.close()
 
 
+def test_udp_association_control_reset_is_not_called_a_handshake_error(capd):
+    """A UDP association's control connection ended by an RST (a client killed, or
+    closing with SO_LINGER 0): the open session's reason said "client error during
+    handshake", though its handshake was long done and datagrams had flowed."""
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        c = s5_open(port)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        assert rep == 0
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"hi", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:hi"
+        cid = [s for s in capd.ctl("sessions", json_out=True) if s["proto"] == "socks5"][0]["id"]
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        ss = capd.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+        ctrl = [s for s in ss if s["id"] == cid][0]
+        assert ctrl["reason"] == "client error: Connection reset by peer", ctrl
+    finally:
+        echo.close()
+
+
 def test_udp_associate_with_auth_and_announced_port(capd):
     echo = UdpEcho()
     try:
