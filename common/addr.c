@@ -263,11 +263,21 @@ bool
 addr_reaches(const struct sockaddr *dst, const struct sockaddr *bound)
 {
 	struct sockaddr_storage lo;
+	const struct sockaddr_in6 *d6 = (const struct sockaddr_in6 *)dst;
 
+	/* ::ffff:a.b.c.d goes out as IPv4 to a.b.c.d from a socket that is not V6ONLY */
+	if (dst->sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
+		struct sockaddr_in *v4 = (struct sockaddr_in *)&lo;
+		memset(&lo, 0, sizeof lo);
+		v4->sin_family = AF_INET;
+		v4->sin_port = d6->sin6_port;
+		memcpy(&v4->sin_addr, &d6->sin6_addr.s6_addr[12], 4);
+		dst = (const struct sockaddr *)&lo;
+	}
 	if (dst->sa_family != bound->sa_family || addr_port(dst) != addr_port(bound))
 		return false;
 	if (addr_is_any(dst)) {
-		memcpy(&lo, dst, addr_len(dst));
+		memmove(&lo, dst, addr_len(dst));
 		if (lo.ss_family == AF_INET)
 			((struct sockaddr_in *)&lo)->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 		else

@@ -40,7 +40,8 @@ bool addr_is_loopback(const struct sockaddr *sa);
 bool addr_is_any(const struct sockaddr *sa);
 /* Whether a connect() or sendto() to dst reaches a socket bound to bound: the
  * same address and port, 0.0.0.0 or :: (which Linux sends to 127.0.0.1 or ::1)
- * or a loopback address on its port when bound there or to every address. */
+ * or a loopback address on its port when bound there or to every address; an
+ * IPv4-mapped dst counts as the IPv4 address it is sent to. */
 bool addr_reaches(const struct sockaddr *dst, const struct sockaddr *bound);
 /* Syntax check of a DNS host name (RFC 1123 labels). */
 bool hostname_valid(const char *name);

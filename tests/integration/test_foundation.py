@@ -222,7 +222,8 @@ def test_ipv6_forward(capd):
         e.close()
 
 
-@pytest.mark.parametrize("host,to", [("127.0.0.1", "0.0.0.0"), ("::1", "[::]")])
+@pytest.mark.parametrize("host,to", [("127.0.0.1", "0.0.0.0"), ("::1", "[::]"),
+                                     ("127.0.0.1", "[::ffff:127.0.0.1]")])
 def test_forward_to_unspecified_address_of_its_own_port_is_not_a_loop(capd, host, to):
     """`to = 0.0.0.0:PORT` (or [::]) on the instance's own port: the kernel connects
     0.0.0.0 to 127.0.0.1 (:: to ::1), so each connection connected to the instance

@@ -319,7 +319,7 @@ def test_stop_does_not_wait_for_udp_flows(capd, udp_echo):
     assert payloads == {b"ping-at-stop", b"echo:ping-at-stop"}
 
 
-@pytest.mark.parametrize("to", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("to", ["127.0.0.1", "0.0.0.0", "[::ffff:127.0.0.1]"])
 def test_forward_udp_to_its_own_address_is_not_a_loop(capd, to):
     """`udp = yes` with `to` naming the instance's own port (127.0.0.1:PORT, or
     0.0.0.0:PORT, which the kernel sends to 127.0.0.1): the relay sent each datagram
