@@ -131,6 +131,40 @@ test_same(void **state)
 	assert_false(addr_same((struct sockaddr *)&c, (struct sockaddr *)&b, true));
 }
 
+/* a connect or sendto to dst would land on a socket bound to bound */
+static bool
+reaches(const char *dst, uint16_t dport, const char *bound, uint16_t bport)
+{
+	struct sockaddr_storage d, b;
+	socklen_t len;
+
+	assert_int_equal(addr_from_literal(dst, dport, &d, &len), 0);
+	assert_int_equal(addr_from_literal(bound, bport, &b, &len), 0);
+	return addr_reaches((struct sockaddr *)&d, (struct sockaddr *)&b);
+}
+
+static void
+test_reaches(void **state)
+{
+	(void)state;
+	assert_true(reaches("127.0.0.1", 5000, "127.0.0.1", 5000));
+	assert_false(reaches("127.0.0.1", 5001, "127.0.0.1", 5000));
+	assert_false(reaches("127.0.0.2", 5000, "127.0.0.1", 5000));
+	/* the kernel sends 0.0.0.0 and :: to loopback */
+	assert_true(reaches("0.0.0.0", 5000, "127.0.0.1", 5000));
+	assert_true(reaches("::", 5000, "::1", 5000));
+	assert_false(reaches("0.0.0.0", 5000, "127.0.0.2", 5000));
+	/* a wildcard listener takes any loopback address */
+	assert_true(reaches("127.0.0.9", 5000, "0.0.0.0", 5000));
+	assert_true(reaches("0.0.0.0", 5000, "0.0.0.0", 5000));
+	assert_true(reaches("::1", 5000, "::", 5000));
+	/* IPv4-mapped goes out as IPv4; a V6ONLY listener does not take IPv4 */
+	assert_true(reaches("::ffff:127.0.0.1", 5000, "127.0.0.1", 5000));
+	assert_true(reaches("::ffff:0.0.0.0", 5000, "127.0.0.1", 5000));
+	assert_false(reaches("127.0.0.1", 5000, "::", 5000));
+	assert_false(reaches("::1", 5000, "0.0.0.0", 5000));
+}
+
 int
 main(void)
 {
@@ -140,6 +174,7 @@ main(void)
 		cmocka_unit_test(test_listen),
 		cmocka_unit_test(test_names),
 		cmocka_unit_test(test_same),
+		cmocka_unit_test(test_reaches),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
