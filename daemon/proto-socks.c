@@ -97,6 +97,10 @@ socks_start(struct instance *inst, char **why)
 	(void)why;
 	if (inst->expose && c->users == NULL)
 		log_warnx("%s: exposed on %s with no users: this is an open proxy", inst->name, inst->listen_str);
+	else if (inst->expose && c->socks4)
+		/* SOCKS4 carries no password: its clients pass without the users */
+		log_warnx("%s: exposed on %s with socks4 = yes: SOCKS4 needs no password, this is an open proxy",
+		          inst->name, inst->listen_str);
 	/* UDP ASSOCIATE's relay on the same address and port when free */
 	inst->proto_state = udp_relay_start(inst, (struct sockaddr *)&inst->listen, true, NULL, true, &err);
 	if (inst->proto_state == NULL) {

@@ -1123,6 +1123,20 @@ def test_exposed_without_users_warns(capd_factory):
     s.close()
 
 
+def test_exposed_with_users_and_socks4_warns(capd_factory, http_server):
+    """Users and `socks4 = yes` on an exposed instance: SOCKS4 has no password, so
+    anyone reaching the port is let through (curl --socks4 fetched a page), yet
+    nothing was logged, as if the users guarded it; it now warns as an open proxy."""
+    hport, _ = http_server
+    port = free_port(host="0.0.0.0")
+    capd = capd_factory(f"[socks guarded]\nlisten = 0.0.0.0:{port}\nexpose = yes\nauth = bob:pw\nsocks4 = yes\n")
+    wait_port(port)
+    r = curl("--socks4", f"127.0.0.1:{port}", f"http://127.0.0.1:{hport}/")
+    assert r.returncode == 0, r.stderr
+    assert "guarded: exposed on 0.0.0.0:%d with socks4 = yes: SOCKS4 needs no password, this is an open proxy" \
+        % port in capd.log(), capd.log()[-2000:]
+
+
 def test_reload_keeps_config_socks(capd_factory, http_server):
     """The [socks main] section of a config runs and serves."""
     hport, _ = http_server
