@@ -733,9 +733,14 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 			session_connect_next(s);
 			return;
 		}
-		if (s->upstream.fd >= 0 || s->resolving) {
+		if (s->resolving) {
+			/* no connect began: the name is what did not come back in time */
+			char *msg = xasprintf("cannot resolve %s: timed out", s->target_name);
 			resolve_cancel(s->resolving);
 			s->resolving = NULL;
+			session_connect_fail(s, ETIMEDOUT, msg);
+			free(msg);
+		} else if (s->upstream.fd >= 0) {
 			session_connect_fail(s, ETIMEDOUT, "connect timed out");
 		} else {
 			session_close(s, "handshake timed out");

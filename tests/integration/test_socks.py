@@ -862,6 +862,24 @@ def test_udp_datagrams_to_names_resolving_at_once(netns, ns_etc, ns_capd, ns_pyt
     assert [s["bytes_up"] for s in ss if s["proto"] == "udp"] == [sum(len(m) for m in msgs[:-1])], ss
 
 
+def test_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, ns_etc, ns_capd, ns_python):
+    """A CONNECT to a name the resolver answers only after connect_timeout: the
+    session's reason was "connect timed out", sending the reader to the target when
+    no connect had even begun; it now says the name did not resolve in time. The
+    reply stays 0x06."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    ns_python(netns, NS_SLOW_DNS, 5, 5, 7763)
+    ns_python(netns, ECHO_SERVER, "127.0.0.1", 7760)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7761\nconnect_timeout = 1\n")
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_CLIENT, 7761, 7760, "slow.test")
+    assert json.loads(r.stdout) == {"slow.test": [6, None]}, r.stdout
+    s = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")[-1]
+    assert s["reason"] == "cannot resolve slow.test:7760: timed out", s
+
+
 def test_early_data_beyond_handshake_room_waits_for_connect(capd):
     """Bytes a client sends while capd still connects wait for the tunnel, however
     many: past the handshake's room the client is simply not read."""
