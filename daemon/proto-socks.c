@@ -349,10 +349,16 @@ static void
 socks_bind_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct session *s = w->data;
+	struct socks *sk = s->proto_state;
 
 	(void)loop; (void)revents;
-	socks_refuse(s, ((struct socks *)s->proto_state)->ver == 5 ? SOCKS_REP_TTL : SOCKS4_REJECTED,
-	             "%s: BIND timed out waiting for the peer", s->proto);
+	/* the clock also runs while BIND's name resolves: no peer was waited for yet */
+	if (sk->bind->rq != NULL)
+		socks_refuse(s, sk->ver == 5 ? SOCKS_REP_TTL : SOCKS4_REJECTED, "%s: BIND: cannot resolve %s: timed out",
+		             s->proto, s->target_name);
+	else
+		socks_refuse(s, sk->ver == 5 ? SOCKS_REP_TTL : SOCKS4_REJECTED, "%s: BIND timed out waiting for the peer",
+		             s->proto);
 }
 
 static void

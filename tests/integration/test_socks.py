@@ -880,6 +880,25 @@ def test_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, ns_et
     assert s["reason"] == "cannot resolve slow.test:7760: timed out", s
 
 
+def test_bind_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, ns_etc, ns_capd, ns_python):
+    """BIND to a name the resolver answers only after connect_timeout (BIND's clock):
+    the reason was "BIND timed out waiting for the peer", though no port was open yet
+    for any peer to reach; it now says the name did not resolve in time (still 0x06)."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    ns_python(netns, NS_SLOW_DNS, 5, 5, 7773)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7771\nconnect_timeout = 1\n")
+    client = ("import socket\ns = socket.create_connection(('127.0.0.1', 7771), timeout=10)\n"
+              "s.sendall(b'\\x05\\x01\\x00'); assert s.recv(2) == b'\\x05\\x00'\n"
+              "s.sendall(b'\\x05\\x02\\x00\\x03\\x09slow.test\\x00\\x15'); print(s.recv(10).hex())\n")
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", client)
+    assert r.stdout.strip()[:4] == "0506", r.stdout
+    s = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")[-1]
+    assert s["reason"] == "socks5: BIND: cannot resolve slow.test:21: timed out", s
+
+
 def test_early_data_beyond_handshake_room_waits_for_connect(capd):
     """Bytes a client sends while capd still connects wait for the tunnel, however
     many: past the handshake's room the client is simply not read."""
