@@ -446,6 +446,14 @@ socks_bind_listen(struct session *s, const struct sockaddr *dst)
 		             s->proto, addr_format(dst, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN));
 		return;
 	}
+	/* a SOCKS4 reply holds an IPv4 address and port only: an IPv6 listener
+	 * (reached over IPv6, or a 4a name with only IPv6) would be named 0.0.0.0:0,
+	 * where no peer can be sent, and the wait would end at connect_timeout */
+	if (sk->ver == 4 && local.ss_family != AF_INET) {
+		socks_refuse(s, SOCKS4_REJECTED, "%s: BIND: its port would be IPv6, which a SOCKS4 reply cannot name",
+		             s->proto);
+		return;
+	}
 	if (local.ss_family == AF_INET)
 		((struct sockaddr_in *)&local)->sin_port = 0;
 	else

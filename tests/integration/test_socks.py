@@ -983,6 +983,22 @@ def test_ipv6_udp_associate(capd):
         echo.close()
 
 
+def test_socks4_bind_over_ipv6_is_refused_at_once(capd):
+    """SOCKS4 BIND with DSTIP 0.0.0.0 to an instance on ::1: the port opened on ::1,
+    which a SOCKS4 reply cannot hold, so the client was granted 0.0.0.0:0 (no peer
+    can be told where to connect) and got 0x5B only at connect_timeout. It is now
+    refused at once, saying why."""
+    port = add_socks(capd, "--connect-timeout", "5", host="::1")
+    s = socket.create_connection(("::1", port), timeout=10)
+    s.sendall(b"\x04\x02\x00\x15" + socket.inet_aton("0.0.0.0") + b"ftp\0")
+    t = time.time()
+    assert recv_exact(s, 8)[:2] == b"\x00\x5b"
+    assert time.time() - t < 2
+    s.close()
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    assert ss[-1]["reason"] == "socks4: BIND: its port would be IPv6, which a SOCKS4 reply cannot name", ss[-1]
+
+
 def test_bind_by_name(capd):
     port = add_socks(capd)
     c = s5_open(port)
