@@ -344,9 +344,10 @@ udp_flow_evict(struct udp_assoc *a)
 }
 
 /* The flow to peer, made (with its session) on first use; NULL for a new
- * endpoint heard from (not sent to) when the table is full. */
+ * endpoint heard from (not sent to) when the table is full. name: the host
+ * name peer was resolved from, or NULL. */
 static struct udp_flow *
-udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer, bool outbound)
+udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer, bool outbound, const char *name)
 {
 	struct udp_flow *f;
 	struct session *s;
@@ -370,6 +371,9 @@ udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer, bool outbound)
 	if (a->ctrl)
 		s->note = xasprintf("socks5 udp via session %llu%s%s", (unsigned long long)a->ctrl->id,
 		                    a->ctrl->note ? ": " : "", a->ctrl->note ? a->ctrl->note : "");
+	/* as a TCP session to a name shows it: the address alone hides what was asked */
+	if (name)
+		snprintf(s->target_name, sizeof s->target_name, "%s:%u", name, addr_port(peer));
 	LIST_INSERT_HEAD(&a->flows, f, entry);
 	a->nflows++;
 	session_opened(s);
@@ -393,9 +397,9 @@ udp_upstream_fd(struct udp_assoc *a, int family)
 	return a->fd[i];
 }
 
-/* One datagram from the client to peer: capture, then send. */
+/* One datagram from the client to peer (resolved from name, or NULL): capture, then send. */
 static void
-udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, size_t n)
+udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const char *name, const uint8_t *p, size_t n)
 {
 	struct udp_flow *f;
 	int fd;
@@ -415,7 +419,7 @@ udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const uint8_t *p, 
 		}
 		return;
 	}
-	if ((f = udp_flow_get(a, peer, true)) == NULL)
+	if ((f = udp_flow_get(a, peer, true, name)) == NULL)
 		return;
 	if ((fd = udp_upstream_fd(a, peer->sa_family)) < 0)
 		return;
@@ -501,7 +505,7 @@ udp_resolving_send(struct udp_assoc *a, struct udp_resolving *rs, const struct s
 			((struct sockaddr_in *)&peer)->sin_port = htons(port);
 		else
 			((struct sockaddr_in6 *)&peer)->sin6_port = htons(port);
-		udp_send_up(a, (struct sockaddr *)&peer, h + 4, len);
+		udp_send_up(a, (struct sockaddr *)&peer, rs->name, h + 4, len);
 		buf_consume(&rs->queue, 4 + len);
 	}
 }
@@ -543,7 +547,7 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 	socklen_t len;
 
 	if (addr_from_literal(host, port, &peer, &len) == 0) {
-		udp_send_up(a, (struct sockaddr *)&peer, p, n);
+		udp_send_up(a, (struct sockaddr *)&peer, NULL, p, n);
 		return;
 	}
 	for (int i = 0; i < UDP_NAMES; i++)
@@ -553,7 +557,7 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 				((struct sockaddr_in *)&peer)->sin_port = htons(port);
 			else
 				((struct sockaddr_in6 *)&peer)->sin6_port = htons(port);
-			udp_send_up(a, (struct sockaddr *)&peer, p, n);
+			udp_send_up(a, (struct sockaddr *)&peer, host, p, n);
 			return;
 		}
 	/* it waits behind the resolution of its name, which other names' do not hold up */
@@ -733,7 +737,7 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const struct s
 	if (req.atyp == SOCKS_ATYP_NAME)
 		udp_send_host(a, req.host, req.port, p + used, n - used);
 	else
-		udp_send_up(a, (struct sockaddr *)&req.addr, p + used, n - used);
+		udp_send_up(a, (struct sockaddr *)&req.addr, NULL, p + used, n - used);
 }
 
 static void
@@ -777,7 +781,7 @@ udp_upstream_cb(struct ev_loop *loop, ev_io *w, int revents)
 			return;
 		if (r->socks) {
 			/* a reply from a new endpoint (TFTP answers from another port) is a new flow */
-			f = udp_flow_get(a, (struct sockaddr *)&src, false);
+			f = udp_flow_get(a, (struct sockaddr *)&src, false, NULL);
 		} else {
 			LIST_FOREACH(g, &a->flows, entry)
 				if (addr_same((struct sockaddr *)&g->peer, (struct sockaddr *)&src, true)) {

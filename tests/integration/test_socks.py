@@ -594,6 +594,31 @@ def test_udp_association_control_reset_is_not_called_a_handshake_error(capd):
         echo.close()
 
 
+def test_udp_datagrams_to_a_name_show_it(capd):
+    """SOCKS5 UDP datagrams to a name: a CONNECT to a name shows it as target_name, the
+    datagram session showed only the address it resolved to. It now shows the name;
+    one to a literal has none."""
+    echo, other = UdpEcho(), UdpEcho()
+    try:
+        port = add_socks(capd)
+        c = s5_open(port)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        # the second finds the name remembered; the third is a literal
+        for host, p in (("localhost", echo.port), ("localhost", echo.port), ("127.0.0.1", other.port)):
+            u.sendto(udp_header(host, p) + b"m", (rhost, rport))
+            assert parse_udp_reply(u.recv(100))[2] == b"echo:m"
+        ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["proto"] == "udp"]) == 2)
+        by = {s["target"]: s for s in ss if s["proto"] == "udp"}
+        assert by[f"127.0.0.1:{echo.port}"].get("target_name") == f"localhost:{echo.port}", by
+        assert not by[f"127.0.0.1:{other.port}"].get("target_name"), by
+        c.close()
+    finally:
+        echo.close()
+        other.close()
+
+
 def test_udp_associate_with_auth_and_announced_port(capd):
     echo = UdpEcho()
     try:

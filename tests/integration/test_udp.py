@@ -342,3 +342,17 @@ def test_forward_udp_to_its_own_address_is_not_a_loop(capd, to):
     log = capd.log()
     assert log.count(f"{name}: udp: target {to}:{port} is this instance's own address; datagrams dropped") == 1, \
         log[-2000:]
+
+
+def test_forward_udp_to_a_name_shows_it(capd, udp_echo):
+    """A forward whose `to` is a name: its TCP sessions show the name (target_name),
+    its UDP sessions showed only the address, so `capctl sessions --json` could not
+    tell what the datagrams were for. They now carry the name too."""
+    port = free_port_tcp_udp()
+    capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{udp_echo.port}", "--udp")
+    u = udp_client()
+    u.sendto(b"x", ("127.0.0.1", port))
+    assert u.recvfrom(100)[0] == b"echo:x"
+    s = capd.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))[0]
+    assert s["target"] == f"127.0.0.1:{udp_echo.port}", s
+    assert s.get("target_name") == f"localhost:{udp_echo.port}", s
