@@ -268,15 +268,26 @@ static void
 ctl_call(struct ctl_conn *c, json_t *req)
 {
 	json_t *id, *params, *result;
-	const char *method;
+	const char *method, *version;
 	const struct rpc_method *m;
 	struct rpc_err err = { 0 };
 	char msg[300];
 
 	id = json_object_get(req, "id");
 	method = json_string_value(json_object_get(req, "method"));
+	version = json_string_value(json_object_get(req, "jsonrpc"));
+	/* what is not a JSON-RPC 2.0 request is answered with id null, even
+	 * when it has an id: JSON-RPC 2.0 gives the id only to valid requests */
 	if (!json_is_object(req) || method == NULL) {
-		ctl_reply_error(c, id, RPC_E_INVALID, "invalid request: expected an object with a \"method\" string");
+		ctl_reply_error(c, NULL, RPC_E_INVALID, "invalid request: expected an object with a \"method\" string");
+		return;
+	}
+	if (version == NULL || strcmp(version, "2.0") != 0) {
+		ctl_reply_error(c, NULL, RPC_E_INVALID, "invalid request: \"jsonrpc\" must be \"2.0\"");
+		return;
+	}
+	if (id != NULL && !json_is_string(id) && !json_is_number(id) && !json_is_null(id)) {
+		ctl_reply_error(c, NULL, RPC_E_INVALID, "invalid request: \"id\" must be a string, a number or null");
 		return;
 	}
 	/* a notification (no id) is never answered, not even with an error

@@ -464,6 +464,28 @@ def test_rpc_notifications_get_no_reply(capd):
     assert len(r) == 1 and r[0]["error"]["code"] == -32600 and r[0]["id"] is None
 
 
+def test_rpc_invalid_version_or_id_refused(capd):
+    """JSON-RPC 2.0: a request whose "jsonrpc" is not "2.0" (or is missing), or
+    whose id is an array, an object or a boolean, is an Invalid Request answered
+    with id null; capd ran them and echoed the odd id back."""
+    for req in ({"jsonrpc": "1.0", "id": 1, "method": "daemon.status"},
+                {"id": 1, "method": "daemon.status"},
+                {"jsonrpc": 2.0, "id": 1, "method": "daemon.status"},
+                {"jsonrpc": "1.0", "method": "daemon.status"},
+                {"jsonrpc": "2.0", "id": [1], "method": "daemon.status"},
+                {"jsonrpc": "2.0", "id": {"a": 1}, "method": "daemon.status"},
+                {"jsonrpc": "2.0", "id": True, "method": "daemon.status"},
+                {"jsonrpc": "2.0", "id": 1, "method": 5}):
+        r = rpc_lines(capd, json.dumps(req).encode() + b"\n")
+        assert len(r) == 1 and r[0]["error"]["code"] == -32600 and r[0]["id"] is None, (req, r)
+    # the ids JSON-RPC 2.0 allows are still echoed
+    for rid in ("a", 7, 1.5, None):
+        r = rpc_lines(capd, json.dumps({"jsonrpc": "2.0", "id": rid, "method": "daemon.status"}).encode() + b"\n")
+        assert len(r) == 1 and r[0]["id"] == rid and "result" in r[0], (rid, r)
+    # and capctl, which speaks 2.0, still works
+    assert capd.ctl("status").returncode == 0
+
+
 def test_rpc_batch(capd):
     """JSON-RPC 2.0 batches: an array of requests gets one array of their replies
     (none for notifications), in order, and what waits on a started instance
