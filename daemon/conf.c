@@ -402,8 +402,12 @@ conf_reader(char *str, int num, void *stream)
 	struct conf_parse *cp = stream;
 
 	if (cp->fp) {
-		if (fgets(str, num, cp->fp) == NULL)
+		if (fgets(str, num, cp->fp) == NULL) {
+			/* a folder opens and reads as an error, not as an empty file of defaults */
+			if (ferror(cp->fp) && cp->why == NULL)
+				cp->why = xasprintf("%s: %s", cp->name, strerror(errno));
 			return NULL;
+		}
 	} else {
 		size_t i = 0;
 		if (cp->text[cp->pos] == '\0')

@@ -603,6 +603,20 @@ def test_capd_t_sections_and_lines(tmp_path):
 
 
 
+def test_capd_t_config_is_a_folder(capd_factory, tmp_path):
+    """-c naming a folder (capd -c /etc/capd) read as an empty file: capd -t said
+    "configuration is good (0 instances)" and capd would start on every default;
+    a reload from a config turned folder changed everything to the defaults."""
+    r = subprocess.run([str(CAPD), "-t", "-c", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and f"capd: {tmp_path}: Is a directory" in r.stderr, (r.returncode, r.stderr)
+    c = capd_factory(f"[forward f]\nlisten = {free_port()}\nto = 127.0.0.1:9\n")
+    c.conf_path.unlink()
+    c.conf_path.mkdir()
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "Is a directory" in r.stderr, r.stderr
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+
+
 def test_capd_t_section_without_bracket(tmp_path):
     """A section header missing its ']' is the error, at its line: its keys went to the
     section above, which capd then blamed ("'listen' is set twice in [forward a]")."""
