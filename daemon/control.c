@@ -193,6 +193,8 @@ ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
 	for (int i = 0; i < c->n_on_close; i++)
 		if (c->on_close[i].cb == cb && c->on_close[i].arg == arg) {
 			c->on_close[i] = c->on_close[--c->n_on_close];
+			/* a half-closed peer whose last stream ended (session.end) is done */
+			ctl_conn_done_check(c);
 			return;
 		}
 }

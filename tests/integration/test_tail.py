@@ -197,6 +197,32 @@ def test_tail_midsession_backlog_then_live(capd, echo_server):
     assert lines[-1].startswith(f"[session {sid} ended: ")
 
 
+def test_half_closed_tail_is_closed_when_its_session_ends(capd, echo_server):
+    """A raw client that sends session.tail and half-closes (echo ... | nc -U) gets
+    the stream, then the close once session.end went out; capd kept such a
+    connection open for ever, as if the ended tail still held it."""
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.sendall(b"ping\n")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(capd.sock))
+        c.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.tail",
+                              "params": {"id": sid}}).encode() + b"\n")
+        c.shutdown(socket.SHUT_WR)
+        wait_calls(capd, "session.tail", 1)
+        s.close()
+        data = b""
+        while True:
+            d = c.recv(65536)  # a timeout here is the bug
+            if not d:
+                break
+            data += d
+    msgs = [json.loads(x) for x in data.splitlines()]
+    assert msgs[0]["id"] == 1 and msgs[0]["result"]["id"] == sid
+    assert msgs[-1]["method"] == "session.end" and msgs[-1]["params"]["id"] == sid
+
+
 def test_backlog_keeps_last_bytes(capd_factory, echo_server):
     capd = capd_factory(settings="tail_backlog = 4K")
     port = forward(capd, echo_server.port)
