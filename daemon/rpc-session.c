@@ -63,9 +63,15 @@ static json_t *
 rpc_session_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	const char *inst = json_string_value(json_object_get(params, "instance"));
-	bool open_only = json_is_true(json_object_get(params, "open"));
+	json_t *open = json_object_get(params, "open");
+	bool open_only = json_is_true(open);
 
 	(void)c;
+	/* a filter of the wrong type must not list every session as if none were asked for */
+	if (json_object_get(params, "instance") != NULL && inst == NULL)
+		return rpc_fail(err, RPC_E_PARAMS, "\"instance\" must be a name");
+	if (open != NULL && !json_is_boolean(open))
+		return rpc_fail(err, RPC_E_PARAMS, "\"open\" must be true or false");
 	if (inst && instance_find(inst) == NULL) {
 		/* closed sessions of a removed instance are still worth listing */
 		json_t *a = session_list_json(inst, open_only);

@@ -486,6 +486,20 @@ def test_rpc_invalid_version_or_id_refused(capd):
     assert capd.ctl("status").returncode == 0
 
 
+def test_session_list_refuses_filters_of_the_wrong_type(capd, echo_server):
+    """session.list with "open": 1 or "instance": 5 listed every session, closed
+    ones and other instances' too, as if no filter had been given."""
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "f")
+    assert exchange(port, b"x") == b"x"
+    capd.wait_sessions(lambda ss: len(ss) == 1 and ss[0]["state"] == "closed")
+    for params in ({"open": 1}, {"open": "yes"}, {"instance": 5}, {"instance": None}):
+        r = capd.rpc("session.list", params)
+        assert r.get("error", {}).get("code") == -32602, (params, r)
+    assert capd.rpc("session.list", {"open": True})["result"] == []
+    assert len(capd.rpc("session.list", {"open": False, "instance": "f"})["result"]) == 1
+
+
 def test_rpc_batch(capd):
     """JSON-RPC 2.0 batches: an array of requests gets one array of their replies
     (none for notifications), in order, and what waits on a started instance
