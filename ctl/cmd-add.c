@@ -68,6 +68,7 @@ static const struct add_opt add_opts[] = {
 	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_NONE, NULL },
 	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_NONE, NULL },
+	{ TLS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_DURATION, NULL },
 };
 

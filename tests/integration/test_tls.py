@@ -391,6 +391,19 @@ def test_client_rejects_forged_cert_then_auto_passthrough(capd, origin, tmp_path
     assert "sni=alt.example.test" in last_closed(capd, 4)[-1]["note"]
 
 
+def test_capctl_add_no_tls_auto_passthrough(capd, origin):
+    """tls_auto_passthrough had no capctl add option, though capctl(1) says the
+    options map one to one onto the keys: a capctl instance could not keep
+    intercepting a name pinned clients reject."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", "--no-tls-auto-passthrough", name="fw")
+    assert capd.ctl("list", json_out=True)[0]["tls_auto_passthrough"] is False
+    url = f"https://{NAME}:{port}/"
+    for n in range(1, 4):
+        r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1", url)
+        assert r.returncode != 0
+        assert last_closed(capd, n)[-1]["reason"] == "client rejected the forged certificate (unknown CA)"
+
+
 def test_tls_passthrough_list(capd_factory, origin, tmp_path):
     port = free_port()
     capd = capd_factory(f"""
