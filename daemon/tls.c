@@ -252,7 +252,8 @@ tls_describe(const struct tls_cfg *cfg, json_t *o)
 	json_object_set_new(o, "tls_auto_passthrough", json_boolean(cfg->auto_passthrough));
 	json_object_set_new(o, "tls_timeout", json_real(cfg->timeout));
 	a = json_array();
-	for (const struct tls_host *h = cfg->hosts; h; h = h->next)
+	/* rejects are counted either way; only with auto_passthrough do they pass through */
+	for (const struct tls_host *h = cfg->hosts; h && cfg->auto_passthrough; h = h->next)
 		if (h->rejects >= TLS_REJECT_LIMIT)
 			json_array_append_new(a, json_string(h->name));
 	json_object_set_new(o, "tls_passthrough_auto", a);

@@ -404,6 +404,21 @@ def test_capctl_add_no_tls_auto_passthrough(capd, origin):
         assert last_closed(capd, n)[-1]["reason"] == "client rejected the forged certificate (unknown CA)"
 
 
+def test_rejected_name_not_listed_as_passed_through_without_auto_passthrough(capd_factory, origin):
+    """With tls_auto_passthrough = no, capctl list said "passthrough (clients rejected
+    the certificate): NAME" (tls_passthrough_auto in JSON) once clients had rejected
+    the forged certificate twice, while capd went on intercepting NAME."""
+    port = free_port()
+    capd = capd_factory(f"[forward fw]\nlisten = 127.0.0.1:{port}\nto = 127.0.0.1:{origin.port}\n"
+                        "tls = yes\ntls_verify = no\ntls_auto_passthrough = no\n")
+    for n in (1, 2):
+        r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+        last_closed(capd, n)
+    assert capd.ctl("list", json_out=True)[0]["tls_passthrough_auto"] == []
+    assert "passthrough" not in capd.ctl("list").stdout
+
+
 def test_tls_passthrough_list(capd_factory, origin, tmp_path):
     port = free_port()
     capd = capd_factory(f"""
