@@ -38,13 +38,12 @@
 #define FOLLOW_CONN_SUBS 2             /* follows one control connection may hold */
 #define FOLLOW_END_WAIT 1.0            /* a removed instance's last packets reach its followers within this */
 #define FOLLOW_ALL (-1)                /* follow_sub.iface: every interface */
-#define FOLLOW_NONE (-2)               /* ... none: its instance was removed */
 
-/* A follower: owned by follow_list; freed when its connection closes. */
+/* A follower: owned by follow_list; freed when its connection closes or its instance's follow ends. */
 struct follow_sub {
 	LIST_ENTRY(follow_sub) entry;
 	struct ctl_conn *conn;     /* borrowed; on_close frees the follower */
-	int iface;                 /* handle it follows, FOLLOW_ALL or FOLLOW_NONE */
+	int iface;                 /* handle it follows, or FOLLOW_ALL */
 	char *gone;                /* owned: the name of its instance, removed; the follow ends */
 	ev_timer end;              /* ... once the instance's last packets had time to come */
 	int *fidx;                 /* handle -> IDB index in its stream, -1 not sent */
@@ -269,9 +268,11 @@ follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	(void)loop; (void)revents;
 	follow_flush(sub);
-	sub->iface = FOLLOW_NONE;
 	ctl_conn_send(sub->conn, rpc_notification("capture.end", json_pack("{s:s, s:s}", "instance", sub->gone,
 	                                                                   "reason", "instance removed")));
+	/* the follow is over: a peer that half-closed after asking for it gets the close */
+	ctl_conn_on_close_cancel(sub->conn, follow_gone_cb, sub);
+	follow_gone_cb(sub);
 }
 
 void

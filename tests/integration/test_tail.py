@@ -628,6 +628,32 @@ def test_capture_follow_ends_when_its_instance_is_removed(capd, echo_server, tmp
     assert up == b"last words" and down == b"last words"
 
 
+def test_half_closed_follow_is_closed_when_its_instance_is_removed(capd, echo_server):
+    """A raw client that asks for capture.follow of an instance and half-closes gets
+    capture.end when the instance is removed, then the close; capd kept the
+    connection open for ever, the ended follow still counted as a subscription."""
+    forward(capd, echo_server.port, name="fw")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(capd.sock))
+        c.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "capture.follow",
+                              "params": {"instance": "fw"}}).encode() + b"\n")
+        c.shutdown(socket.SHUT_WR)
+        wait_calls(capd, "capture.follow", 1)
+        capd.ctl("remove", "fw")
+        data = b""
+        while True:
+            d = c.recv(65536)  # a timeout here is the bug
+            if not d:
+                break
+            data += d
+    msgs = [json.loads(x) for x in data.splitlines()]
+    assert msgs[0]["id"] == 1 and "data" in msgs[0]["result"]
+    assert msgs[-1]["method"] == "capture.end" and msgs[-1]["params"]["instance"] == "fw"
+    # the connection's follows are free again: two more may be taken on a new one
+    assert capd.rpc_many(("capture.follow", {}), ("capture.follow", {}))[1]["result"]["data"]
+
+
 def test_capture_follow_keeps_up_with_a_burst(capd, echo_server, tmp_path):
     """A follower writing to a file reads fast: a burst of several MB through two
     sessions reaches it whole, the writer's handover of up to 8 MiB in one go
