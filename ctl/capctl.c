@@ -108,7 +108,7 @@ main(int argc, char **argv)
 	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
 		if (!strcmp(argv[i], "-s") || !strcmp(argv[i], "--socket")) {
 			if (++i >= argc)
-				return usage_error("-s needs a path");
+				return usage_error("%s needs a path", argv[i - 1]);
 			o.socket = argv[i];
 		} else if (!strncmp(argv[i], "--socket=", 9)) {
 			o.socket = argv[i] + 9;
@@ -125,6 +125,10 @@ main(int argc, char **argv)
 			return usage_error("unknown option %s", argv[i]);
 		}
 	}
+	/* an empty path would name no file but Linux's unnamed abstract socket:
+	 * "cannot reach capd at : Connection refused" */
+	if (*o.socket == '\0')
+		return usage_error("the control socket path is empty");
 	if (i >= argc) {
 		usage(stderr);
 		return CTL_USAGE;

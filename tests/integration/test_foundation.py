@@ -808,6 +808,18 @@ def test_capctl_usage_and_unreachable(capd, tmp_path):
 
 
 
+def test_capctl_empty_socket_path_is_usage(capd):
+    """-s '' or --socket= named no socket, and capctl said "cannot reach capd at :
+    Connection refused" (exit 1), as if capd were down: it is a bad usage (exit 2)."""
+    for args in (["-s", "", "status"], ["--socket=", "status"]):
+        r = subprocess.run([str(CAPCTL), *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr == "capctl: the control socket path is empty\n", (args, r)
+    # an empty CAPD_SOCKET still means the default, and -s wins over it
+    env = dict(os.environ, CAPD_SOCKET="")
+    r = subprocess.run([str(CAPCTL), "-s", str(capd.sock), "status"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+
+
 def test_capctl_says_why_capd_refused_it(capd):
     """A user the socket file lets in but capd refuses (not root, capd's user or in the
     socket's group) read "lost capd: Broken pipe" or "capd closed the connection";
