@@ -165,7 +165,8 @@ trace_utf8_len(const unsigned char *p)
  * A byte string from our command line or the traced program (arguments,
  * process names) as a JSON string, each byte that is not UTF-8 written as
  * \xNN: json_string() returns NULL for it, and the parameter would be left
- * out. Caller owns.
+ * out. So is a control character: a newline in an `sh -c` script would
+ * break capctl list's table and tail events' lines. Caller owns.
  */
 static json_t *
 trace_text(const char *s)
@@ -176,7 +177,7 @@ trace_text(const char *s)
 
 	while (*p) {
 		size_t n = trace_utf8_len(p);
-		if (n == 0) {
+		if (n == 0 || *p < 0x20 || *p == 0x7f) {
 			o += sprintf(o, "\\x%02x", *p++);
 			continue;
 		}

@@ -935,6 +935,28 @@ def test_trace_command_line_not_utf8(capd, http_server, tmp_path):
     assert s["note"].startswith("caf\\xe9["), s
 
 
+def test_trace_command_line_control_characters(capd):
+    """A newline in the traced command line (an `sh -c` script of two lines) went into
+    the trace instance's listen as it was and split its row of capctl list in two;
+    control characters are shown as \\xNN, as bytes that are not UTF-8 are."""
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "ctl", "--",
+                          "sh", "-c", "echo ready\nread x\ttab"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stdout.readline()
+        assert line == b"ready\n", p.stderr.read() if not line else line
+        tr = [i for i in capd.ctl("list", json_out=True) if i["name"] == "ctl"]
+        assert tr[0]["command"] == "sh -c echo ready\\x0aread x\\x09tab", tr
+        rows = [r for r in capd.ctl("list").stdout.splitlines() if r.startswith("ctl ")]
+        assert len(rows) == 1 and rows[0].split()[-2:] == ["pid", str(tr[0]["pid"])], rows
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_trace_name_not_utf8(capd, tmp_path):
     """A --name that is not UTF-8 is refused before the command runs (it was dropped for trace-PID)."""
     marker = tmp_path / "ran"
