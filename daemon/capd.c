@@ -521,8 +521,9 @@ main(int argc, char **argv)
 		ev_unref(capd_loop);
 	}
 #endif
-	log_notice("capd %s ready: control %s, spool %s", CAPD_VERSION, capd_settings->control, capd_settings->spool);
-	capd_notify("READY=1\nSTATUS=running, control %s", capd_settings->control);
+	log_notice("capd %s ready: control %s, spool %s", CAPD_VERSION, control_path(capd_settings),
+	           capd_settings->spool);
+	capd_notify("READY=1\nSTATUS=running, control %s", control_path(capd_settings));
 
 	capd_serving = true;
 	ev_run(capd_loop, 0);

@@ -82,6 +82,7 @@ static int ctl_fd = -1;
  * every other one, the operator still gets in to see and kill them. */
 static int ctl_spare_fd = -1;
 static char *ctl_path;       /* unlinked at stop when we created it */
+static char *ctl_passed_path; /* the socket systemd passed, where capctl finds capd */
 static gid_t ctl_gid = (gid_t)-1;
 static ev_io ctl_accept_io;
 static ev_timer ctl_accept_pause;
@@ -726,22 +727,24 @@ control_start(const struct capd_settings *st, char **why)
 #if HAVE_SYSTEMD
 	if (sd_listen_fds(1) >= 1) {
 		struct stat sb;
+		struct sockaddr_un sun = { 0 };
+		socklen_t len = sizeof sun - 1;
 		ctl_fd = SD_LISTEN_FDS_START;
 		fcntl(ctl_fd, F_SETFL, fcntl(ctl_fd, F_GETFL) | O_NONBLOCK);
 		fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
+		/* control = is ignored: status and the log name the socket capctl reaches */
+		if (getsockname(ctl_fd, (struct sockaddr *)&sun, &len) == 0 && sun.sun_path[0] != '\0')
+			ctl_passed_path = xstrdup(sun.sun_path);
 		if (st->control_group) {
 			struct group *gr = getgrnam(st->control_group);
 			if (gr)
 				ctl_gid = gr->gr_gid;
-		} else {
+		} else if (ctl_passed_path && stat(ctl_passed_path, &sb) == 0 && sb.st_gid != 0) {
 			/* no control_group: the group capd.socket gave the file (SocketGroup=) may talk to capd */
-			struct sockaddr_un sun = { 0 };
-			socklen_t len = sizeof sun - 1;
-			if (getsockname(ctl_fd, (struct sockaddr *)&sun, &len) == 0 && sun.sun_path[0] != '\0' &&
-			    stat(sun.sun_path, &sb) == 0 && sb.st_gid != 0)
-				ctl_gid = sb.st_gid;
+			ctl_gid = sb.st_gid;
 		}
-		log_info("control: using the socket passed by systemd");
+		log_info("control: using the socket passed by systemd%s%s", ctl_passed_path ? ", " : "",
+		         ctl_passed_path ? ctl_passed_path : "");
 	}
 #endif
 	if (ctl_fd < 0 && (ctl_fd = ctl_bind(st->control, st->control_group, why)) < 0)
@@ -754,6 +757,12 @@ control_start(const struct capd_settings *st, char **why)
 	ev_prepare_start(capd_main, &ctl_reaper);
 	ev_unref(capd_main);
 	return 0;
+}
+
+const char *
+control_path(const struct capd_settings *st)
+{
+	return ctl_passed_path ? ctl_passed_path : st->control;
 }
 
 void
@@ -782,4 +791,6 @@ control_stop(void)
 		free(ctl_path);
 		ctl_path = NULL;
 	}
+	free(ctl_passed_path);
+	ctl_passed_path = NULL;
 }

@@ -30,6 +30,8 @@ json_t *rpc_fail(struct rpc_err *err, int code, const char *fmt, ...) __attribut
 
 int control_start(const struct capd_settings *st, char **why);
 void control_stop(void);
+/* The control socket's path: the one systemd passed, else control =. */
+const char *control_path(const struct capd_settings *st);
 
 /* Queues a message (stolen) to the connection; dropped if the peer is gone. */
 void ctl_conn_send(struct ctl_conn *c, json_t *msg);

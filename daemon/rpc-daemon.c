@@ -25,7 +25,7 @@ rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	                 "version", CAPD_VERSION, "pid", (int)getpid(),
 	                 "started", session_time(capd_started, t, sizeof t), "uptime", capd_now() - capd_started,
 	                 "config", capd_config_path ? capd_config_path : "",
-	                 "control", capd_settings->control, "spool", capd_settings->spool,
+	                 "control", control_path(capd_settings), "spool", capd_settings->spool,
 	                 "instances", n, "sessions", session_open_count(),
 	                 "workers", (int)(shards_count() - shards_session_first()));
 }

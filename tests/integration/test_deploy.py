@@ -315,6 +315,40 @@ def test_socket_activation_serves_capctl(capd_factory, tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_socket_activation_status_names_the_passed_socket(capd_factory, tmp_path):
+    """With a socket passed by systemd, control = is ignored, but capctl status and
+    the ready line named control = (a path where no socket is) rather than the
+    socket capctl had just reached capd on."""
+    base = Path(tempfile.mkdtemp(prefix="capd-act.", dir="/tmp"))
+    try:
+        path = base / "passed.sock"
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(str(path))
+        ls.listen(16)
+        c = capd_factory(start=False)
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        c.logf = open(c.log_path, "ab")
+        c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
+                                   str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
+                                  stdout=c.logf, stderr=subprocess.STDOUT)
+        ls.close()
+        deadline = time.time() + 10
+        while True:
+            r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
+            if r.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.returncode == 0, r.stderr + c.log()
+        assert json.loads(r.stdout)["control"] == str(path), r.stdout
+        assert f"ready: control {path}," in c.log(), c.log()
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 0
+        assert path.exists()  # systemd's socket file is systemd's to remove
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # --- privilege drop ---------------------------------------------------------
 
 def caps_of(pid):
