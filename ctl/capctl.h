@@ -45,6 +45,8 @@ void table_add(struct table *t, ...);  /* ncols strings */
 void table_print(struct table *t);
 void table_free(struct table *t);
 void output_json(const json_t *v);      /* pretty JSON + newline on stdout */
+/* Exits 0 as soon as the reader of stdout (a pipe) goes away, from a thread of its own. */
+void output_watch_reader(void);
 const char *output_size(json_t *v, char *buf, size_t n);  /* integer -> "1.2M" */
 const char *output_age(const char *rfc3339, char *buf, size_t n);  /* "3s", "5m", "2h" */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /* prints, returns CTL_USAGE */

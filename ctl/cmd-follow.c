@@ -5,8 +5,6 @@
  * It ends cleanly, exit 0, when the reader goes away.
  */
 #include <errno.h>
-#include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,27 +44,6 @@ follow_write(const char *b64)
 	return rc;
 }
 
-/*
- * Watches stdout while capctl waits for packets: a pipe whose reader went
- * away reports POLLERR at once, so `| tshark -c 10` ends the follow without
- * waiting for the next packet to fail with EPIPE.
- */
-static void *
-follow_watch_stdout(void *arg)
-{
-	struct pollfd pfd = { .fd = STDOUT_FILENO, .events = 0 };
-
-	(void)arg;
-	for (;;) {
-		if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
-			return NULL;
-		if (pfd.revents & (POLLERR | POLLHUP))
-			_exit(CTL_OK);
-		if (pfd.revents & POLLNVAL)
-			return NULL;
-	}
-}
-
 int
 capture_follow(struct ctl_opts *o, int argc, char **argv)
 {
@@ -98,9 +75,7 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 		return usage_error("capture follow writes pcapng: pipe it, e.g. | wireshark -k -i -  or  | tshark -r -");
 	}
 	signal(SIGPIPE, SIG_IGN);
-	pthread_t watcher;
-	if (pthread_create(&watcher, NULL, follow_watch_stdout, NULL) == 0)
-		pthread_detach(watcher);
+	output_watch_reader();  /* `| tshark -c 10` ends the follow without waiting for a packet */
 	if ((c = client_open(o)) == NULL) {
 		json_decref(params);
 		return CTL_FAIL;

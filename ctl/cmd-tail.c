@@ -339,6 +339,7 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 	json_object_set_new(params, "id", json_integer((json_int_t)id));
 
 	signal(SIGPIPE, SIG_IGN);
+	output_watch_reader();
 	if ((c = client_open(o)) == NULL) {
 		json_decref(params);
 		return CTL_FAIL;
@@ -439,6 +440,7 @@ tail_events(struct ctl_opts *o, int argc, char **argv)
 	if (argc != 2)
 		return usage_error("usage: capctl tail events [--json]");
 	signal(SIGPIPE, SIG_IGN);
+	output_watch_reader();  /* `| grep -m1 ...` ends it on a quiet capd too */
 	if ((c = client_open(o)) == NULL)
 		return CTL_FAIL;
 	if ((rid = client_send(c, "events.subscribe", NULL)) < 0) {

@@ -1,9 +1,13 @@
-/* capctl output: aligned tables, JSON, human sizes and ages. */
+/* capctl output: aligned tables, JSON, human sizes and ages, and the watch on stdout's reader. */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "capctl.h"
 #include "values.h"
@@ -131,4 +135,35 @@ output_age(const char *rfc3339, char *buf, size_t n)
 	else
 		snprintf(buf, n, "%ldd", d / 86400);
 	return buf;
+}
+
+/*
+ * Watches stdout while capctl waits for capd: a pipe whose reader went away
+ * reports POLLERR at once, so `| head -1` ends a follow or a tail without
+ * waiting for the next packet or event to fail with EPIPE, which on a quiet
+ * capd never comes.
+ */
+static void *
+output_watch_cb(void *arg)
+{
+	struct pollfd pfd = { .fd = STDOUT_FILENO, .events = 0 };
+
+	(void)arg;
+	for (;;) {
+		if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+			return NULL;
+		if (pfd.revents & (POLLERR | POLLHUP))
+			_exit(CTL_OK);
+		if (pfd.revents & POLLNVAL)
+			return NULL;
+	}
+}
+
+void
+output_watch_reader(void)
+{
+	pthread_t t;
+
+	if (pthread_create(&t, NULL, output_watch_cb, NULL) == 0)
+		pthread_detach(t);
 }

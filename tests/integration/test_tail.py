@@ -452,6 +452,30 @@ def test_tail_events_sees_curl_sessions(capd, http_server):
     assert re.search(rf"session\.close {opened['id']} web .* up \S+ down \S+: ", human)
 
 
+def test_tail_ends_at_once_when_its_reader_goes(capd, echo_server):
+    """capctl tail events | head -1 hung after the first event until another came
+    (only a failed write told capctl that head had gone), on a quiet capd for
+    ever; capture follow watched its stdout already, and now tail does too."""
+    p = tail_proc(capd, "events")
+    wait_calls(capd, "events.subscribe", 1)
+    capd.ctl("capture", "rotate")
+    assert b"capture.rotate" in p.stdout.readline()
+    p.stdout.close()  # the reader goes, and no event follows
+    assert p.wait(5) == 0
+    # tail session too, on a session that stays quiet
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.sendall(b"one line\n")
+    assert s.recv(100) == b"one line\n"
+    p = tail_proc(capd, "session", sid, "--text")
+    assert p.stdout.readline().startswith(f"[session {sid} ".encode())
+    p.stdout.close()
+    try:
+        assert p.wait(5) == 0
+    finally:
+        s.close()
+
+
 def test_kill_ends_long_transfer(capd):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
