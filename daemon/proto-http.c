@@ -128,6 +128,10 @@ http_fwd_ports(struct http_cfg *cfg, struct params *p)
 	copy = xstrdup(v);
 	for (tok = strtok_r(copy, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
 		uint64_t port;
+		if (strcmp(tok, "*") == 0) {  /* "bad port '*' ... (ports or *)" would contradict itself */
+			rc = params_fail(p, "connect_ports", "'*' in connect_ports means every port: give it alone, not in a list");
+			break;
+		}
 		if (value_uint(tok, 65535, &port) < 0 || port == 0) {
 			rc = params_fail(p, "connect_ports", "bad port '%s' in connect_ports (ports or *)", tok);
 			break;

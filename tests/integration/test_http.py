@@ -620,6 +620,16 @@ def test_instance_object(capd):
     assert rows["any"].endswith("connect ports *"), rows
 
 
+def test_connect_ports_star_in_a_list(capd):
+    """'*' among ports was refused as "bad port '*' in connect_ports (ports or *)",
+    a message that names '*' as allowed while refusing it; it now says why."""
+    for ports in ("443,*", ["*", 443]):
+        r = capd.rpc("instance.add", {"type": "http", "listen": free_port(), "connect_ports": ports})
+        msg = r["error"]["message"]
+        assert msg == "'*' in connect_ports means every port: give it alone, not in a list", r
+    assert capd.rpc("instance.add", {"type": "http", "listen": free_port(), "connect_ports": ["*"]})["result"]
+
+
 def test_connect_tls_interception(capd, tmp_path):
     """`--tls` on an http instance: CONNECT tunnels are intercepted (tls.c) and
     the capture shows the plaintext request."""
