@@ -849,6 +849,17 @@ tls_session_free(struct session *s)
 
 	if (ts == NULL)
 		return;
+	if (ts->capture && !ts->raw_open && ts->c.tee && buf_used(&ts->c.replay) > 0) {
+		/* the client failed before its ClientHello was complete (or never
+		 * spoke TLS): what it sent is only in the replay, and it came before
+		 * any alert capd answered with */
+		struct buf sent = ts->log;
+
+		memset(&ts->log, 0, sizeof ts->log);
+		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+		buf_append(&ts->log, buf_head(&sent), buf_used(&sent));
+		buf_free(&sent);
+	}
 	/* a failed handshake still shows in the capture */
 	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
 		tls_raw_open(ts);

@@ -522,6 +522,34 @@ def test_tls_yes_plain_client_is_protocol_mismatch(capd, origin):
     assert s["reason"].startswith("protocol mismatch"), s
 
 
+@pytest.mark.parametrize("sent", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"A" * 40],
+                         ids=["plain-http", "cut-hello"])
+def test_capture_both_keeps_what_a_failed_client_sent(capd, origin, sent):
+    """tls_capture = both: a client that never spoke TLS, or closed in the middle
+    of its ClientHello, still has its client leg with the bytes it sent."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", "--tls-capture", "both")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(sent)
+        c.shutdown(socket.SHUT_WR)
+        c.settimeout(10)
+        try:
+            while c.recv(1000):
+                pass
+        except OSError:
+            pass
+    s = last_closed(capd)[-1]
+    assert s["reason"].startswith(("protocol mismatch", "client closed before finishing")), s
+    pcap = pcap_after(capd)
+    t = tshark("-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", "-e", "tcp.stream",
+               "-e", "tcp.dstport", "-e", "frame.comment")
+    legs = {int(r[0]): r for r in (l.split("\t") for l in t.stdout.splitlines() if l.strip())}
+    client = [st for st, r in legs.items() if r[1] == str(port) and "tls client leg" in r[2]]
+    assert client, t.stdout
+    up, _ = follow_tcp(pcap, client[0])
+    assert bytes(up) == sent
+
+
 def test_ca_export_der_and_never_overwritten(capd_factory, tmp_path):
     capd = capd_factory()
     pem = capd.ctl("ca", "export").stdout
