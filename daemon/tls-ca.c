@@ -662,9 +662,14 @@ tls_ca_sign_leaf(X509 *orig, const struct tls_ca_name *fallback, GENERAL_NAMES *
 	if (orig) {
 		if (!X509_set_subject_name(x, X509_get_subject_name(orig)))
 			goto fail;
-	} else if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
-	                                       (const unsigned char *)fallback->text, -1, -1, 0)) {
-		goto fail;
+	} else if (strlen(fallback->text) <= ub_common_name) {
+		if (!X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_UTF8,
+		                                (const unsigned char *)fallback->text, -1, -1, 0))
+			goto fail;
+	} else {
+		/* a DNS name may be 253 bytes, a CN only 64 (RFC 5280): the subject
+		 * stays empty, the name is in the subjectAltName, critical then */
+		critical = true;
 	}
 	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
 	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||

@@ -1127,6 +1127,35 @@ def test_no_sni_nameless_certificate_names_the_address_reached(capd, tmp_path):
         srv.close()
 
 
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_sni_longer_than_a_common_name(capd, tmp_path, kind):
+    """Regression: a certificate forged from the SNI alone (reverse --tls; forward to a
+    server whose certificate names nothing) put the SNI in the CN, which may hold 64
+    bytes: a longer host name (DNS allows 253) failed every handshake with "cannot
+    forge a certificate: ... string too long". Now the subject is left empty and the
+    name is in a critical subjectAltName, which strict verifiers accept."""
+    long = "a-rather-long-service-name-for-the-lab.team-platform-eu-west.example.test"
+    assert len(long) > 64
+    cert, key = make_cert(tmp_path, "nameless", "/O=nameless lab")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = free_port()
+        if kind == "forward":
+            capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}", "--tls", "--no-tls-verify")
+        else:
+            capd.ctl("add", "reverse", "--port", port, "--default", f"127.0.0.1:{srv.port}", "--tls",
+                     "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        got, _ = tls_get(port, long, tls_client_ctx(ca, strict=True))
+        assert got.startswith(b"HTTP/1.") and got.endswith(BODY), got
+        text, _ = forged_cert(port, long, tmp_path)
+        assert f"DNS:{long}" in text and "critical" in text, text
+        ss = last_closed(capd, 2)
+        assert any(f"sni={long}" in s.get("note", "") for s in ss), ss
+    finally:
+        srv.close()
+
+
 def served_key(t):
     """The forged certificate t's server sent, as `openssl x509 -text` reads it."""
     der = t.getpeercert(binary_form=True)
