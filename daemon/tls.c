@@ -291,7 +291,9 @@ tls_host_rejected(struct tls_session *ts)
 	struct tls_host *h;
 	unsigned n = 0;
 
-	if (ts->host[0] == '\0')
+	/* reverse (accept-only) never passes a host through: counting it would
+	 * announce and list a passthrough that does not happen */
+	if (ts->host[0] == '\0' || ts->accept_only)
 		return;
 	capd_lock();  /* the instance's host list is shared by its shards */
 	if ((h = tls_host_find(cfg, ts->host)) == NULL) {

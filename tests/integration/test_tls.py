@@ -419,6 +419,26 @@ def test_rejected_name_not_listed_as_passed_through_without_auto_passthrough(cap
     assert "passthrough" not in capd.ctl("list").stdout
 
 
+def test_reverse_rejections_announce_no_passthrough(capd, origin):
+    """Regression: reverse --tls never passes a host through, yet two clients that
+    rejected its certificate made capd log "passing it through from now on" and list
+    the host under "passthrough (clients rejected the certificate)" while it went on
+    intercepting it."""
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "rv", "--default", f"127.0.0.1:{origin.port}", "--tls",
+             "--no-tls-verify")
+    for _ in range(3):
+        r = curl("--http1.1", "--cacert", origin.ca, "--resolve", f"{NAME}:{port}:127.0.0.1",
+                 f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+    for s in last_closed(capd, 3):
+        assert s["reason"] == "client rejected the forged certificate (unknown CA)", s
+    inst = capd.ctl("list", json_out=True)[0]
+    assert inst["tls_passthrough_auto"] == [], inst
+    assert "passthrough" not in capd.ctl("list").stdout
+    assert "passing it through" not in capd.log()
+
+
 def test_tls_passthrough_list(capd_factory, origin, tmp_path):
     port = free_port()
     capd = capd_factory(f"""
