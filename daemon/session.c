@@ -968,6 +968,7 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	s->reason = why;
 	reason = why;
 
+	tls_session_ending(s, how);
 	relay_stop(s);
 	ev_timer_stop(capd_loop, &s->timer);
 	resolve_cancel(s->resolving);

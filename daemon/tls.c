@@ -109,6 +109,7 @@ struct tls_session {
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
+	enum synth_end end;         /* how the session ended: the legs end the same way */
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
 	struct spool_flow *raw[2];  /* per tls_leg */
 	bool accept_only;           /* tls_accept_start: the upstream comes later (tls_relay_start) */
@@ -845,6 +846,19 @@ tls_side_clear(struct tls_side *t)
 }
 
 void
+tls_session_ending(struct session *s, enum synth_end how)
+{
+	/*
+	 * A reset session reset capd's sockets too: the client leg is the
+	 * client's own connection, and it ends as the plaintext flow does (the
+	 * client's RST, or capd's); the upstream leg shows the same end rather
+	 * than a clean FIN exchange that never happened.
+	 */
+	if (s->tls)
+		s->tls->end = how;
+}
+
+void
 tls_session_free(struct session *s)
 {
 	struct tls_session *ts = s->tls;
@@ -872,7 +886,7 @@ tls_session_free(struct session *s)
 	tls_side_clear(&ts->u);
 	for (int i = 0; i < 2; i++)
 		if (ts->raw[i])
-			spool_flow_close(ts->raw[i], SYNTH_END_FIN);
+			spool_flow_close(ts->raw[i], ts->end);
 	buf_free(&ts->log);
 	free(ts->fail);
 	free(ts);

@@ -26,6 +26,7 @@
 #include <sys/types.h>
 
 #include "params.h"
+#include "spool-synth.h"
 
 struct instance;
 struct session;
@@ -117,6 +118,9 @@ const char *tls_side_why(const struct tls_side *t);
 bool tls_side_crossed(struct tls_side *t);
 /* The relay's close reason, with "(tls passthrough: why)" for passed-through sessions. */
 const char *tls_close_reason(struct session *s, const char *reason);
+/* session_end() calls this before relay_stop(): how the session ends, which
+ * the ciphertext legs of tls_capture = both show too. */
+void tls_session_ending(struct session *s, enum synth_end how);
 /* relay_stop() calls this: frees the session's TLS state (no I/O). */
 void tls_session_free(struct session *s);
 

@@ -710,6 +710,57 @@ class TlsEcho(Listener):
             c.close()
 
 
+class TlsBadRecord(Listener):
+    """A TLS server that answers a request with the start of a response, then puts a
+    record on the wire that does not decrypt (bad record MAC)."""
+
+    def __init__(self, origin):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(origin.cert, origin.key)
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)
+            t.recv(65536)
+            t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+            time.sleep(0.2)
+            os.write(t.fileno(), b"\x17\x03\x03\x00\x20" + b"x" * 32)
+            time.sleep(2)
+        except (OSError, ssl.SSLError):
+            pass
+        c.close()
+
+
+def test_capture_both_reset_session_legs_end_in_rst(capd, origin, tmp_path):
+    """Regression: a session reset after a TLS error (the client got a RST, the
+    plaintext flow ends in one) had its ciphertext legs end in a clean FIN exchange
+    both ways, which never happened."""
+    srv = TlsBadRecord(origin)
+    try:
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{srv.port}", "--tls", "--no-tls-verify",
+                 "--tls-capture", "both")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode == 56, r.stderr  # reset by peer
+        s = last_closed(capd)[-1]
+        assert s["reason"].startswith("upstream TLS error"), s
+        pcap = pcap_after(capd)
+    finally:
+        srv.close()
+    t = tshark("-r", pcap, "-Y", "tcp.flags.fin == 1 || tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.stream",
+               "-e", "tcp.flags.fin", "-e", "tcp.flags.reset", "-e", "frame.comment")
+    ends = {}
+    for row in (l.split("\t") for l in t.stdout.splitlines() if l.strip()):
+        leg = "client" if "client leg" in row[3] else "upstream" if "upstream leg" in row[3] else "plain"
+        ends.setdefault(leg, []).append("RST" if row[2] in ("1", "True") else "FIN")
+    assert ends == {"plain": ["RST"], "client": ["RST"], "upstream": ["RST"]}, t.stdout
+
+
 def test_tls_bulk_both_ways_exact(capd, origin, tmp_path):
     """20 MB each way at once through interception: back-pressure, buffered records, close.
     One thread drives the client's SSL object (OpenSSL objects are not for two threads)."""
