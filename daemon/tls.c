@@ -1316,7 +1316,36 @@ tls_client_step(struct tls_session *ts)
 		tls_client_step(ts);
 		return;
 	}
+	/* a client that gives up on a slow server must not be held until
+	 * tls_timeout and then blamed on the server: tls_client_left */
+	ev_io_start(capd_loop, &t->sd->rio);
 	tls_upstream_begin(ts);
+}
+
+/*
+ * The client's socket while capd waits for the server's handshake. The client
+ * waits for capd's ServerHello, so what it can say now is mostly that it left;
+ * bytes (TLS 1.3 early data, which capd refuses anyway) are left for the
+ * handshake to read, and the watch ends so that they do not wake the loop.
+ */
+static void
+tls_client_left(struct tls_session *ts)
+{
+	char why[200];
+	uint8_t b;
+	ssize_t n = recv(ts->c.sd->fd, &b, 1, MSG_PEEK);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n > 0) {
+		ev_io_stop(capd_loop, &ts->c.sd->rio);
+		return;
+	}
+	if (n == 0 || errno == ECONNRESET)
+		snprintf(why, sizeof why, "client closed during the TLS handshake, while capd waited for the server");
+	else
+		snprintf(why, sizeof why, "client error during the TLS handshake: %s", strerror(errno));
+	tls_fail(ts, why);
 }
 
 /* TLS toward the upstream, with the client's SNI and ALPN offer. */
@@ -1611,7 +1640,10 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 		tls_client_step(ts);
 		break;
 	case TLS_ST_UPSTREAM:
-		tls_upstream_step(ts);
+		if (w == &s->client.rio)
+			tls_client_left(ts);
+		else
+			tls_upstream_step(ts);
 		break;
 	case TLS_ST_ACCEPTED:
 	case TLS_ST_OPEN:

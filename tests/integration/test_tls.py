@@ -528,6 +528,35 @@ def test_upstream_handshake_timeout_alerts_the_client(capd):
         srv.close()
 
 
+def test_client_leaving_during_a_slow_upstream_handshake(capd):
+    """Regression: a client that gave up while the server had not answered capd's
+    ClientHello was held until tls_timeout, its session (and the server connection)
+    open, and then closed as "upstream handshake failed: timed out", blaming the
+    server for the client's departure."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify", "--tls-timeout", "10s")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        out, inn = ssl.MemoryBIO(), ssl.MemoryBIO()
+        t = ctx.wrap_bio(inn, out, server_hostname=NAME)
+        with pytest.raises(ssl.SSLWantReadError):
+            t.do_handshake()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(out.read())
+            capd.wait_sessions(lambda ss: len(ss) == 1)
+            time.sleep(0.3)  # capd is waiting for the server now
+        started = time.time()
+        s = last_closed(capd)[-1]
+        assert time.time() - started < 5, s  # not tls_timeout
+        assert s["reason"] == "client closed during the TLS handshake, while capd waited for the server", s
+    finally:
+        srv.close()
+
+
 def test_tls_yes_plain_client_is_protocol_mismatch(capd, origin):
     port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
