@@ -735,7 +735,9 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, X509 **rsa,
 		           X509_NAME_entry_count(subj) == 0;
 		/* a name the client asked for and the real certificate's SANs lack is
 		 * added, so a client of a lab server with a mismatched certificate, or
-		 * one named only by its CN (which browsers ignore), still gets through */
+		 * one named only by its CN (which browsers ignore), still gets through;
+		 * a client without SNI checks the address it reached, which is added
+		 * the same way */
 		if (orig_names && sni_name.text) {
 			int covered = sni_name.ip ? X509_check_ip_asc(orig, sni_name.text, 0)
 			                          : X509_check_host(orig, sni_name.text, 0,
@@ -744,6 +746,8 @@ tls_ca_forge(X509 *orig, const char *sni, const struct sockaddr *ip, X509 **rsa,
 			                                            NULL);
 			if (covered != 1)
 				extra = &sni_name;
+		} else if (orig_names && ip_name.text && X509_check_ip_asc(orig, ip_name.text, 0) != 1) {
+			extra = &ip_name;
 		}
 		if (!orig_names) {
 			GENERAL_NAMES_free(gens);

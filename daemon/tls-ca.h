@@ -60,7 +60,8 @@ const char *tls_ca_cert_path(void);
  * A certificate for the ECDSA leaf key, signed by the CA (caller owns a
  * reference: X509_free it). With orig: subject and subjectAltNames copied from
  * it (the SAN critical when orig's is, or when the subject is empty), plus sni
- * as one more name when orig's SANs do not cover it (its CN does not count).
+ * as one more name when orig's SANs do not cover it (its CN does not count);
+ * without sni, ip the same way.
  * Without orig (or with one that names nothing): CN and SAN from sni, else
  * from ip. An sni that is an IP literal is an IP name (iPAddress SAN), like
  * ip. With rsa, *rsa gets the same certificate for the RSA leaf key (a

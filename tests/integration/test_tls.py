@@ -1227,6 +1227,29 @@ def test_no_sni_nameless_certificate_names_the_address_reached(capd, tmp_path):
         srv.close()
 
 
+def test_no_sni_address_reached_is_added(capd, origin, tmp_path):
+    """Regression: a client without SNI (curl https://ADDRESS/) checks the address it
+    reached; the forged certificate copied the server's names and added an SNI they
+    lack, but not that address: a forward on an address the server's certificate does
+    not name (here 127.0.0.2; [::1] alike) failed every such client (curl error 60,
+    "no alternative certificate subject name matches target host name")."""
+    port = free_port()
+    capd.ctl("add", "forward", "--bind", "127.0.0.2", "--port", port, "--to", f"127.0.0.1:{origin.port}", "--tls",
+             "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http1.1", "--cacert", ca, f"https://127.0.0.2:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == BODY
+    assert "sni=-" in last_closed(capd)[-1]["note"]
+    # the server's own names stay, and a client with SNI gets no address added
+    r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.2", f"https://{NAME}:{port}/")
+    assert r.returncode == 0, r.stderr
+    with socket.create_connection(("127.0.0.2", port), timeout=10) as c:
+        with tls_client_ctx(ca).wrap_socket(c, server_hostname=NAME) as t:
+            text = served_key(t)
+    assert f"DNS:{NAME}" in text and "127.0.0.2" not in text, text
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 def test_sni_longer_than_a_common_name(capd, tmp_path, kind):
     """Regression: a certificate forged from the SNI alone (reverse --tls; forward to a
