@@ -288,6 +288,8 @@ hosts_file_read(const char *path, size_t *len, char **why)
 	}
 	text = hosts_read_fd(fd, len, why, path);
 	close(fd);
+	if (text == NULL)
+		errno = EIO;  /* never ENOENT: the file is there, it cannot be read */
 	return text;
 }
 

@@ -54,7 +54,8 @@ char *hosts_block_apply(const char *text, size_t len, const struct hosts_set *se
 /* Checks a name and an address for an entry: 0, or -1 with *why (caller frees). *norm gets the canonical address. */
 int hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX], char **why);
 
-/* Whole-file helpers. hosts_file_read: malloc'd text (NUL-terminated) or NULL with *why. */
+/* Whole-file helpers. hosts_file_read: malloc'd text (NUL-terminated) or NULL with *why,
+ * errno ENOENT when the file does not exist. */
 char *hosts_file_read(const char *path, size_t *len, char **why);
 /*
  * Computes a file's new text from its current one: malloc'd text and *outlen, or NULL with

@@ -7,6 +7,7 @@
  * comes back: at the next hosts command, or within HOSTS_WATCH_INTERVAL when
  * the watch timer sees the file change.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -232,6 +233,8 @@ hosts_list(char **why)
 	json_t *a;
 
 	if (text == NULL) {
+		if (errno != ENOENT)
+			return NULL;  /* unreadable (a directory, too large): not "no entries" */
 		free(*why);
 		*why = NULL;
 		return json_array();  /* no file, no entries */

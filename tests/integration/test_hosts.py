@@ -143,6 +143,23 @@ def test_damaged_block_is_not_guessed(hostsd):
     assert path.read_bytes() == damaged
 
 
+def test_unreadable_file_is_no_empty_list(hostsd):
+    """Regression (hosts list of a file capd cannot read): a hosts_file that is a directory
+    listed as no entries and exited 0, while add on it failed. Only a file that does not
+    exist has no entries; one that cannot be read is an error, as for add."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "a.test")
+    path.rename(path.with_name("hosts.saved"))
+    path.mkdir()
+    r = c.ctl("hosts", "list", check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert f"cannot read {path}: Is a directory" in r.stderr, r.stderr
+    path.rmdir()
+    assert c.ctl("hosts", "list", json_out=True) == []  # no file: no entries
+    path.with_name("hosts.saved").rename(path)
+    assert c.ctl("hosts", "list", json_out=True) == [{"name": "a.test", "addr": "127.0.0.1"}]
+
+
 def test_restore_at_clean_stop(capd_factory, tmp_path):
     path = tmp_path / "hosts"
     path.write_bytes(ORIG)
