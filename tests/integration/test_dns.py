@@ -617,8 +617,9 @@ def test_http_client_resolving_through_dns(capd_factory, upstream, http_server, 
 NS_UPSTREAM = r"""
 import socket, sys
 import dns.message, dns.rdatatype, dns.rrset
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind((sys.argv[2], int(sys.argv[1])))
+addr, _, zone = sys.argv[2].partition("%")  # fe80::53%lo: a link-local address and its interface
+u = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((addr, int(sys.argv[1]), 0, socket.if_nametoindex(zone)) if zone else (addr, int(sys.argv[1])))
 print("ready", flush=True)
 while True:
     data, peer = u.recvfrom(65535)
@@ -717,3 +718,21 @@ def test_resolv_conf_nameserver_that_is_this_instance_is_skipped(netns, ns_etc, 
     assert r.returncode == 1 and "upstream 127.0.0.1:53 is this instance's own address" in r.stderr, r.stderr
     c.ctl("add", "dns", "--port", 5300, "--upstream", "127.0.0.1", "--name", "u")
     assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["127.0.0.1:53"]
+
+
+def test_resolv_conf_link_local_nameserver_with_zone(netns, ns_etc, ns_upstream, ns_capd):
+    """Regression (resolv.conf naming a link-local resolver, as IPv6 router advertisements
+    leave it: nameserver fe80::1%eth0): capd parsed nameservers with inet_pton, which does
+    not take the zone, skipped the line, and said there was "no nameserver in
+    /etc/resolv.conf other than this instance"; every forwarded query got SERVFAIL.
+    The zone now picks the interface, and the queries reach that resolver."""
+    sh("ip", "-n", netns, "-6", "addr", "add", "fe80::53/64", "dev", "lo")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver fe80::53%lo\n")
+    ns_upstream(53, "fe80::53%lo")
+    c = ns_capd(netns, "[dns d]\nlisten = 127.0.0.1:5300\nanswer = www.example.com=10.0.0.7\n")
+    wait_instance(c, "d")
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["[fe80::53%lo]:53"]
+    assert "no nameserver" not in c.log()
+    assert ns_dig(netns, "127.0.0.1", 5300, "other.example.org", "+short").split() == ["192.0.2.53"]
+    assert ns_dig(netns, "127.0.0.1", 5300, "www.example.com", "+short").split() == ["10.0.0.7"]
