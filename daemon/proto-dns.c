@@ -478,8 +478,17 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		return;
 	}
 	if (!f->client_tcp && n > f->udp_max && f->trunc) {
-		/* the whole answer does not fit the client's UDP size: it gets the truncated one, and comes back over TCP */
-		dns_fwd_fail(f, "answer larger than the client's UDP size");
+		/* the whole answer does not fit the client's UDP size: it gets the truncated one, and
+		 * comes back over TCP. Not dns_fwd_fail: TCP worked, and the reason must not say otherwise */
+		uint8_t *t = f->trunc;
+		size_t tlen = f->trunc_len;
+
+		snprintf(reason, sizeof reason, "forwarded to %s: truncated (the answer over TCP is %zu bytes, "
+		         "the client takes %u over UDP)", f->ds->up_str, n, f->udp_max);
+		f->trunc = NULL;
+		dns_msg_set_id(t, f->client_id);
+		dns_fwd_deliver(f, t, tlen, reason);
+		free(t);
 		return;
 	}
 	dns_msg_set_id(p, f->client_id);

@@ -310,6 +310,11 @@ def test_truncated_upstream_answer_retried_over_tcp(dnsd, upstream):
     # without EDNS it fits 512 bytes only: it gets the truncated answer, and TCP then works
     r = ask("big.org", "A", port, use_edns=False)
     assert r.flags & dns.flags.TC and r.answer == []
+    # Regression: its session's reason said "TCP failed", which it had not
+    ss = dnsd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
+    assert [s["reason"] for s in ss if s["state"] == "closed"][-1] == (
+        f"forwarded to 127.0.0.1:{upstream.port}: truncated (the answer over TCP is 985 bytes, "
+        "the client takes 512 over UDP)")
     r = ask("big.org", "A", port, tcp=True)
     assert len(r.answer[0]) == 60
 
