@@ -61,6 +61,10 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 		*why = xasprintf("bad address in answer rule '%s' (an IPv4 or IPv6 address)", spec);
 		return -1;
 	}
+	for (size_t i = 0; i < r->n; i++)
+		if (r->v[i].family == rule.family && strcasecmp(r->v[i].pattern, rule.pattern) == 0 &&
+		    memcmp(&r->v[i].addr, &rule.addr, sizeof rule.addr) == 0)
+			return 0;  /* RFC 2181 5: an RRset holds no record twice; the same rule again is the one there */
 	r->v = xrealloc(r->v, (r->n + 1) * sizeof *r->v);
 	r->v[r->n++] = rule;
 	return 0;

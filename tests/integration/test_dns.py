@@ -562,6 +562,16 @@ def test_capctl_add_dns(capd, upstream):
     assert bad.returncode in (1, 2)
     capd.ctl("remove", f"dns-{port}")
     assert raw_udp(port, dns.message.make_query("svc.test", "A").to_wire(), timeout=0.3) is None
+    # Regression: the same rule twice (a trailing dot, another case) put the same A record
+    # twice into the answer (RFC 2181 5: an RRset holds no duplicates); it is one rule now
+    capd.ctl("add", "dns", "--port", port, "--answer", "dup.test=127.0.0.2", "--answer", "DUP.test.=127.0.0.2",
+             "--answer", "dup.test=127.0.0.3", "--upstream", f"127.0.0.1:{upstream.port}", "--name", "dup")
+    inst = [i for i in capd.ctl("list", json_out=True) if i["name"] == "dup"][0]
+    assert inst["answer"] == ["dup.test=127.0.0.2", "dup.test=127.0.0.3"]
+    q = dns.message.make_query("dup.test", "A")
+    udp = dns.message.from_wire(raw_udp(port, q.to_wire()), one_rr_per_rrset=True)  # duplicates kept apart
+    for r in (udp, unframed(exchange(port, framed(q)))[0]):
+        assert sorted(rd.to_text() for rrset in r.answer for rd in rrset) == ["127.0.0.2", "127.0.0.3"]
 
 
 def test_upstream_name_that_is_this_instance(capd_factory):
