@@ -26,6 +26,7 @@
 #define HOSTS_FILE_MAX (16 * 1024 * 1024)  /* a larger hosts file is refused, not loaded */
 #define HOSTS_LOCK_TRIES 20                /* 20 x 5 ms for another writer's flock: the loop waits 100 ms at most */
 #define HOSTS_EDIT_TRIES 20                /* edits redone because another program wrote the file meanwhile */
+#define HOSTS_LINK_MAX 40                  /* symlinks followed to a file not made yet, as SYMLOOP_MAX */
 
 /* ---- the entry set ---- */
 
@@ -659,19 +660,52 @@ hosts_replace(const char *path, hosts_edit_fn fn, void *arg, char **why)
 	return step;
 }
 
+/*
+ * Where an edit of path goes: a symlinked hosts file is edited where it points. A link
+ * whose file does not exist yet (realpath: ENOENT) is followed by hand, so that the
+ * file is created where it points rather than the link replaced by a regular file.
+ */
+static int
+hosts_resolve(const char *path, char real[PATH_MAX], char **why)
+{
+	char cur[PATH_MAX], link[PATH_MAX];
+
+	snprintf(cur, sizeof cur, "%s", path);
+	for (int i = 0; i < HOSTS_LINK_MAX; i++) {
+		ssize_t n;
+
+		if (realpath(cur, real) != NULL)
+			return 0;
+		if (errno != ENOENT) {
+			*why = xasprintf("cannot resolve %s: %s", path, strerror(errno));
+			return -1;
+		}
+		if ((n = readlink(cur, link, sizeof link - 1)) < 0) {
+			snprintf(real, PATH_MAX, "%s", cur);  /* no link: the file is missing, and made here */
+			return 0;
+		}
+		link[n] = '\0';
+		if (link[0] == '/') {
+			snprintf(cur, sizeof cur, "%s", link);
+		} else {
+			char *copy = xstrdup(cur);
+			int len = snprintf(cur, sizeof cur, "%s/%s", dirname(copy), link);
+			free(copy);
+			if (len < 0 || (size_t)len >= sizeof cur)
+				break;
+		}
+	}
+	*why = xasprintf("cannot resolve %s: %s", path, strerror(ELOOP));
+	return -1;
+}
+
 int
 hosts_file_update(const char *path, const char *backup_dir, hosts_edit_fn fn, void *arg, char **why)
 {
 	char real[PATH_MAX];
 
-	/* a symlinked hosts file is edited where it points */
-	if (realpath(path, real) == NULL) {
-		if (errno != ENOENT) {
-			*why = xasprintf("cannot resolve %s: %s", path, strerror(errno));
-			return -1;
-		}
-		snprintf(real, sizeof real, "%s", path);
-	}
+	if (hosts_resolve(path, real, why) < 0)
+		return -1;
 	for (int i = 0; i < HOSTS_EDIT_TRIES; i++) {
 		switch (hosts_replace(real, fn, arg, why)) {
 		case HOSTS_STEP_DONE:

@@ -160,6 +160,24 @@ def test_unreadable_file_is_no_empty_list(hostsd):
     assert c.ctl("hosts", "list", json_out=True) == [{"name": "a.test", "addr": "127.0.0.1"}]
 
 
+def test_symlink_to_a_missing_file_is_kept(capd_factory, tmp_path):
+    """Regression (hosts_file a symlink whose file is not there yet): realpath failed, capd
+    wrote to the link's own path, and the rename replaced the symlink with a regular file;
+    the file it pointed at was never made. The file is made where the link points now,
+    through a chain of links, relative ones too."""
+    (tmp_path / "gen").mkdir()
+    link, mid = tmp_path / "hosts", tmp_path / "gen" / "mid"
+    mid.symlink_to("hosts.real")  # relative to gen/
+    link.symlink_to(mid)
+    c = capd_factory(settings=f"hosts_file = {link}")
+    c.ctl("hosts", "add", "a.test")
+    assert link.is_symlink() and mid.is_symlink()
+    assert (tmp_path / "gen" / "hosts.real").read_bytes() == block(("a.test", "127.0.0.1"))
+    assert c.ctl("hosts", "list", json_out=True) == [{"name": "a.test", "addr": "127.0.0.1"}]
+    assert c.stop() == 0  # hosts_restore takes the block away where it is
+    assert link.is_symlink() and (tmp_path / "gen" / "hosts.real").read_bytes() == b""
+
+
 def test_restore_at_clean_stop(capd_factory, tmp_path):
     path = tmp_path / "hosts"
     path.write_bytes(ORIG)
