@@ -698,6 +698,12 @@ events_subscribe(struct ctl_conn *c, char **why)
 {
 	struct tail_sub *sub;
 
+	/* a second subscription would deliver every event twice on the one stream */
+	LIST_FOREACH(sub, &events_subs, entry)
+		if (sub->conn == c) {
+			*why = xstrdup("this connection is subscribed to events already");
+			return -1;
+		}
 	if (tail_sub_check(c, why) < 0)
 		return -1;
 	spool_follow_init();  /* capture.rotate comes from the spool's writer through it */

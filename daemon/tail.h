@@ -38,7 +38,7 @@ int tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char
 bool events_active(void);
 /* Emits an event ("session.open", ...) to subscribers; obj is stolen and gets "event" and "time". */
 void events_emit(const char *event, json_t *obj);
-/* events.subscribe: c gets an "event" notification per event until it hangs up. */
+/* events.subscribe: c gets an "event" notification per event until it hangs up; once per connection. */
 int events_subscribe(struct ctl_conn *c, char **why);
 
 #endif

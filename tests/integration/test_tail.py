@@ -278,9 +278,41 @@ def test_unknown_session_and_usage(capd):
         while data.count(b"\n") < 6:
             data += u.recv(65536)
     replies = [json.loads(x) for x in data.splitlines()]
-    assert sum("result" in x for x in replies) == 4
-    assert sum("error" in x for x in replies) == 2
+    assert sum("result" in x for x in replies) == 1
+    assert sum("error" in x for x in replies) == 5
     assert capd.ctl("status").returncode == 0
+
+
+def test_events_subscribe_twice_is_refused(capd):
+    """A second events.subscribe on one connection would send every event twice:
+    it is refused with a clear error and the first subscription goes on alone."""
+    with socket.socket(socket.AF_UNIX) as u:
+        u.connect(str(capd.sock))
+        u.settimeout(5)
+        for i in (1, 2):
+            u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "events.subscribe"}).encode() + b"\n")
+        data = b""
+        while data.count(b"\n") < 2:
+            data += u.recv(65536)
+        first, second = (json.loads(x) for x in data.splitlines()[:2])
+        assert first["result"] == {"subscribed": True}
+        assert "subscribed to events already" in second["error"]["message"], second
+        port = free_port()
+        capd.ctl("add", "forward", "--name", "twice", "--port", port, "--to", "127.0.0.1:9")
+        deadline = time.time() + 5
+        while data.count(b'"instance.add"') < 1 and time.time() < deadline:
+            data += u.recv(65536)
+        time.sleep(0.5)  # a duplicate would follow at once
+        u.settimeout(0.2)
+        try:
+            while True:
+                d = u.recv(65536)
+                if not d:
+                    break
+                data += d
+        except socket.timeout:
+            pass
+    assert data.count(b'"instance.add"') == 1, data
 
 
 class Sink:
