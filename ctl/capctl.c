@@ -76,6 +76,17 @@ ctl_string(const char *what, const char *s)
 	return v;
 }
 
+/* No instance has an empty name: capd would only answer "no instance " (exit 1). */
+json_t *
+ctl_name(const char *what, const char *s)
+{
+	if (*s == '\0') {
+		usage_error("%s: the instance name is empty", what);
+		return NULL;
+	}
+	return ctl_string(what, s);
+}
+
 /*
  * What a command printed must have reached its file: `capctl ca export >
  * ca.pem` on a full disk is a failure, not an empty file and exit 0. A

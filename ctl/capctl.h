@@ -54,6 +54,8 @@ int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /*
 /* s as a JSON string (caller owns); NULL after "capctl: WHAT: the value is not UTF-8 text"
  * (exit CTL_USAGE) when it is not UTF-8. */
 json_t *ctl_string(const char *what, const char *s);
+/* An instance name as a JSON string, as ctl_string; an empty one is refused the same way. */
+json_t *ctl_name(const char *what, const char *s);
 
 /* Prefix matching of words: exact first, then a unique prefix. -1 when none, -2 ambiguous. */
 int word_match(const char *word, const char *const *words, int n);

@@ -24,6 +24,7 @@ enum opt_check {
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
 	CHK_AUTH,    /* USER:PASSWORD */
+	CHK_NAME,    /* an instance name: not empty (capd checks the rest) */
 };
 
 struct add_opt {
@@ -41,7 +42,7 @@ static const char *const add_types[] = { "forward", "socks", "http", "reverse", 
 #define LISTEN_TYPES "forward socks http reverse dns"
 
 static const struct add_opt add_opts[] = {
-	{ NULL, "--name", "name", OPT_VALUE, CHK_NONE, NULL },
+	{ NULL, "--name", "name", OPT_VALUE, CHK_NAME, NULL },
 	{ NULL, "--no-capture", "capture", OPT_FLAG, CHK_NONE, "no" },
 	{ LISTEN_TYPES, "--expose", "expose", OPT_FLAG, CHK_NONE, "yes" },
 	{ LISTEN_TYPES, "--idle-timeout", "idle_timeout", OPT_VALUE, CHK_DURATION, NULL },
@@ -201,6 +202,8 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 		return add_rule(ao, v);
 	case CHK_PATH:
 		return add_path(ao, v, out);
+	case CHK_NAME:
+		return (*out = ctl_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;
 	case CHK_AUTH:  /* the lengths are capd's to check (users.c) */
 		return strchr(v, ':') == NULL || v[0] == ':' ? usage_error("%s: bad '%s': expected user:password", ao->opt, v) : 0;
 	case CHK_NONE:

@@ -64,7 +64,7 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 			json_decref(params);
 			return usage_error("usage: capctl capture follow [--instance NAME]");
 		}
-		if ((v = ctl_string("--instance", name)) == NULL) {
+		if ((v = ctl_name("--instance", name)) == NULL) {
 			json_decref(params);
 			return CTL_USAGE;
 		}

@@ -11,7 +11,7 @@ remove_exec(struct ctl_opts *o, int argc, char **argv)
 
 	if (argc != 2)
 		return usage_error("usage: capctl remove NAME");
-	if ((name = ctl_string("remove", argv[1])) == NULL)
+	if ((name = ctl_name("remove", argv[1])) == NULL)
 		return CTL_USAGE;
 	if ((rc = client_call(o, "instance.remove", json_pack("{s:o}", "name", name), &r)) != CTL_OK)
 		return rc;

@@ -28,7 +28,7 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 		} else if (!strncmp(argv[k], "--instance=", 11))
 			name = argv[k] + 11;
 		if (name != NULL) {
-			json_t *v = ctl_string("--instance", name);
+			json_t *v = ctl_name("--instance", name);
 			if (v == NULL) {
 				json_decref(params);
 				return CTL_USAGE;

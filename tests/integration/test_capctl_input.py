@@ -304,6 +304,29 @@ def test_value_not_utf8_is_usage_error(capd, args):
     assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
 
 
+# ---------------------------------------------------------------- empty instance names: exit 2
+
+@pytest.mark.parametrize("args,what", [
+    (["sessions", "--instance="], "--instance"),
+    (["sessions", "--instance", ""], "--instance"),
+    (["remove", ""], "remove"),
+    (["capture", "follow", "--instance="], "--instance"),
+    (["add", "forward", "--port", "PORT", "--to", "127.0.0.1:9", "--name", ""], "--name"),
+    (["add", "forward", "--port", "PORT", "--to", "127.0.0.1:9", "--name="], "--name"),
+    (["trace", "--name=", "--", "true"], "trace --name"),
+])
+def test_empty_instance_name_is_usage_error(capd, args, what):
+    """An empty instance name reached capd, which answered "no instance " or "bad instance
+    name ''" (exit 1): no instance has an empty name, so capctl refuses it as it does other
+    empty values."""
+    capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "keep")
+    args = [free_port() if a == "PORT" else a for a in args]
+    r = capctl(*args, sock=capd.sock, timeout=10)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "" and r.stderr == f"capctl: {what}: the instance name is empty\n", r.stderr
+    assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
+
+
 # ---------------------------------------------------------------- instance names: no control characters
 
 @pytest.mark.parametrize("name", ["x\ny", "x\ry", "\x1b[2Jx", "x\x7fy", "x\x01y", "x\ty"])
