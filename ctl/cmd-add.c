@@ -20,6 +20,7 @@ enum opt_kind {
 
 enum opt_check {
 	CHK_NONE, CHK_HOSTPORT, CHK_UPSTREAM, CHK_SIZE, CHK_DURATION, CHK_UINT,
+	CHK_TIMEOUT, /* a duration more than 0 */
 	CHK_ROUTE,   /* PATTERN=HOST:PORT */
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
@@ -70,8 +71,28 @@ static const struct add_opt add_opts[] = {
 	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_NONE, NULL },
 	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_NONE, NULL },
 	{ TLS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
-	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_TIMEOUT, NULL },
 };
+
+/* The range capd takes of a CHK_UINT or CHK_SIZE value: outside it, capctl's usage error. */
+static const struct add_range {
+	const char *key;
+	uint64_t min, max;
+	const char *text;
+} add_ranges[] = {
+	{ "ttl", 0, INT32_MAX, "0 to 2147483647" },        /* proto-dns.c */
+	{ "snaplen", 0, 262144, "0 to 262144" },           /* sniff.c: libpcap's ceiling; 0 is that too */
+	{ "max_header_size", 1024, 65536, "1K to 64K" },  /* http-proxy.c */
+};
+
+static const struct add_range *
+add_range_of(const struct add_opt *ao)
+{
+	for (size_t i = 0; i < sizeof add_ranges / sizeof add_ranges[0]; i++)
+		if (!strcmp(add_ranges[i].key, ao->key))
+			return &add_ranges[i];
+	return NULL;
+}
 
 static bool
 opt_for_type(const struct add_opt *ao, const char *type)
@@ -177,6 +198,7 @@ add_rule(const struct add_opt *ao, const char *v)
 static int
 add_check(const struct add_opt *ao, const char *v, json_t **out)
 {
+	const struct add_range *r = add_range_of(ao);
 	struct hostport hp;
 	char *why = NULL;
 	uint64_t u;
@@ -192,11 +214,22 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 		}
 		return 0;
 	case CHK_SIZE:
-		return value_size(v, &u) < 0 ? usage_error("%s: bad size '%s'", ao->opt, v) : 0;
+		if (value_size(v, &u) < 0)
+			return usage_error("%s: bad size '%s'", ao->opt, v);
+		if (r != NULL && (u < r->min || u > r->max))
+			return usage_error("%s: size '%s' out of range (%s)", ao->opt, v, r->text);
+		return 0;
 	case CHK_DURATION:
-		return value_duration(v, &d) < 0 ? usage_error("%s: bad duration '%s'", ao->opt, v) : 0;
+	case CHK_TIMEOUT:
+		if (value_duration(v, &d) < 0)
+			return usage_error("%s: bad duration '%s'", ao->opt, v);
+		if (ao->check == CHK_TIMEOUT && d <= 0)
+			return usage_error("%s: duration '%s' out of range (more than 0)", ao->opt, v);
+		return 0;
 	case CHK_UINT:
-		return value_uint(v, UINT32_MAX, &u) < 0 ? usage_error("%s: bad number '%s'", ao->opt, v) : 0;
+		if (value_uint(v, r != NULL ? r->max : UINT64_MAX, &u) < 0 || (r != NULL && u < r->min))
+			return usage_error("%s: bad number '%s' (%s)", ao->opt, v, r != NULL ? r->text : "0 or more");
+		return 0;
 	case CHK_ROUTE:
 	case CHK_ANSWER:
 		return add_rule(ao, v);

@@ -222,6 +222,37 @@ def test_users_folder_over_rpc_is_refused(capd, tmp_path):
     assert "error" in r and "Is a directory" in r["error"]["message"], r
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["dns", "--port", "PORT", "--answer", "*=127.0.0.1", "--ttl", "3000000000"],
+     "--ttl: bad number '3000000000' (0 to 2147483647)"),
+    (["dns", "--port", "PORT", "--answer", "*=127.0.0.1", "--ttl", "abc"], "--ttl: bad number 'abc' (0 to 2147483647)"),
+    (["sniff", "--interface", "lo", "--snaplen", "262145"], "--snaplen: bad number '262145' (0 to 262144)"),
+    (["http", "--port", "PORT", "--max-header-size", "1023"], "--max-header-size: size '1023' out of range (1K to 64K)"),
+    (["reverse", "--port", "PORT", "--default", "127.0.0.1:9", "--max-header-size=1M"],
+     "--max-header-size: size '1M' out of range (1K to 64K)"),
+    (["http", "--port", "PORT", "--tls", "--tls-timeout", "0"], "--tls-timeout: duration '0' out of range (more than 0)"),
+    (["socks", "--port", "PORT", "--tls", "--tls-timeout=0ms"], "--tls-timeout: duration '0ms' out of range (more than 0)"),
+])
+def test_add_number_out_of_range_is_usage_error(capd, args, msg):
+    """A number capd refuses for its range (--ttl 3000000000) reached capd and exited 1,
+    while a malformed one (--ttl abc) was capctl's usage error: both are now exit 2, and the
+    message says the range."""
+    args = [free_port() if a == "PORT" else a for a in args]
+    r = capctl("add", *args, sock=capd.sock)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr == f"capctl: {msg}\n", r.stderr
+    assert capd.ctl("list", json_out=True) == []
+
+
+def test_add_number_at_the_ends_of_its_range(capd):
+    """The ends of each range are still taken (capd agrees)."""
+    capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
+    capd.ctl("add", "http", "--port", free_port(), "--max-header-size", "1K")
+    capd.ctl("add", "http", "--port", free_port(), "--max-header-size", "64K")
+    capd.ctl("add", "http", "--port", free_port(), "--tls", "--tls-timeout", "1ms")
+    assert len(capd.ctl("list", json_out=True)) == 4
+
+
 # ---------------------------------------------------------------- list: the INFO column
 
 def test_list_names_tls_once(fake_capd):
