@@ -41,6 +41,7 @@ static const char *const add_types[] = { "forward", "socks", "http", "reverse", 
 #define NTYPES ((int)(sizeof add_types / sizeof add_types[0]))
 #define TLS_TYPES "forward socks http reverse"
 #define LISTEN_TYPES "forward socks http reverse dns"
+#define AUTH_FIELD_MAX 255  /* RFC 1929's bound on a user name and a password: capd's USERS_FIELD_MAX */
 
 static const struct add_opt add_opts[] = {
 	{ NULL, "--name", "name", OPT_VALUE, CHK_NAME, NULL },
@@ -237,8 +238,16 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 		return add_path(ao, v, out);
 	case CHK_NAME:
 		return (*out = ctl_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;
-	case CHK_AUTH:  /* the lengths are capd's to check (users.c) */
-		return strchr(v, ':') == NULL || v[0] == ':' ? usage_error("%s: bad '%s': expected user:password", ao->opt, v) : 0;
+	case CHK_AUTH:  /* as capd's users.c: the name ends at the first ':' */
+		if (strchr(v, ':') == NULL || v[0] == ':')
+			return usage_error("%s: bad '%s': expected user:password", ao->opt, v);
+		if (strcspn(v, ":") > AUTH_FIELD_MAX)
+			return usage_error("%s: the user name is %zu bytes: RFC 1929 allows 1 to %d", ao->opt,
+			                   strcspn(v, ":"), AUTH_FIELD_MAX);
+		if (strlen(strchr(v, ':') + 1) > AUTH_FIELD_MAX)
+			return usage_error("%s: the password is %zu bytes: RFC 1929 allows up to %d", ao->opt,
+			                   strlen(strchr(v, ':') + 1), AUTH_FIELD_MAX);
+		return 0;
 	case CHK_NONE:
 		break;
 	}

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import CAPCTL, Listener, apart, free_port
+from conftest import CAPCTL, CAPD, Listener, apart, free_port
 
 ADD_TYPES = ("forward", "socks", "http", "reverse", "dns", "sniff")
 
@@ -214,6 +214,30 @@ def test_add_bad_auth_is_usage_error(tmp_path):
     for bad in ("nocolon", ":pw"):
         r = capctl("add", "socks", "--port", free_port(), "--auth", bad, sock=tmp_path / "none")
         assert r.returncode == 2 and f"--auth: bad '{bad}': expected user:password" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("typ", ["socks", "http"])
+def test_add_auth_over_255_bytes_is_usage_error(capd, tmp_path, typ):
+    """RFC 1929 bounds a user name and a password to 255 bytes each: capctl sent a longer
+    one on and capd refused it (exit 1) with "expected user:password", which did not say
+    what was wrong. capctl now says so (exit 2); capd's message gives the bounds, in a
+    config file with its file and line."""
+    long = "x" * 256
+    for auth, why in ((f"{long}:p", "the user name is 256 bytes: RFC 1929 allows 1 to 255"),
+                      (f"u:{long}", "the password is 256 bytes: RFC 1929 allows up to 255")):
+        r = capctl("add", typ, "--port", free_port(), "--auth", "ok:pw", "--auth", auth, sock=capd.sock)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert r.stderr == f"capctl: --auth: {why}\n", r.stderr
+    assert capd.ctl("list", json_out=True) == []
+    capd.ctl("add", typ, "--port", free_port(), "--auth", "x" * 255 + ":" + "y" * 255)
+    r = capd.rpc("instance.add", {"type": typ, "listen": str(free_port()), "auth": [f"u:{long}"]})
+    assert "(user 1 to 255 bytes, password up to 255)" in r["error"]["message"], r
+    conf = tmp_path / "auth.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/t.sock\nspool = {tmp_path}/spool\nhosts_file = {tmp_path}/hosts\n\n"
+                    f"[{typ} a]\nlisten = 127.0.0.1:{free_port()}\nauth = u:{'y' * 150}\n  {'y' * 110}\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert r.returncode != 0 and f"{conf}:8: bad auth" in r.stderr, r.stderr
+    assert "(user 1 to 255 bytes, password up to 255)" in r.stderr, r.stderr
 
 
 def test_users_folder_over_rpc_is_refused(capd, tmp_path):
