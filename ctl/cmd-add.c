@@ -402,6 +402,12 @@ missing:
 		json_decref(params);
 		return usage_error("a sniffer has no --port or --bind");
 	}
+	if (json_object_get(params, "tls") == NULL)  /* the other tls_ keys mean nothing without it (capd refuses them) */
+		for (size_t k = 0; k < sizeof add_opts / sizeof add_opts[0]; k++)
+			if (!strncmp(add_opts[k].key, "tls_", 4) && json_object_get(params, add_opts[k].key)) {
+				json_decref(params);
+				return usage_error("%s needs --tls or --tls-auto", add_opts[k].opt);
+			}
 	if (!strcmp(type, "forward") && json_object_get(params, "to") == NULL) {
 		json_decref(params);
 		add_usage(stderr, type);

@@ -174,6 +174,17 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		cfg->mode = TLS_NO;
 	else
 		return params_fail(p, "tls", "'tls' must be yes, no or auto, not '%s'", mode);
+	if (cfg->mode == TLS_NO) {
+		/* what only interception reads: taken silently, it would seem to work */
+		static const char *const only_tls[] = {
+			"tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+		};
+		for (size_t i = 0; i < sizeof only_tls / sizeof *only_tls; i++) {
+			json_t *v = json_object_get(p->obj, only_tls[i]);
+			if (v != NULL && !json_is_null(v))
+				return params_fail(p, only_tls[i], "'%s' applies only with tls = yes or auto", only_tls[i]);
+		}
+	}
 	if (cfg->mode != TLS_NO) {
 		tls_cfgs_on++;
 		if (inst)

@@ -391,6 +391,34 @@ def test_client_rejects_forged_cert_then_auto_passthrough(capd, origin, tmp_path
     assert "sni=alt.example.test" in last_closed(capd, 4)[-1]["note"]
 
 
+@pytest.mark.parametrize("opt,key,value", [
+    ("--tls-passthrough", "tls_passthrough", "x.test"),
+    ("--no-tls-verify", "tls_verify", "no"),
+    ("--tls-capture", "tls_capture", "both"),
+    ("--no-tls-auto-passthrough", "tls_auto_passthrough", "no"),
+    ("--tls-timeout", "tls_timeout", "5s"),
+])
+def test_tls_keys_without_tls_are_refused(capd, tmp_path, opt, key, value):
+    """`add forward --tls-passthrough x.test` without --tls (tls_passthrough on an instance
+    without tls in capd.conf) was taken silently though it can do nothing, as were the other
+    tls_ keys: capctl says so (exit 2), capd refuses the key (file and line in a config)."""
+    args = ["add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", opt]
+    if not opt.startswith("--no-"):
+        args.append(value)
+    r = capd.ctl(*args, check=False)
+    assert r.returncode == 2 and r.stderr == f"capctl: {opt} needs --tls or --tls-auto\n", (r.returncode, r.stderr)
+    r = capd.rpc("instance.add", {"type": "socks", "listen": str(free_port()), key: value})
+    assert r["error"]["message"] == f"'{key}' applies only with tls = yes or auto", r
+    assert capd.ctl("list", json_out=True) == []
+    conf = tmp_path / "notls.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/t.sock\nspool = {tmp_path}/spool\nhosts_file = {tmp_path}/hosts\n\n"
+                    f"[http h]\nlisten = 127.0.0.1:{free_port()}\ntls = no\n{key} = {value}\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert r.returncode != 0 and f"{conf}:9: '{key}' applies only with tls = yes or auto" in r.stderr, r.stderr
+    # with tls the same keys are taken
+    capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--tls-auto", *args[6:])
+
+
 def test_capctl_add_no_tls_auto_passthrough(capd, origin):
     """tls_auto_passthrough had no capctl add option, though capctl(1) says the
     options map one to one onto the keys: a capctl instance could not keep
