@@ -30,6 +30,9 @@ rpc_instance_add(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	if (!json_is_string(json_object_get(params, "type")))
 		return rpc_fail(err, RPC_E_PARAMS, "instance.add needs \"type\"");
+	/* trace_configure says so too, but only after a name-less one got "a name is needed" */
+	if (!strcmp(json_string_value(json_object_get(params, "type")), "trace"))
+		return rpc_fail(err, RPC_E_FAILED, "trace instances are made by `capctl trace` (trace.start), not by instance.add");
 	instance_add_async(params, false, rpc_instance_added, ctl_later_new(c));
 	return NULL;
 }

@@ -296,6 +296,16 @@ def test_trace_refusals(capd_factory, tmp_path):
     assert "capctl trace" in r["error"]["message"]
 
 
+def test_trace_instance_add_without_name_says_capctl_trace(capd):
+    """A raw instance.add of a trace without a name was answered "a name is needed", which
+    sends the caller after a name instead of to `capctl trace` (trace.start)."""
+    for params in ({"type": "trace", "command": "x", "pid": 1},
+                   {"type": "trace", "name": "x", "command": "x", "pid": 1}):
+        r = capd.rpc("instance.add", params)
+        assert "trace instances are made by `capctl trace`" in r["error"]["message"], r
+    assert capd.ctl("list", json_out=True) == []
+
+
 def _free():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
