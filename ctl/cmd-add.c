@@ -340,6 +340,10 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 				goto missing;
 			if (val == NULL)
 				val = argv[++i];
+			if ((!strcmp(arg, "--port") ? port : bind) != NULL) {
+				json_decref(params);
+				return usage_error("%s given twice", arg);
+			}
 			if (!strcmp(arg, "--port"))
 				port = val;
 			else

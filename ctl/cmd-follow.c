@@ -64,6 +64,10 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 			json_decref(params);
 			return usage_error("usage: capctl capture follow [--instance NAME]");
 		}
+		if (json_object_get(params, "instance") != NULL) {
+			json_decref(params);  /* it follows one instance: the last would win */
+			return usage_error("--instance given twice");
+		}
 		if ((v = ctl_name("--instance", name)) == NULL) {
 			json_decref(params);
 			return CTL_USAGE;

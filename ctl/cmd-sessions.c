@@ -27,7 +27,10 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 			return usage_error("--instance needs a name");
 		} else if (!strncmp(argv[k], "--instance=", 11))
 			name = argv[k] + 11;
-		if (name != NULL) {
+		if (name != NULL && json_object_get(params, "instance") != NULL) {
+			json_decref(params);  /* the filter takes one instance: the last would win */
+			return usage_error("--instance given twice");
+		} else if (name != NULL) {
 			json_t *v = ctl_name("--instance", name);
 			if (v == NULL) {
 				json_decref(params);

@@ -261,10 +261,15 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	json_t *params, *result = NULL;
 
 	for (i = 1; i < argc; i++) {
+		bool is_name = !strcmp(argv[i], "--name") || !strcmp(argv[i], "-n") || !strncmp(argv[i], "--name=", 7);
+		bool is_pid = !strcmp(argv[i], "--pid") || !strcmp(argv[i], "-p") || !strncmp(argv[i], "--pid=", 6);
+
 		if (!strcmp(argv[i], "--")) {
 			i++;
 			break;
 		}
+		if ((is_name && name != NULL) || (is_pid && pidarg != NULL))  /* the last would win */
+			return usage_error("trace: %s given twice", is_name ? "--name" : "--pid");
 		if (!strcmp(argv[i], "--name") || !strcmp(argv[i], "-n")) {
 			if (++i >= argc)
 				return usage_error("trace: --name needs a value");

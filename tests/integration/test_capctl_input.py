@@ -382,6 +382,29 @@ def test_empty_instance_name_is_usage_error(capd, args, what):
     assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
 
 
+# ---------------------------------------------------------------- an option given twice: exit 2
+
+@pytest.mark.parametrize("args,opt", [
+    (["add", "forward", "--port", "PORT", "--port", "PORT", "--to", "127.0.0.1:9"], "--port"),
+    (["add", "forward", "--port", "PORT", "--bind", "127.0.0.1", "--bind=::1", "--to", "127.0.0.1:9"], "--bind"),
+    (["sessions", "--instance", "keep", "--instance", "other"], "--instance"),
+    (["sessions", "--instance=other", "--instance", "keep"], "--instance"),
+    (["capture", "follow", "--instance", "keep", "--instance=other"], "--instance"),
+    (["trace", "--name", "a", "--name=b", "--", "true"], "trace: --name"),
+    (["trace", "--pid", "2147483646", "-p", "2147483645"], "trace: --pid"),
+])
+def test_option_given_twice_is_usage_error(capd, args, opt):
+    """add --port, --bind, sessions and capture follow --instance and trace --name and --pid
+    given twice took the last silently (add listened on the second port, sessions listed
+    another instance's sessions) where add's other options say "given twice"."""
+    capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "keep")
+    args = [free_port() if a == "PORT" else a for a in args]
+    r = capctl(*args, sock=capd.sock, timeout=10)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "" and r.stderr == f"capctl: {opt} given twice\n", r.stderr
+    assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["keep"]
+
+
 # ---------------------------------------------------------------- instance names: no control characters
 
 @pytest.mark.parametrize("name", ["x\ny", "x\ry", "\x1b[2Jx", "x\x7fy", "x\x01y", "x\ty"])
