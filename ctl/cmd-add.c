@@ -3,6 +3,7 @@
  * options map one to one onto instance parameters (the config keys).
  */
 #include <errno.h>
+#include <net/if.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,8 @@ enum opt_check {
 	CHK_PATH,    /* a file capd opens: sent absolute */
 	CHK_AUTH,    /* USER:PASSWORD */
 	CHK_NAME,    /* an instance name: not empty (capd checks the rest) */
+	CHK_CAPTURE, /* plain or both */
+	CHK_IFACE,   /* an interface name, as sniff.c takes it */
 };
 
 struct add_opt {
@@ -62,14 +65,14 @@ static const struct add_opt add_opts[] = {
 	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_ANSWER, NULL },
 	{ "dns", "--upstream", "upstream", OPT_VALUE, CHK_UPSTREAM, NULL },
 	{ "dns", "--ttl", "ttl", OPT_VALUE, CHK_UINT, NULL },
-	{ "sniff", "--interface", "interface", OPT_VALUE, CHK_NONE, NULL },
+	{ "sniff", "--interface", "interface", OPT_VALUE, CHK_IFACE, NULL },
 	{ "sniff", "--filter", "filter", OPT_VALUE, CHK_NONE, NULL },
 	{ "sniff", "--promisc", "promisc", OPT_FLAG, CHK_NONE, "yes" },
 	{ "sniff", "--snaplen", "snaplen", OPT_VALUE, CHK_UINT, NULL },
 	{ TLS_TYPES, "--tls", "tls", OPT_FLAG, CHK_NONE, "yes" },
 	{ TLS_TYPES, "--tls-auto", "tls", OPT_FLAG, CHK_NONE, "auto" },
 	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
-	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_NONE, NULL },
+	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_CAPTURE, NULL },
 	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_NONE, NULL },
 	{ TLS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_TIMEOUT, NULL },
@@ -238,6 +241,13 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 		return add_path(ao, v, out);
 	case CHK_NAME:
 		return (*out = ctl_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;
+	case CHK_CAPTURE:
+		return strcmp(v, "plain") && strcmp(v, "both") ? usage_error("%s: bad value '%s' (plain or both)", ao->opt, v)
+		                                               : 0;
+	case CHK_IFACE:  /* capd says whether there is one of that name */
+		if (*v == '\0' || strlen(v) >= IFNAMSIZ || strpbrk(v, " \t/") != NULL)
+			return usage_error("%s: bad interface name '%s'", ao->opt, v);
+		return 0;
 	case CHK_AUTH:  /* as capd's users.c: the name ends at the first ':' */
 		if (strchr(v, ':') == NULL || v[0] == ':')
 			return usage_error("%s: bad '%s': expected user:password", ao->opt, v);

@@ -268,6 +268,24 @@ def test_add_number_out_of_range_is_usage_error(capd, args, msg):
     assert capd.ctl("list", json_out=True) == []
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["http", "--port", "PORT", "--tls", "--tls-capture", "bogus"], "--tls-capture: bad value 'bogus' (plain or both)"),
+    (["socks", "--port", "PORT", "--tls", "--tls-capture="], "--tls-capture: bad value '' (plain or both)"),
+    (["sniff", "--interface", ""], "--interface: bad interface name ''"),
+    (["sniff", "--interface", "a/b"], "--interface: bad interface name 'a/b'"),
+    (["sniff", "--interface", "x" * 16], f"--interface: bad interface name '{'x' * 16}'"),
+])
+def test_add_malformed_word_is_usage_error(capd, args, msg):
+    """--tls-capture other than plain or both, and an --interface that cannot be an interface's
+    name (empty, a slash or space, 16 bytes or more), were capd's to refuse (exit 1)."""
+    args = [free_port() if a == "PORT" else a for a in args]
+    r = capctl("add", *args, sock=capd.sock)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr == f"capctl: {msg}\n", r.stderr
+    assert capd.ctl("list", json_out=True) == []
+    capd.ctl("add", "http", "--port", free_port(), "--tls", "--tls-capture", "both")
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
