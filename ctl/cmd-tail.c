@@ -293,6 +293,18 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 
 	for (int k = 2; k < argc; k++) {
 		const char *a = argv[k];
+		/* one format, one direction, one backlog: a second was taken over the first silently */
+		const char *twice = NULL;
+		if ((!strcmp(a, "--hex") || !strcmp(a, "--text") || !strcmp(a, "--raw")) && t.fmt != FMT_AUTO)
+			twice = "give one of --hex, --text and --raw";
+		else if ((!strcmp(a, "--dir") || !strncmp(a, "--dir=", 6)) && t.dir >= 0)
+			twice = "--dir given twice";
+		else if ((!strcmp(a, "--backlog") || !strncmp(a, "--backlog=", 10)) && json_object_get(params, "backlog"))
+			twice = "--backlog given twice";
+		if (twice != NULL) {
+			json_decref(params);
+			return usage_error("%s", twice);
+		}
 		if (!strcmp(a, "--hex")) {
 			t.fmt = FMT_HEX;
 		} else if (!strcmp(a, "--text")) {

@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import CAPCTL, free_port, tshark
 
 
@@ -281,6 +283,20 @@ def test_unknown_session_and_usage(capd):
     assert sum("result" in x for x in replies) == 1
     assert sum("error" in x for x in replies) == 5
     assert capd.ctl("status").returncode == 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--hex", "--text"], "give one of --hex, --text and --raw"),
+    (["--raw", "--dir", "c2s", "--hex"], "give one of --hex, --text and --raw"),
+    (["--text", "--text"], "give one of --hex, --text and --raw"),
+    (["--raw", "--dir", "c2s", "--dir=s2c"], "--dir given twice"),
+    (["--backlog", "1K", "--backlog=0"], "--backlog given twice"),
+])
+def test_tail_session_option_twice_is_usage_error(capd, args, msg):
+    """`tail session N --hex --text` (the usage says one of them) or --dir/--backlog twice
+    took the last silently; capctl now says so (exit 2) before it asks capd."""
+    r = capd.ctl("tail", "session", "4242", *args, check=False)
+    assert r.returncode == 2 and r.stderr == f"capctl: {msg}\n", (r.returncode, r.stderr)
 
 
 def test_events_subscribe_twice_is_refused(capd):
