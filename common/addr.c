@@ -4,6 +4,8 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <net/if.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,8 +75,9 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 	memcpy(hp->host, host, hlen);
 	hp->host[hlen] = '\0';
 	if (s[0] == '[') {
-		struct in6_addr a6;
-		if (inet_pton(AF_INET6, hp->host, &a6) != 1) {
+		struct sockaddr_storage ss;
+		socklen_t len;
+		if (addr_from_literal(hp->host, 1, &ss, &len) < 0 || ss.ss_family != AF_INET6) {
 			*why = xasprintf("bad IPv6 address in '%s'", s);
 			return -1;
 		}
@@ -97,15 +100,40 @@ hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char *
 	}
 	/* [IPv6] with no port: the form capd itself prints an IPv6 endpoint in */
 	if (n >= 2 && n - 2 <= HOST_MAX && s[0] == '[' && s[n - 1] == ']') {
-		struct in6_addr a6;
+		struct sockaddr_storage ss;
+		socklen_t len;
 		memcpy(hp->host, s + 1, n - 2);
 		hp->host[n - 2] = '\0';
-		if (inet_pton(AF_INET6, hp->host, &a6) == 1) {
+		if (addr_from_literal(hp->host, 1, &ss, &len) == 0 && ss.ss_family == AF_INET6) {
 			hp->port = def_port;
 			return 0;
 		}
 	}
 	return hostport_parse(s, hp, why);
+}
+
+/*
+ * An IPv6 address with its zone, "fe80::1%eth0" (or "%2"), as resolv.conf and
+ * ip(8) write a link-local one: inet_pton refuses the zone. getaddrinfo with
+ * AI_NUMERICHOST reads it without asking any resolver, so it never blocks.
+ */
+static int
+addr_from_zoned(const char *host, uint16_t port, struct sockaddr_in6 *sin6, socklen_t *len)
+{
+	struct addrinfo hints = { .ai_family = AF_INET6, .ai_flags = AI_NUMERICHOST };
+	struct addrinfo *ai = NULL;
+
+	if (getaddrinfo(host, NULL, &hints, &ai) != 0)
+		return -1;
+	if (ai->ai_addrlen != sizeof *sin6 || ((struct sockaddr_in6 *)ai->ai_addr)->sin6_scope_id == 0) {
+		freeaddrinfo(ai);
+		return -1;
+	}
+	memcpy(sin6, ai->ai_addr, sizeof *sin6);
+	sin6->sin6_port = htons(port);
+	*len = sizeof *sin6;
+	freeaddrinfo(ai);
+	return 0;
 }
 
 int
@@ -127,7 +155,7 @@ addr_from_literal(const char *host, uint16_t port, struct sockaddr_storage *ss, 
 		*len = sizeof *sin6;
 		return 0;
 	}
-	return -1;
+	return strchr(host, '%') != NULL ? addr_from_zoned(host, port, sin6, len) : -1;
 }
 
 bool
@@ -184,11 +212,15 @@ addr_format_ip(const struct sockaddr *sa, char *out, size_t n)
 char *
 addr_format(const struct sockaddr *sa, char *out, size_t n)
 {
-	char ip[INET6_ADDRSTRLEN];
+	char ip[INET6_ADDRSTRLEN], zone[IF_NAMESIZE + 1] = "";
+	uint32_t scope = sa->sa_family == AF_INET6 ? ((const struct sockaddr_in6 *)sa)->sin6_scope_id : 0;
 
 	addr_format_ip(sa, ip, sizeof ip);
+	/* a link-local endpoint means nothing without its interface */
+	if (scope != 0 && if_indextoname(scope, zone + 1) != NULL)
+		zone[0] = '%';
 	if (sa->sa_family == AF_INET6)
-		snprintf(out, n, "[%s]:%u", ip, addr_port(sa));
+		snprintf(out, n, "[%s%s]:%u", ip, zone, addr_port(sa));
 	else
 		snprintf(out, n, "%s:%u", ip, addr_port(sa));
 	return out;

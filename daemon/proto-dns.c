@@ -12,7 +12,6 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,33 +202,6 @@ dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *li
 	return addr_is_any(l) && addr_port(a) == addr_port(l) && a->sa_family == l->sa_family && addr_is_loopback(a);
 }
 
-/*
- * A nameserver's address: a literal, or a link-local IPv6 one with its zone as
- * resolv.conf names it (fe80::1%eth0), which inet_pton does not take. Numeric
- * only: nothing here waits on a resolver.
- */
-static int
-dns_ns_addr(const char *host, uint16_t port, struct sockaddr_storage *ss, socklen_t *len)
-{
-	struct addrinfo hints = { .ai_family = AF_INET6, .ai_socktype = SOCK_DGRAM,
-	                          .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV };
-	struct addrinfo *ai = NULL;
-	char serv[8];
-
-	if (addr_from_literal(host, port, ss, len) == 0)
-		return 0;
-	if (strchr(host, '%') == NULL)
-		return -1;
-	snprintf(serv, sizeof serv, "%u", port);
-	if (getaddrinfo(host, serv, &hints, &ai) != 0)
-		return -1;
-	memset(ss, 0, sizeof *ss);
-	memcpy(ss, ai->ai_addr, ai->ai_addrlen);
-	*len = ai->ai_addrlen;
-	freeaddrinfo(ai);
-	return 0;
-}
-
 /* The first nameserver of resolv.conf that is not this instance, or -1. */
 static int
 dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
@@ -243,7 +215,7 @@ dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 	if (f == NULL)
 		return -1;
 	while (fgets(line, sizeof line, f)) {
-		if (sscanf(line, " nameserver %255s", ns) != 1 || dns_ns_addr(ns, 53, &ss, &len) < 0)
+		if (sscanf(line, " nameserver %255s", ns) != 1 || addr_from_literal(ns, 53, &ss, &len) < 0)
 			continue;
 		if (dns_is_self(&ss, listen)) {
 			log_info("%s: skipping nameserver %s: it is this instance", DNS_RESOLV_CONF, ns);
@@ -1103,7 +1075,7 @@ dns_start(struct instance *inst, char **why)
 		snprintf(ds->up_str, sizeof ds->up_str, "[%s]:%u", ds->up.host, ds->up.port);
 	else
 		snprintf(ds->up_str, sizeof ds->up_str, "%s:%u", ds->up.host, ds->up.port);
-	if (ds->up.host[0] && dns_ns_addr(ds->up.host, ds->up.port, &ds->up_addr, &len) == 0) {
+	if (ds->up.host[0] && addr_from_literal(ds->up.host, ds->up.port, &ds->up_addr, &len) == 0) {
 		if (dns_is_self(&ds->up_addr, &inst->listen)) {
 			*why = xasprintf("upstream %s is this instance's own address", ds->up_str);
 			free(ds);

@@ -751,3 +751,7 @@ def test_resolv_conf_link_local_nameserver_with_zone(netns, ns_etc, ns_upstream,
     assert "no nameserver" not in c.log()
     assert ns_dig(netns, "127.0.0.1", 5300, "other.example.org", "+short").split() == ["192.0.2.53"]
     assert ns_dig(netns, "127.0.0.1", 5300, "www.example.com", "+short").split() == ["10.0.0.7"]
+    # and written as the upstream itself
+    c.ctl("add", "dns", "--port", 5301, "--upstream", "[fe80::53%lo]:53", "--name", "u")
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)][1] == "[fe80::53%lo]:53"
+    assert ns_dig(netns, "127.0.0.1", 5301, "other.example.org", "+short").split() == ["192.0.2.53"]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, tshark
+from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, sh, tshark
 
 
 def curl(*args, timeout=30):
@@ -241,6 +241,38 @@ def test_forward_to_unspecified_address_of_its_own_port_is_not_a_loop(capd, host
     ss = capd.ctl("sessions", json_out=True)
     assert len(ss) == 1, f"{len(ss)} sessions"
     assert "this instance's own address" in ss[0]["reason"], ss[0]
+
+
+# An echo server on a link-local address with its zone (argv: address, port).
+V6_ECHO = r"""
+import socket, sys
+ai = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), socket.AF_INET6, socket.SOCK_STREAM)[0]
+s = socket.socket(socket.AF_INET6)
+s.bind(ai[4])
+s.listen(4)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(c.recv(100).upper())
+c.close()
+"""
+
+
+def test_forward_to_a_link_local_address_with_its_zone(netns, ns_python, ns_capd):
+    """`to = [fe80::53%lo]:PORT`, a link-local server as ip(8) and resolv.conf write
+    it (lab devices often have no other address), was refused as "bad IPv6 address":
+    inet_pton takes no zone. The zone now picks the interface, and the session's
+    target names it."""
+    sh("ip", "-n", netns, "-6", "addr", "add", "fe80::53/64", "dev", "lo")
+    ns_python(netns, V6_ECHO, "fe80::53%lo", 7007)
+    port = free_port()
+    c = ns_capd(netns, f"[forward ll]\nlisten = 127.0.0.1:{port}\nto = [fe80::53%lo]:7007\n")
+    client = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 5); "
+              "s.sendall(b'hello'); print(s.recv(100).decode())")
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", client, str(port))
+    assert r.stdout.strip() == "HELLO"
+    ss = c.wait_sessions(lambda ss: ss and ss[0]["state"] == "closed")
+    assert ss[0]["target"] == "[fe80::53%lo]:7007", ss[0]
+    assert [i["to"] for i in c.ctl("list", json_out=True)] == ["[fe80::53%lo]:7007"]
 
 
 def test_remove_frees_port(capd, echo_server):

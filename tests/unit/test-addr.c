@@ -1,4 +1,6 @@
 /* Unit tests for common/addr.c: endpoint parsing, formatting, name matching. */
+#include <net/if.h>
+#include <netinet/in.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -165,6 +167,30 @@ test_reaches(void **state)
 	assert_false(reaches("::1", 5000, "0.0.0.0", 5000));
 }
 
+/* A link-local address with its zone, as resolv.conf and ip(8) write it. */
+static void
+test_zone(void **state)
+{
+	struct sockaddr_storage ss;
+	socklen_t len;
+	struct hostport hp;
+	char *why = NULL, out[ADDR_STRLEN];
+
+	(void)state;
+	assert_int_equal(addr_from_literal("fe80::53%lo", 53, &ss, &len), 0);
+	assert_int_equal(ss.ss_family, AF_INET6);
+	assert_int_equal(((struct sockaddr_in6 *)&ss)->sin6_scope_id, if_nametoindex("lo"));
+	assert_string_equal(addr_format((struct sockaddr *)&ss, out, sizeof out), "[fe80::53%lo]:53");
+	assert_int_equal(addr_from_literal("fe80::53%no-such-if", 53, &ss, &len), -1);
+	assert_int_equal(addr_from_literal("10.0.0.1%lo", 53, &ss, &len), -1);
+	assert_int_equal(hostport_parse("[fe80::53%lo]:53", &hp, &why), 0);
+	assert_string_equal(hp.host, "fe80::53%lo");
+	assert_int_equal(hostport_parse_opt("[fe80::53%lo]", 53, &hp, &why), 0);
+	assert_int_equal(hp.port, 53);
+	assert_int_equal(hostport_parse("[fe80::53%no-such-if]:53", &hp, &why), -1);
+	free(why);
+}
+
 int
 main(void)
 {
@@ -175,6 +201,7 @@ main(void)
 		cmocka_unit_test(test_names),
 		cmocka_unit_test(test_same),
 		cmocka_unit_test(test_reaches),
+		cmocka_unit_test(test_zone),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
