@@ -262,6 +262,27 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+def start_activated(capd_factory, ls, path):
+    """capd started as systemd starts it for capd.socket: given the listening socket ls
+    (bound at path) as LISTEN_FDS. Returns the capd and its first `capctl --json status`."""
+    c = capd_factory(start=False)
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    c.logf = open(c.log_path, "ab")
+    c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
+                               str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
+                              stdout=c.logf, stderr=subprocess.STDOUT)
+    ls.close()
+    deadline = time.time() + 10
+    while True:
+        r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
+        if r.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.returncode == 0, r.stderr + c.log()
+    return c, r
+
+
 def test_socket_activation_serves_capctl(capd_factory, tmp_path):
     """Issue 10: capd takes a socket passed the sd_listen_fds way (LISTEN_FDS=1,
     LISTEN_PID) instead of binding `control =`, and serves capctl on it; the
@@ -275,21 +296,7 @@ def test_socket_activation_serves_capctl(capd_factory, tmp_path):
         ls.listen(16)
         os.chmod(path, 0o660)
         os.chown(path, 0, 65534)
-        c = capd_factory(start=False)
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)
-        c.logf = open(c.log_path, "ab")
-        c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
-                                   str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
-                                  stdout=c.logf, stderr=subprocess.STDOUT)
-        ls.close()
-        deadline = time.time() + 10
-        while True:
-            r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
-            if r.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(0.05)
-        assert r.returncode == 0, r.stderr + c.log()
+        c, r = start_activated(capd_factory, ls, path)
         st = json.loads(r.stdout)
         assert st["pid"] == c.proc.pid
         assert not c.sock.exists(), "capd bound control = although it was given a socket"
@@ -325,21 +332,7 @@ def test_socket_activation_status_names_the_passed_socket(capd_factory, tmp_path
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ls.bind(str(path))
         ls.listen(16)
-        c = capd_factory(start=False)
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)
-        c.logf = open(c.log_path, "ab")
-        c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
-                                   str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
-                                  stdout=c.logf, stderr=subprocess.STDOUT)
-        ls.close()
-        deadline = time.time() + 10
-        while True:
-            r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
-            if r.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(0.05)
-        assert r.returncode == 0, r.stderr + c.log()
+        c, r = start_activated(capd_factory, ls, path)
         assert json.loads(r.stdout)["control"] == str(path), r.stdout
         assert f"ready: control {path}," in c.log(), c.log()
         c.proc.send_signal(signal.SIGTERM)

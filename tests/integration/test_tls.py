@@ -767,17 +767,9 @@ class TlsEcho(Listener):
             c.close()
 
 
-class TlsBadRecord(Listener):
+class TlsBadRecord(TlsEcho):
     """A TLS server that answers a request with the start of a response, then puts a
     record on the wire that does not decrypt (bad record MAC)."""
-
-    def __init__(self, origin):
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(origin.cert, origin.key)
-        super().__init__()
-
-    def handle(self, c, peer):
-        apart(self.serve, c)
 
     def serve(self, c):
         try:
