@@ -24,6 +24,13 @@
 
 #define SNIFF_SNAPLEN_MAX 262144u     /* libpcap's own default and ceiling */
 /*
+ * Asked of libpcap beyond snaplen, and cut off here: in immediate mode libpcap
+ * 1.10 sizes its TPACKET_V2 ring frames so that the kernel's alignment of the
+ * network header takes 2 bytes of an Ethernet (or loopback) packet's snaplen;
+ * `--snaplen 60` kept 58 bytes where dumpcap -s 60 keeps 60.
+ */
+#define SNIFF_SNAP_SLACK 64u
+/*
  * Kernel ring. Immediate mode uses fixed-size frames as big as the snap
  * length (or the device's MTU): loopback's 64 KiB segments and `any` with the
  * default snap length need a big ring to hold more than a handful of them.
@@ -189,7 +196,8 @@ sniff_packet_cb(u_char *arg, const struct pcap_pkthdr *h, const u_char *bytes)
 	ts.tv_sec = h->ts.tv_sec;
 	/* with nanosecond precision libpcap puts nanoseconds in tv_usec */
 	ts.tv_nsec = sn->run->tsnano ? (long)h->ts.tv_usec : (long)h->ts.tv_usec * 1000;
-	if (!spool_packet(inst->spool_iface, &ts, bytes, h->caplen, h->len))
+	if (!spool_packet(inst->spool_iface, &ts, bytes, h->caplen < sn->cfg.snaplen ? h->caplen : sn->cfg.snaplen,
+	                  h->len))
 		sn->n.dropped_spool++;
 }
 
@@ -278,7 +286,8 @@ sniff_prepare(struct instance *inst, char **why)
 		*why = xasprintf("cannot capture on %s: %s", sn->cfg.interface, errbuf);
 		return -1;
 	}
-	pcap_set_snaplen(pc, (int)sn->cfg.snaplen);
+	pcap_set_snaplen(pc, (int)(sn->cfg.snaplen < SNIFF_SNAPLEN_MAX ? sn->cfg.snaplen + SNIFF_SNAP_SLACK
+	                                                               : SNIFF_SNAPLEN_MAX));
 	pcap_set_promisc(pc, sn->cfg.promisc);
 	pcap_set_immediate_mode(pc, 1);
 	pcap_set_buffer_size(pc, SNIFF_BUFFER);
