@@ -35,7 +35,6 @@
 #define FOLLOW_SUB_RESUME (8u << 20)   /* ... and below which it gets them again */
 #define FOLLOW_NOTE_RETRY 0.25         /* a loss not yet told is retried this often */
 #define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
-#define FOLLOW_CONN_SUBS 2             /* follows one control connection may hold */
 #define FOLLOW_END_WAIT 1.0            /* a removed instance's last packets reach its followers within this */
 #define FOLLOW_ALL (-1)                /* follow_sub.iface: every interface */
 
@@ -297,15 +296,14 @@ spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
 	struct utsname u;
 	char os[160] = "";
 	json_t *j;
-	int n = 0;
 
+	/* capture.data names no follow: a second stream on the connection would
+	 * interleave its blocks with the first's, which no reader could part */
 	LIST_FOREACH(sub, &follow_list, entry)
-		if (sub->conn == c)
-			n++;
-	if (n >= FOLLOW_CONN_SUBS) {
-		*why = xasprintf("this connection follows the capture %d times already", n);
-		return NULL;
-	}
+		if (sub->conn == c) {
+			*why = xstrdup("this connection follows the capture already");
+			return NULL;
+		}
 	spool_follow_init();
 	sub = xcalloc(1, sizeof *sub);
 	sub->conn = c;

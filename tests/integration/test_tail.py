@@ -331,6 +331,23 @@ def test_events_subscribe_twice_is_refused(capd):
     assert data.count(b'"instance.add"') == 1, data
 
 
+def test_capture_follow_twice_is_refused(capd):
+    """capture.data names no follow, so two follows on one connection sent two pcapng
+    streams interleaved, blocks of one inside the other's: a second follow is refused
+    and the first goes on."""
+    with socket.socket(socket.AF_UNIX) as u:
+        u.connect(str(capd.sock))
+        u.settimeout(5)
+        for i in (1, 2):
+            u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "capture.follow"}).encode() + b"\n")
+        data = b""
+        while data.count(b"\n") < 2:
+            data += u.recv(65536)
+        first, second = (json.loads(x) for x in data.splitlines()[:2])
+        assert "data" in first["result"], first
+        assert second["error"]["message"] == "this connection follows the capture already", second
+
+
 class Sink:
     """Accepts one connection, reads everything, sends back the count, and
     closes when told to (the session stays open until then)."""
@@ -722,8 +739,8 @@ def test_half_closed_follow_is_closed_when_its_instance_is_removed(capd, echo_se
     msgs = [json.loads(x) for x in data.splitlines()]
     assert msgs[0]["id"] == 1 and "data" in msgs[0]["result"]
     assert msgs[-1]["method"] == "capture.end" and msgs[-1]["params"]["instance"] == "fw"
-    # the connection's follows are free again: two more may be taken on a new one
-    assert capd.rpc_many(("capture.follow", {}), ("capture.follow", {}))[1]["result"]["data"]
+    # and capd goes on serving follows
+    assert capd.rpc_many(("capture.follow", {}))[0]["result"]["data"]
 
 
 def test_capture_follow_keeps_up_with_a_burst(capd, echo_server, tmp_path):
