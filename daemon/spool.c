@@ -1939,16 +1939,37 @@ spool_keylog(const char *line)
 	queue_put(&r, line, n, NULL, 0, false);
 }
 
+/*
+ * The files in the folder now: the writer's count dates from its last
+ * trim, and files deleted by hand since would still be counted. -1 when
+ * the folder cannot be read.
+ */
+static long
+spool_count_files(void)
+{
+	struct spool_file *v;
+	size_t n;
+	int fd;
+
+	if (!atomic_load(&running) || (fd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+		return -1;
+	v = spool_list(fd, &n);
+	free(v);
+	close(fd);
+	return (long)n;
+}
+
 json_t *
 spool_status(void)
 {
 	char path[PATH_MAX];
+	long files = spool_count_files();
 
 	pthread_mutex_lock(&q.mu);
 	memcpy(path, q.path, sizeof path);
 	pthread_mutex_unlock(&q.mu);
 	return json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "file", path,
-	                 "files", (json_int_t)atomic_load(&st_files),
+	                 "files", (json_int_t)(files >= 0 ? files : (long)atomic_load(&st_files)),
 	                 "bytes", (json_int_t)atomic_load(&st_bytes),
 	                 "packets", (json_int_t)atomic_load(&st_packets),
 	                 "dropped_packets", (json_int_t)atomic_load(&st_dropped_packets),

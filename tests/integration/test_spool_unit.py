@@ -256,6 +256,21 @@ def test_reload_lowering_keep_files_trims_now(capd_factory):
     assert capd.pcaps() == files[-2:]
     assert status(capd)["files"] == 2 and status(capd)["file"] == str(files[-1])
 
+
+def test_status_counts_files_deleted_by_hand(capd_factory):
+    """capture status counts the files in the folder now: an administrator who
+    deletes old capture files by hand (to free the disk, or after copying them
+    off) is not told the ring still holds them until the next rotation."""
+    capd = capd_factory(settings="keep_files = 10\n")
+    for _ in range(4):
+        capd.ctl("capture", "rotate")
+    files = capd.pcaps()
+    assert len(files) == 5 and status(capd)["files"] == 5
+    for f in files[:3]:
+        f.unlink()
+    assert status(capd)["files"] == 2
+    assert capd.ctl("capture", "status").stdout.splitlines()[1].split() == ["files:", "2"]
+
 @pytest.fixture
 def xfs_mount(tmp_path):
     """Mounts a fresh XFS file system (a loop device over a file) at a path; yields the mounter,
