@@ -105,6 +105,19 @@ conf_path(struct conf_parse *cp, const char *key, const char *v)
 	return xasprintf("%s/%s", cp->base, v);
 }
 
+/* A folder's path without trailing slashes ("/" stays), so the paths made
+ * from it (capture status's file, the logs) have no "//" in them. */
+static char *
+conf_dir(struct conf_parse *cp, const char *key, const char *v)
+{
+	char *path = conf_path(cp, key, v);
+	size_t n = path != NULL ? strlen(path) : 0;
+
+	while (n > 1 && path[n - 1] == '/')
+		path[--n] = '\0';
+	return path;
+}
+
 static void
 conf_set_str(char **slot, char *v)
 {
@@ -133,9 +146,9 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 	else if (!strcmp(key, "control_group"))
 		conf_set_str(&st->control_group, xstrdup(v));
 	else if (!strcmp(key, "spool"))
-		conf_set_str(&st->spool, conf_path(cp, key, v));
+		conf_set_str(&st->spool, conf_dir(cp, key, v));
 	else if (!strcmp(key, "state_dir"))
-		conf_set_str(&st->state_dir, conf_path(cp, key, v));
+		conf_set_str(&st->state_dir, conf_dir(cp, key, v));
 	else if (!strcmp(key, "user"))
 		conf_set_str(&st->user, xstrdup(v));
 	else if (!strcmp(key, "hosts_file"))

@@ -316,6 +316,20 @@ def test_rotation_on_xfs_writes_nothing_back(xfs_mount, capd_factory, server):
     assert written < 8 << 20, f"{written} bytes written to {dev} while rotating"
 
 
+def test_spool_folder_with_a_trailing_slash(capd_factory):
+    """spool = /path/ (as tab completion writes it) names the files without
+    a "//" in capture status, its JSON and the capture.rotate events."""
+    capd = capd_factory(start=False)
+    capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}\n",
+                                                                 f"spool = {capd.spool}//\n"))
+    capd.start()
+    first = status(capd)["file"]
+    rotated = capd.ctl("capture", "rotate", json_out=True)["file"]
+    files = capd.pcaps()
+    assert [first, rotated] == [str(f) for f in files], (first, rotated, files)
+    assert "//" not in capd.ctl("capture", "status").stdout
+
+
 def test_rotate_now_and_numbering(capd_factory, server):
     capd = capd_factory()
     first = status(capd)["file"]
