@@ -56,6 +56,10 @@ static LIST_HEAD(, follow_sub) follow_list = LIST_HEAD_INITIALIZER(follow_list);
 /* Each handle's IDB as the writer encoded it (empty: not seen yet). */
 static struct buf *idb_table;
 static int nidb_table;
+/* Handles whose instance was removed: a new follower's head leaves them out,
+ * as a new spool file does (their late packets still bring their IDB). */
+static bool *idb_gone;
+static int nidb_gone;
 static ev_async follow_async;
 static ev_timer follow_retry;          /* tells losses when no packet comes to carry them */
 static bool follow_started;
@@ -279,6 +283,14 @@ spool_follow_iface_removed(int iface, const char *name)
 {
 	struct follow_sub *sub;
 
+	if (iface >= nidb_gone) {
+		int n = iface + 16;
+		idb_gone = xrealloc(idb_gone, (size_t)n * sizeof *idb_gone);
+		memset(idb_gone + nidb_gone, 0, (size_t)(n - nidb_gone) * sizeof *idb_gone);
+		nidb_gone = n;
+	}
+	if (iface >= 0)
+		idb_gone[iface] = true;
 	LIST_FOREACH(sub, &follow_list, entry)
 		if (sub->iface == iface && sub->gone == NULL) {
 			sub->gone = xstrdup(name);
@@ -315,7 +327,7 @@ spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
 	pcapng_shb(&head, NULL, os[0] ? os : NULL, "capd " CAPD_VERSION);
 	/* the interfaces seen so far; later ones come with their first packet */
 	for (int h = 0; h < nidb_table; h++)
-		if ((iface < 0 || h == iface) && buf_used(&idb_table[h]) > 0)
+		if ((iface < 0 || h == iface) && buf_used(&idb_table[h]) > 0 && !(h < nidb_gone && idb_gone[h]))
 			follow_idb(sub, &head, h);
 	j = base64_json(buf_head(&head), buf_used(&head));
 	buf_free(&head);

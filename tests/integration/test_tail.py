@@ -717,6 +717,54 @@ def test_capture_follow_ends_when_its_instance_is_removed(capd, echo_server, tmp
     assert up == b"last words" and down == b"last words"
 
 
+def follow_head_interfaces(capd):
+    """The if_name of each IDB in the head a new capture.follow is answered with."""
+    import base64
+    import struct
+    head = base64.b64decode(capd.rpc_many(("capture.follow", {}))[0]["result"]["data"])
+    names, off = [], 0
+    while off < len(head):
+        btype, blen = struct.unpack_from("=II", head, off)
+        if btype == 1:  # IDB: options after linktype, reserved, snaplen
+            o = off + 16
+            while o < off + blen - 4:
+                code, olen = struct.unpack_from("=HH", head, o)
+                if code == 0:
+                    break
+                if code == 2:
+                    names.append(head[o + 4:o + 4 + olen].decode())
+                o += 4 + (olen + 3) // 4 * 4
+        off += blen
+    return names
+
+
+def test_capture_follow_head_leaves_out_removed_instances(capd, echo_server):
+    """A follow started after an instance was removed got that instance's
+    interface in its head all the same (every one ever seen: a capd that ran
+    many traces handed each new follower hundreds of dead interfaces), while a
+    new spool file names only the live ones."""
+    gone = forward(capd, echo_server.port, name="gone")
+    kept = forward(capd, echo_server.port, name="kept")
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_calls(capd, "capture.follow", 1)
+        for port in (gone, kept):
+            s, _ = open_session(capd, port)
+            s.sendall(b"seen")
+            assert s.recv(100) == b"seen"
+            s.close()
+        deadline = time.time() + 10
+        while sorted(follow_head_interfaces(capd)) != ["gone", "kept"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert sorted(follow_head_interfaces(capd)) == ["gone", "kept"]
+        capd.ctl("remove", "gone")
+        assert follow_head_interfaces(capd) == ["kept"]
+    finally:
+        p.terminate()
+        p.wait(5)
+
+
 def test_half_closed_follow_is_closed_when_its_instance_is_removed(capd, echo_server):
     """A raw client that asks for capture.follow of an instance and half-closes gets
     capture.end when the instance is removed, then the close; capd kept the
