@@ -35,6 +35,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -637,6 +638,22 @@ tls_client_cert_cb(SSL *ssl, X509 **x, EVP_PKEY **k)
 	return 0;
 }
 
+static pthread_once_t tls_trust_once = PTHREAD_ONCE_INIT;
+
+/*
+ * The system's trusted certificates into the verifying context, once. Parsing
+ * the bundle (some 140 certificates) is most of what a TLS-less capd's start
+ * took (a fifth of a second under the sanitizers), and a capd that
+ * intercepts nothing never needs it. The first session that verifies pays it,
+ * before any session uses the context (pthread_once: the sessions' threads).
+ */
+static void
+tls_trust_load(void)
+{
+	if (SSL_CTX_set_default_verify_paths(tls_cli_verify) != 1)
+		log_warnx("cannot load the system's trusted certificates; tls_verify will refuse every server");
+}
+
 static SSL_CTX *
 tls_client_ctx(bool verify, char **why)
 {
@@ -651,8 +668,8 @@ tls_client_ctx(bool verify, char **why)
 	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
 	SSL_CTX_set_client_cert_cb(ctx, tls_client_cert_cb);
 	if (verify) {
-		if (SSL_CTX_set_default_verify_paths(ctx) != 1)
-			log_warnx("cannot load the system's trusted certificates; tls_verify will refuse every server");
+		/* the system's trusted certificates are read at the first verifying
+		 * session (tls_trust_load): a capd that intercepts nothing never reads them */
 		SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	} else {
 		SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
@@ -1369,6 +1386,8 @@ tls_upstream_begin(struct tls_session *ts)
 	char ip[ADDR_STRLEN];
 
 	ts->st = TLS_ST_UPSTREAM;
+	if (ts->cfg->verify)
+		pthread_once(&tls_trust_once, tls_trust_load);
 	if (tls_side_init(ts, u, &s->upstream, ts->cfg->verify ? tls_cli_verify : tls_cli_noverify,
 	                  TLS_LEG_UPSTREAM) < 0) {
 		tls_fail(ts, "cannot start the upstream TLS handshake (out of memory?)");
