@@ -299,18 +299,25 @@ def test_tail_session_option_twice_is_usage_error(capd, args, msg):
     assert r.returncode == 2 and r.stderr == f"capctl: {msg}\n", (r.returncode, r.stderr)
 
 
+def call_twice(capd, u, method):
+    """The same streaming call twice on one connection u (left open for what follows):
+    the two replies, and every byte read so far."""
+    u.connect(str(capd.sock))
+    u.settimeout(5)
+    for i in (1, 2):
+        u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": method}).encode() + b"\n")
+    data = b""
+    while data.count(b"\n") < 2:
+        data += u.recv(65536)
+    first, second = (json.loads(x) for x in data.splitlines()[:2])
+    return first, second, data
+
+
 def test_events_subscribe_twice_is_refused(capd):
     """A second events.subscribe on one connection would send every event twice:
     it is refused with a clear error and the first subscription goes on alone."""
     with socket.socket(socket.AF_UNIX) as u:
-        u.connect(str(capd.sock))
-        u.settimeout(5)
-        for i in (1, 2):
-            u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "events.subscribe"}).encode() + b"\n")
-        data = b""
-        while data.count(b"\n") < 2:
-            data += u.recv(65536)
-        first, second = (json.loads(x) for x in data.splitlines()[:2])
+        first, second, data = call_twice(capd, u, "events.subscribe")
         assert first["result"] == {"subscribed": True}
         assert "subscribed to events already" in second["error"]["message"], second
         port = free_port()
@@ -336,14 +343,7 @@ def test_capture_follow_twice_is_refused(capd):
     streams interleaved, blocks of one inside the other's: a second follow is refused
     and the first goes on."""
     with socket.socket(socket.AF_UNIX) as u:
-        u.connect(str(capd.sock))
-        u.settimeout(5)
-        for i in (1, 2):
-            u.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "capture.follow"}).encode() + b"\n")
-        data = b""
-        while data.count(b"\n") < 2:
-            data += u.recv(65536)
-        first, second = (json.loads(x) for x in data.splitlines()[:2])
+        first, second, _ = call_twice(capd, u, "capture.follow")
         assert "data" in first["result"], first
         assert second["error"]["message"] == "this connection follows the capture already", second
 
