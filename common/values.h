@@ -9,6 +9,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Bounds of instance parameters that capd enforces and capctl checks first (exit 2). */
+#define VALUE_AUTH_FIELD_MAX 255           /* RFC 1929: a user name or a password, bytes */
+#define VALUE_SNAPLEN_MAX 262144u          /* sniff snaplen: libpcap's own default and ceiling */
+#define VALUE_HEADER_SIZE_MIN 1024u        /* max_header_size */
+#define VALUE_HEADER_SIZE_MAX (64u * 1024) /* max_header_size: a head fits the relay's buffer */
+#define VALUE_TTL_MAX 2147483647u          /* dns ttl: RFC 2181 8 */
+
 int value_size(const char *s, uint64_t *out);
 /* Duration in seconds; "0" means off where the key allows it. */
 int value_duration(const char *s, double *out);

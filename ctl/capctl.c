@@ -87,6 +87,29 @@ ctl_name(const char *what, const char *s)
 	return ctl_string(what, s);
 }
 
+int
+ctl_instance_opt(int argc, char **argv, int *k, json_t *params)
+{
+	const char *name;
+	json_t *v;
+
+	if (!strcmp(argv[*k], "--instance")) {
+		if (*k + 1 >= argc)
+			return usage_error("--instance needs a name");
+		name = argv[++*k];
+	} else if (!strncmp(argv[*k], "--instance=", 11)) {
+		name = argv[*k] + 11;
+	} else {
+		return -1;
+	}
+	if (json_object_get(params, "instance") != NULL)  /* one instance is asked for: the last would win */
+		return usage_error("--instance given twice");
+	if ((v = ctl_name("--instance", name)) == NULL)
+		return CTL_USAGE;
+	json_object_set_new(params, "instance", v);
+	return CTL_OK;
+}
+
 /*
  * What a command printed must have reached its file: `capctl ca export >
  * ca.pem` on a full disk is a failure, not an empty file and exit 0. A

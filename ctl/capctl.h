@@ -56,6 +56,9 @@ int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /*
 json_t *ctl_string(const char *what, const char *s);
 /* An instance name as a JSON string, as ctl_string; an empty one is refused the same way. */
 json_t *ctl_name(const char *what, const char *s);
+/* argv[*k] as `--instance NAME` or `--instance=NAME` into params' "instance" (*k moves
+ * past its value): CTL_OK, CTL_USAGE after saying why, or -1 when argv[*k] is another word. */
+int ctl_instance_opt(int argc, char **argv, int *k, json_t *params);
 
 /* Prefix matching of words: exact first, then a unique prefix. -1 when none, -2 ambiguous. */
 int word_match(const char *word, const char *const *words, int n);

@@ -44,7 +44,6 @@ static const char *const add_types[] = { "forward", "socks", "http", "reverse", 
 #define NTYPES ((int)(sizeof add_types / sizeof add_types[0]))
 #define TLS_TYPES "forward socks http reverse"
 #define LISTEN_TYPES "forward socks http reverse dns"
-#define AUTH_FIELD_MAX 255  /* RFC 1929's bound on a user name and a password: capd's USERS_FIELD_MAX */
 
 static const struct add_opt add_opts[] = {
 	{ NULL, "--name", "name", OPT_VALUE, CHK_NAME, NULL },
@@ -84,9 +83,9 @@ static const struct add_range {
 	uint64_t min, max;
 	const char *text;
 } add_ranges[] = {
-	{ "ttl", 0, INT32_MAX, "0 to 2147483647" },        /* proto-dns.c */
-	{ "snaplen", 0, 262144, "0 to 262144" },           /* sniff.c: libpcap's ceiling; 0 is that too */
-	{ "max_header_size", 1024, 65536, "1K to 64K" },  /* http-proxy.c */
+	{ "ttl", 0, VALUE_TTL_MAX, "0 to 2147483647" },
+	{ "snaplen", 0, VALUE_SNAPLEN_MAX, "0 to 262144" },  /* 0 is the ceiling too */
+	{ "max_header_size", VALUE_HEADER_SIZE_MIN, VALUE_HEADER_SIZE_MAX, "1K to 64K" },
 };
 
 static const struct add_range *
@@ -252,12 +251,12 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 	case CHK_AUTH:  /* as capd's users.c: the name ends at the first ':' */
 		if (strchr(v, ':') == NULL || v[0] == ':')
 			return usage_error("%s: bad '%s': expected user:password", ao->opt, v);
-		if (strcspn(v, ":") > AUTH_FIELD_MAX)
+		if (strcspn(v, ":") > VALUE_AUTH_FIELD_MAX)
 			return usage_error("%s: the user name is %zu bytes: RFC 1929 allows 1 to %d", ao->opt,
-			                   strcspn(v, ":"), AUTH_FIELD_MAX);
-		if (strlen(strchr(v, ':') + 1) > AUTH_FIELD_MAX)
+			                   strcspn(v, ":"), VALUE_AUTH_FIELD_MAX);
+		if (strlen(strchr(v, ':') + 1) > VALUE_AUTH_FIELD_MAX)
 			return usage_error("%s: the password is %zu bytes: RFC 1929 allows up to %d", ao->opt,
-			                   strlen(strchr(v, ':') + 1), AUTH_FIELD_MAX);
+			                   strlen(strchr(v, ':') + 1), VALUE_AUTH_FIELD_MAX);
 		return 0;
 	case CHK_NONE:
 		break;

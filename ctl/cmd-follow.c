@@ -53,26 +53,12 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	for (int k = 2; k < argc; k++) {
-		const char *name;
-		json_t *v;
+		int rc_opt = ctl_instance_opt(argc, argv, &k, params);
 
-		if (!strcmp(argv[k], "--instance") && k + 1 < argc) {
-			name = argv[++k];
-		} else if (!strncmp(argv[k], "--instance=", 11)) {
-			name = argv[k] + 11;
-		} else {
-			json_decref(params);
-			return usage_error("usage: capctl capture follow [--instance NAME]");
-		}
-		if (json_object_get(params, "instance") != NULL) {
-			json_decref(params);  /* it follows one instance: the last would win */
-			return usage_error("--instance given twice");
-		}
-		if ((v = ctl_name("--instance", name)) == NULL) {
-			json_decref(params);
-			return CTL_USAGE;
-		}
-		json_object_set_new(params, "instance", v);
+		if (rc_opt == CTL_OK)
+			continue;
+		json_decref(params);
+		return rc_opt < 0 ? usage_error("usage: capctl capture follow [--instance NAME]") : rc_opt;
 	}
 	if (isatty(STDOUT_FILENO)) {
 		json_decref(params);

@@ -18,31 +18,16 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	for (int k = 1; k < argc; k++) {
-		const char *name = NULL;
+		int rc_opt = ctl_instance_opt(argc, argv, &k, params);
 
-		if (!strcmp(argv[k], "--instance") && k + 1 < argc)
-			name = argv[++k];
-		else if (!strcmp(argv[k], "--instance")) {
-			json_decref(params);
-			return usage_error("--instance needs a name");
-		} else if (!strncmp(argv[k], "--instance=", 11))
-			name = argv[k] + 11;
-		if (name != NULL && json_object_get(params, "instance") != NULL) {
-			json_decref(params);  /* the filter takes one instance: the last would win */
-			return usage_error("--instance given twice");
-		} else if (name != NULL) {
-			json_t *v = ctl_name("--instance", name);
-			if (v == NULL) {
-				json_decref(params);
-				return CTL_USAGE;
-			}
-			json_object_set_new(params, "instance", v);
-		} else if (!strcmp(argv[k], "--open"))
+		if (rc_opt == CTL_OK)
+			continue;
+		if (rc_opt < 0 && !strcmp(argv[k], "--open")) {
 			json_object_set_new(params, "open", json_true());
-		else {
-			json_decref(params);
-			return usage_error("usage: capctl sessions [--instance NAME] [--open]");
+			continue;
 		}
+		json_decref(params);
+		return rc_opt < 0 ? usage_error("usage: capctl sessions [--instance NAME] [--open]") : rc_opt;
 	}
 	if ((rc = client_call(o, "session.list", params, &r)) != CTL_OK)
 		return rc;

@@ -35,6 +35,7 @@
 #include "session.h"
 #include "tls.h"
 #include "users.h"
+#include "values.h"
 #include "xmalloc.h"
 
 #define HTTP_WAIT_REQUEST 60.0  /* seconds a new (or handed-on) client connection has to complete a request head */
@@ -80,7 +81,8 @@ http_cfg_limits(struct http_cfg *cfg, struct params *p)
 
 	if (params_size(p, "max_header_size", HTTP_HEAD_DEFAULT, &max) < 0)
 		return -1;
-	if (max < 1024 || max > HTTP_PROXY_HS_MAX)
+	_Static_assert(VALUE_HEADER_SIZE_MAX <= HTTP_PROXY_HS_MAX, "a head must fit the relay");
+	if (max < VALUE_HEADER_SIZE_MIN || max > VALUE_HEADER_SIZE_MAX)
 		return params_fail(p, "max_header_size", "max_header_size must be between 1K and 64K");
 	cfg->lim.max_head = (size_t)max;
 	cfg->lim.max_headers = HTTP_MAX_HEADERS;

@@ -25,6 +25,7 @@
 #include "log.h"
 #include "resolve.h"
 #include "session.h"
+#include "values.h"
 #include "xmalloc.h"
 
 #define DNS_TRY_TIMEOUT 2.0      /* seconds per upstream attempt */
@@ -133,7 +134,7 @@ dns_configure(struct instance *inst, struct params *p)
 			return -1;
 		}
 	}
-	if (params_uint(p, "ttl", 60, INT32_MAX, &ttl) < 0)
+	if (params_uint(p, "ttl", 60, VALUE_TTL_MAX, &ttl) < 0)
 		return -1;
 	dc->rules.ttl = (uint32_t)ttl;
 	if ((up = params_str(p, "upstream", NULL)) != NULL) {

@@ -20,9 +20,10 @@
 #include "instance.h"
 #include "log.h"
 #include "spool.h"
+#include "values.h"
 #include "xmalloc.h"
 
-#define SNIFF_SNAPLEN_MAX 262144u     /* libpcap's own default and ceiling */
+#define SNIFF_SNAPLEN_MAX VALUE_SNAPLEN_MAX  /* libpcap's own default and ceiling */
 /*
  * Asked of libpcap beyond snaplen, and cut off here: in immediate mode libpcap
  * 1.10 sizes its TPACKET_V2 ring frames so that the kernel's alignment of the

@@ -10,8 +10,9 @@
 #include <stddef.h>
 
 #include "params.h"
+#include "values.h"
 
-#define USERS_FIELD_MAX 255  /* RFC 1929 limits names and passwords to 255 bytes */
+#define USERS_FIELD_MAX VALUE_AUTH_FIELD_MAX  /* RFC 1929 limits names and passwords to 255 bytes */
 
 struct users;
 
