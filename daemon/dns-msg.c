@@ -199,7 +199,37 @@ dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
 	return w ? w : dns_msg_header_reply(p, rcode, outlen);
 }
 
-/* Adds one address record per rule of pattern that fits the question type. */
+/*
+ * The SOA capd stands behind for a name it answers: owned by the name itself,
+ * so that it is in bailiwick for every resolver (an ancestor-or-self of the
+ * question), with capd's rule TTL as its TTL and its MINIMUM, which RFC 2308 5
+ * makes the time a resolver keeps a negative answer. Caller owns.
+ */
+static ldns_rr *
+dns_msg_soa(const ldns_rr *qrr, uint32_t ttl)
+{
+	const uint32_t timers[] = { DNS_SOA_SERIAL, DNS_SOA_REFRESH, DNS_SOA_RETRY, DNS_SOA_EXPIRE, ttl };
+	ldns_rr *rr = ldns_rr_new();
+
+	ldns_rr_set_owner(rr, ldns_rdf_clone(ldns_rr_owner(qrr)));
+	ldns_rr_set_class(rr, LDNS_RR_CLASS_IN);
+	ldns_rr_set_ttl(rr, ttl);
+	ldns_rr_set_type(rr, LDNS_RR_TYPE_SOA);
+	ldns_rr_push_rdf(rr, ldns_dname_new_frm_str(DNS_SOA_MNAME));
+	ldns_rr_push_rdf(rr, ldns_dname_new_frm_str(DNS_SOA_RNAME));
+	ldns_rr_push_rdf(rr, ldns_native2rdf_int32(LDNS_RDF_TYPE_INT32, timers[0]));
+	for (size_t i = 1; i < sizeof timers / sizeof timers[0]; i++)
+		ldns_rr_push_rdf(rr, ldns_native2rdf_int32(LDNS_RDF_TYPE_PERIOD, timers[i]));
+	return rr;
+}
+
+/*
+ * Adds one address record per rule of pattern that fits the question type. A
+ * question of a type the name has no record of (AAAA for a name with only an
+ * A, MX, HTTPS...) gets NODATA: no answer and the SOA in the authority section,
+ * without which a resolver cannot keep the negative answer (RFC 2308 2.2, 5)
+ * and asks again at every lookup. An SOA question gets that SOA as its answer.
+ */
 static void
 dns_msg_add_answers(ldns_pkt *a, const struct dns_rules *r, const char *pattern, const ldns_rr *qrr)
 {
@@ -228,6 +258,10 @@ dns_msg_add_answers(ldns_pkt *a, const struct dns_rules *r, const char *pattern,
 		}
 		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, rr);
 	}
+	if (qt == LDNS_RR_TYPE_SOA)
+		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, dns_msg_soa(qrr, r->ttl));
+	else if (ldns_pkt_ancount(a) == 0)
+		ldns_pkt_push_rr(a, LDNS_SECTION_AUTHORITY, dns_msg_soa(qrr, r->ttl));
 	ldns_pkt_set_aa(a, true);
 }
 

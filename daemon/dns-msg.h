@@ -20,6 +20,13 @@
 #define DNS_EDNS_SIZE 1232    /* the UDP size capd advertises and uses upstream */
 #define DNS_MAX_MSG 65535
 #define DNS_RCODE_BADVERS 16  /* RFC 6891: 0 in the header, 1 in the OPT record's extended rcode */
+/* The SOA of a name capd answers (its MINIMUM and TTL are the rules' ttl) */
+#define DNS_SOA_MNAME "capd.invalid."  /* RFC 6761 6.4: a name that is never real */
+#define DNS_SOA_RNAME "hostmaster.capd.invalid."
+#define DNS_SOA_SERIAL 1
+#define DNS_SOA_REFRESH 3600
+#define DNS_SOA_RETRY 600
+#define DNS_SOA_EXPIRE 86400
 
 /* One `answer = name=addr` rule. Owned by its dns_rules. */
 struct dns_rule {

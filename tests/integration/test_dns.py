@@ -253,6 +253,30 @@ def test_rules_answer_a_aaaa_and_wildcards(dnsd, upstream):
     assert upstream.queries == [("udp", "game.test")]
 
 
+def test_nodata_carries_the_names_soa(dnsd, upstream):
+    """RFC 2308: a NODATA answer (the name is capd's, it has no record of the type asked:
+    AAAA for a name with only an A, MX, TXT, HTTPS that browsers ask for) went out without
+    an SOA in the authority section, so a resolver could not cache it and asked again at
+    every lookup. It now carries an SOA owned by the name, whose TTL and MINIMUM (the
+    negative TTL) are the instance's ttl; an SOA question gets it as the answer."""
+    port = dnsd.port
+    for tcp in (False, True):
+        for name, rdtype in (("a.game.test", "AAAA"), ("Www.Example.com", "MX"), ("www.example.com", "TXT"),
+                             ("a.game.test", "HTTPS"), ("x.y.game.test", "SVCB")):
+            r = ask(name, rdtype, port, tcp=tcp)
+            assert r.rcode() == dns.rcode.NOERROR and r.answer == [] and r.flags & dns.flags.AA
+            assert len(r.authority) == 1, (name, rdtype, tcp, r)
+            soa = r.authority[0]
+            assert soa.rdtype == dns.rdatatype.SOA and soa.name == dns.name.from_text(name)
+            assert soa.ttl == 30 and soa[0].minimum == 30
+        for name, rdtype in (("www.example.com", "A"), ("www.example.com", "AAAA"), ("a.game.test", "ANY")):
+            r = ask(name, rdtype, port, tcp=tcp)
+            assert r.answer and r.authority == [], (name, rdtype, r)  # a positive answer has no SOA
+        r = ask("a.game.test", "SOA", port, tcp=tcp)
+        assert [rr.rdtype for rr in r.answer] == [dns.rdatatype.SOA] and r.authority == []
+    assert upstream.queries == []
+
+
 def test_escaped_dot_inside_a_label_is_no_label_boundary(dnsd, upstream):
     """A name whose label holds a dot (x\\.game.test: the labels "x.game" and "test") is a
     name under test, not under game.test; capd matched rules on the presentation text and

@@ -112,6 +112,24 @@ decide(const struct dns_rules *r, const uint8_t *q, size_t n, bool tcp, enum dns
 	return a;
 }
 
+/* The authority section of a holds one SOA of owner with TTL and MINIMUM ttl, and nothing else. */
+static void
+assert_nodata_soa(const ldns_pkt *a, const char *owner, uint32_t ttl)
+{
+	ldns_rr *soa;
+	char *txt;
+
+	assert_int_equal(ldns_pkt_nscount(a), 1);
+	soa = ldns_rr_list_rr(ldns_pkt_authority(a), 0);
+	assert_int_equal(ldns_rr_get_type(soa), LDNS_RR_TYPE_SOA);
+	txt = ldns_rdf2str(ldns_rr_owner(soa));
+	assert_string_equal(txt, owner);
+	free(txt);
+	assert_int_equal(ldns_rr_ttl(soa), ttl);
+	assert_int_equal(ldns_rr_rd_count(soa), 7);
+	assert_int_equal(ldns_rdf2native_int32(ldns_rr_rdf(soa, 6)), ttl);
+}
+
 static void
 test_answer_a_aaaa(void **state)
 {
@@ -133,6 +151,7 @@ test_answer_a_aaaa(void **state)
 	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
 	assert_int_equal(ldns_pkt_qdcount(a), 1);
 	assert_int_equal(ldns_pkt_ancount(a), 1);
+	assert_int_equal(ldns_pkt_nscount(a), 0);  /* a positive answer has no SOA */
 	ldns_rr *rr = ldns_rr_list_rr(ldns_pkt_answer(a), 0);
 	assert_int_equal(ldns_rr_get_type(rr), LDNS_RR_TYPE_A);
 	assert_int_equal(ldns_rr_ttl(rr), 60);
@@ -157,16 +176,29 @@ test_answer_a_aaaa(void **state)
 	ldns_pkt_free(a);
 	free(q);
 
-	/* a type without an address: empty NOERROR */
+	/* a type without an address: NODATA, NOERROR with the name's SOA as authority (RFC 2308) */
 	q = query("v6only.test", LDNS_RR_TYPE_A, 8, false, &n);
 	a = decide(&r, q, n, false, DNS_REPLY, &dq);
 	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
 	assert_int_equal(ldns_pkt_ancount(a), 0);
+	assert_nodata_soa(a, "v6only.test.", 60);
 	ldns_pkt_free(a);
 	free(q);
 	q = query("a.game.test", LDNS_RR_TYPE_MX, 9, false, &n);
 	a = decide(&r, q, n, false, DNS_REPLY, &dq);
 	assert_int_equal(ldns_pkt_ancount(a), 0);
+	assert_nodata_soa(a, "a.game.test.", 60);
+	ldns_pkt_free(a);
+	free(q);
+	q = query("A.Game.Test", LDNS_RR_TYPE_SOA, 9, false, &n);  /* an SOA question: the SOA is the answer */
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	assert_int_equal(ldns_pkt_nscount(a), 0);
+	rr = ldns_rr_list_rr(ldns_pkt_answer(a), 0);
+	assert_int_equal(ldns_rr_get_type(rr), LDNS_RR_TYPE_SOA);
+	txt = ldns_rdf2str(ldns_rr_owner(rr));
+	assert_string_equal(txt, "A.Game.Test.");
+	free(txt);
 	ldns_pkt_free(a);
 	free(q);
 
