@@ -618,6 +618,25 @@ hosts_replace_failed(const char *path, const struct hosts_snap *s, const char *w
 	return HOSTS_STEP_IN_PLACE;
 }
 
+/*
+ * Renames tmp over path. When the edit found no file there was no file to lock,
+ * so another writer (a second capd) may have made it since the last look, and a
+ * rename would drop what it wrote: path is then made only while it is still
+ * missing (RENAME_NOREPLACE), and EEXIST says to edit its text. A file system
+ * without RENAME_NOREPLACE gets the plain rename, and the window back.
+ */
+static int
+hosts_rename(const char *tmp, const char *path, bool create)
+{
+	if (create) {
+		if (renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) == 0)
+			return 0;
+		if (errno != EINVAL && errno != ENOSYS)
+			return -1;
+	}
+	return rename(tmp, path);
+}
+
 /* One try at the atomic replacement, under the file's lock. */
 static enum hosts_step
 hosts_replace(const char *path, hosts_edit_fn fn, void *arg, char **why)
@@ -646,9 +665,12 @@ hosts_replace(const char *path, hosts_edit_fn fn, void *arg, char **why)
 		                            err == EACCES || err == EROFS || err == EPERM, why);
 	} else if ((step = hosts_catch_up(path, &s, tmp)) != HOSTS_STEP_DONE) {
 		unlink(tmp);
-	} else if (rename(tmp, path) < 0) {
+	} else if (hosts_rename(tmp, path, s.fd < 0) < 0) {
 		err = errno;
-		step = hosts_replace_failed(path, &s, "cannot replace", err, err == EBUSY || err == EXDEV, why);
+		if (err == EEXIST)
+			step = HOSTS_STEP_CHANGED;  /* made meanwhile by another program: edit its text */
+		else
+			step = hosts_replace_failed(path, &s, "cannot replace", err, err == EBUSY || err == EXDEV, why);
 		unlink(tmp);
 	} else {
 		/* a writer that does not take the lock and wrote between the check and the

@@ -311,6 +311,61 @@ test_file_changed_meanwhile(void **state)
 	assert_int_equal(rmdir(dir), 0);  /* fails with ENOTEMPTY when a temp file was left */
 }
 
+/*
+ * Another writer making the hosts file in the moment between capd's last look
+ * and its rename (a second capd editing a file that did not exist: there was
+ * no file to lock). The linker sends hosts.c's rename and renameat2 here
+ * (tests/meson.build); when race_path is set, the first one toward it writes
+ * race_text there before doing its work.
+ */
+static const char *race_path, *race_text;
+
+int __real_rename(const char *from, const char *to);
+int __real_renameat2(int fromfd, const char *from, int tofd, const char *to, unsigned flags);
+
+static void
+race_now(const char *to)
+{
+	if (race_path && strcmp(to, race_path) == 0) {
+		race_path = NULL;
+		write_file(to, race_text);
+	}
+}
+
+int
+__wrap_rename(const char *from, const char *to)
+{
+	race_now(to);
+	return __real_rename(from, to);
+}
+
+int
+__wrap_renameat2(int fromfd, const char *from, int tofd, const char *to, unsigned flags)
+{
+	race_now(to);
+	return __real_renameat2(fromfd, from, tofd, to, flags);
+}
+
+/* Regression: a file made by another writer while capd made it too was replaced by capd's,
+ * losing its lines; it is now edited again with them. */
+static void
+test_file_made_meanwhile(void **state)
+{
+	char dir[] = "/tmp/capd-test-hosts-XXXXXX", path[256], *why = NULL;
+	struct add_arg a = { "mine.test" };
+
+	(void)state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof path, "%s/hosts", dir);
+	race_path = path;
+	race_text = HOSTS_BEGIN "\n127.0.0.1\ttheirs.test\n" HOSTS_END "\n";
+	assert_int_equal(hosts_file_update(path, NULL, add_cb, &a, &why), 0);
+	assert_null(race_path);  /* the other writer came */
+	assert_file(path, HOSTS_BEGIN "\n127.0.0.1\ttheirs.test\n127.0.0.1\tmine.test\n" HOSTS_END "\n");
+	assert_int_equal(unlink(path), 0);
+	assert_int_equal(rmdir(dir), 0);  /* no temp file left behind */
+}
+
 int
 main(void)
 {
@@ -321,6 +376,7 @@ main(void)
 		cmocka_unit_test(test_block_odd),
 		cmocka_unit_test(test_file),
 		cmocka_unit_test(test_file_changed_meanwhile),
+		cmocka_unit_test(test_file_made_meanwhile),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
