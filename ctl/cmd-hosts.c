@@ -74,6 +74,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 	switch (k) {
 	case HOSTS_ADD: {
 		const char *addr = argc == 4 ? argv[3] : "127.0.0.1";
+		json_t *shadow;
 		if (argc != 3 && argc != 4)
 			return hosts_usage();
 		if (!hosts_name_ok(argv[2]))
@@ -99,6 +100,11 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 				printf("%s -> %s\n", name, now);
 			}
 		}
+		if (!o->json && (shadow = json_object_get(r, "shadowed")) != NULL)
+			fprintf(stderr, "capctl: warning: line %lld of %s maps %s to %s before capd's block, "
+			        "and resolvers take that one\n", (long long)json_integer_value(json_object_get(shadow, "line")),
+			        json_string_value(json_object_get(r, "file")), json_string_value(json_object_get(r, "name")),
+			        json_string_value(json_object_get(shadow, "addr")));
 		break;
 	}
 	case HOSTS_REMOVE:

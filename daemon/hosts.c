@@ -7,6 +7,7 @@
 #include "hosts.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -185,6 +186,54 @@ hosts_block_parse(const char *text, size_t len, struct hosts_set *set, char **wh
 		return -1;
 	}
 	return found ? 1 : 0;
+}
+
+/* Where capd's block begins (its first marker line), or len when there is none. */
+static size_t
+hosts_block_start(const char *text, size_t len)
+{
+	struct hosts_line l;
+	size_t off = 0;
+
+	while (hosts_next_line(text, len, off, &l)) {
+		if (hosts_line_begins_block(&l))
+			return off;
+		off = l.next;
+	}
+	return len;
+}
+
+size_t
+hosts_shadow(const char *text, size_t len, const char *name, char addr[HOSTS_ADDR_MAX])
+{
+	size_t nlen = strlen(name), end = hosts_block_start(text, len);
+	int c0 = tolower((unsigned char)name[0]);
+
+	/* a search for the name first: an ad-blocking hosts file has 100000s of lines to parse */
+	for (size_t i = 0; nlen > 0 && i + nlen <= end; i++) {
+		struct hosts_set set = { 0 };
+		struct hosts_line l;
+		size_t start = i, lines = 1;
+
+		if (tolower((unsigned char)text[i]) != c0 || strncasecmp(text + i, name, nlen) != 0)
+			continue;
+		while (start > 0 && text[start - 1] != '\n')
+			start--;
+		if (!hosts_next_line(text, len, start, &l))
+			break;  /* cannot happen: start <= i < len */
+		hosts_parse_entry(&l, &set);
+		for (size_t k = 0; k < set.n; k++)
+			if (strcasecmp(set.v[k].name, name) == 0) {
+				snprintf(addr, HOSTS_ADDR_MAX, "%s", set.v[k].addr);
+				hosts_set_free(&set);
+				for (const char *p = text; (p = memchr(p, '\n', (size_t)(text + start - p))) != NULL; p++)
+					lines++;
+				return lines;
+			}
+		hosts_set_free(&set);
+		i = l.next - 1;  /* the rest of this line maps other names */
+	}
+	return 0;
 }
 
 static void

@@ -51,6 +51,15 @@ int hosts_block_parse(const char *text, size_t len, struct hosts_set *set, char 
  */
 char *hosts_block_apply(const char *text, size_t len, const struct hosts_set *set, size_t *outlen, char **why);
 
+/*
+ * The first line before capd's block (anywhere when there is none yet: the block
+ * goes at the end) that maps name: its number from 1, with its address in addr;
+ * 0 when no line does. Resolvers read the file from the top and take the first
+ * line naming a host (gethostbyname; getaddrinfo's first address), so such a line
+ * wins over capd's entry.
+ */
+size_t hosts_shadow(const char *text, size_t len, const char *name, char addr[HOSTS_ADDR_MAX]);
+
 /* Checks a name and an address for an entry: 0, or -1 with *why (caller frees). *norm gets the canonical address. */
 int hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX], char **why);
 

@@ -31,6 +31,8 @@ struct hosts_edit {
 	const char *name, *addr;
 	bool found;             /* remove: the name was there */
 	char was[HOSTS_ADDR_MAX]; /* add: the name's address before, "" when it had none */
+	size_t shadow_line;     /* add: a line before the block that maps the name (0: none) ... */
+	char shadow[HOSTS_ADDR_MAX]; /* ... and its address */
 	size_t removed;         /* clear: how many went */
 	struct hosts_set next;  /* the entries the last run of hosts_edit_cb proposed */
 };
@@ -65,6 +67,7 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 		for (size_t i = 0; i < set.n; i++)
 			if (strcasecmp(set.v[i].name, e->name) == 0)
 				snprintf(e->was, sizeof e->was, "%s", set.v[i].addr);
+		e->shadow_line = hosts_shadow(cur, len, e->name, e->shadow);
 	}
 	if (found == 0 && hosts_mem.n > 0 && hosts_mem_path && !strcmp(hosts_mem_path, hosts_path())) {
 		/* our block went missing behind our back: put our entries back */
@@ -193,6 +196,13 @@ hosts_add(const char *name, const char *addr, json_t **result, char **why)
 		log_info("hosts: %s -> %s in %s", name, norm, hosts_path());
 	*result = json_pack("{s:s, s:s, s:s, s:b, s:o}", "name", name, "addr", norm, "file", hosts_path(), "already",
 	                    strcmp(e.was, norm) == 0, "previous", e.was[0] ? json_string(e.was) : json_null());
+	if (e.shadow_line > 0 && strcmp(e.shadow, norm) != 0) {
+		/* written, but resolvers take the other line: the user has to hear it */
+		log_warnx("hosts: line %zu of %s maps %s to %s before capd's block: resolvers take that one",
+		          e.shadow_line, hosts_path(), name, e.shadow);
+		json_object_set_new(*result, "shadowed",
+		                    json_pack("{s:I, s:s}", "line", (json_int_t)e.shadow_line, "addr", e.shadow));
+	}
 	return 0;
 }
 

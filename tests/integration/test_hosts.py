@@ -134,6 +134,27 @@ def test_adding_an_entry_that_is_there_says_so(hostsd):
     assert "a.test -> 127.0.0.1 in" in c.log() and "a.test -> 127.0.0.1 already in" in c.log()
 
 
+def test_a_line_before_the_block_that_maps_the_name_is_told(hostsd):
+    """Regression: `hosts add NAME` when a line before capd's block maps NAME already
+    (a pinned server) said NAME -> ADDR and exited 0, but resolvers take the first line:
+    getent hosts and getaddrinfo's first address stayed the pinned one. The entry is still
+    written (capd never touches lines outside its block); capctl now warns, --json says
+    "shadowed", and capd logs it. The same address there is no conflict and no warning."""
+    c, path = hostsd, hostsd.hosts
+    path.write_bytes(ORIG + b"\n192.0.2.80  www.example.test  www  # pinned\n")
+    r = c.ctl("hosts", "add", "WWW.example.test", "10.1.2.3")
+    assert r.stdout.strip() == "WWW.example.test -> 10.1.2.3"
+    assert r.stderr == (f"capctl: warning: line 6 of {path} maps WWW.example.test to 192.0.2.80 before capd's "
+                        "block, and resolvers take that one\n"), r.stderr
+    assert c.ctl("hosts", "add", "www", "10.1.2.4", json_out=True)["shadowed"] == {"line": 6, "addr": "192.0.2.80"}
+    assert "maps www to 192.0.2.80 before capd's block" in c.log()
+    r = c.ctl("hosts", "add", "www", "192.0.2.80")
+    assert r.stderr == "" and "shadowed" not in c.ctl("hosts", "add", "www", "192.0.2.80", json_out=True)
+    r = c.ctl("hosts", "add", "new.test")
+    assert r.stderr == ""
+    assert b"10.1.2.3\tWWW.example.test\n" in path.read_bytes()  # written all the same
+
+
 def test_damaged_block_is_not_guessed(hostsd):
     c, path = hostsd, hostsd.hosts
     damaged = ORIG + b"\n# BEGIN capd\n127.0.0.1 half.test\n"

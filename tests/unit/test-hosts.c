@@ -217,6 +217,27 @@ test_file(void **state)
 	rmdir(dir);
 }
 
+/* Regression: an entry a line before capd's block shadows was added without a word. */
+static void
+test_shadow(void **state)
+{
+	const char *t = "127.0.0.1 localhost\n# 10.0.0.9 www.example.com\n192.0.2.80 WWW.Example.com www # pinned\n";
+	const char *after = HOSTS_BEGIN "\n127.0.0.1\tx.test\n" HOSTS_END "\n10.0.0.1 x.test\n";
+	char addr[HOSTS_ADDR_MAX] = "";
+
+	(void)state;
+	assert_int_equal(hosts_shadow(t, strlen(t), "www.example.com", addr), 3);
+	assert_string_equal(addr, "192.0.2.80");
+	assert_int_equal(hosts_shadow(t, strlen(t), "www", addr), 3);
+	assert_int_equal(hosts_shadow(t, strlen(t), "example.com", addr), 0);  /* a name, not a suffix */
+	assert_int_equal(hosts_shadow(after, strlen(after), "x.test", addr), 0);  /* in and after the block */
+	assert_int_equal(hosts_shadow("", 0, "x.test", addr), 0);
+	/* the name inside a longer one first, then itself on the same line */
+	assert_int_equal(hosts_shadow("10.0.0.2 axtest x.test\n", 23, "x.test", addr), 1);
+	assert_string_equal(addr, "10.0.0.2");
+	assert_int_equal(hosts_shadow("10.0.0.2 x.tester\n", 18, "x.test", addr), 0);
+}
+
 /* An edit during which another program writes the file: a line appended, or its first line rewritten. */
 struct racer_arg {
 	struct add_arg add;
@@ -374,6 +395,7 @@ main(void)
 		cmocka_unit_test(test_check),
 		cmocka_unit_test(test_block),
 		cmocka_unit_test(test_block_odd),
+		cmocka_unit_test(test_shadow),
 		cmocka_unit_test(test_file),
 		cmocka_unit_test(test_file_changed_meanwhile),
 		cmocka_unit_test(test_file_made_meanwhile),
