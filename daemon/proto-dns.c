@@ -28,7 +28,10 @@
 #include "values.h"
 #include "xmalloc.h"
 
-#define DNS_TRY_TIMEOUT 2.0      /* seconds per upstream attempt */
+/* seconds per upstream attempt: the DNS_TRIES of them end before the 5 s a stub
+ * resolver (glibc, dig) waits, so that it hears SERVFAIL instead of silence */
+#define DNS_TRY_TIMEOUT 1.5
+#define DNS_XFR_GAP 2.0          /* seconds a zone transfer may wait for its next message */
 #define DNS_TRIES 3              /* attempts per transport before SERVFAIL */
 #define DNS_MAX_PENDING 1024     /* forwarded queries in flight per instance */
 #define DNS_UDP_BATCH 64         /* datagrams taken per wake-up */
@@ -535,7 +538,7 @@ dns_fwd_tcp_frames(struct dns_fwd *f)
 		buf_consume(&f->in, len + 2);
 		f->msgs++;
 		ev_timer_stop(capd_loop, &f->timer);
-		ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);  /* a transfer takes as long as its messages keep coming */
+		ev_timer_set(&f->timer, DNS_XFR_GAP, 0.);  /* a transfer takes as long as its messages keep coming */
 		ev_timer_start(capd_loop, &f->timer);
 	}
 	return true;
@@ -551,7 +554,7 @@ dns_fwd_wait_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (buf_used(&f->s->hs_out) > DNS_XFR_OUT_HIGH / 2)
 		return;
 	ev_io_stop(loop, w);
-	ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);
+	ev_timer_set(&f->timer, DNS_XFR_GAP, 0.);
 	ev_timer_start(loop, &f->timer);
 	if (dns_fwd_tcp_frames(f))
 		ev_io_start(loop, &f->io);
