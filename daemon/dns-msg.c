@@ -378,7 +378,13 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 		ldns_pkt_free(qp);
 		return DNS_FORWARD;
 	}
-	if ((rcode = dns_msg_edns_rcode(qp, p, n, q)) != LDNS_RCODE_NOERROR) {
+	if ((rcode = dns_msg_edns_rcode(qp, p, n, q)) == LDNS_RCODE_NOERROR && dns_msg_is_xfr(q->qtype)) {
+		/* RFC 5936 2.2: a transfer opens with its zone's SOA, and capd has no zone
+		 * to send; an empty NOERROR is a broken transfer, REFUSED says no (2.2.1) */
+		snprintf(q->why, sizeof q->why, "REFUSED: %s of a name rule %s answers", q->qtype_str, q->rule);
+		rcode = LDNS_RCODE_REFUSED;
+	}
+	if (rcode != LDNS_RCODE_NOERROR) {
 		a = dns_msg_reply_new(qp, qrr, rcode);
 		*out = dns_msg_wire(a, outlen);
 		ldns_pkt_free(a);

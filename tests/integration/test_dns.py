@@ -277,6 +277,18 @@ def test_nodata_carries_the_names_soa(dnsd, upstream):
     assert upstream.queries == []
 
 
+def test_zone_transfer_of_a_claimed_name_is_refused(dnsd, upstream):
+    """RFC 5936 2.2: a transfer opens with its zone's SOA. An AXFR or IXFR of a name a rule
+    claims got an empty NOERROR, which a client reads as a broken transfer (dnspython:
+    FormError "No answer or RRset not for qname"); capd holds no zone, and says REFUSED."""
+    for name, rdtype, serial in (("www.example.com", "AXFR", 0), ("a.game.test", "IXFR", 3)):
+        with pytest.raises(dns.query.TransferError) as e:
+            dns.zone.from_xfr(dns.query.xfr("127.0.0.1", name, rdtype=rdtype, serial=serial, port=dnsd.port,
+                                            lifetime=5))
+        assert e.value.rcode == dns.rcode.REFUSED
+    assert upstream.queries == []
+
+
 def test_escaped_dot_inside_a_label_is_no_label_boundary(dnsd, upstream):
     """A name whose label holds a dot (x\\.game.test: the labels "x.game" and "test") is a
     name under test, not under game.test; capd matched rules on the presentation text and

@@ -202,6 +202,21 @@ test_answer_a_aaaa(void **state)
 	ldns_pkt_free(a);
 	free(q);
 
+	/* a zone transfer of a claimed name: REFUSED (it got an empty NOERROR, a broken transfer) */
+	q = query("www.example.com", LDNS_RR_TYPE_AXFR, 13, false, &n);
+	a = decide(&r, q, n, true, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_REFUSED);
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	assert_int_equal(ldns_pkt_ancount(a) + ldns_pkt_nscount(a), 0);
+	assert_string_equal(dq.why, "REFUSED: AXFR of a name rule www.example.com answers");
+	ldns_pkt_free(a);
+	free(q);
+	q = query("a.game.test", LDNS_RR_TYPE_IXFR, 14, false, &n);
+	a = decide(&r, q, n, true, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_REFUSED);
+	ldns_pkt_free(a);
+	free(q);
+
 	/* the wildcard: sub-names answered, the bare suffix forwarded */
 	q = query("x.y.game.test", LDNS_RR_TYPE_A, 10, false, &n);
 	a = decide(&r, q, n, false, DNS_REPLY, &dq);
