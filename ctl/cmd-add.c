@@ -29,6 +29,7 @@ enum opt_check {
 	CHK_NAME,    /* an instance name: not empty (capd checks the rest) */
 	CHK_CAPTURE, /* plain or both */
 	CHK_IFACE,   /* an interface name, as sniff.c takes it */
+	CHK_LIST,    /* words split at commas and blanks: at least one (capd checks each) */
 };
 
 struct add_opt {
@@ -57,7 +58,7 @@ static const struct add_opt add_opts[] = {
 	{ "socks http", "--users", "users", OPT_VALUE, CHK_PATH, NULL },
 	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
-	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_NONE, NULL },
+	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_LIST, NULL },
 	{ "http reverse", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
 	{ "reverse", "--route", "route", OPT_REPEAT, CHK_ROUTE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
@@ -72,7 +73,7 @@ static const struct add_opt add_opts[] = {
 	{ TLS_TYPES, "--tls-auto", "tls", OPT_FLAG, CHK_NONE, "auto" },
 	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_CAPTURE, NULL },
-	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_NONE, NULL },
+	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_LIST, NULL },
 	{ TLS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_TIMEOUT, NULL },
 };
@@ -198,6 +199,22 @@ add_rule(const struct add_opt *ao, const char *v)
 	return 0;
 }
 
+/* The separators capd splits a list value at (proto-http.c, tls.c). */
+#define ADD_LIST_SEP ", \t"
+
+/*
+ * A list value given empty ('', or only separators) is a mistake: an empty
+ * --tls-passthrough would be taken as no name at all, and an empty
+ * --connect-ports is capd's to refuse. The words are left to capd.
+ */
+static int
+add_list(const struct add_opt *ao, const char *v)
+{
+	if (v[strspn(v, ADD_LIST_SEP)] == '\0')
+		return usage_error("%s: the list is empty", ao->opt);
+	return 0;
+}
+
 /* What capctl can reject itself (exit 2); on success *out is the value to send. */
 static int
 add_check(const struct add_opt *ao, const char *v, json_t **out)
@@ -258,6 +275,8 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 			return usage_error("%s: the password is %zu bytes: RFC 1929 allows up to %d", ao->opt,
 			                   strlen(strchr(v, ':') + 1), VALUE_AUTH_FIELD_MAX);
 		return 0;
+	case CHK_LIST:
+		return add_list(ao, v);
 	case CHK_NONE:
 		break;
 	}

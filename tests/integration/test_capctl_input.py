@@ -286,6 +286,22 @@ def test_add_malformed_word_is_usage_error(capd, args, msg):
     capd.ctl("add", "http", "--port", free_port(), "--tls", "--tls-capture", "both")
 
 
+@pytest.mark.parametrize("args", [
+    ["http", "--connect-ports", ""],
+    ["http", "--connect-ports=,"],
+    ["socks", "--tls", "--tls-passthrough", ""],
+    ["forward", "--to", "127.0.0.1:9", "--tls-auto", "--tls-passthrough= , "],
+    ["reverse", "--default", "127.0.0.1:9", "--tls", "--tls-passthrough", "\t"],
+])
+def test_add_empty_list_is_usage_error(tmp_path, args):
+    """Known item 1: `--tls-passthrough ''` was sent on and taken as no name at all (exit 0),
+    and `--connect-ports ''` was capd's to refuse (exit 1). An empty list is a mistake that
+    capctl sees itself (exit 2), before it looks for capd."""
+    r = capctl("add", args[0], "--port", free_port(), *args[1:], sock=tmp_path / "none.sock")
+    opt = next(a for a in args if a.startswith("--") and ("ports" in a or "passthrough" in a)).split("=")[0]
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"capctl: {opt}: the list is empty\n")
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
