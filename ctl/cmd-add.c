@@ -12,6 +12,7 @@
 #include "addr.h"
 #include "capctl.h"
 #include "values.h"
+#include "xmalloc.h"
 
 enum opt_kind {
 	OPT_FLAG,    /* --udp: key = yes */
@@ -29,6 +30,7 @@ enum opt_check {
 	CHK_NAME,    /* an instance name: not empty (capd checks the rest) */
 	CHK_CAPTURE, /* plain or both */
 	CHK_IFACE,   /* an interface name, as sniff.c takes it */
+	CHK_PORTS,   /* connect ports: PORT,PORT... or * alone, as proto-http.c takes them */
 	CHK_LIST,    /* words split at commas and blanks: at least one (capd checks each) */
 };
 
@@ -58,7 +60,7 @@ static const struct add_opt add_opts[] = {
 	{ "socks http", "--users", "users", OPT_VALUE, CHK_PATH, NULL },
 	{ "socks", "--socks4", "socks4", OPT_FLAG, CHK_NONE, "yes" },
 	{ "socks", "--handshake-timeout", "handshake_timeout", OPT_VALUE, CHK_DURATION, NULL },
-	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_LIST, NULL },
+	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_PORTS, NULL },
 	{ "http reverse", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
 	{ "reverse", "--route", "route", OPT_REPEAT, CHK_ROUTE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
@@ -201,18 +203,41 @@ add_rule(const struct add_opt *ao, const char *v)
 
 /* The separators capd splits a list value at (proto-http.c, tls.c). */
 #define ADD_LIST_SEP ", \t"
+#define ADD_PORTS_SEP ", "           /* proto-http.c's, for connect_ports: no tab */
+#define ADD_CONNECT_PORTS_MAX 64      /* http-proxy.h's connect_ports[] */
 
 /*
  * A list value given empty ('', or only separators) is a mistake: an empty
  * --tls-passthrough would be taken as no name at all, and an empty
- * --connect-ports is capd's to refuse. The words are left to capd.
+ * --connect-ports is capd's to refuse. --connect-ports is checked whole,
+ * as proto-http.c reads it; the words of other lists are left to capd.
  */
 static int
 add_list(const struct add_opt *ao, const char *v)
 {
+	char *copy, *tok, *save = NULL;
+	size_t n = 0;
+	int rc = 0;
+
 	if (v[strspn(v, ADD_LIST_SEP)] == '\0')
 		return usage_error("%s: the list is empty", ao->opt);
-	return 0;
+	if (ao->check != CHK_PORTS)
+		return 0;
+	copy = xstrdup(v);
+	for (tok = strtok_r(copy, ADD_PORTS_SEP, &save); tok && rc == 0; tok = strtok_r(NULL, ADD_PORTS_SEP, &save)) {
+		uint64_t port;
+
+		if (!strcmp(tok, "*")) {
+			if (strcmp(v, "*") != 0)
+				rc = usage_error("%s: '*' means every port: give it alone, not in a list", ao->opt);
+		} else if (value_uint(tok, 65535, &port) < 0 || port == 0) {
+			rc = usage_error("%s: bad port '%s' (1 to 65535, or * alone)", ao->opt, tok);
+		} else if (++n > ADD_CONNECT_PORTS_MAX) {
+			rc = usage_error("%s: more than %d ports (* is every port)", ao->opt, ADD_CONNECT_PORTS_MAX);
+		}
+	}
+	free(copy);
+	return rc;
 }
 
 /* What capctl can reject itself (exit 2); on success *out is the value to send. */
@@ -275,6 +300,7 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 			return usage_error("%s: the password is %zu bytes: RFC 1929 allows up to %d", ao->opt,
 			                   strlen(strchr(v, ':') + 1), VALUE_AUTH_FIELD_MAX);
 		return 0;
+	case CHK_PORTS:
 	case CHK_LIST:
 		return add_list(ao, v);
 	case CHK_NONE:

@@ -302,6 +302,29 @@ def test_add_empty_list_is_usage_error(tmp_path, args):
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"capctl: {opt}: the list is empty\n")
 
 
+@pytest.mark.parametrize("ports,msg", [
+    ("443,x", "bad port 'x' (1 to 65535, or * alone)"),
+    ("0", "bad port '0' (1 to 65535, or * alone)"),
+    ("443 65536", "bad port '65536' (1 to 65535, or * alone)"),
+    ("443\t8443", "bad port '443\t8443' (1 to 65535, or * alone)"),
+    ("443,*", "'*' means every port: give it alone, not in a list"),
+    (",".join(map(str, range(1, 66))), "more than 64 ports (* is every port)"),
+])
+def test_add_bad_connect_ports_is_usage_error(tmp_path, ports, msg):
+    """Known item 2: --connect-ports was checked only by capd (exit 1 with capd's message)
+    while every other malformed value was capctl's usage error (exit 2)."""
+    r = capctl("add", "http", "--port", free_port(), "--connect-ports", ports, sock=tmp_path / "none.sock")
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"capctl: --connect-ports: {msg}\n")
+
+
+def test_add_good_connect_ports(capd):
+    """What capd takes, capctl lets through: commas, blanks, 64 ports, * alone."""
+    for i, ports in enumerate(("443, 8443", "443 8443,,9443", ",".join(map(str, range(1, 65))), "*")):
+        capd.ctl("add", "http", "--port", free_port(), "--name", f"h{i}", "--connect-ports", ports)
+    got = {i["name"]: i["connect_ports"] for i in capd.ctl("list", json_out=True)}
+    assert got == {"h0": [443, 8443], "h1": [443, 8443, 9443], "h2": list(range(1, 65)), "h3": "*"}
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
