@@ -51,7 +51,9 @@ rpc_instance_remove(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 		return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", name);
 	o = instance_json(inst);
 	instance_remove(inst, "removed by capctl");
-	json_object_set_new(o, "state", json_string("removed"));
+	/* as its instance.remove event has it: instance_json's word for an
+	 * instance that runs no more (the method's name says it was removed) */
+	json_object_set_new(o, "state", json_string("stopped"));
 	json_object_set_new(o, "sessions", json_integer(0));
 	return o;
 }

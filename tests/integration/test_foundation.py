@@ -293,6 +293,25 @@ def test_remove_frees_port(capd, echo_server):
     assert r.returncode == 1 and "no instance f1" in r.stderr
 
 
+def test_remove_reply_matches_its_event(capd):
+    """Known item 3: instance.remove answered "state": "removed" while its instance.remove
+    event said "stopped", the word instance objects use for an instance that runs no more
+    (running, failed, stopped). The reply is now the event's object."""
+    with socket.socket(socket.AF_UNIX) as ev:
+        ev.settimeout(10)
+        ev.connect(str(capd.sock))
+        ev.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
+        lines = ev.makefile("r")
+        assert json.loads(lines.readline())["result"]
+        capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "gone")
+        reply = capd.ctl("remove", "gone", json_out=True)
+        events = [json.loads(lines.readline())["params"] for _ in range(2)]
+    assert [e.pop("event") for e in events] == ["instance.add", "instance.remove"]
+    event = events[1]
+    del event["time"]
+    assert reply["state"] == "stopped" and reply == event, (reply, event)
+
+
 def test_reload(capd_factory, echo_server):
     p1, p2, p3 = free_port(), free_port(), free_port()
     to = f"127.0.0.1:{echo_server.port}"
