@@ -229,7 +229,21 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		return -1;
 	}
 	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
-	if ((c = conf_load(capd_config_path, why)) == NULL) {
+	c = conf_load(capd_config_path, why);
+	/*
+	 * An empty file is a good config at start (every default), but on a
+	 * reload it is most likely one being written: an editor that truncates
+	 * the file before it writes it, read in between, would remove every
+	 * config instance and reset the [capd] settings, as nginx -s reload
+	 * would not either.
+	 */
+	if (c != NULL && c->empty) {
+		*why = xasprintf("%s: the file has no section (empty, or being written?); "
+		                 "a reload needs [capd] or an instance section", capd_config_path);
+		conf_free(c);
+		c = NULL;
+	}
+	if (c == NULL) {
 		log_error("reload refused, the running config stays: %s", *why);
 		capd_notify("READY=1\nSTATUS=reload failed: %s", *why);
 		return -1;

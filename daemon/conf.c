@@ -508,6 +508,7 @@ conf_parse_with(struct conf_parse *cp, char **why)
 
 	cp->seen_capd = json_object();
 	rc = ini_parse_stream(conf_reader, cp, conf_handler, cp);
+	c->empty = json_object_get(cp->seen_capd, "[capd]") == NULL && json_array_size(c->instances) == 0;
 	json_decref(cp->seen_capd);
 	if (cp->why == NULL && rc > 0)
 		cp->why = xasprintf("%s:%d: syntax error (expected [section], key = value, or a ; comment)", cp->name, rc);

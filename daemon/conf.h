@@ -7,6 +7,7 @@
 #define CAPD_CONF_H
 
 #include <jansson.h>
+#include <stdbool.h>
 
 #include "capd.h"
 
@@ -16,6 +17,7 @@ struct conf {
 	struct capd_settings settings;
 	json_t *instances;  /* [{"params":{...}, "lines":{key:line}, "line":N}] in file order */
 	json_t *capd_lines; /* {key: line} of the [capd] keys set */
+	bool empty;         /* no section at all (nothing, blanks, comments): a reload refuses it */
 };
 
 /* Parses and validates the whole file (instances included) without opening anything. */

@@ -682,6 +682,31 @@ def test_capd_t_config_is_a_folder(capd_factory, tmp_path):
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
 
 
+def test_reload_of_an_empty_config_is_refused(capd_factory, tmp_path):
+    """Known item 5: a reload that read the file while an editor had truncated it took the
+    empty file as a config of no instances: it removed every config instance and put the
+    [capd] settings back to their defaults, and capctl reload said "reloaded". An empty
+    file (or one of only comments) is now refused on reload; at start it is still good."""
+    empty = tmp_path / "empty.conf"
+    empty.write_text("")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(empty)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    c = capd_factory(f"[forward f]\nlisten = {free_port()}\nto = 127.0.0.1:9\n")
+    c.conf_path.write_text("")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr == (f"capctl: reload failed, nothing changed: {c.conf_path}: the file has no section "
+                        "(empty, or being written?); a reload needs [capd] or an instance section\n"), r.stderr
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+    c.conf_path.write_text("; being written\n")
+    c.proc.send_signal(1)
+    deadline = time.time() + 5
+    while "reload refused" not in c.log() and time.time() < deadline:
+        time.sleep(0.02)
+    assert "reload refused, the running config stays" in c.log()
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+
+
 def test_capd_t_section_without_bracket(tmp_path):
     """A section header missing its ']' is the error, at its line: its keys went to the
     section above, which capd then blamed ("'listen' is set twice in [forward a]")."""

@@ -97,6 +97,32 @@ test_expose(void **state)
 	conf_free(c);
 }
 
+/* A reload refuses a file with no section (an editor's truncation); start takes it. */
+static void
+test_empty(void **state)
+{
+	static const struct {
+		const char *text;
+		bool empty;
+	} cases[] = {
+		{ "", true },
+		{ "\n\n", true },
+		{ "; a comment\n# another\n", true },
+		{ "[capd]\n", false },
+		{ "[forward a]\nlisten = 4444\nto = x:1\n", false },
+	};
+	char *why;
+
+	(void)state;
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		struct conf *c = load(cases[i].text, &why);
+		assert_non_null(c);
+		if (c->empty != cases[i].empty)
+			fail_msg("case %zu: empty is %d", i, c->empty);
+		conf_free(c);
+	}
+}
+
 int
 main(void)
 {
@@ -104,6 +130,7 @@ main(void)
 		cmocka_unit_test(test_good),
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_expose),
+		cmocka_unit_test(test_empty),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
