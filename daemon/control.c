@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <math.h>
 #include <poll.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -340,6 +341,71 @@ ctl_call(struct ctl_conn *c, json_t *req)
 	}
 }
 
+/* The error (caller owns) for one request of a line that holds a number
+ * capd cannot hold (ctl_overflow), or NULL for a notification. */
+static json_t *
+ctl_overflow_error(json_t *req, const char *msg)
+{
+	json_t *id = json_object_get(req, "id"), *n, *r;
+	double d;
+
+	if (json_is_object(req) && id == NULL)  /* a notification is never answered */
+		return NULL;
+	if (!json_is_real(id))  /* a string, null, or no valid id (answered with null) */
+		return rpc_error(json_is_string(id) ? id : NULL, RPC_E_INVALID, msg);
+	/* every number was read as a real: one with a fraction came so; an
+	 * integer is the id as it came only up to 2^53, where a real holds it */
+	d = json_real_value(id);
+	if (d != floor(d))
+		return rpc_error(id, RPC_E_INVALID, msg);
+	if (fabs(d) > 9007199254740992.0)
+		return rpc_error(NULL, RPC_E_INVALID, msg);
+	n = json_integer((json_int_t)d);
+	r = rpc_error(n, RPC_E_INVALID, msg);
+	json_decref(n);
+	return r;
+}
+
+/*
+ * Good JSON that holds a number jansson cannot: an integer past 2^63 - 1
+ * (an id of 2^64, a session id of twenty digits) or a real past DBL_MAX.
+ * That is no parse error (-32700 would say the JSON is broken), but the
+ * request cannot be run as written: each request of the line is refused
+ * as invalid, none is run. Read again with integers as reals to find the
+ * ids; one that is itself out of range cannot be echoed as it came, so it
+ * is answered with id null, as JSON-RPC has it for an id that cannot be
+ * made out. A client that needs such ids can send them as strings.
+ */
+static void
+ctl_overflow(struct ctl_conn *c, const char *line, size_t len, const json_error_t *first)
+{
+	json_error_t jerr;
+	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_DECODE_INT_AS_REAL, &jerr);
+	json_t *out, *e;
+	char msg[300];
+	size_t i;
+
+	snprintf(msg, sizeof msg, "invalid request: %s at column %d (integers go from -2^63 to 2^63-1; an id may be a string)",
+	         first->text, first->column);
+	if (req == NULL || !json_is_array(req) || json_array_size(req) == 0) {
+		if ((out = req ? ctl_overflow_error(req, msg) : rpc_error(NULL, RPC_E_INVALID, msg)) != NULL)
+			ctl_reply(c, out);
+		json_decref(req);
+		return;
+	}
+	out = json_array();
+	json_array_foreach(req, i, e) {
+		json_t *r = ctl_overflow_error(e, msg);
+		if (r != NULL)
+			json_array_append_new(out, r);
+	}
+	if (json_array_size(out) > 0)
+		ctl_conn_send(c, out);
+	else
+		json_decref(out);
+	json_decref(req);
+}
+
 /* One line: a request, or a batch (an array of them) whose requests
  * ctl_conn_process then takes one at a time like lines. */
 static void
@@ -349,6 +415,10 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
 	char msg[300];
 
+	if (req == NULL && json_error_code(&jerr) == json_error_numeric_overflow) {
+		ctl_overflow(c, line, len, &jerr);
+		return;
+	}
 	if (req == NULL) {
 		snprintf(msg, sizeof msg, "parse error: %s at column %d", jerr.text, jerr.column);
 		ctl_reply_error(c, NULL, RPC_E_PARSE, msg);

@@ -537,6 +537,38 @@ def test_rpc_invalid_version_or_id_refused(capd):
     assert capd.ctl("status").returncode == 0
 
 
+def test_rpc_number_out_of_range(capd):
+    """Known item 4: an id past 2^63 - 1 (or any number jansson cannot hold) is good JSON,
+    but capd answered it as a parse error (-32700). It is now an invalid request (-32600)
+    naming the number; an id that is itself out of range cannot be echoed as it came and
+    is answered with id null, a smaller one is echoed; a notification gets no reply, and a
+    batch holding such a number has each of its requests refused, none run."""
+    def one(raw):
+        return rpc_lines(capd, raw + b"\n")
+
+    for big in (b"18446744073709551616", b"9223372036854775808", b"-9223372036854775809"):
+        r = one(b'{"jsonrpc":"2.0","id":' + big + b',"method":"daemon.status"}')
+        assert len(r) == 1 and r[0]["id"] is None and r[0]["error"]["code"] == -32600, r
+        assert big.decode() in r[0]["error"]["message"] and "an id may be a string" in r[0]["error"]["message"]
+    for rid in (3, "s", 2.5):
+        r = one(b'{"jsonrpc":"2.0","id":' + json.dumps(rid).encode()
+                + b',"method":"session.kill","params":{"id":99999999999999999999}}')
+        assert len(r) == 1 and r[0]["id"] == rid and r[0]["error"]["code"] == -32600, r
+    r = one(b'{"jsonrpc":"2.0","id":1e999,"method":"daemon.status"}')
+    assert len(r) == 1 and r[0]["id"] is None and r[0]["error"]["code"] == -32600, r
+    assert one(b'{"jsonrpc":"2.0","method":"daemon.status","params":{"x":99999999999999999999}}') == []
+    r = one(b'[{"jsonrpc":"2.0","id":1,"method":"instance.add","params":{"type":"forward","listen":"'
+            + str(free_port()).encode() + b'","to":"127.0.0.1:9"}},'
+            b'{"jsonrpc":"2.0","id":18446744073709551616,"method":"daemon.status"},'
+            b'{"jsonrpc":"2.0","method":"daemon.status"}]')
+    assert len(r) == 1 and [x["id"] for x in r[0]] == [1, None], r
+    assert all(x["error"]["code"] == -32600 for x in r[0]), r
+    assert capd.ctl("list", json_out=True) == []  # the batch's instance.add did not run
+    # the largest id capd holds is still served and echoed
+    r = one(b'{"jsonrpc":"2.0","id":9223372036854775807,"method":"daemon.status"}')
+    assert r[0]["id"] == 2**63 - 1 and "result" in r[0], r
+
+
 def test_session_list_refuses_filters_of_the_wrong_type(capd, echo_server):
     """session.list with "open": 1 or "instance": 5 listed every session, closed
     ones and other instances' too, as if no filter had been given."""
