@@ -67,7 +67,7 @@ value_duration(const char *s, double *out)
 		return -1;
 	errno = 0;
 	v = strtod(s, &end);
-	if (errno || !isfinite(v) || v < 0)
+	if (errno || v < 0)
 		return -1;
 	if (strcmp(end, "") == 0 || strcmp(end, "s") == 0)
 		;
@@ -78,6 +78,9 @@ value_duration(const char *s, double *out)
 	else if (strcmp(end, "h") == 0)
 		v *= 3600.0;
 	else
+		return -1;
+	/* after the unit: 1e308h is infinite, which no timer and no JSON takes */
+	if (!isfinite(v))
 		return -1;
 	*out = v;
 	return 0;

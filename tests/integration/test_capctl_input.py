@@ -325,6 +325,16 @@ def test_add_good_connect_ports(capd):
     assert got == {"h0": [443, 8443], "h1": [443, 8443, 9443], "h2": list(range(1, 65)), "h3": "*"}
 
 
+def test_infinite_duration_is_refused(capd):
+    """1e308h reads as a finite number of hours but is infinite in seconds: capctl and capd
+    took it, and the instance's JSON then lost the key (json_real() refuses infinity)."""
+    r = capctl("add", "socks", "--port", free_port(), "--handshake-timeout", "1e308h", sock=capd.sock)
+    assert (r.returncode, r.stderr) == (2, "capctl: --handshake-timeout: bad duration '1e308h'\n"), r
+    r = capd.rpc("instance.add", {"type": "socks", "listen": str(free_port()), "handshake_timeout": "1e308h"})
+    assert "bad duration for 'handshake_timeout': '1e308h'" in r["error"]["message"], r
+    assert capd.ctl("list", json_out=True) == []
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")

@@ -43,6 +43,11 @@ test_duration(void **state)
 	assert_true(d == 3600.0);
 	assert_int_equal(value_duration("1d", &d), -1);
 	assert_int_equal(value_duration("x", &d), -1);
+	/* finite as read, infinite once its unit is applied: json_real() would refuse it */
+	assert_int_equal(value_duration("1e308h", &d), -1);
+	assert_int_equal(value_duration("1e307m", &d), -1);
+	assert_int_equal(value_duration("1e400", &d), -1);
+	assert_int_equal(value_duration("1e300h", &d), 0);
 }
 
 static void
