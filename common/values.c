@@ -25,6 +25,19 @@ value_uint(const char *s, uint64_t max, uint64_t *out)
 	return 0;
 }
 
+bool
+value_name_ok(const char *s)
+{
+	size_t len = strlen(s);
+
+	if (len == 0 || len > VALUE_NAME_MAX || strpbrk(s, " /\\\"'") != NULL)
+		return false;
+	for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+		if (*c < 0x20 || *c == 0x7f)
+			return false;
+	return true;
+}
+
 int
 value_size(const char *s, uint64_t *out)
 {

@@ -15,12 +15,16 @@
 #define VALUE_HEADER_SIZE_MIN 1024u        /* max_header_size */
 #define VALUE_HEADER_SIZE_MAX (64u * 1024) /* max_header_size: a head fits the relay's buffer */
 #define VALUE_TTL_MAX 2147483647u          /* dns ttl: RFC 2181 8 */
+#define VALUE_NAME_MAX 64                  /* an instance name, bytes */
 
 int value_size(const char *s, uint64_t *out);
 /* Duration in seconds; "0" means off where the key allows it. */
 int value_duration(const char *s, double *out);
 int value_bool(const char *s, bool *out);
 int value_uint(const char *s, uint64_t max, uint64_t *out);
+/* An instance name as instance.c takes it: 1 to VALUE_NAME_MAX bytes, no
+ * spaces, quotes, slashes, backslashes or control characters. */
+bool value_name_ok(const char *s);
 /* Human-readable byte count: 1023, 1.2K, 8.4M. */
 char *value_human_size(uint64_t n, char *out, size_t len);
 

@@ -11,6 +11,7 @@
 
 #include "capctl.h"
 #include "log.h"
+#include "values.h"
 #include "xmalloc.h"
 
 static const struct cmd *const cmds[] = {
@@ -85,6 +86,19 @@ ctl_name(const char *what, const char *s)
 		return NULL;
 	}
 	return ctl_string(what, s);
+}
+
+/* A name for a new instance (add --name, trace --name): what capd would
+ * refuse as a bad name is a malformed value, capctl's to refuse. */
+json_t *
+ctl_new_name(const char *what, const char *s)
+{
+	if (*s != '\0' && !value_name_ok(s)) {
+		usage_error("%s: bad instance name '%s' (1 to %d bytes, no spaces, quotes, slashes or control characters)",
+		            what, s, VALUE_NAME_MAX);
+		return NULL;
+	}
+	return ctl_name(what, s);
 }
 
 int

@@ -56,6 +56,8 @@ int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /*
 json_t *ctl_string(const char *what, const char *s);
 /* An instance name as a JSON string, as ctl_string; an empty one is refused the same way. */
 json_t *ctl_name(const char *what, const char *s);
+/* The name of a new instance, as ctl_name; one capd would refuse (value_name_ok) is refused too. */
+json_t *ctl_new_name(const char *what, const char *s);
 /* argv[*k] as `--instance NAME` or `--instance=NAME` into params' "instance" (*k moves
  * past its value): CTL_OK, CTL_USAGE after saying why, or -1 when argv[*k] is another word. */
 int ctl_instance_opt(int argc, char **argv, int *k, json_t *params);

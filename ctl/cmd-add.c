@@ -27,7 +27,7 @@ enum opt_check {
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
 	CHK_AUTH,    /* USER:PASSWORD */
-	CHK_NAME,    /* an instance name: not empty (capd checks the rest) */
+	CHK_NAME,    /* a new instance's name: as capd takes it (value_name_ok) */
 	CHK_CAPTURE, /* plain or both */
 	CHK_IFACE,   /* an interface name, as sniff.c takes it */
 	CHK_PORTS,   /* connect ports: PORT,PORT... or * alone, as proto-http.c takes them */
@@ -282,7 +282,7 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 	case CHK_PATH:
 		return add_path(ao, v, out);
 	case CHK_NAME:
-		return (*out = ctl_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;
+		return (*out = ctl_new_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;
 	case CHK_CAPTURE:
 		return strcmp(v, "plain") && strcmp(v, "both") ? usage_error("%s: bad value '%s' (plain or both)", ao->opt, v)
 		                                               : 0;

@@ -300,7 +300,7 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	if (pidarg && (pid_t)pid == getpid())
 		return usage_error("trace: capctl cannot trace itself");
 	if (name != NULL) {  /* refused now, not left out of the request later */
-		json_t *v = ctl_name("trace --name", name);
+		json_t *v = ctl_new_name("trace --name", name);
 		if (v == NULL)
 			return CTL_USAGE;
 		json_decref(v);

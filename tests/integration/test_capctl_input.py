@@ -335,6 +335,26 @@ def test_infinite_duration_is_refused(capd):
     assert capd.ctl("list", json_out=True) == []
 
 
+@pytest.mark.parametrize("name", ["a b", "a'b", 'a"b', "a/b", "a\\b", "a\tb", "n" * 65])
+@pytest.mark.parametrize("cmd", [["add", "forward", "--port", "PORT", "--to", "127.0.0.1:9", "--name"],
+                                 ["trace", "--name"]])
+def test_bad_new_instance_name_is_usage_error(tmp_path, cmd, name):
+    """A name capd refuses for a new instance (a space, a quote, a slash, a control character,
+    over 64 bytes) reached capd and exited 1; capctl sees it itself, as it does an empty one."""
+    args = [free_port() if a == "PORT" else a for a in cmd] + [name] + (["--", "true"] if cmd[0] == "trace" else [])
+    r = capctl(*args, sock=tmp_path / "none.sock")
+    what = "--name" if cmd[0] == "add" else "trace --name"
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert r.stderr == (f"capctl: {what}: bad instance name '{name}' (1 to 64 bytes, no spaces, quotes, "
+                        "slashes or control characters)\n"), r.stderr
+
+
+def test_good_new_instance_names(capd):
+    for name in ("n" * 64, "ünï-1", "a.b_c:d"):
+        capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", name)
+    assert len(capd.ctl("list", json_out=True)) == 3
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
@@ -477,9 +497,10 @@ def test_option_given_twice_is_usage_error(capd, args, opt):
 @pytest.mark.parametrize("name", ["x\ny", "x\ry", "\x1b[2Jx", "x\x7fy", "x\x01y", "x\ty"])
 def test_add_name_with_control_character_is_refused(capd, name):
     """A newline, carriage return or escape in --name was taken ("no spaces" held only for
-    ' ' and tab): capctl list's table broke over two lines and the escape reached the terminal."""
+    ' ' and tab): capctl list's table broke over two lines and the escape reached the terminal.
+    capctl refuses such a name itself (exit 2); capd refuses it over RPC."""
     r = capd.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", name, check=False)
-    assert r.returncode == 1 and "bad instance name" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert r.returncode == 2 and "bad instance name" in r.stderr, (r.returncode, r.stdout, r.stderr)
     reply = capd.rpc("instance.add", {"type": "forward", "listen": str(free_port()), "to": "127.0.0.1:9",
                                       "name": name})
     assert "bad instance name" in reply["error"]["message"], reply

@@ -51,6 +51,24 @@ test_duration(void **state)
 }
 
 static void
+test_name(void **state)
+{
+	(void)state;
+	assert_true(value_name_ok("socks-1080"));
+	assert_true(value_name_ok("\xc3\xbc"));
+	assert_true(value_name_ok("nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn"));  /* 64 */
+	assert_false(value_name_ok("nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn"));
+	assert_false(value_name_ok(""));
+	assert_false(value_name_ok("a b"));
+	assert_false(value_name_ok("a/b"));
+	assert_false(value_name_ok("a\\b"));
+	assert_false(value_name_ok("a'b"));
+	assert_false(value_name_ok("a\"b"));
+	assert_false(value_name_ok("a\tb"));
+	assert_false(value_name_ok("a\x7f"));
+}
+
+static void
 test_bool(void **state)
 {
 	bool b;
@@ -86,6 +104,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_size),
 		cmocka_unit_test(test_duration),
+		cmocka_unit_test(test_name),
 		cmocka_unit_test(test_bool),
 		cmocka_unit_test(test_human),
 	};
