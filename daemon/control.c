@@ -747,6 +747,12 @@ ctl_bind(const char *path, const char *group, char **why)
 	}
 	if (fd >= 0)
 		close(fd);
+	/* only a socket is stale: a file or a link there is someone's (control = a typo) */
+	struct stat sb;
+	if (lstat(path, &sb) == 0 && !S_ISSOCK(sb.st_mode)) {
+		*why = xasprintf("%s exists and is not a socket: capd replaces only a stale socket", path);
+		return -1;
+	}
 	if (unlink(path) < 0 && errno != ENOENT) {
 		*why = xasprintf("cannot remove stale %s: %s", path, strerror(errno));
 		return -1;

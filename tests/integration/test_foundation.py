@@ -879,6 +879,22 @@ def test_second_capd_refused_and_stale_socket(capd_factory):
     assert a.ctl("status").returncode == 0
 
 
+def test_control_path_that_is_not_a_socket_is_kept(capd_factory):
+    """capd took whatever was at its control path for a stale socket and unlinked it:
+    `control =` naming a file by mistake deleted that file. Only a socket is replaced."""
+    c = capd_factory("", start=False)
+    c.sock.write_text("precious\n")
+    c.start(wait=False)
+    assert c.proc.wait(10) == 1
+    assert f"{c.sock} exists and is not a socket: capd replaces only a stale socket" in c.log(), c.log()
+    assert c.sock.read_text() == "precious\n"
+    c.sock.unlink()
+    c.sock.symlink_to(c.dir / "capd.conf")
+    c.start(wait=False)
+    assert c.proc.wait(10) == 1
+    assert c.sock.is_symlink() and (c.dir / "capd.conf").exists()
+
+
 def test_session_ids_grow_across_restart(capd_factory, echo_server):
     c = capd_factory("")
     port = free_port()
