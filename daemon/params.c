@@ -78,8 +78,12 @@ params_str(struct params *p, const char *key, const char *def)
 
 	if (v && json_is_string(v))
 		return json_string_value(v);
-	if (v && (json_is_array(v) || json_is_object(v))) {
+	if (json_is_array(v) && json_array_size(v) > 0) {  /* as params_text says it */
 		params_fail(p, key, "'%s' may be given only once", key);
+		return def;
+	}
+	if (json_is_array(v) || json_is_object(v)) {  /* given no times at all, or a map */
+		params_fail(p, key, "'%s' has a value of the wrong type", key);
 		return def;
 	}
 	if (v && !json_is_null(v)) {

@@ -632,6 +632,10 @@ def test_instance_add_takes_json_values(capd):
     assert "result" in r, r
     for params, says in (({"capture": {"a": 1}}, "'capture' has a value of the wrong type"),
                          ({"to": ["127.0.0.1:9", "127.0.0.1:10"]}, "'to' may be given only once"),
+                         # an object or an empty list is no value given twice
+                         ({"to": {"a": 1}}, "'to' has a value of the wrong type"),
+                         ({"to": []}, "'to' has a value of the wrong type"),
+                         ({"name": {"a": 1}}, "'name' has a value of the wrong type"),
                          ({"capture": "maybe"}, "bad value for 'capture'"),
                          ({"idle_timeout": -1}, "bad duration for 'idle_timeout'")):
         base = {"type": "forward", "name": "f", "listen": free_port(), "to": "127.0.0.1:9"}
