@@ -472,6 +472,12 @@ missing:
 		add_usage(stderr, type);
 		return usage_error("add forward needs --to HOST:PORT");
 	}
+	if (!strcmp(type, "reverse") && json_object_get(params, "route") == NULL &&
+	    json_object_get(params, "default") == NULL) {  /* capd's proto-reverse.c refuses that too */
+		json_decref(params);
+		add_usage(stderr, type);
+		return usage_error("add reverse needs --route PATTERN=HOST:PORT or --default HOST:PORT");
+	}
 	if (!strcmp(type, "sniff") && json_object_get(params, "interface") == NULL) {
 		json_decref(params);
 		add_usage(stderr, type);

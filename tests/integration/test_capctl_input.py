@@ -355,6 +355,15 @@ def test_good_new_instance_names(capd):
     assert len(capd.ctl("list", json_out=True)) == 3
 
 
+def test_add_reverse_without_route_or_default_is_usage_error(tmp_path):
+    """`add reverse --port P` alone reached capd, which refused it (exit 1), while `add forward`
+    without --to was already capctl's usage error (exit 2)."""
+    r = capctl("add", "reverse", "--port", free_port(), sock=tmp_path / "none.sock")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.startswith("usage: capctl add reverse ")
+    assert r.stderr.endswith("capctl: add reverse needs --route PATTERN=HOST:PORT or --default HOST:PORT\n"), r.stderr
+
+
 def test_add_number_at_the_ends_of_its_range(capd):
     """The ends of each range are still taken (capd agrees)."""
     capd.ctl("add", "dns", "--port", free_port(), "--answer", "*=127.0.0.1", "--ttl", "2147483647")
