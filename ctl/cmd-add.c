@@ -328,7 +328,9 @@ add_value(const struct add_opt *ao, const char *v, json_t **out)
 static int
 add_listen(json_t *params, const char *type, const char *port, const char *bind)
 {
-	char ip[ADDR_STRLEN], listen[ADDR_STRLEN + 8];
+	char ip[ADDR_STRLEN], listen[ADDR_STRLEN + 8], *why = NULL;
+	struct sockaddr_storage ss;
+	socklen_t sslen;
 	uint64_t p;
 
 	if (port == NULL) {
@@ -347,6 +349,11 @@ add_listen(json_t *params, const char *type, const char *port, const char *bind)
 		snprintf(listen, sizeof listen, "[%s]:%u", ip, (unsigned)p);
 	else
 		snprintf(listen, sizeof listen, "%s:%u", ip, (unsigned)p);
+	/* beyond loopback only when asked for, as capd's instance.c has it */
+	if (json_object_get(params, "expose") == NULL && addr_parse_listen(listen, &ss, &sslen, &why) == 0 &&
+	    !addr_is_loopback((struct sockaddr *)&ss))
+		return usage_error("--bind: %s is not a loopback address: add --expose to listen there", bind);
+	free(why);  /* a listen capctl cannot read is capd's to refuse */
 	json_object_set_new(params, "listen", json_string(listen));
 	return 0;
 }

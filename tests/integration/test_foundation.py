@@ -965,8 +965,19 @@ def test_capctl_says_why_capd_refused_it(capd):
                             " socket's group\n"), (args, r.stderr)
 
 def test_expose_needed(capd):
-    r = capd.ctl("add", "forward", "--port", free_port(), "--bind", "0.0.0.0", "--to", "127.0.0.1:9", check=False)
-    assert r.returncode == 1 and "expose" in r.stderr
+    """A non-loopback --bind without --expose: capd refuses it, and capctl, which knows both,
+    now says so itself (exit 2; it was capd's exit 1)."""
+    for bind in ("0.0.0.0", "*", "::", "192.0.2.1"):
+        r = capd.ctl("add", "forward", "--port", free_port(), "--bind", bind, "--to", "127.0.0.1:9", check=False)
+        assert (r.returncode, r.stderr) == (2, f"capctl: --bind: {bind} is not a loopback address: add --expose "
+                                               "to listen there\n"), r
+    r = capd.rpc("instance.add", {"type": "forward", "listen": f"0.0.0.0:{free_port()}", "to": "127.0.0.1:9"})
+    assert "expose" in r["error"]["message"], r
+    for bind in ("127.0.0.2", "localhost", "::1"):
+        capd.ctl("add", "forward", "--port", free_port(host="::1" if bind == "::1" else "127.0.0.1"), "--bind", bind,
+                 "--to", "127.0.0.1:9", "--name", f"lo-{len(capd.ctl('list', json_out=True))}")
+    capd.ctl("add", "forward", "--port", free_port(), "--bind", "0.0.0.0", "--expose", "--to", "127.0.0.1:9")
+    assert len(capd.ctl("list", json_out=True)) == 4
 
 
 def test_sigterm_exits_zero(capd, echo_server):
