@@ -1,6 +1,7 @@
 /* JSON-RPC line framing and message builders; see rpc.h. */
 #include "rpc.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "xmalloc.h"
@@ -81,11 +82,60 @@ rpc_result(json_t *id, json_t *result)
 	return m;
 }
 
+/* The bytes of one UTF-8 character at p, or 0 when p starts none (a lead
+ * byte alone, a character cut short). json_string() has the last word. */
+static size_t
+rpc_utf8_len(const unsigned char *p)
+{
+	size_t n;
+
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		n = 2;
+	else if ((p[0] & 0xf0) == 0xe0)
+		n = 3;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		n = 4;
+	else
+		return 0;
+	for (size_t i = 1; i < n; i++)
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+	return n;
+}
+
+/*
+ * msg as a JSON string, whatever its bytes (caller owns). A message that
+ * is not UTF-8 (a name cut inside a character by "%.200s") made
+ * json_pack() fail, and the reply went out as an empty line, which a
+ * client skips as a keep-alive while it waits for ever: its stray bytes
+ * become '?'.
+ */
+static json_t *
+rpc_text(const char *msg)
+{
+	json_t *s = json_string(msg);
+	char *copy;
+
+	if (s != NULL)
+		return s;
+	copy = xstrdup(msg);
+	for (size_t i = 0, n; copy[i] != '\0'; i += n)
+		if ((n = rpc_utf8_len((unsigned char *)copy + i)) == 0) {
+			copy[i] = '?';
+			n = 1;
+		}
+	s = json_string(copy);
+	free(copy);
+	return s != NULL ? s : json_string("(a message that is not UTF-8)");
+}
+
 json_t *
 rpc_error(json_t *id, int code, const char *msg)
 {
-	return json_pack("{s:s, s:O, s:{s:i, s:s}}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error",
-	                 "code", code, "message", msg);
+	return json_pack("{s:s, s:O, s:{s:i, s:o}}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error",
+	                 "code", code, "message", rpc_text(msg));
 }
 
 json_t *

@@ -569,6 +569,16 @@ def test_rpc_number_out_of_range(capd):
     assert r[0]["id"] == 2**63 - 1 and "result" in r[0], r
 
 
+def test_rpc_error_message_cut_inside_a_character(capd):
+    """An unknown method's name is quoted up to 200 bytes: one with "é" across that cut made
+    a message that was not UTF-8, json_pack() failed and capd sent an empty line, which a
+    client skips as a keep-alive while it waits for its reply for ever."""
+    method = "a" * 199 + "é"
+    r = rpc_lines(capd, json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode() + b"\n")
+    assert len(r) == 1 and r[0]["id"] == 1 and r[0]["error"]["code"] == -32601, r
+    assert r[0]["error"]["message"] == f"unknown method '{'a' * 199}?'", r
+
+
 def test_session_list_refuses_filters_of_the_wrong_type(capd, echo_server):
     """session.list with "open": 1 or "instance": 5 listed every session, closed
     ones and other instances' too, as if no filter had been given."""

@@ -100,6 +100,23 @@ test_builders(void **state)
 	buf_free(&out);
 }
 
+/* A message cut inside a UTF-8 character still makes a reply, its stray bytes '?'. */
+static void
+test_error_not_utf8(void **state)
+{
+	struct buf out = { 0 };
+	json_t *m = rpc_error(NULL, RPC_E_NO_METHOD, "unknown method 'a\xc3\xa9\xc3' \xff!");
+
+	(void)state;
+	assert_non_null(m);
+	rpc_encode(&out, m);
+	buf_append(&out, "", 1);
+	assert_string_equal((char *)buf_head(&out), "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32601,"
+	                                            "\"message\":\"unknown method 'a\xc3\xa9?' ?!\"}}\n");
+	json_decref(m);
+	buf_free(&out);
+}
+
 int
 main(void)
 {
@@ -108,6 +125,7 @@ main(void)
 		cmocka_unit_test(test_several),
 		cmocka_unit_test(test_oversize),
 		cmocka_unit_test(test_builders),
+		cmocka_unit_test(test_error_not_utf8),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
