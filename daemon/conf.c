@@ -141,6 +141,14 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 	}
 	json_object_set_new(cp->seen_capd, key, json_true());
 	json_object_set_new(cp->c->capd_lines, key, json_integer(cp->line));
+	/* as for an instance's values: capd shows these in JSON (daemon.status,
+	 * capture status), which cannot hold them otherwise */
+	json_t *text = json_string(v);
+	if (text == NULL) {
+		conf_fail(cp, "value of '%s' is not valid UTF-8", key);
+		return;
+	}
+	json_decref(text);
 	if (!strcmp(key, "control"))
 		conf_set_str(&st->control, conf_path(cp, key, v));
 	else if (!strcmp(key, "control_group"))

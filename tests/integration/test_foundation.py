@@ -753,6 +753,16 @@ def test_reload_of_an_empty_config_is_refused(capd_factory, tmp_path):
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
 
 
+def test_capd_setting_not_utf8_is_refused(tmp_path):
+    """A [capd] path that is not UTF-8 (spool = /x\\xff) was taken, and then `capctl status`
+    and `capctl capture status` only said "capctl: failed": their JSON cannot hold it. It is
+    refused as an instance's value is, with its file and line."""
+    f = tmp_path / "t.conf"
+    f.write_bytes(b"[capd]\ncontrol = " + str(tmp_path).encode() + b"/c.sock\nspool = /tmp/sp\xff\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and f"{f}:3: value of 'spool' is not valid UTF-8" in r.stderr, r.stderr
+
+
 def test_capd_t_section_without_bracket(tmp_path):
     """A section header missing its ']' is the error, at its line: its keys went to the
     section above, which capd then blamed ("'listen' is set twice in [forward a]")."""

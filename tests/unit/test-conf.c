@@ -56,6 +56,7 @@ test_errors(void **state)
 {
 	static const struct bad_case cases[] = {
 		{ "[capd]\nbogus = 1\n", "test.conf:2: unknown key 'bogus'" },
+		{ "[capd]\nkeep_files = 3\nspool = /x\xff\n", "test.conf:3: value of 'spool' is not valid UTF-8" },
 		{ "[capd]\nrotate_size = lots\n", "test.conf:2: bad size" },
 		{ "[capd]\nkeep_files = 0\n", "test.conf:2: bad number" },
 		{ "[capd]\nlog_level = loud\n", "test.conf:2: bad log_level" },
