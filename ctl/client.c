@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -32,7 +33,16 @@ client_open(const struct ctl_opts *o)
 	strcpy(sun.sun_path, o->socket);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
-		fprintf(stderr, "capctl: cannot reach capd at %s: %s\n", o->socket, strerror(errno));
+		int e = errno;
+		struct stat st;
+
+		/* Linux refuses a connect to a file or a folder as to a socket nobody
+		 * accepts on: "Connection refused" would send the user to start capd */
+		if (fd >= 0 && e == ECONNREFUSED && stat(o->socket, &st) == 0 && !S_ISSOCK(st.st_mode))
+			fprintf(stderr, "capctl: cannot reach capd at %s: not a socket (a %s)\n", o->socket,
+			        S_ISDIR(st.st_mode) ? "folder" : "file");
+		else
+			fprintf(stderr, "capctl: cannot reach capd at %s: %s\n", o->socket, strerror(e));
 		if (fd >= 0)
 			close(fd);
 		return NULL;

@@ -956,6 +956,20 @@ def test_capctl_usage_and_unreachable(capd, tmp_path):
 
 
 
+def test_capctl_socket_path_not_a_socket(tmp_path):
+    """-s naming a file or a folder said "Connection refused", as for a socket whose capd
+    died, which sends the user to start capd; capctl now says what is there. No capd needed."""
+    (tmp_path / "file").write_text("x")
+    for path, what in ((tmp_path / "file", "file"), (tmp_path, "folder")):
+        r = subprocess.run([str(CAPCTL), "-s", str(path), "status"], capture_output=True, text=True, timeout=20)
+        assert (r.returncode, r.stderr) == (1, f"capctl: cannot reach capd at {path}: not a socket (a {what})\n"), r
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, nobody accepts: still the kernel's word
+        dead.bind(str(tmp_path / "dead.sock"))
+        r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "dead.sock"), "status"], capture_output=True,
+                           text=True, timeout=20)
+    assert r.stderr == f"capctl: cannot reach capd at {tmp_path / 'dead.sock'}: Connection refused\n", r
+
+
 def test_capctl_empty_socket_path_is_usage(capd):
     """-s '' or --socket= named no socket, and capctl said "cannot reach capd at :
     Connection refused" (exit 1), as if capd were down: it is a bad usage (exit 2)."""
