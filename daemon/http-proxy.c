@@ -61,7 +61,8 @@ struct http_conn {
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
-	bool upstream_reset;        /* it failed before its response head: the client got a 502 */
+	bool upstream_reset;        /* it reset (the capture's flow ends so): before its response head
+	                             * (the client got a 502), or while idle (upstream_gone) */
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
@@ -184,6 +185,20 @@ static char *
 http_reason(int status, const char *why)
 {
 	return xasprintf("%d %s: %s", status, http_status_text(status), why);
+}
+
+/* session_close for an end the client chose (it closed, or went on in
+ * another session): after an idle upstream's reset the capture's flow ends
+ * with that reset (the caller's reason says so). */
+static void
+http_close(struct session *s, const char *reason)
+{
+	struct http_conn *hc = s->proto_state;
+
+	if (hc->upstream_reset)
+		session_close_upstream_reset(s, reason);
+	else
+		session_close(s, reason);
 }
 
 /* Takes the client's socket, its reply and FIN sent, from the session that
@@ -548,6 +563,7 @@ http_proxy_session_free(struct session *s)
 static void
 http_handoff(struct session *s, const uint8_t *p, size_t n)
 {
+	struct http_conn *hc = s->proto_state;
 	int fd = s->client.fd;
 	struct session *ns;
 	char why[64];
@@ -558,8 +574,9 @@ http_handoff(struct session *s, const uint8_t *p, size_t n)
 	ns = session_new(s->inst, fd, (struct sockaddr *)&s->client_addr);
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
-	snprintf(why, sizeof why, "closed (client continues in session %llu)", (unsigned long long)ns->id);
-	session_close(s, why);
+	snprintf(why, sizeof why, "%s (client continues in session %llu)",
+	         hc->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
+	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
 }
@@ -919,7 +936,8 @@ http_filter_done(struct session *s, enum dir d)
 		 * partial head), or while a complete response is held (the upstream's
 		 * FIN stays unread: nothing else would end the session) */
 		else if (d == DIR_UP && hc->up == UP_HEAD && hc->down == DOWN_IDLE)
-			session_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head" : "closed");
+			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
+			              : hc->upstream_reset ? "upstream reset" : "closed");
 		else if (d == DIR_UP && hc->resp_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
 			session_close(s, hc->fail ? hc->fail : "closed");
 		return;
@@ -942,7 +960,8 @@ http_filter_eof(struct session *s, enum dir d)
 
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
-			session_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head" : "closed");
+			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
+			                : hc->upstream_reset ? "upstream reset" : "closed");
 			return RELAY_STOP;
 		}
 		return RELAY_PASS;
@@ -980,7 +999,8 @@ http_filter_eof(struct session *s, enum dir d)
 
 /* The upstream reset (or failed) while its response head was awaited: the
  * client gets a 502 saying so, as from nginx, instead of a reset of its own.
- * Once any of the response went out, the reset is passed on as before. */
+ * While no request was outstanding it is dropped as after its FIN. Once any
+ * of the response went out, the reset is passed on as before. */
 static enum relay_upfail
 http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 {
@@ -988,6 +1008,17 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	const uint8_t *p;
 	size_t n;
 
+	if (hc->down == DOWN_IDLE && !sending && hc->fail == NULL) {
+		/* an origin drops an idle kept connection with a reset as well as
+		 * with a FIN (keepalive_timeout, load balancers): as for its FIN
+		 * (http_filter_eof), the client's next request moves on */
+		hc->upstream_reset = true;
+		if (hc->client_keep && s->client.tls == NULL)
+			hc->upstream_gone = true;
+		else
+			session_close_upstream_reset(s, why);
+		return RELAY_UPFAIL_GONE;
+	}
 	if (hc->down != DOWN_HEAD || hc->fail)
 		return RELAY_UPFAIL_RESET;
 	/* a server that refuses a body early (413, 401) answers and closes with the

@@ -283,8 +283,22 @@ relay_upload_gone(struct session *s)
 	buf_free(&rd->pre);
 }
 
+/* The upstream is neither read nor written again, as after a FIN the filter
+ * kept (RELAY_UPFAIL_GONE); the client's direction goes on. */
+static void
+relay_upstream_gone(struct session *s)
+{
+	struct relay_dir *rd = &s->dir[DIR_DOWN];
+
+	ev_io_stop(capd_loop, &s->upstream.rio);
+	ev_io_stop(capd_loop, &s->upstream.wio);
+	rd->eof = true;
+	rd->msg = RELAY_MSG_HELD;
+}
+
 /* A socket error ends the session; a reset is passed on to the other side,
- * unless the filter answers the client for a failed upstream itself. */
+ * unless the filter answers the client for a failed upstream itself, or
+ * goes on without it. */
 static void
 relay_fail(struct session *s, enum dir d, bool at_src, int err)
 {
@@ -306,6 +320,10 @@ relay_fail(struct session *s, enum dir d, bool at_src, int err)
 		case RELAY_UPFAIL_READ_ON:
 			relay_upload_gone(s);
 			ev_feed_event(capd_loop, &s->upstream.rio, EV_READ);
+			return;
+		case RELAY_UPFAIL_GONE:
+			if (s->state == SESSION_OPEN)
+				relay_upstream_gone(s);
 			return;
 		case RELAY_UPFAIL_RESET:
 			break;

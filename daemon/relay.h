@@ -41,6 +41,9 @@ enum relay_upfail {
 	RELAY_UPFAIL_RESET,    /* the session is reset, both sockets */
 	RELAY_UPFAIL_ANSWERED, /* the filter queued an answer and finished DIR_DOWN: the upstream is dropped */
 	RELAY_UPFAIL_READ_ON,  /* the upload is dropped and the upstream read on: its answer may wait there */
+	RELAY_UPFAIL_GONE,     /* as a FIN ->eof keeps: the upstream is dropped, direction down held, the
+	                        * client read on (the filter sends nothing upstream again); or the filter
+	                        * closed the session */
 };
 
 struct relay_filter {

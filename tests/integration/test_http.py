@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import Listener, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, wait_port
+from conftest import Listener, apart, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, wait_port
 
 
 class Origin:
@@ -282,6 +282,130 @@ def test_origin_closes_idle_connection(capd):
         assert h[1]["client"] == h[0]["client"]
     finally:
         o.close()
+
+
+class KeptOrigin(Listener):
+    """Answers every request on a kept connection (Content-Length, no Connection:
+    close) with "conn N: REQUEST LINE"; after `answers` answers (and, with
+    read_next, the next request head), or once the connection was idle for
+    `idle` seconds, it ends it: "rst" (SO_LINGER 0) or "fin", the last answer
+    and the FIN in one segment when they go at once."""
+
+    def __init__(self, end, answers=None, idle=None, read_next=False):
+        self.end, self.answers, self.idle, self.read_next = end, answers, idle, read_next
+        self.conns = 0
+        super().__init__()
+
+    def handle(self, c, peer):
+        self.conns += 1
+        apart(self.serve, c, self.conns)
+
+    def serve(self, c, n):
+        with c:
+            c.settimeout(self.idle)
+            got, answered = b"", 0
+            while self.answers is None or answered < self.answers:
+                try:
+                    d = c.recv(4096)
+                except socket.timeout:
+                    break
+                if not d:
+                    return
+                got += d
+                while b"\r\n\r\n" in got and (self.answers is None or answered < self.answers):
+                    head, got = got.split(b"\r\n\r\n", 1)
+                    body = b"conn %d: %s\n" % (n, head.split(b"\r\n")[0])
+                    answered += 1
+                    if answered == self.answers and self.end == "fin" and not self.read_next:
+                        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            while self.read_next and b"\r\n\r\n" not in got and (d := c.recv(4096)):
+                got += d
+            if self.end == "rst":
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            else:
+                c.shutdown(socket.SHUT_WR)
+                time.sleep(0.2)
+
+
+def read_response(s):
+    """One Content-Length response from s (b"" at the close), as the client reads it."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        d = s.recv(4096)
+        if not d:
+            return got
+        got += d
+    head, body = got.split(b"\r\n\r\n", 1)
+    n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < n:
+        d = s.recv(4096)
+        if not d:
+            break
+        body += d
+    return head + b"\r\n\r\n" + body
+
+
+def kept_connection_requests(port, target, n, pause=0.0):
+    """n GETs on one client connection, each after the answer to the one before and a pause."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i in range(n):
+            time.sleep(pause if i else 0)
+            s.sendall(f"GET {target}/r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            out.append(read_response(s))
+    return out
+
+
+def test_origin_resets_idle_connection(capd):
+    """Regression: an origin that drops its idle kept connection with a reset
+    (nginx's keepalive_timeout, a load balancer) made capd reset the client's
+    connection too, where after a FIN the client goes on. Now the client's next
+    request goes to a new upstream connection, in a new session, as after a
+    FIN; the first session says why it ended, its capture ends in the RST."""
+    o = KeptOrigin("rst", idle=0.1)
+    try:
+        port = add_http(capd)
+        got = kept_connection_requests(port, f"http://127.0.0.1:{o.port}", 2, pause=0.3)
+        assert got[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n"), got
+        assert got[1].endswith(b"conn 2: GET /r1 HTTP/1.1\n"), got
+        ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
+        assert ss[0]["reason"] == f"upstream reset (client continues in session {ss[1]['id']})", ss
+        assert ss[1]["reason"] == "closed" and ss[1]["client"] == ss[0]["client"], ss
+        # a client that closes instead of asking again: its session closes cleanly, as after a FIN
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"GET http://127.0.0.1:{o.port}/r2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert read_response(s).endswith(b"conn 3: GET /r2 HTTP/1.1\n")
+            time.sleep(0.3)
+        assert closed_sessions(capd, 3)[-1]["reason"] == "upstream reset"
+        # (the wait above was longer than the spool's flush interval)
+        pcap = capd.pcaps()[-1]
+        stream = tcp_stream_of(pcap, ss[0]["id"])
+        rst = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1",
+                              "-T", "fields", "-e", "tcp.srcport"], capture_output=True, text=True)
+        assert rst.returncode == 0 and rst.stdout.split() == [str(o.port)], rst
+    finally:
+        o.close()
+
+
+def test_origin_resets_after_a_forwarded_request(capd):
+    """An origin that resets its kept connection when the next request is already
+    on its way (it read it): that request gets a 502 saying so, and the client's
+    connection ends as after the origin's FIN there."""
+    for end, why in (("rst", b"upstream reset"), ("fin", b"upstream closed without a response")):
+        o = KeptOrigin(end, answers=1, idle=2, read_next=True)
+        try:
+            port = add_http(capd)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(f"GET http://127.0.0.1:{o.port}/r0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                first = read_response(s)
+                s.sendall(f"GET http://127.0.0.1:{o.port}/r1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                rest = read_all(s)
+            assert first.endswith(b"conn 1: GET /r0 HTTP/1.1\n"), first
+            assert status_of(rest) == 502 and why in rest and b"\r\nConnection: close\r\n" in rest, rest
+        finally:
+            o.close()
+            capd.ctl("remove", "h")
 
 
 def test_http10_origin_and_wget(capd, http_server):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import Listener, apart, check_pcap_clean, follow_tcp, free_port, tcp_stream_of
-from test_http import Origin, raw, read_all, status_of
+from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
 @pytest.fixture
@@ -532,5 +532,21 @@ def test_reverse_tls_absolute_https_form(capd, tmp_path):
             assert b"no-route.test" not in head and f"X-Forwarded-Host: {authority}\r\n".encode() in head
         s = [x for x in closed(capd, 2) if x["instance"] == "r"][-1]
         assert s["note"].startswith("GET HTTPS://www.example.test:4443; tls "), s
+    finally:
+        o.close()
+
+
+def test_reverse_origin_resets_idle_connection(capd):
+    """Regression: an origin that resets its idle kept connection made capd reset
+    the client's connection; the client's next request now goes to a new one."""
+    o = KeptOrigin("rst", idle=0.1)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--default", f"127.0.0.1:{o.port}")
+        got = kept_connection_requests(port, "", 2, pause=0.3)
+        assert got[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n"), got
+        assert got[1].endswith(b"conn 2: GET /r1 HTTP/1.1\n"), got
+        ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
+        assert ss[0]["reason"] == f"upstream reset (client continues in session {ss[1]['id']})", ss
     finally:
         o.close()
