@@ -729,7 +729,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	struct http_msg *m = &http_msg;
 	struct http_target t;
 	const char *why = NULL;
-	int status = 0;
+	int status = 0, closed;
 	enum parse rv = http_route_request(s, p, n, &t, &status, &why);
 
 	if (rv == PARSE_MORE)
@@ -750,6 +750,15 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		buf_free(&b);
 		free(reason);
 		return RELAY_END;
+	}
+	/* an upstream that closed after a whole response without saying so takes
+	 * no more requests, though its FIN may be unread yet (it came with the
+	 * response, or this request was judged first): as nginx does, the
+	 * request goes to a new connection rather than to the closed one (502) */
+	if (!hc->upstream_gone && hc->upstream_keep && (closed = relay_src_closed(s, DIR_DOWN)) != 0) {
+		hc->upstream_gone = true;
+		if (closed < 0)
+			hc->upstream_reset = true;
 	}
 	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
 		if (s->client.tls) {

@@ -948,6 +948,24 @@ relay_held(struct session *s, enum dir d, const uint8_t **p)
 	return rd->fill - rd->len;
 }
 
+int
+relay_src_closed(struct session *s, enum dir d)
+{
+	struct relay_dir *rd = &s->dir[d];
+	struct side *src = relay_src(s, d);
+	char c;
+	ssize_t r;
+
+	if (rd->eof)
+		return 1;
+	if (rd->fill > rd->len || src->tls != NULL)
+		return 0;
+	r = recv(src->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+	if (r == 0)
+		return 1;
+	return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR ? -1 : 0;
+}
+
 /* Every relay watcher: a readable source or a writable destination pumps its direction. */
 static void
 relay_io_cb(struct ev_loop *loop, ev_io *w, int revents)

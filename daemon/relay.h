@@ -73,5 +73,9 @@ void relay_resume(struct session *s, enum dir d);
 void relay_finish(struct session *s, enum dir d);
 /* The bytes direction d holds or has not judged yet (valid until the relay runs again). */
 size_t relay_held(struct session *s, enum dir d, const uint8_t **p);
+/* Whether d's source has closed, its FIN read or waiting unread behind
+ * nothing else: 1 for a FIN, -1 for a reset or error, 0 while open (or not
+ * known: a TLS side's close waits in a record). */
+int relay_src_closed(struct session *s, enum dir d);
 
 #endif

@@ -328,22 +328,22 @@ class KeptOrigin(Listener):
                 time.sleep(0.2)
 
 
-def read_response(s):
-    """One Content-Length response from s (b"" at the close), as the client reads it."""
-    got = b""
-    while b"\r\n\r\n" not in got:
-        d = s.recv(4096)
-        if not d:
-            return got
-        got += d
-    head, body = got.split(b"\r\n\r\n", 1)
-    n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(body) < n:
+def read_responses(s, n=1):
+    """n Content-Length responses from s, as the client reads them (fewer at the close)."""
+    got, out = b"", []
+    while len(out) < n:
+        if b"\r\n\r\n" in got:
+            head, rest = got.split(b"\r\n\r\n", 1)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(rest) >= length:
+                out.append(head + b"\r\n\r\n" + rest[:length])
+                got = rest[length:]
+                continue
         d = s.recv(4096)
         if not d:
             break
-        body += d
-    return head + b"\r\n\r\n" + body
+        got += d
+    return out
 
 
 def kept_connection_requests(port, target, n, pause=0.0):
@@ -353,7 +353,7 @@ def kept_connection_requests(port, target, n, pause=0.0):
         for i in range(n):
             time.sleep(pause if i else 0)
             s.sendall(f"GET {target}/r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            out.append(read_response(s))
+            out += read_responses(s)
     return out
 
 
@@ -375,7 +375,7 @@ def test_origin_resets_idle_connection(capd):
         # a client that closes instead of asking again: its session closes cleanly, as after a FIN
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(f"GET http://127.0.0.1:{o.port}/r2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            assert read_response(s).endswith(b"conn 3: GET /r2 HTTP/1.1\n")
+            assert read_responses(s)[0].endswith(b"conn 3: GET /r2 HTTP/1.1\n")
             time.sleep(0.3)
         assert closed_sessions(capd, 3)[-1]["reason"] == "upstream reset"
         # (the wait above was longer than the spool's flush interval)
@@ -398,7 +398,7 @@ def test_origin_resets_after_a_forwarded_request(capd):
             port = add_http(capd)
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(f"GET http://127.0.0.1:{o.port}/r0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                first = read_response(s)
+                first = read_responses(s)[0]
                 s.sendall(f"GET http://127.0.0.1:{o.port}/r1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 rest = read_all(s)
             assert first.endswith(b"conn 1: GET /r0 HTTP/1.1\n"), first
@@ -406,6 +406,34 @@ def test_origin_resets_after_a_forwarded_request(capd):
         finally:
             o.close()
             capd.ctl("remove", "h")
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_origin_closes_after_a_whole_response(capd, pipelined):
+    """Regression: an origin that sends a whole response and its FIN, without
+    Connection: close. A pipelined next request, already held while the response
+    went out, was sent on the closed connection before its FIN was read: 502
+    "upstream closed without a response", every time. Like nginx, capd now
+    sends it on a new upstream connection (a new session)."""
+    o = KeptOrigin("fin", answers=1)
+    try:
+        port = add_http(capd)
+        reqs = [f"GET http://127.0.0.1:{o.port}/r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(2)]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            if pipelined:
+                s.sendall(reqs[0] + reqs[1])
+                got = read_responses(s, 2)
+            else:
+                s.sendall(reqs[0])
+                got = read_responses(s)
+                s.sendall(reqs[1])
+                got += read_responses(s)
+        assert got[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n"), got
+        assert got[1].endswith(b"conn 2: GET /r1 HTTP/1.1\n"), got
+        ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
+        assert ss[0]["reason"] == f"closed (client continues in session {ss[1]['id']})", ss
+    finally:
+        o.close()
 
 
 def test_http10_origin_and_wget(capd, http_server):
