@@ -817,8 +817,14 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (rv == PARSE_MORE)
 		return RELAY_MORE;
 	if (rv == PARSE_ERR) {
+		const char *why = m->why;
+
+		/* a 431 is the parser's answer for a request: say which limit the response broke */
+		if (m->status == 431)
+			why = m->nhdr >= cfg->lim.max_headers ? "too many header fields in the response"
+			                                      : "response head too large";
 		session_data(s, DIR_DOWN, p, n);  /* what the origin sent is still worth having */
-		http_fail_late(s, 502, m->status == 431 ? "response head too large" : m->why);
+		http_fail_late(s, 502, why);
 		return RELAY_END;
 	}
 	session_data(s, DIR_DOWN, p, m->head_len);

@@ -896,6 +896,9 @@ def test_early_refusal_of_a_body_reaches_the_client(capd):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", b"Content-Length and Transfer"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
      b"101 Switching Protocols without an Upgrade request"),
+    # a short head with one line too many was called "response head too large"
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(129)) + b"\r\n",
+     b"too many header fields in the response"),
 ])
 def test_bad_upstream_response(capd, answer, why):
     o = RawOrigin(answer)
