@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import Listener, apart, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, wait_port
+from conftest import (Listener, apart, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark,
+                      wait_port)
 
 
 class Origin:
@@ -364,10 +365,10 @@ def test_origin_resets_idle_connection(capd):
     connection too, where after a FIN the client goes on. Now the client's next
     request goes to a new upstream connection, in a new session, as after a
     FIN; the first session says why it ended, its capture ends in the RST."""
-    o = KeptOrigin("rst", idle=0.1)
+    o = KeptOrigin("rst", idle=0.05)
     try:
         port = add_http(capd)
-        got = kept_connection_requests(port, f"http://127.0.0.1:{o.port}", 2, pause=0.3)
+        got = kept_connection_requests(port, f"http://127.0.0.1:{o.port}", 2, pause=0.25)
         assert got[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n"), got
         assert got[1].endswith(b"conn 2: GET /r1 HTTP/1.1\n"), got
         ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
@@ -377,13 +378,11 @@ def test_origin_resets_idle_connection(capd):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(f"GET http://127.0.0.1:{o.port}/r2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert read_responses(s)[0].endswith(b"conn 3: GET /r2 HTTP/1.1\n")
-            time.sleep(0.3)
+            time.sleep(0.25)
         assert closed_sessions(capd, 3)[-1]["reason"] == "upstream reset"
         # (the wait above was longer than the spool's flush interval)
-        pcap = capd.pcaps()[-1]
-        stream = tcp_stream_of(pcap, ss[0]["id"])
-        rst = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1",
-                              "-T", "fields", "-e", "tcp.srcport"], capture_output=True, text=True)
+        rst = tshark("-r", capd.pcaps()[-1], "-Y", f'frame.comment contains "capd session {ss[0]["id"]}" && '
+                     "tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.srcport")
         assert rst.returncode == 0 and rst.stdout.split() == [str(o.port)], rst
     finally:
         o.close()
