@@ -264,18 +264,19 @@ def test_origin_closes_idle_connection(capd):
     """The origin closes a kept connection while the client's stays open: the
     client's next request goes on in a new session; no session without an
     upstream is left behind."""
-    o = Origin("idle", idle_timeout=0.5)
+    o = Origin("idle", idle_timeout=0.2)
     try:
         port = add_http(capd)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             for i in range(2):
+                if i:
+                    time.sleep(0.5)       # the origin gives up on the idle connection
                 s.sendall(f"GET http://127.0.0.1:{o.port}/r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 got = b""
                 while not got.endswith(f"/r{i}\n".encode()):
                     d = s.recv(4096)
                     assert d, got
                     got += d
-                time.sleep(1.2)           # the origin gives up on the idle connection
         ss = closed_sessions(capd, 2)
         h = [x for x in ss if x["instance"] == "h"]
         assert len(h) == 2, h
