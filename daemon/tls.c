@@ -106,7 +106,9 @@ struct tls_session {
 	size_t alpn_sel_len;
 	bool want_rsa;              /* the client may not take ECDSA: offer the RSA certificate too */
 	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
-	char *fail;                 /* why the upstream side failed; the client gets an alert */
+	unsigned hello_version;     /* the newest TLS version the client offers */
+	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
+	int fail_alert;             /* that alert: 0 for handshake_failure */
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
@@ -1081,6 +1083,44 @@ tls_hello_ecdsa(SSL *ssl)
 	return false;
 }
 
+/*
+ * The newest version the client offers: the highest of its supported_versions
+ * (GREASE values left out), else its legacy_version, as OpenSSL will choose.
+ * 0 for a list OpenSSL will refuse as malformed anyway.
+ */
+static unsigned
+tls_hello_version(SSL *ssl)
+{
+	const unsigned char *e;
+	size_t len, n;
+	unsigned best = 0;
+
+	if (!SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_supported_versions, &e, &len))
+		return SSL_client_hello_get0_legacy_version(ssl);
+	if (len < 1)
+		return 0;
+	n = e[0];
+	for (size_t i = 1; i + 1 < len && i + 1 <= n; i += 2) {
+		unsigned v = (unsigned)e[i] << 8 | e[i + 1];
+		if ((v & 0x0f0f) == 0x0a0a && e[i] == e[i + 1])
+			continue;  /* GREASE (RFC 8701) */
+		if (v > best)
+			best = v;
+	}
+	return best;
+}
+
+static const char *
+tls_version_name(unsigned v, char *b, size_t n)
+{
+	switch (v) {
+	case SSL3_VERSION: return "SSL 3.0";
+	case TLS1_VERSION: return "TLS 1.0";
+	case TLS1_1_VERSION: return "TLS 1.1";
+	default: snprintf(b, n, "version 0x%04x", v); return b;
+	}
+}
+
 static void
 tls_hello_parse(struct tls_session *ts, SSL *ssl)
 {
@@ -1108,6 +1148,7 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 		}
 	}
 	ts->want_rsa = !tls_hello_ecdsa(ssl);
+	ts->hello_version = tls_hello_version(ssl);
 }
 
 /* Gives the client's SSL the forged certificates and the CA's chain (taken
@@ -1145,7 +1186,7 @@ tls_client_hello_cb(SSL *ssl, int *al, void *arg)
 		return SSL_CLIENT_HELLO_RETRY;  /* the accept waits for the upstream */
 	}
 	if (ts->fail) {
-		*al = SSL_AD_HANDSHAKE_FAILURE;
+		*al = ts->fail_alert ? ts->fail_alert : SSL_AD_HANDSHAKE_FAILURE;
 		return SSL_CLIENT_HELLO_ERROR;
 	}
 	return SSL_CLIENT_HELLO_SUCCESS;
@@ -1334,6 +1375,18 @@ tls_client_step(struct tls_session *ts)
 	if (ts->capture)
 		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&t->replay), buf_used(&t->replay));
 	buf_free(&t->replay);
+	if (ts->hello_version != 0 && ts->hello_version < TLS1_2_VERSION) {
+		/* OpenSSL would refuse it only in the version negotiation that
+		 * follows this callback, after capd's whole TLS handshake with the
+		 * server, done for nothing; a passthrough name was let go above */
+		char v[32];
+		ts->fail = xasprintf("protocol mismatch: the client offers %s at most, capd takes TLS 1.2 or later",
+		                     tls_version_name(ts->hello_version, v, sizeof v));
+		ts->fail_alert = SSL_AD_PROTOCOL_VERSION;
+		ts->st = TLS_ST_FINISH;
+		tls_client_step(ts);
+		return;
+	}
 	if (ts->accept_only) {
 		tls_accept_hello(ts);
 		return;

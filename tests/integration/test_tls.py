@@ -680,6 +680,63 @@ def test_socks_tls_interception(capd, origin, tmp_path):
     assert up.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and BODY in down
 
 
+class FirstBytes(Listener):
+    """A TCP server that records what each connection sends first (b"": nothing
+    before its end)."""
+
+    def __init__(self):
+        self.got = []
+        super().__init__()
+
+    def handle(self, c, peer):
+        c.settimeout(5)
+        try:
+            self.got.append(c.recv(65536))
+        except OSError:
+            self.got.append(b"")
+        c.close()
+
+
+def socks5_connect(sport, port, host="127.0.0.1"):
+    """A socket through capd's SOCKS5 instance at sport to host:port, CONNECT done."""
+    s = socket.create_connection(("127.0.0.1", sport), timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big"))
+    assert s.recv(10)[1] == 0
+    return s
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_old_tls_client_refused_before_the_upstream_handshake(capd, version):
+    """Regression: a TLS 1.0 or 1.1 client got its protocol_version alert only after
+    capd had done the whole TLS handshake with the server (the ClientHello callback
+    runs before OpenSSL's version check). It is refused before any byte goes up."""
+    srv = FirstBytes()
+    try:
+        sport = free_port()
+        capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with socks5_connect(sport, srv.port) as s:
+            with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+                ctx.wrap_socket(s, server_hostname=NAME)
+        s = last_closed(capd)[-1]
+        name = {"TLSv1": "TLS 1.0", "TLSv1_1": "TLS 1.1"}[version]
+        assert s["reason"] == (f"protocol mismatch: the client offers {name} at most, "
+                               "capd takes TLS 1.2 or later"), s
+        deadline = time.time() + 5
+        while not srv.got and time.time() < deadline:
+            time.sleep(0.02)
+        assert srv.got == [b""], srv.got  # no ClientHello went to the server
+    finally:
+        srv.close()
+
+
 # A SOCKS5 CONNECT to NAME-or-IPv4:PORT through 127.0.0.1:SOCKS, then TLS without SNI (as an
 # old client or an IP-literal URL does) trusting CA; prints the forged certificate's names, or
 # the TLS error, and the response's first and last bytes, as JSON.
