@@ -1278,6 +1278,9 @@ tls_client_failed(struct tls_session *ts, int e, int saved_errno)
 			snprintf(why, sizeof why, "client error during the TLS handshake: %s", strerror(saved_errno));
 		else if (ts->st == TLS_ST_HELLO)
 			snprintf(why, sizeof why, "client closed before finishing its ClientHello");
+		else if (SSL_session_reused(ts->c.ssl))
+			/* a resumption sends no certificate: ServerHello to Finished */
+			snprintf(why, sizeof why, "client closed during a resumed TLS handshake, after capd's Finished");
 		else
 			snprintf(why, sizeof why, "client closed during the TLS handshake, after capd's certificate");
 		tls_fail(ts, why);

@@ -1166,6 +1166,53 @@ def test_upstream_asks_for_a_client_certificate(capd, tmp_path, version):
         srv.close()
 
 
+def leave_after_servers_flight(port, ctx, session=None):
+    """A TLS client that sends its ClientHello (resuming session when given), reads
+    capd's whole flight and closes without its Finished; whether it was resumed."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    o = ctx.wrap_bio(inc, out, server_hostname=NAME, session=session)
+    with pytest.raises(ssl.SSLWantReadError):
+        o.do_handshake()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(out.read())
+        while True:
+            d = c.recv(65536)
+            assert d, "capd closed during its flight"
+            inc.write(d)
+            try:
+                o.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            if out.pending:  # the client's turn: it leaves instead
+                break
+    return o.session_reused
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_client_leaving_a_resumed_handshake(capd, tmp_path, version):
+    """Regression: a client that left during a handshake that resumed its session with
+    capd was reported "after capd's certificate", which a resumption never sends."""
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ctx = tls_client_ctx()
+        ctx.maximum_version = getattr(ssl.TLSVersion, version)
+        assert not leave_after_servers_flight(port, ctx)
+        assert last_closed(capd)[-1]["reason"] == "client closed during the TLS handshake, after capd's certificate"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            with ctx.wrap_socket(c, server_hostname=NAME) as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                while t.recv(65536):  # TLS 1.3: the ticket comes after the handshake
+                    pass
+                session = t.session
+        assert leave_after_servers_flight(port, ctx, session)
+        s = last_closed(capd, 3)[-1]
+        assert s["reason"] == "client closed during a resumed TLS handshake, after capd's Finished", s
+    finally:
+        srv.close()
+
+
 def test_ip_sni_does_not_spoil_ip_clients(capd, tmp_path):
     """Regression: a client that sent an IP address as SNI got a certificate with
     DNS:127.0.0.1, cached under the key of the IP certificate made for clients without SNI
