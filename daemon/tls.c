@@ -1137,6 +1137,11 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 					*p = (char)(*p - 'A' + 'a');
 			if ((!hostname_valid(ts->sni) && !addr_is_ip_literal(ts->sni)) || strlen(ts->sni) != n)
 				ts->sni[0] = '\0';
+			else if (ts->sni[n - 1] == '.')
+				/* RFC 6066 sends no trailing dot, and a client that does means
+				 * the same host (browsers check "host." as "host"): as sent, it
+				 * failed every verification and went into the forged SANs */
+				ts->sni[n - 1] = '\0';
 		}
 	}
 	if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &e, &len) &&

@@ -1213,6 +1213,36 @@ def test_client_leaving_a_resumed_handshake(capd, tmp_path, version):
         srv.close()
 
 
+def test_sni_with_a_trailing_dot(capd_factory, tmp_path):
+    """Regression: an SNI of "www.example.test." (a fully qualified name, as some clients
+    send it) failed the upstream's verification ("hostname mismatch") and went into the
+    forged certificate as a DNS name with the dot. The dot is dropped, as browsers do:
+    the server, the verification and the forged certificate see www.example.test."""
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    seen = []
+    srv.ctx.sni_callback = lambda sock, name, ctx: seen.append(name)
+    try:
+        capd = capd_factory(extra_env={"SSL_CERT_FILE": str(cert)})
+        port = add_forward(capd, srv.port, "--tls")
+        ctx = tls_client_ctx(export_ca(capd, tmp_path / "capd-ca.pem"))
+        ctx.check_hostname = False  # Python itself checks "host." against "host" and refuses
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            with ctx.wrap_socket(c, server_hostname=NAME + ".") as t:
+                sans = t.getpeercert()["subjectAltName"]
+                t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while (d := t.recv(65536)):
+                    got += d
+        assert got == RESPONSE
+        assert sans == (("DNS", NAME),), sans
+        assert seen == [NAME], seen
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed" and f"sni={NAME} " in s["note"] + " ", s
+    finally:
+        srv.close()
+
+
 def test_ip_sni_does_not_spoil_ip_clients(capd, tmp_path):
     """Regression: a client that sent an IP address as SNI got a certificate with
     DNS:127.0.0.1, cached under the key of the IP certificate made for clients without SNI
