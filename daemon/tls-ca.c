@@ -356,8 +356,11 @@ tls_ca_keys_ensure(void)
 	if (atomic_load(&keys_ready))
 		return true;
 	/* made outside any lock; another thread may be making them too: the first to install wins */
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	ec = EVP_EC_gen("P-256");
 	rsa = EVP_RSA_gen(TLS_LEAF_RSA_BITS);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
 	pthread_mutex_lock(&keys_mu);
 	if (ca.leaf == NULL) {
 		ca.leaf = ec;
@@ -367,6 +370,9 @@ tls_ca_keys_ensure(void)
 		ca.leaf_rsa = rsa;
 		rsa = NULL;
 	}
+	if (!atomic_load(&keys_ready) && ca.leaf != NULL && ca.leaf_rsa != NULL)
+		log_debug("made the TLS leaf keys (ECDSA P-256, RSA %d) in %.2f s", TLS_LEAF_RSA_BITS,
+		          (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
 	atomic_store(&keys_ready, ca.leaf != NULL && ca.leaf_rsa != NULL);
 	pthread_mutex_unlock(&keys_mu);
 	EVP_PKEY_free(ec);

@@ -776,7 +776,9 @@ tls_start(const struct capd_settings *st, char **why)
 	if ((tls_cli_verify = tls_client_ctx(true, why)) == NULL ||
 	    (tls_cli_noverify = tls_client_ctx(false, why)) == NULL)
 		return -1;
-	/* a CA already on disk is loaded now, so a broken one fails the start */
+	/* a CA already on disk is loaded now, so a broken one fails the start
+	 * (and its files are read before privileges drop); the CA alone: the
+	 * leaf keys (0.2-0.6 s) wait for an instance that intercepts */
 	char *cert = st->ca_cert ? xstrdup(st->ca_cert) : xasprintf("%s/ca.pem", st->state_dir);
 	char *key = st->ca_key ? xstrdup(st->ca_key) : xasprintf("%s/ca.key", st->state_dir);
 	bool exists = access(cert, F_OK) == 0 || access(key, F_OK) == 0;
@@ -784,7 +786,7 @@ tls_start(const struct capd_settings *st, char **why)
 	free(key);
 	if (exists) {
 		char *e = NULL;
-		if (tls_ca_ensure(&e) < 0) {
+		if (tls_ca_ensure_cert(&e) < 0) {
 			*why = xasprintf("TLS: %s", e);
 			free(e);
 			return -1;

@@ -1557,6 +1557,35 @@ def test_user_ca_of_another_key_type_signs(capd_factory, origin, tmp_path, keyal
     assert BODY in got and how == "clean"
 
 
+def test_a_ca_on_disk_makes_no_leaf_keys_at_start(capd_factory, tmp_path):
+    """Regression: a capd whose CA was on disk made the two leaf keys at every start
+    (RSA 2048: 0.2-0.6 s, more on a busy box), also with no instance that intercepts;
+    the CA alone is loaded (and checked) at start, the keys wait for interception."""
+    d = tmp_path / "ca"
+    d.mkdir()
+    ca = make_user_ca(d, "user ca", "ec")
+    settings = f"ca_cert = {ca[0]}\nca_key = {ca[1]}"
+    made = "made the TLS leaf keys"
+    capd = capd_factory(settings=settings)
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        assert made not in capd.log()
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        assert made in capd.log()
+        got, how = tls_get(port, NAME, tls_client_ctx(ca[0]))
+        assert got == RESPONSE and how == "clean"
+        # an instance of the config that intercepts has them before capd is ready
+        port = free_port()
+        capd = capd_factory(f"[forward fw]\nlisten = 127.0.0.1:{port}\nto = 127.0.0.1:{srv.port}\n"
+                            "tls = yes\ntls_verify = no\n", settings)
+        assert capd.log().count(made) == 1
+        got, how = tls_get(port, NAME, tls_client_ctx(ca[0]))
+        assert got == RESPONSE and how == "clean"
+    finally:
+        srv.close()
+
+
 def probed(port, action):
     """Runs action() while a thread opens connection after connection to an echo
     forward on port; returns (action's result, the slowest connection's seconds,
