@@ -217,6 +217,9 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 					free(copy);
 					return -1;
 				}
+				/* "host." is "host", as in the SNI it is matched against (tls_hello_parse) */
+				if (w[strlen(w) - 1] == '.')
+					w[strlen(w) - 1] = '\0';
 				cfg->passthrough = xrealloc(cfg->passthrough, (n + 2) * sizeof *cfg->passthrough);
 				cfg->passthrough[n++] = xstrdup(w);
 				cfg->passthrough[n] = NULL;

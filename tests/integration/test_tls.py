@@ -999,6 +999,22 @@ def test_passthrough_replays_hello_and_pipelined_bytes(capd):
         echo.close()
 
 
+@pytest.mark.parametrize("pattern", ["www.example.test.", "*.example.test."])
+def test_passthrough_pattern_with_a_trailing_dot(capd, pattern):
+    """Regression: a tls_passthrough entry written fully qualified ("www.example.test.")
+    matched only an SNI sent with the dot, so the host it names was intercepted."""
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls", "--tls-passthrough", pattern)
+        data = _client_hello(NAME)
+        assert exchange(port, data, timeout=20) == data
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed (tls passthrough: the host is listed in tls_passthrough)", s
+        assert capd.ctl("list", json_out=True)[0]["tls_passthrough"] == [pattern[:-1]]
+    finally:
+        echo.close()
+
+
 def test_socks_tls_auto_plain_http_and_tls(capd, origin, http_server, tmp_path):
     """tls = auto on socks: plain HTTP through the tunnel passes unchanged, HTTPS is intercepted."""
     hport, _ = http_server
