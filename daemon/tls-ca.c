@@ -279,10 +279,38 @@ fail:
 	return -1;
 }
 
+/* Why x is not valid now ("expired on DATE"), or NULL when it is. */
+static const char *
+tls_ca_invalid_why(X509 *x, char *b, size_t n)
+{
+	const ASN1_TIME *t;
+	const char *what;
+	struct tm tm;
+	char date[40];
+
+	if (X509_cmp_current_time(t = X509_get0_notAfter(x)) < 0)
+		what = "expired on";
+	else if (X509_cmp_current_time(t = X509_get0_notBefore(x)) > 0)
+		what = "is not valid before";
+	else
+		return NULL;
+	if (ASN1_TIME_to_tm(t, &tm) != 1 || strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &tm) == 0)
+		snprintf(date, sizeof date, "?");
+	snprintf(b, n, "%s %s", what, date);
+	return b;
+}
+
+const char *
+tls_ca_invalid(char *b, size_t n)
+{
+	return ca.cert ? tls_ca_invalid_why(ca.cert, b, n) : NULL;
+}
+
 int
 tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 {
 	struct stat st;
+	char when[100];
 	bool have_cert, have_key;
 	X509 *x = NULL;
 	EVP_PKEY *k = NULL;
@@ -320,6 +348,8 @@ tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 		}
 		if (X509_check_ca(x) == 0)
 			log_warnx("ca_cert %s is not marked as a CA; clients may refuse what it signs", cert_path);
+		if (tls_ca_invalid_why(x, when, sizeof when) != NULL)
+			log_warnx("ca_cert %s %s; clients refuse every certificate forged with it", cert_path, when);
 	}
 	tls_ca_cache_clear();
 	X509_free(ca.cert);

@@ -35,6 +35,9 @@ int tls_ca_load(const char *cert_path, const char *key_path, char **why);
 /* The same without the leaf keys: what showing the CA needs (ca.export). */
 int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
+/* "expired on DATE" (or "is not valid before DATE") into b when the CA is not
+ * valid now; NULL when it is, or when there is none. */
+const char *tls_ca_invalid(char *b, size_t n);
 /*
  * Makes the leaf keys unless they are made; false when OpenSSL cannot.
  * tls_ca_load does it too, but RSA 2048 takes 0.2-0.6 s, too long for a

@@ -1251,8 +1251,16 @@ tls_client_failed(struct tls_session *ts, int e, int saved_errno)
 	default: break;
 	}
 	if (what) {
+		char when[100];
+		const char *ca;
+
 		ERR_clear_error();
-		snprintf(why, sizeof why, "client rejected the forged certificate (%s)", what);
+		capd_lock();  /* the CA is shared by the shards */
+		ca = tls_ca_invalid(when, sizeof when);
+		capd_unlock();
+		/* the forged certificate is always in its time; the CA may not be */
+		snprintf(why, sizeof why, "client rejected the forged certificate (%s%s%s)", what,
+		         ca ? "; capd's CA " : "", ca ? ca : "");
 		tls_host_rejected(ts);
 		tls_fail(ts, why);
 		return;

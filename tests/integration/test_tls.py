@@ -1527,6 +1527,60 @@ def make_user_ca(d, stem, keyalg, issuer=None):
     return cert, key
 
 
+def make_expired_ca(d):
+    """A self-signed CA (ECDSA P-256) whose validity ended a year ago (openssl ca
+    takes explicit dates, req and x509 only days from now)."""
+    cert, key = d / "expired-ca.pem", d / "expired-ca.key"
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+            "-out", d / "expired-ca.csr", "-subj", "/O=capd tests/CN=expired CA")
+    (d / "index.txt").write_text("")
+    (d / "ca.cnf").write_text(f"""[ca]
+default_ca = ca_sect
+[ca_sect]
+database = {d}/index.txt
+new_certs_dir = {d}
+serial = {d}/serial
+default_md = sha256
+policy = policy_sect
+[policy_sect]
+commonName = supplied
+[ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+""")
+    (d / "serial").write_text("01\n")
+    year = time.gmtime().tm_year
+    openssl("ca", "-batch", "-selfsign", "-config", d / "ca.cnf", "-keyfile", key, "-in", d / "expired-ca.csr",
+            "-out", cert, "-extensions", "ext", "-notext", "-startdate", f"{year - 2}0101000000Z",
+            "-enddate", f"{year - 1}0101000000Z")
+    return cert, key
+
+
+def test_expired_ca_is_named_as_the_cause(capd_factory, tmp_path):
+    """Regression: an expired ca_cert was loaded without a word, and each client's
+    certificate_expired alert was reported as "client rejected the forged certificate
+    (certificate expired)", though the forged certificate is always in its time: the
+    cause, capd's CA, was named nowhere (and auto-passthrough set in for every host)."""
+    d = tmp_path / "ca"
+    d.mkdir()
+    ca = make_expired_ca(d)
+    capd = capd_factory(settings=f"ca_cert = {ca[0]}\nca_key = {ca[1]}")
+    year = time.gmtime().tm_year - 1
+    assert (f"ca_cert {ca[0]} expired on {year}-01-01 00:00:00 UTC; clients refuse every certificate forged "
+            "with it") in capd.log()
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+            tls_get(port, NAME, tls_client_ctx(ca[0]))
+        s = last_closed(capd)[-1]
+        assert s["reason"] == ("client rejected the forged certificate (certificate expired; capd's CA expired on "
+                               f"{year}-01-01 00:00:00 UTC)"), s
+    finally:
+        srv.close()
+
+
 def served_chain(port):
     """The subjects of the certificates capd sends for NAME, leaf first."""
     r = run("openssl", "s_client", "-servername", NAME, "-connect", f"127.0.0.1:{port}", "-showcerts",
