@@ -656,6 +656,18 @@ def test_ca_export_der_and_never_overwritten(capd_factory, tmp_path):
     assert not (d / "c.pem").exists()
 
 
+def test_ca_export_subject_in_utf8(capd_factory, tmp_path):
+    """Regression: ca.export's subject came from X509_NAME_oneline, which writes every
+    byte past ASCII as an escape: a CA named "Prüf-CA" read "Pr\\xC3\\xBCf-CA"."""
+    d = tmp_path / "userca"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            d / "k.pem", "-out", d / "c.pem", "-days", "5", "-utf8", "-subj", "/O=Müller GmbH/CN=Prüf-CA",
+            "-addext", "basicConstraints=critical,CA:TRUE")
+    capd = capd_factory(settings=f"ca_cert = {d}/c.pem\nca_key = {d}/k.pem")
+    assert capd.ctl("ca", "export", json_out=True)["subject"] == "/O=Müller GmbH/CN=Prüf-CA"
+
+
 def test_socks_tls_interception(capd, origin, tmp_path):
     sport = free_port()
     capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
