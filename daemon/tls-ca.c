@@ -178,12 +178,19 @@ tls_ca_read_key(const char *path, char **why)
 {
 	FILE *f = fopen(path, "r");
 	EVP_PKEY *k;
+	struct stat sb;
 
 	if (f == NULL) {
 		*why = xasprintf("cannot open ca_key %s: %s", path, strerror(errno));
 		return NULL;
 	}
 	k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+	/* whoever reads the key can pass for any server to every client that
+	 * trusts the CA: capd makes its own 0600 (a group may be meant to read) */
+	if (k != NULL && fstat(fileno(f), &sb) == 0 && (sb.st_mode & S_IROTH))
+		log_warnx("ca_key %s is readable by every user (mode %04o): anyone here can pass for any server to the "
+		          "clients that trust the CA; chmod o-r it",
+		          path, (unsigned)(sb.st_mode & 07777));
 	fclose(f);
 	if (k == NULL)
 		*why = xasprintf("ca_key %s is not a PEM private key (encrypted keys are not supported): %s", path,

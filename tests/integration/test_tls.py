@@ -1568,6 +1568,21 @@ keyUsage = critical,keyCertSign,cRLSign
     return cert, key
 
 
+def test_world_readable_ca_key_is_warned_of(capd_factory, tmp_path):
+    """Regression: a ca_key every user of the box may read (capd makes its own 0600)
+    was loaded without a word, though whoever reads it can pass for any server to
+    every client that trusts the CA. A group may be meant to read it: no warning."""
+    d = tmp_path / "ca"
+    d.mkdir()
+    ca = make_user_ca(d, "user ca", "ec")
+    settings = f"ca_cert = {ca[0]}\nca_key = {ca[1]}"
+    warning = f"ca_key {ca[1]} is readable by every user (mode 0644)"
+    ca[1].chmod(0o640)
+    assert "readable by every user" not in capd_factory(settings=settings).log()
+    ca[1].chmod(0o644)
+    assert warning in capd_factory(settings=settings).log()
+
+
 def test_expired_ca_is_named_as_the_cause(capd_factory, tmp_path):
     """Regression: an expired ca_cert was loaded without a word, and each client's
     certificate_expired alert was reported as "client rejected the forged certificate
