@@ -134,6 +134,7 @@ static int tls_keylog_fd = -1;
 static bool tls_keylog_on;    /* the contexts have the key log callback */
 static unsigned tls_cfgs_on;  /* configs with tls = yes|auto, for tls_prepare */
 static char *tls_keylog_path;
+static unsigned long tls_keylog_lost;  /* lines that could not be written since the last that could */
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void tls_client_step(struct tls_session *ts);
@@ -360,6 +361,7 @@ tls_keylog_write(const SSL *ssl, const char *line)
 			close(tls_keylog_fd);
 		free(tls_keylog_path);
 		tls_keylog_path = xstrdup(path);
+		tls_keylog_lost = 0;
 		tls_keylog_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 		if (tls_keylog_fd < 0)
 			log_warn("cannot open keylog_file %s", path);
@@ -367,12 +369,24 @@ tls_keylog_write(const SSL *ssl, const char *line)
 	if (tls_keylog_fd >= 0) {
 		size_t n = strlen(line);
 		char *l = xmalloc(n + 1);
+		ssize_t w;
+
 		memcpy(l, line, n);
 		l[n] = '\n';
 		/* one write per line: O_APPEND keeps lines whole */
-		if (write(tls_keylog_fd, l, n + 1) < 0)
-			log_warn("cannot write keylog_file %s", path);
+		w = write(tls_keylog_fd, l, n + 1);
 		free(l);
+		/* a full disk fails every line, some ten a session: say it once, and
+		 * how much was lost once lines go in again */
+		if (w == (ssize_t)(n + 1) && tls_keylog_lost > 0) {
+			log_notice("keylog_file %s is written again; %lu key lines were lost", path, tls_keylog_lost);
+			tls_keylog_lost = 0;
+		} else if (w < 0 && tls_keylog_lost++ == 0) {
+			log_warn("cannot write keylog_file %s (key lines are lost until it can be written)", path);
+		} else if (w >= 0 && w != (ssize_t)(n + 1) && tls_keylog_lost++ == 0) {
+			log_warnx("cannot write keylog_file %s: a short write (key lines are lost until it can be written)",
+			          path);
+		}
 	}
 }
 
@@ -831,6 +845,7 @@ tls_stop(void)
 	tls_keylog_fd = -1;
 	free(tls_keylog_path);
 	tls_keylog_path = NULL;
+	tls_keylog_lost = 0;
 }
 
 /* ---- the session's TLS state ---- */

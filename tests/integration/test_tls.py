@@ -489,6 +489,23 @@ tls_passthrough = other.test, *.example.test
     assert tshark("-r", pcap, "-Y", "http").stdout.strip() == ""
 
 
+def test_keylog_file_that_cannot_be_written_is_warned_of_once(capd_factory, tmp_path):
+    """Regression: a keylog_file that cannot be written (a full disk: /dev/full here)
+    logged a warning for every key line, some ten per intercepted session."""
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        capd = capd_factory(settings="keylog_file = /dev/full")
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        for _ in range(2):
+            got, _ = tls_get(port, NAME, tls_client_ctx())
+            assert got == RESPONSE
+        last_closed(capd, 2)
+        assert capd.log().count("cannot write keylog_file /dev/full") == 1, capd.log()
+    finally:
+        srv.close()
+
+
 def test_upstream_verification(capd_factory, origin, tmp_path):
     # the system store does not know the origin's CA: the client gets an alert, the session says why
     capd = capd_factory()
