@@ -1155,13 +1155,15 @@ tls_hello_parse(struct tls_session *ts, SSL *ssl)
 			for (char *p = ts->sni; *p; p++)
 				if (*p >= 'A' && *p <= 'Z')
 					*p = (char)(*p - 'A' + 'a');
+			/* RFC 6066 sends no trailing dot, and a client that does means
+			 * the same host (browsers check "host." as "host"): as sent, it
+			 * failed every verification and went into the forged SANs. One
+			 * dot goes before the check, which takes 253 bytes at most: a
+			 * name of that length, dotted, is valid ("a.." and "." are not) */
+			if (n > 1 && ts->sni[n - 1] == '.' && ts->sni[n - 2] != '.')
+				ts->sni[--n] = '\0';
 			if ((!hostname_valid(ts->sni) && !addr_is_ip_literal(ts->sni)) || strlen(ts->sni) != n)
 				ts->sni[0] = '\0';
-			else if (ts->sni[n - 1] == '.')
-				/* RFC 6066 sends no trailing dot, and a client that does means
-				 * the same host (browsers check "host." as "host"): as sent, it
-				 * failed every verification and went into the forged SANs */
-				ts->sni[n - 1] = '\0';
 		}
 	}
 	if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &e, &len) &&

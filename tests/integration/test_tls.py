@@ -1288,6 +1288,29 @@ def test_sni_with_a_trailing_dot(capd_factory, tmp_path):
         srv.close()
 
 
+def test_longest_name_with_a_trailing_dot(capd, tmp_path):
+    """Regression: a name of 253 bytes (the most DNS allows) sent as SNI with its
+    trailing dot was 254 bytes long when checked, so capd took it for no SNI: the
+    server got none, and the forged certificate did not name it."""
+    long_name = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 48 + ".example.test"
+    assert len(long_name) == 253
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    seen = []
+    srv.ctx.sni_callback = lambda sock, name, ctx: seen.append(name)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ctx = tls_client_ctx(export_ca(capd, tmp_path / "capd-ca.pem"))
+        ctx.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            with ctx.wrap_socket(c, server_hostname=long_name + ".") as t:
+                sans = t.getpeercert()["subjectAltName"]
+        assert ("DNS", long_name) in sans, sans
+        assert seen == [long_name], seen
+    finally:
+        srv.close()
+
+
 def test_ip_sni_does_not_spoil_ip_clients(capd, tmp_path):
     """Regression: a client that sent an IP address as SNI got a certificate with
     DNS:127.0.0.1, cached under the key of the IP certificate made for clients without SNI
