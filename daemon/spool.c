@@ -1019,6 +1019,21 @@ writer_iface(int h)
 	return w.ifaces[h].fidx;
 }
 
+/* Past KEYLOG_KEEP, keeps the newest half of k's key lines, cut at a line boundary. */
+static void
+writer_keys_trim(struct buf *k)
+{
+	const uint8_t *p = buf_head(k);
+	size_t cut;
+	const uint8_t *nl;
+
+	if (buf_used(k) <= KEYLOG_KEEP)
+		return;
+	cut = buf_used(k) - KEYLOG_KEEP / 2;
+	nl = memchr(p + cut, '\n', buf_used(k) - cut);
+	buf_consume(k, nl ? (size_t)(nl - p) + 1 : buf_used(k));
+}
+
 /* Pending key lines go out before the packets they decrypt. */
 static void
 writer_keys_flush(void)
@@ -1028,14 +1043,7 @@ writer_keys_flush(void)
 	writer_keys_dsb(&w.keys_new);
 	buf_append(&w.keys, buf_head(&w.keys_new), buf_used(&w.keys_new));
 	buf_reset(&w.keys_new);
-	if (buf_used(&w.keys) > KEYLOG_KEEP) {
-		/* Keep the newest half, cut at a line boundary. */
-		const uint8_t *p = buf_head(&w.keys);
-		size_t cut = buf_used(&w.keys) - KEYLOG_KEEP / 2;
-		const uint8_t *nl = memchr(p + cut, '\n', buf_used(&w.keys) - cut);
-
-		buf_consume(&w.keys, nl ? (size_t)(nl - p) + 1 : buf_used(&w.keys));
-	}
+	writer_keys_trim(&w.keys);
 }
 
 static bool
@@ -1250,6 +1258,14 @@ writer_record(const struct rec *r)
 	case REC_KEYLOG:
 		buf_append(&w.keys_new, p, r->n);
 		buf_append(&w.keys_new, "\n", 1);
+		/*
+		 * Lines wait here for the next packet that is written: while
+		 * the disk fails or no file can be made, that is every TLS
+		 * session's keys until it can. The packets of those sessions
+		 * are dropped, and keys without their handshake decrypt
+		 * nothing: keep as many as a new file's head repeats.
+		 */
+		writer_keys_trim(&w.keys_new);
 		break;
 	}
 	w.cur = NULL;

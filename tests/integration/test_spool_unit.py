@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -564,3 +565,91 @@ def test_readded_instance_gets_an_interface_of_its_own(capd, server):
     # and in the file's list of interfaces (capinfos, Wireshark's capture file properties)
     info = subprocess.run(["capinfos", "-I", str(files[0])], capture_output=True, text=True).stdout
     assert info.count("Name = fw") == 2 and info.count(f"Description = {new_desc}\n") == 1, info
+
+
+def pcapng_blocks(path):
+    """(type, body) of each block of a pcapng file (little-endian, as capd writes)."""
+    data = Path(path).read_bytes()
+    out, off = [], 0
+    while off + 12 <= len(data):
+        btype, blen = int.from_bytes(data[off:off + 4], "little"), int.from_bytes(data[off + 4:off + 8], "little")
+        out.append((btype, data[off + 8:off + blen - 4]))
+        off += blen
+    return out
+
+
+class TlsEcho(Listener):
+    """A TLS server that answers each line with the same line."""
+
+    def __init__(self, d):
+        cert, key = d / "echo.pem", d / "echo.key"
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+           "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=echo.example.test")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        c.settimeout(10)
+        try:
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                t.sendall(t.recv(100))
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def test_keys_of_dropped_sessions_are_bounded(capd_factory, tmp_path):
+    """Regression (key log lines while the writer drops): with no file to write (here: a
+    tmpfs out of inodes at a rotation), every TLS session's key log lines (about 1.7 KB
+    with tls_capture = both) were kept for the next Decryption Secrets Block, without
+    bound, in memory, until a file could be made again, and then all went into it at once.
+    They are now kept up to what capd repeats at the head of each file (256 KiB), the
+    newest."""
+    spool = tmp_path / "noinodes"
+    spool.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "tmpfs", str(spool)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    echo = TlsEcho(tmp_path)
+    try:
+        capd = capd_factory(start=False)
+        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
+        capd.spool = spool
+        capd.start()
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo.port}", "--tls",
+                 "--no-tls-verify", "--tls-capture", "both")
+        fillers = [spool / "filler1", spool / "filler2"]
+        for f in fillers:
+            f.touch()
+        assert capd.ctl("capture", "rotate", check=False).returncode == 1  # no file from now on
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+
+        def session(line):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                with ctx.wrap_socket(c, server_hostname="echo.example.test") as t:
+                    t.sendall(line)
+                    assert t.recv(100) == line
+
+        for i in range(240):
+            session(b"%d\n" % i)
+        closed_sessions(capd, 240)
+        for f in fillers:
+            f.unlink()
+        time.sleep(1.2)  # the writer retries every second
+        session(b"after\n")
+        closed_sessions(capd, 241)
+        capd.flush()
+        dsbs = [len(body) for f in capd.pcaps() for btype, body in pcapng_blocks(f) if btype == 0x0000000A]
+        assert dsbs and max(dsbs) <= (256 << 10) + 8192, dsbs
+        check_pcap_clean(capd.pcaps()[-1])
+        capd.stop()
+    finally:
+        echo.close()
+        subprocess.run(["umount", "-l", str(spool)])
