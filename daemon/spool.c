@@ -988,18 +988,39 @@ writer_check_folder(void)
 	w.dirfd = fd;
 }
 
+/*
+ * A full disk the ring itself filled (keep_files x rotate_size is more than
+ * it holds) would never free space, as only rotation deletes: give up the
+ * oldest file, never the one being written, and keep the newest capture.
+ * The files are counted now: the count of the last trim still holds files
+ * moved or deleted by hand since, and trimming to one fewer than that
+ * deleted nothing. A current file deleted by hand is no reason: closing
+ * it (writer_check_unlinked) frees its space.
+ */
+static void
+writer_free_oldest(void)
+{
+	struct spool_file *v;
+	struct stat sb;
+	size_t n;
+
+	if (w.fd >= 0 && fstat(w.fd, &sb) == 0 && sb.st_nlink == 0)
+		return;
+	v = spool_list(w.dirfd, &n);
+	if (n > 1 && (w.fd < 0 || strcmp(v[0].name, w.name) != 0)) {
+		log_warnx("spool: the disk is full: deleting the oldest capture file, %s", v[0].name);
+		writer_trim(n - 1);
+	}
+	free(v);
+}
+
 /* After a failure: a new file if there is none, else the same file again. */
 static void
 writer_retry(void)
 {
 	w.failing = false;
-	/* A full disk the ring itself filled (keep_files x rotate_size is more than
-	 * it holds) would never free space, as only rotation deletes: give up the
-	 * oldest file, never the one being written, and keep the newest capture. */
-	if ((w.err == ENOSPC || w.err == EDQUOT) && atomic_load(&st_files) > 1) {
-		log_warnx("spool: the disk is full: deleting the oldest capture file");
-		writer_trim(atomic_load(&st_files) - 1);
-	}
+	if (w.err == ENOSPC || w.err == EDQUOT)
+		writer_free_oldest();
 	/* Deleting the file frees no space while we hold it open: move on to a new one. */
 	writer_check_unlinked();
 	if (w.fd < 0) {

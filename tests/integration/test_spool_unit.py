@@ -432,6 +432,45 @@ def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     capd.stop()
 
 
+def test_full_disk_counts_the_files_there_now(server, tiny_spool):
+    """Regression (full-disk retry, stale file count): on a full disk the writer deletes its
+    oldest file each second, but it counted the files at its last trim: after files were
+    moved out of the spool by hand (to a folder on the same disk, which frees nothing), it
+    trimmed to one fewer than that stale count, deleted nothing, said it had, and dropped
+    capture for another second. It now counts the folder at each retry."""
+    capd, spool = tiny_spool("rotate_size = 128K\nkeep_files = 32")
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1300 << 10)
+    assert transfer("127.0.0.1", port, b"x") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    capd.ctl("capture", "rotate")  # a file of its own for what fails to go in: no rotation then
+    files = capd.pcaps()
+    assert len(files) >= 5, [f.stat().st_size for f in files]
+    archive = spool / "archive"
+    archive.mkdir()
+    for f in files[:3]:
+        f.rename(archive / f.name)
+    fd = os.open(spool / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # the disk is full from now on
+        while os.write(fd, b"\0" * 4096) > 0:
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+    oldest = capd.pcaps()[0]
+    server.down = os.urandom(20 << 10)
+    assert transfer("127.0.0.1", port, b"y") == server.down
+    deadline = time.time() + 5
+    while "deleting the oldest capture file" not in capd.log() and time.time() < deadline:
+        time.sleep(0.05)
+    assert "deleting the oldest capture file" in capd.log()
+    time.sleep(0.3)  # the next retry is a second away
+    assert not oldest.exists(), capd.log()[-2000:]
+    assert len(list(archive.iterdir())) == 3
+    capd.stop()
+
+
 def test_full_disk_drops_and_resumes(server, tiny_spool):
     """A 2 MB tmpfs spool: the transfer is exact, drops are reported, capture resumes after space is freed."""
     capd, spool = tiny_spool()
