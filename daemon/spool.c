@@ -66,6 +66,7 @@
 #define RETRY_SECS 1.0            /* after a write error */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
+#define EPB_ROOM 128              /* an EPB's bytes beyond its payload, less its comment (IPv6 and TCP headers, options) */
 #define WRITER_NICE (-5)          /* writer_prioritize */
 
 enum rec_type {
@@ -1236,6 +1237,32 @@ writer_flow_free(struct spool_flow *f)
 	free(f);
 }
 
+/*
+ * Rotation by size before a record that would take the file past
+ * rotate_size: one record holds up to a MiB of a bulk read (RELAY_BULK),
+ * and files came out up to that much over. The record goes whole into the
+ * next file rather than being split at a packet: its packets share one
+ * timestamp, and mergecap, merging the ring's files by time, shuffled the
+ * packets on either side of the cut.
+ */
+static void
+writer_size_check(const struct rec *r)
+{
+	const struct spool_flow *f = r->flow;
+	uint64_t add;
+
+	if (w.rotate_size == 0 || w.fd < 0 || w.file_packets == 0 || w.rotate_due)
+		return;
+	if (r->type == REC_PACKET)
+		add = r->n + EPB_ROOM;
+	else if (r->type == REC_DATA && f->ready)
+		add = r->n + synth_count(f->proto, f->mss, r->n) * (EPB_ROOM + strlen(f->comment));
+	else
+		return;
+	if (w.good + writer_pending() + add > w.rotate_size)
+		w.rotate_due = true;
+}
+
 static void
 writer_record(const struct rec *r)
 {
@@ -1243,6 +1270,7 @@ writer_record(const struct rec *r)
 	struct spool_flow *f = r->flow;
 
 	w.cur = r;
+	writer_size_check(r);
 	switch (r->type) {
 	case REC_IFACE_ADD:
 		writer_iface_add(r);
