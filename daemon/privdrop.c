@@ -28,6 +28,7 @@
 
 #include "capd.h"
 #include "log.h"
+#include "spool.h"
 #include "xmalloc.h"
 
 #define PRIVDROP_DEFAULT_USER "capd"
@@ -225,6 +226,7 @@ privdrop(const struct capd_settings *st, char **why)
 	/* what capd keeps writing after the switch */
 	privdrop_chown_dir(st->state_dir, uid, gid);
 	privdrop_chown_dir(st->spool, uid, gid);
+	spool_guard_user(uid, gid);  /* a process of its own: our switch is not its */
 
 	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0) {
 		*why = xasprintf("prctl(PR_SET_KEEPCAPS): %s", strerror(errno));

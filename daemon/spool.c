@@ -40,6 +40,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <sys/utsname.h>
@@ -609,7 +610,8 @@ writer_fail(const char *what, int err)
  * capd is gone (the pipe reads EOF, so no thread of it can still be
  * writing) and the file stopped in between, the guard cuts it back to the
  * whole block. spool_start() repairs the same at the next start if the
- * guard was killed too.
+ * guard was killed too. The pipe carries one message: when capd gives up
+ * root, the guard becomes its user too (spool_guard_user).
  */
 struct guard_msg {
 	uint64_t from, to;   /* the write in flight: [from, to) */
@@ -622,7 +624,24 @@ struct guard_shared {
 	struct guard_msg slot[2];  /* a writer killed mid-note leaves the previous one whole */
 };
 
-static int guard_fd = -1;   /* write end of the pipe, never written; -1 without a guard */
+/* 32-bit ABIs keep 16-bit ids in the plain calls; their 32-bit ones end in 32. */
+#ifdef SYS_setresuid32
+#define GUARD_SYS_SETGROUPS SYS_setgroups32
+#define GUARD_SYS_SETRESGID SYS_setresgid32
+#define GUARD_SYS_SETRESUID SYS_setresuid32
+#else
+#define GUARD_SYS_SETGROUPS SYS_setgroups
+#define GUARD_SYS_SETRESGID SYS_setresgid
+#define GUARD_SYS_SETRESUID SYS_setresuid
+#endif
+
+/* The one message on the guard's pipe: the user capd switches to. */
+struct guard_user {
+	uid_t uid;
+	gid_t gid;
+};
+
+static int guard_fd = -1;   /* write end of the pipe (one guard_user at most); -1 without a guard */
 static pid_t guard_pid = -1;
 static struct guard_shared *guard_shm;  /* MAP_SHARED with the guard; NULL without one */
 
@@ -630,10 +649,11 @@ static struct guard_shared *guard_shm;  /* MAP_SHARED with the guard; NULL witho
 static void __attribute__((noreturn))
 guard_main(int rfd, int dirfd)
 {
+	struct guard_user u;
 	struct guard_msg m;
 	struct stat sb;
 	unsigned cur;
-	char b;
+	ssize_t r;
 	int fd;
 
 	/* Nothing of capd's but these two: no listener or socket stays open because of us. */
@@ -644,17 +664,32 @@ guard_main(int rfd, int dirfd)
 	signal(SIGINT, SIG_IGN);
 	signal(SIGTERM, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
-	while (read(3, &b, 1) != 0 && errno == EINTR)
-		;
+	/*
+	 * Raw system calls for the switch: this process is the fork of a
+	 * threaded one, and glibc's setresuid would signal threads it no
+	 * longer has. A switch that fails leaves no guard running as root.
+	 */
+	while ((r = read(3, &u, sizeof u)) != 0) {
+		if (r == (ssize_t)sizeof u) {
+			if (syscall(GUARD_SYS_SETGROUPS, 1, &u.gid) < 0 ||
+			    syscall(GUARD_SYS_SETRESGID, u.gid, u.gid, u.gid) < 0 ||
+			    syscall(GUARD_SYS_SETRESUID, u.uid, u.uid, u.uid) < 0)
+				_exit(1);
+		} else if (r < 0 && errno != EINTR) {
+			break;
+		}
+	}
 	/* capd is gone: its last note is whole and no longer changes */
 	cur = atomic_load_explicit(&guard_shm->cur, memory_order_acquire);
 	if (cur == 1 || cur == 2)
 		m = guard_shm->slot[cur - 1];
 	/*
-	 * The guard may outlive a privilege drop as root while the writer that
-	 * names the file does not: it only ever cuts a capd-*.pcapng that sits
-	 * directly in the spool folder, is a regular file, not a link of
-	 * either kind, so a subverted writer cannot point it anywhere else.
+	 * The note comes from a writer that may have given up root when the
+	 * guard did not (capd not switching users, or the guard started by
+	 * a root capd that stays root): the guard only ever cuts a
+	 * capd-*.pcapng that sits directly in the spool folder, is a regular
+	 * file, not a link of either kind, so a subverted writer cannot point
+	 * it anywhere else.
 	 */
 	size_t len = cur == 1 || cur == 2 ? strnlen(m.name, sizeof m.name) : 0;
 	if (len > 12 && len < sizeof m.name && memchr(m.name, '/', len) == NULL &&
@@ -712,6 +747,15 @@ guard_stop(void)
 	if (guard_shm != NULL)
 		munmap(guard_shm, sizeof *guard_shm);
 	guard_shm = NULL;
+}
+
+void
+spool_guard_user(uid_t uid, gid_t gid)
+{
+	struct guard_user u = { .uid = uid, .gid = gid };
+
+	if (guard_fd >= 0 && write(guard_fd, &u, sizeof u) != (ssize_t)sizeof u)
+		log_warn("spool: the tail guard stays root");
 }
 
 /* Tells the guard about the write about to start. Writer thread. */

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "session.h"
@@ -71,6 +72,10 @@ void spool_flow_close(struct spool_flow *f, enum synth_end how);
 bool spool_packet(int iface, const struct timespec *ts, const void *p, size_t caplen, size_t origlen);
 /* Adds an NSS key log line to the next Decryption Secrets Block. */
 void spool_keylog(const char *line);
+
+/* capd switches to uid and gid: the spool's tail guard process, forked as
+ * root, switches too. Main thread, before capd's own switch. */
+void spool_guard_user(uid_t uid, gid_t gid);
 
 json_t *spool_status(void);  /* caller owns: {"file","files","bytes","packets","dropped_packets","dropped_bytes"} */
 int spool_rotate(char **why);

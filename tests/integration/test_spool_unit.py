@@ -10,18 +10,20 @@ the packet synthesis are the C unit tests test-pcapng and test-spool-synth.)
 
 import hashlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (Listener, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
+from conftest import (Capd, Listener, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
                       tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
@@ -394,6 +396,49 @@ def test_kill9_leaves_readable_files(capd_factory, server, tmp_path):
     _, down = follow_tcp(pcap, 0)
     assert len(down) >= 8 << 20
     assert server.down.startswith(down)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_tail_guard_gives_up_root_with_capd(server):
+    """Regression (the tail guard staying root): capd started as root with user = nobody
+    switched its threads to nobody, but the tail guard, a process forked at spool start,
+    stayed uid 0 with every capability for as long as capd ran. It now switches with capd,
+    and still cuts a file a kill -9 left half a block long."""
+    nobody = pwd.getpwnam("nobody")
+    d = Path(tempfile.mkdtemp(prefix="capd-guard.", dir="/tmp"))  # pytest's own folder is root-only
+    os.chmod(d, 0o755)
+    (d / "hosts").write_text("127.0.0.1 localhost\n")
+    capd = Capd(d, settings=f"user = nobody\nhosts_file = {d}/hosts\nrotate_size = 8M\nkeep_files = 100\n")
+    try:
+        capd.start()
+        guard = int(subprocess.run(["pgrep", "-P", str(capd.proc.pid)], capture_output=True,
+                                   text=True).stdout.split()[0])
+        st = {l.split(":")[0]: l.split(":", 1)[1].split() for l in open(f"/proc/{guard}/status")}
+        assert st["Uid"] == [str(nobody.pw_uid)] * 4 and st["Gid"] == [str(nobody.pw_gid)] * 4, st
+        assert int(st["CapEff"][0], 16) == 0 and int(st["CapPrm"][0], 16) == 0, st
+        port = forward(capd, f"127.0.0.1:{server.port}")
+        server.down = os.urandom(32 << 20)
+        t = threading.Thread(target=lambda: transfer("127.0.0.1", port, b"x", timeout=30), daemon=True)
+        t.start()
+        deadline = time.time() + 30
+        while time.time() < deadline and sum(f.stat().st_size for f in capd.pcaps()) < 6 << 20:
+            time.sleep(0.02)
+        capd.proc.send_signal(signal.SIGKILL)
+        capd.proc.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline:  # the guard cuts, then ends
+            try:
+                if Path(f"/proc/{guard}/stat").read_text().split(") ")[1][0] == "Z":
+                    break
+            except FileNotFoundError:
+                break
+            time.sleep(0.02)
+        for f in capd.pcaps():
+            r = tshark("-r", f, "-q")
+            assert r.returncode == 0 and "cut short" not in r.stderr, (f, r.stderr)
+    finally:
+        capd.stop()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
