@@ -922,6 +922,12 @@ writer_open(char **why)
 	struct tm tm;
 
 	gmtime_r(&now, &tm);
+	/*
+	 * The rotation this makes is done, whether a file comes of it or
+	 * not: one that cannot be made is writer_retry's, once a second.
+	 * (Left due, every packet tried again, listing the folder each time.)
+	 */
+	w.rotate_due = false;
 	/* Room for the new file first: on a full disk that is what lets it start. */
 	if (w.keep_files > 0)
 		writer_trim(w.keep_files - 1);
@@ -946,7 +952,6 @@ writer_open(char **why)
 	}
 	w.good = 0;
 	w.file_packets = 0;
-	w.rotate_due = false;
 	w.opened = mono_now();
 	w.nidb = w.nidb_good = 0;
 	w.failing = false;

@@ -629,6 +629,53 @@ def test_rotate_that_cannot_make_a_file_says_so(capd_factory, tmp_path):
         subprocess.run(["umount", "-l", str(spool)])
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_rotation_that_cannot_make_a_file_retries_once_a_second(capd_factory, server, tmp_path):
+    """Regression (rotation by size on a spool out of inodes): a rotation whose file could
+    not be made stayed due, so every packet after it listed the folder and tried to create
+    a file again (117 tries in this test, within a second), where the writer is to retry
+    once a second."""
+    spool = tmp_path / "noinodes"
+    spool.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "tmpfs", str(spool)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        capd = capd_factory(start=False, settings="rotate_size = 64K\nkeep_files = 100")
+        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
+        capd.spool = spool
+        capd.start()
+        port = forward(capd, f"127.0.0.1:{server.port}")
+        for f in ("filler1", "filler2"):  # the root and the first file hold the others
+            (spool / f).touch()
+        trace = tmp_path / "trace"
+        st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), "-p",
+                               str(capd.proc.pid)])
+        deadline = time.time() + 5
+        while time.time() < deadline:  # strace holds every thread of capd
+            tasks = Path(f"/proc/{capd.proc.pid}/task").iterdir()
+            if all(int(next(l for l in open(t / "status") if l.startswith("TracerPid")).split()[1]) > 0
+                   for t in tasks):
+                break
+            time.sleep(0.02)
+        server.down = os.urandom(100 << 10)  # past rotate_size: a new file is due
+        assert transfer("127.0.0.1", port, b"x") == server.down
+        server.down = b"y" * 1000
+        for _ in range(10):
+            assert transfer("127.0.0.1", port, b"x" * 1000) == server.down
+        closed_sessions(capd, 11)
+        capd.flush()
+        st.terminate()
+        st.wait()
+        tries = [l for l in trace.read_text().splitlines() if "O_CREAT" in l]
+        assert status(capd)["dropped_packets"] > 50
+        assert 1 <= len(tries) <= 3, tries
+        capd.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)])
+
+
 def test_readded_instance_gets_an_interface_of_its_own(capd, server):
     """Regression (re-added instance, duplicate interface name): an instance removed and
     added again under the same name, on the same port, while one file was being written
