@@ -67,7 +67,8 @@
 #define RETRY_SECS 1.0            /* after a write error */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
-#define EPB_ROOM 128              /* an EPB's bytes beyond its payload, less its comment (IPv6 and TCP headers, options) */
+#define EPB_ROOM 192              /* an EPB's bytes beyond its payload and comment, at most (headers, options, a cut datagram's note) */
+#define SYNTH_CTL_PKTS 4          /* packets of a flow's open, FIN or close, at most */
 #define WRITER_NICE (-5)          /* writer_prioritize */
 
 enum rec_type {
@@ -1292,22 +1293,39 @@ writer_flow_free(struct spool_flow *f)
  * and files came out up to that much over. The record goes whole into the
  * next file rather than being split at a packet: its packets share one
  * timestamp, and mergecap, merging the ring's files by time, shuffled the
- * packets on either side of the cut.
+ * packets on either side of the cut. The estimate errs high: the key
+ * lines waiting for a block, and for the control records as many packets
+ * as a close makes.
  */
 static void
 writer_size_check(const struct rec *r)
 {
 	const struct spool_flow *f = r->flow;
 	uint64_t add;
+	size_t per;
 
 	if (w.rotate_size == 0 || w.fd < 0 || w.file_packets == 0 || w.rotate_due)
 		return;
-	if (r->type == REC_PACKET)
+	switch (r->type) {
+	case REC_PACKET:
 		add = r->n + EPB_ROOM;
-	else if (r->type == REC_DATA && f->ready)
-		add = r->n + synth_count(f->proto, f->mss, r->n) * (EPB_ROOM + strlen(f->comment));
-	else
+		break;
+	case REC_OPEN:  /* its comment is not made yet: "capd session N " and the record's text */
+		add = SYNTH_CTL_PKTS * (EPB_ROOM + 34 + (r->n - sizeof(struct rec_open)));
+		break;
+	case REC_DATA:
+	case REC_FIN:
+	case REC_CLOSE:
+		if (!f->ready)
+			return;
+		per = EPB_ROOM + strlen(f->comment);
+		add = r->type == REC_DATA ? r->n + synth_count(f->proto, f->mss, r->n) * per : SYNTH_CTL_PKTS * per;
+		break;
+	default:
 		return;
+	}
+	if (buf_used(&w.keys_new) > 0)
+		add += 24 + buf_used(&w.keys_new);  /* the Decryption Secrets Block before the first packet */
 	if (w.good + writer_pending() + add > w.rotate_size)
 		w.rotate_due = true;
 }

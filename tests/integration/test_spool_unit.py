@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Capd, Listener, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
+from conftest import (Capd, EchoServer, Listener, exchange, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
                       tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
@@ -256,6 +256,27 @@ def test_rotate_size_is_not_passed_by_a_bulk_read(capd_factory, server, tmp_path
     assert len(sizes) >= 8 and max(sizes) <= 2 << 20, sizes
     a, b = follow_tcp(merged(capd, tmp_path), 0)
     assert (a, b) == (up, server.down)
+
+
+def test_rotate_size_counts_handshakes_and_closes(capd_factory):
+    """Regression (rotation by size): the look before a record counted only data, and the
+    SYNs, FINs and ACKs of opens and closes went into a file already full (with rotate_size
+    = 8K, files of 8272 and 8372 bytes). They are counted too now, and the key lines that
+    wait to go out before the next packet."""
+    capd = capd_factory(settings="rotate_size = 8K\nkeep_files = 1000\n")
+    echo = EchoServer()
+    try:
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo.port}", "--name",
+                 "an-instance-with-a-long-name")
+        for _ in range(60):
+            assert exchange(port, b"x" * 300) == b"x" * 300
+        closed_sessions(capd, 60)
+        capd.flush()
+    finally:
+        echo.close()
+    sizes = [f.stat().st_size for f in capd.pcaps()]
+    assert len(sizes) >= 10 and max(sizes) <= 8 << 10, sizes
 
 
 def test_reload_lowering_keep_files_trims_now(capd_factory):
