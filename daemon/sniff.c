@@ -416,7 +416,8 @@ sniff_describe(struct instance *inst, json_t *o)
 	}
 	json_object_set_new(o, "packets", json_integer((json_int_t)sn->n.packets));
 	json_object_set_new(o, "dropped_kernel", json_integer((json_int_t)sn->n.dropped_kernel));
-	json_object_set_new(o, "dropped_spool", json_integer((json_int_t)sn->n.dropped_spool));
+	json_object_set_new(o, "dropped_spool", json_integer((json_int_t)(sn->n.dropped_spool +
+	                                                                  spool_iface_dropped(inst->spool_iface))));
 }
 
 const struct proto proto_sniff = {

@@ -168,6 +168,7 @@ struct wiface {
 	struct pcapng_idb idb;
 	char *name, *desc;
 	int fidx;              /* IDB index in the current file, -1 when not written there */
+	uint64_t out_packets;  /* its packets in w.out (a failed write drops them) */
 };
 
 /* The writer thread's state. */
@@ -193,6 +194,8 @@ static struct writer {
 	struct iovec *iov;
 	size_t aiov;
 	uint64_t out_packets, out_payload;
+	int *touched;          /* handles with packets in w.out (wiface.out_packets) */
+	int ntouched, atouched;
 	bool failing;          /* a write failed: drop until retry_at */
 	bool episode;          /* failing since the last good write (logged once) */
 	int err;               /* errno of the last failure */
@@ -588,6 +591,17 @@ writer_count_drop(uint64_t packets, uint64_t bytes)
 	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
 }
 
+static void spool_iface_drop(int iface, uint64_t packets);
+
+/* The buffered packets are lost: each interface's share is counted too. */
+static void
+writer_count_drop_out(void)
+{
+	writer_count_drop(w.out_packets, w.out_payload);
+	for (int i = 0; i < w.ntouched; i++)
+		spool_iface_drop(w.touched[i], w.ifaces[w.touched[i]].out_packets);
+}
+
 static void
 writer_fail(const char *what, int err)
 {
@@ -790,6 +804,9 @@ writer_out_reset(void)
 	w.next = 0;
 	w.ext_bytes = 0;
 	w.out_packets = w.out_payload = 0;
+	for (int i = 0; i < w.ntouched; i++)
+		w.ifaces[w.touched[i]].out_packets = 0;
+	w.ntouched = 0;
 }
 
 /* Writes all of iov at off, however the kernel splits it; -1 and errno on failure. */
@@ -851,7 +868,7 @@ writer_flush(void)
 	if (len == 0)
 		return;
 	if (w.fd < 0 || w.failing) {
-		writer_count_drop(w.out_packets, w.out_payload);
+		writer_count_drop_out();
 		goto reset;
 	}
 	n = writer_iov();  /* before w.iov is read: it may grow */
@@ -861,7 +878,7 @@ writer_flush(void)
 
 		if (ftruncate(w.fd, (off_t)w.good) < 0)
 			log_warn("spool: truncate %s/%s", spool_dir, w.name);
-		writer_count_drop(w.out_packets, w.out_payload);
+		writer_count_drop_out();
 		/*
 		 * IDBs in the lost buffer are owed again; every EPB that
 		 * used them was lost too, so writing them anew when next
@@ -1148,6 +1165,7 @@ writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrl
 		                    ts, hdr, hdrlen, data, datalen, origlen, flags, comment);
 	if (writer_dropping()) {
 		writer_count_drop(1, datalen + hdrlen);
+		spool_iface_drop(iface, 1);
 		return;
 	}
 	writer_keys_flush();
@@ -1185,6 +1203,13 @@ writer_packet(int iface, const struct timespec *ts, const void *hdr, size_t hdrl
 	w.out_packets++;
 	w.out_payload += datalen;
 	w.file_packets++;
+	if (w.ifaces[iface].out_packets++ == 0) {
+		if (w.ntouched == w.atouched) {
+			w.atouched = w.atouched ? w.atouched * 2 : 16;
+			w.touched = xrealloc(w.touched, (size_t)w.atouched * sizeof *w.touched);
+		}
+		w.touched[w.ntouched++] = iface;
+	}
 	if (writer_pending() >= OUT_MAX)
 		writer_flush();
 }
@@ -1649,11 +1674,34 @@ struct liface {
 	int linktype;
 	unsigned snaplen;
 	bool tsnano, removed;
+	uint64_t dropped;      /* packets the writer lost (a failing disk, no file) */
 };
 
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct liface *lifaces;
 static int nlifaces;
+
+/* Writer thread: packets of handle iface it could not write. */
+static void
+spool_iface_drop(int iface, uint64_t packets)
+{
+	pthread_mutex_lock(&reg_mu);
+	if (iface >= 0 && iface < nlifaces)
+		lifaces[iface].dropped += packets;
+	pthread_mutex_unlock(&reg_mu);
+}
+
+uint64_t
+spool_iface_dropped(int iface)
+{
+	uint64_t n = 0;
+
+	pthread_mutex_lock(&reg_mu);
+	if (iface >= 0 && iface < nlifaces)
+		n = lifaces[iface].dropped;
+	pthread_mutex_unlock(&reg_mu);
+	return n;
+}
 
 static void
 spool_queue_iface(int h)
@@ -1819,8 +1867,11 @@ spool_stop(void)
 	}
 	free(w.ifaces);
 	free(w.idbs);
+	free(w.touched);
 	w.ifaces = NULL;
 	w.idbs = NULL;
+	w.touched = NULL;
+	w.ntouched = w.atouched = 0;
 	w.nifaces = w.nidb = w.nidb_good = w.aidb = 0;
 	buf_free(&w.out);
 	free(w.ext);
@@ -1885,6 +1936,7 @@ spool_iface_add(const char *name, const char *description, int linktype, unsigne
 	li->snaplen = snaplen;
 	li->tsnano = tsnano;
 	li->removed = false;
+	li->dropped = 0;
 	if (atomic_load(&running))
 		spool_queue_iface(h);
 	pthread_mutex_unlock(&reg_mu);

@@ -34,6 +34,9 @@ void spool_stop(void);
  */
 int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
 void spool_iface_remove(int iface);
+/* Packets of the interface the writer could not write (a failing disk, no
+ * file), besides those the queue refused, which spool_packet() reports. */
+uint64_t spool_iface_dropped(int iface);
 
 /* A capture flow for one session. proto is IPPROTO_TCP or IPPROTO_UDP. Caller owns the flow
  * until spool_flow_close(), which frees it. */

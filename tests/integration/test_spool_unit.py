@@ -586,6 +586,37 @@ def test_full_disk_drops_and_resumes(server, tiny_spool):
     capd.stop()
 
 
+def test_sniffer_counts_what_a_full_disk_lost(tiny_spool):
+    """Regression (sniffer drops on a full disk): a sniffer's "dropped by the spool" counted
+    only what the capture queue refused; with the disk full, capture status said "500
+    packets, dropped kernel 0, spool 0" for a sniffer none of whose packets was written.
+    What the writer loses of an interface is counted for it too now."""
+    capd, spool = tiny_spool()
+    echo = EchoServer()
+    try:
+        capd.ctl("add", "sniff", "--interface", "lo", "--filter", f"tcp port {echo.port}")
+        fd = os.open(spool / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # the disk is full from now on
+            while os.write(fd, b"\0" * 4096) > 0:
+                pass
+        except OSError:
+            pass
+        os.close(fd)
+        for _ in range(20):
+            assert exchange(echo.port, b"x" * 20000) == b"x" * 20000
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            capd.flush()
+            sn = next(i for i in capd.ctl("list", json_out=True) if i["type"] == "sniff")
+            if sn["packets"] >= 100 and status(capd)["dropped_packets"] >= sn["packets"]:
+                break
+        assert status(capd)["packets"] == 0
+        assert sn["packets"] >= 100 and sn["dropped_spool"] == sn["packets"], sn
+    finally:
+        echo.close()
+    capd.stop()
+
+
 def test_deleted_spool_folder_is_made_again(capd_factory, server):
     """rm -rf of the spool folder itself: capd once held on to the deleted folder, where no
     file can be made, and dropped all capture until a restart, even after the folder was
