@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "chain.h"
 #include "log.h"
 #include "session.h"
 #include "spool-follow.h"
@@ -330,6 +331,8 @@ instance_name_taken(struct instance *inst, char **why)
 	return true;
 }
 
+static uint64_t instance_serial;  /* main thread */
+
 /* Configured and named, nothing opened: what prepare and instance_finish take. */
 static struct instance *
 instance_new(json_t *params, bool from_config, char **why)
@@ -340,6 +343,7 @@ instance_new(json_t *params, bool from_config, char **why)
 	json_decref(copy);
 	if (inst == NULL)
 		return NULL;
+	inst->serial = ++instance_serial;
 	/* keep the parameters as given, so a reload compares like with like */
 	json_decref(inst->params);
 	inst->params = json_deep_copy(params);
@@ -389,6 +393,7 @@ instance_finish(struct instance *inst, char **why)
 	if (inst->expose)
 		log_warnx("%s listens on %s, beyond loopback", inst->name, inst->listen_str);
 	TAILQ_INSERT_TAIL(&instances, inst, entry);
+	chain_ports_update();
 	log_info("instance %s (%s) started on %s", inst->name, inst->proto->name, inst->listen_str);
 	events_emit("instance.add", instance_json(inst));
 	return inst;
@@ -507,6 +512,7 @@ instance_remove(struct instance *inst, const char *reason)
 	/* none of its sessions may start or run while it goes (shard.h) */
 	shards_pause();
 	TAILQ_REMOVE(&instances, inst, entry);
+	chain_ports_update();
 	instance_close_listener(inst);
 	if (inst->proto->stop && inst->state == INSTANCE_RUNNING)
 		inst->proto->stop(inst);

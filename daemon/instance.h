@@ -70,6 +70,7 @@ struct listener {
 struct instance {
 	TAILQ_ENTRY(instance) entry;
 	char *name;
+	uint64_t serial;             /* never reused in this run (chain.h) */
 	const struct proto *proto;
 	json_t *params;              /* canonical parameters, owned: reload diffs these */
 	bool from_config;            /* reload may change it; capctl-added ones it leaves */

@@ -24,6 +24,7 @@
 #include <linux/sockios.h>
 
 #include "capd.h"
+#include "chain.h"
 #include "instance.h"
 #include "log.h"
 #include "relay.h"
@@ -256,6 +257,12 @@ session_new(struct instance *inst, int fd, const struct sockaddr *peer)
 	ev_io_init(&s->client.rio, session_hs_read_cb, fd, EV_READ);
 	ev_io_init(&s->client.wio, session_hs_write_cb, fd, EV_WRITE);
 	s->client.rio.data = s->client.wio.data = s;
+	if ((s->chain = chain_take(peer)) != NULL && chain_has(s->chain, inst)) {
+		/* a loop that the connect did not see (an address of this host
+		 * that is none of the instances' listen addresses) ends here */
+		session_close(s, "a loop of capd instances: this connection came from capd through this instance already");
+		return s;
+	}
 	if (inst->proto->input)
 		ev_io_start(capd_loop, &s->client.rio);
 	if (inst->proto->accepted)
@@ -541,26 +548,55 @@ session_target_is_self(const struct session *s, const struct sockaddr *sa)
 	return addr_reaches(sa, (const struct sockaddr *)&s->inst->listen);
 }
 
+/*
+ * Why a connect to sa is refused (caller frees), or NULL: it would reach this
+ * instance, or another instance that this connection came through already
+ * (chain.h), or one more than CHAIN_MAX instances in a row. Only a target on
+ * a port that some instance listens on (ours) costs more than a comparison.
+ */
+static char *
+session_target_refused(const struct session *s, const struct sockaddr *sa, bool ours)
+{
+	char a[ADDR_STRLEN];
+	struct instance *to;
+
+	if (session_target_is_self(s, sa)) {
+		addr_format(sa, a, sizeof a);
+		if (s->target_name[0])
+			return xasprintf("%s resolves to this instance's own address %s (a hosts entry or "
+			                 "DNS answer sends the name to capd): use the server's address",
+			                 s->target_name, a);
+		return xasprintf("%s is this instance's own address", a);
+	}
+	if (!ours || (to = chain_instance_at(sa)) == NULL)
+		return NULL;
+	if (chain_has(s->chain, to))
+		return xasprintf("a loop of capd instances: %s is instance %s's address, and this connection came "
+		                 "through %s already", addr_format(sa, a, sizeof a), to->name, to->name);
+	if (chain_len(s->chain) >= CHAIN_MAX)
+		return xasprintf("%s is instance %s's address, and this connection came through %d capd instances "
+		                 "already", addr_format(sa, a, sizeof a), to->name, CHAIN_MAX);
+	return NULL;
+}
+
 static void
 session_connect_next(struct session *s)
 {
 	for (; s->cand < s->ncands; s->cand++) {
 		struct sockaddr *sa = (struct sockaddr *)&s->cands[s->cand];
+		char *why;
+		bool ours;
 		int fd;
 		int err;
 
 		memcpy(&s->target_addr, sa, addr_len(sa));
 		s->have_target = true;
-		if (session_target_is_self(s, sa)) {
-			char a[ADDR_STRLEN];
-			addr_format(sa, a, sizeof a);
+		chain_forget(s->chain_port);  /* the last address's socket is closed */
+		s->chain_port = 0;
+		ours = chain_port_listened(addr_port(sa));  /* maybe one of capd's own listeners */
+		if ((why = session_target_refused(s, sa, ours)) != NULL) {
 			free(s->why_connect);
-			if (s->target_name[0])
-				s->why_connect = xasprintf("%s resolves to this instance's own address %s (a hosts entry or "
-				                           "DNS answer sends the name to capd): use the server's address",
-				                           s->target_name, a);
-			else
-				s->why_connect = xasprintf("%s is this instance's own address", a);
+			s->why_connect = why;
 			if (s->cand + 1 >= s->ncands) {
 				s->cand++;
 				session_connect_defer(s, ELOOP);
@@ -577,6 +613,8 @@ session_connect_next(struct session *s)
 			return;
 		}
 		session_tcp_opts(fd);
+		if (ours)  /* tell the instance that may accept it where it came from */
+			s->chain_port = chain_note(fd, s->chain, s->inst);
 		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
@@ -975,6 +1013,8 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	s->resolving = NULL;
 	side_close(&s->client, reset_client);
 	side_close(&s->upstream, reset_upstream);
+	chain_forget(s->chain_port);  /* its connect was never accepted, or by whom capd does not know */
+	s->chain_port = 0;
 	if (s->flow) {
 		spool_flow_close(s->flow, how);
 		s->flow = NULL;
@@ -1080,6 +1120,7 @@ session_reap_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		free(s->note);
 		free(s->why_connect);
 		free(s->cands);
+		free(s->chain);
 		free(s);
 	}
 }

@@ -16,6 +16,7 @@
 #include "addr.h"
 #include "buf.h"
 
+struct chain;
 struct instance;
 struct resolve_req;
 struct relay_filter;
@@ -95,13 +96,14 @@ struct session {
 	struct sockaddr_storage *cands;  /* addresses still to try, owned, only while connecting */
 	int ncands, cand;
 	uint16_t connect_port;
+	uint16_t chain_port;        /* its upstream socket's port, noted for the instance it connects to, or 0 */
 	int pending_err;            /* a connect failure waiting for the next loop pass */
+	struct chain *chain;        /* the capd instances its client came through (chain.h), owned, or NULL */
 
 	void *proto_state;          /* the protocol's, freed by proto->session_free */
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
 	struct tail *tail;          /* live subscribers and backlog, NULL until used */
 	struct tls_session *tls;    /* interception state (tls.c), freed by relay_stop */
-	bool freeing;
 };
 
 TAILQ_HEAD(session_list, session);

@@ -243,6 +243,34 @@ def test_forward_to_unspecified_address_of_its_own_port_is_not_a_loop(capd, host
     assert "this instance's own address" in ss[0]["reason"], ss[0]
 
 
+def test_forward_loop_between_two_instances_ends_at_the_second_lap(capd, echo_server):
+    """Forward loops across instances: a forwarding to b and b to a went round
+    until capd ran out of descriptors (one curl: 1024 of 1024 open, accept
+    paused, curl timed out), since only an instance's own address was
+    refused. Connections capd makes to its own listeners now carry the
+    instances they came through, and b's connect back to a fails. A chain
+    without a loop (c -> d -> echo server) still works."""
+    a, b, c, d = (free_port() for _ in range(4))
+    capd.ctl("add", "forward", "--port", a, "--to", f"127.0.0.1:{b}", "--name", "a")
+    capd.ctl("add", "forward", "--port", b, "--to", f"127.0.0.1:{a}", "--name", "b")
+    capd.ctl("add", "forward", "--port", c, "--to", f"127.0.0.1:{d}", "--name", "c")
+    capd.ctl("add", "forward", "--port", d, "--to", f"127.0.0.1:{echo_server.port}", "--name", "d")
+    assert exchange(c, b"through two instances") == b"through two instances"
+    with socket.create_connection(("127.0.0.1", a), timeout=10) as s:
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    ss = capd.wait_sessions(lambda ss: sum(x["instance"] in ("a", "b") and x["state"] == "closed"
+                                           for x in ss) >= 2)
+    time.sleep(0.3)
+    ss = [x for x in capd.ctl("sessions", json_out=True) if x["instance"] in ("a", "b")]
+    assert len(ss) == 2, ss
+    loop = [x for x in ss if x["instance"] == "b"][0]
+    assert loop["reason"] == (f"a loop of capd instances: 127.0.0.1:{a} is instance a's address, "
+                              "and this connection came through a already"), loop
+
+
 # An echo server on a link-local address with its zone (argv: address, port).
 V6_ECHO = r"""
 import socket, sys

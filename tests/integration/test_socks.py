@@ -273,6 +273,27 @@ def test_connect_reply_codes(capd):
     assert any("address type" in r for r in reasons), reasons
 
 
+def test_connect_back_to_an_instance_the_connection_came_through(capd, echo_server):
+    """A CONNECT from socks b back to socks a, by a client that came to b through
+    a: only an instance's own address was refused, so such chains (and forward
+    loops through a socks instance) could go round. b now refuses it with
+    general failure (0x01) and says why; a chain onward to a server works."""
+    a, b = add_socks(capd, "--name", "a"), add_socks(capd, "--name", "b")
+    for target, rep in ((("127.0.0.1", a), 1), (("127.0.0.1", echo_server.port), 0)):
+        s = s5_open(a)
+        assert s5_request(s, 1, "127.0.0.1", b)[0] == 0
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exact(s, 2) == b"\x05\x00"
+        assert s5_request(s, 1, *target)[0] == rep
+        if rep == 0:
+            s.sendall(b"nested")
+            assert recv_exact(s, 6) == b"nested"
+        s.close()
+    last = last_session(capd, lambda x: x["instance"] == "b" and x.get("reason", "").startswith("a loop"))
+    assert last["reason"] == (f"a loop of capd instances: 127.0.0.1:{a} is instance a's address, "
+                              "and this connection came through a already"), last
+
+
 # SOCKS5 CONNECTs to NAME:PORT through 127.0.0.1:SOCKS, one connection each, run inside a
 # namespace; prints {name: [reply code, what "ping" brought back or null]} as JSON.
 NS_S5_CLIENT = r"""
