@@ -23,13 +23,14 @@
 struct chain_note {
 	struct chain_note *next;
 	uint16_t port;
+	bool udp;
 	struct chain c;  /* the accepting session's: the sender's chain and the sender */
 };
 
 static uint64_t chain_ports[65536 / 64];  /* written with the shards paused */
 static pthread_mutex_t chain_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct chain_note *chain_notes[CHAIN_BUCKETS];  /* under chain_lock */
-static _Atomic unsigned chain_nnotes;
+static _Atomic unsigned chain_nnotes[2];  /* TCP, UDP */
 
 void
 chain_ports_update(void)
@@ -78,7 +79,7 @@ chain_len(const struct chain *c)
 }
 
 uint16_t
-chain_note(int fd, const struct chain *c, const struct instance *from)
+chain_note(int fd, int type, const struct chain *c, const struct instance *from)
 {
 	struct sockaddr_storage ss;
 	socklen_t len = sizeof ss;
@@ -102,39 +103,49 @@ chain_note(int fd, const struct chain *c, const struct instance *from)
 		return 0;
 	n = xcalloc(1, sizeof *n);
 	n->port = port;
+	n->udp = type == SOCK_DGRAM;
 	if (c)
 		n->c = *c;
 	n->c.serial[n->c.n++] = from->serial;
 	pthread_mutex_lock(&chain_lock);
 	n->next = chain_notes[port % CHAIN_BUCKETS];
 	chain_notes[port % CHAIN_BUCKETS] = n;
-	atomic_fetch_add(&chain_nnotes, 1);
+	atomic_fetch_add(&chain_nnotes[n->udp], 1);
 	pthread_mutex_unlock(&chain_lock);
 	return port;
 }
 
+/* Where the note of port is linked, or where it would be (*p NULL). Under chain_lock. */
+static struct chain_note **
+chain_at(uint16_t port, bool udp)
+{
+	struct chain_note **p = &chain_notes[port % CHAIN_BUCKETS];
+
+	while (*p && ((*p)->port != port || (*p)->udp != udp))
+		p = &(*p)->next;
+	return p;
+}
+
 /* The note of port, unlinked (caller frees), or NULL. Under chain_lock. */
 static struct chain_note *
-chain_unlink(uint16_t port)
+chain_unlink(uint16_t port, bool udp)
 {
-	for (struct chain_note **p = &chain_notes[port % CHAIN_BUCKETS]; *p; p = &(*p)->next) {
-		struct chain_note *n = *p;
-		if (n->port == port) {
-			*p = n->next;
-			atomic_fetch_sub(&chain_nnotes, 1);
-			return n;
-		}
+	struct chain_note **p = chain_at(port, udp), *n = *p;
+
+	if (n) {
+		*p = n->next;
+		atomic_fetch_sub(&chain_nnotes[udp], 1);
 	}
-	return NULL;
+	return n;
 }
 
 void
-chain_forget(uint16_t port)
+chain_forget(uint16_t port, int type)
 {
 	if (port == 0)
 		return;
 	pthread_mutex_lock(&chain_lock);
-	free(chain_unlink(port));
+	free(chain_unlink(port, type == SOCK_DGRAM));
 	pthread_mutex_unlock(&chain_lock);
 }
 
@@ -145,15 +156,32 @@ chain_take(const struct sockaddr *peer)
 	struct chain *c = NULL;
 
 	/* the note is made before the connect starts, so before this accept */
-	if (atomic_load(&chain_nnotes) == 0)
+	if (atomic_load(&chain_nnotes[0]) == 0)
 		return NULL;
 	pthread_mutex_lock(&chain_lock);
-	n = chain_unlink(addr_port(peer));
+	n = chain_unlink(addr_port(peer), false);
 	pthread_mutex_unlock(&chain_lock);
 	if (n) {
 		c = xmalloc(sizeof *c);
 		*c = n->c;
 		free(n);
 	}
+	return c;
+}
+
+struct chain *
+chain_find_udp(const struct sockaddr *peer)
+{
+	struct chain_note *n;
+	struct chain *c = NULL;
+
+	if (atomic_load(&chain_nnotes[1]) == 0)
+		return NULL;
+	pthread_mutex_lock(&chain_lock);
+	if ((n = *chain_at(addr_port(peer), true)) != NULL) {
+		c = xmalloc(sizeof *c);
+		*c = n->c;
+	}
+	pthread_mutex_unlock(&chain_lock);
 	return c;
 }

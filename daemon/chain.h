@@ -8,7 +8,9 @@
  *
  * The connect path pays one bit test (chain_port_listened) unless the target
  * port is one that an instance listens on; the accept path one atomic load
- * unless such a connect is waiting to be accepted.
+ * unless such a connect is waiting to be accepted. A forward's UDP relay does
+ * the same for each association's socket, and looks for a note when a new
+ * client address sends.
  */
 #ifndef CAPD_CHAIN_H
 #define CAPD_CHAIN_H
@@ -40,16 +42,19 @@ bool chain_has(const struct chain *c, const struct instance *inst);
 unsigned chain_len(const struct chain *c);
 
 /*
- * Binds fd (a socket about to connect to a listened port) to a port of its
- * own and notes it as leaving a session of instance from whose chain is c.
- * Returns the port, or 0 when the bind failed (the connect then goes ahead
- * unnoted).
+ * Binds fd (a socket of type SOCK_STREAM about to connect to a listened port,
+ * or SOCK_DGRAM about to send to one) to a port of its own and notes it as
+ * leaving a session of instance from whose chain is c. Returns the port, or 0
+ * when the bind failed (the socket then goes ahead unnoted).
  */
-uint16_t chain_note(int fd, const struct chain *c, const struct instance *from);
-/* The note of port goes (its socket closes unaccepted); port 0 does nothing. */
-void chain_forget(uint16_t port);
+uint16_t chain_note(int fd, int type, const struct chain *c, const struct instance *from);
+/* The note of port goes (its socket closes); port 0 does nothing. */
+void chain_forget(uint16_t port, int type);
 /* For a connection accepted from peer: the chain it continues (caller owns,
- * free()), or NULL when capd did not make it. */
+ * free()), or NULL when capd did not make it. Its note goes. */
 struct chain *chain_take(const struct sockaddr *peer);
+/* For a datagram from peer: the chain it continues, or NULL. The note stays
+ * while its socket lives (chain_forget). */
+struct chain *chain_find_udp(const struct sockaddr *peer);
 
 #endif

@@ -591,7 +591,7 @@ session_connect_next(struct session *s)
 
 		memcpy(&s->target_addr, sa, addr_len(sa));
 		s->have_target = true;
-		chain_forget(s->chain_port);  /* the last address's socket is closed */
+		chain_forget(s->chain_port, SOCK_STREAM);  /* the last address's socket is closed */
 		s->chain_port = 0;
 		ours = chain_port_listened(addr_port(sa));  /* maybe one of capd's own listeners */
 		if ((why = session_target_refused(s, sa, ours)) != NULL) {
@@ -614,7 +614,7 @@ session_connect_next(struct session *s)
 		}
 		session_tcp_opts(fd);
 		if (ours)  /* tell the instance that may accept it where it came from */
-			s->chain_port = chain_note(fd, s->chain, s->inst);
+			s->chain_port = chain_note(fd, SOCK_STREAM, s->chain, s->inst);
 		if (connect(fd, sa, addr_len(sa)) == 0 || errno == EINPROGRESS) {
 			s->upstream.fd = fd;
 			s->cand++;
@@ -1013,7 +1013,7 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	s->resolving = NULL;
 	side_close(&s->client, reset_client);
 	side_close(&s->upstream, reset_upstream);
-	chain_forget(s->chain_port);  /* its connect was never accepted, or by whom capd does not know */
+	chain_forget(s->chain_port, SOCK_STREAM);  /* its connect was never accepted, or by whom capd does not know */
 	s->chain_port = 0;
 	if (s->flow) {
 		spool_flow_close(s->flow, how);

@@ -21,6 +21,7 @@
 
 #include "buf.h"
 #include "capd.h"
+#include "chain.h"
 #include "instance.h"
 #include "log.h"
 #include "resolve.h"
@@ -70,7 +71,10 @@ struct udp_assoc {
 	bool have_local;
 	bool resolve_warned;              /* forward: its target's failed resolution was logged */
 	bool self_warned;                 /* a datagram for the relay itself was dropped and logged */
+	bool loop_warned;                 /* a datagram that would go round capd instances was dropped and logged */
 	int fd[2];                        /* upstream sockets: [0] IPv4, [1] IPv6, -1 until needed */
+	uint16_t chain_port[2];           /* their ports, noted for the instance they send to (chain.h), or 0 */
+	struct chain *chain;              /* the capd instances its client's datagrams came through, owned, or NULL */
 	ev_io rio[2];
 	ev_timer idle;                    /* forward: ends the association when quiet */
 	double last;
@@ -98,6 +102,7 @@ struct udp_relay {
 	double idle;
 	unsigned nassocs;
 	bool evict_warned;          /* the table-full warning was logged */
+	bool loop_warned;           /* a datagram from capd that went round was dropped and logged */
 	LIST_HEAD(, udp_assoc) assocs;
 	LIST_HEAD(, udp_assoc) loose;     /* client port not known yet (SOCKS, DST.PORT 0) */
 	LIST_HEAD(udp_bucket, udp_assoc) buckets[UDP_BUCKETS];
@@ -273,11 +278,14 @@ udp_assoc_end(struct udp_assoc *a, const char *reason)
 		free(f);
 		session_close(s, reason);
 	}
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < 2; i++) {
 		if (a->fd[i] >= 0) {
 			ev_io_stop(capd_main, &a->rio[i]);
 			close(a->fd[i]);
 		}
+		chain_forget(a->chain_port[i], SOCK_DGRAM);
+	}
+	free(a->chain);
 	ev_timer_stop(capd_main, &a->idle);
 	for (int i = 0; i < UDP_RESOLVING; i++)
 		udp_resolving_free(a->resolving[i]);
@@ -380,21 +388,54 @@ udp_flow_get(struct udp_assoc *a, const struct sockaddr *peer, bool outbound, co
 	return f;
 }
 
+/* The association's socket for peer's family, made on first use. */
 static int
-udp_upstream_fd(struct udp_assoc *a, int family)
+udp_upstream_fd(struct udp_assoc *a, const struct sockaddr *peer)
 {
-	int i = family == AF_INET6;
+	int i = peer->sa_family == AF_INET6;
 
 	if (a->fd[i] >= 0)
 		return a->fd[i];
-	a->fd[i] = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	a->fd[i] = socket(peer->sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (a->fd[i] < 0)
 		return -1;
+	/* a forward's target is fixed: one bit test per association tells
+	 * whether it may be one of capd's own relays */
+	if (!a->r->socks && chain_port_listened(addr_port(peer)))
+		a->chain_port[i] = chain_note(a->fd[i], SOCK_DGRAM, a->chain, a->r->inst);
 	ev_io_init(&a->rio[i], udp_upstream_cb, a->fd[i], EV_READ);
 	a->rio[i].data = a;
 	ev_io_start(capd_main, &a->rio[i]);
 	shard_wake(capd_main);
 	return a->fd[i];
+}
+
+/*
+ * Whether datagrams that came to a through other capd instances would go
+ * round them if sent to peer: peer is an instance they came through, or one
+ * more than CHAIN_MAX in a row (chain.h). Logged once per association.
+ */
+static bool
+udp_loops(struct udp_assoc *a, const struct sockaddr *peer)
+{
+	struct instance *to;
+	char b[ADDR_STRLEN];
+
+	if (!chain_port_listened(addr_port(peer)) || (to = chain_instance_at(peer)) == NULL)
+		return false;
+	if (!chain_has(a->chain, to) && chain_len(a->chain) < CHAIN_MAX)
+		return false;
+	if (!a->loop_warned) {
+		a->loop_warned = true;
+		addr_format(peer, b, sizeof b);
+		if (chain_has(a->chain, to))
+			log_warnx("%s: udp: a loop of capd instances: target %s is instance %s's address, and these "
+			          "datagrams came through %s already; dropped", a->r->inst->name, b, to->name, to->name);
+		else
+			log_warnx("%s: udp: target %s is instance %s's address, and these datagrams came through %d capd "
+			          "instances already; dropped", a->r->inst->name, b, to->name, CHAIN_MAX);
+	}
+	return true;
 }
 
 /* One datagram from the client to peer (resolved from name, or NULL): capture, then send. */
@@ -419,9 +460,11 @@ udp_send_up(struct udp_assoc *a, const struct sockaddr *peer, const char *name, 
 		}
 		return;
 	}
+	if (a->chain && udp_loops(a, peer))
+		return;
 	if ((f = udp_flow_get(a, peer, true, name)) == NULL)
 		return;
-	if ((fd = udp_upstream_fd(a, peer->sa_family)) < 0)
+	if ((fd = udp_upstream_fd(a, peer)) < 0)
 		return;
 	/* captured once sent: a datagram the kernel refused did not cross */
 	if (sendto(fd, p, n, 0, peer, addr_len(peer)) < 0) {
@@ -704,9 +747,28 @@ udp_client_dgram(struct udp_relay *r, const struct sockaddr *src, const struct s
 		return;
 	}
 	if (a == NULL) {
-		if (r->nassocs >= UDP_ASSOCS_MAX && udp_evict_oldest(r) < 0)
+		/* capd's own datagram comes from this host: from loopback, or from
+		 * the address it was sent to; a remote client's port says nothing */
+		const struct sockaddr *dst = local ? (const struct sockaddr *)local : (const struct sockaddr *)&r->addr;
+		struct chain *c = addr_is_loopback(src) || addr_same(src, dst, false) ? chain_find_udp(src) : NULL;
+
+		if (chain_has(c, r->inst)) {
+			/* a loop the sender did not see (an address of this host that
+			 * is none of the instances' listen addresses) ends here */
+			if (!r->loop_warned) {
+				r->loop_warned = true;
+				log_warnx("%s: udp: a loop of capd instances: datagrams from %s came from capd through "
+				          "this instance already; dropped", r->inst->name, addr_format(src, b, sizeof b));
+			}
+			free(c);
 			return;
+		}
+		if (r->nassocs >= UDP_ASSOCS_MAX && udp_evict_oldest(r) < 0) {
+			free(c);
+			return;
+		}
 		a = udp_assoc_alloc(r, src, true);
+		a->chain = c;
 		ev_timer_set(&a->idle, r->idle, 0.);
 		ev_timer_start(capd_main, &a->idle);
 		shard_wake(capd_main);

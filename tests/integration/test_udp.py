@@ -344,6 +344,32 @@ def test_forward_udp_to_its_own_address_is_not_a_loop(capd, to):
         log[-2000:]
 
 
+def test_forward_udp_loop_between_two_instances_is_dropped(capd, udp_echo):
+    """`udp = yes` on a forwarding to b and b to a: only an instance's own address
+    was caught, so one datagram went round a and b as a new client of each at every
+    lap (one datagram: 1000 sessions and capd's 1024 descriptors in a second). The
+    relay that would send it back to an instance it came through drops it, with one
+    warning; a chain without a loop (c -> d -> echo) still answers."""
+    a, b, c, d = (free_port_tcp_udp() for _ in range(4))
+    capd.ctl("add", "forward", "--port", a, "--to", f"127.0.0.1:{b}", "--udp", "--name", "a")
+    capd.ctl("add", "forward", "--port", b, "--to", f"127.0.0.1:{a}", "--udp", "--name", "b")
+    capd.ctl("add", "forward", "--port", c, "--to", f"127.0.0.1:{d}", "--udp", "--name", "c")
+    capd.ctl("add", "forward", "--port", d, "--to", f"127.0.0.1:{udp_echo.port}", "--udp", "--name", "e")
+    u = udp_client()
+    u.sendto(b"chained", ("127.0.0.1", c))
+    assert u.recvfrom(100)[0] == b"echo:chained"
+    u.sendto(b"round", ("127.0.0.1", a))
+    u.sendto(b"again", ("127.0.0.1", a))
+    deadline = time.time() + 5
+    while "came through a already; dropped" not in capd.log() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    ss = [x for x in capd.ctl("sessions", json_out=True) if x["instance"] in ("a", "b")]
+    assert len(ss) == 1 and ss[0]["instance"] == "a" and ss[0]["bytes_up"] == 10, ss
+    assert capd.log().count(f"b: udp: a loop of capd instances: target 127.0.0.1:{a} is instance a's "
+                            "address, and these datagrams came through a already; dropped") == 1, capd.log()[-2000:]
+
+
 def test_forward_udp_to_a_name_shows_it(capd, udp_echo):
     """A forward whose `to` is a name: its TCP sessions show the name (target_name),
     its UDP sessions showed only the address, so `capctl sessions --json` could not
