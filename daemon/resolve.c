@@ -217,7 +217,10 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 	hints.ai_flags = ARES_AI_NUMERICSERV;
 	snprintf(portstr, sizeof portstr, "%u", port);
 	r->starting = 1;
-	ares_getaddrinfo(resolve_channel, host, portstr, &hints, resolve_ares_cb, r);
+	/* c-ares refuses service "0" (ARES_ESERVICE) where getaddrinfo takes it,
+	 * and a SOCKS BIND by name names port 0 when the peer's port is unknown:
+	 * no service gives the addresses with port 0 */
+	ares_getaddrinfo(resolve_channel, host, port ? portstr : NULL, &hints, resolve_ares_cb, r);
 	r->starting = 0;
 	resolve_arm_timer();
 	return r;

@@ -477,6 +477,33 @@ def test_bind_two_replies(capd, ver):
     assert "bind" in s["note"]
 
 
+@pytest.mark.parametrize("ver", [5, 4])
+def test_bind_to_a_name_with_port_0(capd, ver):
+    """BIND naming the expected peer by name with port 0 (its port unknown, as
+    for an FTP data connection) got 0x04 (SOCKS4a 0x5b) with "cannot resolve
+    localhost:0: unknown": c-ares refuses the service "0". The name resolves
+    and the peer is taken."""
+    port = add_socks(capd)
+    if ver == 5:
+        c = s5_open(port)
+        rep, bhost, bport = s5_request(c, 2, "localhost", 0)
+    else:
+        c = s4_request(port, 2, None, 0, b"ftp", name="localhost")
+        r1 = recv_exact(c, 8)
+        rep = 0 if r1[1] == 0x5a else r1[1]
+        bhost, bport = socket.inet_ntoa(r1[4:8]), struct.unpack("!H", r1[2:4])[0]
+    assert rep == 0, last_session(capd)
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    if ver == 5:
+        assert s5_read_reply(c)[0] == 0
+    else:
+        assert recv_exact(c, 8)[1] == 0x5a
+    srv.sendall(b"150 here")
+    assert recv_exact(c, 8) == b"150 here"
+    c.close()
+    srv.close()
+
+
 def test_bind_not_intercepted_on_tls_instance(capd):
     """A BIND peer is not a server: plain bytes pass even with tls = yes."""
     port = add_socks(capd, "--tls", "--no-tls-verify")
