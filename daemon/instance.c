@@ -364,7 +364,7 @@ static int
 instance_prepare(struct instance *inst, char **why)
 {
 	if (inst->intercepts)
-		(void)tls_ca_keys_ensure();  /* a failure shows at the first interception */
+		(void)tls_ca_keys_ensure();  /* outside capd_lock; a failure shows when a session intercepts */
 	return inst->proto->prepare ? inst->proto->prepare(inst, why) : 0;
 }
 

@@ -42,8 +42,9 @@ const char *tls_ca_invalid(char *b, size_t n);
  * Makes the leaf keys unless they are made; false when OpenSSL cannot.
  * tls_ca_load does it too, but RSA 2048 takes 0.2-0.6 s, too long for a
  * session thread or a lock every session waits on: an instance that
- * intercepts calls this in its prepare step, on a helper thread, and
- * tls.c before taking capd_lock. It locks on its own (one loop has no
+ * intercepts calls this in its prepare step, on a helper thread (or at
+ * start, before the shards run), and nothing else in the daemon does;
+ * tls.c only asks tls_ca_keys_ready. It locks on its own (one loop has no
  * capd_lock while a prepare thread runs). tls_ca_keys_ready needs no lock.
  */
 bool tls_ca_keys_ensure(void);

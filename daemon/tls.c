@@ -753,8 +753,13 @@ tls_ca_ensure(char **why)
 {
 	struct capd_settings *st = tls_ca_paths();
 
-	if (tls_ca_load(st->ca_cert, st->ca_key, why) < 0)
+	if (tls_ca_load_cert(st->ca_cert, st->ca_key, why) < 0)
 		return -1;
+	/* never made here: the caller may hold capd_lock (instance_prepare makes them) */
+	if (!tls_ca_keys_ready()) {
+		*why = xstrdup("the TLS leaf keys could not be made (OpenSSL failed; see the log)");
+		return -1;
+	}
 	return tls_server_ctx(why);
 }
 
@@ -771,7 +776,6 @@ tls_ca_ensure_shared(char **why)
 {
 	int rc;
 
-	(void)tls_ca_keys_ensure();  /* the slow part, before the lock (tls_ca_ensure reports a failure) */
 	capd_lock();  /* the CA and the context toward clients are made once, for every shard */
 	rc = tls_ca_ensure(why);
 	capd_unlock();
@@ -819,6 +823,7 @@ tls_prepare(void)
 
 	if (tls_cfgs_on == 0 || tls_ca_loaded())
 		return;
+	(void)tls_ca_keys_ensure();  /* no shard runs yet: no session waits for them */
 	if (tls_ca_ensure(&why) < 0) {
 		log_warnx("TLS interception will fail: %s", why);
 		free(why);

@@ -89,10 +89,12 @@ void tls_stop(void);
 /* After the config's instances started, before privileges drop: makes the CA
  * now when one of them intercepts (its files may need root to write). */
 void tls_prepare(void);
-/* Loads or creates the CA of capd_settings. */
+/* Loads or creates the CA of capd_settings and makes the context toward
+ * clients. It never makes the leaf keys (RSA 2048 takes up to a second, and
+ * the caller may hold capd_lock): -1 when tls_ca_keys_ensure has not made
+ * them. Only instance_prepare and tls_prepare make them, outside the lock. */
 int tls_ca_ensure(char **why);
-/* tls_ca_ensure while the shards run: under capd_lock, the leaf keys (the
- * slow part of a first load) made before taking it. */
+/* tls_ca_ensure while the shards run: under capd_lock. */
 int tls_ca_ensure_shared(char **why);
 /* The CA alone, without the leaf keys or the server context: for ca.export,
  * which runs with the shards paused (the keys would stall every session). */
