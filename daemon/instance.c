@@ -22,6 +22,7 @@
 #include "spool.h"
 #include "tail.h"
 #include "tls-ca.h"
+#include "tls.h"
 #include "xmalloc.h"
 
 /*
@@ -364,7 +365,7 @@ static int
 instance_prepare(struct instance *inst, char **why)
 {
 	if (inst->intercepts)
-		(void)tls_ca_keys_ensure();  /* outside capd_lock; a failure shows when a session intercepts */
+		(void)tls_ca_keys_ensure();  /* outside capd_lock; instance_finish reports a failure */
 	return inst->proto->prepare ? inst->proto->prepare(inst, why) : 0;
 }
 
@@ -374,6 +375,11 @@ instance_finish(struct instance *inst, char **why)
 {
 	if (instance_name_taken(inst, why))  /* another may have taken it while this one prepared */
 		return NULL;
+	/* an instance that cannot intercept is refused, not left to fail each client */
+	if (inst->intercepts && tls_instance_ready(why) < 0) {
+		instance_free(inst);
+		return NULL;
+	}
 	if (inst->proto->listens && instance_listen(inst, why) < 0) {
 		instance_free(inst);
 		return NULL;

@@ -128,6 +128,7 @@ struct tls_resume {
 };
 
 static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
+static SSL_CTX *tls_srv_bare;  /* tls_bare_ctx: made at the first session that cannot intercept */
 static BIO_METHOD *tls_bio_meth;
 static struct tls_resume tls_resume[TLS_RESUME_SLOTS];
 static int tls_keylog_fd = -1;
@@ -735,6 +736,18 @@ tls_server_ctx(char **why)
 	return 0;
 }
 
+/* A context toward clients without certificates (under capd_lock): it
+ * serves only to answer a ClientHello with the alert of ts->fail. */
+static SSL_CTX *
+tls_bare_ctx(void)
+{
+	if (tls_srv_bare == NULL && (tls_srv_bare = SSL_CTX_new(TLS_server_method())) != NULL) {
+		tls_ctx_common(tls_srv_bare);
+		SSL_CTX_set_client_hello_cb(tls_srv_bare, tls_client_hello_cb, NULL);
+	}
+	return tls_srv_bare;
+}
+
 /* capd_settings' CA paths, the defaults filled in. */
 static struct capd_settings *
 tls_ca_paths(void)
@@ -780,6 +793,19 @@ tls_ca_ensure_shared(char **why)
 	rc = tls_ca_ensure(why);
 	capd_unlock();
 	return rc;
+}
+
+int
+tls_instance_ready(char **why)
+{
+	char *e = NULL;
+
+	if (tls_ca_ensure_shared(&e) < 0) {
+		*why = xasprintf("cannot intercept TLS: %s", e);
+		free(e);
+		return -1;
+	}
+	return 0;
 }
 
 int
@@ -838,6 +864,8 @@ tls_stop(void)
 		tls_resume[i].sess = NULL;
 	}
 	SSL_CTX_free(tls_srv_ctx);
+	SSL_CTX_free(tls_srv_bare);
+	tls_srv_bare = NULL;
 	SSL_CTX_free(tls_cli_verify);
 	SSL_CTX_free(tls_cli_noverify);
 	tls_srv_ctx = tls_cli_verify = tls_cli_noverify = NULL;
@@ -1644,18 +1672,29 @@ tls_begin(struct tls_session *ts)
 {
 	struct session *s = ts->s;
 	char *why = NULL;
+	SSL_CTX *ctx;
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
-	int rc = tls_ca_ensure_shared(&why);
-	if (rc < 0) {
-		char *msg = xasprintf("cannot intercept TLS: %s", why);
-		free(why);
-		tls_fail(ts, msg);
-		free(msg);
-		return;
-	}
 	ts->st = TLS_ST_HELLO;
-	if (tls_side_init(ts, &ts->c, &s->client, tls_srv_ctx, TLS_LEG_CLIENT) < 0) {
+	if (tls_ca_ensure_shared(&why) < 0) {
+		/* nothing to forge with (instance_finish refuses such an instance,
+		 * so this is rare): the client's hello gets an internal_error alert
+		 * from a context without certificates, not a bare EOF */
+		ts->fail = xasprintf("cannot intercept TLS: %s", why);
+		ts->fail_alert = SSL_AD_INTERNAL_ERROR;
+		ts->st = TLS_ST_FINISH;
+		free(why);
+		capd_lock();
+		ctx = tls_bare_ctx();
+		capd_unlock();
+		if (ctx == NULL) {
+			tls_fail(ts, ts->fail);
+			return;
+		}
+	} else {
+		ctx = tls_srv_ctx;
+	}
+	if (tls_side_init(ts, &ts->c, &s->client, ctx, TLS_LEG_CLIENT) < 0) {
 		tls_fail(ts, "cannot start the client TLS handshake (out of memory?)");
 		return;
 	}

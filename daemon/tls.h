@@ -96,6 +96,9 @@ void tls_prepare(void);
 int tls_ca_ensure(char **why);
 /* tls_ca_ensure while the shards run: under capd_lock. */
 int tls_ca_ensure_shared(char **why);
+/* An instance that intercepts is ready to: its CA is loaded (or made) and
+ * the leaf keys are made. For instance_finish; -1 and *why when not. */
+int tls_instance_ready(char **why);
 /* The CA alone, without the leaf keys or the server context: for ca.export,
  * which runs with the shards paused (the keys would stall every session). */
 int tls_ca_ensure_cert(char **why);

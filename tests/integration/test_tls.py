@@ -1792,3 +1792,25 @@ def test_ca_export_does_not_stall_sessions(capd_factory, tmp_path):
         echo.close()
     assert "BEGIN CERTIFICATE" in pem and (capd.state / "ca.pem").exists()
     assert n > 20 and worst < 0.15, worst
+
+
+def test_tls_instance_without_a_ca_is_refused(capd_factory, tmp_path):
+    """Regression: with a CA that could not be made (ca_cert and ca_key in a
+    folder that does not exist), `capctl add forward --tls` succeeded, and each
+    client through it got a bare EOF. The add now fails with the reason, and a
+    config instance that intercepts fails the start like any bad config."""
+    nodir = tmp_path / "no-such-dir"
+    settings = f"ca_cert = {nodir}/ca.pem\nca_key = {nodir}/ca.key"
+    capd = capd_factory(settings=settings)
+    port = free_port()
+    r = capd.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--tls", check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "cannot intercept TLS" in r.stderr and str(nodir) in r.stderr, r.stderr
+    assert capd.ctl("list", json_out=True) == []
+    # an instance that does not intercept still goes in
+    capd.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9")
+    c2 = capd_factory(settings=settings, conf=f"[forward f]\nlisten = 127.0.0.1:{free_port()}\n"
+                      "to = 127.0.0.1:9\ntls = yes\n", start=False)
+    c2.start(wait=False)
+    assert c2.proc.wait(10) == 1
+    assert "cannot intercept TLS" in c2.log() and str(nodir) in c2.log(), c2.log()
