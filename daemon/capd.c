@@ -314,6 +314,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;
+	tls_keylog_reopen();  /* keylog_file may be gone or another (or moved away by logrotate) */
 	if (--r->pending == 0)
 		capd_reload_end(r);
 	return 0;

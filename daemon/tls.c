@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <netinet/in.h>
@@ -347,6 +348,26 @@ tls_keylog_cb(const SSL *ssl, const char *line)
 	capd_unlock();
 }
 
+/*
+ * A short write (a full disk, a file size limit) left part of a line: the
+ * next line would be glued to it, and a reader (Wireshark) would lose both.
+ * Cut the part off again when it is still the file's end, so that a line is
+ * in whole or not at all; else (someone appended after it, or the file
+ * cannot be truncated: a pipe) end it, so that only this line is torn.
+ */
+static void
+tls_keylog_untear(ssize_t part)
+{
+	struct stat sb;
+	off_t end = lseek(tls_keylog_fd, 0, SEEK_CUR);
+
+	if (end >= part && fstat(tls_keylog_fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size == end &&
+	    ftruncate(tls_keylog_fd, end - part) == 0)
+		return;
+	if (write(tls_keylog_fd, "\n", 1) != 1)
+		log_debug("keylog_file: a torn line stays unended");
+}
+
 static void
 tls_keylog_write(const SSL *ssl, const char *line)
 {
@@ -377,6 +398,8 @@ tls_keylog_write(const SSL *ssl, const char *line)
 		/* one write per line: O_APPEND keeps lines whole */
 		w = write(tls_keylog_fd, l, n + 1);
 		free(l);
+		if (w > 0 && w < (ssize_t)(n + 1))
+			tls_keylog_untear(w);
 		/* a full disk fails every line, some ten a session: say it once, and
 		 * how much was lost once lines go in again */
 		if (w == (ssize_t)(n + 1) && tls_keylog_lost > 0) {
@@ -389,6 +412,21 @@ tls_keylog_write(const SSL *ssl, const char *line)
 			          path);
 		}
 	}
+}
+
+void
+tls_keylog_reopen(void)
+{
+	capd_lock();
+	if (tls_keylog_fd >= 0)
+		close(tls_keylog_fd);
+	tls_keylog_fd = -1;
+	if (tls_keylog_lost > 0)
+		log_notice("keylog_file %s: %lu key lines were lost", tls_keylog_path, tls_keylog_lost);
+	free(tls_keylog_path);
+	tls_keylog_path = NULL;
+	tls_keylog_lost = 0;
+	capd_unlock();
 }
 
 /* OpenSSL formats key log lines only for a context with a callback: install it

@@ -86,6 +86,9 @@ void tls_relay_start(struct session *s);
  * checked) here, a CA that does not exist yet is created on first need. */
 int tls_start(const struct capd_settings *st, char **why);
 void tls_stop(void);
+/* A reload: the key log file is closed, and opened again (keylog_file as it
+ * now is, if set) at the next key line. */
+void tls_keylog_reopen(void);
 /* After the config's instances started, before privileges drop: makes the CA
  * now when one of them intercepts (its files may need root to write). */
 void tls_prepare(void);

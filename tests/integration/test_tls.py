@@ -1814,3 +1814,57 @@ def test_tls_instance_without_a_ca_is_refused(capd_factory, tmp_path):
     c2.start(wait=False)
     assert c2.proc.wait(10) == 1
     assert "cannot intercept TLS" in c2.log() and str(nodir) in c2.log(), c2.log()
+
+
+def test_keylog_short_write_leaves_no_torn_line(capd_factory, tmp_path):
+    """Regression: a short write to keylog_file (here a file size limit that
+    falls inside the first key line) left half a line, and the next line was
+    glued to it. A line now goes in whole or not at all."""
+    import resource
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    keylog = tmp_path / "keys.log"
+    limit = 4 << 20  # far above what the capture files reach here
+    head = b"# keys\n" * ((limit - 20) // 7)
+    keylog.write_bytes(head)
+    try:
+        capd = capd_factory(settings=f"keylog_file = {keylog}\nrotate_size = 1M")
+        resource.prlimit(capd.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        got, _ = tls_get(port, NAME, tls_client_ctx())
+        assert got == RESPONSE
+        last_closed(capd)
+        assert keylog.read_bytes() == head
+        assert "cannot write keylog_file" in capd.log(), capd.log()
+    finally:
+        srv.close()
+
+
+def test_keylog_file_closed_at_reload(capd_factory, tmp_path):
+    """Regression: a reload that changed or removed keylog_file kept the old
+    file open (until the next key line, or for good)."""
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+
+    def open_files():
+        fds = Path(f"/proc/{capd.proc.pid}/fd")
+        return {os.readlink(f) for f in fds.iterdir() if f.is_symlink()}
+
+    try:
+        capd = capd_factory(settings=f"keylog_file = {a}")
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        assert tls_get(port, NAME, tls_client_ctx())[0] == RESPONSE
+        last_closed(capd)
+        assert str(a) in open_files()
+        capd.write_conf(settings=f"keylog_file = {b}")
+        capd.ctl("reload")
+        assert str(a) not in open_files()
+        assert tls_get(port, NAME, tls_client_ctx())[0] == RESPONSE
+        last_closed(capd, 2)
+        assert str(b) in open_files() and b.read_text().count("\n") > 0
+        capd.write_conf()
+        capd.ctl("reload")
+        assert str(b) not in open_files()
+    finally:
+        srv.close()
