@@ -601,6 +601,12 @@ http_body_done(const struct http_body *b)
 	}
 }
 
+bool
+http_body_in_data(const struct http_body *b)
+{
+	return b->framing == HTTP_BODY_CHUNKED && b->st == CH_DATA && b->left > 0;
+}
+
 static enum parse
 http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
 {

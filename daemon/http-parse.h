@@ -115,6 +115,9 @@ void http_body_init(struct http_body *b, enum http_framing framing, uint64_t len
 enum parse http_body_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used);
 /* The body is complete (nothing more to scan). */
 bool http_body_done(const struct http_body *b);
+/* A chunked body is inside a chunk's data: its next b->left bytes are
+ * content, not framing (what a dechunker passes on). */
+bool http_body_in_data(const struct http_body *b);
 
 /* The reason phrase of a status capd sends itself. */
 const char *http_status_text(int status);

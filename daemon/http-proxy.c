@@ -61,6 +61,7 @@ struct http_conn {
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
+	bool dechunk;               /* a chunked response to a 1.0 client: only its chunks' data goes out */
 	bool upstream_reset;        /* it reset (the capture's flow ends so): before its response head
 	                             * (the client got a 502), or while idle (upstream_gone) */
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
@@ -517,6 +518,8 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 
 		if (http_hop_by_hop(m, h->name, h->name_len) && !(upgrade && http_hdr_is(h, "upgrade")))
 			continue;
+		if (hc->dechunk && (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
+			continue;
 		buf_append(b, h->name, h->name_len);
 		buf_append(b, ": ", 2);
 		buf_append(b, h->value, h->value_len);
@@ -851,7 +854,11 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			relay_resume(s, DIR_UP);
 		return RELAY_EAT;
 	}
-	if (m->framing == HTTP_BODY_CLOSE)
+	/* chunked to a 1.0 request (RFC 9112 6.1 forbids it; origins do it): a
+	 * 1.0 client cannot decode it, so as nginx does the body goes out
+	 * dechunked and the connection's close ends it */
+	hc->dechunk = m->framing == HTTP_BODY_CHUNKED && hc->req_minor == 0;
+	if (m->framing == HTTP_BODY_CLOSE || hc->dechunk)
 		hc->client_keep = false;
 	hc->upstream_keep = m->framing != HTTP_BODY_CLOSE && !m->conn_close &&
 	                    (m->minor == 1 || m->conn_keepalive) && hc->req_minor == 1;
@@ -872,12 +879,50 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	return RELAY_EAT;
 }
 
+/* The response body of a dechunk exchange: each chunk's data passes, its
+ * framing (sizes, extensions, CRLFs, the last chunk, trailers) is eaten,
+ * captured as received, so the capture still shows what the origin sent. */
+static enum relay_verdict
+http_body_dechunk(struct session *s, const uint8_t *p, size_t n, size_t *used)
+{
+	struct http_conn *hc = s->proto_state;
+	struct http_body *b = &hc->down_body;
+	enum parse rv = PARSE_MORE;
+	size_t k = 0, u;
+
+	if (http_body_in_data(b)) {
+		size_t take = b->left < n ? (size_t)b->left : n;
+
+		(void)http_body_scan(b, p, take, &u);  /* data only: PARSE_MORE, all taken */
+		*used = take;
+		return RELAY_PASS;
+	}
+	while (k < n && rv == PARSE_MORE && !http_body_in_data(b)) {
+		rv = http_body_scan(b, p + k, 1, &u);
+		k += u;
+	}
+	if (rv == PARSE_ERR) {
+		session_data(s, DIR_DOWN, p, n);
+		http_end_late(s, "upstream sent bad chunked framing");
+		return RELAY_END;
+	}
+	session_data(s, DIR_DOWN, p, k);
+	*used = k;
+	if (rv == PARSE_OK)
+		http_resp_end(s);
+	return RELAY_EAT;
+}
+
 /* A body in direction d: pass it, and end the message with its last byte. */
 static enum relay_verdict
 http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *used)
 {
 	struct http_conn *hc = s->proto_state;
 	struct http_body *b = d == DIR_UP ? &hc->up_body : &hc->down_body;
+
+	if (d == DIR_DOWN && hc->dechunk)
+		return http_body_dechunk(s, p, n, used);
+
 	enum parse rv = http_body_scan(b, p, n, used);
 
 	if (d == DIR_UP)

@@ -1413,3 +1413,51 @@ def test_request_line_over_max_header_size_is_414(capd_factory, tail):
     s = closed_sessions(capd, 1)[-1]
     assert s["reason"] == "414 URI Too Long: request line too long"
     assert s["target"] == "long.test:81" and s["note"] == "GET http://long.test:81/" + "a" * 180, s
+
+
+class ChunkedOrigin(Listener):
+    """Answers any request, HTTP/1.0 too, with a chunked body (extensions and a
+    trailer), then keeps the connection open: only capd can end the body."""
+
+    CHUNKED = b"5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+
+    def handle(self, c, peer):
+        def serve():
+            with c:
+                got = b""
+                while b"\r\n\r\n" not in got and (d := c.recv(4096)):
+                    got += d
+                c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + self.CHUNKED[:9])
+                time.sleep(0.05)
+                c.sendall(self.CHUNKED[9:])
+                c.settimeout(3)
+                try:
+                    c.recv(1)
+                except OSError:
+                    pass
+        apart(serve)
+
+
+def test_chunked_response_to_http10_client_is_dechunked(capd):
+    """Regression: an origin that answers an HTTP/1.0 request with Transfer-Encoding:
+    chunked (RFC 9112 forbids it; origins do it) had it passed on unchanged to the
+    1.0 client, which cannot decode it. As nginx does, capd now sends the body
+    dechunked, without Transfer-Encoding, and ends it by closing the connection;
+    the capture keeps the origin's chunked bytes."""
+    o = ChunkedOrigin()
+    try:
+        port = add_http(capd)
+        t0 = time.time()
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+        assert time.time() - t0 < 2, "the body was not ended by capd's close"
+        head, body = reply.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 "), reply
+        assert b"transfer-encoding" not in head.lower() and b"\r\nConnection: close" in head, reply
+        assert body == b"hello, world", reply
+        ss = closed_sessions(capd, 1)
+        assert ss[-1]["reason"] == "closed", ss
+        capd.flush()
+        _, down = follow_tcp(capd.pcaps()[-1])
+        assert down.endswith(ChunkedOrigin.CHUNKED), down
+    finally:
+        o.close()
