@@ -1073,6 +1073,7 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 		 * with a FIN (keepalive_timeout, load balancers): as for its FIN
 		 * (http_filter_eof), the client's next request moves on */
 		hc->upstream_reset = true;
+		s->upstream_reset = true;  /* an idle_timeout (or any) close later still shows it */
 		if (hc->client_keep && s->client.tls == NULL)
 			hc->upstream_gone = true;
 		else

@@ -1060,7 +1060,12 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 void
 session_close(struct session *s, const char *reason)
 {
-	session_end(s, reason, false, false, SYNTH_END_FIN);
+	/* whatever ends it later (idle_timeout, a removed instance, capd's
+	 * stop), the upstream's last word in the capture is the RST it sent */
+	if (s->upstream_reset)
+		session_end(s, reason, false, true, SYNTH_END_RST_TARGET);
+	else
+		session_end(s, reason, false, false, SYNTH_END_FIN);
 }
 
 void

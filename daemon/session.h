@@ -104,6 +104,8 @@ struct session {
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
 	struct tail *tail;          /* live subscribers and backlog, NULL until used */
 	struct tls_session *tls;    /* interception state (tls.c), freed by relay_stop */
+	bool upstream_reset;        /* the upstream reset and the session went on (an idle HTTP
+	                             * upstream): session_close ends the capture with that RST */
 };
 
 TAILQ_HEAD(session_list, session);

@@ -1461,3 +1461,27 @@ def test_chunked_response_to_http10_client_is_dechunked(capd):
         assert down.endswith(ChunkedOrigin.CHUNKED), down
     finally:
         o.close()
+
+
+def test_idle_timeout_after_an_idle_upstream_reset_keeps_the_rst(capd):
+    """Regression: after an origin reset its idle kept connection (the client
+    stays, to go on in a new session), an idle_timeout close ended the old
+    session's capture with a FIN from the origin, where the origin had sent an
+    RST. The capture now ends with the RST that crossed."""
+    o = KeptOrigin("rst", idle=0.05)
+    try:
+        port = add_http(capd, "--idle-timeout", "400ms")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"GET http://127.0.0.1:{o.port}/r0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert read_responses(s)[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n")
+            ss = closed_sessions(capd, 1)
+        assert ss[-1]["reason"] == "idle timeout", ss
+        capd.flush()
+        ends = tshark("-r", capd.pcaps()[-1], "-Y", f'frame.comment contains "capd session {ss[-1]["id"]}" && '
+                      "(tcp.flags.reset == 1 || tcp.flags.fin == 1)", "-T", "fields", "-e", "tcp.srcport",
+                      "-e", "tcp.flags.reset")
+        assert ends.returncode == 0, ends
+        rows = [l.split("\t") for l in ends.stdout.splitlines() if l.strip()]
+        assert [str(o.port), "1"] in rows and [str(o.port), "0"] not in rows, rows
+    finally:
+        o.close()
