@@ -488,6 +488,10 @@ main(int argc, char **argv)
 	capd_apply_log_level(capd_settings);
 	capd_raise_nofile();
 	signal(SIGPIPE, SIG_IGN);
+	/* a spool or key log file at the file-size limit (ulimit -f, LimitFSIZE=)
+	 * fails its write with EFBIG, which the writer handles, instead of
+	 * killing capd and every session with it */
+	signal(SIGXFSZ, SIG_IGN);
 
 	shards_init(ev_default_loop(EVFLAG_AUTO), capd_workers(capd_settings));
 	capd_started = ev_time();

@@ -586,6 +586,22 @@ def test_full_disk_drops_and_resumes(server, tiny_spool):
     capd.stop()
 
 
+def test_file_size_limit_drops_capture_not_capd(capd, server):
+    """Regression (SIGXFSZ): a spool file reaching the file-size limit (ulimit -f,
+    LimitFSIZE=) killed capd and every session with it; now the write fails with
+    EFBIG, the capture is dropped and counted, and the transfer is exact."""
+    import resource
+    resource.prlimit(capd.proc.pid, resource.RLIMIT_FSIZE, (200000, 200000))
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = b"ok"
+    assert transfer("127.0.0.1", port, os.urandom(2 << 20)) == b"ok"
+    closed_sessions(capd, 1)
+    capd.flush()
+    assert capd.proc.poll() is None, capd.log()[-2000:]
+    assert status(capd)["dropped_bytes"] > 0
+    assert "File too large" in capd.log()
+
+
 def test_sniffer_counts_what_a_full_disk_lost(tiny_spool):
     """Regression (sniffer drops on a full disk): a sniffer's "dropped by the spool" counted
     only what the capture queue refused; with the disk full, capture status said "500
