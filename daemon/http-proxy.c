@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "chain.h"
 #include "linger.h"
 #include "log.h"
 #include "relay.h"
@@ -575,6 +576,11 @@ http_handoff(struct session *s, const uint8_t *p, size_t n)
 	ev_io_stop(capd_loop, &s->client.wio);
 	s->client.fd = -1;
 	ns = session_new(s->inst, fd, (struct sockaddr *)&s->client_addr);
+	if (s->chain != NULL && ns->chain == NULL) {
+		/* the same client connection: it came through the same instances (chain.h) */
+		ns->chain = xmalloc(sizeof *ns->chain);
+		*ns->chain = *s->chain;
+	}
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
 	snprintf(why, sizeof why, "%s (client continues in session %llu)",

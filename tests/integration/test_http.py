@@ -260,6 +260,25 @@ def test_two_origins_one_client_connection(capd, origin, origin_b):
     assert "continues in session" in used[0]["reason"]
 
 
+def test_a_kept_client_connection_keeps_its_chain(capd, origin):
+    """Regression (loops of instances): a request that went on in a new session of a
+    kept client connection (another origin) lost the instances that connection came
+    through, so a loop back through one of them took one more lap: forward f ->
+    http h, then on the same connection a request for f's own port."""
+    h = add_http(capd)
+    f = free_port()
+    capd.ctl("add", "forward", "--port", f, "--to", f"127.0.0.1:{h}", "--name", "f")
+    with socket.create_connection(("127.0.0.1", f), timeout=5) as s:
+        s.sendall(f"GET http://127.0.0.1:{origin.port}/one HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert read_all(s, until=b"/one\n").endswith(b"hello from a /one\n")
+        s.sendall(f"GET http://127.0.0.1:{f}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status_of(read_all(s, timeout=3, until=b"\r\n\r\n")) == 502
+    ss = capd.wait_sessions(lambda ss: len([x for x in ss if x["instance"] == "h" and x["state"] == "closed"]) >= 2)
+    assert [x["instance"] for x in ss].count("f") == 1, ss
+    loop = [x for x in ss if x["instance"] == "h" and x["target"] == f"127.0.0.1:{f}"]
+    assert loop and "a loop of capd instances" in loop[0]["reason"], ss
+
+
 def test_origin_closes_idle_connection(capd):
     """The origin closes a kept connection while the client's stays open: the
     client's next request goes on in a new session; no session without an
