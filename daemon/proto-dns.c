@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "chain.h"
 #include "dns-msg.h"
 #include "instance.h"
 #include "log.h"
@@ -88,6 +89,8 @@ struct dns_fwd {
 	bool tcp;                          /* this attempt is over TCP */
 	int tries;
 	int fd;                            /* upstream socket, -1 between attempts */
+	uint16_t chain_port;               /* fd's port, noted for the instance it asks (chain.h), or 0 */
+	int chain_type;                    /* the note's socket type */
 	ev_io io;
 	ev_timer timer;
 	bool connected;                    /* TCP connect done */
@@ -299,6 +302,8 @@ dns_fwd_close_fd(struct dns_fwd *f)
 		close(f->fd);
 		f->fd = -1;
 	}
+	chain_forget(f->chain_port, f->chain_type);
+	f->chain_port = 0;
 	buf_reset(&f->in);
 	f->sent = 0;
 	f->connected = false;
@@ -658,6 +663,34 @@ dns_fwd_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	dns_fwd_retry(f, why);
 }
 
+/*
+ * An upstream that is one of capd's own instances (dns a asking b, b asking
+ * a): -1 with why when the query came through that instance already, or
+ * through CHAIN_MAX of them; else the socket is noted with the query's chain
+ * so that the instance it asks knows (chain.h). Without it each lap made one
+ * more query and socket until capd ran out of descriptors.
+ */
+static int
+dns_fwd_chain(struct dns_fwd *f, const struct sockaddr *sa, char *why, size_t len)
+{
+	const struct chain *c = f->s->chain;
+	struct instance *to = chain_instance_at(sa);
+
+	if (to != NULL && chain_has(c, to)) {
+		snprintf(why, len, "a loop of capd instances: upstream %s is instance %s's address, and this query "
+		         "came through %s already", f->ds->up_str, to->name, to->name);
+		return -1;
+	}
+	if (to != NULL && chain_len(c) >= CHAIN_MAX) {
+		snprintf(why, len, "upstream %s is instance %s's address, and this query came through %d capd "
+		         "instances already", f->ds->up_str, to->name, CHAIN_MAX);
+		return -1;
+	}
+	f->chain_type = f->tcp ? SOCK_STREAM : SOCK_DGRAM;
+	f->chain_port = to != NULL ? chain_note(f->fd, f->chain_type, c, f->ds->inst) : 0;
+	return 0;
+}
+
 /* One attempt on a fresh socket (fresh source port) toward the upstream; a
  * UDP timeout asks again on the same one (dns_fwd_timer_cb). */
 static void
@@ -691,6 +724,11 @@ dns_fwd_try(struct dns_fwd *f)
 		return;
 	}
 	f->fd = fd;
+	if (chain_port_listened(addr_port(sa)) && dns_fwd_chain(f, sa, why, sizeof why) < 0) {
+		f->tries = DNS_TRIES;
+		dns_fwd_retry(f, why);
+		return;
+	}
 	if (connect(fd, sa, addr_len(sa)) < 0 && errno != EINPROGRESS) {
 		snprintf(why, sizeof why, "connect to %s: %s", ds->up_str, strerror(errno));
 		dns_fwd_retry(f, why);
@@ -783,6 +821,19 @@ dns_udp_query(struct dns_state *ds, const uint8_t *p, size_t n, const struct soc
 	session_opened(s);
 	session_data(s, DIR_UP, p, n);
 	dns_session_note(s, &q);
+	/* capd's own query comes from this host: loopback, or the address it was sent to */
+	if (addr_is_loopback((const struct sockaddr *)client) ||
+	    addr_same((const struct sockaddr *)client, (const struct sockaddr *)local, false))
+		s->chain = chain_find_udp((const struct sockaddr *)client);
+	if (v == DNS_FORWARD && chain_has(s->chain, ds->inst)) {
+		/* a loop the asking instance did not see (an address of this host
+		 * that is none of the instances' listen addresses) ends here */
+		free(out);
+		out = dns_msg_error(p, n, 2 /* SERVFAIL */, &outlen);
+		snprintf(q.why, sizeof q.why, "SERVFAIL: a loop of capd instances: this query came through %s already",
+		         ds->inst->name);
+		v = DNS_REPLY;
+	}
 	switch (v) {
 	case DNS_DROP:
 		log_debug("%s: %s from %s", ds->inst->name, q.why,

@@ -560,6 +560,25 @@ def test_upstream_down_servfail(capd_factory, upstream):
     assert ss
 
 
+@pytest.mark.parametrize("tcp", [False, True])
+def test_loop_of_two_dns_instances_is_servfail_at_the_second_lap(capd_factory, tcp):
+    """Regression (loops of instances): dns a asking b and b asking a went round,
+    one more query and socket each lap, until capd ran out of descriptors (one
+    query made ~1,000 sessions). Now a's question comes back to a as SERVFAIL."""
+    a, b = free_dns_port(), free_dns_port()
+    c = capd_factory(f"[dns a]\nlisten = 127.0.0.1:{a}\nupstream = 127.0.0.1:{b}\n"
+                     f"[dns b]\nlisten = 127.0.0.1:{b}\nupstream = 127.0.0.1:{a}\n")
+    wait_instance(c, "b")
+    t0 = time.time()
+    r = ask("foo.test", "A", a, tcp=tcp, timeout=10)
+    assert r.rcode() == dns.rcode.SERVFAIL
+    assert time.time() - t0 < 1.5
+    ss = c.wait_sessions(lambda ss: len(ss) >= 2 and all(s["state"] == "closed" for s in ss))
+    assert len(ss) == 2, ss
+    # a TCP session may carry more queries: its query's SERVFAIL is in the log
+    assert "SERVFAIL: a loop of capd instances" in c.log()
+
+
 def test_silent_upstream_servfail_after_retries(dnsd, upstream):
     """Regression: SERVFAIL for a silent upstream came after 3 tries of 2 s, 6 s, when dig
     and glibc's stub resolver wait 5 s a try: dig said "no servers could be reached" after
