@@ -26,7 +26,7 @@ usage(FILE *f)
 {
 	fprintf(f, "usage: capctl [-s PATH] [--json] COMMAND [ARGS...]\n\ncommands:\n");
 	for (int i = 0; i < NCMDS; i++)
-		fprintf(f, "  %s %s\n", cmds[i]->name, cmds[i]->usage);
+		fprintf(f, "  %s%s%s\n", cmds[i]->name, cmds[i]->usage[0] ? " " : "", cmds[i]->usage);
 	fprintf(f, "\nThe socket is -s PATH, else $CAPD_SOCKET, else /run/capd/capd.sock.\n");
 }
 

@@ -62,6 +62,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 {
 	json_t *r = NULL;
 	int k, rc;
+	long long n;
 
 	if (argc < 2)
 		return hosts_usage();
@@ -134,10 +135,11 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 			return hosts_usage();
 		if ((rc = client_call(o, "hosts.clear", NULL, &r)) != CTL_OK)
 			return rc;
+		n = (long long)json_integer_value(json_object_get(r, "removed"));
 		if (o->json)
 			output_json(r);
 		else
-			printf("removed %lld entries\n", (long long)json_integer_value(json_object_get(r, "removed")));
+			printf("removed %lld %s\n", n, n == 1 ? "entry" : "entries");
 		break;
 	}
 	json_decref(r);

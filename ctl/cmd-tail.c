@@ -473,7 +473,7 @@ tail_exec(struct ctl_opts *o, int argc, char **argv)
 	int w;
 
 	if (argc < 2 || (w = word_match(argv[1], what, 2)) < 0)
-		return usage_error("usage: capctl tail session ID [--hex|--text|--raw --dir c2s|s2c] | tail events");
+		return usage_error("usage: capctl tail session ID [--hex|--text|--raw] [--dir c2s|s2c] [--backlog SIZE] | tail events [--json]");
 	return w == 0 ? tail_session(o, argc, argv) : tail_events(o, argc, argv);
 }
 

@@ -140,6 +140,16 @@ def test_add_help_without_type(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and "usage" in r.stderr
 
 
+def test_help_lines_and_tail_usage(tmp_path):
+    """capctl -h: no line ends in a space (commands without arguments had one);
+    the bare tail usage names every option, --backlog and events' --json too."""
+    r = capctl("-h", sock=tmp_path / "none.sock")
+    assert r.returncode == 0 and "  list\n" in r.stdout
+    assert [x for x in r.stdout.splitlines() if x.endswith(" ")] == []
+    r = capctl("tail", sock=tmp_path / "none.sock")
+    assert r.returncode == 2 and "--backlog SIZE" in r.stderr and "tail events [--json]" in r.stderr
+
+
 # ---------------------------------------------------------------- malformed addresses: exit 2
 
 @pytest.mark.parametrize("bind", ["999.1.1.1", "1.2.3", "::g", "[::1", "example.test", "127.0.0.1:80", ""])

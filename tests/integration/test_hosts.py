@@ -91,8 +91,10 @@ def test_add_list_remove_clear(hostsd):
     c.ctl("hosts", "add", "b.test", "10.0.0.2")
     assert path.read_bytes() == ORIG + b"\n" + block(("a.test", "127.0.0.1"), ("b.test", "10.0.0.2")) + \
         b"192.0.2.1 after.test\n"
-    c.ctl("hosts", "clear")
+    assert c.ctl("hosts", "clear").stdout == "removed 2 entries\n"
     assert path.read_bytes() == ORIG + b"\n192.0.2.1 after.test\n"
+    c.ctl("hosts", "add", "a.test")
+    assert c.ctl("hosts", "clear").stdout == "removed 1 entry\n"
 
 
 def test_bad_names_and_addresses_refused(hostsd):
