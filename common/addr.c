@@ -194,6 +194,14 @@ addr_parse_listen(const char *s, struct sockaddr_storage *ss, socklen_t *len, ch
 		*why = xasprintf("listen address '%s' must be an IP address", s);
 		return -1;
 	}
+	if (ss->ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)ss)->sin6_addr)) {
+		/* capd's IPv6 listeners are IPv6-only (a v4 listener on the same
+		 * port is another socket), so bind(2) would say only EINVAL */
+		char v4[INET_ADDRSTRLEN];
+		inet_ntop(AF_INET, &((struct sockaddr_in6 *)ss)->sin6_addr.s6_addr[12], v4, sizeof v4);
+		*why = xasprintf("listen address '%s' is IPv4-mapped: write %s", s, v4);
+		return -1;
+	}
 	return 0;
 }
 

@@ -349,11 +349,14 @@ add_listen(json_t *params, const char *type, const char *port, const char *bind)
 		snprintf(listen, sizeof listen, "[%s]:%u", ip, (unsigned)p);
 	else
 		snprintf(listen, sizeof listen, "%s:%u", ip, (unsigned)p);
+	if (addr_parse_listen(listen, &ss, &sslen, &why) < 0) {
+		int rc = usage_error("--bind: %s", why);  /* the rules capd reads it by (an IPv4-mapped address) */
+		free(why);
+		return rc;
+	}
 	/* beyond loopback only when asked for, as capd's instance.c has it */
-	if (json_object_get(params, "expose") == NULL && addr_parse_listen(listen, &ss, &sslen, &why) == 0 &&
-	    !addr_is_loopback((struct sockaddr *)&ss))
+	if (json_object_get(params, "expose") == NULL && !addr_is_loopback((struct sockaddr *)&ss))
 		return usage_error("--bind: %s is not a loopback address: add --expose to listen there", bind);
-	free(why);  /* a listen capctl cannot read is capd's to refuse */
 	json_object_set_new(params, "listen", json_string(listen));
 	return 0;
 }

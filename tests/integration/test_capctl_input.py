@@ -161,6 +161,20 @@ def test_add_bad_bind_is_usage_error(capd, bind):
     assert capd.ctl("list", json_out=True) == []
 
 
+@pytest.mark.parametrize("bind", ["::ffff:127.0.0.1", "[::ffff:127.0.0.1]"])
+def test_add_v4_mapped_bind_names_the_v4_address(capd, bind):
+    """An IPv4-mapped --bind passed as loopback, then bind(2) failed with only
+    "Invalid argument" (capd's IPv6 listeners are IPv6-only): capctl and capd now
+    say what to write instead."""
+    port = free_port()
+    r = capd.ctl("add", "socks", "--port", port, "--bind", bind, check=False)
+    assert (r.returncode, r.stderr) == (2, f"capctl: --bind: listen address '[::ffff:127.0.0.1]:{port}' is "
+                                           "IPv4-mapped: write 127.0.0.1\n")
+    r = capd.rpc("instance.add", {"type": "socks", "listen": f"[::ffff:127.0.0.1]:{port}"})
+    assert "IPv4-mapped: write 127.0.0.1" in r["error"]["message"], r
+    assert capd.ctl("list", json_out=True) == []
+
+
 @pytest.mark.parametrize("bind,listen", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("[::1]", "[::1]")])
 def test_add_good_bind(capd, bind, listen):
     port = free_port(host=bind.strip("[]"))
