@@ -23,6 +23,7 @@
 #include "tail.h"
 #include "tls-ca.h"
 #include "tls.h"
+#include "values.h"
 #include "xmalloc.h"
 
 /*
@@ -74,17 +75,6 @@ instance_free(struct instance *inst)
 	free(inst->name);
 	free(inst->error);
 	free(inst);
-}
-
-/* A name with a control character (a newline, a carriage return, an escape)
- * breaks capctl list's table, tail events' lines and the terminal showing them. */
-static bool
-instance_name_has_ctrl(const char *name)
-{
-	for (const unsigned char *c = (const unsigned char *)name; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
-			return true;
-	return false;
 }
 
 /* Parses the common keys and the protocol's own; nothing is opened. */
@@ -149,8 +139,11 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 		params_fail(&p, NULL, "a name is needed");
 		goto fail;
 	} else {
-		if (*name == '\0' || strlen(name) > 64 || strpbrk(name, " /\\\"'") != NULL || instance_name_has_ctrl(name)) {
-			params_fail(&p, "name", "bad instance name '%s' (1 to 64 characters, no spaces, quotes, slashes or control characters)", name);
+		/* value_name_ok, as capctl checks it: a control character (a newline,
+		 * an escape) would break capctl list's table and tail events' lines */
+		if (!value_name_ok(name)) {
+			params_fail(&p, "name", "bad instance name '%s' (1 to %d bytes, no spaces, quotes, slashes or control characters)",
+			            name, VALUE_NAME_MAX);
 			goto fail;
 		}
 		inst->name = xstrdup(name);
