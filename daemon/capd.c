@@ -5,11 +5,13 @@
 #include "capd.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -88,6 +90,41 @@ fail:
 	*why = xasprintf("cannot create %s: %s", p, strerror(errno));
 	free(p);
 	return -1;
+}
+
+/*
+ * Holds a folder for this capd alone (flock on the folder itself, released
+ * by the kernel however capd ends). A second capd on the same spool would
+ * "repair" the file the first is writing and delete its files at rotation;
+ * on the same state_dir it would hand out the same session ids. The
+ * descriptor stays open until exit; held is the folder already locked, if
+ * any, which the same folder named twice must not lock against itself.
+ */
+static int
+capd_lock_dir(const char *path, const char *key, int held, char **why)
+{
+	struct stat a, b;
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd < 0) {
+		*why = xasprintf("%s %s: %s", key, path, strerror(errno));
+		return -1;
+	}
+	if (held >= 0 && fstat(held, &a) == 0 && fstat(fd, &b) == 0 && a.st_dev == b.st_dev &&
+	    a.st_ino == b.st_ino) {
+		close(fd);
+		return held;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if (errno == EWOULDBLOCK) {
+			*why = xasprintf("%s %s is in use by another capd", key, path);
+			close(fd);
+			return -1;
+		}
+		/* a file system that cannot lock a folder (NFS) is used as before, unguarded */
+		log_warn("cannot lock %s %s; another capd there would not be noticed", key, path);
+	}
+	return fd;
 }
 
 /* Finds a config instance in a parsed config by name. */
@@ -456,7 +493,7 @@ capd_raise_nofile(void)
 int
 main(int argc, char **argv)
 {
-	int ch, test_only = 0;
+	int ch, test_only = 0, state_lock;
 	char *why = NULL, *errs = NULL;
 
 	log_init("capd", LOG_LVL_INFO);
@@ -506,7 +543,9 @@ main(int argc, char **argv)
 	ev_init(&capd_grace, capd_grace_cb);
 
 	if (capd_mkdirs(capd_settings->state_dir, &why) < 0 || capd_mkdirs(capd_settings->spool, &why) < 0 ||
-	    control_start(capd_settings, &why) < 0 || resolve_init(&why) < 0 ||
+	    control_start(capd_settings, &why) < 0 ||
+	    (state_lock = capd_lock_dir(capd_settings->state_dir, "state_dir", -1, &why)) < 0 ||
+	    capd_lock_dir(capd_settings->spool, "spool", state_lock, &why) < 0 || resolve_init(&why) < 0 ||
 	    session_table_init(capd_settings->state_dir, &why) < 0 || spool_start(capd_settings, &why) < 0 ||
 	    tls_start(capd_settings, &why) < 0) {
 		log_error("%s", why);

@@ -947,6 +947,35 @@ def test_control_path_that_is_not_a_socket_is_kept(capd_factory):
     assert c.sock.is_symlink() and (c.dir / "capd.conf").exists()
 
 
+def test_second_capd_on_the_same_spool_or_state_dir_refused(capd_factory):
+    """A second capd with its own control socket but the first's spool or state_dir
+    started, "repaired" the file the first was writing, deleted its files at rotation
+    and handed out the first's session ids; it now exits 1 and the first keeps its
+    files. One folder that is both spool and state_dir is still fine."""
+    a = capd_factory("")
+    files = a.pcaps()
+    assert files
+    for shared in ("spool", "state_dir"):
+        b = capd_factory("", start=False)
+        mine, theirs = (b.spool, a.spool) if shared == "spool" else (b.state, a.state)
+        b.conf_path.write_text(b.conf_path.read_text().replace(f"{shared} = {mine}\n", f"{shared} = {theirs}\n"))
+        b.start(wait=False)
+        assert b.proc.wait(10) == 1, b.log()
+        assert "is in use by another capd" in b.log()
+        assert not b.sock.exists()
+    assert a.pcaps() == files
+    assert a.ctl("status").returncode == 0
+    # kill -9 lets go of the folders: the next capd takes them
+    a.proc.kill()
+    a.proc.wait()
+    a.start()
+    one = capd_factory("", start=False)
+    one.conf_path.write_text(one.conf_path.read_text().replace(f"state_dir = {one.state}\n",
+                                                               f"state_dir = {one.spool}\n"))
+    one.start()
+    assert one.ctl("status").returncode == 0
+
+
 def test_session_ids_grow_across_restart(capd_factory, echo_server):
     c = capd_factory("")
     port = free_port()
