@@ -78,14 +78,18 @@ static const struct rpc_method *const rpc_tables[] = {
 	rpc_ca_methods,
 };
 
-static int ctl_fd = -1;
+#define CTL_LISTEN_MAX 8  /* sockets systemd may pass (capd.socket's ListenStream= lines) */
+
+/* The listening sockets: ctl_fds[0] is the one capctl is told about. */
+static int ctl_fds[CTL_LISTEN_MAX];
+static int ctl_nfds;
+static ev_io ctl_accept_io[CTL_LISTEN_MAX];
 /* A descriptor held for the control socket alone: when sessions have taken
  * every other one, the operator still gets in to see and kill them. */
 static int ctl_spare_fd = -1;
 static char *ctl_path;       /* unlinked at stop when we created it */
 static char *ctl_passed_path; /* the socket systemd passed, where capctl finds capd */
 static gid_t ctl_gid = (gid_t)-1;
-static ev_io ctl_accept_io;
 static ev_timer ctl_accept_pause;
 static ev_prepare ctl_reaper;
 static struct ctl_conn *ctl_conns;
@@ -638,7 +642,8 @@ ctl_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)w; (void)revents;
 	ctl_spare_take();
-	ev_io_start(loop, &ctl_accept_io);
+	for (int i = 0; i < ctl_nfds; i++)
+		ev_io_start(loop, &ctl_accept_io[i]);
 }
 
 /* One line saying why, written once and for all before the close: without
@@ -664,11 +669,11 @@ ctl_refuse(int fd, int uid)
 static void
 ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-	(void)w; (void)revents;
+	(void)revents;
 	for (;;) {
 		struct ucred cred;
 		socklen_t len = sizeof cred;
-		int fd = accept4(ctl_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		struct ctl_conn *c;
 
 		if (fd < 0) {
@@ -679,7 +684,8 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 				continue;
 			}
 			if (errno == EMFILE || errno == ENFILE) {
-				ev_io_stop(loop, &ctl_accept_io);
+				for (int i = 0; i < ctl_nfds; i++)
+					ev_io_stop(loop, &ctl_accept_io[i]);
 				ev_timer_set(&ctl_accept_pause, 1., 0.);
 				ev_timer_start(loop, &ctl_accept_pause);
 			}
@@ -797,19 +803,57 @@ ctl_bind(const char *path, const char *group, char **why)
 	return fd;
 }
 
+#if HAVE_SYSTEMD
+/*
+ * Takes the sockets systemd passed. Each listening Unix stream socket is
+ * served: capd.socket may list several (ListenStream=), and a capctl
+ * connecting to one capd ignored waited for ever in its backlog. The one
+ * named "control" (FileDescriptorName=) comes first, else the first passed;
+ * anything else (a TCP or datagram socket) is no control socket and closed.
+ */
+static void
+ctl_take_passed(void)
+{
+	char **names = NULL;
+	int n = sd_listen_fds_with_names(1, &names);
+
+	for (int i = 0; i < n; i++) {
+		int fd = SD_LISTEN_FDS_START + i;
+		const char *name = names && names[i] ? names[i] : "unknown";
+
+		if (sd_is_socket_unix(fd, SOCK_STREAM, 1, NULL, 0) <= 0 || ctl_nfds == CTL_LISTEN_MAX) {
+			log_warnx("control: socket %d (%s) passed by systemd is %s; closing it", fd, name,
+			          ctl_nfds == CTL_LISTEN_MAX ? "one too many" : "no listening Unix stream socket");
+			close(fd);
+			continue;
+		}
+		fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+		fcntl(fd, F_SETFD, FD_CLOEXEC);
+		if (strcmp(name, "control") == 0 && ctl_nfds > 0) {
+			ctl_fds[ctl_nfds++] = ctl_fds[0];
+			ctl_fds[0] = fd;
+		} else {
+			ctl_fds[ctl_nfds++] = fd;
+		}
+	}
+	if (names)
+		for (int i = 0; i < n; i++)
+			free(names[i]);
+	free(names);
+}
+#endif
+
 int
 control_start(const struct capd_settings *st, char **why)
 {
 #if HAVE_SYSTEMD
-	if (sd_listen_fds(1) >= 1) {
+	ctl_take_passed();
+	if (ctl_nfds > 0) {
 		struct stat sb;
 		struct sockaddr_un sun = { 0 };
 		socklen_t len = sizeof sun - 1;
-		ctl_fd = SD_LISTEN_FDS_START;
-		fcntl(ctl_fd, F_SETFL, fcntl(ctl_fd, F_GETFL) | O_NONBLOCK);
-		fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
 		/* control = is ignored: status and the log name the socket capctl reaches */
-		if (getsockname(ctl_fd, (struct sockaddr *)&sun, &len) == 0 && sun.sun_path[0] != '\0')
+		if (getsockname(ctl_fds[0], (struct sockaddr *)&sun, &len) == 0 && sun.sun_path[0] != '\0')
 			ctl_passed_path = xstrdup(sun.sun_path);
 		if (st->control_group) {
 			struct group *gr = getgrnam(st->control_group);
@@ -819,16 +863,21 @@ control_start(const struct capd_settings *st, char **why)
 			/* no control_group: the group capd.socket gave the file (SocketGroup=) may talk to capd */
 			ctl_gid = sb.st_gid;
 		}
-		log_info("control: using the socket passed by systemd%s%s", ctl_passed_path ? ", " : "",
-		         ctl_passed_path ? ctl_passed_path : "");
+		log_info("control: using the socket%s passed by systemd%s%s", ctl_nfds > 1 ? "s" : "",
+		         ctl_passed_path ? ", " : "", ctl_passed_path ? ctl_passed_path : "");
 	}
 #endif
-	if (ctl_fd < 0 && (ctl_fd = ctl_bind(st->control, st->control_group, why)) < 0)
-		return -1;
+	if (ctl_nfds == 0) {
+		if ((ctl_fds[0] = ctl_bind(st->control, st->control_group, why)) < 0)
+			return -1;
+		ctl_nfds = 1;
+	}
 	ctl_spare_take();
-	ev_io_init(&ctl_accept_io, ctl_accept_cb, ctl_fd, EV_READ);
+	for (int i = 0; i < ctl_nfds; i++) {
+		ev_io_init(&ctl_accept_io[i], ctl_accept_cb, ctl_fds[i], EV_READ);
+		ev_io_start(capd_main, &ctl_accept_io[i]);
+	}
 	ev_init(&ctl_accept_pause, ctl_accept_resume_cb);
-	ev_io_start(capd_main, &ctl_accept_io);
 	ev_prepare_init(&ctl_reaper, ctl_reap_cb);
 	ev_prepare_start(capd_main, &ctl_reaper);
 	ev_unref(capd_main);
@@ -846,19 +895,21 @@ control_stop(void)
 {
 	struct ctl_conn *c;
 
-	if (ctl_fd < 0)
+	if (ctl_nfds == 0)
 		return;
 	for (c = ctl_conns; c; c = c->next) {
 		ctl_conn_flush(c);
 		ctl_conn_kill(c);
 	}
 	ctl_reap_cb(capd_main, &ctl_reaper, 0);
-	ev_io_stop(capd_main, &ctl_accept_io);
+	for (int i = 0; i < ctl_nfds; i++) {
+		ev_io_stop(capd_main, &ctl_accept_io[i]);
+		close(ctl_fds[i]);
+	}
+	ctl_nfds = 0;
 	ev_timer_stop(capd_main, &ctl_accept_pause);
 	ev_ref(capd_main);
 	ev_prepare_stop(capd_main, &ctl_reaper);
-	close(ctl_fd);
-	ctl_fd = -1;
 	if (ctl_spare_fd >= 0)
 		close(ctl_spare_fd);
 	ctl_spare_fd = -1;

@@ -250,32 +250,40 @@ def test_no_watchdog_pings_without_watchdog_usec(capd_factory, tmp_path):
 # --- socket activation -----------------------------------------------------
 
 ACTIVATE = r"""
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
+import fcntl, os, sys
+given = [int(fd) for fd in sys.argv[1].split(",")]
+fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in given]
+for fd in given:
     os.close(fd)
-os.set_inheritable(3, True)
-os.environ["LISTEN_FDS"] = "1"
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(fds))
 os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
+if sys.argv[2]:
+    os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
-def start_activated(capd_factory, ls, path):
+def start_activated(capd_factory, ls, path, names=""):
     """capd started as systemd starts it for capd.socket: given the listening socket ls
-    (bound at path) as LISTEN_FDS. Returns the capd and its first `capctl --json status`."""
+    (bound at path), or a list of sockets named by names (LISTEN_FDNAMES), as
+    LISTEN_FDS. Returns the capd and its first `capctl --json status` on path."""
     c = capd_factory(start=False)
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     c.logf = open(c.log_path, "ab")
-    c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, str(ls.fileno()), str(CAPD), "-c",
-                               str(c.conf_path)], pass_fds=[ls.fileno()], env=env,
+    socks = ls if isinstance(ls, list) else [ls]
+    fds = [x.fileno() for x in socks]
+    c.proc = subprocess.Popen(["/usr/bin/python3", "-c", ACTIVATE, ",".join(map(str, fds)), names, str(CAPD),
+                               "-c", str(c.conf_path)], pass_fds=fds, env=env,
                               stdout=c.logf, stderr=subprocess.STDOUT)
-    ls.close()
+    for x in socks:
+        x.close()
     deadline = time.time() + 10
     while True:
-        r = sh(CAPCTL, "-s", path, "--json", "status", check=False)
+        r = sh(CAPCTL, "-s", path, "--json", "status", check=False, timeout=5)
         if r.returncode == 0 or time.time() > deadline:
             break
         time.sleep(0.05)
@@ -338,6 +346,37 @@ def test_socket_activation_status_names_the_passed_socket(capd_factory, tmp_path
         c.proc.send_signal(signal.SIGTERM)
         assert c.proc.wait(10) == 0
         assert path.exists()  # systemd's socket file is systemd's to remove
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_socket_activation_serves_every_passed_unix_socket(capd_factory, tmp_path):
+    """capd.socket with two ListenStream= lines: capd took the first socket passed and
+    left the second open and unserved, so a capctl on it waited in its backlog for
+    ever. Every listening Unix stream socket is served now; the one named "control"
+    is the one status names; a TCP socket passed by mistake is closed, not served."""
+    base = Path(tempfile.mkdtemp(prefix="capd-act.", dir="/tmp"))
+    try:
+        socks = []
+        for name in ("other.sock", "main.sock"):
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            u.bind(str(base / name))
+            u.listen(16)
+            socks.append(u)
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        t.listen(16)
+        tport = t.getsockname()[1]
+        socks.append(t)
+        c, r = start_activated(capd_factory, socks, base / "main.sock", names="other:control:tcp")
+        assert json.loads(r.stdout)["control"] == str(base / "main.sock"), r.stdout
+        r = sh(CAPCTL, "-s", base / "other.sock", "--json", "status", timeout=5)
+        assert json.loads(r.stdout)["pid"] == c.proc.pid
+        assert "socket 5 (tcp) passed by systemd is no listening Unix stream socket" in c.log()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", tport), timeout=2).close()
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
