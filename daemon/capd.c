@@ -47,7 +47,10 @@ double capd_started;
 static struct conf *capd_conf;  /* the config in force */
 static int capd_verbose;
 static ev_signal sig_term, sig_int, sig_hup;
-static ev_timer capd_grace, capd_watchdog;
+static ev_timer capd_grace;
+#if HAVE_SYSTEMD
+static ev_timer capd_watchdog;
+#endif
 static double capd_grace_deadline;
 static int capd_stopping;
 
@@ -433,12 +436,14 @@ capd_hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	free(why);
 }
 
+#if HAVE_SYSTEMD
 static void
 capd_watchdog_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop; (void)w; (void)revents;
 	capd_notify("WATCHDOG=1");
 }
+#endif
 
 /* The settings' workers, or one loop per CPU. */
 static unsigned
