@@ -216,7 +216,8 @@ static void
 capd_reload_end(struct capd_reload *r)
 {
 	log_info("reloaded %s%s", capd_config_path, r->errs ? ", with errors" : "");
-	capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
+	if (!capd_stopping)  /* a reload whose instances started while the stop began */
+		capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
 	capd_reloading = NULL;
 	if (r->done)
 		r->done(r->arg, r->errs);
@@ -263,6 +264,13 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	struct conf *c;
 	struct instance *inst, *next;
 
+	if (capd_stopping) {
+		/* it would start listeners that the stop then cuts, and tell
+		 * systemd READY=1 after STOPPING=1 */
+		*why = xstrdup("capd is stopping");
+		log_warnx("reload refused: %s", *why);
+		return -1;
+	}
 	if (capd_reloading) {
 		*why = xstrdup("the last reload is still starting its instances");
 		log_warnx("reload refused: %s", *why);

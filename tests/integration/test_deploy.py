@@ -253,6 +253,40 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(capd_factory, tmp_path)
         ns.close()
 
 
+def test_reload_while_stopping_is_refused(capd_factory, tmp_path):
+    """A reload (capctl reload or SIGHUP) in the 2 s a stop gives open sessions was
+    carried out: an instance new in the file started listening and took clients that
+    the stop then cut, and systemd was told READY=1 after STOPPING=1. It is refused."""
+    ns = NotifySocket(tmp_path / "notify.sock")
+    srv = EchoServer()
+    try:
+        pa, pb = free_port(), free_port()
+        conf = f"[forward a]\nlisten = {pa}\nto = 127.0.0.1:{srv.port}\n"
+        c = capd_factory(conf, start=False)
+        c.start(extra_env={"NOTIFY_SOCKET": ns.path})
+        ns.find("READY=1")
+        held = socket.create_connection(("127.0.0.1", pa), timeout=5)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        c.proc.send_signal(signal.SIGTERM)
+        s = ns.find("STOPPING=1")
+        c.write_conf(conf + f"[forward b]\nlisten = {pb}\nto = 127.0.0.1:{srv.port}\n")
+        r = c.ctl("reload", check=False)
+        assert r.returncode == 1 and "capd is stopping" in r.stderr, r.stderr
+        c.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.1)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", pb), timeout=1).close()
+        held.close()
+        assert c.proc.wait(10) == 0
+        while ns.pump(0.1):
+            pass
+        assert "READY=1" not in "\n".join(ns.msgs[s + 1:]).split("\n"), ns.msgs
+    finally:
+        srv.close()
+        ns.close()
+
+
 def test_no_watchdog_pings_without_watchdog_usec(capd_factory, tmp_path):
     """Without WATCHDOG_USEC capd sends no WATCHDOG=1."""
     ns = NotifySocket(tmp_path / "notify.sock")
