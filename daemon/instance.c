@@ -54,6 +54,7 @@ static const struct proto *const protos[] = {
 };
 
 struct instance_list instances = TAILQ_HEAD_INITIALIZER(instances);
+static bool instance_stopping;  /* capd stops: no instance starts any more */
 
 const struct proto *
 proto_find(const char *type)
@@ -368,6 +369,12 @@ instance_finish(struct instance *inst, char **why)
 {
 	if (instance_name_taken(inst, why))  /* another may have taken it while this one prepared */
 		return NULL;
+	if (instance_stopping) {
+		/* it would listen and take clients in the stop's grace, to be cut at its end */
+		*why = xstrdup("capd is stopping");
+		instance_free(inst);
+		return NULL;
+	}
 	/* an instance that cannot intercept is refused, not left to fail each client */
 	if (inst->intercepts && tls_instance_ready(why) < 0) {
 		instance_free(inst);
@@ -542,6 +549,7 @@ instance_stop_accepting(void)
 {
 	struct instance *inst;
 
+	instance_stopping = true;
 	TAILQ_FOREACH(inst, &instances, entry)
 		instance_close_listener(inst);
 }

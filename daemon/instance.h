@@ -115,7 +115,7 @@ struct instance *instance_find(const char *name);
 void instance_fail(struct instance *inst, const char *why);
 json_t *instance_json(struct instance *inst);  /* caller owns */
 void instance_remove_all(void);
-/* Stop accepting everywhere (shutdown); sessions continue. */
+/* Stop accepting everywhere (shutdown); sessions continue, no instance starts. */
 void instance_stop_accepting(void);
 
 #endif

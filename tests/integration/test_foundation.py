@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -974,6 +975,29 @@ def test_second_capd_on_the_same_spool_or_state_dir_refused(capd_factory):
                                                                f"state_dir = {one.spool}\n"))
     one.start()
     assert one.ctl("status").returncode == 0
+
+
+def test_add_while_stopping_is_refused(capd_factory, echo_server):
+    """capctl add (and trace) in the 2 s a stop gives open sessions started the
+    instance: it listened and took clients that the stop cut a moment later. Both
+    are refused now."""
+    pa, pb = free_port(), free_port()
+    c = capd_factory(f"[forward a]\nlisten = {pa}\nto = 127.0.0.1:{echo_server.port}\n")
+    held = socket.create_connection(("127.0.0.1", pa), timeout=5)
+    held.sendall(b"x")
+    assert held.recv(1) == b"x"
+    c.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 5
+    while "stopping on signal" not in c.log() and time.time() < deadline:
+        time.sleep(0.02)
+    r = c.ctl("add", "forward", "--port", pb, "--to", f"127.0.0.1:{echo_server.port}", check=False)
+    assert r.returncode == 1 and "capd is stopping" in r.stderr, r.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", pb), timeout=1).close()
+    r = c.ctl("trace", "--", "true", check=False)
+    assert r.returncode == 1 and "capd is stopping" in r.stderr, r.stderr
+    held.close()
+    assert c.proc.wait(10) == 0
 
 
 def test_session_ids_grow_across_restart(capd_factory, echo_server):
