@@ -86,26 +86,33 @@ session_strcpy(char *dst, const char *src, size_t size)
 	dst[n] = '\0';
 }
 
-/* Writes the next reserved id atomically; -1 on failure (ids then only live in memory). */
+/* Writes the first id the next capd may use atomically; -1 on failure. */
 static int
-session_id_reserve(void)
+session_id_save(uint64_t next)
 {
 	char tmp[4096];
 	FILE *f;
 
-	session_reserved = session_next_id + SESSION_ID_BLOCK;
 	if (session_id_path == NULL)
 		return 0;
 	snprintf(tmp, sizeof tmp, "%s.tmp", session_id_path);
 	if ((f = fopen(tmp, "w")) == NULL)
 		return -1;
-	fprintf(f, "%llu\n", (unsigned long long)session_reserved);
+	fprintf(f, "%llu\n", (unsigned long long)next);
 	if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
 		fclose(f);
 		return -1;
 	}
 	fclose(f);
 	return rename(tmp, session_id_path);
+}
+
+/* Reserves the next block of ids on disk; -1 on failure (ids then only live in memory). */
+static int
+session_id_reserve(void)
+{
+	session_reserved = session_next_id + SESSION_ID_BLOCK;
+	return session_id_save(session_reserved);
 }
 
 int
@@ -192,6 +199,10 @@ session_table_shutdown(void)
 {
 	session_close_instance(NULL, "capd stopped");
 	session_loop_fini();
+	/* a crash skips the rest of the reserved block; a stop hands it back,
+	 * so that ids go on from here after a restart (state_dir is ours alone) */
+	if (session_id_path && session_id_save(session_next_id) < 0)
+		log_warn("cannot save the session id counter in %s", session_id_path);
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
 		free(session_history[i].note);
 		session_history[i].note = NULL;
