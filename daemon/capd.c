@@ -53,6 +53,7 @@ static ev_timer capd_watchdog;
 #endif
 static double capd_grace_deadline;
 static int capd_stopping;
+static bool capd_preparing;  /* at the stop, an instance's prepare still ran on its thread */
 
 static void
 usage(void)
@@ -388,6 +389,8 @@ capd_finish(void)
 		return;
 	finished = true;
 	ev_timer_stop(capd_loop, &capd_grace);
+	instance_stop_accepting();
+	capd_preparing = instance_jobs_stop();
 	instance_remove_all();
 	session_table_shutdown();
 	shards_stop();
@@ -599,6 +602,16 @@ main(int argc, char **argv)
 	capd_serving = true;
 	ev_run(capd_loop, 0);
 
+	if (capd_preparing) {
+		/*
+		 * Not waited for (a filter's host name may take the resolver's
+		 * timeout): everything is closed and flushed, but exit() would run
+		 * OpenSSL's cleanup under a thread still making the leaf keys, and
+		 * capd died of SIGSEGV. Leave without the atexit handlers.
+		 */
+		log_notice("stopped, leaving an instance that was still being prepared");
+		_exit(0);
+	}
 	log_notice("stopped");
 	conf_free(capd_conf);
 	return 0;

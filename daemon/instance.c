@@ -427,10 +427,13 @@ struct instance_job {
 	int rc;                      /* prepare's */
 	instance_added_fn *done;
 	void *arg;
+	pthread_t thread;
+	bool threaded;               /* thread is to be joined when the job ends */
 };
 
 static pthread_mutex_t instance_jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct instance_job *instance_jobs_done;  /* under the lock */
+static unsigned instance_jobs_running;           /* under the lock: prepares not yet done */
 static ev_async instance_jobs_async;
 
 static void
@@ -438,6 +441,8 @@ instance_job_end(struct instance_job *j)
 {
 	struct instance *inst = NULL;
 
+	if (j->threaded)
+		pthread_join(j->thread, NULL);  /* it has pushed the job: it is returning */
 	shards_pause();
 	if (j->rc < 0)
 		instance_free(j->inst);
@@ -479,16 +484,29 @@ instance_job_run(void *arg)
 	pthread_mutex_lock(&instance_jobs_lock);
 	j->next = instance_jobs_done;
 	instance_jobs_done = j;
-	pthread_mutex_unlock(&instance_jobs_lock);
 	ev_async_send(capd_main, &instance_jobs_async);
+	instance_jobs_running--;
+	pthread_mutex_unlock(&instance_jobs_lock);
 	return NULL;
+}
+
+bool
+instance_jobs_stop(void)
+{
+	unsigned running;
+
+	/* read with the list: a prepare that is over has pushed its job by then */
+	pthread_mutex_lock(&instance_jobs_lock);
+	running = instance_jobs_running;
+	pthread_mutex_unlock(&instance_jobs_lock);
+	instance_jobs_cb(capd_main, &instance_jobs_async, 0);  /* ends and joins those */
+	return running > 0;
 }
 
 void
 instance_add_async(json_t *params, bool from_config, instance_added_fn *done, void *arg)
 {
 	struct instance_job *j = xcalloc(1, sizeof *j);
-	pthread_attr_t attr;
 
 	j->done = done;
 	j->arg = arg;
@@ -502,14 +520,19 @@ instance_add_async(json_t *params, bool from_config, instance_added_fn *done, vo
 		ev_async_init(&instance_jobs_async, instance_jobs_cb);
 		ev_async_start(capd_main, &instance_jobs_async);
 	}
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&(pthread_t){ 0 }, &attr, instance_job_run, j) != 0) {
+	pthread_mutex_lock(&instance_jobs_lock);
+	instance_jobs_running++;
+	pthread_mutex_unlock(&instance_jobs_lock);
+	if (pthread_create(&j->thread, NULL, instance_job_run, j) != 0) {
+		pthread_mutex_lock(&instance_jobs_lock);
+		instance_jobs_running--;
+		pthread_mutex_unlock(&instance_jobs_lock);
 		log_warnx("%s: no thread to prepare it on; preparing it in line", j->inst->name);
 		j->rc = instance_prepare(j->inst, &j->why);
 		instance_job_end(j);
+		return;
 	}
-	pthread_attr_destroy(&attr);
+	j->threaded = true;
 }
 
 void

@@ -109,6 +109,11 @@ struct instance *instance_add(json_t *params, bool from_config, char **why);
  */
 typedef void instance_added_fn(void *arg, struct instance *inst, const char *why);
 void instance_add_async(json_t *params, bool from_config, instance_added_fn *done, void *arg);
+/* At stop: ends the jobs whose prepare is over (their instances are refused
+ * once instance_stop_accepting ran) and joins their threads; true when some
+ * prepare still runs (a lookup may take the resolver's timeout), which capd
+ * does not wait for. Main thread. */
+bool instance_jobs_stop(void);
 void instance_remove(struct instance *inst, const char *reason);
 struct instance *instance_find(const char *name);
 /* Marks a running instance failed (interface went down...) and emits an event. */

@@ -1000,6 +1000,30 @@ def test_add_while_stopping_is_refused(capd_factory, echo_server):
     assert c.proc.wait(10) == 0
 
 
+def test_stop_while_an_instance_prepares(capd_factory):
+    """capd stopped while a helper thread still made an instance's leaf keys (the
+    first --tls instance) returned from main() with that thread running into
+    OpenSSL's cleanup: SIGSEGV in about one stop in seven. It still does not wait
+    for the thread (a filter's lookup may take long), but leaves without exit()'s
+    handlers, and says so."""
+    for attempt in range(5):
+        c = capd_factory("")
+        port = free_port()
+        add = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "add", "forward", "--port", str(port), "--to",
+                                "127.0.0.1:9", "--tls"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 5
+        while "calls instance.add" not in c.log() and time.time() < deadline:
+            time.sleep(0.005)
+        c.proc.send_signal(signal.SIGTERM)
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 0, c.log()
+        out, err = add.communicate(timeout=10)
+        if "added" not in out:  # else the keys came before the signal: again
+            break
+    assert add.returncode == 1, (out, err)
+    assert "leaving an instance that was still being prepared" in c.log(), c.log()
+
+
 def test_session_ids_grow_across_restart(capd_factory, echo_server):
     c = capd_factory("")
     port = free_port()
