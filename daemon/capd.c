@@ -100,9 +100,12 @@ fail:
  * Holds a folder for this capd alone (flock on the folder itself, released
  * by the kernel however capd ends). A second capd on the same spool would
  * "repair" the file the first is writing and delete its files at rotation;
- * on the same state_dir it would hand out the same session ids. The
- * descriptor stays open until exit; held is the folder already locked, if
- * any, which the same folder named twice must not lock against itself.
+ * on the same state_dir it would hand out the same session ids. Taken
+ * before the control socket: a second capd of the same config, started at
+ * the same moment, could take the first's socket file for a stale one
+ * (it does not accept before listen(2)) and replace it. The descriptor
+ * stays open until exit; held is the folder already locked, if any, which
+ * the same folder named twice must not lock against itself.
  */
 static int
 capd_lock_dir(const char *path, const char *key, int held, char **why)
@@ -559,9 +562,9 @@ main(int argc, char **argv)
 	ev_init(&capd_grace, capd_grace_cb);
 
 	if (capd_mkdirs(capd_settings->state_dir, &why) < 0 || capd_mkdirs(capd_settings->spool, &why) < 0 ||
-	    control_start(capd_settings, &why) < 0 ||
 	    (state_lock = capd_lock_dir(capd_settings->state_dir, "state_dir", -1, &why)) < 0 ||
-	    capd_lock_dir(capd_settings->spool, "spool", state_lock, &why) < 0 || resolve_init(&why) < 0 ||
+	    capd_lock_dir(capd_settings->spool, "spool", state_lock, &why) < 0 ||
+	    control_start(capd_settings, &why) < 0 || resolve_init(&why) < 0 ||
 	    session_table_init(capd_settings->state_dir, &why) < 0 || spool_start(capd_settings, &why) < 0 ||
 	    tls_start(capd_settings, &why) < 0) {
 		log_error("%s", why);

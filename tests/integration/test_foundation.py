@@ -1,5 +1,6 @@
 """Issue 2: the daemon core, control socket, capctl and the forward instance."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -975,6 +976,28 @@ def test_second_capd_on_the_same_spool_or_state_dir_refused(capd_factory):
                                                                f"state_dir = {one.spool}\n"))
     one.start()
     assert one.ctl("status").returncode == 0
+
+
+def test_second_capd_of_one_config_leaves_the_first_socket_alone(capd_factory):
+    """Two capds of one config started at the same moment: the second found the
+    first's socket file before the first listened on it, took it for stale, and
+    replaced it, leaving the first running where no capctl could reach it (4 in 30
+    such starts). The second now stops at the state_dir lock, before the socket."""
+    c = capd_factory("", start=False)
+    c.state.mkdir()
+    held = os.open(c.state, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a first capd, bound and not yet listening
+    first = socket.socket(socket.AF_UNIX)
+    first.bind(str(c.sock))
+    ino = os.stat(c.sock).st_ino
+    try:
+        c.start(wait=False)
+        assert c.proc.wait(10) == 1
+        assert f"state_dir {c.state} is in use by another capd" in c.log()
+        assert os.stat(c.sock).st_ino == ino
+    finally:
+        first.close()
+        os.close(held)
 
 
 def test_add_while_stopping_is_refused(capd_factory, echo_server):
