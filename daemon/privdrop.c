@@ -258,5 +258,13 @@ privdrop(const struct capd_settings *st, char **why)
 		fatalx("privilege drop: root came back");
 	privdrop_describe(keep, caps, sizeof caps);
 	log_notice("running as %s (uid %u, gid %u), keeping %s", name, (unsigned)uid, (unsigned)gid, caps);
+	/* a reload reads the file as the user now: say so at start, not at the
+	 * first systemctl reload (which checks it as root, and passes) */
+	int fd = open(capd_config_path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		log_warnx("%s cannot be read by %s (%s): reloads will fail until it can", capd_config_path, name,
+		          strerror(errno));
+	else
+		close(fd);
 	return 0;
 }

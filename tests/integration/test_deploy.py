@@ -561,6 +561,31 @@ def test_privilege_drop_follows_a_root_link_and_keeps_rights_for_a_new_hosts_fil
     assert c.proc.returncode == 0, c.log()
 
 
+def test_privilege_drop_warns_of_a_config_the_user_cannot_read(dropdir):
+    """A config only root may read (0600: it holds auth passwords) starts, but every
+    reload after the switch failed with a bare "Permission denied", and systemctl
+    reload, which checks the file as root first, said it worked. capd now says at
+    start that reloads will fail, and nothing when the user can read the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    hosts = dropdir / "h"
+    hosts.mkdir()
+    os.chown(hosts, pwd.getpwnam("nobody").pw_uid, -1)  # no rights kept for the hosts file
+    c = Capd(dropdir, "", f"user = nobody\nhosts_file = {hosts}/hosts\n")
+    for mode, warned in ((0o600, True), (0o644, False)):
+        os.chmod(c.conf_path, mode)
+        c.start()
+        try:
+            assert "running as nobody" in c.log()
+            assert ("cannot be read by nobody" in c.log()) == warned, c.log()
+            r = c.ctl("reload", check=False)
+            assert (r.returncode != 0) == warned, r.stderr
+        finally:
+            c.stop()
+        assert c.proc.returncode == 0, c.log()
+        c.log_path.unlink()
+
+
 def test_unknown_user_fails_start(capd_factory):
     """`user =` naming nobody on the system stops start-up with the reason."""
     if os.geteuid() != 0:
