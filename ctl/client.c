@@ -41,6 +41,11 @@ client_open(const struct ctl_opts *o)
 		if (fd >= 0 && e == ECONNREFUSED && stat(o->socket, &st) == 0 && !S_ISSOCK(st.st_mode))
 			fprintf(stderr, "capctl: cannot reach capd at %s: not a socket (a %s)\n", o->socket,
 			        S_ISDIR(st.st_mode) ? "folder" : "file");
+		else if (fd >= 0 && e == ECONNREFUSED)
+			/* a capd that stopped after giving up root may have been unable
+			 * to remove it; a killed one leaves it too */
+			fprintf(stderr, "capctl: cannot reach capd at %s: %s (capd is not running; the socket "
+			        "is left from an earlier one)\n", o->socket, strerror(e));
 		else
 			fprintf(stderr, "capctl: cannot reach capd at %s: %s\n", o->socket, strerror(e));
 		if (fd >= 0)
