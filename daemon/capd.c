@@ -496,14 +496,16 @@ capd_shard_fini(void)
 static void
 capd_raise_nofile(void)
 {
-	struct rlimit rl;
+	struct rlimit rl, up = { 1 << 20, 1 << 20 };
 
-	/* 10,000 tunnels need 20,000 descriptors: as root raise the hard limit
-	 * itself, else take all the hard limit allows */
-	rl.rlim_cur = rl.rlim_max = 1 << 20;
-	if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+	/* 10,000 tunnels need 20,000 descriptors: as root raise a lower hard
+	 * limit itself (never lower one an administrator set higher, as
+	 * LimitNOFILE= may), else take all the hard limit allows */
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
 		return;
-	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+	if (rl.rlim_max < up.rlim_max && setrlimit(RLIMIT_NOFILE, &up) == 0)
+		return;
+	if (rl.rlim_cur < rl.rlim_max) {
 		rl.rlim_cur = rl.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}

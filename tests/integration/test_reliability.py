@@ -254,6 +254,25 @@ def test_client_disappears_mid_transfer_no_fd_leak(capd, echo_server):
     assert all("reset" in x["reason"] or x["reason"] == "closed" for x in ss)
 
 
+def test_soft_nofile_raised_to_the_hard_limit(capd_factory):
+    """capd takes the descriptors the hard limit allows (10,000 tunnels need 20,000):
+    a soft limit of 256 under a hard one of 4,096 that it may not raise becomes 4,096,
+    and the hard limit is never lowered."""
+    def limits():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    c = capd_factory("", start=False)
+    c.logf = open(c.log_path, "ab")
+    c.proc = subprocess.Popen([str(__import__("conftest").CAPD), "-c", str(c.conf_path)], stdout=c.logf,
+                              stderr=subprocess.STDOUT, preexec_fn=limits)
+    deadline = time.time() + 10
+    while not c.sock.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    soft, hard = resource.prlimit(c.proc.pid, resource.RLIMIT_NOFILE)
+    # root with CAP_SYS_RESOURCE raises both to 2^20; without it (here) the soft one to the hard one
+    assert soft == hard and hard in (4096, 1 << 20), (soft, hard)
+
+
 def test_nofile_exhausted_backs_off_and_recovers(capd_factory, echo_server):
     port = free_port()
     lim = 48
