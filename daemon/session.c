@@ -104,7 +104,18 @@ session_id_save(uint64_t next)
 		return -1;
 	}
 	fclose(f);
-	return rename(tmp, session_id_path);
+	if (rename(tmp, session_id_path) < 0)
+		return -1;
+	/* the rename is durable only once its folder is: without this a power
+	 * cut could bring back the file of the block before and repeat its ids */
+	snprintf(tmp, sizeof tmp, "%s", session_id_path);
+	*strrchr(tmp, '/') = '\0';
+	int dfd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd >= 0) {
+		fsync(dfd);
+		close(dfd);
+	}
+	return 0;
 }
 
 /* Reserves the next block of ids on disk; -1 on failure (ids then only live in memory). */
