@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -26,6 +27,34 @@ from conftest import (CAPD, Listener, UdpServer, apart, check_pcap_clean, exchan
                       sh, tshark)
 
 
+class LaterUdpServer(UdpServer):
+    """UdpServer whose reply may be (delay, wire): that answer is sent delay seconds later
+    from a thread of its own, so later datagrams are not held up behind it and close()
+    does not wait for it."""
+
+    def recv_loop(self):
+        while True:
+            try:
+                d, a = self.sock.recvfrom(65536)
+                if a is None:
+                    return  # shut down
+                w = self.reply(d)
+                if isinstance(w, tuple):
+                    t = threading.Timer(w[0], self.send_later, (w[1], a))
+                    t.daemon = True
+                    t.start()
+                elif w is not None:
+                    self.sock.sendto(w, a)
+            except OSError:
+                return
+
+    def send_later(self, w, a):
+        try:
+            self.sock.sendto(w, a)
+        except OSError:
+            pass  # closed meanwhile
+
+
 class Upstream(Listener):
     """A small DNS server on loopback (UDP and TCP on one port), in threads.
     Any A question gets 192.0.2.1; 'big.*' gets 60 records (truncated over UDP);
@@ -38,7 +67,7 @@ class Upstream(Listener):
         for _ in range(20):
             port = free_port()
             try:
-                self.udp = UdpServer(lambda wire: self.answer(wire, "udp"), port=port)
+                self.udp = LaterUdpServer(lambda wire: self.answer(wire, "udp"), port=port)
             except OSError:
                 continue
             try:
@@ -54,8 +83,6 @@ class Upstream(Listener):
         self.queries.append((transport, name))
         if name.startswith("silent"):
             return None
-        if name.startswith("slow") and transport == "udp":
-            time.sleep(2.5)  # past capd's 1.5 s a try: the answer comes during its second
         r = dns.message.make_response(q)
         if q.question[0].rdtype == dns.rdatatype.A:
             n = 60 if name.startswith("big") else 1
@@ -66,6 +93,8 @@ class Upstream(Listener):
             r.answer = []
             r.flags |= dns.flags.TC
             w = r.to_wire()
+        if name.startswith("slow") and transport == "udp":
+            return 2.5, w  # past capd's 1.5 s a try: the answer comes during its second
         return w
 
     def handle(self, c, peer):
