@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import (Listener, apart, as_http, check_pcap_clean, follow_tcp, free_port, sh, tcp_stream_of, tshark,
+from conftest import (Listener, apart, as_http, check_pcap_clean, follow_session, free_port, sh, tshark,
                       wait_port)
 
 
@@ -734,9 +734,8 @@ def test_connect_tls(capd_factory, tls_nginx, origin):
     # the tunnelled bytes are what the capture shows: a TLS handshake both ways
     capd.flush()
     pcap = capd.pcaps()[-1]
-    stream = tcp_stream_of(pcap, t[0]["id"])
+    stream, up, down = follow_session(pcap, t[0]["id"])
     assert stream is not None
-    up, down = follow_tcp(pcap, stream)
     assert up[:1] == b"\x16" and down[:1] == b"\x16"
     assert b"CONNECT" not in up and b"Connection Established" not in down
     check_pcap_clean(pcap)
@@ -754,9 +753,8 @@ def test_capture_shows_origin_form(capd, origin, tmp_path):
     s = [x for x in ss if x["instance"] == "h" and x["bytes_up"] > 0][0]
     capd.flush()
     pcap = capd.pcaps()[-1]
-    stream = tcp_stream_of(pcap, s["id"])
+    stream, up, down = follow_session(pcap, s["id"])
     assert stream is not None
-    up, down = follow_tcp(pcap, stream)
     assert up.startswith(b"POST /echo HTTP/1.1\r\n")
     assert b"Via: 1.1 capd\r\n" in up and b"Proxy-Connection" not in up
     assert data in up
@@ -819,7 +817,7 @@ def test_connect_tls_interception(capd, tmp_path):
         s = closed_sessions(capd, 1)[-1]
         assert s["proto"] == "connect"
         pcap = test_tls.pcap_after(capd)
-        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+        _, up, down = follow_session(pcap, s["id"])
         assert up.startswith(b"GET / HTTP/1.1\r\n") and down.endswith(test_tls.BODY)
     finally:
         o.stop()
@@ -875,10 +873,10 @@ def test_upstream_reset_before_its_response_is_a_502(capd, body):
         assert s["reason"].startswith("502 Bad Gateway") and "upstream reset" in s["reason"], s
         capd.flush()
         pcap = capd.pcaps()[-1]
-        stream = tcp_stream_of(pcap, s["id"])
-        rst = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.stream == {stream} && tcp.flags.reset == 1",
-                              "-T", "fields", "-e", "tcp.stream"], capture_output=True, text=True)
-        assert rst.returncode == 0 and rst.stdout.split() == [str(stream)], rst
+        # the session's flow (capd comments each of its packets) holds one RST
+        rst = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {s["id"]} " && tcp.flags.reset == 1',
+                     "-T", "fields", "-e", "tcp.stream")
+        assert rst.returncode == 0 and len(rst.stdout.split()) == 1, rst
     finally:
         o.close()
 
@@ -1034,7 +1032,7 @@ def test_client_bad_chunked_body_is_captured(capd):
     finally:
         o.close()
     capd.flush()
-    up, _ = follow_tcp(capd.pcaps()[-1], tcp_stream_of(capd.pcaps()[-1], s["id"]))
+    _, up, _ = follow_session(capd.pcaps()[-1], s["id"])
     assert up.endswith(b"\r\n\r\n4\r\nWiki\r\nzz\r\n"), up
 
 
