@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Listener, apart, check_pcap_clean, follow_tcp, free_port, tcp_stream_of
+from conftest import Listener, apart, check_pcap_clean, follow_session, free_port
 from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
@@ -206,8 +206,7 @@ def test_reverse_capture(capd_factory, origins):
     s = [x for x in closed(capd, 1) if x["instance"] == "r" and x["bytes_up"] > 0][0]
     capd.flush()
     pcap = capd.pcaps()[-1]
-    stream = tcp_stream_of(pcap, s["id"])
-    up, down = follow_tcp(pcap, stream)
+    _, up, down = follow_session(pcap, s["id"])
     assert up.startswith(b"GET /cap HTTP/1.1\r\nHost: www.example.com\r\n")
     assert b"X-Forwarded-For: 127.0.0.1\r\n" in up
     assert down.startswith(b"HTTP/1.1 200 OK\r\n") and down.endswith(b"hello from www /cap\n")
@@ -277,7 +276,7 @@ def test_reverse_tls(capd, tls_reverse):
     assert r.stdout == test_tls.BODY * 2
     s = [x for x in closed(capd, 1) if x["bytes_up"] > 0][-1]
     pcap = test_tls.pcap_after(capd)
-    up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+    _, up, down = follow_session(pcap, s["id"])
     assert up.startswith(b"GET / HTTP/1.1\r\n")
     assert b"X-Forwarded-Proto: https\r\n" in up
     assert down.endswith(test_tls.BODY)
