@@ -874,7 +874,7 @@ def test_upstream_reset_before_its_response_is_a_502(capd, body):
         capd.flush()
         pcap = capd.pcaps()[-1]
         # the session's flow (capd comments each of its packets) holds one RST
-        rst = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {s["id"]} " && tcp.flags.reset == 1',
+        rst = tshark("-r", pcap, "-Y", f'frame.comment matches "^capd session {s["id"]}( |$)" && tcp.flags.reset == 1',
                      "-T", "fields", "-e", "tcp.stream")
         assert rst.returncode == 0 and len(rst.stdout.split()) == 1, rst
     finally:
