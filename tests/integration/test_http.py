@@ -622,7 +622,7 @@ def test_malformed_later_request_on_a_kept_connection(capd, origin):
 
 def test_upstream_errors(capd_factory):
     port = free_port()
-    capd = capd_factory(f"[http h]\nlisten = {port}\nconnect_timeout = 1s\n")
+    capd = capd_factory(f"[http h]\nlisten = {port}\nconnect_timeout = 300ms\n")
     dead = free_port()
     reply = raw(port, f"GET http://127.0.0.1:{dead}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status_of(reply) == 502
@@ -1042,7 +1042,7 @@ def test_upstream_response_timeout_504(capd_factory):
     o = RawOrigin(None)
     try:
         port = free_port()
-        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 300ms\n")
         t0 = time.time()
         reply = raw(port, f"GET http://127.0.0.1:{o.port}/slow HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=8)
         assert status_of(reply) == 504, reply
@@ -1063,7 +1063,7 @@ def test_client_stalls_in_its_body_408(capd_factory, expect):
     o = RawOrigin(None)
     try:
         port = free_port()
-        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 300ms\n")
         head = f"POST http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
         if expect:
             req = (head + "Expect: 100-continue\r\n\r\n").encode()
@@ -1088,7 +1088,7 @@ def test_upstream_that_stops_taking_the_body_is_a_504(capd_factory):
     o = RawOrigin(None)
     try:
         port = free_port()
-        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 1s\n")
+        capd = capd_factory(f"[http h]\nlisten = {port}\nidle_timeout = 300ms\n")
         body = 16 << 20
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(f"POST http://127.0.0.1:{o.port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n\r\n"
