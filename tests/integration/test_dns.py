@@ -482,7 +482,12 @@ def test_xfr_ends_cut_ixfr_and_slow_client(dnsd, upstream):
         s.connect(("127.0.0.1", port))
         s.sendall(framed(dns.message.make_query("bulk.test", "AXFR", id=0x0202)))
         s.shutdown(socket.SHUT_WR)
-        time.sleep(1.5)
+        # until capd has read all it will (the count holds still for 0.5 s), 1.5 s at most
+        seen, since, deadline = upstream.xfr_sent, time.time(), time.time() + 1.5
+        while time.time() - since < 0.5 and time.time() < deadline and seen < BULK_MSGS:
+            time.sleep(0.05)
+            if upstream.xfr_sent != seen:
+                seen, since = upstream.xfr_sent, time.time()
         assert upstream.xfr_sent < BULK_MSGS, "capd read the whole transfer ahead of its client"
         data = bytearray()
         while d := s.recv(1 << 20):
