@@ -71,7 +71,7 @@ class Upstream(Listener):
             except OSError:
                 continue
             try:
-                super().__init__(port=port, backlog=16)  # TCP on the same port
+                super().__init__(port=port, backlog=128)  # TCP on the same port; capd opens up to 64 at once
                 return
             except OSError:
                 self.udp.close()
