@@ -287,9 +287,15 @@ def test_forward_udp_target_that_does_not_resolve_is_logged(netns, ns_etc, ns_ca
     with open(f"{ns_etc}/resolv.conf", "w") as f:
         f.write("nameserver 127.0.0.1\n")  # nothing listens there: the name fails
     c = ns_capd(netns, "[forward u]\nlisten = 127.0.0.1:7731\nudp = yes\nto = no-such-host.invalid:53\n")
-    send = "import socket, sys, time\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
-           "u.sendto(b'x', ('127.0.0.1', 7731))\ntime.sleep(float(sys.argv[1]))\nu.sendto(b'y', ('127.0.0.1', 7731))\n"
-    subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", send, "6"], check=True, timeout=30)
+    # one client (one socket): a datagram, and a second one once the first's name has failed
+    send = "import socket, sys\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
+           "u.sendto(b'x', ('127.0.0.1', 7731))\nsys.stdin.readline()\nu.sendto(b'y', ('127.0.0.1', 7731))\n"
+    p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", send], stdin=subprocess.PIPE)
+    deadline = time.time() + 10
+    while "u: udp: cannot resolve no-such-host.invalid" not in c.log() and time.time() < deadline:
+        time.sleep(0.05)
+    p.communicate(b"go\n", timeout=30)
+    assert p.returncode == 0
     deadline = time.time() + 10
     while c.log().count("u: udp: cannot resolve no-such-host.invalid") < 2 and time.time() < deadline:
         time.sleep(0.1)
