@@ -244,26 +244,34 @@ def test_capctl_add_reverse(capd, origins):
     assert rows["d"].endswith(f"  default 127.0.0.1:{c.port}"), rows
 
 
+@pytest.fixture(scope="module")
+def tls_origin(tmp_path_factory):
+    """The TLS origin (nginx serving static files, its certificates made with openssl:
+    about a second to set up), one for the module's tests, which only read from it."""
+    import test_tls
+    o = test_tls.Origin(tmp_path_factory.mktemp("reverse-tls") / "tls-origin")
+    yield o
+    o.stop()
+
+
 @pytest.fixture
-def tls_reverse(capd, tmp_path):
+def tls_reverse(capd, tmp_path, tls_origin):
     """A `--tls` reverse instance routing test_tls.NAME to a TLS origin (nginx):
     yields (run curl against it with extra args, the test_tls module)."""
     import test_tls
-    o = test_tls.Origin(tmp_path / "tls-origin")
-    try:
-        port = free_port()
-        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
-                 "--tls", "--no-tls-verify")
-        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
-        url = f"https://{test_tls.NAME}:{port}/"
+    o = tls_origin
+    assert o.proc.poll() is None, "the shared TLS origin has stopped"
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
+             "--tls", "--no-tls-verify")
+    ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+    url = f"https://{test_tls.NAME}:{port}/"
 
-        def get(*args, n=1):
-            return curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
-                        *args, *[url] * n)
-        get.port, get.ca, get.origin_port = port, ca, o.port
-        yield get, test_tls
-    finally:
-        o.stop()
+    def get(*args, n=1):
+        return curl("--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
+                    *args, *[url] * n)
+    get.port, get.ca, get.origin_port = port, ca, o.port
+    yield get, test_tls
 
 
 def test_reverse_tls(capd, tls_reverse):
