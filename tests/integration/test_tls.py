@@ -346,15 +346,15 @@ def test_auto_quiet_client_kept_as_without_tls(capd):
     """tls = auto: a client that is not TLS and has not spoken yet (someone typing
     into nc, a pooled connection) was cut after the 20 s TLS handshake timer; it now
     waits like any relayed connection, for idle_timeout when one is set.
-    (tls_timeout, 20 s by default, is 1 s here.)"""
+    (tls_timeout, 20 s by default, is 300 ms here.)"""
     echo = EchoServer()
     try:
-        port = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "1s")
-        short = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "1s", "--idle-timeout", "1s")
+        port = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "300ms")
+        short = add_forward(capd, echo.port, "--tls-auto", "--tls-timeout", "300ms", "--idle-timeout", "300ms")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c, \
                 socket.create_connection(("127.0.0.1", short), timeout=10) as q:
             assert q.recv(100) == b""  # idle_timeout still applies
-            time.sleep(1.5)  # past tls_timeout
+            time.sleep(0.5)  # past tls_timeout
             c.sendall(b"typed after a while\n")
             assert c.recv(100) == b"typed after a while\n"
         reasons = {s["instance"]: s["reason"] for s in last_closed(capd, 2)}
