@@ -1088,7 +1088,7 @@ def test_bind_by_name(capd):
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_keeps_serving(capd, echo_server):
-    port = add_socks(capd, "--handshake-timeout", "1")
+    port = add_socks(capd, "--handshake-timeout", "300ms")
 
     def still_serves():
         s = s5_open(port)
@@ -1122,7 +1122,7 @@ def test_bad_input_keeps_serving(capd, echo_server):
     s.sendall(b"\x05\x01")
     t0 = time.time()
     assert closed_by_peer(s, timeout=5)
-    assert 0.5 < time.time() - t0 < 4
+    assert 0.15 < time.time() - t0 < 4
     s.close()
     # a request that never finishes after a good greeting
     s = s5_open(port)
