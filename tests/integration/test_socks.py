@@ -946,7 +946,7 @@ def test_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, ns_et
         f.write("nameserver 127.0.0.1\n")
     ns_python(netns, NS_SLOW_DNS, 5, 5, 7763)
     ns_python(netns, ECHO_SERVER, "127.0.0.1", 7760)
-    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7761\nconnect_timeout = 1\n")
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7761\nconnect_timeout = 300ms\n")
     r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_CLIENT, 7761, 7760, "slow.test")
     assert json.loads(r.stdout) == {"slow.test": [6, None]}, r.stdout
     s = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")[-1]
@@ -962,7 +962,7 @@ def test_bind_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, 
     with open(f"{ns_etc}/resolv.conf", "w") as f:
         f.write("nameserver 127.0.0.1\n")
     ns_python(netns, NS_SLOW_DNS, 5, 5, 7773)
-    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7771\nconnect_timeout = 1\n")
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7771\nconnect_timeout = 300ms\n")
     client = ("import socket\ns = socket.create_connection(('127.0.0.1', 7771), timeout=10)\n"
               "s.sendall(b'\\x05\\x01\\x00'); assert s.recv(2) == b'\\x05\\x00'\n"
               "s.sendall(b'\\x05\\x02\\x00\\x03\\x09slow.test\\x00\\x15'); print(s.recv(10).hex())\n")
