@@ -536,7 +536,7 @@ def test_bind_ends_when_its_client_goes(capd):
 
 
 def test_bind_timeout_gets_failure_reply(capd):
-    port = add_socks(capd, "--connect-timeout", "1")
+    port = add_socks(capd, "--connect-timeout", "300ms")
     c = s5_open(port)
     assert s5_request(c, 2, "127.0.0.1", 0)[0] == 0
     rep = s5_read_reply(c)[0]

@@ -97,7 +97,7 @@ def test_empty_datagrams_are_captured(capd):
 def test_forward_udp_idle_timeout(capd, udp_echo):
     port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"localhost:{udp_echo.port}", "--udp",
-             "--idle-timeout", "1")
+             "--idle-timeout", "300ms")
     u = udp_client()
     u.sendto(b"hi", ("127.0.0.1", port))
     assert u.recv(100) == b"echo:hi"
