@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, SANITIZED, UdpServer, check_pcap_clean, follow_tcp, tcp_stream_of, tshark
+from conftest import CAPCTL, SANITIZED, UdpServer, check_pcap_clean, follow_session, tcp_stream_of, tshark
 
 PY = "/usr/bin/python3"
 
@@ -50,6 +50,20 @@ def pcap_for(capd, sid, timeout=10):
         time.sleep(0.2)
 
 
+def session_bytes(capd, sid, timeout=10):
+    """(spool file, bytes up, bytes down) of session sid once the spool holds it: one
+    follow_session pass a file (pcap_for, tcp_stream_of and follow_tcp were three)."""
+    deadline = time.time() + timeout
+    while True:
+        for p in reversed(capd.pcaps()):
+            stream, up, down = follow_session(p, sid)
+            if stream is not None:
+                return p, up, down
+        if time.time() > deadline:
+            raise AssertionError(f"session {sid} is in no spool file: {capd.pcaps()}")
+        time.sleep(0.2)
+
+
 def request_of(port, path):
     return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n").encode()
 
@@ -68,8 +82,7 @@ def test_trace_curl_exact_stream(capd, http_server):
     assert s["bytes_down"] > len(body)
     assert "curl[" in s.get("note", "")
     capd.flush()
-    pcap = pcap_for(capd, s["id"])
-    up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+    pcap, up, down = session_bytes(capd, s["id"])
     assert up.startswith(request_of(port, "/file"))
     assert up.endswith(b"\r\n\r\n") and len(up) == s["bytes_up"]
     assert down.startswith(b"HTTP/1.0 200 OK\r\n")
@@ -200,8 +213,7 @@ def test_trace_fork_child_connection(capd, http_server):
     capd.flush()
     downs = []
     for s in ss:
-        pcap = pcap_for(capd, s["id"])
-        up, down = follow_tcp(pcap, tcp_stream_of(pcap, s["id"]))
+        pcap, up, down = session_bytes(capd, s["id"])
         assert up.startswith(b"GET /")
         downs.append(down)
     assert any(d.endswith(b"parent's file\n") for d in downs)
@@ -331,8 +343,7 @@ def test_trace_unprivileged_curl(capd_factory, http_server):
     assert r.stdout == body
     ss = closed_sessions(capd, "nobody", 1)
     capd.flush()
-    pcap = pcap_for(capd, ss[-1]["id"])
-    up, down = follow_tcp(pcap, tcp_stream_of(pcap, ss[-1]["id"]))
+    pcap, up, down = session_bytes(capd, ss[-1]["id"])
     assert up.startswith(request_of(port, "/file"))
     assert down.endswith(body)
 
@@ -412,8 +423,7 @@ def test_trace_ipv6_sendfile_large(capd, tmp_path):
     assert all(s["target"] == f"[::1]:{port}" and s["client"].startswith("[::1]:") for s in ss)
     assert all((s["bytes_up"], s["bytes_down"]) == (600000, 1 << 20) for s in ss), ss
     capd.flush()
-    pcap = pcap_for(capd, ss[0]["id"])
-    up, down = follow_tcp(pcap, tcp_stream_of(pcap, ss[0]["id"]))
+    pcap, up, down = session_bytes(capd, ss[0]["id"])
     assert up == bytes(range(200)) * 3000
     assert down == blob.read_bytes()
 
@@ -749,8 +759,7 @@ def test_trace_msg_calls(capd, echo_server, udp_echo, tmp_path):
     assert (u["bytes_up"], u["bytes_down"]) == (14, 14)
     assert (t["bytes_up"], t["bytes_down"]) == (22, 22)
     capd.flush()
-    pcap = pcap_for(capd, t["id"])
-    up, down = follow_tcp(pcap, tcp_stream_of(pcap, t["id"]))
+    pcap, up, down = session_bytes(capd, t["id"])
     assert up == b"one two three|one two " and down == up
     check_pcap_clean(pcap)
     fins = tshark("-r", pcap, "-Y", f'tcp.flags.fin == 1 && frame.comment contains "capd session {t["id"]} "',
