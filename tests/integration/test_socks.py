@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, Listener, follow_tcp, free_port, free_port_tcp_udp, sh, tcp_stream_of, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -130,13 +130,14 @@ def last_session(capd, pred=lambda s: True, timeout=10):
 
 
 def pcap_with(capd, sid, timeout=10):
-    """The spool file whose packets name session sid, and its TCP stream index."""
+    """The spool file whose packets name session sid, and the session's bytes up and
+    down in it (follow_session: one tshark pass a file)."""
     deadline = time.time() + timeout
     while True:
         for p in capd.pcaps():
-            st = tcp_stream_of(p, sid)
+            st, up, down = follow_session(p, sid)
             if st is not None:
-                return p, st
+                return p, up, down
         if time.time() > deadline:
             raise AssertionError(f"no pcap holds session {sid}: {capd.pcaps()}")
         time.sleep(0.3)
@@ -177,8 +178,7 @@ def test_curl_connect(capd, http_server, flag, proto):
     capd.flush()
     if not capd.pcaps():
         pytest.skip("spool writes no pcapng yet")
-    pcap, stream = pcap_with(capd, s["id"])
-    up, down = follow_tcp(pcap, stream)
+    pcap, up, down = pcap_with(capd, s["id"])
     assert up.startswith(b"GET /data.bin HTTP/1.1\r\n"), up[:80]
     assert down.startswith(b"HTTP/1.0 200 OK\r\n"), down[:80]
     assert down.endswith(body)
