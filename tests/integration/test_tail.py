@@ -681,9 +681,9 @@ def test_capture_follow(capd, echo_server, tmp_path):
     finally:
         p.terminate()
         p.wait(5)
-    from conftest import follow_tcp, tcp_stream_of
-    assert tcp_stream_of(path, sid) == 0  # only the followed instance's session
-    up, down = follow_tcp(path, 0)
+    from conftest import follow_session
+    stream, up, down = follow_session(path, sid)
+    assert stream == 0  # only the followed instance's session
     assert up == payload and down == payload
     r = tshark("-r", path, "-T", "fields", "-e", "frame.comment")
     assert all(f"capd session {sid}" in x for x in r.stdout.splitlines() if x)
@@ -712,8 +712,8 @@ def test_capture_follow_ends_when_its_instance_is_removed(capd, echo_server, tmp
             p.wait()
         s.close()
     assert rc == 0 and "fw: instance removed; the follow ends" in err, (rc, err)
-    from conftest import follow_tcp, tcp_stream_of
-    up, down = follow_tcp(path, tcp_stream_of(path, sid))
+    from conftest import follow_session
+    _, up, down = follow_session(path, sid)
     assert up == b"last words" and down == b"last words"
 
 
