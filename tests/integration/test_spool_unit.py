@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Capd, EchoServer, Listener, exchange, apart, check_pcap_clean, follow_tcp, follow_tcp_many, free_port, sh, tcp_stream_of,
-                      tcp_streams_of, tshark)
+from conftest import (Capd, EchoServer, Listener, exchange, apart, check_pcap_clean, follow_session, follow_tcp,
+                      follow_tcp_many, free_port, sh, tcp_stream_of, tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
@@ -503,11 +503,13 @@ def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     got = None
     while time.time() < deadline + 5:  # more old files may have to go first
         capd.flush()
-        pcap = [p for p in capd.pcaps() if tcp_stream_of(p, sid) is not None]
-        if pcap:
-            got = follow_tcp(pcap[-1], tcp_stream_of(pcap[-1], sid))
-            if got == (up, server.down):
+        for p in reversed(capd.pcaps()):  # the newest file that holds the session
+            stream, *both = follow_session(p, sid)
+            if stream is not None:
+                got = tuple(both)
                 break
+        if got == (up, server.down):
+            break
         time.sleep(0.3)
     assert got is not None, "the newest session was not captured"
     assert got == (up, server.down)
@@ -644,8 +646,11 @@ def test_deleted_spool_folder_is_made_again(capd_factory, server):
     closed_sessions(capd, 1)
     capd.flush()
     shutil.rmtree(capd.spool)
-    # the writer notices the deleted file at its next flush and the folder at its next retry
-    time.sleep(2.5)
+    # the writer notices the deleted file at its next flush and makes the folder again at
+    # its next retry (every second)
+    deadline = time.time() + 10
+    while not capd.spool.is_dir() and time.time() < deadline:
+        time.sleep(0.05)
     server.down = os.urandom(30000)
     up = os.urandom(20000)
     assert transfer("127.0.0.1", port, up) == server.down
