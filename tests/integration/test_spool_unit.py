@@ -583,7 +583,7 @@ def test_full_disk_drops_and_resumes(server, tiny_spool):
     assert after["dropped_packets"] == before["dropped_packets"]
     pcap = capd.pcaps()[-1]
     check_pcap_clean(pcap)
-    got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
+    _, got_up, got_down = follow_session(pcap, sid)
     assert got_up == up and got_down == server.down
     capd.stop()
 
@@ -661,7 +661,7 @@ def test_deleted_spool_folder_is_made_again(capd_factory, server):
     assert status(capd)["file"] == str(files[-1])
     pcap = files[-1]
     check_pcap_clean(pcap)
-    got_up, got_down = follow_tcp(pcap, tcp_stream_of(pcap, sid))
+    _, got_up, got_down = follow_session(pcap, sid)
     assert got_up == up and got_down == server.down
     assert "was deleted; writing to a new one" in capd.log()
 
