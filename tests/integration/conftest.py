@@ -440,7 +440,8 @@ def tcp_streams_of(pcap):
 
 def tcp_stream_of(pcap, session_id):
     """The tcp.stream index of the packets whose comment names capd session N."""
-    r = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {session_id}"',
+    # "capd session 1" alone would also match sessions 10-19
+    r = tshark("-r", pcap, "-Y", f'frame.comment matches "capd session {session_id}([^0-9]|$)"',
                "-T", "fields", "-e", "tcp.stream")
     vals = [v for v in r.stdout.split() if v]
     return int(vals[0]) if vals else None
