@@ -481,6 +481,17 @@ def tiny_spool(capd_factory, tmp_path):
     subprocess.run(["umount", "-l", str(spool)])
 
 
+def fill(spool):
+    """Fills what is left of the tiny spool's file system with a file named filler."""
+    fd = os.open(spool / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096) > 0:
+            pass
+    except OSError:  # ENOSPC
+        pass
+    os.close(fd)
+
+
 def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     """A ring the disk cannot hold (32 files of 256K on 2 MB): once the disk is full,
     capd gives up its oldest files instead of capturing nothing from then on."""
@@ -535,13 +546,7 @@ def test_full_disk_counts_the_files_there_now(server, tiny_spool):
     archive.mkdir()
     for f in files[:3]:
         f.rename(archive / f.name)
-    fd = os.open(spool / "filler", os.O_WRONLY | os.O_CREAT)
-    try:  # the disk is full from now on
-        while os.write(fd, b"\0" * 4096) > 0:
-            pass
-    except OSError:
-        pass
-    os.close(fd)
+    fill(spool)  # the disk is full from now on
     oldest = capd.pcaps()[0]
     server.down = os.urandom(20 << 10)
     assert transfer("127.0.0.1", port, b"y") == server.down
@@ -613,13 +618,7 @@ def test_sniffer_counts_what_a_full_disk_lost(tiny_spool):
     echo = EchoServer()
     try:
         capd.ctl("add", "sniff", "--interface", "lo", "--filter", f"tcp port {echo.port}")
-        fd = os.open(spool / "filler", os.O_WRONLY | os.O_CREAT)
-        try:  # the disk is full from now on
-            while os.write(fd, b"\0" * 4096) > 0:
-                pass
-        except OSError:
-            pass
-        os.close(fd)
+        fill(spool)  # the disk is full from now on
         for _ in range(20):
             assert exchange(echo.port, b"x" * 20000) == b"x" * 20000
         deadline = time.time() + 5
