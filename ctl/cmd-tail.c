@@ -28,6 +28,7 @@ struct tail_out {
 	bool json;
 	bool colour;
 	uint64_t next[2];        /* stream offset expected next, per direction */
+	uint64_t cr_end[2];      /* just past a carriage return that ended the last text chunk, else 0 */
 	bool ended;
 	int rc;                  /* set when writing failed */
 };
@@ -225,10 +226,17 @@ tail_on_data(struct tail_out *t, json_t *p)
 		tail_line_start(t, d);
 		printf("[%s %s %ld bytes]", when ? when : "-", tail_dirs[d], n);
 		tail_line_end(t);
-		if (t->fmt == FMT_HEX || (t->fmt == FMT_AUTO && !tail_is_text(data, (size_t)n)))
+		if (t->fmt == FMT_HEX || (t->fmt == FMT_AUTO && !tail_is_text(data, (size_t)n))) {
 			tail_hex(t, d, off, data, (size_t)n);
-		else
-			tail_text(t, d, data, (size_t)n);
+			t->cr_end[d] = 0;
+		} else {
+			/* a read that fell between CR and LF: the line the pair
+			 * ends was ended with the chunk before, not again here */
+			size_t lf = t->cr_end[d] == off && data[0] == '\n';
+
+			tail_text(t, d, data + lf, (size_t)n - lf);
+			t->cr_end[d] = data[n - 1] == '\r' ? off + (uint64_t)n : 0;
+		}
 		break;
 	}
 	free(data);

@@ -1067,3 +1067,25 @@ def test_capture_follow_takes_a_prefix(capd):
         p.terminate()
         _, err = p.communicate(timeout=5)
     assert head == b"\x0a\x0d\x0d\x0a", err  # a pcapng section header
+
+
+@pytest.mark.parametrize("mode", ["--text", None])
+def test_text_crlf_split_across_reads_ends_one_line(capd, echo_server, mode):
+    """A read that ended between the CR and the LF of a line end: --text (and the
+    default, for printable chunks) showed the chunk's CR, then the next chunk's LF
+    as an empty line of its own that the stream does not have."""
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    p = tail_proc(capd, "session", sid, *([mode] if mode else []), "--dir", "c2s")
+    out = Reader(p.stdout)
+    out.wait(lambda d: d.startswith(b"[session"))
+    for part in (b"GET / HTTP/1.1\r", b"\nHost: x\r\n"):
+        s.sendall(part)
+        assert s.recv(100) == part
+        out.wait(lambda d, part=part: d.count(b" c2s %d bytes]" % len(part)) == 1)
+    s.close()
+    assert p.wait(15) == 0
+    lines = out.get().decode().splitlines()
+    body = [x for x in lines[1:-1] if not HEADER.match(x)]
+    assert body == ["GET / HTTP/1.1\\r", "Host: x"], lines
