@@ -206,6 +206,8 @@ static struct writer {
 	int nidb, nidb_good, aidb;
 	struct buf keys;       /* recent key log lines, repeated at each new file */
 	struct buf keys_new;   /* lines for the next DSB */
+	bool keys_out;         /* a DSB is in the buffer not yet written */
+	bool keys_owed;        /* ... it was lost, the file goes on: keys go out again */
 	char os[160];
 	/* the record being turned into packets */
 	const struct rec *cur;
@@ -801,6 +803,7 @@ static void
 writer_out_reset(void)
 {
 	buf_reset(&w.out);
+	w.keys_out = false;
 	w.next = 0;
 	w.ext_bytes = 0;
 	w.out_packets = w.out_payload = 0;
@@ -888,6 +891,11 @@ writer_flush(void)
 			if (w.ifaces[i].fidx >= w.nidb_good)
 				w.ifaces[i].fidx = -1;
 		w.nidb = w.nidb_good;
+		/*
+		 * So are the key lines of a DSB in it: the sessions they
+		 * decrypt go on in this file once the writer retries.
+		 */
+		w.keys_owed |= w.keys_out;
 		writer_fail("write", err);
 		if (w.good == 0) {
 			/* Not even the header made it: leave no unreadable file behind. */
@@ -928,8 +936,10 @@ writer_idb(int h)
 static void
 writer_keys_dsb(struct buf *k)
 {
-	if (buf_used(k) > 0)
+	if (buf_used(k) > 0) {
 		pcapng_dsb(&w.out, PCAPNG_SECRETS_TLS, buf_head(k), buf_used(k));
+		w.keys_out = true;
+	}
 }
 
 /* Opens the next file and writes its head: SHB, the IDBs of every live interface, recent keys. */
@@ -981,6 +991,7 @@ writer_open(char **why)
 		if (w.ifaces[i].known && !w.ifaces[i].removed)
 			writer_idb(i);
 	writer_keys_dsb(&w.keys);
+	w.keys_owed = false;  /* a new file: its head has them */
 	/* The head goes out now: no reader ever finds an empty file. */
 	writer_flush();
 	if (w.fd < 0) {
@@ -1127,6 +1138,15 @@ writer_keys_trim(struct buf *k)
 static void
 writer_keys_flush(void)
 {
+	if (w.keys_owed) {
+		/* A DSB went with a write that failed: the recent lines again, the new ones with them. */
+		w.keys_owed = false;
+		buf_append(&w.keys, buf_head(&w.keys_new), buf_used(&w.keys_new));
+		buf_reset(&w.keys_new);
+		writer_keys_trim(&w.keys);
+		writer_keys_dsb(&w.keys);
+		return;
+	}
 	if (buf_used(&w.keys_new) == 0)
 		return;
 	writer_keys_dsb(&w.keys_new);
@@ -1349,8 +1369,8 @@ writer_size_check(const struct rec *r)
 	default:
 		return;
 	}
-	if (buf_used(&w.keys_new) > 0)
-		add += 24 + buf_used(&w.keys_new);  /* the Decryption Secrets Block before the first packet */
+	if (buf_used(&w.keys_new) > 0 || w.keys_owed)  /* the Decryption Secrets Block before the first packet */
+		add += 24 + buf_used(&w.keys_new) + (w.keys_owed ? buf_used(&w.keys) : 0);
 	if (w.good + writer_pending() + add > w.rotate_size)
 		w.rotate_due = true;
 }

@@ -1116,6 +1116,68 @@ test_spool_disk_full(void **state)
 	rm_spool();
 }
 
+/*
+ * A flush that fails takes the Decryption Secrets Block in its buffer with
+ * it, but not the file: once the writer retries, the session's later
+ * packets go on in the same file. Its IDBs were written again; its key
+ * lines were not, so those packets could not be decrypted.
+ */
+static void
+test_spool_keys_after_failed_write(void **state)
+{
+	struct capd_settings st = { .keep_files = 3, .flush_interval = 0.05 };
+	struct sockaddr_storage c = sa4("127.0.0.1", 45001), t = sa4("127.0.0.1", 443);
+	static const char line[] = "CLIENT_RANDOM 0101010101010101010101010101010101010101010101010101010101010101 "
+	                           "020202020202020202020202020202020202020202020202020202020202020202020202020202020202"
+	                           "020202020202";
+	uint8_t *data = pattern(1000, 12);
+	char names[4][400], *file;
+	struct rlimit old, lim;
+	struct spool_flow *f;
+	int64_t dropped;
+	struct stat sb;
+	FILE *fp;
+
+	(void)state;
+	signal(SIGXFSZ, SIG_IGN);
+	spool_fresh(&st, "keys");
+	f = spool_flow_open(spool_iface_add("keys", NULL, PCAPNG_LINKTYPE_RAW, 65535, false), 12, IPPROTO_TCP,
+	                    (struct sockaddr *)&c, (struct sockaddr *)&t, NULL);
+	spool_flow_data(f, DIR_UP, data, 300);  /* the handshake: on disk */
+	usleep(200000);
+	assert_int_equal(spool_files(names, 4), 1);
+	assert_int_equal(stat(names[0], &sb), 0);
+	/* the next write fails: the key lines and the packets after them are lost */
+	getrlimit(RLIMIT_FSIZE, &old);
+	lim = old;
+	lim.rlim_cur = (rlim_t)sb.st_size;
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+	dropped = status_int("dropped_packets");
+	spool_keylog(line);
+	spool_flow_data(f, DIR_DOWN, data, 300);
+	usleep(200000);
+	assert_true(status_int("dropped_packets") > dropped);
+	/* room again: after the retry the session goes on in this file */
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+	usleep(1100000);
+	spool_flow_data(f, DIR_UP, data + 300, 300);
+	spool_flow_close(f, false);
+	spool_stop();
+	assert_int_equal(spool_files(names, 4), 1);
+	assert_int_equal(stat(names[0], &sb), 0);
+	file = malloc((size_t)sb.st_size);
+	fp = fopen(names[0], "rb");
+	assert_non_null(fp);
+	assert_int_equal(fread(file, 1, (size_t)sb.st_size, fp), (size_t)sb.st_size);
+	fclose(fp);
+	assert_non_null(memmem(file, (size_t)sb.st_size, line, sizeof line - 1));
+	if (have_tshark())
+		tshark_clean(names[0]);
+	free(file);
+	free(data);
+	rm_spool();
+}
+
 int
 main(void)
 {
@@ -1134,6 +1196,7 @@ main(void)
 		cmocka_unit_test(test_spool_rotate_time),
 		cmocka_unit_test(test_spool_packet_refused),
 		cmocka_unit_test(test_spool_disk_full),
+		cmocka_unit_test(test_spool_keys_after_failed_write),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
