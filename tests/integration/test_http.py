@@ -1474,7 +1474,7 @@ def test_chunked_response_to_http10_client_is_dechunked(capd):
         ss = closed_sessions(capd, 1)
         assert ss[-1]["reason"] == "closed", ss
         capd.flush()
-        _, down = follow_tcp(capd.pcaps()[-1])
+        _, _, down = follow_session(capd.pcaps()[-1], ss[-1]["id"])
         assert down.endswith(ChunkedOrigin.CHUNKED), down
     finally:
         o.close()

@@ -621,14 +621,16 @@ def test_sniffer_counts_what_a_full_disk_lost(tiny_spool):
         fill(spool)  # the disk is full from now on
         for _ in range(20):
             assert exchange(echo.port, b"x" * 20000) == b"x" * 20000
+        # the first few packets may still fit in the last page the file already holds
         deadline = time.time() + 5
         while time.time() < deadline:
             capd.flush()
             sn = next(i for i in capd.ctl("list", json_out=True) if i["type"] == "sniff")
-            if sn["packets"] >= 100 and status(capd)["dropped_packets"] >= sn["packets"]:
+            written = status(capd)["packets"]
+            if sn["packets"] >= 100 and sn["dropped_spool"] + written >= sn["packets"]:
                 break
-        assert status(capd)["packets"] == 0
-        assert sn["packets"] >= 100 and sn["dropped_spool"] == sn["packets"], sn
+        assert written < 10, written
+        assert sn["packets"] >= 100 and sn["dropped_spool"] == sn["packets"] - written, (sn, written)
     finally:
         echo.close()
     capd.stop()
