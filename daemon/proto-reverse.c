@@ -4,7 +4,8 @@
  * its Host and gains X-Forwarded-For/-Host/-Proto; 421 when nothing routes.
  * An absolute-form request (`GET http://h/p`; `https://` on a TLS client
  * connection, 421 on a plain one) is routed by the URL's host, whose
- * authority then replaces Host.
+ * authority then replaces Host. On a TLS client connection a Host other
+ * than the SNI is a 421 too.
  * Framing, keep-alive and capture are http-proxy.c's.
  */
 #include <stdio.h>
@@ -51,7 +52,7 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	struct http_cfg *cfg = s->inst->cfg;
 	const struct hostport *to = NULL;
 	struct http_target host = { 0 };
-	const char *a = NULL;
+	const char *a = NULL, *sni;
 	size_t an = 0, skip;
 	bool https;
 
@@ -87,6 +88,13 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	if (a && http_authority(a, an, &host) < 0) {
 		*why = "bad Host";
 		return 400;
+	}
+	if (a && (sni = tls_client_sni(s)) != NULL && !hostname_match(sni, host.host)) {
+		/* the certificate capd showed was forged for the SNI, and the
+		 * upstream's TLS gets that name too: neither speaks for another
+		 * host, so its request is misdirected (RFC 9110 7.4), as nginx says */
+		*why = "Host differs from the TLS server name (SNI)";
+		return 421;
 	}
 	if (a) {
 		const struct http_route *r = reverse_match(cfg, host.host);

@@ -2139,6 +2139,12 @@ tls_relay_start(struct session *s)
 }
 
 const char *
+tls_client_sni(const struct session *s)
+{
+	return s->tls != NULL && s->client.tls != NULL && s->tls->sni[0] ? s->tls->sni : NULL;
+}
+
+const char *
 tls_close_reason(struct session *s, const char *reason)
 {
 	static _Thread_local char b[300];

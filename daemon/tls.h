@@ -81,6 +81,9 @@ void tls_intercept_start(struct session *s, struct tls_cfg *cfg);
  */
 void tls_accept_start(struct session *s, struct tls_cfg *cfg);
 void tls_relay_start(struct session *s);
+/* The server name the client's TLS asked for (lower case, no trailing dot),
+ * or NULL: no TLS toward the client, or no usable SNI in its hello. */
+const char *tls_client_sni(const struct session *s);
 
 /* Daemon start/stop: OpenSSL contexts; a user's ca_cert/ca_key are loaded (and
  * checked) here, a CA that does not exist yet is created on first need. */

@@ -557,3 +557,44 @@ def test_reverse_origin_resets_idle_connection(capd):
         assert ss[0]["reason"] == f"upstream reset (client continues in session {ss[1]['id']})", ss
     finally:
         o.close()
+
+
+def tls_request(port, sni, head):
+    """One request on a new TLS connection to capd with this SNI: the reply, read to the end."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=sni) as t:
+        t.sendall(head)
+        got = b""
+        while True:
+            try:
+                d = t.recv(65536)
+            except ssl.SSLZeroReturnError:
+                break
+            if not d:
+                break
+            got += d
+        return got
+
+
+def test_reverse_tls_host_differs_from_sni_is_misdirected(capd, tmp_path):
+    """Regression: on a `--tls` connection whose SNI was a.example.test, a request with
+    `Host: b.example.test` went to b's upstream, with a.example.test as the upstream's SNI
+    (and the certificate capd showed forged for a.example.test). A Host other than the
+    SNI is misdirected (RFC 9110 7.4): 421, as nginx answers; case, a trailing dot and
+    the port do not make it differ."""
+    o = TlsRecordingOrigin(tmp_path)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"a.example.test=127.0.0.1:{o.port}",
+                 "--route", f"b.example.test=127.0.0.1:{o.port}", "--tls", "--no-tls-verify")
+        reply = tls_request(port, "a.example.test", b"GET /x HTTP/1.1\r\nHost: b.example.test\r\n\r\n")
+        assert status_of(reply) == 421, reply
+        assert b"SNI" in reply
+        assert o.heads == []
+        reply = tls_request(port, "a.example.test", b"GET /y HTTP/1.1\r\nHost: A.Example.Test.:443\r\n\r\n")
+        assert status_of(reply) == 200, reply
+        assert o.heads[-1].startswith(b"GET /y HTTP/1.1\r\nHost: A.Example.Test.:443\r\n"), o.heads
+    finally:
+        o.close()
