@@ -429,6 +429,25 @@ http_answer(struct session *s, const struct http_msg *m, const uint8_t *p, struc
 	buf_free(&echo);
 }
 
+/* A message's Content-Length as it goes on: the parser takes a list of
+ * equal values, or the line repeated, as one length, and RFC 9110 8.6 lets
+ * a recipient do so only if what it forwards is that one value, once (nginx
+ * answers "2, 2" or two lines with 400). Called for the first line; the
+ * caller drops the others. */
+static void
+http_put_length(struct buf *b, const struct http_hdr *h)
+{
+	uint64_t v = 0;
+	uint32_t i = 0;
+
+	while (i < h->value_len && (h->value[i] < '0' || h->value[i] > '9'))
+		i++;
+	for (; i < h->value_len && h->value[i] >= '0' && h->value[i] <= '9'; i++)
+		v = v * 10 + (uint64_t)(h->value[i] - '0');
+	buf_append(b, h->name, h->name_len);
+	buf_printf(b, ": %llu\r\n", (unsigned long long)v);
+}
+
 /* The request head as it goes upstream. */
 static void
 http_rewrite_request(struct session *s, const struct http_msg *m, const struct http_target *t, struct buf *b)
@@ -438,6 +457,7 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 	int xff = -1;  /* the last X-Forwarded-For line: the client's address goes after its list */
 	const struct http_hdr *mf = NULL;  /* an OPTIONS's or TRACE's Max-Forwards, counted down (RFC 9110 7.6.2) */
 	int64_t hops = -1;
+	bool length = false;  /* a Content-Length went out (http_put_length) */
 
 	buf_reset(b);
 	buf_append(b, m->method, m->method_len);
@@ -475,6 +495,12 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 			continue;
 		if (cfg->reverse && (http_hdr_is(h, "x-forwarded-host") || http_hdr_is(h, "x-forwarded-proto")))
 			continue;
+		if (http_hdr_is(h, "content-length")) {
+			if (!length)
+				http_put_length(b, h);
+			length = true;
+			continue;
+		}
 		buf_append(b, h->name, h->name_len);
 		buf_append(b, ": ", 2);
 		if (h == mf && hops > 0)
@@ -508,7 +534,7 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 static void
 http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf *b)
 {
-	bool upgrade = m->status == 101;
+	bool upgrade = m->status == 101, length = false;
 
 	buf_reset(b);
 	buf_printf(b, "HTTP/1.1 %03d ", m->status);
@@ -521,6 +547,12 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 			continue;
 		if (hc->dechunk && (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
 			continue;
+		if (http_hdr_is(h, "content-length")) {
+			if (!length)
+				http_put_length(b, h);
+			length = true;
+			continue;
+		}
 		buf_append(b, h->name, h->name_len);
 		buf_append(b, ": ", 2);
 		buf_append(b, h->value, h->value_len);

@@ -598,3 +598,46 @@ def test_reverse_tls_host_differs_from_sni_is_misdirected(capd, tmp_path):
         assert o.heads[-1].startswith(b"GET /y HTTP/1.1\r\nHost: A.Example.Test.:443\r\n"), o.heads
     finally:
         o.close()
+
+
+class ListLengthOrigin(Listener):
+    """Reads one request head and its 2-byte body, records the head, and answers with
+    a Content-Length written as the list "5, 5"."""
+
+    def __init__(self):
+        self.heads = []
+        super().__init__()
+
+    def handle(self, c, peer):
+        with c:
+            c.settimeout(5)
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 2:
+                d = c.recv(65536)
+                if not d:
+                    return
+                got += d
+            self.heads.append(got.split(b"\r\n\r\n", 1)[0])
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+def test_reverse_content_length_list_goes_on_as_one_value(capd):
+    """Regression: a Content-Length that capd takes as one length though it is a list of
+    equal values ("2, 2") or a repeated line went on as received, which RFC 9110 8.6
+    allows only if the single value is forwarded: an nginx origin answered 400 to what
+    capd had accepted, and an origin that reads the list as a number fails. One line
+    with the value goes on, upstream and to the client."""
+    o = ListLengthOrigin()
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--default", f"127.0.0.1:{o.port}")
+        for head in (b"Content-Length: 2, 2\r\n", b"Content-Length: 2\r\ncontent-length: 02\r\n"):
+            reply = raw(port, b"POST /p HTTP/1.1\r\nHost: x.test\r\nConnection: close\r\n" + head + b"\r\nab")
+            assert status_of(reply) == 200, reply
+            lines = [x for x in o.heads[-1].split(b"\r\n") if x.lower().startswith(b"content-length:")]
+            assert lines == [head.split(b"\r\n")[0].replace(b"2, 2", b"2")], o.heads[-1]
+            rhead, body = reply.split(b"\r\n\r\n", 1)
+            lines = [x for x in rhead.split(b"\r\n") if x.lower().startswith(b"content-length:")]
+            assert lines == [b"Content-Length: 5"] and body == b"hello", reply
+    finally:
+        o.close()
