@@ -23,6 +23,18 @@ static const char *const reverse_keys[] = {
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
+/* Whether two IP literals are one address: IPv6 has many spellings of
+ * each ([::1], [0:0::1], [::0001]), and Host may use any of them. */
+static bool
+reverse_same_ip(const char *a, const char *b)
+{
+	struct sockaddr_storage x, y;
+	socklen_t xl, yl;
+
+	return addr_from_literal(a, 1, &x, &xl) == 0 && addr_from_literal(b, 1, &y, &yl) == 0 &&
+	       addr_same((struct sockaddr *)&x, (struct sockaddr *)&y, false);
+}
+
 /* The route for name: exact patterns win, then the longest wildcard. */
 static const struct http_route *
 reverse_match(const struct http_cfg *cfg, const char *name)
@@ -32,7 +44,7 @@ reverse_match(const struct http_cfg *cfg, const char *name)
 
 	for (unsigned i = 0; i < cfg->nroutes; i++) {
 		const struct http_route *r = &cfg->routes[i];
-		if (r->pattern[0] != '*' && hostname_match(r->pattern, name))
+		if (r->pattern[0] != '*' && (hostname_match(r->pattern, name) || reverse_same_ip(r->pattern, name)))
 			return r;
 	}
 	for (unsigned i = 0; i < cfg->nroutes; i++) {

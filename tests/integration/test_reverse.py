@@ -641,3 +641,18 @@ def test_reverse_content_length_list_goes_on_as_one_value(capd):
             assert lines == [b"Content-Length: 5"] and body == b"hello", reply
     finally:
         o.close()
+
+
+def test_reverse_ipv6_route_matches_any_spelling(capd_factory, origins):
+    """Regression: a route for the IPv6 address ::1 matched `Host: [::1]` but not
+    `Host: [0:0::1]` or `[::0001]`, other spellings of the same address (RFC 4291 2.2),
+    which got 421. An IP route matches its address however Host writes it."""
+    a, b, c = origins
+    port = free_port()
+    capd = capd_factory(f"[reverse r]\nlisten = {port}\nroute = ::1=127.0.0.1:{a.port}\n")
+    for host in ("[::1]", "[0:0::1]", "[::0001]:81", "[0:0:0:0:0:0:0:1]"):
+        reply = raw(port, f"GET /v6 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert reply.endswith(b"hello from www /v6\n"), (host, reply)
+        assert a.requests[-1]["headers"]["Host"] == host
+    reply = raw(port, b"GET /v6 HTTP/1.1\r\nHost: [::2]\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 421, reply
