@@ -5,7 +5,7 @@
  * An absolute-form request (`GET http://h/p`; `https://` on a TLS client
  * connection, 421 on a plain one) is routed by the URL's host, whose
  * authority then replaces Host. On a TLS client connection a Host other
- * than the SNI is a 421 too.
+ * than the SNI is a 421 too, and a request without Host is routed by the SNI.
  * Framing, keep-alive and capture are http-proxy.c's.
  */
 #include <stdio.h>
@@ -101,22 +101,26 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 		*why = "bad Host";
 		return 400;
 	}
-	if (a && (sni = tls_client_sni(s)) != NULL && !hostname_match(sni, host.host)) {
+	sni = tls_client_sni(s);
+	if (a && sni && !hostname_match(sni, host.host)) {
 		/* the certificate capd showed was forged for the SNI, and the
 		 * upstream's TLS gets that name too: neither speaks for another
 		 * host, so its request is misdirected (RFC 9110 7.4), as nginx says */
 		*why = "Host differs from the TLS server name (SNI)";
 		return 421;
 	}
-	if (a) {
-		const struct http_route *r = reverse_match(cfg, host.host);
+	if (a || sni) {
+		/* without Host (HTTP/1.0) the SNI names the host, as nginx takes it */
+		const struct http_route *r = reverse_match(cfg, a ? host.host : sni);
 		if (r)
 			to = &r->to;
 	}
 	if (to == NULL && cfg->have_default)
 		to = &cfg->def;
 	if (to == NULL) {
-		*why = a ? "no route for this Host" : "no Host and no default route";
+		*why = a     ? "no route for this Host"
+		       : sni ? "no route for the TLS server name (SNI)"
+		             : "no Host and no default route";
 		return 421;
 	}
 	snprintf(t->host, sizeof t->host, "%s", to->host);

@@ -656,3 +656,25 @@ def test_reverse_ipv6_route_matches_any_spelling(capd_factory, origins):
         assert a.requests[-1]["headers"]["Host"] == host
     reply = raw(port, b"GET /v6 HTTP/1.1\r\nHost: [::2]\r\nConnection: close\r\n\r\n")
     assert status_of(reply) == 421, reply
+
+
+def test_reverse_tls_request_without_host_is_routed_by_sni(capd, tmp_path):
+    """Regression: on a `--tls` connection with SNI a.example.test, an HTTP/1.0 request
+    without Host went to the default upstream (with a.example.test as its SNI), or got
+    421 'no Host and no default route' though a.example.test has a route. Without Host
+    the SNI names the host, as nginx takes it."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "d").mkdir()
+    o, d = TlsRecordingOrigin(tmp_path / "o"), TlsRecordingOrigin(tmp_path / "d")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"a.example.test=127.0.0.1:{o.port}",
+                 "--default", f"127.0.0.1:{d.port}", "--tls", "--no-tls-verify")
+        reply = tls_request(port, "a.example.test", b"GET /sni HTTP/1.0\r\n\r\n")
+        assert status_of(reply) == 200 and reply.endswith(b"hello"), reply
+        assert [h.split(b"\r\n")[0] for h in o.heads] == [b"GET /sni HTTP/1.0"] and d.heads == [], (o.heads, d.heads)
+        reply = tls_request(port, "other.example.test", b"GET /other HTTP/1.0\r\n\r\n")
+        assert status_of(reply) == 200 and [h.split(b"\r\n")[0] for h in d.heads] == [b"GET /other HTTP/1.0"]
+    finally:
+        o.close()
+        d.close()
