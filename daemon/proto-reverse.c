@@ -93,6 +93,10 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	} else if (m->target[0] != '/' && !(m->target_len == 1 && m->target[0] == '*')) {
 		*why = "bad request target";
 		return 400;
+	} else if (m->target[0] == '*' && !http_method_is(m, "OPTIONS")) {
+		/* the asterisk form is for OPTIONS only (RFC 9112 3.2.4) */
+		*why = "'*' is a target for OPTIONS only";
+		return 400;
 	} else if (m->host >= 0) {
 		a = m->hdr[m->host].value;
 		an = m->hdr[m->host].value_len;

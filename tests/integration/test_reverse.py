@@ -678,3 +678,17 @@ def test_reverse_tls_request_without_host_is_routed_by_sni(capd, tmp_path):
     finally:
         o.close()
         d.close()
+
+
+def test_reverse_asterisk_target_is_for_options_only(capd_factory, origins):
+    """Regression: `GET * HTTP/1.1` went to the origin as it came (a Python origin served
+    it as the path "*"). The asterisk form is for a server-wide OPTIONS only (RFC 9112
+    3.2.4); nginx answers any other method with it 400, and so does capd now."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins)
+    for method in ("GET", "POST", "DELETE"):
+        reply = raw(port, f"{method} * HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 0\r\n\r\n".encode())
+        assert status_of(reply) == 400 and b"OPTIONS only" in reply, (method, reply)
+    assert a.requests == []
+    reply = raw(port, b"OPTIONS * HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 200 and a.requests[-1]["line"] == "OPTIONS * HTTP/1.1", reply
