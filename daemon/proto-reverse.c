@@ -152,10 +152,14 @@ reverse_configure(struct instance *inst, struct params *p)
 		const char *v = json_string_value(e), *eq = v ? strchr(v, '=') : NULL;
 		struct http_route *r = &cfg->routes[cfg->nroutes];
 		char *pat;
+		size_t len;
 
 		if (eq == NULL || eq == v)
 			return params_fail(p, "route", "bad route '%s': expected host=addr:port", v ? v : "");
 		pat = xstrndup(v, (size_t)(eq - v));
+		len = strlen(pat);
+		if (len > 1 && pat[len - 1] == '.' && pat[len - 2] != '.' && pat[len - 2] != '*')
+			pat[len - 1] = '\0';  /* "host." is "host": a Host is matched without its dot */
 		if (!(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
 		      addr_is_ip_literal(pat))) {
 			params_fail(p, "route", "bad host pattern '%s' in route", pat);

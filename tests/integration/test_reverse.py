@@ -692,3 +692,19 @@ def test_reverse_asterisk_target_is_for_options_only(capd_factory, origins):
     assert a.requests == []
     reply = raw(port, b"OPTIONS * HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
     assert status_of(reply) == 200 and a.requests[-1]["line"] == "OPTIONS * HTTP/1.1", reply
+
+
+def test_reverse_route_written_with_a_trailing_dot(capd_factory, origins):
+    """Regression: `route = www.example.com.=...` (or `*.api.test.=...`) was accepted
+    but matched nothing, neither `Host: www.example.com` nor `www.example.com.`, whose
+    dot the match drops: every request got 421. A pattern's one trailing dot is dropped
+    as a Host's is."""
+    a, b, c = origins
+    port = free_port()
+    capd = capd_factory(f"[reverse r]\nlisten = {port}\nroute = www.example.com.=127.0.0.1:{a.port}\n"
+                        f"route = *.api.test.=127.0.0.1:{b.port}\n")
+    for host, body in (("www.example.com", b"www"), ("WWW.example.com.", b"www"), ("v1.api.test", b"api"),
+                       ("v1.api.test.:80", b"api")):
+        reply = raw(port, f"GET /dot HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert reply.endswith(b"hello from " + body + b" /dot\n"), (host, reply)
+    assert status_of(raw(port, b"GET / HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")) == 421
