@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "http-proxy.h"
 #include "log.h"
@@ -172,6 +173,15 @@ reverse_configure(struct instance *inst, struct params *p)
 			params_fail(p, "route", "bad route '%s': %s", v, why);
 			free(why);
 			return -1;
+		}
+		/* the first route for a pattern takes its Hosts: another one with
+		 * a different upstream would never be used, as the user cannot see */
+		for (unsigned j = 0; j + 1 < cfg->nroutes; j++) {
+			const struct http_route *o = &cfg->routes[j];
+
+			if (strcasecmp(o->pattern, pat) == 0 &&
+			    (o->to.port != r->to.port || strcasecmp(o->to.host, r->to.host) != 0))
+				return params_fail(p, "route", "two routes for '%s' go to different upstreams", pat);
 		}
 	}
 	if (def) {

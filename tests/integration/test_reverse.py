@@ -708,3 +708,25 @@ def test_reverse_route_written_with_a_trailing_dot(capd_factory, origins):
         reply = raw(port, f"GET /dot HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         assert reply.endswith(b"hello from " + body + b" /dot\n"), (host, reply)
     assert status_of(raw(port, b"GET / HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")) == 421
+
+
+def test_reverse_conflicting_routes_for_one_pattern_are_refused(capd, origins, tmp_path):
+    """Regression: two routes for one pattern (`www.example.com` to one upstream and
+    `WWW.example.com.` to another) were both accepted and listed, and every request went
+    to the first: the second was dead without a word. Such a config is refused, with the
+    pattern; the same route twice is still accepted."""
+    from conftest import CAPD
+    a, b, c = origins
+    bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"www.example.com=127.0.0.1:{a.port}",
+                   "--route", f"WWW.example.com.=127.0.0.1:{b.port}", check=False)
+    assert bad.returncode == 1 and "two routes for 'WWW.example.com'" in bad.stderr, bad
+    conf = tmp_path / "dup.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/x.sock\nspool = {tmp_path}/sp\nstate_dir = {tmp_path}/st\n"
+                    f"[reverse r]\nlisten = {free_port()}\nroute = *.api.test=127.0.0.1:{a.port}\n"
+                    f"route = *.API.test=127.0.0.1:{b.port}\n")
+    t = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert t.returncode == 1 and "two routes for '*.API.test'" in t.stderr, t
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--route", f"www.example.com=127.0.0.1:{a.port}",
+             "--route", f"www.example.com=127.0.0.1:{a.port}")
+    assert raw(port, b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n").endswith(b"hello from www /\n")
