@@ -154,6 +154,7 @@ reverse_configure(struct instance *inst, struct params *p)
 		struct http_route *r = &cfg->routes[cfg->nroutes];
 		char *pat;
 		size_t len;
+		bool bracket;
 
 		if (eq == NULL || eq == v)
 			return params_fail(p, "route", "bad route '%s': expected host=addr:port", v ? v : "");
@@ -161,9 +162,16 @@ reverse_configure(struct instance *inst, struct params *p)
 		len = strlen(pat);
 		if (len > 1 && pat[len - 1] == '.' && pat[len - 2] != '.' && pat[len - 2] != '*')
 			pat[len - 1] = '\0';  /* "host." is "host": a Host is matched without its dot */
-		if (!(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
-		      addr_is_ip_literal(pat))) {
-			params_fail(p, "route", "bad host pattern '%s' in route", pat);
+		bracket = len > 2 && pat[0] == '[' && pat[len - 1] == ']';
+		if (bracket) {
+			/* "[::1]", as Host writes an IPv6 address */
+			memmove(pat, pat + 1, len - 2);
+			pat[len - 2] = '\0';
+		}
+		if (bracket ? !(addr_is_ip_literal(pat) && strchr(pat, ':'))
+		            : !(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
+		                addr_is_ip_literal(pat))) {
+			params_fail(p, "route", "bad host pattern '%.*s' in route", (int)(eq - v), v);
 			free(pat);
 			return -1;
 		}

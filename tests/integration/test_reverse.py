@@ -730,3 +730,17 @@ def test_reverse_conflicting_routes_for_one_pattern_are_refused(capd, origins, t
     capd.ctl("add", "reverse", "--port", port, "--route", f"www.example.com=127.0.0.1:{a.port}",
              "--route", f"www.example.com=127.0.0.1:{a.port}")
     assert raw(port, b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n").endswith(b"hello from www /\n")
+
+
+def test_reverse_route_for_a_bracketed_ipv6_address(capd, origins):
+    """Regression: `--route '[::1]=...'`, the IPv6 address as Host writes it, was refused
+    as a bad host pattern; only the bare `::1` was taken. Brackets around an IPv6 address
+    are accepted; around anything else they are still refused, as written."""
+    a, b, c = origins
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"[::1]=127.0.0.1:{a.port}")
+    reply = raw(port, b"GET /br HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n")
+    assert reply.endswith(b"hello from www /br\n"), reply
+    for bad in ("[www.example.com]", "[127.0.0.1]", "[]"):
+        r = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"{bad}=127.0.0.1:{a.port}", check=False)
+        assert r.returncode == 1 and f"bad host pattern '{bad}'" in r.stderr, (bad, r)
