@@ -187,7 +187,7 @@ reverse_configure(struct instance *inst, struct params *p)
 		for (unsigned j = 0; j + 1 < cfg->nroutes; j++) {
 			const struct http_route *o = &cfg->routes[j];
 
-			if (strcasecmp(o->pattern, pat) == 0 &&
+			if ((strcasecmp(o->pattern, pat) == 0 || reverse_same_ip(o->pattern, pat)) &&
 			    (o->to.port != r->to.port || strcasecmp(o->to.host, r->to.host) != 0))
 				return params_fail(p, "route", "two routes for '%s' go to different upstreams", pat);
 		}

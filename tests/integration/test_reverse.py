@@ -744,3 +744,12 @@ def test_reverse_route_for_a_bracketed_ipv6_address(capd, origins):
     for bad in ("[www.example.com]", "[127.0.0.1]", "[]"):
         r = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"{bad}=127.0.0.1:{a.port}", check=False)
         assert r.returncode == 1 and f"bad host pattern '{bad}'" in r.stderr, (bad, r)
+
+
+def test_reverse_conflicting_routes_for_one_ipv6_address_are_refused(capd, origins):
+    """Regression: `::1` and `[0::1]` are one address, which a Host matches against the
+    first route only; two such routes to different upstreams were accepted."""
+    a, b, c = origins
+    r = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"::1=127.0.0.1:{a.port}",
+                 "--route", f"[0::1]=127.0.0.1:{b.port}", check=False)
+    assert r.returncode == 1 and "two routes for '0::1'" in r.stderr, r
