@@ -107,10 +107,12 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 		return 400;
 	}
 	sni = tls_client_sni(s);
-	if (a && sni && !hostname_match(sni, host.host)) {
+	if (a && sni && !hostname_match(sni, host.host) && reverse_match(cfg, sni) != reverse_match(cfg, host.host)) {
 		/* the certificate capd showed was forged for the SNI, and the
-		 * upstream's TLS gets that name too: neither speaks for another
-		 * host, so its request is misdirected (RFC 9110 7.4), as nginx says */
+		 * upstream's TLS gets that name too: a Host that routes elsewhere
+		 * is misdirected (RFC 9110 7.4), as nginx says. One that routes to
+		 * the same upstream (a default alone, one wildcard: domain fronting,
+		 * which an analyst wants to see) goes on as sent. */
 		*why = "Host differs from the TLS server name (SNI)";
 		return 421;
 	}

@@ -582,8 +582,9 @@ def test_reverse_tls_host_differs_from_sni_is_misdirected(capd, tmp_path):
     """Regression: on a `--tls` connection whose SNI was a.example.test, a request with
     `Host: b.example.test` went to b's upstream, with a.example.test as the upstream's SNI
     (and the certificate capd showed forged for a.example.test). A Host other than the
-    SNI is misdirected (RFC 9110 7.4): 421, as nginx answers; case, a trailing dot and
-    the port do not make it differ."""
+    SNI that routes elsewhere is misdirected (RFC 9110 7.4): 421, as nginx answers; case,
+    a trailing dot and the port do not make it differ, and one that routes where the SNI
+    does (domain fronting) goes on."""
     o = TlsRecordingOrigin(tmp_path)
     try:
         port = free_port()
@@ -596,6 +597,12 @@ def test_reverse_tls_host_differs_from_sni_is_misdirected(capd, tmp_path):
         reply = tls_request(port, "a.example.test", b"GET /y HTTP/1.1\r\nHost: A.Example.Test.:443\r\n\r\n")
         assert status_of(reply) == 200, reply
         assert o.heads[-1].startswith(b"GET /y HTTP/1.1\r\nHost: A.Example.Test.:443\r\n"), o.heads
+        # a Host that routes where the SNI does (here the default: domain fronting) goes on
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--default", f"127.0.0.1:{o.port}", "--tls", "--no-tls-verify")
+        reply = tls_request(port, "front.example.test", b"GET /z HTTP/1.1\r\nHost: hidden.example.test\r\n\r\n")
+        assert status_of(reply) == 200, reply
+        assert o.heads[-1].startswith(b"GET /z HTTP/1.1\r\nHost: hidden.example.test\r\n"), o.heads
     finally:
         o.close()
 
