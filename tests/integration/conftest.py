@@ -363,9 +363,12 @@ class UdpServer:
                     return  # shut down
                 w = self.reply(d)
                 if w is not None:
-                    self.sock.sendto(w, a)
+                    self.answer(w, a)
             except OSError:
                 return
+
+    def answer(self, w, a):
+        self.sock.sendto(w, a)
 
     def close(self):
         stop_and_close(self.sock, self.thread)

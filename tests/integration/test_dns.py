@@ -32,21 +32,13 @@ class LaterUdpServer(UdpServer):
     from a thread of its own, so later datagrams are not held up behind it and close()
     does not wait for it."""
 
-    def recv_loop(self):
-        while True:
-            try:
-                d, a = self.sock.recvfrom(65536)
-                if a is None:
-                    return  # shut down
-                w = self.reply(d)
-                if isinstance(w, tuple):
-                    t = threading.Timer(w[0], self.send_later, (w[1], a))
-                    t.daemon = True
-                    t.start()
-                elif w is not None:
-                    self.sock.sendto(w, a)
-            except OSError:
-                return
+    def answer(self, w, a):
+        if isinstance(w, tuple):
+            t = threading.Timer(w[0], self.send_later, (w[1], a))
+            t.daemon = True
+            t.start()
+        else:
+            self.sock.sendto(w, a)
 
     def send_later(self, w, a):
         try:
