@@ -464,21 +464,25 @@ def test_tail_guard_gives_up_root_with_capd(server):
 
 @pytest.fixture
 def tiny_spool(capd_factory, tmp_path):
-    """Starts a capd (with settings) whose spool is a 2 MB tmpfs; returns (capd, spool)."""
+    """Starts a capd (with settings) whose spool is a tmpfs mounted with options (2 MB
+    unless told); returns (capd, spool)."""
     spool = tmp_path / "tiny"
     spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+    mounted = []
 
-    def start(settings=""):
+    def start(settings="", options="size=2m"):
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(spool)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(spool)
         capd = capd_factory(start=False, settings=settings)
         capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
         capd.spool = spool
         return capd.start(), spool
 
     yield start
-    subprocess.run(["umount", "-l", str(spool)])
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)])
 
 
 def fill(spool):
@@ -667,87 +671,63 @@ def test_deleted_spool_folder_is_made_again(capd_factory, server):
     assert "was deleted; writing to a new one" in capd.log()
 
 
-def test_rotate_that_cannot_make_a_file_says_so(capd_factory, tmp_path):
+def test_rotate_that_cannot_make_a_file_says_so(tiny_spool):
     """A rotation whose new file cannot be made (here: a tmpfs out of inodes) closed the old
     file and left capture status naming it, and capture rotate exited 0: a script would look
     for the capture in a file nothing is written to any more. Now there is no current file
     until one can be made, and capture rotate fails with the reason."""
-    spool = tmp_path / "noinodes"
-    spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=4", "tmpfs", str(spool)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        capd = capd_factory(start=False)
-        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
-        capd.spool = spool
-        capd.start()
-        first = status(capd)["file"]
-        assert first and os.path.exists(first)
-        fillers = [spool / "filler1", spool / "filler2"]  # the root and the first file hold the others
-        for f in fillers:
-            f.touch()
-        r = capd.ctl("capture", "rotate", check=False)
-        assert r.returncode == 1, r
-        assert "cannot start a new capture file: No space left on device" in r.stderr
-        assert status(capd)["file"] == ""
-        assert "file:     (none" in capd.ctl("capture", "status").stdout
-        for f in fillers:
-            f.unlink()
-        time.sleep(1.5)  # the writer retries every second
-        now = status(capd)["file"]
-        assert now and now != first and os.path.exists(now)
-        capd.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(spool)])
+    capd, spool = tiny_spool(options="size=4m,nr_inodes=4")
+    first = status(capd)["file"]
+    assert first and os.path.exists(first)
+    fillers = [spool / "filler1", spool / "filler2"]  # the root and the first file hold the others
+    for f in fillers:
+        f.touch()
+    r = capd.ctl("capture", "rotate", check=False)
+    assert r.returncode == 1, r
+    assert "cannot start a new capture file: No space left on device" in r.stderr
+    assert status(capd)["file"] == ""
+    assert "file:     (none" in capd.ctl("capture", "status").stdout
+    for f in fillers:
+        f.unlink()
+    time.sleep(1.5)  # the writer retries every second
+    now = status(capd)["file"]
+    assert now and now != first and os.path.exists(now)
+    capd.stop()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_rotation_that_cannot_make_a_file_retries_once_a_second(capd_factory, server, tmp_path):
+def test_rotation_that_cannot_make_a_file_retries_once_a_second(tiny_spool, server, tmp_path):
     """Regression (rotation by size on a spool out of inodes): a rotation whose file could
     not be made stayed due, so every packet after it listed the folder and tried to create
     a file again (117 tries in this test, within a second), where the writer is to retry
     once a second."""
-    spool = tmp_path / "noinodes"
-    spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "tmpfs", str(spool)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        capd = capd_factory(start=False, settings="rotate_size = 64K\nkeep_files = 100")
-        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
-        capd.spool = spool
-        capd.start()
-        port = forward(capd, f"127.0.0.1:{server.port}")
-        for f in ("filler1", "filler2"):  # the root and the first file hold the others
-            (spool / f).touch()
-        trace = tmp_path / "trace"
-        st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), "-p",
-                               str(capd.proc.pid)])
-        deadline = time.time() + 5
-        while time.time() < deadline:  # strace holds every thread of capd
-            tasks = Path(f"/proc/{capd.proc.pid}/task").iterdir()
-            if all(int(next(l for l in open(t / "status") if l.startswith("TracerPid")).split()[1]) > 0
-                   for t in tasks):
-                break
-            time.sleep(0.02)
-        server.down = os.urandom(100 << 10)  # past rotate_size: a new file is due
-        assert transfer("127.0.0.1", port, b"x") == server.down
-        server.down = b"y" * 1000
-        for _ in range(10):
-            assert transfer("127.0.0.1", port, b"x" * 1000) == server.down
-        closed_sessions(capd, 11)
-        capd.flush()
-        st.terminate()
-        st.wait()
-        tries = [l for l in trace.read_text().splitlines() if "O_CREAT" in l]
-        assert status(capd)["dropped_packets"] > 50
-        assert 1 <= len(tries) <= 3, tries
-        capd.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(spool)])
+    capd, spool = tiny_spool("rotate_size = 64K\nkeep_files = 100", options="size=8m,nr_inodes=4")
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    for f in ("filler1", "filler2"):  # the root and the first file hold the others
+        (spool / f).touch()
+    trace = tmp_path / "trace"
+    st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), "-p",
+                           str(capd.proc.pid)])
+    deadline = time.time() + 5
+    while time.time() < deadline:  # strace holds every thread of capd
+        tasks = Path(f"/proc/{capd.proc.pid}/task").iterdir()
+        if all(int(next(l for l in open(t / "status") if l.startswith("TracerPid")).split()[1]) > 0
+               for t in tasks):
+            break
+        time.sleep(0.02)
+    server.down = os.urandom(100 << 10)  # past rotate_size: a new file is due
+    assert transfer("127.0.0.1", port, b"x") == server.down
+    server.down = b"y" * 1000
+    for _ in range(10):
+        assert transfer("127.0.0.1", port, b"x" * 1000) == server.down
+    closed_sessions(capd, 11)
+    capd.flush()
+    st.terminate()
+    st.wait()
+    tries = [l for l in trace.read_text().splitlines() if "O_CREAT" in l]
+    assert status(capd)["dropped_packets"] > 50
+    assert 1 <= len(tries) <= 3, tries
+    capd.stop()
 
 
 def test_readded_instance_gets_an_interface_of_its_own(capd, server):
