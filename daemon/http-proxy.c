@@ -432,13 +432,17 @@ http_answer(struct session *s, const struct http_msg *m, const uint8_t *p, struc
 /* A message's Content-Length as it goes on: the parser takes a list of
  * equal values, or the line repeated, as one length, and RFC 9110 8.6 lets
  * a recipient do so only if what it forwards is that one value, once (nginx
- * answers "2, 2" or two lines with 400). Called for the first line; the
- * caller drops the others. */
+ * answers "2, 2" or two lines with 400). The first line goes out with its
+ * value (*sent then says so); the others are dropped. */
 static void
-http_put_length(struct buf *b, const struct http_hdr *h)
+http_put_length(struct buf *b, const struct http_hdr *h, bool *sent)
 {
 	uint64_t v = 0;
 	uint32_t i = 0;
+
+	if (*sent)
+		return;
+	*sent = true;
 
 	while (i < h->value_len && (h->value[i] < '0' || h->value[i] > '9'))
 		i++;
@@ -496,9 +500,7 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 		if (cfg->reverse && (http_hdr_is(h, "x-forwarded-host") || http_hdr_is(h, "x-forwarded-proto")))
 			continue;
 		if (http_hdr_is(h, "content-length")) {
-			if (!length)
-				http_put_length(b, h);
-			length = true;
+			http_put_length(b, h, &length);
 			continue;
 		}
 		buf_append(b, h->name, h->name_len);
@@ -548,9 +550,7 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 		if (hc->dechunk && (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
 			continue;
 		if (http_hdr_is(h, "content-length")) {
-			if (!length)
-				http_put_length(b, h);
-			length = true;
+			http_put_length(b, h, &length);
 			continue;
 		}
 		buf_append(b, h->name, h->name_len);
