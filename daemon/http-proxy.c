@@ -63,8 +63,6 @@ struct http_conn {
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
 	bool dechunk;               /* a chunked response to a 1.0 client: only its chunks' data goes out */
-	bool upstream_reset;        /* it reset (the capture's flow ends so): before its response head
-	                             * (the client got a 502), or while idle (upstream_gone) */
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
@@ -195,12 +193,7 @@ http_reason(int status, const char *why)
 static void
 http_close(struct session *s, const char *reason)
 {
-	struct http_conn *hc = s->proto_state;
-
-	if (hc->upstream_reset)
-		session_close_upstream_reset(s, reason);
-	else
-		session_close(s, reason);
+	session_close(s, reason);  /* with the upstream's RST when it reset (s->upstream_reset) */
 }
 
 /* Takes the client's socket, its reply and FIN sent, from the session that
@@ -599,7 +592,6 @@ http_proxy_session_free(struct session *s)
 static void
 http_handoff(struct session *s, const uint8_t *p, size_t n)
 {
-	struct http_conn *hc = s->proto_state;
 	int fd = s->client.fd;
 	struct session *ns;
 	char why[64];
@@ -616,7 +608,7 @@ http_handoff(struct session *s, const uint8_t *p, size_t n)
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
 	snprintf(why, sizeof why, "%s (client continues in session %llu)",
-	         hc->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
+	         s->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
@@ -799,7 +791,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (!hc->upstream_gone && hc->upstream_keep && (closed = relay_src_closed(s, DIR_DOWN)) != 0) {
 		hc->upstream_gone = true;
 		if (closed < 0)
-			hc->upstream_reset = true;
+			s->upstream_reset = true;
 	}
 	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
 		if (s->client.tls) {
@@ -1024,10 +1016,7 @@ http_filter_done(struct session *s, enum dir d)
 		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL) {
 			if (hc->fail && s->client.fd >= 0)
 				http_linger_client(s);
-			if (hc->upstream_reset)
-				session_close_upstream_reset(s, hc->fail);
-			else
-				session_close(s, hc->fail ? hc->fail : "closed");
+			session_close(s, hc->fail ? hc->fail : "closed");
 		}
 		/* the client's FIN went upstream: with no request outstanding (it came
 		 * in one read with pipelined requests, and http_next went on to a
@@ -1035,7 +1024,7 @@ http_filter_done(struct session *s, enum dir d)
 		 * FIN stays unread: nothing else would end the session) */
 		else if (d == DIR_UP && hc->up == UP_HEAD && hc->down == DOWN_IDLE)
 			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			              : hc->upstream_reset ? "upstream reset" : "closed");
+			              : s->upstream_reset ? "upstream reset" : "closed");
 		else if (d == DIR_UP && hc->resp_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
 			session_close(s, hc->fail ? hc->fail : "closed");
 		return;
@@ -1059,7 +1048,7 @@ http_filter_eof(struct session *s, enum dir d)
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
 			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			                : hc->upstream_reset ? "upstream reset" : "closed");
+			                : s->upstream_reset ? "upstream reset" : "closed");
 			return RELAY_STOP;
 		}
 		return RELAY_PASS;
@@ -1080,7 +1069,7 @@ http_filter_eof(struct session *s, enum dir d)
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
 		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
-			hc->upstream_reset = true;
+			s->upstream_reset = true;
 			http_fail_late(s, 502, hc->upload_fail);
 			return RELAY_PASS;
 		}
@@ -1110,12 +1099,11 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 		/* an origin drops an idle kept connection with a reset as well as
 		 * with a FIN (keepalive_timeout, load balancers): as for its FIN
 		 * (http_filter_eof), the client's next request moves on */
-		hc->upstream_reset = true;
 		s->upstream_reset = true;  /* an idle_timeout (or any) close later still shows it */
 		if (hc->client_keep && s->client.tls == NULL)
 			hc->upstream_gone = true;
 		else
-			session_close_upstream_reset(s, why);
+			session_close(s, why);
 		return RELAY_UPFAIL_GONE;
 	}
 	if (hc->down != DOWN_HEAD || hc->fail)
@@ -1129,7 +1117,7 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	}
 	if ((n = relay_held(s, DIR_DOWN, &p)) > 0)
 		session_data(s, DIR_DOWN, p, n);  /* a partial head is still worth having */
-	hc->upstream_reset = true;
+	s->upstream_reset = true;
 	http_fail_late(s, 502, why);
 	return RELAY_UPFAIL_ANSWERED;
 }

@@ -1102,12 +1102,6 @@ session_reset_by_client(struct session *s, const char *reason)
 	session_end(s, reason, true, true, SYNTH_END_RST_CLIENT);
 }
 
-void
-session_close_upstream_reset(struct session *s, const char *reason)
-{
-	session_end(s, reason, false, true, SYNTH_END_RST_TARGET);
-}
-
 struct session_call {
 	struct session *s;
 	void (*fn)(struct session *s, void *arg);

@@ -104,8 +104,9 @@ struct session {
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
 	struct tail *tail;          /* live subscribers and backlog, NULL until used */
 	struct tls_session *tls;    /* interception state (tls.c), freed by relay_stop */
-	bool upstream_reset;        /* the upstream reset and the session went on (an idle HTTP
-	                             * upstream): session_close ends the capture with that RST */
+	bool upstream_reset;        /* the upstream reset and the session went on (HTTP: the client
+	                             * got an answer, or goes on): session_close ends the capture
+	                             * with that RST */
 };
 
 TAILQ_HEAD(session_list, session);
@@ -153,9 +154,6 @@ void session_close(struct session *s, const char *reason);
  * flow ends with a RST from the target, or from the client when it reset. */
 void session_reset(struct session *s, const char *reason);
 void session_reset_by_client(struct session *s, const char *reason);
-/* session_close after the upstream reset and the client got an answer for
- * it: the capture's flow ends with a reset, the client's socket closes. */
-void session_close_upstream_reset(struct session *s, const char *reason);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
 
