@@ -200,6 +200,64 @@ dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
 }
 
 /*
+ * The reply a UDP client gets when an upstream's answer (n bytes) is larger
+ * than it takes: what a resolver sends (RFC 2181 9, RFC 6891 7): the
+ * answer's header with TC set, its question and OPT record (options dropped
+ * when even that would not fit), and no records, so that the client asks
+ * again over TCP. An answer ldns cannot read is stood for by the query's
+ * question. NULL when neither parses. Caller frees.
+ */
+uint8_t *
+dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, size_t max, size_t *outlen)
+{
+	ldns_pkt *rp = NULL, *qp = NULL, *a = NULL;
+	uint8_t *w = NULL;
+
+	if (ldns_wire2pkt(&rp, p, n) == LDNS_STATUS_OK) {
+		a = ldns_pkt_new();
+		ldns_pkt_set_id(a, ldns_pkt_id(rp));
+		ldns_pkt_set_qr(a, true);
+		ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(rp));
+		ldns_pkt_set_aa(a, ldns_pkt_aa(rp));
+		ldns_pkt_set_rd(a, ldns_pkt_rd(rp));
+		ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
+		ldns_pkt_set_cd(a, ldns_pkt_cd(rp));
+		ldns_pkt_set_rcode(a, ldns_pkt_get_rcode(rp));
+		for (size_t i = 0; i < ldns_pkt_qdcount(rp); i++) {
+			ldns_rr *qc = ldns_rr_clone(ldns_rr_list_rr(ldns_pkt_question(rp), i));
+			ldns_rr_set_question(qc, true);
+			ldns_pkt_push_rr(a, LDNS_SECTION_QUESTION, qc);
+		}
+		if (ldns_pkt_edns(rp)) {
+			ldns_pkt_set_edns_udp_size(a, ldns_pkt_edns_udp_size(rp));
+			ldns_pkt_set_edns_extended_rcode(a, ldns_pkt_edns_extended_rcode(rp));
+			ldns_pkt_set_edns_version(a, ldns_pkt_edns_version(rp));
+			ldns_pkt_set_edns_z(a, ldns_pkt_edns_z(rp));  /* DO with it */
+			if (ldns_pkt_edns_data(rp))
+				ldns_pkt_set_edns_data(a, ldns_rdf_clone(ldns_pkt_edns_data(rp)));
+		}
+	} else if (ldns_wire2pkt(&qp, query, qlen) == LDNS_STATUS_OK && ldns_pkt_qdcount(qp) == 1) {
+		a = dns_msg_reply_new(qp, ldns_rr_list_rr(ldns_pkt_question(qp), 0), LDNS_RCODE_NOERROR);
+		ldns_pkt_set_id(a, dns_msg_id(p));
+	}
+	ldns_pkt_free(rp);
+	ldns_pkt_free(qp);
+	if (a == NULL)
+		return NULL;
+	ldns_pkt_set_tc(a, true);
+	w = dns_msg_wire(a, outlen);
+	if (w && *outlen > max && ldns_pkt_edns_data(a)) {
+		/* the options alone are too many: the OPT record goes without them */
+		free(w);
+		ldns_rdf_deep_free(ldns_pkt_edns_data(a));
+		ldns_pkt_set_edns_data(a, NULL);
+		w = dns_msg_wire(a, outlen);
+	}
+	ldns_pkt_free(a);
+	return w;
+}
+
+/*
  * The SOA capd stands behind for a name it answers: owned by the name itself,
  * so that it is in bailiwick for every resolver (an ancestor-or-self of the
  * question), with capd's rule TTL as its TTL and its MINIMUM, which RFC 2308 5

@@ -80,6 +80,11 @@ enum dns_verdict dns_msg_query(const struct dns_rules *r, const uint8_t *p, size
  * NULL when p has no header. Caller frees. */
 uint8_t *dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen);
 
+/* A UDP client's reply to query when the upstream's answer p (n bytes) is larger than max:
+ * header, question and OPT with TC set, no records. NULL when it cannot be built. Caller frees. */
+uint8_t *dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, size_t max,
+                          size_t *outlen);
+
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
 

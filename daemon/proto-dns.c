@@ -409,8 +409,18 @@ dns_fwd_fail(struct dns_fwd *f, const char *why)
 		dns_msg_set_id(f->trunc, f->client_id);
 		snprintf(reason, sizeof reason, "forwarded to %s: truncated (TCP failed: %s)", f->ds->up_str, why);
 		p = f->trunc;
+		n = f->trunc_len;
 		f->trunc = NULL;
-		dns_fwd_deliver(f, p, f->trunc_len, reason);
+		if (!f->client_tcp && n > f->udp_max) {
+			/* the upstream's truncated answer is itself larger than the client takes */
+			uint8_t *t = dns_msg_truncate(f->q, f->qlen, p, n, f->udp_max, &n);
+			free(p);
+			if ((p = t) == NULL) {
+				dns_fwd_fail(f, why);
+				return;
+			}
+		}
+		dns_fwd_deliver(f, p, n, reason);
 		free(p);
 		return;
 	}
@@ -458,15 +468,23 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		dns_fwd_try(f);
 		return;
 	}
-	if (!f->client_tcp && n > f->udp_max && f->trunc) {
-		/* the whole answer does not fit the client's UDP size: it gets the truncated one, and
-		 * comes back over TCP. Not dns_fwd_fail: TCP worked, and the reason must not say otherwise */
-		uint8_t *t = f->trunc;
-		size_t tlen = f->trunc_len;
+	if (!f->client_tcp && n > f->udp_max) {
+		/* the whole answer does not fit the client's UDP size: it gets a truncated one (the
+		 * upstream's when that fits), and comes back over TCP. Not dns_fwd_fail: TCP worked,
+		 * and the reason must not say otherwise */
+		uint8_t *t;
+		size_t tlen = 0;
 
-		snprintf(reason, sizeof reason, "forwarded to %s: truncated (the answer over TCP is %zu bytes, "
-		         "the client takes %u over UDP)", f->ds->up_str, n, f->udp_max);
-		f->trunc = NULL;
+		if (f->trunc && f->trunc_len <= f->udp_max) {
+			t = f->trunc;
+			tlen = f->trunc_len;
+			f->trunc = NULL;
+		} else if ((t = dns_msg_truncate(f->q, f->qlen, p, n, f->udp_max, &tlen)) == NULL) {
+			dns_fwd_fail(f, "cannot build a truncated answer");
+			return;
+		}
+		snprintf(reason, sizeof reason, "forwarded to %s: truncated (the answer%s is %zu bytes, "
+		         "the client takes %u over UDP)", f->ds->up_str, f->tcp ? " over TCP" : "", n, f->udp_max);
 		dns_msg_set_id(t, f->client_id);
 		dns_fwd_deliver(f, t, tlen, reason);
 		free(t);

@@ -839,3 +839,51 @@ def test_resolv_conf_link_local_nameserver_with_zone(netns, ns_etc, ns_upstream,
     c.ctl("add", "dns", "--port", 5301, "--upstream", "[fe80::53%lo]:53", "--name", "u")
     assert [i["upstream"] for i in c.ctl("list", json_out=True)][1] == "[fe80::53%lo]:53"
     assert ns_dig(netns, "127.0.0.1", 5301, "other.example.org", "+short").split() == ["192.0.2.53"]
+
+
+class OversizedUpstream(Upstream):
+    """An upstream that ignores the size a query may take: every A question gets 100
+    records, over UDP too, without TC (1.6 KB)."""
+
+    def answer(self, wire, transport):
+        q = dns.message.from_wire(wire)
+        self.queries.append((transport, q.question[0].name.to_text(omit_final_dot=True)))
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text_list(q.question[0].name, 300, "IN", "A",
+                                                 [f"192.0.2.{i + 1}" for i in range(100)]))
+        return r.to_wire(max_size=65535)
+
+
+def test_oversized_upstream_answer_truncated_for_a_udp_client(capd_factory):
+    """Regression: an upstream's UDP answer larger than the client takes (512 bytes without
+    EDNS, else its EDNS size) was relayed as it came: `dig +noedns` got 1626 bytes over UDP.
+    capd now does what a resolver does: the question (and the OPT record) with TC set and
+    no records, under the client's id, and the client asks again over TCP and gets it all.
+    A client whose EDNS size takes the answer still gets it whole over UDP."""
+    up = OversizedUpstream()
+    try:
+        port = free_dns_port()
+        c = capd_factory(dns_conf(port, up.port))
+        wait_instance(c, "d")
+        for edns, size in ((False, 512), (0, 1232)):
+            q = dns.message.make_query("many.org", "A", use_edns=edns, payload=1232)
+            q.id = 0x4321
+            w = raw_udp(port, q.to_wire(), timeout=5)
+            assert w is not None and len(w) <= size, len(w or b"")
+            r = dns.message.from_wire(w)
+            assert r.id == 0x4321 and r.flags & dns.flags.TC and r.rcode() == dns.rcode.NOERROR
+            assert r.answer == [] and str(r.question[0].name) == "many.org."
+            assert (r.edns >= 0) == (edns is not False)
+        # the client's retry over TCP gets the whole answer
+        r, tcp = dns.query.udp_with_fallback(dns.message.make_query("many.org", "A", use_edns=False),
+                                             "127.0.0.1", port=port, timeout=5)
+        assert tcp and len(r.answer[0]) == 100
+        # a client that takes 4096 bytes gets it whole over UDP
+        r = dns.query.udp(dns.message.make_query("many.org", "A", use_edns=0, payload=4096), "127.0.0.1",
+                          port=port, timeout=5)
+        assert not r.flags & dns.flags.TC and len(r.answer[0]) == 100
+        ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 5)
+        assert f"forwarded to 127.0.0.1:{up.port}: truncated (the answer is 1626 bytes, the client takes 512 " \
+               "over UDP)" in [s["reason"] for s in ss]
+    finally:
+        up.close()

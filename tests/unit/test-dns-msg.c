@@ -574,6 +574,58 @@ test_edns(void **state)
 	dns_rules_free(&r);
 }
 
+/* An upstream's answer too large for a UDP client: header, question and OPT with TC, no records. */
+static void
+test_truncate_upstream_answer(void **state)
+{
+	size_t n, rn, outlen;
+	uint8_t *q, *w, *out;
+	ldns_pkt *r = NULL, *a = NULL;
+	ldns_rr *rr = NULL;
+	char text[64];
+
+	(void)state;
+	q = query("many.org", LDNS_RR_TYPE_A, 7, true, &n);
+	assert_int_equal(ldns_wire2pkt(&r, q, n), LDNS_STATUS_OK);
+	ldns_pkt_set_qr(r, true);
+	ldns_pkt_set_ra(r, true);
+	ldns_pkt_set_edns_do(r, true);
+	/* a long option (padding, 600 bytes): it goes when even the bare answer would not fit */
+	ldns_pkt_set_edns_data(r, ldns_rdf_new_frm_data(LDNS_RDF_TYPE_UNKNOWN, 604, (uint8_t[604]){ 0, 12, 600 >> 8,
+	                                                                                               600 & 0xff }));
+	for (int i = 0; i < 100; i++) {
+		snprintf(text, sizeof text, "many.org. 300 IN A 192.0.2.%d", i + 1);
+		assert_int_equal(ldns_rr_new_frm_str(&rr, text, 0, NULL, NULL), LDNS_STATUS_OK);
+		ldns_pkt_push_rr(r, LDNS_SECTION_ANSWER, rr);
+	}
+	assert_int_equal(ldns_pkt2wire(&w, r, &rn), LDNS_STATUS_OK);
+	ldns_pkt_free(r);
+	out = dns_msg_truncate(q, n, w, rn, 512, &outlen);
+	assert_non_null(out);
+	assert_true(outlen <= 512);
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_true(ldns_pkt_tc(a) && ldns_pkt_qr(a) && ldns_pkt_ra(a) && ldns_pkt_rd(a));
+	assert_int_equal(ldns_pkt_id(a), 7);
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	assert_true(ldns_pkt_edns(a) && ldns_pkt_edns_do(a));
+	assert_null(ldns_pkt_edns_data(a));
+	assert_true(dns_msg_reply_matches(q, n, out, outlen));
+	ldns_pkt_free(a);
+	free(out);
+	/* an answer ldns cannot read: the query's question stands for it */
+	w[5] = 2;  /* two questions, the second of which is not there */
+	out = dns_msg_truncate(q, n, w, rn, 512, &outlen);
+	assert_non_null(out);
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_true(ldns_pkt_tc(a));
+	assert_int_equal(ldns_pkt_qdcount(a), 1);
+	ldns_pkt_free(a);
+	free(out);
+	free(w);
+	free(q);
+}
+
 int
 main(void)
 {
@@ -586,6 +638,7 @@ main(void)
 		cmocka_unit_test(test_servfail_and_matching),
 		cmocka_unit_test(test_edns),
 		cmocka_unit_test(test_zone_transfers),
+		cmocka_unit_test(test_truncate_upstream_answer),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
