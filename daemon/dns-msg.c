@@ -476,51 +476,41 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	return DNS_REPLY;
 }
 
-/* End of the first question (after type and class) of a message, 0 when it has none. */
-static size_t
-dns_question_end(const uint8_t *p, size_t n)
+/* The first question of a message, read by ldns (a compressed name too); NULL when it has none. Caller frees. */
+static ldns_rr *
+dns_msg_question(const uint8_t *p, size_t n)
 {
-	size_t off = DNS_HEADER_LEN;
+	size_t pos = DNS_HEADER_LEN;
+	ldns_rr *rr = NULL;
 
 	if (n < DNS_HEADER_LEN || (p[4] == 0 && p[5] == 0))
-		return 0;
-	for (;;) {
-		if (off >= n)
-			return 0;
-		if (p[off] == 0)
-			break;
-		if (p[off] & 0xc0)
-			return 0;  /* the first name of a message cannot be compressed */
-		off += 1 + p[off];
+		return NULL;
+	if (ldns_wire2rr(&rr, p, n, &pos, LDNS_SECTION_QUESTION) != LDNS_STATUS_OK) {
+		ldns_rr_free(rr);
+		return NULL;
 	}
-	off += 1 + 4;
-	return off <= n ? off : 0;
+	return rr;
 }
 
 bool
 dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n)
 {
-	size_t qe, re;
+	ldns_rr *qq, *rq;
+	bool same;
 
 	if (qlen < DNS_HEADER_LEN || n < DNS_HEADER_LEN || !(reply[2] & 0x80) ||
 	    dns_msg_id(query) != dns_msg_id(reply))
 		return false;
-	re = dns_question_end(reply, n);
-	if (re == 0)
+	if ((rq = dns_msg_question(reply, n)) == NULL)
 		return dns_msg_rcode(reply) != 0;  /* an error without the question still answers it */
-	qe = dns_question_end(query, qlen);
-	if (qe == 0 || qe != re)
-		return false;
-	for (size_t i = DNS_HEADER_LEN; i < qe; i++) {
-		uint8_t a = query[i], b = reply[i];
-		if (a >= 'A' && a <= 'Z')
-			a = (uint8_t)(a + 32);
-		if (b >= 'A' && b <= 'Z')
-			b = (uint8_t)(b + 32);
-		if (a != b)
-			return false;
-	}
-	return true;
+	qq = dns_msg_question(query, qlen);
+	/* the name's case aside (ldns_dname_compare): a resolver may echo it as it likes (0x20) */
+	same = qq != NULL && ldns_rr_get_type(qq) == ldns_rr_get_type(rq) &&
+	       ldns_rr_get_class(qq) == ldns_rr_get_class(rq) &&
+	       ldns_dname_compare(ldns_rr_owner(qq), ldns_rr_owner(rq)) == 0;
+	ldns_rr_free(qq);
+	ldns_rr_free(rq);
+	return same;
 }
 
 bool

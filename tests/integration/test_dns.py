@@ -887,3 +887,58 @@ def test_oversized_upstream_answer_truncated_for_a_udp_client(capd_factory):
                "over UDP)" in [s["reason"] for s in ss]
     finally:
         up.close()
+
+
+class FixedUpstream(Upstream):
+    """An upstream that reads no query: every one, over UDP or TCP, gets an answer for
+    foo.example.org A (192.0.2.99) under the query's id, its question written out whole."""
+
+    def answer(self, wire, transport):
+        self.queries.append((transport, "?"))
+        return (wire[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + b"\x03foo\x07example\x03org\x00"
+                + struct.pack("!HH", 1, 1) + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([192, 0, 2, 99]))
+
+    def tcp_serve(self, c):
+        try:
+            c.settimeout(5)
+            while (hdr := recv_exact(c, 2)):
+                w = self.answer(recv_exact(c, struct.unpack("!H", hdr)[0]), "tcp")
+                c.sendall(struct.pack("!H", len(w)) + w)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def test_compressed_question_name_matched(capd_factory):
+    """Regression: a query whose question name is compressed (legal, though no common client
+    sends one: here "foo" and a pointer to the owner name of a record in the additional
+    section) matched the rules, since ldns reads the name, but when forwarded the upstream's
+    answer, whose question is written out whole, was taken for a stray reply: capd read the
+    query's question by hand, gave up at the pointer, and the client got SERVFAIL after
+    4.5 s. Questions are now compared as ldns reads them."""
+    up = FixedUpstream()
+    try:
+        port = free_dns_port()
+        c = capd_factory(dns_conf(port, up.port))
+        wait_instance(c, "d")
+        extra = b"\x07example\x03org\x00" + struct.pack("!HHIH", 16, 1, 0, 1) + b"\x00"  # a TXT record
+        query = (struct.pack("!HHHHHH", 0x5151, 0x0100, 1, 0, 0, 1) + b"\x03foo\xc0\x16" + struct.pack("!HH", 1, 1)
+                 + extra)
+        claimed = query.replace(b"\x07example\x03org", b"\x07example\x03com")  # www.example.com is a rule's
+        claimed = claimed[:12] + b"\x03www" + claimed[16:]
+        for tcp in (False, True):
+            for q, want in ((query, "192.0.2.99"), (claimed, "127.0.0.1")):
+                t0 = time.time()
+                if tcp:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                        s.sendall(struct.pack("!H", len(q)) + q)
+                        w = recv_exact(s, struct.unpack("!H", recv_exact(s, 2))[0])
+                else:
+                    w = raw_udp(port, q, timeout=5)
+                assert w is not None and time.time() - t0 < 1.0
+                r = dns.message.from_wire(w)
+                assert r.id == 0x5151 and r.rcode() == dns.rcode.NOERROR and addrs(r) == [want], (tcp, r)
+        assert [t for t, _ in up.queries] == ["udp", "tcp"]
+    finally:
+        up.close()

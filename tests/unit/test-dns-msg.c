@@ -349,6 +349,16 @@ test_servfail_and_matching(void **state)
 	assert_false(dns_msg_reply_matches(q, n, out, 5));
 	free(out);
 	free(q);
+	/* a question whose name is compressed ("foo" and a pointer to a later owner name) is
+	 * answered by a reply that writes it out whole */
+	uint8_t cq[] = { 0x51, 0x51, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1, 3, 'f', 'o', 'o', 0xc0, 22, 0, 1, 0, 1,
+	                 7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'o', 'r', 'g', 0, 0, 16, 0, 1, 0, 0, 0, 0, 0, 1, 0 };
+	r = query("FOO.example.org", LDNS_RR_TYPE_A, 0x5151, false, &rn);
+	r[2] |= 0x80;
+	assert_true(dns_msg_reply_matches(cq, sizeof cq, r, rn));
+	r[rn - 3] = LDNS_RR_TYPE_AAAA;
+	assert_false(dns_msg_reply_matches(cq, sizeof cq, r, rn));
+	free(r);
 }
 
 /* A transfer message with id and the answer records given as text; *len its size. */
