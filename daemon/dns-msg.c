@@ -202,8 +202,8 @@ dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
 /*
  * The reply a UDP client gets when an upstream's answer (n bytes) is larger
  * than it takes: what a resolver sends (RFC 2181 9, RFC 6891 7): the
- * answer's header with TC set, its question and OPT record (options dropped
- * when even that would not fit), and no records, so that the client asks
+ * answer's header with TC set, its (first) question and OPT record (options
+ * dropped when even that would not fit), and no records, so that the client asks
  * again over TCP. An answer ldns cannot read is stood for by the query's
  * question. NULL when neither parses. Caller frees.
  */
@@ -223,8 +223,9 @@ dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, 
 		ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
 		ldns_pkt_set_cd(a, ldns_pkt_cd(rp));
 		ldns_pkt_set_rcode(a, ldns_pkt_get_rcode(rp));
-		for (size_t i = 0; i < ldns_pkt_qdcount(rp); i++) {
-			ldns_rr *qc = ldns_rr_clone(ldns_rr_list_rr(ldns_pkt_question(rp), i));
+		if (ldns_pkt_qdcount(rp) > 0) {
+			/* the one that matched the query (dns_msg_reply_matches): it fits any client */
+			ldns_rr *qc = ldns_rr_clone(ldns_rr_list_rr(ldns_pkt_question(rp), 0));
 			ldns_rr_set_question(qc, true);
 			ldns_pkt_push_rr(a, LDNS_SECTION_QUESTION, qc);
 		}
