@@ -145,21 +145,24 @@ hosts_line_begins_block(const struct hosts_line *l)
 static void
 hosts_parse_entry(const struct hosts_line *l, struct hosts_set *set)
 {
-	char line[1024], *save = NULL, *addr, *name, norm[HOSTS_ADDR_MAX], *why = NULL;
-	size_t n = l->len < sizeof line - 1 ? l->len : sizeof line - 1;
+	/* the whole line, however long: a name cut at a fixed size would be taken for another */
+	char *line = xmalloc(l->len + 1), *save = NULL, *addr, *name, norm[HOSTS_ADDR_MAX], *why = NULL;
 
-	memcpy(line, l->start, n);
-	line[n] = '\0';
+	memcpy(line, l->start, l->len);
+	line[l->len] = '\0';
 	if ((name = strchr(line, '#')) != NULL)
 		*name = '\0';
-	if ((addr = strtok_r(line, " \t\r", &save)) == NULL)
+	if ((addr = strtok_r(line, " \t\r", &save)) == NULL) {
+		free(line);
 		return;
+	}
 	while ((name = strtok_r(NULL, " \t\r", &save)) != NULL) {
 		if (hosts_entry_check(name, addr, norm, &why) == 0)
 			hosts_set_put(set, name, norm);
 		free(why);
 		why = NULL;
 	}
+	free(line);
 }
 
 int

@@ -376,3 +376,25 @@ def test_real_resolver_in_a_mount_namespace(tmp_path):
     # the backup went to the private /etc, and the real one was never touched
     assert (tmp_path / "etc" / "hosts.capd-backup").exists()
     assert not os.path.exists("/etc/hosts.capd-backup")
+
+
+def test_long_line_in_the_block_is_read_whole(capd_factory, tmp_path):
+    """Regression: capd read each line of its block into 1024 bytes, so a line a person
+    wrote there with many names (60 here, 1259 bytes) lost the names past the cut, and the
+    one cut through ("name04") became an entry of its own: the next add wrote both into
+    the file. A name cut at that size before the block (one such line) was matched too."""
+    path = tmp_path / "hosts"
+    names = [f"name{i:03d}.example.test" for i in range(60)]
+    line = "10.0.0.1 " + " ".join(names)
+    before = "10.0.0.9 " + " ".join(["x" * 60 + f"{i}.test" for i in range(15)]) + " zz.test\n"
+    cut = before[:1023].split()[-1]  # the name the old code saw at the end of that line
+    path.write_text(before + f"{BEGIN}\n{line}\n{END}\n")
+    c = capd_factory(settings=f"hosts_file = {path}")
+    assert [e["name"] for e in c.ctl("hosts", "list", json_out=True)] == names
+    r = c.ctl("hosts", "add", "new.test", json_out=True)
+    assert "shadowed" not in r
+    r = c.ctl("hosts", "add", cut, "10.1.1.1", json_out=True)
+    assert "shadowed" not in r, (cut, r)
+    text = path.read_text()
+    assert text.startswith(before)
+    assert [ln.split("\t")[1] for ln in text.splitlines()[2:-1]] == names + ["new.test", cut]
