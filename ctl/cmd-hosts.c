@@ -75,11 +75,19 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 	switch (k) {
 	case HOSTS_ADD: {
 		const char *addr = argc == 4 ? argv[3] : "127.0.0.1";
+		struct in_addr v4;
 		json_t *shadow;
 		if (argc != 3 && argc != 4)
 			return hosts_usage();
 		if (!hosts_name_ok(argv[2]))
 			return usage_error("hosts add: '%s' is not a valid host name", argv[2]);
+		if (inet_aton(argv[2], &v4) != 0) {
+			/* "1.2.3", "123": resolvers take it as an address and never read the hosts file */
+			char a[INET_ADDRSTRLEN];
+			inet_ntop(AF_INET, &v4, a, sizeof a);
+			return usage_error("hosts add: '%s' is not a valid host name: resolvers read it as the address %s",
+			                   argv[2], a);
+		}
 		if (!hosts_addr_ok(addr))
 			return usage_error("hosts add: '%s' is not an IP address", addr);
 		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", argv[2], "addr", addr), &r);

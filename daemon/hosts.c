@@ -71,9 +71,16 @@ hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX],
 	char a[HOSTS_ADDR_MAX + 2];
 	unsigned char bin[16];
 	size_t len;
+	struct in_addr v4;
 
 	if (name == NULL || !hostname_valid(name) || name[strlen(name) - 1] == '.' || addr_is_ip_literal(name)) {
 		*why = xasprintf("'%s' is not a valid host name", name ? name : "");
+		return -1;
+	}
+	if (inet_aton(name, &v4) != 0) {
+		/* "1.2.3", "123", "0x7f.1": getaddrinfo takes these as addresses and never reads the file */
+		inet_ntop(AF_INET, &v4, a, sizeof a);
+		*why = xasprintf("'%s' is not a valid host name: resolvers read it as the address %s", name, a);
 		return -1;
 	}
 	if (addr == NULL || (len = strlen(addr)) == 0 || len > HOSTS_ADDR_MAX) {

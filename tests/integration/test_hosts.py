@@ -398,3 +398,22 @@ def test_long_line_in_the_block_is_read_whole(capd_factory, tmp_path):
     text = path.read_text()
     assert text.startswith(before)
     assert [ln.split("\t")[1] for ln in text.splitlines()[2:-1]] == names + ["new.test", cut]
+
+
+def test_name_resolvers_read_as_an_address_refused(hostsd):
+    """Regression: `capctl hosts add 1.2.3` said "1.2.3 -> 127.0.0.1" and wrote the line, but
+    getaddrinfo reads such a name as an IPv4 address (inet_aton: 1.2.3 is 1.2.0.3, 123 is
+    0.0.0.123, 0x7f.1 is 127.0.0.1) and never looks in the hosts file: the entry could
+    never work. capctl and capd refuse it now, naming the address resolvers see."""
+    c, path = hostsd, hostsd.hosts
+    r = subprocess.run(["getent", "ahostsv4", "1.2.3"], capture_output=True, text=True)
+    assert r.stdout.split()[:1] == ["1.2.0.3"]  # no lookup at all: the hosts file cannot change it
+    for name, seen in (("1.2.3", "1.2.0.3"), ("123", "0.0.0.123"), ("0x7f.1", "127.0.0.1")):
+        r = c.ctl("hosts", "add", name, check=False)
+        assert r.returncode == 2 and f"resolvers read it as the address {seen}" in r.stderr, (name, r.stderr)
+        rep = c.rpc("hosts.add", {"name": name})
+        assert f"resolvers read it as the address {seen}" in rep["error"]["message"], rep
+    assert path.read_bytes() == ORIG
+    c.ctl("hosts", "add", "1.2.3.test")  # digits in a name are fine
+    c.ctl("hosts", "add", "123abc")
+    assert [e["name"] for e in c.ctl("hosts", "list", json_out=True)] == ["1.2.3.test", "123abc"]

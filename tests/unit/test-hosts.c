@@ -47,7 +47,8 @@ static void
 test_check(void **state)
 {
 	char norm[HOSTS_ADDR_MAX], *why = NULL;
-	const char *bad_names[] = { "", "bad_name!", "*.x.test", "a..b", "-a.test", "x.test.", "1.2.3.4", "a b" };
+	const char *bad_names[] = { "", "bad_name!", "*.x.test", "a..b", "-a.test", "x.test.", "1.2.3.4", "a b",
+	                            "1.2.3", "123", "0x7f.1" };  /* resolvers read these as addresses */
 	const char *bad_addrs[] = { "", "1.2.3", "256.1.1.1", "::g", "host.test", "1.2.3.4:80", "fe80::1%lo" };
 
 	(void)state;
