@@ -484,7 +484,7 @@ dns_msg_question(const uint8_t *p, size_t n)
 	size_t pos = DNS_HEADER_LEN;
 	ldns_rr *rr = NULL;
 
-	if (n < DNS_HEADER_LEN || (p[4] == 0 && p[5] == 0))
+	if (n < DNS_HEADER_LEN || LDNS_QDCOUNT(p) == 0)
 		return NULL;
 	if (ldns_wire2rr(&rr, p, n, &pos, LDNS_SECTION_QUESTION) != LDNS_STATUS_OK) {
 		ldns_rr_free(rr);
