@@ -372,19 +372,6 @@ tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 	return 0;
 }
 
-int
-tls_ca_load(const char *cert_path, const char *key_path, char **why)
-{
-	if (tls_ca_load_cert(cert_path, key_path, why) < 0)
-		return -1;
-	/* the leaf keys now, once: no handshake ever waits for one */
-	if (!tls_ca_keys_ensure()) {
-		*why = xasprintf("cannot make the leaf keys: %s", tls_ca_err("OpenSSL failed"));
-		return -1;
-	}
-	return 0;
-}
-
 bool
 tls_ca_keys_ensure(void)
 {

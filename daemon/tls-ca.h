@@ -25,14 +25,11 @@
 
 #define TLS_CA_CACHE_DEFAULT 4096  /* forged certificates kept */
 
-/* Loads the CA from cert_path/key_path, creating both when neither exists,
- * and makes the leaf keys unless they are made. Idempotent for the same
- * paths; other paths replace the CA in memory (and empty the cache). -1 and
- * *why when a file is unreadable, only one of the two exists, key and
- * certificate do not match, or a key cannot be made (the CA is loaded all
- * the same then: the next call tries the keys again). */
-int tls_ca_load(const char *cert_path, const char *key_path, char **why);
-/* The same without the leaf keys: what showing the CA needs (ca.export). */
+/* Loads the CA from cert_path/key_path, creating both when neither exists.
+ * Idempotent for the same paths; other paths replace the CA in memory (and
+ * empty the cache). -1 and *why when a file is unreadable, only one of the
+ * two exists, or key and certificate do not match. The leaf keys are
+ * another step (tls_ca_keys_ensure): showing the CA (ca.export) needs none. */
 int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
 bool tls_ca_loaded(void);
 /* "expired on DATE" (or "is not valid before DATE") into b when the CA is not
@@ -40,7 +37,7 @@ bool tls_ca_loaded(void);
 const char *tls_ca_invalid(char *b, size_t n);
 /*
  * Makes the leaf keys unless they are made; false when OpenSSL cannot.
- * tls_ca_load does it too, but RSA 2048 takes 0.2-0.6 s, too long for a
+ * RSA 2048 takes 0.2-0.6 s, too long for a
  * session thread or a lock every session waits on: an instance that
  * intercepts calls this in its prepare step, on a helper thread (or at
  * start, before the shards run), and nothing else in the daemon does;

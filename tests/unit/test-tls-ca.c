@@ -134,7 +134,9 @@ setup(void **state)
 	assert_non_null(mkdtemp(dir));
 	snprintf(cert_path, sizeof cert_path, "%s/ca.pem", dir);
 	snprintf(key_path, sizeof key_path, "%s/ca.key", dir);
-	assert_int_equal(tls_ca_load(cert_path, key_path, &why), 0);
+	/* as capd does: the CA (tls_start, ca.export), then the keys (an instance's prepare) */
+	assert_int_equal(tls_ca_load_cert(cert_path, key_path, &why), 0);
+	assert_true(tls_ca_keys_ensure());
 	return 0;
 }
 
@@ -171,9 +173,15 @@ test_ca_created(void **state)
 	/* a fresh process loads the same CA, it never makes a new one */
 	copy = X509_dup(tls_ca_cert());
 	tls_ca_free();
-	assert_int_equal(tls_ca_load(cert_path, key_path, &why), 0);
+	assert_int_equal(tls_ca_load_cert(cert_path, key_path, &why), 0);
 	assert_int_equal(X509_cmp(copy, tls_ca_cert()), 0);
 	X509_free(copy);
+	/* the same paths again: the CA in memory stays, nothing is read anew */
+	X509 *loaded = tls_ca_cert();
+	assert_int_equal(tls_ca_load_cert(cert_path, key_path, &why), 0);
+	assert_ptr_equal(tls_ca_cert(), loaded);
+	assert_false(tls_ca_keys_ready());
+	assert_true(tls_ca_keys_ensure());  /* tls_ca_free dropped them: the next instance makes them */
 }
 
 static void
@@ -187,7 +195,7 @@ test_ca_half_refused(void **state)
 	FILE *f = fopen(lone_cert, "w");
 	PEM_write_X509(f, tls_ca_cert());
 	fclose(f);
-	assert_int_equal(tls_ca_load(lone_cert, lone_key, &why), -1);
+	assert_int_equal(tls_ca_load_cert(lone_cert, lone_key, &why), -1);
 	assert_non_null(strstr(why, "does not"));
 	assert_int_equal(access(lone_key, F_OK), -1);  /* nothing was created beside it */
 	free(why);
@@ -203,7 +211,7 @@ test_ca_half_refused(void **state)
 	f = fopen(lone_cert, "w");
 	PEM_write_X509(f, tls_ca_cert());
 	fclose(f);
-	assert_int_equal(tls_ca_load(lone_cert, lone_key, &why), -1);
+	assert_int_equal(tls_ca_load_cert(lone_cert, lone_key, &why), -1);
 	assert_non_null(strstr(why, "does not belong"));
 	free(why);
 	unlink(lone_cert);
@@ -462,7 +470,7 @@ test_cache_renews_near_the_end(void **state)
 		X509_free(xs[i]);
 }
 
-/* Two leaf keys, made once when the CA loads: ECDSA P-256 and RSA 2048. */
+/* Two leaf keys, made once (tls_ca_keys_ensure): ECDSA P-256 and RSA 2048. */
 static void
 test_leaf_keys(void **state)
 {
