@@ -480,8 +480,10 @@ tls_ca_cache_get(const uint8_t *key)
 		if (!memcmp(e->key, key, sizeof e->key)) {
 			time_t soon = time(NULL) + TLS_LEAF_RENEW;
 
-			/* a capd that runs for a year must not serve what clients now find expired */
-			if (X509_cmp_time(X509_get0_notAfter(e->x), &soon) <= 0) {
+			/* a capd that runs for a year must not serve what clients now find
+			 * expired; one that ends with the CA is what a new one would be */
+			if (X509_cmp_time(X509_get0_notAfter(e->x), &soon) <= 0 &&
+			    ASN1_TIME_compare(X509_get0_notAfter(e->x), X509_get0_notAfter(ca.cert)) < 0) {
 				tls_ca_evict(e);
 				return NULL;
 			}
@@ -678,6 +680,30 @@ tls_ca_ip_text(const struct sockaddr *ip, char *b, size_t n)
 	return inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ip)->sin6_addr, b, (socklen_t)n);
 }
 
+/*
+ * A forged certificate's validity: from the day before (clocks differ) for
+ * leaf_secs, within the CA's own, as mitmproxy clamps: a leaf that outlives
+ * its CA (a user's CA that ends in a month) would be sent after the CA ended,
+ * and one that starts before it is refused by strict verifiers. A CA that has
+ * already ended (or not begun) gives its own period, so the leaf is as
+ * invalid as the CA is, never valid before its notBefore.
+ */
+static int
+tls_ca_leaf_validity(X509 *x)
+{
+	const ASN1_TIME *ca_nb = X509_get0_notBefore(ca.cert), *ca_na = X509_get0_notAfter(ca.cert);
+	ASN1_TIME *nb = X509_getm_notBefore(x), *na = X509_getm_notAfter(x);
+
+	if (!X509_gmtime_adj(nb, -86400) || !X509_gmtime_adj(na, ca.leaf_secs))
+		return -1;
+	if (ASN1_TIME_compare(na, ca_na) > 0 && !X509_set1_notAfter(x, ca_na))
+		return -1;
+	if ((ASN1_TIME_compare(nb, ca_nb) < 0 || ASN1_TIME_compare(nb, X509_get0_notAfter(x)) > 0) &&
+	    !X509_set1_notBefore(x, ca_nb))
+		return -1;
+	return 0;
+}
+
 /* A certificate for leaf with key usage ku, signed by the CA: orig's subject
  * (else CN fallback) and gens as subjectAltName (none when empty). Caller owns
  * it; NULL when OpenSSL fails. */
@@ -701,9 +727,7 @@ tls_ca_sign_leaf(X509 *orig, const struct tls_ca_name *fallback, GENERAL_NAMES *
 		 * stays empty, the name is in the subjectAltName, critical then */
 		critical = true;
 	}
-	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 ||
-	    !X509_gmtime_adj(X509_getm_notBefore(x), -86400) ||
-	    !X509_gmtime_adj(X509_getm_notAfter(x), ca.leaf_secs) ||
+	if (!X509_set_version(x, X509_VERSION_3) || tls_ca_serial(x) < 0 || tls_ca_leaf_validity(x) < 0 ||
 	    !X509_set_issuer_name(x, X509_get_subject_name(ca.cert)) || !X509_set_pubkey(x, leaf) ||
 	    (sk_GENERAL_NAME_num(gens) > 0 && !X509_add1_ext_i2d(x, NID_subject_alt_name, gens, critical, 0)) ||
 	    tls_ca_ext(x, ca.cert, NID_basic_constraints, "critical,CA:FALSE") < 0 ||

@@ -1346,7 +1346,7 @@ tls_client_failed(struct tls_session *ts, int e, int saved_errno)
 		capd_lock();  /* the CA is shared by the shards */
 		ca = tls_ca_invalid(when, sizeof when);
 		capd_unlock();
-		/* the forged certificate is always in its time; the CA may not be */
+		/* the forged certificate is in its time unless the CA is not (tls_ca_leaf_validity) */
 		snprintf(why, sizeof why, "client rejected the forged certificate (%s%s%s)", what,
 		         ca ? "; capd's CA " : "", ca ? ca : "");
 		tls_host_rejected(ts);

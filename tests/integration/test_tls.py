@@ -1868,3 +1868,38 @@ def test_keylog_file_closed_at_reload(capd_factory, tmp_path):
         assert str(b) not in open_files()
     finally:
         srv.close()
+
+
+def test_forged_certificate_ends_with_the_ca(capd_factory, tmp_path):
+    """Regression: a forged certificate was valid for 397 days from the day before
+    whatever the CA's own validity, so with a CA of one's own that ends tomorrow
+    every leaf outlived it by a year (and began a day before it). Each leaf now lies
+    within the CA's validity, as mitmproxy's do, and is still cached: one ending
+    with the CA is not forged anew at each handshake in the CA's last day."""
+    d = tmp_path / "ca"
+    d.mkdir()
+    cert, key = d / "short.pem", d / "short.key"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+            "-out", cert, "-days", "1", "-subj", "/O=capd tests/CN=short CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    capd = capd_factory(settings=f"ca_cert = {cert}\nca_key = {key}")
+    ucert, ukey = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(ucert, ukey)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+
+        def leaf():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                with tls_client_ctx(cert, strict=True).wrap_socket(c, server_hostname=NAME) as t:
+                    der = t.getpeercert(binary_form=True)
+            return openssl("x509", "-inform", "DER", "-noout", "-dates", "-serial", input=der).stdout.decode()
+
+        def dates(text):
+            return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("not")]
+
+        ca = openssl("x509", "-in", cert, "-noout", "-dates").stdout.decode()
+        first, second = leaf(), leaf()
+        assert dates(first) == dates(ca), (first, ca)
+        assert first == second  # the same serial: cached
+    finally:
+        srv.close()
