@@ -50,7 +50,9 @@ forward_accepted(struct session *s)
 {
 	struct forward_cfg *fc = s->inst->cfg;
 
-	session_connect(s, fc->to.host, fc->to.port);
+	/* tls = yes: the ClientHello first, the server only for a client served */
+	if (!tls_hello_first(s, fc->tls, fc->to.host, fc->to.port))
+		session_connect(s, fc->to.host, fc->to.port);
 }
 
 static inline struct forward_cfg *
@@ -62,6 +64,10 @@ fc_of(struct session *s)
 static void
 forward_connected(struct session *s, int err)
 {
+	if (s->tls) {
+		tls_connected(s, err);  /* after the ClientHello (tls_hello_first) */
+		return;
+	}
 	if (err != 0) {
 		/* the client sees its connection closed: a forwarder has no error reply */
 		session_close(s, s->why_connect ? s->why_connect : "connect failed");

@@ -62,7 +62,7 @@
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 #define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
 
-enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
+enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -117,6 +117,8 @@ struct tls_session {
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
 	struct spool_flow *raw[2];  /* per tls_leg */
 	bool accept_only;           /* tls_accept_start: the upstream comes later (tls_relay_start) */
+	const char *connect_host;   /* tls_hello_first: connect here once the hello is in (the instance's) */
+	uint16_t connect_port;
 	const char *pass;           /* TLS_ST_PASS: why the bytes pass untouched (static text) */
 	void (*hs_rcb)(struct ev_loop *, ev_io *, int);  /* the session's handshake callbacks, restored after */
 	void (*hs_wcb)(struct ev_loop *, ev_io *, int);
@@ -141,10 +143,12 @@ static unsigned long tls_keylog_lost;  /* lines that could not be written since 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void tls_client_step(struct tls_session *ts);
 static void tls_upstream_begin(struct tls_session *ts);
+static void tls_connect(struct tls_session *ts);
 static void tls_upstream_step(struct tls_session *ts);
 static void tls_upstream_failed(struct tls_session *ts, const char *why);
 static void tls_accept_hello(struct tls_session *ts);
 static void tls_accepted(struct tls_session *ts);
+static void tls_connect_failed(struct tls_session *ts, const char *why);
 
 /* ---- configuration ---- */
 
@@ -1138,6 +1142,8 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	if (ts->st == TLS_ST_UPSTREAM)
 		tls_upstream_failed(ts, "upstream handshake failed: timed out");
+	else if (ts->st == TLS_ST_CONNECT)
+		tls_connect_failed(ts, "connect timed out");
 	else if (ts->st == TLS_ST_PEEK)
 		tls_fail(ts, "idle timeout");
 	else
@@ -1476,6 +1482,11 @@ tls_client_step(struct tls_session *ts)
 	capd_lock();
 	pt = ts->accept_only ? NULL : tls_passthrough_why(ts->cfg, ts->host);
 	capd_unlock();
+	if (pt != NULL && ts->connect_host) {
+		ts->pass = pt;  /* relayed once connected (tls_connected) */
+		tls_connect(ts);
+		return;
+	}
 	if (pt != NULL) {
 		tls_plain(ts, pt);
 		return;
@@ -1506,10 +1517,26 @@ tls_client_step(struct tls_session *ts)
 		tls_client_step(ts);
 		return;
 	}
+	if (ts->connect_host) {
+		tls_connect(ts);
+		return;
+	}
 	/* a client that gives up on a slow server must not be held until
 	 * tls_timeout and then blamed on the server: tls_client_left */
 	ev_io_start(capd_loop, &t->sd->rio);
 	tls_upstream_begin(ts);
+}
+
+/* tls_hello_first: the client is to be served, so the server is needed now. */
+static void
+tls_connect(struct tls_session *ts)
+{
+	const char *host = ts->connect_host;
+
+	ts->connect_host = NULL;
+	ts->st = TLS_ST_CONNECT;
+	ev_io_start(capd_loop, &ts->c.sd->rio);  /* tls_client_left */
+	session_connect(ts->s, host, ts->connect_port);
 }
 
 /*
@@ -1848,6 +1875,10 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 		else
 			tls_upstream_step(ts);
 		break;
+	case TLS_ST_CONNECT:
+		if (w == &s->client.rio)
+			tls_client_left(ts);
+		break;
 	case TLS_ST_ACCEPTED:
 	case TLS_ST_OPEN:
 	case TLS_ST_PASS:
@@ -1882,6 +1913,67 @@ tls_intercept_start(struct session *s, struct tls_cfg *cfg)
 	ev_timer_start(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
 	tls_flush(ts);
+}
+
+bool
+tls_hello_first(struct session *s, struct tls_cfg *cfg, const char *host, uint16_t port)
+{
+	struct sockaddr_storage lit;
+	socklen_t len;
+
+	/* with auto a server may speak first (SMTP, SSH): it must be there to */
+	if (cfg == NULL || cfg->mode != TLS_YES || tls_bio_meth == NULL)
+		return false;
+	/* the target as session_connect will set it, for the passthrough match
+	 * (ts->host), the forged certificate and the close line */
+	if (addr_from_literal(host, port, &lit, &len) == 0) {
+		memcpy(&s->target_addr, &lit, len);
+		s->have_target = true;
+	} else {
+		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
+	}
+	tls_intercept_start(s, cfg);
+	if (s->tls) {
+		s->tls->connect_host = host;
+		s->tls->connect_port = port;
+	}
+	return true;
+}
+
+/* The connect after the hello failed: the client, whose hello waits, gets an
+ * alert (a passed-through one none: capd does not speak TLS to it). */
+static void
+tls_connect_failed(struct tls_session *ts, const char *why)
+{
+	if (ts->pass) {
+		tls_fail(ts, why);
+		return;
+	}
+	ev_io_stop(capd_loop, &ts->c.sd->rio);
+	ts->fail = xstrdup(why);
+	ts->st = TLS_ST_FINISH;
+	tls_client_step(ts);
+}
+
+void
+tls_connected(struct session *s, int err)
+{
+	struct tls_session *ts = s->tls;
+
+	if (err != 0) {
+		tls_connect_failed(ts, s->why_connect ? s->why_connect : "connect failed");
+		return;
+	}
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_init(&s->upstream.rio, tls_io_cb, s->upstream.fd, EV_READ);
+	ev_io_init(&s->upstream.wio, tls_io_cb, s->upstream.fd, EV_WRITE);
+	s->upstream.rio.data = s->upstream.wio.data = s;
+	if (ts->pass) {
+		tls_plain(ts, ts->pass);
+		return;
+	}
+	ev_io_start(capd_loop, &s->client.rio);  /* tls_client_left */
+	tls_upstream_begin(ts);
 }
 
 /* ---- the relay's helpers ---- */

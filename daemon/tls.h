@@ -67,6 +67,20 @@ void tls_describe(const struct tls_cfg *cfg, json_t *obj);
 void tls_intercept_start(struct session *s, struct tls_cfg *cfg);
 
 /*
+ * For a forwarder (its client speaks first, no reply precedes TLS): call
+ * from accepted instead of session_connect(host, port). With tls = yes it
+ * reads the ClientHello before the server is connected, so a client capd
+ * refuses (not TLS, a TLS version it does not take) never costs the server
+ * a connection; for the rest it calls session_connect itself, and
+ * proto->connected then calls tls_connected(s, err) (s->tls is set) instead
+ * of tls_intercept_start. false (nothing done: connect as usual) for
+ * tls = no, and for auto, where a server may speak first. host is borrowed
+ * until the connect starts.
+ */
+bool tls_hello_first(struct session *s, struct tls_cfg *cfg, const char *host, uint16_t port);
+void tls_connected(struct session *s, int err);
+
+/*
  * For a proxy that must read the client's plaintext before it knows the
  * upstream (reverse --tls): call tls_accept_start() from accepted. It
  * terminates the client's TLS with a certificate forged from the SNI (else the

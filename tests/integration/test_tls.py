@@ -1903,3 +1903,58 @@ def test_forged_certificate_ends_with_the_ca(capd_factory, tmp_path):
         assert first == second  # the same serial: cached
     finally:
         srv.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_forward_refuses_before_connecting(capd):
+    """Regression: a forward --tls instance connected to the server at each accept,
+    before it had read anything, so a TLS 1.0 client it refuses (or one that speaks
+    no TLS at all) still cost the server a connection that opened and closed empty.
+    The ClientHello is read first now: the server never sees such a client. The
+    client leg of tls_capture = both keeps the client's hello and capd's alert, and
+    there is no upstream leg; a client served gets its server as before, and one
+    whose server refuses the connect gets a handshake_failure alert with the
+    reason (it was a bare close)."""
+    srv = FirstBytes()
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify", "--tls-capture", "both")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+                ctx.wrap_socket(c, server_hostname=NAME)
+        assert exchange(port, b"GET / HTTP/1.0\r\n\r\n") == b""  # not TLS: closed
+        ss = last_closed(capd, 2)
+        assert ss[0]["reason"].startswith("protocol mismatch: the client offers TLS 1.0"), ss
+        assert ss[1]["reason"].startswith("protocol mismatch"), ss
+        assert ss[0]["target"] == f"127.0.0.1:{srv.port}", ss
+        time.sleep(0.3)  # what the server would have accepted is long in its backlog
+        assert srv.got == [], srv.got
+        pcap = pcap_after(capd)
+        t = tshark("-r", pcap, "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", "-e",
+                   "tcp.stream", "-e", "frame.comment")
+        legs = [l.split("\t") for l in t.stdout.splitlines() if l.strip()]
+        assert len(legs) == 2 and all("tls client leg" in c for _, c in legs), t.stdout
+        t = tshark("-r", pcap, "-Y", f"tcp.stream == {legs[0][0]}", "-T", "fields", "-e",
+                   "tls.handshake.type", "-e", "tls.alert_message.desc")
+        rows = [l.split("\t") for l in t.stdout.splitlines() if l.strip() and l.strip() != "\t"]
+        assert ["1", ""] in rows and ["", "70"] in rows, t.stdout  # its ClientHello, capd's protocol_version
+    finally:
+        srv.close()
+    # a client served reaches its server; a server that is gone is an alert
+    cert, key = make_cert(capd.dir, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    up = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, up.port, "--tls", "--no-tls-verify")
+        assert tls_get(port, NAME, tls_client_ctx())[0] == RESPONSE
+    finally:
+        up.close()
+    gone = free_port()
+    port = add_forward(capd, gone, "--tls", "--no-tls-verify")
+    with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+        tls_get(port, NAME, tls_client_ctx())
+    s = last_closed(capd, 4)[-1]
+    assert s["reason"] == f"connect to 127.0.0.1:{gone}: Connection refused", s
