@@ -83,7 +83,7 @@ struct instance {
 	unsigned nlis;
 
 	bool capture, expose;
-	bool intercepts;              /* TLS (tls = yes|auto): its prepare step makes the CA's leaf keys */
+	bool intercepts;              /* TLS that may forge (tls_cfg.forges): its prepare step makes the CA's leaf keys */
 	double idle_timeout, connect_timeout;
 
 	enum instance_state state;

@@ -110,6 +110,7 @@ struct tls_session {
 	unsigned hello_version;     /* the newest TLS version the client offers */
 	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
 	int fail_alert;             /* that alert: 0 for handshake_failure */
+	char *no_ca;                /* why nothing can be forged (tls_begin); NULL when it can */
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
@@ -136,7 +137,7 @@ static BIO_METHOD *tls_bio_meth;
 static struct tls_resume tls_resume[TLS_RESUME_SLOTS];
 static int tls_keylog_fd = -1;
 static bool tls_keylog_on;    /* the contexts have the key log callback */
-static unsigned tls_cfgs_on;  /* configs with tls = yes|auto, for tls_prepare */
+static unsigned tls_cfgs_on;  /* configs that forge (tls_cfg.forges), for tls_prepare */
 static char *tls_keylog_path;
 static unsigned long tls_keylog_lost;  /* lines that could not be written since the last that could */
 
@@ -195,11 +196,6 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 				return params_fail(p, only_tls[i], "'%s' applies only with tls = yes or auto", only_tls[i]);
 		}
 	}
-	if (cfg->mode != TLS_NO) {
-		tls_cfgs_on++;
-		if (inst)
-			inst->intercepts = true;
-	}
 	if (!strcmp(cap, "plain"))
 		cfg->capture_both = false;
 	else if (!strcmp(cap, "both"))
@@ -236,6 +232,17 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 	} else if (p->why) {
 		return -1;
 	}
+	/* every name passed through (reverse ends TLS itself, passthrough does
+	 * not apply there): nothing is forged, the CA is never needed */
+	cfg->forges = cfg->mode != TLS_NO;
+	for (size_t i = 0; cfg->forges && cfg->passthrough[i]; i++)
+		if (!strcmp(cfg->passthrough[i], "*") && !(inst && inst->proto && !strcmp(inst->proto->name, "reverse")))
+			cfg->forges = false;
+	if (cfg->forges) {
+		tls_cfgs_on++;
+		if (inst)
+			inst->intercepts = true;
+	}
 	return 0;
 }
 
@@ -244,7 +251,7 @@ tls_cfg_free(struct tls_cfg *cfg)
 {
 	if (cfg == NULL)
 		return;
-	if (cfg->mode != TLS_NO)
+	if (cfg->forges)
 		tls_cfgs_on--;
 	for (size_t i = 0; cfg->passthrough && cfg->passthrough[i]; i++)
 		free(cfg->passthrough[i]);
@@ -299,11 +306,12 @@ tls_passthrough_why(const struct tls_cfg *cfg, const char *host)
 {
 	struct tls_host *h;
 
+	for (size_t i = 0; cfg->passthrough[i]; i++)
+		if (!strcmp(cfg->passthrough[i], "*") ||
+		    (*host != '\0' && (hostname_match(cfg->passthrough[i], host) || !strcasecmp(cfg->passthrough[i], host))))
+			return "tls passthrough: the host is listed in tls_passthrough";
 	if (*host == '\0')
 		return NULL;
-	for (size_t i = 0; cfg->passthrough[i]; i++)
-		if (hostname_match(cfg->passthrough[i], host) || !strcasecmp(cfg->passthrough[i], host))
-			return "tls passthrough: the host is listed in tls_passthrough";
 	if (cfg->auto_passthrough && (h = tls_host_find(cfg, host)) && h->rejects >= TLS_REJECT_LIMIT)
 		return "tls passthrough: clients rejected the forged certificate for this host twice";
 	return NULL;
@@ -1014,6 +1022,7 @@ tls_session_free(struct session *s)
 			spool_flow_close(ts->raw[i], ts->end);
 	buf_free(&ts->log);
 	free(ts->fail);
+	free(ts->no_ca);
 	free(ts);
 }
 
@@ -1507,6 +1516,13 @@ tls_client_step(struct tls_session *ts)
 		tls_client_step(ts);
 		return;
 	}
+	if (ts->no_ca != NULL || !ts->cfg->forges) {
+		ts->fail = xstrdup(ts->no_ca ? ts->no_ca : "cannot intercept TLS: nothing to forge with");
+		ts->fail_alert = SSL_AD_INTERNAL_ERROR;
+		ts->st = TLS_ST_FINISH;
+		tls_client_step(ts);
+		return;
+	}
 	if (ts->accept_only) {
 		tls_accept_hello(ts);
 		return;
@@ -1741,23 +1757,27 @@ tls_begin(struct tls_session *ts)
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ts->st = TLS_ST_HELLO;
-	if (tls_ca_ensure_shared(&why) < 0) {
-		/* nothing to forge with (instance_finish refuses such an instance,
-		 * so this is rare): the client's hello gets an internal_error alert
-		 * from a context without certificates, not a bare EOF */
-		ts->fail = xasprintf("cannot intercept TLS: %s", why);
-		ts->fail_alert = SSL_AD_INTERNAL_ERROR;
-		ts->st = TLS_ST_FINISH;
+	if (ts->cfg->forges && tls_ca_ensure_shared(&why) == 0) {
+		ctx = tls_srv_ctx;
+	} else {
+		/* nothing to forge with: a config that passes every name through
+		 * (it needs no CA), or a CA that cannot be made (instance_finish
+		 * refuses such an instance, so this is rare). The hello is read
+		 * all the same, from a context without certificates: a name passed
+		 * through is relayed, any other gets an internal_error alert
+		 * (tls_client_step), not a bare EOF */
+		if (why)
+			ts->no_ca = xasprintf("cannot intercept TLS: %s", why);
+		else if (ts->cfg->forges)
+			ts->no_ca = xstrdup("cannot intercept TLS");
 		free(why);
 		capd_lock();
 		ctx = tls_bare_ctx();
 		capd_unlock();
 		if (ctx == NULL) {
-			tls_fail(ts, ts->fail);
+			tls_fail(ts, ts->no_ca ? ts->no_ca : "cannot start the client TLS handshake (out of memory?)");
 			return;
 		}
-	} else {
-		ctx = tls_srv_ctx;
 	}
 	if (tls_side_init(ts, &ts->c, &s->client, ctx, TLS_LEG_CLIENT) < 0) {
 		tls_fail(ts, "cannot start the client TLS handshake (out of memory?)");

@@ -45,6 +45,7 @@ struct tls_cfg {
 	bool auto_passthrough;    /* tls_auto_passthrough */
 	double timeout;           /* tls_timeout: both handshakes together, seconds */
 	bool transparent;         /* forward: the client reached capd's address as the server's */
+	bool forges;              /* some client may get a forged certificate: needs the CA */
 	char **passthrough;       /* host or *.suffix patterns, NULL-terminated */
 	struct tls_host *hosts;   /* rejection counts; passthrough at TLS_REJECT_LIMIT */
 };

@@ -1958,3 +1958,39 @@ def test_forward_refuses_before_connecting(capd):
         tls_get(port, NAME, tls_client_ctx())
     s = last_closed(capd, 4)[-1]
     assert s["reason"] == f"connect to 127.0.0.1:{gone}: Connection refused", s
+
+
+def test_passthrough_of_every_name_needs_no_ca(capd_factory, tmp_path):
+    """Regression: an instance with tls and tls_passthrough = * (every name relayed
+    untouched: nothing is ever forged) was refused when the CA could not be made,
+    like one that intercepts. Only an instance that may forge needs the CA now:
+    such a forward or socks instance is added (also from the config), its clients
+    reach the server's own certificate, and no CA file is made; reverse, where
+    passthrough does not apply, and a list that leaves names to intercept are
+    still refused."""
+    nodir = tmp_path / "no-such-dir"
+    settings = f"ca_cert = {nodir}/ca.pem\nca_key = {nodir}/ca.key"
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        sport = free_port()
+        capd = capd_factory(settings=settings, conf=f"[socks s]\nlisten = 127.0.0.1:{sport}\ntls = auto\n"
+                            "tls_passthrough = *\n")
+        port = add_forward(capd, srv.port, "--tls", "--tls-passthrough", "*")
+        assert tls_get(port, NAME, tls_client_ctx(cert))[0] == RESPONSE  # the server's own certificate
+        with socks5_connect(sport, srv.port) as s:
+            with tls_client_ctx(cert).wrap_socket(s, server_hostname=NAME) as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                got = b""
+                while (d := t.recv(65536)):
+                    got += d
+                assert got == RESPONSE
+        ss = last_closed(capd, 2)
+        assert all(s["reason"].endswith("(tls passthrough: the host is listed in tls_passthrough)") for s in ss), [s["reason"] for s in ss]
+        assert not nodir.exists()
+        for args in (("forward", "--to", f"127.0.0.1:{srv.port}", "--tls", "--tls-passthrough", "other.test"),
+                     ("reverse", "--route", f"{NAME}=127.0.0.1:{srv.port}", "--tls", "--tls-passthrough", "*")):
+            r = capd.ctl("add", args[0], "--port", free_port(), *args[1:], check=False)
+            assert r.returncode == 1 and "cannot intercept TLS" in r.stderr, (args, r.stderr)
+    finally:
+        srv.close()
