@@ -1906,18 +1906,19 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 	}
 }
 
-void
-tls_intercept_start(struct session *s, struct tls_cfg *cfg)
+/* tls_intercept_start, and tls_hello_first with host (else NULL): connect
+ * there once the hello is in. The hello may be waiting already, and read
+ * (and acted on) before this returns. */
+static void
+tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint16_t port)
 {
 	struct tls_session *ts;
 
-	if (cfg == NULL || cfg->mode == TLS_NO || tls_bio_meth == NULL) {
-		relay_start(s);
-		return;
-	}
 	ts = xcalloc(1, sizeof *ts);
 	ts->s = s;
 	ts->cfg = cfg;
+	ts->connect_host = host;
+	ts->connect_port = port;
 	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
 	s->tls = ts;
 	tls_keylog_want(ts);
@@ -1933,6 +1934,16 @@ tls_intercept_start(struct session *s, struct tls_cfg *cfg)
 	ev_timer_start(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
 	tls_flush(ts);
+}
+
+void
+tls_intercept_start(struct session *s, struct tls_cfg *cfg)
+{
+	if (cfg == NULL || cfg->mode == TLS_NO || tls_bio_meth == NULL) {
+		relay_start(s);
+		return;
+	}
+	tls_start_session(s, cfg, NULL, 0);
 }
 
 bool
@@ -1952,11 +1963,7 @@ tls_hello_first(struct session *s, struct tls_cfg *cfg, const char *host, uint16
 	} else {
 		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
 	}
-	tls_intercept_start(s, cfg);
-	if (s->tls) {
-		s->tls->connect_host = host;
-		s->tls->connect_port = port;
-	}
+	tls_start_session(s, cfg, host, port);
 	return true;
 }
 

@@ -1994,3 +1994,28 @@ def test_passthrough_of_every_name_needs_no_ca(capd_factory, tmp_path):
             assert r.returncode == 1 and "cannot intercept TLS" in r.stderr, (args, r.stderr)
     finally:
         srv.close()
+
+
+def test_forward_hello_waiting_at_the_accept(capd, tmp_path):
+    """A client whose ClientHello is already there when capd accepts it (capd busy,
+    here stopped) is read at once: the forwarder must still connect to its server
+    first (a first version of reading the hello before connecting began the
+    server's TLS on no connection: 'upstream handshake failed: Bad file
+    descriptor')."""
+    import signal
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        got = []
+        capd.proc.send_signal(signal.SIGSTOP)
+        try:
+            t = threading.Thread(target=lambda: got.append(tls_get(port, NAME, tls_client_ctx())))
+            t.start()
+            time.sleep(0.3)  # the connect and the hello go into the listener's backlog
+        finally:
+            capd.proc.send_signal(signal.SIGCONT)
+        t.join(20)
+        assert got and got[0][0] == RESPONSE, (got, last_closed(capd)[-1])
+    finally:
+        srv.close()
