@@ -1601,6 +1601,12 @@ tls_upstream_begin(struct tls_session *ts)
 	SSL_set_connect_state(u->ssl);
 	if (ts->sni[0])
 		SSL_set_tlsext_host_name(u->ssl, ts->sni);
+	else if (!ts->accept_only && ts->host[0] && !addr_is_ip_literal(ts->host))
+		/* no SNI, but the client named the server to the proxy (or the
+		 * forwarder's `to` does): the name it is verified against is the one
+		 * to ask for, as a client that connects itself would (a server with
+		 * names of several sites otherwise shows its default certificate) */
+		SSL_set_tlsext_host_name(u->ssl, ts->host);
 	if (ts->accept_only) {
 		/* the client already settled on HTTP/1.1 with capd */
 		static const unsigned char h1[] = "\x08http/1.1";

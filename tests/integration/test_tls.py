@@ -2019,3 +2019,62 @@ def test_forward_hello_waiting_at_the_accept(capd, tmp_path):
         assert got and got[0][0] == RESPONSE, (got, last_closed(capd)[-1])
     finally:
         srv.close()
+
+
+class SniRecorder(Listener):
+    """A TLS server (the given certificate) that records the SNI of each handshake
+    (None: none) and answers RESPONSE to a request."""
+
+    def __init__(self, cert, key):
+        self.snis = []
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.sni_callback = lambda sock, name, ctx: self.snis.append(name)
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        c.settimeout(10)
+        try:
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                t.recv(65536)
+                t.sendall(RESPONSE)
+                t.unwrap()
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def test_client_without_sni_server_asked_for_the_target_name(capd, tmp_path):
+    """Regression: a client that sent no SNI through a socks instance to a name
+    (socks5h: the proxy resolves) had the server's certificate checked against that
+    name, but capd asked the server for no name at all: a server that holds several
+    sites' certificates (nginx with server blocks, a CDN) showed its default one, and
+    the check failed. capd now sends the name the client asked for as the SNI, as a
+    client connecting itself would; an address is still sent as no SNI."""
+    cert, key = make_cert(tmp_path, "up", "/CN=localhost", "DNS:localhost,IP:127.0.0.1")
+    srv = SniRecorder(cert, key)
+    try:
+        sport = free_port()
+        capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
+        for host in ("localhost", "127.0.0.1"):
+            s = socket.create_connection(("127.0.0.1", sport), timeout=10)
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            if host[0].isdigit():
+                s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + srv.port.to_bytes(2, "big"))
+            else:
+                s.sendall(b"\x05\x01\x00\x03" + bytes([len(host)]) + host.encode() + srv.port.to_bytes(2, "big"))
+            assert s.recv(10)[1] == 0
+            with tls_client_ctx().wrap_socket(s, server_hostname=None) as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while (d := t.recv(65536)):
+                    got += d
+            assert got == RESPONSE
+        assert srv.snis == ["localhost", None], srv.snis
+        ss = last_closed(capd, 2)
+        assert all("sni=-" in s["note"] for s in ss), ss  # the client's own: none
+    finally:
+        srv.close()
