@@ -1286,6 +1286,27 @@ tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, STACK_OF(X509) *chain
 	sk_X509_pop_free(chain, X509_free);
 }
 
+/*
+ * A client may resume only a session of the same instance and SNI: the
+ * context toward clients is one for every name, and OpenSSL resumed a
+ * session whose certificate was forged for www.a with a hello for www.b
+ * (RFC 6066 3: the server MUST NOT; it does a full handshake). The session
+ * ID context, which OpenSSL checks before it resumes, is made of the two.
+ */
+static void
+tls_resume_scope(struct tls_session *ts, SSL *ssl)
+{
+	unsigned char id[EVP_MAX_MD_SIZE];
+	unsigned n = 0;
+	char *scope = xasprintf("%s%c%s", ts->s->inst->name, '\0', ts->sni);
+	size_t len = strlen(ts->s->inst->name) + 1 + strlen(ts->sni);
+
+	if (EVP_Digest(scope, len, id, &n, EVP_sha256(), NULL) != 1 ||
+	    SSL_set_session_id_context(ssl, id, n < SSL_MAX_SID_CTX_LENGTH ? n : SSL_MAX_SID_CTX_LENGTH) != 1)
+		ERR_clear_error();  /* the context's own ("capd") stays */
+	free(scope);
+}
+
 static int
 tls_client_hello_cb(SSL *ssl, int *al, void *arg)
 {
@@ -1296,6 +1317,7 @@ tls_client_hello_cb(SSL *ssl, int *al, void *arg)
 		return SSL_CLIENT_HELLO_SUCCESS;
 	if (ts->st == TLS_ST_HELLO) {
 		tls_hello_parse(ts, ssl);
+		tls_resume_scope(ts, ssl);
 		return SSL_CLIENT_HELLO_RETRY;  /* the accept waits for the upstream */
 	}
 	if (ts->fail) {

@@ -2078,3 +2078,36 @@ def test_client_without_sni_server_asked_for_the_target_name(capd, tmp_path):
         assert all("sni=-" in s["note"] for s in ss), ss  # the client's own: none
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_client_resumes_only_for_the_same_name(capd, tmp_path, version):
+    """Regression: capd's one context toward clients resumed any session it had
+    issued: a client that offered the session of www.example.test in a hello for
+    alt.example.test (openssl s_client -sess_in with another -servername) was
+    resumed, with no certificate for the name it asked for (RFC 6066 3: a server
+    MUST NOT; it does a full handshake). The same name still resumes."""
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME},DNS:alt.example.test")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ctx = tls_client_ctx()
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+
+        def get(name, session=None):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                with ctx.wrap_socket(c, server_hostname=name, session=session) as t:
+                    t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    got = b""
+                    while (d := t.recv(65536)):
+                        got += d
+                    assert got == RESPONSE
+                    return t.session, t.session_reused, served_key(t)
+
+        first, reused, _ = get(NAME)
+        assert not reused
+        assert get(NAME, first)[1]
+        _, reused, info = get("alt.example.test", first)
+        assert not reused and "DNS:alt.example.test" in info, info
+    finally:
+        srv.close()
