@@ -196,6 +196,18 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 				return params_fail(p, only_tls[i], "'%s' applies only with tls = yes or auto", only_tls[i]);
 		}
 	}
+	if (inst && inst->proto && !strcmp(inst->proto->name, "reverse")) {
+		/* reverse ends the client's TLS itself, before it knows an upstream:
+		 * there is nothing to pass through, and taken silently they would seem to work */
+		static const char *const no_pass[] = { "tls_passthrough", "tls_auto_passthrough" };
+		for (size_t i = 0; i < sizeof no_pass / sizeof *no_pass; i++) {
+			json_t *v = json_object_get(p->obj, no_pass[i]);
+			if (v != NULL && !json_is_null(v))
+				return params_fail(p, no_pass[i],
+				                   "'%s' does not apply to reverse (it ends the client's TLS itself)",
+				                   no_pass[i]);
+		}
+	}
 	if (!strcmp(cap, "plain"))
 		cfg->capture_both = false;
 	else if (!strcmp(cap, "both"))
@@ -232,11 +244,11 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 	} else if (p->why) {
 		return -1;
 	}
-	/* every name passed through (reverse ends TLS itself, passthrough does
-	 * not apply there): nothing is forged, the CA is never needed */
+	/* every name passed through (reverse, which has no passthrough, was
+	 * refused above): nothing is forged, the CA is never needed */
 	cfg->forges = cfg->mode != TLS_NO;
 	for (size_t i = 0; cfg->forges && cfg->passthrough[i]; i++)
-		if (!strcmp(cfg->passthrough[i], "*") && !(inst && inst->proto && !strcmp(inst->proto->name, "reverse")))
+		if (!strcmp(cfg->passthrough[i], "*"))
 			cfg->forges = false;
 	if (cfg->forges) {
 		tls_cfgs_on++;

@@ -1965,9 +1965,8 @@ def test_passthrough_of_every_name_needs_no_ca(capd_factory, tmp_path):
     untouched: nothing is ever forged) was refused when the CA could not be made,
     like one that intercepts. Only an instance that may forge needs the CA now:
     such a forward or socks instance is added (also from the config), its clients
-    reach the server's own certificate, and no CA file is made; reverse, where
-    passthrough does not apply, and a list that leaves names to intercept are
-    still refused."""
+    reach the server's own certificate, and no CA file is made; a list that
+    leaves names to intercept is still refused."""
     nodir = tmp_path / "no-such-dir"
     settings = f"ca_cert = {nodir}/ca.pem\nca_key = {nodir}/ca.key"
     cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
@@ -1988,10 +1987,9 @@ def test_passthrough_of_every_name_needs_no_ca(capd_factory, tmp_path):
         ss = last_closed(capd, 2)
         assert all(s["reason"].endswith("(tls passthrough: the host is listed in tls_passthrough)") for s in ss), [s["reason"] for s in ss]
         assert not nodir.exists()
-        for args in (("forward", "--to", f"127.0.0.1:{srv.port}", "--tls", "--tls-passthrough", "other.test"),
-                     ("reverse", "--route", f"{NAME}=127.0.0.1:{srv.port}", "--tls", "--tls-passthrough", "*")):
-            r = capd.ctl("add", args[0], "--port", free_port(), *args[1:], check=False)
-            assert r.returncode == 1 and "cannot intercept TLS" in r.stderr, (args, r.stderr)
+        r = capd.ctl("add", "forward", "--port", free_port(), "--to", f"127.0.0.1:{srv.port}", "--tls",
+                     "--tls-passthrough", "other.test", check=False)
+        assert r.returncode == 1 and "cannot intercept TLS" in r.stderr, r.stderr
     finally:
         srv.close()
 
@@ -2111,3 +2109,17 @@ def test_client_resumes_only_for_the_same_name(capd, tmp_path, version):
         assert not reused and "DNS:alt.example.test" in info, info
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("key,opt", [("tls_passthrough", ["--tls-passthrough", "*"]),
+                                     ("tls_auto_passthrough", ["--no-tls-auto-passthrough"])])
+def test_reverse_refuses_passthrough_keys(capd, key, opt):
+    """Regression: reverse took tls_passthrough and tls_auto_passthrough and did
+    nothing with them (it ends the client's TLS before it knows an upstream, so
+    there is nothing to pass through): `capctl add reverse --tls --tls-passthrough
+    '*'` succeeded and intercepted every name. Both are refused now, as the tls keys
+    are without tls."""
+    r = capd.ctl("add", "reverse", "--port", free_port(), "--default", "127.0.0.1:9", "--tls", *opt, check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"'{key}' does not apply to reverse" in r.stderr, r.stderr
+    assert capd.ctl("list", json_out=True) == []
