@@ -63,6 +63,9 @@ struct http_conn {
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
 	bool dechunk;               /* a chunked response to a 1.0 client: only its chunks' data goes out */
+	unsigned exchanges;         /* exchanges done on this upstream connection: it is a reused one after the first */
+	bool can_retry;             /* the request may go again on a new connection should this one close unanswered */
+	struct buf retry;           /* that request's head as the client sent it (can_retry) */
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
@@ -583,18 +586,21 @@ http_proxy_session_free(struct session *s)
 	if (hc == NULL)
 		return;
 	buf_free(&hc->head);
+	buf_free(&hc->retry);
 	free(hc->fail);
 	free(hc->upload_fail);
 	free(hc);
 }
 
-/* The client socket, with bytes already read from it, goes on in a new session. */
+/* The client socket, with bytes already read from it, goes on in a new
+ * session; the old one closes with reason (NULL: it closed or reset),
+ * saying where the client went. */
 static void
-http_handoff(struct session *s, const uint8_t *p, size_t n)
+http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 {
 	int fd = s->client.fd;
 	struct session *ns;
-	char why[64];
+	char why[160];
 
 	ev_io_stop(capd_loop, &s->client.rio);
 	ev_io_stop(capd_loop, &s->client.wio);
@@ -607,8 +613,11 @@ http_handoff(struct session *s, const uint8_t *p, size_t n)
 	}
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
-	snprintf(why, sizeof why, "%s (client continues in session %llu)",
-	         s->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
+	if (reason)
+		snprintf(why, sizeof why, "%s (request sent again in session %llu)", reason, (unsigned long long)ns->id);
+	else
+		snprintf(why, sizeof why, "%s (client continues in session %llu)",
+		         s->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
@@ -727,6 +736,43 @@ http_proxy_idle(struct session *s)
 
 /* ---- the filter ---- */
 
+/* Whether a request may be sent twice (RFC 9110 9.2.2): nginx resends
+ * only these on a new connection after the one it reused failed. */
+static bool
+http_idempotent(const struct http_msg *m)
+{
+	static const char *const safe[] = { "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE" };
+
+	for (size_t i = 0; i < sizeof safe / sizeof safe[0]; i++)
+		if (http_method_is(m, safe[i]))
+			return true;
+	return false;
+}
+
+/* The upstream closed or reset (why) after the request went, before any
+ * byte of its answer: on a reused connection, the keep-alive race (its
+ * idle timeout fired as the request came). As nginx does, a request that
+ * may go twice, none of whose body went up, goes once more in a new
+ * session on a new connection, with what the client sent after it; the
+ * capture shows both attempts. False when it may not (the caller answers
+ * 502); true when it went (this session is closed). */
+static bool
+http_retry(struct session *s, const char *why)
+{
+	struct http_conn *hc = s->proto_state;
+	const uint8_t *p;
+	size_t n;
+
+	if (!hc->can_retry || hc->fail != NULL || s->client.tls != NULL)
+		return false;
+	n = relay_held(s, DIR_UP, &p);
+	if (buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
+		return false;
+	buf_append(&hc->retry, p, n);
+	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why);
+	return true;
+}
+
 /* Both halves of an exchange are done: the next request may come. */
 static enum relay_verdict
 http_next(struct session *s)
@@ -741,6 +787,7 @@ http_next(struct session *s)
 		session_close(s, "closed");
 		return RELAY_STOP;
 	}
+	hc->exchanges++;
 	hc->up = UP_HEAD;
 	hc->down = DOWN_IDLE;
 	hc->req_done = hc->resp_done = false;
@@ -799,7 +846,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
 			return RELAY_END;
 		}
-		http_handoff(s, p, n);
+		http_handoff(s, p, n, NULL);
 		return RELAY_STOP;
 	}
 	http_note(s, m, &t);
@@ -815,6 +862,13 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	hc->resp_done = false;
 	hc->up = hc->req_done ? UP_WAIT : UP_BODY;
 	hc->down = DOWN_HEAD;
+	/* a kept connection the origin closes as this request arrives (its
+	 * idle timeout) is the keep-alive race: the request may go again, once
+	 * (http_retry), so its head is kept until its answer or body starts */
+	hc->can_retry = hc->exchanges > 0 && http_idempotent(m) && s->client.tls == NULL;
+	buf_reset(&hc->retry);
+	if (hc->can_retry)
+		buf_append(&hc->retry, p, m->head_len);
 	/* a request without a body ends with its head: hold the client now, as
 	 * http_body does at a body's end, instead of reading it for a next request
 	 * that has to wait for this response anyway */
@@ -984,6 +1038,8 @@ http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size
 {
 	struct http_conn *hc = s->proto_state;
 
+	if (d == DIR_DOWN || hc->up == UP_BODY)
+		hc->can_retry = false;  /* the answer or the body started: the request cannot go again */
 	if (d == DIR_UP) {
 		switch (hc->up) {
 		case UP_HEAD: return http_up_head(s, p, n, used);
@@ -1068,8 +1124,11 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
-		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
+		if (n == 0 && hc->upload_fail)
 			s->upstream_reset = true;
+		if (n == 0 && http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response"))
+			return RELAY_STOP;
+		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
 			http_fail_late(s, 502, hc->upload_fail);
 			return RELAY_PASS;
 		}
@@ -1108,6 +1167,11 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	}
 	if (hc->down != DOWN_HEAD || hc->fail)
 		return RELAY_UPFAIL_RESET;
+	if (hc->can_retry) {
+		s->upstream_reset = true;
+		if (http_retry(s, why))
+			return RELAY_UPFAIL_GONE;  /* the session is closed */
+	}
 	/* a server that refuses a body early (413, 401) answers and closes with the
 	 * rest unread: its answer waits to be read, as a direct client would */
 	if (sending) {

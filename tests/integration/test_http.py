@@ -410,8 +410,9 @@ def test_origin_resets_idle_connection(capd):
 
 def test_origin_resets_after_a_forwarded_request(capd):
     """An origin that resets its kept connection when the next request is already
-    on its way (it read it): that request gets a 502 saying so, and the client's
-    connection ends as after the origin's FIN there."""
+    on its way (it read it), a POST (it may not go twice): that request gets a 502 saying so, and the client's connection ends as after
+    the origin's FIN there. (A reused connection and a GET: resent, see
+    test_keep_alive_race_resends_the_request.)"""
     for end, why in (("rst", b"upstream reset"), ("fin", b"upstream closed without a response")):
         o = KeptOrigin(end, answers=1, idle=2, read_next=True)
         try:
@@ -419,10 +420,12 @@ def test_origin_resets_after_a_forwarded_request(capd):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(f"GET http://127.0.0.1:{o.port}/r0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 first = read_responses(s)[0]
-                s.sendall(f"GET http://127.0.0.1:{o.port}/r1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.sendall(f"POST http://127.0.0.1:{o.port}/r1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                          .encode())
                 rest = read_all(s)
             assert first.endswith(b"conn 1: GET /r0 HTTP/1.1\n"), first
             assert status_of(rest) == 502 and why in rest and b"\r\nConnection: close\r\n" in rest, rest
+            assert o.conns == 1
         finally:
             o.close()
             capd.ctl("remove", "h")
@@ -1500,5 +1503,36 @@ def test_idle_timeout_after_an_idle_upstream_reset_keeps_the_rst(capd):
         assert ends.returncode == 0, ends
         rows = [l.split("\t") for l in ends.stdout.splitlines() if l.strip()]
         assert [str(o.port), "1"] in rows and [str(o.port), "0"] not in rows, rows
+    finally:
+        o.close()
+
+
+@pytest.mark.parametrize("end", ["fin", "rst"])
+def test_keep_alive_race_resends_the_request(capd, end):
+    """Regression: an origin whose idle timeout closed (or reset) a reused kept
+    connection just as capd sent the next GET on it (the keep-alive race) gave
+    the client "502 Bad Gateway: upstream closed without a response" (or
+    "upstream reset"). As nginx does, a request that may go twice, none of
+    whose answer came, is sent once more on a new connection, in a new
+    session; the capture shows both attempts."""
+    o = KeptOrigin(end, answers=1, idle=5, read_next=True)
+    try:
+        port = add_http(capd)
+        got = kept_connection_requests(port, f"http://127.0.0.1:{o.port}", 2)
+        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 1: GET /r0 HTTP/1.1\n",
+                                                         b"conn 2: GET /r1 HTTP/1.1\n"], got
+        assert o.conns == 2     # resent once, and the new connection went on
+        ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
+        why = "upstream reset" if end == "rst" else "upstream closed without a response"
+        assert ss[0]["reason"] == f"{why} (request sent again in session {ss[1]['id']})", ss
+        assert ss[1]["client"] == ss[0]["client"] and ss[1]["reason"] == "closed", ss
+        capd.flush()
+        pcap = capd.pcaps()[-1]
+        _, up1, down1 = follow_session(pcap, ss[0]["id"])
+        _, up2, down2 = follow_session(pcap, ss[1]["id"])
+        # the first attempt crossed on the first connection, the second on the new one
+        assert b"GET /r0 " in up1 and b"GET /r1 " in up1 and b"conn 1: GET /r0" in down1 and b"/r1" not in down1
+        assert up2.startswith(b"GET /r1 HTTP/1.1\r\n"), up2
+        assert b"conn 2: GET /r1" in down2
     finally:
         o.close()
