@@ -62,6 +62,7 @@ struct http_conn {
 	bool client_keep;           /* the client connection outlives this response */
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
+	const char *gone_why;       /* why, when it did not just close (static text), or NULL */
 	bool dechunk;               /* a chunked response to a 1.0 client: only its chunks' data goes out */
 	unsigned exchanges;         /* exchanges done on this upstream connection: it is a reused one after the first */
 	bool can_retry;             /* the request may go again on a new connection should this one close unanswered */
@@ -598,6 +599,7 @@ http_proxy_session_free(struct session *s)
 static void
 http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 {
+	struct http_conn *hc = s->proto_state;
 	int fd = s->client.fd;
 	struct session *ns;
 	char why[160];
@@ -617,7 +619,8 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 		snprintf(why, sizeof why, "%s (request sent again in session %llu)", reason, (unsigned long long)ns->id);
 	else
 		snprintf(why, sizeof why, "%s (client continues in session %llu)",
-		         s->upstream_reset ? "upstream reset" : "closed", (unsigned long long)ns->id);
+		         hc->gone_why ? hc->gone_why : s->upstream_reset ? "upstream reset" : "closed",
+		         (unsigned long long)ns->id);
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
@@ -1053,7 +1056,17 @@ http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size
 	case DOWN_BODY: return http_body(s, d, p, n, used);
 	case DOWN_TUNNEL: *used = n; return RELAY_PASS;
 	default:
-		session_data(s, DIR_DOWN, p, n);
+		session_data(s, DIR_DOWN, p, n);  /* captured, never sent */
+		if (hc->client_keep && s->client.tls == NULL && !hc->upstream_gone) {
+			/* an upstream that speaks out of turn is not asked again: as
+			 * after its FIN, the client's next request moves on to a new
+			 * session; its bytes stay unread, this session ends then */
+			log_info("session %llu: upstream sent %zu bytes with no request outstanding: not reused",
+			         (unsigned long long)s->id, n);
+			hc->upstream_gone = true;
+			hc->gone_why = "upstream sent bytes with no request outstanding";
+			return RELAY_END;
+		}
 		session_close(s, "upstream sent bytes with no request outstanding");
 		return RELAY_STOP;
 	}
@@ -1080,7 +1093,9 @@ http_filter_done(struct session *s, enum dir d)
 		 * FIN stays unread: nothing else would end the session) */
 		else if (d == DIR_UP && hc->up == UP_HEAD && hc->down == DOWN_IDLE)
 			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			              : s->upstream_reset ? "upstream reset" : "closed");
+			              : hc->gone_why              ? hc->gone_why
+			              : s->upstream_reset         ? "upstream reset"
+			                                          : "closed");
 		else if (d == DIR_UP && hc->resp_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
 			session_close(s, hc->fail ? hc->fail : "closed");
 		return;
@@ -1104,7 +1119,9 @@ http_filter_eof(struct session *s, enum dir d)
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
 			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			                : s->upstream_reset ? "upstream reset" : "closed");
+			              : hc->gone_why              ? hc->gone_why
+			              : s->upstream_reset         ? "upstream reset"
+			                                          : "closed");
 			return RELAY_STOP;
 		}
 		return RELAY_PASS;

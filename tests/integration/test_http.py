@@ -938,9 +938,7 @@ def test_bad_upstream_response(capd, answer, why):
     # the head is out before the body fails: the client gets it, then a FIN
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
      b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nVia: 1.1 capd\r\n\r\n", "upstream sent bad chunked framing"),
-    # a whole response, then bytes nobody asked for
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
-     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 capd\r\n\r\nok", "upstream sent bytes with no request outstanding"),
+    # (a whole response, then bytes nobody asked for: test_unsolicited_bytes_drop_the_upstream_only)
 ])
 def test_bad_upstream_after_the_head(capd, answer, client_gets, reason):
     """Once a response head has gone to the client no error reply fits: the client gets what
@@ -1534,5 +1532,58 @@ def test_keep_alive_race_resends_the_request(capd, end):
         assert b"GET /r0 " in up1 and b"GET /r1 " in up1 and b"conn 1: GET /r0" in down1 and b"/r1" not in down1
         assert up2.startswith(b"GET /r1 HTTP/1.1\r\n"), up2
         assert b"conn 2: GET /r1" in down2
+    finally:
+        o.close()
+
+
+class ChattyOrigin(Listener):
+    """Answers each request on a kept connection with "conn N"; on the first
+    connection, after its first answer, sends bytes nobody asked for: in the
+    answer's segment ("same"), or a moment later ("later")."""
+
+    def __init__(self, when):
+        self.when, self.conns = when, 0
+        super().__init__()
+
+    def handle(self, c, peer):
+        self.conns += 1
+        apart(self.serve, c, self.conns)
+
+    def serve(self, c, n):
+        with c:
+            got, answered = b"", 0
+            while d := c.recv(4096):
+                got += d
+                while b"\r\n\r\n" in got:
+                    got = got.split(b"\r\n\r\n", 1)[1]
+                    answered += 1
+                    extra = b"UNSOLICITED" if n == 1 and answered == 1 else b""
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nconn %d\n" % n
+                              + (extra if self.when == "same" else b""))
+                    if extra and self.when == "later":
+                        time.sleep(0.1)
+                        c.sendall(extra)
+
+
+@pytest.mark.parametrize("when", ["same", "later"])
+def test_unsolicited_bytes_drop_the_upstream_only(capd, when):
+    """Regression: an origin that sent bytes on its idle kept connection (no
+    request outstanding) made capd close the client's connection too. Now that
+    upstream connection is not used again (capd logs it) and the client's next
+    request goes to a new one, in a new session; the bytes are captured in the
+    first session, and never reach the client."""
+    o = ChattyOrigin(when)
+    try:
+        port = add_http(capd)
+        got = kept_connection_requests(port, f"http://127.0.0.1:{o.port}", 3, pause=0.3)
+        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 1\n", b"conn 2\n", b"conn 2\n"], got
+        ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
+        assert ss[0]["reason"] == ("upstream sent bytes with no request outstanding "
+                                   f"(client continues in session {ss[1]['id']})"), ss
+        assert ss[1]["client"] == ss[0]["client"] and ss[1]["reason"] == "closed", ss
+        assert "upstream sent 11 bytes with no request outstanding: not reused" in capd.log()
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], ss[0]["id"])
+        assert down.endswith(b"conn 1\nUNSOLICITED"), down
     finally:
         o.close()
