@@ -247,8 +247,10 @@ conf_instance_key(struct conf_parse *cp, const char *key, const char *v)
 		if (old == NULL)
 			json_object_set_new(params, key, json_array());
 		json_array_append_new(json_object_get(params, key), val);
+		/* one line per value: an error names the entry it is about (params_fail_at) */
 		if (json_object_get(lines, key) == NULL)
-			json_object_set_new(lines, key, json_integer(cp->line));
+			json_object_set_new(lines, key, json_array());
+		json_array_append_new(json_object_get(lines, key), json_integer(cp->line));
 		return;
 	}
 	if (old) {

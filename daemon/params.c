@@ -14,21 +14,20 @@ static const char *const params_common_keys[] = {
 	"type", "name", "listen", "expose", "capture", "idle_timeout", "connect_timeout", NULL,
 };
 
-int
-params_fail(struct params *p, const char *key, const char *fmt, ...)
+static int
+params_vfail(struct params *p, const char *key, size_t index, const char *fmt, va_list ap)
 {
-	va_list ap;
 	char *msg;
 	int line = p->section_line;
 
 	if (p->why)
 		return -1;
-	va_start(ap, fmt);
 	if (vasprintf(&msg, fmt, ap) < 0)
 		abort();
-	va_end(ap);
 	if (key && p->lines) {
 		json_t *l = json_object_get(p->lines, key);
+		if (json_is_array(l))  /* a repeated key: the line of that value */
+			l = json_array_get(l, index < json_array_size(l) ? index : 0);
 		if (json_is_integer(l))
 			line = (int)json_integer_value(l);
 	}
@@ -38,6 +37,30 @@ params_fail(struct params *p, const char *key, const char *fmt, ...)
 		p->why = xstrdup(msg);
 	free(msg);
 	return -1;
+}
+
+int
+params_fail(struct params *p, const char *key, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = params_vfail(p, key, 0, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+int
+params_fail_at(struct params *p, const char *key, size_t index, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = params_vfail(p, key, index, fmt, ap);
+	va_end(ap);
+	return rc;
 }
 
 /* The value as text whatever its JSON type; NULL when absent. */

@@ -9,18 +9,22 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct params {
 	json_t *obj;       /* borrowed: {"type","name","listen",...} */
 	const char *file;  /* config file, or NULL for RPC */
-	json_t *lines;     /* borrowed {"key": line}, or NULL */
+	json_t *lines;     /* borrowed {"key": line}, {"key": [line, ...]} for a repeated key, or NULL */
 	int section_line;
 	char *why;         /* first error, "file:line: message"; owned here */
 };
 
 /* Records an error for key (NULL: the section) unless one is already set; returns -1. */
 int params_fail(struct params *p, const char *key, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* params_fail about the index-th value of a repeated key (params_list): its own line. */
+int params_fail_at(struct params *p, const char *key, size_t index, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 const char *params_str(struct params *p, const char *key, const char *def);
 /* A comma-separated value, also taken as a JSON array of strings and numbers (joined). */
 const char *params_csv(struct params *p, const char *key, const char *def);

@@ -159,7 +159,7 @@ reverse_configure(struct instance *inst, struct params *p)
 		bool bracket;
 
 		if (eq == NULL || eq == v)
-			return params_fail(p, "route", "bad route '%s': expected host=addr:port", v ? v : "");
+			return params_fail_at(p, "route", i, "bad route '%s': expected host=addr:port", v ? v : "");
 		pat = xstrndup(v, (size_t)(eq - v));
 		len = strlen(pat);
 		if (len > 1 && pat[len - 1] == '.' && pat[len - 2] != '.' && pat[len - 2] != '*')
@@ -173,14 +173,14 @@ reverse_configure(struct instance *inst, struct params *p)
 		if (bracket ? !(addr_is_ip_literal(pat) && strchr(pat, ':'))
 		            : !(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
 		                addr_is_ip_literal(pat))) {
-			params_fail(p, "route", "bad host pattern '%.*s' in route", (int)(eq - v), v);
+			params_fail_at(p, "route", i, "bad host pattern '%.*s' in route", (int)(eq - v), v);
 			free(pat);
 			return -1;
 		}
 		r->pattern = pat;
 		cfg->nroutes++;
 		if (hostport_parse(eq + 1, &r->to, &why) < 0) {
-			params_fail(p, "route", "bad route '%s': %s", v, why);
+			params_fail_at(p, "route", i, "bad route '%s': %s", v, why);
 			free(why);
 			return -1;
 		}
@@ -191,7 +191,7 @@ reverse_configure(struct instance *inst, struct params *p)
 
 			if ((strcasecmp(o->pattern, pat) == 0 || reverse_same_ip(o->pattern, pat)) &&
 			    (o->to.port != r->to.port || strcasecmp(o->to.host, r->to.host) != 0))
-				return params_fail(p, "route", "two routes for '%s' go to different upstreams", pat);
+				return params_fail_at(p, "route", i, "two routes for '%s' go to different upstreams", pat);
 		}
 	}
 	if (def) {

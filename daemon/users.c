@@ -126,8 +126,8 @@ users_load(struct params *p)
 		const char *s = json_string_value(e), *colon = strchr(s, ':');
 
 		if (colon == NULL || users_add(u, s, (size_t)(colon - s), colon + 1, strlen(colon + 1)) < 0) {
-			params_fail(p, "auth", "bad auth '%s': expected user:password (user 1 to %d bytes, password up to %d)",
-			            s, USERS_FIELD_MAX, USERS_FIELD_MAX);
+			params_fail_at(p, "auth", i, "bad auth '%s': expected user:password (user 1 to %d bytes, password up to %d)",
+			               s, USERS_FIELD_MAX, USERS_FIELD_MAX);
 			goto fail;
 		}
 	}

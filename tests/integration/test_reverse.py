@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Listener, apart, check_pcap_clean, follow_session, free_port
+from conftest import CAPD, Listener, apart, check_pcap_clean, follow_session, free_port
 from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
@@ -760,3 +760,32 @@ def test_reverse_conflicting_routes_for_one_ipv6_address_are_refused(capd, origi
     r = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"::1=127.0.0.1:{a.port}",
                  "--route", f"[0::1]=127.0.0.1:{b.port}", check=False)
     assert r.returncode == 1 and "two routes for '0::1'" in r.stderr, r
+
+
+def test_reverse_route_errors_name_their_own_line(tmp_path):
+    """Regression: an error about one `route` line of a config named the line
+    of the section's first route (repeated keys kept only that line): a
+    conflicting route four lines further down was reported at the line of
+    the route it conflicts with. Each error now names the offending entry's
+    line, in `capd -t` and at start-up alike; so does a bad `auth` entry."""
+    cases = [
+        (["route = a.test=127.0.0.1:1", "route = b.test=127.0.0.1:1", "", "# the conflict:",
+          "route = a.test=127.0.0.1:2"], "two routes for 'a.test' go to different upstreams"),
+        (["route = a.test=127.0.0.1:1", "route = b.test=127.0.0.1:1", "route = c.test=127.0.0.1:0"],
+         "bad route 'c.test=127.0.0.1:0'"),
+        (["route = a.test=127.0.0.1:1", "route = bad_name!=127.0.0.1:1"], "bad host pattern 'bad_name!'"),
+    ]
+    for lines, msg in cases:
+        conf = tmp_path / "capd.conf"
+        head = ["[capd]", f"control = {tmp_path}/capd.sock", f"spool = {tmp_path}/spool",
+                f"state_dir = {tmp_path}/state", "", "[reverse r]", f"listen = 127.0.0.1:{free_port()}"]
+        conf.write_text("\n".join(head + lines) + "\n")
+        want = f"{conf}:{len(head) + len(lines)}: {msg}"
+        r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and want in r.stderr, (want, r.stderr)
+        r = subprocess.run([str(CAPD), "-c", str(conf)], capture_output=True, text=True, timeout=20)
+        assert r.returncode != 0 and want in r.stderr, (want, r.stderr)
+    conf.write_text("\n".join(head[:5] + ["[http h]", f"listen = 127.0.0.1:{free_port()}", "auth = u:p",
+                                          "auth = nocolon"]) + "\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and f"{conf}:9: bad auth 'nocolon'" in r.stderr, r.stderr
