@@ -1587,3 +1587,17 @@ def test_unsolicited_bytes_drop_the_upstream_only(capd, when):
         assert down.endswith(b"conn 1\nUNSOLICITED"), down
     finally:
         o.close()
+
+
+def test_empty_host_with_an_absolute_url(capd, origin):
+    """RFC 9112 3.2: a proxy ignores the Host of an absolute-form request and
+    uses the URL's authority, so an empty Host there is no 400 (curl -H 'Host;'
+    sends one); a request without any Host is still a 400 for HTTP/1.1.
+    (Checked as correct; this pins it.)"""
+    port = add_http(capd)
+    target = f"http://127.0.0.1:{origin.port}/h"
+    r = curl("-x", f"http://127.0.0.1:{port}", "-H", "Host;", target)
+    assert r.returncode == 0 and r.stdout == b"hello from a /h\n", r
+    assert origin.requests[-1]["headers"]["Host"] == f"127.0.0.1:{origin.port}"
+    reply = raw(port, f"GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(reply) == 400 and b"no Host header" in reply, reply

@@ -789,3 +789,18 @@ def test_reverse_route_errors_name_their_own_line(tmp_path):
                                           "auth = nocolon"]) + "\n")
     r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
     assert r.returncode == 1 and f"{conf}:9: bad auth 'nocolon'" in r.stderr, r.stderr
+
+
+def test_empty_host(capd_factory, origins):
+    """RFC 9112 3.2: an empty Host on an HTTP/1.1 origin-form request is a 400
+    (nginx agrees), with a default route too; with an absolute-form target the
+    Host is ignored and the URL's authority routes and replaces it, so an
+    empty one there is no error. (Checked as correct; this pins it.)"""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins, default=True)
+    for version in ("1.1", "1.0"):
+        reply = raw(port, f"GET /e HTTP/{version}\r\nHost: \r\nConnection: close\r\n\r\n".encode())
+        assert status_of(reply) == 400 and b"bad Host" in reply, (version, reply)
+    reply = raw(port, b"GET http://www.example.com/abs HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n")
+    assert reply.endswith(b"hello from www /abs\n"), reply
+    assert a.requests[-1]["headers"]["Host"] == "www.example.com"
