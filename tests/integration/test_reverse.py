@@ -150,7 +150,7 @@ def test_host_with_an_empty_port(capd_factory, origins):
         assert status_of(reply) == 200, (host, reply)
     assert a.requests[-1]["headers"]["Host"] == "www.example.com:"
     assert b.requests[-1]["headers"]["Host"] == "v1.api.test:"
-    reply = raw(port, f"GET http://www.example.com:/abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    reply = raw(port, b"GET http://www.example.com:/abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert reply.endswith(b"hello from www /abs\n"), reply
 
 
@@ -656,7 +656,7 @@ def test_reverse_ipv6_route_matches_any_spelling(capd_factory, origins):
     which got 421. An IP route matches its address however Host writes it."""
     a, b, c = origins
     port = free_port()
-    capd = capd_factory(f"[reverse r]\nlisten = {port}\nroute = ::1=127.0.0.1:{a.port}\n")
+    capd_factory(f"[reverse r]\nlisten = {port}\nroute = ::1=127.0.0.1:{a.port}\n")
     for host in ("[::1]", "[0:0::1]", "[::0001]:81", "[0:0:0:0:0:0:0:1]"):
         reply = raw(port, f"GET /v6 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         assert reply.endswith(b"hello from www /v6\n"), (host, reply)
@@ -708,7 +708,7 @@ def test_reverse_route_written_with_a_trailing_dot(capd_factory, origins):
     as a Host's is."""
     a, b, c = origins
     port = free_port()
-    capd = capd_factory(f"[reverse r]\nlisten = {port}\nroute = www.example.com.=127.0.0.1:{a.port}\n"
+    capd_factory(f"[reverse r]\nlisten = {port}\nroute = www.example.com.=127.0.0.1:{a.port}\n"
                         f"route = *.api.test.=127.0.0.1:{b.port}\n")
     for host, body in (("www.example.com", b"www"), ("WWW.example.com.", b"www"), ("v1.api.test", b"api"),
                        ("v1.api.test.:80", b"api")):
