@@ -546,6 +546,10 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 			continue;
 		if (hc->dechunk && (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
 			continue;
+		/* nor does a 1.0 client get one with a body-less answer (HEAD, 304):
+		 * RFC 9112 6.1 allows Transfer-Encoding only toward HTTP/1.1 */
+		if (hc->req_minor == 0 && http_hdr_is(h, "transfer-encoding"))
+			continue;
 		if (http_hdr_is(h, "content-length")) {
 			http_put_length(b, h, &length);
 			continue;

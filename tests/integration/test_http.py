@@ -1601,3 +1601,24 @@ def test_empty_host_with_an_absolute_url(capd, origin):
     assert origin.requests[-1]["headers"]["Host"] == f"127.0.0.1:{origin.port}"
     reply = raw(port, f"GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
     assert status_of(reply) == 400 and b"no Host header" in reply, reply
+
+
+def test_head_to_http10_client_drops_transfer_encoding(capd):
+    """Regression: the answer to an HTTP/1.0 HEAD whose origin said Transfer-Encoding:
+    chunked (as to the GET it would answer) went to the 1.0 client with that header,
+    which RFC 9112 6.1 allows toward HTTP/1.1 only (a GET's answer is dechunked, see
+    test_chunked_response_to_http10_client_is_dechunked; a HEAD's has no body to
+    dechunk, and kept the header). It goes now without it, as from nginx; the
+    capture keeps the origin's head."""
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n")
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"HEAD http://127.0.0.1:{o.port}/ HTTP/1.0\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\n"), reply
+        assert b"transfer-encoding" not in reply.lower() and b"\r\nX-A: 1\r\n" in reply, reply
+        s = closed_sessions(capd, 1)[-1]
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
+        assert down == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n", down
+    finally:
+        o.close()
