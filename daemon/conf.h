@@ -15,7 +15,7 @@
 struct conf {
 	char *file;
 	struct capd_settings settings;
-	json_t *instances;  /* [{"params":{...}, "lines":{key:line}, "line":N}] in file order */
+	json_t *instances;  /* [{"params":{...}, "lines":{key:line or [line, ...]}, "line":N}] in file order */
 	json_t *capd_lines; /* {key: line} of the [capd] keys set */
 	bool empty;         /* no section at all (nothing, blanks, comments): a reload refuses it */
 };
