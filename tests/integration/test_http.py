@@ -1622,3 +1622,55 @@ def test_head_to_http10_client_drops_transfer_encoding(capd):
         assert down == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n", down
     finally:
         o.close()
+
+
+class DroppingOrigin(Listener):
+    """Answers answers[N-1] requests on its Nth connection ("conn N: LINE"),
+    then reads one more request head and closes: every connection meets the
+    keep-alive race once it ran out of answers."""
+
+    def __init__(self, answers):
+        self.answers, self.conns = answers, 0
+        super().__init__()
+
+    def handle(self, c, peer):
+        self.conns += 1
+        apart(self.serve, c, self.conns)
+
+    def serve(self, c, n):
+        with c:
+            got, left = b"", self.answers[n - 1] if n <= len(self.answers) else 0
+            while d := c.recv(4096):
+                got += d
+                while b"\r\n\r\n" in got:
+                    head, got = got.split(b"\r\n\r\n", 1)
+                    if left == 0:
+                        return
+                    left -= 1
+                    body = b"conn %d: %s\n" % (n, head.split(b"\r\n")[0])
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_keep_alive_race_resends_once(capd):
+    """The resend of test_keep_alive_race_resends_the_request goes once: when the
+    new connection closes unanswered too (it was not a reused one), the client
+    gets the 502; a request pipelined behind the resent one goes with it."""
+    o = DroppingOrigin([1, 0, 2, 1])
+    try:
+        port = add_http(capd)
+        t = f"http://127.0.0.1:{o.port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"GET {t}/r0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert read_responses(s)[0].endswith(b"conn 1: GET /r0 HTTP/1.1\n")
+            s.sendall(f"GET {t}/r1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            rest = read_all(s)
+        assert status_of(rest) == 502 and b"upstream closed without a response" in rest, rest
+        assert o.conns == 2
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"GET {t}/r2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert read_responses(s)[0].endswith(b"conn 3: GET /r2 HTTP/1.1\n")
+            s.sendall(f"GET {t}/r3 HTTP/1.1\r\nHost: x\r\n\r\nGET {t}/r4 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = read_responses(s, 2)
+        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 3: GET /r3 HTTP/1.1\n", b"conn 4: GET /r4 HTTP/1.1\n"], got
+    finally:
+        o.close()
