@@ -275,16 +275,18 @@ http_line_end(const char *p, size_t i, size_t limit)
 	return cr - p;
 }
 
-/* "HTTP/1.x" at p: 0 or 1 into *minor; 0 ok, 400 malformed, 505 another version. */
+/* "HTTP/1.x" at p: 0 or 1 into *minor; 0 ok, 400 malformed, 505 another
+ * major version. A higher minor version (HTTP/1.2) is taken as the highest
+ * one capd speaks, 1.1, as RFC 9110 2.5 says a recipient should (nginx does). */
 static int
 http_version(const char *p, size_t n, int *minor)
 {
 	if (n != 8 || memcmp(p, "HTTP/", 5) != 0 || p[6] != '.' || p[5] < '0' || p[5] > '9' || p[7] < '0' ||
 	    p[7] > '9')
 		return 400;
-	if (p[5] != '1' || (p[7] != '0' && p[7] != '1'))
+	if (p[5] != '1')
 		return 505;
-	*minor = p[7] - '0';
+	*minor = p[7] == '0' ? 0 : 1;
 	return 0;
 }
 

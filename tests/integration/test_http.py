@@ -1674,3 +1674,21 @@ def test_keep_alive_race_resends_once(capd):
         assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 3: GET /r3 HTTP/1.1\n", b"conn 4: GET /r4 HTTP/1.1\n"], got
     finally:
         o.close()
+
+
+def test_higher_minor_version_is_http11(capd, origin):
+    """Regression: a request (or response) in HTTP/1.2 got 505, where RFC 9110 2.5
+    says a recipient takes a higher minor version as the highest it speaks, and
+    nginx does: it goes on as HTTP/1.1. HTTP/2.0 and 3.0 in an HTTP/1 head stay 505."""
+    port = add_http(capd)
+    reply = raw(port, f"GET http://127.0.0.1:{origin.port}/v HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(reply) == 200 and reply.endswith(b"hello from a /v\n"), reply
+    assert origin.requests[-1]["line"] == "GET /v HTTP/1.1"
+    o = RawOrigin(b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\nok"), reply
+    finally:
+        o.close()
+    reply = raw(port, f"GET http://127.0.0.1:{origin.port}/v HTTP/2.0\r\nHost: x\r\n\r\n".encode())
+    assert status_of(reply) == 505, reply

@@ -64,7 +64,10 @@ test_request_line(void **state)
 	expect_err("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505);
-	expect_err("GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505);
+	/* a higher minor version is 1.1 (RFC 9110 2.5), Host and all */
+	assert_int_equal(req("GET / HTTP/1.2\r\nHost: a\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.minor, 1);
+	expect_err("GET / HTTP/1.9\r\n\r\n", 400);  /* no Host */
 	expect_err("GET / HTTX/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1\r\n\r\n", 400);  /* no Host */
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400);
