@@ -804,3 +804,24 @@ def test_empty_host(capd_factory, origins):
     reply = raw(port, b"GET http://www.example.com/abs HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n")
     assert reply.endswith(b"hello from www /abs\n"), reply
     assert a.requests[-1]["headers"]["Host"] == "www.example.com"
+
+
+def test_reverse_keep_alive_race_resends_the_request(capd):
+    """The keep-alive race on a reverse instance (see test_http's
+    test_keep_alive_race_resends_the_request): the GET the origin read as it
+    closed its reused connection goes once more on a new one, rewritten from
+    what the client sent, so X-Forwarded-For is added once, not twice."""
+    o = KeptOrigin("fin", answers=1, idle=5, read_next=True)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--default", f"127.0.0.1:{o.port}")
+        got = kept_connection_requests(port, "", 2)
+        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 1: GET /r0 HTTP/1.1\n",
+                                                         b"conn 2: GET /r1 HTTP/1.1\n"], got
+        ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
+        assert ss[0]["reason"] == f"upstream closed without a response (request sent again in session {ss[1]['id']})"
+        capd.flush()
+        _, up, _ = follow_session(capd.pcaps()[-1], ss[1]["id"])
+        assert up.startswith(b"GET /r1 HTTP/1.1\r\n") and up.count(b"X-Forwarded-For: 127.0.0.1\r\n") == 1, up
+    finally:
+        o.close()
