@@ -761,10 +761,11 @@ http_idempotent(const struct http_msg *m)
  * idle timeout fired as the request came). As nginx does, a request that
  * may go twice, none of whose body went up, goes once more in a new
  * session on a new connection, with what the client sent after it; the
- * capture shows both attempts. False when it may not (the caller answers
- * 502); true when it went (this session is closed). */
+ * capture shows both attempts (reset: the upstream's end was a reset).
+ * False when it may not (the caller answers 502); true when it went (this
+ * session is closed). */
 static bool
-http_retry(struct session *s, const char *why)
+http_retry(struct session *s, const char *why, bool reset)
 {
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
@@ -775,6 +776,8 @@ http_retry(struct session *s, const char *why)
 	n = relay_held(s, DIR_UP, &p);
 	if (buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
 		return false;
+	if (reset)
+		s->upstream_reset = true;  /* the capture's flow ends with the RST */
 	buf_append(&hc->retry, p, n);
 	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why);
 	return true;
@@ -1145,11 +1148,11 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
-		if (n == 0 && hc->upload_fail)
-			s->upstream_reset = true;
-		if (n == 0 && http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response"))
+		if (n == 0 && http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response",
+		                         hc->upload_fail != NULL))
 			return RELAY_STOP;
 		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
+			s->upstream_reset = true;
 			http_fail_late(s, 502, hc->upload_fail);
 			return RELAY_PASS;
 		}
@@ -1188,11 +1191,8 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	}
 	if (hc->down != DOWN_HEAD || hc->fail)
 		return RELAY_UPFAIL_RESET;
-	if (hc->can_retry) {
-		s->upstream_reset = true;
-		if (http_retry(s, why))
-			return RELAY_UPFAIL_GONE;  /* the session is closed */
-	}
+	if (http_retry(s, why, true))
+		return RELAY_UPFAIL_GONE;  /* the session is closed */
 	/* a server that refuses a body early (413, 401) answers and closes with the
 	 * rest unread: its answer waits to be read, as a direct client would */
 	if (sending) {

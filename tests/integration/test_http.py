@@ -1532,6 +1532,10 @@ def test_keep_alive_race_resends_the_request(capd, end):
         assert b"GET /r0 " in up1 and b"GET /r1 " in up1 and b"conn 1: GET /r0" in down1 and b"/r1" not in down1
         assert up2.startswith(b"GET /r1 HTTP/1.1\r\n"), up2
         assert b"conn 2: GET /r1" in down2
+        # the first flow ends as it did: with the origin's RST, or its FIN
+        rst = tshark("-r", pcap, "-Y", f'frame.comment matches "^capd session {ss[0]["id"]}( |$)" && '
+                     "tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.srcport")
+        assert rst.returncode == 0 and rst.stdout.split() == ([str(o.port)] if end == "rst" else []), rst
     finally:
         o.close()
 
