@@ -1629,8 +1629,9 @@ def test_head_to_http10_client_drops_transfer_encoding(capd):
 
 
 class DroppingOrigin(Listener):
-    """Answers answers[N-1] requests on its Nth connection ("conn N: LINE"),
-    then reads one more request head and closes: every connection meets the
+    """Answers answers[N-1] requests on its Nth connection ("conn N: LINE",
+    and " +LENGTH" of a body, after a 100 Continue when asked for one), then
+    reads one more request head and closes: every connection meets the
     keep-alive race once it ran out of answers."""
 
     def __init__(self, answers):
@@ -1651,7 +1652,14 @@ class DroppingOrigin(Listener):
                     if left == 0:
                         return
                     left -= 1
-                    body = b"conn %d: %s\n" % (n, head.split(b"\r\n")[0])
+                    fields = head.lower().split(b"\r\n")
+                    if b"expect: 100-continue" in fields:
+                        c.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    length = next((int(f[15:]) for f in fields if f.startswith(b"content-length:")), 0)
+                    while len(got) < length:
+                        got += c.recv(65536)
+                    got, up = got[length:], b" +%d" % length if length else b""
+                    body = b"conn %d: %s%s\n" % (n, head.split(b"\r\n")[0], up)
                     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
@@ -1696,3 +1704,23 @@ def test_higher_minor_version_is_http11(capd, origin):
         o.close()
     reply = raw(port, f"GET http://127.0.0.1:{origin.port}/v HTTP/2.0\r\nHost: x\r\n\r\n".encode())
     assert status_of(reply) == 505, reply
+
+
+def test_keep_alive_race_resends_a_put_waiting_for_100_continue(capd, tmp_path):
+    """The keep-alive race with a PUT whose body waits for 100 Continue (curl -T):
+    none of the body went up, so the request goes again on a new connection, and
+    its body follows the new connection's 100 Continue."""
+    o = DroppingOrigin([1, 1])
+    try:
+        port = add_http(capd)
+        f = tmp_path / "up.bin"
+        f.write_bytes(os.urandom(5000))
+        proxy, t = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}"
+        r = curl("-v", "-x", proxy, f"{t}/a", "--next", "-x", proxy, "-T", f, f"{t}/b")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"conn 1: GET /a HTTP/1.1\nconn 2: PUT /b HTTP/1.1 +5000\n", r.stdout
+        assert b"< HTTP/1.1 100 Continue" in r.stderr and b"Re-using existing connection" in r.stderr
+        ss = [x for x in closed_sessions(capd, 2) if x["instance"] == "h"]
+        assert ss[0]["reason"].endswith(f"(request sent again in session {ss[1]['id']})"), ss
+    finally:
+        o.close()
