@@ -15,7 +15,9 @@
  * When both the request and its response are done, the next request may go
  * on. A request for another upstream, a CONNECT, or any request after an
  * upstream that will not be reused moves the client socket, with the bytes
- * held so far, to a new session (http_handoff); the old one closes. Error
+ * held so far, to a new session (http_handoff); the old one closes. So
+ * does a request that a reused upstream connection closed on before any of
+ * its answer (the keep-alive race, http_retry): it goes again there. Error
  * replies, and capd's own answer to an OPTIONS or TRACE with Max-Forwards: 0
  * (http_answer), go through session_send before the relay runs, and through
  * relay_inject + relay_finish after; the connection ends with them.
@@ -597,13 +599,31 @@ http_proxy_session_free(struct session *s)
 	free(hc);
 }
 
+/* How an upstream that takes no more requests ended, for the reason of a
+ * session that closes before the client's next request. */
+static const char *
+http_gone_reason(const struct session *s)
+{
+	const struct http_conn *hc = s->proto_state;
+
+	return hc->gone_why ? hc->gone_why : s->upstream_reset ? "upstream reset" : "closed";
+}
+
+/* The reason of a session the client ends between requests. */
+static const char *
+http_client_end_reason(struct session *s)
+{
+	const uint8_t *p;
+
+	return relay_held(s, DIR_UP, &p) > 0 ? "client closed in a request head" : http_gone_reason(s);
+}
+
 /* The client socket, with bytes already read from it, goes on in a new
  * session; the old one closes with reason (NULL: it closed or reset),
  * saying where the client went. */
 static void
 http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 {
-	struct http_conn *hc = s->proto_state;
 	int fd = s->client.fd;
 	struct session *ns;
 	char why[160];
@@ -622,8 +642,7 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 	if (reason)
 		snprintf(why, sizeof why, "%s (request sent again in session %llu)", reason, (unsigned long long)ns->id);
 	else
-		snprintf(why, sizeof why, "%s (client continues in session %llu)",
-		         hc->gone_why ? hc->gone_why : s->upstream_reset ? "upstream reset" : "closed",
+		snprintf(why, sizeof why, "%s (client continues in session %llu)", http_gone_reason(s),
 		         (unsigned long long)ns->id);
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
@@ -748,10 +767,10 @@ http_proxy_idle(struct session *s)
 static bool
 http_idempotent(const struct http_msg *m)
 {
-	static const char *const safe[] = { "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE" };
+	static const char *const methods[] = { "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE" };
 
-	for (size_t i = 0; i < sizeof safe / sizeof safe[0]; i++)
-		if (http_method_is(m, safe[i]))
+	for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+		if (http_method_is(m, methods[i]))
 			return true;
 	return false;
 }
@@ -1085,8 +1104,6 @@ http_filter_done(struct session *s, enum dir d)
 	struct http_conn *hc = s->proto_state;
 
 	if (s->dir[d].shut) {
-		const uint8_t *p;
-
 		/* a FIN went to the client: nothing more can be said on this connection;
 		 * after a failure the client may still be sending what we refused */
 		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL) {
@@ -1099,10 +1116,7 @@ http_filter_done(struct session *s, enum dir d)
 		 * partial head), or while a complete response is held (the upstream's
 		 * FIN stays unread: nothing else would end the session) */
 		else if (d == DIR_UP && hc->up == UP_HEAD && hc->down == DOWN_IDLE)
-			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			              : hc->gone_why              ? hc->gone_why
-			              : s->upstream_reset         ? "upstream reset"
-			                                          : "closed");
+			http_close(s, http_client_end_reason(s));
 		else if (d == DIR_UP && hc->resp_done && s->dir[DIR_DOWN].msg == RELAY_MSG_HELD)
 			session_close(s, hc->fail ? hc->fail : "closed");
 		return;
@@ -1125,10 +1139,7 @@ http_filter_eof(struct session *s, enum dir d)
 
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
-			http_close(s, relay_held(s, d, &p) > 0 ? "client closed in a request head"
-			              : hc->gone_why              ? hc->gone_why
-			              : s->upstream_reset         ? "upstream reset"
-			                                          : "closed");
+			http_close(s, http_client_end_reason(s));
 			return RELAY_STOP;
 		}
 		return RELAY_PASS;
