@@ -409,9 +409,10 @@ def test_origin_resets_idle_connection(capd):
 
 
 def test_origin_resets_after_a_forwarded_request(capd):
-    """An origin that resets its kept connection when the next request is already
-    on its way (it read it), a POST (it may not go twice): that request gets a 502 saying so, and the client's connection ends as after
-    the origin's FIN there. (A reused connection and a GET: resent, see
+    """An origin that resets (or closes) its kept connection when the next
+    request, a POST (it may not go twice), is already on its way (it read it):
+    that request gets a 502 saying so, and the client's connection ends as
+    after the origin's FIN there. (A GET is sent again instead, see
     test_keep_alive_race_resends_the_request.)"""
     for end, why in (("rst", b"upstream reset"), ("fin", b"upstream closed without a response")):
         o = KeptOrigin(end, answers=1, idle=2, read_next=True)
@@ -1683,7 +1684,8 @@ def test_keep_alive_race_resends_once(capd):
             assert read_responses(s)[0].endswith(b"conn 3: GET /r2 HTTP/1.1\n")
             s.sendall(f"GET {t}/r3 HTTP/1.1\r\nHost: x\r\n\r\nGET {t}/r4 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             got = read_responses(s, 2)
-        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 3: GET /r3 HTTP/1.1\n", b"conn 4: GET /r4 HTTP/1.1\n"], got
+        assert [g.split(b"\r\n\r\n")[1] for g in got] == [b"conn 3: GET /r3 HTTP/1.1\n",
+                                                         b"conn 4: GET /r4 HTTP/1.1\n"], got
     finally:
         o.close()
 
