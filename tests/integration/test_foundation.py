@@ -1212,3 +1212,31 @@ def test_forward_1gb_memory_flat(capd):
     sink.close()
     assert got[0] == 1 << 30
     assert peak - before < 4096, f"RSS went from {before} KiB to {peak} KiB"
+
+
+def test_rpc_duplicate_key_is_an_invalid_request(capd):
+    """A request naming a key twice ({"method":"x","method":"y"}) is good JSON (RFC 8259:
+    names SHOULD be unique), but capd answered it with -32700 Parse error, as if the JSON
+    were broken. It is now -32600 Invalid Request naming the key, echoing the id (null when
+    the id is the key given twice); a notification gets no reply; nothing of the line runs."""
+    def one(raw):
+        return rpc_lines(capd, raw + b"\n")
+
+    r = one(b'{"jsonrpc":"2.0","id":1,"method":"daemon.status","method":"daemon.stop"}')
+    assert len(r) == 1 and r[0]["id"] == 1 and r[0]["error"]["code"] == -32600, r
+    assert 'duplicate key "method"' in r[0]["error"]["message"], r
+    port = free_port()
+    r = one(b'{"jsonrpc":"2.0","id":"a","method":"instance.add","params":{"type":"forward","listen":"'
+            + str(port).encode() + b'","to":"127.0.0.1:9","to":"127.0.0.1:10"}}')
+    assert len(r) == 1 and r[0]["id"] == "a" and r[0]["error"]["code"] == -32600, r
+    assert 'duplicate key "to"' in r[0]["error"]["message"], r
+    r = one(b'{"jsonrpc":"2.0","id":2,"method":"daemon.status","id":3}')
+    assert len(r) == 1 and r[0]["id"] is None and r[0]["error"]["code"] == -32600, r
+    assert one(b'{"jsonrpc":"2.0","method":"daemon.status","method":"daemon.stop"}') == []
+    r = one(b'[{"jsonrpc":"2.0","id":4,"method":"instance.add","params":{"type":"forward","listen":"'
+            + str(port).encode() + b'","to":"127.0.0.1:9"}},'
+            b'{"jsonrpc":"2.0","id":5,"method":"daemon.status","params":{"a":1,"a":2}}]')
+    assert len(r) == 1 and [x["id"] for x in r[0]] == [4, 5], r
+    assert all(x["error"]["code"] == -32600 for x in r[0]), r
+    assert capd.ctl("list", json_out=True) == []  # neither instance.add ran
+    assert capd.proc.poll() is None and capd.ctl("status").returncode == 0
