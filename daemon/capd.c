@@ -282,16 +282,8 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	}
 	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
 	c = conf_load(capd_config_path, why);
-	/*
-	 * An empty file is a good config at start (every default), but on a
-	 * reload it is most likely one being written: an editor that truncates
-	 * the file before it writes it, read in between, would remove every
-	 * config instance and reset the [capd] settings, as nginx -s reload
-	 * would not either.
-	 */
-	if (c != NULL && c->empty) {
-		*why = xasprintf("%s: the file has no section (empty, or being written?); "
-		                 "a reload needs [capd] or an instance section", capd_config_path);
+	/* the checks of start-up and capd -t (user and control_group change only at restart) */
+	if (c != NULL && conf_check(c, false, why) < 0) {
 		conf_free(c);
 		c = NULL;
 	}
@@ -530,7 +522,7 @@ main(int argc, char **argv)
 	if (optind != argc)
 		usage();
 
-	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check_system(capd_conf, &why) < 0) {
+	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check(capd_conf, true, &why) < 0) {
 		fprintf(stderr, "capd: %s\n", why);
 		free(why);
 		conf_free(capd_conf);

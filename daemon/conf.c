@@ -606,11 +606,25 @@ conf_free(struct conf *c)
 }
 
 int
-conf_check_system(const struct conf *c, char **why)
+conf_check(const struct conf *c, bool may_wait, char **why)
 {
 	const struct capd_settings *st = &c->settings;
 	int line;
 
+	/*
+	 * An empty file is most likely one being written: an editor that
+	 * truncates it before it writes it, read in between by a reload (or a
+	 * restart), would remove every config instance and reset the [capd]
+	 * settings. Refused alike at start, by capd -t and on reload, so that
+	 * `systemctl reload` (capd -t first) fails when capd would refuse.
+	 */
+	if (c->empty) {
+		*why = xasprintf("%s: the file has no section (empty, or being written?); "
+		                 "capd needs [capd] or an instance section", c->file);
+		return -1;
+	}
+	if (!may_wait)
+		return 0;
 	/* as privdrop() decides: only root switches user */
 	if (st->user && geteuid() == 0 && getpwnam(st->user) == NULL) {
 		line = (int)json_integer_value(json_object_get(c->capd_lines, "user"));

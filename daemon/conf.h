@@ -17,7 +17,7 @@ struct conf {
 	struct capd_settings settings;
 	json_t *instances;  /* [{"params":{...}, "lines":{key:line or [line, ...]}, "line":N}] in file order */
 	json_t *capd_lines; /* {key: line} of the [capd] keys set */
-	bool empty;         /* no section at all (nothing, blanks, comments): a reload refuses it */
+	bool empty;         /* no section at all (nothing, blanks, comments): conf_check refuses it */
 };
 
 /* Parses and validates the whole file (instances included) without opening anything. */
@@ -25,9 +25,12 @@ struct conf *conf_load(const char *path, char **why);
 /* Parses from memory; name is used in messages (tests and fuzzing). */
 struct conf *conf_load_string(const char *text, const char *name, const char *base_dir, char **why);
 void conf_free(struct conf *c);
-/* What only the system can tell (capd -t and start-up, where waiting is fine):
- * the user to switch to (as root) and the control group exist. */
-int conf_check_system(const struct conf *c, char **why);
+/* What a loaded file must pass besides its syntax, the same for start-up,
+ * capd -t and a reload: it has a section, and (only where waiting is fine:
+ * not on the serving loop, where a reload keeps user and control_group as
+ * they were anyway) the user to switch to (as root) and the control group
+ * exist. */
+int conf_check(const struct conf *c, bool may_wait, char **why);
 /* Defaults for [capd], with paths under base. */
 void conf_settings_defaults(struct capd_settings *st);
 void conf_settings_free(struct capd_settings *st);

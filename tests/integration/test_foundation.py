@@ -762,17 +762,14 @@ def test_reload_of_an_empty_config_is_refused(capd_factory, tmp_path):
     """Known item 5: a reload that read the file while an editor had truncated it took the
     empty file as a config of no instances: it removed every config instance and put the
     [capd] settings back to their defaults, and capctl reload said "reloaded". An empty
-    file (or one of only comments) is now refused on reload; at start it is still good."""
-    empty = tmp_path / "empty.conf"
-    empty.write_text("")
-    r = subprocess.run([str(CAPD), "-t", "-c", str(empty)], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, r.stderr
+    file (or one of only comments) is now refused on reload (and, since, at start and by
+    capd -t too: test_capd_t_refuses_what_reload_refuses)."""
     c = capd_factory(f"[forward f]\nlisten = {free_port()}\nto = 127.0.0.1:9\n")
     c.conf_path.write_text("")
     r = c.ctl("reload", check=False)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr == (f"capctl: reload failed, nothing changed: {c.conf_path}: the file has no section "
-                        "(empty, or being written?); a reload needs [capd] or an instance section\n"), r.stderr
+                        "(empty, or being written?); capd needs [capd] or an instance section\n"), r.stderr
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
     c.conf_path.write_text("; being written\n")
     c.proc.send_signal(1)
@@ -1240,3 +1237,30 @@ def test_rpc_duplicate_key_is_an_invalid_request(capd):
     assert all(x["error"]["code"] == -32600 for x in r[0]), r
     assert capd.ctl("list", json_out=True) == []  # neither instance.add ran
     assert capd.proc.poll() is None and capd.ctl("status").returncode == 0
+
+
+def test_capd_t_refuses_what_reload_refuses(capd_factory, tmp_path):
+    """capd -t passed an empty config file ("configuration is good (0 instances)", exit 0)
+    while a reload of it was refused; capd.service's ExecReload= runs capd -t before the
+    SIGHUP, so `systemctl reload capd` reported success while capd kept the old config.
+    Start-up, capd -t and a reload now make one check (conf_check): a file with no section
+    is refused by all three, with the same message."""
+    for text in ("", "\n; only a comment\n"):
+        f = tmp_path / "e.conf"
+        f.write_text(text)
+        want = (f"{f}: the file has no section (empty, or being written?); "
+                "capd needs [capd] or an instance section")
+        r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stderr == f"capd: {want}\n", (r.stdout, r.stderr)
+        r = subprocess.run([str(CAPD), "-c", str(f)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stderr == f"capd: {want}\n", (r.stdout, r.stderr)
+    c = capd_factory(f"[forward f]\nlisten = {free_port()}\nto = 127.0.0.1:9\n")
+    c.conf_path.write_text("")
+    t = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True, timeout=20)
+    r = c.ctl("reload", check=False)
+    assert t.returncode == 1 and r.returncode == 1, (t.stderr, r.stderr)
+    assert t.stderr.removeprefix("capd: ") == r.stderr.removeprefix("capctl: reload failed, nothing changed: ")
+    # the smallest good file is still good for all three
+    c.write_conf()
+    assert subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True).returncode == 0
+    assert c.ctl("reload").returncode == 0 and c.ctl("list", json_out=True) == []

@@ -98,7 +98,7 @@ test_expose(void **state)
 	conf_free(c);
 }
 
-/* A reload refuses a file with no section (an editor's truncation); start takes it. */
+/* A file with no section (an editor's truncation) is marked; conf_check refuses it. */
 static void
 test_empty(void **state)
 {
