@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -88,6 +89,9 @@ static ev_io ctl_accept_io[CTL_LISTEN_MAX];
  * every other one, the operator still gets in to see and kill them. */
 static int ctl_spare_fd = -1;
 static char *ctl_path;       /* unlinked at stop when we created it */
+static char *ctl_made_dir;   /* the socket's folder, when capd made it: given to capd's user */
+static char *ctl_lock_path;  /* <socket>.lock, flocked while capd owns the socket path */
+static int ctl_lock_fd = -1;
 static char *ctl_passed_path; /* the socket systemd passed, where capctl finds capd */
 static gid_t ctl_gid = (gid_t)-1;
 static ev_timer ctl_accept_pause;
@@ -787,6 +791,64 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	}
 }
 
+/* Lets go of the socket path's lock; removes the file first, still holding it. */
+static void
+ctl_unlock(void)
+{
+	if (ctl_lock_fd < 0)
+		return;
+	if (unlink(ctl_lock_path) < 0 && errno != ENOENT)
+		log_debug("control: cannot remove %s: %s", ctl_lock_path, strerror(errno));
+	close(ctl_lock_fd);
+	ctl_lock_fd = -1;
+	free(ctl_lock_path);
+	ctl_lock_path = NULL;
+}
+
+/*
+ * Two capds with state_dirs of their own but one control socket path: each
+ * saw no live capd answer, removed the stale file and bound, the second
+ * removing the first's socket (which then ran unreachable and, at its stop,
+ * removed the second's). Whoever owns the path holds <socket>.lock with
+ * flock(2) for as long as it runs, so the look and the replacement are one.
+ * A capd that stops removes the file while holding it: one that opened it
+ * just before then locks a file no longer there, and tries again.
+ */
+static int
+ctl_lock(const char *path, char **why)
+{
+	char *lp = xasprintf("%s.lock", path);
+
+	for (int tries = 0; tries < 16; tries++) {
+		struct stat fsb, psb;
+		int fd = open(lp, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+
+		if (fd < 0) {
+			*why = xasprintf("cannot open %s: %s", lp, strerror(errno));
+			free(lp);
+			return -1;
+		}
+		if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+			if (errno == EWOULDBLOCK)
+				*why = xasprintf("capd already running on %s (it holds %s)", path, lp);
+			else
+				*why = xasprintf("cannot lock %s: %s", lp, strerror(errno));
+			close(fd);
+			free(lp);
+			return -1;
+		}
+		if (fstat(fd, &fsb) == 0 && stat(lp, &psb) == 0 && fsb.st_dev == psb.st_dev && fsb.st_ino == psb.st_ino) {
+			ctl_lock_fd = fd;
+			ctl_lock_path = lp;
+			return 0;
+		}
+		close(fd);
+	}
+	*why = xasprintf("cannot lock %s: it keeps being replaced", lp);
+	free(lp);
+	return -1;
+}
+
 static int
 ctl_bind(const char *path, const char *group, char **why)
 {
@@ -802,13 +864,18 @@ ctl_bind(const char *path, const char *group, char **why)
 	dir = xstrdup(path);
 	if ((slash = strrchr(dir, '/')) != NULL && slash != dir) {
 		*slash = '\0';
-		if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+		if (mkdir(dir, 0755) == 0) {
+			ctl_made_dir = dir;
+			dir = NULL;
+		} else if (errno != EEXIST) {
 			*why = xasprintf("cannot create %s: %s", dir, strerror(errno));
 			free(dir);
 			return -1;
 		}
 	}
 	free(dir);
+	if (ctl_lock(path, why) < 0)
+		return -1;
 
 	/* a live capd answers on the socket; a dead one left a file nobody accepts on */
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -934,8 +1001,10 @@ control_start(const struct capd_settings *st, char **why)
 	}
 #endif
 	if (ctl_nfds == 0) {
-		if ((ctl_fds[0] = ctl_bind(st->control, st->control_group, why)) < 0)
+		if ((ctl_fds[0] = ctl_bind(st->control, st->control_group, why)) < 0) {
+			ctl_unlock();
 			return -1;
+		}
 		ctl_nfds = 1;
 	}
 	ctl_spare_take();
@@ -948,6 +1017,12 @@ control_start(const struct capd_settings *st, char **why)
 	ev_prepare_start(capd_main, &ctl_reaper);
 	ev_unref(capd_main);
 	return 0;
+}
+
+const char *
+control_made_dir(void)
+{
+	return ctl_made_dir;
 }
 
 const char *
@@ -980,10 +1055,17 @@ control_stop(void)
 		close(ctl_spare_fd);
 	ctl_spare_fd = -1;
 	if (ctl_path) {
-		unlink(ctl_path);
+		/* a folder root owns and capd did not make stays root's after the
+		 * switch of user: the file stays, and the next start replaces it */
+		if (unlink(ctl_path) < 0 && errno != ENOENT)
+			log_notice("control: cannot remove %s: %s (a stale socket: the next start replaces it)",
+			           ctl_path, strerror(errno));
 		free(ctl_path);
 		ctl_path = NULL;
 	}
+	ctl_unlock();
+	free(ctl_made_dir);
+	ctl_made_dir = NULL;
 	free(ctl_passed_path);
 	ctl_passed_path = NULL;
 }

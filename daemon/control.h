@@ -32,6 +32,9 @@ int control_start(const struct capd_settings *st, char **why);
 void control_stop(void);
 /* The control socket's path: the one systemd passed, else control =. */
 const char *control_path(const struct capd_settings *st);
+/* The control socket's folder when capd made it (NULL if it was there):
+ * privdrop gives it to capd's user, so that the stop can remove the socket. */
+const char *control_made_dir(void);
 
 /* Queues a message (stolen) to the connection; dropped if the peer is gone. */
 void ctl_conn_send(struct ctl_conn *c, json_t *msg);

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "control.h"
 #include "log.h"
 #include "spool.h"
 #include "xmalloc.h"
@@ -226,6 +227,8 @@ privdrop(const struct capd_settings *st, char **why)
 	/* what capd keeps writing after the switch */
 	privdrop_chown_dir(st->state_dir, uid, gid);
 	privdrop_chown_dir(st->spool, uid, gid);
+	/* the socket's folder, if capd made it: the user removes socket and lock at stop */
+	privdrop_chown_dir(control_made_dir(), uid, gid);
 	spool_guard_user(uid, gid);  /* a process of its own: our switch is not its */
 
 	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0) {

@@ -892,3 +892,38 @@ def test_privilege_drop_keeps_the_spool_group_an_administrator_chose(dropdir):
     finally:
         c.stop()
     assert c.proc.returncode == 0, c.log()
+
+
+def test_privilege_drop_removes_the_control_socket_at_stop(dropdir):
+    """A capd that gave up root left its control socket behind at a clean stop: the
+    socket's folder was root's, so the user could not unlink it. A folder capd makes for
+    its socket is now given to its user, as state_dir is, and the stop removes socket and
+    lock; in a folder root already had capd says it leaves a stale socket, which the next
+    start replaces."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    hosts = dropdir / "h"
+    hosts.mkdir()
+    os.chown(hosts, nobody.pw_uid, -1)  # no CAP_DAC_OVERRIDE kept for /etc/hosts
+    settings = f"user = nobody\nhosts_file = {hosts}/hosts\n"
+    c = Capd(dropdir, "", settings)
+    c.sock = dropdir / "run" / "capd.sock"
+    c.write_conf(settings=settings)
+    c.start()
+    try:
+        assert "running as nobody" in c.log() and "keeping CAP_NET_BIND_SERVICE CAP_NET_RAW\n" in c.log()
+        assert (dropdir / "run").stat().st_uid == nobody.pw_uid
+    finally:
+        assert c.stop() == 0, c.log()
+    assert sorted(os.listdir(dropdir / "run")) == [], c.log()
+    # root's folder, which capd did not make, stays root's: the socket stays, and says so
+    (dropdir / "root").mkdir(mode=0o755)
+    c.sock = dropdir / "root" / "capd.sock"
+    c.write_conf(settings=settings)
+    for _ in range(2):  # the second start replaces the stale socket
+        c.start()
+        assert c.ctl("status").returncode == 0
+        assert c.stop() == 0, c.log()
+        assert (dropdir / "root").stat().st_uid == 0 and c.sock.exists()
+    assert f"cannot remove {c.sock}: Permission denied (a stale socket: the next start replaces it)" in c.log()

@@ -1264,3 +1264,31 @@ def test_capd_t_refuses_what_reload_refuses(capd_factory, tmp_path):
     c.write_conf()
     assert subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True).returncode == 0
     assert c.ctl("reload").returncode == 0 and c.ctl("list", json_out=True) == []
+
+
+def test_one_control_socket_path_one_capd(capd_factory):
+    """Two capds with state_dirs of their own but one control socket: each looked for a
+    live capd on the socket, then removed the stale file and bound, and started at the same
+    moment both did (1 start in 40 in a loop): the second removed the first's socket, which
+    ran on unreachable. Whoever owns the path now holds <socket>.lock (flock) while it runs;
+    here the test holds it, as a capd between its look and its bind would."""
+    a = capd_factory("")
+    b = capd_factory("", start=False)
+    b.sock = a.sock
+    b.write_conf()
+    lock = a.sock.with_name(a.sock.name + ".lock")
+    r = subprocess.run([str(CAPD), "-c", str(b.conf_path)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and f"capd already running on {a.sock}" in r.stderr, r.stderr
+    assert a.ctl("status").returncode == 0 and lock.exists()
+    assert a.stop() == 0
+    assert not a.sock.exists() and not lock.exists()  # a stop takes both away
+    with socket.socket(socket.AF_UNIX) as stale:  # a stale socket no capd answers on...
+        stale.bind(str(a.sock))
+        with open(lock, "w") as f:  # ...and a capd about to replace it
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            r = subprocess.run([str(CAPD), "-c", str(b.conf_path)], capture_output=True, text=True, timeout=20)
+            assert r.returncode == 1, (r.stdout, r.stderr)
+            assert r.stderr == f"capd: capd already running on {a.sock} (it holds {lock})\n", r.stderr
+            assert a.sock.exists()
+        b.start()  # the lock let go: the stale socket is replaced
+        assert b.ctl("status").returncode == 0
