@@ -14,6 +14,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,8 +44,20 @@
 
 struct session_list sessions = TAILQ_HEAD_INITIALIZER(sessions);
 
-static uint64_t session_next_id = 1;
-static uint64_t session_reserved;  /* ids below this are on disk as used */
+/*
+ * Ids are reserved on disk a block at a time, durably (fsync) before any id
+ * of the block is handed out, so that a crash never repeats one. The fsync
+ * runs on a thread of its own, started when half the block is used, so that
+ * a session's loop (which takes ids under capd_lock) never waits on the
+ * disk; only a loop that used up the rest of the block during one fsync
+ * would wait for it.
+ */
+static uint64_t session_next_id = 1;  /* under capd_lock */
+static uint64_t session_id_refill;    /* under capd_lock: from this id on, look at the reservation */
+static pthread_mutex_t session_id_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t session_id_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t session_reserved;     /* under session_id_mu: ids below this are on disk as used */
+static bool session_id_saving;        /* under session_id_mu: a saver thread runs */
 static char *session_id_path;
 static unsigned session_count;
 static unsigned session_stream_count;  /* of them, the accepted ones (session_new) */
@@ -118,12 +132,65 @@ session_id_save(uint64_t next)
 	return 0;
 }
 
-/* Reserves the next block of ids on disk; -1 on failure (ids then only live in memory). */
-static int
-session_id_reserve(void)
+/* The saver thread: makes the reservation (arg) durable, then says so. */
+static void *
+session_id_saver(void *arg)
 {
-	session_reserved = session_next_id + SESSION_ID_BLOCK;
-	return session_id_save(session_reserved);
+	uint64_t upto = (uint64_t)(uintptr_t)arg;
+
+	if (session_id_save(upto) < 0)  /* ids then live in memory only, as before a reload */
+		log_warn("cannot save the session id counter in %s", session_id_path);
+	pthread_mutex_lock(&session_id_mu);
+	session_reserved = upto;
+	session_id_saving = false;
+	pthread_cond_broadcast(&session_id_cond);
+	pthread_mutex_unlock(&session_id_mu);
+	return NULL;
+}
+
+/*
+ * Past half the reserved block: reserves the next one on the saver thread,
+ * and waits for it only once the block is used up. Under capd_lock (the
+ * saver never takes it) and session_id_mu.
+ */
+static void
+session_id_ahead(void)
+{
+	pthread_attr_t attr;
+	sigset_t all, old;
+	pthread_t t;
+
+	if (!session_id_saving && session_next_id + SESSION_ID_BLOCK / 2 >= session_reserved) {
+		uint64_t upto = session_next_id + SESSION_ID_BLOCK;
+		/* no signal for it: they belong to the main loop */
+		sigfillset(&all);
+		pthread_sigmask(SIG_SETMASK, &all, &old);
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		session_id_saving = true;
+		if (pthread_create(&t, &attr, session_id_saver, (void *)(uintptr_t)upto) != 0) {
+			/* no thread: save here, as capd did before it had one */
+			pthread_mutex_unlock(&session_id_mu);
+			session_id_saver((void *)(uintptr_t)upto);
+			pthread_mutex_lock(&session_id_mu);
+		}
+		pthread_attr_destroy(&attr);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+	}
+	while (session_next_id >= session_reserved && session_id_saving)
+		pthread_cond_wait(&session_id_cond, &session_id_mu);
+	/* while a save runs every new id looks again, which is cheap */
+	session_id_refill = session_id_saving ? session_next_id + 1 : session_reserved - SESSION_ID_BLOCK / 2;
+}
+
+/* Waits for a save under way (the stop then writes the file itself). */
+static void
+session_id_settle(void)
+{
+	pthread_mutex_lock(&session_id_mu);
+	while (session_id_saving)
+		pthread_cond_wait(&session_id_cond, &session_id_mu);
+	pthread_mutex_unlock(&session_id_mu);
 }
 
 int
@@ -141,7 +208,10 @@ session_table_init(const char *state_dir, char **why)
 			session_next_id = v;
 		fclose(f);
 	}
-	if (session_id_reserve() < 0) {
+	/* before the first session, so here and at once */
+	session_reserved = session_next_id + SESSION_ID_BLOCK;
+	session_id_refill = session_reserved - SESSION_ID_BLOCK / 2;
+	if (session_id_save(session_reserved) < 0) {
 		*why = xasprintf("cannot write %s: %s", session_id_path, strerror(errno));
 		return -1;
 	}
@@ -212,6 +282,7 @@ session_table_shutdown(void)
 	session_loop_fini();
 	/* a crash skips the rest of the reserved block; a stop hands it back,
 	 * so that ids go on from here after a restart (state_dir is ours alone) */
+	session_id_settle();
 	if (session_id_path && session_id_save(session_next_id) < 0)
 		log_warn("cannot save the session id counter in %s", session_id_path);
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
@@ -223,11 +294,15 @@ session_table_shutdown(void)
 	session_id_path = NULL;
 }
 
+/* Under capd_lock. */
 static uint64_t
 session_id_new(void)
 {
-	if (session_next_id >= session_reserved && session_id_reserve() < 0)
-		log_warn("cannot save the session id counter in %s", session_id_path);
+	if (session_id_path && session_next_id >= session_id_refill) {
+		pthread_mutex_lock(&session_id_mu);
+		session_id_ahead();
+		pthread_mutex_unlock(&session_id_mu);
+	}
 	return session_next_id++;
 }
 

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -550,3 +552,60 @@ def test_name_whose_first_address_never_answers_tries_the_next(netns, ns_etc, ns
     assert float(took) < 1.75  # the first address had its share (1 s), the second served within the rest
     ss = c.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
     assert ss[-1]["target"] == f"127.0.0.3:{tport}"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_session_id_reservation_never_fsyncs_on_a_session_loop(capd_factory, tmp_path):
+    """Known item 5: ids are reserved on disk 65536 at a time, and the reservation of the
+    next block (a write, an fsync of the file and one of its folder) ran in the session that
+    took the block's last id: on a worker's loop, under the lock every loop takes to make a
+    session. It now runs on a thread of its own, started when half the block is used, so a
+    session waits only if the rest of the block goes during one fsync. Ids still never
+    repeat after a crash: the file holds more than every id handed out."""
+    c = capd_factory("", "workers = 2\n")
+    port = free_port()
+    c.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--no-capture")
+    idfile = c.state / "session-id"
+    first = int(idfile.read_text())  # the first block's end: 65537 here
+    pid = c.proc.pid
+
+    def connections(k):
+        for _ in range(k):
+            socket.create_connection(("127.0.0.1", port)).close()
+
+    # the next block is reserved at id first - 32768; strace (slow) watches only its last ids
+    connections(first - 32768 - 1 - 200)
+    assert int(idfile.read_text()) == first
+    trace = tmp_path / "trace"
+    st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace), "-p", str(pid)])
+    try:
+        deadline = time.time() + 5
+        while time.time() < deadline:  # strace holds every thread of capd
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            if all(int(next(ln for ln in open(t / "status") if ln.startswith("TracerPid")).split()[1]) > 0
+                   for t in tasks):
+                break
+            time.sleep(0.02)
+        loops = {int(t.name) for t in tasks
+                 if t.name == str(pid) or (t / "comm").read_text().startswith("capd-worker")}
+        assert len(loops) == 3, tasks
+        connections(400)
+        deadline = time.time() + 10
+        while int(idfile.read_text()) == first:  # the save ends a moment after its session
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        st.terminate()
+        st.wait()
+    assert int(idfile.read_text()) >= first + 32768
+    fsyncs = [ln for ln in trace.read_text().splitlines() if "fsync(" in ln]
+    assert len(fsyncs) >= 2, fsyncs  # the file and its folder
+    assert not [ln for ln in fsyncs if int(ln.split()[0]) in loops], (loops, fsyncs)
+    # a crash now: the next capd's ids start past every one this one gave
+    last = max(s["id"] for s in c.ctl("sessions", json_out=True))
+    c.proc.kill()
+    c.proc.wait()
+    c.start()
+    c.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--no-capture")
+    socket.create_connection(("127.0.0.1", port)).close()
+    assert min(s["id"] for s in c.wait_sessions(lambda ss: len(ss) == 1)) > last
