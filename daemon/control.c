@@ -414,59 +414,51 @@ ctl_overflow(struct ctl_conn *c, const char *line, size_t len, const json_error_
 	json_decref(req);
 }
 
-/* The error (caller owns) for one request of a line that names a key twice
- * (ctl_duplicate), or NULL for a notification. */
+/* The error (caller owns) for one request of a line capd cannot run as
+ * written (ctl_unrunnable), or NULL for a notification. */
 static json_t *
-ctl_duplicate_error(json_t *req, const char *msg, bool id_twice)
+ctl_unrunnable_error(json_t *req, const char *msg, bool id_unclear)
 {
 	json_t *id = json_object_get(req, "id");
 
 	if (json_is_object(req) && id == NULL)  /* a notification is never answered */
 		return NULL;
 	/* an id given twice cannot be made out: JSON-RPC answers that with null */
-	if (id_twice || !(json_is_string(id) || json_is_number(id) || json_is_null(id)))
+	if (id_unclear || !(json_is_string(id) || json_is_number(id) || json_is_null(id)))
 		id = NULL;
 	return rpc_error(id, RPC_E_INVALID, msg);
 }
 
 /*
- * Good JSON (RFC 8259 only says names SHOULD be unique) that names a key
- * twice: {"method":"a","method":"b"}. Which one counts is anyone's guess,
- * so no request of the line runs; each is refused as an invalid request
- * (not a parse error, which would say the JSON is broken), naming the key.
+ * Good JSON that capd cannot run as written, each request of the line
+ * refused as an invalid request (not a parse error, which would say the
+ * JSON is broken), none run: a key named twice ({"method":"a","method":"b"}:
+ * RFC 8259 only says names SHOULD be unique, and which one counts is
+ * anyone's guess), or a string holding \u0000 (capd's strings end at a NUL:
+ * "daemon.status\u0000x" would run daemon.status). The line is read again as
+ * it allows (flags) to find the ids.
  */
 static void
-ctl_duplicate(struct ctl_conn *c, const char *line, size_t len, const json_error_t *first)
+ctl_unrunnable(struct ctl_conn *c, const char *line, size_t len, size_t flags, const char *msg, bool id_unclear)
 {
 	json_error_t jerr;
-	json_t *req = json_loadb(line, len, JSON_DECODE_ANY, &jerr);
-	const char *q = strchr(first->text, '\''), *e = strrchr(first->text, '\'');
+	json_t *req = json_loadb(line, len, JSON_DECODE_ANY | flags, &jerr);
 	json_t *out, *r, *el;
-	char key[160], msg[300];
-	bool id_twice;
 	size_t i;
 
 	if (req == NULL && json_error_code(&jerr) == json_error_numeric_overflow) {
 		ctl_overflow(c, line, len, &jerr);
 		return;
 	}
-	/* jansson names the key as it came, quotes and all: near '"method"' */
-	if (q != NULL && e > q)
-		snprintf(key, sizeof key, "%.*s", (int)(e - q - 1), q + 1);
-	else
-		snprintf(key, sizeof key, "?");
-	id_twice = strcmp(key, "\"id\"") == 0;
-	snprintf(msg, sizeof msg, "invalid request: duplicate key %s at column %d (a name may appear once in an object)",
-	         key, first->column);
 	if (req == NULL || !json_is_array(req)) {
-		if ((r = req ? ctl_duplicate_error(req, msg, id_twice) : rpc_error(NULL, RPC_E_INVALID, msg)) != NULL)
+		if ((r = req ? ctl_unrunnable_error(req, msg, id_unclear) : rpc_error(NULL, RPC_E_INVALID, msg)) != NULL)
 			ctl_reply(c, r);
 		json_decref(req);
 		return;
 	}
 	out = json_array();
 	json_array_foreach(req, i, el) {
-		if ((r = ctl_duplicate_error(el, msg, id_twice)) != NULL)
+		if ((r = ctl_unrunnable_error(el, msg, id_unclear)) != NULL)
 			json_array_append_new(out, r);
 	}
 	if (json_array_size(out) > 0)
@@ -490,7 +482,19 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 		return;
 	}
 	if (req == NULL && json_error_code(&jerr) == json_error_duplicate_key) {
-		ctl_duplicate(c, line, len, &jerr);
+		/* jansson names the key as it came, quotes and all: near '"method"' */
+		const char *q = strchr(jerr.text, '\''), *e = strrchr(jerr.text, '\'');
+		int n = q != NULL && e > q ? (int)(e - q - 1) : 0;
+		snprintf(msg, sizeof msg, "invalid request: duplicate key %.*s at column %d (a name may appear once in an object)",
+		         n > 160 ? 160 : n, q ? q + 1 : "", jerr.column);
+		ctl_unrunnable(c, line, len, 0, msg, n == 4 && !strncmp(q + 1, "\"id\"", 4));
+		return;
+	}
+	if (req == NULL && (json_error_code(&jerr) == json_error_null_character ||
+	                    json_error_code(&jerr) == json_error_null_byte_in_key)) {
+		snprintf(msg, sizeof msg, "invalid request: \\u0000 in a string at column %d (capd takes no NUL in a string)",
+		         jerr.column);
+		ctl_unrunnable(c, line, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, msg, false);
 		return;
 	}
 	if (req == NULL) {

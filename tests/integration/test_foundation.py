@@ -1292,3 +1292,25 @@ def test_one_control_socket_path_one_capd(capd_factory):
             assert a.sock.exists()
         b.start()  # the lock let go: the stale socket is replaced
         assert b.ctl("status").returncode == 0
+
+
+def test_rpc_nul_in_a_string_is_an_invalid_request(capd):
+    """A string holding \\u0000 is good JSON, but capd answered it -32700 Parse error
+    ("\\u0000 is not allowed without JSON_ALLOW_NUL", jansson's words) with id null. capd's
+    strings end at a NUL (taken, "daemon.status\\u0000x" would run daemon.status), so such a
+    request is now -32600 Invalid Request saying so, with its id; none of its line runs."""
+    def one(raw):
+        return rpc_lines(capd, raw + b"\n")
+
+    r = one(b'{"jsonrpc":"2.0","id":1,"method":"daemon.status\\u0000x"}')
+    assert len(r) == 1 and r[0]["id"] == 1 and r[0]["error"]["code"] == -32600, r
+    assert "\\u0000 in a string" in r[0]["error"]["message"], r
+    r = one(b'{"jsonrpc":"2.0","id":"a\\u0000b","method":"daemon.status"}')
+    assert len(r) == 1 and r[0]["id"] == "a\0b" and r[0]["error"]["code"] == -32600, r
+    port = free_port()
+    r = one(b'[{"jsonrpc":"2.0","id":2,"method":"instance.add","params":{"type":"forward","listen":"'
+            + str(port).encode() + b'","to":"127.0.0.1:9","name":"f\\u0000"}},'
+            b'{"jsonrpc":"2.0","method":"daemon.status"}]')
+    assert len(r) == 1 and [x["id"] for x in r[0]] == [2] and r[0][0]["error"]["code"] == -32600, r
+    assert one(b'{"jsonrpc":"2.0","method":"daemon.status\\u0000"}') == []
+    assert capd.ctl("list", json_out=True) == []
