@@ -521,6 +521,14 @@ main(int argc, char **argv)
 	}
 	if (optind != argc)
 		usage();
+	/* as the [capd] paths: daemon.status shows it in JSON, which cannot hold
+	 * it otherwise (capctl status said only "failed") */
+	json_t *text = json_string(capd_config_path);
+	if (text == NULL) {
+		fprintf(stderr, "capd: -c: the path is not valid UTF-8\n");
+		return 1;
+	}
+	json_decref(text);
 
 	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check(capd_conf, true, &why) < 0) {
 		fprintf(stderr, "capd: %s\n", why);

@@ -1314,3 +1314,16 @@ def test_rpc_nul_in_a_string_is_an_invalid_request(capd):
     assert len(r) == 1 and [x["id"] for x in r[0]] == [2] and r[0][0]["error"]["code"] == -32600, r
     assert one(b'{"jsonrpc":"2.0","method":"daemon.status\\u0000"}') == []
     assert capd.ctl("list", json_out=True) == []
+
+
+def test_config_path_not_utf8_is_refused(tmp_path):
+    """capd -c /x/\\xff.conf started, and then `capctl status` said only "capctl: failed":
+    daemon.status shows the config path in JSON, which cannot hold it. Such a path is
+    refused at once, as a [capd] path that is not UTF-8 is (test_capd_setting_not_utf8...)."""
+    f = os.path.join(os.fsencode(tmp_path), b"c\xff.conf")
+    with open(f, "w") as fh:
+        fh.write(f"[capd]\ncontrol = {tmp_path}/c.sock\nspool = {tmp_path}/sp\nstate_dir = {tmp_path}/st\n")
+    for args in ([b"-t"], []):
+        r = subprocess.run([os.fsencode(str(CAPD)), *args, b"-c", f], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stderr == "capd: -c: the path is not valid UTF-8\n", (args, r.stderr)
+    assert not (tmp_path / "c.sock").exists()
