@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "addr.h"
@@ -149,9 +150,18 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 		return;
 	}
 	json_decref(text);
-	if (!strcmp(key, "control"))
-		conf_set_str(&st->control, conf_path(cp, key, v));
-	else if (!strcmp(key, "control_group"))
+	if (!strcmp(key, "control")) {
+		struct sockaddr_un sun;
+		char *path = conf_path(cp, key, v);
+		/* what the bind at start would refuse, capd -t and a reload refuse too, with the line */
+		if (path != NULL && strlen(path) >= sizeof sun.sun_path) {
+			conf_fail(cp, "'control' is too long for a Unix socket path (%zu bytes, at most %zu)", strlen(path),
+			          sizeof sun.sun_path - 1);
+			free(path);
+			path = NULL;
+		}
+		conf_set_str(&st->control, path);
+	} else if (!strcmp(key, "control_group"))
 		conf_set_str(&st->control_group, xstrdup(v));
 	else if (!strcmp(key, "spool"))
 		conf_set_str(&st->spool, conf_dir(cp, key, v));

@@ -1327,3 +1327,16 @@ def test_config_path_not_utf8_is_refused(tmp_path):
         r = subprocess.run([os.fsencode(str(CAPD)), *args, b"-c", f], capture_output=True, text=True, timeout=20)
         assert r.returncode == 1 and r.stderr == "capd: -c: the path is not valid UTF-8\n", (args, r.stderr)
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_capd_t_refuses_a_control_path_too_long_to_bind(tmp_path):
+    """control = a path of 108 bytes or more passed capd -t ("configuration is good"), and
+    start-up then failed at the bind ("control socket path too long", no line). The
+    config now refuses it, at -t and start alike, with its file and line."""
+    long = "/tmp/" + "a" * 110 + "/c.sock"
+    rc, err = capd_t(tmp_path, f"[capd]\ncontrol = {long}\n")
+    assert rc == 1 and err == (f"capd: t.conf:2: 'control' is too long for a Unix socket path "
+                               f"({len(long)} bytes, at most 107)\n"), err
+    ok = "/tmp/" + "a" * (107 - len("/tmp/") - len("/c")) + "/c"  # 107 bytes: binds
+    rc, err = capd_t(tmp_path, f"[capd]\ncontrol = {ok}\n")
+    assert rc == 0, err
