@@ -275,6 +275,63 @@ ctl_reply_error(struct ctl_conn *c, json_t *id, int code, const char *msg)
 	ctl_reply(c, rpc_error(id, code, msg));
 }
 
+/*
+ * The params each method takes; others are refused. A misspelt filter
+ * ({"instanse":"web"}) listed every session as if none were asked for,
+ * and a script never learnt why; instance.add already refused its unknown
+ * keys.
+ */
+static const struct {
+	const char *method;
+	const char *params;  /* "a, b"; "" none */
+} ctl_params[] = {
+	{ "daemon.status", "" },
+	{ "daemon.reload", "" },
+	{ "instance.list", "" },
+	{ "instance.remove", "name" },
+	{ "session.list", "instance, open" },
+	{ "session.kill", "id" },
+	{ "session.tail", "id, backlog" },
+	{ "events.subscribe", "" },
+	{ "capture.follow", "instance" },
+	/* the others (instance.add: each type's keys) judge their params themselves */
+};
+
+/* The keys method takes ("" none), or NULL when it judges them itself. */
+static const char *
+ctl_params_of(const char *method)
+{
+	for (size_t i = 0; i < sizeof ctl_params / sizeof ctl_params[0]; i++)
+		if (!strcmp(ctl_params[i].method, method))
+			return ctl_params[i].params;
+	return NULL;
+}
+
+/* A key of params that method does not take (a word of its list, matched whole), or NULL. */
+static const char *
+ctl_unknown_param(const char *method, json_t *params)
+{
+	const char *takes = ctl_params_of(method), *key;
+	json_t *v;
+
+	if (takes == NULL)
+		return NULL;
+	json_object_foreach(params, key, v) {
+		size_t n = strlen(key);
+		const char *p = takes;
+		bool known = false;
+
+		/* no key holds the list's separators: "instance, open" is none of its words */
+		while (n > 0 && strpbrk(key, ", ") == NULL && !known && (p = strstr(p, key)) != NULL) {
+			known = (p == takes || p[-1] == ' ') && (p[n] == ',' || p[n] == '\0');
+			p += n;
+		}
+		if (!known)
+			return key;
+	}
+	return NULL;
+}
+
 /* One request object (borrowed), alone or from a batch. */
 static void
 ctl_call(struct ctl_conn *c, json_t *req)
@@ -321,6 +378,16 @@ ctl_call(struct ctl_conn *c, json_t *req)
 	json_t *empty = NULL;
 	if (params == NULL || json_is_null(params))
 		params = empty = json_object();
+	const char *unknown = ctl_unknown_param(method, params);
+	if (unknown != NULL) {
+		const char *takes = ctl_params_of(method);
+		snprintf(msg, sizeof msg, "%s takes no parameter '%.100s' (%s%s)", method, unknown,
+		         *takes ? "it takes: " : "it takes none", takes);
+		if (id != NULL)
+			ctl_reply_error(c, id, RPC_E_PARAMS, msg);
+		json_decref(empty);
+		return;
+	}
 	log_debug("control: pid %d calls %s", c->pid, method);
 	/* methods read and change sessions and instances: the shards wait (shard.h) */
 	shards_pause();

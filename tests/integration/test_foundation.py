@@ -1340,3 +1340,29 @@ def test_capd_t_refuses_a_control_path_too_long_to_bind(tmp_path):
     ok = "/tmp/" + "a" * (107 - len("/tmp/") - len("/c")) + "/c"  # 107 bytes: binds
     rc, err = capd_t(tmp_path, f"[capd]\ncontrol = {ok}\n")
     assert rc == 0, err
+
+
+def test_rpc_unknown_parameter_is_refused(capd, echo_server):
+    """A parameter a method does not take was ignored: session.list {"instanse": "f"} (a
+    typo) listed every session as if no filter were asked for, and daemon.status {"x": 1}
+    answered as if all were well; instance.add alone refused its unknown keys. Each method
+    of the control plane now refuses -32602 naming the key and what it takes; notifications
+    still get no reply, and what capctl sends still works."""
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "f")
+    socket.create_connection(("127.0.0.1", port)).close()
+    capd.wait_sessions(lambda ss: len(ss) == 1)
+    for method, params, want in (
+            ("session.list", {"instanse": "f"}, "session.list takes no parameter 'instanse' (it takes: instance, open)"),
+            ("session.list", {"instance, open": True}, "session.list takes no parameter 'instance, open'"),
+            ("daemon.status", {"x": 1}, "daemon.status takes no parameter 'x' (it takes none)"),
+            ("session.kill", {"id": 1, "": 1}, "session.kill takes no parameter '' (it takes: id)"),
+            ("instance.remove", {"name": "f", "force": True}, "instance.remove takes no parameter 'force'"),
+            ("session.tail", {"id": 1, "dir": "c2s"}, "session.tail takes no parameter 'dir' (it takes: id, backlog)")):
+        r = capd.rpc(method, params)
+        assert r["error"]["code"] == -32602 and r["error"]["message"].startswith(want), (method, r)
+    assert rpc_lines(capd, b'{"jsonrpc":"2.0","method":"instance.remove","params":{"name":"f","x":1}}\n') == []
+    assert [i["name"] for i in capd.ctl("list", json_out=True)] == ["f"]  # nothing was removed
+    assert len(capd.rpc("session.list", {"instance": "f", "open": False})["result"]) == 1
+    assert capd.ctl("sessions", "--instance", "f").returncode == 0
+    assert capd.ctl("remove", "f").returncode == 0
