@@ -1074,6 +1074,8 @@ control_start(const struct capd_settings *st, char **why)
 	if (ctl_nfds == 0) {
 		if ((ctl_fds[0] = ctl_bind(st->control, st->control_group, why)) < 0) {
 			ctl_unlock();
+			free(ctl_made_dir);
+			ctl_made_dir = NULL;
 			return -1;
 		}
 		ctl_nfds = 1;
