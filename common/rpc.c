@@ -59,8 +59,10 @@ rpc_framer_next(struct rpc_framer *f, char **line, size_t *len)
 		if (n > 0 && head[n - 1] == '\r')
 			head[--(*len)] = '\0';
 		buf_consume(&f->in, n + 1);  /* data stays in place until the next append */
-		if (*len == 0)
-			continue;  /* blank lines are keep-alives */
+		/* blank lines are keep-alives, spaces and tabs alone too ("  \r\n"
+		 * from a terminal): JSON's own whitespace, no request */
+		if (strspn(*line, " \t\r") == *len)
+			continue;
 		return RPC_FRAME_LINE;
 	}
 }

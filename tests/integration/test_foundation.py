@@ -1366,3 +1366,13 @@ def test_rpc_unknown_parameter_is_refused(capd, echo_server):
     assert len(capd.rpc("session.list", {"instance": "f", "open": False})["result"]) == 1
     assert capd.ctl("sessions", "--instance", "f").returncode == 0
     assert capd.ctl("remove", "f").returncode == 0
+
+
+def test_rpc_whitespace_line_is_a_keepalive(capd):
+    """Blank lines are keep-alives, but a line of spaces or tabs ("  \\r\\n", a terminal's
+    Enter after a space) got a -32700 parse error ("unexpected token near end of file")
+    with id null, which a client would take for an answer. It is skipped like a blank."""
+    r = rpc_lines(capd, b"   \n\t\r\n" + b'{"jsonrpc":"2.0","id":1,"method":"daemon.status"}\n \t \n')
+    assert len(r) == 1 and r[0]["id"] == 1 and "result" in r[0], r
+    r = rpc_lines(capd, b" x \n")  # not only whitespace: still a parse error
+    assert len(r) == 1 and r[0]["error"]["code"] == -32700, r
