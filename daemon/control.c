@@ -759,8 +759,9 @@ static bool
 ctl_peer_allowed(int uid, int gid)
 {
 	struct passwd *pw;
-	gid_t groups[256];
+	gid_t few[256], *groups = few;
 	int ngroups = 256;
+	bool member = false;
 
 	if (uid == 0 || (uid_t)uid == geteuid())
 		return true;
@@ -770,12 +771,18 @@ ctl_peer_allowed(int uid, int gid)
 		return true;
 	if ((pw = getpwuid((uid_t)uid)) == NULL)
 		return false;
-	if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &ngroups) < 0)
-		return false;
-	for (int i = 0; i < ngroups; i++)
-		if (groups[i] == ctl_gid)
-			return true;
-	return false;
+	/* a user in more groups than that: getgrouplist said how many (the
+	 * control group may be the 300th) */
+	if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &ngroups) < 0) {
+		groups = xcalloc((size_t)ngroups, sizeof *groups);
+		if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &ngroups) < 0)
+			ngroups = 0;
+	}
+	for (int i = 0; i < ngroups && !member; i++)
+		member = groups[i] == ctl_gid;
+	if (groups != few)
+		free(groups);
+	return member;
 }
 
 static void

@@ -609,3 +609,27 @@ def test_session_id_reservation_never_fsyncs_on_a_session_loop(capd_factory, tmp
     c.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:9", "--no-capture")
     socket.create_connection(("127.0.0.1", port)).close()
     assert min(s["id"] for s in c.wait_sessions(lambda ss: len(ss) == 1)) > last
+
+
+def test_control_admits_a_member_of_many_groups(netns, ns_etc, ns_capd):
+    """capd asked getgrouplist for at most 256 groups: a user in more (300 here, the
+    control group among them) got -1 and was refused ("not root, capd's user or in the
+    control socket's group") although the group lists it. capd now asks again with the
+    count getgrouplist gave."""
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    free = [i for i in range(61999, 60000, -1) if i not in used]
+    uid, gid, extra = free[0], free[1], free[2:302]
+    with open("/etc/passwd") as f, open(f"{ns_etc}/passwd", "w") as out:
+        out.write(f.read() + f"carol:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin\n")
+    with open("/etc/group") as f, open(f"{ns_etc}/group", "w") as out:
+        out.write(f.read() + f"carol:x:{uid}:\n" + "".join(f"g{g}:x:{g}:carol\n" for g in extra)
+                  + f"capdctl:x:{gid}:carol\n")
+    c = ns_capd(netns, settings="control_group = capdctl\n")
+    d = c.sock.parent
+    while str(d).startswith("/tmp/") and d != d.parent:  # let the user reach the socket file
+        os.chmod(d, os.stat(d).st_mode | 0o001)
+        d = d.parent
+    r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={gid}",
+                        str(CAPCTL), "-s", str(c.sock), "status"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr + c.log()[-2000:]
+    assert "refused pid" not in c.log()
