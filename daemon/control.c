@@ -987,7 +987,8 @@ ctl_bind(const char *path, const char *group, char **why)
 		close(fd);
 		return -1;
 	}
-	chmod(path, 0660);
+	/* no chmod: the umask made it 0660, and a chmod by path as root would
+	 * follow a link put there (the folder may be capd's user's: ctl_made_dir) */
 	if (group) {
 		struct group *gr = getgrnam(group);
 		if (gr == NULL) {
@@ -996,7 +997,7 @@ ctl_bind(const char *path, const char *group, char **why)
 			unlink(path);
 			return -1;
 		}
-		if (chown(path, (uid_t)-1, gr->gr_gid) < 0) {
+		if (lchown(path, (uid_t)-1, gr->gr_gid) < 0) {  /* never through a link, as above */
 			*why = xasprintf("cannot give %s to group %s: %s", path, group, strerror(errno));
 			close(fd);
 			unlink(path);
