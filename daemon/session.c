@@ -138,7 +138,7 @@ session_id_saver(void *arg)
 {
 	uint64_t upto = (uint64_t)(uintptr_t)arg;
 
-	if (session_id_save(upto) < 0)  /* ids then live in memory only, as before a reload */
+	if (session_id_save(upto) < 0)  /* the block is used all the same, as before: only a crash then repeats ids */
 		log_warn("cannot save the session id counter in %s", session_id_path);
 	pthread_mutex_lock(&session_id_mu);
 	session_reserved = upto;
