@@ -155,8 +155,8 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 		char *path = conf_path(cp, key, v);
 		/* what the bind at start would refuse, capd -t and a reload refuse too, with the line */
 		if (path != NULL && strlen(path) >= sizeof sun.sun_path) {
-			conf_fail(cp, "'control' is too long for a Unix socket path (%zu bytes, at most %zu)", strlen(path),
-			          sizeof sun.sun_path - 1);
+			conf_fail(cp, "'control' is too long for a Unix socket path (%zu bytes, at most %zu)",
+			          strlen(path), sizeof sun.sun_path - 1);
 			free(path);
 			path = NULL;
 		}

@@ -518,7 +518,8 @@ ctl_unrunnable(struct ctl_conn *c, const char *line, size_t len, size_t flags, c
 		return;
 	}
 	if (req == NULL || !json_is_array(req)) {
-		if ((r = req ? ctl_unrunnable_error(req, msg, id_unclear) : rpc_error(NULL, RPC_E_INVALID, msg)) != NULL)
+		r = req ? ctl_unrunnable_error(req, msg, id_unclear) : rpc_error(NULL, RPC_E_INVALID, msg);
+		if (r != NULL)
 			ctl_reply(c, r);
 		json_decref(req);
 		return;
@@ -552,14 +553,16 @@ ctl_dispatch(struct ctl_conn *c, const char *line, size_t len)
 		/* jansson names the key as it came, quotes and all: near '"method"' */
 		const char *q = strchr(jerr.text, '\''), *e = strrchr(jerr.text, '\'');
 		int n = q != NULL && e > q ? (int)(e - q - 1) : 0;
-		snprintf(msg, sizeof msg, "invalid request: duplicate key %.*s at column %d (a name may appear once in an object)",
+		snprintf(msg, sizeof msg,
+		         "invalid request: duplicate key %.*s at column %d (a name may appear once in an object)",
 		         n > 160 ? 160 : n, q ? q + 1 : "", jerr.column);
 		ctl_unrunnable(c, line, len, 0, msg, n == 4 && !strncmp(q + 1, "\"id\"", 4));
 		return;
 	}
 	if (req == NULL && (json_error_code(&jerr) == json_error_null_character ||
 	                    json_error_code(&jerr) == json_error_null_byte_in_key)) {
-		snprintf(msg, sizeof msg, "invalid request: \\u0000 in a string at column %d (capd takes no NUL in a string)",
+		snprintf(msg, sizeof msg,
+		         "invalid request: \\u0000 in a string at column %d (capd takes no NUL in a string)",
 		         jerr.column);
 		ctl_unrunnable(c, line, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, msg, false);
 		return;
@@ -915,7 +918,8 @@ ctl_lock(const char *path, char **why)
 			free(lp);
 			return -1;
 		}
-		if (fstat(fd, &fsb) == 0 && stat(lp, &psb) == 0 && fsb.st_dev == psb.st_dev && fsb.st_ino == psb.st_ino) {
+		if (fstat(fd, &fsb) == 0 && stat(lp, &psb) == 0 && fsb.st_dev == psb.st_dev &&
+		    fsb.st_ino == psb.st_ino) {
 			ctl_lock_fd = fd;
 			ctl_lock_path = lp;
 			return 0;
