@@ -1,4 +1,4 @@
-/* capctl capture status | rotate: the spool. */
+/* capctl capture status | rotate | sync: the spool. */
 #include <stdio.h>
 #include <string.h>
 
@@ -29,16 +29,17 @@ capture_sniffers(struct ctl_opts *o)
 static int
 capture_exec(struct ctl_opts *o, int argc, char **argv)
 {
-	static const char *const verbs[] = { "status", "rotate", "follow" };
+	static const char *const verbs[] = { "status", "rotate", "follow", "sync" };
+	static const char *const methods[] = { "capture.status", "capture.rotate", NULL, "capture.sync" };
 	json_t *r = NULL;
 	int v = -1, rc;
 
 	/* follow is one of the words, so that it too may be shortened (capctl(1)) */
-	if (argc >= 2 && (v = word_match(argv[1], verbs, 3)) == 2)
+	if (argc >= 2 && (v = word_match(argv[1], verbs, 4)) == 2)
 		return capture_follow(o, argc, argv);
 	if (argc != 2 || v < 0)
-		return usage_error("usage: capctl capture status | rotate | follow [--instance NAME]");
-	if ((rc = client_call(o, v == 0 ? "capture.status" : "capture.rotate", NULL, &r)) != CTL_OK)
+		return usage_error("usage: capctl capture status | rotate | sync | follow [--instance NAME]");
+	if ((rc = client_call(o, methods[v], NULL, &r)) != CTL_OK)
 		return rc;
 	if (o->json) {
 		output_json(r);
@@ -58,4 +59,4 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 	return CTL_OK;
 }
 
-const struct cmd cmd_capture = { "capture", "status | rotate | follow [--instance NAME]", capture_exec };
+const struct cmd cmd_capture = { "capture", "status | rotate | sync | follow [--instance NAME]", capture_exec };

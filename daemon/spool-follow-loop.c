@@ -1,6 +1,6 @@
 /*
- * Live pcapng for followers and the capture.rotate event, the loop's half;
- * see spool-follow.h.
+ * Live pcapng for followers, the capture.rotate event and capture.sync's
+ * answer, the loop's half; see spool-follow.h.
  *
  * An ev_async wakes the loop when the writer has queued records; the loop
  * takes the whole queue at once and gives every follower its own stream:
@@ -8,7 +8,8 @@
  * the EPBs' interface ids rewritten to match), and the packets of the
  * interfaces it follows. Each follower is bounded like a tail subscriber:
  * past FOLLOW_SUB_MAX queued bytes it loses packets, counted and told in
- * its next notification.
+ * its next notification. A capture.sync waits here for its mark to come
+ * back from the writer, behind the blocks of every packet before it.
  */
 #include "spool-follow.h"
 
@@ -37,6 +38,7 @@
 #define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
 #define FOLLOW_END_WAIT 1.0            /* a removed instance's last packets reach its followers within this */
 #define FOLLOW_ALL (-1)                /* follow_sub.iface: every interface */
+#define SYNC_WAIT 10.0                 /* capture.sync gives up on a writer stuck this long (a hung disk) */
 
 /* A follower: owned by follow_list; freed when its connection closes or its instance's follow ends. */
 struct follow_sub {
@@ -53,6 +55,16 @@ struct follow_sub {
 };
 
 static LIST_HEAD(, follow_sub) follow_list = LIST_HEAD_INITIALIZER(follow_list);
+
+/* A capture.sync waiting for its mark: owned by sync_list until it is answered. */
+struct follow_sync {
+	LIST_ENTRY(follow_sync) entry;
+	unsigned seq;              /* its mark (spool_sync) */
+	struct ctl_later *later;   /* the reply; safe to answer after its connection closed */
+	ev_timer timeout;
+};
+
+static LIST_HEAD(, follow_sync) sync_list = LIST_HEAD_INITIALIZER(sync_list);
 /* Each handle's IDB as the writer encoded it (empty: not seen yet). */
 static struct buf *idb_table;
 static int nidb_table;
@@ -179,12 +191,82 @@ follow_rotated(const char *path)
 	events_emit("capture.rotate", o);
 }
 
+/* Answers a capture.sync (m: the writer's word; NULL: it did not come in time) and frees it. */
+static void
+follow_sync_reply(struct follow_sync *fs, const struct frec_sync *m)
+{
+	char *msg;
+
+	LIST_REMOVE(fs, entry);
+	ev_timer_stop(capd_main, &fs->timeout);
+	if (m != NULL && m->err == 0) {
+		ctl_later_reply(fs->later, spool_status(), 0, NULL);
+	} else {
+		if (m == NULL)
+			msg = xasprintf("the capture writer has not got this far in %.0f s (a slow or hung disk?); "
+			                "what was queued is still on its way",
+			                SYNC_WAIT);
+		else if (m->failing)
+			msg = xasprintf("cannot write the capture: %s; what was queued is counted as dropped "
+			                "(capture status), capd tries again every second",
+			                strerror(m->err));
+		else
+			msg = xasprintf("cannot write the capture: %llu packets queued before this went to no file "
+			                "(%s) and are counted as dropped; capd writes again now",
+			                (unsigned long long)m->lost, strerror(m->err));
+		ctl_later_reply(fs->later, NULL, RPC_E_FAILED, msg);
+		free(msg);
+	}
+	free(fs);
+}
+
+static void
+follow_sync_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)revents;
+	follow_sync_reply(w->data, NULL);
+}
+
+void
+spool_follow_sync(struct ctl_later *l)
+{
+	struct follow_sync *fs;
+	unsigned seq;
+
+	spool_follow_init();  /* the mark comes back through the hand-over */
+	if ((seq = spool_sync()) == 0) {
+		ctl_later_reply(l, NULL, RPC_E_FAILED, "capture is not running");
+		return;
+	}
+	fs = xcalloc(1, sizeof *fs);
+	fs->seq = seq;
+	fs->later = l;
+	ev_timer_init(&fs->timeout, follow_sync_timeout_cb, SYNC_WAIT, 0.);
+	fs->timeout.data = fs;
+	ev_timer_start(capd_main, &fs->timeout);
+	LIST_INSERT_HEAD(&sync_list, fs, entry);
+}
+
+/* The writer got to mark m: its capture.sync is answered (unless it timed out). */
+static void
+follow_synced(const struct frec_sync *m)
+{
+	struct follow_sync *fs;
+
+	LIST_FOREACH(fs, &sync_list, entry)
+		if (fs->seq == m->seq) {
+			follow_sync_reply(fs, m);
+			return;
+		}
+}
+
 static void
 follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
 	static struct spool_follow_lost lost;  /* kept for its array; zero between calls */
 	struct buf take;
 	struct follow_sub *sub;
+	bool synced = false;
 
 	(void)loop; (void)w; (void)revents;
 	spool_follow_take(&take, &lost);
@@ -220,9 +302,24 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 		case FREC_ROTATE:
 			follow_rotated((const char *)p);
 			break;
+		case FREC_SYNC:
+			synced = true;
+			break;
 		}
 	}
 	follow_flush_all();
+	/* after the flush: a follower has the blocks before a mark when its sync is answered */
+	for (size_t off = 0; synced && off + sizeof(struct frec) <= buf_used(&take);) {
+		struct frec r;
+		struct frec_sync m;
+
+		memcpy(&r, buf_head(&take) + off, sizeof r);
+		if (r.type == FREC_SYNC) {
+			memcpy(&m, buf_head(&take) + off + sizeof r, sizeof m);
+			follow_synced(&m);
+		}
+		off += sizeof r + r.len;
+	}
 	buf_free(&take);
 }
 

@@ -1,13 +1,14 @@
 /*
- * Live pcapng for followers and the capture.rotate event, the writer's half:
- * the queue the spool's writer thread fills; spool-follow-loop.c empties it
- * on the loop thread. (Two files so that spool.c, and whatever links it,
- * does not pull in the control server.)
+ * Live pcapng for followers, the capture.rotate event and capture.sync's
+ * answer, the writer's half: the queue the spool's writer thread fills;
+ * spool-follow-loop.c empties it on the loop thread. (Two files so that
+ * spool.c, and whatever links it, does not pull in the control server.)
  *
  * The writer thread appends records (an interface's IDB the first time it is
- * used, each EPB, each new file) to fq under a mutex and calls the loop
- * side's wake function. The queue is bounded: past FOLLOW_Q_MAX packets are
- * dropped for the followers (counted); the writer never waits.
+ * used, each EPB, each new file, each capture.sync mark it reaches) to fq
+ * under a mutex and calls the loop side's wake function. The queue is
+ * bounded: past FOLLOW_Q_MAX packets are dropped for the followers
+ * (counted); the writer never waits.
  */
 #include "spool-follow.h"
 
@@ -143,6 +144,21 @@ spool_follow_rotated(const char *dir, const char *name)
 	at = fq_begin(FREC_ROTATE, -1);
 	buf_printf(&fq.recs, "%s/%s", dir ? dir : ".", name);
 	buf_append(&fq.recs, "", 1);
+	fq_end(at);
+	pthread_mutex_unlock(&fq.mu);
+	fq_wake();
+}
+
+void
+spool_follow_synced(const struct frec_sync *m)
+{
+	size_t at;
+
+	if (atomic_load(&follow_wake) == NULL)
+		return;
+	pthread_mutex_lock(&fq.mu);
+	at = fq_begin(FREC_SYNC, -1);
+	buf_append(&fq.recs, m, sizeof *m);
 	fq_end(at);
 	pthread_mutex_unlock(&fq.mu);
 	fq_wake();

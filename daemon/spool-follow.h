@@ -1,9 +1,10 @@
 /*
  * Live pcapng for followers (capctl capture follow) and the capture.rotate
- * event. The spool's writer thread hands each packet it encodes, and each
- * new file it opens, to a small bounded queue here; an ev_async wakes the
- * loop thread, which sends the blocks to the followers as "capture.data"
- * notifications and emits the events. The writer never waits: a full queue
+ * event. The spool's writer thread hands each packet it encodes, each new
+ * file it opens, and each capture.sync mark it reaches, to a small
+ * bounded queue here; an ev_async wakes the loop thread, which sends the
+ * blocks to the followers as "capture.data" notifications, emits the
+ * events and answers capture.sync. The writer never waits: a full queue
  * drops packets for the followers only (counted, and told to them).
  */
 #ifndef CAPD_SPOOL_FOLLOW_H
@@ -30,11 +31,21 @@ void spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct t
                          const char *comment);
 /* The spool opened file name in folder dir: becomes a "capture.rotate" event. */
 void spool_follow_rotated(const char *dir, const char *name);
+/* The writer has handled every record queued before sync mark m->seq (spool_sync). */
+struct frec_sync;
+void spool_follow_synced(const struct frec_sync *m);
 
 /* ---- loop thread: the queue's other end (spool-follow.c) ---- */
 
-/* A queued record; len bytes follow: an encoded IDB or EPB (interface id 0), or a file path with its NUL. */
-enum { FREC_IDB, FREC_EPB, FREC_ROTATE };
+/* A queued record; len bytes follow: an encoded IDB or EPB (interface id 0), a file path with
+ * its NUL, or a struct frec_sync. */
+enum { FREC_IDB, FREC_EPB, FREC_ROTATE, FREC_SYNC };
+struct frec_sync {
+	uint32_t seq;
+	int32_t err;       /* 0: all of it is in the file; else why not */
+	uint64_t lost;     /* packets dropped since the mark before (counted as dropped) */
+	bool failing;      /* the disk fails now: capture is being dropped */
+};
 struct frec {
 	uint32_t type;
 	int32_t iface;     /* the spool's interface handle */
@@ -59,6 +70,12 @@ void spool_follow_take(struct buf *out, struct spool_follow_lost *lost);
 
 /* Starts the hand-over (the ev_async); called before the first follower or event subscriber. */
 void spool_follow_init(void);
+/* capture.sync: replies to l with the capture status once the writer has
+ * written all that was queued before now (followers get it first); with an
+ * error when some of it went to no file (frec_sync), when capture is off, or
+ * when the writer has not got there within SYNC_WAIT seconds. */
+struct ctl_later;
+void spool_follow_sync(struct ctl_later *l);
 /* capture.follow: c follows interface handle iface (-1: all). Returns the stream's head
  * (section header and known interfaces) as a JSON string of base64 (caller owns), or
  * NULL with *why (owned). */

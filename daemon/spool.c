@@ -66,6 +66,7 @@
 #define EXT_MIN 2048              /* payloads this big are written from the queue, not copied */
 #define RETRY_SECS 1.0            /* after a write error */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
+#define SYNC_POLL_SECS 0.001      /* a sync mark behind a record being filled: the writer looks again this soon */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
 #define EPB_ROOM 192              /* an EPB's bytes beyond its payload and comment, at most (headers, options, a cut datagram's note) */
 #define SYNTH_CTL_PKTS 4          /* packets of a flow's open, FIN or close, at most */
@@ -80,6 +81,7 @@ enum rec_type {
 	REC_CLOSE,
 	REC_PACKET,       /* payload: caplen bytes of a sniffed packet */
 	REC_KEYLOG,       /* payload: one key log line, no newline */
+	REC_SYNC,         /* capture.sync's mark: aux is its number (spool_sync) */
 };
 
 #define REC_SUMS 17 /* segments of a 1 MiB slot (relay.c, RELAY_BULK): payload sums the producer computed */
@@ -93,7 +95,7 @@ struct rec {
 	int32_t iface;
 	uint32_t len;          /* the whole record */
 	uint32_t n;            /* payload bytes */
-	uint32_t aux;          /* REC_PACKET: origlen; REC_IFACE_ADD: linktype */
+	uint32_t aux;          /* REC_PACKET: origlen; REC_IFACE_ADD: linktype; REC_SYNC: its number */
 	uint32_t aux2;         /* REC_IFACE_ADD: snaplen */
 	uint64_t gap[2];       /* flow bytes dropped before this record, per direction */
 	struct timespec ts;
@@ -159,6 +161,8 @@ static atomic_bool dropping;     /* in a queue-full episode (logged once) */
 static _Atomic uint64_t episode_base;  /* dropped packets when the episode began */
 static _Atomic uint64_t st_bytes, st_packets, st_dropped_packets, st_dropped_bytes;
 static atomic_uint st_files;
+static atomic_uint sync_marks;   /* REC_SYNC queued and not yet reached by the writer */
+static unsigned sync_seq;        /* the last mark's number (loop thread) */
 static pthread_t writer_thread;
 static char *spool_dir;
 
@@ -208,6 +212,7 @@ static struct writer {
 	struct buf keys_new;   /* lines for the next DSB */
 	bool keys_out;         /* a DSB is in the buffer not yet written */
 	bool keys_owed;        /* ... it was lost, the file goes on: keys go out again */
+	uint64_t sync_lost;    /* packets it dropped since the last sync mark (writer_sync) */
 	char os[160];
 	/* the record being turned into packets */
 	const struct rec *cur;
@@ -591,6 +596,7 @@ writer_count_drop(uint64_t packets, uint64_t bytes)
 {
 	atomic_fetch_add_explicit(&st_dropped_packets, packets, memory_order_relaxed);
 	atomic_fetch_add_explicit(&st_dropped_bytes, bytes, memory_order_relaxed);
+	w.sync_lost += packets;
 }
 
 static void spool_iface_drop(int iface, uint64_t packets);
@@ -1375,6 +1381,29 @@ writer_size_check(const struct rec *r)
 		w.rotate_due = true;
 }
 
+/*
+ * capture.sync's mark: every record queued before it has been handled, so
+ * what is buffered goes to the file now, with the key lines still waiting
+ * for a packet (a DSB ahead of packets that come later is as good as one
+ * right before them). The answer tells of packets lost since the last
+ * mark (a disk that failed and came back) and of a disk failing now.
+ */
+static void
+writer_sync(unsigned seq)
+{
+	struct frec_sync m = { .seq = seq };
+
+	if (!writer_dropping())
+		writer_keys_flush();
+	writer_flush();
+	m.lost = w.sync_lost;
+	m.failing = writer_dropping();
+	m.err = m.failing || m.lost > 0 ? (w.err ? w.err : EIO) : 0;
+	w.sync_lost = 0;
+	atomic_fetch_sub(&sync_marks, 1);
+	spool_follow_synced(&m);
+}
+
 static void
 writer_record(const struct rec *r)
 {
@@ -1427,6 +1456,9 @@ writer_record(const struct rec *r)
 		 * nothing: keep as many as a new file's head repeats.
 		 */
 		writer_keys_trim(&w.keys_new);
+		break;
+	case REC_SYNC:
+		writer_sync(r->aux);
 		break;
 	}
 	w.cur = NULL;
@@ -1555,7 +1587,7 @@ writer_main(void *arg)
 		size_t start = 0, end = 0, data = 0;
 		unsigned rot;
 		bool stop, busy;
-		double now;
+		double now, until;
 
 		pthread_mutex_lock(&q.mu);
 		for (;;) {
@@ -1568,9 +1600,17 @@ writer_main(void *arg)
 			 * up. Nor does a record made ready (busy): the next producer
 			 * to pass WAKE_BYTES wakes us, or the tick.
 			 */
-			if (writer_deadline(next_tick) <= mono_now())
+			until = writer_deadline(next_tick);
+			if (until <= mono_now())
 				break;
-			writer_wait(writer_deadline(next_tick));
+			/*
+			 * A sync mark may sit behind a record being filled: look
+			 * again in a moment rather than at the tick, so capture.sync
+			 * answers in milliseconds.
+			 */
+			if (busy && atomic_load(&sync_marks) > 0 && mono_now() + SYNC_POLL_SECS < until)
+				until = mono_now() + SYNC_POLL_SECS;
+			writer_wait(until);
 		}
 		rot = q.rotate_req;
 		stop = q.stop;
@@ -2141,6 +2181,26 @@ spool_keylog(const char *line)
 		n--;
 	rec_init(&r, REC_KEYLOG, NULL);
 	queue_put(&r, line, n, NULL, 0, false);
+}
+
+unsigned
+spool_sync(void)
+{
+	struct rec r;
+
+	if (!atomic_load(&running))
+		return 0;
+	if (++sync_seq == 0)
+		sync_seq = 1;  /* 0 says capture is off */
+	atomic_fetch_add(&sync_marks, 1);
+	rec_init(&r, REC_SYNC, NULL);
+	r.aux = sync_seq;
+	queue_put(&r, NULL, 0, NULL, 0, false);
+	/* control records wake nobody (queue_claim): this one is waited for */
+	pthread_mutex_lock(&q.mu);
+	queue_wake();
+	pthread_mutex_unlock(&q.mu);
+	return sync_seq;
 }
 
 /*

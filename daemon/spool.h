@@ -82,5 +82,12 @@ void spool_guard_user(uid_t uid, gid_t gid);
 
 json_t *spool_status(void);  /* caller owns: {"file","files","bytes","packets","dropped_packets","dropped_bytes"} */
 int spool_rotate(char **why);
+/*
+ * capture.sync: queues a mark behind every record queued so far, by any
+ * thread. The writer, reaching it, writes out everything before it (key
+ * lines too) and reports it with spool_follow_synced(). Loop thread;
+ * returns the mark's number, 0 when capture is off.
+ */
+unsigned spool_sync(void);
 
 #endif

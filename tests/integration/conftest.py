@@ -182,8 +182,26 @@ class Capd:
         return sorted(self.spool.glob("*.pcapng"))
 
     def flush(self):
-        """Waits long enough for the spool's flush interval to pass."""
-        time.sleep(0.4)
+        """Returns once everything capd queued to the spool before the call is in the
+        files (capture.sync): all of a session shown closed before it, say. Returns the
+        reply; on a disk that fails (the tests that fill one) that is the error saying so,
+        which is no failure of the wait."""
+        r = self.rpc("capture.sync", timeout=30)
+        if "result" not in r and "cannot write the capture" not in r.get("error", {}).get("message", ""):
+            raise AssertionError(f"capture.sync: {r}\n--- capd log ---\n{self.log()[-4000:]}")
+        return r
+
+    def flush_until(self, done, timeout=10.0):
+        """flush() until done() returns something true, which it returns (the last try's
+        answer at the timeout): for what reaches the spool a moment after a client saw it
+        (capd captures a datagram once it has sent it)."""
+        deadline = time.time() + timeout
+        while True:
+            self.flush()
+            r = done()
+            if r or time.time() > deadline:
+                return r
+            time.sleep(0.05)
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         if self.proc and self.proc.poll() is None:

@@ -168,8 +168,8 @@ def test_veth_conversation_every_packet(netpair, ns_capd, ns_echo, tmp_path):
     finally:
         dc.terminate()
         dc.wait(10)
-    c.flush()
     inst = wait_packets(c, "wire", 10)
+    c.flush()
     assert inst["state"] == "running" and inst["listen"] == netpair.va and inst["type"] == "sniff"
     assert inst["dropped_kernel"] == 0 and inst["dropped_spool"] == 0
     c.stop()
@@ -200,8 +200,8 @@ def test_filter_limits_capture(netpair, ns_capd, ns_echo):
     ns_echo(p2)
     for port in (p1, p2):
         netpair.run(netpair.a, "/usr/bin/python3", "-c", ECHO_CLIENT, netpair.ip_b, port, 5000)
-    c.flush()
     inst = wait_packets(c, "f", 8)
+    c.flush()
     assert inst["filter"] == f"tcp port {p1}" and inst["snaplen"] == 128
     c.stop()
     pcap = spool_file(c)
@@ -247,7 +247,6 @@ def test_proxy_and_lo_sniffer_share_the_spool(netns, ns_capd, ns_python):
     c = ns_capd(netns, f"[forward fw]\nlisten = 127.0.0.1:{proxy}\nto = 127.0.0.1:{port}\n"
                        f"[sniff lo]\ninterface = lo\nfilter = tcp port {proxy}\n")
     sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", ECHO_CLIENT, "127.0.0.1", proxy, 20000)
-    c.flush()
     wait_packets(c, "lo", 6)
     c.wait_sessions(lambda ss: ss and all(s["state"] == "closed" for s in ss))
     c.flush()

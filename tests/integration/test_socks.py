@@ -605,7 +605,6 @@ def test_udp_associate(capd):
         capd.flush()
         if not capd.pcaps():
             pytest.skip("spool writes no pcapng yet")
-        time.sleep(0.5)
         found = b""
         for p in capd.pcaps():
             r = tshark("-r", p, "-Y", f"udp.port == {echo.port}", "-T", "fields", "-e", "udp.srcport",

@@ -854,3 +854,55 @@ def test_keys_of_dropped_sessions_are_bounded(capd_factory, tmp_path):
     finally:
         echo.close()
         subprocess.run(["umount", "-l", str(spool)])
+
+
+def slow_flush_capd(capd_factory):
+    """A capd whose writer flushes every 30 s: a test has the time to see the file behind."""
+    capd = capd_factory(start=False)
+    capd.conf_path.write_text(capd.conf_path.read_text().replace("flush_interval = 100ms", "flush_interval = 30s"))
+    return capd.start()
+
+
+def test_capture_sync_writes_what_was_queued(capd_factory, server):
+    """capture.sync (capctl capture sync): an analyst or a test that wanted a complete file
+    had to wait for the flush interval to pass (the tests slept 0.4 s some 60 times a run).
+    Once it returns, the file holds every record queued before it: here all of a closed
+    session, with a flush interval of 30 s that would have held it back."""
+    capd = slow_flush_capd(capd_factory)
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = b"world" * 1000
+    assert transfer("127.0.0.1", port, b"hello" * 1000) == server.down
+    sid = closed_sessions(capd, 1)[-1]["id"]
+    pcap = capd.pcaps()[-1]
+    assert follow_session(pcap, sid)[0] is None  # the writer holds it back for 15 s
+    t0 = time.time()
+    st = capd.ctl("capture", "sync", json_out=True)
+    assert time.time() - t0 < 5
+    assert st["file"] == str(pcap) and st["dropped_packets"] == 0 and st["packets"] > 0, st
+    stream, up, down = follow_session(pcap, sid)
+    assert (up, down) == (b"hello" * 1000, server.down)
+    fins = tshark("-r", pcap, "-Y", f'frame.comment contains "capd session {sid}" && tcp.flags.fin == 1')
+    assert len(fins.stdout.splitlines()) == 2, fins.stdout  # its close is in too
+    r = capd.ctl("capture", "sync")  # the table, as capture status prints it
+    assert f"file:     {pcap}" in r.stdout and "dropped:  0 packets" in r.stdout, r.stdout
+
+
+def test_capture_sync_on_a_full_disk_says_so(server, tiny_spool):
+    """capture.sync while the disk is full returns at once, failing with the reason: what
+    was queued went to no file (it is counted as dropped)."""
+    capd, spool = tiny_spool()
+    fill(spool)
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"x") == server.down
+    closed_sessions(capd, 1)
+    t0 = time.time()
+    r = capd.ctl("capture", "sync", check=False)
+    assert time.time() - t0 < 5
+    assert r.returncode == 1 and "cannot write the capture" in r.stderr and "No space left" in r.stderr, r
+    assert status(capd)["dropped_packets"] > 0
+    (spool / "filler").unlink()
+    deadline = time.time() + 10  # the writer retries every second
+    while capd.ctl("capture", "sync", check=False).returncode != 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert capd.ctl("capture", "sync", json_out=True)["file"]

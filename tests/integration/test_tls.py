@@ -135,7 +135,6 @@ def last_closed(capd, n=1):
 
 def pcap_after(capd):
     capd.flush()
-    time.sleep(0.3)
     files = capd.pcaps()
     assert files, "no pcapng written"
     return files[-1]

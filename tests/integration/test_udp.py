@@ -57,12 +57,18 @@ def test_forward_udp_both_ways(capd, udp_echo):
     capd.flush()
     if not capd.pcaps():
         pytest.skip("spool writes no pcapng yet")
-    time.sleep(0.5)
-    rows = []
-    for p in capd.pcaps():
-        r = tshark("-r", p, "-Y", f"udp.port == {udp_echo.port}", "-T", "fields", "-e", "udp.srcport",
-                   "-e", "udp.dstport", "-e", "udp.payload")
-        rows += [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
+
+    def captured():
+        rows = []
+        for p in capd.pcaps():
+            r = tshark("-r", p, "-Y", f"udp.port == {udp_echo.port}", "-T", "fields", "-e", "udp.srcport",
+                       "-e", "udp.dstport", "-e", "udp.payload")
+            rows += [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
+        return rows
+
+    # a datagram is captured once sent: the last echo may reach the spool a moment after us
+    capd.flush_until(lambda: len(captured()) >= 2 * (len(sent[a]) + len(sent[b])))
+    rows = captured()
     up = [bytes.fromhex(r[2]) for r in rows if r[1] == str(udp_echo.port)]
     down = [bytes.fromhex(r[2]) for r in rows if r[0] == str(udp_echo.port)]
     assert sorted(up) == sorted(sent[a] + sent[b])
@@ -85,12 +91,16 @@ def test_empty_datagrams_are_captured(capd):
         u.sendto(m, ("127.0.0.1", port))
         assert silent.recvfrom(100)[0] == m
     silent.close()
-    capd.flush()
-    time.sleep(0.5)
-    lens = []
-    for p in capd.pcaps():
-        r = tshark("-r", p, "-Y", f"udp.port == {sport}", "-T", "fields", "-e", "udp.length")
-        lens += [int(x) for x in r.stdout.split()]
+
+    def lengths():
+        lens = []
+        for p in capd.pcaps():
+            r = tshark("-r", p, "-Y", f"udp.port == {sport}", "-T", "fields", "-e", "udp.length")
+            lens += [int(x) for x in r.stdout.split()]
+        return lens
+
+    capd.flush_until(lambda: len(lengths()) >= 3)
+    lens = lengths()
     assert lens == [8, 12, 8], lens
 
 
