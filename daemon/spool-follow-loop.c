@@ -260,11 +260,26 @@ follow_synced(const struct frec_sync *m)
 		}
 }
 
+/* Key lines that came in a row go to every follower in one Decryption
+ * Secrets Block, ahead of the packets after them (a follower of one instance
+ * too: a line does not say whose session it is). */
+static void
+follow_keys(struct buf *keys)
+{
+	struct follow_sub *sub;
+
+	if (buf_used(keys) == 0)
+		return;
+	LIST_FOREACH(sub, &follow_list, entry)
+		pcapng_dsb(&sub->out, PCAPNG_SECRETS_TLS, buf_head(keys), buf_used(keys));
+	buf_reset(keys);
+}
+
 static void
 follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
 	static struct spool_follow_lost lost;  /* kept for its array; zero between calls */
-	struct buf take;
+	struct buf take, keys = { 0 };
 	struct follow_sub *sub;
 	bool synced = false;
 
@@ -296,8 +311,12 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 			buf_append(&idb_table[r.iface], p, r.len);
 			break;
 		case FREC_EPB:
+			follow_keys(&keys);
 			LIST_FOREACH(sub, &follow_list, entry)
 				follow_packet(sub, r.iface, p, r.len);
+			break;
+		case FREC_KEYS:
+			buf_append(&keys, p, r.len);
 			break;
 		case FREC_ROTATE:
 			follow_rotated((const char *)p);
@@ -307,6 +326,8 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 			break;
 		}
 	}
+	follow_keys(&keys);
+	buf_free(&keys);
 	follow_flush_all();
 	/* after the flush: a follower has the blocks before a mark when its sync is answered */
 	for (size_t off = 0; synced && off + sizeof(struct frec) <= buf_used(&take);) {

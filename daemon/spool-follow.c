@@ -5,10 +5,10 @@
  * spool.c, and whatever links it, does not pull in the control server.)
  *
  * The writer thread appends records (an interface's IDB the first time it is
- * used, each EPB, each new file, each capture.sync mark it reaches) to fq
- * under a mutex and calls the loop side's wake function. The queue is
- * bounded: past FOLLOW_Q_MAX packets are dropped for the followers
- * (counted); the writer never waits.
+ * used, each EPB, each key log line, each new file, each capture.sync mark
+ * it reaches) to fq under a mutex and calls the loop side's wake function.
+ * The queue is bounded: past FOLLOW_Q_MAX packets are dropped for the
+ * followers (counted); the writer never waits.
  */
 #include "spool-follow.h"
 
@@ -128,6 +128,24 @@ spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct timesp
 	}
 	at = fq_begin(FREC_EPB, iface);
 	pcapng_epb(&fq.recs, &e);
+	fq_end(at);
+	pthread_mutex_unlock(&fq.mu);
+	fq_wake();
+}
+
+/* Key lines are never dropped: they are few, and a follower without them
+ * sees the rest of a TLS session's packets it cannot decrypt. */
+void
+spool_follow_keylog(const void *line, size_t n)
+{
+	size_t at;
+
+	if (atomic_load(&follow_wake) == NULL)
+		return;
+	pthread_mutex_lock(&fq.mu);
+	at = fq_begin(FREC_KEYS, -1);
+	buf_append(&fq.recs, line, n);
+	buf_append(&fq.recs, "\n", 1);
 	fq_end(at);
 	pthread_mutex_unlock(&fq.mu);
 	fq_wake();

@@ -1,11 +1,12 @@
 /*
  * Live pcapng for followers (capctl capture follow) and the capture.rotate
- * event. The spool's writer thread hands each packet it encodes, each new
- * file it opens, and each capture.sync mark it reaches, to a small
- * bounded queue here; an ev_async wakes the loop thread, which sends the
- * blocks to the followers as "capture.data" notifications, emits the
- * events and answers capture.sync. The writer never waits: a full queue
- * drops packets for the followers only (counted, and told to them).
+ * event. The spool's writer thread hands each packet it encodes, each TLS
+ * key log line, each new file it opens, and each capture.sync mark it
+ * reaches, to a small bounded queue here; an ev_async wakes the loop
+ * thread, which sends the blocks to the followers as "capture.data"
+ * notifications, emits the events and answers capture.sync. The writer
+ * never waits: a full queue drops packets for the followers only (counted,
+ * and told to them).
  */
 #ifndef CAPD_SPOOL_FOLLOW_H
 #define CAPD_SPOOL_FOLLOW_H
@@ -29,6 +30,9 @@ bool spool_follow_wanted(void);
 void spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct timespec *ts, const void *hdr,
                          size_t hdrlen, const void *data, size_t datalen, uint32_t origlen, uint32_t flags,
                          const char *comment);
+/* An NSS key log line (n bytes, no newline): followers get it in a Decryption
+ * Secrets Block ahead of the packets that come after it. */
+void spool_follow_keylog(const void *line, size_t n);
 /* The spool opened file name in folder dir: becomes a "capture.rotate" event. */
 void spool_follow_rotated(const char *dir, const char *name);
 /* The writer has handled every record queued before sync mark m->seq (spool_sync). */
@@ -38,8 +42,8 @@ void spool_follow_synced(const struct frec_sync *m);
 /* ---- loop thread: the queue's other end (spool-follow.c) ---- */
 
 /* A queued record; len bytes follow: an encoded IDB or EPB (interface id 0), a file path with
- * its NUL, or a struct frec_sync. */
-enum { FREC_IDB, FREC_EPB, FREC_ROTATE, FREC_SYNC };
+ * its NUL, a struct frec_sync, or key log lines, each ending in a newline. */
+enum { FREC_IDB, FREC_EPB, FREC_ROTATE, FREC_SYNC, FREC_KEYS };
 struct frec_sync {
 	uint32_t seq;
 	int32_t err;       /* 0: all of it is in the file; else why not */

@@ -1446,6 +1446,8 @@ writer_record(const struct rec *r)
 		writer_packet(r->iface, &r->ts, NULL, 0, p, r->n, r->aux, 0, NULL);
 		break;
 	case REC_KEYLOG:
+		if (spool_follow_wanted())  /* ahead of the packets it decrypts, as in the file */
+			spool_follow_keylog(p, r->n);
 		buf_append(&w.keys_new, p, r->n);
 		buf_append(&w.keys_new, "\n", 1);
 		/*

@@ -2122,3 +2122,40 @@ def test_reverse_refuses_passthrough_keys(capd, key, opt):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert f"'{key}' does not apply to reverse" in r.stderr, r.stderr
     assert capd.ctl("list", json_out=True) == []
+
+
+def test_capture_follow_carries_the_tls_keys(capd, origin, tmp_path):
+    """capctl capture follow gave no Decryption Secrets Blocks, which the spool files carry:
+    a live Wireshark (capture follow | wireshark -k -i -) saw the ciphertext legs of an
+    intercepted session and could not decrypt them. The key lines now come in DSBs ahead
+    of the packets they decrypt: tshark reads the HTTP inside both legs from the stream."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", "--tls-capture", "both")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    path = tmp_path / "follow.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow"], stdout=f,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while path.stat().st_size == 0:  # the section header comes with the reply
+            assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.02)
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == BODY
+        last_closed(capd)
+        capd.flush()  # the follower has been sent all of it; capctl writes it out a moment later
+
+        def decrypted():
+            t = tshark("-r", path, "-Y", "tls && http.request", "-T", "fields", "-e", "http.request.uri")
+            return t.stdout.split()
+
+        deadline = time.time() + 10
+        while len(decrypted()) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert decrypted() == ["/", "/"], tshark("-r", path).stdout  # the client leg and the upstream leg
+    t = tshark("-r", path, "-Y", "tls && http.response.code == 200", "-T", "fields", "-e", "frame.number")
+    assert len(t.stdout.split()) == 2, t.stdout
