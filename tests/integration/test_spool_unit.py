@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (Capd, EchoServer, Listener, exchange, apart, check_pcap_clean, follow_session, follow_tcp,
-                      follow_tcp_many, free_port, sh, tcp_stream_of, tcp_streams_of, tshark)
+                      follow_tcp_many, free_port, sh, tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
