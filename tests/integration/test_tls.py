@@ -102,11 +102,20 @@ http {{
                 self.proc.kill()
 
 
-@pytest.fixture
-def origin(tmp_path):
-    o = Origin(tmp_path / "origin")
+@pytest.fixture(scope="module")
+def shared_origin(tmp_path_factory):
+    """One nginx origin for the module's tests (making its CA, certificate and files and
+    starting it took half a second a test): they only read from it, and each test has
+    its own capd, so no TLS session or connection carries over from one to the next."""
+    o = Origin(tmp_path_factory.mktemp("tls") / "origin")
     yield o
     o.stop()
+
+
+@pytest.fixture
+def origin(shared_origin):
+    assert shared_origin.proc.poll() is None, "the shared nginx origin has exited"
+    return shared_origin
 
 
 def add_forward(capd, origin_port, *extra, name=None):
