@@ -264,17 +264,26 @@ class Proc:
                 self.p.kill()
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """python http.server on a free port serving tmp_path/www; yields (port, folder)."""
-    www = tmp_path / "www"
-    www.mkdir()
+@pytest.fixture(scope="module")
+def shared_http_server(tmp_path_factory):
+    """One python http.server a test module (starting one took a few tenths of a second a
+    test): (Proc, port, folder). Its tests write files into the folder and fetch them,
+    one test at a time."""
+    www = tmp_path_factory.mktemp("www")
     (www / "index.html").write_text("hello from the origin\n")
     port = free_port()
     p = Proc(["/usr/bin/python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=www)
     wait_port(port)
-    yield port, www
+    yield p, port, www
     p.stop()
+
+
+@pytest.fixture
+def http_server(shared_http_server):
+    """python http.server on a free port serving a folder with index.html; yields (port, folder)."""
+    p, port, www = shared_http_server
+    assert p.p.poll() is None, "the module's http.server has exited"
+    return port, www
 
 
 def stop_and_close(sock, thread):
