@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "capctl.h"
+#include "config.h"
 #include "log.h"
 #include "values.h"
 #include "xmalloc.h"
@@ -166,7 +167,7 @@ main(int argc, char **argv)
 			usage(stdout);
 			return ctl_stdout_done(CTL_OK);
 		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
-			printf("capctl 0.1.0\n");
+			printf("capctl %s\n", CAPD_VERSION);
 			return CTL_OK;
 		} else {
 			usage(stderr);

@@ -9,9 +9,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "config.h"  /* CAPD_VERSION: meson.build's project version */
 #include "shard.h"
-
-#define CAPD_VERSION "0.1.0"
 
 /* The [capd] section. Owned by the conf that parsed it; conf_free() frees it. */
 struct capd_settings {

@@ -173,7 +173,10 @@ def test_builds_without_libsystemd(tmp_path):
     watchdog timer and its callback were left unused, which -Werror refuses. The
     files that test HAVE_SYSTEMD are compiled as meson does, with it 0."""
     cc = json.loads((BUILD / "compile_commands.json").read_text())
-    (tmp_path / "config.h").write_text("#pragma once\n#define HAVE_SYSTEMD 0\n")
+    # meson's config.h (CAPD_VERSION too), with HAVE_SYSTEMD 0
+    conf = (BUILD / "config.h").read_text()
+    assert "#define HAVE_SYSTEMD 1" in conf or "#define HAVE_SYSTEMD 0" in conf, conf
+    (tmp_path / "config.h").write_text(conf.replace("#define HAVE_SYSTEMD 1", "#define HAVE_SYSTEMD 0"))
     for src in ("daemon/capd.c", "daemon/control.c"):
         cmd = next(c for c in cc if c["file"].endswith(src))
         args, it = [], iter(shlex.split(cmd["command"]))

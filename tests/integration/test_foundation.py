@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, exchange, free_port, sh, tshark
+from conftest import BUILD, CAPCTL, CAPD, ROOT, EchoServer, exchange, free_port, sh, tshark
 
 
 def curl(*args, timeout=30):
@@ -1376,3 +1377,18 @@ def test_rpc_whitespace_line_is_a_keepalive(capd):
     assert len(r) == 1 and r[0]["id"] == 1 and "result" in r[0], r
     r = rpc_lines(capd, b" x \n")  # not only whitespace: still a parse error
     assert len(r) == 1 and r[0]["error"]["code"] == -32700, r
+
+
+def test_version_comes_from_meson_alone(capd):
+    """The version was written three times (meson.build, a define in capd.h, a literal
+    in capctl.c), free to drift apart. meson's project version is now the only one:
+    config.h carries it to capd -V, capctl --version and daemon.status."""
+    root = ROOT
+    version = re.search(r"^\s*version\s*:\s*'([^']+)'", (root / "meson.build").read_text(), re.M).group(1)
+    assert f'#define CAPD_VERSION "{version}"' in (BUILD / "config.h").read_text()
+    for d in ("daemon", "ctl", "common"):
+        for f in (root / d).glob("*.[ch]"):
+            assert f'"{version}"' not in f.read_text() and f'" {version}' not in f.read_text(), f
+    assert subprocess.run([str(CAPD), "-V"], capture_output=True, text=True).stdout == f"capd {version}\n"
+    assert subprocess.run([str(CAPCTL), "--version"], capture_output=True, text=True).stdout == f"capctl {version}\n"
+    assert capd.ctl("status", json_out=True)["version"] == version
