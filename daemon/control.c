@@ -855,7 +855,7 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 			ctl_spare_take();  /* a refused user does not keep the operator out */
 			continue;
 		}
-		log_info("control: connection from pid %d uid %d gid %d", (int)cred.pid, (int)cred.uid, (int)cred.gid);
+		log_debug("control: connection from pid %d uid %d gid %d", (int)cred.pid, (int)cred.uid, (int)cred.gid);
 		c = xcalloc(1, sizeof *c);
 		c->fd = fd;
 		c->uid = (int)cred.uid;

@@ -1392,3 +1392,19 @@ def test_version_comes_from_meson_alone(capd):
     assert subprocess.run([str(CAPD), "-V"], capture_output=True, text=True).stdout == f"capd {version}\n"
     assert subprocess.run([str(CAPCTL), "--version"], capture_output=True, text=True).stdout == f"capctl {version}\n"
     assert capd.ctl("status", json_out=True)["version"] == version
+
+
+def test_routine_control_connection_is_not_logged_at_info(capd_factory):
+    """Every capctl call logged "control: connection from pid ..." at info, capd's default
+    level: a script polling capctl filled the journal. It is a debug line now."""
+    c = capd_factory(start=False)
+    c.conf_path.write_text(c.conf_path.read_text().replace("log_level = debug", "log_level = info"))
+    c.start()
+    for _ in range(3):
+        c.ctl("status")
+    assert "connection from pid" not in c.log(), c.log()
+    c.stop()
+    c.conf_path.write_text(c.conf_path.read_text().replace("log_level = info", "log_level = debug"))
+    c.start()
+    c.ctl("status")
+    assert "control: connection from pid" in c.log()  # still there for whoever asks for debug
