@@ -281,6 +281,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		return -1;
 	}
 	capd_notify("RELOADING=1\nSTATUS=reloading %s", capd_config_path);
+	control_forget_peers();  /* who is in the control group is asked again */
 	c = conf_load(capd_config_path, why);
 	/* the checks of start-up and capd -t (user and control_group change only at restart) */
 	if (c != NULL && conf_check(c, false, why) < 0) {

@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "capd.h"
@@ -35,6 +36,8 @@
 
 #define CTL_OUT_MAX (64 * 1024 * 1024)  /* a peer that stops reading this much is dropped */
 #define CTL_REQUEST_TIMEOUT 30.0        /* a request line must arrive complete within this */
+#define CTL_PEER_CACHE_TTL 5.0          /* seconds a uid's group answer is reused (capd.8) */
+#define CTL_PEER_CACHE_MAX 16           /* uids remembered at once */
 
 struct ctl_on_close {
 	void (*cb)(void *arg);
@@ -95,6 +98,14 @@ static int ctl_lock_fd = -1;
 static char *ctl_passed_path; /* the socket systemd passed, where capctl finds capd */
 static gid_t ctl_gid = (gid_t)-1;
 static ev_timer ctl_accept_pause;
+/* The answers of the group database for the last few uids, so that a burst of
+ * capctl calls (a script, a watch) costs one getgrouplist on the main loop,
+ * which may be a round trip to LDAP or SSSD. */
+static struct ctl_peer_seen {
+	uid_t uid;
+	bool allowed;
+	double when;  /* CLOCK_MONOTONIC seconds; 0 for an empty slot */
+} ctl_peer_cache[CTL_PEER_CACHE_MAX];
 static ev_prepare ctl_reaper;
 static struct ctl_conn *ctl_conns;
 static int ctl_dead_pending;
@@ -757,21 +768,30 @@ ctl_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 	ctl_conn_flush(w->data);
 }
 
-/* root, capd's own user, and members of the socket's group may talk to capd */
+static double
+ctl_mono_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void
+control_forget_peers(void)
+{
+	memset(ctl_peer_cache, 0, sizeof ctl_peer_cache);
+}
+
+/* Is uid in the control group by the group database (getgrouplist)? */
 static bool
-ctl_peer_allowed(int uid, int gid)
+ctl_peer_member(int uid)
 {
 	struct passwd *pw;
 	gid_t few[256], *groups = few;
 	int ngroups = 256;
 	bool member = false;
 
-	if (uid == 0 || (uid_t)uid == geteuid())
-		return true;
-	if (ctl_gid == (gid_t)-1)
-		return false;
-	if ((gid_t)gid == ctl_gid)
-		return true;
 	if ((pw = getpwuid((uid_t)uid)) == NULL)
 		return false;
 	/* a user in more groups than that: getgrouplist said how many (the
@@ -786,6 +806,40 @@ ctl_peer_allowed(int uid, int gid)
 	if (groups != few)
 		free(groups);
 	return member;
+}
+
+/*
+ * root, capd's own user, and members of the socket's group may talk to capd.
+ * A member by the group database is asked about at most once per
+ * CTL_PEER_CACHE_TTL seconds (and again after a reload): a user taken out of
+ * the group loses access within that time.
+ */
+static bool
+ctl_peer_allowed(int uid, int gid)
+{
+	struct ctl_peer_seen *slot = NULL;
+	double now;
+
+	if (uid == 0 || (uid_t)uid == geteuid())
+		return true;
+	if (ctl_gid == (gid_t)-1)
+		return false;
+	if ((gid_t)gid == ctl_gid)
+		return true;
+	now = ctl_mono_now();
+	for (int i = 0; i < CTL_PEER_CACHE_MAX; i++) {
+		struct ctl_peer_seen *e = &ctl_peer_cache[i];
+		if (e->when > 0 && e->uid == (uid_t)uid) {
+			if (now - e->when < CTL_PEER_CACHE_TTL)
+				return e->allowed;
+			slot = e;
+			break;
+		}
+		if (slot == NULL || e->when < slot->when)  /* an empty slot, else the oldest */
+			slot = e;
+	}
+	*slot = (struct ctl_peer_seen){ .uid = (uid_t)uid, .allowed = ctl_peer_member(uid), .when = now };
+	return slot->allowed;
 }
 
 static void

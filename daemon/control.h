@@ -35,6 +35,8 @@ const char *control_path(const struct capd_settings *st);
 /* The control socket's folder when capd made it (NULL if it was there):
  * privdrop gives it to capd's user, so that the stop can remove the socket. */
 const char *control_made_dir(void);
+/* Drops what the control plane remembers of uids' groups (a reload asks again). */
+void control_forget_peers(void);
 
 /* Queues a message (stolen) to the connection; dropped if the peer is gone. */
 void ctl_conn_send(struct ctl_conn *c, json_t *msg);

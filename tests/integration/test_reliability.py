@@ -634,3 +634,51 @@ def test_control_admits_a_member_of_many_groups(netns, ns_etc, ns_capd):
                         str(CAPCTL), "-s", str(c.sock), "status"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr + c.log()[-2000:]
     assert "refused pid" not in c.log()
+
+
+def test_control_group_answer_is_cached_for_seconds(netns, ns_etc, ns_capd):
+    """Every control connection asked the group database (getpwuid, getgrouplist) on
+    capd's main loop: with LDAP or SSSD behind it a burst of capctl calls stalled every
+    session. The answer for a uid is now kept 5 s (and dropped at a reload): a user taken
+    out of the group keeps access that long, no longer. A uid outside stays refused."""
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    uid_in, uid_out, gid = [i for i in range(62999, 62000, -1) if i not in used][:3]
+    with open("/etc/passwd") as f, open(f"{ns_etc}/passwd", "w") as out:
+        out.write(f.read() + f"dave:x:{uid_in}:{uid_in}::/nonexistent:/usr/sbin/nologin\n"
+                  f"erin:x:{uid_out}:{uid_out}::/nonexistent:/usr/sbin/nologin\n")
+    with open("/etc/group") as f:
+        base = f.read() + f"dave:x:{uid_in}:\nerin:x:{uid_out}:\n"
+    group = Path(ns_etc) / "group"
+    group.write_text(base + f"capdctl:x:{gid}:dave\n")
+    c = ns_capd(netns, settings="control_group = capdctl\n")
+    d = c.sock.parent
+    while str(d).startswith("/tmp/") and d != d.parent:  # let the users reach the socket file
+        os.chmod(d, os.stat(d).st_mode | 0o001)
+        d = d.parent
+
+    def status(uid):
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={gid}",
+                               str(CAPCTL), "-s", str(c.sock), "status"], capture_output=True, text=True, timeout=20)
+
+    for _ in range(20):  # a burst: each one gets in
+        r = status(uid_in)
+        assert r.returncode == 0, r.stderr + c.log()[-2000:]
+    r = status(uid_out)
+    assert r.returncode == 1 and "refused pid" in c.log(), r.stderr + c.log()[-2000:]
+    group.write_text(base + f"capdctl:x:{gid}:\n")  # dave leaves the group (in place: the same file)
+    t = time.monotonic()
+    r = status(uid_in)
+    if time.monotonic() - t < 3:  # well inside the 5 s: the answer capd kept
+        assert r.returncode == 0, r.stderr + c.log()[-2000:]
+    deadline = time.monotonic() + 15
+    while status(uid_in).returncode == 0:
+        assert time.monotonic() < deadline, "still admitted after the cache time"
+        time.sleep(0.5)
+    assert time.monotonic() - t > 3
+    # a reload asks again at once: back in the group, in at the next call
+    group.write_text(base + f"capdctl:x:{gid}:dave\n")
+    subprocess.run([str(CAPCTL), "-s", str(c.sock), "reload"], check=True, capture_output=True, timeout=20)
+    assert status(uid_in).returncode == 0, c.log()[-2000:]
+    group.write_text(base + f"capdctl:x:{gid}:\n")
+    subprocess.run([str(CAPCTL), "-s", str(c.sock), "reload"], check=True, capture_output=True, timeout=20)
+    assert status(uid_in).returncode == 1, c.log()[-2000:]
