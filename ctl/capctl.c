@@ -1,9 +1,10 @@
 /*
- * capctl main: global options (-s PATH, --json), then one command from the
+ * capctl main: global options (-s PATH, --json, --timeout), then one command from the
  * table. Exit 0 on success, 1 when capd refused or is unreachable, 2 on
  * bad usage.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,11 +22,12 @@ static const struct cmd *const cmds[] = {
 	&cmd_ca,
 };
 #define NCMDS ((int)(sizeof cmds / sizeof cmds[0]))
+#define CTL_TIMEOUT_MAX 86400  /* --timeout's largest (a day): poll() counts milliseconds in an int */
 
 static void
 usage(FILE *f)
 {
-	fprintf(f, "usage: capctl [-s PATH] [--json] COMMAND [ARGS...]\n\ncommands:\n");
+	fprintf(f, "usage: capctl [-s PATH] [--json] [--timeout SECONDS] COMMAND [ARGS...]\n\ncommands:\n");
 	for (int i = 0; i < NCMDS; i++)
 		fprintf(f, "  %s%s%s\n", cmds[i]->name, cmds[i]->usage[0] ? " " : "", cmds[i]->usage);
 	fprintf(f, "\nThe socket is -s PATH, else $CAPD_SOCKET, else /run/capd/capd.sock.\n");
@@ -163,6 +165,20 @@ main(int argc, char **argv)
 			o.socket = argv[i] + 9;
 		} else if (!strcmp(argv[i], "--json")) {
 			o.json = true;
+		} else if (!strcmp(argv[i], "--timeout") || !strncmp(argv[i], "--timeout=", 10)) {
+			const char *v = argv[i][9] == '=' ? argv[i] + 10 : argv[i + 1];
+			char *end;
+
+			if (v == NULL)
+				return usage_error("--timeout needs a number of seconds");
+			if (argv[i][9] != '=')
+				i++;
+			errno = 0;
+			o.timeout = strtod(v, &end);
+			if (*v == '\0' || *end != '\0' || errno || !isfinite(o.timeout) || o.timeout < 0 ||
+			    o.timeout > CTL_TIMEOUT_MAX)
+				return usage_error("--timeout: '%s' is not a number of seconds from 0 (none) to %d", v,
+				                   CTL_TIMEOUT_MAX);
 		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
 			usage(stdout);
 			return ctl_stdout_done(CTL_OK);

@@ -13,6 +13,7 @@ enum { CTL_OK = 0, CTL_FAIL = 1, CTL_USAGE = 2 };
 struct ctl_opts {
 	const char *socket;  /* -s, CAPD_SOCKET, or /run/capd/capd.sock */
 	bool json;           /* --json anywhere before "--" */
+	double timeout;      /* --timeout: seconds client_call waits for capd, 0 = for ever */
 };
 
 /* One entry of the command table; one file per command (cmd-*.c). */
@@ -32,7 +33,8 @@ long client_send(struct client *c, const char *method, json_t *params);
 /* Next message from capd (reply or notification), of any size. Caller owns.
  * NULL at EOF or on an error, which it has printed ("capctl: capd closed the connection"). */
 json_t *client_next(struct client *c);
-/* Calls method and waits for its reply. On error prints "capctl: message" and returns CTL_FAIL.
+/* Calls method and waits for its reply, at most o->timeout seconds (when set). On error prints
+ * "capctl: message" and returns CTL_FAIL.
  * *result is set (caller owns) on success. params is stolen. */
 int client_call(const struct ctl_opts *o, const char *method, json_t *params, json_t **result);
 /* Waits for the reply to id on an open client, passing notifications to cb (may be NULL). */

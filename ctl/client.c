@@ -1,5 +1,7 @@
 /* The connection to capd: blocking, one request at a time, notifications passed on. */
 #include <errno.h>
+#include <math.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,6 +9,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "capctl.h"
@@ -17,13 +20,35 @@ struct client {
 	int fd;
 	long next_id;
 	struct rpc_framer framer;
+	double timeout;      /* --timeout for this call, 0 = none */
+	double deadline;     /* CLOCK_MONOTONIC seconds its reply must come by */
+	const char *socket;  /* borrowed from the options */
 };
 
-struct client *
-client_open(const struct ctl_opts *o)
+static double
+client_mono_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+client_timed_out(const char *socket, double timeout)
+{
+	fprintf(stderr, "capctl: no reply from capd at %s within %g s (--timeout): it is stopped or wedged\n",
+	        socket, timeout);
+}
+
+/* A connection whose connect, request and reply must all be done within
+ * timeout seconds (0: none); client_open for streams, which have none. */
+static struct client *
+client_open_within(const struct ctl_opts *o, double timeout)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	struct client *c;
+	double start = client_mono_now();
 	int fd;
 
 	if (strlen(o->socket) >= sizeof sun.sun_path) {
@@ -32,9 +57,24 @@ client_open(const struct ctl_opts *o)
 	}
 	strcpy(sun.sun_path, o->socket);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0 && timeout > 0) {
+		/* bounds a connect to a capd whose backlog is full (it stopped
+		 * accepting) and the send of the request */
+		struct timeval tv = { .tv_sec = (time_t)timeout,
+		                      .tv_usec = (suseconds_t)((timeout - floor(timeout)) * 1e6) };
+		if (tv.tv_sec == 0 && tv.tv_usec == 0)
+			tv.tv_usec = 1;
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	}
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
 		int e = errno;
 		struct stat st;
+
+		if (fd >= 0 && timeout > 0 && (e == EAGAIN || e == EINPROGRESS)) {
+			client_timed_out(o->socket, timeout);
+			close(fd);
+			return NULL;
+		}
 
 		/* Linux refuses a connect to a file or a folder as to a socket nobody
 		 * accepts on: "Connection refused" would send the user to start capd */
@@ -58,7 +98,16 @@ client_open(const struct ctl_opts *o)
 	/* capd caps what it reads, not what it answers: a list of thousands of
 	 * sessions is one line of many MiB, and capctl reads it whole */
 	rpc_framer_init(&c->framer, SIZE_MAX);
+	c->timeout = timeout;
+	c->deadline = timeout > 0 ? start + timeout : 0;
+	c->socket = o->socket;
 	return c;
+}
+
+struct client *
+client_open(const struct ctl_opts *o)
+{
+	return client_open_within(o, 0);
 }
 
 void
@@ -111,6 +160,11 @@ client_send(struct client *c, const char *method, json_t *params)
 			int e = errno;
 			if (e == EINTR)
 				continue;
+			if (e == EAGAIN && c->deadline > 0) {
+				client_timed_out(c->socket, c->timeout);
+				buf_free(&out);
+				return -1;
+			}
 			if ((e == EPIPE || e == ECONNRESET) && client_last_word(c) == 0) {
 				buf_free(&out);
 				return -1;
@@ -151,6 +205,17 @@ client_next(struct client *c)
 			/* skipping it would leave us waiting for a reply that was just dropped */
 			fprintf(stderr, "capctl: capd sent a message too long to read\n");
 			return NULL;
+		}
+		if (c->deadline > 0) {
+			double left = c->deadline - client_mono_now();
+			struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+			int r = left > 0 ? poll(&pfd, 1, (int)ceil(left * 1000)) : 0;
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r == 0) {
+				client_timed_out(c->socket, c->timeout);
+				return NULL;
+			}
 		}
 		ssize_t n = read(c->fd, buf_reserve(&c->framer.in, 65536), 65536);
 		if (n < 0 && errno == EINTR)
@@ -209,7 +274,7 @@ client_wait(struct client *c, long id, json_t **result, void (*cb)(json_t *note,
 int
 client_call(const struct ctl_opts *o, const char *method, json_t *params, json_t **result)
 {
-	struct client *c = client_open(o);
+	struct client *c = client_open_within(o, o->timeout);
 	long id;
 	int rc;
 

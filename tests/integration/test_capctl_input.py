@@ -2,8 +2,11 @@
 addresses it can reject itself (exit 2), and --users paths made absolute."""
 
 import json
+import os
+import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -554,3 +557,39 @@ def test_add_type_prefix(tmp_path, word, what):
         assert r.returncode == 0 and r.stdout.startswith("usage: capctl add s"), r.stderr
     else:
         assert r.returncode == 2 and r.stderr.startswith(f"capctl: {what} instance type '{word}'"), r.stderr
+
+
+# ---------------------------------------------------------------- --timeout
+
+def test_timeout_against_a_stopped_capd(capd):
+    """capctl status waited for ever on a capd that was SIGSTOPped (or wedged). --timeout
+    SECONDS bounds a request's connect, send and reply: past it, one line and exit 1. A
+    stream (tail events) is not cut by it."""
+    os.kill(capd.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        r = capd.ctl("--timeout", "0.5", "status", check=False, timeout=10)
+        took = time.monotonic() - t
+        assert r.returncode == 1 and r.stderr == (
+            f"capctl: no reply from capd at {capd.sock} within 0.5 s (--timeout): it is stopped or wedged\n"), r
+        assert 0.4 < took < 5, took
+        r = capd.ctl("--timeout=0.3", "list", "--json", check=False, timeout=10)
+        assert r.returncode == 1 and "no reply from capd" in r.stderr, r
+    finally:
+        os.kill(capd.proc.pid, signal.SIGCONT)
+    assert capd.ctl("--timeout", "5", "status", json_out=True)["pid"] == capd.proc.pid
+    tail = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "--timeout", "0.2", "tail", "events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1)
+        assert tail.poll() is None, tail.stderr.read()
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+@pytest.mark.parametrize("arg", [["--timeout"], ["--timeout", "x"], ["--timeout=-1"], ["--timeout=nan"],
+                                 ["--timeout", "1e9"], ["--timeout="]])
+def test_timeout_bad_value_is_usage(tmp_path, arg):
+    r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "none"), *arg, "status"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("capctl: --timeout"), r

@@ -930,3 +930,11 @@ def test_privilege_drop_removes_the_control_socket_at_stop(dropdir):
         assert c.stop() == 0, c.log()
         assert (dropdir / "root").stat().st_uid == 0 and c.sock.exists()
     assert f"cannot remove {c.sock}: Permission denied (a stale socket: the next start replaces it)" in c.log()
+
+
+def test_bash_completion_of_timeout():
+    """--timeout SECONDS is a global option: the completion offers it, and its value is
+    not taken for the command (`capctl --timeout 5 a<TAB>` offered nothing)."""
+    assert "--timeout" in complete(["capctl", "--t"])
+    assert "add" in complete(["capctl", "--timeout", "5", "a"])
+    assert complete(["capctl", "--timeout", ""]) == []
