@@ -184,7 +184,7 @@ main(int argc, char **argv)
 			return ctl_stdout_done(CTL_OK);
 		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
 			printf("capctl %s\n", CAPD_VERSION);
-			return CTL_OK;
+			return ctl_stdout_done(CTL_OK);
 		} else {
 			usage(stderr);
 			return usage_error("unknown option %s", argv[i]);
@@ -219,6 +219,12 @@ main(int argc, char **argv)
 		int rc = usage_error("%s command '%s'", k == -2 ? "ambiguous" : "unknown", rest[0]);
 		free(rest);
 		return rc;
+	}
+	/* COMMAND --help: its usage line, as for add TYPE --help (add's own is longer) */
+	if (n >= 2 && (!strcmp(rest[1], "-h") || !strcmp(rest[1], "--help")) && cmds[k] != &cmd_add) {
+		printf("usage: capctl %s%s%s\n", cmds[k]->name, cmds[k]->usage[0] ? " " : "", cmds[k]->usage);
+		free(rest);
+		return ctl_stdout_done(CTL_OK);
 	}
 	int rc = cmds[k]->exec(&o, n, rest);
 	free(rest);

@@ -593,3 +593,26 @@ def test_timeout_against_a_stopped_capd(capd):
 def test_timeout_bad_value_is_usage(tmp_path, arg):
     r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "none"), *arg, "status"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("capctl: --timeout"), r
+
+
+# ---------------------------------------------------------------- COMMAND --help, --version's output
+
+@pytest.mark.parametrize("cmd,usage", [(["status"], "usage: capctl status\n"), (["kill"], "usage: capctl kill ID\n"),
+                                       (["sess"], "usage: capctl sessions [--instance NAME] [--open]\n"),
+                                       (["trace"], "usage: capctl trace [--name N] -- COMMAND [ARGS...] | --pid PID\n")])
+def test_command_help_is_its_usage_and_exit_0(tmp_path, cmd, usage):
+    """`capctl kill --help` said "kill: '--help' is not a session id", `capctl status --help`
+    printed its usage as an error (exit 2), `trace --help` "unknown option": only
+    `add TYPE --help` answered. COMMAND --help (or -h) prints its usage line on stdout, exit 0,
+    without asking capd."""
+    for h in ("--help", "-h"):
+        r = capctl(*cmd, h, sock=tmp_path / "none")
+        assert (r.returncode, r.stdout, r.stderr) == (0, usage, ""), r
+
+
+def test_version_output_that_cannot_be_written_fails(tmp_path):
+    """capctl --version > /dev/full exited 0 having printed nothing; -h and every command
+    already failed there ("cannot write the output", exit 1)."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([str(CAPCTL), "--version"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1 and "cannot write the output" in r.stderr, r
