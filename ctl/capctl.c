@@ -155,8 +155,12 @@ main(int argc, char **argv)
 	log_init("capctl", LOG_LVL_INFO);  /* xmalloc's fatal() says who failed */
 	if (o.socket == NULL || *o.socket == '\0')
 		o.socket = "/run/capd/capd.sock";
-	/* global options come first: -s PATH, --json, -h */
+	/* global options come first: -s PATH, --json, --timeout SECONDS, -h, -V; "--" ends them */
 	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+		if (!strcmp(argv[i], "--")) {  /* the end of the options, as getopt's */
+			i++;
+			break;
+		}
 		if (!strcmp(argv[i], "-s") || !strcmp(argv[i], "--socket")) {
 			if (++i >= argc)
 				return usage_error("%s needs a path", argv[i - 1]);

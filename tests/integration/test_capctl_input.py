@@ -616,3 +616,12 @@ def test_version_output_that_cannot_be_written_fails(tmp_path):
     with open("/dev/full", "w") as full:
         r = subprocess.run([str(CAPCTL), "--version"], stdout=full, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 1 and "cannot write the output" in r.stderr, r
+
+
+def test_double_dash_ends_the_global_options(capd):
+    """`capctl -s SOCK -- status` said "unknown option --" (exit 2): "--" ends the global
+    options, as getopt's does, so a script may put it before a command word it computed."""
+    r = capd.ctl("--", "status", check=False)
+    assert r.returncode == 0 and r.stdout.startswith("capd "), r
+    r = capd.ctl("--", check=False)
+    assert r.returncode == 2 and r.stdout == "" and "usage: capctl" in r.stderr, r
