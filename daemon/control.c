@@ -286,43 +286,11 @@ ctl_reply_error(struct ctl_conn *c, json_t *id, int code, const char *msg)
 	ctl_reply(c, rpc_error(id, code, msg));
 }
 
-/*
- * The params each method takes; others are refused. A misspelt filter
- * ({"instanse":"web"}) listed every session as if none were asked for,
- * and a script never learnt why; instance.add already refused its unknown
- * keys.
- */
-static const struct {
-	const char *method;
-	const char *params;  /* "a, b"; "" none */
-} ctl_params[] = {
-	{ "daemon.status", "" },
-	{ "daemon.reload", "" },
-	{ "instance.list", "" },
-	{ "instance.remove", "name" },
-	{ "session.list", "instance, open" },
-	{ "session.kill", "id" },
-	{ "session.tail", "id, backlog" },
-	{ "events.subscribe", "" },
-	{ "capture.follow", "instance" },
-	/* the others (instance.add: each type's keys) judge their params themselves */
-};
-
-/* The keys method takes ("" none), or NULL when it judges them itself. */
+/* A key of params that m does not take (a word of its list, matched whole), or NULL. */
 static const char *
-ctl_params_of(const char *method)
+ctl_unknown_param(const struct rpc_method *m, json_t *params)
 {
-	for (size_t i = 0; i < sizeof ctl_params / sizeof ctl_params[0]; i++)
-		if (!strcmp(ctl_params[i].method, method))
-			return ctl_params[i].params;
-	return NULL;
-}
-
-/* A key of params that method does not take (a word of its list, matched whole), or NULL. */
-static const char *
-ctl_unknown_param(const char *method, json_t *params)
-{
-	const char *takes = ctl_params_of(method), *key;
+	const char *takes = m->params, *key;
 	json_t *v;
 
 	if (takes == NULL)
@@ -389,11 +357,10 @@ ctl_call(struct ctl_conn *c, json_t *req)
 	json_t *empty = NULL;
 	if (params == NULL || json_is_null(params))
 		params = empty = json_object();
-	const char *unknown = ctl_unknown_param(method, params);
+	const char *unknown = ctl_unknown_param(m, params);
 	if (unknown != NULL) {
-		const char *takes = ctl_params_of(method);
 		snprintf(msg, sizeof msg, "%s takes no parameter '%.100s' (%s%s)", method, unknown,
-		         *takes ? "it takes: " : "it takes none", takes);
+		         *m->params ? "it takes: " : "it takes none", m->params);
 		if (id != NULL)
 			ctl_reply_error(c, id, RPC_E_PARAMS, msg);
 		json_decref(empty);

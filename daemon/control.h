@@ -23,6 +23,11 @@ typedef json_t *(*rpc_fn)(struct ctl_conn *c, json_t *params, struct rpc_err *er
 struct rpc_method {
 	const char *name;  /* "noun.verb" */
 	rpc_fn fn;
+	/* The params keys it takes, "a, b" ("" none), others refused with
+	 * -32602 before fn runs; NULL: fn judges them itself (instance.add:
+	 * each type's keys). A misspelt filter ({"instanse":"web"}) listed every
+	 * session as if none were asked for, and a script never learnt why. */
+	const char *params;
 };
 
 /* Sets err and returns NULL, for `return rpc_fail(...)`. */

@@ -354,7 +354,7 @@ rpc_trace_event(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_trace_methods[] = {
-	{ "trace.start", rpc_trace_start },
-	{ "trace.event", rpc_trace_event },
-	{ NULL, NULL },
+	{ "trace.start", rpc_trace_start, NULL },
+	{ "trace.event", rpc_trace_event, NULL },
+	{ NULL, NULL, NULL },
 };

@@ -108,6 +108,6 @@ rpc_ca_export(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_ca_methods[] = {
-	{ "ca.export", rpc_ca_export },
-	{ NULL, NULL },
+	{ "ca.export", rpc_ca_export, NULL },
+	{ NULL, NULL, NULL },
 };

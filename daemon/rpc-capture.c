@@ -42,8 +42,8 @@ rpc_capture_sync(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_capture_methods[] = {
-	{ "capture.status", rpc_capture_status },
-	{ "capture.rotate", rpc_capture_rotate },
-	{ "capture.sync", rpc_capture_sync },
-	{ NULL, NULL },
+	{ "capture.status", rpc_capture_status, "" },
+	{ "capture.rotate", rpc_capture_rotate, "" },
+	{ "capture.sync", rpc_capture_sync, "" },
+	{ NULL, NULL, NULL },
 };

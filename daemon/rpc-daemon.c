@@ -63,7 +63,7 @@ rpc_daemon_reload(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_daemon_methods[] = {
-	{ "daemon.status", rpc_daemon_status },
-	{ "daemon.reload", rpc_daemon_reload },
-	{ NULL, NULL },
+	{ "daemon.status", rpc_daemon_status, "" },
+	{ "daemon.reload", rpc_daemon_reload, "" },
+	{ NULL, NULL, NULL },
 };

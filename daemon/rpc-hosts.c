@@ -359,9 +359,9 @@ rpc_hosts_clear(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_hosts_methods[] = {
-	{ "hosts.add", rpc_hosts_add },
-	{ "hosts.remove", rpc_hosts_remove },
-	{ "hosts.list", rpc_hosts_list },
-	{ "hosts.clear", rpc_hosts_clear },
-	{ NULL, NULL },
+	{ "hosts.add", rpc_hosts_add, NULL },
+	{ "hosts.remove", rpc_hosts_remove, NULL },
+	{ "hosts.list", rpc_hosts_list, NULL },
+	{ "hosts.clear", rpc_hosts_clear, NULL },
+	{ NULL, NULL, NULL },
 };

@@ -59,8 +59,8 @@ rpc_instance_remove(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_instance_methods[] = {
-	{ "instance.list", rpc_instance_list },
-	{ "instance.add", rpc_instance_add },
-	{ "instance.remove", rpc_instance_remove },
-	{ NULL, NULL },
+	{ "instance.list", rpc_instance_list, "" },
+	{ "instance.add", rpc_instance_add, NULL },
+	{ "instance.remove", rpc_instance_remove, "name" },
+	{ NULL, NULL, NULL },
 };

@@ -107,7 +107,7 @@ rpc_session_kill(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_session_methods[] = {
-	{ "session.list", rpc_session_list },
-	{ "session.kill", rpc_session_kill },
-	{ NULL, NULL },
+	{ "session.list", rpc_session_list, "instance, open" },
+	{ "session.kill", rpc_session_kill, "id" },
+	{ NULL, NULL, NULL },
 };

@@ -87,8 +87,8 @@ rpc_capture_follow(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_tail_methods[] = {
-	{ "session.tail", rpc_session_tail },
-	{ "events.subscribe", rpc_events_subscribe },
-	{ "capture.follow", rpc_capture_follow },
-	{ NULL, NULL },
+	{ "session.tail", rpc_session_tail, "id, backlog" },
+	{ "events.subscribe", rpc_events_subscribe, "" },
+	{ "capture.follow", rpc_capture_follow, "instance" },
+	{ NULL, NULL, NULL },
 };
