@@ -394,10 +394,38 @@ ctl_call(struct ctl_conn *c, json_t *req)
 	}
 }
 
+/* The error (caller owns) for one request of a line refused whole, or NULL for a notification. */
+typedef json_t *(*ctl_refusal)(json_t *req, const char *msg, bool id_unclear);
+
+/* Answers each request of a line refused whole (req as read again, a
+ * request or a batch; NULL when it could not be), none of them run. */
+static void
+ctl_refuse_line(struct ctl_conn *c, json_t *req, ctl_refusal error, const char *msg, bool id_unclear)
+{
+	json_t *out, *r, *el;
+	size_t i;
+
+	if (req == NULL || !json_is_array(req) || json_array_size(req) == 0) {
+		r = req ? error(req, msg, id_unclear) : rpc_error(NULL, RPC_E_INVALID, msg);
+		if (r != NULL)
+			ctl_reply(c, r);
+		return;
+	}
+	out = json_array();
+	json_array_foreach(req, i, el) {
+		if ((r = error(el, msg, id_unclear)) != NULL)
+			json_array_append_new(out, r);
+	}
+	if (json_array_size(out) > 0)
+		ctl_conn_send(c, out);
+	else
+		json_decref(out);
+}
+
 /* The error (caller owns) for one request of a line that holds a number
  * capd cannot hold (ctl_overflow), or NULL for a notification. */
 static json_t *
-ctl_overflow_error(json_t *req, const char *msg)
+ctl_overflow_error(json_t *req, const char *msg, bool id_unclear)
 {
 	json_t *id = json_object_get(req, "id"), *n, *r;
 	double d;
@@ -434,28 +462,11 @@ ctl_overflow(struct ctl_conn *c, const char *line, size_t len, const json_error_
 {
 	json_error_t jerr;
 	json_t *req = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_DECODE_INT_AS_REAL, &jerr);
-	json_t *out, *e;
 	char msg[300];
-	size_t i;
 
 	snprintf(msg, sizeof msg, "invalid request: %s at column %d (integers go from -2^63 to 2^63-1; an id may be a string)",
 	         first->text, first->column);
-	if (req == NULL || !json_is_array(req) || json_array_size(req) == 0) {
-		if ((out = req ? ctl_overflow_error(req, msg) : rpc_error(NULL, RPC_E_INVALID, msg)) != NULL)
-			ctl_reply(c, out);
-		json_decref(req);
-		return;
-	}
-	out = json_array();
-	json_array_foreach(req, i, e) {
-		json_t *r = ctl_overflow_error(e, msg);
-		if (r != NULL)
-			json_array_append_new(out, r);
-	}
-	if (json_array_size(out) > 0)
-		ctl_conn_send(c, out);
-	else
-		json_decref(out);
+	ctl_refuse_line(c, req, ctl_overflow_error, msg, false);
 	json_decref(req);
 }
 
@@ -488,29 +499,12 @@ ctl_unrunnable(struct ctl_conn *c, const char *line, size_t len, size_t flags, c
 {
 	json_error_t jerr;
 	json_t *req = json_loadb(line, len, JSON_DECODE_ANY | flags, &jerr);
-	json_t *out, *r, *el;
-	size_t i;
 
 	if (req == NULL && json_error_code(&jerr) == json_error_numeric_overflow) {
 		ctl_overflow(c, line, len, &jerr);
 		return;
 	}
-	if (req == NULL || !json_is_array(req)) {
-		r = req ? ctl_unrunnable_error(req, msg, id_unclear) : rpc_error(NULL, RPC_E_INVALID, msg);
-		if (r != NULL)
-			ctl_reply(c, r);
-		json_decref(req);
-		return;
-	}
-	out = json_array();
-	json_array_foreach(req, i, el) {
-		if ((r = ctl_unrunnable_error(el, msg, id_unclear)) != NULL)
-			json_array_append_new(out, r);
-	}
-	if (json_array_size(out) > 0)
-		ctl_conn_send(c, out);
-	else
-		json_decref(out);
+	ctl_refuse_line(c, req, ctl_unrunnable_error, msg, id_unclear);
 	json_decref(req);
 }
 
