@@ -135,7 +135,7 @@ dns_configure(struct instance *inst, struct params *p)
 		return -1;
 	json_array_foreach(answers, i, e) {
 		if (dns_rules_add(&dc->rules, json_string_value(e), &why) < 0) {
-			params_fail(p, "answer", "%s", why);
+			params_fail_at(p, "answer", i, "%s", why);
 			free(why);
 			return -1;
 		}

@@ -942,3 +942,20 @@ def test_compressed_question_name_matched(capd_factory):
         assert [t for t, _ in up.queries] == ["udp", "tcp"]
     finally:
         up.close()
+
+
+def test_bad_answer_rule_error_names_its_own_line(tmp_path, upstream):
+    """Regression: an error in the third `answer` of a [dns] section named the line of the
+    first one (params_fail instead of params_fail_at), in capd -t and at a real start."""
+    conf = tmp_path / "capd.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\n"
+                    f"state_dir = {tmp_path}/state\n\n"
+                    f"[dns d]\nlisten = 127.0.0.1:{free_dns_port()}\n"
+                    "answer = a.test=1.2.3.4\n"       # line 8
+                    "answer = b.test=::1\n"           # line 9
+                    "answer = c.test=1.2.3\n"         # line 10: the bad one
+                    f"upstream = 127.0.0.1:{upstream.port}\n")
+    for args in ([str(CAPD), "-t", "-c", str(conf)], [str(CAPD), "-c", str(conf)]):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=20)
+        assert r.returncode != 0, r.stderr
+        assert f"{conf}:10: bad address in answer rule 'c.test=1.2.3'" in r.stderr, r.stderr
