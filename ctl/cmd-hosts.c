@@ -27,6 +27,7 @@ hosts_name_ok(const char *name)
 	return hostname_valid(name) && name[len - 1] != '.' && !addr_is_ip_literal(name);
 }
 
+/* An IPv4 or IPv6 address; brackets only around an IPv6 one (RFC 3986 IP-literal). */
 static bool
 hosts_addr_ok(const char *addr)
 {
@@ -37,7 +38,7 @@ hosts_addr_ok(const char *addr)
 	if (len >= 2 && len < sizeof a && addr[0] == '[' && addr[len - 1] == ']') {
 		memcpy(a, addr + 1, len - 2);
 		a[len - 2] = '\0';
-		addr = a;
+		return inet_pton(AF_INET6, a, bin) == 1;
 	}
 	return inet_pton(AF_INET, addr, bin) == 1 || inet_pton(AF_INET6, addr, bin) == 1;
 }
@@ -89,7 +90,8 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 			                   argv[2], a);
 		}
 		if (!hosts_addr_ok(addr))
-			return usage_error("hosts add: '%s' is not an IP address", addr);
+			return usage_error("hosts add: '%s' is not an IP address%s", addr,
+			                   addr[0] == '[' ? " (brackets are for IPv6 only)" : "");
 		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", argv[2], "addr", addr), &r);
 		if (rc != CTL_OK)
 			return rc;

@@ -22,6 +22,7 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 	struct dns_rule rule;
 	size_t nlen;
 	char addr[INET6_ADDRSTRLEN + 1];
+	bool bracket;
 
 	memset(&rule, 0, sizeof rule);
 	if (eq == NULL) {
@@ -49,11 +50,18 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 		return -1;
 	}
 	strcpy(addr, eq + 1);
-	if (addr[0] == '[' && addr[strlen(addr) - 1] == ']') {
+	bracket = addr[0] == '[' && addr[strlen(addr) - 1] == ']';
+	if (bracket) {
 		memmove(addr, addr + 1, strlen(addr));
 		addr[strlen(addr) - 1] = '\0';
 	}
 	if (inet_pton(AF_INET, addr, &rule.addr.v4) == 1) {
+		if (bracket) {
+			/* brackets are for IPv6 (RFC 3986 IP-literal), as in listen and upstream */
+			*why = xasprintf("bad address in answer rule '%s' (brackets are for an IPv6 address: write %s)",
+			                 spec, addr);
+			return -1;
+		}
 		rule.family = AF_INET;
 	} else if (inet_pton(AF_INET6, addr, &rule.addr.v6) == 1) {
 		rule.family = AF_INET6;

@@ -93,9 +93,14 @@ hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX],
 	} else {
 		memcpy(a, addr, len + 1);
 	}
-	if (inet_pton(AF_INET, a, bin) == 1)
+	if (inet_pton(AF_INET, a, bin) == 1) {
+		if (addr[0] == '[') {
+			/* brackets are for IPv6 (RFC 3986 IP-literal), as in listen and upstream */
+			*why = xasprintf("'%s' is not an IP address: brackets are for IPv6 (write %s)", addr, a);
+			return -1;
+		}
 		inet_ntop(AF_INET, bin, norm, HOSTS_ADDR_MAX);
-	else if (inet_pton(AF_INET6, a, bin) == 1)
+	} else if (inet_pton(AF_INET6, a, bin) == 1)
 		inet_ntop(AF_INET6, bin, norm, HOSTS_ADDR_MAX);
 	else {
 		*why = xasprintf("'%s' is not an IP address", addr);

@@ -959,3 +959,23 @@ def test_bad_answer_rule_error_names_its_own_line(tmp_path, upstream):
         r = subprocess.run(args, capture_output=True, text=True, timeout=20)
         assert r.returncode != 0, r.stderr
         assert f"{conf}:10: bad address in answer rule 'c.test=1.2.3'" in r.stderr, r.stderr
+
+
+def test_bracketed_ipv4_answer_refused(capd_factory, upstream, tmp_path):
+    """Regression: `answer = a.test=[1.2.3.4]` was taken quietly as 1.2.3.4; brackets are for
+    IPv6 (RFC 3986 IP-literal, as capd's listen and upstream have it). Refused now, saying so;
+    [::1] still works."""
+    conf = tmp_path / "capd.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\n"
+                    f"state_dir = {tmp_path}/state\n\n"
+                    f"[dns d]\nlisten = 127.0.0.1:{free_dns_port()}\nanswer = a.test=[1.2.3.4]\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "brackets are for an IPv6 address: write 1.2.3.4" in r.stderr, r.stderr
+    port = free_dns_port()
+    c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nanswer = v6.test=[::1]\n"
+                     f"upstream = 127.0.0.1:{upstream.port}\n")
+    wait_instance(c, "d")
+    assert addrs(ask("v6.test", "AAAA", port)) == ["::1"]
+    rep = c.rpc("instance.add", {"type": "dns", "name": "e", "listen": f"127.0.0.1:{free_dns_port()}",
+                                 "answer": ["x.test=[10.0.0.1]"]})
+    assert "brackets are for an IPv6 address" in rep["error"]["message"], rep

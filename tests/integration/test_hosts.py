@@ -417,3 +417,18 @@ def test_name_resolvers_read_as_an_address_refused(hostsd):
     c.ctl("hosts", "add", "1.2.3.test")  # digits in a name are fine
     c.ctl("hosts", "add", "123abc")
     assert [e["name"] for e in c.ctl("hosts", "list", json_out=True)] == ["1.2.3.test", "123abc"]
+
+
+def test_bracketed_ipv4_address_refused(hostsd):
+    """Regression: `capctl hosts add x.test '[1.2.3.4]'` was taken quietly as 1.2.3.4 (capctl
+    and capd both stripped the brackets whatever they held). Brackets are for IPv6 (RFC 3986
+    IP-literal; capd's listen and upstream refuse [1.2.3.4] too): refused, saying so; an IPv6
+    address in brackets still works."""
+    c, path = hostsd, hostsd.hosts
+    r = c.ctl("hosts", "add", "x.test", "[1.2.3.4]", check=False)
+    assert r.returncode == 2 and "brackets are for IPv6 only" in r.stderr, r.stderr
+    rep = c.rpc("hosts.add", {"name": "x.test", "addr": "[1.2.3.4]"})
+    assert "brackets are for IPv6 (write 1.2.3.4)" in rep["error"]["message"], rep
+    assert path.read_bytes() == ORIG
+    assert c.ctl("hosts", "add", "x.test", "[::1]").stdout.strip() == "x.test -> ::1"
+    assert path.read_bytes() == ORIG + b"\n" + block(("x.test", "::1"))
