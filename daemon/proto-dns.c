@@ -456,8 +456,20 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 {
 	char reason[DNS_WHY_MAX + HOST_MAX + 64];
 
+	if (!f->tcp && dns_msg_tc(p) && f->udp_max <= DNS_UDP_MIN && n <= f->udp_max) {
+		/* truncated for a UDP client without EDNS: its query went up as it came, so the whole
+		 * answer is larger than it takes over UDP, and a TCP query here would only end in this
+		 * same truncated answer; the client asks again over TCP itself (the upstream's side of
+		 * the exchange is not captured, so nothing is lost to the analyst) */
+		dns_msg_set_id(p, f->client_id);
+		snprintf(reason, sizeof reason, "forwarded to %s: truncated (the client asks again over TCP)",
+		         f->ds->up_str);
+		dns_fwd_deliver(f, p, n, reason);
+		return;
+	}
 	if (!f->tcp && dns_msg_tc(p)) {
-		/* truncated: ask again over TCP, keeping this one for a UDP client whose size it fits */
+		/* truncated: ask again over TCP, keeping this one for a UDP client whose size it fits
+		 * (an EDNS client's may be larger than the upstream sends over UDP) */
 		free(f->trunc);
 		f->trunc = xmalloc(n);
 		memcpy(f->trunc, p, n);

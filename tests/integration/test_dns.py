@@ -80,7 +80,7 @@ class Upstream(Listener):
             n = 60 if name.startswith("big") else 1
             addrs = [f"192.0.2.{i + 1}" for i in range(n)]
             r.answer.append(dns.rrset.from_text_list(q.question[0].name, 300, "IN", "A", addrs))
-        w = r.to_wire()
+        w = r.to_wire(max_size=65535)  # not the client's EDNS size: this upstream truncates at 512
         if transport == "udp" and len(w) > 512:
             r.answer = []
             r.flags |= dns.flags.TC
@@ -364,14 +364,16 @@ def test_truncated_upstream_answer_retried_over_tcp(dnsd, upstream):
     r = ask("big.org", "A", port, use_edns=0)
     assert len(r.answer[0]) == 60 and not r.flags & dns.flags.TC
     assert upstream.queries == [("udp", "big.org"), ("tcp", "big.org")]
-    # without EDNS it fits 512 bytes only: it gets the truncated answer, and TCP then works
-    r = ask("big.org", "A", port, use_edns=False)
+    # with EDNS for 600 bytes the whole answer (over TCP) does not fit: it gets the truncated
+    # answer, and TCP then works
+    r = dns.query.udp(dns.message.make_query("big.org", "A", use_edns=0, payload=600), "127.0.0.1",
+                      port=port, timeout=5)
     assert r.flags & dns.flags.TC and r.answer == []
     # Regression: its session's reason said "TCP failed", which it had not
     ss = dnsd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
     assert [s["reason"] for s in ss if s["state"] == "closed"][-1] == (
-        f"forwarded to 127.0.0.1:{upstream.port}: truncated (the answer over TCP is 985 bytes, "
-        "the client takes 512 over UDP)")
+        f"forwarded to 127.0.0.1:{upstream.port}: truncated (the answer over TCP is 996 bytes, "
+        "the client takes 600 over UDP)")
     r = ask("big.org", "A", port, tcp=True)
     assert len(r.answer[0]) == 60
 
@@ -979,3 +981,27 @@ def test_bracketed_ipv4_answer_refused(capd_factory, upstream, tmp_path):
     rep = c.rpc("instance.add", {"type": "dns", "name": "e", "listen": f"127.0.0.1:{free_dns_port()}",
                                  "answer": ["x.test=[10.0.0.1]"]})
     assert "brackets are for an IPv6 address" in rep["error"]["message"], rep
+
+
+def test_truncated_answer_for_a_client_without_edns_is_relayed_without_tcp(dnsd, upstream):
+    """Regression: a UDP client without EDNS takes 512 bytes, and its query goes upstream as
+    it came, so a truncated upstream answer (TC) is all it can get over UDP; capd still asked
+    the upstream again over TCP, waited for the whole answer and sent the same truncated one.
+    Now it relays the truncated answer at once and the client asks again over TCP itself; an
+    EDNS client (which may take more than the upstream sent) still makes capd ask over TCP."""
+    port = dnsd.port
+    out = subprocess.run(["dig", "+noedns", "+ignore", "+tries=1", "+time=3", "-p", str(port), "@127.0.0.1",
+                          "big.org", "A"], capture_output=True, text=True, timeout=10).stdout
+    assert "flags: qr tc rd" in out or ("tc" in out.split("flags:")[1].split(";")[0]), out
+    assert "status: NOERROR" in out, out
+    ss = dnsd.wait_sessions(lambda ss: any(s["state"] == "closed" for s in ss))
+    assert [s["reason"] for s in ss if s["state"] == "closed"] == [
+        f"forwarded to 127.0.0.1:{upstream.port}: truncated (the client asks again over TCP)"]
+    assert upstream.queries == [("udp", "big.org")]
+    # dig as a person runs it: the truncated answer, then TCP on its own, and all 60 records
+    out = subprocess.run(["dig", "+noedns", "+short", "+tries=1", "+time=3", "-p", str(port), "@127.0.0.1",
+                          "big.org", "A"], capture_output=True, text=True, timeout=10).stdout
+    assert len(out.split()) == 60, out
+    assert upstream.queries[1:] == [("udp", "big.org"), ("tcp", "big.org")]
+    r = ask("big.org", "A", port, use_edns=0)
+    assert len(r.answer[0]) == 60 and upstream.queries[3:] == [("udp", "big.org"), ("tcp", "big.org")]
