@@ -42,11 +42,28 @@ hosts_set_free(struct hosts_set *set)
 void
 hosts_set_put(struct hosts_set *set, const char *name, const char *addr)
 {
+	size_t i, k;
+
+	for (i = 0; i < set->n && strcasecmp(set->v[i].name, name) != 0; i++)
+		;
+	if (i == set->n) {
+		hosts_set_keep(set, name, addr);
+		return;
+	}
+	/* the name's first line takes the address, its other lines go */
+	snprintf(set->v[i].addr, sizeof set->v[i].addr, "%s", addr);
+	for (k = ++i; i < set->n; i++)
+		if (strcasecmp(set->v[i].name, name) != 0)
+			set->v[k++] = set->v[i];
+	set->n = k;
+}
+
+void
+hosts_set_keep(struct hosts_set *set, const char *name, const char *addr)
+{
 	for (size_t i = 0; i < set->n; i++)
-		if (strcasecmp(set->v[i].name, name) == 0) {
-			snprintf(set->v[i].addr, sizeof set->v[i].addr, "%s", addr);
+		if (strcasecmp(set->v[i].name, name) == 0 && strcmp(set->v[i].addr, addr) == 0)
 			return;
-		}
 	set->v = xrealloc(set->v, (set->n + 1) * sizeof *set->v);
 	snprintf(set->v[set->n].name, sizeof set->v[set->n].name, "%s", name);
 	snprintf(set->v[set->n].addr, sizeof set->v[set->n].addr, "%s", addr);
@@ -56,13 +73,15 @@ hosts_set_put(struct hosts_set *set, const char *name, const char *addr)
 bool
 hosts_set_del(struct hosts_set *set, const char *name)
 {
+	size_t k = 0;
+
 	for (size_t i = 0; i < set->n; i++)
-		if (strcasecmp(set->v[i].name, name) == 0) {
-			memmove(&set->v[i], &set->v[i + 1], (set->n - i - 1) * sizeof set->v[0]);
-			set->n--;
-			return true;
-		}
-	return false;
+		if (strcasecmp(set->v[i].name, name) != 0)
+			set->v[k++] = set->v[i];
+	if (k == set->n)
+		return false;
+	set->n = k;
+	return true;
 }
 
 int
@@ -170,7 +189,7 @@ hosts_parse_entry(const struct hosts_line *l, struct hosts_set *set)
 	}
 	while ((name = strtok_r(NULL, " \t\r", &save)) != NULL) {
 		if (hosts_entry_check(name, addr, norm, &why) == 0)
-			hosts_set_put(set, name, norm);
+			hosts_set_keep(set, name, norm);  /* a name's every line: an IPv4 and an IPv6 one */
 		free(why);
 		why = NULL;
 	}

@@ -25,16 +25,22 @@ struct hosts_entry {
 	char addr[HOSTS_ADDR_MAX];
 };
 
-/* A set of entries, one per name (case-insensitive), in insertion order. Owner frees with hosts_set_free. */
+/*
+ * A set of entries in insertion order: a name (case-insensitive) may have several, as the
+ * lines of a hosts file may (an IPv4 and an IPv6 address; resolvers use every line), each
+ * name and address once. Owner frees with hosts_set_free.
+ */
 struct hosts_set {
 	struct hosts_entry *v;
 	size_t n;
 };
 
 void hosts_set_free(struct hosts_set *set);
-/* Adds or replaces name's entry. */
+/* Points name at addr alone: its first entry takes addr, its others go; added when it has none. */
 void hosts_set_put(struct hosts_set *set, const char *name, const char *addr);
-/* Removes name's entry; false when there was none. */
+/* Adds the entry name addr unless it is there: name's other entries stay. */
+void hosts_set_keep(struct hosts_set *set, const char *name, const char *addr);
+/* Removes all of name's entries; false when there was none. */
 bool hosts_set_del(struct hosts_set *set, const char *name);
 
 /*

@@ -30,7 +30,7 @@ struct hosts_edit {
 	enum hosts_op op;
 	const char *name, *addr;
 	bool found;             /* remove: the name was there */
-	char was[HOSTS_ADDR_MAX]; /* add: the name's address before, "" when it had none */
+	char was[8 * HOSTS_ADDR_MAX]; /* add: the name's addresses before, ", " between, "" when it had none */
 	size_t shadow_line;     /* add: a line before the block that maps the name (0: none) ... */
 	char shadow[HOSTS_ADDR_MAX]; /* ... and its address */
 	size_t removed;         /* clear: how many went */
@@ -64,15 +64,18 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 		/* what the file said, before a missing block is put back below: "was there
 		 * already" must not be said of a name the file no longer had */
 		e->was[0] = '\0';  /* this may run again, on a file changed meanwhile */
-		for (size_t i = 0; i < set.n; i++)
-			if (strcasecmp(set.v[i].name, e->name) == 0)
-				snprintf(e->was, sizeof e->was, "%s", set.v[i].addr);
+		for (size_t i = 0, w = 0; i < set.n; i++)
+			if (strcasecmp(set.v[i].name, e->name) == 0 &&
+			    w + strlen(set.v[i].addr) + 3 <= sizeof e->was) {
+				/* every address it had ("10.0.0.5, fd00::5"): the add replaces them all */
+				w += (size_t)snprintf(e->was + w, sizeof e->was - w, "%s%s", w ? ", " : "", set.v[i].addr);
+			}
 		e->shadow_line = hosts_shadow(cur, len, e->name, e->shadow);
 	}
 	if (found == 0 && hosts_mem.n > 0 && hosts_mem_path && !strcmp(hosts_mem_path, hosts_path())) {
 		/* our block went missing behind our back: put our entries back */
 		for (size_t i = 0; i < hosts_mem.n; i++)
-			hosts_set_put(&set, hosts_mem.v[i].name, hosts_mem.v[i].addr);
+			hosts_set_keep(&set, hosts_mem.v[i].name, hosts_mem.v[i].addr);
 	}
 	switch (e->op) {
 	case HOSTS_OP_ADD:

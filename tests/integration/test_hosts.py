@@ -432,3 +432,56 @@ def test_bracketed_ipv4_address_refused(hostsd):
     assert path.read_bytes() == ORIG
     assert c.ctl("hosts", "add", "x.test", "[::1]").stdout.strip() == "x.test -> ::1"
     assert path.read_bytes() == ORIG + b"\n" + block(("x.test", "::1"))
+
+
+TWO_LINES_SCRIPT = r"""
+set -e
+T="$1"; CAPD="$2"; CAPCTL="$3"
+mkdir -p "$T/etc"
+for f in ld.so.cache ld.so.conf nsswitch.conf host.conf passwd group gai.conf; do
+  [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
+done
+printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$T/etc/resolv.conf"
+[ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
+cp "$T/hosts.start" "$T/etc/hosts"
+mount --bind "$T/etc" /etc
+echo "before: $(getent ahosts web.test | cut -d' ' -f1 | sort -u | tr '\n' ' ')"
+"$CAPD" -c "$T/capd.conf" > "$T/capd.log" 2>&1 &
+PID=$!
+for i in $(seq 100); do [ -S "$T/capd.sock" ] && break; sleep 0.05; done
+"$CAPCTL" -s "$T/capd.sock" hosts add other.test
+echo "after: $(getent ahosts web.test | cut -d' ' -f1 | sort -u | tr '\n' ' ')"
+"$CAPCTL" -s "$T/capd.sock" hosts list
+"$CAPCTL" -s "$T/capd.sock" hosts add web.test 10.0.0.9
+echo "replaced: $(getent ahosts web.test | cut -d' ' -f1 | sort -u | tr '\n' ' ')"
+kill -TERM $PID
+wait $PID || true
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_two_lines_for_one_name_survive_an_edit(tmp_path):
+    """Regression: a block where a person wrote two lines for one name (an IPv4 and an IPv6
+    address, as /etc/hosts allows; getent ahosts gives both) was read as one address per name,
+    the last line winning, and the next capctl edit of another name wrote the block back
+    without the IPv4 line. Every line is kept now; adding that name itself points it at the
+    one address given (and says which it had)."""
+    (tmp_path / "capd.conf").write_text(
+        "[capd]\n"
+        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
+        "hosts_file = /etc/hosts\n")
+    (tmp_path / "hosts.start").write_text(
+        f"127.0.0.1\tlocalhost\n{BEGIN}\n10.0.0.5\tweb.test\nfd00::5\tweb.test\n{END}\n")
+    script = tmp_path / "ns.sh"
+    script.write_text(TWO_LINES_SCRIPT)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
+                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr + log
+    assert "before: 10.0.0.5 fd00::5 \n" in out, out
+    assert "after: 10.0.0.5 fd00::5 \n" in out, out + log
+    assert [ln.split() for ln in out.splitlines() if ln.startswith("web.test") and "->" not in ln] == [
+        ["web.test", "10.0.0.5"], ["web.test", "fd00::5"]], out
+    assert "web.test -> 10.0.0.9 (was 10.0.0.5, fd00::5)" in out, out
+    assert "replaced: 10.0.0.9 \n" in out, out + log

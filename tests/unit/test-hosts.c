@@ -39,6 +39,22 @@ test_set(void **state)
 	assert_false(hosts_set_del(&s, "a.test"));
 	assert_int_equal(s.n, 1);
 	assert_string_equal(s.v[0].name, "b.test");
+	/* a name's several lines (an IPv4 and an IPv6 one) are all kept, each once */
+	hosts_set_keep(&s, "w.test", "10.0.0.5");
+	hosts_set_keep(&s, "c.test", "10.0.0.6");
+	hosts_set_keep(&s, "W.test", "fd00::5");
+	hosts_set_keep(&s, "w.test", "10.0.0.5");
+	assert_int_equal(s.n, 4);
+	assert_string_equal(s.v[3].addr, "fd00::5");
+	/* put points the name at one address: its first entry takes it, the others go */
+	hosts_set_put(&s, "w.test", "10.0.0.9");
+	assert_int_equal(s.n, 3);
+	assert_string_equal(s.v[1].addr, "10.0.0.9");
+	assert_string_equal(s.v[2].name, "c.test");
+	hosts_set_keep(&s, "w.test", "fd00::5");
+	assert_true(hosts_set_del(&s, "w.test"));  /* all of them */
+	assert_int_equal(s.n, 2);
+	assert_string_equal(s.v[1].name, "c.test");
 	hosts_set_free(&s);
 	hosts_set_free(&s);
 }
