@@ -21,7 +21,7 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 	const char *eq = strrchr(spec, '=');
 	struct dns_rule rule;
 	size_t nlen;
-	char addr[INET6_ADDRSTRLEN + 1];
+	char addr[INET6_ADDRSTRLEN + 2];  /* the longest IPv6 text (45) in brackets, and its NUL */
 	bool bracket;
 
 	memset(&rule, 0, sizeof rule);
@@ -45,7 +45,7 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 			return -1;
 		}
 	}
-	if (strlen(eq + 1) > INET6_ADDRSTRLEN) {
+	if (strlen(eq + 1) > INET6_ADDRSTRLEN + 1) {
 		*why = xasprintf("bad address in answer rule '%s' (an IPv4 or IPv6 address)", spec);
 		return -1;
 	}

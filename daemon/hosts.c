@@ -102,7 +102,7 @@ hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX],
 		*why = xasprintf("'%s' is not a valid host name: resolvers read it as the address %s", name, a);
 		return -1;
 	}
-	if (addr == NULL || (len = strlen(addr)) == 0 || len > HOSTS_ADDR_MAX) {
+	if (addr == NULL || (len = strlen(addr)) == 0 || len > HOSTS_ADDR_MAX + 1) {  /* 45 bytes in brackets */
 		*why = xasprintf("'%s' is not an IP address", addr ? addr : "");
 		return -1;
 	}

@@ -1005,3 +1005,14 @@ def test_truncated_answer_for_a_client_without_edns_is_relayed_without_tcp(dnsd,
     assert upstream.queries[1:] == [("udp", "big.org"), ("tcp", "big.org")]
     r = ask("big.org", "A", port, use_edns=0)
     assert len(r.answer[0]) == 60 and upstream.queries[3:] == [("udp", "big.org"), ("tcp", "big.org")]
+
+
+def test_longest_ipv6_answer_in_brackets(capd_factory, upstream):
+    """Regression: a rule's address was cut off at 46 bytes before its brackets came off, so
+    the longest IPv6 text (45 bytes) in brackets was refused as a bad address."""
+    port = free_dns_port()
+    c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\n"
+                     "answer = v6.test=[0000:0000:0000:0000:0000:ffff:255.255.255.255]\n"
+                     f"upstream = 127.0.0.1:{upstream.port}\n")
+    wait_instance(c, "d")
+    assert addrs(ask("v6.test", "AAAA", port)) == ["::ffff:255.255.255.255"]

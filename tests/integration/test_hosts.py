@@ -485,3 +485,12 @@ def test_two_lines_for_one_name_survive_an_edit(tmp_path):
         ["web.test", "10.0.0.5"], ["web.test", "fd00::5"]], out
     assert "web.test -> 10.0.0.9 (was 10.0.0.5, fd00::5)" in out, out
     assert "replaced: 10.0.0.9 \n" in out, out + log
+
+
+def test_longest_ipv6_address_in_brackets(hostsd):
+    """Regression: capd refused an address longer than 46 bytes before taking its brackets
+    off, so the longest IPv6 text (45 bytes) in brackets was 'not an IP address'."""
+    c, path = hostsd, hostsd.hosts
+    r = c.ctl("hosts", "add", "long.test", "[0000:0000:0000:0000:0000:ffff:255.255.255.255]")
+    assert r.stdout.strip() == "long.test -> ::ffff:255.255.255.255"
+    assert path.read_bytes() == ORIG + b"\n" + block(("long.test", "::ffff:255.255.255.255"))
