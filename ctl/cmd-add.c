@@ -189,10 +189,14 @@ add_rule(const struct add_opt *ao, const char *v)
 		return usage_error("%s: bad rule '%s': expected PATTERN=%s", ao->opt, v,
 		                   ao->check == CHK_ROUTE ? "HOST:PORT" : "ADDRESS");
 	/* an answer's address goes into a DNS record, where a zone has no place */
-	if (ao->check == CHK_ANSWER)
-		return add_ip_literal(eq + 1, ip, sizeof ip) < 0 || strchr(ip, '%') != NULL
-		               ? usage_error("%s: bad address '%s' in '%s' (an IPv4 or IPv6 address)", ao->opt, eq + 1, v)
-		               : 0;
+	if (ao->check == CHK_ANSWER) {
+		if (add_ip_literal(eq + 1, ip, sizeof ip) < 0 || strchr(ip, '%') != NULL)
+			return usage_error("%s: bad address '%s' in '%s' (an IPv4 or IPv6 address)", ao->opt, eq + 1, v);
+		if (eq[1] == '[' && strchr(ip, ':') == NULL)  /* as capd: brackets are for IPv6 */
+			return usage_error("%s: bad address '%s' in '%s' (brackets are for an IPv6 address)", ao->opt,
+			                   eq + 1, v);
+		return 0;
+	}
 	if (hostport_parse(eq + 1, &hp, &why) < 0) {
 		rc = usage_error("%s: %s", ao->opt, why);
 		free(why);

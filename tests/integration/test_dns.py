@@ -1016,3 +1016,14 @@ def test_longest_ipv6_answer_in_brackets(capd_factory, upstream):
                      f"upstream = 127.0.0.1:{upstream.port}\n")
     wait_instance(c, "d")
     assert addrs(ask("v6.test", "AAAA", port)) == ["::ffff:255.255.255.255"]
+
+
+def test_capctl_add_dns_bracketed_ipv4_answer_is_a_usage_error(capd):
+    """capctl checks an --answer address before capd does (a typo is exit 2): it passed
+    x.test=[1.2.3.4], which capd refuses (brackets are for IPv6), as exit 1. Refused by
+    capctl now, as `capctl hosts add` does; [::1] still passes."""
+    r = capd.ctl("add", "dns", "--port", free_port(), "--answer", "x.test=[1.2.3.4]", check=False)
+    assert r.returncode == 2 and "brackets are for an IPv6 address" in r.stderr, r.stderr
+    port = free_dns_port()
+    capd.ctl("add", "dns", "--port", port, "--answer", "x.test=[::1]")
+    assert addrs(ask("x.test", "AAAA", port)) == ["::1"]
