@@ -3,8 +3,9 @@
  * its own, opened in start) and TCP (the core's listener; each connection is
  * one session whose input is length-prefixed messages). Queries a rule
  * claims are answered here; the others go to the upstream resolver over
- * UDP (retried, then TCP when the answer is truncated) or over TCP when the
- * client came over TCP, and the reply goes back under the client's id.
+ * UDP (retried, then TCP when the answer is truncated and the client has
+ * EDNS; one without gets the truncated answer) or over TCP when the client
+ * came over TCP, and the reply goes back under the client's id.
  * A zone transfer (AXFR, IXFR) from a TCP client is several messages from
  * the upstream: each is relayed as it comes, until the closing SOA.
  * Every UDP query becomes a datagram session; message decisions are in
