@@ -781,25 +781,39 @@ http_idempotent(const struct http_msg *m)
  * may go twice, none of whose body went up, goes once more in a new
  * session on a new connection, with what the client sent after it; the
  * capture shows both attempts (reset: the upstream's end was a reset).
- * False when it may not (the caller answers 502); true when it went (this
- * session is closed). */
-static bool
+ * A TLS client connection cannot move: it ends as the origin's did, with
+ * no answer (close_notify, FIN), which a client retries on a new
+ * connection as it would a direct one's (RFC 9112 9.3.1.1; curl:
+ * "Connection died, retrying a fresh connect"), instead of a 502.
+ * HTTP_RETRY_NO when it may not (the caller answers 502); HTTP_RETRY_SENT
+ * when it went (this session is closed); HTTP_RETRY_CLIENT when the client
+ * connection ends (as after http_end_late). */
+enum http_retry { HTTP_RETRY_NO, HTTP_RETRY_SENT, HTTP_RETRY_CLIENT };
+
+static enum http_retry
 http_retry(struct session *s, const char *why, bool reset)
 {
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
 
-	if (!hc->can_retry || hc->fail != NULL || s->client.tls != NULL)
-		return false;
+	if (!hc->can_retry || hc->fail != NULL)
+		return HTTP_RETRY_NO;
 	n = relay_held(s, DIR_UP, &p);
-	if (buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
-		return false;
+	if (s->client.tls == NULL && buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
+		return HTTP_RETRY_NO;
 	if (reset)
 		s->upstream_reset = true;  /* the capture's flow ends with the RST */
+	if (s->client.tls != NULL) {
+		char *reason = xasprintf("%s (client connection closed for its retry)", why);
+
+		http_end_late(s, reason);
+		free(reason);
+		return HTTP_RETRY_CLIENT;
+	}
 	buf_append(&hc->retry, p, n);
 	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why);
-	return true;
+	return HTTP_RETRY_SENT;
 }
 
 /* Both halves of an exchange are done: the next request may come. */
@@ -894,9 +908,9 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	/* a kept connection the origin closes as this request arrives (its
 	 * idle timeout) is the keep-alive race: the request may go again, once
 	 * (http_retry), so its head is kept until its answer or body starts */
-	hc->can_retry = hc->exchanges > 0 && http_idempotent(m) && s->client.tls == NULL;
+	hc->can_retry = hc->exchanges > 0 && http_idempotent(m);
 	buf_reset(&hc->retry);
-	if (hc->can_retry)
+	if (hc->can_retry && s->client.tls == NULL)  /* a TLS client sends it again itself */
 		buf_append(&hc->retry, p, m->head_len);
 	/* a request without a body ends with its head: hold the client now, as
 	 * http_body does at a body's end, instead of reading it for a next request
@@ -1136,6 +1150,7 @@ http_filter_eof(struct session *s, enum dir d)
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
+	enum http_retry rt;
 
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
@@ -1159,9 +1174,9 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
-		if (n == 0 && http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response",
-		                         hc->upload_fail != NULL))
-			return RELAY_STOP;
+		if (n == 0 && (rt = http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response",
+		                               hc->upload_fail != NULL)) != HTTP_RETRY_NO)
+			return rt == HTTP_RETRY_SENT ? RELAY_STOP : RELAY_PASS;
 		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
 			s->upstream_reset = true;
 			http_fail_late(s, 502, hc->upload_fail);
@@ -1188,6 +1203,7 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
+	enum http_retry rt;
 
 	if (hc->down == DOWN_IDLE && !sending && hc->fail == NULL) {
 		/* an origin drops an idle kept connection with a reset as well as
@@ -1202,8 +1218,8 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	}
 	if (hc->down != DOWN_HEAD || hc->fail)
 		return RELAY_UPFAIL_RESET;
-	if (http_retry(s, why, true))
-		return RELAY_UPFAIL_GONE;  /* the session is closed */
+	if ((rt = http_retry(s, why, true)) != HTTP_RETRY_NO)
+		return rt == HTTP_RETRY_SENT ? RELAY_UPFAIL_GONE : RELAY_UPFAIL_ANSWERED;  /* closed, or ending */
 	/* a server that refuses a body early (413, 401) answers and closes with the
 	 * rest unread: its answer waits to be read, as a direct client would */
 	if (sending) {

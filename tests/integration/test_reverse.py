@@ -825,3 +825,75 @@ def test_reverse_keep_alive_race_resends_the_request(capd):
         assert up.startswith(b"GET /r1 HTTP/1.1\r\n") and up.count(b"X-Forwarded-For: 127.0.0.1\r\n") == 1, up
     finally:
         o.close()
+
+
+class TlsKeptOrigin(Listener):
+    """A TLS origin (Python ssl, a certificate for test_tls.NAME) that answers
+    each request on a kept connection with "conn N: REQUEST LINE" and records
+    the SNI each connection sent (.snis, None for none). With `answers`, after
+    that many answers it reads the next request head and closes (close_notify
+    and FIN): the keep-alive race, as an origin's idle timeout firing then."""
+
+    def __init__(self, d, answers=None):
+        import test_tls
+        cert, key = test_tls.make_cert(d, "kept", f"/CN={test_tls.NAME}", f"DNS:{test_tls.NAME}")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.sni_callback = lambda sock, name, ctx: self.snis.append(name)
+        self.answers, self.conns, self.snis = answers, 0, []
+        super().__init__()
+
+    def handle(self, c, peer):
+        self.conns += 1
+        apart(self.serve, c, self.conns)
+
+    def serve(self, c, n):
+        c.settimeout(10)
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)
+            got, answered = b"", 0
+            while self.answers is None or answered < self.answers:
+                d = t.recv(65536)
+                if not d:
+                    break
+                got += d
+                while b"\r\n\r\n" in got and (self.answers is None or answered < self.answers):
+                    head, got = got.split(b"\r\n\r\n", 1)
+                    body = b"conn %d: %s\n" % (n, head.split(b"\r\n")[0])
+                    answered += 1
+                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            while b"\r\n\r\n" not in got and (d := t.recv(65536)):
+                got += d
+            t.unwrap()
+            t.close()
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_path):
+    """Regression: the keep-alive race (test_reverse_keep_alive_race_resends_the_request)
+    on a `--tls` reverse instance, whose client connection cannot move to a new
+    session, gave curl "502 Bad Gateway: upstream closed without a response".
+    A direct client would have seen its reused connection close with no answer,
+    which it retries (RFC 9112 9.3.1.1; curl: "Connection died, retrying a
+    fresh connect"): capd now ends the client's connection so (close_notify,
+    FIN, no answer), and curl's retry gets the answer from a new connection."""
+    import test_tls
+    o = TlsKeptOrigin(tmp_path, answers=1)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        url = f"https://{test_tls.NAME}:{port}"
+        r = test_tls.curl("-v", "--http1.1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
+                          f"{url}/r0", f"{url}/r1")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"conn 1: GET /r0 HTTP/1.1\nconn 2: GET /r1 HTTP/1.1\n", (r.stdout, r.stderr)
+        assert b"retrying a fresh connect" in r.stderr, r.stderr
+        assert o.conns == 2
+        ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
+        assert ss[0]["reason"] == "upstream closed without a response (client connection closed for its retry)", ss
+        assert ss[1]["reason"] == "closed", ss
+    finally:
+        o.close()
