@@ -1635,7 +1635,16 @@ tls_upstream_begin(struct tls_session *ts)
 	SSL_set_connect_state(u->ssl);
 	if (ts->sni[0])
 		SSL_set_tlsext_host_name(u->ssl, ts->sni);
-	else if (!ts->accept_only && ts->host[0] && !addr_is_ip_literal(ts->host))
+	else if (ts->accept_only && s->target_name[0]) {
+		/* reverse, no SNI from the client: the route's name (never an IP
+		 * literal: session_connect keeps none), the one the certificate is
+		 * verified against below, as nginx's proxy_ssl_server_name on */
+		char host[sizeof s->target_name], *colon;
+		snprintf(host, sizeof host, "%s", s->target_name);
+		if ((colon = strrchr(host, ':')) != NULL)
+			*colon = '\0';
+		SSL_set_tlsext_host_name(u->ssl, host);
+	} else if (!ts->accept_only && ts->host[0] && !addr_is_ip_literal(ts->host))
 		/* no SNI, but the client named the server to the proxy (or the
 		 * forwarder's `to` does): the name it is verified against is the one
 		 * to ask for, as a client that connects itself would (a server with

@@ -897,3 +897,27 @@ def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_p
         assert ss[1]["reason"] == "closed", ss
     finally:
         o.close()
+
+
+def test_reverse_tls_without_client_sni_sends_the_routes_name(capd, tmp_path):
+    """Regression: on a `--tls` reverse instance a client that sent no SNI (curl
+    to https://127.0.0.1 with a Host header) made capd send none to a TLS
+    upstream, though it verifies the upstream's certificate against the route's
+    name: a server with several sites showed its default certificate. capd now
+    asks for the route's name (as nginx's proxy_ssl_server_name on), never an
+    IP literal; a client's SNI still goes as it came."""
+    import test_tls
+    o = TlsKeptOrigin(tmp_path)
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=localhost:{o.port}",
+                 "--route", f"ip.test=127.0.0.1:{o.port}", "--tls", "--no-tls-verify")
+        for host in (test_tls.NAME, "ip.test"):
+            r = test_tls.curl("-k", "--http1.1", "-H", f"Host: {host}", f"https://127.0.0.1:{port}/nosni")
+            assert r.returncode == 0 and r.stdout.endswith(b": GET /nosni HTTP/1.1\n"), r
+        r = test_tls.curl("-k", "--http1.1", "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
+                          f"https://{test_tls.NAME}:{port}/sni")
+        assert r.returncode == 0 and r.stdout.endswith(b": GET /sni HTTP/1.1\n"), r
+        assert o.snis == ["localhost", None, test_tls.NAME], o.snis
+    finally:
+        o.close()
