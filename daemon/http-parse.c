@@ -641,6 +641,7 @@ http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
 				b->line = 0;
 			} else if (c == ' ' || c == '\t') {
 				b->st = CH_SIZE_WS;
+				b->line = 1;
 			} else if (c == '\r') {
 				b->st = CH_SIZE_LF;
 			} else {
@@ -648,11 +649,15 @@ http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
 			}
 			break;
 		case CH_SIZE_WS:
+			/* BWS before CR too: "3 \r\n" from an origin is taken by
+			 * nginx and curl (the size is as plain as without it) */
 			if (c == ';') {
 				b->st = CH_EXT;
 				b->line = 0;
-			} else if (c != ' ' && c != '\t') {
-				return PARSE_ERR;
+			} else if (c == '\r') {
+				b->st = CH_SIZE_LF;
+			} else if ((c != ' ' && c != '\t') || ++b->line > CH_LINE_MAX) {
+				return PARSE_ERR;  /* a run of BWS is bounded as an extension is */
 			}
 			break;
 		case CH_EXT:

@@ -1726,3 +1726,31 @@ def test_keep_alive_race_resends_a_put_waiting_for_100_continue(capd, tmp_path):
         assert ss[0]["reason"].endswith(f"(request sent again in session {ss[1]['id']})"), ss
     finally:
         o.close()
+
+
+class PaddedChunksOrigin(ChunkedOrigin):
+    """ChunkedOrigin whose chunk sizes have whitespace before their CRLF (as
+    some origins send: nginx and curl take it)."""
+
+    CHUNKED = b"5 \r\nhello\r\n0007\t\r\n, world\r\n0  \r\n\r\n"
+
+
+def test_chunk_size_with_whitespace_before_its_crlf(capd):
+    """Regression: a chunk size with spaces or tabs before its CRLF ("5 ")
+    ended the response with "upstream sent bad chunked framing" after its
+    head: curl through capd got a cut body (exit 18), where directly (and
+    through nginx) it gets all of it. BWS may now end a size line as it may
+    come before a ';' (RFC 9112 7.1.1), at most 8 KiB of it as for an
+    extension. A request body alike got 400 "bad chunked framing"."""
+    o = PaddedChunksOrigin()
+    try:
+        port = add_http(capd)
+        r = subprocess.run(["curl", "-sS", "--max-time", "5", "-x", f"http://127.0.0.1:{port}",
+                            f"http://127.0.0.1:{o.port}/padded"], capture_output=True, timeout=20)
+        assert r.returncode == 0 and r.stdout == b"hello, world", r
+        body = b"3 \r\nabc\r\n0\r\n\r\n"
+        reply = raw(port, b"POST http://127.0.0.1:%d/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"Connection: close\r\n\r\n%s" % (o.port, body))
+        assert status_of(reply) == 200, reply
+    finally:
+        o.close()

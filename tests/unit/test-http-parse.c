@@ -373,6 +373,7 @@ test_chunked(void **state)
 		"5 ;ext\r\nhello\r\n0\r\n\r\n",
 		"1\r\nx\r\n0\r\nTrailer: yes\r\nX: 2\r\n\r\n",
 		"000000000000005\r\nhello\r\n0\r\n\r\n",
+		"5 \r\nhello\r\n0\t\r\n\r\n",  /* BWS before CR */
 	};
 	const char *bad[] = {
 		"x\r\n",
@@ -381,6 +382,7 @@ test_chunked(void **state)
 		"5\r\nhello\n0\r\n\r\n",
 		"-5\r\n",
 		"0000000000000005\r\n",        /* 16 digits */
+		"5 \nhello\r\n0\r\n\r\n",
 		"5 5\r\n",
 		"5\r\nhello\r\n0\r\n folded: trailer\r\n\r\n",
 		"5\r\nhello\r\n0\r\n\n",
