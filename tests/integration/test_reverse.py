@@ -832,15 +832,16 @@ class TlsKeptOrigin(Listener):
     each request on a kept connection with "conn N: REQUEST LINE" and records
     the SNI each connection sent (.snis, None for none). With `answers`, after
     that many answers it reads the next request head and closes (close_notify
-    and FIN): the keep-alive race, as an origin's idle timeout firing then."""
+    and FIN; end="rst": a reset): the keep-alive race, as an origin's idle
+    timeout firing then."""
 
-    def __init__(self, d, answers=None):
+    def __init__(self, d, answers=None, end="fin"):
         import test_tls
         cert, key = test_tls.make_cert(d, "kept", f"/CN={test_tls.NAME}", f"DNS:{test_tls.NAME}")
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
         self.ctx.sni_callback = lambda sock, name, ctx: self.snis.append(name)
-        self.answers, self.conns, self.snis = answers, 0, []
+        self.answers, self.end, self.conns, self.snis = answers, end, 0, []
         super().__init__()
 
     def handle(self, c, peer):
@@ -864,13 +865,18 @@ class TlsKeptOrigin(Listener):
                     t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             while b"\r\n\r\n" not in got and (d := t.recv(65536)):
                 got += d
+            if self.end == "rst":
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                t.close()  # no close_notify: a bare reset
+                return
             t.unwrap()
             t.close()
         except (OSError, ssl.SSLError):
             c.close()
 
 
-def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_path):
+@pytest.mark.parametrize("end", ["fin", "rst"])
+def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_path, end):
     """Regression: the keep-alive race (test_reverse_keep_alive_race_resends_the_request)
     on a `--tls` reverse instance, whose client connection cannot move to a new
     session, gave curl "502 Bad Gateway: upstream closed without a response".
@@ -879,7 +885,7 @@ def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_p
     fresh connect"): capd now ends the client's connection so (close_notify,
     FIN, no answer), and curl's retry gets the answer from a new connection."""
     import test_tls
-    o = TlsKeptOrigin(tmp_path, answers=1)
+    o = TlsKeptOrigin(tmp_path, answers=1, end=end)
     try:
         port = free_port()
         capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{o.port}",
@@ -893,7 +899,8 @@ def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_p
         assert b"retrying a fresh connect" in r.stderr, r.stderr
         assert o.conns == 2
         ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
-        assert ss[0]["reason"] == "upstream closed without a response (client connection closed for its retry)", ss
+        why = "upstream reset" if end == "rst" else "upstream closed without a response"
+        assert ss[0]["reason"] == f"{why} (client connection closed for its retry)", ss
         assert ss[1]["reason"] == "closed", ss
     finally:
         o.close()
