@@ -102,6 +102,12 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 		a = m->hdr[m->host].value;
 		an = m->hdr[m->host].value_len;
 	}
+	if (memchr(m->target, '#', m->target_len)) {
+		/* a request target has no fragment (RFC 9112 3.2: an invalid
+		 * request line SHOULD get 400), as on an http instance */
+		*why = "fragment in the request target";
+		return 400;
+	}
 	if (a && http_authority(a, an, &host) < 0) {
 		*why = "bad Host";
 		return 400;

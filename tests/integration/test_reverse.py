@@ -928,3 +928,20 @@ def test_reverse_tls_without_client_sni_sends_the_routes_name(capd, tmp_path):
         assert o.snis == ["localhost", None, test_tls.NAME], o.snis
     finally:
         o.close()
+
+
+def test_reverse_fragment_in_the_target_is_a_400(capd_factory, origins):
+    """Regression: a reverse instance passed "GET /a#frag" (and an absolute URL
+    with a fragment) to the origin as sent, where a request target has no
+    fragment (RFC 9112 3.2; clients strip it) and an invalid request line
+    SHOULD get 400, which an http instance already answered. Now 400 on both,
+    and nothing reaches the origin."""
+    a, _, _ = origins
+    capd, port = reverse(capd_factory, origins)
+    before = len(a.requests)
+    for target in (b"/a#frag", b"http://www.example.com/a?q#frag", b"http://www.example.com#frag"):
+        reply = raw(port, b"GET %s HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n" % target)
+        assert status_of(reply) == 400 and b"fragment in the request target" in reply, (target, reply)
+    reply = raw(port, b"GET /a?q=%23 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 200, reply
+    assert len(a.requests) == before + 1 and a.requests[-1]["line"] == "GET /a?q=%23 HTTP/1.1", a.requests
