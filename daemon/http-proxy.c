@@ -68,7 +68,7 @@ struct http_conn {
 	bool dechunk;               /* a chunked response to a 1.0 client: only its chunks' data goes out */
 	unsigned exchanges;         /* exchanges done on this upstream connection: it is a reused one after the first */
 	bool can_retry;             /* the request may go again on a new connection should this one close unanswered */
-	struct buf retry;           /* that request's head as the client sent it (can_retry) */
+	struct buf retry;           /* that request's head as the client sent it (can_retry, no TLS) */
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
