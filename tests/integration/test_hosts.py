@@ -319,10 +319,12 @@ def test_lines_appended_during_edits_are_kept(hostsd, tmp_path):
     assert not [f for f in os.listdir(path.parent) if ".capd-" in f]  # no temp file left behind
 
 
-NS_SCRIPT = r"""
+# The start of a script run in a mount namespace ($1 its folder, $2 capd, $3
+# capctl): a private /etc (copies of what the resolver and the loader read) so
+# no write lands in the real one; the script then writes $T/etc/hosts and binds it.
+PRIVATE_ETC = r"""
 set -e
 T="$1"; CAPD="$2"; CAPCTL="$3"
-# a private /etc (copies of what the resolver and the loader read) so no write lands in the real one
 mkdir -p "$T/etc"
 for f in ld.so.cache ld.so.conf nsswitch.conf host.conf passwd group gai.conf; do
   [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
@@ -330,6 +332,9 @@ done
 # names not in hosts go to loopback, where nothing answers: no query leaves the box
 printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$T/etc/resolv.conf"
 [ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
+"""
+
+NS_SCRIPT = PRIVATE_ETC + r"""
 printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/etc/hosts"
 printf '127.0.0.1\tlocalhost\n# outside the block\n' > "$T/hosts.mounted"
 mount --bind "$T/etc" /etc
@@ -434,15 +439,7 @@ def test_bracketed_ipv4_address_refused(hostsd):
     assert path.read_bytes() == ORIG + b"\n" + block(("x.test", "::1"))
 
 
-TWO_LINES_SCRIPT = r"""
-set -e
-T="$1"; CAPD="$2"; CAPCTL="$3"
-mkdir -p "$T/etc"
-for f in ld.so.cache ld.so.conf nsswitch.conf host.conf passwd group gai.conf; do
-  [ -e "/etc/$f" ] && cp -a "/etc/$f" "$T/etc/" || true
-done
-printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$T/etc/resolv.conf"
-[ -d /etc/ld.so.conf.d ] && cp -a /etc/ld.so.conf.d "$T/etc/" || true
+TWO_LINES_SCRIPT = PRIVATE_ETC + r"""
 cp "$T/hosts.start" "$T/etc/hosts"
 mount --bind "$T/etc" /etc
 echo "before: $(getent ahosts web.test | cut -d' ' -f1 | sort -u | tr '\n' ' ')"
