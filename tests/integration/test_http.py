@@ -1544,18 +1544,28 @@ def test_keep_alive_race_resends_the_request(capd, end):
         o.close()
 
 
-class ChattyOrigin(Listener):
-    """Answers each request on a kept connection with "conn N"; on the first
-    connection, after its first answer, sends bytes nobody asked for: in the
-    answer's segment ("same"), or a moment later ("later")."""
+class CountingOrigin(Listener):
+    """An origin that serves each connection on a thread of its own, by
+    serve(conn, N): N counts the connections from 1. A subclass sets its own
+    attributes before calling this __init__."""
 
-    def __init__(self, when):
-        self.when, self.conns = when, 0
+    def __init__(self):
+        self.conns = 0
         super().__init__()
 
     def handle(self, c, peer):
         self.conns += 1
         apart(self.serve, c, self.conns)
+
+
+class ChattyOrigin(CountingOrigin):
+    """Answers each request on a kept connection with "conn N"; on the first
+    connection, after its first answer, sends bytes nobody asked for: in the
+    answer's segment ("same"), or a moment later ("later")."""
+
+    def __init__(self, when):
+        self.when = when
+        super().__init__()
 
     def serve(self, c, n):
         with c:
@@ -1632,19 +1642,15 @@ def test_head_to_http10_client_drops_transfer_encoding(capd):
         o.close()
 
 
-class DroppingOrigin(Listener):
+class DroppingOrigin(CountingOrigin):
     """Answers answers[N-1] requests on its Nth connection ("conn N: LINE",
     and " +LENGTH" of a body, after a 100 Continue when asked for one), then
     reads one more request head and closes: every connection meets the
     keep-alive race once it ran out of answers."""
 
     def __init__(self, answers):
-        self.answers, self.conns = answers, 0
+        self.answers = answers
         super().__init__()
-
-    def handle(self, c, peer):
-        self.conns += 1
-        apart(self.serve, c, self.conns)
 
     def serve(self, c, n):
         with c:
