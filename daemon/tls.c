@@ -40,10 +40,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -1152,6 +1154,28 @@ tls_plain(struct tls_session *ts, const char *note)
 	relay_start(s);
 }
 
+/*
+ * Where a timed-out upstream handshake stood, for the log: a server that
+ * never answered (capd waits to read, nothing unread) and a wake-up capd
+ * missed (bytes wait unread) look alike to the client.
+ */
+static void
+tls_upstream_stuck_log(struct tls_session *ts)
+{
+	struct side *sd = &ts->s->upstream;
+	int unread = -1, unsent = -1;
+
+	if (sd->fd >= 0) {
+		ioctl(sd->fd, SIOCINQ, &unread);
+		ioctl(sd->fd, SIOCOUTQ, &unsent);
+	}
+	log_info("session %llu: upstream handshake timed out at '%s', capd waiting to %s, "
+	         "%d bytes unread, %d unsent or unacknowledged",
+	         (unsigned long long)ts->s->id, ts->u.ssl ? SSL_state_string_long(ts->u.ssl) : "-",
+	         ev_is_active(&sd->wio) ? "write" : ev_is_active(&sd->rio) ? "read" : "(no watcher)",
+	         unread, unsent);
+}
+
 static void
 tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -1161,8 +1185,10 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop; (void)revents;
 	if (ts == NULL)
 		return;
-	if (ts->st == TLS_ST_UPSTREAM)
+	if (ts->st == TLS_ST_UPSTREAM) {
+		tls_upstream_stuck_log(ts);
 		tls_upstream_failed(ts, "upstream handshake failed: timed out");
+	}
 	else if (ts->st == TLS_ST_CONNECT)
 		tls_connect_failed(ts, "connect timed out");
 	else if (ts->st == TLS_ST_PEEK)

@@ -584,6 +584,9 @@ def test_upstream_handshake_timeout_alerts_the_client(capd):
         assert 0.25 < time.time() - t < 5  # tls_timeout
         s = last_closed(capd)[-1]
         assert s["reason"] == "upstream handshake failed: timed out", s
+        # the log tells a silent server from a wake-up capd missed (bytes waiting unread)
+        assert (f"session {s['id']}: upstream handshake timed out at 'SSLv3/TLS write client hello', "
+                "capd waiting to read, 0 bytes unread") in capd.log(), capd.log()[-2000:]
         inst = [i for i in capd.ctl("list", json_out=True) if i["name"] == f"forward-{port}"][0]
         assert inst["tls_timeout"] == 0.3
     finally:
