@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -339,6 +340,34 @@ class Listener:
 
     def close(self):
         stop_and_close(self.sock, self.thread)
+
+
+class TlsServer(Listener):
+    """A test's TLS server (Python ssl, the given certificate): each connection on a
+    thread of its own, its TLS socket handed to talk(t); a failed handshake or I/O
+    (timeout: self.timeout) just closes it. A subclass sets its own attributes before
+    calling this __init__."""
+
+    timeout = 10
+
+    def __init__(self, cert, key):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        c.settimeout(self.timeout)
+        try:
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                self.talk(t)
+        except (OSError, ssl.SSLError):
+            c.close()
+
+    def talk(self, t):
+        raise NotImplementedError
 
 
 class EchoServer(Listener):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import CAPD, Listener, apart, check_pcap_clean, follow_session, free_port
+from conftest import CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port
 from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
@@ -486,35 +486,26 @@ def test_absolute_https_form_on_a_plain_connection_is_misdirected(capd_factory, 
     assert all(s["reason"].startswith("421 Misdirected Request: ") for s in ss), ss
 
 
-class TlsRecordingOrigin(Listener):
+class TlsRecordingOrigin(TlsServer):
     """A TLS origin (Python ssl, a self-signed certificate) that records each request head
     and answers it with a close-delimited "hello"."""
 
+    timeout = 5
+
     def __init__(self, d):
         import test_tls
-        cert, key = test_tls.make_cert(d, "rec-origin", "/CN=rec-origin")
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
         self.heads = []
-        super().__init__()
+        super().__init__(*test_tls.make_cert(d, "rec-origin", "/CN=rec-origin"))
 
-    def handle(self, c, peer):
-        apart(self.serve, c)
-
-    def serve(self, c):
-        c.settimeout(5)
-        try:
-            with self.ctx.wrap_socket(c, server_side=True) as t:
-                got = b""
-                while b"\r\n\r\n" not in got:
-                    d = t.recv(65536)
-                    if not d:
-                        return
-                    got += d
-                self.heads.append(got.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
-                t.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello")
-        except (OSError, ssl.SSLError):
-            c.close()
+    def talk(self, t):
+        got = b""
+        while b"\r\n\r\n" not in got:
+            d = t.recv(65536)
+            if not d:
+                return
+            got += d
+        self.heads.append(got.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        t.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello")
 
 
 def test_reverse_tls_absolute_https_form(capd, tmp_path):

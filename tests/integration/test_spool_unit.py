@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Capd, EchoServer, Listener, exchange, apart, check_pcap_clean, follow_session, follow_tcp,
+from conftest import (Capd, EchoServer, Listener, TlsServer, exchange, apart, check_pcap_clean, follow_session, follow_tcp,
                       follow_tcp_many, free_port, sh, tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
@@ -786,27 +786,17 @@ def pcapng_blocks(path):
     return out
 
 
-class TlsEcho(Listener):
+class TlsEcho(TlsServer):
     """A TLS server that answers each line with the same line."""
 
     def __init__(self, d):
         cert, key = d / "echo.pem", d / "echo.key"
         sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
            "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=echo.example.test")
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        super().__init__()
+        super().__init__(cert, key)
 
-    def handle(self, c, peer):
-        apart(self.serve, c)
-
-    def serve(self, c):
-        c.settimeout(10)
-        try:
-            with self.ctx.wrap_socket(c, server_side=True) as t:
-                t.sendall(t.recv(100))
-        except (OSError, ssl.SSLError):
-            c.close()
+    def talk(self, t):
+        t.sendall(t.recv(100))
 
 
 def test_keys_of_dropped_sessions_are_bounded(capd_factory, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, Listener, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
+from conftest import CAPCTL, CAPD, EchoServer, Listener, TlsServer, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -2039,29 +2039,19 @@ def test_forward_hello_waiting_at_the_accept(capd, tmp_path):
         srv.close()
 
 
-class SniRecorder(Listener):
+class SniRecorder(TlsServer):
     """A TLS server (the given certificate) that records the SNI of each handshake
     (None: none) and answers RESPONSE to a request."""
 
     def __init__(self, cert, key):
         self.snis = []
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
+        super().__init__(cert, key)
         self.ctx.sni_callback = lambda sock, name, ctx: self.snis.append(name)
-        super().__init__()
 
-    def handle(self, c, peer):
-        apart(self.serve, c)
-
-    def serve(self, c):
-        c.settimeout(10)
-        try:
-            with self.ctx.wrap_socket(c, server_side=True) as t:
-                t.recv(65536)
-                t.sendall(RESPONSE)
-                t.unwrap()
-        except (OSError, ssl.SSLError):
-            c.close()
+    def talk(self, t):
+        t.recv(65536)
+        t.sendall(RESPONSE)
+        t.unwrap()
 
 
 def test_client_without_sni_server_asked_for_the_target_name(capd, tmp_path):
