@@ -938,3 +938,42 @@ def test_bash_completion_of_timeout():
     assert "--timeout" in complete(["capctl", "--t"])
     assert "add" in complete(["capctl", "--timeout", "5", "a"])
     assert complete(["capctl", "--timeout", ""]) == []
+
+
+def test_readme_first_capture_runs_on_the_dev_config(tmp_path, netns):
+    """README's "A first capture", typed into a second shell while `tools/dev run`
+    runs capd on conf/capd-dev.conf, has every command succeed and ends with the
+    request in the file. It used to add a forwarder on 4444, the port the dev
+    config's own forwarder holds: "capctl: port 4444 is in use". Run in a
+    namespace of its own, since the README's ports are fixed."""
+    text = ROOT.joinpath("README.md").read_text().split("## A first capture", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "conf").mkdir()
+    shutil.copy(ROOT / "conf" / "capd-dev.conf", tmp_path / "conf")
+    (tmp_path / "build").mkdir()
+    os.symlink(CAPCTL, tmp_path / "build" / "capctl")
+    log = open(tmp_path / "capd.log", "wb")
+    capd = subprocess.Popen(["ip", "netns", "exec", netns, str(CAPD), "-c", str(tmp_path / "conf" / "capd-dev.conf")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sock = tmp_path / "build" / "dev" / "capd.sock"
+        deadline = time.time() + 10
+        while not sock.exists() and time.time() < deadline and capd.poll() is None:
+            time.sleep(0.05)
+        assert sock.exists(), (tmp_path / "capd.log").read_text()
+        lines = []
+        for line in block.splitlines():
+            lines.append(line)
+            if "http.server 8000" in line:  # a person types slower than the server starts
+                lines.append("for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; "
+                             "sleep 0.1; done")
+        script = "set -e\ntrap 'kill $(jobs -p) 2>/dev/null' EXIT\n" + "\n".join(lines) + "\n"
+        r = subprocess.run(["ip", "netns", "exec", netns, "bash", "-c", script], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "capctl:" not in r.stderr, r.stderr
+        assert "GET / HTTP/1.1" in r.stdout and "Host: 127.0.0.1:4445" in r.stdout, r.stdout
+    finally:
+        capd.terminate()
+        assert capd.wait(timeout=20) == 0, (tmp_path / "capd.log").read_text()
+        log.close()
