@@ -72,7 +72,8 @@ def test_spool_writer_runs_ahead_of_session_threads(capd_factory):
     capd = capd_factory(settings="workers = 2")
     nice = thread_nice(capd.proc.pid)
     assert nice["capd-spool"] == -5, nice
-    assert nice["capd-worker-1"] == nice["capd-worker-2"] == nice["capd-reaper"] == 0, nice
+    # capd's own nice, whatever the suite runs at (`nice tools/dev test`)
+    assert nice["capd-worker-1"] == nice["capd-worker-2"] == nice["capd-reaper"] == nice["capd"], nice
     policy = thread_policy(capd.proc.pid)
     assert policy["capd-spool"] == policy["capd-reaper"] == os.SCHED_BATCH, policy
     assert policy["capd-worker-1"] == policy["capd-worker-2"] == os.SCHED_OTHER, policy
