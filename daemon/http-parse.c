@@ -150,6 +150,7 @@ http_list_each(const char *v, size_t n, bool (*fn)(void *arg, const char *e, siz
 
 struct http_conn_scan {
 	struct http_msg *m;
+	bool proxy;        /* a Proxy-Connection line: its tokens go to pconn_* */
 	const char *name;  /* http_hop_by_hop: the name looked for */
 	size_t len;
 	bool found;
@@ -165,6 +166,13 @@ http_conn_token(void *arg, const char *e, size_t len)
 			cs->found = true;
 			return false;
 		}
+		return true;
+	}
+	if (cs->proxy) {
+		if (http_token_eq(e, len, "close"))
+			cs->m->pconn_close = true;
+		else if (http_token_eq(e, len, "keep-alive"))
+			cs->m->pconn_keepalive = true;
 		return true;
 	}
 	if (http_token_eq(e, len, "close"))
@@ -380,7 +388,7 @@ http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg 
 	return PARSE_OK;
 }
 
-/* Connection, Content-Length, Transfer-Encoding, Host, Expect, Upgrade. */
+/* Connection, Proxy-Connection, Content-Length, Transfer-Encoding, Host, Expect, Upgrade. */
 static enum parse
 http_semantics(struct http_msg *m, bool request)
 {
@@ -403,6 +411,10 @@ http_semantics(struct http_msg *m, bool request)
 			http_list_each(h->value, h->value_len, http_te_elem, &te);
 		} else if (http_token_eq(name, nl, "connection")) {
 			struct http_conn_scan cs = { .m = m };
+			m->conn_line = true;
+			http_list_each(h->value, h->value_len, http_conn_token, &cs);
+		} else if (http_token_eq(name, nl, "proxy-connection")) {
+			struct http_conn_scan cs = { .m = m, .proxy = true };
 			http_list_each(h->value, h->value_len, http_conn_token, &cs);
 		} else if (http_token_eq(name, nl, "host")) {
 			hosts++;

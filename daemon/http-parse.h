@@ -63,6 +63,9 @@ struct http_msg {
 	uint64_t length;               /* HTTP_BODY_LENGTH */
 	bool conn_close;               /* Connection: close */
 	bool conn_keepalive;           /* Connection: keep-alive */
+	bool conn_line;                /* a Connection line came (even an empty one) */
+	bool pconn_close;              /* Proxy-Connection: close (not standard; what the */
+	bool pconn_keepalive;          /* ... keep-alive; HTTP/1.0 clients of a proxy send) */
 	bool conn_upgrade;             /* Connection: upgrade (and an Upgrade header) */
 	bool expect_continue;          /* Expect: 100-continue */
 	int host;                      /* index of the Host header, -1 when none */

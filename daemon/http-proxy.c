@@ -62,6 +62,7 @@ struct http_conn {
 	bool req_expect;            /* its body waits for the upstream's 100 Continue (nothing of it came yet) */
 	int req_minor;
 	bool client_keep;           /* the client connection outlives this response */
+	bool client_pconn;          /* it asked so with Proxy-Connection, which the answer repeats */
 	bool upstream_keep;         /* the upstream may carry the next request */
 	bool upstream_gone;         /* it will not: the next request moves the client on */
 	const char *gone_why;       /* why, when it did not just close (static text), or NULL */
@@ -563,10 +564,15 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 	}
 	if (upgrade)
 		buf_append(b, "Connection: Upgrade\r\n", 21);
-	else if (m->status >= 200 && !hc->client_keep)
-		buf_append(b, "Connection: close\r\n", 19);
-	else if (m->status >= 200 && hc->req_minor == 0)
-		buf_append(b, "Connection: keep-alive\r\n", 24);
+	else if (m->status >= 200 && (!hc->client_keep || hc->req_minor == 0 || hc->client_pconn)) {
+		const char *v = hc->client_keep ? "keep-alive" : "close";
+
+		/* a 1.0 client needs keep-alive said; one that asked in
+		 * Proxy-Connection may look only there (old browsers, wget) */
+		buf_printf(b, "Connection: %s\r\n", v);
+		if (hc->client_pconn)
+			buf_printf(b, "Proxy-Connection: %s\r\n", v);
+	}
 	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
 }
 
@@ -845,6 +851,29 @@ http_next(struct session *s)
 	return RELAY_PASS;
 }
 
+/* Whether the client wants its connection kept after this exchange: an
+ * HTTP/1.1 one unless it says close, an HTTP/1.0 one only if it says
+ * keep-alive (RFC 9112 9.3, RFC 7230 A.1.2). A client of a forward proxy
+ * says so in Proxy-Connection (curl --http1.0, wget), which is not standard
+ * but which squid and tinyproxy honour: without a Connection line, capd
+ * takes its close or keep-alive, and its answer says Proxy-Connection too.
+ * Neither line goes upstream (http_hop_by_hop); the response may still end
+ * the connection (http_down_head). */
+static void
+http_client_keep(struct session *s, const struct http_msg *m)
+{
+	struct http_conn *hc = s->proto_state;
+	const struct http_cfg *cfg = s->inst->cfg;
+	bool close = m->conn_close, keepalive = m->conn_keepalive;
+
+	hc->client_pconn = !cfg->reverse && !m->conn_line && (m->pconn_close || m->pconn_keepalive);
+	if (hc->client_pconn) {
+		close = m->pconn_close;
+		keepalive = m->pconn_keepalive;
+	}
+	hc->client_keep = m->minor == 1 ? !close : keepalive && !close;
+}
+
 static enum relay_verdict
 http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 {
@@ -900,7 +929,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	hc->req_upgrade = m->conn_upgrade;
 	hc->req_expect = m->expect_continue && m->minor == 1;
 	hc->req_minor = m->minor;
-	hc->client_keep = m->minor == 1 ? !m->conn_close : m->conn_keepalive && !m->conn_close;
+	http_client_keep(s, m);
 	hc->req_done = http_body_done(&hc->up_body);
 	hc->resp_done = false;
 	hc->up = hc->req_done ? UP_WAIT : UP_BODY;

@@ -1763,3 +1763,41 @@ def test_chunk_size_with_whitespace_before_its_crlf(capd):
         assert status_of(reply) == 200, reply
     finally:
         o.close()
+
+
+def test_http10_proxy_connection_keep_alive(capd, origin):
+    """Regression: an HTTP/1.0 client of a proxy asks for keep-alive in
+    Proxy-Connection (curl --http1.0 sends only that line), which capd ignored:
+    each response said Connection: close. As squid does, capd keeps the client
+    connection when the response is delimited and says so in both lines; neither
+    goes upstream, and a response without a length still ends with close."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    r = curl("-v", "--http1.0", "-x", f"http://127.0.0.1:{port}", f"{u}/one", f"{u}/status/304", f"{u}/two")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from a /one\nhello from a /two\n"
+    assert b"> Proxy-Connection: Keep-Alive" in r.stderr
+    assert r.stderr.count(b"Re-using existing connection") == 2, r.stderr
+    assert r.stderr.count(b"< Proxy-Connection: keep-alive") == 3
+    assert r.stderr.count(b"< Connection: keep-alive") == 3
+    for req in origin.requests[-3:]:
+        assert req["line"].endswith(" HTTP/1.0")
+        assert "Proxy-Connection" not in req["headers"] and "Connection" not in req["headers"]
+    # close wins over Proxy-Connection; a close-delimited body ends the connection
+    reply = raw(port, f"GET {u}/x HTTP/1.0\r\nConnection: close\r\nProxy-Connection: keep-alive\r\n\r\n".encode())
+    assert b"Connection: close\r\n" in reply and b"Proxy-Connection" not in reply
+    reply = raw(port, f"GET {u}/close HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n".encode())
+    assert b"Connection: close\r\nProxy-Connection: close\r\n" in reply
+    assert reply.endswith(b"until the close " * 100)
+    # the capture has both exchanges of the kept connection, as sent and as received
+    ss = closed_sessions(capd, 5)
+    kept = [x for x in ss if x["instance"] == "h"][:3]
+    assert len({x["client"] for x in kept}) == 1
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    for x, path, body in zip(kept, ("/one", "/status/304", "/two"), (b"hello from a /one\n", b"", b"hello from a /two\n")):
+        _, up, down = follow_session(pcap, x["id"])
+        assert up.startswith(f"GET {path} HTTP/1.0\r\n".encode()) and b"Connection" not in up
+        assert len(up) == x["bytes_up"] and len(down) == x["bytes_down"]
+        assert down.endswith(b"\r\n\r\n" + body)
+    check_pcap_clean(pcap)

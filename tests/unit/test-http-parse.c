@@ -265,6 +265,9 @@ test_connection(void **state)
 	                 PARSE_OK);
 	assert_true(m.conn_keepalive);
 	assert_false(m.conn_close);
+	assert_true(m.conn_line);
+	assert_true(m.pconn_keepalive);
+	assert_false(m.pconn_close);
 	assert_true(http_hop_by_hop(&m, "X-Secret", 8));
 	assert_true(http_hop_by_hop(&m, "connection", 10));
 	assert_true(http_hop_by_hop(&m, "Proxy-Connection", 16));
@@ -284,6 +287,17 @@ test_connection(void **state)
 	assert_false(http_hop_by_hop(&m, "Host", 4));
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"), PARSE_OK);
 	assert_true(m.conn_close);
+	/* Proxy-Connection (curl --http1.0, wget) is told apart from Connection */
+	assert_int_equal(req("GET http://a/ HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n"), PARSE_OK);
+	assert_true(m.pconn_keepalive);
+	assert_false(m.conn_keepalive);
+	assert_false(m.conn_line);
+	assert_int_equal(req("GET http://a/ HTTP/1.1\r\nHost: a\r\nProxy-Connection: x, close\r\nConnection:\r\n\r\n"),
+	                 PARSE_OK);
+	assert_true(m.pconn_close);
+	assert_false(m.pconn_keepalive);
+	assert_false(m.conn_close);
+	assert_true(m.conn_line);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), PARSE_OK);
 	assert_true(m.conn_upgrade);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\r\n"), PARSE_OK);
@@ -296,6 +310,8 @@ test_connection(void **state)
 	assert_int_equal(resp("HTTP/1.0 200 OK\r\n\r\n", false), PARSE_OK);
 	assert_false(m.conn_keepalive);
 	assert_false(m.conn_close);
+	assert_false(m.conn_line);
+	assert_false(m.pconn_keepalive);
 	assert_false(m.expect_continue);
 	assert_int_equal(m.length, 0);
 	assert_int_equal(m.host, -1);
