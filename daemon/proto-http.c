@@ -63,6 +63,11 @@ http_fwd_port_ok(const struct http_cfg *cfg, uint16_t port)
 	return false;
 }
 
+/* A URL's user:password@ is refused (RFC 9110 4.2.4: a recipient should
+ * treat it as an error, it hides the host from a reader); clients put
+ * credentials in Authorization, as curl does with such a URL. */
+#define HTTP_FWD_USERINFO "userinfo (user@) in the URL; send credentials in Authorization"
+
 static int
 http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *t, const char **why)
 {
@@ -71,7 +76,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 
 	if (http_method_is(m, "CONNECT")) {
 		if (http_authority(m->target, m->target_len, t) != 1) {
-			*why = "CONNECT needs host:port";
+			*why = memchr(m->target, '@', m->target_len) ? HTTP_FWD_USERINFO : "CONNECT needs host:port";
 			return 400;
 		}
 		t->connect = true;
@@ -92,7 +97,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 			return 400;
 		}
 		if (http_authority(m->target + 7, i - 7, t) < 0) {
-			*why = "bad host in the URL";
+			*why = memchr(m->target + 7, '@', i - 7) ? HTTP_FWD_USERINFO : "bad host in the URL";
 			return 400;
 		}
 		t->authority = m->target + 7;

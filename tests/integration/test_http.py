@@ -1801,3 +1801,26 @@ def test_http10_proxy_connection_keep_alive(capd, origin):
         assert len(up) == x["bytes_up"] and len(down) == x["bytes_down"]
         assert down.endswith(b"\r\n\r\n" + body)
     check_pcap_clean(pcap)
+
+
+@pytest.mark.parametrize("request_line", [
+    "GET http://user:pw@127.0.0.1:{port}/x HTTP/1.1",
+    "GET http://@127.0.0.1:{port}/x HTTP/1.1",
+    "CONNECT user@127.0.0.1:{port} HTTP/1.1",
+])
+def test_userinfo_in_the_url_is_refused_saying_so(capd, origin, request_line):
+    """Regression: a URL with user:password@ (RFC 9110 4.2.4 says to treat it as an
+    error) got 400 "bad host in the URL" (CONNECT: "CONNECT needs host:port"),
+    which names the wrong part; the reply and the session's reason now say
+    userinfo. curl itself moves such credentials into Authorization."""
+    port = add_http(capd)
+    line = request_line.format(port=origin.port)
+    reply = raw(port, f"{line}\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+    assert status_of(reply) == 400
+    assert b"userinfo (user@) in the URL" in reply
+    s = closed_sessions(capd, 1)[0]
+    assert "userinfo" in s["reason"]
+    assert not origin.requests
+    r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://u:p@127.0.0.1:{origin.port}/y")
+    assert r.returncode == 0 and b"> Authorization: Basic dTpw" in r.stderr
+    assert origin.requests[-1]["headers"]["Authorization"] == "Basic dTpw"
