@@ -1824,3 +1824,22 @@ def test_userinfo_in_the_url_is_refused_saying_so(capd, origin, request_line):
     r = curl("-v", "-x", f"http://127.0.0.1:{port}", f"http://u:p@127.0.0.1:{origin.port}/y")
     assert r.returncode == 0 and b"> Authorization: Basic dTpw" in r.stderr
     assert origin.requests[-1]["headers"]["Authorization"] == "Basic dTpw"
+
+
+def test_proxy_connection_close_ends_an_http11_connection(capd, origin):
+    """Proxy-Connection counts as Connection when there is none (squid's rule):
+    its close ends an HTTP/1.1 client's connection too, and the answer says so
+    in both lines; a Connection line, even one without close, wins over it."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {u}/a HTTP/1.1\r\nHost: x\r\nProxy-Connection: close\r\n\r\n".encode())
+        reply = read_all(s, timeout=10)   # ends with capd's close, not the timeout
+    assert reply.endswith(b"hello from a /a\n")
+    assert b"Connection: close\r\nProxy-Connection: close\r\n" in reply
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {u}/b HTTP/1.1\r\nHost: x\r\nConnection: te\r\nProxy-Connection: close\r\n\r\n".encode())
+        reply = read_all(s, until=b"hello from a /b\n")
+        assert b"Connection:" not in reply
+        s.sendall(f"GET {u}/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert read_all(s).endswith(b"hello from a /c\n")
