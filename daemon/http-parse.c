@@ -31,7 +31,9 @@ http_ctype_fill(void)
 			t |= C_TCHAR;
 		if ((c >= 0x21 && c <= 0x7e) || c == ' ' || c == '\t' || c >= 0x80)
 			t |= C_VCHAR;
-		if (c >= 0x21 && c <= 0x7e)
+		/* obs-text too: curl sends a URL's UTF-8 raw, and nginx, squid
+		 * (relaxed_header_parser) and origins take it; it goes on as it came */
+		if ((c >= 0x21 && c <= 0x7e) || c >= 0x80)
 			t |= C_TARGET;
 		if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))
 			t |= C_HEX;

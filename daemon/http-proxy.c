@@ -301,14 +301,32 @@ http_route_request(struct session *s, const uint8_t *p, size_t n, struct http_ta
 	return PARSE_OK;
 }
 
+/* The session's note: its first request line, the target cut at
+ * HTTP_NOTE_MAX bytes, and the proxy user. A target's bytes past ASCII
+ * (raw UTF-8 from curl, or Latin-1) are written %XX, as a browser sends
+ * them: the note goes into JSON, which takes valid UTF-8 only. */
 static void
 http_note(struct session *s, const struct http_msg *m, const struct http_target *t)
 {
+	size_t n = m->target_len < HTTP_NOTE_MAX ? m->target_len : HTTP_NOTE_MAX;
+	struct buf b = { 0 };
+
 	if (s->note)
 		return;
-	s->note = xasprintf("%.*s %.*s%s%s", (int)m->method_len, m->method,
-	                    (int)(m->target_len < HTTP_NOTE_MAX ? m->target_len : HTTP_NOTE_MAX), m->target,
-	                    t->user ? " user=" : "", t->user ? t->user : "");
+	buf_append(&b, m->method, m->method_len);
+	buf_append(&b, " ", 1);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)m->target[i];
+
+		if (c >= 0x80)
+			buf_printf(&b, "%%%02X", c);
+		else
+			buf_append(&b, &m->target[i], 1);
+	}
+	if (t->user)
+		buf_printf(&b, " user=%s", t->user);
+	s->note = xstrndup((const char *)buf_head(&b), buf_used(&b));
+	buf_free(&b);
 }
 
 static bool

@@ -1843,3 +1843,28 @@ def test_proxy_connection_close_ends_an_http11_connection(capd, origin):
         assert b"Connection:" not in reply
         s.sendall(f"GET {u}/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         assert read_all(s).endswith(b"hello from a /c\n")
+
+
+def test_raw_utf8_in_the_target_goes_through(capd, origin):
+    """Regression: curl sends a URL's non-ASCII bytes raw (curl -x ... http://h/café),
+    and nginx, squid (relaxed_header_parser) and the origin take them, but capd
+    answered 400 "bad request target". The target goes on as it came; the
+    session's note, which goes into JSON, has those bytes as %XX (a lone Latin-1
+    byte is no UTF-8)."""
+    port = add_http(capd)
+    r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/café")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from a /café\n".encode().decode("latin-1").encode()   # the origin read it as Latin-1
+    reply = raw(port, f"GET http://127.0.0.1:{origin.port}/x?q=".encode() + b"\xe9 HTTP/1.1\r\nHost: x\r\n"
+                b"Connection: close\r\n\r\n")
+    assert status_of(reply) == 200
+    assert origin.requests[-1]["line"] == "GET /x?q=\xe9 HTTP/1.1"
+    ss = closed_sessions(capd, 2)
+    notes = sorted(s["note"] for s in ss if s["instance"] == "h")
+    assert notes == [f"GET http://127.0.0.1:{origin.port}/caf%C3%A9", f"GET http://127.0.0.1:{origin.port}/x?q=%E9"]
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    sid = next(s["id"] for s in ss if s["instance"] == "h" and s["note"].endswith("%E9"))
+    _, up, _ = follow_session(pcap, sid)
+    assert up.startswith(b"GET /x?q=\xe9 HTTP/1.1\r\n")
+    check_pcap_clean(pcap)

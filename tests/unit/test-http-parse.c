@@ -62,6 +62,10 @@ test_request_line(void **state)
 	expect_err("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400);
 	expect_err("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	expect_err("GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400);
+	/* obs-text in the target, as curl sends a URL's UTF-8 */
+	assert_int_equal(req("GET /caf\xc3\xa9?\xe9 HTTP/1.1\r\nHost: a\r\n\r\n"), PARSE_OK);
+	assert_int_equal(m.target_len, 8);
 	expect_err("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
 	expect_err("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505);
 	/* a higher minor version is 1.1 (RFC 9110 2.5), Host and all */
