@@ -63,10 +63,24 @@ http_fwd_port_ok(const struct http_cfg *cfg, uint16_t port)
 	return false;
 }
 
-/* A URL's user:password@ is refused (RFC 9110 4.2.4: a recipient should
- * treat it as an error, it hides the host from a reader); clients put
- * credentials in Authorization, as curl does with such a URL. */
-#define HTTP_FWD_USERINFO "userinfo (user@) in the URL; send credentials in Authorization"
+/* Why the authority a (a CONNECT's, or an http URL's) did not parse, when
+ * a plainer reason than why fits: a URL's user:password@ (RFC 9110 4.2.4:
+ * a recipient should treat it as an error, it hides the host from a
+ * reader; clients put credentials in Authorization, as curl does with such
+ * a URL), or an IPv6 address without its brackets (Python 3.11's
+ * http.client tunnels with "CONNECT ::1:443"; squid refuses it too). */
+static const char *
+http_fwd_bad_authority(const char *a, size_t n, const char *why)
+{
+	const char *colon;
+
+	if (memchr(a, '@', n))
+		return "userinfo (user@) in the URL; send credentials in Authorization";
+	if (n > 0 && a[0] != '[' && (colon = memchr(a, ':', n)) != NULL &&
+	    memchr(colon + 1, ':', n - (size_t)(colon + 1 - a)) != NULL)
+		return "an IPv6 address needs brackets: [address]:port";
+	return why;
+}
 
 static int
 http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *t, const char **why)
@@ -76,7 +90,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 
 	if (http_method_is(m, "CONNECT")) {
 		if (http_authority(m->target, m->target_len, t) != 1) {
-			*why = memchr(m->target, '@', m->target_len) ? HTTP_FWD_USERINFO : "CONNECT needs host:port";
+			*why = http_fwd_bad_authority(m->target, m->target_len, "CONNECT needs host:port");
 			return 400;
 		}
 		t->connect = true;
@@ -97,7 +111,7 @@ http_fwd_route(struct session *s, const struct http_msg *m, struct http_target *
 			return 400;
 		}
 		if (http_authority(m->target + 7, i - 7, t) < 0) {
-			*why = memchr(m->target + 7, '@', i - 7) ? HTTP_FWD_USERINFO : "bad host in the URL";
+			*why = http_fwd_bad_authority(m->target + 7, i - 7, "bad host in the URL");
 			return 400;
 		}
 		t->authority = m->target + 7;

@@ -1868,3 +1868,18 @@ def test_raw_utf8_in_the_target_goes_through(capd, origin):
     _, up, _ = follow_session(pcap, sid)
     assert up.startswith(b"GET /x?q=\xe9 HTTP/1.1\r\n")
     check_pcap_clean(pcap)
+
+
+def test_ipv6_without_brackets_is_refused_saying_so(capd):
+    """Python 3.11's http.client tunnels to an IPv6 address with `CONNECT ::1:443`
+    (no brackets, which RFC 3986 requires; squid refuses it too): the 400 said
+    "CONNECT needs host:port", though a port was there. It now names the brackets;
+    so does a URL's `http://::1:80/`."""
+    port = add_http(capd, "--connect-ports", "*")
+    # what http.client sends (a newer Python may bracket it: the bytes, not the library)
+    for req in (b"CONNECT ::1:443 HTTP/1.0\r\n\r\n", b"GET http://::1:80/ HTTP/1.1\r\nHost: x\r\n\r\n"):
+        reply = raw(port, req)
+        assert status_of(reply) == 400 and b"an IPv6 address needs brackets: [address]:port" in reply, reply
+    ss = closed_sessions(capd, 2)
+    assert [s["reason"] for s in ss if s["instance"] == "h"] == \
+        ["400 Bad Request: an IPv6 address needs brackets: [address]:port"] * 2
