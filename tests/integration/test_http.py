@@ -1883,3 +1883,59 @@ def test_ipv6_without_brackets_is_refused_saying_so(capd):
     ss = closed_sessions(capd, 2)
     assert [s["reason"] for s in ss if s["instance"] == "h"] == \
         ["400 Bad Request: an IPv6 address needs brackets: [address]:port"] * 2
+
+
+JAVA_HTTP_SRC = """
+import java.io.*;
+import java.net.*;
+
+public class ProxyGet {
+    public static void main(String[] a) throws Exception {
+        Authenticator.setDefault(new Authenticator() {
+            protected PasswordAuthentication getPasswordAuthentication() {
+                return new PasswordAuthentication("jim", "pw".toCharArray());
+            }
+        });
+        for (String u : a) {
+            HttpURLConnection c = (HttpURLConnection) new URL(u).openConnection();
+            if (u.endsWith("/echo")) {
+                c.setDoOutput(true);
+                c.setFixedLengthStreamingMode(5000);
+                try (OutputStream o = c.getOutputStream()) { o.write(new byte[5000]); }
+            }
+            int code = c.getResponseCode();
+            byte[] b;
+            try (InputStream in = c.getInputStream()) { b = in.readAllBytes(); }
+            System.out.println(code + " " + b.length);
+        }
+    }
+}
+"""
+
+
+def test_java_httpurlconnection_keeps_its_proxy_connection(capd, origin, tmp_path):
+    """java.net.HttpURLConnection with -Dhttp.proxyHost: it sends Proxy-Connection:
+    keep-alive and reads the answer's Proxy-Connection first; after the 407 its
+    Authenticator answers, and every request then goes on one client connection
+    (sessions share the client address), a POST included."""
+    port = add_http(capd, "--auth", "jim:pw")
+    jdir = tmp_path / "java"
+    jdir.mkdir()
+    (jdir / "ProxyGet.java").write_text(JAVA_HTTP_SRC)
+    r = subprocess.run(["javac", "ProxyGet.java"], cwd=jdir, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    u = f"http://127.0.0.1:{origin.port}"
+    r = subprocess.run(["java", "-Dhttp.proxyHost=127.0.0.1", f"-Dhttp.proxyPort={port}", "-Dhttp.nonProxyHosts=",
+                        "-cp", str(jdir), "ProxyGet", f"{u}/one", f"{u}/two", f"{u}/echo", f"{u}/three"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:4] == ["200 18", "200 18", "200 5000", "200 20"]
+    assert [q["line"] for q in origin.requests] == ["GET /one HTTP/1.1", "GET /two HTTP/1.1", "POST /echo HTTP/1.1",
+                                                   "GET /three HTTP/1.1"]
+    assert all("Proxy-Authorization" not in q["headers"] for q in origin.requests)
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == "h" and s["state"] == "closed"]) >= 2)
+    h = [s for s in ss if s["instance"] == "h"]
+    refused = [s for s in h if s["reason"].startswith("407 ")]
+    served = [s for s in h if s["bytes_up"] > 0]
+    assert len(refused) == 1, h
+    assert len(served) == 1 and served[0]["note"] == f"GET {u}/one user=jim", h   # one upstream connection for all
