@@ -586,7 +586,7 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 		const char *v = hc->client_keep ? "keep-alive" : "close";
 
 		/* a 1.0 client needs keep-alive said; one that asked in
-		 * Proxy-Connection may look only there (old browsers, wget) */
+		 * Proxy-Connection may read that line first (Java does) */
 		buf_printf(b, "Connection: %s\r\n", v);
 		if (hc->client_pconn)
 			buf_printf(b, "Proxy-Connection: %s\r\n", v);
@@ -872,7 +872,7 @@ http_next(struct session *s)
 /* Whether the client wants its connection kept after this exchange: an
  * HTTP/1.1 one unless it says close, an HTTP/1.0 one only if it says
  * keep-alive (RFC 9112 9.3, RFC 7230 A.1.2). A client of a forward proxy
- * says so in Proxy-Connection (curl --http1.0, wget), which is not standard
+ * may say so in Proxy-Connection alone (curl --http1.0), which is not standard
  * but which squid and tinyproxy honour: without a Connection line, capd
  * takes its close or keep-alive, and its answer says Proxy-Connection too.
  * Neither line goes upstream (http_hop_by_hop); the response may still end
