@@ -14,7 +14,7 @@
 /* character classes */
 #define C_TCHAR 0x01   /* token */
 #define C_VCHAR 0x02   /* visible, SP, HTAB and obs-text: field values, reasons */
-#define C_TARGET 0x04  /* request-target: visible ASCII */
+#define C_TARGET 0x04  /* request-target: visible ASCII and obs-text */
 #define C_HEX 0x08
 
 static uint8_t http_ctype[256];
