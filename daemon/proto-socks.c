@@ -612,6 +612,10 @@ socks_request(struct session *s, const struct socks_req *r)
 	switch (r->cmd) {
 	case SOCKS_CMD_CONNECT:
 		sk->stage = SOCKS_ST_CONNECTING;
+		/* the client's part is done: the connect runs on its own clock
+		 * (connect_timeout, where 0 sets none), not on what is left of
+		 * handshake_timeout, which would end it with 0x06 regardless */
+		session_set_deadline(s, 0);
 		if (r->atyp == SOCKS_ATYP_NAME)
 			session_connect(s, r->host, r->port);
 		else

@@ -1314,3 +1314,54 @@ def test_two_loose_udp_associations_from_one_host(capd):
             ub.recv(100)
     finally:
         echo.close()
+
+
+def test_connect_timeout_0_is_not_cut_by_the_handshake_timeout(capd):
+    """connect_timeout = 0 sets no limit of capd's own on a connect, yet a
+    CONNECT still ran on what was left of handshake_timeout: curl through an
+    instance with handshake_timeout 300ms got 0x06 (reason "connect timed
+    out") at 0.3 s from a server that answered its SYN a second later. The
+    request ends the client's part; the connect has only its own clock."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    # a full accept queue: capd's SYN goes unanswered until it is drained
+    fill = [socket.socket() for _ in range(2)]
+    for f in fill:
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+    time.sleep(0.2)
+    filled = [f.getsockname()[1] for f in fill]
+
+    def serve():
+        time.sleep(0.8)
+        srv.settimeout(15)
+        while True:
+            try:
+                c, peer = srv.accept()
+            except OSError:
+                return
+            if peer[1] in filled:
+                c.close()
+                continue
+            with c:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    d = c.recv(4096)
+                    if not d:
+                        break
+                    head += d
+                c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nslow\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        port = add_socks(capd, "--connect-timeout", "0", "--handshake-timeout", "300ms")
+        r = curl("--socks5", f"127.0.0.1:{port}", f"http://127.0.0.1:{srv.getsockname()[1]}/")
+        assert r.returncode == 0 and r.stdout == b"slow\n", (r.stderr, capd.log()[-1500:])
+        s = last_session(capd, lambda x: x["proto"] == "socks5")
+        assert "timed out" not in s["reason"] and s["bytes_down"] > 0, s
+    finally:
+        srv.close()
+        for f in fill:
+            f.close()
