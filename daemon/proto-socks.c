@@ -707,6 +707,9 @@ socks_input(struct session *s)
 			if (p[0] == 4) {
 				sk->ver = 4;
 				sk->stage = SOCKS_ST_V4;
+				/* a request refused as malformed is listed as SOCKS4 too
+				 * (socks_request says 4a once it parsed) */
+				s->proto = "socks4";
 				continue;
 			}
 			if (p[0] != 5) {
@@ -717,7 +720,12 @@ socks_input(struct session *s)
 			s->proto = "socks5";
 			rv = socks_parse_greeting(p, n, &used, &g);
 			if (rv == PARSE_ERR) {
-				socks_refuse(s, 0, "socks5: bad greeting");
+				/* NMETHODS 0 (the only way a version 5 greeting is
+				 * bad): none of its methods is acceptable, which
+				 * RFC 1928 answers with X'FF', not with silence */
+				session_send(s, (const uint8_t[]){ 5, SOCKS_METHOD_REFUSE }, 2);
+				if (s->state != SESSION_CLOSED)
+					socks_refuse(s, 0, "socks5: bad greeting: no methods offered");
 				return;
 			}
 			if (rv == PARSE_OK) {
@@ -733,7 +741,16 @@ socks_input(struct session *s)
 
 			rv = socks_parse_auth(p, n, &used, &a);
 			if (rv == PARSE_ERR) {
-				socks_refuse(s, 0, "socks5: bad auth message");
+				/* RFC 1929's failure status, as for wrong credentials:
+				 * a client waiting for the status would see only a close */
+				uint8_t ver = p[0];
+				session_send(s, (const uint8_t[]){ 1, 1 }, 2);
+				if (s->state == SESSION_CLOSED)
+					return;
+				if (ver != 1)
+					socks_refuse(s, 0, "socks5: bad auth message: version 0x%02x, not 1", ver);
+				else
+					socks_refuse(s, 0, "socks5: bad auth message: a NUL byte in the user name or password");
 				return;
 			}
 			if (rv == PARSE_OK) {
@@ -753,8 +770,10 @@ socks_input(struct session *s)
 			else
 				rv = socks_parse_v4(p, n, &used, &req);
 			if (rv == PARSE_ERR) {
-				socks_refuse(s, req.rep, "%s: bad request: %s", sk->ver == 5 ? "socks5" : "socks4",
-				             req.why ? req.why : "malformed");
+				/* DSTIP 0.0.0.x, x != 0: a 4a request whose name was bad */
+				if (sk->ver == 4 && n >= 8 && p[4] == 0 && p[5] == 0 && p[6] == 0 && p[7] != 0)
+					s->proto = "socks4a";
+				socks_refuse(s, req.rep, "%s: bad request: %s", s->proto, req.why ? req.why : "malformed");
 				return;
 			}
 			if (rv == PARSE_OK) {

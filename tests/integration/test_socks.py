@@ -1365,3 +1365,35 @@ def test_connect_timeout_0_is_not_cut_by_the_handshake_timeout(capd):
         srv.close()
         for f in fill:
             f.close()
+
+
+def test_malformed_greeting_and_auth_get_their_failure_reply(capd):
+    """A greeting offering no method (NMETHODS 0) and an RFC 1929 message that
+    cannot be one (version other than 1, a NUL inside the name) were answered
+    with a bare close: a client waiting for the method or the status saw only
+    EOF. They now get X'FF' (no acceptable method) and status 1 (failure), and
+    a reason saying which. A bad SOCKS4 or 4a request is listed as such, not
+    as "socks"."""
+    port = add_socks(capd, "--auth", "bob:pw", "--socks4")
+    for data, reply in ((b"\x05\x00", b"\x05\xff"),
+                        (b"\x05\x01\x02\x02\x03bob\x02pw", b"\x05\x02\x01\x01"),
+                        (b"\x05\x01\x02\x01\x03b\x00b\x02pw", b"\x05\x02\x01\x01"),
+                        (b"\x04\x01\x00\x50\x00\x00\x00\x01\x00\x00", b"\x00\x5b" + bytes(6)),
+                        (b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 300, b"\x00\x5b" + bytes(6))):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(data)
+        assert recv_exact(s, len(reply)) == reply, data
+        assert closed_by_peer(s)
+        s.close()
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 5)
+    assert [(s["proto"], s["reason"]) for s in ss] == [
+        ("socks5", "socks5: bad greeting: no methods offered"),
+        ("socks5", "socks5: bad auth message: version 0x02, not 1"),
+        ("socks5", "socks5: bad auth message: a NUL byte in the user name or password"),
+        ("socks4a", "socks4a: bad request: bad host name"),
+        ("socks4", "socks4: bad request: user id too long")], ss
+    for s in ss:
+        assert f"session {s['id']} socks/socks-{port} " in capd.log()
+    # and the instance still serves
+    s = s5_open(port, "bob", "pw")
+    s.close()
