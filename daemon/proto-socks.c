@@ -17,6 +17,7 @@
 
 #include "capd.h"
 #include "instance.h"
+#include "linger.h"
 #include "log.h"
 #include "relay.h"
 #include "resolve.h"
@@ -229,12 +230,29 @@ socks_accepted(struct session *s)
 		session_set_deadline(s, c->hs_timeout);
 }
 
-/* Reads and drops what the client sent but we did not parse, so close() sends FIN, not RST. */
+/*
+ * Closes the client's side after its failure reply, so that the close is a
+ * FIN and not a reset: a client that still sends (data pipelined behind a
+ * request, as with optimistic data, up to a whole upload) would otherwise
+ * get an RST, and its stack may throw the reply away with it. Once the reply
+ * is out the socket lingers (linger.h), read and dropped until the client
+ * closes; a reply still queued leaves only what has come read and dropped.
+ */
 static void
-socks_drain(struct session *s)
+socks_client_done(struct session *s)
 {
 	uint8_t junk[2048];
 
+	if (s->client.fd < 0)
+		return;
+	if (buf_used(&s->hs_out) == 0) {
+		shutdown(s->client.fd, SHUT_WR);
+		ev_io_stop(capd_loop, &s->client.rio);
+		ev_io_stop(capd_loop, &s->client.wio);
+		linger_start(capd_loop, s->client.fd);
+		s->client.fd = -1;
+		return;
+	}
 	for (int i = 0; i < 8; i++)
 		if (recv(s->client.fd, junk, sizeof junk, MSG_DONTWAIT) <= 0)
 			break;
@@ -257,7 +275,7 @@ socks_refuse(struct session *s, uint8_t rep, const char *fmt, ...)
 	else if (rep != 0 && sk->ver == 4)
 		session_send(s, out, socks_reply4(out, SOCKS4_REJECTED, NULL));
 	if (s->state != SESSION_CLOSED) {
-		socks_drain(s);
+		socks_client_done(s);
 		session_close(s, why);
 	}
 }

@@ -1397,3 +1397,45 @@ def test_malformed_greeting_and_auth_get_their_failure_reply(capd):
     # and the instance still serves
     s = s5_open(port, "bob", "pw")
     s.close()
+
+
+def test_refusal_while_the_client_still_sends_is_a_fin_not_a_reset(capd):
+    """A client that sends data behind its request (optimistic data, up to an
+    upload) and is refused (here 0x05, the target port closed): capd sent the
+    reply, read 16 KiB of the rest and closed with more unread, which is an
+    RST; the client read ECONNRESET after the reply, and a stack that drops
+    received data on a reset (Windows') lost the reply too. The socket now
+    lingers after the reply and FIN, reading and dropping, as http does."""
+    port = add_socks(capd)
+    for ver in (5, 4):
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if ver == 5:
+            head, reply = b"\x05\x01\x00\x05\x01\x00" + s5_addr("127.0.0.1", free_port()), b"\x05\x00\x05\x05"
+        else:
+            head = b"\x04\x01" + struct.pack("!H", free_port()) + socket.inet_aton("127.0.0.1") + b"\0"
+            reply = b"\x00\x5b"
+        errors = []
+
+        def send():
+            try:
+                c.sendall(head + os.urandom(1 << 20))
+            except OSError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=send)
+        t.start()
+        got = b""
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                got += d
+        except ConnectionResetError:
+            got += b"<reset>"
+        t.join(15)
+        c.close()
+        assert got.startswith(reply) and not got.endswith(b"<reset>"), (ver, got)
+        assert not errors, (ver, errors)
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 2)
+    assert all("Connection refused" in s["reason"] for s in ss), ss
