@@ -694,6 +694,16 @@ socks_auth(struct session *s, const struct socks_auth *a)
 	session_send(s, out, 2);
 	if (s->state == SESSION_CLOSED)
 		return false;
+	/* RFC 1929 names have 1 to 255 bytes: an empty one (let in without
+	 * users) is no name to note, as a SOCKS4 request's empty user id */
+	if (a->user[0] == '\0') {
+		if (!ok) {
+			socks_refuse(s, 0, "socks5: auth failed for an empty user name");
+			return false;
+		}
+		sk->stage = SOCKS_ST_REQUEST;
+		return true;
+	}
 	sk->user = socks_printable(a->user);
 	if (!ok) {
 		socks_refuse(s, 0, "socks5: auth failed for user %s", sk->user);

@@ -1439,3 +1439,24 @@ def test_refusal_while_the_client_still_sends_is_a_fin_not_a_reset(capd):
         assert not errors, (ver, errors)
     ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 2)
     assert all("Connection refused" in s["reason"] for s in ss), ss
+
+
+def test_empty_user_name_is_not_noted(capd, echo_server):
+    """An RFC 1929 name of 0 bytes (let in by an instance without users) was
+    noted as "user=" with nothing after it, in the session's note and in the
+    log; a failed one read "auth failed for user " and stopped. The note now
+    has no user, as a SOCKS4 request with an empty user id, and the failure
+    says the name was empty."""
+    port = add_socks(capd)
+    s, status = s5_auth_raw(port, b"", b"pw")
+    assert status == 0
+    assert s5_request(s, 1, "127.0.0.1", echo_server.port)[0] == 0
+    s.close()
+    st = last_session(capd)
+    assert st["note"] == f"socks5 connect 127.0.0.1:{echo_server.port}", st
+    auth = add_socks(capd, "--auth", "bob:pw")
+    s, status = s5_auth_raw(auth, b"", b"")
+    assert status == 1 and closed_by_peer(s)
+    s.close()
+    st = last_session(capd, lambda x: x["instance"] == f"socks-{auth}")
+    assert st["reason"] == "socks5: auth failed for an empty user name", st
