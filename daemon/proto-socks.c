@@ -610,6 +610,14 @@ socks_cmd_name(uint8_t cmd)
 	}
 }
 
+/* A request refused before any connect: its TARGET is what it asked for, as
+ * for a request an http instance refused (capctl.1), not empty. */
+static void
+socks_asked(struct session *s, const struct socks_req *r)
+{
+	snprintf(s->target_name, sizeof s->target_name, strchr(r->host, ':') ? "[%s]:%u" : "%s:%u", r->host, r->port);
+}
+
 static void
 socks_request(struct session *s, const struct socks_req *r)
 {
@@ -624,6 +632,7 @@ socks_request(struct session *s, const struct socks_req *r)
 	s->note = xasprintf(fmt, s->proto, socks_cmd_name(r->cmd), r->host, r->port, sk->user ? " user=" : "",
 	                    sk->user ? sk->user : "");
 	if (r->ver == 4 && !c->socks4) {
+		socks_asked(s, r);
 		socks_refuse(s, SOCKS4_REJECTED, "%s: refused: this instance requires SOCKS5 username/password", s->proto);
 		return;
 	}
@@ -649,6 +658,7 @@ socks_request(struct session *s, const struct socks_req *r)
 		}
 		break;
 	}
+	socks_asked(s, r);
 	socks_refuse(s, r->ver == 5 ? SOCKS_REP_CMD : SOCKS4_REJECTED, "%s: command 0x%02x not supported", s->proto,
 	             r->cmd);
 }

@@ -1460,3 +1460,26 @@ def test_empty_user_name_is_not_noted(capd, echo_server):
     s.close()
     st = last_session(capd, lambda x: x["instance"] == f"socks-{auth}")
     assert st["reason"] == "socks5: auth failed for an empty user name", st
+
+
+def test_refused_request_shows_what_it_asked_for(capd):
+    """A request refused before any connect (SOCKS4 on an instance with users,
+    a command capd does not know) had an empty TARGET in capctl sessions, so
+    that only the note told where it wanted to go; a request an http instance
+    refuses shows what it asked for. So does this one now."""
+    port = add_socks(capd, "--auth", "bob:pw")
+    s = s4_request(port, 1, "127.0.0.1", 8080, b"joe")
+    assert recv_exact(s, 8)[1] == 0x5b
+    s.close()
+    s = s5_open(port, "bob", "pw")
+    s.sendall(b"\x05\x09\x00" + s5_addr("::1", 443))
+    assert s5_read_reply(s)[0] == 0x07
+    s.close()
+    s = s5_open(port, "bob", "pw")
+    s.sendall(b"\x05\x09\x00" + s5_addr("example.test", 80))
+    assert s5_read_reply(s)[0] == 0x07
+    s.close()
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 3)
+    assert [s["target"] for s in ss] == ["127.0.0.1:8080", "[::1]:443", "example.test:80"], ss
+    table = capd.ctl("sessions").stdout
+    assert "127.0.0.1:8080" in table and "example.test:80" in table, table
