@@ -391,8 +391,15 @@ socks_bind_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	(void)loop; (void)revents;
 	fd = accept4(b->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		/* the peer came but cannot be taken (no descriptor left): left in
+		 * the backlog it kept the listener readable, and the loop spun
+		 * until connect_timeout said, wrongly, that nobody came */
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+			socks_refuse(s, sk->ver == 5 ? SOCKS_REP_FAIL : SOCKS4_REJECTED, "%s: BIND: cannot accept the peer: %s",
+			             s->proto, strerror(errno));
 		return;
+	}
 	if (!b->any && !addr_is_any((struct sockaddr *)&b->expect)) {
 		char e[ADDR_STRLEN], g[ADDR_STRLEN];
 		addr_format_ip((struct sockaddr *)&b->expect, e, sizeof e);

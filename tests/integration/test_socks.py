@@ -1483,3 +1483,36 @@ def test_refused_request_shows_what_it_asked_for(capd):
     assert [s["target"] for s in ss] == ["127.0.0.1:8080", "[::1]:443", "example.test:80"], ss
     table = capd.ctl("sessions").stdout
     assert "127.0.0.1:8080" in table and "example.test:80" in table, table
+
+
+def test_bind_peer_that_cannot_be_accepted_fails_at_once(capd):
+    """A BIND peer that came while capd had no descriptor left: accept failed
+    (EMFILE), the connection stayed in the backlog, the listener stayed
+    readable and capd spun on it until connect_timeout, then answered 0x06
+    "BIND timed out waiting for the peer", though the peer had come. The BIND
+    now fails at once with 0x01 and says why."""
+    port = add_socks(capd, "--connect-timeout", "20")
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    pid = capd.proc.pid
+    with open(f"/proc/{pid}/limits") as f:
+        soft = f.read().split("Max open files")[1].split()[0]
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    sh("prlimit", "--pid", pid, f"--nofile={lowest_free}:")  # the next descriptor fails
+    peer = socket.socket()
+    try:
+        t = time.time()
+        try:
+            peer.connect((bhost, bport))
+        except ConnectionResetError:
+            pass  # refused already: the listener went with the BIND
+        assert s5_read_reply(c)[0] == 0x01
+        assert time.time() - t < 10
+    finally:
+        peer.close()
+        sh("prlimit", "--pid", pid, f"--nofile={soft}:")
+    c.close()
+    s = last_session(capd)
+    assert s["reason"] == "socks5: BIND: cannot accept the peer: Too many open files", s
