@@ -94,7 +94,8 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 		} else if (method != NULL && !strcmp(method, "capture.end")) {
 			fprintf(stderr, "capctl: %s: %s; the follow ends\n",
 			        json_string_value(json_object_get(p, "instance")), json_string_value(json_object_get(p, "reason")));
-			rc = 1;
+			/* a sniffer whose interface went away ends it as an error, as dumpcap does */
+			rc = json_is_true(json_object_get(p, "failed")) ? -1 : 1;
 		}
 		json_decref(m);
 	}

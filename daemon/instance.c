@@ -600,6 +600,8 @@ instance_fail(struct instance *inst, const char *why)
 	free(inst->error);
 	inst->error = xstrdup(why);
 	log_warnx("instance %s failed: %s", inst->name, why);
+	if (inst->spool_iface >= 0)
+		spool_follow_iface_failed(inst->spool_iface, inst->name, why);
 	events_emit("instance.fail", instance_json(inst));
 }
 

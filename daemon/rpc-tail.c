@@ -9,6 +9,7 @@
  * ({data}: section header and interfaces, base64) and whose notifications
  * carry the rest:
  *   capture.data  {data (base64 pcapng blocks), dropped?: packets lost before them}
+ *   capture.end   {instance, reason, failed?}: the followed instance was removed, or failed
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -78,6 +79,8 @@ rpc_capture_follow(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 		return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", name);
 	if (inst != NULL && inst->spool_iface < 0)
 		return rpc_fail(err, RPC_E_FAILED, "instance %s does not capture", name);
+	if (inst != NULL && inst->state == INSTANCE_FAILED)  /* nothing more of it will come */
+		return rpc_fail(err, RPC_E_FAILED, "instance %s failed: %s", name, inst->error ? inst->error : "");
 	if ((head = spool_follow_subscribe(c, inst ? inst->spool_iface : -1, &why)) == NULL) {
 		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);
 		free(why);

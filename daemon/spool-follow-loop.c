@@ -45,7 +45,9 @@ struct follow_sub {
 	LIST_ENTRY(follow_sub) entry;
 	struct ctl_conn *conn;     /* borrowed; on_close frees the follower */
 	int iface;                 /* handle it follows, or FOLLOW_ALL */
-	char *gone;                /* owned: the name of its instance, removed; the follow ends */
+	char *gone;                /* owned: the name of its instance, removed or failed; the follow ends */
+	char *why;                 /* owned: ... and why, for capture.end */
+	bool failed;               /* ... the instance failed (capctl exits 1), not removed */
 	ev_timer end;              /* ... once the instance's last packets had time to come */
 	int *fidx;                 /* handle -> IDB index in its stream, -1 not sent */
 	int nfidx, nidb;
@@ -375,6 +377,7 @@ follow_gone_cb(void *arg)
 	spool_follow_count(-1);
 	ev_timer_stop(capd_main, &sub->end);
 	free(sub->gone);
+	free(sub->why);
 	buf_free(&sub->out);
 	free(sub->fidx);
 	free(sub);
@@ -386,21 +389,39 @@ static void
 follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct follow_sub *sub = w->data;
+	json_t *p;
 
 	(void)loop; (void)revents;
 	follow_flush(sub);
-	ctl_conn_send(sub->conn, rpc_notification("capture.end", json_pack("{s:s, s:s}", "instance", sub->gone,
-	                                                                   "reason", "instance removed")));
+	p = json_pack("{s:s, s:s}", "instance", sub->gone, "reason", sub->why);
+	if (sub->failed)
+		json_object_set_new(p, "failed", json_true());
+	ctl_conn_send(sub->conn, rpc_notification("capture.end", p));
 	/* the follow is over: a peer that half-closed after asking for it gets the close */
 	ctl_conn_on_close_cancel(sub->conn, follow_gone_cb, sub);
 	follow_gone_cb(sub);
 }
 
-void
-spool_follow_iface_removed(int iface, const char *name)
+/* Ends the follows of handle iface (its instance, name, is gone: why) once its last packets came. */
+static void
+follow_end_later(int iface, const char *name, const char *why, bool failed)
 {
 	struct follow_sub *sub;
 
+	LIST_FOREACH(sub, &follow_list, entry)
+		if (sub->iface == iface && sub->gone == NULL) {
+			sub->gone = xstrdup(name);
+			sub->why = xstrdup(why);
+			sub->failed = failed;
+			/* its sessions' (or sniffer's) last packets are still on their way through the writer */
+			ev_timer_set(&sub->end, FOLLOW_END_WAIT, 0.);
+			ev_timer_start(capd_main, &sub->end);
+		}
+}
+
+void
+spool_follow_iface_removed(int iface, const char *name)
+{
 	if (iface >= nidb_gone) {
 		int n = iface + 16;
 		idb_gone = xrealloc(idb_gone, (size_t)n * sizeof *idb_gone);
@@ -409,13 +430,16 @@ spool_follow_iface_removed(int iface, const char *name)
 	}
 	if (iface >= 0)
 		idb_gone[iface] = true;
-	LIST_FOREACH(sub, &follow_list, entry)
-		if (sub->iface == iface && sub->gone == NULL) {
-			sub->gone = xstrdup(name);
-			/* its sessions' last packets are still on their way through the writer */
-			ev_timer_set(&sub->end, FOLLOW_END_WAIT, 0.);
-			ev_timer_start(capd_main, &sub->end);
-		}
+	follow_end_later(iface, name, "instance removed", false);
+}
+
+void
+spool_follow_iface_failed(int iface, const char *name, const char *why)
+{
+	char *reason = xasprintf("instance failed: %s", why);
+
+	follow_end_later(iface, name, reason, true);
+	free(reason);
 }
 
 json_t *

@@ -87,5 +87,9 @@ json_t *spool_follow_subscribe(struct ctl_conn *c, int iface, char **why);
 /* Interface handle iface's instance (name) was removed: its followers get its
  * last packets, then capture.end. */
 void spool_follow_iface_removed(int iface, const char *name);
+/* Interface handle iface's instance (name) failed (why): a sniffer whose
+ * interface went away captures nothing more, so its followers get its last
+ * packets, then capture.end saying so. */
+void spool_follow_iface_failed(int iface, const char *name, const char *why);
 
 #endif

@@ -542,3 +542,38 @@ def test_config_check_refuses_bad_filter_values(tmp_path):
     for flt in ("vlan and tcp", "wlan host 01:02:03:04:05:06", "port nosuchservice", "not port 22"):
         r = check(flt)
         assert r.returncode == 0, (flt, r.stderr)
+
+
+def test_follow_of_a_sniffer_ends_when_it_fails(netpair, ns_capd, tmp_path):
+    """`capctl capture follow --instance NAME` of a sniffer whose interface went away
+    sat silent for ever (a sniffer that failed captures nothing more; dumpcap ends
+    on "The interface disappeared"). The follow now gets the sniffer's last packets,
+    then ends with the reason on stderr and exit 1; following a failed sniffer is
+    refused with its error."""
+    c = ns_capd(netpair.a)
+    c.ctl("add", "sniff", "--interface", netpair.va, "--name", "wire", "--filter", "udp port 9")
+    path = tmp_path / "follow.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "capture", "follow", "--instance", "wire"],
+                             stdout=f, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while "calls capture.follow" not in c.log() and time.time() < deadline:
+            time.sleep(0.05)
+        netpair.run(netpair.a, "/usr/bin/python3", "-c",
+                    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                    f"for i in range(3): s.sendto(b'last', ('{netpair.ip_b}', 9))")
+        wait_packets(c, "wire", 3)
+        sh("ip", "-n", netpair.a, "link", "del", netpair.va)
+        rc = p.wait(10)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 1 and "wire: instance failed: capture on" in err and "the follow ends" in err, (rc, err)
+    r = tshark("-r", path, "-T", "fields", "-e", "udp.payload")
+    assert r.stdout.split() == ["6c617374"] * 3, r.stdout + r.stderr
+    assert c.ctl("list", json_out=True)[0]["state"] == "failed"
+    r = c.ctl("capture", "follow", "--instance", "wire", check=False, timeout=10)
+    assert r.returncode == 1 and "instance wire failed: capture on" in r.stderr, r.stderr
