@@ -280,9 +280,15 @@ queue_wake(void)
  * byte is cleared under q.mu (chunks are reused): the writer reads nothing
  * from it until queue_publish(). *low: the queue is below half full (a drop
  * episode may end); *wake: this producer owes the writer its wake-up.
+ * *stamp (unless NULL) gets the time, read under q.mu: the writer takes
+ * records in the order they were claimed, so the packets it makes of them
+ * keep their interface's time order even when sessions on several threads
+ * queue side by side (stamped before the claim, a thread held up between the
+ * two put its packet after a later one: 78 times in 140,000 packets of 16
+ * sessions on 4 workers).
  */
 static struct rec *
-queue_claim(size_t len, bool data, bool *low, bool *wake)
+queue_claim(size_t len, bool data, bool *low, bool *wake, struct timespec *stamp)
 {
 	struct chunk *t;
 	struct rec *dst;
@@ -293,6 +299,8 @@ queue_claim(size_t len, bool data, bool *low, bool *wake)
 		pthread_mutex_unlock(&q.mu);
 		return NULL;
 	}
+	if (stamp != NULL)
+		clock_gettime(CLOCK_REALTIME, stamp);
 	t = q.tail;
 	if (t == NULL || t->size - t->wpos < len) {
 		t = chunk_get(len);
@@ -356,7 +364,8 @@ queue_put(struct rec *r, const void *p1, size_t n1, const void *p2, size_t n2, b
 	r->len = (uint32_t)len;
 	r->n = (uint32_t)(n1 + n2);
 	r->ready = 0;
-	if ((dst = queue_claim(len, data, &low, &wake)) == NULL)
+	/* a sniffed packet keeps the time libpcap gave it */
+	if ((dst = queue_claim(len, data, &low, &wake, r->type == REC_PACKET ? NULL : &r->ts)) == NULL)
 		return -1;
 	queue_header(dst, r);
 	if (n1 > 0)
@@ -373,7 +382,7 @@ rec_init(struct rec *r, int type, struct spool_flow *f)
 	memset(r, 0, sizeof *r);
 	r->type = (uint8_t)type;
 	r->flow = f;
-	clock_gettime(CLOCK_REALTIME, &r->ts);
+	/* r->ts: queue_claim's time, or a sniffed packet's own */
 	if (f != NULL) {
 		r->gap[0] = f->gap[0];
 		r->gap[1] = f->gap[1];
@@ -2093,7 +2102,7 @@ spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spool_slot
 	r.dir = (uint8_t)d;
 	r.len = (uint32_t)len;
 	r.n = 0;
-	if ((dst = queue_claim(len, true, &low, &wake)) == NULL)
+	if ((dst = queue_claim(len, true, &low, &wake, &r.ts)) == NULL)
 		return NULL;
 	queue_header(dst, &r);
 	flow_sent(f, low);
