@@ -17,6 +17,7 @@
 #define IF_NAME 2
 #define IF_DESCRIPTION 3
 #define IF_TSRESOL 9
+#define IF_FILTER 11
 #define EPB_FLAGS 2
 
 static inline size_t
@@ -138,7 +139,10 @@ pcapng_shb(struct buf *b, const char *hardware, const char *os, const char *user
 size_t
 pcapng_idb(struct buf *b, const struct pcapng_idb *idb)
 {
-	size_t opts = opt_str_len(idb->name) + opt_str_len(idb->description) + opt_len(1);
+	/* if_filter's value is a byte saying what follows (0: a libpcap filter string), then it */
+	size_t nfilter = str_len(idb->filter) < UINT16_MAX ? str_len(idb->filter) : UINT16_MAX - 1;
+	size_t opts = opt_str_len(idb->name) + opt_str_len(idb->description) + opt_len(1) +
+	              (nfilter ? opt_len(1 + nfilter) : 0);
 	size_t len = 12 + 2 + 2 + 4 + opts + 4;
 	uint8_t *p = block_begin(b, PCAPNG_BT_IDB, len);
 	uint8_t tsresol = idb->tsnano ? 9 : 6;
@@ -150,6 +154,14 @@ pcapng_idb(struct buf *b, const struct pcapng_idb *idb)
 	p = put_opt_str(p, IF_DESCRIPTION, idb->description);
 	/* Always written, though 6 is the default: readers then never guess. */
 	p = put_opt(p, IF_TSRESOL, &tsresol, 1);
+	if (nfilter) {
+		p = put16(p, IF_FILTER);
+		p = put16(p, (uint16_t)(1 + nfilter));
+		*p = 0;
+		memcpy(p + 1, idb->filter, nfilter);
+		memset(p + 1 + nfilter, 0, pad4(1 + nfilter) - 1 - nfilter);
+		p += pad4(1 + nfilter);
+	}
 	p = put_end(p);
 	return block_end(b, p, len);
 }

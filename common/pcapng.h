@@ -33,6 +33,7 @@ struct pcapng_idb {
 	uint32_t snaplen;          /* 0: no limit */
 	const char *name;          /* if_name */
 	const char *description;   /* if_description */
+	const char *filter;        /* if_filter, a libpcap filter string; NULL: none */
 	bool tsnano;               /* if_tsresol 9 (ns) instead of 6 (us) */
 };
 

@@ -355,8 +355,8 @@ sniff_start(struct instance *inst, char **why)
 	if (inst->capture) {
 		char *desc = xasprintf("capd sniff instance on %s%s%s", sn->cfg.interface,
 		                       sn->cfg.filter ? ", filter " : "", sn->cfg.filter ? sn->cfg.filter : "");
-		inst->spool_iface = spool_iface_add(inst->name, desc, sn->run->linktype, sn->cfg.snaplen,
-		                                    sn->run->tsnano);
+		inst->spool_iface = spool_iface_add_filtered(inst->name, desc, sn->run->linktype, sn->cfg.snaplen,
+		                                             sn->run->tsnano, sn->cfg.filter);
 		free(desc);
 	}
 	ev_io_init(&sn->run->io, sniff_read_cb, fd, EV_READ);

@@ -170,7 +170,7 @@ static char *spool_dir;
 struct wiface {
 	bool known, removed;
 	struct pcapng_idb idb;
-	char *name, *desc;
+	char *name, *desc, *filter;
 	int fidx;              /* IDB index in the current file, -1 when not written there */
 	uint64_t out_packets;  /* its packets in w.out (a failed write drops them) */
 };
@@ -1271,6 +1271,7 @@ writer_iface_add(const struct rec *r)
 {
 	const char *name = (const char *)(r + 1);
 	const char *desc = name + strlen(name) + 1;
+	const char *filter = desc + strlen(desc) + 1;  /* spool_queue_iface: name, description, filter */
 	struct wiface *fi;
 	int h = r->iface;
 
@@ -1287,11 +1288,13 @@ writer_iface_add(const struct rec *r)
 	fi->known = true;
 	fi->name = xstrdup(name);
 	fi->desc = xstrdup(desc);
+	fi->filter = xstrdup(filter);
 	fi->idb = (struct pcapng_idb){
 		.linktype = (uint16_t)r->aux,
 		.snaplen = r->aux2,
 		.name = fi->name,
 		.description = *fi->desc ? fi->desc : NULL,
+		.filter = *fi->filter ? fi->filter : NULL,
 		.tsnano = r->flag != 0,
 	};
 	/* pcapng allows IDBs anywhere in a section: announce it in the current file now. */
@@ -1741,7 +1744,7 @@ spool_repair(int dirfd, const char *name)
 
 /* Interfaces as registered, kept by the loop so a restarted writer learns them again. */
 struct liface {
-	char *name, *desc;
+	char *name, *desc, *filter;  /* filter: "" for none */
 	int linktype;
 	unsigned snaplen;
 	bool tsnano, removed;
@@ -1778,14 +1781,19 @@ static void
 spool_queue_iface(int h)
 {
 	struct liface *li = &lifaces[h];
+	size_t nd = strlen(li->desc) + 1, nf = strlen(li->filter) + 1;
+	char *tail = xmalloc(nd + nf);  /* the description and the filter, one piece */
 	struct rec r;
 
+	memcpy(tail, li->desc, nd);
+	memcpy(tail + nd, li->filter, nf);
 	rec_init(&r, REC_IFACE_ADD, NULL);
 	r.iface = h;
 	r.aux = (uint32_t)li->linktype;
 	r.aux2 = li->snaplen;
 	r.flag = li->tsnano;
-	queue_put(&r, li->name, strlen(li->name) + 1, li->desc, strlen(li->desc) + 1, false);
+	queue_put(&r, li->name, strlen(li->name) + 1, tail, nd + nf, false);
+	free(tail);
 }
 
 static void
@@ -1935,6 +1943,7 @@ spool_stop(void)
 	for (int i = 0; i < w.nifaces; i++) {
 		free(w.ifaces[i].name);
 		free(w.ifaces[i].desc);
+		free(w.ifaces[i].filter);
 	}
 	free(w.ifaces);
 	free(w.idbs);
@@ -1989,6 +1998,13 @@ spool_iface_desc(const char *name, const char *description, int nth)
 int
 spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
 {
+	return spool_iface_add_filtered(name, description, linktype, snaplen, tsnano, NULL);
+}
+
+int
+spool_iface_add_filtered(const char *name, const char *description, int linktype, unsigned snaplen,
+                         bool tsnano, const char *filter)
+{
 	struct liface *li;
 	int h, nth = 1;
 
@@ -2003,6 +2019,7 @@ spool_iface_add(const char *name, const char *description, int linktype, unsigne
 	li = &lifaces[h];
 	li->name = xstrdup(name);
 	li->desc = spool_iface_desc(name, description ? description : "", nth);
+	li->filter = xstrdup(filter ? filter : "");
 	li->linktype = linktype;
 	li->snaplen = snaplen;
 	li->tsnano = tsnano;

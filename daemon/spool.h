@@ -33,6 +33,9 @@ void spool_stop(void);
  * gets a description that tells it from the earlier ones.
  */
 int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
+/* The same for a sniffer: its IDBs carry its capture filter (if_filter), as dumpcap's do. */
+int spool_iface_add_filtered(const char *name, const char *description, int linktype, unsigned snaplen,
+                             bool tsnano, const char *filter);
 void spool_iface_remove(int iface);
 /* Packets of the interface the writer could not write (a failing disk, no
  * file), besides those the queue refused, which spool_packet() reports. */

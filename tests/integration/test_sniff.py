@@ -577,3 +577,39 @@ def test_follow_of_a_sniffer_ends_when_it_fails(netpair, ns_capd, tmp_path):
     assert c.ctl("list", json_out=True)[0]["state"] == "failed"
     r = c.ctl("capture", "follow", "--instance", "wire", check=False, timeout=10)
     assert r.returncode == 1 and "instance wire failed: capture on" in r.stderr, r.stderr
+
+
+def test_sniffer_interfaces_carry_their_filter(netns, ns_capd, tmp_path):
+    """A sniffer's capture filter was only in its interface's description, where
+    Wireshark's capture file properties and capinfos do not show it as the filter;
+    dumpcap writes it as if_filter. The IDBs of a filtered sniffer now carry it, in
+    every spool file and in the live follow; an unfiltered one's carry none."""
+    c = ns_capd(netns, "[sniff f]\ninterface = lo\nfilter = udp port 9\n[sniff all]\ninterface = lo\n")
+    path = tmp_path / "follow.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(c.sock), "capture", "follow"],
+                             stdout=f, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while "calls capture.follow" not in c.log() and time.time() < deadline:
+            time.sleep(0.05)
+        udp_to(netns, "127.0.0.1", 2)
+        wait_packets(c, "f", 2)
+        c.ctl("capture", "rotate")
+        udp_to(netns, "127.0.0.1", 1)
+        wait_packets(c, "f", 3)
+        c.flush_until(lambda: len(tshark("-r", path).stdout.splitlines()) >= 6)
+    finally:
+        p.terminate()
+        p.wait(10)
+    c.stop()
+    files = c.pcaps()
+    assert len(files) == 2, files
+    for f in (*files, path):
+        r = subprocess.run(["capinfos", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        blocks = r.stdout.split("Interface #")[1:]
+        assert len(blocks) == 2, (f, r.stdout)
+        got = {b.split("Name = ")[1].split()[0]: [ln.split(" = ", 1)[1] for ln in b.splitlines()
+                                                   if "Filter string = " in ln] for b in blocks}
+        assert got == {"f": ["udp port 9"], "all": []}, (f, got)

@@ -70,6 +70,16 @@ test_idb(void **state)
 		0, 0, 0, 0,
 		48, 0, 0, 0,
 	};
+	static const uint8_t filtered[] = {
+		1, 0, 0, 0, 52, 0, 0, 0,
+		1, 0, 0, 0, 0, 0, 4, 0,
+		2, 0, 1, 0, 'a', 0, 0, 0,
+		9, 0, 1, 0, 9, 0, 0, 0,
+		11, 0, 6, 0, 0, 'u', 'd', 'p',     /* if_filter: 0 (a libpcap string), then it */
+		' ', '9', 0, 0,
+		0, 0, 0, 0,
+		52, 0, 0, 0,
+	};
 	struct buf b = { 0 };
 	struct pcapng_idb i = { .linktype = PCAPNG_LINKTYPE_RAW, .snaplen = 65535, .name = "lo" };
 
@@ -79,6 +89,9 @@ test_idb(void **state)
 	i = (struct pcapng_idb){ .linktype = 1, .snaplen = 262144, .name = "a", .description = "desc",
 	                         .tsnano = true };
 	assert_block(&b, ns, sizeof ns, pcapng_idb(&b, &i));
+	buf_reset(&b);
+	i = (struct pcapng_idb){ .linktype = 1, .snaplen = 262144, .name = "a", .filter = "udp 9", .tsnano = true };
+	assert_block(&b, filtered, sizeof filtered, pcapng_idb(&b, &i));
 	buf_free(&b);
 }
 
