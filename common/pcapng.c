@@ -18,6 +18,9 @@
 #define IF_DESCRIPTION 3
 #define IF_TSRESOL 9
 #define IF_FILTER 11
+#define ISB_IFRECV 4
+#define ISB_IFDROP 5
+#define ISB_OSDROP 7
 #define EPB_FLAGS 2
 
 static inline size_t
@@ -240,6 +243,22 @@ pcapng_dsb(struct buf *b, uint32_t type, const void *secrets, size_t n)
 	p = put32(p, type);
 	p = put32(p, (uint32_t)n);
 	p = put_padded(p, secrets, n);
+	return block_end(b, p, len);
+}
+
+size_t
+pcapng_isb(struct buf *b, const struct pcapng_isb *s)
+{
+	size_t len = PCAPNG_ISB_LEN;
+	uint8_t *p = block_begin(b, PCAPNG_BT_ISB, len);
+
+	p = put32(p, s->iface);
+	p = put32(p, (uint32_t)(s->ts >> 32));
+	p = put32(p, (uint32_t)s->ts);
+	p = put_opt(p, ISB_IFRECV, &s->ifrecv, 8);
+	p = put_opt(p, ISB_IFDROP, &s->ifdrop, 8);
+	p = put_opt(p, ISB_OSDROP, &s->osdrop, 8);
+	p = put_end(p);
 	return block_end(b, p, len);
 }
 

@@ -18,6 +18,8 @@
 #define PCAPNG_BT_IDB 0x00000001u
 #define PCAPNG_BT_EPB 0x00000006u
 #define PCAPNG_BT_DSB 0x0000000Au
+#define PCAPNG_BT_ISB 0x00000005u
+#define PCAPNG_ISB_LEN 64u         /* what pcapng_isb appends, always */
 #define PCAPNG_BYTE_ORDER_MAGIC 0x1A2B3C4Du
 
 #define PCAPNG_LINKTYPE_RAW 101          /* bare IPv4/IPv6 packets */
@@ -66,6 +68,16 @@ size_t pcapng_epb(struct buf *b, const struct pcapng_epb *epb);
 size_t pcapng_epb_nodata(struct buf *b, const struct pcapng_epb *e, size_t *split);
 /* Decryption Secrets Block: type is e.g. PCAPNG_SECRETS_TLS. */
 size_t pcapng_dsb(struct buf *b, uint32_t type, const void *secrets, size_t n);
+
+/* An interface's counters (ISB), as dumpcap writes them when it closes a file. */
+struct pcapng_isb {
+	uint32_t iface;            /* index of the IDB in this section */
+	uint64_t ts;               /* when they were read, in the interface's if_tsresol units */
+	uint64_t ifrecv;           /* isb_ifrecv: packets the capture got from the interface */
+	uint64_t ifdrop;           /* isb_ifdrop: ... that the kernel dropped */
+	uint64_t osdrop;           /* isb_osdrop: ... that the capturing program dropped */
+};
+size_t pcapng_isb(struct buf *b, const struct pcapng_isb *s);
 
 /* The length pcapng_epb() would append, for budgeting before encoding. */
 size_t pcapng_epb_len(const struct pcapng_epb *epb);

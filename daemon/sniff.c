@@ -39,6 +39,7 @@
 #define SNIFF_BUFFER (32 << 20)
 #define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
 #define SNIFF_ROUNDS 8                /* dispatch calls per wake-up before yielding to others */
+#define SNIFF_STATS_EVERY 1.0         /* seconds between the counters told to the spool while packets come */
 
 /* Parsed parameters. Owned by the instance; freed by sniff_free. */
 struct sniff_cfg {
@@ -54,6 +55,7 @@ struct sniff_run {
 	ev_io io;
 	int linktype;                 /* pcapng LINKTYPE_ of the device */
 	bool tsnano;
+	ev_tstamp told;               /* when the spool last had its counters (sniff_stats) */
 };
 
 /* Counters; they outlive the pcap handle, so a failed sniffer still shows what it saw. */
@@ -173,14 +175,21 @@ sniff_configure(struct instance *inst, struct params *p)
 	return 0;
 }
 
-/* Refreshes the kernel drop count while the handle is open. */
+/*
+ * Refreshes the kernel's counts while the handle is open, and tells them to
+ * the spool for the ISB that closes each file.
+ */
 static void
-sniff_stats(struct sniff *sn)
+sniff_stats(struct instance *inst)
 {
+	struct sniff *sn = inst->cfg;
 	struct pcap_stat ps;
 
 	if (sn->run && pcap_stats(sn->run->pcap, &ps) == 0)
 		sn->n.dropped_kernel = (uint64_t)ps.ps_drop + ps.ps_ifdrop;
+	if (sn->run)
+		sn->run->told = ev_now(capd_loop);
+	spool_iface_stats(inst->spool_iface, sn->n.dropped_kernel, sn->n.dropped_spool);
 }
 
 static void
@@ -228,18 +237,20 @@ sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	struct sniff *sn = inst->cfg;
 	int n = 0;
 
-	(void)loop; (void)revents;
+	(void)revents;
 	for (int round = 0; round < SNIFF_ROUNDS; round++) {
 		n = pcap_dispatch(sn->run->pcap, SNIFF_BATCH, sniff_packet_cb, (u_char *)inst);
 		if (n < SNIFF_BATCH)
 			break;
 	}
+	if (n > 0 && ev_now(loop) - sn->run->told >= SNIFF_STATS_EVERY)
+		sniff_stats(inst);
 	if (n == PCAP_ERROR || (n == 0 && sniff_iface_down(sn))) {
 		char *why = n == PCAP_ERROR
 			? xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap))
 			: xasprintf("capture on %s stopped: the interface went down", sn->cfg.interface);
 
-		sniff_stats(sn);
+		sniff_stats(inst);
 		instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
 		free(why);
 	}
@@ -355,7 +366,7 @@ sniff_start(struct instance *inst, char **why)
 	if (inst->capture) {
 		char *desc = xasprintf("capd sniff instance on %s%s%s", sn->cfg.interface,
 		                       sn->cfg.filter ? ", filter " : "", sn->cfg.filter ? sn->cfg.filter : "");
-		inst->spool_iface = spool_iface_add_filtered(inst->name, desc, sn->run->linktype, sn->cfg.snaplen,
+		inst->spool_iface = spool_iface_add_sniffer(inst->name, desc, sn->run->linktype, sn->cfg.snaplen,
 		                                             sn->run->tsnano, sn->cfg.filter);
 		free(desc);
 	}
@@ -376,7 +387,7 @@ sniff_stop(struct instance *inst)
 
 	if (sn == NULL || sn->run == NULL)
 		return;
-	sniff_stats(sn);
+	sniff_stats(inst);
 	ev_io_stop(capd_loop, &sn->run->io);
 	pcap_close(sn->run->pcap);
 	free(sn->run);
@@ -403,7 +414,7 @@ sniff_describe(struct instance *inst, json_t *o)
 {
 	struct sniff *sn = inst->cfg;
 
-	sniff_stats(sn);
+	sniff_stats(inst);
 	json_object_set_new(o, "interface", json_string(sn->cfg.interface));
 	if (sn->cfg.filter)
 		json_object_set_new(o, "filter", json_string(sn->cfg.filter));

@@ -171,6 +171,8 @@ struct wiface {
 	bool known, removed;
 	struct pcapng_idb idb;
 	char *name, *desc, *filter;
+	bool stats;            /* a sniffer's: an ISB closes each file it is in */
+	uint64_t taken;        /* ... its packets taken from the queue so far, written or not */
 	int fidx;              /* IDB index in the current file, -1 when not written there */
 	uint64_t out_packets;  /* its packets in w.out (a failed write drops them) */
 };
@@ -208,6 +210,7 @@ static struct writer {
 	int nifaces;
 	int *idbs;             /* handles in the current file's IDB order */
 	int nidb, nidb_good, aidb;
+	uint64_t isb_room;     /* bytes the ISBs closing the file will take (rotate_size keeps room) */
 	struct buf keys;       /* recent key log lines, repeated at each new file */
 	struct buf keys_new;   /* lines for the next DSB */
 	bool keys_out;         /* a DSB is in the buffer not yet written */
@@ -906,6 +909,9 @@ writer_flush(void)
 			if (w.ifaces[i].fidx >= w.nidb_good)
 				w.ifaces[i].fidx = -1;
 		w.nidb = w.nidb_good;
+		w.isb_room = 0;
+		for (int i = 0; i < w.nidb; i++)
+			w.isb_room += w.ifaces[w.idbs[i]].stats ? PCAPNG_ISB_LEN : 0;
 		/*
 		 * So are the key lines of a DSB in it: the sessions they
 		 * decrypt go on in this file once the writer retries.
@@ -940,6 +946,8 @@ writer_idb(int h)
 	struct wiface *fi = &w.ifaces[h];
 
 	pcapng_idb(&w.out, &fi->idb);
+	if (fi->stats)
+		w.isb_room += PCAPNG_ISB_LEN;
 	fi->fidx = w.nidb;
 	if (w.nidb == w.aidb) {
 		w.aidb = w.aidb ? w.aidb * 2 : 16;
@@ -997,6 +1005,7 @@ writer_open(char **why)
 	w.file_packets = 0;
 	w.opened = mono_now();
 	w.nidb = w.nidb_good = 0;
+	w.isb_room = 0;
 	w.failing = false;
 	for (int i = 0; i < w.nifaces; i++)
 		w.ifaces[i].fidx = -1;
@@ -1027,9 +1036,13 @@ writer_open(char **why)
  * rotate_size bytes to the disk and, at 1.5 GB/s of capture, dropped two
  * thirds of it. On ext4, allocating ahead measured no faster.
  */
+static void writer_isbs(void);
+
 static void
 writer_close(void)
 {
+	if (w.fd >= 0 && !w.failing)
+		writer_isbs();
 	writer_flush();
 	if (w.fd >= 0)
 		close(w.fd);
@@ -1289,13 +1302,14 @@ writer_iface_add(const struct rec *r)
 	fi->name = xstrdup(name);
 	fi->desc = xstrdup(desc);
 	fi->filter = xstrdup(filter);
+	fi->stats = (r->flag & 2) != 0;
 	fi->idb = (struct pcapng_idb){
 		.linktype = (uint16_t)r->aux,
 		.snaplen = r->aux2,
 		.name = fi->name,
 		.description = *fi->desc ? fi->desc : NULL,
 		.filter = *fi->filter ? fi->filter : NULL,
-		.tsnano = r->flag != 0,
+		.tsnano = (r->flag & 1) != 0,
 	};
 	/* pcapng allows IDBs anywhere in a section: announce it in the current file now. */
 	if (!writer_dropping())
@@ -1389,7 +1403,7 @@ writer_size_check(const struct rec *r)
 	}
 	if (buf_used(&w.keys_new) > 0 || w.keys_owed)  /* the Decryption Secrets Block before the first packet */
 		add += 24 + buf_used(&w.keys_new) + (w.keys_owed ? buf_used(&w.keys) : 0);
-	if (w.good + writer_pending() + add > w.rotate_size)
+	if (w.good + writer_pending() + add + w.isb_room > w.rotate_size)
 		w.rotate_due = true;
 }
 
@@ -1456,6 +1470,9 @@ writer_record(const struct rec *r)
 		break;
 	case REC_PACKET:
 		writer_packet(r->iface, &r->ts, NULL, 0, p, r->n, r->aux, 0, NULL);
+		/* after: a rotation it started closed the last file without it */
+		if (r->iface >= 0 && r->iface < w.nifaces)
+			w.ifaces[r->iface].taken++;
 		break;
 	case REC_KEYLOG:
 		if (spool_follow_wanted())  /* ahead of the packets it decrypts, as in the file */
@@ -1749,6 +1766,8 @@ struct liface {
 	unsigned snaplen;
 	bool tsnano, removed;
 	uint64_t dropped;      /* packets the writer lost (a failing disk, no file) */
+	bool sniffer;          /* its files end in an ISB (writer_isbs), with: */
+	uint64_t kernel_drop, queue_drop;  /* ... what it last told (spool_iface_stats) */
 };
 
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -1777,6 +1796,38 @@ spool_iface_dropped(int iface)
 	return n;
 }
 
+/*
+ * Writer thread, closing a file: an ISB for each sniffer's interface in it,
+ * as dumpcap ends its files (Wireshark shows the drops in the capture file's
+ * properties). Received: the packets the writer took of it so far, and those
+ * the queue refused; the kernel's and the queue's drops as the sniffer last
+ * told them (within a second or so).
+ */
+static void
+writer_isbs(void)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	pthread_mutex_lock(&reg_mu);
+	for (int i = 0; i < w.nidb; i++) {
+		int h = w.idbs[i];
+		struct wiface *fi = &w.ifaces[h];
+		struct liface *li = h < nlifaces ? &lifaces[h] : NULL;
+
+		if (!fi->stats || li == NULL)
+			continue;
+		pcapng_isb(&w.out, &(struct pcapng_isb){
+			.iface = (uint32_t)i,
+			.ts = pcapng_ts(&now, fi->idb.tsnano),
+			.ifrecv = fi->taken + li->queue_drop,
+			.ifdrop = li->kernel_drop,
+			.osdrop = li->queue_drop + li->dropped,
+		});
+	}
+	pthread_mutex_unlock(&reg_mu);
+}
+
 static void
 spool_queue_iface(int h)
 {
@@ -1791,7 +1842,7 @@ spool_queue_iface(int h)
 	r.iface = h;
 	r.aux = (uint32_t)li->linktype;
 	r.aux2 = li->snaplen;
-	r.flag = li->tsnano;
+	r.flag = (uint8_t)((li->tsnano ? 1 : 0) | (li->sniffer ? 2 : 0));
 	queue_put(&r, li->name, strlen(li->name) + 1, tail, nd + nf, false);
 	free(tail);
 }
@@ -1995,15 +2046,9 @@ spool_iface_desc(const char *name, const char *description, int nth)
 	return xasprintf("%s (%s #%d, added %s)", description, name, nth, when);
 }
 
-int
-spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
-{
-	return spool_iface_add_filtered(name, description, linktype, snaplen, tsnano, NULL);
-}
-
-int
-spool_iface_add_filtered(const char *name, const char *description, int linktype, unsigned snaplen,
-                         bool tsnano, const char *filter)
+static int
+spool_iface_new(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano,
+                const char *filter, bool sniffer)
 {
 	struct liface *li;
 	int h, nth = 1;
@@ -2020,6 +2065,8 @@ spool_iface_add_filtered(const char *name, const char *description, int linktype
 	li->name = xstrdup(name);
 	li->desc = spool_iface_desc(name, description ? description : "", nth);
 	li->filter = xstrdup(filter ? filter : "");
+	li->sniffer = sniffer;
+	li->kernel_drop = li->queue_drop = 0;
 	li->linktype = linktype;
 	li->snaplen = snaplen;
 	li->tsnano = tsnano;
@@ -2029,6 +2076,30 @@ spool_iface_add_filtered(const char *name, const char *description, int linktype
 		spool_queue_iface(h);
 	pthread_mutex_unlock(&reg_mu);
 	return h;
+}
+
+int
+spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano)
+{
+	return spool_iface_new(name, description, linktype, snaplen, tsnano, NULL, false);
+}
+
+int
+spool_iface_add_sniffer(const char *name, const char *description, int linktype, unsigned snaplen,
+                        bool tsnano, const char *filter)
+{
+	return spool_iface_new(name, description, linktype, snaplen, tsnano, filter, true);
+}
+
+void
+spool_iface_stats(int iface, uint64_t kernel_drop, uint64_t queue_drop)
+{
+	pthread_mutex_lock(&reg_mu);
+	if (iface >= 0 && iface < nlifaces) {
+		lifaces[iface].kernel_drop = kernel_drop;
+		lifaces[iface].queue_drop = queue_drop;
+	}
+	pthread_mutex_unlock(&reg_mu);
 }
 
 void

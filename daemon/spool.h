@@ -33,9 +33,16 @@ void spool_stop(void);
  * gets a description that tells it from the earlier ones.
  */
 int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
-/* The same for a sniffer: its IDBs carry its capture filter (if_filter), as dumpcap's do. */
-int spool_iface_add_filtered(const char *name, const char *description, int linktype, unsigned snaplen,
-                             bool tsnano, const char *filter);
+/*
+ * The same for a sniffer, as dumpcap writes an interface: its IDBs carry its
+ * capture filter (if_filter, NULL for none), and each file it is in ends with
+ * an ISB of its counters, the last spool_iface_stats() gave.
+ */
+int spool_iface_add_sniffer(const char *name, const char *description, int linktype, unsigned snaplen,
+                            bool tsnano, const char *filter);
+/* A sniffer's counts since it started: the kernel's drops, and the packets
+ * the spool's queue refused (the writer counts the rest itself). */
+void spool_iface_stats(int iface, uint64_t kernel_drop, uint64_t queue_drop);
 void spool_iface_remove(int iface);
 /* Packets of the interface the writer could not write (a failing disk, no
  * file), besides those the queue refused, which spool_packet() reports. */

@@ -613,3 +613,54 @@ def test_sniffer_interfaces_carry_their_filter(netns, ns_capd, tmp_path):
         got = {b.split("Name = ")[1].split()[0]: [ln.split(" = ", 1)[1] for ln in b.splitlines()
                                                    if "Filter string = " in ln] for b in blocks}
         assert got == {"f": ["udp port 9"], "all": []}, (f, got)
+
+
+def pcapng_isbs(path):
+    """{interface name: (ifrecv, ifdrop, osdrop)} of the Interface Statistics Blocks in path
+    (one little-endian section, as capd writes it)."""
+    data = open(path, "rb").read()
+    names, out, off = [], {}, 0
+
+    def options(o, end):
+        while o + 4 <= end:
+            code, olen = struct.unpack_from("<HH", data, o)
+            if code == 0:
+                return
+            yield code, data[o + 4:o + 4 + olen]
+            o += 4 + ((olen + 3) & ~3)
+
+    while off + 12 <= len(data):
+        btype, blen = struct.unpack_from("<II", data, off)
+        if btype == 1:
+            names.append(dict(options(off + 16, off + blen - 4)).get(2, b"").decode())
+        elif btype == 5:
+            opts = {code: struct.unpack("<Q", v)[0] for code, v in options(off + 20, off + blen - 4)
+                    if len(v) == 8}
+            out[names[struct.unpack_from("<I", data, off + 8)[0]]] = (opts.get(4), opts.get(5), opts.get(7))
+        off += blen
+    return out
+
+
+def test_spool_files_end_with_the_sniffers_counters(netns, ns_capd):
+    """dumpcap ends each file with an Interface Statistics Block (packets received and
+    dropped), which capinfos counts and Wireshark's capture file properties show as the
+    interface's drops; capd's files had none ("Number of stat entries = 0"), so a file
+    did not say the kernel had dropped part of its capture. Each file a sniffer is in
+    now ends with one, its counts since it started; a proxy's interface has none."""
+    c = ns_capd(netns, "[sniff lo]\ninterface = lo\nfilter = udp port 9\n"
+                       "[forward fw]\nlisten = 127.0.0.1:7501\nto = 127.0.0.1:9\n")
+    udp_to(netns, "127.0.0.1", 5)
+    wait_packets(c, "lo", 5)
+    c.ctl("capture", "rotate")
+    udp_to(netns, "127.0.0.1", 2)
+    wait_packets(c, "lo", 7)
+    c.flush()
+    c.stop()
+    files = c.pcaps()
+    assert len(files) == 2, files
+    assert [pcapng_isbs(f) for f in files] == [{"lo": (5, 0, 0)}, {"lo": (7, 0, 0)}]
+    for f in files:
+        r = subprocess.run(["capinfos", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        assert r.stdout.count("Number of stat entries = 1") == 1, r.stdout
+        assert r.stdout.count("Number of stat entries = 0") == 1, r.stdout

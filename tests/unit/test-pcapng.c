@@ -151,6 +151,28 @@ test_dsb(void **state)
 	buf_free(&b);
 }
 
+static void
+test_isb(void **state)
+{
+	static const uint8_t want[] = {
+		5, 0, 0, 0, 64, 0, 0, 0,
+		3, 0, 0, 0,                         /* interface 3 */
+		1, 0, 0, 0, 2, 0, 0, 0,             /* timestamp high, low */
+		4, 0, 8, 0, 7, 0, 0, 0, 0, 0, 0, 0, /* isb_ifrecv */
+		5, 0, 8, 0, 1, 0, 0, 0, 0, 0, 0, 0, /* isb_ifdrop */
+		7, 0, 8, 0, 0, 1, 0, 0, 0, 0, 0, 0, /* isb_osdrop */
+		0, 0, 0, 0,
+		64, 0, 0, 0,
+	};
+	struct buf b = { 0 };
+	struct pcapng_isb s = { .iface = 3, .ts = 0x0000000100000002ull, .ifrecv = 7, .ifdrop = 1, .osdrop = 256 };
+
+	(void)state;
+	assert_block(&b, want, sizeof want, pcapng_isb(&b, &s));
+	assert_int_equal(sizeof want, PCAPNG_ISB_LEN);
+	buf_free(&b);
+}
+
 /* Without its data, plus the data put back at split: the same bytes as pcapng_epb. */
 static void
 test_epb_nodata(void **state)
@@ -225,6 +247,7 @@ main(void)
 		cmocka_unit_test(test_epb),
 		cmocka_unit_test(test_epb_nodata),
 		cmocka_unit_test(test_dsb),
+		cmocka_unit_test(test_isb),
 		cmocka_unit_test(test_sequence),
 		cmocka_unit_test(test_ts),
 	};
