@@ -719,6 +719,10 @@ http_proxy_input(struct session *s)
 		s->proto = "connect";
 		hc->connect_head = http_msg.head_len;
 	}
+	/* the request head came in time: the connect runs on its own clock
+	 * (connect_timeout, where 0 sets none), not on what is left of the
+	 * head's 60 seconds, which would end it with a 504 regardless */
+	session_set_deadline(s, 0);
 	session_connect(s, t.host, t.port);
 }
 

@@ -1939,3 +1939,45 @@ def test_java_httpurlconnection_keeps_its_proxy_connection(capd, origin, tmp_pat
     served = [s for s in h if s["bytes_up"] > 0]
     assert len(refused) == 1, h
     assert len(served) == 1 and served[0]["note"] == f"GET {u}/one user=jim", h   # one upstream connection for all
+
+
+def syn_hole():
+    """A listener (backlog 0, never accepting) whose accept queue is full: a new
+    connect to it hangs in SYN_SENT until the system gives up (about two minutes).
+    Returns (listener, [held sockets]); the caller closes them."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    held = []
+    for _ in range(8):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(ls.getsockname())
+        held.append(c)
+        time.sleep(0.3)
+        try:
+            c.getpeername()
+        except OSError:
+            return ls, held  # this one's SYN went unanswered: the queue is full
+    raise AssertionError("the listener's accept queue never filled")
+
+
+def test_connect_timeout_zero_is_not_cut_by_the_request_head_timer(capd):
+    """Regression: with connect_timeout = 0 (no limit of capd's own), the 60 seconds a
+    new client connection has for its request head kept running through the upstream
+    connect, so a connect whose SYNs go unanswered got "504 Gateway Timeout: connect
+    timed out" 60 s after the client came. As with SOCKS, the connect now runs on
+    connect_timeout alone once the request head is in. (Slow by necessity: the head's
+    60 s is fixed, so this waits 64 s.)"""
+    ls, held = syn_hole()
+    try:
+        port = add_http(capd, "--connect-timeout", "0")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"GET http://127.0.0.1:{ls.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = read_all(c, timeout=64)
+            assert got == b"", got
+            s = sessions(capd)
+            assert len(s) == 1 and s[0]["state"] != "closed", s
+    finally:
+        for x in held + [ls]:
+            x.close()
