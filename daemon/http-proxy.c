@@ -20,7 +20,8 @@
  * its answer (the keep-alive race, http_retry): it goes again there. Error
  * replies, and capd's own answer to an OPTIONS or TRACE with Max-Forwards: 0
  * (http_answer), go through session_send before the relay runs, and through
- * relay_inject + relay_finish after; the connection ends with them.
+ * relay_inject + relay_finish after; the connection ends with them, but
+ * after a 407 it may go on in a new session (http_refuse_keep).
  */
 #include "http-proxy.h"
 
@@ -169,8 +170,9 @@ http_authority(const char *a, size_t n, struct http_target *t)
 
 /* ---- replies ---- */
 
+/* conn: the Connection line(s) the reply ends with, "" for none. */
 static void
-http_error_text(struct buf *b, int status, const char *why, bool auth, bool head)
+http_error_text(struct buf *b, int status, const char *why, bool auth, bool head, const char *conn)
 {
 	const char *text = http_status_text(status);
 	char body[512];
@@ -179,9 +181,8 @@ http_error_text(struct buf *b, int status, const char *why, bool auth, bool head
 	if (n < 0 || (size_t)n >= sizeof body)
 		n = (int)sizeof body - 1;
 	buf_printf(b,
-	           "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n"
-	           "%s\r\n",
-	           status, text, n, auth ? "Proxy-Authenticate: Basic realm=\"capd\"\r\n" : "");
+	           "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s%s\r\n",
+	           status, text, n, conn, auth ? "Proxy-Authenticate: Basic realm=\"capd\"\r\n" : "");
 	/* the answer to a HEAD has a GET's header fields and no content (RFC 9110
 	 * 9.3.2): a client reads none, and bytes after the head are garbage to it */
 	if (!head)
@@ -239,7 +240,7 @@ http_fail_early(struct session *s, int status, const char *why)
 	struct buf b = { 0 };
 	char *reason = http_reason(status, why);
 
-	http_error_text(&b, status, why, status == 407, hc->req_head);
+	http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
 	http_reply_early(s, &b, reason);
 	buf_free(&b);
 	free(reason);
@@ -267,7 +268,7 @@ http_fail_late(struct session *s, int status, const char *why)
 	struct buf b = { 0 };
 	char *reason = http_reason(status, why);
 
-	http_error_text(&b, status, why, status == 407, hc->req_head);
+	http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
 	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
 	buf_free(&b);
 	http_end_late(s, reason);
@@ -644,9 +645,10 @@ http_client_end_reason(struct session *s)
 
 /* The client socket, with bytes already read from it, goes on in a new
  * session; the old one closes with reason (NULL: it closed or reset),
- * saying where the client went. */
+ * saying where the client went (then: "request sent again", "client
+ * continues"). A reply still queued for the client goes out first. */
 static void
-http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
+http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, const char *then)
 {
 	int fd = s->client.fd;
 	struct session *ns;
@@ -661,16 +663,62 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason)
 		ns->chain = xmalloc(sizeof *ns->chain);
 		*ns->chain = *s->chain;
 	}
+	if (buf_used(&s->hs_out) > 0)
+		session_send(ns, buf_head(&s->hs_out), buf_used(&s->hs_out));
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
-	if (reason)
-		snprintf(why, sizeof why, "%s (request sent again in session %llu)", reason, (unsigned long long)ns->id);
-	else
-		snprintf(why, sizeof why, "%s (client continues in session %llu)", http_gone_reason(s),
-		         (unsigned long long)ns->id);
+	snprintf(why, sizeof why, "%s (%s in session %llu)", reason ? reason : http_gone_reason(s), then,
+	         (unsigned long long)ns->id);
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
+}
+
+static void http_client_keep(struct session *s, const struct http_msg *m);
+
+/*
+ * A 407 that keeps the client connection, as squid does: the client sends
+ * the request again with credentials on it (curl --proxy-anyauth, browsers,
+ * Java). The connection goes on in a new session, with what came after the
+ * request; this one closes with the 407 as its reason. Only when the
+ * request's body came whole (or it has none), the client keeps its
+ * connection (HTTP/1.1, or 1.0 with keep-alive) and it is not TLS (which
+ * cannot move); false, with nothing done, otherwise.
+ */
+static bool
+http_refuse_keep(struct session *s, const char *why)
+{
+	struct http_conn *hc = s->proto_state;
+	const struct http_msg *m = &http_msg;
+	const uint8_t *rest = buf_head(&s->hs_in) + m->head_len;
+	size_t n = buf_used(&s->hs_in) - m->head_len, used = 0;
+	struct http_body body;
+	const char *conn = "";
+	struct buf b = { 0 };
+	char *reason;
+
+	if (s->client.tls != NULL || s->client_eof)
+		return false;
+	http_body_init(&body, m->framing, m->length);
+	if (!http_body_done(&body) && http_body_scan(&body, rest, n, &used) != PARSE_OK)
+		return false;
+	http_client_keep(s, m);
+	if (!hc->client_keep)
+		return false;
+	/* as http_rewrite_response says it: a 1.0 client needs keep-alive said */
+	if (hc->client_pconn)
+		conn = "Connection: keep-alive\r\nProxy-Connection: keep-alive\r\n";
+	else if (m->minor == 0)
+		conn = "Connection: keep-alive\r\n";
+	http_error_text(&b, 407, why, true, hc->req_head, conn);
+	session_send(s, buf_head(&b), buf_used(&b));
+	buf_free(&b);
+	if (s->state == SESSION_CLOSED)
+		return true;
+	reason = http_reason(407, why);
+	http_handoff(s, rest + used, n - used, reason, "client continues");
+	free(reason);
+	return true;
 }
 
 void
@@ -695,6 +743,8 @@ http_proxy_input(struct session *s)
 	hc->req_head = http_method_is(&http_msg, "HEAD");  /* also for a refusal, or a failed connect */
 	if (rv == PARSE_ERR) {
 		http_note_refused(s, &http_msg);
+		if (status == 407 && http_refuse_keep(s, why))
+			return;
 		http_fail_early(s, status, why);
 		return;
 	}
@@ -840,7 +890,7 @@ http_retry(struct session *s, const char *why, bool reset)
 		return HTTP_RETRY_CLIENT;
 	}
 	buf_append(&hc->retry, p, n);
-	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why);
+	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why, "request sent again");
 	return HTTP_RETRY_SENT;
 }
 
@@ -909,6 +959,11 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (rv == PARSE_MORE)
 		return RELAY_MORE;
 	hc->req_head = http_method_is(m, "HEAD");  /* the previous exchange is done: this one's refusal */
+	if (rv == PARSE_ERR && status == 407 && s->client.tls == NULL) {
+		/* a new session answers it as a first request, keeping the connection (http_refuse_keep) */
+		http_handoff(s, p, n, NULL, "client continues");
+		return RELAY_STOP;
+	}
 	if (rv == PARSE_ERR) {
 		http_fail_late(s, status, why);
 		return RELAY_END;
@@ -940,7 +995,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
 			return RELAY_END;
 		}
-		http_handoff(s, p, n, NULL);
+		http_handoff(s, p, n, NULL, "client continues");
 		return RELAY_STOP;
 	}
 	http_note(s, m, &t);

@@ -677,7 +677,7 @@ def test_proxy_auth(capd_factory, origin):
     port = free_port()
     capd_factory(f"[http h]\nlisten = {port}\nauth = bob:s3cret\n")
     url = f"http://127.0.0.1:{origin.port}/private"
-    reply = raw(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    reply = raw(port, f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert status_of(reply) == 407
     assert b'Proxy-Authenticate: Basic realm="capd"\r\n' in reply
     r = curl("-x", f"http://127.0.0.1:{port}", "-U", "bob:wrong", "-w", "%{http_code}", url)
@@ -1323,7 +1323,7 @@ def test_refused_request_names_its_target(capd_factory, auth):
     note; the reason keeps the status and why, and the reply is unchanged."""
     port = free_port()
     capd = capd_factory(f"[http h]\nlisten = {port}\nmax_header_size = 8K\n" + ("auth = bob:pw\n" if auth else ""))
-    cases = REFUSED if not auth else [(b"GET http://secret.test/a HTTP/1.1\r\nHost: x\r\n\r\n", 407,
+    cases = REFUSED if not auth else [(b"GET http://secret.test/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 407,
                                        "secret.test:80", "GET http://secret.test/a")]
     u, rest = subscribe_events(capd)
     with u:
@@ -1400,7 +1400,7 @@ def test_options_asterisk_asks_the_proxy_itself(capd):
     # a proxy with users answers it only to them
     locked = free_port()
     capd.ctl("add", "http", "--port", locked, "--name", "locked", "--auth", "u:p")
-    ask = b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nMax-Forwards: 0\r\n"
+    ask = b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nMax-Forwards: 0\r\nConnection: close\r\n"
     assert status_of(raw(locked, ask + b"\r\n")) == 407
     assert status_of(raw(locked, ask + b"Proxy-Authorization: Basic dTpw\r\n\r\n")) == 200
 
@@ -1981,3 +1981,54 @@ def test_connect_timeout_zero_is_not_cut_by_the_request_head_timer(capd):
     finally:
         for x in held + [ls]:
             x.close()
+
+
+def test_407_keeps_the_client_connection(capd, origin):
+    """Regression: a 407 closed the client connection, so a client that answers the
+    challenge (curl --proxy-anyauth) had to open a new one; squid keeps it. It is kept
+    now when the request's body came whole (or it has none) and the client keeps its
+    connection (HTTP/1.1, or 1.0 with keep-alive): the client goes on in a new session,
+    and the refused one's reason says where. Otherwise it closes, as before."""
+    port = add_http(capd, "--auth", "u:p")
+    u = f"http://127.0.0.1:{origin.port}"
+    r = curl("-v", "--proxy-anyauth", "--proxy-user", "u:p", "-x", f"http://127.0.0.1:{port}", f"{u}/any")
+    assert r.stdout == b"hello from a /any\n", r.stderr
+    assert b"Closing connection" not in r.stderr.split(b"< HTTP/1.1 200")[0], r.stderr
+    ss = sorted(closed_sessions(capd, 2), key=lambda s: s["id"])
+    assert ss[0]["client"] == ss[1]["client"], ss                  # one client connection
+    assert ss[0]["reason"] == ("407 Proxy Authentication Required: proxy credentials needed "
+                               f"(client continues in session {ss[1]['id']})"), ss
+    good = b"Proxy-Authorization: Basic dTpw\r\n"
+    end = b"407 Proxy Authentication Required: proxy credentials needed\n"
+    for req, keep in (
+            (f"POST {u}/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b""),
+            (f"POST {u}/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+             b""),
+            (f"GET {u}/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", b"Connection: keep-alive\r\n"),
+            (f"GET {u}/a HTTP/1.1\r\nHost: x\r\nProxy-Connection: keep-alive\r\n\r\n",
+             b"Connection: keep-alive\r\nProxy-Connection: keep-alive\r\n")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(req.encode())
+            reply = read_all(c, until=end)
+            assert status_of(reply) == 407 and b"Connection: close" not in reply, (req, reply)
+            assert keep in reply, (req, reply)
+            # the same request again with credentials, on the same connection
+            c.sendall(req.encode().replace(b"\r\n", b"\r\n" + good, 1))
+            reply = read_all(c, until=b"abc" if "echo" in req else b"/a\n")
+            assert status_of(reply) == 200, (req, reply)
+    # the body is not all here yet, or the client asked to close: the connection ends
+    for req in (f"POST {u}/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab",
+                f"GET {u}/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                f"GET {u}/a HTTP/1.0\r\n\r\n"):
+        reply = raw(port, req.encode())
+        assert status_of(reply) == 407 and b"Connection: close\r\n" in reply and reply.endswith(end), (req, reply)
+    # a later request on a kept connection that lacks credentials: the same
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        ok = f"GET {u}/a HTTP/1.1\r\nHost: x\r\n".encode() + good + b"\r\n"
+        c.sendall(ok)
+        assert status_of(read_all(c, until=b"/a\n")) == 200
+        c.sendall(f"GET {u}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        reply = read_all(c, until=end)
+        assert status_of(reply) == 407 and b"Connection: close" not in reply, reply
+        c.sendall(ok)
+        assert status_of(read_all(c, until=b"/a\n")) == 200
