@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -56,6 +57,8 @@ struct socks_bind {
 	struct resolve_req *rq;          /* resolving a named DST */
 	struct sockaddr_storage expect;  /* the peer announced by the client */
 	bool any;                        /* accept any peer address */
+	int hup_fd;                      /* epoll set of the client's close alone (socks_bind_hup), or -1 */
+	ev_io hup;
 };
 
 /* s->proto_state during the handshake; freed before relay_start or by socks_session_free. */
@@ -155,6 +158,10 @@ socks_bind_free(struct socks_bind *b)
 	if (b->fd >= 0) {
 		ev_io_stop(capd_loop, &b->io);
 		close(b->fd);
+	}
+	if (b->hup_fd >= 0) {
+		ev_io_stop(capd_loop, &b->hup);
+		close(b->hup_fd);
 	}
 	ev_timer_stop(capd_loop, &b->timer);
 	resolve_cancel(b->rq);
@@ -527,7 +534,7 @@ socks_bind_start(struct session *s, const struct socks_req *r)
 	struct socks *sk = s->proto_state;
 	struct socks_bind *b = xcalloc(1, sizeof *b);
 
-	b->fd = -1;
+	b->fd = b->hup_fd = -1;
 	ev_init(&b->timer, socks_bind_timeout_cb);
 	sk->bind = b;
 	sk->stage = SOCKS_ST_BIND;
@@ -540,6 +547,40 @@ socks_bind_start(struct session *s, const struct socks_req *r)
 		return;
 	}
 	socks_bind_listen(s, (const struct sockaddr *)&r->addr);
+}
+
+static void
+socks_bind_hup_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop; (void)revents;
+	session_close(w->data, "client closed during BIND");
+}
+
+/*
+ * The BIND wait with hs_in full of early data: reading the client stops
+ * (the peer is to get those bytes first), yet a client that closes must end
+ * the wait then, not at connect_timeout. libev watches readability only,
+ * which unread data keeps up, so an epoll set of its own holding just the
+ * client's FIN or reset (EPOLLRDHUP) is watched instead, until the peer
+ * comes (socks_bind_free). Without it, the wait goes on as before.
+ */
+static void
+socks_bind_hup(struct session *s, struct socks_bind *b)
+{
+	struct epoll_event ev = { .events = EPOLLRDHUP };
+
+	if (b->hup_fd >= 0)
+		return;
+	if ((b->hup_fd = epoll_create1(EPOLL_CLOEXEC)) < 0)
+		return;
+	if (epoll_ctl(b->hup_fd, EPOLL_CTL_ADD, s->client.fd, &ev) < 0) {
+		close(b->hup_fd);
+		b->hup_fd = -1;
+		return;
+	}
+	ev_io_init(&b->hup, socks_bind_hup_cb, b->hup_fd, EV_READ);
+	b->hup.data = s;
+	ev_io_start(capd_loop, &b->hup);
 }
 
 /* ---- UDP ASSOCIATE ---- */
@@ -842,8 +883,11 @@ socks_input(struct session *s)
 			}
 			/* connecting or waiting for the BIND peer: early bytes wait in hs_in
 			 * for the relay; once it is full the client waits (relay_start reads on) */
-			if (buf_used(&s->hs_in) >= SOCKS_HS_MAX)
+			if (buf_used(&s->hs_in) >= SOCKS_HS_MAX) {
 				ev_io_stop(capd_loop, &s->client.rio);
+				if (sk->stage == SOCKS_ST_BIND && sk->bind != NULL)
+					socks_bind_hup(s, sk->bind);
+			}
 			return;
 		}
 		/* PARSE_MORE */

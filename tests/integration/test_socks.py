@@ -1516,3 +1516,35 @@ def test_bind_peer_that_cannot_be_accepted_fails_at_once(capd):
     c.close()
     s = last_session(capd)
     assert s["reason"] == "socks5: BIND: cannot accept the peer: Too many open files", s
+
+
+def test_bind_ends_when_its_client_goes_after_much_early_data(capd):
+    """Regression: a client that sent more early data than the handshake buffer holds
+    (2 KiB) while BIND waited for its peer, then closed, was not noticed until
+    connect_timeout: with the buffer full capd stopped reading the client, and so
+    never saw its FIN. The wait now ends at the close, as with less early data, and
+    with more early data the peer still gets every byte once it comes."""
+    port = add_socks(capd, "--connect-timeout", "60")
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    c.sendall(os.urandom(6000))
+    time.sleep(0.3)   # read up to the buffer's end first, then the FIN
+    c.close()
+    s = last_session(capd, timeout=5)
+    assert s["reason"] == "client closed during BIND", s
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((bhost, bport), timeout=5)
+    # a client that stays: the peer comes and gets it all, the client the answer
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    early = os.urandom(100000)
+    threading.Thread(target=c.sendall, args=(early,), daemon=True).start()
+    time.sleep(0.3)
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    assert s5_read_reply(c)[0] == 0
+    assert recv_exact(srv, len(early)) == early
+    srv.sendall(b"200 ok\r\n")
+    assert recv_exact(c, 8) == b"200 ok\r\n"
+    c.close()
+    srv.close()
