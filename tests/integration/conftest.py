@@ -506,19 +506,25 @@ def tcp_stream_of(pcap, session_id):
     return int(vals[0]) if vals else None
 
 
-def follow_session(pcap, session_id):
+def follow_session(pcap, session_id, client=None):
     """tcp_stream_of and follow_tcp of capd session N in one tshark pass (each pass costs
     a second on a loaded machine): (stream or None, client_to_server, server_to_client),
     the payloads of the stream's packets in capture order (capd writes them in order,
-    with no retransmissions)."""
+    with no retransmissions). client_to_server is what the session's client sent:
+    client is its address as capctl shows it ("127.0.0.1:40000", "[::1]:40000"), or its
+    session record; without it, the sender of the session's SYN in this file. A file
+    without that SYN (the session began in an earlier one, before a rotation) needs
+    client: its first packet may come from either side."""
+    if isinstance(client, dict):
+        client = client["client"]
     r = tshark("-r", pcap, "-Y", "tcp", "-T", "fields", "-E", "separator=/t", "-e", "tcp.stream",
                "-e", "tcp.srcport", "-e", "tcp.flags.syn", "-e", "tcp.flags.ack", "-e", "tcp.payload",
-               "-e", "frame.comment")
+               "-e", "frame.comment", "-e", "ip.src", "-e", "ipv6.src")
     assert r.returncode == 0, r.stderr
     want = re.compile(rf"capd session {session_id}\b")
     rows = [line.split("\t") for line in r.stdout.splitlines()]
     stream = None
-    for st, _, syn, ack, _, comment in rows:
+    for st, _, syn, ack, _, comment, _, _ in rows:
         if syn in ("1", "True") and ack in ("0", "False") and want.search(comment):
             stream = st
             break
@@ -527,11 +533,16 @@ def follow_session(pcap, session_id):
     if stream is None:
         return None, b"", b""
     mine = [row for row in rows if row[0] == stream]
-    client = next((row[1] for row in mine if row[2] in ("1", "True") and row[3] in ("0", "False")), mine[0][1])
+    if client is None:
+        syn = next((row for row in mine if row[2] in ("1", "True") and row[3] in ("0", "False")), None)
+        assert syn is not None, (f"{pcap} holds session {session_id} without its SYN: "
+                                 "pass its client address to tell up from down")
+        client = f"[{syn[7]}]:{syn[1]}" if syn[7] else f"{syn[6]}:{syn[1]}"
     up, down = bytearray(), bytearray()
-    for _, sport, _, _, payload, _ in mine:
+    for _, sport, _, _, payload, _, src4, src6 in mine:
         if payload:
-            (up if sport == client else down).extend(bytes.fromhex(payload.replace(":", "")))
+            sender = f"[{src6}]:{sport}" if src6 else f"{src4}:{sport}"
+            (up if sender == client else down).extend(bytes.fromhex(payload.replace(":", "")))
     return int(stream), bytes(up), bytes(down)
 
 

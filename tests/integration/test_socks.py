@@ -133,9 +133,10 @@ def pcap_with(capd, sid, timeout=10):
     """The spool file whose packets name session sid, and the session's bytes up and
     down in it (follow_session: one tshark pass a file)."""
     deadline = time.time() + timeout
+    client = capd.session(sid)  # up is what it sent, also in a file that has no SYN of it
     while True:
         for p in capd.pcaps():
-            st, up, down = follow_session(p, sid)
+            st, up, down = follow_session(p, sid, client)
             if st is not None:
                 return p, up, down
         if time.time() > deadline:

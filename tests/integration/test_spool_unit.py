@@ -521,12 +521,13 @@ def test_ring_larger_than_the_disk_keeps_the_newest(server, tiny_spool):
     server.down = os.urandom(100000)
     up = os.urandom(50000)
     assert transfer("127.0.0.1", port, up) == server.down
-    sid = closed_sessions(capd, 2)[-1]["id"]
+    s = closed_sessions(capd, 2)[-1]
+    sid = s["id"]
     got = None
     while time.time() < deadline + 5:  # more old files may have to go first
         capd.flush()
         for p in reversed(capd.pcaps()):  # the newest file that holds the session
-            stream, *both = follow_session(p, sid)
+            stream, *both = follow_session(p, sid, s)  # the newest file may not have its SYN
             if stream is not None:
                 got = tuple(both)
                 break
@@ -966,3 +967,39 @@ def test_sessions_on_several_workers_keep_their_interface_in_time_order(capd_fac
                 back += 1
             last[iface] = max(t, last.get(iface, 0.0))
     assert packets > 2000 and back == 0, (packets, back)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_follow_session_after_rotation_knows_the_client(capd, host):
+    """Regression (conftest.follow_session): in a file without the session's SYN (it
+    went on after a rotation) the side of the first packet was taken for the client,
+    so when the server spoke first there, up and down came out swapped. With the
+    session's client address it tells them apart; without it, such a file is an error
+    rather than a guess."""
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    srv.bind((host, 0))
+    srv.listen(1)
+    to = f"[{host}]" if ":" in host else host
+    port = forward(capd, f"{to}:{srv.getsockname()[1]}", listen=host)
+    with srv, socket.create_connection((host, port), timeout=10) as c:
+        a, _ = srv.accept()
+        with a:
+            c.sendall(b"before")
+            assert a.recv(100) == b"before"
+            s = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "open")[-1]
+            capd.flush()
+            first = capd.pcaps()[-1]
+            capd.ctl("capture", "rotate")
+            a.sendall(b"server first")
+            assert c.recv(100) == b"server first"
+            c.sendall(b"client next")
+            assert a.recv(100) == b"client next"
+    capd.wait_sessions(lambda ss: ss[-1]["state"] == "closed")
+    capd.flush()
+    second = capd.pcaps()[-1]
+    assert second != first
+    assert follow_session(first, s["id"])[1:] == (b"before", b"")  # its SYN is there
+    assert follow_session(second, s["id"], s)[1:] == (b"client next", b"server first")
+    assert follow_session(second, s["id"], s["client"])[1:] == (b"client next", b"server first")
+    with pytest.raises(AssertionError, match="without its SYN"):
+        follow_session(second, s["id"])

@@ -54,9 +54,10 @@ def session_bytes(capd, sid, timeout=10):
     """(spool file, bytes up, bytes down) of session sid once the spool holds it: one
     follow_session pass a file (pcap_for, tcp_stream_of and follow_tcp were three)."""
     deadline = time.time() + timeout
+    client = capd.session(sid)  # up is what it sent, also in a file that has no SYN of it
     while True:
         for p in reversed(capd.pcaps()):
-            stream, up, down = follow_session(p, sid)
+            stream, up, down = follow_session(p, sid, client)
             if stream is not None:
                 return p, up, down
         if time.time() > deadline:
