@@ -421,6 +421,7 @@ socks_bind_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	sk->bind = NULL;
 	socks_bind_free(b);
 	session_set_upstream(s, fd, (struct sockaddr *)&peer);
+	s->inbound = true;  /* the peer connected: its SYN comes first in the capture */
 	socks_grant(s, (struct sockaddr *)&peer, false);
 }
 

@@ -921,9 +921,13 @@ session_opened(struct session *s)
 		memcpy(comment, inst->proto->name, pn);
 		comment[pn] = '/';
 		session_strcpy(comment + pn + 1, inst->name, sizeof comment - pn - 1);
-		s->flow = spool_flow_open(inst->spool_iface, s->id, s->datagram ? IPPROTO_UDP : IPPROTO_TCP,
-		                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&s->target_addr,
-		                          comment);
+		if (s->inbound)
+			s->flow = spool_flow_open_inbound(inst->spool_iface, s->id, (struct sockaddr *)&s->client_addr,
+			                                  (struct sockaddr *)&s->target_addr, comment);
+		else
+			s->flow = spool_flow_open(inst->spool_iface, s->id, s->datagram ? IPPROTO_UDP : IPPROTO_TCP,
+			                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&s->target_addr,
+			                          comment);
 	}
 	if (events_active()) {
 		capd_lock();

@@ -72,6 +72,7 @@ struct session {
 	struct side client, upstream;
 	struct sockaddr_storage client_addr, target_addr;
 	bool have_target;           /* target_addr is set */
+	bool inbound;               /* the target connected to capd (a SOCKS BIND peer): so in the capture */
 	char target_name[HOST_MAX + 8]; /* "name:port" as the client asked, or "" */
 
 	struct buf hs_in, hs_out;   /* handshake bytes; what is left passes to the relay */

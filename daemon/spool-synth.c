@@ -348,9 +348,10 @@ synth_open(struct synth_flow *sf)
 	if (sf->proto != IPPROTO_TCP || sf->opened)
 		return;
 	sf->opened = true;
-	tcp_segment(sf, SYNTH_UP, TH_SYN, NULL, 0, NULL);
-	tcp_segment(sf, SYNTH_DOWN, TH_SYN | TH_ACK, NULL, 0, NULL);
-	tcp_segment(sf, SYNTH_UP, TH_ACK, NULL, 0, NULL);
+	int from = sf->inbound ? SYNTH_DOWN : SYNTH_UP, to = sf->inbound ? SYNTH_UP : SYNTH_DOWN;
+	tcp_segment(sf, from, TH_SYN, NULL, 0, NULL);
+	tcp_segment(sf, to, TH_SYN | TH_ACK, NULL, 0, NULL);
+	tcp_segment(sf, from, TH_ACK, NULL, 0, NULL);
 }
 
 void

@@ -60,6 +60,7 @@ struct synth_flow {
 	uint16_t ipid[2];
 	uint32_t fragid[2];   /* IPv6: the next fragment identification of the client / the target */
 	bool opened;          /* handshake written */
+	bool inbound;         /* the target opened the connection (a SOCKS BIND peer): its SYN comes first */
 	bool fin[2];          /* FIN sent by the client / the target */
 	bool closed;          /* RST or final FINs written: nothing more */
 	bool nocsum;          /* leave checksums zero: the packets are being counted, not kept */
@@ -76,7 +77,7 @@ int synth_flow_init(struct synth_flow *sf, int proto, const struct sockaddr *cli
                     const struct sockaddr *target, uint32_t isn_client, uint32_t isn_target,
                     synth_emit_fn *emit, void *arg);
 
-/* TCP: SYN, SYN-ACK, ACK. Nothing for UDP. */
+/* TCP: SYN, SYN-ACK, ACK (from the target first when inbound). Nothing for UDP. */
 void synth_open(struct synth_flow *sf);
 /*
  * TCP: n stream bytes sent by dir's source, cut into segments, then an ACK

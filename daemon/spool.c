@@ -107,6 +107,7 @@ struct rec_open {
 	struct sockaddr_storage client, target;
 	uint64_t session;
 	int proto;
+	bool inbound;  /* the target opened the connection (spool_flow_open_inbound) */
 };
 
 /*
@@ -1337,6 +1338,7 @@ writer_flow_open(const struct rec *r)
 		return;
 	f->ready = true;
 	f->sf.nocsum = writer_nocsum();
+	f->sf.inbound = o.inbound;
 	synth_open(&f->sf);
 }
 
@@ -2125,9 +2127,9 @@ sockaddr_size(const struct sockaddr *sa)
 	return sa->sa_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
 }
 
-struct spool_flow *
-spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr *client,
-                const struct sockaddr *target, const char *comment)
+static struct spool_flow *
+spool_flow_open_as(int iface, uint64_t session_id, int proto, const struct sockaddr *client,
+                   const struct sockaddr *target, const char *comment, bool inbound)
 {
 	struct rec_open o;
 	struct spool_flow *f;
@@ -2152,10 +2154,25 @@ spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr
 	memcpy(&o.target, target, sockaddr_size(target));
 	o.session = session_id;
 	o.proto = proto;
+	o.inbound = inbound;
 	rec_init(&r, REC_OPEN, f);
 	r.iface = iface;
 	queue_put(&r, &o, sizeof o, comment, comment ? strlen(comment) : 0, false);
 	return f;
+}
+
+struct spool_flow *
+spool_flow_open(int iface, uint64_t session_id, int proto, const struct sockaddr *client,
+                const struct sockaddr *target, const char *comment)
+{
+	return spool_flow_open_as(iface, session_id, proto, client, target, comment, false);
+}
+
+struct spool_flow *
+spool_flow_open_inbound(int iface, uint64_t session_id, const struct sockaddr *client,
+                        const struct sockaddr *target, const char *comment)
+{
+	return spool_flow_open_as(iface, session_id, IPPROTO_TCP, client, target, comment, true);
 }
 
 void

@@ -53,6 +53,10 @@ uint64_t spool_iface_dropped(int iface);
 struct spool_flow *spool_flow_open(int iface, uint64_t session_id, int proto,
                                    const struct sockaddr *client, const struct sockaddr *target,
                                    const char *comment);
+/* spool_flow_open of a TCP connection the target opened toward capd (a SOCKS
+ * BIND peer): the capture shows the target's SYN first. */
+struct spool_flow *spool_flow_open_inbound(int iface, uint64_t session_id, const struct sockaddr *client,
+                                           const struct sockaddr *target, const char *comment);
 /* TCP: stream bytes in one direction; UDP: one datagram. */
 void spool_flow_data(struct spool_flow *f, enum dir d, const void *p, size_t n);
 /*

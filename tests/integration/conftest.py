@@ -512,7 +512,8 @@ def follow_session(pcap, session_id, client=None):
     the payloads of the stream's packets in capture order (capd writes them in order,
     with no retransmissions). client_to_server is what the session's client sent:
     client is its address as capctl shows it ("127.0.0.1:40000", "[::1]:40000"), or its
-    session record; without it, the sender of the session's SYN in this file. A file
+    session record; without it, the sender of the session's SYN in this file (the peer,
+    not the client, of a SOCKS BIND, which the peer opened). A file
     without that SYN (the session began in an earlier one, before a rotation) needs
     client: its first packet may come from either side."""
     if isinstance(client, dict):

@@ -1549,3 +1549,32 @@ def test_bind_ends_when_its_client_goes_after_much_early_data(capd):
     assert recv_exact(c, 8) == b"200 ok\r\n"
     c.close()
     srv.close()
+
+
+def test_bind_capture_shows_the_peer_connecting(capd):
+    """Regression: the capture of a BIND connection showed the client opening it toward
+    the peer (the client's SYN, as for CONNECT), though the peer connected to capd. The
+    peer's SYN now comes first; each side's bytes stay its own."""
+    port = add_socks(capd)
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    srv = socket.create_connection((bhost, bport), timeout=10)
+    peer = srv.getsockname()
+    assert s5_read_reply(c)[0] == 0
+    srv.sendall(b"220 peer\r\n")
+    assert recv_exact(c, 10) == b"220 peer\r\n"
+    c.sendall(b"client\r\n")
+    assert recv_exact(srv, 8) == b"client\r\n"
+    c.close()
+    assert recv_all(srv) == b""
+    srv.close()
+    s = last_session(capd)
+    assert s["target"] == f"{peer[0]}:{peer[1]}", s
+    capd.flush()
+    pcap, up, down = pcap_with(capd, s["id"])
+    assert (up, down) == (b"client\r\n", b"220 peer\r\n")
+    r = tshark("-r", pcap, "-Y", f'tcp.flags.syn == 1 && frame.comment contains "capd session {s["id"]} "',
+               "-T", "fields", "-e", "tcp.srcport", "-e", "tcp.flags.ack")
+    syns = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [(p, a in ("1", "True")) for p, a in syns] == [(str(peer[1]), False), (s["client"].split(":")[1], True)], syns
