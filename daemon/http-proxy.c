@@ -42,7 +42,7 @@
 #include "values.h"
 #include "xmalloc.h"
 
-#define HTTP_WAIT_REQUEST 60.0  /* seconds a new (or handed-on) client connection has to complete a request head */
+#define HTTP_WAIT_REQUEST 60.0  /* header_timeout's default: nginx's client_header_timeout */
 #define HTTP_NOTE_MAX 200
 
 enum { UP_HEAD, UP_BODY, UP_WAIT, UP_TUNNEL };
@@ -95,7 +95,7 @@ http_cfg_limits(struct http_cfg *cfg, struct params *p)
 		return params_fail(p, "max_header_size", "max_header_size must be between 1K and 64K");
 	cfg->lim.max_head = (size_t)max;
 	cfg->lim.max_headers = HTTP_MAX_HEADERS;
-	return 0;
+	return params_duration(p, "header_timeout", HTTP_WAIT_REQUEST, &cfg->head_timeout);
 }
 
 void
@@ -605,7 +605,8 @@ http_proxy_accepted(struct session *s)
 
 	s->proto_state = hc;
 	s->proto = "http";
-	session_set_deadline(s, HTTP_WAIT_REQUEST);
+	if (cfg->head_timeout > 0)
+		session_set_deadline(s, cfg->head_timeout);
 	if (cfg->reverse)
 		tls_accept_start(s, cfg->tls);  /* nothing unless tls = yes|auto */
 }

@@ -20,7 +20,7 @@
 #include "xmalloc.h"
 
 static const char *const reverse_keys[] = {
-	"route", "default", "max_header_size",
+	"route", "default", "max_header_size", "header_timeout",
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
@@ -239,6 +239,7 @@ reverse_describe(struct instance *inst, json_t *o)
 		json_decref(d);
 	}
 	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
+	json_object_set_new(o, "header_timeout", json_real(cfg->head_timeout));
 	tls_describe(cfg->tls, o);
 }
 
