@@ -101,15 +101,20 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 			const char *name = json_string_value(json_object_get(r, "name"));
 			const char *now = json_string_value(json_object_get(r, "addr"));
 			const char *was = json_string_value(json_object_get(r, "previous"));
+			json_t *kept = json_object_get(r, "kept"), *a;
+			size_t i;
 
-			if (json_is_true(json_object_get(r, "already"))) {
-				printf("%s -> %s\n", name, now);
+			printf("%s -> %s", name, now);
+			if (was != NULL && !json_is_true(json_object_get(r, "already")))
+				printf(" (was %s)", was);
+			/* the name's line of the other family stays, and still takes clients that prefer it */
+			json_array_foreach(kept, i, a)
+				printf("%s%s", i == 0 ? ", keeps " : ", ", json_string_value(a));
+			if (json_array_size(kept) > 0)
+				printf(" for IPv%c", strchr(now, ':') ? '4' : '6');
+			putchar('\n');
+			if (json_is_true(json_object_get(r, "already")))
 				fprintf(stderr, "capctl: %s pointed at %s already; nothing changed\n", name, now);
-			} else if (was != NULL) {
-				printf("%s -> %s (was %s)\n", name, now, was);
-			} else {
-				printf("%s -> %s\n", name, now);
-			}
 		}
 		if (!o->json && (shadow = json_object_get(r, "shadowed")) != NULL)
 			fprintf(stderr, "capctl: warning: line %lld of %s maps %s to %s before capd's block, "

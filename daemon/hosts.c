@@ -39,23 +39,44 @@ hosts_set_free(struct hosts_set *set)
 	set->n = 0;
 }
 
+int
+hosts_addr_family(const char *addr)
+{
+	return strchr(addr, ':') != NULL ? AF_INET6 : AF_INET;
+}
+
 void
 hosts_set_put(struct hosts_set *set, const char *name, const char *addr)
 {
-	size_t i, k;
+	int fam = hosts_addr_family(addr);
+	size_t i, k, first = set->n, last = set->n;
 
-	for (i = 0; i < set->n && strcasecmp(set->v[i].name, name) != 0; i++)
-		;
-	if (i == set->n) {
+	for (i = 0; i < set->n; i++) {
+		if (strcasecmp(set->v[i].name, name) != 0)
+			continue;
+		last = i;
+		if (first == set->n && hosts_addr_family(set->v[i].addr) == fam)
+			first = i;
+	}
+	if (first < set->n) {
+		/* the name's first line of that family takes the address, its other lines of that family go */
+		snprintf(set->v[first].addr, sizeof set->v[first].addr, "%s", addr);
+		for (k = i = first + 1; i < set->n; i++)
+			if (strcasecmp(set->v[i].name, name) != 0 || hosts_addr_family(set->v[i].addr) != fam)
+				set->v[k++] = set->v[i];
+		set->n = k;
+		return;
+	}
+	if (last == set->n) {
 		hosts_set_keep(set, name, addr);
 		return;
 	}
-	/* the name's first line takes the address, its other lines go */
-	snprintf(set->v[i].addr, sizeof set->v[i].addr, "%s", addr);
-	for (k = ++i; i < set->n; i++)
-		if (strcasecmp(set->v[i].name, name) != 0)
-			set->v[k++] = set->v[i];
-	set->n = k;
+	/* a line of the other family only: the new one goes right after the name's last line */
+	set->v = xrealloc(set->v, (set->n + 1) * sizeof *set->v);
+	memmove(set->v + last + 2, set->v + last + 1, (set->n - last - 1) * sizeof *set->v);
+	snprintf(set->v[last + 1].name, sizeof set->v[last + 1].name, "%s", name);
+	snprintf(set->v[last + 1].addr, sizeof set->v[last + 1].addr, "%s", addr);
+	set->n++;
 }
 
 void

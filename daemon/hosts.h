@@ -36,7 +36,14 @@ struct hosts_set {
 };
 
 void hosts_set_free(struct hosts_set *set);
-/* Points name at addr alone: its first entry takes addr, its others go; added when it has none. */
+/* AF_INET or AF_INET6: the family of a normalised address (hosts_entry_check's norm). */
+int hosts_addr_family(const char *addr);
+/*
+ * Points name at addr for addr's family: its first entry of that family takes addr, its
+ * others of that family go, and its entries of the other family stay (an IPv4 and an IPv6
+ * line for one name). With none of that family, the entry goes after the name's last line,
+ * or at the end when it has none.
+ */
 void hosts_set_put(struct hosts_set *set, const char *name, const char *addr);
 /* Adds the entry name addr unless it is there: name's other entries stay. */
 void hosts_set_keep(struct hosts_set *set, const char *name, const char *addr);

@@ -30,7 +30,8 @@ struct hosts_edit {
 	enum hosts_op op;
 	const char *name, *addr;
 	bool found;             /* remove: the name was there */
-	char was[8 * HOSTS_ADDR_MAX]; /* add: the name's addresses before, ", " between, "" when it had none */
+	char was[8 * HOSTS_ADDR_MAX]; /* add: the name's addresses of addr's family before, ", " between, "" when none */
+	struct hosts_set kept;  /* add: the name's entries of the other family, which stay */
 	size_t shadow_line;     /* add: a line before the block that maps the name (0: none) ... */
 	char shadow[HOSTS_ADDR_MAX]; /* ... and its address */
 	size_t removed;         /* clear: how many went */
@@ -66,8 +67,9 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 		e->was[0] = '\0';  /* this may run again, on a file changed meanwhile */
 		for (size_t i = 0, w = 0; i < set.n; i++)
 			if (strcasecmp(set.v[i].name, e->name) == 0 &&
+			    hosts_addr_family(set.v[i].addr) == hosts_addr_family(e->addr) &&
 			    w + strlen(set.v[i].addr) + 3 <= sizeof e->was) {
-				/* every address it had ("10.0.0.5, fd00::5"): the add replaces them all */
+				/* every address of its family ("10.0.0.5, 10.0.0.6"): the add replaces them all */
 				w += (size_t)snprintf(e->was + w, sizeof e->was - w, "%s%s", w ? ", " : "", set.v[i].addr);
 			}
 		e->shadow_line = hosts_shadow(cur, len, e->name, e->shadow);
@@ -80,6 +82,13 @@ hosts_edit_cb(const char *cur, size_t len, size_t *outlen, void *arg, char **why
 	switch (e->op) {
 	case HOSTS_OP_ADD:
 		hosts_set_put(&set, e->name, e->addr);
+		/* the name's lines of the other family stay (an IPv4 and an IPv6 address): said, as they
+		 * still send clients that prefer that family elsewhere */
+		hosts_set_free(&e->kept);
+		for (size_t i = 0; i < set.n; i++)
+			if (strcasecmp(set.v[i].name, e->name) == 0 &&
+			    hosts_addr_family(set.v[i].addr) != hosts_addr_family(e->addr))
+				hosts_set_keep(&e->kept, set.v[i].name, set.v[i].addr);
 		break;
 	case HOSTS_OP_REMOVE:
 		e->found = hosts_set_del(&set, e->name);
@@ -182,23 +191,35 @@ hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents)
 int
 hosts_add(const char *name, const char *addr, json_t **result, char **why)
 {
-	char norm[HOSTS_ADDR_MAX];
+	char norm[HOSTS_ADDR_MAX], kept[8 * HOSTS_ADDR_MAX] = "";
 	struct hosts_edit e = { .op = HOSTS_OP_ADD, .name = name };
+	json_t *kept_v;
 
 	if (hosts_entry_check(name, addr, norm, why) < 0)
 		return -1;
 	e.addr = norm;
-	if (hosts_run(&e, why) < 0)
+	if (hosts_run(&e, why) < 0) {
+		hosts_set_free(&e.kept);
 		return -1;
+	}
+	kept_v = json_array();
+	for (size_t i = 0, w = 0; i < e.kept.n; i++) {
+		json_array_append_new(kept_v, json_string(e.kept.v[i].addr));
+		if (w + strlen(e.kept.v[i].addr) + 3 <= sizeof kept)
+			w += (size_t)snprintf(kept + w, sizeof kept - w, "%s%s", w ? ", " : "", e.kept.v[i].addr);
+	}
+	hosts_set_free(&e.kept);
 	/* the same line again writes nothing (hosts_file_update), and says so */
 	if (strcmp(e.was, norm) == 0)
 		log_info("hosts: %s -> %s already in %s", name, norm, hosts_path());
 	else if (e.was[0] != '\0')
-		log_info("hosts: %s -> %s in %s (was %s)", name, norm, hosts_path(), e.was);
+		log_info("hosts: %s -> %s in %s (was %s)%s%s", name, norm, hosts_path(), e.was, kept[0] ? ", kept " : "",
+		         kept);
 	else
-		log_info("hosts: %s -> %s in %s", name, norm, hosts_path());
-	*result = json_pack("{s:s, s:s, s:s, s:b, s:o}", "name", name, "addr", norm, "file", hosts_path(), "already",
-	                    strcmp(e.was, norm) == 0, "previous", e.was[0] ? json_string(e.was) : json_null());
+		log_info("hosts: %s -> %s in %s%s%s", name, norm, hosts_path(), kept[0] ? ", kept " : "", kept);
+	*result = json_pack("{s:s, s:s, s:s, s:b, s:o, s:o}", "name", name, "addr", norm, "file", hosts_path(), "already",
+	                    strcmp(e.was, norm) == 0, "previous", e.was[0] ? json_string(e.was) : json_null(), "kept",
+	                    kept_v);
 	if (e.shadow_line > 0 && strcmp(e.shadow, norm) != 0) {
 		/* written, but resolvers take the other line: the user has to hear it */
 		log_warnx("hosts: line %zu of %s maps %s to %s before capd's block: resolvers take that one",

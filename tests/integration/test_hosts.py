@@ -69,12 +69,12 @@ def test_add_list_remove_clear(hostsd):
     assert text == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("v6.test", "::1"), ("other.test", "10.1.2.3"))
     st = path.stat()
     assert stat.S_IMODE(st.st_mode) == 0o640  # the mode survives
-    # adding a name again changes its address in place
-    c.ctl("hosts", "add", "v6.test", "127.0.0.9")
-    assert path.read_bytes() == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("v6.test", "127.0.0.9"),
+    # adding a name again changes its address (of that family) in place
+    c.ctl("hosts", "add", "v6.test", "::9")
+    assert path.read_bytes() == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("v6.test", "::9"),
                                                      ("other.test", "10.1.2.3"))
     table = c.ctl("hosts", "list").stdout
-    assert "NAME" in table and "v6.test" in table and "127.0.0.9" in table
+    assert "NAME" in table and "v6.test" in table and "::9" in table
     c.ctl("hosts", "remove", "v6.test")
     assert path.read_bytes() == ORIG + b"\n" + block(("www.example.com", "127.0.0.1"), ("other.test", "10.1.2.3"))
     r = c.ctl("hosts", "remove", "v6.test", check=False)
@@ -127,12 +127,13 @@ def test_adding_an_entry_that_is_there_says_so(hostsd):
         assert r.stderr.strip() == f"capctl: {args[0]} pointed at 127.0.0.1 already; nothing changed", r.stderr
     assert path.read_bytes() == before and path.stat().st_ino == ino
     assert c.ctl("hosts", "add", "a.test", json_out=True) == {
-        "name": "a.test", "addr": "127.0.0.1", "file": str(path), "already": True, "previous": "127.0.0.1"}
-    r = c.ctl("hosts", "add", "a.test", "::1")
-    assert r.stdout.strip() == "a.test -> ::1 (was 127.0.0.1)" and r.stderr == ""
+        "name": "a.test", "addr": "127.0.0.1", "file": str(path), "already": True, "previous": "127.0.0.1",
+        "kept": []}
+    r = c.ctl("hosts", "add", "a.test", "127.0.0.2")
+    assert r.stdout.strip() == "a.test -> 127.0.0.2 (was 127.0.0.1)" and r.stderr == ""
     assert c.ctl("hosts", "add", "b.test", json_out=True) == {
-        "name": "b.test", "addr": "127.0.0.1", "file": str(path), "already": False, "previous": None}
-    assert path.read_bytes() == ORIG + b"\n" + block(("a.test", "::1"), ("b.test", "127.0.0.1"))
+        "name": "b.test", "addr": "127.0.0.1", "file": str(path), "already": False, "previous": None, "kept": []}
+    assert path.read_bytes() == ORIG + b"\n" + block(("a.test", "127.0.0.2"), ("b.test", "127.0.0.1"))
     assert "a.test -> 127.0.0.1 in" in c.log() and "a.test -> 127.0.0.1 already in" in c.log()
 
 
@@ -462,7 +463,8 @@ def test_two_lines_for_one_name_survive_an_edit(tmp_path):
     address, as /etc/hosts allows; getent ahosts gives both) was read as one address per name,
     the last line winning, and the next capctl edit of another name wrote the block back
     without the IPv4 line. Every line is kept now; adding that name itself points it at the
-    one address given (and says which it had)."""
+    address given for that address's family (and says which it had, and which line of the
+    other family stays)."""
     (tmp_path / "capd.conf").write_text(
         "[capd]\n"
         f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
@@ -480,8 +482,8 @@ def test_two_lines_for_one_name_survive_an_edit(tmp_path):
     assert "after: 10.0.0.5 fd00::5 \n" in out, out + log
     assert [ln.split() for ln in out.splitlines() if ln.startswith("web.test") and "->" not in ln] == [
         ["web.test", "10.0.0.5"], ["web.test", "fd00::5"]], out
-    assert "web.test -> 10.0.0.9 (was 10.0.0.5, fd00::5)" in out, out
-    assert "replaced: 10.0.0.9 \n" in out, out + log
+    assert "web.test -> 10.0.0.9 (was 10.0.0.5), keeps fd00::5 for IPv6" in out, out
+    assert "replaced: 10.0.0.9 fd00::5 \n" in out, out + log
 
 
 def test_longest_ipv6_address_in_brackets(hostsd):
@@ -491,3 +493,75 @@ def test_longest_ipv6_address_in_brackets(hostsd):
     r = c.ctl("hosts", "add", "long.test", "[0000:0000:0000:0000:0000:ffff:255.255.255.255]")
     assert r.stdout.strip() == "long.test -> ::ffff:255.255.255.255"
     assert path.read_bytes() == ORIG + b"\n" + block(("long.test", "::ffff:255.255.255.255"))
+
+
+PAIR_SCRIPT = PRIVATE_ETC + r"""
+printf '127.0.0.1\tlocalhost\n' > "$T/etc/hosts"
+mount --bind "$T/etc" /etc
+"$CAPD" -c "$T/capd.conf" > "$T/capd.log" 2>&1 &
+PID=$!
+for i in $(seq 100); do [ -S "$T/capd.sock" ] && break; sleep 0.05; done
+seen() { echo "$1: $(getent ahosts pair.test | cut -d' ' -f1 | sort -u | tr '\n' ' ')"; }
+"$CAPCTL" -s "$T/capd.sock" hosts add pair.test
+seen v4
+"$CAPCTL" -s "$T/capd.sock" hosts add pair.test ::1
+seen pair
+"$CAPCTL" -s "$T/capd.sock" hosts add pair.test 127.0.0.2
+seen v4-replaced
+"$CAPCTL" -s "$T/capd.sock" hosts add pair.test ::2
+seen v6-replaced
+"$CAPCTL" -s "$T/capd.sock" hosts remove pair.test
+seen removed
+kill -TERM $PID
+wait $PID || true
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_add_of_one_family_keeps_the_other(tmp_path):
+    """Regression: `hosts add NAME ADDR` replaced every line of NAME in capd's block, so capctl
+    alone could not give a name an IPv4 and an IPv6 address (getent ahosts gave only the last
+    one added), and an IPv4 add left no trace of what it did to the IPv6 line. An add replaces
+    only NAME's lines of ADDR's family and says which line of the other family stays; remove
+    takes them all. Shown with the real resolver on a hosts file bound over a private /etc."""
+    (tmp_path / "capd.conf").write_text(
+        "[capd]\n"
+        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
+        "hosts_file = /etc/hosts\nhosts_restore = no\n")
+    script = tmp_path / "ns.sh"
+    script.write_text(PAIR_SCRIPT)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
+                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr + log
+    assert out.splitlines() == [
+        "pair.test -> 127.0.0.1", "v4: 127.0.0.1 ",
+        "pair.test -> ::1, keeps 127.0.0.1 for IPv4", "pair: 127.0.0.1 ::1 ",
+        "pair.test -> 127.0.0.2 (was 127.0.0.1), keeps ::1 for IPv6", "v4-replaced: 127.0.0.2 ::1 ",
+        "pair.test -> ::2 (was ::1), keeps 127.0.0.2 for IPv4", "v6-replaced: 127.0.0.2 ::2 ",
+        "removed pair.test", "removed: "], out + r.stderr + log
+
+
+def test_add_of_one_family_keeps_the_other_in_the_file(hostsd):
+    """The same, in the file and in --json: `previous` is what the add replaced (its family's
+    lines), `kept` the other family's addresses that stay; a line of the new family goes
+    right after the name's line."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "pair.test", "::1")
+    c.ctl("hosts", "add", "z.test")
+    assert c.ctl("hosts", "add", "pair.test", "10.0.0.1", json_out=True) == {
+        "name": "pair.test", "addr": "10.0.0.1", "file": str(path), "already": False, "previous": None,
+        "kept": ["::1"]}
+    assert path.read_bytes() == ORIG + b"\n" + block(("pair.test", "::1"), ("pair.test", "10.0.0.1"),
+                                                     ("z.test", "127.0.0.1"))
+    assert c.ctl("hosts", "add", "pair.test", "[::2]", json_out=True) == {
+        "name": "pair.test", "addr": "::2", "file": str(path), "already": False, "previous": "::1",
+        "kept": ["10.0.0.1"]}
+    r = c.ctl("hosts", "add", "pair.test", "10.0.0.1")
+    assert r.stdout == "pair.test -> 10.0.0.1, keeps ::2 for IPv6\n"
+    assert r.stderr == "capctl: pair.test pointed at 10.0.0.1 already; nothing changed\n"
+    assert path.read_bytes() == ORIG + b"\n" + block(("pair.test", "::2"), ("pair.test", "10.0.0.1"),
+                                                     ("z.test", "127.0.0.1"))
+    assert c.ctl("hosts", "remove", "pair.test").stdout == "removed pair.test\n"
+    assert path.read_bytes() == ORIG + b"\n" + block(("z.test", "127.0.0.1"))

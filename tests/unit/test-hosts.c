@@ -46,14 +46,27 @@ test_set(void **state)
 	hosts_set_keep(&s, "w.test", "10.0.0.5");
 	assert_int_equal(s.n, 4);
 	assert_string_equal(s.v[3].addr, "fd00::5");
-	/* put points the name at one address: its first entry takes it, the others go */
+	/* put points the name at one address of its family: the first entry of that family
+	 * takes it, the others of that family go, the other family's stay */
+	hosts_set_keep(&s, "w.test", "10.0.0.7");
 	hosts_set_put(&s, "w.test", "10.0.0.9");
-	assert_int_equal(s.n, 3);
+	assert_int_equal(s.n, 4);
 	assert_string_equal(s.v[1].addr, "10.0.0.9");
 	assert_string_equal(s.v[2].name, "c.test");
-	hosts_set_keep(&s, "w.test", "fd00::5");
+	assert_string_equal(s.v[3].addr, "fd00::5");
+	hosts_set_put(&s, "w.test", "fd00::9");
+	assert_int_equal(s.n, 4);
+	assert_string_equal(s.v[1].addr, "10.0.0.9");
+	assert_string_equal(s.v[3].addr, "fd00::9");
+	/* a family the name has no line of: right after its last line */
+	hosts_set_put(&s, "c.test", "::6");
+	assert_int_equal(s.n, 5);
+	assert_string_equal(s.v[2].addr, "10.0.0.6");
+	assert_string_equal(s.v[3].name, "c.test");
+	assert_string_equal(s.v[3].addr, "::6");
+	assert_string_equal(s.v[4].addr, "fd00::9");
 	assert_true(hosts_set_del(&s, "w.test"));  /* all of them */
-	assert_int_equal(s.n, 2);
+	assert_int_equal(s.n, 3);
 	assert_string_equal(s.v[1].name, "c.test");
 	hosts_set_free(&s);
 	hosts_set_free(&s);
