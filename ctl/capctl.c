@@ -46,6 +46,13 @@ usage_error(const char *fmt, ...)
 	return CTL_USAGE;
 }
 
+/* The one message for an option given last without its value: "--dir needs a value". */
+int
+ctl_needs_value(const char *opt)
+{
+	return usage_error("%s needs a value", opt);
+}
+
 int
 word_match(const char *word, const char *const *words, int n)
 {
@@ -112,7 +119,7 @@ ctl_instance_opt(int argc, char **argv, int *k, json_t *params)
 
 	if (!strcmp(argv[*k], "--instance")) {
 		if (*k + 1 >= argc)
-			return usage_error("--instance needs a name");
+			return ctl_needs_value(argv[*k]);
 		name = argv[++*k];
 	} else if (!strncmp(argv[*k], "--instance=", 11)) {
 		name = argv[*k] + 11;
@@ -163,7 +170,7 @@ main(int argc, char **argv)
 		}
 		if (!strcmp(argv[i], "-s") || !strcmp(argv[i], "--socket")) {
 			if (++i >= argc)
-				return usage_error("%s needs a path", argv[i - 1]);
+				return ctl_needs_value(argv[i - 1]);
 			o.socket = argv[i];
 		} else if (!strncmp(argv[i], "--socket=", 9)) {
 			o.socket = argv[i] + 9;
@@ -174,7 +181,7 @@ main(int argc, char **argv)
 			char *end;
 
 			if (v == NULL)
-				return usage_error("--timeout needs a number of seconds");
+				return ctl_needs_value(argv[i]);
 			if (argv[i][9] != '=')
 				i++;
 			errno = 0;

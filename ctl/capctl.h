@@ -52,6 +52,8 @@ void output_watch_reader(void);
 const char *output_size(json_t *v, char *buf, size_t n);  /* integer -> "1.2M" */
 const char *output_age(const char *rfc3339, char *buf, size_t n);  /* "3s", "5m", "2h" */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /* prints, returns CTL_USAGE */
+/* "capctl: OPT needs a value" for an option that came last without its value; returns CTL_USAGE. */
+int ctl_needs_value(const char *opt);
 
 /* s as a JSON string (caller owns); NULL after "capctl: WHAT: the value is not UTF-8 text"
  * (exit CTL_USAGE) when it is not UTF-8. */

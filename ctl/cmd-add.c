@@ -464,7 +464,7 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 		continue;
 missing:
 		json_decref(params);
-		return usage_error("%s needs a value", arg);
+		return ctl_needs_value(arg);
 	}
 
 	if (strcmp(type, "sniff") != 0) {

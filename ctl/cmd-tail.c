@@ -319,8 +319,11 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 			t.fmt = FMT_TEXT;
 		} else if (!strcmp(a, "--raw")) {
 			t.fmt = FMT_RAW;
+		} else if ((!strcmp(a, "--dir") || !strcmp(a, "--backlog")) && k + 1 >= argc) {
+			json_decref(params);
+			return ctl_needs_value(a);
 		} else if (!strcmp(a, "--dir") || !strncmp(a, "--dir=", 6)) {
-			const char *w = a[5] == '=' ? a + 6 : (k + 1 < argc ? argv[++k] : "");
+			const char *w = a[5] == '=' ? a + 6 : argv[++k];
 			if (!strcmp(w, "c2s") || !strcmp(w, "up"))
 				t.dir = 0;
 			else if (!strcmp(w, "s2c") || !strcmp(w, "down"))
@@ -330,7 +333,7 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 				return usage_error("--dir takes c2s or s2c, not '%s'", w);
 			}
 		} else if (!strcmp(a, "--backlog") || !strncmp(a, "--backlog=", 10)) {
-			const char *w = a[9] == '=' ? a + 10 : (k + 1 < argc ? argv[++k] : "");
+			const char *w = a[9] == '=' ? a + 10 : argv[++k];
 			if (value_size(w, &v) < 0 || v > INT64_MAX) {
 				json_decref(params);
 				return usage_error("--backlog takes a size (bytes, or with K, M, G), not '%s'", w);

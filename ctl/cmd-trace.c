@@ -272,13 +272,13 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 			return usage_error("trace: %s given twice", is_name ? "--name" : "--pid");
 		if (!strcmp(argv[i], "--name") || !strcmp(argv[i], "-n")) {
 			if (++i >= argc)
-				return usage_error("trace: --name needs a value");
+				return ctl_needs_value(argv[i - 1]);
 			name = argv[i];
 		} else if (!strncmp(argv[i], "--name=", 7)) {
 			name = argv[i] + 7;
 		} else if (!strcmp(argv[i], "--pid") || !strcmp(argv[i], "-p")) {
 			if (++i >= argc)
-				return usage_error("trace: --pid needs a process id");
+				return ctl_needs_value(argv[i - 1]);
 			pidarg = argv[i];
 		} else if (!strncmp(argv[i], "--pid=", 6)) {
 			pidarg = argv[i] + 6;

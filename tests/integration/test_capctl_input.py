@@ -625,3 +625,33 @@ def test_double_dash_ends_the_global_options(capd):
     assert r.returncode == 0 and r.stdout.startswith("capd "), r
     r = capd.ctl("--", check=False)
     assert r.returncode == 2 and r.stdout == "" and "usage: capctl" in r.stderr, r
+
+
+# ---------------------------------------------------------------- an option without its value: exit 2
+
+@pytest.mark.parametrize("args,opt", [
+    (["-s"], "-s"), (["--socket"], "--socket"), (["--timeout"], "--timeout"),
+    (["status", "--json", "--timeout"], None),  # after the command it is no global option
+    (["tail", "session", "3", "--dir"], "--dir"), (["tail", "session", "--dir"], "--dir"),
+    (["tail", "session", "3", "--backlog"], "--backlog"), (["tail", "session", "3", "--dir", "--json"], "--dir"),
+    (["sessions", "--instance"], "--instance"), (["capture", "follow", "--instance"], "--instance"),
+    (["trace", "--name"], "--name"), (["trace", "-n"], "-n"), (["trace", "--pid"], "--pid"), (["trace", "-p"], "-p"),
+    (["add", "socks", "--port"], "--port"), (["add", "socks", "--port", "1080", "--bind"], "--bind"),
+    (["add", "forward", "--port", "1", "--to"], "--to"), (["add", "socks", "--port", "1", "--name"], "--name"),
+    (["add", "http", "--port", "1", "--connect-ports"], "--connect-ports"),
+    (["add", "sniff", "--interface"], "--interface"), (["add", "dns", "--port", "1", "--ttl"], "--ttl"),
+])
+def test_option_without_its_value_is_usage_error(tmp_path, args, opt):
+    """`capctl tail session 3 --dir` said "--dir takes c2s or s2c, not ''" (and --backlog "not
+    ''"), -s "needs a path", --timeout "needs a number of seconds", --instance "needs a name",
+    trace --pid "needs a process id": one message for every option given last without its
+    value, "OPTION needs a value", exit 2, before capd is asked (there is none here)."""
+    if args[0] in ("-s", "--socket"):
+        r = subprocess.run([str(CAPCTL), *args], capture_output=True, text=True, timeout=20)
+    else:
+        r = capctl(*args, sock=tmp_path / "none")
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    if opt is None:
+        assert r.stderr.startswith("capctl: "), r.stderr
+    else:
+        assert r.stderr == f"capctl: {opt} needs a value\n", r.stderr
