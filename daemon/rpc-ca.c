@@ -70,6 +70,8 @@ rpc_ca_export(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	int derlen;
 
 	(void)c;
+	if (json_object_get(params, "der") != NULL && !json_is_boolean(json_object_get(params, "der")))
+		return rpc_fail(err, RPC_E_PARAMS, "\"der\" must be true or false");
 	/* the CA alone: the leaf keys would keep every paused session thread waiting */
 	if (tls_ca_ensure_cert(&why) < 0) {
 		r = rpc_fail(err, RPC_E_FAILED, "%s", why ? why : "cannot load the CA");
@@ -108,6 +110,6 @@ rpc_ca_export(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_ca_methods[] = {
-	{ "ca.export", rpc_ca_export, NULL },
+	{ "ca.export", rpc_ca_export, "der" },
 	{ NULL, NULL, NULL },
 };

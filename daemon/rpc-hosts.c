@@ -383,9 +383,10 @@ rpc_hosts_clear(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_hosts_methods[] = {
-	{ "hosts.add", rpc_hosts_add, NULL },
-	{ "hosts.remove", rpc_hosts_remove, NULL },
-	{ "hosts.list", rpc_hosts_list, NULL },
-	{ "hosts.clear", rpc_hosts_clear, NULL },
+	/* the keys each takes, others refused: {"name": ...} to hosts.clear would clear them all */
+	{ "hosts.add", rpc_hosts_add, "name, addr" },
+	{ "hosts.remove", rpc_hosts_remove, "name" },
+	{ "hosts.list", rpc_hosts_list, "" },
+	{ "hosts.clear", rpc_hosts_clear, "" },
 	{ NULL, NULL, NULL },
 };

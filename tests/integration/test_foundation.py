@@ -1408,3 +1408,16 @@ def test_routine_control_connection_is_not_logged_at_info(capd_factory):
     c.start()
     c.ctl("status")
     assert "control: connection from pid" in c.log()  # still there for whoever asks for debug
+
+
+def test_ca_export_params_checked(capd):
+    """Regression: ca.export judged its params itself and took any key and any "der":
+    {"der": "yes"} answered without the DER (a script's `.der` was null) and {"pem": false}
+    passed silently. "der" must be a boolean and other keys are refused (-32602), as for
+    the other methods."""
+    for params, what in (({"der": "yes"}, '"der" must be true or false'), ({"der": 1}, '"der" must be true'),
+                         ({"pem": False}, "'pem'")):
+        rep = capd.rpc("ca.export", params)
+        assert rep.get("error", {}).get("code") == -32602 and what in rep["error"]["message"], (params, rep)
+    assert "der" in capd.rpc("ca.export", {"der": True})["result"]
+    assert "der" not in capd.rpc("ca.export", {"der": False})["result"]

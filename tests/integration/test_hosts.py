@@ -565,3 +565,23 @@ def test_add_of_one_family_keeps_the_other_in_the_file(hostsd):
                                                      ("z.test", "127.0.0.1"))
     assert c.ctl("hosts", "remove", "pair.test").stdout == "removed pair.test\n"
     assert path.read_bytes() == ORIG + b"\n" + block(("z.test", "127.0.0.1"))
+
+
+def test_unknown_params_of_hosts_methods_refused(hostsd):
+    """Regression: hosts.add/remove/list/clear took any params key and ignored the rest, so
+    {"name": "a.test"} sent to hosts.clear (meaning one name) cleared every entry, and a
+    misspelt {"address": "10.0.0.1"} to hosts.add pointed the name at 127.0.0.1 and said
+    so as a success. Keys a method does not take are refused (-32602) and nothing changes,
+    as for the other methods."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "a.test")
+    c.ctl("hosts", "add", "b.test")
+    before = path.read_bytes()
+    for method, params, key in (("hosts.clear", {"name": "a.test"}, "name"),
+                                ("hosts.add", {"name": "c.test", "address": "10.0.0.1"}, "address"),
+                                ("hosts.remove", {"name": "a.test", "addr": "127.0.0.1"}, "addr"),
+                                ("hosts.list", {"name": "a.test"}, "name")):
+        rep = c.rpc(method, params)
+        assert rep.get("error", {}).get("code") == -32602 and f"'{key}'" in rep["error"]["message"], (method, rep)
+    assert path.read_bytes() == before
+    assert c.rpc("hosts.add", {"name": "c.test", "addr": "10.0.0.1"})["result"]["addr"] == "10.0.0.1"
