@@ -200,3 +200,17 @@ def test_pages_have_the_sections_users_look_for(page):
     if page != "capd.conf.5":
         want.add("EXIT STATUS")
     assert want <= heads, want - heads
+
+
+def test_every_rpc_method_in_capd_8():
+    """capd.8 lists the JSON-RPC methods for clients other than capctl: capture.sync was
+    missing from that list (capctl.1 named it; the list did not). The list comes from the
+    method tables in daemon/*.c."""
+    methods = set()
+    for f in sorted((ROOT / "daemon").glob("*.c")):
+        methods |= set(re.findall(r'\{\s*"([a-z]+\.[a-z_]+)",\s*rpc_\w+', strip_c_comments(f.read_text())))
+    assert {"daemon.status", "capture.sync", "hosts.clear"} <= methods, methods
+    page = man_lines("capd.8")
+    missing = sorted(m for m in methods if not any(re.fullmatch(r"\.Li " + re.escape(m) + r"( [,.])?", ln)
+                                                   for ln in page))
+    assert not missing, f"RPC methods missing from man/capd.8: {missing}"
