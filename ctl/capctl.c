@@ -207,7 +207,7 @@ main(int argc, char **argv)
 		return usage_error("the control socket path is empty");
 	if (i >= argc) {
 		usage(stderr);
-		return CTL_USAGE;
+		return usage_error("no command given");  /* what was wrong, after the list of what is right */
 	}
 	/* --json is also accepted after the command, up to a "--" */
 	char **rest = xcalloc((size_t)(argc - i + 1), sizeof *rest);

@@ -379,7 +379,7 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 	}
 	if (argc < 2) {
 		add_usage_types(stderr);
-		return CTL_USAGE;
+		return usage_error("add needs an instance type");
 	}
 	t = word_match(argv[1], add_types, NTYPES);
 	if (t < 0)  /* "s" is socks or sniff: say so rather than that there is no such type */

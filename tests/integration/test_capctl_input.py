@@ -655,3 +655,14 @@ def test_option_without_its_value_is_usage_error(tmp_path, args, opt):
         assert r.stderr.startswith("capctl: "), r.stderr
     else:
         assert r.stderr == f"capctl: {opt} needs a value\n", r.stderr
+
+
+@pytest.mark.parametrize("args,why", [([], "no command given"), (["--json"], "no command given"),
+                                      (["--"], "no command given"), (["add"], "add needs an instance type")])
+def test_missing_command_says_what_was_wrong(tmp_path, args, why):
+    """`capctl` alone and `capctl add` alone printed a usage text and exited 2, but no line
+    said what was wrong, unlike every other usage error ("capctl: unknown command 'x'"). The
+    usage stays, and a last line says it."""
+    r = capctl(*args, sock=tmp_path / "none")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("usage: capctl"), r
+    assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
