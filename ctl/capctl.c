@@ -231,8 +231,13 @@ main(int argc, char **argv)
 		free(rest);
 		return rc;
 	}
-	/* COMMAND --help: its usage line, as for add TYPE --help (add's own is longer) */
-	if (n >= 2 && (!strcmp(rest[1], "-h") || !strcmp(rest[1], "--help")) && cmds[k] != &cmd_add) {
+	/* COMMAND --help: its usage line, as for add TYPE --help (add's own is longer); after a
+	 * sub-command or its words too (capctl hosts add --help), but never among the words of
+	 * the command that trace runs */
+	bool help = false;
+	for (int j = 1; j < n && !help && strcmp(rest[j], "--") != 0 && (j == 1 || cmds[k] != &cmd_trace); j++)
+		help = !strcmp(rest[j], "-h") || !strcmp(rest[j], "--help");
+	if (help && cmds[k] != &cmd_add) {
 		printf("usage: capctl %s%s%s\n", cmds[k]->name, cmds[k]->usage[0] ? " " : "", cmds[k]->usage);
 		free(rest);
 		return ctl_stdout_done(CTL_OK);

@@ -666,3 +666,21 @@ def test_missing_command_says_what_was_wrong(tmp_path, args, why):
     r = capctl(*args, sock=tmp_path / "none")
     assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("usage: capctl"), r
     assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
+
+
+@pytest.mark.parametrize("args,usage", [
+    (["hosts", "add", "--help"], "usage: capctl hosts add NAME [ADDR] | remove NAME | list | clear\n"),
+    (["capture", "follow", "--help"], "usage: capctl capture status | rotate | sync | follow [--instance NAME]\n"),
+    (["ca", "export", "-h"], "usage: capctl ca export [--der]\n"),
+    (["tail", "session", "3", "--help"],
+     "usage: capctl tail session ID [--hex|--text|--raw] [--dir c2s|s2c] [--backlog SIZE] | events\n"),
+])
+def test_help_after_a_sub_command_is_its_usage(tmp_path, args, usage):
+    """capctl(1): --help after a command prints its usage line, exit 0. After a sub-command it
+    was taken as an argument: `capctl hosts add --help` said "'--help' is not a valid host
+    name" and `capture follow --help`, `ca export -h` printed the usage as an error (exit 2).
+    The words of the command trace runs stay its own."""
+    r = capctl(*args, sock=tmp_path / "none")
+    assert (r.returncode, r.stdout, r.stderr) == (0, usage, ""), r
+    r = capctl("trace", "--", "sh", "-c", "echo ran", "--help", sock=tmp_path / "none")
+    assert "usage" not in r.stdout, r
