@@ -186,7 +186,9 @@ main(int argc, char **argv)
 				i++;
 			errno = 0;
 			o.timeout = strtod(v, &end);
+			/* decimal only, as every other number capctl takes: strtod also reads " 5", "0x10", "1e1" */
 			if (*v == '\0' || *end != '\0' || errno || !isfinite(o.timeout) || o.timeout < 0 ||
+			    strspn(v, "0123456789.") != strlen(v) ||
 			    o.timeout > CTL_TIMEOUT_MAX)
 				return usage_error("--timeout: '%s' is not a number of seconds from 0 (none) to %d", v,
 				                   CTL_TIMEOUT_MAX);

@@ -684,3 +684,15 @@ def test_help_after_a_sub_command_is_its_usage(tmp_path, args, usage):
     assert (r.returncode, r.stdout, r.stderr) == (0, usage, ""), r
     r = capctl("trace", "--", "sh", "-c", "echo ran", "--help", sock=tmp_path / "none")
     assert "usage" not in r.stdout, r
+
+
+@pytest.mark.parametrize("arg", ["0x10", "1e1", " 5", "5 ", "+5", "0x1p3"])
+def test_timeout_takes_decimal_seconds_only(tmp_path, arg):
+    """--timeout went through strtod, which also read "0x10" (16 s), "1e1", " 5" and hex
+    floats, where every other number capctl takes is plain decimal: refused, exit 2."""
+    r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "none"), "--timeout", arg, "status"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and r.stderr.startswith(f"capctl: --timeout: '{arg}' is not a number"), r
+    r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "none"), "--timeout", ".5", "status"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "cannot reach capd" in r.stderr, r
