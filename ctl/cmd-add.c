@@ -46,6 +46,7 @@ struct add_opt {
 static const char *const add_types[] = { "forward", "socks", "http", "reverse", "dns", "sniff" };
 #define NTYPES ((int)(sizeof add_types / sizeof add_types[0]))
 #define TLS_TYPES "forward socks http reverse"
+#define TLS_PASS_TYPES "forward socks http"  /* a reverse proxy ends the client's TLS itself */
 #define LISTEN_TYPES "forward socks http reverse dns"
 
 static const struct add_opt add_opts[] = {
@@ -76,8 +77,8 @@ static const struct add_opt add_opts[] = {
 	{ TLS_TYPES, "--tls-auto", "tls", OPT_FLAG, CHK_NONE, "auto" },
 	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-capture", "tls_capture", OPT_VALUE, CHK_CAPTURE, NULL },
-	{ TLS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_LIST, NULL },
-	{ TLS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
+	{ TLS_PASS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_LIST, NULL },
+	{ TLS_PASS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_TIMEOUT, NULL },
 };
 
@@ -427,8 +428,19 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 				break;
 			}
 		if (ao == NULL) {
+			const char *of = NULL;
+			for (size_t k = 0; k < sizeof add_opts / sizeof add_opts[0] && of == NULL; k++)
+				if (!strcmp(add_opts[k].opt, arg))
+					of = add_opts[k].type;  /* an option of other types: say whose */
 			json_decref(params);
 			add_usage(stderr, type);
+			if (of != NULL) {
+				char types[64] = "";
+				for (const char *w = of; *w; w += strcspn(w, " "), w += strspn(w, " "))
+					snprintf(types + strlen(types), sizeof types - strlen(types), "%s%.*s", types[0] ? ", " : "",
+					         (int)strcspn(w, " "), w);
+				return usage_error("unknown option %s for add %s (an option of %s)", arg, type, types);
+			}
 			return usage_error("unknown option %s for add %s", arg, type);
 		}
 		if (ao->kind == OPT_FLAG) {

@@ -318,7 +318,7 @@ def test_add_malformed_word_is_usage_error(capd, args, msg):
     ["http", "--connect-ports=,"],
     ["socks", "--tls", "--tls-passthrough", ""],
     ["forward", "--to", "127.0.0.1:9", "--tls-auto", "--tls-passthrough= , "],
-    ["reverse", "--default", "127.0.0.1:9", "--tls", "--tls-passthrough", "\t"],
+    ["http", "--tls", "--tls-passthrough", "\t"],
 ])
 def test_add_empty_list_is_usage_error(tmp_path, args):
     """Known item 1: `--tls-passthrough ''` was sent on and taken as no name at all (exit 0),
@@ -696,3 +696,22 @@ def test_timeout_takes_decimal_seconds_only(tmp_path, arg):
     r = subprocess.run([str(CAPCTL), "-s", str(tmp_path / "none"), "--timeout", ".5", "status"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 1 and "cannot reach capd" in r.stderr, r
+
+
+@pytest.mark.parametrize("args,opt,of", [
+    (["reverse", "--default", "127.0.0.1:9", "--tls", "--tls-passthrough", "a.test"], "--tls-passthrough",
+     "forward, socks, http"),
+    (["reverse", "--default", "127.0.0.1:9", "--tls", "--no-tls-auto-passthrough"], "--no-tls-auto-passthrough",
+     "forward, socks, http"),
+    (["dns", "--answer", "a.test=127.0.0.1", "--udp"], "--udp", "forward"),
+])
+def test_add_option_of_another_type_is_usage_error(tmp_path, args, opt, of):
+    """capctl.1: --tls-passthrough and --no-tls-auto-passthrough are not for reverse, but
+    capctl sent them on and capd refused them (exit 1, after looking for capd) where every
+    other option of the wrong type is capctl's usage error (exit 2); `add reverse --help`
+    listed them. Refused before capd is asked, saying which types take the option."""
+    r = capctl("add", args[0], "--port", free_port(), *args[1:], sock=tmp_path / "none.sock")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.splitlines()[-1] == f"capctl: unknown option {opt} for add {args[0]} (an option of {of})", r
+    r = capctl("add", args[0], "--help", sock=tmp_path / "none.sock")
+    assert r.returncode == 0 and opt not in r.stdout.split("[--name NAME]", 1)[1], r.stdout
