@@ -218,12 +218,13 @@ def test_every_rpc_method_in_capd_8():
 
 def test_every_tail_notice_in_capctl_1():
     """`capctl tail session` prints notices among the data ("[... N bytes dropped ...]");
-    "[... N bytes before the backlog ...]", which --backlog 0 prints at once, was in no
-    page, so a reader (or a script) could not tell what it meant. Each notice format in
-    ctl/cmd-tail.c is in capctl.1, with a number in it."""
+    "[... N bytes before the backlog ...]", which --backlog 0 prints at once, and tail
+    events' "[... N events dropped ...]" were in no page, so a reader (or a script) could
+    not tell what they meant. Each notice format in ctl/cmd-tail.c is in capctl.1, with a
+    number in it."""
     text = strip_c_comments(src("ctl/cmd-tail.c"))
-    notices = re.findall(r'"\[\.\.\. %llu ([a-z ]+) \.\.\.\]"', text)
-    assert "bytes dropped" in notices, notices
+    notices = re.findall(r'"\[\.\.\. %ll[ud] ([a-z ]+) \.\.\.\](?:\\n)?"', text)
+    assert {"bytes dropped", "events dropped"} <= set(notices), notices
     page = "\n".join(man_lines("capctl.1"))
     missing = [n for n in notices if not re.search(r"\[\.\.\. \d+ " + re.escape(n) + r" \.\.\.\]", page)]
     assert not missing, f"tail notices missing from man/capctl.1: {missing}"
