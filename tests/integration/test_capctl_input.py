@@ -715,3 +715,25 @@ def test_add_option_of_another_type_is_usage_error(tmp_path, args, opt, of):
     assert r.stderr.splitlines()[-1] == f"capctl: unknown option {opt} for add {args[0]} (an option of {of})", r
     r = capctl("add", args[0], "--help", sock=tmp_path / "none.sock")
     assert r.returncode == 0 and opt not in r.stdout.split("[--name NAME]", 1)[1], r.stdout
+
+
+def test_capd_stopping_under_a_stream_is_exit_1(capd):
+    """capctl(1) EXIT STATUS: a capd that stops while tail events or capture follow reads
+    from it ends them with "capd closed the connection" and exit 1 (the page said nothing
+    of it: a script could not know whether the stream ended or failed)."""
+    before = capd.log().count("control: connection from")
+    procs = [subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for args in (["tail", "events"], ["capture", "follow"])]
+    deadline = time.monotonic() + 10
+    while capd.log().count("control: connection from") < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # their requests follow the connections
+    assert capd.stop() == 0
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"{p.args} went on after capd stopped")
+        assert (p.returncode, err) == (1, "capctl: capd closed the connection\n"), (p.args, p.returncode, err)
