@@ -338,12 +338,18 @@ static json_t *
 rpc_hosts_remove(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	const char *name = json_string_value(json_object_get(params, "name"));
-	char *why = NULL;
+	char *why = NULL, norm[HOSTS_ADDR_MAX];
 	int rv;
 
 	(void)c;
 	if (name == NULL)
 		return rpc_fail(err, RPC_E_PARAMS, "hosts.remove needs \"name\", a host name");
+	/* a name no entry can have is a mistake to name, not "no hosts entry" (capctl refuses it too) */
+	if (hosts_entry_check(name, "127.0.0.1", norm, &why) < 0) {
+		json_t *f = rpc_fail(err, RPC_E_PARAMS, "%s", why);
+		free(why);
+		return f;
+	}
 	if ((rv = hosts_remove(name, &why)) != 0) {
 		json_t *f = rpc_fail(err, rv > 0 ? RPC_E_NOT_FOUND : RPC_E_FAILED, "%s", why);
 		free(why);

@@ -585,3 +585,17 @@ def test_unknown_params_of_hosts_methods_refused(hostsd):
         assert rep.get("error", {}).get("code") == -32602 and f"'{key}'" in rep["error"]["message"], (method, rep)
     assert path.read_bytes() == before
     assert c.rpc("hosts.add", {"name": "c.test", "addr": "10.0.0.1"})["result"]["addr"] == "10.0.0.1"
+
+
+def test_remove_of_a_name_no_entry_can_have_is_refused(hostsd):
+    """Regression: hosts.remove {"name": "bad name"} (over the socket, as socat sends it)
+    answered "no hosts entry for bad name" (-32001), as if such an entry could exist; capctl
+    refuses the name itself, hosts.add refuses it with the reason. hosts.remove now says
+    the name is not a valid host name (-32602), as hosts.add does."""
+    c = hostsd
+    for name, why in (("bad name", "is not a valid host name"), ("*.wild.test", "is not a valid host name"),
+                      ("1.2.3", "resolvers read it as the address 1.2.0.3")):
+        rep = c.rpc("hosts.remove", {"name": name})
+        assert rep.get("error", {}).get("code") == -32602 and why in rep["error"]["message"], (name, rep)
+    rep = c.rpc("hosts.remove", {"name": "ok.test"})
+    assert rep["error"]["code"] == -32001 and "no hosts entry for ok.test" in rep["error"]["message"], rep
