@@ -71,10 +71,11 @@ hosts_set_put(struct hosts_set *set, const char *name, const char *addr)
 		hosts_set_keep(set, name, addr);
 		return;
 	}
-	/* a line of the other family only: the new one goes right after the name's last line */
+	/* a line of the other family only: the new one goes right after the name's last line,
+	 * spelt as that line has it (as a replaced line keeps its spelling) */
 	set->v = xrealloc(set->v, (set->n + 1) * sizeof *set->v);
 	memmove(set->v + last + 2, set->v + last + 1, (set->n - last - 1) * sizeof *set->v);
-	snprintf(set->v[last + 1].name, sizeof set->v[last + 1].name, "%s", name);
+	set->v[last + 1] = set->v[last];
 	snprintf(set->v[last + 1].addr, sizeof set->v[last + 1].addr, "%s", addr);
 	set->n++;
 }

@@ -59,10 +59,10 @@ test_set(void **state)
 	assert_string_equal(s.v[1].addr, "10.0.0.9");
 	assert_string_equal(s.v[3].addr, "fd00::9");
 	/* a family the name has no line of: right after its last line */
-	hosts_set_put(&s, "c.test", "::6");
+	hosts_set_put(&s, "C.Test", "::6");
 	assert_int_equal(s.n, 5);
 	assert_string_equal(s.v[2].addr, "10.0.0.6");
-	assert_string_equal(s.v[3].name, "c.test");
+	assert_string_equal(s.v[3].name, "c.test");  /* spelt as the name's line is */
 	assert_string_equal(s.v[3].addr, "::6");
 	assert_string_equal(s.v[4].addr, "fd00::9");
 	assert_true(hosts_set_del(&s, "w.test"));  /* all of them */
