@@ -578,6 +578,27 @@ def sh(*args, check=True, timeout=60, **kw):
     return r
 
 
+def syn_hole():
+    """A listener (backlog 0, never accepting) whose accept queue is full: a new
+    connect to it hangs in SYN_SENT until the system gives up (about two minutes).
+    Returns (listener, [held sockets]); the caller closes them."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    held = []
+    for _ in range(8):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(ls.getsockname())
+        held.append(c)
+        time.sleep(0.3)
+        try:
+            c.getpeername()
+        except OSError:
+            return ls, held  # this one's SYN went unanswered: the queue is full
+    raise AssertionError("the listener's accept queue never filled")
+
+
 @pytest.fixture
 def netns():
     """One namespace with only lo up, for loopback captures that see the test's traffic alone."""

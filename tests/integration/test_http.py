@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import (CAPD, Listener, apart, as_http, check_pcap_clean, follow_session, free_port, sh, tshark,
+from conftest import (CAPD, Listener, syn_hole, apart, as_http, check_pcap_clean, follow_session, free_port, sh, tshark,
                       wait_port)
 
 
@@ -1939,27 +1939,6 @@ def test_java_httpurlconnection_keeps_its_proxy_connection(capd, origin, tmp_pat
     served = [s for s in h if s["bytes_up"] > 0]
     assert len(refused) == 1, h
     assert len(served) == 1 and served[0]["note"] == f"GET {u}/one user=jim", h   # one upstream connection for all
-
-
-def syn_hole():
-    """A listener (backlog 0, never accepting) whose accept queue is full: a new
-    connect to it hangs in SYN_SENT until the system gives up (about two minutes).
-    Returns (listener, [held sockets]); the caller closes them."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(0)
-    held = []
-    for _ in range(8):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(ls.getsockname())
-        held.append(c)
-        time.sleep(0.3)
-        try:
-            c.getpeername()
-        except OSError:
-            return ls, held  # this one's SYN went unanswered: the queue is full
-    raise AssertionError("the listener's accept queue never filled")
 
 
 def test_connect_timeout_zero_is_not_cut_by_the_request_head_timer(capd):

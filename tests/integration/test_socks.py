@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, syn_hole, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -975,15 +975,7 @@ def test_bind_name_that_outlasts_connect_timeout_says_it_did_not_resolve(netns, 
 def test_early_data_beyond_handshake_room_waits_for_connect(capd):
     """Bytes a client sends while capd still connects wait for the tunnel, however
     many: past the handshake's room the client is simply not read."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    # fill the accept queue so that capd's SYN goes unanswered until it is drained
-    fill = [socket.socket() for _ in range(2)]
-    for f in fill:
-        f.setblocking(False)
-        f.connect_ex(srv.getsockname())
-    time.sleep(0.2)
+    srv, fill = syn_hole()  # capd's SYN goes unanswered until the queue is drained
     try:
         port = add_socks(capd)
         s = s5_open(port)
@@ -1323,15 +1315,7 @@ def test_connect_timeout_0_is_not_cut_by_the_handshake_timeout(capd):
     instance with handshake_timeout 300ms got 0x06 (reason "connect timed
     out") at 0.3 s from a server that answered its SYN a second later. The
     request ends the client's part; the connect has only its own clock."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    # a full accept queue: capd's SYN goes unanswered until it is drained
-    fill = [socket.socket() for _ in range(2)]
-    for f in fill:
-        f.setblocking(False)
-        f.connect_ex(srv.getsockname())
-    time.sleep(0.2)
+    srv, fill = syn_hole()  # capd's SYN goes unanswered until the queue is drained
     filled = [f.getsockname()[1] for f in fill]
 
     def serve():
