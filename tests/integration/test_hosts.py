@@ -357,21 +357,27 @@ cat /etc/hosts
 """
 
 
+def in_mount_ns(tmp_path, script, settings=""):
+    """Runs script (sh; $1 the folder, $2 capd, $3 capctl) in a private mount namespace,
+    where it binds a hosts file of the test's over /etc/hosts and starts capd on
+    /etc/hosts with settings; returns (its stdout, everything to show on a failure)."""
+    (tmp_path / "capd.conf").write_text(
+        "[capd]\n"
+        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
+        "hosts_file = /etc/hosts\n" + settings)
+    (tmp_path / "ns.sh").write_text(script)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(tmp_path / "ns.sh"), str(tmp_path),
+                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    return r.stdout, log
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
 def test_real_resolver_in_a_mount_namespace(tmp_path):
     """Regression for issue 6: a bind-mounted /etc/hosts cannot be renamed over (EBUSY):
     capd rewrites it in place under flock after a backup, and getent sees the entry."""
-    (tmp_path / "capd.conf").write_text(
-        "[capd]\n"
-        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
-        "log_level = debug\nhosts_file = /etc/hosts\n")
-    script = tmp_path / "ns.sh"
-    script.write_text(NS_SCRIPT)
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
-                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
-    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
-    assert r.returncode == 0, r.stdout + r.stderr + log
-    out = r.stdout
+    out, log = in_mount_ns(tmp_path, NS_SCRIPT, "log_level = debug\n")
     assert "before: none" in out, out
     assert "after: 127.0.0.1" in out and "www.example.com" in out, out + log
     assert "v6: ::1" in out, out + log
@@ -465,19 +471,9 @@ def test_two_lines_for_one_name_survive_an_edit(tmp_path):
     without the IPv4 line. Every line is kept now; adding that name itself points it at the
     address given for that address's family (and says which it had, and which line of the
     other family stays)."""
-    (tmp_path / "capd.conf").write_text(
-        "[capd]\n"
-        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
-        "hosts_file = /etc/hosts\n")
     (tmp_path / "hosts.start").write_text(
         f"127.0.0.1\tlocalhost\n{BEGIN}\n10.0.0.5\tweb.test\nfd00::5\tweb.test\n{END}\n")
-    script = tmp_path / "ns.sh"
-    script.write_text(TWO_LINES_SCRIPT)
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
-                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
-    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
-    out = r.stdout
-    assert r.returncode == 0, out + r.stderr + log
+    out, log = in_mount_ns(tmp_path, TWO_LINES_SCRIPT)
     assert "before: 10.0.0.5 fd00::5 \n" in out, out
     assert "after: 10.0.0.5 fd00::5 \n" in out, out + log
     assert [ln.split() for ln in out.splitlines() if ln.startswith("web.test") and "->" not in ln] == [
@@ -524,23 +520,13 @@ def test_add_of_one_family_keeps_the_other(tmp_path):
     one added), and an IPv4 add left no trace of what it did to the IPv6 line. An add replaces
     only NAME's lines of ADDR's family and says which line of the other family stays; remove
     takes them all. Shown with the real resolver on a hosts file bound over a private /etc."""
-    (tmp_path / "capd.conf").write_text(
-        "[capd]\n"
-        f"control = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\nstate_dir = {tmp_path}/state\n"
-        "hosts_file = /etc/hosts\nhosts_restore = no\n")
-    script = tmp_path / "ns.sh"
-    script.write_text(PAIR_SCRIPT)
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script), str(tmp_path),
-                        str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=60)
-    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
-    out = r.stdout
-    assert r.returncode == 0, out + r.stderr + log
+    out, log = in_mount_ns(tmp_path, PAIR_SCRIPT, "hosts_restore = no\n")
     assert out.splitlines() == [
         "pair.test -> 127.0.0.1", "v4: 127.0.0.1 ",
         "pair.test -> ::1, keeps 127.0.0.1 for IPv4", "pair: 127.0.0.1 ::1 ",
         "pair.test -> 127.0.0.2 (was 127.0.0.1), keeps ::1 for IPv6", "v4-replaced: 127.0.0.2 ::1 ",
         "pair.test -> ::2 (was ::1), keeps 127.0.0.2 for IPv4", "v6-replaced: 127.0.0.2 ::2 ",
-        "removed pair.test", "removed: "], out + r.stderr + log
+        "removed pair.test", "removed: "], out + log
 
 
 def test_add_of_one_family_keeps_the_other_in_the_file(hostsd):
