@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, ECHO_SERVER, SANITIZED, Listener, UdpEcho, apart, free_port, free_port_tcp_udp, wait_port
+from conftest import (CAPCTL, ECHO_SERVER, SANITIZED, Listener, UdpEcho, apart, free_port, free_port_tcp_udp,
+                      syn_hole, wait_port)
 
 
 def fd_count(pid):
@@ -202,17 +203,7 @@ def test_capctl_reaches_capd_that_ran_out_of_descriptors(capd_factory, echo_serv
 
 
 def test_upstream_never_answers_connect_timeout(capd_factory):
-    # a listener whose accept queue is full drops further SYNs: a loopback blackhole
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(hole.getsockname())
-        fillers.append(f)
-    time.sleep(0.2)
+    hole, fillers = syn_hole()  # a loopback blackhole
     port = free_port()
     c = capd_factory(f"[forward bh]\nlisten = {port}\nto = 127.0.0.1:{hole.getsockname()[1]}\nconnect_timeout = 300ms\n")
     t = time.time()
