@@ -1708,11 +1708,15 @@ tls_upstream_begin(struct tls_session *ts)
 	         ts->cfg->verify);
 	capd_lock();
 	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
+	/* a copy again: a resumed TLS 1.2 session is the connection's own, and
+	 * OpenSSL marks it unusable when the connection ends without close_notify
+	 * (curl --http2, browsers), which made every other handshake a full one */
 	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess))
-		resume = rs->sess;
+		resume = SSL_SESSION_dup(rs->sess);
+	capd_unlock();
 	if (resume && SSL_set_session(u->ssl, resume) != 1)  /* takes its own reference */
 		ERR_clear_error();
-	capd_unlock();
+	SSL_SESSION_free(resume);
 	tls_upstream_step(ts);
 }
 

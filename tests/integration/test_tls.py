@@ -2170,3 +2170,24 @@ def test_capture_follow_carries_the_tls_keys(capd, origin, tmp_path):
     assert decrypted() == ["/", "/"], tshark("-r", path).stdout  # the client leg and the upstream leg
     t = tshark("-r", path, "-Y", "tls && http.response.code == 200", "-T", "fields", "-e", "frame.number")
     assert len(t.stdout.split()) == 2, t.stdout
+
+
+def test_resumed_tls12_upstream_session_survives_a_bare_fin(capd, origin, tmp_path):
+    """Regression: toward a TLS 1.2 server (nginx before 1.23.4 offers nothing newer), a
+    session that capd resumed and that then ended without close_notify (curl --http2 and
+    browsers close so) was marked unusable by OpenSSL, and it was the very copy capd kept:
+    every other connection made a full handshake again. The kept session now stays
+    resumable: three clients that end with a bare FIN make one full handshake and two
+    resumed ones."""
+    srv = TlsHttpOrigin(origin.cert, origin.key, clean=False, version=ssl.TLSVersion.TLSv1_2)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        for _ in range(3):
+            got, end = tls_get(port, NAME, tls_client_ctx(ca))
+            assert got == RESPONSE and end == "unclean"
+        ss = last_closed(capd, 3)
+        assert ["upstream-resumed" in s["note"] for s in ss] == [False, True, True], ss
+        assert all("upstream ended without close_notify" in s["note"] for s in ss), ss
+    finally:
+        srv.close()
