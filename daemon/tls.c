@@ -109,6 +109,7 @@ struct tls_session {
 	size_t alpn_sel_len;
 	bool want_rsa;              /* the client may not take ECDSA: offer the RSA certificate too */
 	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
+	bool resume_cert_asked;     /* so did the handshake of the session offered for resumption */
 	unsigned hello_version;     /* the newest TLS version the client offers */
 	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
 	int fail_alert;             /* that alert: 0 for handshake_failure */
@@ -131,6 +132,7 @@ struct tls_session {
 struct tls_resume {
 	char key[TLS_RESUME_KEY];
 	SSL_SESSION *sess;
+	bool cert_asked;        /* its handshake asked for a client certificate */
 };
 
 static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
@@ -705,6 +707,7 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 	SSL_SESSION_free(r->sess);
 	snprintf(r->key, sizeof r->key, "%s", ts->resume_key);
 	r->sess = copy;
+	r->cert_asked = ts->cert_asked || (SSL_session_reused(ssl) && ts->resume_cert_asked);
 	capd_unlock();
 	return 0;
 }
@@ -1487,10 +1490,15 @@ tls_done(struct tls_session *ts)
 	s->client.tls = &ts->c;
 	s->upstream.tls = &ts->u;
 	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
+	/* a resumption asks for no certificate, but the server keeps that it
+	 * got none (nginx's 400 "No required SSL certificate was sent") */
 	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
 	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
-	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" : "");
+	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" :
+	                 SSL_session_reused(ts->u.ssl) && ts->resume_cert_asked ?
+	                 "; the server asked for a client certificate in the handshake this one resumes, "
+	                 "capd sent none" : "");
 	tls_stop_watchers(s);
 	/* idle tunnels should hold no OpenSSL buffers (it refuses while bytes wait) */
 	SSL_free_buffers(ts->c.ssl);
@@ -1711,8 +1719,10 @@ tls_upstream_begin(struct tls_session *ts)
 	/* a copy again: a resumed TLS 1.2 session is the connection's own, and
 	 * OpenSSL marks it unusable when the connection ends without close_notify
 	 * (curl --http2, browsers), which made every other handshake a full one */
-	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess))
+	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess)) {
 		resume = SSL_SESSION_dup(rs->sess);
+		ts->resume_cert_asked = rs->cert_asked;
+	}
 	capd_unlock();
 	if (resume && SSL_set_session(u->ssl, resume) != 1)  /* takes its own reference */
 		ERR_clear_error();

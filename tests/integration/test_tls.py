@@ -2191,3 +2191,29 @@ def test_resumed_tls12_upstream_session_survives_a_bare_fin(capd, origin, tmp_pa
         assert all("upstream ended without close_notify" in s["note"] for s in ss), ss
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_resumed_session_still_notes_the_client_certificate_asked_for(capd, tmp_path, version):
+    """A server that asks for a client certificate and takes none (nginx's
+    ssl_verify_client optional, or on: then a 400) asks only in a full handshake. The
+    session that capd resumed next said nothing of it, though the server still holds
+    the missing certificate against it (nginx: 400 "No required SSL certificate was
+    sent"): now its note says the certificate was asked for in the handshake it resumes."""
+    cert, key = make_cert(tmp_path, "mtls", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key, version=getattr(ssl.TLSVersion, version))
+    srv.ctx.verify_mode = ssl.CERT_OPTIONAL
+    srv.ctx.load_verify_locations(cert)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        for _ in range(2):
+            assert tls_get(port, NAME, tls_client_ctx(ca)) == (RESPONSE, "clean")
+        first, second = last_closed(capd, 2)
+        assert "upstream-resumed" not in first["note"], first
+        assert "; the server asked for a client certificate, capd sent none" in first["note"], first
+        assert "upstream-resumed" in second["note"], second
+        assert ("; the server asked for a client certificate in the handshake this one resumes, "
+                "capd sent none") in second["note"], second
+    finally:
+        srv.close()
