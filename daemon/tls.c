@@ -17,7 +17,8 @@
  *                          ALPN choice; resume the accept; then relay_start()
  *                          with both SSLs set
  *
- * Upstream failures answer the client with a handshake_failure alert. While
+ * Upstream failures answer the client with a handshake_failure alert (the
+ * server's own no_application_protocol or unrecognized_name as it is). While
  * relaying, a side's close_notify is passed on as close_notify and a bare
  * EOF (no close_notify: maybe a truncation) as a bare FIN. Every
  * socket I/O of an SSL goes through one small BIO of ours: it serves bytes
@@ -1791,7 +1792,7 @@ tls_upstream_failed(struct tls_session *ts, const char *why)
 		ts->s->inst->proto->connected(ts->s, EPROTO);
 		return;
 	}
-	/* the client gets a handshake_failure alert, then the session closes with why */
+	/* the client gets a handshake_failure alert (or ts->fail_alert), then the session closes with why */
 	ts->fail = xstrdup(why);
 	ts->st = TLS_ST_FINISH;
 	tls_client_step(ts);
@@ -1830,6 +1831,13 @@ tls_upstream_step(struct tls_session *ts)
 		         "upstream handshake failed: the server asked for a client certificate, capd has none (%s)",
 		         tls_err_text(text, sizeof text, "unknown error"));
 	} else {
+		/* the server's refusal of what capd passed on from the client's
+		 * hello (its ALPN list, its SNI) goes back to the client as the
+		 * server's alert, as it would without capd: a client may act on it */
+		unsigned long err = ERR_peek_last_error();
+		int alert = ERR_GET_LIB(err) == ERR_LIB_SSL ? ERR_GET_REASON(err) - SSL_AD_REASON_OFFSET : -1;
+		if (alert == SSL_AD_NO_APPLICATION_PROTOCOL || (alert == SSL_AD_UNRECOGNIZED_NAME && ts->sni[0]))
+			ts->fail_alert = alert;
 		snprintf(why, sizeof why, "upstream handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
 	}
 	tls_upstream_failed(ts, why);

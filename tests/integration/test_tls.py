@@ -2217,3 +2217,34 @@ def test_resumed_session_still_notes_the_client_certificate_asked_for(capd, tmp_
                 "capd sent none") in second["note"], second
     finally:
         srv.close()
+
+
+def test_server_refusal_of_the_clients_alpn_or_sni_reaches_it_as_sent(capd, origin, tmp_path):
+    """Regression: nginx refuses a ClientHello whose ALPN list has nothing it speaks with
+    a no_application_protocol alert (RFC 7301 3.2), and a server may refuse an SNI it does
+    not serve with unrecognized_name; capd offers the server the client's own list and
+    name, but the client got a bare handshake_failure, as for a cipher mismatch. It now
+    gets the server's alert; the session's reason says the same."""
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+
+    def refused(port, alpn):
+        ctx = tls_client_ctx(ca)
+        ctx.set_alpn_protocols(alpn)
+        with pytest.raises(ssl.SSLError) as e:
+            tls_get(port, NAME, ctx)
+        return str(e.value)  # (Python's table has no reason code for alert 120)
+
+    assert "alert no application protocol" in refused(origin.port, ["foo/1"])  # nginx itself
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    assert "alert no application protocol" in refused(port, ["foo/1"])
+    assert last_closed(capd)[-1]["reason"] == "upstream handshake failed: tlsv1 alert no application protocol"
+
+    cert, key = make_cert(tmp_path, "sni", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    srv.ctx.sni_callback = lambda t, name, c: ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        assert "unrecognized name" in refused(port, ["http/1.1"])
+        assert last_closed(capd, 2)[-1]["reason"] == "upstream handshake failed: tlsv1 unrecognized name"
+    finally:
+        srv.close()
