@@ -752,6 +752,10 @@ tls_client_ctx(bool verify, char **why)
 		return NULL;
 	}
 	tls_ctx_common(ctx);
+	/* a server without RFC 5746 (old appliances, embedded web servers) is
+	 * reached, as browsers reach it: the attack the check guards against
+	 * needs a renegotiation, which capd never does (SSL_OP_NO_RENEGOTIATION) */
+	SSL_CTX_set_options(ctx, SSL_OP_LEGACY_SERVER_CONNECT);
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
 	SSL_CTX_set_client_cert_cb(ctx, tls_client_cert_cb);

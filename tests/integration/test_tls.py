@@ -2248,3 +2248,43 @@ def test_server_refusal_of_the_clients_alpn_or_sni_reaches_it_as_sent(capd, orig
         assert last_closed(capd, 2)[-1]["reason"] == "upstream handshake failed: tlsv1 unrecognized name"
     finally:
         srv.close()
+
+
+@pytest.mark.skipif(shutil.which("gnutls-serv") is None, reason="gnutls-serv (gnutls-bin) is not installed")
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no_verify"])
+def test_server_without_secure_renegotiation(netns, ns_capd, tmp_path, verify):
+    """Regression: a TLS 1.2 server without RFC 5746 (no renegotiation_info: old
+    appliances, embedded web servers), which Chromium and Firefox reach, was refused by
+    capd's OpenSSL 3 ("upstream handshake failed: unsafe legacy renegotiation disabled"),
+    so nothing of it could be intercepted. capd never renegotiates (it refuses either
+    side's attempt), so the attack the check guards against does not apply: capd now
+    connects, as browsers do. gnutls-serv, made to leave the extension out, runs in a
+    namespace of the test's own (it listens on every address)."""
+    cert, key = make_cert(tmp_path, "legacy", f"/CN={NAME}", f"DNS:{NAME}")
+    port = free_port()
+    srv = subprocess.Popen(["ip", "netns", "exec", netns, "gnutls-serv", "--http", "-p", str(port),
+                            "--x509certfile", str(cert), "--x509keyfile", str(key),
+                            "--priority", "NORMAL:-VERS-TLS1.3:%DISABLE_SAFE_RENEGOTIATION"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"
+        deadline = time.time() + 10
+        while sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", probe, check=False).returncode != 0:
+            assert time.time() < deadline and srv.poll() is None, "gnutls-serv did not listen"
+            time.sleep(0.05)
+        direct = sh("ip", "netns", "exec", netns, "openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                    input="", check=False)
+        assert "Secure Renegotiation IS NOT supported" in direct.stdout, direct.stdout  # the server is so
+        capd = ns_capd(netns, wrap=["env", f"SSL_CERT_FILE={cert}"])
+        fport = free_port()
+        capd.ctl("add", "forward", "--port", fport, "--to", f"127.0.0.1:{port}", "--tls",
+                 *([] if verify else ["--no-tls-verify"]))
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = sh("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "20", "--cacert", ca,
+               "--resolve", f"{NAME}:{fport}:127.0.0.1", f"https://{NAME}:{fport}/", check=False)
+        s = last_closed(capd)[-1]
+        assert r.returncode == 0 and "GnuTLS" in r.stdout, (r.stderr, s)
+        assert s["reason"] == "closed" and "tls TLSv1.3" in s["note"], s
+    finally:
+        srv.kill()
+        srv.wait()
