@@ -1699,12 +1699,16 @@ tls_upstream_begin(struct tls_session *ts)
 	}
 	if (ts->cfg->verify) {
 		if (ts->accept_only && s->target_name[0]) {
-			/* a route by name: the upstream's certificate is for that name */
+			/* a route by name: the upstream's certificate is for that name,
+			 * or for the client's SNI, which went to the server (a server
+			 * of several sites, a CDN, answers with the SNI's certificate) */
 			char host[sizeof s->target_name], *colon;
 			snprintf(host, sizeof host, "%s", s->target_name);
 			if ((colon = strrchr(host, ':')) != NULL)
 				*colon = '\0';
 			SSL_set1_host(u->ssl, host);
+			if (ts->sni[0] && !addr_is_ip_literal(ts->sni))
+				SSL_add1_host(u->ssl, ts->sni);
 		} else if (ts->sni[0] && addr_is_ip_literal(ts->sni))
 			X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(u->ssl), ts->sni);
 		else if (ts->sni[0])

@@ -936,3 +936,45 @@ def test_reverse_fragment_in_the_target_is_a_400(capd_factory, origins):
     reply = raw(port, b"GET /a?q=%23 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
     assert status_of(reply) == 200, reply
     assert len(a.requests) == before + 1 and a.requests[-1]["line"] == "GET /a?q=%23 HTTP/1.1", a.requests
+
+
+def test_reverse_tls_verifies_the_name_it_sends_as_sni(capd_factory, tmp_path):
+    """Regression: a `--tls` reverse instance sends the client's SNI to the upstream but
+    checked the upstream's certificate against the route's host name only, so a route by
+    name to a server that serves the client's name (several sites on one nginx, a CDN
+    reached by its own name) got 502 "hostname mismatch" for the very certificate it had
+    asked for, which nginx or curl reaching it with that SNI accept. A certificate for
+    either name now passes (one for the route's name alone still does); one for neither
+    is still refused."""
+    import test_tls
+
+    class Ok(TlsServer):
+        def talk(self, t):
+            got = b""
+            while b"\r\n\r\n" not in got and (d := t.recv(65536)):
+                got += d
+            t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+
+    certs = {n: test_tls.make_cert(tmp_path, n.replace(".", "-"), f"/CN={n}", f"DNS:{n}")
+             for n in (test_tls.NAME, "localhost", "other.test")}
+    trust = tmp_path / "trust.pem"
+    trust.write_text("".join(c.read_text() for c, _ in certs.values()))
+    servers = {n: Ok(*ck) for n, ck in certs.items()}
+    try:
+        port = free_port()
+        capd = capd_factory(f"[reverse r]\nlisten = {port}\ntls = yes\n"
+                            f"route = {test_tls.NAME}=localhost:{servers[test_tls.NAME].port}\n"
+                            f"route = alt.example.test=localhost:{servers['localhost'].port}\n"
+                            f"route = bad.example.test=localhost:{servers['other.test'].port}\n",
+                            extra_env={"SSL_CERT_FILE": str(trust)})
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        got = {}
+        for name in (test_tls.NAME, "alt.example.test", "bad.example.test"):
+            r = curl("--http1.1", "-i", "--cacert", ca, "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/")
+            assert r.returncode == 0, (name, r.stderr)
+            got[name] = status_of(r.stdout)
+        assert got == {test_tls.NAME: 200, "alt.example.test": 200, "bad.example.test": 502}, got
+        assert closed(capd, 3)[-1]["reason"] == "502 Bad Gateway: upstream certificate did not verify: hostname mismatch"
+    finally:
+        for s in servers.values():
+            s.close()
