@@ -1497,8 +1497,12 @@ tls_done(struct tls_session *ts)
 	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
 	/* a resumption asks for no certificate, but the server keeps that it
 	 * got none (nginx's 400 "No required SSL certificate was sent") */
-	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	/* the version is the client's; the server's when it differs (nginx
+	 * before 1.23.4 speaks TLS 1.2 unless told otherwise) */
+	bool other = SSL_version(ts->u.ssl) != SSL_version(ts->c.ssl);
+	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
+	                 other ? " upstream=" : "", other ? SSL_get_version(ts->u.ssl) : "",
 	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
 	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" :
 	                 SSL_session_reused(ts->u.ssl) && ts->resume_cert_asked ?

@@ -2288,3 +2288,22 @@ def test_server_without_secure_renegotiation(netns, ns_capd, tmp_path, verify):
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_note_names_the_servers_version_when_it_differs(capd, origin, tmp_path):
+    """The note's "tls TLSv1.3" is the client's version. Toward a TLS 1.2 server (nginx
+    before 1.23.4 unless told otherwise) nothing said that the upstream leg, the one an
+    analyst decrypts and compares with the server's logs, was TLS 1.2: the note now adds
+    "upstream=TLSv1.2" when the two differ, and nothing when they agree."""
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    srv = TlsHttpOrigin(origin.cert, origin.key, version=ssl.TLSVersion.TLSv1_2)
+    try:
+        for up in (srv.port, origin.port):
+            port = add_forward(capd, up, "--tls", "--no-tls-verify")
+            r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+            assert r.stdout == BODY, r
+        old, same = last_closed(capd, 2)
+    finally:
+        srv.close()
+    assert old["note"].startswith(f"tls TLSv1.3 sni={NAME} upstream=TLSv1.2"), old
+    assert same["note"].startswith(f"tls TLSv1.3 sni={NAME} alpn=http/1.1") and "upstream=" not in same["note"], same
