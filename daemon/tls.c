@@ -2280,6 +2280,60 @@ tls_side_crossed(struct tls_side *t)
 
 /* ---- terminating the client's TLS first (reverse) ---- */
 
+/* Whether the client's ALPN list holds proto. */
+static bool
+tls_alpn_offered(const struct tls_session *ts, const char *proto)
+{
+	size_t n = strlen(proto);
+
+	for (size_t i = 0; i < ts->alpn_offer_len; i += 1 + ts->alpn_offer[i])
+		if (ts->alpn_offer[i] == n && i + 1 + n <= ts->alpn_offer_len && !memcmp(ts->alpn_offer + i + 1, proto, n))
+			return true;
+	return false;
+}
+
+/*
+ * accept-only (reverse, which speaks HTTP/1.x): the client gets http/1.1, else
+ * http/1.0, as nginx answers them. A client whose ALPN list has neither (h2
+ * only, as gRPC) gets no_application_protocol (RFC 7301 3.2 SHALL), as from
+ * nginx, instead of a handshake without ALPN that ends in a 505 it cannot read.
+ */
+static void
+tls_accept_alpn(struct tls_session *ts)
+{
+	static const char *const served[] = { "http/1.1", "http/1.0" };
+	char list[200] = "";
+	size_t len = 0;
+
+	for (size_t k = 0; k < sizeof served / sizeof *served; k++) {
+		if (tls_alpn_offered(ts, served[k])) {
+			ts->alpn_sel_len = strlen(served[k]);
+			memcpy(ts->alpn_sel, served[k], ts->alpn_sel_len);
+			return;
+		}
+	}
+	if (ts->alpn_offer_len == 0 || ts->fail)
+		return;
+	for (size_t i = 0; i < ts->alpn_offer_len; i += 1 + ts->alpn_offer[i]) {
+		size_t n = ts->alpn_offer[i];
+		if (i + 1 + n > ts->alpn_offer_len || len + 2 + n + 7 > sizeof list) {  /* room for ", ..." */
+			memcpy(list + len, len ? ", ..." : "...", len ? 6 : 4);
+			break;
+		}
+		if (len) {
+			list[len++] = ',';
+			list[len++] = ' ';
+		}
+		for (size_t j = 0; j < n; j++) {
+			unsigned char c = ts->alpn_offer[i + 1 + j];
+			list[len++] = c > 0x20 && c < 0x7f ? (char)c : '?';
+		}
+		list[len] = '\0';
+	}
+	ts->fail = xasprintf("protocol mismatch: the client's ALPN offers %s, capd serves HTTP/1.1 here", list);
+	ts->fail_alert = SSL_AD_NO_APPLICATION_PROTOCOL;
+}
+
 /* accept-only: the certificate comes from the SNI (else the address the
  * client reached), and the client gets HTTP/1.1 when it offers it. */
 static void
@@ -2299,8 +2353,7 @@ tls_accept_hello(struct tls_session *ts)
 	chain = tls_ca_chain_ref();
 	capd_unlock();
 	tls_use_forged(ts, x, rsa, chain, why);
-	memcpy(ts->alpn_sel, "http/1.1", 8);
-	ts->alpn_sel_len = 8;
+	tls_accept_alpn(ts);
 	ts->st = TLS_ST_FINISH;
 	tls_client_step(ts);
 }

@@ -978,3 +978,29 @@ def test_reverse_tls_verifies_the_name_it_sends_as_sni(capd_factory, tmp_path):
     finally:
         for s in servers.values():
             s.close()
+
+
+def test_reverse_tls_alpn_without_http1_is_refused(capd, tls_reverse):
+    """Regression: a `--tls` reverse instance serves HTTP/1.x only, yet a client whose
+    ALPN list held neither http/1.1 nor http/1.0 (an h2-only client, as gRPC's) got a
+    handshake without ALPN, sent its HTTP/2 preface and got a 505 in HTTP/1.1 it cannot
+    read. RFC 7301 3.2 says no_application_protocol, which nginx sends: capd now does,
+    and says why. http/1.0 alone (curl --http1.0) gets http/1.0, as from nginx."""
+    get, test_tls = tls_reverse
+
+    def hello(alpn):
+        ctx = ssl.create_default_context(cafile=str(get.ca))
+        ctx.set_alpn_protocols(alpn)
+        with socket.create_connection(("127.0.0.1", get.port), timeout=10) as c:
+            with ctx.wrap_socket(c, server_hostname=test_tls.NAME) as t:
+                return t.selected_alpn_protocol()
+
+    assert hello(["h2", "http/1.1"]) == "http/1.1"
+    assert hello(["http/1.0"]) == "http/1.0"
+    with pytest.raises(ssl.SSLError) as e:
+        hello(["h2", "grpc-exp"])
+    assert "no application protocol" in str(e.value), e.value
+    s = closed(capd, 3)[-1]
+    assert s["reason"] == "protocol mismatch: the client's ALPN offers h2, grpc-exp, capd serves HTTP/1.1 here", s
+    r = get("--http1.0")
+    assert r.returncode == 0 and r.stdout == test_tls.BODY, r.stderr
