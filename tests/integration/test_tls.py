@@ -2307,3 +2307,17 @@ def test_note_names_the_servers_version_when_it_differs(capd, origin, tmp_path):
         srv.close()
     assert old["note"].startswith(f"tls TLSv1.3 sni={NAME} upstream=TLSv1.2"), old
     assert same["note"].startswith(f"tls TLSv1.3 sni={NAME} alpn=http/1.1") and "upstream=" not in same["note"], same
+
+
+def test_h2_plaintext_decodes_as_the_page_says(capd, origin, tmp_path):
+    """capd.conf(5), tls_capture: an h2 session's plaintext is HTTP/2 frames, which
+    tshark decodes when told the port (-d tcp.port==PORT,http2): the request's path and
+    the response's status come out of the plaintext flow of a curl --http2 session."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--http2", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+    assert r.returncode == 0 and r.stdout == BODY, r.stderr
+    assert "alpn=h2" in last_closed(capd)[-1]["note"]
+    t = tshark("-r", pcap_after(capd), "-d", f"tcp.port=={origin.port},http2", "-Y", "http2.type == 1",
+               "-T", "fields", "-e", "http2.headers.path", "-e", "http2.headers.status")
+    assert t.stdout.split() == ["/", "200"], t.stdout
