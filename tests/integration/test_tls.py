@@ -2128,11 +2128,15 @@ def test_reverse_refuses_passthrough_keys(capd, key, opt):
     nothing with them (it ends the client's TLS before it knows an upstream, so
     there is nothing to pass through): `capctl add reverse --tls --tls-passthrough
     '*'` succeeded and intercepted every name. Both are refused now, as the tls keys
-    are without tls."""
+    are without tls: capctl as a usage error, capd in a config file with its line."""
     r = capd.ctl("add", "reverse", "--port", free_port(), "--default", "127.0.0.1:9", "--tls", *opt, check=False)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert f"'{key}' does not apply to reverse" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"unknown option {opt[0]} for add reverse" in r.stderr, (r.stdout, r.stderr)
     assert capd.ctl("list", json_out=True) == []
+    conf = capd.dir / "reverse.conf"
+    value = "*" if key == "tls_passthrough" else "no"
+    conf.write_text(f"[reverse r]\nlisten = 127.0.0.1:9\ndefault = 127.0.0.1:9\ntls = yes\n{key} = {value}\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode != 0 and f"{conf}:5:" in r.stderr and f"'{key}' does not apply to reverse" in r.stderr, r.stderr
 
 
 def test_capture_follow_carries_the_tls_keys(capd, origin, tmp_path):
