@@ -1769,31 +1769,51 @@ def probed(port, action):
     return got, max(times), len(times)
 
 
+def unstalled(capd_factory, run):
+    """run(capd, echo forward's port) on a fresh capd (workers = 2, no CA yet) returns
+    (its seconds of action, the slowest probe's seconds, the probes, more for the
+    message); a stall is a probe held up for half the action (in which a key made in
+    the way took all but a capctl's worth), and at least 0.15 s. A probe held up as
+    long by a loaded machine (0.19-0.44 s against 0.96-3.4 s actions, 6 runs in 10
+    at load 11) is not held up again on the next capd: three tries, and every one
+    stalls for a key made under the lock."""
+    seen = []
+    for _ in range(3):
+        capd = capd_factory(settings="workers = 2")
+        assert not (capd.state / "ca.pem").exists()
+        echo = EchoServer()
+        try:
+            took, worst, n, *more = run(capd, add_forward(capd, echo.port))
+        finally:
+            echo.close()
+            capd.stop()
+        seen.append((took, worst, n, *more))
+        if n > 20 and worst < max(0.15, took / 2) and all(x < max(0.15, took / 2) for x in more):
+            return took
+    pytest.fail(f"sessions stalled in every try (action s, slowest probe s, probes, ...): {seen}")
+
+
 def test_first_interception_does_not_stall_other_sessions(capd_factory, origin, tmp_path):
     """A capd started without a CA makes one when it first needs it, with an RSA
     leaf key that takes 0.2-0.6 s. Adding an instance that intercepts makes the
     keys on a helper thread (the add waits for them), not on a session thread
     at the first connection, and never under the lock every shard's sessions
     take to open and close: sessions of other instances go on meanwhile."""
-    capd = capd_factory(settings="workers = 2")
-    assert not (capd.state / "ca.pem").exists()
-    echo = EchoServer()
-    plain = add_forward(capd, echo.port)
+    def run(capd, plain):
+        def add_and_connect():
+            t = time.monotonic()
+            port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+            added = time.monotonic() - t
+            got, _ = tls_get(port, NAME, tls_client_ctx())
+            return got, added, time.monotonic() - t - added
 
-    def add_and_connect():
-        t = time.monotonic()
-        port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
-        added = time.monotonic() - t
-        got, _ = tls_get(port, NAME, tls_client_ctx())
-        return got, added, time.monotonic() - t - added
-
-    try:
         (got, added, first), worst, n = probed(plain, add_and_connect)
-    finally:
-        echo.close()
-    assert BODY in got
-    assert first < 0.15, first  # ready before the first connection
-    assert n > 20 and worst < 0.15, (added, first, worst)
+        assert BODY in got
+        # first: the first connection, which finds the keys ready (it made
+        # them itself when they were made at the first connection)
+        return added, worst, n, first
+
+    added = unstalled(capd_factory, run)
     # the keys were made in this window, else this proves nothing; an RSA-2048 key
     # took 0.13 s in one CI run of the suite (0.17-0.67 s in 20 openssl genrsa runs)
     assert added > 0.05, added
@@ -1803,15 +1823,16 @@ def test_ca_export_does_not_stall_sessions(capd_factory, tmp_path):
     """capctl ca export on a capd without a CA creates the CA (ECDSA, quick) but
     not the leaf keys: the control call runs with every session thread paused,
     which would wait 0.2-0.6 s for the RSA one."""
-    capd = capd_factory(settings="workers = 2")
-    echo = EchoServer()
-    plain = add_forward(capd, echo.port)
-    try:
-        pem, worst, n = probed(plain, lambda: capd.ctl("ca", "export").stdout)
-    finally:
-        echo.close()
-    assert "BEGIN CERTIFICATE" in pem and (capd.state / "ca.pem").exists()
-    assert n > 20 and worst < 0.15, worst
+    def run(capd, plain):
+        def export():
+            t = time.monotonic()
+            return capd.ctl("ca", "export").stdout, time.monotonic() - t
+
+        (pem, took), worst, n = probed(plain, export)
+        assert "BEGIN CERTIFICATE" in pem and (capd.state / "ca.pem").exists()
+        return took, worst, n
+
+    unstalled(capd_factory, run)
 
 
 def test_tls_instance_without_a_ca_is_refused(capd_factory, tmp_path):
