@@ -108,7 +108,10 @@ def forward(capd, to, listen=None, name=None):
 
 
 def closed_sessions(capd, n):
-    return capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= n, timeout=60)
+    """The sessions once n have closed, by id (capctl lists them in the order they closed,
+    which sessions on two workers can invert: [-1] is the newest)."""
+    return sorted(capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= n, timeout=60),
+                  key=lambda s: s["id"])
 
 
 def merged(capd, tmp_path):

@@ -138,8 +138,10 @@ def curl(*args, timeout=40):
 
 
 def last_closed(capd, n=1):
+    """The closed sessions once there are n, by id: capctl lists them in the order they
+    closed, which sessions on two workers can invert ([-1] is the newest)."""
     ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= n)
-    return [s for s in ss if s["state"] == "closed"]
+    return sorted((s for s in ss if s["state"] == "closed"), key=lambda s: s["id"])
 
 
 def pcap_after(capd):

@@ -35,7 +35,7 @@ def trace(capd, *cmd, name=None, timeout=60, check=True, env=None, user=None, st
 def closed_sessions(capd, instance, n, timeout=10):
     ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["instance"] == instance
                                             and s["state"] == "closed"]) >= n, timeout)
-    return [s for s in ss if s["instance"] == instance]
+    return sorted((s for s in ss if s["instance"] == instance), key=lambda s: s["id"])  # not in closing order
 
 
 def pcap_for(capd, sid, timeout=10):
