@@ -17,8 +17,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/queue.h>
 #include <unistd.h>
+
+#include <linux/sockios.h>
 
 #include "capd.h"
 #include "chain.h"
@@ -101,6 +104,7 @@ struct dns_fwd {
 	size_t trunc_len;
 	struct dns_xfr xfr;                /* a TCP client's AXFR or IXFR (qtype 0: any other query) */
 	unsigned msgs;                     /* transfer messages relayed so far */
+	double timer_set;                  /* TCP: when the timer last started, by the clock (ev_time) */
 	ev_io wait;                        /* a transfer held back: the client's socket taking more */
 };
 
@@ -576,6 +580,7 @@ dns_fwd_tcp_frames(struct dns_fwd *f)
 		ev_timer_stop(capd_loop, &f->timer);
 		ev_timer_set(&f->timer, DNS_XFR_GAP, 0.);  /* a transfer takes as long as its messages keep coming */
 		ev_timer_start(capd_loop, &f->timer);
+		f->timer_set = ev_time();
 	}
 	return true;
 }
@@ -592,6 +597,7 @@ dns_fwd_wait_cb(struct ev_loop *loop, ev_io *w, int revents)
 	ev_io_stop(loop, w);
 	ev_timer_set(&f->timer, DNS_XFR_GAP, 0.);
 	ev_timer_start(loop, &f->timer);
+	f->timer_set = ev_time();
 	if (dns_fwd_tcp_frames(f))
 		ev_io_start(loop, &f->io);
 }
@@ -671,13 +677,41 @@ dns_fwd_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 		dns_fwd_udp_read(f);
 }
 
+/*
+ * Whether a TCP upstream's timer ran out too soon to blame the upstream; if so
+ * it runs again. The loop's clock stands still while a callback runs and while
+ * capd does not run at all: a transfer read on for seconds in one callback
+ * (the upstream keeping ahead of capd) set its timer seconds in the past, and
+ * a capd held up past the timer found it run out with the upstream's messages
+ * waiting unread. The clock and the socket are asked instead.
+ */
+static bool
+dns_fwd_tcp_too_soon(struct dns_fwd *f, struct ev_loop *loop)
+{
+	double wait = f->msgs > 0 ? DNS_XFR_GAP : DNS_TRY_TIMEOUT;
+	double left = f->timer_set + wait - ev_time();
+	int unread = 0;
+
+	if (!f->tcp || f->fd < 0 || !f->connected)
+		return false;
+	if (ioctl(f->fd, SIOCINQ, &unread) == 0 && unread > 0)
+		left = wait;  /* the io watcher reads them next, in this pass */
+	if (left <= 0)
+		return false;
+	ev_timer_set(&f->timer, left, 0.);
+	ev_timer_start(loop, &f->timer);
+	return true;
+}
+
 static void
 dns_fwd_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct dns_fwd *f = w->data;
 	char why[DNS_WHY_MAX];
 
-	(void)loop; (void)revents;
+	(void)revents;
+	if (dns_fwd_tcp_too_soon(f, loop))
+		return;
 	if (!f->ds->have_up)
 		snprintf(why, sizeof why, "upstream %s has no address", f->ds->up_str);
 	else
@@ -735,6 +769,7 @@ dns_fwd_try(struct dns_fwd *f)
 	f->tries++;
 	ev_timer_set(&f->timer, DNS_TRY_TIMEOUT, 0.);
 	ev_timer_start(capd_loop, &f->timer);
+	f->timer_set = ev_time();
 	if (!ds->have_up) {
 		if (ds->up.host[0] == '\0') {
 			ev_timer_stop(capd_loop, &f->timer);

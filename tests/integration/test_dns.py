@@ -6,6 +6,7 @@ their own (whose /etc/netns files stand in for resolv.conf and hosts): a
 wildcard listener, the upstream taken from resolv.conf, an upstream by name."""
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -1041,3 +1042,66 @@ def test_capctl_add_dns_bracketed_ipv4_answer_is_a_usage_error(capd):
     port = free_dns_port()
     capd.ctl("add", "dns", "--port", port, "--answer", "x.test=[::1]")
     assert addrs(ask("x.test", "AAAA", port)) == ["::1"]
+
+
+class HeldXfrUpstream(Listener):
+    """An upstream whose zone transfer (xfr_messages) sends its first message at once and
+    the rest once `go` is set; `sent` is set when they are all out."""
+
+    def __init__(self):
+        self.go, self.sent = threading.Event(), threading.Event()
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        with c:
+            c.settimeout(10)
+            try:
+                hdr = recv_exact(c, 2)
+                ws = xfr_messages(dns.message.from_wire(recv_exact(c, struct.unpack("!H", hdr)[0])))
+                c.sendall(struct.pack("!H", len(ws[0])) + ws[0])
+                self.go.wait(10)
+                c.sendall(b"".join(struct.pack("!H", len(w)) + w for w in ws[1:]))
+                self.sent.set()
+                c.recv(1)  # until capd closes
+            except OSError:
+                pass
+
+
+def test_xfr_goes_on_after_capd_was_held_up(capd_factory):
+    """Regression: the 2 s capd gives a transfer between two upstream messages was
+    measured on the loop's clock, which stands still while one callback runs and
+    while capd does not run at all. A transfer read on for 2 s in one callback (the
+    upstream kept ahead of an ASan capd on a loaded machine: test_xfr_ends_cut_ixfr_
+    and_slow_client failed 3 runs in 40) ended in SERVFAIL at its next pause, its
+    messages flowing; and a capd held up 2 s (here SIGSTOP) gave SERVFAIL with the
+    upstream's messages unread in its socket. The timer now asks the clock, and the
+    socket, before it blames the upstream."""
+    up = HeldXfrUpstream()
+    port = free_dns_port()
+    c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nupstream = 127.0.0.1:{up.port}\n")
+    wait_instance(c, "d")
+    try:
+        q = dns.message.make_query("held.test", "AXFR", id=0x0303)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(framed(q))
+            first = recv_exact(s, 2)
+            first += recv_exact(s, struct.unpack("!H", first)[0])  # relayed: capd's 2 s run
+            c.proc.send_signal(signal.SIGSTOP)
+            try:
+                up.go.set()
+                assert up.sent.wait(10)  # all of it waits in capd's socket
+                time.sleep(2.3)
+            finally:
+                c.proc.send_signal(signal.SIGCONT)
+            s.shutdown(socket.SHUT_WR)
+            data = first
+            while d := s.recv(65536):
+                data += d
+    finally:
+        up.close()
+    msgs = unframed(data)
+    assert [m.rcode() for m in msgs] == [dns.rcode.NOERROR] * 4, [m.rcode() for m in msgs]
+    assert msgs[-1].answer[-1].rdtype == dns.rdatatype.SOA
