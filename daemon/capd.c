@@ -504,6 +504,29 @@ capd_raise_nofile(void)
 	}
 }
 
+/* capd -c capd.conf from a shell's folder: daemon.status, reload's log lines
+ * and warnings name the file absolute, so that capctl status run elsewhere
+ * says which file it is; capd never changes folder, so the relative path
+ * would still open (-t keeps the path as the user gave it) */
+static void
+capd_absolute_config_path(void)
+{
+	char *cwd, *path;
+	json_t *text;
+
+	if (capd_config_path[0] == '/' || (cwd = getcwd(NULL, 0)) == NULL)
+		return;
+	path = xasprintf("%s/%s", strcmp(cwd, "/") ? cwd : "",
+	                 strncmp(capd_config_path, "./", 2) ? capd_config_path : capd_config_path + 2);
+	free(cwd);
+	if ((text = json_string(path)) == NULL) {  /* a folder whose name is not UTF-8 */
+		free(path);
+		return;
+	}
+	json_decref(text);
+	capd_config_path = path;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -538,11 +561,14 @@ main(int argc, char **argv)
 		return 1;
 	}
 	if (test_only) {
-		printf("capd: %s: configuration is good (%zu instances)\n", capd_config_path,
-		       json_array_size(capd_conf->instances));
+		size_t n = json_array_size(capd_conf->instances);
+
+		printf("capd: %s: configuration is good (%zu instance%s)\n", capd_config_path, n,
+		       n == 1 ? "" : "s");
 		conf_free(capd_conf);
 		return 0;
 	}
+	capd_absolute_config_path();
 	capd_settings = &capd_conf->settings;
 	capd_apply_log_level(capd_settings);
 	capd_raise_nofile();

@@ -1421,3 +1421,32 @@ def test_ca_export_params_checked(capd):
         assert rep.get("error", {}).get("code") == -32602 and what in rep["error"]["message"], (params, rep)
     assert "der" in capd.rpc("ca.export", {"der": True})["result"]
     assert "der" not in capd.rpc("ca.export", {"der": False})["result"]
+
+
+def test_check_counts_one_instance_in_the_singular(tmp_path):
+    """capd -t on a file of one section said "configuration is good (1 instances)"."""
+    conf = tmp_path / "capd.conf"
+    conf.write_text("[capd]\n[forward a]\nlisten = 127.0.0.1:1\nto = 127.0.0.1:2\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.endswith("configuration is good (1 instance)\n"), r.stdout + r.stderr
+    conf.write_text(conf.read_text() + "[forward b]\nlisten = 127.0.0.1:3\nto = 127.0.0.1:2\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.endswith("configuration is good (2 instances)\n"), r.stdout + r.stderr
+
+
+def test_status_names_a_relative_config_file_absolute(capd_factory, monkeypatch):
+    """capd -c ./capd.conf started in a folder: capctl status said "config: ./capd.conf"
+    (and the log "reloaded ./capd.conf"), which names no file for a capctl run from
+    anywhere else. capd names it absolute once it runs; -t keeps the path as given."""
+    from pathlib import Path
+    c = capd_factory(start=False)
+    monkeypatch.chdir(c.dir)
+    c.conf_path = Path("./capd.conf")
+    r = subprocess.run([str(CAPD), "-t", "-c", "./capd.conf"], capture_output=True, text=True, timeout=30)
+    assert r.stdout.startswith("capd: ./capd.conf: configuration is good"), r.stdout + r.stderr
+    c.start()
+    monkeypatch.chdir("/")
+    assert c.ctl("status", json_out=True)["config"] == str(c.dir / "capd.conf")
+    assert f"config:    {c.dir}/capd.conf\n" in c.ctl("status").stdout
+    c.ctl("reload")
+    assert f"reloaded {c.dir}/capd.conf" in c.log(), c.log()
