@@ -1757,6 +1757,7 @@ tls_upstream_done(struct tls_session *ts)
 	struct sockaddr_storage local;
 	socklen_t len = sizeof local;
 	const struct sockaddr *ip = NULL;
+	const char *name = ts->sni;
 
 	ev_io_stop(capd_loop, &s->upstream.rio);
 	ev_io_stop(capd_loop, &s->upstream.wio);
@@ -1770,10 +1771,16 @@ tls_upstream_done(struct tls_session *ts)
 	 * (the client reached it), else the target the client asked the proxy for */
 	if (ts->cfg->transparent && getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0)
 		ip = (struct sockaddr *)&local;
-	else if (s->have_target)
+	else if (s->have_target) {
 		ip = (struct sockaddr *)&s->target_addr;
+		/* one that named it (CONNECT vm:443, SOCKS by name) checks that name,
+		 * not the address capd resolved it to: the name sent upstream as SNI
+		 * (tls_connect), the one Java sends no SNI for when it has no dot */
+		if (!ts->sni[0] && ts->host[0] && ts->host[0] != '[' && !addr_is_ip_literal(ts->host))
+			name = ts->host;
+	}
 	capd_lock();  /* the certificate cache is shared by the shards; a reload may change the CA */
-	forged = tls_ca_forge(peer, ts->sni, ip, ts->want_rsa ? &rsa : NULL, &why);
+	forged = tls_ca_forge(peer, name, ip, ts->want_rsa ? &rsa : NULL, &why);
 	chain = tls_ca_chain_ref();
 	capd_unlock();
 	X509_free(peer);

@@ -2357,3 +2357,34 @@ def test_h2_plaintext_decodes_as_the_page_says(capd, origin, tmp_path):
     t = tshark("-r", pcap_after(capd), "-d", f"tcp.port=={origin.port},http2", "-Y", "http2.type == 1",
                "-T", "fields", "-e", "http2.headers.path", "-e", "http2.headers.status")
     assert t.stdout.split() == ["/", "200"], t.stdout
+
+
+def test_client_without_sni_gets_a_certificate_for_the_name_it_asked_for(capd, tmp_path):
+    """Regression: a client that sent no SNI but named its server to the proxy (Java
+    sends none for a name without a dot: `CONNECT vm:443`) got a forged certificate
+    with the address capd resolved the name to added (IP:127.0.0.1), not the name:
+    Java failed "No subject alternative DNS name matching vm found", twice, and then
+    tls_auto_passthrough let the name through uncaptured. The certificate names what
+    the client asked for (the name capd sends upstream as SNI); an address asked for
+    is still added as an address."""
+    cert, key = make_cert(tmp_path, "up", "/CN=other.example.test", "DNS:other.example.test")
+    srv = SniRecorder(cert, key)
+    try:
+        port = free_port()
+        capd.ctl("add", "http", "--port", port, "--tls", "--no-tls-verify", "--no-tls-auto-passthrough",
+                 "--connect-ports", srv.port)
+        infos = []
+        for host in ("localhost", "127.0.0.1"):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(f"CONNECT {host}:{srv.port} HTTP/1.1\r\nHost: {host}:{srv.port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            with tls_client_ctx().wrap_socket(s, server_hostname=None) as t:
+                infos.append(served_key(t))
+        assert "DNS:localhost" in infos[0] and "IP Address:127.0.0.1" not in infos[0], infos[0]
+        assert "IP Address:127.0.0.1" in infos[1] and "DNS:localhost" not in infos[1], infos[1]
+        assert srv.snis[:1] == ["localhost"], srv.snis
+    finally:
+        srv.close()
