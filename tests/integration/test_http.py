@@ -634,20 +634,7 @@ def test_upstream_errors(capd_factory):
     reply = raw(port, f"GET http://127.0.0.1:{dead}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status_of(reply) == 502
     assert b"Connection refused" in reply
-    # a listener whose backlog is full drops SYNs: the connect times out
-    hold = socket.socket()
-    hold.bind(("127.0.0.1", 0))
-    hold.listen(0)
-    fillers = []
-    for _ in range(4):
-        f = socket.socket()
-        f.setblocking(False)
-        try:
-            f.connect(hold.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(f)
-    time.sleep(0.2)
+    hold, fillers = syn_hole()  # the connect times out
     t0 = time.time()
     reply = raw(port, f"GET http://127.0.0.1:{hold.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
                 timeout=10)
