@@ -205,6 +205,7 @@ struct capd_reload {
 	void *arg;
 	char *errs;          /* owned */
 	unsigned pending;    /* instances still starting, +1 while they are being started */
+	json_t *summary;     /* owned: what changed, for daemon.reload's answer */
 };
 
 /* One config instance a reload starts. */
@@ -224,8 +225,9 @@ capd_reload_end(struct capd_reload *r)
 		capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
 	capd_reloading = NULL;
 	if (r->done)
-		r->done(r->arg, r->errs);
+		r->done(r->arg, r->errs, r->summary);
 	free(r->errs);
+	json_decref(r->summary);
 	free(r);
 	if (capd_reload_again) {
 		char *why = NULL;
@@ -250,13 +252,25 @@ capd_reload_added(void *arg, struct instance *inst, const char *why)
 		capd_reload_end(r);
 }
 
-/* A reload keeps the value in force (cur) of a setting read at start only, and
- * says so, naming key, when the file now asks for another. */
+/* A [capd] key the file now sets otherwise than the value in force, which
+ * only a restart applies: the reload's answer names it. */
 static void
-capd_keep(char **next, const char *cur, const char *key)
+capd_restart_only(struct capd_reload *r, const char *key)
 {
-	if (key && strcmp(*next ? *next : "", cur ? cur : "") != 0)
-		log_notice("%s changes only at restart", key);
+	json_array_append_new(json_object_get(r->summary, "restart_only"), json_string(key));
+}
+
+/* A reload keeps the value in force (cur) of a setting read at start only, and
+ * says so, naming key (and logging it unless logged is given), when the file
+ * now asks for another. */
+static void
+capd_keep(struct capd_reload *r, char **next, const char *cur, const char *key, bool logged)
+{
+	if (strcmp(*next ? *next : "", cur ? cur : "") != 0) {
+		if (!logged)
+			log_notice("%s changes only at restart", key);
+		capd_restart_only(r, key);
+	}
 	free(*next);
 	*next = cur ? xstrdup(cur) : NULL;
 }
@@ -293,6 +307,13 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		capd_notify("READY=1\nSTATUS=reload failed: %s", *why);
 		return -1;
 	}
+	r = xcalloc(1, sizeof *r);
+	r->done = done;
+	r->arg = arg;
+	r->pending = 1;
+	r->summary = json_pack("{s:[], s:i, s:i, s:i}", "restart_only", "added", 0, "removed", 0, "changed", 0);
+	unsigned n_added = 0, n_removed = 0;
+	json_t *changed = json_object();  /* names of the instances a reload restarts */
 	/* instances from the old file that changed or went away stop; capctl's stay */
 	for (inst = TAILQ_FIRST(&instances); inst; inst = next) {
 		next = TAILQ_NEXT(inst, entry);
@@ -301,12 +322,12 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		json_t *p = capd_conf_instance(c, inst->name);
 		if (p && json_equal(p, inst->params))
 			continue;
+		if (p)
+			json_object_set_new(changed, inst->name, json_true());
+		else
+			n_removed++;
 		instance_remove(inst, p ? "changed by reload" : "removed from the config");
 	}
-	r = xcalloc(1, sizeof *r);
-	r->done = done;
-	r->arg = arg;
-	r->pending = 1;
 	capd_reloading = r;
 	size_t i;
 	json_t *e;
@@ -324,6 +345,8 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		} else if (cur == NULL) {
 			struct capd_reload_add *a = xcalloc(1, sizeof *a);
 
+			if (json_object_get(changed, name) == NULL)
+				n_added++;
 			a->r = r;
 			a->where = capd_conf_where(c, e);
 			r->pending++;
@@ -331,10 +354,17 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		}
 	}
 
+	json_object_set_new(r->summary, "added", json_integer(n_added));
+	json_object_set_new(r->summary, "removed", json_integer(n_removed));
+	json_object_set_new(r->summary, "changed", json_integer(json_object_size(changed)));
+	json_decref(changed);
 	if (strcmp(c->settings.control, capd_settings->control) != 0)
 		log_notice("control socket path changes only at restart");
-	if (c->settings.workers != capd_settings->workers)
+	if (c->settings.workers != capd_settings->workers) {
 		log_notice("workers changes only at restart");
+		capd_restart_only(r, "workers");
+		c->settings.workers = capd_settings->workers;  /* or the next reload would not say it */
+	}
 	capd_apply_log_level(&c->settings);
 	spool_reconfigure(&c->settings);  /* says itself that the spool folder stays */
 	/*
@@ -343,19 +373,19 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	 * folder written, the user switched to, the state folder of the session
 	 * ids, the CA read, the hosts file holding capd's block.
 	 */
-	capd_keep(&c->settings.control, capd_settings->control, NULL);
-	capd_keep(&c->settings.spool, capd_settings->spool, NULL);
-	capd_keep(&c->settings.control_group, capd_settings->control_group, "control_group");
-	capd_keep(&c->settings.user, capd_settings->user, "user");
-	capd_keep(&c->settings.state_dir, capd_settings->state_dir, "state_dir");
-	capd_keep(&c->settings.hosts_file, capd_settings->hosts_file, "hosts_file");
+	capd_keep(r, &c->settings.control, capd_settings->control, "control", true);
+	capd_keep(r, &c->settings.spool, capd_settings->spool, "spool", true);
+	capd_keep(r, &c->settings.control_group, capd_settings->control_group, "control_group", false);
+	capd_keep(r, &c->settings.user, capd_settings->user, "user", false);
+	capd_keep(r, &c->settings.state_dir, capd_settings->state_dir, "state_dir", false);
+	capd_keep(r, &c->settings.hosts_file, capd_settings->hosts_file, "hosts_file", false);
 	/* unset means state_dir/ca.pem, which the TLS code may have filled in */
 	if (c->settings.ca_cert == NULL && capd_settings->ca_cert != NULL)
 		c->settings.ca_cert = xasprintf("%s/ca.pem", c->settings.state_dir);
 	if (c->settings.ca_key == NULL && capd_settings->ca_key != NULL)
 		c->settings.ca_key = xasprintf("%s/ca.key", c->settings.state_dir);
-	capd_keep(&c->settings.ca_cert, capd_settings->ca_cert, "ca_cert");
-	capd_keep(&c->settings.ca_key, capd_settings->ca_key, "ca_key");
+	capd_keep(r, &c->settings.ca_cert, capd_settings->ca_cert, "ca_cert", false);
+	capd_keep(r, &c->settings.ca_key, capd_settings->ca_key, "ca_key", false);
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;

@@ -6,6 +6,7 @@
 #define CAPD_CAPD_H
 
 #include <ev.h>
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -40,7 +41,8 @@ extern const char *capd_config_path;
  * new instances have started, maybe before this returns, with their errors
  * or NULL (borrowed).
  */
-typedef void capd_reloaded_fn(void *arg, const char *errs);
+/* summary: {"restart_only": [key...], "added": n, "removed": n, "changed": n} */
+typedef void capd_reloaded_fn(void *arg, const char *errs, json_t *summary);
 int capd_reload(capd_reloaded_fn *done, void *arg, char **why);
 /* Seconds since the epoch, with the loop's cached time. */
 static inline double capd_now(void) { return ev_now(capd_loop); }

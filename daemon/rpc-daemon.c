@@ -30,18 +30,34 @@ rpc_daemon_status(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	                 "workers", (int)(shards_count() - shards_session_first()));
 }
 
+/* {"reloaded": true, "restart_only": [...], "added": n, "removed": n, "changed": n} */
 static void
-rpc_daemon_reloaded(void *arg, const char *errs)
+rpc_daemon_reloaded(void *arg, const char *errs, json_t *summary)
 {
-	char *msg;
+	json_t *keys = json_object_get(summary, "restart_only"), *k;
+	char *msg, *not = NULL, *t;
+	size_t i;
 
 	if (errs == NULL) {
-		ctl_later_reply(arg, json_pack("{s:b}", "reloaded", 1), 0, NULL);
+		json_t *r = json_deep_copy(summary);
+
+		json_object_set_new(r, "reloaded", json_true());
+		ctl_later_reply(arg, r, 0, NULL);
 		return;
 	}
-	/* parsed and applied, but some instances could not start */
-	msg = xasprintf("reload applied with errors: %s", errs);
+	/* parsed and applied, but some instances could not start; the error
+	 * names the restart-only keys as a result would have */
+	json_array_foreach(keys, i, k) {
+		t = xasprintf("%s%s%s", not ? not : "", not ? ", " : "", json_string_value(k));
+		free(not);
+		not = t;
+	}
+	if (not)
+		msg = xasprintf("reload applied with errors: %s; not applied until restart: %s", errs, not);
+	else
+		msg = xasprintf("reload applied with errors: %s", errs);
 	ctl_later_reply(arg, NULL, RPC_E_FAILED, msg);
+	free(not);
 	free(msg);
 }
 

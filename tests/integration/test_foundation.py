@@ -1450,3 +1450,34 @@ def test_status_names_a_relative_config_file_absolute(capd_factory, monkeypatch)
     assert f"config:    {c.dir}/capd.conf\n" in c.ctl("status").stdout
     c.ctl("reload")
     assert f"reloaded {c.dir}/capd.conf" in c.log(), c.log()
+
+
+def test_reload_names_restart_only_keys_it_did_not_apply(capd_factory, tmp_path):
+    """capctl reload after an edit of "spool =" printed "reloaded" and nothing else:
+    only capd's log said the spool folder stays. daemon.reload's result names the
+    restart-only keys left unapplied, capctl warns on stderr for each (still exit
+    0, the rest applied) and sums up the instances added, removed and changed."""
+    to = "127.0.0.1:9"
+    pa, pb, pc, pd = (f"127.0.0.1:{free_port()}" for _ in range(4))
+    c = capd_factory(f"[forward a]\nlisten = {pa}\nto = {to}\n"
+                     f"[forward b]\nlisten = {pb}\nto = {to}\n")
+    c.write_conf(f"[forward a]\nlisten = {pa}\nto = 127.0.0.2:9\n"
+                 f"[forward c]\nlisten = {pc}\nto = {to}\n"
+                 f"[forward d]\nlisten = {pd}\nto = {to}\n",
+                 settings="workers = 3\n")
+    conf = c.conf_path.read_text().replace(f"spool = {c.spool}", f"spool = {tmp_path}/spool2")
+    c.conf_path.write_text(conf)
+    r = c.ctl("reload")
+    assert r.returncode == 0
+    assert r.stdout == "reloaded: 2 added, 1 removed, 1 changed\n", r.stdout
+    warn = [x for x in r.stderr.splitlines() if x.startswith("capctl: warning: ")]
+    assert any(x.startswith("capctl: warning: spool changes only at restart") for x in warn), r.stderr
+    assert any(x.startswith("capctl: warning: workers changes only at restart") for x in warn), r.stderr
+    assert len(warn) == 2, r.stderr
+    res = c.rpc("daemon.reload")["result"]
+    assert res == {"reloaded": True, "restart_only": ["workers", "spool"],
+                   "added": 0, "removed": 0, "changed": 0}, res
+    # back to the file capd started with: no warning
+    c.write_conf(f"[forward a]\nlisten = {pa}\nto = {to}\n")
+    r = c.ctl("reload")
+    assert r.stderr == "" and r.stdout == "reloaded: 0 added, 2 removed, 1 changed\n", r.stdout + r.stderr
