@@ -16,10 +16,11 @@ capture_sniffers(struct ctl_opts *o)
 	json_array_foreach(list, i, inst) {
 		if (json_object_get(inst, "packets") == NULL)
 			continue;
-		printf("sniffer:  %s on %s (%s): %lld packets, dropped kernel %lld, spool %lld\n",
+		long long np = (long long)json_integer_value(json_object_get(inst, "packets"));
+
+		printf("sniffer:  %s on %s (%s): %lld packet%s, dropped kernel %lld, spool %lld\n",
 		       json_string_value(json_object_get(inst, "name")), json_string_value(json_object_get(inst, "listen")),
-		       json_string_value(json_object_get(inst, "state")),
-		       (long long)json_integer_value(json_object_get(inst, "packets")),
+		       json_string_value(json_object_get(inst, "state")), np, np == 1 ? "" : "s",
 		       (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
 		       (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
 	}
@@ -48,9 +49,12 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 		const char *file = json_string_value(json_object_get(r, "file"));
 		printf("file:     %s\n", file && *file ? file : "(none: capture is being dropped)");
 		printf("files:    %lld\n", (long long)json_integer_value(json_object_get(r, "files")));
-		printf("written:  %s bytes, %lld packets\n", output_size(json_object_get(r, "bytes"), b, sizeof b),
-		       (long long)json_integer_value(json_object_get(r, "packets")));
-		printf("dropped:  %lld packets, %s bytes\n", (long long)json_integer_value(json_object_get(r, "dropped_packets")),
+		long long np = (long long)json_integer_value(json_object_get(r, "packets"));
+		long long nd = (long long)json_integer_value(json_object_get(r, "dropped_packets"));
+
+		printf("written:  %s bytes, %lld packet%s\n", output_size(json_object_get(r, "bytes"), b, sizeof b),
+		       np, np == 1 ? "" : "s");
+		printf("dropped:  %lld packet%s, %s bytes\n", nd, nd == 1 ? "" : "s",
 		       output_size(json_object_get(r, "dropped_bytes"), db, sizeof db));
 		if (v == 0)
 			capture_sniffers(o);

@@ -221,8 +221,11 @@ static void
 capd_reload_end(struct capd_reload *r)
 {
 	log_info("reloaded %s%s", capd_config_path, r->errs ? ", with errors" : "");
-	if (!capd_stopping)  /* a reload whose instances started while the stop began */
-		capd_notify("READY=1\nSTATUS=running, %u sessions", session_open_count());
+	if (!capd_stopping) {  /* a reload whose instances started while the stop began */
+		unsigned n = session_open_count();
+
+		capd_notify("READY=1\nSTATUS=running, %u session%s", n, n == 1 ? "" : "s");
+	}
 	capd_reloading = NULL;
 	if (r->done)
 		r->done(r->arg, r->errs, r->summary);

@@ -413,7 +413,7 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	*out = NULL;
 	*outlen = 0;
 	if (n < DNS_HEADER_LEN) {
-		snprintf(q->why, sizeof q->why, "dropped: %zu bytes, shorter than a DNS header", n);
+		snprintf(q->why, sizeof q->why, "dropped: %zu byte%s, shorter than a DNS header", n, n == 1 ? "" : "s");
 		return DNS_DROP;
 	}
 	q->id = dns_msg_id(p);

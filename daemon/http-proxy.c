@@ -1208,8 +1208,8 @@ http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size
 			/* an upstream that speaks out of turn is not asked again: as
 			 * after its FIN, the client's next request moves on to a new
 			 * session; its bytes stay unread, this session ends then */
-			log_info("session %llu: upstream sent %zu bytes with no request outstanding: not reused",
-			         (unsigned long long)s->id, n);
+			log_info("session %llu: upstream sent %zu byte%s with no request outstanding: not reused",
+			         (unsigned long long)s->id, n, n == 1 ? "" : "s");
 			hc->upstream_gone = true;
 			hc->gone_why = "upstream sent bytes with no request outstanding";
 			return RELAY_END;

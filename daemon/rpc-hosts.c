@@ -185,7 +185,8 @@ hosts_watch_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		free(why);
 		return;
 	}
-	log_notice("hosts: capd's block went missing from %s: %zu entries put back", hosts_path(), n);
+	log_notice("hosts: capd's block went missing from %s: %zu %s put back", hosts_path(), n,
+	           n == 1 ? "entry" : "entries");
 }
 
 int
@@ -254,7 +255,7 @@ hosts_clear(size_t *removed, char **why)
 	if (hosts_run(&e, why) < 0)
 		return -1;
 	*removed = e.removed;
-	log_info("hosts: %zu entries cleared from %s", e.removed, hosts_path());
+	log_info("hosts: %zu %s cleared from %s", e.removed, e.removed == 1 ? "entry" : "entries", hosts_path());
 	return 0;
 }
 
@@ -303,7 +304,8 @@ hosts_restore(void)
 		log_warnx("hosts: cannot remove capd's entries from %s: %s", hosts_path(), why);
 		free(why);
 	} else if (e.removed > 0) {
-		log_info("hosts: removed capd's %zu entries from %s", e.removed, hosts_path());
+		log_info("hosts: removed capd's %zu %s from %s", e.removed, e.removed == 1 ? "entry" : "entries",
+		         hosts_path());
 	}
 	hosts_set_free(&hosts_mem);
 	free(hosts_mem_path);

@@ -213,9 +213,10 @@ follow_sync_reply(struct follow_sync *fs, const struct frec_sync *m)
 			                "(capture status), capd tries again every second",
 			                strerror(m->err));
 		else
-			msg = xasprintf("cannot write the capture: %llu packets queued before this went to no file "
-			                "(%s) and are counted as dropped; capd writes again now",
-			                (unsigned long long)m->lost, strerror(m->err));
+			msg = xasprintf("cannot write the capture: %llu %s queued before this went to no file "
+			                "(%s) and %s counted as dropped; capd writes again now",
+			                (unsigned long long)m->lost, m->lost == 1 ? "packet" : "packets",
+			                strerror(m->err), m->lost == 1 ? "is" : "are");
 		ctl_later_reply(fs->later, NULL, RPC_E_FAILED, msg);
 		free(msg);
 	}

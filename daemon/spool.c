@@ -403,9 +403,11 @@ flow_sent(struct spool_flow *f, int put)
 {
 	if (f != NULL)
 		f->gap[0] = f->gap[1] = 0;
-	if (put > 0 && atomic_load_explicit(&dropping, memory_order_relaxed) && atomic_exchange(&dropping, false))
-		log_info("spool: capture queue has room again after dropping %llu packets",
-		         (unsigned long long)(atomic_load(&st_dropped_packets) - episode_base));
+	if (put > 0 && atomic_load_explicit(&dropping, memory_order_relaxed) && atomic_exchange(&dropping, false)) {
+		unsigned long long n = atomic_load(&st_dropped_packets) - episode_base;
+
+		log_info("spool: capture queue has room again after dropping %llu packet%s", n, n == 1 ? "" : "s");
+	}
 }
 
 static void

@@ -585,3 +585,24 @@ def test_remove_of_a_name_no_entry_can_have_is_refused(hostsd):
         assert rep.get("error", {}).get("code") == -32602 and why in rep["error"]["message"], (name, rep)
     rep = c.rpc("hosts.remove", {"name": "ok.test"})
     assert rep["error"]["code"] == -32001 and "no hosts entry for ok.test" in rep["error"]["message"], rep
+
+
+def test_log_counts_one_entry_in_the_singular(hostsd):
+    """capd logged "1 entries cleared", "1 entries put back" and "removed capd's
+    1 entries" for a block of one entry."""
+    c, path = hostsd, hostsd.hosts
+    c.ctl("hosts", "add", "one.test")
+    c.ctl("hosts", "clear")
+    assert f"hosts: 1 entry cleared from {path}" in c.log(), c.log()[-2000:]
+    c.ctl("hosts", "add", "one.test")
+    c.ctl("hosts", "add", "two.test")
+    c.ctl("hosts", "clear")
+    assert f"hosts: 2 entries cleared from {path}" in c.log(), c.log()[-2000:]
+    c.ctl("hosts", "add", "one.test")
+    path.write_bytes(ORIG)  # another program drops capd's block
+    deadline = time.time() + 10
+    while "put back" not in c.log() and time.time() < deadline:
+        time.sleep(0.1)
+    assert f"capd's block went missing from {path}: 1 entry put back" in c.log(), c.log()[-2000:]
+    assert c.stop() == 0
+    assert f"hosts: removed capd's 1 entry from {path}" in c.log(), c.log()[-2000:]
