@@ -4,17 +4,30 @@
 
 #include "capctl.h"
 
-/* TLS interception, and the hosts passed through because clients rejected capd's certificate. */
+/* TLS interception with its settings that are not the default, and the
+ * hosts passed through because clients rejected capd's certificate. */
 static void
 list_tls_info(json_t *inst, char *info, size_t n)
 {
 	const char *tls = json_string_value(json_object_get(inst, "tls"));
+	const char *cap = json_string_value(json_object_get(inst, "tls_capture"));
 	json_t *auto_pt = json_object_get(inst, "tls_passthrough_auto"), *h;
-	size_t len = strlen(info), i;
+	json_t *pt = json_object_get(inst, "tls_passthrough");
+	const char *pt0 = json_string_value(json_array_get(pt, 0));
+	size_t len = strlen(info), i, npt = json_array_size(pt);
 
 	if (tls == NULL || !strcmp(tls, "no"))
 		return;
 	snprintf(info + len, n - len, "%stls %s", len ? ", " : "", tls);
+	len = strlen(info);
+	if (json_is_false(json_object_get(inst, "tls_verify")))
+		len += (size_t)snprintf(info + len, n - len, ", verify no");
+	if (len < n && cap != NULL && strcmp(cap, "plain") != 0)
+		len += (size_t)snprintf(info + len, n - len, ", capture %s", cap);
+	if (len < n && npt == 1 && pt0 != NULL && !strcmp(pt0, "*"))
+		len += (size_t)snprintf(info + len, n - len, ", passthrough *");
+	else if (len < n && npt > 0)
+		snprintf(info + len, n - len, ", passthrough %zu %s", npt, npt == 1 ? "name" : "names");
 	json_array_foreach(auto_pt, i, h) {
 		len = strlen(info);
 		snprintf(info + len, n - len, "%s%s", i ? " " : ", passthrough (clients rejected the certificate): ",

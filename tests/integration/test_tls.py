@@ -2388,3 +2388,21 @@ def test_client_without_sni_gets_a_certificate_for_the_name_it_asked_for(capd, t
         assert srv.snis[:1] == ["localhost"], srv.snis
     finally:
         srv.close()
+
+
+def test_list_info_shows_tls_settings_not_the_default(capd):
+    """capctl list said "tls yes" for an instance with tls_verify = no, tls_capture =
+    both and a passthrough list, which only --json showed. INFO now names the
+    settings that are not the default, briefly."""
+    to = free_port()
+    capd.ctl("add", "forward", "--port", free_port(), "--to", f"127.0.0.1:{to}", "--name", "a", "--tls",
+             "--no-tls-verify", "--tls-capture", "both", "--tls-passthrough", "a.test,*.b.test")
+    capd.ctl("add", "forward", "--port", free_port(), "--to", f"127.0.0.1:{to}", "--name", "b", "--tls",
+             "--tls-passthrough", "one.test")
+    capd.ctl("add", "forward", "--port", free_port(), "--to", f"127.0.0.1:{to}", "--name", "c", "--tls")
+    capd.ctl("add", "socks", "--port", free_port(), "--name", "d", "--tls", "--tls-passthrough", "*")
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()[1:]}
+    assert rows["a"].endswith(f"  to 127.0.0.1:{to}, tls yes, verify no, capture both, passthrough 2 names"), rows
+    assert rows["b"].endswith(f"  to 127.0.0.1:{to}, tls yes, passthrough 1 name"), rows
+    assert rows["c"].endswith(f"  to 127.0.0.1:{to}, tls yes"), rows
+    assert rows["d"].endswith("  tls yes, passthrough *"), rows
