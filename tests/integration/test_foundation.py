@@ -1481,3 +1481,20 @@ def test_reload_names_restart_only_keys_it_did_not_apply(capd_factory, tmp_path)
     c.write_conf(f"[forward a]\nlisten = {pa}\nto = {to}\n")
     r = c.ctl("reload")
     assert r.stderr == "" and r.stdout == "reloaded: 0 added, 2 removed, 1 changed\n", r.stdout + r.stderr
+
+
+def test_reload_with_errors_names_restart_only_keys(capd_factory, tmp_path):
+    """A reload whose new instance cannot start answers an error; it names the
+    restart-only keys left unapplied too, which the log alone said before."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        c = capd_factory("")
+        c.write_conf(f"[forward busy]\nlisten = 127.0.0.1:{held.getsockname()[1]}\nto = 127.0.0.1:9\n")
+        c.conf_path.write_text(c.conf_path.read_text().replace(f"spool = {c.spool}", f"spool = {tmp_path}/s2"))
+        r = c.ctl("reload", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "is in use" in r.stderr and r.stderr.rstrip().endswith("not applied until restart: spool"), r.stderr
+    finally:
+        held.close()
