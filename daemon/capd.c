@@ -35,7 +35,12 @@
 #include <systemd/sd-daemon.h>
 #define capd_notify(...) sd_notifyf(0, __VA_ARGS__)
 #else
-#define capd_notify(...) ((void)0)
+/* no systemd to tell: the arguments are still checked and used, as with it */
+static inline __attribute__((format(printf, 1, 2))) void
+capd_notify(const char *fmt, ...)
+{
+	(void)fmt;
+}
 #endif
 
 #define CAPD_SHUTDOWN_GRACE 2.0  /* seconds open sessions get to finish at stop */
