@@ -842,6 +842,22 @@ session_draining(struct session *s)
 	return moved;
 }
 
+/*
+ * Whether a peer's bytes wait unread in its socket while capd reads that side:
+ * the loop's clock stands still while capd is not scheduled (held up under
+ * load, SIGSTOP), and after such a pause libev runs an expired timer before
+ * the read that would have stamped the session. Asked only when a timer runs
+ * out, never per byte. A side capd does not read (back-pressure) is not asked:
+ * what waits there has waited on capd, not on the peer.
+ */
+static bool
+session_unread(const struct side *sd)
+{
+	int q = 0;
+
+	return sd->fd >= 0 && ev_is_active(&sd->rio) && ioctl(sd->fd, SIOCINQ, &q) == 0 && q > 0;
+}
+
 static void
 session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -886,8 +902,9 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	double idle = s->inst->idle_timeout;
 	if (idle <= 0 || s->state != SESSION_OPEN)
 		return;
-	if (now - s->last_active >= idle && session_draining(s))
-		s->last_active = now;
+	if (now - s->last_active >= idle && (session_draining(s) || session_unread(&s->client) ||
+	                                     session_unread(&s->upstream)))
+		s->last_active = now;  /* the read watcher takes what waits, in this pass */
 	if (now - s->last_active >= idle) {
 		if (s->inst->proto->idle && s->inst->proto->idle(s))
 			return;

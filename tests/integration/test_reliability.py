@@ -673,3 +673,28 @@ def test_control_group_answer_is_cached_for_seconds(netns, ns_etc, ns_capd):
     group.write_text(base + f"capdctl:x:{gid}:\n")
     subprocess.run([str(CAPCTL), "-s", str(c.sock), "reload"], check=True, capture_output=True, timeout=20)
     assert status(uid_in).returncode == 1, c.log()[-2000:]
+
+
+def test_idle_timeout_counts_what_waited_unread_while_capd_was_held_up(capd_factory, echo_server):
+    """Regression: idle_timeout was measured on the loop's clock, which stands still
+    while capd is not scheduled (held up under load, or SIGSTOP), and after such a
+    pause libev ran the expired timer before the read. A client that sent while capd
+    was stopped past idle_timeout (socat, 1 s) lost its session as "idle timeout" and
+    never got its echo, its bytes unread in capd's socket. The timer now asks the
+    socket before it blames the peers."""
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{echo_server.port}\nidle_timeout = 1s\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"one")
+        assert s.recv(100) == b"one"
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            s.sendall(b"two")
+            time.sleep(1.6)
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+        assert s.recv(100) == b"two"
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""
+    ss = c.wait_sessions(lambda ss: ss and ss[0]["state"] == "closed")
+    assert ss[0]["reason"] == "closed", ss[0]
