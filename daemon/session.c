@@ -502,7 +502,7 @@ session_set_deadline(struct session *s, double seconds)
 	ev_timer_stop(capd_loop, &s->timer);
 	s->deadline_at = 0;
 	if (seconds > 0) {
-		s->deadline_at = capd_now() + seconds;
+		s->deadline_at = ev_time() + seconds;  /* the clock's: capd_now() may be a long callback old */
 		ev_timer_set(&s->timer, seconds, 0.);
 		ev_timer_start(capd_loop, &s->timer);
 	}
@@ -622,7 +622,7 @@ session_connect_share(struct session *s)
 
 	if (s->deadline_at <= 0)
 		return;
-	left = s->deadline_at - capd_now();
+	left = s->deadline_at - ev_time();
 	ev_timer_stop(capd_loop, &s->timer);
 	ev_timer_set(&s->timer, left > 0 ? left / (s->ncands - s->cand + 1) : 0., 0.);
 	ev_timer_start(capd_loop, &s->timer);
@@ -858,6 +858,35 @@ session_unread(const struct side *sd)
 	return sd->fd >= 0 && ev_is_active(&sd->rio) && ioctl(sd->fd, SIOCINQ, &q) == 0 && q > 0;
 }
 
+/*
+ * Whether a handshake's timer ran out too soon to blame the upstream; if so
+ * the session goes on. The loop's clock stands still while a callback runs and
+ * while capd does not run at all, and after such a pause libev runs the expired
+ * timer before the watchers: an upstream whose SYN-ACK came while capd was held
+ * up is connected, and session_connect_cb says so later in this pass; a timer
+ * set in a long callback ran out early by the clock, and runs again for what
+ * is left.
+ */
+static bool
+session_connect_too_soon(struct session *s, struct ev_loop *loop)
+{
+	double left;
+
+	if (s->upstream.fd >= 0 && !s->resolving && ev_is_active(&s->upstream.wio) &&
+	    session_established(s->upstream.fd)) {
+		ev_feed_event(loop, &s->upstream.wio, EV_WRITE);
+		return true;
+	}
+	if (s->deadline_at <= 0 || (s->upstream.fd >= 0 && s->cand < s->ncands))
+		return false;  /* none, or an address's share (session_connect_share) */
+	left = s->deadline_at - ev_time();
+	if (left <= 0)
+		return false;
+	ev_timer_set(&s->timer, left, 0.);
+	ev_timer_start(loop, &s->timer);
+	return true;
+}
+
 static void
 session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -872,7 +901,9 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	}
 	if (s->state == SESSION_HANDSHAKE) {
-		if (s->upstream.fd >= 0 && s->cand < s->ncands && s->deadline_at > now) {
+		if (session_connect_too_soon(s, loop))
+			return;
+		if (s->upstream.fd >= 0 && s->cand < s->ncands && s->deadline_at > ev_time()) {
 			/* this address had its share (session_connect_share): on to the next */
 			ev_io_stop(loop, &s->upstream.wio);
 			close(s->upstream.fd);

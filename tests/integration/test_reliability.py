@@ -698,3 +698,48 @@ def test_idle_timeout_counts_what_waited_unread_while_capd_was_held_up(capd_fact
         assert s.recv(100) == b""
     ss = c.wait_sessions(lambda ss: ss and ss[0]["state"] == "closed")
     assert ss[0]["reason"] == "closed", ss[0]
+
+
+def test_connect_timeout_spares_an_upstream_that_answered_while_capd_was_held_up(capd_factory):
+    """Regression: connect_timeout was judged on the loop's clock, which stands still
+    while capd is not scheduled (held up under load, or SIGSTOP), and after such a
+    pause libev ran the expired timer before the write watcher that would have seen
+    the connection up. An upstream whose SYN-ACK came while capd was stopped past
+    connect_timeout (its SYN first dropped by a full accept queue, then answered at
+    the retransmission 1 s later) was closed as "connect timed out" and socat got
+    nothing. The timer now asks the socket, and the clock, before it blames it."""
+    ls, held = syn_hole()
+    held.pop().close()  # the one still in SYN_SENT: its retransmissions would take capd's place
+    ours = {h.getsockname() for h in held}
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:{ls.getsockname()[1]}\nconnect_timeout = 2s\n")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            c.wait_sessions(lambda ss: ss and ss[0]["state"] != "closed")  # capd's SYN went out, dropped
+            c.proc.send_signal(signal.SIGSTOP)
+            try:
+                ls.setblocking(False)
+                try:
+                    while True:  # room in the queue: capd's SYN is answered at its retransmission
+                        ls.accept()[0].close()
+                except BlockingIOError:
+                    pass
+                time.sleep(2.6)
+            finally:
+                c.proc.send_signal(signal.SIGCONT)
+            ls.setblocking(True)
+            ls.settimeout(10)
+            up, peer = ls.accept()
+            while peer in ours:
+                up.close()
+                up, peer = ls.accept()
+            with up:
+                up.sendall(b"hello")
+                assert s.recv(100) == b"hello"
+                s.sendall(b"back")
+                up.settimeout(10)
+                assert up.recv(100) == b"back"
+    finally:
+        ls.close()
+        for h in held:
+            h.close()
