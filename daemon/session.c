@@ -867,16 +867,30 @@ session_unread(const struct side *sd)
  * set in a long callback ran out early by the clock, and runs again for what
  * is left.
  */
+/* A connect capd waits on that is up: session_connect_cb takes it later in this pass. */
+static bool
+session_connect_up(struct session *s, struct ev_loop *loop)
+{
+	if (s->upstream.fd < 0 || !ev_is_active(&s->upstream.wio) || ev_cb(&s->upstream.wio) != session_connect_cb ||
+	    !session_established(s->upstream.fd))
+		return false;
+	ev_feed_event(loop, &s->upstream.wio, EV_WRITE);
+	return true;
+}
+
+bool
+session_peer_moved(struct session *s, struct ev_loop *loop)
+{
+	return session_connect_up(s, loop) || session_unread(&s->client) || session_unread(&s->upstream);
+}
+
 static bool
 session_connect_too_soon(struct session *s, struct ev_loop *loop)
 {
 	double left;
 
-	if (s->upstream.fd >= 0 && !s->resolving && ev_is_active(&s->upstream.wio) &&
-	    session_established(s->upstream.fd)) {
-		ev_feed_event(loop, &s->upstream.wio, EV_WRITE);
+	if (session_connect_up(s, loop))
 		return true;
-	}
 	if (s->deadline_at <= 0 || (s->upstream.fd >= 0 && s->cand < s->ncands))
 		return false;  /* none, or an address's share (session_connect_share) */
 	left = s->deadline_at - ev_time();

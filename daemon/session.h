@@ -136,6 +136,11 @@ void session_connect(struct session *s, const char *host, uint16_t port);
 void session_connect_addr(struct session *s, const struct sockaddr *sa);
 /* Deadline for the handshake phase; cleared by relay_start. */
 void session_set_deadline(struct session *s, double seconds);
+/* For a timer about to blame a peer (only then, never per byte): whether the
+ * peer did its part while capd was held up, and the loop's clock stood still:
+ * its bytes wait unread on a side capd reads, or the upstream's connect is up
+ * (then session_connect_cb runs later in this pass). */
+bool session_peer_moved(struct session *s, struct ev_loop *loop);
 /* Sets the upstream socket directly (BIND): takes fd, target is the peer. */
 void session_set_upstream(struct session *s, int fd, const struct sockaddr *peer);
 

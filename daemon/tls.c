@@ -109,6 +109,8 @@ struct tls_session {
 	uint8_t alpn_sel[256];      /* the server's choice */
 	size_t alpn_sel_len;
 	bool want_rsa;              /* the client may not take ECDSA: offer the RSA certificate too */
+	double timer_due;           /* when the timer runs out by the clock (ev_time) */
+	int excused;                /* times it ran out late, capd held up, and ran again */
 	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
 	bool resume_cert_asked;     /* so did the handshake of the session offered for resumption */
 	unsigned hello_version;     /* the newest TLS version the client offers */
@@ -1184,14 +1186,47 @@ tls_upstream_stuck_log(struct tls_session *ts)
 	         unread, unsent);
 }
 
+/*
+ * Whether the TLS timer ran out on capd rather than on a peer; if so it runs
+ * again. The loop's clock stands still while capd is not scheduled (held up
+ * under load, SIGSTOP), and after such a pause libev runs the expired timer
+ * first, or the watchers first in the same pass: a peer's bytes may wait
+ * unread, the upstream's connect be up, or capd have only just sent the peer
+ * what it waits on. A timer that ran out TLS_LATE or more late by the clock
+ * found capd held up: the peers get their time again, TLS_EXCUSES times at
+ * most (a loop always that slow still ends a handshake that never comes).
+ * Asked only when the timer runs out.
+ */
+#define TLS_LATE 0.2
+#define TLS_EXCUSES 3
+
+static bool
+tls_timer_too_soon(struct tls_session *ts, struct ev_loop *loop)
+{
+	struct session *s = ts->s;
+	double again = ts->st == TLS_ST_PEEK ? s->inst->idle_timeout : ts->cfg->timeout;
+
+	if (ts->excused >= TLS_EXCUSES || again <= 0)
+		return false;
+	if (!session_peer_moved(s, loop) && ev_time() - ts->timer_due < TLS_LATE)
+		return false;
+	ts->excused++;
+	ev_timer_set(&ts->timer, again, 0.);
+	ev_timer_start(loop, &ts->timer);
+	ts->timer_due = ev_time() + again;
+	return true;
+}
+
 static void
 tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct session *s = w->data;
 	struct tls_session *ts = s->tls;
 
-	(void)loop; (void)revents;
+	(void)revents;
 	if (ts == NULL)
+		return;
+	if (tls_timer_too_soon(ts, loop))
 		return;
 	if (ts->st == TLS_ST_UPSTREAM) {
 		tls_upstream_stuck_log(ts);
@@ -1943,6 +1978,7 @@ tls_peek(struct tls_session *ts)
 	ev_timer_stop(capd_loop, &ts->timer);
 	ev_timer_set(&ts->timer, ts->cfg->timeout, 0.);
 	ev_timer_start(capd_loop, &ts->timer);
+	ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 	tls_begin(ts);
 }
 
@@ -1974,6 +2010,7 @@ tls_flush(struct tls_session *ts)
 		if (!ts->accept_only && s->inst->idle_timeout > 0) {
 			ev_timer_set(&ts->timer, s->inst->idle_timeout, 0.);
 			ev_timer_start(capd_loop, &ts->timer);
+			ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 		}
 		ts->st = TLS_ST_PEEK;
 		tls_peek(ts);
@@ -2048,6 +2085,7 @@ tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint
 	ev_timer_init(&ts->timer, tls_timeout_cb, ts->cfg->timeout, 0.);
 	ts->timer.data = s;
 	ev_timer_start(capd_loop, &ts->timer);
+	ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
 	tls_flush(ts);
 }
@@ -2403,6 +2441,7 @@ tls_accept_start(struct session *s, struct tls_cfg *cfg)
 	ev_timer_init(&ts->timer, tls_timeout_cb, ts->cfg->timeout, 0.);
 	ts->timer.data = s;
 	ev_timer_start(capd_loop, &ts->timer);
+	ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 	ts->st = TLS_ST_FLUSH;
 	tls_flush(ts);
 }
@@ -2423,6 +2462,7 @@ tls_relay_start(struct session *s)
 	s->upstream.rio.data = s->upstream.wio.data = s;
 	ev_timer_set(&ts->timer, ts->cfg->timeout, 0.);
 	ev_timer_start(capd_loop, &ts->timer);
+	ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 	tls_upstream_begin(ts);
 }
 

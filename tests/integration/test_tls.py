@@ -2406,3 +2406,44 @@ def test_list_info_shows_tls_settings_not_the_default(capd):
     assert rows["b"].endswith(f"  to 127.0.0.1:{to}, tls yes, passthrough 1 name"), rows
     assert rows["c"].endswith(f"  to 127.0.0.1:{to}, tls yes"), rows
     assert rows["d"].endswith("  tls yes, passthrough *"), rows
+
+
+def test_tls_timeout_counts_the_hello_that_waited_while_capd_was_held_up(capd_factory, tmp_path):
+    """Regression: tls_timeout was judged on the loop's clock, which stands still while
+    capd is not scheduled (held up under load, or SIGSTOP), and after such a pause
+    libev ran the expired timer before the read. A client whose ClientHello came
+    while capd was stopped past tls_timeout (1 s here) was cut off as "client TLS
+    handshake timed out", its hello unread in capd's socket. The timer now asks the
+    sockets before it blames a peer."""
+    import signal
+    capd = capd_factory()
+    cert, key = make_cert(tmp_path, "up", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = TlsHttpOrigin(cert, key)
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify", "--tls-timeout", "1s")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            capd.wait_sessions(lambda ss: ss and ss[-1]["state"] != "closed")
+            time.sleep(0.2)  # capd connected upstream: the TLS timer runs
+            capd.proc.send_signal(signal.SIGSTOP)
+            try:
+                c.setblocking(False)
+                t = tls_client_ctx().wrap_socket(c, server_hostname=NAME, do_handshake_on_connect=False)
+                try:
+                    t.do_handshake()  # the ClientHello goes out; capd is stopped
+                except ssl.SSLWantReadError:
+                    pass
+                time.sleep(1.5)
+            finally:
+                capd.proc.send_signal(signal.SIGCONT)
+            t.settimeout(10)
+            t.do_handshake()
+            t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            got = b""
+            try:
+                while (d := t.recv(65536)):
+                    got += d
+            except ssl.SSLError:
+                pass
+        assert got == RESPONSE, (got, last_closed(capd)[-1])
+    finally:
+        srv.close()
