@@ -858,15 +858,6 @@ session_unread(const struct side *sd)
 	return sd->fd >= 0 && ev_is_active(&sd->rio) && ioctl(sd->fd, SIOCINQ, &q) == 0 && q > 0;
 }
 
-/*
- * Whether a handshake's timer ran out too soon to blame the upstream; if so
- * the session goes on. The loop's clock stands still while a callback runs and
- * while capd does not run at all, and after such a pause libev runs the expired
- * timer before the watchers: an upstream whose SYN-ACK came while capd was held
- * up is connected, and session_connect_cb says so later in this pass; a timer
- * set in a long callback ran out early by the clock, and runs again for what
- * is left.
- */
 /* A connect capd waits on that is up: session_connect_cb takes it later in this pass. */
 static bool
 session_connect_up(struct session *s, struct ev_loop *loop)
@@ -884,6 +875,15 @@ session_peer_moved(struct session *s, struct ev_loop *loop)
 	return session_connect_up(s, loop) || session_unread(&s->client) || session_unread(&s->upstream);
 }
 
+/*
+ * Whether a handshake's timer ran out too soon to blame the upstream; if so
+ * the session goes on. The loop's clock stands still while a callback runs and
+ * while capd does not run at all, and after such a pause libev runs the expired
+ * timer before the watchers: an upstream whose SYN-ACK came while capd was held
+ * up is connected, and session_connect_cb says so later in this pass; a timer
+ * set in a long callback ran out early by the clock, and runs again for what
+ * is left.
+ */
 static bool
 session_connect_too_soon(struct session *s, struct ev_loop *loop)
 {
