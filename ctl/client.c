@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "capctl.h"
+#include "monotime.h"
 #include "rpc.h"
 #include "xmalloc.h"
 
@@ -24,15 +25,6 @@ struct client {
 	double deadline;     /* CLOCK_MONOTONIC seconds its reply must come by */
 	const char *socket;  /* borrowed from the options */
 };
-
-static double
-client_mono_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void
 client_timed_out(const char *socket, double timeout)
@@ -48,7 +40,7 @@ client_open_within(const struct ctl_opts *o, double timeout)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	struct client *c;
-	double start = client_mono_now();
+	double start = mono_now();
 	int fd;
 
 	if (strlen(o->socket) >= sizeof sun.sun_path) {
@@ -207,7 +199,7 @@ client_next(struct client *c)
 			return NULL;
 		}
 		if (c->deadline > 0) {
-			double left = c->deadline - client_mono_now();
+			double left = c->deadline - mono_now();
 			struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
 			int r = left > 0 ? poll(&pfd, 1, (int)ceil(left * 1000)) : 0;
 			if (r < 0 && errno == EINTR)

@@ -27,6 +27,7 @@
 #include "capd.h"
 #include "config.h"
 #include "log.h"
+#include "monotime.h"
 #include "rpc.h"
 #include "xmalloc.h"
 
@@ -729,15 +730,6 @@ ctl_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 	ctl_conn_flush(w->data);
 }
 
-static double
-ctl_mono_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 void
 control_forget_peers(void)
 {
@@ -787,7 +779,7 @@ ctl_peer_allowed(int uid, int gid)
 		return false;
 	if ((gid_t)gid == ctl_gid)
 		return true;
-	now = ctl_mono_now();
+	now = mono_now();
 	for (int i = 0; i < CTL_PEER_CACHE_MAX; i++) {
 		struct ctl_peer_seen *e = &ctl_peer_cache[i];
 		if (e->when > 0 && e->uid == (uid_t)uid) {

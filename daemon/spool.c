@@ -49,6 +49,7 @@
 
 #include "capd.h"
 #include "log.h"
+#include "monotime.h"
 #include "pcapng.h"
 #include "spool-follow.h"
 #include "spool-synth.h"
@@ -226,15 +227,6 @@ static struct writer {
 	double rotate_time, flush_interval;
 	unsigned keep_files;
 } w = { .dirfd = -1, .fd = -1 };
-
-static double
-mono_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void
 spool_settings(const struct capd_settings *st)
