@@ -218,6 +218,13 @@ addr_format_ip(const struct sockaddr *sa, char *out, size_t n)
 }
 
 char *
+hostport_format(const char *host, unsigned port, char *out, size_t n)
+{
+	snprintf(out, n, strchr(host, ':') ? "[%s]:%u" : "%s:%u", host, port);
+	return out;
+}
+
+char *
 addr_format(const struct sockaddr *sa, char *out, size_t n)
 {
 	char ip[INET6_ADDRSTRLEN], zone[IF_NAMESIZE + 1] = "";

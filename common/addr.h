@@ -29,6 +29,8 @@ int addr_from_literal(const char *host, uint16_t port, struct sockaddr_storage *
 bool addr_is_ip_literal(const char *host);
 /* Writes "1.2.3.4:5" or "[::1]:5" into out (ADDR_STRLEN); returns out. */
 char *addr_format(const struct sockaddr *sa, char *out, size_t n);
+/* A host name or address and a port, an IPv6 address in brackets: "h:5", "[::1]:5". */
+char *hostport_format(const char *host, unsigned port, char *out, size_t n);
 /* Just the address, without port. */
 char *addr_format_ip(const struct sockaddr *sa, char *out, size_t n);
 uint16_t addr_port(const struct sockaddr *sa);

@@ -388,7 +388,7 @@ http_note_refused(struct session *s, const struct http_msg *m)
 	http_note(s, m, &t);
 	if (s->have_target || s->target_name[0] || http_asked(m, s->client.tls != NULL, &t) < 0)
 		return;
-	snprintf(s->target_name, sizeof s->target_name, strchr(t.host, ':') ? "[%s]:%u" : "%s:%u", t.host, t.port);
+	hostport_format(t.host, t.port, s->target_name, sizeof s->target_name);
 }
 
 /* ---- requests for capd itself ---- */

@@ -664,7 +664,7 @@ socks_cmd_name(uint8_t cmd)
 static void
 socks_asked(struct session *s, const struct socks_req *r)
 {
-	snprintf(s->target_name, sizeof s->target_name, strchr(r->host, ':') ? "[%s]:%u" : "%s:%u", r->host, r->port);
+	hostport_format(r->host, r->port, s->target_name, sizeof s->target_name);
 }
 
 static void
