@@ -551,6 +551,21 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
 }
 
+/* The Connection line an answer to the client needs, none for an HTTP/1.1
+ * client that keeps its connection: a 1.0 client needs keep-alive said, and
+ * one that asked in Proxy-Connection gets that line too (Java reads it first). */
+static void
+http_conn_lines(struct buf *b, const struct http_conn *hc, int minor)
+{
+	const char *v = hc->client_keep ? "keep-alive" : "close";
+
+	if (hc->client_keep && minor == 1 && !hc->client_pconn)
+		return;
+	buf_printf(b, "Connection: %s\r\n", v);
+	if (hc->client_pconn)
+		buf_printf(b, "Proxy-Connection: %s\r\n", v);
+}
+
 /* The response head as it goes to the client. */
 static void
 http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf *b)
@@ -583,15 +598,8 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 	}
 	if (upgrade)
 		buf_append(b, "Connection: Upgrade\r\n", 21);
-	else if (m->status >= 200 && (!hc->client_keep || hc->req_minor == 0 || hc->client_pconn)) {
-		const char *v = hc->client_keep ? "keep-alive" : "close";
-
-		/* a 1.0 client needs keep-alive said; one that asked in
-		 * Proxy-Connection may read that line first (Java does) */
-		buf_printf(b, "Connection: %s\r\n", v);
-		if (hc->client_pconn)
-			buf_printf(b, "Proxy-Connection: %s\r\n", v);
-	}
+	else if (m->status >= 200)
+		http_conn_lines(b, hc, hc->req_minor);
 	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
 }
 
@@ -694,8 +702,7 @@ http_refuse_keep(struct session *s, const char *why)
 	const uint8_t *rest = buf_head(&s->hs_in) + m->head_len;
 	size_t n = buf_used(&s->hs_in) - m->head_len, used = 0;
 	struct http_body body;
-	const char *conn = "";
-	struct buf b = { 0 };
+	struct buf b = { 0 }, lines = { 0 };
 	char *reason;
 
 	if (s->client.tls != NULL || s->client_eof)
@@ -707,11 +714,10 @@ http_refuse_keep(struct session *s, const char *why)
 	if (!hc->client_keep)
 		return false;
 	/* as http_rewrite_response says it: a 1.0 client needs keep-alive said */
-	if (hc->client_pconn)
-		conn = "Connection: keep-alive\r\nProxy-Connection: keep-alive\r\n";
-	else if (m->minor == 0)
-		conn = "Connection: keep-alive\r\n";
-	http_error_text(&b, 407, why, true, hc->req_head, conn);
+	http_conn_lines(&lines, hc, m->minor);
+	buf_append(&lines, "", 1);
+	http_error_text(&b, 407, why, true, hc->req_head, (const char *)buf_head(&lines));
+	buf_free(&lines);
 	session_send(s, buf_head(&b), buf_used(&b));
 	buf_free(&b);
 	if (s->state == SESSION_CLOSED)
