@@ -33,7 +33,6 @@
 
 #include "capd.h"
 #include "chain.h"
-#include "linger.h"
 #include "log.h"
 #include "relay.h"
 #include "session.h"
@@ -204,20 +203,6 @@ http_close(struct session *s, const char *reason)
 	session_close(s, reason);  /* with the upstream's RST when it reset (s->upstream_reset) */
 }
 
-/* Takes the client's socket, its reply and FIN sent, from the session that
- * is about to close: a client that still sends (an upload refused) keeps
- * being read a while (linger.h), so that the close is not a reset that
- * throws the reply away; a TLS client's records are dropped unread the same
- * way, after close_notify. */
-static void
-http_linger_client(struct session *s)
-{
-	ev_io_stop(capd_loop, &s->client.rio);
-	ev_io_stop(capd_loop, &s->client.wio);
-	linger_start(capd_loop, s->client.fd);
-	s->client.fd = -1;
-}
-
 /* Before the relay: the reply in b, FIN, close (lingering) with reason. */
 static void
 http_reply_early(struct session *s, const struct buf *b, const char *reason)
@@ -227,7 +212,7 @@ http_reply_early(struct session *s, const struct buf *b, const char *reason)
 		if (s->client.tls != NULL)
 			tls_side_shutdown(s->client.tls);
 		shutdown(s->client.fd, SHUT_WR);
-		http_linger_client(s);
+		session_linger_client(s);  /* an upload refused; a TLS client's records too */
 	}
 	session_close(s, reason);
 }
@@ -1235,7 +1220,7 @@ http_filter_done(struct session *s, enum dir d)
 		 * after a failure the client may still be sending what we refused */
 		if (d == DIR_DOWN && hc->down != DOWN_TUNNEL) {
 			if (hc->fail && s->client.fd >= 0)
-				http_linger_client(s);
+				session_linger_client(s);
 			session_close(s, hc->fail ? hc->fail : "closed");
 		}
 		/* the client's FIN went upstream: with no request outstanding (it came

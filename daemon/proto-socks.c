@@ -18,7 +18,6 @@
 
 #include "capd.h"
 #include "instance.h"
-#include "linger.h"
 #include "log.h"
 #include "relay.h"
 #include "resolve.h"
@@ -254,10 +253,7 @@ socks_client_done(struct session *s)
 		return;
 	if (buf_used(&s->hs_out) == 0) {
 		shutdown(s->client.fd, SHUT_WR);
-		ev_io_stop(capd_loop, &s->client.rio);
-		ev_io_stop(capd_loop, &s->client.wio);
-		linger_start(capd_loop, s->client.fd);
-		s->client.fd = -1;
+		session_linger_client(s);
 		return;
 	}
 	for (int i = 0; i < 8; i++)

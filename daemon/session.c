@@ -28,6 +28,7 @@
 #include "capd.h"
 #include "chain.h"
 #include "instance.h"
+#include "linger.h"
 #include "log.h"
 #include "relay.h"
 #include "resolve.h"
@@ -1218,6 +1219,15 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	/* callers up the stack may still hold s: free it on the next loop pass */
 	*(struct session **)&s->entry.tqe_next = session_graveyard;
 	session_graveyard = s;
+}
+
+void
+session_linger_client(struct session *s)
+{
+	ev_io_stop(capd_loop, &s->client.rio);
+	ev_io_stop(capd_loop, &s->client.wio);
+	linger_start(capd_loop, s->client.fd);
+	s->client.fd = -1;
 }
 
 void

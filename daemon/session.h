@@ -154,6 +154,10 @@ uint64_t session_held(const struct session *s, enum dir d);
 uint64_t session_outq(const struct side *sd);
 /* Half-close seen in direction d (FIN from its source). */
 void session_shutdown_dir(struct session *s, enum dir d);
+/* Hands the client's socket, its reply and FIN sent, to linger.h before a
+ * session_close: a client that still sends is read a while, so that the close
+ * is not a reset that throws the reply away. */
+void session_linger_client(struct session *s);
 /* The one teardown path: logs the summary line, records reason, frees later. */
 void session_close(struct session *s, const char *reason);
 /* Like session_close but resets both sockets (capctl kill); the capture's
