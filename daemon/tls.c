@@ -767,6 +767,15 @@ tls_client_ctx(bool verify, char **why)
 		SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	} else {
 		SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+		/*
+		 * Nothing about the server is checked, so OpenSSL's security level
+		 * (Debian's 2: RSA and DH keys of 2048 bits, no SHA-1 signatures,
+		 * TLS 1.2 or later) only kept capd from old devices and lab
+		 * servers, which mitmproxy and sslsplit reach when told not to
+		 * verify. A modern server still picks what it picked before.
+		 */
+		SSL_CTX_set_security_level(ctx, 0);
+		SSL_CTX_set_min_proto_version(ctx, TLS1_VERSION);
 	}
 	return ctx;
 }
@@ -1852,6 +1861,41 @@ tls_upstream_failed(struct tls_session *ts, const char *why)
 	tls_client_step(ts);
 }
 
+/*
+ * tls_verify = yes keeps OpenSSL's security level (Debian's 2) toward the
+ * server; tls_verify = no reaches below it (tls_client_ctx). Which failures
+ * that may explain, said so that the user learns the way out: NULL for any
+ * other. A bare handshake_failure alert may be a server that wants a
+ * cipher or signature below the level (SHA-1) as well as anything else.
+ */
+static const char *
+tls_weak_hint(long vr, unsigned long err)
+{
+	static const char below[] = "the server is below OpenSSL's security level; tls_verify = no reaches it";
+
+	if (vr == X509_V_ERR_EE_KEY_TOO_SMALL || vr == X509_V_ERR_CA_KEY_TOO_SMALL || vr == X509_V_ERR_CA_MD_TOO_WEAK)
+		return below;
+	if (ERR_GET_LIB(err) != ERR_LIB_SSL)
+		return NULL;
+	switch (ERR_GET_REASON(err)) {
+	case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+	case SSL_R_UNSUPPORTED_PROTOCOL:
+		return "the server takes neither TLS 1.2 nor 1.3; tls_verify = no also offers TLS 1.0 and 1.1";
+	case SSL_R_DH_KEY_TOO_SMALL:
+	case SSL_R_EE_KEY_TOO_SMALL:
+	case SSL_R_CA_KEY_TOO_SMALL:
+	case SSL_R_CA_MD_TOO_WEAK:
+	case SSL_R_LEGACY_SIGALG_DISALLOWED_OR_UNSUPPORTED:
+	case SSL_R_WRONG_SIGNATURE_TYPE:
+		return below;
+	case SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE:
+	case SSL_R_TLSV1_ALERT_INSUFFICIENT_SECURITY:
+		return "tls_verify = no also offers SHA-1 signatures and ciphers below OpenSSL's security level";
+	default:
+		return NULL;
+	}
+}
+
 static void
 tls_upstream_step(struct tls_session *ts)
 {
@@ -1872,9 +1916,14 @@ tls_upstream_step(struct tls_session *ts)
 		return;
 	}
 	long vr = SSL_get_verify_result(u->ssl);
+	const char *weak = ts->cfg->verify ? tls_weak_hint(vr, ERR_peek_last_error()) : NULL;
 	if (ts->cfg->verify && vr != X509_V_OK) {
 		ERR_clear_error();
-		snprintf(why, sizeof why, "upstream certificate did not verify: %s", X509_verify_cert_error_string(vr));
+		snprintf(why, sizeof why, "upstream certificate did not verify: %s%s%s%s",
+		         X509_verify_cert_error_string(vr), weak ? " (" : "", weak ? weak : "", weak ? ")" : "");
+	} else if (weak && !ts->cert_asked) {
+		snprintf(why, sizeof why, "upstream handshake failed: %s (%s)",
+		         tls_err_text(text, sizeof text, "unknown error"), weak);
 	} else if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN) {
 		ERR_clear_error();
 		snprintf(why, sizeof why, "upstream handshake failed: %s",

@@ -2447,3 +2447,73 @@ def test_tls_timeout_counts_the_hello_that_waited_while_capd_was_held_up(capd_fa
         assert got == RESPONSE, (got, last_closed(capd)[-1])
     finally:
         srv.close()
+
+
+class SServer:
+    """openssl s_server -www on loopback (it answers GET with a page naming itself),
+    with extra arguments; cert and key as given."""
+
+    def __init__(self, cert, key, *extra):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{self.port}", "-www",
+                                      "-cert", str(cert), "-key", str(key), *map(str, extra)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def legacy_server(tmp_path, kind):
+    """An old device or lab server that Debian's OpenSSL (security level 2) refuses."""
+    key_bits = 1024 if kind == "rsa1024" else 2048
+    cert, key = tmp_path / f"{kind}.pem", tmp_path / f"{kind}.key"
+    openssl("req", "-x509", "-newkey", f"rsa:{key_bits}", "-nodes", "-keyout", key, "-out", cert, "-days", "5",
+            "-subj", f"/CN={NAME}", "-addext", f"subjectAltName=DNS:{NAME}")
+    extra = {"rsa1024": ["-cipher", "DEFAULT@SECLEVEL=0"],
+             "tls1.0": ["-cipher", "DEFAULT@SECLEVEL=0", "-tls1"],
+             "sha1": ["-cipher", "DEFAULT@SECLEVEL=0", "-no_tls1_3", "-sigalgs", "RSA+SHA1"]}.get(kind)
+    if kind == "dhe1024":
+        dh = tmp_path / "dh1024.pem"
+        openssl("dhparam", "-out", dh, "1024", timeout=120)
+        extra = ["-cipher", "DHE-RSA-AES128-GCM-SHA256@SECLEVEL=0", "-no_tls1_3", "-dhparam", dh]
+    return SServer(cert, key, *extra), cert
+
+
+@pytest.mark.parametrize("kind,hint", [
+    ("rsa1024", "upstream certificate did not verify: EE certificate key too weak (the server is below "
+                "OpenSSL's security level; tls_verify = no reaches it)"),
+    ("tls1.0", "upstream handshake failed: tlsv1 alert protocol version (the server takes neither TLS 1.2 "
+               "nor 1.3; tls_verify = no also offers TLS 1.0 and 1.1)"),
+    ("dhe1024", "upstream handshake failed: dh key too small (the server is below OpenSSL's security level; "
+                "tls_verify = no reaches it)"),
+    ("sha1", "upstream handshake failed: sslv3 alert handshake failure (tls_verify = no also offers SHA-1 "
+             "signatures and ciphers below OpenSSL's security level)")])
+def test_legacy_server_reached_without_verification(capd_factory, tmp_path, kind, hint):
+    """Regression: an old device or lab server (an RSA-1024 certificate, TLS 1.0 only,
+    1024-bit DHE only, SHA-1 signatures only: openssl s_server) was refused by capd at
+    Debian's OpenSSL security level even with tls_verify = no ("upstream handshake
+    failed: dh key too small"), where mitmproxy and sslsplit reach it. Without
+    verification capd now goes below the level (and TLS 1.0/1.1); with it the server
+    is refused as before, and the reason says why and that tls_verify = no reaches it
+    (the server's certificate is trusted here, so only the level stands in the way)."""
+    srv, cert = legacy_server(tmp_path, kind)
+    try:
+        capd = capd_factory(extra_env={"SSL_CERT_FILE": str(cert)})
+        loose = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
+        strict = add_forward(capd, srv.port, "--tls")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{loose}:127.0.0.1", f"https://{NAME}:{loose}/")
+        s = last_closed(capd)[-1]
+        assert r.returncode == 0 and b"s_server" in r.stdout, (r.stderr, s)
+        assert s["reason"] == "closed", s
+        if kind == "tls1.0":
+            assert "upstream=TLSv1 " in s["note"] + " ", s
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{strict}:127.0.0.1", f"https://{NAME}:{strict}/")
+        assert r.returncode != 0
+        s = last_closed(capd, 2)[-1]
+        assert s["reason"] == hint, s
+    finally:
+        srv.stop()
