@@ -64,8 +64,9 @@
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 #define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
+#define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
 
-enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
+enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_VERDICT, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -113,6 +114,8 @@ struct tls_session {
 	int excused;                /* times it ran out late, capd held up, and ran again */
 	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
 	bool resume_cert_asked;     /* so did the handshake of the session offered for resumption */
+	bool ticket;                /* the server sent a session ticket (tls_new_session_cb) */
+	ev_timer verdict;           /* TLS_ST_VERDICT: how long the server may stay silent */
 	unsigned hello_version;     /* the newest TLS version the client offers */
 	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
 	int fail_alert;             /* that alert: 0 for handshake_failure */
@@ -154,6 +157,7 @@ static void tls_upstream_begin(struct tls_session *ts);
 static void tls_connect(struct tls_session *ts);
 static void tls_upstream_step(struct tls_session *ts);
 static void tls_upstream_failed(struct tls_session *ts, const char *why);
+static void tls_upstream_verdict(struct tls_session *ts);
 static void tls_accept_hello(struct tls_session *ts);
 static void tls_accepted(struct tls_session *ts);
 static void tls_connect_failed(struct tls_session *ts, const char *why);
@@ -641,6 +645,7 @@ tls_client_hello_cb(SSL *ssl, int *al, void *arg);
 static int
 tls_alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
             unsigned int inlen, void *arg);
+static int tls_servername_cb(SSL *ssl, int *al, void *arg);
 
 /* Notes a peer's close_notify: a bare EOF reads the same as one otherwise (below). */
 static void
@@ -699,6 +704,8 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 
 	SSL_SESSION *copy;
 
+	if (ts)
+		ts->ticket = true;  /* the server took the handshake (tls_upstream_verdict) */
 	if (ts == NULL || ts->resume_key[0] == '\0' || !SSL_SESSION_is_resumable(sess))
 		return 0;
 	/* a copy: OpenSSL marks the connection's own session unusable when that
@@ -810,6 +817,7 @@ tls_server_ctx(char **why)
 	/* DHE-RSA suites (clients without ECDHE) need the RFC 7919 groups */
 	SSL_CTX_set_dh_auto(ctx, 1);
 	SSL_CTX_set_client_hello_cb(ctx, tls_client_hello_cb, NULL);
+	SSL_CTX_set_tlsext_servername_callback(ctx, tls_servername_cb);
 	SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_cb, NULL);
 	SSL_CTX_set_num_tickets(ctx, 1);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"capd", 4);
@@ -1046,6 +1054,7 @@ tls_session_free(struct session *s)
 	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
 		tls_raw_open(ts);
 	ev_timer_stop(capd_loop, &ts->timer);
+	ev_timer_stop(capd_loop, &ts->verdict);
 	s->client.tls = s->upstream.tls = NULL;
 	s->tls = NULL;
 	tls_side_clear(&ts->c);
@@ -1237,7 +1246,7 @@ tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	if (tls_timer_too_soon(ts, loop))
 		return;
-	if (ts->st == TLS_ST_UPSTREAM) {
+	if (ts->st == TLS_ST_UPSTREAM || ts->st == TLS_ST_VERDICT) {
 		tls_upstream_stuck_log(ts);
 		tls_upstream_failed(ts, "upstream handshake failed: timed out");
 	}
@@ -1410,11 +1419,31 @@ tls_client_hello_cb(SSL *ssl, int *al, void *arg)
 		tls_resume_scope(ts, ssl);
 		return SSL_CLIENT_HELLO_RETRY;  /* the accept waits for the upstream */
 	}
+	if (ts->fail && ts->fail_alert == TLS13_AD_CERTIFICATE_REQUIRED)
+		return SSL_CLIENT_HELLO_SUCCESS;  /* tls_servername_cb, once TLS 1.3 is chosen */
 	if (ts->fail) {
 		*al = ts->fail_alert ? ts->fail_alert : SSL_AD_HANDSHAKE_FAILURE;
 		return SSL_CLIENT_HELLO_ERROR;
 	}
 	return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+/*
+ * An alert that only TLS 1.3 has (the server's certificate_required,
+ * tls_upstream_verdict) would leave the hello callback as handshake_failure:
+ * OpenSSL maps it so before the version is chosen. The server name callback
+ * comes after, and sends it as is.
+ */
+static int
+tls_servername_cb(SSL *ssl, int *al, void *arg)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+
+	(void)arg;
+	if (ts == NULL || ts->fail == NULL || ts->fail_alert != TLS13_AD_CERTIFICATE_REQUIRED)
+		return SSL_TLSEXT_ERR_OK;
+	*al = ts->fail_alert;
+	return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
 static int
@@ -1897,6 +1926,76 @@ tls_weak_hint(long vr, unsigned long err)
 }
 
 static void
+tls_verdict_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+
+	(void)loop; (void)revents;
+	if (s->tls && s->tls->st == TLS_ST_VERDICT)
+		tls_upstream_done(s->tls);  /* silence: the server took it, as before */
+}
+
+/*
+ * TLS 1.3 lets capd finish its handshake with the server before the server
+ * has checked capd's (empty) Certificate: a server that requires one
+ * refuses only then, by an alert, and the client, whose handshake with capd
+ * had finished too, saw its request reset ("upstream reset"). So when the
+ * server asked for a certificate, its word is waited for before the client's
+ * handshake goes on: a session ticket, which servers send at once when they
+ * take the handshake (OpenSSL, nginx, Go, Python), or bytes, and the session
+ * goes on; the alert, which the client gets as the server sent it (a TLS
+ * 1.3 client; others a handshake_failure), or an end, and it closes with the
+ * reason. A server silent for TLS_VERDICT_WAIT took it.
+ */
+static void
+tls_verdict_start(struct tls_session *ts)
+{
+	ts->st = TLS_ST_VERDICT;
+	ev_timer_init(&ts->verdict, tls_verdict_cb, TLS_VERDICT_WAIT, 0.);
+	ts->verdict.data = ts->s;
+	ev_timer_start(capd_loop, &ts->verdict);
+	tls_upstream_verdict(ts);
+}
+
+static void
+tls_upstream_verdict(struct tls_session *ts)
+{
+	struct tls_side *u = &ts->u;
+	char b, why[400], text[200];
+	int r, e, saved;
+
+	ERR_clear_error();
+	r = SSL_peek(u->ssl, &b, 1);  /* bytes stay for the relay */
+	saved = errno;
+	e = r > 0 ? SSL_ERROR_NONE : SSL_get_error(u->ssl, r);
+	if (r > 0 || ts->ticket || e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		if (r > 0 || ts->ticket) {
+			ev_timer_stop(capd_loop, &ts->verdict);
+			tls_upstream_done(ts);
+		} else {
+			tls_arm(u->sd, e);
+		}
+		return;
+	}
+	ev_timer_stop(capd_loop, &ts->verdict);
+	if (e == SSL_ERROR_SSL) {
+		unsigned long err = ERR_peek_last_error();
+		int alert = ERR_GET_LIB(err) == ERR_LIB_SSL ? ERR_GET_REASON(err) - SSL_AD_REASON_OFFSET : -1;
+		/* a TLS 1.2 client knows no certificate_required */
+		if (alert > 0 && alert < 256 && (alert != TLS13_AD_CERTIFICATE_REQUIRED || ts->hello_version >= TLS1_3_VERSION))
+			ts->fail_alert = alert;
+		tls_err_text(text, sizeof text, "unknown error");
+	} else {
+		ERR_clear_error();
+		snprintf(text, sizeof text, "%s", saved && saved != EAGAIN && e == SSL_ERROR_SYSCALL ? strerror(saved) :
+		         "the server closed the connection");
+	}
+	snprintf(why, sizeof why, "upstream handshake failed: the server asked for a client certificate, capd has none (%s)",
+	         text);
+	tls_upstream_failed(ts, why);
+}
+
+static void
 tls_upstream_step(struct tls_session *ts)
 {
 	struct tls_side *u = &ts->u;
@@ -1906,6 +2005,10 @@ tls_upstream_step(struct tls_session *ts)
 	ERR_clear_error();
 	r = SSL_do_handshake(u->ssl);
 	saved = errno;
+	if (r == 1 && ts->cert_asked && SSL_version(u->ssl) >= TLS1_3_VERSION && !ts->accept_only) {
+		tls_verdict_start(ts);
+		return;
+	}
 	if (r == 1) {
 		tls_upstream_done(ts);
 		return;
@@ -2096,6 +2199,12 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 			tls_client_left(ts);
 		else
 			tls_upstream_step(ts);
+		break;
+	case TLS_ST_VERDICT:
+		if (w == &s->client.rio)
+			tls_client_left(ts);
+		else
+			tls_upstream_verdict(ts);
 		break;
 	case TLS_ST_CONNECT:
 		if (w == &s->client.rio)

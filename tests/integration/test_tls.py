@@ -1229,13 +1229,10 @@ def test_upstream_asks_for_a_client_certificate(capd, tmp_path, version):
         r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
         assert r.returncode != 0
         s = last_closed(capd)[-1]
-        if version == "TLSv1_2":
-            assert s["reason"].startswith("upstream handshake failed: the server asked for a client certificate, "
-                                          "capd has none ("), s
-        else:  # refused after capd's side of the handshake is done: by an alert, or the
-            # reset of a server that closes with capd's request unread
-            assert s["reason"] in ("upstream TLS error: tlsv13 alert certificate required", "upstream reset"), s
-            assert "the server asked for a client certificate, capd sent none" in s["note"], s
+        # TLS 1.3 servers refuse after capd's side of the handshake is done, which
+        # waits for their word (test_tls13_client_certificate_required_alert_reaches_the_client)
+        assert s["reason"].startswith("upstream handshake failed: the server asked for a client certificate, "
+                                      "capd has none ("), s
     finally:
         srv.close()
 
@@ -2517,3 +2514,39 @@ def test_legacy_server_reached_without_verification(capd_factory, tmp_path, kind
         assert s["reason"] == hint, s
     finally:
         srv.stop()
+
+
+def test_tls13_client_certificate_required_alert_reaches_the_client(capd, tmp_path):
+    """Regression: a TLS 1.3 server that requires a client certificate (openssl
+    s_server -Verify 1 -tls1_3) refuses only after capd's handshake with it is done,
+    and capd had finished the client's too: curl's request met "Recv failure:
+    Connection reset by peer", the session closed as "upstream TLS error: tlsv13 alert
+    certificate required" or "upstream reset". capd now waits for the server's word
+    before it finishes the client's handshake: the client gets the server's
+    certificate_required alert (a TLS 1.2 client a handshake_failure) and the reason
+    says why. A server that only asks (-verify 1) is still reached."""
+    cert, key = make_cert(tmp_path, "mtls", f"/CN={NAME}", f"DNS:{NAME}")
+    required = SServer(cert, key, "-Verify", "1", "-tls1_3")
+    optional = SServer(cert, key, "-verify", "1", "-tls1_3")
+    try:
+        port = add_forward(capd, required.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        why = "upstream handshake failed: the server asked for a client certificate, capd has none " \
+              "(tlsv13 alert certificate required)"
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd)[-1]
+        assert b"tlsv13 alert certificate required" in r.stderr, (r.stderr, s)
+        assert s["reason"] == why, s
+        r = curl("--tls-max", "1.2", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1",
+                 f"https://{NAME}:{port}/")
+        s = last_closed(capd, 2)[-1]
+        assert b"alert handshake failure" in r.stderr, (r.stderr, s)
+        assert s["reason"] == why, s
+        port = add_forward(capd, optional.port, "--tls", "--no-tls-verify")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd, 3)[-1]
+        assert r.returncode == 0 and b"s_server" in r.stdout, (r.stderr, s)
+        assert "the server asked for a client certificate, capd sent none" in s["note"], s
+    finally:
+        required.stop()
+        optional.stop()
