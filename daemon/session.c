@@ -1185,13 +1185,17 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	}
 	tail_session_end(s);
 
+	/* an intercepted session's TLS version, SNI and ALPN: the one line a log
+	 * reader has, and a forwarder's target there is only an address */
+	const char *tls_note = s->note_tls && s->note && s->note_tls - 1 <= strlen(s->note) ? s->note + s->note_tls - 1 : NULL;
 	if (log_get_level() >= LOG_LVL_INFO)
-		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s", (unsigned long long)s->id, inst->proto->name,
+		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s%s%s%s", (unsigned long long)s->id, inst->proto->name,
 		         inst->name, addr_format((struct sockaddr *)&s->client_addr, c, sizeof c),
 		         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, t, sizeof t)
 		                        : (s->target_name[0] ? s->target_name : "-"),
 		         value_human_size(s->bytes[DIR_UP], up, sizeof up),
-		         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason);
+		         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason,
+		         tls_note ? " [" : "", tls_note ? tls_note : "", tls_note ? "]" : "");
 
 	/* the table, history and events are shared by the shards (shard.h) */
 	capd_lock();

@@ -91,6 +91,7 @@ struct session {
 	uint64_t bytes[2];          /* per enum dir, application bytes */
 	char *reason;               /* why it closed, owned */
 	char *note;                 /* handshake metadata for the session object (e.g. "socks5 user=bob") */
+	size_t note_tls;            /* 1 + where TLS interception's part of note starts (the close line shows it); 0: none */
 	char *why_connect;          /* text of the last connect failure */
 
 	struct resolve_req *resolving;

@@ -1083,6 +1083,8 @@ tls_session_note(struct session *s, const char *fmt, ...)
 	va_end(ap);
 	if (n == NULL)
 		return;
+	if (s->note_tls == 0)
+		s->note_tls = 1 + (s->note ? strlen(s->note) + 2 : 0);
 	if (s->note) {
 		char *both = xasprintf("%s; %s", s->note, n);
 		free(n);

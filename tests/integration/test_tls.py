@@ -2550,3 +2550,22 @@ def test_tls13_client_certificate_required_alert_reaches_the_client(capd, tmp_pa
     finally:
         required.stop()
         optional.stop()
+
+
+def test_close_line_carries_the_tls_note(capd, origin, tmp_path):
+    """Regression: the log's one line per session said nothing of TLS (version, SNI,
+    ALPN, the server's version): through a forwarder its target is only an address,
+    so the log never named the site. The line now ends with the note's TLS part in
+    brackets (a SOCKS session's own note, its connect, stays out of it)."""
+    sport = free_port()
+    capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+    r = curl("--cacert", ca, "--socks5", f"127.0.0.1:{sport}", "--resolve", f"{NAME}:{origin.port}:127.0.0.1",
+             f"https://{NAME}:{origin.port}/")
+    assert r.returncode == 0, r.stderr
+    s = last_closed(capd)[-1]
+    assert s["note"].startswith("socks5 connect") and "; tls TLSv1.3" in s["note"], s
+    tls_part = s["note"][s["note"].index("tls TLSv1.3"):]
+    lines = [x for x in capd.log().splitlines() if f"session {s['id']} socks/" in x]
+    assert len(lines) == 1 and lines[0].endswith(f" {s['reason']} [{tls_part}]"), lines
+    assert f"sni={NAME} alpn=h2" in lines[0], lines
