@@ -1393,14 +1393,25 @@ tls_use_forged(struct tls_session *ts, X509 *x, X509 *rsa, STACK_OF(X509) *chain
  * session whose certificate was forged for www.a with a hello for www.b
  * (RFC 6066 3: the server MUST NOT; it does a full handshake). The session
  * ID context, which OpenSSL checks before it resumes, is made of the two.
+ * Without SNI (an IP target, Java for a name without a dot) the target the
+ * client asked for stands for it: the session of one server was resumed
+ * toward another, whose certificate the client never saw.
  */
 static void
 tls_resume_scope(struct tls_session *ts, SSL *ssl)
 {
+	struct session *s = ts->s;
 	unsigned char id[EVP_MAX_MD_SIZE];
 	unsigned n = 0;
-	char *scope = xasprintf("%s%c%s", ts->s->inst->name, '\0', ts->sni);
-	size_t len = strlen(ts->s->inst->name) + 1 + strlen(ts->sni);
+	char ip[ADDR_STRLEN];
+	const char *to = ts->sni;
+
+	if (!to[0] && s->target_name[0])
+		to = s->target_name;
+	else if (!to[0] && s->have_target)
+		to = addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip);
+	char *scope = xasprintf("%s%c%s", s->inst->name, '\0', to);
+	size_t len = strlen(s->inst->name) + 1 + strlen(to);
 
 	if (EVP_Digest(scope, len, id, &n, EVP_sha256(), NULL) != 1 ||
 	    SSL_set_session_id_context(ssl, id, n < SSL_MAX_SID_CTX_LENGTH ? n : SSL_MAX_SID_CTX_LENGTH) != 1)

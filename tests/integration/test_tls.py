@@ -2569,3 +2569,38 @@ def test_close_line_carries_the_tls_note(capd, origin, tmp_path):
     lines = [x for x in capd.log().splitlines() if f"session {s['id']} socks/" in x]
     assert len(lines) == 1 and lines[0].endswith(f" {s['reason']} [{tls_part}]"), lines
     assert f"sni={NAME} alpn=h2" in lines[0], lines
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_client_without_sni_resumes_only_for_the_same_target(capd, tmp_path, version):
+    """Regression: a client that sends no SNI (an IP target; Java for a name without a
+    dot) got sessions scoped to the instance alone, so the session of one server
+    (SOCKS CONNECT to 127.0.0.1:A) was resumed in a hello to another (127.0.0.1:B):
+    the client never saw a certificate for B, and capd went on to B. Without SNI the
+    scope is now the target the client asked for; the same target still resumes."""
+    one = TlsHttpOrigin(*make_cert(tmp_path, "one", "/CN=one.example.test", "DNS:one.example.test"))
+    two = TlsHttpOrigin(*make_cert(tmp_path, "two", "/CN=two.example.test", "DNS:two.example.test"))
+    try:
+        sport = free_port()
+        capd.ctl("add", "socks", "--port", sport, "--tls", "--no-tls-verify")
+        ctx = tls_client_ctx()
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+
+        def get(port, session=None):
+            with socks5_connect(sport, port) as c:
+                with ctx.wrap_socket(c, server_hostname=None, session=session) as t:
+                    t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    got = b""
+                    while (d := t.recv(65536)):
+                        got += d
+                    assert got == RESPONSE
+                    return t.session, t.session_reused, served_key(t)
+
+        first, reused, info = get(one.port)
+        assert not reused and "one.example.test" in info, info
+        assert get(one.port, first)[1]
+        _, reused, info = get(two.port, first)
+        assert not reused and "two.example.test" in info, info
+    finally:
+        one.close()
+        two.close()
