@@ -1187,9 +1187,12 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 
 	/* an intercepted session's TLS version, SNI and ALPN: the one line a log
 	 * reader has, and a forwarder's target there is only an address */
-	const char *tls_note = s->note_tls && s->note && s->note_tls - 1 <= strlen(s->note) ? s->note + s->note_tls - 1 : NULL;
+	const char *tls_note = NULL;
+	if (s->note_tls && s->note && s->note_tls - 1 <= strlen(s->note))
+		tls_note = s->note + s->note_tls - 1;
 	if (log_get_level() >= LOG_LVL_INFO)
-		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s%s%s%s", (unsigned long long)s->id, inst->proto->name,
+		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s%s%s%s", (unsigned long long)s->id,
+		         inst->proto->name,
 		         inst->name, addr_format((struct sockaddr *)&s->client_addr, c, sizeof c),
 		         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, t, sizeof t)
 		                        : (s->target_name[0] ? s->target_name : "-"),

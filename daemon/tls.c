@@ -66,7 +66,10 @@
 #define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
 #define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
 
-enum tls_state { TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_VERDICT, TLS_ST_FINISH, TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS };
+enum tls_state {
+	TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_VERDICT, TLS_ST_FINISH,
+	TLS_ST_ACCEPTED, TLS_ST_OPEN, TLS_ST_PASS
+};
 enum tls_leg { TLS_LEG_CLIENT, TLS_LEG_UPSTREAM };
 
 /* A host whose clients rejected the forged certificate; owned by its tls_cfg. */
@@ -1995,7 +1998,8 @@ tls_upstream_verdict(struct tls_session *ts)
 		unsigned long err = ERR_peek_last_error();
 		int alert = ERR_GET_LIB(err) == ERR_LIB_SSL ? ERR_GET_REASON(err) - SSL_AD_REASON_OFFSET : -1;
 		/* a TLS 1.2 client knows no certificate_required */
-		if (alert > 0 && alert < 256 && (alert != TLS13_AD_CERTIFICATE_REQUIRED || ts->hello_version >= TLS1_3_VERSION))
+		bool tls13_only = alert == TLS13_AD_CERTIFICATE_REQUIRED;
+		if (alert > 0 && alert < 256 && (!tls13_only || ts->hello_version >= TLS1_3_VERSION))
 			ts->fail_alert = alert;
 		tls_err_text(text, sizeof text, "unknown error");
 	} else {
@@ -2003,8 +2007,8 @@ tls_upstream_verdict(struct tls_session *ts)
 		snprintf(text, sizeof text, "%s", saved && saved != EAGAIN && e == SSL_ERROR_SYSCALL ? strerror(saved) :
 		         "the server closed the connection");
 	}
-	snprintf(why, sizeof why, "upstream handshake failed: the server asked for a client certificate, capd has none (%s)",
-	         text);
+	snprintf(why, sizeof why,
+	         "upstream handshake failed: the server asked for a client certificate, capd has none (%s)", text);
 	tls_upstream_failed(ts, why);
 }
 
@@ -2032,8 +2036,10 @@ tls_upstream_step(struct tls_session *ts)
 		return;
 	}
 	long vr = SSL_get_verify_result(u->ssl);
-	const char *weak = ts->cfg->verify ? tls_weak_hint(vr, ERR_peek_last_error()) : NULL;
-	if (ts->cfg->verify && vr != X509_V_OK) {
+	bool verify_failed = ts->cfg->verify && vr != X509_V_OK;
+	/* a certificate that did not verify is the cause, whatever error followed it */
+	const char *weak = ts->cfg->verify ? tls_weak_hint(vr, verify_failed ? 0 : ERR_peek_last_error()) : NULL;
+	if (verify_failed) {
 		ERR_clear_error();
 		snprintf(why, sizeof why, "upstream certificate did not verify: %s%s%s%s",
 		         X509_verify_cert_error_string(vr), weak ? " (" : "", weak ? weak : "", weak ? ")" : "");
