@@ -2022,7 +2022,7 @@ tls_upstream_step(struct tls_session *ts)
 	ERR_clear_error();
 	r = SSL_do_handshake(u->ssl);
 	saved = errno;
-	if (r == 1 && ts->cert_asked && SSL_version(u->ssl) >= TLS1_3_VERSION && !ts->accept_only) {
+	if (r == 1 && ts->cert_asked && SSL_version(u->ssl) >= TLS1_3_VERSION) {
 		tls_verdict_start(ts);
 		return;
 	}

@@ -2604,3 +2604,24 @@ def test_client_without_sni_resumes_only_for_the_same_target(capd, tmp_path, ver
     finally:
         one.close()
         two.close()
+
+
+def test_reverse_tls13_client_certificate_required_is_a_502_that_says_so(capd, tmp_path):
+    """The same server behind reverse --tls: capd's request met the server's alert (or
+    its reset) after the upstream handshake, and curl got "502 Bad Gateway: upstream TLS
+    error: tlsv13 alert certificate required" or an "upstream reset". The server's word
+    is now waited for before the request goes: the 502 and the reason name the cause."""
+    cert, key = make_cert(tmp_path, "mtls", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = SServer(cert, key, "-Verify", "1", "-tls1_3")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--default", f"127.0.0.1:{srv.port}", "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        why = "upstream handshake failed: the server asked for a client certificate, capd has none " \
+              "(tlsv13 alert certificate required)"
+        s = last_closed(capd)[-1]
+        assert r.returncode == 0 and r.stdout.startswith(b"502 Bad Gateway: " + why.encode()), (r.stdout, s)
+        assert s["reason"] == "502 Bad Gateway: " + why, s
+    finally:
+        srv.stop()
