@@ -4,6 +4,8 @@
 
 #include "capctl.h"
 
+#define LIST_TLS_TIMEOUT 20.0  /* tls_timeout's default (capd.conf.5): not shown */
+
 /* TLS interception with its settings that are not the default, and the
  * hosts passed through because clients rejected capd's certificate. */
 static void
@@ -13,6 +15,7 @@ list_tls_info(json_t *inst, char *info, size_t n)
 	const char *cap = json_string_value(json_object_get(inst, "tls_capture"));
 	json_t *auto_pt = json_object_get(inst, "tls_passthrough_auto"), *h;
 	json_t *pt = json_object_get(inst, "tls_passthrough");
+	json_t *tmo = json_object_get(inst, "tls_timeout");
 	const char *pt0 = json_string_value(json_array_get(pt, 0));
 	size_t len = strlen(info), i, npt = json_array_size(pt);
 
@@ -27,7 +30,11 @@ list_tls_info(json_t *inst, char *info, size_t n)
 	if (len < n && npt == 1 && pt0 != NULL && !strcmp(pt0, "*"))
 		len += (size_t)snprintf(info + len, n - len, ", passthrough *");
 	else if (len < n && npt > 0)
-		snprintf(info + len, n - len, ", passthrough %zu %s", npt, npt == 1 ? "name" : "names");
+		len += (size_t)snprintf(info + len, n - len, ", passthrough %zu %s", npt, npt == 1 ? "name" : "names");
+	if (len < n && json_is_false(json_object_get(inst, "tls_auto_passthrough")))
+		len += (size_t)snprintf(info + len, n - len, ", auto passthrough no");
+	if (len < n && json_is_number(tmo) && json_number_value(tmo) != LIST_TLS_TIMEOUT)
+		snprintf(info + len, n - len, ", timeout %gs", json_number_value(tmo));
 	json_array_foreach(auto_pt, i, h) {
 		len = strlen(info);
 		snprintf(info + len, n - len, "%s%s", i ? " " : ", passthrough (clients rejected the certificate): ",

@@ -737,3 +737,18 @@ def test_capd_stopping_under_a_stream_is_exit_1(capd):
             p.kill()
             pytest.fail(f"{p.args} went on after capd stopped")
         assert (p.returncode, err) == (1, "capctl: capd closed the connection\n"), (p.args, p.returncode, err)
+
+
+def test_list_shows_tls_timeout_and_no_auto_passthrough(capd):
+    """capctl list named tls_verify, tls_capture and tls_passthrough when not the
+    default, but not tls_timeout nor tls_auto_passthrough = no: two instances that
+    behave differently looked the same. They follow in the same style; defaults say
+    nothing."""
+    capd.ctl("add", "forward", "--port", free_port(), "--name", "f1", "--to", "127.0.0.1:9", "--tls",
+             "--no-tls-verify", "--no-tls-auto-passthrough", "--tls-timeout", "5s")
+    capd.ctl("add", "socks", "--port", free_port(), "--name", "s1", "--tls-auto", "--tls-timeout", "1500ms")
+    capd.ctl("add", "http", "--port", free_port(), "--name", "h1", "--tls", "--tls-timeout", "20")
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()[1:]}
+    assert rows["f1"].endswith("  to 127.0.0.1:9, tls yes, verify no, auto passthrough no, timeout 5s"), rows
+    assert rows["s1"].endswith("  tls auto, timeout 1.5s"), rows
+    assert rows["h1"].endswith("  connect ports 443, tls yes"), rows
