@@ -1058,6 +1058,27 @@ session_rec_fill(struct session_rec *r, struct session *s)
 	session_strcpy(r->reason, s->reason ? s->reason : "", sizeof r->reason);
 }
 
+/* Whether a "host:port" (or "[v6]:port") names an IP literal: a request
+ * capd refused keeps what it asked for as its target, and target_name is a
+ * name capd looked up (capctl.1), which an address is not. */
+static bool
+session_is_literal(const char *hostport)
+{
+	char host[HOST_MAX + 1];
+	const char *colon = strrchr(hostport, ':');
+	size_t n = colon ? (size_t)(colon - hostport) : strlen(hostport);
+
+	if (n >= 2 && hostport[0] == '[' && hostport[n - 1] == ']') {
+		hostport++;
+		n -= 2;
+	}
+	if (n > HOST_MAX)
+		return false;
+	memcpy(host, hostport, n);
+	host[n] = '\0';
+	return addr_is_ip_literal(host);
+}
+
 static json_t *
 session_rec_json(const struct session_rec *r, enum session_state state, const char *note)
 {
@@ -1072,7 +1093,7 @@ session_rec_json(const struct session_rec *r, enum session_state state, const ch
 		json_object_set_new(o, "target", json_string(addr_format((struct sockaddr *)&r->target, a, sizeof a)));
 	else
 		json_object_set_new(o, "target", json_string(r->target_name));
-	if (r->target_name[0])
+	if (r->target_name[0] && (r->have_target || !session_is_literal(r->target_name)))
 		json_object_set_new(o, "target_name", json_string(r->target_name));
 	json_object_set_new(o, "state", json_string(session_state_names[state]));
 	json_object_set_new(o, "bytes_up", json_integer((json_int_t)r->bytes[DIR_UP]));

@@ -1498,3 +1498,35 @@ def test_reload_with_errors_names_restart_only_keys(capd_factory, tmp_path):
         assert "is in use" in r.stderr and r.stderr.rstrip().endswith("not applied until restart: spool"), r.stderr
     finally:
         held.close()
+
+
+def _sessions_closed(capd, n, timeout=20):
+    """The sessions once n of them have closed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ss = capd.ctl("sessions", json_out=True)
+        if sum(s["state"] == "closed" for s in ss) >= n or time.monotonic() > deadline:
+            return ss
+        time.sleep(0.1)
+
+
+def test_target_name_only_for_a_name_refused_or_not(capd, http_server):
+    """A SOCKS or HTTP CONNECT that capd refused to an IP address carried
+    "target_name": "127.0.0.1:PORT" in its session, one it relayed to the same
+    address none: target_name is the name capd looked up (capctl.1), so an
+    address asked for has none either way; a refused name keeps it."""
+    hport, _ = http_server
+    sport, pport = free_port(), free_port()
+    capd.ctl("add", "socks", "--port", sport, "--auth", "bob:x")
+    capd.ctl("add", "http", "--port", pport, "--connect-ports", hport)
+    url = f"http://127.0.0.1:{hport}/"
+    assert curl("--socks5", f"127.0.0.1:{sport}", "--proxy-user", "bob:x", url).returncode == 0
+    assert curl("--socks4", f"127.0.0.1:{sport}", url).returncode != 0          # SOCKS4: refused
+    assert curl("-p", "-x", f"127.0.0.1:{pport}", url).returncode == 0
+    assert curl("-p", "-x", f"127.0.0.1:{pport}", f"http://127.0.0.1:{sport}/").returncode != 0  # 403
+    assert curl("-p", "-x", f"127.0.0.1:{pport}", f"http://localhost:{sport}/").returncode != 0
+    ss = sorted(_sessions_closed(capd, 5), key=lambda s: s["id"])
+    assert len(ss) == 5, ss
+    assert [s["target"] for s in ss] == [f"127.0.0.1:{hport}"] * 3 + [f"127.0.0.1:{sport}", f"localhost:{sport}"], ss
+    assert [s.get("target_name") for s in ss] == [None] * 4 + [f"localhost:{sport}"], ss
+    assert "refused" in ss[1]["reason"] and ss[3]["reason"].startswith("403"), ss
