@@ -322,19 +322,27 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	r->summary = json_pack("{s:[], s:i, s:i, s:i}", "restart_only", "added", 0, "removed", 0, "changed", 0);
 	unsigned n_added = 0, n_removed = 0;
 	json_t *changed = json_object();  /* names of the instances a reload restarts */
-	/* instances from the old file that changed or went away stop; capctl's stay */
+	/*
+	 * Instances from the old file that changed or went away stop; capctl's
+	 * stay. One that failed (a sniffer whose interface went away) is
+	 * restarted as if changed: a reload is how the file's instances are
+	 * asked to run, and it would otherwise stay failed until its section
+	 * was edited.
+	 */
 	for (inst = TAILQ_FIRST(&instances); inst; inst = next) {
 		next = TAILQ_NEXT(inst, entry);
 		if (!inst->from_config)
 			continue;
 		json_t *p = capd_conf_instance(c, inst->name);
-		if (p && json_equal(p, inst->params))
+		bool failed = inst->state == INSTANCE_FAILED;
+		if (p && json_equal(p, inst->params) && !failed)
 			continue;
 		if (p)
 			json_object_set_new(changed, inst->name, json_true());
 		else
 			n_removed++;
-		instance_remove(inst, p ? "changed by reload" : "removed from the config");
+		instance_remove(inst, !p ? "removed from the config" : failed ? "failed, restarted by reload"
+		                                                               : "changed by reload");
 	}
 	capd_reloading = r;
 	size_t i;

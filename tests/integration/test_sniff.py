@@ -664,3 +664,55 @@ def test_spool_files_end_with_the_sniffers_counters(netns, ns_capd):
         assert r.returncode == 0 and not r.stderr, r.stderr
         assert r.stdout.count("Number of stat entries = 1") == 1, r.stdout
         assert r.stdout.count("Number of stat entries = 0") == 1, r.stdout
+
+
+def _veth(ns, name, up=True):
+    """A veth pair NAME / NAMEp inside ns (both ends up): an interface a test makes appear
+    and, with `ip link del`, disappear."""
+    sh("ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", name + "p")
+    if up:
+        sh("ip", "-n", ns, "link", "set", name, "up")
+        sh("ip", "-n", ns, "link", "set", name + "p", "up")
+
+
+def _wait_state(c, name, state, timeout=15):
+    deadline = time.time() + timeout
+    while True:
+        inst = next((i for i in c.ctl("list", json_out=True) if i["name"] == name), None)
+        if (inst and inst["state"] == state) or time.time() > deadline:
+            return inst
+        time.sleep(0.1)
+
+
+def test_reload_restarts_a_config_sniffer_that_failed(netns, ns_capd):
+    """A [sniff] whose interface went away stayed failed through `capctl reload`
+    (its section unchanged, so the reload kept it): only removing the section,
+    reloading and putting it back brought it back. Like restarting dumpcap, a
+    reload now retries the file's failed instances; one that still cannot start
+    is the reload's error, and the next reload tries again. capctl's own failed
+    sniffer is left alone."""
+    iface = f"cvr{next_seq()}"
+    _veth(netns, iface)
+    c = ns_capd(netns, f"[sniff wire]\ninterface = {iface}\n")
+    c.ctl("add", "sniff", "--interface", iface + "p", "--name", "mine")
+    sh("ip", "-n", netns, "link", "del", iface)  # takes the peer with it
+    for name in ("wire", "mine"):
+        inst = _wait_state(c, name, "failed")
+        assert inst["state"] == "failed" and iface in inst["error"], inst
+    # still missing: the reload says why and exits 1; the next one tries again
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and f"no interface '{iface}'" in r.stderr, r
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["mine"]
+    _veth(netns, iface)
+    r = c.ctl("reload")
+    assert r.stdout == "reloaded: 1 added, 0 removed, 0 changed\n", r.stdout
+    # back, and failing again: an unchanged section is restarted, counted as changed
+    sh("ip", "-n", netns, "link", "set", iface, "down")
+    assert _wait_state(c, "wire", "failed")["state"] == "failed"
+    sh("ip", "-n", netns, "link", "set", iface, "up")
+    r = c.ctl("reload")
+    assert r.stdout == "reloaded: 0 added, 0 removed, 1 changed\n", r.stdout
+    by = {i["name"]: i for i in c.ctl("list", json_out=True)}
+    assert by["wire"]["state"] == "running" and "error" not in by["wire"], by
+    assert by["mine"]["state"] == "failed", by
+    assert "instance wire removed: failed, restarted by reload" in c.log()
