@@ -511,8 +511,13 @@ missing:
 		return usage_error("add sniff needs --interface IFACE");
 	}
 
+	bool promisc = json_object_get(params, "promisc") != NULL;  /* client_call takes params */
 	if ((rc = client_call(o, "instance.add", params, &result)) != CTL_OK)
 		return rc;
+	if (promisc && json_is_false(json_object_get(result, "promisc")))
+		/* as tcpdump: the capture runs, without what was asked (libpcap cannot on `any`) */
+		fprintf(stderr, "capctl: warning: promiscuous mode is not supported on interface %s: "
+		        "capturing without it\n", json_string_value(json_object_get(result, "interface")));
 	if (o->json)
 		output_json(result);
 	else

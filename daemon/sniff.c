@@ -150,6 +150,15 @@ sniff_configure(struct instance *inst, struct params *p)
 	if (params_bool(p, "promisc", false, &sn->cfg.promisc) < 0 ||
 	    params_uint(p, "snaplen", SNIFF_SNAPLEN_MAX, SNIFF_SNAPLEN_MAX, &snaplen) < 0)
 		return -1;
+	if (sn->cfg.promisc && strcmp(iface, "any") == 0) {
+		/* libpcap opens `any` without promiscuous mode whatever is asked (tcpdump
+		 * warns and goes on): taken, warned of once when it starts (not at the
+		 * config's check), and shown off, so capctl list says what runs */
+		if (p->file == NULL)
+			log_warnx("%s: promiscuous mode is not supported on interface any: capturing without it",
+			          inst->name);
+		sn->cfg.promisc = false;
+	}
 	if (snaplen == 0)
 		snaplen = SNIFF_SNAPLEN_MAX;
 	sn->cfg.snaplen = (unsigned)snaplen;
@@ -311,6 +320,8 @@ sniff_prepare(struct instance *inst, char **why)
 	}
 	if (rc > 0)
 		log_warnx("%s: %s: %s", inst->name, pcap_statustostr(rc), pcap_geterr(pc));
+	if (rc == PCAP_WARNING_PROMISC_NOTSUP)
+		sn->cfg.promisc = false;  /* it runs without: say so (not yet listed, so not racing) */
 	if (sn->cfg.filter) {
 		/*
 		 * `ip broadcast` needs the netmask of the device's IPv4 address. pcap_lookupnet

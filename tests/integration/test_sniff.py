@@ -716,3 +716,27 @@ def test_reload_restarts_a_config_sniffer_that_failed(netns, ns_capd):
     assert by["wire"]["state"] == "running" and "error" not in by["wire"], by
     assert by["mine"]["state"] == "failed", by
     assert "instance wire removed: failed, restarted by reload" in c.log()
+
+
+def test_promisc_on_any_is_taken_off_with_a_warning(netns, ns_capd):
+    """libpcap opens `any` without promiscuous mode whatever is asked, yet capd listed
+    such a sniffer with "promisc": true. As with tcpdump, the capture runs and a warning
+    says promiscuous mode is not there: capctl add prints it (exit 0), capd logs it, and
+    the instance shows promisc false, from capctl or from the file alike."""
+    c = ns_capd(netns, "[sniff file]\ninterface = any\npromisc = yes\n")
+    r = subprocess.run([str(CAPCTL), "-s", str(c.sock), "add", "sniff", "--interface", "any", "--promisc",
+                        "--name", "mine"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == "added mine (sniff on any)\n", r
+    assert r.stderr == ("capctl: warning: promiscuous mode is not supported on interface any: "
+                        "capturing without it\n"), r.stderr
+    by = {i["name"]: i for i in c.ctl("list", json_out=True)}
+    assert by["mine"]["promisc"] is False and by["file"]["promisc"] is False, by
+    assert by["mine"]["state"] == by["file"]["state"] == "running", by
+    assert "mine: promiscuous mode is not supported on interface any" in c.log()
+    assert "file: promiscuous mode is not supported on interface any" in c.log()
+    # a real interface keeps it, without a word
+    _veth(netns, "cvp0")
+    r = subprocess.run([str(CAPCTL), "-s", str(c.sock), "add", "sniff", "--interface", "cvp0", "--promisc"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r
+    assert next(i for i in c.ctl("list", json_out=True) if i["name"] == "sniff-cvp0")["promisc"] is True
