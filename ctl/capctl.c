@@ -46,6 +46,27 @@ usage_error(const char *fmt, ...)
 	return CTL_USAGE;
 }
 
+int
+usage_wrong(const char *usage, const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "%s\ncapctl: ", usage);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	return CTL_USAGE;
+}
+
+int
+usage_extra(const char *usage, const char *arg)
+{
+	if (arg[0] == '-' && arg[1] != '\0')
+		return usage_wrong(usage, "unknown option %s", arg);
+	return usage_wrong(usage, "unexpected argument '%s'", arg);
+}
+
 /* The one message for an option given last without its value: "--dir needs a value". */
 int
 ctl_needs_value(const char *opt)

@@ -52,6 +52,12 @@ void output_watch_reader(void);
 const char *output_size(json_t *v, char *buf, size_t n);  /* integer -> "1.2M" */
 const char *output_age(const char *rfc3339, char *buf, size_t n);  /* "3s", "5m", "2h" */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));  /* prints, returns CTL_USAGE */
+/* A bad call: the usage line, then "capctl: " and what was wrong as the last line (as
+ * `capctl add` does), on stderr; returns CTL_USAGE. */
+int usage_wrong(const char *usage, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* usage_wrong for a word the command does not take: "unknown option --x" or
+ * "unexpected argument 'x'". */
+int usage_extra(const char *usage, const char *arg);
 /* "capctl: OPT needs a value" for an option that came last without its value; returns CTL_USAGE. */
 int ctl_needs_value(const char *opt);
 

@@ -28,6 +28,8 @@ ca_unbase64(const char *in, unsigned char *out)
 	return n;
 }
 
+#define CA_USAGE "usage: capctl ca export [--der]"
+
 static int
 ca_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -36,13 +38,15 @@ ca_exec(struct ctl_opts *o, int argc, char **argv)
 	json_t *r = NULL;
 	int rc;
 
-	if (argc < 2 || word_match(argv[1], verbs, 1) < 0)
-		return usage_error("usage: capctl ca export [--der]");
+	if (argc < 2)
+		return usage_wrong(CA_USAGE, "ca needs export");
+	if (word_match(argv[1], verbs, 1) < 0)
+		return usage_error("unknown ca command '%s' (export)", argv[1]);
 	for (int i = 2; i < argc; i++) {
 		if (!strcmp(argv[i], "--der"))
 			der = true;
 		else
-			return usage_error("usage: capctl ca export [--der]");
+			return usage_extra(CA_USAGE, argv[i]);
 	}
 	if ((rc = client_call(o, "ca.export", json_pack("{s:b}", "der", der), &r)) != CTL_OK)
 		return rc;

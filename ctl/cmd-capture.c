@@ -27,6 +27,8 @@ capture_sniffers(struct ctl_opts *o)
 	json_decref(list);
 }
 
+#define CAPTURE_USAGE "usage: capctl capture status | rotate | sync | follow [--instance NAME]"
+
 static int
 capture_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -38,8 +40,13 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 	/* follow is one of the words, so that it too may be shortened (capctl(1)) */
 	if (argc >= 2 && (v = word_match(argv[1], verbs, 4)) == 2)
 		return capture_follow(o, argc, argv);
-	if (argc != 2 || v < 0)
-		return usage_error("usage: capctl capture status | rotate | sync | follow [--instance NAME]");
+	if (argc < 2)
+		return usage_wrong(CAPTURE_USAGE, "capture needs status, rotate, sync or follow");
+	if (v < 0)
+		return usage_error("%s capture command '%s' (status, rotate, sync or follow)",
+		                   v == -2 ? "ambiguous" : "unknown", argv[1]);
+	if (argc != 2)
+		return usage_extra(CAPTURE_USAGE, argv[2]);
 	if ((rc = client_call(o, methods[v], NULL, &r)) != CTL_OK)
 		return rc;
 	if (o->json) {

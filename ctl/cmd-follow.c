@@ -58,7 +58,7 @@ capture_follow(struct ctl_opts *o, int argc, char **argv)
 		if (rc_opt == CTL_OK)
 			continue;
 		json_decref(params);
-		return rc_opt < 0 ? usage_error("usage: capctl capture follow [--instance NAME]") : rc_opt;
+		return rc_opt < 0 ? usage_extra("usage: capctl capture follow [--instance NAME]", argv[k]) : rc_opt;
 	}
 	if (isatty(STDOUT_FILENO)) {
 		json_decref(params);

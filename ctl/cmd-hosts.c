@@ -13,10 +13,15 @@
 static const char *const hosts_words[] = { "add", "remove", "list", "clear" };
 enum { HOSTS_ADD, HOSTS_REMOVE, HOSTS_LIST, HOSTS_CLEAR };
 
+#define HOSTS_USAGE "usage: capctl hosts add NAME [ADDR] | remove NAME | list | clear"
+
+/* A hosts sub-command given too few words (need: what it lacks) or too many. */
 static int
-hosts_usage(void)
+hosts_usage(int argc, char **argv, int max, const char *need)
 {
-	return usage_error("usage: capctl hosts add NAME [ADDR] | remove NAME | list | clear");
+	if (argc > max)
+		return usage_extra(HOSTS_USAGE, argv[max]);
+	return usage_wrong(HOSTS_USAGE, "%s", need);
 }
 
 static bool
@@ -66,7 +71,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 	long long n;
 
 	if (argc < 2)
-		return hosts_usage();
+		return hosts_usage(argc, argv, 2, "hosts needs add, remove, list or clear");
 	k = word_match(argv[1], hosts_words, 4);
 	if (k < 0) {
 		usage_error("%s hosts command '%s' (add, remove, list or clear)", k == -2 ? "ambiguous" : "unknown",
@@ -79,7 +84,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 		struct in_addr v4;
 		json_t *shadow;
 		if (argc != 3 && argc != 4)
-			return hosts_usage();
+			return hosts_usage(argc, argv, 4, "hosts add needs a name");
 		if (!hosts_name_ok(argv[2]))
 			return usage_error("hosts add: '%s' is not a valid host name", argv[2]);
 		if (inet_aton(argv[2], &v4) != 0) {
@@ -125,7 +130,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 	}
 	case HOSTS_REMOVE:
 		if (argc != 3)
-			return hosts_usage();
+			return hosts_usage(argc, argv, 3, "hosts remove needs a name");
 		if (!hosts_name_ok(argv[2]))
 			return usage_error("hosts remove: '%s' is not a valid host name", argv[2]);
 		if ((rc = client_call(o, "hosts.remove", json_pack("{s:s}", "name", argv[2]), &r)) != CTL_OK)
@@ -137,7 +142,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 		break;
 	case HOSTS_LIST:
 		if (argc != 2)
-			return hosts_usage();
+			return hosts_usage(argc, argv, 2, "");
 		if ((rc = client_call(o, "hosts.list", NULL, &r)) != CTL_OK)
 			return rc;
 		if (o->json)
@@ -147,7 +152,7 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 		break;
 	case HOSTS_CLEAR:
 		if (argc != 2)
-			return hosts_usage();
+			return hosts_usage(argc, argv, 2, "");
 		if ((rc = client_call(o, "hosts.clear", NULL, &r)) != CTL_OK)
 			return rc;
 		n = (long long)json_integer_value(json_object_get(r, "removed"));

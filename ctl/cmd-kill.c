@@ -12,7 +12,8 @@ kill_exec(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	if (argc != 2)
-		return usage_error("usage: capctl kill ID");
+		return argc < 2 ? usage_wrong("usage: capctl kill ID", "kill needs a session id")
+		                : usage_extra("usage: capctl kill ID", argv[2]);
 	if (value_uint(argv[1], INT64_MAX, &id) < 0 || id == 0)
 		return usage_error("kill: '%s' is not a session id", argv[1]);
 	if ((rc = client_call(o, "session.kill", json_pack("{s:I}", "id", (json_int_t)id), &r)) != CTL_OK)

@@ -126,9 +126,8 @@ list_exec(struct ctl_opts *o, int argc, char **argv)
 	size_t i;
 	int rc;
 
-	(void)argv;
 	if (argc != 1)
-		return usage_error("usage: capctl list");
+		return usage_extra("usage: capctl list", argv[1]);
 	if ((rc = client_call(o, "instance.list", NULL, &r)) != CTL_OK)
 		return rc;
 	if (o->json) {

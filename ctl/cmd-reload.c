@@ -9,9 +9,8 @@ reload_exec(struct ctl_opts *o, int argc, char **argv)
 	json_t *r = NULL;
 	int rc;
 
-	(void)argv;
 	if (argc != 1)
-		return usage_error("usage: capctl reload");
+		return usage_extra("usage: capctl reload", argv[1]);
 	if ((rc = client_call(o, "daemon.reload", NULL, &r)) != CTL_OK)
 		return rc;
 	if (o->json) {

@@ -10,7 +10,8 @@ remove_exec(struct ctl_opts *o, int argc, char **argv)
 	int rc;
 
 	if (argc != 2)
-		return usage_error("usage: capctl remove NAME");
+		return argc < 2 ? usage_wrong("usage: capctl remove NAME", "remove needs an instance name")
+		                : usage_extra("usage: capctl remove NAME", argv[2]);
 	if ((name = ctl_name("remove", argv[1])) == NULL)
 		return CTL_USAGE;
 	if ((rc = client_call(o, "instance.remove", json_pack("{s:o}", "name", name), &r)) != CTL_OK)

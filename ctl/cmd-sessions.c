@@ -27,7 +27,7 @@ sessions_exec(struct ctl_opts *o, int argc, char **argv)
 			continue;
 		}
 		json_decref(params);
-		return rc_opt < 0 ? usage_error("usage: capctl sessions [--instance NAME] [--open]") : rc_opt;
+		return rc_opt < 0 ? usage_extra("usage: capctl sessions [--instance NAME] [--open]", argv[k]) : rc_opt;
 	}
 	if ((rc = client_call(o, "session.list", params, &r)) != CTL_OK)
 		return rc;

@@ -343,12 +343,12 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 			idarg = a;
 		} else {
 			json_decref(params);
-			return usage_error("%s", usage);
+			return usage_extra(usage, a);
 		}
 	}
 	if (idarg == NULL) {
 		json_decref(params);
-		return usage_error("%s", usage);
+		return usage_wrong(usage, "tail session needs a session id");
 	}
 	if (value_uint(idarg, INT64_MAX, &id) < 0 || id == 0) {
 		json_decref(params);
@@ -459,9 +459,8 @@ tail_events(struct ctl_opts *o, int argc, char **argv)
 	long rid;
 	int rc;
 
-	(void)argv;
 	if (argc != 2)
-		return usage_error("usage: capctl tail events [--json]");
+		return usage_extra("usage: capctl tail events [--json]", argv[2]);
 	signal(SIGPIPE, SIG_IGN);
 	output_watch_reader();  /* `| grep -m1 ...` ends it on a quiet capd too */
 	if ((c = client_open(o)) == NULL)
@@ -483,8 +482,13 @@ tail_exec(struct ctl_opts *o, int argc, char **argv)
 	static const char *const what[] = { "session", "events" };
 	int w;
 
-	if (argc < 2 || (w = word_match(argv[1], what, 2)) < 0)
-		return usage_error("usage: capctl tail session ID [--hex|--text|--raw] [--dir c2s|s2c] [--backlog SIZE] | tail events [--json]");
+	static const char *const usage =
+		"usage: capctl tail session ID [--hex|--text|--raw] [--dir c2s|s2c] [--backlog SIZE] | tail events [--json]";
+
+	if (argc < 2)
+		return usage_wrong(usage, "tail needs session or events");
+	if ((w = word_match(argv[1], what, 2)) < 0)
+		return usage_error("%s tail command '%s' (session or events)", w == -2 ? "ambiguous" : "unknown", argv[1]);
 	return w == 0 ? tail_session(o, argc, argv) : tail_events(o, argc, argv);
 }
 

@@ -651,8 +651,8 @@ def test_option_without_its_value_is_usage_error(tmp_path, args, opt):
     else:
         r = capctl(*args, sock=tmp_path / "none")
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
-    if opt is None:
-        assert r.stderr.startswith("capctl: "), r.stderr
+    if opt is None:  # the usage line, then what was wrong
+        assert r.stderr.splitlines()[-1] == "capctl: unknown option --timeout", r.stderr
     else:
         assert r.stderr == f"capctl: {opt} needs a value\n", r.stderr
 
@@ -752,3 +752,36 @@ def test_list_shows_tls_timeout_and_no_auto_passthrough(capd):
     assert rows["f1"].endswith("  to 127.0.0.1:9, tls yes, verify no, auto passthrough no, timeout 5s"), rows
     assert rows["s1"].endswith("  tls auto, timeout 1.5s"), rows
     assert rows["h1"].endswith("  connect ports 443, tls yes"), rows
+
+
+@pytest.mark.parametrize("args,why", [
+    (["status", "x"], "unexpected argument 'x'"), (["list", "--all"], "unknown option --all"),
+    (["reload", "now"], "unexpected argument 'now'"), (["remove"], "remove needs an instance name"),
+    (["remove", "a", "b"], "unexpected argument 'b'"), (["kill"], "kill needs a session id"),
+    (["kill", "3", "4"], "unexpected argument '4'"), (["sessions", "--bogus"], "unknown option --bogus"),
+    (["sessions", "fw"], "unexpected argument 'fw'"),
+    (["capture"], "capture needs status, rotate, sync or follow"),
+    (["capture", "bogus"], "unknown capture command 'bogus' (status, rotate, sync or follow)"),
+    (["capture", "s"], "ambiguous capture command 's' (status, rotate, sync or follow)"),
+    (["capture", "status", "x"], "unexpected argument 'x'"), (["capture", "follow", "fw"], "unexpected argument 'fw'"),
+    (["tail"], "tail needs session or events"),
+    (["tail", "bogus"], "unknown tail command 'bogus' (session or events)"),
+    (["tail", "events", "x"], "unexpected argument 'x'"), (["tail", "session"], "tail session needs a session id"),
+    (["tail", "session", "3", "--bin"], "unknown option --bin"), (["tail", "session", "3", "4"], "unexpected argument '4'"),
+    (["ca"], "ca needs export"), (["ca", "import"], "unknown ca command 'import' (export)"),
+    (["ca", "export", "--pem"], "unknown option --pem"),
+    (["hosts"], "hosts needs add, remove, list or clear"), (["hosts", "add"], "hosts add needs a name"),
+    (["hosts", "add", "a.test", "::1", "x"], "unexpected argument 'x'"),
+    (["hosts", "remove"], "hosts remove needs a name"), (["hosts", "list", "x"], "unexpected argument 'x'"),
+    (["hosts", "clear", "x"], "unexpected argument 'x'"),
+])
+def test_bad_call_says_what_was_wrong(tmp_path, args, why):
+    """capctl(1) walked command by command: a bad call of most commands printed only
+    "capctl: usage: ..." (exit 2) — `capctl capture bogus`, `capctl list --all`,
+    `capctl kill 3 4`, `capctl ca export --pem` — without saying which word was wrong,
+    unlike `capctl hosts bogus` and `capctl add`. The usage line stays, and a last line
+    says what was wrong (an unknown sub-command alone, naming the valid ones, as hosts)."""
+    r = capctl(*args, sock=tmp_path / "none")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
+    assert "cannot reach" not in r.stderr, r.stderr
