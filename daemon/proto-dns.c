@@ -40,6 +40,7 @@
 #define DNS_TRIES 3              /* attempts per transport before SERVFAIL */
 #define DNS_MAX_PENDING 1024     /* forwarded queries in flight per instance */
 #define DNS_UDP_BATCH 64         /* datagrams taken per wake-up */
+#define DNS_UDP_RCVBUF (1 << 20) /* the UDP socket's receive buffer: holds ~2500 queries (the kernel doubles it) */
 #define DNS_TCP_QUERY_MAX 16384  /* a larger TCP frame from a client closes it */
 #define DNS_TCP_IDLE 10.0        /* a TCP client with nothing in flight is closed after this */
 #define DNS_TCP_PENDING_MAX 64   /* a TCP client's queries upstream at once; more wait in hs_in */
@@ -1173,6 +1174,23 @@ dns_state_free(struct dns_state *ds)
 	free(ds);
 }
 
+/*
+ * A burst of UDP queries (a resolver behind capd, a scanner, DNS_MAX_PENDING
+ * of them) waits in the kernel while capd is busy: the default buffer (about
+ * 200 KB) holds 256, and the rest were dropped unseen, in the capture too.
+ * As unbound's so-rcvbuf: forced past net.core.rmem_max while capd may (root,
+ * before it drops privileges), else as large as rmem_max lets it be.
+ */
+static void
+dns_udp_rcvbuf(struct dns_state *ds)
+{
+	int size = DNS_UDP_RCVBUF;
+
+	if (setsockopt(ds->ufd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0 &&
+	    setsockopt(ds->ufd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size) < 0)
+		log_warn("%s: UDP receive buffer of %d bytes", ds->inst->name, size);
+}
+
 static int
 dns_start(struct instance *inst, char **why)
 {
@@ -1213,6 +1231,7 @@ dns_start(struct instance *inst, char **why)
 	}
 	if (sa->sa_family == AF_INET6)
 		setsockopt(ds->ufd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	dns_udp_rcvbuf(ds);
 	if (bind(ds->ufd, sa, inst->listen_len) < 0) {
 		if (errno == EADDRINUSE)
 			*why = xasprintf("UDP port %u is in use (%s)", addr_port(sa), inst->listen_str);

@@ -1107,3 +1107,43 @@ def test_xfr_goes_on_after_capd_was_held_up(capd_factory):
     msgs = unframed(data)
     assert [m.rcode() for m in msgs] == [dns.rcode.NOERROR] * 4, [m.rcode() for m in msgs]
     assert msgs[-1].answer[-1].rdtype == dns.rdatatype.SOA
+
+
+def test_burst_of_udp_queries_while_capd_is_busy_all_answered(capd_factory):
+    """Regression: 1,000 queries in flight at once (a resolver behind capd, a scanner) lost
+    a third of them: capd's UDP socket kept the kernel's default receive buffer, which holds
+    256 small datagrams, and a burst that came while capd was busy was dropped unseen, in
+    the capture too; dig and dnspython timed out. Here capd is held (SIGSTOP) while the
+    burst comes, so that all of it must wait in that buffer."""
+    n = 1000
+    up = UdpServer(lambda w: dns.message.make_response(dns.message.from_wire(w)).to_wire())
+    up.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    port = free_dns_port()
+    c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nanswer = *.capd.test=10.0.0.7\n"
+                     f"upstream = 127.0.0.1:{up.port}\n")
+    wait_instance(c, "d")
+    qs = {}
+    for i in range(n):  # half of them capd answers, half go upstream
+        q = dns.message.make_query(f"h{i}.{'capd' if i % 2 else 'up'}.test", "A", id=i + 1)
+        qs[q.id] = q
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        s.settimeout(30)
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            for q in qs.values():
+                s.sendto(q.to_wire(), ("127.0.0.1", port))
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+        got = {}
+        try:
+            while len(got) < n:
+                r = dns.message.from_wire(s.recv(65535))
+                got[r.id] = r
+        except socket.timeout:
+            pass
+    up.close()
+    assert len(got) == n, f"{n - len(got)} of {n} queries never answered"
+    for i, r in got.items():
+        assert r.question[0].name == qs[i].question[0].name and r.rcode() == dns.rcode.NOERROR
+        assert addrs(r) == (["10.0.0.7"] if ".capd." in str(r.question[0].name) else [])
