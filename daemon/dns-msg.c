@@ -301,6 +301,7 @@ static void
 dns_msg_add_answers(ldns_pkt *a, const struct dns_rules *r, const char *pattern, const ldns_rr *qrr)
 {
 	ldns_rr_type qt = ldns_rr_get_type(qrr);
+	size_t added = 0;
 
 	for (size_t i = 0; i < r->n; i++) {
 		const struct dns_rule *rule = &r->v[i];
@@ -324,32 +325,40 @@ dns_msg_add_answers(ldns_pkt *a, const struct dns_rules *r, const char *pattern,
 			ldns_rr_push_rdf(rr, ldns_rdf_new_frm_data(LDNS_RDF_TYPE_AAAA, 16, &rule->addr.v6));
 		}
 		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, rr);
+		added++;
 	}
 	if (qt == LDNS_RR_TYPE_SOA)
 		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, dns_msg_soa(qrr, r->ttl));
-	else if (ldns_pkt_ancount(a) == 0)
+	else if (added == 0)  /* after a CNAME chain too (dns_msg_chain_answer): NODATA of its target */
 		ldns_pkt_push_rr(a, LDNS_SECTION_AUTHORITY, dns_msg_soa(qrr, r->ttl));
 	ldns_pkt_set_aa(a, true);
+}
+
+/* A name in presentation form without the final dot ("" for the root), as dns_rules_match takes it. */
+static void
+dns_name_text(const ldns_rdf *dname, char *out, size_t len)
+{
+	char *name = ldns_rdf2str(dname);
+	size_t n;
+
+	out[0] = '\0';
+	if (name == NULL)
+		return;
+	n = strlen(name);
+	if (n > 0 && name[n - 1] == '.')
+		name[--n] = '\0';
+	snprintf(out, len, "%s", name);
+	free(name);
 }
 
 static void
 dns_question_fill(struct dns_question *q, const ldns_pkt *qp, const ldns_rr *qrr)
 {
-	char *name = ldns_rdf2str(ldns_rr_owner(qrr));
 	char *type = ldns_rr_type2str(ldns_rr_get_type(qrr));
-	size_t len;
 
-	if (name) {
-		len = strlen(name);
-		if (len > 1 && name[len - 1] == '.')
-			name[--len] = '\0';
-		else if (len == 1 && name[0] == '.')
-			name[--len] = '\0';
-		snprintf(q->qname, sizeof q->qname, "%s", name);
-	}
+	dns_name_text(ldns_rr_owner(qrr), q->qname, sizeof q->qname);
 	if (type)
 		snprintf(q->qtype_str, sizeof q->qtype_str, "%s", type);
-	free(name);
 	free(type);
 	q->qtype = ldns_rr_get_type(qrr);
 	q->qclass = ldns_rr_get_class(qrr);
@@ -483,6 +492,102 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	}
 	snprintf(q->why, sizeof q->why, "answered by rule %s", q->rule);
 	return DNS_REPLY;
+}
+
+/* The CNAME record of name in an answer section, or NULL. */
+static const ldns_rr *
+dns_msg_cname_of(const ldns_rr_list *an, const ldns_rdf *name)
+{
+	for (size_t i = 0; i < ldns_rr_list_rr_count(an); i++) {
+		const ldns_rr *rr = ldns_rr_list_rr(an, i);
+		if (ldns_rr_get_type(rr) == LDNS_RR_TYPE_CNAME && ldns_rr_rd_count(rr) == 1 &&
+		    ldns_dname_compare(ldns_rr_owner(rr), name) == 0)
+			return rr;
+	}
+	return NULL;
+}
+
+/*
+ * The name a rule claims at the end of rp's CNAME chain (up to DNS_CHAIN_MAX
+ * links from the question), with *links the CNAMEs that lead there and *rule
+ * the rule; NULL when the chain meets no rule.
+ */
+static const ldns_rdf *
+dns_msg_chain_target(const struct dns_rules *r, const ldns_pkt *rp, size_t *links, const char **rule)
+{
+	const ldns_rr_list *an = ldns_pkt_answer(rp);
+	const ldns_rdf *name = ldns_rr_owner(ldns_rr_list_rr(ldns_pkt_question(rp), 0));
+	const ldns_rr *cn;
+	char text[HOST_MAX * 4 + 2];
+
+	for (*links = 1; *links <= DNS_CHAIN_MAX && (cn = dns_msg_cname_of(an, name)) != NULL; ++*links) {
+		name = ldns_rr_rdf(cn, 0);
+		dns_name_text(name, text, sizeof text);
+		if ((*rule = dns_rules_match(r, text)) != NULL)
+			return name;
+	}
+	return NULL;
+}
+
+uint8_t *
+dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_t n, const char **rule, size_t *outlen)
+{
+	ldns_pkt *rp = NULL, *a;
+	const ldns_rr *qrr;
+	const ldns_rdf *target, *name;
+	ldns_rr *tq;
+	size_t links;
+	uint8_t *w = NULL;
+
+	*rule = NULL;
+	if (r->n == 0 || n < DNS_HEADER_LEN || LDNS_ANCOUNT(p) == 0 || LDNS_QDCOUNT(p) != 1 || dns_msg_tc(p) ||
+	    (dns_msg_rcode(p) != LDNS_RCODE_NOERROR && dns_msg_rcode(p) != LDNS_RCODE_NXDOMAIN))
+		return NULL;
+	if (ldns_wire2pkt(&rp, p, n) != LDNS_STATUS_OK) {
+		ldns_pkt_free(rp);
+		return NULL;
+	}
+	qrr = ldns_rr_list_rr(ldns_pkt_question(rp), 0);
+	/* a CNAME question asks for the alias itself, not for where it leads */
+	if (ldns_rr_get_class(qrr) != LDNS_RR_CLASS_IN || ldns_rr_get_type(qrr) == LDNS_RR_TYPE_CNAME ||
+	    (target = dns_msg_chain_target(r, rp, &links, rule)) == NULL) {
+		ldns_pkt_free(rp);
+		return NULL;
+	}
+	a = ldns_pkt_new();
+	ldns_pkt_set_id(a, ldns_pkt_id(rp));
+	ldns_pkt_set_qr(a, true);
+	ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(rp));
+	ldns_pkt_set_rd(a, ldns_pkt_rd(rp));
+	ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
+	ldns_pkt_set_cd(a, ldns_pkt_cd(rp));  /* AD stays clear: capd's records are signed by nobody */
+	ldns_pkt_set_rcode(a, LDNS_RCODE_NOERROR);
+	tq = ldns_rr_clone(qrr);
+	ldns_rr_set_question(tq, true);
+	ldns_pkt_push_rr(a, LDNS_SECTION_QUESTION, tq);
+	name = ldns_rr_owner(qrr);
+	for (size_t i = 0; i < links; i++) {  /* the CNAMEs as far as the claimed name */
+		const ldns_rr *cn = dns_msg_cname_of(ldns_pkt_answer(rp), name);
+		ldns_pkt_push_rr(a, LDNS_SECTION_ANSWER, ldns_rr_clone(cn));
+		name = ldns_rr_rdf(cn, 0);
+	}
+	tq = ldns_rr_clone(qrr);  /* the question as the claimed name's */
+	ldns_rdf_deep_free(ldns_rr_owner(tq));
+	ldns_rr_set_owner(tq, ldns_rdf_clone(target));
+	dns_msg_add_answers(a, r, *rule, tq);
+	ldns_rr_free(tq);
+	ldns_pkt_set_aa(a, false);  /* the CNAMEs are the upstream's, relayed */
+	if (ldns_pkt_edns(rp)) {
+		ldns_pkt_set_edns_udp_size(a, ldns_pkt_edns_udp_size(rp));
+		ldns_pkt_set_edns_version(a, ldns_pkt_edns_version(rp));
+		ldns_pkt_set_edns_z(a, ldns_pkt_edns_z(rp));  /* DO with it */
+		if (ldns_pkt_edns_data(rp))
+			ldns_pkt_set_edns_data(a, ldns_rdf_clone(ldns_pkt_edns_data(rp)));
+	}
+	w = dns_msg_wire(a, outlen);
+	ldns_pkt_free(a);
+	ldns_pkt_free(rp);
+	return w;
 }
 
 /* The first question of a message, read by ldns (a compressed name too); NULL when it has none. Caller frees. */

@@ -85,6 +85,18 @@ uint8_t *dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen);
 uint8_t *dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, size_t max,
                           size_t *outlen);
 
+/*
+ * An upstream's answer p (n bytes) whose CNAME chain leads from the question
+ * to a name a rule claims (an alias of a redirected name): the answer with the
+ * chain's CNAMEs up to that name and then capd's own records for it (or its
+ * SOA: NODATA), as if capd had followed the chain itself; *rule says which.
+ * NULL when the chain meets no rule, or p is no NOERROR or NXDOMAIN answer to
+ * one question. Caller frees.
+ */
+#define DNS_CHAIN_MAX 16  /* CNAMEs followed in an upstream's answer */
+uint8_t *dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_t n, const char **rule,
+                              size_t *outlen);
+
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
 

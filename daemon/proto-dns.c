@@ -5,7 +5,8 @@
  * claims are answered here; the others go to the upstream resolver over
  * UDP (retried, then TCP when the answer is truncated and the client has
  * EDNS; one without gets the truncated answer) or over TCP when the client
- * came over TCP, and the reply goes back under the client's id.
+ * came over TCP, and the reply goes back under the client's id; one whose
+ * CNAME chain leads to a name a rule claims ends there, with capd's records.
  * A zone transfer (AXFR, IXFR) from a TCP client is several messages from
  * the upstream: each is relayed as it comes, until the closing SOA.
  * Every UDP query becomes a datagram session; message decisions are in
@@ -460,7 +461,10 @@ static const char *const dns_rcodes[] = {
 static void
 dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 {
-	char reason[DNS_WHY_MAX + HOST_MAX + 64];
+	char reason[DNS_WHY_MAX + 2 * HOST_MAX + 96], via[HOST_MAX + 48] = "";
+	uint8_t *chain = NULL;
+	const char *rule = NULL;
+	size_t clen = 0;
 
 	if (!f->tcp && dns_msg_tc(p) && f->udp_max <= DNS_UDP_MIN && n <= f->udp_max) {
 		/* truncated for a UDP client without EDNS: its query went up as it came, so the whole
@@ -486,6 +490,13 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		dns_fwd_try(f);
 		return;
 	}
+	if (f->xfr.qtype == 0 &&
+	    (chain = dns_msg_chain_answer(&((struct dns_cfg *)f->ds->inst->cfg)->rules, p, n, &rule, &clen)) != NULL) {
+		/* an alias of a name a rule claims: the client is sent there too, not to the real address */
+		p = chain;
+		n = clen;
+		snprintf(via, sizeof via, ", CNAME to a name rule %s answers", rule);
+	}
 	if (!f->client_tcp && n > f->udp_max) {
 		/* the whole answer does not fit the client's UDP size: it gets a truncated one (the
 		 * upstream's when that fits), and comes back over TCP. Not dns_fwd_fail: TCP worked,
@@ -498,6 +509,7 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 			tlen = f->trunc_len;
 			f->trunc = NULL;
 		} else if ((t = dns_msg_truncate(f->q, f->qlen, p, n, f->udp_max, &tlen)) == NULL) {
+			free(chain);
 			dns_fwd_fail(f, "cannot build a truncated answer");
 			return;
 		}
@@ -506,12 +518,14 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		dns_msg_set_id(t, f->client_id);
 		dns_fwd_deliver(f, t, tlen, reason);
 		free(t);
+		free(chain);
 		return;
 	}
 	dns_msg_set_id(p, f->client_id);
-	snprintf(reason, sizeof reason, "forwarded to %s%s: %s", f->ds->up_str, f->tcp ? " over TCP" : "",
-	         dns_rcodes[dns_msg_rcode(p)]);
+	snprintf(reason, sizeof reason, "forwarded to %s%s: %s%s", f->ds->up_str, f->tcp ? " over TCP" : "",
+	         dns_rcodes[dns_msg_rcode(p)], via);
 	dns_fwd_deliver(f, p, n, reason);
+	free(chain);
 }
 
 static void

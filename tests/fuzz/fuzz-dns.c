@@ -1,8 +1,8 @@
 /*
  * Fuzzes the dns instance's message handling: the query decision (parse,
  * match, answer, FORMERR/NOTIMP), error replies, truncated answers, reply
- * matching with the input as both query and reply, and zone transfer
- * messages. The first byte picks UDP or TCP limits (and AXFR or IXFR).
+ * matching with the input as both query and reply, CNAME chains into a
+ * claimed name, and zone transfer messages. The first byte picks UDP or TCP limits (and AXFR or IXFR).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -70,6 +70,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size > 2)
 		(void)dns_msg_reply_matches(data, size / 2, data + size / 2, size - size / 2);
 	free(err);
+	/* the input as an upstream's answer whose CNAME chain may lead to a claimed name */
+	{
+		const char *rule = NULL;
+		size_t clen = 0;
+		uint8_t *chain = dns_msg_chain_answer(&rules, data, size, &rule, &clen);
+		if (chain != NULL && (rule == NULL || clen < DNS_HEADER_LEN || dns_msg_id(chain) != dns_msg_id(data)))
+			abort();
+		free(chain);
+	}
 	/* the input as the messages of a zone transfer: itself, then its halves */
 	struct dns_xfr x = { .qtype = tcp ? LDNS_RR_TYPE_AXFR : LDNS_RR_TYPE_IXFR };
 	if (!dns_msg_xfr_ends(&x, data, size) && size > 2)

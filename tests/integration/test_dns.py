@@ -1147,3 +1147,73 @@ def test_burst_of_udp_queries_while_capd_is_busy_all_answered(capd_factory):
     for i, r in got.items():
         assert r.question[0].name == qs[i].question[0].name and r.rcode() == dns.rcode.NOERROR
         assert addrs(r) == (["10.0.0.7"] if ".capd." in str(r.question[0].name) else [])
+
+
+class AliasUpstream(Upstream):
+    """Upstream whose alias.* and nxalias.* are CNAME chains: alias.X -> mid.X ->
+    www.example.com (192.0.2.1 with it), nxalias.X -> gone.game.test (NXDOMAIN, as the
+    real zone has no such name), other.X -> real.org (192.0.2.2)."""
+
+    def answer(self, wire, transport):
+        q = dns.message.from_wire(wire)
+        qn = q.question[0].name
+        name = qn.to_text(omit_final_dot=True).lower()
+        self.queries.append((transport, name))
+        r = dns.message.make_response(q)
+        r.flags |= dns.flags.RA
+        if name.startswith("alias."):
+            mid = dns.name.from_text("mid." + name[6:])
+            r.answer.append(dns.rrset.from_text(qn, 300, "IN", "CNAME", mid.to_text()))
+            r.answer.append(dns.rrset.from_text(mid, 300, "IN", "CNAME", "www.example.com."))
+            if q.question[0].rdtype == dns.rdatatype.A:
+                r.answer.append(dns.rrset.from_text("www.example.com.", 300, "IN", "A", "192.0.2.1"))
+        elif name.startswith("nxalias."):
+            r.answer.append(dns.rrset.from_text(qn, 300, "IN", "CNAME", "gone.game.test."))
+            r.authority.append(soa(dns.name.from_text("game.test."), 1))
+            r.set_rcode(dns.rcode.NXDOMAIN)
+        elif name.startswith("other."):
+            r.answer.append(dns.rrset.from_text(qn, 300, "IN", "CNAME", "real.org."))
+            r.answer.append(dns.rrset.from_text("real.org.", 300, "IN", "A", "192.0.2.2"))
+        return r.to_wire()
+
+
+def test_cname_chain_to_a_redirected_name_gets_capds_address(capd_factory):
+    """Regression: a name that is an alias (CNAME) of a name a rule redirects was forwarded
+    and its answer relayed as it came, with the real address of the redirected name at the
+    end of the chain: `dig alias.org` printed 192.0.2.1, and a client of a CDN alias went
+    past capd's proxy (Pi-hole's and AdGuard's CNAME inspection, unbound following a chain
+    into its local data all catch this). Now the chain is kept up to the claimed name and
+    capd's records answer for it, over UDP and TCP; a type it has no record of is NODATA
+    with its SOA; a chain into a claimed name of the NXDOMAIN kind is NOERROR."""
+    up = AliasUpstream()
+    port = free_dns_port()
+    c = capd_factory(dns_conf(port, up.port))
+    wait_instance(c, "d")
+    try:
+        out = subprocess.run(["dig", "+short", "+tries=1", "+time=5", "-p", str(port), "@127.0.0.1", "alias.org"],
+                             capture_output=True, text=True, timeout=10).stdout
+        assert out.split() == ["mid.org.", "www.example.com.", "127.0.0.1"], out
+        for tcp in (False, True):
+            r = ask("Alias.ORG", "A", port, tcp=tcp, use_edns=0)
+            assert r.rcode() == dns.rcode.NOERROR and not r.flags & dns.flags.AD
+            # (dnspython's upstream compresses mid.org into the question's ORG)
+            assert [(rr.name.to_text(), rr.rdtype, rr.ttl, [rd.to_text().lower() for rd in rr]) for rr in r.answer] == [
+                ("Alias.ORG.", dns.rdatatype.CNAME, 300, ["mid.org."]),
+                ("mid.ORG.", dns.rdatatype.CNAME, 300, ["www.example.com."]),
+                ("www.example.com.", dns.rdatatype.A, 30, ["127.0.0.1"])], r
+            assert r.edns == 0 and r.question[0].name.to_text() == "Alias.ORG."
+            r = ask("alias.org", "AAAA", port, tcp=tcp)
+            assert r.answer[-1].name.to_text() == "www.example.com." and r.answer[-1][0].to_text() == "::1", r
+            r = ask("alias.org", "MX", port, tcp=tcp)  # NODATA of the claimed name
+            assert r.rcode() == dns.rcode.NOERROR and len(r.answer) == 2, r
+            assert r.authority[0].rdtype == dns.rdatatype.SOA and r.authority[0].name.to_text() == "www.example.com."
+            r = ask("nxalias.org", "A", port, tcp=tcp)
+            assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["10.0.0.7", "gone.game.test."], r
+            r = ask("other.org", "A", port, tcp=tcp)  # a chain no rule meets comes as it was
+            assert addrs(r) == ["192.0.2.2", "real.org."], r
+            r = ask("alias.org", "CNAME", port, tcp=tcp)  # the alias's own record, as it is
+            assert addrs(r) == ["mid.org.", "www.example.com."] and not r.authority, r
+    finally:
+        up.close()
+    reasons = [s["reason"] for s in c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 7)]
+    assert f"forwarded to 127.0.0.1:{up.port}: NOERROR, CNAME to a name rule www.example.com answers" in reasons, reasons

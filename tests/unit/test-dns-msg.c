@@ -636,6 +636,89 @@ test_truncate_upstream_answer(void **state)
 	free(q);
 }
 
+/* An upstream's answer to name/type: rcode, and the records of texts in its answer section. Caller frees. */
+static uint8_t *
+upstream_answer(const char *name, ldns_rr_type type, int rcode, const char *const *texts, size_t count, size_t *n)
+{
+	ldns_pkt *r = NULL;
+	uint8_t *w = NULL;
+
+	assert_int_equal(ldns_pkt_query_new_frm_str(&r, name, type, LDNS_RR_CLASS_IN, LDNS_RD), LDNS_STATUS_OK);
+	ldns_pkt_set_id(r, 9);
+	ldns_pkt_set_qr(r, true);
+	ldns_pkt_set_ra(r, true);
+	ldns_pkt_set_ad(r, true);
+	ldns_pkt_set_rcode(r, (uint8_t)rcode);
+	for (size_t i = 0; i < count; i++) {
+		ldns_rr *rr = NULL;
+		assert_int_equal(ldns_rr_new_frm_str(&rr, texts[i], 0, NULL, NULL), LDNS_STATUS_OK);
+		ldns_pkt_push_rr(r, LDNS_SECTION_ANSWER, rr);
+	}
+	assert_int_equal(ldns_pkt2wire(&w, r, n), LDNS_STATUS_OK);
+	ldns_pkt_free(r);
+	return w;
+}
+
+static void
+test_cname_chain_to_a_claimed_name(void **state)
+{
+	static const char *const chain[] = { "alias.org. 300 IN CNAME mid.org.", "mid.org. 300 IN CNAME www.example.com.",
+	                                     "www.example.com. 300 IN A 192.0.2.1" };
+	static const char *const loop[] = { "a.org. 300 IN CNAME b.org.", "b.org. 300 IN CNAME a.org." };
+	static const char *const nx[] = { "nx.org. 300 IN CNAME x.game.test." };
+	struct dns_rules r;
+	const char *rule = NULL;
+	uint8_t *w, *out;
+	size_t n, outlen;
+	ldns_pkt *a = NULL;
+	char *txt;
+
+	(void)state;
+	rules(&r);
+	w = upstream_answer("alias.org", LDNS_RR_TYPE_A, LDNS_RCODE_NOERROR, chain, 3, &n);
+	out = dns_msg_chain_answer(&r, w, n, &rule, &outlen);
+	assert_non_null(out);
+	assert_string_equal(rule, "www.example.com");
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_int_equal(ldns_pkt_id(a), 9);
+	assert_false(ldns_pkt_ad(a));
+	assert_int_equal(ldns_pkt_ancount(a), 3);
+	txt = ldns_rr2str(ldns_rr_list_rr(ldns_pkt_answer(a), 2));
+	assert_string_equal(txt, "www.example.com.\t60\tIN\tA\t127.0.0.1\n");
+	free(txt);
+	ldns_pkt_free(a);
+	free(out);
+	free(w);
+	/* MX of the alias: the CNAMEs and the claimed name's SOA (NODATA) */
+	w = upstream_answer("alias.org", LDNS_RR_TYPE_MX, LDNS_RCODE_NOERROR, chain, 2, &n);
+	out = dns_msg_chain_answer(&r, w, n, &rule, &outlen);
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_int_equal(ldns_pkt_ancount(a), 2);
+	assert_nodata_soa(a, "www.example.com.", 60);
+	ldns_pkt_free(a);
+	free(out);
+	free(w);
+	/* a CNAME question is left alone */
+	w = upstream_answer("alias.org", LDNS_RR_TYPE_CNAME, LDNS_RCODE_NOERROR, chain, 2, &n);
+	assert_null(dns_msg_chain_answer(&r, w, n, &rule, &outlen));
+	free(w);
+	/* NXDOMAIN at the end of a chain into a wildcard rule: capd's address, NOERROR */
+	w = upstream_answer("nx.org", LDNS_RR_TYPE_A, LDNS_RCODE_NXDOMAIN, nx, 1, &n);
+	out = dns_msg_chain_answer(&r, w, n, &rule, &outlen);
+	assert_string_equal(rule, "*.game.test");
+	assert_int_equal(ldns_wire2pkt(&a, out, outlen), LDNS_STATUS_OK);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_NOERROR);
+	assert_int_equal(ldns_pkt_ancount(a), 2);
+	ldns_pkt_free(a);
+	free(out);
+	free(w);
+	/* a loop of CNAMEs that meets no rule ends */
+	w = upstream_answer("a.org", LDNS_RR_TYPE_A, LDNS_RCODE_NOERROR, loop, 2, &n);
+	assert_null(dns_msg_chain_answer(&r, w, n, &rule, &outlen));
+	free(w);
+	dns_rules_free(&r);
+}
+
 int
 main(void)
 {
@@ -649,6 +732,7 @@ main(void)
 		cmocka_unit_test(test_edns),
 		cmocka_unit_test(test_zone_transfers),
 		cmocka_unit_test(test_truncate_upstream_answer),
+		cmocka_unit_test(test_cname_chain_to_a_claimed_name),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
