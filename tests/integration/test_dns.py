@@ -1217,3 +1217,16 @@ def test_cname_chain_to_a_redirected_name_gets_capds_address(capd_factory):
         up.close()
     reasons = [s["reason"] for s in c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 7)]
     assert f"forwarded to 127.0.0.1:{up.port}: NOERROR, CNAME to a name rule www.example.com answers" in reasons, reasons
+
+
+def test_answer_rule_with_a_unicode_name_says_xn_form(capd, upstream):
+    """Regression: `--answer bücher.test=...` was refused as a bad name with no word of why;
+    a DNS query for bücher.test (dig, a browser) asks for xn--bcher-kva.test, and the
+    refusal now says to write that form, which is then answered."""
+    port = free_dns_port()
+    r = capd.ctl("add", "dns", "--name", "d", "--port", port, "--bind", "127.0.0.1", "--upstream",
+                 f"127.0.0.1:{upstream.port}", "--answer", "bücher.test=10.0.0.8", check=False)
+    assert r.returncode != 0 and "bücher.test" in r.stderr and "xn-- form" in r.stderr, r.stderr
+    capd.ctl("add", "dns", "--name", "d", "--port", port, "--bind", "127.0.0.1", "--upstream",
+             f"127.0.0.1:{upstream.port}", "--answer", "xn--bcher-kva.test=10.0.0.8")
+    assert addrs(ask("xn--BCHER-kva.test", "A", port)) == ["10.0.0.8"]
