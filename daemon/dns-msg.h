@@ -17,7 +17,7 @@
 
 #define DNS_HEADER_LEN 12
 #define DNS_UDP_MIN 512       /* what a client without EDNS can take */
-#define DNS_EDNS_SIZE 1232    /* the UDP size capd advertises in its own answers (a forwarded query keeps the client's) */
+#define DNS_EDNS_SIZE 1232    /* the UDP size capd advertises in its answers; a forwarded query keeps its own */
 #define DNS_MAX_MSG 65535
 #define DNS_RCODE_BADVERS 16  /* RFC 6891: 0 in the header, 1 in the OPT record's extended rcode */
 /* The SOA of a name capd answers (its MINIMUM and TTL are the rules' ttl) */

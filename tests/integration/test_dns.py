@@ -1216,7 +1216,8 @@ def test_cname_chain_to_a_redirected_name_gets_capds_address(capd_factory):
     finally:
         up.close()
     reasons = [s["reason"] for s in c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 7)]
-    assert f"forwarded to 127.0.0.1:{up.port}: NOERROR, CNAME to a name rule www.example.com answers" in reasons, reasons
+    want = f"forwarded to 127.0.0.1:{up.port}: NOERROR, CNAME to a name rule www.example.com answers"
+    assert want in reasons, reasons
 
 
 def test_answer_rule_with_a_unicode_name_says_xn_form(capd, upstream):
