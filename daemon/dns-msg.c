@@ -378,12 +378,18 @@ dns_question_fill(struct dns_question *q, const ldns_pkt *qp, const ldns_rr *qrr
 		q->udp_max = ldns_pkt_edns_udp_size(qp);
 }
 
-/* OPT records in the additional section of p, which ldns parsed: it keeps only the last one. */
-static unsigned
-dns_msg_opt_count(const uint8_t *p, size_t n)
+/*
+ * Whether p, which ldns took, is well formed as BIND and Knot read a query
+ * (RFC 6891 6.1.1): ldns takes an OPT record in any section, owned by any name,
+ * several of them (it keeps the last), and bytes after the last record. Else
+ * q->why says which.
+ */
+static bool
+dns_msg_well_formed(const uint8_t *p, size_t n, struct dns_question *q)
 {
 	static const ldns_pkt_section sections[] = { LDNS_SECTION_QUESTION, LDNS_SECTION_ANSWER,
 	                                             LDNS_SECTION_AUTHORITY, LDNS_SECTION_ADDITIONAL };
+	static const char *const names[] = { "question", "answer", "authority", "additional" };
 	size_t pos = DNS_HEADER_LEN;
 	unsigned opts = 0;
 
@@ -392,28 +398,34 @@ dns_msg_opt_count(const uint8_t *p, size_t n)
 		for (unsigned i = 0; i < count; i++) {
 			ldns_rr *rr = NULL;
 			if (ldns_wire2rr(&rr, p, n, &pos, sections[s]) != LDNS_STATUS_OK)
-				return opts;  /* cannot happen after ldns_wire2pkt took it */
-			if (sections[s] == LDNS_SECTION_ADDITIONAL && ldns_rr_get_type(rr) == LDNS_RR_TYPE_OPT)
+				return true;  /* cannot happen after ldns_wire2pkt took it */
+			if (ldns_rr_get_type(rr) == LDNS_RR_TYPE_OPT) {
+				if (sections[s] != LDNS_SECTION_ADDITIONAL)
+					snprintf(q->why, sizeof q->why, "FORMERR: an OPT record in the %s section", names[s]);
+				else if (ldns_rdf_size(ldns_rr_owner(rr)) != 1)  /* the root is one zero byte */
+					snprintf(q->why, sizeof q->why, "FORMERR: an OPT record owned by a name, not the root");
 				opts++;
+			}
 			ldns_rr_free(rr);
+			if (q->why[0])
+				return false;
 		}
 	}
-	return opts;
+	if (opts > 1)
+		snprintf(q->why, sizeof q->why, "FORMERR: %u OPT records", opts);
+	else if (pos < n)
+		snprintf(q->why, sizeof q->why, "FORMERR: %zu byte%s after the message", n - pos, n - pos == 1 ? "" : "s");
+	return q->why[0] == '\0';
 }
 
-/* RFC 6891 for a query capd answers itself: the rcode its OPT records call for, q->why set when not NOERROR. */
+/* RFC 6891 for a query capd answers itself: the rcode its form and OPT record call for, q->why set when not
+ * NOERROR. */
 static int
 dns_msg_edns_rcode(const ldns_pkt *qp, const uint8_t *p, size_t n, struct dns_question *q)
 {
-	unsigned opts;
-
-	if (!ldns_pkt_edns(qp))
-		return LDNS_RCODE_NOERROR;
-	if ((opts = dns_msg_opt_count(p, n)) > 1) {
-		snprintf(q->why, sizeof q->why, "FORMERR: %u OPT records", opts);
+	if (!dns_msg_well_formed(p, n, q))
 		return LDNS_RCODE_FORMERR;
-	}
-	if (ldns_pkt_edns_version(qp) > 0) {
+	if (ldns_pkt_edns(qp) && ldns_pkt_edns_version(qp) > 0) {
 		snprintf(q->why, sizeof q->why, "BADVERS: EDNS version %u", ldns_pkt_edns_version(qp));
 		return DNS_RCODE_BADVERS;
 	}

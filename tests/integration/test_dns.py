@@ -1231,3 +1231,33 @@ def test_answer_rule_with_a_unicode_name_says_xn_form(capd, upstream):
     capd.ctl("add", "dns", "--name", "d", "--port", port, "--bind", "127.0.0.1", "--upstream",
              f"127.0.0.1:{upstream.port}", "--answer", "xn--bcher-kva.test=10.0.0.8")
     assert addrs(ask("xn--BCHER-kva.test", "A", port)) == ["10.0.0.8"]
+
+
+def test_odd_opt_records_and_trailing_bytes_are_formerr(dnsd, upstream):
+    """Regression: a query for a name capd answers itself with an OPT record owned by a name
+    other than the root, an OPT record in the answer section, or bytes after its last record
+    got a NOERROR answer (ldns takes all three); BIND and Knot say FORMERR (RFC 6891 6.1.1),
+    as capd already did for two OPT records. Now it does too, over UDP and TCP, and the
+    session's reason says which. Forwarded queries are still left to the upstream."""
+    port = dnsd.port
+    q = dns.message.make_query("www.example.com", "A", id=0x0808).to_wire()
+    opt = b"\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"  # OPT, 4096, version 0, no data; after the owner
+    cases = {
+        "an OPT record owned by a name, not the root":
+            q[:10] + b"\x00\x01" + q[12:] + b"\x03foo\x00" + opt,
+        "an OPT record in the answer section": q[:6] + b"\x00\x01" + q[8:] + b"\x00" + opt,
+        "7 bytes after the message": q + b"garbage",
+    }
+    for why, wire in cases.items():
+        r = raw_udp(port, wire)
+        assert r is not None and r[:2] == b"\x08\x08" and r[2] & 0x80 and r[3] & 0x0f == dns.rcode.FORMERR, (why, r)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(struct.pack("!H", len(wire)) + wire)
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            assert recv_exact(s, n)[3] & 0x0f == dns.rcode.FORMERR, why
+    reasons = [s["reason"] for s in dnsd.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) >= 3)]
+    for why in cases:
+        assert f"FORMERR: {why}" in reasons, (why, reasons)
+    # a well-formed query with one OPT record is answered as before
+    r = ask("www.example.com", "A", port, use_edns=0)
+    assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"]
