@@ -226,6 +226,7 @@ static struct writer {
 	uint64_t rotate_size;
 	double rotate_time, flush_interval;
 	unsigned keep_files;
+	uint64_t fsize_max;    /* capd's file-size limit as of the last file opened; 0: none */
 } w = { .dirfd = -1, .fd = -1 };
 
 static void
@@ -925,7 +926,7 @@ writer_flush(void)
 		goto reset;
 	}
 	if (w.episode)
-		log_info("spool: writing %s/%s again", spool_dir, w.name);
+		log_info("spool: capture resumes in %s/%s", spool_dir, w.name);
 	w.episode = false;
 	w.good += len;
 	w.nidb_good = w.nidb;
@@ -958,6 +959,28 @@ writer_keys_dsb(struct buf *k)
 		pcapng_dsb(&w.out, PCAPNG_SECRETS_TLS, buf_head(k), buf_used(k));
 		w.keys_out = true;
 	}
+}
+
+static uint64_t writer_rotate_limit(uint64_t size);
+
+/*
+ * capd's file-size limit (ulimit -f, systemd's LimitFSIZE=), read at each
+ * new file, as prlimit may change it while capd runs: files rotate before
+ * it rather than fail their writes at it.
+ */
+static void
+writer_fsize_limit(void)
+{
+	struct rlimit rl;
+	uint64_t max = 0;
+
+	if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+		max = (uint64_t)rl.rlim_cur;
+	if (max > 0 && max != w.fsize_max)
+		log_notice("spool: capd's file-size limit is %llu bytes (ulimit -f): capture files rotate "
+		           "before it", (unsigned long long)max);
+	w.fsize_max = max;
+	w.rotate_size = writer_rotate_limit(w.rotate_size);
 }
 
 /* Opens the next file and writes its head: SHB, the IDBs of every live interface, recent keys. */
@@ -996,6 +1019,7 @@ writer_open(char **why)
 		writer_set_path(NULL);  /* the last file is closed: status must not name it */
 		return -1;
 	}
+	writer_fsize_limit();
 	w.good = 0;
 	w.file_packets = 0;
 	w.opened = mono_now();
@@ -1120,6 +1144,13 @@ writer_free_oldest(void)
 static void
 writer_retry(void)
 {
+	/*
+	 * A file at the file-size limit (ulimit -f, LimitFSIZE=) takes no
+	 * more, however long we wait: go on in a new one. Closed while still
+	 * failing, so no ISB is tried at its end.
+	 */
+	if (w.err == EFBIG && w.fd >= 0)
+		writer_close();
 	w.failing = false;
 	if (w.err == ENOSPC || w.err == EDQUOT)
 		writer_free_oldest();
@@ -1494,10 +1525,19 @@ writer_record(const struct rec *r)
 		w.rotate_due = true;
 }
 
+/* rotate_size within the file-size limit: a file past it would fail its writes. */
+static uint64_t
+writer_rotate_limit(uint64_t size)
+{
+	return w.fsize_max > 0 && (size == 0 || size > w.fsize_max) ? w.fsize_max : size;
+}
+
 static void
 writer_settings(void)
 {
 	w.rotate_size = q.rotate_size;
+	/* a file passing the file-size limit would fail its writes: rotate before it */
+	w.rotate_size = writer_rotate_limit(w.rotate_size);
 	w.rotate_time = q.rotate_time;
 	w.flush_interval = q.flush_interval;
 	w.keep_files = q.keep_files;

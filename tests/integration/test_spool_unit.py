@@ -1006,3 +1006,41 @@ def test_follow_session_after_rotation_knows_the_client(capd, host):
     assert follow_session(second, s["id"], s["client"])[1:] == (b"client next", b"server first")
     with pytest.raises(AssertionError, match="without its SYN"):
         follow_session(second, s["id"])
+
+
+def test_file_at_the_size_limit_gives_way_to_a_new_one(capd, server):
+    """Regression (EFBIG for good): a capture file that reached capd's file-size limit
+    (ulimit -f, LimitFSIZE=) failed every write from then on, and the writer "retried"
+    the same file each second: capture status showed the dropped count growing for as
+    long as capd ran (60 sessions of 5 KB under a 200000-byte limit, then 5 more: all
+    dropped, one file). Now the writer starts a new file, and the next files rotate
+    before the limit, so nothing more is lost."""
+    import resource
+    limit = 200000
+    resource.prlimit(capd.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = b"ok"
+    for _ in range(60):  # the first file fills up to the limit
+        assert transfer("127.0.0.1", port, os.urandom(5000)) == b"ok"
+    closed_sessions(capd, 60)
+    capd.flush()
+    assert "File too large" in capd.log()
+    deadline = time.time() + 10
+    while len(capd.pcaps()) < 2 and time.time() < deadline:  # the retry, within a second
+        time.sleep(0.1)
+    before = status(capd)
+    ups = []
+    for i in range(60):
+        ups.append(os.urandom(5000))
+        assert transfer("127.0.0.1", port, ups[-1]) == b"ok"
+    last = closed_sessions(capd, 120)[-1]
+    capd.flush()
+    after = status(capd)
+    assert after["dropped_packets"] == before["dropped_packets"], (before, after, capd.log()[-2000:])
+    files = capd.pcaps()
+    assert len(files) >= 3, files
+    for f in files:
+        assert f.stat().st_size <= limit
+        assert read_to_the_end(f).returncode == 0
+    assert follow_session(files[-1], last["id"])[1:] == (ups[-1], b"ok")
+    assert "file-size limit is 200000 bytes" in capd.log()
