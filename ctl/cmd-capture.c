@@ -29,6 +29,16 @@ capture_sniffers(struct ctl_opts *o)
 
 #define CAPTURE_USAGE "usage: capctl capture status | rotate | sync | follow [--instance NAME]"
 
+/* While capd cannot write (a full disk): the reason, so a growing dropped count is no riddle. */
+static void
+capture_error(json_t *st)
+{
+	const char *e = json_string_value(json_object_get(st, "error"));
+
+	if (e != NULL)
+		printf("error:    %s: capture is dropped until a write succeeds (tried every second)\n", e);
+}
+
 static int
 capture_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -63,6 +73,7 @@ capture_exec(struct ctl_opts *o, int argc, char **argv)
 		       np, np == 1 ? "" : "s");
 		printf("dropped:  %lld packet%s, %s bytes\n", nd, nd == 1 ? "" : "s",
 		       output_size(json_object_get(r, "dropped_bytes"), db, sizeof db));
+		capture_error(r);
 		if (v == 0)
 			capture_sniffers(o);
 	}

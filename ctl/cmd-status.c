@@ -3,6 +3,20 @@
 
 #include "capctl.h"
 
+/* Only while capd cannot write its capture (a full disk): said here too, as it loses data. */
+static void
+status_capture(struct ctl_opts *o)
+{
+	json_t *st = NULL;
+	const char *e;
+
+	if (client_call(o, "capture.status", NULL, &st) != CTL_OK)
+		return;
+	if ((e = json_string_value(json_object_get(st, "error"))) != NULL)
+		printf("capture:   failing: %s (capctl capture status)\n", e);
+	json_decref(st);
+}
+
 static int
 status_exec(struct ctl_opts *o, int argc, char **argv)
 {
@@ -21,6 +35,7 @@ status_exec(struct ctl_opts *o, int argc, char **argv)
 		printf("config:    %s\n", json_string_value(json_object_get(r, "config")));
 		printf("control:   %s\n", json_string_value(json_object_get(r, "control")));
 		printf("spool:     %s\n", json_string_value(json_object_get(r, "spool")));
+		status_capture(o);
 		printf("instances: %lld\n", (long long)json_integer_value(json_object_get(r, "instances")));
 		printf("sessions:  %lld open\n", (long long)json_integer_value(json_object_get(r, "sessions")));
 		long long w = json_integer_value(json_object_get(r, "workers"));

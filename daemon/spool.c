@@ -152,6 +152,7 @@ static struct {
 	unsigned keep_files;
 	char path[PATH_MAX];    /* current file, "" when none */
 	int err;                /* with no current file: why, for spool_rotate() */
+	int fail_err;           /* the writer is dropping capture for this errno; 0: writing */
 } q = {
 	.mu = PTHREAD_MUTEX_INITIALIZER,
 	.done_cv = PTHREAD_COND_INITIALIZER,
@@ -618,6 +619,15 @@ writer_count_drop_out(void)
 		spool_iface_drop(w.touched[i], w.ifaces[w.touched[i]].out_packets);
 }
 
+/* For capture status: why the writer drops capture now (0: it writes). Not per write: at failures and recovery. */
+static void
+writer_set_failing(int err)
+{
+	pthread_mutex_lock(&q.mu);
+	q.fail_err = err;
+	pthread_mutex_unlock(&q.mu);
+}
+
 static void
 writer_fail(const char *what, int err)
 {
@@ -629,6 +639,7 @@ writer_fail(const char *what, int err)
 	w.err = err;
 	w.failing = true;
 	w.retry_at = mono_now() + RETRY_SECS;
+	writer_set_failing(err);
 }
 
 /*
@@ -925,8 +936,10 @@ writer_flush(void)
 		}
 		goto reset;
 	}
-	if (w.episode)
+	if (w.episode) {
 		log_info("spool: capture resumes in %s/%s", spool_dir, w.name);
+		writer_set_failing(0);
+	}
 	w.episode = false;
 	w.good += len;
 	w.nidb_good = w.nidb;
@@ -1936,6 +1949,7 @@ spool_start(const struct capd_settings *st, char **why)
 	writer_settings();
 	q.stop = false;
 	q.path[0] = '\0';
+	q.fail_err = 0;
 	pthread_mutex_unlock(&q.mu);
 
 	if (writer_open(why) < 0) {
@@ -2024,6 +2038,7 @@ spool_stop(void)
 	q.nspare = 0;
 	q.queued = 0;
 	q.path[0] = '\0';
+	q.fail_err = 0;
 	pthread_mutex_unlock(&q.mu);
 	pthread_cond_destroy(&q.cv);
 
@@ -2378,16 +2393,23 @@ spool_status(void)
 {
 	char path[PATH_MAX];
 	long files = spool_count_files();
+	int fail_err;
+	json_t *o;
 
 	pthread_mutex_lock(&q.mu);
 	memcpy(path, q.path, sizeof path);
+	fail_err = q.fail_err;
 	pthread_mutex_unlock(&q.mu);
-	return json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "file", path,
-	                 "files", (json_int_t)(files >= 0 ? files : (long)atomic_load(&st_files)),
-	                 "bytes", (json_int_t)atomic_load(&st_bytes),
-	                 "packets", (json_int_t)atomic_load(&st_packets),
-	                 "dropped_packets", (json_int_t)atomic_load(&st_dropped_packets),
-	                 "dropped_bytes", (json_int_t)atomic_load(&st_dropped_bytes));
+	o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "file", path,
+	              "files", (json_int_t)(files >= 0 ? files : (long)atomic_load(&st_files)),
+	              "bytes", (json_int_t)atomic_load(&st_bytes),
+	              "packets", (json_int_t)atomic_load(&st_packets),
+	              "dropped_packets", (json_int_t)atomic_load(&st_dropped_packets),
+	              "dropped_bytes", (json_int_t)atomic_load(&st_dropped_bytes));
+	/* as an instance's "error": only while it holds, so a script tests for the key */
+	if (fail_err != 0 && atomic_load(&running))
+		json_object_set_new(o, "error", json_string(strerror(fail_err)));
+	return o;
 }
 
 int

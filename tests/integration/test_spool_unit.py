@@ -1044,3 +1044,40 @@ def test_file_at_the_size_limit_gives_way_to_a_new_one(capd, server):
         assert read_to_the_end(f).returncode == 0
     assert follow_session(files[-1], last["id"])[1:] == (ups[-1], b"ok")
     assert "file-size limit is 200000 bytes" in capd.log()
+
+
+def test_status_says_capture_is_failing_now(server, tiny_spool):
+    """Regression (a full disk, told only as a count): while every write failed with
+    ENOSPC, capctl capture status named the current file as ever and showed a dropped
+    count, the same as long after a disk that filled and came back; capctl status said
+    nothing. Now both say why capture is dropped while it is, and stop once capd writes
+    again; the JSON has an "error" key only then."""
+    capd, spool = tiny_spool()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(100000)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    assert "error" not in status(capd)
+    fill(spool)
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 2)
+    capd.flush()
+    st = status(capd)
+    assert st["error"] == "No space left on device" and st["dropped_packets"] > 0, st
+    assert st["file"]  # the file is still open: only the error tells
+    text = capd.ctl("capture", "status").stdout
+    assert "error:    No space left on device: capture is dropped until a write succeeds" in text, text
+    assert "capture:   failing: No space left on device" in capd.ctl("status").stdout
+    (spool / "filler").unlink()
+    time.sleep(1.5)  # the writer retries every second
+    server.down = os.urandom(50000)
+    assert transfer("127.0.0.1", port, b"c") == server.down
+    closed_sessions(capd, 3)
+    capd.flush()
+    st = status(capd)
+    assert "error" not in st, st
+    assert "error:" not in capd.ctl("capture", "status").stdout
+    assert "capture:" not in capd.ctl("status").stdout
+    capd.stop()
