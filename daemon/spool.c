@@ -975,6 +975,7 @@ writer_keys_dsb(struct buf *k)
 }
 
 static uint64_t writer_rotate_limit(uint64_t size);
+static bool writer_check_folder(void);
 
 /*
  * capd's file-size limit (ulimit -f, systemd's LimitFSIZE=), read at each
@@ -1010,6 +1011,8 @@ writer_open(char **why)
 	 * (Left due, every packet tried again, listing the folder each time.)
 	 */
 	w.rotate_due = false;
+	/* Not in, nor trimming, a folder moved away since the last tick. */
+	writer_check_folder();
 	/* Room for the new file first: on a full disk that is what lets it start. */
 	if (w.keep_files > 0)
 		writer_trim(w.keep_files - 1);
@@ -1104,27 +1107,50 @@ writer_check_unlinked(void)
 }
 
 /*
- * Someone deleted the spool folder itself (rm -rf SPOOL): our descriptor
- * names the deleted folder, where no file can be made, so capture would stay
- * off until a restart even once the folder is back. Make it again, as
- * spool_start() does, and write there. (The tail guard keeps the old one;
- * spool_repair() at the next start covers what it no longer can.)
+ * The spool path no longer names the folder we hold. Someone deleted it
+ * (rm -rf SPOOL): our descriptor names the deleted folder, where no file
+ * can be made, so capture would stay off until a restart even once the
+ * folder is back. Or moved it (mv SPOOL case-42, to keep what it holds):
+ * we would write on in the moved folder, and rotation would delete the very
+ * files kept that way. Make the folder again, as spool_start() does, and
+ * write there; true when the folder changed. (The tail guard keeps the old
+ * one; spool_repair() at the next start covers what it no longer can.)
  */
-static void
+static bool
 writer_check_folder(void)
 {
 	struct stat held, now;
 	int fd;
 
-	if (fstat(w.dirfd, &held) == 0 && stat(spool_dir, &now) == 0 && held.st_dev == now.st_dev &&
-	    held.st_ino == now.st_ino)
-		return;
+	if (fstat(w.dirfd, &held) < 0)
+		return false;
+	if (stat(spool_dir, &now) == 0) {
+		if (held.st_dev == now.st_dev && held.st_ino == now.st_ino)
+			return false;
+	} else if (errno != ENOENT && errno != ENOTDIR) {
+		return false;  /* cannot tell (a parent capd may not search): go on where we are */
+	}
 	spool_mkdirs(spool_dir);
 	if ((fd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
-		return;  /* writer_open() fails and says why; we look again at the next retry */
-	log_notice("spool: the folder %s was deleted; writing to a new one", spool_dir);
+		return false;  /* writer_open() fails and says why; we look again at the next retry */
+	if (held.st_nlink == 0)
+		log_notice("spool: the folder %s was deleted; writing to a new one", spool_dir);
+	else
+		log_notice("spool: the folder %s was moved or replaced; capture goes on in a new one, the old "
+		           "one is left as it is", spool_dir);
 	close(w.dirfd);
 	w.dirfd = fd;
+	return true;
+}
+
+/* At each tick: a spool folder moved away keeps the file written so far, closed whole; the next is in the new one. */
+static void
+writer_check_moved(void)
+{
+	if (w.fd < 0 || !writer_check_folder())
+		return;
+	writer_close();
+	writer_open(NULL);
 }
 
 /*
@@ -1169,10 +1195,8 @@ writer_retry(void)
 		writer_free_oldest();
 	/* Deleting the file frees no space while we hold it open: move on to a new one. */
 	writer_check_unlinked();
-	if (w.fd < 0) {
-		writer_check_folder();
+	if (w.fd < 0)
 		writer_open(NULL);
-	}
 }
 
 /* The IDB index of handle h in the current file, writing the IDB when first needed. */
@@ -1741,6 +1765,7 @@ writer_main(void *arg)
 			writer_retry();
 		if (now >= next_tick) {
 			writer_flush();
+			writer_check_moved();
 			writer_check_unlinked();
 			next_tick = now + w.flush_interval / 2;
 		}

@@ -1081,3 +1081,46 @@ def test_status_says_capture_is_failing_now(server, tiny_spool):
     assert "error:" not in capd.ctl("capture", "status").stdout
     assert "capture:" not in capd.ctl("status").stdout
     capd.stop()
+
+
+def test_spool_folder_moved_away_is_left_alone(capd_factory, server, tmp_path):
+    """Regression (mv SPOOL case-42): an analyst who moved the spool folder aside to keep
+    what it held found capd writing on in the moved folder (it holds the folder open), and
+    its ring deleting the very files kept that way: after 6 more sessions case-42 held
+    capd-00008..10, not the 00002..04 moved there, while capture status named files in a
+    folder that no longer existed. capd now notices within half a flush interval (or at
+    the next rotation), closes its file whole in the moved folder, and goes on in a new
+    folder at the spool path."""
+    capd = capd_factory(settings="rotate_size = 200K\nkeep_files = 3")
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(150000)
+    for _ in range(4):
+        assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 4)
+    capd.flush()
+    kept = tmp_path / "case-42"
+    capd.spool.rename(kept)
+    names = sorted(p.name for p in kept.iterdir())
+    assert len(names) == 3
+    time.sleep(0.5)  # the writer's tick, not a rotation, sees it
+    server.down = b"small"
+    up = os.urandom(1000)
+    assert transfer("127.0.0.1", port, up) == b"small"
+    first = closed_sessions(capd, 5)[-1]
+    capd.flush()
+    assert capd.spool.is_dir(), capd.log()[-2000:]
+    assert follow_session(capd.pcaps()[-1], first["id"])[1:] == (up, b"small")
+    server.down = os.urandom(150000)
+    for _ in range(6):  # rotations: each would trim the ring in the folder it writes to
+        assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 11)
+    capd.flush()
+    assert sorted(p.name for p in kept.iterdir()) == names
+    for f in kept.iterdir():
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and "cut short" not in r.stderr, (f, r.stderr)
+    assert len(capd.pcaps()) == 3
+    st = status(capd)
+    assert Path(st["file"]).parent == capd.spool and Path(st["file"]).exists(), st
+    assert "was moved or replaced" in capd.log()
+    capd.stop()
