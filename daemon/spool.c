@@ -1940,6 +1940,7 @@ spool_mkdirs(const char *path)
 int
 spool_start(const struct capd_settings *st, char **why)
 {
+	char first[sizeof w.name] = "";
 	pthread_condattr_t ca;
 	struct spool_file *v;
 	struct utsname u;
@@ -1977,7 +1978,9 @@ spool_start(const struct capd_settings *st, char **why)
 	q.fail_err = 0;
 	pthread_mutex_unlock(&q.mu);
 
-	if (writer_open(why) < 0) {
+	if (writer_open(why) == 0) {
+		memcpy(first, w.name, sizeof first);  /* before the writer runs: it may move on at once */
+	} else {
 		err = w.err;
 		/* A full disk is no reason not to proxy; a folder we may not write to is. */
 		if (err == EACCES || err == EPERM || err == EROFS || err == ENOENT || err == ENOTDIR)
@@ -2009,7 +2012,8 @@ spool_start(const struct capd_settings *st, char **why)
 		goto fail;
 	}
 	atomic_store(&running, true);
-	log_info("spool: writing to %s/%s", spool_dir, w.name);
+	if (first[0] != '\0')  /* else the warning above said why not */
+		log_info("spool: writing to %s/%s", spool_dir, first);
 	return 0;
 fail:
 	if (w.dirfd >= 0)

@@ -1124,3 +1124,38 @@ def test_spool_folder_moved_away_is_left_alone(capd_factory, server, tmp_path):
     assert Path(st["file"]).parent == capd.spool and Path(st["file"]).exists(), st
     assert "was moved or replaced" in capd.log()
     capd.stop()
+
+
+def test_capd_started_on_a_full_disk(capd_factory, server, tmp_path):
+    """Regression (start on a full disk): capd logged "spool: writing to SPOOL/", a file
+    with no name, after warning that it could write none, and capture status gave no
+    reason for "(none: capture is being dropped)". Now only the warning is logged, status
+    says why, and capture starts once there is room."""
+    spool = tmp_path / "full"
+    spool.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        fill(spool)
+        capd = capd_factory(start=False)
+        capd.conf_path.write_text(capd.conf_path.read_text().replace(f"spool = {capd.spool}", f"spool = {spool}"))
+        capd.spool = spool
+        capd.start()
+        assert "capture resumes when it can write" in capd.log()
+        assert f"spool: writing to {spool}/\n" not in capd.log(), capd.log()
+        st = status(capd)
+        assert st["file"] == "" and st["error"] == "No space left on device", st
+        (spool / "filler").unlink()
+        deadline = time.time() + 10
+        while not status(capd)["file"] and time.time() < deadline:  # the retry, each second
+            time.sleep(0.1)
+        server.down = b"down"
+        port = forward(capd, f"127.0.0.1:{server.port}")
+        assert transfer("127.0.0.1", port, b"up") == b"down"
+        sid = closed_sessions(capd, 1)[-1]["id"]
+        capd.flush()
+        assert "error" not in status(capd)
+        assert follow_session(capd.pcaps()[-1], sid)[1:] == (b"up", b"down")
+        capd.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)])
