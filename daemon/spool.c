@@ -1020,7 +1020,7 @@ writer_open(char **why)
 		snprintf(w.name, sizeof w.name, "capd-%05u-%04d%02d%02dT%02d%02d%02dZ.pcapng", w.counter,
 		         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
 		w.counter++;
-		w.fd = openat(w.dirfd, w.name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+		w.fd = openat(w.dirfd, w.name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640);  /* read: writer_check_unlinked */
 		if (w.fd >= 0 || errno != EEXIST)
 			break;
 	}
@@ -1091,15 +1091,32 @@ writer_rotate(void)
 	writer_open(NULL);
 }
 
-/* Someone deleted the current file (rm in the spool): start a new one rather than write to nothing. */
+/*
+ * Someone deleted the current file (rm in the spool), or emptied it to free
+ * space (: > FILE, truncate -s 0): start a new one rather than write to
+ * nothing, or on at our offset behind a hole no reader gets past. Writes
+ * since the cut lack the file's head: reading those 4 bytes (a cached page)
+ * tells, where the size no longer does.
+ */
 static void
 writer_check_unlinked(void)
 {
 	struct stat sb;
+	uint32_t head = PCAPNG_BT_SHB;
 
-	if (w.fd < 0 || fstat(w.fd, &sb) < 0 || sb.st_nlink > 0)
+	if (w.fd < 0 || fstat(w.fd, &sb) < 0)
 		return;
-	log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
+	if (sb.st_nlink == 0) {
+		log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
+	} else if ((uint64_t)sb.st_size < w.good ||
+	           (pread(w.fd, &head, sizeof head, 0) == (ssize_t)sizeof head && head != PCAPNG_BT_SHB)) {
+		log_notice("spool: %s/%s was cut short by another program; starting a new file", spool_dir, w.name);
+		/* our writes past the cut, with no head, are of no use to anyone: the file is as they left it */
+		if (head != PCAPNG_BT_SHB && ftruncate(w.fd, 0) < 0)
+			log_warn("spool: truncate %s/%s", spool_dir, w.name);
+	} else {
+		return;
+	}
 	close(w.fd);
 	w.fd = -1;
 	writer_out_reset();
@@ -1486,6 +1503,7 @@ writer_sync(unsigned seq)
 	if (!writer_dropping())
 		writer_keys_flush();
 	writer_flush();
+	writer_check_unlinked();  /* what the caller reads next is a file that opens */
 	m.lost = w.sync_lost;
 	m.failing = writer_dropping();
 	m.err = m.failing || m.lost > 0 ? (w.err ? w.err : EIO) : 0;

@@ -1159,3 +1159,40 @@ def test_capd_started_on_a_full_disk(capd_factory, server, tmp_path):
         capd.stop()
     finally:
         subprocess.run(["umount", "-l", str(spool)])
+
+
+def test_current_file_emptied_by_hand_gives_way_to_a_new_one(capd_factory, server):
+    """Regression (: > FILE): emptying the file capd writes, to free space as one does
+    with a log, left capd writing on at its old offset: the file became a hole of zeros
+    followed by packets, which capinfos called "damaged or corrupt" (and a restart would
+    have deleted as unreadable), and so was all capture until the next rotation. capd now
+    sees the cut within half a flush interval (or at capture sync), leaves the file
+    empty, and starts a new one."""
+    capd = capd_factory()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    cut = capd.pcaps()[-1]
+    sh("sh", "-c", f": > {cut}")
+    assert transfer("127.0.0.1", port, b"b") == server.down  # may land before capd looks
+    closed_sessions(capd, 2)
+    capd.flush()  # capd looks at the latest here
+    assert cut.stat().st_size == 0
+    for f in capd.pcaps()[1:]:
+        assert read_to_the_end(f).returncode == 0
+    server.down = os.urandom(100000)
+    up = os.urandom(5000)
+    assert transfer("127.0.0.1", port, up) == server.down
+    last = closed_sessions(capd, 3)[-1]
+    capd.flush()
+    assert "was cut short by another program" in capd.log()
+    assert cut.stat().st_size == 0
+    files = capd.pcaps()
+    assert len(files) == 2, files
+    for f in files[1:]:
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    assert follow_session(files[-1], last["id"])[1:] == (up, server.down)
+    capd.stop()
