@@ -1196,16 +1196,25 @@ writer_free_oldest(void)
 	free(v);
 }
 
+static bool
+writer_fsize_limited(void)
+{
+	struct rlimit rl;
+
+	return getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
+}
+
 /* After a failure: a new file if there is none, else the same file again. */
 static void
 writer_retry(void)
 {
 	/*
 	 * A file at the file-size limit (ulimit -f, LimitFSIZE=) takes no
-	 * more, however long we wait: go on in a new one. Closed while still
-	 * failing, so no ISB is tried at its end.
+	 * more while the limit holds, however long we wait: go on in a new
+	 * one (a lifted limit lets it go on). Closed while still failing, so
+	 * no ISB is tried at its end.
 	 */
-	if (w.err == EFBIG && w.fd >= 0)
+	if (w.err == EFBIG && w.fd >= 0 && writer_fsize_limited())
 		writer_close();
 	w.failing = false;
 	if (w.err == ENOSPC || w.err == EDQUOT)
