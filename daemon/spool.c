@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -228,6 +229,7 @@ static struct writer {
 	double rotate_time, flush_interval;
 	unsigned keep_files;
 	uint64_t fsize_max;    /* capd's file-size limit as of the last file opened; 0: none */
+	bool folder_busy;      /* the spool path names another capd's folder (logged once) */
 } w = { .dirfd = -1, .fd = -1 };
 
 static void
@@ -1150,6 +1152,19 @@ writer_check_folder(void)
 	spool_mkdirs(spool_dir);
 	if ((fd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
 		return false;  /* writer_open() fails and says why; we look again at the next retry */
+	/*
+	 * Another capd may have made the folder at the path its own since
+	 * (capd_lock_dir): two in one folder delete each other's files. Ours
+	 * is held, as its was, with a lock of its own, until capd ends.
+	 */
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0 && errno == EWOULDBLOCK) {
+		if (!w.folder_busy)
+			log_warnx("spool: %s is another capd's folder now; not writing there", spool_dir);
+		w.folder_busy = true;
+		close(fd);
+		return false;
+	}
+	w.folder_busy = false;
 	if (held.st_nlink == 0)
 		log_notice("spool: the folder %s was deleted; writing to a new one", spool_dir);
 	else

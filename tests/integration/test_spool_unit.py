@@ -1196,3 +1196,36 @@ def test_current_file_emptied_by_hand_gives_way_to_a_new_one(capd_factory, serve
         assert r.returncode == 0 and not r.stderr, (f, r.stderr)
     assert follow_session(files[-1], last["id"])[1:] == (up, server.down)
     capd.stop()
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_old_spool_folder_gone_never_joins_another_capd(capd_factory, server, tmp_path, how):
+    """Regression (two capds in one folder): capd A's spool folder deleted (or moved aside)
+    and capd B started on the same path: A, seeing a folder at its path again, wrote its
+    files into B's (capd-00002 twice in one folder, one of them A's), where each would
+    trim the other's files as its own, the very thing the folder lock at start refuses.
+    A now takes the lock of a folder it moves to, and leaves one another capd holds."""
+    a = capd_factory(settings="keep_files = 3")
+    port = forward(a, f"127.0.0.1:{server.port}")
+    server.down = b"a"
+    assert transfer("127.0.0.1", port, b"1") == b"a"
+    closed_sessions(a, 1)
+    a.flush()
+    if how == "deleted":
+        shutil.rmtree(a.spool)
+    else:
+        a.spool.rename(tmp_path / "kept")
+    b = capd_factory(start=False)
+    b.conf_path.write_text(b.conf_path.read_text().replace(f"spool = {b.spool}", f"spool = {a.spool}"))
+    b.spool = a.spool
+    b.start()
+    mine = {p.name for p in b.pcaps()}
+    assert len(mine) == 1
+    for i in range(3):  # A's writer looks at its folder at each tick and each retry
+        assert transfer("127.0.0.1", port, b"x" * 1000) == b"a"
+        time.sleep(0.6)
+    a.flush()
+    assert {p.name for p in b.pcaps()} == mine, (mine, b.pcaps(), a.log()[-3000:])
+    assert "is another capd's folder now" in a.log()
+    b.stop()
+    a.stop()
