@@ -230,6 +230,8 @@ static struct writer {
 	unsigned keep_files;
 	uint64_t fsize_max;    /* capd's file-size limit as of the last file opened; 0: none */
 	bool folder_busy;      /* the spool path names another capd's folder (logged once) */
+	dev_t home_dev;        /* the folder capd started with, which capd_lock_dir() holds */
+	ino_t home_ino;
 } w = { .dirfd = -1, .fd = -1 };
 
 static void
@@ -1155,9 +1157,15 @@ writer_check_folder(void)
 	/*
 	 * Another capd may have made the folder at the path its own since
 	 * (capd_lock_dir): two in one folder delete each other's files. Ours
-	 * is held, as its was, with a lock of its own, until capd ends.
+	 * is held, as its was, with a lock of its own, until capd ends; the
+	 * one we started with (moved back) is locked by us already.
 	 */
-	if (flock(fd, LOCK_EX | LOCK_NB) < 0 && errno == EWOULDBLOCK) {
+	if (fstat(fd, &now) < 0) {
+		close(fd);
+		return false;
+	}
+	if ((now.st_dev != w.home_dev || now.st_ino != w.home_ino) && flock(fd, LOCK_EX | LOCK_NB) < 0 &&
+	    errno == EWOULDBLOCK) {
 		if (!w.folder_busy)
 			log_warnx("spool: %s is another capd's folder now; not writing there", spool_dir);
 		w.folder_busy = true;
@@ -1985,6 +1993,7 @@ spool_start(const struct capd_settings *st, char **why)
 	char first[sizeof w.name] = "";
 	pthread_condattr_t ca;
 	struct spool_file *v;
+	struct stat sb;
 	struct utsname u;
 	size_t n;
 	int err;
@@ -2002,6 +2011,10 @@ spool_start(const struct capd_settings *st, char **why)
 	if ((w.dirfd = open(spool_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
 		*why = xasprintf("spool: %s: %s", spool_dir, strerror(errno));
 		goto fail;
+	}
+	if (fstat(w.dirfd, &sb) == 0) {
+		w.home_dev = sb.st_dev;
+		w.home_ino = sb.st_ino;
 	}
 	/* Numbers continue from the files already there, so names keep sorting by time. */
 	v = spool_list(w.dirfd, &n);

@@ -1123,6 +1123,16 @@ def test_spool_folder_moved_away_is_left_alone(capd_factory, server, tmp_path):
     st = status(capd)
     assert Path(st["file"]).parent == capd.spool and Path(st["file"]).exists(), st
     assert "was moved or replaced" in capd.log()
+    # put back where it was: the folder capd started with, which it holds locked itself
+    shutil.rmtree(capd.spool)
+    kept.rename(capd.spool)
+    time.sleep(0.5)
+    server.down = b"back"
+    assert transfer("127.0.0.1", port, up) == b"back"
+    back = closed_sessions(capd, 12)[-1]
+    capd.flush()
+    assert follow_session(capd.pcaps()[-1], back["id"])[1:] == (up, b"back"), capd.log()[-2000:]
+    assert "another capd's folder" not in capd.log()
     capd.stop()
 
 
