@@ -502,6 +502,7 @@ session_set_deadline(struct session *s, double seconds)
 {
 	ev_timer_stop(capd_loop, &s->timer);
 	s->deadline_at = 0;
+	s->deadline_len = (float)seconds;
 	if (seconds > 0) {
 		s->deadline_at = ev_time() + seconds;  /* the clock's: capd_now() may be a long callback old */
 		ev_timer_set(&s->timer, seconds, 0.);
@@ -902,6 +903,28 @@ session_connect_too_soon(struct session *s, struct ev_loop *loop)
 	return true;
 }
 
+/*
+ * Whether the client's handshake deadline (handshake_timeout, header_timeout)
+ * ran out on capd rather than on the client; if so the client gets its time
+ * again. After a pause (held up under load, SIGSTOP) libev runs the expired
+ * timer before the read, so a greeting or request head the client sent in
+ * time may wait unread, and a SOCKS5 client then still needs the time for its
+ * next step. As with tls_timeout, SESSION_EXCUSES times at most: a client
+ * that trickles bytes still cannot hold its handshake open for ever. Asked
+ * only when the timer runs out.
+ */
+#define SESSION_EXCUSES 3
+
+static bool
+session_hs_too_soon(struct session *s)
+{
+	if (s->hs_excused >= SESSION_EXCUSES || s->deadline_len <= 0 || !session_unread(&s->client))
+		return false;
+	s->hs_excused++;
+	session_set_deadline(s, s->deadline_len);  /* the read watcher takes what waits, in this pass */
+	return true;
+}
+
 static void
 session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -939,7 +962,7 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 			free(msg);
 		} else if (s->upstream.fd >= 0) {
 			session_connect_fail(s, ETIMEDOUT, "connect timed out");
-		} else {
+		} else if (!session_hs_too_soon(s)) {
 			session_close(s, "handshake timed out");
 		}
 		return;

@@ -2025,3 +2025,26 @@ def test_header_timeout_bounds_the_first_request_head(capd):
     bad.write_text("[reverse r]\nlisten = 127.0.0.1:1\ndefault = 127.0.0.1:2\nheader_timeout = soon\n")
     r = subprocess.run([str(CAPD), "-t", "-c", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and f"{bad}:4:" in r.stderr and "header_timeout" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_header_timeout_spares_a_head_sent_while_capd_was_held_up(capd_factory, origin, workers):
+    """Regression: header_timeout was judged on the loop's clock, which stands still
+    while capd is not scheduled (held up under load, or SIGSTOP), and after such a
+    pause libev ran the expired timer before the read. A client that sent its whole
+    request head while capd was stopped past header_timeout (1 s) was closed with
+    no answer, its request unread. It now gets its answer."""
+    import signal
+    capd = capd_factory(settings=f"workers = {workers}")
+    port = add_http(capd, "--header-timeout", "1s")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "handshake")  # accepted: its clock runs
+        capd.proc.send_signal(signal.SIGSTOP)
+        try:
+            c.sendall(f"GET http://127.0.0.1:{origin.port}/held HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            time.sleep(1.6)
+        finally:
+            capd.proc.send_signal(signal.SIGCONT)
+        got = read_all(c, timeout=10)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello from a /held\n"), got

@@ -1562,3 +1562,46 @@ def test_bind_capture_shows_the_peer_connecting(capd):
                "-T", "fields", "-e", "tcp.srcport", "-e", "tcp.flags.ack")
     syns = [line.split("\t") for line in r.stdout.splitlines()]
     assert [(p, a in ("1", "True")) for p, a in syns] == [(str(peer[1]), False), (s["client"].split(":")[1], True)], syns
+
+
+def held_up(capd, seconds):
+    """Stops capd (SIGSTOP: as a loaded machine holds it up) for `seconds` around
+    the with block's body, then lets it go on."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def hold():
+        capd.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+            time.sleep(seconds)
+        finally:
+            capd.proc.send_signal(signal.SIGCONT)
+    return hold()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_handshake_timeout_spares_a_greeting_sent_while_capd_was_held_up(capd_factory, echo_server, workers):
+    """Regression: handshake_timeout was judged on the loop's clock, which stands
+    still while capd is not scheduled (held up under load, or SIGSTOP), and after
+    such a pause libev ran the expired timer before the read. A client that sent
+    its greeting while capd was stopped past handshake_timeout (1 s) was closed as
+    "handshake timed out" with its greeting unread. It now gets its time again."""
+    capd = capd_factory(settings=f"workers = {workers}")
+    port = add_socks(capd, "--handshake-timeout", "1s")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "handshake")  # accepted: its clock runs
+        with held_up(capd, 1.6):
+            c.sendall(b"\x05\x01\x00")
+        assert recv_exact(c, 2) == b"\x05\x00"
+        assert s5_request(c, 1, "127.0.0.1", echo_server.port)[0] == 0
+        c.sendall(b"ping")
+        assert recv_exact(c, 4) == b"ping"
+    # a client that sends nothing still goes at the deadline
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        t = time.monotonic()
+        assert closed_by_peer(c, timeout=8)
+        assert time.monotonic() - t < 6
+    assert last_session(capd)["reason"] == "handshake timed out"
+
