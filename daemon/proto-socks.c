@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -366,13 +367,35 @@ socks_connected(struct session *s, int err)
 
 /* ---- BIND ---- */
 
+/*
+ * Whether BIND's peer connected and waits in the backlog: the loop's clock
+ * stands still while capd is not scheduled (held up under load, SIGSTOP),
+ * and after such a pause libev runs the expired timer before the accept.
+ * Asked only when the timer runs out.
+ */
+static bool
+socks_bind_peer_waits(const struct socks_bind *b)
+{
+	struct pollfd p = { .fd = b->fd, .events = POLLIN };
+
+	return b->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
 static void
 socks_bind_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct session *s = w->data;
 	struct socks *sk = s->proto_state;
 
-	(void)loop; (void)revents;
+	(void)revents;
+	if (socks_bind_peer_waits(sk->bind)) {
+		/* the accept runs later in this pass; a peer it refuses (not the
+		 * announced one) leaves the wait to end at the next look */
+		ev_feed_event(loop, &sk->bind->io, EV_READ);
+		ev_timer_set(w, 0., 0.);
+		ev_timer_start(loop, w);
+		return;
+	}
 	/* the clock also runs while BIND's name resolves: no peer was waited for yet */
 	if (sk->bind->rq != NULL)
 		socks_refuse(s, sk->ver == 5 ? SOCKS_REP_TTL : SOCKS4_REJECTED, "%s: BIND: cannot resolve %s: timed out",

@@ -1605,3 +1605,22 @@ def test_handshake_timeout_spares_a_greeting_sent_while_capd_was_held_up(capd_fa
         assert time.monotonic() - t < 6
     assert last_session(capd)["reason"] == "handshake timed out"
 
+
+
+def test_bind_spares_a_peer_that_came_while_capd_was_held_up(capd):
+    """Regression: BIND's wait for its peer (connect_timeout) was judged on the
+    loop's clock, which stands still while capd is not scheduled, and after such a
+    pause libev ran the expired timer before the accept. A peer that connected
+    while capd was stopped past connect_timeout (1 s) waited in the backlog while
+    the client got 0x06 "BIND timed out waiting for the peer". The peer now counts."""
+    port = add_socks(capd, "--connect-timeout", "1s")
+    c = s5_open(port)
+    rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
+    assert rep == 0
+    with held_up(capd, 1.6):
+        peer = socket.create_connection((bhost, bport), timeout=10)  # the kernel takes it into the backlog
+    with peer:
+        assert s5_read_reply(c)[0] == 0
+        peer.sendall(b"220 peer\r\n")
+        assert recv_exact(c, 10) == b"220 peer\r\n"
+    c.close()
