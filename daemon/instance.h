@@ -51,7 +51,9 @@ struct proto {
 	/* Adds type-specific fields to the instance object. */
 	void (*describe)(struct instance *inst, json_t *obj);
 	/* Optional: idle_timeout struck open session s. True when the module ends
-	 * it its own way (http: 504 to a request still waiting for its response). */
+	 * it its own way (http: 504 to a request still waiting for its response),
+	 * or keeps it and re-arms s->timer (socks: its UDP association is not
+	 * idle; a UDP relay's session: a datagram waits unread). */
 	bool (*idle)(struct session *s);
 };
 

@@ -102,6 +102,12 @@ forward_session_free(struct session *s)
 		udp_relay_session_free(s);
 }
 
+static bool
+forward_idle(struct session *s)
+{
+	return s->datagram && udp_relay_session_idle(s);
+}
+
 static void
 forward_free(struct instance *inst)
 {
@@ -138,6 +144,7 @@ const struct proto proto_forward = {
 	.start = forward_start,
 	.stop = forward_stop,
 	.session_free = forward_session_free,
+	.idle = forward_idle,
 	.free = forward_free,
 	.describe = forward_describe,
 };

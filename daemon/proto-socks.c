@@ -175,14 +175,21 @@ socks_idle(struct session *s)
 {
 	struct socks *sk = s->proto_state;
 	double last = 0, idle = s->inst->idle_timeout, now = capd_now();
+	bool unread = false;
 
-	if (s->datagram || sk == NULL)
+	if (s->datagram)
+		return udp_relay_session_idle(s);
+	if (sk == NULL)
 		return false;
 	capd_lock();
-	if (sk->assoc)
+	if (sk->assoc) {
 		last = udp_assoc_last(sk->assoc);
+		unread = now - last >= idle && udp_assoc_unread(sk->assoc);
+	}
 	capd_unlock();
-	if (now - last >= idle)
+	if (unread)  /* the main loop reads it meanwhile: then it counts if it is the association's */
+		last = now - idle + UDP_RELOOK;
+	else if (now - last >= idle)
 		return false;
 	ev_timer_set(&s->timer, last + idle - now, 0.);
 	ev_timer_start(capd_loop, &s->timer);

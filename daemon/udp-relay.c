@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -317,6 +318,38 @@ udp_assoc_last(const struct udp_assoc *a)
 	return a->last;
 }
 
+/*
+ * The loop's clock stands still while capd is not scheduled (held up under
+ * load, SIGSTOP), and after such a pause libev runs an expired timer before
+ * the read that would have stamped the association: what waits unread is
+ * looked at before the association is blamed. One poll(2), only when the
+ * clock runs out, never per datagram.
+ */
+bool
+udp_assoc_unread(const struct udp_assoc *a)
+{
+	struct pollfd p[3];
+	nfds_t n = 0;
+
+	p[n++] = (struct pollfd){ .fd = a->r->fd, .events = POLLIN };
+	for (int i = 0; i < 2; i++)
+		if (a->fd[i] >= 0)
+			p[n++] = (struct pollfd){ .fd = a->fd[i], .events = POLLIN };
+	return poll(p, n, 0) > 0;
+}
+
+bool
+udp_relay_session_idle(struct session *s)
+{
+	struct udp_flow *f = s->proto_state;
+
+	if (f == NULL || !udp_assoc_unread(f->a))
+		return false;
+	ev_timer_set(&s->timer, UDP_RELOOK, 0.);  /* reading it stamps the session if it is its */
+	ev_timer_start(capd_loop, &s->timer);
+	return true;
+}
+
 static void
 udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -324,6 +357,11 @@ udp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	double now = ev_now(loop), idle = a->r->idle;
 
 	(void)revents;
+	if (now - a->last >= idle && udp_assoc_unread(a)) {
+		ev_timer_set(w, UDP_RELOOK, 0.);  /* udp_client_cb and udp_upstream_cb read it first */
+		ev_timer_start(loop, w);
+		return;
+	}
 	if (now - a->last >= idle) {
 		udp_assoc_end(a, "idle timeout");
 		return;

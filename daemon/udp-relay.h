@@ -50,10 +50,21 @@ struct udp_assoc *udp_assoc_new(struct udp_relay *r, struct session *ctrl, const
 bool udp_relay_loose_from(const struct udp_relay *r, const struct sockaddr *client);
 /* When its last datagram passed: the control session's idle clock (proto->idle). */
 double udp_assoc_last(const struct udp_assoc *a);
+/*
+ * Whether a datagram waits unread on a socket a is read from: its own upstream
+ * ones, or the relay's toward the clients, which others share. An idle clock
+ * that ran out then looks again UDP_RELOOK later, when capd has read it and
+ * it has stamped a's clock if it was a's. Asked only when the clock runs out.
+ */
+bool udp_assoc_unread(const struct udp_assoc *a);
+#define UDP_RELOOK 0.1  /* seconds */
 /* Ends the association: its datagram sessions close with reason. NULL does nothing. */
 void udp_assoc_end(struct udp_assoc *a, const char *reason);
 
 /* For proto->session_free of a datagram session that belongs to a UDP relay. */
 void udp_relay_session_free(struct session *s);
+/* For proto->idle of such a session whose idle_timeout ran out: true when its
+ * association has a datagram unread (udp_assoc_unread), and it looks again. */
+bool udp_relay_session_idle(struct session *s);
 
 #endif

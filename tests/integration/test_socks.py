@@ -1624,3 +1624,38 @@ def test_bind_spares_a_peer_that_came_while_capd_was_held_up(capd):
         peer.sendall(b"220 peer\r\n")
         assert recv_exact(c, 10) == b"220 peer\r\n"
     c.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_udp_associate_spares_datagrams_sent_while_capd_was_held_up(capd_factory, workers):
+    """Regression: a UDP association's idle clock (its control connection's
+    idle_timeout) was judged on the loop's clock, which stands still while capd
+    is not scheduled, and after such a pause libev ran the expired timer before
+    the read. A datagram sent while capd was stopped past idle_timeout (1 s)
+    waited unread while the association and its control connection were closed
+    as "idle timeout"; the datagram was then dropped, no answer. It now counts.
+    With one loop the timer always ran first; with workers the control
+    connection's thread raced the relay's."""
+    capd = capd_factory(settings=f"workers = {workers}")
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd, "--idle-timeout", "1s")
+        c = s5_open(port)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        u.settimeout(5)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        assert rep == 0
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"one", (rhost, rport))
+        assert parse_udp_reply(u.recv(70000))[2] == b"echo:one"
+        with held_up(capd, 1.6):
+            u.sendto(udp_header("127.0.0.1", echo.port) + b"two", (rhost, rport))
+        assert parse_udp_reply(u.recv(70000))[2] == b"echo:two"
+        # quiet from here: the association still ends at idle_timeout
+        assert closed_by_peer(c, timeout=8)
+        ctrl = last_session(capd, lambda s: s["proto"] == "socks5")
+        assert ctrl["reason"] == "idle timeout", ctrl
+        c.close()
+        u.close()
+    finally:
+        echo.close()

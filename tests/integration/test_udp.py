@@ -398,3 +398,31 @@ def test_forward_udp_to_a_name_shows_it(capd, udp_echo):
     s = capd.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))[0]
     assert s["target"] == f"127.0.0.1:{udp_echo.port}", s
     assert s.get("target_name") == f"localhost:{udp_echo.port}", s
+
+
+def test_forward_udp_spares_datagrams_sent_while_capd_was_held_up(capd, udp_echo):
+    """Regression: a UDP association's idle_timeout was judged on the loop's clock,
+    which stands still while capd is not scheduled (held up under load, or
+    SIGSTOP), and after such a pause libev ran the expired timer before the read.
+    A datagram sent while capd was stopped past idle_timeout (1 s) found its
+    association ended as "idle timeout" and started a new one: one conversation
+    became two sessions. The datagram that waited unread now counts."""
+    import signal
+    port = free_port_tcp_udp()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp", "--idle-timeout", "1s")
+    u = udp_client()
+    u.sendto(b"one", ("127.0.0.1", port))
+    assert u.recv(100) == b"echo:one"
+    capd.proc.send_signal(signal.SIGSTOP)
+    try:
+        u.sendto(b"two", ("127.0.0.1", port))
+        time.sleep(1.6)
+    finally:
+        capd.proc.send_signal(signal.SIGCONT)
+    assert u.recv(100) == b"echo:two"
+    ss = [s for s in capd.ctl("sessions", json_out=True) if s["proto"] == "udp"]
+    assert len(ss) == 1 and ss[0]["bytes_up"] == 6, ss
+    # quiet from here: the association still ends at idle_timeout
+    s = capd.wait_sessions(lambda ss: ss and all(s["state"] == "closed" for s in ss), timeout=10)[0]
+    assert s["reason"] == "idle timeout", s
+    u.close()
