@@ -395,10 +395,13 @@ socks_bind_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct socks *sk = s->proto_state;
 
 	(void)revents;
-	if (socks_bind_peer_waits(sk->bind)) {
-		/* the accept runs later in this pass; a peer it refuses (not the
-		 * announced one) leaves the wait to end at the next look */
-		ev_feed_event(loop, &sk->bind->io, EV_READ);
+	if (sk->bind->rq != NULL ? resolve_take_unread() : socks_bind_peer_waits(sk->bind)) {
+		/* what came while capd was held up is read later in this pass: the
+		 * name's answer (the listener then starts the clock again), or the
+		 * peer (one the accept refuses, not the announced one, leaves the
+		 * wait to end at the next look) */
+		if (sk->bind->rq == NULL)
+			ev_feed_event(loop, &sk->bind->io, EV_READ);
 		ev_timer_set(w, 0., 0.);
 		ev_timer_start(loop, w);
 		return;

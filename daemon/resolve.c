@@ -9,6 +9,7 @@
 #include <ares.h>
 #include <errno.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -191,6 +192,22 @@ resolve_ares_cb(void *arg, int status, int timeouts, struct ares_addrinfo *res)
 		return;
 	}
 	resolve_deliver(r);
+}
+
+bool
+resolve_take_unread(void)
+{
+	bool any = false;
+
+	for (struct resolve_sock *rs = resolve_socks; rs != NULL; rs = rs->next) {
+		struct pollfd p = { .fd = rs->io.fd, .events = POLLIN };
+
+		if ((rs->io.events & EV_READ) && poll(&p, 1, 0) == 1 && (p.revents & POLLIN)) {
+			ev_feed_event(capd_loop, &rs->io, EV_READ);
+			any = true;
+		}
+	}
+	return any;
 }
 
 struct resolve_req *

@@ -5,6 +5,7 @@
 #ifndef CAPD_RESOLVE_H
 #define CAPD_RESOLVE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
@@ -21,5 +22,14 @@ void resolve_shutdown(void);
 struct resolve_req *resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg);
 /* The callback will not be called. */
 void resolve_cancel(struct resolve_req *r);
+/*
+ * Whether an answer waits unread in one of this thread's resolver sockets;
+ * each such socket is read later in this loop pass. The loop's clock stands
+ * still while capd is not scheduled (held up under load, SIGSTOP), and after
+ * such a pause libev runs an expired timer before the read: a deadline asks
+ * this before it says a name did not resolve in time. Any name's answer
+ * counts: the channel is the thread's.
+ */
+bool resolve_take_unread(void);
 
 #endif

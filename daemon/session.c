@@ -918,10 +918,26 @@ session_connect_too_soon(struct session *s, struct ev_loop *loop)
 static bool
 session_hs_too_soon(struct session *s)
 {
-	if (s->hs_excused >= SESSION_EXCUSES || s->deadline_len <= 0 || !session_unread(&s->client))
+	if (s->excused >= SESSION_EXCUSES || s->deadline_len <= 0 || !session_unread(&s->client))
 		return false;
-	s->hs_excused++;
+	s->excused++;
 	session_set_deadline(s, s->deadline_len);  /* the read watcher takes what waits, in this pass */
+	return true;
+}
+
+/*
+ * Likewise for connect_timeout while the target's name resolves: an answer
+ * that came while capd was held up waits unread in the resolver's socket.
+ * The connect that follows gets the time again (the answer may be another
+ * session's: hence SESSION_EXCUSES here too).
+ */
+static bool
+session_resolve_too_soon(struct session *s)
+{
+	if (s->excused >= SESSION_EXCUSES || s->deadline_len <= 0 || !resolve_take_unread())
+		return false;
+	s->excused++;
+	session_set_deadline(s, s->deadline_len);
 	return true;
 }
 
@@ -953,6 +969,8 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 			session_connect_next(s);
 			return;
 		}
+		if (s->resolving && session_resolve_too_soon(s))
+			return;
 		if (s->resolving) {
 			/* no connect began: the name is what did not come back in time */
 			char *msg = xasprintf("cannot resolve %s: timed out", s->target_name);

@@ -79,7 +79,7 @@ struct session {
 	bool client_eof;            /* the client closed during the handshake */
 	bool hs_replied;            /* the handshake sent the client a reply (it now waits for us) */
 	bool up_established;        /* the upstream connect finished inside connect(2) */
-	uint8_t hs_excused;         /* times the client's handshake deadline ran out on capd (session_hs_too_soon) */
+	uint8_t excused;            /* times its deadline ran out on capd (session_hs_too_soon, session_resolve_too_soon) */
 	float deadline_len;         /* seconds the deadline gave (session_set_deadline) */
 	ev_timer timer;             /* handshake/connect deadline, then idle check */
 	double deadline_at;         /* handshake/connect deadline, 0 when none */

@@ -1659,3 +1659,49 @@ def test_udp_associate_spares_datagrams_sent_while_capd_was_held_up(capd_factory
         u.close()
     finally:
         echo.close()
+
+
+# A SOCKS5 client in a namespace: greets 127.0.0.1:SOCKS, sends CMD (1 CONNECT, 2 BIND) to
+# NAME:PORT, prints "sent", then the reply in hex (argv: SOCKS CMD NAME PORT).
+NS_S5_SENT = r"""
+import socket, struct, sys
+sport, cmd, name, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+s = socket.create_connection(("127.0.0.1", sport), timeout=20)
+s.sendall(b"\x05\x01\x00")
+assert s.recv(2) == b"\x05\x00"
+s.sendall(bytes([5, cmd, 0, 3, len(name)]) + name.encode() + struct.pack("!H", port))
+print("sent", flush=True)
+print(s.recv(10).hex(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("cmd", [1, 2])
+def test_name_answered_while_capd_was_held_up_resolves(netns, ns_etc, ns_capd, ns_python, cmd):
+    """Regression: connect_timeout (BIND's clock too) was judged on the loop's clock,
+    which stands still while capd is not scheduled (held up under load, SIGSTOP), and
+    after such a pause libev ran the expired timer before the resolver's read. A name
+    the nameserver answered in 0.3 s, while capd was stopped past connect_timeout
+    (1 s), got 0x06 and "cannot resolve slow.test:7790: timed out" (BIND: "socks5:
+    BIND: cannot resolve ..."), the answer unread. The answer now counts."""
+    import signal
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    ns_python(netns, NS_SLOW_DNS, 0.3, 0.3, 7793)
+    ns_python(netns, ECHO_SERVER, "127.0.0.1", 7790)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7791\nconnect_timeout = 1s\n")
+    p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_SENT, "7791", str(cmd),
+                          "slow.test", "7790"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "sent"
+        time.sleep(0.05)  # the request on its way to capd, the question to the nameserver
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.6)
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+        rep = p.stdout.readline().strip()
+    finally:
+        p.wait(20)
+    assert rep[:4] == "0500", (rep, c.log()[-2000:])
