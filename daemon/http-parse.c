@@ -428,7 +428,10 @@ http_semantics(struct http_msg *m, bool request)
 			have_upgrade = true;
 		}
 	}
-	if (!have_upgrade)
+	/* an Upgrade in an HTTP/1.0 request is ignored (RFC 9110 7.8: a
+	 * server must; a 1.0 intermediary may have passed it on blindly), so
+	 * it and its Connection token go no further */
+	if (!have_upgrade || (request && m->minor == 0))
 		m->conn_upgrade = false;
 	if (have_te && cl.seen)
 		return http_fail(m, 400, "both Content-Length and Transfer-Encoding");

@@ -66,7 +66,7 @@ struct http_msg {
 	bool conn_line;                /* a Connection line came (even an empty one) */
 	bool pconn_close;              /* Proxy-Connection: close (not standard; what the */
 	bool pconn_keepalive;          /* ... keep-alive; HTTP/1.0 clients of a proxy send) */
-	bool conn_upgrade;             /* Connection: upgrade (and an Upgrade header) */
+	bool conn_upgrade;             /* Connection: upgrade (and an Upgrade header; never in a 1.0 request) */
 	bool expect_continue;          /* Expect: 100-continue */
 	int host;                      /* index of the Host header, -1 when none */
 	const char *why;               /* on PARSE_ERR: static text */

@@ -2048,3 +2048,23 @@ def test_header_timeout_spares_a_head_sent_while_capd_was_held_up(capd_factory, 
             capd.proc.send_signal(signal.SIGCONT)
         got = read_all(c, timeout=10)
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello from a /held\n"), got
+
+
+def test_upgrade_ignored_in_http10_request(capd, origin):
+    """RFC 9110 7.8: a server must ignore Upgrade in an HTTP/1.0 request, so a proxy
+    must not pass it on. capd forwarded curl --http1.0's Upgrade and a Connection:
+    Upgrade it made itself; now both go (the request still goes, as plain 1.0), and
+    an HTTP/1.1 request still gets its Upgrade through (test_websocket_upgrade)."""
+    port = add_http(capd)
+    r = curl("--http1.0", "-x", f"http://127.0.0.1:{port}", "-H", "Upgrade: websocket", "-H",
+             "Connection: Upgrade, X-Gone", "-H", "X-Gone: 1", f"http://127.0.0.1:{origin.port}/u")
+    assert r.returncode == 0 and r.stdout == b"hello from a /u\n", r.stderr
+    req = origin.requests[-1]
+    assert req["line"] == "GET /u HTTP/1.0"
+    for gone in ("Upgrade", "Connection", "X-Gone"):
+        assert gone not in req["headers"], req["raw_headers"]
+    # the origin switching anyway is refused, as for any request without Upgrade
+    reply = raw(port, f"GET http://127.0.0.1:{origin.port}/ws HTTP/1.0\r\nConnection: Upgrade\r\n"
+                      "Upgrade: websocket\r\n\r\n".encode())
+    assert status_of(reply) == 502 and b"101 Switching Protocols without an Upgrade request" in reply, reply
+    assert "Upgrade" not in origin.requests[-1]["headers"]

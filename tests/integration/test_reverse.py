@@ -1008,3 +1008,15 @@ def test_reverse_tls_alpn_without_http1_is_refused(capd, tls_reverse):
     assert s["reason"] == "protocol mismatch: the client's ALPN offers h2, grpc-exp, capd serves HTTP/1.1 here", s
     r = get("--http1.0")
     assert r.returncode == 0 and r.stdout == test_tls.BODY, r.stderr
+
+
+def test_upgrade_ignored_in_http10_request(capd_factory, origins):
+    """RFC 9110 7.8: Upgrade in an HTTP/1.0 request is ignored; capd passed it on
+    (with a Connection: Upgrade of its own) to the origin behind a reverse instance."""
+    capd, port = reverse(capd_factory, origins)
+    r = curl("--http1.0", "-H", "Host: www.example.com", "-H", "Upgrade: h2c", "-H", "Connection: Upgrade",
+             f"http://127.0.0.1:{port}/u")
+    assert r.returncode == 0 and r.stdout == b"hello from www /u\n", r.stderr
+    req = origins[0].requests[-1]
+    assert req["line"] == "GET /u HTTP/1.0"
+    assert "Upgrade" not in req["headers"] and "Connection" not in req["headers"], req["raw_headers"]

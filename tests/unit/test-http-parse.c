@@ -306,6 +306,8 @@ test_connection(void **state)
 	assert_true(m.conn_upgrade);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\r\n"), PARSE_OK);
 	assert_false(m.conn_upgrade);  /* no Upgrade header: nothing to upgrade to */
+	assert_int_equal(req("GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), PARSE_OK);
+	assert_false(m.conn_upgrade);  /* ignored in an HTTP/1.0 request (RFC 9110 7.8) */
 	assert_int_equal(req("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"), PARSE_OK);
 	assert_true(m.expect_continue);
 	/* nothing of one parse leaks into the next (the same struct is reused) */
