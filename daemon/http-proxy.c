@@ -556,6 +556,12 @@ static void
 http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf *b)
 {
 	bool upgrade = m->status == 101, length = false;
+	/* a 1xx or 204 has no content, and its sender must not frame any (RFC
+	 * 9110 8.6, RFC 9112 6.1); capd reads none after it, so an origin's
+	 * Content-Length or Transfer-Encoding there would have a client that
+	 * trusts it read the next response as this one's body: as nginx does,
+	 * they are dropped (the capture keeps them) */
+	bool contentless = m->status < 200 || m->status == 204;
 
 	buf_reset(b);
 	buf_printf(b, "HTTP/1.1 %03d ", m->status);
@@ -566,7 +572,8 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 
 		if (http_hop_by_hop(m, h->name, h->name_len) && !(upgrade && http_hdr_is(h, "upgrade")))
 			continue;
-		if (hc->dechunk && (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
+		if ((hc->dechunk || contentless) &&
+		    (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
 			continue;
 		/* nor does a 1.0 client get one with a body-less answer (HEAD, 304):
 		 * RFC 9112 6.1 allows Transfer-Encoding only toward HTTP/1.1 */

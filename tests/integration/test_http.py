@@ -2068,3 +2068,26 @@ def test_upgrade_ignored_in_http10_request(capd, origin):
                       "Upgrade: websocket\r\n\r\n".encode())
     assert status_of(reply) == 502 and b"101 Switching Protocols without an Upgrade request" in reply, reply
     assert "Upgrade" not in origin.requests[-1]["headers"]
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
+def test_no_framing_headers_on_1xx_and_204(capd, framing):
+    """RFC 9110 8.6 and RFC 9112 6.1: a 1xx or 204 has no content and carries no
+    Content-Length or Transfer-Encoding. An origin that sent one anyway had it
+    passed on, while capd (rightly) read no body after it: a client that believed
+    the header would take the next response for this one's body. Now they are
+    dropped, as nginx does; the capture keeps what the origin sent."""
+    o = RawOrigin(b"HTTP/1.1 103 Early Hints\r\n" + framing + b"Link: </a.css>\r\n\r\n"
+                  b"HTTP/1.1 204 No Content\r\n" + framing + b"X-Kept: 1\r\n\r\n")
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n"), reply
+        assert b"HTTP/1.1 204 No Content\r\nX-Kept: 1\r\n" in reply, reply
+        assert framing not in reply, reply
+        s = closed_sessions(capd, 1)[-1]
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
+        assert bytes(down).count(framing) == 2, down
+    finally:
+        o.close()
