@@ -575,6 +575,10 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 		if ((hc->dechunk || contentless) &&
 		    (http_hdr_is(h, "transfer-encoding") || http_hdr_is(h, "content-length")))
 			continue;
+		/* dechunked, the trailers are dropped: so is the Trailer that
+		 * announced them (RFC 9112 7.1.3) */
+		if (hc->dechunk && http_hdr_is(h, "trailer"))
+			continue;
 		/* nor does a 1.0 client get one with a body-less answer (HEAD, 304):
 		 * RFC 9112 6.1 allows Transfer-Encoding only toward HTTP/1.1 */
 		if (hc->req_minor == 0 && http_hdr_is(h, "transfer-encoding"))

@@ -2091,3 +2091,21 @@ def test_no_framing_headers_on_1xx_and_204(capd, framing):
         assert bytes(down).count(framing) == 2, down
     finally:
         o.close()
+
+
+def test_dechunked_response_drops_trailer_header(capd):
+    """RFC 9112 7.1.3: a recipient that decodes chunked removes Trailer along with
+    the trailers. A chunked answer to an HTTP/1.0 client goes dechunked, without its
+    trailers, but its 'Trailer: X-Sum' still reached the client, announcing fields
+    that never came; an HTTP/1.1 client, which gets the chunks and trailers, keeps it."""
+    chunked = b"5\r\nhello\r\n0\r\nX-Sum: abc\r\n\r\n"
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.0\r\n\r\n".encode())
+        head, body = reply.split(b"\r\n\r\n", 1)
+        assert body == b"hello" and b"trailer" not in head.lower(), reply
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert b"\r\nTrailer: X-Sum\r\n" in reply and reply.endswith(chunked), reply
+    finally:
+        o.close()
