@@ -1294,6 +1294,13 @@ http_filter_eof(struct session *s, enum dir d)
 		http_fail_late(s, 502, n > 0 ? "upstream closed in the response head" : "upstream closed without a response");
 		return RELAY_PASS;
 	case DOWN_BODY:
+		if (hc->dechunk) {
+			/* the 1.0 client's body ends at our close, so a FIN would pass a
+			 * cut response off as whole (nginx's proxy_pass, HTTP/1.0 by
+			 * default, would keep it): a reset is the one sign it can read */
+			session_reset(s, "upstream closed in the response body");
+			return RELAY_STOP;
+		}
 		if (hc->down_body.framing != HTTP_BODY_CLOSE && hc->fail == NULL)
 			hc->fail = xstrdup("upstream closed in the response body");
 		return RELAY_PASS;

@@ -2109,3 +2109,28 @@ def test_dechunked_response_drops_trailer_header(capd):
         assert b"\r\nTrailer: X-Sum\r\n" in reply and reply.endswith(chunked), reply
     finally:
         o.close()
+
+
+def test_dechunked_response_cut_short_resets_the_client(capd):
+    """A chunked answer to an HTTP/1.0 client goes dechunked, its end told by the
+    close. An origin that died inside a chunk (a 0x1000-byte chunk, 100 bytes of it,
+    then its FIN) was passed on as a FIN: the 1.0 client (nginx's proxy_pass by
+    default) took the cut body as whole. It now gets the bytes that came and a
+    reset, and the session says why."""
+    o = RawOrigin(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 100)
+    try:
+        port = add_http(capd)
+        got, err = b"", None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"GET http://127.0.0.1:{o.port}/ HTTP/1.0\r\n\r\n".encode())
+            try:
+                while d := c.recv(65536):
+                    got += d
+            except ConnectionResetError as e:
+                err = e
+        assert err is not None, got  # not a clean end of the body
+        assert not got or got.startswith(b"HTTP/1.1 200"), got
+        ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+        assert ss[-1]["reason"] == "upstream closed in the response body", ss[-1]
+    finally:
+        o.close()
