@@ -24,12 +24,32 @@ hosts_usage(int argc, char **argv, int max, const char *need)
 	return usage_wrong(HOSTS_USAGE, "%s", need);
 }
 
-static bool
-hosts_name_ok(const char *name)
+/*
+ * The name to send: arg without its one trailing dot ("www.example.test." is the
+ * same name, as in a dns answer rule; the hosts file holds it without), or NULL
+ * after saying why arg is no host name.
+ */
+static const char *
+hosts_name(const char *verb, const char *arg, char buf[HOST_MAX + 1])
 {
-	size_t len = strlen(name);
+	const char *name = arg;
+	size_t len = strlen(arg);
+	bool ascii = true;
 
-	return hostname_valid(name) && name[len - 1] != '.' && !addr_is_ip_literal(name);
+	if (len > 1 && len <= HOST_MAX && arg[len - 1] == '.') {
+		memcpy(buf, arg, len - 1);
+		buf[len - 1] = '\0';
+		name = buf;
+		len--;
+	}
+	if (hostname_valid(name) && name[len - 1] != '.' && !addr_is_ip_literal(name))
+		return name;
+	for (const char *p = arg; *p; p++)
+		ascii = ascii && (unsigned char)*p < 0x80;
+	/* a hosts file, like DNS, holds bücher.test as xn--bcher-kva.test (RFC 5890) */
+	usage_error("hosts %s: '%s' is not a valid host name%s", verb, arg,
+	            ascii ? "" : " (write a name in another script in its xn-- form)");
+	return NULL;
 }
 
 /* An IPv4 or IPv6 address; brackets only around an IPv6 one (RFC 3986 IP-literal). */
@@ -80,30 +100,30 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 	}
 	switch (k) {
 	case HOSTS_ADD: {
-		const char *addr = argc == 4 ? argv[3] : "127.0.0.1";
+		const char *addr = argc == 4 ? argv[3] : "127.0.0.1", *name;
+		char buf[HOST_MAX + 1];
 		struct in_addr v4;
 		json_t *shadow;
 		if (argc != 3 && argc != 4)
 			return hosts_usage(argc, argv, 4, "hosts add needs a name");
-		if (!hosts_name_ok(argv[2]))
-			return usage_error("hosts add: '%s' is not a valid host name", argv[2]);
-		if (inet_aton(argv[2], &v4) != 0) {
+		if ((name = hosts_name("add", argv[2], buf)) == NULL)
+			return CTL_USAGE;
+		if (inet_aton(name, &v4) != 0) {
 			/* "1.2.3", "123": resolvers take it as an address and never read the hosts file */
 			char a[INET_ADDRSTRLEN];
 			inet_ntop(AF_INET, &v4, a, sizeof a);
 			return usage_error("hosts add: '%s' is not a valid host name: resolvers read it as the address %s",
-			                   argv[2], a);
+			                   name, a);
 		}
 		if (!hosts_addr_ok(addr))
 			return usage_error("hosts add: '%s' is not an IP address%s", addr,
 			                   addr[0] == '[' ? " (brackets are for IPv6 only)" : "");
-		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", argv[2], "addr", addr), &r);
+		rc = client_call(o, "hosts.add", json_pack("{s:s, s:s}", "name", name, "addr", addr), &r);
 		if (rc != CTL_OK)
 			return rc;
 		if (o->json) {
 			output_json(r);
 		} else {
-			const char *name = json_string_value(json_object_get(r, "name"));
 			const char *now = json_string_value(json_object_get(r, "addr"));
 			const char *was = json_string_value(json_object_get(r, "previous"));
 			json_t *kept = json_object_get(r, "kept"), *a;
@@ -128,18 +148,21 @@ hosts_exec(struct ctl_opts *o, int argc, char **argv)
 			        json_string_value(json_object_get(shadow, "addr")));
 		break;
 	}
-	case HOSTS_REMOVE:
+	case HOSTS_REMOVE: {
+		char buf[HOST_MAX + 1];
+		const char *name;
 		if (argc != 3)
 			return hosts_usage(argc, argv, 3, "hosts remove needs a name");
-		if (!hosts_name_ok(argv[2]))
-			return usage_error("hosts remove: '%s' is not a valid host name", argv[2]);
-		if ((rc = client_call(o, "hosts.remove", json_pack("{s:s}", "name", argv[2]), &r)) != CTL_OK)
+		if ((name = hosts_name("remove", argv[2], buf)) == NULL)
+			return CTL_USAGE;
+		if ((rc = client_call(o, "hosts.remove", json_pack("{s:s}", "name", name), &r)) != CTL_OK)
 			return rc;
 		if (o->json)
 			output_json(r);
 		else
-			printf("removed %s\n", argv[2]);
+			printf("removed %s\n", name);
 		break;
+	}
 	case HOSTS_LIST:
 		if (argc != 2)
 			return hosts_usage(argc, argv, 2, "");

@@ -315,10 +315,25 @@ hosts_restore(void)
 
 /* ---- RPC ---- */
 
+/* name without its one trailing dot ("www.example.test." is the same name, as in a dns
+ * answer rule): the hosts file holds names without it, and resolvers look them up so. */
+static const char *
+hosts_name_undot(const char *name, char buf[HOST_MAX + 1])
+{
+	size_t len = name ? strlen(name) : 0;
+
+	if (len < 2 || len > HOST_MAX || name[len - 1] != '.')
+		return name;
+	memcpy(buf, name, len - 1);
+	buf[len - 1] = '\0';
+	return buf;
+}
+
 static json_t *
 rpc_hosts_add(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
-	const char *name = json_string_value(json_object_get(params, "name"));
+	char buf[HOST_MAX + 1];
+	const char *name = hosts_name_undot(json_string_value(json_object_get(params, "name")), buf);
 	json_t *addr_v = json_object_get(params, "addr"), *r = NULL;
 	const char *addr = addr_v && !json_is_null(addr_v) ? json_string_value(addr_v) : "127.0.0.1";
 	char *why = NULL;
@@ -339,7 +354,8 @@ rpc_hosts_add(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 static json_t *
 rpc_hosts_remove(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
-	const char *name = json_string_value(json_object_get(params, "name"));
+	char buf[HOST_MAX + 1];
+	const char *name = hosts_name_undot(json_string_value(json_object_get(params, "name")), buf);
 	char *why = NULL, norm[HOSTS_ADDR_MAX];
 	int rv;
 

@@ -108,7 +108,7 @@ def test_bad_names_and_addresses_refused(hostsd):
         assert r.stderr.splitlines()[-1].startswith("capctl: "), r.stderr  # what was wrong, last
     # capd checks too, for clients other than capctl
     for params in ({"name": "bad_name!"}, {"name": "ok.test", "addr": "999.1.1.1"}, {"addr": "1.1.1.1"},
-                   {"name": "x.test."}):
+                   {"name": "x.test.."}):
         rep = c.rpc("hosts.add", params)
         assert "error" in rep and rep["error"]["message"], rep
     assert path.read_bytes() == ORIG
@@ -606,3 +606,30 @@ def test_log_counts_one_entry_in_the_singular(hostsd):
     assert f"capd's block went missing from {path}: 1 entry put back" in c.log(), c.log()[-2000:]
     assert c.stop() == 0
     assert f"hosts: removed capd's 1 entry from {path}" in c.log(), c.log()[-2000:]
+
+
+def test_trailing_dot_is_the_same_name_and_idn_gets_a_hint(hostsd):
+    """capctl hosts add example.test. 127.0.0.1 was refused ("not a valid host name")
+    while a dns answer rule takes the trailing dot; and bücher.test was refused with no
+    word of the xn-- form, which --answer gives. The name goes in without its dot,
+    for add and remove, from capctl and over the socket."""
+    c, path = hostsd, hostsd.hosts
+    r = c.ctl("hosts", "add", "example.test.", "127.0.0.1")
+    assert r.stdout.strip() == "example.test -> 127.0.0.1", r.stdout
+    assert path.read_bytes() == ORIG + b"\n" + block(("example.test", "127.0.0.1")), path.read_bytes()
+    assert c.ctl("hosts", "remove", "example.test.").stdout.strip() == "removed example.test"
+    assert b"test" not in path.read_bytes()
+    rep = c.rpc("hosts.add", {"name": "rpc.test.", "addr": "10.0.0.7"})
+    assert rep["result"]["name"] == "rpc.test", rep
+    assert b"10.0.0.7\trpc.test\n" in path.read_bytes()
+    assert "result" in c.rpc("hosts.remove", {"name": "rpc.test."})
+    assert b"test" not in path.read_bytes()
+    for args in (["add", "x.test.."], ["remove", "x.test.."], ["add", "."]):
+        r = c.ctl("hosts", *args, check=False)
+        assert r.returncode == 2 and "not a valid host name" in r.stderr, (args, r.stderr)
+    for verb in ("add", "remove"):
+        r = c.ctl("hosts", verb, "b\u00fccher.test", check=False)
+        assert r.returncode == 2 and "xn-- form" in r.stderr, r.stderr
+    rep = c.rpc("hosts.add", {"name": "b\u00fccher.test"})
+    assert "xn-- form" in rep["error"]["message"], rep
+    assert b"test" not in path.read_bytes()
