@@ -67,6 +67,7 @@
 #define OUT_MAX (256u << 10)      /* bytes buffered between writes (also what a failed write loses) */
 #define EXT_MIN 2048              /* payloads this big are written from the queue, not copied */
 #define RETRY_SECS 1.0            /* after a write error */
+#define RETRY_PROBE (64 * 1024)   /* bytes of room a retry on a full disk asks for (writer_retry_probe) */
 #define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define SYNC_POLL_SECS 0.001      /* a sync mark behind a record being filled: the writer looks again this soon */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
@@ -210,6 +211,7 @@ static struct writer {
 	bool episode;          /* failing since the last good write (logged once) */
 	int err;               /* errno of the last failure */
 	double retry_at;
+	double probe_at;       /* writer_retry_probe again at this time (0: not) */
 	struct wiface *ifaces;
 	int nifaces;
 	int *idbs;             /* handles in the current file's IDB order */
@@ -1227,6 +1229,31 @@ writer_fsize_limited(void)
 	return getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
 }
 
+/*
+ * After a full disk or quota, a retry that goes on in the same file writes
+ * nothing until the next packet, so status would say "failing" long after
+ * space was freed. Ask the file system for room for the next writes too:
+ * allocated past the end (the size stays, readers see nothing), where they
+ * go. Granted, capture is no longer failing. Refused, the disk is asked
+ * again a second later until a write or a probe succeeds; packets meanwhile
+ * are tried as before (a smaller write may still fit). Not supported
+ * (EOPNOTSUPP), the next write tells.
+ */
+static void
+writer_retry_probe(void)
+{
+	w.probe_at = 0;
+	if (w.fd < 0 || !w.episode || w.failing || (w.err != ENOSPC && w.err != EDQUOT))
+		return;
+	if (fallocate(w.fd, FALLOC_FL_KEEP_SIZE, (off_t)w.good, RETRY_PROBE) == 0) {
+		log_info("spool: space again in %s; capture resumes in %s", spool_dir, w.name);
+		w.episode = false;
+		writer_set_failing(0);
+	} else if (errno == ENOSPC || errno == EDQUOT) {
+		w.probe_at = mono_now() + RETRY_SECS;
+	}
+}
+
 /* After a failure: a new file if there is none, else the same file again. */
 static void
 writer_retry(void)
@@ -1246,6 +1273,8 @@ writer_retry(void)
 	writer_check_unlinked();
 	if (w.fd < 0)
 		writer_open(NULL);
+	else
+		writer_retry_probe();
 }
 
 /* The IDB index of handle h in the current file, writing the IDB when first needed. */
@@ -1638,6 +1667,8 @@ writer_deadline(double next_tick)
 
 	if (w.failing && w.retry_at < d)
 		d = w.retry_at;
+	if (w.probe_at > 0 && w.probe_at < d)
+		d = w.probe_at;
 	if (w.rotate_time > 0 && w.fd >= 0 && !w.rotate_due && w.opened + w.rotate_time < d)
 		d = w.opened + w.rotate_time;
 	return d;
@@ -1813,6 +1844,8 @@ writer_main(void *arg)
 		}
 		if (w.failing && now >= w.retry_at)
 			writer_retry();
+		else if (w.probe_at > 0 && now >= w.probe_at)
+			writer_retry_probe();
 		if (now >= next_tick) {
 			writer_flush();
 			writer_check_moved();

@@ -1239,3 +1239,45 @@ def test_old_spool_folder_gone_never_joins_another_capd(capd_factory, server, tm
     assert "is another capd's folder now" in a.log()
     b.stop()
     a.stop()
+
+
+def test_status_error_goes_when_space_is_freed_without_a_packet(server, tiny_spool):
+    """capctl capture status kept its "error: No space left on device" line after space
+    was freed, until the next packet was written: the writer's retry (once a second)
+    stopped dropping but proved nothing, with its file still open and nothing to write.
+    The retry now asks the file system for the room the next write needs (fallocate,
+    keeping the file's size), and a retry that gets it ends the error."""
+    capd, spool = tiny_spool()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(100000)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    fill(spool)
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 2)
+    capd.flush()
+    st = status(capd)
+    assert st["error"] == "No space left on device" and st["file"], st
+    time.sleep(2.5)  # retries on a disk still full say it still is
+    assert status(capd).get("error") == "No space left on device"
+    packets = st["packets"]
+    (spool / "filler").unlink()
+    deadline = time.time() + 15
+    while "error" in status(capd) and time.time() < deadline:
+        time.sleep(0.2)
+    st = status(capd)
+    assert "error" not in st and st["packets"] == packets, st  # no packet was written
+    assert "error:" not in capd.ctl("capture", "status").stdout
+    assert "capture:" not in capd.ctl("status").stdout
+    # and the file goes on whole: the next session is written to it
+    server.down = os.urandom(50000)
+    assert transfer("127.0.0.1", port, b"c") == server.down
+    closed_sessions(capd, 3)
+    capd.flush()
+    st = status(capd)
+    assert "error" not in st and st["packets"] > packets, st
+    r = read_to_the_end(Path(st["file"]))
+    assert r.returncode == 0 and "cut short" not in r.stderr, r.stderr
+    capd.stop()
