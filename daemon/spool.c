@@ -2555,7 +2555,15 @@ spool_rotate(char **why)
 	while ((int)(q.rotate_done - want) < 0)
 		if (pthread_cond_timedwait(&q.done_cv, &q.mu, &ts) == ETIMEDOUT)
 			break;
-	if ((int)(q.rotate_done - want) >= 0 && q.path[0] == '\0') {
+	if ((int)(q.rotate_done - want) < 0) {
+		/* the writer is stuck (a hung disk) or far behind: the request stays, but
+		 * "rotated" must not be said of a file not made (a script goes by the exit code) */
+		*why = xasprintf("capd's writer has not started the new capture file within %.2f s "
+		                 "(a slow or hung disk?); it will when it can", ROTATE_WAIT_SECS);
+		pthread_mutex_unlock(&q.mu);
+		return -1;
+	}
+	if (q.path[0] == '\0') {
 		/* the old file is closed and no new one could be made: capture is being dropped */
 		*why = xasprintf("cannot start a new capture file: %s; capd tries again every second",
 		                 strerror(q.err ? q.err : EIO));

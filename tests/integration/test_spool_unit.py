@@ -1281,3 +1281,51 @@ def test_status_error_goes_when_space_is_freed_without_a_packet(server, tiny_spo
     r = read_to_the_end(Path(st["file"]))
     assert r.returncode == 0 and "cut short" not in r.stderr, r.stderr
     capd.stop()
+
+
+from conftest import CAPCTL, CAPD  # noqa: E402  (the binaries, for a script run in a mount namespace)
+
+# A capd whose spool is a loop-mounted ext4 that the script freezes (a hung disk:
+# every write and create waits) and always thaws; $1 the folder, $2 capd, $3 capctl.
+FROZEN_ROTATE = r"""
+T="$1"; CAPD="$2"; CAPCTL="$3"
+set -e
+truncate -s 64M "$T/img"
+mkfs.ext4 -q -F "$T/img"
+mkdir -p "$T/mnt"
+mount -o loop "$T/img" "$T/mnt"
+printf '[capd]\ncontrol = %s/s.sock\nspool = %s/mnt/spool\nstate_dir = %s/state\n' "$T" "$T" "$T" > "$T/c.conf"
+"$CAPD" -c "$T/c.conf" > "$T/capd.log" 2>&1 &
+P=$!
+trap 'fsfreeze -u "$T/mnt" 2>/dev/null; kill $P 2>/dev/null; wait $P; umount "$T/mnt"' EXIT
+for i in $(seq 200); do [ -S "$T/s.sock" ] && break; sleep 0.05; done
+set +e
+echo "before: $("$CAPCTL" -s "$T/s.sock" --json capture status | grep '"file"')"
+fsfreeze -f "$T/mnt"
+"$CAPCTL" -s "$T/s.sock" capture rotate; echo "frozen rotate: $?"
+fsfreeze -u "$T/mnt"
+for i in $(seq 100); do
+  [ "$(ls "$T/mnt/spool" | grep -c pcapng)" -ge 2 ] && break; sleep 0.1
+done
+"$CAPCTL" -s "$T/s.sock" capture rotate > /dev/null; echo "thawed rotate: $?"
+echo "files: $(ls "$T/mnt/spool" | grep -c pcapng)"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("fsfreeze") or not shutil.which("mkfs.ext4")
+                    or not shutil.which("unshare"), reason="needs root, unshare, fsfreeze and mkfs.ext4")
+def test_rotate_on_a_hung_disk_does_not_say_it_rotated(tmp_path):
+    """capctl capture rotate on a hung disk (fsfreeze) printed the status naming the
+    old file and exited 0 after its 0.25 s wait, though no new file was made: a script
+    taking exit 0 for "rotated" was misled. It now fails (exit 1) saying the writer has
+    not started the new file yet; the rotation still comes once the disk is back."""
+    (tmp_path / "frozen.sh").write_text(FROZEN_ROTATE)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(tmp_path / "frozen.sh"),
+                        str(tmp_path), str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "capd.log").read_text() if (tmp_path / "capd.log").exists() else ""
+    out = r.stdout + r.stderr
+    assert "capd-00001-" in out, out + log
+    assert "frozen rotate: 1" in out, out + log
+    assert "has not started the new capture file" in r.stderr and "it will when it can" in r.stderr, out
+    assert "thawed rotate: 0" in out, out + log
+    assert "files: 3" in out, out + log  # the one asked for while frozen, then the second
