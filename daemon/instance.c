@@ -535,6 +535,39 @@ instance_add_async(json_t *params, bool from_config, instance_added_fn *done, vo
 	j->threaded = true;
 }
 
+/*
+ * Names of instances removed since capd started, newest last: capctl sessions
+ * --instance NAME of one whose sessions all fell out of the history (or that
+ * never had one) is an empty list, not "no instance" for a name that ran.
+ * Bounded like that history; main thread only.
+ */
+#define REMOVED_NAMES_MAX 1000
+static char **removed_names;
+static size_t removed_n;
+
+static void
+instance_remember_removed(const char *name)
+{
+	for (size_t i = 0; i < removed_n; i++)
+		if (strcmp(removed_names[i], name) == 0)
+			return;
+	if (removed_n == REMOVED_NAMES_MAX) {
+		free(removed_names[0]);
+		memmove(removed_names, removed_names + 1, --removed_n * sizeof *removed_names);
+	}
+	removed_names = xrealloc(removed_names, (removed_n + 1) * sizeof *removed_names);
+	removed_names[removed_n++] = xstrdup(name);
+}
+
+bool
+instance_was_removed(const char *name)
+{
+	for (size_t i = 0; i < removed_n; i++)
+		if (strcmp(removed_names[i], name) == 0)
+			return true;
+	return false;
+}
+
 void
 instance_remove(struct instance *inst, const char *reason)
 {
@@ -553,6 +586,7 @@ instance_remove(struct instance *inst, const char *reason)
 	log_info("instance %s removed: %s", inst->name, reason);
 	inst->state = INSTANCE_STOPPED;  /* what the event reports: it runs no more */
 	events_emit("instance.remove", instance_json(inst));
+	instance_remember_removed(inst->name);
 	/* closed sessions keep their instance name in the history only as text, so freeing is safe */
 	instance_free(inst);
 	shards_resume();

@@ -118,6 +118,7 @@ void instance_add_async(json_t *params, bool from_config, instance_added_fn *don
 bool instance_jobs_stop(void);
 void instance_remove(struct instance *inst, const char *reason);
 struct instance *instance_find(const char *name);
+bool instance_was_removed(const char *name);  /* a name an instance had, removed since capd started */
 /* Marks a running instance failed (interface went down...) and emits an event. */
 void instance_fail(struct instance *inst, const char *why);
 json_t *instance_json(struct instance *inst);  /* caller owns */

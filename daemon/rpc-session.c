@@ -73,9 +73,10 @@ rpc_session_list(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 	if (open != NULL && !json_is_boolean(open))
 		return rpc_fail(err, RPC_E_PARAMS, "\"open\" must be true or false");
 	if (inst && instance_find(inst) == NULL) {
-		/* closed sessions of a removed instance are still worth listing */
+		/* closed sessions of a removed instance are still worth listing; one that had
+		 * none (kept) has an empty list, as a running one does; a name never run is a typo */
 		json_t *a = session_list_json(inst, open_only);
-		if (json_array_size(a) == 0) {
+		if (json_array_size(a) == 0 && !instance_was_removed(inst)) {
 			json_decref(a);
 			return rpc_fail(err, RPC_E_NOT_FOUND, "no instance %s", inst);
 		}

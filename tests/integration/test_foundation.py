@@ -1530,3 +1530,25 @@ def test_target_name_only_for_a_name_refused_or_not(capd, http_server):
     assert [s["target"] for s in ss] == [f"127.0.0.1:{hport}"] * 3 + [f"127.0.0.1:{sport}", f"localhost:{sport}"], ss
     assert [s.get("target_name") for s in ss] == [None] * 4 + [f"localhost:{sport}"], ss
     assert "refused" in ss[1]["reason"] and ss[3]["reason"].startswith("403"), ss
+
+
+def test_sessions_of_a_removed_instance_that_had_none(capd, echo_server):
+    """capctl.1 says --instance works for removed instances, but capctl sessions
+    --instance NAME of a removed instance that never had a session said "no instance
+    NAME" (exit 1), as for a name capd never ran. capd now remembers the names it
+    removed: such a list is empty (exit 0), a name never run still fails."""
+    capd.ctl("add", "forward", "--port", free_port(), "--to", f"127.0.0.1:{echo_server.port}", "--name", "idle")
+    capd.ctl("remove", "idle")
+    r = capd.ctl("sessions", "--instance", "idle", check=False)
+    assert r.returncode == 0 and r.stderr == "", (r.stdout, r.stderr)
+    assert capd.ctl("sessions", "--instance", "idle", json_out=True) == []
+    assert capd.rpc("session.list", {"instance": "idle"})["result"] == []
+    r = capd.ctl("sessions", "--instance", "never", check=False)
+    assert r.returncode == 1 and "no instance never" in r.stderr, r.stderr
+    # one that had sessions lists them as before
+    port = free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{echo_server.port}", "--name", "busy")
+    socket.create_connection(("127.0.0.1", port)).close()
+    capd.wait_sessions(lambda ss: any(s["instance"] == "busy" and s["state"] == "closed" for s in ss))
+    capd.ctl("remove", "busy")
+    assert len(capd.rpc("session.list", {"instance": "busy"})["result"]) == 1
