@@ -68,7 +68,6 @@
 #define EXT_MIN 2048              /* payloads this big are written from the queue, not copied */
 #define RETRY_SECS 1.0            /* after a write error */
 #define RETRY_PROBE (64 * 1024)   /* bytes of room a retry on a full disk asks for (writer_retry_probe) */
-#define ROTATE_WAIT_SECS 0.25     /* spool_rotate() waits this long for the new file */
 #define SYNC_POLL_SECS 0.001      /* a sync mark behind a record being filled: the writer looks again this soon */
 #define KEYLOG_KEEP (256u << 10)  /* recent key log lines repeated at the head of each file */
 #define EPB_ROOM 192              /* an EPB's bytes beyond its payload and comment, at most (headers, options, a cut datagram's note) */
@@ -141,7 +140,7 @@ struct chunk {
 static struct {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;      /* wakes the writer */
-	pthread_cond_t done_cv; /* wakes spool_rotate() */
+	pthread_cond_t done_cv; /* wakes spool_rotate() (the unit tests' wait) */
 	struct chunk *head, *tail, *spare;
 	unsigned nspare;
 	size_t queued;          /* bytes of data records in the queue (bounded) */
@@ -2529,47 +2528,67 @@ spool_status(void)
 	return o;
 }
 
+unsigned
+spool_rotate_request(void)
+{
+	unsigned want;
+
+	if (!atomic_load(&running))
+		return 0;
+	pthread_mutex_lock(&q.mu);
+	if ((want = ++q.rotate_req) == 0)
+		want = ++q.rotate_req;  /* 0 says "not running" */
+	queue_wake();
+	pthread_mutex_unlock(&q.mu);
+	return want;
+}
+
+/* Under q.mu: 1 when the writer has made request want's file, 0 while it has not got to it, -1 when it made none. */
+static int
+spool_rotated_locked(unsigned want, char **why)
+{
+	if ((int)(q.rotate_done - want) < 0)
+		return 0;
+	if (q.path[0] == '\0') {
+		/* the old file is closed and no new one could be made: capture is being dropped */
+		*why = xasprintf("cannot start a new capture file: %s; capd tries again every second",
+		                 strerror(q.err ? q.err : EIO));
+		return -1;
+	}
+	return 1;
+}
+
+int
+spool_rotated(unsigned want, char **why)
+{
+	int r;
+
+	pthread_mutex_lock(&q.mu);
+	r = spool_rotated_locked(want, why);
+	pthread_mutex_unlock(&q.mu);
+	return r;
+}
+
 int
 spool_rotate(char **why)
 {
 	struct timespec ts;
 	unsigned want;
+	int r;
 
-	if (!atomic_load(&running)) {
+	if ((want = spool_rotate_request()) == 0) {
 		*why = xstrdup("capture is not running");
 		return -1;
 	}
-	/*
-	 * Waits a moment so the caller's status shows the new file; never long,
-	 * the loop must not hang on a slow disk.
-	 */
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_nsec += (long)(ROTATE_WAIT_SECS * 1e9);
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
+	ts.tv_sec += ROTATE_WAIT_SECS;
 	pthread_mutex_lock(&q.mu);
-	want = ++q.rotate_req;
-	queue_wake();
-	while ((int)(q.rotate_done - want) < 0)
+	while ((r = spool_rotated_locked(want, why)) == 0)
 		if (pthread_cond_timedwait(&q.done_cv, &q.mu, &ts) == ETIMEDOUT)
 			break;
-	if ((int)(q.rotate_done - want) < 0) {
-		/* the writer is stuck (a hung disk) or far behind: the request stays, but
-		 * "rotated" must not be said of a file not made (a script goes by the exit code) */
-		*why = xasprintf("capd's writer has not started the new capture file within %.2f s "
-		                 "(a slow or hung disk?); it will when it can", ROTATE_WAIT_SECS);
-		pthread_mutex_unlock(&q.mu);
-		return -1;
-	}
-	if (q.path[0] == '\0') {
-		/* the old file is closed and no new one could be made: capture is being dropped */
-		*why = xasprintf("cannot start a new capture file: %s; capd tries again every second",
-		                 strerror(q.err ? q.err : EIO));
-		pthread_mutex_unlock(&q.mu);
-		return -1;
-	}
 	pthread_mutex_unlock(&q.mu);
-	return 0;
+	if (r == 0)
+		*why = xasprintf("capd's writer has not started the new capture file within %d s "
+		                 "(a slow or hung disk?); it will when it can", ROTATE_WAIT_SECS);
+	return r > 0 ? 0 : -1;
 }

@@ -95,7 +95,17 @@ void spool_keylog(const char *line);
 void spool_guard_user(uid_t uid, gid_t gid);
 
 json_t *spool_status(void);  /* caller owns: {"file","files","bytes","packets","dropped_packets","dropped_bytes"} */
+/*
+ * capture.rotate: asks the writer for a new file and returns the request's
+ * number (0: capture is not running); spool_rotated() then says whether it
+ * was made: 1 made, 0 not yet, -1 none could be (why, caller frees).
+ * spool_rotate() asks and waits up to ROTATE_WAIT_SECS, blocking: for the
+ * unit tests; the RPC polls from the loop instead.
+ */
+unsigned spool_rotate_request(void);
+int spool_rotated(unsigned want, char **why);
 int spool_rotate(char **why);
+#define ROTATE_WAIT_SECS 5  /* how long capture.rotate waits for the new file */
 /*
  * capture.sync: queues a mark behind every record queued so far, by any
  * thread. The writer, reaching it, writes out everything before it (key

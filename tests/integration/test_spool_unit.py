@@ -1302,7 +1302,10 @@ for i in $(seq 200); do [ -S "$T/s.sock" ] && break; sleep 0.05; done
 set +e
 echo "before: $("$CAPCTL" -s "$T/s.sock" --json capture status | grep '"file"')"
 fsfreeze -f "$T/mnt"
-"$CAPCTL" -s "$T/s.sock" capture rotate; echo "frozen rotate: $?"
+"$CAPCTL" -s "$T/s.sock" capture rotate > "$T/rotate.out" 2>&1 & R=$!
+sleep 1
+"$CAPCTL" -s "$T/s.sock" --timeout 2 status > /dev/null; echo "status while rotate waits: $?"
+wait $R; echo "frozen rotate: $?"; cat "$T/rotate.out" >&2
 fsfreeze -u "$T/mnt"
 for i in $(seq 100); do
   [ "$(ls "$T/mnt/spool" | grep -c pcapng)" -ge 2 ] && break; sleep 0.1
@@ -1317,8 +1320,9 @@ echo "files: $(ls "$T/mnt/spool" | grep -c pcapng)"
 def test_rotate_on_a_hung_disk_does_not_say_it_rotated(tmp_path):
     """capctl capture rotate on a hung disk (fsfreeze) printed the status naming the
     old file and exited 0 after its 0.25 s wait, though no new file was made: a script
-    taking exit 0 for "rotated" was misled. It now fails (exit 1) saying the writer has
-    not started the new file yet; the rotation still comes once the disk is back."""
+    taking exit 0 for "rotated" was misled. It now fails (exit 1) after 5 s saying the
+    writer has not started the new file yet, and capd answers other calls meanwhile
+    (the reply waits, the loop does not); the rotation still comes once the disk is back."""
     (tmp_path / "frozen.sh").write_text(FROZEN_ROTATE)
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(tmp_path / "frozen.sh"),
                         str(tmp_path), str(CAPD), str(CAPCTL)], capture_output=True, text=True, timeout=120)
@@ -1326,6 +1330,7 @@ def test_rotate_on_a_hung_disk_does_not_say_it_rotated(tmp_path):
     out = r.stdout + r.stderr
     assert "capd-00001-" in out, out + log
     assert "frozen rotate: 1" in out, out + log
+    assert "status while rotate waits: 0" in out, out + log
     assert "has not started the new capture file" in r.stderr and "it will when it can" in r.stderr, out
     assert "thawed rotate: 0" in out, out + log
     assert "files: 3" in out, out + log  # the one asked for while frozen, then the second
