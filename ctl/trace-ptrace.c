@@ -124,6 +124,7 @@ struct ttask {
 	uint64_t ino;                   /* the socket the call is on, as it was at entry */
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
+	bool fds_in;                    /* recvmsg/recvmmsg on another socket may bring descriptors */
 	int pending_sig;                /* a signal that arrived while we made it call seccomp() */
 	bool gone;                      /* died while we made it call seccomp(): gone_status says how */
 	int gone_status;
@@ -1589,6 +1590,19 @@ watch_fd(struct tracer *t, struct ttask *k, int fd)
 
 /* ---- system call handlers ---- */
 
+/*
+ * Has the msghdr at addr (for recvmmsg, the first of the array) room for
+ * control messages? Only then can the call bring descriptors.
+ */
+static bool
+msg_wants_control(struct ttask *k, uint64_t addr)
+{
+	struct msghdr m;
+
+	return mem_read(k->tid, addr, &m, sizeof m) == sizeof m && m.msg_control != NULL &&
+	       m.msg_controllen >= CMSG_LEN(sizeof(int));
+}
+
 /* Entry (or seccomp) stop: decides whether the exit is worth a second stop. */
 static void
 on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
@@ -1597,6 +1611,7 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 	memcpy(k->args, a, sizeof k->args);
 	k->want_exit = false;
 	k->have_addr = false;
+	k->fds_in = false;
 	k->oldstate = FD_UNKNOWN;
 	k->ino = 0;
 
@@ -1614,6 +1629,8 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 		if (s != NULL) {
 			k->want_exit = true;
 			k->ino = s->ino;  /* another thread may close and reuse the number meanwhile */
+		} else if ((nr == SYS_recvmsg || nr == SYS_recvmmsg) && msg_wants_control(k, a[1])) {
+			k->want_exit = k->fds_in = true;  /* a Unix socket passing descriptors (SCM_RIGHTS) */
 		}
 		if (nr == SYS_sendto && k->want_exit)
 			k->have_addr = mem_sockaddr(k->tid, a[4], a[5], &k->addr);
@@ -1777,6 +1794,44 @@ exit_sendfile(struct tracer *t, struct ttask *k, struct tsock *s, int in_fd, siz
 	close(fd);
 }
 
+/*
+ * Descriptors that arrived with SCM_RIGHTS in the n messages at addr (a
+ * msghdr, or an mmsghdr array for n > 1): a TCP/UDP socket among them is
+ * new to this process (a connection a master process accepted and handed
+ * to a worker), and its read/write calls must stop like any other's.
+ */
+static void
+exit_fds_in(struct tracer *t, struct ttask *k, uint64_t addr, size_t n)
+{
+	for (size_t i = 0; i < n && i < 1024 && !k->gone; i++) {
+		struct mmsghdr mm;
+		uint8_t ctl[4096];
+		struct msghdr m = { 0 };
+		size_t len;
+
+		if (mem_read(k->tid, addr + i * sizeof mm, &mm, sizeof mm.msg_hdr) != sizeof mm.msg_hdr)
+			return;
+		len = mm.msg_hdr.msg_controllen < sizeof ctl ? mm.msg_hdr.msg_controllen : sizeof ctl;
+		if (mm.msg_hdr.msg_control == NULL || len < CMSG_LEN(sizeof(int)) ||
+		    mem_read(k->tid, (uint64_t)(uintptr_t)mm.msg_hdr.msg_control, ctl, len) != len)
+			continue;
+		m.msg_control = ctl;  /* the CMSG_ macros walk our copy */
+		m.msg_controllen = len;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
+			if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0))
+				continue;
+			size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (size_t j = 0; j < nfd && !k->gone; j++) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(c) + j * sizeof fd, sizeof fd);
+				fd_forget(k, fd);
+				if (fd_sock(t, k, fd) != NULL)
+					watch_fd(t, k, fd);
+			}
+		}
+	}
+}
+
 static void
 on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 {
@@ -1851,6 +1906,11 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		sock_learn(t, k, s);
 		if (s->tcp && rv == 0)
 			sock_open_tcp(t, k, s);
+		return;
+	}
+	if (k->fds_in) {
+		if (!is_err && rv >= 0)
+			exit_fds_in(t, k, a[1], nr == SYS_recvmmsg ? (size_t)rv : 1);
 		return;
 	}
 	if ((k->ino == 0 || (s = sock_find(t, k->ino)) == NULL) && (s = fd_sock(t, k, (int)a[0])) == NULL)

@@ -1263,3 +1263,41 @@ def test_trace_udp_ipv6_largest_datagram_whole(capd):
         out = tshark("-r", p, "-Y", f"udp.port == {srv.port}", "-T", "fields", "-e", "udp.length").stdout
         sizes += [int(x) for x in out.split()]
     assert sorted(sizes) == [18, 65535], sizes  # UDP header included
+
+
+def test_trace_socket_passed_with_scm_rights(capd, echo_server):
+    """A connection the parent opened and handed to a worker over a Unix socket
+    (SCM_RIGHTS, as a master process hands out accepted connections): what the
+    worker wrote and read on it with write(2)/read(2) was not recorded, since only
+    descriptors that came from socket/accept/dup had their read/write stopped."""
+    script = textwrap.dedent(f"""
+        import array, os, socket
+        a, b = socket.socketpair()
+        pid = os.fork()                # before the connection: it inherits nothing
+        if pid == 0:
+            a.close()
+            msg, anc, flags, addr = b.recvmsg(10, socket.CMSG_LEN(4))
+            fd = array.array("i", anc[0][2])[0]
+            os.write(fd, b"from the worker\\n")
+            got = b""
+            while len(got) < 16:
+                got += os.read(fd, 100)
+            print(got.decode(), end="", flush=True)
+            os.close(fd)
+            os._exit(0)
+        b.close()
+        c = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        c.sendall(b"from the parent\\n")
+        c.recv(100)
+        socket.send_fds(a, [b"x"], [c.fileno()])
+        c.close()
+        os.waitpid(pid, 0)
+    """)
+    r = trace(capd, PY, "-c", script, name="scm")
+    assert r.stdout == b"from the worker\n"
+    s = closed_sessions(capd, "scm", 1)[-1]
+    want = b"from the parent\nfrom the worker\n"
+    assert (s["bytes_up"], s["bytes_down"]) == (len(want), len(want))
+    capd.flush()
+    pcap, up, down = session_bytes(capd, s["id"])
+    assert up == want and down == want
