@@ -192,7 +192,8 @@ trace_text(const char *s)
 }
 
 static const char *const trace_kinds[] = {
-	[TRACE_EV_OPEN] = "open", [TRACE_EV_DATA] = "data", [TRACE_EV_SHUTDOWN] = "shutdown", [TRACE_EV_CLOSE] = "close",
+	[TRACE_EV_OPEN] = "open", [TRACE_EV_DATA] = "data", [TRACE_EV_LOST] = "lost",
+	[TRACE_EV_SHUTDOWN] = "shutdown", [TRACE_EV_CLOSE] = "close",
 };
 
 /* The tracer's callback: one trace.event notification per event. */
@@ -221,6 +222,10 @@ trace_event_cb(const struct trace_event *ev, void *arg)
 	case TRACE_EV_DATA:
 		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
 		json_object_set_new(p, "data", base64_json(ev->data, ev->len));
+		break;
+	case TRACE_EV_LOST:
+		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));
+		json_object_set_new(p, "len", json_integer((json_int_t)ev->len));
 		break;
 	case TRACE_EV_SHUTDOWN:
 		json_object_set_new(p, "dir", json_string(ev->dir == TRACE_SEND ? "send" : "recv"));

@@ -121,6 +121,7 @@ struct ttask {
 	uint64_t args[6];
 	int oldstate;                   /* close/dup2: what the fd was */
 	int64_t sf_off;                 /* sendfile: the file offset it started at, -1 for the file position */
+	enum trace_dir sp_dir;          /* splice: which way the socket end moved bytes */
 	uint64_t ino;                   /* the socket the call is on, as it was at entry */
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
@@ -174,6 +175,7 @@ struct tracer {
 	int stop_sig;                   /* a signal of the caller's stops that asks trace_run to act */
 	unsigned unlooked;              /* events taken since trace_wait last looked for a signal */
 	bool inject_warned;
+	bool lost_warned;               /* told that some bytes are a gap in the capture */
 	unsigned nsocks;                /* sockets being followed */
 	bool detaching;
 	char main_comm[32];
@@ -879,6 +881,28 @@ sock_data(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir
 	sock_emit(t, k, s, TRACE_EV_DATA, f->id, f->server, &f->local, &f->remote, dir, p, n < max ? n : max, NULL);
 }
 
+/*
+ * n bytes crossed the socket that the tracer could not copy (splice moves
+ * them inside the kernel; the tracee's memory may be gone): capd counts them
+ * and the capture shows a gap, never a stream that looks whole. Said once.
+ */
+static void
+sock_lost(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir, size_t n, const char *how)
+{
+	bool gap = s->tcp && n > 0 && sock_open_tcp(t, k, s);
+
+	if (gap)
+		sock_emit(t, k, s, TRACE_EV_LOST, s->id, s->server, &s->local, &s->remote, dir, NULL, n, NULL);
+	if (!t->lost_warned && (gap || !s->tcp)) {
+		fprintf(stderr, "capctl: process %d (%s) %s %zu bytes %s a %s socket with %s; %s\n", (int)k->g->tgid,
+		        k->g->comm, dir == TRACE_SEND ? "sent" : "received", n, dir == TRACE_SEND ? "on" : "from",
+		        s->tcp ? "TCP" : "UDP", how,
+		        s->tcp ? "capd counts them, and the capture shows a gap where they went (and any more such)"
+		               : "they are not recorded (nor any more such)");
+		t->lost_warned = true;
+	}
+}
+
 static void
 sock_fin(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir dir)
 {
@@ -1038,6 +1062,7 @@ static const struct { long nr; int tag; } trace_calls[] = {
 	{ SYS_bind, TAG_NET }, { SYS_sendto, TAG_NET }, { SYS_sendmsg, TAG_NET }, { SYS_sendmmsg, TAG_NET },
 	{ SYS_recvfrom, TAG_NET }, { SYS_recvmsg, TAG_NET }, { SYS_recvmmsg, TAG_NET }, { SYS_shutdown, TAG_NET },
 	{ SYS_close, TAG_NET }, { SYS_dup, TAG_NET }, { SYS_dup3, TAG_NET }, { SYS_sendfile, TAG_NET },
+	{ SYS_splice, TAG_NET },
 #if SYS_dup2 >= 0
 	{ SYS_dup2, TAG_NET },
 #endif
@@ -1648,6 +1673,18 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 			k->sf_off = off;
 		return;
 	}
+	if (nr == SYS_splice) {
+		/* one end is a pipe; the other may be a socket, its bytes never in the tracee's memory */
+		struct tsock *s = fd_sock(t, k, (int)a[0]);
+		k->sp_dir = TRACE_RECV;
+		if (s == NULL && (s = fd_sock(t, k, (int)a[2])) != NULL)
+			k->sp_dir = TRACE_SEND;
+		if (s != NULL) {
+			k->want_exit = true;
+			k->ino = s->ino;
+		}
+		return;
+	}
 	if (nr == SYS_socket) {
 		int type = (int)a[1] & 0xf;
 		k->want_exit = (a[0] == AF_INET || a[0] == AF_INET6) && (type == SOCK_STREAM || type == SOCK_DGRAM);
@@ -1724,8 +1761,10 @@ exit_bytes(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir di
 			return;
 		sock_data(t, k, s, dir, peer, buf, got);
 		free(buf);
-		if (got < want)
+		if (got < want) {  /* the memory went away under us (another thread unmapped it) */
+			sock_lost(t, k, s, dir, n - off - got, "memory the tracer could not read");
 			return;
+		}
 		off += got;
 	} while (off < n);
 }
@@ -1918,6 +1957,11 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 	if (nr == SYS_sendfile) {
 		if (!is_err && rv > 0)
 			exit_sendfile(t, k, s, (int)a[1], (size_t)rv);
+		return;
+	}
+	if (nr == SYS_splice) {
+		if (!is_err && rv > 0)
+			sock_lost(t, k, s, k->sp_dir, (size_t)rv, "splice(2)");
 		return;
 	}
 	if (nr == SYS_shutdown) {

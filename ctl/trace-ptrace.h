@@ -18,6 +18,7 @@
 enum trace_kind {
 	TRACE_EV_OPEN,      /* a socket (or a UDP peer of one) is first seen with both endpoints */
 	TRACE_EV_DATA,      /* bytes sent or received by the application */
+	TRACE_EV_LOST,      /* len bytes crossed that the tracer could not copy (splice): a gap */
 	TRACE_EV_SHUTDOWN,  /* FIN in one direction: shutdown(2), or a read that returned 0 */
 	TRACE_EV_CLOSE,     /* the last traced descriptor of the socket went away */
 };
@@ -31,9 +32,9 @@ struct trace_event {
 	bool tcp;
 	bool server;                        /* the application accepted this connection */
 	const struct sockaddr *local, *remote;
-	enum trace_dir dir;                 /* DATA, SHUTDOWN */
+	enum trace_dir dir;                 /* DATA, LOST, SHUTDOWN */
 	const uint8_t *data;                /* DATA */
-	size_t len;
+	size_t len;                         /* DATA, LOST */
 	pid_t pid;                          /* the process that made the call */
 	const char *comm;                   /* its name */
 	const char *reason;                 /* CLOSE */

@@ -11,6 +11,7 @@
  *   trace.event {sock, kind: "open", proto: "tcp"|"udp", role: "client"|"server",
  *                local, remote, pid, comm}
  *               {sock, kind: "data", dir: "send"|"recv", data: base64, pid}
+ *               {sock, kind: "lost", dir: "send"|"recv", len, pid}
  *               {sock, kind: "shutdown", dir: "send"|"recv", pid}
  *               {sock, kind: "close", reason?, pid}
  * `send` is the application's; a client socket sends up (client to server),
@@ -330,6 +331,16 @@ rpc_trace_event(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 		}
 		session_data(f->s, d, p, (size_t)n);
 		free(p);
+		return json_object();
+	}
+	if (!strcmp(kind, "lost")) {
+		json_t *jlen = json_object_get(params, "len");
+		if (dirs == NULL || !json_is_integer(jlen) || json_integer_value(jlen) <= 0)
+			return rpc_fail(err, RPC_E_PARAMS, "trace.event lost needs \"dir\" and a positive \"len\"");
+		/* counted as crossed (they did), a gap in the capture */
+		session_bytes(f->s, d, (size_t)json_integer_value(jlen));
+		if (f->s->flow)
+			spool_flow_lost(f->s->flow, d, (size_t)json_integer_value(jlen));
 		return json_object();
 	}
 	if (!strcmp(kind, "shutdown")) {

@@ -2403,6 +2403,13 @@ spool_flow_commit(struct spool_slot *slot, size_t n)
 }
 
 void
+spool_flow_lost(struct spool_flow *f, enum dir d, size_t n)
+{
+	if (f != NULL && f->proto == IPPROTO_TCP && flow_live(f))
+		f->gap[d] += n;  /* told to the writer with the flow's next record, its close at the latest */
+}
+
+void
 spool_flow_fin(struct spool_flow *f, enum dir d)
 {
 	struct rec r;

@@ -79,6 +79,13 @@ struct spool_slot {
  */
 void *spool_flow_reserve(struct spool_flow *f, enum dir d, size_t n, struct spool_slot *slot);
 void spool_flow_commit(struct spool_slot *slot, size_t n);
+/*
+ * TCP: n bytes of d crossed but capd never saw them (a traced program moved
+ * them where the tracer cannot read): the sequence numbers skip them, so the
+ * capture shows a gap (tshark: previous segment not captured), not a stream
+ * that looks whole.
+ */
+void spool_flow_lost(struct spool_flow *f, enum dir d, size_t n);
 /* TCP: FIN from the source of direction d. */
 void spool_flow_fin(struct spool_flow *f, enum dir d);
 /* Ends the flow (FINs, or a RST from the side that reset) and frees f. */
