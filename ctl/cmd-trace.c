@@ -10,6 +10,7 @@
  * the command is allowed to exec. The command's exit status becomes ours.
  */
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,7 +34,49 @@ struct trace_link {
 	struct rpc_framer in;
 	const char *path;
 	struct buf out;  /* reused encode buffer */
+	const sigset_t *stops;  /* while tracing: the blocked signals that end a wait for capd */
+	bool told_slow;  /* said that capd takes no events */
 };
+
+#define TRACE_LINK_SLOW_MS 5000  /* capd took nothing for this long: say why the program waits */
+#define TRACE_LINK_GIVEUP_MS 2000  /* a stop signal and a capd that took nothing for this long: give up */
+
+/*
+ * Waits until capd takes more. The traced program waits meanwhile (a slow
+ * capd loses nothing), but one of the stop signals, pending since they are
+ * blocked, gives up on a capd that took nothing for a while: the trace must
+ * end when asked to, even with a capd that stopped reading (a moment's wait
+ * is no reason to lose the end of the recording). -1 then; trace_run takes
+ * the signal after.
+ */
+static int
+trace_link_wait(struct trace_link *l)
+{
+	struct pollfd pfd = { .fd = l->fd, .events = POLLOUT };
+	int waited = 0;
+
+	for (;;) {
+		sigset_t pending;
+		int r = poll(&pfd, 1, 200);  /* blocked signals do not wake it: look at them this often */
+
+		if (r > 0 || (r < 0 && errno != EINTR))
+			return 0;  /* writable, or the error comes out of send() */
+		waited += 200;
+		if (l->stops && waited >= TRACE_LINK_GIVEUP_MS && sigpending(&pending) == 0)
+			for (int sig = 1; sig < NSIG; sig++)
+				if (sigismember(l->stops, sig) == 1 && sigismember(&pending, sig) == 1) {
+					fprintf(stderr, "capctl: capd at %s has taken no events for %d s and a stop signal came "
+					        "(%s): the rest of the trace is not recorded\n", l->path, waited / 1000,
+					        strsignal(sig));
+					return -1;
+				}
+		if (waited >= TRACE_LINK_SLOW_MS && !l->told_slow) {
+			fprintf(stderr, "capctl: capd at %s has taken no events for %d s; the traced program waits "
+			        "for it (^C or SIGTERM gives up recording)\n", l->path, waited / 1000);
+			l->told_slow = true;
+		}
+	}
+}
 
 static int
 trace_link_open(struct trace_link *l, const struct ctl_opts *o)
@@ -81,10 +124,17 @@ trace_link_send(struct trace_link *l, json_t *msg)
 	rpc_encode(&l->out, msg);
 	json_decref(msg);
 	for (size_t off = 0; off < buf_used(&l->out);) {
-		ssize_t n = send(l->fd, buf_head(&l->out) + off, buf_used(&l->out) - off, MSG_NOSIGNAL);
+		ssize_t n = send(l->fd, buf_head(&l->out) + off, buf_used(&l->out) - off, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if (trace_link_wait(l) == 0)
+					continue;
+				close(l->fd);
+				l->fd = -1;
+				return -1;
+			}
 			fprintf(stderr, "capctl: lost capd at %s: %s; the command goes on unrecorded\n", l->path,
 			        strerror(errno));
 			close(l->fd);
@@ -364,6 +414,7 @@ trace_exec(struct ctl_opts *o, int argc, char **argv)
 	sigaddset(&stops, SIGINT);
 	sigaddset(&stops, SIGQUIT);
 	sigprocmask(SIG_BLOCK, &stops, &oldmask);
+	link.stops = &stops;
 	if (!pidarg && trace_release(t, &why) < 0) {
 		fprintf(stderr, "capctl: %s\n", why);
 		free(why);

@@ -1358,3 +1358,56 @@ def test_trace_splice_is_a_visible_gap(capd, echo_server, tmp_path):
     # up: head| at 1, 8 bytes missing, tail at 14; down: 13 missing, tail at 14
     assert got == [(True, 1, b"head|"), (True, 14, b"tail"), (False, 14, b"tail")], got
     assert rows[1].split("\t")[3] != "", rows  # tshark calls it a gap
+
+
+def _proc_tracer(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return None
+
+
+def test_trace_stop_signal_with_capd_not_reading(capd, echo_server):
+    """capd stopped reading (frozen here with SIGSTOP): capctl blocked in send() with its
+    stop signals blocked, so ^C after --pid never detached (the process stayed in a
+    tracing stop for as long as capd slept) and SIGTERM never reached a spawned command.
+    The program still waits for a slow capd (nothing is lost), but a stop signal now
+    gives up on one that took nothing for a while, and says so."""
+    script = textwrap.dedent(f"""
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        print("up", flush=True)
+        i = 0
+        while True:            # events as fast as the tracer takes them
+            s.sendall(b"%d," % i)
+            s.recv(100)
+            i += 1
+    """)
+    app = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE)
+    procs = [app]
+    try:
+        assert app.stdout.readline() == b"up\n"
+        att = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "att", "--pid", str(app.pid)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sp = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "sp", "--", PY, "-c", script],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs += [att, sp]
+        assert sp.stdout.readline() == b"up\n"
+        deadline = time.time() + 10
+        while len([i for i in capd.ctl("list", json_out=True) if i["name"] in ("att", "sp")]) < 2:
+            assert time.time() < deadline and att.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)
+        capd.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2)              # the control sockets' buffers fill; the tracees wait
+        att.send_signal(signal.SIGINT)
+        sp.send_signal(signal.SIGTERM)
+        assert att.wait(20) == 0
+        assert b"the rest of the trace is not recorded" in att.stderr.read()
+        assert _proc_tracer(app.pid) == 0 and app.poll() is None   # detached, running
+        assert sp.wait(20) == 128 + signal.SIGTERM                  # TERM reached the command
+    finally:
+        capd.proc.send_signal(signal.SIGCONT)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
