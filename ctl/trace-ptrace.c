@@ -1871,6 +1871,14 @@ exit_fds_in(struct tracer *t, struct ttask *k, uint64_t addr, size_t n)
 	}
 }
 
+/*
+ * Receive flags whose bytes did not cross from the peer: a peek is read
+ * again later, and the error queue holds the socket's own sent data back
+ * (a UDP datagram an ICMP error returned, a timestamped copy) or nothing
+ * (a MSG_ZEROCOPY completion, which is no end of stream).
+ */
+#define TRACE_NOT_DATA (MSG_PEEK | MSG_ERRQUEUE)
+
 static void
 on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 {
@@ -1992,7 +2000,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		bool have_peer = false;
 		bool is_msgcall = nr == SYS_sendto || nr == SYS_recvfrom;
 
-		if (!send && is_msgcall && (a[3] & MSG_PEEK))
+		if (!send && is_msgcall && (a[3] & TRACE_NOT_DATA))
 			return;
 		if (n > a[2])
 			n = a[2];  /* MSG_TRUNC: the datagram was longer than the buffer */
@@ -2023,7 +2031,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		return;
 	}
 	if (nr == SYS_sendmsg || nr == SYS_recvmsg) {
-		if (!send && (a[2] & MSG_PEEK))
+		if (!send && (a[2] & TRACE_NOT_DATA))
 			return;
 		if (!send && n == 0 && s->tcp) {
 			sock_fin(t, k, s, TRACE_RECV);
@@ -2033,7 +2041,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		return;
 	}
 	if (nr == SYS_sendmmsg || nr == SYS_recvmmsg) {
-		if (!send && (a[3] & MSG_PEEK))
+		if (!send && (a[3] & TRACE_NOT_DATA))
 			return;
 		for (size_t i = 0; i < n && i < 1024; i++) {
 			struct mmsghdr mm;

@@ -1411,3 +1411,44 @@ def test_trace_stop_signal_with_capd_not_reading(capd, echo_server):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_trace_error_queue_is_not_received_data(capd, echo_server):
+    """recvmsg(MSG_ERRQUEUE) returns the socket's own sent datagram back after an ICMP
+    error (IP_RECVERR), or 0 bytes for a MSG_ZEROCOPY completion: the first was recorded
+    as an answer from the peer, the second as the server's FIN, after which the
+    capture showed none of the bytes the server sent."""
+    script = textwrap.dedent(f"""
+        import socket, time
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.setsockopt(socket.IPPROTO_IP, 11, 1)              # IP_RECVERR
+        u.sendto(b"to nobody", ("127.0.0.1", 9))
+        time.sleep(0.2)
+        assert u.recvmsg(100, 512, socket.MSG_ERRQUEUE)[0] == b"to nobody"
+        t = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        t.setsockopt(socket.SOL_SOCKET, 60, 1)              # SO_ZEROCOPY
+        t.send(b"zerocopy|", 0x4000000)                     # MSG_ZEROCOPY
+        while True:                                         # its completion
+            try:
+                assert t.recvmsg(0, 512, socket.MSG_ERRQUEUE)[0] == b""
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        got = b""
+        while len(got) < 9:
+            got += t.recv(100)
+        t.sendall(b"after")
+        while len(got) < 14:
+            got += t.recv(100)
+        print(got.decode())
+    """)
+    r = trace(capd, PY, "-c", script, name="errq")
+    assert r.stdout == b"zerocopy|after\n"
+    ss = closed_sessions(capd, "errq", 2)
+    u = [s for s in ss if s["proto"] == "udp"][0]
+    t = [s for s in ss if s["proto"] == "tcp"][0]
+    assert (u["bytes_up"], u["bytes_down"]) == (9, 0)
+    capd.flush()
+    pcap, up, down = session_bytes(capd, t["id"])
+    assert up == b"zerocopy|after" and down == up
+    check_pcap_clean(pcap)
