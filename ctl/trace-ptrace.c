@@ -2009,6 +2009,10 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 				sock_fin(t, k, s, TRACE_RECV);
 			return;
 		}
+		if (!send && is_msgcall && s->tcp && (a[3] & MSG_TRUNC)) {
+			sock_lost(t, k, s, dir, n, "MSG_TRUNC");  /* TCP: thrown away unread, the buffer untouched */
+			return;
+		}
 		if (nr == SYS_sendto && k->have_addr) {
 			peer = k->addr;
 			have_peer = true;
@@ -2035,6 +2039,10 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 			return;
 		if (!send && n == 0 && s->tcp) {
 			sock_fin(t, k, s, TRACE_RECV);
+			return;
+		}
+		if (!send && s->tcp && (a[2] & MSG_TRUNC)) {
+			sock_lost(t, k, s, dir, n, "MSG_TRUNC");
 			return;
 		}
 		exit_msghdr(t, k, s, a[1], n, dir);

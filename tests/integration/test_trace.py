@@ -1452,3 +1452,29 @@ def test_trace_error_queue_is_not_received_data(capd, echo_server):
     pcap, up, down = session_bytes(capd, t["id"])
     assert up == b"zerocopy|after" and down == up
     check_pcap_clean(pcap)
+
+
+def test_trace_tcp_recv_msg_trunc_is_a_gap(capd, echo_server):
+    """recv(MSG_TRUNC) on TCP throws bytes away unread and leaves the buffer as it was:
+    whatever the buffer held was recorded as those bytes. Now they are a gap."""
+    script = textwrap.dedent(f"""
+        import socket
+        t = socket.create_connection(("127.0.0.1", {echo_server.port}))
+        t.sendall(b"0123456789")
+        t.recv(5, socket.MSG_TRUNC | socket.MSG_WAITALL)
+        got = b""
+        while len(got) < 5:
+            got += t.recv(5)
+        print(got.decode())
+    """)
+    r = trace(capd, PY, "-c", script, name="trunc")
+    assert r.stdout == b"56789\n"
+    s = closed_sessions(capd, "trunc", 1)[-1]
+    assert (s["bytes_up"], s["bytes_down"]) == (10, 10)
+    capd.flush()
+    pcap = pcap_for(capd, s["id"])
+    cport = s["client"].rsplit(":", 1)[1]
+    rows = tshark("-r", pcap, "-Y", f'tcp.srcport != {cport} && tcp.len > 0 && '
+                  f'frame.comment contains "capd session {s["id"]} "', "-T", "fields", "-e", "tcp.seq",
+                  "-e", "tcp.payload").stdout.split()
+    assert rows == ["6", b"56789".hex()], rows   # 1-5 never seen
