@@ -1761,8 +1761,11 @@ exit_bytes(struct tracer *t, struct ttask *k, struct tsock *s, enum trace_dir di
 			return;
 		sock_data(t, k, s, dir, peer, buf, got);
 		free(buf);
-		if (got < want) {  /* the memory went away under us (another thread unmapped it) */
-			sock_lost(t, k, s, dir, n - off - got, "memory the tracer could not read");
+		if (got < want) {
+			/* TCP: the memory went away under us (another thread unmapped it); a UDP
+			 * datagram longer than the buffers of a recvmsg(MSG_TRUNC) ends here too */
+			if (s->tcp)
+				sock_lost(t, k, s, dir, n - off - got, "memory the tracer could not read");
 			return;
 		}
 		off += got;
