@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "addr.h"
+#include "monotime.h"
 
 #ifndef SYS_dup2
 #define SYS_dup2 (-2)
@@ -87,6 +88,8 @@
 #define TRACE_CHUNK (256 * 1024)  /* bytes per event: the RPC line limit is 1 MiB after base64 */
 #define TRACE_MAX_IO (64u << 20)  /* bytes copied out of the tracee at once; a larger call goes in pieces */
 #define TRACE_HASH 256
+#define SWEEP_CLOSES 64           /* closes of sockets that make a sweep due at once ... */
+#define SWEEP_DELAY 0.1           /* ... or this many seconds after the first */
 
 enum { TAG_FD = 1, TAG_NET = 2 };  /* SECCOMP_RET_DATA: does the call need an fd check */
 enum { FD_UNKNOWN = 0, FD_OTHER, FD_SOCK };
@@ -157,6 +160,7 @@ struct tsock {
 	pid_t pid;                      /* last process that used it, for CLOSE */
 	char comm[32];
 	bool mark;                      /* sweep: still held */
+	bool closing;                   /* a descriptor of it was closed since the last sweep */
 };
 
 struct tracer {
@@ -177,6 +181,8 @@ struct tracer {
 	bool inject_warned;
 	bool lost_warned;               /* told that some bytes are a gap in the capture */
 	unsigned nsocks;                /* sockets being followed */
+	unsigned sweep_closes;          /* closes of a socket since the last sweep */
+	double sweep_since;             /* when the first of them came */
 	bool detaching;
 	char main_comm[32];
 };
@@ -944,6 +950,7 @@ sock_sweep(struct tracer *t, const char *reason)
 	struct tgroup *g;
 	bool any = false;
 
+	t->sweep_closes = 0;
 	for (int h = 0; h < TRACE_HASH; h++)
 		for (struct tsock *s = t->socks[h]; s; s = s->next) {
 			s->mark = false;
@@ -981,9 +988,30 @@ sock_sweep(struct tracer *t, const char *reason)
 		for (; s; s = next) {
 			next = s->next;
 			if (!s->mark)
-				sock_free(t, s, reason);
+				sock_free(t, s, s->closing ? "closed" : reason);  /* closed before the sweep came */
+			else
+				s->closing = false;
 		}
 	}
+}
+
+/*
+ * A socket was closed (or dup2'd over) somewhere: it ends if that was its
+ * last holder. A sweep reads every descriptor of every traced process, so
+ * one per close made a program with N connections pay N^2 readlinks to
+ * close them all (4000: 27 s, the program stalled); closes are swept in
+ * batches instead, after SWEEP_CLOSES of them or SWEEP_DELAY after the
+ * first (trace_wait wakes for it). A session's end is that much late.
+ */
+static void
+sock_sweep_later(struct tracer *t)
+{
+	double now = mono_now();
+
+	if (t->sweep_closes++ == 0)
+		t->sweep_since = now;
+	if (t->sweep_closes >= SWEEP_CLOSES || now - t->sweep_since >= SWEEP_DELAY)
+		sock_sweep(t, "closed");
 }
 
 /*
@@ -1705,16 +1733,22 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 			return;
 		if (fd >= 0) {
 			struct fdent *e = fd_slot(k->g, fd);
+			struct tsock *s;
 			if (e) {
 				k->oldstate = e->state;
 				e->state = FD_UNKNOWN;
+				if (k->oldstate == FD_SOCK && (s = sock_find(t, e->ino)) != NULL)
+					s->closing = true;
 			}
 		}
 		/* a number never used for I/O here may still hold a socket we know (a forked copy) */
 		if (nr == SYS_close && k->oldstate == FD_UNKNOWN && t->nsocks > 0) {
 			uint64_t ino = proc_fd_ino(k->tid, fd);
-			if (ino && sock_find(t, ino))
+			struct tsock *s;
+			if (ino && (s = sock_find(t, ino)) != NULL) {
 				k->oldstate = FD_SOCK;
+				s->closing = true;
+			}
 		}
 		/* close of a non-socket needs nothing more; the others must forget the new number */
 		k->want_exit = nr != SYS_close || k->oldstate == FD_SOCK;
@@ -1898,7 +1932,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		return;
 	}
 	if (nr == SYS_close || nr == SYS_close_range) {
-		sock_sweep(t, "closed");
+		sock_sweep_later(t);
 		return;
 	}
 	if (nr == SYS_dup || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_fcntl) {
@@ -1908,7 +1942,7 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 				watch_fd(t, k, (int)rv);
 		}
 		if (k->oldstate == FD_SOCK)
-			sock_sweep(t, "closed");
+			sock_sweep_later(t);
 		return;
 	}
 	if (nr == SYS_accept || nr == SYS_accept4) {
@@ -2147,8 +2181,17 @@ trace_wait(struct tracer *t, int *status, const sigset_t *set)
 	int sig;
 
 	if (pid == 0 || ++t->unlooked >= 64) {
+		struct timespec wait = patience;
+		if (pid == 0 && t->sweep_closes > 0) {  /* sleep no later than the sweep is due */
+			double left = t->sweep_since + SWEEP_DELAY - mono_now();
+			if (left <= 0) {
+				sock_sweep(t, "closed");
+				return 0;
+			}
+			wait = (struct timespec){ .tv_nsec = (long)(left * 1e9) };
+		}
 		t->unlooked = 0;
-		sig = sigtimedwait(set, NULL, pid == 0 ? &patience : &now);
+		sig = sigtimedwait(set, NULL, pid == 0 ? &wait : &now);
 		if (sig > 0 && sig != SIGCHLD)
 			trace_signal(t, sig);
 	}
