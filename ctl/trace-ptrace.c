@@ -16,10 +16,11 @@
  * Descriptor types are cached per thread group: fd -> socket inode, or
  * "not a socket". The cache forgets an fd at close/dup2/dup3/F_DUPFD/
  * close_range and the whole table at exec. Endpoints come from the connect()
- * and bind() addresses in tracee memory and from /proc/PID/net/{tcp,udp}[6]
- * looked up by socket inode (the getsockname/getpeername of another
- * process). A socket ends when no traced process holds it any more
- * (checked after a close of a socket and after a process exits).
+ * and bind() addresses in tracee memory and from getsockname/getpeername on
+ * a copy of the descriptor (pidfd_getfd), else from /proc/PID/net/{tcp,udp}[6]
+ * looked up by socket inode. A socket ends when no traced process holds it
+ * any more (checked in batches after closes of sockets, and after a process
+ * exits).
  */
 #include "trace-ptrace.h"
 
@@ -39,6 +40,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/user.h>
@@ -129,6 +131,7 @@ struct ttask {
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
 	bool fds_in;                    /* recvmsg/recvmmsg on another socket may bring descriptors */
+	int sfd;                        /* at exit: the descriptor of the socket the call is on */
 	int pending_sig;                /* a signal that arrived while we made it call seccomp() */
 	bool gone;                      /* died while we made it call seccomp(): gone_status says how */
 	int gone_status;
@@ -180,6 +183,7 @@ struct tracer {
 	unsigned unlooked;              /* events taken since trace_wait last looked for a signal */
 	bool inject_warned;
 	bool lost_warned;               /* told that some bytes are a gap in the capture */
+	bool accepting;                 /* fd_sock is asked about a socket accept just made */
 	unsigned nsocks;                /* sockets being followed */
 	unsigned sweep_closes;          /* closes of a socket since the last sweep */
 	double sweep_since;             /* when the first of them came */
@@ -582,6 +586,55 @@ proc_net_lookup(pid_t pid, uint64_t ino, bool *tcp, struct sockaddr_storage *loc
 	return found;
 }
 
+/*
+ * getsockname + getpeername of descriptor fd of k's process, holding
+ * socket ino, through a copy of it (pidfd_getfd, which its tracer may
+ * use; the copy is closed at once). /proc/PID/net lists every socket of
+ * the network namespace: a scan of it per connection made N connections
+ * cost N^2, and a busy host's sockets slowed every traced connect.
+ * 1 with the names (remote's port 0 when unconnected), 0 when fd is not a
+ * TCP/UDP socket, -1 when this way is closed (old kernel, fd reused): scan.
+ */
+static int
+proc_sock_names(struct ttask *k, int fd, uint64_t ino, bool *tcp, struct sockaddr_storage *l,
+                struct sockaddr_storage *r)
+{
+	static bool unavailable;
+	socklen_t ll = sizeof *l, rl = sizeof *r, tl = sizeof(int);
+	int pfd, dfd, type, rc = -1;
+	struct stat st;
+
+	if (fd < 0 || unavailable)
+		return -1;
+	if ((pfd = (int)syscall(SYS_pidfd_open, k->g->tgid, 0)) < 0) {
+		unavailable = errno == ENOSYS;
+		return -1;
+	}
+	dfd = (int)syscall(SYS_pidfd_getfd, pfd, fd, 0);
+	close(pfd);
+	if (dfd < 0) {
+		unavailable = errno == ENOSYS;
+		return -1;
+	}
+	memset(l, 0, sizeof *l);
+	memset(r, 0, sizeof *r);
+	if (fstat(dfd, &st) == 0 && (uint64_t)st.st_ino == ino && S_ISSOCK(st.st_mode)) {
+		rc = 0;
+		if (getsockopt(dfd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && (type == SOCK_STREAM || type == SOCK_DGRAM) &&
+		    getsockname(dfd, (struct sockaddr *)l, &ll) == 0 &&
+		    (l->ss_family == AF_INET || l->ss_family == AF_INET6)) {
+			if (getpeername(dfd, (struct sockaddr *)r, &rl) < 0) {
+				memset(r, 0, sizeof *r);
+				r->ss_family = l->ss_family;
+			}
+			*tcp = type == SOCK_STREAM;
+			rc = 1;
+		}
+	}
+	close(dfd);
+	return rc;
+}
+
 /* ---- tasks, groups, sockets ---- */
 
 static struct ttask *
@@ -769,7 +822,8 @@ sock_learn(struct tracer *t, struct ttask *k, struct tsock *s)
 	if (s->have_local && addr_port((const struct sockaddr *)&s->local) != 0 &&
 	    (!s->tcp || (!trace_addr_unspec(&s->local) && s->have_remote)))
 		return;
-	if (!proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, NULL))
+	int got = proc_sock_names(k, k->sfd, s->ino, &tcp, &l, &r);
+	if (got == 0 || (got < 0 && !proc_net_lookup(k->tid, s->ino, &tcp, &l, &r, NULL)))
 		return;
 	s->tcp = tcp;
 	if (!s->have_local || trace_addr_unspec(&s->local) || addr_port((const struct sockaddr *)&s->local) == 0) {
@@ -1037,9 +1091,13 @@ fd_sock(struct tracer *t, struct ttask *k, int fd)
 		return NULL;
 	if ((s = sock_find(t, ino)) == NULL) {
 		struct sockaddr_storage l, r;
-		bool tcp, server;
-		if (!proc_net_lookup(k->tid, ino, &tcp, &l, &r, &server))
+		bool tcp, server = false;
+		int got = proc_sock_names(k, fd, ino, &tcp, &l, &r);
+		if (got == 0)
 			return NULL;  /* a Unix, netlink ... socket */
+		/* a TCP socket met now may have been accepted: only the scan can guess */
+		if ((got < 0 || (tcp && !t->accepting)) && !proc_net_lookup(k->tid, ino, &tcp, &l, &r, &server))
+			return NULL;
 		s = sock_new(t, ino, tcp);
 		s->server = server;
 		s->local = l;
@@ -1924,6 +1982,8 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 	struct tsock *s;
 
 	k->nr = -1;
+	k->sfd = nr == SYS_accept || nr == SYS_accept4 || nr == SYS_socket ? (int)rv
+	         : nr == SYS_splice && k->sp_dir == TRACE_SEND ? (int)a[2] : (int)a[0];
 	if (nr == SYS_socket) {
 		if (!is_err && rv >= 0 && (s = fd_new_sock(t, k, (int)rv, ((int)a[1] & 0xf) == SOCK_STREAM)) != NULL) {
 			s->pid = k->g->tgid;
@@ -1951,7 +2011,10 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		if (proc_fd_ino(k->tid, (int)rv) == 0)
 			return;
 		fd_forget(k, (int)rv);
-		if ((s = fd_sock(t, k, (int)rv)) == NULL || !s->tcp)
+		t->accepting = true;  /* no guess of its role needed */
+		s = fd_sock(t, k, (int)rv);
+		t->accepting = false;
+		if (s == NULL || !s->tcp)
 			return;
 		watch_fd(t, k, (int)rv);
 		if (k->gone)
