@@ -184,6 +184,9 @@ struct tracer {
 	bool inject_warned;
 	bool lost_warned;               /* told that some bytes are a gap in the capture */
 	bool accepting;                 /* fd_sock is asked about a socket accept just made */
+	uint8_t listening[65536 / 8];   /* TCP ports with a listener, as of listening_at ... */
+	double listening_at;            /* ... (0: never) in network namespace listening_ns */
+	uint64_t listening_ns;
 	unsigned nsocks;                /* sockets being followed */
 	unsigned sweep_closes;          /* closes of a socket since the last sweep */
 	double sweep_since;             /* when the first of them came */
@@ -633,6 +636,43 @@ proc_sock_names(struct ttask *k, int fd, uint64_t ino, bool *tcp, struct sockadd
 	}
 	close(dfd);
 	return rc;
+}
+
+/*
+ * Has TCP port `port` a listener in tid's network namespace? Then a socket
+ * met mid-life on that local port was accepted. The ports come from one
+ * scan of /proc/TID/net/tcp[6], kept for a second: a scan per socket made
+ * --pid of a process with N connections cost N^2 lines (3000: 85 s).
+ */
+static bool
+proc_listening(struct tracer *t, pid_t tid, uint16_t port)
+{
+	static const char *const tabs[] = { "tcp", "tcp6" };
+	char path[64], line[512], lhex[40], rhex[40];
+	unsigned lport, rport, st;
+	double now = mono_now();
+	struct stat ns;
+
+	snprintf(path, sizeof path, "/proc/%d/ns/net", (int)tid);
+	if (stat(path, &ns) < 0)
+		ns.st_ino = 0;
+	if (t->listening_at == 0 || now - t->listening_at > 1.0 || (uint64_t)ns.st_ino != t->listening_ns) {
+		memset(t->listening, 0, sizeof t->listening);
+		for (size_t i = 0; i < 2; i++) {
+			FILE *f;
+			snprintf(path, sizeof path, "/proc/%d/net/%s", (int)tid, tabs[i]);
+			if ((f = fopen(path, "r")) == NULL)
+				continue;
+			while (fgets(line, sizeof line, f))
+				if (sscanf(line, " %*u: %39[0-9A-Fa-f]:%X %39[0-9A-Fa-f]:%X %X", lhex, &lport, rhex, &rport,
+				           &st) == 5 && st == 0x0A && lport < 65536)
+					t->listening[lport / 8] |= (uint8_t)(1u << (lport % 8));
+			fclose(f);
+		}
+		t->listening_at = now;
+		t->listening_ns = (uint64_t)ns.st_ino;
+	}
+	return (t->listening[port / 8] >> (port % 8)) & 1;
 }
 
 /* ---- tasks, groups, sockets ---- */
@@ -1095,9 +1135,11 @@ fd_sock(struct tracer *t, struct ttask *k, int fd)
 		int got = proc_sock_names(k, fd, ino, &tcp, &l, &r);
 		if (got == 0)
 			return NULL;  /* a Unix, netlink ... socket */
-		/* a TCP socket met now may have been accepted: only the scan can guess */
-		if ((got < 0 || (tcp && !t->accepting)) && !proc_net_lookup(k->tid, ino, &tcp, &l, &r, &server))
+		if (got < 0 && !proc_net_lookup(k->tid, ino, &tcp, &l, &r, t->accepting ? NULL : &server))
 			return NULL;
+		/* a TCP socket met mid-life whose local port has a listener was accepted */
+		if (got > 0 && tcp && !t->accepting)
+			server = proc_listening(t, k->tid, addr_port((struct sockaddr *)&l));
 		s = sock_new(t, ino, tcp);
 		s->server = server;
 		s->local = l;

@@ -1515,3 +1515,66 @@ def test_trace_many_sockets_is_not_quadratic(capd):
             break
         time.sleep(0.2)
     assert done == n and capd.log().count(" up=0 down=0 closed\n") >= n
+
+
+def test_trace_pid_many_sockets_from_before(capd):
+    """--pid of a process that already holds 3000 connections: each socket met for the
+    first time scanned /proc/PID/net/tcp twice (its endpoints, and a listener on its
+    port for the role), so sending a byte on each took 85 s here, the process stalled.
+    Endpoints now come from a copy of the descriptor and the listening ports from one
+    scan a second; the roles are still right (connected: client; accepted: server)."""
+    n = 3000
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4096)  # the kernel completes the connections; nobody accepts
+    port = lst.getsockname()[1]
+    script = textwrap.dedent(f"""
+        import resource, socket, sys, time
+        resource.setrlimit(resource.RLIMIT_NOFILE, ({n + 100}, {n + 100}))
+        cs = [socket.create_connection(("127.0.0.1", {port})) for _ in range({n})]
+        l = socket.socket()
+        l.bind(("127.0.0.1", 0))
+        l.listen(1)
+        c = socket.create_connection(l.getsockname())
+        a, _ = l.accept()
+        print(c.getsockname()[1], flush=True)
+        sys.stdin.readline()
+        t = time.monotonic()
+        for s in cs:
+            s.send(b"x")
+        a.send(b"accepted")
+        print(round(time.monotonic() - t, 1), flush=True)
+        sys.stdin.readline()
+    """)
+    app = subprocess.Popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs = [app]
+    try:
+        cport = int(app.stdout.readline())
+        tr = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "pre", "--pid", str(app.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(tr)
+        deadline = time.time() + 10
+        while not any(i["name"] == "pre" for i in capd.ctl("list", json_out=True)):
+            assert time.time() < deadline and tr.poll() is None
+            time.sleep(0.05)
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        took = float(app.stdout.readline())
+        assert took < 20, took   # quadratic: ~85 s; now under a second
+        ss = capd.wait_sessions(lambda ss: any(s["instance"] == "pre" and s["bytes_down"] > 0 for s in ss), 30)
+        ss = [s for s in ss if s["instance"] == "pre"]  # capd took the last event: it has all before it
+        assert len(ss) == n + 1
+        acc = [s for s in ss if s["target"] != f"127.0.0.1:{port}"]    # the accepted one: peer is client
+        assert len(acc) == 1 and acc[0]["client"] == f"127.0.0.1:{cport}", acc
+        assert (acc[0]["bytes_up"], acc[0]["bytes_down"]) == (0, len(b"accepted")), acc
+        assert all(s["target"] == f"127.0.0.1:{port}" and s["bytes_up"] == 1 for s in ss if s not in acc)
+        tr.send_signal(signal.SIGINT)
+        assert tr.wait(30) == 0
+        app.stdin.write(b"\n")
+        app.stdin.flush()
+        assert app.wait(10) == 0
+    finally:
+        lst.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
