@@ -334,6 +334,15 @@ addr_reaches(const struct sockaddr *dst, const struct sockaddr *bound)
 	return addr_same(dst, bound, true) || (addr_is_any(bound) && addr_is_loopback(dst));
 }
 
+const char *
+hostname_idn_hint(const char *name)
+{
+	for (; *name; name++)
+		if ((unsigned char)*name >= 0x80)
+			return " (write a name in another script in its xn-- form)";
+	return "";
+}
+
 bool
 hostname_valid(const char *name)
 {

@@ -47,6 +47,10 @@ bool addr_is_any(const struct sockaddr *sa);
 bool addr_reaches(const struct sockaddr *dst, const struct sockaddr *bound);
 /* Syntax check of a DNS host name (RFC 1123 labels). */
 bool hostname_valid(const char *name);
+/* For a refused name: " (write a name in another script in its xn-- form)" when it
+ * has non-ASCII bytes (DNS and hosts files hold bücher.test as xn--bcher-kva.test,
+ * RFC 5890), else "". Static text. */
+const char *hostname_idn_hint(const char *name);
 /* Matches a name against "name", "*.suffix" or "*" (case-insensitive). */
 bool hostname_match(const char *pattern, const char *name);
 

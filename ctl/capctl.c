@@ -33,16 +33,26 @@ usage(FILE *f)
 	fprintf(f, "\nThe socket is -s PATH, else $CAPD_SOCKET, else /run/capd/capd.sock.\n");
 }
 
+/* "capctl: " and the message, after the usage line when there is one. */
+static int
+usage_vprint(const char *usage, const char *fmt, va_list ap)
+{
+	if (usage != NULL)
+		fprintf(stderr, "%s\n", usage);
+	fprintf(stderr, "capctl: ");
+	vfprintf(stderr, fmt, ap);
+	fprintf(stderr, "\n");
+	return CTL_USAGE;
+}
+
 int
 usage_error(const char *fmt, ...)
 {
 	va_list ap;
 
-	fprintf(stderr, "capctl: ");
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	usage_vprint(NULL, fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "\n");
 	return CTL_USAGE;
 }
 
@@ -51,11 +61,9 @@ usage_wrong(const char *usage, const char *fmt, ...)
 {
 	va_list ap;
 
-	fprintf(stderr, "%s\ncapctl: ", usage);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	usage_vprint(usage, fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "\n");
 	return CTL_USAGE;
 }
 

@@ -34,7 +34,6 @@ hosts_name(const char *verb, const char *arg, char buf[HOST_MAX + 1])
 {
 	const char *name = arg;
 	size_t len = strlen(arg);
-	bool ascii = true;
 
 	if (len > 1 && len <= HOST_MAX && arg[len - 1] == '.') {
 		memcpy(buf, arg, len - 1);
@@ -44,11 +43,7 @@ hosts_name(const char *verb, const char *arg, char buf[HOST_MAX + 1])
 	}
 	if (hostname_valid(name) && name[len - 1] != '.' && !addr_is_ip_literal(name))
 		return name;
-	for (const char *p = arg; *p; p++)
-		ascii = ascii && (unsigned char)*p < 0x80;
-	/* a hosts file, like DNS, holds bücher.test as xn--bcher-kva.test (RFC 5890) */
-	usage_error("hosts %s: '%s' is not a valid host name%s", verb, arg,
-	            ascii ? "" : " (write a name in another script in its xn-- form)");
+	usage_error("hosts %s: '%s' is not a valid host name%s", verb, arg, hostname_idn_hint(arg));
 	return NULL;
 }
 

@@ -15,17 +15,6 @@
 
 #include "xmalloc.h"
 
-/* Whether name is all ASCII: DNS carries an internationalized name as "xn--" labels (RFC 5890),
- * and a query for bücher.test asks for xn--bcher-kva.test. */
-static bool
-dns_name_is_ascii(const char *name)
-{
-	for (; *name; name++)
-		if ((unsigned char)*name >= 0x80)
-			return false;
-	return true;
-}
-
 int
 dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 {
@@ -52,8 +41,8 @@ dns_rules_add(struct dns_rules *r, const char *spec, char **why)
 	if (strcmp(rule.pattern, "*") != 0) {
 		const char *host = strncmp(rule.pattern, "*.", 2) == 0 ? rule.pattern + 2 : rule.pattern;
 		if (!hostname_valid(host) || strchr(host, '*') != NULL) {
-			*why = xasprintf("bad name '%s' in answer rule (a host name, *.suffix or *%s)", rule.pattern,
-			                 dns_name_is_ascii(host) ? "" : "; a name in another script in its xn-- form");
+			*why = xasprintf("bad name '%s' in answer rule (a host name, *.suffix or *)%s", rule.pattern,
+			                 hostname_idn_hint(host));
 			return -1;
 		}
 	}

@@ -106,17 +106,6 @@ hosts_set_del(struct hosts_set *set, const char *name)
 	return true;
 }
 
-/* Whether name is all ASCII: a hosts file, like DNS, holds an internationalized name
- * in its "xn--" form (RFC 5890): bücher.test as xn--bcher-kva.test. */
-static bool
-hosts_name_is_ascii(const char *name)
-{
-	for (; *name; name++)
-		if ((unsigned char)*name >= 0x80)
-			return false;
-	return true;
-}
-
 int
 hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX], char **why)
 {
@@ -127,7 +116,7 @@ hosts_entry_check(const char *name, const char *addr, char norm[HOSTS_ADDR_MAX],
 
 	if (name == NULL || !hostname_valid(name) || name[strlen(name) - 1] == '.' || addr_is_ip_literal(name)) {
 		*why = xasprintf("'%s' is not a valid host name%s", name ? name : "",
-		                 name && !hosts_name_is_ascii(name) ? " (write a name in another script in its xn-- form)" : "");
+		                 name ? hostname_idn_hint(name) : "");
 		return -1;
 	}
 	if (inet_aton(name, &v4) != 0) {
