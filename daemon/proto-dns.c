@@ -1171,19 +1171,26 @@ dns_state_free(struct dns_state *ds)
 
 	if (ds == NULL)
 		return;
-	if (ds->ufd >= 0) {
+	if (ds->ufd >= 0)
 		ev_io_stop(capd_loop, &ds->uio);
-		close(ds->ufd);
-		ds->ufd = -1;
-	}
 	resolve_cancel(ds->resolving);
 	ds->resolving = NULL;
+	/*
+	 * A reload that changes or removes the instance, or capd stopping: a UDP
+	 * client still waiting for the upstream gets SERVFAIL now, as unbound and
+	 * BIND answer the work they drop, so that it asks again at once instead of
+	 * timing out. The socket closes after. A TCP client's connection closes
+	 * with the instance, which tells it as much.
+	 */
 	while ((f = TAILQ_FIRST(&ds->fwds)) != NULL) {
-		struct session *s = f->s;
-		bool udp = !f->client_tcp;
-		dns_fwd_free(f);
-		if (udp)
-			session_close(s, "instance stopped");
+		if (!f->client_tcp)
+			dns_fwd_fail(f, "instance stopped");
+		else
+			dns_fwd_free(f);
+	}
+	if (ds->ufd >= 0) {
+		close(ds->ufd);
+		ds->ufd = -1;
 	}
 	free(ds);
 }

@@ -6,6 +6,7 @@ their own (whose /etc/netns files stand in for resolv.conf and hosts): a
 wildcard listener, the upstream taken from resolv.conf, an upstream by name."""
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -1261,3 +1262,76 @@ def test_odd_opt_records_and_trailing_bytes_are_formerr(dnsd, upstream):
     # a well-formed query with one OPT record is answered as before
     r = ask("www.example.com", "A", port, use_edns=0)
     assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"]
+
+
+def send_burst(s, port, names, first_id):
+    """Sends one query for each name from s; returns {id: name}."""
+    sent = {}
+    for i, name in enumerate(names):
+        q = dns.message.make_query(name, "A", id=first_id + i)
+        s.sendto(q.to_wire(), ("127.0.0.1", port))
+        sent[q.id] = name
+    return sent
+
+
+def recv_answers(s, n, timeout=10.0):
+    """Up to n replies on s within timeout: {id: message}."""
+    got = {}
+    deadline = time.time() + timeout
+    while len(got) < n and time.time() < deadline:
+        s.settimeout(max(0.05, deadline - time.time()))
+        try:
+            r = dns.message.from_wire(s.recv(65535))
+        except socket.timeout:
+            break
+        got[r.id] = r
+    return got
+
+
+def drain_upstream(up, n, timeout=10.0):
+    """Reads n queries on the silent upstream socket up (which never answers)."""
+    up.settimeout(timeout)
+    for _ in range(n):
+        up.recv(65535)
+
+
+def test_reload_that_changes_or_removes_a_dns_instance_answers_its_pending_queries(capd_factory):
+    """Regression: a reload that changed a dns instance (its answer here) or removed it
+    dropped the UDP queries it had forwarded and not yet heard back on: 100 queries to a
+    silent upstream all closed as 'instance stopped' with no reply, and each client
+    timed out. Now each gets SERVFAIL at once, as unbound and BIND answer the work they
+    drop, so that it asks again; the new instance answers by the new rules."""
+    up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a silent upstream on loopback
+    up.bind(("127.0.0.1", 0))
+    up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    port = free_dns_port()
+
+    def conf(addr):
+        return (f"[dns d]\nlisten = 127.0.0.1:{port}\nanswer = *.capd.test={addr}\n"
+                f"upstream = 127.0.0.1:{up.getsockname()[1]}\n")
+
+    c = capd_factory(conf("10.0.0.7"))
+    wait_instance(c, "d")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sent = send_burst(s, port, [f"h{i}.up.test" for i in range(100)], 1)
+        drain_upstream(up, 100)  # all 100 are upstream, waiting
+        c.write_conf(conf("10.0.0.8"))
+        c.ctl("reload")
+        got = recv_answers(s, 100, timeout=3.0)  # well before the 4.5 s of the tries
+        assert len(got) == 100, f"{100 - len(got)} of 100 pending queries never answered"
+        for qid, r in got.items():
+            assert r.rcode() == dns.rcode.SERVFAIL and str(r.question[0].name) == sent[qid] + ".", r
+        wait_instance(c, "d")
+        r = ask("a.capd.test", "A", port)
+        assert addrs(r) == ["10.0.0.8"]
+        # removing the instance answers its pending queries as well
+        sent = send_burst(s, port, [f"g{i}.up.test" for i in range(10)], 1000)
+        drain_upstream(up, 10)
+        c.write_conf("")
+        c.ctl("reload")
+        got = recv_answers(s, 10, timeout=3.0)
+        assert sorted(got) == sorted(sent) and all(r.rcode() == dns.rcode.SERVFAIL for r in got.values())
+    up.close()
+    # each query's session says why, in the log line that ends it
+    assert len(re.findall(r"session \d+ dns/d .* SERVFAIL: instance stopped\n", c.log())) == 110
