@@ -407,13 +407,10 @@ dns_msg_well_formed(const uint8_t *p, size_t n, struct dns_question *q)
 	return q->why[0] == '\0';
 }
 
-/* RFC 6891 for a query capd answers itself: the rcode its form and OPT record call for, q->why set when not
- * NOERROR. */
+/* RFC 6891 for a query capd answers itself: the rcode its OPT record calls for, q->why set when not NOERROR. */
 static int
-dns_msg_edns_rcode(const ldns_pkt *qp, const uint8_t *p, size_t n, struct dns_question *q)
+dns_msg_edns_rcode(const ldns_pkt *qp, struct dns_question *q)
 {
-	if (!dns_msg_well_formed(p, n, q))
-		return LDNS_RCODE_FORMERR;
 	if (ldns_pkt_edns(qp) && ldns_pkt_edns_version(qp) > 0) {
 		snprintf(q->why, sizeof q->why, "BADVERS: EDNS version %u", ldns_pkt_edns_version(qp));
 		return DNS_RCODE_BADVERS;
@@ -462,12 +459,21 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	}
 	qrr = ldns_rr_list_rr(ldns_pkt_question(qp), 0);
 	dns_question_fill(q, qp, qrr);
-	if (q->qclass != LDNS_RR_CLASS_IN || (q->rule = dns_rules_match(r, q->qname)) == NULL) {
+	if (q->qclass == LDNS_RR_CLASS_IN)
+		q->rule = dns_rules_match(r, q->qname);
+	/*
+	 * Not well formed is FORMERR for a forwarded name too, as for capd's own:
+	 * capd relays the client's bytes as they are, and a strict upstream drops
+	 * such a query unanswered, which left the client waiting out the tries
+	 * (4.5 s) for SERVFAIL.
+	 */
+	if (!dns_msg_well_formed(p, n, q)) {
+		rcode = LDNS_RCODE_FORMERR;
+	} else if (q->rule == NULL) {
 		snprintf(q->why, sizeof q->why, "forwarded");
 		ldns_pkt_free(qp);
 		return DNS_FORWARD;
-	}
-	if ((rcode = dns_msg_edns_rcode(qp, p, n, q)) == LDNS_RCODE_NOERROR && dns_msg_is_xfr(q->qtype)) {
+	} else if ((rcode = dns_msg_edns_rcode(qp, q)) == LDNS_RCODE_NOERROR && dns_msg_is_xfr(q->qtype)) {
 		/* RFC 5936 2.2: a transfer opens with its zone's SOA, and capd has no zone
 		 * to send; an empty NOERROR is a broken transfer, REFUSED says no (2.2.1) */
 		snprintf(q->why, sizeof q->why, "REFUSED: %s of a name rule %s answers", q->qtype_str, q->rule);

@@ -1335,3 +1335,33 @@ def test_reload_that_changes_or_removes_a_dns_instance_answers_its_pending_queri
     up.close()
     # each query's session says why, in the log line that ends it
     assert len(re.findall(r"session \d+ dns/d .* SERVFAIL: instance stopped\n", c.log())) == 110
+
+
+def test_forwarded_query_with_trailing_bytes_or_odd_opt_is_formerr_at_once(dnsd, upstream):
+    """Regression: a query for a name no rule claims, with bytes after its question (or an odd
+    OPT record), went upstream as it was; a strict upstream (dnspython's parser, as here, or
+    Knot) drops it, and the client waited out capd's tries, 4.5 s, for SERVFAIL. capd already
+    said FORMERR to such a query for a name it answers itself; now for every name, at once,
+    over UDP and TCP, and nothing goes upstream."""
+    port = dnsd.port
+    q = dns.message.make_query("junk.example.org", "A", id=0x0909).to_wire()
+    opt = b"\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"  # OPT, 4096, version 0, no data; after the owner
+    cases = {
+        "7 bytes after the message": q + b"garbage",
+        "an OPT record in the answer section": q[:6] + b"\x00\x01" + q[8:] + b"\x00" + opt,
+        "2 OPT records": q[:10] + b"\x00\x02" + q[12:] + (b"\x00" + opt) * 2,
+    }
+    for why, wire in cases.items():
+        r = raw_udp(port, wire, timeout=2.0)  # well before the 4.5 s of the tries
+        assert r is not None and r[:2] == b"\x09\x09" and r[2] & 0x80 and r[3] & 0x0f == dns.rcode.FORMERR, (why, r)
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(struct.pack("!H", len(wire)) + wire)
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            assert recv_exact(s, n)[3] & 0x0f == dns.rcode.FORMERR, why
+    reasons = [s["reason"] for s in dnsd.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) >= 6)]
+    for why in cases:  # a UDP query's session (a TCP connection's ends as the client closes it)
+        assert f"FORMERR: {why}" in reasons, (why, reasons)
+    assert not [x for x in upstream.queries if x[1] == "junk.example.org"]
+    # the same query without the junk is forwarded as before
+    r = ask("junk.example.org", "A", port)
+    assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["192.0.2.1"]
