@@ -569,8 +569,13 @@ test_edns(void **state)
 		ldns_pkt_free(a);
 	}
 	free(q);
+	/* for a forwarded name too: a strict upstream would drop it unanswered */
 	q = second_opt(query("elsewhere.org", LDNS_RR_TYPE_A, 0x5154, true, &n), &n);
-	decide(&r, q, n, false, DNS_FORWARD, &dq);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_id(a), 0x5154);
+	assert_int_equal(ldns_pkt_get_rcode(a), LDNS_RCODE_FORMERR);
+	assert_string_equal(dq.why, "FORMERR: 2 OPT records");
+	ldns_pkt_free(a);
 	free(q);
 
 	/* version 0, one OPT: answered as before */
