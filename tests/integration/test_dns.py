@@ -1237,9 +1237,10 @@ def test_answer_rule_with_a_unicode_name_says_xn_form(capd, upstream):
 def test_odd_opt_records_and_trailing_bytes_are_formerr(dnsd, upstream):
     """Regression: a query for a name capd answers itself with an OPT record owned by a name
     other than the root, an OPT record in the answer section, or bytes after its last record
-    got a NOERROR answer (ldns takes all three); BIND and Knot say FORMERR (RFC 6891 6.1.1),
-    as capd already did for two OPT records. Now it does too, over UDP and TCP, and the
-    session's reason says which. Forwarded queries are still left to the upstream."""
+    got a NOERROR answer (ldns takes all three); Knot says FORMERR (RFC 6891 6.1.1), as
+    capd already did for two OPT records. Now it does too, over UDP and TCP, and the
+    session's reason says which (forwarded names too, since: see
+    test_forwarded_query_with_trailing_bytes_or_odd_opt_is_formerr_at_once)."""
     port = dnsd.port
     q = dns.message.make_query("www.example.com", "A", id=0x0808).to_wire()
     opt = b"\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"  # OPT, 4096, version 0, no data; after the owner
