@@ -337,6 +337,11 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		bool failed = inst->state == INSTANCE_FAILED;
 		if (p && json_equal(p, inst->params) && !failed)
 			continue;
+		if (p && !failed && instance_update(inst, p)) {
+			/* new routes for a reverse instance: its requests in flight go on */
+			json_object_set_new(changed, inst->name, json_true());
+			continue;
+		}
 		if (p)
 			json_object_set_new(changed, inst->name, json_true());
 		else

@@ -173,6 +173,65 @@ instance_check(json_t *params, const char *file, json_t *lines, int section_line
 	return 0;
 }
 
+/* Whether key is one of proto's live_keys. */
+static bool
+instance_key_live(const struct proto *proto, const char *key)
+{
+	for (const char *const *k = proto->live_keys; k && *k; k++)
+		if (strcmp(*k, key) == 0)
+			return true;
+	return false;
+}
+
+/* Whether a and b differ only in keys proto can change on a running instance. */
+static bool
+instance_diff_live(const struct proto *proto, json_t *a, json_t *b)
+{
+	const char *key;
+	json_t *v;
+
+	json_object_foreach(a, key, v) {
+		if (!json_equal(v, json_object_get(b, key)) && !instance_key_live(proto, key))
+			return false;
+	}
+	json_object_foreach(b, key, v) {
+		if (json_object_get(a, key) == NULL && !instance_key_live(proto, key))
+			return false;
+	}
+	return true;
+}
+
+bool
+instance_update(struct instance *inst, json_t *params)
+{
+	struct instance *fresh;
+	json_t *copy, *old;
+	char *why = NULL;
+
+	if (inst->proto->update == NULL || inst->state != INSTANCE_RUNNING ||
+	    !instance_diff_live(inst->proto, inst->params, params))
+		return false;
+	/* the reload checked the file already: a failure here is unexpected, and restarting is the safe answer */
+	copy = json_deep_copy(params);
+	fresh = instance_configure(copy, NULL, NULL, 0, &why);
+	json_decref(copy);
+	if (fresh == NULL) {
+		log_warnx("instance %s: %s; restarting it", inst->name, why);
+		free(why);
+		return false;
+	}
+	/* the sessions read the config on every shard: they wait (shard.h) */
+	shards_pause();
+	inst->proto->update(inst, fresh);
+	old = inst->params;
+	inst->params = fresh->params;
+	fresh->params = old;
+	shards_resume();
+	instance_free(fresh);
+	log_info("instance %s changed by reload, its sessions kept", inst->name);
+	return true;
+}
+
 static void
 instance_accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {

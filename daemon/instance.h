@@ -55,6 +55,11 @@ struct proto {
 	 * or keeps it and re-arms s->timer (socks: its UDP association is not
 	 * idle; a UDP relay's session: a datagram waits unread). */
 	bool (*idle)(struct session *s);
+	/* Optional, with live_keys: a reload that changes only those keys hands
+	 * their new values over from fresh (configured, never started) instead
+	 * of restarting the instance, so its open sessions go on. */
+	const char *const *live_keys;
+	void (*update)(struct instance *inst, struct instance *fresh);
 };
 
 enum instance_state { INSTANCE_RUNNING, INSTANCE_FAILED, INSTANCE_STOPPED };
@@ -100,6 +105,9 @@ TAILQ_HEAD(instance_list, instance);
 extern struct instance_list instances;
 
 const struct proto *proto_find(const char *type);
+/* A reload's new params for inst that differ only in its proto's live_keys
+ * are applied in place: true. False when the instance must restart. */
+bool instance_update(struct instance *inst, json_t *params);
 /* Validates params (a config section or instance.add) without starting anything. */
 int instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why);
 /* Creates and starts an instance; params is borrowed (copied). Its prepare step runs inline. */

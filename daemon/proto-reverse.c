@@ -19,6 +19,8 @@
 #include "tls.h"
 #include "xmalloc.h"
 
+static const char *const reverse_live_keys[] = { "route", "default", NULL };
+
 static const char *const reverse_keys[] = {
 	"route", "default", "max_header_size", "header_timeout",
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
@@ -213,6 +215,23 @@ reverse_configure(struct instance *inst, struct params *p)
 	return tls_configure(inst, p, &cfg->tls);
 }
 
+/* A reload's new routes: the next request of every connection goes by them
+ * (one kept on another upstream moves to a new session, as for any Host). */
+static void
+reverse_update(struct instance *inst, struct instance *fresh)
+{
+	struct http_cfg *cfg = inst->cfg, *f = fresh->cfg;
+	struct http_route *routes = cfg->routes;
+	unsigned nroutes = cfg->nroutes;
+
+	cfg->routes = f->routes;
+	cfg->nroutes = f->nroutes;
+	cfg->def = f->def;
+	cfg->have_default = f->have_default;
+	f->routes = routes;  /* freed with fresh */
+	f->nroutes = nroutes;
+}
+
 static void
 reverse_hostport(json_t *a, const struct hostport *hp, const char *pattern)
 {
@@ -257,4 +276,6 @@ const struct proto proto_reverse = {
 	.idle = http_proxy_idle,
 	.free = http_cfg_free,
 	.describe = reverse_describe,
+	.live_keys = reverse_live_keys,
+	.update = reverse_update,
 };

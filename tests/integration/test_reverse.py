@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port
+from conftest import CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port, wait_port
 from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
@@ -1020,3 +1020,38 @@ def test_upgrade_ignored_in_http10_request(capd_factory, origins):
     req = origins[0].requests[-1]
     assert req["line"] == "GET /u HTTP/1.0"
     assert "Upgrade" not in req["headers"] and "Connection" not in req["headers"], req["raw_headers"]
+
+
+def test_reverse_reload_of_routes_keeps_the_sessions(capd_factory, origins):
+    """Regression: a reload that changed a route restarted the reverse instance and cut
+    every request in flight (curl on a slow origin: "(52) Empty reply from server", and
+    upgraded connections closed). As nginx's reload, one that changes only route and
+    default lines now keeps the sessions: an upgraded connection goes on to the origin
+    it had, and a kept-alive connection's next request takes the new route."""
+    a, b, c = origins
+    port = free_port()
+    conf = f"[reverse r]\nlisten = {port}\nroute = www.example.com=127.0.0.1:{{}}\ndefault = 127.0.0.1:{c.port}\n"
+    capd = capd_factory(conf.format(a.port))
+    ws = socket.create_connection(("127.0.0.1", port), timeout=10)
+    ws.sendall(b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert status_of(read_all(ws, 10, until=b"\r\n\r\n")) == 101
+    kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+    kept.sendall(b"GET /one HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    assert read_all(kept, 10, until=b"hello from www /one\n").endswith(b"hello from www /one\n")
+
+    capd.write_conf(conf.format(b.port))
+    r = capd.ctl("reload")
+    assert "1 changed" in r.stdout, r.stdout
+    ws.sendall(b"still here")
+    assert read_all(ws, 10, until=b"still here") == b"still here"
+    kept.sendall(b"GET /two HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    assert read_all(kept, 10, until=b"hello from api /two\n").endswith(b"hello from api /two\n")
+    assert [s for s in capd.ctl("sessions", json_out=True) if s["instance"] == "r" and s["state"] != "closed"]
+    ws.close()
+    kept.close()
+    assert "changed by reload" not in "".join(s.get("reason") or "" for s in capd.ctl("sessions", json_out=True))
+    # any other key still restarts the instance
+    capd.write_conf(conf.format(b.port) + "idle_timeout = 30s\n")
+    capd.ctl("reload")
+    wait_port(port)
+    assert curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/x").stdout == b"hello from api /x\n"
