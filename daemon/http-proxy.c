@@ -993,8 +993,18 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			s->upstream_reset = true;
 	}
 	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
+		if (s->client.tls && http_idempotent(m)) {
+			/* a TLS client connection cannot move to another session: as
+			 * in the keep-alive race (http_retry) it ends unanswered and the
+			 * client sends the request again on a new connection, which
+			 * routes it anew (a reload changed its route, say) */
+			http_end_late(s, hc->upstream_gone ? "upstream closed (client connection closed for its retry)"
+			                                   : "the request routes to another upstream (client connection "
+			                                     "closed for its retry)");
+			return RELAY_END;
+		}
 		if (s->client.tls) {
-			/* a TLS client connection cannot move to another session */
+			/* one that may not go twice is told to use a new connection (RFC 9110 15.5.20) */
 			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
 			return RELAY_END;
 		}

@@ -1055,3 +1055,45 @@ def test_reverse_reload_of_routes_keeps_the_sessions(capd_factory, origins):
     capd.ctl("reload")
     wait_port(port)
     assert curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/x").stdout == b"hello from api /x\n"
+
+
+def test_reverse_tls_reload_of_routes_closes_a_kept_client_for_its_retry(capd_factory, tmp_path):
+    """Regression: after a reload moved a route, the next GET on a kept `tls` client
+    connection got "421 ... this connection is bound to another upstream; use a new
+    one", which curl, Python and Java show as an error. As in the keep-alive race, a
+    request that may go twice now gets no answer: the connection ends (close_notify,
+    FIN) and the client's retry on a new connection reaches the new route."""
+    import test_tls
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").mkdir()
+    o1, o2 = TlsKeptOrigin(tmp_path / "1"), TlsKeptOrigin(tmp_path / "2")
+    try:
+        port = free_port()
+        conf = (f"[reverse r]\nlisten = {port}\ntls = yes\ntls_verify = no\n"
+                f"route = {test_tls.NAME}=127.0.0.1:{{}}\n")
+        capd = capd_factory(conf.format(o1.port))
+        ctx = ssl.create_default_context(cafile=str(test_tls.export_ca(capd, tmp_path / "capd-ca.pem")))
+
+        def connect():
+            return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                   server_hostname=test_tls.NAME)
+
+        def get(t, path):
+            t.sendall(f"GET {path} HTTP/1.1\r\nHost: {test_tls.NAME}\r\n\r\n".encode())
+            return read_all(t, 10, until=f"GET {path} HTTP/1.1\n".encode())
+
+        kept = connect()
+        assert get(kept, "/a").endswith(b"conn 1: GET /a HTTP/1.1\n")
+        capd.write_conf(conf.format(o2.port))
+        capd.ctl("reload")
+        assert get(kept, "/b") == b""   # closed unanswered, not a 421
+        kept.close()
+        fresh = connect()
+        assert get(fresh, "/b").endswith(b"conn 1: GET /b HTTP/1.1\n")
+        fresh.close()
+        assert (o1.conns, o2.conns) == (1, 1)
+        ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
+        assert ss[0]["reason"] == "the request routes to another upstream (client connection closed for its retry)", ss
+    finally:
+        o1.close()
+        o2.close()
