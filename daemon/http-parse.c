@@ -390,13 +390,22 @@ http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg 
 	return PARSE_OK;
 }
 
+/* An Upgrade element: sets *arg when it is h2c. */
+static bool
+http_h2c_elem(void *arg, const char *e, size_t len)
+{
+	if (http_token_eq(e, len, "h2c"))
+		*(bool *)arg = true;
+	return true;
+}
+
 /* Connection, Proxy-Connection, Content-Length, Transfer-Encoding, Host, Expect, Upgrade. */
 static enum parse
 http_semantics(struct http_msg *m, bool request)
 {
 	struct http_cl_scan cl = { 0 };
 	struct http_te_scan te = { 0 };
-	bool have_te = false, have_upgrade = false;
+	bool have_te = false, have_upgrade = false, h2c = false;
 	unsigned hosts = 0;
 
 	for (unsigned i = 0; i < m->nhdr; i++) {
@@ -426,12 +435,19 @@ http_semantics(struct http_msg *m, bool request)
 				m->expect_continue = true;
 		} else if (http_token_eq(name, nl, "upgrade")) {
 			have_upgrade = true;
+			http_list_each(h->value, h->value_len, http_h2c_elem, &h2c);
 		}
 	}
 	/* an Upgrade in an HTTP/1.0 request is ignored (RFC 9110 7.8: a
 	 * server must; a 1.0 intermediary may have passed it on blindly), so
 	 * it and its Connection token go no further */
 	if (!have_upgrade || (request && m->minor == 0))
+		m->conn_upgrade = false;
+	/* nor is one to h2c, as mitmproxy drops it: its HTTP2-Settings, which
+	 * Connection names, is hop-by-hop and goes no further, and without it
+	 * the upgrade is malformed (RFC 7540 3.2); the request goes on as
+	 * HTTP/1.1, which capd reads (Java's HttpClient offers h2c by default) */
+	if (request && h2c)
 		m->conn_upgrade = false;
 	if (have_te && cl.seen)
 		return http_fail(m, 400, "both Content-Length and Transfer-Encoding");

@@ -1097,3 +1097,43 @@ def test_reverse_tls_reload_of_routes_closes_a_kept_client_for_its_retry(capd_fa
     finally:
         o1.close()
         o2.close()
+
+
+JAVA_H2C_SRC = """
+import java.net.URI;
+import java.net.http.*;
+
+public class H2cGet {
+    public static void main(String[] a) throws Exception {
+        HttpClient c = HttpClient.newHttpClient();  // HTTP_2: offers "Upgrade: h2c" on http://
+        for (String u : a) {
+            HttpRequest r = HttpRequest.newBuilder(URI.create(u)).header("Host-Check", "1").build();
+            HttpResponse<String> s = c.send(r, HttpResponse.BodyHandlers.ofString());
+            System.out.println(s.statusCode() + " " + s.version() + " " + s.body().trim());
+        }
+    }
+}
+"""
+
+
+def test_reverse_h2c_upgrade_is_dropped(capd_factory, origins, tmp_path):
+    """Regression: Java's HttpClient (HTTP/2 by default) sends "Connection: Upgrade,
+    HTTP2-Settings", "Upgrade: h2c" and HTTP2-Settings on http://. capd removed
+    HTTP2-Settings (Connection names it: hop-by-hop) but passed "Upgrade: h2c" and
+    "Connection: Upgrade" on, an upgrade RFC 7540 3.2 calls malformed, which an
+    origin may take up. As mitmproxy does, an h2c Upgrade is dropped whole and the
+    request goes on as HTTP/1.1; a 101 to it is a 502."""
+    a, b, c = origins
+    capd, port = reverse(capd_factory, origins, default=True)
+    (tmp_path / "H2cGet.java").write_text(JAVA_H2C_SRC)
+    r = subprocess.run(["java", str(tmp_path / "H2cGet.java"), f"http://127.0.0.1:{port}/one",
+                        f"http://127.0.0.1:{port}/two"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["200 HTTP_1_1 hello from default /one", "200 HTTP_1_1 hello from default /two"]
+    for q in c.requests:
+        assert q["headers"].get("Host-Check") == "1", q
+        assert not {"Upgrade", "HTTP2-Settings", "Connection"} & set(q["headers"]), q["raw_headers"]
+    reply = raw(port, b"GET /ws HTTP/1.1\r\nHost: elsewhere.test\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                      b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+    assert status_of(reply) == 502, reply
+    assert "Upgrade" not in c.requests[-1]["headers"], c.requests[-1]
