@@ -9,6 +9,8 @@
  * the two per chunk; --raw writes one direction's bytes unchanged.
  */
 #include <errno.h>
+#include <langinfo.h>
+#include <locale.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +31,10 @@ struct tail_out {
 	bool colour;
 	uint64_t next[2];        /* stream offset expected next, per direction */
 	uint64_t cr_end[2];      /* just past a carriage return that ended the last text chunk, else 0 */
+	bool utf8;               /* the locale's character set is UTF-8: its characters print as they are */
+	uint8_t held[2][4];      /* the start of a UTF-8 character that the last text chunk of d ended in */
+	size_t nheld[2];
+	uint64_t held_end[2];    /* ... the stream offset just past it */
 	bool ended;
 	int rc;                  /* set when writing failed */
 };
@@ -117,27 +123,75 @@ tail_hex(struct tail_out *t, int d, uint64_t base, const uint8_t *p, size_t n)
 	tail_line_end(t);
 }
 
-static bool
-tail_is_text(const uint8_t *p, size_t n)
+/*
+ * The length of the printable UTF-8 character at p (n bytes left), 0 when p
+ * starts none (the bytes are escaped), -1 when p holds the start of one that
+ * goes on past n. C1 controls (some terminals act on them) and the controls
+ * that reorder a line (a line could show other than what was sent) are not
+ * printable here.
+ */
+static int
+tail_utf8(const uint8_t *p, size_t n)
 {
-	for (size_t i = 0; i < n; i++)
-		if ((p[i] < 0x20 || p[i] >= 0x7f) && p[i] != '\n' && p[i] != '\r' && p[i] != '\t')
+	static const uint32_t least[5] = { 0, 0, 0x80, 0x800, 0x10000 };  /* shorter forms are not UTF-8 */
+	uint32_t cp;
+	int len;
+
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		len = 2, cp = p[0] & 0x1fu;
+	else if (p[0] >= 0xe0 && p[0] <= 0xef)
+		len = 3, cp = p[0] & 0x0fu;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		len = 4, cp = p[0] & 0x07u;
+	else
+		return 0;
+	for (int i = 1; i < len; i++) {
+		if ((size_t)i >= n)
+			return -1;
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (p[i] & 0x3fu);
+	}
+	if (cp < least[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff) || cp < 0xa0 ||
+	    (cp >= 0x200e && cp <= 0x200f) || (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2066 && cp <= 0x2069))
+		return 0;
+	return len;
+}
+
+static bool
+tail_is_text(const struct tail_out *t, const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		int k;
+		if ((p[i] >= 0x20 && p[i] < 0x7f) || p[i] == '\n' || p[i] == '\r' || p[i] == '\t')
+			continue;
+		if (p[i] < 0x80 || !t->utf8 || (k = tail_utf8(p + i, n - i)) == 0)
 			return false;
+		if (k < 0)  /* the rest of the character comes with the next chunk */
+			return true;
+		i += (size_t)k - 1;
+	}
 	return true;
 }
 
 /*
- * Printable ASCII as it is; a line feed (with the carriage return before it)
- * ends a line; tab stays; everything else is escaped C-style.
+ * Printable ASCII as it is, UTF-8 too in a UTF-8 locale; a line feed (with
+ * the carriage return before it) ends a line; tab stays; everything else is
+ * escaped C-style. With hold, a UTF-8 character cut off by the end of p is
+ * not shown: the bytes shown are returned, the rest wait for the next chunk.
  */
-static void
-tail_text(struct tail_out *t, int d, const uint8_t *p, size_t n)
+static size_t
+tail_text(struct tail_out *t, int d, const uint8_t *p, size_t n, bool hold)
 {
 	bool open = false;
+	size_t i;
 
-	for (size_t i = 0; i < n; i++) {
+	for (i = 0; i < n; i++) {
 		uint8_t c = p[i];
+		int k = c >= 0x80 && t->utf8 ? tail_utf8(p + i, n - i) : 0;
 
+		if (k < 0 && hold)
+			break;
 		if (!open) {
 			tail_line_start(t, d);
 			open = true;
@@ -151,6 +205,9 @@ tail_text(struct tail_out *t, int d, const uint8_t *p, size_t n)
 			fputs("\\\\", stdout);
 		} else if ((c >= 0x20 && c < 0x7f) || c == '\t') {
 			putchar(c);
+		} else if (k > 0) {
+			fwrite(p + i, 1, (size_t)k, stdout);
+			i += (size_t)k - 1;
 		} else if (c == '\r') {
 			fputs("\\r", stdout);
 		} else if (c == 0) {
@@ -161,6 +218,19 @@ tail_text(struct tail_out *t, int d, const uint8_t *p, size_t n)
 	}
 	if (open)
 		tail_line_end(t);
+	return i;
+}
+
+/* The start of a character that a chunk of d ended in, when its rest will not
+ * follow (a gap, a hex chunk, the end): shown escaped, on a line of its own. */
+static void
+tail_held_out(struct tail_out *t, int d)
+{
+	size_t n = t->nheld[d];
+
+	t->nheld[d] = 0;
+	if (n > 0)
+		tail_text(t, d, t->held[d], n, false);
 }
 
 /* A notice about the stream itself, "[... N bytes dropped ...]", in the direction's colour. */
@@ -198,13 +268,17 @@ tail_on_data(struct tail_out *t, json_t *p)
 		putchar('\n');
 		return;
 	}
-	data = malloc(blen / 4 * 3 + 1);
-	if (data == NULL || (n = base64_decode(data, b64 ? b64 : "", blen)) < 0) {
+	/* room before the bytes for a character the last chunk began */
+	uint8_t *buf = malloc(sizeof t->held[0] + blen / 4 * 3 + 1);
+	if (buf == NULL || (n = base64_decode(buf + sizeof t->held[0], b64 ? b64 : "", blen)) < 0) {
 		fprintf(stderr, "capctl: capd sent data that is not base64\n");
-		free(data);
+		free(buf);
 		return;
 	}
+	data = buf + sizeof t->held[0];
 	uint64_t off = json_is_integer(offv) ? (uint64_t)json_integer_value(offv) : t->next[d] + dropped;
+	if (t->nheld[d] > 0 && (dropped > 0 || off != t->held_end[d]))
+		tail_held_out(t, d);
 	if (dropped > 0) {
 		tail_notice(t, d, "[... %llu bytes dropped ...]", (unsigned long long)dropped);
 		t->next[d] += dropped;
@@ -213,9 +287,13 @@ tail_on_data(struct tail_out *t, json_t *p)
 		tail_notice(t, d, "[... %llu bytes before the backlog ...]", (unsigned long long)(off - t->next[d]));
 	t->next[d] = off + (uint64_t)n;
 	if (n == 0) {
-		free(data);
+		free(buf);
 		return;
 	}
+	/* the chunk's bytes after the start of a character the last one held back */
+	uint8_t *all = data - t->nheld[d];
+	size_t alln = t->nheld[d] + (size_t)n;
+	memcpy(all, t->held[d], t->nheld[d]);
 	switch (t->fmt) {
 	case FMT_RAW:
 		fwrite(data, 1, (size_t)n, stdout);
@@ -223,23 +301,30 @@ tail_on_data(struct tail_out *t, json_t *p)
 	case FMT_AUTO:
 	case FMT_HEX:
 	case FMT_TEXT:
-		tail_line_start(t, d);
-		printf("[%s %s %ld bytes]", when ? when : "-", tail_dirs[d], n);
-		tail_line_end(t);
-		if (t->fmt == FMT_HEX || (t->fmt == FMT_AUTO && !tail_is_text(data, (size_t)n))) {
+		if (t->fmt == FMT_HEX || (t->fmt == FMT_AUTO && !tail_is_text(t, all, alln))) {
+			tail_held_out(t, d);
+			tail_line_start(t, d);
+			printf("[%s %s %ld bytes]", when ? when : "-", tail_dirs[d], n);
+			tail_line_end(t);
 			tail_hex(t, d, off, data, (size_t)n);
 			t->cr_end[d] = 0;
 		} else {
+			tail_line_start(t, d);
+			printf("[%s %s %ld bytes]", when ? when : "-", tail_dirs[d], n);
+			tail_line_end(t);
 			/* a read that fell between CR and LF: the line the pair
 			 * ends was ended with the chunk before, not again here */
 			size_t lf = t->cr_end[d] == off && data[0] == '\n';
+			size_t shown = lf + tail_text(t, d, all + lf, alln - lf, true);
 
-			tail_text(t, d, data + lf, (size_t)n - lf);
+			t->nheld[d] = alln - shown;
+			memcpy(t->held[d], all + shown, t->nheld[d]);
+			t->held_end[d] = off + (uint64_t)n;
 			t->cr_end[d] = data[n - 1] == '\r' ? off + (uint64_t)n : 0;
 		}
 		break;
 	}
-	free(data);
+	free(buf);
 }
 
 /* Hands each notification to cb until it says the stream ended; closes c. */
@@ -273,6 +358,8 @@ tail_on_note(json_t *m, void *arg)
 		tail_on_data(t, p);
 	} else if (!strcmp(method, "session.end")) {
 		t->ended = true;
+		tail_held_out(t, 0);
+		tail_held_out(t, 1);
 		if (t->json) {
 			json_dumpf(p, stdout, JSON_COMPACT);
 			putchar('\n');
@@ -359,6 +446,8 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 		return usage_error("--raw writes one direction: add --dir c2s or --dir s2c");
 	}
 	t.colour = t.fmt != FMT_RAW && !t.json && tail_want_colour();
+	/* UTF-8 text prints as it is where the terminal takes it, as less(1) does */
+	t.utf8 = setlocale(LC_CTYPE, "") != NULL && !strcmp(nl_langinfo(CODESET), "UTF-8");
 	json_object_set_new(params, "id", json_integer((json_int_t)id));
 
 	signal(SIGPIPE, SIG_IGN);

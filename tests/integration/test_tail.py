@@ -1089,3 +1089,37 @@ def test_text_crlf_split_across_reads_ends_one_line(capd, echo_server, mode):
     lines = out.get().decode().splitlines()
     body = [x for x in lines[1:-1] if not HEADER.match(x)]
     assert body == ["GET / HTTP/1.1\\r", "Host: x"], lines
+
+
+@pytest.mark.parametrize("mode", ["--text", None])
+def test_text_shows_utf8_split_across_reads(capd, echo_server, mode):
+    """--text (and the default) escaped every byte above 0x7f, so "héllo" came out
+    as h\\xc3\\xa9llo (or a hex dump) even in a UTF-8 locale, and a character split
+    between two reads could not be read at all. Now UTF-8 prints as it is in a
+    UTF-8 locale, a split character whole with the chunk that completes it; C1 and
+    bidirectional controls, bytes that are no UTF-8, and a character the session
+    never completed stay escaped."""
+    port = forward(capd, echo_server.port)
+    s, sid = open_session(capd, port)
+    s.settimeout(10)
+    p = tail_proc(capd, "session", sid, *([mode] if mode else []), "--dir", "c2s",
+                  env={"LC_ALL": "C.UTF-8"})
+    out = Reader(p.stdout)
+    out.wait(lambda d: d.startswith(b"[session"))
+    parts = [b"h\xc3", b"\xa9llo w\xc3\xb6rld \xe2", b"\x86\x92 ok\n",
+             b"c1\xc2\x85 rlo\xe2\x80\xae bad\xff\n", b"end \xf0\x9f"]
+    want = ["h", "\u00e9llo w\u00f6rld ", "\u2192 ok", "c1\\xc2\\x85 rlo\\xe2\\x80\\xae bad\\xff",
+            "end ", "\\xf0\\x9f"]
+    if mode is None:  # the default shows what is not text in hex
+        del parts[3], want[3]
+    for n, part in enumerate(parts, 1):
+        s.sendall(part)
+        got = b""
+        while len(got) < len(part):
+            got += s.recv(100)
+        out.wait(lambda d, n=n: d.count(b" c2s ") == n)
+    s.close()
+    assert p.wait(15) == 0
+    lines = out.get().decode().splitlines()
+    body = [x for x in lines[1:-1] if not HEADER.match(x)]
+    assert body == want, lines
