@@ -449,6 +449,8 @@ tail_session(struct ctl_opts *o, int argc, char **argv)
 	/* UTF-8 text prints as it is where the terminal takes it, as less(1) does */
 	t.utf8 = setlocale(LC_CTYPE, "") != NULL && !strcmp(nl_langinfo(CODESET), "UTF-8");
 	json_object_set_new(params, "id", json_integer((json_int_t)id));
+	if (t.dir >= 0)  /* capd sends only that direction: the other cannot crowd it out */
+		json_object_set_new(params, "dir", json_string(tail_dirs[t.dir]));
 
 	signal(SIGPIPE, SIG_IGN);
 	output_watch_reader();

@@ -1,6 +1,7 @@
 /*
- * Streaming RPC methods: session.tail and events.subscribe. Each answers at
- * once, then sends notifications on the same connection (see tail.c):
+ * Streaming RPC methods: session.tail {id, backlog?, dir?: "c2s"|"s2c"} and
+ * events.subscribe. Each answers at once, then sends notifications on the
+ * same connection (see tail.c):
  *   session.data  {id, dir: "c2s"|"s2c", time, offset, data (base64), dropped?}
  *   session.end   {id, reason, bytes_up, bytes_down}
  *   event         {event, time, ...the subject's fields}
@@ -13,6 +14,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "control.h"
 #include "instance.h"
@@ -28,7 +30,9 @@ static json_t *
 rpc_session_tail(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 {
 	json_t *v = json_object_get(params, "backlog");
+	const char *dirs = json_string_value(json_object_get(params, "dir"));
 	uint64_t id, backlog = UINT64_MAX;
+	int dir = -1;
 	struct session *s;
 	char *why = NULL;
 
@@ -39,11 +43,20 @@ rpc_session_tail(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 			return rpc_fail(err, RPC_E_PARAMS, "\"backlog\" must be a number of bytes, 0 or more");
 		backlog = (uint64_t)json_integer_value(v);
 	}
+	/* one direction: the other is not encoded nor queued, so it cannot crowd out the one watched */
+	if (json_object_get(params, "dir") != NULL && !json_is_null(json_object_get(params, "dir"))) {
+		if (dirs != NULL && !strcmp(dirs, "c2s"))
+			dir = DIR_UP;
+		else if (dirs != NULL && !strcmp(dirs, "s2c"))
+			dir = DIR_DOWN;
+		else
+			return rpc_fail(err, RPC_E_PARAMS, "\"dir\" must be \"c2s\" or \"s2c\"");
+	}
 	if ((s = session_find(id)) == NULL || s->state == SESSION_CLOSED) {
 		/* a session that already ended is named as such: its backlog went with it */
 		return rpc_session_missing(id, err);
 	}
-	if (tail_subscribe(s, c, backlog, &why) < 0) {
+	if (tail_subscribe(s, c, backlog, dir, &why) < 0) {
 		json_t *r = rpc_fail(err, RPC_E_FAILED, "%s", why);
 		free(why);
 		return r;
@@ -90,7 +103,7 @@ rpc_capture_follow(struct ctl_conn *c, json_t *params, struct rpc_err *err)
 }
 
 const struct rpc_method rpc_tail_methods[] = {
-	{ "session.tail", rpc_session_tail, "id, backlog" },
+	{ "session.tail", rpc_session_tail, "id, backlog, dir" },
 	{ "events.subscribe", rpc_events_subscribe, "" },
 	{ "capture.follow", rpc_capture_follow, "instance" },
 	{ NULL, NULL, NULL },

@@ -88,6 +88,7 @@ struct tail_sub {
 	bool dropping;               /* over TAIL_SUB_MAX, waiting to drain */
 	bool pending;                /* on the pend list: still reading the backlog */
 	uint64_t next[2];            /* while pending: stream offset of the next byte to send per direction */
+	bool want[2];                /* directions it asked for: the other is neither sent nor queued */
 };
 
 LIST_HEAD(tail_sub_list, tail_sub);
@@ -377,6 +378,8 @@ tail_replay_next(struct tail_sub *sub, enum dir *d, uint64_t *from, uint64_t *to
 	for (int i = 0; i < 2; i++) {
 		const struct tail_ring *r = &t->ring[i];
 		uint64_t oldest = r->total - ring_held(r);
+		if (!sub->want[i])
+			sub->next[i] = r->total;  /* nothing of it is owed */
 		if (sub->next[i] < oldest) {
 			sub->dropped[i] += oldest - sub->next[i];
 			sub->next[i] = oldest;
@@ -510,7 +513,7 @@ tail_sub_new(struct ctl_conn *c, struct session *s)
 }
 
 int
-tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **why)
+tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, int dir, char **why)
 {
 	struct tail *t;
 	struct tail_sub *sub, *last;
@@ -520,6 +523,7 @@ tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **w
 	t = tail_get(s);
 	sub = tail_sub_new(c, s);
 	for (int d = 0; d < 2; d++) {
+		sub->want[d] = dir < 0 || dir == d;
 		const struct tail_ring *r = &t->ring[d];
 		uint64_t held = ring_held(r);
 		sub->next[d] = r->total - (backlog < held ? backlog : held);
@@ -554,8 +558,8 @@ tail_publish(struct session *s, enum dir d, uint64_t off, const void *p, size_t 
 	json_t *base = NULL;
 
 	LIST_FOREACH(sub, &s->tail->subs, entry) {
-		if (sub->pending)
-			continue;  /* still reading the backlog: it reads this from the ring */
+		if (sub->pending || !sub->want[d])
+			continue;  /* still reading the backlog: it reads this from the ring; or it asked for the other direction */
 		if (!tail_sub_room(sub)) {
 			sub->dropped[d] += n;
 			continue;

@@ -29,10 +29,11 @@ void tail_session_end(struct session *s);
  * session.tail: c gets up to backlog bytes per direction of what s carried
  * (UINT64_MAX: all that is kept), then every chunk live, then "session.end".
  * The backlog goes out after the method's reply, in pieces as c's output
- * drains, whatever its size. -1 and *why (owned) when c holds too many
+ * drains, whatever its size. dir: -1 both directions, else only that
+ * one (DIR_UP, DIR_DOWN). -1 and *why (owned) when c holds too many
  * subscriptions already.
  */
-int tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, char **why);
+int tail_subscribe(struct session *s, struct ctl_conn *c, uint64_t backlog, int dir, char **why);
 
 /* True when someone listens for events: saves building objects nobody reads. */
 bool events_active(void);

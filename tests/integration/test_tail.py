@@ -1123,3 +1123,58 @@ def test_text_shows_utf8_split_across_reads(capd, echo_server, mode):
     lines = out.get().decode().splitlines()
     body = [x for x in lines[1:-1] if not HEADER.match(x)]
     assert body == want, lines
+
+
+def test_tail_of_one_direction_is_not_crowded_out_by_the_other(capd):
+    """`tail session N --dir s2c` of an upload: capd sent both directions and capctl
+    threw c2s away, so while capctl waited on its reader the upload filled the
+    subscriber's 4 MiB and the server's answer, a few KB, was dropped
+    ("[... 51200 bytes dropped ...]"). capd now sends only the direction asked for."""
+    first, last = os.urandom(256 * 1024), os.urandom(50 * 1024)
+    upload = 64 << 20
+    got_upload, tailing = threading.Event(), threading.Event()
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        c, _ = ls.accept()
+        with c:
+            tailing.wait(30)
+            c.sendall(first)
+            n = 0
+            while n < upload:
+                d = c.recv(1 << 20)
+                if not d:
+                    return
+                n += len(d)
+            got_upload.set()
+            c.sendall(last)
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(65536):
+                pass
+    threading.Thread(target=serve, daemon=True).start()
+    port = forward(capd, ls.getsockname()[1])
+    s, sid = open_session(capd, port)
+    p = tail_proc(capd, "session", sid, "--raw", "--dir", "s2c")
+    try:
+        wait_calls(capd, "session.tail", 1)
+        tailing.set()
+        down = bytearray()
+        t = drain(s, down)
+        # capctl blocks on its full stdout pipe with most of `first` still to write
+        # while the upload passes, then the answer comes
+        buf = b"\0" * (1 << 20)
+        for _ in range(upload >> 20):
+            s.sendall(buf)
+        assert got_upload.wait(60)
+        s.shutdown(socket.SHUT_WR)
+        t.join(60)
+        assert bytes(down) == first + last
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        s.close()
+        ls.close()
+    assert p.returncode == 0, err
+    assert b"dropped" not in err, err
+    assert out == first + last
