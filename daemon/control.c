@@ -169,6 +169,19 @@ ctl_conn_flush(struct ctl_conn *c)
 	ctl_conn_done_check(c);
 }
 
+/* After a message was queued: the peer gets it now, or when it can take it. */
+static void
+ctl_conn_sent(struct ctl_conn *c)
+{
+	if (buf_used(&c->out) > CTL_OUT_MAX) {
+		log_warnx("control: peer pid %d stopped reading; dropping it", c->pid);
+		ctl_conn_kill(c);
+		return;
+	}
+	if (!ev_is_active(&c->wio))
+		ctl_conn_flush(c);
+}
+
 void
 ctl_conn_send(struct ctl_conn *c, json_t *msg)
 {
@@ -178,13 +191,16 @@ ctl_conn_send(struct ctl_conn *c, json_t *msg)
 	}
 	rpc_encode(&c->out, msg);
 	json_decref(msg);
-	if (buf_used(&c->out) > CTL_OUT_MAX) {
-		log_warnx("control: peer pid %d stopped reading; dropping it", c->pid);
-		ctl_conn_kill(c);
+	ctl_conn_sent(c);
+}
+
+void
+ctl_conn_send_line(struct ctl_conn *c, const void *p, size_t n)
+{
+	if (c->dead)
 		return;
-	}
-	if (!ev_is_active(&c->wio))
-		ctl_conn_flush(c);
+	buf_append(&c->out, p, n);
+	ctl_conn_sent(c);
 }
 
 size_t

@@ -45,6 +45,9 @@ void control_forget_peers(void);
 
 /* Queues a message (stolen) to the connection; dropped if the peer is gone. */
 void ctl_conn_send(struct ctl_conn *c, json_t *msg);
+/* Queues a message already encoded: one JSON line with its newline (a big
+ * payload written straight, without jansson walking it character by character). */
+void ctl_conn_send_line(struct ctl_conn *c, const void *p, size_t n);
 /* Bytes waiting to go out, for subscribers that must drop instead of queueing. */
 size_t ctl_conn_queued(struct ctl_conn *c);
 /* Called once when the connection closes (subscriptions clean up here). */
