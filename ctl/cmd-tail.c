@@ -484,7 +484,9 @@ tail_event_line(json_t *e)
 	const char *tm = json_string_value(json_object_get(e, "time"));
 	char up[16], down[16];
 
-#define S(k) (json_string_value(json_object_get(e, k)) ? json_string_value(json_object_get(e, k)) : "-")
+	/* a field not known (NULL) or not known yet (""): a blank would shift the columns */
+#define S(k) (json_string_value(json_object_get(e, k)) && *json_string_value(json_object_get(e, k)) ? \
+	      json_string_value(json_object_get(e, k)) : "-")
 	if (ev == NULL)
 		return;
 	printf("%s %s ", tm ? tm : "-", ev);

@@ -1290,3 +1290,24 @@ def test_tail_costs_the_session_little(capd, echo_server):
     err = p.stderr.read()
     assert b"dropped" not in err, err
     assert tailed - base < 0.4, f"capd used {base:.2f} s of CPU untailed, {tailed:.2f} s tailed"
+
+
+def test_tail_events_unknown_target_is_a_dash(capd):
+    """A SOCKS connection that sent no valid request has no target yet: tail events
+    printed "127.0.0.1:41602 ->  up 0 down 0", an empty column that shifts those
+    after it for awk/cut. It prints "-" now, as for other missing fields."""
+    port = free_port()
+    capd.ctl("add", "socks", "--port", port)
+    p = tail_proc(capd, "events")
+    out = Reader(p.stdout)
+    try:
+        wait_calls(capd, "events.subscribe", 1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"garbage\n")
+            s.recv(100)
+        text = out.wait(lambda d: b"session.close" in d).decode()
+    finally:
+        p.terminate()
+        p.wait(10)
+    line = [x for x in text.splitlines() if "session.close" in x][0]
+    assert re.search(r" socks 127\.0\.0\.1:\d+ -> - up 0 down 0: ", line), line
