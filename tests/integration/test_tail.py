@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import CAPCTL, free_port, tshark
+from conftest import CAPCTL, SANITIZED, free_port, tshark
 
 
 def tail_proc(capd, *args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=None):
@@ -1202,6 +1202,7 @@ def pace(s, total, rate):
     return total
 
 
+@pytest.mark.skipif(SANITIZED, reason="CPU seconds of a sanitizer build mean nothing: the normal build's run has it")
 def test_capture_follow_reads_big_notifications_cheaply(capd, echo_server, tmp_path):
     """capctl spent three quarters of its time in jansson's lexer walking the base64
     of each capture.data line: following 130 MB of capture took 1.5 s of CPU, and at
@@ -1240,6 +1241,7 @@ def cpu_secs(pid):
     return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.skipif(SANITIZED, reason="CPU seconds of a sanitizer build mean nothing: the normal build's run has it")
 def test_capture_follow_costs_capd_little(capd, echo_server, tmp_path):
     """capd built each capture.data line with jansson, whose dump walked the base64
     a character at a time: a follower of 128 MB of capture cost capd's loop 0.75 s
@@ -1266,6 +1268,7 @@ def test_capture_follow_costs_capd_little(capd, echo_server, tmp_path):
     assert followed - base < 0.4, f"capd used {base:.2f} s of CPU unfollowed, {followed:.2f} s followed"
 
 
+@pytest.mark.skipif(SANITIZED, reason="CPU seconds of a sanitizer build mean nothing: the normal build's run has it")
 def test_tail_costs_the_session_little(capd, echo_server):
     """capd built each session.data line with jansson on the session's own thread
     (under the global lock), whose dump walked the base64 a character at a time: a
