@@ -740,3 +740,26 @@ def test_promisc_on_any_is_taken_off_with_a_warning(netns, ns_capd):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r
     assert next(i for i in c.ctl("list", json_out=True) if i["name"] == "sniff-cvp0")["promisc"] is True
+
+
+def test_burst_of_small_packets_fits_the_ring(netpair, ns_capd):
+    """In libpcap's immediate mode the kernel ring is TPACKET_V2, fixed frames as big
+    as the snap length (64 KiB on a veth): capd's 32 MiB ring held ~500 packets, so a
+    flood of small UDP datagrams on a veth lost 8% of them ("dropped kernel 36358" of
+    456400) where a dumpcap on the same interface at the same time lost none. The ring
+    now packs packets in blocks as dumpcap's does: a burst of 5000 small datagrams
+    sent while capd does not read (stopped) is all there once it reads again."""
+    c = ns_capd(netpair.a, f"[sniff wire]\ninterface = {netpair.va}\nfilter = udp port 9\n")
+    n = 5000
+    os.kill(c.proc.pid, signal.SIGSTOP)
+    try:
+        netpair.run(netpair.a, "/usr/bin/python3", "-c",
+                    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                    f"for i in range({n}): s.sendto(b'x' * 18, ('{netpair.ip_b}', 9))")
+    finally:
+        os.kill(c.proc.pid, signal.SIGCONT)
+    inst = wait_packets(c, "wire", n, timeout=30)
+    assert (inst["packets"], inst["dropped_kernel"]) == (n, 0), inst
+    c.flush()
+    r = tshark("-r", spool_file(c), "-Y", "udp.dstport == 9")
+    assert len(r.stdout.splitlines()) == n, r.stderr
