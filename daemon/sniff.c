@@ -4,8 +4,9 @@
  * each wake-up dispatches what the kernel ring holds into the spool, on a
  * pcapng interface of its own carrying the device's link type, snap length
  * and timestamp resolution. A sniffer has no listen address: its `listen` is
- * the interface. When the interface goes down the instance fails (it stays
- * listed with the reason) and the daemon carries on.
+ * the interface. As with dumpcap, an interface taken down and up again is
+ * captured on after it comes back; when it is deleted the instance fails (it
+ * stays listed with the reason) and the daemon carries on.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -47,6 +48,7 @@
 #define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
 #define SNIFF_ROUNDS 8                /* dispatch calls per wake-up before yielding to others */
 #define SNIFF_STATS_EVERY 1.0         /* seconds between the counters told to the spool while packets come */
+#define SNIFF_DOWN_CHECK 1.0          /* seconds between looks at a down interface: deleted, or up again? */
 
 /* Parsed parameters. Owned by the instance; freed by sniff_free. */
 struct sniff_cfg {
@@ -60,6 +62,8 @@ struct sniff_cfg {
 struct sniff_run {
 	pcap_t *pcap;
 	ev_io io;
+	ev_timer down;                /* runs while the interface is down (sniff_down_cb) */
+	unsigned ifindex;             /* of the interface at start; 0 for any */
 	int linktype;                 /* pcapng LINKTYPE_ of the device */
 	bool tsnano;
 	ev_tstamp told;               /* when the spool last had its counters (sniff_stats) */
@@ -227,23 +231,91 @@ sniff_packet_cb(u_char *arg, const struct pcap_pkthdr *h, const u_char *bytes)
 		sn->n.dropped_spool++;
 }
 
+enum sniff_link { SNIFF_UP, SNIFF_DOWN, SNIFF_GONE };
+
 /*
- * libpcap 1.10 swallows the ENETDOWN a packet socket reports when its
- * interface is taken down (it waits for the interface to come back), so a
- * wake-up that brings no packets asks the interface itself.
+ * What became of the interface the capture started on, found by its index:
+ * one deleted and made again under the same name is another interface, its
+ * packet socket no longer bound to anything.
  */
-static bool
-sniff_iface_down(struct sniff *sn)
+static enum sniff_link
+sniff_iface_link(struct sniff *sn)
 {
 	struct ifreq ifr;
+	int fd = pcap_fileno(sn->run->pcap);
 
-	if (strcmp(sn->cfg.interface, "any") == 0)
-		return false;
+	if (sn->run->ifindex == 0)
+		return SNIFF_UP;  /* any */
 	memset(&ifr, 0, sizeof ifr);
-	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", sn->cfg.interface);
-	if (ioctl(pcap_fileno(sn->run->pcap), SIOCGIFFLAGS, &ifr) < 0)
-		return errno == ENODEV || errno == ENXIO;
-	return (ifr.ifr_flags & IFF_UP) == 0;
+	ifr.ifr_ifindex = (int)sn->run->ifindex;
+	if (ioctl(fd, SIOCGIFNAME, &ifr) < 0)
+		return errno == ENODEV || errno == ENXIO ? SNIFF_GONE : SNIFF_UP;
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0)
+		return errno == ENODEV || errno == ENXIO ? SNIFF_GONE : SNIFF_UP;
+	return (ifr.ifr_flags & IFF_UP) ? SNIFF_UP : SNIFF_DOWN;
+}
+
+static void
+sniff_gone(struct instance *inst)
+{
+	struct sniff *sn = inst->cfg;
+	char *why = xasprintf("capture on %s stopped: the interface disappeared", sn->cfg.interface);
+
+	sniff_stats(inst);
+	instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
+	free(why);
+}
+
+/* While the interface is down: nothing wakes the socket if it is deleted then. */
+static void
+sniff_down_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct instance *inst = w->data;
+	struct sniff *sn = inst->cfg;
+
+	(void)revents;
+	switch (sniff_iface_link(sn)) {
+	case SNIFF_GONE:
+		sniff_gone(inst);
+		break;
+	case SNIFF_UP:
+		ev_timer_stop(loop, w);
+		log_info("%s: interface %s is up again: capturing", inst->name, sn->cfg.interface);
+		break;
+	case SNIFF_DOWN:
+		break;
+	}
+}
+
+/*
+ * A packet socket reports ENETDOWN when its interface goes down or is
+ * deleted, and libpcap 1.10 in non-blocking mode never reads it: read here,
+ * or the socket stays readable and the loop spins. The kernel binds the
+ * socket again when the interface comes back up, so a down interface is
+ * waited for, as dumpcap does; a deleted one fails the sniffer.
+ */
+static void
+sniff_link_event(struct instance *inst)
+{
+	struct sniff *sn = inst->cfg;
+	int err = 0;
+	socklen_t len = sizeof err;
+
+	(void)getsockopt(pcap_fileno(sn->run->pcap), SOL_SOCKET, SO_ERROR, &err, &len);
+	switch (sniff_iface_link(sn)) {
+	case SNIFF_GONE:
+		sniff_gone(inst);
+		break;
+	case SNIFF_DOWN:
+		if (!ev_is_active(&sn->run->down)) {
+			log_warnx("%s: interface %s went down: capturing again once it is up", inst->name,
+			          sn->cfg.interface);
+			ev_timer_again(capd_loop, &sn->run->down);
+		}
+		break;
+	case SNIFF_UP:
+		break;
+	}
 }
 
 static void
@@ -261,14 +333,14 @@ sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	}
 	if (n > 0 && ev_now(loop) - sn->run->told >= SNIFF_STATS_EVERY)
 		sniff_stats(inst);
-	if (n == PCAP_ERROR || (n == 0 && sniff_iface_down(sn))) {
-		char *why = n == PCAP_ERROR
-			? xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap))
-			: xasprintf("capture on %s stopped: the interface went down", sn->cfg.interface);
+	if (n == PCAP_ERROR) {
+		char *why = xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap));
 
 		sniff_stats(inst);
 		instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
 		free(why);
+	} else if (n == 0) {
+		sniff_link_event(inst);
 	}
 }
 
@@ -373,8 +445,12 @@ sniff_start(struct instance *inst, char **why)
 		*why = xasprintf("cannot capture on %s: no selectable descriptor", sn->cfg.interface);
 		return -1;  /* sniff_free closes the handle */
 	}
-	if (sniff_iface_down(sn)) {
-		/* Linux lets a packet socket bind a down interface; it would wait forever */
+	if (strcmp(sn->cfg.interface, "any") != 0 && (sn->run->ifindex = if_nametoindex(sn->cfg.interface)) == 0) {
+		*why = xasprintf("no interface '%s'", sn->cfg.interface);
+		return -1;
+	}
+	if (sniff_iface_link(sn) != SNIFF_UP) {
+		/* Linux lets a packet socket bind a down interface; dumpcap refuses it too */
 		*why = xasprintf("interface %s is down", sn->cfg.interface);
 		return -1;
 	}
@@ -390,6 +466,9 @@ sniff_start(struct instance *inst, char **why)
 	}
 	ev_io_init(&sn->run->io, sniff_read_cb, fd, EV_READ);
 	sn->run->io.data = inst;
+	ev_init(&sn->run->down, sniff_down_cb);
+	sn->run->down.repeat = SNIFF_DOWN_CHECK;
+	sn->run->down.data = inst;
 	ev_io_start(capd_loop, &sn->run->io);
 	log_info("%s: capturing on %s (%s, snaplen %u, %s timestamps%s%s)", inst->name, sn->cfg.interface,
 	         pcap_datalink_val_to_name(dlt) ? pcap_datalink_val_to_name(dlt) : "?", sn->cfg.snaplen,
@@ -407,6 +486,7 @@ sniff_stop(struct instance *inst)
 		return;
 	sniff_stats(inst);
 	ev_io_stop(capd_loop, &sn->run->io);
+	ev_timer_stop(capd_loop, &sn->run->down);
 	pcap_close(sn->run->pcap);
 	free(sn->run);
 	sn->run = NULL;

@@ -326,25 +326,44 @@ def test_bad_interface_and_filter_refused(netpair, ns_capd):
     assert r["state"] == "running"
 
 
-def test_interface_down_fails_instance_daemon_lives(netpair, ns_capd):
-    """Issue 7: the interface going down marks the sniffer failed with the reason;
-    it stays listed and capd keeps serving."""
+def test_interface_down_and_up_is_captured_on_deleted_fails(netpair, ns_capd):
+    """Issue 7: a sniffer failed as soon as its interface went down, and stayed failed
+    when it came back up, where dumpcap on the same veth captured on after `ip link set
+    up`. It now waits, as dumpcap does: capd logs that the interface went down and that
+    it is up again, and the packets after it are captured. An interface deleted fails
+    the sniffer with the reason (also one deleted while down, which wakes nothing); it
+    stays listed and capd keeps serving."""
     c = ns_capd(netpair.a)
-    c.ctl("add", "sniff", "--interface", netpair.va, "--name", "wire")
+    c.ctl("add", "sniff", "--interface", netpair.va, "--name", "wire", "--filter", "udp port 9")
+    udp_to(netpair.a, netpair.ip_b, 3)
+    wait_packets(c, "wire", 3)
     sh("ip", "-n", netpair.a, "link", "set", netpair.va, "down")
     deadline = time.time() + 10
-    while True:
-        inst = c.ctl("list", json_out=True)[0]
-        if inst["state"] == "failed" or time.time() > deadline:
-            break
+    while "wire: interface %s went down" % netpair.va not in c.log() and time.time() < deadline:
         time.sleep(0.1)
-    assert inst["state"] == "failed" and "went down" in inst["error"], inst
+    sh("ip", "-n", netpair.a, "link", "set", netpair.va, "up")
+    while "wire: interface %s is up again" % netpair.va not in c.log() and time.time() < deadline + 10:
+        time.sleep(0.1)
+    sh("ip", "-n", netpair.a, "neigh", "replace", netpair.ip_b, "lladdr", "02:00:00:00:00:01",
+       "dev", netpair.va)
+    udp_to(netpair.a, netpair.ip_b, 4)
+    inst = wait_packets(c, "wire", 7)
+    assert inst["state"] == "running" and inst["packets"] == 7, (inst, c.log()[-2000:])
+    assert "wire: interface %s went down: capturing again once it is up" % netpair.va in c.log()
+    # another sniffer's interface, deleted while down: failed, listed, capd serves
+    _veth(netpair.a, "cvd0")
+    c.ctl("add", "sniff", "--interface", "cvd0", "--name", "gone")
+    sh("ip", "-n", netpair.a, "link", "set", "cvd0", "down")
+    time.sleep(0.5)
+    sh("ip", "-n", netpair.a, "link", "del", "cvd0")
+    inst = _wait_state(c, "gone", "failed")
+    assert inst["state"] == "failed" and inst["error"] == "capture on cvd0 stopped: the interface disappeared", inst
     assert "packets" in inst
     assert c.ctl("status").returncode == 0
     r = c.ctl("list")
-    assert "failed" in r.stdout and "went down" in r.stdout
-    c.ctl("remove", "wire")
-    assert c.ctl("list", json_out=True) == []
+    assert "failed" in r.stdout and "disappeared" in r.stdout
+    c.ctl("remove", "gone")
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["wire"]
 
 
 def test_missing_permission_names_cap_net_raw(netns, ns_capd):
@@ -707,9 +726,9 @@ def test_reload_restarts_a_config_sniffer_that_failed(netns, ns_capd):
     r = c.ctl("reload")
     assert r.stdout == "reloaded: 1 added, 0 removed, 0 changed\n", r.stdout
     # back, and failing again: an unchanged section is restarted, counted as changed
-    sh("ip", "-n", netns, "link", "set", iface, "down")
+    sh("ip", "-n", netns, "link", "del", iface)
     assert _wait_state(c, "wire", "failed")["state"] == "failed"
-    sh("ip", "-n", netns, "link", "set", iface, "up")
+    _veth(netns, iface)
     r = c.ctl("reload")
     assert r.stdout == "reloaded: 0 added, 0 removed, 1 changed\n", r.stdout
     by = {i["name"]: i for i in c.ctl("list", json_out=True)}
