@@ -1359,7 +1359,8 @@ def test_rpc_unknown_parameter_is_refused(capd, echo_server):
             ("daemon.status", {"x": 1}, "daemon.status takes no parameter 'x' (it takes none)"),
             ("session.kill", {"id": 1, "": 1}, "session.kill takes no parameter '' (it takes: id)"),
             ("instance.remove", {"name": "f", "force": True}, "instance.remove takes no parameter 'force'"),
-            ("session.tail", {"id": 1, "dir": "c2s"}, "session.tail takes no parameter 'dir' (it takes: id, backlog)")):
+            ("session.tail", {"id": 1, "direction": "c2s"},
+             "session.tail takes no parameter 'direction' (it takes: id, backlog, dir)")):
         r = capd.rpc(method, params)
         assert r["error"]["code"] == -32602 and r["error"]["message"].startswith(want), (method, r)
     assert rpc_lines(capd, b'{"jsonrpc":"2.0","method":"instance.remove","params":{"name":"f","x":1}}\n') == []
