@@ -299,6 +299,11 @@ shard_as_main(void (*fn)(void *), void *arg)
 	capd_lock();
 	capd_loop = capd_main;
 	shard_self = &shards[0];
+	/* from a worker: the main loop's clock stopped when it last woke, maybe
+	 * long ago, and what fn stamps (a session's end) would carry that time;
+	 * it sleeps in epoll_wait, without the lock, so its clock is ours to set */
+	if (shard_own != &shards[0])
+		ev_now_update(capd_main);
 	fn(arg);
 	capd_loop = loop;
 	shard_self = self;

@@ -1705,3 +1705,39 @@ def test_name_answered_while_capd_was_held_up_resolves(netns, ns_etc, ns_capd, n
     finally:
         p.wait(20)
     assert rep[:4] == "0500", (rep, c.log()[-2000:])
+
+
+def session_time(stamp):
+    """A session's "started"/"ended" as seconds."""
+    import datetime
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def test_udp_sessions_end_when_their_association_ends(capd_factory):
+    """Regression: with workers, the control connection of an association lives on
+    a worker and ends its datagram sessions as the main loop's, whose clock had
+    stood still since that loop last woke: a datagram at 02:35:05, the TCP
+    connection closed at 02:35:10 (python client), and `capctl sessions --json`
+    said the UDP session ended at 02:35:05.210, five seconds before its
+    association. Its end is now the close's time."""
+    capd = capd_factory(settings="workers = 2")
+    echo = UdpEcho()
+    try:
+        port = add_socks(capd)
+        c = s5_open(port)
+        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+        assert rep == 0
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", echo.port) + b"ping", (rhost, rport))
+        assert parse_udp_reply(u.recv(100))[2] == b"echo:ping"
+        time.sleep(2.5)  # nothing for the main loop to do meanwhile (no capctl call)
+        c.close()
+        ss = capd.wait_sessions(lambda ss: len(ss) == 2 and all(s["state"] == "closed" for s in ss))
+        ctrl = [s for s in ss if s["proto"] == "socks5"][0]
+        udp = [s for s in ss if s["proto"] == "udp"][0]
+        assert udp["reason"] == "udp association ended", udp
+        assert abs(session_time(udp["ended"]) - session_time(ctrl["ended"])) < 1.0, (udp, ctrl)
+        u.close()
+    finally:
+        echo.close()
