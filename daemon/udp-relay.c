@@ -38,6 +38,7 @@
 #define UDP_ASSOCS_MAX 4096       /* associations per relay */
 #define UDP_NAMES 4               /* resolved names remembered per association */
 #define UDP_BUCKETS 256           /* hash of client address:port -> association */
+#define UDP_RCVBUF (1 << 20)      /* the clients' socket's receive buffer (the kernel doubles it) */
 
 /* One conversation (association, remote endpoint): the datagram session's proto_state. */
 struct udp_flow {
@@ -138,6 +139,23 @@ udp_hash(const struct sockaddr *sa)
 	return h % UDP_BUCKETS;
 }
 
+/*
+ * A burst of datagrams from many clients (each new one is a session to make)
+ * outran the default receive buffer (212992 bytes, some 250 small datagrams)
+ * and the kernel dropped the rest unseen, as it did to the dns instance's
+ * queries: asked as dns_udp_rcvbuf does, past net.core.rmem_max while capd
+ * may (root, before it drops privileges), else as large as that lets it be.
+ */
+static void
+udp_relay_rcvbuf(struct instance *inst, int fd)
+{
+	int size = UDP_RCVBUF;
+
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0 &&
+	    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size) < 0)
+		log_warn("%s: UDP receive buffer of %d bytes", inst->name, size);
+}
+
 struct udp_relay *
 udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, const struct hostport *to,
                 bool fallback, char **why)
@@ -169,6 +187,7 @@ udp_relay_start(struct instance *inst, const struct sockaddr *addr, bool socks, 
 			return NULL;
 		}
 	}
+	udp_relay_rcvbuf(inst, fd);
 	r = xcalloc(1, sizeof *r);
 	len = sizeof r->addr;
 	getsockname(fd, (struct sockaddr *)&r->addr, &len);
