@@ -561,6 +561,19 @@ def parse_udp_reply(d):
     raise AssertionError(d[:10])
 
 
+def udp_associate(port, echo_port, first):
+    """A SOCKS5 UDP association through port whose first datagram (first) came back
+    from the echo server at echo_port: (control connection, UDP socket, relay host, port)."""
+    c = s5_open(port)
+    rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
+    assert rep == 0
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.sendto(udp_header("127.0.0.1", echo_port) + first, (rhost, rport))
+    assert parse_udp_reply(u.recv(100))[2] == b"echo:" + first
+    return c, u, rhost, rport
+
+
 def test_udp_associate(capd):
     echo = UdpEcho()
     try:
@@ -625,13 +638,7 @@ def test_udp_association_control_reset_is_not_called_a_handshake_error(capd):
     echo = UdpEcho()
     try:
         port = add_socks(capd)
-        c = s5_open(port)
-        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
-        assert rep == 0
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.settimeout(5)
-        u.sendto(udp_header("127.0.0.1", echo.port) + b"hi", (rhost, rport))
-        assert parse_udp_reply(u.recv(100))[2] == b"echo:hi"
+        c, u, rhost, rport = udp_associate(port, echo.port, b"hi")
         cid = [s for s in capd.ctl("sessions", json_out=True) if s["proto"] == "socks5"][0]["id"]
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
@@ -704,13 +711,7 @@ def test_udp_association_past_64_endpoints(capd):
             r.bind(("127.0.0.1", 0))
             r.settimeout(2)
             peers.append(r)
-        c = s5_open(port)
-        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
-        assert rep == 0
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.settimeout(5)
-        u.sendto(udp_header("127.0.0.1", echo.port) + b"first", (rhost, rport))
-        assert parse_udp_reply(u.recv(100))[2] == b"echo:first"
+        c, u, rhost, rport = udp_associate(port, echo.port, b"first")
         for i, r in enumerate(peers):
             u.sendto(udp_header("127.0.0.1", r.getsockname()[1]) + b"to %d" % i, (rhost, rport))
             d, up = r.recvfrom(100)  # up: the association's own socket toward the endpoints
@@ -1724,13 +1725,7 @@ def test_udp_sessions_end_when_their_association_ends(capd_factory):
     echo = UdpEcho()
     try:
         port = add_socks(capd)
-        c = s5_open(port)
-        rep, rhost, rport = s5_request(c, 3, "0.0.0.0", 0)
-        assert rep == 0
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.settimeout(5)
-        u.sendto(udp_header("127.0.0.1", echo.port) + b"ping", (rhost, rport))
-        assert parse_udp_reply(u.recv(100))[2] == b"echo:ping"
+        c, u, rhost, rport = udp_associate(port, echo.port, b"ping")
         time.sleep(2.5)  # nothing for the main loop to do meanwhile (no capctl call)
         c.close()
         ss = capd.wait_sessions(lambda ss: len(ss) == 2 and all(s["state"] == "closed" for s in ss))
