@@ -1467,6 +1467,7 @@ def test_refused_request_shows_what_it_asked_for(capd):
     assert s5_read_reply(s)[0] == 0x07
     s.close()
     ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 3)
+    ss.sort(key=lambda s: s["id"])  # in the order sent, not of their ends on two workers
     assert [s["target"] for s in ss] == ["127.0.0.1:8080", "[::1]:443", "example.test:80"], ss
     table = capd.ctl("sessions").stdout
     assert "127.0.0.1:8080" in table and "example.test:80" in table, table
