@@ -578,6 +578,26 @@ def sh(*args, check=True, timeout=60, **kw):
     return r
 
 
+def sigstop(proc, timeout=5.0):
+    """Stops proc (SIGSTOP) and returns once every thread of it is stopped: kill(2)
+    returns before the stop takes hold, and a thread still running may read what a
+    test sends next "while capd is held up"."""
+    import signal
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = []
+        for t in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{t}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                pass
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.005)
+
+
 def syn_hole():
     """A listener (backlog 0, never accepting) whose accept queue is full: a new
     connect to it hangs in SYN_SENT until the system gives up (about two minutes).

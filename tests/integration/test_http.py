@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (CAPD, Listener, syn_hole, apart, as_http, check_pcap_clean, follow_session, free_port, sh, tshark,
-                      wait_port)
+from conftest import (CAPD, Listener, sigstop, syn_hole, apart, as_http, check_pcap_clean, follow_session, free_port,
+                      sh, tshark, wait_port)
 
 
 class Origin:
@@ -2039,7 +2039,7 @@ def test_header_timeout_spares_a_head_sent_while_capd_was_held_up(capd_factory, 
     port = add_http(capd, "--header-timeout", "1s")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "handshake")  # accepted: its clock runs
-        capd.proc.send_signal(signal.SIGSTOP)
+        sigstop(capd.proc)
         try:
             c.sendall(f"GET http://127.0.0.1:{origin.port}/held HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
                       "Connection: close\r\n\r\n".encode())

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, syn_hole, tshark, UdpEcho, wait_port
+from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, sigstop, syn_hole, tshark, UdpEcho, wait_port
 
 
 # ---------------------------------------------------------------- helpers
@@ -1575,7 +1575,7 @@ def held_up(capd, seconds):
 
     @contextlib.contextmanager
     def hold():
-        capd.proc.send_signal(signal.SIGSTOP)
+        sigstop(capd.proc)
         try:
             yield
             time.sleep(seconds)
