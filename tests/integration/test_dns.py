@@ -25,7 +25,7 @@ import dns.rrset
 import dns.zone
 import pytest
 
-from conftest import (CAPD, Listener, UdpServer, apart, check_pcap_clean, exchange, free_port, free_port_tcp_udp,
+from conftest import (sigstop, CAPD, Listener, UdpServer, apart, check_pcap_clean, exchange, free_port, free_port_tcp_udp,
                       sh, tshark)
 
 
@@ -1092,7 +1092,7 @@ def test_xfr_goes_on_after_capd_was_held_up(capd_factory):
             s.sendall(framed(q))
             first = recv_exact(s, 2)
             first += recv_exact(s, struct.unpack("!H", first)[0])  # relayed: capd's 2 s run
-            c.proc.send_signal(signal.SIGSTOP)
+            sigstop(c.proc)
             try:
                 up.go.set()
                 assert up.sent.wait(10)  # all of it waits in capd's socket
@@ -1130,7 +1130,7 @@ def test_burst_of_udp_queries_while_capd_is_busy_all_answered(capd_factory):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         s.settimeout(30)
-        c.proc.send_signal(signal.SIGSTOP)
+        sigstop(c.proc)
         try:
             for q in qs.values():
                 s.sendto(q.to_wire(), ("127.0.0.1", port))

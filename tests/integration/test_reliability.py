@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CAPCTL, ECHO_SERVER, SANITIZED, Listener, UdpEcho, apart, free_port, free_port_tcp_udp,
+from conftest import (sigstop, CAPCTL, ECHO_SERVER, SANITIZED, Listener, UdpEcho, apart, free_port, free_port_tcp_udp,
                       syn_hole, wait_port)
 
 
@@ -687,7 +687,7 @@ def test_idle_timeout_counts_what_waited_unread_while_capd_was_held_up(capd_fact
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"one")
         assert s.recv(100) == b"one"
-        c.proc.send_signal(signal.SIGSTOP)
+        sigstop(c.proc)
         try:
             s.sendall(b"two")
             time.sleep(1.6)
@@ -716,7 +716,7 @@ def test_connect_timeout_spares_an_upstream_that_answered_while_capd_was_held_up
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             c.wait_sessions(lambda ss: ss and ss[0]["state"] != "closed")  # capd's SYN went out, dropped
-            c.proc.send_signal(signal.SIGSTOP)
+            sigstop(c.proc)
             try:
                 ls.setblocking(False)
                 try:

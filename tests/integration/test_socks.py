@@ -1699,7 +1699,7 @@ def test_name_answered_while_capd_was_held_up_resolves(netns, ns_etc, ns_capd, n
     try:
         assert p.stdout.readline().strip() == "sent"
         time.sleep(0.05)  # the request on its way to capd, the question to the nameserver
-        c.proc.send_signal(signal.SIGSTOP)
+        sigstop(c.proc)
         try:
             time.sleep(1.6)
         finally:

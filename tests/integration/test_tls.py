@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, CAPD, EchoServer, Listener, TlsServer, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
+from conftest import sigstop, CAPCTL, CAPD, EchoServer, Listener, TlsServer, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -2055,7 +2055,7 @@ def test_forward_hello_waiting_at_the_accept(capd, tmp_path):
     try:
         port = add_forward(capd, srv.port, "--tls", "--no-tls-verify")
         got = []
-        capd.proc.send_signal(signal.SIGSTOP)
+        sigstop(capd.proc)
         try:
             t = threading.Thread(target=lambda: got.append(tls_get(port, NAME, tls_client_ctx())))
             t.start()
@@ -2423,7 +2423,7 @@ def test_tls_timeout_counts_the_hello_that_waited_while_capd_was_held_up(capd_fa
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             capd.wait_sessions(lambda ss: ss and ss[-1]["state"] != "closed")
             time.sleep(0.2)  # capd connected upstream: the TLS timer runs
-            capd.proc.send_signal(signal.SIGSTOP)
+            sigstop(capd.proc)
             try:
                 c.setblocking(False)
                 t = tls_client_ctx().wrap_socket(c, server_hostname=NAME, do_handshake_on_connect=False)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import UdpEcho, UdpServer, check_pcap_clean, free_port_tcp_udp, tshark
+from conftest import sigstop, UdpEcho, UdpServer, check_pcap_clean, free_port_tcp_udp, tshark
 
 
 @pytest.fixture
@@ -413,7 +413,7 @@ def test_forward_udp_spares_datagrams_sent_while_capd_was_held_up(capd, udp_echo
     u = udp_client()
     u.sendto(b"one", ("127.0.0.1", port))
     assert u.recv(100) == b"echo:one"
-    capd.proc.send_signal(signal.SIGSTOP)
+    sigstop(capd.proc)
     try:
         u.sendto(b"two", ("127.0.0.1", port))
         time.sleep(1.6)
@@ -440,7 +440,7 @@ def test_forward_udp_burst_from_many_clients_while_capd_is_busy(capd, udp_echo):
     port = free_port_tcp_udp()
     capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{udp_echo.port}", "--udp")
     clients = [udp_client() for _ in range(200)]
-    capd.proc.send_signal(signal.SIGSTOP)
+    sigstop(capd.proc)
     try:
         for rnd in range(5):
             for i, u in enumerate(clients):
