@@ -208,6 +208,21 @@ dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
 	return w ? w : dns_msg_header_reply(p, rcode, outlen);
 }
 
+/* A new answer to the upstream's response rp: its id, opcode, RD, RA and CD; QR set. */
+static ldns_pkt *
+dns_msg_answer_head(const ldns_pkt *rp)
+{
+	ldns_pkt *a = ldns_pkt_new();
+
+	ldns_pkt_set_id(a, ldns_pkt_id(rp));
+	ldns_pkt_set_qr(a, true);
+	ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(rp));
+	ldns_pkt_set_rd(a, ldns_pkt_rd(rp));
+	ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
+	ldns_pkt_set_cd(a, ldns_pkt_cd(rp));
+	return a;
+}
+
 /*
  * The reply a UDP client gets when an upstream's answer (n bytes) is larger
  * than it takes: what a resolver sends (RFC 2181 9, RFC 6891 7): the
@@ -223,14 +238,8 @@ dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, 
 	uint8_t *w = NULL;
 
 	if (ldns_wire2pkt(&rp, p, n) == LDNS_STATUS_OK) {
-		a = ldns_pkt_new();
-		ldns_pkt_set_id(a, ldns_pkt_id(rp));
-		ldns_pkt_set_qr(a, true);
-		ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(rp));
+		a = dns_msg_answer_head(rp);
 		ldns_pkt_set_aa(a, ldns_pkt_aa(rp));
-		ldns_pkt_set_rd(a, ldns_pkt_rd(rp));
-		ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
-		ldns_pkt_set_cd(a, ldns_pkt_cd(rp));
 		ldns_pkt_set_rcode(a, ldns_pkt_get_rcode(rp));
 		if (ldns_pkt_qdcount(rp) > 0) {
 			/* the one that matched the query (dns_msg_reply_matches): it fits any client */
@@ -573,13 +582,7 @@ dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_t n, cons
 		ldns_pkt_free(rp);
 		return NULL;
 	}
-	a = ldns_pkt_new();
-	ldns_pkt_set_id(a, ldns_pkt_id(rp));
-	ldns_pkt_set_qr(a, true);
-	ldns_pkt_set_opcode(a, ldns_pkt_get_opcode(rp));
-	ldns_pkt_set_rd(a, ldns_pkt_rd(rp));
-	ldns_pkt_set_ra(a, ldns_pkt_ra(rp));
-	ldns_pkt_set_cd(a, ldns_pkt_cd(rp));  /* AD stays clear: capd's records are signed by nobody */
+	a = dns_msg_answer_head(rp);  /* AA and AD stay clear: capd's records are signed by nobody */
 	ldns_pkt_set_rcode(a, LDNS_RCODE_NOERROR);
 	tq = ldns_rr_clone(qrr);
 	ldns_rr_set_question(tq, true);
