@@ -1176,18 +1176,17 @@ dns_state_free(struct dns_state *ds)
 	resolve_cancel(ds->resolving);
 	ds->resolving = NULL;
 	/*
-	 * A reload that changes or removes the instance, or capd stopping: a UDP
+	 * A reload that changes or removes the instance, or capd stopping: a
 	 * client still waiting for the upstream gets SERVFAIL now, as unbound and
 	 * BIND answer the work they drop, so that it asks again at once instead of
-	 * timing out. The socket closes after. A TCP client's connection closes
-	 * with the instance, which tells it as much.
+	 * timing out. The UDP socket closes after; a TCP client's connection closes
+	 * with the instance's sessions, after its SERVFAIL went out (a bare close
+	 * made dig say "communications error" and glibc try the next server as if
+	 * this one were down). inst->proto_state is NULL already, so a reply that
+	 * closes its session frees none of the queries this loop walks.
 	 */
-	while ((f = TAILQ_FIRST(&ds->fwds)) != NULL) {
-		if (!f->client_tcp)
-			dns_fwd_fail(f, "instance stopped");
-		else
-			dns_fwd_free(f);
-	}
+	while ((f = TAILQ_FIRST(&ds->fwds)) != NULL)
+		dns_fwd_fail(f, "instance stopped");
 	if (ds->ufd >= 0) {
 		close(ds->ufd);
 		ds->ufd = -1;

@@ -1366,3 +1366,37 @@ def test_forwarded_query_with_trailing_bytes_or_odd_opt_is_formerr_at_once(dnsd,
     # the same query without the junk is forwarded as before
     r = ask("junk.example.org", "A", port)
     assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["192.0.2.1"]
+
+
+def test_reload_answers_a_tcp_clients_pending_query_with_servfail(capd_factory):
+    """Regression: a TCP client's query waiting on a slow upstream when a reload changed
+    or removed the instance got no answer: the connection just closed, and dig +tcp said
+    ';; communications error ... end of file' (UDP clients got SERVFAIL already). Now it
+    gets SERVFAIL before the connection closes, as a UDP client does."""
+    up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # a TCP upstream that never answers
+    up.bind(("127.0.0.1", 0))
+    up.listen(8)
+    up.settimeout(10)
+    port = free_dns_port()
+
+    def conf(addr):
+        return (f"[dns d]\nlisten = 127.0.0.1:{port}\nanswer = *.capd.test={addr}\n"
+                f"upstream = 127.0.0.1:{up.getsockname()[1]}\n")
+
+    c = capd_factory(conf("10.0.0.7"))
+    wait_instance(c, "d")
+    held = []
+    for name, next_conf in (("slow1.up.test", conf("10.0.0.8")), ("slow2.up.test", "")):
+        dig = subprocess.Popen(["dig", "+tcp", "+tries=1", "+time=8", "-p", str(port), "@127.0.0.1", name, "A"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        conn, _ = up.accept()  # capd asks the upstream over TCP, as the client came
+        held.append(conn)
+        conn.settimeout(10)
+        recv_exact(conn, 2)
+        c.write_conf(next_conf)
+        c.ctl("reload")
+        out = dig.communicate(timeout=6)[0]  # well before dig's own 8 s
+        assert "status: SERVFAIL" in out and name in out, out
+    for conn in held:
+        conn.close()
+    up.close()
