@@ -7,12 +7,14 @@
 #include "resolve.h"
 
 #include <ares.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "addr.h"
 #include "capd.h"
@@ -210,6 +212,40 @@ resolve_take_unread(void)
 	return any;
 }
 
+/*
+ * An IPv4 address in one of inet_aton's forms (127.1, 2130706433, 0x7f.1,
+ * 0177.0.0.1), as glibc's getaddrinfo takes them and so curl, wget and the
+ * proxies' other clients expect; c-ares 1.18 takes only the dotted quad and
+ * sent the rest to the DNS as names. Only digits, hex letters, x and dots: no
+ * trailing junk that inet_aton would skip after a space, and a name with any
+ * other letter (or ending in a dot) stays a name.
+ */
+static bool
+resolve_numeric_v4(const char *host, uint16_t port, struct sockaddr_storage *ss)
+{
+	struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+
+	if (host[0] == '\0' || host[strspn(host, "0123456789abcdefABCDEFxX.")] != '\0')
+		return false;
+	memset(ss, 0, sizeof *ss);
+	if (inet_aton(host, &sin->sin_addr) == 0)
+		return false;
+	sin->sin_family = AF_INET;
+	sin->sin_port = htons(port);
+	return true;
+}
+
+/*
+ * "localhost." is "localhost" written fully qualified: c-ares 1.18 matches it
+ * against no hosts-file line and asks the DNS (RFC 6761 says a resolver must
+ * not), where "localhost" gets the hosts file's address, or loopback.
+ */
+static const char *
+resolve_name(const char *host)
+{
+	return strcasecmp(host, "localhost.") == 0 ? "localhost" : host;
+}
+
 struct resolve_req *
 resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 {
@@ -223,7 +259,7 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 	r->loop = capd_loop;
 	ev_timer_init(&r->later, resolve_later_cb, 0., 0.);
 	r->later.data = r;
-	if (addr_from_literal(host, port, &r->addrs[0], &len) == 0) {
+	if (addr_from_literal(host, port, &r->addrs[0], &len) == 0 || resolve_numeric_v4(host, port, &r->addrs[0])) {
 		r->n = 1;
 		ev_timer_start(r->loop, &r->later);
 		return r;
@@ -237,7 +273,7 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 	/* c-ares refuses service "0" (ARES_ESERVICE) where getaddrinfo takes it,
 	 * and a SOCKS BIND by name names port 0 when the peer's port is unknown:
 	 * no service gives the addresses with port 0 */
-	ares_getaddrinfo(resolve_channel, host, port ? portstr : NULL, &hints, resolve_ares_cb, r);
+	ares_getaddrinfo(resolve_channel, resolve_name(host), port ? portstr : NULL, &hints, resolve_ares_cb, r);
 	r->starting = 0;
 	resolve_arm_timer();
 	return r;

@@ -1738,3 +1738,47 @@ def test_udp_sessions_end_when_their_association_ends(capd_factory):
         u.close()
     finally:
         echo.close()
+
+
+# A one-line HTTP origin on 127.0.0.1 PORT (argv) in a namespace; "ready" once it listens.
+NS_HTTP_ORIGIN = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("ready", flush=True)
+s.serve_forever()
+"""
+
+
+def test_numeric_host_forms_and_localhost_dot_through_socks_and_http(netns, ns_etc, ns_capd, ns_python):
+    """Regression: curl --socks5-hostname, --socks4a and -x http:// naming the target as
+    127.1, 2130706433 or 0x7f.1 (which glibc's getaddrinfo takes, as inet_aton does) or as
+    localhost. got 0x04 / 91 / 502 'cannot resolve': c-ares 1.18 took them for names and
+    asked the DNS. They are now addresses (and localhost. is localhost), found without the
+    resolver; 127.1. stays a name. In a namespace whose resolver is a closed loopback port
+    (so no name leaves the box) and whose hosts file has localhost only."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # nothing listens there
+    ns_python(netns, NS_HTTP_ORIGIN, 7700)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7701\n[http h]\nlisten = 127.0.0.1:7702\n")
+    ways = (("--socks5-hostname", "127.0.0.1:7701"), ("--socks4a", "127.0.0.1:7701"), ("-x", "http://127.0.0.1:7702"))
+    for host in ("127.1", "2130706433", "0x7f.1", "0177.0.0.1", "localhost.", "LocalHost."):
+        for flag, proxy in ways:
+            r = sh("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "10", flag, proxy,
+                   f"http://{host}:7700/", check=False)
+            assert r.returncode == 0 and r.stdout == "ok\n", (host, flag, r.stdout, r.stderr)
+    # a dotted form with a trailing dot is a name, as for getaddrinfo: the (closed) resolver says no
+    r = sh("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "10", "--socks5-hostname",
+           "127.0.0.1:7701", "http://127.1.:7700/", check=False)
+    assert r.returncode != 0, r.stdout
+    ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) >= 19)
+    assert sum(s.get("target") == "127.0.0.1:7700" for s in ss) == 18, ss
