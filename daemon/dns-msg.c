@@ -7,6 +7,7 @@
 #include "dns-msg.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <ldns/ldns.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -647,6 +648,31 @@ dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, s
 	ldns_rr_free(qq);
 	ldns_rr_free(rq);
 	return same;
+}
+
+void
+dns_msg_keep_qname_case(const uint8_t *query, size_t qlen, uint8_t *reply, size_t n)
+{
+	size_t i = DNS_HEADER_LEN;
+
+	if (qlen <= DNS_HEADER_LEN || n <= DNS_HEADER_LEN || query[4] != 0 || query[5] != 1 ||
+	    reply[4] != 0 || reply[5] != 1)
+		return;
+	/* label by label, the lengths equal and below 64 (no pointer), to the root label */
+	while (i < qlen && i < n && query[i] == reply[i] && query[i] < 64) {
+		size_t len = query[i];
+
+		if (len == 0) {
+			memcpy(reply + DNS_HEADER_LEN, query + DNS_HEADER_LEN, i - DNS_HEADER_LEN);
+			return;
+		}
+		if (i + 1 + len > qlen || i + 1 + len > n)
+			return;
+		for (size_t k = i + 1; k <= i + len; k++)  /* bytes, not strncasecmp: a label may hold a 0 */
+			if (tolower(query[k]) != tolower(reply[k]))
+				return;
+		i += 1 + len;
+	}
 }
 
 bool

@@ -99,6 +99,13 @@ uint8_t *dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_
 
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
+/*
+ * Spells reply's question name as query's (the same name but for case) when both hold
+ * one question written out in full: a client that randomizes the case of its names
+ * (0x20) checks that the answer echoes it, and an upstream may answer in lower case.
+ * Names in the records that point at the question (compression) follow it.
+ */
+void dns_msg_keep_qname_case(const uint8_t *query, size_t qlen, uint8_t *reply, size_t n);
 
 /*
  * A zone transfer (AXFR, IXFR) is answered over TCP in many messages

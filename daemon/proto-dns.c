@@ -466,6 +466,7 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 	const char *rule = NULL;
 	size_t clen = 0;
 
+	dns_msg_keep_qname_case(f->q, f->qlen, p, n);
 	if (!f->tcp && dns_msg_tc(p) && f->udp_max <= DNS_UDP_MIN && n <= f->udp_max) {
 		/* truncated for a UDP client without EDNS: its query went up as it came, so the whole
 		 * answer is larger than it takes over UDP, and a TCP query here would only end in this

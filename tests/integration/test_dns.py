@@ -1400,3 +1400,47 @@ def test_reload_answers_a_tcp_clients_pending_query_with_servfail(capd_factory):
     for conn in held:
         conn.close()
     up.close()
+
+
+class LowerCaseUpstream(Upstream):
+    """An upstream that answers in lower case whatever case the question came in
+    (some home routers and DNS-over-HTTPS gateways do), the answer's owner a pointer to it."""
+
+    def answer(self, wire, transport):
+        q = dns.message.from_wire(wire)
+        name = dns.name.from_text(q.question[0].name.to_text().lower())
+        self.queries.append((transport, name.to_text()))
+        r = dns.message.make_response(q)
+        r.question[0] = dns.rrset.RRset(name, q.question[0].rdclass, q.question[0].rdtype)
+        r.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "192.0.2.7"))
+        return r.to_wire()
+
+
+def test_forwarded_answer_echoes_the_case_of_the_question(capd_factory):
+    """Regression: a resolver that randomizes the case of the names it asks (0x20: unbound's
+    use-caps-for-id, Knot Resolver) checks that the answer spells the question as it did; capd
+    did so for its own answers but relayed the upstream's as they came, and an upstream that
+    answers in lower case made them all look forged ('WwW.ExAmPlE.oRg' asked, 'www.example.org'
+    answered). capd now spells the question (and the records' names that point to it) as the
+    client did, over UDP and TCP."""
+    up = LowerCaseUpstream()
+    try:
+        port = free_dns_port()
+        c = capd_factory(dns_conf(port, up.port))
+        wait_instance(c, "d")
+        q = dns.message.make_query("WwW.ExAmPlE.oRg", "A", id=0x2020).to_wire()
+        qname = q[12:q.index(b"\x00", 12) + 1]
+        for tcp in (False, True):
+            if tcp:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(struct.pack("!H", len(q)) + q)
+                    w = recv_exact(s, struct.unpack("!H", recv_exact(s, 2))[0])
+            else:
+                w = raw_udp(port, q, timeout=5)
+            assert w is not None and w[12:12 + len(qname)] == qname, (tcp, w)
+            r = dns.message.from_wire(w)
+            assert r.id == 0x2020 and [rr.name.to_text() for rr in r.answer] == ["WwW.ExAmPlE.oRg."], r
+            assert addrs(r) == ["192.0.2.7"]
+        assert up.queries == [("udp", "www.example.org."), ("tcp", "www.example.org.")]
+    finally:
+        up.close()

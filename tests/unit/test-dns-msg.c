@@ -724,6 +724,54 @@ test_cname_chain_to_a_claimed_name(void **state)
 	dns_rules_free(&r);
 }
 
+/* Bytes of a header with one question, then name, then type A class IN. */
+static size_t
+qname_msg(uint8_t *buf, const char *name, size_t nlen)
+{
+	static const uint8_t head[12] = { 0x12, 0x34, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0 };
+
+	memcpy(buf, head, sizeof head);
+	memcpy(buf + 12, name, nlen);
+	memcpy(buf + 12 + nlen, "\0\1\0\1", 4);
+	return 12 + nlen + 4;
+}
+
+static void
+test_keep_qname_case(void **state)
+{
+	uint8_t q[64], r[64];
+	size_t qn, rn;
+
+	(void)state;
+	qn = qname_msg(q, "\3WwW\7ExAmPlE\3oRg", 17);
+	rn = qname_msg(r, "\3www\7example\3org", 17);
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_memory_equal(r + 12, "\3WwW\7ExAmPlE\3oRg", 17);
+	/* another name, or one label longer: left alone */
+	rn = qname_msg(r, "\3wwx\7example\3org", 17);
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_memory_equal(r + 12, "\3wwx\7example\3org", 17);
+	rn = qname_msg(r, "\4wwww\7example\3org", 18);
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_memory_equal(r + 12, "\4wwww\7example\3org", 18);
+	/* a 0 inside a label is compared too, not taken as the end of the text */
+	qn = qname_msg(q, "\3A\0X", 5);
+	rn = qname_msg(r, "\3a\0y", 5);
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_memory_equal(r + 12, "\3a\0y", 5);
+	/* a compressed reply name, a cut message or two questions: left alone */
+	qn = qname_msg(q, "\1A", 3);
+	rn = qname_msg(r, "\xc0\x0c", 2);
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_memory_equal(r + 12, "\xc0\x0c", 2);
+	rn = qname_msg(r, "\1a", 3);
+	dns_msg_keep_qname_case(q, qn, r, 14);
+	assert_int_equal(r[13], 'a');
+	r[5] = 2;
+	dns_msg_keep_qname_case(q, qn, r, rn);
+	assert_int_equal(r[13], 'a');
+}
+
 int
 main(void)
 {
@@ -738,6 +786,7 @@ main(void)
 		cmocka_unit_test(test_zone_transfers),
 		cmocka_unit_test(test_truncate_upstream_answer),
 		cmocka_unit_test(test_cname_chain_to_a_claimed_name),
+		cmocka_unit_test(test_keep_qname_case),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
