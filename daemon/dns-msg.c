@@ -469,7 +469,9 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	}
 	qrr = ldns_rr_list_rr(ldns_pkt_question(qp), 0);
 	dns_question_fill(q, qp, qrr);
-	if (q->qclass == LDNS_RR_CLASS_IN)
+	/* QCLASS * (RFC 1035 3.2.5) asks for IN among the others: forwarded, it
+	 * got the real address of a name capd redirects */
+	if (q->qclass == LDNS_RR_CLASS_IN || q->qclass == LDNS_RR_CLASS_ANY)
 		q->rule = dns_rules_match(r, q->qname);
 	/*
 	 * Not well formed is FORMERR for a forwarded name too, as for capd's own:

@@ -1444,3 +1444,23 @@ def test_forwarded_answer_echoes_the_case_of_the_question(capd_factory):
         assert up.queries == [("udp", "www.example.org."), ("tcp", "www.example.org.")]
     finally:
         up.close()
+
+
+def test_question_of_class_any_for_a_redirected_name_is_answered_by_the_rule(dnsd, upstream):
+    """Regression: a question of class ANY (QCLASS *, which asks for IN among the others;
+    nslookup's 'set class=any') for a name a rule claims was forwarded, and the client got
+    the upstream's real address (192.0.2.1) instead of the rule's. It is now answered as an
+    IN question is; another class (CH) still goes upstream."""
+    for tcp in (False, True):
+        q = dns.message.make_query("www.example.com", "A", rdclass="ANY")
+        r = dns.query.tcp(q, "127.0.0.1", port=dnsd.port, timeout=5) if tcp else \
+            dns.query.udp(q, "127.0.0.1", port=dnsd.port, timeout=5)
+        assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"] and r.flags & dns.flags.AA, r
+    assert upstream.queries == []
+    # NODATA for a type it has none of, as for IN
+    q = dns.message.make_query("a.game.test", "AAAA", rdclass="ANY")
+    r = dns.query.udp(q, "127.0.0.1", port=dnsd.port, timeout=5)
+    assert r.answer == [] and r.authority and r.authority[0].rdtype == dns.rdatatype.SOA, r
+    q = dns.message.make_query("www.example.com", "A", rdclass="CH")
+    dns.query.udp(q, "127.0.0.1", port=dnsd.port, timeout=5)
+    assert upstream.queries == [("udp", "www.example.com")]
