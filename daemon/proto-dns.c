@@ -1182,8 +1182,8 @@ dns_state_free(struct dns_state *ds)
 	 * BIND answer the work they drop, so that it asks again at once instead of
 	 * timing out. The UDP socket closes after; a TCP client's connection closes
 	 * with the instance's sessions, after its SERVFAIL went out (a bare close
-	 * made dig say "communications error" and glibc try the next server as if
-	 * this one were down). inst->proto_state is NULL already, so a reply that
+	 * made dig +tcp say "communications error ... end of file", no answer).
+	 * inst->proto_state is NULL already, so a reply that
 	 * closes its session frees none of the queries this loop walks.
 	 */
 	while ((f = TAILQ_FIRST(&ds->fwds)) != NULL)

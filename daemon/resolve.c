@@ -214,9 +214,10 @@ resolve_take_unread(void)
 
 /*
  * An IPv4 address in one of inet_aton's forms (127.1, 2130706433, 0x7f.1,
- * 0177.0.0.1), as glibc's getaddrinfo takes them and so curl, wget and the
- * proxies' other clients expect; c-ares 1.18 takes only the dotted quad and
- * sent the rest to the DNS as names. Only digits, hex letters, x and dots: no
+ * 0177.0.0.1), as glibc's getaddrinfo takes them, for clients that pass the
+ * host on as typed (wget through an HTTP proxy, SOCKS clients that leave names
+ * to the proxy); c-ares 1.18 takes only the dotted quad and sent the rest to
+ * the DNS as names. Only digits, hex letters, x and dots: no
  * trailing junk that inet_aton would skip after a space, and a name with any
  * other letter (or ending in a dot) stays a name.
  */
