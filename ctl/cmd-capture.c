@@ -17,12 +17,16 @@ capture_sniffers(struct ctl_opts *o)
 		if (json_object_get(inst, "packets") == NULL)
 			continue;
 		long long np = (long long)json_integer_value(json_object_get(inst, "packets"));
+		long long ifdrop = (long long)json_integer_value(json_object_get(inst, "dropped_interface"));
 
-		printf("sniffer:  %s on %s (%s): %lld packet%s, dropped kernel %lld, spool %lld\n",
+		printf("sniffer:  %s on %s (%s): %lld packet%s, dropped kernel %lld, spool %lld",
 		       json_string_value(json_object_get(inst, "name")), json_string_value(json_object_get(inst, "listen")),
 		       json_string_value(json_object_get(inst, "state")), np, np == 1 ? "" : "s",
 		       (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
 		       (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
+		if (ifdrop > 0)  /* the device's own, apart as dumpcap says them */
+			printf(", interface %lld", ifdrop);
+		printf("\n");
 	}
 	json_decref(list);
 }

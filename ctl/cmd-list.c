@@ -90,11 +90,15 @@ list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 	}
 	if (to)
 		snprintf(info, n, "to %s", to);
-	else if (json_object_get(inst, "packets"))
+	else if (json_object_get(inst, "packets")) {
+		long long ifdrop = (long long)json_integer_value(json_object_get(inst, "dropped_interface"));
 		snprintf(info, n, "packets %lld, dropped kernel %lld, spool %lld",
 		         (long long)json_integer_value(json_object_get(inst, "packets")),
 		         (long long)json_integer_value(json_object_get(inst, "dropped_kernel")),
 		         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
+		if (ifdrop > 0)  /* the device's own, apart as dumpcap says them */
+			snprintf(info + strlen(info), n - strlen(info), ", interface %lld", ifdrop);
+	}
 	else if (json_is_array(json_object_get(inst, "routes"))) {
 		list_named(json_object_get(inst, "routes"), "routes ", info, n);
 		if (def)

@@ -23,6 +23,7 @@
 #include "instance.h"
 #include "linger.h"
 #include "log.h"
+#include "params.h"
 #include "privdrop.h"
 #include "relay.h"
 #include "resolve.h"
@@ -588,7 +589,7 @@ main(int argc, char **argv)
 	while ((ch = getopt(argc, argv, "c:tvVh")) != -1) {
 		switch (ch) {
 		case 'c': capd_config_path = optarg; break;
-		case 't': test_only = 1; break;
+		case 't': test_only = 1; params_warn_checks = true; break;
 		case 'v': capd_verbose++; break;
 		case 'V': printf("capd %s\n", CAPD_VERSION); return 0;
 		default: usage();

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "log.h"
 #include "values.h"
 #include "xmalloc.h"
 
@@ -14,23 +15,32 @@ static const char *const params_common_keys[] = {
 	"type", "name", "listen", "expose", "capture", "idle_timeout", "connect_timeout", NULL,
 };
 
+bool params_warn_checks;
+
+/* The line of key's index-th value in the file, else the section's. */
+static int
+params_line(struct params *p, const char *key, size_t index)
+{
+	json_t *l;
+
+	if (key == NULL || p->lines == NULL)
+		return p->section_line;
+	l = json_object_get(p->lines, key);
+	if (json_is_array(l))  /* a repeated key: the line of that value */
+		l = json_array_get(l, index < json_array_size(l) ? index : 0);
+	return json_is_integer(l) ? (int)json_integer_value(l) : p->section_line;
+}
+
 static int
 params_vfail(struct params *p, const char *key, size_t index, const char *fmt, va_list ap)
 {
 	char *msg;
-	int line = p->section_line;
+	int line = params_line(p, key, index);
 
 	if (p->why)
 		return -1;
 	if (vasprintf(&msg, fmt, ap) < 0)
 		abort();
-	if (key && p->lines) {
-		json_t *l = json_object_get(p->lines, key);
-		if (json_is_array(l))  /* a repeated key: the line of that value */
-			l = json_array_get(l, index < json_array_size(l) ? index : 0);
-		if (json_is_integer(l))
-			line = (int)json_integer_value(l);
-	}
 	if (p->file)
 		p->why = xasprintf("%s:%d: %s", p->file, line, msg);
 	else
@@ -61,6 +71,25 @@ params_fail_at(struct params *p, const char *key, size_t index, const char *fmt,
 	rc = params_vfail(p, key, index, fmt, ap);
 	va_end(ap);
 	return rc;
+}
+
+void
+params_warn(struct params *p, const char *name, const char *key, const char *fmt, ...)
+{
+	va_list ap;
+	char *msg;
+
+	if (p->file != NULL && !params_warn_checks)
+		return;
+	va_start(ap, fmt);
+	if (vasprintf(&msg, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	if (p->file != NULL)
+		log_warnx("%s:%d: warning: %s", p->file, params_line(p, key, 0), msg);
+	else
+		log_warnx("%s: %s", name, msg);
+	free(msg);
 }
 
 /* The value as text whatever its JSON type; NULL when absent. */

@@ -25,6 +25,15 @@ int params_fail(struct params *p, const char *key, const char *fmt, ...) __attri
 /* params_fail about the index-th value of a repeated key (params_list): its own line. */
 int params_fail_at(struct params *p, const char *key, size_t index, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
+/*
+ * A warning about key of instance name: logged when the instance is made
+ * (no file), and by `capd -t` (params_warn_checks) with the file and line,
+ * so that the check says what start-up will; the checks of a file at
+ * start-up and reload keep quiet, as the instance made next says it.
+ */
+void params_warn(struct params *p, const char *name, const char *key, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+extern bool params_warn_checks;  /* set by capd -t */
 const char *params_str(struct params *p, const char *key, const char *def);
 /* A comma-separated value, also taken as a JSON array of strings and numbers (joined). */
 const char *params_csv(struct params *p, const char *key, const char *def);

@@ -72,7 +72,8 @@ struct sniff_run {
 /* Counters; they outlive the pcap handle, so a failed sniffer still shows what it saw. */
 struct sniff_counts {
 	uint64_t packets;             /* handed to us by libpcap */
-	uint64_t dropped_kernel;      /* pcap_stats ps_drop + ps_ifdrop, last known */
+	uint64_t dropped_kernel;      /* pcap_stats ps_drop (dumpcap's "pcap" drops), last known */
+	uint64_t dropped_interface;   /* ps_ifdrop: the device's own (dumpcap's ps_ifdrop), last known */
 	uint64_t dropped_spool;       /* refused by the spool's queue */
 };
 
@@ -163,18 +164,21 @@ sniff_configure(struct instance *inst, struct params *p)
 		return -1;
 	if (sn->cfg.promisc && strcmp(iface, "any") == 0) {
 		/* libpcap opens `any` without promiscuous mode whatever is asked (tcpdump
-		 * warns and goes on): taken, warned of once when it starts (not at the
-		 * config's check), and shown off, so capctl list says what runs */
-		if (p->file == NULL)
-			log_warnx("%s: promiscuous mode is not supported on interface any: capturing without it",
-			          inst->name);
+		 * warns and goes on): taken, warned of once when it starts and by
+		 * `capd -t`, and shown off, so capctl list says what runs */
+		params_warn(p, inst->name, "promisc",
+		            "promiscuous mode is not supported on interface any: capturing without it");
 		sn->cfg.promisc = false;
 	}
 	if (snaplen == 0)
 		snaplen = SNIFF_SNAPLEN_MAX;
 	sn->cfg.snaplen = (unsigned)snaplen;
 	sn->cfg.interface = xstrdup(iface);
-	if (filter && *filter && !capd_serving) {
+	/* empty or only blanks: no filter at all, as tcpdump and dumpcap compile it
+	 * (libpcap takes it as "everything"), so the listing and the files show none */
+	if (filter && filter[strspn(filter, " \t\r\n\v\f")] == '\0')
+		filter = NULL;
+	if (filter && !capd_serving) {
 		char *bad;
 
 		/*
@@ -189,7 +193,7 @@ sniff_configure(struct instance *inst, struct params *p)
 			return -1;
 		}
 	}
-	if (filter && *filter)
+	if (filter)
 		sn->cfg.filter = xstrdup(filter);
 	snprintf(inst->listen_str, sizeof inst->listen_str, "%s", iface);
 	return 0;
@@ -205,8 +209,16 @@ sniff_stats(struct instance *inst)
 	struct sniff *sn = inst->cfg;
 	struct pcap_stat ps;
 
-	if (sn->run && pcap_stats(sn->run->pcap, &ps) == 0)
-		sn->n.dropped_kernel = (uint64_t)ps.ps_drop + ps.ps_ifdrop;
+	/*
+	 * ps_ifdrop is what the device dropped before any capture could see it
+	 * (libpcap reads the NIC's rx_missed/rx_fifo counters, in promiscuous
+	 * mode only): dumpcap reports it apart from the capture's own drops, and
+	 * writes only ps_drop in the ISB's isb_ifdrop, as we do.
+	 */
+	if (sn->run && pcap_stats(sn->run->pcap, &ps) == 0) {
+		sn->n.dropped_kernel = ps.ps_drop;
+		sn->n.dropped_interface = ps.ps_ifdrop;
+	}
 	if (sn->run)
 		sn->run->told = ev_now(capd_loop);
 	spool_iface_stats(inst->spool_iface, sn->n.dropped_kernel, sn->n.dropped_spool);
@@ -525,6 +537,7 @@ sniff_describe(struct instance *inst, json_t *o)
 	}
 	json_object_set_new(o, "packets", json_integer((json_int_t)sn->n.packets));
 	json_object_set_new(o, "dropped_kernel", json_integer((json_int_t)sn->n.dropped_kernel));
+	json_object_set_new(o, "dropped_interface", json_integer((json_int_t)sn->n.dropped_interface));
 	json_object_set_new(o, "dropped_spool", json_integer((json_int_t)(sn->n.dropped_spool +
 	                                                                  spool_iface_dropped(inst->spool_iface))));
 }

@@ -782,3 +782,56 @@ def test_burst_of_small_packets_fits_the_ring(netpair, ns_capd):
     c.flush()
     r = tshark("-r", spool_file(c), "-Y", "udp.dstport == 9")
     assert len(r.stdout.splitlines()) == n, r.stderr
+
+
+def test_interface_drops_are_apart_from_the_kernels(netns, ns_capd, tmp_path):
+    """dropped_kernel added libpcap's ps_ifdrop (what the device itself dropped, read
+    from its rx_missed/rx_fifo counters in promiscuous mode) to ps_drop (what the
+    capture's buffer could not hold), where dumpcap reports them apart ("pcap:N ...
+    ps_ifdrop:M") and writes only ps_drop in the ISB. A veth never counts such drops,
+    so capd here reads a file bound over the device's rx_fifo_errors in a mount
+    namespace of its own: 7 there are dropped_interface, not dropped_kernel."""
+    iface = f"cvi{next_seq()}"
+    _veth(netns, iface)
+    counter = tmp_path / "rx_fifo_errors"
+    counter.write_text("0\n")
+    c = ns_capd(netns, f"[sniff wire]\ninterface = {iface}\npromisc = yes\n",
+                wrap=["unshare", "-m", "sh", "-c",
+                      f'mount --bind {counter} /sys/class/net/{iface}/statistics/rx_fifo_errors'
+                      ' && exec "$0" "$@"'])
+    counter.write_text("7\n")
+    inst = c.ctl("list", json_out=True)[0]
+    assert (inst["dropped_kernel"], inst["dropped_interface"]) == (0, 7), inst
+    assert "dropped kernel 0, spool 0, interface 7" in c.ctl("list").stdout
+    line = next(ln for ln in c.ctl("capture", "status").stdout.splitlines() if ln.startswith("sniffer:"))
+    assert line.endswith("dropped kernel 0, spool 0, interface 7"), line
+    c.flush()
+    c.stop()
+    assert pcapng_isbs(spool_file(c)) == {"wire": (0, 0, 0)}
+
+
+def test_blank_filter_is_no_filter(netns, ns_capd):
+    """`--filter " "` was taken as a filter of one blank: libpcap compiles it as
+    everything (as tcpdump and dumpcap do), yet the sniffer was listed and logged as
+    filtered and its files carried the blank as if_filter. A filter of blanks only is
+    now no filter, as an empty one is: every packet, no "filter" in its object."""
+    c = ns_capd(netns)
+    inst = c.ctl("add", "sniff", "--interface", "lo", "--filter", " \t ", "--name", "b", json_out=True)
+    assert inst["state"] == "running" and "filter" not in inst, inst
+    udp_to(netns, "127.0.0.1", 2)
+    assert wait_packets(c, "b", 2)["packets"] >= 2  # and the ICMP port unreachables
+    assert "b: capturing on lo (EN10MB, snaplen 262144, ns timestamps)" in c.log(), c.log()[-2000:]
+
+
+def test_config_check_warns_of_promisc_on_any(tmp_path):
+    """`capctl add sniff --interface any --promisc` warned that `any` has no
+    promiscuous mode and capd logs it when the file's sniffer starts, but `capd -t`
+    of that file said nothing. It now warns with the file and line (exit 0), as
+    start-up will; a real interface with promisc gets no word."""
+    conf = tmp_path / "p.conf"
+    conf.write_text(f"[capd]\nspool = {tmp_path}/spool\n[sniff a]\ninterface = any\npromisc = yes\n"
+                    "[sniff b]\ninterface = lo\npromisc = yes\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"capd: {conf}:5: warning: promiscuous mode is not supported on interface any: "
+                        "capturing without it\n"), r.stderr
