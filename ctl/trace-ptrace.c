@@ -1206,7 +1206,7 @@ static const struct { long nr; int tag; } trace_calls[] = {
 	{ SYS_bind, TAG_NET }, { SYS_sendto, TAG_NET }, { SYS_sendmsg, TAG_NET }, { SYS_sendmmsg, TAG_NET },
 	{ SYS_recvfrom, TAG_NET }, { SYS_recvmsg, TAG_NET }, { SYS_recvmmsg, TAG_NET }, { SYS_shutdown, TAG_NET },
 	{ SYS_close, TAG_NET }, { SYS_dup, TAG_NET }, { SYS_dup3, TAG_NET }, { SYS_sendfile, TAG_NET },
-	{ SYS_splice, TAG_NET },
+	{ SYS_splice, TAG_NET }, { SYS_pidfd_getfd, TAG_NET },
 #if SYS_dup2 >= 0
 	{ SYS_dup2, TAG_NET },
 #endif
@@ -1870,7 +1870,7 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 		k->want_exit = k->have_addr || (nr == SYS_connect && a[2] >= sizeof(sa_family_t));
 		return;
 	}
-	if (nr == SYS_accept || nr == SYS_accept4) {
+	if (nr == SYS_accept || nr == SYS_accept4 || nr == SYS_pidfd_getfd) {
 		k->want_exit = true;
 		return;
 	}
@@ -2084,7 +2084,8 @@ on_exit_call(struct tracer *t, struct ttask *k, int64_t rv, bool is_err)
 		sock_sweep_later(t);
 		return;
 	}
-	if (nr == SYS_dup || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_fcntl) {
+	/* pidfd_getfd: a copy of another process's descriptor, as a socket received with SCM_RIGHTS */
+	if (nr == SYS_dup || nr == SYS_dup2 || nr == SYS_dup3 || nr == SYS_fcntl || nr == SYS_pidfd_getfd) {
 		if (!is_err && rv >= 0) {
 			fd_forget(k, (int)rv);
 			if (fd_sock(t, k, (int)rv) != NULL)  /* a socket under a new number */

@@ -1656,3 +1656,43 @@ def test_trace_preadv2_recorded_and_io_uring_said(capd, echo_server, tmp_path):
     assert len(lines) == 1 and "calls io_uring_setup" in lines[0] and "missing from the capture" in lines[0], r.stderr
     s = closed_sessions(capd, "uring", 1)[-1]
     assert (s["bytes_up"], s["bytes_down"]) == (5, 5), s  # read/write around the ring as ever
+
+
+def test_trace_socket_taken_with_pidfd_getfd(capd, echo_server):
+    """A connection a process takes from another with pidfd_getfd(2) (as a
+    supervisor takes over a worker's sockets): what it wrote and read on its copy
+    with write(2)/read(2) was not recorded, since only descriptors from socket,
+    accept, dup and SCM_RIGHTS had their read/write stopped."""
+    script = textwrap.dedent(f"""
+        import ctypes, os, socket
+        libc = ctypes.CDLL(None, use_errno=True)
+        up, down = os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            c = socket.create_connection(("127.0.0.1", {echo_server.port}))
+            c.sendall(b"from the child\\n")
+            c.recv(100)
+            os.write(up[1], b"%d" % c.fileno())
+            os.read(down[0], 1)        # keeps it open until the parent took it
+            os._exit(0)
+        fd = int(os.read(up[0], 16))
+        pidfd = os.pidfd_open(pid)
+        mine = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        assert mine >= 0, os.strerror(ctypes.get_errno())
+        os.write(down[1], b"x")
+        os.waitpid(pid, 0)
+        os.write(mine, b"from the parent\\n")
+        got = b""
+        while len(got) < 16:
+            got += os.read(mine, 100)
+        print(got.decode(), end="", flush=True)
+        os.close(mine)
+    """)
+    r = trace(capd, PY, "-c", script, name="getfd")
+    assert r.stdout == b"from the parent\n"
+    s = closed_sessions(capd, "getfd", 1)[-1]
+    want = b"from the child\nfrom the parent\n"
+    assert (s["bytes_up"], s["bytes_down"]) == (len(want), len(want)), s
+    capd.flush()
+    pcap, up, down = session_bytes(capd, s["id"])
+    assert up == want and down == want
