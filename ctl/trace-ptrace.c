@@ -143,6 +143,8 @@ struct ttask {
 	struct sockaddr_storage addr;   /* connect/bind/sendto address read at entry */
 	bool have_addr;
 	bool fds_in;                    /* recvmsg/recvmmsg on another socket may bring descriptors */
+	bool peer_asked;                /* made a recvfrom with an address (entry_ask_peer) ... */
+	uint64_t peer_regs[4];          /* ... its orig_rax, r10, r8, r9 as they were, put back at exit */
 	int sfd;                        /* at exit: the descriptor of the socket the call is on */
 	int pending_sig;                /* a signal that arrived while we made it call seccomp() */
 	bool gone;                      /* died while we made it call seccomp(): gone_status says how */
@@ -1799,6 +1801,90 @@ entry_uring(struct tracer *t, struct ttask *k, long nr)
 	t->uring_warned = true;
 }
 
+#if defined(__x86_64__)
+#define PEER_SCRATCH 1024  /* bytes below the stack pointer where the sender's address lands */
+
+/*
+ * read(2), or recv(2) (recvfrom without an address), on an unconnected UDP
+ * socket says nothing of who sent the datagram: crediting it to the peer
+ * last used put a stranger's datagram in another flow. Such a call is made
+ * a recvfrom with an address: the same call on a socket (a read of 0 bytes,
+ * which takes no datagram, is left alone), whose address lands on the
+ * tracee's stack well below its red zone, where nothing lives while it is
+ * in the call (a signal handler runs after the exit stop, where the address
+ * is read and the registers put back: peer_restore). false: left as it was.
+ */
+static bool
+entry_ask_peer(struct ttask *k, long nr, const uint64_t *a)
+{
+	struct user_regs_struct r;
+	uint32_t len = sizeof(struct sockaddr_storage);
+	uint64_t lenp, addr;
+
+	if (nr == SYS_read ? a[2] == 0 : nr != SYS_recvfrom || a[4] != 0 || (a[3] & MSG_ERRQUEUE))
+		return false;
+	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) < 0)
+		return false;
+	lenp = (r.rsp - PEER_SCRATCH) & ~(uint64_t)15;
+	addr = lenp + 16;
+	struct iovec l = { &len, sizeof len }, rem = { (void *)(uintptr_t)lenp, sizeof len };
+	if (process_vm_writev(k->tid, &l, 1, &rem, 1, 0) != (ssize_t)sizeof len)
+		return false;  /* not mapped (a stack not grown that far): as before */
+	k->peer_regs[0] = r.orig_rax;
+	k->peer_regs[1] = r.r10;
+	k->peer_regs[2] = r.r8;
+	k->peer_regs[3] = r.r9;
+	r.orig_rax = SYS_recvfrom;
+	if (nr == SYS_read)
+		r.r10 = 0;
+	r.r8 = addr;
+	r.r9 = lenp;
+	if (ptrace(PTRACE_SETREGS, k->tid, 0, &r) < 0)
+		return false;
+	k->peer_asked = true;
+	k->nr = SYS_recvfrom;
+	k->args[3] = r.r10;
+	k->args[4] = addr;
+	k->args[5] = lenp;
+	return true;
+}
+
+/*
+ * At the exit stop of a call entry_ask_peer changed: the registers the
+ * kernel keeps across a system call are the program's again, and so is the
+ * call number, which a restarted call (interrupted by a signal) runs again.
+ */
+static void
+peer_restore(struct ttask *k)
+{
+	struct user_regs_struct r;
+
+	if (!k->peer_asked)
+		return;
+	k->peer_asked = false;
+	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) < 0)
+		return;
+	r.orig_rax = k->peer_regs[0];
+	r.r10 = k->peer_regs[1];
+	r.r8 = k->peer_regs[2];
+	r.r9 = k->peer_regs[3];
+	ptrace(PTRACE_SETREGS, k->tid, 0, &r);
+}
+#else
+static bool
+entry_ask_peer(struct ttask *k, long nr, const uint64_t *a)
+{
+	(void)k; (void)nr; (void)a;
+	return false;
+}
+
+static void
+peer_restore(struct ttask *k)
+{
+	(void)k;
+}
+#endif
+
 /* Entry (or seccomp) stop: decides whether the exit is worth a second stop. */
 static void
 on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
@@ -1829,6 +1915,8 @@ on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
 		if (s != NULL) {
 			k->want_exit = true;
 			k->ino = s->ino;  /* another thread may close and reuse the number meanwhile */
+			if (!s->tcp && !s->have_remote)
+				entry_ask_peer(k, nr, a);
 		} else if ((nr == SYS_recvmsg || nr == SYS_recvmmsg) && msg_wants_control(k, a[1])) {
 			k->want_exit = k->fds_in = true;  /* a Unix socket passing descriptors (SCM_RIGHTS) */
 		}
@@ -2287,6 +2375,7 @@ on_syscall_stop(struct tracer *t, struct ttask *k)
 		}
 		on_entry(t, k, (long)si.entry.nr, si.entry.args);
 	} else if (si.op == PTRACE_SYSCALL_INFO_EXIT) {
+		peer_restore(k);
 		if (k->nr >= 0 && k->want_exit)
 			on_exit_call(t, k, si.exit.rval, si.exit.is_error != 0);
 		k->want_exit = false;
@@ -2402,6 +2491,8 @@ trace_run(struct tracer *t, const sigset_t *stops)
 			k = task_new(t, pid);  /* a new child reported before its parent's fork event */
 		int sig = WSTOPSIG(status), ev = status >> 16;
 		if (t->detaching) {
+			if (sig == (SIGTRAP | 0x80))
+				peer_restore(k);  /* at the exit of a call we changed */
 			ptrace(PTRACE_DETACH, pid, 0, (ev == 0 && sig != (SIGTRAP | 0x80) && sig != SIGTRAP) ? sig : 0);
 			task_free(t, k);
 			continue;

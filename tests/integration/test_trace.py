@@ -1696,3 +1696,122 @@ def test_trace_socket_taken_with_pidfd_getfd(capd, echo_server):
     capd.flush()
     pcap, up, down = session_bytes(capd, s["id"])
     assert up == want and down == want
+
+
+def test_trace_udp_recv_without_address_is_its_senders(capd):
+    """recv(2) or read(2) on an unconnected UDP socket tells the program nothing of
+    the sender, and the trace credited such a datagram to the peer the socket last
+    sent to: a program that sent to A and then received a datagram from B with
+    recv() showed B's bytes as A's reply. Each is now its sender's: A's flow holds
+    what went to A only, and B's datagrams (recv, then read) are a flow of B's,
+    B the client (it spoke first)."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    a, b = sink.getsockname(), other.getsockname()
+    script = textwrap.dedent(f"""
+        import os, socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(10)
+        s.sendto(b"to a", ("127.0.0.1", {a[1]}))
+        print(s.getsockname()[1], flush=True)
+        got = s.recv(100)
+        s.settimeout(None)
+        got += os.read(s.fileno(), 100)
+        print(got.decode(), flush=True)
+    """)
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "urecv", "--", PY, "-c", script],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = int(p.stdout.readline())
+        sink.settimeout(10)
+        assert sink.recv(100) == b"to a"
+        other.sendto(b"from b|", ("127.0.0.1", port))
+        other.sendto(b"again b", ("127.0.0.1", port))
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        sink.close()
+    assert p.returncode == 0 and out == b"from b|again b\n", err
+    other.close()
+    ss = closed_sessions(capd, "urecv", 2)
+    got = sorted((s["client"], s["target"], s["bytes_up"], s["bytes_down"]) for s in ss)
+    assert got == sorted([(f"127.0.0.1:{port}", f"127.0.0.1:{a[1]}", 4, 0),
+                          (f"127.0.0.1:{b[1]}", f"127.0.0.1:{port}", 14, 0)]), ss
+
+
+UDP_READ_RESTART_C = r"""
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+static volatile int hits;
+static void on_alarm(int s) { (void)s; hits++; }
+int main(int argc, char **argv)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+	struct sockaddr_in me = { .sin_family = AF_INET };
+	struct sigaction act = { .sa_handler = on_alarm, .sa_flags = SA_RESTART };
+	struct itimerval it = { { 0, 100000 }, { 0, 100000 } };
+	socklen_t len = sizeof me;
+	char buf[100] = { 0 };
+	int s = socket(AF_INET, SOCK_DGRAM, 0);
+	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+	inet_pton(AF_INET, "127.0.0.1", &me.sin_addr);
+	bind(s, (struct sockaddr *)&me, sizeof me);
+	getsockname(s, (struct sockaddr *)&me, &len);
+	sendto(s, "to a", 4, 0, (struct sockaddr *)&sa, sizeof sa);
+	printf("%d\n", ntohs(me.sin_port));
+	fflush(stdout);
+	sigaction(SIGALRM, &act, NULL);
+	setitimer(ITIMER_REAL, &it, NULL);
+	ssize_t n = read(s, buf, sizeof buf - 1);
+	struct itimerval off = { 0 };
+	setitimer(ITIMER_REAL, &off, NULL);
+	printf("%zd %s %d\n", n, buf, hits > 0);
+	return 0;
+}
+"""
+
+
+def test_trace_udp_read_restarted_by_a_signal(capd, tmp_path):
+    """The read(2) of an unconnected UDP socket that the tracer makes a recvfrom (to
+    learn the sender) is interrupted again and again by a SA_RESTART timer: each
+    restart must run the program's read with its own registers, and the datagram
+    that ends it is its sender's, not the peer the socket last sent to (whose flow
+    took it before)."""
+    import shutil
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler")
+    (tmp_path / "rs.c").write_text(UDP_READ_RESTART_C)
+    exe = tmp_path / "rs"
+    subprocess.run(["cc", "-O1", "-o", str(exe), str(tmp_path / "rs.c")], check=True)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    a, b = sink.getsockname(), other.getsockname()
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--name", "rs", "--", str(exe), str(a[1])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = int(p.stdout.readline())
+        time.sleep(0.5)  # a few timer ticks while it waits in read
+        other.sendto(b"from b", ("127.0.0.1", port))
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        sink.close()
+        other.close()
+    assert p.returncode == 0 and out == b"6 from b 1\n", (out, err)
+    ss = closed_sessions(capd, "rs", 2)
+    got = sorted((s["client"], s["target"], s["bytes_up"], s["bytes_down"]) for s in ss)
+    assert got == sorted([(f"127.0.0.1:{port}", f"127.0.0.1:{a[1]}", 4, 0),
+                          (f"127.0.0.1:{b[1]}", f"127.0.0.1:{port}", 6, 0)]), ss
