@@ -105,6 +105,8 @@
 #define SWEEP_CLOSES 64           /* closes of sockets that make a sweep due at once ... */
 #define SWEEP_DELAY 0.1           /* ... or this many seconds after the first */
 
+#define I386_SOCKETCALL 102        /* i386 system call numbers: how a 32-bit program makes a socket */
+#define I386_SOCKET 359
 enum { TAG_FD = 1, TAG_NET = 2 };  /* SECCOMP_RET_DATA: does the call need an fd check */
 enum { FD_UNKNOWN = 0, FD_OTHER, FD_SOCK };
 
@@ -198,6 +200,7 @@ struct tracer {
 	bool inject_warned;
 	bool lost_warned;               /* told that some bytes are a gap in the capture */
 	bool uring_warned;              /* told that a process uses io_uring */
+	bool compat_warned;             /* told that a process makes sockets with 32-bit calls */
 	bool accepting;                 /* fd_sock is asked about a socket accept just made */
 	uint8_t listening[65536 / 8];   /* TCP ports with a listener, as of listening_at ... */
 	double listening_at;            /* ... (0: never) in network namespace listening_ns */
@@ -1235,15 +1238,29 @@ static const struct { long nr; int tag; } trace_calls[] = {
 #define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
 #endif
 
-/* Builds the filter into prog (at least 2 * NCALLS + 16 slots); returns its length. */
+#define FILTER_SLOTS (2 * NCALLS + 24)
+
+/* Builds the filter into prog (at least FILTER_SLOTS slots); returns its length. */
 static unsigned short
 filter_build(struct sock_filter *f)
 {
 	unsigned short n = 0;
 
 	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+#ifdef __x86_64__
+	/* 32-bit calls (int 0x80, a 32-bit program) pass untraced, but the socket they make stops
+	 * once so that the tracer can say its bytes are not recorded (on_compat_call) */
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, TRACE_AUDIT_ARCH, 6, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, 4);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, I386_SOCKET, 1, 0);
+	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, I386_SOCKETCALL, 0, 1);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE | TAG_NET);
+	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+#else
 	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, TRACE_AUDIT_ARCH, 1, 0);
 	f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);  /* 32-bit calls pass, untraced */
+#endif
 	f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
 #ifdef __x86_64__
 	f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000 /* __X32_SYSCALL_BIT */, 0, 1);
@@ -1299,7 +1316,7 @@ filter_build_rw(struct sock_filter *f, int fd)
 static int
 filter_install(const int *sockfds, int nsockfds)
 {
-	struct sock_filter prog[2 * NCALLS + 16];
+	struct sock_filter prog[FILTER_SLOTS];
 	struct sock_fprog fp = { .len = filter_build(prog), .filter = prog };
 
 	if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0)
@@ -1361,7 +1378,7 @@ trace_check(bool attach, char **why)
 		return -1;
 	}
 	if (pid == 0) {
-		struct sock_filter prog[2 * NCALLS + 16];
+		struct sock_filter prog[FILTER_SLOTS];
 		struct sock_fprog fp = { .len = filter_build(prog), .filter = prog };
 		/* RET_TRACE without a tracer fails the call with ENOSYS, so only install, then leave */
 		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
@@ -1885,6 +1902,25 @@ peer_restore(struct ttask *k)
 }
 #endif
 
+/*
+ * A system call of another ABI than the tracer's (int 0x80 or a 32-bit
+ * program on x86-64): its structures are not decoded, so the bytes of the
+ * sockets it makes are not recorded. Said once, at the first socket made so.
+ */
+static void
+on_compat_call(struct tracer *t, struct ttask *k, long nr)
+{
+#ifdef __x86_64__
+	if (t->compat_warned || (nr != I386_SOCKET && nr != I386_SOCKETCALL))
+		return;
+	fprintf(stderr, "capctl: process %d (%s) makes 32-bit system calls on sockets; their bytes are not recorded, "
+	        "so some may be missing from the capture\n", (int)k->g->tgid, k->g->comm);
+	t->compat_warned = true;
+#else
+	(void)t; (void)k; (void)nr;
+#endif
+}
+
 /* Entry (or seccomp) stop: decides whether the exit is worth a second stop. */
 static void
 on_entry(struct tracer *t, struct ttask *k, long nr, const uint64_t *a)
@@ -2365,14 +2401,17 @@ on_syscall_stop(struct tracer *t, struct ttask *k)
 		k->want_exit = false;
 		return;
 	}
-	if (si.op == PTRACE_SYSCALL_INFO_SECCOMP) {
-		on_entry(t, k, (long)si.seccomp.nr, si.seccomp.args);
-	} else if (si.op == PTRACE_SYSCALL_INFO_ENTRY) {
+	if (si.op == PTRACE_SYSCALL_INFO_SECCOMP || si.op == PTRACE_SYSCALL_INFO_ENTRY) {
 		if (si.arch != TRACE_AUDIT_ARCH) {
+			on_compat_call(t, k, (long)(si.op == PTRACE_SYSCALL_INFO_SECCOMP ? si.seccomp.nr : si.entry.nr));
 			k->want_exit = false;
 			k->nr = -1;
 			return;
 		}
+	}
+	if (si.op == PTRACE_SYSCALL_INFO_SECCOMP) {
+		on_entry(t, k, (long)si.seccomp.nr, si.seccomp.args);
+	} else if (si.op == PTRACE_SYSCALL_INFO_ENTRY) {
 		on_entry(t, k, (long)si.entry.nr, si.entry.args);
 	} else if (si.op == PTRACE_SYSCALL_INFO_EXIT) {
 		peer_restore(k);
