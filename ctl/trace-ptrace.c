@@ -126,6 +126,7 @@ struct tgroup {
 	int nfds;
 	uint8_t *watched;               /* bitmap: descriptor numbers with a read/write filter */
 	int nfilters;                   /* filters installed in the process (inherited ones too) */
+	int own_filters;                /* seccomp filters it has of ours (and capctl's): more are its own */
 	bool rw_all;                    /* a filter for every read/write is installed */
 	uint64_t scratch;               /* a page we made it map for filter programs, 0 until then */
 };
@@ -509,6 +510,27 @@ proc_tracer(pid_t tid)
 	return tracer;
 }
 
+/* How many seccomp filters tid runs under (0 for pid 0: ourselves), or -1 when unknown. */
+static int
+proc_seccomp_filters(pid_t tid)
+{
+	char path[64], line[128];
+	int n = -1;
+	FILE *f;
+
+	if (tid == 0)
+		snprintf(path, sizeof path, "/proc/self/status");
+	else
+		snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+	if ((f = fopen(path, "r")) == NULL)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "Seccomp_filters: %d", &n) == 1)
+			break;
+	fclose(f);
+	return n;
+}
+
 /* The socket inode behind fd of tid, or 0 when it is not a socket (or gone). */
 static uint64_t
 proc_fd_ino(pid_t tid, int fd)
@@ -761,6 +783,8 @@ group_inherit(struct tgroup *child, const struct tgroup *parent)
 	if (child->scratch == 0)
 		child->scratch = parent->scratch;  /* a fork copies the mapping */
 	child->nfilters += parent->nfilters;
+	if (child->own_filters < parent->own_filters)
+		child->own_filters = parent->own_filters;
 	if (parent->watched) {
 		if (child->watched == NULL)
 			child->watched = trace_calloc(TRACE_MAX_WATCH / 8, 1);
@@ -1478,6 +1502,8 @@ trace_spawn(char *const argv[], trace_event_fn fn, void *arg, char **why)
 	task_new(t, pid);
 	for (int i = 0; i < nsockfds; i++)
 		group_watch_mark(t->tasks->g, sockfds[i]);
+	/* capctl's own (a container's), the base filter, one per inherited socket */
+	t->tasks->g->own_filters = proc_seccomp_filters(0) + 1 + nsockfds;
 	{
 		const char *b = strrchr(argv[0], '/');
 		snprintf(t->main_comm, sizeof t->main_comm, "%s", b ? b + 1 : argv[0]);
@@ -1778,6 +1804,7 @@ watch_fd(struct tracer *t, struct ttask *k, int fd)
 		}
 		return;
 	}
+	g->own_filters++;
 	if (all)
 		g->rw_all = true;
 	else
@@ -1839,6 +1866,9 @@ entry_ask_peer(struct ttask *k, long nr, const uint64_t *a)
 	uint64_t lenp, addr;
 
 	if (nr == SYS_read ? a[2] == 0 : nr != SYS_recvfrom || a[4] != 0 || (a[3] & MSG_ERRQUEUE))
+		return false;
+	/* a program with seccomp filters of its own (a sandbox) may allow read and not recvfrom */
+	if (nr == SYS_read && proc_seccomp_filters(k->tid) != k->g->own_filters)
 		return false;
 	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) < 0)
 		return false;

@@ -1745,11 +1745,17 @@ def test_trace_udp_recv_without_address_is_its_senders(capd):
 
 UDP_READ_RESTART_C = r"""
 #include <arpa/inet.h>
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
 static volatile int hits;
@@ -1759,10 +1765,19 @@ int main(int argc, char **argv)
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
 	struct sockaddr_in me = { .sin_family = AF_INET };
 	struct sigaction act = { .sa_handler = on_alarm, .sa_flags = SA_RESTART };
-	struct itimerval it = { { 0, 100000 }, { 0, 100000 } };
+	struct itimerval it = { { 0, 100000 }, { 0, 100000 } }, off = { 0 };
+	/* a sandbox of its own: read allowed, recvfrom refused */
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_recvfrom, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog fp = { .len = sizeof f / sizeof f[0], .filter = f };
 	socklen_t len = sizeof me;
 	char buf[100] = { 0 };
 	int s = socket(AF_INET, SOCK_DGRAM, 0);
+	ssize_t n;
 	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
 	inet_pton(AF_INET, "127.0.0.1", &me.sin_addr);
 	bind(s, (struct sockaddr *)&me, sizeof me);
@@ -1772,10 +1787,16 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	sigaction(SIGALRM, &act, NULL);
 	setitimer(ITIMER_REAL, &it, NULL);
-	ssize_t n = read(s, buf, sizeof buf - 1);
-	struct itimerval off = { 0 };
+	n = read(s, buf, sizeof buf - 1);
 	setitimer(ITIMER_REAL, &off, NULL);
 	printf("%zd %s %d\n", n, buf, hits > 0);
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) < 0)
+		return 2;
+	printf("sandboxed\n");
+	fflush(stdout);
+	memset(buf, 0, sizeof buf);
+	n = read(s, buf, sizeof buf - 1);
+	printf("%zd %s\n", n, n < 0 ? strerror(errno) : buf);
 	return 0;
 }
 """
@@ -1786,7 +1807,8 @@ def test_trace_udp_read_restarted_by_a_signal(capd, tmp_path):
     learn the sender) is interrupted again and again by a SA_RESTART timer: each
     restart must run the program's read with its own registers, and the datagram
     that ends it is its sender's, not the peer the socket last sent to (whose flow
-    took it before)."""
+    took it before). Once the program has a seccomp filter of its own (which here
+    refuses recvfrom), its read is left a read."""
     import shutil
     if not shutil.which("cc"):
         pytest.skip("no C compiler")
@@ -1804,17 +1826,20 @@ def test_trace_udp_read_restarted_by_a_signal(capd, tmp_path):
         port = int(p.stdout.readline())
         time.sleep(0.5)  # a few timer ticks while it waits in read
         other.sendto(b"from b", ("127.0.0.1", port))
+        first = p.stdout.readline() + p.stdout.readline()
+        other.sendto(b"again", ("127.0.0.1", port))
         out, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()
         sink.close()
         other.close()
-    assert p.returncode == 0 and out == b"6 from b 1\n", (out, err)
+    assert p.returncode == 0 and first + out == b"6 from b 1\nsandboxed\n5 again\n", (first, out, err)
     ss = closed_sessions(capd, "rs", 2)
     got = sorted((s["client"], s["target"], s["bytes_up"], s["bytes_down"]) for s in ss)
+    # the sandboxed read is credited to the peer last used: b's, as it happens
     assert got == sorted([(f"127.0.0.1:{port}", f"127.0.0.1:{a[1]}", 4, 0),
-                          (f"127.0.0.1:{b[1]}", f"127.0.0.1:{port}", 6, 0)]), ss
+                          (f"127.0.0.1:{b[1]}", f"127.0.0.1:{port}", 11, 0)]), ss
 
 
 I386_ECHO_C = r"""
