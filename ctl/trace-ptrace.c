@@ -1867,8 +1867,9 @@ entry_ask_peer(struct ttask *k, long nr, const uint64_t *a)
 
 	if (nr == SYS_read ? a[2] == 0 : nr != SYS_recvfrom || a[4] != 0 || (a[3] & MSG_ERRQUEUE))
 		return false;
-	/* a program with seccomp filters of its own (a sandbox) may allow read and not recvfrom */
-	if (nr == SYS_read && proc_seccomp_filters(k->tid) != k->g->own_filters)
+	/* a program with seccomp filters of its own (a sandbox) may allow read and not recvfrom,
+	 * or recvfrom without an address only: the kernel runs them again on the changed call */
+	if (proc_seccomp_filters(k->tid) != k->g->own_filters)
 		return false;
 	if (ptrace(PTRACE_GETREGS, k->tid, 0, &r) < 0)
 		return false;
