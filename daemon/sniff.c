@@ -248,20 +248,25 @@ enum sniff_link { SNIFF_UP, SNIFF_DOWN, SNIFF_GONE };
 /*
  * What became of the interface the capture started on, found by its index:
  * one deleted and made again under the same name is another interface, its
- * packet socket no longer bound to anything.
+ * packet socket no longer bound to anything. name (IFNAMSIZ bytes, or NULL)
+ * gets its name now, "" when unknown.
  */
 static enum sniff_link
-sniff_iface_link(struct sniff *sn)
+sniff_iface_link(struct sniff *sn, char *name)
 {
 	struct ifreq ifr;
 	int fd = pcap_fileno(sn->run->pcap);
 
+	if (name)
+		name[0] = '\0';
 	if (sn->run->ifindex == 0)
 		return SNIFF_UP;  /* any */
 	memset(&ifr, 0, sizeof ifr);
 	ifr.ifr_ifindex = (int)sn->run->ifindex;
 	if (ioctl(fd, SIOCGIFNAME, &ifr) < 0)
 		return errno == ENODEV || errno == ENXIO ? SNIFF_GONE : SNIFF_UP;
+	if (name)
+		snprintf(name, IFNAMSIZ, "%s", ifr.ifr_name);
 	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0)
 		return errno == ENODEV || errno == ENXIO ? SNIFF_GONE : SNIFF_UP;
 	return (ifr.ifr_flags & IFF_UP) ? SNIFF_UP : SNIFF_DOWN;
@@ -270,8 +275,7 @@ sniff_iface_link(struct sniff *sn)
 static void
 sniff_gone(struct instance *inst)
 {
-	struct sniff *sn = inst->cfg;
-	char *why = xasprintf("capture on %s stopped: the interface disappeared", sn->cfg.interface);
+	char *why = xasprintf("capture on %s stopped: the interface disappeared", inst->listen_str);
 
 	sniff_stats(inst);
 	instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
@@ -284,15 +288,28 @@ sniff_down_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct instance *inst = w->data;
 	struct sniff *sn = inst->cfg;
+	char name[IFNAMSIZ];
 
 	(void)revents;
-	switch (sniff_iface_link(sn)) {
+	switch (sniff_iface_link(sn, name)) {
 	case SNIFF_GONE:
 		sniff_gone(inst);
 		break;
 	case SNIFF_UP:
 		ev_timer_stop(loop, w);
-		log_info("%s: interface %s is up again: capturing", inst->name, sn->cfg.interface);
+		if (name[0] == '\0' || strcmp(name, inst->listen_str) == 0) {
+			log_info("%s: interface %s is up again: capturing", inst->name, inst->listen_str);
+			break;
+		}
+		/*
+		 * Renamed while down (Linux renames only a down interface): the socket
+		 * is bound to it by index, so the capture goes on there, as dumpcap's;
+		 * `listen` says where, lest the old name, maybe given to another
+		 * interface since, be taken for it.
+		 */
+		log_warnx("%s: interface %s is up again, renamed %s: capturing on it", inst->name, inst->listen_str,
+		          name);
+		snprintf(inst->listen_str, sizeof inst->listen_str, "%s", name);
 		break;
 	case SNIFF_DOWN:
 		break;
@@ -314,14 +331,14 @@ sniff_link_event(struct instance *inst)
 	socklen_t len = sizeof err;
 
 	(void)getsockopt(pcap_fileno(sn->run->pcap), SOL_SOCKET, SO_ERROR, &err, &len);
-	switch (sniff_iface_link(sn)) {
+	switch (sniff_iface_link(sn, NULL)) {
 	case SNIFF_GONE:
 		sniff_gone(inst);
 		break;
 	case SNIFF_DOWN:
 		if (!ev_is_active(&sn->run->down)) {
 			log_warnx("%s: interface %s went down: capturing again once it is up", inst->name,
-			          sn->cfg.interface);
+			          inst->listen_str);
 			ev_timer_again(capd_loop, &sn->run->down);
 		}
 		break;
@@ -346,7 +363,7 @@ sniff_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (n > 0 && ev_now(loop) - sn->run->told >= SNIFF_STATS_EVERY)
 		sniff_stats(inst);
 	if (n == PCAP_ERROR) {
-		char *why = xasprintf("capture on %s stopped: %s", sn->cfg.interface, pcap_geterr(sn->run->pcap));
+		char *why = xasprintf("capture on %s stopped: %s", inst->listen_str, pcap_geterr(sn->run->pcap));
 
 		sniff_stats(inst);
 		instance_fail(inst, why);  /* runs sniff_stop: sn->run is gone after this */
@@ -461,7 +478,7 @@ sniff_start(struct instance *inst, char **why)
 		*why = xasprintf("no interface '%s'", sn->cfg.interface);
 		return -1;
 	}
-	if (sniff_iface_link(sn) != SNIFF_UP) {
+	if (sniff_iface_link(sn, NULL) != SNIFF_UP) {
 		/* Linux lets a packet socket bind a down interface; dumpcap refuses it too */
 		*why = xasprintf("interface %s is down", sn->cfg.interface);
 		return -1;

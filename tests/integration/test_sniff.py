@@ -835,3 +835,30 @@ def test_config_check_warns_of_promisc_on_any(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == (f"capd: {conf}:5: warning: promiscuous mode is not supported on interface any: "
                         "capturing without it\n"), r.stderr
+
+
+def test_interface_renamed_while_sniffed(netpair, ns_capd):
+    """Linux renames only a down interface. The sniffer captured on after the rename
+    (its socket is bound by index, as dumpcap's), but logged "interface csa... is up
+    again" and went on listing the old name, which another interface may take since.
+    capd now logs the new name and the sniffer's listen shows it; `interface` keeps
+    what was asked."""
+    c = ns_capd(netpair.a)
+    c.ctl("add", "sniff", "--interface", netpair.va, "--name", "wire", "--filter", "udp port 9")
+    udp_to(netpair.a, netpair.ip_b, 2)
+    wait_packets(c, "wire", 2)
+    new = f"cvn{next_seq()}"
+    sh("ip", "-n", netpair.a, "link", "set", netpair.va, "down")
+    sh("ip", "-n", netpair.a, "link", "set", netpair.va, "name", new)
+    sh("ip", "-n", netpair.a, "link", "set", new, "up")
+    sh("ip", "-n", netpair.a, "addr", "replace", f"{netpair.ip_a}/30", "dev", new)
+    want = f"wire: interface {netpair.va} is up again, renamed {new}: capturing on it"
+    deadline = time.time() + 10
+    while want not in c.log() and time.time() < deadline:
+        time.sleep(0.1)
+    assert want in c.log(), c.log()[-2000:]
+    sh("ip", "-n", netpair.a, "neigh", "replace", netpair.ip_b, "lladdr", "02:00:00:00:00:01", "dev", new)
+    udp_to(netpair.a, netpair.ip_b, 3)
+    inst = wait_packets(c, "wire", 5)
+    assert (inst["state"], inst["packets"], inst["listen"], inst["interface"]) == \
+        ("running", 5, new, netpair.va), inst
