@@ -304,8 +304,11 @@ relay_fail(struct session *s, enum dir d, bool at_src, int err)
 {
 	char why[320];
 	struct side *sd = at_src ? relay_src(s, d) : relay_dst(s, d);
+	const char *whole = sd->tls ? tls_side_fail(sd->tls) : NULL;
 
-	if (err == EPROTO && sd->tls)
+	if (whole)
+		snprintf(why, sizeof why, "%s", whole);
+	else if (err == EPROTO && sd->tls)
 		snprintf(why, sizeof why, "%s TLS error: %s", relay_side_name(d, at_src), tls_side_why(sd->tls));
 	else if (err == ECONNRESET || err == EPIPE)
 		snprintf(why, sizeof why, "%s reset", relay_side_name(d, at_src));

@@ -96,7 +96,8 @@ struct tls_side {
 	int err;                /* errno to report once the bytes before it are taken */
 	bool crossed;           /* a read wanted writability or a write readability */
 	bool more;              /* records of the same write follow: send them with MSG_MORE */
-	char why[200];          /* the TLS error behind EPROTO */
+	char why[320];          /* the TLS error behind EPROTO; with whole, the close reason */
+	bool whole;             /* why is the session's whole close reason (tls_side_fail) */
 };
 
 /* Interception state of one session: s->tls, freed by tls_session_free via relay_stop. */
@@ -119,6 +120,8 @@ struct tls_session {
 	bool resume_cert_asked;     /* so did the handshake of the session offered for resumption */
 	bool ticket;                /* the server sent a session ticket (tls_new_session_cb) */
 	ev_timer verdict;           /* TLS_ST_VERDICT: how long the server may stay silent */
+	double verdict_since;       /* when the upstream handshake was done (ev_now) */
+	bool verdict_open;          /* silence was taken for consent: nothing came from the server since */
 	unsigned hello_version;     /* the newest TLS version the client offers */
 	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
 	int fail_alert;             /* that alert: 0 for handshake_failure */
@@ -1947,8 +1950,10 @@ tls_verdict_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct session *s = w->data;
 
 	(void)loop; (void)revents;
-	if (s->tls && s->tls->st == TLS_ST_VERDICT)
+	if (s->tls && s->tls->st == TLS_ST_VERDICT) {
+		s->tls->verdict_open = true;  /* until the server's first word: tls_side_late_verdict */
 		tls_upstream_done(s->tls);  /* silence: the server took it, as before */
+	}
 }
 
 /*
@@ -1961,12 +1966,14 @@ tls_verdict_cb(struct ev_loop *loop, ev_timer *w, int revents)
  * take the handshake (OpenSSL, nginx, Go, Python), or bytes, and the session
  * goes on; the alert, which the client gets as the server sent it (a TLS
  * 1.3 client; others a handshake_failure), or an end, and it closes with the
- * reason. A server silent for TLS_VERDICT_WAIT took it.
+ * reason. A server silent for TLS_VERDICT_WAIT took it (one that refuses
+ * later: tls_side_late_verdict).
  */
 static void
 tls_verdict_start(struct tls_session *ts)
 {
 	ts->st = TLS_ST_VERDICT;
+	ts->verdict_since = ev_now(capd_loop);
 	ev_timer_init(&ts->verdict, tls_verdict_cb, TLS_VERDICT_WAIT, 0.);
 	ts->verdict.data = ts->s;
 	ev_timer_start(capd_loop, &ts->verdict);
@@ -2336,6 +2343,31 @@ tls_connected(struct session *s, int err)
 
 /* ---- the relay's helpers ---- */
 
+/*
+ * A server silent for TLS_VERDICT_WAIT after asking for a certificate was
+ * taken to consent (tls_verdict_cb); one that only weighed it longer (an
+ * OCSP or LDAP look-up of the certificate, a slow link) refuses now, when
+ * the client's handshake is long done: no alert can reach the client any
+ * more (OpenSSL sends none but its own), so the close reason at least says
+ * what happened instead of "upstream TLS error" or "upstream reset".
+ * Whether it applies: the server's first word is this error.
+ */
+static void
+tls_side_late_verdict(struct tls_side *t, const char *what)
+{
+	struct tls_session *ts = t->ts;
+
+	if (t->leg != TLS_LEG_UPSTREAM || !ts->verdict_open || ts->ticket)
+		return;
+	ts->verdict_open = false;
+	/* the session history keeps 159 bytes of a reason: the rest goes in the note */
+	snprintf(t->why, sizeof t->why, "upstream handshake failed: the server asked for a client certificate, "
+	         "capd has none (%s %.1f s after its handshake)", what, ev_now(capd_loop) - ts->verdict_since);
+	t->whole = true;
+	tls_session_note(ts->s, "the server refused after capd had taken %.0f s of silence for consent "
+	                 "and finished the client's handshake", TLS_VERDICT_WAIT);
+}
+
 static void
 tls_side_error(struct tls_side *t, int e, int saved)
 {
@@ -2348,10 +2380,14 @@ tls_side_error(struct tls_side *t, int e, int saved)
 	if (e == SSL_ERROR_SYSCALL && saved != 0) {
 		ERR_clear_error();
 		t->err = saved;
+		if (saved == ECONNRESET)
+			tls_side_late_verdict(t, "it reset the connection");
 		return;
 	}
-	snprintf(t->why, sizeof t->why, "%s", tls_err_text(text, sizeof text, "unknown error"));
+	tls_err_text(text, sizeof text, "unknown error");
+	snprintf(t->why, sizeof t->why, "%s", text);
 	t->err = EPROTO;
+	tls_side_late_verdict(t, text);
 }
 
 ssize_t
@@ -2372,6 +2408,8 @@ tls_side_read(struct tls_side *t, void *p, size_t n)
 		ERR_clear_error();
 		r = SSL_read(t->ssl, (char *)p + got, want);
 		if (r > 0) {
+			if (t->leg == TLS_LEG_UPSTREAM)
+				t->ts->verdict_open = false;  /* the server spoke: it took the handshake */
 			got += (size_t)r;
 			continue;
 		}
@@ -2483,6 +2521,12 @@ bool
 tls_side_pending(const struct tls_side *t)
 {
 	return t->eof || t->err || buf_used(&t->prefix) > 0 || SSL_has_pending(t->ssl);
+}
+
+const char *
+tls_side_fail(const struct tls_side *t)
+{
+	return t->whole ? t->why : NULL;
 }
 
 const char *

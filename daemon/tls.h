@@ -140,6 +140,10 @@ void tls_side_shutdown(struct tls_side *t);
 /* Plaintext (or an EOF/error) is waiting inside the TLS layer, not in the socket. */
 bool tls_side_pending(const struct tls_side *t);
 const char *tls_side_why(const struct tls_side *t);
+/* The session's whole close reason for the error of this side, or NULL (then
+ * "<side> TLS error: tls_side_why", or the errno's): a TLS 1.3 server's late
+ * refusal of capd's missing client certificate. */
+const char *tls_side_fail(const struct tls_side *t);
 /* A read waited for writability or a write for readability (and clears it). */
 bool tls_side_crossed(struct tls_side *t);
 /* The relay's close reason, with "(tls passthrough: why)" for passed-through sessions. */

@@ -2627,3 +2627,76 @@ def test_reverse_tls13_client_certificate_required_is_a_502_that_says_so(capd, t
         assert s["reason"] == "502 Bad Gateway: " + why, s
     finally:
         srv.stop()
+
+
+
+class SlowVerdict(Listener):
+    """A path to a server (target port) on which the server's bytes that follow the
+    client's second flight (its Finished: the TLS 1.3 server's verdict on a missing
+    client certificate) arrive `delay` seconds late, as from a server that takes its
+    time to decide (an OCSP or LDAP look-up of the certificate)."""
+
+    def __init__(self, target, delay):
+        self.target, self.delay = target, delay
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        u = socket.create_connection(("127.0.0.1", self.target), 5)
+        u.settimeout(30)
+        flights = [0]
+
+        def up():
+            try:
+                while (d := c.recv(65536)):
+                    flights[0] += 1
+                    u.sendall(d)
+                u.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        try:
+            while (d := u.recv(65536)):
+                if flights[0] >= 2:
+                    time.sleep(self.delay)
+                c.sendall(d)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            time.sleep(0.5)
+            c.close()
+            u.close()
+
+
+def test_tls13_late_client_certificate_refusal_is_named(capd, tmp_path):
+    """Regression: a TLS 1.3 server that requires a client certificate and takes more
+    than 2 s to refuse capd's empty one (openssl s_server -Verify 1 -tls1_3 behind a
+    path that delays its verdict 3 s) found the client's handshake finished by capd
+    after 2 s of silence, and the session closed as "upstream TLS error: tlsv13 alert
+    certificate required" or "upstream reset", curl with "Recv failure: Connection
+    reset by peer". No alert can reach the client then, but the reason now names the
+    missing certificate, how late the server refused, and why the client's handshake
+    had gone on."""
+    cert, key = make_cert(tmp_path, "mtls", f"/CN={NAME}", f"DNS:{NAME}")
+    required = SServer(cert, key, "-Verify", "1", "-tls1_3", "-num_tickets", "0")
+    slow = SlowVerdict(required.port, 3)
+    try:
+        port = add_forward(capd, slow.port, "--tls", "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd)[-1]
+        assert r.returncode != 0, r.stdout
+        assert re.fullmatch(r"upstream handshake failed: the server asked for a client certificate, capd has none "
+                            r"\((tlsv13 alert certificate required|it reset the connection) [0-9.]+ s after its "
+                            r"handshake\)", s["reason"]), s
+        assert s["note"].endswith("; the server refused after capd had taken 2 s of silence for consent and "
+                                  "finished the client's handshake"), s
+        lines = [x for x in capd.log().splitlines() if f"session {s['id']} forward/" in x]
+        assert len(lines) == 1 and s["reason"] in lines[0], lines
+    finally:
+        slow.close()
+        required.stop()
