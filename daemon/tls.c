@@ -158,6 +158,7 @@ static char *tls_keylog_path;
 static unsigned long tls_keylog_lost;  /* lines that could not be written since the last that could */
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void tls_session_note(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void tls_client_step(struct tls_session *ts);
 static void tls_upstream_begin(struct tls_session *ts);
 static void tls_connect(struct tls_session *ts);
@@ -1025,6 +1026,25 @@ tls_side_clear(struct tls_side *t)
 	buf_free(&t->replay);
 }
 
+/*
+ * reverse: the client's TLS was up, but the session ends before the
+ * upstream's handshake did (it failed, the connect or the route did): the
+ * close line names the client's TLS all the same, as for every other
+ * intercepted session (tls_done notes both sides).
+ */
+static void
+tls_note_client(struct tls_session *ts)
+{
+	const unsigned char *a;
+	unsigned alen;
+
+	if (!ts->accept_only || ts->s->client.tls == NULL || ts->c.ssl == NULL || ts->s->note_tls != 0)
+		return;
+	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
+	tls_session_note(ts->s, "tls %s sni=%s%s%.*s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	                 alen ? " alpn=" : "", (int)alen, (const char *)a);
+}
+
 void
 tls_session_ending(struct session *s, enum synth_end how)
 {
@@ -1034,8 +1054,10 @@ tls_session_ending(struct session *s, enum synth_end how)
 	 * client's RST, or capd's); the upstream leg shows the same end rather
 	 * than a clean FIN exchange that never happened.
 	 */
-	if (s->tls)
-		s->tls->end = how;
+	if (s->tls == NULL)
+		return;
+	s->tls->end = how;
+	tls_note_client(s->tls);
 }
 
 void
@@ -1073,9 +1095,6 @@ tls_session_free(struct session *s)
 	free(ts->no_ca);
 	free(ts);
 }
-
-static void
-tls_session_note(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static void
 tls_session_note(struct session *s, const char *fmt, ...)

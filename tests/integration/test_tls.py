@@ -2700,3 +2700,24 @@ def test_tls13_late_client_certificate_refusal_is_named(capd, tmp_path):
     finally:
         slow.close()
         required.stop()
+
+
+def test_reverse_upstream_handshake_failure_close_line_names_the_clients_tls(capd, tmp_path):
+    """Regression: a reverse --tls session whose upstream TLS handshake failed (here
+    the upstream speaks no TLS: a plain echo server) logged its close line without the
+    "[tls ...]" part that every other intercepted session has, so the log did not say
+    which name the client asked for. It now names the client's TLS (version, SNI, ALPN)."""
+    echo = EchoServer()
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--default", f"127.0.0.1:{echo.port}", "--tls",
+                 "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd)[-1]
+        assert r.returncode == 0 and r.stdout.startswith(b"502 Bad Gateway: upstream handshake failed"), (r, s)
+        assert s["note"] == f"GET /; tls TLSv1.3 sni={NAME} alpn=http/1.1", s
+        lines = [x for x in capd.log().splitlines() if f"session {s['id']} reverse/" in x]
+        assert len(lines) == 1 and lines[0].endswith(f" [tls TLSv1.3 sni={NAME} alpn=http/1.1]"), lines
+    finally:
+        echo.close()
