@@ -1200,6 +1200,8 @@ tls_plain(struct tls_session *ts, const char *note)
 		tls_restore_hs(ts);
 		tls_session_free(s);
 		ev_io_start(capd_loop, &s->client.rio);
+		if (buf_used(&s->hs_in) > 0)  /* tls_peek took the first bytes */
+			ev_feed_event(capd_loop, &s->client.rio, EV_READ);
 		return;
 	}
 	tls_session_free(s);
@@ -2139,18 +2141,41 @@ tls_begin(struct tls_session *ts)
 	tls_client_step(ts);
 }
 
-/* tls = auto: a ClientHello starts with a handshake record, 0x16. */
+/*
+ * tls = auto: a ClientHello starts a handshake record, 16 03 0x (x the
+ * record's version, 00 to 04), as mitmproxy and sslsplit test it. The first
+ * byte alone (0x16) took a binary protocol that starts with it for TLS, and
+ * its bytes got "protocol mismatch" instead of the relay. 1: TLS, 0: not,
+ * -1: more bytes needed.
+ */
+static int
+tls_peek_is_hello(const uint8_t *b, size_t n)
+{
+	if (n >= 1 && b[0] != 0x16)
+		return 0;
+	if (n >= 2 && b[1] != 0x03)
+		return 0;
+	if (n >= 3)
+		return b[2] <= 0x04;
+	return -1;
+}
+
 static void
 tls_peek(struct tls_session *ts)
 {
 	struct session *s = ts->s;
-	uint8_t b;
+	uint8_t b[3];
+	size_t have = buf_used(&s->hs_in) < sizeof b ? buf_used(&s->hs_in) : sizeof b;
 	ssize_t n;
+	int hello;
 
-	if (buf_used(&s->hs_in) > 0) {
-		b = buf_head(&s->hs_in)[0];
-	} else {
-		n = recv(s->client.fd, &b, 1, MSG_PEEK);
+	memcpy(b, buf_head(&s->hs_in), have);
+	hello = have > 0 ? tls_peek_is_hello(b, have) : -1;
+	if (hello < 0) {
+		/* bytes the proxy read are the first; the socket's follow them.
+		 * A peek of fewer than three that may be a hello takes them: a
+		 * level-triggered watch would wake again and again for them */
+		n = recv(s->client.fd, b + have, sizeof b - have, have > 0 ? 0 : MSG_PEEK);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EINTR) {
 				ev_io_start(capd_loop, &s->client.rio);
@@ -2166,9 +2191,19 @@ tls_peek(struct tls_session *ts)
 			tls_plain(ts, NULL);
 			return;
 		}
+		if (have > 0)
+			buf_append(&s->hs_in, b + have, (size_t)n);
+		have += (size_t)n;
+		hello = tls_peek_is_hello(b, have);
+		if (hello < 0) {
+			if (buf_used(&s->hs_in) == 0 && (n = recv(s->client.fd, b, have, 0)) > 0)
+				buf_append(&s->hs_in, b, (size_t)n);
+			ev_io_start(capd_loop, &s->client.rio);
+			return;
+		}
 	}
 	ev_io_stop(capd_loop, &s->client.rio);
-	if (b != 0x16) {
+	if (!hello) {
 		tls_plain(ts, NULL);
 		return;
 	}

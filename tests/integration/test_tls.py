@@ -2721,3 +2721,49 @@ def test_reverse_upstream_handshake_failure_close_line_names_the_clients_tls(cap
         assert len(lines) == 1 and lines[0].endswith(f" [tls TLSv1.3 sni={NAME} alpn=http/1.1]"), lines
     finally:
         echo.close()
+
+
+def test_auto_takes_only_a_tls_record_for_tls(capd, origin, tmp_path):
+    """Regression: tls = auto took any client whose first byte was 0x16 for TLS, so a
+    binary protocol that starts with it (here b"\\x16 not TLS") got "protocol mismatch:
+    the client did not start a TLS handshake" and nothing reached the server. A
+    ClientHello starts a handshake record, 16 03 0x, as mitmproxy and sslsplit test it;
+    anything else is relayed as is. A real hello whose first bytes come one at a time
+    (a ClientHello split over many TCP segments) is still intercepted."""
+    echo = EchoServer()
+    try:
+        port = add_forward(capd, echo.port, "--tls-auto", "--no-tls-verify")
+        for payload in (b"\x16 not TLS\n", b"\x16\x03\xff binary\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(payload[:1])
+                time.sleep(0.1)
+                c.sendall(payload[1:])
+                got = b""
+                while len(got) < len(payload) and (d := c.recv(100)):
+                    got += d
+                assert got == payload
+        assert [s["reason"] for s in last_closed(capd, 2)] == ["closed", "closed"]
+    finally:
+        echo.close()
+    port = add_forward(capd, origin.port, "--tls-auto", "--no-tls-verify")
+    ctx = ssl.create_default_context(cafile=str(export_ca(capd, tmp_path / "capd-ca.pem")))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=NAME)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        hello = out.read()
+        for i in range(0, 8):
+            c.sendall(hello[i:i + 1])
+            time.sleep(0.02)
+        c.sendall(hello[8:])
+        while True:
+            inc.write(c.recv(65536))
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                c.sendall(out.read())
+        c.sendall(out.read())
+        assert "www.example.test" in str(obj.getpeercert()["subject"])
