@@ -1965,6 +1965,28 @@ tls_weak_hint(long vr, unsigned long err)
 	}
 }
 
+/*
+ * The server's first bytes are no TLS record: a plaintext port (HTTP's
+ * "HTTP/1.1 400", SSH's banner). OpenSSL names only the record layer's
+ * symptom ("wrong version number"); mitmproxy says "the remote server does
+ * not speak TLS", which is what the user needs to hear.
+ */
+static bool
+tls_upstream_plain(unsigned long err)
+{
+	if (ERR_GET_LIB(err) != ERR_LIB_SSL)
+		return false;
+	switch (ERR_GET_REASON(err)) {
+	case SSL_R_WRONG_VERSION_NUMBER:
+	case SSL_R_PACKET_LENGTH_TOO_LONG:
+	case SSL_R_RECORD_LENGTH_MISMATCH:
+	case SSL_R_UNKNOWN_PROTOCOL:
+		return true;
+	default:
+		return false;
+	}
+}
+
 static void
 tls_verdict_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -2091,7 +2113,9 @@ tls_upstream_step(struct tls_session *ts)
 		int alert = ERR_GET_LIB(err) == ERR_LIB_SSL ? ERR_GET_REASON(err) - SSL_AD_REASON_OFFSET : -1;
 		if (alert == SSL_AD_NO_APPLICATION_PROTOCOL || (alert == SSL_AD_UNRECOGNIZED_NAME && ts->sni[0]))
 			ts->fail_alert = alert;
-		snprintf(why, sizeof why, "upstream handshake failed: %s", tls_err_text(text, sizeof text, "unknown error"));
+		bool plain = tls_upstream_plain(err);
+		snprintf(why, sizeof why, "upstream handshake failed: %s%s", tls_err_text(text, sizeof text, "unknown error"),
+		         plain ? " (the server does not speak TLS on this port)" : "");
 	}
 	tls_upstream_failed(ts, why);
 }

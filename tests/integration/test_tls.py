@@ -2767,3 +2767,42 @@ def test_auto_takes_only_a_tls_record_for_tls(capd, origin, tmp_path):
                 c.sendall(out.read())
         c.sendall(out.read())
         assert "www.example.test" in str(obj.getpeercert()["subject"])
+
+
+class PlainHttp(Listener):
+    """A plaintext HTTP server: whatever comes, it answers 400 and closes (nginx's
+    answer to a ClientHello on a plain port)."""
+
+    def handle(self, c, peer):
+        try:
+            c.settimeout(5)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def test_upstream_without_tls_is_named(capd, tmp_path):
+    """Regression: interception toward a plaintext port (an HTTP server, whose 400
+    answers the ClientHello; reverse --tls with the upstream's plain port) closed as
+    "upstream handshake failed: wrong version number", OpenSSL's record-layer symptom,
+    and reverse's 502 said only that. The reason now says what it means, as mitmproxy
+    does ("the remote server does not speak TLS")."""
+    plain = PlainHttp()
+    try:
+        port = add_forward(capd, plain.port, "--tls", "--no-tls-verify")
+        rport = free_port()
+        capd.ctl("add", "reverse", "--port", rport, "--default", f"127.0.0.1:{plain.port}", "--tls",
+                 "--no-tls-verify")
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        why = "upstream handshake failed: wrong version number (the server does not speak TLS on this port)"
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd)[-1]
+        assert r.returncode == 35 and s["reason"] == why, (r.stderr, s)
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{rport}:127.0.0.1", f"https://{NAME}:{rport}/")
+        s = last_closed(capd, 2)[-1]
+        assert r.stdout.startswith(f"502 Bad Gateway: {why}".encode()), (r.stdout, s)
+    finally:
+        plain.close()
