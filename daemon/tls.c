@@ -677,7 +677,17 @@ tls_ctx_common(SSL_CTX *ctx)
 	 * With it the EOF reads as a close_notify would; tls_info_cb tells the
 	 * two apart, and the unclean end is passed on as a bare FIN.
 	 */
-	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+	SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+	/*
+	 * A client's renegotiation is refused (no_renegotiation), as nginx and
+	 * sslsplit do: it only costs capd. A TLS 1.2 server's (a rekey of a
+	 * long connection, IIS asking for a client certificate on one path) is
+	 * followed, secure renegotiation only, as curl and browsers do: refused,
+	 * it ended the session as "upstream TLS error: sslv3 alert handshake
+	 * failure".
+	 */
+	if (SSL_CTX_get_ssl_method(ctx) == TLS_server_method())
+		SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
 	SSL_CTX_set_info_callback(ctx, tls_info_cb);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
 	                      SSL_MODE_RELEASE_BUFFERS);

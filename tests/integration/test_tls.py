@@ -2806,3 +2806,45 @@ def test_upstream_without_tls_is_named(capd, tmp_path):
         assert r.stdout.startswith(f"502 Bad Gateway: {why}".encode()), (r.stdout, s)
     finally:
         plain.close()
+
+
+def test_tls12_server_renegotiation_is_followed(capd, tmp_path):
+    """Regression: a TLS 1.2 server that renegotiates (openssl s_server -no_tls1_3,
+    its "r" command; IIS asking for a client certificate on one path, a server that
+    rekeys a long connection) met capd's no_renegotiation alert, answered
+    handshake_failure, and the session ended as "upstream TLS error: sslv3 alert
+    handshake failure". capd now follows a server's secure renegotiation, as curl and
+    browsers do (a client's is still refused, as nginx and sslsplit refuse it)."""
+    cert, key = make_cert(tmp_path, "reneg", f"/CN={NAME}", f"DNS:{NAME}")
+    sport = free_port()
+    out = tmp_path / "s_server.out"
+    with open(out, "wb") as f:
+        srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{sport}", "-cert", str(cert),
+                                "-key", str(key), "-no_tls1_3"], stdin=subprocess.PIPE, stdout=f,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_port(sport)
+        port = add_forward(capd, sport, "--tls", "--no-tls-verify")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c, \
+                ctx.wrap_socket(c, server_hostname=NAME) as t:
+            t.sendall(b"before\n")
+            deadline = time.time() + 10
+            while b"before" not in out.read_bytes():
+                assert time.time() < deadline, out.read_bytes()[-500:]
+                time.sleep(0.05)
+            srv.stdin.write(b"r\n")  # a HelloRequest, then the new handshake when capd reads
+            srv.stdin.flush()
+            time.sleep(0.3)
+            srv.stdin.write(b"from the server\n")
+            srv.stdin.flush()
+            assert t.recv(100) == b"from the server\n"
+            t.sendall(b"after\n")
+            while b"after" not in out.read_bytes():
+                assert time.time() < deadline, out.read_bytes()[-500:]
+                time.sleep(0.05)
+        assert b"no renegotiation" not in out.read_bytes()
+    finally:
+        srv.kill()
+        srv.wait()
