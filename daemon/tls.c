@@ -2450,10 +2450,10 @@ tls_side_late_verdict(struct tls_side *t, const char *what)
 	ts->verdict_open = false;
 	/* the session history keeps 159 bytes of a reason: the rest goes in the note */
 	snprintf(t->why, sizeof t->why, "upstream handshake failed: the server asked for a client certificate, "
-	         "capd has none (%s %.1f s after its handshake)", what, ev_now(capd_loop) - ts->verdict_since);
+	         "capd has none (%s after %.1f s)", what, ev_now(capd_loop) - ts->verdict_since);
 	t->whole = true;
-	tls_session_note(ts->s, "the server refused after capd had taken %.0f s of silence for consent "
-	                 "and finished the client's handshake", TLS_VERDICT_WAIT);
+	tls_session_note(ts->s, "the server refused after capd had taken %.0f s of silence for consent and %s",
+	                 TLS_VERDICT_WAIT, ts->accept_only ? "sent the request" : "finished the client's handshake");
 }
 
 static void
