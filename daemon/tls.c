@@ -2438,19 +2438,25 @@ tls_connected(struct session *s, int err)
  * the client's handshake is long done: no alert can reach the client any
  * more (OpenSSL sends none but its own), so the close reason at least says
  * what happened instead of "upstream TLS error" or "upstream reset".
- * Whether it applies: the server's first word is this error.
+ * Whether it applies: the server's first word is this error, within
+ * tls_timeout of its handshake.
  */
 static void
 tls_side_late_verdict(struct tls_side *t, const char *what)
 {
 	struct tls_session *ts = t->ts;
+	double late = ev_now(capd_loop) - ts->verdict_since;
 
 	if (t->leg != TLS_LEG_UPSTREAM || !ts->verdict_open || ts->ticket)
 		return;
 	ts->verdict_open = false;
+	/* later than a whole handshake may take, it is something else (a reset
+	 * of a connection left idle) */
+	if (late > ts->cfg->timeout)
+		return;
 	/* the session history keeps 159 bytes of a reason: the rest goes in the note */
 	snprintf(t->why, sizeof t->why, "upstream handshake failed: the server asked for a client certificate, "
-	         "capd has none (%s after %.1f s)", what, ev_now(capd_loop) - ts->verdict_since);
+	         "capd has none (%s after %.1f s)", what, late);
 	t->whole = true;
 	tls_session_note(ts->s, "the server refused after capd had taken %.0f s of silence for consent and %s",
 	                 TLS_VERDICT_WAIT, ts->accept_only ? "sent the request" : "finished the client's handshake");
