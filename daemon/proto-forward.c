@@ -2,10 +2,13 @@
  * forward: every connection to `listen` is relayed to the fixed `to`.
  * No handshake: connect upstream at once, then hand both sockets to the relay.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
+#include "capd.h"
 #include "instance.h"
 #include "log.h"
 #include "relay.h"
@@ -13,6 +16,9 @@
 #include "tls.h"
 #include "udp-relay.h"
 #include "xmalloc.h"
+
+/* the most a client's first bytes are read ahead of a pending upstream connect */
+#define FORWARD_EARLY 4096
 
 /* Owned by the instance; freed by forward_free. */
 struct forward_cfg {
@@ -45,14 +51,57 @@ forward_configure(struct instance *inst, struct params *p)
 	return tls_configure(inst, p, &fc->tls);
 }
 
+/*
+ * The client while the upstream connect is pending: a reset ends the session
+ * at once ("client reset", as in the relay) instead of a connect that runs on
+ * to connect_timeout, or succeeds, for nobody. What the client sends first is
+ * read into hs_in, which relay_start hands to the relay (captured there as
+ * any read), so that the watcher still sees a reset behind it; past
+ * FORWARD_EARLY bytes the client waits for the relay (back-pressure). A FIN
+ * is kept (client_eof): a client may send and half-close before the server
+ * is there.
+ */
+static void
+forward_client_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct session *s = w->data;
+	uint8_t tmp[FORWARD_EARLY];
+	size_t room = FORWARD_EARLY - buf_used(&s->hs_in);
+	ssize_t n = recv(s->client.fd, tmp, room, 0);
+
+	(void)revents;
+	if (n > 0) {
+		buf_append(&s->hs_in, tmp, (size_t)n);
+		if ((size_t)n == room)
+			ev_io_stop(loop, w);
+		return;
+	}
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n < 0) {
+		session_reset_by_client(s, errno == ECONNRESET ? "client reset" : "client error while connecting");
+		return;
+	}
+	s->client_eof = true;
+	ev_io_stop(loop, w);
+}
+
 static void
 forward_accepted(struct session *s)
 {
 	struct forward_cfg *fc = s->inst->cfg;
 
 	/* tls = yes: the ClientHello first, the server only for a client served */
-	if (!tls_hello_first(s, fc->tls, fc->to.host, fc->to.port))
-		session_connect(s, fc->to.host, fc->to.port);
+	if (tls_hello_first(s, fc->tls, fc->to.host, fc->to.port))
+		return;
+	session_connect(s, fc->to.host, fc->to.port);
+	/* a connect that finished inside connect(2) (loopback) is relayed in
+	 * this loop pass: only a pending one (or a name lookup) watches the
+	 * client; relay_start takes the watcher over on the same fd */
+	if (s->state == SESSION_HANDSHAKE && !s->up_established) {
+		ev_set_cb(&s->client.rio, forward_client_cb);
+		ev_io_start(capd_loop, &s->client.rio);
+	}
 }
 
 static inline struct forward_cfg *
@@ -64,6 +113,7 @@ fc_of(struct session *s)
 static void
 forward_connected(struct session *s, int err)
 {
+	ev_io_stop(capd_loop, &s->client.rio);  /* forward_client_cb's, if it still runs */
 	if (s->tls) {
 		tls_connected(s, err);  /* after the ClientHello (tls_hello_first) */
 		return;

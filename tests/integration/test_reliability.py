@@ -743,3 +743,62 @@ def test_connect_timeout_spares_an_upstream_that_answered_while_capd_was_held_up
         ls.close()
         for h in held:
             h.close()
+
+
+def test_forward_client_reset_while_the_upstream_connect_is_pending(capd_factory):
+    """A forward client that reset while capd's connect to the upstream was still
+    pending (its SYN unanswered) went unseen: the session stayed in "handshake"
+    until connect_timeout and then said "connect timed out" (or, had the upstream
+    answered, was connected for nobody). The client is now watched while the
+    connect is pending: its reset ends the session at once as "client reset". What
+    a client sends and half-closes meanwhile still reaches the upstream once it is
+    there, and the capture."""
+    from conftest import follow_session
+    hole, fillers = syn_hole()
+    port = free_port()
+    c = capd_factory(f"[forward slow]\nlisten = {port}\nto = 127.0.0.1:{hole.getsockname()[1]}\n"
+                     "connect_timeout = 60s\n")
+    try:
+        talker = socket.create_connection(("127.0.0.1", port), timeout=20)
+        talker.sendall(b"early bytes")
+        talker.shutdown(socket.SHUT_WR)
+        quitter = socket.create_connection(("127.0.0.1", port), timeout=20)
+        quitter.sendall(b"x")
+        time.sleep(0.2)
+        quitter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        quitter.close()  # RST
+        ss = c.wait_sessions(lambda ss: any(s["state"] == "closed" for s in ss), timeout=8)
+        gone = [s for s in ss if s["state"] == "closed"]
+        assert [s["reason"] for s in gone] == ["client reset"], ss
+        assert [s["state"] for s in ss if s["state"] != "closed"] == ["handshake"], ss
+        # room in the accept queue: the talker's connect gets through on a SYN retry
+        for f in fillers:
+            f.close()
+        hole.settimeout(20)
+        while True:
+            u, _ = hole.accept()
+            u.settimeout(20)
+            got = b""
+            try:
+                while d := u.recv(100):
+                    got += d
+            except OSError:
+                pass
+            if got:
+                break
+            u.close()
+        assert got == b"early bytes"
+        u.sendall(b"reply")
+        u.close()
+        assert talker.recv(100) == b"reply"
+        talker.close()
+        ss = c.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss) and len(ss) == 2)
+        done = next(s for s in ss if s["reason"] == "closed")
+        assert (done["bytes_up"], done["bytes_down"]) == (11, 5), done
+        c.flush()
+        _, up, down = follow_session(c.pcaps()[-1], done["id"], done)
+        assert (up, down) == (b"early bytes", b"reply")
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
