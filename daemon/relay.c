@@ -111,7 +111,7 @@ static _Thread_local uint8_t *relay_pool[RELAY_POOL_MAX];
 static _Thread_local int relay_pool_len;
 static _Thread_local uint8_t *relay_bulk_pool[RELAY_BULK_POOL_MAX];
 static _Thread_local int relay_bulk_pool_len;
-/* a RELAY_BULK buffer went back to malloc since the last relay_trim */
+/* a RELAY_BULK buffer the full pool did not take went back to malloc since the last relay_trim */
 static _Thread_local bool relay_bulk_freed;
 
 /* A RELAY_BUF buffer, or a RELAY_BULK one for a bulk direction. */
@@ -182,17 +182,17 @@ relay_pipe_put(struct relay_pipe *p, bool empty)
  * raises its mmap threshold past RELAY_BULK and keeps the later ones in its
  * arena, so an idle capd kept the peak of its stalled bulk flows (500
  * downloads whose clients stopped reading: 390 MB, for good). One
- * malloc_trim then, only after bulk buffers were freed.
+ * malloc_trim then, only after more bulk buffers were in use at once than
+ * the pool keeps: a capd that goes idle between single downloads keeps
+ * reusing the same arena memory, with no trim and no fresh page faults.
  */
 void
 relay_trim(void)
 {
 	while (relay_pool_len > 0)
 		free(relay_pool[--relay_pool_len]);
-	while (relay_bulk_pool_len > 0) {
+	while (relay_bulk_pool_len > 0)
 		free(relay_bulk_pool[--relay_bulk_pool_len]);
-		relay_bulk_freed = true;
-	}
 	while (relay_pipe_len > 0)
 		relay_pipe_put(relay_pipe_pool[--relay_pipe_len], false);
 #ifdef __GLIBC__

@@ -821,7 +821,7 @@ def test_memory_of_stalled_downloads_goes_back_once_idle(capd):
     base = rss_kb(pid)
     clients, servers = [], []
     try:
-        for _ in range(48):
+        for _ in range(96):
             clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
             u, _ = up.accept()
             u.setblocking(False)
@@ -845,7 +845,7 @@ def test_memory_of_stalled_downloads_goes_back_once_idle(capd):
         for c in clients + servers:
             c.close()
         up.close()
-    capd.wait_sessions(lambda ss: len(ss) == 48 and all(s["state"] == "closed" for s in ss))
+    capd.wait_sessions(lambda ss: len(ss) == 96 and all(s["state"] == "closed" for s in ss))
     deadline = time.monotonic() + 10
     while rss_kb(pid) - base > held // 4 and time.monotonic() < deadline:
         time.sleep(0.1)
