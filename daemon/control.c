@@ -57,6 +57,7 @@ struct ctl_conn {
 	bool dead;
 	bool rd_eof;             /* the peer sent its last request (a half-close): close once answered */
 	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
+	struct ctl_on_close on_drain;   /* a stream that queues as the peer reads (ctl_conn_on_drain) */
 	int n_on_close, cap_on_close;
 	json_t *call_id;         /* the id of the request being dispatched, borrowed */
 	json_t *batch;           /* owned: a batch being answered, its requests taken in turn */
@@ -223,6 +224,26 @@ ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
 		c->on_close = xrealloc(c->on_close, (size_t)c->cap_on_close * sizeof *c->on_close);
 	}
 	c->on_close[c->n_on_close++] = (struct ctl_on_close){ cb, arg };
+}
+
+void
+ctl_conn_on_drain(struct ctl_conn *c, void (*cb)(void *arg), void *arg)
+{
+	c->on_drain = (struct ctl_on_close){ cb, arg };
+}
+
+void
+ctl_conn_stream_buffer(struct ctl_conn *c, int bytes)
+{
+	/* the kernel caps it at net.core.wmem_max: what is left waits in c->out */
+	if (setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0)
+		log_debug("control: SO_SNDBUF %d for peer pid %d: %s", bytes, c->pid, strerror(errno));
+}
+
+bool
+ctl_conn_closing(struct ctl_conn *c)
+{
+	return c->dead;
 }
 
 void
@@ -742,8 +763,13 @@ ctl_later_reply(struct ctl_later *l, json_t *result, int code, const char *msg)
 static void
 ctl_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
+	struct ctl_conn *c = w->data;
+
 	(void)loop; (void)revents;
-	ctl_conn_flush(w->data);
+	ctl_conn_flush(c);
+	/* the peer took some: a stream held back for it queues its next part */
+	if (!c->dead && c->on_drain.cb != NULL)
+		c->on_drain.cb(c->on_drain.arg);
 }
 
 void

@@ -50,6 +50,16 @@ void ctl_conn_send(struct ctl_conn *c, json_t *msg);
 void ctl_conn_send_line(struct ctl_conn *c, const void *p, size_t n);
 /* Bytes waiting to go out, for subscribers that must drop instead of queueing. */
 size_t ctl_conn_queued(struct ctl_conn *c);
+/* Called on the loop each time the peer read some of what was queued (NULL:
+ * no more), for a stream that queues a little at a time as it goes out
+ * (capture follow) instead of all it has at once. */
+void ctl_conn_on_drain(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
+/* Asks the kernel to hold up to bytes of what goes to the peer (SO_SNDBUF),
+ * for a stream that moves MB/s: each wake-up of the reader then takes a
+ * larger part, where 208 KiB a time cost a follower at 150 MB/s packets. */
+void ctl_conn_stream_buffer(struct ctl_conn *c, int bytes);
+/* The connection failed or is closing: what is sent to it goes nowhere. */
+bool ctl_conn_closing(struct ctl_conn *c);
 /* Called once when the connection closes (subscriptions clean up here). */
 void ctl_conn_on_close(struct ctl_conn *c, void (*cb)(void *arg), void *arg);
 void ctl_conn_on_close_cancel(struct ctl_conn *c, void (*cb)(void *arg), void *arg);

@@ -6,10 +6,14 @@
  * takes the whole queue at once and gives every follower its own stream:
  * its section header, the IDBs it has been sent (numbered in its own order,
  * the EPBs' interface ids rewritten to match), and the packets of the
- * interfaces it follows. Each follower is bounded like a tail subscriber:
- * past FOLLOW_SUB_MAX queued bytes it loses packets, counted and told in
- * its next notification. A capture.sync waits here for its mark to come
- * back from the writer, behind the blocks of every packet before it.
+ * interfaces it follows. Those blocks wait in the follower's own queue and
+ * are encoded a notification at a time as its connection drains, so the
+ * loop never spends a whole take's encoding while the socket sits idle, and
+ * never holds more than a few notifications of base64 for anyone. Each
+ * follower is bounded like a tail subscriber: past FOLLOW_SUB_MAX queued
+ * bytes it loses packets, counted and told in its next notification. A
+ * capture.sync waits here for its mark to come back from the writer, behind
+ * the blocks of every packet before it.
  */
 #include "spool-follow.h"
 
@@ -28,14 +32,19 @@
 #include "tail.h"
 #include "xmalloc.h"
 
-/* Queued bytes at which a follower loses packets: above what one take of the
- * writer's queue (FOLLOW_Q_MAX, 32 MiB) becomes in base64 JSON, since a take
- * is sent in one callback, before even a fast reader can read; below the
- * control connection's own bound (CTL_OUT_MAX, 64 MiB). */
+/* Bytes queued for a follower (its packets not sent yet, and the base64 in
+ * its connection) at which it loses packets: above one take of the writer's
+ * queue (FOLLOW_Q_MAX, 32 MiB), which comes in one callback. The packets wait
+ * as they are and only a few notifications' worth is encoded at a time, so
+ * the connection stays far below its own bound (CTL_OUT_MAX, 64 MiB); when a
+ * take was encoded into it at once, the bound had to be counted in base64 and
+ * left room for a whole take, and a reader that kept up lost packets. */
 #define FOLLOW_SUB_MAX (48u << 20)
 #define FOLLOW_SUB_RESUME (8u << 20)   /* ... and below which it gets them again */
 #define FOLLOW_NOTE_RETRY 0.25         /* a loss not yet told is retried this often */
 #define FOLLOW_NOTE_MAX (256u << 10)   /* blocks batched into one notification */
+#define FOLLOW_SEND_LOW (1u << 20)     /* encoded bytes in the connection below which the next notification is made */
+#define FOLLOW_SNDBUF (4 << 20)        /* the follower's socket send buffer (as far as net.core.wmem_max lets) */
 #define FOLLOW_END_WAIT 1.0            /* a removed instance's last packets reach its followers within this */
 #define FOLLOW_ALL (-1)                /* follow_sub.iface: every interface */
 #define SYNC_WAIT 10.0                 /* capture.sync gives up on a writer stuck this long (a hung disk) */
@@ -51,9 +60,10 @@ struct follow_sub {
 	ev_timer end;              /* ... once the instance's last packets had time to come */
 	int *fidx;                 /* handle -> IDB index in its stream, -1 not sent */
 	int nfidx, nidb;
-	struct buf out;            /* blocks for the next notification */
+	struct buf pend;           /* blocks not sent yet: encoded as the connection drains (follow_pump) */
 	uint64_t dropped;          /* packets lost since its last notification */
 	bool dropping;
+	bool ending;               /* capture.end goes once pend is out */
 };
 
 static LIST_HEAD(, follow_sub) follow_list = LIST_HEAD_INITIALIZER(follow_list);
@@ -82,7 +92,7 @@ static bool follow_started;
 static bool
 follow_room(struct follow_sub *sub)
 {
-	size_t q = ctl_conn_queued(sub->conn) + buf_used(&sub->out);
+	size_t q = ctl_conn_queued(sub->conn) + buf_used(&sub->pend);
 
 	if (sub->dropping) {
 		if (q > FOLLOW_SUB_RESUME)
@@ -97,32 +107,73 @@ follow_room(struct follow_sub *sub)
 	return true;
 }
 
+/* Bytes of whole blocks at the head of sub's queue for one notification:
+ * up to FOLLOW_NOTE_MAX, at least one block (a reader may take each
+ * notification's data as blocks). */
+static size_t
+follow_cut(const struct follow_sub *sub)
+{
+	const uint8_t *p = buf_head(&sub->pend);
+	size_t n = buf_used(&sub->pend), at = 0;
+
+	while (at + 8 <= n) {
+		uint32_t blen;
+
+		memcpy(&blen, p + at + 4, sizeof blen);  /* the block's total length, in host order as written */
+		if (blen < 12 || blen > n - at)
+			return n;  /* not a block boundary we wrote: send the rest as it is */
+		if (at > 0 && at + blen > FOLLOW_NOTE_MAX)
+			break;
+		at += blen;
+	}
+	return at > 0 ? at : n;
+}
+
 /*
- * Sends sub's blocks as one capture.data notification, written here rather
- * than by jansson, whose dump of the base64 string (a byte at a time, checked
- * for escapes) took most of the loop's time: at 100 MB/s of capture the
- * loop fell behind and followers lost packets.
+ * Sends n bytes of sub's queue as one capture.data notification, written
+ * here rather than by jansson, whose dump of the base64 string (a byte at a
+ * time, checked for escapes) took most of the loop's time: at 100 MB/s of
+ * capture the loop fell behind and followers lost packets.
  */
 static void
-follow_flush(struct follow_sub *sub)
+follow_send(struct follow_sub *sub, size_t n)
 {
 	static const char head[] = "{\"jsonrpc\":\"2.0\",\"method\":\"capture.data\",\"params\":{\"data\":\"";
-	size_t n = buf_used(&sub->out), len = base64_len(n);
-	struct buf line = { 0 };
+	static struct buf line;  /* kept: one allocation for every notification */
+	size_t len = base64_len(n);
 
-	if (n == 0 && (sub->dropped == 0 || !follow_room(sub)))
-		return;
+	buf_reset(&line);
 	buf_append(&line, head, sizeof head - 1);
-	base64_encode((char *)buf_reserve(&line, len), buf_head(&sub->out), n);
+	base64_encode((char *)buf_reserve(&line, len), buf_head(&sub->pend), n);
 	buf_commit(&line, len);
 	if (sub->dropped > 0)
 		buf_printf(&line, "\",\"dropped\":%llu}}\n", (unsigned long long)sub->dropped);
 	else
 		buf_append(&line, "\"}}\n", 4);
 	sub->dropped = 0;
-	buf_reset(&sub->out);
+	buf_consume(&sub->pend, n);
 	ctl_conn_send_line(sub->conn, buf_head(&line), buf_used(&line));
-	buf_free(&line);
+}
+
+/* Encodes and sends sub's queue while its connection has little waiting, so
+ * the reader always has the next notification and capd holds no more base64
+ * than that; the rest goes as the connection drains (follow_drain_cb). A
+ * loss not told yet goes with the next one, or alone when the queue is
+ * empty and the reader has caught up. */
+static void
+follow_pump(struct follow_sub *sub)
+{
+	if (ctl_conn_closing(sub->conn)) {
+		buf_reset(&sub->pend);  /* nobody to send it to; on_close frees the follower */
+		return;
+	}
+	while (ctl_conn_queued(sub->conn) < FOLLOW_SEND_LOW && !ctl_conn_closing(sub->conn)) {
+		size_t n = follow_cut(sub);
+
+		if (n == 0 && (sub->dropped == 0 || !follow_room(sub)))
+			break;
+		follow_send(sub, n);
+	}
 }
 
 /* Appends handle h's IDB to sub's stream unless it is there; -1 when the IDB is not known. */
@@ -153,21 +204,19 @@ follow_packet(struct follow_sub *sub, int h, const uint8_t *epb, size_t len)
 
 	if (sub->iface != FOLLOW_ALL && sub->iface != h)
 		return;
-	if (!follow_room(sub) || (i = follow_idb(sub, &sub->out, h)) < 0) {
+	if (!follow_room(sub) || (i = follow_idb(sub, &sub->pend, h)) < 0) {
 		sub->dropped++;
 		return;
 	}
 	idx = (uint32_t)i;
-	at = buf_used(&sub->out);
-	buf_append(&sub->out, epb, len);
-	memcpy(buf_head(&sub->out) + at + 8, &idx, sizeof idx);  /* the EPB's interface id */
-	if (buf_used(&sub->out) >= FOLLOW_NOTE_MAX)
-		follow_flush(sub);
+	at = buf_used(&sub->pend);
+	buf_append(&sub->pend, epb, len);
+	memcpy(buf_head(&sub->pend) + at + 8, &idx, sizeof idx);  /* the EPB's interface id */
 }
 
-/* Flushes every follower; a loss that could not be told yet (the follower
- * still over its bound) is retried on a timer, not left for a next packet
- * that may never come. */
+/* Sends what every follower's connection has room for; a loss that could
+ * not be told yet (the follower still over its bound) is retried on a timer,
+ * not left for a next packet that may never come. */
 static void
 follow_flush_all(void)
 {
@@ -175,7 +224,7 @@ follow_flush_all(void)
 	bool untold = false;
 
 	LIST_FOREACH(sub, &follow_list, entry) {
-		follow_flush(sub);
+		follow_pump(sub);
 		untold |= sub->dropped > 0;
 	}
 	if (untold && !ev_is_active(&follow_retry)) {
@@ -286,7 +335,7 @@ follow_keys(struct buf *keys)
 	if (buf_used(keys) == 0)
 		return;
 	LIST_FOREACH(sub, &follow_list, entry)
-		pcapng_dsb(&sub->out, PCAPNG_SECRETS_TLS, buf_head(keys), buf_used(keys));
+		pcapng_dsb(&sub->pend, PCAPNG_SECRETS_TLS, buf_head(keys), buf_used(keys));
 	buf_reset(keys);
 }
 
@@ -344,7 +393,7 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 	follow_keys(&keys);
 	buf_free(&keys);
 	follow_flush_all();
-	/* after the flush: a follower has the blocks before a mark when its sync is answered */
+	/* after the packets: a follower's queue has the blocks before a mark when its sync is answered */
 	for (size_t off = 0; synced && off + sizeof(struct frec) <= buf_used(&take);) {
 		struct frec r;
 		struct frec_sync m;
@@ -389,23 +438,21 @@ follow_gone_cb(void *arg)
 		ev_timer_stop(capd_main, &follow_retry);
 	spool_follow_count(-1);
 	ev_timer_stop(capd_main, &sub->end);
+	ctl_conn_on_drain(sub->conn, NULL, NULL);
 	free(sub->gone);
 	free(sub->why);
-	buf_free(&sub->out);
+	buf_free(&sub->pend);
 	free(sub->fidx);
 	free(sub);
 }
 
-/* The followed instance is gone: what came of it goes out, then capture.end,
- * upon which capctl ends the stream (a follow of nothing would hang silent). */
+/* The followed instance is gone and its queue is out: capture.end, upon
+ * which capctl ends the stream (a follow of nothing would hang silent). */
 static void
-follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
+follow_end(struct follow_sub *sub)
 {
-	struct follow_sub *sub = w->data;
 	json_t *p;
 
-	(void)loop; (void)revents;
-	follow_flush(sub);
 	p = json_pack("{s:s, s:s}", "instance", sub->gone, "reason", sub->why);
 	if (sub->failed)
 		json_object_set_new(p, "failed", json_true());
@@ -413,6 +460,31 @@ follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	/* the follow is over: a peer that half-closed after asking for it gets the close */
 	ctl_conn_on_close_cancel(sub->conn, follow_gone_cb, sub);
 	follow_gone_cb(sub);
+}
+
+/* The followed instance is gone: what came of it goes out, then capture.end. */
+static void
+follow_end_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct follow_sub *sub = w->data;
+
+	(void)loop; (void)revents;
+	follow_pump(sub);
+	if (buf_used(&sub->pend) == 0)
+		follow_end(sub);
+	else
+		sub->ending = true;  /* the rest as the reader takes it (follow_drain_cb) */
+}
+
+/* sub's reader took some of its connection's queue: the next notifications. */
+static void
+follow_drain_cb(void *arg)
+{
+	struct follow_sub *sub = arg;
+
+	follow_pump(sub);
+	if (sub->ending && buf_used(&sub->pend) == 0)
+		follow_end(sub);
 }
 
 /* Ends the follows of handle iface (its instance, name, is gone: why) once its last packets came. */
@@ -488,6 +560,8 @@ spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
 	buf_free(&head);
 	LIST_INSERT_HEAD(&follow_list, sub, entry);
 	ctl_conn_on_close(c, follow_gone_cb, sub);
+	ctl_conn_on_drain(c, follow_drain_cb, sub);
+	ctl_conn_stream_buffer(c, FOLLOW_SNDBUF);
 	spool_follow_count(1);
 	return j;
 }

@@ -75,9 +75,9 @@ void spool_follow_take(struct buf *out, struct spool_follow_lost *lost);
 /* Starts the hand-over (the ev_async); called before the first follower or event subscriber. */
 void spool_follow_init(void);
 /* capture.sync: replies to l with the capture status once the writer has
- * written all that was queued before now (followers get it first); with an
- * error when some of it went to no file (frec_sync), when capture is off, or
- * when the writer has not got there within SYNC_WAIT seconds. */
+ * written all that was queued before now (followers' queues have it first);
+ * with an error when some of it went to no file (frec_sync), when capture is
+ * off, or when the writer has not got there within SYNC_WAIT seconds. */
 struct ctl_later;
 void spool_follow_sync(struct ctl_later *l);
 /* capture.follow: c follows interface handle iface (-1: all). Returns the stream's head

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -1314,3 +1315,59 @@ def test_tail_events_unknown_target_is_a_dash(capd):
         p.wait(10)
     line = [x for x in text.splitlines() if "session.close" in x][0]
     assert re.search(r" socks 127\.0\.0\.1:\d+ -> - up 0 down 0: ", line), line
+
+
+def pcapng_packets(path):
+    """Enhanced Packet Blocks in a pcapng file written on this machine (host byte order)."""
+    data = path.read_bytes()
+    n = off = 0
+    while off + 12 <= len(data):
+        btype, blen = struct.unpack_from("=II", data, off)
+        if blen < 12:
+            break
+        n += btype == 6
+        off += blen
+    return n
+
+
+def test_capture_follow_takes_a_burst_bigger_than_its_base64_bound(capd, echo_server, tmp_path):
+    """A follower's bound was 48 MiB of base64 in its connection, each take of the
+    writer's queue encoded into it at once: 2 x 20 MiB echoed while the reader looked
+    away for a moment (here: stopped until the burst is in capd's queue for it) came
+    to 53 MiB, and capctl said "[... 74 packets dropped ...]" though it then read it
+    all at once. The packets now wait as they are, 48 MiB of them, and are encoded a
+    notification at a time as the reader takes them: every one of them comes."""
+    port = forward(capd, echo_server.port)
+    path = tmp_path / "burst.pcapng"
+    with open(path, "wb") as f:
+        p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow"],
+                             stdout=f, stderr=subprocess.PIPE)
+    try:
+        wait_calls(capd, "capture.follow", 1)
+        deadline = time.time() + 10
+        while path.stat().st_size == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            s, sid = open_session(capd, port)
+            payload = os.urandom(20 << 20)
+            echoed = bytearray()
+            t = drain(s, echoed)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            t.join(60)
+            s.close()
+            assert len(echoed) == len(payload)
+            capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+            capd.flush()  # all of it is in capd's queue for the follower
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        spooled = sum(pcapng_packets(x) for x in capd.pcaps())
+        deadline = time.time() + 30
+        while pcapng_packets(path) < spooled and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=10)
+    assert b"dropped" not in err, err
+    assert spooled > 500 and pcapng_packets(path) == spooled, (spooled, pcapng_packets(path))
