@@ -233,18 +233,25 @@ tail_held_out(struct tail_out *t, int d)
 		tail_text(t, d, t->held[d], n, false);
 }
 
-/* A notice about the stream itself, "[... N bytes dropped ...]", in the direction's colour. */
+/* A notice about the stream itself, "[... s2c N bytes dropped ...]": fmt
+ * takes the direction ("%s", with its space) and n. It names the direction
+ * as a chunk's header line does, not by colour alone: without a terminal the
+ * drop of one told at a session's end could have been either. --raw shows
+ * one direction and puts it on stderr without. */
 static void
 tail_notice(struct tail_out *t, int d, const char *fmt, unsigned long long n)
 {
+	char dir[8];
+
 	if (t->fmt == FMT_RAW) {
 		fputs("capctl: ", stderr);
-		fprintf(stderr, fmt, n);
+		fprintf(stderr, fmt, "", n);
 		fputc('\n', stderr);
 		return;
 	}
+	snprintf(dir, sizeof dir, "%s ", tail_dirs[d]);
 	tail_line_start(t, d);
-	printf(fmt, n);
+	printf(fmt, dir, n);
 	tail_line_end(t);
 }
 
@@ -280,11 +287,11 @@ tail_on_data(struct tail_out *t, json_t *p)
 	if (t->nheld[d] > 0 && (dropped > 0 || off != t->held_end[d]))
 		tail_held_out(t, d);
 	if (dropped > 0) {
-		tail_notice(t, d, "[... %llu bytes dropped ...]", (unsigned long long)dropped);
+		tail_notice(t, d, "[... %s%llu bytes dropped ...]", (unsigned long long)dropped);
 		t->next[d] += dropped;
 	}
 	if (off > t->next[d])  /* bytes carried before what the backlog kept */
-		tail_notice(t, d, "[... %llu bytes before the backlog ...]", (unsigned long long)(off - t->next[d]));
+		tail_notice(t, d, "[... %s%llu bytes before the backlog ...]", (unsigned long long)(off - t->next[d]));
 	t->next[d] = off + (uint64_t)n;
 	if (n == 0) {
 		free(buf);

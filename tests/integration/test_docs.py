@@ -223,8 +223,10 @@ def test_every_tail_notice_in_capctl_1():
     not tell what they meant. Each notice format in ctl/cmd-tail.c is in capctl.1, with a
     number in it."""
     text = strip_c_comments(src("ctl/cmd-tail.c"))
-    notices = re.findall(r'"\[\.\.\. %ll[ud] ([a-z ]+) \.\.\.\](?:\\n)?"', text)
+    # a session's notices name the direction first ("%s": "s2c "), as a chunk's header does
+    notices = re.findall(r'"\[\.\.\. (?:%s)?%ll[ud] ([a-z ]+) \.\.\.\](?:\\n)?"', text)
     assert {"bytes dropped", "events dropped"} <= set(notices), notices
     page = "\n".join(man_lines("capctl.1"))
-    missing = [n for n in notices if not re.search(r"\[\.\.\. \d+ " + re.escape(n) + r" \.\.\.\]", page)]
+    missing = [n for n in notices
+               if not re.search(r"\[\.\.\. (?:[cs]2[cs] )?\d+ " + re.escape(n) + r" \.\.\.\]", page)]
     assert not missing, f"tail notices missing from man/capctl.1: {missing}"

@@ -1371,3 +1371,44 @@ def test_capture_follow_takes_a_burst_bigger_than_its_base64_bound(capd, echo_se
         _, err = p.communicate(timeout=10)
     assert b"dropped" not in err, err
     assert spooled > 500 and pcapng_packets(path) == spooled, (spooled, pcapng_packets(path))
+
+
+def test_tail_drop_notice_names_its_direction(capd):
+    """Without colour (stdout not a terminal) `tail session N` said "[... 13285376 bytes
+    dropped ...]" at the session's end with nothing to tell which direction lost them.
+    It names it now, as a chunk's header line does: "[... s2c 13285376 bytes dropped ...]"."""
+    go = threading.Event()
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        c, _ = ls.accept()
+        with c:
+            go.wait(30)
+            c.sendall(b"\0" * (16 << 20))  # hexdump -C collapses it to a few lines
+    threading.Thread(target=serve, daemon=True).start()
+    port = forward(capd, ls.getsockname()[1])
+    s, sid = open_session(capd, port)
+    p = tail_proc(capd, "session", sid)
+    out = Reader(p.stdout)
+    try:
+        wait_calls(capd, "session.tail", 1)
+        out.wait(lambda d: b"[session " in d)
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            down = bytearray()
+            t = drain(s, down)
+            go.set()
+            t.join(30)
+            assert len(down) == 16 << 20
+            s.close()
+            capd.wait_sessions(lambda ss: any(x["id"] == sid and x["state"] == "closed" for x in ss))
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        ls.close()
+    text = out.get().decode()
+    assert re.search(r"^\[\.\.\. s2c \d+ bytes dropped \.\.\.\]$", text, re.M), text[-2000:]
+    assert "\x1b" not in text and " c2s " not in text
