@@ -1353,7 +1353,9 @@ def test_capture_follow_takes_a_burst_bigger_than_its_base64_bound(capd, echo_se
             payload = os.urandom(20 << 20)
             echoed = bytearray()
             t = drain(s, echoed)
-            s.sendall(payload)
+            for i in range(0, len(payload), 4 << 20):
+                s.sendall(payload[i:i + (4 << 20)])
+                time.sleep(0.05)  # the writer's own queue (32 MiB) is not what this is about
             s.shutdown(socket.SHUT_WR)
             t.join(60)
             s.close()
