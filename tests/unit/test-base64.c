@@ -70,6 +70,11 @@ test_bad(void **state)
 	assert_int_equal(base64_decode(dec, "Z!==", 4), -1);      /* not in the alphabet */
 	assert_int_equal(base64_decode(dec, "Zg==Zm8=", 8), -1);  /* padding in the middle */
 	assert_int_equal(base64_decode(dec, "Zm=v", 4), -1);      /* data after padding */
+	/* the groups before the last go through the table: each bad character is seen there too */
+	assert_int_equal(base64_decode(dec, "Zm9v!m9vYmFy", 12), -1);
+	assert_int_equal(base64_decode(dec, "Zm9vYm\x80yYmFy", 12), -1);
+	assert_int_equal(base64_decode(dec, "Zm9vYmF\0YmFy", 12), -1);
+	assert_int_equal(base64_decode(dec, "Zm9vYmFyYmFy", 12), 9);
 }
 
 int
