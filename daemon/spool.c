@@ -8,7 +8,7 @@
  * into a claimed slot (spool_flow_reserve). The writer turns records into
  * synthetic packets (spool-synth.c), encodes pcapng blocks (pcapng.c) into
  * a userspace buffer (large payloads stay in the queue and are spliced in
- * by pwritev(2)) and writes whole blocks at least every half flush
+ * by writev(2)) and writes whole blocks at least every half flush
  * interval; old files are freed by a reaper thread. A full queue drops data
  * records (the flow remembers the gap so sequence numbers stay right); a
  * failing disk drops encoded blocks, truncates the file back to its last
@@ -194,7 +194,7 @@ static struct writer {
 	struct buf out;        /* encoded blocks not written yet */
 	/*
 	 * Payloads left in queue memory, to go into out at offset at: large
-	 * packets reach the file by pwritev() without a copy. Valid only
+	 * packets reach the file by writev() without a copy. Valid only
 	 * until the batch they came in is released, so the writer flushes
 	 * before that.
 	 */
@@ -842,12 +842,16 @@ writer_out_reset(void)
 	w.ntouched = 0;
 }
 
-/* Writes all of iov at off, however the kernel splits it; -1 and errno on failure. */
+/*
+ * Appends all of iov (the file is O_APPEND), however the kernel splits it;
+ * -1 and errno on failure, *done the bytes that went in before it.
+ */
 static int
-write_all(int fd, struct iovec *iov, size_t n, off_t off)
+write_all(int fd, struct iovec *iov, size_t n, uint64_t *done)
 {
+	*done = 0;
 	while (n > 0) {
-		ssize_t r = pwritev(fd, iov, n > IOV_MAX ? IOV_MAX : (int)n, off);
+		ssize_t r = writev(fd, iov, n > IOV_MAX ? IOV_MAX : (int)n);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -856,7 +860,7 @@ write_all(int fd, struct iovec *iov, size_t n, off_t off)
 				errno = ENOSPC;
 			return -1;
 		}
-		off += r;
+		*done += (uint64_t)r;
 		for (; n > 0 && (size_t)r >= iov->iov_len; iov++, n--)
 			r -= (ssize_t)iov->iov_len;
 		if (n > 0) {
@@ -890,6 +894,24 @@ writer_iov(void)
 }
 
 /*
+ * A failed write put done bytes of it at the file's end: cut them off. At
+ * the end, not at w.good: a file someone cut short since we last looked is
+ * smaller than w.good, and cutting there would grow it by a hole of zeros
+ * (writer_check_unlinked deals with that file).
+ */
+static void
+writer_cut_partial(uint64_t done)
+{
+	struct stat sb;
+
+	if (done == 0)
+		return;
+	if (fstat(w.fd, &sb) < 0 || (uint64_t)sb.st_size < done ||
+	    ftruncate(w.fd, sb.st_size - (off_t)done) < 0)
+		log_warn("spool: truncate %s/%s", spool_dir, w.name);
+}
+
+/*
  * Writes the buffered blocks. On any error the file is cut back to its last
  * whole block and the buffer is counted as dropped.
  */
@@ -897,6 +919,7 @@ static void
 writer_flush(void)
 {
 	size_t len = writer_pending(), n;
+	uint64_t done;
 
 	if (len == 0)
 		return;
@@ -906,11 +929,10 @@ writer_flush(void)
 	}
 	n = writer_iov();  /* before w.iov is read: it may grow */
 	guard_note(w.good, w.good + len);
-	if (write_all(w.fd, w.iov, n, (off_t)w.good) < 0) {
+	if (write_all(w.fd, w.iov, n, &done) < 0) {
 		int err = errno;
 
-		if (ftruncate(w.fd, (off_t)w.good) < 0)
-			log_warn("spool: truncate %s/%s", spool_dir, w.name);
+		writer_cut_partial(done);
 		writer_count_drop_out();
 		/*
 		 * IDBs in the lost buffer are owed again; every EPB that
@@ -1025,7 +1047,8 @@ writer_open(char **why)
 		snprintf(w.name, sizeof w.name, "capd-%05u-%04d%02d%02dT%02d%02d%02dZ.pcapng", w.counter,
 		         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
 		w.counter++;
-		w.fd = openat(w.dirfd, w.name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640);  /* read: writer_check_unlinked */
+		/* read: writer_check_unlinked; append: a cut by another program shows in the size */
+		w.fd = openat(w.dirfd, w.name, O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
 		if (w.fd >= 0 || errno != EEXIST)
 			break;
 	}
@@ -1097,27 +1120,61 @@ writer_rotate(void)
 }
 
 /*
- * Someone deleted the current file (rm in the spool), or emptied it to free
- * space (: > FILE, truncate -s 0): start a new one rather than write to
- * nothing, or on at our offset behind a hole no reader gets past. Writes
- * since the cut lack the file's head: reading those 4 bytes (a cached page)
- * tells, where the size no longer does.
+ * Where the readable part of a capture file of size bytes ends: the end of
+ * its last whole block, walking from its Section Header, and before any
+ * packet or statistics block naming an interface not described yet (a cut
+ * that took an IDB away leaves packets Wireshark refuses). 0: not even a
+ * head. Two reads per block: for a start after a crash and a file cut by
+ * hand, never per write.
+ */
+static uint64_t
+spool_whole_end(int fd, uint64_t size)
+{
+	uint64_t off = 0;
+	uint32_t nidb = 0;
+
+	while (off + 12 <= size) {
+		uint32_t hdr[3], trail;
+
+		if (pread(fd, hdr, sizeof hdr, (off_t)off) != (ssize_t)sizeof hdr)
+			break;
+		if ((off == 0) != (hdr[0] == PCAPNG_BT_SHB))
+			break;
+		if (hdr[1] < 12 || hdr[1] % 4 != 0 || off + hdr[1] > size)
+			break;
+		if ((hdr[0] == PCAPNG_BT_EPB || hdr[0] == PCAPNG_BT_ISB) && (hdr[1] < 16 || hdr[2] >= nidb))
+			break;
+		if (pread(fd, &trail, 4, (off_t)(off + hdr[1] - 4)) != 4 || trail != hdr[1])
+			break;
+		nidb += hdr[0] == PCAPNG_BT_IDB;
+		off += hdr[1];
+	}
+	return off;
+}
+
+/*
+ * Someone deleted the current file (rm in the spool), or cut it (: > FILE,
+ * truncate -s N, to free space): start a new one rather than write to
+ * nothing, or on behind the cut. The file is O_APPEND, so writes since a
+ * cut went to its new end and the size tells: it is below what we wrote.
+ * The file is cut back to its last whole block before the cut, which drops
+ * what was written after it too (with no head, or after half a block).
  */
 static void
 writer_check_unlinked(void)
 {
 	struct stat sb;
-	uint32_t head = PCAPNG_BT_SHB;
+	uint64_t keep;
 
 	if (w.fd < 0 || fstat(w.fd, &sb) < 0)
 		return;
 	if (sb.st_nlink == 0) {
 		log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
-	} else if ((uint64_t)sb.st_size < w.good ||
-	           (pread(w.fd, &head, sizeof head, 0) == (ssize_t)sizeof head && head != PCAPNG_BT_SHB)) {
-		log_notice("spool: %s/%s was cut short by another program; starting a new file", spool_dir, w.name);
-		/* our writes past the cut, with no head, are of no use to anyone: the file is as they left it */
-		if (head != PCAPNG_BT_SHB && ftruncate(w.fd, 0) < 0)
+	} else if ((uint64_t)sb.st_size < w.good) {
+		keep = spool_whole_end(w.fd, (uint64_t)sb.st_size);
+		log_notice("spool: %s/%s was cut short by another program; keeping its first %llu bytes, "
+		           "starting a new file", spool_dir, w.name, (unsigned long long)keep);
+		if (keep < (uint64_t)sb.st_size && ftruncate(w.fd, (off_t)keep) < 0)
 			log_warn("spool: truncate %s/%s", spool_dir, w.name);
 	} else {
 		return;
@@ -1890,19 +1947,7 @@ spool_repair(int dirfd, const char *name)
 		return;
 	}
 	size = (uint64_t)sb.st_size;
-	while (off + 12 <= size) {
-		uint32_t hdr[2], trail;
-
-		if (pread(fd, hdr, 8, (off_t)off) != 8)
-			break;
-		if (off == 0 && hdr[0] != PCAPNG_BT_SHB)
-			break;
-		if (hdr[1] < 12 || hdr[1] % 4 != 0 || off + hdr[1] > size)
-			break;
-		if (pread(fd, &trail, 4, (off_t)(off + hdr[1] - 4)) != 4 || trail != hdr[1])
-			break;
-		off += hdr[1];
-	}
+	off = spool_whole_end(fd, size);
 	if (off == 0) {
 		log_notice("spool: removing unreadable %s/%s", spool_dir, name);
 		unlinkat(dirfd, name, 0);

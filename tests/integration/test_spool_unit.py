@@ -1334,3 +1334,33 @@ def test_rotate_on_a_hung_disk_does_not_say_it_rotated(tmp_path):
     assert "has not started the new capture file" in r.stderr and "it will when it can" in r.stderr, out
     assert "thawed rotate: 0" in out, out + log
     assert "files: 3" in out, out + log  # the one asked for while frozen, then the second
+
+
+def test_current_file_cut_part_way_by_hand_gives_way_to_a_new_one(capd_factory, server):
+    """Regression (truncate -s 1000 FILE): cutting the file capd writes part way, not to
+    zero, left capd writing on at its old offset, so the file became its first 1000 bytes,
+    a hole of zeros and then packets: capinfos stopped at the hole ("damaged or corrupt").
+    Only a cut seen before the next write was noticed. capd now appends to its file, so a
+    cut shows in the file's size however much was written since; it cuts the file back to
+    its last whole block and starts a new one."""
+    capd = capd_factory()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    cut = capd.pcaps()[-1]
+    assert cut.stat().st_size > 100000
+    sh("truncate", "-s", "1000", str(cut))
+    for i in range(3):  # writes land on the cut file before capd looks
+        assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 4)
+    capd.flush()
+    assert "was cut short by another program" in capd.log()
+    files = capd.pcaps()
+    assert len(files) == 2, files
+    assert 0 < cut.stat().st_size <= 1000
+    for f in files:
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    capd.stop()
