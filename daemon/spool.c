@@ -211,6 +211,7 @@ static struct writer {
 	int err;               /* errno of the last failure */
 	double retry_at;
 	double probe_at;       /* writer_retry_probe again at this time (0: not) */
+	uint64_t probe_end;    /* the file's space runs to here, past its end, after a probe (0: no probe) */
 	struct wiface *ifaces;
 	int nifaces;
 	int *idbs;             /* handles in the current file's IDB order */
@@ -1065,6 +1066,7 @@ writer_open(char **why)
 	}
 	writer_fsize_limit();
 	w.good = 0;
+	w.probe_end = 0;
 	w.file_packets = 0;
 	w.opened = mono_now();
 	w.nidb = w.nidb_good = 0;
@@ -1100,6 +1102,7 @@ writer_open(char **why)
  * thirds of it. On ext4, allocating ahead measured no faster.
  */
 static void writer_isbs(void);
+static void writer_probe_release(void);
 
 static void
 writer_close(void)
@@ -1107,8 +1110,10 @@ writer_close(void)
 	if (w.fd >= 0 && !w.failing)
 		writer_isbs();
 	writer_flush();
-	if (w.fd >= 0)
+	if (w.fd >= 0) {
+		writer_probe_release();
 		close(w.fd);
+	}
 	w.fd = -1;
 }
 
@@ -1285,6 +1290,13 @@ writer_fsize_limited(void)
 	return getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
 }
 
+/* A write error that a retry in the same file may see go away, and writer_retry_probe can tell gone. */
+static bool
+writer_err_transient(int err)
+{
+	return err == ENOSPC || err == EDQUOT || err == EROFS || err == EIO;
+}
+
 /*
  * After a full disk or quota, a retry that goes on in the same file writes
  * nothing until the next packet, so status would say "failing" long after
@@ -1293,21 +1305,45 @@ writer_fsize_limited(void)
  * go. Granted, capture is no longer failing. Refused, the disk is asked
  * again a second later until a write or a probe succeeds; packets meanwhile
  * are tried as before (a smaller write may still fit). Not supported
- * (EOPNOTSUPP), the next write tells.
+ * (EOPNOTSUPP), the next write tells. A file system remounted read-only
+ * refuses the allocation (EROFS) as it does writes, and so does one shut
+ * down after an I/O error (EIO): the same probe tells when they take
+ * writes again. (A disk failing underneath a working file system shows no
+ * error to write(2) at all: capd writes through the page cache.) What the
+ * writes do not use is given back when the file closes (writer_close).
  */
 static void
 writer_retry_probe(void)
 {
 	w.probe_at = 0;
-	if (w.fd < 0 || !w.episode || w.failing || (w.err != ENOSPC && w.err != EDQUOT))
+	if (w.fd < 0 || !w.episode || w.failing || !writer_err_transient(w.err))
 		return;
 	if (fallocate(w.fd, FALLOC_FL_KEEP_SIZE, (off_t)w.good, RETRY_PROBE) == 0) {
-		log_info("spool: space again in %s; capture resumes in %s", spool_dir, w.name);
+		if (w.err == ENOSPC || w.err == EDQUOT)
+			log_info("spool: space again in %s; capture resumes in %s", spool_dir, w.name);
+		else
+			log_info("spool: %s takes writes again; capture resumes in %s", spool_dir, w.name);
+		w.probe_end = w.good + RETRY_PROBE;
 		w.episode = false;
 		writer_set_failing(0);
-	} else if (errno == ENOSPC || errno == EDQUOT) {
+	} else if (writer_err_transient(errno)) {
 		w.probe_at = mono_now() + RETRY_SECS;
 	}
+}
+
+/*
+ * The room a probe asked for and the writes did not use stays allocated past
+ * the end of a closed file, unseen by ls, until the ring deletes the file.
+ * Punched out rather than cut with a truncate: see writer_close.
+ */
+static void
+writer_probe_release(void)
+{
+	if (w.probe_end > w.good &&
+	    fallocate(w.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)w.good,
+	              (off_t)(w.probe_end - w.good)) < 0 && errno != EOPNOTSUPP)
+		log_warn("spool: give back the room past the end of %s/%s", spool_dir, w.name);
+	w.probe_end = 0;
 }
 
 /* After a failure: a new file if there is none, else the same file again. */

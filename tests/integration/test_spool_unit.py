@@ -1364,3 +1364,35 @@ def test_current_file_cut_part_way_by_hand_gives_way_to_a_new_one(capd_factory, 
         r = read_to_the_end(f)
         assert r.returncode == 0 and not r.stderr, (f, r.stderr)
     capd.stop()
+
+
+def test_room_asked_for_after_a_full_disk_is_given_back_at_rotation(server, tiny_spool):
+    """The retry after a full disk asks for 64 KiB past the file's end (fallocate, keeping
+    its size) to tell that space is back; a file closed before it wrote that much kept the
+    rest allocated, unseen by ls, until the ring deleted the file (on a 2 MB tmpfs, 64 KiB
+    of it). capd now gives back what it did not use when it closes the file."""
+    capd, spool = tiny_spool()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(100000)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    fill(spool)
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 2)
+    capd.flush()
+    assert status(capd).get("error") == "No space left on device"
+    (spool / "filler").unlink()
+    deadline = time.time() + 15
+    while "error" in status(capd) and time.time() < deadline:
+        time.sleep(0.2)
+    st = status(capd)
+    assert "error" not in st, st
+    capd.ctl("capture", "rotate")
+    old = Path(st["file"])
+    sb = old.stat()
+    assert sb.st_blocks * 512 < sb.st_size + (64 << 10), (sb.st_blocks * 512, sb.st_size)
+    r = read_to_the_end(old)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    capd.stop()
