@@ -41,6 +41,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -212,6 +213,8 @@ static struct writer {
 	double retry_at;
 	double probe_at;       /* writer_retry_probe again at this time (0: not) */
 	uint64_t probe_end;    /* the file's space runs to here, past its end, after a probe (0: no probe) */
+	uint64_t freed_mark;   /* 1 + bytes free before the last deletion for space (0: none pending) */
+	bool freed_none;       /* ... which freed nothing so far (logged once) */
 	struct wiface *ifaces;
 	int nifaces;
 	int *idbs;             /* handles in the current file's IDB order */
@@ -969,6 +972,7 @@ writer_flush(void)
 		writer_set_failing(0);
 	}
 	w.episode = false;
+	w.freed_mark = 0;
 	w.good += len;
 	w.nidb_good = w.nidb;
 	atomic_fetch_add_explicit(&st_bytes, len, memory_order_relaxed);
@@ -1256,6 +1260,39 @@ writer_check_moved(void)
 	writer_open(NULL);
 }
 
+/* Bytes free on the spool's file system (f_bfree: grows with each block freed, whoever may use it); 0: unknown. */
+static uint64_t
+writer_free_bytes(void)
+{
+	struct statvfs sv;
+
+	return fstatvfs(w.dirfd, &sv) == 0 ? (uint64_t)sv.f_bfree * sv.f_frsize : 0;
+}
+
+/*
+ * A file deleted for space frees none while another program holds it open
+ * (tshark, a copy, a backup): deleting the next one a second later would
+ * empty the whole ring for nothing. So after a deletion the writer waits
+ * until space shows up (the reader closes the file) and lets the writes try
+ * it, before it deletes another.
+ */
+static bool
+writer_may_delete(void)
+{
+	if (w.freed_mark == 0)
+		return true;
+	if (writer_free_bytes() + 1 > w.freed_mark) {
+		w.freed_mark = 0;  /* it freed space: the writes try it first */
+		w.freed_none = false;
+		return false;
+	}
+	if (!w.freed_none)
+		log_warnx("spool: the disk is still full: the capture file deleted last is open in another "
+		          "program; deleting no more until it is closed");
+	w.freed_none = true;
+	return false;
+}
+
 /*
  * A full disk the ring itself filled (keep_files x rotate_size is more than
  * it holds) would never free space, as only rotation deletes: give up the
@@ -1275,8 +1312,10 @@ writer_free_oldest(void)
 	if (w.fd >= 0 && fstat(w.fd, &sb) == 0 && sb.st_nlink == 0)
 		return;
 	v = spool_list(w.dirfd, &n);
-	if (n > 1 && (w.fd < 0 || strcmp(v[0].name, w.name) != 0)) {
+	if (n > 1 && (w.fd < 0 || strcmp(v[0].name, w.name) != 0) && writer_may_delete()) {
 		log_warnx("spool: the disk is full: deleting the oldest capture file, %s", v[0].name);
+		w.freed_mark = writer_free_bytes() + 1;
+		w.freed_none = false;
 		writer_trim(n - 1);
 	}
 	free(v);
@@ -1325,6 +1364,7 @@ writer_retry_probe(void)
 			log_info("spool: %s takes writes again; capture resumes in %s", spool_dir, w.name);
 		w.probe_end = w.good + RETRY_PROBE;
 		w.episode = false;
+		w.freed_mark = 0;
 		writer_set_failing(0);
 	} else if (writer_err_transient(errno)) {
 		w.probe_at = mono_now() + RETRY_SECS;

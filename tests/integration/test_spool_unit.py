@@ -1396,3 +1396,41 @@ def test_room_asked_for_after_a_full_disk_is_given_back_at_rotation(server, tiny
     r = read_to_the_end(old)
     assert r.returncode == 0 and not r.stderr, r.stderr
     capd.stop()
+
+
+def test_full_disk_deletes_no_more_files_while_a_reader_holds_the_last(server, tiny_spool):
+    """On a full disk capd deletes its oldest capture file to go on capturing; when
+    another program had that file open (tshark, a copy), deleting it freed nothing, and
+    capd deleted the next one a second later, and so on: files open in a reader emptied
+    the whole ring for nothing (5 of 10 files in 6 s on a 2 MB tmpfs). capd now deletes
+    another only once the last one's space is back, and captures again when it is."""
+    capd, spool = tiny_spool("rotate_size = 256K\nkeep_files = 32")
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1 << 20)
+    for i in range(2):
+        assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 2)
+    capd.flush()
+    before = capd.pcaps()
+    held = [open(f, "rb") for f in before]
+    try:
+        fill(spool)
+        assert transfer("127.0.0.1", port, b"b") == server.down
+        closed_sessions(capd, 3)
+        capd.flush()
+        time.sleep(3.5)  # the writer retries every second
+        assert status(capd).get("error") == "No space left on device"
+        gone = set(before) - set(capd.pcaps())
+        assert len(gone) == 1, (len(gone), capd.log()[-2000:])
+        assert "deleted last is open in another program" in capd.log()
+    finally:
+        for h in held:
+            h.close()
+    deadline = time.time() + 10
+    while "error" in status(capd) and time.time() < deadline:
+        time.sleep(0.2)
+    assert "error" not in status(capd)
+    for f in capd.pcaps():
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    capd.stop()
