@@ -1356,13 +1356,13 @@ def test_current_file_cut_part_way_by_hand_gives_way_to_a_new_one(capd_factory, 
         assert transfer("127.0.0.1", port, b"b") == server.down
     closed_sessions(capd, 4)
     capd.flush()
-    assert "was cut short by another program" in capd.log()
     files = capd.pcaps()
-    assert len(files) == 2, files
-    assert 0 < cut.stat().st_size <= 1000
     for f in files:
         r = read_to_the_end(f)
         assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    assert "was cut short by another program" in capd.log()
+    assert len(files) == 2, files
+    assert 0 < cut.stat().st_size <= 1000
     capd.stop()
 
 
