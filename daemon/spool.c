@@ -1167,7 +1167,9 @@ spool_whole_end(int fd, uint64_t size)
  * nothing, or on behind the cut. The file is O_APPEND, so writes since a
  * cut went to its new end and the size tells: it is below what we wrote.
  * The file is cut back to its last whole block before the cut, which drops
- * what was written after it too (with no head, or after half a block).
+ * what was written after it too (with no head, or after half a block). So
+ * is a file grown by another program (truncate -s +1M, an append): what we
+ * wrote since is behind zeros or another's bytes.
  */
 static void
 writer_check_unlinked(void)
@@ -1179,10 +1181,11 @@ writer_check_unlinked(void)
 		return;
 	if (sb.st_nlink == 0) {
 		log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
-	} else if ((uint64_t)sb.st_size < w.good) {
+	} else if ((uint64_t)sb.st_size != w.good) {
 		keep = spool_whole_end(w.fd, (uint64_t)sb.st_size);
-		log_notice("spool: %s/%s was cut short by another program; keeping its first %llu bytes, "
-		           "starting a new file", spool_dir, w.name, (unsigned long long)keep);
+		log_notice("spool: %s/%s was %s by another program; keeping its first %llu bytes, starting a "
+		           "new file", spool_dir, w.name, (uint64_t)sb.st_size < w.good ? "cut short" : "grown",
+		           (unsigned long long)keep);
 		if (keep < (uint64_t)sb.st_size && ftruncate(w.fd, (off_t)keep) < 0)
 			log_warn("spool: truncate %s/%s", spool_dir, w.name);
 	} else {

@@ -1434,3 +1434,30 @@ def test_full_disk_deletes_no_more_files_while_a_reader_holds_the_last(server, t
         r = read_to_the_end(f)
         assert r.returncode == 0 and not r.stderr, (f, r.stderr)
     capd.stop()
+
+
+def test_current_file_grown_by_hand_gives_way_to_a_new_one(capd_factory, server):
+    """truncate -s +1M on the file capd writes (or anything appended to it) left a run of
+    zeros that capd wrote over only once it had written that much more: until then, and
+    for good if it rotated first, capinfos stopped at the zeros ("damaged or corrupt").
+    capd now sees the size is not what it wrote, cuts the file back to its last whole
+    block and starts a new one."""
+    capd = capd_factory()
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(100000)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    capd.flush()
+    grown = capd.pcaps()[-1]
+    size = grown.stat().st_size
+    sh("truncate", "-s", "+1M", str(grown))
+    assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 2)
+    capd.flush()
+    files = capd.pcaps()
+    for f in files:
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    assert "was grown by another program" in capd.log()
+    assert len(files) == 2 and grown.stat().st_size == size, (files, grown.stat().st_size, size)
+    capd.stop()
