@@ -213,7 +213,7 @@ static struct writer {
 	double retry_at;
 	double probe_at;       /* writer_retry_probe again at this time (0: not) */
 	uint64_t probe_end;    /* the file's space runs to here, past its end, after a probe (0: no probe) */
-	uint64_t freed_mark;   /* 1 + bytes free before the last deletion for space (0: none pending) */
+	uint64_t freed_mark;   /* writer_free_mark() before the last deletion for space (0: none pending) */
 	bool freed_none;       /* ... which freed nothing so far (logged once) */
 	struct wiface *ifaces;
 	int nifaces;
@@ -1263,13 +1263,16 @@ writer_check_moved(void)
 	writer_open(NULL);
 }
 
-/* Bytes free on the spool's file system (f_bfree: grows with each block freed, whoever may use it); 0: unknown. */
+/*
+ * 1 + the bytes free on the spool's file system (f_bfree: grows with each
+ * block freed, whoever may use it); 0 when it cannot tell.
+ */
 static uint64_t
-writer_free_bytes(void)
+writer_free_mark(void)
 {
 	struct statvfs sv;
 
-	return fstatvfs(w.dirfd, &sv) == 0 ? (uint64_t)sv.f_bfree * sv.f_frsize : 0;
+	return fstatvfs(w.dirfd, &sv) == 0 ? (uint64_t)sv.f_bfree * sv.f_frsize + 1 : 0;
 }
 
 /*
@@ -1284,7 +1287,7 @@ writer_may_delete(void)
 {
 	if (w.freed_mark == 0)
 		return true;
-	if (writer_free_bytes() + 1 > w.freed_mark) {
+	if (writer_free_mark() > w.freed_mark) {
 		w.freed_mark = 0;  /* it freed space: the writes try it first */
 		w.freed_none = false;
 		return false;
@@ -1317,7 +1320,7 @@ writer_free_oldest(void)
 	v = spool_list(w.dirfd, &n);
 	if (n > 1 && (w.fd < 0 || strcmp(v[0].name, w.name) != 0) && writer_may_delete()) {
 		log_warnx("spool: the disk is full: deleting the oldest capture file, %s", v[0].name);
-		w.freed_mark = writer_free_bytes() + 1;
+		w.freed_mark = writer_free_mark();  /* 0 (cannot tell): the next retry may delete again */
 		w.freed_none = false;
 		writer_trim(n - 1);
 	}
