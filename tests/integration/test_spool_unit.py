@@ -1418,7 +1418,7 @@ def test_full_disk_deletes_no_more_files_while_a_reader_holds_the_last(server, t
         assert transfer("127.0.0.1", port, b"b") == server.down
         closed_sessions(capd, 3)
         capd.flush()
-        time.sleep(3.5)  # the writer retries every second
+        time.sleep(2.5)  # the writer retries every second
         assert status(capd).get("error") == "No space left on device"
         gone = set(before) - set(capd.pcaps())
         assert len(gone) == 1, (len(gone), capd.log()[-2000:])
