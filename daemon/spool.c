@@ -1107,6 +1107,7 @@ writer_open(char **why)
  */
 static void writer_isbs(void);
 static void writer_probe_release(void);
+static bool writer_check_size(const struct stat *sb);
 
 static void
 writer_close(void)
@@ -1115,6 +1116,11 @@ writer_close(void)
 		writer_isbs();
 	writer_flush();
 	if (w.fd >= 0) {
+		struct stat sb;
+
+		/* a change since the last tick's look would stay in the file for good */
+		if (fstat(w.fd, &sb) == 0 && sb.st_nlink > 0)
+			writer_check_size(&sb);
 		writer_probe_release();
 		close(w.fd);
 	}
@@ -1162,35 +1168,44 @@ spool_whole_end(int fd, uint64_t size)
 }
 
 /*
- * Someone deleted the current file (rm in the spool), or cut it (: > FILE,
- * truncate -s N, to free space): start a new one rather than write to
- * nothing, or on behind the cut. The file is O_APPEND, so writes since a
- * cut went to its new end and the size tells: it is below what we wrote.
- * The file is cut back to its last whole block before the cut, which drops
- * what was written after it too (with no head, or after half a block). So
- * is a file grown by another program (truncate -s +1M, an append): what we
- * wrote since is behind zeros or another's bytes.
+ * Someone cut the current file (: > FILE, truncate -s N, to free space) or
+ * grew it (truncate -s +1M, an append). The file is O_APPEND, so writes
+ * since went to its new end and the size tells: it is not what we wrote.
+ * Cuts the file back to its last whole block before the change, which
+ * drops what was written after it too (with no head, or after half a block,
+ * or behind zeros). True when the file was changed.
+ */
+static bool
+writer_check_size(const struct stat *sb)
+{
+	uint64_t keep;
+
+	if ((uint64_t)sb->st_size == w.good)
+		return false;
+	keep = spool_whole_end(w.fd, (uint64_t)sb->st_size);
+	log_notice("spool: %s/%s was %s by another program; keeping its first %llu bytes", spool_dir, w.name,
+	           (uint64_t)sb->st_size < w.good ? "cut short" : "grown", (unsigned long long)keep);
+	if (keep < (uint64_t)sb->st_size && ftruncate(w.fd, (off_t)keep) < 0)
+		log_warn("spool: truncate %s/%s", spool_dir, w.name);
+	return true;
+}
+
+/*
+ * The current file was deleted (rm in the spool) or changed by another
+ * program (writer_check_size): start a new one rather than write to
+ * nothing, or on behind the change.
  */
 static void
 writer_check_unlinked(void)
 {
 	struct stat sb;
-	uint64_t keep;
 
 	if (w.fd < 0 || fstat(w.fd, &sb) < 0)
 		return;
-	if (sb.st_nlink == 0) {
+	if (sb.st_nlink == 0)
 		log_notice("spool: %s/%s was deleted; starting a new file", spool_dir, w.name);
-	} else if ((uint64_t)sb.st_size != w.good) {
-		keep = spool_whole_end(w.fd, (uint64_t)sb.st_size);
-		log_notice("spool: %s/%s was %s by another program; keeping its first %llu bytes, starting a "
-		           "new file", spool_dir, w.name, (uint64_t)sb.st_size < w.good ? "cut short" : "grown",
-		           (unsigned long long)keep);
-		if (keep < (uint64_t)sb.st_size && ftruncate(w.fd, (off_t)keep) < 0)
-			log_warn("spool: truncate %s/%s", spool_dir, w.name);
-	} else {
+	else if (!writer_check_size(&sb))
 		return;
-	}
 	close(w.fd);
 	w.fd = -1;
 	writer_out_reset();

@@ -1461,3 +1461,29 @@ def test_current_file_grown_by_hand_gives_way_to_a_new_one(capd_factory, server)
     assert "was grown by another program" in capd.log()
     assert len(files) == 2 and grown.stat().st_size == size, (files, grown.stat().st_size, size)
     capd.stop()
+
+
+def test_file_cut_by_hand_just_before_a_rotation_is_left_readable(capd_factory, server):
+    """A cut (truncate -s 1000 FILE) that a rotation closes before capd's next look (half a
+    flush interval; a rotation comes at any time under load) was never seen: the closed
+    file kept the packets written behind the cut and capinfos stopped there. capd now
+    looks at a file's size as it closes it too (one fstat per file)."""
+    capd = slow_flush_capd(capd_factory)  # no look in this test's time
+    port = forward(capd, f"127.0.0.1:{server.port}")
+    server.down = os.urandom(1 << 20)
+    assert transfer("127.0.0.1", port, b"a") == server.down
+    closed_sessions(capd, 1)
+    cut = capd.pcaps()[-1]
+    deadline = time.time() + 10
+    while cut.stat().st_size < 1 << 20 and time.time() < deadline:  # large payloads go out at once
+        time.sleep(0.05)
+    sh("truncate", "-s", "1000", str(cut))
+    assert transfer("127.0.0.1", port, b"b") == server.down
+    closed_sessions(capd, 2)
+    capd.ctl("capture", "rotate")
+    capd.flush()
+    for f in capd.pcaps():
+        r = read_to_the_end(f)
+        assert r.returncode == 0 and not r.stderr, (f, r.stderr)
+    assert "was cut short by another program" in capd.log()
+    capd.stop()
