@@ -116,6 +116,17 @@ opt_for_type(const struct add_opt *ao, const char *type)
 	return false;
 }
 
+/* The flag of type that set key to value (--tls for tls = yes). */
+static const char *
+add_flag_opt(const char *type, const char *key, const char *value)
+{
+	for (size_t k = 0; k < sizeof add_opts / sizeof add_opts[0]; k++)
+		if (add_opts[k].kind == OPT_FLAG && opt_for_type(&add_opts[k], type) &&
+		    !strcmp(add_opts[k].key, key) && !strcmp(add_opts[k].value, value))
+			return add_opts[k].opt;
+	return "another option";
+}
+
 /* To stdout for --help, to stderr after a mistake. */
 static void
 add_usage(FILE *f, const char *type)
@@ -447,6 +458,13 @@ add_exec(struct ctl_opts *o, int argc, char **argv)
 			if (val) {
 				json_decref(params);
 				return usage_error("%s takes no value", ao->opt);
+			}
+			/* --tls then --tls-auto: the last one silently won */
+			const char *was = json_string_value(json_object_get(params, ao->key));
+			if (was != NULL && strcmp(was, ao->value) != 0) {
+				const char *other = add_flag_opt(type, ao->key, was);  /* before was is freed */
+				json_decref(params);
+				return usage_error("%s conflicts with %s given before it", ao->opt, other);
 			}
 			json_object_set_new(params, ao->key, json_string(ao->value));
 			continue;

@@ -61,15 +61,18 @@ static double capd_grace_deadline;
 static int capd_stopping;
 static bool capd_preparing;  /* at the stop, an instance's prepare still ran on its thread */
 
+/* Asked for (-h, --help): on standard output, exit 0, as capctl --help;
+ * after a wrong option: on standard error, exit 2. */
 static void
-usage(void)
+usage(FILE *out, int rc)
 {
-	fprintf(stderr, "usage: capd [-tvV] [-c FILE]\n"
-	                "  -c FILE  configuration file (default /etc/capd/capd.conf)\n"
-	                "  -t       check the configuration and exit (0 good, 1 bad)\n"
-	                "  -v       more logging (repeat for debug)\n"
-	                "  -V       print the version and exit\n");
-	exit(2);
+	fprintf(out, "usage: capd [-tvV] [-c FILE]\n"
+	             "  -c, --config FILE  configuration file (default /etc/capd/capd.conf)\n"
+	             "  -t, --test         check the configuration and exit (0 good, 1 bad)\n"
+	             "  -v, --verbose      more logging (repeat for debug)\n"
+	             "  -V, --version      print the version and exit\n"
+	             "  -h, --help         print this and exit\n");
+	exit(rc);
 }
 
 static void
@@ -585,18 +588,26 @@ main(int argc, char **argv)
 	int ch, test_only = 0, state_lock;
 	char *why = NULL, *errs = NULL;
 
+	/* the long forms an admin tries first (capctl takes --help and --version too) */
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' }, { "test", no_argument, NULL, 't' },
+		{ "verbose", no_argument, NULL, 'v' },      { "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },         { NULL, 0, NULL, 0 },
+	};
+
 	log_init("capd", LOG_LVL_INFO);
-	while ((ch = getopt(argc, argv, "c:tvVh")) != -1) {
+	while ((ch = getopt_long(argc, argv, "c:tvVh", longopts, NULL)) != -1) {
 		switch (ch) {
 		case 'c': capd_config_path = optarg; break;
 		case 't': test_only = 1; params_warn_checks = true; break;
 		case 'v': capd_verbose++; break;
 		case 'V': printf("capd %s\n", CAPD_VERSION); return 0;
-		default: usage();
+		case 'h': usage(stdout, 0); break;
+		default: usage(stderr, 2);
 		}
 	}
 	if (optind != argc)
-		usage();
+		usage(stderr, 2);
 	/* as the [capd] paths: daemon.status shows it in JSON, which cannot hold
 	 * it otherwise (capctl status said only "failed") */
 	json_t *text = json_string(capd_config_path);

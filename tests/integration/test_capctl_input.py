@@ -785,3 +785,19 @@ def test_bad_call_says_what_was_wrong(tmp_path, args, why):
     assert r.returncode == 2 and r.stdout == "", r
     assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
     assert "cannot reach" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags,why", [
+    (["--tls", "--tls-auto"], "--tls-auto conflicts with --tls given before it"),
+    (["--tls-auto", "--tls"], "--tls conflicts with --tls-auto given before it"),
+])
+def test_add_conflicting_tls_flags_refused(tmp_path, flags, why):
+    """`capctl add socks --port P --tls --tls-auto` added an instance in tls = auto: the
+    last of two contradicting flags silently won, and the admin who meant --tls got
+    connections that do not start with a ClientHello passed through uncaptured. Both
+    set the key tls; together they are a usage error that names the two. Refused by
+    capctl itself, before any capd is asked."""
+    r = capctl("add", "socks", "--port", "1080", *flags, sock=tmp_path / "none")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
+    assert "cannot reach" not in r.stderr, r.stderr

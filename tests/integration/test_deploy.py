@@ -977,3 +977,29 @@ def test_readme_first_capture_runs_on_the_dev_config(tmp_path, netns):
         capd.terminate()
         assert capd.wait(timeout=20) == 0, (tmp_path / "capd.log").read_text()
         log.close()
+
+
+def test_capd_long_help_and_version():
+    """An admin's first two commands: `capd --help` said "invalid option -- '-'" and
+    exited 2, and `capd --version` did the same, while capctl takes both. Now --help
+    prints the usage on standard output and exits 0 (as -h), --version the version;
+    a wrong option still prints the usage on standard error and exits 2."""
+    r = subprocess.run([str(CAPD), "--help"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0 and r.stderr == "", r
+    assert r.stdout.startswith("usage: capd ") and "--config FILE" in r.stdout, r.stdout
+    assert subprocess.run([str(CAPD), "-h"], capture_output=True, text=True, timeout=10).stdout == r.stdout
+    v = subprocess.run([str(CAPD), "--version"], capture_output=True, text=True, timeout=10)
+    assert v.returncode == 0 and re.fullmatch(r"capd \S+\n", v.stdout), v
+    bad = subprocess.run([str(CAPD), "--bogus"], capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 2 and bad.stdout == "" and "usage: capd" in bad.stderr, bad
+
+
+def test_capd_long_test_option(tmp_path):
+    """--test and --config are -t and -c: the verdict is the same."""
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[capd]\nspool = {tmp_path}/sp\n[socks s]\nlisten = 0\n")
+    short = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=10)
+    long = subprocess.run([str(CAPD), "--test", "--config", str(conf)], capture_output=True, text=True,
+                          timeout=10)
+    assert short.returncode == long.returncode == 1, (short, long)
+    assert long.stderr == short.stderr and ":4: bad port" in long.stderr, long.stderr
