@@ -40,7 +40,7 @@ chain_ports_update(void)
 	memset(chain_ports, 0, sizeof chain_ports);
 	TAILQ_FOREACH(inst, &instances, entry) {
 		uint16_t port = addr_port((struct sockaddr *)&inst->listen);
-		if (inst->proto->listens)
+		if (inst->proto->listens && !inst->never_started)  /* its port may be another program's */
 			chain_ports[port / 64] |= 1ULL << (port % 64);
 	}
 }
@@ -58,7 +58,7 @@ chain_instance_at(const struct sockaddr *sa)
 
 	/* only what never changes while the instance is listed: a worker may ask */
 	TAILQ_FOREACH(inst, &instances, entry)
-		if (inst->proto->listens && addr_reaches(sa, (struct sockaddr *)&inst->listen))
+		if (inst->proto->listens && !inst->never_started && addr_reaches(sa, (struct sockaddr *)&inst->listen))
 			return inst;
 	return NULL;
 }

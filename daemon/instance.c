@@ -422,7 +422,30 @@ instance_prepare(struct instance *inst, char **why)
 	return inst->proto->prepare ? inst->proto->prepare(inst, why) : 0;
 }
 
-/* Binds, starts and registers a new (prepared) instance; on failure frees it. */
+/*
+ * A config instance that could not start (its port taken, its interface
+ * gone) stays listed as failed with the reason, as a sniffer that failed
+ * while running does: after a reload `capctl list` showed neither the old
+ * instance, stopped, nor the new one, and the next reload restarts a failed
+ * one. One from capctl is refused and freed, as before. Either way *why
+ * stays for the caller to report.
+ */
+static void
+instance_drop(struct instance *inst, const char *why)
+{
+	if (!inst->from_config || instance_stopping || instance_find(inst->name) != NULL) {
+		instance_free(inst);
+		return;
+	}
+	inst->state = INSTANCE_FAILED;
+	inst->never_started = true;
+	free(inst->error);
+	inst->error = xstrdup(why);
+	TAILQ_INSERT_TAIL(&instances, inst, entry);
+	events_emit("instance.fail", instance_json(inst));  /* the caller logs why, with the file's line */
+}
+
+/* Binds, starts and registers a new (prepared) instance; on failure drops it (instance_drop). */
 static struct instance *
 instance_finish(struct instance *inst, char **why)
 {
@@ -436,11 +459,11 @@ instance_finish(struct instance *inst, char **why)
 	}
 	/* an instance that cannot intercept is refused, not left to fail each client */
 	if (inst->intercepts && tls_instance_ready(why) < 0) {
-		instance_free(inst);
+		instance_drop(inst, *why);
 		return NULL;
 	}
 	if (inst->proto->listens && instance_listen(inst, why) < 0) {
-		instance_free(inst);
+		instance_drop(inst, *why);
 		return NULL;
 	}
 	if (inst->capture && inst->proto->listens) {
@@ -452,7 +475,8 @@ instance_finish(struct instance *inst, char **why)
 		instance_close_listener(inst);
 		if (inst->spool_iface >= 0)
 			spool_iface_remove(inst->spool_iface);
-		instance_free(inst);
+		inst->spool_iface = -1;
+		instance_drop(inst, *why);
 		return NULL;
 	}
 	if (inst->expose)
@@ -472,7 +496,7 @@ instance_add(json_t *params, bool from_config, char **why)
 	if (inst == NULL)
 		return NULL;
 	if (instance_prepare(inst, why) < 0) {
-		instance_free(inst);
+		instance_drop(inst, *why);
 		return NULL;
 	}
 	return instance_finish(inst, why);
@@ -503,9 +527,9 @@ instance_job_end(struct instance_job *j)
 	if (j->threaded)
 		pthread_join(j->thread, NULL);  /* it has pushed the job: it is returning */
 	shards_pause();
-	if (j->rc < 0)
-		instance_free(j->inst);
-	else
+	if (j->rc < 0 && j->inst != NULL)
+		instance_drop(j->inst, j->why ? j->why : "cannot be prepared");
+	else if (j->rc >= 0)
 		inst = instance_finish(j->inst, &j->why);
 	j->done(j->arg, inst, j->why);
 	shards_resume();

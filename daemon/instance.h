@@ -94,6 +94,7 @@ struct instance {
 	double idle_timeout, connect_timeout;
 
 	enum instance_state state;
+	bool never_started;           /* listed failed as it could not start: it listens on nothing */
 	char *error;                  /* why it failed, or NULL */
 	unsigned open_sessions;        /* under capd_lock (shard.h) */
 	_Atomic uint64_t bytes_up, bytes_down;  /* every shard's sessions add to them */

@@ -1553,3 +1553,37 @@ def test_sessions_of_a_removed_instance_that_had_none(capd, echo_server):
     capd.wait_sessions(lambda ss: any(s["instance"] == "busy" and s["state"] == "closed" for s in ss))
     capd.ctl("remove", "busy")
     assert len(capd.rpc("session.list", {"instance": "busy"})["result"]) == 1
+
+
+def test_reload_lists_an_instance_it_cannot_start_as_failed(capd_factory):
+    """A reload that moved [forward c] to a port another program held said "port ... is
+    in use" and exited 1, but `capctl list` then showed no c at all: the old one was
+    stopped, the new one dropped, and nothing told an admin looking at the list that the
+    file's c was down. It now stays listed as failed with the reason, keeps its name,
+    takes no port, and the next reload (once the port is free) starts it."""
+    p1, p2 = free_port(), free_port()
+    c = capd_factory(f"[forward b]\nlisten = {p1}\nto = 127.0.0.1:9\n")
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", p2))
+    other.listen(1)
+    try:
+        c.write_conf(f"[forward b]\nlisten = {p1}\nto = 127.0.0.1:9\n"
+                     f"[forward c]\nlisten = {p2}\nto = 127.0.0.1:9\n")
+        r = c.ctl("reload", check=False)
+        assert r.returncode == 1 and f"[forward c]: port {p2} is in use" in r.stderr, r.stderr
+        got = {i["name"]: i for i in c.ctl("list", json_out=True)}
+        assert sorted(got) == ["b", "c"], got
+        assert got["b"]["state"] == "running"
+        assert got["c"]["state"] == "failed" and f"port {p2} is in use" in got["c"]["error"], got["c"]
+        table = c.ctl("list").stdout
+        assert re.search(rf"^c +forward +127\.0\.0\.1:{p2} +failed .*port {p2} is in use", table, re.M), table
+        # the name stays taken while it is listed
+        r = c.ctl("add", "forward", "--port", free_port(), "--to", "127.0.0.1:9", "--name", "c", check=False)
+        assert r.returncode == 1 and "exists already" in r.stderr, r.stderr
+    finally:
+        other.close()
+    assert c.ctl("reload").returncode == 0
+    got = {i["name"]: i for i in c.ctl("list", json_out=True)}
+    assert got["c"]["state"] == "running" and "error" not in got["c"], got["c"]
+    socket.create_connection(("127.0.0.1", p2), timeout=10).close()
