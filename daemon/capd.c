@@ -310,7 +310,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	control_forget_peers();  /* who is in the control group is asked again */
 	c = conf_load(capd_config_path, why);
 	/* the checks of start-up and capd -t (user and control_group change only at restart) */
-	if (c != NULL && conf_check(c, false, why) < 0) {
+	if (c != NULL && conf_check(c, capd_settings, why) < 0) {
 		conf_free(c);
 		c = NULL;
 	}
@@ -617,7 +617,7 @@ main(int argc, char **argv)
 	}
 	json_decref(text);
 
-	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check(capd_conf, true, &why) < 0) {
+	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check(capd_conf, NULL, &why) < 0) {
 		fprintf(stderr, "capd: %s\n", why);
 		free(why);
 		conf_free(capd_conf);

@@ -615,8 +615,15 @@ conf_free(struct conf *c)
 	free(c);
 }
 
+/* Whether a reload's value of a start-up setting differs from the one in force. */
+static bool
+conf_changed(const char *next, const char *cur)
+{
+	return strcmp(next ? next : "", cur ? cur : "") != 0;
+}
+
 int
-conf_check(const struct conf *c, bool may_wait, char **why)
+conf_check(const struct conf *c, const struct capd_settings *running, char **why)
 {
 	const struct capd_settings *st = &c->settings;
 	int line;
@@ -633,15 +640,21 @@ conf_check(const struct conf *c, bool may_wait, char **why)
 		                 "capd needs [capd] or an instance section", c->file);
 		return -1;
 	}
-	if (!may_wait)
-		return 0;
-	/* as privdrop() decides: only root switches user */
-	if (st->user && geteuid() == 0 && getpwnam(st->user) == NULL) {
+	/*
+	 * capd -t (as root, as systemctl reload runs it) refuses a user or group
+	 * that does not exist, so a reload does too: it said "reloaded" with a
+	 * warning, and the next start failed. As privdrop() decides, only root
+	 * switches user; a reload runs after the switch, so it checks a changed
+	 * user whatever its own uid.
+	 */
+	if (st->user && (running ? conf_changed(st->user, running->user) : geteuid() == 0) &&
+	    getpwnam(st->user) == NULL) {
 		line = (int)json_integer_value(json_object_get(c->capd_lines, "user"));
 		*why = xasprintf("%s:%d: user = %s: no such user", c->file, line, st->user);
 		return -1;
 	}
-	if (st->control_group && getgrnam(st->control_group) == NULL) {
+	if (st->control_group && (running == NULL || conf_changed(st->control_group, running->control_group)) &&
+	    getgrnam(st->control_group) == NULL) {
 		line = (int)json_integer_value(json_object_get(c->capd_lines, "control_group"));
 		*why = xasprintf("%s:%d: control_group = %s: no such group", c->file, line, st->control_group);
 		return -1;

@@ -26,11 +26,12 @@ struct conf *conf_load(const char *path, char **why);
 struct conf *conf_load_string(const char *text, const char *name, const char *base_dir, char **why);
 void conf_free(struct conf *c);
 /* What a loaded file must pass besides its syntax, the same for start-up,
- * capd -t and a reload: it has a section, and (only where waiting is fine:
- * not on the serving loop, where a reload keeps user and control_group as
- * they were anyway) the user to switch to (as root) and the control group
- * exist. */
-int conf_check(const struct conf *c, bool may_wait, char **why);
+ * capd -t and a reload: it has a section, and the user to switch to (as
+ * root) and the control group exist. A reload passes the settings in force
+ * (running; NULL at start and for capd -t): it keeps user and control_group
+ * as they were, and looks them up only when the file changed them, so that
+ * the serving loop waits on the user database only then. */
+int conf_check(const struct conf *c, const struct capd_settings *running, char **why);
 /* Defaults for [capd], with paths under base. */
 void conf_settings_defaults(struct capd_settings *st);
 void conf_settings_free(struct capd_settings *st);

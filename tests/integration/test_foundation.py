@@ -1587,3 +1587,26 @@ def test_reload_lists_an_instance_it_cannot_start_as_failed(capd_factory):
     got = {i["name"]: i for i in c.ctl("list", json_out=True)}
     assert got["c"]["state"] == "running" and "error" not in got["c"], got["c"]
     socket.create_connection(("127.0.0.1", p2), timeout=10).close()
+
+
+def test_reload_refuses_a_user_or_group_capd_t_refuses(capd_factory):
+    """`capd -t` (what `systemctl reload` runs first) refused a file whose user or
+    control_group did not exist, but `capctl reload` of the same file said "reloaded"
+    with a restart-only warning and exit 0: the verdicts differed, and the next start
+    failed. A reload now refuses it with the same message and changes nothing."""
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n")
+    for key, value, what in (("user", "capd-no-such-user", "user"), ("control_group", "capd-no-such-grp", "group")):
+        c.write_conf(f"[forward g]\nlisten = {free_port()}\nto = 127.0.0.1:9\n", settings=f"{key} = {value}")
+        t = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True, timeout=10)
+        line = next(n for n, ln in enumerate(c.conf_path.read_text().splitlines(), 1) if ln.startswith(key))
+        msg = f"{c.conf_path}:{line}: {key} = {value}: no such {what}"
+        assert t.returncode == 1 and t.stderr == f"capd: {msg}\n", t
+        r = c.ctl("reload", check=False)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert r.stderr == f"capctl: reload failed, nothing changed: {msg}\n", r.stderr
+        assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+    # the value in force, or another that exists, still reloads (and says it waits for a restart)
+    c.write_conf(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n", settings="control_group = root")
+    r = c.ctl("reload")
+    assert "control_group changes only at restart" in r.stderr, r.stderr
