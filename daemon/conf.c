@@ -193,7 +193,7 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 			st->flush_interval = d;
 	} else if (!strcmp(key, "keep_files")) {
 		if (value_uint(v, 1000000, &u) < 0 || u < 1)
-			conf_fail(cp, "bad number for 'keep_files': '%s' (1 or more)", v);
+			conf_fail(cp, "bad number for 'keep_files': '%s' (1 to 1000000)", v);
 		else
 			st->keep_files = (unsigned)u;
 	} else if (!strcmp(key, "log_level")) {
@@ -351,6 +351,19 @@ conf_new_section(struct conf_parse *cp, const char *section)
 	json_array_append_new(cp->c->instances, cp->inst);
 }
 
+/*
+ * "spool = "/srv/capd"" (quoted as in a shell or a systemd unit): inih keeps
+ * the quotes, and the spool went to a folder named "/srv/capd" (quotes and
+ * all) inside the config's folder; no value of capd starts and ends with one.
+ */
+static bool
+conf_quoted(const char *v)
+{
+	size_t n = strlen(v);
+
+	return n >= 2 && (v[0] == '"' || v[0] == '\'') && v[n - 1] == v[0];
+}
+
 static int
 conf_handler(void *user, const char *section, const char *key, const char *value)
 {
@@ -367,6 +380,9 @@ conf_handler(void *user, const char *section, const char *key, const char *value
 	}
 	if (cp->cont)
 		conf_continue(cp, key, value);
+	else if (conf_quoted(value))
+		conf_fail(cp, "the value of '%s' is in quotes, which capd would keep as part of it: write %s = %.*s",
+		          key, key, (int)strlen(value) - 2, value + 1);
 	else if (cp->in_capd)
 		conf_capd_key(cp, key, value);
 	else

@@ -1610,3 +1610,27 @@ def test_reload_refuses_a_user_or_group_capd_t_refuses(capd_factory):
     c.write_conf(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n", settings="control_group = root")
     r = c.ctl("reload")
     assert "control_group changes only at restart" in r.stderr, r.stderr
+
+
+def test_quoted_value_refused_by_capd_t_and_reload(capd_factory, tmp_path):
+    """`spool = "/srv/capd"`, quoted as in a shell or a systemd unit: inih keeps the
+    quotes, so capd -t said "configuration is good" and capd spooled into a folder
+    named `"/srv/capd"` inside the config's folder (`listen = '1080'` said only "bad
+    port"). A value in quotes is now refused, with its line and the unquoted form, by
+    capd -t and by a reload alike."""
+    conf = tmp_path / "q.conf"
+    conf.write_text(f'[capd]\nspool = "{tmp_path}/sp"\n')
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1, r
+    assert r.stderr == (f"capd: {conf}:2: the value of 'spool' is in quotes, which capd would keep "
+                        f"as part of it: write spool = {tmp_path}/sp\n"), r.stderr
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n")
+    c.write_conf(f"[forward f]\nlisten = '{port}'\nto = 127.0.0.1:9\n")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "nothing changed" in r.stderr, r.stderr
+    assert (f"the value of 'listen' is in quotes, which capd would keep as part of it: "
+            f"write listen = {port}") in r.stderr, r.stderr
+    t = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True, timeout=10)
+    assert t.returncode == 1 and t.stderr.split(": ", 1)[1] in r.stderr, (t.stderr, r.stderr)
+    assert not list(tmp_path.glob('"*')), list(tmp_path.iterdir())
