@@ -5,6 +5,7 @@
 #include "capctl.h"
 
 #define LIST_TLS_TIMEOUT 20.0  /* tls_timeout's default (capd.conf.5): not shown */
+#define LIST_CONNECT_TIMEOUT 10.0  /* connect_timeout's default: not shown either */
 
 /* TLS interception with its settings that are not the default, and the
  * hosts passed through because clients rejected capd's certificate. */
@@ -75,6 +76,27 @@ list_named(json_t *a, const char *label, char *out, size_t n)
 	list_join(a, out, n);
 }
 
+/* The keys every listening instance takes, where not the default: capctl add
+ * --no-capture, --idle-timeout and --connect-timeout showed nowhere in the list. */
+static void
+list_common_info(json_t *inst, char *info, size_t n)
+{
+	json_t *idle = json_object_get(inst, "idle_timeout"), *conn = json_object_get(inst, "connect_timeout");
+	size_t len = strlen(info);
+
+	if (json_is_false(json_object_get(inst, "capture")) && len < n)
+		len += (size_t)snprintf(info + len, n - len, "%sno capture", len ? ", " : "");
+	if (json_is_number(idle) && json_number_value(idle) > 0 && len < n)
+		len += (size_t)snprintf(info + len, n - len, "%sidle timeout %gs", len ? ", " : "",
+		                        json_number_value(idle));
+	if (json_is_number(conn) && json_number_value(conn) != LIST_CONNECT_TIMEOUT && len < n) {
+		if (json_number_value(conn) == 0)
+			snprintf(info + len, n - len, "%sconnect timeout none", len ? ", " : "");
+		else
+			snprintf(info + len, n - len, "%sconnect timeout %gs", len ? ", " : "", json_number_value(conn));
+	}
+}
+
 /* The INFO column: what tells instances of each type apart at a glance. */
 static void
 list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
@@ -119,6 +141,7 @@ list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 	len = strlen(info);
 	if (json_is_true(json_object_get(inst, "auth")) && len < n)
 		snprintf(info + len, n - len, "%sauth", len ? ", " : "");
+	list_common_info(inst, info, n);
 	/* the TLS mode follows, from list_tls_info */
 }
 

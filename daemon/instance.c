@@ -738,6 +738,10 @@ instance_json(struct instance *inst)
 	json_object_set_new(o, "bytes_up", json_integer((json_int_t)inst->bytes_up));
 	json_object_set_new(o, "bytes_down", json_integer((json_int_t)inst->bytes_down));
 	json_object_set_new(o, "capture", json_boolean(inst->capture));
+	if (inst->proto->listens) {  /* as given (capctl add --idle-timeout, the file): list showed neither */
+		json_object_set_new(o, "idle_timeout", json_real(inst->idle_timeout));
+		json_object_set_new(o, "connect_timeout", json_real(inst->connect_timeout));
+	}
 	json_object_set_new(o, "origin", json_string(inst->from_config ? "config" : "capctl"));
 	if (inst->error)
 		json_object_set_new(o, "error", json_string(inst->error));

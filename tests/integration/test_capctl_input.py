@@ -801,3 +801,22 @@ def test_add_conflicting_tls_flags_refused(tmp_path, flags, why):
     assert r.returncode == 2 and r.stdout == "", r
     assert r.stderr.splitlines()[-1] == f"capctl: {why}", r.stderr
     assert "cannot reach" not in r.stderr, r.stderr
+
+
+def test_list_shows_capture_and_timeouts_as_added(capd):
+    """`capctl add socks --no-capture --idle-timeout 5s --connect-timeout 1500ms` worked,
+    but `capctl list` showed none of the three, table or --json: the instance looked
+    like one of every default. The table's INFO names them when not the default (0 for
+    connect_timeout as "none"); --json has idle_timeout and connect_timeout always."""
+    capd.ctl("add", "socks", "--port", free_port(), "--name", "s1", "--no-capture", "--idle-timeout", "5s",
+             "--connect-timeout", "1500ms")
+    capd.ctl("add", "forward", "--port", free_port(), "--name", "f1", "--to", "127.0.0.1:9",
+             "--connect-timeout", "0")
+    capd.ctl("add", "http", "--port", free_port(), "--name", "h1")
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()[1:]}
+    assert rows["s1"].endswith("  no capture, idle timeout 5s, connect timeout 1.5s"), rows
+    assert rows["f1"].endswith("  to 127.0.0.1:9, connect timeout none"), rows
+    assert rows["h1"].endswith("  connect ports 443"), rows
+    got = {i["name"]: i for i in capd.ctl("list", json_out=True)}
+    assert (got["s1"]["capture"], got["s1"]["idle_timeout"], got["s1"]["connect_timeout"]) == (False, 5, 1.5)
+    assert (got["h1"]["capture"], got["h1"]["idle_timeout"], got["h1"]["connect_timeout"]) == (True, 0, 10)
