@@ -404,6 +404,13 @@ conf_reader_header(struct conf_parse *cp, const char *t)
 		conf_fail(cp, "section header without its ']'");
 		return;
 	}
+	/* inih drops what follows the ']': "[socks main] listen = 1080" lost its key */
+	const char *after = end + 1 + strspn(end + 1, " \t\r\n");
+	if (*after != '\0' && *after != ';' && *after != '#') {
+		conf_fail(cp, "text after the section header's ']': '%.*s' (a key goes on a line of its own)",
+		          (int)strcspn(after, "\r\n"), after);
+		return;
+	}
 	snprintf(name, sizeof name, "%.*s", (int)(end - t - 1), t + 1);
 	cp->had_key = false;
 	conf_new_section(cp, name);

@@ -1634,3 +1634,29 @@ def test_quoted_value_refused_by_capd_t_and_reload(capd_factory, tmp_path):
     t = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True, timeout=10)
     assert t.returncode == 1 and t.stderr.split(": ", 1)[1] in r.stderr, (t.stderr, r.stderr)
     assert not list(tmp_path.glob('"*')), list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("header,shown", [
+    ("[socks main] listen = {port}", "listen = {port}"),
+    ("[socks main]]", "]"),
+])
+def test_text_after_a_section_header_refused(capd_factory, tmp_path, header, shown):
+    """inih drops whatever follows a section header's ']': `[socks main] listen = 1080`
+    (a dante-style one-liner) gave "a socks instance needs 'listen'" for the line of the
+    header, and `[socks main]]` was taken silently. capd -t and a reload now name the
+    line and the text; a comment after the header stays allowed."""
+    port = free_port()
+    good = tmp_path / "good.conf"
+    good.write_text(f"[capd]\nspool = {tmp_path}/sp\n[socks main] ; the browsers' proxy\nlisten = {port}\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(good)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r
+    c = capd_factory(f"[forward f]\nlisten = {free_port()}\nto = 127.0.0.1:9\n")
+    c.write_conf(header.format(port=port) + f"\nlisten = {port}\n")
+    line = len(c.conf_path.read_text().splitlines()) - 2
+    msg = (f"{c.conf_path}:{line}: text after the section header's ']': '{shown.format(port=port)}' "
+           "(a key goes on a line of its own)")
+    t = subprocess.run([str(CAPD), "-t", "-c", str(c.conf_path)], capture_output=True, text=True, timeout=10)
+    assert t.returncode == 1 and t.stderr == f"capd: {msg}\n", t.stderr
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and r.stderr == f"capctl: reload failed, nothing changed: {msg}\n", r.stderr
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
