@@ -183,10 +183,13 @@ def test_every_capctl_subcommand_and_option_in_capctl_1():
 
 def test_capd_options_and_signals_in_capd_8():
     text = strip_c_comments(src("daemon/capd.c"))
-    optstring = re.search(r'getopt\(argc, argv, "([^"]+)"\)', text).group(1)
+    optstring = re.search(r'getopt(?:_long)?\(argc, argv, "([^"]+)"', text).group(1)
     page = "\n".join(man_lines("capd.8"))
     problems = [f"-{o}" for o in optstring.replace(":", "") if o != "h"
                 and not re.search(r"\bFl " + o + r"\b", page)]
+    # and the long forms (getopt_long's table: capd --help, --version)
+    problems += [f"--{o}" for o in re.findall(r'\{ "([a-z-]+)", (?:no|required)_argument', text)
+                 if not re.search(r"\bFl -" + o + r"\b", page)]
     for sig in sorted(set(re.findall(r"ev_signal_init\([^,]+,[^,]+,\s*(SIG[A-Z]+)\)", text))):
         if not re.search(r"\b" + sig + r"\b", page):
             problems.append(sig)
