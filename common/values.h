@@ -20,6 +20,11 @@
 int value_size(const char *s, uint64_t *out);
 /* Duration in seconds; "0" means off where the key allows it. */
 int value_duration(const char *s, double *out);
+/* The longest duration capd takes (10 years, 87600h): past it the spool
+ * writer's deadline overflowed time_t and its thread spun (flush_interval =
+ * 1e300), and no timeout needs more. Checked by the callers, which say so. */
+#define VALUE_DURATION_MAX (87600.0 * 3600.0)
+#define VALUE_DURATION_MAX_TEXT "at most 87600h"
 int value_bool(const char *s, bool *out);
 int value_uint(const char *s, uint64_t max, uint64_t *out);
 /* An instance name as instance.c takes it: 1 to VALUE_NAME_MAX bytes, no

@@ -286,6 +286,8 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 	case CHK_TIMEOUT:
 		if (value_duration(v, &d) < 0)
 			return usage_error("%s: bad duration '%s'", ao->opt, v);
+		if (d > VALUE_DURATION_MAX)
+			return usage_error("%s: duration '%s' out of range (" VALUE_DURATION_MAX_TEXT ")", ao->opt, v);
 		if (ao->check == CHK_TIMEOUT && d <= 0)
 			return usage_error("%s: duration '%s' out of range (more than 0)", ao->opt, v);
 		return 0;

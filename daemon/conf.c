@@ -184,11 +184,17 @@ conf_capd_key(struct conf_parse *cp, const char *key, const char *v)
 		if (value_size(v, &st->tail_backlog) < 0)
 			conf_fail(cp, "bad size for 'tail_backlog': '%s' (bytes, or with K, M, G)", v);
 	} else if (!strcmp(key, "rotate_time")) {
-		if (value_duration(v, &st->rotate_time) < 0)
+		if (value_duration(v, &d) < 0)
 			conf_fail(cp, "bad duration for 'rotate_time': '%s' (seconds, or with ms, s, m, h)", v);
+		else if (d > VALUE_DURATION_MAX)
+			conf_fail(cp, "duration for 'rotate_time' out of range: '%s' (" VALUE_DURATION_MAX_TEXT ")", v);
+		else
+			st->rotate_time = d;
 	} else if (!strcmp(key, "flush_interval")) {
 		if (value_duration(v, &d) < 0 || d <= 0)
 			conf_fail(cp, "bad duration for 'flush_interval': '%s' (more than 0: seconds, or with ms, s, m, h)", v);
+		else if (d > VALUE_DURATION_MAX)
+			conf_fail(cp, "duration for 'flush_interval' out of range: '%s' (" VALUE_DURATION_MAX_TEXT ")", v);
 		else
 			st->flush_interval = d;
 	} else if (!strcmp(key, "keep_files")) {

@@ -214,6 +214,8 @@ params_duration(struct params *p, const char *key, double def, double *out)
 		return p->why ? -1 : 0;
 	if (value_duration(t, out) < 0)
 		return params_fail(p, key, "bad duration for '%s': '%s' (seconds, or with ms, s, m, h)", key, t);
+	if (*out > VALUE_DURATION_MAX)
+		return params_fail(p, key, "duration for '%s' out of range: '%s' (" VALUE_DURATION_MAX_TEXT ")", key, t);
 	return 0;
 }
 

@@ -444,7 +444,9 @@ def test_config_instance_that_cannot_start(capd_factory, echo_server):
         assert (f"capd.conf:{line}: [forward live]: the name of an instance added by capctl; remove that first"
                 in r.stderr), r.stderr
         got = {i["name"]: i for i in c.ctl("list", json_out=True)}
-        assert sorted(got) == ["a", "b", "live"]
+        # busy could not start: listed failed with the reason (it was left out before)
+        assert sorted(got) == ["a", "b", "busy", "live"]
+        assert got["busy"]["state"] == "failed" and f"port {taken} is in use" in got["busy"]["error"], got
         assert got["live"]["origin"] == "capctl" and got["live"]["listen"] == f"127.0.0.1:{p2}"
         assert exchange(p2, b"still here") == b"still here"
     finally:
@@ -1659,4 +1661,28 @@ def test_text_after_a_section_header_refused(capd_factory, tmp_path, header, sho
     assert t.returncode == 1 and t.stderr == f"capd: {msg}\n", t.stderr
     r = c.ctl("reload", check=False)
     assert r.returncode == 1 and r.stderr == f"capctl: reload failed, nothing changed: {msg}\n", r.stderr
+    assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+
+
+def test_duration_past_ten_years_refused(capd_factory, tmp_path):
+    """flush_interval = 1e300 passed capd -t; capd then spun its spool thread (the
+    writer's deadline overflowed time_t) and did not stop on SIGTERM. Durations are now
+    at most 87600h, refused past it with the line by capd -t and a reload, and by
+    capctl add."""
+    conf = tmp_path / "d.conf"
+    conf.write_text(f"[capd]\nspool = {tmp_path}/sp\nflush_interval = 1e300\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1, r
+    assert r.stderr == f"capd: {conf}:3: duration for 'flush_interval' out of range: '1e300' (at most 87600h)\n"
+    conf.write_text(f"[capd]\nspool = {tmp_path}/sp\nrotate_time = 87600h\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r
+    port = free_port()
+    c = capd_factory(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\n")
+    c.write_conf(f"[forward f]\nlisten = {port}\nto = 127.0.0.1:9\nidle_timeout = 1e12\n")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "duration for 'idle_timeout' out of range: '1e12' (at most 87600h)" in r.stderr, r
+    r = c.ctl("add", "socks", "--port", free_port(), "--connect-timeout", "87601h", check=False)
+    assert (r.returncode, r.stderr) == (2, "capctl: --connect-timeout: duration '87601h' out of range "
+                                           "(at most 87600h)\n"), r
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
