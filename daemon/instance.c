@@ -433,7 +433,8 @@ instance_prepare(struct instance *inst, char **why)
 static void
 instance_drop(struct instance *inst, const char *why)
 {
-	if (!inst->from_config || instance_stopping || instance_find(inst->name) != NULL) {
+	/* at start-up one that cannot start stops capd: nothing to list */
+	if (!inst->from_config || !capd_serving || instance_stopping || instance_find(inst->name) != NULL) {
 		instance_free(inst);
 		return;
 	}
