@@ -917,7 +917,11 @@ http_next(struct session *s)
 	hc->req_done = hc->resp_done = false;
 	if (!hc->upstream_keep)
 		hc->upstream_gone = true;
-	if (s->dir[DIR_UP].msg == RELAY_MSG_HELD)
+	/* held, or still ENDING: an origin that answered before it read all of
+	 * the body (nginx's `return`, a 401) leaves its last bytes waiting to go
+	 * up, and the done that comes once they are out finds this exchange
+	 * over; a direction left ENDING then never read the client again */
+	if (s->dir[DIR_UP].msg != RELAY_MSG_FLOW)
 		relay_resume(s, DIR_UP);
 	/* a kept upstream is read while idle, so its close is seen; one that is
 	 * gone stays held and the session lasts until the client's next move */

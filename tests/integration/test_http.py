@@ -2134,3 +2134,72 @@ def test_dechunked_response_cut_short_resets_the_client(capd):
         assert ss[-1]["reason"] == "upstream closed in the response body", ss[-1]
     finally:
         o.close()
+
+
+# In a namespace whose sockets have 4 KiB send buffers (net.ipv4.tcp_wmem): an
+# origin that answers a POST from its head alone, as nginx's `return` or a 401
+# does, and reads the body only afterwards; a client that sends a warm-up GET,
+# that POST (its whole body reaches capd, but little of it the origin, before
+# the answer), then a GET on the same connection. Prints each answer's status
+# line, or "timeout".
+EARLY_ANSWER_CLIENT = r"""
+import socket, sys, threading, time
+proxy, forward = int(sys.argv[1]), sys.argv[2] == "http"
+L = socket.socket()
+L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+L.bind(("127.0.0.1", 7704))  # the namespace's own loopback: the reverse instance's default
+L.listen(4)
+op = 7704
+
+def serve():
+    c, _ = L.accept()
+    f = c.makefile("rb")
+    while (line := f.readline()):
+        n = 0
+        while (h := f.readline()) not in (b"\r\n", b""):
+            if h.lower().startswith(b"content-length:"):
+                n = int(h.split(b":")[1])
+        if n:
+            time.sleep(0.5)  # capd has read the whole request by now
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if n:
+            time.sleep(0.3)  # the body's end still waits in capd
+            f.read(n)
+
+threading.Thread(target=serve, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+s.settimeout(5)
+s.connect(("127.0.0.1", proxy))
+f = s.makefile("rb")
+target = f"http://127.0.0.1:{op}/" if forward else "/"
+head = f"{{}} {target} HTTP/1.1\r\nHost: 127.0.0.1:{op}\r\n"
+for req in (head.format("GET") + "\r\n",
+            head.format("POST") + "Content-Length: 40000\r\n\r\n" + "y" * 40000,
+            head.format("GET") + "\r\n"):
+    s.sendall(req.encode())
+    try:
+        status = f.readline().decode().strip()
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        f.read(2)
+    except (TimeoutError, socket.timeout):
+        status = "timeout"
+    print(status, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_next_request_after_an_answer_that_came_before_the_body_went_up(netns, ns_capd, kind):
+    """An origin answered a POST before it read the body (nginx's `return 200`),
+    with the body's end still in capd, waiting for the origin to take it. The
+    exchange was over once the answer went out, but the client's side was still
+    on its way to a hold (ENDING), so nothing resumed it: the next request on that
+    kept connection was never read, and the session stayed open for good (40
+    clients through capd at nginx left 16 such sessions). Now it reads on."""
+    sh("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 4096 4096")
+    conf = "[http h]\nlisten = 127.0.0.1:7703\n" if kind == "http" else \
+        "[reverse h]\nlisten = 127.0.0.1:7703\ndefault = 127.0.0.1:7704\n"
+    ns_capd(netns, conf)
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", EARLY_ANSWER_CLIENT, 7703, kind, timeout=30)
+    assert r.stdout.split("\n")[:3] == ["HTTP/1.1 200 OK"] * 3, r.stdout
