@@ -1100,7 +1100,9 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
 		hc->up = UP_TUNNEL;
 		hc->down = DOWN_TUNNEL;
-		if (s->dir[DIR_UP].msg == RELAY_MSG_HELD)
+		/* still ENDING too: the end of a request body may wait to go up (as
+		 * in http_next), and no done would resume the tunnel after it */
+		if (s->dir[DIR_UP].msg != RELAY_MSG_FLOW)
 			relay_resume(s, DIR_UP);
 		return RELAY_EAT;
 	}

@@ -2203,3 +2203,61 @@ def test_next_request_after_an_answer_that_came_before_the_body_went_up(netns, n
     ns_capd(netns, conf)
     r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", EARLY_ANSWER_CLIENT, 7703, kind, timeout=30)
     assert r.stdout.split("\n")[:3] == ["HTTP/1.1 200 OK"] * 3, r.stdout
+
+
+# As EARLY_ANSWER_CLIENT, for an upgrade: the origin answers a POST carrying
+# Upgrade with 101 from its head, reads the body afterwards, then echoes; the
+# client then sends "ping" in the new protocol. Prints the status line and the echo.
+EARLY_UPGRADE_CLIENT = r"""
+import socket, sys, threading, time
+proxy, forward = int(sys.argv[1]), sys.argv[2] == "http"
+L = socket.socket()
+L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+L.bind(("127.0.0.1", 7704))
+L.listen(4)
+
+def serve():
+    c, _ = L.accept()
+    f = c.makefile("rb")
+    f.readline()
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    time.sleep(0.5)  # capd has read the whole request by now
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+    time.sleep(0.3)  # the body's end still waits in capd
+    f.read(40000)
+    while (d := f.read1(4096)):
+        c.sendall(d)
+
+threading.Thread(target=serve, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+s.settimeout(5)
+s.connect(("127.0.0.1", proxy))
+f = s.makefile("rb")
+target = "http://127.0.0.1:7704/" if forward else "/"
+s.sendall(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:7704\r\nUpgrade: echo\r\nConnection: Upgrade\r\n"
+          f"Content-Length: 40000\r\n\r\n{'y' * 40000}".encode())
+try:
+    print(f.readline().decode().strip(), flush=True)
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    s.sendall(b"ping\n")
+    print(f.readline().decode().strip(), flush=True)
+except (TimeoutError, socket.timeout):
+    print("timeout", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_upgrade_answered_before_the_body_went_up_goes_on(netns, ns_capd, kind):
+    """The same stall on a 101: an origin switched protocols from the request's
+    head, with the end of its body still waiting in capd. The client's side was
+    resumed only if already held, so the tunnel never read the client again (its
+    "ping" sat unread). Now it is resumed from ENDING too."""
+    sh("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 4096 4096")
+    conf = "[http h]\nlisten = 127.0.0.1:7703\n" if kind == "http" else \
+        "[reverse h]\nlisten = 127.0.0.1:7703\ndefault = 127.0.0.1:7704\n"
+    ns_capd(netns, conf)
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", EARLY_UPGRADE_CLIENT, 7703, kind, timeout=30)
+    assert r.stdout.split("\n")[:2] == ["HTTP/1.1 101 Switching Protocols", "ping"], r.stdout
