@@ -149,6 +149,8 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 		}
 		inst->name = xstrdup(name);
 	}
+	if (inst->expose)
+		params_warn_check(&p, "expose", "%s listens on %s, beyond loopback", inst->name, inst->listen_str);
 	if (inst->proto->configure && inst->proto->configure(inst, &p) < 0)
 		goto fail;
 	if (p.why)

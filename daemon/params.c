@@ -73,23 +73,42 @@ params_fail_at(struct params *p, const char *key, size_t index, const char *fmt,
 	return rc;
 }
 
-void
-params_warn(struct params *p, const char *name, const char *key, const char *fmt, ...)
+static void
+params_vwarn(struct params *p, const char *name, const char *key, const char *fmt, va_list ap)
 {
-	va_list ap;
 	char *msg;
 
-	if (p->file != NULL && !params_warn_checks)
-		return;
-	va_start(ap, fmt);
 	if (vasprintf(&msg, fmt, ap) < 0)
 		abort();
-	va_end(ap);
 	if (p->file != NULL)
 		log_warnx("%s:%d: warning: %s", p->file, params_line(p, key, 0), msg);
 	else
 		log_warnx("%s: %s", name, msg);
 	free(msg);
+}
+
+void
+params_warn(struct params *p, const char *name, const char *key, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (p->file != NULL && !params_warn_checks)
+		return;
+	va_start(ap, fmt);
+	params_vwarn(p, name, key, fmt, ap);
+	va_end(ap);
+}
+
+void
+params_warn_check(struct params *p, const char *key, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (p->file == NULL || !params_warn_checks)
+		return;
+	va_start(ap, fmt);
+	params_vwarn(p, NULL, key, fmt, ap);
+	va_end(ap);
 }
 
 /* The value as text whatever its JSON type; NULL when absent. */

@@ -33,6 +33,13 @@ int params_fail_at(struct params *p, const char *key, size_t index, const char *
  */
 void params_warn(struct params *p, const char *name, const char *key, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
+/*
+ * A warning that the instance gives itself once it is up (a listener beyond
+ * loopback, an open proxy): said here by `capd -t` alone, with the file and
+ * line, so that a normal start says it once, when it is true.
+ */
+void params_warn_check(struct params *p, const char *key, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 extern bool params_warn_checks;  /* set by capd -t */
 const char *params_str(struct params *p, const char *key, const char *def);
 /* A comma-separated value, also taken as a JSON array of strings and numbers (joined). */

@@ -76,10 +76,25 @@ static const char *const socks_keys[] = {
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", NULL,
 };
 
+/* Why an exposed instance is an open proxy, or NULL: said at start and by capd -t. */
+static const char *
+socks_open_why(const struct instance *inst, const struct socks_cfg *c)
+{
+	if (!inst->expose)
+		return NULL;
+	if (c->users == NULL)
+		return "no users: this is an open proxy";
+	/* SOCKS4 carries no password: its clients pass without the users */
+	if (c->socks4)
+		return "socks4 = yes: SOCKS4 needs no password, this is an open proxy";
+	return NULL;
+}
+
 static int
 socks_configure(struct instance *inst, struct params *p)
 {
 	struct socks_cfg *c = xcalloc(1, sizeof *c);
+	const char *open_why;
 
 	inst->cfg = c;
 	c->users = users_load(p);
@@ -89,6 +104,9 @@ socks_configure(struct instance *inst, struct params *p)
 	if (params_bool(p, "socks4", c->users == NULL, &c->socks4) < 0 ||
 	    params_duration(p, "handshake_timeout", 10, &c->hs_timeout) < 0)
 		return -1;
+	if ((open_why = socks_open_why(inst, c)) != NULL)
+		params_warn_check(p, c->users == NULL ? "expose" : "socks4",
+		                  "%s: exposed on %s with %s", inst->name, inst->listen_str, open_why);
 	return tls_configure(inst, p, &c->tls);
 }
 
@@ -96,15 +114,12 @@ static int
 socks_start(struct instance *inst, char **why)
 {
 	struct socks_cfg *c = inst->cfg;
+	const char *open_why = socks_open_why(inst, c);
 	char *err = NULL;
 
 	(void)why;
-	if (inst->expose && c->users == NULL)
-		log_warnx("%s: exposed on %s with no users: this is an open proxy", inst->name, inst->listen_str);
-	else if (inst->expose && c->socks4)
-		/* SOCKS4 carries no password: its clients pass without the users */
-		log_warnx("%s: exposed on %s with socks4 = yes: SOCKS4 needs no password, this is an open proxy",
-		          inst->name, inst->listen_str);
+	if (open_why != NULL)
+		log_warnx("%s: exposed on %s with %s", inst->name, inst->listen_str, open_why);
 	/* UDP ASSOCIATE's relay on the same address and port when free */
 	inst->proto_state = udp_relay_start(inst, (struct sockaddr *)&inst->listen, true, NULL, true, &err);
 	if (inst->proto_state == NULL) {

@@ -1818,3 +1818,33 @@ def test_numeric_host_forms_and_localhost_dot_through_socks_and_http(netns, ns_e
         assert r.returncode == 0 and r.stdout == "ok\n", (flag, r.stdout, r.stderr)
     ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) >= 19)
     assert sum(s.get("target") == "127.0.0.1:7700" for s in ss) == 17, ss
+
+
+def test_config_check_warns_of_exposed_and_open_proxy(capd_factory):
+    """`capd -t` printed the promisc-on-any warning with its line, but not what a start
+    of the same file logs: "listens on X, beyond loopback" and the SOCKS open-proxy
+    warnings. It now prints them as "file:line: warning: ..." (exit 0), each once; a
+    real start still logs each of them once."""
+    from conftest import CAPD
+    p1, p2 = free_port(host="0.0.0.0"), free_port(host="0.0.0.0")
+    conf = (f"[socks open]\nlisten = 0.0.0.0:{p1}\nexpose = yes\n"
+            f"[socks s4]\nlisten = 0.0.0.0:{p2}\nexpose = yes\nauth = bob:pw\nsocks4 = yes\n")
+    capd = capd_factory(conf, start=False)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = capd.conf_path.read_text().splitlines()
+    ln = {k: lines.index(k) + 1 for k in ("expose = yes", "socks4 = yes")}
+    second_expose = len(lines) - lines[::-1].index("expose = yes")
+    assert r.stderr.splitlines() == [
+        f"capd: {capd.conf_path}:{ln['expose = yes']}: warning: open listens on 0.0.0.0:{p1}, beyond loopback",
+        f"capd: {capd.conf_path}:{ln['expose = yes']}: warning: open: exposed on 0.0.0.0:{p1} with no users: "
+        "this is an open proxy",
+        f"capd: {capd.conf_path}:{second_expose}: warning: s4 listens on 0.0.0.0:{p2}, beyond loopback",
+        f"capd: {capd.conf_path}:{ln['socks4 = yes']}: warning: s4: exposed on 0.0.0.0:{p2} with socks4 = yes: "
+        "SOCKS4 needs no password, this is an open proxy"], r.stderr
+    capd.start()
+    log = capd.log()
+    for want in (f"open listens on 0.0.0.0:{p1}, beyond loopback", f"s4 listens on 0.0.0.0:{p2}, beyond loopback",
+                 f"open: exposed on 0.0.0.0:{p1} with no users", f"s4: exposed on 0.0.0.0:{p2} with socks4 = yes"):
+        assert log.count(want) == 1, (want, log[-3000:])
+    assert "warning:" not in log, log[-3000:]
