@@ -125,9 +125,18 @@ users_load(struct params *p)
 	json_array_foreach(auth, i, e) {
 		const char *s = json_string_value(e), *colon = strchr(s, ':');
 
-		if (colon == NULL || users_add(u, s, (size_t)(colon - s), colon + 1, strlen(colon + 1)) < 0) {
-			params_fail_at(p, "auth", i, "bad auth '%s': expected user:password (user 1 to %d bytes, password up to %d)",
-			               s, USERS_FIELD_MAX, USERS_FIELD_MAX);
+		/* the message goes to the log and the journal (a refused reload)
+		 * and to any capctl user: it names the user, never the password,
+		 * and not a value without ':', which may well be one */
+		if (colon == NULL) {
+			params_fail_at(p, "auth", i, "bad auth (no ':', so not shown): expected user:password "
+			               "(user 1 to %d bytes, password up to %d)", USERS_FIELD_MAX, USERS_FIELD_MAX);
+			goto fail;
+		}
+		if (users_add(u, s, (size_t)(colon - s), colon + 1, strlen(colon + 1)) < 0) {
+			params_fail_at(p, "auth", i, "bad auth for user '%.*s': expected user:password "
+			               "(user 1 to %d bytes, password up to %d)", (int)(colon - s), s, USERS_FIELD_MAX,
+			               USERS_FIELD_MAX);
 			goto fail;
 		}
 	}

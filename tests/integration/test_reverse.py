@@ -783,7 +783,7 @@ def test_reverse_route_errors_name_their_own_line(tmp_path):
     conf.write_text("\n".join(head[:5] + ["[http h]", f"listen = 127.0.0.1:{free_port()}", "auth = u:p",
                                           "auth = nocolon"]) + "\n")
     r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 1 and f"{conf}:9: bad auth 'nocolon'" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"{conf}:9: bad auth (no ':', so not shown)" in r.stderr, r.stderr
 
 
 def test_empty_host(capd_factory, origins):

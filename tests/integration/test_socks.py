@@ -1848,3 +1848,29 @@ def test_config_check_warns_of_exposed_and_open_proxy(capd_factory):
                  f"open: exposed on 0.0.0.0:{p1} with no users", f"s4: exposed on 0.0.0.0:{p2} with socks4 = yes"):
         assert log.count(want) == 1, (want, log[-3000:])
     assert "warning:" not in log, log[-3000:]
+
+
+def test_bad_auth_entry_keeps_its_password_out_of_the_log(capd_factory):
+    from conftest import CAPD
+    """A bad `auth = user:password` (an empty user, a password over 255 bytes) was
+    refused with the whole value quoted: a reload of such a file wrote the password
+    to capd's log (the journal) and capctl's answer, as did `capd -t` and instance.add.
+    The message now names the user alone, and a value without ':' (likely a password
+    alone) is not shown."""
+    port = free_port()
+    capd = capd_factory(f"[socks s]\nlisten = 127.0.0.1:{port}\nauth = bob:pw\n")
+    for entry, want in ((":Sesame-one", "bad auth for user ''"),
+                        ("bob:Sesame-two" + "x" * 150 + "\n  " + "x" * 150, "bad auth for user 'bob'"),
+                        ("Sesame-three", "bad auth (no ':', so not shown)")):
+        secret = "Sesame"
+        capd.write_conf(f"[socks s]\nlisten = 127.0.0.1:{port}\nauth = bob:pw\nauth = {entry}\n")
+        entry = entry.replace("\n  ", "")
+        r = capd.ctl("reload", check=False)
+        assert r.returncode != 0 and want in r.stderr and secret not in r.stderr, r.stderr
+        assert "expected user:password (user 1 to 255 bytes, password up to 255)" in r.stderr, r.stderr
+        t = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+        assert t.returncode == 1 and want in t.stderr and secret not in t.stderr, t.stderr
+        e = capd.rpc("instance.add", {"type": "socks", "listen": str(free_port()), "auth": [entry]})
+        assert want in e["error"]["message"] and secret not in e["error"]["message"], e
+    log = capd.log()
+    assert log.count("reload refused") >= 3 and "Sesame" not in log, log[-3000:]
