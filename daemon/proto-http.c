@@ -179,7 +179,22 @@ http_fwd_configure(struct instance *inst, struct params *p)
 	cfg->users = users_load(p);
 	if (p->why)
 		return -1;
+	if (inst->expose && cfg->users == NULL)
+		params_warn_check(p, "expose", "%s: exposed on %s with no users: this is an open proxy", inst->name,
+		                  inst->listen_str);
 	return tls_configure(inst, p, &cfg->tls);
+}
+
+/* An exposed instance without users relays for anyone who reaches it: said once, as socks says it. */
+static int
+http_fwd_start(struct instance *inst, char **why)
+{
+	struct http_cfg *cfg = inst->cfg;
+
+	(void)why;
+	if (inst->expose && cfg->users == NULL)
+		log_warnx("%s: exposed on %s with no users: this is an open proxy", inst->name, inst->listen_str);
+	return 0;
 }
 
 static void
@@ -208,6 +223,7 @@ const struct proto proto_http = {
 	.sharded = true,
 	.hs_max = HTTP_PROXY_HS_MAX,
 	.configure = http_fwd_configure,
+	.start = http_fwd_start,
 	.accepted = http_proxy_accepted,
 	.input = http_proxy_input,
 	.connected = http_proxy_connected,

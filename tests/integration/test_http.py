@@ -2261,3 +2261,23 @@ def test_upgrade_answered_before_the_body_went_up_goes_on(netns, ns_capd, kind):
     ns_capd(netns, conf)
     r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", EARLY_UPGRADE_CLIENT, 7703, kind, timeout=30)
     assert r.stdout.split("\n")[:2] == ["HTTP/1.1 101 Switching Protocols", "ping"], r.stdout
+
+
+def test_exposed_http_without_users_is_said_to_be_an_open_proxy(capd_factory):
+    """capd.conf.5 says an exposed http instance without users is logged as an open
+    proxy, as socks is; it was not, at start or by `capd -t`. Both say it now, once;
+    with users, neither does."""
+    from conftest import CAPD
+    p1, p2 = free_port(host="0.0.0.0"), free_port(host="0.0.0.0")
+    conf = (f"[http open]\nlisten = 0.0.0.0:{p1}\nexpose = yes\n"
+            f"[http shut]\nlisten = 0.0.0.0:{p2}\nexpose = yes\nauth = bob:pw\n")
+    capd = capd_factory(conf, start=False)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    line = capd.conf_path.read_text().splitlines().index("expose = yes") + 1
+    want = f"open: exposed on 0.0.0.0:{p1} with no users: this is an open proxy"
+    assert f"capd: {capd.conf_path}:{line}: warning: {want}" in r.stderr.splitlines(), r.stderr
+    assert r.stderr.count("open proxy") == 1, r.stderr
+    capd.start()
+    log = capd.log()
+    assert log.count(want) == 1 and log.count("open proxy") == 1, log[-3000:]
