@@ -30,6 +30,7 @@
 #include "session.h"
 #include "spool.h"
 #include "tls.h"
+#include "tls-ca.h"
 #include "xmalloc.h"
 
 #if HAVE_SYSTEMD
@@ -582,6 +583,44 @@ capd_absolute_config_path(void)
 	capd_config_path = path;
 }
 
+/*
+ * capd -t: the CA that an instance intercepting TLS needs is loaded, or could
+ * be made, as the start would (a ca_cert in a folder that does not exist
+ * passed -t, then the start failed), and the message names the same line.
+ */
+static int
+capd_check_ca(const struct conf *c, char **why)
+{
+	const struct capd_settings *st = &c->settings;
+	size_t i;
+	json_t *e;
+
+	json_array_foreach(c->instances, i, e) {
+		json_t *params = json_object_get(e, "params");
+		const char *mode = json_string_value(json_object_get(params, "tls"));
+		char *cert, *key, *err = NULL;
+		int rc;
+
+		if (mode == NULL || !strcmp(mode, "no") || !strcmp(mode, "false") || !strcmp(mode, "0"))
+			continue;
+		cert = st->ca_cert ? xstrdup(st->ca_cert) : xasprintf("%s/ca.pem", st->state_dir);
+		key = st->ca_key ? xstrdup(st->ca_key) : xasprintf("%s/ca.key", st->state_dir);
+		rc = tls_ca_check(cert, key, st->state_dir, &err);
+		free(cert);
+		free(key);
+		if (rc < 0) {
+			*why = xasprintf("%s:%d: [%s %s]: cannot intercept TLS: %s", c->file,
+			                 (int)json_integer_value(json_object_get(e, "line")),
+			                 json_string_value(json_object_get(params, "type")),
+			                 json_string_value(json_object_get(params, "name")), err);
+			free(err);
+			return -1;
+		}
+		return 0;  /* one CA for every instance */
+	}
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -618,6 +657,12 @@ main(int argc, char **argv)
 	json_decref(text);
 
 	if ((capd_conf = conf_load(capd_config_path, &why)) == NULL || conf_check(capd_conf, NULL, &why) < 0) {
+		fprintf(stderr, "capd: %s\n", why);
+		free(why);
+		conf_free(capd_conf);
+		return 1;
+	}
+	if (test_only && capd_check_ca(capd_conf, &why) < 0) {
 		fprintf(stderr, "capd: %s\n", why);
 		free(why);
 		conf_free(capd_conf);

@@ -372,6 +372,46 @@ tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 	return 0;
 }
 
+/* Whether folder dir is path itself or a folder above it. */
+static bool
+tls_ca_dir_within(const char *dir, const char *path)
+{
+	size_t n = strlen(dir);
+
+	return strncmp(dir, path, n) == 0 && (path[n] == '\0' || path[n] == '/' || (n > 0 && dir[n - 1] == '/'));
+}
+
+int
+tls_ca_check(const char *cert_path, const char *key_path, const char *made_dir, char **why)
+{
+	const char *paths[] = { key_path, cert_path };  /* in the order tls_ca_create writes them */
+	struct stat st;
+
+	if (stat(cert_path, &st) == 0 || stat(key_path, &st) == 0)
+		return tls_ca_load_cert(cert_path, key_path, why);
+	for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
+		const char *slash = strrchr(paths[i], '/');
+		char *dir = slash == NULL ? xstrdup(".")
+		          : slash == paths[i] ? xstrdup("/") : xasprintf("%.*s", (int)(slash - paths[i]), paths[i]);
+		int err = 0;
+
+		if (tls_ca_dir_within(dir, made_dir))
+			;  /* made at start, with state_dir */
+		else if (stat(dir, &st) < 0)
+			err = errno;
+		else if (!S_ISDIR(st.st_mode))
+			err = ENOTDIR;
+		else if (access(dir, W_OK | X_OK) < 0)
+			err = errno;
+		free(dir);
+		if (err != 0) {
+			*why = xasprintf("cannot create %s: %s", paths[i], strerror(err));
+			return -1;
+		}
+	}
+	return 0;
+}
+
 bool
 tls_ca_keys_ensure(void)
 {

@@ -31,6 +31,13 @@
  * two exists, or key and certificate do not match. The leaf keys are
  * another step (tls_ca_keys_ensure): showing the CA (ca.export) needs none. */
 int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
+/*
+ * capd -t: whether tls_ca_load_cert would succeed at start, without making a
+ * CA: a pair that exists is loaded and checked; a missing pair needs folders
+ * it can be written to (made_dir, state_dir, and the folders above it are made
+ * at start). -1 with *why as the start would give it.
+ */
+int tls_ca_check(const char *cert_path, const char *key_path, const char *made_dir, char **why);
 bool tls_ca_loaded(void);
 /* "expired on DATE" (or "is not valid before DATE") into b when the CA is not
  * valid now; NULL when it is, or when there is none. */

@@ -2848,3 +2848,37 @@ def test_tls12_server_renegotiation_is_followed(capd, tmp_path):
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_config_check_refuses_a_ca_the_start_cannot_make(capd_factory, tmp_path):
+    """`capd -t` said "configuration is good" for a ca_cert/ca_key in a folder that
+    does not exist, then the start failed: "cannot intercept TLS: cannot create
+    .../ca.key". -t now gives the start's verdict, with the same line; a folder that
+    exists, or state_dir (made at start), passes, and a lone or bad file is refused."""
+    d = tmp_path / "nodir"
+    port = free_port()
+    section = f"[socks s]\nlisten = 127.0.0.1:{port}\ntls = auto\n"
+    capd = capd_factory(section, settings=f"ca_cert = {d}/ca.pem\nca_key = {d}/ca.key", start=False)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+    line = capd.conf_path.read_text().splitlines().index("[socks s]") + 1
+    want = f"{capd.conf_path}:{line}: [socks s]: cannot intercept TLS: cannot create {d}/ca.key: " \
+           "No such file or directory"
+    assert r.returncode == 1 and r.stderr == f"capd: {want}\n", r.stderr
+    capd.start(wait=False)
+    assert capd.proc.wait(10) == 1
+    assert want in capd.log(), capd.log()
+    d.mkdir()
+    (d / "ca.pem").write_text("not a certificate\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "exists but ca_key" in r.stderr, r.stderr
+    (d / "ca.pem").unlink()
+    r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not list(d.iterdir()), (r.stderr, list(d.iterdir()))
+    capd.start()
+    assert (d / "ca.pem").exists() and (d / "ca.key").exists()
+    # the default CA in a state_dir that start makes, parents and all
+    c2 = capd_factory(section.replace(str(port), str(free_port())), start=False)
+    text = re.sub(r"(?m)^state_dir = .*$", f"state_dir = {tmp_path}/st/a/b", c2.conf_path.read_text())
+    c2.conf_path.write_text(text)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(c2.conf_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
