@@ -43,6 +43,11 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 	const char *colon, *host = s;
 	size_t hlen;
 
+	/* a port alone is a port of this box, as for a listen address */
+	if (port_parse(s, &hp->port) == 0) {
+		snprintf(hp->host, sizeof hp->host, "127.0.0.1");
+		return 0;
+	}
 	if (s[0] == '[') {
 		const char *close = strchr(s, ']');
 		if (close == NULL || close[1] != ':') {

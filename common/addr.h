@@ -18,7 +18,7 @@ struct hostport {
 	uint16_t port;
 };
 
-/* "host:port", "[v6]:port"; port required. 0 or -1 with *why (caller frees). */
+/* "host:port", "[v6]:port", or "port" alone (127.0.0.1:port). 0 or -1 with *why (caller frees). */
 int hostport_parse(const char *s, struct hostport *hp, char **why);
 /* The same, and also a bare host name or IP literal (IPv6 unbracketed), which gets def_port. */
 int hostport_parse_opt(const char *s, uint16_t def_port, struct hostport *hp, char **why);

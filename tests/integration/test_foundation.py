@@ -1686,3 +1686,25 @@ def test_duration_past_ten_years_refused(capd_factory, tmp_path):
     assert (r.returncode, r.stderr) == (2, "capctl: --connect-timeout: duration '87601h' out of range "
                                            "(at most 87600h)\n"), r
     assert [i["name"] for i in c.ctl("list", json_out=True)] == ["f"]
+
+
+def test_a_port_alone_is_a_target_on_127_0_0_1(capd_factory, echo_server):
+    """DESIGN.md and capd.conf(5): `PORT` alone means 127.0.0.1:PORT, for every address.
+    A listen address took it, but `to = 4444`, `--to 4444`, `--default`, `--route` and
+    `--upstream` were refused ("bad address '4444': expected host:port", exit 2)."""
+    p1, p2 = free_port(), free_port()
+    c = capd_factory(f"[forward a]\nlisten = {p1}\nto = {echo_server.port}\n")
+    c.ctl("add", "forward", "--port", p2, "--to", echo_server.port)
+    for port in (p1, p2):
+        assert exchange(port, b"ping") == b"ping"
+    want = f"127.0.0.1:{echo_server.port}"
+    assert [i["to"] for i in c.ctl("list", json_out=True)] == [want, want]
+    rev = c.ctl("add", "reverse", "--port", free_port(), "--default", "8080",
+                "--route", "a.test=8081", json_out=True)
+    assert (rev["default"], rev["routes"]) == ("127.0.0.1:8080", ["a.test=127.0.0.1:8081"]), rev
+    dns = c.ctl("add", "dns", "--port", free_port(), "--answer", "a.test=127.0.0.1",
+                "--upstream", "5353", json_out=True)
+    assert dns["upstream"] == "127.0.0.1:5353", dns
+    for bad in ("0", "65536"):
+        r = c.ctl("add", "forward", "--port", free_port(), "--to", bad, check=False)
+        assert r.returncode == 2 and "bad address" in r.stderr, r

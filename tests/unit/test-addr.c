@@ -24,7 +24,11 @@ test_hostport(void **state)
 	assert_string_equal(hp.host, "::1");
 	assert_int_equal(hp.port, 8080);
 	assert_int_equal(hostport_parse("127.0.0.1:1", &hp, &why), 0);
-	const char *bad[] = { "example.com", "example.com:0", "example.com:65536", "::1:80", "[::1]80",
+	/* a port alone is 127.0.0.1:port, as DESIGN.md's contract says of every address */
+	assert_int_equal(hostport_parse("8080", &hp, &why), 0);
+	assert_string_equal(hp.host, "127.0.0.1");
+	assert_int_equal(hp.port, 8080);
+	const char *bad[] = { "0", "65536", "example.com", "example.com:0", "example.com:65536", "::1:80", "[::1]80",
 	                      ":80", "bad_host!:80", "[zz]:80", "host:port" };
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		why = NULL;
@@ -44,7 +48,7 @@ test_hostport_opt(void **state)
 	const struct { const char *in, *host; unsigned port; } ok[] = {
 		{ "1.1.1.1", "1.1.1.1", 53 }, { "dns.example", "dns.example", 53 }, { "::1", "::1", 53 },
 		{ "1.1.1.1:5353", "1.1.1.1", 5353 }, { "[::1]:5353", "::1", 5353 }, { "dns.example:54", "dns.example", 54 },
-		{ "[::1]", "::1", 53 },
+		{ "[::1]", "::1", 53 }, { "5353", "127.0.0.1", 5353 },
 	};
 	for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
 		assert_int_equal(hostport_parse_opt(ok[i].in, 53, &hp, &why), 0);
