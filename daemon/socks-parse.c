@@ -28,6 +28,42 @@ socks_name_ok(const uint8_t *p, size_t n)
 	return true;
 }
 
+/*
+ * A name that is an IPv6 address in brackets, "[::1]", as clients that pass
+ * a URL's host on as typed send it (java.net.URL.getHost() keeps them): no
+ * resolver knows such a name, and asking one only leaks it. It is read as
+ * the address, and r->port must be set already. False for any other name.
+ */
+static bool
+socks_name_v6(const uint8_t *p, size_t n, struct socks_req *r)
+{
+	struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&r->addr;
+	char lit[INET6_ADDRSTRLEN];
+	struct in6_addr a;
+
+	if (n < 4 || n - 2 >= sizeof lit || p[0] != '[' || p[n - 1] != ']')
+		return false;
+	memcpy(lit, p + 1, n - 2);
+	lit[n - 2] = '\0';
+	if (inet_pton(AF_INET6, lit, &a) != 1)
+		return false;
+	memset(&r->addr, 0, sizeof r->addr);
+	sin6->sin6_family = AF_INET6;
+	sin6->sin6_addr = a;
+	sin6->sin6_port = htons(r->port);
+	r->atyp = SOCKS_ATYP_IPV6;
+	inet_ntop(AF_INET6, &sin6->sin6_addr, r->host, sizeof r->host);
+	return true;
+}
+
+/* Brackets belong to no host name: a name with them that is no IPv6
+ * address would go to the resolver for nothing. */
+static bool
+socks_name_bracketed(const uint8_t *p, size_t n)
+{
+	return memchr(p, '[', n) != NULL || memchr(p, ']', n) != NULL;
+}
+
 enum parse
 socks_parse_greeting(const uint8_t *p, size_t n, size_t *used, struct socks_greeting *g)
 {
@@ -114,6 +150,8 @@ socks_parse_addr(const uint8_t *p, size_t n, size_t *alen, struct socks_req *r)
 		return socks_fail(r, SOCKS_REP_ATYP, "address type not supported");
 	}
 	r->port = (uint16_t)(p[len - 2] << 8 | p[len - 1]);
+	if (r->atyp == SOCKS_ATYP_NAME && !socks_name_v6(p + 2, p[1], r) && socks_name_bracketed(p + 2, p[1]))
+		return socks_fail(r, SOCKS_REP_HOST_UNREACH, "bad host name");
 	*alen = len;
 	return PARSE_OK;
 }
@@ -189,6 +227,8 @@ socks_parse_v4(const uint8_t *p, size_t n, size_t *used, struct socks_req *r)
 	r->atyp = SOCKS_ATYP_NAME;
 	memcpy(r->host, name, hlen);
 	r->host[hlen] = '\0';
+	if (!socks_name_v6(name, hlen, r) && socks_name_bracketed(name, hlen))
+		return socks_fail(r, SOCKS4_REJECTED, "bad host name");
 	*used = (size_t)(nul - p) + 1;
 	return PARSE_OK;
 }

@@ -1874,3 +1874,112 @@ def test_bad_auth_entry_keeps_its_password_out_of_the_log(capd_factory):
         assert want in e["error"]["message"] and secret not in e["error"]["message"], e
     log = capd.log()
     assert log.count("reload refused") >= 3 and "Sesame" not in log, log[-3000:]
+
+
+# A nameserver on 127.0.0.1:53 that answers every query NXDOMAIN and appends each name
+# asked to the file argv[1]: what a namespace's resolver was asked.
+NS_DNS_LOG = r"""
+import socket, sys, dns.message, dns.rcode
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(65535)
+    q = dns.message.from_wire(data)
+    with open(sys.argv[1], "a") as f:
+        f.write(q.question[0].name.to_text() + "\n")
+    r = dns.message.make_response(q)
+    r.set_rcode(dns.rcode.NXDOMAIN)
+    u.sendto(r.to_wire(), peer)
+"""
+
+# A SOCKS client in a namespace: a TCP and a UDP echo on [::1]:ECHO, then per argument NAME
+# a SOCKS5 CONNECT (ATYP 3), a SOCKS4a CONNECT and a SOCKS5 UDP datagram to NAME:ECHO through
+# [::1]:SOCKS; prints {NAME: [rep5, rep4a, "what came back over TCP", "over UDP"]} as JSON.
+NS_S5_BRACKETS = r"""
+import json, socket, struct, sys, threading
+sport, eport = int(sys.argv[1]), int(sys.argv[2])
+ls = socket.socket(socket.AF_INET6)
+ls.bind(("::1", eport))
+ls.listen(8)
+us = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+us.bind(("::1", eport))
+def tcp_echo():
+    while True:
+        c, _ = ls.accept()
+        c.sendall(c.recv(100))
+        c.close()
+def udp_echo():
+    while True:
+        d, a = us.recvfrom(65536)
+        us.sendto(b"echo:" + d, a)
+threading.Thread(target=tcp_echo, daemon=True).start()
+threading.Thread(target=udp_echo, daemon=True).start()
+def greet():
+    s = socket.create_connection(("::1", sport), timeout=5)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    return s
+def talk(s, ok):
+    if not ok:
+        return None
+    s.sendall(b"ping")
+    return s.recv(100).decode()
+out = {}
+for name in sys.argv[3:]:
+    n = name.encode()
+    s = greet()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(n)]) + n + struct.pack("!H", eport))
+    rep = s.recv(4)
+    s.recv(16 if rep[3] == 4 else 4)
+    s.recv(2)
+    body = talk(s, rep[1] == 0)
+    s.close()
+    s4 = socket.create_connection(("::1", sport), timeout=5)
+    s4.sendall(b"\x04\x01" + struct.pack("!H", eport) + b"\0\0\0\x01\0" + n + b"\0")
+    rep4 = s4.recv(8)
+    body4 = talk(s4, rep4[1] == 90)
+    s4.close()
+    t = greet()
+    t.sendall(b"\x05\x03\x00\x04" + bytes(18))
+    r = t.recv(22)
+    relay = (socket.inet_ntop(socket.AF_INET6, r[4:20]), struct.unpack("!H", r[20:22])[0])
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.bind(("::1", 0))
+    u.settimeout(1)
+    u.sendto(b"\0\0\0\x03" + bytes([len(n)]) + n + struct.pack("!H", eport) + b"dgram", relay)
+    try:
+        d = u.recv(65536)
+        udp = d[4 + 16 + 2:].decode() if d[3] == 4 else d.decode(errors="replace")
+    except socket.timeout:
+        udp = None
+    t.close()
+    out[name] = [rep[1], rep4[1], body if body == body4 else [body, body4], udp]
+print(json.dumps(out))
+"""
+
+
+def test_bracketed_ipv6_address_as_a_name_is_the_address(netns, ns_etc, ns_capd, ns_python, tmp_path):
+    """Regression: a SOCKS5 (ATYP 3) or SOCKS4a request, or a SOCKS5 UDP datagram, naming
+    the target "[::1]", an IPv6 address in brackets as a client passing a URL's host on as
+    typed sends it (java.net.URL.getHost() keeps them), went to the DNS as the name "[::1]"
+    and failed with 0x04 / 91 (the datagram was dropped). It is now the address ::1, with no
+    question to the resolver; any other name with brackets is refused at once, also unasked.
+    In a namespace whose resolver (a loopback logger) says no to everything."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    asked = tmp_path / "asked"
+    asked.write_text("")
+    ns_python(netns, NS_DNS_LOG, asked)
+    c = ns_capd(netns, "[socks s]\nlisten = [::1]:7701\nsocks4 = yes\n")
+    r = sh("ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_S5_BRACKETS, 7701, 7700,
+           "[::1]", "[0:0::1]", "[nope.test]", "[::1")
+    got = json.loads(r.stdout)
+    assert got == {"[::1]": [0, 90, "ping", "echo:dgram"], "[0:0::1]": [0, 90, "ping", "echo:dgram"],
+                   "[nope.test]": [4, 91, None, None], "[::1": [4, 91, None, None]}, got
+    assert asked.read_text() == "", asked.read_text()
+    ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) >= 8)
+    assert sum(s.get("target") == "[::1]:7700" for s in ss if s["proto"] != "udp") == 4, ss
+    assert sum(s.get("reason") == "socks5: bad request: bad host name" for s in ss) == 2, ss
