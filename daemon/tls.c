@@ -181,6 +181,40 @@ tls_pattern_ok(const char *p)
 	return hostname_valid(p) || addr_is_ip_literal(p);
 }
 
+/*
+ * A tls_passthrough entry or a host as they are compared: an IP address (an
+ * IPv6 one also in brackets, as a URL writes it) in inet_ntop's spelling,
+ * which the target's address is written in ("0:0::1" is "::1"), an
+ * IPv4-mapped one as the IPv4 address a connect to it reaches; anything
+ * else as it is.
+ */
+static void
+tls_pattern_canon(const char *w, char *out, size_t n)
+{
+	struct sockaddr_storage ss;
+	struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+	size_t wl = strlen(w);
+	socklen_t len;
+
+	snprintf(out, n, "%s", w);
+	if (wl > 2 && wl - 2 < n && w[0] == '[' && w[wl - 1] == ']') {
+		memcpy(out, w + 1, wl - 2);
+		out[wl - 2] = '\0';
+		if (addr_from_literal(out, 1, &ss, &len) < 0 || ss.ss_family != AF_INET6) {
+			snprintf(out, n, "%s", w);  /* no IPv6 address: refused as it is */
+			return;
+		}
+	}
+	if (strchr(out, '%') != NULL || addr_from_literal(out, 1, &ss, &len) < 0)
+		return;  /* a name, or a zoned address, kept as written */
+	if (ss.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+		struct sockaddr_in v4 = { .sin_family = AF_INET };
+		memcpy(&v4.sin_addr, &sin6->sin6_addr.s6_addr[12], 4);
+		memcpy(&ss, &v4, sizeof v4);
+	}
+	addr_format_ip((struct sockaddr *)&ss, out, n);
+}
+
 int
 tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 {
@@ -245,16 +279,19 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		json_array_foreach(pt, i, e) {
 			char *copy = xstrdup(json_string_value(e)), *save = NULL;
 			for (char *w = strtok_r(copy, ", \t", &save); w; w = strtok_r(NULL, ", \t", &save)) {
-				if (!tls_pattern_ok(w)) {
+				char canon[HOST_MAX + 1];
+
+				tls_pattern_canon(w, canon, sizeof canon);
+				if (!tls_pattern_ok(canon)) {
 					params_fail(p, "tls_passthrough", "bad tls_passthrough entry '%s' (host, *.suffix or *)", w);
 					free(copy);
 					return -1;
 				}
 				/* "host." is "host", as in the SNI it is matched against (tls_hello_parse) */
-				if (w[strlen(w) - 1] == '.')
-					w[strlen(w) - 1] = '\0';
+				if (canon[strlen(canon) - 1] == '.')
+					canon[strlen(canon) - 1] = '\0';
 				cfg->passthrough = xrealloc(cfg->passthrough, (n + 2) * sizeof *cfg->passthrough);
-				cfg->passthrough[n++] = xstrdup(w);
+				cfg->passthrough[n++] = xstrdup(canon);
 				cfg->passthrough[n] = NULL;
 			}
 			free(copy);
@@ -335,10 +372,12 @@ static const char *
 tls_passthrough_why(const struct tls_cfg *cfg, const char *host)
 {
 	struct tls_host *h;
+	char ip[HOST_MAX + 1];
 
+	tls_pattern_canon(host, ip, sizeof ip);  /* an address as the entries spell it */
 	for (size_t i = 0; cfg->passthrough[i]; i++)
 		if (!strcmp(cfg->passthrough[i], "*") ||
-		    (*host != '\0' && (hostname_match(cfg->passthrough[i], host) || !strcasecmp(cfg->passthrough[i], host))))
+		    (*host != '\0' && (hostname_match(cfg->passthrough[i], host) || !strcasecmp(cfg->passthrough[i], ip))))
 			return "tls passthrough: the host is listed in tls_passthrough";
 	if (*host == '\0')
 		return NULL;

@@ -2882,3 +2882,24 @@ def test_config_check_refuses_a_ca_the_start_cannot_make(capd_factory, tmp_path)
     c2.conf_path.write_text(text)
     r = subprocess.run([str(CAPD), "-t", "-c", str(c2.conf_path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("pattern,host", [("[::1]", "::1"), ("0:0::1", "::1"), ("::ffff:127.0.0.1", "127.0.0.1")])
+def test_passthrough_ip_address_however_written(capd, pattern, host):
+    """Regression: a tls_passthrough IP address was compared as text with the target's
+    address (a client without SNI is matched by it), so "0:0::1" never matched ::1, nor
+    "::ffff:127.0.0.1" the 127.0.0.1 a connect to it reaches, and those connections were
+    intercepted; "[::1]", as a URL writes it, was refused as a bad entry. An entry is now
+    an address however spelt, and is listed as inet_ntop writes it."""
+    echo = EchoServer(host)
+    try:
+        to = f"[{host}]:{echo.port}" if ":" in host else f"{host}:{echo.port}"
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", to, "--tls", "--tls-passthrough", pattern)
+        data = _client_hello(None)  # no SNI: matched by the target's address
+        assert exchange(port, data, timeout=20) == data
+        s = last_closed(capd)[-1]
+        assert s["reason"] == "closed (tls passthrough: the host is listed in tls_passthrough)", s
+        assert capd.ctl("list", json_out=True)[0]["tls_passthrough"] == [host]
+    finally:
+        echo.close()
