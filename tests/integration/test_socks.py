@@ -1983,3 +1983,67 @@ def test_bracketed_ipv6_address_as_a_name_is_the_address(netns, ns_etc, ns_capd,
     ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) >= 8)
     assert sum(s.get("target") == "[::1]:7700" for s in ss if s["proto"] != "udp") == 4, ss
     assert sum(s.get("reason") == "socks5: bad request: bad host name" for s in ss) == 2, ss
+
+
+# An echo server on [::]:PORT, one connection at a time; "ready" once it listens.
+NS_ECHO6 = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.bind(("::", int(sys.argv[1])))
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(c.recv(100))
+    c.close()
+"""
+
+# A SOCKS5 client: per argument PROXY (an IPv6 address, maybe with %zone), a CONNECT
+# (ATYP 4) to TARGET:PORT through [PROXY]:SPORT and a "ping"; prints {PROXY: [rep, echo]}.
+NS_S5_LINK = r"""
+import json, socket, struct, sys
+sport, target, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+out = {}
+for proxy in sys.argv[4:]:
+    s = socket.create_connection((proxy, sport), timeout=5)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, target) + struct.pack("!H", port))
+    rep = s.recv(22)
+    body = None
+    if rep[1] == 0:
+        s.sendall(b"ping")
+        body = s.recv(100).decode()
+    s.close()
+    out[proxy] = [rep[1], body]
+print(json.dumps(out))
+"""
+
+
+def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
+    """Regression: a CONNECT to a link-local IPv6 target (ATYP 4 fe80::b: SOCKS has no
+    room for an interface, and curl --socks5 drops the %zone of http://[fe80::b%25eth0]/)
+    failed with 0x01, "connect to [fe80::b]:P: Invalid argument". A client that came over
+    a link-local address now reaches the target on its own link; one that came otherwise
+    gets 0x03 and a reason that says why. Two namespaces joined by a veth pair with
+    fe80::a / fe80::b and fd00:cafe::1 / ::2 (its own ULA) on it."""
+    peer = f"{netns}p"
+    sh("ip", "netns", "add", peer)
+    try:
+        sh("ip", "-n", peer, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "v6a", "netns", netns, "type", "veth", "peer", "name", "v6b", "netns", peer)
+        for ns, dev, ll, ula in ((netns, "v6a", "fe80::a", "fd00:cafe::1"), (peer, "v6b", "fe80::b", "fd00:cafe::2")):
+            sh("ip", "-n", ns, "addr", "add", f"{ll}/64", "dev", dev, "nodad")
+            sh("ip", "-n", ns, "addr", "add", f"{ula}/64", "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        ns_python(peer, NS_ECHO6, 7700)
+        c = ns_capd(netns, "[socks s]\nlisten = [::]:7701\nexpose = yes\n")
+        r = sh("ip", "netns", "exec", peer, "/usr/bin/python3", "-c", NS_S5_LINK, 7701, "fe80::b", 7700,
+               "fe80::a%v6b", "fd00:cafe::1")
+        assert json.loads(r.stdout) == {"fe80::a%v6b": [0, "ping"], "fd00:cafe::1": [3, None]}, (r.stdout, c.log()[-2000:])
+        ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) == 2)
+        assert ss[0]["target"] == "[fe80::b%v6a]:7700", ss
+        assert ss[1]["reason"] == ("socks5: link-local target fe80::b names no interface: reach capd over a "
+                                   "link-local address of its link"), ss
+    finally:
+        subprocess.run(["ip", "netns", "del", peer], capture_output=True)
