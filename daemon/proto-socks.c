@@ -711,29 +711,6 @@ socks_asked(struct session *s, const struct socks_req *r)
 	hostport_format(r->host, r->port, s->target_name, sizeof s->target_name);
 }
 
-/*
- * A link-local target names no interface (SOCKS has no room for one, and
- * curl drops a URL's %zone), and the kernel refuses it without one
- * (EINVAL). A client that came over a link-local address means the link
- * it is on, as does an instance listening on one: that interface is taken.
- * False when there is none to take.
- */
-static bool
-socks_link_scope(const struct session *s, struct sockaddr_storage *t)
-{
-	struct sockaddr_in6 *d = (struct sockaddr_in6 *)t;
-	const struct sockaddr_in6 *c = (const struct sockaddr_in6 *)&s->client_addr;
-	const struct sockaddr_in6 *l = (const struct sockaddr_in6 *)&s->inst->listen;
-
-	if (t->ss_family != AF_INET6 || !IN6_IS_ADDR_LINKLOCAL(&d->sin6_addr) || d->sin6_scope_id != 0)
-		return true;
-	if (c->sin6_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&c->sin6_addr))
-		d->sin6_scope_id = c->sin6_scope_id;
-	else if (l->sin6_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&l->sin6_addr))
-		d->sin6_scope_id = l->sin6_scope_id;
-	return d->sin6_scope_id != 0;
-}
-
 static void
 socks_request(struct session *s, const struct socks_req *r)
 {
@@ -759,20 +736,10 @@ socks_request(struct session *s, const struct socks_req *r)
 		 * (connect_timeout, where 0 sets none), not on what is left of
 		 * handshake_timeout, which would end it with 0x06 regardless */
 		session_set_deadline(s, 0);
-		if (r->atyp == SOCKS_ATYP_NAME) {
+		if (r->atyp == SOCKS_ATYP_NAME)
 			session_connect(s, r->host, r->port);
-		} else {
-			struct sockaddr_storage t = r->addr;
-
-			if (!socks_link_scope(s, &t)) {
-				socks_asked(s, r);
-				socks_refuse(s, sk->ver == 5 ? SOCKS_REP_NET_UNREACH : SOCKS4_REJECTED,
-				             "%s: link-local target %s names no interface: reach capd over a link-local "
-				             "address of its link", s->proto, r->host);
-				return;
-			}
-			session_connect_addr(s, (const struct sockaddr *)&t);
-		}
+		else
+			session_connect_addr(s, (const struct sockaddr *)&r->addr);
 		return;
 	case SOCKS_CMD_BIND:
 		socks_bind_start(s, r);

@@ -678,11 +678,35 @@ session_target_refused(const struct session *s, const struct sockaddr *sa, bool 
 	return NULL;
 }
 
+/*
+ * A link-local target without an interface (SOCKS and HTTP have no room
+ * for one, curl drops a URL's %zone, a hosts line has none), which the
+ * kernel refuses (EINVAL). A client that came over a link-local address
+ * means the link it is on, as does an instance listening on one: that
+ * interface is taken. False when there is none to take.
+ */
+static bool
+session_link_scope(const struct session *s, struct sockaddr *sa)
+{
+	struct sockaddr_in6 *d = (struct sockaddr_in6 *)sa;
+	const struct sockaddr_in6 *c = (const struct sockaddr_in6 *)&s->client_addr;
+	const struct sockaddr_in6 *l = (const struct sockaddr_in6 *)&s->inst->listen;
+
+	if (sa->sa_family != AF_INET6 || !IN6_IS_ADDR_LINKLOCAL(&d->sin6_addr) || d->sin6_scope_id != 0)
+		return true;
+	if (c->sin6_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&c->sin6_addr))
+		d->sin6_scope_id = c->sin6_scope_id;
+	else if (l->sin6_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&l->sin6_addr))
+		d->sin6_scope_id = l->sin6_scope_id;
+	return d->sin6_scope_id != 0;
+}
+
 static void
 session_connect_next(struct session *s)
 {
 	for (; s->cand < s->ncands; s->cand++) {
 		struct sockaddr *sa = (struct sockaddr *)&s->cands[s->cand];
+		bool scoped = session_link_scope(s, sa);  /* sa is ours to change */
 		char *why;
 		bool ours;
 		int fd;
@@ -693,12 +717,15 @@ session_connect_next(struct session *s)
 		chain_forget(s->chain_port, SOCK_STREAM);  /* the last address's socket is closed */
 		s->chain_port = 0;
 		ours = chain_port_listened(addr_port(sa));  /* maybe one of capd's own listeners */
-		if ((why = session_target_refused(s, sa, ours)) != NULL) {
+		why = scoped ? session_target_refused(s, sa, ours)
+		             : xasprintf("link-local target %s names no interface: reach capd over a link-local "
+		                         "address of its link", addr_format(sa, (char[ADDR_STRLEN]){0}, ADDR_STRLEN));
+		if (why != NULL) {
 			free(s->why_connect);
 			s->why_connect = why;
 			if (s->cand + 1 >= s->ncands) {
 				s->cand++;
-				session_connect_defer(s, ELOOP);
+				session_connect_defer(s, scoped ? ELOOP : ENETUNREACH);
 				return;
 			}
 			continue;

@@ -2020,12 +2020,38 @@ print(json.dumps(out))
 """
 
 
+# An HTTP proxy client: per argument PROXY, a CONNECT to [TARGET]:PORT through [PROXY]:HPORT
+# and a "ping"; prints {PROXY: [status line, echo]}.
+NS_HTTP_LINK = r"""
+import json, socket, sys
+hport, target, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+out = {}
+for proxy in sys.argv[4:]:
+    s = socket.create_connection((proxy, hport), timeout=5)
+    s.sendall(f"CONNECT [{target}]:{port} HTTP/1.1\r\nHost: [{target}]:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        d = s.recv(1000)
+        if not d:
+            break
+        head += d
+    body = None
+    if head.startswith(b"HTTP/1.1 200"):
+        s.sendall(b"ping")
+        body = s.recv(100).decode()
+    s.close()
+    out[proxy] = [head.split(b"\r\n")[0].decode(), body]
+print(json.dumps(out))
+"""
+
+
 def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
     """Regression: a CONNECT to a link-local IPv6 target (ATYP 4 fe80::b: SOCKS has no
     room for an interface, and curl --socks5 drops the %zone of http://[fe80::b%25eth0]/)
-    failed with 0x01, "connect to [fe80::b]:P: Invalid argument". A client that came over
-    a link-local address now reaches the target on its own link; one that came otherwise
-    gets 0x03 and a reason that says why. Two namespaces joined by a veth pair with
+    failed with 0x01, "connect to [fe80::b]:P: Invalid argument", as did an HTTP proxy's
+    CONNECT [fe80::b]:P (502). A client that came over a link-local address now reaches the
+    target on its own link; one that came otherwise gets 0x03 (502) and a reason that says
+    why. Two namespaces joined by a veth pair with
     fe80::a / fe80::b and fd00:cafe::1 / ::2 (its own ULA) on it."""
     peer = f"{netns}p"
     sh("ip", "netns", "add", peer)
@@ -2037,13 +2063,19 @@ def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
             sh("ip", "-n", ns, "addr", "add", f"{ula}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
         ns_python(peer, NS_ECHO6, 7700)
-        c = ns_capd(netns, "[socks s]\nlisten = [::]:7701\nexpose = yes\n")
+        c = ns_capd(netns, "[socks s]\nlisten = [::]:7701\nexpose = yes\n"
+                           "[http h]\nlisten = [::]:7702\nexpose = yes\nconnect_ports = 7700\n")
         r = sh("ip", "netns", "exec", peer, "/usr/bin/python3", "-c", NS_S5_LINK, 7701, "fe80::b", 7700,
                "fe80::a%v6b", "fd00:cafe::1")
         assert json.loads(r.stdout) == {"fe80::a%v6b": [0, "ping"], "fd00:cafe::1": [3, None]}, (r.stdout, c.log()[-2000:])
-        ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) == 2)
-        assert ss[0]["target"] == "[fe80::b%v6a]:7700", ss
-        assert ss[1]["reason"] == ("socks5: link-local target fe80::b names no interface: reach capd over a "
-                                   "link-local address of its link"), ss
+        r = sh("ip", "netns", "exec", peer, "/usr/bin/python3", "-c", NS_HTTP_LINK, 7702, "fe80::b", 7700,
+               "fe80::a%v6b", "fd00:cafe::1")
+        got = json.loads(r.stdout)
+        assert got["fe80::a%v6b"] == ["HTTP/1.1 200 Connection Established", "ping"], got
+        assert got["fd00:cafe::1"][0].startswith("HTTP/1.1 502"), got
+        ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) == 4)
+        assert [s["target"] for s in ss] == ["[fe80::b%v6a]:7700", "[fe80::b]:7700"] * 2, ss
+        why = "link-local target [fe80::b]:7700 names no interface: reach capd over a link-local address of its link"
+        assert ss[1]["reason"] == why and why in ss[3]["reason"], ss
     finally:
         subprocess.run(["ip", "netns", "del", peer], capture_output=True)
