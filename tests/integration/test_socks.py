@@ -1985,12 +1985,20 @@ def test_bracketed_ipv6_address_as_a_name_is_the_address(netns, ns_etc, ns_capd,
     assert sum(s.get("reason") == "socks5: bad request: bad host name" for s in ss) == 2, ss
 
 
-# An echo server on [::]:PORT, one connection at a time; "ready" once it listens.
+# An echo server on [::]:PORT, one connection at a time, and a UDP one ("echo:" first) on
+# the same port; "ready" once they listen.
 NS_ECHO6 = r"""
-import socket, sys
+import socket, sys, threading
 s = socket.socket(socket.AF_INET6)
 s.bind(("::", int(sys.argv[1])))
 s.listen(8)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.bind(("::", int(sys.argv[1])))
+def udp():
+    while True:
+        d, a = u.recvfrom(65536)
+        u.sendto(b"echo:" + d, a)
+threading.Thread(target=udp, daemon=True).start()
 print("ready", flush=True)
 while True:
     c, _ = s.accept()
@@ -1999,7 +2007,8 @@ while True:
 """
 
 # A SOCKS5 client: per argument PROXY (an IPv6 address, maybe with %zone), a CONNECT
-# (ATYP 4) to TARGET:PORT through [PROXY]:SPORT and a "ping"; prints {PROXY: [rep, echo]}.
+# (ATYP 4) to TARGET:PORT through [PROXY]:SPORT and a "ping", then a UDP association and a
+# datagram "dgram" to TARGET:PORT; prints {PROXY: [rep, echo, UDP reply or null]}.
 NS_S5_LINK = r"""
 import json, socket, struct, sys
 sport, target, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -2015,7 +2024,21 @@ for proxy in sys.argv[4:]:
         s.sendall(b"ping")
         body = s.recv(100).decode()
     s.close()
-    out[proxy] = [rep[1], body]
+    t = socket.create_connection((proxy, sport), timeout=5)
+    t.sendall(b"\x05\x01\x00")
+    assert t.recv(2) == b"\x05\x00"
+    t.sendall(b"\x05\x03\x00\x04" + bytes(18))
+    r = t.recv(22)
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.settimeout(1)
+    relay = socket.getaddrinfo(proxy, struct.unpack("!H", r[20:22])[0], socket.AF_INET6, socket.SOCK_DGRAM)[0][4]
+    u.sendto(b"\0\0\0\x04" + socket.inet_pton(socket.AF_INET6, target) + struct.pack("!H", port) + b"dgram", relay)
+    try:
+        udp = u.recv(65536)[22:].decode()
+    except socket.timeout:
+        udp = None
+    t.close()
+    out[proxy] = [rep[1], body, udp]
 print(json.dumps(out))
 """
 
@@ -2051,8 +2074,9 @@ def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
     failed with 0x01, "connect to [fe80::b]:P: Invalid argument", as did an HTTP proxy's
     CONNECT [fe80::b]:P (502). A client that came over a link-local address now reaches the
     target on its own link; one that came otherwise gets 0x03 (502) and a reason that says
-    why. Two namespaces joined by a veth pair with
-    fe80::a / fe80::b and fd00:cafe::1 / ::2 (its own ULA) on it."""
+    why. (A UDP datagram to fe80::b got through before too: the kernel picks the link.)
+    Two namespaces joined by a veth pair with fe80::a / fe80::b and fd00:cafe::1 / ::2
+    (their own ULA) on it."""
     peer = f"{netns}p"
     sh("ip", "netns", "add", peer)
     try:
@@ -2067,15 +2091,17 @@ def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
                            "[http h]\nlisten = [::]:7702\nexpose = yes\nconnect_ports = 7700\n")
         r = sh("ip", "netns", "exec", peer, "/usr/bin/python3", "-c", NS_S5_LINK, 7701, "fe80::b", 7700,
                "fe80::a%v6b", "fd00:cafe::1")
-        assert json.loads(r.stdout) == {"fe80::a%v6b": [0, "ping"], "fd00:cafe::1": [3, None]}, (r.stdout, c.log()[-2000:])
+        assert json.loads(r.stdout) == {"fe80::a%v6b": [0, "ping", "echo:dgram"], "fd00:cafe::1": [3, None, "echo:dgram"]}, \
+            (r.stdout, c.log()[-2000:])
         r = sh("ip", "netns", "exec", peer, "/usr/bin/python3", "-c", NS_HTTP_LINK, 7702, "fe80::b", 7700,
                "fe80::a%v6b", "fd00:cafe::1")
         got = json.loads(r.stdout)
         assert got["fe80::a%v6b"] == ["HTTP/1.1 200 Connection Established", "ping"], got
         assert got["fd00:cafe::1"][0].startswith("HTTP/1.1 502"), got
-        ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" for s in ss) == 4)
-        assert [s["target"] for s in ss] == ["[fe80::b%v6a]:7700", "[fe80::b]:7700"] * 2, ss
+        ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) == 6)
+        tcp = [s for s in ss if s["proto"] in ("socks5", "connect") and "associate" not in s.get("note", "")]
+        assert [s["target"] for s in tcp] == ["[fe80::b%v6a]:7700", "[fe80::b]:7700"] * 2, ss
         why = "link-local target [fe80::b]:7700 names no interface: reach capd over a link-local address of its link"
-        assert ss[1]["reason"] == why and why in ss[3]["reason"], ss
+        assert tcp[1]["reason"] == why and why in tcp[3]["reason"], ss
     finally:
         subprocess.run(["ip", "netns", "del", peer], capture_output=True)
