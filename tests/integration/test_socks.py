@@ -1980,7 +1980,7 @@ def test_bracketed_ipv6_address_as_a_name_is_the_address(netns, ns_etc, ns_capd,
     assert got == {"[::1]": [0, 90, "ping", "echo:dgram"], "[0:0::1]": [0, 90, "ping", "echo:dgram"],
                    "[nope.test]": [4, 91, None, None], "[::1": [4, 91, None, None]}, got
     assert asked.read_text() == "", asked.read_text()
-    ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) >= 8)
+    ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) >= 12)
     assert sum(s.get("target") == "[::1]:7700" for s in ss if s["proto"] != "udp") == 4, ss
     assert sum(s.get("reason") == "socks5: bad request: bad host name" for s in ss) == 2, ss
 
@@ -2099,6 +2099,7 @@ def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
         assert got["fe80::a%v6b"] == ["HTTP/1.1 200 Connection Established", "ping"], got
         assert got["fd00:cafe::1"][0].startswith("HTTP/1.1 502"), got
         ss = c.wait_sessions(lambda ss: sum(s["state"] == "closed" and s["proto"] != "udp" for s in ss) == 6)
+        ss.sort(key=lambda s: s["id"])  # listed open first, then by when they ended
         tcp = [s for s in ss if s["proto"] in ("socks5", "connect") and "associate" not in s.get("note", "")]
         assert [s["target"] for s in tcp] == ["[fe80::b%v6a]:7700", "[fe80::b]:7700"] * 2, ss
         why = "link-local target [fe80::b]:7700 names no interface: reach capd over a link-local address of its link"
