@@ -373,6 +373,12 @@ follow_async_cb(struct ev_loop *loop, ev_async *w, int revents)
 			}
 			buf_reset(&idb_table[r.iface]);
 			buf_append(&idb_table[r.iface], p, r.len);
+			/* a handle given again (spool_iface_new): followers get the new interface's IDB */
+			if (r.iface < nidb_gone)
+				idb_gone[r.iface] = false;
+			LIST_FOREACH(sub, &follow_list, entry)
+				if (r.iface < sub->nfidx)
+					sub->fidx[r.iface] = -1;
 			break;
 		case FREC_EPB:
 			follow_keys(&keys);
@@ -437,6 +443,8 @@ follow_gone_cb(void *arg)
 	if (LIST_EMPTY(&follow_list))
 		ev_timer_stop(capd_main, &follow_retry);
 	spool_follow_count(-1);
+	if (sub->iface != FOLLOW_ALL)
+		spool_iface_hold(sub->iface, -1);
 	ev_timer_stop(capd_main, &sub->end);
 	ctl_conn_on_drain(sub->conn, NULL, NULL);
 	free(sub->gone);
@@ -547,6 +555,8 @@ spool_follow_subscribe(struct ctl_conn *c, int iface, char **why)
 	sub = xcalloc(1, sizeof *sub);
 	sub->conn = c;
 	sub->iface = iface < 0 ? FOLLOW_ALL : iface;
+	if (sub->iface != FOLLOW_ALL)
+		spool_iface_hold(sub->iface, 1);  /* its handle goes to no other interface while it follows */
 	ev_init(&sub->end, follow_end_cb);
 	sub->end.data = sub;
 	if (uname(&u) == 0)

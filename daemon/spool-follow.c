@@ -136,6 +136,13 @@ spool_follow_packet(int iface, const struct pcapng_idb *idb, const struct timesp
 /* Key lines are never dropped: they are few, and a follower without them
  * sees the rest of a TLS session's packets it cannot decrypt. */
 void
+spool_follow_iface_reused(int iface)
+{
+	if (iface >= 0 && iface < w_ntold)
+		w_told[iface] = false;
+}
+
+void
 spool_follow_keylog(const void *line, size_t n)
 {
 	size_t at;

@@ -87,6 +87,8 @@ json_t *spool_follow_subscribe(struct ctl_conn *c, int iface, char **why);
 /* Interface handle iface's instance (name) was removed: its followers get its
  * last packets, then capture.end. */
 void spool_follow_iface_removed(int iface, const char *name);
+/* Writer thread: handle iface was given to a new interface, whose IDB followers must get. */
+void spool_follow_iface_reused(int iface);
 /* Interface handle iface's instance (name) failed (why): a sniffer whose
  * interface went away captures nothing more, so its followers get its last
  * packets, then capture.end saying so. */

@@ -100,7 +100,8 @@ struct rec {
 	uint32_t n;            /* payload bytes */
 	uint32_t aux;          /* REC_PACKET: origlen; REC_IFACE_ADD: linktype; REC_SYNC: its number */
 	uint32_t aux2;         /* REC_IFACE_ADD: snaplen */
-	uint64_t gap[2];       /* flow bytes dropped before this record, per direction */
+	uint64_t gap[2];       /* flow bytes dropped before this record, per direction;
+	                        * REC_IFACE_ADD: gap[0] is the handle's use (liface.use) */
 	struct timespec ts;
 	struct spool_flow *flow;
 	uint16_t sum[REC_SUMS]; /* REC_DATA from a slot: each segment's payload sum (synth_data_summed) */
@@ -171,7 +172,8 @@ static unsigned sync_seq;        /* the last mark's number (loop thread) */
 static pthread_t writer_thread;
 static char *spool_dir;
 
-/* Writer-side view of an interface; never freed while the writer runs (packets may outlive removal). */
+/* Writer-side view of an interface; kept after removal while its flows send (packets may outlive
+ * removal), then taken by a new interface (writer_release_removed, spool_iface_new). */
 struct wiface {
 	bool known, removed;
 	struct pcapng_idb idb;
@@ -180,6 +182,8 @@ struct wiface {
 	uint64_t taken;        /* ... its packets taken from the queue so far, written or not */
 	int fidx;              /* IDB index in the current file, -1 when not written there */
 	uint64_t out_packets;  /* its packets in w.out (a failed write drops them) */
+	int flows;             /* its flows opened and not closed yet (REC_OPEN, REC_CLOSE) */
+	uint64_t use;          /* which interface of its handle this is (liface.use) */
 };
 
 /* The writer thread's state. */
@@ -217,7 +221,7 @@ static struct writer {
 	bool freed_none;       /* ... which freed nothing so far (logged once) */
 	struct wiface *ifaces;
 	int nifaces;
-	int *idbs;             /* handles in the current file's IDB order */
+	int *idbs;             /* handles in the current file's IDB order; -1: one given to a new interface since */
 	int nidb, nidb_good, aidb;
 	uint64_t isb_room;     /* bytes the ISBs closing the file will take (rotate_size keeps room) */
 	struct buf keys;       /* recent key log lines, repeated at each new file */
@@ -949,7 +953,7 @@ writer_flush(void)
 		w.nidb = w.nidb_good;
 		w.isb_room = 0;
 		for (int i = 0; i < w.nidb; i++)
-			w.isb_room += w.ifaces[w.idbs[i]].stats ? PCAPNG_ISB_LEN : 0;
+			w.isb_room += w.idbs[i] >= 0 && w.ifaces[w.idbs[i]].stats ? PCAPNG_ISB_LEN : 0;
 		/*
 		 * So are the key lines of a DSB in it: the sessions they
 		 * decrypt go on in this file once the writer retries.
@@ -1029,6 +1033,37 @@ writer_fsize_limit(void)
 	w.rotate_size = writer_rotate_limit(w.rotate_size);
 }
 
+static void spool_iface_release(int h, uint64_t use);
+
+/*
+ * A new file: the removed interfaces whose flows are all closed are in no
+ * file the writer still writes, and no record names them any more; their
+ * handles may go to new interfaces (spool_iface_new). Without this every
+ * instance ever added kept its slot in each table indexed by handle.
+ */
+static void
+writer_release_removed(void)
+{
+	for (int i = 0; i < w.nifaces; i++)
+		if (w.ifaces[i].known && w.ifaces[i].removed && w.ifaces[i].flows == 0)
+			spool_iface_release(i, w.ifaces[i].use);
+}
+
+/*
+ * A removed proxy's handle whose last flow closed may go to a new interface
+ * at once: the file keeps its IDB under its index, which the new one does
+ * not take. A sniffer's waits for the next file, whose end has an ISB of
+ * its counts (writer_isbs).
+ */
+static void
+writer_release_early(int h)
+{
+	struct wiface *fi = &w.ifaces[h];
+
+	if (fi->known && fi->removed && fi->flows == 0 && !fi->stats)
+		spool_iface_release(h, fi->use);
+}
+
 /* Opens the next file and writes its head: SHB, the IDBs of every live interface, recent keys. */
 static int
 writer_open(char **why)
@@ -1078,6 +1113,7 @@ writer_open(char **why)
 	w.failing = false;
 	for (int i = 0; i < w.nifaces; i++)
 		w.ifaces[i].fidx = -1;
+	writer_release_removed();
 	writer_out_reset();
 	pcapng_shb(&w.out, NULL, w.os, "capd " CAPD_VERSION);
 	for (int i = 0; i < w.nifaces; i++)
@@ -1592,7 +1628,17 @@ writer_iface_add(const struct rec *r)
 		w.nifaces = n;
 	}
 	fi = &w.ifaces[h];
+	if (fi->known) {  /* a removed interface's handle, given to a new one (spool_iface_new) */
+		if (fi->fidx >= 0)
+			w.idbs[fi->fidx] = -1;  /* that IDB in the file is no longer this handle's */
+		free(fi->name);
+		free(fi->desc);
+		free(fi->filter);
+		*fi = (struct wiface){ .fidx = -1 };
+		spool_follow_iface_reused(h);
+	}
 	fi->known = true;
+	fi->use = r->gap[0];
 	fi->name = xstrdup(name);
 	fi->desc = xstrdup(desc);
 	fi->filter = xstrdup(filter);
@@ -1621,6 +1667,8 @@ writer_flow_open(const struct rec *r)
 
 	memcpy(&o, r + 1, sizeof o);
 	f->iface = r->iface;
+	if (f->iface >= 0 && f->iface < w.nifaces)
+		w.ifaces[f->iface].flows++;
 	f->comment = nextra > 0 ? xasprintf("capd session %llu %.*s", (unsigned long long)o.session,
 	                                    (int)nextra, extra)
 	                        : xasprintf("capd session %llu", (unsigned long long)o.session);
@@ -1739,8 +1787,10 @@ writer_record(const struct rec *r)
 		writer_iface_add(r);
 		break;
 	case REC_IFACE_REMOVE:
-		if (r->iface >= 0 && r->iface < w.nifaces)
+		if (r->iface >= 0 && r->iface < w.nifaces) {
 			w.ifaces[r->iface].removed = true;
+			writer_release_early(r->iface);
+		}
 		break;
 	case REC_OPEN:
 		writer_flow_open(r);
@@ -1762,6 +1812,8 @@ writer_record(const struct rec *r)
 			writer_flow_gaps(f, r);
 			synth_close(&f->sf, (enum synth_end)r->flag);
 		}
+		if (f->iface >= 0 && f->iface < w.nifaces && --w.ifaces[f->iface].flows == 0)
+			writer_release_early(f->iface);
 		writer_flow_free(f);
 		break;
 	case REC_PACKET:
@@ -2063,6 +2115,9 @@ struct liface {
 	int linktype;
 	unsigned snaplen;
 	bool tsnano, removed;
+	bool reusable;         /* removed, and the writer is done with it: a new one may take the handle */
+	uint64_t use;          /* counts the interfaces that had the handle */
+	int followers;         /* capture follow --instance of it (spool_iface_hold) */
 	uint64_t dropped;      /* packets the writer lost (a failing disk, no file) */
 	bool sniffer;          /* its files end in an ISB (writer_isbs), with: */
 	uint64_t kernel_drop, queue_drop;  /* ... what it last told (spool_iface_stats) */
@@ -2071,6 +2126,20 @@ struct liface {
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct liface *lifaces;
 static int nlifaces;
+/* Interfaces made per name since capd started (the #N of spool_iface_desc). */
+static struct iface_count { char *name; int n; } *iface_counts;
+static int niface_counts;
+
+/* Writer thread: handle h of a removed interface (its use-th) is free to take again. */
+static void
+spool_iface_release(int h, uint64_t use)
+{
+	pthread_mutex_lock(&reg_mu);
+	/* the loop may have given it to a new one already, whose records the writer has yet to see */
+	if (h < nlifaces && lifaces[h].removed && lifaces[h].use == use)
+		lifaces[h].reusable = true;
+	pthread_mutex_unlock(&reg_mu);
+}
 
 /* Writer thread: packets of handle iface it could not write. */
 static void
@@ -2110,10 +2179,10 @@ writer_isbs(void)
 	pthread_mutex_lock(&reg_mu);
 	for (int i = 0; i < w.nidb; i++) {
 		int h = w.idbs[i];
-		struct wiface *fi = &w.ifaces[h];
-		struct liface *li = h < nlifaces ? &lifaces[h] : NULL;
+		struct wiface *fi = h >= 0 ? &w.ifaces[h] : NULL;
+		struct liface *li = h >= 0 && h < nlifaces ? &lifaces[h] : NULL;
 
-		if (!fi->stats || li == NULL)
+		if (fi == NULL || !fi->stats || li == NULL)
 			continue;
 		pcapng_isb(&w.out, &(struct pcapng_isb){
 			.iface = (uint32_t)i,
@@ -2140,6 +2209,7 @@ spool_queue_iface(int h)
 	r.iface = h;
 	r.aux = (uint32_t)li->linktype;
 	r.aux2 = li->snaplen;
+	r.gap[0] = li->use;
 	r.flag = (uint8_t)((li->tsnano ? 1 : 0) | (li->sniffer ? 2 : 0));
 	queue_put(&r, li->name, strlen(li->name) + 1, tail, nd + nf, false);
 	free(tail);
@@ -2229,6 +2299,8 @@ spool_start(const struct capd_settings *st, char **why)
 	for (int h = 0; h < nlifaces; h++)
 		if (!lifaces[h].removed)
 			spool_queue_iface(h);
+		else
+			lifaces[h].reusable = true;  /* in no file of this writer, and its flows send nothing */
 	pthread_mutex_unlock(&reg_mu);
 
 	guard_start(w.dirfd);
@@ -2355,21 +2427,51 @@ spool_iface_desc(const char *name, const char *description, int nth)
 	return xasprintf("%s (%s #%d, added %s)", description, name, nth, when);
 }
 
+/* Under reg_mu: how many interfaces named name were made, this one too. */
+static int
+spool_iface_count(const char *name)
+{
+	int i;
+
+	for (i = 0; i < niface_counts; i++)
+		if (strcmp(iface_counts[i].name, name) == 0)
+			return ++iface_counts[i].n;
+	iface_counts = xrealloc(iface_counts, (size_t)(i + 1) * sizeof *iface_counts);
+	iface_counts[i] = (struct iface_count){ xstrdup(name), 1 };
+	niface_counts++;
+	return 1;
+}
+
+/* Under reg_mu: a handle for a new interface, a released one when there is one. */
+static int
+spool_iface_slot(void)
+{
+	for (int h = 0; h < nlifaces; h++)
+		if (lifaces[h].reusable && lifaces[h].followers == 0) {
+			free(lifaces[h].name);
+			free(lifaces[h].desc);
+			free(lifaces[h].filter);
+			return h;
+		}
+	lifaces = xrealloc(lifaces, (size_t)(nlifaces + 1) * sizeof *lifaces);
+	lifaces[nlifaces].use = 0;
+	lifaces[nlifaces].followers = 0;
+	return nlifaces++;
+}
+
 static int
 spool_iface_new(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano,
                 const char *filter, bool sniffer)
 {
 	struct liface *li;
-	int h, nth = 1;
+	int h, nth;
 
 	if (name == NULL)
 		name = "";
 	pthread_mutex_lock(&reg_mu);
-	for (h = 0; h < nlifaces; h++)  /* removed ones too: their IDBs may be in the current file */
-		if (strcmp(lifaces[h].name, name) == 0)
-			nth++;
-	h = nlifaces++;
-	lifaces = xrealloc(lifaces, (size_t)nlifaces * sizeof *lifaces);
+	/* counted since start, not from the table: a removed one's IDB may be in the current file */
+	nth = spool_iface_count(name);
+	h = spool_iface_slot();
 	li = &lifaces[h];
 	li->name = xstrdup(name);
 	li->desc = spool_iface_desc(name, description ? description : "", nth);
@@ -2380,6 +2482,8 @@ spool_iface_new(const char *name, const char *description, int linktype, unsigne
 	li->snaplen = snaplen;
 	li->tsnano = tsnano;
 	li->removed = false;
+	li->reusable = false;
+	li->use++;
 	li->dropped = 0;
 	if (atomic_load(&running))
 		spool_queue_iface(h);
@@ -2398,6 +2502,15 @@ spool_iface_add_sniffer(const char *name, const char *description, int linktype,
                         bool tsnano, const char *filter)
 {
 	return spool_iface_new(name, description, linktype, snaplen, tsnano, filter, true);
+}
+
+void
+spool_iface_hold(int iface, int delta)
+{
+	pthread_mutex_lock(&reg_mu);
+	if (iface >= 0 && iface < nlifaces)
+		lifaces[iface].followers += delta;
+	pthread_mutex_unlock(&reg_mu);
 }
 
 void

@@ -30,7 +30,10 @@ void spool_stop(void);
 /*
  * One pcapng interface per instance. linktype: LINKTYPE_RAW (101) for proxies.
  * A name registered before in this run (an instance removed and added again)
- * gets a description that tells it from the earlier ones.
+ * gets a description that tells it from the earlier ones. A removed
+ * interface's handle is given to a later one once the writer is done with it
+ * (its flows closed, a new file begun), so the tables stay the size of what
+ * is live, not of every instance capd ever ran.
  */
 int spool_iface_add(const char *name, const char *description, int linktype, unsigned snaplen, bool tsnano);
 /*
@@ -44,6 +47,9 @@ int spool_iface_add_sniffer(const char *name, const char *description, int linkt
  * the spool's queue refused (the writer counts the rest itself). */
 void spool_iface_stats(int iface, uint64_t kernel_drop, uint64_t queue_drop);
 void spool_iface_remove(int iface);
+/* Someone follows handle iface (delta 1) or stopped (-1): a removed
+ * interface's handle is given to a new one only once nobody follows it. */
+void spool_iface_hold(int iface, int delta);
 /* Packets of the interface the writer could not write (a failing disk, no
  * file), besides those the queue refused, which spool_packet() reports. */
 uint64_t spool_iface_dropped(int iface);
