@@ -672,6 +672,10 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, 
 		session_send(ns, buf_head(&s->hs_out), buf_used(&s->hs_out));
 	if (n > 0)
 		buf_append(&ns->hs_in, p, n);
+	/* a FIN this session read stays read: the new one must not take the
+	 * socket's EOF, which it would find at once, for a client that left
+	 * after its request (relay_held_readable) */
+	ns->client_eof = s->client_eof || s->dir[DIR_UP].eof;
 	snprintf(why, sizeof why, "%s (%s in session %llu)", reason ? reason : http_gone_reason(s), then,
 	         (unsigned long long)ns->id);
 	http_close(s, why);
@@ -1366,9 +1370,34 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	return RELAY_UPFAIL_ANSWERED;
 }
 
+/* The client closed (closed: 1 FIN, -1 reset) while the relay held it. While
+ * its request waits for the response head, as nginx (499, with
+ * proxy_ignore_client_abort off) and mitmproxy ("Client disconnected") do,
+ * a FIN means it left: the session ends, the upstream with it, instead of
+ * waiting for an answer nobody reads (forever with idle_timeout 0). A
+ * client that half-closes once its response has started still gets the rest
+ * (its FIN waits unread, as before). A reset ends the session in any state. */
+static bool
+http_filter_held_closed(struct session *s, int closed)
+{
+	struct http_conn *hc = s->proto_state;
+	bool waiting = hc->up == UP_WAIT && hc->down == DOWN_HEAD && hc->fail == NULL;
+
+	if (closed < 0) {
+		session_reset_by_client(s, waiting ? "client reset before the answer" : "client reset");
+		return true;
+	}
+	if (!waiting)
+		return false;
+	session_shutdown_dir(s, DIR_UP);  /* the capture shows the client's FIN first */
+	http_close(s, "client closed before the answer");
+	return true;
+}
+
 static const struct relay_filter http_filter = {
 	.data = http_filter_data,
 	.done = http_filter_done,
 	.eof = http_filter_eof,
 	.upstream_failed = http_filter_upstream_failed,
+	.held_closed = http_filter_held_closed,
 };

@@ -30,7 +30,10 @@
  * source goes to filter->eof first, which passes it on (PASS), keeps it from
  * the destination (END: the direction is held) or has closed the session
  * (STOP). The filter judges only when nothing waits to be sent, so injected
- * bytes always keep their place in the stream.
+ * bytes always keep their place in the stream. A held client stays watched
+ * (relay_held_watch): its close goes to filter->held_closed, which may end
+ * the session (a request whose client left waits for no answer); its next
+ * bytes stay unread until relay_resume, so pipelined requests keep their turn.
  *
  * Splice: a plain direction that nobody captures (no spool flow) and nobody
  * tails (no subscriber), once it has filled its tail backlog ring
@@ -369,6 +372,7 @@ relay_check_done(struct session *s)
 }
 
 static void relay_pump_msg(struct session *s, enum dir d);
+static bool relay_held_watch(struct session *s, enum dir d);
 
 /* Nothing needs to see d's next bytes: no capture, no TLS, no tail subscriber and a full backlog ring. */
 static inline bool
@@ -900,14 +904,50 @@ src_wait:
 		ev_io_start(capd_loop, &src->rio);
 	return;
 held:
-	if (ev_is_active(&src->rio))
+	if (relay_held_watch(s, d)) {
+		if (!ev_is_active(&src->rio))
+			ev_io_start(capd_loop, &src->rio);
+	} else if (ev_is_active(&src->rio)) {
 		ev_io_stop(capd_loop, &src->rio);
+	}
 	return;
 dst_full:
 	if (ev_is_active(&src->rio))
 		ev_io_stop(capd_loop, &src->rio);
 	if (!ev_is_active(&dst->wio))
 		ev_io_start(capd_loop, &dst->wio);
+}
+
+/* Whether held direction d keeps its source watched: the client, with
+ * nothing read after the message, so that its close (or its next bytes)
+ * wakes relay_held_readable. Costs no more than the stop it replaces (the
+ * watcher stays on, relay_resume finds it on); the rest is per event. */
+static bool
+relay_held_watch(struct session *s, enum dir d)
+{
+	const struct relay_dir *rd = &s->dir[d];
+
+	return d == DIR_UP && s->filter != NULL && s->filter->held_closed != NULL && rd->msg == RELAY_MSG_HELD && !rd->unread &&
+	       !rd->eof && rd->fill == rd->len && !relay_more(&s->client);
+}
+
+/* The held client is readable: a FIN or a reset goes to the filter
+ * (filter->held_closed), which may end the session; bytes (a pipelined
+ * request) and a close it leaves are not read (a peek), and the client is
+ * watched no more until relay_resume. One recv per such event, none per byte. */
+static void
+relay_held_readable(struct session *s)
+{
+	struct relay_dir *rd = &s->dir[DIR_UP];
+	char c;
+	ssize_t r = recv(s->client.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+
+	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return;  /* a fed event, or nothing after all: still watched */
+	if (r <= 0 && s->filter->held_closed(s, r == 0 ? 1 : -1))
+		return;
+	rd->unread = true;
+	ev_io_stop(capd_loop, &s->client.rio);
 }
 
 void
@@ -940,6 +980,7 @@ relay_resume(struct session *s, enum dir d)
 	struct side *src = relay_src(s, d);
 
 	rd->msg = RELAY_MSG_FLOW;
+	rd->unread = false;
 	if (rd->fill > rd->len || rd->len > rd->off || buf_used(&rd->pre) > 0 || rd->eof || relay_more(src)) {
 		/* bytes wait: on the next loop pass, since the caller may be inside this direction's pump */
 		ev_feed_event(capd_loop, &src->rio, EV_READ);
@@ -1002,6 +1043,12 @@ relay_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 	enum dir d = (sd == &s->client) == reading ? DIR_UP : DIR_DOWN;
 
 	(void)loop; (void)revents;
+	if (reading && d == DIR_UP && relay_held_watch(s, DIR_UP)) {
+		/* only a held client is watched while its direction is held (a
+		 * stale fed event finds it so too: the peek sees nothing) */
+		relay_held_readable(s);
+		return;
+	}
 	relay_pump(s, d);
 	/* a TLS read may have waited for this side to be writable, or a write for it to be readable */
 	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))

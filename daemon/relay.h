@@ -59,6 +59,11 @@ struct relay_filter {
 	/* The upstream socket failed (why: "upstream reset", ...) while sending
 	 * direction up (sending) or reading direction down. May be NULL (RESET). */
 	enum relay_upfail (*upstream_failed)(struct session *s, const char *why, bool sending);
+	/* The client closed (closed: 1 for a FIN, -1 for a reset) while direction
+	 * up was held with nothing read after the message. May be NULL: the client
+	 * is then not watched while held. True: the filter closed the session;
+	 * false: the close is left unread until relay_resume, as are bytes. */
+	bool (*held_closed)(struct session *s, int closed);
 };
 
 /* Queues bytes for d's destination after everything already passed; the

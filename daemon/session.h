@@ -50,6 +50,7 @@ struct relay_dir {
 	bool big;           /* buf is RELAY_BULK bytes (plain relay of a bulk flow) */
 	bool bulk;          /* the last read was RELAY_BUF or more: the next buffer is big */
 	uint8_t slot;       /* capture in place: the next spool slot is RELAY_SLOT_MIN << slot bytes */
+	bool unread;        /* held (filter): bytes wait unread behind the message, the source is not watched */
 };
 
 struct side {

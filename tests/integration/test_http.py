@@ -2281,3 +2281,116 @@ def test_exposed_http_without_users_is_said_to_be_an_open_proxy(capd_factory):
     capd.start()
     log = capd.log()
     assert log.count(want) == 1 and log.count("open proxy") == 1, log[-3000:]
+
+
+class SilentOrigin(Listener):
+    """Reads what comes and never answers (socat ... SYSTEM:'cat >/dev/null');
+    `ended` is set once capd ends the upstream connection. With answer, it
+    answers the first request after `delay` seconds instead (then each next one)."""
+
+    def __init__(self, answer=None, delay=0.0):
+        self.ended = threading.Event()
+        self.answer, self.delay = answer, delay
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        got = b""
+        with c:
+            c.settimeout(30)
+            try:
+                while (d := c.recv(4096)):
+                    got += d
+                    while self.answer is not None and b"\r\n\r\n" in got:
+                        got = got.split(b"\r\n\r\n", 1)[1]
+                        time.sleep(self.delay)
+                        c.sendall(self.answer)
+            except OSError:
+                pass
+            self.ended.set()
+
+
+def session_fins_and_resets(capd, sid):
+    """(source port, 'fin'/'rst') of each FIN or RST in session sid's capture."""
+    capd.flush()
+    r = tshark("-r", capd.pcaps()[-1], "-Y", f'frame.comment matches "^capd session {sid}( |$)" && '
+               "(tcp.flags.fin == 1 || tcp.flags.reset == 1)", "-T", "fields", "-e", "tcp.srcport",
+               "-e", "tcp.flags.reset")
+    assert r.returncode == 0, r
+    return [(int(p), "rst" if f in ("1", "True") else "fin") for p, f in (ln.split() for ln in r.stdout.splitlines())]
+
+
+def test_client_that_leaves_before_the_answer_ends_the_session(capd):
+    """Regression: with idle_timeout 0 (the default) an origin that accepts and never
+    answers kept the session and both its sockets forever after the client left
+    (curl --max-time): capd stopped reading the client at its request's end, so its
+    FIN was never seen. As nginx (499) and mitmproxy do, the session now ends with
+    the client, the upstream connection with it; the capture shows the client's FIN."""
+    o = SilentOrigin()
+    try:
+        port = add_http(capd)
+        r = curl("-x", f"http://127.0.0.1:{port}", "--max-time", "1", f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 28, r   # curl gave up: no answer
+        s = capd.wait_sessions(lambda ss: any(x["instance"] == "h" and x["state"] == "closed" for x in ss),
+                               timeout=5)
+        s = [x for x in s if x["instance"] == "h"][-1]
+        assert s["reason"] == "client closed before the answer", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+        client_port = int(s["client"].rsplit(":", 1)[1])
+        assert session_fins_and_resets(capd, s["id"])[0] == (client_port, "fin")
+    finally:
+        o.close()
+
+
+@pytest.mark.parametrize("end", ["half-close", "reset"])
+def test_client_closes_before_the_answer_ends_the_session(capd, end):
+    """The same with a client whose close is a reset (SO_LINGER 0): the session
+    ends at once, the capture's flow ends with the client's RST. A client that
+    half-closes after its request (printf ... | nc -q, socat -) while the answer
+    is awaited is taken as gone too, as nginx (499) and mitmproxy take it: no
+    answer, the session and the upstream connection end."""
+    o = SilentOrigin()
+    try:
+        port = add_http(capd)
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client_port = c.getsockname()[1]
+        c.sendall(f"GET http://127.0.0.1:{o.port}/ HTTP/1.0\r\n\r\n".encode())
+        time.sleep(0.3)  # capd holds the client now, waiting for the answer
+        if end == "reset":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        else:
+            c.shutdown(socket.SHUT_WR)
+            assert read_all(c, 5) == b""
+        c.close()
+        s = capd.wait_sessions(lambda ss: any(x["instance"] == "h" and x["state"] == "closed" for x in ss),
+                               timeout=5)
+        s = [x for x in s if x["instance"] == "h"][-1]
+        assert s["reason"] == f"client {'reset' if end == 'reset' else 'closed'} before the answer", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+        ends = session_fins_and_resets(capd, s["id"])
+        assert ends[0] == (client_port, "rst" if end == "reset" else "fin"), ends
+    finally:
+        o.close()
+
+
+def test_request_pipelined_while_waiting_keeps_its_turn(capd):
+    """A request the client pipelines while the first one waits for its answer is
+    not read early (capd peeks at it and leaves it): each is answered in turn on the
+    kept connection."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nslow!\n"
+    o = SilentOrigin(answer, delay=0.5)
+    try:
+        port = add_http(capd)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            req = f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            c.sendall(req)
+            time.sleep(0.2)  # held: the first request waits for its answer
+            c.sendall(req)
+            got = read_responses(c, 2)
+            assert [x["state"] for x in sessions(capd)] == ["open"]  # one session, still open
+        assert len(got) == 2 and all(g.startswith(b"HTTP/1.1 200 OK\r\n") and g.endswith(b"slow!\n")
+                                     for g in got), got
+    finally:
+        o.close()

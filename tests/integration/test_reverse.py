@@ -1137,3 +1137,22 @@ def test_reverse_h2c_upgrade_is_dropped(capd_factory, origins, tmp_path):
                       b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
     assert status_of(reply) == 502, reply
     assert "Upgrade" not in c.requests[-1]["headers"], c.requests[-1]
+
+
+def test_reverse_client_that_leaves_before_the_answer_ends_the_session(capd):
+    """Regression: as for the forward proxy, an origin that never answers kept a
+    reverse session and both its sockets forever after curl gave up (--max-time),
+    with idle_timeout 0. The session now ends with the client, and the upstream
+    connection with it."""
+    from test_http import SilentOrigin
+    o = SilentOrigin()
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--default", f"127.0.0.1:{o.port}")
+        r = curl("--max-time", "1", f"http://127.0.0.1:{port}/")
+        assert r.returncode == 28, r
+        s = closed(capd, 1)[-1]
+        assert s["reason"] == "client closed before the answer", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
