@@ -927,14 +927,39 @@ relay_held_watch(struct session *s, enum dir d)
 {
 	const struct relay_dir *rd = &s->dir[d];
 
-	return d == DIR_UP && s->filter != NULL && s->filter->held_closed != NULL && rd->msg == RELAY_MSG_HELD && !rd->unread &&
-	       !rd->eof && rd->fill == rd->len && !relay_more(&s->client);
+	return d == DIR_UP && s->filter != NULL && s->filter->held_closed != NULL && rd->msg == RELAY_MSG_HELD &&
+	       !rd->unread && !rd->eof && rd->fill == rd->len && !relay_more(&s->client);
+}
+
+/* A held TLS client sent a record: its close_notify, or the bytes of a
+ * next request, which are read now and wait unjudged, in order, for
+ * relay_resume. As recv: bytes, 0 for the close, -1 with errno. */
+static ssize_t
+relay_held_read_tls(struct session *s)
+{
+	struct relay_dir *rd = &s->dir[DIR_UP];
+	ssize_t r;
+
+	if (rd->buf == NULL) {
+		rd->buf = relay_buf_get(false);
+		rd->big = false;
+	}
+	r = relay_recv(&s->client, rd->buf + rd->fill, RELAY_BUF - rd->fill);
+	if (r > 0) {
+		rd->fill += (uint32_t)r;
+	} else if (rd->fill == 0) {
+		relay_buf_put(rd->buf, rd->big);  /* idle sessions hold no buffer */
+		rd->buf = NULL;
+		rd->off = rd->len = 0;
+	}
+	return r;
 }
 
 /* The held client is readable: a FIN or a reset goes to the filter
  * (filter->held_closed), which may end the session; bytes (a pipelined
- * request) and a close it leaves are not read (a peek), and the client is
- * watched no more until relay_resume. One recv per such event, none per byte. */
+ * request) and a close it leaves are not read (a peek; a TLS client's
+ * record is read, its bytes kept), and the client is watched no more until
+ * relay_resume. One recv per such event, none per byte. */
 static void
 relay_held_readable(struct session *s)
 {
@@ -942,10 +967,17 @@ relay_held_readable(struct session *s)
 	char c;
 	ssize_t r = recv(s->client.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
 
-	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-		return;  /* a fed event, or nothing after all: still watched */
-	if (r <= 0 && s->filter->held_closed(s, r == 0 ? 1 : -1))
+	if (r > 0 && s->client.tls != NULL)
+		r = relay_held_read_tls(s);
+	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+		if (rd->fill == rd->len)
+			return;  /* a fed event, nothing after all, or a record with no bytes: still watched */
+	} else if (r < 0 && s->client.tls != NULL && errno != ECONNRESET) {
+		relay_fail(s, DIR_UP, true, errno);  /* a TLS error: as from any read */
 		return;
+	} else if (r <= 0 && s->filter->held_closed(s, r == 0 ? 1 : -1)) {
+		return;
+	}
 	rd->unread = true;
 	ev_io_stop(capd_loop, &s->client.rio);
 }
@@ -1043,13 +1075,12 @@ relay_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 	enum dir d = (sd == &s->client) == reading ? DIR_UP : DIR_DOWN;
 
 	(void)loop; (void)revents;
-	if (reading && d == DIR_UP && relay_held_watch(s, DIR_UP)) {
-		/* only a held client is watched while its direction is held (a
-		 * stale fed event finds it so too: the peek sees nothing) */
+	/* a held client is watched only for its close (a stale fed event finds
+	 * it so too: the peek sees nothing) */
+	if (reading && d == DIR_UP && relay_held_watch(s, DIR_UP))
 		relay_held_readable(s);
-		return;
-	}
-	relay_pump(s, d);
+	else
+		relay_pump(s, d);
 	/* a TLS read may have waited for this side to be writable, or a write for it to be readable */
 	if (sd->tls && s->state == SESSION_OPEN && tls_side_crossed(sd->tls))
 		relay_pump(s, (enum dir)!d);

@@ -2286,27 +2286,29 @@ def test_exposed_http_without_users_is_said_to_be_an_open_proxy(capd_factory):
 class SilentOrigin(Listener):
     """Reads what comes and never answers (socat ... SYSTEM:'cat >/dev/null');
     `ended` is set once capd ends the upstream connection. With answer, it
-    answers the first request after `delay` seconds instead (then each next one)."""
+    answers each of the first `answers` requests of a connection after `delay`
+    seconds instead."""
 
-    def __init__(self, answer=None, delay=0.0):
+    def __init__(self, answer=None, delay=0.0, answers=0):
         self.ended = threading.Event()
-        self.answer, self.delay = answer, delay
+        self.answer, self.delay, self.answers = answer, delay, answers
         super().__init__()
 
     def handle(self, c, peer):
         apart(self.serve, c)
 
     def serve(self, c):
-        got = b""
+        got, answered = b"", 0
         with c:
             c.settimeout(30)
             try:
                 while (d := c.recv(4096)):
                     got += d
-                    while self.answer is not None and b"\r\n\r\n" in got:
+                    while answered < self.answers and b"\r\n\r\n" in got:
                         got = got.split(b"\r\n\r\n", 1)[1]
                         time.sleep(self.delay)
                         c.sendall(self.answer)
+                        answered += 1
             except OSError:
                 pass
             self.ended.set()
@@ -2378,9 +2380,10 @@ def test_client_closes_before_the_answer_ends_the_session(capd, end):
 def test_request_pipelined_while_waiting_keeps_its_turn(capd):
     """A request the client pipelines while the first one waits for its answer is
     not read early (capd peeks at it and leaves it): each is answered in turn on the
-    kept connection."""
+    kept connection. A third request, never answered, is watched again: the client's
+    close ends the session."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nslow!\n"
-    o = SilentOrigin(answer, delay=0.5)
+    o = SilentOrigin(answer, delay=0.5, answers=2)
     try:
         port = add_http(capd)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
@@ -2390,7 +2393,11 @@ def test_request_pipelined_while_waiting_keeps_its_turn(capd):
             c.sendall(req)
             got = read_responses(c, 2)
             assert [x["state"] for x in sessions(capd)] == ["open"]  # one session, still open
+            c.sendall(req)
+            time.sleep(0.3)  # held again, the answer never comes
         assert len(got) == 2 and all(g.startswith(b"HTTP/1.1 200 OK\r\n") and g.endswith(b"slow!\n")
                                      for g in got), got
+        assert closed_sessions(capd, 1)[-1]["reason"] == "client closed before the answer"
+        assert o.ended.wait(5), "the upstream connection stayed open"
     finally:
         o.close()

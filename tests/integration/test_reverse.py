@@ -1156,3 +1156,30 @@ def test_reverse_client_that_leaves_before_the_answer_ends_the_session(capd):
         assert o.ended.wait(5), "the upstream connection stayed open"
     finally:
         o.close()
+
+
+def test_reverse_tls_client_that_leaves_before_the_answer_ends_the_session(capd, tmp_path):
+    """The same for a `--tls` reverse instance in front of a TLS origin that never
+    answers (openssl s_server): curl's close_notify, a record, is read while the
+    request waits, and ends the session as its FIN does."""
+    import test_tls
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", crt, "-subj", "/CN=origin", "-days", "1"], check=True, capture_output=True)
+    oport = free_port()
+    srv = subprocess.Popen(["openssl", "s_server", "-quiet", "-accept", f"127.0.0.1:{oport}", "-cert", crt,
+                            "-key", key], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(oport)
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{oport}",
+                 "--tls", "--no-tls-verify")
+        ca = test_tls.export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--http1.1", "--max-time", "1", "--cacert", ca, "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1",
+                 f"https://{test_tls.NAME}:{port}/")
+        assert r.returncode == 28, r
+        s = closed(capd, 1)[-1]
+        assert s["reason"] == "client closed before the answer", s
+    finally:
+        srv.kill()
+        srv.wait()
