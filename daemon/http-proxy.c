@@ -1370,27 +1370,30 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	return RELAY_UPFAIL_ANSWERED;
 }
 
-/* The client closed (closed: 1 FIN, -1 reset) while the relay held it. While
- * its request waits for the response head, as nginx (499, with
+/* The client closed (closed: 1 FIN, -1 reset) while the relay held it.
+ * While its request is in progress (its response head awaited, or its body
+ * still coming from the upstream), as nginx (499, with
  * proxy_ignore_client_abort off) and mitmproxy ("Client disconnected") do,
  * a FIN means it left: the session ends, the upstream with it, instead of
- * waiting for an answer nobody reads (forever with idle_timeout 0). A
- * client that half-closes once its response has started still gets the rest
- * (its FIN waits unread, as before). A reset ends the session in any state. */
+ * waiting for an answer nobody reads (forever with idle_timeout 0). Once
+ * the whole response is in, what is left goes out and the FIN is read after
+ * it, as before. A reset ends the session in any state. */
 static bool
 http_filter_held_closed(struct session *s, int closed)
 {
 	struct http_conn *hc = s->proto_state;
-	bool waiting = hc->up == UP_WAIT && hc->down == DOWN_HEAD && hc->fail == NULL;
+	bool head = hc->down == DOWN_HEAD, body = hc->down == DOWN_BODY && !hc->resp_done;
+	bool waiting = hc->up == UP_WAIT && (head || body) && hc->fail == NULL;
 
 	if (closed < 0) {
-		session_reset_by_client(s, waiting ? "client reset before the answer" : "client reset");
+		session_reset_by_client(s, !waiting ? "client reset" : head ? "client reset before the answer"
+		                                                           : "client reset during the answer");
 		return true;
 	}
 	if (!waiting)
 		return false;
 	session_shutdown_dir(s, DIR_UP);  /* the capture shows the client's FIN first */
-	http_close(s, "client closed before the answer");
+	http_close(s, head ? "client closed before the answer" : "client closed during the answer");
 	return true;
 }
 

@@ -2377,6 +2377,22 @@ def test_client_closes_before_the_answer_ends_the_session(capd, end):
         o.close()
 
 
+def test_client_that_leaves_during_a_stalled_body_ends_the_session(capd):
+    """The same once the response started: an origin that sends its head and part of
+    its body, then nothing. The session stayed forever after curl gave up; as nginx
+    (499 "while reading upstream"), capd now ends it with the client's FIN."""
+    o = SilentOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", answers=1)
+    try:
+        port = add_http(capd)
+        r = curl("-x", f"http://127.0.0.1:{port}", "--max-time", "1", f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 28 and r.stdout == b"abc", r
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"] == "client closed during the answer", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
+
+
 def test_request_pipelined_while_waiting_keeps_its_turn(capd):
     """A request the client pipelines while the first one waits for its answer is
     not read early (capd peeks at it and leaves it): each is answered in turn on the
