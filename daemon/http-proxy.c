@@ -73,6 +73,7 @@ struct http_conn {
 	char *upload_fail;          /* why sending the request failed (its answer is read on), owned */
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
+	char authority[HOST_MAX + 8]; /* reverse: the Host the request went with ("" none), for Location */
 };
 
 /* Parse results live here only for the length of one callback. */
@@ -551,10 +552,75 @@ http_conn_lines(struct buf *b, const struct http_conn *hc, int minor)
 		buf_printf(b, "Proxy-Connection: %s\r\n", v);
 }
 
+/* reverse: the Host (or absolute URL's authority) a request goes upstream
+ * with, which a Location naming the upstream itself is rewritten to. */
+static void
+http_keep_authority(struct session *s, const struct http_msg *m, const struct http_target *t)
+{
+	struct http_conn *hc = s->proto_state;
+	const char *a = t->authority;
+	size_t n = t->authority_len;
+	struct http_target check;
+
+	hc->authority[0] = '\0';
+	if (!((struct http_cfg *)s->inst->cfg)->reverse)
+		return;
+	if (a == NULL && m->host >= 0) {
+		a = m->hdr[m->host].value;
+		n = m->hdr[m->host].value_len;
+	}
+	if (a && n < sizeof hc->authority && http_authority(a, n, &check) >= 0)
+		snprintf(hc->authority, sizeof hc->authority, "%.*s", (int)n, a);
+}
+
+/* The length of the "scheme://host:port" a Location starts with when it
+ * names the upstream as its route writes it (the upstream leg's scheme, the
+ * port or the scheme's default; case and brackets do not count), else 0:
+ * an origin that builds its redirects from its own address would send the
+ * client around the proxy. nginx's "proxy_redirect default" does the same. */
+static size_t
+http_location_upstream(const struct session *s, const char *v, size_t n)
+{
+	const struct http_conn *hc = s->proto_state;
+	const char *scheme = s->upstream.tls ? "https://" : "http://";
+	size_t sl = strlen(scheme), end;
+	struct http_target a;
+	int port;
+
+	if (n < sl || strncasecmp(v, scheme, sl) != 0)
+		return 0;
+	for (end = sl; end < n && v[end] != '/' && v[end] != '?' && v[end] != '#'; end++)
+		;
+	port = http_authority(v + sl, end - sl, &a);
+	if (port < 0)
+		return 0;
+	if (port == 0)
+		a.port = s->upstream.tls ? 443 : 80;
+	return a.port == hc->port && strcasecmp(a.host, hc->host) == 0 ? end : 0;
+}
+
+/* One header line of a response as it goes to the client. */
+static void
+http_put_header(const struct session *s, const struct http_hdr *h, struct buf *b)
+{
+	const struct http_conn *hc = s->proto_state;
+	size_t skip = 0;
+
+	buf_append(b, h->name, h->name_len);
+	buf_append(b, ": ", 2);
+	if (hc->authority[0] && http_hdr_is(h, "location"))
+		skip = http_location_upstream(s, h->value, h->value_len);
+	if (skip)
+		buf_printf(b, "%s://%s", s->client.tls ? "https" : "http", hc->authority);
+	buf_append(b, h->value + skip, h->value_len - skip);
+	buf_append(b, "\r\n", 2);
+}
+
 /* The response head as it goes to the client. */
 static void
-http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf *b)
+http_rewrite_response(struct session *s, const struct http_msg *m, struct buf *b)
 {
+	struct http_conn *hc = s->proto_state;
 	bool upgrade = m->status == 101, length = false;
 	/* a 1xx or 204 has no content, and its sender must not frame any (RFC
 	 * 9110 8.6, RFC 9112 6.1); capd reads none after it, so an origin's
@@ -587,10 +653,7 @@ http_rewrite_response(struct http_conn *hc, const struct http_msg *m, struct buf
 			http_put_length(b, h, &length);
 			continue;
 		}
-		buf_append(b, h->name, h->name_len);
-		buf_append(b, ": ", 2);
-		buf_append(b, h->value, h->value_len);
-		buf_append(b, "\r\n", 2);
+		http_put_header(s, h, b);
 	}
 	if (upgrade)
 		buf_append(b, "Connection: Upgrade\r\n", 21);
@@ -1021,6 +1084,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	}
 	http_note(s, m, &t);
 	http_rewrite_request(s, m, &t, &hc->head);
+	http_keep_authority(s, m, &t);
 	session_data(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	relay_inject(s, DIR_UP, buf_head(&hc->head), buf_used(&hc->head));
 	http_body_init(&hc->up_body, m->framing, m->length);
@@ -1090,7 +1154,7 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		hc->req_expect = false;
 		/* 100 Continue and friends: the final response follows (1.0 clients never see them) */
 		if (hc->req_minor > 0) {
-			http_rewrite_response(hc, m, &hc->head);
+			http_rewrite_response(s, m, &hc->head);
 			relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
 		}
 		return RELAY_EAT;
@@ -1100,7 +1164,7 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			http_fail_late(s, 502, "101 Switching Protocols without an Upgrade request");
 			return RELAY_END;
 		}
-		http_rewrite_response(hc, m, &hc->head);
+		http_rewrite_response(s, m, &hc->head);
 		relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
 		hc->up = UP_TUNNEL;
 		hc->down = DOWN_TUNNEL;
@@ -1126,7 +1190,7 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	 * its head cannot wait to know: it says so whenever it may happen */
 	if (!hc->req_done)
 		hc->client_keep = false;
-	http_rewrite_response(hc, m, &hc->head);
+	http_rewrite_response(s, m, &hc->head);
 	relay_inject(s, DIR_DOWN, buf_head(&hc->head), buf_used(&hc->head));
 	if (http_body_done(&hc->down_body))
 		http_resp_end(s);

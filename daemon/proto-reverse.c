@@ -1,7 +1,8 @@
 /*
  * reverse: the reverse HTTP proxy. Each request is routed by its Host (exact
  * names first, then the longest matching `*.suffix`, then `default`), keeps
- * its Host and gains X-Forwarded-For/-Host/-Proto; 421 when nothing routes.
+ * its Host and gains X-Forwarded-For/-Host/-Proto (a Location naming the
+ * upstream gets that Host back: http-proxy.c); 421 when nothing routes.
  * An absolute-form request (`GET http://h/p`; `https://` on a TLS client
  * connection, 421 on a plain one) is routed by the URL's host, whose
  * authority then replaces Host. On a TLS client connection a Host other

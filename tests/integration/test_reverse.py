@@ -1183,3 +1183,69 @@ def test_reverse_tls_client_that_leaves_before_the_answer_ends_the_session(capd,
     finally:
         srv.kill()
         srv.wait()
+
+
+class RedirectingOrigin:
+    """An origin that answers every request with a 302 to the URL after `/to?`,
+    in which `SELF` stands for its own address, as an origin that builds its
+    redirects from its own listening address (not from Host) writes them."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        import urllib.parse
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.unquote(self.path.split("?", 1)[1])
+                self.send_response(302)
+                self.send_header("Location", url.replace("SELF", f"127.0.0.1:{self.server.server_port}"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.srv.server_port
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_reverse_location_naming_the_upstream_is_rewritten(capd_factory):
+    """Regression: a redirect whose Location named the upstream's own address
+    (http://127.0.0.1:PORT/new, from an origin that writes its redirects so)
+    reached the client as it was, and curl -L then left the proxy for the
+    origin. As nginx's "proxy_redirect default" does, the scheme and authority
+    become the ones the client used (its Host, or its absolute URL's);
+    other Locations pass unchanged."""
+    o = RedirectingOrigin()
+    try:
+        port = free_port()
+        capd_factory(f"[reverse r]\nlisten = {port}\nroute = site.test=127.0.0.1:{o.port}\n")
+
+        def location(to, host="site.test:8080", target="/to?"):
+            reply = raw(port, f"GET {target}{to} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert status_of(reply) == 302, reply
+            return [ln[10:] for ln in reply.decode().split("\r\n") if ln.lower().startswith("location: ")]
+
+        assert location("http://SELF/new%3Fx=1") == ["http://site.test:8080/new?x=1"]
+        assert location("HTTP://SELF") == ["http://site.test:8080"]
+        assert location("http://SELF/a", host="SITE.test") == ["http://SITE.test/a"]
+        assert location("http://SELF/a", host="www.example.com", target="http://site.test/to?") == \
+            ["http://site.test/a"]
+        # not the upstream: another host, port or scheme, a relative one
+        for other in ("http://elsewhere.test/a", f"http://127.0.0.1:{o.port + 1}/a", "https://SELF/a", "/rel"):
+            want = other.replace("SELF", f"127.0.0.1:{o.port}")
+            assert location(other) == [want], other
+        # curl -L follows the redirect through capd (--resolve: no name reaches the resolver)
+        r = curl("-L", "--max-redirs", "1", "--resolve", f"site.test:{port}:127.0.0.1", "-w", "%{url_effective}",
+                 f"http://site.test:{port}/to?http://SELF/to%3F/end")
+        assert r.stdout.endswith(f"http://site.test:{port}/to?/end".encode()), r
+    finally:
+        o.close()
