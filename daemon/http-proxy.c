@@ -573,9 +573,24 @@ http_keep_authority(struct session *s, const struct http_msg *m, const struct ht
 		snprintf(hc->authority, sizeof hc->authority, "%.*s", (int)n, a);
 }
 
+/* Whether a Location's host is the upstream's: an IP address in any of its
+ * spellings ([0::1] is [::1]), as routes match it. */
+static bool
+http_same_host(const char *a, const char *b)
+{
+	struct sockaddr_storage x, y;
+	socklen_t xl, yl;
+
+	if (strcasecmp(a, b) == 0)
+		return true;
+	return addr_from_literal(a, 1, &x, &xl) == 0 && addr_from_literal(b, 1, &y, &yl) == 0 &&
+	       addr_same((struct sockaddr *)&x, (struct sockaddr *)&y, false);
+}
+
 /* The length of the "scheme://host:port" a Location starts with when it
  * names the upstream as its route writes it (the upstream leg's scheme, the
- * port or the scheme's default; case and brackets do not count), else 0:
+ * port or the scheme's default; case, brackets and an IP address's spelling
+ * do not count), else 0:
  * an origin that builds its redirects from its own address would send the
  * client around the proxy. nginx's "proxy_redirect default" does the same. */
 static size_t
@@ -596,7 +611,7 @@ http_location_upstream(const struct session *s, const char *v, size_t n)
 		return 0;
 	if (port == 0)
 		a.port = s->upstream.tls ? 443 : 80;
-	return a.port == hc->port && strcasecmp(a.host, hc->host) == 0 ? end : 0;
+	return a.port == hc->port && http_same_host(a.host, hc->host) ? end : 0;
 }
 
 /* One header line of a response as it goes to the client. */

@@ -1190,10 +1190,13 @@ class RedirectingOrigin:
     in which `SELF` stands for its own address, as an origin that builds its
     redirects from its own listening address (not from Host) writes them."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1"):
         import http.server
         import threading
         import urllib.parse
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -1204,11 +1207,12 @@ class RedirectingOrigin:
             def do_GET(self):
                 url = urllib.parse.unquote(self.path.split("?", 1)[1])
                 self.send_response(302)
-                self.send_header("Location", url.replace("SELF", f"127.0.0.1:{self.server.server_port}"))
+                self.send_header("Location", url.replace("SELF", f"{self_host}:{self.server.server_port}"))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self_host = f"[{host}]" if ":" in host else host
+        self.srv = Server((host, 0), Handler)
         self.port = self.srv.server_port
         threading.Thread(target=self.srv.serve_forever, daemon=True).start()
 
@@ -1224,10 +1228,11 @@ def test_reverse_location_naming_the_upstream_is_rewritten(capd_factory):
     origin. As nginx's "proxy_redirect default" does, the scheme and authority
     become the ones the client used (its Host, or its absolute URL's);
     other Locations pass unchanged."""
-    o = RedirectingOrigin()
+    o, v6 = RedirectingOrigin(), RedirectingOrigin("::1")
     try:
         port = free_port()
-        capd_factory(f"[reverse r]\nlisten = {port}\nroute = site.test=127.0.0.1:{o.port}\n")
+        capd_factory(f"[reverse r]\nlisten = {port}\nroute = site.test=127.0.0.1:{o.port}\n"
+                     f"route = v6.test=[::1]:{v6.port}\n")
 
         def location(to, host="site.test:8080", target="/to?"):
             reply = raw(port, f"GET {target}{to} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
@@ -1239,6 +1244,8 @@ def test_reverse_location_naming_the_upstream_is_rewritten(capd_factory):
         assert location("http://SELF/a", host="SITE.test") == ["http://SITE.test/a"]
         assert location("http://SELF/a", host="www.example.com", target="http://site.test/to?") == \
             ["http://site.test/a"]
+        # an IPv6 upstream, in another spelling of its address
+        assert location(f"http://[0:0::1]:{v6.port}/a", host="v6.test") == ["http://v6.test/a"]
         # not the upstream: another host, port or scheme, a relative one
         for other in ("http://elsewhere.test/a", f"http://127.0.0.1:{o.port + 1}/a", "https://SELF/a", "/rel"):
             want = other.replace("SELF", f"127.0.0.1:{o.port}")
@@ -1249,3 +1256,4 @@ def test_reverse_location_naming_the_upstream_is_rewritten(capd_factory):
         assert r.stdout.endswith(f"http://site.test:{port}/to?/end".encode()), r
     finally:
         o.close()
+        v6.close()
