@@ -48,6 +48,12 @@ hostport_parse(const char *s, struct hostport *hp, char **why)
 		snprintf(hp->host, sizeof hp->host, "127.0.0.1");
 		return 0;
 	}
+	if (strstr(s, "://")) {
+		/* a URL, as nginx's proxy_pass takes one: its colons would
+		 * otherwise read as an IPv6 address without brackets */
+		*why = xasprintf("bad address '%s': expected host:port, not a URL", s);
+		return -1;
+	}
 	if (s[0] == '[') {
 		const char *close = strchr(s, ']');
 		if (close == NULL || close[1] != ':') {

@@ -1257,3 +1257,17 @@ def test_reverse_location_naming_the_upstream_is_rewritten(capd_factory):
     finally:
         o.close()
         v6.close()
+
+
+def test_reverse_route_written_as_a_url_is_named_so(tmp_path):
+    """Regression: an upstream written as nginx's proxy_pass takes it
+    (`route = a.test=https://127.0.0.1:8443`, `default = http://...`) was
+    refused with "write IPv6 as [addr]:port", which sent the user after a
+    mistake they had not made. The error now says a URL is not an address."""
+    for line in ("route = a.test=https://127.0.0.1:8443", "default = http://127.0.0.1:8080/"):
+        conf = tmp_path / "capd.conf"
+        conf.write_text(f"[capd]\ncontrol = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\n"
+                        f"state_dir = {tmp_path}/state\n[reverse r]\nlisten = 127.0.0.1:{free_port()}\n{line}\n")
+        r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and "expected host:port, not a URL" in r.stderr, r.stderr
+        assert "IPv6" not in r.stderr, r.stderr

@@ -36,6 +36,11 @@ test_hostport(void **state)
 		assert_non_null(why);
 		free(why);
 	}
+	/* a URL is named as one, not as an IPv6 address without brackets */
+	why = NULL;
+	assert_int_equal(hostport_parse("https://127.0.0.1:443", &hp, &why), -1);
+	assert_non_null(strstr(why, "not a URL"));
+	free(why);
 }
 
 static void
