@@ -558,12 +558,13 @@ static void
 http_keep_authority(struct session *s, const struct http_msg *m, const struct http_target *t)
 {
 	struct http_conn *hc = s->proto_state;
+	struct http_cfg *cfg = s->inst->cfg;
 	const char *a = t->authority;
 	size_t n = t->authority_len;
 	struct http_target check;
 
 	hc->authority[0] = '\0';
-	if (!((struct http_cfg *)s->inst->cfg)->reverse)
+	if (!cfg->reverse)
 		return;
 	if (a == NULL && m->host >= 0) {
 		a = m->hdr[m->host].value;
