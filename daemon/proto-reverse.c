@@ -144,6 +144,20 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 	return 0;
 }
 
+/* What a refused pattern most likely meant, written as nginx's server_name
+ * or location would have it, or "". */
+static const char *
+reverse_pattern_hint(const char *pat)
+{
+	if (strchr(pat, '/'))
+		return ": routes go by Host only, not by path";
+	if (pat[0] == '.')
+		return ": write *.suffix, and the name itself in a route of its own";
+	if (strchr(pat, ':') && !addr_is_ip_literal(pat))
+		return ": a pattern has no port (that of Host does not count)";
+	return "";
+}
+
 static int
 reverse_configure(struct instance *inst, struct params *p)
 {
@@ -182,7 +196,8 @@ reverse_configure(struct instance *inst, struct params *p)
 		if (bracket ? !(addr_is_ip_literal(pat) && strchr(pat, ':'))
 		            : !(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
 		                addr_is_ip_literal(pat))) {
-			params_fail_at(p, "route", i, "bad host pattern '%.*s' in route", (int)(eq - v), v);
+			params_fail_at(p, "route", i, "bad host pattern '%.*s' in route%s", (int)(eq - v), v,
+			               reverse_pattern_hint(pat));
 			free(pat);
 			return -1;
 		}

@@ -1271,3 +1271,18 @@ def test_reverse_route_written_as_a_url_is_named_so(tmp_path):
         r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
         assert r.returncode == 1 and "expected host:port, not a URL" in r.stderr, r.stderr
         assert "IPv6" not in r.stderr, r.stderr
+
+
+def test_reverse_route_pattern_errors_say_what_was_meant(tmp_path):
+    """A route pattern written as nginx would write a server_name with a port,
+    a location path or a `.suffix` was refused as a bare "bad host pattern",
+    which left the user to guess; the error now says what capd takes."""
+    cases = (("www.test:8080", "a pattern has no port"), ("[::1]:8080", "a pattern has no port"),
+             ("www.test/api", "routes go by Host only, not by path"), (".www.test", "write *.suffix"))
+    for pattern, hint in cases:
+        conf = tmp_path / "capd.conf"
+        conf.write_text(f"[capd]\ncontrol = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\n"
+                        f"state_dir = {tmp_path}/state\n[reverse r]\nlisten = 127.0.0.1:{free_port()}\n"
+                        f"route = {pattern}=127.0.0.1:1\n")
+        r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and f"bad host pattern '{pattern}' in route: {hint}" in r.stderr, r.stderr
