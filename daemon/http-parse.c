@@ -128,6 +128,14 @@ http_header(const struct http_msg *m, const char *name)
 	return NULL;
 }
 
+/* Whitespace around a list element: SP, HTAB, and the CR and LF of an
+ * obs-fold inside a response's value (http_fold). */
+static bool
+http_ows(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
 /* Calls fn for each element of a comma-separated list value, trimmed; stops when fn returns false. */
 static bool
 http_list_each(const char *v, size_t n, bool (*fn)(void *arg, const char *e, size_t len), void *arg)
@@ -139,9 +147,9 @@ http_list_each(const char *v, size_t n, bool (*fn)(void *arg, const char *e, siz
 		while (i < n && v[i] != ',')
 			i++;
 		end = i;
-		while (start < end && (v[start] == ' ' || v[start] == '\t'))
+		while (start < end && http_ows(v[start]))
 			start++;
-		while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t'))
+		while (end > start && http_ows(v[end - 1]))
 			end--;
 		if (end > start && !fn(arg, v + start, end - start))
 			return false;
@@ -273,16 +281,51 @@ http_te_elem(void *arg, const char *e, size_t len)
 	return true;
 }
 
-/* Finds the end of the line starting at p[i] (end points at its CR); -1 on a bare CR or LF. */
+/*
+ * The line starting at p[i], in a head that ends at limit: its content ends
+ * at the returned index (its CR, or its LF when the line ends with a bare
+ * LF) and *next is where the next line starts; -1 on a CR that is not the
+ * one before the line's LF (bare CR). A bare LF ends a whole line and
+ * nothing else, as RFC 9112 2.2 lets a recipient take it (nginx, squid,
+ * curl and browsers do): capd writes every head it passes on anew, with
+ * CRLF, so the next hop never sees a line end capd did not see.
+ */
 static long
-http_line_end(const char *p, size_t i, size_t limit)
+http_line_end(const char *p, size_t i, size_t limit, size_t *next)
 {
-	const char *cr = memchr(p + i, '\r', limit - i);
-	const char *lf = memchr(p + i, '\n', (size_t)((cr ? cr : p + limit) - (p + i)));
+	const char *lf = memchr(p + i, '\n', limit - i);
+	size_t e;
 
-	if (cr == NULL || lf != NULL || (size_t)(cr - p) + 1 >= limit || cr[1] != '\n')
+	if (lf == NULL)
 		return -1;
-	return cr - p;
+	e = (size_t)(lf - p);
+	*next = e + 1;
+	if (e > i && p[e - 1] == '\r')
+		e--;
+	if (memchr(p + i, '\r', e - i))
+		return -1;
+	return (long)e;
+}
+
+/* Where the head starting at p[s] ends: the index after the LF of its
+ * first empty line (CRLF or a bare LF), 0 when none came yet. */
+static size_t
+http_head_end(const char *p, size_t s, size_t n)
+{
+	size_t i = s;
+
+	while (i < n) {
+		const char *lf = memchr(p + i, '\n', n - i);
+		size_t e;
+
+		if (lf == NULL)
+			return 0;
+		e = (size_t)(lf - p);
+		if (e == i || (e == i + 1 && p[i] == '\r'))
+			return e + 1;
+		i = e + 1;
+	}
+	return 0;
 }
 
 /* "HTTP/1.x" at p: 0 or 1 into *minor; 0 ok, 400 malformed, 505 another
@@ -304,23 +347,24 @@ http_version(const char *p, size_t n, int *minor)
  * The shared start: finds the head (a request may follow stray empty
  * lines), fails early on what can never become one, and checks the start
  * line's end. The caller parses the start line, p[*start..*first_end)
- * (*first_end is its CR), before http_parse_fields parses the header lines,
- * so that a head refused for a header still says what it asked for.
+ * (*first_end is its CR or bare LF; the next line starts at *first_next),
+ * before http_parse_fields parses the header lines, so that a head refused
+ * for a header still says what it asked for.
  */
 static enum parse
-http_head_find(const char *p, size_t n, size_t max, bool request, struct http_msg *m, size_t *start, size_t *first_end)
+http_head_find(const char *p, size_t n, size_t max, bool request, struct http_msg *m, size_t *start,
+               size_t *first_end, size_t *first_next)
 {
 	size_t s = 0, end;
-	const char *eoh;
 	long le;
 
 	http_ctype_init();
 	memset(m, 0, offsetof(struct http_msg, hdr));
 	m->host = -1;
-	/* a request may follow a stray empty line (RFC 9112 2.2) */
+	/* a request may follow a stray empty line (RFC 9112 2.2), CRLF or LF */
 	if (request)
-		while (s + 1 < n && s < 8 && p[s] == '\r' && p[s + 1] == '\n')
-			s += 2;
+		while (s < n && s < 8 && (p[s] == '\n' || (s + 1 < n && p[s] == '\r' && p[s + 1] == '\n')))
+			s += p[s] == '\n' ? 1 : 2;
 	*start = s;
 	/* the CR of such a line whose LF is still to come (a client sending a
 	 * byte at a time) is not yet anything: the same bytes in one read pass */
@@ -328,43 +372,81 @@ http_head_find(const char *p, size_t n, size_t max, bool request, struct http_ms
 		return PARSE_MORE;
 	if (n > s && !IS(p[s], C_TCHAR))
 		return http_fail(m, 400, request ? "not an HTTP request" : "not an HTTP response");
-	eoh = memmem(p + s, n - s, "\r\n\r\n", 4);
-	if (eoh == NULL) {
-		/* fail early on what can never become a head */
-		if (memchr(p + s, '\n', n - s) && !memmem(p + s, n - s, "\r\n", 2))
-			return http_fail(m, 400, "bare LF line end");
+	end = http_head_end(p, s, n < max ? n : max);
+	if (end == 0) {
 		if (n >= max)
 			return http_fail(m, 431, "header section too large");
 		return PARSE_MORE;
 	}
-	end = (size_t)(eoh - p) + 4;
-	if (end > max)
-		return http_fail(m, 431, "header section too large");
 	m->head_len = end;
-	le = http_line_end(p, s, end);
+	le = http_line_end(p, s, end, first_next);
 	if (le < 0)
 		return http_fail(m, 400, "bad line end");
 	*first_end = (size_t)le;
 	return PARSE_OK;
 }
 
-/* The header lines after the start line (which ends at first_end) into m->hdr. */
+/*
+ * A response's obs-fold line p[i..le) (RFC 9112 5.2): a proxy must refuse
+ * the response or replace each fold with SP before passing it on. Browsers
+ * and curl take folded responses, so capd does the latter: the line's
+ * value joins the previous header's, whose value then spans the fold (its
+ * line end and leading whitespace), which the writer of the head
+ * (http_put_value) puts out as one SP; m->folded says some did.
+ */
 static enum parse
-http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg *m, size_t first_end)
+http_fold(const char *p, size_t i, size_t le, struct http_msg *m)
+{
+	struct http_hdr *h = &m->hdr[m->nhdr - 1];
+	size_t vs = i, ve = le;
+
+	/* what frames the body is never guessed at: no sender that means
+	 * well folds a length (the response gets 502) */
+	if (http_token_eq(h->name, h->name_len, "content-length") ||
+	    http_token_eq(h->name, h->name_len, "transfer-encoding"))
+		return http_fail(m, 400, "obsolete line folding in Content-Length or Transfer-Encoding");
+
+	while (vs < ve && (p[vs] == ' ' || p[vs] == '\t'))
+		vs++;
+	while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t'))
+		ve--;
+	for (size_t j = vs; j < ve; j++)
+		if (!IS(p[j], C_VCHAR))
+			return http_fail(m, 400, "control character in a header value");
+	if (vs == ve)
+		return PARSE_OK;  /* whitespace alone adds nothing */
+	if (h->value_len == 0)
+		h->value = p + vs;  /* "Name:" and its value on the next line */
+	h->value_len = (uint32_t)(p + ve - h->value);
+	m->folded = true;
+	return PARSE_OK;
+}
+
+/* The header lines after the start line (the first starts at i) into
+ * m->hdr; fold: obs-fold is joined (responses) rather than refused. */
+static enum parse
+http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg *m, size_t i, bool fold)
 {
 	unsigned max_hdr = lim && lim->max_headers ? lim->max_headers : HTTP_MAX_HEADERS;
-	size_t end = m->head_len, i;
-	long le = (long)first_end;
+	size_t end = m->head_len, next;
 
-	for (i = (size_t)le + 2; i < end - 2; i = (size_t)le + 2) {
+	for (; i < end; i = next) {
 		struct http_hdr *h;
 		size_t k = i, vs, ve;
+		long le = http_line_end(p, i, end, &next);
 
-		le = http_line_end(p, i, end);
 		if (le < 0)
 			return http_fail(m, 400, "bad line end");
-		if (p[i] == ' ' || p[i] == '\t')
-			return http_fail(m, 400, "obsolete line folding");
+		if ((size_t)le == i)
+			break;  /* the empty line */
+		if (p[i] == ' ' || p[i] == '\t') {
+			enum parse rv;
+			if (!fold || m->nhdr == 0)
+				return http_fail(m, 400, "obsolete line folding");
+			if ((rv = http_fold(p, i, (size_t)le, m)) != PARSE_OK)
+				return rv;
+			continue;
+		}
 		while (k < (size_t)le && IS(p[k], C_TCHAR))
 			k++;
 		if (k == i || k == (size_t)le || p[k] != ':')
@@ -489,6 +571,8 @@ http_request_line(const char *p, size_t s, size_t le, struct http_msg *m)
 	m->method_len = (uint32_t)(i - s);
 	for (t = ++i; i < le && IS(p[i], C_TARGET); i++)
 		;
+	if (i > t && i == le)
+		return http_fail(m, 400, "no HTTP version (an HTTP/0.9 request)");
 	if (i == t || i >= le || p[i] != ' ')
 		return http_fail(m, 400, "bad request target");
 	m->target = p + t;
@@ -524,18 +608,28 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 {
 	const char *p = (const char *)bytes;
 	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
-	size_t s = 0, le = 0;
-	enum parse rv = http_head_find(p, n, max, true, m, &s, &le);
+	size_t s = 0, le = 0, next = 0, upto = n < max ? n : max;
+	enum parse rv = http_head_find(p, n, max, true, m, &s, &le, &next);
+	long first = -1;
 
+	/* the request line, once it came whole, before the rest of the head:
+	 * one that can never be a request (HTTP/0.9's "GET /") gets its 400
+	 * now rather than after header_timeout */
+	bool line = rv != PARSE_OK && upto > s && memchr(p + s, '\n', upto - s) != NULL;
+
+	if (line)
+		first = http_line_end(p, s, upto, &next);
+	if (rv == PARSE_MORE && line && first < 0)
+		return http_fail(m, 400, "bad line end");
+	if (rv == PARSE_MORE && line && http_request_line(p, s, (size_t)first, m) == PARSE_ERR)
+		return PARSE_ERR;
 	if (rv == PARSE_ERR && m->status == 431) {
 		/* too large: what its request line asked for, when that came whole;
 		 * a request line that did not is a target too long (RFC 9112 3) */
-		size_t upto = n < max ? n : max;
-		const char *cr = upto > s ? memmem(p + s, upto - s, "\r\n", 2) : NULL;
 		const char *why = m->why;
 
-		if (cr) {
-			http_request_line(p, s, (size_t)(cr - p), m);
+		if (first >= 0) {
+			http_request_line(p, s, (size_t)first, m);
 			m->status = 431;
 			m->why = why;
 		} else {
@@ -546,7 +640,8 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 	}
 	if (rv != PARSE_OK)
 		return rv;
-	if ((rv = http_request_line(p, s, le, m)) != PARSE_OK || (rv = http_parse_fields(p, lim, m, le)) != PARSE_OK)
+	if ((rv = http_request_line(p, s, le, m)) != PARSE_OK ||
+	    (rv = http_parse_fields(p, lim, m, next, false)) != PARSE_OK)
 		return rv;
 	return http_semantics(m, true);
 }
@@ -557,8 +652,8 @@ http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *li
 {
 	const char *p = (const char *)bytes;
 	size_t max = lim && lim->max_head ? lim->max_head : HTTP_HEAD_DEFAULT;
-	size_t s = 0, le = 0, i;
-	enum parse rv = http_head_find(p, n, max, false, m, &s, &le);
+	size_t s = 0, le = 0, next = 0, i;
+	enum parse rv = http_head_find(p, n, max, false, m, &s, &le, &next);
 	int st;
 
 	if (rv != PARSE_OK)
@@ -583,7 +678,7 @@ http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *li
 		m->reason = p + s + 13;
 		m->reason_len = (uint32_t)(le - s - 13);
 	}
-	if ((rv = http_parse_fields(p, lim, m, le)) != PARSE_OK)
+	if ((rv = http_parse_fields(p, lim, m, next, true)) != PARSE_OK)
 		return rv;
 	if ((rv = http_semantics(m, false)) != PARSE_OK) {
 		m->status = 502;

@@ -14,7 +14,10 @@
  *    the close) and tells where the message ends; chunked framing is checked
  *    byte by byte and passed through unchanged.
  *
- * Refused: obs-fold, bare CR or LF line ends, whitespace before a colon,
+ * A line may end with CRLF or a bare LF (RFC 9112 2.2), never a bare CR.
+ * A response's obs-fold joins the line before (http_fold in http-parse.c).
+ *
+ * Refused: obs-fold in requests, bare CR, whitespace before a colon,
  * control bytes, both Content-Length and Transfer-Encoding, differing
  * Content-Length values, a Transfer-Encoding whose last coding is not
  * chunked (requests), chunked twice, Transfer-Encoding in HTTP/1.0, more
@@ -68,6 +71,7 @@ struct http_msg {
 	bool pconn_keepalive;          /* ... keep-alive; HTTP/1.0 clients of a proxy send) */
 	bool conn_upgrade;             /* Connection: upgrade (and an Upgrade header; never in a 1.0 request) */
 	bool expect_continue;          /* Expect: 100-continue */
+	bool folded;                   /* a response header's value spans an obs-fold (CR, LF, SP/HTAB in it) */
 	int host;                      /* index of the Host header, -1 when none */
 	const char *why;               /* on PARSE_ERR: static text */
 	struct http_hdr hdr[HTTP_MAX_HEADERS];  /* last: a parse clears everything before it */

@@ -389,11 +389,18 @@ http_for_capd(const struct http_msg *m)
 	return (http_method_is(m, "OPTIONS") || http_method_is(m, "TRACE")) && http_max_forwards(m, NULL) == 0;
 }
 
-/* The CR that ends the line p is in (the parsed head it is in ends at end). */
-static const char *
-http_line_cr(const char *p, const char *end)
+/* The line of a parsed head (which ends at end) from p to its end, less
+ * its CRLF or bare LF, with a CRLF into b. */
+static void
+http_echo_line(struct buf *b, const char *p, const char *end)
 {
-	return memchr(p, '\r', (size_t)(end - p));
+	const char *lf = memchr(p, '\n', (size_t)(end - p));
+	size_t n = (size_t)(lf - p);
+
+	if (n > 0 && p[n - 1] == '\r')
+		n--;
+	buf_append(b, p, n);
+	buf_append(b, "\r\n", 2);
 }
 
 /* capd's own answer to a request for it (http_for_capd) into b, and its
@@ -405,7 +412,7 @@ static void
 http_answer(struct session *s, const struct http_msg *m, const uint8_t *p, struct buf *b, char **reason)
 {
 	struct http_cfg *cfg = s->inst->cfg;
-	const char *end = (const char *)p + m->head_len, *cr;
+	const char *end = (const char *)p + m->head_len;
 	struct buf echo = { 0 };
 
 	*reason = xasprintf("%d %s: %.*s with Max-Forwards: 0, answered by capd", 200, http_status_text(200),
@@ -415,16 +422,15 @@ http_answer(struct session *s, const struct http_msg *m, const uint8_t *p, struc
 		           cfg->reverse ? HTTP_ALLOW : HTTP_ALLOW ", CONNECT");
 		return;
 	}
-	cr = http_line_cr(m->target + m->target_len, end);
-	buf_append(&echo, m->method, (size_t)(cr - m->method) + 2);
+	/* line ends as capd passes them: CRLF, even for a bare LF */
+	http_echo_line(&echo, m->method, end);
 	for (unsigned i = 0; i < m->nhdr; i++) {
 		const struct http_hdr *h = &m->hdr[i];
 
 		if (http_hdr_is(h, "authorization") || http_hdr_is(h, "proxy-authorization") ||
 		    http_hdr_is(h, "cookie"))
 			continue;
-		cr = http_line_cr(h->value + h->value_len, end);
-		buf_append(&echo, h->name, (size_t)(cr - h->name) + 2);
+		http_echo_line(&echo, h->name, end);
 	}
 	buf_append(&echo, "\r\n", 2);
 	buf_printf(b,
@@ -537,6 +543,32 @@ http_rewrite_request(struct session *s, const struct http_msg *m, const struct h
 	buf_printf(b, "Via: 1.%d capd\r\n\r\n", m->minor);
 }
 
+/* A response header's value as it goes on: each obs-fold in it (http_fold
+ * in http-parse.c: the line end and the whitespace around it) as one SP, as
+ * RFC 9112 5.2 says a proxy must (squid does). */
+static void
+http_put_value(struct buf *b, const struct http_msg *m, const struct http_hdr *h)
+{
+	const char *v = h->value, *end = v + h->value_len, *lf;
+
+	if (!m->folded) {
+		buf_append(b, v, h->value_len);
+		return;
+	}
+	while ((lf = memchr(v, '\n', (size_t)(end - v))) != NULL) {
+		const char *e = lf, *next = lf + 1;
+
+		while (e > v && (e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+			e--;
+		while (next < end && (*next == ' ' || *next == '\t'))
+			next++;
+		buf_append(b, v, (size_t)(e - v));
+		buf_append(b, " ", 1);
+		v = next;
+	}
+	buf_append(b, v, (size_t)(end - v));
+}
+
 /* The Connection line an answer to the client needs, none for an HTTP/1.1
  * client that keeps its connection: a 1.0 client needs keep-alive said, and
  * one that asked in Proxy-Connection gets that line too (Java reads it first). */
@@ -617,7 +649,7 @@ http_location_upstream(const struct session *s, const char *v, size_t n)
 
 /* One header line of a response as it goes to the client. */
 static void
-http_put_header(const struct session *s, const struct http_hdr *h, struct buf *b)
+http_put_header(const struct session *s, const struct http_msg *m, const struct http_hdr *h, struct buf *b)
 {
 	const struct http_conn *hc = s->proto_state;
 	size_t skip = 0;
@@ -626,9 +658,12 @@ http_put_header(const struct session *s, const struct http_hdr *h, struct buf *b
 	buf_append(b, ": ", 2);
 	if (hc->authority[0] && http_hdr_is(h, "location"))
 		skip = http_location_upstream(s, h->value, h->value_len);
-	if (skip)
+	if (skip) {
 		buf_printf(b, "%s://%s", s->client.tls ? "https" : "http", hc->authority);
-	buf_append(b, h->value + skip, h->value_len - skip);
+		buf_append(b, h->value + skip, h->value_len - skip);
+	} else {
+		http_put_value(b, m, h);  /* an obs-fold joined with SP */
+	}
 	buf_append(b, "\r\n", 2);
 }
 
@@ -669,7 +704,7 @@ http_rewrite_response(struct session *s, const struct http_msg *m, struct buf *b
 			http_put_length(b, h, &length);
 			continue;
 		}
-		http_put_header(s, h, b);
+		http_put_header(s, m, h, b);
 	}
 	if (upgrade)
 		buf_append(b, "Connection: Upgrade\r\n", 21);

@@ -119,8 +119,9 @@ test_headers(void **state)
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\n: v\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\x01z\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\rz\r\n\r\n", 400);          /* bare CR */
-	expect_err("GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400);               /* bare LF */
-	expect_err("GET / HTTP/1.1\nHost: a\n\n", 400);
+	/* a bare LF ends a line (test_bare_lf); a bare CR never does */
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\r\rz\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\r\r\n\r\n", 400);
 	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fz\r\n\r\n", 400);
 }
 
@@ -359,7 +360,9 @@ test_response(void **state)
 	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", false),
 	                 PARSE_ERR);
 	assert_int_equal(m.status, 502);
-	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX: 1\r\n folded\r\n\r\n", false), PARSE_ERR);
+	/* a response's obs-fold is joined (test_response_fold) */
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX: 1\r\n folded\r\n\r\n", false), PARSE_OK);
+	assert_true(m.folded);
 }
 
 /* Scans body bytes split at every position; returns where the body ended or -1. */
@@ -451,6 +454,109 @@ test_length(void **state)
 	assert_true(http_body_done(&b));
 }
 
+/* A bare LF ends a whole line, in requests and responses (RFC 9112 2.2, as
+ * nginx, squid and curl take it); a bare CR anywhere is still refused, and
+ * never becomes part of a value. */
+static void
+test_bare_lf(void **state)
+{
+	const struct http_hdr *h;
+	const char *r = "HTTP/1.1 200 OK\nContent-Length: 3\nX-A: v\n\nabc";
+	const char *q = "GET / HTTP/1.1\nHost: a\r\nX: b\n\n";
+
+	(void)state;
+	assert_int_equal(resp(r, false), PARSE_OK);
+	assert_int_equal(m.status, 200);
+	assert_int_equal(m.reason_len, 2);
+	assert_int_equal(m.head_len, strlen(r) - 3);
+	assert_int_equal(m.framing, HTTP_BODY_LENGTH);
+	assert_int_equal(m.length, 3);
+	h = http_header(&m, "x-a");
+	assert_non_null(h);
+	assert_int_equal(h->value_len, 1);
+	assert_int_equal(resp("HTTP/1.0 200\n\n", false), PARSE_OK);
+	assert_int_equal(m.reason_len, 0);
+	assert_int_equal(m.head_len, 14);
+	/* "\r\n\n" and "\n\r\n" end a head as "\r\n\r\n" does */
+	assert_int_equal(resp("HTTP/1.1 204 No Content\r\nX: 1\r\n\n", false), PARSE_OK);
+	assert_int_equal(m.nhdr, 1);
+	assert_int_equal(resp("HTTP/1.1 204 No Content\nX: 1\n\r\nrest", false), PARSE_OK);
+	assert_int_equal(m.head_len, 31);
+	assert_int_equal(resp("HTTP/1.1 200 OK\nX: 1\n", false), PARSE_MORE);
+	assert_int_equal(resp("HTTP/1.1 200 OK\nX: a\rb\n\n", false), PARSE_ERR);
+
+	assert_int_equal(req(q), PARSE_OK);
+	assert_int_equal(m.head_len, strlen(q));
+	assert_int_equal(m.nhdr, 2);
+	assert_int_equal(m.target_len, 1);
+	h = http_header(&m, "x");
+	assert_non_null(h);
+	assert_int_equal(h->value_len, 1);
+	assert_memory_equal(h->value, "b", 1);
+	/* a stray LF before the request line, as a stray CRLF */
+	assert_int_equal(req("\nGET / HTTP/1.0\n\n"), PARSE_OK);
+	assert_int_equal(m.method_len, 3);
+	/* a value cannot hide a line end: a bare LF is one, a bare CR is refused */
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nX: 1\nContent-Length: 2\r\n\r\nab"), PARSE_OK);
+	assert_int_equal(m.framing, HTTP_BODY_LENGTH);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: 1\rContent-Length: 2\r\n\r\n", 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\nX: 1\n Content-Length: 2\r\n\r\n", 400);  /* obs-fold */
+}
+
+/* A response's obs-fold is joined to the line before, its value spanning
+ * the fold (the proxy writes it out as one SP); not in Content-Length or
+ * Transfer-Encoding, nor in requests, nor before the first header. */
+static void
+test_response_fold(void **state)
+{
+	const struct http_hdr *h;
+
+	(void)state;
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX-A: one\r\n\t two \r\n   three\r\nY: 2\r\n\r\n", false),
+	                 PARSE_OK);
+	assert_true(m.folded);
+	assert_int_equal(m.nhdr, 2);
+	h = http_header(&m, "x-a");
+	assert_non_null(h);
+	assert_int_equal(h->value_len, strlen("one\r\n\t two \r\n   three"));
+	assert_memory_equal(h->value, "one\r\n\t two \r\n   three", h->value_len);
+	assert_int_equal(resp("HTTP/1.1 200 OK\nX-A:\n two\n\n", false), PARSE_OK);
+	h = http_header(&m, "x-a");
+	assert_int_equal(h->value_len, 3);
+	assert_memory_equal(h->value, "two", 3);
+	/* a folded Connection still lists its tokens */
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nConnection: keep-alive,\r\n close\r\nContent-Length: 0\r\n\r\n",
+	                      false), PARSE_OK);
+	assert_true(m.conn_close);
+	assert_true(m.conn_keepalive);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX: 1\r\n\r\n", false), PARSE_OK);
+	assert_false(m.folded);
+
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\n folded\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nX: 1\r\n a\x01b\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length:\r\n 5\r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n \r\n\r\n", false), PARSE_ERR);
+	assert_int_equal(resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n", false),
+	                 PARSE_ERR);
+}
+
+/* A request line that came whole and can never be one is refused at once,
+ * not after the rest of a head that will never come: HTTP/0.9's "GET /". */
+static void
+test_request_line_early(void **state)
+{
+	(void)state;
+	expect_err("GET /\r\n", 400);
+	assert_non_null(strstr(m.why, "0.9"));
+	expect_err("GET /\n", 400);
+	expect_err("GET / HTTP/1.1 x\r\n", 400);
+	expect_err("GET / HTTP/2.0\r\n", 505);
+	expect_err("GET / HTTP/1.1\rX\n", 400);
+	assert_int_equal(req("GET / HTTP/1.1\r\n"), PARSE_MORE);
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\n"), PARSE_MORE);
+	assert_int_equal(req("GET /"), PARSE_MORE);
+}
+
 int
 main(void)
 {
@@ -466,6 +572,9 @@ main(void)
 		cmocka_unit_test(test_response),
 		cmocka_unit_test(test_chunked),
 		cmocka_unit_test(test_length),
+		cmocka_unit_test(test_bare_lf),
+		cmocka_unit_test(test_response_fold),
+		cmocka_unit_test(test_request_line_early),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
