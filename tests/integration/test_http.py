@@ -2342,6 +2342,44 @@ def test_client_that_leaves_before_the_answer_ends_the_session(capd):
         assert o.ended.wait(5), "the upstream connection stayed open"
         client_port = int(s["client"].rsplit(":", 1)[1])
         assert session_fins_and_resets(capd, s["id"])[0] == (client_port, "fin")
+
+
+def add_kind(capd, kind, origin_port):
+    """An http instance, or a reverse one whose default is origin_port, named h."""
+    if kind == "http":
+        return add_http(capd)
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "h", "--default", f"127.0.0.1:{origin_port}")
+    return port
+
+
+def get_line(kind, origin_port, path="/"):
+    """A request line for an http (absolute URL) or reverse (origin form) instance."""
+    return f"GET {f'http://127.0.0.1:{origin_port}' if kind == 'http' else ''}{path} HTTP/1.1\r\n".encode()
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_bare_lf_response_is_taken(capd, kind):
+    """An origin whose response lines end with a bare LF (embedded devices, lab
+    servers) got the client a 502 "bad line end", where curl directly, nginx
+    and squid take it (RFC 9112 2.2). Now its head reaches the client with
+    CRLF line ends, as capd writes every head anew (nginx and squid too), and
+    the capture holds the bare LFs the origin sent."""
+    head = b"HTTP/1.1 200 OK\nContent-Length: 5\nX-Device: cam\n\n"
+    o = RawOrigin(head + b"hello")
+    try:
+        port = add_kind(capd, kind, o.port)
+        via = ["-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}/"] if kind == "http" else \
+            ["--noproxy", "*", f"http://127.0.0.1:{port}/"]
+        r = curl(*via)
+        assert r.returncode == 0 and r.stdout == b"hello", r
+        reply = raw(port, get_line(kind, o.port) + b"Host: x\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nX-Device: cam\r\n" in reply, reply
+        assert reply.endswith(b"\r\n\r\nhello") and b"\n\n" not in reply, reply
+        s = closed_sessions(capd, 2)[-1]
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
+        assert bytes(down) == head + b"hello", down
     finally:
         o.close()
 
@@ -2417,3 +2455,62 @@ def test_request_pipelined_while_waiting_keeps_its_turn(capd):
         assert o.ended.wait(5), "the upstream connection stayed open"
     finally:
         o.close()
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_obs_fold_response_is_unfolded(capd, kind):
+    """RFC 9112 5.2: a proxy must refuse a response with obs-fold or replace
+    each fold with SP; capd gave a 502, which browsers and curl (who take the
+    fold) never show. Now the folded value reaches the client on one line;
+    a fold in Content-Length still gets 502, and the capture keeps the fold."""
+    head = b"HTTP/1.1 200 OK\r\nX-Long: one,\r\n\t two\r\nContent-Length: 2\r\n\r\n"
+    o = RawOrigin(head + b"ok")
+    bad = RawOrigin(b"HTTP/1.1 200 OK\r\nContent-Length:\r\n 2\r\n\r\nok")
+    try:
+        port = add_kind(capd, kind, o.port)
+        reply = raw(port, get_line(kind, o.port) + b"Host: x\r\nConnection: close\r\n\r\n")
+        assert status_of(reply) == 200 and b"\r\nX-Long: one, two\r\n" in reply, reply
+        assert reply.endswith(b"\r\n\r\nok"), reply
+        s = closed_sessions(capd, 1)[-1]
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
+        assert bytes(down) == head + b"ok", down
+        if kind == "http":
+            reply = raw(port, get_line(kind, bad.port) + b"Host: x\r\nConnection: close\r\n\r\n")
+            assert status_of(reply) == 502 and b"folding" in reply, reply
+    finally:
+        o.close()
+        bad.close()
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_http09_request_line_gets_400_at_once(capd, origin, kind):
+    """"GET /" with no version (HTTP/0.9) waited header_timeout (60 s) for a
+    head that never comes, then closed with no answer. Now it gets a 400 at
+    once, saying why, as a request line that can never be one does."""
+    port = add_kind(capd, kind, origin.port)
+    t = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"GET /\r\n")
+        reply = read_all(c, timeout=20)
+    assert status_of(reply) == 400 and b"HTTP/0.9" in reply, reply
+    assert time.monotonic() - t < 15
+    s = closed_sessions(capd, 1)[-1]
+    assert "HTTP/0.9" in s["reason"], s
+    assert origin.requests == []
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_bare_lf_request_goes_on_with_crlf(capd, origin, kind):
+    """nginx takes a request whose lines end with a bare LF (printf | nc);
+    capd answered 400. Now it goes on, its head written with CRLF; a bare CR
+    (which could hide a line end in a value) and obs-fold still get 400."""
+    port = add_kind(capd, kind, origin.port)
+    line = get_line(kind, origin.port, "/lf").replace(b"\r\n", b"\n")
+    reply = raw(port, line + b"Host: x\nX-A: 1\nConnection: close\n\n")
+    assert status_of(reply) == 200 and reply.endswith(b"hello from a /lf\n"), reply
+    assert origin.requests[-1]["headers"]["X-A"] == "1", origin.requests
+    for bad in (b"X-A: 1\rX-B: 2\n", b"X-A: 1\n X-B: 2\n"):
+        reply = raw(port, line + b"Host: x\n" + bad + b"Connection: close\n\n")
+        assert status_of(reply) == 400, reply
+    assert len(origin.requests) == 1
