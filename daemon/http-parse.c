@@ -737,6 +737,23 @@ http_body_in_data(const struct http_body *b)
 	return b->framing == HTTP_BODY_CHUNKED && b->st == CH_DATA && b->left > 0;
 }
 
+/* The state a bare LF takes a response's chunked framing to (lf_ends): the
+ * one that looks for the LF after the CR it stands for, where a CR may
+ * end a line; any other state is left to refuse it. */
+static uint8_t
+http_chunked_lf(uint8_t st)
+{
+	switch (st) {
+	case CH_SIZE:
+	case CH_SIZE_WS:
+	case CH_EXT: return CH_SIZE_LF;
+	case CH_DATA_CR: return CH_DATA_LF;
+	case CH_TRAIL0: return CH_END_LF;
+	case CH_TRAIL: return CH_TRAIL_LF;
+	default: return st;
+	}
+}
+
 static enum parse
 http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
 {
@@ -746,6 +763,8 @@ http_chunked_scan(struct http_body *b, const uint8_t *p, size_t n, size_t *used)
 	while (i < n) {
 		uint8_t c = p[i];
 
+		if (c == '\n' && b->lf_ends)
+			b->st = http_chunked_lf(b->st);
 		switch (b->st) {
 		case CH_DATA: {
 			uint64_t take = b->left < n - i ? b->left : n - i;

@@ -113,6 +113,8 @@ struct http_body {
 	uint8_t st;                    /* chunked state */
 	uint8_t digits;                /* hex digits of the chunk size so far */
 	uint16_t line;                 /* bytes of the current extension or trailer line */
+	bool lf_ends;                  /* a bare LF ends a chunked framing line (responses: as */
+	                               /* nginx and curl take it; requests' framing stays strict) */
 };
 
 void http_body_init(struct http_body *b, enum http_framing framing, uint64_t length);

@@ -1236,6 +1236,7 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (!hc->upstream_keep && s->client.tls)
 		hc->client_keep = false;  /* its next request would need a new session */
 	http_body_init(&hc->down_body, m->framing, m->length);
+	hc->down_body.lf_ends = true;  /* the framing passes as it came: the client takes what curl does */
 	/* a response that starts before the whole request came (413, 401 to an
 	 * upload) ends the connection if it ends first (http_resp_end), which
 	 * its head cannot wait to know: it says so whenever it may happen */

@@ -9,14 +9,32 @@
 
 static struct http_msg m;
 
+/* Every header a parsed head holds lies inside it (a folded value spans
+ * lines, never past the head's end). */
 static void
-fuzz_body(const struct http_msg *msg, const uint8_t *p, size_t n)
+fuzz_inside(const struct http_msg *msg, const uint8_t *p)
+{
+	const char *lo = (const char *)p, *hi = lo + msg->head_len;
+
+	for (unsigned i = 0; i < msg->nhdr; i++) {
+		const struct http_hdr *h = &msg->hdr[i];
+		if (h->name < lo || h->name + h->name_len > hi || h->value < lo || h->value + h->value_len > hi)
+			__builtin_trap();
+		/* a line end inside a value only where a response's fold joined it */
+		if (!msg->folded && (memchr(h->value, '\n', h->value_len) || memchr(h->value, '\r', h->value_len)))
+			__builtin_trap();
+	}
+}
+
+static void
+fuzz_body(const struct http_msg *msg, const uint8_t *p, size_t n, bool lf_ends)
 {
 	struct http_body b;
 	size_t used = 0, half = n / 2, total = 0;
 	enum parse rv;
 
 	http_body_init(&b, msg->framing, msg->length);
+	b.lf_ends = lf_ends;  /* a response's, as the proxy scans it */
 	rv = http_body_scan(&b, p, half, &used);
 	if (used > half)
 		__builtin_trap();
@@ -45,12 +63,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		__builtin_trap();
 	rv = http_parse_request(data, size, &lim, &m);
 	if (rv == PARSE_OK) {
-		if (m.head_len > size)
+		if (m.head_len > size || m.folded)
 			__builtin_trap();
+		fuzz_inside(&m, data);
 		for (unsigned i = 0; i < m.nhdr; i++)
 			(void)http_hop_by_hop(&m, m.hdr[i].name, m.hdr[i].name_len);
 		(void)http_max_forwards(&m, NULL);
-		fuzz_body(&m, data + m.head_len, size - m.head_len);
+		fuzz_body(&m, data + m.head_len, size - m.head_len, false);
 	}
 	/* a refused request keeps what parsed of it, all inside the input */
 	if (rv == PARSE_ERR && m.target &&
@@ -60,10 +79,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (rv == PARSE_OK) {
 		if (m.head_len > size)
 			__builtin_trap();
-		fuzz_body(&m, data + m.head_len, size - m.head_len);
+		fuzz_inside(&m, data);
+		fuzz_body(&m, data + m.head_len, size - m.head_len, true);
 	}
 	/* bodies on their own */
 	struct http_msg chunked = { .framing = HTTP_BODY_CHUNKED };
-	fuzz_body(&chunked, data, size);
+	fuzz_body(&chunked, data, size, false);
+	fuzz_body(&chunked, data, size, true);
 	return 0;
 }

@@ -2514,3 +2514,19 @@ def test_bare_lf_request_goes_on_with_crlf(capd, origin, kind):
         reply = raw(port, line + b"Host: x\n" + bad + b"Connection: close\n\n")
         assert status_of(reply) == 400, reply
     assert len(origin.requests) == 1
+
+
+def test_bare_lf_chunked_response_is_taken(capd):
+    """A bare-LF origin that answers chunked frames its chunks with bare LFs
+    too; nginx and curl take that. Its framing passes as it came (capd never
+    re-chunks): curl gets the whole body, where before the head alone got a
+    502; an HTTP/1.0 client gets it dechunked."""
+    o = RawOrigin(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n5\nhello\n7;x=1\n, world\n0\nX-Sum: 1\n\n")
+    try:
+        port = add_http(capd)
+        r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 0 and r.stdout == b"hello, world", r
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.0\r\n\r\n".encode())
+        assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\nhello, world"), reply
+    finally:
+        o.close()

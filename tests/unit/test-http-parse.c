@@ -557,6 +557,58 @@ test_request_line_early(void **state)
 	assert_int_equal(req("GET /"), PARSE_MORE);
 }
 
+/* A response's chunked framing may end its lines with a bare LF (lf_ends),
+ * as nginx and curl take it: sizes, extensions, data ends, trailers and the
+ * last line; without lf_ends (requests) the same bytes are refused. */
+static void
+test_chunked_bare_lf(void **state)
+{
+	const char *ok[] = {
+		"5\nhello\n0\n\n",
+		"5;ext\nhello\r\n0 \nX: 1\n\r\n",
+		"5\r\nhello\n0\r\nX: 1\r\n\n",
+	};
+	const char *bad[] = {
+		"5\nhello\r\r\n",
+		"\n5\nhello\n0\n\n",
+		"5\nhello\n0\n X: 1\n\n",
+		"5\nhelloX\n",
+	};
+	char tail[64];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+		size_t n = strlen(ok[i]), used = 0;
+		struct http_body b;
+
+		snprintf(tail, sizeof tail, "%sGET", ok[i]);
+		for (size_t cut = 0; cut <= n; cut++) {
+			size_t off;
+			enum parse rv;
+
+			http_body_init(&b, HTTP_BODY_CHUNKED, 0);
+			b.lf_ends = true;
+			rv = http_body_scan(&b, (const uint8_t *)tail, cut, &used);
+			off = used;
+			if (rv == PARSE_MORE)
+				rv = http_body_scan(&b, (const uint8_t *)tail + off, n + 3 - off, &used), off += used;
+			if (rv != PARSE_OK || off != n)
+				fail_msg("lf chunked %zu cut %zu: rv %d end %zu, expected %zu", i, cut, rv, off, n);
+		}
+		if (scan_split(HTTP_BODY_CHUNKED, 0, ok[i], n, n) != -1)
+			fail_msg("lf chunked %zu taken without lf_ends", i);
+	}
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		size_t used = 0;
+		struct http_body b;
+
+		http_body_init(&b, HTTP_BODY_CHUNKED, 0);
+		b.lf_ends = true;
+		if (http_body_scan(&b, (const uint8_t *)bad[i], strlen(bad[i]), &used) != PARSE_ERR)
+			fail_msg("bad lf chunked %zu accepted", i);
+	}
+}
+
 int
 main(void)
 {
@@ -575,6 +627,7 @@ main(void)
 		cmocka_unit_test(test_bare_lf),
 		cmocka_unit_test(test_response_fold),
 		cmocka_unit_test(test_request_line_early),
+		cmocka_unit_test(test_chunked_bare_lf),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
