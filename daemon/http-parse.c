@@ -603,6 +603,8 @@ http_request_line_start(const char *p, size_t s, size_t upto, struct http_msg *m
 	m->target_len = (uint32_t)(i - t);
 }
 
+#define HTTP_EARLY_LINE_MAX 8192
+
 enum parse
 http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
 {
@@ -611,17 +613,19 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 	size_t s = 0, le = 0, next = 0, upto = n < max ? n : max;
 	enum parse rv = http_head_find(p, n, max, true, m, &s, &le, &next);
 	long first = -1;
-
-	/* the request line, once it came whole, before the rest of the head:
-	 * one that can never be a request (HTTP/0.9's "GET /") gets its 400
-	 * now rather than after header_timeout */
 	bool line = rv != PARSE_OK && upto > s && memchr(p + s, '\n', upto - s) != NULL;
 
 	if (line)
 		first = http_line_end(p, s, upto, &next);
+	/* the request line, once it came whole, before the rest of the head:
+	 * one that can never be a request (HTTP/0.9's "GET /") gets its 400
+	 * now rather than after header_timeout. Each read parses it again
+	 * until the head is whole, so only a line of nginx's usual bound
+	 * (8K) is: a longer one waits for its head, as all did before */
 	if (rv == PARSE_MORE && line && first < 0)
 		return http_fail(m, 400, "bad line end");
-	if (rv == PARSE_MORE && line && http_request_line(p, s, (size_t)first, m) == PARSE_ERR)
+	if (rv == PARSE_MORE && line && (size_t)first - s <= HTTP_EARLY_LINE_MAX &&
+	    http_request_line(p, s, (size_t)first, m) == PARSE_ERR)
 		return PARSE_ERR;
 	if (rv == PARSE_ERR && m->status == 431) {
 		/* too large: what its request line asked for, when that came whole;
