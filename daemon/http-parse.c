@@ -4,7 +4,7 @@
  * nothing is copied, header names and values point into the caller's bytes.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE  /* memmem */
+#define _GNU_SOURCE  /* memrchr */
 #endif
 #include "http-parse.h"
 
@@ -603,7 +603,39 @@ http_request_line_start(const char *p, size_t s, size_t upto, struct http_msg *m
 	m->target_len = (uint32_t)(i - t);
 }
 
-#define HTTP_EARLY_LINE_MAX 8192
+#define HTTP_EARLY_MAX 8192
+
+/*
+ * The lines of a request head that came whole, before the rest of it: a
+ * request line that can never be a request (HTTP/0.9's "GET /") or a bad
+ * header line (a NUL in it) gets its 400 now, as from nginx, rather than
+ * a close after header_timeout. Each read parses them again until the
+ * head is whole, so only the first 8K (nginx's usual bound for a request
+ * line) are: past it, a head waits for its end as all did before.
+ * PARSE_MORE when they are fine so far; m keeps nothing of them.
+ */
+static enum parse
+http_request_early(const char *p, size_t s, size_t first, size_t next, size_t upto, const struct http_limits *lim,
+                   struct http_msg *m)
+{
+	const char *last;
+
+	if (first - s > HTTP_EARLY_MAX)
+		return PARSE_MORE;
+	if (http_request_line(p, s, first, m) == PARSE_ERR)
+		return PARSE_ERR;
+	if (upto - s > HTTP_EARLY_MAX)
+		upto = s + HTTP_EARLY_MAX;
+	last = memrchr(p + next, '\n', upto > next ? upto - next : 0);
+	if (last != NULL) {
+		m->head_len = (size_t)(last - p) + 1;  /* http_parse_fields' end: the last whole line */
+		if (http_parse_fields(p, lim, m, next, false) == PARSE_ERR)
+			return PARSE_ERR;
+	}
+	memset(m, 0, offsetof(struct http_msg, hdr));
+	m->host = -1;
+	return PARSE_MORE;
+}
 
 enum parse
 http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim, struct http_msg *m)
@@ -617,15 +649,9 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 
 	if (line)
 		first = http_line_end(p, s, upto, &next);
-	/* the request line, once it came whole, before the rest of the head:
-	 * one that can never be a request (HTTP/0.9's "GET /") gets its 400
-	 * now rather than after header_timeout. Each read parses it again
-	 * until the head is whole, so only a line of nginx's usual bound
-	 * (8K) is: a longer one waits for its head, as all did before */
 	if (rv == PARSE_MORE && line && first < 0)
 		return http_fail(m, 400, "bad line end");
-	if (rv == PARSE_MORE && line && (size_t)first - s <= HTTP_EARLY_LINE_MAX &&
-	    http_request_line(p, s, (size_t)first, m) == PARSE_ERR)
+	if (rv == PARSE_MORE && line && http_request_early(p, s, (size_t)first, (size_t)next, upto, lim, m) == PARSE_ERR)
 		return PARSE_ERR;
 	if (rv == PARSE_ERR && m->status == 431) {
 		/* too large: what its request line asked for, when that came whole;

@@ -2530,3 +2530,15 @@ def test_bare_lf_chunked_response_is_taken(capd):
         assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\nhello, world"), reply
     finally:
         o.close()
+
+
+def test_bad_header_line_gets_400_before_the_head_ends(capd, origin):
+    """A header line with a NUL in it, its head not yet ended, waited
+    header_timeout (60 s) and closed without a word; nginx answers 400 at
+    once. Now any whole line of the head's first 8K is judged as it comes."""
+    port = add_http(capd)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n".encode())
+        reply = read_all(c, timeout=20)
+    assert status_of(reply) == 400 and b"control character" in reply, reply
+    assert origin.requests == []

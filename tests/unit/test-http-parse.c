@@ -545,6 +545,8 @@ test_response_fold(void **state)
 static void
 test_request_line_early(void **state)
 {
+	static const char nul[] = "GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n";
+
 	(void)state;
 	expect_err("GET /\r\n", 400);
 	assert_non_null(strstr(m.why, "0.9"));
@@ -555,6 +557,15 @@ test_request_line_early(void **state)
 	assert_int_equal(req("GET / HTTP/1.1\r\n"), PARSE_MORE);
 	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\n"), PARSE_MORE);
 	assert_int_equal(req("GET /"), PARSE_MORE);
+	/* so is a header line that came whole: a NUL, a fold, a bad name */
+	assert_int_equal(http_parse_request((const uint8_t *)nul, sizeof nul - 1, NULL, &m), PARSE_ERR);
+	assert_int_equal(m.status, 400);
+	expect_err("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n", 400);
+	expect_err("GET / HTTP/1.1\nX : 1\n", 400);
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nX: a\x01"), PARSE_MORE);  /* not whole yet */
+	assert_int_equal(req("GET / HTTP/1.1\r\nHost: a\r\nX: 1\r"), PARSE_MORE);
+	assert_int_equal(m.nhdr, 0);
+	assert_null(m.method);
 }
 
 /* A response's chunked framing may end its lines with a bare LF (lf_ends),
