@@ -441,6 +441,7 @@ http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg 
 			break;  /* the empty line */
 		if (p[i] == ' ' || p[i] == '\t') {
 			enum parse rv;
+
 			if (!fold || m->nhdr == 0)
 				return http_fail(m, 400, "obsolete line folding");
 			if ((rv = http_fold(p, i, (size_t)le, m)) != PARSE_OK)
@@ -649,8 +650,8 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 
 	if (line)
 		first = http_line_end(p, s, upto, &next);
-	if (rv == PARSE_MORE && line && first < 0)
-		return http_fail(m, 400, "bad line end");
+	if (line && first < 0 && (rv == PARSE_MORE || m->status == 431))
+		return http_fail(m, 400, "bad line end");  /* a bare CR in the request line */
 	if (rv == PARSE_MORE && line && http_request_early(p, s, (size_t)first, (size_t)next, upto, lim, m) == PARSE_ERR)
 		return PARSE_ERR;
 	if (rv == PARSE_ERR && m->status == 431) {
