@@ -544,7 +544,7 @@ def test_websocket_upgrade(capd, origin):
     (b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
     (b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
     (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost : x\r\n\r\n", 400),
-    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+    (b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", 400),  # a bare CR (a bare LF is a line end)
     (b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET http://bad_host!/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET http://127.0.0.1:1/ HTTP/3.0\r\nHost: x\r\n\r\n", 505),
