@@ -2342,44 +2342,6 @@ def test_client_that_leaves_before_the_answer_ends_the_session(capd):
         assert o.ended.wait(5), "the upstream connection stayed open"
         client_port = int(s["client"].rsplit(":", 1)[1])
         assert session_fins_and_resets(capd, s["id"])[0] == (client_port, "fin")
-
-
-def add_kind(capd, kind, origin_port):
-    """An http instance, or a reverse one whose default is origin_port, named h."""
-    if kind == "http":
-        return add_http(capd)
-    port = free_port()
-    capd.ctl("add", "reverse", "--port", port, "--name", "h", "--default", f"127.0.0.1:{origin_port}")
-    return port
-
-
-def get_line(kind, origin_port, path="/"):
-    """A request line for an http (absolute URL) or reverse (origin form) instance."""
-    return f"GET {f'http://127.0.0.1:{origin_port}' if kind == 'http' else ''}{path} HTTP/1.1\r\n".encode()
-
-
-@pytest.mark.parametrize("kind", ["http", "reverse"])
-def test_bare_lf_response_is_taken(capd, kind):
-    """An origin whose response lines end with a bare LF (embedded devices, lab
-    servers) got the client a 502 "bad line end", where curl directly, nginx
-    and squid take it (RFC 9112 2.2). Now its head reaches the client with
-    CRLF line ends, as capd writes every head anew (nginx and squid too), and
-    the capture holds the bare LFs the origin sent."""
-    head = b"HTTP/1.1 200 OK\nContent-Length: 5\nX-Device: cam\n\n"
-    o = RawOrigin(head + b"hello")
-    try:
-        port = add_kind(capd, kind, o.port)
-        via = ["-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}/"] if kind == "http" else \
-            ["--noproxy", "*", f"http://127.0.0.1:{port}/"]
-        r = curl(*via)
-        assert r.returncode == 0 and r.stdout == b"hello", r
-        reply = raw(port, get_line(kind, o.port) + b"Host: x\r\nConnection: close\r\n\r\n")
-        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nX-Device: cam\r\n" in reply, reply
-        assert reply.endswith(b"\r\n\r\nhello") and b"\n\n" not in reply, reply
-        s = closed_sessions(capd, 2)[-1]
-        capd.flush()
-        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
-        assert bytes(down) == head + b"hello", down
     finally:
         o.close()
 
@@ -2453,6 +2415,46 @@ def test_request_pipelined_while_waiting_keeps_its_turn(capd):
                                      for g in got), got
         assert closed_sessions(capd, 1)[-1]["reason"] == "client closed before the answer"
         assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
+
+
+def add_kind(capd, kind, origin_port):
+    """An http instance, or a reverse one whose default is origin_port, named h."""
+    if kind == "http":
+        return add_http(capd)
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "h", "--default", f"127.0.0.1:{origin_port}")
+    return port
+
+
+def get_line(kind, origin_port, path="/"):
+    """A request line for an http (absolute URL) or reverse (origin form) instance."""
+    return f"GET {f'http://127.0.0.1:{origin_port}' if kind == 'http' else ''}{path} HTTP/1.1\r\n".encode()
+
+
+@pytest.mark.parametrize("kind", ["http", "reverse"])
+def test_bare_lf_response_is_taken(capd, kind):
+    """An origin whose response lines end with a bare LF (embedded devices, lab
+    servers) got the client a 502 "bad line end", where curl directly, nginx
+    and squid take it (RFC 9112 2.2). Now its head reaches the client with
+    CRLF line ends, as capd writes every head anew (nginx and squid too), and
+    the capture holds the bare LFs the origin sent."""
+    head = b"HTTP/1.1 200 OK\nContent-Length: 5\nX-Device: cam\n\n"
+    o = RawOrigin(head + b"hello")
+    try:
+        port = add_kind(capd, kind, o.port)
+        via = ["-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}/"] if kind == "http" else \
+            ["--noproxy", "*", f"http://127.0.0.1:{port}/"]
+        r = curl(*via)
+        assert r.returncode == 0 and r.stdout == b"hello", r
+        reply = raw(port, get_line(kind, o.port) + b"Host: x\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nX-Device: cam\r\n" in reply, reply
+        assert reply.endswith(b"\r\n\r\nhello") and b"\n\n" not in reply, reply
+        s = closed_sessions(capd, 2)[-1]
+        capd.flush()
+        _, _, down = follow_session(capd.pcaps()[-1], s["id"])
+        assert bytes(down) == head + b"hello", down
     finally:
         o.close()
 
