@@ -678,17 +678,23 @@ def test_capctl_add_dns(capd, upstream):
         assert sorted(rd.to_text() for rrset in r.answer for rd in rrset) == ["127.0.0.2", "127.0.0.3"]
 
 
-def test_upstream_name_that_is_this_instance(capd_factory):
+def test_upstream_name_that_is_this_instance(netns, ns_etc, ns_capd):
     """Regression: an upstream given as a name that resolves to the instance itself
     (localhost:ITS_PORT) was taken, and one query went round ~1024 times. Its own address is
-    skipped; with none left the upstream fails like an unresolvable one: SERVFAIL, one log line."""
-    port = free_dns_port()
-    c = capd_factory(f"[dns loop]\nlisten = 127.0.0.1:{port}\nanswer = www.example.com=10.0.0.7\n"
-                     f"upstream = localhost:{port}\n")
+    skipped; with none left the upstream fails like an unresolvable one: SERVFAIL, one log line.
+    In a namespace whose hosts file maps localhost to 127.0.0.1 alone: Debian's own also maps
+    it to ::1, which is not this instance's address and would be taken."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # nothing on :53 in the namespace: no name leaves it
+    port = 5300
+    c = ns_capd(netns, f"[dns loop]\nlisten = 127.0.0.1:{port}\nanswer = www.example.com=10.0.0.7\n"
+                       f"upstream = localhost:{port}\n")
     wait_instance(c, "loop")
-    r = ask("other.example.org", "A", port, qid=4242, timeout=3)
-    assert r.rcode() == dns.rcode.SERVFAIL and r.id == 4242
-    assert addrs(ask("www.example.com", "A", port)) == ["10.0.0.7"]  # rules still answer
+    out = ns_dig(netns, "127.0.0.1", port, "other.example.org")
+    assert "status: SERVFAIL" in out, out
+    assert ns_dig(netns, "127.0.0.1", port, "www.example.com", "+short").split() == ["10.0.0.7"]  # rules still answer
     time.sleep(0.3)  # a loop would still be going round
     ss = [s for s in c.ctl("sessions", json_out=True) if s["instance"] == "loop"]
     assert len(ss) == 2, f"{len(ss)} sessions"  # the two queries, none that capd sent itself
