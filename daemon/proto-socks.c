@@ -338,6 +338,9 @@ socks_rep_of(int err)
 	case EHOSTUNREACH:
 	case ENOENT:       return SOCKS_REP_HOST_UNREACH;
 	case ETIMEDOUT:    return SOCKS_REP_TTL;
+	/* capd's own refusal (session_target_refused: the instance itself, a loop
+	 * of instances): "not allowed by ruleset", as dante answers its rules */
+	case ELOOP:        return SOCKS_REP_DENIED;
 	default:           return SOCKS_REP_FAIL;
 	}
 }
