@@ -36,11 +36,28 @@ opt_len(size_t vlen)
 	return 4 + pad4(vlen);
 }
 
-/* An option's length field is 16 bits: longer strings are cut. */
+/*
+ * The first n bytes of s or fewer, ending on a UTF-8 character boundary:
+ * pcapng strings must be valid UTF-8, and a cut through a character
+ * leaves half of it (Wireshark shows a replacement character).
+ */
+static size_t
+utf8_cut(const char *s, size_t n)
+{
+	const unsigned char *u = (const unsigned char *)s;
+
+	while (n > 0 && (u[n] & 0xc0) == 0x80)
+		n--;
+	return n;
+}
+
+/* An option's length field is 16 bits: longer strings are cut, between characters. */
 static inline size_t
 str_len(const char *s)
 {
-	return s != NULL ? strnlen(s, UINT16_MAX) : 0;
+	size_t n = s != NULL ? strnlen(s, UINT16_MAX) : 0;
+
+	return n == UINT16_MAX ? utf8_cut(s, n) : n;
 }
 
 static inline size_t
@@ -139,11 +156,19 @@ pcapng_shb(struct buf *b, const char *hardware, const char *os, const char *user
 	return block_end(b, p, len);
 }
 
+/* if_filter's value is a byte saying what follows (0: a libpcap filter string), then it */
+static size_t
+filter_len(const char *filter)
+{
+	size_t n = str_len(filter);
+
+	return n < UINT16_MAX ? n : utf8_cut(filter, UINT16_MAX - 1);
+}
+
 size_t
 pcapng_idb(struct buf *b, const struct pcapng_idb *idb)
 {
-	/* if_filter's value is a byte saying what follows (0: a libpcap filter string), then it */
-	size_t nfilter = str_len(idb->filter) < UINT16_MAX ? str_len(idb->filter) : UINT16_MAX - 1;
+	size_t nfilter = filter_len(idb->filter);
 	size_t opts = opt_str_len(idb->name) + opt_str_len(idb->description) + opt_len(1) +
 	              (nfilter ? opt_len(1 + nfilter) : 0);
 	size_t len = 12 + 2 + 2 + 4 + opts + 4;

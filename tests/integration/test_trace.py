@@ -1901,3 +1901,19 @@ def test_trace_32bit_system_calls_are_said(capd, echo_server, tmp_path):
     assert r.stdout == b"thirty-two\n"
     assert r.stderr.decode().count("makes 32-bit system calls on sockets; their bytes are not recorded") == 1, \
         r.stderr
+
+
+def test_trace_of_a_long_command_line_writes_valid_utf8(capd):
+    """The interface description names the traced command; past 65535 bytes (the
+    longest pcapng option) it is cut, and the cut fell inside a character: Wireshark
+    showed a replacement character and the file broke pcapng's UTF-8 rule."""
+    from pcapng_strict import check
+    arg = "a" + "é" * 40000  # the cut at 65535 bytes lands inside an é
+    trace(capd, "/bin/true", arg)
+    capd.flush()
+    descs = []
+    for f in capd.pcaps():
+        r = check(f)  # raises on a string that is not UTF-8
+        descs += [v.decode() for sec in r.sections for idb in sec["idbs"] for v in idb["opts"].get(3, [])]
+    desc = next(d for d in descs if d.startswith("capd trace of pid"))
+    assert desc.endswith("é") and 65530 < len(desc.encode()) <= 65535, len(desc.encode())
