@@ -548,7 +548,10 @@ def follow_session(pcap, session_id, client=None):
 
 
 def check_pcap_clean(pcap):
-    """No bad checksums, malformed packets or expert errors in pcap."""
+    """pcap keeps every rule of the pcapng format (pcapng_strict), and has no bad
+    checksums, malformed packets or expert errors."""
+    from pcapng_strict import check
+    check(pcap)
     # payloads are decoded as plain data: random test bytes must not be taken
     # for some protocol by a heuristic dissector and then called malformed
     r = tshark("-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE",

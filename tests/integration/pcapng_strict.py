@@ -31,7 +31,10 @@ OPTS = {
     NRB: {2: (None, 0, True, True), 3: (4, 4, False, False), 4: (16, 16, False, False)},
     DSB: {},
 }
-LINKTYPES = {0, 1, 101, 113, 228, 229, 276, 147}  # those capd could name; others are flagged
+# libpcap DLT_ values that are no LINKTYPE_ (pcapng wants LINKTYPE_ values): DLT_RAW on Linux
+# and OpenBSD (LINKTYPE_RAW is 101), DLT_ATM_RFC1483 (100), DLT_SLIP/PPP_BSDOS, OpenBSD's
+# DLT_PFLOG and DLT_PFSYNC, DLT_ATM_CLIP (106), and 2-5, 7 and 13, never assigned
+NOT_LINKTYPES = {2, 3, 4, 5, 7, 11, 12, 13, 14, 15, 16, 17, 18, 19}
 
 
 class Strict:
@@ -166,8 +169,8 @@ class Strict:
         link, reserved, snap = self.u16(body), self.u16(body + 2), self.u32(body + 4)
         if reserved:
             self.fail(off, "IDB reserved field not zero")
-        if link not in LINKTYPES:
-            self.fail(off, f"IDB link type {link} is not one capd writes")
+        if link in NOT_LINKTYPES or link >= 0x8000:
+            self.fail(off, f"IDB link type {link} is a libpcap DLT_ value or reserved, not a LINKTYPE_")
         opts = self.options(IDB, body + 8, bend)
         res = opts.get(9, [b"\x06"])[0][0]
         if res & 0x80 or res not in (3, 6, 9):
@@ -206,7 +209,7 @@ class Strict:
             if (flags >> 2) & 7 > 4:
                 self.fail(off, f"epb_flags {flags:#x}: reception type {(flags >> 2) & 7} is not defined")
         self.packets.append({"off": off, "iface": i, "ts": ts, "cap": cap, "orig": orig, "opts": opts,
-                             "data": self.d[body + 20:body + 20 + cap]})
+                             "data": memoryview(self.d)[body + 20:body + 20 + cap]})
 
     def isb(self, sec, btype, off, body, bend):
         if bend - body < 12:
