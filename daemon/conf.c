@@ -354,6 +354,11 @@ conf_new_section(struct conf_parse *cp, const char *section)
 	}
 	cp->inst = json_pack("{s:{s:s,s:s}, s:{}, s:i}", "params", "type", type, "name", name, "lines", "line",
 	                     cp->line);
+	if (cp->inst == NULL) {
+		/* json_pack refuses a name that is not UTF-8: the instance and its keys went unseen */
+		conf_fail(cp, "the instance name in a [%s ...] section is not valid UTF-8", type);
+		return;
+	}
 	json_array_append_new(cp->c->instances, cp->inst);
 }
 

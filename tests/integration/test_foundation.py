@@ -1708,3 +1708,16 @@ def test_a_port_alone_is_a_target_on_127_0_0_1(capd_factory, echo_server):
     for bad in ("0", "65536"):
         r = c.ctl("add", "forward", "--port", free_port(), "--to", bad, check=False)
         assert r.returncode == 2 and "bad address" in r.stderr, r
+
+
+def test_instance_name_not_utf8_is_refused(tmp_path):
+    """[forward caf\\xe9] (a name in Latin-1) made no instance at all and no error:
+    `capd -t` said "configuration is good (0 instances)" and capd started without it.
+    The name, which capd writes in JSON and as a pcapng interface name (both UTF-8),
+    is refused at its line, as a value that is not UTF-8 is."""
+    f = tmp_path / "t.conf"
+    f.write_bytes(b"[capd]\ncontrol = " + str(tmp_path).encode() + b"/c.sock\n\n[forward caf\xe9]\n"
+                  b"listen = 127.0.0.1:4444\nto = 127.0.0.1:9\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and f"{f}:4: the instance name in a [forward ...] section is not valid UTF-8" \
+        in r.stderr, r.stderr
