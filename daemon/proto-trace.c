@@ -60,6 +60,23 @@ static struct ctl_conn *trace_starting;  /* set while trace.start creates the in
 
 static const char *const trace_keys[] = { "command", "pid", NULL };
 
+/*
+ * The command as capctl list's LISTEN column shows it: cut to fit, between
+ * UTF-8 characters, since JSON cannot hold half of one ("listen" went
+ * missing from capctl list when the cut fell inside an é).
+ */
+static void
+trace_listen_str(struct instance *inst, const char *command)
+{
+	size_t n;
+
+	snprintf(inst->listen_str, sizeof inst->listen_str, "%s", command);
+	n = strlen(inst->listen_str);
+	while (n > 0 && ((unsigned char)command[n] & 0xc0) == 0x80)
+		n--;
+	inst->listen_str[n] = '\0';
+}
+
 static int
 trace_configure(struct instance *inst, struct params *p)
 {
@@ -76,7 +93,7 @@ trace_configure(struct instance *inst, struct params *p)
 		return params_fail(p, "pid", "a trace instance needs the traced 'pid'");
 	tc->command = xstrdup(command);
 	tc->pid = (long long)json_integer_value(pid);
-	snprintf(inst->listen_str, sizeof inst->listen_str, "%s", command);
+	trace_listen_str(inst, command);
 	return 0;
 }
 

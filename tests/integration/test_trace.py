@@ -1917,3 +1917,24 @@ def test_trace_of_a_long_command_line_writes_valid_utf8(capd):
         descs += [v.decode() for sec in r.sections for idb in sec["idbs"] for v in idb["opts"].get(3, [])]
     desc = next(d for d in descs if d.startswith("capd trace of pid"))
     assert desc.endswith("é") and 65530 < len(desc.encode()) <= 65535, len(desc.encode())
+
+
+def test_trace_list_shows_a_command_cut_inside_a_character(capd):
+    """capctl list shows the traced command cut to 63 bytes; when the cut fell inside
+    a character (an é) capd could not put it in JSON and "listen" was missing: the
+    LISTEN column was empty. It is cut between characters."""
+    arg = "é" * 40  # "/bin/sh -c read xx; " is 20 bytes: 63 cuts the 22nd é in half
+    p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "trace", "--", "/bin/sh", "-c", "read xx;", arg],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while not (tr := [i for i in capd.ctl("list", json_out=True) if i["type"] == "trace"]):
+            assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.05)
+        assert tr[0].get("listen") == "/bin/sh -c read xx; " + "é" * 21, tr[0]
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
