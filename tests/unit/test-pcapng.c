@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
 
@@ -93,6 +94,46 @@ test_idb(void **state)
 	i = (struct pcapng_idb){ .linktype = 1, .snaplen = 262144, .name = "a", .filter = "udp 9", .tsnano = true };
 	assert_block(&b, filtered, sizeof filtered, pcapng_idb(&b, &i));
 	buf_free(&b);
+}
+
+/*
+ * A string longer than an option holds (65535 bytes) is cut between UTF-8
+ * characters: "é" (c3 a9) after an odd prefix straddles byte 65535, and the
+ * cut keeps the whole characters before it. Also if_filter (65534 bytes
+ * after its code byte) and an EPB comment.
+ */
+static void
+test_long_strings_cut_between_characters(void **state)
+{
+	size_t n = 70001;
+	char *s = malloc(n + 1);
+	struct buf b = { 0 };
+	const uint8_t *p;
+	uint16_t len;
+
+	(void)state;
+	s[0] = 'a';
+	for (size_t i = 1; i + 1 < n; i += 2)
+		memcpy(s + i, "\xc3\xa9", 2);
+	s[n] = '\0';
+	pcapng_idb(&b, &(struct pcapng_idb){ .linktype = 1, .name = "a", .description = s, .filter = s });
+	p = buf_head(&b) + 16 + 8;             /* past the head and if_name "a" */
+	memcpy(&len, p + 2, 2);
+	assert_int_equal(len, 65535);          /* 'a' and 32767 é: odd, and whole */
+	p += 4 + 65536 + 8;                    /* past the description and if_tsresol */
+	memcpy(&len, p + 2, 2);
+	assert_int_equal(len, 1 + 65533);      /* the code byte, 'a' and 32766 é */
+	assert_int_equal(p[4 + len - 1] & 0xff, 0xa9);
+	buf_reset(&b);
+	s[1] = 'b';                            /* "ab" then é from byte 3: byte 65535 is a c3 */
+	memmove(s + 2, s + 3, n - 2);
+	pcapng_epb(&b, &(struct pcapng_epb){ .comment = s });
+	p = buf_head(&b) + 28;
+	memcpy(&len, p + 2, 2);
+	assert_int_equal(len, 65534);
+	assert_int_equal(p[4 + len - 1] & 0xff, 0xa9);
+	buf_free(&b);
+	free(s);
 }
 
 static void
@@ -244,6 +285,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_shb),
 		cmocka_unit_test(test_idb),
+		cmocka_unit_test(test_long_strings_cut_between_characters),
 		cmocka_unit_test(test_epb),
 		cmocka_unit_test(test_epb_nodata),
 		cmocka_unit_test(test_dsb),
