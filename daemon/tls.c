@@ -2242,7 +2242,8 @@ tls_peek(struct tls_session *ts)
 	ssize_t n;
 	int hello;
 
-	memcpy(b, buf_head(&s->hs_in), have);
+	if (have > 0)  /* an empty buf has no storage: memcpy from NULL is undefined even for 0 bytes */
+		memcpy(b, buf_head(&s->hs_in), have);
 	hello = have > 0 ? tls_peek_is_hello(b, have) : -1;
 	if (hello < 0) {
 		/* bytes the proxy read are the first; the socket's follow them.
