@@ -12,6 +12,11 @@
 /* Bounds of instance parameters that capd enforces and capctl checks first (exit 2). */
 #define VALUE_AUTH_FIELD_MAX 255           /* RFC 1929: a user name or a password, bytes */
 #define VALUE_SNAPLEN_MAX 262144u          /* sniff snaplen: libpcap's own default and ceiling */
+/* sniff buffer_size: libpcap 1.10's TPACKET_V3 ring is made of 256 KiB blocks,
+ * so 1 MiB is 4 of them (dumpcap -B takes 1 MiB at least); pcap_set_buffer_size
+ * takes an int, and no capture needs more than 1 GiB */
+#define VALUE_SNIFF_BUFFER_MIN (1u << 20)
+#define VALUE_SNIFF_BUFFER_MAX (1u << 30)
 #define VALUE_HEADER_SIZE_MIN 1024u        /* max_header_size */
 #define VALUE_HEADER_SIZE_MAX (64u * 1024) /* max_header_size: a head fits the relay's buffer */
 #define VALUE_TTL_MAX 2147483647u          /* dns ttl: RFC 2181 8 */

@@ -73,6 +73,7 @@ static const struct add_opt add_opts[] = {
 	{ "sniff", "--filter", "filter", OPT_VALUE, CHK_NONE, NULL },
 	{ "sniff", "--promisc", "promisc", OPT_FLAG, CHK_NONE, "yes" },
 	{ "sniff", "--snaplen", "snaplen", OPT_VALUE, CHK_UINT, NULL },
+	{ "sniff", "--buffer-size", "buffer_size", OPT_VALUE, CHK_SIZE, NULL },
 	{ TLS_TYPES, "--tls", "tls", OPT_FLAG, CHK_NONE, "yes" },
 	{ TLS_TYPES, "--tls-auto", "tls", OPT_FLAG, CHK_NONE, "auto" },
 	{ TLS_TYPES, "--no-tls-verify", "tls_verify", OPT_FLAG, CHK_NONE, "no" },
@@ -90,6 +91,7 @@ static const struct add_range {
 } add_ranges[] = {
 	{ "ttl", 0, VALUE_TTL_MAX, "0 to 2147483647" },
 	{ "snaplen", 0, VALUE_SNAPLEN_MAX, "0 to 262144" },  /* 0 is the ceiling too */
+	{ "buffer_size", VALUE_SNIFF_BUFFER_MIN, VALUE_SNIFF_BUFFER_MAX, "1M to 1G" },
 	{ "max_header_size", VALUE_HEADER_SIZE_MIN, VALUE_HEADER_SIZE_MAX, "1K to 64K" },
 };
 

@@ -6,6 +6,7 @@
 
 #define LIST_TLS_TIMEOUT 20.0  /* tls_timeout's default (capd.conf.5): not shown */
 #define LIST_CONNECT_TIMEOUT 10.0  /* connect_timeout's default: not shown either */
+#define LIST_SNIFF_BUFFER (32u << 20)  /* a sniffer's buffer_size default: not shown */
 
 /* TLS interception with its settings that are not the default, and the
  * hosts passed through because clients rejected capd's certificate. */
@@ -97,6 +98,25 @@ list_common_info(json_t *inst, char *info, size_t n)
 	}
 }
 
+/* A sniffer's kernel buffer where not the default, in the unit it was
+ * likely given in (2M, 512K), as capd.conf takes it back. */
+static void
+list_sniff_info(json_t *inst, char *info, size_t n)
+{
+	json_t *b = json_object_get(inst, "buffer_size");
+	unsigned long long v = (unsigned long long)json_integer_value(b);
+	size_t len = strlen(info);
+
+	if (!json_is_integer(b) || v == LIST_SNIFF_BUFFER || len >= n)
+		return;
+	if (v % (1u << 20) == 0)
+		snprintf(info + len, n - len, ", buffer %lluM", v >> 20);
+	else if (v % 1024 == 0)
+		snprintf(info + len, n - len, ", buffer %lluK", v >> 10);
+	else
+		snprintf(info + len, n - len, ", buffer %llu", v);
+}
+
 /* The INFO column: what tells instances of each type apart at a glance. */
 static void
 list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
@@ -120,6 +140,7 @@ list_info(json_t *inst, const char *err, const char *to, char *info, size_t n)
 		         (long long)json_integer_value(json_object_get(inst, "dropped_spool")));
 		if (ifdrop > 0)  /* the device's own, apart as dumpcap says them */
 			snprintf(info + strlen(info), n - strlen(info), ", interface %lld", ifdrop);
+		list_sniff_info(inst, info, n);
 	}
 	else if (json_is_array(json_object_get(inst, "routes"))) {
 		list_named(json_object_get(inst, "routes"), "routes ", info, n);

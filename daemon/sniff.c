@@ -43,7 +43,7 @@
  * after SNIFF_TIMEOUT_MS, which bounds the delay a packet sees before capd
  * takes it (dumpcap waits 250 ms).
  */
-#define SNIFF_BUFFER (32 << 20)
+#define SNIFF_BUFFER (32u << 20)
 #define SNIFF_TIMEOUT_MS 100
 #define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
 #define SNIFF_ROUNDS 8                /* dispatch calls per wake-up before yielding to others */
@@ -56,6 +56,7 @@ struct sniff_cfg {
 	char *filter;                 /* NULL: everything */
 	bool promisc;
 	unsigned snaplen;
+	unsigned buffer_size;         /* bytes of kernel ring asked of libpcap */
 };
 
 /* Runtime state between start and stop: sniff_start makes it, sniff_stop frees it. */
@@ -84,7 +85,7 @@ struct sniff {
 	struct sniff_run *run;        /* NULL when not running */
 };
 
-static const char *const sniff_keys[] = { "interface", "filter", "promisc", "snaplen", NULL };
+static const char *const sniff_keys[] = { "interface", "filter", "promisc", "snaplen", "buffer_size", NULL };
 
 /* pcapng wants LINKTYPE_ values; libpcap hands out DLT_ values. They differ for a few. */
 static int
@@ -150,7 +151,7 @@ sniff_configure(struct instance *inst, struct params *p)
 	struct sniff *sn = xcalloc(1, sizeof *sn);
 	const char *iface = params_str(p, "interface", NULL);
 	const char *filter = params_str(p, "filter", NULL);
-	uint64_t snaplen;
+	uint64_t snaplen, bufsize;
 
 	inst->cfg = sn;
 	if (json_object_get(p->obj, "listen"))
@@ -160,8 +161,12 @@ sniff_configure(struct instance *inst, struct params *p)
 	if (*iface == '\0' || strlen(iface) >= IFNAMSIZ || strpbrk(iface, " \t/") != NULL)
 		return params_fail(p, "interface", "bad interface name '%s'", iface);
 	if (params_bool(p, "promisc", false, &sn->cfg.promisc) < 0 ||
-	    params_uint(p, "snaplen", SNIFF_SNAPLEN_MAX, SNIFF_SNAPLEN_MAX, &snaplen) < 0)
+	    params_uint(p, "snaplen", SNIFF_SNAPLEN_MAX, SNIFF_SNAPLEN_MAX, &snaplen) < 0 ||
+	    params_size(p, "buffer_size", SNIFF_BUFFER, &bufsize) < 0)
 		return -1;
+	if (bufsize < VALUE_SNIFF_BUFFER_MIN || bufsize > VALUE_SNIFF_BUFFER_MAX)
+		return params_fail(p, "buffer_size", "buffer_size must be between 1M and 1G");
+	sn->cfg.buffer_size = (unsigned)bufsize;
 	if (sn->cfg.promisc && strcmp(iface, "any") == 0) {
 		/* libpcap opens `any` without promiscuous mode whatever is asked (tcpdump
 		 * warns and goes on): taken, warned of once when it starts and by
@@ -419,7 +424,7 @@ sniff_prepare(struct instance *inst, char **why)
 	                                                               : SNIFF_SNAPLEN_MAX));
 	pcap_set_promisc(pc, sn->cfg.promisc);
 	pcap_set_timeout(pc, SNIFF_TIMEOUT_MS);
-	pcap_set_buffer_size(pc, SNIFF_BUFFER);
+	pcap_set_buffer_size(pc, (int)sn->cfg.buffer_size);
 	tsnano = pcap_set_tstamp_precision(pc, PCAP_TSTAMP_PRECISION_NANO) == 0;
 	rc = pcap_activate(pc);
 	if (rc < 0) {
@@ -547,6 +552,7 @@ sniff_describe(struct instance *inst, json_t *o)
 		json_object_set_new(o, "filter", json_string(sn->cfg.filter));
 	json_object_set_new(o, "promisc", json_boolean(sn->cfg.promisc));
 	json_object_set_new(o, "snaplen", json_integer(sn->cfg.snaplen));
+	json_object_set_new(o, "buffer_size", json_integer(sn->cfg.buffer_size));
 	if (sn->run) {
 		int dlt = pcap_datalink(sn->run->pcap);
 		const char *ln = pcap_datalink_val_to_name(dlt);
