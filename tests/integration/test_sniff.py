@@ -8,6 +8,7 @@ namespace of their own too, so their `lo` carries only the test's traffic.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -908,3 +909,54 @@ def test_buffer_size_sets_the_kernel_ring(netns, ns_capd, tmp_path):
     conf.write_text(f"[capd]\nspool = {tmp_path}/spool\n[sniff a]\ninterface = lo\nbuffer_size = 10x\n")
     r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and f"{conf}:5: bad size for 'buffer_size': '10x'" in r.stderr, r.stderr
+
+
+def packet_socket_fds(pid):
+    """The descriptors of pid that are packet sockets (a sniffer's libpcap handle)."""
+    inodes = set()
+    with open(f"/proc/{pid}/net/packet") as f:
+        next(f)
+        inodes = {line.split()[-1] for line in f}
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            out.append(int(fd))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_remove_closes_the_capture_off_the_loop(netns, ns_capd, tmp_path):
+    """Closing a packet socket waits for an RCU grace period in the kernel: each
+    `capctl remove` of a sniffer held capd's main loop 15-40 ms (a client polling
+    `daemon.status` saw its answers stall that long), as did a sniffer failing.
+    The handle is now closed on a thread of its own: the close of the sniffer's
+    socket is no longer made by the main thread."""
+    c = ns_capd(netns)
+    c.ctl("add", "sniff", "--interface", "lo", "--name", "x")
+    pid = c.proc.pid
+    (fd,) = packet_socket_fds(pid)
+    out = tmp_path / "trace"
+    st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=close", "-o", str(out), "-p", str(pid)],
+                          stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while "close(" not in (out.read_text() if out.exists() else "") and time.time() < deadline:
+            c.ctl("status")  # its connection is closed on the main loop: strace is on it
+            time.sleep(0.05)
+        mark = len(out.read_text())
+        c.ctl("remove", "x")
+        want = re.compile(rf"^(\d+) +close\({fd}[ )]", re.M)  # or "close(21 <unfinished ...>"
+        deadline = time.time() + 10
+        while not want.search(out.read_text()[mark:]) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        st.terminate()
+        st.wait()
+    m = want.search(out.read_text()[mark:])
+    assert m, (fd, out.read_text()[-2000:])
+    assert int(m.group(1)) != pid, "the main loop closed the packet socket: " + m.group(0)
+    assert c.ctl("list", json_out=True) == [] and packet_socket_fds(pid) == []
