@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "capctl.h"
+#include "values.h"
 
 #define LIST_TLS_TIMEOUT 20.0  /* tls_timeout's default (capd.conf.5): not shown */
 #define LIST_CONNECT_TIMEOUT 10.0  /* connect_timeout's default: not shown either */
@@ -98,23 +99,34 @@ list_common_info(json_t *inst, char *info, size_t n)
 	}
 }
 
-/* A sniffer's kernel buffer where not the default, in the unit it was
- * likely given in (2M, 512K), as capd.conf takes it back. */
+/*
+ * A sniffer's settings where not the default: snap length, promiscuous mode,
+ * kernel buffer (in the unit it was likely given in, 2M or 512K, as capd.conf
+ * takes it back), and last its filter, which tells apart two sniffers on one
+ * interface and may be long.
+ */
 static void
 list_sniff_info(json_t *inst, char *info, size_t n)
 {
-	json_t *b = json_object_get(inst, "buffer_size");
+	json_t *snap = json_object_get(inst, "snaplen"), *b = json_object_get(inst, "buffer_size");
 	unsigned long long v = (unsigned long long)json_integer_value(b);
+	const char *filter = json_string_value(json_object_get(inst, "filter"));
 	size_t len = strlen(info);
 
-	if (!json_is_integer(b) || v == LIST_SNIFF_BUFFER || len >= n)
-		return;
-	if (v % (1u << 20) == 0)
-		snprintf(info + len, n - len, ", buffer %lluM", v >> 20);
-	else if (v % 1024 == 0)
-		snprintf(info + len, n - len, ", buffer %lluK", v >> 10);
-	else
-		snprintf(info + len, n - len, ", buffer %llu", v);
+	if (json_is_integer(snap) && json_integer_value(snap) != VALUE_SNAPLEN_MAX && len < n)
+		len += (size_t)snprintf(info + len, n - len, ", snaplen %lld", (long long)json_integer_value(snap));
+	if (json_is_true(json_object_get(inst, "promisc")) && len < n)
+		len += (size_t)snprintf(info + len, n - len, ", promisc");
+	if (json_is_integer(b) && v != LIST_SNIFF_BUFFER && len < n) {
+		if (v % (1u << 20) == 0)
+			len += (size_t)snprintf(info + len, n - len, ", buffer %lluM", v >> 20);
+		else if (v % 1024 == 0)
+			len += (size_t)snprintf(info + len, n - len, ", buffer %lluK", v >> 10);
+		else
+			len += (size_t)snprintf(info + len, n - len, ", buffer %llu", v);
+	}
+	if (filter != NULL && len < n)
+		snprintf(info + len, n - len, ", filter %s", filter);
 }
 
 /* The INFO column: what tells instances of each type apart at a glance. */

@@ -960,3 +960,18 @@ def test_remove_closes_the_capture_off_the_loop(netns, ns_capd, tmp_path):
     assert m, (fd, out.read_text()[-2000:])
     assert int(m.group(1)) != pid, "the main loop closed the packet socket: " + m.group(0)
     assert c.ctl("list", json_out=True) == [] and packet_socket_fds(pid) == []
+
+
+def test_list_shows_a_sniffers_settings(netns, ns_capd):
+    """`capctl list` showed a sniffer's packets and drops alone: two sniffers on one
+    interface with other filters, or one with --snaplen 96 or --promisc, looked the
+    same as one with the defaults. Those not the default now follow the counters,
+    the filter last; snaplen 0 is the default (262144) and shows nothing."""
+    c = ns_capd(netns)
+    c.ctl("add", "sniff", "--interface", "any", "--filter", "udp port 53", "--name", "dns")
+    c.ctl("add", "sniff", "--interface", "lo", "--snaplen", "96", "--promisc", "--name", "short")
+    c.ctl("add", "sniff", "--interface", "lo", "--snaplen", "0", "--name", "plain")
+    table = {line.split()[0]: line for line in c.ctl("list").stdout.splitlines()[1:]}
+    assert table["dns"].endswith("spool 0, filter udp port 53"), table
+    assert table["short"].endswith("spool 0, snaplen 96, promisc"), table
+    assert table["plain"].endswith("spool 0"), table
