@@ -45,6 +45,7 @@
  * after SNIFF_TIMEOUT_MS, which bounds the delay a packet sees before capd
  * takes it (dumpcap waits 250 ms).
  */
+/* buffer_size's default; libpcap maps all of it into capd (4 sniffers: 128 MiB resident) */
 #define SNIFF_BUFFER (32u << 20)
 #define SNIFF_TIMEOUT_MS 100
 #define SNIFF_BATCH 256               /* packets per pcap_dispatch call */
