@@ -312,8 +312,13 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 			return usage_error("%s: bad interface name '%s'", ao->opt, v);
 		return 0;
 	case CHK_AUTH:  /* as capd's users.c: the name ends at the first ':' */
-		if (strchr(v, ':') == NULL || v[0] == ':')
-			return usage_error("%s: bad '%s': expected user:password", ao->opt, v);
+		/* named by its user alone, as capd does: the rest is a password, and
+		 * a value without ':' may well be one (a terminal log, a CI's output) */
+		if (strchr(v, ':') == NULL)
+			return usage_error("%s: bad value (no ':', so not shown): expected user:password", ao->opt);
+		if (v[0] == ':')
+			return usage_error("%s: the user name is empty: expected user:password (RFC 1929 allows 1 to %d "
+			                   "bytes)", ao->opt, VALUE_AUTH_FIELD_MAX);
 		if (strcspn(v, ":") > VALUE_AUTH_FIELD_MAX)
 			return usage_error("%s: the user name is %zu bytes: RFC 1929 allows 1 to %d", ao->opt,
 			                   strcspn(v, ":"), VALUE_AUTH_FIELD_MAX);

@@ -50,12 +50,13 @@ struct ctl_conn {
 	struct ctl_conn *next;
 	int fd;
 	ev_io rio, wio;
-	ev_timer timer;          /* partial-request deadline */
+	ev_timer timer;          /* first- and partial-request deadline */
 	struct rpc_framer framer;
 	struct buf out;
 	int uid, gid, pid;
 	bool dead;
 	bool rd_eof;             /* the peer sent its last request (a half-close): close once answered */
+	bool heard;              /* a complete request came: the connection may idle from now on */
 	struct ctl_on_close *on_close;  /* owned; grows with the connection's subscriptions */
 	struct ctl_on_close on_drain;   /* a stream that queues as the peer reads (ctl_conn_on_drain) */
 	int n_on_close, cap_on_close;
@@ -618,7 +619,11 @@ ctl_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct ctl_conn *c = w->data;
 
 	(void)loop; (void)revents;
-	log_warnx("control: pid %d sent half a request and went quiet; closing", c->pid);
+	if (!c->heard && buf_used(&c->framer.in) == 0 && !c->framer.skipping)
+		log_warnx("control: pid %d connected and sent nothing in %.0f s; closing", c->pid,
+		          CTL_REQUEST_TIMEOUT);
+	else
+		log_warnx("control: pid %d sent half a request and went quiet; closing", c->pid);
 	ctl_conn_kill(c);
 }
 
@@ -687,6 +692,8 @@ ctl_conn_process(struct ctl_conn *c)
 		if (c->dead)
 			return;
 	}
+	if (progressed)
+		c->heard = true;
 	if (c->later) {
 		/* nothing more is read until the reply goes (ctl_later_reply starts it again) */
 		ev_io_stop(capd_main, &c->rio);
@@ -697,7 +704,10 @@ ctl_conn_process(struct ctl_conn *c)
 		ctl_conn_done_check(c);
 		return;
 	}
-	/* a partial line must complete in time; a quiet, idle connection may stay.
+	/* a partial line must complete in time; a quiet, idle connection may stay
+	 * once it has asked something (a tail, a subscription), while one that
+	 * never did keeps the deadline it got at accept: else any member of the
+	 * control group could hold capd's descriptors with silent connections.
 	 * The clock runs from the last complete request: a client streaming
 	 * requests whose reads each end inside one is making progress */
 	if (progressed)
@@ -707,7 +717,7 @@ ctl_conn_process(struct ctl_conn *c)
 			ev_timer_set(&c->timer, CTL_REQUEST_TIMEOUT, 0.);
 			ev_timer_start(capd_main, &c->timer);
 		}
-	} else {
+	} else if (c->heard) {
 		ev_timer_stop(capd_main, &c->timer);
 	}
 }
@@ -913,9 +923,10 @@ ctl_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		rpc_framer_init(&c->framer, RPC_MAX_LINE);
 		ev_io_init(&c->rio, ctl_read_cb, fd, EV_READ);
 		ev_io_init(&c->wio, ctl_write_cb, fd, EV_WRITE);
-		ev_init(&c->timer, ctl_timer_cb);
+		ev_timer_init(&c->timer, ctl_timer_cb, CTL_REQUEST_TIMEOUT, 0.);
 		c->rio.data = c->wio.data = c->timer.data = c;
 		ev_io_start(loop, &c->rio);
+		ev_timer_start(loop, &c->timer);  /* the first request is due in time too */
 		c->next = ctl_conns;
 		ctl_conns = c;
 	}

@@ -74,7 +74,9 @@ struct session_rec {
 	char target_name[HOST_MAX + 8];
 	uint64_t bytes[2];
 	double started, ended;
-	char reason[160];
+	/* why it closed, whole (the log's words): owned in the history, which
+	 * takes it over from the session; borrowed in session_json's copy */
+	char *reason;
 	char *note;  /* owned */
 };
 
@@ -288,7 +290,8 @@ session_table_shutdown(void)
 		log_warn("cannot save the session id counter in %s", session_id_path);
 	for (unsigned i = 0; i < SESSION_HISTORY; i++) {
 		free(session_history[i].note);
-		session_history[i].note = NULL;
+		free(session_history[i].reason);
+		session_history[i].note = session_history[i].reason = NULL;
 	}
 	session_history_len = 0;
 	free(session_id_path);
@@ -1123,7 +1126,7 @@ session_rec_fill(struct session_rec *r, struct session *s)
 	r->bytes[1] = s->bytes[1];
 	r->started = s->started;
 	r->ended = s->ended;
-	session_strcpy(r->reason, s->reason ? s->reason : "", sizeof r->reason);
+	r->reason = s->reason;
 }
 
 /* Whether a "host:port" (or "[v6]:port") names an IP literal: a request
@@ -1169,7 +1172,7 @@ session_rec_json(const struct session_rec *r, enum session_state state, const ch
 	json_object_set_new(o, "started", json_string(session_time(r->started, t, sizeof t)));
 	if (state == SESSION_CLOSED)
 		json_object_set_new(o, "ended", json_string(session_time(r->ended, t, sizeof t)));
-	if (r->reason[0])
+	if (r->reason && r->reason[0])
 		json_object_set_new(o, "reason", json_string(r->reason));
 	if (note)
 		json_object_set_new(o, "note", json_string(note));
@@ -1219,9 +1222,11 @@ session_history_add(struct session *s)
 	struct session_rec *r = &session_history[session_history_head];
 
 	free(r->note);
+	free(r->reason);
 	session_rec_fill(r, s);
-	r->note = s->note;  /* the record takes the note over */
+	r->note = s->note;  /* the record takes the note and the reason over */
 	s->note = NULL;
+	s->reason = NULL;
 	session_history_head = (session_history_head + 1) % SESSION_HISTORY;
 	if (session_history_len < SESSION_HISTORY)
 		session_history_len++;

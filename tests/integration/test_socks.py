@@ -2107,3 +2107,22 @@ def test_link_local_target_takes_the_clients_link(netns, ns_capd, ns_python):
         assert tcp[1]["reason"] == why and why in tcp[3]["reason"], ss
     finally:
         subprocess.run(["ip", "netns", "del", peer], capture_output=True)
+
+
+def test_long_reason_is_kept_whole_in_sessions(capd):
+    """`capctl sessions` cut a closed session's reason at 159 bytes (a fixed buffer in
+    its history record), where the log kept it whole: a long TLS reason lost the
+    OpenSSL words at its end. A refused SOCKS5 user of 200 bytes makes a reason as
+    long; capctl now shows what the log says."""
+    port = free_port()
+    capd.ctl("add", "socks", "--port", port, "--auth", "alice:pw", "--name", "longwhy")
+    user = b"u" * 199 + b"Z"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"\x05\x01\x02")
+        assert c.recv(2) == b"\x05\x02"
+        c.sendall(b"\x01" + bytes([len(user)]) + user + b"\x02pw")
+        assert c.recv(2) == b"\x01\x01"
+    ss = capd.wait_sessions(lambda ss: any(s["state"] == "closed" for s in ss))
+    why = f"socks5: auth failed for user {user.decode()}"
+    assert [s["reason"] for s in ss] == [why], ss
+    assert why in capd.log()
