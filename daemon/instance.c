@@ -78,6 +78,28 @@ instance_free(struct instance *inst)
 	free(inst);
 }
 
+/*
+ * The name of an instance added without one: base (TYPE-PORT, sniff-IFACE),
+ * or when that is taken (the same port on ::1, a second sniffer of the
+ * interface) base-2, base-3 ..., the first free, as docker compose numbers
+ * replicas: the second add was refused for a name the user never chose.
+ * Takes base. Config sections always name theirs.
+ */
+static char *
+instance_default_name(char *base)
+{
+	char *name = base;
+
+	for (unsigned n = 2; instance_find(name) != NULL; n++) {
+		if (name != base)
+			free(name);
+		name = xasprintf("%s-%u", base, n);
+	}
+	if (name != base)
+		free(base);
+	return name;
+}
+
 /* Parses the common keys and the protocol's own; nothing is opened. */
 static struct instance *
 instance_configure(json_t *params, const char *file, json_t *lines, int section_line, char **why)
@@ -131,10 +153,11 @@ instance_configure(json_t *params, const char *file, json_t *lines, int section_
 	}
 	name = params_str(&p, "name", NULL);
 	if (name == NULL && inst->proto->listens) {
-		inst->name = xasprintf("%s-%u", type, addr_port((struct sockaddr *)&inst->listen));
+		inst->name = instance_default_name(xasprintf("%s-%u", type, addr_port((struct sockaddr *)&inst->listen)));
 		json_object_set_new(params, "name", json_string(inst->name));
 	} else if (name == NULL && json_is_string(json_object_get(params, "interface"))) {
-		inst->name = xasprintf("%s-%s", type, json_string_value(json_object_get(params, "interface")));
+		inst->name = instance_default_name(xasprintf("%s-%s", type,
+		                                             json_string_value(json_object_get(params, "interface"))));
 		json_object_set_new(params, "name", json_string(inst->name));
 	} else if (name == NULL) {
 		params_fail(&p, NULL, "a name is needed");

@@ -1721,3 +1721,23 @@ def test_instance_name_not_utf8_is_refused(tmp_path):
     r = subprocess.run([str(CAPD), "-t", "-c", str(f)], capture_output=True, text=True, timeout=20)
     assert r.returncode == 1 and f"{f}:4: the instance name in a [forward ...] section is not valid UTF-8" \
         in r.stderr, r.stderr
+
+
+def test_default_name_taken_gets_a_number(capd):
+    """`capctl add socks --port P` then the same port on ::1 was refused: "an instance
+    named 'socks-P' exists already", for a name the user never chose. A taken default
+    name now gets the first free -2, -3 ...; a name the user gives is still refused."""
+    port = free_port()
+    assert capd.ctl("add", "socks", "--port", port).stdout.startswith(f"added socks-{port} ")
+    r = capd.ctl("add", "socks", "--port", port, "--bind", "::1")
+    assert r.stdout.startswith(f"added socks-{port}-2 "), r.stdout
+    r = capd.ctl("add", "socks", "--port", port, "--bind", "127.0.0.2")
+    assert r.stdout.startswith(f"added socks-{port}-3 "), r.stdout
+    capd.ctl("remove", f"socks-{port}-2")
+    r = capd.ctl("add", "socks", "--port", port, "--bind", "::1")
+    assert r.stdout.startswith(f"added socks-{port}-2 "), r.stdout
+    got = {i["name"]: i["listen"] for i in capd.ctl("list", json_out=True)}
+    assert got == {f"socks-{port}": f"127.0.0.1:{port}", f"socks-{port}-2": f"[::1]:{port}",
+                   f"socks-{port}-3": f"127.0.0.2:{port}"}, got
+    r = capd.ctl("add", "socks", "--port", free_port(), "--name", f"socks-{port}-2", check=False)
+    assert r.returncode == 1 and "exists already" in r.stderr, r.stderr
