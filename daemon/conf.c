@@ -427,6 +427,34 @@ conf_reader_header(struct conf_parse *cp, const char *t)
 	conf_new_section(cp, name);
 }
 
+/*
+ * "listen: 1080": inih splits a line at its first '=' or ':' (fixed when
+ * it is built, Debian's included), so a YAML habit was taken quietly while
+ * capd.conf.5 has key = value alone; as nginx or haproxy refuse a file in
+ * another's syntax, capd names the line and the form it takes. A line whose
+ * "key" has a blank in it ("to 127.0.0.1:80", its '=' forgotten) is left to
+ * the handler, which names it as an unknown key.
+ */
+static void
+conf_reader_key(struct conf_parse *cp, const char *t)
+{
+	size_t n = strcspn(t, "=:"), k = n, vn;
+	const char *v;
+
+	if (t[n] != ':')
+		return;
+	while (k > 0 && (t[k - 1] == ' ' || t[k - 1] == '\t'))
+		k--;
+	if (k == 0 || memchr(t, ' ', k) != NULL || memchr(t, '\t', k) != NULL)
+		return;
+	v = t + n + 1 + strspn(t + n + 1, " \t");
+	vn = strcspn(v, "\r\n");
+	while (vn > 0 && (v[vn - 1] == ' ' || v[vn - 1] == '\t'))
+		vn--;
+	conf_fail(cp, "a ':' after '%.*s': write %.*s = %.*s (key = value, not key: value)", (int)k, t, (int)k, t,
+	          (int)vn, v);
+}
+
 /* The reader's checks of one line (inih's own grammar decides the rest). */
 static void
 conf_reader_line(struct conf_parse *cp, char *str, int num, bool more)
@@ -461,6 +489,8 @@ conf_reader_line(struct conf_parse *cp, char *str, int num, bool more)
 	}
 	if (*t == '[')
 		conf_reader_header(cp, t);
+	else
+		conf_reader_key(cp, t);
 }
 
 static char *

@@ -1741,3 +1741,23 @@ def test_default_name_taken_gets_a_number(capd):
                    f"socks-{port}-3": f"127.0.0.2:{port}"}, got
     r = capd.ctl("add", "socks", "--port", free_port(), "--name", f"socks-{port}-2", check=False)
     assert r.returncode == 1 and "exists already" in r.stderr, r.stderr
+
+
+def test_key_colon_value_refused_by_capd_t_and_reload(capd_factory, tmp_path):
+    """`listen: 1080` (a YAML habit) was taken as `listen = 1080`: inih splits a line at
+    its first '=' or ':', while capd.conf.5 has key = value alone. It is now refused,
+    with its line and the form to write, by capd -t and by a reload; a ':' inside a
+    value after its '=' (an address and port) is still a value."""
+    port = free_port()
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[capd]\ncontrol = {tmp_path}/t.sock\nspool = {tmp_path}/sp\n\n"
+                    f"[forward f]\nlisten: {port}  \nto = 127.0.0.1:9\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1, r
+    assert r.stderr == (f"capd: {conf}:6: a ':' after 'listen': write listen = {port} "
+                        "(key = value, not key: value)\n"), r.stderr
+    c = capd_factory(f"[forward f]\nlisten = [::1]:{port}\nto = 127.0.0.1:9 ; note: kept\n")
+    assert [i["to"] for i in c.ctl("list", json_out=True)] == ["127.0.0.1:9"]
+    c.write_conf(f"[forward f]\nlisten = [::1]:{port}\nto = 127.0.0.1:9\n", settings="log_level: info")
+    r = c.ctl("reload", check=False)
+    assert r.returncode == 1 and "a ':' after 'log_level': write log_level = info" in r.stderr, r.stderr
