@@ -26,6 +26,7 @@ enum opt_check {
 	CHK_ROUTE,   /* PATTERN=HOST:PORT */
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
+	CHK_PATH_DIR, /* a file or a folder capd reads: sent absolute */
 	CHK_AUTH,    /* USER:PASSWORD */
 	CHK_NAME,    /* a new instance's name: as capd takes it (value_name_ok) */
 	CHK_CAPTURE, /* plain or both */
@@ -81,6 +82,7 @@ static const struct add_opt add_opts[] = {
 	{ TLS_PASS_TYPES, "--tls-passthrough", "tls_passthrough", OPT_VALUE, CHK_LIST, NULL },
 	{ TLS_PASS_TYPES, "--no-tls-auto-passthrough", "tls_auto_passthrough", OPT_FLAG, CHK_NONE, "no" },
 	{ TLS_TYPES, "--tls-timeout", "tls_timeout", OPT_VALUE, CHK_TIMEOUT, NULL },
+	{ TLS_TYPES, "--tls-client-cert", "tls_client_cert", OPT_VALUE, CHK_PATH_DIR, NULL },
 };
 
 /* The range capd takes of a CHK_UINT or CHK_SIZE value: outside it, capctl's usage error. */
@@ -177,7 +179,7 @@ add_path(const struct add_opt *ao, const char *v, json_t **out)
 		/* capd may read where the user cannot look: an absolute path is its to try */
 		if (errno != EACCES || v[0] != '/')
 			return usage_error("%s: %s: %s", ao->opt, v, strerror(errno));
-	} else if (S_ISDIR(st.st_mode)) {
+	} else if (S_ISDIR(st.st_mode) && ao->check != CHK_PATH_DIR) {
 		return usage_error("%s: %s is a folder, not a file", ao->opt, v);
 	}
 	if (v[0] == '/')
@@ -301,6 +303,7 @@ add_check(const struct add_opt *ao, const char *v, json_t **out)
 	case CHK_ANSWER:
 		return add_rule(ao, v);
 	case CHK_PATH:
+	case CHK_PATH_DIR:
 		return add_path(ao, v, out);
 	case CHK_NAME:
 		return (*out = ctl_new_name(ao->opt, v)) == NULL ? CTL_USAGE : 0;

@@ -19,6 +19,7 @@ list_tls_info(json_t *inst, char *info, size_t n)
 	json_t *auto_pt = json_object_get(inst, "tls_passthrough_auto"), *h;
 	json_t *pt = json_object_get(inst, "tls_passthrough");
 	json_t *tmo = json_object_get(inst, "tls_timeout");
+	const char *cc = json_string_value(json_object_get(inst, "tls_client_cert"));
 	const char *pt0 = json_string_value(json_array_get(pt, 0));
 	size_t len = strlen(info), i, npt = json_array_size(pt);
 
@@ -37,7 +38,9 @@ list_tls_info(json_t *inst, char *info, size_t n)
 	if (len < n && json_is_false(json_object_get(inst, "tls_auto_passthrough")))
 		len += (size_t)snprintf(info + len, n - len, ", auto passthrough no");
 	if (len < n && json_is_number(tmo) && json_number_value(tmo) != LIST_TLS_TIMEOUT)
-		snprintf(info + len, n - len, ", timeout %gs", json_number_value(tmo));
+		len += (size_t)snprintf(info + len, n - len, ", timeout %gs", json_number_value(tmo));
+	if (len < n && cc != NULL)
+		snprintf(info + len, n - len, ", client cert %s", cc);
 	json_array_foreach(auto_pt, i, h) {
 		len = strlen(info);
 		snprintf(info + len, n - len, "%s%s", i ? " " : ", passthrough (clients rejected the certificate): ",

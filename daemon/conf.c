@@ -27,7 +27,7 @@
 static const char *const conf_rule_keys[] = { "auth", "route", "answer", NULL };
 
 /* Keys holding paths, made absolute against the config file's folder. */
-static const char *const conf_path_keys[] = { "users", NULL };
+static const char *const conf_path_keys[] = { "users", "tls_client_cert", NULL };
 
 struct conf_parse {
 	struct conf *c;

@@ -33,6 +33,8 @@
  */
 #include "tls.h"
 
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -41,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -49,6 +52,7 @@
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -63,7 +67,7 @@
 
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
-#define TLS_RESUME_KEY 640      /* "sni|target name|address|verify" */
+#define TLS_RESUME_KEY 680      /* "sni|target name|address|verify|client identity" */
 #define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
 
 enum tls_state {
@@ -77,6 +81,16 @@ struct tls_host {
 	struct tls_host *next;
 	unsigned rejects;
 	char name[];
+};
+
+/* A client certificate capd shows the server (tls_client_cert); owned by its tls_cfg. */
+struct tls_ident {
+	char *name;             /* the folder form: the server name of NAME.pem (lower case); NULL for a file */
+	char *path;             /* the file it came from */
+	X509 *cert;
+	EVP_PKEY *key;
+	STACK_OF(X509) *chain;  /* the certificates after the first */
+	char id[17];            /* hex of its SHA-256 fingerprint's start: scopes resumption */
 };
 
 /* One TLS side of a session; embedded in its tls_session. */
@@ -117,6 +131,9 @@ struct tls_session {
 	double timer_due;           /* when the timer runs out by the clock (ev_time) */
 	int excused;                /* times it ran out late, capd held up, and ran again */
 	bool cert_asked;            /* the server asked for a client certificate (capd has none to give) */
+	const struct tls_ident *ident;  /* the client certificate for this server (tls_client_cert), or NULL */
+	bool ident_sent;            /* the server asked for it and capd presented it */
+	bool resume_ident_sent;     /* so did the handshake of the session offered for resumption */
 	bool resume_cert_asked;     /* so did the handshake of the session offered for resumption */
 	bool ticket;                /* the server sent a session ticket (tls_new_session_cb) */
 	ev_timer verdict;           /* TLS_ST_VERDICT: how long the server may stay silent */
@@ -145,6 +162,7 @@ struct tls_resume {
 	char key[TLS_RESUME_KEY];
 	SSL_SESSION *sess;
 	bool cert_asked;        /* its handshake asked for a client certificate */
+	bool ident_sent;        /* capd presented its tls_client_cert in it */
 };
 
 static SSL_CTX *tls_srv_ctx, *tls_cli_verify, *tls_cli_noverify;
@@ -215,6 +233,188 @@ tls_pattern_canon(const char *w, char *out, size_t n)
 	addr_format_ip((struct sockaddr *)&ss, out, n);
 }
 
+/* ---- tls_client_cert: the client certificates capd shows servers ---- */
+
+/* A PEM password callback: capd has no passphrase to give, so an encrypted
+ * key fails at once (OpenSSL's default would ask on the terminal). */
+static int
+tls_ident_nopass_cb(char *buf, int size, int rwflag, void *u)
+{
+	(void)buf; (void)size; (void)rwflag;
+	*(bool *)u = true;
+	return -1;
+}
+
+static void
+tls_ident_free(struct tls_ident *id)
+{
+	free(id->name);
+	free(id->path);
+	X509_free(id->cert);
+	EVP_PKEY_free(id->key);
+	sk_X509_pop_free(id->chain, X509_free);
+}
+
+/*
+ * Reads path: the certificate first, then the chain, and the private key,
+ * unencrypted, anywhere in the file (mitmproxy's client_certs file). 0, or
+ * -1 with the reason in why.
+ */
+static int
+tls_ident_read(struct tls_ident *id, const char *path, char *why, size_t n)
+{
+	BIO *b = BIO_new_file(path, "r");
+	X509 *x;
+	bool asked = false;
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned mdlen = 0;
+
+	memset(id, 0, sizeof *id);
+	if (b == NULL) {
+		ERR_clear_error();
+		snprintf(why, n, "cannot read %s: %s", path, strerror(errno));
+		return -1;
+	}
+	id->path = xstrdup(path);
+	id->chain = sk_X509_new_null();
+	while ((x = PEM_read_bio_X509(b, NULL, NULL, NULL)) != NULL) {
+		if (id->cert == NULL)
+			id->cert = x;
+		else if (id->chain == NULL || !sk_X509_push(id->chain, x))
+			X509_free(x);
+	}
+	ERR_clear_error();  /* the end of the file */
+	if (id->cert == NULL) {
+		snprintf(why, n, "%s holds no PEM certificate", path);
+		goto fail;
+	}
+	(void)BIO_reset(b);
+	id->key = PEM_read_bio_PrivateKey(b, NULL, tls_ident_nopass_cb, &asked);
+	ERR_clear_error();
+	if (id->key == NULL) {
+		snprintf(why, n, asked ? "the private key in %s is encrypted (capd takes an unencrypted key)"
+		                       : "%s holds no PEM private key (the certificate's key goes in the same file)", path);
+		goto fail;
+	}
+	if (X509_check_private_key(id->cert, id->key) != 1) {
+		ERR_clear_error();
+		snprintf(why, n, "the private key in %s does not match its (first) certificate", path);
+		goto fail;
+	}
+	if (X509_digest(id->cert, EVP_sha256(), md, &mdlen) != 1 || mdlen < 8) {
+		ERR_clear_error();
+		snprintf(why, n, "cannot take the fingerprint of the certificate in %s", path);
+		goto fail;
+	}
+	for (unsigned i = 0; i < 8; i++)
+		snprintf(id->id + 2 * i, 3, "%02x", md[i]);
+	BIO_free(b);
+	return 0;
+fail:
+	BIO_free(b);
+	tls_ident_free(id);
+	memset(id, 0, sizeof *id);
+	return -1;
+}
+
+static int
+tls_ident_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct tls_ident *)a)->name, ((const struct tls_ident *)b)->name);
+}
+
+/* The folder form: every NAME.pem in it, NAME the server's name. */
+static int
+tls_idents_dir(struct tls_cfg *cfg, const char *dir, char *why, size_t n)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	size_t cap = 0;
+
+	if (d == NULL) {
+		snprintf(why, n, "cannot read the folder %s: %s", dir, strerror(errno));
+		return -1;
+	}
+	while ((e = readdir(d)) != NULL) {
+		size_t len = strlen(e->d_name);
+		struct tls_ident id;
+		char *path;
+
+		if (e->d_name[0] == '.' || len <= 4 || strcmp(e->d_name + len - 4, ".pem") != 0)
+			continue;
+		path = xasprintf("%s/%s", dir, e->d_name);
+		if (tls_ident_read(&id, path, why, n) < 0) {
+			free(path);
+			closedir(d);
+			return -1;
+		}
+		free(path);
+		id.name = xstrndup(e->d_name, len - 4);
+		for (char *c = id.name; *c; c++)
+			*c = (char)tolower((unsigned char)*c);
+		if (cfg->nidents == cap) {
+			cap = cap ? 2 * cap : 8;
+			cfg->idents = xrealloc(cfg->idents, cap * sizeof *cfg->idents);
+		}
+		cfg->idents[cfg->nidents++] = id;
+	}
+	closedir(d);
+	if (cfg->nidents > 1)
+		qsort(cfg->idents, cfg->nidents, sizeof *cfg->idents, tls_ident_cmp);
+	for (size_t i = 1; i < cfg->nidents; i++)
+		if (!strcmp(cfg->idents[i - 1].name, cfg->idents[i].name)) {
+			snprintf(why, n, "%s and %s name the same server", cfg->idents[i - 1].path, cfg->idents[i].path);
+			return -1;
+		}
+	return 0;
+}
+
+/* tls_client_cert: read (and checked) now, so that `capd -t` and a reload
+ * refuse a bad file, and no session reads a file. */
+static int
+tls_client_cert_load(struct tls_cfg *cfg, struct params *p)
+{
+	const char *path = params_str(p, "tls_client_cert", NULL);
+	struct stat st;
+	char why[PATH_MAX + 200];
+
+	if (path == NULL)
+		return p->why ? -1 : 0;
+	cfg->client_cert = xstrdup(path);
+	if (stat(path, &st) < 0)
+		return params_fail(p, "tls_client_cert", "tls_client_cert: cannot read %s: %s", path, strerror(errno));
+	cfg->client_cert_dir = S_ISDIR(st.st_mode);
+	if (cfg->client_cert_dir) {
+		if (tls_idents_dir(cfg, path, why, sizeof why) < 0)
+			return params_fail(p, "tls_client_cert", "tls_client_cert: %s", why);
+		return 0;
+	}
+	cfg->idents = xcalloc(1, sizeof *cfg->idents);
+	if (tls_ident_read(&cfg->idents[0], path, why, sizeof why) < 0)
+		return params_fail(p, "tls_client_cert", "tls_client_cert: %s", why);
+	cfg->nidents = 1;
+	return 0;
+}
+
+/* The client certificate for the server name (NULL: none): the file's for
+ * every server, or the folder's NAME.pem, as mitmproxy picks them. */
+static const struct tls_ident *
+tls_ident_for(const struct tls_cfg *cfg, const char *name)
+{
+	struct tls_ident key;
+	char low[HOST_MAX + 1];
+
+	if (!cfg->client_cert_dir)
+		return cfg->nidents ? &cfg->idents[0] : NULL;
+	if (name == NULL || !name[0] || cfg->nidents == 0)
+		return NULL;
+	snprintf(low, sizeof low, "%s", name);
+	for (char *c = low; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	key.name = low;
+	return bsearch(&key, cfg->idents, cfg->nidents, sizeof *cfg->idents, tls_ident_cmp);
+}
+
 int
 tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 {
@@ -241,6 +441,7 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		/* what only interception reads: taken silently, it would seem to work */
 		static const char *const only_tls[] = {
 			"tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+			"tls_client_cert",
 		};
 		for (size_t i = 0; i < sizeof only_tls / sizeof *only_tls; i++) {
 			json_t *v = json_object_get(p->obj, only_tls[i]);
@@ -272,6 +473,8 @@ tls_configure(struct instance *inst, struct params *p, struct tls_cfg **out)
 		return -1;
 	if (cfg->timeout <= 0)
 		return params_fail(p, "tls_timeout", "'tls_timeout' must be more than 0");
+	if (cfg->mode != TLS_NO && tls_client_cert_load(cfg, p) < 0)
+		return -1;
 	cfg->passthrough = xcalloc(1, sizeof *cfg->passthrough);
 	if ((pt = params_list(p, "tls_passthrough")) != NULL) {
 		size_t i;
@@ -328,6 +531,10 @@ tls_cfg_free(struct tls_cfg *cfg)
 		cfg->hosts = h->next;
 		free(h);
 	}
+	for (size_t i = 0; i < cfg->nidents; i++)
+		tls_ident_free(&cfg->idents[i]);
+	free(cfg->idents);
+	free(cfg->client_cert);
 	free(cfg);
 }
 
@@ -350,6 +557,8 @@ tls_describe(const struct tls_cfg *cfg, json_t *o)
 	json_object_set_new(o, "tls_passthrough", a);
 	json_object_set_new(o, "tls_auto_passthrough", json_boolean(cfg->auto_passthrough));
 	json_object_set_new(o, "tls_timeout", json_real(cfg->timeout));
+	if (cfg->client_cert)
+		json_object_set_new(o, "tls_client_cert", json_string(cfg->client_cert));
 	a = json_array();
 	/* rejects are counted either way; only with auto_passthrough do they pass through */
 	for (const struct tls_host *h = cfg->hosts; h && cfg->auto_passthrough; h = h->next)
@@ -774,8 +983,33 @@ tls_new_session_cb(SSL *ssl, SSL_SESSION *sess)
 	snprintf(r->key, sizeof r->key, "%s", ts->resume_key);
 	r->sess = copy;
 	r->cert_asked = ts->cert_asked || (SSL_session_reused(ssl) && ts->resume_cert_asked);
+	r->ident_sent = ts->ident_sent || (SSL_session_reused(ssl) && ts->resume_ident_sent);
 	capd_unlock();
 	return 0;
+}
+
+/*
+ * The server asks for a client certificate: the session's tls_client_cert,
+ * set on this connection alone (the context is every instance's). OpenSSL
+ * then sends it when the server's signature algorithms take its key; else,
+ * or without one, it calls tls_client_cert_cb.
+ */
+static int
+tls_cert_cb(SSL *ssl, void *arg)
+{
+	struct tls_session *ts = SSL_get_app_data(ssl);
+	const struct tls_ident *id = ts ? ts->ident : NULL;
+
+	(void)arg;
+	if (id == NULL || ts->ident_sent)
+		return 1;
+	/* the chain as given, not built from the context's store */
+	if (SSL_use_cert_and_key(ssl, id->cert, id->key, id->chain, 1) != 1) {
+		ERR_clear_error();
+		return 1;  /* none sent: the server decides, tls_client_cert_cb notes it */
+	}
+	ts->ident_sent = true;
+	return 1;
 }
 
 /* The server asks for a client certificate: capd has none (the client's stays
@@ -824,6 +1058,7 @@ tls_client_ctx(bool verify, char **why)
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 	SSL_CTX_sess_set_new_cb(ctx, tls_new_session_cb);
 	SSL_CTX_set_client_cert_cb(ctx, tls_client_cert_cb);
+	SSL_CTX_set_cert_cb(ctx, tls_cert_cb, NULL);
 	if (verify) {
 		/* the system's trusted certificates are read at the first verifying
 		 * session (tls_trust_load): a capd that intercepts nothing never reads them */
@@ -1662,10 +1897,14 @@ tls_done(struct tls_session *ts)
 	/* the version is the client's; the server's when it differs (nginx
 	 * before 1.23.4 speaks TLS 1.2 unless told otherwise) */
 	bool other = SSL_version(ts->u.ssl) != SSL_version(ts->c.ssl);
-	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	/* a resumed session keeps the identity its handshake presented */
+	bool sent = ts->ident && (ts->ident_sent || (SSL_session_reused(ts->u.ssl) && ts->resume_ident_sent));
+	const char *cc = sent ? strrchr(ts->ident->path, '/') : NULL;
+	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
 	                 other ? " upstream=" : "", other ? SSL_get_version(ts->u.ssl) : "",
 	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
+	                 sent ? " client-cert=" : "", sent ? (cc ? cc + 1 : ts->ident->path) : "",
 	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" :
 	                 SSL_session_reused(ts->u.ssl) && ts->resume_cert_asked ?
 	                 "; the server asked for a client certificate in the handshake this one resumes, "
@@ -1885,10 +2124,19 @@ tls_upstream_begin(struct tls_session *ts)
 			X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(u->ssl),
 			                              addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip));
 	}
-	/* what the verification checked is part of the key: a resumed session skips it */
-	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%s|%d", ts->sni, s->target_name,
+	if (ts->cfg->nidents) {
+		/* the name the SNI carries, else the address: mitmproxy's choice */
+		const char *name = SSL_get_servername(u->ssl, TLSEXT_NAMETYPE_host_name);
+		if (name == NULL && s->have_target)
+			name = addr_format_ip((struct sockaddr *)&s->target_addr, ip, sizeof ip);
+		ts->ident = tls_ident_for(ts->cfg, name);
+	}
+	/* what the verification checked is part of the key: a resumed session
+	 * skips it; so is the client identity, which a resumed session keeps
+	 * (one made with an instance's certificate never serves another's, or none) */
+	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%s|%d|%s", ts->sni, s->target_name,
 	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-",
-	         ts->cfg->verify);
+	         ts->cfg->verify, ts->ident ? ts->ident->id : "-");
 	capd_lock();
 	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
 	/* a copy again: a resumed TLS 1.2 session is the connection's own, and
@@ -1897,6 +2145,7 @@ tls_upstream_begin(struct tls_session *ts)
 	if (rs->sess && !strcmp(rs->key, ts->resume_key) && SSL_SESSION_is_resumable(rs->sess)) {
 		resume = SSL_SESSION_dup(rs->sess);
 		ts->resume_cert_asked = rs->cert_asked;
+		ts->resume_ident_sent = rs->ident_sent;
 	}
 	capd_unlock();
 	if (resume && SSL_set_session(u->ssl, resume) != 1)  /* takes its own reference */
@@ -2163,8 +2412,11 @@ tls_upstream_step(struct tls_session *ts)
 		if (alert == SSL_AD_NO_APPLICATION_PROTOCOL || (alert == SSL_AD_UNRECOGNIZED_NAME && ts->sni[0]))
 			ts->fail_alert = alert;
 		bool plain = tls_upstream_plain(err);
-		snprintf(why, sizeof why, "upstream handshake failed: %s%s", tls_err_text(text, sizeof text, "unknown error"),
-		         plain ? " (the server does not speak TLS on this port)" : "");
+		snprintf(why, sizeof why, "upstream handshake failed: %s%s%s%s%s",
+		         tls_err_text(text, sizeof text, "unknown error"),
+		         plain ? " (the server does not speak TLS on this port)" : "",
+		         ts->ident_sent ? " (capd sent the client certificate from " : "",
+		         ts->ident_sent ? ts->ident->path : "", ts->ident_sent ? ")" : "");
 	}
 	tls_upstream_failed(ts, why);
 }

@@ -12,7 +12,7 @@
  *     free:       tls_cfg_free(cfg->tls);
  *
  * and list "tls", "tls_verify", "tls_capture", "tls_passthrough",
- * "tls_auto_passthrough" in the type's keys. tls_intercept_start() has
+ * "tls_auto_passthrough", "tls_timeout", "tls_client_cert" in the type's keys. tls_intercept_start() has
  * relay_start()'s contract (both sockets connected, hs_in leftovers are the
  * client's next bytes, hs_out is flushed to the client first) and ends in
  * relay_start() itself, or closes the session with a reason.
@@ -35,6 +35,7 @@ struct capd_settings;
 enum tls_mode { TLS_NO, TLS_AUTO, TLS_YES };
 
 struct tls_host;  /* a host whose clients rejected the forged certificate */
+struct tls_ident; /* a client certificate and its key (tls_client_cert) */
 
 /* An instance's TLS options and its auto-passthrough memory.
  * Owned by the instance's protocol config; tls_cfg_free() frees it. */
@@ -48,6 +49,10 @@ struct tls_cfg {
 	bool forges;              /* some client may get a forged certificate: needs the CA */
 	char **passthrough;       /* host or *.suffix patterns, NULL-terminated */
 	struct tls_host *hosts;   /* rejection counts; passthrough at TLS_REJECT_LIMIT */
+	char *client_cert;        /* tls_client_cert as given (a file or a folder), or NULL */
+	bool client_cert_dir;     /* it is a folder: NAME.pem by the server's name */
+	struct tls_ident *idents; /* what it holds, read at configure time */
+	size_t nidents;
 };
 
 #define TLS_REJECT_LIMIT 2

@@ -2903,3 +2903,145 @@ def test_passthrough_ip_address_however_written(capd, pattern, host):
         assert capd.ctl("list", json_out=True)[0]["tls_passthrough"] == [host]
     finally:
         echo.close()
+
+
+# ---- tls_client_cert: the client certificate capd shows a server that asks ----
+
+def client_pki(d):
+    """A test CA and client certificates it signed: {"ca": ca.pem, CN: cert+key PEM}."""
+    d.mkdir(exist_ok=True)
+    ca, cakey = d / "ca.pem", d / "ca.key"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", cakey,
+            "-out", ca, "-days", "5", "-subj", "/CN=capd test client CA")
+    out = {"ca": ca}
+    for cn in ("client-a", "client-b"):
+        key, csr, crt = d / f"{cn}.key", d / f"{cn}.csr", d / f"{cn}.crt"
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+                "-out", csr, "-subj", f"/CN={cn}")
+        openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-CAcreateserial", "-out", crt, "-days", "5")
+        pem = d / f"{cn}.pem"
+        pem.write_text(crt.read_text() + key.read_text())
+        out[cn] = pem
+    return out
+
+
+def mtls_server(tmp_path, pki, version):
+    """openssl s_server -www that requires a client certificate signed by the test CA;
+    its page prints the certificate it got ("Subject: CN=...")."""
+    cert, key = make_cert(tmp_path, "mtls-server", f"/CN={NAME}", f"DNS:{NAME},DNS:a.test,DNS:b.test,IP:127.0.0.1")
+    return SServer(cert, key, "-Verify", "1", "-CAfile", pki["ca"], f"-{version}")
+
+
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_client_certificate_shown_to_a_server_that_requires_one(capd, tmp_path, version):
+    """Feature: a server that requires a client certificate (mutual TLS: IoT, enterprise
+    APIs) could not be intercepted: capd had none to show, and the server refused
+    ("capd has none"). tls_client_cert = FILE (capctl add --tls-client-cert) gives it
+    one, as mitmproxy's client_certs: curl through socks and HTTP CONNECT gets the page,
+    and the server names the certificate's subject. An instance without one is still
+    refused, and does not resume the session another instance made with its
+    certificate (the upstream sessions are shared by all instances)."""
+    pki = client_pki(tmp_path / "pki")
+    srv = mtls_server(tmp_path, pki, version)
+    try:
+        socks, http = free_port(), free_port()
+        capd.ctl("add", "socks", "--port", socks, "--tls", "--no-tls-verify", "--tls-client-cert", pki["client-a"])
+        capd.ctl("add", "http", "--port", http, "--connect-ports", "*", "--tls", "--no-tls-verify",
+                 "--tls-client-cert", pki["client-a"])
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        url = f"https://127.0.0.1:{srv.port}/"
+        for proxy in (f"socks5://127.0.0.1:{socks}", f"http://127.0.0.1:{http}"):
+            r = curl("--cacert", ca, "-x", proxy, url)
+            assert r.returncode == 0 and b"Subject: CN=client-a" in r.stdout, (proxy, r.stderr, capd.log()[-2000:])
+        s = last_closed(capd, 2)[-1]
+        assert "client-cert=client-a.pem" in s["note"], s
+        info = {i["name"]: i for i in capd.ctl("list", json_out=True)}
+        assert [i["tls_client_cert"] for i in info.values()] == [str(pki["client-a"])] * 2, info
+        assert f"client cert {pki['client-a']}" in capd.ctl("list").stdout
+        # same target, no certificate: refused, not resumed into client-a's session
+        bare = free_port()
+        capd.ctl("add", "socks", "--port", bare, "--tls", "--no-tls-verify")
+        r = curl("--cacert", ca, "-x", f"socks5://127.0.0.1:{bare}", url)
+        s = last_closed(capd, 3)[-1]
+        assert r.returncode != 0 and b"client-a" not in r.stdout, (r.stdout, s)
+        assert "capd has none" in s["reason"], s
+    finally:
+        srv.stop()
+
+
+def test_client_certificate_folder_picks_by_server_name(capd, tmp_path):
+    """tls_client_cert = FOLDER: the certificate of the server's name, NAME.pem as
+    mitmproxy's client_certs folder (the SNI, else the target's address), through
+    forward, socks and reverse; a server with no file gets none."""
+    pki = client_pki(tmp_path / "pki")
+    d = tmp_path / "certs"
+    d.mkdir()
+    shutil.copy(pki["client-a"], d / "a.test.pem")
+    shutil.copy(pki["client-b"], d / "B.Test.pem")
+    shutil.copy(pki["client-b"], d / "127.0.0.1.pem")
+    (d / "notes.txt").write_text("not a certificate\n")
+    srv = mtls_server(tmp_path, pki, "tls1_3")
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify", "--tls-client-cert", d)
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        for n, (host, cn) in enumerate([("a.test", b"client-a"), ("b.test", b"client-b"), (NAME, None)], 1):
+            r = curl("--cacert", ca, "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/")
+            s = last_closed(capd, n)[-1]
+            if cn:
+                assert r.returncode == 0 and b"Subject: CN=" + cn in r.stdout, (host, r.stderr, s)
+            else:
+                assert r.returncode != 0 and "capd has none" in s["reason"], (host, s)
+        socks = free_port()
+        capd.ctl("add", "socks", "--port", socks, "--tls", "--no-tls-verify", "--tls-client-cert", d)
+        r = curl("--cacert", ca, "-x", f"socks5://127.0.0.1:{socks}", f"https://127.0.0.1:{srv.port}/")
+        assert r.returncode == 0 and b"Subject: CN=client-b" in r.stdout, r.stderr
+        # reverse: the client's SNI goes to the server, and picks the file
+        rev = free_port()
+        capd.ctl("add", "reverse", "--port", rev, "--default", f"127.0.0.1:{srv.port}", "--tls", "--no-tls-verify",
+                 "--tls-client-cert", d)
+        r = curl("--cacert", ca, "--resolve", f"a.test:{rev}:127.0.0.1", f"https://a.test:{rev}/")
+        assert r.returncode == 0 and b"Subject: CN=client-a" in r.stdout, (r.stdout[:300], r.stderr)
+    finally:
+        srv.stop()
+
+
+def test_config_check_refuses_a_bad_client_certificate(capd_factory, tmp_path):
+    """capd -t (and so a reload) refuses a tls_client_cert it could not use, with the
+    file and line: a file that is missing, a key that is not the certificate's, an
+    encrypted key, a bad file in a folder, and the key without tls."""
+    pki = client_pki(tmp_path / "pki")
+    crt_a, key_b = (tmp_path / "pki" / "client-a.crt").read_text(), (tmp_path / "pki" / "client-b.key").read_text()
+    (tmp_path / "mismatch.pem").write_text(crt_a + key_b)
+    enc = tmp_path / "enc.key"
+    openssl("pkey", "-in", tmp_path / "pki" / "client-a.key", "-aes256", "-passout", "pass:secret", "-out", enc)
+    (tmp_path / "enc.pem").write_text(crt_a + enc.read_text())
+    (tmp_path / "nokey.pem").write_text(crt_a)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x.test.pem").write_text(crt_a + key_b)
+    port = free_port()
+    capd = capd_factory(f"[socks s]\nlisten = 127.0.0.1:{port}\ntls = yes\ntls_client_cert = {pki['client-a']}\n",
+                        start=False)
+    base = capd.conf_path.read_text()
+
+    def check(value, tls="yes"):
+        text = base.replace(f"tls_client_cert = {pki['client-a']}", f"tls_client_cert = {value}")
+        capd.conf_path.write_text(text.replace("tls = yes", f"tls = {tls}"))
+        r = subprocess.run([str(CAPD), "-t", "-c", str(capd.conf_path)], capture_output=True, text=True, timeout=30)
+        line = capd.conf_path.read_text().splitlines().index(f"tls_client_cert = {value}") + 1
+        return r.returncode, r.stderr.replace(f"{capd.conf_path}:{line}: ", "LINE: ")
+
+    assert check(pki["client-a"]) == (0, ""), check(pki["client-a"])
+    (tmp_path / "empty").mkdir()
+    assert check(tmp_path / "empty")[0] == 0  # a folder of no NAME.pem: none for every name
+    cases = {
+        tmp_path / "missing.pem": f"cannot read {tmp_path}/missing.pem: No such file or directory",
+        tmp_path / "mismatch.pem": f"the private key in {tmp_path}/mismatch.pem does not match",
+        tmp_path / "enc.pem": f"the private key in {tmp_path}/enc.pem is encrypted",
+        tmp_path / "nokey.pem": f"{tmp_path}/nokey.pem holds no PEM private key",
+        tmp_path / "dir": f"the private key in {tmp_path}/dir/x.test.pem does not match",
+    }
+    for value, want in cases.items():
+        rc, err = check(value)
+        assert rc == 1 and "LINE: tls_client_cert: " + want in err, (value, err)
+    rc, err = check(pki["client-a"], tls="no")
+    assert rc == 1 and "'tls_client_cert' applies only with tls = yes or auto" in err, err
