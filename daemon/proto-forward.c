@@ -28,7 +28,8 @@ struct forward_cfg {
 };
 
 static const char *const forward_keys[] = {
-	"to", "udp", "tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", "tls_client_cert", NULL,
+	"to", "udp", "tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+	"tls_client_cert", NULL,
 };
 
 static int

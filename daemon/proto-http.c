@@ -19,7 +19,8 @@
 
 static const char *const http_keys[] = {
 	"connect_ports", "users", "auth", "max_header_size", "header_timeout",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", "tls_client_cert", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+	"tls_client_cert", NULL,
 };
 
 /* Checks Proxy-Authorization: Basic against the users; the name into user on success. */

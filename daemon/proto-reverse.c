@@ -24,7 +24,8 @@ static const char *const reverse_live_keys[] = { "route", "default", NULL };
 
 static const char *const reverse_keys[] = {
 	"route", "default", "max_header_size", "header_timeout",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", "tls_client_cert", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+	"tls_client_cert", NULL,
 };
 
 /* Whether two IP literals are one address: IPv6 has many spellings of

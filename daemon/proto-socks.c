@@ -73,7 +73,8 @@ struct socks {
 
 static const char *const socks_keys[] = {
 	"users", "auth", "socks4", "handshake_timeout",
-	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout", "tls_client_cert", NULL,
+	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
+	"tls_client_cert", NULL,
 };
 
 /* Why an exposed instance is an open proxy, or NULL: said at start and by capd -t. */

@@ -292,8 +292,10 @@ tls_ident_read(struct tls_ident *id, const char *path, char *why, size_t n)
 	id->key = PEM_read_bio_PrivateKey(b, NULL, tls_ident_nopass_cb, &asked);
 	ERR_clear_error();
 	if (id->key == NULL) {
-		snprintf(why, n, asked ? "the private key in %s is encrypted (capd takes an unencrypted key)"
-		                       : "%s holds no PEM private key (the certificate's key goes in the same file)", path);
+		if (asked)
+			snprintf(why, n, "the private key in %s is encrypted (capd takes an unencrypted key)", path);
+		else
+			snprintf(why, n, "%s holds no PEM private key (the certificate's key goes in the same file)", path);
 		goto fail;
 	}
 	if (X509_check_private_key(id->cert, id->key) != 1) {
@@ -363,7 +365,8 @@ tls_idents_dir(struct tls_cfg *cfg, const char *dir, char *why, size_t n)
 		qsort(cfg->idents, cfg->nidents, sizeof *cfg->idents, tls_ident_cmp);
 	for (size_t i = 1; i < cfg->nidents; i++)
 		if (!strcmp(cfg->idents[i - 1].name, cfg->idents[i].name)) {
-			snprintf(why, n, "%s and %s name the same server", cfg->idents[i - 1].path, cfg->idents[i].path);
+			snprintf(why, n, "%s and %s name the same server", cfg->idents[i - 1].path,
+			         cfg->idents[i].path);
 			return -1;
 		}
 	return 0;
