@@ -43,7 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -67,7 +66,7 @@
 
 #define TLS_HOSTS_MAX 1024      /* hosts remembered for auto-passthrough, per instance */
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
-#define TLS_RESUME_KEY 680      /* "sni|target name|address|verify|client identity" */
+#define TLS_RESUME_KEY 680      /* "client identity|verify|sni|target name|address" */
 #define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
 
 enum tls_state {
@@ -2137,9 +2136,9 @@ tls_upstream_begin(struct tls_session *ts)
 	/* what the verification checked is part of the key: a resumed session
 	 * skips it; so is the client identity, which a resumed session keeps
 	 * (one made with an instance's certificate never serves another's, or none) */
-	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%s|%s|%d|%s", ts->sni, s->target_name,
-	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-",
-	         ts->cfg->verify, ts->ident ? ts->ident->id : "-");
+	snprintf(ts->resume_key, sizeof ts->resume_key, "%s|%d|%s|%s|%s", ts->ident ? ts->ident->id : "-",
+	         ts->cfg->verify, ts->sni, s->target_name,
+	         s->have_target ? addr_format((struct sockaddr *)&s->target_addr, ip, sizeof ip) : "-");
 	capd_lock();
 	struct tls_resume *rs = &tls_resume[tls_resume_slot(ts->resume_key)];
 	/* a copy again: a resumed TLS 1.2 session is the connection's own, and
