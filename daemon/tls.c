@@ -137,7 +137,7 @@ struct tls_session {
 	bool ticket;                /* the server sent a session ticket (tls_new_session_cb) */
 	ev_timer verdict;           /* TLS_ST_VERDICT: how long the server may stay silent */
 	double verdict_since;       /* when the upstream handshake was done (ev_now) */
-	bool verdict_open;          /* silence was taken for consent: nothing came from the server since */
+	bool verdict_open;          /* silence was taken for consent (or a certificate sent): nothing came from the server since */
 	unsigned hello_version;     /* the newest TLS version the client offers */
 	char *fail;                 /* why the handshake cannot go on (mostly the upstream's failure); the client gets an alert */
 	int fail_alert;             /* that alert: 0 for handshake_failure */
@@ -2377,6 +2377,13 @@ tls_upstream_step(struct tls_session *ts)
 		return;
 	}
 	if (r == 1) {
+		if (ts->ident_sent && SSL_version(u->ssl) >= TLS1_3_VERSION) {
+			/* nothing to wait for (the server usually takes what it asked
+			 * for), but a refusal, which comes after the handshake, is named
+			 * as one: tls_side_late_verdict */
+			ts->verdict_since = ev_now(capd_loop);
+			ts->verdict_open = true;
+		}
 		tls_upstream_done(ts);
 		return;
 	}
@@ -2748,6 +2755,13 @@ tls_side_late_verdict(struct tls_side *t, const char *what)
 	 * of a connection left idle) */
 	if (late > ts->cfg->timeout)
 		return;
+	if (ts->ident_sent) {
+		/* the file is in the note (client-cert=) */
+		snprintf(t->why, sizeof t->why, "upstream refused capd's client certificate (%s after %.1f s)", what,
+		         late);
+		t->whole = true;
+		return;
+	}
 	/* the session history keeps 159 bytes of a reason: the rest goes in the note */
 	snprintf(t->why, sizeof t->why, "upstream handshake failed: the server asked for a client certificate, "
 	         "capd has none (%s after %.1f s)", what, late);

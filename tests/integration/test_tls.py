@@ -2907,12 +2907,12 @@ def test_passthrough_ip_address_however_written(capd, pattern, host):
 
 # ---- tls_client_cert: the client certificate capd shows a server that asks ----
 
-def client_pki(d):
+def client_pki(d, ca_cn="capd test client CA"):
     """A test CA and client certificates it signed: {"ca": ca.pem, CN: cert+key PEM}."""
     d.mkdir(exist_ok=True)
     ca, cakey = d / "ca.pem", d / "ca.key"
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", cakey,
-            "-out", ca, "-days", "5", "-subj", "/CN=capd test client CA")
+            "-out", ca, "-days", "5", "-subj", f"/CN={ca_cn}")
     out = {"ca": ca}
     for cn in ("client-a", "client-b"):
         key, csr, crt = d / f"{cn}.key", d / f"{cn}.csr", d / f"{cn}.crt"
@@ -3045,3 +3045,31 @@ def test_config_check_refuses_a_bad_client_certificate(capd_factory, tmp_path):
         assert rc == 1 and "LINE: tls_client_cert: " + want in err, (value, err)
     rc, err = check(pki["client-a"], tls="no")
     assert rc == 1 and "'tls_client_cert' applies only with tls = yes or auto" in err, err
+
+
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_refused_client_certificate_is_named(capd, tmp_path, version):
+    """A server that does not take the certificate capd sent (another CA): TLS 1.2
+    refuses in the handshake, and the reason names the file capd sent; TLS 1.3
+    refuses after it (capd does not wait: it sent what was asked for), and the
+    reason says the server refused capd's client certificate, not a bare TLS error."""
+    pki = client_pki(tmp_path / "pki")
+    other = client_pki(tmp_path / "other", ca_cn="another CA")
+    cert, key = make_cert(tmp_path, "mtls-server", f"/CN={NAME}", f"DNS:{NAME}")
+    srv = SServer(cert, key, "-Verify", "1", "-verify_return_error", "-CAfile", other["ca"], f"-{version}")
+    try:
+        port = add_forward(capd, srv.port, "--tls", "--no-tls-verify", "--tls-client-cert", pki["client-a"])
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+        r = curl("--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        s = last_closed(capd)[-1]
+        assert r.returncode != 0 and b"s_server" not in r.stdout, (r.stdout, s)
+        if version == "tls1_2":
+            want = f"upstream handshake failed: tlsv1 alert unknown ca (capd sent the client certificate " \
+                   f"from {pki['client-a']})"
+            assert s["reason"] == want, s
+        else:
+            # the alert, or a reset when the request crossed it
+            assert s["reason"].startswith("upstream refused capd's client certificate ("), s
+            assert "client-cert=client-a.pem" in s["note"], s
+    finally:
+        srv.stop()
