@@ -65,6 +65,7 @@ static const struct add_opt add_opts[] = {
 	{ "http", "--connect-ports", "connect_ports", OPT_VALUE, CHK_PORTS, NULL },
 	{ "http reverse", "--max-header-size", "max_header_size", OPT_VALUE, CHK_SIZE, NULL },
 	{ "http reverse", "--header-timeout", "header_timeout", OPT_VALUE, CHK_DURATION, NULL },
+	{ "http reverse", "--response-timeout", "response_timeout", OPT_VALUE, CHK_DURATION, NULL },
 	{ "reverse", "--route", "route", OPT_REPEAT, CHK_ROUTE, NULL },
 	{ "reverse", "--default", "default", OPT_VALUE, CHK_HOSTPORT, NULL },
 	{ "dns", "--answer", "answer", OPT_REPEAT, CHK_ANSWER, NULL },

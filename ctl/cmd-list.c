@@ -8,6 +8,7 @@
 #define LIST_TLS_TIMEOUT 20.0  /* tls_timeout's default (capd.conf.5): not shown */
 #define LIST_CONNECT_TIMEOUT 10.0  /* connect_timeout's default: not shown either */
 #define LIST_SNIFF_BUFFER (32u << 20)  /* a sniffer's buffer_size default: not shown */
+#define LIST_RESPONSE_TIMEOUT 60.0 /* response_timeout's default (http, reverse): not shown */
 
 /* TLS interception with its settings that are not the default, and the
  * hosts passed through because clients rejected capd's certificate. */
@@ -81,12 +82,14 @@ list_named(json_t *a, const char *label, char *out, size_t n)
 	list_join(a, out, n);
 }
 
-/* The keys every listening instance takes, where not the default: capctl add
- * --no-capture, --idle-timeout and --connect-timeout showed nowhere in the list. */
+/* The keys every listening instance takes, and an http or reverse one's
+ * response_timeout, where not the default: capctl add --no-capture,
+ * --idle-timeout and --connect-timeout showed nowhere in the list. */
 static void
 list_common_info(json_t *inst, char *info, size_t n)
 {
 	json_t *idle = json_object_get(inst, "idle_timeout"), *conn = json_object_get(inst, "connect_timeout");
+	json_t *resp = json_object_get(inst, "response_timeout");
 	size_t len = strlen(info);
 
 	if (json_is_false(json_object_get(inst, "capture")) && len < n)
@@ -96,9 +99,16 @@ list_common_info(json_t *inst, char *info, size_t n)
 		                        json_number_value(idle));
 	if (json_is_number(conn) && json_number_value(conn) != LIST_CONNECT_TIMEOUT && len < n) {
 		if (json_number_value(conn) == 0)
-			snprintf(info + len, n - len, "%sconnect timeout none", len ? ", " : "");
+			len += (size_t)snprintf(info + len, n - len, "%sconnect timeout none", len ? ", " : "");
 		else
-			snprintf(info + len, n - len, "%sconnect timeout %gs", len ? ", " : "", json_number_value(conn));
+			len += (size_t)snprintf(info + len, n - len, "%sconnect timeout %gs", len ? ", " : "",
+			                        json_number_value(conn));
+	}
+	if (json_is_number(resp) && json_number_value(resp) != LIST_RESPONSE_TIMEOUT && len < n) {
+		if (json_number_value(resp) == 0)
+			snprintf(info + len, n - len, "%sresponse timeout none", len ? ", " : "");
+		else
+			snprintf(info + len, n - len, "%sresponse timeout %gs", len ? ", " : "", json_number_value(resp));
 	}
 }
 

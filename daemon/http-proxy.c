@@ -42,6 +42,7 @@
 #include "xmalloc.h"
 
 #define HTTP_WAIT_REQUEST 60.0  /* header_timeout's default: nginx's client_header_timeout */
+#define HTTP_WAIT_RESPONSE 60.0 /* response_timeout's default: nginx's proxy_read_timeout */
 #define HTTP_NOTE_MAX 200
 
 enum { UP_HEAD, UP_BODY, UP_WAIT, UP_TUNNEL };
@@ -74,6 +75,10 @@ struct http_conn {
 	char *fail;                 /* reason when finishing with an error reply, owned */
 	struct buf head;            /* rewritten heads are built here */
 	char authority[HOST_MAX + 8]; /* reverse: the Host the request went with ("" none), for Location */
+	/* response_timeout (http_resp_timer_cb): the filter only stamps resp_at,
+	 * the timer checks it when it runs out and re-arms itself for the rest */
+	ev_timer resp_timer;
+	double resp_at;             /* the last read from the upstream, or the request's end, whichever came last */
 };
 
 /* Parse results live here only for the length of one callback. */
@@ -95,6 +100,8 @@ http_cfg_limits(struct http_cfg *cfg, struct params *p)
 		return params_fail(p, "max_header_size", "max_header_size must be between 1K and 64K");
 	cfg->lim.max_head = (size_t)max;
 	cfg->lim.max_headers = HTTP_MAX_HEADERS;
+	if (params_duration(p, "response_timeout", HTTP_WAIT_RESPONSE, &cfg->resp_timeout) < 0)
+		return -1;
 	return params_duration(p, "header_timeout", HTTP_WAIT_REQUEST, &cfg->head_timeout);
 }
 
@@ -715,6 +722,8 @@ http_rewrite_response(struct session *s, const struct http_msg *m, struct buf *b
 
 /* ---- sessions ---- */
 
+static void http_resp_timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
 void
 http_proxy_accepted(struct session *s)
 {
@@ -722,6 +731,8 @@ http_proxy_accepted(struct session *s)
 	struct http_cfg *cfg = s->inst->cfg;
 
 	s->proto_state = hc;
+	ev_init(&hc->resp_timer, http_resp_timer_cb);
+	hc->resp_timer.data = s;
 	s->proto = "http";
 	if (cfg->head_timeout > 0)
 		session_set_deadline(s, cfg->head_timeout);
@@ -736,6 +747,7 @@ http_proxy_session_free(struct session *s)
 
 	if (hc == NULL)
 		return;
+	ev_timer_stop(capd_loop, &hc->resp_timer);
 	buf_free(&hc->head);
 	buf_free(&hc->retry);
 	free(hc->fail);
@@ -959,6 +971,101 @@ http_proxy_idle(struct session *s)
 	return true;
 }
 
+/*
+ * response_timeout, as nginx's proxy_read_timeout: while a response is
+ * awaited or read, the upstream must send something within this long of
+ * its last bytes or of the request's end. The clock runs only while the
+ * request has come whole (or its client waits for a 100 Continue), and
+ * stops while capd holds bytes the client has not taken: a slow client is
+ * the client's business (idle_timeout). CONNECT and Upgrade tunnels, and a
+ * connection between requests, are never timed.
+ */
+static bool
+http_awaits_upstream(const struct session *s)
+{
+	const struct http_conn *hc = s->proto_state;
+
+	if (hc == NULL || s->state != SESSION_OPEN || s->filter == NULL || hc->fail != NULL)
+		return false;
+	return hc->down == DOWN_HEAD || (hc->down == DOWN_BODY && !hc->resp_done);
+}
+
+/* The request went or ended: the clock starts (again) now. One timer
+ * start per request at most; the filter's reads only stamp resp_at. */
+static void
+http_resp_clock(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+	double t = ((const struct http_cfg *)s->inst->cfg)->resp_timeout;
+
+	if (t <= 0)
+		return;
+	hc->resp_at = capd_now();
+	if (!ev_is_active(&hc->resp_timer)) {
+		ev_timer_set(&hc->resp_timer, t, 0.);
+		ev_timer_start(capd_loop, &hc->resp_timer);
+	}
+}
+
+/* The upstream let response_timeout (t) pass: before any of the response
+ * head went out, a 504 naming it; after, no reply fits, and the client's
+ * connection ends as after a bad body (nginx does the same). */
+static void
+http_resp_timeout(struct session *s, double t)
+{
+	struct http_conn *hc = s->proto_state;
+	char up[HOST_MAX + 8], why[HOST_MAX + 96];
+	const uint8_t *p;
+	size_t n;
+
+	hostport_format(hc->host, hc->port, up, sizeof up);
+	if (hc->down == DOWN_HEAD) {
+		if ((n = relay_held(s, DIR_DOWN, &p)) > 0)
+			session_data(s, DIR_DOWN, p, n);  /* a partial head is still worth having */
+		if (http_upload_waits(s))
+			snprintf(why, sizeof why, "%s took no more of the request body within response_timeout (%gs)",
+			         up, t);
+		else
+			snprintf(why, sizeof why, "no response from %s within response_timeout (%gs)", up, t);
+		http_fail_late(s, 504, why);
+		return;
+	}
+	snprintf(why, sizeof why, "%s sent no more of the response within response_timeout (%gs)", up, t);
+	if (hc->dechunk || hc->down_body.framing == HTTP_BODY_CLOSE) {
+		/* the body ends at the close: a FIN would pass a cut response
+		 * off as whole, a reset is the one sign the client can read */
+		session_reset(s, why);
+		return;
+	}
+	http_end_late(s, why);  /* the client reads a short Content-Length or chunked body */
+}
+
+static void
+http_resp_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+	struct http_conn *hc = s->proto_state;
+	double t, now = ev_now(loop);
+
+	(void)revents;
+	if (!http_awaits_upstream(s) || (t = ((const struct http_cfg *)s->inst->cfg)->resp_timeout) <= 0)
+		return;  /* the next request arms it again */
+	/* asked only when the time is up, never per byte: the client's turn
+	 * (its body still comes), bytes the client has yet to take, or the
+	 * upstream's bytes unread while capd was held up (the loop's clock
+	 * stood still) do not count against the upstream */
+	if (now - hc->resp_at >= t &&
+	    ((!hc->req_done && !(hc->req_expect && hc->down == DOWN_HEAD)) || session_held(s, DIR_DOWN) > 0 ||
+	     session_peer_moved(s, loop)))
+		hc->resp_at = now;
+	if (now - hc->resp_at < t) {
+		ev_timer_set(w, hc->resp_at + t - now, 0.);
+		ev_timer_start(loop, w);
+		return;
+	}
+	http_resp_timeout(s, t);
+}
+
 /* ---- the filter ---- */
 
 /* Whether a request may be sent twice (RFC 9110 9.2.2): nginx resends
@@ -1147,6 +1254,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	hc->resp_done = false;
 	hc->up = hc->req_done ? UP_WAIT : UP_BODY;
 	hc->down = DOWN_HEAD;
+	http_resp_clock(s);
 	/* a kept connection the origin closes as this request arrives (its
 	 * idle timeout) is the keep-alive race: the request may go again, once
 	 * (http_retry), so its head is kept until its answer or body starts */
@@ -1315,6 +1423,7 @@ http_body(struct session *s, enum dir d, const uint8_t *p, size_t n, size_t *use
 		hc->req_done = true;
 		hc->up = UP_WAIT;
 		relay_hold(s, d);
+		http_resp_clock(s);  /* the response is the upstream's turn from now */
 	} else {
 		http_resp_end(s);
 	}
@@ -1328,6 +1437,8 @@ http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size
 
 	if (d == DIR_DOWN || hc->up == UP_BODY)
 		hc->can_retry = false;  /* the answer or the body started: the request cannot go again */
+	if (d == DIR_DOWN)
+		hc->resp_at = capd_now();  /* response_timeout: a stamp, the timer checks it (http_resp_timer_cb) */
 	if (d == DIR_UP) {
 		switch (hc->up) {
 		case UP_HEAD: return http_up_head(s, p, n, used);

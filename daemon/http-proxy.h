@@ -44,6 +44,7 @@ struct http_cfg {
 	bool reverse;
 	struct http_limits lim;
 	double head_timeout;        /* header_timeout: seconds a new client connection has for its request head; 0 = none */
+	double resp_timeout;        /* response_timeout: seconds between reads of an awaited response; 0 = none */
 	struct tls_cfg *tls;        /* tls* keys (tls.h): CONNECT tunnels (http), clients (reverse) */
 	/* http */
 	struct users *users;        /* NULL: no proxy auth */
@@ -63,7 +64,7 @@ struct http_cfg {
  * and t->port (80 when absent or empty, "host:"); 1 when a port was given, 0
  * when not, -1 when malformed. */
 int http_authority(const char *a, size_t n, struct http_target *t);
-/* Reads max_header_size into cfg->lim and header_timeout; -1 with the error recorded in p. */
+/* Reads max_header_size into cfg->lim, header_timeout and response_timeout; -1 with the error recorded in p. */
 int http_cfg_limits(struct http_cfg *cfg, struct params *p);
 void http_cfg_free(struct instance *inst);
 

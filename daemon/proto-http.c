@@ -18,7 +18,7 @@
 #include "xmalloc.h"
 
 static const char *const http_keys[] = {
-	"connect_ports", "users", "auth", "max_header_size", "header_timeout",
+	"connect_ports", "users", "auth", "max_header_size", "header_timeout", "response_timeout",
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
 	"tls_client_cert", NULL,
 };
@@ -214,6 +214,7 @@ http_fwd_describe(struct instance *inst, json_t *o)
 	json_object_set_new(o, "auth", json_boolean(cfg->users != NULL));
 	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
 	json_object_set_new(o, "header_timeout", json_real(cfg->head_timeout));
+	json_object_set_new(o, "response_timeout", json_real(cfg->resp_timeout));
 	tls_describe(cfg->tls, o);
 }
 

@@ -23,7 +23,7 @@
 static const char *const reverse_live_keys[] = { "route", "default", NULL };
 
 static const char *const reverse_keys[] = {
-	"route", "default", "max_header_size", "header_timeout",
+	"route", "default", "max_header_size", "header_timeout", "response_timeout",
 	"tls", "tls_verify", "tls_capture", "tls_passthrough", "tls_auto_passthrough", "tls_timeout",
 	"tls_client_cert", NULL,
 };
@@ -276,6 +276,7 @@ reverse_describe(struct instance *inst, json_t *o)
 	}
 	json_object_set_new(o, "max_header_size", json_integer((json_int_t)cfg->lim.max_head));
 	json_object_set_new(o, "header_timeout", json_real(cfg->head_timeout));
+	json_object_set_new(o, "response_timeout", json_real(cfg->resp_timeout));
 	tls_describe(cfg->tls, o);
 }
 

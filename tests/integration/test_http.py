@@ -2544,3 +2544,155 @@ def test_bad_header_line_gets_400_before_the_head_ends(capd, origin):
         reply = read_all(c, timeout=20)
     assert status_of(reply) == 400 and b"control character" in reply, reply
     assert origin.requests == []
+
+
+# ---- response_timeout: nginx's proxy_read_timeout ----
+
+class TrickleOrigin(Listener):
+    """A stream or long poll that keeps sending: each request is answered
+    chunked, one chunk every `gap` seconds (the head too) for `n` chunks."""
+
+    def __init__(self, gap=0.5, n=6):
+        self.gap, self.n = gap, n
+        super().__init__()
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        with c:
+            got = b""
+            try:
+                while b"\r\n\r\n" not in got:
+                    if not (d := c.recv(4096)):
+                        return
+                    got += d
+                time.sleep(self.gap)
+                c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(self.n):
+                    time.sleep(self.gap)
+                    c.sendall(b"7\r\npart %d\n\r\n" % i)
+                c.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass
+
+
+class EchoServer(Listener):
+    """Sends back what it reads (the far end of a CONNECT tunnel)."""
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        with c:
+            try:
+                while (d := c.recv(4096)):
+                    c.sendall(d)
+            except OSError:
+                pass
+
+
+def add_kind_timeout(capd, kind, origin_port, timeout="1s"):
+    """add_kind with --response-timeout (test_reverse uses it too)."""
+    port = free_port()
+    if kind == "http":
+        capd.ctl("add", "http", "--port", port, "--name", "h", "--response-timeout", timeout)
+    else:
+        capd.ctl("add", "reverse", "--port", port, "--name", "h", "--default", f"127.0.0.1:{origin_port}",
+                 "--response-timeout", timeout)
+    return port
+
+
+def test_silent_origin_gets_a_504_after_response_timeout(capd):
+    """Regression: with idle_timeout 0 (the default) an origin that accepts and
+    never answers held a patient client forever. As nginx (proxy_read_timeout),
+    the client now gets a 504 naming the origin and the timeout; the session's
+    reason says it and the upstream connection ends."""
+    o = SilentOrigin()
+    try:
+        port = add_kind_timeout(capd, "http", o.port)
+        t = time.monotonic()
+        reply = raw(port, get_line("http", o.port) + b"Host: x\r\n\r\n", timeout=20)
+        took = time.monotonic() - t
+        assert status_of(reply) == 504, reply
+        assert f"no response from 127.0.0.1:{o.port} within response_timeout (1s)".encode() in reply, reply
+        assert 0.9 < took < 15, took
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"] == f"504 Gateway Timeout: no response from 127.0.0.1:{o.port} within " \
+                              "response_timeout (1s)", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
+
+
+def test_origin_that_stalls_in_its_body_is_cut_after_response_timeout(capd):
+    """Once the head went to the client no reply fits: an origin that stops in
+    the middle of its body has the connection closed after response_timeout
+    (curl: 18, partial file), as nginx does, instead of waiting forever."""
+    o = SilentOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", answers=1)
+    try:
+        port = add_kind_timeout(capd, "http", o.port)
+        r = curl("-x", f"http://127.0.0.1:{port}", "--max-time", "20", f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 18 and r.stdout == b"abc", r
+        s = closed_sessions(capd, 1)[-1]
+        assert s["reason"] == f"127.0.0.1:{o.port} sent no more of the response within response_timeout (1s)", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
+
+
+def test_origin_that_keeps_sending_outlives_response_timeout(capd):
+    """The timeout is between two reads from the origin, not for the whole
+    response: a stream sending every 0.5 s for 3 s passes whole with 1s."""
+    o = TrickleOrigin()
+    try:
+        port = add_kind_timeout(capd, "http", o.port)
+        r = curl("-x", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{o.port}/")
+        assert r.returncode == 0 and r.stdout == b"".join(b"part %d\n" % i for i in range(6)), r
+    finally:
+        o.close()
+
+
+def test_tunnels_are_not_timed_by_response_timeout(capd, origin):
+    """A CONNECT tunnel and a websocket (Upgrade) tunnel quiet for longer than
+    response_timeout go on: the timeout is for awaited responses only."""
+    e = EchoServer()
+    try:
+        port = free_port()
+        capd.ctl("add", "http", "--port", port, "--name", "h", "--response-timeout", "1s",
+                 "--connect-ports", e.port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"CONNECT 127.0.0.1:{e.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert status_of(read_all(c, 5, until=b"\r\n\r\n")) == 200
+            c.sendall(b"ping")
+            assert read_all(c, 5, until=b"ping") == b"ping"
+            time.sleep(2)
+            c.sendall(b"pong")
+            assert read_all(c, 5, until=b"pong") == b"pong"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"GET http://127.0.0.1:{origin.port}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      "Upgrade: websocket\r\n\r\n".encode())
+            assert status_of(read_all(c, 5, until=b"\r\n\r\n")) == 101
+            time.sleep(2)
+            c.sendall(b"still here")
+            assert read_all(c, 5, until=b"still here") == b"still here"
+    finally:
+        e.close()
+
+
+def test_response_timeout_in_the_list(capd):
+    """response_timeout is 60s by default (nginx's proxy_read_timeout), shown in
+    the instance object; the table's INFO names it only when not the default."""
+    capd.ctl("add", "http", "--port", free_port(), "--name", "d")
+    capd.ctl("add", "http", "--port", free_port(), "--name", "none", "--response-timeout", "0")
+    capd.ctl("add", "reverse", "--port", free_port(), "--name", "r", "--default", "127.0.0.1:9",
+             "--response-timeout", "5m")
+    objs = {i["name"]: i for i in capd.ctl("list", json_out=True)}
+    assert objs["d"]["response_timeout"] == 60 and objs["none"]["response_timeout"] == 0, objs
+    assert objs["r"]["response_timeout"] == 300, objs
+    rows = {line.split()[0]: line for line in capd.ctl("list").stdout.splitlines()}
+    assert "response timeout" not in rows["d"], rows
+    assert rows["none"].endswith("response timeout none"), rows
+    assert rows["r"].endswith("response timeout 300s"), rows
+    r = capd.ctl("add", "http", "--port", free_port(), "--response-timeout", "soon", check=False)
+    assert r.returncode == 2 and "--response-timeout" in r.stderr, r

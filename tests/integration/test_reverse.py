@@ -1286,3 +1286,39 @@ def test_reverse_route_pattern_errors_say_what_was_meant(tmp_path):
                         f"route = {pattern}=127.0.0.1:1\n")
         r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
         assert r.returncode == 1 and f"bad host pattern '{pattern}' in route: {hint}" in r.stderr, r.stderr
+
+
+def test_reverse_silent_origin_gets_a_504_after_response_timeout(capd):
+    """Regression: with idle_timeout 0 (the default) a reverse instance whose
+    origin accepts and never answers held curl forever. As nginx
+    (proxy_read_timeout) it now answers 504 after response_timeout, naming
+    the origin and the timeout, and ends the upstream connection."""
+    from test_http import SilentOrigin, add_kind_timeout
+    o = SilentOrigin()
+    try:
+        port = add_kind_timeout(capd, "reverse", o.port)
+        t = time.monotonic()
+        r = curl("-w", "%{http_code}", f"http://127.0.0.1:{port}/slow")
+        took = time.monotonic() - t
+        why = f"no response from 127.0.0.1:{o.port} within response_timeout (1s)"
+        assert r.returncode == 0 and r.stdout == f"504 Gateway Timeout: {why}\n504".encode(), r
+        assert 0.9 < took < 15, took
+        s = [x for x in capd.wait_sessions(lambda ss: any(x["instance"] == "h" and x["state"] == "closed"
+                                                          for x in ss)) if x["instance"] == "h"][-1]
+        assert s["reason"] == f"504 Gateway Timeout: {why}", s
+        assert o.ended.wait(5), "the upstream connection stayed open"
+    finally:
+        o.close()
+
+
+def test_reverse_origin_that_keeps_sending_outlives_response_timeout(capd):
+    """The timer restarts with each read from the origin: a long poll that
+    sends a chunk every 0.5 s for 3 s passes whole with response_timeout 1s."""
+    from test_http import TrickleOrigin, add_kind_timeout
+    o = TrickleOrigin()
+    try:
+        port = add_kind_timeout(capd, "reverse", o.port)
+        r = curl(f"http://127.0.0.1:{port}/stream")
+        assert r.returncode == 0 and r.stdout == b"".join(b"part %d\n" % i for i in range(6)), r
+    finally:
+        o.close()
