@@ -79,6 +79,7 @@ struct http_conn {
 	 * the timer checks it when it runs out and re-arms itself for the rest */
 	ev_timer resp_timer;
 	double resp_at;             /* the last read from the upstream, or the request's end, whichever came last */
+	uint64_t up_taken;          /* request bytes the upstream had taken at the last check (http_upload_moved) */
 };
 
 /* Parse results live here only for the length of one callback. */
@@ -974,11 +975,12 @@ http_proxy_idle(struct session *s)
 /*
  * response_timeout, as nginx's proxy_read_timeout: while a response is
  * awaited or read, the upstream must send something within this long of
- * its last bytes or of the request's end. The clock runs only while the
- * request has come whole (or its client waits for a 100 Continue), and
- * stops while capd holds bytes the client has not taken: a slow client is
- * the client's business (idle_timeout). CONNECT and Upgrade tunnels, and a
- * connection between requests, are never timed.
+ * its last bytes or of the request's end. The clock runs once the request
+ * has come whole (or its client waits for a 100 Continue), or while the
+ * upstream takes none of its body, and stops while capd holds bytes the
+ * client has not taken: a slow client is the client's business
+ * (idle_timeout). CONNECT and Upgrade tunnels, and a connection between
+ * requests, are never timed.
  */
 static bool
 http_awaits_upstream(const struct session *s)
@@ -1040,6 +1042,40 @@ http_resp_timeout(struct session *s, double t)
 	http_end_late(s, why);  /* the client reads a short Content-Length or chunked body */
 }
 
+/* Whether the upstream took request bytes since the last check: a slow
+ * reader of an upload is not a silent one (nginx's proxy_send_timeout
+ * counts the same way). The first check of a request finds it moved: one
+ * more period before the upstream is blamed, and no syscall per request. */
+static bool
+http_upload_moved(struct session *s)
+{
+	struct http_conn *hc = s->proto_state;
+	uint64_t taken = s->bytes[DIR_UP] - session_held(s, DIR_UP) - session_outq(&s->upstream);
+
+	if (taken == hc->up_taken)
+		return false;
+	hc->up_taken = taken;
+	return true;
+}
+
+/* Whether the time that passed is not the upstream's to answer for: the
+ * client's turn (its body still comes, and the upstream takes what there
+ * is), an upload the upstream still takes, bytes the client has yet to
+ * take, or the upstream's bytes unread while capd was held up (the loop's
+ * clock stood still). Asked only when the time is up, never per byte. */
+static bool
+http_resp_excused(struct session *s, struct ev_loop *loop)
+{
+	struct http_conn *hc = s->proto_state;
+	bool waits = http_upload_waits(s);
+
+	if (waits && http_upload_moved(s))
+		return true;
+	if (!waits && !hc->req_done && !(hc->req_expect && hc->down == DOWN_HEAD))
+		return true;
+	return session_held(s, DIR_DOWN) > 0 || session_peer_moved(s, loop);
+}
+
 static void
 http_resp_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -1050,13 +1086,7 @@ http_resp_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)revents;
 	if (!http_awaits_upstream(s) || (t = ((const struct http_cfg *)s->inst->cfg)->resp_timeout) <= 0)
 		return;  /* the next request arms it again */
-	/* asked only when the time is up, never per byte: the client's turn
-	 * (its body still comes), bytes the client has yet to take, or the
-	 * upstream's bytes unread while capd was held up (the loop's clock
-	 * stood still) do not count against the upstream */
-	if (now - hc->resp_at >= t &&
-	    ((!hc->req_done && !(hc->req_expect && hc->down == DOWN_HEAD)) || session_held(s, DIR_DOWN) > 0 ||
-	     session_peer_moved(s, loop)))
+	if (now - hc->resp_at >= t && http_resp_excused(s, loop))
 		hc->resp_at = now;
 	if (now - hc->resp_at < t) {
 		ev_timer_set(w, hc->resp_at + t - now, 0.);

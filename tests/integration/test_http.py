@@ -2696,3 +2696,61 @@ def test_response_timeout_in_the_list(capd):
     assert rows["r"].endswith("response timeout 300s"), rows
     r = capd.ctl("add", "http", "--port", free_port(), "--response-timeout", "soon", check=False)
     assert r.returncode == 2 and "--response-timeout" in r.stderr, r
+
+
+class SlowReaderOrigin(Listener):
+    """Takes a request body `step` bytes every `gap` seconds through a small
+    receive buffer (an origin busy writing the upload out), then answers 200."""
+
+    def __init__(self, step=16 << 10, gap=0.2):
+        self.step, self.gap = step, gap
+        super().__init__()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # taken on by accepted sockets
+
+    def handle(self, c, peer):
+        apart(self.serve, c)
+
+    def serve(self, c):
+        with c:
+            got = b""
+            try:
+                while b"\r\n\r\n" not in got:
+                    if not (d := c.recv(4096)):
+                        return
+                    got += d
+                head, body = got.split(b"\r\n\r\n", 1)
+                want = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")][0])
+                n = len(body)
+                while n < want:
+                    time.sleep(self.gap)
+                    part = c.recv(min(self.step, want - n))
+                    if not part:
+                        return
+                    n += len(part)
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\ntook %d\n" % (len(b"took %d\n" % n), n))
+            except OSError:
+                pass
+
+
+def test_upload_to_an_origin_that_stops_reading_gets_a_504(capd, tmp_path):
+    """An origin that reads the head and then neither reads the body nor answers
+    held an uploading client forever; after response_timeout without taking a byte
+    of the body it now gets 504 saying so. One that takes the body slowly (a
+    16K read every 0.2 s) is not silent: its answer comes, later than 1s."""
+    body = tmp_path / "body"
+    body.write_bytes(os.urandom(96 << 10))
+    o, slow = SlowReaderOrigin(gap=60), SlowReaderOrigin()  # o: the head alone, then nothing
+    try:
+        port = add_kind_timeout(capd, "http", o.port)
+        r = curl("-x", f"http://127.0.0.1:{port}", "-H", "Expect:", "--data-binary", f"@{body}",
+                 "-w", "%{http_code}", f"http://127.0.0.1:{o.port}/up")
+        assert r.stdout.endswith(f"504 Gateway Timeout: 127.0.0.1:{o.port} took no more of the request body "
+                                 "within response_timeout (1s)\n504".encode()), r
+        t = time.monotonic()
+        r = curl("-x", f"http://127.0.0.1:{port}", "-H", "Expect:", "--data-binary", f"@{body}",
+                 f"http://127.0.0.1:{slow.port}/up")
+        assert r.returncode == 0 and r.stdout == b"took %d\n" % (96 << 10), r
+        assert time.monotonic() - t > 1.1  # it did take longer than response_timeout
+    finally:
+        o.close()
+        slow.close()
