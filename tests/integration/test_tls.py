@@ -1821,10 +1821,13 @@ def test_first_interception_does_not_stall_other_sessions(capd_factory, origin, 
         # them itself when they were made at the first connection)
         return added, worst, n, first
 
-    added = unstalled(capd_factory, run)
     # the keys were made in this window, else this proves nothing; an RSA-2048 key
-    # took 0.13 s in one CI run of the suite (0.17-0.67 s in 20 openssl genrsa runs)
-    assert added > 0.05, added
+    # took 0.13 s in one CI run of the suite (0.17-0.67 s in 20 openssl genrsa runs),
+    # and 0.048 s once: its primes are random, so a quick one is tried again
+    tries = [unstalled(capd_factory, run) for _ in range(1)]
+    while tries[-1] <= 0.05 and len(tries) < 4:
+        tries.append(unstalled(capd_factory, run))
+    assert tries[-1] > 0.05, tries
 
 
 def test_ca_export_does_not_stall_sessions(capd_factory, tmp_path):
