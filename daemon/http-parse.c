@@ -386,6 +386,21 @@ http_head_find(const char *p, size_t n, size_t max, bool request, struct http_ms
 	return PARSE_OK;
 }
 
+/* A header value [*vs, *ve) without its leading and trailing blanks; -1 for
+ * a control character in what is left (a bare CR or LF, NUL). */
+static int
+http_value_trim(const char *p, size_t *vs, size_t *ve)
+{
+	while (*vs < *ve && (p[*vs] == ' ' || p[*vs] == '\t'))
+		(*vs)++;
+	while (*ve > *vs && (p[*ve - 1] == ' ' || p[*ve - 1] == '\t'))
+		(*ve)--;
+	for (size_t j = *vs; j < *ve; j++)
+		if (!IS(p[j], C_VCHAR))
+			return -1;
+	return 0;
+}
+
 /*
  * A response's obs-fold line p[i..le) (RFC 9112 5.2): a proxy must refuse
  * the response or replace each fold with SP before passing it on. Browsers
@@ -406,13 +421,8 @@ http_fold(const char *p, size_t i, size_t le, struct http_msg *m)
 	    http_token_eq(h->name, h->name_len, "transfer-encoding"))
 		return http_fail(m, 400, "obsolete line folding in Content-Length or Transfer-Encoding");
 
-	while (vs < ve && (p[vs] == ' ' || p[vs] == '\t'))
-		vs++;
-	while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t'))
-		ve--;
-	for (size_t j = vs; j < ve; j++)
-		if (!IS(p[j], C_VCHAR))
-			return http_fail(m, 400, "control character in a header value");
+	if (http_value_trim(p, &vs, &ve) < 0)
+		return http_fail(m, 400, "control character in a header value");
 	if (vs == ve)
 		return PARSE_OK;  /* whitespace alone adds nothing */
 	if (h->value_len == 0)
@@ -457,13 +467,8 @@ http_parse_fields(const char *p, const struct http_limits *lim, struct http_msg 
 			return http_fail(m, 431, "too many header fields");
 		vs = k + 1;
 		ve = (size_t)le;
-		while (vs < ve && (p[vs] == ' ' || p[vs] == '\t'))
-			vs++;
-		while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t'))
-			ve--;
-		for (size_t j = vs; j < ve; j++)
-			if (!IS(p[j], C_VCHAR))
-				return http_fail(m, 400, "control character in a header value");
+		if (http_value_trim(p, &vs, &ve) < 0)
+			return http_fail(m, 400, "control character in a header value");
 		h = &m->hdr[m->nhdr++];
 		h->name = p + i;
 		h->name_len = (uint32_t)(k - i);
