@@ -475,60 +475,56 @@ proc_comm(pid_t pid, char *out, size_t n)
 		snprintf(out, n, "?");
 }
 
+/* The number after "key:" on a line of the /proc file at path, or -1 when the file or line is missing. */
+static long long
+proc_field(const char *path, const char *key)
+{
+	char line[128];
+	size_t klen = strlen(key);
+	long long n = -1;
+	FILE *f;
+
+	if ((f = fopen(path, "r")) == NULL)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (strncmp(line, key, klen) == 0 && line[klen] == ':' && sscanf(line + klen + 1, "%lld", &n) == 1)
+			break;
+	fclose(f);
+	return n;
+}
+
 static pid_t
 proc_tgid(pid_t tid)
 {
-	char path[64], line[128];
-	pid_t tgid = tid;
-	FILE *f;
+	char path[64];
+	long long tgid;
 
 	snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-	if ((f = fopen(path, "r")) == NULL)
-		return tid;
-	while (fgets(line, sizeof line, f))
-		if (sscanf(line, "Tgid: %d", &tgid) == 1)
-			break;
-	fclose(f);
-	return tgid;
+	return (tgid = proc_field(path, "Tgid")) > 0 ? (pid_t)tgid : tid;
 }
 
 /* The process tracing tid (strace, gdb, another capctl trace), or 0 when none. */
 static pid_t
 proc_tracer(pid_t tid)
 {
-	char path[64], line[128];
-	pid_t tracer = 0;
-	FILE *f;
+	char path[64];
+	long long tracer;
 
 	snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-	if ((f = fopen(path, "r")) == NULL)
-		return 0;
-	while (fgets(line, sizeof line, f))
-		if (sscanf(line, "TracerPid: %d", &tracer) == 1)
-			break;
-	fclose(f);
-	return tracer;
+	return (tracer = proc_field(path, "TracerPid")) > 0 ? (pid_t)tracer : 0;
 }
 
 /* How many seccomp filters tid runs under (0 for pid 0: ourselves), or -1 when unknown. */
 static int
 proc_seccomp_filters(pid_t tid)
 {
-	char path[64], line[128];
-	int n = -1;
-	FILE *f;
+	char path[64];
 
 	if (tid == 0)
 		snprintf(path, sizeof path, "/proc/self/status");
 	else
 		snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
-	if ((f = fopen(path, "r")) == NULL)
-		return -1;
-	while (fgets(line, sizeof line, f))
-		if (sscanf(line, "Seccomp_filters: %d", &n) == 1)
-			break;
-	fclose(f);
-	return n;
+	return (int)proc_field(path, "Seccomp_filters");
 }
 
 /* The socket inode behind fd of tid, or 0 when it is not a socket (or gone). */
@@ -2130,18 +2126,10 @@ exit_msghdr(struct tracer *t, struct ttask *k, struct tsock *s, uint64_t msg_add
 static int64_t
 proc_fd_pos(pid_t tid, int fd)
 {
-	char path[64], line[128];
-	long long pos = -1;
-	FILE *f;
+	char path[64];
 
 	snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", (int)tid, fd);
-	if ((f = fopen(path, "r")) == NULL)
-		return -1;
-	while (fgets(line, sizeof line, f))
-		if (sscanf(line, "pos: %lld", &pos) == 1)
-			break;
-	fclose(f);
-	return pos;
+	return proc_field(path, "pos");
 }
 
 /* sendfile(socket, file): the bytes are the file's, read again through /proc/TID/fd. */
