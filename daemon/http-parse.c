@@ -683,6 +683,17 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 }
 
 enum parse
+http_h2_preface(const uint8_t *p, size_t n)
+{
+	static const char preface[] = HTTP_H2_PREFACE;
+	size_t len = sizeof preface - 1;
+
+	if (n > 0 && memcmp(p, preface, n < len ? n : len) != 0)
+		return PARSE_ERR;
+	return n < len ? PARSE_MORE : PARSE_OK;
+}
+
+enum parse
 http_parse_response(const uint8_t *bytes, size_t n, const struct http_limits *lim, bool head_request,
                     struct http_msg *m)
 {

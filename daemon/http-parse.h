@@ -88,6 +88,13 @@ enum parse http_parse_request(const uint8_t *p, size_t n, const struct http_limi
 enum parse http_parse_response(const uint8_t *p, size_t n, const struct http_limits *lim, bool head_request,
                                struct http_msg *m);
 
+/* The HTTP/2 connection preface (RFC 9113 3.4), which a client that speaks
+ * HTTP/2 with prior knowledge sends first, before any frame: PARSE_OK when
+ * p starts with it, PARSE_MORE when p is shorter and matches it so far,
+ * PARSE_ERR when p does not begin with it. */
+#define HTTP_H2_PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+enum parse http_h2_preface(const uint8_t *p, size_t n);
+
 /* Case-insensitive header lookup; the first match or NULL. */
 const struct http_hdr *http_header(const struct http_msg *m, const char *name);
 /* True when name is hop-by-hop for m: the fixed list or a token of Connection

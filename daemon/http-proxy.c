@@ -21,7 +21,9 @@
  * replies, and capd's own answer to an OPTIONS or TRACE with Max-Forwards: 0
  * (http_answer), go through session_send before the relay runs, and through
  * relay_inject + relay_finish after; the connection ends with them, but
- * after a 407 it may go on in a new session (http_refuse_keep).
+ * after a 407 it may go on in a new session (http_refuse_keep). A client
+ * connection that opens with the HTTP/2 preface is told, in HTTP/2, to use
+ * HTTP/1.1 (http_refuse_h2).
  */
 #include "http-proxy.h"
 
@@ -80,6 +82,7 @@ struct http_conn {
 	ev_timer resp_timer;
 	double resp_at;             /* the last read from the upstream, or the request's end, whichever came last */
 	uint64_t up_taken;          /* request bytes the upstream had taken at the last check (http_upload_moved) */
+	bool continued;             /* the client connection began in another session (http_handoff) */
 };
 
 /* Parse results live here only for the length of one callback. */
@@ -790,6 +793,8 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, 
 	ev_io_stop(capd_loop, &s->client.wio);
 	s->client.fd = -1;
 	ns = session_new(s->inst, fd, (struct sockaddr *)&s->client_addr);
+	if (ns->proto_state != NULL)
+		((struct http_conn *)ns->proto_state)->continued = true;  /* no HTTP/2 preface there */
 	if (s->chain != NULL && ns->chain == NULL) {
 		/* the same client connection: it came through the same instances (chain.h) */
 		ns->chain = xmalloc(sizeof *ns->chain);
@@ -855,6 +860,39 @@ http_refuse_keep(struct session *s, const char *why)
 	return true;
 }
 
+/*
+ * A client that speaks HTTP/2 with prior knowledge (curl
+ * --http2-prior-knowledge, a gRPC client given an http:// address) begins
+ * with the HTTP/2 preface, which capd, an HTTP/1.1 proxy, does not relay. An
+ * HTTP/1.1 505 is garbage to such a client (curl: "Empty reply from
+ * server"); it is told in its own protocol instead: the server preface (a
+ * SETTINGS frame), then GOAWAY with no stream processed and
+ * HTTP_1_1_REQUIRED (RFC 9113 3.4, 6.8, 7), whose debug data says why.
+ * Like any refusal before an upstream, it gets a note and no capture.
+ */
+static void
+http_refuse_h2(struct session *s)
+{
+	static const char debug[] = "capd proxies HTTP/1.1 only";
+	static const uint8_t frames[] = {
+		0, 0, 0, 0x4, 0, 0, 0, 0, 0,                    /* SETTINGS: none changed */
+		0, 0, 8 + sizeof debug - 1, 0x7, 0, 0, 0, 0, 0, /* GOAWAY on stream 0 */
+		0, 0, 0, 0,                                     /* last stream id: none processed */
+		0, 0, 0, 0xd,                                   /* HTTP_1_1_REQUIRED */
+	};
+	struct http_cfg *cfg = s->inst->cfg;
+	struct buf b = { 0 };
+
+	/* its request line, PRI *, is the note, as for the 505 it got before */
+	(void)http_parse_request(buf_head(&s->hs_in), buf_used(&s->hs_in), &cfg->lim, &http_msg);
+	http_note_refused(s, &http_msg);
+	buf_append(&b, frames, sizeof frames);
+	buf_append(&b, debug, sizeof debug - 1);
+	http_reply_early(s, &b, "client spoke HTTP/2 with prior knowledge, which capd does not proxy: "
+	                        "answered GOAWAY HTTP_1_1_REQUIRED");
+	buf_free(&b);
+}
+
 void
 http_proxy_input(struct session *s)
 {
@@ -866,6 +904,14 @@ http_proxy_input(struct session *s)
 
 	if (buf_used(&s->hs_in) == 0 && s->client_eof) {
 		session_close(s, "closed");
+		return;
+	}
+	if (!hc->continued && (rv = http_h2_preface(buf_head(&s->hs_in), buf_used(&s->hs_in))) != PARSE_ERR) {
+		/* the first bytes of the connection are (so far) HTTP/2's */
+		if (rv == PARSE_OK)
+			http_refuse_h2(s);
+		else if (s->client_eof)
+			session_close(s, "client closed in a request head");
 		return;
 	}
 	rv = http_route_request(s, buf_head(&s->hs_in), buf_used(&s->hs_in), &t, &status, &why);

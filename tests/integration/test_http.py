@@ -2754,3 +2754,53 @@ def test_upload_to_an_origin_that_stops_reading_gets_a_504(capd, tmp_path):
     finally:
         o.close()
         slow.close()
+
+
+# HTTP/2 with prior knowledge (h2c without Upgrade): the preface, and what capd answers it with
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_GOAWAY = (bytes.fromhex("000000" "04" "00" "00000000")                # SETTINGS, empty
+             + bytes.fromhex("000022" "07" "00" "00000000" "00000000" "0000000d")  # GOAWAY, HTTP_1_1_REQUIRED
+             + b"capd proxies HTTP/1.1 only")
+H2_REASON = "client spoke HTTP/2 with prior knowledge, which capd does not proxy: answered GOAWAY HTTP_1_1_REQUIRED"
+
+
+def curl_h2_prior_knowledge(url, *args):
+    """curl --http2-prior-knowledge -v: asserts it failed as curl 7.88 does on the
+    GOAWAY with HTTP_1_1_REQUIRED (13) and no stream processed; it does not retry."""
+    r = curl("-v", "--http2-prior-knowledge", *args, url)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 16 and "GOAWAY, error=13, last_stream=0" in err, (r.returncode, err)
+    assert "curl: (16) Error in the HTTP2 framing layer" in err, err
+
+
+def check_h2_refused(capd, s):
+    """Session record s and its log line say that the client spoke HTTP/2."""
+    assert s["reason"] == H2_REASON and s.get("note") == "PRI *" and s["target"] == "", s
+    line = [x for x in capd.log().splitlines() if f"session {s['id']} " in x]
+    assert len(line) == 1 and line[0].endswith(f" -> - up=0 down=0 {H2_REASON}"), line
+
+
+def test_http2_prior_knowledge_gets_goaway_http_1_1_required(capd, origin):
+    """Regression: curl --http2-prior-knowledge given an http instance's address sent
+    the HTTP/2 preface, which capd read as the request line "PRI * HTTP/2.0" and
+    answered with an HTTP/1.1 505 that an HTTP/2 client cannot read: "curl: (52) Empty
+    reply from server", and the log said only "HTTP version not supported". capd now
+    answers in HTTP/2 (RFC 9113): SETTINGS, then GOAWAY with last stream 0 and
+    HTTP_1_1_REQUIRED, and the session's reason says why. Only a connection's first
+    bytes count: a later PRI gets its 505, and the next connection works as before."""
+    port = add_http(capd)
+    curl_h2_prior_knowledge(f"http://127.0.0.1:{port}/")
+    # the exact frames, also for a preface that comes in two writes
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(H2_PREFACE[:10])
+        time.sleep(0.05)
+        c.sendall(H2_PREFACE[10:] + bytes.fromhex("000000040000000000"))
+        assert read_all(c, 10) == H2_GOAWAY
+    ss = closed_sessions(capd, 2)
+    for s in ss:
+        check_h2_refused(capd, s)
+    u = f"http://127.0.0.1:{origin.port}"
+    reply = raw(port, f"GET {u}/first HTTP/1.1\r\nHost: x\r\n\r\n".encode() + H2_PREFACE)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"/first\nHTTP/1.1 505 " in reply, reply
+    r = curl("-x", f"http://127.0.0.1:{port}", f"{u}/after")
+    assert r.returncode == 0 and r.stdout == b"hello from a /after\n", r.stderr

@@ -1322,3 +1322,30 @@ def test_reverse_origin_that_keeps_sending_outlives_response_timeout(capd):
         assert r.returncode == 0 and r.stdout == b"".join(b"part %d\n" % i for i in range(6)), r
     finally:
         o.close()
+
+
+def test_reverse_http2_prior_knowledge_gets_goaway_http_1_1_required(capd_factory, origins):
+    """Regression: curl --http2-prior-knowledge to a reverse instance got "curl: (52)
+    Empty reply from server" (capd answered the HTTP/2 preface with an HTTP/1.1 505).
+    It now gets SETTINGS and GOAWAY HTTP_1_1_REQUIRED, which curl reports as an HTTP/2
+    error, and the session says why; the next connection's request goes through."""
+    from test_http import check_h2_refused, curl_h2_prior_knowledge
+    capd, port = reverse(capd_factory, origins)
+    curl_h2_prior_knowledge(f"http://127.0.0.1:{port}/")
+    check_h2_refused(capd, closed(capd, 1)[-1])
+    r = curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/after")
+    assert r.returncode == 0 and r.stdout == b"hello from www /after\n", r.stderr
+
+
+def test_reverse_tls_http2_prior_knowledge_gets_goaway_http_1_1_required(capd, tls_reverse):
+    """On a `--tls` reverse instance a client that offers no ALPN (curl --no-alpn
+    --http2-prior-knowledge) sends the HTTP/2 preface after the handshake; it got the
+    HTTP/1.1 505 it cannot read, and now gets GOAWAY HTTP_1_1_REQUIRED inside TLS."""
+    from test_http import H2_REASON, curl_h2_prior_knowledge
+    get, test_tls = tls_reverse
+    curl_h2_prior_knowledge(f"https://{test_tls.NAME}:{get.port}/", "--no-alpn", "--cacert", get.ca,
+                            "--resolve", f"{test_tls.NAME}:{get.port}:127.0.0.1")
+    s = closed(capd, 1)[-1]
+    assert s["reason"] == H2_REASON, s
+    r = get()
+    assert r.returncode == 0 and r.stdout == test_tls.BODY, r.stderr

@@ -620,6 +620,27 @@ test_chunked_bare_lf(void **state)
 	}
 }
 
+/* The HTTP/2 preface of a prior-knowledge client is told from HTTP/1 at
+ * its first bytes: whole (with frames after it), a prefix of it (the rest
+ * may come in a later read), or not it. */
+static void
+test_h2_preface(void **state)
+{
+	static const char pre[] = HTTP_H2_PREFACE "\0\0\0\x04\0\0\0\0\0";
+	const uint8_t *p = (const uint8_t *)pre;
+
+	(void)state;
+	assert_int_equal(http_h2_preface(p, 24), PARSE_OK);
+	assert_int_equal(http_h2_preface(p, sizeof pre - 1), PARSE_OK);
+	assert_int_equal(http_h2_preface(p, 0), PARSE_MORE);
+	assert_int_equal(http_h2_preface(p, 1), PARSE_MORE);
+	assert_int_equal(http_h2_preface(p, 18), PARSE_MORE);  /* "PRI * HTTP/2.0\r\n\r\n": a whole HTTP/1 head */
+	assert_int_equal(http_h2_preface(p, 23), PARSE_MORE);
+	assert_int_equal(http_h2_preface((const uint8_t *)"PUT / HTTP/1.1\r\n", 16), PARSE_ERR);
+	assert_int_equal(http_h2_preface((const uint8_t *)"PRI * HTTP/1.1\r\n", 16), PARSE_ERR);
+	assert_int_equal(http_h2_preface((const uint8_t *)"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", 24), PARSE_ERR);
+}
+
 int
 main(void)
 {
@@ -639,6 +660,7 @@ main(void)
 		cmocka_unit_test(test_response_fold),
 		cmocka_unit_test(test_request_line_early),
 		cmocka_unit_test(test_chunked_bare_lf),
+		cmocka_unit_test(test_h2_preface),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
