@@ -23,7 +23,7 @@ enum opt_kind {
 enum opt_check {
 	CHK_NONE, CHK_HOSTPORT, CHK_UPSTREAM, CHK_SIZE, CHK_DURATION, CHK_UINT,
 	CHK_TIMEOUT, /* a duration more than 0 */
-	CHK_ROUTE,   /* PATTERN=HOST:PORT */
+	CHK_ROUTE,   /* PATTERN[/PATH]=HOST:PORT */
 	CHK_ANSWER,  /* PATTERN=ADDRESS */
 	CHK_PATH,    /* a file capd opens: sent absolute */
 	CHK_PATH_DIR, /* a file or a folder capd reads: sent absolute */
@@ -192,13 +192,13 @@ add_path(const struct add_opt *ao, const char *v, json_t **out)
 	return *out == NULL ? CTL_USAGE : 0;
 }
 
-/* --route PATTERN=HOST:PORT and --answer PATTERN=ADDRESS: the address after the '='
- * (the first for a route, the last for an answer, as capd splits them). The
- * pattern is left to capd. */
+/* --route PATTERN[/PATH]=HOST:PORT and --answer PATTERN=ADDRESS: the address after
+ * the last '=', as capd splits them (an address has none, a route's path may).
+ * The pattern and path are left to capd. */
 static int
 add_rule(const struct add_opt *ao, const char *v)
 {
-	const char *eq = ao->check == CHK_ROUTE ? strchr(v, '=') : strrchr(v, '=');
+	const char *eq = strrchr(v, '=');
 	struct hostport hp;
 	char ip[ADDR_STRLEN], *why = NULL;
 	int rc;

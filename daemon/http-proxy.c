@@ -118,8 +118,11 @@ http_cfg_free(struct instance *inst)
 		return;
 	users_free(cfg->users);
 	tls_cfg_free(cfg->tls);
-	for (unsigned i = 0; i < cfg->nroutes; i++)
+	for (unsigned i = 0; i < cfg->nroutes; i++) {
 		free(cfg->routes[i].pattern);
+		free(cfg->routes[i].path);
+		free(cfg->routes[i].text);
+	}
 	free(cfg->routes);
 	free(cfg);
 }

@@ -21,9 +21,14 @@ struct session;
 struct tls_cfg;
 struct users;
 
-/* A route of a reverse instance: `route = pattern=host:port`. */
+/* A route of a reverse instance: `route = pattern[/path]=host:port`; the
+ * instance's http_cfg owns it and http_cfg_free frees its strings. */
 struct http_route {
-	char *pattern;              /* "www.example.com", "*.api.test" or "*" */
+	char *pattern;              /* the host part: "www.example.com", "*.api.test" or "*" */
+	char *path;                 /* the path prefix, as written: "/api/", "/" when none was */
+	size_t path_len;
+	unsigned host;              /* index of the first route with this host pattern (one "server block") */
+	char *text;                 /* the route as written, for the instance object */
 	struct hostport to;
 };
 

@@ -1274,11 +1274,12 @@ def test_reverse_route_written_as_a_url_is_named_so(tmp_path):
 
 
 def test_reverse_route_pattern_errors_say_what_was_meant(tmp_path):
-    """A route pattern written as nginx would write a server_name with a port,
-    a location path or a `.suffix` was refused as a bare "bad host pattern",
-    which left the user to guess; the error now says what capd takes."""
+    """A route pattern written as nginx would write a server_name with a port
+    or a `.suffix` was refused as a bare "bad host pattern", which left the
+    user to guess; the error now says what capd takes. (A location's path is
+    a route's path prefix since issue routes.)"""
     cases = (("www.test:8080", "a pattern has no port"), ("[::1]:8080", "a pattern has no port"),
-             ("www.test/api", "routes go by Host only, not by path"), (".www.test", "write *.suffix"))
+             (".www.test", "write *.suffix"))
     for pattern, hint in cases:
         conf = tmp_path / "capd.conf"
         conf.write_text(f"[capd]\ncontrol = {tmp_path}/capd.sock\nspool = {tmp_path}/spool\n"
@@ -1349,3 +1350,123 @@ def test_reverse_tls_http2_prior_knowledge_gets_goaway_http_1_1_required(capd, t
     assert s["reason"] == H2_REASON, s
     r = get()
     assert r.returncode == 0 and r.stdout == test_tls.BODY, r.stderr
+
+
+def read_response(s, timeout=10.0):
+    """One Content-Length framed response from s, on a connection that stays: (head, body)."""
+    s.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = s.recv(65536)
+        if not d:
+            return data, b""
+        data += d
+    head, _, body = data.partition(b"\r\n\r\n")
+    n = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")[1:]
+              if ln.lower().startswith(b"content-length:")), 0)
+    while len(body) < n:
+        d = s.recv(65536)
+        if not d:
+            break
+        body += d
+    return head, body
+
+
+def test_reverse_routes_by_path_prefix_on_one_kept_connection(capd_factory, origins):
+    """Issue routes: a site whose /api/ has a backend of its own (nginx's
+    `location /api/ { proxy_pass ...; }`) could not be put behind a reverse
+    instance: `route = site.test/api/=...` was refused ("routes go by Host only").
+    A pattern now takes a path prefix: the host pattern is picked first, as nginx
+    picks a server block, then the longest of its prefixes that the path as sent
+    starts with; a kept connection whose next request routes elsewhere moves to a
+    new session, and a Location naming the upstream is still rewritten."""
+    a, b, c = origins
+    redir = RedirectingOrigin()
+    try:
+        port = free_port()
+        capd = capd_factory(
+            f"[reverse r]\nlisten = {port}\nroute = site.test/api/=127.0.0.1:{b.port}\n"
+            f"route = site.test=127.0.0.1:{a.port}\nroute = site.test/api/v2/=127.0.0.1:{c.port}\n"
+            f"route = SITE.test./to=127.0.0.1:{redir.port}\nroute = */static/=127.0.0.1:{c.port}\n"
+            f"route = only.test/api/=127.0.0.1:{b.port}\n")
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        cases = [("/api/x", "site.test", b"hello from api /api/x\n"),
+                 ("/other", "site.test", b"hello from www /other\n"),
+                 ("/api/v2/y?q=/api/", "site.test", b"hello from default /api/v2/y?q=/api/\n"),
+                 ("/apix", "site.test:80", b"hello from www /apix\n"),
+                 ("/api?/api/", "site.test", b"hello from www /api?/api/\n"),
+                 ("/%61pi/x", "site.test", b"hello from www /%61pi/x\n"),      # as sent: not decoded
+                 ("/static/s", "Site.Test", b"hello from www /static/s\n"),    # its host's routes only
+                 ("http://site.test/api/abs", "x.test", b"hello from api /api/abs\n"),
+                 ("http://site.test?a", "x.test", b"hello from www /?a\n"),
+                 ("/static/s", "other.test", b"hello from default /static/s\n"),
+                 ("/api/z", "site.test", b"hello from api /api/z\n")]
+        for target, host, want in cases:
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head, body = read_response(s)
+            assert body == want, (target, host, head, body)
+        s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: site.test\r\n\r\n")   # no path: as /
+        assert read_response(s)[1] == b"hello from www *\n"
+        s.sendall(b"GET /to?http://SELF/new HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        head, _ = read_response(s)
+        assert status_of(head) == 302 and b"\r\nLocation: http://site.test/new" in head, head
+        s.close()
+        # a host pattern with routes but none for the path: 404, as nginx without a location
+        for host in ("other.test", "only.test"):
+            reply = raw(port, f"GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert status_of(reply) == 404 and b"no route for this path" in reply, (host, reply)
+        # the one client connection went on through a session per upstream run
+        ss = closed(capd, 12)
+        assert sum("(client continues in session" in x["reason"] for x in ss) == 9, ss
+    finally:
+        redir.close()
+
+
+def test_reverse_path_route_errors_name_their_line(tmp_path):
+    """Issue routes: two routes for one host pattern and path (`site.test` is
+    `site.test/`; the host ignores case and a trailing dot, the path does not)
+    to different upstreams are refused at their own line, as host routes are, and
+    so is a path that no request's path can start with."""
+    cases = [
+        (["route = site.test/api/=127.0.0.1:1", "route = site.test=127.0.0.1:2", "route = *.site.test/api/=127.0.0.1:2",
+          "route = SITE.test./api/=127.0.0.1:3"], "two routes for 'SITE.test/api/' go to different upstreams"),
+        (["route = site.test=127.0.0.1:1", "route = site.test/=127.0.0.1:2"],
+         "two routes for 'site.test' go to different upstreams"),
+        (["route = site.test/a?b=127.0.0.1:1"],
+         "bad path '/a?b' in route 'site.test/a?b=127.0.0.1:1': routes go by path, not by query"),
+        (["route = /api/=127.0.0.1:1"], "bad host pattern '' in route: a path needs a host pattern before it"),
+        (["route = http://site.test/=127.0.0.1:1"],
+         "bad host pattern 'http:' in route: a route is pattern[/path]=host:port, not a URL"),
+    ]
+    head = ["[capd]", f"control = {tmp_path}/capd.sock", f"spool = {tmp_path}/spool",
+            f"state_dir = {tmp_path}/state", "", "[reverse r]", f"listen = 127.0.0.1:{free_port()}"]
+    conf = tmp_path / "capd.conf"
+    for lines, msg in cases:
+        conf.write_text("\n".join(head + lines) + "\n")
+        want = f"{conf}:{len(head) + len(lines)}: {msg}"
+        r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and want in r.stderr, (want, r.stderr)
+    # paths are case-sensitive, and one route may be written twice
+    conf.write_text("\n".join(head + ["route = a.test/api/=127.0.0.1:1", "route = a.test/API/=127.0.0.1:2",
+                                      "route = A.test/api/=127.0.0.1:1", "route = a.test/a=b/=127.0.0.1:3"]) + "\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+
+
+def test_capctl_add_reverse_route_with_a_path(capd, origins):
+    """Issue routes: `capctl add reverse --route site.test/api/=...` takes a path
+    prefix as the config does, and `capctl list` shows the routes as written."""
+    a, b, c = origins
+    port = free_port()
+    routes = [f"site.test/api/=127.0.0.1:{b.port}", f"site.test=127.0.0.1:{a.port}"]
+    capd.ctl("add", "reverse", "--port", port, "--name", "p", *[x for r in routes for x in ("--route", r)])
+    inst = [i for i in capd.ctl("list", json_out=True) if i["name"] == "p"][0]
+    assert inst["routes"] == routes, inst
+    row = [ln for ln in capd.ctl("list").stdout.splitlines() if ln.startswith("p ")][0]
+    assert row.endswith("routes " + ",".join(routes)), row
+    for path, want in (("/api/1", b"hello from api /api/1\n"), ("/1", b"hello from www /1\n")):
+        r = curl("-H", "Host: site.test", f"http://127.0.0.1:{port}{path}")
+        assert r.returncode == 0 and r.stdout == want, r
+    bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"site.test/api/=127.0.0.1:{a.port}",
+                   "--route", f"site.test/api/=127.0.0.1:{b.port}", check=False)
+    assert bad.returncode == 1 and "two routes for 'site.test/api/' go to different upstreams" in bad.stderr, bad
