@@ -28,7 +28,7 @@ struct http_route {
 	char *path;                 /* the path prefix, as written: "/api/", "/" when none was */
 	size_t path_len;
 	unsigned host;              /* index of the first route with this host pattern (one "server block") */
-	char *text;                 /* the route as written, for the instance object */
+	char *text;                 /* pattern and path as written, "=", the upstream: the instance object's */
 	struct hostport to;
 };
 

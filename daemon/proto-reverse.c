@@ -286,7 +286,6 @@ reverse_route_parse(struct params *p, size_t i, const char *v, struct http_route
 
 	if (eq == NULL || eq == v)
 		return params_fail_at(p, "route", i, "bad route '%s': expected host[/path]=addr:port", v ? v : "");
-	r->text = xstrdup(v);
 	if ((slash = memchr(v, '/', (size_t)(eq - v))) == NULL)
 		slash = eq;
 	if (reverse_route_host(p, i, v, (size_t)(slash - v), r) < 0)
@@ -300,6 +299,9 @@ reverse_route_parse(struct params *p, size_t i, const char *v, struct http_route
 		free(why);
 		return -1;
 	}
+	/* the pattern and path as written, the upstream as used (a port alone is 127.0.0.1's) */
+	r->text = xasprintf(strchr(r->to.host, ':') ? "%.*s=[%s]:%u" : "%.*s=%s:%u", (int)(eq - v), v, r->to.host,
+	                    r->to.port);
 	return 0;
 }
 
@@ -396,7 +398,7 @@ reverse_describe(struct instance *inst, json_t *o)
 	json_t *a = json_array();
 
 	for (unsigned i = 0; i < cfg->nroutes; i++)
-		json_array_append_new(a, json_string(cfg->routes[i].text));  /* as written */
+		json_array_append_new(a, json_string(cfg->routes[i].text));
 	json_object_set_new(o, "routes", a);
 	if (cfg->have_default)
 		json_object_set_new(o, "default", reverse_hostport(&cfg->def));
