@@ -198,7 +198,8 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 		/* the host is served, not this path: nginx's 404 for a location it
 		 * lacks. A 421 would have the client try again on a new connection
 		 * (RFC 9110 15.5.20), for the same answer. */
-		*why = a ? "no route for this path of this Host" : "no route for this path of the TLS server name (SNI)";
+		*why = a ? "no route for this path of this Host"
+		         : "no route for this path of the TLS server name (SNI)";
 		return 404;
 	}
 	if (to == NULL) {
@@ -213,11 +214,11 @@ reverse_route(struct session *s, const struct http_msg *m, struct http_target *t
 }
 
 /* What a refused host pattern most likely meant, written as nginx's
- * server_name would have it, or "". */
+ * server_name would have it, or "". rest: what follows it in the route. */
 static const char *
-reverse_pattern_hint(const char *route, const char *pat)
+reverse_pattern_hint(const char *pat, const char *rest)
 {
-	if (strstr(route, "://"))
+	if (strncmp(rest, "//", 2) == 0 && pat[0] && pat[strlen(pat) - 1] == ':')
 		return ": a route is pattern[/path]=host:port, not a URL";
 	if (pat[0] == '\0')
 		return ": a path needs a host pattern before it (* for every host)";
@@ -264,7 +265,8 @@ reverse_route_host(struct params *p, size_t i, const char *v, size_t n, struct h
 	if (bracket ? !(addr_is_ip_literal(pat) && strchr(pat, ':'))
 	            : !(strcmp(pat, "*") == 0 || hostname_valid(strncmp(pat, "*.", 2) == 0 ? pat + 2 : pat) ||
 	                addr_is_ip_literal(pat))) {
-		params_fail_at(p, "route", i, "bad host pattern '%.*s' in route%s", (int)n, v, reverse_pattern_hint(v, pat));
+		params_fail_at(p, "route", i, "bad host pattern '%.*s' in route%s", (int)n, v,
+		               reverse_pattern_hint(pat, v + n));
 		free(pat);
 		return -1;
 	}
@@ -320,7 +322,8 @@ reverse_route_join(struct http_cfg *cfg, unsigned n, struct params *p, size_t i)
 		if (strcasecmp(o->pattern, r->pattern) != 0 && !reverse_same_ip(o->pattern, r->pattern))
 			continue;
 		r->host = o->host;
-		if (strcmp(o->path, r->path) == 0 && (o->to.port != r->to.port || strcasecmp(o->to.host, r->to.host) != 0))
+		if (strcmp(o->path, r->path) == 0 &&
+		    (o->to.port != r->to.port || strcasecmp(o->to.host, r->to.host) != 0))
 			return params_fail_at(p, "route", i, "two routes for '%s%s' go to different upstreams", r->pattern,
 			                      strcmp(r->path, "/") ? r->path : "");
 	}
