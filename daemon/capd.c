@@ -144,7 +144,7 @@ capd_lock_dir(const char *path, const char *key, int held, char **why)
 	return fd;
 }
 
-/* Finds a config instance in a parsed config by name. */
+/* Finds a config instance's entry (conf.h) in a parsed config by name. */
 static json_t *
 capd_conf_instance(struct conf *c, const char *name)
 {
@@ -154,7 +154,7 @@ capd_conf_instance(struct conf *c, const char *name)
 	json_array_foreach(c->instances, i, e) {
 		json_t *p = json_object_get(e, "params");
 		if (!strcmp(json_string_value(json_object_get(p, "name")), name))
-			return p;
+			return e;
 	}
 	return NULL;
 }
@@ -338,11 +338,15 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		next = TAILQ_NEXT(inst, entry);
 		if (!inst->from_config)
 			continue;
-		json_t *p = capd_conf_instance(c, inst->name);
+		json_t *e = capd_conf_instance(c, inst->name);
+		json_t *p = json_object_get(e, "params");
 		bool failed = inst->state == INSTANCE_FAILED;
-		if (p && json_equal(p, inst->params) && !failed)
+		/* a file its keys name (users, tls_client_cert) that now reads otherwise
+		 * counts as a changed key, as nginx reads its certificates again */
+		const char *file = p && !failed ? instance_file_changed(inst, json_object_get(e, "files")) : NULL;
+		if (p && json_equal(p, inst->params) && !failed && file == NULL)
 			continue;
-		if (p && !failed && instance_update(inst, p)) {
+		if (p && !failed && file == NULL && instance_update(inst, p)) {
 			/* new routes for a reverse instance: its requests in flight go on */
 			json_object_set_new(changed, inst->name, json_true());
 			continue;
@@ -351,8 +355,14 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 			json_object_set_new(changed, inst->name, json_true());
 		else
 			n_removed++;
-		instance_remove(inst, !p ? "removed from the config" : failed ? "failed, restarted by reload"
-		                                                               : "changed by reload");
+		if (file != NULL) {
+			char *reason = xasprintf("changed by reload: %s changed", file);
+			instance_remove(inst, reason);
+			free(reason);
+		} else {
+			instance_remove(inst, !p ? "removed from the config" : failed ? "failed, restarted by reload"
+			                                                               : "changed by reload");
+		}
 	}
 	capd_reloading = r;
 	size_t i;

@@ -600,9 +600,13 @@ conf_parse_with(struct conf_parse *cp, char **why)
 		cp->why = xasprintf("%s: cannot read", cp->name);
 	if (cp->why == NULL) {
 		json_array_foreach(c->instances, i, e) {
+			json_t *files = NULL;
+
 			if (instance_check(json_object_get(e, "params"), cp->name, json_object_get(e, "lines"),
-			                   (int)json_integer_value(json_object_get(e, "line")), &cp->why) < 0)
+			                   (int)json_integer_value(json_object_get(e, "line")), &files, &cp->why) < 0)
 				break;
+			/* what a reload compares with the running instance's (instance_file_changed) */
+			json_object_set_new(e, "files", files);
 		}
 	}
 	if (cp->why == NULL)

@@ -15,7 +15,8 @@
 struct conf {
 	char *file;
 	struct capd_settings settings;
-	json_t *instances;  /* [{"params":{...}, "lines":{key:line or [line, ...]}, "line":N}] in file order */
+	json_t *instances;  /* [{"params":{...}, "lines":{key:line or [line, ...]}, "line":N,
+	                     *   "files":{path:SHA-256} (instance_check)}] in file order */
 	json_t *capd_lines; /* {key: line} of the [capd] keys set */
 	bool empty;         /* no section at all (nothing, blanks, comments): conf_check refuses it */
 };

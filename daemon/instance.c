@@ -73,6 +73,7 @@ instance_free(struct instance *inst)
 	if (inst->proto && inst->proto->free)
 		inst->proto->free(inst);
 	json_decref(inst->params);
+	json_decref(inst->files);
 	free(inst->name);
 	free(inst->error);
 	free(inst);
@@ -104,14 +105,16 @@ instance_default_name(char *base)
 static struct instance *
 instance_configure(json_t *params, const char *file, json_t *lines, int section_line, char **why)
 {
-	struct params p = { .obj = params, .file = file, .lines = lines, .section_line = section_line };
 	struct instance *inst = xcalloc(1, sizeof *inst);
+	struct params p = { .obj = params, .file = file, .lines = lines, .section_line = section_line };
 	const char *type = params_str(&p, "type", NULL), *name, *listen;
 	char *err = NULL;
 
 	inst->spool_iface = -1;
 	inst->params = params;
 	json_incref(params);
+	inst->files = json_object();
+	p.files = inst->files;
 	if (type == NULL || (inst->proto = proto_find(type)) == NULL) {
 		params_fail(&p, NULL, "unknown instance type '%s'", type ? type : "");
 		goto fail;
@@ -186,7 +189,7 @@ fail:
 }
 
 int
-instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why)
+instance_check(json_t *params, const char *file, json_t *lines, int section_line, json_t **files, char **why)
 {
 	json_t *copy = json_deep_copy(params);
 	struct instance *inst = instance_configure(copy, file, lines, section_line, why);
@@ -194,8 +197,27 @@ instance_check(json_t *params, const char *file, json_t *lines, int section_line
 	json_decref(copy);
 	if (inst == NULL)
 		return -1;
+	if (files)
+		*files = json_incref(inst->files);
 	instance_free(inst);
 	return 0;
+}
+
+const char *
+instance_file_changed(const struct instance *inst, json_t *files)
+{
+	const char *path;
+	json_t *v;
+
+	json_object_foreach(files, path, v) {
+		if (!json_equal(v, json_object_get(inst->files, path)))
+			return path;
+	}
+	json_object_foreach(inst->files, path, v) {
+		if (json_object_get(files, path) == NULL)
+			return path;
+	}
+	return NULL;
 }
 
 /* Whether key is one of proto's live_keys. */

@@ -82,6 +82,7 @@ struct instance {
 	json_t *params;              /* canonical parameters, owned: reload diffs these */
 	bool from_config;            /* reload may change it; capctl-added ones it leaves */
 	void *cfg;                   /* protocol's parsed config, freed by proto->free */
+	json_t *files;               /* owned: {path: SHA-256} of the files cfg was read from (params_file_read) */
 
 	struct sockaddr_storage listen;
 	socklen_t listen_len;
@@ -109,8 +110,12 @@ const struct proto *proto_find(const char *type);
 /* A reload's new params for inst that differ only in its proto's live_keys
  * are applied in place: true. False when the instance must restart. */
 bool instance_update(struct instance *inst, json_t *params);
-/* Validates params (a config section or instance.add) without starting anything. */
-int instance_check(json_t *params, const char *file, json_t *lines, int section_line, char **why);
+/* Validates params (a config section or instance.add) without starting anything.
+ * files, unless NULL, gets what the check read ({path: SHA-256}, caller owns). */
+int instance_check(json_t *params, const char *file, json_t *lines, int section_line, json_t **files, char **why);
+/* The first file in files (instance_check's) whose content differs from what inst
+ * was configured from, or that one of them read and the other did not; NULL when none. */
+const char *instance_file_changed(const struct instance *inst, json_t *files);
 /* Creates and starts an instance; params is borrowed (copied). Its prepare step runs inline. */
 struct instance *instance_add(json_t *params, bool from_config, char **why);
 /*

@@ -1,15 +1,23 @@
 /* Instance parameter access with error messages that name the key; see params.h. */
 #include "params.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
 
 #include "buf.h"
 #include "log.h"
 #include "values.h"
 #include "xmalloc.h"
+
+/* Larger is no users or certificate file but a mistake (/dev/zero): refused, not read forever. */
+#define PARAMS_FILE_MAX (64u << 20)
 
 static const char *const params_common_keys[] = {
 	"type", "name", "listen", "expose", "capture", "idle_timeout", "connect_timeout", NULL,
@@ -301,4 +309,78 @@ params_check_keys(struct params *p, const char *const *allowed)
 			                   params_str(p, "type", "?"));
 	}
 	return 0;
+}
+
+/* The SHA-256 of what was read, under its path in p->files. */
+static void
+params_file_print(struct params *p, const char *path, const char *data, size_t len)
+{
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned mdlen = 0;
+	char hex[2 * EVP_MAX_MD_SIZE + 1];
+
+	if (p->files == NULL)
+		return;
+	if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1)
+		fatalx("SHA-256 failed");
+	for (unsigned i = 0; i < mdlen; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	json_object_set_new(p->files, path, json_string(hex));
+}
+
+int
+params_file_read(struct params *p, const char *path, char **data, size_t *len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	size_t n = 0, cap = 4096;
+	char *b;
+	ssize_t r;
+
+	if (fd < 0)
+		return -1;
+	b = xmalloc(cap + 1);
+	for (;;) {
+		if (n == cap) {
+			if (cap >= PARAMS_FILE_MAX) {
+				errno = EFBIG;
+				goto fail;
+			}
+			/* grown by hand, not xrealloc: the old copy is wiped before it goes */
+			char *bigger = xmalloc(2 * cap + 1);
+			memcpy(bigger, b, n);
+			params_file_free(b, n);
+			b = bigger;
+			cap *= 2;
+		}
+		r = read(fd, b + n, cap - n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)  /* a folder opens, then fails here (EISDIR) */
+			goto fail;
+		if (r == 0)
+			break;
+		n += (size_t)r;
+	}
+	close(fd);
+	b[n] = '\0';
+	params_file_print(p, path, b, n);
+	*data = b;
+	*len = n;
+	return 0;
+fail: {
+		int e = errno;
+		close(fd);
+		params_file_free(b, n);
+		errno = e;
+		return -1;
+	}
+}
+
+void
+params_file_free(char *data, size_t len)
+{
+	if (data == NULL)
+		return;
+	explicit_bzero(data, len);
+	free(data);
 }

@@ -18,6 +18,7 @@ struct params {
 	json_t *lines;     /* borrowed {"key": line}, {"key": [line, ...]} for a repeated key, or NULL */
 	int section_line;
 	char *why;         /* first error, "file:line: message"; owned here */
+	json_t *files;     /* borrowed, or NULL: {path: SHA-256} of the files read (params_file_read) */
 };
 
 /* Records an error for key (NULL: the section) unless one is already set; returns -1. */
@@ -50,6 +51,15 @@ int params_duration(struct params *p, const char *key, double def, double *out);
 int params_uint(struct params *p, const char *key, uint64_t def, uint64_t max, uint64_t *out);
 /* Repeated keys: an array of strings (a lone string counts as one). Borrowed. */
 json_t *params_list(struct params *p, const char *key);
+/*
+ * The whole file at path, which a key names (users, tls_client_cert): 0 with
+ * *data (NUL-terminated; free it with params_file_free, as it may hold
+ * passwords or keys) and *len, or -1 with errno. What was read is
+ * fingerprinted in p->files: a reload compares the fingerprints to restart
+ * an instance whose file changed while its key did not.
+ */
+int params_file_read(struct params *p, const char *path, char **data, size_t *len);
+void params_file_free(char *data, size_t len);
 /* Fails on any key not in the NULL-terminated list (plus the keys every instance takes). */
 int params_check_keys(struct params *p, const char *const *allowed);
 

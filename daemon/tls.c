@@ -260,20 +260,26 @@ tls_ident_free(struct tls_ident *id)
  * -1 with the reason in why.
  */
 static int
-tls_ident_read(struct tls_ident *id, const char *path, char *why, size_t n)
+tls_ident_read(struct tls_ident *id, struct params *p, const char *path, char *why, size_t n)
 {
-	BIO *b = BIO_new_file(path, "r");
+	char *data;
+	size_t len;
+	BIO *b;
 	X509 *x;
 	bool asked = false;
 	unsigned char md[EVP_MAX_MD_SIZE];
 	unsigned mdlen = 0;
 
 	memset(id, 0, sizeof *id);
-	if (b == NULL) {
-		ERR_clear_error();
+	/* read whole, fingerprinted (params_file_read): a reload restarts the
+	 * instance when the file changed, as when its key did */
+	if (params_file_read(p, path, &data, &len) < 0) {
 		snprintf(why, n, "cannot read %s: %s", path, strerror(errno));
 		return -1;
 	}
+	b = BIO_new_mem_buf(data, (int)len);
+	if (b == NULL)
+		fatalx("BIO_new_mem_buf failed");
 	id->path = xstrdup(path);
 	id->chain = sk_X509_new_null();
 	while ((x = PEM_read_bio_X509(b, NULL, NULL, NULL)) != NULL) {
@@ -310,9 +316,11 @@ tls_ident_read(struct tls_ident *id, const char *path, char *why, size_t n)
 	for (unsigned i = 0; i < 8; i++)
 		snprintf(id->id + 2 * i, 3, "%02x", md[i]);
 	BIO_free(b);
+	params_file_free(data, len);
 	return 0;
 fail:
 	BIO_free(b);
+	params_file_free(data, len);
 	tls_ident_free(id);
 	memset(id, 0, sizeof *id);
 	return -1;
@@ -326,7 +334,7 @@ tls_ident_cmp(const void *a, const void *b)
 
 /* The folder form: every NAME.pem in it, NAME the server's name. */
 static int
-tls_idents_dir(struct tls_cfg *cfg, const char *dir, char *why, size_t n)
+tls_idents_dir(struct tls_cfg *cfg, struct params *p, const char *dir, char *why, size_t n)
 {
 	DIR *d = opendir(dir);
 	struct dirent *e;
@@ -344,7 +352,7 @@ tls_idents_dir(struct tls_cfg *cfg, const char *dir, char *why, size_t n)
 		if (e->d_name[0] == '.' || len <= 4 || strcmp(e->d_name + len - 4, ".pem") != 0)
 			continue;
 		path = xasprintf("%s/%s", dir, e->d_name);
-		if (tls_ident_read(&id, path, why, n) < 0) {
+		if (tls_ident_read(&id, p, path, why, n) < 0) {
 			free(path);
 			closedir(d);
 			return -1;
@@ -387,12 +395,12 @@ tls_client_cert_load(struct tls_cfg *cfg, struct params *p)
 		return params_fail(p, "tls_client_cert", "tls_client_cert: cannot read %s: %s", path, strerror(errno));
 	cfg->client_cert_dir = S_ISDIR(st.st_mode);
 	if (cfg->client_cert_dir) {
-		if (tls_idents_dir(cfg, path, why, sizeof why) < 0)
+		if (tls_idents_dir(cfg, p, path, why, sizeof why) < 0)
 			return params_fail(p, "tls_client_cert", "tls_client_cert: %s", why);
 		return 0;
 	}
 	cfg->idents = xcalloc(1, sizeof *cfg->idents);
-	if (tls_ident_read(&cfg->idents[0], path, why, sizeof why) < 0)
+	if (tls_ident_read(&cfg->idents[0], p, path, why, sizeof why) < 0)
 		return params_fail(p, "tls_client_cert", "tls_client_cert: %s", why);
 	cfg->nidents = 1;
 	return 0;

@@ -1,6 +1,7 @@
 /*
  * Proxy users; see users.h. The file is read once when the instance is
- * configured (also by `capd -t`), so a bad line fails the config with its
+ * configured (also by `capd -t` and every reload, which restarts the
+ * instance when the file changed), so a bad line fails the config with its
  * file and line instead of failing a client later.
  */
 #include "users.h"
@@ -69,22 +70,27 @@ users_path(struct params *p, const char *path)
 static int
 users_read(struct users *u, struct params *p, const char *path)
 {
-	char *full = users_path(p, path), *line = NULL;
-	size_t cap = 0;
-	ssize_t len;
+	char *full = users_path(p, path), *data, *line, *end;
+	size_t n;
 	int lineno = 0, rv = 0;
-	FILE *f = fopen(full, "r");
 
-	if (f == NULL) {
+	if (params_file_read(p, full, &data, &n) < 0) {
 		params_fail(p, "users", "cannot read users file %s: %s", full, strerror(errno));
 		free(full);
 		return -1;
 	}
-	while ((len = getline(&line, &cap, f)) >= 0) {
+	for (line = data; line < data + n; line = end + 1) {
 		char *s = line, *colon;
+		size_t len;
 
 		lineno++;
-		while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+		/* by the newline, not strlen: a NUL in a line is refused below, as a name or password */
+		end = memchr(line, '\n', (size_t)(data + n - line));
+		if (end == NULL)
+			end = data + n;  /* the last line, without its newline: data[n] is the NUL */
+		*end = '\0';
+		len = (size_t)(end - line);
+		while (len > 0 && line[len - 1] == '\r')
 			line[--len] = '\0';
 		while (*s == ' ' || *s == '\t')
 			s++;
@@ -99,12 +105,7 @@ users_read(struct users *u, struct params *p, const char *path)
 			break;
 		}
 	}
-	if (rv == 0 && ferror(f)) {  /* a folder opens, then fails to read (EISDIR): not zero users */
-		params_fail(p, "users", "cannot read users file %s: %s", full, strerror(errno));
-		rv = -1;
-	}
-	free(line);
-	fclose(f);
+	params_file_free(data, n);
 	free(full);
 	return rv;
 }

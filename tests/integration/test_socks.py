@@ -5,6 +5,7 @@ and small socket clients for what no stock client does (BIND, UDP, bad input).""
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -2126,3 +2127,38 @@ def test_long_reason_is_kept_whole_in_sessions(capd):
     why = f"socks5: auth failed for user {user.decode()}"
     assert [s["reason"] for s in ss] == [why], ss
     assert why in capd.log()
+
+
+def test_reload_reads_a_changed_users_file(capd_factory, http_server, tmp_path):
+    """Regression: a reload (SIGHUP here, as systemctl reload sends) did not read the
+    users file again when the config's text was unchanged, so a password changed or a
+    user added in the file was refused until a restart. A file that reads otherwise
+    now restarts the instance, as a changed key does; one that became bad fails the
+    reload with its file and line, and the users in force stay."""
+    hport, _ = http_server
+    port = free_port()
+    users = tmp_path / "users"
+    users.write_text("bob:old\n")
+    capd = capd_factory(f"[socks lab]\nlisten = 127.0.0.1:{port}\nusers = {users}\n")
+    url = f"http://127.0.0.1:{hport}/"
+
+    def ok(cred):
+        return curl("--socks5", f"127.0.0.1:{port}", "--proxy-user", cred, url).returncode == 0
+
+    def hup(n):
+        capd.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while capd.log().count(f"reloaded {capd.conf_path}") < n:
+            assert time.time() < deadline, capd.log()[-2000:]
+            time.sleep(0.02)
+
+    assert ok("bob:old")
+    users.write_text("bob:new\neve:pw\n")
+    hup(1)
+    assert ok("bob:new") and ok("eve:pw") and not ok("bob:old")
+    assert f"instance lab removed: changed by reload: {users} changed" in capd.log()
+    assert capd.ctl("list", json_out=True)[0]["users"] == 2
+    users.write_text("bob:new\nnocolon\n")
+    r = capd.ctl("reload", check=False)
+    assert r.returncode == 1 and f"{users}:2: expected name:password" in r.stderr, r.stderr
+    assert ok("bob:new") and ok("eve:pw")

@@ -3076,3 +3076,42 @@ def test_refused_client_certificate_is_named(capd, tmp_path, version):
             assert "client-cert=client-a.pem" in s["note"], s
     finally:
         srv.stop()
+
+
+def test_reload_reads_a_renewed_client_certificate(capd_factory, tmp_path):
+    """Regression: a reload did not read tls_client_cert again when the config's text
+    was unchanged: the analyst put a renewed certificate in the file and ran capctl
+    reload (as nginx reads its certificates on reload), and capd kept showing the old
+    one ("reloaded: 0 changed"). A file that reads otherwise now restarts the instance
+    as a changed key would; one that became bad fails the reload with its name, and
+    the running certificate stays."""
+    pki = client_pki(tmp_path / "pki")
+    srv = mtls_server(tmp_path, pki, "tls1_3")
+    try:
+        port = free_port()
+        capd = capd_factory(f"[forward mtls]\nlisten = 127.0.0.1:{port}\nto = 127.0.0.1:{srv.port}\ntls = yes\n"
+                            "tls_verify = no\ntls_client_cert = client.pem\n", start=False)
+        cur = capd.conf_path.parent / "client.pem"  # relative to the config's folder
+        shutil.copy(pki["client-a"], cur)
+        capd.start()
+        ca = export_ca(capd, tmp_path / "capd-ca.pem")
+
+        def subject():
+            r = curl("--cacert", ca, f"https://127.0.0.1:{port}/")
+            assert r.returncode == 0, (r.stderr, capd.log()[-2000:])
+            return re.search(rb"Subject: (CN=[\w-]+)", r.stdout).group(1).decode()
+
+        assert subject() == "CN=client-a"
+        assert capd.ctl("reload").stdout == "reloaded: 0 added, 0 removed, 0 changed\n"
+        shutil.copy(pki["client-b"], cur)
+        assert capd.ctl("reload").stdout == "reloaded: 0 added, 0 removed, 1 changed\n"
+        assert f"instance mtls removed: changed by reload: {cur} changed" in capd.log()
+        assert subject() == "CN=client-b"
+        cur.write_text((tmp_path / "pki" / "client-a.crt").read_text())  # the key left out
+        r = capd.ctl("reload", check=False)
+        line = capd.conf_path.read_text().splitlines().index("tls_client_cert = client.pem") + 1
+        assert r.returncode == 1 and r.stderr == f"capctl: reload failed, nothing changed: {capd.conf_path}:{line}: " \
+            f"tls_client_cert: {cur} holds no PEM private key (the certificate's key goes in the same file)\n", r.stderr
+        assert subject() == "CN=client-b"
+    finally:
+        srv.stop()
