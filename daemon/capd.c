@@ -288,6 +288,36 @@ capd_keep(struct capd_reload *r, char **next, const char *cur, const char *key, 
 	*next = cur ? xstrdup(cur) : NULL;
 }
 
+/* Whether the reload's answer names key already. */
+static bool
+capd_restart_listed(struct capd_reload *r, const char *key)
+{
+	json_t *k;
+	size_t i;
+
+	json_array_foreach(json_object_get(r->summary, "restart_only"), i, k)
+		if (!strcmp(json_string_value(k), key))
+			return true;
+	return false;
+}
+
+/*
+ * The CA is read once (at start or first need), and a reload keeps it as it
+ * keeps ca_cert: one replaced on disk (a CA of the lab's own put in place)
+ * is named as that key would be, rather than left unsaid while capd goes on
+ * forging with the old one.
+ */
+static void
+capd_ca_changed(struct capd_reload *r)
+{
+	const char *path = NULL, *key = tls_ca_file_changed(&path);
+
+	if (key == NULL || capd_restart_listed(r, key))
+		return;
+	log_notice("%s %s changed on disk: the CA loaded before stays until restart", key, path);
+	capd_restart_only(r, key);
+}
+
 static int
 capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 {
@@ -422,6 +452,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 		c->settings.ca_key = xasprintf("%s/ca.key", c->settings.state_dir);
 	capd_keep(r, &c->settings.ca_cert, capd_settings->ca_cert, "ca_cert", false);
 	capd_keep(r, &c->settings.ca_key, capd_settings->ca_key, "ca_key", false);
+	capd_ca_changed(r);
 	conf_free(capd_conf);
 	capd_conf = c;
 	capd_settings = &c->settings;

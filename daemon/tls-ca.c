@@ -59,6 +59,7 @@ static struct {
 	EVP_PKEY *leaf;                 /* ECDSA P-256 */
 	EVP_PKEY *leaf_rsa;             /* RSA 2048 */
 	char *cert_path, *key_path;
+	struct stat cert_st, key_st;    /* the files as loaded (or made): tls_ca_file_changed */
 	struct tls_ca_entry *buckets[TLS_CACHE_BUCKETS];
 	struct tls_ca_lru lru;
 	size_t len, max;
@@ -369,7 +370,39 @@ tls_ca_load_cert(const char *cert_path, const char *key_path, char **why)
 	ca.key = k;
 	ca.cert_path = xstrdup(cert_path);
 	ca.key_path = xstrdup(key_path);
+	/* zeroed when gone already: a reload then says so */
+	if (stat(cert_path, &ca.cert_st) < 0)
+		memset(&ca.cert_st, 0, sizeof ca.cert_st);
+	if (stat(key_path, &ca.key_st) < 0)
+		memset(&ca.key_st, 0, sizeof ca.key_st);
 	return 0;
+}
+
+/* Whether path is still the file was: the same inode, size and mtime. */
+static bool
+tls_ca_same_file(const char *path, const struct stat *was)
+{
+	struct stat now;
+
+	return stat(path, &now) == 0 && now.st_dev == was->st_dev && now.st_ino == was->st_ino &&
+	       now.st_size == was->st_size && now.st_mtim.tv_sec == was->st_mtim.tv_sec &&
+	       now.st_mtim.tv_nsec == was->st_mtim.tv_nsec;
+}
+
+const char *
+tls_ca_file_changed(const char **path)
+{
+	if (ca.cert == NULL)
+		return NULL;
+	if (!tls_ca_same_file(ca.cert_path, &ca.cert_st)) {
+		*path = ca.cert_path;
+		return "ca_cert";
+	}
+	if (!tls_ca_same_file(ca.key_path, &ca.key_st)) {
+		*path = ca.key_path;
+		return "ca_key";
+	}
+	return NULL;
 }
 
 /* Whether folder dir is path itself or a folder above it. */

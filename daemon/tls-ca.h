@@ -39,6 +39,13 @@ int tls_ca_load_cert(const char *cert_path, const char *key_path, char **why);
  */
 int tls_ca_check(const char *cert_path, const char *key_path, const char *made_dir, char **why);
 bool tls_ca_loaded(void);
+/*
+ * The key ("ca_cert" or "ca_key") whose file is no longer the one the CA in
+ * force was loaded from (replaced, written, gone), with its path; NULL when
+ * both are, or no CA is loaded. By inode, size and mtime, not contents: the
+ * key may be readable by root alone, and capd runs as its user by then.
+ */
+const char *tls_ca_file_changed(const char **path);
 /* "expired on DATE" (or "is not valid before DATE") into b when the CA is not
  * valid now; NULL when it is, or when there is none. */
 const char *tls_ca_invalid(char *b, size_t n);

@@ -3115,3 +3115,23 @@ def test_reload_reads_a_renewed_client_certificate(capd_factory, tmp_path):
         assert subject() == "CN=client-b"
     finally:
         srv.stop()
+
+
+def test_reload_names_a_ca_replaced_on_disk(capd_factory, tmp_path):
+    """A reload kept the CA it had loaded, as it keeps ca_cert, but said nothing when
+    the files had been replaced (the lab's own CA put in place of capd's): capctl
+    reload printed "reloaded" alone, and capd went on forging with the old CA. The CA
+    is still read only at start; a reload now names the file as it names a changed
+    ca_cert, in the log and as a warning of capctl."""
+    capd = capd_factory(f"[forward f]\nlisten = 127.0.0.1:{free_port()}\nto = 127.0.0.1:9\ntls = yes\n")
+    old = capd.ctl("ca", "export").stdout
+    assert capd.ctl("reload").stderr == ""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            tmp_path / "lab.key", "-out", tmp_path / "lab.pem", "-days", "5", "-subj", "/CN=lab CA")
+    shutil.copy(tmp_path / "lab.pem", capd.state / "ca.pem")
+    shutil.copy(tmp_path / "lab.key", capd.state / "ca.key")
+    r = capd.ctl("reload")
+    assert r.stderr == "capctl: warning: ca_cert changes only at restart: capd keeps the value it started with\n"
+    assert f"ca_cert {capd.state}/ca.pem changed on disk: the CA loaded before stays until restart" in capd.log()
+    assert capd.ctl("reload", json_out=True)["restart_only"] == ["ca_cert"]
+    assert capd.ctl("ca", "export").stdout == old
