@@ -632,6 +632,25 @@ dns_msg_question(const uint8_t *p, size_t n)
 }
 
 bool
+dns_msg_same_question(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+	ldns_rr *qa, *qb;
+	bool same;
+
+	if (alen < DNS_HEADER_LEN || blen < DNS_HEADER_LEN || LDNS_QDCOUNT(a) != 1 || LDNS_QDCOUNT(b) != 1)
+		return false;
+	qa = dns_msg_question(a, alen);
+	qb = dns_msg_question(b, blen);
+	/* ldns_rdf_compare: the wire bytes, case and all (ldns_dname_compare folds case) */
+	same = qa != NULL && qb != NULL && ldns_rr_get_type(qa) == ldns_rr_get_type(qb) &&
+	       ldns_rr_get_class(qa) == ldns_rr_get_class(qb) &&
+	       ldns_rdf_compare(ldns_rr_owner(qa), ldns_rr_owner(qb)) == 0;
+	ldns_rr_free(qa);
+	ldns_rr_free(qb);
+	return same;
+}
+
+bool
 dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n)
 {
 	ldns_rr *qq, *rq;

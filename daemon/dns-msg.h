@@ -97,6 +97,12 @@ uint8_t *dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, s
 uint8_t *dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_t n, const char **rule,
                               size_t *outlen);
 
+/*
+ * Whether messages a and b ask the same question: one each, of the same type
+ * and class, the name spelt byte for byte alike (a client that randomizes its
+ * names' case (0x20) asks anew, and its answer must echo the new spelling).
+ */
+bool dns_msg_same_question(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen);
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
 /*

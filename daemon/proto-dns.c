@@ -89,6 +89,7 @@ struct dns_fwd {
 	bool client_tcp;
 	struct sockaddr_storage client, local;  /* UDP client and the address it sent to */
 	uint16_t client_id;
+	unsigned repeats;                  /* the UDP client's retransmissions meanwhile, not forwarded (dns_fwd_find_repeat) */
 	uint16_t udp_max;                  /* largest reply the UDP client takes */
 	uint8_t *q;                        /* the query under the upstream id */
 	size_t qlen;
@@ -400,6 +401,14 @@ dns_fwd_deliver(struct dns_fwd *f, const uint8_t *p, size_t n, const char *reaso
 	}
 	dns_udp_send(ds, p, n, &f->client, &f->local);
 	session_data(s, DIR_DOWN, p, n);
+	if (f->repeats > 0) {
+		char *why = xasprintf("%s; the client asked %u more time%s meanwhile, not forwarded again", reason,
+		                      f->repeats, f->repeats == 1 ? "" : "s");
+		dns_fwd_free(f);
+		session_close(s, why);
+		free(why);
+		return;
+	}
 	dns_fwd_free(f);
 	session_close(s, reason);
 }
@@ -887,6 +896,43 @@ dns_session_note(struct session *s, const struct dns_question *q)
 		s->note = NULL;
 }
 
+/*
+ * The query in flight that a UDP client's query p repeats: the same client
+ * address and port, sent to the same address, with the same id and question.
+ * Stub resolvers send it again after a second or two and dig after 5 s while
+ * the upstream is slow; forwarded again, it cost the upstream a second query
+ * and could give the client two answers. As dnsmasq and unbound, the repeat
+ * joins the query in flight, whose one answer goes back when it comes.
+ */
+static struct dns_fwd *
+dns_fwd_find_repeat(struct dns_state *ds, const uint8_t *p, size_t n, uint16_t id,
+                    const struct sockaddr_storage *client, const struct sockaddr_storage *local)
+{
+	struct dns_fwd *f;
+
+	TAILQ_FOREACH(f, &ds->fwds, entry) {
+		if (f->client_tcp || f->client_id != id ||
+		    !addr_same((const struct sockaddr *)&f->client, (const struct sockaddr *)client, true) ||
+		    !addr_same((const struct sockaddr *)&f->local, (const struct sockaddr *)local, true))
+			continue;
+		if (dns_msg_same_question(f->q, f->qlen, p, n))
+			return f;
+	}
+	return NULL;
+}
+
+/* A repeat of f's query came: the capture keeps it in f's session, as the client sent it. */
+static void
+dns_fwd_repeated(struct dns_fwd *f, const uint8_t *p, size_t n, const struct dns_question *q)
+{
+	f->repeats++;
+	session_data(f->s, DIR_UP, p, n);
+	log_debug("%s: query %u %s %s from %s again while upstream (session %llu): not forwarded again",
+	          f->ds->inst->name, q->id, q->qtype_str, q->qname,
+	          addr_format((const struct sockaddr *)&f->client, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN),
+	          (unsigned long long)f->s->id);
+}
+
 static void
 dns_udp_query(struct dns_state *ds, const uint8_t *p, size_t n, const struct sockaddr_storage *client,
               const struct sockaddr_storage *local)
@@ -894,11 +940,16 @@ dns_udp_query(struct dns_state *ds, const uint8_t *p, size_t n, const struct soc
 	struct dns_cfg *dc = ds->inst->cfg;
 	struct dns_question q;
 	struct session *s;
+	struct dns_fwd *f;
 	uint8_t *out = NULL;
 	size_t outlen = 0;
 	enum dns_verdict v;
 
 	v = dns_msg_query(&dc->rules, p, n, false, &q, &out, &outlen);
+	if (v == DNS_FORWARD && (f = dns_fwd_find_repeat(ds, p, n, q.id, client, local)) != NULL) {
+		dns_fwd_repeated(f, p, n, &q);
+		return;
+	}
 	s = session_new_datagram(ds->inst, "dns", (const struct sockaddr *)client, (const struct sockaddr *)local);
 	session_opened(s);
 	session_data(s, DIR_UP, p, n);

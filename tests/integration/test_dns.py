@@ -1470,3 +1470,59 @@ def test_question_of_class_any_for_a_redirected_name_is_answered_by_the_rule(dns
     q = dns.message.make_query("www.example.com", "A", rdclass="CH")
     dns.query.udp(q, "127.0.0.1", port=dnsd.port, timeout=5)
     assert upstream.queries == [("udp", "www.example.com")]
+
+
+def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
+    """Regression: a UDP client that sent its query again while capd's upstream query for
+    it was still out (a stub resolver after 1-2 s, dig after 5 s: the same address and port,
+    id and question) had it forwarded a second time, and got two answers. As dnsmasq and
+    unbound, the repeat joins the query in flight: one upstream query, one answer, and the
+    capture holds both of the client's queries in its one session. The same bytes from
+    another port are another client's query, forwarded on their own."""
+    ids = []
+
+    def reply(wire):
+        q = dns.message.from_wire(wire)
+        ids.append(q.id)  # capd's own id: a try of capd's that times out repeats it
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.1"))
+        return 1.0, r.to_wire()  # slower than the client's repeat, quicker than capd's try (1.5 s)
+
+    up = LaterUdpServer(reply)
+    try:
+        port = free_dns_port()
+        c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nupstream = 127.0.0.1:{up.port}\n")
+        wait_instance(c, "d")
+        q = dns.message.make_query("again.example", "A")
+        q.id = 0x4242
+        w = q.to_wire()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            a.sendto(w, ("127.0.0.1", port))
+            b.sendto(w, ("127.0.0.1", port))
+            time.sleep(0.3)
+            a.sendto(w, ("127.0.0.1", port))
+            for s in (a, b):
+                s.settimeout(5)
+                r = dns.message.from_wire(s.recv(65535))
+                assert r.id == 0x4242 and addrs(r) == ["192.0.2.1"], r
+            a.settimeout(0.5)  # a second answer came 0.3 s after the first
+            with pytest.raises(socket.timeout):
+                a.recv(65535)
+        assert len(set(ids)) == 2, ids  # a's query once, and b's
+        ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
+        ss = sorted((s for s in ss if s["proto"] == "dns"), key=lambda s: s["bytes_up"])
+        assert len(ss) == 2, ss
+        assert ss[0]["bytes_up"] == len(w) and ss[1]["bytes_up"] == 2 * len(w), ss
+        assert "the client asked 1 more time meanwhile, not forwarded again" in ss[1]["reason"], ss[1]
+        args = ("-d", f"udp.port=={port},dns", "-Y", "dns.id == 0x4242", "-T", "fields",
+                "-e", "dns.flags.response", "-e", "udp.srcport", "-e", "udp.dstport")
+        pcap, out = pcap_wait(c, args, lambda out: out.count("\n") >= 5)
+        rows = [line.split("\t") for line in out.splitlines()]
+        queries = [row for row in rows if row[0] in ("0", "False")]
+        answers = [row for row in rows if row[0] in ("1", "True")]
+        assert len(queries) == 3 and len(answers) == 2, rows  # all the client sent, all capd sent back
+        assert sorted(row[2] for row in answers) == sorted({row[1] for row in queries}), rows
+        check_pcap_clean(pcap)
+    finally:
+        up.close()

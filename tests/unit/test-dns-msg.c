@@ -772,6 +772,34 @@ test_keep_qname_case(void **state)
 	assert_int_equal(r[13], 'a');
 }
 
+/* dns_msg_same_question: what makes a UDP client's query a repeat of one in flight */
+static void
+test_same_question(void **state)
+{
+	size_t n, on;
+	uint8_t *q, *o;
+
+	(void)state;
+	q = query("again.example", LDNS_RR_TYPE_A, 7, false, &n);
+	o = query("again.example", LDNS_RR_TYPE_A, 8, true, &on);
+	assert_true(dns_msg_same_question(q, n, q, n));
+	assert_true(dns_msg_same_question(q, n, o, on));  /* the id and EDNS are not the question */
+	free(o);
+	o = query("AGAIN.example", LDNS_RR_TYPE_A, 7, false, &on);
+	assert_false(dns_msg_same_question(q, n, o, on));  /* 0x20: another spelling is another query */
+	free(o);
+	o = query("again.example", LDNS_RR_TYPE_AAAA, 7, false, &on);
+	assert_false(dns_msg_same_question(q, n, o, on));
+	free(o);
+	o = query("again.example.org", LDNS_RR_TYPE_A, 7, false, &on);
+	assert_false(dns_msg_same_question(q, n, o, on));
+	free(o);
+	assert_false(dns_msg_same_question(q, n, q, 5));  /* no header */
+	q[5] = 0;  /* no question */
+	assert_false(dns_msg_same_question(q, n, q, n));
+	free(q);
+}
+
 int
 main(void)
 {
@@ -787,6 +815,7 @@ main(void)
 		cmocka_unit_test(test_truncate_upstream_answer),
 		cmocka_unit_test(test_cname_chain_to_a_claimed_name),
 		cmocka_unit_test(test_keep_qname_case),
+		cmocka_unit_test(test_same_question),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
