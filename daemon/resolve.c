@@ -237,14 +237,87 @@ resolve_numeric_v4(const char *host, uint16_t port, struct sockaddr_storage *ss)
 }
 
 /*
- * "localhost." is "localhost" written fully qualified: c-ares 1.18 matches it
- * against no hosts-file line and asks the DNS (RFC 6761 says a resolver must
- * not), where "localhost" gets the hosts file's address, or loopback.
+ * RFC 6761 6.3: "localhost" and every name below it (app.localhost,
+ * A.B.LOCALHOST.) are the loopback, and a resolver must not ask the DNS for
+ * them; curl, the browsers and systemd-resolved answer them themselves.
+ * c-ares 1.18 sent foo.localhost (and "localhost.", which no hosts-file line
+ * matches) to the nameserver: a query left the box, and the client got host
+ * unreachable. A name with an empty label is no such name.
  */
-static const char *
-resolve_name(const char *host)
+static bool
+resolve_is_localhost(const char *host)
 {
-	return strcasecmp(host, "localhost.") == 0 ? "localhost" : host;
+	size_t n = strlen(host);
+
+	if (n > 0 && host[n - 1] == '.')
+		n--;
+	if (n < 9 || strncasecmp(host + n - 9, "localhost", 9) != 0)
+		return false;
+	return n == 9 || (n > 10 && host[n - 10] == '.' && host[n - 11] != '.');
+}
+
+static void
+resolve_add(struct resolve_req *r, int family, const void *addr, uint16_t port)
+{
+	struct sockaddr_storage *ss = &r->addrs[r->n];
+
+	if (r->n >= RESOLVE_MAX)
+		return;
+	memset(ss, 0, sizeof *ss);
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons(port);
+		memcpy(&sin->sin_addr, addr, sizeof sin->sin_addr);
+	} else {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons(port);
+		memcpy(&sin6->sin6_addr, addr, sizeof sin6->sin6_addr);
+	}
+	r->n++;
+}
+
+/* The hosts file's addresses for name, IPv4 first, added to r's: the file alone, never the DNS. */
+static void
+resolve_hosts_file(struct resolve_req *r, const char *name, uint16_t port)
+{
+	static const int families[] = { AF_INET, AF_INET6 };
+
+	for (size_t i = 0; i < sizeof families / sizeof families[0]; i++) {
+		struct hostent *he = NULL;
+
+		if (ares_gethostbyname_file(resolve_channel, name, families[i], &he) != ARES_SUCCESS || he == NULL)
+			continue;
+		if (he->h_addrtype == families[i])
+			for (char **a = he->h_addr_list; *a != NULL; a++)
+				resolve_add(r, he->h_addrtype, *a, port);
+		ares_free_hostent(he);
+	}
+}
+
+/*
+ * A localhost name's addresses: the name's own hosts-file lines when it has
+ * some (capctl hosts add app.localhost ...), else those of "localhost", else
+ * 127.0.0.1 and ::1, as glibc and c-ares give "localhost" without a line.
+ */
+static void
+resolve_localhost(struct resolve_req *r, const char *host, uint16_t port)
+{
+	char *name = xstrdup(host);
+	size_t n = strlen(name);
+
+	if (n > 0 && name[n - 1] == '.')
+		name[n - 1] = '\0';
+	resolve_hosts_file(r, name, port);
+	if (r->n == 0 && strcasecmp(name, "localhost") != 0)
+		resolve_hosts_file(r, "localhost", port);
+	if (r->n == 0) {
+		struct in_addr lo4 = { .s_addr = htonl(INADDR_LOOPBACK) };
+		resolve_add(r, AF_INET, &lo4, port);
+		resolve_add(r, AF_INET6, &in6addr_loopback, port);
+	}
+	free(name);
 }
 
 struct resolve_req *
@@ -265,6 +338,11 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 		ev_timer_start(r->loop, &r->later);
 		return r;
 	}
+	if (resolve_is_localhost(host)) {
+		resolve_localhost(r, host, port);
+		ev_timer_start(r->loop, &r->later);
+		return r;
+	}
 	memset(&hints, 0, sizeof hints);
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
@@ -274,7 +352,7 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 	/* c-ares refuses service "0" (ARES_ESERVICE) where getaddrinfo takes it,
 	 * and a SOCKS BIND by name names port 0 when the peer's port is unknown:
 	 * no service gives the addresses with port 0 */
-	ares_getaddrinfo(resolve_channel, resolve_name(host), port ? portstr : NULL, &hints, resolve_ares_cb, r);
+	ares_getaddrinfo(resolve_channel, host, port ? portstr : NULL, &hints, resolve_ares_cb, r);
 	r->starting = 0;
 	resolve_arm_timer();
 	return r;

@@ -2162,3 +2162,86 @@ def test_reload_reads_a_changed_users_file(capd_factory, http_server, tmp_path):
     r = capd.ctl("reload", check=False)
     assert r.returncode == 1 and f"{users}:2: expected name:password" in r.stderr, r.stderr
     assert ok("bob:new") and ok("eve:pw")
+
+
+# An HTTP origin on PORT (argv) of 127.0.0.0/8 and ::1 (one socket for both) in a namespace
+# whose body is the address the client reached, and a nameserver on 127.0.0.1:53 that prints
+# each name it is asked (and answers REFUSED); "ready" once both listen.
+NS_LOCALHOST_WORLD = r"""
+import http.server, socket, sys, threading
+import dns.message, dns.rcode
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.connection.getsockname()[0].removeprefix("::ffff:").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+s = S(("::", int(sys.argv[1])), H)
+threading.Thread(target=s.serve_forever, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(65535)
+    q = dns.message.from_wire(data)
+    print(q.question[0].name.to_text(omit_final_dot=True), flush=True)
+    r = dns.message.make_response(q)
+    r.set_rcode(dns.rcode.REFUSED)
+    u.sendto(r.to_wire(), peer)
+"""
+
+
+def test_localhost_names_are_loopback_without_a_dns_query(netns, ns_etc, ns_capd, ns_python):
+    """RFC 6761 6.3: "localhost" and every name below it are the loopback, and a resolver
+    must not ask the DNS (curl, the browsers and systemd-resolved answer them themselves).
+    capd's resolver sent app.localhost to the nameserver: a query left the box and the
+    client got host unreachable. Now, for every user of the resolver (a SOCKS5 name, an
+    HTTP proxy's URL and CONNECT, forward's and reverse's upstream), such a name gets the
+    hosts file's line for itself, else localhost's, else 127.0.0.1 and ::1, and the
+    namespace's nameserver hears nothing of it."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n::1 localhost\n127.0.0.5 own.localhost\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # the watcher: the namespace's only resolver
+    world = ns_python(netns, NS_LOCALHOST_WORLD, 7790)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7791\n"
+                       "[http h]\nlisten = 127.0.0.1:7792\nconnect_ports = 7790\n"
+                       "[forward f]\nlisten = 127.0.0.1:7793\nto = Svc.LOCALHOST:7790\n"
+                       "[reverse r]\nlisten = 127.0.0.1:7794\ndefault = web.localhost.:7790\n")
+
+    def curl(*args):
+        r = sh("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "10", *args, check=False)
+        return r.stdout or r.stderr.strip()
+
+    socks = ("--socks5-hostname", "127.0.0.1:7791")
+    assert curl(*socks, "http://app.localhost:7790/") == "127.0.0.1"
+    assert curl("-x", "http://127.0.0.1:7792", "http://A.b.LocalHost:7790/") == "127.0.0.1"
+    assert curl("-p", "-x", "http://127.0.0.1:7792", "http://tunnel.localhost:7790/") == "127.0.0.1"
+    assert curl("http://127.0.0.1:7793/") == "127.0.0.1"
+    assert curl("http://127.0.0.1:7794/") == "127.0.0.1"
+    assert curl(*socks, "http://own.localhost:7790/") == "127.0.0.5"  # the name's own line
+    with open(f"{ns_etc}/hosts", "w") as f:  # the same file (inode) the namespace sees
+        f.write("::1 localhost\n")
+    assert curl(*socks, "http://app.localhost:7790/") == "::1"  # what the hosts file says
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("# no localhost\n")
+    assert curl(*socks, "http://app.localhost:7790/") == "127.0.0.1"  # 127.0.0.1 and ::1, v4 first
+    # a name the nameserver is asked for last: what came before it is all capd asked
+    sh("ip", "netns", "exec", netns, "dig", "@127.0.0.1", "+tries=1", "+time=2", "last.test", check=False)
+    asked = []
+    while not asked or asked[-1] != "last.test":
+        assert select.select([world.stdout], [], [], 5)[0], asked
+        line = world.stdout.readline()
+        assert line, asked
+        asked.append(line.strip())
+    assert asked == ["last.test"], asked
+    targets = {s["target"] for s in c.ctl("sessions", json_out=True)}
+    assert {"127.0.0.1:7790", "127.0.0.5:7790", "[::1]:7790"} <= targets, targets
