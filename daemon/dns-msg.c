@@ -428,6 +428,35 @@ dns_msg_edns_rcode(const ldns_pkt *qp, struct dns_question *q)
 	return LDNS_RCODE_NOERROR;
 }
 
+/* q->rule of a localhost name that no rule of the instance claims (compared by address) */
+static const char dns_localhost[] = "localhost";
+
+/*
+ * RFC 6761 6.3: "localhost" and the names below it are the loopback, and a
+ * DNS server answers them itself (unbound's default local-zone) rather than
+ * ask others: with the instance's rules when one matches (a "*" too), else
+ * with these two. Built for each query: the rules of no instance, shared by
+ * no thread. False for any other name.
+ */
+static bool
+dns_localhost_rules(struct dns_rules *lr, struct dns_rule v[2], uint32_t ttl, const char *qname)
+{
+	if (strcasecmp(qname, dns_localhost) != 0 &&
+	    !(hostname_match("*.localhost", qname) && dns_suffix_at_label("*.localhost", qname)))
+		return false;
+	memset(v, 0, 2 * sizeof *v);
+	snprintf(v[0].pattern, sizeof v[0].pattern, "%s", dns_localhost);
+	v[0].family = AF_INET;
+	v[0].addr.v4.s_addr = htonl(INADDR_LOOPBACK);
+	snprintf(v[1].pattern, sizeof v[1].pattern, "%s", dns_localhost);
+	v[1].family = AF_INET6;
+	v[1].addr.v6 = in6addr_loopback;
+	lr->v = v;
+	lr->n = 2;
+	lr->ttl = ttl;
+	return true;
+}
+
 enum dns_verdict
 dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, struct dns_question *q,
               uint8_t **out, size_t *outlen)
@@ -436,6 +465,8 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	const ldns_rr *qrr;
 	ldns_status st;
 	int opcode, rcode;
+	struct dns_rules lr;
+	struct dns_rule lv[2];
 
 	memset(q, 0, sizeof *q);
 	q->udp_max = DNS_UDP_MIN;
@@ -471,8 +502,13 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	dns_question_fill(q, qp, qrr);
 	/* QCLASS * (RFC 1035 3.2.5) asks for IN among the others: forwarded, it
 	 * got the real address of a name capd redirects */
-	if (q->qclass == LDNS_RR_CLASS_IN || q->qclass == LDNS_RR_CLASS_ANY)
+	if (q->qclass == LDNS_RR_CLASS_IN || q->qclass == LDNS_RR_CLASS_ANY) {
 		q->rule = dns_rules_match(r, q->qname);
+		if (q->rule == NULL && dns_localhost_rules(&lr, lv, r->ttl, q->qname)) {
+			r = &lr;
+			q->rule = dns_localhost;
+		}
+	}
 	/*
 	 * Not well formed is FORMERR for a forwarded name too, as for capd's own:
 	 * capd relays the client's bytes as they are, and a strict upstream drops
@@ -521,7 +557,10 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 		*out = dns_msg_header_reply(p, LDNS_RCODE_SERVFAIL, outlen);
 		return DNS_REPLY;
 	}
-	snprintf(q->why, sizeof q->why, "answered by rule %s", q->rule);
+	if (q->rule == dns_localhost)
+		snprintf(q->why, sizeof q->why, "answered: a localhost name is the loopback (RFC 6761)");
+	else
+		snprintf(q->why, sizeof q->why, "answered by rule %s", q->rule);
 	return DNS_REPLY;
 }
 

@@ -1526,3 +1526,26 @@ def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
         check_pcap_clean(pcap)
     finally:
         up.close()
+
+
+def test_localhost_names_are_answered_with_loopback(capd_factory, upstream):
+    """RFC 6761 6.3: localhost and the names below it are the loopback, and a DNS server
+    answers them itself (unbound's default local-zone); capd forwarded them, so that
+    app.localhost asked through the instance reached the real resolver and came back
+    NXDOMAIN (or a stranger's address). A rule of the instance still wins."""
+    port = free_dns_port()
+    c = capd_factory(dns_conf(port, upstream.port, "answer = *.mine.localhost=10.0.0.9\n"))
+    wait_instance(c, "d")
+    for tcp in (False, True):
+        r = ask("App.LocalHost", "A", port, tcp=tcp)
+        assert r.rcode() == dns.rcode.NOERROR and addrs(r) == ["127.0.0.1"] and r.flags & dns.flags.AA, r
+        assert r.answer[0].name.to_text() == "App.LocalHost.", r
+    assert addrs(ask("localhost.", "AAAA", port)) == ["::1"]
+    r = ask("a.b.localhost", "MX", port)  # NODATA, as for a rule's name
+    assert r.answer == [] and r.authority and r.authority[0].rdtype == dns.rdatatype.SOA, r
+    assert addrs(ask("x.mine.localhost", "A", port)) == ["10.0.0.9"]
+    assert upstream.queries == []
+    assert addrs(ask("localhost.example", "A", port)) == ["192.0.2.1"]  # not under localhost: forwarded
+    assert upstream.queries == [("udp", "localhost.example")]
+    ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 6)
+    assert "answered: a localhost name is the loopback (RFC 6761)" in {s["reason"] for s in ss}, ss

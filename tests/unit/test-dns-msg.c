@@ -800,6 +800,72 @@ test_same_question(void **state)
 	free(q);
 }
 
+/* The only answer record of a, as text ("127.0.0.1"); caller frees. */
+static char *
+only_answer(const ldns_pkt *a)
+{
+	assert_int_equal(ldns_pkt_ancount(a), 1);
+	return ldns_rdf2str(ldns_rr_rdf(ldns_rr_list_rr(ldns_pkt_answer(a), 0), 0));
+}
+
+/* RFC 6761 6.3: localhost and the names below it are the loopback, unless a rule claims them */
+static void
+test_localhost_names(void **state)
+{
+	struct dns_rules r;
+	struct dns_question dq;
+	char *why = NULL, *txt;
+	size_t n;
+	uint8_t *q;
+	ldns_pkt *a;
+
+	(void)state;
+	rules(&r);
+	q = query("App.LocalHost", LDNS_RR_TYPE_A, 1, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_true(ldns_pkt_aa(a));
+	assert_string_equal(txt = only_answer(a), "127.0.0.1");
+	assert_string_equal(dq.why, "answered: a localhost name is the loopback (RFC 6761)");
+	free(txt);
+	ldns_pkt_free(a);
+	free(q);
+	q = query("localhost", LDNS_RR_TYPE_AAAA, 2, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_string_equal(txt = only_answer(a), "::1");
+	free(txt);
+	ldns_pkt_free(a);
+	free(q);
+	q = query("a.b.localhost", LDNS_RR_TYPE_MX, 3, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_int_equal(ldns_pkt_ancount(a), 0);
+	assert_nodata_soa(a, "a.b.localhost.", 60);
+	ldns_pkt_free(a);
+	free(q);
+	/* names that only look like it go upstream */
+	const char *others[] = { "notlocalhost", "localhost.example", "x\\.localhost" };
+	for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
+		q = query(others[i], LDNS_RR_TYPE_A, 4, false, &n);
+		decide(&r, q, n, false, DNS_FORWARD, &dq);
+		free(q);
+	}
+	/* the instance's own rules win, a "*" too */
+	assert_int_equal(dns_rules_add(&r, "*.localhost=10.0.0.1", &why), 0);
+	q = query("app.localhost", LDNS_RR_TYPE_A, 5, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_string_equal(txt = only_answer(a), "10.0.0.1");
+	free(txt);
+	ldns_pkt_free(a);
+	free(q);
+	assert_int_equal(dns_rules_add(&r, "*=10.0.0.2", &why), 0);
+	q = query("localhost", LDNS_RR_TYPE_A, 6, false, &n);
+	a = decide(&r, q, n, false, DNS_REPLY, &dq);
+	assert_string_equal(txt = only_answer(a), "10.0.0.2");
+	free(txt);
+	ldns_pkt_free(a);
+	free(q);
+	dns_rules_free(&r);
+}
+
 int
 main(void)
 {
@@ -816,6 +882,7 @@ main(void)
 		cmocka_unit_test(test_cname_chain_to_a_claimed_name),
 		cmocka_unit_test(test_keep_qname_case),
 		cmocka_unit_test(test_same_question),
+		cmocka_unit_test(test_localhost_names),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
