@@ -89,7 +89,7 @@ struct dns_fwd {
 	bool client_tcp;
 	struct sockaddr_storage client, local;  /* UDP client and the address it sent to */
 	uint16_t client_id;
-	unsigned repeats;                  /* the UDP client's retransmissions meanwhile, not forwarded (dns_fwd_find_repeat) */
+	unsigned repeats;                  /* the UDP client sent it again meanwhile: not forwarded */
 	uint16_t udp_max;                  /* largest reply the UDP client takes */
 	uint8_t *q;                        /* the query under the upstream id */
 	size_t qlen;
