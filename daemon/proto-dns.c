@@ -899,10 +899,11 @@ dns_session_note(struct session *s, const struct dns_question *q)
 /*
  * The query in flight that a UDP client's query p repeats: the same client
  * address and port, sent to the same address, with the same id and question.
- * Stub resolvers send it again after a second or two and dig after 5 s while
- * the upstream is slow; forwarded again, it cost the upstream a second query
- * and could give the client two answers. As dnsmasq and unbound, the repeat
- * joins the query in flight, whose one answer goes back when it comes.
+ * Stub resolvers (glibc, musl) send it again from the same socket after a
+ * second or more while the upstream is slow; forwarded again, it cost the
+ * upstream a second query and gave the client two answers. As dnsmasq and
+ * unbound, the repeat joins the query in flight, whose one answer goes back
+ * when it comes. dig's retries come from a new port each: new queries.
  */
 static struct dns_fwd *
 dns_fwd_find_repeat(struct dns_state *ds, const uint8_t *p, size_t n, uint16_t id,

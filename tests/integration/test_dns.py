@@ -1474,7 +1474,7 @@ def test_question_of_class_any_for_a_redirected_name_is_answered_by_the_rule(dns
 
 def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
     """Regression: a UDP client that sent its query again while capd's upstream query for
-    it was still out (a stub resolver after 1-2 s, dig after 5 s: the same address and port,
+    it was still out (glibc's stub resolver after its timeout: the same address and port,
     id and question) had it forwarded a second time, and got two answers. As dnsmasq and
     unbound, the repeat joins the query in flight: one upstream query, one answer, and the
     capture holds both of the client's queries in its one session. The same bytes from
