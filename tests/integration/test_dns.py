@@ -1517,13 +1517,12 @@ def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
         assert "the client asked 1 more time meanwhile, not forwarded again" in ss[1]["reason"], ss[1]
         args = ("-d", f"udp.port=={port},dns", "-Y", "dns.id == 0x4242", "-T", "fields",
                 "-e", "dns.flags.response", "-e", "udp.srcport", "-e", "udp.dstport")
-        pcap, out = pcap_wait(c, args, lambda out: out.count("\n") >= 5)
+        _, out = pcap_wait(c, args, lambda out: out.count("\n") >= 5)
         rows = [line.split("\t") for line in out.splitlines()]
         queries = [row for row in rows if row[0] in ("0", "False")]
         answers = [row for row in rows if row[0] in ("1", "True")]
         assert len(queries) == 3 and len(answers) == 2, rows  # all the client sent, all capd sent back
         assert sorted(row[2] for row in answers) == sorted({row[1] for row in queries}), rows
-        check_pcap_clean(pcap)
     finally:
         up.close()
 
