@@ -303,16 +303,18 @@ http_route_request(struct session *s, const uint8_t *p, size_t n, struct http_ta
 }
 
 /* The session's note: its first request line, the target cut at
- * HTTP_NOTE_MAX bytes, and the proxy user. A target's bytes past ASCII
- * (raw UTF-8 from curl, or Latin-1) are written %XX, as a browser sends
- * them: the note goes into JSON, which takes valid UTF-8 only. */
+ * HTTP_NOTE_MAX bytes, and the proxy user, in front of TLS's part (a
+ * client's end of TLS read with its request is noted before it). A
+ * target's bytes past ASCII (raw UTF-8 from curl, or Latin-1) are written
+ * %XX, as a browser sends them: the note goes into JSON, which takes valid
+ * UTF-8 only. */
 static void
 http_note(struct session *s, const struct http_msg *m, const struct http_target *t)
 {
 	size_t n = m->target_len < HTTP_NOTE_MAX ? m->target_len : HTTP_NOTE_MAX;
 	struct buf b = { 0 };
 
-	if (s->note)
+	if (session_note_has_proto(s))
 		return;
 	buf_append(&b, m->method, m->method_len);
 	buf_append(&b, " ", 1);
@@ -326,7 +328,8 @@ http_note(struct session *s, const struct http_msg *m, const struct http_target 
 	}
 	if (t->user)
 		buf_printf(&b, " user=%s", t->user);
-	s->note = xstrndup((const char *)buf_head(&b), buf_used(&b));
+	buf_append(&b, "", 1);
+	session_note_proto(s, (const char *)buf_head(&b));
 	buf_free(&b);
 }
 

@@ -1179,6 +1179,37 @@ session_rec_json(const struct session_rec *r, enum session_state state, const ch
 	return o;
 }
 
+/* The TLS part of s's note, or NULL. */
+static const char *
+session_note_tls(const struct session *s)
+{
+	if (s->note_tls == 0 || s->note == NULL || s->note_tls - 1 > strlen(s->note))
+		return NULL;
+	return s->note + s->note_tls - 1;
+}
+
+bool
+session_note_has_proto(const struct session *s)
+{
+	return s->note != NULL && session_note_tls(s) != s->note;
+}
+
+void
+session_note_proto(struct session *s, const char *text)
+{
+	const char *tls = session_note_tls(s);
+	char *n;
+
+	if (tls == NULL) {
+		n = xstrdup(text);
+	} else {
+		n = xasprintf("%s; %s", text, tls);
+		s->note_tls = strlen(text) + 3;  /* 1 + where the TLS part starts now */
+	}
+	free(s->note);
+	s->note = n;
+}
+
 json_t *
 session_json(struct session *s)
 {
@@ -1281,9 +1312,7 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 
 	/* an intercepted session's TLS version, SNI and ALPN: the one line a log
 	 * reader has, and a forwarder's target there is only an address */
-	const char *tls_note = NULL;
-	if (s->note_tls && s->note && s->note_tls - 1 <= strlen(s->note))
-		tls_note = s->note + s->note_tls - 1;
+	const char *tls_note = session_note_tls(s);
 	if (log_get_level() >= LOG_LVL_INFO)
 		log_info("session %llu %s/%s %s -> %s up=%s down=%s %s%s%s%s", (unsigned long long)s->id,
 		         inst->proto->name,

@@ -174,6 +174,17 @@ void session_opened(struct session *s);
 /* Runs fn(s, arg) as the shard that owns session id would (shard_call); -1 when no open session has that id. */
 int session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *arg);
 
+/*
+ * A note is the protocol's part (a SOCKS request, an HTTP session's first
+ * request line) and then TLS interception's, from note_tls on, joined by
+ * "; ". The protocol's part can come second: a TLS client's first read may
+ * bring its request and the end of its TLS, which TLS notes at once.
+ */
+/* Whether s's note has the protocol's part. */
+bool session_note_has_proto(const struct session *s);
+/* text (copied) becomes the protocol's part of s's note, in front of the TLS part. */
+void session_note_proto(struct session *s, const char *text);
+
 json_t *session_json(struct session *s);  /* caller owns */
 /* Open sessions then the closed history, newest last; instance may be NULL. */
 json_t *session_list_json(const char *instance, bool open_only);

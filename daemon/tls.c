@@ -152,6 +152,7 @@ struct tls_session {
 	const char *connect_host;   /* tls_hello_first: connect here once the hello is in (the instance's) */
 	uint16_t connect_port;
 	const char *pass;           /* TLS_ST_PASS: why the bytes pass untouched (static text) */
+	bool summed_up;             /* the note has its version, SNI and ALPN (tls_session_summary) */
 	void (*hs_rcb)(struct ev_loop *, ev_io *, int);  /* the session's handshake callbacks, restored after */
 	void (*hs_wcb)(struct ev_loop *, ev_io *, int);
 };
@@ -176,6 +177,7 @@ static unsigned long tls_keylog_lost;  /* lines that could not be written since 
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void tls_session_note(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tls_session_summary(struct tls_session *ts, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void tls_client_step(struct tls_session *ts);
 static void tls_upstream_begin(struct tls_session *ts);
 static void tls_connect(struct tls_session *ts);
@@ -1332,10 +1334,10 @@ tls_note_client(struct tls_session *ts)
 	const unsigned char *a;
 	unsigned alen;
 
-	if (!ts->accept_only || ts->s->client.tls == NULL || ts->c.ssl == NULL || ts->s->note_tls != 0)
+	if (!ts->accept_only || ts->s->client.tls == NULL || ts->c.ssl == NULL || ts->summed_up)
 		return;
 	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
-	tls_session_note(ts->s, "tls %s sni=%s%s%.*s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	tls_session_summary(ts, "tls %s sni=%s%s%.*s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a);
 }
 
@@ -1390,6 +1392,33 @@ tls_session_free(struct session *s)
 	free(ts);
 }
 
+/* n (taken) joins the TLS part of s's note (session.h): at its end, or
+ * at its start (first) */
+static void
+tls_note_add(struct session *s, char *n, bool first)
+{
+	char *both;
+
+	if (s->note == NULL) {
+		s->note_tls = 1;
+		s->note = n;
+		return;
+	}
+	if (s->note_tls == 0 || s->note_tls - 1 > strlen(s->note)) {
+		s->note_tls = 1 + strlen(s->note) + 2;
+		first = false;
+	}
+	if (first) {
+		int at = (int)(s->note_tls - 1);
+		both = xasprintf("%.*s%s; %s", at, s->note, n, s->note + at);
+	} else {
+		both = xasprintf("%s; %s", s->note, n);
+	}
+	free(n);
+	free(s->note);
+	s->note = both;
+}
+
 static void
 tls_session_note(struct session *s, const char *fmt, ...)
 {
@@ -1400,17 +1429,26 @@ tls_session_note(struct session *s, const char *fmt, ...)
 	if (vasprintf(&n, fmt, ap) < 0)
 		n = NULL;
 	va_end(ap);
+	if (n != NULL)
+		tls_note_add(s, n, false);
+}
+
+/* The TLS part's opening: version, SNI, ALPN. A client whose first read
+ * brought the end of its TLS has that noted already: it goes after. */
+static void
+tls_session_summary(struct tls_session *ts, const char *fmt, ...)
+{
+	va_list ap;
+	char *n;
+
+	va_start(ap, fmt);
+	if (vasprintf(&n, fmt, ap) < 0)
+		n = NULL;
+	va_end(ap);
 	if (n == NULL)
 		return;
-	if (s->note_tls == 0)
-		s->note_tls = 1 + (s->note ? strlen(s->note) + 2 : 0);
-	if (s->note) {
-		char *both = xasprintf("%s; %s", s->note, n);
-		free(n);
-		n = both;
-	}
-	free(s->note);
-	s->note = n;
+	tls_note_add(ts->s, n, true);
+	ts->summed_up = true;
 }
 
 /* Closes with why; s is gone for the caller. */
@@ -1910,7 +1948,7 @@ tls_done(struct tls_session *ts)
 	/* a resumed session keeps the identity its handshake presented */
 	bool sent = ts->ident && (ts->ident_sent || (SSL_session_reused(ts->u.ssl) && ts->resume_ident_sent));
 	const char *cc = sent ? strrchr(ts->ident->path, '/') : NULL;
-	tls_session_note(s, "tls %s sni=%s%s%.*s%s%s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
+	tls_session_summary(ts, "tls %s sni=%s%s%.*s%s%s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
 	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
 	                 other ? " upstream=" : "", other ? SSL_get_version(ts->u.ssl) : "",
 	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",

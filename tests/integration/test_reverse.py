@@ -2,6 +2,7 @@
 recording origin of test_http), with keep-alive, bodies and capture."""
 
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port, wait_port
+from conftest import sigstop, CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port, wait_port
 from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
 
 
@@ -1470,3 +1471,50 @@ def test_capctl_add_reverse_route_with_a_path(capd, origins):
     bad = capd.ctl("add", "reverse", "--port", free_port(), "--route", f"site.test/api/=127.0.0.1:{a.port}",
                    "--route", f"site.test/api/=127.0.0.1:{b.port}", check=False)
     assert bad.returncode == 1 and "two routes for 'site.test/api/' go to different upstreams" in bad.stderr, bad
+
+
+def tls_client_ends_without_close_notify(capd, port, name, request=b""):
+    """A TLS connection to capd that sends request and then a FIN without close_notify;
+    capd is stopped meanwhile, so that its first read after the handshake takes both.
+    Returns what came back, read to the end."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=name) as t:
+        sigstop(capd.proc)
+        try:
+            if request:
+                t.sendall(request)
+            socket.socket.shutdown(t, socket.SHUT_WR)  # the socket's FIN, with no close_notify before it
+        finally:
+            capd.proc.send_signal(signal.SIGCONT)
+        got = b""
+        try:
+            while d := t.recv(65536):
+                got += d
+        except (ssl.SSLError, OSError):
+            pass  # capd passes the missing close_notify on: a bare FIN
+        return got
+
+
+def test_reverse_tls_request_line_noted_before_the_tls_part(capd, tls_reverse):
+    """Regression: a TLS client whose request came in the same read as its FIN without
+    close_notify (a Python client, capd held up) left the session's note as "client ended
+    without close_notify; tls TLSv1.3 sni=...": TLS noted the end first and the request
+    line was never added. A note is the request line, then the TLS part, whose version,
+    SNI and ALPN come before how it ended, here and on the close line; a connection that
+    ended before any request has the version and SNI too (it had the end alone)."""
+    get, test_tls = tls_reverse
+    req = f"GET /index.html HTTP/1.1\r\nHost: {test_tls.NAME}\r\nConnection: close\r\n\r\n".encode()
+    got = tls_client_ends_without_close_notify(capd, get.port, test_tls.NAME, req)
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(test_tls.BODY), got[:300]
+    tls_client_ends_without_close_notify(capd, get.port, test_tls.NAME)
+    ss = closed(capd, 2)[-2:]
+    tls_part = f"tls TLSv1.3 sni={test_tls.NAME}"
+    end = "; client ended without close_notify"
+    assert ss[0]["note"].startswith(f"GET /index.html; {tls_part}") and ss[0]["note"].endswith(end), ss
+    assert ss[1]["note"] == tls_part + end, ss
+    log = capd.log()
+    for s in ss:
+        line = next(x for x in log.splitlines() if f"session {s['id']} reverse/r " in x)
+        assert line.endswith(f"[{s['note'][s['note'].index('tls '):]}]"), line
