@@ -29,6 +29,7 @@ struct resolve_req {
 	ev_timer later;    /* answers found at once go out on the next loop pass, never re-entrantly */
 	struct ev_loop *loop; /* the asking thread's: a cancel may come from another (udp-relay) */
 	int starting;      /* inside resolve_start: c-ares may answer synchronously from /etc/hosts */
+	bool sorted;       /* resolve_start_sorted: getaddrinfo's order, not IPv4 first */
 	int err;
 	const char *why;
 	int n;
@@ -171,10 +172,12 @@ resolve_ares_cb(void *arg, int status, int timeouts, struct ares_addrinfo *res)
 	(void)timeouts;
 	r->n = 0;
 	if (status == ARES_SUCCESS && res) {
-		/* IPv4 first: lab servers mostly listen there, and a v6 miss costs a full connect */
-		for (int pass = 0; pass < 2; pass++)
+		/* c-ares sorts them as getaddrinfo does (RFC 6724: ::1 before
+		 * 127.0.0.1); for a connect, which tries each in turn, IPv4 first:
+		 * lab servers mostly listen there, and a v6 miss costs a full connect */
+		for (int pass = 0; pass < (r->sorted ? 1 : 2); pass++)
 			for (struct ares_addrinfo_node *ai = res->nodes; ai && r->n < RESOLVE_MAX; ai = ai->ai_next) {
-				if ((pass == 0) != (ai->ai_family == AF_INET))
+				if (!r->sorted && (pass == 0) != (ai->ai_family == AF_INET))
 					continue;
 				if (ai->ai_addrlen > sizeof r->addrs[0])
 					continue;
@@ -320,8 +323,8 @@ resolve_localhost(struct resolve_req *r, const char *host, uint16_t port)
 	free(name);
 }
 
-struct resolve_req *
-resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
+static struct resolve_req *
+resolve_begin(const char *host, uint16_t port, bool sorted, resolve_cb cb, void *arg)
 {
 	struct resolve_req *r = xcalloc(1, sizeof *r);
 	struct ares_addrinfo_hints hints;
@@ -330,6 +333,7 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 
 	r->cb = cb;
 	r->arg = arg;
+	r->sorted = sorted;
 	r->loop = capd_loop;
 	ev_timer_init(&r->later, resolve_later_cb, 0., 0.);
 	r->later.data = r;
@@ -356,6 +360,18 @@ resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
 	r->starting = 0;
 	resolve_arm_timer();
 	return r;
+}
+
+struct resolve_req *
+resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg)
+{
+	return resolve_begin(host, port, false, cb, arg);
+}
+
+struct resolve_req *
+resolve_start_sorted(const char *host, uint16_t port, resolve_cb cb, void *arg)
+{
+	return resolve_begin(host, port, true, cb, arg);
 }
 
 void

@@ -18,8 +18,12 @@ typedef void (*resolve_cb)(void *arg, int err, const char *why, const struct soc
 
 int resolve_init(char **why);
 void resolve_shutdown(void);
-/* Calls cb once, possibly later; literals answer at once. */
+/* Calls cb once, possibly later; literals answer at once. The IPv4
+ * addresses come first, for a connect that tries each in turn. */
 struct resolve_req *resolve_start(const char *host, uint16_t port, resolve_cb cb, void *arg);
+/* The same in getaddrinfo's order (RFC 6724: ::1 before 127.0.0.1), for a
+ * datagram, which goes to the first address alone. */
+struct resolve_req *resolve_start_sorted(const char *host, uint16_t port, resolve_cb cb, void *arg);
 /* The callback will not be called. */
 void resolve_cancel(struct resolve_req *r);
 /*

@@ -672,8 +672,10 @@ udp_send_host(struct udp_assoc *a, const char *host, uint16_t port, const uint8_
 		return;
 	}
 	udp_resolving_queue(a, rs, port, p, n);
+	/* a datagram cannot try each address as a connect does: it goes to
+	 * the one getaddrinfo gives first, as dig's and every other program's */
 	if (rs->rq == NULL)
-		rs->rq = resolve_start(host, port, udp_resolved_cb, rs);
+		rs->rq = resolve_start_sorted(host, port, udp_resolved_cb, rs);
 }
 
 /* The destination address of a datagram received with its pktinfo, in *out; NULL without one. */

@@ -457,3 +457,32 @@ def test_forward_udp_burst_from_many_clients_while_capd_is_busy(capd, udp_echo):
     assert (len(ss), got) == (200, 1000), f"{1000 - got} of 1000 datagrams lost, {len(ss)} clients seen"
     for u in clients:
         u.close()
+
+
+# A UDP echo server on ADDR PORT (argv), IPv4 or IPv6, for a namespace the test process is not in.
+NS_UDP_ECHO_ANY = NS_UDP_ECHO.replace("socket.AF_INET,", "socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,")
+
+
+def test_forward_udp_to_a_name_sends_to_getaddrinfos_first_address(netns, ns_etc, ns_python, ns_capd):
+    """Regression: a forward with udp = yes whose `to` names a host with an IPv6 and an
+    IPv4 address (::1 and 127.0.0.1 in the hosts file) sent its datagrams to 127.0.0.1,
+    where getaddrinfo, and so dig, put ::1 first (RFC 6724): a UDP server bound to ::1
+    alone never got them, and the client timed out. capd's resolver put IPv4 first for
+    every caller, which suits a TCP connect that tries each address in turn, but a
+    datagram goes to one address: it now goes to getaddrinfo's first."""
+    with open(f"{ns_etc}/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\n127.0.0.1 dual.test\n::1 dual.test\n")
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")  # the name is in the hosts file: no query is needed
+    tport, port = 61000 + os.getpid() % 2000, 63000 + os.getpid() % 2000
+    first = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c",
+                            "import socket; print(socket.getaddrinfo('dual.test', 53, type=socket.SOCK_DGRAM)[0][4][0])"],
+                           capture_output=True, text=True, timeout=30)
+    assert first.stdout.strip() == "::1", first  # what every getaddrinfo program sends to
+    ns_python(netns, NS_UDP_ECHO_ANY, "::1", tport)
+    c = ns_capd(netns, f"[forward f]\nlisten = 127.0.0.1:{port}\nudp = yes\nto = dual.test:{tport}\n")
+    r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UDP_CLIENTS, str(port),
+                        "127.0.0.1"], capture_output=True, text=True, timeout=30)
+    assert r.stdout.split() == ["127.0.0.1", "echo:to_127.0.0.1"], (r.stdout, r.stderr, c.log()[-2000:])
+    s = c.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))[0]
+    assert (s["target"], s.get("target_name")) == (f"[::1]:{tport}", f"dual.test:{tport}"), s
