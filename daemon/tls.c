@@ -1338,7 +1338,7 @@ tls_note_client(struct tls_session *ts)
 		return;
 	SSL_get0_alpn_selected(ts->c.ssl, &a, &alen);
 	tls_session_summary(ts, "tls %s sni=%s%s%.*s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
-	                 alen ? " alpn=" : "", (int)alen, (const char *)a);
+	                    alen ? " alpn=" : "", (int)alen, (const char *)a);
 }
 
 void
@@ -1948,15 +1948,15 @@ tls_done(struct tls_session *ts)
 	/* a resumed session keeps the identity its handshake presented */
 	bool sent = ts->ident && (ts->ident_sent || (SSL_session_reused(ts->u.ssl) && ts->resume_ident_sent));
 	const char *cc = sent ? strrchr(ts->ident->path, '/') : NULL;
-	tls_session_summary(ts, "tls %s sni=%s%s%.*s%s%s%s%s%s%s", SSL_get_version(ts->c.ssl), ts->sni[0] ? ts->sni : "-",
-	                 alen ? " alpn=" : "", (int)alen, (const char *)a,
-	                 other ? " upstream=" : "", other ? SSL_get_version(ts->u.ssl) : "",
-	                 SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
-	                 sent ? " client-cert=" : "", sent ? (cc ? cc + 1 : ts->ident->path) : "",
-	                 ts->cert_asked ? "; the server asked for a client certificate, capd sent none" :
-	                 SSL_session_reused(ts->u.ssl) && ts->resume_cert_asked ?
-	                 "; the server asked for a client certificate in the handshake this one resumes, "
-	                 "capd sent none" : "");
+	tls_session_summary(ts, "tls %s sni=%s%s%.*s%s%s%s%s%s%s", SSL_get_version(ts->c.ssl),
+	                    ts->sni[0] ? ts->sni : "-", alen ? " alpn=" : "", (int)alen, (const char *)a,
+	                    other ? " upstream=" : "", other ? SSL_get_version(ts->u.ssl) : "",
+	                    SSL_session_reused(ts->u.ssl) ? " upstream-resumed" : "",
+	                    sent ? " client-cert=" : "", sent ? (cc ? cc + 1 : ts->ident->path) : "",
+	                    ts->cert_asked ? "; the server asked for a client certificate, capd sent none" :
+	                    SSL_session_reused(ts->u.ssl) && ts->resume_cert_asked ?
+	                    "; the server asked for a client certificate in the handshake this one resumes, "
+	                    "capd sent none" : "");
 	tls_stop_watchers(s);
 	/* idle tunnels should hold no OpenSSL buffers (it refuses while bytes wait) */
 	SSL_free_buffers(ts->c.ssl);
