@@ -281,11 +281,13 @@ resolve_add(struct resolve_req *r, int family, const void *addr, uint16_t port)
 	r->n++;
 }
 
-/* The hosts file's addresses for name, IPv4 first, added to r's: the file alone, never the DNS. */
+/* The hosts file's addresses for name, added to r's: the file alone, never the
+ * DNS. IPv4 first, or for resolve_start_sorted IPv6 first, as getaddrinfo's
+ * RFC 6724 order puts ::1 before 127.0.0.1. */
 static void
 resolve_hosts_file(struct resolve_req *r, const char *name, uint16_t port)
 {
-	static const int families[] = { AF_INET, AF_INET6 };
+	const int families[] = { r->sorted ? AF_INET6 : AF_INET, r->sorted ? AF_INET : AF_INET6 };
 
 	for (size_t i = 0; i < sizeof families / sizeof families[0]; i++) {
 		struct hostent *he = NULL;
@@ -317,8 +319,11 @@ resolve_localhost(struct resolve_req *r, const char *host, uint16_t port)
 		resolve_hosts_file(r, "localhost", port);
 	if (r->n == 0) {
 		struct in_addr lo4 = { .s_addr = htonl(INADDR_LOOPBACK) };
+		if (r->sorted)
+			resolve_add(r, AF_INET6, &in6addr_loopback, port);
 		resolve_add(r, AF_INET, &lo4, port);
-		resolve_add(r, AF_INET6, &in6addr_loopback, port);
+		if (!r->sorted)
+			resolve_add(r, AF_INET6, &in6addr_loopback, port);
 	}
 	free(name);
 }

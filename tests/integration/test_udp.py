@@ -471,7 +471,7 @@ def test_forward_udp_to_a_name_sends_to_getaddrinfos_first_address(netns, ns_etc
     every caller, which suits a TCP connect that tries each address in turn, but a
     datagram goes to one address: it now goes to getaddrinfo's first."""
     with open(f"{ns_etc}/hosts", "w") as f:
-        f.write("127.0.0.1 localhost\n127.0.0.1 dual.test\n::1 dual.test\n")
+        f.write("127.0.0.1 localhost\n::1 localhost\n127.0.0.1 dual.test\n::1 dual.test\n")
     with open(f"{ns_etc}/resolv.conf", "w") as f:
         f.write("nameserver 127.0.0.1\n")  # the name is in the hosts file: no query is needed
     tport, port = 61000 + os.getpid() % 2000, 63000 + os.getpid() % 2000
@@ -480,9 +480,14 @@ def test_forward_udp_to_a_name_sends_to_getaddrinfos_first_address(netns, ns_etc
                            capture_output=True, text=True, timeout=30)
     assert first.stdout.strip() == "::1", first  # what every getaddrinfo program sends to
     ns_python(netns, NS_UDP_ECHO_ANY, "::1", tport)
-    c = ns_capd(netns, f"[forward f]\nlisten = 127.0.0.1:{port}\nudp = yes\nto = dual.test:{tport}\n")
-    r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UDP_CLIENTS, str(port),
-                        "127.0.0.1"], capture_output=True, text=True, timeout=30)
-    assert r.stdout.split() == ["127.0.0.1", "echo:to_127.0.0.1"], (r.stdout, r.stderr, c.log()[-2000:])
-    s = c.wait_sessions(lambda ss: any(s["proto"] == "udp" for s in ss))[0]
-    assert (s["target"], s.get("target_name")) == (f"[::1]:{tport}", f"dual.test:{tport}"), s
+    # localhost is answered from the hosts file without c-ares (RFC 6761): the same order
+    c = ns_capd(netns, f"[forward f]\nlisten = 127.0.0.1:{port}\nudp = yes\nto = dual.test:{tport}\n"
+                       f"[forward l]\nlisten = 127.0.0.1:{port + 1}\nudp = yes\nto = localhost:{tport}\n")
+    for p, name in ((port, "dual.test"), (port + 1, "localhost")):
+        r = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/python3", "-c", NS_UDP_CLIENTS, str(p),
+                            "127.0.0.1"], capture_output=True, text=True, timeout=30)
+        assert r.stdout.split() == ["127.0.0.1", "echo:to_127.0.0.1"], (name, r.stdout, r.stderr, c.log()[-2000:])
+        s = c.wait_sessions(lambda ss: any(s["proto"] == "udp" and s.get("target_name") == f"{name}:{tport}"
+                                           for s in ss))
+        s = [x for x in s if x.get("target_name") == f"{name}:{tport}"][0]
+        assert s["target"] == f"[::1]:{tport}", s
