@@ -87,6 +87,10 @@ struct http_conn {
 
 /* Parse results live here only for the length of one callback. */
 static _Thread_local struct http_msg http_msg;  /* per loop thread (shard.h) */
+/* The session whose client connection http_handoff moves, while its
+ * session_new runs: the new session's accepted takes the client's TLS from
+ * it instead of starting a handshake. */
+static _Thread_local struct session *http_moving;
 
 static const struct relay_filter http_filter;
 
@@ -746,7 +750,10 @@ http_proxy_accepted(struct session *s)
 	s->proto = "http";
 	if (cfg->head_timeout > 0)
 		session_set_deadline(s, cfg->head_timeout);
-	if (cfg->reverse)
+	if (http_moving != NULL) {
+		hc->continued = true;  /* no HTTP/2 preface there */
+		tls_client_move(http_moving, s);  /* its TLS, already up (nothing for a plain client) */
+	} else if (cfg->reverse)
 		tls_accept_start(s, cfg->tls);  /* nothing unless tls = yes|auto */
 }
 
@@ -787,7 +794,9 @@ http_client_end_reason(struct session *s)
 /* The client socket, with bytes already read from it, goes on in a new
  * session; the old one closes with reason (NULL: it closed or reset),
  * saying where the client went (then: "request sent again", "client
- * continues"). A reply still queued for the client goes out first. */
+ * continues"). A reply still queued for the client goes out first. A TLS
+ * client's TLS goes along (tls_client_move): the new session is made here,
+ * on this loop thread, which alone uses the SSL object. */
 static void
 http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, const char *then)
 {
@@ -798,9 +807,9 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, 
 	ev_io_stop(capd_loop, &s->client.rio);
 	ev_io_stop(capd_loop, &s->client.wio);
 	s->client.fd = -1;
+	http_moving = s;
 	ns = session_new(s->inst, fd, (struct sockaddr *)&s->client_addr);
-	if (ns->proto_state != NULL)
-		((struct http_conn *)ns->proto_state)->continued = true;  /* no HTTP/2 preface there */
+	http_moving = NULL;
 	if (s->chain != NULL && ns->chain == NULL) {
 		/* the same client connection: it came through the same instances (chain.h) */
 		ns->chain = xmalloc(sizeof *ns->chain);
@@ -819,6 +828,11 @@ http_handoff(struct session *s, const uint8_t *p, size_t n, const char *reason, 
 	http_close(s, why);
 	if (n > 0 && ns->state == SESSION_HANDSHAKE)
 		ns->inst->proto->input(ns);
+	/* plaintext (or a close_notify) already inside the client's TLS wakes no
+	 * watcher of the socket: read it now, as after the handshake */
+	if (ns->state == SESSION_HANDSHAKE && ns->client.tls != NULL && ev_is_active(&ns->client.rio) &&
+	    tls_side_pending(ns->client.tls))
+		ev_feed_event(capd_loop, &ns->client.rio, EV_READ);
 }
 
 static void http_client_keep(struct session *s, const struct http_msg *m);
@@ -828,9 +842,9 @@ static void http_client_keep(struct session *s, const struct http_msg *m);
  * the request again with credentials on it (curl --proxy-anyauth, browsers,
  * Java). The connection goes on in a new session, with what came after the
  * request; this one closes with the 407 as its reason. Only when the
- * request's body came whole (or it has none), the client keeps its
- * connection (HTTP/1.1, or 1.0 with keep-alive) and it is not TLS (which
- * cannot move); false, with nothing done, otherwise.
+ * request's body came whole (or it has none) and the client keeps its
+ * connection (HTTP/1.1, or 1.0 with keep-alive); false, with nothing done,
+ * otherwise.
  */
 static bool
 http_refuse_keep(struct session *s, const char *why)
@@ -843,7 +857,7 @@ http_refuse_keep(struct session *s, const char *why)
 	struct buf b = { 0 }, lines = { 0 };
 	char *reason;
 
-	if (s->client.tls != NULL || s->client_eof)
+	if (s->client_eof)
 		return false;
 	http_body_init(&body, m->framing, m->length);
 	if (!http_body_done(&body) && http_body_scan(&body, rest, n, &used) != PARSE_OK)
@@ -1168,17 +1182,11 @@ http_idempotent(const struct http_msg *m)
  * idle timeout fired as the request came). As nginx does, a request that
  * may go twice, none of whose body went up, goes once more in a new
  * session on a new connection, with what the client sent after it; the
- * capture shows both attempts (reset: the upstream's end was a reset).
- * A TLS client connection cannot move: it ends as the origin's did, with
- * no answer (close_notify, FIN), which a client retries on a new
- * connection as it would a direct one's (RFC 9112 9.3.1.1; curl:
- * "Connection died, retrying a fresh connect"), instead of a 502.
- * HTTP_RETRY_NO when it may not (the caller answers 502); HTTP_RETRY_SENT
- * when it went (this session is closed); HTTP_RETRY_CLIENT when the client
- * connection ends (as after http_end_late). */
-enum http_retry { HTTP_RETRY_NO, HTTP_RETRY_SENT, HTTP_RETRY_CLIENT };
-
-static enum http_retry
+ * capture shows both attempts (reset: the upstream's end was a reset); a
+ * TLS client connection moves with its TLS (tls_client_move). true when
+ * it went (this session is closed); false when it may not (the caller
+ * answers 502). */
+static bool
 http_retry(struct session *s, const char *why, bool reset)
 {
 	struct http_conn *hc = s->proto_state;
@@ -1186,22 +1194,15 @@ http_retry(struct session *s, const char *why, bool reset)
 	size_t n;
 
 	if (!hc->can_retry || hc->fail != NULL)
-		return HTTP_RETRY_NO;
+		return false;
 	n = relay_held(s, DIR_UP, &p);
-	if (s->client.tls == NULL && buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
-		return HTTP_RETRY_NO;
+	if (buf_used(&hc->retry) + n > HTTP_PROXY_HS_MAX)
+		return false;
 	if (reset)
 		s->upstream_reset = true;  /* the capture's flow ends with the RST */
-	if (s->client.tls != NULL) {
-		char *reason = xasprintf("%s (client connection closed for its retry)", why);
-
-		http_end_late(s, reason);
-		free(reason);
-		return HTTP_RETRY_CLIENT;
-	}
 	buf_append(&hc->retry, p, n);
 	http_handoff(s, buf_head(&hc->retry), buf_used(&hc->retry), why, "request sent again");
-	return HTTP_RETRY_SENT;
+	return true;
 }
 
 /* Both halves of an exchange are done: the next request may come. */
@@ -1273,7 +1274,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	if (rv == PARSE_MORE)
 		return RELAY_MORE;
 	hc->req_head = http_method_is(m, "HEAD");  /* the previous exchange is done: this one's refusal */
-	if (rv == PARSE_ERR && status == 407 && s->client.tls == NULL) {
+	if (rv == PARSE_ERR && status == 407) {
 		/* a new session answers it as a first request, keeping the connection (http_refuse_keep) */
 		http_handoff(s, p, n, NULL, "client continues");
 		return RELAY_STOP;
@@ -1304,21 +1305,6 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 			s->upstream_reset = true;
 	}
 	if (t.connect || hc->upstream_gone || t.port != hc->port || strcasecmp(t.host, hc->host) != 0) {
-		if (s->client.tls && http_idempotent(m)) {
-			/* a TLS client connection cannot move to another session: as
-			 * in the keep-alive race (http_retry) it ends unanswered and the
-			 * client sends the request again on a new connection, which
-			 * routes it anew (a reload changed its route, say) */
-			http_end_late(s, hc->upstream_gone ? "upstream closed (client connection closed for its retry)"
-			                                   : "the request routes to another upstream (client connection "
-			                                     "closed for its retry)");
-			return RELAY_END;
-		}
-		if (s->client.tls) {
-			/* one that may not go twice is told to use a new connection (RFC 9110 15.5.20) */
-			http_fail_late(s, 421, "this connection is bound to another upstream; use a new one");
-			return RELAY_END;
-		}
 		http_handoff(s, p, n, NULL, "client continues");
 		return RELAY_STOP;
 	}
@@ -1342,7 +1328,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 	 * (http_retry), so its head is kept until its answer or body starts */
 	hc->can_retry = hc->exchanges > 0 && http_idempotent(m);
 	buf_reset(&hc->retry);
-	if (hc->can_retry && s->client.tls == NULL)  /* a TLS client sends it again itself */
+	if (hc->can_retry)
 		buf_append(&hc->retry, p, m->head_len);
 	/* a request without a body ends with its head: hold the client now, as
 	 * http_body does at a body's end, instead of reading it for a next request
@@ -1423,8 +1409,6 @@ http_down_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		hc->client_keep = false;
 	hc->upstream_keep = m->framing != HTTP_BODY_CLOSE && !m->conn_close &&
 	                    (m->minor == 1 || m->conn_keepalive) && hc->req_minor == 1;
-	if (!hc->upstream_keep && s->client.tls)
-		hc->client_keep = false;  /* its next request would need a new session */
 	http_body_init(&hc->down_body, m->framing, m->length);
 	hc->down_body.lf_ends = true;  /* the framing passes as it came: the client takes what curl does */
 	/* a response that starts before the whole request came (413, 401 to an
@@ -1535,7 +1519,7 @@ http_filter_data(struct session *s, enum dir d, const uint8_t *p, size_t n, size
 	case DOWN_TUNNEL: *used = n; return RELAY_PASS;
 	default:
 		session_data(s, DIR_DOWN, p, n);  /* captured, never sent */
-		if (hc->client_keep && s->client.tls == NULL && !hc->upstream_gone) {
+		if (hc->client_keep && !hc->upstream_gone) {
 			/* an upstream that speaks out of turn is not asked again: as
 			 * after its FIN, the client's next request moves on to a new
 			 * session; its bytes stay unread, this session ends then */
@@ -1588,7 +1572,6 @@ http_filter_eof(struct session *s, enum dir d)
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
-	enum http_retry rt;
 
 	if (d == DIR_UP) {
 		if (hc->up == UP_HEAD && hc->down == DOWN_IDLE) {
@@ -1603,7 +1586,7 @@ http_filter_eof(struct session *s, enum dir d)
 			return RELAY_PASS;
 		/* the origin closed an idle connection: the client's stays, its next
 		 * request moves on to a new session (its FIN is kept from the client) */
-		if (hc->client_keep && s->client.tls == NULL) {
+		if (hc->client_keep) {
 			hc->upstream_gone = true;
 			return RELAY_END;
 		}
@@ -1612,9 +1595,9 @@ http_filter_eof(struct session *s, enum dir d)
 	case DOWN_HEAD:
 		if ((n = relay_held(s, d, &p)) > 0)
 			session_data(s, DIR_DOWN, p, n);  /* the partial head is still worth having */
-		if (n == 0 && (rt = http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response",
-		                               hc->upload_fail != NULL)) != HTTP_RETRY_NO)
-			return rt == HTTP_RETRY_SENT ? RELAY_STOP : RELAY_PASS;
+		if (n == 0 && http_retry(s, hc->upload_fail ? hc->upload_fail : "upstream closed without a response",
+		                         hc->upload_fail != NULL))
+			return RELAY_STOP;
 		if (n == 0 && hc->upload_fail) {  /* the failed send said more than this EOF does */
 			s->upstream_reset = true;
 			http_fail_late(s, 502, hc->upload_fail);
@@ -1648,14 +1631,13 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	struct http_conn *hc = s->proto_state;
 	const uint8_t *p;
 	size_t n;
-	enum http_retry rt;
 
 	if (hc->down == DOWN_IDLE && !sending && hc->fail == NULL) {
 		/* an origin drops an idle kept connection with a reset as well as
 		 * with a FIN (keepalive_timeout, load balancers): as for its FIN
 		 * (http_filter_eof), the client's next request moves on */
 		s->upstream_reset = true;  /* an idle_timeout (or any) close later still shows it */
-		if (hc->client_keep && s->client.tls == NULL)
+		if (hc->client_keep)
 			hc->upstream_gone = true;
 		else
 			session_close(s, why);
@@ -1663,8 +1645,8 @@ http_filter_upstream_failed(struct session *s, const char *why, bool sending)
 	}
 	if (hc->down != DOWN_HEAD || hc->fail)
 		return RELAY_UPFAIL_RESET;
-	if ((rt = http_retry(s, why, true)) != HTTP_RETRY_NO)
-		return rt == HTTP_RETRY_SENT ? RELAY_UPFAIL_GONE : RELAY_UPFAIL_ANSWERED;  /* closed, or ending */
+	if (http_retry(s, why, true))
+		return RELAY_UPFAIL_GONE;  /* closed */
 	/* a server that refuses a body early (413, 401) answers and closes with the
 	 * rest unread: its answer waits to be read, as a direct client would */
 	if (sending) {

@@ -778,7 +778,9 @@ tls_raw_open(struct tls_session *ts)
 		return;
 	ts->raw_open = true;
 	len = sizeof local;
-	if (s->client.fd >= 0 && getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0) {
+	/* a client connection moved here (tls_client_move) brought its leg's flow */
+	if (ts->raw[TLS_LEG_CLIENT] == NULL && s->client.fd >= 0 &&
+	    getsockname(s->client.fd, (struct sockaddr *)&local, &len) == 0) {
 		snprintf(comment, sizeof comment, "%s/%s tls client leg", s->inst->proto->name, s->inst->name);
 		ts->raw[TLS_LEG_CLIENT] = spool_flow_open(s->inst->spool_iface, s->id, IPPROTO_TCP,
 		                                          (struct sockaddr *)&s->client_addr, (struct sockaddr *)&local,
@@ -3133,6 +3135,51 @@ tls_relay_start(struct session *s)
 	ev_timer_start(capd_loop, &ts->timer);
 	ts->timer_due = ev_time() + ev_timer_remaining(capd_loop, &ts->timer);
 	tls_upstream_begin(ts);
+}
+
+/*
+ * The client connection's TLS goes on in another session (http_handoff),
+ * on the same loop thread: the SSL object with all it holds (records read
+ * ahead, plaintext not yet taken, a pending close_notify), the BIO's
+ * leftovers, the handshake's SNI and ALPN, and the ciphertext flow of the
+ * client leg (tls_capture = both), which stays one flow for the one
+ * connection, so the key log still decrypts all of it. from keeps its
+ * upstream side, which ends with it.
+ */
+void
+tls_client_move(struct session *from, struct session *to)
+{
+	struct tls_session *old = from->tls, *ts;
+
+	if (old == NULL || from->client.tls != &old->c || to->tls != NULL)
+		return;
+	tls_raw_open(old);  /* the ciphertext kept so far goes to its flows first */
+	ts = xcalloc(1, sizeof *ts);
+	ts->s = to;
+	ts->cfg = old->cfg;
+	ts->accept_only = true;
+	ts->st = TLS_ST_ACCEPTED;
+	ts->capture = old->capture;
+	memcpy(ts->sni, old->sni, sizeof ts->sni);
+	memcpy(ts->alpn_offer, old->alpn_offer, sizeof ts->alpn_offer);
+	ts->alpn_offer_len = old->alpn_offer_len;
+	memcpy(ts->alpn_sel, old->alpn_sel, sizeof ts->alpn_sel);
+	ts->alpn_sel_len = old->alpn_sel_len;
+	ts->want_rsa = old->want_rsa;
+	ts->hello_version = old->hello_version;
+	ts->raw[TLS_LEG_CLIENT] = old->raw[TLS_LEG_CLIENT];
+	old->raw[TLS_LEG_CLIENT] = NULL;
+	ts->c = old->c;
+	memset(&old->c, 0, sizeof old->c);
+	ts->c.ts = ts;
+	ts->c.sd = &to->client;
+	BIO_set_data(SSL_get_rbio(ts->c.ssl), &ts->c);
+	SSL_set_app_data(ts->c.ssl, ts);
+	ev_init(&ts->timer, tls_timeout_cb);  /* tls_relay_start sets and starts it */
+	ts->timer.data = to;
+	from->client.tls = NULL;
+	to->client.tls = &ts->c;
+	to->tls = ts;
 }
 
 const char *

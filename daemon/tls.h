@@ -96,11 +96,15 @@ void tls_connected(struct session *s, int err);
  * tls_relay_start() instead of relay_start(): TLS toward the upstream (SNI:
  * the client's; hostname check: the route's name, else the SNI), then
  * relay_start() with s->filter as set. Upstream failures close the session
- * with the reason. tls_passthrough does not apply (no upstream to pass to yet),
- * and a client socket with TLS cannot be handed to another session.
+ * with the reason. tls_passthrough does not apply (no upstream to pass to yet).
  */
 void tls_accept_start(struct session *s, struct tls_cfg *cfg);
 void tls_relay_start(struct session *s);
+/* A client socket with TLS that goes on in session to (it took the fd, on
+ * the same loop thread): to's client side speaks that TLS from now on, as
+ * after tls_accept_start's handshake, and from's client side is plain
+ * again (no I/O). Nothing for a client without TLS. */
+void tls_client_move(struct session *from, struct session *to);
 /* The server name the client's TLS asked for (lower case, no trailing dot),
  * or NULL: no TLS toward the client, or no usable SNI in its hello. */
 const char *tls_client_sni(const struct session *s);

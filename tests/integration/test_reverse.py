@@ -872,14 +872,14 @@ class TlsKeptOrigin(Listener):
 
 
 @pytest.mark.parametrize("end", ["fin", "rst"])
-def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_path, end):
+def test_reverse_tls_keep_alive_race_resends_the_request(capd, tmp_path, end):
     """Regression: the keep-alive race (test_reverse_keep_alive_race_resends_the_request)
-    on a `--tls` reverse instance, whose client connection cannot move to a new
-    session, gave curl "502 Bad Gateway: upstream closed without a response".
-    A direct client would have seen its reused connection close with no answer,
-    which it retries (RFC 9112 9.3.1.1; curl: "Connection died, retrying a
-    fresh connect"): capd now ends the client's connection so (close_notify,
-    FIN, no answer), and curl's retry gets the answer from a new connection."""
+    on a `--tls` reverse instance gave curl "502 Bad Gateway: upstream closed
+    without a response"; then, as its client connection could not move to a new
+    session, capd closed it unanswered for curl's retry ("Connection died,
+    retrying a fresh connect"). Issue tlsmove: the connection now moves with its
+    TLS, and capd sends the request again on a new upstream connection itself,
+    as on a plain one: curl sees no retry."""
     import test_tls
     o = TlsKeptOrigin(tmp_path, answers=1, end=end)
     try:
@@ -892,11 +892,11 @@ def test_reverse_tls_keep_alive_race_closes_the_client_for_its_retry(capd, tmp_p
                           f"{url}/r0", f"{url}/r1")
         assert r.returncode == 0, r.stderr
         assert r.stdout == b"conn 1: GET /r0 HTTP/1.1\nconn 2: GET /r1 HTTP/1.1\n", (r.stdout, r.stderr)
-        assert b"retrying a fresh connect" in r.stderr, r.stderr
+        assert b"retrying" not in r.stderr and b"Re-using existing connection" in r.stderr, r.stderr
         assert o.conns == 2
         ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
         why = "upstream reset" if end == "rst" else "upstream closed without a response"
-        assert ss[0]["reason"] == f"{why} (client connection closed for its retry)", ss
+        assert ss[0]["reason"] == f"{why} (request sent again in session {ss[1]['id']})", ss
         assert ss[1]["reason"] == "closed", ss
     finally:
         o.close()
@@ -1058,12 +1058,12 @@ def test_reverse_reload_of_routes_keeps_the_sessions(capd_factory, origins):
     assert curl("-H", "Host: www.example.com", f"http://127.0.0.1:{port}/x").stdout == b"hello from api /x\n"
 
 
-def test_reverse_tls_reload_of_routes_closes_a_kept_client_for_its_retry(capd_factory, tmp_path):
+def test_reverse_tls_reload_of_routes_moves_a_kept_client(capd_factory, tmp_path):
     """Regression: after a reload moved a route, the next GET on a kept `tls` client
     connection got "421 ... this connection is bound to another upstream; use a new
-    one", which curl, Python and Java show as an error. As in the keep-alive race, a
-    request that may go twice now gets no answer: the connection ends (close_notify,
-    FIN) and the client's retry on a new connection reaches the new route."""
+    one", which curl, Python and Java show as an error; then it got no answer and
+    the connection closed for the client's retry. Issue tlsmove: the connection
+    now moves with its TLS to a new session, which sends it to the new route."""
     import test_tls
     (tmp_path / "1").mkdir()
     (tmp_path / "2").mkdir()
@@ -1087,14 +1087,12 @@ def test_reverse_tls_reload_of_routes_closes_a_kept_client_for_its_retry(capd_fa
         assert get(kept, "/a").endswith(b"conn 1: GET /a HTTP/1.1\n")
         capd.write_conf(conf.format(o2.port))
         capd.ctl("reload")
-        assert get(kept, "/b") == b""   # closed unanswered, not a 421
+        assert get(kept, "/b").endswith(b"conn 1: GET /b HTTP/1.1\n")   # not a 421, nor closed
+        assert get(kept, "/c").endswith(b"conn 1: GET /c HTTP/1.1\n")   # and it stays
         kept.close()
-        fresh = connect()
-        assert get(fresh, "/b").endswith(b"conn 1: GET /b HTTP/1.1\n")
-        fresh.close()
         assert (o1.conns, o2.conns) == (1, 1)
         ss = [x for x in closed(capd, 2) if x["instance"] == "r"]
-        assert ss[0]["reason"] == "the request routes to another upstream (client connection closed for its retry)", ss
+        assert ss[0]["reason"] == f"closed (client continues in session {ss[1]['id']})", ss
     finally:
         o1.close()
         o2.close()
@@ -1518,3 +1516,114 @@ def test_reverse_tls_request_line_noted_before_the_tls_part(capd, tls_reverse):
     for s in ss:
         line = next(x for x in log.splitlines() if f"session {s['id']} reverse/r " in x)
         assert line.endswith(f"[{s['note'][s['note'].index('tls '):]}]"), line
+
+
+class TaggedTlsOrigin(TlsKeptOrigin):
+    """A TLS origin (as TlsKeptOrigin's) that names itself in each answer,
+    "TAG conn N: REQUEST LINE body=BODY", reading a Content-Length body."""
+
+    def __init__(self, d, tag):
+        d.mkdir()
+        self.tag = tag
+        super().__init__(d)
+
+    def serve(self, c, n):
+        c.settimeout(10)
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)
+            got = b""
+            while True:
+                while b"\r\n\r\n" not in got:
+                    d = t.recv(65536)
+                    if not d:
+                        return t.close()
+                    got += d
+                head, got = got.split(b"\r\n\r\n", 1)
+                n_body = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")[1:]
+                               if ln.lower().startswith(b"content-length:")), 0)
+                while len(got) < n_body:
+                    d = t.recv(65536)
+                    if not d:
+                        return t.close()
+                    got += d
+                body, got = got[:n_body], got[n_body:]
+                out = b"%s conn %d: %s body=%s\n" % (self.tag, n, head.split(b"\r\n")[0], body)
+                t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
+        except (OSError, ssl.SSLError):
+            c.close()
+
+
+def tls_site(capd, tmp_path, *args):
+    """A `tls` reverse instance r for test_tls.NAME: / to origin www, /api/ to origin
+    api (TaggedTlsOrigin). (port, www, api, the curl arguments that reach it)."""
+    import test_tls
+    www, api = TaggedTlsOrigin(tmp_path / "www", b"www"), TaggedTlsOrigin(tmp_path / "api", b"api")
+    port = free_port()
+    capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"{test_tls.NAME}=127.0.0.1:{www.port}",
+             "--route", f"{test_tls.NAME}/api/=127.0.0.1:{api.port}", "--tls", "--no-tls-verify", *args)
+    return port, www, api, ("-v", "-k", "--http1.1", "--resolve", f"{test_tls.NAME}:{port}:127.0.0.1")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_reverse_tls_kept_connection_moves_to_another_route(capd, tmp_path, method):
+    """Issue tlsmove: on a `tls` reverse instance with path routes, a kept client
+    connection whose next request routed to another upstream could not move to a
+    new session, as a plain one does (the session owned the TLS state): curl's
+    GET of / then /api/b printed "Connection died, retrying a fresh connect", and
+    with -d its POST got "421 ... this connection is bound to another upstream;
+    use a new one". The client's TLS (the SSL object, what it read ahead) now goes
+    with its socket to the new session: both requests are answered on the one
+    connection, each by its own origin, and each session captures its own."""
+    import test_tls
+    port, www, api, args = tls_site(capd, tmp_path)
+    try:
+        url = f"https://{test_tls.NAME}:{port}"
+        body = ("-d", "x=1") if method == "POST" else ()
+        r = test_tls.curl(*args, *body, f"{url}/a", f"{url}/api/b")
+        assert r.returncode == 0, r.stderr
+        b = b"x=1" if body else b""
+        assert r.stdout == (b"www conn 1: %s /a HTTP/1.1 body=%s\napi conn 1: %s /api/b HTTP/1.1 body=%s\n"
+                            % (method.encode(), b, method.encode(), b)), (r.stdout, r.stderr)
+        assert b"retrying" not in r.stderr and b"Re-using existing connection" in r.stderr, r.stderr
+        assert (www.conns, api.conns) == (1, 1)
+        ss = closed(capd, 2)
+        assert ss[0]["reason"] == f"closed (client continues in session {ss[1]['id']})", ss
+        assert ss[1]["reason"] == "closed", ss
+        assert ss[0]["client"] == ss[1]["client"], ss   # one client connection
+        assert [x["target"] for x in ss] == [f"127.0.0.1:{www.port}", f"127.0.0.1:{api.port}"], ss
+        for x in ss:   # the client's TLS shows on both
+            assert f"tls TLSv1.3 sni={test_tls.NAME} alpn=http/1.1" in x["note"], ss
+        capd.flush()
+        _, up, down = follow_session(capd.pcaps()[-1], ss[1]["id"], ss[1])
+        assert up.startswith(f"{method} /api/b HTTP/1.1\r\n".encode()) and b"/a " not in up, up
+        assert down.endswith(b"api conn 1: %s /api/b HTTP/1.1 body=%s\n" % (method.encode(), b)), down
+    finally:
+        www.close()
+        api.close()
+
+
+def test_reverse_tls_moved_connection_keeps_one_client_leg(capd_factory, tmp_path):
+    """Issue tlsmove: with tls_capture = both, the ciphertext of a client connection
+    that moved to a new session stays one flow (the client leg of the session it
+    began in) that holds its handshake, so it decrypts whole from the file's keys:
+    both requests show in it, and each session's upstream leg has its own."""
+    import test_tls
+    from conftest import tshark
+    capd = capd_factory()
+    port, www, api, args = tls_site(capd, tmp_path, "--tls-capture", "both")
+    try:
+        url = f"https://{test_tls.NAME}:{port}"
+        r = test_tls.curl(*args, f"{url}/a", f"{url}/api/b")
+        assert r.returncode == 0 and b"retrying" not in r.stderr, r.stderr
+        closed(capd, 2)
+        pcap = test_tls.pcap_after(capd)
+        t = tshark("-r", pcap, *test_tls.as_tls(port, www.port, api.port), "-Y", "tls && http.request", "-T",
+                   "fields", "-E", "separator=/t", "-e", "tcp.stream", "-e", "http.request.uri")
+        legs = {}
+        for row in t.stdout.splitlines():
+            st, uri = row.split("\t")
+            legs.setdefault(st, []).append(uri)
+        assert sorted(legs.values()) == [["/a"], ["/a", "/api/b"], ["/api/b"]], t.stdout + t.stderr
+    finally:
+        www.close()
+        api.close()
