@@ -30,6 +30,8 @@
  * tls_accept_start()/tls_relay_start() split the same steps for reverse:
  * the client's handshake first (certificate from the SNI), the proxy's own
  * plaintext handshake through it, then the upstream's TLS and the relay.
+ * tls_client_move() hands that client side on to the session its connection
+ * moves to (http_handoff), which then starts at tls_relay_start().
  */
 #include "tls.h"
 
