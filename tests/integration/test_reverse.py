@@ -1627,3 +1627,28 @@ def test_reverse_tls_moved_connection_keeps_one_client_leg(capd_factory, tmp_pat
     finally:
         www.close()
         api.close()
+
+
+def test_reverse_tls_kept_connection_without_sni_moves_to_another_host(capd, tmp_path):
+    """Issue tlsmove: a TLS client that sent no SNI is routed by its Host, and one
+    Host after another on its kept connection (connection coalescing) got 421 for
+    a POST whose Host routed elsewhere. It moves to a new session now, as for a
+    path (test_reverse_tls_kept_connection_moves_to_another_route)."""
+    www, api = TaggedTlsOrigin(tmp_path / "www", b"www"), TaggedTlsOrigin(tmp_path / "api", b"api")
+    try:
+        port = free_port()
+        capd.ctl("add", "reverse", "--port", port, "--name", "r", "--route", f"www.test=127.0.0.1:{www.port}",
+                 "--route", f"api.test=127.0.0.1:{api.port}", "--tls", "--no-tls-verify")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as t:  # no SNI
+            for host in ("www.test", "api.test", "api.test"):
+                t.sendall(f"POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1\r\n\r\nz".encode())
+                _, body = read_response(t)
+                assert body == b"%s conn 1: POST /x HTTP/1.1 body=z\n" % host[:3].encode(), (host, body)
+        ss = closed(capd, 2)
+        assert ss[0]["reason"] == f"closed (client continues in session {ss[1]['id']})", ss
+        assert [x["target"] for x in ss] == [f"127.0.0.1:{www.port}", f"127.0.0.1:{api.port}"], ss
+    finally:
+        www.close()
+        api.close()
