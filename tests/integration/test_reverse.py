@@ -1652,3 +1652,31 @@ def test_reverse_tls_kept_connection_without_sni_moves_to_another_host(capd, tmp
     finally:
         www.close()
         api.close()
+
+
+def test_reverse_tls_pipelined_requests_move_with_their_bodies(capd, tmp_path):
+    """Issue tlsmove: requests pipelined on one TLS connection, each for the other
+    upstream, with bodies larger than the relay's buffer: what capd had read
+    (decrypted, or still inside the client's TLS) moves with the connection,
+    and every request reaches its own origin whole, in order."""
+    import test_tls
+    port, www, api, _ = tls_site(capd, tmp_path)
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        paths = ["/a", "/api/b", "/c", "/api/d"]
+        bodies = [bytes([65 + i]) * 100000 for i in range(len(paths))]
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname=test_tls.NAME) as t:
+            t.sendall(b"".join(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s"
+                               % (p.encode(), test_tls.NAME.encode(), len(b), b) for p, b in zip(paths, bodies)))
+            for i, (p, b) in enumerate(zip(paths, bodies)):
+                _, body = read_response(t)
+                tag = b"api" if p.startswith("/api/") else b"www"
+                assert body == b"%s conn %d: POST %s HTTP/1.1 body=%s\n" % (tag, i // 2 + 1, p.encode(), b), \
+                    (p, body[:80])
+        ss = closed(capd, 4)
+        assert all("(client continues in session" in x["reason"] for x in ss[:3]), ss
+    finally:
+        www.close()
+        api.close()
