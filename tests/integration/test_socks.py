@@ -2245,3 +2245,98 @@ def test_localhost_names_are_loopback_without_a_dns_query(netns, ns_etc, ns_capd
     assert asked == ["last.test"], asked
     targets = {s["target"] for s in c.ctl("sessions", json_out=True)}
     assert {"127.0.0.1:7790", "127.0.0.5:7790", "[::1]:7790"} <= targets, targets
+
+
+# Two nameservers, 127.0.0.1:53 ("1") and 127.0.0.2:53 ("2"): every A question gets
+# 127.0.0.11 from the first and 127.0.0.12 from the second, AAAA none; the first holds
+# its answers to slow.* back 1.5 s. Each query is printed as "SERVER TYPE NAME". An HTTP
+# server on port argv[1] answers with the address it was reached at.
+NS_TWO_RESOLVERS = r"""
+import http.server, socket, sys, threading
+import dns.message, dns.rdatatype, dns.rrset
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.connection.getsockname()[0].removeprefix("::ffff:").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+s = S(("::", int(sys.argv[1])), H)
+threading.Thread(target=s.serve_forever, daemon=True).start()
+lock = threading.Lock()
+def serve(n):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind((f"127.0.0.{n}", 53))
+    while True:
+        data, peer = u.recvfrom(65535)
+        q = dns.message.from_wire(data)
+        name = q.question[0].name.to_text(omit_final_dot=True)
+        with lock:
+            print(n, dns.rdatatype.to_text(q.question[0].rdtype), name, flush=True)
+        r = dns.message.make_response(q)
+        if q.question[0].rdtype == dns.rdatatype.A:
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", f"127.0.0.1{n}"))
+        if n == 1 and name.startswith("slow."):
+            threading.Timer(1.5, u.sendto, (r.to_wire(), peer)).start()
+        else:
+            u.sendto(r.to_wire(), peer)
+for n in (1, 2):
+    threading.Thread(target=serve, args=(n,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_resolv_conf_change_is_followed(netns, ns_etc, ns_capd, ns_python):
+    """Regression: capd read /etc/resolv.conf once, at start, and asked its nameservers for
+    every name until it was restarted, after DHCP, NetworkManager or an analyst had moved the
+    box to other ones (glibc's getaddrinfo notices a changed file at its next call). Now a
+    name resolved a second or more after the last look finds a changed file and goes to its
+    new nameservers; a name asked of the old ones still gets their answer, and their
+    channel is closed once it has."""
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    world = ns_python(netns, NS_TWO_RESOLVERS, 7795)
+    c = ns_capd(netns, "[socks s]\nlisten = 127.0.0.1:7796\n", settings="workers = 1\n")
+
+    def curl(*args):
+        return sh("ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "10",
+                  "--socks5-hostname", "127.0.0.1:7796", *args, check=False)
+
+    unread = []  # os.read, not readline: select() does not see what a file object buffered
+
+    def asked_until(last):
+        lines = []
+        while last not in lines:
+            assert select.select([world.stdout], [], [], 5)[0], lines
+            unread.append(os.read(world.stdout.fileno(), 65536).decode())
+            lines = "".join(unread).splitlines()
+        unread[:] = ["".join(unread).split(last + "\n", 1)[1]]
+        return lines[:lines.index(last) + 1]
+
+    assert curl("http://app.test:7795/").stdout == "127.0.0.11"
+    slow = subprocess.Popen(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "10",
+                             "--socks5-hostname", "127.0.0.1:7796", "http://slow.test:7795/"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    asked = asked_until("1 A slow.test")  # in flight at the first nameserver
+    looked = time.time()
+    with open(f"{ns_etc}/resolv.conf", "w") as f:  # in place: the file the namespace sees
+        f.write("# moved\nnameserver 127.0.0.2\n")
+    time.sleep(max(0, looked + 1.2 - time.time()))  # a second since capd last looked
+    r = curl("http://app.test:7795/")
+    assert r.stdout == "127.0.0.12", r.stderr
+    out, err = slow.communicate(timeout=15)
+    assert out == "127.0.0.11", err  # the old nameserver's answer still counted
+    log = c.log()
+    assert "/etc/resolv.conf changed: names are asked of 127.0.0.2 from now on" in log, log
+    assert "resolver: the last answer of the nameservers before is in: their channel is closed" in log, log
+    sh("ip", "netns", "exec", netns, "dig", "@127.0.0.1", "+tries=1", "+time=2", "last.test", check=False)
+    asked += asked_until("1 A last.test")
+    assert asked.count("1 A app.test") == 1 and "2 A app.test" in asked, asked
