@@ -47,7 +47,6 @@
 #define DNS_TCP_PENDING_MAX 64   /* a TCP client's queries upstream at once; more wait in hs_in */
 #define DNS_TCP_OUT_MAX (256 * 1024)  /* answers a TCP client leaves unread before it is closed */
 #define DNS_XFR_OUT_HIGH (DNS_TCP_OUT_MAX / 2)  /* a transfer stops reading the upstream past this */
-#define DNS_RESOLV_CONF "/etc/resolv.conf"
 #define DNS_WHY_MAX 512          /* room for the upstream name and an error text */
 
 static const char *const dns_keys[] = { "answer", "upstream", "ttl", NULL };
@@ -68,6 +67,7 @@ struct dns_state {
 	ev_io uio;
 	bool pktinfo;                      /* bound to a wildcard address: learn and reply from the local address */
 	struct hostport up;                /* upstream as configured or from resolv.conf */
+	struct resolve_conf_seen conf;     /* resolv.conf as up was taken from it (no upstream =) */
 	struct sockaddr_storage up_addr;
 	bool have_up;
 	struct resolve_req *resolving;
@@ -123,6 +123,7 @@ struct dns_conn {
 };
 
 static void dns_fwd_try(struct dns_fwd *f);
+static void dns_up_follow(struct dns_state *ds);
 static void dns_tcp_reply(struct session *s, const uint8_t *p, size_t n);
 
 /* ---- configuration ---- */
@@ -187,9 +188,10 @@ dns_describe(struct instance *inst, json_t *o)
 		json_array_append_new(a, json_sprintf("%s=%s", r->pattern, addr));
 	}
 	json_object_set_new(o, "answer", a);
-	if (ds)
+	if (ds) {
+		dns_up_follow(ds);  /* what a query would be sent to now */
 		json_object_set_new(o, "upstream", json_string(ds->up_str));
-	else if (dc->upstream_set) {
+	} else if (dc->upstream_set) {
 		if (strchr(dc->upstream.host, ':'))
 			snprintf(up, sizeof up, "[%s]:%u", dc->upstream.host, dc->upstream.port);
 		else
@@ -221,7 +223,7 @@ dns_is_self(const struct sockaddr_storage *ns, const struct sockaddr_storage *li
 static int
 dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 {
-	FILE *f = fopen(DNS_RESOLV_CONF, "re");
+	FILE *f = fopen(RESOLVE_CONF, "re");
 	char line[512], ns[256];
 	struct sockaddr_storage ss;
 	socklen_t len;
@@ -233,7 +235,7 @@ dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 		if (sscanf(line, " nameserver %255s", ns) != 1 || addr_from_literal(ns, 53, &ss, &len) < 0)
 			continue;
 		if (dns_is_self(&ss, listen)) {
-			log_info("%s: skipping nameserver %s: it is this instance", DNS_RESOLV_CONF, ns);
+			log_info("%s: skipping nameserver %s: it is this instance", RESOLVE_CONF, ns);
 			continue;
 		}
 		snprintf(hp->host, sizeof hp->host, "%s", ns);
@@ -243,6 +245,50 @@ dns_resolv_conf(struct hostport *hp, const struct sockaddr_storage *listen)
 	}
 	fclose(f);
 	return rv;
+}
+
+/* ds->up_str: "host:port", "[v6]:port", or "none". */
+static void
+dns_up_format(struct dns_state *ds)
+{
+	if (ds->up.host[0] == '\0')
+		snprintf(ds->up_str, sizeof ds->up_str, "none");
+	else if (strchr(ds->up.host, ':'))
+		snprintf(ds->up_str, sizeof ds->up_str, "[%s]:%u", ds->up.host, ds->up.port);
+	else
+		snprintf(ds->up_str, sizeof ds->up_str, "%s:%u", ds->up.host, ds->up.port);
+}
+
+/*
+ * Without upstream =, the instance follows resolv.conf as capd's resolver
+ * does (resolve.h) and glibc's stub resolver: when the file changed (DHCP,
+ * NetworkManager, an analyst), the queries forwarded from now on go to its
+ * first nameserver that is not this instance. A query out already has its
+ * socket to the old one and takes its answer; only a retry goes to the new.
+ */
+static void
+dns_up_follow(struct dns_state *ds)
+{
+	struct dns_cfg *dc = ds->inst->cfg;
+	struct hostport hp = { .host = "" };
+	char was[sizeof ds->up_str];
+	socklen_t len;
+
+	if (dc->upstream_set || !resolve_conf_changed(&ds->conf, ev_now(capd_loop)))
+		return;
+	dns_resolv_conf(&hp, &ds->inst->listen);
+	if (strcmp(hp.host, ds->up.host) == 0 && hp.port == ds->up.port)
+		return;
+	memcpy(was, ds->up_str, sizeof was);
+	ds->up = hp;
+	dns_up_format(ds);
+	/* resolv.conf names addresses only: no name to resolve */
+	ds->have_up = hp.host[0] && addr_from_literal(hp.host, hp.port, &ds->up_addr, &len) == 0;
+	if (ds->have_up)
+		log_info("%s: %s changed: upstream %s (was %s)", ds->inst->name, RESOLVE_CONF, ds->up_str, was);
+	else
+		log_warnx("%s: %s changed: no nameserver in it other than this instance (upstream was %s): "
+		          "queries no rule answers get SERVFAIL", ds->inst->name, RESOLVE_CONF, was);
 }
 
 static void dns_fwd_fail(struct dns_fwd *f, const char *why);
@@ -847,6 +893,7 @@ dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const ui
 {
 	struct dns_fwd *f;
 
+	dns_up_follow(ds);
 	f = xcalloc(1, sizeof *f);
 	f->ds = ds;
 	f->s = s;
@@ -1276,17 +1323,15 @@ dns_start(struct instance *inst, char **why)
 	ds->inst = inst;
 	ds->ufd = -1;
 	TAILQ_INIT(&ds->fwds);
-	if (dc->upstream_set)
+	if (dc->upstream_set) {
 		ds->up = dc->upstream;
-	else if (dns_resolv_conf(&ds->up, &inst->listen) < 0)
-		log_warnx("%s: no nameserver in %s other than this instance, and no upstream set: "
-		          "queries no rule answers get SERVFAIL", inst->name, DNS_RESOLV_CONF);
-	if (ds->up.host[0] == '\0')
-		snprintf(ds->up_str, sizeof ds->up_str, "none");
-	else if (strchr(ds->up.host, ':'))
-		snprintf(ds->up_str, sizeof ds->up_str, "[%s]:%u", ds->up.host, ds->up.port);
-	else
-		snprintf(ds->up_str, sizeof ds->up_str, "%s:%u", ds->up.host, ds->up.port);
+	} else {
+		resolve_conf_note(&ds->conf, ev_now(capd_loop));  /* before reading: a change meanwhile is seen later */
+		if (dns_resolv_conf(&ds->up, &inst->listen) < 0)
+			log_warnx("%s: no nameserver in %s other than this instance, and no upstream set: "
+			          "queries no rule answers get SERVFAIL", inst->name, RESOLVE_CONF);
+	}
+	dns_up_format(ds);
 	if (ds->up.host[0] && addr_from_literal(ds->up.host, ds->up.port, &ds->up_addr, &len) == 0) {
 		if (dns_is_self(&ds->up_addr, &inst->listen)) {
 			*why = xasprintf("upstream %s is this instance's own address", ds->up_str);

@@ -1548,3 +1548,32 @@ def test_localhost_names_are_answered_with_loopback(capd_factory, upstream):
     assert upstream.queries == [("udp", "localhost.example")]
     ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 6)
     assert "answered: a localhost name is the loopback (RFC 6761)" in {s["reason"] for s in ss}, ss
+
+
+# NS_UPSTREAM whose every A answer is argv[3]
+NS_UPSTREAM_SAYS = NS_UPSTREAM.replace('"192.0.2.53"', "sys.argv[3]")
+
+
+def test_upstream_follows_a_changed_resolv_conf(netns, ns_etc, ns_python, ns_capd):
+    """Regression: an instance without upstream = took the first nameserver of
+    /etc/resolv.conf at start and forwarded every query to it until restarted, after
+    DHCP, NetworkManager or an analyst had moved the box to other ones (glibc's stub
+    resolver reads a changed file again). Now a query forwarded a second or more after the
+    last look finds the file changed and goes to its first nameserver that is not the
+    instance itself (a box pointed at capd names it first)."""
+    with open(f"{ns_etc}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    ns_python(netns, NS_UPSTREAM_SAYS, 53, "127.0.0.1", "192.0.2.1")
+    ns_python(netns, NS_UPSTREAM_SAYS, 53, "127.0.0.2", "192.0.2.2")
+    c = ns_capd(netns, "[dns d]\nlisten = 127.0.0.3:53\n")
+    wait_instance(c, "d")
+    assert ns_dig(netns, "127.0.0.3", 53, "www.example.org", "+short").split() == ["192.0.2.1"]
+    looked = time.time()  # capd looked at the file when it forwarded that query
+    with open(f"{ns_etc}/resolv.conf", "w") as f:  # in place: the file the namespace sees
+        f.write("nameserver 127.0.0.3\nnameserver 127.0.0.2\n")
+    time.sleep(max(0, looked + 1.2 - time.time()))
+    assert ns_dig(netns, "127.0.0.3", 53, "www.example.org", "+short").split() == ["192.0.2.2"]
+    assert [i["upstream"] for i in c.ctl("list", json_out=True)] == ["127.0.0.2:53"]
+    log = c.log()
+    assert "d: /etc/resolv.conf changed: upstream 127.0.0.2:53 (was 127.0.0.1:53)" in log, log
+    assert "skipping nameserver 127.0.0.3: it is this instance" in log, log
