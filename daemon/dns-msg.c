@@ -689,6 +689,44 @@ dns_msg_same_question(const uint8_t *a, size_t alen, const uint8_t *b, size_t bl
 	return same;
 }
 
+/* Whether two OPT records' options (either may be NULL: none) are the same bytes. */
+static bool
+dns_msg_same_options(const ldns_rdf *a, const ldns_rdf *b)
+{
+	if (a == NULL || b == NULL)
+		return a == b;
+	return ldns_rdf_compare(a, b) == 0;
+}
+
+bool
+dns_msg_same_ask(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+	ldns_pkt *pa = NULL, *pb = NULL;
+	bool same = false;
+
+	/* opcode and RD; AD and CD */
+	if (alen < DNS_HEADER_LEN || blen < DNS_HEADER_LEN || LDNS_QDCOUNT(a) != 1 || LDNS_QDCOUNT(b) != 1 ||
+	    (a[2] & 0x79) != (b[2] & 0x79) || (a[3] & 0x30) != (b[3] & 0x30))
+		return false;
+	if (ldns_wire2pkt(&pa, a, alen) == LDNS_STATUS_OK && ldns_wire2pkt(&pb, b, blen) == LDNS_STATUS_OK) {
+		const ldns_rr *qa = ldns_rr_list_rr(ldns_pkt_question(pa), 0);
+		const ldns_rr *qb = ldns_rr_list_rr(ldns_pkt_question(pb), 0);
+
+		/* nothing but the question and an OPT (no TSIG: a signed query's answer is its client's) */
+		same = qa != NULL && qb != NULL && ldns_pkt_ancount(pa) + ldns_pkt_nscount(pa) + ldns_pkt_arcount(pa) == 0 &&
+		       ldns_pkt_ancount(pb) + ldns_pkt_nscount(pb) + ldns_pkt_arcount(pb) == 0 &&
+		       ldns_pkt_tsig(pa) == NULL && ldns_pkt_tsig(pb) == NULL &&
+		       ldns_rr_get_type(qa) == ldns_rr_get_type(qb) && ldns_rr_get_class(qa) == ldns_rr_get_class(qb) &&
+		       ldns_dname_compare(ldns_rr_owner(qa), ldns_rr_owner(qb)) == 0 &&
+		       ldns_pkt_edns(pa) == ldns_pkt_edns(pb) && ldns_pkt_edns_version(pa) == ldns_pkt_edns_version(pb) &&
+		       ldns_pkt_edns_z(pa) == ldns_pkt_edns_z(pb) &&
+		       dns_msg_same_options(ldns_pkt_edns_data(pa), ldns_pkt_edns_data(pb));
+	}
+	ldns_pkt_free(pa);
+	ldns_pkt_free(pb);
+	return same;
+}
+
 bool
 dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n)
 {

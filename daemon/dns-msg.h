@@ -103,6 +103,16 @@ uint8_t *dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_
  * names' case (0x20) asks anew, and its answer must echo the new spelling).
  */
 bool dns_msg_same_question(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen);
+/*
+ * Whether queries a and b ask an upstream the same, so that one answer serves
+ * both (dnsmasq and unbound ask once for every client waiting on a question):
+ * one question each, alike but for the name's case (each client's spelling
+ * goes back in its own answer, dns_msg_keep_qname_case); the same opcode, RD,
+ * AD and CD; no other record (a TSIG-signed answer is its client's); EDNS
+ * alike but for the UDP size: its version, flags (DO) and options, byte for
+ * byte (a cookie is its client's).
+ */
+bool dns_msg_same_ask(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen);
 /* Whether reply (n bytes) answers query (same id, QR set, same question). */
 bool dns_msg_reply_matches(const uint8_t *query, size_t qlen, const uint8_t *reply, size_t n);
 /*

@@ -13,6 +13,7 @@
  * dns-msg.c. Nothing here blocks the loop.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -90,6 +91,11 @@ struct dns_fwd {
 	struct sockaddr_storage client, local;  /* UDP client and the address it sent to */
 	uint16_t client_id;
 	unsigned repeats;                  /* the UDP client sent it again meanwhile: not forwarded */
+	struct dns_fwd *leader;            /* a UDP query waiting for the answer to leader's, the same asked
+	                                      before (dns_fwd_join): no socket or timer of its own */
+	unsigned joined;                   /* queries waiting for this one's answer */
+	uint64_t leader_sid;               /* the leader's session, for the reason */
+	uint32_t qkey;                     /* question hash (the name in lower case): a quick filter */
 	uint16_t udp_max;                  /* largest reply the UDP client takes */
 	uint8_t *q;                        /* the query under the upstream id */
 	size_t qlen;
@@ -301,7 +307,7 @@ dns_fwd_kick_waiting(struct dns_state *ds, const char *why)
 
 	for (f = TAILQ_FIRST(&ds->fwds); f; f = next) {
 		next = TAILQ_NEXT(f, entry);
-		if (f->fd >= 0)
+		if (f->fd >= 0 || f->leader != NULL)
 			continue;
 		ev_timer_stop(capd_loop, &f->timer);
 		if (ds->have_up) {
@@ -363,12 +369,38 @@ dns_fwd_close_fd(struct dns_fwd *f)
 	f->connected = false;
 }
 
+/*
+ * f goes without an answer (its client's session was closed): the queries
+ * waiting for it ask on their own, on the next loop pass (dns_fwd_timer_cb),
+ * never from inside this free.
+ */
+static void
+dns_fwd_release_joined(struct dns_fwd *f)
+{
+	struct dns_fwd *g;
+
+	TAILQ_FOREACH(g, &f->ds->fwds, entry) {
+		if (g->leader != f)
+			continue;
+		g->leader = NULL;
+		g->leader_sid = 0;
+		f->joined--;
+		ev_timer_stop(capd_loop, &g->timer);
+		ev_timer_set(&g->timer, 0., 0.);
+		ev_timer_start(capd_loop, &g->timer);
+	}
+}
+
 static void
 dns_fwd_free(struct dns_fwd *f)
 {
 	struct dns_state *ds = f->ds;
 
 	dns_fwd_close_fd(f);
+	if (f->leader != NULL)
+		f->leader->joined--;
+	if (f->joined > 0)
+		dns_fwd_release_joined(f);
 	TAILQ_REMOVE(&ds->fwds, f, entry);
 	ds->nfwd--;
 	if (f->client_tcp) {
@@ -447,9 +479,16 @@ dns_fwd_deliver(struct dns_fwd *f, const uint8_t *p, size_t n, const char *reaso
 	}
 	dns_udp_send(ds, p, n, &f->client, &f->local);
 	session_data(s, DIR_DOWN, p, n);
-	if (f->repeats > 0) {
-		char *why = xasprintf("%s; the client asked %u more time%s meanwhile, not forwarded again", reason,
-		                      f->repeats, f->repeats == 1 ? "" : "s");
+	if (f->repeats > 0 || f->leader_sid != 0) {
+		char joined[96] = "", repeats[96] = "", *why;
+
+		if (f->leader_sid != 0)
+			snprintf(joined, sizeof joined, "; asked upstream once, with session %llu's query",
+			         (unsigned long long)f->leader_sid);
+		if (f->repeats > 0)
+			snprintf(repeats, sizeof repeats, "; the client asked %u more time%s meanwhile, not forwarded again",
+			         f->repeats, f->repeats == 1 ? "" : "s");
+		why = xasprintf("%s%s%s", reason, joined, repeats);
 		dns_fwd_free(f);
 		session_close(s, why);
 		free(why);
@@ -459,6 +498,58 @@ dns_fwd_deliver(struct dns_fwd *f, const uint8_t *p, size_t n, const char *reaso
 	session_close(s, reason);
 }
 
+static void dns_fwd_fail(struct dns_fwd *f, const char *why);
+static void dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n);
+
+/* The next query waiting for f's answer, now on its own; NULL when none is left. */
+static struct dns_fwd *
+dns_fwd_next_joined(struct dns_fwd *f)
+{
+	struct dns_fwd *g;
+
+	if (f->joined == 0)
+		return NULL;
+	TAILQ_FOREACH(g, &f->ds->fwds, entry)
+		if (g->leader == f) {
+			g->leader = NULL;
+			f->joined--;
+			g->tcp = f->tcp;  /* how the answer came, for its reason */
+			return g;
+		}
+	return NULL;
+}
+
+/* f's final answer p goes to each query waiting for it too, under its id, spelling and size. */
+static void
+dns_fwd_answer_joined(struct dns_fwd *f, const uint8_t *p, size_t n)
+{
+	struct dns_fwd *g;
+
+	while ((g = dns_fwd_next_joined(f)) != NULL) {
+		uint8_t *copy = xmalloc(n);
+
+		memcpy(copy, p, n);
+		dns_fwd_answer(g, copy, n);
+		free(copy);
+	}
+}
+
+/* f failed: so do the queries waiting for it, with f's truncated answer when it has one. */
+static void
+dns_fwd_fail_joined(struct dns_fwd *f, const char *why)
+{
+	struct dns_fwd *g;
+
+	while ((g = dns_fwd_next_joined(f)) != NULL) {
+		if (f->trunc) {
+			g->trunc = xmalloc(f->trunc_len);
+			memcpy(g->trunc, f->trunc, f->trunc_len);
+			g->trunc_len = f->trunc_len;
+		}
+		dns_fwd_fail(g, why);
+	}
+}
+
 static void
 dns_fwd_fail(struct dns_fwd *f, const char *why)
 {
@@ -466,6 +557,7 @@ dns_fwd_fail(struct dns_fwd *f, const char *why)
 	uint8_t *p;
 	size_t n;
 
+	dns_fwd_fail_joined(f, why);
 	if (f->trunc) {
 		/* TCP to the upstream failed: the truncated answer at least tells the client to retry */
 		dns_msg_set_id(f->trunc, f->client_id);
@@ -527,6 +619,7 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		 * answer is larger than it takes over UDP, and a TCP query here would only end in this
 		 * same truncated answer; the client asks again over TCP itself (the upstream's side of
 		 * the exchange is not captured, so nothing is lost to the analyst) */
+		dns_fwd_answer_joined(f, p, n);
 		dns_msg_set_id(p, f->client_id);
 		snprintf(reason, sizeof reason, "forwarded to %s: truncated (the client asks again over TCP)",
 		         f->ds->up_str);
@@ -546,6 +639,7 @@ dns_fwd_answer(struct dns_fwd *f, uint8_t *p, size_t n)
 		dns_fwd_try(f);
 		return;
 	}
+	dns_fwd_answer_joined(f, p, n);
 	if (f->xfr.qtype == 0 &&
 	    (chain = dns_msg_chain_answer(&((struct dns_cfg *)f->ds->inst->cfg)->rules, p, n, &rule, &clen)) != NULL) {
 		/* an alias of a name a rule claims: the client is sent there too, not to the real address */
@@ -781,6 +875,10 @@ dns_fwd_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	char why[DNS_WHY_MAX];
 
 	(void)revents;
+	if (f->tries == 0 && f->fd < 0) {  /* it waited for another query's answer, which is gone */
+		dns_fwd_try(f);
+		return;
+	}
 	if (dns_fwd_tcp_too_soon(f, loop))
 		return;
 	if (!f->ds->have_up)
@@ -885,6 +983,45 @@ dns_fwd_try(struct dns_fwd *f)
 	ev_io_start(capd_loop, &f->io);
 }
 
+/* The name in lower case, its type and class: equal for queries dns_msg_same_ask may find alike. */
+static uint32_t
+dns_fwd_qkey(const struct dns_question *q)
+{
+	uint32_t h = 2166136261u;  /* FNV-1a */
+
+	for (const char *c = q->qname; *c; c++)
+		h = (h ^ (uint8_t)tolower((unsigned char)*c)) * 16777619u;
+	return (h ^ q->qtype) * 16777619u ^ q->qclass;
+}
+
+/*
+ * A UDP client's query f that asks what another UDP query in flight asked
+ * already (another client, or the same from a new port, as dig's retries
+ * come) waits for that one's answer instead of going upstream again, as with
+ * dnsmasq and unbound: true when it joined one.
+ */
+static bool
+dns_fwd_join(struct dns_fwd *f, const struct dns_question *q)
+{
+	struct dns_fwd *g;
+
+	f->qkey = dns_fwd_qkey(q);
+	TAILQ_FOREACH(g, &f->ds->fwds, entry) {
+		if (g == f || g->client_tcp || g->leader != NULL || g->qkey != f->qkey || g->msgs > 0 ||
+		    !dns_msg_same_ask(g->q, g->qlen, f->q, f->qlen))
+			continue;
+		f->leader = g;
+		f->leader_sid = g->s->id;
+		g->joined++;
+		log_debug("%s: query %u %s %s from %s waits for the answer to session %llu's", f->ds->inst->name,
+		          q->id, q->qtype_str, q->qname,
+		          addr_format((const struct sockaddr *)&f->client, (char[ADDR_STRLEN]){ 0 }, ADDR_STRLEN),
+		          (unsigned long long)g->s->id);
+		return true;
+	}
+	return false;
+}
+
 /* Sends query p upstream for session s (a UDP client's own, or a TCP client's connection). */
 static void
 dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const uint8_t *p, size_t n,
@@ -928,6 +1065,8 @@ dns_fwd_start(struct dns_state *ds, struct session *s, bool client_tcp, const ui
 		dns_fwd_fail(f, "too many queries in flight");
 		return;
 	}
+	if (!client_tcp && dns_fwd_join(f, q))
+		return;
 	dns_fwd_try(f);
 }
 
@@ -950,7 +1089,8 @@ dns_session_note(struct session *s, const struct dns_question *q)
  * second or more while the upstream is slow; forwarded again, it cost the
  * upstream a second query and gave the client two answers. As dnsmasq and
  * unbound, the repeat joins the query in flight, whose one answer goes back
- * when it comes. dig's retries come from a new port each: new queries.
+ * when it comes. dig's retries come from a new port each: new queries, that
+ * wait for the first one's answer all the same (dns_fwd_join).
  */
 static struct dns_fwd *
 dns_fwd_find_repeat(struct dns_state *ds, const uint8_t *p, size_t n, uint16_t id,

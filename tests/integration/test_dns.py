@@ -1478,7 +1478,8 @@ def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
     id and question) had it forwarded a second time, and got two answers. As dnsmasq and
     unbound, the repeat joins the query in flight: one upstream query, one answer, and the
     capture holds both of the client's queries in its one session. The same bytes from
-    another port are another client's query, forwarded on their own."""
+    another port are another client's query, with a session and an answer of its own, that
+    waits for the same upstream query (test_same_question_from_other_clients_asked_once)."""
     ids = []
 
     def reply(wire):
@@ -1509,7 +1510,7 @@ def test_udp_query_repeated_while_upstream_is_not_forwarded_again(capd_factory):
             a.settimeout(0.5)  # a second answer came 0.3 s after the first
             with pytest.raises(socket.timeout):
                 a.recv(65535)
-        assert len(set(ids)) == 2, ids  # a's query once, and b's
+        assert len(set(ids)) == 1, ids  # a's query once, which b's waited for
         ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 2)
         ss = sorted((s for s in ss if s["proto"] == "dns"), key=lambda s: s["bytes_up"])
         assert len(ss) == 2, ss
@@ -1577,3 +1578,92 @@ def test_upstream_follows_a_changed_resolv_conf(netns, ns_etc, ns_python, ns_cap
     log = c.log()
     assert "d: /etc/resolv.conf changed: upstream 127.0.0.2:53 (was 127.0.0.1:53)" in log, log
     assert "skipping nameserver 127.0.0.3: it is this instance" in log, log
+
+
+def test_same_question_from_other_clients_asked_once(capd_factory):
+    """Regression: a query that another client had asked already, and was still waiting on,
+    went upstream a second time (dig's retries, each from a new port, did so too); dnsmasq
+    and unbound ask once and answer every waiting client from it. Now dig and a dnspython
+    client asking alike (but for the id, the name's case (0x20) and the EDNS size) get
+    one upstream query, each its own answer; a client without EDNS asks apart."""
+    asked = []
+
+    def reply(wire):
+        q = dns.message.from_wire(wire)
+        asked.append((q.question[0].name.to_text(), q.edns))
+        r = dns.message.make_response(q)
+        r.flags |= dns.flags.RA
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.1"))
+        return 1.0, r.to_wire()  # slow: the other clients ask meanwhile
+
+    up = LaterUdpServer(reply)
+    try:
+        port = free_dns_port()
+        c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nupstream = 127.0.0.1:{up.port}\n")
+        wait_instance(c, "d")
+        dig = subprocess.Popen(["dig", "@127.0.0.1", "-p", str(port), "+nocookie", "+tries=1", "+time=5",
+                                "same.example", "A"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 5
+        while not asked and time.time() < deadline:
+            time.sleep(0.01)
+        assert asked, "dig's query never reached the upstream"
+        q = dns.message.make_query("sAmE.ExAmPlE", "A", use_edns=0, payload=4096, id=0x1111)
+        q.flags |= dns.flags.AD  # as dig asks (RFC 6840 5.7)
+        q0 = dns.message.make_query("same.example", "A", use_edns=-1, id=0x2222)  # no EDNS: asked apart
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            a.sendto(q.to_wire(), ("127.0.0.1", port))
+            b.sendto(q0.to_wire(), ("127.0.0.1", port))
+            a.settimeout(5)
+            b.settimeout(5)
+            wa, wb = a.recv(65535), b.recv(65535)
+        out = dig.communicate(timeout=10)[0]
+        assert "status: NOERROR" in out and "192.0.2.1" in out and "WARNING" not in out, out
+        r = dns.message.from_wire(wa)
+        assert r.id == 0x1111 and addrs(r) == ["192.0.2.1"], r
+        assert b"\x04sAmE\x07ExAmPlE\x00" in wa, wa  # its own spelling
+        assert dns.message.from_wire(wb).id == 0x2222
+        assert [e >= 0 for _, e in asked] == [True, False], asked  # dig's, and b's without EDNS
+        ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3)
+        reasons = sorted(s["reason"] for s in ss)
+        joined = [x for x in reasons if "asked upstream once, with session" in x]
+        assert len(joined) == 1 and joined[0].startswith("forwarded to 127.0.0.1:"), reasons
+    finally:
+        up.close()
+
+
+def test_query_waiting_on_a_killed_sessions_query_asks_on_its_own(capd_factory):
+    """A query that waits for the answer to another client's (test_same_question_from_other_
+    clients_asked_once) when that client's session is killed (capctl kill) asks the upstream
+    itself, and its client gets its answer, not silence."""
+    ids = []
+
+    def reply(wire):
+        q = dns.message.from_wire(wire)
+        ids.append(q.id)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "192.0.2.1"))
+        return 1.0, r.to_wire()
+
+    up = LaterUdpServer(reply)
+    try:
+        port = free_dns_port()
+        c = capd_factory(f"[dns d]\nlisten = 127.0.0.1:{port}\nupstream = 127.0.0.1:{up.port}\n")
+        wait_instance(c, "d")
+        w = dns.message.make_query("kill.example", "A", id=7).to_wire()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            a.sendto(w, ("127.0.0.1", port))
+            ss = c.wait_sessions(lambda ss: len(ss) == 1)
+            b.sendto(w, ("127.0.0.1", port))
+            c.wait_sessions(lambda ss: len(ss) == 2)
+            c.ctl("kill", ss[0]["id"])
+            b.settimeout(5)
+            r = dns.message.from_wire(b.recv(65535))
+            assert r.id == 7 and addrs(r) == ["192.0.2.1"], r
+        assert len(set(ids)) == 2, ids  # a's query, then b's own
+        ss = c.wait_sessions(lambda ss: all(s["state"] == "closed" for s in ss))
+        assert ss[1]["reason"] == f"forwarded to 127.0.0.1:{up.port}: NOERROR", ss
+        assert f"waits for the answer to session {ss[0]['id']}'s" in c.log()
+    finally:
+        up.close()

@@ -800,6 +800,55 @@ test_same_question(void **state)
 	free(q);
 }
 
+/* dns_msg_same_ask: what lets another client's query wait for the answer to one in flight */
+static void
+test_same_ask(void **state)
+{
+	size_t n, on;
+	uint8_t *q, *o;
+	ldns_pkt *p = NULL;
+
+	(void)state;
+	q = query("again.example", LDNS_RR_TYPE_A, 7, true, &n);
+	o = query("AGAIN.Example", LDNS_RR_TYPE_A, 8, true, &on);
+	assert_true(dns_msg_same_ask(q, n, o, on));  /* another id, another spelling (0x20) */
+	o[on - 8] = 0x02;                            /* OPT's UDP size 4096 -> 512 */
+	assert_true(dns_msg_same_ask(q, n, o, on));
+	o[on - 4] = 0x80;                            /* DO */
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	o[on - 4] = 0;
+	o[on - 5] = 1;                               /* EDNS version 1 */
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	o[on - 5] = 0;
+	o[2] &= ~0x01;                               /* RD clear */
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	o[2] |= 0x01;
+	o[3] |= 0x10;                                /* CD */
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	o[3] &= ~0x10;
+	assert_true(dns_msg_same_ask(q, n, o, on));
+	free(o);
+	o = query("again.example", LDNS_RR_TYPE_A, 7, false, &on);
+	assert_false(dns_msg_same_ask(q, n, o, on)); /* without EDNS */
+	free(o);
+	o = query("again.example", LDNS_RR_TYPE_AAAA, 7, true, &on);
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	free(o);
+	/* options (a client cookie) must be the same bytes */
+	assert_int_equal(ldns_wire2pkt(&p, q, n), LDNS_STATUS_OK);
+	ldns_pkt_set_edns_data(p, ldns_rdf_new_frm_data(LDNS_RDF_TYPE_UNKNOWN, 12,
+	                                                "\0\x0a\0\x08" "abcdefgh"));
+	o = NULL;
+	assert_int_equal(ldns_pkt2wire(&o, p, &on), LDNS_STATUS_OK);
+	assert_false(dns_msg_same_ask(q, n, o, on));
+	assert_true(dns_msg_same_ask(o, on, o, on));
+	ldns_pkt_free(p);
+	free(o);
+	q[7] = 1;                                    /* an answer record: not a plain query */
+	assert_false(dns_msg_same_ask(q, n, q, n));
+	free(q);
+}
+
 /* The only answer record of a, as text ("127.0.0.1"); caller frees. */
 static char *
 only_answer(const ldns_pkt *a)
@@ -882,6 +931,7 @@ main(void)
 		cmocka_unit_test(test_cname_chain_to_a_claimed_name),
 		cmocka_unit_test(test_keep_qname_case),
 		cmocka_unit_test(test_same_question),
+		cmocka_unit_test(test_same_ask),
 		cmocka_unit_test(test_localhost_names),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
