@@ -1623,7 +1623,8 @@ def test_same_question_from_other_clients_asked_once(capd_factory):
         assert r.id == 0x1111 and addrs(r) == ["192.0.2.1"], r
         assert b"\x04sAmE\x07ExAmPlE\x00" in wa, wa  # its own spelling
         assert dns.message.from_wire(wb).id == 0x2222
-        assert [e >= 0 for _, e in asked] == [True, False], asked  # dig's, and b's without EDNS
+        # dig's, and b's without EDNS (a set: capd asks again on a loaded box's late answer)
+        assert {(name, e >= 0) for name, e in asked} == {("same.example.", True), ("same.example.", False)}, asked
         ss = c.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3)
         reasons = sorted(s["reason"] for s in ss)
         joined = [x for x in reasons if "asked upstream once, with session" in x]
