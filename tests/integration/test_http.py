@@ -1937,13 +1937,14 @@ def test_connect_timeout_zero_is_not_cut_by_the_request_head_timer(capd):
     connect, so a connect whose SYNs go unanswered got "504 Gateway Timeout: connect
     timed out" 60 s after the client came. As with SOCKS, the connect now runs on
     connect_timeout alone once the request head is in. The head's time is
-    header_timeout now (it was a fixed 60 s), so the test takes 1 s of it."""
+    header_timeout now (it was a fixed 60 s), so the test takes 0.5 s of it and waits
+    three times that for a reply that must not come."""
     ls, held = syn_hole()
     try:
-        port = add_http(capd, "--connect-timeout", "0", "--header-timeout", "1s")
+        port = add_http(capd, "--connect-timeout", "0", "--header-timeout", "500ms")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(f"GET http://127.0.0.1:{ls.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            got = read_all(c, timeout=3)
+            got = read_all(c, timeout=1.5)
             assert got == b"", got
             s = sessions(capd)
             assert len(s) == 1 and s[0]["state"] != "closed", s
@@ -2019,7 +2020,7 @@ def test_header_timeout_bounds_the_first_request_head(capd):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         c.sendall(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost")
         with pytest.raises(socket.timeout):  # still open: nothing, not a close
-            c.settimeout(1.5)
+            c.settimeout(1.0)  # twice the 0.5s above
             c.recv(100)
     bad = capd.dir / "bad.conf"
     bad.write_text("[reverse r]\nlisten = 127.0.0.1:1\ndefault = 127.0.0.1:2\nheader_timeout = soon\n")
@@ -2550,9 +2551,10 @@ def test_bad_header_line_gets_400_before_the_head_ends(capd, origin):
 
 class TrickleOrigin(Listener):
     """A stream or long poll that keeps sending: each request is answered
-    chunked, one chunk every `gap` seconds (the head too) for `n` chunks."""
+    chunked, one chunk every `gap` seconds (the head too) for `n` chunks: 2.1 s in
+    all by default, twice a response_timeout of 1s, with 0.7 s to spare in each gap."""
 
-    def __init__(self, gap=0.5, n=6):
+    def __init__(self, gap=0.3, n=6):
         self.gap, self.n = gap, n
         super().__init__()
 
@@ -2643,7 +2645,7 @@ def test_origin_that_stalls_in_its_body_is_cut_after_response_timeout(capd):
 
 def test_origin_that_keeps_sending_outlives_response_timeout(capd):
     """The timeout is between two reads from the origin, not for the whole
-    response: a stream sending every 0.5 s for 3 s passes whole with 1s."""
+    response: a stream sending every 0.3 s for 2.1 s passes whole with 1s."""
     o = TrickleOrigin()
     try:
         port = add_kind_timeout(capd, "http", o.port)
@@ -2659,21 +2661,22 @@ def test_tunnels_are_not_timed_by_response_timeout(capd, origin):
     e = EchoServer()
     try:
         port = free_port()
-        capd.ctl("add", "http", "--port", port, "--name", "h", "--response-timeout", "1s",
+        # 400 ms: the quiet second below is 2.5 times it (a sleep only grows on a loaded machine)
+        capd.ctl("add", "http", "--port", port, "--name", "h", "--response-timeout", "400ms",
                  "--connect-ports", e.port)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(f"CONNECT 127.0.0.1:{e.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert status_of(read_all(c, 5, until=b"\r\n\r\n")) == 200
             c.sendall(b"ping")
             assert read_all(c, 5, until=b"ping") == b"ping"
-            time.sleep(2)
+            time.sleep(1)
             c.sendall(b"pong")
             assert read_all(c, 5, until=b"pong") == b"pong"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(f"GET http://127.0.0.1:{origin.port}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                       "Upgrade: websocket\r\n\r\n".encode())
             assert status_of(read_all(c, 5, until=b"\r\n\r\n")) == 101
-            time.sleep(2)
+            time.sleep(1)
             c.sendall(b"still here")
             assert read_all(c, 5, until=b"still here") == b"still here"
     finally:

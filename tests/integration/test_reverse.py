@@ -1313,7 +1313,7 @@ def test_reverse_silent_origin_gets_a_504_after_response_timeout(capd):
 
 def test_reverse_origin_that_keeps_sending_outlives_response_timeout(capd):
     """The timer restarts with each read from the origin: a long poll that
-    sends a chunk every 0.5 s for 3 s passes whole with response_timeout 1s."""
+    sends a chunk every 0.3 s for 2.1 s passes whole with response_timeout 1s."""
     from test_http import TrickleOrigin, add_kind_timeout
     o = TrickleOrigin()
     try:
