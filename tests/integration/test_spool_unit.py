@@ -128,6 +128,16 @@ def status(capd):
     return capd.ctl("capture", "status", json_out=True)
 
 
+def wait_status(capd, done, timeout=10.0):
+    """Polls capture status until done(status) is true, which it returns (the last
+    status at the timeout): for the writer's retry, which comes within a second of
+    room freed, instead of sleeping a second and a half for it."""
+    deadline = time.monotonic() + timeout
+    while not done(st := status(capd)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return st
+
+
 def forward_through(capd, server, up_n, down_n):
     """up_n random bytes up and down_n down through a new forward instance, checked; returns
     what went up once the session has closed and the spool is flushed."""
@@ -591,8 +601,7 @@ def test_full_disk_drops_and_resumes(server, tiny_spool):
         assert read_to_the_end(f).returncode == 0
 
     filler.unlink()
-    time.sleep(1.5)  # the writer retries every second
-    before = status(capd)
+    before = wait_status(capd, lambda st: "error" not in st)  # the writer retries every second
     server.down = os.urandom(300000)
     up = os.urandom(100000)
     assert transfer("127.0.0.1", port, up) == server.down
@@ -700,8 +709,7 @@ def test_rotate_that_cannot_make_a_file_says_so(tiny_spool):
     assert "file:     (none" in capd.ctl("capture", "status").stdout
     for f in fillers:
         f.unlink()
-    time.sleep(1.5)  # the writer retries every second
-    now = status(capd)["file"]
+    now = wait_status(capd, lambda st: st["file"] and st["file"] != first)["file"]  # the writer retries every second
     assert now and now != first and os.path.exists(now)
     capd.stop()
 
@@ -1071,7 +1079,7 @@ def test_status_says_capture_is_failing_now(server, tiny_spool):
     assert "error:    No space left on device: capture is dropped until a write succeeds" in text, text
     assert "capture:   failing: No space left on device" in capd.ctl("status").stdout
     (spool / "filler").unlink()
-    time.sleep(1.5)  # the writer retries every second
+    wait_status(capd, lambda st: "error" not in st)  # the writer retries every second
     server.down = os.urandom(50000)
     assert transfer("127.0.0.1", port, b"c") == server.down
     closed_sessions(capd, 3)
