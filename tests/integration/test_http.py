@@ -2044,7 +2044,7 @@ def test_header_timeout_spares_a_head_sent_while_capd_was_held_up(capd_factory, 
         try:
             c.sendall(f"GET http://127.0.0.1:{origin.port}/held HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
                       "Connection: close\r\n\r\n".encode())
-            time.sleep(1.6)
+            time.sleep(1.3)
         finally:
             capd.proc.send_signal(signal.SIGCONT)
         got = read_all(c, timeout=10)

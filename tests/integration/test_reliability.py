@@ -690,7 +690,7 @@ def test_idle_timeout_counts_what_waited_unread_while_capd_was_held_up(capd_fact
         sigstop(c.proc)
         try:
             s.sendall(b"two")
-            time.sleep(1.6)
+            time.sleep(1.3)
         finally:
             c.proc.send_signal(signal.SIGCONT)
         assert s.recv(100) == b"two"
@@ -724,7 +724,7 @@ def test_connect_timeout_spares_an_upstream_that_answered_while_capd_was_held_up
                         ls.accept()[0].close()
                 except BlockingIOError:
                     pass
-                time.sleep(2.6)
+                time.sleep(2.3)
             finally:
                 c.proc.send_signal(signal.SIGCONT)
             ls.setblocking(True)

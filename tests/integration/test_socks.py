@@ -1597,7 +1597,7 @@ def test_handshake_timeout_spares_a_greeting_sent_while_capd_was_held_up(capd_fa
     port = add_socks(capd, "--handshake-timeout", "1s")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "handshake")  # accepted: its clock runs
-        with held_up(capd, 1.6):
+        with held_up(capd, 1.3):
             c.sendall(b"\x05\x01\x00")
         assert recv_exact(c, 2) == b"\x05\x00"
         assert s5_request(c, 1, "127.0.0.1", echo_server.port)[0] == 0
@@ -1622,7 +1622,7 @@ def test_bind_spares_a_peer_that_came_while_capd_was_held_up(capd):
     c = s5_open(port)
     rep, bhost, bport = s5_request(c, 2, "127.0.0.1", 0)
     assert rep == 0
-    with held_up(capd, 1.6):
+    with held_up(capd, 1.3):
         peer = socket.create_connection((bhost, bport), timeout=10)  # the kernel takes it into the backlog
     with peer:
         assert s5_read_reply(c)[0] == 0
@@ -1653,7 +1653,7 @@ def test_udp_associate_spares_datagrams_sent_while_capd_was_held_up(capd_factory
         assert rep == 0
         u.sendto(udp_header("127.0.0.1", echo.port) + b"one", (rhost, rport))
         assert parse_udp_reply(u.recv(70000))[2] == b"echo:one"
-        with held_up(capd, 1.6):
+        with held_up(capd, 1.3):
             u.sendto(udp_header("127.0.0.1", echo.port) + b"two", (rhost, rport))
         assert parse_udp_reply(u.recv(70000))[2] == b"echo:two"
         # quiet from here: the association still ends at idle_timeout
@@ -1703,7 +1703,7 @@ def test_name_answered_while_capd_was_held_up_resolves(netns, ns_etc, ns_capd, n
         time.sleep(0.05)  # the request on its way to capd, the question to the nameserver
         sigstop(c.proc)
         try:
-            time.sleep(1.6)
+            time.sleep(1.3)
         finally:
             c.proc.send_signal(signal.SIGCONT)
         rep = p.stdout.readline().strip()

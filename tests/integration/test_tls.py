@@ -2434,7 +2434,7 @@ def test_tls_timeout_counts_the_hello_that_waited_while_capd_was_held_up(capd_fa
                     t.do_handshake()  # the ClientHello goes out; capd is stopped
                 except ssl.SSLWantReadError:
                     pass
-                time.sleep(1.5)
+                time.sleep(1.3)
             finally:
                 capd.proc.send_signal(signal.SIGCONT)
             t.settimeout(10)

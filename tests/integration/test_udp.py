@@ -416,7 +416,7 @@ def test_forward_udp_spares_datagrams_sent_while_capd_was_held_up(capd, udp_echo
     sigstop(capd.proc)
     try:
         u.sendto(b"two", ("127.0.0.1", port))
-        time.sleep(1.6)
+        time.sleep(1.3)
     finally:
         capd.proc.send_signal(signal.SIGCONT)
     assert u.recv(100) == b"echo:two"
