@@ -1296,13 +1296,13 @@ def test_reverse_silent_origin_gets_a_504_after_response_timeout(capd):
     from test_http import SilentOrigin, add_kind_timeout
     o = SilentOrigin()
     try:
-        port = add_kind_timeout(capd, "reverse", o.port)
+        port = add_kind_timeout(capd, "reverse", o.port, "500ms")
         t = time.monotonic()
         r = curl("-w", "%{http_code}", f"http://127.0.0.1:{port}/slow")
         took = time.monotonic() - t
-        why = f"no response from 127.0.0.1:{o.port} within response_timeout (1s)"
+        why = f"no response from 127.0.0.1:{o.port} within response_timeout (0.5s)"
         assert r.returncode == 0 and r.stdout == f"504 Gateway Timeout: {why}\n504".encode(), r
-        assert 0.9 < took < 15, took
+        assert 0.45 < took < 15, took
         s = [x for x in capd.wait_sessions(lambda ss: any(x["instance"] == "h" and x["state"] == "closed"
                                                           for x in ss)) if x["instance"] == "h"][-1]
         assert s["reason"] == f"504 Gateway Timeout: {why}", s
