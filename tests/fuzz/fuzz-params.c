@@ -25,7 +25,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	char *why = NULL;
 
 	if (json_is_object(params))
-		instance_check(params, NULL, NULL, 0, &why);
+		instance_check(params, NULL, NULL, 0, NULL, &why);
 	free(why);
 	json_decref(req);
 	return 0;
