@@ -457,6 +457,7 @@ capd_reload_paused(capd_reloaded_fn *done, void *arg, char **why)
 	capd_conf = c;
 	capd_settings = &c->settings;
 	tls_keylog_reopen();  /* keylog_file may be gone or another (or moved away by logrotate) */
+	tls_trust_reload();   /* a CA added to (or removed from) the system store */
 	if (--r->pending == 0)
 		capd_reload_end(r);
 	return 0;

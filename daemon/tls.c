@@ -42,6 +42,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1042,6 +1043,44 @@ tls_client_cert_cb(SSL *ssl, X509 **x, EVP_PKEY **k)
 }
 
 static pthread_once_t tls_trust_once = PTHREAD_ONCE_INIT;
+static char *tls_trust_loaded;  /* tls_trust_stamp of the files loaded; NULL: none yet */
+
+/* One path's identity for tls_trust_stamp: device, inode, size, mtime. */
+static void
+tls_trust_stamp_path(struct buf *b, const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0)
+		buf_printf(b, "%s:-;", path);
+	else
+		buf_printf(b, "%s:%ju:%ju:%jd:%jd.%ld;", path, (uintmax_t)st.st_dev, (uintmax_t)st.st_ino,
+		           (intmax_t)st.st_size, (intmax_t)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+}
+
+/*
+ * What OpenSSL's default verify paths are now: the bundle (SSL_CERT_FILE or
+ * the built-in cert.pem) and each hashed folder (SSL_CERT_DIR, a list, or
+ * the built-in certs), by identity. update-ca-certificates writes a new
+ * bundle and adds links to the folder, so either changes the stamp.
+ */
+static char *
+tls_trust_stamp(void)
+{
+	const char *file = getenv(X509_get_default_cert_file_env());
+	const char *dirs = getenv(X509_get_default_cert_dir_env());
+	struct buf b = { 0 };
+
+	tls_trust_stamp_path(&b, file ? file : X509_get_default_cert_file());
+	char *list = xstrdup(dirs ? dirs : X509_get_default_cert_dir()), *save = NULL;
+	for (char *d = strtok_r(list, ":", &save); d; d = strtok_r(NULL, ":", &save))
+		tls_trust_stamp_path(&b, d);
+	free(list);
+	buf_append(&b, "", 1);
+	char *stamp = xstrdup((const char *)buf_head(&b));
+	buf_free(&b);
+	return stamp;
+}
 
 /*
  * The system's trusted certificates into the verifying context, once. Parsing
@@ -1049,12 +1088,56 @@ static pthread_once_t tls_trust_once = PTHREAD_ONCE_INIT;
  * took (a fifth of a second under the sanitizers), and a capd that
  * intercepts nothing never needs it. The first session that verifies pays it,
  * before any session uses the context (pthread_once: the sessions' threads).
+ * The stamp is taken first: a file changed while loading is loaded again at
+ * the next reload rather than missed.
  */
 static void
 tls_trust_load(void)
 {
+	tls_trust_loaded = tls_trust_stamp();
 	if (SSL_CTX_set_default_verify_paths(tls_cli_verify) != 1)
 		log_warnx("cannot load the system's trusted certificates; tls_verify will refuse every server");
+}
+
+/*
+ * A reload reads the system's trusted certificates afresh when their files
+ * changed since they were loaded (a lab CA added by update-ca-certificates,
+ * or one removed), as nginx reads proxy_ssl_trusted_certificate again. An
+ * unchanged store is kept: loading the bundle takes some 15 ms. The shards
+ * are paused, so no handshake is inside a verification: the context takes
+ * the new store, and the old one goes with it. Sessions resumed skip the
+ * verification, so the kept ones go too: the next handshake is a full one.
+ */
+void
+tls_trust_reload(void)
+{
+	char *now;
+	X509_STORE *store;
+
+	if (tls_trust_loaded == NULL)
+		return;  /* not loaded yet: the first verifying session reads the files as they are then */
+	now = tls_trust_stamp();
+	if (!strcmp(now, tls_trust_loaded)) {
+		free(now);
+		return;
+	}
+	if ((store = X509_STORE_new()) == NULL || X509_STORE_set_default_paths(store) != 1) {
+		X509_STORE_free(store);
+		ERR_clear_error();
+		free(now);
+		log_warnx("the system's trusted certificates changed, but cannot be loaded again: "
+		          "tls_verify keeps those loaded before");
+		return;
+	}
+	free(tls_trust_loaded);
+	tls_trust_loaded = now;
+	SSL_CTX_set_cert_store(tls_cli_verify, store);  /* frees the old one */
+	for (int i = 0; i < TLS_RESUME_SLOTS; i++) {
+		SSL_SESSION_free(tls_resume[i].sess);
+		tls_resume[i].sess = NULL;
+	}
+	log_notice("the system's trusted certificates changed on disk: tls_verify now uses the %d loaded afresh",
+	           sk_X509_OBJECT_num(X509_STORE_get0_objects(store)));
 }
 
 static SSL_CTX *
@@ -1267,6 +1350,8 @@ tls_stop(void)
 	SSL_CTX_free(tls_cli_verify);
 	SSL_CTX_free(tls_cli_noverify);
 	tls_srv_ctx = tls_cli_verify = tls_cli_noverify = NULL;
+	free(tls_trust_loaded);
+	tls_trust_loaded = NULL;
 	tls_keylog_on = false;
 	BIO_meth_free(tls_bio_meth);
 	tls_bio_meth = NULL;

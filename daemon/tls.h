@@ -116,6 +116,9 @@ void tls_stop(void);
 /* A reload: the key log file is closed, and opened again (keylog_file as it
  * now is, if set) at the next key line. */
 void tls_keylog_reopen(void);
+/* A reload: the system's trusted certificates (tls_verify) are read again if
+ * their files changed since they were loaded. Main thread, shards paused. */
+void tls_trust_reload(void);
 /* After the config's instances started, before privileges drop: makes the CA
  * now when one of them intercepts (its files may need root to write). */
 void tls_prepare(void);

@@ -3135,3 +3135,41 @@ def test_reload_names_a_ca_replaced_on_disk(capd_factory, tmp_path):
     assert f"ca_cert {capd.state}/ca.pem changed on disk: the CA loaded before stays until restart" in capd.log()
     assert capd.ctl("reload", json_out=True)["restart_only"] == ["ca_cert"]
     assert capd.ctl("ca", "export").stdout == old
+
+
+def test_reload_reads_a_changed_system_store(capd_factory, origin, tmp_path):
+    """A lab CA added to the system store (update-ca-certificates) and capctl reload:
+    capd kept the store it had loaded at the first verifying session, and the upstream
+    stayed refused ("upstream certificate did not verify") until a restart. A reload now
+    reads the store again when its files changed, a CA removed too; here the store is
+    SSL_CERT_FILE (and an empty SSL_CERT_DIR), so the host's /etc/ssl is not touched."""
+    other, _ = make_cert(tmp_path, "other", "/CN=another CA")
+    store, hashed = tmp_path / "store.pem", tmp_path / "certs"
+    hashed.mkdir()
+    store.write_text(other.read_text())
+    port = free_port()
+    capd = capd_factory(f"[forward f]\nlisten = 127.0.0.1:{port}\nto = 127.0.0.1:{origin.port}\ntls = yes\n",
+                        extra_env={"SSL_CERT_FILE": str(store), "SSL_CERT_DIR": str(hashed)})
+    ca = export_ca(capd, tmp_path / "capd-ca.pem")
+
+    def get(n):
+        r = curl("--http1.1", "--cacert", ca, "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        return r, last_closed(capd, n)[-1]
+
+    r, s = get(1)
+    assert r.returncode != 0 and s["reason"].startswith("upstream certificate did not verify: "), s
+    assert capd.ctl("reload").stderr == ""  # unchanged: kept, nothing said
+    assert "trusted certificates changed" not in capd.log()
+
+    store.write_text(other.read_text() + origin.ca.read_text())
+    assert capd.ctl("reload").stderr == ""
+    r, s = get(2)
+    assert r.returncode == 0 and r.stdout == BODY, (r.stderr, s)
+    assert "the system's trusted certificates changed on disk: tls_verify now uses the 2 loaded afresh" \
+        in capd.log()
+
+    # removed again: refused, though the server would resume the session verified before
+    store.write_text(other.read_text())
+    capd.ctl("reload")
+    r, s = get(3)
+    assert r.returncode != 0 and s["reason"].startswith("upstream certificate did not verify: "), s
