@@ -682,6 +682,22 @@ http_parse_request(const uint8_t *bytes, size_t n, const struct http_limits *lim
 	return http_semantics(m, true);
 }
 
+bool
+http_request_line_at(const uint8_t *bytes, size_t n, struct http_msg *m)
+{
+	const char *p = (const char *)bytes;
+	size_t next;
+	long le;
+
+	http_ctype_init();
+	memset(m, 0, offsetof(struct http_msg, hdr));
+	if (n > HTTP_EARLY_MAX)
+		n = HTTP_EARLY_MAX;
+	if ((le = http_line_end(p, 0, n, &next)) < 0)
+		return false;
+	return http_request_line(p, 0, (size_t)le, m) == PARSE_OK;
+}
+
 enum parse
 http_h2_preface(const uint8_t *p, size_t n)
 {

@@ -95,6 +95,11 @@ enum parse http_parse_response(const uint8_t *p, size_t n, const struct http_lim
 #define HTTP_H2_PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 enum parse http_h2_preface(const uint8_t *p, size_t n);
 
+/* The HTTP/1.x request line p starts with (method SP target SP HTTP/1.x,
+ * ending in CRLF or a bare LF within p's first 8K) into m's method, target
+ * and minor: true; false for anything else (another protocol, a line that
+ * did not end within p). Only that line is looked at, not the head. */
+bool http_request_line_at(const uint8_t *p, size_t n, struct http_msg *m);
 /* Case-insensitive header lookup; the first match or NULL. */
 const struct http_hdr *http_header(const struct http_msg *m, const char *name);
 /* True when name is hop-by-hop for m: the fixed list or a token of Connection

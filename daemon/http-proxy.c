@@ -306,34 +306,56 @@ http_route_request(struct session *s, const uint8_t *p, size_t n, struct http_ta
 	return PARSE_OK;
 }
 
-/* The session's note: its first request line, the target cut at
- * HTTP_NOTE_MAX bytes, and the proxy user, in front of TLS's part (a
- * client's end of TLS read with its request is noted before it). A
- * target's bytes past ASCII (raw UTF-8 from curl, or Latin-1) are written
- * %XX, as a browser sends them: the note goes into JSON, which takes valid
- * UTF-8 only. */
+/* A request line for a note: the method and the target cut at
+ * HTTP_NOTE_MAX bytes. A target's bytes past ASCII (raw UTF-8 from curl, or
+ * Latin-1) are written %XX, as a browser sends them: the note goes into
+ * JSON, which takes valid UTF-8 only. */
 static void
-http_note(struct session *s, const struct http_msg *m, const struct http_target *t)
+http_note_line(struct buf *b, const struct http_msg *m)
 {
 	size_t n = m->target_len < HTTP_NOTE_MAX ? m->target_len : HTTP_NOTE_MAX;
-	struct buf b = { 0 };
 
-	if (session_note_has_proto(s))
-		return;
-	buf_append(&b, m->method, m->method_len);
-	buf_append(&b, " ", 1);
+	buf_append(b, m->method, m->method_len);
+	buf_append(b, " ", 1);
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)m->target[i];
 
 		if (c >= 0x80)
-			buf_printf(&b, "%%%02X", c);
+			buf_printf(b, "%%%02X", c);
 		else
-			buf_append(&b, &m->target[i], 1);
+			buf_append(b, &m->target[i], 1);
 	}
+}
+
+/* The session's note: its first request line (http_note_line) and the
+ * proxy user, in front of TLS's part (a client's end of TLS read with its
+ * request is noted before it). */
+static void
+http_note(struct session *s, const struct http_msg *m, const struct http_target *t)
+{
+	struct buf b = { 0 };
+
+	if (session_note_has_proto(s))
+		return;
+	http_note_line(&b, m);
 	if (t->user)
 		buf_printf(&b, " user=%s", t->user);
 	buf_append(&b, "", 1);
 	session_note_proto(s, (const char *)buf_head(&b));
+	buf_free(&b);
+}
+
+void
+http_note_inner(struct session *s, const uint8_t *p, size_t n)
+{
+	struct http_msg m;
+	struct buf b = { 0 };
+
+	if (!http_request_line_at(p, n, &m))
+		return;  /* not HTTP/1.x (HTTP/2's preface is not either), or not whole */
+	http_note_line(&b, &m);
+	buf_append(&b, "", 1);
+	session_note_proto_add(s, (const char *)buf_head(&b));
 	buf_free(&b);
 }
 
@@ -992,7 +1014,8 @@ http_proxy_connected(struct session *s, int err)
 		session_send(s, established, sizeof established - 1);
 		if (s->state == SESSION_CLOSED)
 			return;
-		tls_intercept_start(s, ((struct http_cfg *)s->inst->cfg)->tls);  /* relay_start unless tls */
+		/* the first request inside an intercepted tunnel goes in the note */
+		tls_intercept_start(s, ((struct http_cfg *)s->inst->cfg)->tls, http_note_inner);  /* relay_start unless tls */
 		return;
 	}
 	hc->up = UP_HEAD;

@@ -80,6 +80,12 @@ void http_proxy_connected(struct session *s, int err);
 void http_proxy_session_free(struct session *s);
 bool http_proxy_idle(struct session *s);
 
+/* The first bytes a client sent in an intercepted tunnel (tls.h,
+ * tls_intercept_start): when they start with an HTTP/1.x request line, its
+ * method and target go at the end of the note's protocol part ("CONNECT
+ * host:443 GET /path"); anything else leaves the note as it is. */
+void http_note_inner(struct session *s, const uint8_t *p, size_t n);
+
 #define HTTP_PROXY_HS_MAX (64 * 1024)  /* = RELAY_BUF: a head, leftover and all, fits the relay */
 
 #endif

@@ -124,7 +124,7 @@ forward_connected(struct session *s, int err)
 		session_close(s, s->why_connect ? s->why_connect : "connect failed");
 		return;
 	}
-	tls_intercept_start(s, fc_of(s)->tls);  /* relay_start() unless tls = yes|auto */
+	tls_intercept_start(s, fc_of(s)->tls, NULL);  /* relay_start() unless tls = yes|auto */
 }
 
 /* udp = yes: the datagram relay on the same address and port */

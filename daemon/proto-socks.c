@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "capd.h"
+#include "http-proxy.h"
 #include "instance.h"
 #include "log.h"
 #include "relay.h"
@@ -369,7 +370,7 @@ socks_grant(struct session *s, const struct sockaddr *bnd, bool intercept)
 		buf_free(&s->hs_out);
 	/* CONNECT tunnels may carry TLS to intercept; a BIND peer is not a server */
 	if (intercept)
-		tls_intercept_start(s, c->tls);  /* relay_start() unless tls = yes|auto */
+		tls_intercept_start(s, c->tls, http_note_inner);  /* relay_start() unless tls = yes|auto */
 	else
 		relay_start(s);
 }

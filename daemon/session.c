@@ -1210,6 +1210,23 @@ session_note_proto(struct session *s, const char *text)
 	s->note = n;
 }
 
+void
+session_note_proto_add(struct session *s, const char *text)
+{
+	const char *tls = session_note_tls(s);
+	size_t len;
+	char *n;
+
+	if (!session_note_has_proto(s)) {
+		session_note_proto(s, text);
+		return;
+	}
+	len = tls ? (size_t)(tls - s->note) - 2 : strlen(s->note);  /* the "; " before the TLS part */
+	n = xasprintf("%.*s %s", (int)len, s->note, text);
+	session_note_proto(s, n);
+	free(n);
+}
+
 json_t *
 session_json(struct session *s)
 {

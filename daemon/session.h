@@ -184,6 +184,9 @@ int session_call(uint64_t id, void (*fn)(struct session *s, void *arg), void *ar
 bool session_note_has_proto(const struct session *s);
 /* text (copied) becomes the protocol's part of s's note, in front of the TLS part. */
 void session_note_proto(struct session *s, const char *text);
+/* text (copied) goes at the end of the protocol's part of s's note, after a
+ * space (an intercepted tunnel's first request after its CONNECT). */
+void session_note_proto_add(struct session *s, const char *text);
 
 json_t *session_json(struct session *s);  /* caller owns */
 /* Open sessions then the closed history, newest last; instance may be NULL. */

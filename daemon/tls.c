@@ -156,6 +156,7 @@ struct tls_session {
 	uint16_t connect_port;
 	const char *pass;           /* TLS_ST_PASS: why the bytes pass untouched (static text) */
 	bool summed_up;             /* the note has its version, SNI and ALPN (tls_session_summary) */
+	tls_first_fn first_read;    /* takes the client's first plaintext read, then is cleared; or NULL */
 	void (*hs_rcb)(struct ev_loop *, ev_io *, int);  /* the session's handshake callbacks, restored after */
 	void (*hs_wcb)(struct ev_loop *, ev_io *, int);
 };
@@ -2771,13 +2772,14 @@ tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
  * there once the hello is in. The hello may be waiting already, and read
  * (and acted on) before this returns. */
 static void
-tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint16_t port)
+tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint16_t port, tls_first_fn first)
 {
 	struct tls_session *ts;
 
 	ts = xcalloc(1, sizeof *ts);
 	ts->s = s;
 	ts->cfg = cfg;
+	ts->first_read = first;
 	ts->connect_host = host;
 	ts->connect_port = port;
 	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
@@ -2799,13 +2801,13 @@ tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint
 }
 
 void
-tls_intercept_start(struct session *s, struct tls_cfg *cfg)
+tls_intercept_start(struct session *s, struct tls_cfg *cfg, tls_first_fn first)
 {
 	if (cfg == NULL || cfg->mode == TLS_NO || tls_bio_meth == NULL) {
 		relay_start(s);
 		return;
 	}
-	tls_start_session(s, cfg, NULL, 0);
+	tls_start_session(s, cfg, NULL, 0, first);
 }
 
 bool
@@ -2825,7 +2827,7 @@ tls_hello_first(struct session *s, struct tls_cfg *cfg, const char *host, uint16
 	} else {
 		snprintf(s->target_name, sizeof s->target_name, "%s:%u", host, port);
 	}
-	tls_start_session(s, cfg, host, port);
+	tls_start_session(s, cfg, host, port, NULL);
 	return true;
 }
 
@@ -2927,6 +2929,16 @@ tls_side_error(struct tls_side *t, int e, int saved)
 	tls_side_late_verdict(t, text);
 }
 
+/* Once: the client's first plaintext to the session's first_read. */
+static void __attribute__((noinline))
+tls_first_read(struct tls_session *ts, const void *p, size_t n)
+{
+	tls_first_fn fn = ts->first_read;
+
+	ts->first_read = NULL;
+	fn(ts->s, p, n);
+}
+
 ssize_t
 tls_side_read(struct tls_side *t, void *p, size_t n)
 {
@@ -2971,6 +2983,8 @@ tls_side_read(struct tls_side *t, void *p, size_t n)
 			spool_flow_fin(t->ts->raw[t->leg], t->rdir);
 		break;
 	}
+	if (__builtin_expect(t->ts->first_read != NULL, 0) && got > 0 && t->leg == TLS_LEG_CLIENT)
+		tls_first_read(t->ts, p, got);
 	if (got > 0)
 		return (ssize_t)got;
 	if (t->eof)

@@ -7,7 +7,7 @@
  *
  *     struct xxx_cfg { ...; struct tls_cfg *tls; };
  *     configure:  if (tls_configure(inst, p, &cfg->tls) < 0) return -1;
- *     connected:  tls_intercept_start(s, cfg->tls);      (instead of relay_start)
+ *     connected:  tls_intercept_start(s, cfg->tls, NULL);  (instead of relay_start)
  *     describe:   tls_describe(cfg->tls, obj);
  *     free:       tls_cfg_free(cfg->tls);
  *
@@ -23,6 +23,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "params.h"
@@ -63,14 +64,20 @@ void tls_cfg_free(struct tls_cfg *cfg);
 /* Adds "tls", "tls_capture", "tls_passthrough_auto" (hosts now passed through) ... */
 void tls_describe(const struct tls_cfg *cfg, json_t *obj);
 
+/* Given the client's first plaintext read of an intercepted session, once
+ * (the bytes stay the relay's: it looks, it does not take). */
+typedef void (*tls_first_fn)(struct session *s, const uint8_t *p, size_t n);
+
 /*
  * Both of s's sockets are connected: with cfg NULL or tls = no this is
  * relay_start(s). Otherwise peek at the client's first bytes (auto: anything
  * but a ClientHello is relayed as is), read the SNI and ALPN offer, connect
  * upstream with TLS, forge the certificate, finish the client's handshake,
- * then relay the plaintext. Passthrough hosts are relayed untouched.
+ * then relay the plaintext. Passthrough hosts are relayed untouched. first,
+ * when not NULL, sees the client's first plaintext read (a note of what was
+ * asked inside the tunnel), and nothing after it.
  */
-void tls_intercept_start(struct session *s, struct tls_cfg *cfg);
+void tls_intercept_start(struct session *s, struct tls_cfg *cfg, tls_first_fn first);
 
 /*
  * For a forwarder (its client speaks first, no reply precedes TLS): call

@@ -2807,3 +2807,39 @@ def test_http2_prior_knowledge_gets_goaway_http_1_1_required(capd, origin):
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"/first\nHTTP/1.1 505 " in reply, reply
     r = curl("-x", f"http://127.0.0.1:{port}", f"{u}/after")
     assert r.returncode == 0 and r.stdout == b"hello from a /after\n", r.stderr
+
+
+def test_connect_tls_note_names_inner_request(capd, tmp_path):
+    """An intercepted CONNECT tunnel's note (capctl --json sessions) said only
+    `CONNECT host:port; tls ...`, never what was asked inside it, where a plain
+    request's note is its request line. The client's first decrypted bytes, when they
+    start with an HTTP/1.x request line, now add it: `CONNECT host:port GET /path;
+    tls ...`. Another protocol inside the tunnel (openssl s_client sending an IMAP
+    command) leaves the note as it was. The same for a socks instance with tls."""
+    import test_tls
+    o = test_tls.Origin(tmp_path / "tls-origin")
+    try:
+        port, sport = free_port(), free_port()
+        capd.ctl("add", "http", "--port", port, "--name", "h", "--connect-ports", str(o.port), "--tls",
+                 "--no-tls-verify")
+        capd.ctl("add", "socks", "--port", sport, "--name", "k", "--tls", "--no-tls-verify")
+        url = f"https://127.0.0.1:{o.port}/index.html?q=caf%C3%A9"
+        r = curl("--http1.1", "-k", "-p", "-x", f"http://127.0.0.1:{port}", url)
+        assert r.returncode == 0 and r.stdout == test_tls.BODY, r.stderr
+        # another protocol (an IMAP command) inside the tunnel: nginx answers 400 and closes
+        r = subprocess.run(["openssl", "s_client", "-quiet", "-proxy", f"127.0.0.1:{port}",
+                            "-connect", f"127.0.0.1:{o.port}", "-servername", "localhost"],
+                           input=b"a001 NOOP\r\n", capture_output=True, timeout=30)
+        assert b"400 Bad Request" in r.stdout, (r.stdout, r.stderr)
+        r = curl("--http1.1", "-k", "-x", f"socks5://127.0.0.1:{sport}", "-X", "HEAD", "-I",
+                 f"https://127.0.0.1:{o.port}/")
+        assert r.returncode == 0 and r.stdout.startswith(b"HTTP/1.1 200 OK"), r.stderr
+        ss = sorted(capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) >= 3),
+                    key=lambda s: s["id"])
+        notes = [s.get("note", "") for s in ss if s["state"] == "closed"]
+        tunnel = f"127.0.0.1:{o.port}"
+        assert notes[0].startswith(f"CONNECT {tunnel} GET /index.html?q=caf%C3%A9; tls TLSv1."), notes
+        assert notes[1].startswith(f"CONNECT {tunnel}; tls TLSv1.") and "a001" not in notes[1], notes
+        assert notes[2].startswith(f"socks5 connect {tunnel} HEAD /; tls TLSv1."), notes
+    finally:
+        o.stop()

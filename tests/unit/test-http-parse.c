@@ -641,6 +641,31 @@ test_h2_preface(void **state)
 	assert_int_equal(http_h2_preface((const uint8_t *)"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", 24), PARSE_ERR);
 }
 
+/* The first line of an intercepted tunnel's plaintext: an HTTP/1.x request
+ * line alone, whatever follows it (no head needed); anything else is not. */
+static void
+test_request_line_at(void **state)
+{
+	static const char *no[] = {
+		"", "GET / HTTP/1.1", "a001 NOOP\r\n", "GET /\r\n", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+		"GET / HTTP/2.0\r\n", "GET  / HTTP/1.1\r\n", "GET / HTTP/1.1\rx\n", "\r\nGET / HTTP/1.1\r\n",
+		"\x16\x03\x01\x02\x00\x01", "SSH-2.0-OpenSSH_9.2\r\n",
+	};
+	const char *ok = "GET /a?b=c HTTP/1.1\r\nHost: x\r\n";
+
+	(void)state;
+	assert_true(http_request_line_at((const uint8_t *)ok, strlen(ok), &m));
+	assert_int_equal(m.method_len, 3);
+	assert_memory_equal(m.method, "GET", 3);
+	assert_int_equal(m.target_len, 6);
+	assert_memory_equal(m.target, "/a?b=c", 6);
+	assert_true(http_request_line_at((const uint8_t *)"OPTIONS * HTTP/1.0\n", 19, &m));
+	assert_int_equal(m.minor, 0);
+	for (size_t i = 0; i < sizeof no / sizeof no[0]; i++)
+		if (http_request_line_at((const uint8_t *)no[i], strlen(no[i]), &m))
+			fail_msg("taken for a request line: %zu", i);
+}
+
 int
 main(void)
 {
@@ -661,6 +686,7 @@ main(void)
 		cmocka_unit_test(test_request_line_early),
 		cmocka_unit_test(test_chunked_bare_lf),
 		cmocka_unit_test(test_h2_preface),
+		cmocka_unit_test(test_request_line_at),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
