@@ -2164,12 +2164,10 @@ def test_reload_reads_a_changed_users_file(capd_factory, http_server, tmp_path):
     assert ok("bob:new") and ok("eve:pw")
 
 
-# An HTTP origin on PORT (argv) of 127.0.0.0/8 and ::1 (one socket for both) in a namespace
-# whose body is the address the client reached, and a nameserver on 127.0.0.1:53 that prints
-# each name it is asked (and answers REFUSED); "ready" once both listen.
-NS_LOCALHOST_WORLD = r"""
+# An HTTP origin on PORT (argv[1]) of 127.0.0.0/8 and ::1 (one socket for both) whose body
+# is the address the client reached: the start of the namespace scripts below.
+NS_ADDR_ORIGIN = r"""
 import http.server, socket, sys, threading
-import dns.message, dns.rcode
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = self.connection.getsockname()[0].removeprefix("::ffff:").encode()
@@ -2186,6 +2184,13 @@ class S(http.server.ThreadingHTTPServer):
         super().server_bind()
 s = S(("::", int(sys.argv[1])), H)
 threading.Thread(target=s.serve_forever, daemon=True).start()
+"""
+
+
+# NS_ADDR_ORIGIN in a namespace, and a nameserver on 127.0.0.1:53 that prints each name it
+# is asked (and answers REFUSED); "ready" once both listen.
+NS_LOCALHOST_WORLD = NS_ADDR_ORIGIN + r"""
+import dns.message, dns.rcode
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.bind(("127.0.0.1", 53))
 print("ready", flush=True)
@@ -2249,27 +2254,10 @@ def test_localhost_names_are_loopback_without_a_dns_query(netns, ns_etc, ns_capd
 
 # Two nameservers, 127.0.0.1:53 ("1") and 127.0.0.2:53 ("2"): every A question gets
 # 127.0.0.11 from the first and 127.0.0.12 from the second, AAAA none; the first holds
-# its answers to slow.* back 1.5 s. Each query is printed as "SERVER TYPE NAME". An HTTP
-# server on port argv[1] answers with the address it was reached at.
-NS_TWO_RESOLVERS = r"""
-import http.server, socket, sys, threading
+# its answers to slow.* back 1.5 s. Each query is printed as "SERVER TYPE NAME". Beside
+# them NS_ADDR_ORIGIN on port argv[1].
+NS_TWO_RESOLVERS = NS_ADDR_ORIGIN + r"""
 import dns.message, dns.rdatatype, dns.rrset
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.connection.getsockname()[0].removeprefix("::ffff:").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-class S(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-s = S(("::", int(sys.argv[1])), H)
-threading.Thread(target=s.serve_forever, daemon=True).start()
 lock = threading.Lock()
 def serve(n):
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
