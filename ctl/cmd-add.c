@@ -132,15 +132,57 @@ add_flag_opt(const char *type, const char *key, const char *value)
 	return "another option";
 }
 
+/* What an option's value looks like in the usage line, in capctl(1)'s words. */
+static const char *
+add_metavar(const struct add_opt *ao)
+{
+	switch (ao->check) {
+	case CHK_HOSTPORT: return "HOST:PORT";
+	case CHK_UPSTREAM: return "HOST[:PORT]";
+	case CHK_SIZE: return "SIZE";
+	case CHK_DURATION:
+	case CHK_TIMEOUT: return "T";
+	case CHK_UINT: return "N";
+	case CHK_ROUTE: return "PATTERN[/PATH]=HOST:PORT";
+	case CHK_ANSWER: return "PATTERN=ADDR";
+	case CHK_PATH: return "FILE";
+	case CHK_PATH_DIR: return "PATH";
+	case CHK_AUTH: return "USER:PASS";
+	case CHK_NAME: return "NAME";
+	case CHK_CAPTURE: return "plain|both";
+	case CHK_IFACE: return "IFACE";
+	case CHK_PORTS: return "PORT[,PORT...]";
+	case CHK_LIST: return "PATTERN[,PATTERN...]";
+	case CHK_NONE: break;
+	}
+	return "EXPR";  /* --filter, the one value capctl leaves to capd */
+}
+
+/* An option the type cannot do without, checked in add_exec: shown unbracketed. */
+static bool
+add_required(const struct add_opt *ao, const char *type)
+{
+	return (!strcmp(type, "forward") && !strcmp(ao->key, "to")) ||
+	       (!strcmp(type, "sniff") && !strcmp(ao->key, "interface"));
+}
+
 /* To stdout for --help, to stderr after a mistake. */
 static void
 add_usage(FILE *f, const char *type)
 {
 	fprintf(f, "usage: capctl add %s %s[--name NAME]", type,
 	        strcmp(type, "sniff") ? "--port PORT [--bind ADDR] " : "");
-	for (size_t i = 0; i < sizeof add_opts / sizeof add_opts[0]; i++)
-		if (add_opts[i].type && strcmp(add_opts[i].type, LISTEN_TYPES) && opt_for_type(&add_opts[i], type))
-			fprintf(f, " [%s%s]", add_opts[i].opt, add_opts[i].kind == OPT_FLAG ? "" : " X");
+	for (size_t i = 0; i < sizeof add_opts / sizeof add_opts[0]; i++) {
+		const struct add_opt *ao = &add_opts[i];
+		bool req;
+
+		if (ao->type == NULL || !strcmp(ao->type, LISTEN_TYPES) || !opt_for_type(ao, type))
+			continue;
+		req = add_required(ao, type);
+		fprintf(f, " %s%s%s%s%s%s", req ? "" : "[", ao->opt, ao->kind == OPT_FLAG ? "" : " ",
+		        ao->kind == OPT_FLAG ? "" : add_metavar(ao), ao->kind == OPT_REPEAT ? " ..." : "",
+		        req ? "" : "]");
+	}
 	fprintf(f, " %s[--no-capture]\n", strcmp(type, "sniff") ? "[--expose] [--idle-timeout T] [--connect-timeout T] " : "");
 }
 

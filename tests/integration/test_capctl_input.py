@@ -3,6 +3,7 @@ addresses it can reject itself (exit 2), and --users paths made absolute."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -832,3 +833,25 @@ def test_add_bad_auth_never_shows_the_password(tmp_path):
             r = capctl("add", typ, "--port", free_port(), "--auth", bad, sock=tmp_path / "none")
             assert r.returncode == 2, (r.returncode, r.stderr)
             assert why in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr
+
+
+def test_add_help_shows_required_options_and_their_values(tmp_path):
+    """`capctl add forward --help` showed "[--to X]" and `add sniff --help`
+    "[--interface X]": bracketed as if optional, though capctl refuses the command
+    without them ("add forward needs --to HOST:PORT"), and every value as X. The two
+    are now unbracketed, as capctl(1) has them, and each value is named (HOST:PORT,
+    SIZE, T), a repeatable one with "..."."""
+    out = {}
+    for typ in ADD_TYPES:
+        r = capctl("add", typ, "--help", sock=tmp_path / "none.sock")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        out[typ] = r.stdout
+        assert not re.search(r" X[] ]", r.stdout), r.stdout
+    assert " --to HOST:PORT " in out["forward"] and "[--to" not in out["forward"], out["forward"]
+    assert " --interface IFACE " in out["sniff"] and "[--interface" not in out["sniff"], out["sniff"]
+    assert "[--route PATTERN[/PATH]=HOST:PORT ...] [--default HOST:PORT]" in out["reverse"], out["reverse"]
+    assert "[--answer PATTERN=ADDR ...] [--upstream HOST[:PORT]]" in out["dns"], out["dns"]
+    assert "[--max-header-size SIZE] [--header-timeout T]" in out["http"], out["http"]
+    # the line a mistake prints is the same one, before the reason
+    r = capctl("add", "forward", "--port", "1", sock=tmp_path / "none.sock")
+    assert r.returncode == 2 and r.stderr == out["forward"] + "capctl: add forward needs --to HOST:PORT\n", r.stderr

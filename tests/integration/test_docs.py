@@ -12,11 +12,12 @@ key or command added without its documentation fails here.
 """
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SANITIZED
+from conftest import CAPCTL, SANITIZED
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"
@@ -237,3 +238,43 @@ def test_every_tail_notice_in_capctl_1():
     missing = [n for n in notices
                if not re.search(r"\[\.\.\. (?:[cs]2[cs] )?\d+ " + re.escape(n) + r" \.\.\.\]", page)]
     assert not missing, f"tail notices missing from man/capctl.1: {missing}"
+
+
+def needed_fl(line):
+    """The "Fl -x" pairs of an mdoc line outside its optional parts (Oo .. Oc, and
+    Op to the end of the line), joined by spaces."""
+    depth, words, prev = 0, [], None
+    for w in line.split():
+        if w == "Oo":
+            depth += 1
+        elif w == "Oc":
+            depth -= 1
+        elif w == "Op":
+            break
+        elif depth == 0 and prev == "Fl":
+            words.append("Fl " + w)
+        prev = w
+    return " ".join(words)
+
+
+def test_add_items_and_usage_agree_on_required_options():
+    """capctl(1)'s `add forward --port port --to host:port` and `add sniff --interface
+    iface` items show the option the type needs unbracketed, while `capctl add forward
+    --help` printed "[--to X]" and `add sniff --help` "[--interface X]"; and the page's
+    `add reverse` item showed --route as needed where one --route or a --default is.
+    Both now bracket the same options."""
+    page = "\n".join(man_lines("capctl.1")).replace("\\\n", " ")
+    for typ in [t for t in proto_keys() if t != "trace"]:
+        item = re.search(r"^\.It Cm add " + typ + r" (.*)$", page, re.M)
+        assert item, typ
+        man = {"-" + o for o in re.findall(r"Fl (-[a-z][a-z0-9-]*)", needed_fl(item.group(1)))}
+        r = subprocess.run([str(CAPCTL), "add", typ, "--help"], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        usage = r.stdout.split(f"capctl add {typ} ", 1)[1]
+        depth, code = 0, set()
+        for w in usage.replace("[", " [ ").replace("]", " ] ").split():
+            depth += (w == "[") - (w == "]")
+            if depth == 0 and w.startswith("--"):
+                code.add(w)
+        assert man == code, (typ, sorted(man), sorted(code))
+
