@@ -11,13 +11,15 @@ key or command added without its documentation fails here.
   capd options:       daemon/capd.c's getopt string; signals from its ev_signal_init calls
 """
 
+import grp
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CAPCTL, SANITIZED
+from conftest import CAPCTL, CAPD, SANITIZED
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"
@@ -278,3 +280,93 @@ def test_add_items_and_usage_agree_on_required_options():
                 code.add(w)
         assert man == code, (typ, sorted(man), sorted(code))
 
+
+def example_lines():
+    """(file, line) of every command a user would paste: README's sh blocks, the
+    man pages' literal blocks and .Dl lines, prompts and trailing comments gone."""
+    raw = [("README.md", ln) for b in re.findall(r"```sh\n(.*?)```", src("README.md"), re.S)
+           for ln in b.splitlines()]
+    for page in ("capd.8", "capctl.1", "capd.conf.5"):
+        literal = False
+        for ln in man_lines(page):
+            if ln.startswith(".Bd -literal") or ln.startswith(".Ed"):
+                literal = ln.startswith(".Bd")
+            elif literal or ln.startswith(".Dl "):
+                raw.append((page, ln.removeprefix(".Dl ").replace("\\&", "").replace("\\(dq", '"')))
+    return [(f, re.sub(r"\s+#\s.*$", "", re.sub(r"^\s*[$#] ", "", ln))) for f, ln in raw]
+
+
+def add_table():
+    """{type: {option}} that `capctl add TYPE` takes, from ctl/cmd-add.c's table."""
+    text = strip_c_comments(src("ctl/cmd-add.c"))
+    macros = dict(re.findall(r'#define (\w+) "([^"]*)"', text))
+    types = [t for t in proto_keys() if t != "trace"]
+    out = {t: {"--port", "--bind", "--help", "--json"} if t != "sniff" else {"--help", "--json"} for t in types}
+    for who, opt in re.findall(r'\{\s*(NULL|\w+|"[^"]*"),\s*"(--[a-z-]+)",', text):
+        who = types if who == "NULL" else (macros[who] if who in macros else who.strip('"')).split()
+        for t in who:
+            out[t].add(opt)
+    return out
+
+
+def test_every_capctl_example_takes_its_options():
+    """Each capctl line a user copies from README.md or a man page names a command,
+    and a sub-command, that capctl has, only options that command (for add, that
+    type) takes, and what `add TYPE` cannot do without (--to, --interface, --port)."""
+    cmds = dict(capctl_commands())
+    adds = add_table()
+    needs = {"forward": ["--to"], "sniff": ["--interface"], "reverse": ["--route", "--default"]}
+    problems, seen = [], 0
+    for where, ln in example_lines():
+        for seg in re.split(r'\$\(|\||&&|;|\)|"|>', ln):
+            m = re.search(r"(?:^|\s)capctl\s+(.*)", seg)
+            if not m:
+                continue
+            seen += 1
+            argv = [a.strip("'") for a in m.group(1).split()]
+            while argv and argv[0] in ("--json", "-s", "--timeout"):
+                argv = argv[2:] if argv[0] != "--json" else argv[1:]
+            cmd, rest = argv[0], [a for a in argv[1:] if a != "--json"]
+            rest = rest[:rest.index("--")] if "--" in rest else rest
+            opts = {a.split("=")[0] for a in rest if a.startswith("--")}
+            if cmd not in cmds:
+                problems.append(f"{where}: {ln}: no command {cmd}")
+            elif cmd == "add":
+                typ = rest[0]
+                if opts - adds.get(typ, set()):
+                    problems.append(f"{where}: {ln}: add {typ} takes no {sorted(opts - adds.get(typ, set()))}")
+                for need in [needs.get(typ, [])] + ([["--port"]] if typ != "sniff" else []):
+                    if need and not opts & set(need):
+                        problems.append(f"{where}: {ln}: add {typ} needs {' or '.join(need)}")
+            else:
+                usage = cmds[cmd]
+                subs = [w[0] for w in (a.split() for a in usage.split("|")) if w and re.fullmatch(r"[a-z]+", w[0])]
+                if subs and (not rest or rest[0] not in subs):
+                    problems.append(f"{where}: {ln}: {cmd} takes {subs}")
+                unknown = opts - set(re.findall(r"--[a-z][a-z0-9-]*", usage))
+                if unknown:
+                    problems.append(f"{where}: {ln}: {cmd} takes no {sorted(unknown)}")
+    assert seen >= 20, seen
+    assert not problems, problems
+
+
+def test_capd_conf_5_examples_pass_capd_t(tmp_path):
+    """The sections capd.conf(5)'s EXAMPLES show, all in one file, are a configuration
+    `capd -t` calls good (the control socket, spool and state made local, and
+    control_group the caller's own group when there is no group capd yet)."""
+    page = "\n".join(man_lines("capd.conf.5"))
+    examples = page.split("\n.Sh EXAMPLES\n", 1)[1].split("\n.Sh ", 1)[0]
+    blocks = [b for b in re.findall(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", examples, re.S | re.M)
+              if b.startswith("[")]
+    text = "\n".join(blocks)
+    assert text.count("[capd]") == 1 and text.count("[") >= 5, text
+    try:
+        grp.getgrnam("capd")
+    except KeyError:
+        text = text.replace("control_group = capd", f"control_group = {grp.getgrgid(os.getgid()).gr_name}")
+    text = text.replace("[capd]\n", f"[capd]\ncontrol = {tmp_path}/c.sock\nspool = {tmp_path}/sp\n"
+                        f"state_dir = {tmp_path}/st\nhosts_file = {tmp_path}/hosts\n", 1)
+    (tmp_path / "capd.conf").write_text(text)
+    r = subprocess.run([str(CAPD), "-t", "-c", str(tmp_path / "capd.conf")], capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 0 and "configuration is good (5 instances)" in r.stdout, (r.stderr, text)
