@@ -222,11 +222,13 @@ http_close(struct session *s, const char *reason)
 	session_close(s, reason);  /* with the upstream's RST when it reset (s->upstream_reset) */
 }
 
-/* Before the relay: the reply in b, FIN, close (lingering) with reason. */
+/* Before the relay: the reply in b, FIN, close (lingering) with reason. The
+ * capture has it, after what the client sent (session_refused_heard). */
 static void
 http_reply_early(struct session *s, const struct buf *b, const char *reason)
 {
-	session_send(s, buf_head(b), buf_used(b));
+	session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
+	session_refused_say(s, buf_head(b), buf_used(b));
 	if (s->state != SESSION_CLOSED && s->client.fd >= 0 && buf_used(&s->hs_out) == 0) {
 		if (s->client.tls != NULL)
 			tls_side_shutdown(s->client.tls);
@@ -277,6 +279,19 @@ http_fail_late(struct session *s, int status, const char *why)
 	buf_free(&b);
 	http_end_late(s, reason);
 	free(reason);
+}
+
+/* A request refused on a connection that relays already: not the upstream's
+ * to see, so the capture has it, with capd's reply, in a flow of its own
+ * toward capd's address (session_refused_heard), as a first request's is.
+ * p, n: what the client sent that capd holds, from the request on. */
+static void
+http_refuse_late(struct session *s, const uint8_t *p, size_t n, const struct buf *reply, const char *reason)
+{
+	session_refused_heard(s, p, n);
+	session_refused_said(s, buf_head(reply), buf_used(reply));
+	relay_inject(s, DIR_DOWN, buf_head(reply), buf_used(reply));
+	http_end_late(s, reason);
 }
 
 /* ---- routing and rewriting ---- */
@@ -892,7 +907,10 @@ http_refuse_keep(struct session *s, const char *why)
 	buf_append(&lines, "", 1);
 	http_error_text(&b, 407, why, true, hc->req_head, (const char *)buf_head(&lines));
 	buf_free(&lines);
-	session_send(s, buf_head(&b), buf_used(&b));
+	/* the capture has the request and its 407, and no close: the connection
+	 * goes on, in the next session's capture */
+	session_refused_heard(s, buf_head(&s->hs_in), m->head_len + used);
+	session_refused_say(s, buf_head(&b), buf_used(&b));
 	buf_free(&b);
 	if (s->state == SESSION_CLOSED)
 		return true;
@@ -910,7 +928,8 @@ http_refuse_keep(struct session *s, const char *why)
  * server"); it is told in its own protocol instead: the server preface (a
  * SETTINGS frame), then GOAWAY with no stream processed and
  * HTTP_1_1_REQUIRED (RFC 9113 3.4, 6.8, 7), whose debug data says why.
- * Like any refusal before an upstream, it gets a note and no capture.
+ * Like any refusal before an upstream, it gets a note, and the capture has
+ * the preface and the frames (http_reply_early).
  */
 static void
 http_refuse_h2(struct session *s)
@@ -1303,7 +1322,13 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		return RELAY_STOP;
 	}
 	if (rv == PARSE_ERR) {
-		http_fail_late(s, status, why);
+		struct buf b = { 0 };
+		char *reason = http_reason(status, why);
+
+		http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
+		http_refuse_late(s, p, n, &b, reason);
+		buf_free(&b);
+		free(reason);
 		return RELAY_END;
 	}
 	if (http_for_capd(m)) {
@@ -1312,8 +1337,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 
 		/* no upstream needed, this one or another: the answer ends the connection here */
 		http_answer(s, m, p, &b, &reason);
-		relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
-		http_end_late(s, reason);
+		http_refuse_late(s, p, n, &b, reason);
 		buf_free(&b);
 		free(reason);
 		return RELAY_END;

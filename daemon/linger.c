@@ -6,22 +6,26 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
+#include "spool.h"
 #include "xmalloc.h"
 
-struct linger {
-	LIST_ENTRY(linger) entry;
+struct linger_sock {
+	LIST_ENTRY(linger_sock) entry;
 	struct ev_loop *loop;
 	ev_io io;
 	ev_timer timer;
 	int fd;
+	struct spool_flow *flow;  /* a refusal's capture, or NULL (linger_start_flow) */
 };
 
 /* a thread's lingerers: on its own loop only */
-static _Thread_local LIST_HEAD(, linger) linger_list;
+static _Thread_local LIST_HEAD(, linger_sock) linger_list;
 
 static void
-linger_end(struct linger *l)
+linger_end(struct linger_sock *l, enum synth_end how)
 {
+	if (l->flow != NULL)
+		spool_flow_close(l->flow, how);
 	/* unreferenced watchers are referenced again before they stop (libev's rule) */
 	ev_ref(l->loop);
 	ev_io_stop(l->loop, &l->io);
@@ -35,18 +39,24 @@ linger_end(struct linger *l)
 static void
 linger_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-	struct linger *l = w->data;
+	struct linger_sock *l = w->data;
 	char junk[16384];
 	ssize_t n;
 
 	(void)loop; (void)revents;
 	for (int i = 0; i < 64; i++) {
 		n = read(l->fd, junk, sizeof junk);
-		if (n > 0)
+		if (n > 0) {
+			if (l->flow != NULL)
+				spool_flow_data(l->flow, DIR_UP, junk, (size_t)n);
 			continue;
+		}
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return;
-		linger_end(l);  /* the client closed (or reset): the close now is quiet */
+		if (n == 0 && l->flow != NULL)
+			spool_flow_fin(l->flow, DIR_UP);
+		/* the client closed (or reset): the close now is quiet */
+		linger_end(l, n == 0 ? SYNTH_END_FIN : SYNTH_END_RST_CLIENT);
 		return;
 	}
 }
@@ -55,16 +65,23 @@ static void
 linger_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop; (void)revents;
-	linger_end(w->data);
+	linger_end(w->data, SYNTH_END_NONE);
 }
 
 void
 linger_start(struct ev_loop *loop, int fd)
 {
-	struct linger *l = xcalloc(1, sizeof *l);
+	linger_start_flow(loop, fd, NULL);
+}
+
+void
+linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow)
+{
+	struct linger_sock *l = xcalloc(1, sizeof *l);
 
 	l->loop = loop;
 	l->fd = fd;
+	l->flow = flow;
 	ev_io_init(&l->io, linger_read_cb, fd, EV_READ);
 	ev_timer_init(&l->timer, linger_timer_cb, LINGER_SECS, 0.);
 	l->io.data = l->timer.data = l;
@@ -79,5 +96,5 @@ void
 linger_stop_all(void)
 {
 	while (!LIST_EMPTY(&linger_list))
-		linger_end(LIST_FIRST(&linger_list));
+		linger_end(LIST_FIRST(&linger_list), SYNTH_END_NONE);
 }

@@ -12,11 +12,19 @@
 
 #include <ev.h>
 
+struct spool_flow;
+
 #define LINGER_SECS 5.0
 
 /* Takes fd (its reply and FIN sent): reads and drops on loop until EOF, an
  * error or LINGER_SECS, then closes it. Never keeps the loop alive. */
 void linger_start(struct ev_loop *loop, int fd);
+/* linger_start for a refusal's capture flow (session_refused_say), which it
+ * takes: what the client still sends is captured (read, so seen), and the
+ * flow ends as the client ends: its FIN, or its RST; at LINGER_SECS or when
+ * the loop ends with no close, which the client has not made. flow may be
+ * NULL. */
+void linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow);
 /* Closes the calling thread's lingering sockets now (its loop is ending). */
 void linger_stop_all(void);
 

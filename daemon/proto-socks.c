@@ -62,10 +62,26 @@ struct socks_bind {
 	ev_io hup;
 };
 
+/*
+ * A reply the handshake went on after (the method chosen, an auth status,
+ * BIND's first reply), kept for the capture of a refusal that may follow
+ * (socks_refused), which is opened only then.
+ */
+struct socks_step {
+	uint16_t heard;       /* bytes of hs_in before it */
+	uint8_t n;
+	uint8_t said[SOCKS5_REPLY_MAX];
+};
+#define SOCKS_STEPS 3
+
 /* s->proto_state during the handshake; freed before relay_start or by socks_session_free. */
 struct socks {
 	uint8_t stage;        /* enum socks_stage */
 	uint8_t ver;          /* 4 or 5 once known */
+	uint8_t nstep;
+	uint16_t taken;       /* bytes of hs_in the parsed messages took: they stay there, for a
+	                       * refusal's capture, until the grant consumes them */
+	struct socks_step step[SOCKS_STEPS];
 	char *user;           /* authenticated (or SOCKS4) user, owned, or NULL */
 	struct socks_bind *bind;
 	struct udp_assoc *assoc;  /* UDP ASSOCIATE; cleared by the relay if it ends it */
@@ -286,26 +302,83 @@ socks_client_done(struct session *s)
 			break;
 }
 
+/* A reply the handshake goes on after: sent, and kept (struct socks_step). */
+static void
+socks_say(struct session *s, const uint8_t *p, size_t n)
+{
+	struct socks *sk = s->proto_state;
+
+	if (sk->nstep < SOCKS_STEPS && n <= sizeof sk->step[0].said) {
+		struct socks_step *st = &sk->step[sk->nstep++];
+
+		st->heard = sk->taken;
+		st->n = (uint8_t)n;
+		memcpy(st->said, p, n);
+	}
+	session_send(s, p, n);
+}
+
+/* The refused handshake as it went, for the capture: what the client sent
+ * and the replies in their turns, then the last reply (n bytes, maybe none),
+ * which goes to the client now. */
+static void
+socks_refused(struct session *s, const uint8_t *reply, size_t n)
+{
+	struct socks *sk = s->proto_state;
+	const uint8_t *p = buf_head(&s->hs_in);
+	size_t at = 0;
+
+	for (unsigned i = 0; i < sk->nstep; i++) {
+		session_refused_heard(s, p + at, sk->step[i].heard - at);
+		session_refused_said(s, sk->step[i].said, sk->step[i].n);
+		at = sk->step[i].heard;
+	}
+	session_refused_heard(s, p + at, buf_used(&s->hs_in) - at);
+	if (n > 0)
+		session_refused_say(s, reply, n);
+}
+
+/* Refuses the handshake with reply (n bytes, maybe none), then one close with the reason. */
+static void
+socks_refuse_va(struct session *s, const uint8_t *reply, size_t n, const char *fmt, va_list ap)
+{
+	char why[512];
+
+	vsnprintf(why, sizeof why, fmt, ap);
+	socks_refused(s, reply, n);
+	if (s->state != SESSION_CLOSED) {
+		socks_client_done(s);
+		session_close(s, why);
+	}
+}
+
+/* socks_refuse with a reply of its own: a method or auth status that refuses. */
+static void __attribute__((format(printf, 4, 5)))
+socks_refuse_with(struct session *s, const uint8_t *reply, size_t n, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	socks_refuse_va(s, reply, n, fmt, ap);
+	va_end(ap);
+}
+
 /* Refuses the handshake: the protocol's failure reply (when rep != 0), then one close with the reason. */
 static void __attribute__((format(printf, 3, 4)))
 socks_refuse(struct session *s, uint8_t rep, const char *fmt, ...)
 {
 	struct socks *sk = s->proto_state;
 	uint8_t out[SOCKS5_REPLY_MAX];
-	char why[512];
+	size_t n = 0;
 	va_list ap;
 
-	va_start(ap, fmt);
-	vsnprintf(why, sizeof why, fmt, ap);
-	va_end(ap);
 	if (rep != 0 && sk->ver == 5)
-		session_send(s, out, socks_reply5(out, rep, NULL));
+		n = socks_reply5(out, rep, NULL);
 	else if (rep != 0 && sk->ver == 4)
-		session_send(s, out, socks_reply4(out, SOCKS4_REJECTED, NULL));
-	if (s->state != SESSION_CLOSED) {
-		socks_client_done(s);
-		session_close(s, why);
-	}
+		n = socks_reply4(out, SOCKS4_REJECTED, NULL);
+	va_start(ap, fmt);
+	socks_refuse_va(s, out, n, fmt, ap);
+	va_end(ap);
 }
 
 /* A copy of a client-supplied name fit for logs, notes and reasons: control
@@ -362,6 +435,7 @@ socks_grant(struct session *s, const struct sockaddr *bnd, bool intercept)
 		session_send(s, out, socks_reply4(out, SOCKS4_GRANTED, bnd));
 	if (s->state == SESSION_CLOSED)
 		return;
+	buf_consume(&s->hs_in, sk->taken);  /* what is left is early data, for the relay */
 	/* the handshake state is done: idle tunnels keep only the session */
 	socks_session_free(s);
 	if (buf_used(&s->hs_in) == 0)
@@ -558,9 +632,9 @@ socks_bind_listen(struct session *s, const struct sockaddr *dst)
 	session_set_deadline(s, 0);
 	socks_bind_clock(s, b);
 	if (sk->ver == 5)
-		session_send(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&local));
+		socks_say(s, out, socks_reply5(out, SOCKS_REP_OK, (struct sockaddr *)&local));
 	else
-		session_send(s, out, socks_reply4(out, SOCKS4_GRANTED, (struct sockaddr *)&local));
+		socks_say(s, out, socks_reply4(out, SOCKS4_GRANTED, (struct sockaddr *)&local));
 }
 
 static void
@@ -778,14 +852,14 @@ socks_greeting(struct session *s, const struct socks_greeting *g)
 		/* no users configured: any credentials pass, and the name is noted */
 		out[1] = SOCKS_METHOD_USERPASS;
 	}
-	session_send(s, out, 2);
-	if (s->state == SESSION_CLOSED)
-		return false;
 	if (out[1] == SOCKS_METHOD_REFUSE) {
-		socks_refuse(s, 0, "socks5: no acceptable auth method%s",
-		             c->users ? " (username/password required)" : "");
+		socks_refuse_with(s, out, 2, "socks5: no acceptable auth method%s",
+		                  c->users ? " (username/password required)" : "");
 		return false;
 	}
+	socks_say(s, out, 2);
+	if (s->state == SESSION_CLOSED)
+		return false;
 	sk->stage = out[1] == SOCKS_METHOD_USERPASS ? SOCKS_ST_AUTH : SOCKS_ST_REQUEST;
 	return true;
 }
@@ -799,23 +873,23 @@ socks_auth(struct session *s, const struct socks_auth *a)
 	bool ok = c->users == NULL || users_check(c->users, a->user, a->pass);
 
 	out[1] = ok ? 0 : 1;
-	session_send(s, out, 2);
-	if (s->state == SESSION_CLOSED)
-		return false;
 	/* RFC 1929 names have 1 to 255 bytes: an empty one (let in without
 	 * users) is no name to note, as a SOCKS4 request's empty user id */
-	if (a->user[0] == '\0') {
-		if (!ok) {
-			socks_refuse(s, 0, "socks5: auth failed for an empty user name");
-			return false;
-		}
+	if (a->user[0] != '\0')
+		sk->user = socks_printable(a->user);
+	if (!ok) {
+		if (sk->user == NULL)
+			socks_refuse_with(s, out, 2, "socks5: auth failed for an empty user name");
+		else
+			socks_refuse_with(s, out, 2, "socks5: auth failed for user %s", sk->user);
+		return false;
+	}
+	socks_say(s, out, 2);
+	if (s->state == SESSION_CLOSED)
+		return false;
+	if (sk->user == NULL) {
 		sk->stage = SOCKS_ST_REQUEST;
 		return true;
-	}
-	sk->user = socks_printable(a->user);
-	if (!ok) {
-		socks_refuse(s, 0, "socks5: auth failed for user %s", sk->user);
-		return false;
 	}
 	free(s->note);
 	s->note = xasprintf("socks5 user=%s", sk->user);
@@ -829,8 +903,9 @@ socks_input(struct session *s)
 	struct socks *sk = s->proto_state;
 
 	for (;;) {
-		const uint8_t *p = buf_head(&s->hs_in);
-		size_t n = buf_used(&s->hs_in), used = 0;
+		/* the messages parsed stay in hs_in (sk->taken) */
+		const uint8_t *p = buf_head(&s->hs_in) + sk->taken;
+		size_t n = buf_used(&s->hs_in) - sk->taken, used = 0;
 		enum parse rv = PARSE_MORE;
 		struct socks_req req;
 
@@ -859,13 +934,12 @@ socks_input(struct session *s)
 				/* NMETHODS 0 (the only way a version 5 greeting is
 				 * bad): none of its methods is acceptable, which
 				 * RFC 1928 answers with X'FF', not with silence */
-				session_send(s, (const uint8_t[]){ 5, SOCKS_METHOD_REFUSE }, 2);
-				if (s->state != SESSION_CLOSED)
-					socks_refuse(s, 0, "socks5: bad greeting: no methods offered");
+				socks_refuse_with(s, (const uint8_t[]){ 5, SOCKS_METHOD_REFUSE }, 2,
+				                  "socks5: bad greeting: no methods offered");
 				return;
 			}
 			if (rv == PARSE_OK) {
-				buf_consume(&s->hs_in, used);
+				sk->taken += (uint16_t)used;
 				if (!socks_greeting(s, &g))
 					return;
 				continue;
@@ -879,18 +953,17 @@ socks_input(struct session *s)
 			if (rv == PARSE_ERR) {
 				/* RFC 1929's failure status, as for wrong credentials:
 				 * a client waiting for the status would see only a close */
-				uint8_t ver = p[0];
-				session_send(s, (const uint8_t[]){ 1, 1 }, 2);
-				if (s->state == SESSION_CLOSED)
-					return;
-				if (ver != 1)
-					socks_refuse(s, 0, "socks5: bad auth message: version 0x%02x, not 1", ver);
+				static const uint8_t fail[] = { 1, 1 };
+
+				if (p[0] != 1)
+					socks_refuse_with(s, fail, 2, "socks5: bad auth message: version 0x%02x, not 1", p[0]);
 				else
-					socks_refuse(s, 0, "socks5: bad auth message: a NUL byte in the user name or password");
+					socks_refuse_with(s, fail, 2,
+					                  "socks5: bad auth message: a NUL byte in the user name or password");
 				return;
 			}
 			if (rv == PARSE_OK) {
-				buf_consume(&s->hs_in, used);
+				sk->taken += (uint16_t)used;
 				bool ok = socks_auth(s, &a);
 				memset(&a, 0, sizeof a);
 				if (!ok)
@@ -913,7 +986,7 @@ socks_input(struct session *s)
 				return;
 			}
 			if (rv == PARSE_OK) {
-				buf_consume(&s->hs_in, used);
+				sk->taken += (uint16_t)used;
 				socks_request(s, &req);  /* may close s */
 				return;
 			}
@@ -921,6 +994,7 @@ socks_input(struct session *s)
 		case SOCKS_ST_UDP:
 			/* the control connection carries nothing more: drop what comes, end on close */
 			buf_reset(&s->hs_in);
+			sk->taken = 0;
 			if (s->client_eof)
 				session_close(s, "closed");
 			return;

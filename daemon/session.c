@@ -1070,6 +1070,70 @@ session_opened(struct session *s)
 	}
 }
 
+/* The refusal's flow (session_refused_heard), opened on first use; NULL when
+ * the instance does not capture. */
+static struct spool_flow *
+session_refused_flow(struct session *s)
+{
+	struct instance *inst = s->inst;
+	struct sockaddr_storage local;
+	socklen_t len = sizeof local;
+	char comment[128];
+
+	if (s->refused != NULL)
+		return s->refused;
+	if (!inst->capture || inst->spool_iface < 0 || !s->accepted || s->client.fd < 0 ||
+	    getsockname(s->client.fd, (struct sockaddr *)&local, &len) < 0)
+		return NULL;
+	snprintf(comment, sizeof comment, "%s/%s", inst->proto->name, inst->name);
+	s->refused = spool_flow_open(inst->spool_iface, s->id, IPPROTO_TCP, (struct sockaddr *)&s->client_addr,
+	                             (struct sockaddr *)&local, comment);
+	return s->refused;
+}
+
+void
+session_refused_heard(struct session *s, const void *p, size_t n)
+{
+	struct spool_flow *f = session_refused_flow(s);
+
+	if (f != NULL)
+		spool_flow_data(f, DIR_UP, p, n);
+}
+
+void
+session_refused_said(struct session *s, const void *p, size_t n)
+{
+	struct spool_flow *f = session_refused_flow(s);
+
+	if (f != NULL)
+		spool_flow_data(f, DIR_DOWN, p, n);
+}
+
+void
+session_refused_say(struct session *s, const void *p, size_t n)
+{
+	if (s->state == SESSION_CLOSED)
+		return;
+	session_refused_said(s, p, n);
+	session_send(s, p, n);
+}
+
+/* The refusal's flow as capd closes the client connection: the FIN the
+ * client sent already, then capd's. The caller takes the flow (NULL: none). */
+static struct spool_flow *
+session_refused_end(struct session *s)
+{
+	struct spool_flow *f = s->refused;
+
+	s->refused = NULL;
+	if (f == NULL)
+		return NULL;
+	if (s->client_eof || s->dir[DIR_UP].eof)
+		spool_flow_fin(f, DIR_UP);
+	spool_flow_fin(f, DIR_DOWN);
+	return f;
+}
+
 void
 session_bytes(struct session *s, enum dir d, size_t n)
 {
@@ -1312,6 +1376,14 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	s->reason = why;
 	reason = why;
 
+	/* a refusal's flow: capd's FIN, or its RST, and no close of the
+	 * client's own invented; none of capd's either when the client's
+	 * connection went on in another session (http_handoff) */
+	if (s->refused != NULL && how == SYNTH_END_FIN)
+		spool_flow_close(s->client.fd >= 0 ? session_refused_end(s) : s->refused, SYNTH_END_NONE);
+	else if (s->refused != NULL)
+		spool_flow_close(s->refused, how);
+	s->refused = NULL;
 	tls_session_ending(s, how);
 	relay_stop(s);
 	ev_timer_stop(capd_loop, &s->timer);
@@ -1373,7 +1445,8 @@ session_linger_client(struct session *s)
 {
 	ev_io_stop(capd_loop, &s->client.rio);
 	ev_io_stop(capd_loop, &s->client.wio);
-	linger_start(capd_loop, s->client.fd);
+	/* a refusal's capture ends with the client's close, which linger sees */
+	linger_start_flow(capd_loop, s->client.fd, session_refused_end(s));
 	s->client.fd = -1;
 }
 

@@ -107,6 +107,7 @@ struct session {
 
 	void *proto_state;          /* the protocol's, freed by proto->session_free */
 	struct spool_flow *flow;    /* capture state, NULL when not capturing */
+	struct spool_flow *refused; /* a refusal's capture, toward capd's own address (session_refused_heard), or NULL */
 	struct tail *tail;          /* live subscribers and backlog, NULL until used */
 	struct tls_session *tls;    /* interception state (tls.c), freed by relay_stop */
 	bool upstream_reset;        /* the upstream reset and the session went on (HTTP: the client
@@ -168,6 +169,23 @@ void session_close(struct session *s, const char *reason);
  * flow ends with a RST from the target, or from the client when it reset. */
 void session_reset(struct session *s, const char *reason);
 void session_reset_by_client(struct session *s, const char *reason);
+/*
+ * A refusal before any upstream (an HTTP error reply, a SOCKS failure
+ * reply): the capture shows it as the TCP conversation it was, between the
+ * client and the address it connected to (its socket's local address), and
+ * the flow opens only here, so an accepted session costs nothing more. heard:
+ * n bytes the client sent that capd read, in their order; say: capd's reply,
+ * sent (session_send) and captured as sent. The close follows as it comes:
+ * capd's FIN and the client's close at session_linger_client; a session whose
+ * client goes on in another (http_handoff) leaves the flow with no close.
+ * Nothing when the instance does not capture. A session that relays has its
+ * own flow besides (a request refused on a kept connection, http-proxy.c).
+ */
+void session_refused_heard(struct session *s, const void *p, size_t n);
+void session_refused_say(struct session *s, const void *p, size_t n);
+/* session_refused_say of a reply sent before (the steps of a handshake that
+ * went on): captured only. */
+void session_refused_said(struct session *s, const void *p, size_t n);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
 

@@ -411,7 +411,7 @@ synth_fin(struct synth_flow *sf, int dir)
 void
 synth_close(struct synth_flow *sf, enum synth_end how)
 {
-	if (sf->proto != IPPROTO_TCP || sf->closed)
+	if (sf->proto != IPPROTO_TCP || sf->closed || how == SYNTH_END_NONE)
 		return;
 	synth_open(sf);
 	if (how != SYNTH_END_FIN) {

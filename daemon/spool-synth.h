@@ -101,8 +101,11 @@ uint16_t synth_sum(const void *p, size_t n);
 void synth_gap(struct synth_flow *sf, int dir, uint64_t n);
 /* TCP: FIN from dir's source and the other side's ACK. */
 void synth_fin(struct synth_flow *sf, int dir);
-/* How a TCP flow ends: a FIN from each side that has not sent one, or a RST from one side. */
-enum synth_end { SYNTH_END_FIN, SYNTH_END_RST_TARGET, SYNTH_END_RST_CLIENT };
+/* How a TCP flow ends: a FIN from each side that has not sent one, or a RST
+ * from one side; or nothing more (SYNTH_END_NONE): a side whose close capd
+ * never saw gets none invented (a refused request's client that went on on
+ * the same connection in another session, or that never closed). */
+enum synth_end { SYNTH_END_FIN, SYNTH_END_RST_TARGET, SYNTH_END_RST_CLIENT, SYNTH_END_NONE };
 void synth_close(struct synth_flow *sf, enum synth_end how);
 
 /* How many packets synth_data() makes of n bytes of a flow whose synth_mss()

@@ -725,3 +725,50 @@ def ns_capd(tmp_path):
     yield make
     for c in made:
         assert c.stop() in (0, None), c.log()[-3000:]
+
+
+def refused_flow(capd, s, nends=0, port=None):
+    """The capture of session s (its record), which capd refused before any upstream
+    (the test_http, test_reverse and test_socks tests of it): the TCP conversation
+    between the client and the address it connected to. Flushes first. Returns a dict:
+    up, down (Follow TCP Stream's bytes each way, tshark's follow,tcp,raw), client
+    and server ("ip:port" of the SYN's sender and receiver), and ends, the closing
+    flags in order as (side, "FIN" or "RST"), side "c" or "s", once nends of them are
+    there (a lingering client's close is captured when capd reads it) or 10 s passed.
+    port: the instance's, for a session that has a flow to its upstream besides."""
+    deadline = time.time() + 10
+    while True:
+        got = _refused_flow(capd, s, port)
+        if len(got["ends"]) >= nends or time.time() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def _refused_flow(capd, s, port):
+    capd.flush()
+    pcap = capd.pcaps()[-1]
+    also = f" && tcp.port == {port}" if port else ""
+    r = tshark("-r", pcap, "-Y", f'frame.comment matches "^capd session {s["id"]}( |$)"{also}', "-T", "fields",
+               "-E", "separator=/t", "-e", "tcp.stream", "-e", "ip.src", "-e", "ipv6.src", "-e", "tcp.srcport",
+               "-e", "ip.dst", "-e", "ipv6.dst", "-e", "tcp.dstport", "-e", "tcp.flags.syn", "-e", "tcp.flags.ack",
+               "-e", "tcp.flags.fin", "-e", "tcp.flags.reset")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert rows, f"no packets of session {s['id']} in {pcap}"
+    assert len({row[0] for row in rows}) == 1, rows  # one TCP stream
+
+    def ep(ip4, ip6, port):
+        return f"[{ip6}]:{port}" if ip6 else f"{ip4}:{port}"
+
+    syn = rows[0]
+    assert syn[7] in ("1", "True") and syn[8] in ("0", "False"), syn
+    client, server = ep(syn[1], syn[2], syn[3]), ep(syn[4], syn[5], syn[6])
+    ends = []
+    for row in rows:
+        side = "c" if ep(row[1], row[2], row[3]) == client else "s"
+        if row[9] in ("1", "True"):
+            ends.append((side, "FIN"))
+        if row[10] in ("1", "True"):
+            ends.append((side, "RST"))
+    up, down = follow_tcp(pcap, int(syn[0]))
+    return {"up": up, "down": down, "client": client, "server": server, "ends": ends, "pcap": pcap}

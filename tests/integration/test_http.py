@@ -5,15 +5,17 @@ TLS nginx behind CONNECT. Every capture is checked with tshark."""
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import (CAPD, Listener, sigstop, syn_hole, apart, as_http, check_pcap_clean, follow_session, free_port,
-                      sh, tshark, wait_port)
+                      refused_flow, sh, tshark, wait_port)
 
 
 class Origin:
@@ -2843,3 +2845,137 @@ def test_connect_tls_note_names_inner_request(capd, tmp_path):
         assert notes[2].startswith(f"socks5 connect {tunnel} HEAD /; tls TLSv1."), notes
     finally:
         o.stop()
+
+
+def curl_trace(path):
+    """The bytes curl sent and got, as its --trace file at path has them: two lists
+    of (kind, bytes) blocks in order, kind "header" or "data"."""
+    sent, got, cur = [], [], None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        m = re.match(r"(=>|<=) (Send|Recv) (header|data)", line)
+        if m:
+            cur = bytearray()
+            (sent if m.group(1) == "=>" else got).append((m.group(3), cur))
+        elif m is None and cur is not None and re.match(r"[0-9a-f]{4}: ", line):
+            cur.extend(bytes.fromhex("".join(line[6:6 + 48].split())))
+        else:
+            cur = None
+    return sent, got
+
+
+def test_refused_request_is_captured(capd, origin):
+    """A request capd refused before any upstream (here a 400 for a malformed head) was
+    in no capture: an analyst whose client "just failed" through the proxy found
+    nothing. Its capture is now the TCP conversation it was, between the client and
+    the instance's address: the request as read, the 400 as sent, capd's FIN, then the
+    client's as it closes."""
+    port = add_http(capd)
+    req = f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost : x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(req)
+        reply = read_all(c, 10)
+        me = "%s:%d" % c.getsockname()
+    assert status_of(reply) == 400, reply
+    s = closed_sessions(capd, 1)[-1]
+    f = refused_flow(capd, s, 2)
+    assert (f["client"], f["server"]) == (me, f"127.0.0.1:{port}") and s["client"] == me, (f, s)
+    assert f["up"] == req and f["down"] == reply, f
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    check_pcap_clean(f["pcap"])
+
+
+def test_refused_407_then_authenticated_request_both_captured(capd_factory, origin, tmp_path):
+    """curl --proxy-anyauth asks without credentials, gets a 407 and asks again with
+    them on the same connection, which goes on in a new session (http_refuse_keep).
+    The 407's session left nothing in the capture. Now it has the refused request and
+    the 407 exactly as curl sent and got them (curl --trace), between curl's port and
+    the instance's address, and no close (the connection went on); the next session's
+    flow, from the same client port, has the request that reached the origin and its
+    answer."""
+    port = free_port()
+    capd = capd_factory(f"[http h]\nlisten = 127.0.0.1:{port}\nauth = bob:s3cret\n")
+    url = f"http://127.0.0.1:{origin.port}/private"
+    trace = tmp_path / "trace"
+    r = curl("--proxy-anyauth", "-U", "bob:s3cret", "-x", f"http://127.0.0.1:{port}", "--trace", trace, url)
+    assert r.stdout == b"hello from a /private\n", r.stderr
+    sent, got = curl_trace(trace)
+    assert [k for k, _ in sent] == ["header", "header"], sent
+    first = bytes(sent[0][1])
+    assert b"Proxy-Authorization" not in first and b"Proxy-Authorization: Basic " in sent[1][1], sent
+    # the 407: its header lines and its body, read before curl asked again
+    answer = b"".join(bytes(b) for _, b in got)
+    refusal = answer[:answer.index(b"HTTP/1.1 200 ")]
+    assert refusal.startswith(b"HTTP/1.1 407 ") and refusal.endswith(b"\n"), answer
+    a, b = closed_sessions(capd, 2)[-2:]
+    assert a["reason"].startswith("407 ") and "client continues" in a["reason"], a
+    f = refused_flow(capd, a)
+    assert (f["client"], f["server"]) == (a["client"], f"127.0.0.1:{port}") and b["client"] == a["client"], (f, a, b)
+    assert f["up"] == first and f["down"] == refusal and f["ends"] == [], f
+    _, up, down = follow_session(f["pcap"], b["id"], b)
+    assert up.startswith(b"GET /private HTTP/1.1\r\n") and b"Proxy-Authorization" not in up, up
+    assert down.endswith(b"hello from a /private\n"), down
+    check_pcap_clean(f["pcap"])
+
+
+def test_refused_connect_port_is_captured(capd, origin, tmp_path):
+    """The same for curl's CONNECT to a port not in connect_ports: its capture has the
+    CONNECT and the 403 exactly as curl sent and got them."""
+    port = add_http(capd)
+    trace = tmp_path / "trace"
+    r = curl("-p", "-x", f"http://127.0.0.1:{port}", "--trace", trace, f"http://127.0.0.1:{origin.port}/")
+    assert r.returncode != 0 and b"403" in r.stderr, r.stderr
+    sent, got = curl_trace(trace)
+    s = closed_sessions(capd, 1)[-1]
+    f = refused_flow(capd, s)
+    assert f["up"] == b"".join(bytes(b) for _, b in sent), (f, sent)
+    assert f["up"].startswith(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n".encode()), f
+    # curl reads the head of a failed CONNECT's answer, not its body
+    head = b"".join(bytes(b) for _, b in got)
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    assert f["down"].startswith(head) and len(f["down"]) == len(head) + length, (f, got)
+    assert head.startswith(b"HTTP/1.1 403 ") and b"connect_ports" in f["down"][len(head):], f
+    assert f["server"] == f"127.0.0.1:{port}" and f["client"] == s["client"], f
+
+
+def test_refused_later_request_on_a_kept_connection_is_captured(capd, origin):
+    """A request refused on a connection whose first request went to the origin (the
+    400 goes out after the first response) was in no capture: the session's flow is
+    the one toward the origin, which never saw it. It now has a flow of its own
+    toward the instance's address, from the same client port: the refused request
+    and the 400, then the FINs; the origin's flow keeps only what the origin saw."""
+    port = add_http(capd)
+    u = f"http://127.0.0.1:{origin.port}"
+    first = f"GET {u}/first HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    second = f"GET {u}/second HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(first)
+        answer = read_all(c, 10, until=b"hello from a /first\n")
+        c.sendall(second)
+        refusal = read_all(c, 10)
+    assert status_of(answer) == 200 and status_of(refusal) == 400, (answer, refusal)
+    s = closed_sessions(capd, 1)[-1]
+    f = refused_flow(capd, s, 2, port=port)
+    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
+    assert f["up"] == second and f["down"] == refusal and f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    _, up, down = follow_session(f["pcap"], s["id"], s)
+    assert b"/second" not in up and b"400" not in down and down.endswith(b"hello from a /first\n"), (up, down)
+
+
+def test_refused_http2_preface_is_captured_unless_capture_no(capd):
+    """The GOAWAY answer to an HTTP/2 client (curl --http2-prior-knowledge) is in the
+    capture after what curl sent (its preface, SETTINGS, and the HEADERS it sent on
+    before it read the GOAWAY, which capd reads while it lingers), and tshark's HTTP/2
+    dissector reads both ways. An instance with capture = no captures none of it."""
+    port, quiet = add_http(capd), free_port()
+    capd.ctl("add", "http", "--port", quiet, "--name", "q", "--no-capture")
+    for p in (port, quiet):
+        curl_h2_prior_knowledge(f"http://127.0.0.1:{p}/")
+    ss = capd.wait_sessions(lambda ss: len([s for s in ss if s["state"] == "closed"]) == 2)
+    loud, other = (next(s for s in ss if s["instance"] == name) for name in ("h", "q"))
+    f = refused_flow(capd, loud, 2)
+    assert f["server"] == f"127.0.0.1:{port}" and f["up"].startswith(H2_PREFACE) and f["down"] == H2_GOAWAY, f
+    r = tshark("-r", f["pcap"], "-d", f"tcp.port=={port},http2", "-Y", "http2", "-T", "fields",
+               "-e", "http2.type", "-e", "http2.goaway.error")
+    assert r.returncode == 0 and "4,7\t13" in r.stdout, r.stdout
+    r = tshark("-r", f["pcap"], "-Y", f'frame.comment matches "^capd session {other["id"]}( |$)" || tcp.port == {quiet}')
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout

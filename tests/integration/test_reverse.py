@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from conftest import sigstop, CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port, wait_port
-from test_http import KeptOrigin, Origin, kept_connection_requests, raw, read_all, status_of
+from conftest import (sigstop, CAPD, Listener, TlsServer, apart, check_pcap_clean, follow_session, free_port, refused_flow,
+                      wait_port)
+from test_http import KeptOrigin, Origin, curl_trace, kept_connection_requests, raw, read_all, status_of
 
 
 @pytest.fixture
@@ -1680,3 +1681,22 @@ def test_reverse_tls_pipelined_requests_move_with_their_bodies(capd, tmp_path):
     finally:
         www.close()
         api.close()
+
+
+def test_no_route_refusal_is_captured(capd_factory, origins, tmp_path):
+    """A request a reverse instance refused (421: no route for its Host) was in no
+    capture. Its capture is now the conversation curl had with the instance: what
+    curl sent and what it got, exactly as its --trace has them, between curl's port
+    and the instance's address, with capd's FIN and then curl's."""
+    capd, port = reverse(capd_factory, origins)
+    trace = tmp_path / "trace"
+    r = curl("-H", "Host: unknown.test", "--trace", trace, f"http://127.0.0.1:{port}/x?y=1")
+    assert r.returncode == 0 and b"no route" in r.stdout, r.stderr
+    sent, got = curl_trace(trace)
+    s = closed(capd, 1)[-1]
+    f = refused_flow(capd, s, 2)
+    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
+    assert f["up"] == b"".join(bytes(b) for _, b in sent) and f["up"].startswith(b"GET /x?y=1 HTTP/1.1\r\n"), f
+    assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    check_pcap_clean(f["pcap"])

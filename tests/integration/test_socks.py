@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, sh, sigstop, syn_hole, tshark, UdpEcho, wait_port
+from conftest import (ECHO_SERVER, EchoServer, Listener, follow_session, free_port, free_port_tcp_udp, refused_flow, sh,
+                      sigstop, syn_hole, tshark, UdpEcho, wait_port)
 
 
 # ---------------------------------------------------------------- helpers
@@ -2331,3 +2332,73 @@ def test_resolv_conf_change_is_followed(netns, ns_etc, ns_capd, ns_python):
     sh("ip", "netns", "exec", netns, "dig", "@127.0.0.1", "+tries=1", "+time=2", "last.test", check=False)
     later = asked_until("1 A last.test")  # all the nameservers heard after the change
     assert "2 A app.test" in later and not [x for x in later if x.startswith("1 ") and "app.test" in x], later
+
+
+# ---------------------------------------------------------------- refusals in the capture
+
+def socks_decoded(f, port):
+    """tshark's SOCKS dissector over refused_flow f (capd's port decoded as SOCKS, as
+    it is on 1080): one line a packet it decoded, the fields that tell the steps."""
+    r = tshark("-r", f["pcap"], "-d", f"tcp.port=={port},socks", "-Y", f"socks && tcp.port=={port}",
+               "-T", "fields", "-E", "separator=|", "-e", "socks.version", "-e", "socks.auth_method",
+               "-e", "socks.auth_accepted_method",
+               "-e", "socks.username", "-e", "socks.password", "-e", "socks.auth_status", "-e", "socks.results",
+               "-e", "socks.command", "-e", "socks.dstport", "-e", "_ws.expert")
+    assert r.returncode == 0, r.stderr
+    return [line.split("|")[:9] for line in r.stdout.splitlines()]
+
+
+def test_socks5_auth_failure_is_captured(capd, http_server):
+    """curl --socks5 with a wrong password failed, and the capture held nothing of it.
+    Now the refused handshake is there as it went, between curl's port and the
+    instance's address: curl's greeting, capd's choice of username/password, curl's
+    credentials, capd's failure status; then capd's FIN and curl's. tshark's SOCKS
+    dissector reads it step by step."""
+    hport, _ = http_server
+    port = add_socks(capd, "--auth", "bob:s3cret")
+    r = curl("--socks5", f"127.0.0.1:{port}", "--proxy-user", "bob:wrong", f"http://127.0.0.1:{hport}/")
+    assert r.returncode != 0
+    s = last_session(capd, lambda s: "auth failed" in s.get("reason", ""))
+    f = refused_flow(capd, s, 2)
+    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
+    greeting = f["up"][:2 + f["up"][1]]
+    assert greeting[0] == 5 and 2 in greeting[2:], f
+    assert f["up"] == greeting + b"\x01\x03bob\x05wrong" and f["down"] == b"\x05\x02\x01\x01", f
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    # version, methods, method chosen, user, password, auth status
+    assert [x[:6] for x in socks_decoded(f, port)] == [
+        ["5", ",".join(str(m) for m in greeting[2:]), "", "", "", ""], ["5", "", "2", "", "", ""],
+        ["5", "", "", "bob", "wrong", ""], ["5", "", "", "", "", "1"]], socks_decoded(f, port)
+
+
+def test_socks4_refusal_is_captured(capd, http_server):
+    """curl --socks4 to an instance whose users SOCKS4 cannot give: the capture has
+    curl's request and capd's 0x5B reply, which tshark decodes as SOCKS4."""
+    hport, _ = http_server
+    port = add_socks(capd, "--auth", "bob:s3cret")
+    r = curl("--socks4", f"127.0.0.1:{port}", f"http://127.0.0.1:{hport}/")
+    assert r.returncode != 0
+    s = last_session(capd, lambda s: s["proto"] == "socks4")
+    f = refused_flow(capd, s, 2)
+    assert f["server"] == f"127.0.0.1:{port}" and f["client"] == s["client"], f
+    assert f["up"] == b"\x04\x01" + struct.pack(">H", hport) + socket.inet_aton("127.0.0.1") + b"\x00", f
+    assert f["down"] == b"\x00\x5b" + bytes(6), f
+    # version, results, command, port
+    assert [[x[0]] + x[6:] for x in socks_decoded(f, port)] == [["4", "", "1", str(hport)], ["0", "91", "", "0"]]
+
+
+def test_socks5_refused_request_is_captured(capd):
+    """A SOCKS5 request capd refuses (a command it does not serve) after the method
+    choice: greeting, method, request, the 0x07 reply, in the capture in that order."""
+    port = add_socks(capd)
+    s = s5_open(port)
+    req = b"\x05\x09\x00" + s5_addr("127.0.0.1", 9)
+    s.sendall(req)
+    reply = recv_all(s)
+    s.close()
+    assert reply[:2] == b"\x05\x07", reply
+    ss = last_session(capd, lambda x: "not supported" in x.get("reason", ""))
+    f = refused_flow(capd, ss, 2)
+    assert f["up"] == b"\x05\x01\x00" + req and f["down"] == b"\x05\x00" + reply, f
+    r = tshark("-r", f["pcap"], "-Y", f"tcp.len > 0 && tcp.port == {port}", "-T", "fields", "-e", "tcp.payload")
+    assert r.stdout.split() == ["050100", "0500", req.hex(), reply.hex()], r.stdout
