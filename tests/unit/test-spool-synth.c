@@ -388,6 +388,26 @@ test_tcp_reset(void **state)
 	assert_int_equal(ps.n, 0);
 }
 
+/* SYNTH_END_NONE: a refusal whose client never closed (or went on in
+ * another session) ends with no packet, after the FIN capd did send. */
+static void
+test_tcp_end_none(void **state)
+{
+	struct sockaddr_storage c = sa4("127.0.0.1", 4000), t = sa4("127.0.0.1", 8080);
+	struct synth_flow sf;
+	struct pkts ps = { .n = 0 };
+
+	(void)state;
+	synth_flow_init(&sf, IPPROTO_TCP, (struct sockaddr *)&c, (struct sockaddr *)&t, 1, 2, collect_cb, &ps);
+	synth_open(&sf);
+	synth_data(&sf, SYNTH_DOWN, "HTTP/1.1 400", 12);
+	synth_fin(&sf, SYNTH_DOWN);
+	pkts_free(&ps);
+	synth_close(&sf, SYNTH_END_NONE);
+	assert_int_equal(ps.n, 0);
+	assert_false(sf.fin[SYNTH_UP]);
+}
+
 static void
 test_tcp_v6(void **state)
 {
@@ -1185,6 +1205,7 @@ main(void)
 		cmocka_unit_test(test_tcp_v4),
 		cmocka_unit_test(test_tcp_csum_lengths),
 		cmocka_unit_test(test_tcp_reset),
+		cmocka_unit_test(test_tcp_end_none),
 		cmocka_unit_test(test_tcp_v6),
 		cmocka_unit_test(test_mixed),
 		cmocka_unit_test(test_udp),
