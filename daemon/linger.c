@@ -16,6 +16,7 @@ struct linger_sock {
 	ev_timer timer;
 	int fd;
 	struct spool_flow *flow;  /* a refusal's capture, or NULL (linger_start_flow) */
+	bool data;                /* what is read goes to flow too */
 };
 
 /* a thread's lingerers: on its own loop only */
@@ -47,7 +48,7 @@ linger_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	for (int i = 0; i < 64; i++) {
 		n = read(l->fd, junk, sizeof junk);
 		if (n > 0) {
-			if (l->flow != NULL)
+			if (l->flow != NULL && l->data)
 				spool_flow_data(l->flow, DIR_UP, junk, (size_t)n);
 			continue;
 		}
@@ -71,17 +72,18 @@ linger_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 void
 linger_start(struct ev_loop *loop, int fd)
 {
-	linger_start_flow(loop, fd, NULL);
+	linger_start_flow(loop, fd, NULL, false);
 }
 
 void
-linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow)
+linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow, bool data)
 {
 	struct linger_sock *l = xcalloc(1, sizeof *l);
 
 	l->loop = loop;
 	l->fd = fd;
 	l->flow = flow;
+	l->data = data;
 	ev_io_init(&l->io, linger_read_cb, fd, EV_READ);
 	ev_timer_init(&l->timer, linger_timer_cb, LINGER_SECS, 0.);
 	l->io.data = l->timer.data = l;

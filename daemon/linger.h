@@ -11,6 +11,7 @@
 #define CAPD_LINGER_H
 
 #include <ev.h>
+#include <stdbool.h>
 
 struct spool_flow;
 
@@ -20,11 +21,11 @@ struct spool_flow;
  * error or LINGER_SECS, then closes it. Never keeps the loop alive. */
 void linger_start(struct ev_loop *loop, int fd);
 /* linger_start for a refusal's capture flow (session_refused_say), which it
- * takes: what the client still sends is captured (read, so seen), and the
- * flow ends as the client ends: its FIN, or its RST; at LINGER_SECS or when
- * the loop ends with no close, which the client has not made. flow may be
- * NULL. */
-void linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow);
+ * takes: what the client still sends is captured (read, so seen) when data
+ * is true, and the flow ends as the client ends: its FIN, or its RST; at
+ * LINGER_SECS or when the loop ends with no close, which the client has not
+ * made. flow may be NULL. */
+void linger_start_flow(struct ev_loop *loop, int fd, struct spool_flow *flow, bool data);
 /* Closes the calling thread's lingering sockets now (its loop is ending). */
 void linger_stop_all(void);
 

@@ -1082,8 +1082,11 @@ session_refused_flow(struct session *s)
 
 	if (s->refused != NULL)
 		return s->refused;
+	/* a TLS client's leg, with tls_capture = both once relaying, is that
+	 * conversation already: a second stream of the same addresses would mix
+	 * with it (before the relay there is none: tls_raw_open) */
 	if (!inst->capture || inst->spool_iface < 0 || !s->accepted || s->client.fd < 0 ||
-	    getsockname(s->client.fd, (struct sockaddr *)&local, &len) < 0)
+	    tls_client_leg_captured(s) || getsockname(s->client.fd, (struct sockaddr *)&local, &len) < 0)
 		return NULL;
 	snprintf(comment, sizeof comment, "%s/%s", inst->proto->name, inst->name);
 	s->refused = spool_flow_open(inst->spool_iface, s->id, IPPROTO_TCP, (struct sockaddr *)&s->client_addr,
@@ -1445,8 +1448,9 @@ session_linger_client(struct session *s)
 {
 	ev_io_stop(capd_loop, &s->client.rio);
 	ev_io_stop(capd_loop, &s->client.wio);
-	/* a refusal's capture ends with the client's close, which linger sees */
-	linger_start_flow(capd_loop, s->client.fd, session_refused_end(s));
+	/* a refusal's capture ends with the client's close, which linger sees;
+	 * what a TLS client sends there is ciphertext, no part of that stream */
+	linger_start_flow(capd_loop, s->client.fd, session_refused_end(s), s->client.tls == NULL);
 	s->client.fd = -1;
 }
 

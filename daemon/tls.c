@@ -1446,6 +1446,12 @@ tls_session_ending(struct session *s, enum synth_end how)
 	tls_note_client(s->tls);
 }
 
+bool
+tls_client_leg_captured(const struct session *s)
+{
+	return s->tls != NULL && s->tls->raw_open && s->tls->raw[TLS_LEG_CLIENT] != NULL;
+}
+
 void
 tls_session_free(struct session *s)
 {

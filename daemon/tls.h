@@ -170,6 +170,10 @@ const char *tls_close_reason(struct session *s, const char *reason);
 /* session_end() calls this before relay_stop(): how the session ends, which
  * the ciphertext legs of tls_capture = both show too. */
 void tls_session_ending(struct session *s, enum synth_end how);
+/* Whether s's client leg is being captured (tls_capture = both, since the
+ * relay started): that flow, between the client and capd's address, holds a
+ * refusal already, which the keys decrypt. */
+bool tls_client_leg_captured(const struct session *s);
 /* relay_stop() calls this: frees the session's TLS state (no I/O). */
 void tls_session_free(struct session *s);
 

@@ -1700,3 +1700,21 @@ def test_no_route_refusal_is_captured(capd_factory, origins, tmp_path):
     assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
     assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
     check_pcap_clean(f["pcap"])
+
+
+def test_tls_refusal_is_captured_in_plaintext(capd, tls_reverse, tmp_path):
+    """A TLS client's refused request (421: its Host is not its SNI) is captured as
+    the plaintext conversation, as the sessions capd relays are: curl's request and
+    the 421 as its --trace has them, and the closes, with none of the ciphertext capd
+    reads while it lingers (curl's close_notify) in that plaintext stream."""
+    get, test_tls = tls_reverse
+    trace = tmp_path / "trace"
+    r = get("-H", "Host: nope.test", "--trace", trace)
+    assert r.returncode == 0 and r.stdout.startswith(b"421 "), r.stderr
+    sent, got = curl_trace(trace)
+    s = closed(capd, 1)[-1]
+    f = refused_flow(capd, s, 2)
+    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{get.port}"), f
+    assert f["up"] == b"".join(bytes(b) for _, b in sent) and f["up"].startswith(b"GET / HTTP/1.1\r\n"), f
+    assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
