@@ -23,7 +23,8 @@
  * relay_inject + relay_finish after; the connection ends with them, but
  * after a 407 it may go on in a new session (http_refuse_keep). A client
  * connection that opens with the HTTP/2 preface is told, in HTTP/2, to use
- * HTTP/1.1 (http_refuse_h2).
+ * HTTP/1.1 (http_refuse_h2). Each such exchange is captured, toward capd's
+ * own address, when it happens (session_refused_heard): no upstream saw it.
  */
 #include "http-proxy.h"
 
