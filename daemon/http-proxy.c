@@ -267,7 +267,12 @@ http_end_late(struct session *s, const char *reason)
 	hc->down = DOWN_IDLE;
 }
 
-/* http_end_late with an error reply after what the client already has. */
+static void http_refuse_late(struct session *s, const uint8_t *p, size_t n, const struct buf *reply,
+                             const char *reason);
+
+/* http_end_late with an error reply after what the client already has (a
+ * timeout, an upstream that failed): captured as a refusal, the upstream
+ * never having sent it (http_refuse_late). */
 static void
 http_fail_late(struct session *s, int status, const char *why)
 {
@@ -276,23 +281,29 @@ http_fail_late(struct session *s, int status, const char *why)
 	char *reason = http_reason(status, why);
 
 	http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
-	relay_inject(s, DIR_DOWN, buf_head(&b), buf_used(&b));
+	http_refuse_late(s, NULL, 0, &b, reason);
 	buf_free(&b);
-	http_end_late(s, reason);
 	free(reason);
 }
 
 /* A request refused on a connection that relays already: not the upstream's
  * to see, so the capture has it, with capd's reply, in a flow of its own
  * toward capd's address (session_refused_heard), as a first request's is.
- * p, n: what the client sent that capd holds, from the request on. */
+ * p, n: what the client sent that capd holds, from the request on; NULL for
+ * a reply to a request relayed (http_fail_late): what of the client's the
+ * relay holds unjudged then never goes upstream, so that flow has it. */
 static void
 http_refuse_late(struct session *s, const uint8_t *p, size_t n, const struct buf *reply, const char *reason)
 {
-	session_refused_heard(s, p, n);
+	if (p == NULL)
+		n = relay_held(s, DIR_UP, &p);
+	if (n > 0)
+		session_refused_heard(s, p, n);
 	session_refused_said(s, buf_head(reply), buf_used(reply));
 	relay_inject(s, DIR_DOWN, buf_head(reply), buf_used(reply));
 	http_end_late(s, reason);
+	/* the FIN follows the reply (relay_finish): before a close the client makes after reading it */
+	session_refused_shut(s);
 }
 
 /* ---- routing and rewriting ---- */
@@ -1016,6 +1027,15 @@ http_proxy_input(struct session *s)
 	 * head's 60 seconds, which would end it with a 504 regardless */
 	session_set_deadline(s, 0);
 	session_connect(s, t.host, t.port);
+}
+
+void
+http_proxy_hs_ended(struct session *s)
+{
+	/* nothing read (a kept connection closed between requests, a connection
+	 * opened and left unused) is nothing to see, and not worth a flow */
+	if (buf_used(&s->hs_in) > 0)
+		session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
 }
 
 void

@@ -77,6 +77,9 @@ void http_cfg_free(struct instance *inst);
 void http_proxy_accepted(struct session *s);
 void http_proxy_input(struct session *s);
 void http_proxy_connected(struct session *s, int err);
+/* proto->hs_ended: a request head that ends unanswered (header_timeout, the
+ * client's close or reset, too large) is captured as a refused one. */
+void http_proxy_hs_ended(struct session *s);
 void http_proxy_session_free(struct session *s);
 bool http_proxy_idle(struct session *s);
 

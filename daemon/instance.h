@@ -46,6 +46,12 @@ struct proto {
 	void (*input)(struct session *s);
 	/* session_connect() finished: err 0, or an errno value (s->why_connect says more). */
 	void (*connected)(struct session *s, int err);
+	/* Optional: s ends in its handshake with no reply of capd's captured (a
+	 * timeout, the client's close or reset, a handshake too large, a failed
+	 * connect): puts what capd read, in its turns, into the refusal's capture
+	 * (session_refused_heard), whose close session_end writes. Not called when
+	 * the instance does not capture. */
+	void (*hs_ended)(struct session *s);
 	void (*session_free)(struct session *s);  /* frees s->proto_state */
 	void (*free)(struct instance *inst);       /* frees inst->cfg */
 	/* Adds type-specific fields to the instance object. */

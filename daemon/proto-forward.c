@@ -32,6 +32,17 @@ static const char *const forward_keys[] = {
 	"tls_client_cert", NULL,
 };
 
+/* The session ends before a relay: its connect failed, or the client closed or
+ * reset while it was pending. The capture has what the client sent (maybe
+ * nothing) and the close, toward the listening address, as a refusal's. Not
+ * with tls = yes: what capd read is a TLS hello, and capd's answer its alert. */
+static void
+forward_hs_ended(struct session *s)
+{
+	if (s->tls == NULL)
+		session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
+}
+
 static int
 forward_configure(struct instance *inst, struct params *p)
 {
@@ -192,6 +203,7 @@ const struct proto proto_forward = {
 	.configure = forward_configure,
 	.accepted = forward_accepted,
 	.connected = forward_connected,
+	.hs_ended = forward_hs_ended,
 	.start = forward_start,
 	.stop = forward_stop,
 	.session_free = forward_session_free,

@@ -421,6 +421,7 @@ const struct proto proto_reverse = {
 	.accepted = http_proxy_accepted,
 	.input = http_proxy_input,
 	.connected = http_proxy_connected,
+	.hs_ended = http_proxy_hs_ended,
 	.session_free = http_proxy_session_free,
 	.idle = http_proxy_idle,
 	.free = http_cfg_free,

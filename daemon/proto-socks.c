@@ -1021,6 +1021,17 @@ socks_input(struct session *s)
 	}
 }
 
+/* The handshake ends with no reply of capd's to its last step (a timeout, the
+ * client's close or reset, a handshake too large): the capture has it as far
+ * as it went, capd's replies in their turns (socks_refused). A client that
+ * sent nothing is nothing to see. */
+static void
+socks_hs_ended(struct session *s)
+{
+	if (s->proto_state != NULL && buf_used(&s->hs_in) > 0)
+		socks_refused(s, NULL, 0);
+}
+
 const struct proto proto_socks = {
 	.name = "socks",
 	.keys = socks_keys,
@@ -1034,6 +1045,7 @@ const struct proto proto_socks = {
 	.accepted = socks_accepted,
 	.input = socks_input,
 	.connected = socks_connected,
+	.hs_ended = socks_hs_ended,
 	.session_free = socks_session_free,
 	.free = socks_free,
 	.describe = socks_describe,

@@ -410,6 +410,20 @@ session_stream_open_count(void)
 
 /* ---- handshake I/O ---- */
 
+static void session_end(struct session *s, const char *reason, bool reset_client, bool reset_upstream,
+                        enum synth_end how);
+
+/* A client's reset seen by a read or send of the handshake: the capture ends
+ * with its RST (a refusal's flow, session_end), not with capd's close. */
+static void
+session_hs_client_failed(struct session *s, int err, const char *why)
+{
+	if (err == ECONNRESET || err == EPIPE)
+		session_end(s, why, false, false, SYNTH_END_RST_CLIENT);
+	else
+		session_close(s, why);
+}
+
 static void
 session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -439,9 +453,10 @@ session_hs_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (n < 0 && errno != EAGAIN && errno != EINTR) {
 		/* an open session read here (a UDP association's control connection, a
 		 * DNS TCP client) is past its handshake: it would be a wrong lead */
+		int err = errno;
 		char *why = xasprintf("client error%s: %s", s->state == SESSION_OPEN ? "" : " during handshake",
-		                      strerror(errno));
-		session_close(s, why);
+		                      strerror(err));
+		session_hs_client_failed(s, err, why);
 		free(why);
 		return;
 	}
@@ -474,7 +489,7 @@ session_hs_flush(struct session *s)
 				ev_io_start(capd_loop, &s->client.wio);
 				return;
 			}
-			session_close(s, "client went away during handshake");
+			session_hs_client_failed(s, errno, "client went away during handshake");
 			return;
 		}
 		buf_consume(&s->hs_out, (size_t)n);
@@ -1121,20 +1136,54 @@ session_refused_say(struct session *s, const void *p, size_t n)
 	session_send(s, p, n);
 }
 
+void
+session_refused_shut(struct session *s)
+{
+	if (s->refused == NULL)
+		return;
+	if (s->client_eof || s->dir[DIR_UP].eof)
+		spool_flow_fin(s->refused, DIR_UP);
+	spool_flow_fin(s->refused, DIR_DOWN);
+}
+
 /* The refusal's flow as capd closes the client connection: the FIN the
- * client sent already, then capd's. The caller takes the flow (NULL: none). */
+ * client sent already, then capd's (session_refused_shut; none written twice).
+ * The caller takes the flow (NULL: none). */
 static struct spool_flow *
 session_refused_end(struct session *s)
 {
 	struct spool_flow *f = s->refused;
 
+	session_refused_shut(s);
 	s->refused = NULL;
-	if (f == NULL)
-		return NULL;
-	if (s->client_eof || s->dir[DIR_UP].eof)
-		spool_flow_fin(f, DIR_UP);
-	spool_flow_fin(f, DIR_DOWN);
 	return f;
+}
+
+/*
+ * The refusal's flow as the session ends: the client's RST when it reset;
+ * capd's RST when it reset the client, or when its close finds bytes unread
+ * (the kernel resets then: a handshake too large); else the FINs
+ * (session_refused_end). None when the client's connection went on in
+ * another session (http_handoff) or lingers (session_linger_client took the
+ * flow). Only a refusal pays the ioctl.
+ */
+static void
+session_refused_close(struct session *s, bool reset_client, enum synth_end how)
+{
+	struct spool_flow *f = s->refused;
+	int q = 0;
+
+	if (f == NULL)
+		return;
+	if (how == SYNTH_END_RST_CLIENT)
+		spool_flow_close(f, SYNTH_END_RST_CLIENT);
+	else if (s->client.fd < 0)
+		spool_flow_close(f, SYNTH_END_NONE);
+	else if (reset_client || (ioctl(s->client.fd, SIOCINQ, &q) == 0 && q > 0))
+		spool_flow_close(f, SYNTH_END_RST_TARGET);
+	else
+		spool_flow_close(session_refused_end(s), SYNTH_END_NONE);
+	s->refused = NULL;
 }
 
 void
@@ -1370,6 +1419,7 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 
 	if (s->state == SESSION_CLOSED)
 		return;
+	bool in_handshake = s->state == SESSION_HANDSHAKE;
 	s->state = SESSION_CLOSED;
 	s->ended = capd_now();
 	/* reason may live in state that the teardown below frees (TLS, the
@@ -1379,14 +1429,13 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	s->reason = why;
 	reason = why;
 
-	/* a refusal's flow: capd's FIN, or its RST, and no close of the
-	 * client's own invented; none of capd's either when the client's
-	 * connection went on in another session (http_handoff) */
-	if (s->refused != NULL && how == SYNTH_END_FIN)
-		spool_flow_close(s->client.fd >= 0 ? session_refused_end(s) : s->refused, SYNTH_END_NONE);
-	else if (s->refused != NULL)
-		spool_flow_close(s->refused, how);
-	s->refused = NULL;
+	/* a handshake that ends with nothing of capd's said (a timeout, the
+	 * client's close or reset, a failed connect): what capd read is
+	 * captured as a refusal's is. An accepted session never comes here. */
+	if (in_handshake && s->refused == NULL && inst->proto->hs_ended != NULL && inst->capture &&
+	    s->client.fd >= 0)
+		inst->proto->hs_ended(s);
+	session_refused_close(s, reset_client, how);
 	tls_session_ending(s, how);
 	relay_stop(s);
 	ev_timer_stop(capd_loop, &s->timer);

@@ -186,6 +186,10 @@ void session_refused_say(struct session *s, const void *p, size_t n);
 /* session_refused_say of a reply sent before (the steps of a handshake that
  * went on): captured only. */
 void session_refused_said(struct session *s, const void *p, size_t n);
+/* capd's FIN after the reply, in the refusal's capture, when it is decided
+ * (relay_finish), before the client's close that answers it: the FIN the
+ * client sent already, then capd's. */
+void session_refused_shut(struct session *s);
 /* Marks the handshake done: capture starts, state open, "session.open" event. */
 void session_opened(struct session *s);
 

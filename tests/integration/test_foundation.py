@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, CAPCTL, CAPD, ROOT, EchoServer, exchange, free_port, sh, tshark
+from conftest import BUILD, CAPCTL, CAPD, ROOT, EchoServer, exchange, free_port, refused_flow, sh, syn_hole, tshark
 
 
 def curl(*args, timeout=30):
@@ -1761,3 +1761,44 @@ def test_key_colon_value_refused_by_capd_t_and_reload(capd_factory, tmp_path):
     c.write_conf(f"[forward f]\nlisten = [::1]:{port}\nto = 127.0.0.1:9\n", settings="log_level: info")
     r = c.ctl("reload", check=False)
     assert r.returncode == 1 and "a ':' after 'log_level': write log_level = info" in r.stderr, r.stderr
+
+
+def test_forward_failed_connect_is_captured(capd):
+    """A forward instance whose target refused the connect closed the client with
+    nothing captured (test_upstream_refused). Its capture is now the client's side of
+    it, toward the listening address: the SYN, what the client sent if capd read it
+    before the connect failed, capd's FIN. Here the target does not exist: a port
+    nobody listens on."""
+    dead, port = free_port(), free_port()
+    capd.ctl("add", "forward", "--port", port, "--to", f"127.0.0.1:{dead}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        me = "%s:%d" % s.getsockname()
+        s.settimeout(10)
+        assert s.recv(100) == b""
+    ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+    f = refused_flow(capd, ss[-1], 1)
+    assert (f["client"], f["server"]) == (me, f"127.0.0.1:{port}"), f
+    assert f["up"] == b"" and f["down"] == b"" and f["ends"] == [("s", "FIN")], f
+
+
+def test_forward_connect_timeout_is_captured_with_what_the_client_sent(capd):
+    """The same for a connect that timed out (connect_timeout 1 s, a target whose
+    accept queue is full): what the client sent while capd waited is captured."""
+    ls, held = syn_hole()
+    try:
+        port = free_port()
+        capd.ctl("add", "forward", "--port", port, "--to", "127.0.0.1:%d" % ls.getsockname()[1],
+                 "--connect-timeout", "1s")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"hello, anyone?\n")
+            s.settimeout(10)
+            assert s.recv(100) == b""
+        ss = capd.wait_sessions(lambda ss: ss and ss[-1]["state"] == "closed")
+        assert "timed out" in ss[-1]["reason"], ss[-1]
+        f = refused_flow(capd, ss[-1], 1)
+        assert f["server"] == f"127.0.0.1:{port}" and f["client"] == ss[-1]["client"], f
+        assert f["up"] == b"hello, anyone?\n" and f["down"] == b"" and f["ends"] == [("s", "FIN")], f
+    finally:
+        for c in held:
+            c.close()
+        ls.close()

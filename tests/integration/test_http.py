@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -2979,3 +2980,76 @@ def test_refused_http2_preface_is_captured_unless_capture_no(capd):
     assert r.returncode == 0 and "4,7\t13" in r.stdout, r.stdout
     r = tshark("-r", f["pcap"], "-Y", f'frame.comment matches "^capd session {other["id"]}( |$)" || tcp.port == {quiet}')
     assert r.returncode == 0 and r.stdout.strip() == "", r.stdout
+
+
+# ---- what ends with no reply, and capd's own replies while relaying, in the capture ----
+
+@pytest.mark.parametrize("end", ["timeout", "fin", "rst"])
+def test_unanswered_request_head_is_captured(capd, end):
+    """A request head that never completed (header_timeout, or the client's close
+    or reset in the middle of it) was in no capture. Its capture is now what capd
+    read of it, between the client and the instance's address, ended as it ended:
+    capd's FIN at header_timeout, the client's FIN then capd's, or the client's RST."""
+    port = add_http(capd, "--header-timeout", "1s")
+    part = b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nX-Half"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        me = "%s:%d" % c.getsockname()
+        c.sendall(part)
+        if end == "timeout":
+            assert read_all(c, timeout=8) == b""
+        elif end == "fin":
+            c.shutdown(socket.SHUT_WR)
+            assert read_all(c, timeout=8) == b""
+        else:
+            time.sleep(0.2)  # read by capd before the reset
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s = closed_sessions(capd, 1)[-1]
+    want = {"timeout": [("s", "FIN")], "fin": [("c", "FIN"), ("s", "FIN")], "rst": [("c", "RST")]}[end]
+    f = refused_flow(capd, s, len(want))
+    assert (f["client"], f["server"]) == (me, f"127.0.0.1:{port}"), f
+    assert f["up"] == part and f["down"] == b"" and f["ends"] == want, (f, s)
+    check_pcap_clean(f["pcap"])
+
+
+def test_upstream_reset_502_is_captured_toward_capd(capd):
+    """The 502 capd sent after an upstream reset (test_upstream_reset_before_its_response_is_a_502)
+    was in no capture: the upstream's flow has the request and its RST, and the
+    upstream never sent a 502. The 502 is now in a flow of its own between the client
+    and the instance's address, with capd's FIN; the request, relayed, is not copied
+    there, and the upstream's flow has no 502."""
+    o = RawOrigin("reset")
+    try:
+        port = add_http(capd)
+        reply = raw(port, f"GET http://127.0.0.1:{o.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=10)
+        assert status_of(reply) == 502, reply
+        s = closed_sessions(capd, 1)[-1]
+        f = refused_flow(capd, s, 1, port=port)
+        assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
+        assert f["up"] == b"" and f["down"] == reply and f["ends"][0] == ("s", "FIN"), f
+        assert ("s", "RST") not in f["ends"], f
+        _, up, down = follow_session(f["pcap"], s["id"], s)
+        assert up.startswith(b"GET / HTTP/1.1\r\n") and b"502" not in down, (up, down)
+    finally:
+        o.close()
+
+
+def test_response_timeout_504_is_captured_with_the_request_it_held(capd):
+    """A 504 at response_timeout went to the client only. It is now captured toward
+    the instance's address, after what capd held of the client's and never sent
+    upstream (a request pipelined behind the one the origin never answered); the
+    origin's flow has only the first request."""
+    o = SilentOrigin()
+    try:
+        port = add_kind_timeout(capd, "http", o.port, "1s")
+        first = get_line("http", o.port, "/first") + b"Host: x\r\n\r\n"
+        second = get_line("http", o.port, "/second") + b"Host: x\r\n\r\n"
+        reply = raw(port, first + second, timeout=10)
+        assert status_of(reply) == 504, reply
+        s = closed_sessions(capd, 1)[-1]
+        f = refused_flow(capd, s, 1, port=port)
+        assert f["server"] == f"127.0.0.1:{port}" and f["client"] == s["client"], f
+        assert f["up"] == second and f["down"] == reply and f["ends"][0] == ("s", "FIN"), f
+        _, up, down = follow_session(f["pcap"], s["id"], s)
+        assert up.startswith(b"GET /first HTTP/1.1\r\n") and b"/second" not in up and down == b"", (up, down)
+    finally:
+        o.close()

@@ -2402,3 +2402,30 @@ def test_socks5_refused_request_is_captured(capd):
     assert f["up"] == b"\x05\x01\x00" + req and f["down"] == b"\x05\x00" + reply, f
     r = tshark("-r", f["pcap"], "-Y", f"tcp.len > 0 && tcp.port == {port}", "-T", "fields", "-e", "tcp.payload")
     assert r.stdout.split() == ["050100", "0500", req.hex(), reply.hex()], r.stdout
+
+
+@pytest.mark.parametrize("end", ["timeout", "rst"])
+def test_unfinished_socks5_handshake_is_captured(capd, end):
+    """A SOCKS5 handshake that ended with no reply of capd's (handshake_timeout, or
+    the client's reset halfway through its request) was in no capture. It is now
+    there as far as it went, between the client and the instance's address: the
+    greeting, capd's method choice, what came of the request; then capd's FIN at the
+    timeout, or the client's RST."""
+    port = add_socks(capd, "--handshake-timeout", "1s")
+    greeting, part = b"\x05\x01\x00", b"\x05\x01\x00\x01\x7f\x00"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        me = "%s:%d" % c.getsockname()
+        c.sendall(greeting)
+        assert recv_exact(c, 2) == b"\x05\x00"
+        if end == "timeout":
+            assert c.recv(100) == b""
+        else:
+            c.sendall(part)
+            time.sleep(0.2)  # read by capd before the reset
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s = last_session(capd)
+    f = refused_flow(capd, s, 1)
+    assert (f["client"], f["server"]) == (me, f"127.0.0.1:{port}"), f
+    want = [("s", "FIN")] if end == "timeout" else [("c", "RST")]
+    assert f["up"] == greeting + (part if end == "rst" else b"") and f["down"] == b"\x05\x00", f
+    assert f["ends"] == want, (f, s)
