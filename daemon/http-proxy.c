@@ -1032,10 +1032,15 @@ http_proxy_input(struct session *s)
 void
 http_proxy_hs_ended(struct session *s)
 {
+	struct http_conn *hc = s->proto_state;
+
 	/* nothing read (a kept connection closed between requests, a connection
-	 * opened and left unused) is nothing to see, and not worth a flow */
-	if (buf_used(&s->hs_in) > 0)
-		session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
+	 * opened and left unused) is nothing to see, and not worth a flow; a
+	 * CONNECT answered 200 is a tunnel whose interception failed, whose
+	 * early bytes are no request of the client's */
+	if (hc == NULL || (hc->connect && s->hs_replied) || buf_used(&s->hs_in) == 0)
+		return;
+	session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
 }
 
 void
