@@ -1037,8 +1037,10 @@ http_proxy_hs_ended(struct session *s)
 	/* nothing read (a kept connection closed between requests, a connection
 	 * opened and left unused) is nothing to see, and not worth a flow; a
 	 * CONNECT answered 200 is a tunnel whose interception failed, whose
-	 * early bytes are no request of the client's */
-	if (hc == NULL || (hc->connect && s->hs_replied) || buf_used(&s->hs_in) == 0)
+	 * early bytes are no request of the client's; nor is what a TLS client
+	 * sends before its TLS is up (tls_peek keeps it in hs_in) */
+	if (hc == NULL || (hc->connect && s->hs_replied) || (s->tls != NULL && s->client.tls == NULL) ||
+	    buf_used(&s->hs_in) == 0)
 		return;
 	session_refused_heard(s, buf_head(&s->hs_in), buf_used(&s->hs_in));
 }
