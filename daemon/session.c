@@ -1431,7 +1431,8 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 
 	/* a handshake that ends with nothing of capd's said (a timeout, the
 	 * client's close or reset, a failed connect): what capd read is
-	 * captured as a refusal's is. An accepted session never comes here. */
+	 * captured as a refusal's is. A session that relays (open) pays one
+	 * test of its state here, nothing more. */
 	if (in_handshake && s->refused == NULL && inst->proto->hs_ended != NULL && inst->capture &&
 	    s->client.fd >= 0)
 		inst->proto->hs_ended(s);
