@@ -2,6 +2,7 @@
 private folder, config, control socket and spool; capctl; local servers;
 tshark helpers. Everything listens on loopback."""
 
+import collections
 import itertools
 import json
 import os
@@ -25,12 +26,23 @@ CAPCTL = Path(os.environ.get("CAPCTL_BIN", BUILD / "capctl"))
 SANITIZED = bool(os.environ.get("ASAN_OPTIONS") or os.environ.get("TSAN_OPTIONS"))
 
 
+_given_ports = collections.deque(maxlen=512)
+
+
 def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
-    """A port the kernel says is free now on host (TCP by default)."""
+    """A port the kernel says is free now on host (TCP by default), and not one this
+    process was given lately: a test often takes two before binding either, and the
+    kernel, whose ports are free until bound, can hand out one twice in a row (a
+    forward's --port was "in use" by the instance on the port taken just before)."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket(fam, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _given_ports:
+            break
+    _given_ports.append(port)
+    return port
 
 
 def free_port_tcp_udp(host="127.0.0.1"):
