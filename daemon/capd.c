@@ -24,6 +24,7 @@
 #include "linger.h"
 #include "log.h"
 #include "params.h"
+#include "path.h"
 #include "privdrop.h"
 #include "relay.h"
 #include "resolve.h"
@@ -605,17 +606,17 @@ capd_raise_nofile(void)
 /* capd -c capd.conf from a shell's folder: daemon.status, reload's log lines
  * and warnings name the file absolute, so that capctl status run elsewhere
  * says which file it is; capd never changes folder, so the relative path
- * would still open (-t keeps the path as the user gave it) */
+ * would still open (-t keeps the path as the user gave it). Cleaned as the
+ * paths in the file are (-c ../conf/capd.conf): the same file, named plainly. */
 static void
 capd_absolute_config_path(void)
 {
-	char *cwd, *path;
+	char *cwd = NULL, *path;
 	json_t *text;
 
-	if (capd_config_path[0] == '/' || (cwd = getcwd(NULL, 0)) == NULL)
+	if (capd_config_path[0] != '/' && (cwd = getcwd(NULL, 0)) == NULL)
 		return;
-	path = xasprintf("%s/%s", strcmp(cwd, "/") ? cwd : "",
-	                 strncmp(capd_config_path, "./", 2) ? capd_config_path : capd_config_path + 2);
+	path = path_clean(cwd, capd_config_path);
 	free(cwd);
 	if ((text = json_string(path)) == NULL) {  /* a folder whose name is not UTF-8 */
 		free(path);

@@ -20,6 +20,7 @@
 #include "addr.h"
 #include "instance.h"
 #include "log.h"
+#include "path.h"
 #include "values.h"
 #include "xmalloc.h"
 
@@ -93,7 +94,9 @@ conf_settings_free(struct capd_settings *st)
 }
 
 /* NULL (and the error set) for an empty value: made relative it would name
- * the config file's own folder, and "spool =" would spool there */
+ * the config file's own folder, and "spool =" would spool there. The path is
+ * cleaned (path_clean) where it opens the same file: capd's ready line,
+ * capctl status and the logs showed "/srv/conf/../build/capd.sock". */
 static char *
 conf_path(struct conf_parse *cp, const char *key, const char *v)
 {
@@ -101,9 +104,7 @@ conf_path(struct conf_parse *cp, const char *key, const char *v)
 		conf_fail(cp, "'%s' needs a path", key);
 		return NULL;
 	}
-	if (v[0] == '/' || cp->base == NULL)
-		return xstrdup(v);
-	return xasprintf("%s/%s", cp->base, v);
+	return path_clean(cp->base, v);
 }
 
 /* A folder's path without trailing slashes ("/" stays), so the paths made

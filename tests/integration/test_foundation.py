@@ -1802,3 +1802,35 @@ def test_forward_connect_timeout_is_captured_with_what_the_client_sent(capd):
         for c in held:
             c.close()
         ls.close()
+
+
+def test_relative_paths_are_shown_clean(capd_factory):
+    """With conf/capd-dev.conf's `control = ../build/dev/capd.sock` (tools/dev run, the
+    README's first step), capd's ready line, capctl status and capture status showed
+    /work/main/conf/../build/dev/capd.sock. A config-relative path is now joined to the
+    config file's folder and cleaned: the same file, named plainly. capd -c with a ".."
+    in it is named clean too, and so is a users file in a capd -t error."""
+    from pathlib import Path
+    c = capd_factory(start=False)
+    top = Path(os.path.realpath(c.dir))
+    (top / "conf").mkdir()
+    c.conf_path = c.dir / "conf" / ".." / "conf" / "capd.conf"
+    c.sock, c.spool = top / "x" / "capd.sock", top / "x" / "spool"
+    c.conf_path.write_text("[capd]\ncontrol = ../x/capd.sock\nspool = ./../x/./spool/\n"
+                           "state_dir = ../x//state\nlog_level = info\n")
+    (top / "x").mkdir()
+    c.start()
+    st = c.ctl("status", json_out=True)
+    assert (st["config"], st["control"], st["spool"]) == (
+        f"{top}/conf/capd.conf", str(c.sock), str(c.spool)), st
+    cap = c.ctl("capture", "status", json_out=True)
+    assert cap["file"].startswith(f"{c.spool}/capd-"), cap
+    shown = json.dumps([st, cap]) + c.ctl("status").stdout + c.log()
+    assert "/../" not in shown and "/./" not in shown and "//" not in shown, shown
+    assert f"ready: control {c.sock}, spool {c.spool}\n" in c.log(), c.log()
+    # the same folder cleaning in a message with file:line
+    bad = top / "conf" / "bad.conf"
+    bad.write_text(f"[capd]\ncontrol = ../x/t.sock\n[socks s]\nlisten = 127.0.0.1:{free_port()}\n"
+                   "users = ../x/no-such-users\n")
+    r = subprocess.run([str(CAPD), "-t", "-c", str(bad)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and f"cannot read users file {top}/x/no-such-users:" in r.stderr, r.stderr
