@@ -3,8 +3,11 @@
  * match, answer, FORMERR/NOTIMP), error replies, truncated answers, reply
  * matching with the input as both query and reply, CNAME chains into a
  * claimed name, and zone transfer messages. The first byte picks UDP or TCP limits (and AXFR or IXFR).
+ * Split in two halves, the input is also a query and an upstream's reply:
+ * whether they ask alike, and the query's name case put back into the reply.
  */
 #include <stddef.h>
+#include <ctype.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +16,27 @@
 
 /* Compiled in here, not taken from the daemon library, so libFuzzer's coverage sees it. */
 #include "dns-msg.c"
+
+/* The first half as a query, the second as the reply an upstream sent for it. */
+static void
+fuzz_pair(const uint8_t *q, size_t qlen, const uint8_t *p, size_t n)
+{
+	uint8_t *reply = malloc(n ? n : 1), *was = malloc(n ? n : 1);  /* exactly n: ASan sees an overrun */
+	struct dns_xfr x;
+
+	(void)dns_msg_same_ask(q, qlen, p, n);
+	(void)dns_msg_same_question(q, qlen, p, n);
+	memcpy(reply, p, n);
+	memcpy(was, p, n);
+	dns_msg_keep_qname_case(q, qlen, reply, n);
+	for (size_t i = 0; i < n; i++)  /* only the case of the reply's letters may change */
+		if (tolower(reply[i]) != tolower(was[i]))
+			abort();
+	free(reply);
+	free(was);
+	dns_msg_xfr_init(&x, LDNS_RR_TYPE_IXFR, q, qlen);
+	(void)dns_msg_xfr_ends(&x, p, n);
+}
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -67,8 +91,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		(void)dns_msg_reply_matches(data, size, err, elen);
 	}
 	(void)dns_msg_reply_matches(data, size, data, size);
-	if (size > 2)
+	if (size > 2) {
 		(void)dns_msg_reply_matches(data, size / 2, data + size / 2, size - size / 2);
+		fuzz_pair(data, size / 2, data + size / 2, size - size / 2);
+	}
 	free(err);
 	/* the input as an upstream's answer whose CNAME chain may lead to a claimed name */
 	{

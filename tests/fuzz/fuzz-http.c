@@ -1,6 +1,8 @@
 /* Fuzzes the HTTP/1.x parser as the http and reverse proxies use it: the
  * request head (growing byte by byte up to the whole input, as reads arrive),
- * the response head, and the body framing after each head, split in two. */
+ * the response head, and the body framing after each head, split in two and
+ * byte by byte (both must find the same end); the request line alone, the
+ * HTTP/2 preface and the target's scheme, as the proxies look at them. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -47,7 +49,42 @@ fuzz_body(const struct http_msg *msg, const uint8_t *p, size_t n, bool lf_ends)
 	}
 	if (rv == PARSE_OK && !http_body_done(&b))
 		__builtin_trap();
-	(void)total;
+	/* as reads of one byte arrive: the same verdict at the same place */
+	{
+		struct http_body one;
+		size_t at = 0, u = 0;
+		enum parse rv1 = PARSE_MORE;
+
+		http_body_init(&one, msg->framing, msg->length);
+		one.lf_ends = lf_ends;
+		do {
+			rv1 = http_body_scan(&one, p + at, at < n ? 1 : 0, &u);
+			at += u;
+		} while (rv1 == PARSE_MORE && at < n);
+		if (rv1 != rv || (rv == PARSE_OK && at != total))
+			__builtin_trap();
+	}
+}
+
+/* The request line on its own (http-proxy.c's early look) and the preface. */
+static void
+fuzz_line(const uint8_t *p, size_t n)
+{
+	static struct http_msg l;
+	static const char preface[] = HTTP_H2_PREFACE;
+	size_t plen = sizeof preface - 1;
+	enum parse pv = http_h2_preface(p, n);
+	bool https;
+
+	if ((pv == PARSE_OK) != (n >= plen && memcmp(p, preface, plen) == 0))
+		__builtin_trap();
+	if (http_request_line_at(p, n, &l)) {
+		const char *lo = (const char *)p, *hi = lo + n;
+		if (l.method < lo || l.method + l.method_len > hi || l.target < lo || l.target + l.target_len > hi)
+			__builtin_trap();
+		if (http_target_scheme(&l, &https) > l.target_len)
+			__builtin_trap();
+	}
 }
 
 int
@@ -69,6 +106,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		for (unsigned i = 0; i < m.nhdr; i++)
 			(void)http_hop_by_hop(&m, m.hdr[i].name, m.hdr[i].name_len);
 		(void)http_max_forwards(&m, NULL);
+		(void)http_header(&m, "host");
+		(void)http_method_is(&m, "CONNECT");
+		{
+			bool https;
+			if (http_target_scheme(&m, &https) > m.target_len)
+				__builtin_trap();
+		}
 		fuzz_body(&m, data + m.head_len, size - m.head_len, false);
 	}
 	/* a refused request keeps what parsed of it, all inside the input */
@@ -82,6 +126,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fuzz_inside(&m, data);
 		fuzz_body(&m, data + m.head_len, size - m.head_len, true);
 	}
+	fuzz_line(data, size);
 	/* bodies on their own */
 	struct http_msg chunked = { .framing = HTTP_BODY_CHUNKED };
 	fuzz_body(&chunked, data, size, false);

@@ -2,7 +2,9 @@
  * Fuzzes the SOCKS handshake parsers as proto-socks.c drives them: the first
  * byte picks SOCKS4 or SOCKS5, the input is fed in two pieces (every parser
  * must answer MORE without consuming on a prefix), then greeting, auth and
- * request are parsed in sequence; the UDP header parser gets the whole input.
+ * request are parsed in sequence; the UDP header parser gets the whole input,
+ * and an address it reads must come back the same through the header the
+ * relay writes for replies.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -62,6 +64,24 @@ fuzz_run(const uint8_t *p, size_t n)
 	return off;
 }
 
+/* A UDP header's address, written back as the relay writes a reply's and read again. */
+static void
+fuzz_udp_back(const struct socks_req *r)
+{
+	uint8_t hdr[SOCKS_UDP_HDR_MAX];
+	struct socks_req back;
+	size_t len, used = 0;
+
+	if (r->addr.ss_family != AF_INET && r->addr.ss_family != AF_INET6)
+		return;  /* a name: the relay resolves it first */
+	len = socks_udp_header(hdr, (const struct sockaddr *)&r->addr);
+	if (len > sizeof hdr || len != socks_udp_header_len((const struct sockaddr *)&r->addr))
+		abort();
+	if (socks_parse_udp(hdr, len, &used, &back) != PARSE_OK || used != len || back.port != r->port ||
+	    strcmp(back.host, r->host) != 0 || back.frag != 0)
+		abort();
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -73,7 +93,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	half = fuzz_run(data, size / 2);
 	if (half > whole)
 		abort();
-	if (socks_parse_udp(data, size, &used, &r) == PARSE_OK && used > size)
-		abort();
+	if (socks_parse_udp(data, size, &used, &r) == PARSE_OK) {
+		if (used > size)
+			abort();
+		fuzz_udp_back(&r);
+	}
 	return 0;
 }
