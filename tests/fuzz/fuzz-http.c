@@ -58,7 +58,10 @@ fuzz_body(const struct http_msg *msg, const uint8_t *p, size_t n, bool lf_ends)
 		http_body_init(&one, msg->framing, msg->length);
 		one.lf_ends = lf_ends;
 		do {
+			bool content = http_body_in_data(&one);  /* the next byte is data, never framing */
 			rv1 = http_body_scan(&one, p + at, at < n ? 1 : 0, &u);
+			if (content && at < n && (rv1 != PARSE_MORE || u != 1))
+				__builtin_trap();
 			at += u;
 		} while (rv1 == PARSE_MORE && at < n);
 		if (rv1 != rv || (rv == PARSE_OK && at != total))

@@ -6,7 +6,8 @@
  * every IP and transport checksum verifies (the payload repeats the input,
  * so its bytes are the fuzzer's), that data with sums given beforehand
  * (synth_data_summed, as the spool writer passes them) comes out the same,
- * and that synth_count() counts the packets synth_data() makes.
+ * that synth_count() counts the packets synth_data() makes, and that the
+ * block without its payload (pcapng_epb_nodata) is the same one.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -106,6 +107,19 @@ emit(void *arg, const struct synth_pkt *pkt)
 	memcpy(&last, buf_head(&out) + before + len - 4, 4);
 	if (first != len || last != len || len % 4 != 0)
 		abort();
+	/* the block the writer hands to writev: the same bytes, the payload left out at split */
+	{
+		static struct buf nod;
+		size_t split = 0, nlen = pcapng_epb_nodata(&nod, &e, &split);
+		const uint8_t *whole = buf_head(&out) + before, *part = buf_head(&nod);
+
+		if (nlen != len || buf_used(&nod) != len - pkt->datalen || split > buf_used(&nod) ||
+		    memcmp(part, whole, split) != 0 ||
+		    (pkt->datalen > 0 && memcmp(whole + split, pkt->data, pkt->datalen) != 0) ||
+		    memcmp(part + split, whole + split + pkt->datalen, buf_used(&nod) - split) != 0)
+			abort();
+		buf_reset(&nod);
+	}
 	buf_reset(&out);
 }
 
