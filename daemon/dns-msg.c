@@ -88,6 +88,72 @@ dns_rules_free(struct dns_rules *r)
 	r->n = 0;
 }
 
+/* Steps *pos past the name there (labels, or a compression pointer, which ends
+ * it); false when it runs past the message or holds a label type ldns refuses. */
+static bool
+dns_wire_skip_name(const uint8_t *p, size_t n, size_t *pos)
+{
+	while (*pos < n) {
+		uint8_t len = p[*pos];
+
+		if ((len & 0xc0) == 0xc0) {
+			*pos += 2;
+			return *pos <= n;
+		}
+		if (len > 63)
+			return false;
+		*pos += 1 + (size_t)len;
+		if (len == 0)
+			return true;
+	}
+	return false;
+}
+
+/* The TSIG records in p's additional section, as far as the message reads (the
+ * header's counts, record by record). */
+static unsigned
+dns_wire_tsigs(const uint8_t *p, size_t n)
+{
+	size_t pos = DNS_HEADER_LEN;
+	unsigned tsigs = 0;
+
+	if (n < DNS_HEADER_LEN)
+		return 0;
+	for (size_t s = 0; s < 4; s++) {
+		unsigned count = (unsigned)(p[4 + 2 * s] << 8 | p[5 + 2 * s]);
+
+		for (unsigned i = 0; i < count; i++) {
+			if (!dns_wire_skip_name(p, n, &pos))
+				return tsigs;
+			if (s == 0) {  /* a question: type and class */
+				pos += 4;
+				continue;
+			}
+			if (pos + 10 > n)
+				return tsigs;
+			if (s == 3 && (p[pos] << 8 | p[pos + 1]) == LDNS_RR_TYPE_TSIG)
+				tsigs++;
+			pos += 10 + (size_t)(p[pos + 8] << 8 | p[pos + 9]);
+		}
+	}
+	return tsigs;
+}
+
+/*
+ * ldns_wire2pkt, with a message that holds more than one TSIG record refused
+ * before ldns reads it: ldns (1.8.3) keeps the last one it reads and loses the
+ * others, so that each such query from a client (or answer from an upstream)
+ * leaked memory, some 100 KB for a 16 KB TCP query. A TSIG record is the
+ * last one of its message (RFC 8945 5.1): two are malformed in any case.
+ */
+static ldns_status
+dns_wire2pkt(ldns_pkt **pkt, const uint8_t *p, size_t n)
+{
+	if (dns_wire_tsigs(p, n) > 1)
+		return LDNS_STATUS_ERR;
+	return ldns_wire2pkt(pkt, p, n);
+}
+
 /* Exact names beat suffixes, longer suffixes beat shorter ones, and "*" comes last. */
 static size_t
 dns_rule_rank(const char *pattern)
@@ -199,7 +265,7 @@ dns_msg_error(const uint8_t *p, size_t n, int rcode, size_t *outlen)
 
 	if (n < DNS_HEADER_LEN)
 		return NULL;
-	if (((p[2] >> 3) & 0x0f) == LDNS_PACKET_QUERY && ldns_wire2pkt(&qp, p, n) == LDNS_STATUS_OK &&
+	if (((p[2] >> 3) & 0x0f) == LDNS_PACKET_QUERY && dns_wire2pkt(&qp, p, n) == LDNS_STATUS_OK &&
 	    ldns_pkt_qdcount(qp) == 1) {
 		a = dns_msg_reply_new(qp, ldns_rr_list_rr(ldns_pkt_question(qp), 0), rcode);
 		w = dns_msg_wire(a, outlen);
@@ -238,7 +304,7 @@ dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, 
 	ldns_pkt *rp = NULL, *qp = NULL, *a = NULL;
 	uint8_t *w = NULL;
 
-	if (ldns_wire2pkt(&rp, p, n) == LDNS_STATUS_OK) {
+	if (dns_wire2pkt(&rp, p, n) == LDNS_STATUS_OK) {
 		a = dns_msg_answer_head(rp);
 		ldns_pkt_set_aa(a, ldns_pkt_aa(rp));
 		ldns_pkt_set_rcode(a, ldns_pkt_get_rcode(rp));
@@ -256,7 +322,7 @@ dns_msg_truncate(const uint8_t *query, size_t qlen, const uint8_t *p, size_t n, 
 			if (ldns_pkt_edns_data(rp))
 				ldns_pkt_set_edns_data(a, ldns_rdf_clone(ldns_pkt_edns_data(rp)));
 		}
-	} else if (ldns_wire2pkt(&qp, query, qlen) == LDNS_STATUS_OK && ldns_pkt_qdcount(qp) == 1) {
+	} else if (dns_wire2pkt(&qp, query, qlen) == LDNS_STATUS_OK && ldns_pkt_qdcount(qp) == 1) {
 		a = dns_msg_reply_new(qp, ldns_rr_list_rr(ldns_pkt_question(qp), 0), LDNS_RCODE_NOERROR);
 		ldns_pkt_set_id(a, dns_msg_id(p));
 	}
@@ -465,6 +531,7 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 	const ldns_rr *qrr;
 	ldns_status st;
 	int opcode, rcode;
+	unsigned tsigs;
 	struct dns_rules lr;
 	struct dns_rule lv[2];
 
@@ -487,7 +554,12 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 		*out = dns_msg_header_reply(p, LDNS_RCODE_NOTIMPL, outlen);
 		return DNS_REPLY;
 	}
-	if ((st = ldns_wire2pkt(&qp, p, n)) != LDNS_STATUS_OK) {
+	if ((tsigs = dns_wire_tsigs(p, n)) > 1) {
+		snprintf(q->why, sizeof q->why, "FORMERR: %u TSIG records", tsigs);
+		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
+		return DNS_REPLY;
+	}
+	if ((st = dns_wire2pkt(&qp, p, n)) != LDNS_STATUS_OK) {
 		snprintf(q->why, sizeof q->why, "FORMERR: %s", ldns_get_errorstr_by_id(st));
 		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
 		return DNS_REPLY;
@@ -613,7 +685,7 @@ dns_msg_chain_answer(const struct dns_rules *r, const uint8_t *p, size_t n, cons
 	if (r->n == 0 || n < DNS_HEADER_LEN || LDNS_ANCOUNT(p) == 0 || LDNS_QDCOUNT(p) != 1 || dns_msg_tc(p) ||
 	    (dns_msg_rcode(p) != LDNS_RCODE_NOERROR && dns_msg_rcode(p) != LDNS_RCODE_NXDOMAIN))
 		return NULL;
-	if (ldns_wire2pkt(&rp, p, n) != LDNS_STATUS_OK) {
+	if (dns_wire2pkt(&rp, p, n) != LDNS_STATUS_OK) {
 		ldns_pkt_free(rp);
 		return NULL;
 	}
@@ -708,7 +780,7 @@ dns_msg_same_ask(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
 	if (alen < DNS_HEADER_LEN || blen < DNS_HEADER_LEN || LDNS_QDCOUNT(a) != 1 || LDNS_QDCOUNT(b) != 1 ||
 	    (a[2] & 0x79) != (b[2] & 0x79) || (a[3] & 0x30) != (b[3] & 0x30))
 		return false;
-	if (ldns_wire2pkt(&pa, a, alen) == LDNS_STATUS_OK && ldns_wire2pkt(&pb, b, blen) == LDNS_STATUS_OK) {
+	if (dns_wire2pkt(&pa, a, alen) == LDNS_STATUS_OK && dns_wire2pkt(&pb, b, blen) == LDNS_STATUS_OK) {
 		const ldns_rr *qa = ldns_rr_list_rr(ldns_pkt_question(pa), 0);
 		const ldns_rr *qb = ldns_rr_list_rr(ldns_pkt_question(pb), 0);
 
@@ -803,7 +875,7 @@ dns_msg_xfr_init(struct dns_xfr *x, uint16_t qtype, const uint8_t *query, size_t
 
 	memset(x, 0, sizeof *x);
 	x->qtype = qtype;
-	if (qtype != LDNS_RR_TYPE_IXFR || ldns_wire2pkt(&pkt, query, qlen) != LDNS_STATUS_OK)
+	if (qtype != LDNS_RR_TYPE_IXFR || dns_wire2pkt(&pkt, query, qlen) != LDNS_STATUS_OK)
 		return;
 	ns = ldns_pkt_authority(pkt);
 	if (ldns_rr_list_rr_count(ns) > 0)
@@ -819,7 +891,7 @@ dns_msg_xfr_ends(struct dns_xfr *x, const uint8_t *p, size_t n)
 	size_t count;
 	bool end = false;
 
-	if (n < DNS_HEADER_LEN || dns_msg_rcode(p) != LDNS_RCODE_NOERROR || ldns_wire2pkt(&pkt, p, n) != LDNS_STATUS_OK)
+	if (n < DNS_HEADER_LEN || dns_msg_rcode(p) != LDNS_RCODE_NOERROR || dns_wire2pkt(&pkt, p, n) != LDNS_STATUS_OK)
 		return true;
 	an = ldns_pkt_answer(pkt);
 	count = ldns_rr_list_rr_count(an);

@@ -1673,3 +1673,41 @@ def test_query_waiting_on_a_killed_sessions_query_asks_on_its_own(capd_factory):
         assert f"waits for the answer to session {ss[0]['id']}'s" in c.log()
     finally:
         up.close()
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_query_with_several_tsig_records_is_formerr_and_leaks_nothing(dnsd, upstream):
+    """Regression (found by fuzz-dns, leak-two-tsig-records): ldns keeps the last TSIG record
+    of a message and loses the others, so that every query holding several leaked them: a
+    client's TCP queries of 16 KB with ~1,480 TSIG records each grew capd by ~100 KB apiece,
+    for good, and were answered. A TSIG record is the last of its message (RFC 8945 5.1):
+    such a query now gets FORMERR before ldns reads it, and capd's memory stays put."""
+    port = dnsd.port
+    q = dns.message.make_query("www.example.com", "A", id=0x0a0a).to_wire()
+    tsig = b"\x00\x00\xfa\x00\xff\x00\x00\x00\x00\x00\x00"  # the root's TSIG, class ANY, no rdata
+
+    def with_tsigs(k):
+        return q[:10] + struct.pack("!H", k) + q[12:] + tsig * k
+
+    r = raw_udp(port, with_tsigs(3), timeout=5)
+    assert r is not None and r[:2] == b"\x0a\x0a" and r[2] & 0x80 and r[3] & 0x0f == dns.rcode.FORMERR, r
+    reasons = [s["reason"] for s in dnsd.wait_sessions(lambda ss: any(s["state"] == "closed" for s in ss))]
+    assert "FORMERR: 3 TSIG records" in reasons, reasons
+    big = with_tsigs((16384 - len(q)) // len(tsig))
+    frame = struct.pack("!H", len(big)) + big
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for i in range(300):
+            if i == 20:
+                before = rss_kb(dnsd.proc.pid)  # after the buffers' first growth
+            s.sendall(frame)
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            assert recv_exact(s, n)[3] & 0x0f == dns.rcode.FORMERR
+    grown = rss_kb(dnsd.proc.pid) - before
+    assert grown < 8 * 1024, f"capd grew by {grown} KB over 280 queries"
+    # one TSIG record (a signed query) is read as before: answered
+    r = raw_udp(port, with_tsigs(1), timeout=5)
+    assert r is not None and r[3] & 0x0f == dns.rcode.NOERROR, r
