@@ -88,52 +88,33 @@ dns_rules_free(struct dns_rules *r)
 	r->n = 0;
 }
 
-/* Steps *pos past the name there (labels, or a compression pointer, which ends
- * it); false when it runs past the message or holds a label type ldns refuses. */
-static bool
-dns_wire_skip_name(const uint8_t *p, size_t n, size_t *pos)
-{
-	while (*pos < n) {
-		uint8_t len = p[*pos];
-
-		if ((len & 0xc0) == 0xc0) {
-			*pos += 2;
-			return *pos <= n;
-		}
-		if (len > 63)
-			return false;
-		*pos += 1 + (size_t)len;
-		if (len == 0)
-			return true;
-	}
-	return false;
-}
-
-/* The TSIG records in p's additional section, as far as the message reads (the
- * header's counts, record by record). */
+/*
+ * The TSIG records ldns reads in p's additional section (as far as it reads),
+ * record by record with ldns itself: where a record ends is ldns's to say, as
+ * a name in the rdata may run past the record's RDLENGTH. Only messages with
+ * two additional records or more are read: one TSIG is nothing to refuse.
+ */
 static unsigned
 dns_wire_tsigs(const uint8_t *p, size_t n)
 {
+	static const ldns_pkt_section sections[] = { LDNS_SECTION_QUESTION, LDNS_SECTION_ANSWER,
+	                                             LDNS_SECTION_AUTHORITY, LDNS_SECTION_ADDITIONAL };
 	size_t pos = DNS_HEADER_LEN;
 	unsigned tsigs = 0;
 
-	if (n < DNS_HEADER_LEN)
+	if (n < DNS_HEADER_LEN || LDNS_ARCOUNT(p) < 2)
 		return 0;
 	for (size_t s = 0; s < 4; s++) {
 		unsigned count = (unsigned)(p[4 + 2 * s] << 8 | p[5 + 2 * s]);
 
 		for (unsigned i = 0; i < count; i++) {
-			if (!dns_wire_skip_name(p, n, &pos))
+			ldns_rr *rr = NULL;
+
+			if (ldns_wire2rr(&rr, p, n, &pos, sections[s]) != LDNS_STATUS_OK)
 				return tsigs;
-			if (s == 0) {  /* a question: type and class */
-				pos += 4;
-				continue;
-			}
-			if (pos + 10 > n)
-				return tsigs;
-			if (s == 3 && (p[pos] << 8 | p[pos + 1]) == LDNS_RR_TYPE_TSIG)
+			if (sections[s] == LDNS_SECTION_ADDITIONAL && ldns_rr_get_type(rr) == LDNS_RR_TYPE_TSIG)
 				tsigs++;
-			pos += 10 + (size_t)(p[pos + 8] << 8 | p[pos + 9]);
+			ldns_rr_free(rr);
 		}
 	}
 	return tsigs;
