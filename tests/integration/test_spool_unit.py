@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (Capd, EchoServer, Listener, TlsServer, exchange, apart, check_pcap_clean, follow_session, follow_tcp,
-                      follow_tcp_many, free_port, sh, tcp_streams_of, tshark)
+                      follow_tcp_many, free_port, sh, sigstop, tcp_streams_of, tshark)
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
@@ -1229,14 +1229,22 @@ def test_old_spool_folder_gone_never_joins_another_capd(capd_factory, server, tm
     assert transfer("127.0.0.1", port, b"1") == b"a"
     closed_sessions(a, 1)
     a.flush()
-    if how == "deleted":
-        shutil.rmtree(a.spool)
-    else:
-        a.spool.rename(tmp_path / "kept")
-    b = capd_factory(start=False)
-    b.conf_path.write_text(b.conf_path.read_text().replace(f"spool = {b.spool}", f"spool = {a.spool}"))
-    b.spool = a.spool
-    b.start()
+    # A held while its folder goes and B starts: A's writer looks at its folder every
+    # 50 ms, and one look between the two would make A's folder anew and lock it, so
+    # that B, not A, would be the capd refused (it was, under load: "spool ... is in
+    # use by another capd")
+    sigstop(a.proc)
+    try:
+        if how == "deleted":
+            shutil.rmtree(a.spool)
+        else:
+            a.spool.rename(tmp_path / "kept")
+        b = capd_factory(start=False)
+        b.conf_path.write_text(b.conf_path.read_text().replace(f"spool = {b.spool}", f"spool = {a.spool}"))
+        b.spool = a.spool
+        b.start()
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
     mine = {p.name for p in b.pcaps()}
     assert len(mine) == 1
     for i in range(3):  # A's writer looks at its folder at each tick and each retry
