@@ -456,8 +456,33 @@ def echo_server():
     e.close()
 
 
+_tshark_off = None
+
+
+def _tshark_port_claimers():
+    """--disable-protocol for each dissector tshark gives a TCP or UDP port in the
+    ephemeral range: a test's ports are ephemeral (free_port, a client's), and one
+    such port decides how tshark reads the whole stream before its heuristics look
+    (a TLS client leg from port 57000 read as IRC, with no tls.* field at all)."""
+    global _tshark_off
+    if _tshark_off is None:
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768
+        r = subprocess.run(["tshark", "-G", "decodes"], capture_output=True, text=True, timeout=60)
+        names = set()
+        for line in r.stdout.splitlines():
+            f = line.split("\t")
+            if len(f) == 3 and f[0] in ("tcp.port", "udp.port") and f[1].isdigit() and int(f[1]) >= low:
+                names.add(f[2])
+        _tshark_off = [a for n in sorted(names) for a in ("--disable-protocol", n)]
+    return _tshark_off
+
+
 def tshark(*args, timeout=120):
-    r = subprocess.run(["tshark", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(["tshark", *_tshark_port_claimers(), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
     return r
 
 
