@@ -651,6 +651,7 @@ def test_control_group_answer_is_cached_for_seconds(netns, ns_etc, ns_capd):
         return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={gid}",
                                str(CAPCTL), "-s", str(c.sock), "status"], capture_output=True, text=True, timeout=20)
 
+    first = time.monotonic()  # capd keeps its answer from the first call on
     for _ in range(20):  # a burst: each one gets in
         r = status(uid_in)
         assert r.returncode == 0, r.stderr + c.log()[-2000:]
@@ -665,7 +666,9 @@ def test_control_group_answer_is_cached_for_seconds(netns, ns_etc, ns_capd):
     while status(uid_in).returncode == 0:
         assert time.monotonic() < deadline, "still admitted after the cache time"
         time.sleep(0.1)
-    assert time.monotonic() - t > 3
+    # out no sooner than 5 s after the answer kept at the burst's first call (not 3 s
+    # after the burst's end, which a burst slower than 2 s on a loaded machine fails)
+    assert time.monotonic() - first >= 5
     # a reload asks again at once: back in the group, in at the next call
     group.write_text(base + f"capdctl:x:{gid}:dave\n")
     subprocess.run([str(CAPCTL), "-s", str(c.sock), "reload"], check=True, capture_output=True, timeout=20)
