@@ -1254,17 +1254,29 @@ def test_capture_follow_costs_capd_little(capd, echo_server, tmp_path):
     paced_echo(port)
     base = cpu_secs(capd.proc.pid) - c0
     p = subprocess.Popen([str(CAPCTL), "-s", str(capd.sock), "capture", "follow"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = [0]  # bytes of pcapng the follower wrote
+
+    def count():
+        while d := p.stdout.read1(1 << 20):
+            out[0] += len(d)
+    threading.Thread(target=count, daemon=True).start()
     try:
         wait_calls(capd, "capture.follow", 1)
         c0 = cpu_secs(capd.proc.pid)
-        paced_echo(port)
+        total = paced_echo(port)
         capd.flush()
-        time.sleep(1)  # the last notifications go out
+        # the last notifications have gone out once the follower has both ways' bytes
+        # (a fixed second: more than an idle machine needs, and maybe less than a busy one)
+        deadline = time.time() + 30
+        while out[0] < 2 * total and time.time() < deadline:
+            time.sleep(0.05)
         followed = cpu_secs(capd.proc.pid) - c0
     finally:
         p.terminate()
-        _, err = p.communicate(timeout=10)
+        p.wait(10)
+    err = p.stderr.read()
+    assert out[0] >= 2 * total, err
     assert b"dropped" not in err, err
     assert followed - base < 0.4, f"capd used {base:.2f} s of CPU unfollowed, {followed:.2f} s followed"
 
