@@ -1683,6 +1683,20 @@ def test_reverse_tls_pipelined_requests_move_with_their_bodies(capd, tmp_path):
         api.close()
 
 
+def assert_refusal_as_traced(capd, port, trace, request_line):
+    """The last closed session's refusal flow is curl's --trace (in trace) both ways:
+    between curl's port and the instance's address, the request then a 421, closed by
+    capd's FIN and then curl's. Returns the flow."""
+    sent, got = curl_trace(trace)
+    s = closed(capd, 1)[-1]
+    f = refused_flow(capd, s, 2)
+    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
+    assert f["up"] == b"".join(bytes(b) for _, b in sent) and f["up"].startswith(request_line), f
+    assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    return f
+
+
 def test_no_route_refusal_is_captured(capd_factory, origins, tmp_path):
     """A request a reverse instance refused (421: no route for its Host) was in no
     capture. Its capture is now the conversation curl had with the instance: what
@@ -1692,13 +1706,7 @@ def test_no_route_refusal_is_captured(capd_factory, origins, tmp_path):
     trace = tmp_path / "trace"
     r = curl("-H", "Host: unknown.test", "--trace", trace, f"http://127.0.0.1:{port}/x?y=1")
     assert r.returncode == 0 and b"no route" in r.stdout, r.stderr
-    sent, got = curl_trace(trace)
-    s = closed(capd, 1)[-1]
-    f = refused_flow(capd, s, 2)
-    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{port}"), f
-    assert f["up"] == b"".join(bytes(b) for _, b in sent) and f["up"].startswith(b"GET /x?y=1 HTTP/1.1\r\n"), f
-    assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
-    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    f = assert_refusal_as_traced(capd, port, trace, b"GET /x?y=1 HTTP/1.1\r\n")
     check_pcap_clean(f["pcap"])
 
 
@@ -1711,10 +1719,4 @@ def test_tls_refusal_is_captured_in_plaintext(capd, tls_reverse, tmp_path):
     trace = tmp_path / "trace"
     r = get("-H", "Host: nope.test", "--trace", trace)
     assert r.returncode == 0 and r.stdout.startswith(b"421 "), r.stderr
-    sent, got = curl_trace(trace)
-    s = closed(capd, 1)[-1]
-    f = refused_flow(capd, s, 2)
-    assert (f["client"], f["server"]) == (s["client"], f"127.0.0.1:{get.port}"), f
-    assert f["up"] == b"".join(bytes(b) for _, b in sent) and f["up"].startswith(b"GET / HTTP/1.1\r\n"), f
-    assert f["down"] == b"".join(bytes(b) for _, b in got) and f["down"].startswith(b"HTTP/1.1 421 "), f
-    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f
+    assert_refusal_as_traced(capd, get.port, trace, b"GET / HTTP/1.1\r\n")
