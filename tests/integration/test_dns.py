@@ -25,7 +25,7 @@ import dns.rrset
 import dns.zone
 import pytest
 
-from conftest import (sigstop, CAPD, Listener, UdpServer, apart, check_pcap_clean, exchange, free_port, free_port_tcp_udp,
+from conftest import (sigstop, CAPD, SANITIZED, Listener, UdpServer, apart, check_pcap_clean, exchange, free_port, free_port_tcp_udp,
                       sh, tshark)
 
 
@@ -1712,7 +1712,9 @@ def test_query_with_several_tsig_records_is_formerr_and_leaks_nothing(dnsd, upst
             n = struct.unpack("!H", recv_exact(s, 2))[0]
             assert recv_exact(s, n)[3] & 0x0f == dns.rcode.FORMERR
     grown = rss_kb(dnsd.proc.pid) - before
-    assert grown < 8 * 1024, f"capd grew by {grown} KB over 280 queries"
+    # under ASan its quarantine holds freed memory (85 MB here in the 12:19 CI run), and
+    # LeakSanitizer at capd's exit, which the fixture requires to be 0, is the leak check
+    assert SANITIZED or grown < 8 * 1024, f"capd grew by {grown} KB over 280 queries"
     # one TSIG record (a signed query) is read as before: answered
     r = raw_udp(port, with_tsigs(1), timeout=5)
     assert r is not None and r[3] & 0x0f == dns.rcode.NOERROR, r
