@@ -1049,6 +1049,20 @@ session_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- data and state ---- */
 
+#define SESSION_COMMENT_MAX 128
+
+/* A capture flow's comment, "forward/web": two copies rather than snprintf,
+ * once per session. */
+static void
+session_flow_comment(const struct instance *inst, char comment[SESSION_COMMENT_MAX])
+{
+	size_t pn = strlen(inst->proto->name);
+
+	memcpy(comment, inst->proto->name, pn);
+	comment[pn] = '/';
+	session_strcpy(comment + pn + 1, inst->name, SESSION_COMMENT_MAX - pn - 1);
+}
+
 void
 session_opened(struct session *s)
 {
@@ -1063,13 +1077,9 @@ session_opened(struct session *s)
 		ev_timer_start(capd_loop, &s->timer);
 	}
 	if (inst->capture && inst->spool_iface >= 0 && s->have_target) {
-		char comment[128];
-		size_t pn = strlen(inst->proto->name);
+		char comment[SESSION_COMMENT_MAX];
 
-		/* "forward/web": two copies rather than snprintf, once per session */
-		memcpy(comment, inst->proto->name, pn);
-		comment[pn] = '/';
-		session_strcpy(comment + pn + 1, inst->name, sizeof comment - pn - 1);
+		session_flow_comment(inst, comment);
 		if (s->inbound)
 			s->flow = spool_flow_open_inbound(inst->spool_iface, s->id, (struct sockaddr *)&s->client_addr,
 			                                  (struct sockaddr *)&s->target_addr, comment);
@@ -1093,7 +1103,7 @@ session_refused_flow(struct session *s)
 	struct instance *inst = s->inst;
 	struct sockaddr_storage local;
 	socklen_t len = sizeof local;
-	char comment[128];
+	char comment[SESSION_COMMENT_MAX];
 
 	if (s->refused != NULL)
 		return s->refused;
@@ -1103,7 +1113,7 @@ session_refused_flow(struct session *s)
 	if (!inst->capture || inst->spool_iface < 0 || !s->accepted || s->client.fd < 0 ||
 	    tls_client_leg_captured(s) || getsockname(s->client.fd, (struct sockaddr *)&local, &len) < 0)
 		return NULL;
-	snprintf(comment, sizeof comment, "%s/%s", inst->proto->name, inst->name);
+	session_flow_comment(inst, comment);
 	s->refused = spool_flow_open(inst->spool_iface, s->id, IPPROTO_TCP, (struct sockaddr *)&s->client_addr,
 	                             (struct sockaddr *)&local, comment);
 	return s->refused;
