@@ -267,25 +267,6 @@ http_end_late(struct session *s, const char *reason)
 	hc->down = DOWN_IDLE;
 }
 
-static void http_refuse_late(struct session *s, const uint8_t *p, size_t n, const struct buf *reply,
-                             const char *reason);
-
-/* http_end_late with an error reply after what the client already has (a
- * timeout, an upstream that failed): captured as a refusal, the upstream
- * never having sent it (http_refuse_late). */
-static void
-http_fail_late(struct session *s, int status, const char *why)
-{
-	struct http_conn *hc = s->proto_state;
-	struct buf b = { 0 };
-	char *reason = http_reason(status, why);
-
-	http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
-	http_refuse_late(s, NULL, 0, &b, reason);
-	buf_free(&b);
-	free(reason);
-}
-
 /* A request refused on a connection that relays already: not the upstream's
  * to see, so the capture has it, with capd's reply, in a flow of its own
  * toward capd's address (session_refused_heard), as a first request's is.
@@ -304,6 +285,29 @@ http_refuse_late(struct session *s, const uint8_t *p, size_t n, const struct buf
 	http_end_late(s, reason);
 	/* the FIN follows the reply (relay_finish): before a close the client makes after reading it */
 	session_refused_shut(s);
+}
+
+/* http_refuse_late with the error reply for status and why; p, n as there. */
+static void
+http_error_late(struct session *s, const uint8_t *p, size_t n, int status, const char *why)
+{
+	struct http_conn *hc = s->proto_state;
+	struct buf b = { 0 };
+	char *reason = http_reason(status, why);
+
+	http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
+	http_refuse_late(s, p, n, &b, reason);
+	buf_free(&b);
+	free(reason);
+}
+
+/* http_end_late with an error reply after what the client already has (a
+ * timeout, an upstream that failed): captured as a refusal, the upstream
+ * never having sent it (http_refuse_late). */
+static void
+http_fail_late(struct session *s, int status, const char *why)
+{
+	http_error_late(s, NULL, 0, status, why);
 }
 
 /* ---- routing and rewriting ---- */
@@ -1350,13 +1354,7 @@ http_up_head(struct session *s, const uint8_t *p, size_t n, size_t *used)
 		return RELAY_STOP;
 	}
 	if (rv == PARSE_ERR) {
-		struct buf b = { 0 };
-		char *reason = http_reason(status, why);
-
-		http_error_text(&b, status, why, status == 407, hc->req_head, "Connection: close\r\n");
-		http_refuse_late(s, p, n, &b, reason);
-		buf_free(&b);
-		free(reason);
+		http_error_late(s, p, n, status, why);
 		return RELAY_END;
 	}
 	if (http_for_capd(m)) {
