@@ -540,7 +540,8 @@ dns_msg_query(const struct dns_rules *r, const uint8_t *p, size_t n, bool tcp, s
 		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
 		return DNS_REPLY;
 	}
-	if ((st = dns_wire2pkt(&qp, p, n)) != LDNS_STATUS_OK) {
+	/* dns_wire2pkt's TSIG count is the one just taken */
+	if ((st = ldns_wire2pkt(&qp, p, n)) != LDNS_STATUS_OK) {
 		snprintf(q->why, sizeof q->why, "FORMERR: %s", ldns_get_errorstr_by_id(st));
 		*out = dns_msg_header_reply(p, LDNS_RCODE_FORMERR, outlen);
 		return DNS_REPLY;
