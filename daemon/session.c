@@ -1460,8 +1460,6 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 		spool_flow_close(s->flow, how);
 		s->flow = NULL;
 	}
-	tail_session_end(s);
-
 	/* an intercepted session's TLS version, SNI and ALPN: the one line a log
 	 * reader has, and a forwarder's target there is only an address */
 	const char *tls_note = session_note_tls(s);
@@ -1474,6 +1472,10 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 		         value_human_size(s->bytes[DIR_UP], up, sizeof up),
 		         value_human_size(s->bytes[DIR_DOWN], down, sizeof down), reason,
 		         tls_note ? " [" : "", tls_note ? tls_note : "", tls_note ? "]" : "");
+	/* after the line: a tail's session.end is the first thing a reader sees
+	 * of the close, and whoever waits for it and then reads the log finds the
+	 * line there (the history and session.close below come later still) */
+	tail_session_end(s);
 
 	/* the table, history and events are shared by the shards (shard.h) */
 	capd_lock();

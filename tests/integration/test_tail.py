@@ -1426,3 +1426,97 @@ def test_tail_drop_notice_names_its_direction(capd):
     text = out.get().decode()
     assert re.search(r"^\[\.\.\. s2c \d+ bytes dropped \.\.\.\]$", text, re.M), text[-2000:]
     assert "\x1b" not in text and " c2s " not in text
+
+
+def in_log_write(pid):
+    """Whether a thread of pid is in write(2) on fd 2, its log (/proc/PID/task/*/syscall)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/syscall") as f:
+                words = f.read().split()
+        except OSError:
+            continue
+        if words[:2] == ["1", "0x2"]:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_session_end_comes_after_the_log_line(capd_factory, echo_server, workers):
+    """session_end told a tail subscriber the session had ended before it wrote the
+    session's summary line, so a script that waited for the end and then read the
+    log could miss the line. capd's log here is a FIFO the test stops reading: capd
+    blocks at its next log line, which must come before session.end goes out."""
+    capd = capd_factory(start=False, settings=f"workers = {workers}\n")
+    capd.conf_path.write_text(capd.conf_path.read_text().replace("log_level = debug", "log_level = info"))
+    fifo, log = capd.log_path.with_suffix(".fifo"), capd.log_path
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    skip = [0]  # the test's own filler still in the FIFO
+
+    def drain_log():
+        """Copies the FIFO to capd.log until it is empty (or, blocking, until capd is gone)."""
+        with open(log, "ab") as f:
+            while True:
+                try:
+                    d = os.read(rfd, 65536)
+                except BlockingIOError:
+                    return
+                if not d:
+                    return
+                n = min(skip[0], len(d))
+                skip[0] -= n
+                f.write(d[n:])
+                f.flush()
+
+    capd.log_path = fifo  # capd's stderr; capd.log() reads what drain_log copied
+    capd.start()
+    capd.log_path = log
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        drain_log()
+        port = forward(capd, echo_server.port)
+        s, sid = open_session(capd, port)
+        c.settimeout(10)
+        c.connect(str(capd.sock))
+        c.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.tail",
+                              "params": {"id": sid}}).encode() + b"\n")
+        got = b""
+        while b"\n" not in got:
+            got += c.recv(65536)
+        assert json.loads(got.split(b"\n")[0])["result"]["id"] == sid
+        got = got.split(b"\n", 1)[1]
+        drain_log()
+        wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                skip[0] += os.write(wfd, b"filler\n")
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(wfd)
+        s.close()
+        deadline = time.time() + 10
+        while not in_log_write(capd.proc.pid):
+            assert time.time() < deadline, "capd never wrote its log"
+            time.sleep(0.01)
+        c.setblocking(False)
+        try:
+            got += c.recv(65536)
+        except BlockingIOError:
+            pass
+        assert b"session.end" not in got, "session.end went out before the session's log line"
+    finally:
+        # capd goes on once its log is read again, to its end (its stop included)
+        os.set_blocking(rfd, True)
+        threading.Thread(target=drain_log, daemon=True).start()
+    c.settimeout(10)
+    while b"session.end" not in got:
+        d = c.recv(65536)
+        assert d, "the tail ended without session.end"
+        got += d
+    c.close()
+    deadline = time.time() + 10
+    while f"session {sid} forward/" not in capd.log():
+        assert time.time() < deadline, capd.log()
+        time.sleep(0.02)
