@@ -8,9 +8,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "addr.h"
 #include "capctl.h"
+#include "path.h"
 #include "values.h"
 #include "xmalloc.h"
 
@@ -211,12 +213,15 @@ add_ip_literal(const char *s, char *out, size_t n)
 }
 
 /* capd opens the file itself, from its own working directory ("/" under
- * systemd): a relative path must become the file the user meant, here. */
+ * systemd): a relative path must become the file the user meant, here.
+ * Made absolute and cleaned as a config file's paths are (path_clean), not
+ * resolved: instance.list and reload show the name the user gave, a link's
+ * included, and a link moved to a renewed file is followed. */
 static int
 add_path(const struct add_opt *ao, const char *v, json_t **out)
 {
 	struct stat st;
-	char *full;
+	char *cwd = NULL, *full;
 
 	if (stat(v, &st) < 0) {
 		/* capd may read where the user cannot look: an absolute path is its to try */
@@ -225,10 +230,10 @@ add_path(const struct add_opt *ao, const char *v, json_t **out)
 	} else if (S_ISDIR(st.st_mode) && ao->check != CHK_PATH_DIR) {
 		return usage_error("%s: %s is a folder, not a file", ao->opt, v);
 	}
-	if (v[0] == '/')
-		return (*out = ctl_string(ao->opt, v)) == NULL ? CTL_USAGE : 0;
-	if ((full = realpath(v, NULL)) == NULL)
+	if (v[0] != '/' && (cwd = getcwd(NULL, 0)) == NULL)
 		return usage_error("%s: %s: %s", ao->opt, v, strerror(errno));
+	full = path_clean(cwd, v);
+	free(cwd);
 	*out = ctl_string(ao->opt, full);
 	free(full);
 	return *out == NULL ? CTL_USAGE : 0;

@@ -855,3 +855,20 @@ def test_add_help_shows_required_options_and_their_values(tmp_path):
     # the line a mistake prints is the same one, before the reason
     r = capctl("add", "forward", "--port", "1", sock=tmp_path / "none.sock")
     assert r.returncode == 2 and r.stderr == out["forward"] + "capctl: add forward needs --to HOST:PORT\n", r.stderr
+
+
+@pytest.mark.parametrize("typ", ["socks", "http"])
+def test_add_users_link_keeps_its_name(capd, tmp_path, typ):
+    """capctl sent a relative --users FILE through realpath(3), so capd named the link's
+    target (and an absolute one as it was typed), where a config file's users = FILE is
+    made absolute and cleaned but keeps the link's name (path_clean). capctl now sends
+    that same path; capd's message about the file shows it."""
+    work = tmp_path / "work"
+    (work / "real").mkdir(parents=True)
+    (work / "real" / "users.txt").write_text("bob:one\nnocolon\n")
+    (work / "link.txt").symlink_to("real/users.txt")
+    for users in ("link.txt", "./real/../link.txt", f"{work}//./link.txt"):
+        r = capctl("add", typ, "--port", free_port(), "--users", users, sock=capd.sock, cwd=work)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith(f"capctl: {work}/link.txt:2: expected name:password"), (users, r.stderr)
+    assert capd.ctl("list", json_out=True) == []
