@@ -8,6 +8,8 @@
 
 #include "xmalloc.h"
 
+const uint8_t buf_empty[1];
+
 uint8_t *
 buf_reserve(struct buf *b, size_t n)
 {
@@ -27,7 +29,7 @@ buf_reserve(struct buf *b, size_t n)
 			b->cap = cap;
 		}
 	}
-	return b->data + b->len;
+	return buf_base(b) + b->len;  /* n = 0 grows nothing: a zeroed buffer's data is NULL */
 }
 
 void
