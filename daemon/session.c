@@ -1442,7 +1442,10 @@ session_end(struct session *s, const char *reason, bool reset_client, bool reset
 	/* a handshake that ends with nothing of capd's said (a timeout, the
 	 * client's close or reset, a failed connect): what capd read is
 	 * captured as a refusal's is. A session that relays (open) pays one
-	 * test of its state here, nothing more. */
+	 * test of its state here, nothing more. A TLS handshake that failed
+	 * is its own (tls_hs_ended): then the protocol's has nothing to add. */
+	if (in_handshake && s->tls != NULL)
+		tls_hs_ended(s);
 	if (in_handshake && s->refused == NULL && inst->proto->hs_ended != NULL && inst->capture &&
 	    s->client.fd >= 0)
 		inst->proto->hs_ended(s);

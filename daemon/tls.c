@@ -72,6 +72,7 @@
 #define TLS_RESUME_SLOTS 1024   /* upstream sessions kept for resumption */
 #define TLS_RESUME_KEY 680      /* "client identity|verify|sni|target name|address" */
 #define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
+#define TLS_KEEP_MAX (64 * 1024) /* bytes of a client's handshake kept for its capture (tls_capture = plain) */
 
 enum tls_state {
 	TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_VERDICT, TLS_ST_FINISH,
@@ -148,6 +149,11 @@ struct tls_session {
 	char *no_ca;                /* why nothing can be forged (tls_begin); NULL when it can */
 	char resume_key[TLS_RESUME_KEY];
 	bool capture;               /* tls_capture = both and the instance captures */
+	bool keep;                  /* tls_capture = plain and the instance captures: the client
+	                             * leg's handshake is kept in log (TLS_KEEP_MAX at most) until
+	                             * it is done, for a failed one's capture (tls_hs_ended) */
+	bool tap;                   /* the BIO hands its bytes to tls_cap: capture, or keep while
+	                             * the client's handshake runs (one test on the relay path) */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
 	enum synth_end end;         /* how the session ended: the legs end the same way */
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
@@ -750,7 +756,7 @@ tls_keylog_want(const struct tls_session *ts)
 		SSL_CTX_set_keylog_callback(tls_srv_ctx, tls_keylog_cb);
 }
 
-/* ---- ciphertext capture (tls_capture = both) ---- */
+/* ---- ciphertext capture (tls_capture = both, and a failed handshake's) ---- */
 
 static void
 tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, size_t n)
@@ -760,11 +766,51 @@ tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, siz
 			spool_flow_data(ts->raw[leg], d, p, n);
 		return;
 	}
+	if (!ts->capture) {
+		/* keep: the client leg only, and a handshake that outgrows the
+		 * bound is kept no further (a gap would misplace what follows) */
+		if (leg != TLS_LEG_CLIENT)
+			return;
+		if (buf_used(&ts->log) + 6 + n > TLS_KEEP_MAX) {
+			ts->tap = ts->keep = false;
+			buf_free(&ts->log);
+			return;
+		}
+	}
 	uint8_t hdr[6] = { (uint8_t)leg, (uint8_t)d };
 	uint32_t len = (uint32_t)n;
 	memcpy(hdr + 2, &len, 4);
 	buf_append(&ts->log, hdr, sizeof hdr);
 	buf_append(&ts->log, p, n);
+}
+
+/* Hands each piece of log to fn, in order, and frees log. */
+static void
+tls_log_drain(struct buf *log, void (*fn)(void *arg, enum tls_leg leg, enum dir d, const uint8_t *p, size_t n),
+              void *arg)
+{
+	const uint8_t *p = buf_head(log);
+	size_t left = buf_used(log);
+
+	while (left >= 6) {
+		uint32_t n;
+		memcpy(&n, p + 2, 4);
+		if (n > left - 6)
+			break;
+		fn(arg, (enum tls_leg)p[0], (enum dir)p[1], p + 6, n);
+		p += 6 + n;
+		left -= 6 + n;
+	}
+	buf_free(log);
+}
+
+static void
+tls_raw_write(void *arg, enum tls_leg leg, enum dir d, const uint8_t *p, size_t n)
+{
+	struct tls_session *ts = arg;
+
+	if (ts->raw[leg])
+		spool_flow_data(ts->raw[leg], d, p, n);
 }
 
 /* Opens the two ciphertext flows (client leg: client -> the address it reached;
@@ -776,8 +822,6 @@ tls_raw_open(struct tls_session *ts)
 	struct sockaddr_storage local;
 	socklen_t len;
 	char comment[160];
-	const uint8_t *p;
-	size_t left;
 
 	if (!ts->capture || ts->raw_open)
 		return;
@@ -810,19 +854,59 @@ tls_raw_open(struct tls_session *ts)
 		                                            (struct sockaddr *)&local, (struct sockaddr *)&s->target_addr,
 		                                            comment);
 	}
-	p = buf_head(&ts->log);
-	left = buf_used(&ts->log);
-	while (left >= 6) {
-		uint32_t n;
-		memcpy(&n, p + 2, 4);
-		if (n > left - 6)
-			break;
-		if (ts->raw[p[0]])
-			spool_flow_data(ts->raw[p[0]], (enum dir)p[1], p + 6, n);
-		p += 6 + n;
-		left -= 6 + n;
-	}
+	tls_log_drain(&ts->log, tls_raw_write, ts);
+}
+
+/* What the session's TLS captures besides its plaintext: both legs'
+ * ciphertext (tls_capture = both), or else the client's handshake, kept
+ * until it is done and put in the capture only if it fails (tls_hs_ended). */
+static void
+tls_capture_init(struct tls_session *ts)
+{
+	struct instance *inst = ts->s->inst;
+	bool on = inst->capture && inst->spool_iface >= 0;
+
+	ts->capture = on && ts->cfg->capture_both;
+	ts->keep = on && !ts->cfg->capture_both;
+	ts->tap = on;
+}
+
+/* The client's handshake is done: what keep held is no capture's. */
+static void
+tls_keep_drop(struct tls_session *ts)
+{
+	if (!ts->keep)
+		return;
+	ts->keep = ts->tap = false;
 	buf_free(&ts->log);
+}
+
+static void
+tls_refused_write(void *arg, enum tls_leg leg, enum dir d, const uint8_t *p, size_t n)
+{
+	(void)leg;  /* keep holds the client leg alone */
+	if (d == DIR_UP)
+		session_refused_heard(arg, p, n);
+	else
+		session_refused_said(arg, p, n);
+}
+
+void
+tls_hs_ended(struct session *s)
+{
+	struct tls_session *ts = s->tls;
+
+	if (ts == NULL || !ts->keep)
+		return;
+	ts->keep = ts->tap = false;
+	/* the client failed in its ClientHello (or never spoke TLS): what it
+	 * sent is only in the replay, before any alert of capd's in log */
+	if (ts->c.tee && buf_used(&ts->c.replay) > 0)
+		session_refused_heard(s, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+	tls_log_drain(&ts->log, tls_refused_write, s);
+	/* the client's FIN that OpenSSL read: the refusal's close shows it first */
+	if (s->refused != NULL && ts->c.sock_eof)
+		s->client_eof = true;
 }
 
 /* ---- our BIO: the session's socket, with prefix, tee and capture ---- */
@@ -866,7 +950,7 @@ tls_bio_read(BIO *b, char *out, int outl)
 	}
 	if (t->tee)
 		buf_append(&t->replay, out, (size_t)n);
-	else if (t->ts->capture)
+	else if (t->ts->tap)
 		tls_cap(t->ts, t->leg, t->rdir, out, (size_t)n);
 	return (int)n;
 }
@@ -884,7 +968,7 @@ tls_bio_write(BIO *b, const char *in, int inl)
 			BIO_set_retry_write(b);
 		return -1;
 	}
-	if (t->ts->capture && n > 0)
+	if (t->ts->tap && n > 0)
 		tls_cap(t->ts, t->leg, t->rdir == DIR_UP ? DIR_DOWN : DIR_UP, in, (size_t)n);
 	return (int)n;
 }
@@ -1610,7 +1694,7 @@ tls_plain(struct tls_session *ts, const char *note)
 	} else if (buf_used(&ts->c.prefix) > 0) {
 		buf_append(&s->hs_in, buf_head(&ts->c.prefix), buf_used(&ts->c.prefix));
 	}
-	ts->capture = false;
+	ts->capture = ts->keep = ts->tap = false;
 	buf_free(&ts->log);
 	if (note && !ts->accept_only) {
 		/* only the reason stays, for the session's close line */
@@ -1944,6 +2028,7 @@ tls_done(struct tls_session *ts)
 	unsigned alen;
 
 	ev_timer_stop(capd_loop, &ts->timer);
+	tls_keep_drop(ts);
 	if (ts->accept_only && ts->st == TLS_ST_FINISH) {
 		tls_accepted(ts);
 		return;
@@ -2039,7 +2124,7 @@ tls_client_step(struct tls_session *ts)
 		return;
 	}
 	t->tee = false;
-	if (ts->capture)
+	if (ts->tap)
 		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&t->replay), buf_used(&t->replay));
 	buf_free(&t->replay);
 	if (ts->hello_version != 0 && ts->hello_version < TLS1_2_VERSION) {
@@ -2685,7 +2770,7 @@ tls_start_session(struct session *s, struct tls_cfg *cfg, const char *host, uint
 	ts->first_read = first;
 	ts->connect_host = host;
 	ts->connect_port = port;
-	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
+	tls_capture_init(ts);
 	s->tls = ts;
 	tls_keylog_want(ts);
 	session_set_deadline(s, 0);  /* our own timer covers the TLS handshakes */
@@ -3103,7 +3188,7 @@ tls_accept_start(struct session *s, struct tls_cfg *cfg)
 	ts->s = s;
 	ts->cfg = cfg;
 	ts->accept_only = true;
-	ts->capture = cfg->capture_both && s->inst->capture && s->inst->spool_iface >= 0;
+	tls_capture_init(ts);
 	s->tls = ts;
 	tls_keylog_want(ts);
 	ev_io_stop(capd_loop, &s->client.rio);
@@ -3163,7 +3248,7 @@ tls_client_move(struct session *from, struct session *to)
 	ts->cfg = old->cfg;
 	ts->accept_only = true;
 	ts->st = TLS_ST_ACCEPTED;
-	ts->capture = old->capture;
+	ts->capture = ts->tap = old->capture;
 	memcpy(ts->sni, old->sni, sizeof ts->sni);
 	memcpy(ts->alpn_offer, old->alpn_offer, sizeof ts->alpn_offer);
 	ts->alpn_offer_len = old->alpn_offer_len;

@@ -167,6 +167,13 @@ const char *tls_side_fail(const struct tls_side *t);
 bool tls_side_crossed(struct tls_side *t);
 /* The relay's close reason, with "(tls passthrough: why)" for passed-through sessions. */
 const char *tls_close_reason(struct session *s, const char *reason);
+/* session_end() calls this for a session that ends in its handshake, before
+ * the protocol's hs_ended: with tls_capture = plain, a client TLS handshake
+ * that never finished (the client's alert, bytes that are not TLS, a
+ * timeout, capd's alert for an upstream that failed) goes in the capture as
+ * a refusal does (session_refused_heard): what capd read from the client and
+ * what it sent, in their order. */
+void tls_hs_ended(struct session *s);
 /* session_end() calls this before relay_stop(): how the session ends, which
  * the ciphertext legs of tls_capture = both show too. */
 void tls_session_ending(struct session *s, enum synth_end how);

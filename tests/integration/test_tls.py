@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sigstop, CAPCTL, CAPD, EchoServer, Listener, TlsServer, apart, as_http, exchange, follow_tcp, free_port, sh, tshark, wait_port
+from conftest import (sigstop, CAPCTL, CAPD, EchoServer, Listener, TlsServer, apart, as_http, exchange, follow_tcp, free_port,
+                      refused_flow, sh, tshark, wait_port)
 
 NAME = "www.example.test"
 BODY = b"hello over tls from the origin\n"
@@ -3173,3 +3174,168 @@ def test_reload_reads_a_changed_system_store(capd_factory, origin, tmp_path):
     capd.ctl("reload")
     r, s = get(3)
     assert r.returncode != 0 and s["reason"].startswith("upstream certificate did not verify: "), s
+
+
+# ---- a failed client TLS handshake in the capture (tls_capture = plain) ----
+
+def failed_hs(capd, s, port):
+    """refused_flow of session s, whose client TLS handshake failed on capd's port,
+    with tshark's TLS fields of its packets: (flow, rows), each row (side, field, value)
+    with side "c" (the client) or "s" for each non-empty field of tls_fields."""
+    f = refused_flow(capd, s, 1)  # capd's close; the client's when capd read it before its own
+    assert ("s", "FIN") in f["ends"] and all(e[1] == "FIN" for e in f["ends"]), f["ends"]
+    assert f["server"] == f"127.0.0.1:{port}", f
+    r = tshark("-r", f["pcap"], *as_tls(port), "-Y", f'frame.comment matches "^capd session {s["id"]}( |$)"',
+               "-T", "fields", "-E", "separator=/t", "-e", "ip.src", "-e", "tcp.srcport", *(
+                   a for fld in TLS_FIELDS for a in ("-e", fld)))
+    assert r.returncode == 0, r.stderr
+    rows = []
+    for line in r.stdout.splitlines():
+        v = line.split("\t")
+        side = "c" if f"{v[0]}:{v[1]}" == f["client"] else "s"
+        rows += [(side, fld, x) for fld, x in zip(TLS_FIELDS, v[2:]) if x]
+    return f, rows
+
+
+TLS_FIELDS = ("tls.handshake.type", "tls.handshake.extensions_server_name", "tls.alert_message.desc")
+
+
+def hs_types(rows, side):
+    return {t for sd, fld, v in rows if sd == side and fld == "tls.handshake.type" for t in v.split(",")}
+
+
+def test_failed_handshake_curl_rejecting_the_certificate_is_captured(capd_factory, origin):
+    """tls_capture = plain: curl without -k rejects the forged certificate. The capture had
+    no stream of it, only a log line; now the client's connection to capd's port, with its
+    ClientHello (SNI), capd's ServerHello and certificate, curl's unknown_ca alert and the
+    closes. With tls_capture = both the client leg alone holds it, once."""
+    plain, both = free_port(), free_port()
+    to = f"to = 127.0.0.1:{origin.port}\ntls = yes\ntls_verify = no\n"
+    capd = capd_factory(f"[forward p]\nlisten = 127.0.0.1:{plain}\n{to}"
+                        f"[forward b]\nlisten = 127.0.0.1:{both}\n{to}tls_capture = both\n")
+    for port in (plain, both):
+        r = curl("--http1.1", "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+    ss = last_closed(capd, 2)
+    for s in ss:
+        assert s["reason"].startswith("client rejected the forged certificate (unknown CA"), s
+    s = next(s for s in ss if s["instance"] == "p")
+    f, rows = failed_hs(capd, s, plain)
+    assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
+    assert ("c", "tls.alert_message.desc", "48") in rows, rows  # unknown_ca
+    assert "1" in hs_types(rows, "c") and "2" in hs_types(rows, "s"), rows  # ClientHello, ServerHello
+    # one copy: the session of tls_capture = both has its client leg (and the upstream leg) only
+    sb = next(s for s in ss if s["instance"] == "b")
+    t = tshark("-r", f["pcap"], "-Y", f'frame.comment matches "^capd session {sb["id"]}( |$)" && tcp.port == {both}',
+               "-T", "fields", "-e", "tcp.stream")
+    streams = set(t.stdout.split())
+    assert len(streams) == 1, t.stdout
+    up, _ = follow_tcp(f["pcap"], int(streams.pop()))
+    assert up.startswith(b"\x16\x03") and NAME.encode() in up
+
+
+@pytest.mark.parametrize("how", ["alert", "timeout"])
+def test_failed_handshake_bytes_are_what_crossed(capd, origin, how):
+    """The flow of a failed client handshake holds exactly the bytes that crossed the
+    client's socket: a client that verifies and sends its alert (Python's ssl over
+    memory BIOs, which records them), and one that stops answering until tls_timeout."""
+    port = add_forward(capd, origin.port, "--tls", "--no-tls-verify", "--tls-timeout", "300ms")
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=NAME)
+    sent, got = b"", b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        while True:
+            try:
+                obj.do_handshake()
+                raise AssertionError("the handshake went through")
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError:
+                break
+            d = out.read()
+            sent += d
+            c.sendall(d)
+            if how == "timeout":
+                break  # the ClientHello, then silence
+            d = c.recv(65536)
+            assert d, "capd closed"
+            got += d
+            inc.write(d)
+        if how == "alert":
+            d = out.read()
+            sent += d
+            c.sendall(d)
+            c.shutdown(socket.SHUT_WR)
+        while (d := c.recv(65536)):
+            got += d
+    s = last_closed(capd)[-1]
+    if how == "timeout":
+        assert s["reason"] == "client TLS handshake timed out", s
+    f, rows = failed_hs(capd, s, port)
+    assert f["up"] == sent and f["down"] == got, (len(f["up"]), len(sent), len(f["down"]), len(got))
+    assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
+    if how == "alert":
+        assert ("c", "tls.alert_message.desc", "48") in rows, rows
+
+
+@pytest.mark.parametrize("kind", ["socks", "http"])
+def test_failed_handshake_through_a_proxy_is_captured(capd, origin, kind):
+    """A SOCKS tunnel (curl without -k) and an HTTP CONNECT answered 200 (openssl s_client
+    -verify_return_error) whose client then rejects the forged certificate: the capture
+    had nothing of either; now the TLS part of the client's connection to the proxy's
+    port, from its ClientHello to its alert (the proxy's own exchange went well and is
+    only in the log and the session's note)."""
+    port = free_port()
+    capd.ctl("add", kind, "--port", port, "--tls", "--no-tls-verify",
+             *(["--connect-ports", origin.port] if kind == "http" else []))
+    if kind == "socks":
+        r = curl("--http1.1", "--socks5-hostname", f"127.0.0.1:{port}", f"https://localhost:{origin.port}/")
+        assert r.returncode != 0
+        sni = "localhost"
+    else:
+        r = run("openssl", "s_client", "-verify_return_error", "-proxy", f"127.0.0.1:{port}", "-connect",
+                f"localhost:{origin.port}", "-servername", NAME, input=b"")
+        assert r.returncode != 0, r.stdout
+        sni = NAME
+    s = last_closed(capd)[-1]
+    assert s["reason"].startswith("client rejected the forged certificate ("), s
+    f, rows = failed_hs(capd, s, port)
+    assert f["up"].startswith(b"\x16\x03") and f["down"].startswith(b"\x16\x03"), f  # TLS from the first byte
+    assert ("c", "tls.handshake.extensions_server_name", sni) in rows, rows
+    assert "2" in hs_types(rows, "s"), rows  # capd's ServerHello
+    alerts = [v for sd, fld, v in rows if sd == "c" and fld == "tls.alert_message.desc"]
+    assert alerts and alerts[0] in ("42", "48"), rows  # bad_certificate (TLS 1.3 s_client), unknown_ca
+
+
+@pytest.mark.parametrize("what", ["not-tls", "no-upstream"])
+def test_failed_handshake_without_a_certificate_is_captured(capd, origin, what):
+    """Failures before capd's certificate: a client that speaks no TLS to tls = yes (the
+    bytes it sent are the flow's), and a forwarder whose server cannot be reached after
+    the ClientHello (capd answers with a handshake_failure alert, in the flow after it)."""
+    if what == "not-tls":
+        port = add_forward(capd, origin.port, "--tls", "--no-tls-verify")
+        sent = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(sent)
+            c.settimeout(10)
+            got = b""
+            try:
+                while (d := c.recv(1000)):
+                    got += d
+            except OSError:
+                pass
+    else:
+        port = add_forward(capd, free_port(), "--tls", "--no-tls-verify")
+        r = run("openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", NAME, input=b"")
+        assert r.returncode != 0
+    s = last_closed(capd)[-1]
+    f, rows = failed_hs(capd, s, port)
+    if what == "not-tls":
+        assert s["reason"].startswith("protocol mismatch"), s
+        assert f["up"] == sent and f["down"] == got, f
+    else:
+        assert s["reason"].startswith("connect"), s
+        assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
+        assert hs_types(rows, "c") == {"1"} and not hs_types(rows, "s"), rows  # the ClientHello, no answer
+        assert [(sd, v) for sd, fld, v in rows if fld == "tls.alert_message.desc"] == [("s", "40")], rows
