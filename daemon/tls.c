@@ -2197,6 +2197,8 @@ tls_client_left(struct tls_session *ts)
 		ev_io_stop(capd_loop, &ts->c.sd->rio);
 		return;
 	}
+	if (n == 0)
+		ts->s->client_eof = true;  /* the failed handshake's capture shows the client's FIN (tls_hs_ended) */
 	if (n == 0 || errno == ECONNRESET)
 		snprintf(why, sizeof why, "client closed during the TLS handshake, while capd waited for the server");
 	else

@@ -3279,17 +3279,21 @@ def test_failed_handshake_bytes_are_what_crossed(capd, origin, how):
         assert ("c", "tls.alert_message.desc", "48") in rows, rows
 
 
-@pytest.mark.parametrize("kind", ["socks", "http"])
+@pytest.mark.parametrize("kind", ["socks", "http", "reverse"])
 def test_failed_handshake_through_a_proxy_is_captured(capd, origin, kind):
-    """A SOCKS tunnel (curl without -k) and an HTTP CONNECT answered 200 (openssl s_client
-    -verify_return_error) whose client then rejects the forged certificate: the capture
-    had nothing of either; now the TLS part of the client's connection to the proxy's
-    port, from its ClientHello to its alert (the proxy's own exchange went well and is
-    only in the log and the session's note)."""
+    """A SOCKS tunnel (curl without -k), an HTTP CONNECT answered 200 (openssl s_client
+    -verify_return_error) and a reverse proxy (curl) whose client rejects the forged
+    certificate: the capture had nothing of them; now the TLS part of the client's
+    connection to the proxy's port, from its ClientHello to its alert (a SOCKS or CONNECT
+    exchange went well and is only in the log and the session's note)."""
     port = free_port()
-    capd.ctl("add", kind, "--port", port, "--tls", "--no-tls-verify",
-             *(["--connect-ports", origin.port] if kind == "http" else []))
-    if kind == "socks":
+    extra = {"http": ["--connect-ports", origin.port], "reverse": ["--default", f"127.0.0.1:{origin.port}"]}
+    capd.ctl("add", kind, "--port", port, "--tls", "--no-tls-verify", *extra.get(kind, []))
+    if kind == "reverse":
+        r = curl("--http1.1", "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+        sni = NAME
+    elif kind == "socks":
         r = curl("--http1.1", "--socks5-hostname", f"127.0.0.1:{port}", f"https://localhost:{origin.port}/")
         assert r.returncode != 0
         sni = "localhost"
@@ -3339,3 +3343,27 @@ def test_failed_handshake_without_a_certificate_is_captured(capd, origin, what):
         assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
         assert hs_types(rows, "c") == {"1"} and not hs_types(rows, "s"), rows  # the ClientHello, no answer
         assert [(sd, v) for sd, fld, v in rows if fld == "tls.alert_message.desc"] == [("s", "40")], rows
+
+
+def test_failed_handshake_client_leaving_a_slow_server_is_captured(capd):
+    """A client that sends its ClientHello and closes while capd waits for a silent server:
+    the flow holds the hello, then the client's FIN before capd's."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify", "--tls-timeout", "10s")
+        hello = _client_hello(NAME)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(hello)
+            srv.settimeout(10)
+            up, _ = srv.accept()  # capd waits for the server now
+        s = last_closed(capd)[-1]
+        up.close()
+        assert s["reason"] == "client closed during the TLS handshake, while capd waited for the server", s
+        f, rows = failed_hs(capd, s, port)
+        assert f["up"] == hello and f["down"] == b"", f
+        assert f["ends"] == [("c", "FIN"), ("s", "FIN")], f["ends"]
+        assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
+    finally:
+        srv.close()
