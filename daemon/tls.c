@@ -73,6 +73,7 @@
 #define TLS_RESUME_KEY 680      /* "client identity|verify|sni|target name|address" */
 #define TLS_VERDICT_WAIT 2.0    /* seconds a TLS 1.3 server that asked for a certificate may stay silent */
 #define TLS_KEEP_MAX (64 * 1024) /* bytes of a client's handshake kept for its capture (tls_capture = plain) */
+#define TLS_KEEP_FIRST 8192     /* what most take (a ClientHello, capd's flight with its chain, the client's reply) */
 
 enum tls_state {
 	TLS_ST_FLUSH, TLS_ST_PEEK, TLS_ST_HELLO, TLS_ST_CONNECT, TLS_ST_UPSTREAM, TLS_ST_VERDICT, TLS_ST_FINISH,
@@ -776,6 +777,9 @@ tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, siz
 			buf_free(&ts->log);
 			return;
 		}
+		/* a whole handshake in one allocation, not five doublings from 256 */
+		if (ts->log.cap == 0)
+			buf_reserve(&ts->log, TLS_KEEP_FIRST);
 	}
 	uint8_t hdr[6] = { (uint8_t)leg, (uint8_t)d };
 	uint32_t len = (uint32_t)n;
