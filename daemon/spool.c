@@ -1951,8 +1951,10 @@ writer_release(struct chunk *h, size_t end, size_t data)
  * it needs before they do, so on busy cores the relay slows down instead of
  * the capture falling behind and being dropped. The disk can still make it
  * fall behind; the relay still never waits. Raising a priority needs
- * CAP_SYS_NICE, which capd holds while it starts as root; otherwise the
- * writer stays at capd's own. It gets that share as a batch thread
+ * CAP_SYS_NICE, which capd holds while it starts as root outside systemd, or
+ * an RLIMIT_NICE that allows it (capd.service: LimitNICE=-5, since its
+ * bounding set leaves CAP_SYS_NICE out); otherwise the writer stays at capd's
+ * own. It gets that share as a batch thread
  * (thread_batch), not by preempting the relay each time a relay wakes it.
  */
 static void

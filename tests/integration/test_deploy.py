@@ -448,7 +448,7 @@ def caps_of(pid):
     return st
 
 
-CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_NET_BIND_SERVICE, CAP_NET_RAW = 0, 1, 10, 13
+CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_NET_BIND_SERVICE, CAP_NET_RAW, CAP_SYS_RESOURCE = 0, 1, 10, 13, 24
 
 
 @pytest.fixture
@@ -804,6 +804,14 @@ def test_systemd_boot_in_namespace(installed, tmp_path):
         assert fields["Uid"] == [str(cid)] * 4, fields["Uid"]
         want = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_RAW) | (1 << CAP_CHOWN) | (1 << CAP_DAC_OVERRIDE)
         assert int(fields["CapEff"][0], 16) == want and int(fields["CapBnd"][0], 16) == want, fields
+        # the spool writer at nice -5 all the same: CAP_SYS_NICE is not kept, LimitNICE=-5 allows it.
+        # Where root may not raise a hard limit (no CAP_SYS_RESOURCE, as in some containers),
+        # systemd cannot set that limit and the writer stays at capd's own priority.
+        nice = sd.ctl("sh", "-c", f"for t in /proc/{pid}/task/*; do [ \"$(cat $t/comm)\" = capd-spool ] "
+                      "&& cut -d' ' -f19 $t/stat; done; true").stdout.split()
+        may_raise = int(dict(ln.split(":\t") for ln in Path("/proc/self/status").read_text().splitlines()
+                             if ln.startswith("CapBnd"))["CapBnd"], 16) >> CAP_SYS_RESOURCE & 1
+        assert nice == (["-5"] if may_raise else ["0"]), nice
         sock = sd.ctl("stat", "-c", "%a %G", "/run/capd/capd.sock").stdout.split()
         assert sock == ["660", "capd"], sock
         sd.ctl(*capctl, "add", "forward", "--port", "4444", "--to", "127.0.0.1:4445")
