@@ -1535,6 +1535,25 @@ tls_session_ending(struct session *s, enum synth_end how)
 	tls_note_client(s->tls);
 }
 
+/* tls_capture = both: a handshake that failed still shows in the capture. */
+static void
+tls_raw_failed(struct tls_session *ts)
+{
+	if (ts->capture && !ts->raw_open && ts->c.tee && buf_used(&ts->c.replay) > 0) {
+		/* the client failed before its ClientHello was complete (or never
+		 * spoke TLS): what it sent is only in the replay, and it came before
+		 * any alert capd answered with */
+		struct buf sent = ts->log;
+
+		memset(&ts->log, 0, sizeof ts->log);
+		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+		buf_append(&ts->log, buf_head(&sent), buf_used(&sent));
+		buf_free(&sent);
+	}
+	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
+		tls_raw_open(ts);
+}
+
 bool
 tls_client_leg_captured(const struct session *s)
 {
@@ -1548,20 +1567,7 @@ tls_session_free(struct session *s)
 
 	if (ts == NULL)
 		return;
-	if (ts->capture && !ts->raw_open && ts->c.tee && buf_used(&ts->c.replay) > 0) {
-		/* the client failed before its ClientHello was complete (or never
-		 * spoke TLS): what it sent is only in the replay, and it came before
-		 * any alert capd answered with */
-		struct buf sent = ts->log;
-
-		memset(&ts->log, 0, sizeof ts->log);
-		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
-		buf_append(&ts->log, buf_head(&sent), buf_used(&sent));
-		buf_free(&sent);
-	}
-	/* a failed handshake still shows in the capture */
-	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
-		tls_raw_open(ts);
+	tls_raw_failed(ts);
 	ev_timer_stop(capd_loop, &ts->timer);
 	ev_timer_stop(capd_loop, &ts->verdict);
 	s->client.tls = s->upstream.tls = NULL;
@@ -1636,6 +1642,45 @@ tls_session_summary(struct tls_session *ts, const char *fmt, ...)
 	ts->summed_up = true;
 }
 
+/*
+ * A client handshake that failed ends as a refusal does (session.h): capd's
+ * alert (OpenSSL sent it already), capd's FIN, and the socket lingers, read
+ * until the client closes. Closed at once, a socket with bytes unread (the
+ * rest of the client's flight, early data, whatever followed its alert)
+ * resets, and the reset throws the alert away; and the client's FIN, which
+ * comes after capd's, was never seen. The capture's flow goes with the
+ * socket: the refusal's (tls_hs_ended), or with tls_capture = both the client
+ * leg, the same conversation (one copy). Only a failure pays for this.
+ */
+static void
+tls_fail_linger(struct tls_session *ts)
+{
+	struct session *s = ts->s;
+
+	switch (ts->st) {
+	case TLS_ST_HELLO:
+	case TLS_ST_FINISH:
+	case TLS_ST_CONNECT:
+	case TLS_ST_UPSTREAM:
+	case TLS_ST_VERDICT:
+		break;
+	default:
+		return;  /* no TLS spoken to the client yet, or it is done */
+	}
+	if (ts->pass || s->state != SESSION_HANDSHAKE || s->client.fd < 0 || buf_used(&s->hs_out) > 0)
+		return;
+	tls_hs_ended(s);
+	tls_raw_failed(ts);
+	if (s->refused == NULL && ts->raw[TLS_LEG_CLIENT] != NULL) {
+		s->refused = ts->raw[TLS_LEG_CLIENT];
+		ts->raw[TLS_LEG_CLIENT] = NULL;
+		if (ts->c.sock_eof)
+			s->client_eof = true;
+	}
+	shutdown(s->client.fd, SHUT_WR);
+	session_linger_client(s);
+}
+
 /* Closes with why; s is gone for the caller. */
 static void
 tls_fail(struct tls_session *ts, const char *why)
@@ -1643,6 +1688,7 @@ tls_fail(struct tls_session *ts, const char *why)
 	/* why may live in ts (ts->fail), which the close frees before it logs */
 	char *copy = xstrdup(why);
 
+	tls_fail_linger(ts);
 	session_close(ts->s, copy);
 	free(copy);
 }

@@ -3183,7 +3183,9 @@ def failed_hs(capd, s, port):
     with tshark's TLS fields of its packets: (flow, rows), each row (side, field, value)
     with side "c" (the client) or "s" for each non-empty field of tls_fields."""
     f = refused_flow(capd, s, 1)  # capd's close; the client's when capd read it before its own
-    assert ("s", "FIN") in f["ends"] and all(e[1] == "FIN" for e in f["ends"]), f["ends"]
+    # capd's close is a FIN; the client's (read while capd lingers) is what it sent: a
+    # client that closes with capd's handshake unread in its socket (curl) resets
+    assert ("s", "FIN") in f["ends"] and ("s", "RST") not in f["ends"], f["ends"]
     assert f["server"] == f"127.0.0.1:{port}", f
     r = tshark("-r", f["pcap"], *as_tls(port), "-Y", f'frame.comment matches "^capd session {s["id"]}( |$)"',
                "-T", "fields", "-E", "separator=/t", "-e", "ip.src", "-e", "tcp.srcport", *(
@@ -3367,3 +3369,45 @@ def test_failed_handshake_client_leaving_a_slow_server_is_captured(capd):
         assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
     finally:
         srv.close()
+
+
+def test_failed_handshake_alert_reaches_a_client_that_sent_more(capd):
+    """A forwarder whose server cannot be reached answers the ClientHello with an alert,
+    while bytes the client sent after its hello (the rest of a flight, early data) are
+    unread in capd's socket. capd closed at once, and that close was a reset, which the
+    client's stack took in place of the alert; now capd's FIN follows its alert and the
+    socket lingers: the client reads the alert, then the end, and its FIN is in the flow."""
+    port = add_forward(capd, free_port(), "--tls", "--no-tls-verify")
+    hello, more = _client_hello(NAME), b"\x17\x03\x03\x00\x20" + bytes(32)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(hello + more)
+        s = last_closed(capd)[-1]  # capd is done with it: a reset would be here first
+        assert s["reason"].startswith("connect"), s
+        got = b""
+        while (d := c.recv(1000)):  # ECONNRESET on the old code
+            got += d
+    assert got == b"\x15\x03\x03\x00\x02\x02\x28", got  # fatal handshake_failure
+    f = refused_flow(capd, s, 2)
+    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f["ends"]
+    assert f["up"] == hello + more and f["down"] == got, f
+
+
+def test_failed_handshake_flow_ends_with_the_clients_close(capd_factory, origin):
+    """curl rejects the forged certificate, sends its alert and closes: capd's FIN and then
+    the client's close end the flow (capd closed before the client's came, which the flow
+    lacked), with tls_capture = plain and in the client leg of tls_capture = both. curl
+    closes with the rest of capd's flight unread: its close is a reset, as on the wire."""
+    plain, both = free_port(), free_port()
+    to = f"to = 127.0.0.1:{origin.port}\ntls = yes\ntls_verify = no\n"
+    capd = capd_factory(f"[forward p]\nlisten = 127.0.0.1:{plain}\n{to}"
+                        f"[forward b]\nlisten = 127.0.0.1:{both}\n{to}tls_capture = both\n")
+    for port in (plain, both):
+        r = curl("--http1.1", "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
+        assert r.returncode != 0
+    ss = last_closed(capd, 2)
+    for s in ss:
+        assert s["reason"].startswith("client rejected the forged certificate (unknown CA"), s
+        port = plain if s["instance"] == "p" else both
+        f = refused_flow(capd, s, 2, port=port)
+        assert f["ends"][0] == ("s", "FIN") and [e[0] for e in f["ends"]] == ["s", "c"], (s["instance"], f["ends"])
+        assert f["up"].startswith(b"\x16\x03") and f["down"].startswith(b"\x16\x03"), f
