@@ -3372,24 +3372,35 @@ def test_failed_handshake_client_leaving_a_slow_server_is_captured(capd):
 
 
 def test_failed_handshake_alert_reaches_a_client_that_sent_more(capd):
-    """A forwarder whose server cannot be reached answers the ClientHello with an alert,
-    while bytes the client sent after its hello (the rest of a flight, early data) are
-    unread in capd's socket. capd closed at once, and that close was a reset, which the
-    client's stack took in place of the alert; now capd's FIN follows its alert and the
-    socket lingers: the client reads the alert, then the end, and its FIN is in the flow."""
-    port = add_forward(capd, free_port(), "--tls", "--no-tls-verify")
-    hello, more = _client_hello(NAME), b"\x17\x03\x03\x00\x20" + bytes(32)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-        c.sendall(hello + more)
-        s = last_closed(capd)[-1]  # capd is done with it: a reset would be here first
-        assert s["reason"].startswith("connect"), s
-        got = b""
-        while (d := c.recv(1000)):  # ECONNRESET on the old code
-            got += d
-    assert got == b"\x15\x03\x03\x00\x02\x02\x28", got  # fatal handshake_failure
-    f = refused_flow(capd, s, 2)
-    assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f["ends"]
-    assert f["up"] == hello + more and f["down"] == got, f
+    """capd waits for the server's handshake and the client sends more after its hello
+    (the rest of a flight, early data): bytes that wait unread in capd's socket. Then the
+    server closes, and capd answers the hello with an alert. capd closed at once, and
+    with bytes unread that close was a reset, which the client's stack took in place of
+    the alert; now capd's FIN follows its alert and the socket lingers: the client reads
+    the alert, then the end, and its FIN ends the flow."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        port = add_forward(capd, srv.getsockname()[1], "--tls", "--no-tls-verify", "--tls-timeout", "10s")
+        hello, more = _client_hello(NAME), b"\x17\x03\x03\x00\x20" + bytes(32)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(hello)
+            srv.settimeout(10)
+            up, _ = srv.accept()  # capd waits for the server now
+            c.sendall(more)
+            up.close()
+            s = last_closed(capd)[-1]  # capd is done with it: a reset would be here first
+            assert s["reason"].startswith("upstream"), s
+            got = b""
+            while (d := c.recv(1000)):  # ECONNRESET on the old code
+                got += d
+        assert got.startswith(b"\x15\x03") and len(got) == 7, got  # a fatal alert
+        f = refused_flow(capd, s, 2)
+        assert f["ends"] == [("s", "FIN"), ("c", "FIN")], f["ends"]
+        assert f["up"] == hello + more and f["down"] == got, f
+    finally:
+        srv.close()
 
 
 def test_failed_handshake_flow_ends_with_the_clients_close(capd_factory, origin):
