@@ -3206,11 +3206,9 @@ def hs_types(rows, side):
     return {t for sd, fld, v in rows if sd == side and fld == "tls.handshake.type" for t in v.split(",")}
 
 
-def test_failed_handshake_curl_rejecting_the_certificate_is_captured(capd_factory, origin):
-    """tls_capture = plain: curl without -k rejects the forged certificate. The capture had
-    no stream of it, only a log line; now the client's connection to capd's port, with its
-    ClientHello (SNI), capd's ServerHello and certificate, curl's unknown_ca alert and the
-    closes. With tls_capture = both the client leg alone holds it, once."""
+def curl_rejects_the_forged_certificate(capd_factory, origin):
+    """curl without -k against a tls_capture = plain and a tls_capture = both forwarder: the
+    capd, the two ports and the two closed sessions."""
     plain, both = free_port(), free_port()
     to = f"to = 127.0.0.1:{origin.port}\ntls = yes\ntls_verify = no\n"
     capd = capd_factory(f"[forward p]\nlisten = 127.0.0.1:{plain}\n{to}"
@@ -3221,6 +3219,15 @@ def test_failed_handshake_curl_rejecting_the_certificate_is_captured(capd_factor
     ss = last_closed(capd, 2)
     for s in ss:
         assert s["reason"].startswith("client rejected the forged certificate (unknown CA"), s
+    return capd, plain, both, ss
+
+
+def test_failed_handshake_curl_rejecting_the_certificate_is_captured(capd_factory, origin):
+    """tls_capture = plain: curl without -k rejects the forged certificate. The capture had
+    no stream of it, only a log line; now the client's connection to capd's port, with its
+    ClientHello (SNI), capd's ServerHello and certificate, curl's unknown_ca alert and the
+    closes. With tls_capture = both the client leg alone holds it, once."""
+    capd, plain, both, ss = curl_rejects_the_forged_certificate(capd_factory, origin)
     s = next(s for s in ss if s["instance"] == "p")
     f, rows = failed_hs(capd, s, plain)
     assert ("c", "tls.handshake.extensions_server_name", NAME) in rows, rows
@@ -3408,16 +3415,8 @@ def test_failed_handshake_flow_ends_with_the_clients_close(capd_factory, origin)
     the client's close end the flow (capd closed before the client's came, which the flow
     lacked), with tls_capture = plain and in the client leg of tls_capture = both. curl
     closes with the rest of capd's flight unread: its close is a reset, as on the wire."""
-    plain, both = free_port(), free_port()
-    to = f"to = 127.0.0.1:{origin.port}\ntls = yes\ntls_verify = no\n"
-    capd = capd_factory(f"[forward p]\nlisten = 127.0.0.1:{plain}\n{to}"
-                        f"[forward b]\nlisten = 127.0.0.1:{both}\n{to}tls_capture = both\n")
-    for port in (plain, both):
-        r = curl("--http1.1", "--resolve", f"{NAME}:{port}:127.0.0.1", f"https://{NAME}:{port}/")
-        assert r.returncode != 0
-    ss = last_closed(capd, 2)
+    capd, plain, both, ss = curl_rejects_the_forged_certificate(capd_factory, origin)
     for s in ss:
-        assert s["reason"].startswith("client rejected the forged certificate (unknown CA"), s
         port = plain if s["instance"] == "p" else both
         f = refused_flow(capd, s, 2, port=port)
         assert f["ends"][0] == ("s", "FIN") and [e[0] for e in f["ends"]] == ["s", "c"], (s["instance"], f["ends"])
