@@ -24,8 +24,7 @@ rpc_framer_next(struct rpc_framer *f, char **line, size_t *len)
 {
 	for (;;) {
 		size_t used = buf_used(&f->in);
-		/* an empty buffer may have no storage yet: NULL + 0 is undefined (UBSan) */
-		uint8_t *head = used ? buf_head(&f->in) : NULL;
+		uint8_t *head = buf_head(&f->in);
 		uint8_t *nl = NULL;
 
 		if (f->scanned < used)
