@@ -153,8 +153,6 @@ struct tls_session {
 	bool keep;                  /* tls_capture = plain and the instance captures: the client
 	                             * leg's handshake is kept in log (TLS_KEEP_MAX at most) until
 	                             * it is done, for a failed one's capture (tls_hs_ended) */
-	bool tap;                   /* the BIO hands its bytes to tls_cap: capture, or keep while
-	                             * the client's handshake runs (one test on the relay path) */
 	bool raw_open;              /* the ciphertext flows exist: bytes go straight to them */
 	enum synth_end end;         /* how the session ended: the legs end the same way */
 	struct buf log;             /* ciphertext in order until then: leg, dir, len32, bytes */
@@ -759,6 +757,26 @@ tls_keylog_want(const struct tls_session *ts)
 
 /* ---- ciphertext capture (tls_capture = both, and a failed handshake's) ---- */
 
+/* Whether the BIO hands its bytes to tls_cap: capture, or keep while the
+ * client's handshake runs. */
+static inline bool
+tls_tapped(const struct tls_session *ts)
+{
+	return ts->capture || ts->keep;
+}
+
+/* One record of log: leg, dir, len32, bytes. */
+static void
+tls_log_put(struct buf *log, enum tls_leg leg, enum dir d, const void *p, size_t n)
+{
+	uint8_t hdr[6] = { (uint8_t)leg, (uint8_t)d };
+	uint32_t len = (uint32_t)n;
+
+	memcpy(hdr + 2, &len, 4);
+	buf_append(log, hdr, sizeof hdr);
+	buf_append(log, p, n);
+}
+
 static void
 tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, size_t n)
 {
@@ -773,7 +791,7 @@ tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, siz
 		if (leg != TLS_LEG_CLIENT)
 			return;
 		if (buf_used(&ts->log) + 6 + n > TLS_KEEP_MAX) {
-			ts->tap = ts->keep = false;
+			ts->keep = false;
 			buf_free(&ts->log);
 			return;
 		}
@@ -781,11 +799,23 @@ tls_cap(struct tls_session *ts, enum tls_leg leg, enum dir d, const void *p, siz
 		if (ts->log.cap == 0)
 			buf_reserve(&ts->log, TLS_KEEP_FIRST);
 	}
-	uint8_t hdr[6] = { (uint8_t)leg, (uint8_t)d };
-	uint32_t len = (uint32_t)n;
-	memcpy(hdr + 2, &len, 4);
-	buf_append(&ts->log, hdr, sizeof hdr);
-	buf_append(&ts->log, p, n);
+	tls_log_put(&ts->log, leg, d, p, n);
+}
+
+/* A client that failed in its ClientHello (or never spoke TLS): what it sent
+ * is only in the replay, and it came before any alert capd answered with, so
+ * it goes at the head of log. */
+static void
+tls_log_replay_first(struct tls_session *ts)
+{
+	struct buf log = { 0 };
+
+	if (!ts->c.tee || buf_used(&ts->c.replay) == 0)
+		return;
+	tls_log_put(&log, TLS_LEG_CLIENT, DIR_UP, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+	buf_append(&log, buf_head(&ts->log), buf_used(&ts->log));
+	buf_free(&ts->log);
+	ts->log = log;
 }
 
 /* Hands each piece of log to fn, in order, and frees log. */
@@ -872,7 +902,6 @@ tls_capture_init(struct tls_session *ts)
 
 	ts->capture = on && ts->cfg->capture_both;
 	ts->keep = on && !ts->cfg->capture_both;
-	ts->tap = on;
 }
 
 /* The client's handshake is done: what keep held is no capture's. */
@@ -881,7 +910,7 @@ tls_keep_drop(struct tls_session *ts)
 {
 	if (!ts->keep)
 		return;
-	ts->keep = ts->tap = false;
+	ts->keep = false;
 	buf_free(&ts->log);
 }
 
@@ -902,11 +931,8 @@ tls_hs_ended(struct session *s)
 
 	if (ts == NULL || !ts->keep)
 		return;
-	ts->keep = ts->tap = false;
-	/* the client failed in its ClientHello (or never spoke TLS): what it
-	 * sent is only in the replay, before any alert of capd's in log */
-	if (ts->c.tee && buf_used(&ts->c.replay) > 0)
-		session_refused_heard(s, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
+	ts->keep = false;
+	tls_log_replay_first(ts);
 	tls_log_drain(&ts->log, tls_refused_write, s);
 	/* the client's FIN that OpenSSL read: the refusal's close shows it first */
 	if (s->refused != NULL && ts->c.sock_eof)
@@ -954,7 +980,7 @@ tls_bio_read(BIO *b, char *out, int outl)
 	}
 	if (t->tee)
 		buf_append(&t->replay, out, (size_t)n);
-	else if (t->ts->tap)
+	else if (tls_tapped(t->ts))
 		tls_cap(t->ts, t->leg, t->rdir, out, (size_t)n);
 	return (int)n;
 }
@@ -972,7 +998,7 @@ tls_bio_write(BIO *b, const char *in, int inl)
 			BIO_set_retry_write(b);
 		return -1;
 	}
-	if (t->ts->tap && n > 0)
+	if (tls_tapped(t->ts) && n > 0)
 		tls_cap(t->ts, t->leg, t->rdir == DIR_UP ? DIR_DOWN : DIR_UP, in, (size_t)n);
 	return (int)n;
 }
@@ -1539,18 +1565,10 @@ tls_session_ending(struct session *s, enum synth_end how)
 static void
 tls_raw_failed(struct tls_session *ts)
 {
-	if (ts->capture && !ts->raw_open && ts->c.tee && buf_used(&ts->c.replay) > 0) {
-		/* the client failed before its ClientHello was complete (or never
-		 * spoke TLS): what it sent is only in the replay, and it came before
-		 * any alert capd answered with */
-		struct buf sent = ts->log;
-
-		memset(&ts->log, 0, sizeof ts->log);
-		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&ts->c.replay), buf_used(&ts->c.replay));
-		buf_append(&ts->log, buf_head(&sent), buf_used(&sent));
-		buf_free(&sent);
-	}
-	if (ts->capture && !ts->raw_open && buf_used(&ts->log) > 0)
+	if (!ts->capture || ts->raw_open)
+		return;
+	tls_log_replay_first(ts);
+	if (buf_used(&ts->log) > 0)
 		tls_raw_open(ts);
 }
 
@@ -1744,7 +1762,7 @@ tls_plain(struct tls_session *ts, const char *note)
 	} else if (buf_used(&ts->c.prefix) > 0) {
 		buf_append(&s->hs_in, buf_head(&ts->c.prefix), buf_used(&ts->c.prefix));
 	}
-	ts->capture = ts->keep = ts->tap = false;
+	ts->capture = ts->keep = false;
 	buf_free(&ts->log);
 	if (note && !ts->accept_only) {
 		/* only the reason stays, for the session's close line */
@@ -2174,7 +2192,7 @@ tls_client_step(struct tls_session *ts)
 		return;
 	}
 	t->tee = false;
-	if (ts->tap)
+	if (tls_tapped(ts))
 		tls_cap(ts, TLS_LEG_CLIENT, DIR_UP, buf_head(&t->replay), buf_used(&t->replay));
 	buf_free(&t->replay);
 	if (ts->hello_version != 0 && ts->hello_version < TLS1_2_VERSION) {
@@ -3300,7 +3318,7 @@ tls_client_move(struct session *from, struct session *to)
 	ts->cfg = old->cfg;
 	ts->accept_only = true;
 	ts->st = TLS_ST_ACCEPTED;
-	ts->capture = ts->tap = old->capture;
+	ts->capture = old->capture;
 	memcpy(ts->sni, old->sni, sizeof ts->sni);
 	memcpy(ts->alpn_offer, old->alpn_offer, sizeof ts->alpn_offer);
 	ts->alpn_offer_len = old->alpn_offer_len;
